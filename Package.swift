@@ -1,0 +1,49 @@
+// swift-tools-version: 6.1
+// SVMEmu: a user-space emulator of Linux's device-memory migration (HMM / migrate_vma).
+import PackageDescription
+
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "SVMEmu",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "SVMEmu", targets: ["SVMEmu"]),
+        .library(name: "MirrorDriver", targets: ["MirrorDriver"]),
+        .library(name: "SVMStress", targets: ["SVMStress"]),
+        .library(name: "SVMDRM", targets: ["SVMDRM"]),
+        .executable(name: "svmemu", targets: ["svmemu"]),
+        .executable(name: "minimal-driver", targets: ["MinimalDriver"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // Raw-memory atomics, futex waits and a futex mutex: the emulated kernel's
+        // primitives, usable on pfn-indexed flat storage.
+        .target(name: "CSVMSupport"),
+        // The emulated kernel and hardware. What the kernel exports is `public`.
+        .target(name: "SVMEmu", dependencies: ["CSVMSupport"], swiftSettings: strict),
+        // The reference driver (like lib/test_hmm.c). Uses only public SVMEmu API.
+        .target(name: "MirrorDriver", dependencies: ["SVMEmu"], swiftSettings: strict),
+        // Storm and overhead harnesses.
+        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        // libdrm (Debian's libdrm-dev) and the nouveau SVM uAPI.
+        .systemLibrary(name: "CLibDRM", pkgConfig: "libdrm",
+                       providers: [.apt(["libdrm-dev"])]),
+        .target(name: "SVMDRM", dependencies: ["CLibDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        .executableTarget(
+            name: "svmemu",
+            dependencies: [
+                "SVMEmu", "MirrorDriver", "SVMStress", "SVMDRM",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(name: "MinimalDriver", dependencies: ["SVMEmu"],
+                          path: "Examples/MinimalDriver", swiftSettings: strict),
+        .testTarget(name: "SVMEmuTests", dependencies: ["SVMEmu"], swiftSettings: strict),
+        .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress"], swiftSettings: strict),
+        .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
+    ]
+)

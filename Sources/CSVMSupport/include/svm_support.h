@@ -1,0 +1,110 @@
+// Primitives of the emulated kernel that Swift cannot express on raw, pfn-indexed
+// memory without per-object allocation: atomics on plain words, futex sleeps and
+// wake-ups on those words, a three-state futex mutex (the page-table locks and
+// the zone locks), and a monotonic clock. All static inline: the Swift optimizer
+// sees through them.
+#ifndef SVM_SUPPORT_H
+#define SVM_SUPPORT_H
+
+#include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
+#include <time.h>
+#include <errno.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+
+// ---- 32-bit atomics (flags words, lock words, counters) ----
+static inline uint32_t svm_load32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint32_t svm_load32_relaxed(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void svm_store32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint32_t svm_or32(uint32_t *p, uint32_t v) { return __atomic_fetch_or(p, v, __ATOMIC_ACQ_REL); }
+static inline uint32_t svm_and32(uint32_t *p, uint32_t v) { return __atomic_fetch_and(p, v, __ATOMIC_ACQ_REL); }
+static inline bool svm_cas32(uint32_t *p, uint32_t *expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+static inline int32_t svm_add32(int32_t *p, int32_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+static inline int32_t svm_loadi32(const int32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void svm_storei32(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline bool svm_casi32(int32_t *p, int32_t *expected, int32_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+// ---- 64-bit atomics (page-table entries, statistics) ----
+static inline uint64_t svm_load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void svm_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint64_t svm_xchg64(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
+static inline bool svm_cas64(uint64_t *p, uint64_t *expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+static inline uint64_t svm_add64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+static inline void svm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void svm_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+// ---- futex ----
+// Sleep while *word == expected, at most timeout_ns (0 = no limit). Returns 0 when
+// woken (or spuriously), ETIMEDOUT when the time ran out, EAGAIN when *word had
+// already changed.
+static inline int svm_futex_wait(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns) { ts.tv_sec = (time_t)(timeout_ns / 1000000000ull); ts.tv_nsec = (long)(timeout_ns % 1000000000ull); tsp = &ts; }
+    long r = syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, expected, tsp, NULL, 0);
+    return r == 0 ? 0 : errno;
+}
+static inline int svm_futex_wake(uint32_t *word, int count) {
+    return (int)syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, count, NULL, NULL, 0);
+}
+
+// ---- three-state futex mutex: 0 free, 1 locked, 2 locked with waiters ----
+// Used for split page-table locks, PMD locks and zone locks: a word of raw memory
+// each, 2-3 ns uncontended, a failed trylock is one CAS (no system call).
+static inline bool svm_mutex_trylock(uint32_t *m) {
+    uint32_t e = 0;
+    return __atomic_compare_exchange_n(m, &e, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+static inline void svm_mutex_lock(uint32_t *m) {
+    uint32_t c = 0;
+    if (__atomic_compare_exchange_n(m, &c, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return;
+    for (int spin = 0; spin < 64; spin++) {
+        svm_cpu_relax();
+        c = 0;
+        if (__atomic_load_n(m, __ATOMIC_RELAXED) == 0 &&
+            __atomic_compare_exchange_n(m, &c, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return;
+    }
+    if (c != 2) c = __atomic_exchange_n(m, 2, __ATOMIC_ACQUIRE);
+    while (c != 0) {
+        svm_futex_wait(m, 2, 0);
+        c = __atomic_exchange_n(m, 2, __ATOMIC_ACQUIRE);
+    }
+}
+static inline void svm_mutex_unlock(uint32_t *m) {
+    if (__atomic_exchange_n(m, 0, __ATOMIC_RELEASE) == 2) svm_futex_wake(m, 1);
+}
+static inline bool svm_mutex_is_locked(const uint32_t *m) { return __atomic_load_n(m, __ATOMIC_RELAXED) != 0; }
+
+// ---- time ----
+static inline uint64_t svm_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+// ---- bytes ----
+static inline void svm_memcpy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+static inline void svm_memset(void *dst, int c, size_t n) { memset(dst, c, n); }
+static inline int svm_memcmp(const void *a, const void *b, size_t n) { return memcmp(a, b, n); }
+// A compiler barrier so a benchmark's copy is not optimised away.
+static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "memory"); }
+
+
+// ---- per-thread CPU identity (the emulated CPU a thread runs on) ----
+// Defined in svm_support.c so every Swift module sees one variable per thread.
+int32_t svm_cpu_id(void);
+#endif // SVM_SUPPORT_H

@@ -1,0 +1,1 @@
+// MirrorDriver: see the issue tracker.

@@ -1,0 +1,173 @@
+import CSVMSupport
+
+/// `madvise()` advice the emulator implements.
+public enum MadviseAdvice: String, Sendable, CaseIterable {
+    /// MADV_DONTNEED: drop the pages; the next touch sees zeroes.
+    case dontNeed
+    /// MADV_FREE: the contents may be discarded lazily (clean + lazyfree).
+    case free
+    /// MADV_HUGEPAGE: allow 2 MiB folios in `.madvise` THP mode.
+    case hugePage
+    /// MADV_NOHUGEPAGE: forbid 2 MiB folios.
+    case noHugePage
+}
+
+extension AddressSpace {
+    static let pmdSize: UInt64 = 2 << 20
+    static let pmdMask: UInt64 = ~((2 << 20) - 1)
+
+    /// Maps anonymous memory (`mmap(MAP_ANONYMOUS | MAP_PRIVATE or MAP_SHARED)`).
+    ///
+    /// - Parameters:
+    ///   - address: with a value, MAP_FIXED: must be page aligned; what was mapped
+    ///     there is unmapped first. Without, the emulator picks a free range, 2 MiB
+    ///     aligned when `length` is at least 2 MiB (as `thp_get_unmapped_area()`).
+    /// - Throws: `.invalidArgument` for a zero length or an unaligned or
+    ///   out-of-range fixed address; `.noMemory` when no range is free.
+    /// The corresponding kernel function is `do_mmap()`.
+    @discardableResult
+    public func mmap(address: UInt64? = nil, length: Int, protection: Protection = .readWrite,
+                     shared: Bool = false) throws(Errno) -> UInt64 {
+        guard length > 0 else { throw .invalidArgument }
+        let len = (UInt64(length) + 4095) & ~4095
+        var flags: VMAFlags = []
+        if protection.contains(.read) { flags.insert(.read) }
+        if protection.contains(.write) { flags.insert([.write, .read]) }
+        if shared { flags.insert(.shared) }
+        mmapWriteLock(); defer { mmapWriteUnlock() }
+        let start: UInt64
+        if let address {
+            guard address & 4095 == 0, address >= baseAddress, address <= endAddress, len <= endAddress - address else {
+                throw .invalidArgument
+            }
+            start = address
+            unmapLocked(start, start + len)
+        } else {
+            guard let s = freeRange(length: len, align: len >= AddressSpace.pmdSize ? AddressSpace.pmdSize : 4096) else {
+                throw .noMemory
+            }
+            start = s
+        }
+        let vma = VMA(mm: self, start: start, end: start + len, flags: flags)
+        let i = vmas.firstIndex { $0.start > start } ?? vmas.count
+        vmas.insert(vma, at: i)
+        return start
+    }
+
+    private func freeRange(length: UInt64, align: UInt64) -> UInt64? {
+        var candidate = (baseAddress + align - 1) & ~(align - 1)
+        for v in vmas {
+            if candidate + length <= v.start { return candidate }
+            candidate = max(candidate, (v.end + align - 1) & ~(align - 1))
+        }
+        return candidate + length <= endAddress ? candidate : nil
+    }
+
+    /// Unmaps `[address, address + length)`: drops every page's mapping and
+    /// reference and frees empty page tables. Unmapping a range with nothing
+    /// mapped succeeds, as in the kernel.
+    /// - Throws: `.invalidArgument` for an unaligned address, a zero length, or a
+    ///   range outside the address space; nothing changes then.
+    /// The corresponding kernel function is `do_munmap()`.
+    public func munmap(_ address: UInt64, length: Int) throws(Errno) {
+        let (start, end) = try checkRange(address, length)
+        mmapWriteLock(); defer { mmapWriteUnlock() }
+        unmapLocked(start, end)
+    }
+
+    func checkRange(_ address: UInt64, _ length: Int) throws(Errno) -> (UInt64, UInt64) {
+        guard length > 0, address & 4095 == 0 else { throw .invalidArgument }
+        let end = address &+ ((UInt64(length) + 4095) & ~4095)
+        guard address >= baseAddress, end <= endAddress, end > address else { throw .invalidArgument }
+        return (address, end)
+    }
+
+    /// Caller holds the mmap lock for writing.
+    func unmapLocked(_ start: UInt64, _ end: UInt64) {
+        splitVMA(at: start)
+        splitVMA(at: end)
+        let victims = vmas.filter { $0.start >= start && $0.end <= end }
+        guard !victims.isEmpty else { return }
+        withInvalidation(start, end, .unmap) {
+            for v in victims { zapRange(vma: v, start: v.start, end: v.end, freeTables: true) }
+        }
+        vmas.removeAll { v in victims.contains { $0 === v } }
+        for v in victims { v.isLive = false }
+    }
+
+    /// Splits the VMA containing `address` so that one ends and one begins there.
+    /// Caller holds the mmap lock for writing.
+    func splitVMA(at address: UInt64) {
+        guard let i = vmas.firstIndex(where: { $0.start < address && address < $0.end }) else { return }
+        let old = vmas[i]
+        let tail = VMA(mm: self, start: address, end: old.end, flags: old.flags)
+        old.end = address
+        vmas.insert(tail, at: i + 1)
+    }
+
+    /// Every page of `[start, end)` lies in some VMA. Caller holds the mmap lock.
+    func fullyMapped(_ start: UInt64, _ end: UInt64) -> Bool {
+        var a = start
+        for v in vmas where v.end > a {
+            if v.start > a { return false }
+            a = v.end
+            if a >= end { return true }
+        }
+        return a >= end
+    }
+
+    /// Changes protection (`mprotect()`): VMAs split at the edges, entries lose
+    /// write permission when write is removed (writable migration and
+    /// device-private entries become readable), PROT_NONE makes present entries
+    /// inaccessible. Write permission comes back on the next write fault.
+    /// - Throws: `.invalidArgument` (unaligned, out of range), `.noMemory` when a
+    ///   page of the range is not mapped; nothing changes then.
+    /// The corresponding kernel function is `do_mprotect_pkey()`.
+    public func mprotect(_ address: UInt64, length: Int, protection: Protection) throws(Errno) {
+        if length == 0 && address & 4095 == 0 { return }
+        let (start, end) = try checkRange(address, length)
+        mmapWriteLock(); defer { mmapWriteUnlock() }
+        guard fullyMapped(start, end) else { throw .noMemory }
+        splitVMA(at: start)
+        splitVMA(at: end)
+        withInvalidation(start, end, .protectionVMA) {
+            for v in vmas where v.start >= start && v.end <= end {
+                var f = v.flags.subtracting([.read, .write])
+                if protection.contains(.read) { f.insert(.read) }
+                if protection.contains(.write) { f.insert([.read, .write]) }
+                v.flags = f
+                changeProtection(start: v.start, end: v.end, write: f.contains(.write), none: !f.contains(.read))
+            }
+        }
+    }
+
+    /// `madvise()`.
+    /// - Throws: `.invalidArgument` (unaligned, out of range), `.noMemory` when a
+    ///   page of the range is not mapped; nothing changes then.
+    /// The corresponding kernel function is `do_madvise()`.
+    public func madvise(_ address: UInt64, length: Int, advice: MadviseAdvice) throws(Errno) {
+        if length == 0 && address & 4095 == 0 { return }
+        let (start, end) = try checkRange(address, length)
+        switch advice {
+        case .hugePage, .noHugePage:
+            mmapWriteLock(); defer { mmapWriteUnlock() }
+            guard fullyMapped(start, end) else { throw .noMemory }
+            splitVMA(at: start)
+            splitVMA(at: end)
+            for v in vmas where v.start >= start && v.end <= end {
+                if advice == .hugePage { v.flags.remove(.noHugepage); v.flags.insert(.hugepage) }
+                else { v.flags.remove(.hugepage); v.flags.insert(.noHugepage) }
+            }
+        case .dontNeed, .free:
+            mmapReadLock(); defer { mmapReadUnlock() }
+            guard fullyMapped(start, end) else { throw .noMemory }
+            withInvalidation(start, end, .clear) {
+                for v in vmas where v.end > start && v.start < end {
+                    let s = max(v.start, start), e = min(v.end, end)
+                    if advice == .dontNeed { zapRange(vma: v, start: s, end: e, freeTables: false) }
+                    else if v.isAnonymous { lazyFree(start: s, end: e) }
+                }
+            }
+        }
+    }
+}

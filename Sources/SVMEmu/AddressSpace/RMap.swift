@@ -1,0 +1,76 @@
+import CSVMSupport
+
+/// The reverse map: for anonymous memory a folio records the address space and
+/// the virtual page it is mapped at (like `folio->mapping` = anon_vma plus
+/// `folio->index`). Without fork, an anonymous page has at most one mapping,
+/// which is all try_to_migrate and eviction need.
+extension AddressSpace {
+    /// A new anonymous folio gets its rmap (`folio_add_new_anon_rmap()`): exclusive,
+    /// swap-backed, on the LRU, mapped once (by PTEs, or entirely by a PMD).
+    func addNewAnonRmap(_ folio: Folio, address: UInt64, pmdMapped: Bool) {
+        let head = folio.meta
+        head.mappingMM = id
+        head.index = address >> 12
+        var f: PageFlags = [.anon, .swapBacked, .lru, .uptodate]
+        if folio.isZoneDevice { f.remove(.lru) }
+        folio.set(f)
+        for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
+        if pmdMapped {
+            _ = svm_add32(head.entireMapWord, 1)
+        } else {
+            for i in 0..<folio.pageCount { _ = svm_add32(kernel.metaPtr(folio.pfn + UInt64(i)).mapWord, 1) }
+        }
+    }
+
+    /// Re-adds the mapping of one page that was unmapped by a migration entry
+    /// (`folio_add_anon_rmap_pte()` in `remove_migration_pte()`).
+    func addAnonRmap(page: Page, address: UInt64, exclusive: Bool) {
+        let folio = page.folio
+        let head = folio.meta
+        head.mappingMM = id
+        head.index = (address >> 12) - (page.pfn - folio.pfn)
+        folio.set(.anon)
+        if exclusive { page.meta.setFlags(PageFlags.anonExclusive.rawValue) }
+        _ = svm_add32(page.meta.mapWord, 1)
+    }
+
+    /// `folio_add_anon_rmap_pmd()`.
+    func addEntireAnonRmap(_ folio: Folio, address: UInt64, exclusive: Bool) {
+        let head = folio.meta
+        head.mappingMM = id
+        head.index = address >> 12
+        folio.set(.anon)
+        if exclusive {
+            for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
+        }
+        _ = svm_add32(head.entireMapWord, 1)
+    }
+
+    /// `folio_remove_rmap_pte()`: the page keeps `folio->mapping` until freed.
+    @inlinable func removeRmap(page: Page) {
+        let n = svm_add32(page.meta.mapWord, -1)
+        if n < 0 {
+            svm_storei32(page.meta.mapWord, 0)
+            kernel.warn("folio_remove_rmap_pte: mapcount underflow", "\(page)")
+        }
+    }
+    /// `folio_remove_rmap_pmd()`.
+    func removeEntireRmap(_ folio: Folio) {
+        let n = svm_add32(folio.meta.entireMapWord, -1)
+        if n < 0 {
+            svm_storei32(folio.meta.entireMapWord, 0)
+            kernel.warn("folio_remove_rmap_pmd: entire mapcount underflow", "\(folio)")
+        }
+    }
+}
+
+extension Kernel {
+    /// Where an anonymous page is mapped, from its rmap: (address space, address),
+    /// or nil when it has no anonymous mapping recorded.
+    public func rmapAddress(of page: Page) -> (AddressSpace, UInt64)? {
+        let folio = page.folio
+        let mmID = folio.meta.mappingMM
+        guard mmID != 0, let mm = addressSpace(id: mmID) else { return nil }
+        return (mm, (folio.meta.index + (page.pfn - folio.pfn)) << 12)
+    }
+}

@@ -1,0 +1,79 @@
+/// Protection of a mapping (`PROT_*`).
+public struct Protection: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let read = Protection(rawValue: 1)
+    public static let write = Protection(rawValue: 2)
+    public static let none: Protection = []
+    public static let readWrite: Protection = [.read, .write]
+}
+
+/// VMA flags (`VM_*`).
+public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let read = VMAFlags(rawValue: 1 << 0)
+    public static let write = VMAFlags(rawValue: 1 << 1)
+    public static let shared = VMAFlags(rawValue: 1 << 3)
+    /// VM_HUGEPAGE (MADV_HUGEPAGE).
+    public static let hugepage = VMAFlags(rawValue: 1 << 4)
+    /// VM_NOHUGEPAGE (MADV_NOHUGEPAGE).
+    public static let noHugepage = VMAFlags(rawValue: 1 << 5)
+    /// VM_PFNMAP | VM_IO | VM_MIXEDMAP: a special mapping migrate_vma refuses.
+    public static let special = VMAFlags(rawValue: 1 << 6)
+
+    public var description: String {
+        var s = ""
+        s += contains(.read) ? "r" : "-"
+        s += contains(.write) ? "w" : "-"
+        s += contains(.shared) ? "s" : "p"
+        if contains(.hugepage) { s += " hugepage" }
+        if contains(.noHugepage) { s += " nohugepage" }
+        if contains(.special) { s += " special" }
+        return s
+    }
+}
+
+/// A virtual memory area (`struct vm_area_struct`): `[start, end)` with flags.
+///
+/// Reference type: migrate_vma arguments name a VMA by identity, as the kernel
+/// passes a pointer. Its fields change only under the mmap lock held for writing.
+public final class VMA: @unchecked Sendable, CustomStringConvertible {
+    public internal(set) var start: UInt64
+    public internal(set) var end: UInt64
+    public internal(set) var flags: VMAFlags
+    /// The address space this VMA belongs to (`vma->vm_mm`).
+    public unowned let mm: AddressSpace
+    /// False once munmap removed it.
+    public internal(set) var isLive = true
+
+    init(mm: AddressSpace, start: UInt64, end: UInt64, flags: VMAFlags) {
+        self.mm = mm
+        self.start = start
+        self.end = end
+        self.flags = flags
+    }
+
+    /// `vma_is_anonymous()`: private anonymous memory. Shared mappings behave like
+    /// shmem (they have a mapping), and special mappings are not anonymous.
+    public var isAnonymous: Bool { !flags.contains(.shared) && !flags.contains(.special) }
+    public var length: UInt64 { end - start }
+    public func contains(_ address: UInt64) -> Bool { address >= start && address < end }
+
+    /// Whether a 2 MiB folio may back `address` (`thp_vma_allowable_order()`):
+    /// the aligned 2 MiB lies inside the VMA and the THP policy allows it.
+    public func allowsHugePage(at address: UInt64, mode: TransparentHugepageMode) -> Bool {
+        guard !flags.contains(.noHugepage), !flags.contains(.special) else { return false }
+        switch mode {
+        case .never: return false
+        case .madvise: if !flags.contains(.hugepage) { return false }
+        case .always: break
+        }
+        let base = address & ~((2 << 20) - 1)
+        return base >= start && base + (2 << 20) <= end
+    }
+
+    public var description: String {
+        "vma(0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) \(flags))"
+    }
+}

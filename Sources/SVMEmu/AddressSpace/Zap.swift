@@ -1,0 +1,238 @@
+import CSVMSupport
+
+/// Tearing down and rewriting ranges of page tables: zap (munmap, DONTNEED),
+/// PMD split, protection changes, MADV_FREE.
+///
+/// Lock rules: callers hold the mmap lock (write for munmap/mprotect, read for
+/// madvise); entries change only under their PTE table lock (PTEs) or PMD lock
+/// (PMD entries). Pages whose last reference a zap drops are freed after the
+/// locks are dropped and the TLB flush is accounted (like `mmu_gather`).
+extension AddressSpace {
+
+    /// Removes every mapping in `[start, end)` of `vma`. With `freeTables`, PTE
+    /// tables whose whole 2 MiB is unmapped are freed (only under the mmap write lock).
+    /// The corresponding kernel function is `unmap_page_range()`.
+    func zapRange(vma: VMA, start: UInt64, end: UInt64, freeTables: Bool) {
+        var toPut: [Folio] = []
+        var a = start
+        while a < end {
+            let pmdStart = a & AddressSpace.pmdMask
+            let next = min(pmdStart + AddressSpace.pmdSize, end)
+            let pmd = loadPMD(a)
+            switch pmd.kind {
+            case .none:
+                break
+            case .table:
+                zapPTEs(a, next, &toPut)
+                if freeTables && a == pmdStart && next == pmdStart + AddressSpace.pmdSize {
+                    freePTETable(pmdStart)
+                }
+            case .present, .migration, .devicePrivate:
+                if a == pmdStart && next == pmdStart + AddressSpace.pmdSize {
+                    zapHugePMD(pmdStart, &toPut)
+                } else {
+                    splitHugePMD(pmdStart)
+                    zapPTEs(a, next, &toPut)
+                }
+            }
+            a = next
+        }
+        flushTLBRange(start, end)
+        for f in toPut { f.put() }
+    }
+
+    private func zapPTEs(_ start: UInt64, _ end: UInt64, _ toPut: inout [Folio]) {
+        let lock = ptl(start)
+        svm_mutex_lock(lock)
+        defer { svm_mutex_unlock(lock) }
+        guard loadPMD(start).kind == .table else { return }
+        var a = start
+        while a < end {
+            let pte = loadPTE(a)
+            switch pte.kind {
+            case .present:
+                storePTE(a, .none)
+                if !pte.isSpecial {
+                    let page = Page(pfn: pte.pfn, kernel: kernel)
+                    let folio = page.folio
+                    if pte.isDirty { folio.markDirty() }
+                    removeRmap(page: page)
+                    toPut.append(folio)
+                }
+            case .devicePrivate:
+                storePTE(a, .none)
+                let page = Page(pfn: pte.pfn, kernel: kernel)
+                removeRmap(page: page)
+                toPut.append(page.folio)
+            case .migration:
+                // A migration entry holds neither a mapping nor a reference.
+                storePTE(a, .none)
+            case .none, .table:
+                break
+            }
+            a += 4096
+        }
+    }
+
+    private func zapHugePMD(_ pmdStart: UInt64, _ toPut: inout [Folio]) {
+        let lock = pmdLock(pmdStart)
+        svm_mutex_lock(lock)
+        defer { svm_mutex_unlock(lock) }
+        let pmd = loadPMD(pmdStart)
+        storePMD(pmdStart, .none)
+        switch pmd.kind {
+        case .present where pmd.isSpecial:
+            break
+        case .present, .devicePrivate:
+            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+            if pmd.isDirty { folio.markDirty() }
+            removeEntireRmap(folio)
+            toPut.append(folio)
+        default:
+            break
+        }
+    }
+
+    /// Returns a PTE table: clears it so that it is fresh for the next user.
+    func freePTETable(_ pmdStart: UInt64) {
+        let lock = pmdLock(pmdStart)
+        svm_mutex_lock(lock)
+        let ptlock = ptl(pmdStart)
+        svm_mutex_lock(ptlock)
+        if loadPMD(pmdStart).kind == .table {
+            svm_memset(pteSlot(pmdStart), 0, 512 * 8)
+            storePMD(pmdStart, .none)
+        }
+        svm_mutex_unlock(ptlock)
+        svm_mutex_unlock(lock)
+    }
+
+    /// Splits a huge PMD entry into a table of 512 PTEs of the same kind: a THP
+    /// (or device THP) becomes PTE-mapped, each PTE mapping holding a reference;
+    /// a huge zero page becomes 512 zero-page PTEs; a PMD migration entry becomes
+    /// 512 PTE migration entries. The folio itself stays large.
+    /// The corresponding kernel function is `__split_huge_pmd()`.
+    public func splitHugePMD(_ address: UInt64) {
+        let pmdStart = address & AddressSpace.pmdMask
+        let lock = pmdLock(pmdStart)
+        svm_mutex_lock(lock)
+        defer { svm_mutex_unlock(lock) }
+        let pmd = loadPMD(pmdStart)
+        let ptes = pteSlot(pmdStart)
+        switch pmd.kind {
+        case .none, .table:
+            return
+        case .present where pmd.isSpecial:
+            let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
+            for i in 0..<512 { svm_store64(ptes + i, zero.rawValue) }
+        case .present, .devicePrivate:
+            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+            let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
+            for i in 0..<512 {
+                let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
+                svm_store64(ptes + i, e.rawValue)
+                _ = svm_add32(kernel.metaPtr(pmd.pfn + UInt64(i)).mapWord, 1)
+            }
+            _ = svm_add32(folio.meta.entireMapWord, -1)
+            folio.refAdd(511)
+        case .migration:
+            let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
+            for i in 0..<512 {
+                svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+            }
+        }
+        storePMD(pmdStart, .table)
+        if pmd.kind == .present { flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize) }
+        kernel.vmstat.count(.thpSplitPmd)
+    }
+
+    /// Rewrites protection bits over `[start, end)` (`change_protection()`).
+    func changeProtection(start: UInt64, end: UInt64, write: Bool, none: Bool) {
+        var a = start
+        func rewrite(_ e: PageTableEntry) -> PageTableEntry {
+            var e = e
+            switch e.kind {
+            case .present:
+                if !write { e = e.without(PageTableEntry.writeBit) }
+                e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
+            case .migration where !write && e.isWrite:
+                let exclusive = Page(pfn: e.pfn, kernel: kernel).isAnonExclusive
+                e = e.without(PageTableEntry.writeBit)
+                if exclusive { e = e.with(PageTableEntry.readExclusiveBit) }
+            case .devicePrivate where !write:
+                e = e.without(PageTableEntry.writeBit)
+            default:
+                break
+            }
+            return e
+        }
+        while a < end {
+            let pmdStart = a & AddressSpace.pmdMask
+            let next = min(pmdStart + AddressSpace.pmdSize, end)
+            var pmd = loadPMD(a)
+            if pmd.kind != .none && pmd.kind != .table && !(a == pmdStart && next == pmdStart + AddressSpace.pmdSize) {
+                splitHugePMD(pmdStart)
+                pmd = loadPMD(a)
+            }
+            if pmd.kind == .table {
+                let lock = ptl(a)
+                svm_mutex_lock(lock)
+                var p = a
+                while p < next {
+                    let e = loadPTE(p)
+                    if !e.isNone { storePTE(p, rewrite(e)) }
+                    p += 4096
+                }
+                svm_mutex_unlock(lock)
+            } else if pmd.kind != .none {
+                let lock = pmdLock(pmdStart)
+                svm_mutex_lock(lock)
+                let e = loadPMD(pmdStart)
+                if e.kind != .none && e.kind != .table { storePMD(pmdStart, rewrite(e)) }
+                svm_mutex_unlock(lock)
+            }
+            a = next
+        }
+        flushTLBRange(start, end)
+    }
+
+    /// MADV_FREE: clean, lazily freeable. Without reclaim the contents stay.
+    func lazyFree(start: UInt64, end: UInt64) {
+        var a = start
+        while a < end {
+            let pmdStart = a & AddressSpace.pmdMask
+            let next = min(pmdStart + AddressSpace.pmdSize, end)
+            var pmd = loadPMD(a)
+            if pmd.kind == .present && !(a == pmdStart && next == pmdStart + AddressSpace.pmdSize) {
+                splitHugePMD(pmdStart)
+                pmd = loadPMD(a)
+            }
+            if pmd.kind == .table {
+                let lock = ptl(a)
+                svm_mutex_lock(lock)
+                var p = a
+                while p < next {
+                    let e = loadPTE(p)
+                    if e.kind == .present && !e.isSpecial {
+                        storePTE(p, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                        let f = Page(pfn: e.pfn, kernel: kernel).folio
+                        f.clear([.dirty, .swapBacked])
+                    }
+                    p += 4096
+                }
+                svm_mutex_unlock(lock)
+            } else if pmd.kind == .present && !pmd.isSpecial {
+                let lock = pmdLock(pmdStart)
+                svm_mutex_lock(lock)
+                let e = loadPMD(pmdStart)
+                if e.kind == .present {
+                    storePMD(pmdStart, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                    Folio(pfn: e.pfn, kernel: kernel).clear([.dirty, .swapBacked])
+                }
+                svm_mutex_unlock(lock)
+            }
+            a = next
+        }
+        flushTLBRange(start, end)
+    }
+}

@@ -1,0 +1,180 @@
+import CSVMSupport
+
+/// What kind of device memory a page map describes (`enum memory_type`).
+public enum DevicePageMapType: String, Sendable {
+    /// MEMORY_DEVICE_PRIVATE: the CPU cannot address it; mapped by non-present
+    /// device-private entries; a CPU touch faults into `migrateToRAM`.
+    case `private`
+    /// MEMORY_DEVICE_COHERENT: CPU-addressable, mapped by normal PTEs, never pinned.
+    case coherent
+}
+
+/// A CPU fault on device memory (`struct vm_fault`), handed to `migrateToRAM`.
+public struct VMFault: @unchecked Sendable {
+    public let vma: VMA
+    /// The faulting address (not aligned).
+    public let address: UInt64
+    /// The device page that faulted (`vmf->page`).
+    public let page: Page
+    /// True when the fault came from a PMD-level device-private entry (no PTE):
+    /// the driver migrates the whole folio (`folio_order(page_folio(vmf->page))`).
+    public let isPMD: Bool
+    public var mm: AddressSpace { vma.mm }
+}
+
+/// What a fault handler returns (`vm_fault_t`).
+public enum VMFaultResult: Sendable, Equatable {
+    /// 0: handled (or nothing to do): the access is retried.
+    case done
+    /// VM_FAULT_SIGBUS.
+    case sigbus
+    /// VM_FAULT_OOM.
+    case oom
+}
+
+/// The callbacks of a device page map (`struct dev_pagemap_ops`). Each is
+/// optional, as in the kernel; registration checks the ones a type requires.
+public struct DevicePageMapOperations: Sendable {
+    /// `folio_free`: the folio's reference count reached zero; the driver takes it back.
+    public var folioFree: (@Sendable (Folio) -> Void)?
+    /// `migrate_to_ram`: a CPU touched a device-private page. Called with the
+    /// mmap lock held for reading and a reference on `vmf.page`; in the trylock
+    /// policies the page is also locked. Must migrate the page or return `.sigbus`.
+    public var migrateToRAM: (@Sendable (VMFault) -> VMFaultResult)?
+    /// `folio_split`: called for each new folio when a large device folio is
+    /// split (`tail` non-nil), then once with `tail == nil` to mark the end.
+    public var folioSplit: (@Sendable (_ head: Folio, _ tail: Folio?) -> Void)?
+    /// `memory_failure`: a range of the device memory went bad.
+    public var memoryFailure: (@Sendable (_ pfn: UInt64, _ pages: Int) -> Errno?)?
+    public init(folioFree: (@Sendable (Folio) -> Void)? = nil,
+                migrateToRAM: (@Sendable (VMFault) -> VMFaultResult)? = nil,
+                folioSplit: (@Sendable (Folio, Folio?) -> Void)? = nil,
+                memoryFailure: (@Sendable (UInt64, Int) -> Errno?)? = nil) {
+        self.folioFree = folioFree
+        self.migrateToRAM = migrateToRAM
+        self.folioSplit = folioSplit
+        self.memoryFailure = memoryFailure
+    }
+}
+
+/// A range of device memory with page frames (`struct dev_pagemap`): the
+/// emulated VRAM. Its pages have real bytes, reachable by the device's copy
+/// engine through `Page.bytes`, never through the CPU access path.
+public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
+    public let type: DevicePageMapType
+    /// `pgmap->owner`.
+    public let owner: DeviceOwner
+    public let operations: DevicePageMapOperations
+    /// First pfn and number of pages (`pgmap->range`).
+    public let startPfn: UInt64
+    public let pageCount: UInt64
+    let region: UInt8
+    let index: UInt32
+    unowned let kernel: Kernel
+
+    init(kernel: Kernel, type: DevicePageMapType, owner: DeviceOwner, operations: DevicePageMapOperations,
+         startPfn: UInt64, pageCount: UInt64, region: UInt8, index: UInt32) {
+        self.kernel = kernel
+        self.type = type
+        self.owner = owner
+        self.operations = operations
+        self.startPfn = startPfn
+        self.pageCount = pageCount
+        self.region = region
+        self.index = index
+    }
+
+    /// Whether `pfn` lies in this page map.
+    public func contains(pfn: UInt64) -> Bool { pfn >= startPfn && pfn < startPfn + pageCount }
+    /// The page at `offset` pages from the start of the range.
+    public func page(at offset: UInt64) -> Page {
+        precondition(offset < pageCount, "DevicePageMap.page(at:): offset \(offset) outside \(pageCount) pages")
+        return Page(pfn: startPfn + offset, kernel: kernel)
+    }
+    public var byteCount: UInt64 { pageCount << 12 }
+    public var description: String {
+        "dev_pagemap(\(type), \(owner), pfn 0x\(String(startPfn, radix: 16))+\(pageCount))"
+    }
+
+    /// `free_zone_device_folio()`: reset what the mapping left, then `folio_free`.
+    func freeFolio(_ folio: Folio) {
+        let m = folio.meta
+        m.clearFlags(PageFlags.anon.rawValue | PageFlags.anonExclusive.rawValue | PageFlags.dirty.rawValue
+                     | PageFlags.swapBacked.rawValue | PageFlags.lru.rawValue)
+        m.mappingMM = 0
+        for i in 1..<UInt64(folio.pageCount) {
+            kernel.metaPtr(folio.pfn + i).clearFlags(PageFlags.anonExclusive.rawValue)
+        }
+        operations.folioFree?(folio)
+    }
+}
+
+extension Kernel {
+    /// Registers `bytes` of device memory (rounded up to 2 MiB) as a device page
+    /// map. Its pages start free: reference count 0 (`zoneDevicePageInit` hands them out).
+    ///
+    /// - Throws: `.invalidArgument` when a device-private map lacks `migrateToRAM`
+    ///   or `folioFree`, a coherent map lacks `folioFree`, or the size is zero.
+    /// The corresponding kernel function is `memremap_pages()` (`devm_memremap_pages()`).
+    public func memremapPages(type: DevicePageMapType, owner: DeviceOwner?, bytes: UInt64,
+                              operations: DevicePageMapOperations) throws(Errno) -> DevicePageMap {
+        guard let owner, bytes > 0 else { throw .invalidArgument }
+        switch type {
+        case .private:
+            guard operations.migrateToRAM != nil, operations.folioFree != nil else { throw .invalidArgument }
+        case .coherent:
+            guard operations.folioFree != nil else { throw .invalidArgument }
+        }
+        let pages = ((bytes + (2 << 20) - 1) >> 21) << 9
+        let index: UInt32 = try pageMaps.withLock { (maps) throws(Errno) -> UInt32 in
+            guard maps.count < Kernel.maxPageMaps else { throw .noSpace }
+            return UInt32(maps.count)
+        }
+        let (start, region, _) = addRegion(pages: pages)
+        let pgmap = DevicePageMap(kernel: self, type: type, owner: owner, operations: operations,
+                                  startPfn: start, pageCount: pages, region: region, index: index)
+        for pfn in start..<(start + pages) {
+            let m = metaPtr(pfn)
+            svm_store32(m.flagsWord, PageFlags.zoneDevice.rawValue)
+            svm_storei32(m.refWord, 0)
+            m.pgmap = index + 1
+            m.head = pfn
+            m.order = 0
+        }
+        pageMapTable[Int(index)] = Unmanaged.passRetained(pgmap)
+        pageMaps.withLock { $0.append(pgmap) }
+        return pgmap
+    }
+
+    /// Hands out a free device page (or a 2 MiB folio when `order` is 9):
+    /// reference count 0 to 1, the folio LOCKED, compound when order > 0.
+    /// A page that is in use (reference count not 0), not ZONE_DEVICE, or a
+    /// misaligned head for order 9 is a driver bug: reported, and nil returned.
+    /// The corresponding kernel function is `zone_device_page_init()`.
+    @discardableResult
+    public func zoneDevicePageInit(_ page: Page, order: Int = 0) -> Folio? {
+        let m = page.meta
+        guard m.test(PageFlags.zoneDevice.rawValue), m.pgmap != 0 else {
+            warn("zone_device_page_init: page is not a ZONE_DEVICE page", "\(page)")
+            return nil
+        }
+        guard order == 0 || (order == 9 && page.pfn & 511 == 0) else {
+            warn("zone_device_page_init: order must be 0, or 9 on a 2 MiB aligned pfn", "\(page) order \(order)")
+            return nil
+        }
+        let count = 1 << order
+        for i in 0..<count where metaPtr(page.pfn + UInt64(i)).refcount != 0
+            || (metaPtr(page.pfn + UInt64(i)).head != page.pfn && metaPtr(metaPtr(page.pfn + UInt64(i)).head).refcount != 0) {
+            warn("zone_device_page_init: page is in use (reference count not zero)", "\(Page(pfn: page.pfn + UInt64(i), kernel: self))")
+            return nil
+        }
+        prepareNewFolio(pfn: page.pfn, order: order, flags: PageFlags.zoneDevice.rawValue | PageFlags.locked.rawValue)
+        for i in 0..<count { metaPtr(page.pfn + UInt64(i)).pgmap = m.pgmap }
+        return Folio(pfn: page.pfn, kernel: self)
+    }
+
+    /// The device page map containing `pfn`, if any.
+    public func pageMap(containing pfn: UInt64) -> DevicePageMap? {
+        pageMaps.withLock { $0.first { $0.contains(pfn: pfn) } }
+    }
+}

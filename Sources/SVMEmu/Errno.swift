@@ -1,0 +1,95 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A kernel error code, as the emulated kernel returns it (the kernel returns `-errno`).
+///
+/// Like swift-system's `Errno`: a typed value with readable static names, so
+/// `migrateVMASetup` failing the way `migrate_vma_setup()` fails with `-EINVAL`
+/// throws `Errno.invalidArgument`.
+public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringConvertible {
+    public let rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+
+    /// `EPERM`: operation not permitted (dmirror: writing read-only memory).
+    public static let notPermitted = Errno(rawValue: EPERM)
+    /// `ENOENT`: no such entry (dmirror: nothing migrated).
+    public static let noEntry = Errno(rawValue: ENOENT)
+    /// `EINTR`
+    public static let interrupted = Errno(rawValue: EINTR)
+    /// `EIO`
+    public static let ioError = Errno(rawValue: EIO)
+    /// `EAGAIN`: try again (a racing fault, a busy page).
+    public static let tryAgain = Errno(rawValue: EAGAIN)
+    /// `ENOMEM`: out of memory.
+    public static let noMemory = Errno(rawValue: ENOMEM)
+    /// `EACCES`
+    public static let permissionDenied = Errno(rawValue: EACCES)
+    /// `EFAULT`: bad address (no VMA, PROT_NONE).
+    public static let badAddress = Errno(rawValue: EFAULT)
+    /// `EBUSY`
+    public static let busy = Errno(rawValue: EBUSY)
+    /// `EEXIST`
+    public static let exists = Errno(rawValue: EEXIST)
+    /// `ENODEV`
+    public static let noDevice = Errno(rawValue: ENODEV)
+    /// `EINVAL`: invalid argument.
+    public static let invalidArgument = Errno(rawValue: EINVAL)
+    /// `ENOSPC`
+    public static let noSpace = Errno(rawValue: ENOSPC)
+    /// `ERANGE`
+    public static let outOfRange = Errno(rawValue: ERANGE)
+    /// `ENOSYS`
+    public static let notImplemented = Errno(rawValue: ENOSYS)
+    /// `EOPNOTSUPP`
+    public static let notSupported = Errno(rawValue: EOPNOTSUPP)
+    /// `ETIMEDOUT`
+    public static let timedOut = Errno(rawValue: ETIMEDOUT)
+    /// `EBUSY`'s cousin used by migrate_pages: `EDEADLK`.
+    public static let deadlock = Errno(rawValue: EDEADLK)
+
+    /// The symbolic name, e.g. `EINVAL`.
+    public var name: String {
+        switch rawValue {
+        case EPERM: "EPERM"
+        case ENOENT: "ENOENT"
+        case EINTR: "EINTR"
+        case EIO: "EIO"
+        case EAGAIN: "EAGAIN"
+        case ENOMEM: "ENOMEM"
+        case EACCES: "EACCES"
+        case EFAULT: "EFAULT"
+        case EBUSY: "EBUSY"
+        case EEXIST: "EEXIST"
+        case ENODEV: "ENODEV"
+        case EINVAL: "EINVAL"
+        case ENOSPC: "ENOSPC"
+        case ERANGE: "ERANGE"
+        case ENOSYS: "ENOSYS"
+        case EOPNOTSUPP: "EOPNOTSUPP"
+        case ETIMEDOUT: "ETIMEDOUT"
+        case EDEADLK: "EDEADLK"
+        default: "E\(rawValue)"
+        }
+    }
+
+    public var description: String {
+        guard let cString = strerror(rawValue) else { return name }
+        return "\(name) (\(String(cString: cString)))"
+    }
+}
+
+/// A rule of the API that a caller (a driver) broke: the emulator's WARN_ON /
+/// VM_BUG_ON. The emulated kernel records it, refuses the offending step, and
+/// keeps its own state intact; it never corrupts memory silently.
+public struct Diagnostic: Sendable, Hashable, CustomStringConvertible {
+    /// The rule broken, short and stable (tests match on it), e.g.
+    /// `"migrate_vma_pages: destination page must be locked"`.
+    public let rule: String
+    /// Which page, address or argument it concerned.
+    public let detail: String
+    public init(rule: String, detail: String) { self.rule = rule; self.detail = detail }
+    public var description: String { "WARNING: \(rule) (\(detail))" }
+}

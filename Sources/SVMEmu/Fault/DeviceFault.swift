@@ -1,0 +1,93 @@
+import CSVMSupport
+
+/// The CPU fault on a device-private entry (`do_swap_page()`'s device-private
+/// branch and `do_huge_pmd_device_private()`), with the policy the kernel
+/// runs (`Kernel.deviceFaultPolicy`). Entered with the PTE lock held (PTE case);
+/// leaves with it dropped.
+extension AddressSpace {
+
+    func devicePrivateFault(_ vma: VMA, _ address: UInt64, _ pte: PageTableEntry,
+                            _ lock: UnsafeMutablePointer<UInt32>, _ holdsMmapLock: inout Bool) throws(Errno) {
+        kernel.vmstat.count(.deviceFaults)
+        let page = Page(pfn: pte.pfn, kernel: kernel)
+        let folio = page.folio
+        guard let pgmap = folio.pageMap, let migrateToRAM = pgmap.operations.migrateToRAM else {
+            svm_mutex_unlock(lock)
+            kernel.warn("do_swap_page: device-private entry without a migrate_to_ram callback", "\(page)")
+            throw .ioError
+        }
+        let vmf = VMFault(vma: vma, address: address, page: page, isPMD: false)
+        let result: VMFaultResult
+        switch kernel.deviceFaultPolicy {
+        case .legacy:
+            // v6.1-v6.14: every faulter holds a reference while migrate_to_ram runs.
+            folio.get()
+            svm_mutex_unlock(lock)
+            kernel.vmstat.count(.migrateToRAMCalls)
+            result = migrateToRAM(vmf)
+            folio.put()
+        case .trylock, .trylockWait:
+            if folio.tryLock() {
+                folio.get()
+                svm_mutex_unlock(lock)
+                kernel.vmstat.count(.migrateToRAMCalls)
+                result = migrateToRAM(vmf)
+                folio.unlock()
+                folio.put()
+            } else {
+                svm_mutex_unlock(lock)
+                kernel.vmstat.count(.deviceFaultRetries)
+                if kernel.deviceFaultPolicy == .trylockWait {
+                    holdsMmapLock = false
+                    mmapReadUnlock()
+                    folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
+                }
+                return
+            }
+        }
+        try Self.check(result)
+    }
+
+    /// A fault on a PMD-level device-private entry: trylock (or return and
+    /// retry), then `migrateToRAM` with no PTE; the driver migrates the folio's order.
+    func devicePrivatePMDFault(_ vma: VMA, _ address: UInt64, _ holdsMmapLock: inout Bool) throws(Errno) {
+        let haddr = address & AddressSpace.pmdMask
+        let lock = pmdLock(haddr)
+        svm_mutex_lock(lock)
+        let pmd = loadPMD(haddr)
+        guard pmd.kind == .devicePrivate else { svm_mutex_unlock(lock); return }
+        kernel.vmstat.count(.deviceFaults)
+        let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+        guard let migrateToRAM = folio.pageMap?.operations.migrateToRAM else {
+            svm_mutex_unlock(lock)
+            kernel.warn("do_huge_pmd_device_private: no migrate_to_ram callback", "\(folio)")
+            throw .ioError
+        }
+        guard folio.tryLock() else {
+            svm_mutex_unlock(lock)
+            kernel.vmstat.count(.deviceFaultRetries)
+            if kernel.deviceFaultPolicy == .trylockWait {
+                holdsMmapLock = false
+                mmapReadUnlock()
+                folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
+            }
+            return
+        }
+        folio.get()
+        svm_mutex_unlock(lock)
+        kernel.vmstat.count(.migrateToRAMCalls)
+        let page = folio.page(Int((address - haddr) >> 12))
+        let result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: true))
+        folio.unlock()
+        folio.put()
+        try Self.check(result)
+    }
+
+    private static func check(_ r: VMFaultResult) throws(Errno) {
+        switch r {
+        case .done: return
+        case .sigbus: throw .ioError
+        case .oom: throw .noMemory
+        }
+    }
+}

@@ -1,0 +1,191 @@
+import CSVMSupport
+
+/// Page-fault handling (`handle_mm_fault()`): demand zero, the zero page,
+/// THP faults, write-protect faults, migration-entry waits and device-private
+/// faults. Called by the access path with no lock held; takes the mmap lock
+/// for reading. Returning means "retry the access".
+extension AddressSpace {
+    /// How long one wait on a migration entry may sleep before the fault is
+    /// retried (and the entry looked at again).
+    static let migrationWaitNanos: UInt64 = 100_000_000
+
+    @usableFromInline
+    func handleMMFault(_ address: UInt64, write: Bool) throws(Errno) {
+        kernel.vmstat.count(.pgfault)
+        mmapReadLock()
+        var holdsMmapLock = true
+        defer { if holdsMmapLock { mmapReadUnlock() } }
+
+        guard let vma = vma(containing: address) else { throw .badAddress }
+        guard vma.flags.contains(.read) else { throw .permissionDenied }
+        if write && !vma.flags.contains(.write) { throw .permissionDenied }
+
+        var pmd = loadPMD(address)
+        if pmd.isNone {
+            if vma.isAnonymous && vma.allowsHugePage(at: address, mode: kernel.configuration.transparentHugepage),
+               hugeAnonymousFault(vma, address, write: write) {
+                return
+            }
+            pmd = ensurePTETable(address)
+        }
+        switch pmd.kind {
+        case .none:
+            return
+        case .present:
+            hugePMDFault(vma, address, write: write)
+            return
+        case .migration:
+            holdsMmapLock = false
+            mmapReadUnlock()
+            waitOnMigration(pfn: pmd.pfn)
+            return
+        case .devicePrivate:
+            try devicePrivatePMDFault(vma, address, &holdsMmapLock)
+            return
+        case .table:
+            break
+        }
+        try ptePageFault(vma, address, write: write, &holdsMmapLock)
+    }
+
+    /// A fault on a PTE-table-mapped address (`handle_pte_fault()`).
+    private func ptePageFault(_ vma: VMA, _ address: UInt64, write: Bool, _ holdsMmapLock: inout Bool) throws(Errno) {
+        let lock = ptl(address)
+        svm_mutex_lock(lock)
+        guard loadPMD(address).kind == .table else { svm_mutex_unlock(lock); return }
+        let pte = loadPTE(address)
+        switch pte.kind {
+        case .none:
+            if !write && vma.isAnonymous {
+                // do_anonymous_page() on a read: map the shared zero page.
+                storePTE(address, .present(pfn: kernel.zeroPage.pfn, write: false, special: true))
+                svm_mutex_unlock(lock)
+                kernel.vmstat.count(.zeroPageMaps)
+                return
+            }
+            svm_mutex_unlock(lock)
+            try newAnonymousPage(vma, address, expect: pte)
+        case .present:
+            if pte.isProtNone {
+                storePTE(address, pte.without(PageTableEntry.protNoneBit))
+                svm_mutex_unlock(lock)
+                return
+            }
+            if write && !pte.isWrite {
+                if pte.isSpecial {
+                    svm_mutex_unlock(lock)
+                    kernel.vmstat.count(.wpFaults)
+                    try newAnonymousPage(vma, address, expect: pte)
+                    return
+                }
+                // do_wp_page(): without fork every anonymous page is exclusive
+                // to this mm, so it is reused in place.
+                let page = Page(pfn: pte.pfn, kernel: kernel)
+                page.meta.setFlags(PageFlags.anonExclusive.rawValue)
+                storePTE(address, pte.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                kernel.vmstat.count(.wpFaults)
+            }
+            svm_mutex_unlock(lock)
+        case .migration:
+            svm_mutex_unlock(lock)
+            holdsMmapLock = false
+            mmapReadUnlock()
+            waitOnMigration(pfn: pte.pfn)
+        case .devicePrivate:
+            // Returns with the PTE lock dropped.
+            try devicePrivateFault(vma, address, pte, lock, &holdsMmapLock)
+        case .table:
+            svm_mutex_unlock(lock)
+        }
+    }
+
+    /// Allocates a zeroed page and maps it writable if the entry is still
+    /// `expect` (none, or the zero page for a write-protect fault).
+    private func newAnonymousPage(_ vma: VMA, _ address: UInt64, expect: PageTableEntry) throws(Errno) {
+        guard let folio = kernel.allocateFolio(order: 0, zeroed: true) else { throw .noMemory }
+        let lock = ptl(address)
+        svm_mutex_lock(lock)
+        guard loadPMD(address).kind == .table, loadPTE(address) == expect else {
+            svm_mutex_unlock(lock)
+            folio.put()
+            return
+        }
+        if vma.isAnonymous {
+            addNewAnonRmap(folio, address: address, pmdMapped: false)
+        } else {
+            folio.set([.shmem, .uptodate, .lru])
+            folio.meta.mappingMM = id
+            folio.meta.index = address >> 12
+            _ = svm_add32(folio.meta.mapWord, 1)
+        }
+        let writable = vma.flags.contains(.write)
+        storePTE(address, .present(pfn: folio.pfn, write: writable, dirty: writable))
+        svm_mutex_unlock(lock)
+        if !expect.isNone { flushTLBRange(address & ~4095, (address & ~4095) + 4096) }
+        kernel.vmstat.count(.demandZeroFaults)
+    }
+
+    /// `do_huge_pmd_anonymous_page()`: the huge zero page on a read, a new 2 MiB
+    /// folio on a write. Returns false to fall back to 4 KiB pages (no 2 MiB
+    /// folio free).
+    private func hugeAnonymousFault(_ vma: VMA, _ address: UInt64, write: Bool) -> Bool {
+        let haddr = address & AddressSpace.pmdMask
+        let lock = pmdLock(haddr)
+        if !write {
+            svm_mutex_lock(lock)
+            if loadPMD(haddr).isNone {
+                storePMD(haddr, .present(pfn: kernel.hugeZeroPage.pfn, write: false, special: true))
+                kernel.vmstat.count(.thpZeroPageMap)
+            }
+            svm_mutex_unlock(lock)
+            return true
+        }
+        guard let folio = kernel.allocateFolio(order: 9, zeroed: true) else { return false }
+        svm_mutex_lock(lock)
+        if loadPMD(haddr).isNone {
+            addNewAnonRmap(folio, address: haddr, pmdMapped: true)
+            storePMD(haddr, .present(pfn: folio.pfn, write: vma.flags.contains(.write), dirty: true))
+            svm_mutex_unlock(lock)
+            kernel.vmstat.count(.thpFaultAlloc)
+        } else {
+            svm_mutex_unlock(lock)
+            folio.put()
+        }
+        return true
+    }
+
+    /// A fault on a present huge PMD: PROT_NONE hinting, write to the huge zero
+    /// page (split, then handled per PTE), write-protect reuse.
+    private func hugePMDFault(_ vma: VMA, _ address: UInt64, write: Bool) {
+        let haddr = address & AddressSpace.pmdMask
+        let lock = pmdLock(haddr)
+        svm_mutex_lock(lock)
+        let pmd = loadPMD(haddr)
+        guard pmd.kind == .present else { svm_mutex_unlock(lock); return }
+        if pmd.isProtNone {
+            storePMD(haddr, pmd.without(PageTableEntry.protNoneBit))
+        } else if write && !pmd.isWrite {
+            if pmd.isSpecial {
+                svm_mutex_unlock(lock)
+                // do_huge_pmd_wp_page() on the huge zero page: split, retry per PTE.
+                splitHugePMD(haddr)
+                return
+            }
+            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+            for i in 0..<512 { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
+            storePMD(haddr, pmd.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+            kernel.vmstat.count(.wpFaults)
+        }
+        svm_mutex_unlock(lock)
+    }
+
+    /// `migration_entry_wait()`: sleep until the folio under migration is
+    /// unlocked (the migration's end), at most `migrationWaitNanos`, then retry.
+    /// No reference is taken: a waiter must not make the migration's reference
+    /// check fail.
+    func waitOnMigration(pfn: UInt64) {
+        kernel.vmstat.count(.migrationEntryWaits)
+        let folio = Page(pfn: pfn, kernel: kernel).folio
+        folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
+    }
+}

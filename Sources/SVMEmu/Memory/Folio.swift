@@ -1,0 +1,183 @@
+import CSVMSupport
+
+/// A base page frame (`struct page`): a pfn on this machine.
+///
+/// A value type of two words with no reference counting of its own: holding a
+/// `Page` does not hold a page reference, exactly like holding a `struct page *`.
+public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
+    public let pfn: UInt64
+    @usableFromInline unowned(unsafe) let kernel: Kernel
+
+    @inlinable init(pfn: UInt64, kernel: Kernel) { self.pfn = pfn; self.kernel = kernel }
+
+    @inlinable var meta: MetaPtr { kernel.metaPtr(pfn) }
+
+    /// The folio this page belongs to (`page_folio()`).
+    @inlinable public var folio: Folio { Folio(pfn: meta.head, kernel: kernel) }
+    /// The bytes of this 4 KiB page.
+    @inlinable public var bytes: UnsafeMutableRawPointer { kernel.bytes(ofPfn: pfn) }
+    /// PTE mappings of this page (`page_mapcount()`, without the folio's PMD mappings).
+    public var mapCount: Int { Int(meta.mapcount) }
+    /// Whether the page belongs to a device page map (`is_zone_device_page()`).
+    public var isZoneDevice: Bool { meta.test(PageFlags.zoneDevice.rawValue) }
+    /// Whether this page is anon-exclusive (`PageAnonExclusive()`).
+    public var isAnonExclusive: Bool { meta.test(PageFlags.anonExclusive.rawValue) }
+    /// The driver's private word (`page->zone_device_data`).
+    public var zoneDeviceData: UInt64 {
+        get { meta.zoneDeviceData }
+        nonmutating set { meta.zoneDeviceData = newValue }
+    }
+    public static func == (a: Page, b: Page) -> Bool { a.pfn == b.pfn && a.kernel === b.kernel }
+    public func hash(into h: inout Hasher) { h.combine(pfn) }
+    public var description: String { "page(pfn: 0x\(String(pfn, radix: 16)))" }
+}
+
+/// A folio: a head page and, for order 9, 511 tails that resolve to it.
+///
+/// The reference count, the map counts, the flags and the folio lock live in the
+/// head page's metadata. Like `Page`, a `Folio` value holds no reference:
+/// use `get()`/`put()` for that.
+public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
+    /// The head page's pfn (`folio_pfn()`).
+    public let pfn: UInt64
+    @usableFromInline unowned(unsafe) let kernel: Kernel
+
+    @inlinable init(pfn: UInt64, kernel: Kernel) { self.pfn = pfn; self.kernel = kernel }
+    @inlinable var meta: MetaPtr { kernel.metaPtr(pfn) }
+
+    public static func == (a: Folio, b: Folio) -> Bool { a.pfn == b.pfn && a.kernel === b.kernel }
+    public func hash(into h: inout Hasher) { h.combine(pfn) }
+    public var description: String { "folio(pfn: 0x\(String(pfn, radix: 16)), order: \(order), ref: \(refCount), map: \(mapCount))" }
+
+    /// `folio_order()`: 0 or 9.
+    @inlinable public var order: Int { Int(meta.order) }
+    /// `folio_nr_pages()`.
+    @inlinable public var pageCount: Int { 1 << order }
+    /// `folio_size()` in bytes.
+    @inlinable public var size: Int { 4096 << order }
+    @inlinable public var isLarge: Bool { meta.order != 0 }
+    /// The `i`-th page of the folio (`folio_page()`).
+    @inlinable public func page(_ i: Int) -> Page { Page(pfn: pfn + UInt64(i), kernel: kernel) }
+    /// The bytes of the whole folio (contiguous).
+    @inlinable public var bytes: UnsafeMutableRawPointer { kernel.bytes(ofPfn: pfn) }
+
+    /// The flags word.
+    public var flags: PageFlags { PageFlags(rawValue: meta.flags) }
+    /// `folio_ref_count()`.
+    @inlinable public var refCount: Int { Int(meta.refcount) }
+    /// `folio_mapcount()`: PTE mappings of every page plus PMD mappings.
+    public var mapCount: Int {
+        var n = Int(meta.entireMapcount)
+        for i in 0..<pageCount { n += Int(kernel.metaPtr(pfn + UInt64(i)).mapcount) }
+        return n
+    }
+    /// PMD mappings of the folio (`folio_entire_mapcount()`).
+    public var entireMapCount: Int { Int(meta.entireMapcount) }
+    /// `folio_mapped()`.
+    public var isMapped: Bool { mapCount > 0 }
+    @inlinable public var isZoneDevice: Bool { meta.test(PageFlags.zoneDevice.rawValue) }
+    @inlinable public var isAnon: Bool { meta.test(PageFlags.anon.rawValue) }
+    public var isZeroPage: Bool { meta.test(PageFlags.reserved.rawValue) }
+    /// The device page map of a ZONE_DEVICE folio (`page_pgmap()`).
+    public var pageMap: DevicePageMap? {
+        let i = meta.pgmap
+        return i == 0 ? nil : kernel.pageMapTable[Int(i) - 1]?.takeUnretainedValue()
+    }
+    /// `folio_is_device_private()`.
+    public var isDevicePrivate: Bool { pageMap?.type == .private }
+    /// `folio_is_device_coherent()`.
+    public var isDeviceCoherent: Bool { pageMap?.type == .coherent }
+
+    // MARK: references
+
+    /// `folio_get()`: takes a reference. The folio must already be referenced.
+    @inlinable public func get() {
+        let n = svm_add32(meta.refWord, 1)
+        if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)") }
+    }
+    /// `folio_try_get()`: takes a reference unless the count is zero (being freed).
+    @inlinable public func tryGet() -> Bool {
+        var cur = meta.refcount
+        while cur > 0 {
+            if svm_casi32(meta.refWord, &cur, cur + 1) { return true }
+        }
+        return false
+    }
+    /// `folio_put()`: drops a reference; the last one frees the folio (to its
+    /// node, or to the device page map's `folioFree`).
+    @inlinable public func put() {
+        let n = svm_add32(meta.refWord, -1)
+        if n == 0 { kernel.freeFolio(self) } else if n < 0 {
+            svm_storei32(meta.refWord, 0)
+            kernel.warn("folio_put: reference count underflow", "\(self)")
+        }
+    }
+    /// `folio_ref_add()`.
+    @inlinable func refAdd(_ n: Int32) { _ = svm_add32(meta.refWord, n) }
+
+    // MARK: the folio lock (PG_locked)
+
+    /// `folio_trylock()`: takes the folio lock if it is free; never blocks.
+    @inlinable public func tryLock() -> Bool {
+        (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
+    }
+
+    /// `folio_lock()`: takes the folio lock, sleeping while another thread holds it.
+    public func lock() {
+        if tryLock() { return }
+        kernel.vmstat.count(.folioLockWaits)
+        let w = meta.flagsWord
+        while true {
+            let old = svm_load32(w)
+            if old & PageFlags.locked.rawValue == 0 {
+                if tryLock() { return }
+                continue
+            }
+            var expected = old
+            let sleeping = old | PageFlags.waiters.rawValue
+            if old & PageFlags.waiters.rawValue == 0 && !svm_cas32(w, &expected, sleeping) { continue }
+            _ = svm_futex_wait(w, sleeping, 0)
+        }
+    }
+
+    /// `folio_unlock()`: releases the lock and wakes its sleepers. Any thread may
+    /// unlock (the kernel's page lock is released by whoever finishes the work).
+    @inlinable public func unlock() {
+        let old = svm_and32(meta.flagsWord, ~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue))
+        if old & PageFlags.locked.rawValue == 0 {
+            kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
+        }
+        if old & PageFlags.waiters.rawValue != 0 { _ = svm_futex_wake(meta.flagsWord, Int32.max) }
+    }
+
+    /// `folio_test_locked()`.
+    @inlinable public var isLocked: Bool { meta.test(PageFlags.locked.rawValue) }
+
+    /// `folio_wait_locked()`: sleeps until the folio is unlocked, without taking
+    /// the lock, at most `timeoutNanos` (0: no limit). Returns whether it was
+    /// seen unlocked.
+    @discardableResult
+    public func waitUnlocked(timeoutNanos: UInt64 = 0) -> Bool {
+        let w = meta.flagsWord
+        let deadline = timeoutNanos == 0 ? UInt64.max : svm_now_ns() &+ timeoutNanos
+        while true {
+            let old = svm_load32(w)
+            if old & PageFlags.locked.rawValue == 0 { return true }
+            let now = svm_now_ns()
+            if now >= deadline { return false }
+            var expected = old
+            let sleeping = old | PageFlags.waiters.rawValue
+            if old & PageFlags.waiters.rawValue == 0 && !svm_cas32(w, &expected, sleeping) { continue }
+            _ = svm_futex_wait(w, sleeping, deadline == .max ? 0 : deadline - now)
+        }
+    }
+
+    // MARK: flags the migration code uses
+
+    public var isDirty: Bool { meta.test(PageFlags.dirty.rawValue) }
+    /// `folio_mark_dirty()`.
+    public func markDirty() { meta.setFlags(PageFlags.dirty.rawValue) }
+    @inlinable func set(_ f: PageFlags) { meta.setFlags(f.rawValue) }
+    @inlinable func clear(_ f: PageFlags) { meta.clearFlags(f.rawValue) }
+    @inlinable func test(_ f: PageFlags) -> Bool { meta.test(f.rawValue) }
+}

@@ -1,0 +1,190 @@
+import CSVMSupport
+
+/// A NUMA node of system RAM: a contiguous pfn range with real bytes and a
+/// simple allocator of order-0 and order-9 folios.
+///
+/// Order-0 frames come from a free list, then from never-used frames, then by
+/// breaking a free 2 MiB block. Order-9 folios come from a free list of 2 MiB
+/// blocks, then from never-used frames. Freed order-0 frames are not merged back
+/// into 2 MiB blocks (there is no buddy coalescing).
+public final class MemoryNode: @unchecked Sendable {
+    public let id: Int
+    public let startPfn: UInt64
+    public let pageCount: UInt64
+    let region: UInt8
+    let bytes: UnsafeMutableRawPointer
+    unowned(unsafe) var kernel: Kernel! = nil
+
+    // Protected by `zoneLock` (the zone lock).
+    private let zoneLock: UnsafeMutablePointer<UInt32>
+    private var bump: UInt64
+    private var free0: UInt64 = 0
+    private var free9: UInt64 = 0
+    private var freePagesCount: UInt64
+
+    init(id: Int, region: UInt8, startPfn: UInt64, pageCount: UInt64, bytes: UnsafeMutableRawPointer) {
+        self.id = id
+        self.region = region
+        self.startPfn = startPfn
+        self.pageCount = pageCount
+        self.bytes = bytes
+        self.bump = startPfn
+        self.freePagesCount = pageCount
+        zoneLock = .allocate(capacity: 1)
+        zoneLock.initialize(to: 0)
+    }
+    deinit { zoneLock.deallocate() }
+
+    /// Free base pages on this node (`NR_FREE_PAGES`).
+    public var freePages: UInt64 {
+        svm_mutex_lock(zoneLock); defer { svm_mutex_unlock(zoneLock) }
+        return freePagesCount
+    }
+
+    /// Allocates a folio of `order` 0 or 9 with one reference, unlocked, not
+    /// mapped, bytes not cleared (`folio_alloc()` without `__GFP_ZERO`).
+    /// Returns nil when the node is out of memory of that order.
+    public func allocate(order: Int) -> Folio? {
+        precondition(order == 0 || order == 9, "MemoryNode.allocate: order must be 0 or 9, not \(order)")
+        svm_mutex_lock(zoneLock)
+        var pfn: UInt64 = 0
+        if order == 0 {
+            if free0 != 0 {
+                pfn = free0
+                free0 = kernel.metaPtr(pfn).next
+            } else if bump < startPfn + pageCount {
+                pfn = bump
+                bump += 1
+            } else if free9 != 0 {
+                // Break a 2 MiB block: keep its first frame, list the rest.
+                pfn = free9
+                free9 = kernel.metaPtr(pfn).next
+                for i in stride(from: UInt64(511), through: 1, by: -1) {
+                    kernel.metaPtr(pfn + i).next = free0
+                    free0 = pfn + i
+                }
+            }
+        } else {
+            if free9 != 0 {
+                pfn = free9
+                free9 = kernel.metaPtr(pfn).next
+            } else {
+                let aligned = (bump + 511) & ~511
+                if aligned + 512 <= startPfn + pageCount {
+                    while bump < aligned {
+                        kernel.metaPtr(bump).next = free0
+                        free0 = bump
+                        bump += 1
+                    }
+                    pfn = aligned
+                    bump = aligned + 512
+                }
+            }
+        }
+        if pfn != 0 { freePagesCount -= UInt64(1) << UInt64(order) }
+        svm_mutex_unlock(zoneLock)
+        guard pfn != 0 else {
+            kernel.vmstat.count(order == 0 ? .allocFail : .thpAllocFail)
+            return nil
+        }
+        kernel.prepareNewFolio(pfn: pfn, order: order, flags: 0)
+        kernel.vmstat.count(.pgalloc, UInt64(1) << UInt64(order))
+        return Folio(pfn: pfn, kernel: kernel)
+    }
+
+    /// Returns a folio whose last reference was dropped to the free lists.
+    func release(pfn: UInt64, order: Int) {
+        for i in 0..<(UInt64(1) << UInt64(order)) {
+            let m = kernel.metaPtr(pfn + i)
+            svm_store32(m.flagsWord, PageFlags.buddy.rawValue)
+            m.order = 0
+            m.head = pfn + i
+            m.mappingMM = 0
+        }
+        svm_mutex_lock(zoneLock)
+        if order == 9 {
+            kernel.metaPtr(pfn).next = free9
+            free9 = pfn
+        } else {
+            kernel.metaPtr(pfn).next = free0
+            free0 = pfn
+        }
+        freePagesCount += UInt64(1) << UInt64(order)
+        svm_mutex_unlock(zoneLock)
+        kernel.vmstat.count(.pgfree, UInt64(1) << UInt64(order))
+    }
+}
+
+extension Kernel {
+    /// Sets up the metadata of a newly allocated folio: one reference, no
+    /// mappings, head/tail links (`prep_compound_page()` for order 9).
+    func prepareNewFolio(pfn: UInt64, order: Int, flags: UInt32) {
+        let head = metaPtr(pfn)
+        svm_store32(head.flagsWord, flags | (order > 0 ? PageFlags.head.rawValue : 0))
+        svm_storei32(head.refWord, 1)
+        svm_storei32(head.mapWord, 0)
+        svm_storei32(head.entireMapWord, 0)
+        head.order = UInt8(order)
+        head.head = pfn
+        head.mappingMM = 0
+        head.index = 0
+        if order > 0 {
+            for i in 1..<(UInt64(1) << UInt64(order)) {
+                let t = metaPtr(pfn + i)
+                svm_store32(t.flagsWord, PageFlags.tail.rawValue | (flags & PageFlags.zoneDevice.rawValue))
+                svm_storei32(t.refWord, 0)
+                svm_storei32(t.mapWord, 0)
+                t.order = 0
+                t.head = pfn
+                t.mappingMM = 0
+            }
+        }
+    }
+
+    /// Called when a folio's reference count reaches zero (`__folio_put()`):
+    /// device folios go back to their page map's `folioFree`, system folios to
+    /// their node. Freeing a mapped or locked folio is a bug, reported.
+    @usableFromInline
+    func freeFolio(_ folio: Folio) {
+        let m = folio.meta
+        if m.test(PageFlags.reserved.rawValue) {
+            warn("folio_put: last reference of a reserved page dropped (zero page)", "\(folio)")
+            folio.refAdd(1)
+            return
+        }
+        if folio.isMapped {
+            warn("free_folio: folio is still mapped (bad page state)", "\(folio)")
+        }
+        if m.test(PageFlags.locked.rawValue) {
+            warn("free_folio: folio is locked (bad page state)", "\(folio)")
+            folio.clear(.locked)
+        }
+        if let pgmap = folio.pageMap {
+            pgmap.freeFolio(folio)
+            return
+        }
+        let r = Int(m.region)
+        guard let node = nodes.first(where: { Int($0.region) == r }) else {
+            warn("free_folio: pfn outside system RAM and every device page map", "\(folio)")
+            return
+        }
+        node.release(pfn: folio.pfn, order: folio.order)
+    }
+
+    /// Allocates a folio on `node` (or any node if nil): `folio_alloc()` /
+    /// `alloc_pages_node()`. `zeroed` clears the bytes (`__GFP_ZERO`).
+    public func allocateFolio(order: Int = 0, node: Int? = nil, zeroed: Bool = false) -> Folio? {
+        var folio: Folio? = nil
+        if let node {
+            guard node >= 0 && node < nodes.count else { return nil }
+            folio = nodes[node].allocate(order: order)
+        } else {
+            for n in nodes { if let f = n.allocate(order: order) { folio = f; break } }
+        }
+        if zeroed, let f = folio { svm_memset(f.bytes, 0, f.size) }
+        return folio
+    }
+
+    /// Free base pages across all nodes.
+    public var freePages: UInt64 { nodes.reduce(0) { $0 + $1.freePages } }
+}

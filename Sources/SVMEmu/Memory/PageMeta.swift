@@ -1,0 +1,134 @@
+import CSVMSupport
+
+/// Page frame metadata: the emulator's `struct page`, 64 bytes per 4 KiB page,
+/// in one flat pfn-indexed array (a large anonymous mapping touched lazily).
+///
+/// Layout (byte offsets):
+/// ```
+///  0 flags            u32  atomic: lock bit, waiters bit, dirty, lru, ... (PageFlags)
+///  4 refcount         i32  atomic, meaningful on the head page (folio_ref_count)
+///  8 mapcount         i32  atomic, PTE mappings of this page (page_mapcount)
+/// 12 entireMapcount   i32  atomic, PMD mappings of the folio (head only)
+/// 16 order            u8   folio order (head only): 0 or 9
+/// 17 region           u8   which physical region holds the bytes
+/// 20 pgmap            u32  device page map index + 1 (0: not ZONE_DEVICE)
+/// 24 head             u64  pfn of the folio head (compound_head); self for a head
+/// 32 mappingMM        u32  address-space id of an anonymous mapping (anon rmap)
+/// 40 index            u64  virtual page number the page is mapped at (anon rmap)
+/// 48 next             u64  free-list link
+/// 56 zoneDeviceData   u64  driver-private word (page->zone_device_data)
+/// ```
+@usableFromInline
+enum PageMeta {
+    @usableFromInline static let size = 64
+    @usableFromInline static let shift = 6
+    @usableFromInline static let flags = 0
+    @usableFromInline static let refcount = 4
+    @usableFromInline static let mapcount = 8
+    @usableFromInline static let entireMapcount = 12
+    @usableFromInline static let order = 16
+    @usableFromInline static let region = 17
+    @usableFromInline static let pgmap = 20
+    @usableFromInline static let head = 24
+    @usableFromInline static let mappingMM = 32
+    @usableFromInline static let index = 40
+    @usableFromInline static let next = 48
+    @usableFromInline static let zoneDeviceData = 56
+}
+
+/// The flags word of a page (the subset of `enum pageflags` the emulator uses).
+public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// PG_locked: the folio lock.
+    public static let locked = PageFlags(rawValue: 1 << 0)
+    /// Someone sleeps on the folio lock (PG_waiters).
+    public static let waiters = PageFlags(rawValue: 1 << 1)
+    public static let dirty = PageFlags(rawValue: 1 << 2)
+    public static let uptodate = PageFlags(rawValue: 1 << 3)
+    /// On an LRU list (PG_lru); isolation clears it.
+    public static let lru = PageFlags(rawValue: 1 << 4)
+    /// PageAnonExclusive: mapped by exactly one process, may be written without copy.
+    public static let anonExclusive = PageFlags(rawValue: 1 << 5)
+    /// Head of a large folio (PG_head).
+    public static let head = PageFlags(rawValue: 1 << 6)
+    /// Tail of a large folio.
+    public static let tail = PageFlags(rawValue: 1 << 7)
+    /// ZONE_DEVICE page (device-private or device-coherent).
+    public static let zoneDevice = PageFlags(rawValue: 1 << 8)
+    /// Anonymous memory (folio_test_anon).
+    public static let anon = PageFlags(rawValue: 1 << 9)
+    /// Reserved: the zero pages.
+    public static let reserved = PageFlags(rawValue: 1 << 10)
+    /// In the buddy allocator.
+    public static let buddy = PageFlags(rawValue: 1 << 11)
+    /// Swap-backed; MADV_FREE clears it (lazy free).
+    public static let swapBacked = PageFlags(rawValue: 1 << 12)
+    /// Shared (file/shmem-like) memory: has a mapping other than anon.
+    public static let shmem = PageFlags(rawValue: 1 << 13)
+    /// Debug: the page is a destination of a migration in progress.
+    public static let young = PageFlags(rawValue: 1 << 14)
+
+    public var description: String {
+        let names: [(PageFlags, String)] = [
+            (.locked, "locked"), (.waiters, "waiters"), (.dirty, "dirty"), (.uptodate, "uptodate"),
+            (.lru, "lru"), (.anonExclusive, "anon_exclusive"), (.head, "head"), (.tail, "tail"),
+            (.zoneDevice, "zone_device"), (.anon, "anon"), (.reserved, "reserved"), (.buddy, "buddy"),
+            (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"),
+        ]
+        return names.filter { contains($0.0) }.map(\.1).joined(separator: "|")
+    }
+}
+
+/// Raw accessors to one page's metadata; all atomic where other threads may race.
+@usableFromInline
+struct MetaPtr {
+    @usableFromInline let p: UnsafeMutableRawPointer
+    @inlinable init(_ p: UnsafeMutableRawPointer) { self.p = p }
+
+    @inlinable var flagsWord: UnsafeMutablePointer<UInt32> { (p + PageMeta.flags).assumingMemoryBound(to: UInt32.self) }
+    @inlinable var refWord: UnsafeMutablePointer<Int32> { (p + PageMeta.refcount).assumingMemoryBound(to: Int32.self) }
+    @inlinable var mapWord: UnsafeMutablePointer<Int32> { (p + PageMeta.mapcount).assumingMemoryBound(to: Int32.self) }
+    @inlinable var entireMapWord: UnsafeMutablePointer<Int32> { (p + PageMeta.entireMapcount).assumingMemoryBound(to: Int32.self) }
+
+    @inlinable var flags: UInt32 { svm_load32(flagsWord) }
+    @inlinable func setFlags(_ f: UInt32) { _ = svm_or32(flagsWord, f) }
+    @inlinable func clearFlags(_ f: UInt32) { _ = svm_and32(flagsWord, ~f) }
+    @inlinable func test(_ f: UInt32) -> Bool { svm_load32(flagsWord) & f != 0 }
+
+    @inlinable var order: UInt8 {
+        get { p.load(fromByteOffset: PageMeta.order, as: UInt8.self) }
+        nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.order, as: UInt8.self) }
+    }
+    @inlinable var region: UInt8 {
+        get { p.load(fromByteOffset: PageMeta.region, as: UInt8.self) }
+        nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.region, as: UInt8.self) }
+    }
+    @inlinable var pgmap: UInt32 {
+        get { p.load(fromByteOffset: PageMeta.pgmap, as: UInt32.self) }
+        nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.pgmap, as: UInt32.self) }
+    }
+    @inlinable var head: UInt64 {
+        get { svm_load64((p + PageMeta.head).assumingMemoryBound(to: UInt64.self)) }
+        nonmutating set { svm_store64((p + PageMeta.head).assumingMemoryBound(to: UInt64.self), newValue) }
+    }
+    @inlinable var mappingMM: UInt32 {
+        get { svm_load32((p + PageMeta.mappingMM).assumingMemoryBound(to: UInt32.self)) }
+        nonmutating set { svm_store32((p + PageMeta.mappingMM).assumingMemoryBound(to: UInt32.self), newValue) }
+    }
+    @inlinable var index: UInt64 {
+        get { svm_load64((p + PageMeta.index).assumingMemoryBound(to: UInt64.self)) }
+        nonmutating set { svm_store64((p + PageMeta.index).assumingMemoryBound(to: UInt64.self), newValue) }
+    }
+    @inlinable var next: UInt64 {
+        get { p.load(fromByteOffset: PageMeta.next, as: UInt64.self) }
+        nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.next, as: UInt64.self) }
+    }
+    @inlinable var zoneDeviceData: UInt64 {
+        get { svm_load64((p + PageMeta.zoneDeviceData).assumingMemoryBound(to: UInt64.self)) }
+        nonmutating set { svm_store64((p + PageMeta.zoneDeviceData).assumingMemoryBound(to: UInt64.self), newValue) }
+    }
+    @inlinable var refcount: Int32 { svm_loadi32(refWord) }
+    @inlinable var mapcount: Int32 { svm_loadi32(mapWord) }
+    @inlinable var entireMapcount: Int32 { svm_loadi32(entireMapWord) }
+}

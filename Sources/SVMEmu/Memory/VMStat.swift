@@ -1,0 +1,83 @@
+import CSVMSupport
+
+/// Event counters of the emulated kernel, named like `/proc/vmstat` where the
+/// kernel has the same counter.
+public enum VMStatItem: Int, CaseIterable, Sendable {
+    case pgalloc, pgfree, allocFail, thpAllocFail
+    case pgfault, pgmajfault, demandZeroFaults, zeroPageMaps, wpFaults
+    case thpFaultAlloc, thpZeroPageMap, thpSplitPmd, thpSplitPage
+    case migrationEntryWaits, folioLockWaits
+    case pgmigrateSuccess, pgmigrateFail, thpMigrationSuccess, thpMigrationFail, thpMigrationSplit
+    case migrateVMACollected, migrateVMASkipped, migrateVMARestored
+    case deviceFaults, deviceFaultRetries, migrateToRAMCalls
+    case tlbLocalFlushAll, tlbLocalFlushOne, tlbRemoteFlush, tlbRemoteFlushReceived, tlbPagesFlushed
+    case mmuNotifierInvalidations
+
+    /// The /proc/vmstat-style name.
+    public var name: String {
+        switch self {
+        case .pgalloc: "pgalloc"
+        case .pgfree: "pgfree"
+        case .allocFail: "alloc_fail"
+        case .thpAllocFail: "thp_fault_fallback"
+        case .pgfault: "pgfault"
+        case .pgmajfault: "pgmajfault"
+        case .demandZeroFaults: "demand_zero_faults"
+        case .zeroPageMaps: "zero_page_maps"
+        case .wpFaults: "wp_faults"
+        case .thpFaultAlloc: "thp_fault_alloc"
+        case .thpZeroPageMap: "thp_zero_page_alloc"
+        case .thpSplitPmd: "thp_split_pmd"
+        case .thpSplitPage: "thp_split_page"
+        case .migrationEntryWaits: "migration_entry_waits"
+        case .folioLockWaits: "folio_lock_waits"
+        case .pgmigrateSuccess: "pgmigrate_success"
+        case .pgmigrateFail: "pgmigrate_fail"
+        case .thpMigrationSuccess: "thp_migration_success"
+        case .thpMigrationFail: "thp_migration_fail"
+        case .thpMigrationSplit: "thp_migration_split"
+        case .migrateVMACollected: "migrate_vma_collected"
+        case .migrateVMASkipped: "migrate_vma_skipped"
+        case .migrateVMARestored: "migrate_vma_restored"
+        case .deviceFaults: "device_private_faults"
+        case .deviceFaultRetries: "device_private_fault_retries"
+        case .migrateToRAMCalls: "migrate_to_ram_calls"
+        case .tlbLocalFlushAll: "nr_tlb_local_flush_all"
+        case .tlbLocalFlushOne: "nr_tlb_local_flush_one"
+        case .tlbRemoteFlush: "nr_tlb_remote_flush"
+        case .tlbRemoteFlushReceived: "nr_tlb_remote_flush_received"
+        case .tlbPagesFlushed: "tlb_pages_flushed"
+        case .mmuNotifierInvalidations: "mmu_notifier_invalidations"
+        }
+    }
+}
+
+/// Counters, one cache line apart so that two CPUs counting different events
+/// do not share a line.
+public final class VMStat: @unchecked Sendable {
+    private static let stride = 8  // UInt64 words between counters: 64 bytes
+    private let words: UnsafeMutablePointer<UInt64>
+
+    init() {
+        let n = VMStatItem.allCases.count * VMStat.stride
+        words = .allocate(capacity: n)
+        words.initialize(repeating: 0, count: n)
+    }
+    deinit { words.deallocate() }
+
+    @inlinable @inline(__always)
+    public func count(_ item: VMStatItem, _ n: UInt64 = 1) {
+        _ = svm_add64(word(item), n)
+    }
+    @usableFromInline func word(_ item: VMStatItem) -> UnsafeMutablePointer<UInt64> {
+        words + item.rawValue * VMStat.stride
+    }
+    public subscript(_ item: VMStatItem) -> UInt64 { svm_load64(word(item)) }
+
+    /// Every counter by its /proc/vmstat-style name.
+    public func snapshot() -> [String: UInt64] {
+        var d: [String: UInt64] = [:]
+        for item in VMStatItem.allCases { d[item.name] = self[item] }
+        return d
+    }
+}

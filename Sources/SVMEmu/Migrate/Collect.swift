@@ -1,0 +1,235 @@
+import CSVMSupport
+
+/// migrate_vma_setup(): argument checks, then collect (walk the range, take a
+/// reference on and lock each candidate, replace its mapping by a migration
+/// entry), then unmap (see Unmap.swift).
+///
+/// Contract for the caller (the driver): hold the mmap lock of `vma.mm` for
+/// reading; with `faultPage` (called from `migrateToRAM`), that page is locked
+/// by the fault path (trylock policies). On return every entry with MIGRATE
+/// and a page is locked, holds one extra reference owned by the migration, and
+/// is unmapped (migration entries in the page tables).
+extension Kernel {
+
+    /// Prepares a migration of `[args.start, args.end)`.
+    ///
+    /// - Throws: `.invalidArgument` when: there is no VMA or it is special;
+    ///   the range is empty; start or end lies outside the VMA; `src` or `dst`
+    ///   holds fewer entries than the range has pages; `faultPage` is not a
+    ///   device-private page; `faultPage` is not locked (trylock policies; the
+    ///   legacy kernels did not check). Nothing changes then.
+    /// The corresponding kernel function is `migrate_vma_setup()`.
+    public func migrateVMASetup(_ args: inout MigrateVMA) throws(Errno) {
+        let pageCount = Int64(bitPattern: args.end &- args.start) >> 12
+        args.start &= ~4095
+        args.end &= ~4095
+        guard let vma = args.vma, vma.isLive, !vma.flags.contains(.special) else { throw .invalidArgument }
+        guard pageCount > 0 else { throw .invalidArgument }
+        guard args.start >= vma.start, args.start < vma.end else { throw .invalidArgument }
+        guard args.end > vma.start, args.end <= vma.end else { throw .invalidArgument }
+        guard args.src.count >= Int(pageCount), args.dst.count >= Int(pageCount) else { throw .invalidArgument }
+        let legacy = deviceFaultPolicy == .legacy
+        if let fp = args.faultPage {
+            guard fp.folio.isDevicePrivate else { throw .invalidArgument }
+            if !legacy && !fp.folio.isLocked { throw .invalidArgument }
+        }
+        if args.phase == .setUp || args.phase == .pagesDone {
+            warn("migrate_vma_setup: previous migration of these arguments was not finalized (call migrate_vma_finalize first)",
+                 "range 0x\(String(args.start, radix: 16))")
+            throw .invalidArgument
+        }
+        if !vma.mm.isMmapLocked {
+            warn("migrate_vma_setup: caller must hold the mmap lock (mmap_assert_locked)", "\(vma)")
+        }
+        args.legacyFaultPage = legacy
+        for i in 0..<Int(pageCount) { args.src[i] = .empty }
+        args.cpages = 0
+        args.npages = 0
+        args.phase = .setUp
+        migrateVMACollect(&args, vma)
+        if args.cpages > 0 { migrateVMAUnmap(&args) }
+    }
+
+    /// migrate_vma_collect(): walk inside an MMU-notifier invalidation of kind
+    /// MIGRATE carrying the owner.
+    func migrateVMACollect(_ args: inout MigrateVMA, _ vma: VMA) {
+        let mm = vma.mm
+        mm.withInvalidation(args.start, args.end, .migrate, owner: args.pgmapOwner) {
+            var a = args.start
+            while a < args.end {
+                let next = min((a & AddressSpace.pmdMask) + AddressSpace.pmdSize, args.end)
+                collectPMD(&args, vma, a, next)
+                a = next
+            }
+        }
+        args.end = args.start + UInt64(args.npages) << 12
+    }
+
+    /// Entries `[start, end)` not migrating (`migrate_vma_collect_skip()`).
+    func collectSkip(_ args: inout MigrateVMA, _ start: UInt64, _ end: UInt64) {
+        var a = start
+        while a < end {
+            args.dst[args.npages] = .empty
+            args.src[args.npages] = .empty
+            args.npages += 1
+            a += 4096
+        }
+    }
+
+    /// A hole (`migrate_vma_collect_hole()`): MIGRATE without a page on
+    /// anonymous VMAs, so the driver may fill it; nothing elsewhere.
+    func collectHole(_ args: inout MigrateVMA, _ vma: VMA, _ start: UInt64, _ end: UInt64) {
+        guard vma.isAnonymous else { return collectSkip(&args, start, end) }
+        var a = start
+        while a < end {
+            args.dst[args.npages] = .empty
+            args.src[args.npages] = .hole
+            args.npages += 1
+            args.cpages += 1
+            a += 4096
+        }
+    }
+
+    /// One PMD's worth of the range (`migrate_vma_collect_pmd()`).
+    func collectPMD(_ args: inout MigrateVMA, _ vma: VMA, _ start: UInt64, _ end: UInt64) {
+        let mm = vma.mm
+        var addr = start
+        while true {  // "again:"
+            let pmd = mm.loadPMD(start)
+            switch pmd.kind {
+            case .none:
+                return collectHole(&args, vma, addr, end)
+            case .present:
+                if pmd.isSpecial {
+                    // The huge zero page: split to zero-page PTEs, then walk them.
+                    mm.splitHugePMD(start)
+                    continue
+                }
+                let folio = Folio(pfn: pmd.pfn, kernel: self)
+                guard args.flags.contains(.system) else { return collectSkip(&args, addr, end) }
+                guard folio.tryGet() else { return collectSkip(&args, addr, end) }
+                if let fp = args.faultPage, fp.folio == folio {
+                    folio.put()
+                    warn("migrate_vma_collect_pmd: a THP cannot be the fault folio", "\(folio)")
+                    return collectSkip(&args, addr, end)
+                }
+                guard folio.tryLock() else { folio.put(); return collectSkip(&args, addr, end) }
+                let ok = splitFolio(folio)
+                folio.unlock()
+                folio.put()
+                if !ok { return collectSkip(&args, addr, end) }
+                continue
+            case .migration, .devicePrivate:
+                // Non-present PMDs: not ours to take apart here.
+                return collectSkip(&args, addr, end)
+            case .table:
+                break
+            }
+            if collectPTEs(&args, vma, start: start, addr: &addr, end: end) { return }
+        }
+    }
+
+    /// The PTE loop. Returns false to restart the PMD ("goto again") after a
+    /// large folio was split; `addr` tells where to resume.
+    private func collectPTEs(_ args: inout MigrateVMA, _ vma: VMA, start: UInt64,
+                             addr: inout UInt64, end: UInt64) -> Bool {
+        let mm = vma.mm
+        let lock = mm.ptl(start)
+        svm_mutex_lock(lock)
+        guard mm.loadPMD(start).kind == .table else { svm_mutex_unlock(lock); return false }
+        let faultFolio = args.faultPage?.folio
+        let legacy = args.legacyFaultPage
+        var unmapped = false
+        while addr < end {
+            var mpfn = MigratePFN.empty
+            let pte = mm.loadPTE(addr)
+            var page: Page? = nil
+            switch pte.kind {
+            case .none, .table:
+                if vma.isAnonymous {
+                    mpfn = .hole
+                    args.cpages += 1
+                }
+            case .migration:
+                break
+            case .devicePrivate:
+                let p = Page(pfn: pte.pfn, kernel: self)
+                if args.flags.contains(.devicePrivate), let pgmap = p.folio.pageMap, pgmap.owner == args.pgmapOwner {
+                    mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
+                    page = p
+                }
+            case .present:
+                if pte.isSpecial {
+                    if args.flags.contains(.system) {
+                        mpfn = .hole
+                        args.cpages += 1
+                    }
+                    break
+                }
+                let p = Page(pfn: pte.pfn, kernel: self)
+                let folio = p.folio
+                if !folio.isZoneDevice && !args.flags.contains(.system) { break }
+                if folio.isDeviceCoherent {
+                    guard args.flags.contains(.deviceCoherent), folio.pageMap?.owner == args.pgmapOwner else { break }
+                }
+                if folio.isLarge {
+                    svm_mutex_unlock(lock)
+                    if unmapped { mm.flushTLBRange(start, end) }
+                    if !splitFolioForMigration(folio, faultPage: args.faultPage) {
+                        collectSkip(&args, addr, end)
+                        return true
+                    }
+                    return false
+                }
+                mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
+                page = p
+            }
+            if let page {
+                let folio = page.folio
+                folio.get()
+                let ownsLock = (!legacy && faultFolio == folio) || folio.tryLock()
+                if ownsLock {
+                    let anonExclusive = folio.isAnon && page.isAnonExclusive
+                    // Clear the entry; an anon-exclusive page is shared first
+                    // (folio_try_share_anon_rmap_pte: fails only for a pinned page,
+                    // and the emulator has no pins).
+                    mm.storePTE(addr, .none)
+                    if anonExclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
+                    args.cpages += 1
+                    if pte.kind == .present && pte.isDirty { folio.markDirty() }
+                    let entry = PageTableEntry.migration(
+                        pfn: page.pfn, write: mpfn.isWrite, readExclusive: !mpfn.isWrite && anonExclusive,
+                        dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
+                    mm.storePTE(addr, entry)
+                    // Like a regular unmap: the rmap and the mapping's reference go;
+                    // the reference taken above keeps the folio.
+                    mm.removeRmap(page: page)
+                    folio.put()
+                    if pte.kind == .present { unmapped = true }
+                } else {
+                    folio.put()
+                    mpfn = .empty
+                }
+            }
+            args.dst[args.npages] = .empty
+            args.src[args.npages] = mpfn
+            args.npages += 1
+            addr += 4096
+        }
+        if unmapped { mm.flushTLBRange(start, end) }
+        svm_mutex_unlock(lock)
+        return true
+    }
+
+    /// `migrate_vma_split_folio()`: split a PTE-mapped large folio so its pages
+    /// can be collected one by one. The fault folio is already locked.
+    func splitFolioForMigration(_ folio: Folio, faultPage: Page?) -> Bool {
+        let isFault = faultPage?.folio == folio
+        guard folio.tryGet() else { return false }
+        if !isFault && !folio.tryLock() { folio.put(); return false }
+        let ok = splitFolio(folio)
+        if !isFault { folio.unlock() }
+        folio.put()
+        return ok
+    }
+}

@@ -1,0 +1,106 @@
+/// Which pages `migrateVMASetup` collects (`MIGRATE_VMA_SELECT_*`).
+public struct MigrateSelect: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// MIGRATE_VMA_SELECT_SYSTEM (1 << 0): system RAM pages, the zero page and holes.
+    public static let system = MigrateSelect(rawValue: 1 << 0)
+    /// MIGRATE_VMA_SELECT_DEVICE_PRIVATE (1 << 1): device-private pages of the caller's owner.
+    public static let devicePrivate = MigrateSelect(rawValue: 1 << 1)
+    /// MIGRATE_VMA_SELECT_DEVICE_COHERENT (1 << 2).
+    public static let deviceCoherent = MigrateSelect(rawValue: 1 << 2)
+    /// MIGRATE_VMA_SELECT_COMPOUND (1 << 3): keep 2 MiB folios whole.
+    public static let compound = MigrateSelect(rawValue: 1 << 3)
+}
+
+/// One src or dst entry of a migration, bit-compatible with the kernel's
+/// `unsigned long` encoding: bit 0 VALID, bit 1 MIGRATE, bit 3 WRITE,
+/// bit 4 COMPOUND, the pfn from bit 6 up.
+public struct MigratePFN: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt64
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    public static let validBit: UInt64 = 1 << 0
+    public static let migrateBit: UInt64 = 1 << 1
+    public static let writeBit: UInt64 = 1 << 3
+    public static let compoundBit: UInt64 = 1 << 4
+    public static let shift: UInt64 = 6
+
+    /// An empty entry (no page, not migrating).
+    public static let empty = MigratePFN(rawValue: 0)
+    /// `MIGRATE_PFN_MIGRATE` alone: a hole (or the zero page) that may be filled.
+    public static let hole = MigratePFN(rawValue: migrateBit)
+
+    /// `migrate_pfn(pfn)`: pfn << 6 | VALID.
+    @inlinable public init(pfn: UInt64) { rawValue = pfn << MigratePFN.shift | MigratePFN.validBit }
+    /// `migrate_pfn(page_to_pfn(page))`.
+    @inlinable public init(page: Page) { self.init(pfn: page.pfn) }
+
+    /// The pfn, meaningful only when `isValid`.
+    @inlinable public var pfn: UInt64 { rawValue >> MigratePFN.shift }
+    @inlinable public var isValid: Bool { rawValue & MigratePFN.validBit != 0 }
+    @inlinable public var isMigrating: Bool { rawValue & MigratePFN.migrateBit != 0 }
+    @inlinable public var isWrite: Bool { rawValue & MigratePFN.writeBit != 0 }
+    @inlinable public var isCompound: Bool { rawValue & MigratePFN.compoundBit != 0 }
+
+    @inlinable public func with(_ bits: UInt64) -> MigratePFN { MigratePFN(rawValue: rawValue | bits) }
+    @inlinable public func without(_ bits: UInt64) -> MigratePFN { MigratePFN(rawValue: rawValue & ~bits) }
+
+    public var description: String {
+        var parts: [String] = []
+        if isValid { parts.append("pfn 0x\(String(pfn, radix: 16))") }
+        if isMigrating { parts.append("MIGRATE") }
+        if isWrite { parts.append("WRITE") }
+        if isCompound { parts.append("COMPOUND") }
+        return parts.isEmpty ? "0" : parts.joined(separator: "|")
+    }
+}
+
+extension Kernel {
+    /// `migrate_pfn_to_page()`: the page of a VALID entry, nil otherwise.
+    @inlinable public func page(_ entry: MigratePFN) -> Page? {
+        entry.isValid ? Page(pfn: entry.pfn, kernel: self) : nil
+    }
+}
+
+/// The arguments of a migration over a virtual range (`struct migrate_vma`).
+///
+/// The driver fills `vma`, `start`, `end`, `flags`, `pgmapOwner` and, from a
+/// CPU fault, `faultPage`; `migrateVMASetup` fills `src`, `cpages`, `npages`;
+/// the driver fills `dst`; `migrateVMAPages` and `migrateVMAFinalize` finish.
+public struct MigrateVMA: @unchecked Sendable {
+    public var vma: VMA?
+    public var start: UInt64
+    public var end: UInt64
+    /// One entry per base page of `[start, end)`; must hold at least that many.
+    public var src: [MigratePFN]
+    /// One entry per base page of `[start, end)`; must hold at least that many.
+    public var dst: [MigratePFN]
+    /// Entries collected for migration (a compound entry counts once).
+    public internal(set) var cpages: Int = 0
+    /// Entries walked.
+    public internal(set) var npages: Int = 0
+    /// Only device pages whose page map has this owner are selected.
+    public var pgmapOwner: DeviceOwner?
+    public var flags: MigrateSelect
+    /// The locked device page a CPU fault is migrating (`migrate->fault_page`).
+    public var faultPage: Page?
+
+    enum Phase { case idle, setUp, pagesDone, finalized }
+    var phase: Phase = .idle
+    /// The policy in force at setup: legacy kernels trylock the fault page in collect.
+    var legacyFaultPage = false
+
+    /// Arguments for `[start, end)` with `src` and `dst` sized for it.
+    public init(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
+                pgmapOwner: DeviceOwner? = nil, faultPage: Page? = nil) {
+        self.vma = vma
+        self.start = start
+        self.end = end
+        self.flags = flags
+        self.pgmapOwner = pgmapOwner
+        self.faultPage = faultPage
+        let n = end > start ? Int((end - start + 4095) >> 12) : 0
+        src = [MigratePFN](repeating: .empty, count: n)
+        dst = [MigratePFN](repeating: .empty, count: n)
+    }
+}

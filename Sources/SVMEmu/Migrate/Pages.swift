@@ -1,0 +1,174 @@
+import CSVMSupport
+
+/// migrate_vma_pages() / migrate_device_pages(): move each page's identity
+/// (its anonymous mapping) from source to destination, or fill holes.
+///
+/// Contract: `dst[i]` is `MigratePFN(page:)` of a LOCKED destination page
+/// whose bytes the driver has already copied (device pages come locked from
+/// `zoneDevicePageInit`; system pages need `lock()`), or empty to keep the
+/// source. Success is told only by MIGRATE still set on `src[i]`. The
+/// destination's WRITE bit is ignored: write permission comes from the
+/// migration entry, or from VM_WRITE for holes.
+extension Kernel {
+
+    /// The corresponding kernel function is `migrate_vma_pages()`.
+    public func migrateVMAPages(_ args: inout MigrateVMA) {
+        switch args.phase {
+        case .setUp: break
+        case .idle:
+            return warn("migrate_vma_pages: called before migrate_vma_setup", "range 0x\(String(args.start, radix: 16))")
+        case .pagesDone:
+            return warn("migrate_vma_pages: called twice for one migrate_vma_setup", "range 0x\(String(args.start, radix: 16))")
+        case .finalized:
+            return warn("migrate_vma_pages: called after migrate_vma_finalize", "range 0x\(String(args.start, radix: 16))")
+        }
+        let n = args.npages
+        let context = PagesContext(vma: args.vma, start: args.start, end: args.end, owner: args.pgmapOwner, faultPage: args.faultPage)
+        migrateDevicePagesCore(&args.src, &args.dst, n, context)
+        args.phase = .pagesDone
+    }
+
+    /// Eviction's counterpart (no VMA: holes cannot occur).
+    /// The corresponding kernel function is `migrate_device_pages()`.
+    public func migrateDevicePages(_ src: inout [MigratePFN], _ dst: inout [MigratePFN], count: Int) {
+        guard src.count >= count, dst.count >= count else {
+            return warn("migrate_device_pages: src or dst holds fewer than npages entries", "npages \(count)")
+        }
+        migrateDevicePagesCore(&src, &dst, count, nil)
+    }
+
+    struct PagesContext {
+        let vma: VMA?
+        let start: UInt64
+        let end: UInt64
+        let owner: DeviceOwner?
+        let faultPage: Page?
+    }
+
+    /// A destination entry the driver got wrong is reported and dropped (set
+    /// empty) so that finalize neither maps nor frees a page it must not touch.
+    func validatedDestination(_ dst: inout [MigratePFN], _ i: Int) -> Page? {
+        guard dst[i].isValid else { return nil }
+        let pfn = dst[i].pfn
+        guard isValid(pfn: pfn) else {
+            warn("migrate_vma_pages: destination pfn is not a page of this machine (outside every node and device pool)",
+                 "dst[\(i)] = \(dst[i])")
+            dst[i] = .empty
+            return nil
+        }
+        let page = Page(pfn: pfn, kernel: self)
+        let folio = page.folio
+        guard folio.refCount > 0 else {
+            warn("migrate_vma_pages: destination page is free (allocate it, or zone_device_page_init it, first)", "\(page)")
+            dst[i] = .empty
+            return nil
+        }
+        guard folio.isLocked else {
+            warn("migrate_vma_pages: destination page must be locked (lock_page, or as zone_device_page_init leaves it)", "\(page)")
+            dst[i] = .empty
+            return nil
+        }
+        return page
+    }
+
+    func migrateDevicePagesCore(_ src: inout [MigratePFN], _ dst: inout [MigratePFN], _ npages: Int, _ migrate: PagesContext?) {
+        var notified: MMUNotifierRange? = nil
+        for i in 0..<npages {
+            guard let newPage = validatedDestination(&dst, i) else {
+                src[i] = src[i].without(MigratePFN.migrateBit)
+                continue
+            }
+            guard let page = page(src[i]) else {
+                guard src[i].isMigrating else { continue }
+                guard let migrate, let vma = migrate.vma else {
+                    warn("migrate_device_pages: a hole entry without a VMA (VM_BUG_ON(!migrate))", "src[\(i)]")
+                    src[i] = src[i].without(MigratePFN.migrateBit)
+                    continue
+                }
+                let addr = migrate.start + UInt64(i) << 12
+                if notified == nil {
+                    let r = MMUNotifierRange(start: addr, end: migrate.end, event: .migrate, owner: migrate.owner)
+                    vma.mm.invalidateRangeStart(r)
+                    notified = r
+                }
+                migrateVMAInsertPage(vma, addr, newPage, &src[i])
+                continue
+            }
+            let newFolio = newPage.folio
+            let folio = page.folio
+            let hasMapping = folio.test(.shmem)
+            if newFolio.isDevicePrivate || newFolio.isDeviceCoherent {
+                // Only anonymous memory may move to device memory.
+                if hasMapping || !folio.isAnon && !folio.isZoneDevice {
+                    src[i] = src[i].without(MigratePFN.migrateBit)
+                    continue
+                }
+            } else if newFolio.isZoneDevice {
+                src[i] = src[i].without(MigratePFN.migrateBit)
+                continue
+            }
+            let extra = (migrate?.faultPage == page) ? 1 : 0
+            if folioMigrateMapping(newFolio, folio, extraCount: extra) {
+                folioMigrateFlags(newFolio, folio)
+            } else {
+                src[i] = src[i].without(MigratePFN.migrateBit)
+            }
+        }
+        if let r = notified, let vma = migrate?.vma { vma.mm.invalidateRangeEnd(r) }
+    }
+
+    /// `folio_migrate_mapping()` for anonymous memory: the source must hold
+    /// exactly the caller's reference (plus `extraCount`, the fault path's);
+    /// any other holder makes the migration of this page fail (-EAGAIN).
+    func folioMigrateMapping(_ newFolio: Folio, _ folio: Folio, extraCount: Int) -> Bool {
+        let expected = 1 + extraCount
+        guard folio.refCount == expected else { return false }
+        newFolio.meta.mappingMM = folio.meta.mappingMM
+        newFolio.meta.index = folio.meta.index
+        if folio.isAnon { newFolio.set(.anon) }
+        if folio.test(.swapBacked) { newFolio.set(.swapBacked) }
+        return true
+    }
+
+    /// `folio_migrate_flags()`.
+    func folioMigrateFlags(_ newFolio: Folio, _ folio: Folio) {
+        let carried = folio.meta.flags & (PageFlags.dirty.rawValue | PageFlags.uptodate.rawValue)
+        newFolio.meta.setFlags(carried)
+        newFolio.meta.zoneDeviceData = newFolio.isZoneDevice ? newFolio.meta.zoneDeviceData : 0
+    }
+
+    /// Fills a hole with the destination page (`migrate_vma_insert_page()`):
+    /// anonymous VMAs only, the PMD must not map 2 MiB, the PTE must still be
+    /// none or the zero page. A device-private page gets a device-private entry
+    /// (writable iff VM_WRITE), others a present PTE. Failure clears MIGRATE.
+    func migrateVMAInsertPage(_ vma: VMA, _ addr: UInt64, _ page: Page, _ src: inout MigratePFN) {
+        let mm = vma.mm
+        let folio = page.folio
+        guard vma.isAnonymous, mm.covers(addr) else { src = src.without(MigratePFN.migrateBit); return }
+        let pmd = mm.ensurePTETable(addr)
+        guard pmd.kind == .table else { src = src.without(MigratePFN.migrateBit); return }
+        folio.set(.uptodate)
+        let writable = vma.flags.contains(.write)
+        let entry: PageTableEntry = folio.isDevicePrivate
+            ? .devicePrivate(pfn: page.pfn, write: writable)
+            : .present(pfn: page.pfn, write: writable, dirty: writable)
+        let lock = mm.ptl(addr)
+        svm_mutex_lock(lock)
+        let orig = mm.loadPTE(addr)
+        var flush = false
+        if orig.kind == .present {
+            guard orig.isSpecial else { svm_mutex_unlock(lock); src = src.without(MigratePFN.migrateBit); return }
+            flush = true
+        } else if !orig.isNone {
+            svm_mutex_unlock(lock)
+            src = src.without(MigratePFN.migrateBit)
+            return
+        }
+        mm.addNewAnonRmap(folio, address: addr, pmdMapped: false)
+        folio.get()
+        mm.storePTE(addr, entry)
+        svm_mutex_unlock(lock)
+        if flush { mm.flushTLBRange(addr, addr + 4096) }
+        src = .hole
+    }
+}

@@ -1,0 +1,146 @@
+import CSVMSupport
+
+/// The unmap step shared by migrate_vma_setup() and eviction
+/// (`migrate_device_unmap()`), the reference check, and the rmap walks that
+/// install and remove migration entries.
+///
+/// Reference rules: on entry each collected page holds one extra reference
+/// (from collect, or from `migrate_device_pfn_lock`) and is locked. System
+/// folios trade that reference for the LRU-isolation one. A page that is
+/// still mapped, or holds more references than its mappings explain, loses
+/// MIGRATE; the restore pass then puts its mapping back, unlocks it (not the
+/// fault folio: the fault path owns that lock) and drops the extra reference.
+extension Kernel {
+
+    func migrateVMAUnmap(_ args: inout MigrateVMA) {
+        args.cpages = migrateDeviceUnmap(&args.src, args.npages, faultPage: args.faultPage,
+                                         faultPageLocked: !args.legacyFaultPage)
+    }
+
+    func migrateDeviceUnmap(_ src: inout [MigratePFN], _ npages: Int, faultPage: Page?, faultPageLocked: Bool) -> Int {
+        let faultFolio = faultPageLocked ? faultPage?.folio : nil
+        var restore = 0
+        var unmapped = 0
+        for i in 0..<npages {
+            guard let page = page(src[i]) else {
+                if src[i].isMigrating { unmapped += 1 }
+                continue
+            }
+            let folio = page.folio
+            if !folio.isZoneDevice {
+                guard isolateLRU(folio) else {
+                    src[i] = src[i].without(MigratePFN.migrateBit)
+                    restore += 1
+                    continue
+                }
+                folio.put()  // the collect reference; isolation holds one now
+            }
+            if folio.isMapped { tryToMigrate(folio) }
+            if folio.isMapped || !migrateVMACheckPage(page, faultPage: faultPage) {
+                if !folio.isZoneDevice {
+                    folio.get()
+                    putbackLRU(folio)
+                }
+                src[i] = src[i].without(MigratePFN.migrateBit)
+                restore += 1
+                continue
+            }
+            unmapped += 1
+        }
+        var i = 0
+        while i < npages && restore > 0 {
+            defer { i += 1 }
+            guard let page = page(src[i]), !src[i].isMigrating else { continue }
+            let folio = page.folio
+            removeMigrationPTEs(folio, folio)
+            src[i] = .empty
+            if folio != faultFolio { folio.unlock() }
+            folio.put()
+            restore -= 1
+            vmstat.count(.migrateVMARestored)
+        }
+        return unmapped
+    }
+
+    /// Whether only the expected references are held (`migrate_vma_check_page()`):
+    /// the caller's one, the fault path's one for the fault page, one more for
+    /// ZONE_DEVICE pages (kept from the days free device pages held one), and a
+    /// page-cache one for shared memory. Large folios always fail.
+    func migrateVMACheckPage(_ page: Page, faultPage: Page?) -> Bool {
+        let folio = page.folio
+        var extra = 1 + (page == faultPage ? 1 : 0)
+        if folio.isLarge { return false }
+        if folio.isZoneDevice { extra += 1 }
+        if folio.test(.shmem) { extra += 1 }
+        return folio.refCount - extra <= folio.mapCount
+    }
+
+    /// `folio_isolate_lru()`: takes the folio off the LRU with a reference.
+    func isolateLRU(_ folio: Folio) -> Bool {
+        let old = svm_and32(folio.meta.flagsWord, ~PageFlags.lru.rawValue)
+        guard old & PageFlags.lru.rawValue != 0 else { return false }
+        folio.get()
+        return true
+    }
+
+    /// `folio_putback_lru()`.
+    func putbackLRU(_ folio: Folio) {
+        folio.set(.lru)
+        folio.put()
+    }
+
+    /// `try_to_migrate()`: replace every remaining mapping of the folio's pages
+    /// by a migration entry, dropping the rmap and the mapping's reference.
+    /// Caller holds the folio lock.
+    func tryToMigrate(_ folio: Folio) {
+        for i in 0..<folio.pageCount {
+            let page = folio.page(i)
+            guard page.mapCount > 0, let (mm, address) = rmapAddress(of: page), mm.covers(address) else { continue }
+            let lock = mm.ptl(address)
+            svm_mutex_lock(lock)
+            let pte = mm.loadPTE(address)
+            if mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn {
+                let exclusive = page.isAnonExclusive
+                if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
+                if pte.kind == .present && pte.isDirty { folio.markDirty() }
+                mm.storePTE(address, .migration(pfn: page.pfn, write: pte.isWrite, readExclusive: !pte.isWrite && exclusive,
+                                                dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung))
+                mm.removeRmap(page: page)
+                svm_mutex_unlock(lock)
+                if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
+                folio.put()
+            } else {
+                svm_mutex_unlock(lock)
+            }
+        }
+    }
+
+    /// `remove_migration_ptes(src, dst)`: every migration entry of `src`'s pages
+    /// becomes a mapping of the matching page of `dst` (device-private entry for
+    /// a device-private `dst`), each mapping taking a reference on `dst`.
+    func removeMigrationPTEs(_ src: Folio, _ dst: Folio) {
+        let count = min(src.pageCount, dst.pageCount)
+        for i in 0..<count {
+            let page = src.page(i)
+            guard let (mm, address) = rmapAddress(of: page), mm.covers(address) else { continue }
+            let lock = mm.ptl(address)
+            svm_mutex_lock(lock)
+            let pte = mm.loadPTE(address)
+            guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else {
+                svm_mutex_unlock(lock)
+                continue
+            }
+            let newPage = dst.page(i)
+            dst.get()
+            let entry: PageTableEntry
+            if dst.isDevicePrivate {
+                entry = .devicePrivate(pfn: newPage.pfn, write: pte.isWrite)
+            } else {
+                entry = .present(pfn: newPage.pfn, write: pte.isWrite, dirty: pte.isDirty && dst.isDirty, young: pte.isYoung)
+            }
+            mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
+            mm.storePTE(address, entry)
+            svm_mutex_unlock(lock)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+// SVMStress: see the issue tracker.

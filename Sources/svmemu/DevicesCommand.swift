@@ -1,0 +1,86 @@
+// `svmemu devices`: the machine's real DRM devices, through libdrm.
+import ArgumentParser
+import Foundation
+import SVMDRM
+
+/// Lists the machine's DRM devices (libdrm `drmGetDevices2()` and
+/// `drmGetVersion()`) and whether each driver can migrate process memory into
+/// device memory. Without `/dev/dri` it says so and exits 0.
+struct DevicesCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "devices",
+        abstract: "List real DRM devices (libdrm) and whether their drivers do SVM migration.",
+        discussion: """
+            Enumerates devices with libdrm's drmGetDevices2(), asks each driver for its name and \
+            version with drmGetVersion(), and looks the driver up in SVMEmu's table of kernel SVM \
+            support (nouveau, amdgpu/KFD, xe, ...). On a machine without /dev/dri it prints why the \
+            list is empty and exits 0.
+            """)
+
+    @Flag(name: .long, help: "Print one JSON object: {\"devices\": [...], \"driDirectoryPresent\": bool, \"message\": ...}.")
+    var json = false
+
+    @Flag(name: .long, help: "Also print the notes of every driver's SVM entry.")
+    var verbose = false
+
+    func run() throws {
+        let result = DRMDevices.enumerate()
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            let data = try encoder.encode(result)
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print(Self.render(result, verbose: verbose), terminator: "")
+        }
+    }
+
+    /// The human-readable table.
+    static func render(_ result: DRMEnumeration, verbose: Bool) -> String {
+        var out = ""
+        guard !result.devices.isEmpty else {
+            out += result.message + "\n"
+            return out
+        }
+        let headers = ["NODE", "RENDER", "BUS", "IDS", "DRIVER", "VERSION", "SVM MIGRATION"]
+        var rows: [[String]] = []
+        for d in result.devices {
+            let bus: String
+            switch d.busType {
+            case .pci: bus = "pci " + (d.pciAddress?.description ?? "?")
+            default: bus = d.busType.rawValue + (d.busDetail.map { " " + $0 } ?? "")
+            }
+            var ids = "-"
+            if let p = d.pciIDs {
+                ids = String(format: "%04x:%04x", p.vendorID, p.deviceID) + (p.vendorName.map { " " + $0 } ?? "")
+            }
+            rows.append([d.primaryNode ?? "-", d.renderNode ?? "-", bus, ids, d.driverName ?? "?",
+                         d.driverVersion?.versionString ?? "-", d.svmMigration.level.rawValue])
+        }
+        var widths = headers.map(\.count)
+        for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in
+                i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+            }.joined(separator: "  ")
+        }
+        out += line(headers) + "\n"
+        for row in rows { out += line(row) + "\n" }
+        out += "\n"
+        for d in result.devices {
+            let name = d.primaryNode ?? d.renderNode ?? "?"
+            out += "\(name): \(d.driverName ?? "unknown driver")"
+            if let v = d.driverVersion {
+                out += " \(v.versionString) (\(v.date)) \(v.desc)"
+            } else if let e = d.versionError {
+                out += " (version unavailable: \(e))"
+            }
+            out += "\n"
+            if let p = d.pciIDs { out += "  pci ids: \(p)\n" }
+            out += "  svm: \(d.svmMigration.summary)\n"
+            if verbose || d.svmMigration.migrates { out += "  notes: \(d.svmMigration.notes)\n" }
+        }
+        out += result.message + "\n"
+        return out
+    }
+}

@@ -1,0 +1,22 @@
+import ArgumentParser
+
+@main
+struct SVMEmuCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "svmemu",
+        abstract: "A user-space emulator of Linux's device-memory migration (HMM / migrate_vma).",
+        discussion: """
+        Prototype driver migration logic against an API that behaves like the kernel's,
+        reproduce the device-private fault livelock and its trylock fix, and measure
+        where a fault's time goes.
+        """,
+        subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
+                      BenchCommand.self, DevicesCommand.self])
+}
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Benchmarks (build with -c release); figures as ratios to memcpy of the same bytes.",
+        subcommands: [BenchMemoryCommand.self, BenchMigrateCommand.self])
+}
