@@ -47,6 +47,9 @@ public struct KernelConfiguration: Sendable {
 public final class Kernel: @unchecked Sendable {
     public let configuration: KernelConfiguration
 
+    /// Bytes of page metadata (the emulator's `struct page`) per 4 KiB page.
+    public static var metadataBytesPerPage: Int { PageMeta.size }
+
     // Flat pfn-indexed page metadata (64 bytes a page) and the physical regions.
     @usableFromInline let metaBase: UnsafeMutableRawPointer
     @usableFromInline let maxPfn: UInt64
@@ -179,6 +182,13 @@ public final class Kernel: @unchecked Sendable {
             return true
         }
         return false
+    }
+
+    /// `pfn_to_page()` without validation, for drivers walking their own page
+    /// tables: `pfn` must name a page of this machine (checked in debug builds).
+    @inlinable public func pfnToPage(_ pfn: UInt64) -> Page {
+        assert(isValid(pfn: pfn), "pfn_to_page: pfn 0x\(String(pfn, radix: 16)) is not a page of this machine")
+        return Page(pfn: pfn, kernel: self)
     }
 
     /// The page with this pfn (`pfn_to_page()`). Returns nil for a pfn outside

@@ -19,7 +19,3 @@ struct BenchMigrateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "migrate", abstract: "Round trip RAM -> VRAM -> RAM against memcpy.")
     func run() throws { throw ValidationError("svmemu bench migrate is not built yet") }
 }
-struct BenchMemoryCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "memory", abstract: "Cost of an emulated CPU read, a demand-zero fault, and metadata per page.")
-    func run() throws { throw ValidationError("svmemu bench memory is not built yet") }
-}

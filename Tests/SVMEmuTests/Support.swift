@@ -51,16 +51,24 @@ final class ThreadIssues: Sendable {
 /// them. Returns false when one did not finish in time: the objects in
 /// `keepAlive` are then leaked on purpose so that a stuck thread never touches
 /// freed emulated memory, and the caller fails the test instead of hanging.
+///
+/// `body` (and what it captures, typically the address space) is released
+/// before this returns: a `Thread` drops its block only when it is itself
+/// deallocated, which may be after the caller has released the kernel.
 func runThreads(_ count: Int, timeout: Double = 30, keepAlive: [AnyObject],
                 _ body: @escaping @Sendable (Int) -> Void) -> Bool {
     let done = DispatchSemaphore(value: 0)
     let ready = SharedCounter()
+    let box = BodyBox(body)
     for i in 0..<count {
         let t = Thread {
             ready.add()
             let start = Date()
             while ready.current < count && Date().timeIntervalSince(start) < 5 { sched_yield() }
-            body(i)
+            do {
+                let b = box.body
+                b?(i)
+            }
             done.signal()
         }
         t.stackSize = 1 << 20
@@ -71,7 +79,16 @@ func runThreads(_ count: Int, timeout: Double = 30, keepAlive: [AnyObject],
         for o in keepAlive { _ = Unmanaged.passRetained(o) }
         return false
     }
+    box.clear()
     return true
+}
+
+/// Holds a thread body so that it can be released independently of the threads.
+final class BodyBox: Sendable {
+    private let stored: Mutex<(@Sendable (Int) -> Void)?>
+    init(_ body: @escaping @Sendable (Int) -> Void) { stored = Mutex(body) }
+    var body: (@Sendable (Int) -> Void)? { stored.withLock { $0 } }
+    func clear() { stored.withLock { $0 = nil } }
 }
 
 /// Runs `body` on one new thread and waits for it at most `timeout` seconds.

@@ -17,8 +17,19 @@ extension AddressSpace {
     @inlinable
     public func withPageBytes<R>(at address: UInt64, write: Bool,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R {
+        try withPageBytes(at: address, write: write, faultLimit: Int.max, body)!
+    }
+
+    /// Like `withPageBytes(at:write:_:)`, but gives up after `faultLimit` page
+    /// faults and returns nil: what a thread with a pending signal does when a
+    /// fault keeps returning "retry". Stress harnesses use it to stop threads
+    /// that a livelock would otherwise keep forever.
+    @inlinable
+    public func withPageBytes<R>(at address: UInt64, write: Bool, faultLimit: Int,
+                                 _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
         markCPU()
         guard covers(address) else { throw .badAddress }
+        var faults = 0
         while true {
             let pmd = loadPMD(address)
             if pmd.kind == .table {
@@ -47,6 +58,8 @@ extension AddressSpace {
                 }
                 svm_mutex_unlock(lock)
             }
+            if faults >= faultLimit { return nil }
+            faults += 1
             try handleMMFault(address, write: write)
         }
     }

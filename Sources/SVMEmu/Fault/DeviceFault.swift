@@ -7,7 +7,7 @@ import CSVMSupport
 extension AddressSpace {
 
     func devicePrivateFault(_ vma: VMA, _ address: UInt64, _ pte: PageTableEntry,
-                            _ lock: UnsafeMutablePointer<UInt32>, _ holdsMmapLock: inout Bool) throws(Errno) {
+                            _ lock: UnsafeMutablePointer<UInt32>, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         kernel.vmstat.count(.deviceFaults)
         let page = Page(pfn: pte.pfn, kernel: kernel)
         let folio = page.folio
@@ -38,8 +38,7 @@ extension AddressSpace {
                 svm_mutex_unlock(lock)
                 kernel.vmstat.count(.deviceFaultRetries)
                 if kernel.deviceFaultPolicy == .trylockWait {
-                    holdsMmapLock = false
-                    mmapReadUnlock()
+                    holdsMmapLock.dropForWait(self)
                     folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
                 }
                 return
@@ -50,7 +49,7 @@ extension AddressSpace {
 
     /// A fault on a PMD-level device-private entry: trylock (or return and
     /// retry), then `migrateToRAM` with no PTE; the driver migrates the folio's order.
-    func devicePrivatePMDFault(_ vma: VMA, _ address: UInt64, _ holdsMmapLock: inout Bool) throws(Errno) {
+    func devicePrivatePMDFault(_ vma: VMA, _ address: UInt64, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         let haddr = address & AddressSpace.pmdMask
         let lock = pmdLock(haddr)
         svm_mutex_lock(lock)
@@ -67,8 +66,7 @@ extension AddressSpace {
             svm_mutex_unlock(lock)
             kernel.vmstat.count(.deviceFaultRetries)
             if kernel.deviceFaultPolicy == .trylockWait {
-                holdsMmapLock = false
-                mmapReadUnlock()
+                holdsMmapLock.dropForWait(self)
                 folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
             }
             return

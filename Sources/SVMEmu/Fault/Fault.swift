@@ -11,14 +11,23 @@ extension AddressSpace {
 
     @usableFromInline
     func handleMMFault(_ address: UInt64, write: Bool) throws(Errno) {
-        kernel.vmstat.count(.pgfault)
         mmapReadLock()
-        var holdsMmapLock = true
-        defer { if holdsMmapLock { mmapReadUnlock() } }
+        var lockState = FaultLockState(held: true, mayDrop: true)
+        defer { if lockState.held { mmapReadUnlock() } }
+        try handleMMFaultLocked(address, write: write, &lockState)
+    }
 
+    /// `handle_mm_fault()` for a caller that holds the mmap lock for reading.
+    /// With `lockState.mayDrop` the handler may drop it to sleep (the kernel's
+    /// VM_FAULT_RETRY); otherwise it sleeps holding it (FAULT_FLAG_ALLOW_RETRY unset).
+    func handleMMFaultLocked(_ address: UInt64, write: Bool, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         guard let vma = vma(containing: address) else { throw .badAddress }
         guard vma.flags.contains(.read) else { throw .permissionDenied }
         if write && !vma.flags.contains(.write) { throw .permissionDenied }
+        // Counted only once the fault gets this far, as in the kernel: a fault
+        // with no VMA or an access error is rejected by the arch fault handler
+        // (bad_area) before handle_mm_fault() and never counts in vmstat pgfault.
+        kernel.vmstat.count(.pgfault)
 
         var pmd = loadPMD(address)
         if pmd.isNone {
@@ -35,8 +44,7 @@ extension AddressSpace {
             hugePMDFault(vma, address, write: write)
             return
         case .migration:
-            holdsMmapLock = false
-            mmapReadUnlock()
+            holdsMmapLock.dropForWait(self)
             waitOnMigration(pfn: pmd.pfn)
             return
         case .devicePrivate:
@@ -49,7 +57,7 @@ extension AddressSpace {
     }
 
     /// A fault on a PTE-table-mapped address (`handle_pte_fault()`).
-    private func ptePageFault(_ vma: VMA, _ address: UInt64, write: Bool, _ holdsMmapLock: inout Bool) throws(Errno) {
+    private func ptePageFault(_ vma: VMA, _ address: UInt64, write: Bool, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         let lock = ptl(address)
         svm_mutex_lock(lock)
         guard loadPMD(address).kind == .table else { svm_mutex_unlock(lock); return }
@@ -88,8 +96,7 @@ extension AddressSpace {
             svm_mutex_unlock(lock)
         case .migration:
             svm_mutex_unlock(lock)
-            holdsMmapLock = false
-            mmapReadUnlock()
+            holdsMmapLock.dropForWait(self)
             waitOnMigration(pfn: pte.pfn)
         case .devicePrivate:
             // Returns with the PTE lock dropped.
@@ -187,5 +194,18 @@ extension AddressSpace {
         kernel.vmstat.count(.migrationEntryWaits)
         let folio = Page(pfn: pfn, kernel: kernel).folio
         folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
+    }
+}
+
+/// Whether a fault handler holds the mmap lock, and may drop it to sleep.
+struct FaultLockState {
+    var held: Bool
+    let mayDrop: Bool
+    /// Drops the mmap lock before a sleep when the caller allows it.
+    mutating func dropForWait(_ mm: AddressSpace) {
+        if held && mayDrop {
+            mm.mmapReadUnlock()
+            held = false
+        }
     }
 }

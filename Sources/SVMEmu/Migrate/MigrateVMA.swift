@@ -103,4 +103,28 @@ public struct MigrateVMA: @unchecked Sendable {
         src = [MigratePFN](repeating: .empty, count: n)
         dst = [MigratePFN](repeating: .empty, count: n)
     }
+
+    /// Reuses these arguments (and their arrays' storage) for another range:
+    /// a driver migrating in batches allocates once, not once per batch.
+    public mutating func prepare(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
+                                 pgmapOwner: DeviceOwner? = nil, faultPage: Page? = nil) {
+        if phase == .setUp || phase == .pagesDone {
+            vma?.mm.kernel.warn("migrate_vma: arguments reused before migrate_vma_finalize", "range 0x\(String(self.start, radix: 16))")
+        }
+        self.vma = vma
+        self.start = start
+        self.end = end
+        self.flags = flags
+        self.pgmapOwner = pgmapOwner
+        self.faultPage = faultPage
+        let n = end > start ? Int((end - start + 4095) >> 12) : 0
+        if src.count < n {
+            src.append(contentsOf: repeatElement(.empty, count: n - src.count))
+            dst.append(contentsOf: repeatElement(.empty, count: n - dst.count))
+        }
+        for i in 0..<n { dst[i] = .empty }
+        cpages = 0
+        npages = 0
+        phase = .idle
+    }
 }

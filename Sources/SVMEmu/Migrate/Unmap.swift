@@ -96,6 +96,10 @@ extension Kernel {
         for i in 0..<folio.pageCount {
             let page = folio.page(i)
             guard page.mapCount > 0, let (mm, address) = rmapAddress(of: page), mm.covers(address) else { continue }
+            // try_to_migrate_one() tells MMU notifiers (MMU_NOTIFY_CLEAR) first.
+            let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
+            mm.invalidateRangeStart(range)
+            defer { mm.invalidateRangeEnd(range) }
             let lock = mm.ptl(address)
             svm_mutex_lock(lock)
             let pte = mm.loadPTE(address)

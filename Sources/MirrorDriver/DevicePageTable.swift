@@ -1,0 +1,39 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The device's own page table: one 64-bit entry per virtual page of the
+/// mirrored address space (a flat, lazily touched mapping), pfn << 12 with
+/// VALID, WRITE and DEVICE bits. Protected by the device's page-table lock.
+final class DevicePageTable: @unchecked Sendable {
+    static let valid: UInt64 = 1
+    static let write: UInt64 = 2
+    static let device: UInt64 = 4
+    let base: UInt64
+    let end: UInt64
+    let entries: UnsafeMutablePointer<UInt64>
+    let count: Int
+
+    init(base: UInt64, end: UInt64) {
+        self.base = base
+        self.end = end
+        count = Int((end - base) >> 12)
+        let p = mmap(nil, count * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else { fatalError("MirrorDriver: cannot reserve the device page table") }
+        entries = p.assumingMemoryBound(to: UInt64.self)
+    }
+    deinit { munmap(entries, count * 8) }
+
+    @inline(__always) func index(_ address: UInt64) -> Int { Int((address - base) >> 12) }
+    @inline(__always) func get(_ address: UInt64) -> UInt64 { entries[index(address)] }
+    @inline(__always) func set(_ address: UInt64, pfn: UInt64, write: Bool, device: Bool) {
+        entries[index(address)] = pfn << 12 | DevicePageTable.valid | (write ? DevicePageTable.write : 0) | (device ? DevicePageTable.device : 0)
+    }
+    @inline(__always) func clear(_ address: UInt64) { entries[index(address)] = 0 }
+    func clear(_ start: UInt64, _ end: UInt64) {
+        let s = max(start, base), e = min(end, self.end)
+        guard e > s else { return }
+        let i = index(s), j = index(e + 4095)
+        (entries + i).update(repeating: 0, count: j - i)
+    }
+}

@@ -1,0 +1,207 @@
+import SVMEmu
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a `MirrorDevice`'s `migrateToRAM` serialises itself.
+public enum DriverLockMode: String, Sendable, CaseIterable, Codable {
+    /// No driver lock (lib/test_hmm.c's dmirror).
+    case none
+    /// One exclusive driver lock held across the whole migrateToRAM, as some
+    /// drivers take around their migration: the livelock ingredient.
+    case exclusive
+}
+
+/// What a GPU access that misses the device page table does.
+public enum GPUFaultPolicy: String, Sendable, CaseIterable, Codable {
+    /// dmirror: mirror the CPU mapping with hmm_range_fault (system memory is
+    /// accessed in place; device pages of this device are used where they are).
+    case mirror
+    /// SVM drivers (Xe, nouveau, amdgpu): migrate the range to VRAM first.
+    case migrate
+}
+
+/// The driver's knobs. Change them between runs with `MirrorDevice.settings`.
+public struct MirrorSettings: Sendable {
+    public var driverLock: DriverLockMode = .none
+    /// Time migrateToRAM spends waiting for its (emulated) DMA copy while it
+    /// holds the driver lock and the page reference, in nanoseconds. Sleeps.
+    public var migrateToRAMWorkNanos: UInt64 = 0
+    /// Forces device-memory allocation to fail (dmirror's FAIL_ALLOC flag for VRAM).
+    public var failDeviceAllocation = false
+    /// Forces 2 MiB system-memory allocation to fail (dmirror's FAIL_ALLOC for THP).
+    public var failSystemAllocation = false
+    public var gpuFaultPolicy: GPUFaultPolicy = .mirror
+    /// Pages migrated per migrate_vma call (at most 512; dmirror uses 64).
+    public var batchPages = 512
+    public init() {}
+}
+
+/// The reference driver: a device with device-private memory (emulated VRAM)
+/// mirroring one address space, in the spirit of lib/test_hmm.c's dmirror.
+/// It uses only the public SVMEmu API, as a driver prototype would.
+///
+/// Locking: `pageTableLock` (dmirror->mutex) protects the device page table;
+/// the interval notifier's invalidations take it. The VRAM free lists have
+/// their own lock. With `DriverLockMode.exclusive`, `migrateToRAM` holds
+/// `driverLock` across the whole migration.
+public final class MirrorDevice: @unchecked Sendable {
+    public let kernel: Kernel
+    public let mm: AddressSpace
+    public let name: String
+    /// This device's `pgmap_owner`.
+    public let owner: DeviceOwner
+    /// Most VRAM the device will register, in bytes; registered in chunks.
+    public let vramBytes: UInt64
+    public let chunkBytes: UInt64
+
+    let settingsStore: Mutex<MirrorSettings>
+    let pool = Mutex<VRAMPool>(VRAMPool())
+    let driverLock = Mutex<Void>(())
+    let growLock = Mutex<Void>(())
+    let pageTableLock = Mutex<Void>(())
+    let pageTable: DevicePageTable
+    private(set) var notifier: MMUIntervalNotifier! = nil
+
+    let gpuFaultCount = Atomic<Int>(0)
+    let migrateToRAMCount = Atomic<Int>(0)
+    let argsPool = Mutex<[MigrateVMA]>([])
+
+    /// A device bound to `mm` (like opening /dev/hmm_dmirror0 in a process).
+    public init(kernel: Kernel, mm: AddressSpace, name: String = "mirror0",
+                vramBytes: UInt64 = 1 << 30, chunkBytes: UInt64 = 256 << 20,
+                owner: DeviceOwner = .unique(), settings: MirrorSettings = MirrorSettings()) {
+        self.kernel = kernel
+        self.mm = mm
+        self.name = name
+        self.owner = owner
+        self.vramBytes = vramBytes
+        self.chunkBytes = min(chunkBytes, vramBytes)
+        self.settingsStore = Mutex(settings)
+        pageTable = DevicePageTable(base: mm.baseAddress, end: mm.endAddress)
+        notifier = mm.insertIntervalNotifier(start: mm.baseAddress, end: mm.endAddress) { [unowned self] n, range, seq in
+            self.invalidate(n, range, seq)
+        }
+    }
+
+    deinit {
+        mm.removeIntervalNotifier(notifier)
+    }
+
+    public var settings: MirrorSettings {
+        get { settingsStore.withLock { $0 } }
+        set { settingsStore.withLock { $0 = newValue } }
+    }
+
+    /// GPU faults taken (device page table misses), like dmirror's fault counter.
+    public var faults: Int { gpuFaultCount.load(ordering: .relaxed) }
+    /// Calls of migrateToRAM so far.
+    public var migrateToRAMCalls: Int { migrateToRAMCount.load(ordering: .relaxed) }
+    /// Device pages currently allocated (not on the free lists).
+    public var devicePagesInUse: UInt64 { pool.withLock { $0.registered - $0.freePages } }
+    /// Device memory registered so far.
+    public var registeredPageMaps: [DevicePageMap] { pool.withLock { $0.chunks } }
+
+    /// The interval notifier callback (dmirror_interval_invalidate): drop the
+    /// device mappings of the range, except for this device's own migrations.
+    func invalidate(_ n: MMUIntervalNotifier, _ range: MMUNotifierRange, _ seq: UInt64) -> Bool {
+        if range.event == .migrate && range.owner == owner { return true }
+        pageTableLock.withLock { _ in
+            n.setSeq(seq)
+            pageTable.clear(range.start, range.end)
+        }
+        return true
+    }
+
+    // MARK: VRAM
+
+    /// Allocates a free device folio of `order` 0 or 9 and hands it out with
+    /// `zoneDevicePageInit` (one reference, locked). Nil when VRAM is exhausted
+    /// or allocation failure is forced.
+    public func allocateDeviceFolio(order: Int = 0) -> Folio? {
+        if settings.failDeviceAllocation { return nil }
+        guard let pfn = pool.withLock({ $0.take(order: order) }) ?? growAndTake(order: order) else { return nil }
+        guard let folio = kernel.zoneDevicePageInit(kernel.pfnToPage(pfn), order: order) else {
+            pool.withLock { $0.give(pfn, order: order) }
+            return nil
+        }
+        return folio
+    }
+
+    /// Registers one more chunk of VRAM (dmirror_allocate_chunk), serialised
+    /// so that racing allocators do not exceed `vramBytes`.
+    private func growAndTake(order: Int) -> UInt64? {
+        growLock.withLock { _ in growLocked(order: order) }
+    }
+
+    private func growLocked(order: Int) -> UInt64? {
+        if let pfn = pool.withLock({ $0.take(order: order) }) { return pfn }
+        let canGrow = pool.withLock { $0.registered + (chunkBytes >> 12) <= vramBytes >> 12 }
+        guard canGrow else { return nil }
+        let ops = DevicePageMapOperations(
+            folioFree: { [unowned self] folio in self.pool.withLock { $0.give(folio.pfn, order: folio.order) } },
+            migrateToRAM: { [unowned self] vmf in self.migrateToRAM(vmf) })
+        guard let pgmap = try? kernel.memremapPages(type: .private, owner: owner, bytes: chunkBytes, operations: ops) else {
+            return nil
+        }
+        return pool.withLock { p in
+            p.add(pgmap)
+            return p.take(order: order)
+        }
+    }
+
+    // MARK: argument reuse
+
+    /// Lends a `MigrateVMA` whose arrays are reused across calls, so that a
+    /// migration allocates nothing per page or per call once warm.
+    func withArgs<R, E: Error>(_ body: (inout MigrateVMA) throws(E) -> R) throws(E) -> R {
+        var args = argsPool.withLock { $0.popLast() } ?? MigrateVMA(vma: nil, start: 0, end: 512 << 12, flags: [])
+        defer { argsPool.withLock { $0.append(args) } }
+        return try body(&args)
+    }
+}
+
+/// Free device pages, by order, and the registered chunks.
+struct VRAMPool {
+    var chunks: [DevicePageMap] = []
+    var free4K: [UInt64] = []
+    var free2M: [UInt64] = []
+    var registered: UInt64 = 0
+    var freePages: UInt64 = 0
+
+    mutating func add(_ pgmap: DevicePageMap) {
+        chunks.append(pgmap)
+        registered += pgmap.pageCount
+        freePages += pgmap.pageCount
+        free4K.reserveCapacity(Int(registered))
+        free2M.reserveCapacity(Int(registered >> 9))
+        var pfn = pgmap.startPfn + pgmap.pageCount
+        while pfn > pgmap.startPfn {
+            pfn -= 512
+            free2M.append(pfn)
+        }
+    }
+
+    mutating func take(order: Int) -> UInt64? {
+        if order == 9 {
+            guard let pfn = free2M.popLast() else { return nil }
+            freePages -= 512
+            return pfn
+        }
+        if free4K.isEmpty, let block = free2M.popLast() {
+            var pfn = block + 512
+            while pfn > block {
+                pfn -= 1
+                free4K.append(pfn)
+            }
+        }
+        guard let pfn = free4K.popLast() else { return nil }
+        freePages -= 1
+        return pfn
+    }
+
+    mutating func give(_ pfn: UInt64, order: Int) {
+        if order == 9 { free2M.append(pfn); freePages += 512 } else { free4K.append(pfn); freePages += 1 }
+    }
+}

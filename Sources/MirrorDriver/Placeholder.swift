@@ -1,1 +1,0 @@
-// MirrorDriver: see the issue tracker.
