@@ -63,6 +63,8 @@ extension MirrorDevice {
 
     /// The GPU fault handler.
     func gpuFault(_ page: UInt64, write: Bool) throws(Errno) {
+        let t = kernel.phases.begin()
+        defer { kernel.phases.end(.fault, t) }
         if settings.gpuFaultPolicy == .migrate {
             mm.mmapReadLock()
             let ok = mm.vma(containing: page).map { $0.flags.contains(.read) && (!write || $0.flags.contains(.write)) } ?? false

@@ -66,30 +66,41 @@ extension MirrorDevice {
 
     /// dmirror_migrate_alloc_and_copy: a device page for every collected entry
     /// (zeroed for holes and the zero page), bytes copied, `dst` filled.
+    /// Two passes, as a DMA-driven driver does: allocate everything, then copy.
     func allocateAndCopyToDevice(_ args: inout MigrateVMA) -> Int {
+        let phases = kernel.phases
         var count = 0
+        let a = phases.begin()
         for i in 0..<args.npages {
             let s = args.src[i]
             guard s.isMigrating else { continue }
             if let spage = kernel.page(s), spage.isZoneDevice { continue }
             guard let dfolio = allocateDeviceFolio(order: 0) else { break }
-            let dpage = dfolio.page(0)
-            if let spage = kernel.page(s) {
-                dpage.bytes.copyMemory(from: spage.bytes, byteCount: 4096)
-            } else {
-                dpage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
-            }
-            var d = MigratePFN(page: dpage)
+            var d = MigratePFN(page: dfolio.page(0))
             if s.isWrite { d = d.with(MigratePFN.writeBit) }
             args.dst[i] = d
             count += 1
         }
+        phases.end(.allocate, a)
+        let c = phases.begin()
+        for i in 0..<args.npages where args.dst[i].isValid {
+            let dpage = kernel.pfnToPage(args.dst[i].pfn)
+            if let spage = kernel.page(args.src[i]) {
+                copyEngine.copy(to: dpage.bytes, from: spage.bytes, bytes: 4096)
+            } else {
+                dpage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+            }
+        }
+        copyEngine.wait()
+        phases.end(.copy, c)
         return count
     }
 
     /// dmirror_migrate_finalize_and_map: map what migrated in the device page table.
     func mapMigratedToDevice(_ args: MigrateVMA) -> Int {
         var count = 0
+        let t = kernel.phases.begin()
+        defer { kernel.phases.end(.pageTableUpdate, t) }
         pageTableLock.withLock { _ in
             for i in 0..<args.npages {
                 let s = args.src[i], d = args.dst[i]
@@ -106,20 +117,35 @@ extension MirrorDevice {
     /// dmirror_devmem_fault_alloc_and_copy: a system page for every collected
     /// device page, bytes copied back, the device mapping dropped.
     func allocateAndCopyToSystem(_ args: inout MigrateVMA) -> Int {
+        let phases = kernel.phases
         var count = 0
+        let a = phases.begin()
         for i in 0..<args.npages {
             let s = args.src[i]
-            guard s.isMigrating, let spage = kernel.page(s) else { continue }
+            guard s.isMigrating, s.isValid else { continue }
             guard let dfolio = kernel.allocateFolio(order: 0) else { break }
             dfolio.lock()
-            dfolio.bytes.copyMemory(from: spage.bytes, byteCount: 4096)
             var d = MigratePFN(page: dfolio.page(0))
             if s.isWrite { d = d.with(MigratePFN.writeBit) }
             args.dst[i] = d
-            let addr = args.start + UInt64(i) << 12
-            pageTableLock.withLock { _ in pageTable.clear(addr) }
             count += 1
         }
+        phases.end(.allocate, a)
+        let c = phases.begin()
+        for i in 0..<args.npages where args.dst[i].isValid {
+            if let spage = kernel.page(args.src[i]) {
+                copyEngine.copy(to: kernel.pfnToPage(args.dst[i].pfn).bytes, from: spage.bytes, bytes: 4096)
+            }
+        }
+        copyEngine.wait()
+        phases.end(.copy, c)
+        let t = phases.begin()
+        pageTableLock.withLock { _ in
+            for i in 0..<args.npages where args.dst[i].isValid {
+                pageTable.clear(args.start + UInt64(i) << 12)
+            }
+        }
+        phases.end(.pageTableUpdate, t)
         return count
     }
 
@@ -149,6 +175,8 @@ extension MirrorDevice {
     /// Called with the mmap lock held and a reference on `vmf.page`.
     func migrateToRAM(_ vmf: VMFault) -> VMFaultResult {
         migrateToRAMCount.add(1, ordering: .relaxed)
+        let t = kernel.phases.begin()
+        defer { kernel.phases.end(.fault, t) }
         let s = settings
         if s.driverLock == .exclusive {
             return driverLock.withLock { _ in migrateToRAMLocked(vmf, s) }

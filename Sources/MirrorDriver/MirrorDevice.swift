@@ -64,6 +64,8 @@ public final class MirrorDevice: @unchecked Sendable {
     let pageTable: DevicePageTable
     private(set) var notifier: MMUIntervalNotifier! = nil
 
+    /// Moves the bytes of every migration (the device's DMA engine).
+    public let copyEngine: any CopyEngine
     let gpuFaultCount = Atomic<Int>(0)
     let migrateToRAMCount = Atomic<Int>(0)
     let argsPool = Mutex<[MigrateVMA]>([])
@@ -71,8 +73,10 @@ public final class MirrorDevice: @unchecked Sendable {
     /// A device bound to `mm` (like opening /dev/hmm_dmirror0 in a process).
     public init(kernel: Kernel, mm: AddressSpace, name: String = "mirror0",
                 vramBytes: UInt64 = 1 << 30, chunkBytes: UInt64 = 256 << 20,
-                owner: DeviceOwner = .unique(), settings: MirrorSettings = MirrorSettings()) {
+                owner: DeviceOwner = .unique(), settings: MirrorSettings = MirrorSettings(),
+                copyEngine: any CopyEngine = MemcpyCopyEngine()) {
         self.kernel = kernel
+        self.copyEngine = copyEngine
         self.mm = mm
         self.name = name
         self.owner = owner

@@ -39,6 +39,8 @@ public struct KernelConfiguration: Sendable {
     public var maxPhysicalBytes: UInt64 = 512 << 30
     /// Print each driver-misuse diagnostic to standard error as it happens.
     public var printDiagnostics: Bool = false
+    /// Trace events kept per CPU for a timeline (0: no trace).
+    public var traceEventsPerCPU: Int = 0
     public init() {}
 }
 
@@ -64,6 +66,8 @@ public final class Kernel: @unchecked Sendable {
     public private(set) var nodes: [MemoryNode] = []
     /// Event counters, like `/proc/vmstat`.
     public let vmstat = VMStat()
+    /// Phase timers of migrations (off until `phases.isEnabled = true`).
+    public let phases: PhaseTimer
     /// The shared zero page (mapped read-only on read faults of anonymous memory).
     public private(set) var zeroPage: Folio! = nil
     /// The huge zero page (a 2 MiB zero folio mapped by a PMD on read faults).
@@ -80,6 +84,7 @@ public final class Kernel: @unchecked Sendable {
 
     public init(_ configuration: KernelConfiguration = KernelConfiguration()) {
         self.configuration = configuration
+        phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU)
         maxPfn = configuration.maxPhysicalBytes >> 12
         metaBase = Kernel.reserve(bytes: Int(maxPfn) << PageMeta.shift)
         regionBase = .allocate(capacity: Kernel.maxRegions)

@@ -124,6 +124,8 @@ struct BenchMemoryCommand: ParsableCommand {
                 try mm.munmap(a, length: faultBytes)
             }
         }
+        // The address space is gone (end of the `do` above) before the kernel goes.
+        withExtendedLifetime(kernel) {}
         return Result(readNanos: readNanos, demandZeroFaultNanos: faultNanos,
                       demandZeroFirstRoundNanos: firstFaultNanos,
                       metadataBytesPerPage: Kernel.metadataBytesPerPage, memcpy4KNanos: memcpyNanos)

@@ -107,4 +107,13 @@ static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "m
 // ---- per-thread CPU identity (the emulated CPU a thread runs on) ----
 // Defined in svm_support.c so every Swift module sees one variable per thread.
 int32_t svm_cpu_id(void);
+
+// ---- cycle counter for phase timing (cheap: ~7 ns vs ~20 ns for clock_gettime) ----
+static inline uint64_t svm_ticks(void) {
+#if defined(__x86_64__)
+    return __builtin_ia32_rdtsc();
+#else
+    return svm_now_ns();
+#endif
+}
 #endif // SVM_SUPPORT_H

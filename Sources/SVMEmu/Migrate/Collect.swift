@@ -46,8 +46,14 @@ extension Kernel {
         args.cpages = 0
         args.npages = 0
         args.phase = .setUp
+        let t = phases.begin()
         migrateVMACollect(&args, vma)
-        if args.cpages > 0 { migrateVMAUnmap(&args) }
+        phases.end(.collect, t)
+        if args.cpages > 0 {
+            let u = phases.begin()
+            migrateVMAUnmap(&args)
+            phases.end(.unmap, u)
+        }
     }
 
     /// migrate_vma_collect(): walk inside an MMU-notifier invalidation of kind

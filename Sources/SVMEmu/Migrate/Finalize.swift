@@ -18,8 +18,10 @@ extension Kernel {
         case .finalized:
             return warn("migrate_vma_finalize: called twice for one migrate_vma_setup", "range 0x\(String(args.start, radix: 16))")
         }
+        let t = phases.begin()
         migrateDeviceFinalizeCore(args.src, &args.dst, args.npages,
                                   faultFolio: args.legacyFaultPage ? nil : args.faultPage?.folio)
+        phases.end(.finalize, t)
         args.phase = .finalized
     }
 

@@ -24,7 +24,9 @@ extension Kernel {
         }
         let n = args.npages
         let context = PagesContext(vma: args.vma, start: args.start, end: args.end, owner: args.pgmapOwner, faultPage: args.faultPage)
+        let t = phases.begin()
         migrateDevicePagesCore(&args.src, &args.dst, n, context)
+        phases.end(.pages, t)
         args.phase = .pagesDone
     }
 

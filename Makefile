@@ -1,0 +1,34 @@
+# The two commands a newcomer needs on a fresh machine:
+#   make demo   release build, then `svmemu demo` (the livelock, its fix, the overhead breakdown)
+#   make test   the test suites (what CI runs)
+# Both install libdrm-dev (and pkg-config) with apt-get when pkg-config cannot find libdrm.
+
+SWIFT ?= swift
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test deps build release bench clean
+
+deps:
+	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libdrm; then \
+		echo "svmemu: installing libdrm-dev and pkg-config with apt-get"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdrm-dev pkg-config >/dev/null; \
+	fi
+
+build: deps
+	$(SWIFT) build --product svmemu
+
+release: deps
+	$(SWIFT) build -c release --product svmemu
+
+demo: release
+	.build/release/svmemu demo
+
+test: deps
+	$(SWIFT) test
+
+bench: release
+	.build/release/svmemu bench memory
+	.build/release/svmemu bench migrate --granularity 4k --size 256M
+
+clean:
+	rm -rf .build

@@ -1,0 +1,169 @@
+import CSVMSupport
+import Synchronization
+
+/// The phases of a migration a fault's time is split into.
+public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
+    /// migrate_vma_collect: walk, references, locks, migration entries (incl. notifier and TLB flush).
+    case collect
+    /// migrate_vma_unmap: LRU isolation, try_to_migrate, reference checks, restore.
+    case unmap
+    /// Driver: destination allocation (zoneDevicePageInit / folio alloc).
+    case allocate
+    /// Driver: copying the bytes (memcpy or the copy engine, waiting included).
+    case copy
+    /// migrate_vma_pages.
+    case pages
+    /// Driver: device page-table update.
+    case pageTableUpdate
+    /// migrate_vma_finalize.
+    case finalize
+    /// The whole fault (GPU fault handler or CPU fault's migrateToRAM), outermost.
+    case fault
+
+    public var name: String {
+        switch self {
+        case .collect: "collect"
+        case .unmap: "unmap"
+        case .allocate: "allocate"
+        case .copy: "copy"
+        case .pages: "pages"
+        case .pageTableUpdate: "pageTableUpdate"
+        case .finalize: "finalize"
+        case .fault: "fault"
+        }
+    }
+    /// Phases the kernel's migrate_vma_* calls spend (the "migrate_vma fraction").
+    public var isMigrateVMA: Bool { self == .collect || self == .unmap || self == .pages || self == .finalize }
+}
+
+/// Totals for one phase.
+public struct PhaseTotals: Sendable, Hashable, Codable {
+    public var nanos: Double = 0
+    public var count: UInt64 = 0
+}
+
+/// Per-CPU phase timers, aggregated on demand. Off by default: every hook is
+/// then one load and a branch. On: two cycle-counter reads and two adds into
+/// the calling CPU's own cache lines (no sharing, no locks).
+///
+/// Trace events (for a Perfetto timeline) are kept per CPU in fixed buffers
+/// when `traceCapacity` > 0.
+public final class PhaseTimer: @unchecked Sendable {
+    static let slots = 64
+    static let phases = MigrationPhase.allCases.count
+    /// Words per slot: (ticks, count) per phase, padded to whole cache lines.
+    static let slotWords = ((phases * 2 + 7) / 8) * 8
+    private let words: UnsafeMutablePointer<UInt64>
+    private let enabledFlag = Atomic<Bool>(false)
+    /// Nanoseconds per tick, calibrated at creation.
+    public let nanosPerTick: Double
+
+    // Trace: per slot, `traceCapacity` events of (start tick, end tick, phase, tag).
+    public let traceCapacity: Int
+    private let trace: UnsafeMutablePointer<TraceEvent>
+    private let traceCounts: UnsafeMutablePointer<Int>
+    private let startTick: UInt64
+
+    public struct TraceEvent: Sendable {
+        public var start: UInt64
+        public var end: UInt64
+        public var phase: Int32
+        public var cpu: Int32
+    }
+
+    public init(traceCapacity: Int = 0) {
+        let n = PhaseTimer.slots * PhaseTimer.slotWords
+        words = .allocate(capacity: n)
+        words.initialize(repeating: 0, count: n)
+        self.traceCapacity = traceCapacity
+        trace = .allocate(capacity: max(1, traceCapacity * PhaseTimer.slots))
+        traceCounts = .allocate(capacity: PhaseTimer.slots * 8)
+        traceCounts.initialize(repeating: 0, count: PhaseTimer.slots * 8)
+        let t0 = svm_ticks(), n0 = svm_now_ns()
+        var n1 = n0
+        while n1 - n0 < 2_000_000 { n1 = svm_now_ns() }
+        let t1 = svm_ticks()
+        nanosPerTick = t1 > t0 ? Double(n1 - n0) / Double(t1 - t0) : 1
+        startTick = svm_ticks()
+    }
+    deinit {
+        words.deallocate()
+        trace.deallocate()
+        traceCounts.deallocate()
+    }
+
+    public var isEnabled: Bool {
+        get { enabledFlag.load(ordering: .relaxed) }
+        set { enabledFlag.store(newValue, ordering: .relaxed) }
+    }
+
+    /// A start mark: 0 when timing is off.
+    @inlinable @inline(__always)
+    public func begin() -> UInt64 { isEnabledFast ? svm_ticks() : 0 }
+
+    @usableFromInline var isEnabledFast: Bool { enabledFlag.load(ordering: .relaxed) }
+
+    /// Ends a phase begun with `begin()`; nothing when the mark is 0.
+    @inlinable @inline(__always)
+    public func end(_ phase: MigrationPhase, _ mark: UInt64) {
+        if mark != 0 { record(phase, mark, svm_ticks()) }
+    }
+
+    @usableFromInline
+    func record(_ phase: MigrationPhase, _ start: UInt64, _ end: UInt64) {
+        let cpu = Int(svm_cpu_id()) & (PhaseTimer.slots - 1)
+        let w = words + cpu * PhaseTimer.slotWords + phase.rawValue * 2
+        w[0] &+= end &- start
+        w[1] &+= 1
+        if traceCapacity > 0 {
+            let c = traceCounts + cpu * 8
+            if c.pointee < traceCapacity {
+                trace[cpu * traceCapacity + c.pointee] = TraceEvent(start: start, end: end, phase: Int32(phase.rawValue), cpu: Int32(cpu))
+                c.pointee += 1
+            }
+        }
+    }
+
+    /// Runs `body` as one `phase`.
+    @inlinable
+    public func measure<R, E: Error>(_ phase: MigrationPhase, _ body: () throws(E) -> R) throws(E) -> R {
+        let m = begin()
+        defer { end(phase, m) }
+        return try body()
+    }
+
+    /// Totals per phase across all CPUs. Call when the measured threads are done.
+    public func totals() -> [MigrationPhase: PhaseTotals] {
+        var out: [MigrationPhase: PhaseTotals] = [:]
+        for phase in MigrationPhase.allCases {
+            var t = PhaseTotals()
+            for cpu in 0..<PhaseTimer.slots {
+                let w = words + cpu * PhaseTimer.slotWords + phase.rawValue * 2
+                t.nanos += Double(w[0]) * nanosPerTick
+                t.count += w[1]
+            }
+            out[phase] = t
+        }
+        return out
+    }
+
+    /// Every trace event recorded, times in nanoseconds since this timer was created.
+    public func traceEvents() -> [(phase: MigrationPhase, cpu: Int, startNanos: Double, endNanos: Double)] {
+        var out: [(MigrationPhase, Int, Double, Double)] = []
+        for cpu in 0..<PhaseTimer.slots {
+            let n = traceCounts[cpu * 8]
+            for i in 0..<n {
+                let e = trace[cpu * traceCapacity + i]
+                out.append((MigrationPhase(rawValue: Int(e.phase))!, cpu,
+                            Double(e.start &- startTick) * nanosPerTick, Double(e.end &- startTick) * nanosPerTick))
+            }
+        }
+        return out.map { (phase: $0.0, cpu: $0.1, startNanos: $0.2, endNanos: $0.3) }
+    }
+
+    /// Clears every total and trace event.
+    public func reset() {
+        words.update(repeating: 0, count: PhaseTimer.slots * PhaseTimer.slotWords)
+        traceCounts.update(repeating: 0, count: PhaseTimer.slots * 8)
+    }
+}
