@@ -45,5 +45,6 @@ let package = Package(
         .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
         .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress"], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
     ]
 )

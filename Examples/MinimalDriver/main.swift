@@ -1,1 +1,147 @@
-print("minimal driver")
+// The smallest device-memory driver: copy this file to start a prototype.
+//
+// It registers device-private memory (the emulated VRAM), migrates a buffer
+// there with migrate_vma, and lets the CPU fault it back through migrateToRAM.
+// Docs/writing-a-driver.md walks through it. Run: swift run minimal-driver
+import SVMEmu
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A device with a pool of device-private pages. Like a real driver it sees
+/// only what the kernel exports (the public SVMEmu API).
+final class TinyDevice: @unchecked Sendable {
+    let kernel: Kernel
+    /// Our `pgmap_owner`: migrate_vma selects device pages only of this owner.
+    let owner = DeviceOwner.unique()
+    /// Free device pages (pfns). The kernel gives pages back through folioFree.
+    private let freePfns = Mutex<[UInt64]>([])
+    let migrateToRAMCalls = Atomic<Int>(0)
+
+    init(kernel: Kernel, bytes: UInt64) throws(Errno) {
+        self.kernel = kernel
+        // RULE: a device-private pool needs an owner, folioFree and migrateToRAM,
+        // or memremapPages throws EINVAL. Capture `self` weakly: the kernel keeps
+        // the page map (and these closures) for as long as it lives.
+        let ops = DevicePageMapOperations(
+            folioFree: { [weak self] folio in
+                // The last reference went: the page is ours again (free).
+                self?.freePfns.withLock { $0.append(folio.pfn) }
+            },
+            migrateToRAM: { [weak self] vmf in self?.migrateToRAM(vmf) ?? .sigbus })
+        let pgmap = try kernel.memremapPages(type: .private, owner: owner, bytes: bytes, operations: ops)
+        // Pages of a new page map start free (reference count 0).
+        freePfns.withLock { $0 = (0..<pgmap.pageCount).reversed().map { pgmap.startPfn + $0 } }
+    }
+
+    /// Hands out a device page: zoneDevicePageInit takes its reference count
+    /// from 0 to 1 and returns it LOCKED, as migrate_vma_pages requires.
+    func allocatePage() -> Page? {
+        guard let pfn = freePfns.withLock({ $0.popLast() }), let page = kernel.page(pfn: pfn) else { return nil }
+        return kernel.zoneDevicePageInit(page)?.page(0)
+    }
+
+    /// Migrates `[start, start + pages * 4 KiB)` of `mm` to device memory.
+    /// Returns how many pages moved (a page can be skipped, e.g. when its lock
+    /// is held elsewhere; that is not an error, it just stays in RAM).
+    func migrateToDevice(_ mm: AddressSpace, _ start: UInt64, pages: Int) throws(Errno) -> Int {
+        // RULE: hold the mmap lock (read) across setup, pages and finalize.
+        mm.mmapReadLock()
+        defer { mm.mmapReadUnlock() }
+        guard let vma = mm.vma(containing: start) else { throw .badAddress }
+        var args = MigrateVMA(vma: vma, start: start, end: start + UInt64(pages) << 12,
+                              flags: .system, pgmapOwner: owner)
+        // 1. setup: the kernel collects the pages, takes a reference on each,
+        //    LOCKS it, and replaces its mapping by a migration entry. CPU
+        //    accesses to the range now wait. On a thrown error nothing changed:
+        //    do not call pages or finalize.
+        try kernel.migrateVMASetup(&args)
+        // 2. allocate and copy: the DRIVER copies. src[i] with MIGRATE is ours
+        //    to move; without VALID it is a hole or the zero page (no bytes:
+        //    give a zeroed page). Leaving dst[i] empty keeps that page in RAM.
+        for i in 0..<args.npages where args.src[i].isMigrating {
+            guard let dst = allocatePage() else { break }  // out of VRAM: the rest stays
+            if let src = kernel.page(args.src[i]) {
+                dst.bytes.copyMemory(from: src.bytes, byteCount: 4096)
+            } else {
+                dst.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+            }
+            args.dst[i] = MigratePFN(page: dst)
+        }
+        // 3. pages: the kernel moves each page's identity to its destination.
+        //    A page that still has other users loses MIGRATE here (not an error).
+        kernel.migrateVMAPages(&args)
+        var moved = 0
+        for i in 0..<args.npages where args.src[i].isMigrating && args.dst[i].isValid { moved += 1 }
+        // (A real driver updates its device page table here, before finalize.)
+        // 4. finalize: ALWAYS after a successful setup, even if nothing was
+        //    copied. It maps destinations (or puts sources back), unlocks every
+        //    page and drops the extra references. Exactly once.
+        kernel.migrateVMAFinalize(&args)
+        return moved
+    }
+
+    /// The CPU touched one of our pages. Called with the mmap lock held and a
+    /// reference on `vmf.page`; under the trylock policies (the default) the
+    /// fault path has also LOCKED `vmf.page` and will unlock it after we return.
+    /// RULE: migrate the page or return `.sigbus`.
+    func migrateToRAM(_ vmf: VMFault) -> VMFaultResult {
+        migrateToRAMCalls.add(1, ordering: .relaxed)
+        let start = vmf.address & ~4095
+        // faultPage tells setup the page is the one this fault holds.
+        var args = MigrateVMA(vma: vmf.vma, start: start, end: start + 4096,
+                              flags: .devicePrivate, pgmapOwner: owner, faultPage: vmf.page)
+        do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
+        if args.src[0].isMigrating, let src = kernel.page(args.src[0]) {
+            // A system page from the kernel's allocator comes UNLOCKED:
+            // RULE: lock it before migrateVMAPages.
+            guard let folio = kernel.allocateFolio() else {
+                kernel.migrateVMAFinalize(&args)  // puts the device page back
+                return .oom
+            }
+            folio.lock()
+            folio.bytes.copyMemory(from: src.bytes, byteCount: 4096)
+            args.dst[0] = MigratePFN(page: folio.page(0))
+        }
+        // src[0] without MIGRATE: someone else already migrated it; retrying
+        // the access is all there is to do.
+        kernel.migrateVMAPages(&args)
+        kernel.migrateVMAFinalize(&args)
+        return .done
+    }
+}
+
+// MARK: - one scenario
+
+/// Maps a buffer, migrates it to the device, reads it back from the CPU.
+func scenario(_ kernel: Kernel) throws(Errno) {
+    let mm = AddressSpace(kernel: kernel)  // a process
+    let device = try TinyDevice(kernel: kernel, bytes: 8 << 20)
+
+    let pages = 16
+    let buffer = try mm.mmap(length: pages * 4096)
+    try mm.fillPattern(buffer, length: pages * 4096, seed: 42)  // the CPU writes it
+    print("buffer at 0x\(String(buffer, radix: 16)): \(mm.entry(at: buffer).entry)")
+
+    let moved = try device.migrateToDevice(mm, buffer, pages: pages)
+    print("migrated \(moved) of \(pages) pages to the device: \(mm.entry(at: buffer).entry)")
+
+    // The CPU reads the buffer: each page faults into migrateToRAM and comes back.
+    let bad = try mm.verifyPattern(buffer, length: pages * 4096, seed: 42)
+    print("CPU read it back: \(bad == nil ? "bytes intact" : "BYTES DIFFER at 0x\(String(bad!, radix: 16))")"
+          + ", migrateToRAM called \(device.migrateToRAMCalls.load(ordering: .relaxed)) times")
+    print("now: \(mm.entry(at: buffer).entry)")
+    print(kernel.diagnostics.isEmpty ? "no rule broken" : "\(kernel.diagnostics.count) diagnostics")
+    if bad != nil || !kernel.diagnostics.isEmpty { throw .ioError }
+}
+
+var config = KernelConfiguration()
+config.nodeSizes = [64 << 20]          // 64 MiB of system RAM
+config.transparentHugepage = .never    // 4 KiB pages only
+config.addressSpaceSize = 1 << 30
+config.maxPhysicalBytes = 1 << 30
+config.printDiagnostics = true         // show any rule we break, as it happens
+// A global: the machine outlives every address space and device made on it.
+let kernel = Kernel(config)
+do { try scenario(kernel) } catch { print("minimal-driver failed: \(error)"); exit(1) }

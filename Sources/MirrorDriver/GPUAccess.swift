@@ -67,8 +67,14 @@ extension MirrorDevice {
         defer { kernel.phases.end(.fault, t) }
         if settings.gpuFaultPolicy == .migrate {
             mm.mmapReadLock()
-            let ok = mm.vma(containing: page).map { $0.flags.contains(.read) && (!write || $0.flags.contains(.write)) } ?? false
-            if ok { _ = try? migrateRangeLocked(page, page + 4096, toDevice: true) }
+            if let vma = mm.vma(containing: page), vma.flags.contains(.read), !write || vma.flags.contains(.write) {
+                var start = page, end = page + 4096
+                if settings.migrationGranularity == .huge2M {
+                    let h = page & ~UInt64((2 << 20) - 1)
+                    if h >= vma.start && h + (2 << 20) <= vma.end { start = h; end = h + (2 << 20) }
+                }
+                _ = try? migrateRangeLocked(start, end, toDevice: true)
+            }
             mm.mmapReadUnlock()
             let mapped = pageTableLock.withLock { _ in pageTable.get(page) & DevicePageTable.valid != 0 }
             if mapped { return }

@@ -39,24 +39,31 @@ extension MirrorDevice {
         return try migrateRangeLocked(address, end, toDevice: false)
     }
 
-    /// The batch loop, mmap lock held. Returns pages migrated.
+    /// The batch loop, mmap lock held. Returns pages migrated. With 2 MiB
+    /// granularity, batches are aligned 2 MiB and collected with
+    /// SELECT_COMPOUND, so whole THPs and empty 2 MiB regions move as one folio.
     @discardableResult
-    func migrateRangeLocked(_ start: UInt64, _ end: UInt64, toDevice: Bool) throws(Errno) -> Int {
-        let batch = UInt64(max(1, min(512, settings.batchPages))) << 12
+    func migrateRangeLocked(_ start: UInt64, _ end: UInt64, toDevice: Bool,
+                            granularity: MigrationGranularity? = nil) throws(Errno) -> Int {
+        let s = settings
+        // The dmirror commands (Commands.swift) always migrate like dmirror:
+        // SELECT_COMPOUND over 2 MiB batches, whatever the device's setting.
+        let huge = (granularity ?? s.migrationGranularity) == .huge2M
+        let batch = huge ? UInt64(2 << 20) : UInt64(max(1, min(512, s.batchPages))) << 12
         var addr = start
         var migrated = 0
         while addr < end {
             guard let vma = mm.vma(containing: addr), vma.flags.contains(.read) else { throw .invalidArgument }
             let next = min(end, vma.end, (addr / batch + 1) * batch)
+            var flags: MigrateSelect = toDevice ? .system : .devicePrivate
+            if huge { flags.insert(.compound) }
             migrated += try withArgs { (args) throws(Errno) -> Int in
-                args.prepare(vma: vma, start: addr, end: next,
-                             flags: toDevice ? .system : .devicePrivate, pgmapOwner: owner)
+                args.prepare(vma: vma, start: addr, end: next, flags: flags, pgmapOwner: owner)
                 try kernel.migrateVMASetup(&args)
-                let n = toDevice ? allocateAndCopyToDevice(&args) : allocateAndCopyToSystem(&args)
+                _ = toDevice ? allocateAndCopyToDevice(&args) : allocateAndCopyToSystem(&args, settings: s)
                 kernel.migrateVMAPages(&args)
                 let done = toDevice ? mapMigratedToDevice(args) : countMigrated(args)
                 kernel.migrateVMAFinalize(&args)
-                _ = n
                 return done
             }
             addr = next
@@ -65,17 +72,37 @@ extension MirrorDevice {
     }
 
     /// dmirror_migrate_alloc_and_copy: a device page for every collected entry
-    /// (zeroed for holes and the zero page), bytes copied, `dst` filled.
-    /// Two passes, as a DMA-driven driver does: allocate everything, then copy.
+    /// (zeroed for holes and the zero page), bytes copied, `dst` filled. A
+    /// compound entry gets a 2 MiB device folio, or 512 small pages when that
+    /// allocation fails (or is forced to fail). Two passes, as a DMA-driven
+    /// driver does: allocate everything, then copy.
+    /// - Returns: source entries given a destination.
     func allocateAndCopyToDevice(_ args: inout MigrateVMA) -> Int {
         let phases = kernel.phases
+        let s0 = settings
+        let failLarge = s0.failLargeDeviceAllocation
+        let failAll = s0.failDeviceAllocation
         var count = 0
         let a = phases.begin()
-        for i in 0..<args.npages {
+        var i = 0
+        allocation: while i < args.npages {
             let s = args.src[i]
+            defer { i += s.isCompound ? 512 : 1 }
             guard s.isMigrating else { continue }
             if let spage = kernel.page(s), spage.isZoneDevice { continue }
-            guard let dfolio = allocateDeviceFolio(order: 0) else { break }
+            if s.isCompound {
+                if !failLarge, !consumeFailNextAllocation(), let big = (failAll ? nil : takeDeviceFolio(order: 9)) {
+                    args.dst[i] = MigratePFN(page: big.page(0)).with(MigratePFN.compoundBit | (s.isWrite ? MigratePFN.writeBit : 0))
+                } else {
+                    for j in 0..<512 {
+                        guard !failAll, let small = takeDeviceFolio(order: 0) else { break allocation }
+                        args.dst[i + j] = MigratePFN(page: small.page(0)).with(s.isWrite ? MigratePFN.writeBit : 0)
+                    }
+                }
+                count += 1
+                continue
+            }
+            guard !failAll, let dfolio = takeDeviceFolio(order: 0) else { break }
             var d = MigratePFN(page: dfolio.page(0))
             if s.isWrite { d = d.with(MigratePFN.writeBit) }
             args.dst[i] = d
@@ -83,17 +110,45 @@ extension MirrorDevice {
         }
         phases.end(.allocate, a)
         let c = phases.begin()
-        for i in 0..<args.npages where args.dst[i].isValid {
-            let dpage = kernel.pfnToPage(args.dst[i].pfn)
-            if let spage = kernel.page(args.src[i]) {
-                copyEngine.copy(to: dpage.bytes, from: spage.bytes, bytes: 4096)
-            } else {
-                dpage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
-            }
-        }
-        copyEngine.wait()
+        copyMigrated(args)
         phases.end(.copy, c)
         return count
+    }
+
+    /// Copies every source entry that has a destination, whatever the sizes:
+    /// 2 MiB to 2 MiB, 4 KiB to 4 KiB, or a 2 MiB source into 512 small
+    /// destinations. Holes and the zero page give zeroes.
+    func copyMigrated(_ args: MigrateVMA) {
+        var i = 0
+        while i < args.npages {
+            let s = args.src[i]
+            let source = kernel.page(s)?.bytes
+            if s.isCompound {
+                if args.dst[i].isValid && args.dst[i].isCompound {
+                    copyOrZero(to: kernel.pfnToPage(args.dst[i].pfn).bytes, from: source, bytes: 2 << 20)
+                } else {
+                    for j in 0..<512 where args.dst[i + j].isValid {
+                        copyOrZero(to: kernel.pfnToPage(args.dst[i + j].pfn).bytes, from: source.map { $0 + j * 4096 }, bytes: 4096)
+                    }
+                }
+                i += 512
+                continue
+            }
+            if args.dst[i].isValid {
+                copyOrZero(to: kernel.pfnToPage(args.dst[i].pfn).bytes, from: source, bytes: 4096)
+            }
+            i += 1
+        }
+        copyEngine.wait()
+    }
+
+    @inline(__always)
+    func copyOrZero(to destination: UnsafeMutableRawPointer, from source: UnsafeMutableRawPointer?, bytes: Int) {
+        if let source {
+            copyEngine.copy(to: destination, from: source, bytes: bytes)
+        } else {
+            destination.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        }
     }
 
     /// dmirror_migrate_finalize_and_map: map what migrated in the device page table.
@@ -101,49 +156,64 @@ extension MirrorDevice {
         var count = 0
         let t = kernel.phases.begin()
         defer { kernel.phases.end(.pageTableUpdate, t) }
+        let vmaWritable = args.vma?.flags.contains(.write) ?? false
         pageTableLock.withLock { _ in
             for i in 0..<args.npages {
                 let s = args.src[i], d = args.dst[i]
                 guard s.isMigrating, d.isValid else { continue }
                 let addr = args.start + UInt64(i) << 12
-                let write = s.isValid ? d.isWrite : (args.vma?.flags.contains(.write) ?? false)
-                pageTable.set(addr, pfn: d.pfn, write: write, device: true)
-                count += 1
+                let write = s.isValid ? d.isWrite : vmaWritable
+                let pages = d.isCompound ? 512 : 1
+                for j in 0..<pages {
+                    pageTable.set(addr + UInt64(j) << 12, pfn: d.pfn + UInt64(j), write: write, device: true)
+                }
+                count += pages
             }
         }
         return count
     }
 
     /// dmirror_devmem_fault_alloc_and_copy: a system page for every collected
-    /// device page, bytes copied back, the device mapping dropped.
-    func allocateAndCopyToSystem(_ args: inout MigrateVMA) -> Int {
+    /// device page (a 2 MiB folio for a compound entry, 512 small ones when
+    /// that fails or is forced to), bytes copied back, the device mapping dropped.
+    /// - Returns: source entries given a destination; fewer than collected means OOM.
+    func allocateAndCopyToSystem(_ args: inout MigrateVMA, settings s: MirrorSettings) -> Int {
         let phases = kernel.phases
         var count = 0
         let a = phases.begin()
-        for i in 0..<args.npages {
-            let s = args.src[i]
-            guard s.isMigrating, s.isValid else { continue }
+        var i = 0
+        allocation: while i < args.npages {
+            let e = args.src[i]
+            defer { i += e.isCompound ? 512 : 1 }
+            guard e.isMigrating, e.isValid else { continue }
+            if e.isCompound {
+                if !s.failLargeSystemAllocation, !consumeFailNextAllocation(), let big = kernel.allocateFolio(order: 9) {
+                    big.lock()
+                    args.dst[i] = MigratePFN(page: big.page(0)).with(MigratePFN.compoundBit | (e.isWrite ? MigratePFN.writeBit : 0))
+                } else {
+                    for j in 0..<512 {
+                        guard let small = kernel.allocateFolio(order: 0) else { break allocation }
+                        small.lock()
+                        args.dst[i + j] = MigratePFN(page: small.page(0)).with(e.isWrite ? MigratePFN.writeBit : 0)
+                    }
+                }
+                count += 1
+                continue
+            }
             guard let dfolio = kernel.allocateFolio(order: 0) else { break }
             dfolio.lock()
             var d = MigratePFN(page: dfolio.page(0))
-            if s.isWrite { d = d.with(MigratePFN.writeBit) }
+            if e.isWrite { d = d.with(MigratePFN.writeBit) }
             args.dst[i] = d
             count += 1
         }
         phases.end(.allocate, a)
         let c = phases.begin()
-        for i in 0..<args.npages where args.dst[i].isValid {
-            if let spage = kernel.page(args.src[i]) {
-                copyEngine.copy(to: kernel.pfnToPage(args.dst[i].pfn).bytes, from: spage.bytes, bytes: 4096)
-            }
-        }
-        copyEngine.wait()
+        copyMigrated(args)
         phases.end(.copy, c)
         let t = phases.begin()
         pageTableLock.withLock { _ in
-            for i in 0..<args.npages where args.dst[i].isValid {
-                pageTable.clear(args.start + UInt64(i) << 12)
-            }
+            pageTable.clear(args.start, args.start + UInt64(args.npages) << 12)
         }
         phases.end(.pageTableUpdate, t)
         return count
@@ -151,7 +221,9 @@ extension MirrorDevice {
 
     func countMigrated(_ args: MigrateVMA) -> Int {
         var n = 0
-        for i in 0..<args.npages where args.src[i].isMigrating && args.dst[i].isValid { n += 1 }
+        for i in 0..<args.npages where args.src[i].isMigrating && args.dst[i].isValid {
+            n += args.dst[i].isCompound ? 512 : 1
+        }
         return n
     }
 
@@ -179,7 +251,13 @@ extension MirrorDevice {
         defer { kernel.phases.end(.fault, t) }
         let s = settings
         if s.driverLock == .exclusive {
-            return driverLock.withLock { _ in migrateToRAMLocked(vmf, s) }
+            driverLockWaiting.add(1, ordering: .relaxed)
+            return driverLock.withLock { _ in
+                driverLockWaiting.subtract(1, ordering: .relaxed)
+                driverLockHolding.add(1, ordering: .relaxed)
+                defer { driverLockHolding.subtract(1, ordering: .relaxed) }
+                return migrateToRAMLocked(vmf, s)
+            }
         }
         return migrateToRAMLocked(vmf, s)
     }
@@ -190,13 +268,14 @@ extension MirrorDevice {
         let start = vmf.address & ~(size - 1)
         return withArgs { args -> VMFaultResult in
             args.prepare(vma: vmf.vma, start: start, end: start + size,
-                         flags: .devicePrivate, pgmapOwner: owner, faultPage: vmf.page)
+                         flags: order > 0 ? [.devicePrivate, .compound] : .devicePrivate,
+                         pgmapOwner: owner, faultPage: vmf.page)
             do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
             if s.migrateToRAMWorkNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMWorkNanos) }
             var wanted = 0
             for i in 0..<args.npages where args.src[i].isMigrating && args.src[i].isValid { wanted += 1 }
-            let copied = allocateAndCopyToSystem(&args)
-            if copied < wanted {
+            let given = allocateAndCopyToSystem(&args, settings: s)
+            if given < wanted {
                 kernel.migrateVMAFinalize(&args)
                 return .oom
             }
@@ -207,31 +286,37 @@ extension MirrorDevice {
     }
 
     /// Evicts every device page back to system memory (dmirror's RELEASE /
-    /// dmirror_device_evict_chunk): migrate_device_range over each chunk.
+    /// dmirror_device_evict_chunk): migrate_device_range over each chunk. A
+    /// 2 MiB device folio comes back as a 2 MiB system folio: eviction never
+    /// splits, so if no 2 MiB system folio is free it stays in VRAM.
     /// - Returns: pages evicted.
     @discardableResult
     public func evictAll() -> Int {
         var evicted = 0
+        var src = [MigratePFN](repeating: .empty, count: 512)
+        var dst = [MigratePFN](repeating: .empty, count: 512)
         for chunk in registeredPageMaps {
             var start: UInt64 = 0
             while start < chunk.pageCount {
                 let n = Int(min(512, chunk.pageCount - start))
-                var src = [MigratePFN](repeating: .empty, count: n)
-                var dst = [MigratePFN](repeating: .empty, count: n)
+                for i in 0..<n { dst[i] = .empty }
                 do { try kernel.migrateDeviceRange(&src, startPfn: chunk.startPfn + start, count: n) } catch { break }
                 for i in 0..<n {
                     guard src[i].isMigrating, let spage = kernel.page(src[i]) else { continue }
-                    guard let dfolio = kernel.allocateFolio(order: 0) else { continue }
+                    let order = src[i].isCompound ? 9 : 0
+                    guard let dfolio = kernel.allocateFolio(order: order) else { continue }
                     dfolio.lock()
-                    dfolio.bytes.copyMemory(from: spage.bytes, byteCount: 4096)
-                    dst[i] = MigratePFN(page: dfolio.page(0))
+                    copyEngine.copy(to: dfolio.bytes, from: spage.bytes, bytes: 4096 << order)
+                    dst[i] = MigratePFN(page: dfolio.page(0)).with(order > 0 ? MigratePFN.compoundBit : 0)
                 }
+                copyEngine.wait()
                 kernel.migrateDevicePages(&src, &dst, count: n)
-                for i in 0..<n where src[i].isMigrating && dst[i].isValid { evicted += 1 }
+                for i in 0..<n where src[i].isMigrating && dst[i].isValid { evicted += dst[i].isCompound ? 512 : 1 }
                 kernel.migrateDeviceFinalize(src, &dst, count: n)
                 start += UInt64(n)
             }
         }
+        pageTableLock.withLock { _ in pageTable.clear(pageTable.base, pageTable.end) }
         return evicted
     }
 

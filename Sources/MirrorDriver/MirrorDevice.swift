@@ -22,16 +22,32 @@ public enum GPUFaultPolicy: String, Sendable, CaseIterable, Codable {
     case migrate
 }
 
+/// The size of the folios a migration moves.
+public enum MigrationGranularity: String, Sendable, CaseIterable, Codable {
+    /// 4 KiB pages.
+    case base4K = "4k"
+    /// 2 MiB folios (falls back to 4 KiB where a range or allocation does not allow it).
+    case huge2M = "2m"
+}
+
 /// The driver's knobs. Change them between runs with `MirrorDevice.settings`.
 public struct MirrorSettings: Sendable {
     public var driverLock: DriverLockMode = .none
     /// Time migrateToRAM spends waiting for its (emulated) DMA copy while it
     /// holds the driver lock and the page reference, in nanoseconds. Sleeps.
     public var migrateToRAMWorkNanos: UInt64 = 0
-    /// Forces device-memory allocation to fail (dmirror's FAIL_ALLOC flag for VRAM).
+    /// Forces every device-memory allocation to fail (VRAM exhausted).
     public var failDeviceAllocation = false
-    /// Forces 2 MiB system-memory allocation to fail (dmirror's FAIL_ALLOC for THP).
-    public var failSystemAllocation = false
+    /// Forces 2 MiB device allocations to fail, so 2 MiB migrations to the
+    /// device fall back to 4 KiB pages (dmirror's FAIL_ALLOC flag).
+    public var failLargeDeviceAllocation = false
+    /// Forces 2 MiB system allocations to fail, so 2 MiB migrations back to
+    /// RAM fall back to 4 KiB pages (dmirror's FAIL_ALLOC flag, other direction).
+    public var failLargeSystemAllocation = false
+    /// Granularity of migrations this driver starts (migrateToDevice, GPU faults
+    /// with `.migrate`): 4 KiB pages, or whole 2 MiB folios (SELECT_COMPOUND).
+    /// CPU faults migrate what faulted: a PMD-mapped device folio comes back whole.
+    public var migrationGranularity: MigrationGranularity = .base4K
     public var gpuFaultPolicy: GPUFaultPolicy = .mirror
     /// Pages migrated per migrate_vma call (at most 512; dmirror uses 64).
     public var batchPages = 512
@@ -68,7 +84,12 @@ public final class MirrorDevice: @unchecked Sendable {
     public let copyEngine: any CopyEngine
     let gpuFaultCount = Atomic<Int>(0)
     let migrateToRAMCount = Atomic<Int>(0)
+    let driverLockWaiting = Atomic<Int>(0)
+    let driverLockHolding = Atomic<Int>(0)
     let argsPool = Mutex<[MigrateVMA]>([])
+    /// dmirror's one-shot HMM_DMIRROR_FLAG_FAIL_ALLOC (set by `setCommandFlags`):
+    /// the next 2 MiB allocation of a migration fails and clears it.
+    let failNextAllocation = Atomic<Bool>(false)
 
     /// A device bound to `mm` (like opening /dev/hmm_dmirror0 in a process).
     public init(kernel: Kernel, mm: AddressSpace, name: String = "mirror0",
@@ -91,6 +112,11 @@ public final class MirrorDevice: @unchecked Sendable {
 
     deinit {
         mm.removeIntervalNotifier(notifier)
+        // Device removal (dmirror_device_remove_chunks): evict every device page
+        // first. Without this, pages still mapped in `mm` were freed later (when
+        // `mm` went away) through a folioFree callback of a dead device: a crash
+        // (found by MirrorDriverTests; fix by the tests' owner, see the report).
+        evictAll()
     }
 
     public var settings: MirrorSettings {
@@ -102,6 +128,11 @@ public final class MirrorDevice: @unchecked Sendable {
     public var faults: Int { gpuFaultCount.load(ordering: .relaxed) }
     /// Calls of migrateToRAM so far.
     public var migrateToRAMCalls: Int { migrateToRAMCount.load(ordering: .relaxed) }
+    /// Threads inside migrateToRAM blocked on the exclusive driver lock right
+    /// now (a probe for stress harnesses; always 0 with `DriverLockMode.none`).
+    public var driverLockWaiters: Int { driverLockWaiting.load(ordering: .relaxed) }
+    /// Threads holding the exclusive driver lock right now (0 or 1).
+    public var driverLockHolders: Int { driverLockHolding.load(ordering: .relaxed) }
     /// Device pages currently allocated (not on the free lists).
     public var devicePagesInUse: UInt64 { pool.withLock { $0.registered - $0.freePages } }
     /// Device memory registered so far.
@@ -125,6 +156,11 @@ public final class MirrorDevice: @unchecked Sendable {
     /// or allocation failure is forced.
     public func allocateDeviceFolio(order: Int = 0) -> Folio? {
         if settings.failDeviceAllocation { return nil }
+        return takeDeviceFolio(order: order)
+    }
+
+    /// `allocateDeviceFolio` without reading the settings (batch loops read them once).
+    func takeDeviceFolio(order: Int) -> Folio? {
         guard let pfn = pool.withLock({ $0.take(order: order) }) ?? growAndTake(order: order) else { return nil }
         guard let folio = kernel.zoneDevicePageInit(kernel.pfnToPage(pfn), order: order) else {
             pool.withLock { $0.give(pfn, order: order) }
@@ -144,8 +180,11 @@ public final class MirrorDevice: @unchecked Sendable {
         let canGrow = pool.withLock { $0.registered + (chunkBytes >> 12) <= vramBytes >> 12 }
         guard canGrow else { return nil }
         let ops = DevicePageMapOperations(
-            folioFree: { [unowned self] folio in self.pool.withLock { $0.give(folio.pfn, order: folio.order) } },
-            migrateToRAM: { [unowned self] vmf in self.migrateToRAM(vmf) })
+            // Weak, not unowned: the page map outlives the device (the kernel
+            // keeps it), and deinit's eviction frees pages while `self` is
+            // deinitialising; those go nowhere, as the pool dies with the device.
+            folioFree: { [weak self] folio in self?.pool.withLock { $0.give(folio.pfn, order: folio.order) } },
+            migrateToRAM: { [weak self] vmf in self?.migrateToRAM(vmf) ?? .sigbus })
         guard let pgmap = try? kernel.memremapPages(type: .private, owner: owner, bytes: chunkBytes, operations: ops) else {
             return nil
         }

@@ -60,6 +60,9 @@ public final class Kernel: @unchecked Sendable {
     let regionPages: UnsafeMutablePointer<UInt64>
     static let maxRegions = 64
     let layoutLock = Mutex<(regions: Int, nextPfn: UInt64)>((0, 0))
+    /// Regions published so far (their start and size are written first):
+    /// read lock-free by `isValid(pfn:)` on every migration entry.
+    let publishedRegions = Atomic<Int>(0)
     private var mappings: [(UnsafeMutableRawPointer, Int)] = []
 
     /// System RAM nodes.
@@ -167,6 +170,9 @@ public final class Kernel: @unchecked Sendable {
         regionBase[region] = bytes
         mappings.append((bytes, Int(pages) << 12))
         for pfn in start..<(start + pages) { metaPtr(pfn).region = UInt8(region) }
+        // Regions are added in order under the layout lock; publish this one.
+        while publishedRegions.load(ordering: .acquiring) != region {}
+        publishedRegions.store(region + 1, ordering: .releasing)
         return (start, UInt8(region), bytes)
     }
 
@@ -182,7 +188,7 @@ public final class Kernel: @unchecked Sendable {
 
     /// Whether `pfn` names a page frame of this machine (RAM or device memory).
     public func isValid(pfn: UInt64) -> Bool {
-        let count = layoutLock.withLock { $0.regions }
+        let count = publishedRegions.load(ordering: .acquiring)
         for r in 0..<count where pfn >= regionStart[r] && pfn < regionStart[r] + regionPages[r] {
             return true
         }

@@ -27,7 +27,7 @@ struct BenchMemoryCommand: ParsableCommand {
     @Flag(name: .long, help: "Print one JSON object instead of the table.")
     var json = false
 
-    @Option(name: .long, help: "Size of the demand-zero mapping in MiB.")
+    @Option(name: .customLong("fault-mib"), help: "Size of the demand-zero mapping in MiB.")
     var faultMiB = 64
 
     @Option(name: .long, help: "Rounds of each measurement (the best is reported).")
@@ -70,11 +70,18 @@ struct BenchMemoryCommand: ParsableCommand {
         config.maxPhysicalBytes = UInt64(faultBytes) + (1 << 30)
         config.transparentHugepage = .never
         let kernel = Kernel(config)
+        // The address space refers to its kernel: it must go first, on every path.
+        return try withExtendedLifetime(kernel) { () throws -> Result in
+            let mm = AddressSpace(kernel: kernel)
+            return try measure(kernel, mm, faultBytes: faultBytes, memcpyNanos: memcpyNanos)
+        }
+    }
+
+    func measure(_ kernel: Kernel, _ mm: AddressSpace, faultBytes: Int, memcpyNanos: Double) throws -> Result {
         var readNanos = Double.infinity
         var faultNanos = Double.infinity
         var firstFaultNanos = 0.0
         do {
-            let mm = AddressSpace(kernel: kernel)
 
             // Reads: 4 MiB of written pages, one byte per page, best round.
             let readPages = 1024
@@ -124,8 +131,6 @@ struct BenchMemoryCommand: ParsableCommand {
                 try mm.munmap(a, length: faultBytes)
             }
         }
-        // The address space is gone (end of the `do` above) before the kernel goes.
-        withExtendedLifetime(kernel) {}
         return Result(readNanos: readNanos, demandZeroFaultNanos: faultNanos,
                       demandZeroFirstRoundNanos: firstFaultNanos,
                       metadataBytesPerPage: Kernel.metadataBytesPerPage, memcpy4KNanos: memcpyNanos)
@@ -154,15 +159,16 @@ struct BenchMemoryCommand: ParsableCommand {
     }
 
     static func render(_ r: Result, faultMiB: Int, rounds: Int) -> String {
-        func ns(_ v: Double) -> String { String(format: "%8.1f ns", v) }
-        func ratio(_ v: Double) -> String { String(format: "%6.2fx", v / r.memcpy4KNanos) }
+        func row(_ label: String, _ v: Double) -> String {
+            let pad = String(repeating: " ", count: max(1, 46 - label.count))
+            return "  " + label + pad + String(format: "%9.1f ns  %8.2fx", v, v / r.memcpy4KNanos) + "\n"
+        }
         var out = "svmemu bench memory (best of \(rounds) rounds; THP off for faults)\n\n"
-        out += "  WHAT                                          COST      vs memcpy 4 KiB\n"
-        out += "  emulated CPU read of a mapped byte        \(ns(r.readNanos))   \(ratio(r.readNanos))\n"
-        out += "  demand-zero fault, per page (\(faultMiB) MiB)" + String(repeating: " ", count: max(0, 11 - String(faultMiB).count))
-            + "\(ns(r.demandZeroFaultNanos))   \(ratio(r.demandZeroFaultNanos))\n"
-        out += "    first round (host memory cold)          \(ns(r.demandZeroFirstRoundNanos))   \(ratio(r.demandZeroFirstRoundNanos))\n"
-        out += "  memcpy 4 KiB, cache hot (reference)       \(ns(r.memcpy4KNanos))    1.00x\n"
+        out += "  WHAT" + String(repeating: " ", count: 42) + "     COST  vs memcpy 4K\n"
+        out += row("emulated CPU read of a mapped byte", r.readNanos)
+        out += row("demand-zero fault, per page (\(faultMiB) MiB)", r.demandZeroFaultNanos)
+        out += row("  first round (host memory cold)", r.demandZeroFirstRoundNanos)
+        out += row("memcpy 4 KiB, cache hot (reference)", r.memcpy4KNanos)
         let goal = r.metadataBytesPerPage <= 64 ? "meets the goal of <= 64 (struct page)" : "ABOVE the goal of 64 (struct page)"
         out += "\n  metadata per 4 KiB page: \(r.metadataBytesPerPage) bytes, \(goal)\n"
         return out

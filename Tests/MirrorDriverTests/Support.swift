@@ -1,3 +1,6 @@
+import Foundation
+import Synchronization
+import Testing
 import SVMEmu
 import MirrorDriver
 
@@ -13,4 +16,167 @@ func bootMachine(policy: DeviceFaultPolicy = .trylock, thp: TransparentHugepageM
     let mm = AddressSpace(kernel: kernel)
     let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: 32 << 20)
     return (kernel, mm, device)
+}
+
+// MARK: - helpers of the migrate_vma suites
+
+let pageSize = 4096
+
+/// Boots a machine like `bootMachine` and runs `body`, then tears it down in
+/// the only safe order: the device (it holds the address space and the
+/// kernel), then the address space (it refers to the kernel unowned), then
+/// the kernel.
+func withMachine<R>(policy: DeviceFaultPolicy = .trylock, vram: UInt64 = 64 << 20,
+                    _ body: (Kernel, AddressSpace, MirrorDevice) throws -> R) rethrows -> R {
+    var config = KernelConfiguration()
+    config.nodeSizes = [64 << 20, 64 << 20]
+    config.deviceFaultPolicy = policy
+    config.transparentHugepage = .never
+    config.addressSpaceSize = 4 << 30
+    config.maxPhysicalBytes = 2 << 30
+    let kernel = Kernel(config)
+    var mm: AddressSpace? = AddressSpace(kernel: kernel)
+    var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, vramBytes: vram, chunkBytes: 32 << 20)
+    defer {
+        device = nil
+        mm = nil
+        withExtendedLifetime(kernel) {}
+    }
+    return try body(kernel, mm!, device!)
+}
+
+/// The folio mapped by the PTE at `address` (present or device-private), or nil.
+func folio(_ kernel: Kernel, _ mm: AddressSpace, _ address: UInt64) -> Folio? {
+    let e = mm.entry(at: address).entry
+    guard e.kind == .present || e.kind == .devicePrivate || e.kind == .migration else { return nil }
+    return kernel.page(pfn: e.pfn)?.folio
+}
+
+/// What a refused or partial migration must leave alone, page by page: the
+/// page-table entry and its folio's reference count, map count and lock bit.
+struct RangeSnapshot: Equatable, CustomStringConvertible {
+    struct PageState: Equatable {
+        var entry: UInt64
+        var ref: Int
+        var map: Int
+        var locked: Bool
+    }
+    var pages: [PageState]
+    var freePages: UInt64
+
+    init(_ kernel: Kernel, _ mm: AddressSpace, _ start: UInt64, pages count: Int) {
+        pages = (0..<count).map { i in
+            let a = start + UInt64(i * pageSize)
+            let e = mm.entry(at: a).entry
+            let f = (e.kind == .present && !e.isSpecial) || e.kind == .devicePrivate ? kernel.page(pfn: e.pfn)?.folio : nil
+            return PageState(entry: e.rawValue, ref: f?.refCount ?? -1, map: f?.mapCount ?? -1, locked: f?.isLocked ?? false)
+        }
+        freePages = kernel.freePages
+    }
+    var description: String { "\(pages.count) pages, free \(freePages)" }
+}
+
+/// Every mapped folio of the range is unlocked and holds exactly one
+/// reference per mapping (no reference or lock leaked by a migration).
+func noLeaks(_ kernel: Kernel, _ mm: AddressSpace, _ start: UInt64, pages count: Int,
+             sourceLocation: SourceLocation = #_sourceLocation) {
+    for i in 0..<count {
+        let a = start + UInt64(i * pageSize)
+        let e = mm.entry(at: a).entry
+        guard (e.kind == .present && !e.isSpecial) || e.kind == .devicePrivate, let f = kernel.page(pfn: e.pfn)?.folio else { continue }
+        #expect(!f.isLocked, "page \(i) (\(e)) is still locked", sourceLocation: sourceLocation)
+        #expect(f.refCount == f.mapCount, "page \(i): \(f) holds a reference its mappings do not explain", sourceLocation: sourceLocation)
+    }
+}
+
+/// Bytes a CPU would read from `fillPattern(address, 4096, seed)`, computed
+/// in a scratch address space of the same kernel.
+func expectedPattern(_ kernel: Kernel, _ address: UInt64, length: Int, seed: UInt64) throws -> [UInt8] {
+    let scratch = AddressSpace(kernel: kernel)
+    let a = try scratch.mmap(address: address & ~4095, length: (length + 8191) & ~4095)
+    _ = a
+    try scratch.fillPattern(address, length: length, seed: seed)
+    return try scratch.read(address, count: length)
+}
+
+/// A flag or counter threads can share.
+final class SharedCounter: Sendable {
+    let value = Atomic<Int>(0)
+    func add(_ n: Int = 1) { value.add(n, ordering: .relaxed) }
+    var current: Int { value.load(ordering: .acquiring) }
+}
+
+/// Problems seen on other threads, reported by the test thread.
+final class ThreadIssues: Sendable {
+    private let list = Mutex<[String]>([])
+    func record(_ s: String) { list.withLock { $0.append(s) } }
+    var all: [String] { list.withLock { $0 } }
+}
+
+/// Holds a thread body so that it can be released independently of the threads.
+final class BodyBox: Sendable {
+    private let stored: Mutex<(@Sendable (Int) -> Void)?>
+    init(_ body: @escaping @Sendable (Int) -> Void) { stored = Mutex(body) }
+    var body: (@Sendable (Int) -> Void)? { stored.withLock { $0 } }
+    func clear() { stored.withLock { $0 = nil } }
+}
+
+/// Starts `count` real threads running `body(index)` together (spin barrier)
+/// and waits at most `timeout` seconds for all of them. Returns false when
+/// one did not finish: the objects in `keepAlive` are then leaked on purpose
+/// so that a stuck thread never touches freed emulated memory.
+func runThreads(_ count: Int, timeout: Double = 10, keepAlive: [AnyObject],
+                _ body: @escaping @Sendable (Int) -> Void) -> Bool {
+    let done = DispatchSemaphore(value: 0)
+    let ready = SharedCounter()
+    let box = BodyBox(body)
+    for i in 0..<count {
+        let t = Thread {
+            ready.add()
+            let start = Date()
+            while ready.current < count && Date().timeIntervalSince(start) < 5 { sched_yield() }
+            do {
+                let b = box.body
+                b?(i)
+            }
+            done.signal()
+        }
+        t.stackSize = 1 << 20
+        t.start()
+    }
+    let deadline = DispatchTime.now() + timeout
+    for _ in 0..<count where done.wait(timeout: deadline) == .timedOut {
+        for o in keepAlive { _ = Unmanaged.passRetained(o) }
+        return false
+    }
+    box.clear()
+    return true
+}
+
+/// A migration to `device`'s VRAM done by hand with the kernel API, the way a
+/// driver does it: setup (mmap lock held), a locked device page and a copy for
+/// each collected entry for which `give(i)` is true, pages, finalize.
+/// Returns the arguments after finalize (src tells what migrated) and the
+/// MIGRATE bits as setup left them.
+@discardableResult
+func migrateByHand(_ kernel: Kernel, _ mm: AddressSpace, _ device: MirrorDevice, _ start: UInt64, pages: Int,
+                   give: (Int) -> Bool = { _ in true }) throws -> (args: MigrateVMA, collected: [MigratePFN]) {
+    mm.mmapReadLock()
+    defer { mm.mmapReadUnlock() }
+    var args = MigrateVMA(vma: mm.vma(containing: start), start: start, end: start + UInt64(pages * pageSize),
+                          flags: .system, pgmapOwner: device.owner)
+    try kernel.migrateVMASetup(&args)
+    let collected = Array(args.src[0..<args.npages])
+    for i in 0..<args.npages where args.src[i].isMigrating && give(i) {
+        let d = try #require(device.allocateDeviceFolio())
+        if let s = kernel.page(args.src[i]) {
+            d.bytes.copyMemory(from: s.bytes, byteCount: 4096)
+        } else {
+            d.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        }
+        args.dst[i] = MigratePFN(page: d.page(0))
+    }
+    kernel.migrateVMAPages(&args)
+    kernel.migrateVMAFinalize(&args)
+    return (args, collected)
 }

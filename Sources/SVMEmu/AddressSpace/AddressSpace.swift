@@ -13,7 +13,13 @@ import Glibc
 /// entries `i * 512 ..< (i + 1) * 512` of one lazily touched mapping, so a walk
 /// is two loads and a table is never freed under a lockless walker.
 public final class AddressSpace: @unchecked Sendable {
-    public unowned let kernel: Kernel
+    /// Strong on purpose: an address space keeps its kernel alive. With
+    /// `unowned`, optimized callers that create a kernel and an address space
+    /// as locals could see the kernel released first (Swift may end a local's
+    /// lifetime after its last use), and `deinit` (exit_mmap) then trapped on
+    /// the dead kernel. The kernel refers to address spaces only weakly, so
+    /// this makes no cycle.
+    public let kernel: Kernel
     /// Identity for the reverse map (anonymous pages record it).
     public let id: UInt32
     /// First and one-past-last address the page tables cover.

@@ -68,9 +68,18 @@ extension Kernel {
     /// Where an anonymous page is mapped, from its rmap: (address space, address),
     /// or nil when it has no anonymous mapping recorded.
     public func rmapAddress(of page: Page) -> (AddressSpace, UInt64)? {
+        rmapAddress(of: page, hint: nil)
+    }
+
+    /// With `hint`, the address space a migration already holds (its VMA's mm):
+    /// when the page belongs to it, no registry lookup is needed.
+    func rmapAddress(of page: Page, hint: AddressSpace?) -> (AddressSpace, UInt64)? {
         let folio = page.folio
         let mmID = folio.meta.mappingMM
-        guard mmID != 0, let mm = addressSpace(id: mmID) else { return nil }
-        return (mm, (folio.meta.index + (page.pfn - folio.pfn)) << 12)
+        guard mmID != 0 else { return nil }
+        let address = (folio.meta.index + (page.pfn - folio.pfn)) << 12
+        if let hint, hint.id == mmID { return (hint, address) }
+        guard let mm = addressSpace(id: mmID) else { return nil }
+        return (mm, address)
     }
 }

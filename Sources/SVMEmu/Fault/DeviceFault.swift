@@ -25,15 +25,18 @@ extension AddressSpace {
             svm_mutex_unlock(lock)
             kernel.vmstat.count(.migrateToRAMCalls)
             result = migrateToRAM(vmf)
-            folio.put()
+            page.folio.put()
         case .trylock, .trylockWait:
             if folio.tryLock() {
                 folio.get()
                 svm_mutex_unlock(lock)
                 kernel.vmstat.count(.migrateToRAMCalls)
                 result = migrateToRAM(vmf)
-                folio.unlock()
-                folio.put()
+                // unlock_page(vmf->page): a split may have moved the lock and
+                // reference to the page's new folio.
+                let now = page.folio
+                now.unlock()
+                now.put()
             } else {
                 svm_mutex_unlock(lock)
                 kernel.vmstat.count(.deviceFaultRetries)
@@ -74,7 +77,8 @@ extension AddressSpace {
         folio.get()
         svm_mutex_unlock(lock)
         kernel.vmstat.count(.migrateToRAMCalls)
-        let page = folio.page(Int((address - haddr) >> 12))
+        // The driver gets the head page: it migrates the whole folio.
+        let page = folio.page(0)
         let result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: true))
         folio.unlock()
         folio.put()

@@ -40,6 +40,10 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
 public struct PhaseTotals: Sendable, Hashable, Codable {
     public var nanos: Double = 0
     public var count: UInt64 = 0
+    public init(nanos: Double = 0, count: UInt64 = 0) {
+        self.nanos = nanos
+        self.count = count
+    }
 }
 
 /// Per-CPU phase timers, aggregated on demand. Off by default: every hook is

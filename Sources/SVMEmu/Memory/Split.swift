@@ -14,10 +14,6 @@ extension Kernel {
     @discardableResult
     public func splitFolio(_ folio: Folio) -> Bool {
         guard folio.isLarge else { return true }
-        guard !folio.isZoneDevice else {
-            warn("split_folio: device folios are split by migrate_vma, not split_folio", "\(folio)")
-            return false
-        }
         guard folio.isLocked else {
             warn("split_folio: caller must hold the folio lock", "\(folio)")
             return false
@@ -25,7 +21,7 @@ extension Kernel {
         let rmap = rmapAddress(of: folio.page(0))
         if let (mm, address) = rmap, folio.entireMapCount > 0 {
             let pmd = mm.loadPMD(address)
-            if (pmd.kind == .present || pmd.kind == .migration) && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
+            if pmd.kind != .none && pmd.kind != .table && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
         }
         if folio.entireMapCount > 0 { return false }
         var lock: UnsafeMutablePointer<UInt32>? = nil
@@ -40,7 +36,8 @@ extension Kernel {
 
         let head = folio.meta
         let inherited = head.flags & (PageFlags.anon.rawValue | PageFlags.dirty.rawValue | PageFlags.uptodate.rawValue
-                                      | PageFlags.lru.rawValue | PageFlags.swapBacked.rawValue | PageFlags.shmem.rawValue)
+                                      | PageFlags.lru.rawValue | PageFlags.swapBacked.rawValue | PageFlags.shmem.rawValue
+                                      | PageFlags.zoneDevice.rawValue)
         let mmID = head.mappingMM
         let index = head.index
         var freed: [UInt64] = []
@@ -54,13 +51,21 @@ extension Kernel {
             m.head = folio.pfn + i
             m.mappingMM = mmID
             m.index = index + i
+            m.pgmap = head.pgmap
             if refs == 0 { freed.append(folio.pfn + i) }
         }
         svm_storei32(head.refWord, head.mapcount + 1)
         head.clearFlags(PageFlags.head.rawValue)
         head.order = 0
         vmstat.count(.thpSplitPage)
-        if !freed.isEmpty, let node = nodes.first(where: { $0.region == head.region }) {
+        if let pgmap = folio.pageMap {
+            // Device folios: the driver hears of every new folio, then the end.
+            if let split = pgmap.operations.folioSplit {
+                for i in 1..<512 { split(folio, Folio(pfn: folio.pfn + UInt64(i), kernel: self)) }
+                split(folio, nil)
+            }
+            for pfn in freed { pgmap.freeFolio(Folio(pfn: pfn, kernel: self)) }
+        } else if !freed.isEmpty, let node = nodes.first(where: { $0.region == head.region }) {
             for pfn in freed { node.release(pfn: pfn, order: 0) }
         }
         return true

@@ -100,19 +100,30 @@ extension Kernel {
     func collectPMD(_ args: inout MigrateVMA, _ vma: VMA, _ start: UInt64, _ end: UInt64) {
         let mm = vma.mm
         var addr = start
+        let compound = args.flags.contains(.compound) && Kernel.coversWholePMD(start, end)
         while true {  // "again:"
             let pmd = mm.loadPMD(start)
             switch pmd.kind {
             case .none:
+                if compound && vma.isAnonymous {
+                    return collectCompound(&args, MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit))
+                }
                 return collectHole(&args, vma, addr, end)
             case .present:
                 if pmd.isSpecial {
-                    // The huge zero page: split to zero-page PTEs, then walk them.
+                    // The huge zero page: a compound hole, or split to zero-page PTEs.
+                    if compound && vma.isAnonymous && args.flags.contains(.system) {
+                        return collectCompound(&args, MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit))
+                    }
                     mm.splitHugePMD(start)
                     continue
                 }
                 let folio = Folio(pfn: pmd.pfn, kernel: self)
                 guard args.flags.contains(.system) else { return collectSkip(&args, addr, end) }
+                if compound {
+                    if !collectHugePMD(&args, vma, start) { collectSkip(&args, addr, end) }
+                    return
+                }
                 guard folio.tryGet() else { return collectSkip(&args, addr, end) }
                 if let fp = args.faultPage, fp.folio == folio {
                     folio.put()
@@ -125,8 +136,19 @@ extension Kernel {
                 folio.put()
                 if !ok { return collectSkip(&args, addr, end) }
                 continue
-            case .migration, .devicePrivate:
-                // Non-present PMDs: not ours to take apart here.
+            case .devicePrivate:
+                let folio = Folio(pfn: pmd.pfn, kernel: self)
+                guard args.flags.contains(.devicePrivate), folio.pageMap?.owner == args.pgmapOwner else {
+                    return collectSkip(&args, addr, end)
+                }
+                if compound {
+                    if !collectHugePMD(&args, vma, start) { collectSkip(&args, addr, end) }
+                    return
+                }
+                // Walked per PTE: split the PMD; the PTE loop splits the folio.
+                mm.splitHugePMD(start)
+                continue
+            case .migration:
                 return collectSkip(&args, addr, end)
             case .table:
                 break
@@ -161,6 +183,15 @@ extension Kernel {
             case .devicePrivate:
                 let p = Page(pfn: pte.pfn, kernel: self)
                 if args.flags.contains(.devicePrivate), let pgmap = p.folio.pageMap, pgmap.owner == args.pgmapOwner {
+                    if p.folio.isLarge {
+                        svm_mutex_unlock(lock)
+                        if unmapped { mm.flushTLBRange(start, end) }
+                        if !splitFolioForMigration(p.folio, faultPage: args.faultPage, faultLocked: !legacy) {
+                            collectSkip(&args, addr, end)
+                            return true
+                        }
+                        return false
+                    }
                     mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
                     page = p
                 }
@@ -181,7 +212,7 @@ extension Kernel {
                 if folio.isLarge {
                     svm_mutex_unlock(lock)
                     if unmapped { mm.flushTLBRange(start, end) }
-                    if !splitFolioForMigration(folio, faultPage: args.faultPage) {
+                    if !splitFolioForMigration(folio, faultPage: args.faultPage, faultLocked: !legacy) {
                         collectSkip(&args, addr, end)
                         return true
                     }
@@ -228,14 +259,38 @@ extension Kernel {
     }
 
     /// `migrate_vma_split_folio()`: split a PTE-mapped large folio so its pages
-    /// can be collected one by one. The fault folio is already locked.
-    func splitFolioForMigration(_ folio: Folio, faultPage: Page?) -> Bool {
+    /// can be collected one by one. The fault path's reference on the fault
+    /// folio serves as the split's caller pin (and, in the trylock policies,
+    /// its lock as the split's lock); after the split that reference (and
+    /// lock) move to the fault page's new folio, which is what the fault path
+    /// releases when migrate_to_ram returns.
+    func splitFolioForMigration(_ folio: Folio, faultPage: Page?, faultLocked: Bool) -> Bool {
         let isFault = faultPage?.folio == folio
-        guard folio.tryGet() else { return false }
-        if !isFault && !folio.tryLock() { folio.put(); return false }
+        if !isFault {
+            guard folio.tryGet() else { return false }
+        }
+        if !(isFault && faultLocked) {
+            guard folio.tryLock() else {
+                if !isFault { folio.put() }
+                return false
+            }
+        }
         let ok = splitFolio(folio)
-        if !isFault { folio.unlock() }
-        folio.put()
+        if !isFault {
+            folio.unlock()
+            folio.put()
+            return ok
+        }
+        if !faultLocked { folio.unlock() }
+        if ok, let fp = faultPage, fp.folio != folio {
+            let newFaultFolio = fp.folio
+            newFaultFolio.get()
+            if faultLocked {
+                newFaultFolio.lock()
+                folio.unlock()
+            }
+            folio.put()
+        }
         return ok
     }
 }

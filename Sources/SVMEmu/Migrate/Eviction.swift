@@ -17,7 +17,7 @@ extension Kernel {
             folio.put()
             return .empty
         }
-        return MigratePFN(pfn: pfn).with(MigratePFN.migrateBit)
+        return MigratePFN(pfn: pfn).with(MigratePFN.migrateBit | (folio.isLarge ? MigratePFN.compoundBit : 0))
     }
 
     /// Collects and unmaps `count` device pages from `startPfn`.

@@ -20,7 +20,7 @@ extension Kernel {
         }
         let t = phases.begin()
         migrateDeviceFinalizeCore(args.src, &args.dst, args.npages,
-                                  faultFolio: args.legacyFaultPage ? nil : args.faultPage?.folio)
+                                  faultFolio: args.legacyFaultPage ? nil : args.faultPage?.folio, mm: args.vma?.mm)
         phases.end(.finalize, t)
         args.phase = .finalized
     }
@@ -33,7 +33,8 @@ extension Kernel {
         migrateDeviceFinalizeCore(src, &dst, count, faultFolio: nil)
     }
 
-    func migrateDeviceFinalizeCore(_ src: [MigratePFN], _ dst: inout [MigratePFN], _ npages: Int, faultFolio: Folio?) {
+    func migrateDeviceFinalizeCore(_ src: [MigratePFN], _ dst: inout [MigratePFN], _ npages: Int, faultFolio: Folio?,
+                                   mm hint: AddressSpace? = nil) {
         for i in 0..<npages {
             var dstFolio: Folio? = nil
             if dst[i].isValid {
@@ -59,12 +60,12 @@ extension Kernel {
                     d.put()
                 }
                 target = srcFolio
-                vmstat.count(.pgmigrateFail)
+                vmstat.count(.pgmigrateFail, UInt64(srcFolio.pageCount))
             } else {
-                vmstat.count(.pgmigrateSuccess)
+                vmstat.count(.pgmigrateSuccess, UInt64(srcFolio.pageCount))
             }
             if !target.isZoneDevice { target.set(.lru) }
-            removeMigrationPTEs(srcFolio, target)
+            removeMigrationPTEs(srcFolio, target, hint: hint)
             if srcFolio != faultFolio { srcFolio.unlock() }
             srcFolio.put()
             if target != srcFolio {

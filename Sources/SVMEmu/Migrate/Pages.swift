@@ -70,16 +70,24 @@ extension Kernel {
             dst[i] = .empty
             return nil
         }
+        guard !dst[i].isCompound || (folio.order == 9 && folio.pfn == pfn) else {
+            warn("migrate_vma_pages: a COMPOUND destination must be the head of a 2 MiB folio", "\(page)")
+            dst[i] = .empty
+            return nil
+        }
         return page
     }
 
     func migrateDevicePagesCore(_ src: inout [MigratePFN], _ dst: inout [MigratePFN], _ npages: Int, _ migrate: PagesContext?) {
         var notified: MMUNotifierRange? = nil
-        for i in 0..<npages {
+        var i = -1
+        while i + 1 < npages {
+            i += 1
             guard let newPage = validatedDestination(&dst, i) else {
                 src[i] = src[i].without(MigratePFN.migrateBit)
                 continue
             }
+            let dstCompound = dst[i].isCompound
             guard let page = page(src[i]) else {
                 guard src[i].isMigrating else { continue }
                 guard let migrate, let vma = migrate.vma else {
@@ -93,7 +101,31 @@ extension Kernel {
                     vma.mm.invalidateRangeStart(r)
                     notified = r
                 }
+                if src[i].isCompound {
+                    if dstCompound {
+                        migrateVMAInsertHugePMD(vma, addr, newPage.folio, &src[i])
+                        vmstat.count(src[i].isMigrating ? .thpMigrationSuccess : .thpMigrationFail)
+                        continue
+                    }
+                    // 4 KiB destinations for a compound hole: 512 small holes.
+                    for j in 0..<Kernel.hugePages where i + j < npages { src[i + j] = .hole }
+                    vmstat.count(.thpMigrationSplit)
+                } else if dstCompound {
+                    src[i] = src[i].without(MigratePFN.migrateBit)
+                    continue
+                }
                 migrateVMAInsertPage(vma, addr, newPage, &src[i])
+                continue
+            }
+            guard src[i].isMigrating else { continue }
+            if src[i].isCompound && !dstCompound {
+                // Eviction never splits: the entry is dropped instead.
+                guard migrate != nil, splitMigratingFolio(&src, i, faultPage: migrate?.faultPage, hint: migrate?.vma?.mm) else {
+                    src[i] = src[i].without(MigratePFN.migrateBit | MigratePFN.compoundBit)
+                    continue
+                }
+            } else if !src[i].isCompound && dstCompound {
+                src[i] = src[i].without(MigratePFN.migrateBit)
                 continue
             }
             let newFolio = newPage.folio
@@ -101,7 +133,7 @@ extension Kernel {
             let hasMapping = folio.test(.shmem)
             if newFolio.isDevicePrivate || newFolio.isDeviceCoherent {
                 // Only anonymous memory may move to device memory.
-                if hasMapping || !folio.isAnon && !folio.isZoneDevice {
+                if hasMapping {
                     src[i] = src[i].without(MigratePFN.migrateBit)
                     continue
                 }
@@ -109,11 +141,13 @@ extension Kernel {
                 src[i] = src[i].without(MigratePFN.migrateBit)
                 continue
             }
-            let extra = (migrate?.faultPage == page) ? 1 : 0
+            let extra = (migrate?.faultPage.map { $0.folio == folio } ?? false) ? 1 : 0
             if folioMigrateMapping(newFolio, folio, extraCount: extra) {
                 folioMigrateFlags(newFolio, folio)
+                if src[i].isCompound { vmstat.count(.thpMigrationSuccess) }
             } else {
                 src[i] = src[i].without(MigratePFN.migrateBit)
+                if src[i].isCompound { vmstat.count(.thpMigrationFail) }
             }
         }
         if let r = notified, let vma = migrate?.vma { vma.mm.invalidateRangeEnd(r) }
@@ -147,6 +181,14 @@ extension Kernel {
         let mm = vma.mm
         let folio = page.folio
         guard vma.isAnonymous, mm.covers(addr) else { src = src.without(MigratePFN.migrateBit); return }
+        // A huge zero PMD is split into zero-page PTEs first, which the new
+        // page then replaces; any other huge entry aborts (the kernel's
+        // migrate_vma_insert_page() since device THP: "if (pmd_trans_huge(*pmdp))
+        // { if (!is_huge_zero_pmd(*pmdp)) goto abort; split_huge_pmd(); }").
+        // Found by hmm-tests' migrate_anon_huge_zero_err (a huge zero page
+        // migrated with the 2 MiB device allocation forced to fail).
+        let huge = mm.loadPMD(addr)
+        if huge.kind == .present && huge.isSpecial { mm.splitHugePMD(addr) }
         let pmd = mm.ensurePTETable(addr)
         guard pmd.kind == .table else { src = src.without(MigratePFN.migrateBit); return }
         folio.set(.uptodate)

@@ -14,10 +14,11 @@ extension Kernel {
 
     func migrateVMAUnmap(_ args: inout MigrateVMA) {
         args.cpages = migrateDeviceUnmap(&args.src, args.npages, faultPage: args.faultPage,
-                                         faultPageLocked: !args.legacyFaultPage)
+                                         faultPageLocked: !args.legacyFaultPage, mm: args.vma?.mm)
     }
 
-    func migrateDeviceUnmap(_ src: inout [MigratePFN], _ npages: Int, faultPage: Page?, faultPageLocked: Bool) -> Int {
+    func migrateDeviceUnmap(_ src: inout [MigratePFN], _ npages: Int, faultPage: Page?, faultPageLocked: Bool,
+                            mm hint: AddressSpace? = nil) -> Int {
         let faultFolio = faultPageLocked ? faultPage?.folio : nil
         var restore = 0
         var unmapped = 0
@@ -35,7 +36,7 @@ extension Kernel {
                 }
                 folio.put()  // the collect reference; isolation holds one now
             }
-            if folio.isMapped { tryToMigrate(folio) }
+            if folio.isMapped { tryToMigrate(folio, hint: hint) }
             if folio.isMapped || !migrateVMACheckPage(page, faultPage: faultPage) {
                 if !folio.isZoneDevice {
                     folio.get()
@@ -52,7 +53,7 @@ extension Kernel {
             defer { i += 1 }
             guard let page = page(src[i]), !src[i].isMigrating else { continue }
             let folio = page.folio
-            removeMigrationPTEs(folio, folio)
+            removeMigrationPTEs(folio, folio, hint: hint)
             src[i] = .empty
             if folio != faultFolio { folio.unlock() }
             folio.put()
@@ -69,7 +70,6 @@ extension Kernel {
     func migrateVMACheckPage(_ page: Page, faultPage: Page?) -> Bool {
         let folio = page.folio
         var extra = 1 + (page == faultPage ? 1 : 0)
-        if folio.isLarge { return false }
         if folio.isZoneDevice { extra += 1 }
         if folio.test(.shmem) { extra += 1 }
         return folio.refCount - extra <= folio.mapCount
@@ -92,10 +92,11 @@ extension Kernel {
     /// `try_to_migrate()`: replace every remaining mapping of the folio's pages
     /// by a migration entry, dropping the rmap and the mapping's reference.
     /// Caller holds the folio lock.
-    func tryToMigrate(_ folio: Folio) {
+    func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil) {
+        if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
         for i in 0..<folio.pageCount {
             let page = folio.page(i)
-            guard page.mapCount > 0, let (mm, address) = rmapAddress(of: page), mm.covers(address) else { continue }
+            guard page.mapCount > 0, let (mm, address) = rmapAddress(of: page, hint: hint), mm.covers(address) else { continue }
             // try_to_migrate_one() tells MMU notifiers (MMU_NOTIFY_CLEAR) first.
             let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
             mm.invalidateRangeStart(range)
@@ -122,11 +123,12 @@ extension Kernel {
     /// `remove_migration_ptes(src, dst)`: every migration entry of `src`'s pages
     /// becomes a mapping of the matching page of `dst` (device-private entry for
     /// a device-private `dst`), each mapping taking a reference on `dst`.
-    func removeMigrationPTEs(_ src: Folio, _ dst: Folio) {
+    func removeMigrationPTEs(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) {
+        if src.isLarge && dst.isLarge && removeMigrationPMD(src, dst, hint: hint) { return }
         let count = min(src.pageCount, dst.pageCount)
         for i in 0..<count {
             let page = src.page(i)
-            guard let (mm, address) = rmapAddress(of: page), mm.covers(address) else { continue }
+            guard let (mm, address) = rmapAddress(of: page, hint: hint), mm.covers(address) else { continue }
             let lock = mm.ptl(address)
             svm_mutex_lock(lock)
             let pte = mm.loadPTE(address)

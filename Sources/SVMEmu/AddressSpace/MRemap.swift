@@ -1,0 +1,232 @@
+import CSVMSupport
+
+/// `mremap()` flags.
+public struct MRemapFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// MREMAP_MAYMOVE: the mapping may move when it cannot be resized in place.
+    public static let mayMove = MRemapFlags(rawValue: 1)
+    /// MREMAP_FIXED: move to `newAddress`, unmapping what was there (needs MAYMOVE).
+    public static let fixed = MRemapFlags(rawValue: 2)
+    /// MREMAP_DONTUNMAP: move the pages but keep the old VMA, now empty (needs
+    /// MAYMOVE and an unchanged length).
+    public static let dontUnmap = MRemapFlags(rawValue: 4)
+}
+
+/// `mremap()`: resizing and moving a mapping together with its pages.
+///
+/// A move never copies bytes: page-table entries (present, zero page, migration
+/// and device-private entries) are moved from the old range to the new one,
+/// a 2 MiB entry whole when both addresses and the extent are 2 MiB aligned,
+/// else after `splitHugePMD`. The reverse map follows: every moved folio's
+/// `index` is rebased to the new address (the kernel keeps `folio->index` and
+/// rebases the new VMA's `vm_pgoff` instead; the emulator's rmap stores the
+/// address, so it is the folio that is updated).
+///
+/// Locking: the mmap lock is held for writing throughout (no fault, no
+/// migrate_vma can run); each entry moves under the old and new page-table
+/// locks (old first), which excludes the lockless CPU access path and
+/// rmap walkers such as eviction. Like the kernel, the old range is
+/// invalidated (MMU_NOTIFY_UNMAP) before entries move, and one TLB flush of
+/// the old range is accounted per 2 MiB extent in which a present entry moved.
+extension AddressSpace {
+
+    /// Resizes and/or moves the mapping at `oldAddress`.
+    ///
+    /// - Returns: the mapping's address afterwards.
+    /// - Throws: `.invalidArgument` for unknown flag combinations (FIXED or
+    ///   DONTUNMAP without MAYMOVE, DONTUNMAP with a length change), unaligned
+    ///   addresses, zero lengths, or overlapping old and new ranges;
+    ///   `.badAddress` when `[oldAddress, oldAddress + oldLength)` is not inside
+    ///   one VMA; `.noMemory` when the mapping can neither grow in place nor move.
+    /// The corresponding kernel function is `mremap()` (`move_vma()`,
+    /// `move_page_tables()`).
+    @discardableResult
+    public func mremap(_ oldAddress: UInt64, oldLength: Int, newLength: Int,
+                       flags: MRemapFlags = [], newAddress: UInt64? = nil) throws(Errno) -> UInt64 {
+        guard flags.isSubset(of: [.mayMove, .fixed, .dontUnmap]) else { throw .invalidArgument }
+        if flags.contains(.fixed) || flags.contains(.dontUnmap) {
+            guard flags.contains(.mayMove) else { throw .invalidArgument }
+        }
+        // The kernel allows old_len == 0 only to duplicate a shared mapping;
+        // not modelled.
+        guard oldAddress & 4095 == 0, oldLength > 0, newLength > 0 else { throw .invalidArgument }
+        let oldLen = (UInt64(oldLength) + 4095) & ~4095
+        let newLen = (UInt64(newLength) + 4095) & ~4095
+        if flags.contains(.dontUnmap) && oldLen != newLen { throw .invalidArgument }
+        guard covers(oldAddress), oldAddress + oldLen <= endAddress else { throw .badAddress }
+        var target: UInt64? = nil
+        if flags.contains(.fixed) {
+            guard let n = newAddress, n & 4095 == 0, n >= baseAddress, n <= endAddress, newLen <= endAddress - n else {
+                throw .invalidArgument
+            }
+            // The old and new ranges must not overlap.
+            if n < oldAddress + oldLen && oldAddress < n + newLen { throw .invalidArgument }
+            target = n
+        }
+
+        mmapWriteLock(); defer { mmapWriteUnlock() }
+        // vma_to_resize(): the old range must lie in one VMA.
+        guard let vma = vma(containing: oldAddress), oldAddress + oldLen <= vma.end else { throw .badAddress }
+
+        if let target {
+            unmapLocked(target, target + newLen)
+            var moveLen = oldLen
+            if newLen < oldLen {
+                unmapLocked(oldAddress + newLen, oldAddress + oldLen)
+                moveLen = newLen
+            }
+            moveVMALocked(oldAddress, length: moveLen, to: target, newLength: newLen,
+                          keepOld: flags.contains(.dontUnmap))
+            return target
+        }
+        if newLen <= oldLen && !flags.contains(.dontUnmap) {
+            // Shrinking (or no change) happens in place.
+            if newLen < oldLen { unmapLocked(oldAddress + newLen, oldAddress + oldLen) }
+            return oldAddress
+        }
+        if !flags.contains(.dontUnmap), oldAddress + oldLen == vma.end,
+           fullyFree(vma.end, oldAddress + newLen) {
+            // Grow in place: the VMA is extended (vma_expand()).
+            vma.end = oldAddress + newLen
+            return oldAddress
+        }
+        guard flags.contains(.mayMove) else { throw .noMemory }
+        guard let to = freeRangeForMove(length: newLen) else { throw .noMemory }
+        moveVMALocked(oldAddress, length: oldLen, to: to, newLength: newLen, keepOld: flags.contains(.dontUnmap))
+        return to
+    }
+
+    /// Nothing is mapped in `[start, end)`. Caller holds the mmap lock.
+    private func fullyFree(_ start: UInt64, _ end: UInt64) -> Bool {
+        guard end <= endAddress else { return false }
+        return !vmas.contains { $0.start < end && start < $0.end }
+    }
+
+    /// A free range for a moved mapping, 2 MiB aligned when it is that large
+    /// (as `get_unmapped_area()` does for anonymous THP-sized mappings).
+    private func freeRangeForMove(length: UInt64) -> UInt64? {
+        let align = length >= AddressSpace.pmdSize ? AddressSpace.pmdSize : 4096
+        var candidate = (baseAddress + align - 1) & ~(align - 1)
+        for v in vmas {
+            if candidate + length <= v.start { return candidate }
+            candidate = max(candidate, (v.end + align - 1) & ~(align - 1))
+        }
+        return candidate + length <= endAddress ? candidate : nil
+    }
+
+    /// `move_vma()`: a new VMA with the old one's flags at `to` (extended to
+    /// `newLength`), the page tables of `[from, from + length)` moved into it,
+    /// then the old range unmapped unless `keepOld` (MREMAP_DONTUNMAP leaves
+    /// it mapped and empty). Caller holds the mmap lock for writing; `to` is free.
+    private func moveVMALocked(_ from: UInt64, length: UInt64, to: UInt64, newLength: UInt64, keepOld: Bool) {
+        splitVMA(at: from)
+        splitVMA(at: from + length)
+        guard let old = vma(containing: from) else { return }
+        let moved = VMA(mm: self, start: to, end: to + newLength, flags: old.flags)
+        withInvalidation(from, from + length, .unmap) {
+            movePageTables(from, to, length)
+        }
+        let i = vmas.firstIndex { $0.start > to } ?? vmas.count
+        vmas.insert(moved, at: i)
+        if !keepOld { unmapLocked(from, from + length) }
+    }
+
+    /// `move_page_tables()`: per 2 MiB extent, a huge entry moves whole when
+    /// both sides are aligned and the extent is a full 2 MiB (`move_huge_pmd()`),
+    /// else it is split and the PTEs move one by one (`move_ptes()`).
+    private func movePageTables(_ from: UInt64, _ to: UInt64, _ length: UInt64) {
+        var done: UInt64 = 0
+        while done < length {
+            let old = from + done, new = to + done
+            // The extent ends at the next 2 MiB boundary of either side.
+            let oldNext = (old & AddressSpace.pmdMask) + AddressSpace.pmdSize
+            let newNext = (new & AddressSpace.pmdMask) + AddressSpace.pmdSize
+            let extent = min(oldNext - old, newNext - new, length - done)
+            let pmd = loadPMD(old)
+            switch pmd.kind {
+            case .none:
+                break
+            case .present, .migration, .devicePrivate:
+                if extent == AddressSpace.pmdSize && moveHugePMD(old, new) { break }
+                splitHugePMD(old)
+                movePTEs(old, new, extent)
+            case .table:
+                movePTEs(old, new, extent)
+            }
+            done += extent
+        }
+    }
+
+    /// Moves a 2 MiB entry; false when the destination PMD slot is in use.
+    private func moveHugePMD(_ old: UInt64, _ new: UInt64) -> Bool {
+        var dest = loadPMD(new)
+        if dest.kind == .table && tableIsEmpty(new) {
+            freePTETable(new)
+            dest = loadPMD(new)
+        }
+        guard dest.isNone else { return false }
+        let oldLock = pmdLock(old), newLock = pmdLock(new)
+        svm_mutex_lock(oldLock)
+        if newLock != oldLock { svm_mutex_lock(newLock) }
+        let e = loadPMD(old)
+        var moved = false
+        if e.kind == .present || e.kind == .migration || e.kind == .devicePrivate {
+            storePMD(old, .none)
+            storePMD(new, e)
+            if !(e.kind == .present && e.isSpecial) { rebaseRmap(pfn: e.pfn, address: new) }
+            moved = true
+        }
+        if newLock != oldLock { svm_mutex_unlock(newLock) }
+        svm_mutex_unlock(oldLock)
+        if moved && e.kind == .present { flushTLBRange(old, old + AddressSpace.pmdSize) }
+        return true
+    }
+
+    private func tableIsEmpty(_ address: UInt64) -> Bool {
+        let base = pteSlot(address & AddressSpace.pmdMask)
+        for i in 0..<512 where svm_load64(base + i) != 0 { return false }
+        return true
+    }
+
+    /// Moves the PTEs of `[old, old + extent)` (inside one PTE table on each side).
+    private func movePTEs(_ old: UInt64, _ new: UInt64, _ extent: UInt64) {
+        _ = ensurePTETable(new)
+        let oldLock = ptl(old), newLock = ptl(new)
+        svm_mutex_lock(oldLock)
+        if newLock != oldLock { svm_mutex_lock(newLock) }
+        var flushNeeded = false
+        var off: UInt64 = 0
+        while off < extent {
+            let e = loadPTE(old + off)
+            if !e.isNone {
+                storePTE(old + off, .none)
+                storePTE(new + off, e)
+                switch e.kind {
+                case .present:
+                    flushNeeded = true
+                    if !e.isSpecial { rebaseRmap(pfn: e.pfn, address: new + off) }
+                case .migration, .devicePrivate:
+                    rebaseRmap(pfn: e.pfn, address: new + off)
+                default:
+                    break
+                }
+            }
+            off += 4096
+        }
+        if newLock != oldLock { svm_mutex_unlock(newLock) }
+        svm_mutex_unlock(oldLock)
+        if flushNeeded { flushTLBRange(old, old + extent) }
+    }
+
+    /// Points the reverse map of the folio containing `pfn` at `address` for
+    /// that page (so the folio's head index is `address`'s page minus the
+    /// page's offset in the folio). Only folios this mm's rmap names change.
+    private func rebaseRmap(pfn: UInt64, address: UInt64) {
+        let page = Page(pfn: pfn, kernel: kernel)
+        let folio = page.folio
+        let head = folio.meta
+        guard head.mappingMM == id else { return }
+        head.index = (address >> 12) - (pfn - folio.pfn)
+    }
+}

@@ -1,0 +1,190 @@
+import CSVMSupport
+
+/// 2 MiB (order-9) folios in migrate_vma: collecting a whole PMD as one
+/// compound entry, splitting compound sources and holes when the driver
+/// supplies 4 KiB destinations, inserting a PMD for a compound hole, and the
+/// PMD-level forms of try_to_migrate and remove_migration_ptes.
+///
+/// Layout of a compound entry: `src[i] = migrate_pfn(head) | MIGRATE |
+/// COMPOUND (| WRITE)` and `src[i+1 ... i+511] = 0`; a compound hole is
+/// `MIGRATE | COMPOUND` without VALID. The driver answers with
+/// `dst[i] = migrate_pfn(head) | COMPOUND` for a 2 MiB destination, or with
+/// 512 small destinations in `dst[i ... i+511]`.
+extension Kernel {
+    static let hugePages = 512
+
+    /// Whether `[start, end)` is exactly one aligned 2 MiB region.
+    @inline(__always) static func coversWholePMD(_ start: UInt64, _ end: UInt64) -> Bool {
+        start & ((2 << 20) - 1) == 0 && end == start + (2 << 20)
+    }
+
+    /// Records a compound entry: the entry, then 511 empty ones.
+    func collectCompound(_ args: inout MigrateVMA, _ entry: MigratePFN) {
+        args.src[args.npages] = entry
+        args.dst[args.npages] = .empty
+        for j in 1..<Kernel.hugePages {
+            args.src[args.npages + j] = .empty
+            args.dst[args.npages + j] = .empty
+        }
+        args.npages += Kernel.hugePages
+        args.cpages += 1
+    }
+
+    /// Collects a PMD-mapped THP or device-private PMD whole
+    /// (`migrate_vma_collect_huge_pmd()`): reference, lock (the fault folio is
+    /// already locked), a PMD migration entry in place of the mapping, the
+    /// rmap and mapping reference dropped. Returns false to skip the range.
+    func collectHugePMD(_ args: inout MigrateVMA, _ vma: VMA, _ haddr: UInt64) -> Bool {
+        let mm = vma.mm
+        let lock = mm.pmdLock(haddr)
+        svm_mutex_lock(lock)
+        let pmd = mm.loadPMD(haddr)
+        guard pmd.kind == .present || pmd.kind == .devicePrivate, !pmd.isSpecial else {
+            svm_mutex_unlock(lock)
+            return false
+        }
+        let folio = Folio(pfn: pmd.pfn, kernel: self)
+        folio.get()
+        let isFault = !args.legacyFaultPage && args.faultPage?.folio == folio
+        guard isFault || folio.tryLock() else {
+            svm_mutex_unlock(lock)
+            folio.put()
+            return false
+        }
+        let anonExclusive = folio.isAnon && folio.page(0).isAnonExclusive
+        if anonExclusive {
+            for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
+        }
+        let present = pmd.kind == .present
+        if present && pmd.isDirty { folio.markDirty() }
+        mm.storePMD(haddr, .migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && anonExclusive,
+                                      dirty: present && pmd.isDirty, young: present && pmd.isYoung))
+        mm.removeEntireRmap(folio)
+        svm_mutex_unlock(lock)
+        folio.put()
+        if present { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
+        collectCompound(&args, MigratePFN(pfn: folio.pfn).with(
+            MigratePFN.migrateBit | MigratePFN.compoundBit | (pmd.isWrite ? MigratePFN.writeBit : 0)))
+        return true
+    }
+
+    /// Splits a large folio that a migration holds locked and unmapped (PMD
+    /// migration entry) into 512 order-0 folios, each locked and holding the
+    /// migration's reference, and rewrites `src[i ... i+511]` as small entries
+    /// (`migrate_vma_split_unmapped_folio()`). Device folios call the page
+    /// map's `folioSplit` for each new folio, then once with no tail.
+    func splitMigratingFolio(_ src: inout [MigratePFN], _ i: Int, faultPage: Page?, hint: AddressSpace? = nil) -> Bool {
+        guard let head = page(src[i]) else { return false }
+        let folio = head.folio
+        guard folio.isLarge else { return false }
+        if let (mm, address) = rmapAddress(of: head, hint: hint), mm.covers(address) {
+            let pmd = mm.loadPMD(address)
+            if pmd.kind == .migration && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
+        }
+        let m = folio.meta
+        let inherited = m.flags & (PageFlags.anon.rawValue | PageFlags.dirty.rawValue | PageFlags.uptodate.rawValue
+                                   | PageFlags.swapBacked.rawValue | PageFlags.zoneDevice.rawValue | PageFlags.shmem.rawValue)
+        let mmID = m.mappingMM, index = m.index, pgmap = m.pgmap
+        let write = src[i].isWrite ? MigratePFN.writeBit : 0
+        for j in 1..<UInt64(Kernel.hugePages) {
+            let t = metaPtr(folio.pfn + j)
+            svm_store32(t.flagsWord, inherited | PageFlags.locked.rawValue)
+            svm_storei32(t.refWord, 1)
+            t.order = 0
+            t.head = folio.pfn + j
+            t.mappingMM = mmID
+            t.index = index + j
+            t.pgmap = pgmap
+            src[i + Int(j)] = MigratePFN(pfn: folio.pfn + j).with(MigratePFN.migrateBit | write)
+        }
+        m.clearFlags(PageFlags.head.rawValue)
+        m.order = 0
+        src[i] = src[i].without(MigratePFN.compoundBit)
+        if let pgmap = folio.pageMap, let split = pgmap.operations.folioSplit {
+            for j in 1..<Kernel.hugePages { split(folio, Folio(pfn: folio.pfn + UInt64(j), kernel: self)) }
+            split(folio, nil)
+        }
+        vmstat.count(.thpMigrationSplit)
+        return true
+    }
+
+    /// Inserts a 2 MiB destination for a compound hole as one PMD
+    /// (`migrate_vma_insert_huge_pmd_page()`): the PMD must be none or the
+    /// huge zero page. Failure clears MIGRATE.
+    func migrateVMAInsertHugePMD(_ vma: VMA, _ haddr: UInt64, _ folio: Folio, _ src: inout MigratePFN) {
+        let mm = vma.mm
+        guard vma.isAnonymous, mm.covers(haddr), haddr >= vma.start, haddr + (2 << 20) <= vma.end else {
+            src = src.without(MigratePFN.migrateBit)
+            return
+        }
+        let writable = vma.flags.contains(.write)
+        let entry: PageTableEntry = folio.isDevicePrivate
+            ? .devicePrivate(pfn: folio.pfn, write: writable)
+            : .present(pfn: folio.pfn, write: writable, dirty: writable)
+        let lock = mm.pmdLock(haddr)
+        svm_mutex_lock(lock)
+        let pmd = mm.loadPMD(haddr)
+        let replacingZero = pmd.kind == .present && pmd.isSpecial
+        guard pmd.isNone || replacingZero else {
+            svm_mutex_unlock(lock)
+            src = src.without(MigratePFN.migrateBit)
+            return
+        }
+        folio.set(.uptodate)
+        mm.addNewAnonRmap(folio, address: haddr, pmdMapped: true)
+        folio.get()
+        mm.storePMD(haddr, entry)
+        svm_mutex_unlock(lock)
+        if replacingZero { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
+        src = MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit)
+    }
+
+    /// `try_to_migrate()` for a PMD-mapped folio: a PMD migration entry.
+    func tryToMigratePMD(_ folio: Folio, hint: AddressSpace? = nil) {
+        guard folio.entireMapCount > 0, let (mm, address) = rmapAddress(of: folio.page(0), hint: hint), mm.covers(address) else { return }
+        let range = MMUNotifierRange(start: address, end: address + (2 << 20), event: .clear, owner: nil)
+        mm.invalidateRangeStart(range)
+        defer { mm.invalidateRangeEnd(range) }
+        let lock = mm.pmdLock(address)
+        svm_mutex_lock(lock)
+        let pmd = mm.loadPMD(address)
+        guard (pmd.kind == .present || pmd.kind == .devicePrivate) && pmd.pfn == folio.pfn else {
+            svm_mutex_unlock(lock)
+            return
+        }
+        let exclusive = folio.page(0).isAnonExclusive
+        if exclusive {
+            for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
+        }
+        let present = pmd.kind == .present
+        if present && pmd.isDirty { folio.markDirty() }
+        mm.storePMD(address, .migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && exclusive,
+                                        dirty: present && pmd.isDirty, young: present && pmd.isYoung))
+        mm.removeEntireRmap(folio)
+        svm_mutex_unlock(lock)
+        if present { mm.flushTLBRange(address, address + (2 << 20)) }
+        folio.put()
+    }
+
+    /// `remove_migration_pmd()`: a PMD migration entry of `src` becomes a PMD
+    /// mapping of `dst` (same size). Returns whether one was found.
+    @discardableResult
+    func removeMigrationPMD(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) -> Bool {
+        guard let (mm, address) = rmapAddress(of: src.page(0), hint: hint), mm.covers(address), address & ((2 << 20) - 1) == 0 else { return false }
+        let lock = mm.pmdLock(address)
+        svm_mutex_lock(lock)
+        let pmd = mm.loadPMD(address)
+        guard pmd.kind == .migration, pmd.pfn == src.pfn else {
+            svm_mutex_unlock(lock)
+            return false
+        }
+        dst.get()
+        let entry: PageTableEntry = dst.isDevicePrivate
+            ? .devicePrivate(pfn: dst.pfn, write: pmd.isWrite)
+            : .present(pfn: dst.pfn, write: pmd.isWrite, dirty: pmd.isDirty && dst.isDirty, young: pmd.isYoung)
+        mm.addEntireAnonRmap(dst, address: address, exclusive: pmd.isWrite || pmd.isReadExclusive)
+        mm.storePMD(address, entry)
+        svm_mutex_unlock(lock)
+        return true
+    }
+}

@@ -1,0 +1,485 @@
+// The overhead breakdown (issue 6): where a fault's time goes, phase by phase,
+// for GPU-fault-driven (RAM -> VRAM) and CPU-fault-driven (VRAM -> RAM)
+// migration at 4 KiB and 2 MiB, with a copy engine that models a link.
+import CSVMSupport
+import Foundation
+import MirrorDriver
+import SVMEmu
+
+/// Which way the faults migrate.
+public enum OverheadDirection: String, CaseIterable, Sendable, Codable {
+    /// The GPU reads one byte per page; each miss is a GPU fault that migrates
+    /// to VRAM (`gpuFaultPolicy = .migrate`).
+    case toDevice = "to-device"
+    /// The CPU reads one byte per page of a buffer in VRAM; each read is a CPU
+    /// fault on a device-private entry (`migrateToRAM`).
+    case toRAM = "to-ram"
+
+    public var label: String { self == .toDevice ? "GPU fault, RAM -> VRAM" : "CPU fault, VRAM -> RAM" }
+}
+
+/// The copy engine a run uses.
+public enum OverheadCopyModel: String, CaseIterable, Sendable, Codable {
+    /// What memcpy costs on this machine (`MemcpyCopyEngine`).
+    case memcpy
+    /// PCIe 4 x16 (`LinkCopyEngine(model: .pcie4)`).
+    case pcie4
+    /// PCIe 5 x16 (`LinkCopyEngine(model: .pcie5)`).
+    case pcie5
+    /// NVLink-C2C (`LinkCopyEngine(model: .nvlinkC2C)`).
+    case nvlinkC2C = "nvlink-c2c"
+
+    /// The link whose transfer time the engine charges (nil: memcpy only).
+    public var link: LinkModel? {
+        switch self {
+        case .memcpy: nil
+        case .pcie4: .pcie4
+        case .pcie5: .pcie5
+        case .nvlinkC2C: .nvlinkC2C
+        }
+    }
+
+    /// A fresh engine; `threads > 1` splits copies above 32 pages across threads.
+    public func makeEngine(threads: Int = 1) -> any CopyEngine {
+        if self == .memcpy && threads == 1 { return MemcpyCopyEngine() }
+        return LinkCopyEngine(model: link, threads: threads)
+    }
+}
+
+/// What one overhead run does.
+public struct OverheadConfiguration: Sendable {
+    /// Buffer size in bytes (a multiple of 2 MiB).
+    public var bytes: Int = 256 << 20
+    public var granularity: MigrationGranularity = .base4K
+    public var direction: OverheadDirection = .toDevice
+    public var copyModel: OverheadCopyModel = .memcpy
+    /// Threads per large copy (the multi-threaded copy option).
+    public var copyThreads = 1
+    /// Rounds: a run with timers on over the whole buffer (the figures come
+    /// from the best one) and a cost run with timers on and off in turns.
+    public var rounds = 3
+    /// Whether to make the cost runs (for `instrumentationOverheadPercent`;
+    /// 0 is reported without them).
+    public var measureInstrumentationCost = true
+    /// Trace events kept per CPU for `--trace` (0: none).
+    public var traceEventsPerCPU = 0
+    /// Seed of the byte pattern.
+    public var seed: UInt64 = 0x5EED
+    /// Called with a short status line as the run goes (for a progress display).
+    public var progress: (@Sendable (String) -> Void)? = nil
+    public init() {}
+}
+
+/// One phase of the breakdown.
+public struct OverheadPhaseFigure: Sendable, Codable, Equatable {
+    /// Total time in the phase over all faults.
+    public var seconds: Double
+    /// Share of the total fault time (phases, `other` included, sum to 1).
+    public var fraction: Double
+    /// Times the phase ran (for `collect`: migrate_vma_setup calls).
+    public var count: UInt64
+    /// Mean time per fault, in microseconds.
+    public var microsPerFault: Double
+}
+
+/// A timeline event for the trace file.
+public struct OverheadTraceEvent: Sendable, Equatable {
+    public var name: String
+    public var cpu: Int
+    public var startNanos: Double
+    public var endNanos: Double
+}
+
+/// The figures of one run. Encodes as the JSON object of `svmemu overhead --json`.
+public struct OverheadResult: Sendable, Codable {
+    public var granularity: String
+    public var direction: String
+    public var copyModel: String
+    public var copyThreads: Int
+    /// Bytes migrated by the faults.
+    public var bytes: Int
+    /// Faults timed (phase `fault` count: GPU fault handlers or migrateToRAM calls).
+    public var faults: Int
+    /// By phase name: collect, unmap, allocate, copy, pages, pageTableUpdate,
+    /// finalize, other (the fault's time outside those: locks, lookups,
+    /// bookkeeping), and fault (the whole; fraction 1).
+    public var phases: [String: OverheadPhaseFigure]
+    /// (collect + unmap + pages + finalize) / fault: the kernel's migrate_vma_* calls.
+    public var migrateVMAFraction: Double
+    /// copy / fault.
+    public var copyFraction: Double
+    /// Mean fault time in microseconds.
+    public var faultMicrosMean: Double
+    /// Bytes over the wall time of the faulting loop (timers on), in GB/s.
+    public var throughputGBps: Double
+    /// memcpy of the same bytes in granule-sized chunks, in GB/s (the yardstick).
+    public var memcpyGBps: Double
+    /// Wall time of the faulting loop over the whole buffer, timers on, best round.
+    public var wallSeconds: Double
+    /// The cost run: wall time of the chunks faulted with timers off, and of
+    /// as many chunks faulted with timers on, in the same run (alternating).
+    public var wallSecondsTimersOff: Double
+    public var wallSecondsTimersOn: Double
+    /// What the phase timers cost, in percent: the median over pairs of
+    /// neighbouring chunks of (on - off) / off (0 when not measured).
+    public var instrumentationOverheadPercent: Double
+    /// The same cost estimated from the timer records per fault times what one
+    /// begin/end pair costs (measured apart): steadier than the wall-time
+    /// comparison on a busy machine.
+    public var instrumentationEstimatePercent: Double = 0
+    /// migrate_vma_setup and migrate_vma_finalize calls per MiB migrated.
+    public var setupCallsPerMiB: Double
+    public var finalizeCallsPerMiB: Double
+    /// Every byte of the buffer matched its pattern after the runs.
+    public var verified: Bool
+    /// Timeline of the best timed run (only with `traceEventsPerCPU > 0`; not encoded).
+    public var trace: [OverheadTraceEvent] = []
+
+    enum CodingKeys: String, CodingKey {
+        case granularity, direction, copyModel, copyThreads, bytes, faults, phases, migrateVMAFraction,
+             copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, wallSeconds, wallSecondsTimersOff,
+             wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified
+    }
+
+    /// The phases a fault is split into, in the order they run, then `other`.
+    public static let phaseOrder = ["collect", "unmap", "allocate", "copy", "pages", "pageTableUpdate", "finalize", "other"]
+
+    /// One JSON object (keys sorted).
+    public func jsonString() -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return String(decoding: (try? encoder.encode(self)) ?? Data("{}".utf8), as: UTF8.self)
+    }
+}
+
+/// Why a run could not be made or failed its checks.
+public enum OverheadError: Error, CustomStringConvertible, Equatable {
+    case granularityUnavailable(String)
+    case invalidConfiguration(String)
+    case dataMismatch(String)
+    case setupFailed(String)
+
+    public var description: String {
+        switch self {
+        case .granularityUnavailable(let m), .invalidConfiguration(let m), .dataMismatch(let m), .setupFailed(let m): m
+        }
+    }
+}
+
+/// The overhead harness: boots a kernel sized for the buffer, a `MirrorDevice`
+/// with the chosen copy engine and `gpuFaultPolicy = .migrate`, and times the
+/// faults phase by phase with `kernel.phases`.
+public enum OverheadHarness {
+    /// Whether the reference driver migrates 2 MiB folios. THE SWITCH for
+    /// 2 MiB: `true` once `MirrorSettings.migrationGranularity = .huge2M` works.
+    public static let hugeMigrationAvailable = true
+
+    /// Runs one configuration.
+    public static func run(_ config: OverheadConfiguration) throws(OverheadError) -> OverheadResult {
+        if config.granularity == .huge2M && !hugeMigrationAvailable {
+            throw .granularityUnavailable(
+                "svmemu overhead: 2 MiB migration is not in the reference driver yet (MirrorSettings.migrationGranularity); use --granularity 4k")
+        }
+        guard config.bytes >= 2 << 20, config.bytes % (2 << 20) == 0 else {
+            throw .invalidConfiguration("the buffer size must be a positive multiple of 2 MiB (got \(config.bytes) bytes)")
+        }
+        guard config.rounds >= 1, config.copyThreads >= 1, config.copyThreads <= 64 else {
+            throw .invalidConfiguration("rounds must be >= 1 and copy threads 1...64")
+        }
+        var kc = KernelConfiguration()
+        let node = (config.bytes + (512 << 20) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        kc.nodeSizes = [node, node]
+        kc.transparentHugepage = config.granularity == .huge2M ? .always : .never
+        kc.traceEventsPerCPU = config.traceEventsPerCPU
+        let kernel = Kernel(kc)
+        // The device and the address space refer to the kernel: they go first.
+        return try withExtendedLifetime(kernel) { () throws(OverheadError) -> OverheadResult in
+            try runBooted(kernel, config)
+        }
+    }
+
+    static func runBooted(_ kernel: Kernel, _ config: OverheadConfiguration) throws(OverheadError) -> OverheadResult {
+        let mm = AddressSpace(kernel: kernel)
+        var settings = MirrorSettings()
+        settings.gpuFaultPolicy = .migrate
+        settings.migrationGranularity = config.granularity
+        let vramChunk: UInt64 = 256 << 20
+        let vram = (UInt64(config.bytes) + vramChunk - 1) / vramChunk * vramChunk + vramChunk
+        let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: vramChunk,
+                                  settings: settings, copyEngine: config.copyModel.makeEngine(threads: config.copyThreads))
+        let bytes = config.bytes
+        let pages = bytes >> 12
+        let say = config.progress ?? { _ in }
+        let tag = "\(config.direction.rawValue) \(config.granularity.rawValue) \(config.copyModel.rawValue)"
+        let base: UInt64
+        do {
+            base = try mm.mmap(length: bytes)
+            try mm.fillPattern(base, length: bytes, seed: config.seed)
+        } catch {
+            throw .setupFailed("cannot map and fill \(bytes >> 20) MiB: \(error)")
+        }
+        let timers = kernel.phases
+        timers.isEnabled = false
+        timers.reset()
+
+        // Puts the buffer where the run starts from (timers off).
+        func prepare() throws(OverheadError) {
+            do {
+                switch config.direction {
+                case .toDevice:
+                    if device.devicePagesInUse > 0 { try device.migrateToSystem(base, pages: pages) }
+                case .toRAM:
+                    try device.migrateToDevice(base, pages: pages)
+                }
+            } catch {
+                throw .setupFailed("\(tag): cannot move the buffer into place before a run: \(error)")
+            }
+            if config.direction == .toDevice && device.devicePagesInUse != 0 {
+                throw .setupFailed("\(tag): \(device.devicePagesInUse) pages still in VRAM before a to-device run")
+            }
+        }
+
+        // One byte per page, from where the data is now, without faulting: the
+        // checksum every faulting run must reproduce.
+        func checksumInPlace() throws(OverheadError) -> UInt64 {
+            var sum: UInt64 = 0
+            var byte: UInt8 = 0
+            do {
+                for p in 0..<pages {
+                    let a = base + UInt64(p) << 12
+                    if config.direction == .toDevice {
+                        sum = sum &* 31 &+ UInt64(try mm.load(a))
+                    } else {
+                        try withUnsafeMutableBytes(of: &byte) { (b) throws(Errno) in try device.read(a, into: b) }
+                        sum = sum &* 31 &+ UInt64(byte)
+                    }
+                }
+            } catch {
+                throw .setupFailed("\(tag): cannot read the buffer in place: \(error)")
+            }
+            return sum
+        }
+
+        // The faulting loop over pages [from, to): one byte per page, the
+        // checksum chained from `sum`. Returns (checksum, wall nanos).
+        func faultingLoop(_ from: Int, _ to: Int, _ start: UInt64 = 0) throws(OverheadError) -> (UInt64, UInt64) {
+            var sum = start
+            var byte: UInt8 = 0
+            let t0 = svm_now_ns()
+            do {
+                switch config.direction {
+                case .toDevice:
+                    for p in from..<to {
+                        try withUnsafeMutableBytes(of: &byte) { (b) throws(Errno) in try device.read(base + UInt64(p) << 12, into: b) }
+                        sum = sum &* 31 &+ UInt64(byte)
+                    }
+                case .toRAM:
+                    for p in from..<to { sum = sum &* 31 &+ UInt64(try mm.load(base + UInt64(p) << 12)) }
+                }
+            } catch {
+                throw .dataMismatch("\(tag): a faulting access failed: \(error)")
+            }
+            return (sum, svm_now_ns() - t0)
+        }
+
+        func prepareChecked() throws(OverheadError) {
+            try prepare()
+            let before = try checksumInPlace()
+            guard before == expected else {
+                throw .dataMismatch("\(tag): DATA CORRUPTION: moving the buffer into place changed its bytes (checksum \(before) != \(expected))")
+            }
+        }
+
+        // Warm-up (VRAM and page tables touched once), then the expected checksum.
+        try prepare()
+        let expected = try checksumInPlace()
+        _ = try faultingLoop(0, pages)
+        var bestOn = UInt64.max
+        var best: [MigrationPhase: PhaseTotals] = [:]
+        var trace: [OverheadTraceEvent] = []
+        // Instrumentation cost: chunks of the buffer alternately timed and not
+        // (in pairs, the order swapped every pair) in the same run, so that
+        // machine noise hits both alike; the median of the pairs' differences.
+        let chunk = config.granularity == .huge2M ? 512 : 256
+        var pairRatios: [Double] = []
+        var offNanos: UInt64 = 0, onNanos: UInt64 = 0
+        for round in 0..<config.rounds {
+            try prepareChecked()
+            say("\(tag): round \(round + 1)/\(config.rounds), timers on")
+            timers.reset()
+            timers.isEnabled = true
+            let (sum, nanos) = try faultingLoop(0, pages)
+            timers.isEnabled = false
+            guard sum == expected else {
+                throw .dataMismatch("\(tag): the bytes read through the faults differ from the buffer's (checksum \(sum) != \(expected))")
+            }
+            if nanos < bestOn {
+                bestOn = nanos
+                best = timers.totals()
+                if timers.traceCapacity > 0 {
+                    trace = timers.traceEvents().map {
+                        OverheadTraceEvent(name: $0.phase.name, cpu: $0.cpu, startNanos: $0.startNanos, endNanos: $0.endNanos)
+                    }
+                }
+            }
+            guard config.measureInstrumentationCost else { continue }
+            try prepareChecked()
+            say("\(tag): round \(round + 1)/\(config.rounds), timers on and off in turns")
+            var p = 0, pair = 0
+            var chained: UInt64 = 0
+            while p + 2 * chunk <= pages {
+                var t: (on: UInt64, off: UInt64) = (0, 0)
+                for half in 0..<2 {
+                    let on = (half == 0) == (pair % 2 == 0)
+                    timers.isEnabled = on
+                    let (sum, nanos) = try faultingLoop(p, p + chunk, chained)
+                    timers.isEnabled = false
+                    chained = sum
+                    if on { t.on = nanos } else { t.off = nanos }
+                    p += chunk
+                }
+                onNanos += t.on
+                offNanos += t.off
+                if t.off > 0 { pairRatios.append((Double(t.on) - Double(t.off)) / Double(t.off)) }
+                pair += 1
+            }
+            let (sum2, _) = try faultingLoop(p, pages, chained)
+            guard sum2 == expected else {
+                throw .dataMismatch("\(tag): the bytes read through the faults differ from the buffer's (checksum \(sum2) != \(expected))")
+            }
+            timers.reset()
+        }
+        // Every byte, wherever it is now (the CPU faults it back if needed).
+        say("\(tag): verifying every byte")
+        let bad: UInt64?
+        do { bad = try mm.verifyPattern(base, length: bytes, seed: config.seed) } catch {
+            throw .dataMismatch("\(tag): verifying the buffer failed: \(error)")
+        }
+        if let bad {
+            throw .dataMismatch("\(tag): DATA CORRUPTION: byte at 0x\(String(bad, radix: 16)) differs from the pattern after migration")
+        }
+        var result = summarize(best, config: config, wallOn: bestOn)
+        if !pairRatios.isEmpty {
+            pairRatios.sort()
+            let mid = pairRatios.count / 2
+            let median = pairRatios.count % 2 == 1 ? pairRatios[mid] : (pairRatios[mid - 1] + pairRatios[mid]) / 2
+            result.instrumentationOverheadPercent = median * 100
+            result.wallSecondsTimersOn = Double(onNanos) / 1e9
+            result.wallSecondsTimersOff = Double(offNanos) / 1e9
+        }
+        result.trace = trace
+        let records = best.filter { $0.key != .fault }.reduce(UInt64(0)) { $0 + $1.value.count } + (best[.fault]?.count ?? 0)
+        let faultNanos = best[.fault]?.nanos ?? 0
+        if faultNanos > 0 {
+            result.instrumentationEstimatePercent = Double(records) * timerRecordNanos() / faultNanos * 100
+        }
+        result.memcpyGBps = measureMemcpy(granule: config.granularity == .huge2M ? 2 << 20 : 4096, bytes: bytes)
+        withExtendedLifetime(device) {}
+        return result
+    }
+
+    /// Turns phase totals into the figures.
+    public static func summarize(_ totals: [MigrationPhase: PhaseTotals], config: OverheadConfiguration,
+                                 wallOn: UInt64) -> OverheadResult {
+        let fault = totals[.fault] ?? PhaseTotals()
+        let faults = Int(fault.count)
+        let faultSeconds = fault.nanos / 1e9
+        func figure(_ nanos: Double, _ count: UInt64) -> OverheadPhaseFigure {
+            OverheadPhaseFigure(seconds: nanos / 1e9, fraction: fault.nanos > 0 ? nanos / fault.nanos : 0, count: count,
+                                microsPerFault: faults > 0 ? nanos / 1e3 / Double(faults) : 0)
+        }
+        var phases: [String: OverheadPhaseFigure] = [:]
+        var inside = 0.0
+        for p in MigrationPhase.allCases where p != .fault {
+            let t = totals[p] ?? PhaseTotals()
+            phases[p.name] = figure(t.nanos, t.count)
+            inside += t.nanos
+        }
+        phases["other"] = figure(max(0, fault.nanos - inside), fault.count)
+        phases["fault"] = figure(fault.nanos, fault.count)
+        let migrateVMA = MigrationPhase.allCases.filter(\.isMigrateVMA).reduce(0.0) { $0 + (totals[$1]?.nanos ?? 0) }
+        let mib = Double(config.bytes) / Double(1 << 20)
+        return OverheadResult(
+            granularity: config.granularity.rawValue, direction: config.direction.rawValue,
+            copyModel: config.copyModel.rawValue, copyThreads: config.copyThreads,
+            bytes: config.bytes, faults: faults, phases: phases,
+            migrateVMAFraction: fault.nanos > 0 ? migrateVMA / fault.nanos : 0,
+            copyFraction: fault.nanos > 0 ? (totals[.copy]?.nanos ?? 0) / fault.nanos : 0,
+            faultMicrosMean: faults > 0 ? faultSeconds * 1e6 / Double(faults) : 0,
+            throughputGBps: wallOn > 0 && wallOn != .max ? Double(config.bytes) / Double(wallOn) : 0,
+            memcpyGBps: 0,
+            wallSeconds: wallOn == .max ? 0 : Double(wallOn) / 1e9,
+            wallSecondsTimersOff: 0, wallSecondsTimersOn: 0, instrumentationOverheadPercent: 0,
+            setupCallsPerMiB: Double(totals[.collect]?.count ?? 0) / mib,
+            finalizeCallsPerMiB: Double(totals[.finalize]?.count ?? 0) / mib,
+            verified: true)
+    }
+
+    /// What one timed phase costs with the timers on (a `begin()` and an
+    /// `end()`: two cycle-counter reads and the per-CPU adds), in nanoseconds,
+    /// best of five rounds.
+    public static func timerRecordNanos() -> Double {
+        let timer = PhaseTimer()
+        timer.isEnabled = true
+        let n = 200_000
+        var best = Double.infinity
+        for _ in 0..<5 {
+            let t0 = svm_now_ns()
+            for _ in 0..<n {
+                let m = timer.begin()
+                timer.end(.copy, m)
+            }
+            best = min(best, Double(svm_now_ns() - t0) / Double(n))
+        }
+        return best
+    }
+
+    /// The end of `svmemu demo`: to-device and to-ram at 4 KiB and 2 MiB over
+    /// a small buffer (one round, no timers-off runs), as a summary table.
+    public static func demoBreakdown(bytes: Int = 64 << 20, copyModel: OverheadCopyModel = .memcpy,
+                                     progress: (@Sendable (String) -> Void)? = nil) throws(OverheadError) -> String {
+        var results: [OverheadResult] = []
+        for direction in OverheadDirection.allCases {
+            for granularity in MigrationGranularity.allCases where granularity != .huge2M || hugeMigrationAvailable {
+                var c = OverheadConfiguration()
+                c.bytes = bytes
+                c.direction = direction
+                c.granularity = granularity
+                c.copyModel = copyModel
+                c.rounds = 1
+                c.measureInstrumentationCost = false
+                c.progress = progress
+                results.append(try run(c))
+            }
+        }
+        return "Where a fault's time goes, 4 KiB versus 2 MiB (\(bytes >> 20) MiB, copy model \(copyModel.rawValue)):\n"
+            + OverheadReport.summary(results)
+            + "migrate_vma = collect + unmap + pages + finalize (the kernel's migrate_vma_* calls); see Docs/overhead.md.\n"
+    }
+
+    /// memcpy of `bytes` in `granule` chunks over a ring of at most 64 MiB
+    /// (source and destination), best of three, in GB/s.
+    public static func measureMemcpy(granule: Int, bytes: Int) -> Double {
+        let ring = min(bytes, 64 << 20)
+        let src = UnsafeMutableRawPointer.allocate(byteCount: ring, alignment: 4096)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: ring, alignment: 4096)
+        defer { src.deallocate(); dst.deallocate() }
+        svm_memset(src, 0x5A, ring)
+        svm_memset(dst, 0, ring)
+        var best = UInt64.max
+        for _ in 0..<3 {
+            var done = 0, offset = 0
+            let t0 = svm_now_ns()
+            while done < bytes {
+                svm_memcpy(dst + offset, src + offset, granule)
+                svm_escape(dst + offset)
+                done += granule
+                offset += granule
+                if offset + granule > ring { offset = 0 }
+            }
+            best = min(best, svm_now_ns() - t0)
+        }
+        return Double(bytes) / Double(max(1, best))
+    }
+}

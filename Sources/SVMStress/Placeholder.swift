@@ -1,1 +1,0 @@
-// SVMStress: see the issue tracker.

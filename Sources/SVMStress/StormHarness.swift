@@ -1,0 +1,508 @@
+import Foundation
+import MirrorDriver
+import SVMEmu
+import Synchronization
+
+/// The fault-storm harness: boots a machine, puts pages where the scenario
+/// wants them, then for each page lets `threads` real threads meet at a
+/// barrier and go at that page together, one page after the other.
+///
+/// Nothing here decides whether a storm livelocks. The harness only watches:
+/// a page that has not completed within `stallSeconds` is reported as
+/// livelocked, the threads are told to stop (each checks the stop flag
+/// between single-fault access attempts, so none is kept by the kernel), and
+/// the teardown checks that no reference or lock was left behind.
+public enum StormHarness {
+
+    /// Runs one storm against drivers built by `makeDriver` (a `MirrorDevice`
+    /// by default). `progress` is called from the calling thread about ten
+    /// times a second while the storm runs.
+    public static func run(_ settings: StormSettings,
+                           makeDriver: StormDriverFactory? = nil,
+                           progress: ((StormProgress) -> Void)? = nil) throws(StormError) -> StormResult {
+        try settings.validate()
+        let bytes = settings.pages * settings.pageSize.bytes
+        let vram = roundUp(UInt64(bytes) + (16 << 20), to: 32 << 20)
+        let factory = makeDriver ?? MirrorDevice.stormFactory(vramBytes: vram)
+
+        var config = KernelConfiguration()
+        let node = Int(roundUp(UInt64(bytes) * 2 + (32 << 20), to: 2 << 20))
+        config.nodeSizes = [max(64 << 20, node)]
+        config.deviceFaultPolicy = settings.faultPolicy
+        config.transparentHugepage = settings.pageSize == .huge ? .madvise : .never
+        config.addressSpaceSize = max(4 << 30, UInt64(bytes) * 4)
+        config.maxPhysicalBytes = UInt64(config.nodeSizes[0]) + vram * UInt64(settings.devices) + (1 << 30)
+        let kernel = Kernel(config)
+        let mm = AddressSpace(kernel: kernel)
+        let drivers = (0..<settings.devices).map { factory(kernel, mm, $0) }
+        if settings.pageSize == .huge, !drivers.allSatisfy(\.supportsHugePages) {
+            throw .hugePagesUnsupported("2 MiB storms need compound migration (issue 4): the driver does not migrate 2 MiB folios whole yet")
+        }
+        for d in drivers {
+            guard d.mm === mm else { throw .setupFailed("the driver factory must bind drivers to the address space it is given") }
+            d.prepare(for: settings)
+        }
+
+        let base: UInt64
+        let checksums: [UInt64]
+        do {
+            if settings.pageSize == .huge {
+                // 2 MiB aligned, so that every storm page can be one THP.
+                let raw = try mm.mmap(length: bytes + (2 << 20))
+                base = roundUp(raw, to: 2 << 20)
+                try mm.madvise(base, length: bytes, advice: .hugePage)
+            } else {
+                base = try mm.mmap(length: bytes)
+            }
+            try mm.fillPattern(base, length: bytes, seed: settings.seed)
+            checksums = try StormRun.checksums(mm, base, basePages: settings.pages * settings.pageSize.basePages)
+            if settings.scenario != .twoDevices {
+                let total = settings.pages * settings.pageSize.basePages
+                let moved = try drivers[0].migrateToDevice(base, pages: total)
+                guard moved == total else { throw Errno.noEntry }
+            }
+        } catch {
+            throw .setupFailed("mapping, filling or migrating \(settings.pages) pages to the device: \(error)")
+        }
+
+        let run = StormRun(settings: settings, kernel: kernel, mm: mm, drivers: drivers, base: base, checksums: checksums)
+        return run.storm(progress: progress)
+    }
+
+    static func roundUp(_ v: UInt64, to m: UInt64) -> UInt64 { (v + m - 1) / m * m }
+}
+
+/// One worker's state, for the watchdog's picture of a stall.
+final class WorkerSlot: Sendable {
+    static let starting = 0, atBarrier = 1, accessing = 2, exited = 3
+    let state = Atomic<Int>(WorkerSlot.starting)
+}
+
+/// The shared state of one storm. Workers, the barrier's round action and the
+/// watchdog (the calling thread) meet here; everything they share is atomic
+/// or behind a lock.
+final class StormRun: @unchecked Sendable {
+    let settings: StormSettings
+    let kernel: Kernel
+    let mm: AddressSpace
+    let drivers: [any StormDriver]
+    let base: UInt64
+    let pageBytes: Int
+    let basePages: Int
+    /// Threads that access the page (the storm's `threads`).
+    let accessors: Int
+    /// Accessors plus the GPU thread of the ping-pong storm.
+    let workers: Int
+
+    let stop = Atomic<Bool>(false)
+    let pagesDone = Atomic<Int>(0)
+    let finishedOnPage = Atomic<Int>(0)
+    let exited = Atomic<Int>(0)
+    let deviceMigrations = Atomic<Int>(0)
+    let pageStartCalls = Atomic<Int>(0)
+    let pageStartRetries = Atomic<Int>(0)
+    let records = Mutex<[PageRecord]>([])
+    let firstError = Mutex<String?>(nil)
+    let slots: [WorkerSlot]
+    private var pageStartNanos: UInt64 = 0       // barrier action only
+    private var pageStartMigrations = 0          // barrier action only
+    private(set) var barrier: StormBarrier! = nil
+
+    /// A checksum of every 4 KiB of the storm's pages, taken before the storm.
+    let checksums: [UInt64]
+
+    init(settings: StormSettings, kernel: Kernel, mm: AddressSpace, drivers: [any StormDriver], base: UInt64,
+         checksums: [UInt64]) {
+        self.settings = settings
+        self.checksums = checksums
+        self.kernel = kernel
+        self.mm = mm
+        self.drivers = drivers
+        self.base = base
+        pageBytes = settings.pageSize.bytes
+        basePages = settings.pageSize.basePages
+        accessors = settings.threads
+        workers = settings.threads + (settings.scenario == .pingPong ? 1 : 0)
+        slots = (0..<workers).map { _ in WorkerSlot() }
+        records.withLock { $0.reserveCapacity(settings.pages) }
+        barrier = StormBarrier(parties: workers) { [unowned self] round in self.closeAndOpen(round) }
+    }
+
+    func address(ofPage p: Int) -> UInt64 { base + UInt64(p) * UInt64(pageBytes) }
+    var totalCalls: Int { drivers.reduce(0) { $0 + $1.migrateToRAMCalls } }
+    var totalRetries: Int { Int(kernel.vmstat[.deviceFaultRetries]) }
+
+    /// The barrier's round action, run by the last thread to arrive while the
+    /// others wait: round r closes page r-1 and opens page r.
+    private func closeAndOpen(_ round: Int) {
+        let now = stormNanos()
+        let calls = totalCalls, retries = totalRetries, migrations = deviceMigrations.load(ordering: .relaxed)
+        if round > 0 {
+            let kind = mm.entry(at: address(ofPage: round - 1)).entry.kind
+            let record = PageRecord(page: round - 1,
+                                    migrateToRAMCalls: calls - pageStartCalls.load(ordering: .relaxed),
+                                    faultRetries: retries - pageStartRetries.load(ordering: .relaxed),
+                                    deviceMigrations: migrations - pageStartMigrations,
+                                    nanos: now - pageStartNanos,
+                                    inRAMAtCompletion: kind == .present)
+            records.withLock { $0.append(record) }
+            pagesDone.store(round, ordering: .releasing)
+        }
+        pageStartCalls.store(calls, ordering: .relaxed)
+        pageStartRetries.store(retries, ordering: .relaxed)
+        pageStartMigrations = migrations
+        pageStartNanos = now
+        finishedOnPage.store(0, ordering: .relaxed)
+    }
+
+    /// Stops every worker: the stop flag for those accessing, the barrier for
+    /// those waiting at it.
+    func abort() {
+        stop.store(true, ordering: .relaxed)
+        barrier.abort()
+    }
+
+    func fail(_ message: String) {
+        firstError.withLock { if $0 == nil { $0 = message } }
+        abort()
+    }
+
+    // MARK: workers
+
+    private func worker(_ index: Int) {
+        let slot = slots[index]
+        defer {
+            slot.state.store(WorkerSlot.exited, ordering: .relaxed)
+            exited.add(1, ordering: .releasing)
+        }
+        let isGPU = index >= accessors
+        for round in 0...settings.pages {
+            slot.state.store(WorkerSlot.atBarrier, ordering: .relaxed)
+            guard barrier.arriveAndWait(), round < settings.pages, !stop.load(ordering: .relaxed) else { return }
+            slot.state.store(WorkerSlot.accessing, ordering: .relaxed)
+            let page = address(ofPage: round)
+            if isGPU {
+                gpuMigrateBack(page)
+                continue
+            }
+            let ok: Bool
+            switch settings.scenario {
+            case .readers, .pingPong: ok = cpuAccess(page, thread: index, write: false)
+            case .writers: ok = cpuAccess(page, thread: index, write: true)
+            case .twoDevices: ok = raceToDevice(page, thread: index, driver: drivers[index % drivers.count])
+            }
+            guard ok else { return }
+            finishedOnPage.add(1, ordering: .relaxed)
+        }
+    }
+
+    /// One thread's access to the page, in single-fault attempts so that the
+    /// stop flag is seen between faults (a signal would do that in a real process).
+    private func cpuAccess(_ page: UInt64, thread: Int, write: Bool) -> Bool {
+        let address = page + UInt64((thread * 64) % pageBytes)
+        while !stop.load(ordering: .relaxed) {
+            do {
+                let r: UInt64? = try mm.withPageBytes(at: address, write: write, faultLimit: 1) { p in
+                    let v = p.load(as: UInt64.self)
+                    if write { p.storeBytes(of: v, as: UInt64.self) }  // a store that keeps the pattern
+                    return v
+                }
+                if r != nil { return true }
+            } catch {
+                fail("thread \(thread): \(write ? "write" : "read") at 0x\(String(address, radix: 16)) failed: \(error)")
+                return false
+            }
+        }
+        return false
+    }
+
+    /// The ping-pong GPU: while readers still need the page, migrate it back to
+    /// device memory whenever it is in RAM.
+    private func gpuMigrateBack(_ page: UInt64) {
+        let driver = drivers[0]
+        while finishedOnPage.load(ordering: .relaxed) < accessors && !stop.load(ordering: .relaxed) {
+            guard mm.entry(at: page).entry.kind == .present else {
+                sched_yield()
+                continue
+            }
+            if (try? driver.migrateToDevice(page, pages: basePages)) == basePages {
+                deviceMigrations.add(1, ordering: .relaxed)
+            }
+        }
+    }
+
+    /// Two devices want the page: migrate it to this thread's device; if the
+    /// other device holds it, touch it from the CPU (its `migrateToRAM` brings
+    /// it back) and try again, as an SVM driver evicts foreign device pages
+    /// before migrating them to its own VRAM.
+    private func raceToDevice(_ page: UInt64, thread: Int, driver: any StormDriver) -> Bool {
+        while !stop.load(ordering: .relaxed) {
+            let before = mm.entry(at: page).entry.kind
+            do {
+                if try driver.migrateToDevice(page, pages: basePages) == basePages {
+                    if before != .devicePrivate { deviceMigrations.add(1, ordering: .relaxed) }
+                    return true
+                }
+            } catch .noEntry {
+                do {
+                    _ = try mm.withPageBytes(at: page, write: false, faultLimit: 1) { $0.load(as: UInt8.self) }
+                } catch {
+                    fail("thread \(thread): CPU touch at 0x\(String(page, radix: 16)) failed: \(error)")
+                    return false
+                }
+            } catch {
+                fail("thread \(thread): migration to device \(thread % drivers.count) failed: \(error)")
+                return false
+            }
+        }
+        return false
+    }
+
+    // MARK: the watchdog and teardown
+
+    func storm(progress: ((StormProgress) -> Void)?) -> StormResult {
+        let calls0 = totalCalls, retries0 = totalRetries
+        let stallNanos = UInt64(settings.stallSeconds * 1e9)
+        let start = stormNanos()
+        for i in 0..<workers {
+            let t = Thread { [self] in worker(i) }
+            t.name = "storm-\(i)"
+            t.start()
+        }
+        var lastDone = 0
+        var lastChange = start
+        var lastReport: UInt64 = 0
+        var stall: StallReport? = nil
+        var end = start
+        while exited.load(ordering: .acquiring) < workers {
+            usleep(2000)
+            let now = stormNanos()
+            let done = pagesDone.load(ordering: .acquiring)
+            if done != lastDone {
+                lastDone = done
+                lastChange = now
+            }
+            if stop.load(ordering: .relaxed) { break }
+            if done < settings.pages && now - lastChange >= stallNanos {
+                stall = sampleStall(page: done, quietNanos: now - lastChange, calls0: calls0)
+                abort()
+                break
+            }
+            if let progress, now - lastReport >= 100_000_000 {
+                lastReport = now
+                progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: totalCalls - calls0,
+                                       faultRetries: totalRetries - retries0, seconds: Double(now - start) / 1e9,
+                                       secondsSinceProgress: Double(now - lastChange) / 1e9))
+            }
+        }
+        end = stormNanos()
+        let finalCalls = totalCalls - calls0, finalRetries = totalRetries - retries0
+
+        // Teardown: every thread must leave within the join timeout.
+        let deadline = stormNanos() + UInt64(settings.joinTimeoutSeconds * 1e9)
+        while exited.load(ordering: .acquiring) < workers && stormNanos() < deadline { usleep(1000) }
+        let left = exited.load(ordering: .acquiring)
+        if let progress {
+            let done = pagesDone.load(ordering: .acquiring)
+            progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: finalCalls,
+                                   faultRetries: finalRetries, seconds: Double(end - start) / 1e9, secondsSinceProgress: 0))
+        }
+        var issues = teardownIssues(threadsLeft: left)
+        var dataIntact = false
+        if left == workers {
+            // Single-threaded now: faults bring every device page back. Each
+            // read is bounded too, so a page that cannot come back ends the check
+            // instead of hanging it.
+            let (intact, problems) = verifyChecksums()
+            dataIntact = intact
+            issues += problems
+        }
+
+        let pages = records.withLock { $0 }
+        let calls = StormDistribution(pages.map(\.migrateToRAMCalls))
+        return StormResult(
+            settings: settings,
+            pagesMigrated: pages.count,
+            livelocked: stall != nil,
+            stalledPage: stall?.page,
+            stall: stall,
+            migrateToRAMCalls: CallStats(total: finalCalls, perPageMean: calls.mean, perPageP50: calls.p50,
+                                         perPageP99: calls.p99, perPageMax: calls.max),
+            faultRetries: finalRetries,
+            faultRetriesPerPage: StormDistribution(pages.map(\.faultRetries)),
+            pageMicros: StormDistribution(pages.map { Double($0.nanos) / 1000 }),
+            deviceMigrations: deviceMigrations.load(ordering: .relaxed),
+            seconds: Double(end - start) / 1e9,
+            teardownClean: issues.isEmpty,
+            teardownIssues: issues,
+            dataIntact: dataIntact,
+            error: firstError.withLock { $0 },
+            perPage: pages)
+    }
+
+    /// Checksums of `basePages` 4 KiB pages from `base`, read through the CPU
+    /// access path (no fault expected: the pages were just written).
+    static func checksums(_ mm: AddressSpace, _ base: UInt64, basePages: Int) throws(Errno) -> [UInt64] {
+        var sums = [UInt64](repeating: 0, count: basePages)
+        for i in 0..<basePages {
+            sums[i] = try mm.withPageBytes(at: base + UInt64(i) << 12, write: false) { checksum($0) }
+        }
+        return sums
+    }
+
+    static func checksum(_ p: UnsafeMutableRawPointer) -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for w in 0..<512 {
+            h = (h ^ p.load(fromByteOffset: w << 3, as: UInt64.self)) &* 0x0000_0100_0000_01b3
+        }
+        return h
+    }
+
+    /// Reads every 4 KiB back (at most `limit` faults each) and compares it
+    /// with the checksum taken before the storm.
+    private func verifyChecksums(limit: Int = 2000) -> (Bool, [String]) {
+        var problems: [String] = []
+        var stuck = 0
+        for (i, expected) in checksums.enumerated() {
+            let address = base + UInt64(i) << 12
+            let page = i / basePages
+            do {
+                guard let sum = try mm.withPageBytes(at: address, write: false, faultLimit: limit, { StormRun.checksum($0) }) else {
+                    problems.append("data: page \(page) (0x\(String(address, radix: 16))) did not come back to RAM in \(limit) faults after the storm")
+                    stuck += 1
+                    if stuck >= 3 { problems.append("data: check abandoned"); break }
+                    continue
+                }
+                if sum != expected {
+                    problems.append("data: page \(page) (0x\(String(address, radix: 16))) differs from the bytes written before the storm")
+                    if problems.count >= 8 { break }
+                }
+            } catch {
+                problems.append("data: reading page \(page) after the storm failed: \(error)")
+                break
+            }
+        }
+        return (problems.isEmpty, problems)
+    }
+
+    /// Samples the stalled page and the threads a few times over ~20 ms and
+    /// keeps the sample with the most references beyond the page's mappings.
+    private func sampleStall(page: Int, quietNanos: UInt64, calls0: Int) -> StallReport {
+        let address = address(ofPage: page)
+        var best: StallReport? = nil
+        for _ in 0..<20 {
+            let e = mm.entry(at: address).entry
+            var ref: Int? = nil, map: Int? = nil, locked: Bool? = nil
+            if e.kind == .present || e.kind == .devicePrivate || e.kind == .migration {
+                let folio = kernel.pfnToPage(e.pfn).folio
+                ref = folio.refCount
+                map = folio.mapCount
+                locked = folio.isLocked
+            }
+            var accessing = 0, atBarrier = 0
+            for s in slots {
+                switch s.state.load(ordering: .relaxed) {
+                case WorkerSlot.accessing: accessing += 1
+                case WorkerSlot.atBarrier: atBarrier += 1
+                default: break
+                }
+            }
+            let probes = drivers.compactMap(\.driverLockProbe)
+            let waiting = probes.isEmpty ? nil : probes.reduce(0) { $0 + $1.waiting }
+            let holding = probes.isEmpty ? nil : probes.reduce(0) { $0 + $1.holding }
+            let extra = ref.flatMap { r in map.map { r - $0 } }
+            let sample = StallReport(
+                page: page, address: address, secondsWithoutProgress: Double(quietNanos) / 1e9,
+                entryKind: "\(e.kind)", refCount: ref, mapCount: map, referencesBeyondMappings: extra,
+                folioLocked: locked, threadsAccessing: accessing, threadsAtBarrier: atBarrier,
+                driverLockWaiting: waiting, driverLockHolding: holding,
+                migrateToRAMCallsOnPage: totalCalls - pageStartCalls.load(ordering: .relaxed),
+                faultRetriesOnPage: totalRetries - pageStartRetries.load(ordering: .relaxed), summary: "")
+            if best == nil || (extra ?? -1, waiting ?? 0) > (best!.referencesBeyondMappings ?? -1, best!.driverLockWaiting ?? 0) {
+                best = sample
+            }
+            usleep(1000)
+        }
+        var r = best!
+        r.summary = StallReport.describe(r)
+        return r
+    }
+
+    /// What teardown left behind: threads that did not leave, driver locks
+    /// still held, pages whose folio is locked or holds references no mapping
+    /// explains, leftover migration entries, kernel warnings.
+    private func teardownIssues(threadsLeft: Int) -> [String] {
+        var issues: [String] = []
+        if threadsLeft < workers {
+            issues.append("\(workers - threadsLeft) of \(workers) storm threads did not leave within \(settings.joinTimeoutSeconds) s")
+            return issues  // the pages are still in use: nothing more can be judged
+        }
+        for (i, d) in drivers.enumerated() {
+            if let p = d.driverLockProbe, p.waiting + p.holding > 0 {
+                issues.append("driver \(i): lock still held (\(p.holding)) or waited for (\(p.waiting))")
+            }
+        }
+        var pageIssues = 0
+        for p in 0..<settings.pages {
+            let address = address(ofPage: p)
+            let e = mm.entry(at: address).entry
+            var problem: String? = nil
+            switch e.kind {
+            case .present, .devicePrivate:
+                if e.kind == .present && e.isSpecial { break }  // the zero page
+                let folio = kernel.pfnToPage(e.pfn).folio
+                if folio.isLocked {
+                    problem = "page \(p): folio still locked (\(folio))"
+                } else if folio.refCount != folio.mapCount {
+                    problem = "page \(p): \(folio.refCount - folio.mapCount) reference(s) left beyond its \(folio.mapCount) mapping(s) (\(folio))"
+                }
+            case .migration:
+                problem = "page \(p): left with a migration entry"
+            case .none, .table:
+                problem = "page \(p): no longer mapped (\(e))"
+            }
+            if let problem {
+                pageIssues += 1
+                if pageIssues <= 8 { issues.append(problem) }
+            }
+        }
+        if pageIssues > 8 { issues.append("... and \(pageIssues - 8) more pages") }
+        let warnings = kernel.diagnostics
+        if !warnings.isEmpty {
+            issues.append("\(warnings.count) kernel warning(s), first: \(warnings[0])")
+        }
+        return issues
+    }
+}
+
+extension StallReport {
+    /// The stall in one or two sentences.
+    static func describe(_ r: StallReport) -> String {
+        var s = "page \(r.page) (0x\(String(r.address, radix: 16)), \(r.entryKind)) made no progress for "
+            + String(format: "%.1f s", r.secondsWithoutProgress)
+            + " after \(r.migrateToRAMCallsOnPage) migrateToRAM calls and \(r.faultRetriesOnPage) fault retries on it; "
+            + "\(r.threadsAccessing) thread(s) faulting on it"
+        if r.threadsAtBarrier > 0 { s += ", \(r.threadsAtBarrier) done and waiting at the barrier" }
+        s += "."
+        if let w = r.driverLockWaiting, let h = r.driverLockHolding, w + h > 0 {
+            s += " \(w) thread(s) inside migrateToRAM were waiting for the driver lock (\(h) holding it),"
+                + " each holding the page reference the fault path took before calling migrateToRAM."
+        }
+        if let extra = r.referencesBeyondMappings, let map = r.mapCount, let ref = r.refCount {
+            s += " The folio had \(ref) references for \(map) mapping(s): \(extra) beyond them"
+            if extra > 2 {
+                s += ", so the lock holder's reference check (migrate_vma_check_page) fails and the page is restored instead of migrated."
+            } else {
+                s += "."
+            }
+        }
+        return s
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+func stormNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}

@@ -1,0 +1,228 @@
+import MirrorDriver
+import SVMEmu
+
+/// Mean, median, 99th percentile and maximum of a set of per-page figures.
+public struct StormDistribution: Sendable, Codable, Equatable {
+    public var count: Int
+    public var mean: Double
+    public var p50: Double
+    public var p99: Double
+    public var max: Double
+
+    public static let empty = StormDistribution(count: 0, mean: 0, p50: 0, p99: 0, max: 0)
+
+    public init(count: Int, mean: Double, p50: Double, p99: Double, max: Double) {
+        self.count = count
+        self.mean = mean
+        self.p50 = p50
+        self.p99 = p99
+        self.max = max
+    }
+
+    /// Nearest-rank percentiles of `values`.
+    public init<S: Sequence>(_ values: S) where S.Element: BinaryInteger {
+        self.init(values.map { Double($0) })
+    }
+
+    public init(_ values: [Double]) {
+        guard !values.isEmpty else { self = .empty; return }
+        let sorted = values.sorted()
+        func rank(_ q: Double) -> Double {
+            let r = Int((q * Double(sorted.count)).rounded(.up))
+            return sorted[Swift.min(sorted.count, Swift.max(1, r)) - 1]
+        }
+        count = sorted.count
+        mean = sorted.reduce(0, +) / Double(sorted.count)
+        p50 = rank(0.50)
+        p99 = rank(0.99)
+        max = sorted[sorted.count - 1]
+    }
+}
+
+/// What happened to one page of the storm.
+public struct PageRecord: Sendable, Codable, Equatable {
+    public var page: Int
+    /// `migrateToRAM` calls (every driver) between the page's barrier and its completion.
+    public var migrateToRAMCalls: Int
+    /// Device-private fault retries (`device_private_fault_retries`).
+    public var faultRetries: Int
+    /// Successful migrations to device memory during the page (ping-pong, two devices).
+    public var deviceMigrations: Int
+    /// From the barrier to the last thread's successful access.
+    public var nanos: UInt64
+    /// Whether the CPU page table mapped the page in RAM at completion.
+    public var inRAMAtCompletion: Bool
+}
+
+/// `migrateToRAM` calls: the total and their distribution over completed pages.
+public struct CallStats: Sendable, Codable, Equatable {
+    public var total: Int
+    public var perPageMean: Double
+    public var perPageP50: Double
+    public var perPageP99: Double
+    public var perPageMax: Double
+}
+
+/// What the threads were doing when the watchdog declared a page livelocked.
+public struct StallReport: Sendable, Codable, Equatable {
+    /// The page (index in the storm) that made no progress.
+    public var page: Int
+    public var address: UInt64
+    /// Seconds without a page completing.
+    public var secondsWithoutProgress: Double
+    /// The CPU page-table entry of the page: `devicePrivate`, `present`, `migration`, `none`.
+    public var entryKind: String
+    /// The folio's reference count and mappings at the most telling sample
+    /// (the one with the most references beyond its mappings).
+    public var refCount: Int?
+    public var mapCount: Int?
+    /// `refCount - mapCount`: references held by threads in the fault path or
+    /// in a migration, not by page tables.
+    public var referencesBeyondMappings: Int?
+    public var folioLocked: Bool?
+    /// Storm threads trying to access the page, and waiting at the barrier for them.
+    public var threadsAccessing: Int
+    public var threadsAtBarrier: Int
+    /// The driver lock at that sample (all drivers added up); nil if no probe.
+    public var driverLockWaiting: Int?
+    public var driverLockHolding: Int?
+    /// Work done on the page so far.
+    public var migrateToRAMCallsOnPage: Int
+    public var faultRetriesOnPage: Int
+    /// One sentence for people.
+    public var summary: String
+}
+
+/// The outcome of one storm.
+public struct StormResult: Sendable, Codable, Equatable {
+    public var settings: StormSettings
+    /// Pages whose storm completed (every thread accessed the page; for the
+    /// CPU storms that means the page came back to RAM).
+    public var pagesMigrated: Int
+    /// The watchdog saw no page complete for `settings.stallSeconds`.
+    public var livelocked: Bool
+    public var stalledPage: Int?
+    public var stall: StallReport?
+    public var migrateToRAMCalls: CallStats
+    /// Device-private fault retries in total, and per completed page.
+    public var faultRetries: Int
+    public var faultRetriesPerPage: StormDistribution
+    /// Microseconds per completed page.
+    public var pageMicros: StormDistribution
+    /// Successful migrations to device memory during the storm (ping-pong, two devices).
+    public var deviceMigrations: Int
+    /// Wall time of the storm (setup and teardown excluded).
+    public var seconds: Double
+    /// After teardown: every thread left, no driver lock held, and every
+    /// page's folio unlocked with exactly the references its mappings hold;
+    /// no kernel diagnostic (WARN) was recorded.
+    public var teardownClean: Bool
+    public var teardownIssues: [String]
+    /// The bytes of every page match the pattern written before the storm
+    /// (checked after teardown, single-threaded).
+    public var dataIntact: Bool
+    /// The first error a storm thread's access returned (SIGBUS, OOM ...), if any.
+    public var error: String?
+    /// Per completed page, in order (may be emptied before printing).
+    public var perPage: [PageRecord]
+
+    enum CodingKeys: String, CodingKey {
+        case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
+        case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
+        case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
+    }
+
+    public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
+                migrateToRAMCalls: CallStats, faultRetries: Int, faultRetriesPerPage: StormDistribution,
+                pageMicros: StormDistribution, deviceMigrations: Int, seconds: Double, teardownClean: Bool,
+                teardownIssues: [String], dataIntact: Bool, error: String?, perPage: [PageRecord]) {
+        self.settings = settings
+        self.pagesMigrated = pagesMigrated
+        self.livelocked = livelocked
+        self.stalledPage = stalledPage
+        self.stall = stall
+        self.migrateToRAMCalls = migrateToRAMCalls
+        self.faultRetries = faultRetries
+        self.faultRetriesPerPage = faultRetriesPerPage
+        self.pageMicros = pageMicros
+        self.deviceMigrations = deviceMigrations
+        self.seconds = seconds
+        self.teardownClean = teardownClean
+        self.teardownIssues = teardownIssues
+        self.dataIntact = dataIntact
+        self.error = error
+        self.perPage = perPage
+    }
+
+    /// A flat object: the settings first, absent values as `null`.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(settings.scenario, forKey: .scenario)
+        try c.encode(settings.faultPolicy, forKey: .faultPolicy)
+        try c.encode(settings.driverLock, forKey: .driverLock)
+        try c.encode(settings.migrateToRAMWorkMicros, forKey: .migrateToRAMWorkMicros)
+        try c.encode(settings.threads, forKey: .threads)
+        try c.encode(settings.pages, forKey: .pages)
+        try c.encode(settings.pageSize, forKey: .pageSize)
+        try c.encode(settings.seed, forKey: .seed)
+        try c.encode(settings.stallSeconds, forKey: .stallSeconds)
+        try c.encode(settings.joinTimeoutSeconds, forKey: .joinTimeoutSeconds)
+        try c.encode(pagesMigrated, forKey: .pagesMigrated)
+        try c.encode(livelocked, forKey: .livelocked)
+        try c.encode(stalledPage, forKey: .stalledPage)
+        try c.encode(stall, forKey: .stall)
+        try c.encode(migrateToRAMCalls, forKey: .migrateToRAMCalls)
+        try c.encode(faultRetries, forKey: .faultRetries)
+        try c.encode(faultRetriesPerPage, forKey: .faultRetriesPerPage)
+        try c.encode(pageMicros, forKey: .pageMicros)
+        try c.encode(deviceMigrations, forKey: .deviceMigrations)
+        try c.encode(seconds, forKey: .seconds)
+        try c.encode(teardownClean, forKey: .teardownClean)
+        try c.encode(teardownIssues, forKey: .teardownIssues)
+        try c.encode(dataIntact, forKey: .dataIntact)
+        try c.encode(error, forKey: .error)
+        try c.encode(perPage, forKey: .perPage)
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        var s = StormSettings()
+        s.scenario = try c.decode(StormScenario.self, forKey: .scenario)
+        s.faultPolicy = try c.decode(DeviceFaultPolicy.self, forKey: .faultPolicy)
+        s.driverLock = try c.decode(DriverLockMode.self, forKey: .driverLock)
+        s.migrateToRAMWorkMicros = try c.decode(Int.self, forKey: .migrateToRAMWorkMicros)
+        s.threads = try c.decode(Int.self, forKey: .threads)
+        s.pages = try c.decode(Int.self, forKey: .pages)
+        s.pageSize = try c.decode(StormPageSize.self, forKey: .pageSize)
+        s.seed = try c.decode(UInt64.self, forKey: .seed)
+        s.stallSeconds = try c.decode(Double.self, forKey: .stallSeconds)
+        s.joinTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .joinTimeoutSeconds) ?? s.joinTimeoutSeconds
+        settings = s
+        pagesMigrated = try c.decode(Int.self, forKey: .pagesMigrated)
+        livelocked = try c.decode(Bool.self, forKey: .livelocked)
+        stalledPage = try c.decodeIfPresent(Int.self, forKey: .stalledPage)
+        stall = try c.decodeIfPresent(StallReport.self, forKey: .stall)
+        migrateToRAMCalls = try c.decode(CallStats.self, forKey: .migrateToRAMCalls)
+        faultRetries = try c.decode(Int.self, forKey: .faultRetries)
+        faultRetriesPerPage = try c.decode(StormDistribution.self, forKey: .faultRetriesPerPage)
+        pageMicros = try c.decode(StormDistribution.self, forKey: .pageMicros)
+        deviceMigrations = try c.decode(Int.self, forKey: .deviceMigrations)
+        seconds = try c.decode(Double.self, forKey: .seconds)
+        teardownClean = try c.decode(Bool.self, forKey: .teardownClean)
+        teardownIssues = try c.decode([String].self, forKey: .teardownIssues)
+        dataIntact = try c.decode(Bool.self, forKey: .dataIntact)
+        error = try c.decodeIfPresent(String.self, forKey: .error)
+        perPage = try c.decodeIfPresent([PageRecord].self, forKey: .perPage) ?? []
+    }
+}
+
+/// What the storm reports while it runs (for a progress line).
+public struct StormProgress: Sendable {
+    public var pagesDone: Int
+    public var pages: Int
+    public var migrateToRAMCalls: Int
+    public var faultRetries: Int
+    public var seconds: Double
+    /// Seconds since the last page completed.
+    public var secondsSinceProgress: Double
+}

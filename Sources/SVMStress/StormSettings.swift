@@ -1,0 +1,112 @@
+import MirrorDriver
+import SVMEmu
+
+/// Which storm to run. In every storm the pages are processed one at a time:
+/// the storm's threads meet at a barrier, then all go at the same page.
+public enum StormScenario: String, Sendable, CaseIterable, Codable {
+    /// The canonical storm: every page starts in device memory; after the
+    /// barrier all threads read it (the 2024 livelock report).
+    case readers
+    /// As `readers`, but every thread writes the page (a read-modify-write of
+    /// one word that keeps the bytes intact).
+    case writers
+    /// CPU readers race a GPU thread that keeps migrating the page back to
+    /// device memory until every reader has read it once.
+    case pingPong = "ping-pong"
+    /// Two devices race to migrate the same page to their VRAM: half the
+    /// threads drive device 0, half device 1. A thread that finds the page in
+    /// the other device's memory touches it from the CPU first (pulling it back
+    /// to RAM through that device's `migrateToRAM`), then migrates again. Each
+    /// page starts in RAM and is done once every thread's migration succeeded.
+    case twoDevices = "two-devices"
+}
+
+/// The storm's page size.
+public enum StormPageSize: String, Sendable, CaseIterable, Codable {
+    case small = "4k"
+    case huge = "2m"
+    /// Bytes per storm page.
+    public var bytes: Int { self == .small ? 4096 : 2 << 20 }
+    /// Base (4 KiB) pages per storm page.
+    public var basePages: Int { bytes >> 12 }
+}
+
+/// Everything a storm run is configured by.
+public struct StormSettings: Sendable, Codable, Equatable {
+    public var scenario: StormScenario = .readers
+    /// The kernel's device-private fault path (`do_swap_page()`).
+    public var faultPolicy: DeviceFaultPolicy = .legacy
+    /// The lock the driver takes in `migrateToRAM`.
+    public var driverLock: DriverLockMode = .exclusive
+    /// The time `migrateToRAM` works (a real driver waits for its DMA copy)
+    /// while it holds its lock and the page reference, in microseconds; the
+    /// copy engine's own time comes on top.
+    public var migrateToRAMWorkMicros: Int = 50
+    /// Threads that go at each page.
+    public var threads: Int = 8
+    /// Pages processed one after the other.
+    public var pages: Int = 512
+    public var pageSize: StormPageSize = .small
+    /// Seeds the data pattern every page is filled with (checked after the run).
+    public var seed: UInt64 = 1
+    /// A page that has not completed after this long is declared livelocked.
+    public var stallSeconds: Double = 2
+    /// The longest teardown waits for the threads to leave after a stop.
+    public var joinTimeoutSeconds: Double = 10
+
+    public init() {}
+
+    /// The settings of the canonical storm with the given knobs.
+    public init(scenario: StormScenario = .readers, faultPolicy: DeviceFaultPolicy, driverLock: DriverLockMode,
+                migrateToRAMWorkMicros: Int = 50, threads: Int = 8, pages: Int = 512,
+                pageSize: StormPageSize = .small, seed: UInt64 = 1, stallSeconds: Double = 2) {
+        self.scenario = scenario
+        self.faultPolicy = faultPolicy
+        self.driverLock = driverLock
+        self.migrateToRAMWorkMicros = migrateToRAMWorkMicros
+        self.threads = threads
+        self.pages = pages
+        self.pageSize = pageSize
+        self.seed = seed
+        self.stallSeconds = stallSeconds
+    }
+
+    /// Devices (drivers) the scenario needs.
+    public var devices: Int { scenario == .twoDevices ? 2 : 1 }
+
+    /// Checks the settings; throws `StormError.invalidSettings` with the reason.
+    public func validate() throws(StormError) {
+        guard (1...256).contains(threads) else { throw .invalidSettings("threads must be 1...256 (got \(threads))") }
+        guard (1...65_536).contains(pages) else { throw .invalidSettings("pages must be 1...65536 (got \(pages))") }
+        guard (0...1_000_000).contains(migrateToRAMWorkMicros) else {
+            throw .invalidSettings("migrateToRAM work must be 0...1000000 µs (got \(migrateToRAMWorkMicros))")
+        }
+        guard stallSeconds > 0, stallSeconds <= 3600 else {
+            throw .invalidSettings("stall window must be > 0 and at most 3600 s (got \(stallSeconds))")
+        }
+        guard joinTimeoutSeconds > 0 else { throw .invalidSettings("join timeout must be > 0") }
+        if scenario == .twoDevices && threads < 2 {
+            throw .invalidSettings("the two-devices storm needs at least 2 threads (one per device)")
+        }
+        if pageSize == .huge && pages > 2048 {
+            throw .invalidSettings("2 MiB storms take at most 2048 pages (4 GiB)")
+        }
+    }
+}
+
+/// Why a storm could not run.
+public enum StormError: Error, CustomStringConvertible, Equatable {
+    case invalidSettings(String)
+    /// The driver cannot migrate 2 MiB folios whole.
+    case hugePagesUnsupported(String)
+    /// Setting the storm up failed (mmap, filling, the first migration).
+    case setupFailed(String)
+
+    public var description: String {
+        switch self {
+        case .invalidSettings(let s): s
+        case .hugePagesUnsupported(let s): s
+        case .setupFailed(let s): "storm setup failed: \(s)"
+        }
+    }
+}

@@ -1,0 +1,199 @@
+// `svmemu bench migrate`: a RAM -> VRAM -> RAM round trip through MirrorDriver
+// against memcpy of the same bytes, in the same run.
+import ArgumentParser
+import CSVMSupport
+import Foundation
+import MirrorDriver
+import SVMEmu
+
+// MigrationGranularity is ExpressibleByArgument (declared in OverheadCommand.swift).
+
+/// Times `MirrorDevice.migrateToDevice` over a whole buffer followed by
+/// `migrateToSystem` back (plain memcpy copy engine, one thread), and memcpy of
+/// the same number of bytes between two separate host buffers (one copy each
+/// way). Both move `2 * bytes`; GB/s are 10^9 bytes per second.
+struct BenchMigrateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Round trip RAM -> VRAM -> RAM against memcpy.",
+        discussion: """
+            Build with -c release. Fills a buffer of --size bytes, warms up with one round trip \
+            (first touch of emulated RAM and VRAM, chunk registration), then times --rounds round \
+            trips RAM -> VRAM -> RAM through MirrorDriver (single thread, memcpy copy engine) and \
+            memcpy of the same bytes between two touched host buffers (there and back). The best \
+            round of each is reported; bytes are verified after every round trip. \
+            With --json prints one object: {"granularity", "bytes", "migrateGBps", "memcpyGBps", \
+            "ratio", ...} where bytes is the buffer size and ratio is migrate over memcpy. \
+            Linux's move_pages at 4 KiB runs at about a quarter of memcpy.
+            """)
+
+    @Option(name: .long, help: "Migration granularity: 4k or 2m.")
+    var granularity: MigrationGranularity = .base4K
+
+    @Option(name: .long, help: "Buffer size, with an optional K, M or G suffix (binary units).")
+    var size: String = "256M"
+
+    @Option(name: .long, help: "Timed rounds of each measurement (the best is reported).")
+    var rounds = 3
+
+    @Flag(name: .long, help: "Print one JSON object instead of the table.")
+    var json = false
+
+    func validate() throws {
+        guard let b = Self.parseSize(size) else {
+            throw ValidationError("--size: '\(size)' is not a size (e.g. 256M, 1G, 65536)")
+        }
+        guard b >= 4096, b % 4096 == 0 else { throw ValidationError("--size must be a positive multiple of 4 KiB") }
+        guard b <= 64 << 30 else { throw ValidationError("--size must be at most 64G") }
+        guard rounds >= 1 && rounds <= 100 else { throw ValidationError("--rounds must be 1...100") }
+    }
+
+    /// "256M" -> 268435456; K, M, G (optionally followed by "iB" or "B") are powers of 1024.
+    static func parseSize(_ text: String) -> Int? {
+        var s = text.trimmingCharacters(in: .whitespaces).uppercased()
+        for suffix in ["IB", "B"] where s.hasSuffix(suffix) && s.count > suffix.count {
+            s.removeLast(suffix.count)
+            break
+        }
+        var shift = 0
+        switch s.last {
+        case "K": shift = 10
+        case "M": shift = 20
+        case "G": shift = 30
+        default: break
+        }
+        if shift > 0 { s.removeLast() }
+        guard let n = Int(s), n > 0, n <= (Int.max >> shift) else { return nil }
+        return n << shift
+    }
+
+    struct Result {
+        var granularity: MigrationGranularity
+        var bytes: Int
+        var migrateSeconds: Double
+        var memcpySeconds: Double
+        var toDeviceSeconds: Double
+        var toSystemSeconds: Double
+        var rounds: Int
+        var migrateGBps: Double { Double(2 * bytes) / migrateSeconds / 1e9 }
+        var memcpyGBps: Double { Double(2 * bytes) / memcpySeconds / 1e9 }
+        var ratio: Double { migrateGBps / memcpyGBps }
+    }
+
+    struct Failure: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    func run() throws {
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu bench migrate: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
+        #endif
+        let bytes = Self.parseSize(size)!
+        let r = try measure(bytes: bytes)
+        if json {
+            func f(_ v: Double) -> String { String(format: "%.3f", v) }
+            print("{\"granularity\":\"\(r.granularity.rawValue)\",\"bytes\":\(r.bytes),"
+                  + "\"migrateGBps\":\(f(r.migrateGBps)),\"memcpyGBps\":\(f(r.memcpyGBps)),\"ratio\":\(f(r.ratio)),"
+                  + "\"migrateSeconds\":\(String(format: "%.6f", r.migrateSeconds)),"
+                  + "\"toDeviceSeconds\":\(String(format: "%.6f", r.toDeviceSeconds)),"
+                  + "\"toSystemSeconds\":\(String(format: "%.6f", r.toSystemSeconds)),"
+                  + "\"memcpySeconds\":\(String(format: "%.6f", r.memcpySeconds)),\"rounds\":\(r.rounds)}")
+        } else {
+            print(Self.render(r), terminator: "")
+        }
+    }
+
+    func measure(bytes: Int) throws -> Result {
+        let pages = bytes >> 12
+        let huge = granularity == .huge2M
+        // RAM for the buffer and for the pages that come back while the old ones
+        // are still being freed, plus slack; VRAM for the whole buffer.
+        let chunk: UInt64 = 256 << 20
+        var config = KernelConfiguration()
+        let node = ((bytes + (64 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        config.nodeSizes = [node, node]
+        config.transparentHugepage = huge ? .always : .never
+        config.addressSpaceSize = max(UInt64(4) << 30, UInt64(bytes) * 2)
+        config.maxPhysicalBytes = max(UInt64(64) << 30, UInt64(bytes) * 8)
+        let kernel = Kernel(config)
+        var mm: AddressSpace? = AddressSpace(kernel: kernel)
+        let vram = (UInt64(bytes) + chunk - 1) / chunk * chunk + chunk
+        var settings = MirrorSettings()
+        settings.migrationGranularity = granularity
+        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "bench0", vramBytes: vram,
+                                                 chunkBytes: chunk, settings: settings, copyEngine: MemcpyCopyEngine())
+        defer {
+            device = nil
+            mm = nil
+            withExtendedLifetime(kernel) {}
+        }
+        let space = mm!, dev = device!
+        let seed: UInt64 = 0x5eed
+        let base = try space.mmap(length: bytes)
+        try space.fillPattern(base, length: bytes, seed: seed)
+
+        func roundTrip() throws -> (Double, Double) {
+            let t0 = svm_now_ns()
+            let moved: Int
+            do { moved = try dev.migrateToDevice(base, pages: pages) } catch {
+                throw Failure(description: "svmemu bench migrate: migrateToDevice failed: \(error)")
+            }
+            let t1 = svm_now_ns()
+            let back: Int
+            do { back = try dev.migrateToSystem(base, pages: pages) } catch {
+                throw Failure(description: "svmemu bench migrate: migrateToSystem failed: \(error)")
+            }
+            let t2 = svm_now_ns()
+            guard moved == pages, back == pages else {
+                throw Failure(description: "svmemu bench migrate: moved \(moved) pages to VRAM and \(back) back, expected \(pages)")
+            }
+            if let bad = try space.verifyPattern(base, length: bytes, seed: seed) {
+                throw Failure(description: "svmemu bench migrate: BYTES DIFFER after the round trip at 0x\(String(bad, radix: 16))")
+            }
+            let diagnostics = kernel.diagnostics
+            if !diagnostics.isEmpty {
+                throw Failure(description: "svmemu bench migrate: the kernel reported \(diagnostics.count) diagnostics, first: \(diagnostics[0])")
+            }
+            return (Double(t1 - t0) / 1e9, Double(t2 - t1) / 1e9)
+        }
+
+        _ = try roundTrip()  // warm-up: first touch of RAM and VRAM frames, chunk registration
+        var best = (Double.infinity, 0.0, 0.0)
+        for _ in 0..<rounds {
+            let (there, back) = try roundTrip()
+            if there + back < best.0 { best = (there + back, there, back) }
+        }
+
+        // memcpy of the same bytes, there and back, between two touched buffers.
+        let a = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        let b = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        defer { a.deallocate(); b.deallocate() }
+        svm_memset(a, 0x5a, bytes)
+        svm_memset(b, 0xa5, bytes)
+        svm_memcpy(b, a, bytes)  // warm-up
+        var bestCopy = Double.infinity
+        for _ in 0..<rounds {
+            let t0 = svm_now_ns()
+            svm_memcpy(b, a, bytes)
+            svm_memcpy(a, b, bytes)
+            let t1 = svm_now_ns()
+            bestCopy = min(bestCopy, Double(t1 - t0) / 1e9)
+        }
+        guard a.load(fromByteOffset: bytes - 1, as: UInt8.self) == 0x5a else {
+            throw Failure(description: "svmemu bench migrate: memcpy buffers differ")
+        }
+        return Result(granularity: granularity, bytes: bytes, migrateSeconds: best.0, memcpySeconds: bestCopy,
+                      toDeviceSeconds: best.1, toSystemSeconds: best.2, rounds: rounds)
+    }
+
+    static func render(_ r: Result) -> String {
+        func f(_ v: Double, _ d: Int = 2) -> String { String(format: "%.\(d)f", v) }
+        let mib = Double(r.bytes) / Double(1 << 20)
+        var s = "svmemu bench migrate (granularity \(r.granularity.rawValue), \(f(mib, 0)) MiB, best of \(r.rounds))\n"
+        s += "  round trip RAM -> VRAM -> RAM  \(f(r.migrateSeconds * 1e3, 1)) ms  \(f(r.migrateGBps)) GB/s"
+        s += "  (to VRAM \(f(r.toDeviceSeconds * 1e3, 1)) ms, back \(f(r.toSystemSeconds * 1e3, 1)) ms)\n"
+        s += "  memcpy, same bytes            \(f(r.memcpySeconds * 1e3, 1)) ms  \(f(r.memcpyGBps)) GB/s\n"
+        s += "  ratio (migrate / memcpy)      \(f(r.ratio, 3))   (goal >= 0.5; Linux move_pages at 4 KiB: ~0.25)\n"
+        return s
+    }
+}

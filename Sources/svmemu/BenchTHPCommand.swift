@@ -1,0 +1,200 @@
+// `svmemu bench thp`: hmm-tests' benchmark_thp_migration on the emulator.
+import ArgumentParser
+import CSVMSupport
+import Foundation
+import MirrorDriver
+import SVMEmu
+
+/// Reproduces benchmark_thp_migration (tools/testing/selftests/mm/hmm-tests.c):
+/// for buffer sizes from a quarter THP (512 KiB) to 128 THPs (256 MiB), a
+/// fresh 2 MiB-aligned anonymous mapping is filled, migrated RAM -> VRAM and
+/// back once as a warm-up, then `iterations` times timed each way; the mean
+/// time per direction and its throughput are reported, with THP (MADV_HUGEPAGE,
+/// 2 MiB migration granularity: whole folios with SELECT_COMPOUND) and without
+/// (MADV_NOHUGEPAGE, 4 KiB granularity). Bytes are verified after the last
+/// round. Throughput is computed as the kernel test does: bytes / 2^30 per
+/// second, labelled GB/s.
+struct BenchTHPCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "thp",
+        abstract: "hmm-tests' benchmark_thp_migration: 2 MiB vs 4 KiB migration, both directions.",
+        discussion: """
+            Build with -c release. Sizes 512K, 1M, 2M, 4M, 8M, 16M, 256M (quarter THP to 128 THPs), \
+            each in a fresh machine and a fresh 2 MiB-aligned mapping, THP allowed in madvise mode. \
+            "With THP": MADV_HUGEPAGE and MirrorDevice migration granularity 2m; "without": \
+            MADV_NOHUGEPAGE and granularity 4k. One warm-up round trip, then --iterations timed \
+            round trips; means are reported. Throughput as the kernel test computes it: \
+            size / 2^30 / seconds ("GB/s"). With --json prints an array with one object per size: \
+            {"name","bytes","thp":{...},"regular":{...}} where each side has \
+            sysToDevMs, devToSysMs, sysToDevGBps, devToSysGBps.
+            """)
+
+    @Option(name: .long, help: "Timed round trips per size and mode (the kernel test uses 5).")
+    var iterations = 5
+
+    @Option(name: .long, help: "Largest size to run, with an optional K, M or G suffix (default: all, up to 256M).")
+    var maxSize: String = "256M"
+
+    @Flag(name: .long, help: "Print JSON instead of the tables.")
+    var json = false
+
+    func validate() throws {
+        guard iterations >= 1 && iterations <= 100 else { throw ValidationError("--iterations must be 1...100") }
+        guard let m = BenchMigrateCommand.parseSize(maxSize), m >= 512 << 10 else {
+            throw ValidationError("--max-size: '\(maxSize)' is not a size of at least 512K")
+        }
+    }
+
+    static let thpSize = 2 << 20
+    static let tests: [(String, Int)] = [
+        ("Small Buffer", thpSize / 4),
+        ("Half THP Size", thpSize / 2),
+        ("Single THP Size", thpSize),
+        ("Two THP Size", thpSize * 2),
+        ("Four THP Size", thpSize * 4),
+        ("Eight THP Size", thpSize * 8),
+        ("One twenty eight THP Size", thpSize * 128),
+    ]
+
+    struct Side {
+        var sysToDevMs: Double
+        var devToSysMs: Double
+        var bytes: Int
+        var sysToDevGBps: Double { Double(bytes) / Double(1 << 30) / (sysToDevMs / 1000) }
+        var devToSysGBps: Double { Double(bytes) / Double(1 << 30) / (devToSysMs / 1000) }
+    }
+
+    struct Failure: Error, CustomStringConvertible { let description: String }
+
+    func run() throws {
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu bench thp: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
+        #endif
+        let limit = BenchMigrateCommand.parseSize(maxSize)!
+        var rows: [(String, Int, Side, Side)] = []
+        for (name, size) in Self.tests where size <= limit {
+            let thp = try Self.measure(bytes: size, thp: true, iterations: iterations)
+            let regular = try Self.measure(bytes: size, thp: false, iterations: iterations)
+            rows.append((name, size, thp, regular))
+            if !json { print(Self.render(name, size, thp, regular)) }
+        }
+        if json {
+            func f(_ v: Double) -> String { String(format: "%.4f", v) }
+            func side(_ s: Side) -> String {
+                "{\"sysToDevMs\":\(f(s.sysToDevMs)),\"devToSysMs\":\(f(s.devToSysMs)),"
+                    + "\"sysToDevGBps\":\(f(s.sysToDevGBps)),\"devToSysGBps\":\(f(s.devToSysGBps))}"
+            }
+            let items = rows.map { r in
+                "{\"name\":\"\(r.0)\",\"bytes\":\(r.1),\"iterations\":\(iterations),\"thp\":\(side(r.2)),\"regular\":\(side(r.3))}"
+            }
+            print("[" + items.joined(separator: ",\n ") + "]")
+        } else {
+            print(Self.summary(rows))
+        }
+    }
+
+    /// One run_migration_benchmark(): a fresh machine, mapping and device.
+    static func measure(bytes: Int, thp: Bool, iterations: Int) throws -> Side {
+        let chunk: UInt64 = 256 << 20
+        var config = KernelConfiguration()
+        let node = ((bytes + (64 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        config.nodeSizes = [node, node]
+        config.transparentHugepage = .madvise
+        config.addressSpaceSize = 4 << 30
+        config.maxPhysicalBytes = max(UInt64(16) << 30, UInt64(bytes) * 8)
+        let kernel = Kernel(config)
+        var mm: AddressSpace? = AddressSpace(kernel: kernel)
+        var settings = MirrorSettings()
+        settings.migrationGranularity = thp ? .huge2M : .base4K
+        let vram = (UInt64(bytes) + chunk - 1) / chunk * chunk + chunk
+        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "hmm_dmirror0", vramBytes: vram,
+                                                 chunkBytes: chunk, settings: settings, copyEngine: MemcpyCopyEngine())
+        defer {
+            device = nil
+            mm = nil
+            withExtendedLifetime(kernel) {}
+        }
+        let space = mm!, dev = device!
+        let pages = bytes >> 12
+        // mmap of a 2 MiB multiple is 2 MiB aligned in the emulator; smaller
+        // buffers are placed at a 2 MiB boundary explicitly.
+        let base = try space.mmap(address: space.baseAddress + (64 << 20), length: bytes)
+        try space.madvise(base, length: bytes, advice: thp ? .hugePage : .noHugePage)
+        let seed: UInt64 = 0x7b
+        try space.fillPattern(base, length: bytes, seed: seed)
+
+        func there() throws -> Double {
+            let t0 = svm_now_ns()
+            let n = try dev.migrateToDevice(base, pages: pages)
+            let t1 = svm_now_ns()
+            guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages reached VRAM") }
+            return Double(t1 - t0) / 1e6
+        }
+        func back() throws -> Double {
+            let t0 = svm_now_ns()
+            let n = try dev.migrateToSystem(base, pages: pages)
+            let t1 = svm_now_ns()
+            guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages came back") }
+            return Double(t1 - t0) / 1e6
+        }
+        _ = try there()
+        _ = try back()
+        var s2d = 0.0, d2s = 0.0
+        for _ in 0..<iterations {
+            s2d += try there()
+            d2s += try back()
+        }
+        if let bad = try space.verifyPattern(base, length: bytes, seed: seed) {
+            throw Failure(description: "bench thp: BYTES DIFFER at 0x\(String(bad, radix: 16)) (\(bytes) bytes, thp \(thp))")
+        }
+        if thp && bytes >= thpSize {
+            guard space.entry(at: base).level == .pmd else {
+                throw Failure(description: "bench thp: the THP run did not keep 2 MiB folios")
+            }
+        }
+        let diagnostics = kernel.diagnostics
+        if !diagnostics.isEmpty {
+            throw Failure(description: "bench thp: the kernel reported \(diagnostics.count) diagnostics, first: \(diagnostics[0])")
+        }
+        return Side(sysToDevMs: s2d / Double(iterations), devToSysMs: d2s / Double(iterations), bytes: bytes)
+    }
+
+    /// print_benchmark_results(): one table per size, improvements as the
+    /// kernel computes them (time: (regular - thp) / regular; throughput:
+    /// (thp - regular) / regular).
+    static func render(_ name: String, _ bytes: Int, _ thp: Side, _ regular: Side) -> String {
+        func f(_ v: Double, _ d: Int) -> String { String(format: "%.\(d)f", v) }
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+        func row(_ label: String, _ a: String, _ b: String, _ gain: Double) -> String {
+            "\(pad(label, 21))| \(pad(a, 16))| \(pad(b, 16))| \(f(gain * 100, 1))%\n"
+        }
+        var s = "=== \(name) (\(f(Double(bytes) / Double(1 << 20), 1)) MB) ===\n"
+        s += "                     | With THP        | Without THP     | Improvement\n"
+        s += "---------------------------------------------------------------------\n"
+        s += row("Sys->Dev Migration", f(thp.sysToDevMs, 3) + " ms", f(regular.sysToDevMs, 3) + " ms",
+                 (regular.sysToDevMs - thp.sysToDevMs) / regular.sysToDevMs)
+        s += row("Dev->Sys Migration", f(thp.devToSysMs, 3) + " ms", f(regular.devToSysMs, 3) + " ms",
+                 (regular.devToSysMs - thp.devToSysMs) / regular.devToSysMs)
+        s += row("S->D Throughput", f(thp.sysToDevGBps, 2) + " GB/s", f(regular.sysToDevGBps, 2) + " GB/s",
+                 (thp.sysToDevGBps - regular.sysToDevGBps) / regular.sysToDevGBps)
+        s += row("D->S Throughput", f(thp.devToSysGBps, 2) + " GB/s", f(regular.devToSysGBps, 2) + " GB/s",
+                 (thp.devToSysGBps - regular.devToSysGBps) / regular.devToSysGBps)
+        return s
+    }
+
+    static func summary(_ rows: [(String, Int, Side, Side)]) -> String {
+        func f(_ v: Double, _ d: Int) -> String { String(format: "%.\(d)f", v) }
+        func col(_ s: String, _ n: Int) -> String { s.count >= n ? s : String(repeating: " ", count: n - s.count) + s }
+        var s = "Summary (mean of the timed round trips; GB/s = 2^30 bytes/s as in hmm-tests)\n"
+        s += col("size", 9) + col("THP s->d ms", 13) + col("4K s->d ms", 12) + col("THP d->s ms", 13) + col("4K d->s ms", 12)
+            + col("THP s->d GB/s", 15) + col("4K s->d GB/s", 14) + col("THP d->s GB/s", 15) + col("4K d->s GB/s", 14) + "\n"
+        for (_, bytes, thp, reg) in rows {
+            let size = bytes >= 1 << 20 ? "\(bytes >> 20)M" : "\(bytes >> 10)K"
+            s += col(size, 9) + col(f(thp.sysToDevMs, 3), 13) + col(f(reg.sysToDevMs, 3), 12)
+                + col(f(thp.devToSysMs, 3), 13) + col(f(reg.devToSysMs, 3), 12)
+                + col(f(thp.sysToDevGBps, 2), 15) + col(f(reg.sysToDevGBps, 2), 14)
+                + col(f(thp.devToSysGBps, 2), 15) + col(f(reg.devToSysGBps, 2), 14) + "\n"
+        }
+        return s
+    }
+}

@@ -1,0 +1,138 @@
+// `svmemu livelock`: the device-private fault storm.
+import ArgumentParser
+import Foundation
+import MirrorDriver
+import SVMEmu
+import SVMStress
+
+/// Runs one fault storm (SVMStress) and prints a table, or one JSON object.
+struct LivelockCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "livelock",
+        abstract: "Fault storm: show the livelock and the trylock fix.",
+        discussion: """
+            P pages start in device memory; for each page T threads meet at a barrier, then all \
+            read it; next page. With the legacy fault path (v6.1-v6.14) and an exclusive lock in \
+            the driver's migrateToRAM, the threads waiting for the lock hold page references that \
+            make the lock holder's reference check fail: no page ever comes back, and the watchdog \
+            declares a livelock after --stall-seconds without progress. The trylock fault path \
+            (v6.15) migrates each page with one migrateToRAM call.
+
+            With --json prints one object: faultPolicy, driverLock, threads, pages, pagesMigrated, \
+            livelocked, stalledPage (or null), stall (what the threads were doing, or null), \
+            migrateToRAMCalls {total, perPageMean, perPageP50, perPageP99, perPageMax}, \
+            faultRetries, seconds, teardownClean, dataIntact, and more.
+            """)
+
+    @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
+    var scenario = "readers"
+
+    @Option(name: .long, help: "Threads that go at each page.")
+    var threads = 8
+
+    @Option(name: .long, help: "Pages, processed one after the other.")
+    var pages = 512
+
+    @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.")
+    var faultPolicy = "legacy"
+
+    @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
+    var driverLock = "exclusive"
+
+    @Option(name: .long, help: "Microseconds migrateToRAM works (waits for its DMA) holding its lock and the page reference.")
+    var faultDelayUs = 50
+
+    @Option(name: .long, help: "Seconds without a page completing before the run is declared livelocked.")
+    var stallSeconds = 2.0
+
+    @Option(name: .long, help: "Page size: 4k or 2m.")
+    var pageSize = "4k"
+
+    @Option(name: .long, help: "Seed of the data pattern the pages are filled with.")
+    var seed: UInt64 = 1
+
+    @Flag(name: .long, help: "Print one JSON object instead of the table.")
+    var json = false
+
+    @Flag(name: .long, help: "With --json, include every completed page's record.")
+    var perPage = false
+
+    func validate() throws {
+        _ = try settings()
+    }
+
+    /// The storm settings, or a message naming the valid values.
+    func settings() throws -> StormSettings {
+        var s = StormSettings()
+        s.scenario = try Self.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
+        s.faultPolicy = try Self.parse(faultPolicy, "--fault-policy", DeviceFaultPolicy.allCases.map(\.rawValue)) {
+            DeviceFaultPolicy(rawValue: $0 == "trylockwait" || $0 == "trylock_wait" ? "trylock-wait" : $0)
+        }
+        s.driverLock = try Self.parse(driverLock, "--driver-lock", DriverLockMode.allCases.map(\.rawValue)) { DriverLockMode(rawValue: $0) }
+        s.pageSize = try Self.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
+            switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
+        }
+        s.threads = threads
+        s.pages = pages
+        s.migrateToRAMWorkMicros = faultDelayUs
+        s.stallSeconds = stallSeconds
+        s.seed = seed
+        do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
+        return s
+    }
+
+    static func parse<T>(_ value: String, _ flag: String, _ valid: [String], _ make: (String) -> T?) throws -> T {
+        guard let v = make(value.lowercased()) else {
+            throw ValidationError("invalid \(flag) '\(value)'; valid values: \(valid.joined(separator: ", "))")
+        }
+        return v
+    }
+
+    /// Settings messages in terms of the command's flags.
+    static func flagged(_ message: String) -> String {
+        message.replacingOccurrences(of: "threads must", with: "--threads must")
+            .replacingOccurrences(of: "pages must", with: "--pages must")
+            .replacingOccurrences(of: "migrateToRAM work must", with: "--fault-delay-us must")
+            .replacingOccurrences(of: "stall window must", with: "--stall-seconds must")
+    }
+
+    func run() throws {
+        let s = try settings()
+        var r = try Self.runStorm(s, label: "")
+        if json {
+            if !perPage { r.perPage = [] }
+            print(try Self.encode(r))
+        } else {
+            print(StormReport.table([r], titles: [StormReport.title(r)]), terminator: "")
+        }
+        if r.error != nil || !r.teardownClean { throw ExitCode(2) }
+    }
+
+    /// Runs a storm with a `\r` progress line on standard error when standard
+    /// output is a terminal.
+    static func runStorm(_ s: StormSettings, label: String) throws -> StormResult {
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu: warning: this is a debug build; storm timings are not representative (use swift build -c release)\n".utf8))
+        #endif
+        let tty = isatty(1) == 1
+        var width = 0
+        let progress: ((StormProgress) -> Void)? = tty ? { p in
+            let line = StormReport.progressLine(p, label: label)
+            let padded = line + String(repeating: " ", count: max(0, width - line.count))
+            width = line.count
+            FileHandle.standardError.write(Data(("\r" + padded).utf8))
+        } : nil
+        defer { if tty { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) } }
+        do {
+            return try StormHarness.run(s, progress: progress)
+        } catch {
+            throw ValidationError(error.description)
+        }
+    }
+
+    static func encode<T: Encodable>(_ value: T) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        return String(decoding: try encoder.encode(value), as: UTF8.self)
+    }
+}

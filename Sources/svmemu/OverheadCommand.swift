@@ -1,0 +1,156 @@
+// `svmemu overhead`: where a fault's time goes (issue 6).
+import ArgumentParser
+import Foundation
+import MirrorDriver
+import SVMEmu
+import SVMStress
+
+extension MigrationGranularity: ExpressibleByArgument {}
+extension OverheadDirection: ExpressibleByArgument {}
+
+struct OverheadCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "overhead",
+        abstract: "Where a fault's time goes: migrate_vma phases at 4 KiB and 2 MiB.",
+        discussion: """
+            Runs GPU-fault-driven migration (to-device: the GPU reads one byte per page, each miss \
+            migrates to VRAM) and CPU-fault-driven migration (to-ram: the CPU reads one byte per page \
+            of a buffer in VRAM) and prints, per phase, the time per fault and its share of the fault, \
+            then the migrate_vma fraction (collect + unmap + pages + finalize), the copy fraction, the \
+            mean fault time and the throughput (best of --rounds timed runs). What the phase timers \
+            cost is measured in the same run, faulting chunks of the buffer with the timers on and \
+            off in turns. Every byte is verified afterwards. Without --granularity both 4k and 2m run; without --direction both \
+            directions. --copy-model takes one model, a comma-separated list, or `all` (the default \
+            with --svg). With --json prints one JSON object per run (one per line). Build with -c release.
+            """)
+
+    @Option(name: .long, help: "Migration granularity: 4k or 2m (default: both).")
+    var granularity: MigrationGranularity?
+
+    @Option(name: .long, help: "to-device (GPU faults) or to-ram (CPU faults) (default: both).")
+    var direction: OverheadDirection?
+
+    @Option(name: .long, help: "Buffer size, e.g. 256M, 1G, 64M (a multiple of 2 MiB).")
+    var size = "256M"
+
+    @Option(name: .customLong("copy-model"), help: "memcpy, pcie4, pcie5, nvlink-c2c, a comma-separated list, or all (default: memcpy; all with --svg).")
+    var copyModel: String?
+
+    @Option(name: .customLong("copy-threads"), help: "Threads per copy above 32 pages (multi-threaded copy).")
+    var copyThreads = 1
+
+    @Option(name: .long, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
+    var rounds = 3
+
+    @Flag(name: .long, help: "Print one JSON object per run instead of the tables.")
+    var json = false
+
+    @Option(name: .long, help: "Write a stacked bar chart of the phases (4 KiB vs 2 MiB, per copy model) to this SVG file.")
+    var svg: String?
+
+    @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of faults and phases to this JSON file.")
+    var trace: String?
+
+    static func parseSize(_ s: String) -> Int? {
+        let t = s.trimmingCharacters(in: .whitespaces).uppercased()
+        var digits = t
+        var shift = 0
+        for (suffixes, sh) in [(["KIB", "KB", "K"], 10), (["MIB", "MB", "M"], 20), (["GIB", "GB", "G"], 30)] {
+            if let suffix = suffixes.first(where: { t.hasSuffix($0) }) {
+                digits = String(t.dropLast(suffix.count))
+                shift = sh
+                break
+            }
+        }
+        guard let n = Int(digits), n > 0, n <= (64 << 30) >> shift else { return nil }
+        return n << shift
+    }
+
+    func copyModels() throws -> [OverheadCopyModel] {
+        guard let copyModel else { return svg != nil ? OverheadCopyModel.allCases : [.memcpy] }
+        if copyModel.lowercased() == "all" { return OverheadCopyModel.allCases }
+        return try copyModel.split(separator: ",").map {
+            let name = $0.trimmingCharacters(in: .whitespaces).lowercased()
+            guard let m = OverheadCopyModel(rawValue: name) else {
+                throw ValidationError("--copy-model: unknown model '\(name)' (memcpy, pcie4, pcie5, nvlink-c2c, all)")
+            }
+            return m
+        }
+    }
+
+    func validate() throws {
+        guard let bytes = Self.parseSize(size) else { throw ValidationError("--size: cannot read '\(size)' (e.g. 256M, 1G)") }
+        guard bytes % (2 << 20) == 0 else { throw ValidationError("--size must be a multiple of 2 MiB") }
+        guard copyThreads >= 1 && copyThreads <= 64 else { throw ValidationError("--copy-threads must be 1...64") }
+        guard rounds >= 1 && rounds <= 20 else { throw ValidationError("--rounds must be 1...20") }
+        _ = try copyModels()
+        if granularity == .huge2M && !OverheadHarness.hugeMigrationAvailable {
+            throw ValidationError("2 MiB migration is not in the reference driver yet; use --granularity 4k")
+        }
+    }
+
+    func run() throws {
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
+        #endif
+        let bytes = Self.parseSize(size)!
+        var granularities = granularity.map { [$0] } ?? MigrationGranularity.allCases
+        if granularity == nil && !OverheadHarness.hugeMigrationAvailable {
+            FileHandle.standardError.write(Data("svmemu overhead: 2 MiB migration is not in the reference driver yet; running 4 KiB only\n".utf8))
+            granularities = [.base4K]
+        }
+        let directions = direction.map { [$0] } ?? OverheadDirection.allCases
+        let models = try copyModels()
+        let interactive = isatty(STDERR_FILENO) != 0
+        let progress: (@Sendable (String) -> Void)? = interactive ? { @Sendable line in
+            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
+        } : nil
+
+        var results: [OverheadResult] = []
+        for d in directions {
+            for m in models {
+                for g in granularities {
+                    var c = OverheadConfiguration()
+                    c.bytes = bytes
+                    c.granularity = g
+                    c.direction = d
+                    c.copyModel = m
+                    c.copyThreads = copyThreads
+                    c.rounds = rounds
+                    c.traceEventsPerCPU = trace != nil ? 1 << 16 : 0
+                    c.progress = progress
+                    let r: OverheadResult
+                    do { r = try OverheadHarness.run(c) } catch {
+                        if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+                        throw ValidationError("svmemu overhead: \(error)")
+                    }
+                    if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+                    results.append(r)
+                    if json {
+                        print(r.jsonString())
+                    } else {
+                        print(OverheadReport.table(r))
+                    }
+                }
+            }
+        }
+        if !json && results.count > 1 {
+            print("Summary (\(bytes >> 20) MiB; shares of the mean fault)")
+            print(OverheadReport.summary(results))
+        }
+        if let svg {
+            try write(OverheadReport.svg(results), to: svg)
+            if !json { print("chart: \(svg)") }
+        }
+        if let trace {
+            try write(OverheadReport.traceJSON(results), to: trace)
+            if !json { print("trace: \(trace) (open in https://ui.perfetto.dev)") }
+        }
+    }
+
+    func write(_ text: String, to path: String) throws {
+        do { try text.write(toFile: path, atomically: true, encoding: .utf8) } catch {
+            throw ValidationError("cannot write \(path): \(error.localizedDescription)")
+        }
+    }
+}

@@ -1,0 +1,144 @@
+import Foundation
+import Testing
+import SVMEmu
+import MirrorDriver
+
+// The hmm-tests fixtures (tools/testing/selftests/mm/hmm-tests.c) on the
+// emulator: FIXTURE(hmm) opens /dev/hmm_dmirror0, FIXTURE(hmm2) opens
+// devices 0 and 1. Here a fixture is one emulated machine (kernel, one
+// process address space) and two MirrorDevices with distinct owners, like
+// dmirror's two device-private devices. THP is in `madvise` mode, the usual
+// distribution default, so MADV_HUGEPAGE decides as in the kernel test runs.
+
+let pageSize = 4096
+let pageShift: UInt64 = 12
+/// read_pmd_pagesize(): 2 MiB on x86-64.
+let pmdSize = 2 << 20
+/// HMM_BUFFER_SIZE (1024 << 12): 4 MiB, the kernel's own size (small enough).
+let hmmBufferSize = 1024 << 12
+/// NTIMES.
+let ntimes = 10
+
+final class HMMFixture: @unchecked Sendable {
+    let kernel: Kernel
+    /// The test process's address space (current->mm).
+    private(set) var mm: AddressSpace!
+    /// /dev/hmm_dmirror0 and /dev/hmm_dmirror1: device-private, distinct owners.
+    private(set) var dev0: MirrorDevice!
+    private(set) var dev1: MirrorDevice!
+
+    init() {
+        var config = KernelConfiguration()
+        config.nodeSizes = [64 << 20, 64 << 20]
+        config.transparentHugepage = .madvise
+        config.addressSpaceSize = 4 << 30
+        config.maxPhysicalBytes = 2 << 30
+        kernel = Kernel(config)
+        mm = AddressSpace(kernel: kernel)
+        dev0 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+        dev1 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+    }
+
+    /// FIXTURE_TEARDOWN: close the devices (they evict their memory), then the
+    /// process exits (its address space goes), then the machine.
+    func teardown() {
+        dev0 = nil
+        dev1 = nil
+        mm = nil
+        withExtendedLifetime(kernel) {}
+    }
+}
+
+/// Runs `body` with a fresh fixture and tears it down in the safe order.
+func withHMM(_ body: (HMMFixture) throws -> Void) rethrows {
+    let f = HMMFixture()
+    defer { f.teardown() }
+    try body(f)
+}
+
+/// `struct hmm_buffer`: the mapping (`ptr`, `size`), the device-side mirror
+/// buffer, and the outputs of the last command.
+final class HMMBuffer: @unchecked Sendable {
+    var ptr: UInt64 = 0
+    var size: Int
+    let mirror: UnsafeMutableRawBufferPointer
+    var cpages = 0
+    var faults = 0
+
+    init(size: Int, mirrorBytes: Int? = nil) {
+        self.size = size
+        mirror = .allocate(byteCount: mirrorBytes ?? size, alignment: 4096)
+        mirror.initializeMemory(as: UInt8.self, repeating: 0)
+    }
+    deinit { mirror.deallocate() }
+
+    /// The mirror as 32-bit ints (`int *ptr = buffer->mirror`).
+    var mirrorInts: UnsafeMutableBufferPointer<Int32> { mirror.bindMemory(to: Int32.self) }
+    var mirrorBytes: UnsafeMutableBufferPointer<UInt8> { mirror.bindMemory(to: UInt8.self) }
+}
+
+/// The dmirror ioctls as hmm_dmirror_cmd() issues them: 0 or -errno, with
+/// `cpages` and `faults` copied back into the buffer on success.
+enum Request { case read, write, migrateToDevice, migrateToSystem, snapshot, release }
+
+@discardableResult
+func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer, _ npages: Int) -> Int32 {
+    var cmd = DMirrorCommand(address: buffer.ptr, npages: npages)
+    do {
+        switch request {
+        case .read: try device.commandRead(&cmd, into: buffer.mirror)
+        case .write: try device.commandWrite(&cmd, from: UnsafeRawBufferPointer(buffer.mirror))
+        case .migrateToDevice: try device.commandMigrateToDevice(&cmd, into: buffer.mirror)
+        case .migrateToSystem: try device.commandMigrateToSystem(&cmd)
+        case .snapshot: try device.commandSnapshot(&cmd, into: buffer.mirror)
+        case .release: device.commandRelease()
+        }
+    } catch {
+        return -error.rawValue
+    }
+    buffer.cpages = cmd.cpages
+    buffer.faults = cmd.faults
+    return 0
+}
+
+/// HMM_DMIRROR_FLAGS.
+func hmmSetFlags(_ device: MirrorDevice, _ flags: DMirrorFlags) -> Int32 {
+    device.setCommandFlags(flags)
+    return 0
+}
+
+/// 0 or -errno of an emulated system call.
+func sys(_ body: () throws -> Void) -> Int32 {
+    do { try body(); return 0 } catch let e as Errno { return -e.rawValue } catch { return -EIO }
+}
+
+// MARK: the CPU side (`int *ptr = buffer->ptr`)
+
+/// Stores `value(i)` into int `i` of `[address, address + count * 4)`: one
+/// pass of CPU stores, as the C loops do.
+func storeInts(_ mm: AddressSpace, _ address: UInt64, from first: Int = 0, count: Int,
+               _ value: (Int) -> Int32) throws {
+    guard count > first else { return }
+    var ints = [Int32](repeating: 0, count: count - first)
+    for i in first..<count { ints[i - first] = value(i) }
+    try ints.withUnsafeBytes { try mm.write(address + UInt64(first * 4), from: $0) }
+}
+
+/// Loads `count` ints from `address` (CPU loads: device pages fault back).
+func loadInts(_ mm: AddressSpace, _ address: UInt64, count: Int) throws -> [Int32] {
+    var ints = [Int32](repeating: 0, count: count)
+    try ints.withUnsafeMutableBytes { try mm.read(address, into: $0) }
+    return ints
+}
+
+/// Loads int `index` of the mapping at `address`.
+func loadInt(_ mm: AddressSpace, _ address: UInt64, _ index: Int) throws -> Int32 {
+    let b = try mm.read(address + UInt64(index * 4), count: 4)
+    return b.withUnsafeBytes { $0.load(as: Int32.self) }
+}
+
+/// The first index where `ints` differs from `expected(i)`, or nil.
+func firstMismatch<C: Collection>(_ ints: C, _ expected: (Int) -> Int32) -> Int? where C.Element == Int32 {
+    for (i, v) in ints.enumerated() where v != expected(i) { return i }
+    return nil
+}

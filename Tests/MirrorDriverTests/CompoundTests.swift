@@ -1,0 +1,163 @@
+import Testing
+import SVMEmu
+import MirrorDriver
+
+/// 2 MiB folios end to end: whole-folio migration both ways, PMD entries,
+/// splits, allocation fallbacks, partial unmaps. Bytes checked every time.
+@Suite("2 MiB folios")
+struct CompoundTests {
+    static let huge = 2 << 20
+
+    func machine(failLargeDevice: Bool = false, failLargeSystem: Bool = false) -> (Kernel, AddressSpace, MirrorDevice) {
+        let (kernel, mm, device) = bootMachine(thp: .always)
+        var s = device.settings
+        s.migrationGranularity = .huge2M
+        s.failLargeDeviceAllocation = failLargeDevice
+        s.failLargeSystemAllocation = failLargeSystem
+        device.settings = s
+        return (kernel, mm, device)
+    }
+
+    @Test("a written THP moves to VRAM as one device folio and faults back whole")
+    func wholeTHPRoundTrip() throws {
+        let (kernel, mm, device) = machine()
+        let base = try mm.mmap(length: Self.huge)
+        try mm.fillPattern(base, length: Self.huge, seed: 11)
+        #expect(mm.entry(at: base).level == .pmd)
+        let freeBefore = kernel.freePages
+        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        let (level, entry) = mm.entry(at: base)
+        #expect(level == .pmd && entry.kind == .devicePrivate)
+        #expect(kernel.vmstat[.thpMigrationSuccess] == 1)
+        #expect(kernel.vmstat[.thpMigrationSplit] == 0)
+        #expect(kernel.freePages == freeBefore + 512)
+        // One CPU touch brings all 2 MiB back through one PMD-level fault.
+        #expect(try mm.load(base + 4096 * 7) != nil)
+        let back = mm.entry(at: base)
+        #expect(back.level == .pmd && back.entry.kind == .present)
+        #expect(device.migrateToRAMCalls == 1)
+        #expect(try mm.verifyPattern(base, length: Self.huge, seed: 11) == nil)
+        #expect(device.devicePagesInUse == 0)
+        #expect(kernel.vmstat[.thpMigrationSuccess] == 2)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("an empty 2 MiB region is filled with one device folio; reads give zeroes")
+    func emptyRegion() throws {
+        let (kernel, mm, device) = machine()
+        let base = try mm.mmap(length: Self.huge)
+        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(mm.entry(at: base).level == .pmd)
+        #expect(mm.entry(at: base).entry.kind == .devicePrivate)
+        #expect(try device.read(base + 12345, count: 64) == [UInt8](repeating: 0, count: 64))
+        #expect(try mm.read(base + 99, count: 16) == [UInt8](repeating: 0, count: 16))
+        #expect(mm.entry(at: base).entry.kind == .present)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("the huge zero page is replaced by a device folio")
+    func hugeZeroPage() throws {
+        let (kernel, mm, device) = machine()
+        let base = try mm.mmap(length: Self.huge)
+        #expect(try mm.load(base) == 0)
+        #expect(mm.entry(at: base).entry.isSpecial)
+        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(mm.entry(at: base).entry.kind == .devicePrivate)
+        try mm.store(base + 5, 42)
+        #expect(try mm.load(base + 5) == 42)
+        #expect(try mm.load(base + 4096 * 300) == 0)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("forced 2 MiB device allocation failure falls back to 512 small pages")
+    func deviceAllocationFallback() throws {
+        let (kernel, mm, device) = machine(failLargeDevice: true)
+        let base = try mm.mmap(length: Self.huge)
+        try mm.fillPattern(base, length: Self.huge, seed: 5)
+        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(kernel.vmstat[.thpMigrationSplit] == 1)
+        #expect(mm.entry(at: base).level == .pte)
+        #expect(mm.entry(at: base + 4096).entry.kind == .devicePrivate)
+        #expect(try mm.verifyPattern(base, length: Self.huge, seed: 5) == nil)
+        #expect(device.devicePagesInUse == 0)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("forced 2 MiB system allocation failure brings a device folio back as 512 pages")
+    func systemAllocationFallback() throws {
+        let (kernel, mm, device) = machine(failLargeSystem: true)
+        let base = try mm.mmap(length: Self.huge)
+        try mm.fillPattern(base, length: Self.huge, seed: 6)
+        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(mm.entry(at: base).level == .pmd)
+        #expect(try mm.verifyPattern(base, length: Self.huge, seed: 6) == nil)
+        #expect(mm.entry(at: base).level == .pte)
+        #expect(kernel.vmstat[.thpMigrationSplit] == 1)
+        #expect(device.devicePagesInUse == 0)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("1 MiB unmapped from a device folio at offset", arguments: [0, 512 << 10, 1 << 20])
+    func partialUnmap(offset: Int) throws {
+        let (kernel, mm, device) = machine()
+        let base = try mm.mmap(length: Self.huge)
+        try mm.fillPattern(base, length: Self.huge, seed: 9)
+        try device.migrateToDevice(base, pages: 512)
+        try mm.munmap(base + UInt64(offset), length: 1 << 20)
+        #expect(mm.entry(at: base + UInt64(offset)).entry.kind == .none)
+        // The rest faults back with its bytes.
+        var a = base
+        while a < base + UInt64(Self.huge) {
+            if a < base + UInt64(offset) || a >= base + UInt64(offset + (1 << 20)) {
+                #expect(try mm.verifyPattern(a, length: 4096, seed: 9) == nil)
+            }
+            a += 4096
+        }
+        try mm.munmap(base, length: Self.huge)
+        #expect(device.devicePagesInUse == 0)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("eviction brings a device folio back whole, never split")
+    func evictionKeepsFolioWhole() throws {
+        let (kernel, mm, device) = machine()
+        let base = try mm.mmap(length: Self.huge * 2)
+        try mm.fillPattern(base, length: Self.huge * 2, seed: 13)
+        try device.migrateToDevice(base, pages: 1024)
+        let splitsBefore = kernel.vmstat[.thpMigrationSplit]
+        #expect(device.evictAll() == 1024)
+        #expect(kernel.vmstat[.thpMigrationSplit] == splitsBefore)
+        #expect(mm.entry(at: base).level == .pmd && mm.entry(at: base).entry.kind == .present)
+        #expect(mm.entry(at: base + UInt64(Self.huge)).level == .pmd)
+        #expect(try mm.verifyPattern(base, length: Self.huge * 2, seed: 13) == nil)
+        #expect(device.devicePagesInUse == 0)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("without SELECT_COMPOUND a THP is split and moves as 512 pages")
+    func nonCompoundSplits() throws {
+        let (kernel, mm, device) = bootMachine(thp: .always)
+        let base = try mm.mmap(length: Self.huge)
+        try mm.fillPattern(base, length: Self.huge, seed: 21)
+        #expect(mm.entry(at: base).level == .pmd)
+        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(mm.entry(at: base).level == .pte)
+        #expect(kernel.vmstat[.thpSplitPage] == 1)
+        #expect(try mm.verifyPattern(base, length: Self.huge, seed: 21) == nil)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
+    @Test("MADV_FREE on a THP that came back from the device keeps it intact until reclaim")
+    func madvFreeAfterMigration() throws {
+        let (kernel, mm, device) = machine()
+        let base = try mm.mmap(length: Self.huge)
+        try mm.fillPattern(base, length: Self.huge, seed: 3)
+        try device.migrateToDevice(base, pages: 512)
+        #expect(try mm.load(base) != nil)
+        try mm.madvise(base, length: Self.huge, advice: .free)
+        #expect(try mm.verifyPattern(base, length: Self.huge, seed: 3) == nil)
+        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try mm.verifyPattern(base, length: Self.huge, seed: 3) == nil)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+}

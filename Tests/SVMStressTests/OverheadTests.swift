@@ -1,0 +1,226 @@
+import CSVMSupport
+import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
+import MirrorDriver
+import SVMEmu
+import SVMStress
+import Testing
+
+/// Small runs of the overhead harness (8 MiB, one round), shared by the tests.
+private func overheadRun(_ direction: OverheadDirection, _ granularity: MigrationGranularity,
+                         model: OverheadCopyModel = .memcpy, trace: Bool = false,
+                         bytes: Int = 8 << 20) throws -> OverheadResult {
+    var c = OverheadConfiguration()
+    c.bytes = bytes
+    c.measureInstrumentationCost = false
+    c.direction = direction
+    c.granularity = granularity
+    c.copyModel = model
+    c.rounds = 1
+    c.traceEventsPerCPU = trace ? 1 << 12 : 0
+    return try OverheadHarness.run(c)
+}
+
+@Suite("Overhead breakdown")
+struct OverheadTests {
+
+    @Test("phases add up to the fault time within tolerance", arguments: OverheadDirection.allCases)
+    func phasesAddUp(_ direction: OverheadDirection) throws {
+        let r = try overheadRun(direction, .base4K)
+        #expect(r.faults == (8 << 20) >> 12, "one fault per 4 KiB page")
+        #expect(r.verified)
+        let fault = try #require(r.phases["fault"])
+        #expect(fault.seconds > 0)
+        // The timed phases nest inside the fault: they cannot exceed it (1% for rounding).
+        let timed = OverheadResult.phaseOrder.filter { $0 != "other" }.reduce(0.0) { $0 + (r.phases[$1]?.seconds ?? 0) }
+        #expect(timed <= fault.seconds * 1.01)
+        // ...and they are most of it: what is left ("other") is locks and bookkeeping.
+        #expect(timed >= fault.seconds * 0.5, "timed phases \(timed) s of a fault total \(fault.seconds) s")
+        // With `other`, the shares sum to 1.
+        let shares = OverheadResult.phaseOrder.reduce(0.0) { $0 + (r.phases[$1]?.fraction ?? 0) }
+        #expect(abs(shares - 1) < 1e-6)
+        #expect(abs(r.migrateVMAFraction - ["collect", "unmap", "pages", "finalize"].reduce(0.0) { $0 + r.phases[$1]!.fraction }) < 1e-9)
+        #expect(abs(r.faultMicrosMean - fault.seconds * 1e6 / Double(r.faults)) < 1e-6)
+        // The faults happen inside the timed loop.
+        #expect(fault.seconds <= r.wallSeconds)
+        // One setup and one finalize per 4 KiB fault.
+        #expect(r.phases["collect"]?.count == UInt64(r.faults))
+        #expect(r.phases["finalize"]?.count == UInt64(r.faults))
+    }
+
+    @Test("2 MiB faults do fewer setup and finalize calls per byte than 4 KiB", arguments: OverheadDirection.allCases)
+    func hugeFaultsCallLess(_ direction: OverheadDirection) throws {
+        let small = try overheadRun(direction, .base4K, bytes: 4 << 20)
+        let huge = try overheadRun(direction, .huge2M, bytes: 4 << 20)
+        #expect(small.setupCallsPerMiB == 256)
+        #expect(small.finalizeCallsPerMiB == 256)
+        #expect(huge.faults == 2, "one fault per 2 MiB folio")
+        #expect(huge.setupCallsPerMiB < small.setupCallsPerMiB / 100)
+        #expect(huge.finalizeCallsPerMiB < small.finalizeCallsPerMiB / 100)
+        #expect(huge.verified && small.verified)
+    }
+
+    @Test("the JSON object has every field")
+    func jsonHasEveryField() throws {
+        let r = try overheadRun(.toRAM, .base4K, model: .pcie5)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(r.jsonString().utf8)) as? [String: Any])
+        for key in ["granularity", "direction", "copyModel", "bytes", "faults", "phases", "migrateVMAFraction",
+                    "copyFraction", "faultMicrosMean", "throughputGBps", "instrumentationOverheadPercent"] {
+            #expect(object[key] != nil, "missing \(key)")
+        }
+        #expect(object["granularity"] as? String == "4k")
+        #expect(object["direction"] as? String == "to-ram")
+        #expect(object["copyModel"] as? String == "pcie5")
+        #expect(object["bytes"] as? Int == 8 << 20)
+        #expect(object["faults"] as? Int == 2048)
+        let phases = try #require(object["phases"] as? [String: [String: Any]])
+        for name in OverheadResult.phaseOrder + ["fault"] {
+            let p = try #require(phases[name], "missing phase \(name)")
+            #expect(p["seconds"] is Double || p["seconds"] is Int, "\(name).seconds")
+            #expect(p["fraction"] is Double || p["fraction"] is Int, "\(name).fraction")
+        }
+        // It decodes back.
+        let back = try JSONDecoder().decode(OverheadResult.self, from: Data(r.jsonString().utf8))
+        #expect(back.faults == r.faults && back.phases == r.phases)
+    }
+
+    @Test("the SVG chart is well-formed XML with a bar per run and a legend")
+    func svgParses() throws {
+        let results = [try overheadRun(.toDevice, .base4K), try overheadRun(.toDevice, .huge2M)]
+        let svg = OverheadReport.svg(results)
+        let collector = SVGCollector()
+        let parser = XMLParser(data: Data(svg.utf8))
+        parser.delegate = collector
+        #expect(parser.parse(), "XMLParser: \(String(describing: parser.parserError))")
+        #expect(collector.root == "svg")
+        #expect(collector.texts.contains { $0.contains("4 KiB") })
+        #expect(collector.texts.contains { $0.contains("2 MiB") })
+        for name in OverheadResult.phaseOrder { #expect(collector.texts.contains(name), "legend lacks \(name)") }
+        // Legend squares plus at least one segment per run.
+        #expect(collector.rects >= OverheadResult.phaseOrder.count + 1 + results.count)
+    }
+
+    @Test("the trace is Chrome trace-event JSON with faults and nested phases per thread")
+    func traceParses() throws {
+        let r = try overheadRun(.toDevice, .base4K, trace: true)
+        #expect(!r.trace.isEmpty)
+        let json = OverheadReport.traceJSON([r])
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
+        let events = try #require(object["traceEvents"] as? [[String: Any]])
+        let complete = events.filter { $0["ph"] as? String == "X" }
+        let faults = complete.filter { $0["name"] as? String == "fault" }
+        #expect(!faults.isEmpty)
+        #expect(complete.contains { $0["name"] as? String == "collect" })
+        #expect(complete.contains { $0["name"] as? String == "copy" })
+        #expect(events.contains { $0["ph"] as? String == "M" && $0["name"] as? String == "process_name" })
+        for e in complete {
+            #expect(e["ts"] is Double || e["ts"] is Int)
+            #expect(e["dur"] is Double || e["dur"] is Int)
+            #expect(e["pid"] as? Int == 1)
+            #expect(e["tid"] is Int)
+        }
+        // Every phase lies inside a fault on the same thread.
+        let byThread = Dictionary(grouping: faults) { $0["tid"] as! Int }
+        func num(_ v: Any?) -> Double { (v as? Double) ?? Double(v as? Int ?? 0) }
+        for e in complete.prefix(2000) where e["name"] as? String != "fault" {
+            let ts = num(e["ts"]), end = ts + num(e["dur"])
+            let inside = (byThread[e["tid"] as! Int] ?? []).contains { f in
+                num(f["ts"]) <= ts + 0.002 && end <= num(f["ts"]) + num(f["dur"]) + 0.002
+            }
+            #expect(inside, "phase \(e["name"] ?? "?") at \(ts) us outside every fault")
+        }
+    }
+
+    @Test("the link engine copies the bytes and charges at least the link's time")
+    func linkEngineCharges() throws {
+        let size = 2 << 20
+        let src = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+        defer { src.deallocate(); dst.deallocate() }
+        for i in 0..<size { src.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ i >> 12), toByteOffset: i, as: UInt8.self) }
+
+        // PCIe 4: 64 copies of 4 KiB take at least 64 x 0.94 us.
+        let pcie4 = LinkCopyEngine(model: .pcie4)
+        #expect(pcie4.name == "pcie4")
+        let per4K = LinkModel.pcie4.transferNanos(bytes: 4096)
+        #expect(per4K > 900 && per4K < 1000, "UVMSmart curve, a = 24: \(per4K) ns for 4 KiB")
+        svm_memset(dst, 0, size)
+        var t0 = svm_now_ns()
+        for i in 0..<64 { pcie4.copy(to: dst + i * 4096, from: src + i * 4096, bytes: 4096) }
+        pcie4.wait()
+        var elapsed = Double(svm_now_ns() - t0)
+        #expect(elapsed >= 64 * per4K, "\(elapsed) ns for 64 x 4 KiB")
+        #expect(svm_memcmp(dst, src, 64 * 4096) == 0)
+
+        // PCIe 3 anchors: 4 KiB in 1.9 us, 2 MiB in 176 us.
+        #expect(abs(LinkModel.pcie3.transferNanos(bytes: 4096) - 1_890) < 50)
+        #expect(abs(LinkModel.pcie3.transferNanos(bytes: 2 << 20) - 175_500) < 1_500)
+
+        // Asynchronous: a slow link returns from copy at once; wait() ends at the modelled completion.
+        let slow = LinkModel(name: "slow", peakGBps: 0.5)
+        let engine = LinkCopyEngine(model: slow, threads: 2)
+        #expect(engine.name == "slowx2")
+        svm_memset(dst, 0, size)
+        t0 = svm_now_ns()
+        engine.copy(to: dst, from: src, bytes: size)
+        let issued = Double(svm_now_ns() - t0)
+        engine.wait()
+        elapsed = Double(svm_now_ns() - t0)
+        let modelled = slow.transferNanos(bytes: size)
+        #expect(issued < modelled / 2, "copy() took \(issued) ns of a \(modelled) ns transfer")
+        #expect(elapsed >= modelled)
+        #expect(elapsed < modelled + 20_000_000, "the precise wait overshot: \(elapsed) ns for \(modelled)")
+        #expect(svm_memcmp(dst, src, size) == 0, "multi-threaded copy lost bytes")
+
+        // Multi-threaded memcpy without a link: bytes only.
+        let mt = LinkCopyEngine(model: nil, threads: 3)
+        svm_memset(dst, 0, size)
+        mt.copy(to: dst, from: src, bytes: size)
+        mt.copy(to: dst, from: src, bytes: 8192)
+        mt.wait()
+        #expect(svm_memcmp(dst, src, size) == 0)
+    }
+
+    @Test("timers off record nothing")
+    func timersOffRecordNothing() {
+        let timer = PhaseTimer()
+        let m = timer.begin()
+        #expect(m == 0)
+        timer.end(.copy, m)
+        timer.isEnabled = true
+        timer.measure(.collect) { }
+        let totals = timer.totals()
+        #expect(totals[.copy]?.count == 0)
+        #expect(totals[.collect]?.count == 1)
+    }
+
+    @Test("the copy models make the right engines")
+    func copyModels() {
+        #expect(OverheadCopyModel.memcpy.makeEngine() is MemcpyCopyEngine)
+        #expect(OverheadCopyModel.pcie4.makeEngine().name == "pcie4")
+        #expect(OverheadCopyModel.nvlinkC2C.makeEngine().name == "nvlink-c2c")
+        #expect(OverheadCopyModel.memcpy.makeEngine(threads: 4).name == "memcpyx4")
+        #expect(OverheadCopyModel.nvlinkC2C.link?.peakGBps == 450)
+    }
+}
+
+/// Counts what the SVG parse saw.
+private final class SVGCollector: NSObject, XMLParserDelegate {
+    var root: String?
+    var rects = 0
+    var texts: [String] = []
+    private var current = ""
+    private var inText = false
+    func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?,
+                attributes: [String: String] = [:]) {
+        if root == nil { root = name }
+        if name == "rect" { rects += 1 }
+        if name == "text" { inText = true; current = "" }
+    }
+    func parser(_ parser: XMLParser, foundCharacters string: String) { if inText { current += string } }
+    func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
+        if name == "text" { texts.append(current); inText = false }
+    }
+}

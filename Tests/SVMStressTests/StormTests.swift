@@ -1,0 +1,237 @@
+import Foundation
+import MirrorDriver
+import SVMEmu
+import SVMStress
+import Synchronization
+import Testing
+
+/// Small storms: 8 threads, a handful of pages, 50 µs of driver work, a short
+/// stall window. Every wait in the harness is bounded, so each test ends in
+/// a few seconds whatever the kernel does.
+@Suite("fault storms", .serialized)
+struct StormTests {
+
+    func storm(_ policy: DeviceFaultPolicy, _ lock: DriverLockMode, scenario: StormScenario = .readers,
+               pages: Int = 8, workMicros: Int = 50, stall: Double = 0.75) -> StormSettings {
+        var s = StormSettings(scenario: scenario, faultPolicy: policy, driverLock: lock,
+                              migrateToRAMWorkMicros: workMicros, threads: 8, pages: pages, stallSeconds: stall)
+        s.joinTimeoutSeconds = 5
+        return s
+    }
+
+    @Test("eight readers, legacy fault path, exclusive driver lock: livelock detected, threads stopped, nothing leaked")
+    func legacyExclusiveLivelocks() throws {
+        // Like the report, the storm repeats over many pages: it livelocks on the
+        // first page where three threads hold references at once, and stops there.
+        let started = Date()
+        let r = try StormHarness.run(storm(.legacy, .exclusive, pages: 256, stall: 0.5))
+        #expect(r.livelocked)
+        // The livelock starts on whichever page the threads first reach together;
+        // every page before it came back.
+        let stalled = try #require(r.stalledPage)
+        #expect(r.pagesMigrated == stalled)
+        let stall = try #require(r.stall)
+        #expect(stall.page == stalled)
+        // Between attempts the page is device-private again, or briefly under migration.
+        #expect(["devicePrivate", "migration"].contains(stall.entryKind))
+        // The winner's reference check keeps failing: many calls, no page back.
+        #expect(stall.migrateToRAMCallsOnPage > 20)
+        #expect(r.migrateToRAMCalls.total >= stall.migrateToRAMCallsOnPage)
+        // What the threads were doing: blocked on the driver lock holding references.
+        #expect((stall.driverLockWaiting ?? 0) >= 1)
+        #expect((stall.referencesBeyondMappings ?? 0) >= 2)
+        #expect(stall.summary.contains("driver lock"))
+        // Clean stop: every thread left, the page is unlocked with only its mapping's reference.
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(r.dataIntact)
+        #expect(r.error == nil)
+        #expect(Date().timeIntervalSince(started) < 8)
+    }
+
+    @Test("eight readers, trylock fault path, exclusive driver lock: every page comes back, one migrateToRAM each")
+    func trylockExclusiveMigratesEveryPage() throws {
+        let r = try StormHarness.run(storm(.trylock, .exclusive))
+        #expect(!r.livelocked)
+        #expect(r.stalledPage == nil)
+        #expect(r.pagesMigrated == 8)
+        #expect(r.perPage.allSatisfy { $0.inRAMAtCompletion })
+        #expect(r.migrateToRAMCalls.perPageMax == 1)
+        #expect(r.migrateToRAMCalls.total == 8)
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(r.dataIntact)
+    }
+
+    @Test("trylock-wait with the exclusive lock migrates every page with few retries")
+    func trylockWaitMigratesEveryPage() throws {
+        let r = try StormHarness.run(storm(.trylockWait, .exclusive))
+        #expect(!r.livelocked)
+        #expect(r.pagesMigrated == 8)
+        #expect(r.migrateToRAMCalls.perPageMax == 1)
+        // Losers sleep until the page is unlocked instead of spinning.
+        #expect(r.faultRetriesPerPage.mean <= 16)
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+    }
+
+    @Test("legacy without the driver lock finishes, with more than one migrateToRAM per page, more the longer it works")
+    func legacyWithoutLockNeedsManyCalls() throws {
+        // Without the lock the losers of the folio trylock in collect return at
+        // once, so contention resolves; how often it starts depends on how the
+        // host's two cores interleave the threads, so the long-work storm is
+        // repeated (at most four times, each a few hundred ms) until a page
+        // contends.
+        let short = try StormHarness.run(storm(.legacy, .none, pages: 24, workMicros: 0, stall: 3))
+        var long: [StormResult] = []
+        repeat {
+            long.append(try StormHarness.run(storm(.legacy, .none, pages: 24, workMicros: 100, stall: 3)))
+        } while long.count < 4 && long.last!.migrateToRAMCalls.perPageMean <= short.migrateToRAMCalls.perPageMean
+        for r in [short] + long {
+            #expect(!r.livelocked)
+            #expect(r.pagesMigrated == 24)
+            #expect(r.teardownClean, "\(r.teardownIssues)")
+            #expect(r.dataIntact)
+        }
+        let calls = ([short] + long).reduce(0) { $0 + $1.migrateToRAMCalls.total }
+        #expect(calls > 24 * (1 + long.count), "more than one migrateToRAM call per page on average")
+        // On two cores a 0 µs storm can hit a contended page too, so the
+        // comparison is statistical (release runs of 128 pages: 1.1-1.5 calls
+        // per page at 0 µs, up to hundreds at 10-200 µs; see Docs/livelock.md).
+        let best = long.map(\.migrateToRAMCalls.perPageMean).max() ?? 0
+        withKnownIssue("contention onset depends on host preemption with 8 threads on 2 cores", isIntermittent: true) {
+            #expect(best > short.migrateToRAMCalls.perPageMean,
+                    "0 µs: \(short.migrateToRAMCalls.perPageMean) calls/page, 100 µs: \(long.map(\.migrateToRAMCalls.perPageMean))")
+        }
+    }
+
+    @Test("writers instead of readers: same livelock with legacy + exclusive, none with trylock")
+    func writers() throws {
+        let legacy = try StormHarness.run(storm(.legacy, .exclusive, scenario: .writers, pages: 256, stall: 0.5))
+        #expect(legacy.livelocked)
+        #expect(legacy.teardownClean, "\(legacy.teardownIssues)")
+        let trylock = try StormHarness.run(storm(.trylock, .exclusive, scenario: .writers, pages: 4))
+        #expect(!trylock.livelocked)
+        #expect(trylock.pagesMigrated == 4)
+        #expect(trylock.dataIntact)
+        #expect(trylock.teardownClean, "\(trylock.teardownIssues)")
+    }
+
+    @Test("ping-pong: readers racing a GPU that migrates the page back still all read it (trylock)")
+    func pingPong() throws {
+        let r = try StormHarness.run(storm(.trylock, .exclusive, scenario: .pingPong, pages: 6, stall: 2))
+        #expect(!r.livelocked)
+        #expect(r.pagesMigrated == 6)
+        #expect(r.migrateToRAMCalls.total >= 6)
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(r.dataIntact)
+    }
+
+    @Test("two devices racing to migrate the same pages to their VRAM: every thread's migration succeeds once")
+    func twoDevices() throws {
+        let r = try StormHarness.run(storm(.trylock, .exclusive, scenario: .twoDevices, pages: 6, stall: 2))
+        #expect(!r.livelocked)
+        #expect(r.pagesMigrated == 6)
+        #expect(r.deviceMigrations >= 6)
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(r.dataIntact)
+    }
+
+    @Test("the harness never hangs: sixteen threads, a short stall window, every wait bounded")
+    func neverHangs() throws {
+        var s = storm(.legacy, .exclusive, pages: 64, stall: 0.3)
+        s.threads = 16
+        s.joinTimeoutSeconds = 2
+        let started = Date()
+        let r = try StormHarness.run(s)
+        #expect(r.livelocked || r.pagesMigrated == 64)
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(Date().timeIntervalSince(started) < 6)
+    }
+
+    @Test("2 MiB pages: one migrateToRAM per 2 MiB folio with trylock + exclusive")
+    func hugePages() throws {
+        var s = storm(.trylock, .exclusive, pages: 4, stall: 2)
+        s.pageSize = .huge
+        let r = try StormHarness.run(s)
+        #expect(!r.livelocked)
+        #expect(r.pagesMigrated == 4)
+        #expect(r.perPage.allSatisfy { $0.inRAMAtCompletion })
+        #expect(r.migrateToRAMCalls.perPageMax == 1)
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(r.dataIntact)
+    }
+
+    @Test("a driver of your own plugs in; one without 2 MiB migration is refused a 2 MiB storm")
+    func ownDriver() throws {
+        let made = Mutex<[WrappedDriver]>([])
+        let factory: StormDriverFactory = { kernel, mm, index in
+            let d = WrappedDriver(MirrorDevice(kernel: kernel, mm: mm, name: "own\(index)", vramBytes: 64 << 20, chunkBytes: 32 << 20))
+            made.withLock { $0.append(d) }
+            return d
+        }
+        let r = try StormHarness.run(storm(.trylock, .exclusive, pages: 4), makeDriver: factory)
+        #expect(r.pagesMigrated == 4)
+        #expect(made.withLock { $0.count } == 1)
+        #expect(made.withLock { $0[0].migrateToDeviceCalls.load(ordering: .relaxed) } == 1)
+        var s = storm(.trylock, .exclusive)
+        s.pageSize = .huge
+        do {
+            _ = try StormHarness.run(s, makeDriver: factory)
+            Issue.record("a 2 MiB storm ran on a driver without 2 MiB migration")
+        } catch {
+            #expect(error.description.contains("2 MiB storms need compound migration (issue 4)"))
+        }
+    }
+
+    @Test("bad settings are refused before anything boots")
+    func badSettings() {
+        var s = StormSettings()
+        s.threads = 0
+        #expect(throws: StormError.self) { try StormHarness.run(s) }
+        s = StormSettings()
+        s.stallSeconds = 0
+        #expect(throws: StormError.self) { try StormHarness.run(s) }
+    }
+
+    @Test("the JSON object has the documented keys, null for no stalled page")
+    func json() throws {
+        let r = try StormHarness.run(storm(.trylock, .exclusive, pages: 2))
+        let data = try JSONEncoder().encode(r)
+        let object = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        for key in ["faultPolicy", "driverLock", "threads", "pages", "pagesMigrated", "livelocked", "stalledPage",
+                    "migrateToRAMCalls", "faultRetries", "seconds"] {
+            #expect(object[key] != nil, "missing \(key)")
+        }
+        #expect(object["stalledPage"] is NSNull)
+        #expect(object["faultPolicy"] as? String == "trylock")
+        let calls = try #require(object["migrateToRAMCalls"] as? [String: Any])
+        for key in ["total", "perPageMean", "perPageP50", "perPageP99", "perPageMax"] { #expect(calls[key] != nil) }
+        let back = try JSONDecoder().decode(StormResult.self, from: data)
+        #expect(back == r)
+    }
+
+    @Test("distribution: nearest-rank percentiles")
+    func distribution() {
+        let d = StormDistribution(Array(1...100))
+        #expect(d.mean == 50.5)
+        #expect(d.p50 == 50)
+        #expect(d.p99 == 99)
+        #expect(d.max == 100)
+        #expect(StormDistribution([Int]()) == .empty)
+    }
+}
+
+/// A driver of one's own: here a MirrorDevice behind the protocol, counting
+/// migrations and claiming no 2 MiB support.
+final class WrappedDriver: StormDriver, @unchecked Sendable {
+    let device: MirrorDevice
+    let migrateToDeviceCalls = Atomic<Int>(0)
+    init(_ device: MirrorDevice) { self.device = device }
+    var mm: AddressSpace { device.mm }
+    func prepare(for settings: StormSettings) { device.prepare(for: settings) }
+    func migrateToDevice(_ address: UInt64, pages: Int) throws(Errno) -> Int {
+        migrateToDeviceCalls.add(1, ordering: .relaxed)
+        return try device.migrateToDevice(address, pages: pages)
+    }
+    var migrateToRAMCalls: Int { device.migrateToRAMCalls }
+    var driverLockProbe: DriverLockProbe? { device.driverLockProbe }
+    var supportsHugePages: Bool { false }
+}
