@@ -39,6 +39,16 @@ extension MirrorDevice {
         return try migrateRangeLocked(address, end, toDevice: false)
     }
 
+    /// Migrates `[start, end)` (page aligned, inside readable VMAs) to this
+    /// device or back, for a caller that already holds the mmap lock for
+    /// reading (an ioctl front end walking VMAs, like nouveau's bind).
+    /// - Returns: pages migrated.
+    /// - Throws: `.invalidArgument` for a page outside any readable VMA.
+    public func migrateHoldingMmapLock(_ start: UInt64, _ end: UInt64, toDevice: Bool) throws(Errno) -> Int {
+        guard start & 4095 == 0, end & 4095 == 0, end > start else { throw .invalidArgument }
+        return try migrateRangeLocked(start, end, toDevice: toDevice)
+    }
+
     /// The batch loop, mmap lock held. Returns pages migrated. With 2 MiB
     /// granularity, batches are aligned 2 MiB and collected with
     /// SELECT_COMPOUND, so whole THPs and empty 2 MiB regions move as one folio.

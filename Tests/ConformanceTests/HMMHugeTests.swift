@@ -80,13 +80,10 @@ struct HMMHugeTests {
             let mm = f.mm!
             let size = pmdSize, npages = size >> pageShift
             let (buffer, old) = try hugeBuffer(mm, protection: .readWrite)
-            // The kernel test fills 4 KiB pages and then calls
-            // madvise(MADV_COLLAPSE) to make them one THP.
-            withKnownIssue("MADV_COLLAPSE (madvise_collapse(), khugepaged's synchronous collapse) is not modelled; MADV_HUGEPAGE before the first touch gives the THP the case needs") {
-                Issue.record("madvise(MADV_COLLAPSE) is not available in the emulator")
-            }
-            #expect(sys { try mm.madvise(buffer.ptr, length: size, advice: .hugePage) } == 0)
+            // As the kernel test: fill 4 KiB pages, then collapse them into one THP.
             try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+            #expect(mm.entry(at: buffer.ptr).level == .pte)
+            #expect(sys { try mm.madvise(buffer.ptr, length: size, advice: .collapse) } == 0)
             #expect(mm.entry(at: buffer.ptr).level == .pmd)
 
             #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, npages) == 0)

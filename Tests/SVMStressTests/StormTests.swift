@@ -50,7 +50,7 @@ struct StormTests {
 
     @Test("eight readers, trylock fault path, exclusive driver lock: every page comes back, one migrateToRAM each")
     func trylockExclusiveMigratesEveryPage() throws {
-        let r = try StormHarness.run(storm(.trylock, .exclusive))
+        let r = try StormHarness.run(storm(.trylock, .exclusive, stall: 2))
         #expect(!r.livelocked)
         #expect(r.stalledPage == nil)
         #expect(r.pagesMigrated == 8)
@@ -63,7 +63,7 @@ struct StormTests {
 
     @Test("trylock-wait with the exclusive lock migrates every page with few retries")
     func trylockWaitMigratesEveryPage() throws {
-        let r = try StormHarness.run(storm(.trylockWait, .exclusive))
+        let r = try StormHarness.run(storm(.trylockWait, .exclusive, stall: 2))
         #expect(!r.livelocked)
         #expect(r.pagesMigrated == 8)
         #expect(r.migrateToRAMCalls.perPageMax == 1)
@@ -75,28 +75,33 @@ struct StormTests {
     @Test("legacy without the driver lock finishes, with more than one migrateToRAM per page, more the longer it works")
     func legacyWithoutLockNeedsManyCalls() throws {
         // Without the lock the losers of the folio trylock in collect return at
-        // once, so contention resolves; how often it starts depends on how the
-        // host's two cores interleave the threads, so the long-work storm is
-        // repeated (at most four times, each a few hundred ms) until a page
-        // contends.
-        let short = try StormHarness.run(storm(.legacy, .none, pages: 24, workMicros: 0, stall: 3))
+        // once, so contention resolves. Twelve threads: on two cores contention
+        // starts when the host preempts threads holding references, and more
+        // threads make that likely on every run. The long-work storm is
+        // repeated (at most three times, each well under a second) in case
+        // the host interleaved it kindly.
+        func run(_ micros: Int) throws -> StormResult {
+            var s = storm(.legacy, .none, pages: 12, workMicros: micros, stall: 3)
+            s.threads = 12
+            return try StormHarness.run(s)
+        }
+        let short = try run(0)
         var long: [StormResult] = []
         repeat {
-            long.append(try StormHarness.run(storm(.legacy, .none, pages: 24, workMicros: 100, stall: 3)))
-        } while long.count < 4 && long.last!.migrateToRAMCalls.perPageMean <= short.migrateToRAMCalls.perPageMean
+            long.append(try run(100))
+        } while long.count < 3 && long.last!.migrateToRAMCalls.perPageMean <= max(1, short.migrateToRAMCalls.perPageMean)
         for r in [short] + long {
             #expect(!r.livelocked)
-            #expect(r.pagesMigrated == 24)
+            #expect(r.pagesMigrated == 12)
             #expect(r.teardownClean, "\(r.teardownIssues)")
             #expect(r.dataIntact)
         }
-        let calls = ([short] + long).reduce(0) { $0 + $1.migrateToRAMCalls.total }
-        #expect(calls > 24 * (1 + long.count), "more than one migrateToRAM call per page on average")
-        // On two cores a 0 µs storm can hit a contended page too, so the
-        // comparison is statistical (release runs of 128 pages: 1.1-1.5 calls
-        // per page at 0 µs, up to hundreds at 10-200 µs; see Docs/livelock.md).
         let best = long.map(\.migrateToRAMCalls.perPageMean).max() ?? 0
-        withKnownIssue("contention onset depends on host preemption with 8 threads on 2 cores", isIntermittent: true) {
+        #expect(best > 1, "more than one migrateToRAM call per page on average")
+        // Statistical on two cores: a 0 µs storm can hit a long burst on one
+        // page too (release, 128 pages, 8 threads: 1.1-1.5 calls per page at
+        // 0 µs, up to hundreds at 10-200 µs; Docs/livelock.md). Recorded, not fatal.
+        withKnownIssue("contention onset depends on host preemption with more threads than cores", isIntermittent: true) {
             #expect(best > short.migrateToRAMCalls.perPageMean,
                     "0 µs: \(short.migrateToRAMCalls.perPageMean) calls/page, 100 µs: \(long.map(\.migrateToRAMCalls.perPageMean))")
         }
@@ -107,7 +112,7 @@ struct StormTests {
         let legacy = try StormHarness.run(storm(.legacy, .exclusive, scenario: .writers, pages: 256, stall: 0.5))
         #expect(legacy.livelocked)
         #expect(legacy.teardownClean, "\(legacy.teardownIssues)")
-        let trylock = try StormHarness.run(storm(.trylock, .exclusive, scenario: .writers, pages: 4))
+        let trylock = try StormHarness.run(storm(.trylock, .exclusive, scenario: .writers, pages: 4, stall: 2))
         #expect(!trylock.livelocked)
         #expect(trylock.pagesMigrated == 4)
         #expect(trylock.dataIntact)
@@ -167,7 +172,7 @@ struct StormTests {
             made.withLock { $0.append(d) }
             return d
         }
-        let r = try StormHarness.run(storm(.trylock, .exclusive, pages: 4), makeDriver: factory)
+        let r = try StormHarness.run(storm(.trylock, .exclusive, pages: 4, stall: 2), makeDriver: factory)
         #expect(r.pagesMigrated == 4)
         #expect(made.withLock { $0.count } == 1)
         #expect(made.withLock { $0[0].migrateToDeviceCalls.load(ordering: .relaxed) } == 1)
@@ -193,7 +198,7 @@ struct StormTests {
 
     @Test("the JSON object has the documented keys, null for no stalled page")
     func json() throws {
-        let r = try StormHarness.run(storm(.trylock, .exclusive, pages: 2))
+        let r = try StormHarness.run(storm(.trylock, .exclusive, pages: 2, stall: 2))
         let data = try JSONEncoder().encode(r)
         let object = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         for key in ["faultPolicy", "driverLock", "threads", "pages", "pagesMigrated", "livelocked", "stalledPage",

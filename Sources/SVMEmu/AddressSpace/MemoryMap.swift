@@ -10,6 +10,8 @@ public enum MadviseAdvice: String, Sendable, CaseIterable {
     case hugePage
     /// MADV_NOHUGEPAGE: forbid 2 MiB folios.
     case noHugePage
+    /// MADV_COLLAPSE: collapse the range's 2 MiB-aligned regions into THPs now.
+    case collapse
 }
 
 extension AddressSpace {
@@ -149,6 +151,9 @@ extension AddressSpace {
         if length == 0 && address & 4095 == 0 { return }
         let (start, end) = try checkRange(address, length)
         switch advice {
+        case .collapse:
+            guard withMmapReadLock({ fullyMapped(start, end) }) else { throw .noMemory }
+            try collapse(start, end)
         case .hugePage, .noHugePage:
             mmapWriteLock(); defer { mmapWriteUnlock() }
             guard fullyMapped(start, end) else { throw .noMemory }

@@ -5,7 +5,7 @@ import CSVMSupport
 public enum VMStatItem: Int, CaseIterable, Sendable {
     case pgalloc, pgfree, allocFail, thpAllocFail
     case pgfault, pgmajfault, demandZeroFaults, zeroPageMaps, wpFaults
-    case thpFaultAlloc, thpZeroPageMap, thpSplitPmd, thpSplitPage
+    case thpFaultAlloc, thpZeroPageMap, thpSplitPmd, thpSplitPage, thpCollapseAlloc
     case migrationEntryWaits, folioLockWaits
     case pgmigrateSuccess, pgmigrateFail, thpMigrationSuccess, thpMigrationFail, thpMigrationSplit
     case migrateVMACollected, migrateVMASkipped, migrateVMARestored
@@ -29,6 +29,7 @@ public enum VMStatItem: Int, CaseIterable, Sendable {
         case .thpZeroPageMap: "thp_zero_page_alloc"
         case .thpSplitPmd: "thp_split_pmd"
         case .thpSplitPage: "thp_split_page"
+        case .thpCollapseAlloc: "thp_collapse_alloc"
         case .migrationEntryWaits: "migration_entry_waits"
         case .folioLockWaits: "folio_lock_waits"
         case .pgmigrateSuccess: "pgmigrate_success"
