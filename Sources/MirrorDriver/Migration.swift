@@ -118,8 +118,7 @@ extension MirrorDevice {
             args.dst[i] = d
             count += 1
         }
-        phases.end(.allocate, a)
-        let c = phases.begin()
+        let c = phases.endAndBegin(.allocate, a)
         copyMigrated(args)
         phases.end(.copy, c)
         return count
@@ -217,11 +216,9 @@ extension MirrorDevice {
             args.dst[i] = d
             count += 1
         }
-        phases.end(.allocate, a)
-        let c = phases.begin()
+        let c = phases.endAndBegin(.allocate, a)
         copyMigrated(args)
-        phases.end(.copy, c)
-        let t = phases.begin()
+        let t = phases.endAndBegin(.copy, c)
         pageTableLock.withLock { _ in
             pageTable.clear(args.start, args.start + UInt64(args.npages) << 12)
         }
@@ -280,6 +277,7 @@ extension MirrorDevice {
             args.prepare(vma: vmf.vma, start: start, end: start + size,
                          flags: order > 0 ? [.devicePrivate, .compound] : .devicePrivate,
                          pgmapOwner: owner, faultPage: vmf.page)
+            if s.migrateToRAMLookupNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMLookupNanos) }
             do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
             if s.migrateToRAMWorkNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMWorkNanos) }
             var wanted = 0

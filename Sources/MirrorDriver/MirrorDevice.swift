@@ -36,6 +36,10 @@ public struct MirrorSettings: Sendable {
     /// Time migrateToRAM spends waiting for its (emulated) DMA copy while it
     /// holds the driver lock and the page reference, in nanoseconds. Sleeps.
     public var migrateToRAMWorkNanos: UInt64 = 0
+    /// Time migrateToRAM spends before `migrateVMASetup` (looking up its range
+    /// and taking its own locks, as amdgpu and Xe do there), holding the
+    /// driver lock and the page reference, in nanoseconds. Sleeps.
+    public var migrateToRAMLookupNanos: UInt64 = 0
     /// Forces every device-memory allocation to fail (VRAM exhausted).
     public var failDeviceAllocation = false
     /// Forces 2 MiB device allocations to fail, so 2 MiB migrations to the

@@ -14,7 +14,8 @@ public protocol StormDriver: AnyObject, Sendable {
     /// Applies the storm's driver-side knobs before the storm starts: the lock
     /// `migrateToRAM` takes (`StormSettings.driverLock`) and the time it works
     /// while holding that lock and the page reference
-    /// (`StormSettings.migrateToRAMWorkMicros`). A driver without such knobs
+    /// (`StormSettings.migrateToRAMWorkMicros`, and before `migrate_vma_setup()`:
+    /// `migrateToRAMLookupMicros`). A driver without such knobs
     /// may ignore them.
     func prepare(for settings: StormSettings)
     /// Migrates `[address, address + pages * 4096)` to this driver's device
@@ -51,6 +52,7 @@ extension MirrorDevice: StormDriver {
         var s = self.settings
         s.driverLock = settings.driverLock
         s.migrateToRAMWorkNanos = UInt64(max(0, settings.migrateToRAMWorkMicros)) * 1000
+        s.migrateToRAMLookupNanos = UInt64(max(0, settings.migrateToRAMLookupMicros)) * 1000
         s.migrationGranularity = settings.pageSize == .huge ? .huge2M : .base4K
         self.settings = s
     }

@@ -24,6 +24,9 @@ public enum StormReport {
         row("fault policy") { $0.settings.faultPolicy.rawValue }
         row("driver lock in migrateToRAM") { $0.settings.driverLock.rawValue }
         row("migrateToRAM work (µs)") { String($0.settings.migrateToRAMWorkMicros) }
+        if results.contains(where: { $0.settings.migrateToRAMLookupMicros > 0 }) {
+            row("  before setup (µs)") { String($0.settings.migrateToRAMLookupMicros) }
+        }
         row("threads x pages") { "\($0.settings.threads) x \($0.settings.pages) (\($0.settings.pageSize.rawValue))" }
         row("outcome") { r in
             if r.livelocked { return "LIVELOCK at page \(r.stalledPage ?? -1)" }

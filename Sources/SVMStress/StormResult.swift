@@ -127,7 +127,7 @@ public struct StormResult: Sendable, Codable, Equatable {
     public var perPage: [PageRecord]
 
     enum CodingKeys: String, CodingKey {
-        case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
+        case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, migrateToRAMLookupMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
     }
@@ -161,6 +161,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(settings.faultPolicy, forKey: .faultPolicy)
         try c.encode(settings.driverLock, forKey: .driverLock)
         try c.encode(settings.migrateToRAMWorkMicros, forKey: .migrateToRAMWorkMicros)
+        try c.encode(settings.migrateToRAMLookupMicros, forKey: .migrateToRAMLookupMicros)
         try c.encode(settings.threads, forKey: .threads)
         try c.encode(settings.pages, forKey: .pages)
         try c.encode(settings.pageSize, forKey: .pageSize)
@@ -191,6 +192,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         s.faultPolicy = try c.decode(DeviceFaultPolicy.self, forKey: .faultPolicy)
         s.driverLock = try c.decode(DriverLockMode.self, forKey: .driverLock)
         s.migrateToRAMWorkMicros = try c.decode(Int.self, forKey: .migrateToRAMWorkMicros)
+        s.migrateToRAMLookupMicros = try c.decodeIfPresent(Int.self, forKey: .migrateToRAMLookupMicros) ?? 0
         s.threads = try c.decode(Int.self, forKey: .threads)
         s.pages = try c.decode(Int.self, forKey: .pages)
         s.pageSize = try c.decode(StormPageSize.self, forKey: .pageSize)

@@ -42,6 +42,10 @@ public struct StormSettings: Sendable, Codable, Equatable {
     /// while it holds its lock and the page reference, in microseconds; the
     /// copy engine's own time comes on top.
     public var migrateToRAMWorkMicros: Int = 50
+    /// The time `migrateToRAM` works before `migrate_vma_setup()` (looking up
+    /// its range, taking its own locks), holding its lock and the page
+    /// reference, in microseconds. 0 by default.
+    public var migrateToRAMLookupMicros: Int = 0
     /// Threads that go at each page.
     public var threads: Int = 8
     /// Pages processed one after the other.
@@ -80,6 +84,9 @@ public struct StormSettings: Sendable, Codable, Equatable {
         guard (1...65_536).contains(pages) else { throw .invalidSettings("pages must be 1...65536 (got \(pages))") }
         guard (0...1_000_000).contains(migrateToRAMWorkMicros) else {
             throw .invalidSettings("migrateToRAM work must be 0...1000000 µs (got \(migrateToRAMWorkMicros))")
+        }
+        guard (0...1_000_000).contains(migrateToRAMLookupMicros) else {
+            throw .invalidSettings("migrateToRAM lookup time must be 0...1000000 µs (got \(migrateToRAMLookupMicros))")
         }
         guard stallSeconds > 0, stallSeconds <= 3600 else {
             throw .invalidSettings("stall window must be > 0 and at most 3600 s (got \(stallSeconds))")

@@ -42,6 +42,9 @@ struct LivelockCommand: ParsableCommand {
     @Option(name: .long, help: "Microseconds migrateToRAM works (waits for its DMA) holding its lock and the page reference.")
     var faultDelayUs = 50
 
+    @Option(name: .long, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
+    var lookupDelayUs = 0
+
     @Option(name: .long, help: "Seconds without a page completing before the run is declared livelocked.")
     var stallSeconds = 2.0
 
@@ -75,6 +78,7 @@ struct LivelockCommand: ParsableCommand {
         s.threads = threads
         s.pages = pages
         s.migrateToRAMWorkMicros = faultDelayUs
+        s.migrateToRAMLookupMicros = lookupDelayUs
         s.stallSeconds = stallSeconds
         s.seed = seed
         do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
@@ -93,6 +97,7 @@ struct LivelockCommand: ParsableCommand {
         message.replacingOccurrences(of: "threads must", with: "--threads must")
             .replacingOccurrences(of: "pages must", with: "--pages must")
             .replacingOccurrences(of: "migrateToRAM work must", with: "--fault-delay-us must")
+            .replacingOccurrences(of: "migrateToRAM lookup time must", with: "--lookup-delay-us must")
             .replacingOccurrences(of: "stall window must", with: "--stall-seconds must")
     }
 

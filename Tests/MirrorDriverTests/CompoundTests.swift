@@ -160,4 +160,22 @@ struct CompoundTests {
         #expect(try mm.verifyPattern(base, length: Self.huge, seed: 3) == nil)
         #expect(kernel.diagnostics.isEmpty)
     }
+
+    @Test("under the legacy policy a PMD-level device fault still brings the folio back (that path always trylocks)")
+    func legacyPMDFault() throws {
+        let (kernel, mm, device) = bootMachine(policy: .legacy, thp: .always)
+        var s = device.settings
+        s.migrationGranularity = .huge2M
+        device.settings = s
+        let base = try mm.mmap(length: Self.huge)
+        try mm.fillPattern(base, length: Self.huge, seed: 17)
+        try device.migrateToDevice(base, pages: 512)
+        #expect(mm.entry(at: base).entry.kind == .devicePrivate)
+        // A bounded access: a regression would loop in migrateToRAM forever.
+        let value = try mm.withPageBytes(at: base, write: false, faultLimit: 8) { $0.load(as: UInt8.self) }
+        #expect(value != nil)
+        #expect(device.migrateToRAMCalls == 1)
+        #expect(try mm.verifyPattern(base, length: Self.huge, seed: 17) == nil)
+        #expect(kernel.diagnostics.isEmpty)
+    }
 }

@@ -100,6 +100,27 @@ static inline uint64_t svm_now_ns(void) {
 static inline void svm_memcpy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 static inline void svm_memset(void *dst, int c, size_t n) { memset(dst, c, n); }
 static inline int svm_memcmp(const void *a, const void *b, size_t n) { return memcmp(a, b, n); }
+// A copy with non-temporal (streaming) stores, as a DMA engine writes memory
+// without pulling the destination into the CPU caches. For 64-byte multiples
+// on 16-byte aligned buffers (page frames); anything else falls back to memcpy.
+#if defined(__x86_64__)
+#include <emmintrin.h>
+static inline void svm_copy_stream(void *dst, const void *src, size_t n) {
+    if ((((uintptr_t)dst | (uintptr_t)src) & 15) || (n & 63)) { memcpy(dst, src, n); return; }
+    __m128i *d = (__m128i *)dst;
+    const __m128i *s = (const __m128i *)src;
+    for (size_t i = 0; i < n / 16; i += 4) {
+        __m128i a = _mm_load_si128(s + i), b = _mm_load_si128(s + i + 1);
+        __m128i c = _mm_load_si128(s + i + 2), e = _mm_load_si128(s + i + 3);
+        _mm_stream_si128(d + i, a); _mm_stream_si128(d + i + 1, b);
+        _mm_stream_si128(d + i + 2, c); _mm_stream_si128(d + i + 3, e);
+    }
+    _mm_sfence();
+}
+#else
+static inline void svm_copy_stream(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+#endif
+
 // A compiler barrier so a benchmark's copy is not optimised away.
 static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "memory"); }
 
@@ -107,6 +128,12 @@ static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "m
 // ---- per-thread CPU identity (the emulated CPU a thread runs on) ----
 // Defined in svm_support.c so every Swift module sees one variable per thread.
 int32_t svm_cpu_id(void);
+
+// The folio (head pfn) the current thread's fault path holds locked while it
+// runs migrate_to_ram, or 0: how migrate_vma_setup tells "the fault path
+// locked the fault page" under a policy where it may not have.
+uint64_t svm_fault_locked_folio(void);
+void svm_set_fault_locked_folio(uint64_t pfn);
 
 // ---- cycle counter for phase timing (cheap: ~7 ns vs ~20 ns for clock_gettime) ----
 static inline uint64_t svm_ticks(void) {

@@ -14,6 +14,8 @@ extension AddressSpace {
     /// The corresponding kernel function is `unmap_page_range()`.
     func zapRange(vma: VMA, start: UInt64, end: UInt64, freeTables: Bool) {
         var toPut: [Folio] = []
+        // The range actually cleared (mmu_gather's start/end): only it is flushed.
+        var cleared = (lo: UInt64.max, hi: UInt64(0))
         var a = start
         while a < end {
             let pmdStart = a & AddressSpace.pmdMask
@@ -23,25 +25,26 @@ extension AddressSpace {
             case .none:
                 break
             case .table:
-                zapPTEs(a, next, &toPut)
+                zapPTEs(a, next, &toPut, &cleared)
                 if freeTables && a == pmdStart && next == pmdStart + AddressSpace.pmdSize {
                     freePTETable(pmdStart)
                 }
             case .present, .migration, .devicePrivate:
                 if a == pmdStart && next == pmdStart + AddressSpace.pmdSize {
                     zapHugePMD(pmdStart, &toPut)
+                    cleared = (min(cleared.lo, pmdStart), max(cleared.hi, next))
                 } else {
                     splitHugePMD(pmdStart)
-                    zapPTEs(a, next, &toPut)
+                    zapPTEs(a, next, &toPut, &cleared)
                 }
             }
             a = next
         }
-        flushTLBRange(start, end)
+        if cleared.hi > cleared.lo { flushTLBRange(cleared.lo, cleared.hi) }
         for f in toPut { f.put() }
     }
 
-    private func zapPTEs(_ start: UInt64, _ end: UInt64, _ toPut: inout [Folio]) {
+    private func zapPTEs(_ start: UInt64, _ end: UInt64, _ toPut: inout [Folio], _ cleared: inout (lo: UInt64, hi: UInt64)) {
         let lock = ptl(start)
         svm_mutex_lock(lock)
         defer { svm_mutex_unlock(lock) }
@@ -49,6 +52,7 @@ extension AddressSpace {
         var a = start
         while a < end {
             let pte = loadPTE(a)
+            if !pte.isNone { cleared = (min(cleared.lo, a), max(cleared.hi, a + 4096)) }
             switch pte.kind {
             case .present:
                 storePTE(a, .none)

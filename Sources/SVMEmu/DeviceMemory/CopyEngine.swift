@@ -15,13 +15,22 @@ public protocol CopyEngine: AnyObject, Sendable {
     func wait()
 }
 
-/// The simplest engine: a synchronous memcpy on the calling thread, charging
-/// nothing beyond what the copy costs on this machine.
+/// The simplest engine: a synchronous copy on the calling thread, charging
+/// nothing beyond what the copy costs on this machine. Copies of at least
+/// `streamingThreshold` bytes use non-temporal stores, as a DMA engine writes
+/// memory without filling the CPU caches (and as glibc's memcpy does for
+/// copies larger than a few MiB).
 public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
     public let name = "memcpy"
-    public init() {}
+    /// Copies this size and larger stream (4 KiB by default: every page copy; `Int.max` never).
+    public let streamingThreshold: Int
+    public init(streamingThreshold: Int = 4096) { self.streamingThreshold = streamingThreshold }
     @inlinable public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
-        svm_memcpy(destination, source, bytes)
+        if bytes >= streamingThreshold {
+            svm_copy_stream(destination, source, bytes)
+        } else {
+            svm_memcpy(destination, source, bytes)
+        }
     }
     @inlinable public func wait() {}
 }

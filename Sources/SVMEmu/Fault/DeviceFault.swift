@@ -31,7 +31,9 @@ extension AddressSpace {
                 folio.get()
                 svm_mutex_unlock(lock)
                 kernel.vmstat.count(.migrateToRAMCalls)
+                svm_set_fault_locked_folio(folio.pfn)
                 result = migrateToRAM(vmf)
+                svm_set_fault_locked_folio(0)
                 // unlock_page(vmf->page): a split may have moved the lock and
                 // reference to the page's new folio.
                 let now = page.folio
@@ -79,7 +81,9 @@ extension AddressSpace {
         kernel.vmstat.count(.migrateToRAMCalls)
         // The driver gets the head page: it migrates the whole folio.
         let page = folio.page(0)
+        svm_set_fault_locked_folio(folio.pfn)
         let result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: true))
+        svm_set_fault_locked_folio(0)
         folio.unlock()
         folio.put()
         try Self.check(result)

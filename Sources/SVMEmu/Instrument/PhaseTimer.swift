@@ -113,6 +113,16 @@ public final class PhaseTimer: @unchecked Sendable {
         if mark != 0 { record(phase, mark, svm_ticks()) }
     }
 
+    /// Ends `phase` and begins the next one with a single clock read (for
+    /// back-to-back phases: collect then unmap, allocate then copy ...).
+    @inlinable @inline(__always)
+    public func endAndBegin(_ phase: MigrationPhase, _ mark: UInt64) -> UInt64 {
+        guard mark != 0 else { return 0 }
+        let now = svm_ticks()
+        record(phase, mark, now)
+        return now
+    }
+
     @usableFromInline
     func record(_ phase: MigrationPhase, _ start: UInt64, _ end: UInt64) {
         let cpu = Int(svm_cpu_id()) & (PhaseTimer.slots - 1)

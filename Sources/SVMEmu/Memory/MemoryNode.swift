@@ -163,12 +163,17 @@ extension Kernel {
             pgmap.freeFolio(folio)
             return
         }
-        let r = Int(m.region)
-        guard let node = nodes.first(where: { Int($0.region) == r }) else {
-            warn("free_folio: pfn outside system RAM and every device page map", "\(folio)")
-            return
+        let r = m.region
+        // An index loop: no closure, no iterator retains on this per-page path.
+        var i = 0
+        while i < nodes.count {
+            if nodes[i].region == r {
+                nodes[i].release(pfn: folio.pfn, order: folio.order)
+                return
+            }
+            i += 1
         }
-        node.release(pfn: folio.pfn, order: folio.order)
+        warn("free_folio: pfn outside system RAM and every device page map", "\(folio)")
     }
 
     /// Allocates a folio on `node` (or any node if nil): `folio_alloc()` /
@@ -179,7 +184,11 @@ extension Kernel {
             guard node >= 0 && node < nodes.count else { return nil }
             folio = nodes[node].allocate(order: order)
         } else {
-            for n in nodes { if let f = n.allocate(order: order) { folio = f; break } }
+            var i = 0
+            while i < nodes.count && folio == nil {
+                folio = nodes[i].allocate(order: order)
+                i += 1
+            }
         }
         if zeroed, let f = folio { svm_memset(f.bytes, 0, f.size) }
         return folio

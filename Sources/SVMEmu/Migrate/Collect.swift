@@ -28,9 +28,15 @@ extension Kernel {
         guard args.start >= vma.start, args.start < vma.end else { throw .invalidArgument }
         guard args.end > vma.start, args.end <= vma.end else { throw .invalidArgument }
         guard args.src.count >= Int(pageCount), args.dst.count >= Int(pageCount) else { throw .invalidArgument }
-        let legacy = deviceFaultPolicy == .legacy
+        // Legacy kernels (v6.1-v6.14) did not lock the fault page in the fault
+        // path; collect trylocked it like any other page. The PMD-level device
+        // fault always locks it, so under the legacy policy the fault path
+        // says whether it holds the lock (a per-thread note set around
+        // migrate_to_ram).
+        var legacy = deviceFaultPolicy == .legacy
         if let fp = args.faultPage {
             guard fp.folio.isDevicePrivate else { throw .invalidArgument }
+            if legacy && svm_fault_locked_folio() == fp.folio.pfn { legacy = false }
             if !legacy && !fp.folio.isLocked { throw .invalidArgument }
         }
         if args.phase == .setUp || args.phase == .pagesDone {
@@ -48,11 +54,12 @@ extension Kernel {
         args.phase = .setUp
         let t = phases.begin()
         migrateVMACollect(&args, vma)
-        phases.end(.collect, t)
         if args.cpages > 0 {
-            let u = phases.begin()
+            let u = phases.endAndBegin(.collect, t)
             migrateVMAUnmap(&args)
             phases.end(.unmap, u)
+        } else {
+            phases.end(.collect, t)
         }
     }
 
