@@ -51,18 +51,10 @@ extension Kernel {
             folio.put()
             return false
         }
-        let anonExclusive = folio.isAnon && folio.page(0).isAnonExclusive
-        if anonExclusive {
-            for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
-        }
-        let present = pmd.kind == .present
-        if present && pmd.isDirty { folio.markDirty() }
-        mm.storePMD(haddr, .migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && anonExclusive,
-                                      dirty: present && pmd.isDirty, young: present && pmd.isYoung))
-        mm.removeEntireRmap(folio)
+        setPMDMigrationEntry(mm, haddr, pmd, folio, anonExclusive: folio.isAnon && folio.page(0).isAnonExclusive)
         svm_mutex_unlock(lock)
         folio.put()
-        if present { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
+        if pmd.kind == .present { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
         collectCompound(&args, MigratePFN(pfn: folio.pfn).with(
             MigratePFN.migrateBit | MigratePFN.compoundBit | (pmd.isWrite ? MigratePFN.writeBit : 0)))
         return true
@@ -139,6 +131,22 @@ extension Kernel {
         src = MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit)
     }
 
+    /// `set_pmd_migration_entry()`: the PMD mapping `pmd` of `folio` (present or
+    /// device-private) becomes a PMD migration entry; the folio is shared
+    /// (anon-exclusive cleared), its dirty bit kept, its PMD rmap dropped.
+    /// Caller holds the PMD lock, flushes the TLB for a present mapping after
+    /// dropping it, and drops the mapping's reference.
+    func setPMDMigrationEntry(_ mm: AddressSpace, _ haddr: UInt64, _ pmd: PageTableEntry, _ folio: Folio, anonExclusive: Bool) {
+        if anonExclusive {
+            for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
+        }
+        let present = pmd.kind == .present
+        if present && pmd.isDirty { folio.markDirty() }
+        mm.storePMD(haddr, .migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && anonExclusive,
+                                      dirty: present && pmd.isDirty, young: present && pmd.isYoung))
+        mm.removeEntireRmap(folio)
+    }
+
     /// `try_to_migrate()` for a PMD-mapped folio: a PMD migration entry.
     func tryToMigratePMD(_ folio: Folio, hint: AddressSpace? = nil) {
         guard folio.entireMapCount > 0, let (mm, address) = rmapAddress(of: folio.page(0), hint: hint), mm.covers(address) else { return }
@@ -152,17 +160,9 @@ extension Kernel {
             svm_mutex_unlock(lock)
             return
         }
-        let exclusive = folio.page(0).isAnonExclusive
-        if exclusive {
-            for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
-        }
-        let present = pmd.kind == .present
-        if present && pmd.isDirty { folio.markDirty() }
-        mm.storePMD(address, .migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && exclusive,
-                                        dirty: present && pmd.isDirty, young: present && pmd.isYoung))
-        mm.removeEntireRmap(folio)
+        setPMDMigrationEntry(mm, address, pmd, folio, anonExclusive: folio.page(0).isAnonExclusive)
         svm_mutex_unlock(lock)
-        if present { mm.flushTLBRange(address, address + (2 << 20)) }
+        if pmd.kind == .present { mm.flushTLBRange(address, address + (2 << 20)) }
         folio.put()
     }
 

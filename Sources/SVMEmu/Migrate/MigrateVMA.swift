@@ -93,15 +93,13 @@ public struct MigrateVMA: @unchecked Sendable {
     /// Arguments for `[start, end)` with `src` and `dst` sized for it.
     public init(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
                 pgmapOwner: DeviceOwner? = nil, faultPage: Page? = nil) {
-        self.vma = vma
-        self.start = start
-        self.end = end
-        self.flags = flags
-        self.pgmapOwner = pgmapOwner
-        self.faultPage = faultPage
-        let n = end > start ? Int((end - start + 4095) >> 12) : 0
-        src = [MigratePFN](repeating: .empty, count: n)
-        dst = [MigratePFN](repeating: .empty, count: n)
+        self.vma = nil
+        self.start = 0
+        self.end = 0
+        self.flags = []
+        src = []
+        dst = []
+        prepare(vma: vma, start: start, end: end, flags: flags, pgmapOwner: pgmapOwner, faultPage: faultPage)
     }
 
     /// Reuses these arguments (and their arrays' storage) for another range:
