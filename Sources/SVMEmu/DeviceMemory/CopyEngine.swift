@@ -24,7 +24,9 @@ public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
     public let name = "memcpy"
     /// Copies this size and larger stream (4 KiB by default: every page copy; `Int.max` never).
     public let streamingThreshold: Int
-    public init(streamingThreshold: Int = 4096) { self.streamingThreshold = streamingThreshold }
+    /// Streams every copy of a page or more.
+    public init() { streamingThreshold = 4096 }
+    public init(streamingThreshold: Int) { self.streamingThreshold = streamingThreshold }
     @inlinable public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
         if bytes >= streamingThreshold {
             svm_copy_stream(destination, source, bytes)
