@@ -8,26 +8,18 @@ extension MirrorDevice {
     /// - Throws: `.badAddress` (EFAULT) for an address outside any readable VMA
     ///   (PROT_NONE included), other fault errors as hmm_range_fault returns them.
     public func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
-        var done = 0
-        while done < buffer.count {
-            let a = address + UInt64(done)
-            let n = min(buffer.count - done, 4096 - Int(a & 4095))
-            let dst = buffer.baseAddress! + done
-            try access(a, write: false) { dst.copyMemory(from: $0, byteCount: n) }
-            done += n
+        guard let base = buffer.baseAddress else { return }
+        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
+            try access(a, write: false) { (base + done).copyMemory(from: $0, byteCount: n) }
         }
     }
 
     /// Writes bytes at `address` as the GPU.
     /// - Throws: `.notPermitted` (EPERM) writing read-only memory, `.badAddress` (EFAULT).
     public func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
-        var done = 0
-        while done < buffer.count {
-            let a = address + UInt64(done)
-            let n = min(buffer.count - done, 4096 - Int(a & 4095))
-            let src = buffer.baseAddress! + done
-            try access(a, write: true) { $0.copyMemory(from: src, byteCount: n) }
-            done += n
+        guard let base = buffer.baseAddress else { return }
+        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
+            try access(a, write: true) { $0.copyMemory(from: base + done, byteCount: n) }
         }
     }
 
@@ -85,10 +77,29 @@ extension MirrorDevice {
     /// dmirror_fault: hmm_range_fault, then map under the page-table lock
     /// unless an invalidation ran in between (then start over).
     func mirrorFault(_ start: UInt64, _ end: UInt64, write: Bool) throws(Errno) {
+        let flags = write ? HMMPFN(rawValue: HMMPFN.requestFault.rawValue | HMMPFN.requestWrite.rawValue) : .requestFault
+        try withStableRange(notifier, start, end, flags: flags) { range in
+            var a = start
+            for p in range.hmmPfns {
+                if p.isValid {
+                    let dev = kernel.pfnToPage(p.pfn).isZoneDevice
+                    pageTable.set(a, pfn: p.pfn, write: p.isWrite, device: dev)
+                }
+                a += 4096
+            }
+        }
+    }
+
+    /// The pattern every hmm_range_fault user follows: `readBegin`, snapshot
+    /// (or fault) under the mmap lock, retrying on EBUSY, then `commit` under
+    /// the page-table lock unless an invalidation ran meanwhile, in which case
+    /// everything starts over. With `deadlineNanos`, gives up with `.busy`
+    /// once that monotonic time has passed (dmirror's one-second bound).
+    func withStableRange(_ notifier: MMUIntervalNotifier, _ start: UInt64, _ end: UInt64, flags: HMMPFN,
+                         deadlineNanos: UInt64? = nil, commit: (HMMRange) -> Void) throws(Errno) {
         while true {
-            var range = HMMRange(notifier: notifier, start: start, end: end,
-                                 defaultFlags: write ? HMMPFN(rawValue: HMMPFN.requestFault.rawValue | HMMPFN.requestWrite.rawValue) : .requestFault,
-                                 devicePrivateOwner: owner)
+            if let deadlineNanos, MirrorDevice.nowNanos() > deadlineNanos { throw .busy }
+            var range = HMMRange(notifier: notifier, start: start, end: end, defaultFlags: flags, devicePrivateOwner: owner)
             range.notifierSeq = notifier.readBegin()
             mm.mmapReadLock()
             do {
@@ -101,19 +112,12 @@ extension MirrorDevice {
                 throw error
             }
             mm.mmapReadUnlock()
-            let stale = pageTableLock.withLock { _ -> Bool in
-                if notifier.readRetry(range.notifierSeq) { return true }
-                var a = start
-                for p in range.hmmPfns {
-                    if p.isValid {
-                        let dev = kernel.pfnToPage(p.pfn).isZoneDevice
-                        pageTable.set(a, pfn: p.pfn, write: p.isWrite, device: dev)
-                    }
-                    a += 4096
-                }
-                return false
+            let committed = pageTableLock.withLock { _ -> Bool in
+                if notifier.readRetry(range.notifierSeq) { return false }
+                commit(range)
+                return true
             }
-            if !stale { return }
+            if committed { return }
         }
     }
 }

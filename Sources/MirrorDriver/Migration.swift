@@ -92,35 +92,46 @@ extension MirrorDevice {
         let s0 = settings
         let failLarge = s0.failLargeDeviceAllocation
         let failAll = s0.failDeviceAllocation
-        var count = 0
         let a = phases.begin()
+        let count = fillDestinations(&args, largeAllowed: !failLarge,
+                                 needs: { e in e.isMigrating && !(kernel.page(e)?.isZoneDevice ?? false) },
+                                 allocate: { order in failAll ? nil : takeDeviceFolio(order: order) })
+        let c = phases.endAndBegin(.allocate, a)
+        copyMigrated(args)
+        phases.end(.copy, c)
+        return count
+    }
+
+    /// Fills `dst` for every source entry `needs` selects, in order, until an
+    /// allocation fails: a 2 MiB folio for a compound entry when `largeAllowed`
+    /// (and no one-shot failure is pending), else 512 small pages. `allocate`
+    /// returns a locked folio of the order asked, or nil.
+    /// - Returns: source entries given a destination.
+    func fillDestinations(_ args: inout MigrateVMA, largeAllowed: Bool, needs: (MigratePFN) -> Bool,
+                          allocate: (Int) -> Folio?) -> Int {
+        var count = 0
         var i = 0
         allocation: while i < args.npages {
-            let s = args.src[i]
-            defer { i += s.isCompound ? 512 : 1 }
-            guard s.isMigrating else { continue }
-            if let spage = kernel.page(s), spage.isZoneDevice { continue }
-            if s.isCompound {
-                if !failLarge, !consumeFailNextAllocation(), let big = (failAll ? nil : takeDeviceFolio(order: 9)) {
-                    args.dst[i] = MigratePFN(page: big.page(0)).with(MigratePFN.compoundBit | (s.isWrite ? MigratePFN.writeBit : 0))
+            let e = args.src[i]
+            defer { i += e.isCompound ? 512 : 1 }
+            guard needs(e) else { continue }
+            let write = e.isWrite ? MigratePFN.writeBit : 0
+            if e.isCompound {
+                if largeAllowed, !consumeFailNextAllocation(), let big = allocate(9) {
+                    args.dst[i] = MigratePFN(page: big.page(0)).with(MigratePFN.compoundBit | write)
                 } else {
                     for j in 0..<512 {
-                        guard !failAll, let small = takeDeviceFolio(order: 0) else { break allocation }
-                        args.dst[i + j] = MigratePFN(page: small.page(0)).with(s.isWrite ? MigratePFN.writeBit : 0)
+                        guard let small = allocate(0) else { break allocation }
+                        args.dst[i + j] = MigratePFN(page: small.page(0)).with(write)
                     }
                 }
                 count += 1
                 continue
             }
-            guard !failAll, let dfolio = takeDeviceFolio(order: 0) else { break }
-            var d = MigratePFN(page: dfolio.page(0))
-            if s.isWrite { d = d.with(MigratePFN.writeBit) }
-            args.dst[i] = d
+            guard let folio = allocate(0) else { break }
+            args.dst[i] = MigratePFN(page: folio.page(0)).with(write)
             count += 1
         }
-        let c = phases.endAndBegin(.allocate, a)
-        copyMigrated(args)
-        phases.end(.copy, c)
         return count
     }
 
@@ -188,34 +199,14 @@ extension MirrorDevice {
     /// - Returns: source entries given a destination; fewer than collected means OOM.
     func allocateAndCopyToSystem(_ args: inout MigrateVMA, settings s: MirrorSettings) -> Int {
         let phases = kernel.phases
-        var count = 0
         let a = phases.begin()
-        var i = 0
-        allocation: while i < args.npages {
-            let e = args.src[i]
-            defer { i += e.isCompound ? 512 : 1 }
-            guard e.isMigrating, e.isValid else { continue }
-            if e.isCompound {
-                if !s.failLargeSystemAllocation, !consumeFailNextAllocation(), let big = kernel.allocateFolio(order: 9) {
-                    big.lock()
-                    args.dst[i] = MigratePFN(page: big.page(0)).with(MigratePFN.compoundBit | (e.isWrite ? MigratePFN.writeBit : 0))
-                } else {
-                    for j in 0..<512 {
-                        guard let small = kernel.allocateFolio(order: 0) else { break allocation }
-                        small.lock()
-                        args.dst[i + j] = MigratePFN(page: small.page(0)).with(e.isWrite ? MigratePFN.writeBit : 0)
-                    }
-                }
-                count += 1
-                continue
-            }
-            guard let dfolio = kernel.allocateFolio(order: 0) else { break }
-            dfolio.lock()
-            var d = MigratePFN(page: dfolio.page(0))
-            if e.isWrite { d = d.with(MigratePFN.writeBit) }
-            args.dst[i] = d
-            count += 1
-        }
+        let count = fillDestinations(&args, largeAllowed: !s.failLargeSystemAllocation,
+                                 needs: { e in e.isMigrating && e.isValid },
+                                 allocate: { order in
+                                     guard let folio = kernel.allocateFolio(order: order) else { return nil }
+                                     folio.lock()
+                                     return folio
+                                 })
         let c = phases.endAndBegin(.allocate, a)
         copyMigrated(args)
         let t = phases.endAndBegin(.copy, c)

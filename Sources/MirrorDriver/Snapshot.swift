@@ -74,30 +74,11 @@ extension MirrorDevice {
             return true
         }
         defer { mm.removeIntervalNotifier(temporary) }
-        let deadline = MirrorDevice.nowNanos() + 1_000_000_000
-        while true {
-            if MirrorDevice.nowNanos() > deadline { throw .busy }
-            var range = HMMRange(notifier: temporary, start: start, end: end, devicePrivateOwner: owner)
-            range.notifierSeq = temporary.readBegin()
-            mm.mmapReadLock()
-            do {
-                try mm.hmmRangeFault(&range)
-            } catch .busy {
-                mm.mmapReadUnlock()
-                continue
-            } catch {
-                mm.mmapReadUnlock()
-                throw error
+        try withStableRange(temporary, start, end, flags: HMMPFN(rawValue: 0),
+                            deadlineNanos: MirrorDevice.nowNanos() + 1_000_000_000) { range in
+            for (i, entry) in range.hmmPfns.enumerated() {
+                perm.storeBytes(of: permission(of: entry), toByteOffset: i, as: UInt8.self)
             }
-            mm.mmapReadUnlock()
-            let current = pageTableLock.withLock { _ -> Bool in
-                if temporary.readRetry(range.notifierSeq) { return false }
-                for (i, entry) in range.hmmPfns.enumerated() {
-                    perm.storeBytes(of: permission(of: entry), toByteOffset: i, as: UInt8.self)
-                }
-                return true
-            }
-            if current { return }
         }
     }
 

@@ -66,25 +66,17 @@ extension AddressSpace {
 
     /// Copies `buffer.count` bytes from `address` (`copy_from_user()`).
     public func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
-        var done = 0
-        while done < buffer.count {
-            let a = address + UInt64(done)
-            let n = min(buffer.count - done, 4096 - Int(a & 4095))
-            let dst = buffer.baseAddress! + done
-            try withPageBytes(at: a, write: false) { svm_memcpy(dst, $0, n) }
-            done += n
+        guard let base = buffer.baseAddress else { return }
+        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
+            try withPageBytes(at: a, write: false) { svm_memcpy(base + done, $0, n) }
         }
     }
 
     /// Copies `buffer.count` bytes to `address` (`copy_to_user()`).
     public func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
-        var done = 0
-        while done < buffer.count {
-            let a = address + UInt64(done)
-            let n = min(buffer.count - done, 4096 - Int(a & 4095))
-            let src = buffer.baseAddress! + done
-            try withPageBytes(at: a, write: true) { svm_memcpy($0, src, n) }
-            done += n
+        guard let base = buffer.baseAddress else { return }
+        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
+            try withPageBytes(at: a, write: true) { svm_memcpy($0, base + done, n) }
         }
     }
 
@@ -121,19 +113,14 @@ extension AddressSpace {
     /// Fills `[address, address + length)` with a deterministic pattern: each
     /// 64-bit word holds `seed` mixed with its address. `verifyPattern` checks it.
     public func fillPattern(_ address: UInt64, length: Int, seed: UInt64) throws(Errno) {
-        var a = address
-        let end = address + UInt64(length)
-        while a < end {
-            let n = min(Int(end - a), 4096 - Int(a & 4095))
-            let base = a
-            try withPageBytes(at: a, write: true) { p in
+        try forEachPageChunk(address, count: length) { (base, _, n) throws(Errno) in
+            try withPageBytes(at: base, write: true) { p in
                 var i = 0
                 while i + 8 <= n {
                     p.storeBytes(of: AddressSpace.patternWord(base + UInt64(i), seed), toByteOffset: i, as: UInt64.self)
                     i += 8
                 }
             }
-            a += UInt64(n)
         }
     }
 
@@ -163,5 +150,20 @@ extension AddressSpace {
         var x = address &* 0x9E37_79B9_7F4A_7C15 ^ seed
         x ^= x >> 29
         return x &* 0xBF58_476D_1CE4_E5B9
+    }
+}
+
+/// Splits `[address, address + count)` at 4 KiB page boundaries and calls
+/// `body(chunkAddress, offsetInRange, chunkLength)` for each piece in order:
+/// the loop every byte-copying access (CPU or device) runs over pages.
+@inlinable
+public func forEachPageChunk<E: Error>(_ address: UInt64, count: Int,
+                                       _ body: (UInt64, Int, Int) throws(E) -> Void) throws(E) {
+    var done = 0
+    while done < count {
+        let a = address + UInt64(done)
+        let n = min(count - done, 4096 - Int(a & 4095))
+        try body(a, done, n)
+        done += n
     }
 }
