@@ -87,6 +87,8 @@ public final class MirrorDevice: @unchecked Sendable {
     /// Moves the bytes of every migration (the device's DMA engine).
     public let copyEngine: any CopyEngine
     let gpuFaultCount = Atomic<Int>(0)
+    let folioSplitTails = Atomic<Int>(0)
+    let folioSplitEnds = Atomic<Int>(0)
     let migrateToRAMCount = Atomic<Int>(0)
     let driverLockWaiting = Atomic<Int>(0)
     let driverLockHolding = Atomic<Int>(0)
@@ -130,6 +132,11 @@ public final class MirrorDevice: @unchecked Sendable {
 
     /// GPU faults taken (device page table misses), like dmirror's fault counter.
     public var faults: Int { gpuFaultCount.load(ordering: .relaxed) }
+    /// `folioSplit` callbacks received: one per new folio (`tails`) and one
+    /// marking the end of each split (`ends`).
+    public var folioSplitCalls: (tails: Int, ends: Int) {
+        (folioSplitTails.load(ordering: .relaxed), folioSplitEnds.load(ordering: .relaxed))
+    }
     /// Calls of migrateToRAM so far.
     public var migrateToRAMCalls: Int { migrateToRAMCount.load(ordering: .relaxed) }
     /// Threads inside migrateToRAM blocked on the exclusive driver lock right
@@ -188,7 +195,13 @@ public final class MirrorDevice: @unchecked Sendable {
             // keeps it), and deinit's eviction frees pages while `self` is
             // deinitialising; those go nowhere, as the pool dies with the device.
             folioFree: { [weak self] folio in self?.pool.withLock { $0.give(folio.pfn, order: folio.order) } },
-            migrateToRAM: { [weak self] vmf in self?.migrateToRAM(vmf) ?? .sigbus })
+            migrateToRAM: { [weak self] vmf in self?.migrateToRAM(vmf) ?? .sigbus },
+            // dmirror_devmem_folio_split: the driver's per-folio state follows
+            // each new folio; the mirror keeps none, so it only counts.
+            folioSplit: { [weak self] _, tail in
+                if tail == nil { self?.folioSplitEnds.add(1, ordering: .relaxed) }
+                else { self?.folioSplitTails.add(1, ordering: .relaxed) }
+            })
         guard let pgmap = try? kernel.memremapPages(type: .private, owner: owner, bytes: chunkBytes, operations: ops) else {
             return nil
         }

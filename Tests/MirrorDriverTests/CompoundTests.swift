@@ -93,6 +93,10 @@ struct CompoundTests {
         #expect(try mm.verifyPattern(base, length: Self.huge, seed: 6) == nil)
         #expect(mm.entry(at: base).level == .pte)
         #expect(kernel.vmstat[.thpMigrationSplit] == 1)
+        // The device folio was split: folioSplit for each of the 511 new
+        // folios, then once with no tail to mark the end.
+        #expect(device.folioSplitCalls.tails == 511)
+        #expect(device.folioSplitCalls.ends == 1)
         #expect(device.devicePagesInUse == 0)
         #expect(kernel.diagnostics.isEmpty)
     }
