@@ -139,37 +139,40 @@ extension MirrorDevice {
     /// 2 MiB to 2 MiB, 4 KiB to 4 KiB, or a 2 MiB source into 512 small
     /// destinations. Holes and the zero page give zeroes.
     func copyMigrated(_ args: MigrateVMA) {
+        // One reference to the engine and the kernel for the whole batch, not
+        // a retain and release of each per page.
+        let engine = copyEngine
+        let kernel = self.kernel
+        func copyOrZero(_ destination: UnsafeMutableRawPointer, _ source: UnsafeMutableRawPointer?, _ bytes: Int) {
+            if let source {
+                engine.copy(to: destination, from: source, bytes: bytes)
+            } else {
+                destination.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+            }
+        }
         var i = 0
         while i < args.npages {
             let s = args.src[i]
             let source = kernel.page(s)?.bytes
             if s.isCompound {
                 if args.dst[i].isValid && args.dst[i].isCompound {
-                    copyOrZero(to: kernel.pfnToPage(args.dst[i].pfn).bytes, from: source, bytes: 2 << 20)
+                    copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, 2 << 20)
                 } else {
                     for j in 0..<512 where args.dst[i + j].isValid {
-                        copyOrZero(to: kernel.pfnToPage(args.dst[i + j].pfn).bytes, from: source.map { $0 + j * 4096 }, bytes: 4096)
+                        copyOrZero(kernel.pfnToPage(args.dst[i + j].pfn).bytes, source.map { $0 + j * 4096 }, 4096)
                     }
                 }
                 i += 512
                 continue
             }
             if args.dst[i].isValid {
-                copyOrZero(to: kernel.pfnToPage(args.dst[i].pfn).bytes, from: source, bytes: 4096)
+                copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, 4096)
             }
             i += 1
         }
-        copyEngine.wait()
+        engine.wait()
     }
 
-    @inline(__always)
-    func copyOrZero(to destination: UnsafeMutableRawPointer, from source: UnsafeMutableRawPointer?, bytes: Int) {
-        if let source {
-            copyEngine.copy(to: destination, from: source, bytes: bytes)
-        } else {
-            destination.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        }
-    }
 
     /// dmirror_migrate_finalize_and_map: map what migrated in the device page table.
     func mapMigratedToDevice(_ args: MigrateVMA) -> Int {

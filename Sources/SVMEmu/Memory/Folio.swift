@@ -6,16 +6,20 @@ import CSVMSupport
 /// `Page` does not hold a page reference, exactly like holding a `struct page *`.
 public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
     public let pfn: UInt64
-    @usableFromInline unowned(unsafe) let kernel: Kernel
+    /// The kernel, unretained: a page (like a `struct page *`) does not keep the
+    /// machine alive, and reaching its metadata costs no reference counting.
+    @usableFromInline let kernelRef: Unmanaged<Kernel>
+    @inlinable var kernel: Kernel { kernelRef.takeUnretainedValue() }
 
-    @inlinable init(pfn: UInt64, kernel: Kernel) { self.pfn = pfn; self.kernel = kernel }
+    @inlinable init(pfn: UInt64, kernel: Kernel) { self.pfn = pfn; self.kernelRef = .passUnretained(kernel) }
+    @inlinable init(pfn: UInt64, kernelRef: Unmanaged<Kernel>) { self.pfn = pfn; self.kernelRef = kernelRef }
 
-    @inlinable var meta: MetaPtr { kernel.metaPtr(pfn) }
+    @inlinable var meta: MetaPtr { kernelRef._withUnsafeGuaranteedRef { $0.metaPtr(pfn) } }
 
     /// The folio this page belongs to (`page_folio()`).
-    @inlinable public var folio: Folio { Folio(pfn: meta.head, kernel: kernel) }
+    @inlinable public var folio: Folio { Folio(pfn: meta.head, kernelRef: kernelRef) }
     /// The bytes of this 4 KiB page.
-    @inlinable public var bytes: UnsafeMutableRawPointer { kernel.bytes(ofPfn: pfn) }
+    @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
     /// PTE mappings of this page (`page_mapcount()`, without the folio's PMD mappings).
     public var mapCount: Int { Int(meta.mapcount) }
     /// Whether the page belongs to a device page map (`is_zone_device_page()`).
@@ -27,7 +31,7 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
         get { meta.zoneDeviceData }
         nonmutating set { meta.zoneDeviceData = newValue }
     }
-    public static func == (a: Page, b: Page) -> Bool { a.pfn == b.pfn && a.kernel === b.kernel }
+    public static func == (a: Page, b: Page) -> Bool { a.pfn == b.pfn && a.kernelRef.toOpaque() == b.kernelRef.toOpaque() }
     public func hash(into h: inout Hasher) { h.combine(pfn) }
     public var description: String { "page(pfn: 0x\(String(pfn, radix: 16)))" }
 }
@@ -40,12 +44,15 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
 public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The head page's pfn (`folio_pfn()`).
     public let pfn: UInt64
-    @usableFromInline unowned(unsafe) let kernel: Kernel
+    /// The kernel, unretained (see `Page`).
+    @usableFromInline let kernelRef: Unmanaged<Kernel>
+    @inlinable var kernel: Kernel { kernelRef.takeUnretainedValue() }
 
-    @inlinable init(pfn: UInt64, kernel: Kernel) { self.pfn = pfn; self.kernel = kernel }
-    @inlinable var meta: MetaPtr { kernel.metaPtr(pfn) }
+    @inlinable init(pfn: UInt64, kernel: Kernel) { self.pfn = pfn; self.kernelRef = .passUnretained(kernel) }
+    @inlinable init(pfn: UInt64, kernelRef: Unmanaged<Kernel>) { self.pfn = pfn; self.kernelRef = kernelRef }
+    @inlinable var meta: MetaPtr { kernelRef._withUnsafeGuaranteedRef { $0.metaPtr(pfn) } }
 
-    public static func == (a: Folio, b: Folio) -> Bool { a.pfn == b.pfn && a.kernel === b.kernel }
+    public static func == (a: Folio, b: Folio) -> Bool { a.pfn == b.pfn && a.kernelRef.toOpaque() == b.kernelRef.toOpaque() }
     public func hash(into h: inout Hasher) { h.combine(pfn) }
     public var description: String { "folio(pfn: 0x\(String(pfn, radix: 16)), order: \(order), ref: \(refCount), map: \(mapCount))" }
 
@@ -57,9 +64,9 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     @inlinable public var size: Int { 4096 << order }
     @inlinable public var isLarge: Bool { meta.order != 0 }
     /// The `i`-th page of the folio (`folio_page()`).
-    @inlinable public func page(_ i: Int) -> Page { Page(pfn: pfn + UInt64(i), kernel: kernel) }
+    @inlinable public func page(_ i: Int) -> Page { Page(pfn: pfn + UInt64(i), kernelRef: kernelRef) }
     /// The bytes of the whole folio (contiguous).
-    @inlinable public var bytes: UnsafeMutableRawPointer { kernel.bytes(ofPfn: pfn) }
+    @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
 
     /// The flags word.
     public var flags: PageFlags { PageFlags(rawValue: meta.flags) }
