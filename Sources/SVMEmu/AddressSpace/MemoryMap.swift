@@ -27,15 +27,19 @@ extension AddressSpace {
     /// - Throws: `.invalidArgument` for a zero length or an unaligned or
     ///   out-of-range fixed address; `.noMemory` when no range is free.
     /// The corresponding kernel function is `do_mmap()`.
+    ///   - special: a VM_PFNMAP | VM_IO mapping, what a driver's `remap_pfn_range()`
+    ///     of device registers leaves: no struct pages behind it, CPU faults in
+    ///     it are SIGBUS (`.ioError`) and `migrateVMASetup` refuses it.
     @discardableResult
     public func mmap(address: UInt64? = nil, length: Int, protection: Protection = .readWrite,
-                     shared: Bool = false) throws(Errno) -> UInt64 {
+                     shared: Bool = false, special: Bool = false) throws(Errno) -> UInt64 {
         guard length > 0 else { throw .invalidArgument }
         let len = (UInt64(length) + 4095) & ~4095
         var flags: VMAFlags = []
         if protection.contains(.read) { flags.insert(.read) }
         if protection.contains(.write) { flags.insert([.write, .read]) }
         if shared { flags.insert(.shared) }
+        if special { flags.insert(.special) }
         mmapWriteLock(); defer { mmapWriteUnlock() }
         let start: UInt64
         if let address {

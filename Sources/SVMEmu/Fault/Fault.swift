@@ -28,6 +28,9 @@ extension AddressSpace {
         // with no VMA or an access error is rejected by the arch fault handler
         // (bad_area) before handle_mm_fault() and never counts in vmstat pgfault.
         kernel.vmstat.count(.pgfault)
+        // A VM_PFNMAP/VM_IO mapping without a fault handler: handle_mm_fault()
+        // returns VM_FAULT_SIGBUS.
+        if vma.flags.contains(.special) { throw .ioError }
 
         var pmd = loadPMD(address)
         if pmd.isNone {
