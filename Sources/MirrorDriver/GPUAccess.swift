@@ -23,18 +23,6 @@ extension MirrorDevice {
         }
     }
 
-    public func read(_ address: UInt64, count: Int) throws(Errno) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        let r: Result<Void, Errno> = out.withUnsafeMutableBytes { b in Result { () throws(Errno) in try read(address, into: b) } }
-        try r.get()
-        return out
-    }
-
-    public func write(_ address: UInt64, bytes: [UInt8]) throws(Errno) {
-        let r: Result<Void, Errno> = bytes.withUnsafeBytes { b in Result { () throws(Errno) in try write(address, from: b) } }
-        try r.get()
-    }
-
     /// One page-bounded access under the page-table lock, faulting until the
     /// device page table maps the page with the needed permission.
     func access(_ address: UInt64, write: Bool, _ body: (UnsafeMutableRawPointer) -> Void) throws(Errno) {
@@ -121,3 +109,5 @@ extension MirrorDevice {
         }
     }
 }
+
+extension MirrorDevice: VirtualMemoryAccessor {}

@@ -105,29 +105,9 @@ struct BenchMigrateCommand: ParsableCommand {
 
     func measure(bytes: Int) throws -> Result {
         let pages = bytes >> 12
-        let huge = granularity == .huge2M
-        // RAM for the buffer and for the pages that come back while the old ones
-        // are still being freed, plus slack; VRAM for the whole buffer.
-        let chunk: UInt64 = 256 << 20
-        var config = KernelConfiguration()
-        let node = ((bytes + (64 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
-        config.nodeSizes = [node, node]
-        config.transparentHugepage = huge ? .always : .never
-        config.addressSpaceSize = max(UInt64(4) << 30, UInt64(bytes) * 2)
-        config.maxPhysicalBytes = max(UInt64(64) << 30, UInt64(bytes) * 8)
-        let kernel = Kernel(config)
-        var mm: AddressSpace? = AddressSpace(kernel: kernel)
-        let vram = (UInt64(bytes) + chunk - 1) / chunk * chunk + chunk
-        var settings = MirrorSettings()
-        settings.migrationGranularity = granularity
-        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "bench0", vramBytes: vram,
-                                                 chunkBytes: chunk, settings: settings, copyEngine: MemcpyCopyEngine())
-        defer {
-            device = nil
-            mm = nil
-            withExtendedLifetime(kernel) {}
-        }
-        let space = mm!, dev = device!
+        let machine = BenchMachine(bytes: bytes, thp: granularity == .huge2M ? .always : .never,
+                                   granularity: granularity, deviceName: "bench0")
+        let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
         let seed: UInt64 = 0x5eed
         let base = try space.mmap(length: bytes)
         try space.fillPattern(base, length: bytes, seed: seed)

@@ -95,26 +95,9 @@ struct BenchTHPCommand: ParsableCommand {
 
     /// One run_migration_benchmark(): a fresh machine, mapping and device.
     static func measure(bytes: Int, thp: Bool, iterations: Int) throws -> Side {
-        let chunk: UInt64 = 256 << 20
-        var config = KernelConfiguration()
-        let node = ((bytes + (64 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
-        config.nodeSizes = [node, node]
-        config.transparentHugepage = .madvise
-        config.addressSpaceSize = 4 << 30
-        config.maxPhysicalBytes = max(UInt64(16) << 30, UInt64(bytes) * 8)
-        let kernel = Kernel(config)
-        var mm: AddressSpace? = AddressSpace(kernel: kernel)
-        var settings = MirrorSettings()
-        settings.migrationGranularity = thp ? .huge2M : .base4K
-        let vram = (UInt64(bytes) + chunk - 1) / chunk * chunk + chunk
-        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "hmm_dmirror0", vramBytes: vram,
-                                                 chunkBytes: chunk, settings: settings, copyEngine: MemcpyCopyEngine())
-        defer {
-            device = nil
-            mm = nil
-            withExtendedLifetime(kernel) {}
-        }
-        let space = mm!, dev = device!
+        let machine = BenchMachine(bytes: bytes, thp: .madvise, granularity: thp ? .huge2M : .base4K,
+                                   deviceName: "hmm_dmirror0")
+        let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
         let pages = bytes >> 12
         // mmap of a 2 MiB multiple is 2 MiB aligned in the emulator; smaller
         // buffers are placed at a 2 MiB boundary explicitly.

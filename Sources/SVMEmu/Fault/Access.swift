@@ -80,19 +80,6 @@ extension AddressSpace {
         }
     }
 
-    /// Reads bytes into a new array.
-    public func read(_ address: UInt64, count: Int) throws(Errno) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        let r: Result<Void, Errno> = out.withUnsafeMutableBytes { b in Result { () throws(Errno) in try read(address, into: b) } }
-        try r.get()
-        return out
-    }
-    /// Writes the bytes of an array.
-    public func write(_ address: UInt64, bytes: [UInt8]) throws(Errno) {
-        let r: Result<Void, Errno> = bytes.withUnsafeBytes { b in Result { () throws(Errno) in try write(address, from: b) } }
-        try r.get()
-    }
-
     /// Loads one byte.
     @inlinable public func load(_ address: UInt64) throws(Errno) -> UInt8 {
         try withPageBytes(at: address, write: false) { $0.load(as: UInt8.self) }
@@ -167,3 +154,28 @@ public func forEachPageChunk<E: Error>(_ address: UInt64, count: Int,
         done += n
     }
 }
+
+/// Anything that reads and writes a virtual address range as some processor
+/// sees it: the CPU (`AddressSpace`) or a device (a driver's GPU path).
+public protocol VirtualMemoryAccessor {
+    func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno)
+    func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno)
+}
+
+extension VirtualMemoryAccessor {
+    /// Reads bytes into a new array.
+    public func read(_ address: UInt64, count: Int) throws(Errno) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        let r: Result<Void, Errno> = out.withUnsafeMutableBytes { b in Result { () throws(Errno) in try read(address, into: b) } }
+        try r.get()
+        return out
+    }
+
+    /// Writes the bytes of an array.
+    public func write(_ address: UInt64, bytes: [UInt8]) throws(Errno) {
+        let r: Result<Void, Errno> = bytes.withUnsafeBytes { b in Result { () throws(Errno) in try write(address, from: b) } }
+        try r.get()
+    }
+}
+
+extension AddressSpace: VirtualMemoryAccessor {}

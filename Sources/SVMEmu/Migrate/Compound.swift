@@ -109,10 +109,7 @@ extension Kernel {
             src = src.without(MigratePFN.migrateBit)
             return
         }
-        let writable = vma.flags.contains(.write)
-        let entry: PageTableEntry = folio.isDevicePrivate
-            ? .devicePrivate(pfn: folio.pfn, write: writable)
-            : .present(pfn: folio.pfn, write: writable, dirty: writable)
+        let entry = PageTableEntry.holeMapping(of: folio, pfn: folio.pfn, in: vma)
         let lock = mm.pmdLock(haddr)
         svm_mutex_lock(lock)
         let pmd = mm.loadPMD(haddr)
@@ -179,9 +176,7 @@ extension Kernel {
             return false
         }
         dst.get()
-        let entry: PageTableEntry = dst.isDevicePrivate
-            ? .devicePrivate(pfn: dst.pfn, write: pmd.isWrite)
-            : .present(pfn: dst.pfn, write: pmd.isWrite, dirty: pmd.isDirty && dst.isDirty, young: pmd.isYoung)
+        let entry = PageTableEntry.replacing(migration: pmd, with: dst, pfn: dst.pfn)
         mm.addEntireAnonRmap(dst, address: address, exclusive: pmd.isWrite || pmd.isReadExclusive)
         mm.storePMD(address, entry)
         svm_mutex_unlock(lock)

@@ -192,10 +192,7 @@ extension Kernel {
         let pmd = mm.ensurePTETable(addr)
         guard pmd.kind == .table else { src = src.without(MigratePFN.migrateBit); return }
         folio.set(.uptodate)
-        let writable = vma.flags.contains(.write)
-        let entry: PageTableEntry = folio.isDevicePrivate
-            ? .devicePrivate(pfn: page.pfn, write: writable)
-            : .present(pfn: page.pfn, write: writable, dirty: writable)
+        let entry = PageTableEntry.holeMapping(of: folio, pfn: page.pfn, in: vma)
         let lock = mm.ptl(addr)
         svm_mutex_lock(lock)
         let orig = mm.loadPTE(addr)
@@ -214,5 +211,27 @@ extension Kernel {
         svm_mutex_unlock(lock)
         if flush { mm.flushTLBRange(addr, addr + 4096) }
         src = .hole
+    }
+}
+
+extension PageTableEntry {
+    /// The entry that maps a destination filling a hole (PTE or PMD): a
+    /// device-private entry for device-private memory, else a present one;
+    /// writable (and dirty) iff the VMA has VM_WRITE.
+    static func holeMapping(of folio: Folio, pfn: UInt64, in vma: VMA) -> PageTableEntry {
+        let writable = vma.flags.contains(.write)
+        return folio.isDevicePrivate
+            ? .devicePrivate(pfn: pfn, write: writable)
+            : .present(pfn: pfn, write: writable, dirty: writable)
+    }
+
+    /// The entry that replaces a migration entry by a mapping of `folio`'s
+    /// page `pfn` (`remove_migration_pte()` / `remove_migration_pmd()`): write
+    /// permission from the migration entry, dirty only if both the entry and
+    /// the folio are, young kept.
+    static func replacing(migration: PageTableEntry, with folio: Folio, pfn: UInt64) -> PageTableEntry {
+        folio.isDevicePrivate
+            ? .devicePrivate(pfn: pfn, write: migration.isWrite)
+            : .present(pfn: pfn, write: migration.isWrite, dirty: migration.isDirty && folio.isDirty, young: migration.isYoung)
     }
 }

@@ -138,12 +138,7 @@ extension Kernel {
             }
             let newPage = dst.page(i)
             dst.get()
-            let entry: PageTableEntry
-            if dst.isDevicePrivate {
-                entry = .devicePrivate(pfn: newPage.pfn, write: pte.isWrite)
-            } else {
-                entry = .present(pfn: newPage.pfn, write: pte.isWrite, dirty: pte.isDirty && dst.isDirty, young: pte.isYoung)
-            }
+            let entry = PageTableEntry.replacing(migration: pte, with: dst, pfn: newPage.pfn)
             mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
             mm.storePTE(address, entry)
             svm_mutex_unlock(lock)
