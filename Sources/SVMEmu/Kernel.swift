@@ -151,14 +151,27 @@ public final class Kernel: @unchecked Sendable {
         return p
     }
 
+    /// Host memory backed the way emulated RAM and VRAM frames are: lazily
+    /// touched and, where the host allows it, on host huge pages (one host TLB
+    /// entry and one host fault per 2 MiB instead of 512, which is most of the
+    /// cost of copying a 2 MiB folio otherwise). Benchmarks use it for their
+    /// memcpy baseline so both sides copy between the same kind of memory.
+    /// Release with `releaseFrames(_:bytes:)`.
+    public static func reserveFrames(bytes: Int) -> UnsafeMutableRawPointer {
+        let p = reserve(bytes: bytes)
+        _ = madvise(p, bytes, MADV_HUGEPAGE)
+        return p
+    }
+
+    /// Returns memory from `reserveFrames(bytes:)` to the host.
+    public static func releaseFrames(_ p: UnsafeMutableRawPointer, bytes: Int) {
+        munmap(p, bytes)
+    }
+
     /// Adds a physical region of `pages` pages (2 MiB aligned in pfn space) with
     /// its own byte storage. Returns its first pfn, region index and bytes.
     func addRegion(pages: UInt64) -> (UInt64, UInt8, UnsafeMutableRawPointer) {
-        let bytes = Kernel.reserve(bytes: Int(pages) << 12)
-        // Back emulated RAM and VRAM with host huge pages where the host allows
-        // it: one host TLB entry and one host fault per 2 MiB instead of 512,
-        // which is most of the cost of copying a 2 MiB folio otherwise.
-        _ = madvise(bytes, Int(pages) << 12, MADV_HUGEPAGE)
+        let bytes = Kernel.reserveFrames(bytes: Int(pages) << 12)
         let (start, region): (UInt64, Int) = layoutLock.withLock { layout in
             let start = (layout.nextPfn + 511) & ~511
             precondition(layout.regions < Kernel.maxRegions, "SVMEmu: too many physical regions (max \(Kernel.maxRegions))")

@@ -1,0 +1,27 @@
+import SVMEmu
+import SVMStress
+import Testing
+
+@Suite("memcpy baseline")
+struct MemcpyBaselineTests {
+
+    @Test("copies every byte there and back and reports the best round")
+    func copiesAndReports() throws {
+        let bytes = 4 << 20
+        let r = try #require(MemcpyBaseline.measure(bytes: bytes, rounds: 2, seed: 0xfeed),
+                             "the pattern must survive both copies")
+        #expect(r.bytes == bytes)
+        #expect(r.seconds > 0 && r.seconds.isFinite)
+        #expect(r.gigabytesPerSecond == Double(2 * bytes) / r.seconds / 1e9)
+    }
+
+    @Test("frames reserved for the baseline are writable, zero-filled and lazily backed")
+    func reserveFrames() {
+        let bytes = 8 << 20
+        let p = Kernel.reserveFrames(bytes: bytes)
+        defer { Kernel.releaseFrames(p, bytes: bytes) }
+        #expect(p.load(fromByteOffset: bytes - 8, as: UInt64.self) == 0)
+        p.storeBytes(of: 0x1234_5678, toByteOffset: bytes - 8, as: UInt64.self)
+        #expect(p.load(fromByteOffset: bytes - 8, as: UInt64.self) == 0x1234_5678)
+    }
+}
