@@ -77,7 +77,12 @@ public final class MirrorDevice: @unchecked Sendable {
     public let chunkBytes: UInt64
 
     let settingsStore: Mutex<MirrorSettings>
-    let pool = Mutex<VRAMPool>(VRAMPool())
+    /// Free VRAM, shared with the page maps' `folioFree` (captured strongly:
+    /// the pool holds no page map, so there is no cycle, and a free costs no
+    /// weak load of the device).
+    let pool = VRAMPoolLock()
+    /// The registered chunks (`dmirror->chunks`).
+    let chunks = Mutex<[DevicePageMap]>([])
     let driverLock = Mutex<Void>(())
     let growLock = Mutex<Void>(())
     let pageTableLock = Mutex<Void>(())
@@ -147,7 +152,7 @@ public final class MirrorDevice: @unchecked Sendable {
     /// Device pages currently allocated (not on the free lists).
     public var devicePagesInUse: UInt64 { pool.withLock { $0.registered - $0.freePages } }
     /// Device memory registered so far.
-    public var registeredPageMaps: [DevicePageMap] { pool.withLock { $0.chunks } }
+    public var registeredPageMaps: [DevicePageMap] { chunks.withLock { $0 } }
 
     /// The interval notifier callback (dmirror_interval_invalidate): drop the
     /// device mappings of the range, except for this device's own migrations.
@@ -191,10 +196,11 @@ public final class MirrorDevice: @unchecked Sendable {
         let canGrow = pool.withLock { $0.registered + (chunkBytes >> 12) <= vramBytes >> 12 }
         guard canGrow else { return nil }
         let ops = DevicePageMapOperations(
-            // Weak, not unowned: the page map outlives the device (the kernel
-            // keeps it), and deinit's eviction frees pages while `self` is
-            // deinitialising; those go nowhere, as the pool dies with the device.
-            folioFree: { [weak self] folio in self?.pool.withLock { $0.give(folio.pfn, order: folio.order) } },
+            // The pool, not the device: the page map outlives the device (the
+            // kernel keeps it), and deinit's eviction frees pages while `self`
+            // is deinitialising; they go back to a pool nobody takes from.
+            folioFree: { [pool] folio in pool.withLock { $0.give(folio.pfn, order: folio.order) } },
+            // Weak, not unowned: a fault can reach a page map of a device that is gone.
             migrateToRAM: { [weak self] vmf in self?.migrateToRAM(vmf) ?? .sigbus },
             // dmirror_devmem_folio_split: the driver's per-folio state follows
             // each new folio; the mirror keeps none, so it only counts.
@@ -205,6 +211,7 @@ public final class MirrorDevice: @unchecked Sendable {
         guard let pgmap = try? kernel.memremapPages(type: .private, owner: owner, bytes: chunkBytes, operations: ops) else {
             return nil
         }
+        chunks.withLock { $0.append(pgmap) }
         return pool.withLock { p in
             p.add(pgmap)
             return p.take(order: order)
@@ -222,16 +229,22 @@ public final class MirrorDevice: @unchecked Sendable {
     }
 }
 
-/// Free device pages, by order, and the registered chunks.
+/// `VRAMPool` behind a lock, shareable with the page maps' callbacks.
+final class VRAMPoolLock: Sendable {
+    let state = Mutex<VRAMPool>(VRAMPool())
+    @inline(__always) func withLock<R>(_ body: (inout sending VRAMPool) -> sending R) -> sending R {
+        state.withLock(body)
+    }
+}
+
+/// Free device pages, by order.
 struct VRAMPool {
-    var chunks: [DevicePageMap] = []
     var free4K: [UInt64] = []
     var free2M: [UInt64] = []
     var registered: UInt64 = 0
     var freePages: UInt64 = 0
 
     mutating func add(_ pgmap: DevicePageMap) {
-        chunks.append(pgmap)
         registered += pgmap.pageCount
         freePages += pgmap.pageCount
         free4K.reserveCapacity(Int(registered))

@@ -84,6 +84,9 @@ public final class Kernel: @unchecked Sendable {
     /// Device page maps by index (meta.pgmap - 1); read lock-free on fault paths.
     @usableFromInline let pageMapTable: UnsafeMutablePointer<Unmanaged<DevicePageMap>?>
     static let maxPageMaps = 64
+    /// System RAM nodes by physical region, unretained (`nodes` keeps them):
+    /// how a freed folio finds its node without reference counting.
+    let nodeByRegion: UnsafeMutablePointer<Unmanaged<MemoryNode>?>
 
     public init(_ configuration: KernelConfiguration = KernelConfiguration()) {
         self.configuration = configuration
@@ -98,6 +101,8 @@ public final class Kernel: @unchecked Sendable {
         regionPages.initialize(repeating: 0, count: Kernel.maxRegions)
         pageMapTable = .allocate(capacity: Kernel.maxPageMaps)
         pageMapTable.initialize(repeating: nil, count: Kernel.maxPageMaps)
+        nodeByRegion = .allocate(capacity: Kernel.maxRegions)
+        nodeByRegion.initialize(repeating: nil, count: Kernel.maxRegions)
         policyWord = Atomic(Kernel.encode(configuration.deviceFaultPolicy))
         // System RAM starts at 16 MiB so that pfn 0 never names a real page.
         layoutLock.withLock { $0.nextPfn = 0x1000 }
@@ -109,7 +114,10 @@ public final class Kernel: @unchecked Sendable {
             nodes.append(MemoryNode(id: id, region: region, startPfn: start, pageCount: pages, bytes: base))
         }
         self.nodes = nodes
-        for node in nodes { node.kernel = self }
+        for node in nodes {
+            node.kernelRef = .passUnretained(self)
+            nodeByRegion[Int(node.region)] = .passUnretained(node)
+        }
         zeroPage = nodes[0].allocate(order: 0)!
         zeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
         zeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
@@ -124,6 +132,7 @@ public final class Kernel: @unchecked Sendable {
         regionBase.deallocate()
         regionStart.deallocate()
         regionPages.deallocate()
+        nodeByRegion.deallocate()
         for i in 0..<Kernel.maxPageMaps { pageMapTable[i]?.release() }
         pageMapTable.deallocate()
     }

@@ -71,6 +71,26 @@ extension Kernel {
         rmapAddress(of: page, hint: nil)
     }
 
+    /// Runs `body` with the address space and address `page` is mapped at,
+    /// when it has an anonymous mapping inside that address space's range.
+    /// With `hint` (the mm a migration already holds) matching, neither a
+    /// registry lookup nor reference counting happens: the per-page rmap walks
+    /// of try_to_migrate and remove_migration_ptes use this.
+    @inline(__always)
+    func withRmap(of page: Page, hint: AddressSpace?, _ body: (AddressSpace, UInt64) -> Void) {
+        let folio = page.folio
+        let head = folio.meta
+        let mmID = head.mappingMM
+        guard mmID != 0 else { return }
+        let address = (head.index + (page.pfn - folio.pfn)) << 12
+        if let hint, hint.id == mmID {
+            if hint.covers(address) { body(hint, address) }
+            return
+        }
+        guard let mm = addressSpace(id: mmID), mm.covers(address) else { return }
+        body(mm, address)
+    }
+
     /// With `hint`, the address space a migration already holds (its VMA's mm):
     /// when the page belongs to it, no registry lookup is needed.
     func rmapAddress(of page: Page, hint: AddressSpace?) -> (AddressSpace, UInt64)? {

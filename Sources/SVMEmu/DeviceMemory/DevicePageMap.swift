@@ -102,9 +102,7 @@ public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
         m.clearFlags(PageFlags.anon.rawValue | PageFlags.anonExclusive.rawValue | PageFlags.dirty.rawValue
                      | PageFlags.swapBacked.rawValue | PageFlags.lru.rawValue)
         m.mappingMM = 0
-        for i in 1..<UInt64(folio.pageCount) {
-            kernel.metaPtr(folio.pfn + i).clearFlags(PageFlags.anonExclusive.rawValue)
-        }
+        for i in 1..<folio.pageCount { folio.page(i).meta.clearFlags(PageFlags.anonExclusive.rawValue) }
         operations.folioFree?(folio)
     }
 }

@@ -74,9 +74,13 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     @inlinable public var refCount: Int { Int(meta.refcount) }
     /// `folio_mapcount()`: PTE mappings of every page plus PMD mappings.
     public var mapCount: Int {
-        var n = Int(meta.entireMapcount)
-        for i in 0..<pageCount { n += Int(kernel.metaPtr(pfn + UInt64(i)).mapcount) }
-        return n
+        kernelRef._withUnsafeGuaranteedRef { k in
+            let head = k.metaPtr(pfn)
+            var n = Int(head.entireMapcount)
+            if head.order == 0 { return n + Int(head.mapcount) }
+            for i in 0..<(UInt64(1) << UInt64(head.order)) { n += Int(k.metaPtr(pfn + i).mapcount) }
+            return n
+        }
     }
     /// PMD mappings of the folio (`folio_entire_mapcount()`).
     public var entireMapCount: Int { Int(meta.entireMapcount) }
@@ -88,12 +92,25 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The device page map of a ZONE_DEVICE folio (`page_pgmap()`).
     public var pageMap: DevicePageMap? {
         let i = meta.pgmap
-        return i == 0 ? nil : kernel.pageMapTable[Int(i) - 1]?.takeUnretainedValue()
+        return i == 0 ? nil : kernelRef._withUnsafeGuaranteedRef { $0.pageMapTable[Int(i) - 1]?.takeUnretainedValue() }
+    }
+    /// Runs `body` on the folio's device page map, or returns nil for a folio
+    /// outside every page map. Per-page paths use it: no reference counting.
+    @inlinable func withPageMap<R>(_ body: (DevicePageMap) -> R) -> R? {
+        let i = meta.pgmap
+        guard i != 0 else { return nil }
+        return kernelRef._withUnsafeGuaranteedRef { k in
+            k.pageMapTable[Int(i) - 1].map { $0._withUnsafeGuaranteedRef(body) }
+        }
+    }
+    /// Whether the folio belongs to a page map of `owner` (`page_pgmap(page)->owner == owner`).
+    @inlinable func isOwned(by owner: DeviceOwner?) -> Bool {
+        withPageMap { $0.owner == owner } ?? false
     }
     /// `folio_is_device_private()`.
-    public var isDevicePrivate: Bool { pageMap?.type == .private }
+    public var isDevicePrivate: Bool { withPageMap { $0.type == .private } ?? false }
     /// `folio_is_device_coherent()`.
-    public var isDeviceCoherent: Bool { pageMap?.type == .coherent }
+    public var isDeviceCoherent: Bool { withPageMap { $0.type == .coherent } ?? false }
 
     // MARK: references
 

@@ -13,7 +13,8 @@ public final class MemoryNode: @unchecked Sendable {
     public let pageCount: UInt64
     let region: UInt8
     let bytes: UnsafeMutableRawPointer
-    unowned(unsafe) var kernel: Kernel! = nil
+    /// The kernel, unretained (the kernel owns its nodes); set once when added.
+    var kernelRef: Unmanaged<Kernel>! = nil
 
     // Protected by `zoneLock` (the zone lock).
     private let zoneLock: UnsafeMutablePointer<UInt32>
@@ -45,6 +46,10 @@ public final class MemoryNode: @unchecked Sendable {
     /// mapped, bytes not cleared (`folio_alloc()` without `__GFP_ZERO`).
     /// Returns nil when the node is out of memory of that order.
     public func allocate(order: Int) -> Folio? {
+        kernelRef._withUnsafeGuaranteedRef { allocate(order: order, kernel: $0) }
+    }
+
+    private func allocate(order: Int, kernel: Kernel) -> Folio? {
         precondition(order == 0 || order == 9, "MemoryNode.allocate: order must be 0 or 9, not \(order)")
         svm_mutex_lock(zoneLock)
         var pfn: UInt64 = 0
@@ -94,6 +99,10 @@ public final class MemoryNode: @unchecked Sendable {
 
     /// Returns a folio whose last reference was dropped to the free lists.
     func release(pfn: UInt64, order: Int) {
+        kernelRef._withUnsafeGuaranteedRef { release(pfn: pfn, order: order, kernel: $0) }
+    }
+
+    private func release(pfn: UInt64, order: Int, kernel: Kernel) {
         for i in 0..<(UInt64(1) << UInt64(order)) {
             let m = kernel.metaPtr(pfn + i)
             svm_store32(m.flagsWord, PageFlags.buddy.rawValue)
@@ -159,21 +168,12 @@ extension Kernel {
             warn("free_folio: folio is locked (bad page state)", "\(folio)")
             folio.clear(.locked)
         }
-        if let pgmap = folio.pageMap {
-            pgmap.freeFolio(folio)
-            return
+        if folio.withPageMap({ $0.freeFolio(folio) }) != nil { return }
+        // The node by region, unretained: no reference counting on this per-page path.
+        guard let node = nodeByRegion[Int(m.region)] else {
+            return warn("free_folio: pfn outside system RAM and every device page map", "\(folio)")
         }
-        let r = m.region
-        // An index loop: no closure, no iterator retains on this per-page path.
-        var i = 0
-        while i < nodes.count {
-            if nodes[i].region == r {
-                nodes[i].release(pfn: folio.pfn, order: folio.order)
-                return
-            }
-            i += 1
-        }
-        warn("free_folio: pfn outside system RAM and every device page map", "\(folio)")
+        node._withUnsafeGuaranteedRef { $0.release(pfn: folio.pfn, order: folio.order) }
     }
 
     /// Allocates a folio on `node` (or any node if nil): `folio_alloc()` /

@@ -145,7 +145,7 @@ extension Kernel {
                 continue
             case .devicePrivate:
                 let folio = Folio(pfn: pmd.pfn, kernel: self)
-                guard args.flags.contains(.devicePrivate), folio.pageMap?.owner == args.pgmapOwner else {
+                guard args.flags.contains(.devicePrivate), folio.isOwned(by: args.pgmapOwner) else {
                     return collectSkip(&args, addr, end)
                 }
                 if compound {
@@ -189,7 +189,7 @@ extension Kernel {
                 break
             case .devicePrivate:
                 let p = Page(pfn: pte.pfn, kernel: self)
-                if args.flags.contains(.devicePrivate), let pgmap = p.folio.pageMap, pgmap.owner == args.pgmapOwner {
+                if args.flags.contains(.devicePrivate), p.folio.isOwned(by: args.pgmapOwner) {
                     if p.folio.isLarge {
                         svm_mutex_unlock(lock)
                         if unmapped { mm.flushTLBRange(start, end) }
@@ -214,7 +214,7 @@ extension Kernel {
                 let folio = p.folio
                 if !folio.isZoneDevice && !args.flags.contains(.system) { break }
                 if folio.isDeviceCoherent {
-                    guard args.flags.contains(.deviceCoherent), folio.pageMap?.owner == args.pgmapOwner else { break }
+                    guard args.flags.contains(.deviceCoherent), folio.isOwned(by: args.pgmapOwner) else { break }
                 }
                 if folio.isLarge {
                     svm_mutex_unlock(lock)

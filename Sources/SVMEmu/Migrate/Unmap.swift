@@ -96,28 +96,32 @@ extension Kernel {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
         for i in 0..<folio.pageCount {
             let page = folio.page(i)
-            guard page.mapCount > 0, let (mm, address) = rmapAddress(of: page, hint: hint), mm.covers(address) else { continue }
-            // try_to_migrate_one() tells MMU notifiers (MMU_NOTIFY_CLEAR) first.
-            let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
-            mm.invalidateRangeStart(range)
-            defer { mm.invalidateRangeEnd(range) }
-            let lock = mm.ptl(address)
-            svm_mutex_lock(lock)
-            let pte = mm.loadPTE(address)
-            if mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn {
-                let exclusive = page.isAnonExclusive
-                if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
-                if pte.kind == .present && pte.isDirty { folio.markDirty() }
-                mm.storePTE(address, .migration(pfn: page.pfn, write: pte.isWrite, readExclusive: !pte.isWrite && exclusive,
-                                                dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung))
-                mm.removeRmap(page: page)
-                svm_mutex_unlock(lock)
-                if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
-                folio.put()
-            } else {
-                svm_mutex_unlock(lock)
-            }
+            guard page.mapCount > 0 else { continue }
+            withRmap(of: page, hint: hint) { mm, address in tryToMigrateOne(folio, page, mm, address) }
         }
+    }
+
+    /// `try_to_migrate_one()` for one PTE-mapped page at `address` in `mm`.
+    private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64) {
+        // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
+        let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
+        mm.invalidateRangeStart(range)
+        defer { mm.invalidateRangeEnd(range) }
+        let lock = mm.ptl(address)
+        svm_mutex_lock(lock)
+        let pte = mm.loadPTE(address)
+        guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn else {
+            return svm_mutex_unlock(lock)
+        }
+        let exclusive = page.isAnonExclusive
+        if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
+        if pte.kind == .present && pte.isDirty { folio.markDirty() }
+        mm.storePTE(address, .migration(pfn: page.pfn, write: pte.isWrite, readExclusive: !pte.isWrite && exclusive,
+                                        dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung))
+        mm.removeRmap(page: page)
+        svm_mutex_unlock(lock)
+        if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
+        folio.put()
     }
 
     /// `remove_migration_ptes(src, dst)`: every migration entry of `src`'s pages
@@ -128,20 +132,23 @@ extension Kernel {
         let count = min(src.pageCount, dst.pageCount)
         for i in 0..<count {
             let page = src.page(i)
-            guard let (mm, address) = rmapAddress(of: page, hint: hint), mm.covers(address) else { continue }
-            let lock = mm.ptl(address)
-            svm_mutex_lock(lock)
-            let pte = mm.loadPTE(address)
-            guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else {
-                svm_mutex_unlock(lock)
-                continue
-            }
-            let newPage = dst.page(i)
-            dst.get()
-            let entry = PageTableEntry.replacing(migration: pte, with: dst, pfn: newPage.pfn)
-            mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
-            mm.storePTE(address, entry)
-            svm_mutex_unlock(lock)
+            withRmap(of: page, hint: hint) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address) }
         }
+    }
+
+    /// `remove_migration_pte()` for one page: its migration entry at `address`
+    /// becomes a mapping of `newPage` (of `dst`), which takes a reference.
+    private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64) {
+        let lock = mm.ptl(address)
+        svm_mutex_lock(lock)
+        let pte = mm.loadPTE(address)
+        guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else {
+            return svm_mutex_unlock(lock)
+        }
+        dst.get()
+        let entry = PageTableEntry.replacing(migration: pte, with: dst, pfn: newPage.pfn)
+        mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
+        mm.storePTE(address, entry)
+        svm_mutex_unlock(lock)
     }
 }
