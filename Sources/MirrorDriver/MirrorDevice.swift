@@ -237,9 +237,13 @@ final class VRAMPoolLock: Sendable {
     }
 }
 
-/// Free device pages, by order.
+/// Free device pages, by order. 4 KiB pages are handed out first in, first
+/// out: pages freed in address order come back in address order, so the copy
+/// engine reads and writes VRAM ascending (descending frames would halve the
+/// host's copy bandwidth through its prefetchers).
 struct VRAMPool {
     var free4K: [UInt64] = []
+    var free4KHead = 0
     var free2M: [UInt64] = []
     var registered: UInt64 = 0
     var freePages: UInt64 = 0
@@ -262,14 +266,19 @@ struct VRAMPool {
             freePages -= 512
             return pfn
         }
-        if free4K.isEmpty, let block = free2M.popLast() {
-            var pfn = block + 512
-            while pfn > block {
-                pfn -= 1
-                free4K.append(pfn)
-            }
+        if free4KHead == free4K.count, let block = free2M.popLast() {
+            for pfn in block..<(block + 512) { free4K.append(pfn) }
         }
-        guard let pfn = free4K.popLast() else { return nil }
+        guard free4KHead < free4K.count else { return nil }
+        let pfn = free4K[free4KHead]
+        free4KHead += 1
+        if free4KHead == free4K.count {
+            free4K.removeAll(keepingCapacity: true)
+            free4KHead = 0
+        } else if free4KHead >= 4096 && free4KHead * 2 >= free4K.count {
+            free4K.removeFirst(free4KHead)  // drop the taken half: amortised O(1)
+            free4KHead = 0
+        }
         freePages -= 1
         return pfn
     }

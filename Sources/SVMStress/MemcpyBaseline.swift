@@ -12,42 +12,72 @@ import SVMEmu
 /// Both copies really happen: an optimiser that sees `memcpy(b, a)` followed by
 /// `memcpy(a, b)` may drop the second (a is unchanged by it), and one that
 /// knows a's contents may turn both into a memset. A compiler barrier between
-/// the copies stops both, and the bytes are checked after the timed rounds.
-public struct MemcpyBaseline: Sendable {
+/// the copies stops both, and `verify()` checks the bytes.
+///
+/// A benchmark interleaves `round()` with its own rounds, so that both sides
+/// see the same machine (this VM's memory bandwidth drifts by tens of percent
+/// over seconds).
+public final class MemcpyBaseline {
     /// Bytes per direction.
     public let bytes: Int
-    /// Best round: the seconds for both copies.
-    public let seconds: Double
+    let seed: UInt64
+    let a: UnsafeMutableRawPointer
+    let b: UnsafeMutableRawPointer
+    /// The best round so far: the seconds for both copies.
+    public private(set) var bestSeconds = Double.infinity
 
-    /// Throughput counted like a migration round trip: `2 * bytes` over the time.
-    public var gigabytesPerSecond: Double { Double(2 * bytes) / seconds / 1e9 }
-
-    /// Runs one untimed warm-up round then `rounds` timed ones, keeping the best.
-    /// Returns nil when the bytes differ afterwards (a broken copy, not a figure).
-    public static func measure(bytes: Int, rounds: Int, seed: UInt64 = 0x5eed) -> MemcpyBaseline? {
+    /// Reserves and fills both buffers and runs one untimed warm-up round.
+    public init(bytes: Int, seed: UInt64 = 0x5eed) {
         precondition(bytes > 0 && bytes & 63 == 0, "MemcpyBaseline: bytes must be a positive multiple of 64")
-        let a = Kernel.reserveFrames(bytes: bytes)
-        let b = Kernel.reserveFrames(bytes: bytes)
-        defer {
-            Kernel.releaseFrames(a, bytes: bytes)
-            Kernel.releaseFrames(b, bytes: bytes)
-        }
-        fill(a, bytes: bytes, seed: seed)
+        self.bytes = bytes
+        self.seed = seed
+        a = Kernel.reserveFrames(bytes: bytes)
+        b = Kernel.reserveFrames(bytes: bytes)
+        Self.fill(a, bytes: bytes, seed: seed)
         svm_memset(b, 0xa5, bytes)
-        var best = Double.infinity
-        for round in 0...max(1, rounds) {
-            svm_escape(a)
-            svm_escape(b)
-            let t0 = svm_now_ns()
-            svm_memcpy(b, a, bytes)
-            svm_escape(b)
-            svm_memcpy(a, b, bytes)
-            svm_escape(a)
-            let t1 = svm_now_ns()
-            if round > 0 { best = min(best, Double(t1 - t0) / 1e9) }
-        }
-        guard check(a, bytes: bytes, seed: seed), check(b, bytes: bytes, seed: seed) else { return nil }
-        return MemcpyBaseline(bytes: bytes, seconds: best)
+        _ = copyThereAndBack()
+    }
+
+    deinit {
+        Kernel.releaseFrames(a, bytes: bytes)
+        Kernel.releaseFrames(b, bytes: bytes)
+    }
+
+    /// One timed round; returns its seconds and keeps the best.
+    @discardableResult
+    public func round() -> Double {
+        let s = copyThereAndBack()
+        bestSeconds = min(bestSeconds, s)
+        return s
+    }
+
+    /// Whether both buffers hold the pattern (both copies really moved the bytes).
+    public func verify() -> Bool {
+        Self.check(a, bytes: bytes, seed: seed) && Self.check(b, bytes: bytes, seed: seed)
+    }
+
+    /// Throughput of the best round, counted like a migration round trip:
+    /// `2 * bytes` over the time.
+    public var gigabytesPerSecond: Double { Double(2 * bytes) / bestSeconds / 1e9 }
+
+    /// Warm-up plus `rounds` timed rounds on their own; nil when the bytes
+    /// differ afterwards (a broken copy, not a figure).
+    public static func measure(bytes: Int, rounds: Int, seed: UInt64 = 0x5eed) -> MemcpyBaseline? {
+        let m = MemcpyBaseline(bytes: bytes, seed: seed)
+        for _ in 0..<max(1, rounds) { m.round() }
+        return m.verify() ? m : nil
+    }
+
+    private func copyThereAndBack() -> Double {
+        svm_escape(a)
+        svm_escape(b)
+        let t0 = svm_now_ns()
+        svm_memcpy(b, a, bytes)
+        svm_escape(b)
+        svm_memcpy(a, b, bytes)
+        svm_escape(a)
+        let t1 = svm_now_ns()
+        return Double(t1 - t0) / 1e9
     }
 
     static func word(_ i: Int, _ seed: UInt64) -> UInt64 {

@@ -23,7 +23,8 @@ struct BenchMigrateCommand: ParsableCommand {
             trips RAM -> VRAM -> RAM through MirrorDriver (single thread, memcpy copy engine) and \
             memcpy of the same bytes between two host buffers backed like emulated RAM and VRAM \
             (host huge pages where allowed), there and back, with a compiler barrier between \
-            the copies so neither is optimised away. The best \
+            the copies so neither is optimised away. Migration and memcpy rounds alternate, \
+            so both see the same machine. The best \
             round of each is reported; bytes are verified after every round trip. \
             With --json prints one object: {"granularity", "bytes", "migrateGBps", "memcpyGBps", \
             "ratio", ...} where bytes is the buffer size and ratio is migrate over memcpy. \
@@ -37,7 +38,7 @@ struct BenchMigrateCommand: ParsableCommand {
     var size: String = "256M"
 
     @Option(name: .long, help: "Timed rounds of each measurement (the best is reported).")
-    var rounds = 3
+    var rounds = 5
 
     @Flag(name: .long, help: "Print one JSON object instead of the table.")
     var json = false
@@ -141,19 +142,21 @@ struct BenchMigrateCommand: ParsableCommand {
         }
 
         _ = try roundTrip()  // warm-up: first touch of RAM and VRAM frames, chunk registration
+        // memcpy of the same bytes, there and back, between two buffers backed
+        // like the emulated frames (MemcpyBaseline keeps the optimiser from
+        // eliding either copy). Its rounds alternate with the migration's so
+        // that both see the same machine.
+        let baseline = MemcpyBaseline(bytes: bytes)
         var best = (Double.infinity, 0.0, 0.0)
         for _ in 0..<rounds {
             let (there, back) = try roundTrip()
             if there + back < best.0 { best = (there + back, there, back) }
+            baseline.round()
         }
-
-        // memcpy of the same bytes, there and back, between two buffers backed
-        // like the emulated frames (MemcpyBaseline keeps the optimiser from
-        // eliding either copy and checks the bytes).
-        guard let baseline = MemcpyBaseline.measure(bytes: bytes, rounds: rounds) else {
+        guard baseline.verify() else {
             throw Failure(description: "svmemu bench migrate: the memcpy baseline's bytes differ")
         }
-        let bestCopy = baseline.seconds
+        let bestCopy = baseline.bestSeconds
         return Result(granularity: granularity, bytes: bytes, migrateSeconds: best.0, memcpySeconds: bestCopy,
                       toDeviceSeconds: best.1, toSystemSeconds: best.2, rounds: rounds)
     }

@@ -188,4 +188,26 @@ struct FolioTests {
         #expect(kernel.diagnostics.contains { $0.rule.contains("underflow") })
         #expect(kernel.freePages == free0, "a second put must not free the page twice")
     }
+
+    @Test("freed base pages come back first in, first out: a range freed in order is handed out in order")
+    func freedPagesComeBackInOrder() throws {
+        let kernel = makeKernel()
+        var folios: [Folio] = []
+        for _ in 0..<64 { folios.append(try #require(kernel.allocateFolio(order: 0, node: 0))) }
+        let pfns = folios.map(\.pfn)
+        for f in folios { f.put() }
+        // Frames freed earlier are handed out first; then ours, in the order freed.
+        var held: [Folio] = []
+        var first: Folio? = nil
+        while first == nil, held.count < 1 << 15, let f = kernel.allocateFolio(order: 0, node: 0) {
+            if f.pfn == pfns[0] { first = f } else { held.append(f) }
+        }
+        let head = try #require(first, "the first frame freed never came back")
+        var again = [head.pfn]
+        for _ in 1..<64 { again.append(try #require(kernel.allocateFolio(order: 0, node: 0)).pfn) }
+        #expect(again == pfns, "the order the frames were freed in")
+        for pfn in again { Page(pfn: pfn, kernel: kernel).folio.put() }
+        for f in held { f.put() }
+        #expect(kernel.diagnostics.isEmpty)
+    }
 }

@@ -71,24 +71,16 @@ extension Kernel {
         rmapAddress(of: page, hint: nil)
     }
 
-    /// Runs `body` with the address space and address `page` is mapped at,
-    /// when it has an anonymous mapping inside that address space's range.
-    /// With `hint` (the mm a migration already holds) matching, neither a
-    /// registry lookup nor reference counting happens: the per-page rmap walks
-    /// of try_to_migrate and remove_migration_ptes use this.
+    /// Where the rmap says `page` is mapped: the address-space id (0: none)
+    /// and the address. The per-page rmap walks of try_to_migrate and
+    /// remove_migration_ptes compare the id with the mm they already hold and
+    /// only look the registry up when it differs, so that the common case
+    /// costs neither a lookup nor reference counting.
     @inline(__always)
-    func withRmap(of page: Page, hint: AddressSpace?, _ body: (AddressSpace, UInt64) -> Void) {
+    func rmapLocation(of page: Page) -> (mmID: UInt32, address: UInt64) {
         let folio = page.folio
         let head = folio.meta
-        let mmID = head.mappingMM
-        guard mmID != 0 else { return }
-        let address = (head.index + (page.pfn - folio.pfn)) << 12
-        if let hint, hint.id == mmID {
-            if hint.covers(address) { body(hint, address) }
-            return
-        }
-        guard let mm = addressSpace(id: mmID), mm.covers(address) else { return }
-        body(mm, address)
+        return (head.mappingMM, (head.index &+ (page.pfn &- folio.pfn)) << 12)
     }
 
     /// With `hint`, the address space a migration already holds (its VMA's mm):

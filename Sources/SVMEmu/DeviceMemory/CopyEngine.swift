@@ -15,11 +15,14 @@ public protocol CopyEngine: AnyObject, Sendable {
     func wait()
 }
 
-/// The simplest engine: a synchronous copy on the calling thread, charging
-/// nothing beyond what the copy costs on this machine. Copies of at least
+/// The simplest engine: a copy on the calling thread, charging nothing beyond
+/// what the copy costs on this machine. Copies of at least
 /// `streamingThreshold` bytes use non-temporal stores, as a DMA engine writes
 /// memory without filling the CPU caches (and as glibc's memcpy does for
-/// copies larger than a few MiB).
+/// copies larger than a few MiB). Streaming stores are weakly ordered: the
+/// bytes are complete and visible to other threads after `wait()` (one store
+/// fence for the whole batch, like one DMA completion), which is why a driver
+/// must wait before `migrateVMAPages`.
 public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
     public let name = "memcpy"
     /// Copies this size and larger stream (4 KiB by default: every page copy; `Int.max` never).
@@ -29,10 +32,10 @@ public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
     public init(streamingThreshold: Int) { self.streamingThreshold = streamingThreshold }
     @inlinable public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
         if bytes >= streamingThreshold {
-            svm_copy_stream(destination, source, bytes)
+            svm_copy_stream_unfenced(destination, source, bytes)
         } else {
             svm_memcpy(destination, source, bytes)
         }
     }
-    @inlinable public func wait() {}
+    @inlinable public func wait() { svm_store_fence() }
 }

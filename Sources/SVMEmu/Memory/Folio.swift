@@ -131,7 +131,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// node, or to the device page map's `folioFree`).
     @inlinable public func put() {
         let n = svm_add32(meta.refWord, -1)
-        if n == 0 { kernel.freeFolio(self) } else if n < 0 {
+        if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
             svm_storei32(meta.refWord, 0)
             kernel.warn("folio_put: reference count underflow", "\(self)")
         }

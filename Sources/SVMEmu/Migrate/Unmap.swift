@@ -94,14 +94,24 @@ extension Kernel {
     /// Caller holds the folio lock.
     func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil) {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
+        let hintID = hint?.id ?? 0
+        let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<folio.pageCount {
             let page = folio.page(i)
             guard page.mapCount > 0 else { continue }
-            withRmap(of: page, hint: hint) { mm, address in tryToMigrateOne(folio, page, mm, address) }
+            let (mmID, address) = rmapLocation(of: page)
+            guard mmID != 0 else { continue }
+            if mmID == hintID, let hintRef {
+                // Borrowed: `let hint` would copy (retain) the mm per page.
+                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { tryToMigrateOne(folio, page, $0, address) } }
+            } else if let mm = addressSpace(id: mmID), mm.covers(address) {
+                tryToMigrateOne(folio, page, mm, address)
+            }
         }
     }
 
     /// `try_to_migrate_one()` for one PTE-mapped page at `address` in `mm`.
+    @inline(never)  // called with a borrowed mm: no retain per page
     private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
         let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
@@ -130,14 +140,24 @@ extension Kernel {
     func removeMigrationPTEs(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) {
         if src.isLarge && dst.isLarge && removeMigrationPMD(src, dst, hint: hint) { return }
         let count = min(src.pageCount, dst.pageCount)
+        let hintID = hint?.id ?? 0
+        let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<count {
             let page = src.page(i)
-            withRmap(of: page, hint: hint) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address) }
+            let (mmID, address) = rmapLocation(of: page)
+            guard mmID != 0 else { continue }
+            if mmID == hintID, let hintRef {
+                // Borrowed: `let hint` would copy (retain) the mm per page.
+                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { removeMigrationPTE(page, dst, dst.page(i), $0, address) } }
+            } else if let mm = addressSpace(id: mmID), mm.covers(address) {
+                removeMigrationPTE(page, dst, dst.page(i), mm, address)
+            }
         }
     }
 
     /// `remove_migration_pte()` for one page: its migration entry at `address`
     /// becomes a mapping of `newPage` (of `dst`), which takes a reference.
+    @inline(never)  // called with a borrowed mm: no retain per page
     private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64) {
         let lock = mm.ptl(address)
         svm_mutex_lock(lock)
