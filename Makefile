@@ -29,6 +29,7 @@ test: deps
 bench: release
 	.build/release/svmemu bench memory
 	.build/release/svmemu bench migrate --granularity 4k --size 256M
+	.build/release/svmemu bench migrate --granularity 2m --size 256M
 
 clean:
 	rm -rf .build
