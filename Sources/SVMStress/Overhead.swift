@@ -462,9 +462,13 @@ public enum OverheadHarness {
     /// (source and destination), best of three, in GB/s.
     public static func measureMemcpy(granule: Int, bytes: Int) -> Double {
         let ring = min(bytes, 64 << 20)
-        let src = UnsafeMutableRawPointer.allocate(byteCount: ring, alignment: 4096)
-        let dst = UnsafeMutableRawPointer.allocate(byteCount: ring, alignment: 4096)
-        defer { src.deallocate(); dst.deallocate() }
+        // Backed like emulated RAM and VRAM (see MemcpyBaseline).
+        let src = Kernel.reserveFrames(bytes: ring)
+        let dst = Kernel.reserveFrames(bytes: ring)
+        defer {
+            Kernel.releaseFrames(src, bytes: ring)
+            Kernel.releaseFrames(dst, bytes: ring)
+        }
         svm_memset(src, 0x5A, ring)
         svm_memset(dst, 0, ring)
         var best = UInt64.max
