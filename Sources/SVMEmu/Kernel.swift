@@ -87,6 +87,10 @@ public final class Kernel: @unchecked Sendable {
     /// System RAM nodes by physical region, unretained (`nodes` keeps them):
     /// how a freed folio finds its node without reference counting.
     let nodeByRegion: UnsafeMutablePointer<Unmanaged<MemoryNode>?>
+    /// `nodes` by id, unretained, and their number: what allocation reads per
+    /// page (reading the `nodes` array would cost an exclusivity check and a retain).
+    let nodeByID: UnsafeMutablePointer<Unmanaged<MemoryNode>?>
+    let nodeCount: Int
 
     public init(_ configuration: KernelConfiguration = KernelConfiguration()) {
         self.configuration = configuration
@@ -103,6 +107,9 @@ public final class Kernel: @unchecked Sendable {
         pageMapTable.initialize(repeating: nil, count: Kernel.maxPageMaps)
         nodeByRegion = .allocate(capacity: Kernel.maxRegions)
         nodeByRegion.initialize(repeating: nil, count: Kernel.maxRegions)
+        nodeCount = configuration.nodeSizes.count
+        nodeByID = .allocate(capacity: max(1, nodeCount))
+        nodeByID.initialize(repeating: nil, count: max(1, nodeCount))
         policyWord = Atomic(Kernel.encode(configuration.deviceFaultPolicy))
         // System RAM starts at 16 MiB so that pfn 0 never names a real page.
         layoutLock.withLock { $0.nextPfn = 0x1000 }
@@ -117,6 +124,7 @@ public final class Kernel: @unchecked Sendable {
         for node in nodes {
             node.kernelRef = .passUnretained(self)
             nodeByRegion[Int(node.region)] = .passUnretained(node)
+            nodeByID[node.id] = .passUnretained(node)
         }
         zeroPage = nodes[0].allocate(order: 0)!
         zeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
@@ -133,6 +141,7 @@ public final class Kernel: @unchecked Sendable {
         regionStart.deallocate()
         regionPages.deallocate()
         nodeByRegion.deallocate()
+        nodeByID.deallocate()
         for i in 0..<Kernel.maxPageMaps { pageMapTable[i]?.release() }
         pageMapTable.deallocate()
     }

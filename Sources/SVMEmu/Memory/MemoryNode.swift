@@ -191,12 +191,12 @@ extension Kernel {
     public func allocateFolio(order: Int = 0, node: Int? = nil, zeroed: Bool = false) -> Folio? {
         var folio: Folio? = nil
         if let node {
-            guard node >= 0 && node < nodes.count else { return nil }
-            folio = nodes[node].allocate(order: order)
+            guard node >= 0 && node < nodeCount else { return nil }
+            folio = nodeByID[node]?._withUnsafeGuaranteedRef { $0.allocate(order: order) }
         } else {
             var i = 0
-            while i < nodes.count && folio == nil {
-                folio = nodes[i].allocate(order: order)
+            while i < nodeCount && folio == nil {
+                folio = nodeByID[i]?._withUnsafeGuaranteedRef { $0.allocate(order: order) }
                 i += 1
             }
         }

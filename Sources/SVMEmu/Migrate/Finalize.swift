@@ -35,6 +35,12 @@ extension Kernel {
 
     func migrateDeviceFinalizeCore(_ src: [MigratePFN], _ dst: inout [MigratePFN], _ npages: Int, faultFolio: Folio?,
                                    mm hint: AddressSpace? = nil) {
+        // Counted once per call, like the kernel's count_vm_events() after a batch.
+        var succeeded: UInt64 = 0, failed: UInt64 = 0
+        defer {
+            if succeeded > 0 { vmstat.count(.pgmigrateSuccess, succeeded) }
+            if failed > 0 { vmstat.count(.pgmigrateFail, failed) }
+        }
         for i in 0..<npages {
             var dstFolio: Folio? = nil
             if dst[i].isValid {
@@ -60,9 +66,9 @@ extension Kernel {
                     d.put()
                 }
                 target = srcFolio
-                vmstat.count(.pgmigrateFail, UInt64(srcFolio.pageCount))
+                failed += UInt64(srcFolio.pageCount)
             } else {
-                vmstat.count(.pgmigrateSuccess, UInt64(srcFolio.pageCount))
+                succeeded += UInt64(srcFolio.pageCount)
             }
             if !target.isZoneDevice { target.set(.lru) }
             removeMigrationPTEs(srcFolio, target, hint: hint)
