@@ -105,19 +105,7 @@ static inline int svm_memcmp(const void *a, const void *b, size_t n) { return me
 // on 16-byte aligned buffers (page frames); anything else falls back to memcpy.
 #if defined(__x86_64__)
 #include <emmintrin.h>
-static inline void svm_copy_stream(void *dst, const void *src, size_t n) {
-    if ((((uintptr_t)dst | (uintptr_t)src) & 15) || (n & 63)) { memcpy(dst, src, n); return; }
-    __m128i *d = (__m128i *)dst;
-    const __m128i *s = (const __m128i *)src;
-    for (size_t i = 0; i < n / 16; i += 4) {
-        __m128i a = _mm_load_si128(s + i), b = _mm_load_si128(s + i + 1);
-        __m128i c = _mm_load_si128(s + i + 2), e = _mm_load_si128(s + i + 3);
-        _mm_stream_si128(d + i, a); _mm_stream_si128(d + i + 1, b);
-        _mm_stream_si128(d + i + 2, c); _mm_stream_si128(d + i + 3, e);
-    }
-    _mm_sfence();
-}
-// The same copy without the closing fence: a batch of these followed by one
+// The copy without a closing fence: a batch of these followed by one
 // svm_store_fence() costs one fence per batch, like one DMA completion.
 static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n) {
     if ((((uintptr_t)dst | (uintptr_t)src) & 15) || (n & 63)) { memcpy(dst, src, n); return; }
@@ -132,6 +120,10 @@ static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n
 }
 // Orders every earlier streaming store of this thread before later stores.
 static inline void svm_store_fence(void) { _mm_sfence(); }
+static inline void svm_copy_stream(void *dst, const void *src, size_t n) {
+    svm_copy_stream_unfenced(dst, src, n);
+    svm_store_fence();
+}
 #else
 static inline void svm_copy_stream(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
