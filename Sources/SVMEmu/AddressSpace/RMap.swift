@@ -86,10 +86,8 @@ extension Kernel {
     /// With `hint`, the address space a migration already holds (its VMA's mm):
     /// when the page belongs to it, no registry lookup is needed.
     func rmapAddress(of page: Page, hint: AddressSpace?) -> (AddressSpace, UInt64)? {
-        let folio = page.folio
-        let mmID = folio.meta.mappingMM
+        let (mmID, address) = rmapLocation(of: page)
         guard mmID != 0 else { return nil }
-        let address = (folio.meta.index + (page.pfn - folio.pfn)) << 12
         if let hint, hint.id == mmID { return (hint, address) }
         guard let mm = addressSpace(id: mmID) else { return nil }
         return (mm, address)
