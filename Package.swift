@@ -41,8 +41,10 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(name: "MinimalDriver", dependencies: ["SVMEmu"],
                           path: "Examples/MinimalDriver", swiftSettings: strict),
-        .testTarget(name: "SVMEmuTests", dependencies: ["SVMEmu"], swiftSettings: strict),
-        .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        // Bounded thread runs shared by the test suites (not a product).
+        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
+        .testTarget(name: "SVMEmuTests", dependencies: ["SVMEmu", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress"], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
         .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),

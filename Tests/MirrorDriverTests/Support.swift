@@ -3,6 +3,7 @@ import Synchronization
 import Testing
 import SVMEmu
 import MirrorDriver
+import TestSupport
 
 /// A small machine for one test: two 64 MiB nodes, one address space, one device.
 func bootMachine(policy: DeviceFaultPolicy = .trylock, thp: TransparentHugepageMode = .never,
@@ -97,60 +98,6 @@ func expectedPattern(_ kernel: Kernel, _ address: UInt64, length: Int, seed: UIn
     _ = a
     try scratch.fillPattern(address, length: length, seed: seed)
     return try scratch.read(address, count: length)
-}
-
-/// A flag or counter threads can share.
-final class SharedCounter: Sendable {
-    let value = Atomic<Int>(0)
-    func add(_ n: Int = 1) { value.add(n, ordering: .relaxed) }
-    var current: Int { value.load(ordering: .acquiring) }
-}
-
-/// Problems seen on other threads, reported by the test thread.
-final class ThreadIssues: Sendable {
-    private let list = Mutex<[String]>([])
-    func record(_ s: String) { list.withLock { $0.append(s) } }
-    var all: [String] { list.withLock { $0 } }
-}
-
-/// Holds a thread body so that it can be released independently of the threads.
-final class BodyBox: Sendable {
-    private let stored: Mutex<(@Sendable (Int) -> Void)?>
-    init(_ body: @escaping @Sendable (Int) -> Void) { stored = Mutex(body) }
-    var body: (@Sendable (Int) -> Void)? { stored.withLock { $0 } }
-    func clear() { stored.withLock { $0 = nil } }
-}
-
-/// Starts `count` real threads running `body(index)` together (spin barrier)
-/// and waits at most `timeout` seconds for all of them. Returns false when
-/// one did not finish: the objects in `keepAlive` are then leaked on purpose
-/// so that a stuck thread never touches freed emulated memory.
-func runThreads(_ count: Int, timeout: Double = 10, keepAlive: [AnyObject],
-                _ body: @escaping @Sendable (Int) -> Void) -> Bool {
-    let done = DispatchSemaphore(value: 0)
-    let ready = SharedCounter()
-    let box = BodyBox(body)
-    for i in 0..<count {
-        let t = Thread {
-            ready.add()
-            let start = Date()
-            while ready.current < count && Date().timeIntervalSince(start) < 5 { sched_yield() }
-            do {
-                let b = box.body
-                b?(i)
-            }
-            done.signal()
-        }
-        t.stackSize = 1 << 20
-        t.start()
-    }
-    let deadline = DispatchTime.now() + timeout
-    for _ in 0..<count where done.wait(timeout: deadline) == .timedOut {
-        for o in keepAlive { _ = Unmanaged.passRetained(o) }
-        return false
-    }
-    box.clear()
-    return true
 }
 
 /// A migration to `device`'s VRAM done by hand with the kernel API, the way a

@@ -2,9 +2,10 @@ import Foundation
 import Synchronization
 import Testing
 @testable import SVMEmu
+import TestSupport
 
 // Shared helpers of the memory-core tests: a small machine per test, bounded
-// thread runs, and snapshots of the state a failed call must leave alone.
+// thread runs (TestSupport), and snapshots of the state a failed call must leave alone.
 
 let pageSize = 4096
 let hugeSize = 2 << 20
@@ -30,80 +31,6 @@ func withMachine<R>(thp: TransparentHugepageMode = .madvise,
         withExtendedLifetime(kernel) {}
     }
     return try body(kernel, mm!)
-}
-
-/// A flag or counter threads can share.
-final class SharedCounter: Sendable {
-    let value = Atomic<Int>(0)
-    func add(_ n: Int = 1) { value.add(n, ordering: .relaxed) }
-    var current: Int { value.load(ordering: .acquiring) }
-}
-
-/// Problems seen on other threads, reported by the test thread.
-final class ThreadIssues: Sendable {
-    private let list = Mutex<[String]>([])
-    func record(_ s: String) { list.withLock { $0.append(s) } }
-    var all: [String] { list.withLock { $0 } }
-}
-
-/// Starts `count` real threads running `body(index)`; they start together
-/// (a spin barrier) and the call waits at most `timeout` seconds for all of
-/// them. Returns false when one did not finish in time: the objects in
-/// `keepAlive` are then leaked on purpose so that a stuck thread never touches
-/// freed emulated memory, and the caller fails the test instead of hanging.
-///
-/// `body` (and what it captures, typically the address space) is released
-/// before this returns: a `Thread` drops its block only when it is itself
-/// deallocated, which may be after the caller has released the kernel.
-func runThreads(_ count: Int, timeout: Double = 30, keepAlive: [AnyObject],
-                _ body: @escaping @Sendable (Int) -> Void) -> Bool {
-    let done = DispatchSemaphore(value: 0)
-    let ready = SharedCounter()
-    let box = BodyBox(body)
-    for i in 0..<count {
-        let t = Thread {
-            ready.add()
-            let start = Date()
-            while ready.current < count && Date().timeIntervalSince(start) < 5 { sched_yield() }
-            do {
-                let b = box.body
-                b?(i)
-            }
-            done.signal()
-        }
-        t.stackSize = 1 << 20
-        t.start()
-    }
-    let deadline = DispatchTime.now() + timeout
-    for _ in 0..<count where done.wait(timeout: deadline) == .timedOut {
-        for o in keepAlive { _ = Unmanaged.passRetained(o) }
-        return false
-    }
-    box.clear()
-    return true
-}
-
-/// Holds a thread body so that it can be released independently of the threads.
-final class BodyBox: Sendable {
-    private let stored: Mutex<(@Sendable (Int) -> Void)?>
-    init(_ body: @escaping @Sendable (Int) -> Void) { stored = Mutex(body) }
-    var body: (@Sendable (Int) -> Void)? { stored.withLock { $0 } }
-    func clear() { stored.withLock { $0 = nil } }
-}
-
-/// Runs `body` on one new thread and waits for it at most `timeout` seconds.
-func onAnotherThread(timeout: Double = 10, keepAlive: [AnyObject], _ body: @escaping @Sendable () -> Void) -> Bool {
-    runThreads(1, timeout: timeout, keepAlive: keepAlive) { _ in body() }
-}
-
-/// Polls `condition` until it holds or `seconds` pass.
-func eventually(within seconds: Double = 5, _ condition: () -> Bool) -> Bool {
-    let start = Date()
-    while !condition() {
-        if Date().timeIntervalSince(start) > seconds { return false }
-        usleep(200)
-    }
-    return true
 }
 
 /// What a failed call must not change: the VMAs and every counter.

@@ -1,6 +1,7 @@
 import CSVMSupport
 import Foundation
 import Testing
+import TestSupport
 @testable import SVMEmu
 
 @Suite("TLB flush accounting")

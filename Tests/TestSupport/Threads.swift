@@ -1,0 +1,81 @@
+// Bounded thread runs for the test suites: every wait has a limit, and a run
+// that does not finish fails its test instead of hanging it.
+
+import Foundation
+import Synchronization
+
+/// A flag or counter threads can share.
+public final class SharedCounter: Sendable {
+    public let value = Atomic<Int>(0)
+    public init() {}
+    public func add(_ n: Int = 1) { value.add(n, ordering: .relaxed) }
+    public var current: Int { value.load(ordering: .acquiring) }
+}
+
+/// Problems seen on other threads, reported by the test thread.
+public final class ThreadIssues: Sendable {
+    private let list = Mutex<[String]>([])
+    public init() {}
+    public func record(_ s: String) { list.withLock { $0.append(s) } }
+    public var all: [String] { list.withLock { $0 } }
+}
+
+/// Holds a thread body so that it can be released independently of the threads.
+final class BodyBox: Sendable {
+    private let stored: Mutex<(@Sendable (Int) -> Void)?>
+    init(_ body: @escaping @Sendable (Int) -> Void) { stored = Mutex(body) }
+    var body: (@Sendable (Int) -> Void)? { stored.withLock { $0 } }
+    func clear() { stored.withLock { $0 = nil } }
+}
+
+/// Starts `count` real threads running `body(index)`; they start together
+/// (a spin barrier) and the call waits at most `timeout` seconds for all of
+/// them. Returns false when one did not finish in time: the objects in
+/// `keepAlive` are then leaked on purpose so that a stuck thread never touches
+/// freed emulated memory, and the caller fails the test instead of hanging.
+///
+/// `body` (and what it captures, typically the address space) is released
+/// before this returns: a `Thread` drops its block only when it is itself
+/// deallocated, which may be after the caller has released the kernel.
+public func runThreads(_ count: Int, timeout: Double = 10, keepAlive: [AnyObject],
+                       _ body: @escaping @Sendable (Int) -> Void) -> Bool {
+    let done = DispatchSemaphore(value: 0)
+    let ready = SharedCounter()
+    let box = BodyBox(body)
+    for i in 0..<count {
+        let t = Thread {
+            ready.add()
+            let start = Date()
+            while ready.current < count && Date().timeIntervalSince(start) < 5 { sched_yield() }
+            do {
+                let b = box.body
+                b?(i)
+            }
+            done.signal()
+        }
+        t.stackSize = 1 << 20
+        t.start()
+    }
+    let deadline = DispatchTime.now() + timeout
+    for _ in 0..<count where done.wait(timeout: deadline) == .timedOut {
+        for o in keepAlive { _ = Unmanaged.passRetained(o) }
+        return false
+    }
+    box.clear()
+    return true
+}
+
+/// Runs `body` on one new thread and waits for it at most `timeout` seconds.
+public func onAnotherThread(timeout: Double = 10, keepAlive: [AnyObject], _ body: @escaping @Sendable () -> Void) -> Bool {
+    runThreads(1, timeout: timeout, keepAlive: keepAlive) { _ in body() }
+}
+
+/// Polls `condition` until it holds or `seconds` pass.
+public func eventually(within seconds: Double = 5, _ condition: () -> Bool) -> Bool {
+    let start = Date()
+    while !condition() {
+        if Date().timeIntervalSince(start) > seconds { return false }
+        usleep(200)
+    }
+    return true
+}
