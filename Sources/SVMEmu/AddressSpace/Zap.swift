@@ -152,7 +152,6 @@ extension AddressSpace {
 
     /// Rewrites protection bits over `[start, end)` (`change_protection()`).
     func changeProtection(start: UInt64, end: UInt64, write: Bool, none: Bool) {
-        var a = start
         func rewrite(_ e: PageTableEntry) -> PageTableEntry {
             var e = e
             switch e.kind {
@@ -170,69 +169,57 @@ extension AddressSpace {
             }
             return e
         }
-        while a < end {
-            let pmdStart = a & AddressSpace.pmdMask
-            let next = min(pmdStart + AddressSpace.pmdSize, end)
-            var pmd = loadPMD(a)
-            if pmd.kind != .none && pmd.kind != .table && !(a == pmdStart && next == pmdStart + AddressSpace.pmdSize) {
-                splitHugePMD(pmdStart)
-                pmd = loadPMD(a)
-            }
-            if pmd.kind == .table {
-                let lock = ptl(a)
-                svm_mutex_lock(lock)
-                var p = a
-                while p < next {
-                    let e = loadPTE(p)
-                    if !e.isNone { storePTE(p, rewrite(e)) }
-                    p += 4096
-                }
-                svm_mutex_unlock(lock)
-            } else if pmd.kind != .none {
-                let lock = pmdLock(pmdStart)
-                svm_mutex_lock(lock)
-                let e = loadPMD(pmdStart)
-                if e.kind != .none && e.kind != .table { storePMD(pmdStart, rewrite(e)) }
-                svm_mutex_unlock(lock)
-            }
-            a = next
-        }
-        flushTLBRange(start, end)
+        walkLeaves(start, end, splitPartial: { _ in true },
+                   pte: { p, e in if !e.isNone { storePTE(p, rewrite(e)) } },
+                   pmd: { p, e in storePMD(p, rewrite(e)) })
     }
 
     /// MADV_FREE: clean, lazily freeable. Without reclaim the contents stay.
     func lazyFree(start: UInt64, end: UInt64) {
+        walkLeaves(start, end, splitPartial: { $0.kind == .present },
+                   pte: { p, e in
+                       guard e.kind == .present && !e.isSpecial else { return }
+                       storePTE(p, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                       Page(pfn: e.pfn, kernel: kernel).folio.clear([.dirty, .swapBacked])
+                   },
+                   pmd: { p, e in
+                       guard e.kind == .present && !e.isSpecial else { return }
+                       storePMD(p, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                       Folio(pfn: e.pfn, kernel: kernel).clear([.dirty, .swapBacked])
+                   })
+    }
+
+    /// The walk `changeProtection` and `lazyFree` share, one PMD at a time:
+    /// a huge entry the range covers only in part is split first when
+    /// `splitPartial` says so; PTE tables are visited under their PTE lock
+    /// (`pte` for each entry), whole huge entries (anything but none and a
+    /// table) under the PMD lock (`pmd`). One TLB flush for the range at the end.
+    private func walkLeaves(_ start: UInt64, _ end: UInt64, splitPartial: (PageTableEntry) -> Bool,
+                            pte: (UInt64, PageTableEntry) -> Void, pmd: (UInt64, PageTableEntry) -> Void) {
         var a = start
         while a < end {
             let pmdStart = a & AddressSpace.pmdMask
             let next = min(pmdStart + AddressSpace.pmdSize, end)
-            var pmd = loadPMD(a)
-            if pmd.kind == .present && !(a == pmdStart && next == pmdStart + AddressSpace.pmdSize) {
+            var entry = loadPMD(a)
+            let partial = !(a == pmdStart && next == pmdStart + AddressSpace.pmdSize)
+            if entry.kind != .none && entry.kind != .table && partial && splitPartial(entry) {
                 splitHugePMD(pmdStart)
-                pmd = loadPMD(a)
+                entry = loadPMD(a)
             }
-            if pmd.kind == .table {
+            if entry.kind == .table {
                 let lock = ptl(a)
                 svm_mutex_lock(lock)
                 var p = a
                 while p < next {
-                    let e = loadPTE(p)
-                    if e.kind == .present && !e.isSpecial {
-                        storePTE(p, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
-                        let f = Page(pfn: e.pfn, kernel: kernel).folio
-                        f.clear([.dirty, .swapBacked])
-                    }
+                    pte(p, loadPTE(p))
                     p += 4096
                 }
                 svm_mutex_unlock(lock)
-            } else if pmd.kind == .present && !pmd.isSpecial {
+            } else if entry.kind != .none {
                 let lock = pmdLock(pmdStart)
                 svm_mutex_lock(lock)
                 let e = loadPMD(pmdStart)
-                if e.kind == .present {
-                    storePMD(pmdStart, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
-                    Folio(pfn: e.pfn, kernel: kernel).clear([.dirty, .swapBacked])
-                }
+                if e.kind != .none && e.kind != .table { pmd(pmdStart, e) }
                 svm_mutex_unlock(lock)
             }
             a = next
