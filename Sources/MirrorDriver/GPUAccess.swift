@@ -48,10 +48,18 @@ extension MirrorDevice {
         if settings.gpuFaultPolicy == .migrate {
             mm.mmapReadLock()
             if let vma = mm.vma(containing: page), vma.flags.contains(.read), !write || vma.flags.contains(.write) {
+                let s = settings
                 var start = page, end = page + 4096
-                if settings.migrationGranularity == .huge2M {
+                if s.migrationGranularity == .huge2M {
                     let h = page & ~UInt64((2 << 20) - 1)
                     if h >= vma.start && h + (2 << 20) <= vma.end { start = h; end = h + (2 << 20) }
+                } else if s.gpuFaultPages > 1 {
+                    // The window around the fault, clipped to the VMA (drm_gpusvm
+                    // picks the largest aligned chunk that fits).
+                    let window = UInt64(min(512, s.gpuFaultPages)) << 12
+                    let w = page & ~(window - 1)
+                    start = max(w, vma.start)
+                    end = min(w + window, vma.end)
                 }
                 _ = try? migrateRangeLocked(start, end, toDevice: true)
             }

@@ -55,6 +55,13 @@ public struct MirrorSettings: Sendable {
     public var gpuFaultPolicy: GPUFaultPolicy = .mirror
     /// Pages migrated per migrate_vma call (at most 512; dmirror uses 64).
     public var batchPages = 512
+    /// Pages a GPU fault with `.migrate` moves at 4 KiB granularity: the
+    /// aligned window of this many pages around the faulting one, within its
+    /// VMA. 1 (the default) is dmirror's shape, one page per fault; 512 is
+    /// Xe's drm_gpusvm shape, the 2 MiB range around the fault in one
+    /// migrate_vma call of 512 entries. A power of two, 1...512. With 2 MiB
+    /// granularity a fault always moves its 2 MiB folio.
+    public var gpuFaultPages = 1
     public init() {}
 }
 

@@ -55,6 +55,10 @@ public struct OverheadConfiguration: Sendable {
     public var copyModel: OverheadCopyModel = .memcpy
     /// Threads per large copy (the multi-threaded copy option).
     public var copyThreads = 1
+    /// Pages one GPU fault migrates at 4 KiB granularity (to-device only):
+    /// 1, dmirror's shape, or up to 512, Xe's (the 2 MiB range around the
+    /// fault in one migrate_vma call). See `MirrorSettings.gpuFaultPages`.
+    public var faultPages = 1
     /// Rounds: a run with timers on over the whole buffer (the figures come
     /// from the best one) and a cost run with timers on and off in turns.
     public var rounds = 3
@@ -96,6 +100,8 @@ public struct OverheadResult: Sendable, Codable {
     public var direction: String
     public var copyModel: String
     public var copyThreads: Int
+    /// Pages one GPU fault migrates (1 unless `faultPages` asked for more).
+    public var faultPages: Int = 1
     /// Bytes migrated by the faults.
     public var bytes: Int
     /// Faults timed (phase `fault` count: GPU fault handlers or migrateToRAM calls).
@@ -136,7 +142,7 @@ public struct OverheadResult: Sendable, Codable {
     public var trace: [OverheadTraceEvent] = []
 
     enum CodingKeys: String, CodingKey {
-        case granularity, direction, copyModel, copyThreads, bytes, faults, phases, migrateVMAFraction,
+        case granularity, direction, copyModel, copyThreads, faultPages, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, wallSeconds, wallSecondsTimersOff,
              wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified
     }
@@ -187,6 +193,13 @@ public enum OverheadHarness {
         guard config.rounds >= 1, config.copyThreads >= 1, config.copyThreads <= 64 else {
             throw .invalidConfiguration("rounds must be >= 1 and copy threads 1...64")
         }
+        guard config.faultPages >= 1, config.faultPages <= 512, config.faultPages & (config.faultPages - 1) == 0 else {
+            throw .invalidConfiguration("pages per GPU fault must be a power of two, 1...512 (got \(config.faultPages))")
+        }
+        guard config.faultPages == 1 || (config.granularity == .base4K && config.direction == .toDevice) else {
+            throw .invalidConfiguration("more than one page per fault applies to GPU faults (to-device) at 4 KiB granularity; "
+                                        + "a 2 MiB migration always moves its 2 MiB folio and a CPU fault its page")
+        }
         var kc = KernelConfiguration()
         let node = (config.bytes + (512 << 20) + (2 << 20) - 1) & ~((2 << 20) - 1)
         kc.nodeSizes = [node, node]
@@ -204,6 +217,7 @@ public enum OverheadHarness {
         var settings = MirrorSettings()
         settings.gpuFaultPolicy = .migrate
         settings.migrationGranularity = config.granularity
+        settings.gpuFaultPages = config.faultPages
         let vramChunk: UInt64 = 256 << 20
         let vram = (UInt64(config.bytes) + vramChunk - 1) / vramChunk * vramChunk + vramChunk
         let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: vramChunk,
@@ -211,7 +225,7 @@ public enum OverheadHarness {
         let bytes = config.bytes
         let pages = bytes >> 12
         let say = config.progress ?? { _ in }
-        let tag = "\(config.direction.rawValue) \(config.granularity.rawValue) \(config.copyModel.rawValue)"
+        let tag = "\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
         let base: UInt64
         do {
             base = try mm.mmap(length: bytes)
@@ -301,7 +315,9 @@ public enum OverheadHarness {
         // Instrumentation cost: chunks of the buffer alternately timed and not
         // (in pairs, the order swapped every pair) in the same run, so that
         // machine noise hits both alike; the median of the pairs' differences.
-        let chunk = config.granularity == .huge2M ? 512 : 256
+        // Whole faults per chunk: a chunk boundary inside a fault's window would
+        // leave the next chunk nothing to fault.
+        let chunk = max(config.granularity == .huge2M ? 512 : 256, config.faultPages)
         var pairRatios: [Double] = []
         var offNanos: UInt64 = 0, onNanos: UInt64 = 0
         for round in 0..<config.rounds {
@@ -402,7 +418,7 @@ public enum OverheadHarness {
         let mib = Double(config.bytes) / Double(1 << 20)
         return OverheadResult(
             granularity: config.granularity.rawValue, direction: config.direction.rawValue,
-            copyModel: config.copyModel.rawValue, copyThreads: config.copyThreads,
+            copyModel: config.copyModel.rawValue, copyThreads: config.copyThreads, faultPages: config.faultPages,
             bytes: config.bytes, faults: faults, phases: phases,
             migrateVMAFraction: fault.nanos > 0 ? migrateVMA / fault.nanos : 0,
             copyFraction: fault.nanos > 0 ? (totals[.copy]?.nanos ?? 0) / fault.nanos : 0,

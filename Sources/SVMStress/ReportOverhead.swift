@@ -7,6 +7,10 @@ import SVMEmu
 public enum OverheadReport {
 
     static func granularityLabel(_ g: String) -> String { g == "2m" ? "2 MiB" : g == "4k" ? "4 KiB" : g }
+    /// The granularity, with the pages per fault when a fault moves more than one page.
+    static func granularityLabel(_ r: OverheadResult) -> String {
+        r.faultPages > 1 ? "4Kx\(r.faultPages)" : granularityLabel(r.granularity)
+    }
     static func pct(_ v: Double) -> String { String(format: "%5.1f%%", v * 100) }
 
     // MARK: table
@@ -15,7 +19,8 @@ public enum OverheadReport {
     public static func table(_ r: OverheadResult) -> String {
         let dir = OverheadDirection(rawValue: r.direction)?.label ?? r.direction
         let model = r.copyModel + (r.copyThreads > 1 ? " x\(r.copyThreads) threads" : "")
-        var out = "\(r.direction) (\(dir)), \(granularityLabel(r.granularity)) migration, copy model \(model)\n"
+        let shape = r.faultPages > 1 ? ", \(r.faultPages) pages per fault" : ""
+        var out = "\(r.direction) (\(dir)), \(granularityLabel(r.granularity)) migration\(shape), copy model \(model)\n"
         out += "  \(r.faults) faults over \(r.bytes >> 20) MiB\n\n"
         out += "  PHASE               us/fault     share   calls/fault\n"
         for name in OverheadResult.phaseOrder {
@@ -46,7 +51,7 @@ public enum OverheadReport {
         var out = "  DIRECTION  GRAN   COPY MODEL    FAULTS   us/fault  migrate_vma   copy    other    GB/s  timers: meas.  est.\n"
         for r in results {
             out += "  " + r.direction.padding(toLength: 10, withPad: " ", startingAt: 0)
-                + " " + granularityLabel(r.granularity).padding(toLength: 6, withPad: " ", startingAt: 0)
+                + " " + granularityLabel(r).padding(toLength: 6, withPad: " ", startingAt: 0)
                 + " " + (r.copyModel + (r.copyThreads > 1 ? "x\(r.copyThreads)" : "")).padding(toLength: 12, withPad: " ", startingAt: 0)
                 + String(format: " %7d %10.2f", r.faults, r.faultMicrosMean)
                 + "      " + pct(r.migrateVMAFraction) + "  " + pct(r.copyFraction) + "  " + pct(r.phases["other"]?.fraction ?? 0)
@@ -108,7 +113,7 @@ public enum OverheadReport {
         var y = top
         for (i, r) in results.enumerated() {
             if i > 0 && (r.direction != results[i - 1].direction || r.copyModel != results[i - 1].copyModel) { y += 10 }
-            let label = "\(r.direction) \(granularityLabel(r.granularity)) \(r.copyModel)\(r.copyThreads > 1 ? "x\(r.copyThreads)" : "")"
+            let label = "\(r.direction) \(granularityLabel(r)) \(r.copyModel)\(r.copyThreads > 1 ? "x\(r.copyThreads)" : "")"
                 + String(format: " (%.1f us/fault)", r.faultMicrosMean)
             s += "<text x=\"\(labelW - 8)\" y=\"\(y + barH - 5)\" text-anchor=\"end\">\(xml(label))</text>\n"
             var x = leftX
@@ -163,7 +168,7 @@ public enum OverheadReport {
         }
         for (index, r) in results.enumerated() {
             let pid = index + 1
-            let name = "\(r.direction) \(granularityLabel(r.granularity)) \(r.copyModel)"
+            let name = "\(r.direction) \(granularityLabel(r)) \(r.copyModel)"
             emit("{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"name\":\"\(jsonEscape(name))\"}}")
             emit("{\"name\":\"process_sort_index\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"sort_index\":\(pid)}}")
             for cpu in Set(r.trace.map(\.cpu)).sorted() {

@@ -55,5 +55,35 @@ struct RoundTripTests {
         #expect(device.devicePagesInUse == 0)
         #expect(kernel.diagnostics.isEmpty)
     }
+
+    @Test("a GPU fault with gpuFaultPages 512 migrates the 2 MiB window around it, clipped to its VMA")
+    func gpuFaultWindow() throws {
+        let (kernel, mm, device) = bootMachine()
+        var s = device.settings
+        s.gpuFaultPolicy = .migrate
+        s.gpuFaultPages = 512
+        device.settings = s
+        let length = 3 << 20
+        let base = try mm.mmap(length: length)
+        try mm.fillPattern(base, length: length, seed: 9)
+        let vma = try #require(mm.vma(containing: base))
+        let target = base + UInt64(length - 4096)
+        let w = target & ~UInt64((2 << 20) - 1)
+        let lo = max(w, vma.start), hi = min(w + (2 << 20), vma.end)
+        #expect(try device.read(target, count: 4096) == expectedPattern(kernel, target, length: 4096, seed: 9))
+        #expect(device.faults == 1, "one GPU fault for the whole window")
+        var inVRAM = 0, outside = 0
+        for i in 0..<(length >> 12) {
+            let a = base + UInt64(i << 12)
+            guard mm.entry(at: a).entry.kind == .devicePrivate else { continue }
+            if a >= lo && a < hi { inVRAM += 1 } else { outside += 1 }
+        }
+        #expect(inVRAM == Int((hi - lo) >> 12) && outside == 0, "\(inVRAM) pages of the window in VRAM, \(outside) outside it")
+        // Reading the rest of the window takes no more faults.
+        #expect(try device.read(lo, count: 4096) == expectedPattern(kernel, lo, length: 4096, seed: 9))
+        #expect(device.faults == 1)
+        #expect(try mm.verifyPattern(base, length: length, seed: 9) == nil)
+        #expect(kernel.diagnostics.isEmpty)
+    }
 }
 

@@ -26,6 +26,37 @@ private func overheadRun(_ direction: OverheadDirection, _ granularity: Migratio
 @Suite("Overhead breakdown")
 struct OverheadTests {
 
+    @Test("2 MiB GPU faults at 4 KiB granularity (Xe's shape): one migrate_vma call of 512 pages per fault")
+    func xeShapedFaults() throws {
+        var c = OverheadConfiguration()
+        c.bytes = 8 << 20
+        c.measureInstrumentationCost = false
+        c.rounds = 1
+        c.faultPages = 512
+        let r = try OverheadHarness.run(c)
+        #expect(r.verified)
+        #expect(r.faultPages == 512)
+        #expect(r.faults == 4, "8 MiB in 2 MiB faults")
+        #expect(r.phases["collect"]?.count == 4 && r.phases["finalize"]?.count == 4)
+        #expect(r.setupCallsPerMiB == 0.5)
+        #expect(r.jsonString().contains("\"faultPages\":512"))
+        #expect(OverheadReport.summary([r]).contains("4Kx512"))
+    }
+
+    @Test("pages per fault must be a power of two up to 512, and only for 4 KiB GPU faults")
+    func faultPagesChecked() {
+        for (pages, granularity, direction) in [(3, MigrationGranularity.base4K, OverheadDirection.toDevice),
+                                                (1024, .base4K, .toDevice), (512, .huge2M, .toDevice), (512, .base4K, .toRAM)] {
+            var c = OverheadConfiguration()
+            c.bytes = 2 << 20
+            c.faultPages = pages
+            c.granularity = granularity
+            c.direction = direction
+            #expect(throws: OverheadError.self) { try OverheadHarness.run(c) }
+        }
+    }
+
+
     @Test("phases add up to the fault time within tolerance", arguments: OverheadDirection.allCases)
     func phasesAddUp(_ direction: OverheadDirection) throws {
         let r = try overheadRun(direction, .base4K)
