@@ -40,6 +40,8 @@ struct OverheadTests {
         #expect(r.phases["collect"]?.count == 4 && r.phases["finalize"]?.count == 4)
         #expect(r.setupCallsPerMiB == 0.5)
         #expect(r.jsonString().contains("\"faultPages\":512"))
+        #expect(r.memcpyGBps > 0 && r.streamCopyGBps > 0, "both yardsticks measured")
+        #expect(OverheadReport.table(r).contains("streaming copy"))
         #expect(OverheadReport.summary([r]).contains("4Kx512"))
     }
 
