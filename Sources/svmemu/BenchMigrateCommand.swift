@@ -153,6 +153,9 @@ struct BenchMigrateCommand: ParsableCommand {
             return (Double(t1 - t0) / 1e9, Double(t2 - t1) / 1e9)
         }
 
+        let progress = BenchProgress(label: "svmemu bench migrate \(granularity.rawValue)")
+        defer { progress.done() }
+        progress.say("warm-up round trip (first touch of emulated RAM and VRAM)")
         _ = try roundTrip()  // warm-up: first touch of RAM and VRAM frames, chunk registration
         // memcpy of the same bytes, there and back, between two buffers backed
         // like the emulated frames (MemcpyBaseline keeps the optimiser from
@@ -160,7 +163,8 @@ struct BenchMigrateCommand: ParsableCommand {
         // that both see the same machine.
         let baseline = MemcpyBaseline(bytes: bytes)
         var best = (Double.infinity, 0.0, 0.0)
-        for _ in 0..<rounds {
+        for round in 0..<rounds {
+            progress.say("round \(round + 1)/\(rounds): round trip, then memcpy")
             let (there, back) = try roundTrip()
             if there + back < best.0 { best = (there + back, there, back) }
             baseline.round()

@@ -72,9 +72,13 @@ struct BenchTHPCommand: ParsableCommand {
         #endif
         let limit = BenchMigrateCommand.parseSize(maxSize)!
         var rows: [(String, Int, Side, Side)] = []
+        let progress = BenchProgress(label: "svmemu bench thp")
         for (name, size) in Self.tests where size <= limit {
+            progress.say("\(name): with THP")
             let thp = try Self.measure(bytes: size, thp: true, iterations: iterations)
+            progress.say("\(name): without THP")
             let regular = try Self.measure(bytes: size, thp: false, iterations: iterations)
+            progress.done()
             rows.append((name, size, thp, regular))
             if !json { print(Self.render(name, size, thp, regular)) }
         }
