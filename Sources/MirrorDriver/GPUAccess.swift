@@ -56,7 +56,8 @@ extension MirrorDevice {
                 } else if s.gpuFaultPages > 1 {
                     // The window around the fault, clipped to the VMA (drm_gpusvm
                     // picks the largest aligned chunk that fits).
-                    let window = UInt64(min(512, s.gpuFaultPages)) << 12
+                    let n = min(512, s.gpuFaultPages)
+                    let window = UInt64(1 << (Int.bitWidth - 1 - n.leadingZeroBitCount)) << 12  // a power of two
                     let w = page & ~(window - 1)
                     start = max(w, vma.start)
                     end = min(w + window, vma.end)

@@ -59,8 +59,9 @@ public struct MirrorSettings: Sendable {
     /// aligned window of this many pages around the faulting one, within its
     /// VMA. 1 (the default) is dmirror's shape, one page per fault; 512 is
     /// Xe's drm_gpusvm shape, the 2 MiB range around the fault in one
-    /// migrate_vma call of 512 entries. A power of two, 1...512. With 2 MiB
-    /// granularity a fault always moves its 2 MiB folio.
+    /// migrate_vma call of 512 entries. A power of two, 1...512 (other values
+    /// round down to one). With 2 MiB granularity a fault always moves its
+    /// 2 MiB folio.
     public var gpuFaultPages = 1
     public init() {}
 }
