@@ -6,7 +6,7 @@
 SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test deps build release bench clean
+.PHONY: demo test tsan deps build release bench clean
 
 deps:
 	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libdrm; then \
@@ -25,6 +25,12 @@ demo: release
 
 test: deps
 	$(SWIFT) test
+
+# The suites under ThreadSanitizer, in their own build folder. The emulator's
+# locks annotate what they order (SVM_TSAN); any report fails the run.
+tsan: deps
+	TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 $${TSAN_OPTIONS:-}" \
+		$(SWIFT) test --sanitize=thread --scratch-path .build-tsan -Xcc -DSVM_TSAN
 
 bench: release
 	.build/release/svmemu bench memory

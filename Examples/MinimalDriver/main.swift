@@ -16,7 +16,7 @@ final class TinyDevice: @unchecked Sendable {
     /// Our `pgmap_owner`: migrate_vma selects device pages only of this owner.
     let owner = DeviceOwner.unique()
     /// Free device pages (pfns). The kernel gives pages back through folioFree.
-    private let freePfns = Mutex<[UInt64]>([])
+    private let freePfns = LockedValue<[UInt64]>([])
     let migrateToRAMCalls = Atomic<Int>(0)
 
     init(kernel: Kernel, bytes: UInt64) throws(Errno) {

@@ -273,7 +273,6 @@ extension MirrorDevice {
                          pgmapOwner: owner, faultPage: vmf.page)
             if s.migrateToRAMLookupNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMLookupNanos) }
             do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
-            if s.migrateToRAMWorkNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMWorkNanos) }
             var wanted = 0
             for i in 0..<args.npages where args.src[i].isMigrating && args.src[i].isValid { wanted += 1 }
             let given = allocateAndCopyToSystem(&args, settings: s)
@@ -281,6 +280,10 @@ extension MirrorDevice {
                 kernel.migrateVMAFinalize(&args)
                 return .oom
             }
+            // The DMA wait: only a call that copied something has one, and it
+            // comes after its reference check passed (the page is under a
+            // migration entry, so other faulters wait without references).
+            if given > 0 && s.migrateToRAMWorkNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMWorkNanos) }
             kernel.migrateVMAPages(&args)
             kernel.migrateVMAFinalize(&args)
             return .done

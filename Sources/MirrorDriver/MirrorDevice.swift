@@ -33,12 +33,19 @@ public enum MigrationGranularity: String, Sendable, CaseIterable, Codable {
 /// The driver's knobs. Change them between runs with `MirrorDevice.settings`.
 public struct MirrorSettings: Sendable {
     public var driverLock: DriverLockMode = .none
-    /// Time migrateToRAM spends waiting for its (emulated) DMA copy while it
-    /// holds the driver lock and the page reference, in nanoseconds. Sleeps.
+    /// Time migrateToRAM spends waiting for its (emulated) DMA copy, after
+    /// the copy is issued and before `migrateVMAPages`, holding the driver
+    /// lock and the page reference, in nanoseconds. Sleeps. Only a call that
+    /// copied something waits: one whose `migrateVMASetup` collected nothing
+    /// (a lost trylock, a failed reference check) returns at once, as
+    /// dmirror_devmem_fault does.
     public var migrateToRAMWorkNanos: UInt64 = 0
     /// Time migrateToRAM spends before `migrateVMASetup` (looking up its range
     /// and taking its own locks, as amdgpu and Xe do there), holding the
-    /// driver lock and the page reference, in nanoseconds. Sleeps.
+    /// driver lock and the page reference, in nanoseconds. Sleeps. Every call
+    /// waits, so every concurrent faulter holds its reference across the
+    /// winner's reference check: without a driver lock this can livelock for
+    /// real when the host is busy (dmirror has no such delay).
     public var migrateToRAMLookupNanos: UInt64 = 0
     /// Forces every device-memory allocation to fail (VRAM exhausted).
     public var failDeviceAllocation = false
@@ -84,16 +91,16 @@ public final class MirrorDevice: @unchecked Sendable {
     public let vramBytes: UInt64
     public let chunkBytes: UInt64
 
-    let settingsStore: Mutex<MirrorSettings>
+    let settingsStore: LockedValue<MirrorSettings>
     /// Free VRAM, shared with the page maps' `folioFree` (captured strongly:
     /// the pool holds no page map, so there is no cycle, and a free costs no
     /// weak load of the device).
     let pool = VRAMPoolLock()
     /// The registered chunks (`dmirror->chunks`).
-    let chunks = Mutex<[DevicePageMap]>([])
-    let driverLock = Mutex<Void>(())
-    let growLock = Mutex<Void>(())
-    let pageTableLock = Mutex<Void>(())
+    let chunks = LockedValue<[DevicePageMap]>([])
+    let driverLock = LockedValue<Void>(())
+    let growLock = LockedValue<Void>(())
+    let pageTableLock = LockedValue<Void>(())
     let pageTable: DevicePageTable
     private(set) var notifier: MMUIntervalNotifier! = nil
 
@@ -105,7 +112,7 @@ public final class MirrorDevice: @unchecked Sendable {
     let migrateToRAMCount = Atomic<Int>(0)
     let driverLockWaiting = Atomic<Int>(0)
     let driverLockHolding = Atomic<Int>(0)
-    let argsPool = Mutex<[MigrateVMA]>([])
+    let argsPool = LockedValue<[MigrateVMA]>([])
     /// dmirror's one-shot HMM_DMIRROR_FLAG_FAIL_ALLOC (set by `setCommandFlags`):
     /// the next 2 MiB allocation of a migration fails and clears it.
     let failNextAllocation = Atomic<Bool>(false)
@@ -122,7 +129,7 @@ public final class MirrorDevice: @unchecked Sendable {
         self.owner = owner
         self.vramBytes = vramBytes
         self.chunkBytes = min(chunkBytes, vramBytes)
-        self.settingsStore = Mutex(settings)
+        self.settingsStore = LockedValue(settings)
         pageTable = DevicePageTable(base: mm.baseAddress, end: mm.endAddress)
         notifier = mm.insertIntervalNotifier(start: mm.baseAddress, end: mm.endAddress) { [unowned self] n, range, seq in
             self.invalidate(n, range, seq)
@@ -239,7 +246,7 @@ public final class MirrorDevice: @unchecked Sendable {
 
 /// `VRAMPool` behind a lock, shareable with the page maps' callbacks.
 final class VRAMPoolLock: Sendable {
-    let state = Mutex<VRAMPool>(VRAMPool())
+    let state = LockedValue<VRAMPool>(VRAMPool())
     @inline(__always) func withLock<R>(_ body: (inout sending VRAMPool) -> sending R) -> sending R {
         state.withLock(body)
     }

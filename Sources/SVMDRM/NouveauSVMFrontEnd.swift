@@ -91,7 +91,7 @@ public final class NouveauSVMFrontEnd: Sendable {
         var unmanaged: Range<UInt64>?
     }
     /// `cli->mutex` and the `cli->svm` it guards.
-    private let state = Mutex(ClientState())
+    private let state = LockedValue(ClientState())
 
     /// A fresh client, as after `open()` of the DRM node.
     public init(backend: any NouveauSVMBackend) {

@@ -1,6 +1,7 @@
 // The nouveau SVM uAPI (include/uapi/drm/nouveau_drm.h; libdrm's nouveau_drm.h):
 // the two ioctl argument structs, the bind header encoding and the request numbers.
 public import CLibDRM
+import SVMEmu
 
 // The C structs are used as they are: `drm_nouveau_svm_init` and
 // `drm_nouveau_svm_bind` come from libdrm's nouveau_drm.h through CLibDRM, so
@@ -14,7 +15,7 @@ public enum LinuxIoctl {
 
     /// `_IOC(dir, type, nr, size)`.
     public static func encode(direction: UInt, type: UInt8, number: UInt8, size: Int) -> UInt {
-        precondition(size >= 0 && size < (1 << 14), "_IOC size field is 14 bits")
+        if !(0..<(1 << 14)).contains(size) { contractViolation("_IOC: the size field is 14 bits (got \(size))") }
         return (direction << 30) | (UInt(size) << 16) | (UInt(type) << 8) | UInt(number)
     }
     /// `_IOWR(type, nr, T)`.

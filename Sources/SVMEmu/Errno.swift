@@ -93,3 +93,13 @@ public struct Diagnostic: Sendable, Hashable, CustomStringConvertible {
     public init(rule: String, detail: String) { self.rule = rule; self.detail = detail }
     public var description: String { "WARNING: \(rule) (\(detail))" }
 }
+
+/// Stops the process for a broken contract that no error can answer (the
+/// kernel's BUG_ON): a caller passed what the API documents as impossible.
+/// The message names the rule and, unlike a `precondition`'s, is printed in
+/// release builds too. Input that can be refused is refused with an
+/// ``Errno`` or a diagnostic instead.
+public func contractViolation(_ rule: @autoclosure () -> String,
+                              file: StaticString = #fileID, line: UInt = #line) -> Never {
+    fatalError("SVMEmu: \(rule())", file: file, line: line)
+}

@@ -42,6 +42,35 @@ public struct KernelConfiguration: Sendable {
     /// Trace events kept per CPU for a timeline (0: no trace).
     public var traceEventsPerCPU: Int = 0
     public init() {}
+
+    /// Checks the settings a machine cannot boot with.
+    ///
+    /// - Throws: ``KernelConfigurationError`` naming the setting and its limit.
+    public func validate() throws(KernelConfigurationError) {
+        guard !nodeSizes.isEmpty else { throw .init("nodeSizes: the machine needs at least one RAM node") }
+        guard nodeSizes.count <= Kernel.maxRegions / 2 else {
+            throw .init("nodeSizes: at most \(Kernel.maxRegions / 2) RAM nodes (got \(nodeSizes.count))")
+        }
+        for (id, size) in nodeSizes.enumerated() where size < Kernel.pmdSize {
+            throw .init("nodeSizes[\(id)]: a node needs at least 2 MiB (got \(size) bytes)")
+        }
+        let ram = nodeSizes.reduce(UInt64(0)) { $0 + (UInt64($1) & ~UInt64(Kernel.pmdSize - 1)) }
+        guard Kernel.firstRAMPfn << 12 + ram <= maxPhysicalBytes else {
+            throw .init("maxPhysicalBytes: \(maxPhysicalBytes >> 20) MiB cannot hold the \(ram >> 20) MiB of RAM nodes (plus 16 MiB below RAM)")
+        }
+        guard addressSpaceSize >= UInt64(Kernel.pmdSize) else {
+            throw .init("addressSpaceSize: at least 2 MiB (got \(addressSpaceSize) bytes)")
+        }
+        guard traceEventsPerCPU >= 0 else { throw .init("traceEventsPerCPU: must not be negative (got \(traceEventsPerCPU))") }
+    }
+}
+
+/// A `KernelConfiguration` the machine cannot boot with.
+public struct KernelConfigurationError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Which setting is wrong and what it must be.
+    public let message: String
+    init(_ message: String) { self.message = message }
+    public var description: String { "invalid KernelConfiguration: \(message)" }
 }
 
 /// The emulated kernel: physical memory, device page maps, address spaces,
@@ -58,8 +87,14 @@ public final class Kernel: @unchecked Sendable {
     @usableFromInline let regionBase: UnsafeMutablePointer<UnsafeMutableRawPointer?>
     @usableFromInline let regionStart: UnsafeMutablePointer<UInt64>
     let regionPages: UnsafeMutablePointer<UInt64>
-    static let maxRegions = 64
-    let layoutLock = Mutex<(regions: Int, nextPfn: UInt64)>((0, 0))
+    /// Physical regions (RAM nodes plus device page maps) a machine can hold:
+    /// the width of the region number in page metadata bounds it far above this.
+    public static let maxRegions = 1024
+    /// 2 MiB: the size a PMD maps, and the alignment of every physical region.
+    static let pmdSize = 2 << 20
+    /// System RAM starts at 16 MiB so that pfn 0 never names a real page.
+    static let firstRAMPfn: UInt64 = 0x1000
+    let layoutLock = LockedValue<(regions: Int, nextPfn: UInt64)>((0, 0))
     /// Regions published so far (their start and size are written first):
     /// read lock-free by `isValid(pfn:)` on every migration entry.
     let publishedRegions = Atomic<Int>(0)
@@ -77,13 +112,17 @@ public final class Kernel: @unchecked Sendable {
     public private(set) var hugeZeroPage: Folio! = nil
 
     private let policyWord: Atomic<UInt8>
-    let diagnosticLog = Mutex<[Diagnostic]>([])
+    let diagnosticLog = LockedValue<[Diagnostic]>([])
     let diagnosticCount = Atomic<Int>(0)
-    let addressSpaces = Mutex<(next: UInt32, live: [UInt32: WeakAddressSpace])>((1, [:]))
-    let pageMaps = Mutex<[DevicePageMap]>([])
+    let addressSpaces = LockedValue<(next: UInt32, live: [UInt32: WeakAddressSpace])>((1, [:]))
+    let pageMaps = LockedValue<[DevicePageMap]>([])
+    /// Page-map indices handed out so far (an index is reserved before its
+    /// region is added, so racing registrations never share one).
+    let pageMapIndices = Atomic<Int>(0)
     /// Device page maps by index (meta.pgmap - 1); read lock-free on fault paths.
     @usableFromInline let pageMapTable: UnsafeMutablePointer<Unmanaged<DevicePageMap>?>
-    static let maxPageMaps = 64
+    /// Device page maps a machine can hold (each is a physical region too).
+    public static let maxPageMaps = 1024
     /// System RAM nodes by physical region, unretained (`nodes` keeps them):
     /// how a freed folio finds its node without reference counting.
     let nodeByRegion: UnsafeMutablePointer<Unmanaged<MemoryNode>?>
@@ -92,7 +131,13 @@ public final class Kernel: @unchecked Sendable {
     let nodeByID: UnsafeMutablePointer<Unmanaged<MemoryNode>?>
     let nodeCount: Int
 
+    /// Boots a machine.
+    ///
+    /// A configuration that ``KernelConfiguration/validate()`` refuses is a
+    /// programming error and stops the process with its message; check
+    /// configurations that come from users with `validate()` first.
     public init(_ configuration: KernelConfiguration = KernelConfiguration()) {
+        do { try configuration.validate() } catch { fatalError("SVMEmu: \(error)") }
         self.configuration = configuration
         phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU)
         maxPfn = configuration.maxPhysicalBytes >> 12
@@ -111,13 +156,14 @@ public final class Kernel: @unchecked Sendable {
         nodeByID = .allocate(capacity: max(1, nodeCount))
         nodeByID.initialize(repeating: nil, count: max(1, nodeCount))
         policyWord = Atomic(Kernel.encode(configuration.deviceFaultPolicy))
-        // System RAM starts at 16 MiB so that pfn 0 never names a real page.
-        layoutLock.withLock { $0.nextPfn = 0x1000 }
+        layoutLock.withLock { $0.nextPfn = Kernel.firstRAMPfn }
         var nodes: [MemoryNode] = []
         for (id, size) in configuration.nodeSizes.enumerated() {
             let pages = UInt64(size >> 21) << 9
-            precondition(pages > 0, "KernelConfiguration: node \(id) needs at least 2 MiB")
-            let (start, region, base) = addRegion(pages: pages)
+            // validate() checked the node count and sizes against the limits.
+            guard let (start, region, base) = try? addRegion(pages: pages) else {
+                fatalError("SVMEmu: RAM node \(id) does not fit the physical layout")
+            }
             nodes.append(MemoryNode(id: id, region: region, startPfn: start, pageCount: pages, bytes: base))
         }
         self.nodes = nodes
@@ -161,10 +207,18 @@ public final class Kernel: @unchecked Sendable {
     // MARK: physical layout
 
     /// A lazily touched anonymous mapping; pages cost nothing until written.
-    static func reserve(bytes: Int) -> UnsafeMutableRawPointer {
+    /// Nil when the host refuses it.
+    static func tryReserve(bytes: Int) -> UnsafeMutableRawPointer? {
         let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let p, p != MAP_FAILED else {
-            fatalError("SVMEmu: cannot reserve \(bytes >> 20) MiB of address space for emulated memory (errno \(errno))")
+        guard let p, p != MAP_FAILED else { return nil }
+        return p
+    }
+
+    /// `tryReserve(bytes:)` where the emulator cannot go on without the memory
+    /// (the metadata array at boot, a benchmark's buffers): stops with a message.
+    static func reserve(bytes: Int) -> UnsafeMutableRawPointer {
+        guard let p = tryReserve(bytes: bytes) else {
+            fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for emulated memory (errno \(errno))")
         }
         return p
     }
@@ -188,27 +242,49 @@ public final class Kernel: @unchecked Sendable {
 
     /// Adds a physical region of `pages` pages (2 MiB aligned in pfn space) with
     /// its own byte storage. Returns its first pfn, region index and bytes.
-    func addRegion(pages: UInt64) -> (UInt64, UInt8, UnsafeMutableRawPointer) {
-        let bytes = Kernel.reserveFrames(bytes: Int(pages) << 12)
-        let (start, region): (UInt64, Int) = layoutLock.withLock { layout in
+    ///
+    /// - Throws: `.noSpace` when the machine already holds ``maxRegions``
+    ///   regions, `.noMemory` when the region would end beyond
+    ///   `KernelConfiguration.maxPhysicalBytes` or the host refuses the
+    ///   reservation; a diagnostic names the limit. Nothing is changed then.
+    func addRegion(pages: UInt64) throws(Errno) -> (UInt64, UInt16, UnsafeMutableRawPointer) {
+        let byteCount = Int(pages) << 12
+        guard let bytes = Kernel.tryReserve(bytes: byteCount) else {
+            warn("physical layout: the host refused \(pages >> 8) MiB of address space for a region")
+            throw .noMemory
+        }
+        let reserved: Result<(UInt64, Int), Errno> = layoutLock.withLock { layout in
             let start = (layout.nextPfn + 511) & ~511
-            precondition(layout.regions < Kernel.maxRegions, "SVMEmu: too many physical regions (max \(Kernel.maxRegions))")
-            precondition(start + pages <= maxPfn,
-                         "SVMEmu: physical memory exceeds KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 30) GiB)")
+            guard layout.regions < Kernel.maxRegions else { return .failure(.noSpace) }
+            guard start + pages <= maxPfn else { return .failure(.noMemory) }
             let region = layout.regions
             layout.regions += 1
             layout.nextPfn = start + pages
-            return (start, region)
+            return .success((start, region))
         }
+        let start: UInt64, region: Int
+        switch reserved {
+        case .success(let r): (start, region) = r
+        case .failure(let e):
+            munmap(bytes, byteCount)
+            if e == .noSpace {
+                warn("physical layout: too many physical regions (RAM nodes plus device page maps, at most \(Kernel.maxRegions))")
+            } else {
+                warn("physical layout: device memory would end beyond KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 20) MiB)")
+            }
+            throw e
+        }
+        _ = madvise(bytes, byteCount, MADV_HUGEPAGE)
         regionStart[region] = start
         regionPages[region] = pages
         regionBase[region] = bytes
-        mappings.append((bytes, Int(pages) << 12))
-        for pfn in start..<(start + pages) { metaPtr(pfn).region = UInt8(region) }
-        // Regions are added in order under the layout lock; publish this one.
+        for pfn in start..<(start + pages) { metaPtr(pfn).region = UInt16(region) }
+        // Regions are numbered in order under the layout lock and published in
+        // that order, which also serialises the bookkeeping below.
         while publishedRegions.load(ordering: .acquiring) != region {}
+        mappings.append((bytes, byteCount))
         publishedRegions.store(region + 1, ordering: .releasing)
-        return (start, UInt8(region), bytes)
+        return (start, UInt16(region), bytes)
     }
 
     @inlinable func metaPtr(_ pfn: UInt64) -> MetaPtr {
@@ -223,9 +299,13 @@ public final class Kernel: @unchecked Sendable {
 
     /// Whether `pfn` names a page frame of this machine (RAM or device memory).
     public func isValid(pfn: UInt64) -> Bool {
-        let count = publishedRegions.load(ordering: .acquiring)
-        for r in 0..<count where pfn >= regionStart[r] && pfn < regionStart[r] + regionPages[r] {
-            return true
+        // Regions are published in ascending pfn order: binary search.
+        var lo = 0, hi = publishedRegions.load(ordering: .acquiring)
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            if pfn < regionStart[mid] { hi = mid }
+            else if pfn >= regionStart[mid] + regionPages[mid] { lo = mid + 1 }
+            else { return true }
         }
         return false
     }

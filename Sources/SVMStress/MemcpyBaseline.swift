@@ -36,7 +36,7 @@ public final class MemcpyBaseline {
 
     /// Reserves and fills both buffers and runs one untimed warm-up round.
     public init(bytes: Int, seed: UInt64 = 0x5eed) {
-        precondition(bytes > 0 && bytes & 63 == 0, "MemcpyBaseline: bytes must be a positive multiple of 64")
+        if !(bytes > 0 && bytes & 63 == 0) { contractViolation("MemcpyBaseline: bytes must be a positive multiple of 64 (got \(bytes))") }
         self.bytes = bytes
         self.seed = seed
         a = Kernel.reserveFrames(bytes: bytes)

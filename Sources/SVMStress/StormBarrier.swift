@@ -1,4 +1,5 @@
 import Synchronization
+import SVMEmu
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,7 +29,7 @@ final class StormBarrier: @unchecked Sendable {
     private let action: (_ round: Int) -> Void
 
     init(parties: Int, spinNanos: UInt64 = 2_000_000, action: @escaping (_ round: Int) -> Void) {
-        precondition(parties > 0)
+        if parties <= 0 { contractViolation("StormBarrier: at least one party (got \(parties))") }
         self.parties = parties
         self.spinNanos = spinNanos
         self.action = action

@@ -62,7 +62,9 @@ public enum StormHarness {
                 guard moved == total else { throw Errno.noEntry }
             }
         } catch {
-            throw .setupFailed("mapping, filling or migrating \(settings.pages) pages to the device: \(error)")
+            // The kernel's diagnostics say which limit was reached (VRAM, the physical layout).
+            let said = kernel.diagnostics.suffix(2).map { "\n  kernel: \($0)" }.joined()
+            throw .setupFailed("mapping, filling or migrating \(settings.pages) pages to the device: \(error)\(said)")
         }
 
         let run = StormRun(settings: settings, kernel: kernel, mm: mm, drivers: drivers, base: base, checksums: checksums)
@@ -101,8 +103,8 @@ final class StormRun: @unchecked Sendable {
     let deviceMigrations = Atomic<Int>(0)
     let pageStartCalls = Atomic<Int>(0)
     let pageStartRetries = Atomic<Int>(0)
-    let records = Mutex<[PageRecord]>([])
-    let firstError = Mutex<String?>(nil)
+    let records = LockedValue<[PageRecord]>([])
+    let firstError = LockedValue<String?>(nil)
     let slots: [WorkerSlot]
     private var pageStartNanos: UInt64 = 0       // barrier action only
     private var pageStartMigrations = 0          // barrier action only

@@ -38,13 +38,18 @@ public struct StormSettings: Sendable, Codable, Equatable {
     public var faultPolicy: DeviceFaultPolicy = .legacy
     /// The lock the driver takes in `migrateToRAM`.
     public var driverLock: DriverLockMode = .exclusive
-    /// The time `migrateToRAM` works (a real driver waits for its DMA copy)
-    /// while it holds its lock and the page reference, in microseconds; the
-    /// copy engine's own time comes on top.
+    /// The time `migrateToRAM` waits for its DMA copy (after the copy is
+    /// issued, before `migrate_vma_pages()`), holding its lock and the page
+    /// reference, in microseconds; the copy engine's own time comes on top.
+    /// Only a call that migrates something waits, as in the kernel's test
+    /// driver: the losers of the folio trylock return at once.
     public var migrateToRAMWorkMicros: Int = 50
     /// The time `migrateToRAM` works before `migrate_vma_setup()` (looking up
     /// its range, taking its own locks), holding its lock and the page
-    /// reference, in microseconds. 0 by default.
+    /// reference, in microseconds. 0 by default. Every call waits, loser or
+    /// winner: the references held across the winner's check make a storm
+    /// without a driver lock livelock whenever the host leaves the faulters
+    /// inside that window (not the kernel's test driver's shape).
     public var migrateToRAMLookupMicros: Int = 0
     /// Threads that go at each page.
     public var threads: Int = 8

@@ -19,7 +19,7 @@ final class FakeNouveauDevice: NouveauSVMBackend {
         var migrateCalls: [(Range<UInt64>, Bool)] = []
     }
 
-    let state = Mutex(State())
+    let state = LockedValue(State())
     let supportsSVM: Bool
     let hasAddressSpace: Bool
     let pageSize: UInt64 = 4096

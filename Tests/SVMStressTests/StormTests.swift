@@ -76,29 +76,24 @@ struct StormTests {
         #expect(r.teardownClean, "\(r.teardownIssues)")
     }
 
-    @Test("legacy without the driver lock finishes, with more than one migrateToRAM per page, more the longer it works")
-    func legacyWithoutLockNeedsManyCalls() throws {
-        // Without the lock the losers of the folio trylock in collect return at
-        // once, so contention resolves; the longer each call holds its
-        // reference around its own check, the longer that takes. Per-page
-        // counts are heavy-tailed, so medians are compared, and the pair is
-        // run once more (bounded) if the host's scheduling blurred them.
-        var pairs: [(short: StormResult, long: StormResult)] = []
-        repeat {
-            let short = try StormHarness.run(storm(.legacy, .none, pages: 8, workMicros: 0, lookupMicros: 2, stall: 3))
-            let long = try StormHarness.run(storm(.legacy, .none, pages: 8, workMicros: 50, lookupMicros: 100, stall: 3))
-            pairs.append((short, long))
-        } while pairs.count < 2 && pairs.last!.long.migrateToRAMCalls.perPageP50 <= pairs.last!.short.migrateToRAMCalls.perPageP50
-        for r in pairs.flatMap({ [$0.short, $0.long] }) {
-            #expect(!r.livelocked)
-            #expect(r.pagesMigrated == 8)
-            #expect(r.migrateToRAMCalls.perPageMean > 1, "more than one migrateToRAM call per page on average")
-            #expect(r.teardownClean, "\(r.teardownIssues)")
-            #expect(r.dataIntact)
-        }
-        let last = pairs.last!
-        #expect(last.long.migrateToRAMCalls.perPageP50 > last.short.migrateToRAMCalls.perPageP50,
-                "median calls/page: 2 µs: \(pairs.map(\.short.migrateToRAMCalls.perPageP50)), 100+50 µs: \(pairs.map(\.long.migrateToRAMCalls.perPageP50))")
+    @Test("legacy without the driver lock, dmirror's shape: every page comes back with its bytes")
+    func legacyWithoutLockFinishes() throws {
+        // The kernel test driver's shape: no work before migrate_vma_setup, the
+        // DMA wait only in a call that copied (after its reference check
+        // passed). A loser of collect's folio trylock drops its references at
+        // once, so the winner's check fails only while another faulter is
+        // between its get_page and its put: contention resolves. How many calls
+        // that takes is the host scheduler's business (bench: `svmemu livelock
+        // --fault-policy legacy --driver-lock none`), so only the outcome is
+        // asserted.
+        let r = try StormHarness.run(storm(.legacy, .none, pages: 8, workMicros: 50, lookupMicros: 0, stall: 5))
+        #expect(!r.livelocked, "\(r.stall?.summary ?? "")")
+        #expect(r.pagesMigrated == 8)
+        #expect(r.perPage.allSatisfy { $0.inRAMAtCompletion })
+        #expect(r.migrateToRAMCalls.total >= 8, "at least one migrateToRAM call per page")
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(r.dataIntact)
+        #expect(r.error == nil)
     }
 
     @Test("writers instead of readers: same livelock with legacy + exclusive, none with trylock")
@@ -160,7 +155,7 @@ struct StormTests {
 
     @Test("a driver of your own plugs in; one without 2 MiB migration is refused a 2 MiB storm")
     func ownDriver() throws {
-        let made = Mutex<[WrappedDriver]>([])
+        let made = LockedValue<[WrappedDriver]>([])
         let factory: StormDriverFactory = { kernel, mm, index in
             let d = WrappedDriver(MirrorDevice(kernel: kernel, mm: mm, name: "own\(index)", vramBytes: 64 << 20, chunkBytes: 32 << 20))
             made.withLock { $0.append(d) }

@@ -12,20 +12,23 @@ public final class SharedCounter: Sendable {
     public var current: Int { value.load(ordering: .acquiring) }
 }
 
-/// Problems seen on other threads, reported by the test thread.
-public final class ThreadIssues: Sendable {
-    private let list = Mutex<[String]>([])
+/// Problems seen on other threads, reported by the test thread. Guarded by a
+/// pthread mutex (NSLock), which ThreadSanitizer sees.
+public final class ThreadIssues: @unchecked Sendable {
+    private let lock = NSLock()
+    private var list: [String] = []
     public init() {}
-    public func record(_ s: String) { list.withLock { $0.append(s) } }
-    public var all: [String] { list.withLock { $0 } }
+    public func record(_ s: String) { lock.withLock { list.append(s) } }
+    public var all: [String] { lock.withLock { list } }
 }
 
 /// Holds a thread body so that it can be released independently of the threads.
-final class BodyBox: Sendable {
-    private let stored: Mutex<(@Sendable (Int) -> Void)?>
-    init(_ body: @escaping @Sendable (Int) -> Void) { stored = Mutex(body) }
-    var body: (@Sendable (Int) -> Void)? { stored.withLock { $0 } }
-    func clear() { stored.withLock { $0 = nil } }
+final class BodyBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: (@Sendable (Int) -> Void)?
+    init(_ body: @escaping @Sendable (Int) -> Void) { stored = body }
+    var body: (@Sendable (Int) -> Void)? { lock.withLock { stored } }
+    func clear() { lock.withLock { stored = nil } }
 }
 
 /// Starts `count` real threads running `body(index)`; they start together

@@ -39,7 +39,7 @@ public final class AddressSpace: @unchecked Sendable {
     /// CPUs that have used this address space (`mm_cpumask()`), one bit per CPU id mod 64.
     @usableFromInline let cpumask = Atomic<UInt64>(0)
     /// Registered MMU notifiers and interval notifiers.
-    let notifiers = Mutex<NotifierList>(NotifierList())
+    let notifiers = LockedValue<NotifierList>(NotifierList())
     let notifierCount = Atomic<Int>(0)
     /// Invalidations in progress (a futex word), and the sequence they advance.
     let activeInvalidations: UnsafeMutablePointer<UInt32>

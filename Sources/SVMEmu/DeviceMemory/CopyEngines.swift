@@ -27,7 +27,7 @@ public struct LinkModel: Sendable, Hashable, CustomStringConvertible {
     public let kneePerKiB: Double
 
     public init(name: String, peakGBps: Double, kneePerKiB: Double = 0.07292) {
-        precondition(peakGBps > 0 && kneePerKiB > 0, "LinkModel: peakGBps and kneePerKiB must be positive")
+        if !(peakGBps > 0 && kneePerKiB > 0) { contractViolation("LinkModel: peakGBps and kneePerKiB must be positive") }
         self.name = name
         self.peakGBps = peakGBps
         self.kneePerKiB = kneePerKiB
@@ -99,7 +99,7 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     ///     beyond the memcpy (a multi-threaded memcpy engine).
     ///   - threads: threads copying a transfer above 32 pages (1: the caller only).
     public init(model: LinkModel?, threads: Int = 1) {
-        precondition(threads >= 1 && threads <= 64, "LinkCopyEngine: threads must be 1...64")
+        if !(1...64).contains(threads) { contractViolation("LinkCopyEngine: threads must be 1...64 (got \(threads))") }
         self.model = model
         self.threads = threads
         name = (model?.name ?? "memcpy") + (threads > 1 ? "x\(threads)" : "")
@@ -205,7 +205,7 @@ final class CopyWorkerPool: @unchecked Sendable {
                 pool.work()
                 return nil
             }, context)
-            precondition(rc == 0, "LinkCopyEngine: cannot start a copy worker thread (error \(rc))")
+            if rc != 0 { contractViolation("LinkCopyEngine: the host refused a copy worker thread (error \(rc))") }
             handles.append(handle)
         }
     }

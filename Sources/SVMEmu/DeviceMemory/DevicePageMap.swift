@@ -68,12 +68,12 @@ public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
     /// First pfn and number of pages (`pgmap->range`).
     public let startPfn: UInt64
     public let pageCount: UInt64
-    let region: UInt8
+    let region: UInt16
     let index: UInt32
     unowned let kernel: Kernel
 
     init(kernel: Kernel, type: DevicePageMapType, owner: DeviceOwner, operations: DevicePageMapOperations,
-         startPfn: UInt64, pageCount: UInt64, region: UInt8, index: UInt32) {
+         startPfn: UInt64, pageCount: UInt64, region: UInt16, index: UInt32) {
         self.kernel = kernel
         self.type = type
         self.owner = owner
@@ -88,7 +88,7 @@ public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
     public func contains(pfn: UInt64) -> Bool { pfn >= startPfn && pfn < startPfn + pageCount }
     /// The page at `offset` pages from the start of the range.
     public func page(at offset: UInt64) -> Page {
-        precondition(offset < pageCount, "DevicePageMap.page(at:): offset \(offset) outside \(pageCount) pages")
+        if offset >= pageCount { contractViolation("DevicePageMap.page(at:): offset \(offset) outside the map's \(pageCount) pages") }
         return Page(pfn: startPfn + offset, kernel: kernel)
     }
     public var byteCount: UInt64 { pageCount << 12 }
@@ -112,7 +112,12 @@ extension Kernel {
     /// map. Its pages start free: reference count 0 (`zoneDevicePageInit` hands them out).
     ///
     /// - Throws: `.invalidArgument` when a device-private map lacks `migrateToRAM`
-    ///   or `folioFree`, a coherent map lacks `folioFree`, or the size is zero.
+    ///   or `folioFree`, a coherent map lacks `folioFree`, or the size is zero;
+    ///   `.noSpace` past ``Kernel/maxPageMaps`` maps or ``Kernel/maxRegions``
+    ///   physical regions; `.noMemory` when the map would end beyond
+    ///   `KernelConfiguration.maxPhysicalBytes` or the host refuses the memory.
+    ///   A diagnostic (``Kernel/diagnostics``) names the limit reached.
+    ///
     /// The corresponding kernel function is `memremap_pages()` (`devm_memremap_pages()`).
     public func memremapPages(type: DevicePageMapType, owner: DeviceOwner?, bytes: UInt64,
                               operations: DevicePageMapOperations) throws(Errno) -> DevicePageMap {
@@ -124,11 +129,19 @@ extension Kernel {
             guard operations.folioFree != nil else { throw .invalidArgument }
         }
         let pages = ((bytes + (2 << 20) - 1) >> 21) << 9
-        let index: UInt32 = try pageMaps.withLock { (maps) throws(Errno) -> UInt32 in
-            guard maps.count < Kernel.maxPageMaps else { throw .noSpace }
-            return UInt32(maps.count)
+        var taken = pageMapIndices.load(ordering: .relaxed)
+        while true {
+            guard taken < Kernel.maxPageMaps else {
+                warn("memremap_pages: too many device page maps (at most \(Kernel.maxPageMaps))")
+                throw .noSpace
+            }
+            let (exchanged, now) = pageMapIndices.compareExchange(expected: taken, desired: taken + 1, ordering: .relaxed)
+            if exchanged { break }
+            taken = now
         }
-        let (start, region, _) = addRegion(pages: pages)
+        let index = UInt32(taken)
+        // An index whose region cannot be added stays unused.
+        let (start, region, _) = try addRegion(pages: pages)
         let pgmap = DevicePageMap(kernel: self, type: type, owner: owner, operations: operations,
                                   startPfn: start, pageCount: pages, region: region, index: index)
         for pfn in start..<(start + pages) {

@@ -143,7 +143,9 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
 
     /// `folio_trylock()`: takes the folio lock if it is free; never blocks.
     @inlinable public func tryLock() -> Bool {
-        (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
+        let taken = (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
+        if taken { svm_tsan_acquire(meta.flagsWord) }
+        return taken
     }
 
     /// `folio_lock()`: takes the folio lock, sleeping while another thread holds it.
@@ -167,6 +169,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// `folio_unlock()`: releases the lock and wakes its sleepers. Any thread may
     /// unlock (the kernel's page lock is released by whoever finishes the work).
     @inlinable public func unlock() {
+        svm_tsan_release(meta.flagsWord)
         let old = svm_and32(meta.flagsWord, ~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue))
         if old & PageFlags.locked.rawValue == 0 {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")

@@ -16,7 +16,7 @@ public final class MemoryNode: @unchecked Sendable {
     public let id: Int
     public let startPfn: UInt64
     public let pageCount: UInt64
-    let region: UInt8
+    let region: UInt16
     let bytes: UnsafeMutableRawPointer
     /// The kernel, unretained (the kernel owns its nodes); set once when added.
     var kernelRef: Unmanaged<Kernel>! = nil
@@ -29,7 +29,7 @@ public final class MemoryNode: @unchecked Sendable {
     private var free9: UInt64 = 0
     private var freePagesCount: UInt64
 
-    init(id: Int, region: UInt8, startPfn: UInt64, pageCount: UInt64, bytes: UnsafeMutableRawPointer) {
+    init(id: Int, region: UInt16, startPfn: UInt64, pageCount: UInt64, bytes: UnsafeMutableRawPointer) {
         self.id = id
         self.region = region
         self.startPfn = startPfn
@@ -51,12 +51,18 @@ public final class MemoryNode: @unchecked Sendable {
     /// Allocates a folio of `order` 0 or 9 with one reference, unlocked, not
     /// mapped, bytes not cleared (`folio_alloc()` without `__GFP_ZERO`).
     /// Returns nil when the node is out of memory of that order.
+    /// An order other than 0 or 9 is refused: nil and a diagnostic.
     public func allocate(order: Int) -> Folio? {
-        kernelRef._withUnsafeGuaranteedRef { allocate(order: order, kernel: $0) }
+        kernelRef._withUnsafeGuaranteedRef { kernel in
+            guard order == 0 || order == 9 else {
+                kernel.warn("folio_alloc: order must be 0 or 9 (4 KiB or 2 MiB)", "order \(order)")
+                return nil
+            }
+            return allocate(order: order, kernel: kernel)
+        }
     }
 
     private func allocate(order: Int, kernel: Kernel) -> Folio? {
-        precondition(order == 0 || order == 9, "MemoryNode.allocate: order must be 0 or 9, not \(order)")
         svm_mutex_lock(zoneLock)
         var pfn: UInt64 = 0
         if order == 0 {

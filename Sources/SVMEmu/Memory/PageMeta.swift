@@ -10,7 +10,7 @@ import CSVMSupport
 ///  8 mapcount         i32  atomic, PTE mappings of this page (page_mapcount)
 /// 12 entireMapcount   i32  atomic, PMD mappings of the folio (head only)
 /// 16 order            u8   folio order (head only): 0 or 9
-/// 17 region           u8   which physical region holds the bytes
+/// 18 region           u16  which physical region holds the bytes
 /// 20 pgmap            u32  device page map index + 1 (0: not ZONE_DEVICE)
 /// 24 head             u64  pfn of the folio head (compound_head); self for a head
 /// 32 mappingMM        u32  address-space id of an anonymous mapping (anon rmap)
@@ -27,7 +27,7 @@ enum PageMeta {
     @usableFromInline static let mapcount = 8
     @usableFromInline static let entireMapcount = 12
     @usableFromInline static let order = 16
-    @usableFromInline static let region = 17
+    @usableFromInline static let region = 18
     @usableFromInline static let pgmap = 20
     @usableFromInline static let head = 24
     @usableFromInline static let mappingMM = 32
@@ -100,9 +100,9 @@ struct MetaPtr {
         get { p.load(fromByteOffset: PageMeta.order, as: UInt8.self) }
         nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.order, as: UInt8.self) }
     }
-    @inlinable var region: UInt8 {
-        get { p.load(fromByteOffset: PageMeta.region, as: UInt8.self) }
-        nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.region, as: UInt8.self) }
+    @inlinable var region: UInt16 {
+        get { p.load(fromByteOffset: PageMeta.region, as: UInt16.self) }
+        nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.region, as: UInt16.self) }
     }
     @inlinable var pgmap: UInt32 {
         get { p.load(fromByteOffset: PageMeta.pgmap, as: UInt32.self) }
