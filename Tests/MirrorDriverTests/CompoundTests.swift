@@ -69,6 +69,35 @@ struct CompoundTests {
         #expect(kernel.diagnostics.isEmpty)
     }
 
+    @Test("collect meets the huge zero PMD: skipped unsplit without SELECT_SYSTEM, 512 holes unsplit with it")
+    func hugeZeroCollectedAsHole() throws {
+        let (kernel, mm, device) = machine()
+        let base = try mm.mmap(length: Self.huge)
+        #expect(try mm.load(base) == 0)
+        let zero = mm.entry(at: base)
+        #expect(zero.level == .pmd && zero.entry.isSpecial)
+        mm.mmapReadLock()
+        defer { mm.mmapReadUnlock() }
+        for flags: MigrateSelect in [.devicePrivate, .system] {
+            var args = MigrateVMA(vma: mm.vma(containing: base), start: base, end: base + UInt64(Self.huge),
+                                  flags: flags, pgmapOwner: device.owner)
+            try kernel.migrateVMASetup(&args)
+            #expect(mm.entry(at: base).level == .pmd && mm.entry(at: base).entry == zero.entry,
+                    "\(flags): collect must not split the huge zero PMD")
+            if flags == .system {
+                #expect(args.cpages == 512)
+                #expect(args.src[0..<512].allSatisfy { $0 == .hole }, "a hole per page, no page behind it")
+            } else {
+                #expect(args.cpages == 0)
+                #expect(args.src[0..<512].allSatisfy { $0 == .empty })
+            }
+            kernel.migrateVMAPages(&args)
+            kernel.migrateVMAFinalize(&args)
+            #expect(mm.entry(at: base).entry == zero.entry)
+        }
+        #expect(kernel.diagnostics.isEmpty)
+    }
+
     @Test("forced 2 MiB device allocation failure falls back to 512 small pages")
     func deviceAllocationFallback() throws {
         let (kernel, mm, device) = machine(failLargeDevice: true)

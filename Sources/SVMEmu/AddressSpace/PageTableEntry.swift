@@ -28,6 +28,11 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     public static let readExclusiveBit: UInt64 = 1 << 7
     public static let softDirtyBit: UInt64 = 1 << 8
     /// PROT_NONE: present to the kernel but not accessible (pte_protnone).
+    /// Migration and device-private entries in a PROT_NONE VMA carry it too:
+    /// it is the VMA's `vm_page_prot` as the entry's eventual mapping must
+    /// take it (`remove_migration_pte()` builds the PTE from `vm_page_prot`),
+    /// kept in the entry because the emulator's reverse map walks reach
+    /// the page table without the VMA. mprotect sets and clears it.
     public static let protNoneBit: UInt64 = 1 << 9
 
     public static let none = PageTableEntry(rawValue: 0)

@@ -158,12 +158,19 @@ extension AddressSpace {
             case .present:
                 if !write { e = e.without(PageTableEntry.writeBit) }
                 e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
-            case .migration where !write && e.isWrite:
-                let exclusive = Page(pfn: e.pfn, kernel: kernel).isAnonExclusive
-                e = e.without(PageTableEntry.writeBit)
-                if exclusive { e = e.with(PageTableEntry.readExclusiveBit) }
-            case .devicePrivate where !write:
-                e = e.without(PageTableEntry.writeBit)
+            case .migration:
+                // change_pte_range(): a writable migration entry of an
+                // anonymous folio becomes read-EXCLUSIVE (the folio was
+                // exclusive when collect made it writable), others readable.
+                if !write && e.isWrite {
+                    let anon = Page(pfn: e.pfn, kernel: kernel).folio.isAnon
+                    e = e.without(PageTableEntry.writeBit)
+                    if anon { e = e.with(PageTableEntry.readExclusiveBit) }
+                }
+                e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
+            case .devicePrivate:
+                if !write { e = e.without(PageTableEntry.writeBit) }
+                e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
             default:
                 break
             }

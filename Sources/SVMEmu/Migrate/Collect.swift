@@ -15,7 +15,8 @@ extension Kernel {
     ///
     /// - Throws: `.invalidArgument` when: there is no VMA or it is special;
     ///   the range is empty; start or end lies outside the VMA; `src` or `dst`
-    ///   holds fewer entries than the range has pages; `faultPage` is not a
+    ///   holds fewer entries than the page-aligned range has pages (an
+    ///   unaligned start is masked down, which can add a page); `faultPage` is not a
     ///   device-private page; `faultPage` is not locked (trylock policies; the
     ///   legacy kernels did not check). Nothing changes then.
     /// The corresponding kernel function is `migrate_vma_setup()`.
@@ -27,7 +28,11 @@ extension Kernel {
         guard pageCount > 0 else { throw .invalidArgument }
         guard args.start >= vma.start, args.start < vma.end else { throw .invalidArgument }
         guard args.end > vma.start, args.end <= vma.end else { throw .invalidArgument }
-        guard args.src.count >= Int(pageCount), args.dst.count >= Int(pageCount) else { throw .invalidArgument }
+        // The walk covers the masked range, which is a page longer than
+        // pageCount when start was unaligned: src and dst must hold every
+        // page the walk visits.
+        let walked = Int((args.end - args.start) >> 12)
+        guard args.src.count >= walked, args.dst.count >= walked else { throw .invalidArgument }
         // Legacy kernels (v6.1-v6.14) did not lock the fault page in the fault
         // path; collect trylocked it like any other page. The PMD-level device
         // fault always locks it, so under the legacy policy the fault path
@@ -48,7 +53,7 @@ extension Kernel {
             warn("migrate_vma_setup: caller must hold the mmap lock (mmap_assert_locked)", "\(vma)")
         }
         args.legacyFaultPage = legacy
-        for i in 0..<Int(pageCount) { args.src[i] = .empty }
+        for i in 0..<walked { args.src[i] = .empty }
         args.cpages = 0
         args.npages = 0
         args.phase = .setUp
@@ -118,12 +123,16 @@ extension Kernel {
                 return collectHole(&args, vma, addr, end)
             case .present:
                 if pmd.isSpecial {
-                    // The huge zero page: a compound hole, or split to zero-page PTEs.
-                    if compound && vma.isAnonymous && args.flags.contains(.system) {
+                    // The huge zero page (migrate_vma_collect_huge_pmd since
+                    // device THP, v6.19): not split. Without SELECT_SYSTEM the
+                    // range is skipped; with it the range is a hole, compound
+                    // when the walk covers the whole PMD. Filling it splits
+                    // the huge zero PMD (migrate_vma_insert_page).
+                    guard args.flags.contains(.system) else { return collectSkip(&args, addr, end) }
+                    if compound && vma.isAnonymous {
                         return collectCompound(&args, MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit))
                     }
-                    mm.splitHugePMD(start)
-                    continue
+                    return collectHole(&args, vma, addr, end)
                 }
                 let folio = Folio(pfn: pmd.pfn, kernel: self)
                 guard args.flags.contains(.system) else { return collectSkip(&args, addr, end) }
@@ -244,6 +253,7 @@ extension Kernel {
                     let entry = PageTableEntry.migration(
                         pfn: page.pfn, write: mpfn.isWrite, readExclusive: !mpfn.isWrite && anonExclusive,
                         dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
+                        .keepingProtection(of: pte)
                     mm.storePTE(addr, entry)
                     // Like a regular unmap: the rmap and the mapping's reference go;
                     // the reference taken above keeps the folio.

@@ -139,8 +139,9 @@ extension Kernel {
         }
         let present = pmd.kind == .present
         if present && pmd.isDirty { folio.markDirty() }
-        mm.storePMD(haddr, .migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && anonExclusive,
-                                      dirty: present && pmd.isDirty, young: present && pmd.isYoung))
+        mm.storePMD(haddr, PageTableEntry.migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && anonExclusive,
+                                                    dirty: present && pmd.isDirty, young: present && pmd.isYoung)
+                              .keepingProtection(of: pmd))
         mm.removeEntireRmap(folio)
     }
 

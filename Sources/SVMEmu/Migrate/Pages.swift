@@ -217,21 +217,32 @@ extension Kernel {
 extension PageTableEntry {
     /// The entry that maps a destination filling a hole (PTE or PMD): a
     /// device-private entry for device-private memory, else a present one;
-    /// writable (and dirty) iff the VMA has VM_WRITE.
+    /// writable (and dirty) iff the VMA has VM_WRITE, inaccessible
+    /// (protnone) in a PROT_NONE VMA: the VMA's `vm_page_prot`, as
+    /// `migrate_vma_insert_page()` builds it.
     static func holeMapping(of folio: Folio, pfn: UInt64, in vma: VMA) -> PageTableEntry {
         let writable = vma.flags.contains(.write)
-        return folio.isDevicePrivate
+        let entry: PageTableEntry = folio.isDevicePrivate
             ? .devicePrivate(pfn: pfn, write: writable)
             : .present(pfn: pfn, write: writable, dirty: writable)
+        return vma.flags.contains(.read) ? entry : entry.with(PageTableEntry.protNoneBit)
     }
 
     /// The entry that replaces a migration entry by a mapping of `folio`'s
     /// page `pfn` (`remove_migration_pte()` / `remove_migration_pmd()`): write
     /// permission from the migration entry, dirty only if both the entry and
-    /// the folio are, young kept.
+    /// the folio are, young kept, and the VMA's protection (a PROT_NONE
+    /// VMA's page stays inaccessible: `mk_pte(new, vma->vm_page_prot)`).
     static func replacing(migration: PageTableEntry, with folio: Folio, pfn: UInt64) -> PageTableEntry {
-        folio.isDevicePrivate
+        let entry: PageTableEntry = folio.isDevicePrivate
             ? .devicePrivate(pfn: pfn, write: migration.isWrite)
             : .present(pfn: pfn, write: migration.isWrite, dirty: migration.isDirty && folio.isDirty, young: migration.isYoung)
+        return entry.keepingProtection(of: migration)
+    }
+
+    /// This entry with `other`'s PROT_NONE bit: the VMA protection an entry
+    /// passes on to the entry that replaces it.
+    @inlinable func keepingProtection(of other: PageTableEntry) -> PageTableEntry {
+        other.isProtNone ? with(PageTableEntry.protNoneBit) : without(PageTableEntry.protNoneBit)
     }
 }

@@ -126,8 +126,9 @@ extension Kernel {
         let exclusive = page.isAnonExclusive
         if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
         if pte.kind == .present && pte.isDirty { folio.markDirty() }
-        mm.storePTE(address, .migration(pfn: page.pfn, write: pte.isWrite, readExclusive: !pte.isWrite && exclusive,
-                                        dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung))
+        mm.storePTE(address, PageTableEntry.migration(pfn: page.pfn, write: pte.isWrite, readExclusive: !pte.isWrite && exclusive,
+                                                      dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
+                                .keepingProtection(of: pte))
         mm.removeRmap(page: page)
         svm_mutex_unlock(lock)
         if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
