@@ -1,8 +1,11 @@
 import ArgumentParser
 
-@main
-struct SVMEmuCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
+/// The root command: `svmemu <subcommand>`. The executable's `main.swift`
+/// calls `SVMEmuCommand.main()`; the tests parse with `parseAsRoot`.
+public struct SVMEmuCommand: ParsableCommand {
+    public init() {}
+
+    public static let configuration = CommandConfiguration(
         commandName: "svmemu",
         abstract: "A user-space emulator of Linux's device-memory migration (HMM / migrate_vma).",
         discussion: """
