@@ -105,7 +105,7 @@ struct BenchMemoryCommand: ParsableCommand {
             var perPass: UInt64 = 0
             for i in 0..<readPages { perPass &+= UInt64(UInt8(truncatingIfNeeded: i)) }
             guard sink == perPass &* UInt64(passes * (rounds + 2)) else {
-                throw ValidationError("emulated reads returned wrong bytes")
+                throw CLIError.runFailed("svmemu bench memory: emulated reads returned wrong bytes")
             }
             try mm.munmap(base, length: readPages * 4096)
 
@@ -123,7 +123,7 @@ struct BenchMemoryCommand: ParsableCommand {
                 let t1 = svm_now_ns()
                 let faults = kernel.vmstat[.demandZeroFaults] - before
                 guard faults == UInt64(pages) else {
-                    throw ValidationError("expected \(pages) demand-zero faults, counted \(faults)")
+                    throw CLIError.runFailed("svmemu bench memory: expected \(pages) demand-zero faults, counted \(faults)")
                 }
                 let perPage = Double(t1 - t0) / Double(pages)
                 if round == 0 { firstFaultNanos = perPage }

@@ -131,7 +131,7 @@ struct LivelockCommand: ParsableCommand {
         do {
             return try StormHarness.run(s, progress: progress)
         } catch {
-            throw ValidationError(error.description)
+            throw CLIError.runFailed("svmemu: the storm could not run: \(error.description)")
         }
     }
 

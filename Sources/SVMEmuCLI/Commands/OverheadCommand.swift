@@ -24,6 +24,11 @@ struct OverheadCommand: ParsableCommand {
             migrate_vma call), the fault Xe measured at 966 µs. Every byte is verified afterwards. Without --granularity both 4k and 2m run; without --direction both \
             directions. --copy-model takes one model, a comma-separated list, or `all` (the default \
             with --svg). With --json prints one JSON object per run (one per line). Build with -c release.
+
+            --svg and --trace paths are checked before the runs start (a file that cannot be \
+            created is refused with the system's reason).
+
+            \(ExitStatus.helpParagraph)
             """)
 
     @Option(name: .long, help: "Migration granularity: 4k or 2m (default: both).")
@@ -100,7 +105,17 @@ struct OverheadCommand: ParsableCommand {
         }
     }
 
+    /// The output files asked for (`--svg`, `--trace`).
+    var outputFiles: [OutputFile] { [svg, trace].compactMap { $0.map(OutputFile.init) } }
+
+    /// What is checked before anything runs: every output file can be
+    /// written. Throws `CLIError` (exit status 1).
+    func preflight() throws(CLIError) {
+        for file in outputFiles { try file.checkWritable() }
+    }
+
     func run() throws {
+        try preflight()
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
@@ -134,7 +149,7 @@ struct OverheadCommand: ParsableCommand {
                     let r: OverheadResult
                     do { r = try OverheadHarness.run(c) } catch {
                         if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
-                        throw ValidationError("svmemu overhead: \(error)")
+                        throw CLIError.runFailed("svmemu overhead: \(error)")
                     }
                     if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
                     results.append(r)
@@ -151,18 +166,12 @@ struct OverheadCommand: ParsableCommand {
             print(OverheadReport.summary(results))
         }
         if let svg {
-            try write(OverheadReport.svg(results), to: svg)
+            try OutputFile(svg).write(OverheadReport.svg(results))
             if !json { print("chart: \(svg)") }
         }
         if let trace {
-            try write(OverheadReport.traceJSON(results), to: trace)
+            try OutputFile(trace).write(OverheadReport.traceJSON(results))
             if !json { print("trace: \(trace) (open in https://ui.perfetto.dev)") }
-        }
-    }
-
-    func write(_ text: String, to path: String) throws {
-        do { try text.write(toFile: path, atomically: true, encoding: .utf8) } catch {
-            throw ValidationError("cannot write \(path): \(error.localizedDescription)")
         }
     }
 }
