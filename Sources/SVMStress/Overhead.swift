@@ -231,6 +231,7 @@ public enum OverheadHarness {
         let say = config.progress ?? { _ in }
         let tag = "\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
         let base: UInt64
+        say("\(tag): filling \(bytes >> 20) MiB")
         do {
             base = try mm.mmap(length: bytes)
             try mm.fillPattern(base, length: bytes, seed: config.seed)
@@ -310,6 +311,7 @@ public enum OverheadHarness {
         }
 
         // Warm-up (VRAM and page tables touched once), then the expected checksum.
+        say("\(tag): warm-up (first touch of RAM and VRAM)")
         try prepare()
         let expected = try checksumInPlace()
         _ = try faultingLoop(0, pages)
@@ -395,6 +397,7 @@ public enum OverheadHarness {
             result.instrumentationEstimatePercent = Double(records) * timerRecordNanos() / faultNanos * 100
         }
         let granule = config.granularity == .huge2M ? 2 << 20 : 4096
+        say("\(tag): memcpy of the same chunks (the yardstick)")
         result.memcpyGBps = measureMemcpy(granule: granule, bytes: bytes)
         result.streamCopyGBps = measureMemcpy(granule: granule, bytes: bytes, streaming: true)
         withExtendedLifetime(device) {}

@@ -38,7 +38,7 @@ struct BenchMigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Migration granularity: 4k or 2m.")
     var granularity: MigrationGranularity = .base4K
 
-    @Option(name: .long, help: "Buffer size, with an optional K, M or G suffix (binary units).")
+    @Option(name: .long, help: "Buffer size, 4K to 64G, a multiple of 4K, with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
     var size: String = "256M"
 
     @Option(name: .long, help: "Timed rounds of each measurement (the best is reported).")
@@ -48,31 +48,24 @@ struct BenchMigrateCommand: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard let b = Self.parseSize(size) else {
-            throw ValidationError("--size: '\(size)' is not a size (e.g. 256M, 1G, 65536)")
-        }
-        guard b >= 4096, b % 4096 == 0 else { throw ValidationError("--size must be a positive multiple of 4 KiB") }
-        guard b <= 64 << 30 else { throw ValidationError("--size must be at most 64G") }
+        _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
         guard rounds >= 1 && rounds <= 100 else { throw ValidationError("--rounds must be 1...100") }
     }
 
-    /// "256M" -> 268435456; K, M, G (optionally followed by "iB" or "B") are powers of 1024.
-    static func parseSize(_ text: String) -> Int? {
-        var s = text.trimmingCharacters(in: .whitespaces).uppercased()
-        for suffix in ["IB", "B"] where s.hasSuffix(suffix) && s.count > suffix.count {
-            s.removeLast(suffix.count)
-            break
-        }
-        var shift = 0
-        switch s.last {
-        case "K": shift = 10
-        case "M": shift = 20
-        case "G": shift = 30
-        default: break
-        }
-        if shift > 0 { s.removeLast() }
-        guard let n = Int(s), n > 0, n <= (Int.max >> shift) else { return nil }
-        return n << shift
+    /// Sizes `--size` takes: whole 4 KiB pages, up to 64 GiB.
+    static let sizeRange = 4 * ByteSize.kib...64 * ByteSize.gib
+    static let sizeMultiple = 4 * ByteSize.kib
+
+    /// Host memory a run over `bytes` touches: the buffer's RAM and VRAM
+    /// frames and the two memcpy baseline buffers (4.05 bytes per byte),
+    /// measured as peak RSS of 256 MiB and 512 MiB runs; with a margin.
+    static func memoryNeeded(bytes: Int) -> Int { bytes / 5 * 21 + 128 * ByteSize.mib }
+
+    /// Refuses a size the host cannot hold (`available`: bytes available).
+    /// Throws `CLIError.notEnoughMemory` (exit status 1).
+    func preflight(available: Int? = HostResources.availableBytes()) throws(CLIError) {
+        try HostResources.checkMemory(needed: Self.memoryNeeded(bytes: ByteSize.parse(size)!), available: available,
+                                      for: "svmemu bench migrate --size \(size)")
     }
 
     struct Result {
@@ -100,10 +93,11 @@ struct BenchMigrateCommand: ParsableCommand {
     }
 
     func run() throws {
+        try preflight()
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu bench migrate: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
-        let bytes = Self.parseSize(size)!
+        let bytes = ByteSize.parse(size)!
         let r = try measure(bytes: bytes)
         if json {
             func f(_ v: Double) -> String { String(format: "%.3f", v) }

@@ -32,7 +32,7 @@ struct BenchTHPCommand: ParsableCommand {
     @Option(name: .long, help: "Timed round trips per size and mode (the kernel test uses 5).")
     var iterations = 5
 
-    @Option(name: .long, help: "Largest size to run, with an optional K, M or G suffix (default: all, up to 256M).")
+    @Option(name: .long, help: "Largest size to run, 512K or more, with an optional K, M or G suffix (default: all, up to 256M).")
     var maxSize: String = "256M"
 
     @Flag(name: .long, help: "Print JSON instead of the tables.")
@@ -40,12 +40,13 @@ struct BenchTHPCommand: ParsableCommand {
 
     func validate() throws {
         guard iterations >= 1 && iterations <= 100 else { throw ValidationError("--iterations must be 1...100") }
-        guard let m = BenchMigrateCommand.parseSize(maxSize), m >= 512 << 10 else {
-            throw ValidationError("--max-size: '\(maxSize)' is not a size of at least 512K")
-        }
+        _ = try ByteSize.check(maxSize, flag: "--max-size", range: Self.maxSizeRange)
     }
 
     static let thpSize = 2 << 20
+    /// What `--max-size` takes: from the smallest size of the test (a quarter
+    /// THP) up; above the largest (256 MiB) every size runs.
+    static let maxSizeRange = thpSize / 4...64 * ByteSize.gib
     static let tests: [(String, Int)] = [
         ("Small Buffer", thpSize / 4),
         ("Half THP Size", thpSize / 2),
@@ -70,7 +71,7 @@ struct BenchTHPCommand: ParsableCommand {
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu bench thp: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
-        let limit = BenchMigrateCommand.parseSize(maxSize)!
+        let limit = ByteSize.parse(maxSize)!
         var rows: [(String, Int, Side, Side)] = []
         let progress = BenchProgress(label: "svmemu bench thp")
         for (name, size) in Self.tests where size <= limit {

@@ -101,8 +101,23 @@ struct LivelockCommand: ParsableCommand {
             .replacingOccurrences(of: "stall window must", with: "--stall-seconds must")
     }
 
+    /// Host memory a storm touches: RAM and VRAM frames for its pages with
+    /// their metadata (2.05 bytes per byte) plus the program, measured as peak
+    /// RSS of 256 MiB and 512 MiB storms of 2 MiB pages; with a margin.
+    static func memoryNeeded(_ s: StormSettings) -> Int {
+        s.pages * s.pageSize.bytes / 5 * 11 + 128 * ByteSize.mib
+    }
+
+    /// Refuses a storm the host cannot hold (`available`: bytes available).
+    /// Throws `CLIError.notEnoughMemory` (exit status 1).
+    func preflight(_ s: StormSettings, available: Int? = HostResources.availableBytes()) throws(CLIError) {
+        try HostResources.checkMemory(needed: Self.memoryNeeded(s), available: available,
+                                      for: "svmemu livelock --pages \(pages) --page-size \(pageSize)")
+    }
+
     func run() throws {
         let s = try settings()
+        try preflight(s)
         var r = try Self.runStorm(s, label: "")
         if json {
             if !perPage { r.perPage = [] }

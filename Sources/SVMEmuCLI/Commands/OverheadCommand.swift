@@ -26,7 +26,9 @@ struct OverheadCommand: ParsableCommand {
             with --svg). With --json prints one JSON object per run (one per line). Build with -c release.
 
             --svg and --trace paths are checked before the runs start (a file that cannot be \
-            created is refused with the system's reason).
+            created is refused with the system's reason), and so is the host's memory: a run \
+            touches about 2.2 times --size plus 640 MiB, and a size the host cannot hold \
+            (MemAvailable) is refused with both figures.
 
             \(ExitStatus.helpParagraph)
             """)
@@ -40,7 +42,7 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .customLong("fault-size"), help: "What one GPU fault migrates: 4k (the faulting page, dmirror's shape; the default) or 2m (the 2 MiB range around it; at --granularity 4k that is Xe's shape, 512 pages in one migrate_vma call). Applies to to-device runs.")
     var faultSize: MigrationGranularity?
 
-    @Option(name: .long, help: "Buffer size, e.g. 256M, 1G, 64M (a multiple of 2 MiB).")
+    @Option(name: .long, help: "Buffer size, 2M to 64G, a multiple of 2M (e.g. 256M, 1G); needs about 2.2 times as much host memory.")
     var size = "256M"
 
     @Option(name: .customLong("copy-model"), help: "memcpy, pcie4, pcie5, nvlink-c2c, a comma-separated list, or all (default: memcpy; all with --svg).")
@@ -61,20 +63,15 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of faults and phases to this JSON file.")
     var trace: String?
 
-    static func parseSize(_ s: String) -> Int? {
-        let t = s.trimmingCharacters(in: .whitespaces).uppercased()
-        var digits = t
-        var shift = 0
-        for (suffixes, sh) in [(["KIB", "KB", "K"], 10), (["MIB", "MB", "M"], 20), (["GIB", "GB", "G"], 30)] {
-            if let suffix = suffixes.first(where: { t.hasSuffix($0) }) {
-                digits = String(t.dropLast(suffix.count))
-                shift = sh
-                break
-            }
-        }
-        guard let n = Int(digits), n > 0, n <= (64 << 30) >> shift else { return nil }
-        return n << shift
-    }
+    /// Sizes `--size` takes: whole 2 MiB folios, up to 64 GiB.
+    static let sizeRange = 2 * ByteSize.mib...64 * ByteSize.gib
+    static let sizeMultiple = 2 * ByteSize.mib
+
+    /// Host memory a run over `bytes` touches: RAM and VRAM frames for the
+    /// buffer with their metadata (2.05 bytes per byte) plus about 555 MiB
+    /// (a spare VRAM chunk, the memcpy yardstick's buffers, the program),
+    /// measured as peak RSS of 512 MiB and 1 GiB runs; with a margin.
+    static func memoryNeeded(bytes: Int) -> Int { bytes / 5 * 11 + 640 * ByteSize.mib }
 
     func copyModels() throws -> [OverheadCopyModel] {
         guard let copyModel else { return svg != nil ? OverheadCopyModel.allCases : [.memcpy] }
@@ -89,8 +86,7 @@ struct OverheadCommand: ParsableCommand {
     }
 
     func validate() throws {
-        guard let bytes = Self.parseSize(size) else { throw ValidationError("--size: cannot read '\(size)' (e.g. 256M, 1G)") }
-        guard bytes % (2 << 20) == 0 else { throw ValidationError("--size must be a multiple of 2 MiB") }
+        _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
         guard copyThreads >= 1 && copyThreads <= 64 else { throw ValidationError("--copy-threads must be 1...64") }
         guard rounds >= 1 && rounds <= 20 else { throw ValidationError("--rounds must be 1...20") }
         _ = try copyModels()
@@ -109,9 +105,13 @@ struct OverheadCommand: ParsableCommand {
     var outputFiles: [OutputFile] { [svg, trace].compactMap { $0.map(OutputFile.init) } }
 
     /// What is checked before anything runs: every output file can be
-    /// written. Throws `CLIError` (exit status 1).
-    func preflight() throws(CLIError) {
+    /// written, and the host has the memory the runs need (`available`:
+    /// bytes available, `HostResources.availableBytes()` by default).
+    /// Throws `CLIError` (exit status 1).
+    func preflight(available: Int? = HostResources.availableBytes()) throws(CLIError) {
         for file in outputFiles { try file.checkWritable() }
+        try HostResources.checkMemory(needed: Self.memoryNeeded(bytes: ByteSize.parse(size)!), available: available,
+                                      for: "svmemu overhead --size \(size)")
     }
 
     func run() throws {
@@ -119,7 +119,7 @@ struct OverheadCommand: ParsableCommand {
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
-        let bytes = Self.parseSize(size)!
+        let bytes = ByteSize.parse(size)!
         var granularities = granularity.map { [$0] } ?? MigrationGranularity.allCases
         if granularity == nil && !OverheadHarness.hugeMigrationAvailable {
             FileHandle.standardError.write(Data("svmemu overhead: 2 MiB migration is not in the reference driver yet; running 4 KiB only\n".utf8))
