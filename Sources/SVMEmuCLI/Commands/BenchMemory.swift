@@ -27,15 +27,15 @@ struct BenchMemoryCommand: ParsableCommand {
     @Flag(name: .long, help: "Print one JSON object instead of the table.")
     var json = false
 
-    @Option(name: .customLong("fault-mib"), help: "Size of the demand-zero mapping in MiB.")
+    @Option(name: .customLong("fault-mib"), parsing: .unconditional, help: "Size of the demand-zero mapping in MiB.")
     var faultMiB = 64
 
-    @Option(name: .long, help: "Rounds of each measurement (the best is reported).")
+    @Option(name: .long, parsing: .unconditional, help: "Rounds of each measurement (the best is reported).")
     var rounds = 5
 
     func validate() throws {
-        guard faultMiB >= 1 && faultMiB <= 1024 else { throw ValidationError("--fault-mib must be 1...1024") }
-        guard rounds >= 1 && rounds <= 100 else { throw ValidationError("--rounds must be 1...100") }
+        try checkRange(faultMiB, 1...1024, flag: "--fault-mib")
+        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
     struct Result {

@@ -38,10 +38,10 @@ struct BenchMigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Migration granularity: 4k or 2m.")
     var granularity: MigrationGranularity = .base4K
 
-    @Option(name: .long, help: "Buffer size, 4K to 64G, a multiple of 4K, with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
+    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 4K to 64G, a multiple of 4K, with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
     var size: String = "256M"
 
-    @Option(name: .long, help: "Timed rounds of each measurement (the best is reported).")
+    @Option(name: .long, parsing: .unconditional, help: "Timed rounds of each measurement (the best is reported).")
     var rounds = 5
 
     @Flag(name: .long, help: "Print one JSON object instead of the table.")
@@ -49,7 +49,7 @@ struct BenchMigrateCommand: ParsableCommand {
 
     func validate() throws {
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
-        guard rounds >= 1 && rounds <= 100 else { throw ValidationError("--rounds must be 1...100") }
+        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
     /// Sizes `--size` takes: whole 4 KiB pages, up to 64 GiB.

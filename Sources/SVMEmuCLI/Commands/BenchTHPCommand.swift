@@ -29,17 +29,17 @@ struct BenchTHPCommand: ParsableCommand {
             sysToDevMs, devToSysMs, sysToDevGBps, devToSysGBps.
             """)
 
-    @Option(name: .long, help: "Timed round trips per size and mode (the kernel test uses 5).")
+    @Option(name: .long, parsing: .unconditional, help: "Timed round trips per size and mode (the kernel test uses 5).")
     var iterations = 5
 
-    @Option(name: .long, help: "Largest size to run, 512K or more, with an optional K, M or G suffix (default: all, up to 256M).")
+    @Option(name: .long, parsing: .unconditional, help: "Largest size to run, 512K or more, with an optional K, M or G suffix (default: all, up to 256M).")
     var maxSize: String = "256M"
 
     @Flag(name: .long, help: "Print JSON instead of the tables.")
     var json = false
 
     func validate() throws {
-        guard iterations >= 1 && iterations <= 100 else { throw ValidationError("--iterations must be 1...100") }
+        try checkRange(iterations, 1...100, flag: "--iterations")
         _ = try ByteSize.check(maxSize, flag: "--max-size", range: Self.maxSizeRange)
     }
 

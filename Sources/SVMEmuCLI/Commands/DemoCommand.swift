@@ -18,16 +18,16 @@ struct DemoCommand: ParsableCommand {
             then with the v6.15 trylock fault path, and prints them side by side.
             """)
 
-    @Option(name: .long, help: "Pages of the storm.")
+    @Option(name: .long, parsing: .unconditional, help: "Pages of the storm.")
     var pages = 64
 
-    @Option(name: .long, help: "Threads per page.")
+    @Option(name: .long, parsing: .unconditional, help: "Threads per page.")
     var threads = 8
 
-    @Option(name: .long, help: "Seconds without progress before a run is declared livelocked.")
+    @Option(name: .long, parsing: .unconditional, help: "Seconds without progress before a run is declared livelocked.")
     var stallSeconds = 1.0
 
-    @Option(name: .long, help: "Microseconds migrateToRAM works before migrate_vma_setup, holding its lock and the page reference.")
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup, holding its lock and the page reference.")
     var lookupDelayUs = 10
 
     @Flag(name: .long, help: "Print one JSON object {\"storms\": [...]} instead of the tables.")
@@ -38,6 +38,7 @@ struct DemoCommand: ParsableCommand {
         s.pages = pages
         s.threads = threads
         s.stallSeconds = stallSeconds
+        s.migrateToRAMLookupMicros = lookupDelayUs
         do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
     }
 

@@ -27,10 +27,10 @@ struct LivelockCommand: ParsableCommand {
     @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
     var scenario = "readers"
 
-    @Option(name: .long, help: "Threads that go at each page.")
+    @Option(name: .long, parsing: .unconditional, help: "Threads that go at each page.")
     var threads = 8
 
-    @Option(name: .long, help: "Pages, processed one after the other.")
+    @Option(name: .long, parsing: .unconditional, help: "Pages, processed one after the other.")
     var pages = 512
 
     @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.")
@@ -39,29 +39,33 @@ struct LivelockCommand: ParsableCommand {
     @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
     var driverLock = "exclusive"
 
-    @Option(name: .long, help: "Microseconds migrateToRAM works (waits for its DMA) holding its lock and the page reference.")
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works (waits for its DMA) holding its lock and the page reference.")
     var faultDelayUs = 50
 
-    @Option(name: .long, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
     var lookupDelayUs = 0
 
-    @Option(name: .long, help: "Seconds without a page completing before the run is declared livelocked.")
+    @Option(name: .long, parsing: .unconditional, help: "Seconds without a page completing before the run is declared livelocked.")
     var stallSeconds = 2.0
 
     @Option(name: .long, help: "Page size: 4k or 2m.")
     var pageSize = "4k"
 
-    @Option(name: .long, help: "Seed of the data pattern the pages are filled with.")
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with (0 to 2^64-1).")
     var seed: UInt64 = 1
 
     @Flag(name: .long, help: "Print one JSON object instead of the table.")
     var json = false
 
-    @Flag(name: .long, help: "With --json, include every completed page's record.")
+    @Flag(name: .long, help: "With --json, include every completed page's record (refused without --json).")
     var perPage = false
 
     func validate() throws {
         _ = try settings()
+        if perPage && !json {
+            throw ValidationError("--per-page needs --json: the per-page records are printed only in the JSON "
+                                  + "(the table shows their distribution)")
+        }
     }
 
     /// The storm settings, or a message naming the valid values.

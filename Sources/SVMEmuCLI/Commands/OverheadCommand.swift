@@ -42,16 +42,16 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .customLong("fault-size"), help: "What one GPU fault migrates: 4k (the faulting page, dmirror's shape; the default) or 2m (the 2 MiB range around it; at --granularity 4k that is Xe's shape, 512 pages in one migrate_vma call). Applies to to-device runs.")
     var faultSize: MigrationGranularity?
 
-    @Option(name: .long, help: "Buffer size, 2M to 64G, a multiple of 2M (e.g. 256M, 1G); needs about 2.2 times as much host memory.")
+    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 2M to 64G, a multiple of 2M (e.g. 256M, 1G); needs about 2.2 times as much host memory.")
     var size = "256M"
 
     @Option(name: .customLong("copy-model"), help: "memcpy, pcie4, pcie5, nvlink-c2c, a comma-separated list, or all (default: memcpy; all with --svg).")
     var copyModel: String?
 
-    @Option(name: .customLong("copy-threads"), help: "Threads per copy above 32 pages (multi-threaded copy).")
+    @Option(name: .customLong("copy-threads"), parsing: .unconditional, help: "Threads per copy above 32 pages (multi-threaded copy).")
     var copyThreads = 1
 
-    @Option(name: .long, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
+    @Option(name: .long, parsing: .unconditional, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
     var rounds = 3
 
     @Flag(name: .long, help: "Print one JSON object per run instead of the tables.")
@@ -75,11 +75,15 @@ struct OverheadCommand: ParsableCommand {
 
     func copyModels() throws -> [OverheadCopyModel] {
         guard let copyModel else { return svg != nil ? OverheadCopyModel.allCases : [.memcpy] }
+        let valid = (OverheadCopyModel.allCases.map(\.rawValue) + ["all"]).joined(separator: ", ")
         if copyModel.lowercased() == "all" { return OverheadCopyModel.allCases }
-        return try copyModel.split(separator: ",").map {
-            let name = $0.trimmingCharacters(in: .whitespaces).lowercased()
-            guard let m = OverheadCopyModel(rawValue: name) else {
-                throw ValidationError("--copy-model: unknown model '\(name)' (memcpy, pcie4, pcie5, nvlink-c2c, all)")
+        let names = copyModel.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
+        guard names.contains(where: { !$0.isEmpty }) else {
+            throw ValidationError("--copy-model: no model given; valid models: \(valid)")
+        }
+        return try names.filter { !$0.isEmpty }.map {
+            guard let m = OverheadCopyModel(rawValue: $0) else {
+                throw ValidationError("--copy-model: unknown model '\($0)'; valid models: \(valid)")
             }
             return m
         }
@@ -87,8 +91,8 @@ struct OverheadCommand: ParsableCommand {
 
     func validate() throws {
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
-        guard copyThreads >= 1 && copyThreads <= 64 else { throw ValidationError("--copy-threads must be 1...64") }
-        guard rounds >= 1 && rounds <= 20 else { throw ValidationError("--rounds must be 1...20") }
+        try checkRange(copyThreads, 1...64, flag: "--copy-threads")
+        try checkRange(rounds, 1...20, flag: "--rounds")
         _ = try copyModels()
         if faultSize == .base4K && granularity == .huge2M {
             throw ValidationError("--fault-size 4k needs --granularity 4k: a 2 MiB migration always moves its whole 2 MiB folio")
