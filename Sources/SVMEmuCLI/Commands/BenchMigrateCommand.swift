@@ -147,7 +147,7 @@ struct BenchMigrateCommand: ParsableCommand {
             return (Double(t1 - t0) / 1e9, Double(t2 - t1) / 1e9)
         }
 
-        let progress = BenchProgress(label: "svmemu bench migrate \(granularity.rawValue)")
+        let progress = ProgressLine(label: "svmemu bench migrate \(granularity.rawValue)")
         defer { progress.done() }
         progress.say("warm-up round trip (first touch of emulated RAM and VRAM)")
         _ = try roundTrip()  // warm-up: first touch of RAM and VRAM frames, chunk registration

@@ -73,7 +73,7 @@ struct BenchTHPCommand: ParsableCommand {
         #endif
         let limit = ByteSize.parse(maxSize)!
         var rows: [(String, Int, Side, Side)] = []
-        let progress = BenchProgress(label: "svmemu bench thp")
+        let progress = ProgressLine(label: "svmemu bench thp")
         for (name, size) in Self.tests where size <= limit {
             progress.say("\(name): with THP")
             let thp = try Self.measure(bytes: size, thp: true, iterations: iterations)

@@ -72,11 +72,9 @@ struct DemoCommand: ParsableCommand {
     /// The 4 KiB vs 2 MiB breakdown of GPU-fault (to VRAM) and CPU-fault (to
     /// RAM) migration over 64 MiB with memcpy copies; progress on stderr.
     static func overheadSection() throws -> String? {
-        let progress: (@Sendable (String) -> Void)? = isatty(2) != 0 ? { @Sendable line in
-            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
-        } : nil
-        let text = try OverheadHarness.demoBreakdown(bytes: 64 << 20, copyModel: .memcpy, progress: progress)
-        if progress != nil { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+        let line = ProgressLine(label: "svmemu demo")
+        defer { line.done() }
+        let text = try OverheadHarness.demoBreakdown(bytes: 64 << 20, copyModel: .memcpy, progress: line.sink)
         return text
     }
 

@@ -132,21 +132,19 @@ struct LivelockCommand: ParsableCommand {
         if r.error != nil || !r.teardownClean { throw ExitCode(2) }
     }
 
-    /// Runs a storm with a `\r` progress line on standard error when standard
-    /// output is a terminal.
-    static func runStorm(_ s: StormSettings, label: String) throws -> StormResult {
+    /// Runs a storm with a progress line on `line`'s stream (standard error
+    /// by default), shown when that stream is a terminal.
+    ///
+    /// - Throws: `CLIError.runFailed` when the storm cannot be set up.
+    static func runStorm(_ s: StormSettings, label: String,
+                         progress line: ProgressLine = ProgressLine(label: "")) throws -> StormResult {
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu: warning: this is a debug build; storm timings are not representative (use swift build -c release)\n".utf8))
         #endif
-        let tty = isatty(1) == 1
-        var width = 0
-        let progress: ((StormProgress) -> Void)? = tty ? { p in
-            let line = StormReport.progressLine(p, label: label)
-            let padded = line + String(repeating: " ", count: max(0, width - line.count))
-            width = line.count
-            FileHandle.standardError.write(Data(("\r" + padded).utf8))
+        let progress: ((StormProgress) -> Void)? = line.enabled ? { p in
+            line.say(StormReport.progressLine(p, label: label))
         } : nil
-        defer { if tty { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) } }
+        defer { line.done() }
         do {
             return try StormHarness.run(s, progress: progress)
         } catch {

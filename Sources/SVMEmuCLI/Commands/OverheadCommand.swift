@@ -131,15 +131,14 @@ struct OverheadCommand: ParsableCommand {
         }
         let directions = direction.map { [$0] } ?? OverheadDirection.allCases
         let models = try copyModels()
-        let interactive = isatty(STDERR_FILENO) != 0
-        let progress: (@Sendable (String) -> Void)? = interactive ? { @Sendable line in
-            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
-        } : nil
+        let line = ProgressLine(label: "svmemu overhead")
+        let runs = directions.count * models.count * granularities.count
 
         var results: [OverheadResult] = []
         for d in directions {
             for m in models {
                 for g in granularities {
+                    let run = results.count + 1
                     var c = OverheadConfiguration()
                     c.bytes = bytes
                     c.granularity = g
@@ -149,13 +148,13 @@ struct OverheadCommand: ParsableCommand {
                     c.faultPages = faultSize == .huge2M && g == .base4K && d == .toDevice ? 512 : 1
                     c.rounds = rounds
                     c.traceEventsPerCPU = trace != nil ? 1 << 16 : 0
-                    c.progress = progress
+                    c.progress = line.enabled ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
                     let r: OverheadResult
                     do { r = try OverheadHarness.run(c) } catch {
-                        if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+                        line.done()
                         throw CLIError.runFailed("svmemu overhead: \(error)")
                     }
-                    if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+                    line.done()
                     results.append(r)
                     if json {
                         print(r.jsonString())
