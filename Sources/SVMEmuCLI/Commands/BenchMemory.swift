@@ -22,6 +22,8 @@ struct BenchMemoryCommand: ParsableCommand {
             (best round, mmap excluded), and reports the page metadata size against the \
             kernel's 64-byte struct page. With --json prints one object: \
             {"readNanos", "demandZeroFaultNanos", "metadataBytesPerPage", "memcpy4KNanos"}.
+
+            \(ExitStatus.helpParagraph)
             """)
 
     @Flag(name: .long, help: "Print one JSON object instead of the table.")

@@ -33,6 +33,8 @@ struct BenchMigrateCommand: ParsableCommand {
             "ratio", "streamCopyGBps", "ratioToBestCopy", ...} where bytes is the buffer size, ratio \
             is migrate over memcpy and ratioToBestCopy is migrate over the faster of the two copies. \
             Linux's move_pages at 4 KiB runs at about a quarter of memcpy.
+
+            \(ExitStatus.helpParagraph)
             """)
 
     @Option(name: .long, help: "Migration granularity: 4k or 2m.")

@@ -27,6 +27,8 @@ struct BenchTHPCommand: ParsableCommand {
             size / 2^30 / seconds ("GB/s"). With --json prints an array with one object per size: \
             {"name","bytes","thp":{...},"regular":{...}} where each side has \
             sysToDevMs, devToSysMs, sysToDevGBps, devToSysGBps.
+
+            \(ExitStatus.helpParagraph)
             """)
 
     @Option(name: .long, parsing: .unconditional, help: "Timed round trips per size and mode (the kernel test uses 5).")

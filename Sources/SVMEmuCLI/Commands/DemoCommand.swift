@@ -16,6 +16,10 @@ struct DemoCommand: ParsableCommand {
             migrateToRAM holds an exclusive lock, looks its range up for 10 µs before \
             migrate_vma_setup and waits 50 µs for its copy after it) with the legacy fault path, \
             then with the v6.15 trylock fault path, and prints them side by side.
+
+            The legacy run is meant to livelock: a livelock is the demo's result, not a failure, \
+            so there is no --fail-on-livelock here (use svmemu livelock --fail-on-livelock in \
+            scripts). \(ExitStatus.helpParagraph)
             """)
 
     @Option(name: .long, parsing: .unconditional, help: "Pages of the storm.")

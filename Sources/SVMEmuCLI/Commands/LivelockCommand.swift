@@ -22,6 +22,11 @@ struct LivelockCommand: ParsableCommand {
             livelocked, stalledPage (or null), stall (what the threads were doing, or null), \
             migrateToRAMCalls {total, perPageMean, perPageP50, perPageP99, perPageMax}, \
             faultRetries, seconds, teardownClean, dataIntact, and more.
+
+            Exit status: 0 the storm ran and its result is printed, a livelock included; 2 with \
+            --fail-on-livelock, the watchdog declared a livelock; 1 the storm could not run or \
+            failed its checks (a thread's access failed, teardown not clean, bytes changed; 1 wins \
+            over 2), or the host has too little memory for it; 64 an invalid argument.
             """)
 
     @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
@@ -59,6 +64,10 @@ struct LivelockCommand: ParsableCommand {
 
     @Flag(name: .long, help: "With --json, include every completed page's record (refused without --json).")
     var perPage = false
+
+    @Flag(name: .customLong("fail-on-livelock"),
+          help: "Exit with status 2 when the watchdog declares a livelock (by default a livelock is a result: status 0).")
+    var failOnLivelock = false
 
     func validate() throws {
         _ = try settings()
@@ -129,7 +138,26 @@ struct LivelockCommand: ParsableCommand {
         } else {
             print(StormReport.table([r], titles: [StormReport.title(r)]), terminator: "")
         }
-        if r.error != nil || !r.teardownClean { throw ExitCode(2) }
+        let status = Self.exitStatus(for: r, failOnLivelock: failOnLivelock)
+        if status == ExitStatus.failure {
+            let why = r.error.map { ["a storm thread's access failed: " + $0] } ?? []
+            FileHandle.standardError.write(Data(("svmemu livelock: the storm failed its checks: "
+                + (why + r.teardownIssues + (r.dataIntact ? [] : ["bytes differ from the pattern"])).joined(separator: "; ")
+                + "\n").utf8))
+        } else if status == ExitStatus.livelockDetected {
+            FileHandle.standardError.write(Data("svmemu livelock: livelock detected (--fail-on-livelock: exit status 2)\n".utf8))
+        }
+        if status != ExitStatus.success { throw status }
+    }
+
+    /// The exit status for a storm's result (see `ExitStatus`): `failure`
+    /// when the storm failed its checks (a thread's access failed, teardown
+    /// not clean, bytes changed), else `livelockDetected` when the watchdog
+    /// declared a livelock and `failOnLivelock` is set, else `success`.
+    static func exitStatus(for r: StormResult, failOnLivelock: Bool) -> ExitCode {
+        if r.error != nil || !r.teardownClean || !r.dataIntact { return ExitStatus.failure }
+        if r.livelocked && failOnLivelock { return ExitStatus.livelockDetected }
+        return ExitStatus.success
     }
 
     /// Runs a storm with a progress line on `line`'s stream (standard error
