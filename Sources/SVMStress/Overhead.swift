@@ -501,6 +501,12 @@ public enum OverheadHarness {
     /// a small buffer (one round, no timers-off runs), as a summary table.
     public static func demoBreakdown(bytes: Int = 64 << 20, copyModel: OverheadCopyModel = .memcpy,
                                      progress: (@Sendable (String) -> Void)? = nil) throws(OverheadError) -> String {
+        demoSummary(try demoRuns(bytes: bytes, copyModel: copyModel, progress: progress))
+    }
+
+    /// The runs of `demoBreakdown`, for `svmemu demo --json`.
+    public static func demoRuns(bytes: Int = 64 << 20, copyModel: OverheadCopyModel = .memcpy,
+                                progress: (@Sendable (String) -> Void)? = nil) throws(OverheadError) -> [OverheadResult] {
         var results: [OverheadResult] = []
         for direction in OverheadDirection.allCases {
             for granularity in MigrationGranularity.allCases where granularity != .huge2M || hugeMigrationAvailable {
@@ -515,7 +521,13 @@ public enum OverheadHarness {
                 results.append(try run(c))
             }
         }
-        return "Where a fault's time goes, 4 KiB versus 2 MiB (\(bytes >> 20) MiB, copy model \(copyModel.rawValue)):\n"
+        return results
+    }
+
+    /// The summary table of `demoBreakdown` for runs of one size and copy model.
+    public static func demoSummary(_ results: [OverheadResult]) -> String {
+        let bytes = results.first?.bytes ?? 0, copyModel = results.first?.copyModel ?? "?"
+        return "Where a fault's time goes, 4 KiB versus 2 MiB (\(bytes >> 20) MiB, copy model \(copyModel)):\n"
             + OverheadReport.summary(results)
             + "migrate_vma = collect + unmap + pages + finalize (the kernel's migrate_vma_* calls); see Docs/overhead.md.\n"
     }

@@ -5,19 +5,6 @@ import SVMStress
 import Testing
 @testable import SVMEmuCLI
 
-/// A storm result with the fields the exit status depends on.
-private func stormResult(livelocked: Bool, teardownClean: Bool = true, dataIntact: Bool = true,
-                         error: String? = nil) throws -> StormResult {
-    // CallStats has no public memberwise initializer; it decodes.
-    let calls = try JSONDecoder().decode(CallStats.self, from: Data(
-        #"{"total":0,"perPageMean":0,"perPageP50":0,"perPageP99":0,"perPageMax":0}"#.utf8))
-    return StormResult(settings: StormSettings(), pagesMigrated: 0, livelocked: livelocked, stalledPage: livelocked ? 0 : nil,
-                       stall: nil, migrateToRAMCalls: calls, faultRetries: 0, faultRetriesPerPage: .empty,
-                       pageMicros: .empty, deviceMigrations: 0, seconds: 1, teardownClean: teardownClean,
-                       teardownIssues: teardownClean ? [] : ["a folio stayed locked"], dataIntact: dataIntact,
-                       error: error, perPage: [])
-}
-
 @Suite("svmemu exit statuses")
 struct ExitStatusTests {
     @Test("a livelock exits 0 by default and 2 with --fail-on-livelock; a failed check exits 1 and wins")

@@ -20,14 +20,15 @@ struct BenchMemoryCommand: ParsableCommand {
             Build with -c release. Reads one byte per page over a few MiB of touched pages \
             (several rounds, best round), first-touch writes over a fresh mapping with THP off \
             (best round, mmap excluded), and reports the page metadata size against the \
-            kernel's 64-byte struct page. With --json prints one object: \
-            {"readNanos", "demandZeroFaultNanos", "metadataBytesPerPage", "memcpy4KNanos"}.
+            kernel's 64-byte struct page. With --json prints one object (Docs/json.md) whose \
+            results are readNanos, demandZeroFaultNanos, demandZeroFirstRoundNanos, \
+            metadataBytesPerPage and memcpy4KNanos.
 
             \(ExitStatus.helpParagraph)
             """)
 
-    @Flag(name: .long, help: "Print one JSON object instead of the table.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     @Option(name: .customLong("fault-mib"), parsing: .unconditional, help: "Size of the demand-zero mapping in MiB.")
     var faultMiB = 64
@@ -40,7 +41,7 @@ struct BenchMemoryCommand: ParsableCommand {
         try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
-    struct Result {
+    struct Result: Encodable {
         var readNanos: Double
         var demandZeroFaultNanos: Double
         var demandZeroFirstRoundNanos: Double
@@ -54,9 +55,7 @@ struct BenchMemoryCommand: ParsableCommand {
         #endif
         let r = try measure()
         if json {
-            func f(_ v: Double) -> String { String(format: "%.2f", v) }
-            print("{\"readNanos\":\(f(r.readNanos)),\"demandZeroFaultNanos\":\(f(r.demandZeroFaultNanos)),"
-                  + "\"metadataBytesPerPage\":\(r.metadataBytesPerPage),\"memcpy4KNanos\":\(f(r.memcpy4KNanos))}")
+            print(try JSONReport.render(for: self, results: r))
         } else {
             print(Self.render(r, faultMiB: faultMiB, rounds: rounds), terminator: "")
         }

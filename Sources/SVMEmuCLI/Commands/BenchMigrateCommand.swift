@@ -29,8 +29,9 @@ struct BenchMigrateCommand: ParsableCommand {
             The same bytes are also copied with streaming stores (what the copy engine does per \
             page); glibc's memcpy streams only above a size it picks, so at some sizes it is the \
             slower copy. \
-            With --json prints one object: {"granularity", "bytes", "migrateGBps", "memcpyGBps", \
-            "ratio", "streamCopyGBps", "ratioToBestCopy", ...} where bytes is the buffer size, ratio \
+            With --json prints one object (Docs/json.md) whose results are granularity, bytes, \
+            migrateGBps, memcpyGBps, ratio, streamCopyGBps, ratioToBestCopy, migrateSeconds, \
+            toDeviceSeconds, toSystemSeconds, memcpySeconds and rounds, where bytes is the buffer size, ratio \
             is migrate over memcpy and ratioToBestCopy is migrate over the faster of the two copies. \
             Linux's move_pages at 4 KiB runs at about a quarter of memcpy.
 
@@ -46,8 +47,8 @@ struct BenchMigrateCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Timed rounds of each measurement (the best is reported).")
     var rounds = 5
 
-    @Flag(name: .long, help: "Print one JSON object instead of the table.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     func validate() throws {
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
@@ -70,7 +71,7 @@ struct BenchMigrateCommand: ParsableCommand {
                                       for: "svmemu bench migrate --size \(size)")
     }
 
-    struct Result {
+    struct Result: Encodable {
         var granularity: MigrationGranularity
         var bytes: Int
         var migrateSeconds: Double
@@ -88,6 +89,28 @@ struct BenchMigrateCommand: ParsableCommand {
         var ratioToBestCopy: Double { migrateGBps / max(memcpyGBps, streamCopyGBps) }
         /// What the goal line says for this granularity.
         var goal: String { granularity == .huge2M ? "goal >= 0.8" : "goal >= 0.5; Linux move_pages at 4 KiB: ~0.25" }
+
+        enum CodingKeys: String, CodingKey {
+            case granularity, bytes, migrateGBps, memcpyGBps, ratio, streamCopyGBps, ratioToBestCopy,
+                 migrateSeconds, toDeviceSeconds, toSystemSeconds, memcpySeconds, rounds
+        }
+
+        /// The measured times and the figures derived from them.
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(granularity.rawValue, forKey: .granularity)
+            try c.encode(bytes, forKey: .bytes)
+            try c.encode(migrateGBps, forKey: .migrateGBps)
+            try c.encode(memcpyGBps, forKey: .memcpyGBps)
+            try c.encode(ratio, forKey: .ratio)
+            try c.encode(streamCopyGBps, forKey: .streamCopyGBps)
+            try c.encode(ratioToBestCopy, forKey: .ratioToBestCopy)
+            try c.encode(migrateSeconds, forKey: .migrateSeconds)
+            try c.encode(toDeviceSeconds, forKey: .toDeviceSeconds)
+            try c.encode(toSystemSeconds, forKey: .toSystemSeconds)
+            try c.encode(memcpySeconds, forKey: .memcpySeconds)
+            try c.encode(rounds, forKey: .rounds)
+        }
     }
 
     struct Failure: Error, CustomStringConvertible {
@@ -102,14 +125,7 @@ struct BenchMigrateCommand: ParsableCommand {
         let bytes = ByteSize.parse(size)!
         let r = try measure(bytes: bytes)
         if json {
-            func f(_ v: Double) -> String { String(format: "%.3f", v) }
-            print("{\"granularity\":\"\(r.granularity.rawValue)\",\"bytes\":\(r.bytes),"
-                  + "\"migrateGBps\":\(f(r.migrateGBps)),\"memcpyGBps\":\(f(r.memcpyGBps)),\"ratio\":\(f(r.ratio)),"
-                  + "\"streamCopyGBps\":\(f(r.streamCopyGBps)),\"ratioToBestCopy\":\(f(r.ratioToBestCopy)),"
-                  + "\"migrateSeconds\":\(String(format: "%.6f", r.migrateSeconds)),"
-                  + "\"toDeviceSeconds\":\(String(format: "%.6f", r.toDeviceSeconds)),"
-                  + "\"toSystemSeconds\":\(String(format: "%.6f", r.toSystemSeconds)),"
-                  + "\"memcpySeconds\":\(String(format: "%.6f", r.memcpySeconds)),\"rounds\":\(r.rounds)}")
+            print(try JSONReport.render(for: self, results: r))
         } else {
             print(Self.render(r), terminator: "")
         }

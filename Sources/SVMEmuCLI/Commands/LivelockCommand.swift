@@ -18,7 +18,8 @@ struct LivelockCommand: ParsableCommand {
             declares a livelock after --stall-seconds without progress. The trylock fault path \
             (v6.15) migrates each page with one migrateToRAM call.
 
-            With --json prints one object: faultPolicy, driverLock, threads, pages, pagesMigrated, \
+            With --json prints one object (Docs/json.md) whose results are faultPolicy, driverLock, \
+            threads, pages, pagesMigrated, \
             livelocked, stalledPage (or null), stall (what the threads were doing, or null), \
             migrateToRAMCalls {total, perPageMean, perPageP50, perPageP99, perPageMax}, \
             faultRetries, seconds, teardownClean, dataIntact, and more.
@@ -59,8 +60,8 @@ struct LivelockCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with (0 to 2^64-1).")
     var seed: UInt64 = 1
 
-    @Flag(name: .long, help: "Print one JSON object instead of the table.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     @Flag(name: .long, help: "With --json, include every completed page's record (refused without --json).")
     var perPage = false
@@ -134,7 +135,7 @@ struct LivelockCommand: ParsableCommand {
         var r = try Self.runStorm(s, label: "")
         if json {
             if !perPage { r.perPage = [] }
-            print(try Self.encode(r))
+            print(try JSONReport.render(for: self, results: r))
         } else {
             print(StormReport.table([r], titles: [StormReport.title(r)]), terminator: "")
         }
@@ -178,11 +179,5 @@ struct LivelockCommand: ParsableCommand {
         } catch {
             throw CLIError.runFailed("svmemu: the storm could not run: \(error.description)")
         }
-    }
-
-    static func encode<T: Encodable>(_ value: T) throws -> String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        return String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 }

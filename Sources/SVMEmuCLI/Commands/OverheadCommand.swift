@@ -23,7 +23,9 @@ struct OverheadCommand: ParsableCommand {
             even at 4 KiB granularity (Xe's drm_gpusvm shape: one fault, 512 pages in one \
             migrate_vma call), the fault Xe measured at 966 µs. Every byte is verified afterwards. Without --granularity both 4k and 2m run; without --direction both \
             directions. --copy-model takes one model, a comma-separated list, or `all` (the default \
-            with --svg). With --json prints one JSON object per run (one per line). Build with -c release.
+            with --svg). With --json prints one object (Docs/json.md) whose results are runs: [...], one \
+            object per run (granularity, direction, copyModel, faults, phases, migrateVMAFraction, \
+            ...). Build with -c release.
 
             --svg and --trace paths are checked before the runs start (a file that cannot be \
             created is refused with the system's reason), and so is the host's memory: a run \
@@ -54,8 +56,8 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
     var rounds = 3
 
-    @Flag(name: .long, help: "Print one JSON object per run instead of the tables.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     @Option(name: .long, help: "Write a stacked bar chart of the phases (4 KiB vs 2 MiB, per copy model) to this SVG file.")
     var svg: String?
@@ -67,6 +69,11 @@ struct OverheadCommand: ParsableCommand {
     /// 8,192 faults of a 4 KiB run (a fault and its seven phases). Later
     /// events are counted and reported as dropped, not kept.
     static let traceEventsPerCPU = 1 << 16
+
+    /// The results of `--json`: one object per run, in the order they ran.
+    struct Runs: Encodable {
+        var runs: [OverheadResult]
+    }
 
     /// Sizes `--size` takes: whole 2 MiB folios, up to 64 GiB.
     static let sizeRange = 2 * ByteSize.mib...64 * ByteSize.gib
@@ -161,11 +168,7 @@ struct OverheadCommand: ParsableCommand {
                     }
                     line.done()
                     results.append(r)
-                    if json {
-                        print(r.jsonString())
-                    } else {
-                        print(OverheadReport.table(r))
-                    }
+                    if !json { print(OverheadReport.table(r)) }
                 }
             }
         }
@@ -173,6 +176,7 @@ struct OverheadCommand: ParsableCommand {
             print("Summary (\(bytes >> 20) MiB; shares of the mean fault)")
             print(OverheadReport.summary(results))
         }
+        if json { print(try JSONReport.render(for: self, results: Runs(runs: results))) }
         if let svg {
             try OutputFile(svg).write(OverheadReport.svg(results))
             if !json { print("chart: \(svg)") }
