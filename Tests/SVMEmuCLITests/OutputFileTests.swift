@@ -1,23 +1,17 @@
 import ArgumentParser
+import Foundation
 import Glibc
 import Testing
 @testable import SVMEmuCLI
 
-/// A fresh directory under /tmp, removed with its files afterwards.
+/// A fresh directory under /tmp, removed with everything in it afterwards.
 func withScratchDirectory<R>(_ body: (String) throws -> R) throws -> R {
     var template = Array("/tmp/svmemu-cli-test-XXXXXX".utf8CString)
     let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
     let dir = try #require(made.map { String(cString: $0) })
     defer {
-        if let d = opendir(dir) {
-            while let e = readdir(d) {
-                let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-                if name != "." && name != ".." { unlink(dir + "/" + name) }
-            }
-            closedir(d)
-        }
         chmod(dir, 0o700)
-        rmdir(dir)
+        try? FileManager.default.removeItem(atPath: dir)
     }
     return try body(dir)
 }

@@ -18,6 +18,7 @@ public struct SVMEmuCommand: ParsableCommand {
         a failed check); 2 only from `svmemu livelock --fail-on-livelock`, a livelock was \
         detected; 64 an invalid argument.
         """,
+        version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
                       BenchCommand.self, DevicesCommand.self])
 }
