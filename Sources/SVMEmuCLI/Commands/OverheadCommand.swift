@@ -62,7 +62,7 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .long, help: "Write a stacked bar chart of the phases (4 KiB vs 2 MiB, per copy model) to this SVG file.")
     var svg: String?
 
-    @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of faults and phases to this JSON file.")
+    @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of faults and phases to this JSON file (the first 65536 events per CPU; the output says how many were dropped).")
     var trace: String?
 
     /// Events the trace keeps per CPU (`--trace`): 65,536 events, the first
