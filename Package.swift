@@ -32,13 +32,16 @@ let package = Package(
         .systemLibrary(name: "CLibDRM", pkgConfig: "libdrm",
                        providers: [.apt(["libdrm-dev"])]),
         .target(name: "SVMDRM", dependencies: ["CLibDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
-        .executableTarget(
-            name: "svmemu",
+        // The commands of `svmemu` (argument parsing, validation, reports), as a
+        // library so that the tests can parse and check them; not a product.
+        .target(
+            name: "SVMEmuCLI",
             dependencies: [
                 "SVMEmu", "MirrorDriver", "SVMStress", "SVMDRM",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),
+        .executableTarget(name: "svmemu", dependencies: ["SVMEmuCLI"], swiftSettings: strict),
         .executableTarget(name: "MinimalDriver", dependencies: ["SVMEmu"],
                           path: "Examples/MinimalDriver", swiftSettings: strict),
         // Bounded thread runs shared by the test suites (not a product).
@@ -46,6 +49,10 @@ let package = Package(
         .testTarget(name: "SVMEmuTests", dependencies: ["SVMEmu", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress"], swiftSettings: strict),
+        .testTarget(name: "SVMEmuCLITests", dependencies: [
+            "SVMEmuCLI", "SVMStress", "SVMDRM", "MirrorDriver",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
         .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
     ]

@@ -90,8 +90,27 @@ public struct OverheadPhaseFigure: Sendable, Codable, Equatable {
 public struct OverheadTraceEvent: Sendable, Equatable {
     public var name: String
     public var cpu: Int
+    /// Nanoseconds since the timer was created, converted from clock ticks.
     public var startNanos: Double
     public var endNanos: Double
+
+    public init(name: String, cpu: Int, startNanos: Double, endNanos: Double) {
+        self.name = name
+        self.cpu = cpu
+        self.startNanos = startNanos
+        self.endNanos = endNanos
+    }
+
+    /// Start and duration in whole nanoseconds, for the trace file: both
+    /// ends are rounded first and the duration is their difference, so that
+    /// phases that share a clock read (one ends where the next begins, see
+    /// `PhaseTimer.endAndBegin`) share a nanosecond too: a phase's start plus
+    /// its duration is exactly the next phase's start, never 1 ns past it
+    /// (as rounding the start and the duration separately gave).
+    public var wholeNanos: (start: Int64, duration: Int64) {
+        let start = Int64(startNanos.rounded()), end = Int64(endNanos.rounded())
+        return (start, max(0, end - start))
+    }
 }
 
 /// The figures of one run. Encodes as the JSON object of `svmemu overhead --json`.
@@ -144,11 +163,21 @@ public struct OverheadResult: Sendable, Codable {
     public var verified: Bool
     /// Timeline of the best timed run (only with `traceEventsPerCPU > 0`; not encoded).
     public var trace: [OverheadTraceEvent] = []
+    /// With a trace: the events it kept (`trace.count`), the events the
+    /// timers recorded past each CPU's buffer and the trace therefore lacks
+    /// (the trace keeps the first `traceEventsPerCPU` events per CPU), the
+    /// faults whose whole-fault event it kept, and the buffer size. Nil (and
+    /// absent from the JSON) without a trace.
+    public var traceEvents: Int?
+    public var traceEventsDropped: Int?
+    public var traceFaults: Int?
+    public var traceEventsPerCPU: Int?
 
     enum CodingKeys: String, CodingKey {
         case granularity, direction, copyModel, copyThreads, faultPages, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, streamCopyGBps, wallSeconds, wallSecondsTimersOff,
-             wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified
+             wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified,
+             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU
     }
 
     /// The phases a fault is split into, in the order they run, then `other`.
@@ -231,6 +260,7 @@ public enum OverheadHarness {
         let say = config.progress ?? { _ in }
         let tag = "\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
         let base: UInt64
+        say("\(tag): filling \(bytes >> 20) MiB")
         do {
             base = try mm.mmap(length: bytes)
             try mm.fillPattern(base, length: bytes, seed: config.seed)
@@ -310,6 +340,7 @@ public enum OverheadHarness {
         }
 
         // Warm-up (VRAM and page tables touched once), then the expected checksum.
+        say("\(tag): warm-up (first touch of RAM and VRAM)")
         try prepare()
         let expected = try checksumInPlace()
         _ = try faultingLoop(0, pages)
@@ -389,12 +420,21 @@ public enum OverheadHarness {
             result.wallSecondsTimersOff = Double(offNanos) / 1e9
         }
         result.trace = trace
+        if timers.traceCapacity > 0 {
+            // Every record counts in the totals; the trace keeps what fitted.
+            let recorded = best.values.reduce(0) { $0 + Int($1.count) }
+            result.traceEvents = trace.count
+            result.traceEventsDropped = max(0, recorded - trace.count)
+            result.traceFaults = trace.reduce(0) { $0 + ($1.name == MigrationPhase.fault.name ? 1 : 0) }
+            result.traceEventsPerCPU = timers.traceCapacity
+        }
         let records = best.filter { $0.key != .fault }.reduce(UInt64(0)) { $0 + $1.value.count } + (best[.fault]?.count ?? 0)
         let faultNanos = best[.fault]?.nanos ?? 0
         if faultNanos > 0 {
             result.instrumentationEstimatePercent = Double(records) * timerRecordNanos() / faultNanos * 100
         }
         let granule = config.granularity == .huge2M ? 2 << 20 : 4096
+        say("\(tag): memcpy of the same chunks (the yardstick)")
         result.memcpyGBps = measureMemcpy(granule: granule, bytes: bytes)
         result.streamCopyGBps = measureMemcpy(granule: granule, bytes: bytes, streaming: true)
         withExtendedLifetime(device) {}
@@ -461,6 +501,12 @@ public enum OverheadHarness {
     /// a small buffer (one round, no timers-off runs), as a summary table.
     public static func demoBreakdown(bytes: Int = 64 << 20, copyModel: OverheadCopyModel = .memcpy,
                                      progress: (@Sendable (String) -> Void)? = nil) throws(OverheadError) -> String {
+        demoSummary(try demoRuns(bytes: bytes, copyModel: copyModel, progress: progress))
+    }
+
+    /// The runs of `demoBreakdown`, for `svmemu demo --json`.
+    public static func demoRuns(bytes: Int = 64 << 20, copyModel: OverheadCopyModel = .memcpy,
+                                progress: (@Sendable (String) -> Void)? = nil) throws(OverheadError) -> [OverheadResult] {
         var results: [OverheadResult] = []
         for direction in OverheadDirection.allCases {
             for granularity in MigrationGranularity.allCases where granularity != .huge2M || hugeMigrationAvailable {
@@ -475,7 +521,13 @@ public enum OverheadHarness {
                 results.append(try run(c))
             }
         }
-        return "Where a fault's time goes, 4 KiB versus 2 MiB (\(bytes >> 20) MiB, copy model \(copyModel.rawValue)):\n"
+        return results
+    }
+
+    /// The summary table of `demoBreakdown` for runs of one size and copy model.
+    public static func demoSummary(_ results: [OverheadResult]) -> String {
+        let bytes = results.first?.bytes ?? 0, copyModel = results.first?.copyModel ?? "?"
+        return "Where a fault's time goes, 4 KiB versus 2 MiB (\(bytes >> 20) MiB, copy model \(copyModel)):\n"
             + OverheadReport.summary(results)
             + "migrate_vma = collect + unmap + pages + finalize (the kernel's migrate_vma_* calls); see Docs/overhead.md.\n"
     }

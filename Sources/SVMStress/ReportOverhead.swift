@@ -44,7 +44,17 @@ public enum OverheadReport {
             out += String(format: "  instrumentation cost %.1f%% estimated (cost runs not made)\n", r.instrumentationEstimatePercent)
         }
         out += "  bytes verified: " + (r.verified ? "yes" : "NO: DATA CORRUPTION") + "\n"
+        if let line = traceLine(r) { out += "  " + line + "\n" }
         return out
+    }
+
+    /// What the trace of a run kept and dropped, or nil without a trace.
+    public static func traceLine(_ r: OverheadResult) -> String? {
+        guard let kept = r.traceEvents, let dropped = r.traceEventsDropped else { return nil }
+        let faults = r.traceFaults ?? 0
+        guard dropped > 0 else { return "trace: all \(kept) events (\(faults) faults)" }
+        return "trace: \(kept) events kept (the first \(faults) of \(r.faults) faults), \(dropped) events DROPPED "
+            + "(the trace keeps \(r.traceEventsPerCPU ?? 0) events per CPU)"
     }
 
     /// One line per run, for comparing several.
@@ -159,7 +169,9 @@ public enum OverheadReport {
     /// A Chrome trace-event JSON timeline (opens in ui.perfetto.dev and
     /// chrome://tracing): one process per run (named after it), one thread per
     /// emulated CPU, a complete ("X") event per fault and per phase inside it,
-    /// times in microseconds.
+    /// times in microseconds with three decimals, from whole nanoseconds
+    /// (`OverheadTraceEvent.wholeNanos`: a phase's ts + dur is the next
+    /// phase's ts exactly).
     public static func traceJSON(_ results: [OverheadResult]) -> String {
         var out = "{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n"
         var first = true
@@ -176,16 +188,24 @@ public enum OverheadReport {
                 emit("{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":\(cpu),\"args\":{\"name\":\"cpu \(cpu)\"}}")
             }
             // Parents before children: by start, then longest first.
-            let events = r.trace.sorted { ($0.startNanos, -$0.endNanos) < ($1.startNanos, -$1.endNanos) }
-            for e in events {
-                let ts = String(format: "%.3f", e.startNanos / 1000)
-                let dur = String(format: "%.3f", max(0, e.endNanos - e.startNanos) / 1000)
+            let events = r.trace.map { ($0, $0.wholeNanos) }.sorted {
+                ($0.1.start, -$0.1.duration) < ($1.1.start, -$1.1.duration)
+            }
+            for (e, ns) in events {
                 let cat = e.name == "fault" ? "fault" : "phase"
-                emit("{\"name\":\"\(jsonEscape(e.name))\",\"cat\":\"\(cat)\",\"ph\":\"X\",\"ts\":\(ts),\"dur\":\(dur),\"pid\":\(pid),\"tid\":\(e.cpu)}")
+                emit("{\"name\":\"\(jsonEscape(e.name))\",\"cat\":\"\(cat)\",\"ph\":\"X\",\"ts\":\(micros(ns.start)),"
+                     + "\"dur\":\(micros(ns.duration)),\"pid\":\(pid),\"tid\":\(e.cpu)}")
             }
         }
         out += "\n]}\n"
         return out
+    }
+
+    /// Whole nanoseconds as microseconds with three decimals ("1234.005"),
+    /// exactly (no floating-point rounding).
+    static func micros(_ nanos: Int64) -> String {
+        let fraction = String(nanos % 1000)
+        return "\(nanos / 1000)." + String(repeating: "0", count: 3 - fraction.count) + fraction
     }
 
     static func jsonEscape(_ s: String) -> String {

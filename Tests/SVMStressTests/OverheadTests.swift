@@ -11,6 +11,7 @@ import Testing
 /// Small runs of the overhead harness (8 MiB, one round), shared by the tests.
 private func overheadRun(_ direction: OverheadDirection, _ granularity: MigrationGranularity,
                          model: OverheadCopyModel = .memcpy, trace: Bool = false,
+                         traceEventsPerCPU: Int = 1 << 12,
                          bytes: Int = 8 << 20) throws -> OverheadResult {
     var c = OverheadConfiguration()
     c.bytes = bytes
@@ -19,7 +20,7 @@ private func overheadRun(_ direction: OverheadDirection, _ granularity: Migratio
     c.granularity = granularity
     c.copyModel = model
     c.rounds = 1
-    c.traceEventsPerCPU = trace ? 1 << 12 : 0
+    c.traceEventsPerCPU = trace ? traceEventsPerCPU : 0
     return try OverheadHarness.run(c)
 }
 
@@ -166,6 +167,68 @@ struct OverheadTests {
         }
     }
 
+    @Test("trace ts and dur come from whole nanoseconds of the same clock reads: a phase ends where the next begins")
+    func traceTimesShareNanoseconds() throws {
+        // Ends with fractions that rounded apart when ts and dur were rounded
+        // separately: collect was written as ts 0.001 dur 1.000 (ending at
+        // 1.001) and unmap as ts 1.000, a 1 ns overlap.
+        var r = OverheadHarness.summarize([:], config: OverheadConfiguration(), wallOn: 0)
+        r.trace = [OverheadTraceEvent(name: "fault", cpu: 0, startNanos: 0.6, endNanos: 2000.2),
+                   OverheadTraceEvent(name: "collect", cpu: 0, startNanos: 0.6, endNanos: 1000.4),
+                   OverheadTraceEvent(name: "unmap", cpu: 0, startNanos: 1000.4, endNanos: 2000.2)]
+        let events = try completeEvents(OverheadReport.traceJSON([r]))
+        let collect = try #require(events.first { $0.name == "collect" })
+        let unmap = try #require(events.first { $0.name == "unmap" })
+        #expect(collect.ts == 1 && collect.dur == 999, "in ns: \(collect)")
+        #expect(collect.ts + collect.dur == unmap.ts)
+        #expect(OverheadTraceEvent(name: "x", cpu: 0, startNanos: 5.4, endNanos: 5.4).wholeNanos == (5, 0))
+    }
+
+    @Test("in a real trace, events on a thread nest or follow one another, never overlap partly")
+    func traceEventsNeverOverlap() throws {
+        let r = try overheadRun(.toRAM, .base4K, trace: true, bytes: 2 << 20)
+        let events = try completeEvents(OverheadReport.traceJSON([r]))
+        #expect(events.count == r.trace.count)
+        for (_, onThread) in Dictionary(grouping: events, by: \.tid) {
+            // Sorted as the file is (by start, longest first): each event
+            // either lies inside the open ones or starts after they end.
+            var open: [TraceSpan] = []
+            for e in onThread.sorted(by: { ($0.ts, -$0.dur) < ($1.ts, -$1.dur) }) {
+                while let last = open.last, last.ts + last.dur <= e.ts { open.removeLast() }
+                if let parent = open.last {
+                    #expect(e.ts + e.dur <= parent.ts + parent.dur, "\(e) overlaps \(parent) partly")
+                }
+                open.append(e)
+            }
+        }
+    }
+
+    @Test("a trace that runs out of room says how many events it dropped, in the table and the JSON")
+    func traceCountsDroppedEvents() throws {
+        // 2 MiB at 4 KiB: 512 faults of 8 events each, into room for 64 events.
+        let small = try overheadRun(.toRAM, .base4K, trace: true, traceEventsPerCPU: 64, bytes: 2 << 20)
+        let recorded = MigrationPhase.allCases.reduce(0) { $0 + Int(small.phases[$1.name]?.count ?? 0) }
+        #expect(small.traceEvents == small.trace.count)
+        #expect(small.trace.count <= 64 * 64, "at most the room of every CPU slot")
+        #expect(small.traceEventsDropped == recorded - small.trace.count)
+        #expect((small.traceEventsDropped ?? 0) > 0)
+        #expect(small.traceFaults == small.trace.filter { $0.name == "fault" }.count)
+        #expect(small.traceEventsPerCPU == 64)
+        #expect(OverheadReport.table(small).contains("events DROPPED"))
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(small.jsonString().utf8)) as? [String: Any])
+        #expect(object["traceEventsDropped"] as? Int == small.traceEventsDropped)
+        #expect(object["traceEvents"] as? Int == small.trace.count)
+
+        let roomy = try overheadRun(.toRAM, .base4K, trace: true, traceEventsPerCPU: 1 << 13, bytes: 2 << 20)
+        #expect(roomy.traceEventsDropped == 0)
+        #expect(roomy.traceFaults == roomy.faults)
+        #expect(OverheadReport.table(roomy).contains("trace: all \(roomy.trace.count) events"))
+
+        let untraced = try overheadRun(.toRAM, .base4K, bytes: 2 << 20)
+        #expect(untraced.traceEventsDropped == nil)
+        #expect(!untraced.jsonString().contains("traceEvents"), "no trace keys without a trace")
+    }
+
     @Test("the link engine copies the bytes and charges at least the link's time")
     func linkEngineCharges() throws {
         let size = 2 << 20
@@ -258,5 +321,25 @@ private final class SVGCollector: NSObject, XMLParserDelegate {
     func parser(_ parser: XMLParser, foundCharacters string: String) { if inText { current += string } }
     func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
         if name == "text" { texts.append(current); inText = false }
+    }
+}
+
+/// A complete ("X") trace event with its times in whole nanoseconds.
+struct TraceSpan: CustomStringConvertible {
+    var name: String
+    var tid: Int
+    var ts: Int64
+    var dur: Int64
+    var description: String { "\(name)@\(tid) [\(ts), +\(dur)] ns" }
+}
+
+/// The complete events of a trace file; ts and dur (microseconds, three
+/// decimals) read back as whole nanoseconds.
+func completeEvents(_ json: String) throws -> [TraceSpan] {
+    let object = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
+    let events = try #require(object["traceEvents"] as? [[String: Any]])
+    func nanos(_ v: Any?) -> Int64 { Int64((((v as? Double) ?? Double(v as? Int ?? 0)) * 1000).rounded()) }
+    return events.filter { $0["ph"] as? String == "X" }.map {
+        TraceSpan(name: $0["name"] as? String ?? "", tid: $0["tid"] as? Int ?? -1, ts: nanos($0["ts"]), dur: nanos($0["dur"]))
     }
 }

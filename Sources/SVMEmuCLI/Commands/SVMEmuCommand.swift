@@ -1,15 +1,24 @@
 import ArgumentParser
 
-@main
-struct SVMEmuCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
+/// The root command: `svmemu <subcommand>`. The executable's `main.swift`
+/// calls `SVMEmuCommand.main()`; the tests parse with `parseAsRoot`.
+public struct SVMEmuCommand: ParsableCommand {
+    public init() {}
+
+    public static let configuration = CommandConfiguration(
         commandName: "svmemu",
         abstract: "A user-space emulator of Linux's device-memory migration (HMM / migrate_vma).",
         discussion: """
         Prototype driver migration logic against an API that behaves like the kernel's,
         reproduce the device-private fault livelock and its trylock fix, and measure
         where a fault's time goes.
+
+        Exit status (every command): 0 the command ran and printed its results; 1 it could \
+        not run or its run failed (an output path that cannot be written, too little memory, \
+        a failed check); 2 only from `svmemu livelock --fail-on-livelock`, a livelock was \
+        detected; 64 an invalid argument.
         """,
+        version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
                       BenchCommand.self, DevicesCommand.self])
 }

@@ -24,28 +24,31 @@ struct BenchTHPCommand: ParsableCommand {
             "With THP": MADV_HUGEPAGE and MirrorDevice migration granularity 2m; "without": \
             MADV_NOHUGEPAGE and granularity 4k. One warm-up round trip, then --iterations timed \
             round trips; means are reported. Throughput as the kernel test computes it: \
-            size / 2^30 / seconds ("GB/s"). With --json prints an array with one object per size: \
-            {"name","bytes","thp":{...},"regular":{...}} where each side has \
+            size / 2^30 / seconds ("GB/s"). With --json prints one object (Docs/json.md) whose results are \
+            sizes: [{"name","bytes","iterations","thp":{...},"regular":{...}}] where each side has \
             sysToDevMs, devToSysMs, sysToDevGBps, devToSysGBps.
+
+            \(ExitStatus.helpParagraph)
             """)
 
-    @Option(name: .long, help: "Timed round trips per size and mode (the kernel test uses 5).")
+    @Option(name: .long, parsing: .unconditional, help: "Timed round trips per size and mode (the kernel test uses 5).")
     var iterations = 5
 
-    @Option(name: .long, help: "Largest size to run, with an optional K, M or G suffix (default: all, up to 256M).")
+    @Option(name: .long, parsing: .unconditional, help: "Largest size to run, 512K or more, with an optional K, M or G suffix (default: all, up to 256M).")
     var maxSize: String = "256M"
 
-    @Flag(name: .long, help: "Print JSON instead of the tables.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     func validate() throws {
-        guard iterations >= 1 && iterations <= 100 else { throw ValidationError("--iterations must be 1...100") }
-        guard let m = BenchMigrateCommand.parseSize(maxSize), m >= 512 << 10 else {
-            throw ValidationError("--max-size: '\(maxSize)' is not a size of at least 512K")
-        }
+        try checkRange(iterations, 1...100, flag: "--iterations")
+        _ = try ByteSize.check(maxSize, flag: "--max-size", range: Self.maxSizeRange)
     }
 
     static let thpSize = 2 << 20
+    /// What `--max-size` takes: from the smallest size of the test (a quarter
+    /// THP) up; above the largest (256 MiB) every size runs.
+    static let maxSizeRange = thpSize / 4...64 * ByteSize.gib
     static let tests: [(String, Int)] = [
         ("Small Buffer", thpSize / 4),
         ("Half THP Size", thpSize / 2),
@@ -56,12 +59,35 @@ struct BenchTHPCommand: ParsableCommand {
         ("One twenty eight THP Size", thpSize * 128),
     ]
 
-    struct Side {
+    struct Side: Encodable {
         var sysToDevMs: Double
         var devToSysMs: Double
         var bytes: Int
         var sysToDevGBps: Double { Double(bytes) / Double(1 << 30) / (sysToDevMs / 1000) }
         var devToSysGBps: Double { Double(bytes) / Double(1 << 30) / (devToSysMs / 1000) }
+
+        enum CodingKeys: String, CodingKey { case sysToDevMs, devToSysMs, sysToDevGBps, devToSysGBps }
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(sysToDevMs, forKey: .sysToDevMs)
+            try c.encode(devToSysMs, forKey: .devToSysMs)
+            try c.encode(sysToDevGBps, forKey: .sysToDevGBps)
+            try c.encode(devToSysGBps, forKey: .devToSysGBps)
+        }
+    }
+
+    /// One size of the benchmark, as the JSON's `sizes` holds it.
+    struct SizeResult: Encodable {
+        var name: String
+        var bytes: Int
+        var iterations: Int
+        var thp: Side
+        var regular: Side
+    }
+
+    /// The results of `--json`.
+    struct Results: Encodable {
+        var sizes: [SizeResult]
     }
 
     struct Failure: Error, CustomStringConvertible { let description: String }
@@ -70,9 +96,9 @@ struct BenchTHPCommand: ParsableCommand {
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu bench thp: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
-        let limit = BenchMigrateCommand.parseSize(maxSize)!
+        let limit = ByteSize.parse(maxSize)!
         var rows: [(String, Int, Side, Side)] = []
-        let progress = BenchProgress(label: "svmemu bench thp")
+        let progress = ProgressLine(label: "svmemu bench thp")
         for (name, size) in Self.tests where size <= limit {
             progress.say("\(name): with THP")
             let thp = try Self.measure(bytes: size, thp: true, iterations: iterations)
@@ -83,15 +109,8 @@ struct BenchTHPCommand: ParsableCommand {
             if !json { print(Self.render(name, size, thp, regular)) }
         }
         if json {
-            func f(_ v: Double) -> String { String(format: "%.4f", v) }
-            func side(_ s: Side) -> String {
-                "{\"sysToDevMs\":\(f(s.sysToDevMs)),\"devToSysMs\":\(f(s.devToSysMs)),"
-                    + "\"sysToDevGBps\":\(f(s.sysToDevGBps)),\"devToSysGBps\":\(f(s.devToSysGBps))}"
-            }
-            let items = rows.map { r in
-                "{\"name\":\"\(r.0)\",\"bytes\":\(r.1),\"iterations\":\(iterations),\"thp\":\(side(r.2)),\"regular\":\(side(r.3))}"
-            }
-            print("[" + items.joined(separator: ",\n ") + "]")
+            let sizes = rows.map { SizeResult(name: $0.0, bytes: $0.1, iterations: iterations, thp: $0.2, regular: $0.3) }
+            print(try JSONReport.render(for: self, results: Results(sizes: sizes)))
         } else {
             print(Self.summary(rows))
         }

@@ -29,53 +29,49 @@ struct BenchMigrateCommand: ParsableCommand {
             The same bytes are also copied with streaming stores (what the copy engine does per \
             page); glibc's memcpy streams only above a size it picks, so at some sizes it is the \
             slower copy. \
-            With --json prints one object: {"granularity", "bytes", "migrateGBps", "memcpyGBps", \
-            "ratio", "streamCopyGBps", "ratioToBestCopy", ...} where bytes is the buffer size, ratio \
+            With --json prints one object (Docs/json.md) whose results are granularity, bytes, \
+            migrateGBps, memcpyGBps, ratio, streamCopyGBps, ratioToBestCopy, migrateSeconds, \
+            toDeviceSeconds, toSystemSeconds, memcpySeconds and rounds, where bytes is the buffer size, ratio \
             is migrate over memcpy and ratioToBestCopy is migrate over the faster of the two copies. \
             Linux's move_pages at 4 KiB runs at about a quarter of memcpy.
+
+            \(ExitStatus.helpParagraph)
             """)
 
     @Option(name: .long, help: "Migration granularity: 4k or 2m.")
     var granularity: MigrationGranularity = .base4K
 
-    @Option(name: .long, help: "Buffer size, with an optional K, M or G suffix (binary units).")
+    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 4K to 64G, a multiple of 4K, with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
     var size: String = "256M"
 
-    @Option(name: .long, help: "Timed rounds of each measurement (the best is reported).")
+    @Option(name: .long, parsing: .unconditional, help: "Timed rounds of each measurement (the best is reported).")
     var rounds = 5
 
-    @Flag(name: .long, help: "Print one JSON object instead of the table.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     func validate() throws {
-        guard let b = Self.parseSize(size) else {
-            throw ValidationError("--size: '\(size)' is not a size (e.g. 256M, 1G, 65536)")
-        }
-        guard b >= 4096, b % 4096 == 0 else { throw ValidationError("--size must be a positive multiple of 4 KiB") }
-        guard b <= 64 << 30 else { throw ValidationError("--size must be at most 64G") }
-        guard rounds >= 1 && rounds <= 100 else { throw ValidationError("--rounds must be 1...100") }
+        _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
+        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
-    /// "256M" -> 268435456; K, M, G (optionally followed by "iB" or "B") are powers of 1024.
-    static func parseSize(_ text: String) -> Int? {
-        var s = text.trimmingCharacters(in: .whitespaces).uppercased()
-        for suffix in ["IB", "B"] where s.hasSuffix(suffix) && s.count > suffix.count {
-            s.removeLast(suffix.count)
-            break
-        }
-        var shift = 0
-        switch s.last {
-        case "K": shift = 10
-        case "M": shift = 20
-        case "G": shift = 30
-        default: break
-        }
-        if shift > 0 { s.removeLast() }
-        guard let n = Int(s), n > 0, n <= (Int.max >> shift) else { return nil }
-        return n << shift
+    /// Sizes `--size` takes: whole 4 KiB pages, up to 64 GiB.
+    static let sizeRange = 4 * ByteSize.kib...64 * ByteSize.gib
+    static let sizeMultiple = 4 * ByteSize.kib
+
+    /// Host memory a run over `bytes` touches: the buffer's RAM and VRAM
+    /// frames and the two memcpy baseline buffers (4.05 bytes per byte),
+    /// measured as peak RSS of 256 MiB and 512 MiB runs; with a margin.
+    static func memoryNeeded(bytes: Int) -> Int { bytes / 5 * 21 + 128 * ByteSize.mib }
+
+    /// Refuses a size the host cannot hold (`available`: bytes available).
+    /// Throws `CLIError.notEnoughMemory` (exit status 1).
+    func preflight(available: Int? = HostResources.availableBytes()) throws(CLIError) {
+        try HostResources.checkMemory(needed: Self.memoryNeeded(bytes: ByteSize.parse(size)!), available: available,
+                                      for: "svmemu bench migrate --size \(size)")
     }
 
-    struct Result {
+    struct Result: Encodable {
         var granularity: MigrationGranularity
         var bytes: Int
         var migrateSeconds: Double
@@ -93,6 +89,28 @@ struct BenchMigrateCommand: ParsableCommand {
         var ratioToBestCopy: Double { migrateGBps / max(memcpyGBps, streamCopyGBps) }
         /// What the goal line says for this granularity.
         var goal: String { granularity == .huge2M ? "goal >= 0.8" : "goal >= 0.5; Linux move_pages at 4 KiB: ~0.25" }
+
+        enum CodingKeys: String, CodingKey {
+            case granularity, bytes, migrateGBps, memcpyGBps, ratio, streamCopyGBps, ratioToBestCopy,
+                 migrateSeconds, toDeviceSeconds, toSystemSeconds, memcpySeconds, rounds
+        }
+
+        /// The measured times and the figures derived from them.
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(granularity.rawValue, forKey: .granularity)
+            try c.encode(bytes, forKey: .bytes)
+            try c.encode(migrateGBps, forKey: .migrateGBps)
+            try c.encode(memcpyGBps, forKey: .memcpyGBps)
+            try c.encode(ratio, forKey: .ratio)
+            try c.encode(streamCopyGBps, forKey: .streamCopyGBps)
+            try c.encode(ratioToBestCopy, forKey: .ratioToBestCopy)
+            try c.encode(migrateSeconds, forKey: .migrateSeconds)
+            try c.encode(toDeviceSeconds, forKey: .toDeviceSeconds)
+            try c.encode(toSystemSeconds, forKey: .toSystemSeconds)
+            try c.encode(memcpySeconds, forKey: .memcpySeconds)
+            try c.encode(rounds, forKey: .rounds)
+        }
     }
 
     struct Failure: Error, CustomStringConvertible {
@@ -100,20 +118,14 @@ struct BenchMigrateCommand: ParsableCommand {
     }
 
     func run() throws {
+        try preflight()
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu bench migrate: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
-        let bytes = Self.parseSize(size)!
+        let bytes = ByteSize.parse(size)!
         let r = try measure(bytes: bytes)
         if json {
-            func f(_ v: Double) -> String { String(format: "%.3f", v) }
-            print("{\"granularity\":\"\(r.granularity.rawValue)\",\"bytes\":\(r.bytes),"
-                  + "\"migrateGBps\":\(f(r.migrateGBps)),\"memcpyGBps\":\(f(r.memcpyGBps)),\"ratio\":\(f(r.ratio)),"
-                  + "\"streamCopyGBps\":\(f(r.streamCopyGBps)),\"ratioToBestCopy\":\(f(r.ratioToBestCopy)),"
-                  + "\"migrateSeconds\":\(String(format: "%.6f", r.migrateSeconds)),"
-                  + "\"toDeviceSeconds\":\(String(format: "%.6f", r.toDeviceSeconds)),"
-                  + "\"toSystemSeconds\":\(String(format: "%.6f", r.toSystemSeconds)),"
-                  + "\"memcpySeconds\":\(String(format: "%.6f", r.memcpySeconds)),\"rounds\":\(r.rounds)}")
+            print(try JSONReport.render(for: self, results: r))
         } else {
             print(Self.render(r), terminator: "")
         }
@@ -153,7 +165,7 @@ struct BenchMigrateCommand: ParsableCommand {
             return (Double(t1 - t0) / 1e9, Double(t2 - t1) / 1e9)
         }
 
-        let progress = BenchProgress(label: "svmemu bench migrate \(granularity.rawValue)")
+        let progress = ProgressLine(label: "svmemu bench migrate \(granularity.rawValue)")
         defer { progress.done() }
         progress.say("warm-up round trip (first touch of emulated RAM and VRAM)")
         _ = try roundTrip()  // warm-up: first touch of RAM and VRAM frames, chunk registration

@@ -23,7 +23,16 @@ struct OverheadCommand: ParsableCommand {
             even at 4 KiB granularity (Xe's drm_gpusvm shape: one fault, 512 pages in one \
             migrate_vma call), the fault Xe measured at 966 µs. Every byte is verified afterwards. Without --granularity both 4k and 2m run; without --direction both \
             directions. --copy-model takes one model, a comma-separated list, or `all` (the default \
-            with --svg). With --json prints one JSON object per run (one per line). Build with -c release.
+            with --svg). With --json prints one object (Docs/json.md) whose results are runs: [...], one \
+            object per run (granularity, direction, copyModel, faults, phases, migrateVMAFraction, \
+            ...). Build with -c release.
+
+            --svg and --trace paths are checked before the runs start (a file that cannot be \
+            created is refused with the system's reason), and so is the host's memory: a run \
+            touches about 2.2 times --size plus 640 MiB, and a size the host cannot hold \
+            (MemAvailable) is refused with both figures.
+
+            \(ExitStatus.helpParagraph)
             """)
 
     @Option(name: .long, help: "Migration granularity: 4k or 2m (default: both).")
@@ -35,59 +44,67 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .customLong("fault-size"), help: "What one GPU fault migrates: 4k (the faulting page, dmirror's shape; the default) or 2m (the 2 MiB range around it; at --granularity 4k that is Xe's shape, 512 pages in one migrate_vma call). Applies to to-device runs.")
     var faultSize: MigrationGranularity?
 
-    @Option(name: .long, help: "Buffer size, e.g. 256M, 1G, 64M (a multiple of 2 MiB).")
+    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 2M to 64G, a multiple of 2M (e.g. 256M, 1G); needs about 2.2 times as much host memory.")
     var size = "256M"
 
     @Option(name: .customLong("copy-model"), help: "memcpy, pcie4, pcie5, nvlink-c2c, a comma-separated list, or all (default: memcpy; all with --svg).")
     var copyModel: String?
 
-    @Option(name: .customLong("copy-threads"), help: "Threads per copy above 32 pages (multi-threaded copy).")
+    @Option(name: .customLong("copy-threads"), parsing: .unconditional, help: "Threads per copy above 32 pages (multi-threaded copy).")
     var copyThreads = 1
 
-    @Option(name: .long, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
+    @Option(name: .long, parsing: .unconditional, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
     var rounds = 3
 
-    @Flag(name: .long, help: "Print one JSON object per run instead of the tables.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     @Option(name: .long, help: "Write a stacked bar chart of the phases (4 KiB vs 2 MiB, per copy model) to this SVG file.")
     var svg: String?
 
-    @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of faults and phases to this JSON file.")
+    @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of faults and phases to this JSON file (the first 65536 events per CPU; the output says how many were dropped).")
     var trace: String?
 
-    static func parseSize(_ s: String) -> Int? {
-        let t = s.trimmingCharacters(in: .whitespaces).uppercased()
-        var digits = t
-        var shift = 0
-        for (suffixes, sh) in [(["KIB", "KB", "K"], 10), (["MIB", "MB", "M"], 20), (["GIB", "GB", "G"], 30)] {
-            if let suffix = suffixes.first(where: { t.hasSuffix($0) }) {
-                digits = String(t.dropLast(suffix.count))
-                shift = sh
-                break
-            }
-        }
-        guard let n = Int(digits), n > 0, n <= (64 << 30) >> shift else { return nil }
-        return n << shift
+    /// Events the trace keeps per CPU (`--trace`): 65,536 events, the first
+    /// 8,192 faults of a 4 KiB run (a fault and its seven phases). Later
+    /// events are counted and reported as dropped, not kept.
+    static let traceEventsPerCPU = 1 << 16
+
+    /// The results of `--json`: one object per run, in the order they ran.
+    struct Runs: Encodable {
+        var runs: [OverheadResult]
     }
+
+    /// Sizes `--size` takes: whole 2 MiB folios, up to 64 GiB.
+    static let sizeRange = 2 * ByteSize.mib...64 * ByteSize.gib
+    static let sizeMultiple = 2 * ByteSize.mib
+
+    /// Host memory a run over `bytes` touches: RAM and VRAM frames for the
+    /// buffer with their metadata (2.05 bytes per byte) plus about 555 MiB
+    /// (a spare VRAM chunk, the memcpy yardstick's buffers, the program),
+    /// measured as peak RSS of 512 MiB and 1 GiB runs; with a margin.
+    static func memoryNeeded(bytes: Int) -> Int { bytes / 5 * 11 + 640 * ByteSize.mib }
 
     func copyModels() throws -> [OverheadCopyModel] {
         guard let copyModel else { return svg != nil ? OverheadCopyModel.allCases : [.memcpy] }
+        let valid = (OverheadCopyModel.allCases.map(\.rawValue) + ["all"]).joined(separator: ", ")
         if copyModel.lowercased() == "all" { return OverheadCopyModel.allCases }
-        return try copyModel.split(separator: ",").map {
-            let name = $0.trimmingCharacters(in: .whitespaces).lowercased()
-            guard let m = OverheadCopyModel(rawValue: name) else {
-                throw ValidationError("--copy-model: unknown model '\(name)' (memcpy, pcie4, pcie5, nvlink-c2c, all)")
+        let names = copyModel.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
+        guard names.contains(where: { !$0.isEmpty }) else {
+            throw ValidationError("--copy-model: no model given; valid models: \(valid)")
+        }
+        return try names.filter { !$0.isEmpty }.map {
+            guard let m = OverheadCopyModel(rawValue: $0) else {
+                throw ValidationError("--copy-model: unknown model '\($0)'; valid models: \(valid)")
             }
             return m
         }
     }
 
     func validate() throws {
-        guard let bytes = Self.parseSize(size) else { throw ValidationError("--size: cannot read '\(size)' (e.g. 256M, 1G)") }
-        guard bytes % (2 << 20) == 0 else { throw ValidationError("--size must be a multiple of 2 MiB") }
-        guard copyThreads >= 1 && copyThreads <= 64 else { throw ValidationError("--copy-threads must be 1...64") }
-        guard rounds >= 1 && rounds <= 20 else { throw ValidationError("--rounds must be 1...20") }
+        _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
+        try checkRange(copyThreads, 1...64, flag: "--copy-threads")
+        try checkRange(rounds, 1...20, flag: "--rounds")
         _ = try copyModels()
         if faultSize == .base4K && granularity == .huge2M {
             throw ValidationError("--fault-size 4k needs --granularity 4k: a 2 MiB migration always moves its whole 2 MiB folio")
@@ -100,11 +117,25 @@ struct OverheadCommand: ParsableCommand {
         }
     }
 
+    /// The output files asked for (`--svg`, `--trace`).
+    var outputFiles: [OutputFile] { [svg, trace].compactMap { $0.map(OutputFile.init) } }
+
+    /// What is checked before anything runs: every output file can be
+    /// written, and the host has the memory the runs need (`available`:
+    /// bytes available, `HostResources.availableBytes()` by default).
+    /// Throws `CLIError` (exit status 1).
+    func preflight(available: Int? = HostResources.availableBytes()) throws(CLIError) {
+        for file in outputFiles { try file.checkWritable() }
+        try HostResources.checkMemory(needed: Self.memoryNeeded(bytes: ByteSize.parse(size)!), available: available,
+                                      for: "svmemu overhead --size \(size)")
+    }
+
     func run() throws {
+        try preflight()
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
-        let bytes = Self.parseSize(size)!
+        let bytes = ByteSize.parse(size)!
         var granularities = granularity.map { [$0] } ?? MigrationGranularity.allCases
         if granularity == nil && !OverheadHarness.hugeMigrationAvailable {
             FileHandle.standardError.write(Data("svmemu overhead: 2 MiB migration is not in the reference driver yet; running 4 KiB only\n".utf8))
@@ -112,15 +143,14 @@ struct OverheadCommand: ParsableCommand {
         }
         let directions = direction.map { [$0] } ?? OverheadDirection.allCases
         let models = try copyModels()
-        let interactive = isatty(STDERR_FILENO) != 0
-        let progress: (@Sendable (String) -> Void)? = interactive ? { @Sendable line in
-            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
-        } : nil
+        let line = ProgressLine(label: "svmemu overhead")
+        let runs = directions.count * models.count * granularities.count
 
         var results: [OverheadResult] = []
         for d in directions {
             for m in models {
                 for g in granularities {
+                    let run = results.count + 1
                     var c = OverheadConfiguration()
                     c.bytes = bytes
                     c.granularity = g
@@ -129,20 +159,16 @@ struct OverheadCommand: ParsableCommand {
                     c.copyThreads = copyThreads
                     c.faultPages = faultSize == .huge2M && g == .base4K && d == .toDevice ? 512 : 1
                     c.rounds = rounds
-                    c.traceEventsPerCPU = trace != nil ? 1 << 16 : 0
-                    c.progress = progress
+                    c.traceEventsPerCPU = trace != nil ? Self.traceEventsPerCPU : 0
+                    c.progress = line.enabled ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
                     let r: OverheadResult
                     do { r = try OverheadHarness.run(c) } catch {
-                        if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
-                        throw ValidationError("svmemu overhead: \(error)")
+                        line.done()
+                        throw CLIError.runFailed("svmemu overhead: \(error)")
                     }
-                    if interactive { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+                    line.done()
                     results.append(r)
-                    if json {
-                        print(r.jsonString())
-                    } else {
-                        print(OverheadReport.table(r))
-                    }
+                    if !json { print(OverheadReport.table(r)) }
                 }
             }
         }
@@ -150,19 +176,21 @@ struct OverheadCommand: ParsableCommand {
             print("Summary (\(bytes >> 20) MiB; shares of the mean fault)")
             print(OverheadReport.summary(results))
         }
+        if json { print(try JSONReport.render(for: self, results: Runs(runs: results))) }
         if let svg {
-            try write(OverheadReport.svg(results), to: svg)
+            try OutputFile(svg).write(OverheadReport.svg(results))
             if !json { print("chart: \(svg)") }
         }
         if let trace {
-            try write(OverheadReport.traceJSON(results), to: trace)
-            if !json { print("trace: \(trace) (open in https://ui.perfetto.dev)") }
-        }
-    }
-
-    func write(_ text: String, to path: String) throws {
-        do { try text.write(toFile: path, atomically: true, encoding: .utf8) } catch {
-            throw ValidationError("cannot write \(path): \(error.localizedDescription)")
+            try OutputFile(trace).write(OverheadReport.traceJSON(results))
+            if !json {
+                print("trace: \(trace) (open in https://ui.perfetto.dev)")
+                let dropped = results.reduce(0) { $0 + ($1.traceEventsDropped ?? 0) }
+                if dropped > 0 {
+                    print("trace: \(dropped) events DROPPED: each CPU keeps its first \(Self.traceEventsPerCPU) events "
+                          + "(about 8,192 faults); traceEventsDropped in the JSON, see Docs/overhead.md")
+                }
+            }
         }
     }
 }

@@ -20,25 +20,28 @@ struct BenchMemoryCommand: ParsableCommand {
             Build with -c release. Reads one byte per page over a few MiB of touched pages \
             (several rounds, best round), first-touch writes over a fresh mapping with THP off \
             (best round, mmap excluded), and reports the page metadata size against the \
-            kernel's 64-byte struct page. With --json prints one object: \
-            {"readNanos", "demandZeroFaultNanos", "metadataBytesPerPage", "memcpy4KNanos"}.
+            kernel's 64-byte struct page. With --json prints one object (Docs/json.md) whose \
+            results are readNanos, demandZeroFaultNanos, demandZeroFirstRoundNanos, \
+            metadataBytesPerPage and memcpy4KNanos.
+
+            \(ExitStatus.helpParagraph)
             """)
 
-    @Flag(name: .long, help: "Print one JSON object instead of the table.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
-    @Option(name: .customLong("fault-mib"), help: "Size of the demand-zero mapping in MiB.")
+    @Option(name: .customLong("fault-mib"), parsing: .unconditional, help: "Size of the demand-zero mapping in MiB.")
     var faultMiB = 64
 
-    @Option(name: .long, help: "Rounds of each measurement (the best is reported).")
+    @Option(name: .long, parsing: .unconditional, help: "Rounds of each measurement (the best is reported).")
     var rounds = 5
 
     func validate() throws {
-        guard faultMiB >= 1 && faultMiB <= 1024 else { throw ValidationError("--fault-mib must be 1...1024") }
-        guard rounds >= 1 && rounds <= 100 else { throw ValidationError("--rounds must be 1...100") }
+        try checkRange(faultMiB, 1...1024, flag: "--fault-mib")
+        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
-    struct Result {
+    struct Result: Encodable {
         var readNanos: Double
         var demandZeroFaultNanos: Double
         var demandZeroFirstRoundNanos: Double
@@ -52,9 +55,7 @@ struct BenchMemoryCommand: ParsableCommand {
         #endif
         let r = try measure()
         if json {
-            func f(_ v: Double) -> String { String(format: "%.2f", v) }
-            print("{\"readNanos\":\(f(r.readNanos)),\"demandZeroFaultNanos\":\(f(r.demandZeroFaultNanos)),"
-                  + "\"metadataBytesPerPage\":\(r.metadataBytesPerPage),\"memcpy4KNanos\":\(f(r.memcpy4KNanos))}")
+            print(try JSONReport.render(for: self, results: r))
         } else {
             print(Self.render(r, faultMiB: faultMiB, rounds: rounds), terminator: "")
         }
@@ -105,7 +106,7 @@ struct BenchMemoryCommand: ParsableCommand {
             var perPass: UInt64 = 0
             for i in 0..<readPages { perPass &+= UInt64(UInt8(truncatingIfNeeded: i)) }
             guard sink == perPass &* UInt64(passes * (rounds + 2)) else {
-                throw ValidationError("emulated reads returned wrong bytes")
+                throw CLIError.runFailed("svmemu bench memory: emulated reads returned wrong bytes")
             }
             try mm.munmap(base, length: readPages * 4096)
 
@@ -123,7 +124,7 @@ struct BenchMemoryCommand: ParsableCommand {
                 let t1 = svm_now_ns()
                 let faults = kernel.vmstat[.demandZeroFaults] - before
                 guard faults == UInt64(pages) else {
-                    throw ValidationError("expected \(pages) demand-zero faults, counted \(faults)")
+                    throw CLIError.runFailed("svmemu bench memory: expected \(pages) demand-zero faults, counted \(faults)")
                 }
                 let perPage = Double(t1 - t0) / Double(pages)
                 if round == 0 { firstFaultNanos = perPage }

@@ -14,11 +14,12 @@ struct DevicesCommand: ParsableCommand {
             Enumerates devices with libdrm's drmGetDevices2(), asks each driver for its name and \
             version with drmGetVersion(), and looks the driver up in SVMEmu's table of kernel SVM \
             support (nouveau, amdgpu/KFD, xe, ...). On a machine without /dev/dri it prints why the \
-            list is empty and exits 0.
+            list is empty and exits 0. With --json prints one object (Docs/json.md) whose results \
+            are devices [...], driDirectoryPresent and message.
             """)
 
-    @Flag(name: .long, help: "Print one JSON object: {\"devices\": [...], \"driDirectoryPresent\": bool, \"message\": ...}.")
-    var json = false
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
 
     @Flag(name: .long, help: "Also print the notes of every driver's SVM entry.")
     var verbose = false
@@ -26,10 +27,7 @@ struct DevicesCommand: ParsableCommand {
     func run() throws {
         let result = DRMDevices.enumerate()
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-            let data = try encoder.encode(result)
-            print(String(decoding: data, as: UTF8.self))
+            print(try JSONReport.render(for: self, results: result))
         } else {
             print(Self.render(result, verbose: verbose), terminator: "")
         }

@@ -1,0 +1,183 @@
+// `svmemu livelock`: the device-private fault storm.
+import ArgumentParser
+import Foundation
+import MirrorDriver
+import SVMEmu
+import SVMStress
+
+/// Runs one fault storm (SVMStress) and prints a table, or one JSON object.
+struct LivelockCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "livelock",
+        abstract: "Fault storm: show the livelock and the trylock fix.",
+        discussion: """
+            P pages start in device memory; for each page T threads meet at a barrier, then all \
+            read it; next page. With the legacy fault path (v6.1-v6.14) and an exclusive lock in \
+            the driver's migrateToRAM, the threads waiting for the lock hold page references that \
+            make the lock holder's reference check fail: no page ever comes back, and the watchdog \
+            declares a livelock after --stall-seconds without progress. The trylock fault path \
+            (v6.15) migrates each page with one migrateToRAM call.
+
+            With --json prints one object (Docs/json.md) whose results are faultPolicy, driverLock, \
+            threads, pages, pagesMigrated, \
+            livelocked, stalledPage (or null), stall (what the threads were doing, or null), \
+            migrateToRAMCalls {total, perPageMean, perPageP50, perPageP99, perPageMax}, \
+            faultRetries, seconds, teardownClean, dataIntact, and more.
+
+            Exit status: 0 the storm ran and its result is printed, a livelock included; 2 with \
+            --fail-on-livelock, the watchdog declared a livelock; 1 the storm could not run or \
+            failed its checks (a thread's access failed, teardown not clean, bytes changed; 1 wins \
+            over 2), or the host has too little memory for it; 64 an invalid argument.
+            """)
+
+    @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
+    var scenario = "readers"
+
+    @Option(name: .long, parsing: .unconditional, help: "Threads that go at each page.")
+    var threads = 8
+
+    @Option(name: .long, parsing: .unconditional, help: "Pages, processed one after the other.")
+    var pages = 512
+
+    @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.")
+    var faultPolicy = "legacy"
+
+    @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
+    var driverLock = "exclusive"
+
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works (waits for its DMA) holding its lock and the page reference.")
+    var faultDelayUs = 50
+
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
+    var lookupDelayUs = 0
+
+    @Option(name: .long, parsing: .unconditional, help: "Seconds without a page completing before the run is declared livelocked.")
+    var stallSeconds = 2.0
+
+    @Option(name: .long, help: "Page size: 4k or 2m.")
+    var pageSize = "4k"
+
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with (0 to 2^64-1).")
+    var seed: UInt64 = 1
+
+    @OptionGroup var output: JSONOutputOptions
+    var json: Bool { output.json }
+
+    @Flag(name: .long, help: "With --json, include every completed page's record (refused without --json).")
+    var perPage = false
+
+    @Flag(name: .customLong("fail-on-livelock"),
+          help: "Exit with status 2 when the watchdog declares a livelock (by default a livelock is a result: status 0).")
+    var failOnLivelock = false
+
+    func validate() throws {
+        _ = try settings()
+        if perPage && !json {
+            throw ValidationError("--per-page needs --json: the per-page records are printed only in the JSON "
+                                  + "(the table shows their distribution)")
+        }
+    }
+
+    /// The storm settings, or a message naming the valid values.
+    func settings() throws -> StormSettings {
+        var s = StormSettings()
+        s.scenario = try Self.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
+        s.faultPolicy = try Self.parse(faultPolicy, "--fault-policy", DeviceFaultPolicy.allCases.map(\.rawValue)) {
+            DeviceFaultPolicy(rawValue: $0 == "trylockwait" || $0 == "trylock_wait" ? "trylock-wait" : $0)
+        }
+        s.driverLock = try Self.parse(driverLock, "--driver-lock", DriverLockMode.allCases.map(\.rawValue)) { DriverLockMode(rawValue: $0) }
+        s.pageSize = try Self.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
+            switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
+        }
+        s.threads = threads
+        s.pages = pages
+        s.migrateToRAMWorkMicros = faultDelayUs
+        s.migrateToRAMLookupMicros = lookupDelayUs
+        s.stallSeconds = stallSeconds
+        s.seed = seed
+        do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
+        return s
+    }
+
+    static func parse<T>(_ value: String, _ flag: String, _ valid: [String], _ make: (String) -> T?) throws -> T {
+        guard let v = make(value.lowercased()) else {
+            throw ValidationError("invalid \(flag) '\(value)'; valid values: \(valid.joined(separator: ", "))")
+        }
+        return v
+    }
+
+    /// Settings messages in terms of the command's flags.
+    static func flagged(_ message: String) -> String {
+        message.replacingOccurrences(of: "threads must", with: "--threads must")
+            .replacingOccurrences(of: "pages must", with: "--pages must")
+            .replacingOccurrences(of: "migrateToRAM work must", with: "--fault-delay-us must")
+            .replacingOccurrences(of: "migrateToRAM lookup time must", with: "--lookup-delay-us must")
+            .replacingOccurrences(of: "stall window must", with: "--stall-seconds must")
+    }
+
+    /// Host memory a storm touches: RAM and VRAM frames for its pages with
+    /// their metadata (2.05 bytes per byte) plus the program, measured as peak
+    /// RSS of 256 MiB and 512 MiB storms of 2 MiB pages; with a margin.
+    static func memoryNeeded(_ s: StormSettings) -> Int {
+        s.pages * s.pageSize.bytes / 5 * 11 + 128 * ByteSize.mib
+    }
+
+    /// Refuses a storm the host cannot hold (`available`: bytes available).
+    /// Throws `CLIError.notEnoughMemory` (exit status 1).
+    func preflight(_ s: StormSettings, available: Int? = HostResources.availableBytes()) throws(CLIError) {
+        try HostResources.checkMemory(needed: Self.memoryNeeded(s), available: available,
+                                      for: "svmemu livelock --pages \(pages) --page-size \(pageSize)")
+    }
+
+    func run() throws {
+        let s = try settings()
+        try preflight(s)
+        var r = try Self.runStorm(s, label: "")
+        if json {
+            if !perPage { r.perPage = [] }
+            print(try JSONReport.render(for: self, results: r))
+        } else {
+            print(StormReport.table([r], titles: [StormReport.title(r)]), terminator: "")
+        }
+        let status = Self.exitStatus(for: r, failOnLivelock: failOnLivelock)
+        if status == ExitStatus.failure {
+            let why = r.error.map { ["a storm thread's access failed: " + $0] } ?? []
+            FileHandle.standardError.write(Data(("svmemu livelock: the storm failed its checks: "
+                + (why + r.teardownIssues + (r.dataIntact ? [] : ["bytes differ from the pattern"])).joined(separator: "; ")
+                + "\n").utf8))
+        } else if status == ExitStatus.livelockDetected {
+            FileHandle.standardError.write(Data("svmemu livelock: livelock detected (--fail-on-livelock: exit status 2)\n".utf8))
+        }
+        if status != ExitStatus.success { throw status }
+    }
+
+    /// The exit status for a storm's result (see `ExitStatus`): `failure`
+    /// when the storm failed its checks (a thread's access failed, teardown
+    /// not clean, bytes changed), else `livelockDetected` when the watchdog
+    /// declared a livelock and `failOnLivelock` is set, else `success`.
+    static func exitStatus(for r: StormResult, failOnLivelock: Bool) -> ExitCode {
+        if r.error != nil || !r.teardownClean || !r.dataIntact { return ExitStatus.failure }
+        if r.livelocked && failOnLivelock { return ExitStatus.livelockDetected }
+        return ExitStatus.success
+    }
+
+    /// Runs a storm with a progress line on `line`'s stream (standard error
+    /// by default), shown when that stream is a terminal.
+    ///
+    /// - Throws: `CLIError.runFailed` when the storm cannot be set up.
+    static func runStorm(_ s: StormSettings, label: String,
+                         progress line: ProgressLine = ProgressLine(label: "")) throws -> StormResult {
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu: warning: this is a debug build; storm timings are not representative (use swift build -c release)\n".utf8))
+        #endif
+        let progress: ((StormProgress) -> Void)? = line.enabled ? { p in
+            line.say(StormReport.progressLine(p, label: label))
+        } : nil
+        defer { line.done() }
+        do {
+            return try StormHarness.run(s, progress: progress)
+        } catch {
+            throw CLIError.runFailed("svmemu: the storm could not run: \(error.description)")
+        }
+    }
+}

@@ -1,0 +1,124 @@
+import ArgumentParser
+import Foundation
+import MirrorDriver
+import SVMDRM
+import SVMStress
+import Testing
+@testable import SVMEmuCLI
+
+/// The report of `arguments` (parsed) with `results`, as a JSON object.
+private func report<R: Encodable>(_ arguments: [String], _ results: R) throws -> [String: Any] {
+    let command = try SVMEmuCommand.parseAsRoot(arguments)
+    let text = try JSONReport.render(for: command, results: results)
+    return try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+}
+
+/// The envelope every command's report has.
+private func expectEnvelope(_ object: [String: Any], command: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    #expect(object["command"] as? String == command, sourceLocation: sourceLocation)
+    #expect(object["version"] as? String == SVMEmuVersion.package, sourceLocation: sourceLocation)
+    #expect(object.keys.contains("revision"), sourceLocation: sourceLocation)
+    let host = try #require(object["host"] as? [String: Any], sourceLocation: sourceLocation)
+    #expect((host["cores"] as? Int ?? 0) >= 1, sourceLocation: sourceLocation)
+    #expect((host["memoryBytes"] as? Int ?? 0) > 0, sourceLocation: sourceLocation)
+    #expect(host.keys.contains("memoryAvailableBytes"), sourceLocation: sourceLocation)
+    let arguments = try #require(object["arguments"] as? [String: Any], sourceLocation: sourceLocation)
+    #expect(arguments["json"] as? Bool == true, "--json itself is an argument", sourceLocation: sourceLocation)
+}
+
+@Suite("svmemu --json: one object per command")
+struct JSONReportTests {
+    @Test("livelock: the envelope around the storm's own keys, the arguments as given and defaulted")
+    func livelock() throws {
+        let object = try report(["livelock", "--json", "--pages", "4", "--fault-policy", "trylock"], try stormResult(livelocked: true))
+        try expectEnvelope(object, command: "livelock")
+        // The keys StormTests and Docs/livelock.md rely on stay at the top.
+        for key in ["faultPolicy", "driverLock", "threads", "pages", "pagesMigrated", "livelocked", "stalledPage",
+                    "migrateToRAMCalls", "faultRetries", "seconds", "teardownClean", "dataIntact"] {
+            #expect(object[key] != nil, "missing \(key)")
+        }
+        let arguments = try #require(object["arguments"] as? [String: Any])
+        #expect(arguments["pages"] as? Int == 4)
+        #expect(arguments["faultPolicy"] as? String == "trylock")
+        #expect(arguments["stallSeconds"] as? Double == 2)
+        #expect(arguments["seed"] as? Int == 1)
+        #expect(arguments["failOnLivelock"] as? Bool == false)
+    }
+
+    @Test("overhead: runs, each the object OverheadResult encodes; optional arguments as null")
+    func overhead() throws {
+        var config = OverheadConfiguration()
+        config.bytes = 8 << 20
+        let run = OverheadHarness.summarize([:], config: config, wallOn: 0)
+        let object = try report(["overhead", "--json", "--granularity", "4k"], OverheadCommand.Runs(runs: [run, run]))
+        try expectEnvelope(object, command: "overhead")
+        let runs = try #require(object["runs"] as? [[String: Any]])
+        #expect(runs.count == 2)
+        for key in ["granularity", "direction", "copyModel", "bytes", "faults", "phases", "migrateVMAFraction"] {
+            #expect(runs[0][key] != nil, "missing \(key)")
+        }
+        let arguments = try #require(object["arguments"] as? [String: Any])
+        #expect(arguments["granularity"] as? String == "4k")
+        #expect(arguments["direction"] is NSNull)
+        #expect(arguments["size"] as? String == "256M")
+    }
+
+    @Test("demo: both storms and the overhead half")
+    func demo() throws {
+        var config = OverheadConfiguration()
+        config.bytes = 8 << 20
+        let run = OverheadHarness.summarize([:], config: config, wallOn: 0)
+        let results = DemoCommand.Results(storms: [try stormResult(livelocked: true), try stormResult(livelocked: false)],
+                                          overhead: [run])
+        let object = try report(["demo", "--json"], results)
+        try expectEnvelope(object, command: "demo")
+        #expect((object["storms"] as? [[String: Any]])?.count == 2)
+        #expect((object["overhead"] as? [[String: Any]])?.first?["phases"] != nil)
+    }
+
+    @Test("bench memory, bench migrate, bench thp and devices: the envelope and their documented keys")
+    func otherCommands() throws {
+        let memory = try report(["bench", "memory", "--json"], BenchMemoryCommand.Result(
+            readNanos: 20, demandZeroFaultNanos: 900, demandZeroFirstRoundNanos: 1200, metadataBytesPerPage: 64, memcpy4KNanos: 60))
+        try expectEnvelope(memory, command: "bench memory")
+        for key in ["readNanos", "demandZeroFaultNanos", "metadataBytesPerPage", "memcpy4KNanos"] { #expect(memory[key] != nil, "\(key)") }
+
+        let migrate = try report(["bench", "migrate", "--json", "--size", "64M"], BenchMigrateCommand.Result(
+            granularity: .base4K, bytes: 64 << 20, migrateSeconds: 0.1, memcpySeconds: 0.02, streamCopySeconds: 0.015,
+            toDeviceSeconds: 0.05, toSystemSeconds: 0.05, rounds: 5))
+        try expectEnvelope(migrate, command: "bench migrate")
+        for key in ["granularity", "bytes", "migrateGBps", "memcpyGBps", "ratio", "streamCopyGBps", "ratioToBestCopy",
+                    "migrateSeconds", "toDeviceSeconds", "toSystemSeconds", "memcpySeconds", "rounds"] {
+            #expect(migrate[key] != nil, "\(key)")
+        }
+        #expect(migrate["ratio"] as? Double == 0.2)
+
+        let side = BenchTHPCommand.Side(sysToDevMs: 1, devToSysMs: 2, bytes: 1 << 20)
+        let thp = try report(["bench", "thp", "--json"], BenchTHPCommand.Results(sizes: [
+            .init(name: "Half THP Size", bytes: 1 << 20, iterations: 5, thp: side, regular: side)]))
+        try expectEnvelope(thp, command: "bench thp")
+        let sizes = try #require(thp["sizes"] as? [[String: Any]])
+        #expect((sizes.first?["thp"] as? [String: Any])?["sysToDevGBps"] != nil)
+
+        let devices = try report(["devices", "--json"], DRMDevices.enumerate(driDirectory: "/nonexistent/svmemu-test/dri"))
+        try expectEnvelope(devices, command: "devices")
+        #expect(devices["devices"] is [Any] && devices["driDirectoryPresent"] as? Bool == false && devices["message"] is String)
+    }
+
+    @Test("no command's own results use an envelope key (the merge would hide one)")
+    func noCollisions() throws {
+        var config = OverheadConfiguration()
+        config.bytes = 8 << 20
+        let encoder = JSONEncoder()
+        let encoded: [Data] = [
+            try encoder.encode(try stormResult(livelocked: false)),
+            try encoder.encode(OverheadCommand.Runs(runs: [OverheadHarness.summarize([:], config: config, wallOn: 0)])),
+            try encoder.encode(DRMDevices.enumerate(driDirectory: "/nonexistent/svmemu-test/dri")),
+        ]
+        for data in encoded {
+            let object = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+            for key in JSONReport<Int>.envelopeKeys { #expect(object[key] == nil, "\(key) is a result key") }
+        }
+        #expect(Set(JSONReport<Int>.envelopeKeys) == ["command", "arguments", "host", "version", "revision"])
+    }
+}
