@@ -45,7 +45,7 @@ struct LivelockCommand: ParsableCommand {
     @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
     var driverLock = "exclusive"
 
-    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works (waits for its DMA) holding its lock and the page reference.")
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its DMA copy (after the copy, before migrate_vma_pages; only a call that copied waits), holding its lock and the page reference.")
     var faultDelayUs = 50
 
     @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
