@@ -51,14 +51,15 @@ public struct KernelConfiguration: Sendable {
         guard nodeSizes.count <= Kernel.maxRegions / 2 else {
             throw .init("nodeSizes: at most \(Kernel.maxRegions / 2) RAM nodes (got \(nodeSizes.count))")
         }
-        for (id, size) in nodeSizes.enumerated() where size < Kernel.pmdSize {
+        let pmdSize = Int(AddressSpace.pmdSize)
+        for (id, size) in nodeSizes.enumerated() where size < pmdSize {
             throw .init("nodeSizes[\(id)]: a node needs at least 2 MiB (got \(size) bytes)")
         }
-        let ram = nodeSizes.reduce(UInt64(0)) { $0 + (UInt64($1) & ~UInt64(Kernel.pmdSize - 1)) }
+        let ram = nodeSizes.reduce(UInt64(0)) { $0 + (UInt64($1) & AddressSpace.pmdMask) }
         guard Kernel.firstRAMPfn << 12 + ram <= maxPhysicalBytes else {
             throw .init("maxPhysicalBytes: \(maxPhysicalBytes >> 20) MiB cannot hold the \(ram >> 20) MiB of RAM nodes (plus 16 MiB below RAM)")
         }
-        guard addressSpaceSize >= UInt64(Kernel.pmdSize) else {
+        guard addressSpaceSize >= AddressSpace.pmdSize else {
             throw .init("addressSpaceSize: at least 2 MiB (got \(addressSpaceSize) bytes)")
         }
         guard traceEventsPerCPU >= 0 else { throw .init("traceEventsPerCPU: must not be negative (got \(traceEventsPerCPU))") }
@@ -90,8 +91,6 @@ public final class Kernel: @unchecked Sendable {
     /// Physical regions (RAM nodes plus device page maps) a machine can hold:
     /// the width of the region number in page metadata bounds it far above this.
     public static let maxRegions = 1024
-    /// 2 MiB: the size a PMD maps, and the alignment of every physical region.
-    static let pmdSize = 2 << 20
     /// System RAM starts at 16 MiB so that pfn 0 never names a real page.
     static let firstRAMPfn: UInt64 = 0x1000
     let layoutLock = LockedValue<(regions: Int, nextPfn: UInt64)>((0, 0))
@@ -230,7 +229,15 @@ public final class Kernel: @unchecked Sendable {
     /// memcpy baseline so both sides copy between the same kind of memory.
     /// Release with `releaseFrames(_:bytes:)`.
     public static func reserveFrames(bytes: Int) -> UnsafeMutableRawPointer {
-        let p = reserve(bytes: bytes)
+        guard let p = tryReserveFrames(bytes: bytes) else {
+            fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for emulated memory (errno \(errno))")
+        }
+        return p
+    }
+
+    /// `reserveFrames(bytes:)`, or nil when the host refuses the memory.
+    static func tryReserveFrames(bytes: Int) -> UnsafeMutableRawPointer? {
+        guard let p = tryReserve(bytes: bytes) else { return nil }
         _ = madvise(p, bytes, MADV_HUGEPAGE)
         return p
     }
@@ -249,32 +256,27 @@ public final class Kernel: @unchecked Sendable {
     ///   reservation; a diagnostic names the limit. Nothing is changed then.
     func addRegion(pages: UInt64) throws(Errno) -> (UInt64, UInt16, UnsafeMutableRawPointer) {
         let byteCount = Int(pages) << 12
-        guard let bytes = Kernel.tryReserve(bytes: byteCount) else {
+        guard let bytes = Kernel.tryReserveFrames(bytes: byteCount) else {
             warn("physical layout: the host refused \(pages >> 8) MiB of address space for a region")
             throw .noMemory
         }
-        let reserved: Result<(UInt64, Int), Errno> = layoutLock.withLock { layout in
-            let start = (layout.nextPfn + 511) & ~511
-            guard layout.regions < Kernel.maxRegions else { return .failure(.noSpace) }
-            guard start + pages <= maxPfn else { return .failure(.noMemory) }
-            let region = layout.regions
-            layout.regions += 1
-            layout.nextPfn = start + pages
-            return .success((start, region))
-        }
         let start: UInt64, region: Int
-        switch reserved {
-        case .success(let r): (start, region) = r
-        case .failure(let e):
-            munmap(bytes, byteCount)
-            if e == .noSpace {
-                warn("physical layout: too many physical regions (RAM nodes plus device page maps, at most \(Kernel.maxRegions))")
-            } else {
-                warn("physical layout: device memory would end beyond KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 20) MiB)")
+        do {
+            (start, region) = try layoutLock.withLock { (layout) throws(Errno) -> (UInt64, Int) in
+                let start = (layout.nextPfn + 511) & ~511
+                guard layout.regions < Kernel.maxRegions else { throw .noSpace }
+                guard start + pages <= maxPfn else { throw .noMemory }
+                layout.regions += 1
+                layout.nextPfn = start + pages
+                return (start, layout.regions - 1)
             }
-            throw e
+        } catch {
+            munmap(bytes, byteCount)
+            warn(error == .noSpace
+                 ? "physical layout: too many physical regions (RAM nodes plus device page maps, at most \(Kernel.maxRegions))"
+                 : "physical layout: device memory would end beyond KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 20) MiB)")
+            throw error
         }
-        _ = madvise(bytes, byteCount, MADV_HUGEPAGE)
         regionStart[region] = start
         regionPages[region] = pages
         regionBase[region] = bytes
