@@ -70,4 +70,122 @@ extension Kernel {
         }
         return true
     }
+
+    /// `migrate_vma_split_folio()`: split a PTE-mapped large folio so its pages
+    /// can be collected one by one. The fault path's reference on the fault
+    /// folio serves as the split's caller pin (and, in the trylock policies,
+    /// its lock as the split's lock); after the split that reference (and
+    /// lock) move to the fault page's new folio, which is what the fault path
+    /// releases when migrate_to_ram returns.
+    func splitFolioForMigration(_ folio: Folio, faultPage: Page?, faultLocked: Bool) -> Bool {
+        let isFault = faultPage?.folio == folio
+        if !isFault {
+            guard folio.tryGet() else { return false }
+        }
+        if !(isFault && faultLocked) {
+            guard folio.tryLock() else {
+                if !isFault { folio.put() }
+                return false
+            }
+        }
+        let ok = splitFolio(folio)
+        if !isFault {
+            folio.unlock()
+            folio.put()
+            return ok
+        }
+        if !faultLocked { folio.unlock() }
+        if ok, let fp = faultPage, fp.folio != folio {
+            let newFaultFolio = fp.folio
+            newFaultFolio.get()
+            if faultLocked {
+                newFaultFolio.lock()
+                folio.unlock()
+            }
+            folio.put()
+        }
+        return ok
+    }
+
+    /// Splits a large folio that a migration holds locked and unmapped (PMD
+    /// migration entry) into 512 order-0 folios, each locked and holding the
+    /// migration's reference, and rewrites `src[i ... i+511]` as small entries
+    /// (`migrate_vma_split_unmapped_folio()`). Device folios call the page
+    /// map's `folioSplit` for each new folio, then once with no tail.
+    func splitMigratingFolio(_ src: inout [MigratePFN], _ i: Int, faultPage: Page?, hint: AddressSpace? = nil) -> Bool {
+        guard let head = page(src[i]) else { return false }
+        let folio = head.folio
+        guard folio.isLarge else { return false }
+        if let (mm, address) = rmapAddress(of: head, hint: hint), mm.covers(address) {
+            let pmd = mm.loadPMD(address)
+            if pmd.kind == .migration && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
+        }
+        let m = folio.meta
+        let inherited = m.flags & (PageFlags.anon.rawValue | PageFlags.dirty.rawValue | PageFlags.uptodate.rawValue
+                                   | PageFlags.swapBacked.rawValue | PageFlags.zoneDevice.rawValue | PageFlags.shmem.rawValue)
+        let mmID = m.mappingMM, index = m.index, pgmap = m.pgmap
+        let write = src[i].isWrite ? MigratePFN.writeBit : 0
+        for j in 1..<UInt64(Kernel.hugePages) {
+            let t = metaPtr(folio.pfn + j)
+            svm_store32(t.flagsWord, inherited | PageFlags.locked.rawValue)
+            svm_storei32(t.refWord, 1)
+            t.order = 0
+            t.head = folio.pfn + j
+            t.mappingMM = mmID
+            t.index = index + j
+            t.pgmap = pgmap
+            src[i + Int(j)] = MigratePFN(pfn: folio.pfn + j).with(MigratePFN.migrateBit | write)
+        }
+        m.clearFlags(PageFlags.head.rawValue)
+        m.order = 0
+        src[i] = src[i].without(MigratePFN.compoundBit)
+        if let pgmap = folio.pageMap, let split = pgmap.operations.folioSplit {
+            for j in 1..<Kernel.hugePages { split(folio, Folio(pfn: folio.pfn + UInt64(j), kernel: self)) }
+            split(folio, nil)
+        }
+        vmstat.count(.thpMigrationSplit)
+        return true
+    }
+}
+
+extension AddressSpace {
+
+    /// Splits a huge PMD entry into a table of 512 PTEs of the same kind: a THP
+    /// (or device THP) becomes PTE-mapped, each PTE mapping holding a reference;
+    /// a huge zero page becomes 512 zero-page PTEs; a PMD migration entry becomes
+    /// 512 PTE migration entries. The folio itself stays large.
+    /// The corresponding kernel function is `__split_huge_pmd()`.
+    public func splitHugePMD(_ address: UInt64) {
+        let pmdStart = address & AddressSpace.pmdMask
+        let lock = pmdLock(pmdStart)
+        svm_mutex_lock(lock)
+        defer { svm_mutex_unlock(lock) }
+        let pmd = loadPMD(pmdStart)
+        let ptes = pteSlot(pmdStart)
+        switch pmd.kind {
+        case .none, .table:
+            return
+        case .present where pmd.isSpecial:
+            let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
+            for i in 0..<512 { svm_store64(ptes + i, zero.rawValue) }
+        case .present, .devicePrivate:
+            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+            let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
+            for i in 0..<512 {
+                let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
+                svm_store64(ptes + i, e.rawValue)
+                _ = svm_add32(kernel.metaPtr(pmd.pfn + UInt64(i)).mapWord, 1)
+            }
+            _ = svm_add32(folio.meta.entireMapWord, -1)
+            folio.refAdd(511)
+        case .migration:
+            let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
+            for i in 0..<512 {
+                svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+            }
+        }
+        storePMD(pmdStart, .table)
+        if pmd.kind == .present { flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize) }
+        kernel.vmstat.count(.thpSplitPmd)
+    }
 }

@@ -60,46 +60,6 @@ extension Kernel {
         return true
     }
 
-    /// Splits a large folio that a migration holds locked and unmapped (PMD
-    /// migration entry) into 512 order-0 folios, each locked and holding the
-    /// migration's reference, and rewrites `src[i ... i+511]` as small entries
-    /// (`migrate_vma_split_unmapped_folio()`). Device folios call the page
-    /// map's `folioSplit` for each new folio, then once with no tail.
-    func splitMigratingFolio(_ src: inout [MigratePFN], _ i: Int, faultPage: Page?, hint: AddressSpace? = nil) -> Bool {
-        guard let head = page(src[i]) else { return false }
-        let folio = head.folio
-        guard folio.isLarge else { return false }
-        if let (mm, address) = rmapAddress(of: head, hint: hint), mm.covers(address) {
-            let pmd = mm.loadPMD(address)
-            if pmd.kind == .migration && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
-        }
-        let m = folio.meta
-        let inherited = m.flags & (PageFlags.anon.rawValue | PageFlags.dirty.rawValue | PageFlags.uptodate.rawValue
-                                   | PageFlags.swapBacked.rawValue | PageFlags.zoneDevice.rawValue | PageFlags.shmem.rawValue)
-        let mmID = m.mappingMM, index = m.index, pgmap = m.pgmap
-        let write = src[i].isWrite ? MigratePFN.writeBit : 0
-        for j in 1..<UInt64(Kernel.hugePages) {
-            let t = metaPtr(folio.pfn + j)
-            svm_store32(t.flagsWord, inherited | PageFlags.locked.rawValue)
-            svm_storei32(t.refWord, 1)
-            t.order = 0
-            t.head = folio.pfn + j
-            t.mappingMM = mmID
-            t.index = index + j
-            t.pgmap = pgmap
-            src[i + Int(j)] = MigratePFN(pfn: folio.pfn + j).with(MigratePFN.migrateBit | write)
-        }
-        m.clearFlags(PageFlags.head.rawValue)
-        m.order = 0
-        src[i] = src[i].without(MigratePFN.compoundBit)
-        if let pgmap = folio.pageMap, let split = pgmap.operations.folioSplit {
-            for j in 1..<Kernel.hugePages { split(folio, Folio(pfn: folio.pfn + UInt64(j), kernel: self)) }
-            split(folio, nil)
-        }
-        vmstat.count(.thpMigrationSplit)
-        return true
-    }
-
     /// Inserts a 2 MiB destination for a compound hole as one PMD
     /// (`migrate_vma_insert_huge_pmd_page()`): the PMD must be none or the
     /// huge zero page. Failure clears MIGRATE.
