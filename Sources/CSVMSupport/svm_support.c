@@ -14,6 +14,3 @@ int32_t svm_cpu_id(void) {
     return id;
 }
 
-static _Thread_local uint64_t svm_tls_fault_folio = 0;
-uint64_t svm_fault_locked_folio(void) { return svm_tls_fault_folio; }
-void svm_set_fault_locked_folio(uint64_t pfn) { svm_tls_fault_folio = pfn; }

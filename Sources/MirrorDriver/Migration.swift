@@ -270,7 +270,7 @@ extension MirrorDevice {
         return withArgs { args -> VMFaultResult in
             args.prepare(vma: vmf.vma, start: start, end: start + size,
                          flags: order > 0 ? [.devicePrivate, .compound] : .devicePrivate,
-                         pgmapOwner: owner, faultPage: vmf.page)
+                         pgmapOwner: owner, fault: vmf)
             if s.migrateToRAMLookupNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMLookupNanos) }
             do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
             var wanted = 0

@@ -169,11 +169,6 @@ static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "m
 // Defined in svm_support.c so every Swift module sees one variable per thread.
 int32_t svm_cpu_id(void);
 
-// The folio (head pfn) the current thread's fault path holds locked while it
-// runs migrate_to_ram, or 0: how migrate_vma_setup tells "the fault path
-// locked the fault page" under a policy where it may not have.
-uint64_t svm_fault_locked_folio(void);
-void svm_set_fault_locked_folio(uint64_t pfn);
 
 // ---- cycle counter for phase timing (cheap: ~7 ns vs ~20 ns for clock_gettime) ----
 static inline uint64_t svm_ticks(void) {

@@ -19,6 +19,12 @@ public struct VMFault: @unchecked Sendable {
     /// True when the fault came from a PMD-level device-private entry (no PTE):
     /// the driver migrates the whole folio (`folio_order(page_folio(vmf->page))`).
     public let isPMD: Bool
+    /// Whether the fault path holds the folio lock of `page` while
+    /// `migrateToRAM` runs: true under the trylock policies (v6.15 onwards)
+    /// and for every PMD-level fault, false for a PTE fault under the legacy
+    /// policy (v6.1-v6.14), where collect trylocks the fault page like any
+    /// other. `MigrateVMA(fault:)` carries it into the migration.
+    public let faultPageLocked: Bool
     public var mm: AddressSpace { vma.mm }
 }
 

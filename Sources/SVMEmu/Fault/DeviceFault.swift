@@ -16,7 +16,6 @@ extension AddressSpace {
             kernel.warn("do_swap_page: device-private entry without a migrate_to_ram callback", "\(page)")
             throw .ioError
         }
-        let vmf = VMFault(vma: vma, address: address, page: page, isPMD: false)
         let result: VMFaultResult
         switch kernel.deviceFaultPolicy {
         case .legacy:
@@ -24,16 +23,14 @@ extension AddressSpace {
             folio.get()
             svm_mutex_unlock(lock)
             kernel.vmstat.count(.migrateToRAMCalls)
-            result = migrateToRAM(vmf)
+            result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: false, faultPageLocked: false))
             page.folio.put()
         case .trylock, .trylockWait:
             if folio.tryLock() {
                 folio.get()
                 svm_mutex_unlock(lock)
                 kernel.vmstat.count(.migrateToRAMCalls)
-                svm_set_fault_locked_folio(folio.pfn)
-                result = migrateToRAM(vmf)
-                svm_set_fault_locked_folio(0)
+                result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: false, faultPageLocked: true))
                 // unlock_page(vmf->page): a split may have moved the lock and
                 // reference to the page's new folio.
                 let now = page.folio
@@ -81,9 +78,7 @@ extension AddressSpace {
         kernel.vmstat.count(.migrateToRAMCalls)
         // The driver gets the head page: it migrates the whole folio.
         let page = folio.page(0)
-        svm_set_fault_locked_folio(folio.pfn)
-        let result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: true))
-        svm_set_fault_locked_folio(0)
+        let result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: true, faultPageLocked: true))
         folio.unlock()
         folio.put()
         try Self.check(result)

@@ -77,12 +77,12 @@ extension Kernel {
     /// its lock as the split's lock); after the split that reference (and
     /// lock) move to the fault page's new folio, which is what the fault path
     /// releases when migrate_to_ram returns.
-    func splitFolioForMigration(_ folio: Folio, faultPage: Page?, faultLocked: Bool) -> Bool {
+    func splitFolioForMigration(_ folio: Folio, faultPage: Page?, faultPageLocked: Bool) -> Bool {
         let isFault = faultPage?.folio == folio
         if !isFault {
             guard folio.tryGet() else { return false }
         }
-        if !(isFault && faultLocked) {
+        if !(isFault && faultPageLocked) {
             guard folio.tryLock() else {
                 if !isFault { folio.put() }
                 return false
@@ -94,11 +94,11 @@ extension Kernel {
             folio.put()
             return ok
         }
-        if !faultLocked { folio.unlock() }
+        if !faultPageLocked { folio.unlock() }
         if ok, let fp = faultPage, fp.folio != folio {
             let newFaultFolio = fp.folio
             newFaultFolio.get()
-            if faultLocked {
+            if faultPageLocked {
                 newFaultFolio.lock()
                 folio.unlock()
             }

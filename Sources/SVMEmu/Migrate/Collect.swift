@@ -119,7 +119,7 @@ extension Kernel {
         svm_mutex_lock(lock)
         guard mm.loadPMD(start).kind == .table else { svm_mutex_unlock(lock); return false }
         let faultFolio = args.faultPage?.folio
-        let legacy = args.legacyFaultPage
+        let faultPageLocked = args.faultPageLocked == true
         var unmapped = false
         while addr < end {
             var mpfn = MigratePFN.empty
@@ -139,7 +139,7 @@ extension Kernel {
                     if p.folio.isLarge {
                         svm_mutex_unlock(lock)
                         if unmapped { mm.flushTLBRange(start, end) }
-                        if !splitFolioForMigration(p.folio, faultPage: args.faultPage, faultLocked: !legacy) {
+                        if !splitFolioForMigration(p.folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
                             collectSkip(&args, addr, end)
                             return true
                         }
@@ -165,7 +165,7 @@ extension Kernel {
                 if folio.isLarge {
                     svm_mutex_unlock(lock)
                     if unmapped { mm.flushTLBRange(start, end) }
-                    if !splitFolioForMigration(folio, faultPage: args.faultPage, faultLocked: !legacy) {
+                    if !splitFolioForMigration(folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
                         collectSkip(&args, addr, end)
                         return true
                     }
@@ -177,7 +177,7 @@ extension Kernel {
             if let page {
                 let folio = page.folio
                 folio.get()
-                let ownsLock = (!legacy && faultFolio == folio) || folio.tryLock()
+                let ownsLock = (faultPageLocked && faultFolio == folio) || folio.tryLock()
                 if ownsLock {
                     let anonExclusive = folio.isAnon && page.isAnonExclusive
                     // Clear the entry; an anon-exclusive page is shared first

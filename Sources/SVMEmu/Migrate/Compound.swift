@@ -45,7 +45,7 @@ extension Kernel {
         }
         let folio = Folio(pfn: pmd.pfn, kernel: self)
         folio.get()
-        let isFault = !args.legacyFaultPage && args.faultPage?.folio == folio
+        let isFault = args.faultPageLocked == true && args.faultPage?.folio == folio
         guard isFault || folio.tryLock() else {
             svm_mutex_unlock(lock)
             folio.put()

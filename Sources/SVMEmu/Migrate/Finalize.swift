@@ -20,7 +20,7 @@ extension Kernel {
         }
         let t = phases.begin()
         migrateDeviceFinalizeCore(args.src, &args.dst, args.npages,
-                                  faultFolio: args.legacyFaultPage ? nil : args.faultPage?.folio, mm: args.vma?.mm)
+                                  faultFolio: args.faultPageLocked == true ? args.faultPage?.folio : nil, mm: args.vma?.mm)
         phases.end(.finalize, t)
         args.phase = .finalized
     }

@@ -87,12 +87,28 @@ public struct MigrateVMA: @unchecked Sendable {
 
     enum Phase { case idle, setUp, pagesDone, finalized }
     var phase: Phase = .idle
-    /// The policy in force at setup: legacy kernels trylock the fault page in collect.
-    var legacyFaultPage = false
+    /// Whether the fault path holds `faultPage`'s folio lock: known from the
+    /// `VMFault` the arguments were prepared with, else fixed at setup by the
+    /// policy's contract (locked unless the policy is legacy).
+    var faultPageLocked: Bool?
 
     /// Arguments for `[start, end)` with `src` and `dst` sized for it.
     public init(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
                 pgmapOwner: DeviceOwner? = nil, faultPage: Page? = nil) {
+        self.init(vma: vma, start: start, end: end, flags: flags, pgmapOwner: pgmapOwner, faultPage: faultPage, faultPageLocked: nil)
+    }
+
+    /// Arguments for a migration a CPU fault asked for (`migrate_to_ram`):
+    /// `faultPage` is `fault.page`, and whether the fault path holds its lock
+    /// travels with it.
+    public init(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
+                pgmapOwner: DeviceOwner? = nil, fault: VMFault) {
+        self.init(vma: vma, start: start, end: end, flags: flags, pgmapOwner: pgmapOwner,
+                  faultPage: fault.page, faultPageLocked: fault.faultPageLocked)
+    }
+
+    private init(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
+                 pgmapOwner: DeviceOwner?, faultPage: Page?, faultPageLocked: Bool?) {
         self.vma = nil
         self.start = 0
         self.end = 0
@@ -100,10 +116,19 @@ public struct MigrateVMA: @unchecked Sendable {
         src = []
         dst = []
         prepare(vma: vma, start: start, end: end, flags: flags, pgmapOwner: pgmapOwner, faultPage: faultPage)
+        self.faultPageLocked = faultPageLocked
     }
 
     /// Reuses these arguments (and their arrays' storage) for another range:
     /// a driver migrating in batches allocates once, not once per batch.
+    public mutating func prepare(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
+                                 pgmapOwner: DeviceOwner? = nil, fault: VMFault) {
+        prepare(vma: vma, start: start, end: end, flags: flags, pgmapOwner: pgmapOwner, faultPage: fault.page)
+        faultPageLocked = fault.faultPageLocked
+    }
+
+    /// Reuses these arguments for another range (see the other form); a
+    /// `faultPage` given here is locked or not as the policy's contract says.
     public mutating func prepare(vma: VMA?, start: UInt64, end: UInt64, flags: MigrateSelect,
                                  pgmapOwner: DeviceOwner? = nil, faultPage: Page? = nil) {
         if phase == .setUp || phase == .pagesDone {
@@ -115,6 +140,7 @@ public struct MigrateVMA: @unchecked Sendable {
         self.flags = flags
         self.pgmapOwner = pgmapOwner
         self.faultPage = faultPage
+        self.faultPageLocked = nil
         let n = end > start ? Int((end - start + 4095) >> 12) : 0
         if src.count < n {
             src.append(contentsOf: repeatElement(.empty, count: n - src.count))

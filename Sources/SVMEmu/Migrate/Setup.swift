@@ -33,16 +33,14 @@ extension Kernel {
         // page the walk visits.
         let walked = Int((args.end - args.start) >> 12)
         guard args.src.count >= walked, args.dst.count >= walked else { throw .invalidArgument }
-        // Legacy kernels (v6.1-v6.14) did not lock the fault page in the fault
-        // path; collect trylocked it like any other page. The PMD-level device
-        // fault always locks it, so under the legacy policy the fault path
-        // says whether it holds the lock (a per-thread note set around
-        // migrate_to_ram).
-        var legacy = deviceFaultPolicy == .legacy
+        // Legacy kernels (v6.1-v6.14) did not lock the fault page in the PTE
+        // fault path; collect trylocked it like any other page. Whether the
+        // fault path holds it comes with the VMFault; without one, the
+        // policy's contract says.
+        let faultPageLocked = args.faultPageLocked ?? (deviceFaultPolicy != .legacy)
         if let fp = args.faultPage {
             guard fp.folio.isDevicePrivate else { throw .invalidArgument }
-            if legacy && svm_fault_locked_folio() == fp.folio.pfn { legacy = false }
-            if !legacy && !fp.folio.isLocked { throw .invalidArgument }
+            if faultPageLocked && !fp.folio.isLocked { throw .invalidArgument }
         }
         if args.phase == .setUp || args.phase == .pagesDone {
             warn("migrate_vma_setup: previous migration of these arguments was not finalized (call migrate_vma_finalize first)",
@@ -52,7 +50,7 @@ extension Kernel {
         if !vma.mm.isMmapLocked {
             warn("migrate_vma_setup: caller must hold the mmap lock (mmap_assert_locked)", "\(vma)")
         }
-        args.legacyFaultPage = legacy
+        args.faultPageLocked = args.faultPage != nil && faultPageLocked
         for i in 0..<walked { args.src[i] = .empty }
         args.cpages = 0
         args.npages = 0

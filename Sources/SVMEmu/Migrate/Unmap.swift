@@ -14,7 +14,7 @@ extension Kernel {
 
     func migrateVMAUnmap(_ args: inout MigrateVMA) {
         args.cpages = migrateDeviceUnmap(&args.src, args.npages, faultPage: args.faultPage,
-                                         faultPageLocked: !args.legacyFaultPage, mm: args.vma?.mm)
+                                         faultPageLocked: args.faultPageLocked == true, mm: args.vma?.mm)
     }
 
     func migrateDeviceUnmap(_ src: inout [MigratePFN], _ npages: Int, faultPage: Page?, faultPageLocked: Bool,
