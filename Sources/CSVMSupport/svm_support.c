@@ -1,16 +1,82 @@
 #include "svm_support.h"
 
-// Each thread that touches emulated memory is an emulated CPU. Ids are handed
-// out once per thread; the TLB model keeps one bit per CPU in an mm's cpumask.
-static uint32_t svm_next_cpu = 0;
-static _Thread_local int32_t svm_tls_cpu = -1;
+#include <pthread.h>
+#include <linux/membarrier.h>
 
-int32_t svm_cpu_id(void) {
-    int32_t id = svm_tls_cpu;
-    if (__builtin_expect(id < 0, 0)) {
-        id = (int32_t)__atomic_fetch_add(&svm_next_cpu, 1, __ATOMIC_RELAXED);
-        svm_tls_cpu = id;
+_Thread_local svm_cpu_binding_t svm_tls_cpu_binding = { 0, -1 };
+static _Thread_local svm_cpu_unbind_fn svm_tls_unbind = 0;
+static pthread_key_t svm_thread_key;
+static pthread_once_t svm_thread_key_once = PTHREAD_ONCE_INIT;
+static _Thread_local int32_t svm_tls_slot = -1;
+static uint64_t svm_slot_words[SVM_THREAD_SLOTS / 64];
+
+// At thread exit: give the emulated CPU back to its machine, the host slot back to the table.
+static void svm_thread_exit(void *unused) {
+    (void)unused;
+    if (svm_tls_cpu_binding.owner && svm_tls_unbind) {
+        void *owner = svm_tls_cpu_binding.owner;
+        int32_t index = svm_tls_cpu_binding.index;
+        svm_tls_cpu_binding.owner = 0;
+        svm_tls_cpu_binding.index = -1;
+        svm_tls_unbind(owner, index);
     }
-    return id;
+    if (svm_tls_slot >= 0) {
+        __atomic_fetch_and(&svm_slot_words[svm_tls_slot / 64], ~(1ull << (svm_tls_slot % 64)), __ATOMIC_RELEASE);
+        svm_tls_slot = -1;
+    }
+}
+static void svm_make_key(void) { pthread_key_create(&svm_thread_key, svm_thread_exit); }
+static void svm_arm_exit_hook(void) {
+    pthread_once(&svm_thread_key_once, svm_make_key);
+    pthread_setspecific(svm_thread_key, (void *)1);
 }
 
+void svm_bind_cpu(void *owner, int32_t index, svm_cpu_unbind_fn unbind) {
+    svm_tls_cpu_binding.owner = owner;
+    svm_tls_cpu_binding.index = index;
+    svm_tls_unbind = unbind;
+    svm_arm_exit_hook();
+}
+
+void svm_clear_cpu_binding(void) {
+    svm_tls_cpu_binding.owner = 0;
+    svm_tls_cpu_binding.index = -1;
+}
+
+int32_t svm_thread_slot(void) {
+    if (__builtin_expect(svm_tls_slot >= 0, 1)) return svm_tls_slot;
+    for (int w = 0; w < SVM_THREAD_SLOTS / 64; w++) {
+        uint64_t v = __atomic_load_n(&svm_slot_words[w], __ATOMIC_RELAXED);
+        while (~v) {
+            int bit = __builtin_ctzll(~v);
+            if (__atomic_compare_exchange_n(&svm_slot_words[w], &v, v | (1ull << bit), false,
+                                            __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+                svm_tls_slot = w * 64 + bit;
+                svm_arm_exit_hook();
+                return svm_tls_slot;
+            }
+        }
+    }
+    return -1;
+}
+
+static int svm_membarrier_state = 0; // 0 unknown, 1 available, 2 not
+bool svm_membarrier_available(void) {
+    int st = __atomic_load_n(&svm_membarrier_state, __ATOMIC_ACQUIRE);
+    if (st == 0) {
+        long q = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+        bool ok = q > 0 && (q & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+                  syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+        st = ok ? 1 : 2;
+        __atomic_store_n(&svm_membarrier_state, st, __ATOMIC_RELEASE);
+    }
+    return st == 1;
+}
+
+void svm_membarrier(void) {
+    if (svm_membarrier_available()) {
+        syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
+    } else {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+}

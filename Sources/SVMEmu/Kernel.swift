@@ -41,6 +41,13 @@ public struct KernelConfiguration: Sendable {
     public var printDiagnostics: Bool = false
     /// Trace events kept per CPU for a timeline (0: no trace).
     public var traceEventsPerCPU: Int = 0
+    /// CPUs of the machine (1...64): each thread that accesses memory runs on
+    /// one, with its own TLB; a thread beyond the count waits for a free CPU.
+    public var cpus: Int = CPUSet.maxCPUs
+    /// Check every access through a TLB entry against the page tables and
+    /// report one whose frame is no longer mapped there (a stale translation)
+    /// as a diagnostic. On in debug builds, off in release builds (benchmarks).
+    public var checksStaleTLBEntries: Bool = _isDebugAssertConfiguration()
     public init() {}
 
     /// Checks the settings a machine cannot boot with.
@@ -61,6 +68,9 @@ public struct KernelConfiguration: Sendable {
         }
         guard addressSpaceSize >= AddressSpace.pmdSize else {
             throw .init("addressSpaceSize: at least 2 MiB (got \(addressSpaceSize) bytes)")
+        }
+        guard (1...CPUSet.maxCPUs).contains(cpus) else {
+            throw .init("cpus: 1...\(CPUSet.maxCPUs) CPUs (got \(cpus))")
         }
         guard traceEventsPerCPU >= 0 else { throw .init("traceEventsPerCPU: must not be negative (got \(traceEventsPerCPU))") }
     }
@@ -105,6 +115,8 @@ public final class Kernel: @unchecked Sendable {
     public let vmstat = VMStat()
     /// Phase timers of migrations (off until `phases.isEnabled = true`).
     public let phases: PhaseTimer
+    /// The CPUs, each with its TLB.
+    public let cpus: CPUSet
     /// The shared zero page (mapped read-only on read faults of anonymous memory).
     public private(set) var zeroPage: Folio! = nil
     /// The huge zero page (a 2 MiB zero folio mapped by a PMD on read faults).
@@ -138,7 +150,8 @@ public final class Kernel: @unchecked Sendable {
     public init(_ configuration: KernelConfiguration = KernelConfiguration()) {
         do { try configuration.validate() } catch { fatalError("SVMEmu: \(error)") }
         self.configuration = configuration
-        phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU)
+        cpus = CPUSet(count: configuration.cpus, checksStaleEntries: configuration.checksStaleTLBEntries, vmstat: vmstat)
+        phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU, cpus: cpus)
         maxPfn = configuration.maxPhysicalBytes >> 12
         metaBase = Kernel.reserve(bytes: Int(maxPfn) << PageMeta.shift)
         regionBase = .allocate(capacity: Kernel.maxRegions)
@@ -166,6 +179,7 @@ public final class Kernel: @unchecked Sendable {
             nodes.append(MemoryNode(id: id, region: region, startPfn: start, pageCount: pages, bytes: base))
         }
         self.nodes = nodes
+        cpus.kernel = self
         for node in nodes {
             node.kernelRef = .passUnretained(self)
             nodeByRegion[Int(node.region)] = .passUnretained(node)

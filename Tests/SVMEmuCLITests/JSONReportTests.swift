@@ -79,9 +79,10 @@ struct JSONReportTests {
     @Test("bench memory, bench migrate, bench thp and devices: the envelope and their documented keys")
     func otherCommands() throws {
         let memory = try report(["bench", "memory", "--json"], BenchMemoryCommand.Result(
-            readNanos: 20, demandZeroFaultNanos: 900, demandZeroFirstRoundNanos: 1200, metadataBytesPerPage: 64, memcpy4KNanos: 60))
+            readNanos: 20, tlbHitReadNanos: 3, tlbMissReadNanos: 30, shootdownNanos: 2000, demandZeroFaultNanos: 900, demandZeroFirstRoundNanos: 1200, metadataBytesPerPage: 64, memcpy4KNanos: 60))
         try expectEnvelope(memory, command: "bench memory")
-        for key in ["readNanos", "demandZeroFaultNanos", "metadataBytesPerPage", "memcpy4KNanos"] { #expect(memory[key] != nil, "\(key)") }
+        for key in ["readNanos", "tlbHitReadNanos", "tlbMissReadNanos", "shootdownNanos", "demandZeroFaultNanos",
+                    "metadataBytesPerPage", "memcpy4KNanos"] { #expect(memory[key] != nil, "\(key)") }
 
         let migrate = try report(["bench", "migrate", "--json", "--size", "64M"], BenchMigrateCommand.Result(
             granularity: .base4K, bytes: 64 << 20, migrateSeconds: 0.1, memcpySeconds: 0.02, streamCopySeconds: 0.015,

@@ -82,3 +82,54 @@ public func eventually(within seconds: Double = 5, _ condition: () -> Bool) -> B
     }
     return true
 }
+
+/// A thread that stays alive and runs the closures it is given, one at a
+/// time: an emulated CPU a test drives step by step (the CPU keeps its TLB
+/// between steps because the thread keeps its CPU). Every wait is bounded.
+public final class WorkerThread: @unchecked Sendable {
+    private let lock = NSLock()
+    private var queue: [@Sendable () -> Void] = []
+    private var stopping = false
+    private let work = DispatchSemaphore(value: 0)
+    private let finished = DispatchSemaphore(value: 0)
+    private let exited = DispatchSemaphore(value: 0)
+
+    public init() {
+        let t = Thread { [self] in
+            while true {
+                work.wait()
+                let job: (@Sendable () -> Void)? = lock.withLock { queue.isEmpty ? nil : queue.removeFirst() }
+                guard let job else { break }
+                job()
+                finished.signal()
+            }
+            exited.signal()
+        }
+        t.stackSize = 1 << 20
+        t.start()
+    }
+
+    /// Starts `body` on the thread and returns at once; `wait` waits for it.
+    public func start(_ body: @escaping @Sendable () -> Void) {
+        lock.withLock { queue.append(body) }
+        work.signal()
+    }
+
+    /// Waits at most `timeout` seconds for the oldest started body to finish.
+    public func wait(timeout: Double = 10) -> Bool {
+        finished.wait(timeout: .now() + timeout) == .success
+    }
+
+    /// Runs `body` on the thread and waits for it (at most `timeout` seconds).
+    public func run(timeout: Double = 10, _ body: @escaping @Sendable () -> Void) -> Bool {
+        start(body)
+        return wait(timeout: timeout)
+    }
+
+    /// Ends the thread (its CPU goes back to its machine) and waits for it.
+    public func stop(timeout: Double = 10) -> Bool {
+        lock.withLock { stopping = true }
+        work.signal()
+        return exited.wait(timeout: .now() + timeout) == .success
+    }
+}

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <linux/futex.h>
 
 // ---- ThreadSanitizer annotations ----
@@ -36,10 +37,21 @@ void __tsan_release(void *addr);
 static inline void svm_tsan_acquire(const void *addr) { __tsan_acquire((void *)addr); }
 static inline void svm_tsan_release(const void *addr) { __tsan_release((void *)addr); }
 static inline bool svm_tsan_enabled(void) { return true; }
+// An emulated CPU's loads and stores to emulated memory are the emulated
+// program's, not the emulator's: racing CPUs are the program's business (and
+// the stale-entry checker's), so the sanitizer does not watch them.
+void AnnotateIgnoreReadsBegin(const char *f, int l);
+void AnnotateIgnoreReadsEnd(const char *f, int l);
+void AnnotateIgnoreWritesBegin(const char *f, int l);
+void AnnotateIgnoreWritesEnd(const char *f, int l);
+static inline void svm_tsan_ignore_begin(void) { AnnotateIgnoreReadsBegin("", 0); AnnotateIgnoreWritesBegin("", 0); }
+static inline void svm_tsan_ignore_end(void) { AnnotateIgnoreWritesEnd("", 0); AnnotateIgnoreReadsEnd("", 0); }
 #else
 static inline void svm_tsan_acquire(const void *addr) { (void)addr; }
 static inline void svm_tsan_release(const void *addr) { (void)addr; }
 static inline bool svm_tsan_enabled(void) { return false; }
+static inline void svm_tsan_ignore_begin(void) {}
+static inline void svm_tsan_ignore_end(void) {}
 #endif
 
 // ---- 32-bit atomics (flags words, lock words, counters) ----
@@ -61,6 +73,8 @@ static inline bool svm_casi32(int32_t *p, int32_t *expected, int32_t desired) {
 // ---- 64-bit atomics (page-table entries, statistics) ----
 static inline uint64_t svm_load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void svm_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint64_t svm_load64_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void svm_store64_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 static inline uint64_t svm_xchg64(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
 static inline bool svm_cas64(uint64_t *p, uint64_t *expected, uint64_t desired) {
     return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
@@ -165,10 +179,40 @@ static inline void svm_store_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CS
 static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "memory"); }
 
 
-// ---- per-thread CPU identity (the emulated CPU a thread runs on) ----
-// Defined in svm_support.c so every Swift module sees one variable per thread.
-int32_t svm_cpu_id(void);
+// ---- which emulated CPU a thread runs on ----
+// The emulated machine owns its CPUs (SVMEmu's CPUSet): a thread takes a CPU
+// slot of a machine when it first accesses memory there and gives it back when
+// it exits (or moves to another machine). This is the machine's "current CPU"
+// register, nothing more: no kernel state travels through it.
+typedef void (*svm_cpu_unbind_fn)(void *owner, int32_t index);
+typedef struct { void *owner; int32_t index; } svm_cpu_binding_t;
+extern _Thread_local svm_cpu_binding_t svm_tls_cpu_binding;
+// The CPU index this thread holds on `owner`, or -1.
+static inline int32_t svm_bound_cpu(const void *owner) {
+    return svm_tls_cpu_binding.owner == owner ? svm_tls_cpu_binding.index : -1;
+}
+static inline void *svm_bound_cpu_owner(void) { return svm_tls_cpu_binding.owner; }
+// Records the binding; `unbind(owner, index)` runs when the thread exits.
+void svm_bind_cpu(void *owner, int32_t index, svm_cpu_unbind_fn unbind);
+// Forgets the binding (the caller gave the slot back itself).
+void svm_clear_cpu_binding(void);
 
+// ---- host thread slots ----
+// A small index unique among the live threads that asked for one (recycled at
+// thread exit): per-thread scratch of host-side helpers such as copy engines.
+// -1 when all SVM_THREAD_SLOTS are taken.
+#define SVM_THREAD_SLOTS 4096
+int32_t svm_thread_slot(void);
+
+// ---- asymmetric fences ----
+// A full memory barrier on every running thread of the process
+// (membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)), so that the other side of a
+// Dekker-style handshake needs only a compiler barrier. Returns false when the
+// host does not offer it; callers then fence on both sides.
+bool svm_membarrier_available(void);
+void svm_membarrier(void);
+static inline void svm_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
+static inline void svm_yield(void) { sched_yield(); }
 
 // ---- cycle counter for phase timing (cheap: ~7 ns vs ~20 ns for clock_gettime) ----
 static inline uint64_t svm_ticks(void) {

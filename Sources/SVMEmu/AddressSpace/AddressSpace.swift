@@ -36,8 +36,15 @@ public final class AddressSpace: @unchecked Sendable {
     @usableFromInline let ptls: UnsafeMutablePointer<UInt32>
     @usableFromInline let pmdLocks: UnsafeMutablePointer<UInt32>
     let pmdCount: Int
-    /// CPUs that have used this address space (`mm_cpumask()`), one bit per CPU id mod 64.
-    @usableFromInline let cpumask = Atomic<UInt64>(0)
+    /// The flush generation and `mm_cpumask()` that CPUs read.
+    @usableFromInline let tlbContext: TLBContext
+    /// Fault injection for tests: a kernel that forgets its TLB flushes
+    /// (`flushTLBRange` does nothing), so that stale translations survive.
+    var skipsTLBFlushes: Bool {
+        get { skipFlushes.load(ordering: .relaxed) }
+        set { skipFlushes.store(newValue, ordering: .relaxed) }
+    }
+    let skipFlushes = Atomic<Bool>(false)
     /// Registered MMU notifiers and interval notifiers.
     let notifiers = LockedValue<NotifierList>(NotifierList())
     let notifierCount = Atomic<Int>(0)
@@ -66,6 +73,7 @@ public final class AddressSpace: @unchecked Sendable {
         pthread_rwlock_init(mmapLockStorage, &attr)
         pthread_rwlockattr_destroy(&attr)
         id = kernel.reserveAddressSpaceID()
+        tlbContext = TLBContext(id: id)
         kernel.register(self)
     }
 
@@ -174,12 +182,6 @@ public final class AddressSpace: @unchecked Sendable {
             return .table
         }
         return again
-    }
-
-    /// Notes that the current CPU uses this address space (for TLB flush accounting).
-    @inlinable func markCPU() {
-        let bit: UInt64 = 1 << UInt64(svm_cpu_id() & 63)
-        if cpumask.load(ordering: .relaxed) & bit == 0 { cpumask.bitwiseOr(bit, ordering: .relaxed) }
     }
 }
 

@@ -77,7 +77,7 @@ public struct LinkModel: Sendable, Hashable, CustomStringConvertible {
 /// change: threads speed up the host memcpy, not the link.
 ///
 /// Per-thread state lives in a fixed slot array indexed by the emulated CPU id
-/// (`svm_cpu_id()`, 256 slots); nothing is allocated on the copy path.
+/// (`svm_thread_slot()`, one per live thread); nothing is allocated on the copy path.
 public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     public let name: String
     /// The link, or nil for a plain (possibly multi-threaded) memcpy engine.
@@ -87,7 +87,7 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     /// Copies above this size are split across the worker threads.
     public static let splitThresholdBytes = 32 * 4096
 
-    static let slotCount = 256
+    static let slotCount = Int(SVM_THREAD_SLOTS)
     static let slotBytes = 64
     // Per slot: completion time (UInt64 ns, offset 0), outstanding worker parts
     // (UInt32, offset 8), last size and its transfer time (offsets 16, 24).
@@ -115,7 +115,9 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     }
 
     @inline(__always) private func slot() -> UnsafeMutableRawPointer {
-        slots + (Int(svm_cpu_id()) & (LinkCopyEngine.slotCount - 1)) * LinkCopyEngine.slotBytes
+        let slot = svm_thread_slot()
+        if slot < 0 { contractViolation("LinkCopyEngine: more than \(LinkCopyEngine.slotCount) live threads copy at once") }
+        return slots + Int(slot) * LinkCopyEngine.slotBytes
     }
 
     public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {

@@ -1,10 +1,21 @@
 import CSVMSupport
 
-/// The CPU access path: what a load or store instruction does. It walks the
-/// page tables (PMD, then PTE), takes the entry's lock for the duration of the
-/// byte access (so no page can be unmapped and copied under it, the role TLB
-/// shootdown plays on real CPUs), and on anything but a usable present entry
-/// takes a page fault and retries.
+/// The CPU access path: what a load or store instruction does on the
+/// emulated CPU the calling thread runs on.
+///
+/// The CPU looks the address up in its TLB; a hit reads or writes the frame's
+/// bytes with no lock at all, as hardware does. A miss walks the page tables
+/// without locks (PMD, then PTE), sets the accessed and dirty bits the way
+/// x86's walker does (atomically; a write through an entry filled by a read
+/// walks again to set dirty), and fills the TLB. An entry that does not allow
+/// the access takes a page fault, which takes the kernel's locks, and the
+/// access is retried.
+///
+/// Nothing here stops a migration from copying a page while a CPU writes it:
+/// the kernel's order does (unmap to a migration entry, flush the TLBs, copy,
+/// remap). With ``KernelConfiguration/checksStaleTLBEntries``, every TLB hit
+/// is checked against the page tables and one through a stale entry is
+/// reported as a diagnostic.
 ///
 /// Errors: `.badAddress` (EFAULT, SIGSEGV/SEGV_MAPERR) outside any VMA;
 /// `.permissionDenied` (EACCES, SEGV_ACCERR) for PROT_NONE or writing a
@@ -14,6 +25,10 @@ extension AddressSpace {
 
     /// Runs `body` on the bytes of the page containing `address` (from `address`
     /// to the end of that page), faulting as needed.
+    ///
+    /// `body` runs inside one access of the calling thread's CPU: TLB
+    /// shootdowns wait for it to return, so it must not block or call into
+    /// the kernel.
     @inlinable
     public func withPageBytes<R>(at address: UInt64, write: Bool,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R {
@@ -27,41 +42,90 @@ extension AddressSpace {
     @inlinable
     public func withPageBytes<R>(at address: UInt64, write: Bool, faultLimit: Int,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
-        markCPU()
         guard covers(address) else { throw .badAddress }
+        let cpus = kernel.cpus
+        let cpu = cpus.current()
         var faults = 0
         while true {
-            let pmd = loadPMD(address)
-            if pmd.kind == .table {
-                let lock = ptl(address)
-                svm_mutex_lock(lock)
-                if loadPMD(address).kind == .table {
-                    let pte = loadPTE(address)
-                    if pte.kind == .present && !pte.isProtNone && (!write || pte.isWrite) {
-                        let want = PageTableEntry.youngBit | (write ? PageTableEntry.dirtyBit : 0)
-                        if pte.rawValue & want != want { storePTE(address, pte.with(want)) }
-                        let r = body(kernel.bytes(ofPfn: pte.pfn) + Int(address & 4095))
-                        svm_mutex_unlock(lock)
-                        return r
-                    }
-                }
-                svm_mutex_unlock(lock)
-            } else if pmd.kind == .present && !pmd.isProtNone && (!write || pmd.isWrite) {
-                let lock = pmdLock(address)
-                svm_mutex_lock(lock)
-                let again = loadPMD(address)
-                if again == pmd {
-                    if write && !pmd.isDirty { storePMD(address, pmd.with(PageTableEntry.dirtyBit)) }
-                    let r = body(kernel.bytes(ofPfn: pmd.pfn) + Int(address & ((2 << 20) - 1)))
-                    svm_mutex_unlock(lock)
-                    return r
-                }
-                svm_mutex_unlock(lock)
+            cpu.beginAccess(self, cpus)
+            var bytes: UnsafeMutableRawPointer? = nil
+            if let hit = cpu.lookup(address, write: write) {
+                if cpus.checksStaleEntries { checkTLBEntry(cpu, hit.entry, address, write: write) }
+                bytes = hit.bytes
+            } else {
+                bytes = walkAndFill(cpu, address, write: write)
             }
+            if let bytes {
+                svm_tsan_ignore_begin()
+                let r = body(bytes)
+                svm_tsan_ignore_end()
+                cpu.endAccess(cpus)
+                return r
+            }
+            // A page fault ends the instruction: the handler runs between accesses.
+            cpu.endAccess(cpus)
             if faults >= faultLimit { return nil }
             faults += 1
             try handleMMFault(address, write: write)
         }
+    }
+
+    /// The page walk of a TLB miss: no locks, entries read atomically, the
+    /// accessed and dirty bits set by compare-and-swap (a changed entry makes
+    /// the walk start over). Fills the TLB and returns the bytes, or nil when
+    /// the entry does not allow the access (a fault).
+    @usableFromInline
+    func walkAndFill(_ cpu: CPU, _ address: UInt64, write: Bool) -> UnsafeMutableRawPointer? {
+        let want = PageTableEntry.youngBit | (write ? PageTableEntry.dirtyBit : 0)
+        while true {
+            let pmdSlot = pmdSlot(address)
+            let pmd = PageTableEntry(rawValue: svm_load64(pmdSlot))
+            let slot: UnsafeMutablePointer<UInt64>
+            let huge: Bool
+            switch pmd.kind {
+            case .table:
+                slot = pteSlot(address)
+                huge = false
+            case .present:
+                slot = pmdSlot
+                huge = true
+            default:
+                return nil
+            }
+            var entry = huge ? pmd : PageTableEntry(rawValue: svm_load64(slot))
+            guard entry.kind == .present, !entry.isProtNone, !write || entry.isWrite else { return nil }
+            if entry.rawValue & want != want {
+                var expected = entry.rawValue
+                guard svm_cas64(slot, &expected, entry.rawValue | want) else { continue }
+                entry = entry.with(want)
+            }
+            let frame = kernel.bytes(ofPfn: entry.pfn)
+            svm_store64_relaxed(cpu.words + CPUWord.misses, cpu.words[CPUWord.misses] &+ 1)
+            cpu.fill(address, huge: huge, frame: frame, pfn: entry.pfn, writable: entry.isWrite, dirty: entry.isDirty)
+            return frame + Int(address & (huge ? (2 << 20) - 1 : 4095))
+        }
+    }
+
+    /// The stale-entry checker: an access through a TLB entry whose frame is
+    /// no longer what the page tables map at `address` (another frame is
+    /// mapped there), or whose frame has been freed. Between the unmap and
+    /// the flush a CPU may still use its entry (the entry then is a migration
+    /// entry or none, which this does not report); after the flush it cannot,
+    /// so a report means a flush was skipped or came too late.
+    @usableFromInline @inline(never)
+    func checkTLBEntry(_ cpu: CPU, _ entry: UnsafeMutablePointer<TLBEntry>, _ address: UInt64, write: Bool) {
+        let huge = entry >= cpu.tlb + TLB.entries4K
+        let old = (entry.pointee.info >> 2) + (huge ? (address >> 12) & 511 : 0)
+        let pmd = loadPMD(address)
+        let leaf = pmd.kind == .table ? loadPTE(address) : pmd
+        var now: UInt64? = nil
+        if leaf.kind == .present { now = leaf.pfn + (pmd.kind == .table ? 0 : (address >> 12) & 511) }
+        let freed = Page(pfn: old, kernel: kernel).folio.refCount == 0
+        guard freed || (now != nil && now != old) else { return }
+        kernel.vmstat.count(.tlbStaleAccesses)
+        let newFrame = now.map { "pfn 0x\(String($0, radix: 16))" } ?? (freed ? "none (the old frame was freed)" : "none")
+        kernel.warn("stale TLB entry: a CPU accessed a frame no longer mapped at this address (a TLB flush was skipped or late)",
+                    "cpu \(cpu.index) \(write ? "write" : "read") at 0x\(String(address, radix: 16)): old frame pfn 0x\(String(old, radix: 16)), new frame \(newFrame)")
     }
 
     /// Copies `buffer.count` bytes from `address` (`copy_from_user()`).

@@ -129,9 +129,14 @@ extension AddressSpace {
             _ = svm_add32(folio.meta.mapWord, 1)
         }
         let writable = vma.flags.contains(.write)
+        if !expect.isNone {
+            // ptep_clear_flush(): no CPU may keep the zero page's translation
+            // once the new page is mapped.
+            storePTE(address, .none)
+            flushTLBRange(address & ~4095, (address & ~4095) + 4096)
+        }
         storePTE(address, .present(pfn: folio.pfn, write: writable, dirty: writable))
         svm_mutex_unlock(lock)
-        if !expect.isNone { flushTLBRange(address & ~4095, (address & ~4095) + 4096) }
         kernel.vmstat.count(.demandZeroFaults)
     }
 

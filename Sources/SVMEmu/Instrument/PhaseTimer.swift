@@ -17,6 +17,9 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
     case pageTableUpdate
     /// migrate_vma_finalize.
     case finalize
+    /// Waiting for other CPUs to answer a TLB shootdown (inside collect,
+    /// unmap or whichever phase flushed).
+    case tlbFlush
     /// The whole fault (GPU fault handler or CPU fault's migrateToRAM), outermost.
     case fault
 
@@ -29,6 +32,7 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
         case .pages: "pages"
         case .pageTableUpdate: "pageTableUpdate"
         case .finalize: "finalize"
+        case .tlbFlush: "tlbFlush"
         case .fault: "fault"
         }
     }
@@ -67,6 +71,9 @@ public final class PhaseTimer: @unchecked Sendable {
     private let trace: UnsafeMutablePointer<TraceEvent>
     private let traceCounts: UnsafeMutablePointer<Int>
     private let startTick: UInt64
+    /// The CPUs whose slots the totals are kept in: the machine's, or for a
+    /// timer of its own, a set of its own (one slot per host thread).
+    let cpus: CPUSet
 
     public struct TraceEvent: Sendable {
         public var start: UInt64
@@ -75,7 +82,12 @@ public final class PhaseTimer: @unchecked Sendable {
         public var cpu: Int32
     }
 
-    public init(traceCapacity: Int = 0) {
+    public convenience init(traceCapacity: Int = 0) {
+        self.init(traceCapacity: traceCapacity, cpus: CPUSet(count: CPUSet.maxCPUs, checksStaleEntries: false, vmstat: VMStat()))
+    }
+
+    init(traceCapacity: Int, cpus: CPUSet) {
+        self.cpus = cpus
         let n = PhaseTimer.slots * PhaseTimer.slotWords
         words = .allocate(capacity: n)
         words.initialize(repeating: 0, count: n)
@@ -125,7 +137,7 @@ public final class PhaseTimer: @unchecked Sendable {
 
     @usableFromInline
     func record(_ phase: MigrationPhase, _ start: UInt64, _ end: UInt64) {
-        let cpu = Int(svm_cpu_id()) & (PhaseTimer.slots - 1)
+        let cpu = cpus.current().index
         let w = words + cpu * PhaseTimer.slotWords + phase.rawValue * 2
         w[0] &+= end &- start
         w[1] &+= 1

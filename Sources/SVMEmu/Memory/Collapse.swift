@@ -57,14 +57,24 @@ extension AddressSpace {
         }
         guard let huge = kernel.allocateFolio(order: 9) else { return .noMemory }
         return withInvalidation(haddr, haddr + AddressSpace.pmdSize, .clear) { () -> Errno? in
+            // pmdp_collapse_flush(): the old entries go and every CPU's TLB
+            // forgets them before a byte is copied, so no CPU writes a page
+            // after its copy (faults wait behind the mmap write lock).
             let lock = ptl(haddr)
+            var entries = [PageTableEntry](repeating: .none, count: 512)
             svm_mutex_lock(lock)
+            for i in 0..<512 {
+                let a = haddr + UInt64(i) << 12
+                entries[i] = loadPTE(a)
+                storePTE(a, .none)
+            }
+            svm_mutex_unlock(lock)
+            flushTLBRange(haddr, haddr + AddressSpace.pmdSize)
             var old: [Folio] = []
             old.reserveCapacity(512)
             var dirty = false
             for i in 0..<512 {
-                let a = haddr + UInt64(i) << 12
-                let e = loadPTE(a)
+                let e = entries[i]
                 let dst = huge.bytes + i * 4096
                 if e.kind == .present && !e.isSpecial {
                     let page = Page(pfn: e.pfn, kernel: kernel)
@@ -75,14 +85,11 @@ extension AddressSpace {
                 } else {
                     svm_memset(dst, 0, 4096)
                 }
-                storePTE(a, .none)
             }
-            svm_mutex_unlock(lock)
             freePTETable(haddr)
             addNewAnonRmap(huge, address: haddr, pmdMapped: true)
             if dirty { huge.markDirty() }
             storePMD(haddr, .present(pfn: huge.pfn, write: vma.flags.contains(.write), dirty: dirty))
-            flushTLBRange(haddr, haddr + AddressSpace.pmdSize)
             for f in old { f.put() }
             kernel.vmstat.count(.thpCollapseAlloc)
             return nil

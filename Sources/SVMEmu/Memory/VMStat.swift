@@ -11,6 +11,7 @@ public enum VMStatItem: Int, CaseIterable, Sendable {
     case migrateVMACollected, migrateVMASkipped, migrateVMARestored
     case deviceFaults, deviceFaultRetries, migrateToRAMCalls
     case tlbLocalFlushAll, tlbLocalFlushOne, tlbRemoteFlush, tlbRemoteFlushReceived, tlbPagesFlushed
+    case tlbIPIsSent, tlbStaleAccesses
     case mmuNotifierInvalidations
 
     /// The /proc/vmstat-style name.
@@ -48,6 +49,8 @@ public enum VMStatItem: Int, CaseIterable, Sendable {
         case .tlbRemoteFlush: "nr_tlb_remote_flush"
         case .tlbRemoteFlushReceived: "nr_tlb_remote_flush_received"
         case .tlbPagesFlushed: "tlb_pages_flushed"
+        case .tlbIPIsSent: "tlb_ipis_sent"
+        case .tlbStaleAccesses: "tlb_stale_accesses"
         case .mmuNotifierInvalidations: "mmu_notifier_invalidations"
         }
     }

@@ -82,9 +82,12 @@ extension Kernel {
         folio.set(.uptodate)
         mm.addNewAnonRmap(folio, address: haddr, pmdMapped: true)
         folio.get()
+        if replacingZero {
+            mm.storePMD(haddr, .none)
+            mm.flushTLBRange(haddr, haddr + (2 << 20))
+        }
         mm.storePMD(haddr, entry)
         svm_mutex_unlock(lock)
-        if replacingZero { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
         src = MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit)
     }
 

@@ -207,9 +207,13 @@ extension Kernel {
         }
         mm.addNewAnonRmap(folio, address: addr, pmdMapped: false)
         folio.get()
+        if flush {
+            // ptep_clear_flush() before the new page goes in.
+            mm.storePTE(addr, .none)
+            mm.flushTLBRange(addr, addr + 4096)
+        }
         mm.storePTE(addr, entry)
         svm_mutex_unlock(lock)
-        if flush { mm.flushTLBRange(addr, addr + 4096) }
         src = .hole
     }
 }

@@ -3,10 +3,18 @@ import ArgumentParser
 import CSVMSupport
 import Foundation
 import SVMEmu
+import Synchronization
 
 /// Measures what every emulated access and fault pays:
-/// - `readNanos`: one `AddressSpace.load` of a mapped byte (page-table walk,
-///   page-table lock, the byte), best round of many;
+/// - `readNanos`: one `AddressSpace.load` of a mapped byte over 4 MiB of
+///   pages (which the emulated CPU's TLB holds), best round of many;
+/// - `tlbHitReadNanos`: the same over 64 pages: every read hits the TLB and
+///   takes no lock;
+/// - `tlbMissReadNanos`: the same over 32 MiB, which the TLB cannot hold:
+///   every read walks the page tables and fills an entry;
+/// - `shootdownNanos`: one TLB flush of a page while a second CPU keeps
+///   reading the address space (the IPI, the wait for its instruction
+///   boundary, its flush), per flush;
 /// - `demandZeroFaultNanos`: the first write to a page of a fresh anonymous
 ///   mapping with THP off (fault, zeroed 4 KiB page allocation, rmap, PTE),
 ///   per page, excluding `mmap` itself;
@@ -15,14 +23,14 @@ import SVMEmu
 struct BenchMemoryCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "memory",
-        abstract: "Cost of an emulated CPU read, a demand-zero fault, and metadata per page.",
+        abstract: "Cost of an emulated CPU read (TLB hit and miss), a shootdown, a demand-zero fault, and metadata per page.",
         discussion: """
             Build with -c release. Reads one byte per page over a few MiB of touched pages \
             (several rounds, best round), first-touch writes over a fresh mapping with THP off \
             (best round, mmap excluded), and reports the page metadata size against the \
             kernel's 64-byte struct page. With --json prints one object (Docs/json.md) whose \
-            results are readNanos, demandZeroFaultNanos, demandZeroFirstRoundNanos, \
-            metadataBytesPerPage and memcpy4KNanos.
+            results are readNanos, tlbHitReadNanos, tlbMissReadNanos, shootdownNanos, \
+            demandZeroFaultNanos, demandZeroFirstRoundNanos, metadataBytesPerPage and memcpy4KNanos.
 
             \(ExitStatus.helpParagraph)
             """)
@@ -43,6 +51,9 @@ struct BenchMemoryCommand: ParsableCommand {
 
     struct Result: Encodable {
         var readNanos: Double
+        var tlbHitReadNanos: Double
+        var tlbMissReadNanos: Double
+        var shootdownNanos: Double
         var demandZeroFaultNanos: Double
         var demandZeroFirstRoundNanos: Double
         var metadataBytesPerPage: Int
@@ -67,7 +78,7 @@ struct BenchMemoryCommand: ParsableCommand {
         var config = KernelConfiguration()
         let faultBytes = faultMiB << 20
         // Room for the demand-zero mapping plus the read set, on one node.
-        config.nodeSizes = [faultBytes + (64 << 20)]
+        config.nodeSizes = [faultBytes + (128 << 20)]
         config.maxPhysicalBytes = UInt64(faultBytes) + (1 << 30)
         config.transparentHugepage = .never
         let kernel = Kernel(config)
@@ -82,33 +93,16 @@ struct BenchMemoryCommand: ParsableCommand {
         var readNanos = Double.infinity
         var faultNanos = Double.infinity
         var firstFaultNanos = 0.0
+        var results = (hit: 0.0, miss: 0.0, shootdown: 0.0)
         do {
 
-            // Reads: 4 MiB of written pages, one byte per page, best round.
-            let readPages = 1024
-            let base = try mm.mmap(length: readPages * 4096)
-            for i in 0..<readPages { try mm.store(base + UInt64(i * 4096), UInt8(truncatingIfNeeded: i)) }
-            let passes = 64
-            var sink: UInt64 = 0
-            for _ in 0..<(rounds + 2) {  // two extra rounds warm caches up; the best round wins
-                let t0 = svm_now_ns()
-                for _ in 0..<passes {
-                    var a = base
-                    for _ in 0..<readPages {
-                        sink &+= UInt64(try mm.load(a))
-                        a &+= 4096
-                    }
-                }
-                let t1 = svm_now_ns()
-                readNanos = min(readNanos, Double(t1 - t0) / Double(passes * readPages))
-            }
-            // Every read must have returned the byte written (the loop is not optimised away).
-            var perPass: UInt64 = 0
-            for i in 0..<readPages { perPass &+= UInt64(UInt8(truncatingIfNeeded: i)) }
-            guard sink == perPass &* UInt64(passes * (rounds + 2)) else {
-                throw CLIError.runFailed("svmemu bench memory: emulated reads returned wrong bytes")
-            }
-            try mm.munmap(base, length: readPages * 4096)
+            // Reads: one byte per page, best round: 4 MiB (readNanos), 64
+            // pages (all TLB hits), 32 MiB (all TLB misses).
+            readNanos = try Self.measureReads(mm, pages: 1024, passes: 64, rounds: rounds)
+            let hitNanos = try Self.measureReads(mm, pages: 64, passes: 1024, rounds: rounds)
+            let missNanos = try Self.measureReads(mm, pages: 8192, passes: 8, rounds: rounds)
+            let shootdown = try Self.measureShootdown(kernel, mm, rounds: rounds)
+            results = (hitNanos, missNanos, shootdown)
 
             // Demand-zero faults: first-touch writes over a fresh mapping.
             let pages = faultBytes / 4096
@@ -132,9 +126,74 @@ struct BenchMemoryCommand: ParsableCommand {
                 try mm.munmap(a, length: faultBytes)
             }
         }
-        return Result(readNanos: readNanos, demandZeroFaultNanos: faultNanos,
+        return Result(readNanos: readNanos, tlbHitReadNanos: results.hit, tlbMissReadNanos: results.miss,
+                      shootdownNanos: results.shootdown, demandZeroFaultNanos: faultNanos,
                       demandZeroFirstRoundNanos: firstFaultNanos,
                       metadataBytesPerPage: Kernel.metadataBytesPerPage, memcpy4KNanos: memcpyNanos)
+    }
+
+    /// One emulated byte read per page over `pages` written pages, `passes`
+    /// times a round, best round, in nanoseconds per read.
+    static func measureReads(_ mm: AddressSpace, pages: Int, passes: Int, rounds: Int) throws -> Double {
+        let base = try mm.mmap(length: pages * 4096)
+        defer { try? mm.munmap(base, length: pages * 4096) }
+        for i in 0..<pages { try mm.store(base + UInt64(i * 4096), UInt8(truncatingIfNeeded: i)) }
+        var best = Double.infinity
+        var sink: UInt64 = 0
+        for _ in 0..<(rounds + 2) {  // two extra rounds warm caches up; the best round wins
+            let t0 = svm_now_ns()
+            for _ in 0..<passes {
+                var a = base
+                for _ in 0..<pages {
+                    sink &+= UInt64(try mm.load(a))
+                    a &+= 4096
+                }
+            }
+            let t1 = svm_now_ns()
+            best = min(best, Double(t1 - t0) / Double(passes * pages))
+        }
+        // Every read must have returned the byte written (the loop is not optimised away).
+        var perPass: UInt64 = 0
+        for i in 0..<pages { perPass &+= UInt64(UInt8(truncatingIfNeeded: i)) }
+        guard sink == perPass &* UInt64(passes * (rounds + 2)) else {
+            throw CLIError.runFailed("svmemu bench memory: emulated reads returned wrong bytes")
+        }
+        return best
+    }
+
+    /// A one-page TLB flush while a second CPU reads the address space in a
+    /// loop (so the flusher sends it an IPI and waits for its instruction
+    /// boundary), best round, in nanoseconds per flush.
+    static func measureShootdown(_ kernel: Kernel, _ mm: AddressSpace, rounds: Int) throws -> Double {
+        let a = try mm.mmap(length: 2 * 4096)
+        defer { try? mm.munmap(a, length: 2 * 4096) }
+        try mm.store(a, 1)
+        try mm.store(a + 4096, 2)
+        let state = ShootdownPeer()
+        let peer = Thread {
+            state.running.store(1, ordering: .releasing)
+            while state.stop.load(ordering: .acquiring) == 0 { _ = try? mm.load(a + 4096) }
+            state.running.store(2, ordering: .releasing)
+        }
+        peer.start()
+        defer {
+            state.stop.store(1, ordering: .releasing)
+            while state.running.load(ordering: .acquiring) != 2 { sched_yield() }
+        }
+        while state.running.load(ordering: .acquiring) == 0 { sched_yield() }
+        let flushes = 2000
+        var best = Double.infinity
+        for _ in 0..<(rounds + 1) {
+            let before = kernel.vmstat[.tlbIPIsSent]
+            let t0 = svm_now_ns()
+            for _ in 0..<flushes { mm.flushTLBRange(a, a + 4096) }
+            let t1 = svm_now_ns()
+            guard kernel.vmstat[.tlbIPIsSent] - before == UInt64(flushes) else {
+                throw CLIError.runFailed("svmemu bench memory: the shootdown sent no IPI to the second CPU")
+            }
+            best = min(best, Double(t1 - t0) / Double(flushes))
+        }
+        return best
     }
 
     /// memcpy of 4 KiB between two cache-hot buffers, best round.
@@ -166,7 +225,10 @@ struct BenchMemoryCommand: ParsableCommand {
         }
         var out = "svmemu bench memory (best of \(rounds) rounds; THP off for faults)\n\n"
         out += "  WHAT" + String(repeating: " ", count: 42) + "     COST  vs memcpy 4K\n"
-        out += row("emulated CPU read of a mapped byte", r.readNanos)
+        out += row("emulated CPU read of a mapped byte (4 MiB)", r.readNanos)
+        out += row("  TLB hit (64 pages)", r.tlbHitReadNanos)
+        out += row("  TLB miss: page walk and fill (32 MiB)", r.tlbMissReadNanos)
+        out += row("TLB shootdown of a page, one other CPU", r.shootdownNanos)
         out += row("demand-zero fault, per page (\(faultMiB) MiB)", r.demandZeroFaultNanos)
         out += row("  first round (host memory cold)", r.demandZeroFirstRoundNanos)
         out += row("memcpy 4 KiB, cache hot (reference)", r.memcpy4KNanos)
@@ -174,4 +236,10 @@ struct BenchMemoryCommand: ParsableCommand {
         out += "\n  metadata per 4 KiB page: \(r.metadataBytesPerPage) bytes, \(goal)\n"
         return out
     }
+}
+
+/// The second CPU of the shootdown measurement: told to stop, says it runs.
+private final class ShootdownPeer: @unchecked Sendable {
+    let stop = Atomic<Int>(0)
+    let running = Atomic<Int>(0)
 }

@@ -1,0 +1,279 @@
+import CSVMSupport
+import Synchronization
+
+/// One cached translation: 32 bytes.
+@usableFromInline
+struct TLBEntry {
+    /// The virtual page number (or 2 MiB frame number) with the TLB's epoch
+    /// above bit 36; 0 never matches (epochs start at 1).
+    @usableFromInline var tag: UInt64
+    /// Host address of the frame's first byte (the page, or the 2 MiB folio).
+    @usableFromInline var frame: UnsafeMutableRawPointer?
+    /// `pfn << 2 | dirty << 1 | writable`.
+    @usableFromInline var info: UInt64
+    @usableFromInline var pad: UInt64
+}
+
+/// The shape of every CPU's TLB: set-associative, 4 ways, 2,048 entries for
+/// 4 KiB pages and 128 for 2 MiB pages (the order of an x86 core's second-level
+/// TLB), most recently filled way first, invalidated whole by starting a new epoch.
+@usableFromInline
+enum TLB {
+    @usableFromInline static let ways = 4
+    @usableFromInline static let sets4K = 512
+    @usableFromInline static let sets2M = 32
+    @usableFromInline static let entries4K = sets4K * ways
+    @usableFromInline static let entriesPerCPU = entries4K + sets2M * ways
+    @usableFromInline static let epochShift: UInt64 = 36
+    static let maxEpoch: UInt64 = 1 << 27
+    @usableFromInline static let writable: UInt64 = 1
+    @usableFromInline static let dirty: UInt64 = 2
+}
+
+/// What CPUs know of an address space (the parts of `mm_struct` the x86 TLB
+/// code reads): its flush generation and which CPUs have it loaded. CPUs
+/// retain it, so an address space may go away while a CPU still has it loaded.
+@usableFromInline
+final class TLBContext: @unchecked Sendable {
+    @usableFromInline let id: UInt32
+    /// `mm->context.tlb_gen`: advanced by every flush of the address space.
+    @usableFromInline let gen = Atomic<UInt64>(0)
+    /// `mm_cpumask()`: CPUs that have the address space loaded. A CPU sets
+    /// its bit when it switches to the address space and clears it when it
+    /// switches away; flushers only read it.
+    let cpumask = Atomic<UInt64>(0)
+    init(id: UInt32) { self.id = id }
+    @usableFromInline var syncAddress: UnsafeRawPointer { UnsafeRawPointer(Unmanaged.passUnretained(self).toOpaque()) }
+}
+
+/// A CPU of the emulated machine, as the thread running on it sees it: its
+/// state words and its TLB. Only that thread calls the `mutating`-style
+/// operations below; flushers reach a CPU only through its inbox.
+@usableFromInline
+struct CPU {
+    @usableFromInline let index: Int
+    @usableFromInline let words: UnsafeMutablePointer<UInt64>
+    @usableFromInline let tlb: UnsafeMutablePointer<TLBEntry>
+
+    @inlinable init(index: Int, words: UnsafeMutablePointer<UInt64>, tlb: UnsafeMutablePointer<TLBEntry>) {
+        self.index = index
+        self.words = words
+        self.tlb = tlb
+    }
+
+    // MARK: instruction boundaries
+
+    /// The start of an access: the CPU is inside an instruction until
+    /// `endAccess()`. Loads `mm` if another address space is loaded, and
+    /// catches up with flushes it was not interrupted for.
+    @inlinable @inline(__always)
+    func beginAccess(_ mm: AddressSpace, _ set: CPUSet) {
+        let depth = words[CPUWord.depth]
+        words[CPUWord.depth] = depth &+ 1
+        if depth == 0 {
+            svm_store64_relaxed(words + CPUWord.seq, svm_load64_relaxed(words + CPUWord.seq) &+ 1)
+            // The flusher's membarrier() orders its side; here the compiler
+            // must only keep the loads below after the store above.
+            if set.fenceOnAccess { svm_fence() } else { svm_compiler_barrier() }
+        }
+        if svm_load64_relaxed(words + CPUWord.loadedMM) != UInt64(mm.id) { switchTo(mm, set) }
+        let gen = mm.tlbContext.gen.load(ordering: .acquiring)
+        if gen != words[CPUWord.localGen] { catchUp(mm.tlbContext, gen, set) }
+    }
+
+    /// The end of an access (an instruction boundary): a flusher waiting for
+    /// this CPU may go on, and an IPI that arrived meanwhile is handled.
+    @inlinable @inline(__always)
+    func endAccess(_ set: CPUSet) {
+        let depth = words[CPUWord.depth] &- 1
+        words[CPUWord.depth] = depth
+        if depth == 0 {
+            svm_tsan_release(words)
+            svm_store64(words + CPUWord.seq, svm_load64_relaxed(words + CPUWord.seq) &+ 1)
+            if svm_load64_relaxed(words + CPUWord.inboxGen) != 0 { handleIPI(set) }
+        }
+    }
+
+    // MARK: lookups and fills
+
+    /// The bytes `address` translates to through this TLB for a read or a
+    /// write, or nil on a miss (or an entry that does not allow the access).
+    @inlinable @inline(__always)
+    func lookup(_ address: UInt64, write: Bool) -> (entry: UnsafeMutablePointer<TLBEntry>, bytes: UnsafeMutableRawPointer)? {
+        let epoch = words[CPUWord.epoch] << TLB.epochShift
+        let need: UInt64 = write ? TLB.writable | TLB.dirty : 0
+        let vpn = address >> 12
+        var e = tlb + Int(vpn & UInt64(TLB.sets4K - 1)) &* TLB.ways
+        var tag = vpn | epoch
+        for _ in 0..<TLB.ways {
+            if e.pointee.tag == tag {
+                guard e.pointee.info & need == need, let frame = e.pointee.frame else { return nil }
+                return (e, frame + Int(address & 4095))
+            }
+            e += 1
+        }
+        let hpn = address >> 21
+        e = tlb + TLB.entries4K + Int(hpn & UInt64(TLB.sets2M - 1)) &* TLB.ways
+        tag = hpn | epoch
+        for _ in 0..<TLB.ways {
+            if e.pointee.tag == tag {
+                guard e.pointee.info & need == need, let frame = e.pointee.frame else { return nil }
+                return (e, frame + Int(address & ((2 << 20) - 1)))
+            }
+            e += 1
+        }
+        return nil
+    }
+
+    /// Caches a translation found by a page walk: replaces an entry for the
+    /// same page, else goes in first and pushes the set's oldest out.
+    @usableFromInline
+    func fill(_ address: UInt64, huge: Bool, frame: UnsafeMutableRawPointer, pfn: UInt64, writable: Bool, dirty: Bool) {
+        let epoch = words[CPUWord.epoch] << TLB.epochShift
+        let number = huge ? address >> 21 : address >> 12
+        let base = huge ? tlb + TLB.entries4K + Int(number & UInt64(TLB.sets2M - 1)) * TLB.ways
+                        : tlb + Int(number & UInt64(TLB.sets4K - 1)) * TLB.ways
+        let tag = number | epoch
+        let entry = TLBEntry(tag: tag, frame: frame, info: pfn << 2 | (dirty ? TLB.dirty : 0) | (writable ? TLB.writable : 0), pad: 0)
+        for w in 0..<TLB.ways where base[w].tag == tag {
+            base[w] = entry
+            return
+        }
+        var w = TLB.ways - 1
+        while w > 0 { base[w] = base[w - 1]; w -= 1 }
+        base[0] = entry
+    }
+
+    // MARK: invalidation (the CPU's own)
+
+    /// Drops every entry (a full flush, or a switch of address space): a new epoch.
+    func invalidateAll() {
+        var epoch = words[CPUWord.epoch] + 1
+        if epoch >= TLB.maxEpoch {
+            tlb.update(repeating: TLBEntry(tag: 0, frame: nil, info: 0, pad: 0), count: TLB.entriesPerCPU)
+            epoch = 1
+        }
+        words[CPUWord.epoch] = epoch
+    }
+
+    /// Drops the entries of `[start, end)`: page by page up to the flush
+    /// ceiling, else everything (x86's `flush_tlb_func()`). Returns whether it
+    /// flushed everything.
+    @discardableResult
+    func invalidate(_ start: UInt64, _ end: UInt64) -> Bool {
+        let pages = (end - start) >> 12
+        guard pages <= AddressSpace.singlePageFlushCeiling else {
+            invalidateAll()
+            return true
+        }
+        let epoch = words[CPUWord.epoch] << TLB.epochShift
+        var a = start & ~4095
+        while a < end {
+            let vpn = a >> 12
+            let base = tlb + Int(vpn & UInt64(TLB.sets4K - 1)) * TLB.ways
+            for w in 0..<TLB.ways where base[w].tag == vpn | epoch { base[w].tag = 0 }
+            a += 4096
+        }
+        var h = start >> 21
+        while h <= (end - 1) >> 21 {
+            let base = tlb + TLB.entries4K + Int(h & UInt64(TLB.sets2M - 1)) * TLB.ways
+            for w in 0..<TLB.ways where base[w].tag == h | epoch { base[w].tag = 0 }
+            h += 1
+        }
+        return false
+    }
+
+    // MARK: slow paths
+
+    /// `switch_mm()`: leave the loaded address space (clearing this CPU's bit
+    /// in its mask), load `mm`, start with an empty TLB (no PCIDs).
+    @usableFromInline @inline(never)
+    func switchTo(_ mm: AddressSpace, _ set: CPUSet) {
+        let bit = UInt64(1) << UInt64(index)
+        if let old = set.loaded[index] {
+            old.takeUnretainedValue().cpumask.bitwiseAnd(~bit, ordering: .releasing)
+            old.release()
+        }
+        let ctx = mm.tlbContext
+        set.loaded[index] = .passRetained(ctx)
+        invalidateAll()
+        drainInbox(set)
+        svm_store64(words + CPUWord.loadedMM, UInt64(mm.id))
+        // A full barrier (a locked RMW): either a flusher sees the bit, or
+        // the generation read below sees its flush.
+        ctx.cpumask.bitwiseOr(bit, ordering: .sequentiallyConsistent)
+        words[CPUWord.localGen] = ctx.gen.load(ordering: .acquiring)
+        svm_tsan_acquire(ctx.syncAddress)
+    }
+
+    /// The address space was flushed while this CPU was not interrupted for
+    /// it (it was between accesses, or had no thread): take the IPI that
+    /// waits in the inbox, or flush everything when generations were missed.
+    @usableFromInline @inline(never)
+    func catchUp(_ ctx: TLBContext, _ gen: UInt64, _ set: CPUSet) {
+        svm_tsan_acquire(ctx.syncAddress)
+        let local = words[CPUWord.localGen]
+        if let r = drainInbox(set), r.mm == UInt64(ctx.id), r.gen == gen, gen == local + 1 {
+            if invalidate(r.start, r.end) { set.vmstat.count(.tlbLocalFlushAll) }
+        } else {
+            invalidateAll()
+        }
+        words[CPUWord.localGen] = gen
+    }
+
+    /// An IPI arrived during the access just ended: flush what it asks.
+    @usableFromInline @inline(never)
+    func handleIPI(_ set: CPUSet) {
+        guard let r = drainInbox(set), r.mm == svm_load64_relaxed(words + CPUWord.loadedMM) else { return }
+        let local = words[CPUWord.localGen]
+        guard r.gen > local else { return }
+        if r.gen == local + 1 {
+            invalidate(r.start, r.end)
+        } else {
+            invalidateAll()
+        }
+        words[CPUWord.localGen] = r.gen
+    }
+
+    /// Takes the flush request waiting in the inbox, counting it received.
+    @discardableResult
+    func drainInbox(_ set: CPUSet) -> (mm: UInt64, gen: UInt64, start: UInt64, end: UInt64)? {
+        guard svm_load64_relaxed(words + CPUWord.inboxGen) != 0 else { return nil }
+        lockInbox()
+        let r = (mm: words[CPUWord.inboxMM], gen: words[CPUWord.inboxGen],
+                 start: words[CPUWord.inboxStart], end: words[CPUWord.inboxEnd])
+        svm_store64_relaxed(words + CPUWord.inboxGen, 0)
+        unlockInbox()
+        guard r.gen != 0 else { return nil }
+        set.vmstat.count(.tlbRemoteFlushReceived)
+        return r
+    }
+
+    /// Puts a flush request in this CPU's inbox (the IPI). Requests that meet
+    /// there merge: one range, the newest generation (which then fails the
+    /// "exactly one behind" test and makes the CPU flush everything).
+    func post(mm: UInt64, gen: UInt64, start: UInt64, end: UInt64) {
+        lockInbox()
+        if svm_load64_relaxed(words + CPUWord.inboxGen) == 0 {
+            words[CPUWord.inboxMM] = mm
+            words[CPUWord.inboxStart] = start
+            words[CPUWord.inboxEnd] = end
+            svm_store64_relaxed(words + CPUWord.inboxGen, gen)
+        } else {
+            if words[CPUWord.inboxMM] != mm { words[CPUWord.inboxMM] = 0 }
+            words[CPUWord.inboxStart] = 0
+            words[CPUWord.inboxEnd] = UInt64.max & ~4095
+            svm_store64_relaxed(words + CPUWord.inboxGen, max(gen, svm_load64_relaxed(words + CPUWord.inboxGen)) | 0)
+        }
+        unlockInbox()
+    }
+
+    private func lockInbox() {
+        let lock = UnsafeMutableRawPointer(words + CPUWord.inboxLock).assumingMemoryBound(to: UInt32.self)
+        svm_mutex_lock(lock)
+    }
+    private func unlockInbox() {
+        let lock = UnsafeMutableRawPointer(words + CPUWord.inboxLock).assumingMemoryBound(to: UInt32.self)
+        svm_mutex_unlock(lock)
+    }
+}

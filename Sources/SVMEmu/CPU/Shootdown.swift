@@ -1,0 +1,126 @@
+import CSVMSupport
+
+/// TLB shootdowns: how a change to the page tables reaches every CPU's TLB.
+///
+/// The flusher invalidates its own TLB, advances the address space's flush
+/// generation, and sends an IPI to every other CPU that runs the address
+/// space; it then waits for each CPU that is inside an access to reach the
+/// end of it (an instruction boundary), where the CPU flushes what the IPI
+/// asked. A CPU between accesses is not waited for: it flushes when it next
+/// runs in the address space, because its generation is behind (x86's
+/// `tlb_gen`). A CPU with no thread (lazy TLB) gets no IPI at all.
+///
+/// What keeps data safe is the kernel's order around this: unmap (a migration
+/// entry), flush, copy, remap. Until the flush returns, another CPU may still
+/// read and write the old frame through its TLB.
+extension AddressSpace {
+    /// Range flushes above this many pages flush everything
+    /// (x86's `tlb_single_page_flush_ceiling`).
+    static let singlePageFlushCeiling: UInt64 = 33
+    /// How long a flusher waits for one CPU before it reports the CPU stuck
+    /// (the kernel's CSD-lock warning); it keeps waiting afterwards.
+    static let shootdownWarnNanos: UInt64 = 5_000_000_000
+
+    /// Flushes `[start, end)` of this address space from every CPU's TLB and
+    /// returns when no CPU can use a translation of it any more.
+    ///
+    /// Call it after changing the entries of the range (under their lock or
+    /// not), and before relying on no CPU accessing the old frames: before
+    /// copying a page being migrated, before freeing a page that was mapped.
+    /// Must not be called from inside an access (a `withPageBytes` body).
+    ///
+    /// Counts `nr_tlb_local_flush_one` per page (or `nr_tlb_local_flush_all`
+    /// above the ceiling) when this CPU has the address space loaded,
+    /// `nr_tlb_remote_flush` once when an IPI went out, `tlb_ipis_sent` per
+    /// IPI, and each receiving CPU counts `nr_tlb_remote_flush_received`.
+    /// The time spent waiting for other CPUs is the `tlbFlush` phase.
+    ///
+    /// The corresponding kernel function is `flush_tlb_mm_range()`.
+    public func flushTLBRange(_ start: UInt64, _ end: UInt64) {
+        guard end > start, !skipsTLBFlushes else { return }
+        let pages = (end - start) >> 12
+        let ctx = tlbContext
+        let cpus = kernel.cpus
+        let vm = kernel.vmstat
+        svm_tsan_release(ctx.syncAddress)
+        let gen = ctx.gen.add(1, ordering: .sequentiallyConsistent).newValue
+        vm.count(.tlbPagesFlushed, pages)
+        var me: UInt64 = 0
+        if let cpu = cpus.currentIfBound(), svm_load64_relaxed(cpu.words + CPUWord.loadedMM) == UInt64(id) {
+            me = UInt64(1) << UInt64(cpu.index)
+            if cpu.invalidate(start, end) { vm.count(.tlbLocalFlushAll) } else { vm.count(.tlbLocalFlushOne, pages) }
+            // Up to date unless flushes were missed (then the next access catches up).
+            if cpu.words[CPUWord.localGen] == gen - 1 { cpu.words[CPUWord.localGen] = gen }
+        }
+        let others = ctx.cpumask.load(ordering: .sequentiallyConsistent) & ~me
+        guard others != 0 else { return }
+        // Every CPU that began an access before this point has published it;
+        // every one that begins later sees the new generation.
+        svm_membarrier()
+        let mark = kernel.phases.begin()
+        var sent: UInt64 = 0
+        var mask = others
+        while mask != 0 {
+            let i = mask.trailingZeroBitCount
+            mask &= mask - 1
+            let cpu = cpus.cpu(i)
+            // No thread (lazy TLB) or another address space loaded: no IPI.
+            guard svm_load64(cpu.words + CPUWord.bound) != 0,
+                  svm_load64(cpu.words + CPUWord.loadedMM) == UInt64(id) else { continue }
+            cpu.post(mm: UInt64(id), gen: gen, start: start, end: end)
+            sent += 1
+            let seq = svm_load64(cpu.words + CPUWord.seq)
+            if seq & 1 == 1 { waitForBoundary(cpu, seq) }
+            svm_tsan_acquire(cpu.words)
+        }
+        if sent > 0 {
+            vm.count(.tlbRemoteFlush)
+            vm.count(.tlbIPIsSent, sent)
+        }
+        kernel.phases.end(.tlbFlush, mark)
+    }
+
+    /// Spins (then yields) until `cpu` leaves the access it was in.
+    private func waitForBoundary(_ cpu: CPU, _ seq: UInt64) {
+        var spins = 0
+        var since: UInt64 = 0
+        var warned = false
+        while svm_load64(cpu.words + CPUWord.seq) == seq {
+            spins += 1
+            if spins < 128 { svm_cpu_relax(); continue }
+            svm_yield()
+            if spins & 1023 == 0 && !warned {
+                let now = svm_now_ns()
+                if since == 0 { since = now } else if now - since > AddressSpace.shootdownWarnNanos {
+                    warned = true
+                    kernel.warn("TLB shootdown: a CPU has not reached an instruction boundary for 5 s (an access body that blocks?)",
+                                "cpu \(cpu.index)")
+                }
+            }
+        }
+    }
+}
+
+/// A deferred, batched flush (`struct tlbflush_unmap_batch`): ranges are
+/// gathered while unmapping many pages, then flushed once.
+public struct TLBFlushBatch {
+    unowned let mm: AddressSpace
+    var start: UInt64 = .max
+    var end: UInt64 = 0
+    public init(mm: AddressSpace) { self.mm = mm }
+    /// Adds a range to the batch (`set_tlb_ubc_flush_pending()`).
+    public mutating func add(_ s: UInt64, _ e: UInt64) {
+        start = min(start, s)
+        end = max(end, e)
+    }
+    /// Whether nothing waits to be flushed.
+    public var isEmpty: Bool { end <= start }
+    /// One flush for everything gathered.
+    ///
+    /// The corresponding kernel function is `try_to_unmap_flush()`.
+    public mutating func flush() {
+        if !isEmpty { mm.flushTLBRange(start, end) }
+        start = .max
+        end = 0
+    }
+}
