@@ -3,7 +3,7 @@
 #include <pthread.h>
 #include <linux/membarrier.h>
 
-_Thread_local svm_cpu_binding_t svm_tls_cpu_binding = { 0, -1 };
+__attribute__((tls_model("initial-exec"))) _Thread_local svm_cpu_binding_t svm_tls_cpu_binding = { 0, -1 };
 static _Thread_local svm_cpu_unbind_fn svm_tls_unbind = 0;
 static pthread_key_t svm_thread_key;
 static pthread_once_t svm_thread_key_once = PTHREAD_ONCE_INIT;

@@ -80,6 +80,7 @@ static inline bool svm_cas64(uint64_t *p, uint64_t *expected, uint64_t desired) 
     return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 static inline uint64_t svm_add64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+static inline uint64_t svm_add64_seqcst(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline void svm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void svm_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -186,7 +187,7 @@ static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "m
 // register, nothing more: no kernel state travels through it.
 typedef void (*svm_cpu_unbind_fn)(void *owner, int32_t index);
 typedef struct { void *owner; int32_t index; } svm_cpu_binding_t;
-extern _Thread_local svm_cpu_binding_t svm_tls_cpu_binding;
+extern _Thread_local svm_cpu_binding_t svm_tls_cpu_binding __attribute__((tls_model("initial-exec")));
 // The CPU index this thread holds on `owner`, or -1.
 static inline int32_t svm_bound_cpu(const void *owner) {
     return svm_tls_cpu_binding.owner == owner ? svm_tls_cpu_binding.index : -1;

@@ -38,6 +38,10 @@ public final class AddressSpace: @unchecked Sendable {
     let pmdCount: Int
     /// The flush generation and `mm_cpumask()` that CPUs read.
     @usableFromInline let tlbContext: TLBContext
+    /// `tlbContext`'s generation word and the machine's CPUs, as plain values
+    /// for the access path.
+    @usableFromInline let tlbGen: UnsafeMutablePointer<UInt64>
+    @usableFromInline let cpuAccess: CPUAccess
     /// Fault injection for tests: a kernel that forgets its TLB flushes
     /// (`flushTLBRange` does nothing), so that stale translations survive.
     var skipsTLBFlushes: Bool {
@@ -74,6 +78,8 @@ public final class AddressSpace: @unchecked Sendable {
         pthread_rwlockattr_destroy(&attr)
         id = kernel.reserveAddressSpaceID()
         tlbContext = TLBContext(id: id)
+        tlbGen = tlbContext.gen
+        cpuAccess = CPUAccess(kernel.cpus)
         kernel.register(self)
     }
 

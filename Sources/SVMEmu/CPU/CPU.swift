@@ -37,12 +37,19 @@ enum TLB {
 final class TLBContext: @unchecked Sendable {
     @usableFromInline let id: UInt32
     /// `mm->context.tlb_gen`: advanced by every flush of the address space.
-    @usableFromInline let gen = Atomic<UInt64>(0)
+    @usableFromInline let gen: UnsafeMutablePointer<UInt64>
     /// `mm_cpumask()`: CPUs that have the address space loaded. A CPU sets
     /// its bit when it switches to the address space and clears it when it
     /// switches away; flushers only read it.
     let cpumask = Atomic<UInt64>(0)
-    init(id: UInt32) { self.id = id }
+    init(id: UInt32) {
+        self.id = id
+        gen = .allocate(capacity: 8)  // a cache line of its own
+        gen.initialize(repeating: 0, count: 8)
+    }
+    deinit { gen.deallocate() }
+    /// The current flush generation.
+    var generation: UInt64 { svm_load64(gen) }
     @usableFromInline var syncAddress: UnsafeRawPointer { UnsafeRawPointer(Unmanaged.passUnretained(self).toOpaque()) }
 }
 
@@ -67,30 +74,30 @@ struct CPU {
     /// `endAccess()`. Loads `mm` if another address space is loaded, and
     /// catches up with flushes it was not interrupted for.
     @inlinable @inline(__always)
-    func beginAccess(_ mm: AddressSpace, _ set: CPUSet) {
+    func beginAccess(_ mm: AddressSpace) {
         let depth = words[CPUWord.depth]
         words[CPUWord.depth] = depth &+ 1
         if depth == 0 {
             svm_store64_relaxed(words + CPUWord.seq, svm_load64_relaxed(words + CPUWord.seq) &+ 1)
             // The flusher's membarrier() orders its side; here the compiler
             // must only keep the loads below after the store above.
-            if set.fenceOnAccess { svm_fence() } else { svm_compiler_barrier() }
+            if mm.cpuAccess.fenceOnAccess { svm_fence() } else { svm_compiler_barrier() }
         }
-        if svm_load64_relaxed(words + CPUWord.loadedMM) != UInt64(mm.id) { switchTo(mm, set) }
-        let gen = mm.tlbContext.gen.load(ordering: .acquiring)
-        if gen != words[CPUWord.localGen] { catchUp(mm.tlbContext, gen, set) }
+        if svm_load64_relaxed(words + CPUWord.loadedMM) != UInt64(mm.id) { switchTo(mm) }
+        let gen = svm_load64(mm.tlbGen)
+        if gen != words[CPUWord.localGen] { catchUp(mm, gen) }
     }
 
     /// The end of an access (an instruction boundary): a flusher waiting for
     /// this CPU may go on, and an IPI that arrived meanwhile is handled.
     @inlinable @inline(__always)
-    func endAccess(_ set: CPUSet) {
+    func endAccess(_ mm: AddressSpace) {
         let depth = words[CPUWord.depth] &- 1
         words[CPUWord.depth] = depth
         if depth == 0 {
             svm_tsan_release(words)
             svm_store64(words + CPUWord.seq, svm_load64_relaxed(words + CPUWord.seq) &+ 1)
-            if svm_load64_relaxed(words + CPUWord.inboxGen) != 0 { handleIPI(set) }
+            if svm_load64_relaxed(words + CPUWord.inboxGen) != 0 { handleIPI(mm) }
         }
     }
 
@@ -103,22 +110,22 @@ struct CPU {
         let epoch = words[CPUWord.epoch] << TLB.epochShift
         let need: UInt64 = write ? TLB.writable | TLB.dirty : 0
         let vpn = address >> 12
-        var e = tlb + Int(vpn & UInt64(TLB.sets4K - 1)) &* TLB.ways
+        var e = tlb + Int(truncatingIfNeeded: vpn & UInt64(TLB.sets4K - 1)) &* TLB.ways
         var tag = vpn | epoch
         for _ in 0..<TLB.ways {
             if e.pointee.tag == tag {
                 guard e.pointee.info & need == need, let frame = e.pointee.frame else { return nil }
-                return (e, frame + Int(address & 4095))
+                return (e, frame + Int(truncatingIfNeeded: address & 4095))
             }
             e += 1
         }
         let hpn = address >> 21
-        e = tlb + TLB.entries4K + Int(hpn & UInt64(TLB.sets2M - 1)) &* TLB.ways
+        e = tlb + (TLB.entries4K &+ Int(truncatingIfNeeded: hpn & UInt64(TLB.sets2M - 1)) &* TLB.ways)
         tag = hpn | epoch
         for _ in 0..<TLB.ways {
             if e.pointee.tag == tag {
                 guard e.pointee.info & need == need, let frame = e.pointee.frame else { return nil }
-                return (e, frame + Int(address & ((2 << 20) - 1)))
+                return (e, frame + Int(truncatingIfNeeded: address & ((2 << 20) - 1)))
             }
             e += 1
         }
@@ -188,7 +195,8 @@ struct CPU {
     /// `switch_mm()`: leave the loaded address space (clearing this CPU's bit
     /// in its mask), load `mm`, start with an empty TLB (no PCIDs).
     @usableFromInline @inline(never)
-    func switchTo(_ mm: AddressSpace, _ set: CPUSet) {
+    func switchTo(_ mm: AddressSpace) {
+        let set = mm.kernel.cpus
         let bit = UInt64(1) << UInt64(index)
         if let old = set.loaded[index] {
             old.takeUnretainedValue().cpumask.bitwiseAnd(~bit, ordering: .releasing)
@@ -202,7 +210,7 @@ struct CPU {
         // A full barrier (a locked RMW): either a flusher sees the bit, or
         // the generation read below sees its flush.
         ctx.cpumask.bitwiseOr(bit, ordering: .sequentiallyConsistent)
-        words[CPUWord.localGen] = ctx.gen.load(ordering: .acquiring)
+        words[CPUWord.localGen] = ctx.generation
         svm_tsan_acquire(ctx.syncAddress)
     }
 
@@ -210,7 +218,8 @@ struct CPU {
     /// it (it was between accesses, or had no thread): take the IPI that
     /// waits in the inbox, or flush everything when generations were missed.
     @usableFromInline @inline(never)
-    func catchUp(_ ctx: TLBContext, _ gen: UInt64, _ set: CPUSet) {
+    func catchUp(_ mm: AddressSpace, _ gen: UInt64) {
+        let ctx = mm.tlbContext, set = mm.kernel.cpus
         svm_tsan_acquire(ctx.syncAddress)
         let local = words[CPUWord.localGen]
         if let r = drainInbox(set), r.mm == UInt64(ctx.id), r.gen == gen, gen == local + 1 {
@@ -223,7 +232,8 @@ struct CPU {
 
     /// An IPI arrived during the access just ended: flush what it asks.
     @usableFromInline @inline(never)
-    func handleIPI(_ set: CPUSet) {
+    func handleIPI(_ mm: AddressSpace) {
+        let set = mm.kernel.cpus
         guard let r = drainInbox(set), r.mm == svm_load64_relaxed(words + CPUWord.loadedMM) else { return }
         let local = words[CPUWord.localGen]
         guard r.gen > local else { return }

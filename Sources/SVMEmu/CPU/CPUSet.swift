@@ -162,6 +162,34 @@ private let cpuSetUnbind: svm_cpu_unbind_fn = { owner, index in
     Unmanaged<CPUSet>.fromOpaque(owner).takeRetainedValue().giveBack(Int(index))
 }
 
+/// What the access path needs of a machine's CPUs, as plain values an
+/// address space keeps (no reference counting on the way to a TLB hit).
+@usableFromInline
+struct CPUAccess {
+    /// The CPU set, unretained: the binding key of the calling thread.
+    @usableFromInline let owner: UnsafeMutableRawPointer
+    @usableFromInline let words: UnsafeMutablePointer<UInt64>
+    @usableFromInline let tlbs: UnsafeMutablePointer<TLBEntry>
+    @usableFromInline let fenceOnAccess: Bool
+    @usableFromInline let checksStaleEntries: Bool
+
+    init(_ set: CPUSet) {
+        owner = Unmanaged.passUnretained(set).toOpaque()
+        words = set.words
+        tlbs = set.tlbs
+        fenceOnAccess = set.fenceOnAccess
+        checksStaleEntries = set.checksStaleEntries
+    }
+
+    /// The CPU the calling thread runs on, taking a free one first if it has none.
+    @inlinable @inline(__always)
+    func current(_ mm: AddressSpace) -> CPU {
+        var i = Int(svm_bound_cpu(owner))
+        if i < 0 { i = mm.kernel.cpus.bindCurrentThread() }
+        return CPU(index: i, words: words + i * CPUWord.stride, tlb: tlbs + i * TLB.entriesPerCPU)
+    }
+}
+
 /// Word offsets of a CPU's state in `CPUSet.words`.
 @usableFromInline
 enum CPUWord {

@@ -43,7 +43,7 @@ extension AddressSpace {
         let cpus = kernel.cpus
         let vm = kernel.vmstat
         svm_tsan_release(ctx.syncAddress)
-        let gen = ctx.gen.add(1, ordering: .sequentiallyConsistent).newValue
+        let gen = UInt64(bitPattern: Int64(svm_add64_seqcst(ctx.gen, 1)))
         vm.count(.tlbPagesFlushed, pages)
         var me: UInt64 = 0
         if let cpu = cpus.currentIfBound(), svm_load64_relaxed(cpu.words + CPUWord.loadedMM) == UInt64(id) {

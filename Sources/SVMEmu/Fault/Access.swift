@@ -39,18 +39,39 @@ extension AddressSpace {
     /// faults and returns nil: what a thread with a pending signal does when a
     /// fault keeps returning "retry". Stress harnesses use it to stop threads
     /// that a livelock would otherwise keep forever.
-    @inlinable
+    @inlinable @inline(__always)
     public func withPageBytes<R>(at address: UInt64, write: Bool, faultLimit: Int,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
+        // The fast path: this thread has its CPU, the entry is in the TLB.
+        let i = Int(svm_bound_cpu(cpuAccess.owner))
+        if _fastPath(i >= 0 && covers(address) && !cpuAccess.checksStaleEntries) {
+            let cpu = CPU(index: i, words: cpuAccess.words + i &* CPUWord.stride, tlb: cpuAccess.tlbs + i &* TLB.entriesPerCPU)
+            cpu.beginAccess(self)
+            if let hit = cpu.lookup(address, write: write) {
+                svm_tsan_ignore_begin()
+                let r = body(hit.bytes)
+                svm_tsan_ignore_end()
+                cpu.endAccess(self)
+                return r
+            }
+            cpu.endAccess(self)
+        }
+        return try withPageBytesWalking(at: address, write: write, faultLimit: faultLimit, body)
+    }
+
+    /// The rest of an access: taking a CPU, the checked TLB hit, the page
+    /// walk, and the faults.
+    @inlinable @inline(never)
+    func withPageBytesWalking<R>(at address: UInt64, write: Bool, faultLimit: Int,
+                                 _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
         guard covers(address) else { throw .badAddress }
-        let cpus = kernel.cpus
-        let cpu = cpus.current()
+        let cpu = cpuAccess.current(self)
         var faults = 0
         while true {
-            cpu.beginAccess(self, cpus)
+            cpu.beginAccess(self)
             var bytes: UnsafeMutableRawPointer? = nil
             if let hit = cpu.lookup(address, write: write) {
-                if cpus.checksStaleEntries { checkTLBEntry(cpu, hit.entry, address, write: write) }
+                if cpuAccess.checksStaleEntries { checkTLBEntry(cpu, hit.entry, address, write: write) }
                 bytes = hit.bytes
             } else {
                 bytes = walkAndFill(cpu, address, write: write)
@@ -59,11 +80,11 @@ extension AddressSpace {
                 svm_tsan_ignore_begin()
                 let r = body(bytes)
                 svm_tsan_ignore_end()
-                cpu.endAccess(cpus)
+                cpu.endAccess(self)
                 return r
             }
             // A page fault ends the instruction: the handler runs between accesses.
-            cpu.endAccess(cpus)
+            cpu.endAccess(self)
             if faults >= faultLimit { return nil }
             faults += 1
             try handleMMFault(address, write: write)
