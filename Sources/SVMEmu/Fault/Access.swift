@@ -1,19 +1,22 @@
 import CSVMSupport
 
-/// The CPU access path: what a load or store instruction does. It walks the
-/// page tables (PMD, then PTE), takes the entry's lock for the duration of the
-/// byte access (so no page can be unmapped and copied under it, the role TLB
-/// shootdown plays on real CPUs), and on anything but a usable present entry
-/// takes a page fault and retries.
-///
-/// Errors: `.badAddress` (EFAULT, SIGSEGV/SEGV_MAPERR) outside any VMA;
-/// `.permissionDenied` (EACCES, SEGV_ACCERR) for PROT_NONE or writing a
-/// read-only VMA; `.ioError` (SIGBUS) when a device's `migrateToRAM` gives up;
-/// `.noMemory` (VM_FAULT_OOM).
+// The CPU access path: what a load or store instruction does. The contract
+// is on `withPageBytes(at:write:faultLimit:_:)`.
 extension AddressSpace {
 
     /// Runs `body` on the bytes of the page containing `address` (from `address`
     /// to the end of that page), faulting as needed.
+    ///
+    /// The contract is ``withPageBytes(at:write:faultLimit:_:)``'s, without a
+    /// fault limit.
+    ///
+    /// - Parameters:
+    ///   - address: any address.
+    ///   - write: whether the access is a store.
+    ///   - body: runs on the page's bytes with the entry's page-table lock
+    ///     held: it must not fault, take the mmap lock or a page-table lock.
+    /// - Returns: what `body` returns.
+    /// - Throws: as ``withPageBytes(at:write:faultLimit:_:)``.
     @inlinable
     public func withPageBytes<R>(at address: UInt64, write: Bool,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R {
@@ -24,6 +27,28 @@ extension AddressSpace {
     /// faults and returns nil: what a thread with a pending signal does when a
     /// fault keeps returning "retry". Stress harnesses use it to stop threads
     /// that a livelock would otherwise keep forever.
+    ///
+    /// What a load or store instruction does: it walks the page tables (PMD,
+    /// then PTE), takes the entry's lock for the duration of the byte access
+    /// (so no page can be unmapped and copied under it, the role TLB
+    /// shootdown plays on real CPUs), and on anything but a usable present
+    /// entry takes a page fault (`handle_mm_fault()`, which takes the mmap lock
+    /// for reading) and retries. The caller holds no lock: not the mmap lock
+    /// (a fault takes it), no page-table lock, and no folio lock a fault
+    /// might wait for.
+    ///
+    /// - Parameters:
+    ///   - address: any address.
+    ///   - write: whether the access is a store.
+    ///   - faultLimit: faults to take before giving up.
+    ///   - body: runs on the page's bytes with the entry's page-table lock
+    ///     held: it must not fault, take the mmap lock or a page-table lock.
+    /// - Returns: what `body` returns, or nil after `faultLimit` faults.
+    /// - Throws: ``Errno/badAddress`` (EFAULT, SIGSEGV/SEGV_MAPERR) outside
+    ///   any VMA; ``Errno/permissionDenied`` (EACCES, SEGV_ACCERR) for
+    ///   PROT_NONE or writing a read-only VMA; ``Errno/ioError`` (SIGBUS) in
+    ///   a special mapping or when a device's `migrateToRAM` gives up;
+    ///   ``Errno/noMemory`` (VM_FAULT_OOM).
     @inlinable
     public func withPageBytes<R>(at address: UInt64, write: Bool, faultLimit: Int,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
@@ -64,7 +89,18 @@ extension AddressSpace {
         }
     }
 
-    /// Copies `buffer.count` bytes from `address` (`copy_from_user()`).
+    /// Copies `buffer.count` bytes from `address`, faulting pages in as a CPU
+    /// load would.
+    ///
+    /// Caller holds no lock (see ``withPageBytes(at:write:faultLimit:_:)``).
+    ///
+    /// - Parameters:
+    ///   - address: the first byte to read.
+    ///   - buffer: where the bytes go.
+    /// - Throws: as ``withPageBytes(at:write:faultLimit:_:)``; the bytes of
+    ///   the pages before the failing one have been copied.
+    ///
+    /// The corresponding kernel function is `copy_from_user()`.
     public func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
         guard let base = buffer.baseAddress else { return }
         try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
@@ -72,7 +108,18 @@ extension AddressSpace {
         }
     }
 
-    /// Copies `buffer.count` bytes to `address` (`copy_to_user()`).
+    /// Copies `buffer.count` bytes to `address`, faulting pages in as a CPU
+    /// store would.
+    ///
+    /// Caller holds no lock (see ``withPageBytes(at:write:faultLimit:_:)``).
+    ///
+    /// - Parameters:
+    ///   - address: the first byte to write.
+    ///   - buffer: the bytes.
+    /// - Throws: as ``withPageBytes(at:write:faultLimit:_:)``; the pages
+    ///   before the failing one have been written.
+    ///
+    /// The corresponding kernel function is `copy_to_user()`.
     public func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
         guard let base = buffer.baseAddress else { return }
         try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
@@ -80,11 +127,11 @@ extension AddressSpace {
         }
     }
 
-    /// Loads one byte.
+    /// Loads one byte, as a CPU load; caller holds no lock.
     @inlinable public func load(_ address: UInt64) throws(Errno) -> UInt8 {
         try withPageBytes(at: address, write: false) { $0.load(as: UInt8.self) }
     }
-    /// Stores one byte.
+    /// Stores one byte, as a CPU store; caller holds no lock.
     @inlinable public func store(_ address: UInt64, _ value: UInt8) throws(Errno) {
         try withPageBytes(at: address, write: true) { $0.storeBytes(of: value, as: UInt8.self) }
     }
@@ -99,6 +146,7 @@ extension AddressSpace {
 
     /// Fills `[address, address + length)` with a deterministic pattern: each
     /// 64-bit word holds `seed` mixed with its address. `verifyPattern` checks it.
+    /// Caller holds no lock; the stores fault pages in as CPU stores would.
     public func fillPattern(_ address: UInt64, length: Int, seed: UInt64) throws(Errno) {
         try forEachPageChunk(address, count: length) { (base, _, n) throws(Errno) in
             try withPageBytes(at: base, write: true) { p in
@@ -113,6 +161,7 @@ extension AddressSpace {
 
     /// The first address in `[address, address + length)` whose word differs
     /// from `fillPattern`'s, or nil when all match.
+    /// Caller holds no lock; the loads fault pages in as CPU loads would.
     public func verifyPattern(_ address: UInt64, length: Int, seed: UInt64) throws(Errno) -> UInt64? {
         var a = address
         let end = address + UInt64(length)
@@ -158,7 +207,9 @@ public func forEachPageChunk<E: Error>(_ address: UInt64, count: Int,
 /// Anything that reads and writes a virtual address range as some processor
 /// sees it: the CPU (`AddressSpace`) or a device (a driver's GPU path).
 public protocol VirtualMemoryAccessor {
+    /// Copies `buffer.count` bytes from `address` into `buffer`.
     func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno)
+    /// Copies `buffer` to `address`.
     func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno)
 }
 

@@ -20,6 +20,7 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
     /// The whole fault (GPU fault handler or CPU fault's migrateToRAM), outermost.
     case fault
 
+    /// The phase's name in reports.
     public var name: String {
         switch self {
         case .collect: "collect"
@@ -38,8 +39,11 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
 
 /// Totals for one phase.
 public struct PhaseTotals: Sendable, Hashable, Codable {
+    /// Time spent in the phase, in nanoseconds.
     public var nanos: Double = 0
+    /// How many times the phase ran.
     public var count: UInt64 = 0
+    /// Totals of `nanos` over `count` runs.
     public init(nanos: Double = 0, count: UInt64 = 0) {
         self.nanos = nanos
         self.count = count
@@ -63,18 +67,26 @@ public final class PhaseTimer: @unchecked Sendable {
     public let nanosPerTick: Double
 
     // Trace: per slot, `traceCapacity` events of (start tick, end tick, phase, tag).
+    /// Trace events kept per CPU (0: no trace).
     public let traceCapacity: Int
     private let trace: UnsafeMutablePointer<TraceEvent>
     private let traceCounts: UnsafeMutablePointer<Int>
     private let startTick: UInt64
 
+    /// One recorded phase, in ticks.
     public struct TraceEvent: Sendable {
+        /// The tick the phase began.
         public var start: UInt64
+        /// The tick it ended.
         public var end: UInt64
+        /// The ``MigrationPhase`` raw value.
         public var phase: Int32
+        /// The CPU slot that recorded it.
         public var cpu: Int32
     }
 
+    /// A timer, off, keeping `traceCapacity` trace events per CPU. Calibrates
+    /// the tick against the monotonic clock for about 2 ms.
     public init(traceCapacity: Int = 0) {
         let n = PhaseTimer.slots * PhaseTimer.slotWords
         words = .allocate(capacity: n)
@@ -96,6 +108,7 @@ public final class PhaseTimer: @unchecked Sendable {
         traceCounts.deallocate()
     }
 
+    /// Whether phases are timed; may be switched at any time.
     public var isEnabled: Bool {
         get { enabledFlag.load(ordering: .relaxed) }
         set { enabledFlag.store(newValue, ordering: .relaxed) }
