@@ -2,11 +2,14 @@
 #   make demo   release build, then `svmemu demo` (the livelock, its fix, the overhead breakdown)
 #   make test   the test suites (what CI runs)
 # Both install libdrm-dev (and pkg-config) with apt-get when pkg-config cannot find libdrm.
+# Also: make tsan (the suites under ThreadSanitizer), make docs (the DocC site
+# of SVMEmu, warnings fail it), make bench (release benchmarks). CI runs
+# test, docs and tsan (.ci/run).
 
 SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test tsan deps build release bench clean
+.PHONY: demo test tsan docs deps build release bench clean
 
 deps:
 	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libdrm; then \
@@ -32,10 +35,21 @@ tsan: deps
 	TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 $${TSAN_OPTIONS:-}" \
 		$(SWIFT) test --sanitize=thread --scratch-path .build-tsan -Xcc -DSVM_TSAN
 
+# The DocC site of SVMEmu (Sources/SVMEmu/SVMEmu.docc with the API), built
+# by swift-docc-plugin in its own build folder so that the debug build stays
+# valid. Any DocC warning (an unresolved symbol link, a parameter documented
+# that does not exist) fails it. Output: .build-docs/site; browse it with
+#   swift package --disable-sandbox preview-documentation --target SVMEmu
+DOCS_OUT := .build-docs/site
+docs:
+	$(SWIFT) package --scratch-path .build-docs --allow-writing-to-directory $(DOCS_OUT) \
+		generate-documentation --target SVMEmu --warnings-as-errors --output-path $(DOCS_OUT)
+	@echo "docs: $(DOCS_OUT) (open documentation/svmemu in a static web server, or use preview-documentation)"
+
 bench: release
 	.build/release/svmemu bench memory
 	.build/release/svmemu bench migrate --granularity 4k --size 256M
 	.build/release/svmemu bench migrate --granularity 2m --size 256M
 
 clean:
-	rm -rf .build
+	rm -rf .build .build-docs

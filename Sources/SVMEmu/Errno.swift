@@ -10,7 +10,9 @@ import Darwin
 /// `migrateVMASetup` failing the way `migrate_vma_setup()` fails with `-EINVAL`
 /// throws `Errno.invalidArgument`.
 public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringConvertible {
+    /// The positive errno value (`EINVAL` is 22 on Linux).
     public let rawValue: Int32
+    /// The error with this errno value.
     public init(rawValue: Int32) { self.rawValue = rawValue }
 
     /// `EPERM`: operation not permitted (dmirror: writing read-only memory).
@@ -75,6 +77,7 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
         }
     }
 
+    /// The symbolic name and the C library's message: `EINVAL (Invalid argument)`.
     public var description: String {
         guard let cString = strerror(rawValue) else { return name }
         return "\(name) (\(String(cString: cString)))"
@@ -90,7 +93,9 @@ public struct Diagnostic: Sendable, Hashable, CustomStringConvertible {
     public let rule: String
     /// Which page, address or argument it concerned.
     public let detail: String
+    /// A diagnostic of `rule` about `detail`.
     public init(rule: String, detail: String) { self.rule = rule; self.detail = detail }
+    /// `WARNING: rule (detail)`, as the kernel log would show it.
     public var description: String { "WARNING: \(rule) (\(detail))" }
 }
 
@@ -99,6 +104,11 @@ public struct Diagnostic: Sendable, Hashable, CustomStringConvertible {
 /// The message names the rule and, unlike a `precondition`'s, is printed in
 /// release builds too. Input that can be refused is refused with an
 /// ``Errno`` or a diagnostic instead.
+///
+/// - Parameters:
+///   - rule: the contract broken, with the offending value.
+///   - file: the caller's file, for the message.
+///   - line: the caller's line, for the message.
 public func contractViolation(_ rule: @autoclosure () -> String,
                               file: StaticString = #fileID, line: UInt = #line) -> Never {
     fatalError("SVMEmu: \(rule())", file: file, line: line)

@@ -30,6 +30,7 @@ public enum DeviceFaultPolicy: String, Sendable, CaseIterable, Codable {
 public struct KernelConfiguration: Sendable {
     /// System RAM per NUMA node, in bytes (rounded down to 2 MiB). Two nodes by default.
     public var nodeSizes: [Int] = [2 << 30, 2 << 30]
+    /// The transparent huge page policy (`madvise` by default).
     public var transparentHugepage: TransparentHugepageMode = .madvise
     /// The device-private fault policy; can also be changed at run time.
     public var deviceFaultPolicy: DeviceFaultPolicy = .trylock
@@ -48,6 +49,8 @@ public struct KernelConfiguration: Sendable {
     /// report one whose frame is no longer mapped there (a stale translation)
     /// as a diagnostic. On in debug builds, off in release builds (benchmarks).
     public var checksStaleTLBEntries: Bool = _isDebugAssertConfiguration()
+    /// The default machine: two 2 GiB RAM nodes, THP on `madvise`, the
+    /// trylock fault policy.
     public init() {}
 
     /// Checks the settings a machine cannot boot with.
@@ -81,12 +84,19 @@ public struct KernelConfigurationError: Error, Sendable, Equatable, CustomString
     /// Which setting is wrong and what it must be.
     public let message: String
     init(_ message: String) { self.message = message }
+    /// `invalid KernelConfiguration: ` and the message.
     public var description: String { "invalid KernelConfiguration: \(message)" }
 }
 
 /// The emulated kernel: physical memory, device page maps, address spaces,
 /// counters and the fault policy. Every test or run boots its own.
+///
+/// A kernel lives as long as anything refers to it: each ``AddressSpace``
+/// keeps its kernel alive, while ``Page`` and ``Folio`` values do not (like a
+/// `struct page *`). Its methods are safe to call from any thread; which
+/// locks a call expects its caller to hold is part of each method's contract.
 public final class Kernel: @unchecked Sendable {
+    /// The settings the machine booted with.
     public let configuration: KernelConfiguration
 
     /// Bytes of page metadata (the emulator's `struct page`) per 4 KiB page.
@@ -206,6 +216,10 @@ public final class Kernel: @unchecked Sendable {
     }
 
     /// The device-private fault policy in force (`do_swap_page()` behaviour).
+    ///
+    /// May be changed at any time; a fault reads it once when it finds a
+    /// device-private entry, and ``Kernel/migrateVMASetup(_:)`` reads it to
+    /// know whether the fault path holds the fault page's lock.
     public var deviceFaultPolicy: DeviceFaultPolicy {
         get { Kernel.decode(policyWord.load(ordering: .relaxed)) }
         set { policyWord.store(Kernel.encode(newValue), ordering: .relaxed) }
@@ -314,6 +328,10 @@ public final class Kernel: @unchecked Sendable {
     }
 
     /// Whether `pfn` names a page frame of this machine (RAM or device memory).
+    ///
+    /// Lock-free; a device page map registered concurrently may not be seen yet.
+    ///
+    /// The corresponding kernel function is `pfn_valid()`.
     public func isValid(pfn: UInt64) -> Bool {
         // Regions are published in ascending pfn order: binary search.
         var lo = 0, hi = publishedRegions.load(ordering: .acquiring)
@@ -326,15 +344,26 @@ public final class Kernel: @unchecked Sendable {
         return false
     }
 
-    /// `pfn_to_page()` without validation, for drivers walking their own page
-    /// tables: `pfn` must name a page of this machine (checked in debug builds).
+    /// The page with this pfn, without validation, for drivers walking their
+    /// own page tables.
+    ///
+    /// `pfn` must name a page of this machine (checked in debug builds); use
+    /// ``Kernel/page(pfn:)`` for a pfn that may not. Holding the returned
+    /// ``Page`` holds no reference.
+    ///
+    /// The corresponding kernel function is `pfn_to_page()`.
     @inlinable public func pfnToPage(_ pfn: UInt64) -> Page {
         assert(isValid(pfn: pfn), "pfn_to_page: pfn 0x\(String(pfn, radix: 16)) is not a page of this machine")
         return Page(pfn: pfn, kernel: self)
     }
 
-    /// The page with this pfn (`pfn_to_page()`). Returns nil for a pfn outside
-    /// every region.
+    /// The page with this pfn, or nil for a pfn outside every RAM node and
+    /// device page map.
+    ///
+    /// Holding the returned ``Page`` holds no reference.
+    ///
+    /// The corresponding kernel function is `pfn_to_page()` (after
+    /// `pfn_valid()`).
     public func page(pfn: UInt64) -> Page? {
         isValid(pfn: pfn) ? Page(pfn: pfn, kernel: self) : nil
     }
@@ -343,6 +372,14 @@ public final class Kernel: @unchecked Sendable {
 
     /// Records a broken API rule (the emulator's WARN_ON): the caller's step is
     /// refused by the code that calls this; nothing is corrupted.
+    ///
+    /// Takes no lock a caller could hold; safe from any context. The record
+    /// is kept in ``Kernel/diagnostics`` (the first 10,000) and printed to
+    /// standard error when ``KernelConfiguration/printDiagnostics`` is set.
+    ///
+    /// - Parameters:
+    ///   - rule: the rule broken, short and stable (tests match on it).
+    ///   - detail: which page, address or argument it concerned.
     public func warn(_ rule: String, _ detail: @autoclosure () -> String = "") {
         let d = Diagnostic(rule: rule, detail: detail())
         diagnosticCount.add(1, ordering: .relaxed)

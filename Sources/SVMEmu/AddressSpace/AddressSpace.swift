@@ -22,8 +22,9 @@ public final class AddressSpace: @unchecked Sendable {
     public let kernel: Kernel
     /// Identity for the reverse map (anonymous pages record it).
     public let id: UInt32
-    /// First and one-past-last address the page tables cover.
+    /// First address the page tables cover.
     public let baseAddress: UInt64
+    /// One past the last address the page tables cover.
     public let endAddress: UInt64
 
     let mmapLockStorage: UnsafeMutablePointer<pthread_rwlock_t>
@@ -57,6 +58,14 @@ public final class AddressSpace: @unchecked Sendable {
     let invalidateSeq = Atomic<UInt64>(0)
 
     /// Creates an empty address space (what `execve()` or `fork()` would set up).
+    ///
+    /// It covers ``KernelConfiguration/addressSpaceSize`` bytes from
+    /// ``baseAddress``, has no VMAs, and keeps `kernel` alive. When the last
+    /// reference goes, every mapping is torn down (`exit_mmap()`), so the
+    /// pages' references and map counts return.
+    ///
+    /// - Parameters:
+    ///   - kernel: the machine this address space belongs to.
     public init(kernel: Kernel) {
         self.kernel = kernel
         baseAddress = 1 << 32
@@ -101,30 +110,61 @@ public final class AddressSpace: @unchecked Sendable {
 
     // MARK: the mmap lock
 
-    /// `mmap_read_lock()`.
+    /// Takes the mmap lock for reading, sleeping while a writer holds it or
+    /// waits for it (writers are preferred, so a fault storm cannot starve
+    /// `munmap`).
+    ///
+    /// Faults, ``Kernel/migrateVMASetup(_:)`` and ``hmmRangeFault(_:)`` run
+    /// under it. Not recursive with a waiting writer: a thread must not take
+    /// it twice. Release with ``mmapReadUnlock()``.
+    ///
+    /// The corresponding kernel function is `mmap_read_lock()`.
     public func mmapReadLock() {
         pthread_rwlock_rdlock(mmapLockStorage)
         mmapLockHolders.add(1, ordering: .relaxed)
     }
-    /// `mmap_read_unlock()`.
+    /// Releases the mmap lock taken with ``mmapReadLock()``.
+    ///
+    /// The corresponding kernel function is `mmap_read_unlock()`.
     public func mmapReadUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
         pthread_rwlock_unlock(mmapLockStorage)
     }
-    /// `mmap_write_lock()`.
+    /// Takes the mmap lock for writing, sleeping until no reader or writer
+    /// holds it.
+    ///
+    /// ``mmap(address:length:protection:shared:special:)``, ``munmap(_:length:)``,
+    /// ``mprotect(_:length:protection:)`` and ``mremap(_:oldLength:newLength:flags:newAddress:)``
+    /// take it themselves: a caller holding it must not call them. Release
+    /// with ``mmapWriteUnlock()``.
+    ///
+    /// The corresponding kernel function is `mmap_write_lock()`.
     public func mmapWriteLock() {
         pthread_rwlock_wrlock(mmapLockStorage)
         mmapLockHolders.add(1, ordering: .relaxed)
     }
-    /// `mmap_write_unlock()`.
+    /// Releases the mmap lock taken with ``mmapWriteLock()``.
+    ///
+    /// The corresponding kernel function is `mmap_write_unlock()`.
     public func mmapWriteUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
         pthread_rwlock_unlock(mmapLockStorage)
     }
-    /// Whether some thread holds the mmap lock (`mmap_assert_locked()` can only
-    /// tell that much without per-thread tracking).
+    /// Whether some thread holds the mmap lock, in either mode.
+    ///
+    /// Without per-thread tracking this cannot tell whether the *calling*
+    /// thread holds it; the emulated kernel uses it to report callers that
+    /// certainly do not.
+    ///
+    /// The corresponding kernel function is `mmap_assert_locked()`.
     public var isMmapLocked: Bool { mmapLockHolders.load(ordering: .relaxed) > 0 }
-    /// Runs `body` with the mmap lock held for reading.
+    /// Runs `body` with the mmap lock held for reading, and releases it when
+    /// `body` returns or throws.
+    ///
+    /// - Parameters:
+    ///   - body: runs with the lock held; must not take the mmap lock again.
+    /// - Returns: what `body` returns.
+    /// - Throws: what `body` throws.
     public func withMmapReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         mmapReadLock(); defer { mmapReadUnlock() }
         return try body()
@@ -132,8 +172,12 @@ public final class AddressSpace: @unchecked Sendable {
 
     // MARK: VMAs
 
-    /// `find_vma()`-like but exact: the VMA containing `address`, or nil.
-    /// Caller holds the mmap lock.
+    /// The VMA containing `address`, or nil.
+    ///
+    /// Caller holds the mmap lock (either mode), and the VMA's bounds are
+    /// stable only while it does.
+    ///
+    /// The corresponding kernel function is `vma_lookup()`.
     public func vma(containing address: UInt64) -> VMA? {
         var lo = 0, hi = vmas.count
         while lo < hi {
@@ -143,9 +187,17 @@ public final class AddressSpace: @unchecked Sendable {
         }
         return nil
     }
-    /// `find_vma()`: the first VMA ending above `address`. Caller holds the mmap lock.
+    /// The first VMA that ends above `address` (it may start above it too), or
+    /// nil.
+    ///
+    /// Caller holds the mmap lock (either mode).
+    ///
+    /// The corresponding kernel function is `find_vma()`.
     public func findVMA(_ address: UInt64) -> VMA? { vmas.first { $0.end > address } }
-    /// The VMAs, for inspection (takes the mmap lock).
+    /// The VMAs in address order, for inspection.
+    ///
+    /// Takes the mmap lock for reading: a caller holding it for writing must
+    /// not read this.
     public var mappings: [VMA] { withMmapReadLock { vmas } }
 
     // MARK: page-table slots
@@ -166,6 +218,10 @@ public final class AddressSpace: @unchecked Sendable {
 
     /// The entry mapping `address`, for inspection: the PMD entry when it maps
     /// 2 MiB itself, else the PTE. No locks; a snapshot.
+    ///
+    /// - Parameters:
+    ///   - address: any address; outside the address space the entry is none.
+    /// - Returns: the level of the entry and the entry.
     public func entry(at address: UInt64) -> (level: PageTableLevel, entry: PageTableEntry) {
         guard covers(address) else { return (.pte, .none) }
         let pmd = loadPMD(address)
@@ -191,4 +247,10 @@ public final class AddressSpace: @unchecked Sendable {
     }
 }
 
-public enum PageTableLevel: String, Sendable { case pmd, pte }
+/// The level of a page-table entry.
+public enum PageTableLevel: String, Sendable {
+    /// A PMD entry that maps 2 MiB itself.
+    case pmd
+    /// A PTE, mapping 4 KiB.
+    case pte
+}

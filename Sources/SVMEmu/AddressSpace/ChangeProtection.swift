@@ -1,10 +1,11 @@
 import CSVMSupport
 
-/// Rewriting the entries of a range in place, under the page-table locks:
-/// protection changes (mprotect) and MADV_FREE, over one shared leaf walk.
+// Rewriting the entries of a range in place, under the page-table locks:
+// protection changes (mprotect) and MADV_FREE, over one shared leaf walk.
 extension AddressSpace {
 
     /// Rewrites protection bits over `[start, end)` (`change_protection()`).
+    /// Caller holds the mmap lock for writing and no page-table lock.
     func changeProtection(start: UInt64, end: UInt64, write: Bool, none: Bool) {
         func rewrite(_ e: PageTableEntry) -> PageTableEntry {
             var e = e
@@ -36,6 +37,7 @@ extension AddressSpace {
     }
 
     /// MADV_FREE: clean, lazily freeable. Without reclaim the contents stay.
+    /// Caller holds the mmap lock for reading and no page-table lock.
     func lazyFree(start: UInt64, end: UInt64) {
         walkLeaves(start, end, splitPartial: { $0.kind == .present },
                    pte: { p, e in
@@ -55,6 +57,8 @@ extension AddressSpace {
     /// `splitPartial` says so; PTE tables are visited under their PTE lock
     /// (`pte` for each entry), whole huge entries (anything but none and a
     /// table) under the PMD lock (`pmd`). One TLB flush for the range at the end.
+    /// Caller holds the mmap lock and no page-table lock; `pte` and `pmd` run
+    /// with the PTE or PMD lock held and must not take another.
     func walkLeaves(_ start: UInt64, _ end: UInt64, splitPartial: (PageTableEntry) -> Bool,
                             pte: (UInt64, PageTableEntry) -> Void, pmd: (UInt64, PageTableEntry) -> Void) {
         var a = start

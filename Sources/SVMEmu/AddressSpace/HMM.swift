@@ -3,7 +3,9 @@ import CSVMSupport
 /// One output/input word of `hmm_range_fault()` (`unsigned long hmm_pfns[]`):
 /// the pfn in the low bits, flags in the high ones.
 public struct HMMPFN: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    /// The word as the kernel lays it out.
     public var rawValue: UInt64
+    /// The entry with this raw word.
     public init(rawValue: UInt64) { self.rawValue = rawValue }
     /// HMM_PFN_VALID (bit 63); on input HMM_PFN_REQ_FAULT.
     public static let valid = HMMPFN(rawValue: 1 << 63)
@@ -18,12 +20,20 @@ public struct HMMPFN: RawRepresentable, Hashable, Sendable, CustomStringConverti
     static let orderShift: UInt64 = 56
     static let flagsMask: UInt64 = 0xFF << 56
 
+    /// Whether the entry names a page the device may map (HMM_PFN_VALID).
     public var isValid: Bool { rawValue & HMMPFN.valid.rawValue != 0 }
+    /// Whether the CPU mapping is writable (HMM_PFN_WRITE).
     public var isWrite: Bool { rawValue & HMMPFN.write.rawValue != 0 }
+    /// Whether no access is possible (HMM_PFN_ERROR).
     public var isError: Bool { rawValue & HMMPFN.error.rawValue != 0 }
+    /// The page's pfn, meaningful only when ``isValid``.
     public var pfn: UInt64 { rawValue & ~HMMPFN.flagsMask }
-    /// `hmm_pfn_to_map_order()`: 9 for a PMD (2 MiB) mapping, else 0.
+    /// The order of the CPU mapping that backs the entry: 9 for a PMD (2 MiB)
+    /// mapping, else 0.
+    ///
+    /// The corresponding kernel function is `hmm_pfn_to_map_order()`.
     public var mapOrder: Int { Int((rawValue >> HMMPFN.orderShift) & 0x1F) }
+    /// `error`, `0`, or the pfn with `write` and the order.
     public var description: String {
         if isError { return "error" }
         if !isValid { return "0" }
@@ -33,10 +43,14 @@ public struct HMMPFN: RawRepresentable, Hashable, Sendable, CustomStringConverti
 
 /// The arguments of `hmm_range_fault()` (`struct hmm_range`).
 public struct HMMRange: @unchecked Sendable {
+    /// The interval notifier covering the range; with it, the fault gives up
+    /// (``Errno/busy``) as soon as an invalidation makes the snapshot stale.
     public var notifier: MMUIntervalNotifier?
     /// From `notifier.readBegin()`.
     public var notifierSeq: UInt64 = 0
+    /// First address, page aligned.
     public var start: UInt64
+    /// One past the last address, page aligned.
     public var end: UInt64
     /// One entry per page; on input the per-page request flags (masked by `pfnFlagsMask`).
     public var hmmPfns: [HMMPFN]
@@ -47,6 +61,8 @@ public struct HMMRange: @unchecked Sendable {
     /// Device-private pages of this owner are reported, not faulted.
     public var devicePrivateOwner: DeviceOwner?
 
+    /// A range of `[start, end)` with `hmmPfns` sized for it (all zero: no
+    /// per-page request).
     public init(notifier: MMUIntervalNotifier? = nil, start: UInt64, end: UInt64,
                 defaultFlags: HMMPFN = HMMPFN(rawValue: 0), devicePrivateOwner: DeviceOwner? = nil) {
         self.notifier = notifier
@@ -60,13 +76,35 @@ public struct HMMRange: @unchecked Sendable {
 
 extension AddressSpace {
     /// Snapshots (and with request flags, faults in) the CPU mappings of a
-    /// range for a device. Caller holds the mmap lock for reading.
+    /// range for a device.
     ///
-    /// - Throws: `.busy` when the interval notifier saw an invalidation (start
-    ///   over with a new `readBegin()`), or after waiting on a migration entry;
-    ///   `.badAddress` (EFAULT) when a page that must be faulted has no VMA or
-    ///   the VMA is PROT_NONE; `.notPermitted` (EPERM) when a write is requested
-    ///   on a read-only VMA; a fault's own error otherwise.
+    /// Caller holds the mmap lock for reading (an unlocked call is reported as
+    /// a diagnostic) and keeps it; a fault taken here sleeps holding it. The
+    /// driver pattern: `range.notifierSeq = notifier.readBegin()`, call this,
+    /// then take the driver lock and map the result into the device only if
+    /// ``MMUIntervalNotifier/readRetry(_:)`` is false, else start over. No
+    /// page reference is taken: the notifier sequence, not a reference, keeps
+    /// the result valid.
+    ///
+    /// On return `range.hmmPfns` holds, per page, ``HMMPFN/valid`` with the
+    /// pfn (and ``HMMPFN/write``, and order 9 for a 2 MiB mapping),
+    /// ``HMMPFN/error`` where no access is possible, or 0 where nothing is
+    /// mapped and no fault was requested. Device-private pages of
+    /// `range.devicePrivateOwner` are reported, not faulted; other
+    /// device-private pages are faulted back to RAM when requested.
+    ///
+    /// - Parameters:
+    ///   - range: the range, the request flags and the notifier sequence;
+    ///     `hmmPfns` is filled in.
+    /// - Throws: ``Errno/busy`` when the interval notifier saw an
+    ///   invalidation (start over with a new `readBegin()`), or after waiting
+    ///   on a migration entry; ``Errno/badAddress`` (EFAULT) when a page that
+    ///   must be faulted has no VMA or the VMA is PROT_NONE;
+    ///   ``Errno/notPermitted`` (EPERM) when a write is requested on a
+    ///   read-only VMA; ``Errno/invalidArgument`` for an empty or unaligned
+    ///   range or `hmmPfns` shorter than the range; a fault's own error
+    ///   otherwise.
+    ///
     /// The corresponding kernel function is `hmm_range_fault()`.
     public func hmmRangeFault(_ range: inout HMMRange) throws(Errno) {
         guard range.end > range.start, range.start & 4095 == 0, range.end & 4095 == 0,

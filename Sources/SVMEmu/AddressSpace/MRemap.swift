@@ -13,32 +13,44 @@ public struct MRemapFlags: OptionSet, Sendable, Hashable {
     public static let dontUnmap = MRemapFlags(rawValue: 4)
 }
 
-/// `mremap()`: resizing and moving a mapping together with its pages.
-///
-/// A move never copies bytes: page-table entries (present, zero page, migration
-/// and device-private entries) are moved from the old range to the new one,
-/// a 2 MiB entry whole when both addresses and the extent are 2 MiB aligned,
-/// else after `splitHugePMD`. The reverse map follows: every moved folio's
-/// `index` is rebased to the new address (the kernel keeps `folio->index` and
-/// rebases the new VMA's `vm_pgoff` instead; the emulator's rmap stores the
-/// address, so it is the folio that is updated).
-///
-/// Locking: the mmap lock is held for writing throughout (no fault, no
-/// migrate_vma can run); each entry moves under the old and new page-table
-/// locks (old first), which excludes the lockless CPU access path and
-/// rmap walkers such as eviction. Like the kernel, the old range is
-/// invalidated (MMU_NOTIFY_UNMAP) before entries move, and one TLB flush of
-/// the old range is accounted per 2 MiB extent in which a present entry moved.
+// `mremap()`: resizing and moving a mapping together with its pages. The
+// contract is on `mremap(_:oldLength:newLength:flags:newAddress:)`.
 extension AddressSpace {
 
-    /// Resizes and/or moves the mapping at `oldAddress`.
+    /// Resizes and/or moves the mapping at `oldAddress`, together with its
+    /// pages.
     ///
+    /// A move never copies bytes: page-table entries (present, zero page, migration
+    /// and device-private entries) are moved from the old range to the new one,
+    /// a 2 MiB entry whole when both addresses and the extent are 2 MiB aligned,
+    /// else after `splitHugePMD`. The reverse map follows: every moved folio's
+    /// `index` is rebased to the new address (the kernel keeps `folio->index` and
+    /// rebases the new VMA's `vm_pgoff` instead; the emulator's rmap stores the
+    /// address, so it is the folio that is updated).
+    ///
+    /// Locking: the caller must not hold the mmap lock; it is taken for
+    /// writing throughout (no fault, no migrate_vma can run); each entry moves
+    /// under the old and new page-table locks (old first), which excludes the
+    /// lockless CPU access path and rmap walkers such as eviction. Like the
+    /// kernel, the old range is
+    /// invalidated (MMU_NOTIFY_UNMAP) before entries move, and one TLB flush of
+    /// the old range is accounted per 2 MiB extent in which a present entry moved.
+    ///
+    /// - Parameters:
+    ///   - oldAddress: the start of the mapping to change, page aligned.
+    ///   - oldLength: bytes of it to change, rounded up to whole pages.
+    ///   - newLength: bytes the mapping has afterwards, rounded up to whole
+    ///     pages.
+    ///   - flags: MAYMOVE, FIXED, DONTUNMAP.
+    ///   - newAddress: with FIXED, where the mapping moves (page aligned).
     /// - Returns: the mapping's address afterwards.
-    /// - Throws: `.invalidArgument` for unknown flag combinations (FIXED or
-    ///   DONTUNMAP without MAYMOVE, DONTUNMAP with a length change), unaligned
-    ///   addresses, zero lengths, or overlapping old and new ranges;
-    ///   `.badAddress` when `[oldAddress, oldAddress + oldLength)` is not inside
-    ///   one VMA; `.noMemory` when the mapping can neither grow in place nor move.
+    /// - Throws: ``Errno/invalidArgument`` for unknown flag combinations
+    ///   (FIXED or DONTUNMAP without MAYMOVE, DONTUNMAP with a length change),
+    ///   unaligned addresses, zero lengths, or overlapping old and new ranges;
+    ///   ``Errno/badAddress`` when `[oldAddress, oldAddress + oldLength)` is
+    ///   not inside one VMA; ``Errno/noMemory`` when the mapping can neither
+    ///   grow in place nor move. Nothing changes then.
+    ///
     /// The corresponding kernel function is `mremap()` (`move_vma()`,
     /// `move_page_tables()`).
     @discardableResult
@@ -159,6 +171,8 @@ extension AddressSpace {
     }
 
     /// Moves a 2 MiB entry; false when the destination PMD slot is in use.
+    /// Caller holds the mmap lock for writing and no page-table lock; both PMD
+    /// locks are taken (old first) and dropped before the TLB flush.
     private func moveHugePMD(_ old: UInt64, _ new: UInt64) -> Bool {
         var dest = loadPMD(new)
         if dest.kind == .table && tableIsEmpty(new) {
@@ -190,6 +204,8 @@ extension AddressSpace {
     }
 
     /// Moves the PTEs of `[old, old + extent)` (inside one PTE table on each side).
+    /// Caller holds the mmap lock for writing and no page-table lock; both PTE
+    /// locks are taken (old first) and dropped before the TLB flush.
     private func movePTEs(_ old: UInt64, _ new: UInt64, _ extent: UInt64) {
         _ = ensurePTETable(new)
         let oldLock = ptl(old), newLock = ptl(new)

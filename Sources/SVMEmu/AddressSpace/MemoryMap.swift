@@ -20,16 +20,28 @@ extension AddressSpace {
 
     /// Maps anonymous memory (`mmap(MAP_ANONYMOUS | MAP_PRIVATE or MAP_SHARED)`).
     ///
+    /// Takes the mmap lock for writing: the caller must not hold it. The new
+    /// VMA has no pages; the first touch of each page faults one in (a 2 MiB
+    /// folio where ``KernelConfiguration/transparentHugepage`` allows).
+    ///
     /// - Parameters:
     ///   - address: with a value, MAP_FIXED: must be page aligned; what was mapped
     ///     there is unmapped first. Without, the emulator picks a free range, 2 MiB
     ///     aligned when `length` is at least 2 MiB (as `thp_get_unmapped_area()`).
-    /// - Throws: `.invalidArgument` for a zero length or an unaligned or
-    ///   out-of-range fixed address; `.noMemory` when no range is free.
-    /// The corresponding kernel function is `do_mmap()`.
+    ///   - length: bytes to map, rounded up to whole pages.
+    ///   - protection: ``Protection/read`` and/or ``Protection/write``;
+    ///     write implies read.
+    ///   - shared: MAP_SHARED: pages behave like shmem (they have a mapping
+    ///     besides the anonymous one) and cannot move to device-private memory.
     ///   - special: a VM_PFNMAP | VM_IO mapping, what a driver's `remap_pfn_range()`
     ///     of device registers leaves: no struct pages behind it, CPU faults in
     ///     it are SIGBUS (`.ioError`) and `migrateVMASetup` refuses it.
+    /// - Returns: the start of the new mapping.
+    /// - Throws: ``Errno/invalidArgument`` for a zero length or an unaligned or
+    ///   out-of-range fixed address; ``Errno/noMemory`` when no range is free.
+    ///   Nothing changes then.
+    ///
+    /// The corresponding kernel function is `do_mmap()`.
     @discardableResult
     public func mmap(address: UInt64? = nil, length: Int, protection: Protection = .readWrite,
                      shared: Bool = false, special: Bool = false) throws(Errno) -> UInt64 {
@@ -72,8 +84,19 @@ extension AddressSpace {
     /// Unmaps `[address, address + length)`: drops every page's mapping and
     /// reference and frees empty page tables. Unmapping a range with nothing
     /// mapped succeeds, as in the kernel.
-    /// - Throws: `.invalidArgument` for an unaligned address, a zero length, or a
-    ///   range outside the address space; nothing changes then.
+    ///
+    /// Takes the mmap lock for writing (the caller must not hold it), so no
+    /// fault or migration of the range is in progress; MMU notifiers hear of
+    /// it (``MMUNotifyEvent/unmap``) before the entries go, and a page whose
+    /// last reference goes is freed after the TLB flush. Migration entries
+    /// are dropped too: the migration that made them still owns its pages.
+    ///
+    /// - Parameters:
+    ///   - address: page aligned.
+    ///   - length: bytes, rounded up to whole pages.
+    /// - Throws: ``Errno/invalidArgument`` for an unaligned address, a zero
+    ///   length, or a range outside the address space; nothing changes then.
+    ///
     /// The corresponding kernel function is `do_munmap()`.
     public func munmap(_ address: UInt64, length: Int) throws(Errno) {
         let (start, end) = try checkRange(address, length)
@@ -88,7 +111,8 @@ extension AddressSpace {
         return (address, end)
     }
 
-    /// Caller holds the mmap lock for writing.
+    /// Unmaps `[start, end)` (both page aligned). Caller holds the mmap lock
+    /// for writing and no page-table lock.
     func unmapLocked(_ start: UInt64, _ end: UInt64) {
         splitVMA(at: start)
         splitVMA(at: end)
@@ -126,8 +150,19 @@ extension AddressSpace {
     /// write permission when write is removed (writable migration and
     /// device-private entries become readable), PROT_NONE makes present entries
     /// inaccessible. Write permission comes back on the next write fault.
-    /// - Throws: `.invalidArgument` (unaligned, out of range), `.noMemory` when a
-    ///   page of the range is not mapped; nothing changes then.
+    ///
+    /// Takes the mmap lock for writing (the caller must not hold it); MMU
+    /// notifiers hear of it (``MMUNotifyEvent/protectionVMA``) and the TLB
+    /// flush is accounted. A zero length at an aligned address does nothing.
+    ///
+    /// - Parameters:
+    ///   - address: page aligned.
+    ///   - length: bytes, rounded up to whole pages.
+    ///   - protection: the new protection; write implies read.
+    /// - Throws: ``Errno/invalidArgument`` (unaligned, out of range),
+    ///   ``Errno/noMemory`` when a page of the range is not mapped; nothing
+    ///   changes then.
+    ///
     /// The corresponding kernel function is `do_mprotect_pkey()`.
     public func mprotect(_ address: UInt64, length: Int, protection: Protection) throws(Errno) {
         if length == 0 && address & 4095 == 0 { return }
@@ -147,9 +182,29 @@ extension AddressSpace {
         }
     }
 
-    /// `madvise()`.
-    /// - Throws: `.invalidArgument` (unaligned, out of range), `.noMemory` when a
-    ///   page of the range is not mapped; nothing changes then.
+    /// Gives the kernel advice about a range: drop its pages, let them be
+    /// freed lazily, allow or forbid 2 MiB folios, or collapse into them now.
+    ///
+    /// Takes the mmap lock itself (the caller must not hold it): for writing
+    /// for ``MadviseAdvice/hugePage``, ``MadviseAdvice/noHugePage`` and
+    /// ``MadviseAdvice/collapse``, for reading for ``MadviseAdvice/dontNeed``
+    /// and ``MadviseAdvice/free`` (which run inside an MMU_NOTIFY_CLEAR
+    /// invalidation). A zero length at an aligned address does nothing.
+    ///
+    /// - Parameters:
+    ///   - address: page aligned.
+    ///   - length: bytes, rounded up to whole pages.
+    ///   - advice: what to do.
+    /// - Throws: ``Errno/invalidArgument`` (unaligned, out of range),
+    ///   ``Errno/noMemory`` when a page of the range is not mapped; nothing
+    ///   changes then. ``MadviseAdvice/collapse`` also throws
+    ///   ``Errno/invalidArgument`` when no aligned 2 MiB region fits or a VMA
+    ///   forbids huge pages, ``Errno/tryAgain`` when a region holds entries
+    ///   that cannot be collapsed (migration or device-private entries, pages
+    ///   locked or referenced elsewhere), and ``Errno/noMemory`` when no 2 MiB
+    ///   folio is free; every other region is still collapsed, and the first
+    ///   failure is the one thrown.
+    ///
     /// The corresponding kernel function is `do_madvise()`.
     public func madvise(_ address: UInt64, length: Int, advice: MadviseAdvice) throws(Errno) {
         if length == 0 && address & 4095 == 0 { return }

@@ -4,9 +4,12 @@
 /// At PMD level `.table` means "points to a PTE table" and the other kinds
 /// are huge (2 MiB) entries.
 public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    /// The entry's word.
     public var rawValue: UInt64
+    /// The entry with this word.
     @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
 
+    /// What an entry is (bits 0-2).
     public enum Kind: UInt64, Sendable {
         /// pte_none / pmd_none.
         case none = 0
@@ -19,13 +22,18 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
         /// PMD only: points to a PTE table.
         case table = 4
     }
+    /// Writable (`pte_write`); on a migration or device-private entry, the
+    /// mapping it stands for was writable.
     public static let writeBit: UInt64 = 1 << 3
+    /// Dirty (`pte_dirty`).
     public static let dirtyBit: UInt64 = 1 << 4
+    /// Accessed (`pte_young`).
     public static let youngBit: UInt64 = 1 << 5
     /// A "special" mapping: the zero page (pte_special).
     public static let specialBit: UInt64 = 1 << 6
     /// Migration entry made from an anon-exclusive read-only mapping.
     public static let readExclusiveBit: UInt64 = 1 << 7
+    /// Soft-dirty (`pte_soft_dirty`).
     public static let softDirtyBit: UInt64 = 1 << 8
     /// PROT_NONE: present to the kernel but not accessible (pte_protnone).
     /// Migration and device-private entries in a PROT_NONE VMA carry it too:
@@ -35,18 +43,29 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     /// the page table without the VMA. mprotect sets and clears it.
     public static let protNoneBit: UInt64 = 1 << 9
 
+    /// The empty entry (`pte_none`).
     public static let none = PageTableEntry(rawValue: 0)
 
+    /// What the entry is.
     @inlinable public var kind: Kind { Kind(rawValue: rawValue & 7) ?? .none }
+    /// Whether the word is zero (`pte_none()`).
     @inlinable public var isNone: Bool { rawValue == 0 }
+    /// The pfn the entry names (`pte_pfn()`, or the swap entry's pfn).
     @inlinable public var pfn: UInt64 { rawValue >> 12 }
+    /// Whether ``writeBit`` is set.
     @inlinable public var isWrite: Bool { rawValue & Self.writeBit != 0 }
+    /// Whether ``dirtyBit`` is set.
     @inlinable public var isDirty: Bool { rawValue & Self.dirtyBit != 0 }
+    /// Whether ``youngBit`` is set.
     @inlinable public var isYoung: Bool { rawValue & Self.youngBit != 0 }
+    /// Whether the entry maps a zero page (``specialBit``).
     @inlinable public var isSpecial: Bool { rawValue & Self.specialBit != 0 }
+    /// Whether ``readExclusiveBit`` is set.
     @inlinable public var isReadExclusive: Bool { rawValue & Self.readExclusiveBit != 0 }
+    /// Whether ``protNoneBit`` is set.
     @inlinable public var isProtNone: Bool { rawValue & Self.protNoneBit != 0 }
 
+    /// An entry of `kind` for `pfn` with raw flag bits.
     @inlinable public static func make(_ kind: Kind, pfn: UInt64, flags: UInt64 = 0) -> PageTableEntry {
         PageTableEntry(rawValue: pfn << 12 | flags | kind.rawValue)
     }
@@ -62,11 +81,15 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     @inlinable public static func devicePrivate(pfn: UInt64, write: Bool) -> PageTableEntry {
         make(.devicePrivate, pfn: pfn, flags: write ? writeBit : 0)
     }
+    /// A PMD entry that points to a PTE table.
     @inlinable public static var table: PageTableEntry { PageTableEntry(rawValue: Kind.table.rawValue) }
 
+    /// This entry with `bits` set.
     @inlinable public func with(_ bits: UInt64) -> PageTableEntry { PageTableEntry(rawValue: rawValue | bits) }
+    /// This entry with `bits` cleared.
     @inlinable public func without(_ bits: UInt64) -> PageTableEntry { PageTableEntry(rawValue: rawValue & ~bits) }
 
+    /// The kind, pfn and flags, e.g. `present(pfn: 0x1234, write, dirty)`.
     public var description: String {
         switch kind {
         case .none: return "none"

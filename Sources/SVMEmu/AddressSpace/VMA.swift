@@ -1,19 +1,30 @@
 /// Protection of a mapping (`PROT_*`).
 public struct Protection: OptionSet, Sendable, Hashable {
+    /// The `PROT_*` bits.
     public let rawValue: UInt32
+    /// The protection with these bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// `PROT_READ`.
     public static let read = Protection(rawValue: 1)
+    /// `PROT_WRITE` (implies read for the emulator's anonymous mappings).
     public static let write = Protection(rawValue: 2)
+    /// `PROT_NONE`: no access.
     public static let none: Protection = []
+    /// `PROT_READ | PROT_WRITE`.
     public static let readWrite: Protection = [.read, .write]
 }
 
 /// VMA flags (`VM_*`).
 public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
+    /// The flag bits.
     public let rawValue: UInt32
+    /// The flags with these bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// VM_READ.
     public static let read = VMAFlags(rawValue: 1 << 0)
+    /// VM_WRITE.
     public static let write = VMAFlags(rawValue: 1 << 1)
+    /// VM_SHARED: a MAP_SHARED mapping.
     public static let shared = VMAFlags(rawValue: 1 << 3)
     /// VM_HUGEPAGE (MADV_HUGEPAGE).
     public static let hugepage = VMAFlags(rawValue: 1 << 4)
@@ -22,6 +33,8 @@ public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
     /// VM_PFNMAP | VM_IO | VM_MIXEDMAP: a special mapping migrate_vma refuses.
     public static let special = VMAFlags(rawValue: 1 << 6)
 
+    /// `rw`/`-`, `s`/`p` and the huge page and special flags, as
+    /// `/proc/PID/maps` shows them.
     public var description: String {
         var s = ""
         s += contains(.read) ? "r" : "-"
@@ -39,8 +52,11 @@ public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
 /// Reference type: migrate_vma arguments name a VMA by identity, as the kernel
 /// passes a pointer. Its fields change only under the mmap lock held for writing.
 public final class VMA: @unchecked Sendable, CustomStringConvertible {
+    /// First address (`vm_start`); stable while the mmap lock is held.
     public internal(set) var start: UInt64
+    /// One past the last address (`vm_end`); stable while the mmap lock is held.
     public internal(set) var end: UInt64
+    /// The flags (`vm_flags`); stable while the mmap lock is held.
     public internal(set) var flags: VMAFlags
     /// The address space this VMA belongs to (`vma->vm_mm`).
     public unowned let mm: AddressSpace
@@ -54,14 +70,25 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
         self.flags = flags
     }
 
-    /// `vma_is_anonymous()`: private anonymous memory. Shared mappings behave like
+    /// Whether this is private anonymous memory. Shared mappings behave like
     /// shmem (they have a mapping), and special mappings are not anonymous.
+    ///
+    /// The corresponding kernel function is `vma_is_anonymous()`.
     public var isAnonymous: Bool { !flags.contains(.shared) && !flags.contains(.special) }
+    /// `end - start` in bytes.
     public var length: UInt64 { end - start }
+    /// Whether `address` lies in `[start, end)`.
     public func contains(_ address: UInt64) -> Bool { address >= start && address < end }
 
-    /// Whether a 2 MiB folio may back `address` (`thp_vma_allowable_order()`):
-    /// the aligned 2 MiB lies inside the VMA and the THP policy allows it.
+    /// Whether a 2 MiB folio may back `address`: the aligned 2 MiB lies inside
+    /// the VMA, the VMA does not forbid huge pages, and the THP policy allows
+    /// it.
+    ///
+    /// - Parameters:
+    ///   - address: any address in the VMA.
+    ///   - mode: the THP policy in force.
+    ///
+    /// The corresponding kernel function is `thp_vma_allowable_order()`.
     public func allowsHugePage(at address: UInt64, mode: TransparentHugepageMode) -> Bool {
         guard !flags.contains(.noHugepage), !flags.contains(.special) else { return false }
         switch mode {
@@ -73,6 +100,7 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
         return base >= start && base + (2 << 20) <= end
     }
 
+    /// `vma(start-end flags)`.
     public var description: String {
         "vma(0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) \(flags))"
     }

@@ -1,16 +1,18 @@
 import CSVMSupport
 
-/// Tearing down ranges of page tables (munmap, MADV_DONTNEED): the zap walk
-/// and the freeing of PTE tables.
-///
-/// Lock rules: callers hold the mmap lock (write for munmap/mprotect, read for
-/// madvise); entries change only under their PTE table lock (PTEs) or PMD lock
-/// (PMD entries). Pages whose last reference a zap drops are freed after the
-/// locks are dropped and the TLB flush is accounted (like `mmu_gather`).
+// Tearing down ranges of page tables (munmap, MADV_DONTNEED): the zap walk
+// and the freeing of PTE tables. The lock rules are on `zapRange`.
 extension AddressSpace {
 
     /// Removes every mapping in `[start, end)` of `vma`. With `freeTables`, PTE
     /// tables whose whole 2 MiB is unmapped are freed (only under the mmap write lock).
+    ///
+    /// Caller holds the mmap lock (write for munmap, read for MADV_DONTNEED;
+    /// write when `freeTables`) and no page-table lock; entries change only
+    /// under their PTE table lock (PTEs) or PMD lock (PMD entries). Pages
+    /// whose last reference the zap drops are freed after the locks are
+    /// dropped and the TLB flush is accounted (like `mmu_gather`).
+    ///
     /// The corresponding kernel function is `unmap_page_range()`.
     func zapRange(vma: VMA, start: UInt64, end: UInt64, freeTables: Bool) {
         var toPut: [Folio] = []
@@ -98,6 +100,8 @@ extension AddressSpace {
     }
 
     /// Returns a PTE table: clears it so that it is fresh for the next user.
+    /// Caller holds the mmap lock for writing and no page-table lock; the PMD
+    /// lock, then the PTE lock, are taken and dropped inside.
     func freePTETable(_ pmdStart: UInt64) {
         let lock = pmdLock(pmdStart)
         svm_mutex_lock(lock)

@@ -35,6 +35,10 @@ extension AddressSpace {
     /// IPI, and each receiving CPU counts `nr_tlb_remote_flush_received`.
     /// The time spent waiting for other CPUs is the `tlbFlush` phase.
     ///
+    /// - Parameters:
+    ///   - start: first address flushed.
+    ///   - end: one past the last address; an empty range does nothing.
+    ///
     /// The corresponding kernel function is `flush_tlb_mm_range()`.
     public func flushTLBRange(_ start: UInt64, _ end: UInt64) {
         guard end > start, !skipsTLBFlushes else { return }
@@ -107,15 +111,18 @@ public struct TLBFlushBatch {
     unowned let mm: AddressSpace
     var start: UInt64 = .max
     var end: UInt64 = 0
+    /// An empty batch for `mm` (which it does not keep alive).
     public init(mm: AddressSpace) { self.mm = mm }
-    /// Adds a range to the batch (`set_tlb_ubc_flush_pending()`).
+    /// Adds a range to the batch: the batch grows to cover it
+    /// (`set_tlb_ubc_flush_pending()`).
     public mutating func add(_ s: UInt64, _ e: UInt64) {
         start = min(start, s)
         end = max(end, e)
     }
     /// Whether nothing waits to be flushed.
     public var isEmpty: Bool { end <= start }
-    /// One flush for everything gathered.
+    /// Flushes everything gathered with one ``AddressSpace/flushTLBRange(_:_:)``
+    /// of the covering range, and empties the batch.
     ///
     /// The corresponding kernel function is `try_to_unmap_flush()`.
     public mutating func flush() {

@@ -9,7 +9,8 @@ import CSVMSupport
 public protocol CopyEngine: AnyObject, Sendable {
     /// Human-readable name (`memcpy`, `pcie4`, ...).
     var name: String { get }
-    /// Issues a copy of `bytes` bytes.
+    /// Issues a copy of `bytes` bytes; the bytes are complete and visible only
+    /// after ``wait()`` on the same thread.
     func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int)
     /// Waits for the copies issued by this thread.
     func wait()
@@ -24,12 +25,15 @@ public protocol CopyEngine: AnyObject, Sendable {
 /// fence for the whole batch, like one DMA completion), which is why a driver
 /// must wait before `migrateVMAPages`.
 public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
+    /// `memcpy`.
     public let name = "memcpy"
     /// Copies this size and larger stream (4 KiB by default: every page copy; `Int.max` never).
     public let streamingThreshold: Int
     /// Streams every copy of a page or more.
     public init() { streamingThreshold = 4096 }
+    /// Streams copies of `streamingThreshold` bytes or more.
     public init(streamingThreshold: Int) { self.streamingThreshold = streamingThreshold }
+    /// Copies on the calling thread (streaming for large copies).
     @inlinable public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
         if bytes >= streamingThreshold {
             svm_copy_stream_unfenced(destination, source, bytes)
@@ -37,5 +41,6 @@ public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
             svm_memcpy(destination, source, bytes)
         }
     }
+    /// One store fence: the streamed bytes become visible.
     @inlinable public func wait() { svm_store_fence() }
 }

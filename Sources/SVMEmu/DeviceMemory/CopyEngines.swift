@@ -26,6 +26,8 @@ public struct LinkModel: Sendable, Hashable, CustomStringConvertible {
     /// `k`: how fast the curve rises with the transfer size, per KiB.
     public let kneePerKiB: Double
 
+    /// A link curve; `peakGBps` and `kneePerKiB` must be positive (else the
+    /// process stops, see ``contractViolation(_:file:line:)``).
     public init(name: String, peakGBps: Double, kneePerKiB: Double = 0.07292) {
         if !(peakGBps > 0 && kneePerKiB > 0) { contractViolation("LinkModel: peakGBps and kneePerKiB must be positive") }
         self.name = name
@@ -53,6 +55,7 @@ public struct LinkModel: Sendable, Hashable, CustomStringConvertible {
         bytes <= 0 ? 0 : Double(bytes) / bandwidthGBps(bytes: bytes)
     }
 
+    /// The name.
     public var description: String { name }
 }
 
@@ -79,6 +82,7 @@ public struct LinkModel: Sendable, Hashable, CustomStringConvertible {
 /// Per-thread state lives in a fixed slot array indexed by the emulated CPU id
 /// (`svm_thread_slot()`, one per live thread); nothing is allocated on the copy path.
 public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
+    /// The model's name (or `memcpy`), with `xN` for N threads.
     public let name: String
     /// The link, or nil for a plain (possibly multi-threaded) memcpy engine.
     public let model: LinkModel?
@@ -94,6 +98,9 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     private let slots: UnsafeMutableRawPointer
     private let pool: CopyWorkerPool?
 
+    /// An engine for `model` with `threads` copying threads; `threads` must be
+    /// 1...64 (else the process stops, see ``contractViolation(_:file:line:)``).
+    ///
     /// - Parameters:
     ///   - model: the link whose transfer time is charged; nil charges nothing
     ///     beyond the memcpy (a multi-threaded memcpy engine).
@@ -120,6 +127,8 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
         return slots + Int(slot) * LinkCopyEngine.slotBytes
     }
 
+    /// Copies the bytes (split across the workers above 32 pages) and queues
+    /// the modelled transfer behind the calling thread's previous one.
     public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
         guard bytes > 0 else { return }
         let s = slot()
@@ -152,6 +161,8 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
         completion.pointee = max(start + lastNanos.pointee, svm_now_ns())
     }
 
+    /// Waits for the calling thread's worker parts, then until its last
+    /// modelled transfer completes.
     public func wait() {
         let s = slot()
         if pool != nil { CopyWorkerPool.waitForZero((s + 8).assumingMemoryBound(to: UInt32.self)) }

@@ -11,6 +11,7 @@ public enum DevicePageMapType: String, Sendable {
 
 /// A CPU fault on device memory (`struct vm_fault`), handed to `migrateToRAM`.
 public struct VMFault: @unchecked Sendable {
+    /// The VMA of the faulting address (`vmf->vma`).
     public let vma: VMA
     /// The faulting address (not aligned).
     public let address: UInt64
@@ -25,6 +26,7 @@ public struct VMFault: @unchecked Sendable {
     /// policy (v6.1-v6.14), where collect trylocks the fault page like any
     /// other. `MigrateVMA(fault:)` carries it into the migration.
     public let faultPageLocked: Bool
+    /// The faulting address space (`vmf->vma->vm_mm`).
     public var mm: AddressSpace { vma.mm }
 }
 
@@ -46,12 +48,21 @@ public struct DevicePageMapOperations: Sendable {
     /// `migrate_to_ram`: a CPU touched a device-private page. Called with the
     /// mmap lock held for reading and a reference on `vmf.page`; in the trylock
     /// policies the page is also locked. Must migrate the page or return `.sigbus`.
+    ///
+    /// The callback migrates with ``Kernel/migrateVMASetup(_:)`` (with
+    /// `faultPage: vmf.page` and ``MigrateSelect/devicePrivate``), then pages
+    /// and finalize, and returns with the mmap lock still held; the fault
+    /// path, not the callback, drops the page's reference and lock afterwards.
+    /// ``VMFaultResult/done`` retries the access even when nothing moved
+    /// (another thread may have migrated the page).
     public var migrateToRAM: (@Sendable (VMFault) -> VMFaultResult)?
     /// `folio_split`: called for each new folio when a large device folio is
     /// split (`tail` non-nil), then once with `tail == nil` to mark the end.
     public var folioSplit: (@Sendable (_ head: Folio, _ tail: Folio?) -> Void)?
     /// `memory_failure`: a range of the device memory went bad.
     public var memoryFailure: (@Sendable (_ pfn: UInt64, _ pages: Int) -> Errno?)?
+    /// A table of the given callbacks; ``Kernel/memremapPages(type:owner:bytes:operations:)``
+    /// checks that the page map's type has the ones it requires.
     public init(folioFree: (@Sendable (Folio) -> Void)? = nil,
                 migrateToRAM: (@Sendable (VMFault) -> VMFaultResult)? = nil,
                 folioSplit: (@Sendable (Folio, Folio?) -> Void)? = nil,
@@ -67,12 +78,15 @@ public struct DevicePageMapOperations: Sendable {
 /// emulated VRAM. Its pages have real bytes, reachable by the device's copy
 /// engine through `Page.bytes`, never through the CPU access path.
 public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
+    /// Private or coherent (`pgmap->type`).
     public let type: DevicePageMapType
     /// `pgmap->owner`.
     public let owner: DeviceOwner
+    /// The driver's callbacks (`pgmap->ops`).
     public let operations: DevicePageMapOperations
-    /// First pfn and number of pages (`pgmap->range`).
+    /// First pfn (`pgmap->range.start` as a pfn).
     public let startPfn: UInt64
+    /// Number of pages in the map.
     public let pageCount: UInt64
     let region: UInt16
     let index: UInt32
@@ -92,17 +106,23 @@ public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
 
     /// Whether `pfn` lies in this page map.
     public func contains(pfn: UInt64) -> Bool { pfn >= startPfn && pfn < startPfn + pageCount }
-    /// The page at `offset` pages from the start of the range.
+    /// The page at `offset` pages from the start of the range; `offset` must
+    /// be below ``pageCount`` (else the process stops, see
+    /// ``contractViolation(_:file:line:)``). Holds no reference.
     public func page(at offset: UInt64) -> Page {
         if offset >= pageCount { contractViolation("DevicePageMap.page(at:): offset \(offset) outside the map's \(pageCount) pages") }
         return Page(pfn: startPfn + offset, kernel: kernel)
     }
+    /// Size of the map in bytes.
     public var byteCount: UInt64 { pageCount << 12 }
+    /// `dev_pagemap(type, owner, pfn start+count)`.
     public var description: String {
         "dev_pagemap(\(type), \(owner), pfn 0x\(String(startPfn, radix: 16))+\(pageCount))"
     }
 
     /// `free_zone_device_folio()`: reset what the mapping left, then `folio_free`.
+    /// Called when the reference count reached zero; the caller holds no lock
+    /// on the folio, and the driver's callback receives it.
     func freeFolio(_ folio: Folio) {
         let m = folio.meta
         m.clearFlags(PageFlags.anon.rawValue | PageFlags.anonExclusive.rawValue | PageFlags.dirty.rawValue
@@ -117,12 +137,24 @@ extension Kernel {
     /// Registers `bytes` of device memory (rounded up to 2 MiB) as a device page
     /// map. Its pages start free: reference count 0 (`zoneDevicePageInit` hands them out).
     ///
-    /// - Throws: `.invalidArgument` when a device-private map lacks `migrateToRAM`
-    ///   or `folioFree`, a coherent map lacks `folioFree`, or the size is zero;
-    ///   `.noSpace` past ``Kernel/maxPageMaps`` maps or ``Kernel/maxRegions``
-    ///   physical regions; `.noMemory` when the map would end beyond
-    ///   `KernelConfiguration.maxPhysicalBytes` or the host refuses the memory.
-    ///   A diagnostic (``Kernel/diagnostics``) names the limit reached.
+    /// Caller holds no lock. The map lives as long as the kernel (there is no
+    /// `memunmap_pages()`); its bytes are real memory the device's copy
+    /// engine reaches through ``Page/bytes``.
+    ///
+    /// - Parameters:
+    ///   - type: private (the CPU cannot address it) or coherent.
+    ///   - owner: the `pgmap_owner` migrations filter on; nil is refused.
+    ///   - bytes: the size, rounded up to 2 MiB.
+    ///   - operations: the driver's callbacks.
+    /// - Returns: the new page map.
+    /// - Throws: ``Errno/invalidArgument`` when `owner` is nil, a
+    ///   device-private map lacks `migrateToRAM` or `folioFree`, a coherent
+    ///   map lacks `folioFree`, or the size is zero; ``Errno/noSpace`` past
+    ///   ``Kernel/maxPageMaps`` maps or ``Kernel/maxRegions`` physical
+    ///   regions; ``Errno/noMemory`` when the map would end beyond
+    ///   ``KernelConfiguration/maxPhysicalBytes`` or the host refuses the
+    ///   memory. A diagnostic (``Kernel/diagnostics``) names the limit
+    ///   reached. Nothing is registered then.
     ///
     /// The corresponding kernel function is `memremap_pages()` (`devm_memremap_pages()`).
     public func memremapPages(type: DevicePageMapType, owner: DeviceOwner?, bytes: UInt64,
@@ -167,6 +199,19 @@ extension Kernel {
     /// reference count 0 to 1, the folio LOCKED, compound when order > 0.
     /// A page that is in use (reference count not 0), not ZONE_DEVICE, or a
     /// misaligned head for order 9 is a driver bug: reported, and nil returned.
+    ///
+    /// The driver calls it on a page its own allocator picked, holding its
+    /// own allocator lock if it likes (this takes none). The returned folio's
+    /// one reference belongs to the driver, which hands it to a migration as
+    /// a destination (``Kernel/migrateVMAPages(_:)`` wants it locked, as it
+    /// comes); when the last reference goes, the page map's
+    /// ``DevicePageMapOperations/folioFree`` gets the folio back.
+    ///
+    /// - Parameters:
+    ///   - page: a free page of a device page map (the head for order 9).
+    ///   - order: 0 for 4 KiB, 9 for a 2 MiB folio.
+    /// - Returns: the folio, or nil after a diagnostic.
+    ///
     /// The corresponding kernel function is `zone_device_page_init()`.
     @discardableResult
     public func zoneDevicePageInit(_ page: Page, order: Int = 0) -> Folio? {
@@ -190,7 +235,8 @@ extension Kernel {
         return Folio(pfn: page.pfn, kernel: self)
     }
 
-    /// The device page map containing `pfn`, if any.
+    /// The device page map containing `pfn`, if any. Takes the page-map list's
+    /// lock; fault paths use ``Folio/pageMap`` instead.
     public func pageMap(containing pfn: UInt64) -> DevicePageMap? {
         pageMaps.withLock { $0.first { $0.contains(pfn: pfn) } }
     }

@@ -1,34 +1,23 @@
 import CSVMSupport
 
-/// The CPU access path: what a load or store instruction does on the
-/// emulated CPU the calling thread runs on.
-///
-/// The CPU looks the address up in its TLB; a hit reads or writes the frame's
-/// bytes with no lock at all, as hardware does. A miss walks the page tables
-/// without locks (PMD, then PTE), sets the accessed and dirty bits the way
-/// x86's walker does (atomically; a write through an entry filled by a read
-/// walks again to set dirty), and fills the TLB. An entry that does not allow
-/// the access takes a page fault, which takes the kernel's locks, and the
-/// access is retried.
-///
-/// Nothing here stops a migration from copying a page while a CPU writes it:
-/// the kernel's order does (unmap to a migration entry, flush the TLBs, copy,
-/// remap). With ``KernelConfiguration/checksStaleTLBEntries``, every TLB hit
-/// is checked against the page tables and one through a stale entry is
-/// reported as a diagnostic.
-///
-/// Errors: `.badAddress` (EFAULT, SIGSEGV/SEGV_MAPERR) outside any VMA;
-/// `.permissionDenied` (EACCES, SEGV_ACCERR) for PROT_NONE or writing a
-/// read-only VMA; `.ioError` (SIGBUS) when a device's `migrateToRAM` gives up;
-/// `.noMemory` (VM_FAULT_OOM).
+// The CPU access path: what a load or store instruction does on the
+// emulated CPU the calling thread runs on. The contract is on
+// `withPageBytes(at:write:faultLimit:_:)`.
 extension AddressSpace {
 
     /// Runs `body` on the bytes of the page containing `address` (from `address`
     /// to the end of that page), faulting as needed.
     ///
-    /// `body` runs inside one access of the calling thread's CPU: TLB
-    /// shootdowns wait for it to return, so it must not block or call into
-    /// the kernel.
+    /// The contract is ``withPageBytes(at:write:faultLimit:_:)``'s, without a
+    /// fault limit.
+    ///
+    /// - Parameters:
+    ///   - address: any address.
+    ///   - write: whether the access is a store.
+    ///   - body: runs on the page's bytes inside one access of the calling
+    ///     thread's CPU: it must not block, fault or call into the kernel.
+    /// - Returns: what `body` returns.
+    /// - Throws: as ``withPageBytes(at:write:faultLimit:_:)``.
     @inlinable
     public func withPageBytes<R>(at address: UInt64, write: Bool,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R {
@@ -39,6 +28,40 @@ extension AddressSpace {
     /// faults and returns nil: what a thread with a pending signal does when a
     /// fault keeps returning "retry". Stress harnesses use it to stop threads
     /// that a livelock would otherwise keep forever.
+    ///
+    /// What a load or store instruction does on the emulated CPU the calling
+    /// thread runs on (it takes a free CPU of the machine first if it has
+    /// none). The CPU looks the address up in its TLB; a hit reads or writes
+    /// the frame's bytes with no lock at all, as hardware does. A miss walks
+    /// the page tables without locks (PMD, then PTE), sets the accessed and
+    /// dirty bits the way x86's walker does (atomically; a write through an
+    /// entry filled by a read walks again to set dirty) and fills the TLB. An
+    /// entry that does not allow the access ends the access and takes a page
+    /// fault (`handle_mm_fault()`, which takes the mmap lock for reading);
+    /// then the access is retried.
+    ///
+    /// Nothing here keeps a migration from copying a page while a CPU writes
+    /// it: the kernel's order does (unmap to a migration entry, flush the
+    /// TLBs, copy, remap). A TLB shootdown waits for `body` to return. With
+    /// ``KernelConfiguration/checksStaleTLBEntries`` every TLB hit is checked
+    /// against the page tables, and an access through a stale entry is
+    /// reported as a diagnostic (and counted in `tlb_stale_accesses`).
+    ///
+    /// The caller holds no lock: not the mmap lock (a fault takes it), no
+    /// page-table lock, and no folio lock a fault might wait for.
+    ///
+    /// - Parameters:
+    ///   - address: any address.
+    ///   - write: whether the access is a store.
+    ///   - faultLimit: faults to take before giving up.
+    ///   - body: runs on the page's bytes inside one access of the calling
+    ///     thread's CPU: it must not block, fault or call into the kernel.
+    /// - Returns: what `body` returns, or nil after `faultLimit` faults.
+    /// - Throws: ``Errno/badAddress`` (EFAULT, SIGSEGV/SEGV_MAPERR) outside
+    ///   any VMA; ``Errno/permissionDenied`` (EACCES, SEGV_ACCERR) for
+    ///   PROT_NONE or writing a read-only VMA; ``Errno/ioError`` (SIGBUS) in
+    ///   a special mapping or when a device's `migrateToRAM` gives up;
+    ///   ``Errno/noMemory`` (VM_FAULT_OOM).
     @inlinable @inline(__always)
     public func withPageBytes<R>(at address: UInt64, write: Bool, faultLimit: Int,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
@@ -149,7 +172,18 @@ extension AddressSpace {
                     "cpu \(cpu.index) \(write ? "write" : "read") at 0x\(String(address, radix: 16)): old frame pfn 0x\(String(old, radix: 16)), new frame \(newFrame)")
     }
 
-    /// Copies `buffer.count` bytes from `address` (`copy_from_user()`).
+    /// Copies `buffer.count` bytes from `address`, faulting pages in as a CPU
+    /// load would.
+    ///
+    /// Caller holds no lock (see ``withPageBytes(at:write:faultLimit:_:)``).
+    ///
+    /// - Parameters:
+    ///   - address: the first byte to read.
+    ///   - buffer: where the bytes go.
+    /// - Throws: as ``withPageBytes(at:write:faultLimit:_:)``; the bytes of
+    ///   the pages before the failing one have been copied.
+    ///
+    /// The corresponding kernel function is `copy_from_user()`.
     public func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
         guard let base = buffer.baseAddress else { return }
         try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
@@ -157,7 +191,18 @@ extension AddressSpace {
         }
     }
 
-    /// Copies `buffer.count` bytes to `address` (`copy_to_user()`).
+    /// Copies `buffer.count` bytes to `address`, faulting pages in as a CPU
+    /// store would.
+    ///
+    /// Caller holds no lock (see ``withPageBytes(at:write:faultLimit:_:)``).
+    ///
+    /// - Parameters:
+    ///   - address: the first byte to write.
+    ///   - buffer: the bytes.
+    /// - Throws: as ``withPageBytes(at:write:faultLimit:_:)``; the pages
+    ///   before the failing one have been written.
+    ///
+    /// The corresponding kernel function is `copy_to_user()`.
     public func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
         guard let base = buffer.baseAddress else { return }
         try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
@@ -165,11 +210,11 @@ extension AddressSpace {
         }
     }
 
-    /// Loads one byte.
+    /// Loads one byte, as a CPU load; caller holds no lock.
     @inlinable public func load(_ address: UInt64) throws(Errno) -> UInt8 {
         try withPageBytes(at: address, write: false) { $0.load(as: UInt8.self) }
     }
-    /// Stores one byte.
+    /// Stores one byte, as a CPU store; caller holds no lock.
     @inlinable public func store(_ address: UInt64, _ value: UInt8) throws(Errno) {
         try withPageBytes(at: address, write: true) { $0.storeBytes(of: value, as: UInt8.self) }
     }
@@ -184,6 +229,7 @@ extension AddressSpace {
 
     /// Fills `[address, address + length)` with a deterministic pattern: each
     /// 64-bit word holds `seed` mixed with its address. `verifyPattern` checks it.
+    /// Caller holds no lock; the stores fault pages in as CPU stores would.
     public func fillPattern(_ address: UInt64, length: Int, seed: UInt64) throws(Errno) {
         try forEachPageChunk(address, count: length) { (base, _, n) throws(Errno) in
             try withPageBytes(at: base, write: true) { p in
@@ -198,6 +244,7 @@ extension AddressSpace {
 
     /// The first address in `[address, address + length)` whose word differs
     /// from `fillPattern`'s, or nil when all match.
+    /// Caller holds no lock; the loads fault pages in as CPU loads would.
     public func verifyPattern(_ address: UInt64, length: Int, seed: UInt64) throws(Errno) -> UInt64? {
         var a = address
         let end = address + UInt64(length)
@@ -243,7 +290,9 @@ public func forEachPageChunk<E: Error>(_ address: UInt64, count: Int,
 /// Anything that reads and writes a virtual address range as some processor
 /// sees it: the CPU (`AddressSpace`) or a device (a driver's GPU path).
 public protocol VirtualMemoryAccessor {
+    /// Copies `buffer.count` bytes from `address` into `buffer`.
     func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno)
+    /// Copies `buffer` to `address`.
     func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno)
 }
 

@@ -1,11 +1,19 @@
 import CSVMSupport
 
-/// The CPU fault on a device-private entry (`do_swap_page()`'s device-private
-/// branch and `do_huge_pmd_device_private()`), with the policy the kernel
-/// runs (`Kernel.deviceFaultPolicy`). Entered with the PTE lock held (PTE case);
-/// leaves with it dropped.
+// The CPU fault on a device-private entry (`do_swap_page()`'s device-private
+// branch and `do_huge_pmd_device_private()`), with the policy the kernel
+// runs (`Kernel.deviceFaultPolicy`).
 extension AddressSpace {
 
+    /// The device-private branch of `do_swap_page()`, under the policy in
+    /// force: legacy takes a reference and calls `migrateToRAM`; the trylock
+    /// policies call it only when they win the folio lock, and otherwise
+    /// return (trylock-wait first sleeps until the folio is unlocked).
+    ///
+    /// We enter with the mmap lock held for reading (as `holdsMmapLock`
+    /// says) and the PTE lock `lock` held. We return with the PTE lock
+    /// dropped on every path, no folio lock or reference of ours left, and
+    /// the mmap lock dropped only when `holdsMmapLock` allowed a sleep.
     func devicePrivateFault(_ vma: VMA, _ address: UInt64, _ pte: PageTableEntry,
                             _ lock: UnsafeMutablePointer<UInt32>, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         kernel.vmstat.count(.deviceFaults)
@@ -51,6 +59,10 @@ extension AddressSpace {
 
     /// A fault on a PMD-level device-private entry: trylock (or return and
     /// retry), then `migrateToRAM` with no PTE; the driver migrates the folio's order.
+    ///
+    /// We enter with the mmap lock held for reading and no page-table lock;
+    /// we take the PMD lock and return with it dropped, with no folio lock
+    /// or reference of ours left.
     func devicePrivatePMDFault(_ vma: VMA, _ address: UInt64, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         let haddr = address & AddressSpace.pmdMask
         let lock = pmdLock(haddr)

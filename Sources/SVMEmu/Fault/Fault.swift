@@ -1,14 +1,16 @@
 import CSVMSupport
 
-/// Page-fault handling (`handle_mm_fault()`): demand zero, the zero page,
-/// THP faults, write-protect faults, migration-entry waits and device-private
-/// faults. Called by the access path with no lock held; takes the mmap lock
-/// for reading. Returning means "retry the access".
+// Page-fault handling (`handle_mm_fault()`): demand zero, the zero page,
+// THP faults, write-protect faults, migration-entry waits and device-private
+// faults. Returning means "retry the access".
 extension AddressSpace {
     /// How long one wait on a migration entry may sleep before the fault is
     /// retried (and the entry looked at again).
     static let migrationWaitNanos: UInt64 = 100_000_000
 
+    /// A page fault at `address`. Called by the access path with no lock
+    /// held; takes the mmap lock for reading and returns with it dropped.
+    /// Returning means "retry the access".
     @usableFromInline
     func handleMMFault(_ address: UInt64, write: Bool) throws(Errno) {
         mmapReadLock()
@@ -20,6 +22,8 @@ extension AddressSpace {
     /// `handle_mm_fault()` for a caller that holds the mmap lock for reading.
     /// With `lockState.mayDrop` the handler may drop it to sleep (the kernel's
     /// VM_FAULT_RETRY); otherwise it sleeps holding it (FAULT_FLAG_ALLOW_RETRY unset).
+    /// We enter with no page-table lock and return with none; `lockState.held`
+    /// tells whether the mmap lock is still held.
     func handleMMFaultLocked(_ address: UInt64, write: Bool, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         guard let vma = vma(containing: address) else { throw .badAddress }
         guard vma.flags.contains(.read) else { throw .permissionDenied }
@@ -60,6 +64,8 @@ extension AddressSpace {
     }
 
     /// A fault on a PTE-table-mapped address (`handle_pte_fault()`).
+    /// We enter with the mmap lock held for reading and no page-table lock;
+    /// we take the PTE lock and return with it dropped.
     private func ptePageFault(_ vma: VMA, _ address: UInt64, write: Bool, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         let lock = ptl(address)
         svm_mutex_lock(lock)
@@ -111,6 +117,8 @@ extension AddressSpace {
 
     /// Allocates a zeroed page and maps it writable if the entry is still
     /// `expect` (none, or the zero page for a write-protect fault).
+    /// We enter with the mmap lock held for reading and no page-table lock;
+    /// the new mapping owns the folio's one reference.
     private func newAnonymousPage(_ vma: VMA, _ address: UInt64, expect: PageTableEntry) throws(Errno) {
         guard let folio = kernel.allocateFolio(order: 0, zeroed: true) else { throw .noMemory }
         let lock = ptl(address)
@@ -142,7 +150,8 @@ extension AddressSpace {
 
     /// `do_huge_pmd_anonymous_page()`: the huge zero page on a read, a new 2 MiB
     /// folio on a write. Returns false to fall back to 4 KiB pages (no 2 MiB
-    /// folio free).
+    /// folio free). We enter with the mmap lock held for reading and no
+    /// page-table lock; we take the PMD lock and return with it dropped.
     private func hugeAnonymousFault(_ vma: VMA, _ address: UInt64, write: Bool) -> Bool {
         let haddr = address & AddressSpace.pmdMask
         let lock = pmdLock(haddr)
@@ -171,6 +180,8 @@ extension AddressSpace {
 
     /// A fault on a present huge PMD: PROT_NONE hinting, write to the huge zero
     /// page (split, then handled per PTE), write-protect reuse.
+    /// We enter with the mmap lock held for reading and no page-table lock;
+    /// we take the PMD lock and return with it dropped.
     private func hugePMDFault(_ vma: VMA, _ address: UInt64, write: Bool) {
         let haddr = address & AddressSpace.pmdMask
         let lock = pmdLock(haddr)
@@ -197,7 +208,7 @@ extension AddressSpace {
     /// `migration_entry_wait()`: sleep until the folio under migration is
     /// unlocked (the migration's end), at most `migrationWaitNanos`, then retry.
     /// No reference is taken: a waiter must not make the migration's reference
-    /// check fail.
+    /// check fail. Caller holds no page-table lock (it sleeps).
     func waitOnMigration(pfn: UInt64) {
         kernel.vmstat.count(.migrationEntryWaits)
         let folio = Page(pfn: pfn, kernel: kernel).folio

@@ -23,6 +23,7 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
     /// The whole fault (GPU fault handler or CPU fault's migrateToRAM), outermost.
     case fault
 
+    /// The phase's name in reports.
     public var name: String {
         switch self {
         case .collect: "collect"
@@ -42,8 +43,11 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
 
 /// Totals for one phase.
 public struct PhaseTotals: Sendable, Hashable, Codable {
+    /// Time spent in the phase, in nanoseconds.
     public var nanos: Double = 0
+    /// How many times the phase ran.
     public var count: UInt64 = 0
+    /// Totals of `nanos` over `count` runs.
     public init(nanos: Double = 0, count: UInt64 = 0) {
         self.nanos = nanos
         self.count = count
@@ -67,6 +71,7 @@ public final class PhaseTimer: @unchecked Sendable {
     public let nanosPerTick: Double
 
     // Trace: per slot, `traceCapacity` events of (start tick, end tick, phase, tag).
+    /// Trace events kept per CPU (0: no trace).
     public let traceCapacity: Int
     private let trace: UnsafeMutablePointer<TraceEvent>
     private let traceCounts: UnsafeMutablePointer<Int>
@@ -75,13 +80,20 @@ public final class PhaseTimer: @unchecked Sendable {
     /// timer of its own, a set of its own (one slot per host thread).
     let cpus: CPUSet
 
+    /// One recorded phase, in ticks.
     public struct TraceEvent: Sendable {
+        /// The tick the phase began.
         public var start: UInt64
+        /// The tick it ended.
         public var end: UInt64
+        /// The ``MigrationPhase`` raw value.
         public var phase: Int32
+        /// The CPU slot that recorded it.
         public var cpu: Int32
     }
 
+    /// A timer, off, keeping `traceCapacity` trace events per CPU. Calibrates
+    /// the tick against the monotonic clock for about 2 ms.
     public convenience init(traceCapacity: Int = 0) {
         self.init(traceCapacity: traceCapacity, cpus: CPUSet(count: CPUSet.maxCPUs, checksStaleEntries: false, vmstat: VMStat()))
     }
@@ -108,6 +120,7 @@ public final class PhaseTimer: @unchecked Sendable {
         traceCounts.deallocate()
     }
 
+    /// Whether phases are timed; may be switched at any time.
     public var isEnabled: Bool {
         get { enabledFlag.load(ordering: .relaxed) }
         set { enabledFlag.store(newValue, ordering: .relaxed) }

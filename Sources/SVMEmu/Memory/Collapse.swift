@@ -1,6 +1,6 @@
 import CSVMSupport
 
-/// MADV_COLLAPSE: synchronous collapse of PTE-mapped 2 MiB regions into THPs.
+// MADV_COLLAPSE: synchronous collapse of PTE-mapped 2 MiB regions into THPs.
 extension AddressSpace {
 
     /// Collapses every 2 MiB-aligned region of `[start, end)` that lies in one
@@ -13,7 +13,12 @@ extension AddressSpace {
     ///   forbids huge pages; `.tryAgain` (EAGAIN) when a region has entries
     ///   that cannot be collapsed (migration or device-private entries, pages
     ///   locked or referenced elsewhere); `.noMemory` when no 2 MiB folio is free.
-    /// Caller holds no lock. The corresponding kernel function is `madvise_collapse()`.
+    ///
+    /// Caller holds no lock; we take the mmap lock for writing and return with
+    /// it dropped. Every region that can be collapsed is; the first failure
+    /// is the one thrown.
+    ///
+    /// The corresponding kernel function is `madvise_collapse()`.
     func collapse(_ start: UInt64, _ end: UInt64) throws(Errno) {
         mmapWriteLock()
         defer { mmapWriteUnlock() }
@@ -40,6 +45,8 @@ extension AddressSpace {
     }
 
     /// `collapse_huge_page()` for one region. Returns an error, or nil when done.
+    /// Caller holds the mmap lock for writing and no page-table lock; the PTE
+    /// and PMD locks are taken and dropped inside.
     private func collapseOne(_ vma: VMA, _ haddr: UInt64) -> Errno? {
         // Every entry must be none, the zero page, or a present small page
         // nobody else holds (refcount == 1: its mapping).

@@ -5,6 +5,7 @@ import CSVMSupport
 /// A value type of two words with no reference counting of its own: holding a
 /// `Page` does not hold a page reference, exactly like holding a `struct page *`.
 public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
+    /// The page frame number.
     public let pfn: UInt64
     /// The kernel, unretained: a page (like a `struct page *`) does not keep the
     /// machine alive, and reaching its metadata costs no reference counting.
@@ -16,23 +17,40 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
 
     @inlinable var meta: MetaPtr { kernelRef._withUnsafeGuaranteedRef { $0.metaPtr(pfn) } }
 
-    /// The folio this page belongs to (`page_folio()`).
+    /// The folio this page belongs to (itself for a small page).
+    ///
+    /// Stable only while the caller holds a reference or the folio lock: a
+    /// split can make a tail page its own folio.
+    ///
+    /// The corresponding kernel function is `page_folio()`.
     @inlinable public var folio: Folio { Folio(pfn: meta.head, kernelRef: kernelRef) }
     /// The bytes of this 4 KiB page.
     @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
-    /// PTE mappings of this page (`page_mapcount()`, without the folio's PMD mappings).
+    /// PTE mappings of this page, without the folio's PMD mappings.
+    ///
+    /// The corresponding kernel function is `page_mapcount()`.
     public var mapCount: Int { Int(meta.mapcount) }
-    /// Whether the page belongs to a device page map (`is_zone_device_page()`).
+    /// Whether the page belongs to a device page map.
+    ///
+    /// The corresponding kernel function is `is_zone_device_page()`.
     public var isZoneDevice: Bool { meta.test(PageFlags.zoneDevice.rawValue) }
-    /// Whether this page is anon-exclusive (`PageAnonExclusive()`).
+    /// Whether this page is anon-exclusive: mapped by exactly one process,
+    /// which may write it without a copy.
+    ///
+    /// The corresponding kernel function is `PageAnonExclusive()`.
     public var isAnonExclusive: Bool { meta.test(PageFlags.anonExclusive.rawValue) }
-    /// The driver's private word (`page->zone_device_data`).
+    /// The driver's private word (`page->zone_device_data`): drivers keep a
+    /// pointer or index to their own per-page state here. The kernel never
+    /// reads it; a migration does not carry it to the destination.
     public var zoneDeviceData: UInt64 {
         get { meta.zoneDeviceData }
         nonmutating set { meta.zoneDeviceData = newValue }
     }
+    /// The same pfn of the same kernel.
     public static func == (a: Page, b: Page) -> Bool { a.pfn == b.pfn && a.kernelRef.toOpaque() == b.kernelRef.toOpaque() }
+    /// Hashes the pfn.
     public func hash(into h: inout Hasher) { h.combine(pfn) }
+    /// `page(pfn: 0x...)`.
     public var description: String { "page(pfn: 0x\(String(pfn, radix: 16)))" }
 }
 
@@ -42,7 +60,9 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
 /// head page's metadata. Like `Page`, a `Folio` value holds no reference:
 /// use `get()`/`put()` for that.
 public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
-    /// The head page's pfn (`folio_pfn()`).
+    /// The head page's pfn.
+    ///
+    /// The corresponding kernel function is `folio_pfn()`.
     public let pfn: UInt64
     /// The kernel, unretained (see `Page`).
     @usableFromInline let kernelRef: Unmanaged<Kernel>
@@ -52,27 +72,46 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     @inlinable init(pfn: UInt64, kernelRef: Unmanaged<Kernel>) { self.pfn = pfn; self.kernelRef = kernelRef }
     @inlinable var meta: MetaPtr { kernelRef._withUnsafeGuaranteedRef { $0.metaPtr(pfn) } }
 
+    /// The same head pfn of the same kernel.
     public static func == (a: Folio, b: Folio) -> Bool { a.pfn == b.pfn && a.kernelRef.toOpaque() == b.kernelRef.toOpaque() }
+    /// Hashes the head pfn.
     public func hash(into h: inout Hasher) { h.combine(pfn) }
+    /// The pfn, order, reference count and map count.
     public var description: String { "folio(pfn: 0x\(String(pfn, radix: 16)), order: \(order), ref: \(refCount), map: \(mapCount))" }
 
-    /// `folio_order()`: 0 or 9.
+    /// The folio's order: 0 (4 KiB) or 9 (2 MiB).
+    ///
+    /// The corresponding kernel function is `folio_order()`.
     @inlinable public var order: Int { Int(meta.order) }
-    /// `folio_nr_pages()`.
+    /// Base pages in the folio: 1 or 512.
+    ///
+    /// The corresponding kernel function is `folio_nr_pages()`.
     @inlinable public var pageCount: Int { 1 << order }
-    /// `folio_size()` in bytes.
+    /// The folio's size in bytes.
+    ///
+    /// The corresponding kernel function is `folio_size()`.
     @inlinable public var size: Int { 4096 << order }
+    /// Whether the folio has more than one page.
+    ///
+    /// The corresponding kernel function is `folio_test_large()`.
     @inlinable public var isLarge: Bool { meta.order != 0 }
-    /// The `i`-th page of the folio (`folio_page()`).
+    /// The `i`-th page of the folio; `i` must be below ``pageCount``.
+    ///
+    /// The corresponding kernel function is `folio_page()`.
     @inlinable public func page(_ i: Int) -> Page { Page(pfn: pfn + UInt64(i), kernelRef: kernelRef) }
     /// The bytes of the whole folio (contiguous).
     @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
 
-    /// The flags word.
+    /// The flags word: a snapshot.
     public var flags: PageFlags { PageFlags(rawValue: meta.flags) }
-    /// `folio_ref_count()`.
+    /// The folio's reference count: a snapshot, exact only while nobody else
+    /// can take or drop a reference.
+    ///
+    /// The corresponding kernel function is `folio_ref_count()`.
     @inlinable public var refCount: Int { Int(meta.refcount) }
-    /// `folio_mapcount()`: PTE mappings of every page plus PMD mappings.
+    /// PTE mappings of every page plus PMD mappings.
+    ///
+    /// The corresponding kernel function is `folio_mapcount()`.
     public var mapCount: Int {
         kernelRef._withUnsafeGuaranteedRef { k in
             let head = k.metaPtr(pfn)
@@ -82,14 +121,29 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
             return n
         }
     }
-    /// PMD mappings of the folio (`folio_entire_mapcount()`).
+    /// PMD mappings of the folio.
+    ///
+    /// The corresponding kernel function is `folio_entire_mapcount()`.
     public var entireMapCount: Int { Int(meta.entireMapcount) }
-    /// `folio_mapped()`.
+    /// Whether any page of the folio is mapped.
+    ///
+    /// The corresponding kernel function is `folio_mapped()`.
     public var isMapped: Bool { mapCount > 0 }
+    /// Whether the folio belongs to a device page map.
+    ///
+    /// The corresponding kernel function is `folio_is_zone_device()`.
     @inlinable public var isZoneDevice: Bool { meta.test(PageFlags.zoneDevice.rawValue) }
+    /// Whether the folio is anonymous memory.
+    ///
+    /// The corresponding kernel function is `folio_test_anon()`.
     @inlinable public var isAnon: Bool { meta.test(PageFlags.anon.rawValue) }
+    /// Whether this is the zero page or the huge zero page.
+    ///
+    /// The corresponding kernel function is `is_zero_folio()`.
     public var isZeroPage: Bool { meta.test(PageFlags.reserved.rawValue) }
-    /// The device page map of a ZONE_DEVICE folio (`page_pgmap()`).
+    /// The device page map of a ZONE_DEVICE folio, or nil for system memory.
+    ///
+    /// The corresponding kernel function is `page_pgmap()`.
     public var pageMap: DevicePageMap? {
         let i = meta.pgmap
         return i == 0 ? nil : kernelRef._withUnsafeGuaranteedRef { $0.pageMapTable[Int(i) - 1]?.takeUnretainedValue() }
@@ -107,19 +161,35 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     @inlinable func isOwned(by owner: DeviceOwner?) -> Bool {
         withPageMap { $0.owner == owner } ?? false
     }
-    /// `folio_is_device_private()`.
+    /// Whether the folio is device-private memory.
+    ///
+    /// The corresponding kernel function is `folio_is_device_private()`.
     public var isDevicePrivate: Bool { withPageMap { $0.type == .private } ?? false }
-    /// `folio_is_device_coherent()`.
+    /// Whether the folio is device-coherent memory.
+    ///
+    /// The corresponding kernel function is `folio_is_device_coherent()`.
     public var isDeviceCoherent: Bool { withPageMap { $0.type == .coherent } ?? false }
 
     // MARK: references
 
-    /// `folio_get()`: takes a reference. The folio must already be referenced.
+    /// Takes a reference.
+    ///
+    /// The caller must already hold a reference (or otherwise know the count
+    /// is not zero, e.g. under the page-table lock of a mapping); taking one
+    /// on a free folio is reported as a diagnostic. The caller owns the new
+    /// reference and drops it with ``put()``.
+    ///
+    /// The corresponding kernel function is `folio_get()`.
     @inlinable public func get() {
         let n = svm_add32(meta.refWord, 1)
         if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)") }
     }
-    /// `folio_try_get()`: takes a reference unless the count is zero (being freed).
+    /// Takes a reference unless the count is zero (the folio is free or being
+    /// freed): the way to reference a folio found without holding one.
+    ///
+    /// - Returns: whether a reference was taken (then owned by the caller).
+    ///
+    /// The corresponding kernel function is `folio_try_get()`.
     @inlinable public func tryGet() -> Bool {
         var cur = meta.refcount
         while cur > 0 {
@@ -127,8 +197,14 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         }
         return false
     }
-    /// `folio_put()`: drops a reference; the last one frees the folio (to its
-    /// node, or to the device page map's `folioFree`).
+    /// Drops a reference; the last one frees the folio (to its node, or to the
+    /// device page map's ``DevicePageMapOperations/folioFree``).
+    ///
+    /// The caller must own the reference it drops. Freeing happens on the
+    /// calling thread, so the caller must not hold a lock the driver's
+    /// `folioFree` takes. An underflow is reported as a diagnostic.
+    ///
+    /// The corresponding kernel function is `folio_put()`.
     @inlinable public func put() {
         let n = svm_add32(meta.refWord, -1)
         if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
@@ -141,14 +217,26 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
 
     // MARK: the folio lock (PG_locked)
 
-    /// `folio_trylock()`: takes the folio lock if it is free; never blocks.
+    /// Takes the folio lock if it is free; never blocks.
+    ///
+    /// The lock is not tied to a thread: whoever finishes the work unlocks.
+    ///
+    /// - Returns: whether the caller now holds the lock.
+    ///
+    /// The corresponding kernel function is `folio_trylock()`.
     @inlinable public func tryLock() -> Bool {
         let taken = (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
         if taken { svm_tsan_acquire(meta.flagsWord) }
         return taken
     }
 
-    /// `folio_lock()`: takes the folio lock, sleeping while another thread holds it.
+    /// Takes the folio lock, sleeping while another thread holds it.
+    ///
+    /// The caller must hold a reference (so the folio cannot be freed while
+    /// it sleeps) and no page-table lock, and must not already hold this
+    /// folio's lock (it is not recursive: that would wait forever).
+    ///
+    /// The corresponding kernel function is `folio_lock()`.
     public func lock() {
         if tryLock() { return }
         kernel.vmstat.count(.folioLockWaits)
@@ -166,8 +254,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         }
     }
 
-    /// `folio_unlock()`: releases the lock and wakes its sleepers. Any thread may
-    /// unlock (the kernel's page lock is released by whoever finishes the work).
+    /// Releases the lock and wakes its sleepers. Any thread may unlock (the
+    /// kernel's page lock is released by whoever finishes the work).
+    ///
+    /// Unlocking a folio that is not locked is reported as a diagnostic.
+    ///
+    /// The corresponding kernel function is `folio_unlock()`.
     @inlinable public func unlock() {
         svm_tsan_release(meta.flagsWord)
         let old = svm_and32(meta.flagsWord, ~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue))
@@ -177,12 +269,22 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         if old & PageFlags.waiters.rawValue != 0 { _ = svm_futex_wake(meta.flagsWord, Int32.max) }
     }
 
-    /// `folio_test_locked()`.
+    /// Whether some thread holds the folio lock: a snapshot.
+    ///
+    /// The corresponding kernel function is `folio_test_locked()`.
     @inlinable public var isLocked: Bool { meta.test(PageFlags.locked.rawValue) }
 
-    /// `folio_wait_locked()`: sleeps until the folio is unlocked, without taking
-    /// the lock, at most `timeoutNanos` (0: no limit). Returns whether it was
-    /// seen unlocked.
+    /// Sleeps until the folio is unlocked, without taking the lock, at most
+    /// `timeoutNanos` (0: no limit).
+    ///
+    /// Takes no reference, so a waiter cannot make a migration's reference
+    /// check fail; the caller holds no page-table lock.
+    ///
+    /// - Parameters:
+    ///   - timeoutNanos: the longest sleep, in nanoseconds; 0 for no limit.
+    /// - Returns: whether the folio was seen unlocked.
+    ///
+    /// The corresponding kernel function is `folio_wait_locked()`.
     @discardableResult
     public func waitUnlocked(timeoutNanos: UInt64 = 0) -> Bool {
         let w = meta.flagsWord
@@ -201,8 +303,13 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
 
     // MARK: flags the migration code uses
 
+    /// Whether the folio is dirty.
+    ///
+    /// The corresponding kernel function is `folio_test_dirty()`.
     public var isDirty: Bool { meta.test(PageFlags.dirty.rawValue) }
-    /// `folio_mark_dirty()`.
+    /// Marks the folio dirty.
+    ///
+    /// The corresponding kernel function is `folio_mark_dirty()`.
     public func markDirty() { meta.setFlags(PageFlags.dirty.rawValue) }
     @inlinable func set(_ f: PageFlags) { meta.setFlags(f.rawValue) }
     @inlinable func clear(_ f: PageFlags) { meta.clearFlags(f.rawValue) }

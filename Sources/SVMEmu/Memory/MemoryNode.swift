@@ -13,8 +13,11 @@ import CSVMSupport
 /// pages have merged. (Last in, first out would hand out descending frames,
 /// which a copy reads against the host's prefetchers at half the bandwidth.)
 public final class MemoryNode: @unchecked Sendable {
+    /// The NUMA node id (0, 1, ...).
     public let id: Int
+    /// The node's first pfn.
     public let startPfn: UInt64
+    /// Base pages on the node.
     public let pageCount: UInt64
     let region: UInt16
     let bytes: UnsafeMutableRawPointer
@@ -42,7 +45,7 @@ public final class MemoryNode: @unchecked Sendable {
     }
     deinit { zoneLock.deallocate() }
 
-    /// Free base pages on this node (`NR_FREE_PAGES`).
+    /// Free base pages on this node (`NR_FREE_PAGES`). Takes the zone lock.
     public var freePages: UInt64 {
         svm_mutex_lock(zoneLock); defer { svm_mutex_unlock(zoneLock) }
         return freePagesCount
@@ -52,6 +55,11 @@ public final class MemoryNode: @unchecked Sendable {
     /// mapped, bytes not cleared (`folio_alloc()` without `__GFP_ZERO`).
     /// Returns nil when the node is out of memory of that order.
     /// An order other than 0 or 9 is refused: nil and a diagnostic.
+    ///
+    /// Takes the zone lock; the caller may hold any lock but this node's. The
+    /// caller owns the returned folio's one reference.
+    ///
+    /// The corresponding kernel function is `folio_alloc()` (`__folio_alloc_node()`).
     public func allocate(order: Int) -> Folio? {
         kernelRef._withUnsafeGuaranteedRef { kernel in
             guard order == 0 || order == 9 else {
@@ -194,6 +202,18 @@ extension Kernel {
 
     /// Allocates a folio on `node` (or any node if nil): `folio_alloc()` /
     /// `alloc_pages_node()`. `zeroed` clears the bytes (`__GFP_ZERO`).
+    ///
+    /// The folio has one reference, owned by the caller, and is unlocked and
+    /// not mapped. Nodes are tried in id order when `node` is nil.
+    ///
+    /// - Parameters:
+    ///   - order: 0 (4 KiB) or 9 (2 MiB); others give nil and a diagnostic.
+    ///   - node: the NUMA node, or nil for the first with memory free.
+    ///   - zeroed: clear the bytes.
+    /// - Returns: the folio, or nil when no node has memory of that order
+    ///   (or `node` is not a node of this machine).
+    ///
+    /// The corresponding kernel function is `folio_alloc()`.
     public func allocateFolio(order: Int = 0, node: Int? = nil, zeroed: Bool = false) -> Folio? {
         var folio: Folio? = nil
         if let node {
@@ -210,6 +230,6 @@ extension Kernel {
         return folio
     }
 
-    /// Free base pages across all nodes.
+    /// Free base pages across all nodes. Takes each node's zone lock in turn.
     public var freePages: UInt64 { nodes.reduce(0) { $0 + $1.freePages } }
 }

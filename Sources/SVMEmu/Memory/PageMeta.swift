@@ -38,13 +38,17 @@ enum PageMeta {
 
 /// The flags word of a page (the subset of `enum pageflags` the emulator uses).
 public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
+    /// The flags word.
     public let rawValue: UInt32
+    /// The flags with these bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// PG_locked: the folio lock.
     public static let locked = PageFlags(rawValue: 1 << 0)
     /// Someone sleeps on the folio lock (PG_waiters).
     public static let waiters = PageFlags(rawValue: 1 << 1)
+    /// PG_dirty.
     public static let dirty = PageFlags(rawValue: 1 << 2)
+    /// PG_uptodate: the bytes are valid.
     public static let uptodate = PageFlags(rawValue: 1 << 3)
     /// On an LRU list (PG_lru); isolation clears it.
     public static let lru = PageFlags(rawValue: 1 << 4)
@@ -69,6 +73,7 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
     /// Debug: the page is a destination of a migration in progress.
     public static let young = PageFlags(rawValue: 1 << 14)
 
+    /// The set flags' names joined by `|`, e.g. `locked|dirty|lru`.
     public var description: String {
         let names: [(PageFlags, String)] = [
             (.locked, "locked"), (.waiters, "waiters"), (.dirty, "dirty"), (.uptodate, "uptodate"),

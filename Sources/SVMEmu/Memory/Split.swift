@@ -11,6 +11,18 @@ extension Kernel {
     /// folio (still locked, still referenced), each other page is its own
     /// folio holding one reference per mapping, and unmapped tails are freed.
     /// Returns false (nothing changed) when the folio cannot be split.
+    ///
+    /// The caller holds no page-table lock: the PMD and PTE locks are taken
+    /// inside. A device folio's page map hears of every new folio through
+    /// ``DevicePageMapOperations/folioSplit``.
+    ///
+    /// - Parameters:
+    ///   - folio: a locked folio the caller holds a reference on; a small
+    ///     folio is returned as it is (true), an unlocked one is reported as
+    ///     a diagnostic (false).
+    /// - Returns: whether the folio is now (or already was) small.
+    ///
+    /// The corresponding kernel function is `split_folio()`.
     @discardableResult
     public func splitFolio(_ folio: Folio) -> Bool {
         guard folio.isLarge else { return true }
@@ -77,6 +89,11 @@ extension Kernel {
     /// its lock as the split's lock); after the split that reference (and
     /// lock) move to the fault page's new folio, which is what the fault path
     /// releases when migrate_to_ram returns.
+    ///
+    /// Caller holds no page-table lock (collect drops the PTE lock first).
+    /// For a folio that is not the fault folio we take (and drop again) our
+    /// own reference and trylock, so on return the caller's locks and
+    /// references are as on entry.
     func splitFolioForMigration(_ folio: Folio, faultPage: Page?, faultPageLocked: Bool) -> Bool {
         let isFault = faultPage?.folio == folio
         if !isFault {
@@ -112,6 +129,8 @@ extension Kernel {
     /// migration's reference, and rewrites `src[i ... i+511]` as small entries
     /// (`migrate_vma_split_unmapped_folio()`). Device folios call the page
     /// map's `folioSplit` for each new folio, then once with no tail.
+    /// Caller holds no page-table lock; the migration owns the folio's lock
+    /// and extra reference, which every new folio then has too.
     func splitMigratingFolio(_ src: inout [MigratePFN], _ i: Int, faultPage: Page?, hint: AddressSpace? = nil) -> Bool {
         guard let head = page(src[i]) else { return false }
         let folio = head.folio
@@ -154,6 +173,14 @@ extension AddressSpace {
     /// (or device THP) becomes PTE-mapped, each PTE mapping holding a reference;
     /// a huge zero page becomes 512 zero-page PTEs; a PMD migration entry becomes
     /// 512 PTE migration entries. The folio itself stays large.
+    ///
+    /// Caller holds the mmap lock (either mode) or otherwise keeps the range
+    /// mapped, and no page-table lock: we take the PMD lock and return with
+    /// it dropped. Nothing happens when the entry is none or already a table.
+    ///
+    /// - Parameters:
+    ///   - address: any address in the 2 MiB region.
+    ///
     /// The corresponding kernel function is `__split_huge_pmd()`.
     public func splitHugePMD(_ address: UInt64) {
         let pmdStart = address & AddressSpace.pmdMask

@@ -2,16 +2,28 @@ import CSVMSupport
 
 /// Event counters of the emulated kernel, named like `/proc/vmstat` where the
 /// kernel has the same counter.
+///
+/// Each case's ``name`` is the counter's name in ``VMStat/snapshot()``.
 public enum VMStatItem: Int, CaseIterable, Sendable {
+    /// Base pages allocated; frees, failed 4 KiB and 2 MiB allocations.
     case pgalloc, pgfree, allocFail, thpAllocFail
+    /// Page faults (major ones, demand-zero pages, zero-page maps, write-protect faults).
     case pgfault, pgmajfault, demandZeroFaults, zeroPageMaps, wpFaults
+    /// THP faults, huge zero page maps, PMD and folio splits, collapses.
     case thpFaultAlloc, thpZeroPageMap, thpSplitPmd, thpSplitPage, thpCollapseAlloc
+    /// Sleeps on a migration entry; sleeps on a folio lock.
     case migrationEntryWaits, folioLockWaits
+    /// Pages migrated or not (by finalize); THP migrations that succeeded, failed, were split.
     case pgmigrateSuccess, pgmigrateFail, thpMigrationSuccess, thpMigrationFail, thpMigrationSplit
+    /// migrate_vma entries collected, skipped, restored by the unmap step.
     case migrateVMACollected, migrateVMASkipped, migrateVMARestored
+    /// CPU faults on device-private entries, those that returned to retry, `migrateToRAM` calls.
     case deviceFaults, deviceFaultRetries, migrateToRAMCalls
+    /// TLB flush accounting (see ``AddressSpace/flushTLBRange(_:_:)``).
     case tlbLocalFlushAll, tlbLocalFlushOne, tlbRemoteFlush, tlbRemoteFlushReceived, tlbPagesFlushed
+    /// IPIs sent by shootdowns; accesses through a stale TLB entry (the checker).
     case tlbIPIsSent, tlbStaleAccesses
+    /// MMU-notifier invalidations started.
     case mmuNotifierInvalidations
 
     /// The /proc/vmstat-style name.
@@ -69,6 +81,7 @@ public final class VMStat: @unchecked Sendable {
     }
     deinit { words.deallocate() }
 
+    /// Adds `n` to the counter: one relaxed atomic add, from any thread.
     @inlinable @inline(__always)
     public func count(_ item: VMStatItem, _ n: UInt64 = 1) {
         _ = svm_add64(word(item), n)
@@ -76,6 +89,7 @@ public final class VMStat: @unchecked Sendable {
     @usableFromInline func word(_ item: VMStatItem) -> UnsafeMutablePointer<UInt64> {
         words + item.rawValue * VMStat.stride
     }
+    /// The counter's value: a relaxed snapshot.
     public subscript(_ item: VMStatItem) -> UInt64 { svm_load64(word(item)) }
 
     /// Every counter by its /proc/vmstat-style name.

@@ -1,12 +1,18 @@
 import CSVMSupport
 
-/// The collect walk of `migrate_vma_setup()`: each PMD of the range, each
-/// PTE under its lock; candidates get a reference, their folio lock and a
-/// migration entry (see `Kernel.migrateVMASetup(_:)` for the whole protocol).
+// The collect walk of `migrate_vma_setup()`: each PMD of the range, each
+// PTE under its lock; candidates get a reference, their folio lock and a
+// migration entry (see `Kernel.migrateVMASetup(_:)` for the whole protocol).
 extension Kernel {
 
     /// migrate_vma_collect(): walk inside an MMU-notifier invalidation of kind
     /// MIGRATE carrying the owner.
+    ///
+    /// We enter with the mmap lock held (setup checked the arguments) and no
+    /// page-table lock. We return with no page-table lock held, `src[0 ..<
+    /// npages]` filled, and each collected page locked, referenced (the
+    /// migration owns the reference) and replaced by a migration entry;
+    /// `args.end` is trimmed to the pages walked.
     func migrateVMACollect(_ args: inout MigrateVMA, _ vma: VMA) {
         let mm = vma.mm
         mm.withInvalidation(args.start, args.end, .migrate, owner: args.pgmapOwner) {
@@ -21,6 +27,7 @@ extension Kernel {
     }
 
     /// Entries `[start, end)` not migrating (`migrate_vma_collect_skip()`).
+    /// Touches only `args`; any lock state of the caller is unchanged.
     func collectSkip(_ args: inout MigrateVMA, _ start: UInt64, _ end: UInt64) {
         var a = start
         while a < end {
@@ -33,6 +40,7 @@ extension Kernel {
 
     /// A hole (`migrate_vma_collect_hole()`): MIGRATE without a page on
     /// anonymous VMAs, so the driver may fill it; nothing elsewhere.
+    /// Touches only `args`; any lock state of the caller is unchanged.
     func collectHole(_ args: inout MigrateVMA, _ vma: VMA, _ start: UInt64, _ end: UInt64) {
         guard vma.isAnonymous else { return collectSkip(&args, start, end) }
         var a = start
@@ -46,6 +54,11 @@ extension Kernel {
     }
 
     /// One PMD's worth of the range (`migrate_vma_collect_pmd()`).
+    ///
+    /// We enter with the mmap lock held and no page-table lock; `[start, end)`
+    /// lies in one PMD. A huge entry is collected whole (compound), split, or
+    /// skipped; a PTE table is walked under its PTE lock. We return with no
+    /// page-table lock held and the range's entries appended to `args`.
     func collectPMD(_ args: inout MigrateVMA, _ vma: VMA, _ start: UInt64, _ end: UInt64) {
         let mm = vma.mm
         var addr = start
@@ -112,6 +125,12 @@ extension Kernel {
 
     /// The PTE loop. Returns false to restart the PMD ("goto again") after a
     /// large folio was split; `addr` tells where to resume.
+    ///
+    /// We enter with no page-table lock held and take the PTE lock of
+    /// `start`'s table; a page is collected only when its folio lock is
+    /// taken by trylock (or is the fault page's, which the fault path holds).
+    /// We return with the PTE lock dropped on every path, and the TLB flush
+    /// accounted for any present entry that was replaced.
     private func collectPTEs(_ args: inout MigrateVMA, _ vma: VMA, start: UInt64,
                              addr: inout UInt64, end: UInt64) -> Bool {
         let mm = vma.mm

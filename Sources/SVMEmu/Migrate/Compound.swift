@@ -1,15 +1,15 @@
 import CSVMSupport
 
-/// 2 MiB (order-9) folios in migrate_vma: collecting a whole PMD as one
-/// compound entry, splitting compound sources and holes when the driver
-/// supplies 4 KiB destinations, inserting a PMD for a compound hole, and the
-/// PMD-level forms of try_to_migrate and remove_migration_ptes.
-///
-/// Layout of a compound entry: `src[i] = migrate_pfn(head) | MIGRATE |
-/// COMPOUND (| WRITE)` and `src[i+1 ... i+511] = 0`; a compound hole is
-/// `MIGRATE | COMPOUND` without VALID. The driver answers with
-/// `dst[i] = migrate_pfn(head) | COMPOUND` for a 2 MiB destination, or with
-/// 512 small destinations in `dst[i ... i+511]`.
+// 2 MiB (order-9) folios in migrate_vma: collecting a whole PMD as one
+// compound entry, splitting compound sources and holes when the driver
+// supplies 4 KiB destinations, inserting a PMD for a compound hole, and the
+// PMD-level forms of try_to_migrate and remove_migration_ptes.
+//
+// Layout of a compound entry: `src[i] = migrate_pfn(head) | MIGRATE |
+// COMPOUND (| WRITE)` and `src[i+1 ... i+511] = 0`; a compound hole is
+// `MIGRATE | COMPOUND` without VALID. The driver answers with
+// `dst[i] = migrate_pfn(head) | COMPOUND` for a 2 MiB destination, or with
+// 512 small destinations in `dst[i ... i+511]`.
 extension Kernel {
     static let hugePages = 512
 
@@ -34,6 +34,11 @@ extension Kernel {
     /// (`migrate_vma_collect_huge_pmd()`): reference, lock (the fault folio is
     /// already locked), a PMD migration entry in place of the mapping, the
     /// rmap and mapping reference dropped. Returns false to skip the range.
+    ///
+    /// We enter with the mmap lock held and no page-table lock; we take the
+    /// PMD lock and return with it dropped. On true the folio is locked (by
+    /// us, or already by the fault path for the fault folio) and holds the
+    /// migration's extra reference; on false nothing changed.
     func collectHugePMD(_ args: inout MigrateVMA, _ vma: VMA, _ haddr: UInt64) -> Bool {
         let mm = vma.mm
         let lock = mm.pmdLock(haddr)
@@ -63,6 +68,11 @@ extension Kernel {
     /// Inserts a 2 MiB destination for a compound hole as one PMD
     /// (`migrate_vma_insert_huge_pmd_page()`): the PMD must be none or the
     /// huge zero page. Failure clears MIGRATE.
+    ///
+    /// We enter with the mmap lock held, no page-table lock, and `folio`
+    /// locked and referenced by the driver; we take the PMD lock and return
+    /// with it dropped. On success the PMD maps `folio` and holds one new
+    /// reference on it (the mapping's).
     func migrateVMAInsertHugePMD(_ vma: VMA, _ haddr: UInt64, _ folio: Folio, _ src: inout MigratePFN) {
         let mm = vma.mm
         guard vma.isAnonymous, mm.covers(haddr), haddr >= vma.start, haddr + (2 << 20) <= vma.end else {
@@ -94,8 +104,10 @@ extension Kernel {
     /// `set_pmd_migration_entry()`: the PMD mapping `pmd` of `folio` (present or
     /// device-private) becomes a PMD migration entry; the folio is shared
     /// (anon-exclusive cleared), its dirty bit kept, its PMD rmap dropped.
-    /// Caller holds the PMD lock, flushes the TLB for a present mapping after
-    /// dropping it, and drops the mapping's reference.
+    ///
+    /// Caller holds the PMD lock and the folio lock, and keeps both; it
+    /// flushes the TLB for a present mapping after dropping the PMD lock, and
+    /// drops the mapping's reference.
     func setPMDMigrationEntry(_ mm: AddressSpace, _ haddr: UInt64, _ pmd: PageTableEntry, _ folio: Folio, anonExclusive: Bool) {
         if anonExclusive {
             for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
@@ -109,6 +121,11 @@ extension Kernel {
     }
 
     /// `try_to_migrate()` for a PMD-mapped folio: a PMD migration entry.
+    ///
+    /// Caller holds the folio lock and a reference, and no page-table lock.
+    /// We take the PMD lock inside an MMU_NOTIFY_CLEAR invalidation and return
+    /// with it dropped, the TLB flush accounted and the mapping's reference
+    /// dropped.
     func tryToMigratePMD(_ folio: Folio, hint: AddressSpace? = nil) {
         guard folio.entireMapCount > 0, let (mm, address) = rmapAddress(of: folio.page(0), hint: hint), mm.covers(address) else { return }
         let range = MMUNotifierRange(start: address, end: address + (2 << 20), event: .clear, owner: nil)
@@ -129,6 +146,10 @@ extension Kernel {
 
     /// `remove_migration_pmd()`: a PMD migration entry of `src` becomes a PMD
     /// mapping of `dst` (same size). Returns whether one was found.
+    ///
+    /// Caller holds the folio locks of `src` and `dst` and no page-table
+    /// lock; we take the PMD lock and return with it dropped. The new
+    /// mapping holds one new reference on `dst`.
     @discardableResult
     func removeMigrationPMD(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) -> Bool {
         guard let (mm, address) = rmapAddress(of: src.page(0), hint: hint), mm.covers(address), address & ((2 << 20) - 1) == 0 else { return false }

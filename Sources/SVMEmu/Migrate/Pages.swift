@@ -1,16 +1,58 @@
 import CSVMSupport
 
-/// migrate_vma_pages() / migrate_device_pages(): move each page's identity
-/// (its anonymous mapping) from source to destination, or fill holes.
-///
-/// Contract: `dst[i]` is `MigratePFN(page:)` of a LOCKED destination page
-/// whose bytes the driver has already copied (device pages come locked from
-/// `zoneDevicePageInit`; system pages need `lock()`), or empty to keep the
-/// source. Success is told only by MIGRATE still set on `src[i]`. The
-/// destination's WRITE bit is ignored: write permission comes from the
-/// migration entry, or from VM_WRITE for holes.
+// migrate_vma_pages() / migrate_device_pages(): move each page's identity
+// (its anonymous mapping) from source to destination, or fill holes. The
+// contract is on `migrateVMAPages(_:)` and `migrateDevicePages(_:_:count:)`.
 extension Kernel {
 
+    /// Moves each collected page's identity to its destination, or fills each
+    /// hole with its destination: step 3 of the protocol that
+    /// ``Kernel/migrateVMASetup(_:)`` describes.
+    ///
+    /// Call it after a successful ``Kernel/migrateVMASetup(_:)`` of the same
+    /// arguments, once the driver has filled `dst` and its copies are
+    /// complete (``CopyEngine/wait()``), and before
+    /// ``Kernel/migrateVMAFinalize(_:)``; called out of that order it changes
+    /// nothing and records a diagnostic.
+    ///
+    /// On entry the caller still holds the mmap lock it held for setup, and
+    /// each `dst[i]` is either empty (keep the source) or `MigratePFN(page:)`
+    /// of a destination page that is allocated (one reference, which the
+    /// driver hands to the migration), LOCKED, and already holds the source's
+    /// bytes: device pages come locked from
+    /// ``Kernel/zoneDevicePageInit(_:order:)``, system folios need
+    /// ``Folio/lock()``. A compound source wants a compound destination (the
+    /// head of a 2 MiB folio with ``MigratePFN/compoundBit``) or 512 small
+    /// ones; a small source wants a small one. The destination's WRITE bit is
+    /// ignored: write permission comes from the migration entry, or from
+    /// VM_WRITE for a hole.
+    ///
+    /// For each entry a moved source passes its anonymous mapping, dirty and
+    /// uptodate state to the destination; a hole is filled by mapping the
+    /// destination directly (a PMD for a compound hole with a 2 MiB
+    /// destination; 4 KiB destinations split it), inside a
+    /// ``MMUNotifyEvent/migrate`` invalidation. A source still held by anyone
+    /// but the migration (and, for the fault page, the fault path), a
+    /// destination of the wrong kind (device memory for a shared mapping, a
+    /// size that does not match), or a hole that is no longer empty makes
+    /// that entry fail. A destination the driver got wrong (not a page of
+    /// this machine, free, not locked, a COMPOUND pfn that is not a 2 MiB
+    /// head) is reported as a diagnostic and its `dst[i]` cleared, so that
+    /// finalize does not touch it.
+    ///
+    /// On return, success is told only by ``MigratePFN/isMigrating`` still
+    /// set on `src[i]`; a compound source with small destinations has been
+    /// split into 512 small entries. Nothing is unlocked and no reference is
+    /// dropped yet: source and destination stay locked and the CPU page
+    /// tables still hold migration entries, so the driver may update its
+    /// device page table for the successful entries before calling
+    /// ``Kernel/migrateVMAFinalize(_:)``.
+    ///
+    /// - Parameters:
+    ///   - args: the arguments ``Kernel/migrateVMASetup(_:)`` filled, with
+    ///     `dst` filled by the driver; `src` (MIGRATE bits) and `dst` are
+    ///     updated.
+    ///
     /// The corresponding kernel function is `migrate_vma_pages()`.
     public func migrateVMAPages(_ args: inout MigrateVMA) {
         switch args.phase {
@@ -30,7 +72,25 @@ extension Kernel {
         args.phase = .pagesDone
     }
 
-    /// Eviction's counterpart (no VMA: holes cannot occur).
+    /// Moves each collected device page's identity to its destination, for a
+    /// migration without a VMA (eviction).
+    ///
+    /// The second step of an eviction: after
+    /// ``Kernel/migrateDeviceRange(_:startPfn:count:)`` or
+    /// ``Kernel/migrateDevicePfns(_:count:)``, and before
+    /// ``Kernel/migrateDeviceFinalize(_:_:count:)``. The contract is
+    /// ``Kernel/migrateVMAPages(_:)``'s, except that no mmap lock is needed
+    /// (the pages were found by pfn and unmapped through the reverse map),
+    /// holes cannot occur, and a compound source with small destinations is
+    /// not split: that entry fails instead.
+    ///
+    /// - Parameters:
+    ///   - src: the entries the collect step filled; MIGRATE is cleared on
+    ///     each entry that fails.
+    ///   - dst: the driver's locked destinations, or empty entries.
+    ///   - count: entries to process; `src` and `dst` must hold at least that
+    ///     many, or nothing is done and a diagnostic is recorded.
+    ///
     /// The corresponding kernel function is `migrate_device_pages()`.
     public func migrateDevicePages(_ src: inout [MigratePFN], _ dst: inout [MigratePFN], count: Int) {
         guard src.count >= count, dst.count >= count else {
@@ -78,6 +138,10 @@ extension Kernel {
         return page
     }
 
+    /// The loop of `migrate_vma_pages()` and `migrate_device_pages()`; `migrate`
+    /// is nil for eviction. Caller holds what ``Kernel/migrateVMAPages(_:)``
+    /// requires (the mmap lock when there is a VMA) and no page-table lock;
+    /// every lock taken inside is dropped before it returns.
     func migrateDevicePagesCore(_ src: inout [MigratePFN], _ dst: inout [MigratePFN], _ npages: Int, _ migrate: PagesContext?) {
         var notified: MMUNotifierRange? = nil
         var i = -1
@@ -156,6 +220,7 @@ extension Kernel {
     /// `folio_migrate_mapping()` for anonymous memory: the source must hold
     /// exactly the caller's reference (plus `extraCount`, the fault path's);
     /// any other holder makes the migration of this page fail (-EAGAIN).
+    /// Caller holds the folio locks of both folios.
     func folioMigrateMapping(_ newFolio: Folio, _ folio: Folio, extraCount: Int) -> Bool {
         let expected = 1 + extraCount
         guard folio.refCount == expected else { return false }
@@ -166,7 +231,8 @@ extension Kernel {
         return true
     }
 
-    /// `folio_migrate_flags()`.
+    /// `folio_migrate_flags()`: dirty and uptodate pass to the new folio.
+    /// Caller holds the folio locks of both folios.
     func folioMigrateFlags(_ newFolio: Folio, _ folio: Folio) {
         let carried = folio.meta.flags & (PageFlags.dirty.rawValue | PageFlags.uptodate.rawValue)
         newFolio.meta.setFlags(carried)
@@ -177,6 +243,11 @@ extension Kernel {
     /// anonymous VMAs only, the PMD must not map 2 MiB, the PTE must still be
     /// none or the zero page. A device-private page gets a device-private entry
     /// (writable iff VM_WRITE), others a present PTE. Failure clears MIGRATE.
+    ///
+    /// We enter with the mmap lock held, no page-table lock, and `page`'s
+    /// folio locked and referenced by the driver; we take the PTE lock and
+    /// return with it dropped. On success the new PTE holds one new reference
+    /// on the folio (the mapping's) and the rmap names `addr`.
     func migrateVMAInsertPage(_ vma: VMA, _ addr: UInt64, _ page: Page, _ src: inout MigratePFN) {
         let mm = vma.mm
         let folio = page.folio

@@ -1,24 +1,87 @@
 import CSVMSupport
 
-/// migrate_vma_setup(): argument checks, then collect (walk the range, take a
-/// reference on and lock each candidate, replace its mapping by a migration
-/// entry), then unmap (see Unmap.swift).
-///
-/// Contract for the caller (the driver): hold the mmap lock of `vma.mm` for
-/// reading; with `faultPage` (called from `migrateToRAM`), that page is locked
-/// by the fault path (trylock policies). On return every entry with MIGRATE
-/// and a page is locked, holds one extra reference owned by the migration, and
-/// is unmapped (migration entries in the page tables).
+// migrate_vma_setup(): argument checks, the collect walk (Collect.swift,
+// Compound.swift) and the unmap step (Unmap.swift). The protocol and its
+// contract are documented on `migrateVMASetup(_:)`.
 extension Kernel {
 
-    /// Prepares a migration of `[args.start, args.end)`.
+    /// Prepares the migration of a virtual range: collects, locks and unmaps
+    /// every page of `[args.start, args.end)` that `args.flags` selects.
     ///
-    /// - Throws: `.invalidArgument` when: there is no VMA or it is special;
-    ///   the range is empty; start or end lies outside the VMA; `src` or `dst`
-    ///   holds fewer entries than the page-aligned range has pages (an
-    ///   unaligned start is masked down, which can add a page); `faultPage` is not a
-    ///   device-private page; `faultPage` is not locked (trylock policies; the
-    ///   legacy kernels did not check). Nothing changes then.
+    /// A migration over a virtual range is four steps, the same whichever way
+    /// the pages move (system RAM to device memory from a GPU fault, device
+    /// memory back to RAM from `migrateToRAM`):
+    ///
+    /// 1. **Setup** (this function). The walk visits every base page of the
+    ///    range under an MMU-notifier invalidation of kind
+    ///    ``MMUNotifyEvent/migrate`` carrying `args.pgmapOwner`, so the
+    ///    driver's own notifier can tell its own migration apart. A selected
+    ///    page gets a reference, its folio lock (trylock: a page locked
+    ///    elsewhere is skipped) and a migration entry in place of its mapping;
+    ///    the TLB flush for the range is accounted. A hole (no page yet, or
+    ///    the zero page with ``MigrateSelect/system``) in an anonymous VMA is
+    ///    reported as ``MigratePFN/hole`` so the driver may fill it. The
+    ///    unmap step then isolates system folios from the LRU, unmaps any
+    ///    mapping left through the reverse map, and checks that nobody else
+    ///    holds a reference; a page that fails gets its mapping back, is
+    ///    unlocked and released, and its entry is cleared. What remains is
+    ///    `src[i]` with ``MigratePFN/isMigrating`` set: the pages this
+    ///    migration owns. With ``MigrateSelect/compound`` a whole 2 MiB folio
+    ///    (or an aligned 2 MiB hole) is one compound entry followed by 511
+    ///    empty ones.
+    /// 2. **Allocate and copy** (the driver). For each entry with MIGRATE set,
+    ///    the driver may allocate a destination, copy the source's bytes into
+    ///    it (and wait for the copy engine), and set `dst[i]` to
+    ///    `MigratePFN(page:)` of the destination. Destinations must be locked:
+    ///    ``Kernel/zoneDevicePageInit(_:order:)`` returns device pages locked;
+    ///    system folios from ``Kernel/allocateFolio(order:node:zeroed:)`` need
+    ///    ``Folio/lock()``. An entry the driver leaves empty stays where it
+    ///    is; a driver moving device-private pages back to RAM migrates every
+    ///    one it can, since the CPU cannot reach a page left behind (its
+    ///    fault retries).
+    /// 3. **Pages** (``Kernel/migrateVMAPages(_:)``): the source's identity
+    ///    moves to the destination, or the hole is filled. MIGRATE still set
+    ///    on `src[i]` afterwards is the only sign of success. Both pages are
+    ///    still locked and the mmap lock is still held, so the driver may now
+    ///    update its device page table for the entries that succeeded.
+    /// 4. **Finalize** (``Kernel/migrateVMAFinalize(_:)``): each migration
+    ///    entry becomes a mapping of the destination (success) or of the
+    ///    source (failure); both are unlocked and the migration's references
+    ///    are dropped.
+    ///
+    /// On entry the caller holds the mmap lock of `args.vma`'s address space
+    /// (read or write; an unlocked call is reported as a diagnostic) and keeps
+    /// it until ``Kernel/migrateVMAFinalize(_:)`` returns. With
+    /// `args.faultPage` set (a call from `migrateToRAM`), that page is the
+    /// device-private page the CPU fault is migrating: under the trylock
+    /// policies the fault path already holds its folio lock and a reference,
+    /// and keeps both (finalize does not unlock it); under
+    /// ``DeviceFaultPolicy/legacy`` the fault path holds only a reference and
+    /// collect trylocks the page like any other.
+    ///
+    /// On return, `args.npages` entries were walked and `args.cpages` of them
+    /// were collected (a compound entry counts once). Every `src[i]` with
+    /// MIGRATE and a VALID pfn names a page that is locked, unmapped (a
+    /// migration entry stands in each of its mappings, so CPU faults on it
+    /// wait) and holds one extra reference that the migration owns until
+    /// finalize drops it. `dst` is left as the caller prepared it (cleared by
+    /// ``MigrateVMA/prepare(vma:start:end:flags:pgmapOwner:faultPage:)``).
+    /// ``Kernel/migrateVMAFinalize(_:)`` must follow every successful setup,
+    /// even one that collected nothing.
+    ///
+    /// - Parameters:
+    ///   - args: the range, selection and owner, and `src`/`dst` arrays with
+    ///     at least one entry per base page of the page-aligned range;
+    ///     `src`, `cpages` and `npages` are filled in.
+    /// - Throws: ``Errno/invalidArgument`` (`-EINVAL`), with nothing changed,
+    ///   when `args.vma` is nil, unmapped or a special (VM_PFNMAP / VM_IO)
+    ///   mapping; the range is empty; `start` or `end` lies outside the VMA;
+    ///   `src` or `dst` holds fewer entries than the page-aligned range has
+    ///   pages (an unaligned start is masked down, which can add a page);
+    ///   `faultPage` is not a device-private page; `faultPage` is not locked
+    ///   under the trylock policies (legacy kernels did not check); or these
+    ///   arguments were set up before and not finalized (also a diagnostic).
+    ///
     /// The corresponding kernel function is `migrate_vma_setup()`.
     public func migrateVMASetup(_ args: inout MigrateVMA) throws(Errno) {
         let pageCount = Int64(bitPattern: args.end &- args.start) >> 12

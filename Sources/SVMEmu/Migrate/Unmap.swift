@@ -1,22 +1,30 @@
 import CSVMSupport
 
-/// The unmap step shared by migrate_vma_setup() and eviction
-/// (`migrate_device_unmap()`), the reference check, and the rmap walks that
-/// install and remove migration entries.
-///
-/// Reference rules: on entry each collected page holds one extra reference
-/// (from collect, or from `migrate_device_pfn_lock`) and is locked. System
-/// folios trade that reference for the LRU-isolation one. A page that is
-/// still mapped, or holds more references than its mappings explain, loses
-/// MIGRATE; the restore pass then puts its mapping back, unlocks it (not the
-/// fault folio: the fault path owns that lock) and drops the extra reference.
+// The unmap step shared by migrate_vma_setup() and eviction
+// (`migrate_device_unmap()`), the reference check, and the rmap walks that
+// install and remove migration entries. The reference rules are on
+// `migrateDeviceUnmap`.
 extension Kernel {
 
+    /// The unmap step of ``Kernel/migrateVMASetup(_:)``: `migrateDeviceUnmap`
+    /// over the collected entries, with the fault page of `args`.
     func migrateVMAUnmap(_ args: inout MigrateVMA) {
         args.cpages = migrateDeviceUnmap(&args.src, args.npages, faultPage: args.faultPage,
                                          faultPageLocked: args.faultPageLocked == true, mm: args.vma?.mm)
     }
 
+    /// Unmaps the collected pages and keeps only those nobody else holds
+    /// (`migrate_device_unmap()`). Returns how many entries still migrate (holes included).
+    ///
+    /// On entry each collected page holds one extra reference (from collect,
+    /// or from `migrate_device_pfn_lock`) and is locked; the caller holds no
+    /// page-table lock. System folios trade that reference for the
+    /// LRU-isolation one. A page that is still mapped, or holds more
+    /// references than its mappings explain, loses MIGRATE; the restore pass
+    /// then puts its mapping back, unlocks it (not the fault folio: the fault
+    /// path owns that lock) and drops the extra reference. On return every
+    /// entry with MIGRATE and a page is locked, unmapped and holds the
+    /// migration's one extra reference; the others are empty or holes.
     func migrateDeviceUnmap(_ src: inout [MigratePFN], _ npages: Int, faultPage: Page?, faultPageLocked: Bool,
                             mm hint: AddressSpace? = nil) -> Int {
         let faultFolio = faultPageLocked ? faultPage?.folio : nil
@@ -67,6 +75,7 @@ extension Kernel {
     /// the caller's one, the fault path's one for the fault page, one more for
     /// ZONE_DEVICE pages (kept from the days free device pages held one), and a
     /// page-cache one for shared memory. Large folios always fail.
+    /// Caller holds the folio lock, so no mapping can be added meanwhile.
     func migrateVMACheckPage(_ page: Page, faultPage: Page?) -> Bool {
         let folio = page.folio
         var extra = 1 + (page == faultPage ? 1 : 0)
@@ -76,6 +85,7 @@ extension Kernel {
     }
 
     /// `folio_isolate_lru()`: takes the folio off the LRU with a reference.
+    /// Returns false (no reference taken) when the folio was not on the LRU.
     func isolateLRU(_ folio: Folio) -> Bool {
         let old = svm_and32(folio.meta.flagsWord, ~PageFlags.lru.rawValue)
         guard old & PageFlags.lru.rawValue != 0 else { return false }
@@ -83,7 +93,8 @@ extension Kernel {
         return true
     }
 
-    /// `folio_putback_lru()`.
+    /// `folio_putback_lru()`: back on the LRU; consumes the caller's
+    /// isolation reference.
     func putbackLRU(_ folio: Folio) {
         folio.set(.lru)
         folio.put()
@@ -91,7 +102,9 @@ extension Kernel {
 
     /// `try_to_migrate()`: replace every remaining mapping of the folio's pages
     /// by a migration entry, dropping the rmap and the mapping's reference.
-    /// Caller holds the folio lock.
+    /// Caller holds the folio lock and a reference, and no page-table lock;
+    /// each PTE is rewritten under its PTE lock inside an MMU_NOTIFY_CLEAR
+    /// invalidation, the lock dropped before the TLB flush is accounted.
     func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil) {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
         let hintID = hint?.id ?? 0
@@ -111,6 +124,9 @@ extension Kernel {
     }
 
     /// `try_to_migrate_one()` for one PTE-mapped page at `address` in `mm`.
+    /// We enter with no page-table lock and return with the PTE lock dropped
+    /// and, when the entry still mapped the page, the mapping's reference
+    /// dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
     private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
@@ -138,6 +154,7 @@ extension Kernel {
     /// `remove_migration_ptes(src, dst)`: every migration entry of `src`'s pages
     /// becomes a mapping of the matching page of `dst` (device-private entry for
     /// a device-private `dst`), each mapping taking a reference on `dst`.
+    /// Caller holds the folio locks of `src` and `dst` and no page-table lock.
     func removeMigrationPTEs(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) {
         if src.isLarge && dst.isLarge && removeMigrationPMD(src, dst, hint: hint) { return }
         let count = min(src.pageCount, dst.pageCount)
@@ -158,6 +175,7 @@ extension Kernel {
 
     /// `remove_migration_pte()` for one page: its migration entry at `address`
     /// becomes a mapping of `newPage` (of `dst`), which takes a reference.
+    /// We enter with no page-table lock and return with the PTE lock dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
     private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64) {
         let lock = mm.ptl(address)
