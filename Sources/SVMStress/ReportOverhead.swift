@@ -29,6 +29,11 @@ public enum OverheadReport {
             out += "  " + name.padding(toLength: 18, withPad: " ", startingAt: 0)
                 + String(format: "%9.3f", f.microsPerFault) + "   " + pct(f.fraction) + "   " + calls + "\n"
         }
+        if let f = r.phases[MigrationPhase.tlbFlush.name], f.count > 0 {
+            out += "  " + "  of which TLB shootdown wait".padding(toLength: 18, withPad: " ", startingAt: 0)
+                + String(format: "%9.3f", f.microsPerFault) + "   " + pct(f.fraction) + "   "
+                + String(format: "%8.2f", r.faults > 0 ? Double(f.count) / Double(r.faults) : 0) + "\n"
+        }
         out += "  " + "fault (whole)".padding(toLength: 18, withPad: " ", startingAt: 0)
             + String(format: "%9.3f", r.faultMicrosMean) + "   " + pct(1) + "\n\n"
         out += "  migrate_vma fraction (collect+unmap+pages+finalize): " + pct(r.migrateVMAFraction).trimmingCharacters(in: .whitespaces) + "\n"

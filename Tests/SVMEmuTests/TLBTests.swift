@@ -136,3 +136,63 @@ struct TLBFlushRangeTests {
         }
     }
 }
+
+@Suite("CPUs of the machine")
+struct CPUSlotTests {
+    @Test("a thread takes a free CPU and gives it back when it exits; one beyond the count waits for a free CPU")
+    func threadsTakeAndGiveBackCPUs() throws {
+        var config = KernelConfiguration()
+        config.nodeSizes = [16 << 20]
+        config.maxPhysicalBytes = 1 << 30
+        config.cpus = 1
+        let kernel = Kernel(config)
+        let mm = AddressSpace(kernel: kernel)
+        defer { withExtendedLifetime((mm, kernel)) {} }
+        let a = try mm.mmap(length: pageSize)
+        try mm.store(a, 5)
+        #expect(kernel.cpus.boundCount == 1)
+        // The only CPU is this thread's: another thread waits for it.
+        let other = WorkerThread()
+        defer { _ = other.stop() }
+        let read = SharedCounter()
+        other.start { read.value.store(Int((try? mm.load(a)) ?? 0), ordering: .releasing) }
+        #expect(!other.wait(timeout: 0.2))
+        #expect(read.current == 0)
+        #expect(kernel.diagnostics.contains { $0.rule.hasPrefix("more threads than CPUs") })
+        // Giving it back lets the other thread run.
+        kernel.cpus.leave()
+        #expect(other.wait())
+        #expect(read.current == 5)
+        #expect(kernel.cpus.boundCount == 1)
+        #expect(other.stop())
+        #expect(eventually { kernel.cpus.boundCount == 0 })
+    }
+
+    @Test("a machine takes 1 to 64 CPUs", arguments: [0, 65])
+    func cpuCountChecked(cpus: Int) {
+        var config = KernelConfiguration()
+        config.cpus = cpus
+        #expect(throws: KernelConfigurationError.self) { try config.validate() }
+    }
+
+    @Test("after a migration returns, a CPU that read the page before reads the new value, never the old frame's")
+    func readersSeeTheNewValue() throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let a = try mm.mmap(length: pageSize)
+            let reader = WorkerThread()
+            defer { _ = reader.stop() }
+            let seen = SharedCounter()
+            for v in 1...20 {
+                try mm.store(a, UInt8(v))
+                #expect(reader.run { seen.value.store(Int((try? mm.load(a)) ?? 0), ordering: .releasing) })
+                #expect(seen.current == v)
+                // MADV_DONTNEED drops the page; the next write faults in a new frame.
+                try mm.madvise(a, length: pageSize, advice: .dontNeed)
+                try mm.store(a, UInt8(v + 100))
+                #expect(reader.run { seen.value.store(Int((try? mm.load(a)) ?? 0), ordering: .releasing) })
+                #expect(seen.current == v + 100)
+            }
+            #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
+        }
+    }
+}

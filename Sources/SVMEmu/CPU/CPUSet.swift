@@ -98,7 +98,7 @@ public final class CPUSet: @unchecked Sendable {
         }
         var warned = false
         while true {
-            let seen = slotReleases.pointee
+            let seen = svm_load32(slotReleases)
             var mask = freeMask.load(ordering: .acquiring)
             while mask != 0 {
                 let bit = mask.trailingZeroBitCount
