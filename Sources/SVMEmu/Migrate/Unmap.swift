@@ -91,8 +91,9 @@ extension Kernel {
 
     /// `try_to_migrate()`: replace every remaining mapping of the folio's pages
     /// by a migration entry, dropping the rmap and the mapping's reference.
-    /// Caller holds the folio lock.
-    func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil) {
+    /// Caller holds the folio lock. With `batch` (TTU_BATCH_FLUSH, used by
+    /// migratePages) PTE ranges are gathered there instead of flushed.
+    func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil, batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
         let hintID = hint?.id ?? 0
         let hintRef = hint.map { Unmanaged.passUnretained($0) }
@@ -103,16 +104,17 @@ extension Kernel {
             guard mmID != 0 else { continue }
             if mmID == hintID, let hintRef {
                 // Borrowed: `let hint` would copy (retain) the mm per page.
-                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { tryToMigrateOne(folio, page, $0, address) } }
+                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { tryToMigrateOne(folio, page, $0, address, batch) } }
             } else if let mm = addressSpace(id: mmID), mm.covers(address) {
-                tryToMigrateOne(folio, page, mm, address)
+                tryToMigrateOne(folio, page, mm, address, batch)
             }
         }
     }
 
     /// `try_to_migrate_one()` for one PTE-mapped page at `address` in `mm`.
     @inline(never)  // called with a borrowed mm: no retain per page
-    private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64) {
+    private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64,
+                                 _ batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
         let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
@@ -131,7 +133,10 @@ extension Kernel {
                                 .keepingProtection(of: pte))
         mm.removeRmap(page: page)
         svm_mutex_unlock(lock)
-        if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
+        if pte.kind == .present {
+            if let batch { batch.pointee.add(mm, address, address + 4096, writable: pte.isWrite) }
+            else { mm.flushTLBRange(address, address + 4096) }
+        }
         folio.put()
     }
 
