@@ -127,6 +127,9 @@ public final class Kernel: @unchecked Sendable {
     public let phases: PhaseTimer
     /// The CPUs, each with its TLB.
     public let cpus: CPUSet
+    /// The deferred TLB flush of system-memory migration (migrc / LUF):
+    /// old frames held until a batched flush (Migrate/System).
+    public let deferredTLB = DeferredTLBFlush()
     /// The shared zero page (mapped read-only on read faults of anonymous memory).
     public private(set) var zeroPage: Folio! = nil
     /// The huge zero page (a 2 MiB zero folio mapped by a PMD on read faults).
@@ -201,6 +204,7 @@ public final class Kernel: @unchecked Sendable {
         hugeZeroPage = nodes[0].allocate(order: 9)!
         hugeZeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 2 << 20)
         hugeZeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
+        deferredTLB.kernel = self
     }
 
     deinit {

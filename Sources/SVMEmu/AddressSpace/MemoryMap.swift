@@ -118,6 +118,7 @@ extension AddressSpace {
         splitVMA(at: end)
         let victims = vmas.filter { $0.start >= start && $0.end <= end }
         guard !victims.isEmpty else { return }
+        kernel.deferredTLB.mappingWillChange()
         withInvalidation(start, end, .unmap) {
             for v in victims { zapRange(vma: v, start: v.start, end: v.end, freeTables: true) }
         }
@@ -169,6 +170,7 @@ extension AddressSpace {
         let (start, end) = try checkRange(address, length)
         mmapWriteLock(); defer { mmapWriteUnlock() }
         guard fullyMapped(start, end) else { throw .noMemory }
+        if protection.contains(.write) { kernel.deferredTLB.willMakeWritable() }
         splitVMA(at: start)
         splitVMA(at: end)
         withInvalidation(start, end, .protectionVMA) {

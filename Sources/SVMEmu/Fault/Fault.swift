@@ -97,6 +97,8 @@ extension AddressSpace {
                 }
                 // do_wp_page(): without fork every anonymous page is exclusive
                 // to this mm, so it is reused in place.
+                // Deferred migration flushes first: no stale reader may race a writer.
+                kernel.deferredTLB.willMakeWritable()
                 let page = Page(pfn: pte.pfn, kernel: kernel)
                 page.meta.setFlags(PageFlags.anonExclusive.rawValue)
                 storePTE(address, pte.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
@@ -197,6 +199,7 @@ extension AddressSpace {
                 splitHugePMD(haddr)
                 return
             }
+            kernel.deferredTLB.willMakeWritable()
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             for i in 0..<512 { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
             storePMD(haddr, pmd.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))

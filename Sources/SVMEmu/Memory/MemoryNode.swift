@@ -226,6 +226,10 @@ extension Kernel {
                 i += 1
             }
         }
+        if folio == nil && deferredTLB.heldFrames > 0 && deferredTLB.flush() > 0 {
+            // Old frames held for a deferred migration flush come back first.
+            return allocateFolio(order: order, node: node, zeroed: zeroed)
+        }
         if zeroed, let f = folio { svm_memset(f.bytes, 0, f.size) }
         return folio
     }

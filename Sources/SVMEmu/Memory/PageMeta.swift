@@ -72,6 +72,9 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
     public static let shmem = PageFlags(rawValue: 1 << 13)
     /// Debug: the page is a destination of a migration in progress.
     public static let young = PageFlags(rawValue: 1 << 14)
+    /// PG_writeback: the folio's bytes are being written out; migration
+    /// waits for it only in MIGRATE_SYNC (Migrate/System/Writeback.swift).
+    public static let writeback = PageFlags(rawValue: 1 << 15)
 
     /// The set flags' names joined by `|`, e.g. `locked|dirty|lru`.
     public var description: String {
@@ -79,7 +82,7 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
             (.locked, "locked"), (.waiters, "waiters"), (.dirty, "dirty"), (.uptodate, "uptodate"),
             (.lru, "lru"), (.anonExclusive, "anon_exclusive"), (.head, "head"), (.tail, "tail"),
             (.zoneDevice, "zone_device"), (.anon, "anon"), (.reserved, "reserved"), (.buddy, "buddy"),
-            (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"),
+            (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"), (.writeback, "writeback"),
         ]
         return names.filter { contains($0.0) }.map(\.1).joined(separator: "|")
     }

@@ -104,8 +104,10 @@ extension Kernel {
     /// by a migration entry, dropping the rmap and the mapping's reference.
     /// Caller holds the folio lock and a reference, and no page-table lock;
     /// each PTE is rewritten under its PTE lock inside an MMU_NOTIFY_CLEAR
-    /// invalidation, the lock dropped before the TLB flush is accounted.
-    func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil) {
+    /// invalidation, the lock dropped before the TLB flush. With `batch`
+    /// (TTU_BATCH_FLUSH, used by migratePages) PTE ranges are gathered there
+    /// instead of flushed.
+    func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil, batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
         let hintID = hint?.id ?? 0
         let hintRef = hint.map { Unmanaged.passUnretained($0) }
@@ -116,9 +118,9 @@ extension Kernel {
             guard mmID != 0 else { continue }
             if mmID == hintID, let hintRef {
                 // Borrowed: `let hint` would copy (retain) the mm per page.
-                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { tryToMigrateOne(folio, page, $0, address) } }
+                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { tryToMigrateOne(folio, page, $0, address, batch) } }
             } else if let mm = addressSpace(id: mmID), mm.covers(address) {
-                tryToMigrateOne(folio, page, mm, address)
+                tryToMigrateOne(folio, page, mm, address, batch)
             }
         }
     }
@@ -128,7 +130,8 @@ extension Kernel {
     /// and, when the entry still mapped the page, the mapping's reference
     /// dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
-    private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64) {
+    private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64,
+                                 _ batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
         let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
@@ -147,7 +150,10 @@ extension Kernel {
                                 .keepingProtection(of: pte))
         mm.removeRmap(page: page)
         svm_mutex_unlock(lock)
-        if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
+        if pte.kind == .present {
+            if let batch { batch.pointee.add(mm, address, address + 4096, writable: pte.isWrite) }
+            else { mm.flushTLBRange(address, address + 4096) }
+        }
         folio.put()
     }
 

@@ -20,7 +20,7 @@ public struct SVMEmuCommand: ParsableCommand {
         """,
         version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
-                      BenchCommand.self, DevicesCommand.self])
+                      BenchCommand.self, DevicesCommand.self, NumaCommand.self])
 }
 
 struct BenchCommand: ParsableCommand {

@@ -1,0 +1,252 @@
+import CSVMSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One folio's copy in the move phase of `migratePages`: the destination
+/// frame's bytes, the source frame's, and the folio size.
+public struct FolioCopyJob: @unchecked Sendable {
+    public var destination: UnsafeMutableRawPointer
+    public var source: UnsafeRawPointer
+    public var bytes: Int
+    public init(destination: UnsafeMutableRawPointer, source: UnsafeRawPointer, bytes: Int) {
+        self.destination = destination
+        self.source = source
+        self.bytes = bytes
+    }
+}
+
+/// How the move phase of `migratePages` copies a batch of folios whose
+/// sources are unmapped, flushed and locked. `copy` returns when every byte
+/// is in place and visible to other threads.
+///
+/// Called once per batch (not per page), from the migrating thread; an
+/// implementation shared by several migrating threads serialises them itself.
+public protocol FolioCopier: AnyObject, Sendable {
+    /// Short name for reports (`single`, `mt2`, `dma-pcie5`).
+    var name: String { get }
+    /// Threads (or DMA channels) the copier may use.
+    var threads: Int { get }
+    /// Copies every job.
+    func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>)
+}
+
+/// The kernel's own copy: one folio after another on the migrating thread
+/// (`folio_mc_copy()`).
+public final class SingleThreadCopier: FolioCopier, @unchecked Sendable {
+    public let name = "single"
+    public let threads = 1
+    public init() {}
+    public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
+        for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
+    }
+}
+
+/// Zi Yan's multi-threaded folio copy (RFC, January 2025): after the batched
+/// unmap and flush, `threads` threads (the migrating thread and
+/// `threads - 1` workers) copy the batch. With no more folios than threads
+/// each folio is split across all threads; otherwise the folios are dealt
+/// out in contiguous shares. A batch below `thresholdPages` base pages
+/// (32 by default, as in the seed) is copied by the migrating thread alone:
+/// waking workers costs more than they save.
+///
+/// One batch at a time: the copier holds its own lock for a batch, so it can
+/// be shared by several migrating threads. Nothing is allocated per batch.
+public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
+    public let name: String
+    public let threads: Int
+    /// Batches smaller than this many base pages stay on the calling thread.
+    public let thresholdPages: Int
+    /// Batches that were small enough to stay on one thread.
+    public var singleThreadedBatches: Int { Int(svm_load64(stats)) }
+
+    // words: [0] batch lock, [16] generation (workers sleep on it),
+    // [32] parts outstanding (the caller sleeps on it), [48] stopping.
+    private let words: UnsafeMutablePointer<UInt32>
+    private let stats: UnsafeMutablePointer<UInt64>
+    // The batch being copied (written under the batch lock before the generation bump).
+    private var jobs: UnsafeBufferPointer<FolioCopyJob> = UnsafeBufferPointer(start: nil, count: 0)
+    private var handles: [pthread_t] = []
+
+    /// - Parameters:
+    ///   - threads: 1...64 threads, the caller included.
+    ///   - thresholdPages: below this many base pages a batch is copied by the caller alone.
+    public init(threads: Int, thresholdPages: Int = 32) {
+        if !(1...64).contains(threads) { contractViolation("MultiThreadCopier: threads must be 1...64 (got \(threads))") }
+        self.threads = threads
+        self.thresholdPages = max(1, thresholdPages)
+        name = "mt\(threads)"
+        words = .allocate(capacity: 64)
+        words.initialize(repeating: 0, count: 64)
+        stats = .allocate(capacity: 1)
+        stats.initialize(to: 0)
+        for index in 1..<threads {
+            var handle = pthread_t()
+            let box = Unmanaged.passRetained(WorkerStart(copier: self, index: index)).toOpaque()
+            let rc = pthread_create(&handle, nil, { context in
+                let start = Unmanaged<WorkerStart>.fromOpaque(context!).takeRetainedValue()
+                start.copier.work(index: start.index)
+                return nil
+            }, box)
+            if rc != 0 { contractViolation("MultiThreadCopier: the host refused a copy worker thread (error \(rc))") }
+            handles.append(handle)
+        }
+    }
+
+    private final class WorkerStart {
+        unowned(unsafe) let copier: MultiThreadCopier
+        let index: Int
+        init(copier: MultiThreadCopier, index: Int) { self.copier = copier; self.index = index }
+    }
+
+    /// Stops and joins the workers. Call once when done with the copier;
+    /// the workers keep it alive until then.
+    public func shutdown() {
+        guard !handles.isEmpty else { return }
+        svm_store32(words + 48, 1)
+        svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+        _ = svm_futex_wake(words + 16, Int32.max)
+        for h in handles { pthread_join(h, nil) }
+        handles.removeAll()
+    }
+
+    deinit {
+        shutdown()
+        words.deallocate()
+        stats.deallocate()
+    }
+
+    public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
+        var pages = 0
+        for j in jobs { pages += j.bytes >> 12 }
+        if threads == 1 || pages < thresholdPages || handles.isEmpty {
+            _ = svm_add64(stats, 1)
+            for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
+            return
+        }
+        svm_mutex_lock(words)
+        self.jobs = jobs
+        svm_store32(words + 32, UInt32(threads - 1))
+        svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+        _ = svm_futex_wake(words + 16, Int32.max)
+        share(0)
+        // Wait for the workers' parts: spin briefly, then sleep.
+        var spins = 0
+        while true {
+            let v = svm_load32(words + 32)
+            if v == 0 { break }
+            if spins < 2000 { spins += 1; svm_cpu_relax() } else { _ = svm_futex_wait(words + 32, v, 1_000_000) }
+        }
+        self.jobs = UnsafeBufferPointer(start: nil, count: 0)
+        svm_mutex_unlock(words)
+    }
+
+    /// Thread `index`'s part of the current batch.
+    private func share(_ index: Int) {
+        if jobs.count <= threads {
+            // Each folio split across every thread, in whole pages.
+            for j in jobs {
+                let part = ((j.bytes / threads) + 4095) & ~4095
+                let start = part * index
+                guard start < j.bytes else { continue }
+                svm_memcpy(j.destination + start, j.source + start, min(part, j.bytes - start))
+            }
+        } else {
+            let per = (jobs.count + threads - 1) / threads
+            let lo = per * index, hi = min(jobs.count, lo + per)
+            if lo < hi { for i in lo..<hi { svm_memcpy(jobs[i].destination, jobs[i].source, jobs[i].bytes) } }
+        }
+    }
+
+    private func work(index: Int) {
+        var seen = svm_load32(words + 16)
+        while true {
+            let now = svm_load32(words + 16)
+            if now == seen {
+                _ = svm_futex_wait(words + 16, seen, 0)
+                continue
+            }
+            seen = now
+            if svm_load32(words + 48) != 0 { return }
+            share(index)
+            if svm_add32(UnsafeMutableRawPointer(words + 32).assumingMemoryBound(to: Int32.self), -1) == 0 {
+                _ = svm_futex_wake(words + 32, 1)
+            }
+        }
+    }
+}
+
+/// Copy offload to DMA channels (Shivank Garg's series, 2025-2026), timed by
+/// a device link model: the batch is cut into transactions of
+/// `foliosPerTransaction` folios; each goes to a free channel, which is busy
+/// for the link's transfer time of that transaction. A copy that finds every
+/// channel busy is refused by the engine and copied by the CPU instead
+/// (counted in `cpuFallbacks`). The bytes themselves are moved by the
+/// calling thread (the emulator has no DMA hardware); the call returns when
+/// both the bytes and the modelled transfers are complete.
+///
+/// Channels are shared by every thread that uses the copier, so two
+/// migrating threads compete for them as two CPUs compete for a DMA engine.
+public final class OffloadCopier: FolioCopier, @unchecked Sendable {
+    public let name: String
+    public let model: LinkModel
+    /// DMA channels.
+    public let threads: Int
+    /// Folios per DMA transaction (32 in the series).
+    public let foliosPerTransaction: Int
+    // Per channel, the time it is busy until (ns), one cache line apart; then
+    // the counters: transactions offloaded, refused (copied by the CPU).
+    private let words: UnsafeMutablePointer<UInt64>
+
+    /// - Parameters:
+    ///   - model: the link whose transfer time a transaction takes.
+    ///   - channels: 1...16 DMA channels.
+    ///   - foliosPerTransaction: folios per transaction.
+    public init(model: LinkModel, channels: Int = 16, foliosPerTransaction: Int = 32) {
+        if !(1...16).contains(channels) { contractViolation("OffloadCopier: channels must be 1...16 (got \(channels))") }
+        self.model = model
+        threads = channels
+        self.foliosPerTransaction = max(1, foliosPerTransaction)
+        name = "dma-\(model.name)"
+        words = .allocate(capacity: (channels + 2) * 8)
+        words.initialize(repeating: 0, count: (channels + 2) * 8)
+    }
+    deinit { words.deallocate() }
+
+    /// Transactions the DMA channels took.
+    public var offloaded: UInt64 { svm_load64(words + threads * 8) }
+    /// Transactions refused because every channel was busy, copied by the CPU.
+    public var cpuFallbacks: UInt64 { svm_load64(words + threads * 8 + 8) }
+
+    public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
+        var latest: UInt64 = 0
+        var i = 0
+        while i < jobs.count {
+            let end = min(jobs.count, i + foliosPerTransaction)
+            var bytes = 0
+            for k in i..<end { bytes += jobs[k].bytes }
+            let now = svm_now_ns()
+            if let done = claimChannel(now: now, nanos: UInt64(model.transferNanos(bytes: bytes).rounded(.up))) {
+                _ = svm_add64(words + threads * 8, 1)
+                latest = max(latest, done)
+            } else {
+                _ = svm_add64(words + threads * 8 + 8, 1)
+            }
+            for k in i..<end { svm_memcpy(jobs[k].destination, jobs[k].source, jobs[k].bytes) }
+            i = end
+        }
+        if latest > 0 { LinkCopyEngine.waitUntil(nanos: latest) }
+    }
+
+    /// Takes a channel that is idle at `now` for `nanos`; nil when all are busy.
+    private func claimChannel(now: UInt64, nanos: UInt64) -> UInt64? {
+        for c in 0..<threads {
+            let w = words + c * 8
+            var busy = svm_load64(w)
+            while busy <= now {
+                if svm_cas64(w, &busy, now + nanos) { return now + nanos }
+            }
+        }
+        return nil
+    }
+}

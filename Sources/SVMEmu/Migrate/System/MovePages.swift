@@ -1,0 +1,238 @@
+import CSVMSupport
+
+/// The per-page result of `movePages`: the node the page is on (or was
+/// moved to), or why it was not moved.
+public enum PageStatus: Sendable, Hashable, CustomStringConvertible {
+    /// The page is on this node.
+    case node(Int)
+    /// `-ENOENT` (not present, or the zero page), `-EFAULT` (no VMA, or a
+    /// special one), `-EACCES` (mapped more than once without `moveAll`),
+    /// `-EBUSY` (could not be isolated: already isolated, e.g. another page of
+    /// the same THP), `-ENOMEM`.
+    case error(Errno)
+    /// What the kernel stores in the status array: the node, or `-errno`.
+    public var rawValue: Int32 {
+        switch self {
+        case .node(let n): Int32(n)
+        case .error(let e): -e.rawValue
+        }
+    }
+    public var description: String {
+        switch self {
+        case .node(let n): "node \(n)"
+        case .error(let e): "-\(e.name)"
+        }
+    }
+}
+
+/// `move_pages(2)` flags.
+public struct MovePagesFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+    /// MPOL_MF_MOVE: pages mapped only by this process.
+    public static let move = MovePagesFlags(rawValue: 1 << 1)
+    /// MPOL_MF_MOVE_ALL: also pages mapped more than once (CAP_SYS_NICE).
+    public static let moveAll = MovePagesFlags(rawValue: 1 << 2)
+}
+
+extension AddressSpace {
+
+    /// Moves the pages at `addresses` to `nodes` (one node per address), or
+    /// with `nodes == nil` only reports the node each page is on.
+    ///
+    /// Pages are queued while consecutive entries name the same node; each
+    /// run is migrated with `Kernel.migratePages` in `.sync` mode for reason
+    /// `.syscall`, with `policy`'s algorithm, copier and deferral. A page
+    /// already on its node, or one that cannot be found or isolated, gets
+    /// its status at once and ends the run before it.
+    ///
+    /// Takes the mmap lock for reading per page while queueing, none while
+    /// migrating; may sleep.
+    ///
+    /// - Parameters:
+    ///   - addresses: page addresses (any address within the page).
+    ///   - nodes: target node per address, or nil to query.
+    ///   - status: filled with one `PageStatus` per address.
+    ///   - flags: `.move` or `.moveAll`.
+    /// - Returns: the number of pages not migrated (0 when all moved or were
+    ///   reported in `status`), as the system call returns it.
+    /// - Throws: `.invalidArgument` for unknown flags or a `nodes` array of
+    ///   another length; `.noDevice` (ENODEV) for a node that does not exist
+    ///   (pages queued before it are migrated first); `.noMemory` when a
+    ///   run stopped for lack of destinations.
+    ///
+    /// The corresponding kernel function is `kernel_move_pages()`.
+    @discardableResult
+    public func movePages(_ addresses: [UInt64], nodes: [Int]?, status: inout [PageStatus],
+                          flags: MovePagesFlags = .move,
+                          policy: MigratePagesPolicy = MigratePagesPolicy()) throws(Errno) -> Int {
+        var stats = MigrateStats()
+        return try movePages(addresses, nodes: nodes, status: &status, flags: flags, policy: policy, stats: &stats)
+    }
+
+    /// `movePages(_:nodes:status:flags:policy:)` that also adds the
+    /// statistics of every `migratePages` run it made to `stats` (for
+    /// benchmarks: flush time, copy time, lock waits, first-folio latency).
+    ///
+    /// The corresponding kernel function is `kernel_move_pages()`.
+    @discardableResult
+    public func movePages(_ addresses: [UInt64], nodes: [Int]?, status: inout [PageStatus],
+                          flags: MovePagesFlags = .move, policy: MigratePagesPolicy,
+                          stats: inout MigrateStats) throws(Errno) -> Int {
+        guard flags.isSubset(of: [.move, .moveAll]) else { throw .invalidArgument }
+        status = [PageStatus](repeating: .error(.noEntry), count: addresses.count)
+        guard let nodes else {
+            withMmapReadLock {
+                for (i, a) in addresses.enumerated() { status[i] = pageStatus(a) }
+            }
+            return 0
+        }
+        guard nodes.count == addresses.count else { throw .invalidArgument }
+        return try doPagesMove(addresses, nodes, &status, flags.contains(.moveAll), policy, &stats)
+    }
+
+    /// `do_pages_move()`.
+    private func doPagesMove(_ addresses: [UInt64], _ nodes: [Int], _ status: inout [PageStatus], _ moveAll: Bool,
+                             _ policy: MigratePagesPolicy, _ stats: inout MigrateStats) throws(Errno) -> Int {
+        var list: [Folio] = []
+        var current = -1
+        var start = 0
+        // Migrates the queued run [start, i) to `current` and stores its status.
+        func flushRun(_ i: Int) throws(Errno) -> Int {
+            guard !list.isEmpty else { return 0 }
+            let r = moveToNode(&list, current, policy)
+            stats.merge(r.stats)
+            if let e = r.error { throw e }
+            if r.notMigrated > 0 { return r.notMigrated + addresses.count - i }
+            for k in start..<i { status[k] = .node(current) }
+            return 0
+        }
+        for i in addresses.indices {
+            let node = nodes[i]
+            guard node >= 0 && node < kernel.nodes.count else {
+                _ = try flushRun(i)
+                throw .noDevice
+            }
+            if current < 0 {
+                current = node
+                start = i
+            } else if node != current {
+                let left = try flushRun(i)
+                if left > 0 { return left }
+                start = i
+                current = node
+            }
+            let queued = addPageForMigration(addresses[i], current, &list, moveAll)
+            if case .node(-1) = queued {
+                continue  // status set when the run moves
+            }
+            status[i] = queued
+            let left = try flushRun(i)
+            if left > 0 { return left - 1 }
+            current = -1
+        }
+        return try flushRun(addresses.count)
+    }
+
+    /// `do_move_pages_to_node()`: MIGRATE_SYNC, MR_SYSCALL, destinations on `node` only.
+    func moveToNode(_ list: inout [Folio], _ node: Int, _ policy: MigratePagesPolicy) -> MigratePagesResult {
+        let k = kernel
+        let r = k.migratePages(&list, mode: .sync, reason: .syscall, policy: policy) { src in
+            k.allocateFolio(order: src.order, node: node)
+        }
+        if !list.isEmpty { k.putbackMovableFolios(&list) }
+        return r
+    }
+
+    /// `add_page_for_migration()`: `.node(-1)` when queued, `.node(n)` when
+    /// already on the target, else the error for the status array.
+    private func addPageForMigration(_ address: UInt64, _ node: Int, _ list: inout [Folio], _ moveAll: Bool) -> PageStatus {
+        mmapReadLock(); defer { mmapReadUnlock() }
+        guard let vma = vma(containing: address), !vma.flags.contains(.special) else { return .error(.badAddress) }
+        guard let page = followPage(address) else { return .error(.noEntry) }
+        let folio = page.folio
+        defer { folio.put() }
+        if folio.isZoneDevice { return .error(.noEntry) }
+        if kernel.nodeID(of: folio) == node { return .node(node) }
+        if page.mapCount + folio.entireMapCount > 1 && !moveAll { return .error(.permissionDenied) }
+        guard kernel.isolateFolioLRU(folio) else { return .error(.busy) }
+        list.append(folio)
+        return .node(-1)
+    }
+
+    /// What `move_pages` with no nodes reports for one address (`do_pages_stat_array()`).
+    private func pageStatus(_ address: UInt64) -> PageStatus {
+        guard vma(containing: address) != nil else { return .error(.badAddress) }
+        guard let page = followPage(address) else { return .error(.noEntry) }
+        let folio = page.folio
+        defer { folio.put() }
+        if let n = kernel.nodeID(of: folio) { return .node(n) }
+        return .error(.noEntry)
+    }
+
+    /// `follow_page(FOLL_GET | FOLL_DUMP)`: the page mapped present at
+    /// `address` with a reference taken, or nil (none, the zero pages, a
+    /// migration or device-private entry). Caller holds the mmap lock.
+    func followPage(_ address: UInt64) -> Page? {
+        guard covers(address) else { return nil }
+        let pmd = loadPMD(address)
+        if pmd.kind == .present {
+            let lock = pmdLock(address)
+            svm_mutex_lock(lock); defer { svm_mutex_unlock(lock) }
+            let again = loadPMD(address)
+            guard again.kind == .present, !again.isSpecial else { return nil }
+            let page = Page(pfn: again.pfn + ((address >> 12) & 511), kernel: kernel)
+            return page.folio.tryGet() ? page : nil
+        }
+        guard pmd.kind == .table else { return nil }
+        let lock = ptl(address)
+        svm_mutex_lock(lock); defer { svm_mutex_unlock(lock) }
+        let pte = loadPTE(address)
+        guard loadPMD(address).kind == .table, pte.kind == .present, !pte.isSpecial else { return nil }
+        let page = Page(pfn: pte.pfn, kernel: kernel)
+        return page.folio.tryGet() ? page : nil
+    }
+
+    /// Moves every page of this address space on node `from[i]` to node
+    /// `to[i]` (pages mapped more than once stay, as with MPOL_MF_MOVE),
+    /// each pair migrated in `.sync` mode for reason `.syscall`.
+    ///
+    /// - Returns: the pages that could not be moved.
+    /// - Throws: `.invalidArgument` when the lists differ in length or name
+    ///   a node twice as a source; `.noDevice` for a node that does not
+    ///   exist; `.noMemory` when the target ran out of memory.
+    ///
+    /// The corresponding kernel function is `kernel_migrate_pages()`.
+    @discardableResult
+    public func migratePages(from: [Int], to: [Int], policy: MigratePagesPolicy = MigratePagesPolicy()) throws(Errno) -> Int {
+        guard from.count == to.count, Set(from).count == from.count else { throw .invalidArgument }
+        for n in from + to where n < 0 || n >= kernel.nodes.count { throw .noDevice }
+        var left = 0
+        for (source, dest) in zip(from, to) where source != dest {
+            var list: [Folio] = []
+            withMmapReadLock { queuePages(onNode: source, into: &list) }
+            guard !list.isEmpty else { continue }
+            let r = moveToNode(&list, dest, policy)
+            if let e = r.error { throw e }
+            left += r.notMigrated
+        }
+        return left
+    }
+
+    /// `queue_pages_range()` for migrate_pages(2): isolates every folio on
+    /// `node` mapped once in this address space. Caller holds the mmap lock.
+    private func queuePages(onNode node: Int, into list: inout [Folio]) {
+        for vma in vmas where !vma.flags.contains(.special) {
+            var a = vma.start
+            while a < vma.end {
+                let step: UInt64 = loadPMD(a).kind == .present ? AddressSpace.pmdSize - (a & ~AddressSpace.pmdMask) : 4096
+                defer { a += step }
+                guard let page = followPage(a) else { continue }
+                let folio = page.folio
+                defer { folio.put() }
+                guard kernel.nodeID(of: folio) == node, page.mapCount + folio.entireMapCount == 1 else { continue }
+                if kernel.isolateFolioLRU(folio) { list.append(folio) }
+            }
+        }
+    }
+}

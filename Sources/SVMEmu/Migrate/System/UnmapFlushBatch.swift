@@ -1,0 +1,205 @@
+import CSVMSupport
+
+/// The batched flush of `migratePages` (`struct tlbflush_unmap_batch` with
+/// TTU_BATCH_FLUSH): `tryToMigrate` hands each cleared mapping's range here
+/// instead of flushing it, and the batch flushes once per address space with
+/// `flush()` (`try_to_unmap_flush()`).
+///
+/// With deferral on (migrc / LUF), the ranges of the folio being unmapped are
+/// held apart until the folio is done: if every mapping it lost was
+/// read-only, they go to the kernel's deferred flush with the source frame
+/// instead of into this batch (`takeFolio(deferrable:)`).
+struct UnmapFlushBatch {
+    /// One pending range per address space (a migration seldom spans more).
+    var batches: [TLBFlushBatch] = []
+    /// The current folio's mappings: address space, range, and whether any was writable.
+    var folioMM: AddressSpace? = nil
+    var folioStart: UInt64 = .max
+    var folioEnd: UInt64 = 0
+    var folioWritable = false
+    var folioMapped = false
+    /// Flushes issued by `flush()`.
+    var flushes = 0
+
+    init() { batches.reserveCapacity(4) }
+
+    /// A mapping of `[start, end)` in `mm` was cleared; `writable`: it allowed writes.
+    mutating func add(_ mm: AddressSpace, _ start: UInt64, _ end: UInt64, writable: Bool) {
+        if let cur = folioMM, cur !== mm {
+            // A second address space for one folio: no deferral, batch both.
+            folioWritable = true
+            addToBatch(cur, folioStart, folioEnd)
+            folioStart = .max
+            folioEnd = 0
+        }
+        folioMM = mm
+        folioStart = min(folioStart, start)
+        folioEnd = max(folioEnd, end)
+        folioWritable = folioWritable || writable
+        folioMapped = true
+    }
+
+    /// Ends the current folio. When `deferrable` and every mapping it lost was
+    /// read-only, returns its address space and range for a deferred flush;
+    /// otherwise its range joins the batch and nil is returned.
+    mutating func takeFolio(deferrable: Bool) -> (AddressSpace, UInt64, UInt64)? {
+        defer {
+            folioMM = nil
+            folioStart = .max
+            folioEnd = 0
+            folioWritable = false
+            folioMapped = false
+        }
+        guard folioMapped, let mm = folioMM else { return nil }
+        if deferrable && !folioWritable { return (mm, folioStart, folioEnd) }
+        addToBatch(mm, folioStart, folioEnd)
+        return nil
+    }
+
+    private mutating func addToBatch(_ mm: AddressSpace, _ s: UInt64, _ e: UInt64) {
+        for i in batches.indices where batches[i].mm === mm {
+            batches[i].add(s, e)
+            return
+        }
+        var b = TLBFlushBatch(mm: mm)
+        b.add(s, e)
+        batches.append(b)
+    }
+
+    var isEmpty: Bool { batches.allSatisfy(\.isEmpty) }
+
+    /// `try_to_unmap_flush()`: one flush per address space for everything gathered.
+    mutating func flush() {
+        for i in batches.indices where !batches[i].isEmpty {
+            batches[i].flush()
+            flushes += 1
+        }
+        batches.removeAll(keepingCapacity: true)
+    }
+}
+
+/// The deferred TLB flush of migrc (Byungchul Park, 2023) and its successor
+/// LUF (RFC, not merged): a folio whose every mapping was read-only when
+/// migration unmapped it is moved without a flush; CPUs may keep reading the
+/// old frame through stale translations, which is harmless because its bytes
+/// are identical and nobody may write it. The old frame is therefore kept out
+/// of the allocator until a later, batched flush has run:
+///
+/// - when the frames held reach `frameLimit` (a batched flush of many
+///   migrations at once: the saving);
+/// - before an allocation that would otherwise fail (the frames must never
+///   be reused while a stale translation may reach them);
+/// - when a mapping of the address space may become writable or change: a
+///   write fault that makes a read-only entry writable, mprotect, munmap
+///   (the give-up-on-write rule: a writer must not race a stale reader).
+///   `giveUpOnWrite = false` disables the write and mprotect hooks: the
+///   hazard Dave Hansen warned of, kept for the stale-entry test.
+///
+/// Thread-safe: the pending ranges and frames sit behind one lock; the
+/// hooks on the fault path cost one atomic load when nothing is pending.
+public final class DeferredTLBFlush: @unchecked Sendable {
+    struct Pending {
+        var ranges: [(mmID: UInt32, start: UInt64, end: UInt64)] = []
+        var folios: [Folio] = []
+        var frames = 0
+    }
+    private let state = LockedValue<Pending>(Pending())
+    // [0] frames held, [8] flushes run, [16] frames those flushes released,
+    // [24] give-up flushes, [32] give-up-on-write (1 on, 0 off).
+    private let words: UnsafeMutablePointer<UInt64>
+    /// Set once by the kernel at boot (the kernel owns this object).
+    unowned(unsafe) var kernel: Kernel! = nil
+
+    /// Held frames (base pages) that trigger a batched flush.
+    public var frameLimit: Int = 64 * 1024
+
+    init() {
+        words = .allocate(capacity: 40)
+        words.initialize(repeating: 0, count: 40)
+        svm_store64(words + 32, 1)
+    }
+    deinit { words.deallocate() }
+
+    /// Base pages of old frames held for a pending flush.
+    public var heldFrames: Int { Int(svm_load64(words)) }
+    /// Deferred flushes run so far.
+    public var flushes: UInt64 { svm_load64(words + 8) }
+    /// Frames those flushes returned to the allocator.
+    public var framesReleased: UInt64 { svm_load64(words + 16) }
+    /// Flushes run early because a mapping became writable or changed.
+    public var giveUpFlushes: UInt64 { svm_load64(words + 24) }
+    /// The give-up-on-write rule (on by default). Off, a write fault or an
+    /// mprotect does not flush the pending stale translations first.
+    public var giveUpOnWrite: Bool {
+        get { svm_load64(words + 32) != 0 }
+        set { svm_store64(words + 32, newValue ? 1 : 0) }
+    }
+
+    /// Takes over the last reference of `folio` (the migrated source) and
+    /// the range of its read-only mappings in `mm`, to be flushed later.
+    func hold(_ folio: Folio, _ mm: AddressSpace, _ start: UInt64, _ end: UInt64) {
+        let pages = folio.pageCount
+        let total = state.withLock { p -> Int in
+            if let last = p.ranges.last, last.mmID == mm.id, start <= last.end, end >= last.start {
+                p.ranges[p.ranges.count - 1] = (mm.id, min(last.start, start), max(last.end, end))
+            } else {
+                p.ranges.append((mm.id, start, end))
+            }
+            p.folios.append(folio)
+            p.frames += pages
+            return p.frames
+        }
+        _ = svm_add64(words, UInt64(pages))
+        if total >= frameLimit { flush() }
+    }
+
+    /// Runs the pending flush: one flush per address space over the union
+    /// of its ranges, then the held frames go back to the allocator.
+    /// Returns the frames released.
+    @discardableResult
+    public func flush() -> Int {
+        guard svm_load64(words) != 0 else { return 0 }
+        let p = state.withLock { p -> Pending in
+            let taken = p
+            p = Pending()
+            return taken
+        }
+        guard !p.folios.isEmpty else { return 0 }
+        // Ranges by address space, merged into one span each (arch_tlbbatch).
+        var spans: [(UInt32, UInt64, UInt64)] = []
+        for r in p.ranges {
+            if let i = spans.firstIndex(where: { $0.0 == r.mmID }) {
+                spans[i].1 = min(spans[i].1, r.start)
+                spans[i].2 = max(spans[i].2, r.end)
+            } else {
+                spans.append((r.mmID, r.start, r.end))
+            }
+        }
+        for (id, s, e) in spans { kernel.addressSpace(id: id)?.flushTLBRange(s, e) }
+        _ = svm_add64(words + 8, 1)
+        // Frames leave only after the flush.
+        for f in p.folios { f.put() }
+        _ = svm_add64(words, UInt64(bitPattern: -Int64(p.frames)))
+        _ = svm_add64(words + 16, UInt64(p.frames))
+        return p.frames
+    }
+
+    /// The give-up rule: a mapping of some address space is about to become
+    /// writable (write fault on a read-only entry, mprotect adding write).
+    /// Flushes what is pending unless the rule is switched off.
+    func willMakeWritable() {
+        guard svm_load64(words) != 0, svm_load64(words + 32) != 0 else { return }
+        giveUp()
+    }
+
+    /// A mapping is being removed or replaced (munmap, mmap over it): flush
+    /// what is pending, whatever the switch says.
+    func mappingWillChange() {
+        guard svm_load64(words) != 0 else { return }
+        giveUp()
+    }
+
+    private func giveUp() {
+        if flush() > 0 { _ = svm_add64(words + 24, 1) }
+    }
+}

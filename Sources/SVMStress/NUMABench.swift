@@ -1,0 +1,226 @@
+// Huang Ying's migrate_pages benchmark on the emulator: reader threads touch
+// a buffer (pmbench-like) while a migrator moves it node 0 -> 1 -> 0 with
+// move_pages, for every algorithm, copier and deferral setting.
+
+import CSVMSupport
+import Foundation
+import SVMEmu
+import Synchronization
+
+/// Which copier a variant uses.
+public enum NUMACopierKind: String, Sendable, CaseIterable, Codable {
+    case single
+    case multiThread = "multi-thread"
+    case dma
+}
+
+/// One configuration of the benchmark.
+public struct NUMAVariant: Sendable, Hashable, Codable {
+    public var algorithm: MigrationAlgorithm
+    public var mode: MigrateMode
+    public var copier: NUMACopierKind
+    public var copyThreads: Int
+    public var deferredFlush: Bool
+    /// 4096 or 2 MiB.
+    public var pageSize: Int
+    public init(algorithm: MigrationAlgorithm, mode: MigrateMode = .sync, copier: NUMACopierKind = .single,
+                copyThreads: Int = 1, deferredFlush: Bool = false, pageSize: Int = 4096) {
+        self.algorithm = algorithm
+        self.mode = mode
+        self.copier = copier
+        self.copyThreads = copyThreads
+        self.deferredFlush = deferredFlush
+        self.pageSize = pageSize
+    }
+    public var label: String {
+        var s = "\(algorithm.rawValue) \(pageSize == 4096 ? "4K" : "2M") \(copier.rawValue)"
+        if copier != .single { s += "x\(copyThreads)" }
+        if deferredFlush { s += " deferred" }
+        return s
+    }
+
+    /// The variants the benchmark runs by default: every algorithm on 4 KiB
+    /// pages, deferral and the copiers on the mainline algorithm, and 2 MiB
+    /// folios single- and multi-threaded.
+    public static func standard(copyThreads: Int) -> [NUMAVariant] {
+        var v = MigrationAlgorithm.allCases.map { NUMAVariant(algorithm: $0) }
+        v.append(NUMAVariant(algorithm: .batched, deferredFlush: true))
+        v.append(NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: copyThreads))
+        v.append(NUMAVariant(algorithm: .batched, copier: .dma, copyThreads: 16))
+        v.append(NUMAVariant(algorithm: .unbatched, pageSize: 2 << 20))
+        v.append(NUMAVariant(algorithm: .batched, pageSize: 2 << 20))
+        v.append(NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: copyThreads, pageSize: 2 << 20))
+        return v
+    }
+}
+
+/// What one variant measured (the keys of `svmemu numa --json`'s `variants`).
+public struct NUMAVariantResult: Sendable, Codable {
+    public var algorithm: String
+    public var mode: String
+    public var copier: String
+    public var copyThreads: Int
+    public var deferredFlush: Bool
+    public var pageSize: Int
+    public var pagesMigrated: Int
+    public var pagesPerSecond: Double
+    /// IPIs received by other CPUs (nr_tlb_remote_flush_received) per migrated base page.
+    public var ipisPerPage: Double
+    /// Shootdown rounds (nr_tlb_remote_flush) during the run, deferred flushes included.
+    public var flushes: Int
+    public var flushWaitMicros: Double
+    public var copyMicros: Double
+    public var readerLatencyP50Nanos: UInt64
+    public var readerLatencyP99Nanos: UInt64
+    public var readerAccesses: Int
+    /// Diagnostics of the stale-entry checker (issue 14; 0 until it exists).
+    public var staleEntryDiagnostics: Int
+    public var deferredFlushes: Int
+    public var lockWaitP99Nanos: UInt64
+    public var seconds: Double
+    public var dataIntact: Bool
+}
+
+/// One point of the batch-size sweep: total migration time and the first
+/// folio's latency (from the call to its remap) against the batch size.
+public struct NUMABatchPoint: Sendable, Codable {
+    public var batchPages: Int
+    public var totalMillis: Double
+    public var firstFolioMicros: Double
+    public var pagesPerSecond: Double
+}
+
+/// The benchmark's settings.
+public struct NUMABenchSettings: Sendable {
+    public var bufferBytes = 64 << 20
+    public var readers = 2
+    /// Moves of the whole buffer (0 -> 1, 1 -> 0, ...).
+    public var rounds = 4
+    public var variants: [NUMAVariant] = NUMAVariant.standard(copyThreads: 2)
+    public var batchSweep: [Int] = [1, 8, 32, 128, 512]
+    public init() {}
+}
+
+/// Runs the benchmark.
+public enum NUMABench {
+    /// Measures one variant on a fresh machine.
+    public static func run(_ v: NUMAVariant, settings s: NUMABenchSettings, batchPages: Int = Kernel.maxBatchedMigration,
+                           firstFolio: UnsafeMutablePointer<UInt64>? = nil) throws -> NUMAVariantResult {
+        var config = KernelConfiguration()
+        let nodeBytes = ((s.bufferBytes * 2 + (32 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        config.nodeSizes = [nodeBytes, nodeBytes]
+        config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
+        config.addressSpaceSize = UInt64(max(4 << 30, s.bufferBytes * 4))
+        config.transparentHugepage = v.pageSize == 4096 ? .never : .always
+        let kernel = Kernel(config)
+        let mm = AddressSpace(kernel: kernel)
+        defer { withExtendedLifetime((kernel, mm)) {} }
+        let seed: UInt64 = 0x4e55
+        let base = try mm.mmap(length: s.bufferBytes)
+        try mm.fillPattern(base, length: s.bufferBytes, seed: seed)
+        // The read-mostly buffer: mapped read-only, as pmbench's read phase sees it.
+        if v.deferredFlush { try mm.mprotect(base, length: s.bufferBytes, protection: .read) }
+        let addresses = stride(from: base, to: base + UInt64(s.bufferBytes), by: v.pageSize).map { $0 }
+
+        var policy = MigratePagesPolicy(algorithm: v.algorithm, deferredFlush: v.deferredFlush, batchPages: batchPages)
+        var mt: MultiThreadCopier? = nil
+        switch v.copier {
+        case .single: break
+        case .multiThread:
+            mt = MultiThreadCopier(threads: v.copyThreads)
+            policy.copier = mt
+        case .dma: policy.copier = OffloadCopier(model: .pcie5, channels: min(16, max(1, v.copyThreads)))
+        }
+        defer { mt?.shutdown() }
+
+        let stop = Atomic<Bool>(false)
+        let bad = Atomic<Int>(0)
+        let histograms = ReaderHistograms(count: s.readers)
+        var threads: [Thread] = []
+        let started = Atomic<Int>(0)
+        for r in 0..<s.readers {
+            let t = Thread {
+                var x = UInt64(r + 1) &* 0x9E37_79B9_7F4A_7C15
+                let words = UInt64(s.bufferBytes / 8)
+                started.add(1, ordering: .relaxed)
+                var h = WaitHistogram()
+                while !stop.load(ordering: .relaxed) {
+                    x ^= x << 13; x ^= x >> 7; x ^= x << 17
+                    let addr = base + (x % words) * 8
+                    let t0 = svm_now_ns()
+                    var ok = false
+                    do { ok = try mm.verifyPattern(addr, length: 8, seed: seed) == nil } catch {}
+                    h.record(svm_now_ns() - t0)
+                    if !ok { bad.add(1, ordering: .relaxed) }
+                }
+                histograms.store(r, h)
+            }
+            t.stackSize = 1 << 20
+            threads.append(t)
+            t.start()
+        }
+        while started.load(ordering: .relaxed) < s.readers { usleep(100) }
+        usleep(2000)
+
+        let vm = kernel.vmstat
+        let ipis0 = vm[.tlbRemoteFlushReceived], flushes0 = vm[.tlbRemoteFlush], pages0 = vm[.pgmigrateSuccess]
+        let deferred0 = kernel.deferredTLB.flushes
+        var stats = MigrateStats()
+        var status: [PageStatus] = []
+        let t0 = svm_now_ns()
+        for round in 0..<s.rounds {
+            let target = (round + 1) & 1
+            var one = MigrateStats()
+            _ = try mm.movePages(addresses, nodes: Array(repeating: target, count: addresses.count), status: &status,
+                                 policy: policy, stats: &one)
+            if round == 0 { firstFolio?.pointee = one.firstFolioNanos }
+            stats.merge(one)
+        }
+        // The deferred flush still pending belongs to this run.
+        kernel.deferredTLB.flush()
+        let seconds = Double(svm_now_ns() - t0) / 1e9
+        stop.store(true, ordering: .relaxed)
+        for t in threads { while !t.isFinished { usleep(100) } }
+        let pages = Int(vm[.pgmigrateSuccess] - pages0)
+        var readers = WaitHistogram()
+        for h in histograms.all { readers.merge(h) }
+        var verified = false
+        do { verified = try mm.verifyPattern(base, length: s.bufferBytes, seed: seed) == nil } catch {}
+        let intact = bad.load(ordering: .relaxed) == 0 && verified
+        let stale = kernel.diagnostics.filter { $0.rule.contains("stale") }.count
+        return NUMAVariantResult(
+            algorithm: v.algorithm.rawValue, mode: v.mode.rawValue, copier: policy.copier?.name ?? "single",
+            copyThreads: v.copier == .single ? 1 : v.copyThreads, deferredFlush: v.deferredFlush, pageSize: v.pageSize,
+            pagesMigrated: pages, pagesPerSecond: Double(pages) / seconds,
+            ipisPerPage: pages == 0 ? 0 : Double(vm[.tlbRemoteFlushReceived] - ipis0) / Double(pages),
+            flushes: Int(vm[.tlbRemoteFlush] - flushes0), flushWaitMicros: Double(stats.flushNanos) / 1000,
+            copyMicros: Double(stats.copyNanos) / 1000,
+            readerLatencyP50Nanos: readers.quantile(0.5), readerLatencyP99Nanos: readers.quantile(0.99),
+            readerAccesses: Int(readers.count), staleEntryDiagnostics: stale,
+            deferredFlushes: Int(kernel.deferredTLB.flushes - deferred0), lockWaitP99Nanos: stats.lockWaits.quantile(0.99),
+            seconds: seconds, dataIntact: intact)
+    }
+
+    /// The batch-size sweep on the mainline algorithm, 4 KiB pages.
+    public static func sweep(settings s: NUMABenchSettings) throws -> [NUMABatchPoint] {
+        var out: [NUMABatchPoint] = []
+        var one = s
+        one.rounds = 1
+        for b in s.batchSweep {
+            var first: UInt64 = 0
+            let r = try run(NUMAVariant(algorithm: .batched), settings: one, batchPages: b, firstFolio: &first)
+            out.append(NUMABatchPoint(batchPages: b, totalMillis: r.seconds * 1000, firstFolioMicros: Double(first) / 1000,
+                                      pagesPerSecond: r.pagesPerSecond))
+        }
+        return out
+    }
+}
+
+/// Each reader's latency histogram, handed over when it stops.
+final class ReaderHistograms: @unchecked Sendable {
+    private let lock = NSLock()
+    private var list: [WaitHistogram]
+    init(count: Int) { list = Array(repeating: WaitHistogram(), count: count) }
+    func store(_ i: Int, _ h: WaitHistogram) { lock.withLock { list[i] = h } }
+    var all: [WaitHistogram] { lock.withLock { list } }
+}
