@@ -1,6 +1,4 @@
-#if canImport(Glibc)
-import Glibc
-#endif
+import SVMEmu
 
 /// The device's own page table: one 64-bit entry per virtual page of the
 /// mirrored address space (a flat, lazily touched mapping), pfn << 12 with
@@ -18,11 +16,10 @@ final class DevicePageTable: @unchecked Sendable {
         self.base = base
         self.end = end
         count = Int((end - base) >> 12)
-        let p = mmap(nil, count * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let p, p != MAP_FAILED else { fatalError("MirrorDriver: cannot reserve the device page table") }
+        guard let p = HostMemory.reserve(bytes: count * 8) else { fatalError("MirrorDriver: cannot reserve the device page table") }
         entries = p.assumingMemoryBound(to: UInt64.self)
     }
-    deinit { munmap(entries, count * 8) }
+    deinit { HostMemory.release(entries, bytes: count * 8) }
 
     @inline(__always) func index(_ address: UInt64) -> Int { Int((address - base) >> 12) }
     @inline(__always) func get(_ address: UInt64) -> UInt64 { entries[index(address)] }

@@ -95,7 +95,7 @@ extension MirrorDevice {
     func withStableRange(_ notifier: MMUIntervalNotifier, _ start: UInt64, _ end: UInt64, flags: HMMPFN,
                          deadlineNanos: UInt64? = nil, commit: (HMMRange) -> Void) throws(Errno) {
         while true {
-            if let deadlineNanos, MirrorDevice.nowNanos() > deadlineNanos { throw .busy }
+            if let deadlineNanos, HostClock.nanos() > deadlineNanos { throw .busy }
             var range = HMMRange(notifier: notifier, start: start, end: end, defaultFlags: flags, devicePrivateOwner: owner)
             range.notifierSeq = notifier.readBegin()
             mm.mmapReadLock()

@@ -1,7 +1,4 @@
 import SVMEmu
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Migration commands and the CPU-fault callback, following the kernel's
 /// migrate_vma recipe: setup, allocate and copy, pages, update the device page
@@ -271,7 +268,7 @@ extension MirrorDevice {
             args.prepare(vma: vmf.vma, start: start, end: start + size,
                          flags: order > 0 ? [.devicePrivate, .compound] : .devicePrivate,
                          pgmapOwner: owner, faultPage: vmf.page)
-            if s.migrateToRAMLookupNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMLookupNanos) }
+            if s.migrateToRAMLookupNanos > 0 { HostClock.sleep(nanos: s.migrateToRAMLookupNanos) }
             do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
             var wanted = 0
             for i in 0..<args.npages where args.src[i].isMigrating && args.src[i].isValid { wanted += 1 }
@@ -283,7 +280,7 @@ extension MirrorDevice {
             // The DMA wait: only a call that copied something has one, and it
             // comes after its reference check passed (the page is under a
             // migration entry, so other faulters wait without references).
-            if given > 0 && s.migrateToRAMWorkNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMWorkNanos) }
+            if given > 0 && s.migrateToRAMWorkNanos > 0 { HostClock.sleep(nanos: s.migrateToRAMWorkNanos) }
             kernel.migrateVMAPages(&args)
             kernel.migrateVMAFinalize(&args)
             return .done
@@ -323,11 +320,5 @@ extension MirrorDevice {
         }
         pageTableLock.withLock { _ in pageTable.clear(pageTable.base, pageTable.end) }
         return evicted
-    }
-
-    static func sleep(nanos: UInt64) {
-        var ts = timespec(tv_sec: Int(nanos / 1_000_000_000), tv_nsec: Int(nanos % 1_000_000_000))
-        var rest = timespec()
-        while nanosleep(&ts, &rest) != 0 && errno == EINTR { ts = rest }
     }
 }

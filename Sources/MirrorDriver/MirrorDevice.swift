@@ -1,8 +1,5 @@
 import SVMEmu
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// How a `MirrorDevice`'s `migrateToRAM` serialises itself.
 public enum DriverLockMode: String, Sendable, CaseIterable, Codable {

@@ -1,7 +1,4 @@
 import SVMEmu
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The per-page byte of `HMM_DMIRROR_SNAPSHOT` (lib/test_hmm_uapi.h's
 /// `HMM_DMIRROR_PROT_*`): what the CPU page tables say about a page, as
@@ -75,7 +72,7 @@ extension MirrorDevice {
         }
         defer { mm.removeIntervalNotifier(temporary) }
         try withStableRange(temporary, start, end, flags: HMMPFN(rawValue: 0),
-                            deadlineNanos: MirrorDevice.nowNanos() + 1_000_000_000) { range in
+                            deadlineNanos: HostClock.nanos() + 1_000_000_000) { range in
             for (i, entry) in range.hmmPfns.enumerated() {
                 perm.storeBytes(of: permission(of: entry), toByteOffset: i, as: UInt8.self)
             }
@@ -103,11 +100,5 @@ extension MirrorDevice {
         p |= entry.isWrite ? DMirrorProt.write : DMirrorProt.read
         if entry.mapOrder == 9 { p |= DMirrorProt.pmd } else if entry.mapOrder == 18 { p |= DMirrorProt.pud }
         return p
-    }
-
-    static func nowNanos() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 }

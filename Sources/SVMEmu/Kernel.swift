@@ -1,8 +1,5 @@
 import CSVMSupport
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Transparent huge page policy (`/sys/kernel/mm/transparent_hugepage/enabled`).
 public enum TransparentHugepageMode: String, Sendable, CaseIterable {
@@ -140,7 +137,7 @@ public final class Kernel: @unchecked Sendable {
         self.configuration = configuration
         phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU)
         maxPfn = configuration.maxPhysicalBytes >> 12
-        metaBase = Kernel.reserve(bytes: Int(maxPfn) << PageMeta.shift)
+        metaBase = HostMemory.reserveOrStop(bytes: Int(maxPfn) << PageMeta.shift, for: "page metadata")
         regionBase = .allocate(capacity: Kernel.maxRegions)
         regionBase.initialize(repeating: nil, count: Kernel.maxRegions)
         regionStart = .allocate(capacity: Kernel.maxRegions)
@@ -180,8 +177,8 @@ public final class Kernel: @unchecked Sendable {
     }
 
     deinit {
-        for (p, n) in mappings { munmap(p, n) }
-        munmap(metaBase, Int(maxPfn) << PageMeta.shift)
+        for (p, n) in mappings { HostMemory.release(p, bytes: n) }
+        HostMemory.release(metaBase, bytes: Int(maxPfn) << PageMeta.shift)
         regionBase.deallocate()
         regionStart.deallocate()
         regionPages.deallocate()
@@ -205,23 +202,6 @@ public final class Kernel: @unchecked Sendable {
 
     // MARK: physical layout
 
-    /// A lazily touched anonymous mapping; pages cost nothing until written.
-    /// Nil when the host refuses it.
-    static func tryReserve(bytes: Int) -> UnsafeMutableRawPointer? {
-        let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let p, p != MAP_FAILED else { return nil }
-        return p
-    }
-
-    /// `tryReserve(bytes:)` where the emulator cannot go on without the memory
-    /// (the metadata array at boot, a benchmark's buffers): stops with a message.
-    static func reserve(bytes: Int) -> UnsafeMutableRawPointer {
-        guard let p = tryReserve(bytes: bytes) else {
-            fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for emulated memory (errno \(errno))")
-        }
-        return p
-    }
-
     /// Host memory backed the way emulated RAM and VRAM frames are: lazily
     /// touched and, where the host allows it, on host huge pages (one host TLB
     /// entry and one host fault per 2 MiB instead of 512, which is most of the
@@ -229,22 +209,20 @@ public final class Kernel: @unchecked Sendable {
     /// memcpy baseline so both sides copy between the same kind of memory.
     /// Release with `releaseFrames(_:bytes:)`.
     public static func reserveFrames(bytes: Int) -> UnsafeMutableRawPointer {
-        guard let p = tryReserveFrames(bytes: bytes) else {
-            fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for emulated memory (errno \(errno))")
-        }
+        guard let p = tryReserveFrames(bytes: bytes) else { HostMemory.refused(bytes: bytes, for: "emulated memory") }
         return p
     }
 
     /// `reserveFrames(bytes:)`, or nil when the host refuses the memory.
     static func tryReserveFrames(bytes: Int) -> UnsafeMutableRawPointer? {
-        guard let p = tryReserve(bytes: bytes) else { return nil }
-        _ = madvise(p, bytes, MADV_HUGEPAGE)
+        guard let p = HostMemory.reserve(bytes: bytes) else { return nil }
+        HostMemory.adviseHugePages(p, bytes: bytes)
         return p
     }
 
     /// Returns memory from `reserveFrames(bytes:)` to the host.
     public static func releaseFrames(_ p: UnsafeMutableRawPointer, bytes: Int) {
-        munmap(p, bytes)
+        HostMemory.release(p, bytes: bytes)
     }
 
     /// Adds a physical region of `pages` pages (2 MiB aligned in pfn space) with
@@ -271,7 +249,7 @@ public final class Kernel: @unchecked Sendable {
                 return (start, layout.regions - 1)
             }
         } catch {
-            munmap(bytes, byteCount)
+            HostMemory.release(bytes, bytes: byteCount)
             warn(error == .noSpace
                  ? "physical layout: too many physical regions (RAM nodes plus device page maps, at most \(Kernel.maxRegions))"
                  : "physical layout: device memory would end beyond KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 20) MiB)")
@@ -334,8 +312,7 @@ public final class Kernel: @unchecked Sendable {
         diagnosticCount.add(1, ordering: .relaxed)
         diagnosticLog.withLock { if $0.count < 10_000 { $0.append(d) } }
         if configuration.printDiagnostics {
-            var err = "svmemu: \(d)\n"
-            err.withUTF8 { _ = Glibc.write(2, $0.baseAddress, $0.count) }
+            system_write_stderr("svmemu: \(d)\n")
         }
     }
 

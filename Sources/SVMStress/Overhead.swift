@@ -1,7 +1,6 @@
 // The overhead breakdown (issue 6): where a fault's time goes, phase by phase,
 // for GPU-fault-driven (RAM -> VRAM) and CPU-fault-driven (VRAM -> RAM)
 // migration at 4 KiB and 2 MiB, with a copy engine that models a link.
-import CSVMSupport
 import Foundation
 import MirrorDriver
 import SVMEmu
@@ -314,7 +313,7 @@ public enum OverheadHarness {
         func faultingLoop(_ from: Int, _ to: Int, _ start: UInt64 = 0) throws(OverheadError) -> (UInt64, UInt64) {
             var sum = start
             var byte: UInt8 = 0
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             do {
                 switch config.direction {
                 case .toDevice:
@@ -328,7 +327,7 @@ public enum OverheadHarness {
             } catch {
                 throw .dataMismatch("\(tag): a faulting access failed: \(error)")
             }
-            return (sum, svm_now_ns() - t0)
+            return (sum, HostClock.nanos() - t0)
         }
 
         func prepareChecked() throws(OverheadError) {
@@ -461,7 +460,7 @@ public enum OverheadHarness {
         phases["other"] = figure(max(0, fault.nanos - inside), fault.count)
         phases["fault"] = figure(fault.nanos, fault.count)
         let migrateVMA = MigrationPhase.allCases.filter(\.isMigrateVMA).reduce(0.0) { $0 + (totals[$1]?.nanos ?? 0) }
-        let mib = Double(config.bytes) / Double(1 << 20)
+        let mib = Double(config.bytes) / Double(ByteSize.mib)
         return OverheadResult(
             granularity: config.granularity.rawValue, direction: config.direction.rawValue,
             copyModel: config.copyModel.rawValue, copyThreads: config.copyThreads, faultPages: config.faultPages,
@@ -487,12 +486,12 @@ public enum OverheadHarness {
         let n = 200_000
         var best = Double.infinity
         for _ in 0..<5 {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             for _ in 0..<n {
                 let m = timer.begin()
                 timer.end(.copy, m)
             }
-            best = min(best, Double(svm_now_ns() - t0) / Double(n))
+            best = min(best, Double(HostClock.nanos() - t0) / Double(n))
         }
         return best
     }
@@ -544,25 +543,21 @@ public enum OverheadHarness {
             Kernel.releaseFrames(src, bytes: ring)
             Kernel.releaseFrames(dst, bytes: ring)
         }
-        svm_memset(src, 0x5A, ring)
-        svm_memset(dst, 0, ring)
+        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: ring)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: ring)
         var best = UInt64.max
         for _ in 0..<3 {
             var done = 0, offset = 0
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             while done < bytes {
-                if streaming {
-                    svm_copy_stream_unfenced(dst + offset, src + offset, granule)
-                } else {
-                    svm_memcpy(dst + offset, src + offset, granule)
-                }
-                svm_escape(dst + offset)
+                HostMemory.copy(to: dst + offset, from: src + offset, bytes: granule, streaming: streaming)
+                HostMemory.escape(dst + offset)
                 done += granule
                 offset += granule
                 if offset + granule > ring { offset = 0 }
             }
-            if streaming { svm_store_fence() }
-            best = min(best, svm_now_ns() - t0)
+            if streaming { HostMemory.storeFence() }
+            best = min(best, HostClock.nanos() - t0)
         }
         return Double(bytes) / Double(max(1, best))
     }

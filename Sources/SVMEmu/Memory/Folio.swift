@@ -186,11 +186,11 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     @discardableResult
     public func waitUnlocked(timeoutNanos: UInt64 = 0) -> Bool {
         let w = meta.flagsWord
-        let deadline = timeoutNanos == 0 ? UInt64.max : svm_now_ns() &+ timeoutNanos
+        let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
         while true {
             let old = svm_load32(w)
             if old & PageFlags.locked.rawValue == 0 { return true }
-            let now = svm_now_ns()
+            let now = HostClock.nanos()
             if now >= deadline { return false }
             var expected = old
             let sleeping = old | PageFlags.waiters.rawValue

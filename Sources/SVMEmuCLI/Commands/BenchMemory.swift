@@ -1,6 +1,5 @@
 // `svmemu bench memory`: the cost of the emulated memory core.
 import ArgumentParser
-import CSVMSupport
 import Foundation
 import SVMEmu
 
@@ -91,7 +90,7 @@ struct BenchMemoryCommand: ParsableCommand {
             let passes = 64
             var sink: UInt64 = 0
             for _ in 0..<(rounds + 2) {  // two extra rounds warm caches up; the best round wins
-                let t0 = svm_now_ns()
+                let t0 = HostClock.nanos()
                 for _ in 0..<passes {
                     var a = base
                     for _ in 0..<readPages {
@@ -99,7 +98,7 @@ struct BenchMemoryCommand: ParsableCommand {
                         a &+= 4096
                     }
                 }
-                let t1 = svm_now_ns()
+                let t1 = HostClock.nanos()
                 readNanos = min(readNanos, Double(t1 - t0) / Double(passes * readPages))
             }
             // Every read must have returned the byte written (the loop is not optimised away).
@@ -115,13 +114,13 @@ struct BenchMemoryCommand: ParsableCommand {
             for round in 0..<rounds {
                 let a = try mm.mmap(length: faultBytes)
                 let before = kernel.vmstat[.demandZeroFaults]
-                let t0 = svm_now_ns()
+                let t0 = HostClock.nanos()
                 var p = a
                 for _ in 0..<pages {
                     try mm.store(p, 1)
                     p &+= 4096
                 }
-                let t1 = svm_now_ns()
+                let t1 = HostClock.nanos()
                 let faults = kernel.vmstat[.demandZeroFaults] - before
                 guard faults == UInt64(pages) else {
                     throw CLIError.runFailed("svmemu bench memory: expected \(pages) demand-zero faults, counted \(faults)")
@@ -142,18 +141,18 @@ struct BenchMemoryCommand: ParsableCommand {
         let src = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
         let dst = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
         defer { src.deallocate(); dst.deallocate() }
-        svm_memset(src, 0x5A, 4096)
-        svm_memset(dst, 0, 4096)
+        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: 4096)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
         let iterations = 200_000
         var best = Double.infinity
         for _ in 0..<(rounds + 2) {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             for i in 0..<iterations {
                 src.storeBytes(of: UInt8(truncatingIfNeeded: i), as: UInt8.self)
-                svm_memcpy(dst, src, 4096)
-                svm_escape(dst)
+                HostMemory.copy(to: dst, from: src, bytes: 4096)
+                HostMemory.escape(dst)
             }
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             best = min(best, Double(t1 - t0) / Double(iterations))
         }
         return best

@@ -1,7 +1,6 @@
 // `svmemu bench migrate`: a RAM -> VRAM -> RAM round trip through MirrorDriver
 // against memcpy of the same bytes, in the same run.
 import ArgumentParser
-import CSVMSupport
 import Foundation
 import MirrorDriver
 import SVMEmu
@@ -141,17 +140,17 @@ struct BenchMigrateCommand: ParsableCommand {
         try space.fillPattern(base, length: bytes, seed: seed)
 
         func roundTrip() throws -> (Double, Double) {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             let moved: Int
             do { moved = try dev.migrateToDevice(base, pages: pages) } catch {
                 throw Failure(description: "svmemu bench migrate: migrateToDevice failed: \(error)")
             }
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             let back: Int
             do { back = try dev.migrateToSystem(base, pages: pages) } catch {
                 throw Failure(description: "svmemu bench migrate: migrateToSystem failed: \(error)")
             }
-            let t2 = svm_now_ns()
+            let t2 = HostClock.nanos()
             guard moved == pages, back == pages else {
                 throw Failure(description: "svmemu bench migrate: moved \(moved) pages to VRAM and \(back) back, expected \(pages)")
             }

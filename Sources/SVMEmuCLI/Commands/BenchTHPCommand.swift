@@ -1,6 +1,5 @@
 // `svmemu bench thp`: hmm-tests' benchmark_thp_migration on the emulator.
 import ArgumentParser
-import CSVMSupport
 import Foundation
 import MirrorDriver
 import SVMEmu
@@ -130,16 +129,16 @@ struct BenchTHPCommand: ParsableCommand {
         try space.fillPattern(base, length: bytes, seed: seed)
 
         func there() throws -> Double {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             let n = try dev.migrateToDevice(base, pages: pages)
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages reached VRAM") }
             return Double(t1 - t0) / 1e6
         }
         func back() throws -> Double {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             let n = try dev.migrateToSystem(base, pages: pages)
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages came back") }
             return Double(t1 - t0) / 1e6
         }
