@@ -32,12 +32,11 @@ struct BenchMemoryCommand: ParsableCommand {
     @Option(name: .customLong("fault-mib"), parsing: .unconditional, help: "Size of the demand-zero mapping in MiB.")
     var faultMiB = 64
 
-    @Option(name: .long, parsing: .unconditional, help: "Rounds of each measurement (the best is reported).")
-    var rounds = 5
+    @OptionGroup var timing: BenchRoundsOptions
+    var rounds: Int { timing.rounds }
 
     func validate() throws {
         try checkRange(faultMiB, 1...1024, flag: "--fault-mib")
-        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
     struct Result: Encodable {

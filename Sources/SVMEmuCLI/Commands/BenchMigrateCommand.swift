@@ -43,15 +43,14 @@ struct BenchMigrateCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Buffer size, 4K to 64G, a multiple of 4K, with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
     var size: String = "256M"
 
-    @Option(name: .long, parsing: .unconditional, help: "Timed rounds of each measurement (the best is reported).")
-    var rounds = 5
+    @OptionGroup var timing: BenchRoundsOptions
+    var rounds: Int { timing.rounds }
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
     func validate() throws {
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
-        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
     /// Sizes `--size` takes: whole 4 KiB pages, up to 64 GiB.
