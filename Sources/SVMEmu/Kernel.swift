@@ -53,7 +53,7 @@ public struct KernelConfiguration: Sendable {
             throw .init("nodeSizes[\(id)]: a node needs at least 2 MiB (got \(size) bytes)")
         }
         let ram = nodeSizes.reduce(UInt64(0)) { $0 + (UInt64($1) & AddressSpace.pmdMask) }
-        guard Kernel.firstRAMPfn << 12 + ram <= maxPhysicalBytes else {
+        guard Kernel.firstRAMPfn << PageGeometry.pageShift + ram <= maxPhysicalBytes else {
             throw .init("maxPhysicalBytes: \(maxPhysicalBytes >> 20) MiB cannot hold the \(ram >> 20) MiB of RAM nodes (plus 16 MiB below RAM)")
         }
         guard addressSpaceSize >= AddressSpace.pmdSize else {
@@ -136,7 +136,7 @@ public final class Kernel: @unchecked Sendable {
         do { try configuration.validate() } catch { fatalError("SVMEmu: \(error)") }
         self.configuration = configuration
         phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU)
-        maxPfn = configuration.maxPhysicalBytes >> 12
+        maxPfn = configuration.maxPhysicalBytes >> PageGeometry.pageShift
         metaBase = HostMemory.reserveOrStop(bytes: Int(maxPfn) << PageMeta.shift, for: "page metadata")
         regionBase = .allocate(capacity: Kernel.maxRegions)
         regionBase.initialize(repeating: nil, count: Kernel.maxRegions)
@@ -155,7 +155,7 @@ public final class Kernel: @unchecked Sendable {
         layoutLock.withLock { $0.nextPfn = Kernel.firstRAMPfn }
         var nodes: [MemoryNode] = []
         for (id, size) in configuration.nodeSizes.enumerated() {
-            let pages = UInt64(size >> 21) << 9
+            let pages = UInt64(size >> PageGeometry.pmdShift) << PageGeometry.pmdOrder
             // validate() checked the node count and sizes against the limits.
             guard let (start, region, base) = try? addRegion(pages: pages) else {
                 fatalError("SVMEmu: RAM node \(id) does not fit the physical layout")
@@ -169,10 +169,10 @@ public final class Kernel: @unchecked Sendable {
             nodeByID[node.id] = .passUnretained(node)
         }
         zeroPage = nodes[0].allocate(order: 0)!
-        zeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        zeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
         zeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
-        hugeZeroPage = nodes[0].allocate(order: 9)!
-        hugeZeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 2 << 20)
+        hugeZeroPage = nodes[0].allocate(order: PageGeometry.pmdOrder)!
+        hugeZeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pmdSize)
         hugeZeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
     }
 
@@ -233,7 +233,7 @@ public final class Kernel: @unchecked Sendable {
     ///   `KernelConfiguration.maxPhysicalBytes` or the host refuses the
     ///   reservation; a diagnostic names the limit. Nothing is changed then.
     func addRegion(pages: UInt64) throws(Errno) -> (UInt64, UInt16, UnsafeMutableRawPointer) {
-        let byteCount = Int(pages) << 12
+        let byteCount = Int(pages) << PageGeometry.pageShift
         guard let bytes = Kernel.tryReserveFrames(bytes: byteCount) else {
             warn("physical layout: the host refused \(pages >> 8) MiB of address space for a region")
             throw .noMemory
@@ -241,7 +241,7 @@ public final class Kernel: @unchecked Sendable {
         let start: UInt64, region: Int
         do {
             (start, region) = try layoutLock.withLock { (layout) throws(Errno) -> (UInt64, Int) in
-                let start = (layout.nextPfn + 511) & ~511
+                let start = (layout.nextPfn + PageGeometry.pmdPages64 - 1) & ~(PageGeometry.pmdPages64 - 1)
                 guard layout.regions < Kernel.maxRegions else { throw .noSpace }
                 guard start + pages <= maxPfn else { throw .noMemory }
                 layout.regions += 1
@@ -274,7 +274,7 @@ public final class Kernel: @unchecked Sendable {
     /// The bytes of a page frame.
     @inlinable func bytes(ofPfn pfn: UInt64) -> UnsafeMutableRawPointer {
         let r = Int(metaPtr(pfn).region)
-        return regionBase[r].unsafelyUnwrapped + Int((pfn - regionStart[r]) << 12)
+        return regionBase[r].unsafelyUnwrapped + Int((pfn - regionStart[r]) << PageGeometry.pageShift)
     }
 
     /// Whether `pfn` names a page frame of this machine (RAM or device memory).

@@ -39,7 +39,7 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
 
     @inlinable public var kind: Kind { Kind(rawValue: rawValue & 7) ?? .none }
     @inlinable public var isNone: Bool { rawValue == 0 }
-    @inlinable public var pfn: UInt64 { rawValue >> 12 }
+    @inlinable public var pfn: UInt64 { rawValue >> PageGeometry.pageShift }
     @inlinable public var isWrite: Bool { rawValue & Self.writeBit != 0 }
     @inlinable public var isDirty: Bool { rawValue & Self.dirtyBit != 0 }
     @inlinable public var isYoung: Bool { rawValue & Self.youngBit != 0 }
@@ -48,7 +48,7 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     @inlinable public var isProtNone: Bool { rawValue & Self.protNoneBit != 0 }
 
     @inlinable public static func make(_ kind: Kind, pfn: UInt64, flags: UInt64 = 0) -> PageTableEntry {
-        PageTableEntry(rawValue: pfn << 12 | flags | kind.rawValue)
+        PageTableEntry(rawValue: pfn << PageGeometry.pageShift | flags | kind.rawValue)
     }
     /// A present mapping (`mk_pte()`).
     @inlinable public static func present(pfn: UInt64, write: Bool, dirty: Bool = false, young: Bool = true, special: Bool = false) -> PageTableEntry {

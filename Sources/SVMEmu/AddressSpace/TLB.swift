@@ -16,7 +16,7 @@ extension AddressSpace {
     /// Accounts the flush of `[start, end)` on every CPU that used this mm.
     public func flushTLBRange(_ start: UInt64, _ end: UInt64) {
         guard end > start else { return }
-        let pages = (end - start) >> 12
+        let pages = (end - start) >> PageGeometry.pageShift
         let me: UInt64 = 1 << UInt64(svm_cpu_id() & 63)
         let mask = cpumask.load(ordering: .relaxed)
         let vm = kernel.vmstat

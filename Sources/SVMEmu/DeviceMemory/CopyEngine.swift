@@ -28,7 +28,7 @@ public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
     /// Copies this size and larger stream (4 KiB by default: every page copy; `Int.max` never).
     public let streamingThreshold: Int
     /// Streams every copy of a page or more.
-    public init() { streamingThreshold = 4096 }
+    public init() { streamingThreshold = PageGeometry.pageSize }
     public init(streamingThreshold: Int) { self.streamingThreshold = streamingThreshold }
     @inlinable public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
         if bytes >= streamingThreshold {

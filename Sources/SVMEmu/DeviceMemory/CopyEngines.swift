@@ -85,7 +85,7 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     /// Threads that copy one large transfer (the caller included).
     public let threads: Int
     /// Copies above this size are split across the worker threads.
-    public static let splitThresholdBytes = 32 * 4096
+    public static let splitThresholdBytes = 32 * PageGeometry.pageSize
 
     static let slotCount = 256
     static let slotBytes = 64
@@ -125,7 +125,7 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
         if let pool, bytes > LinkCopyEngine.splitThresholdBytes {
             let pending = (s + 8).assumingMemoryBound(to: UInt32.self)
             // Parts of whole pages; the caller takes the first.
-            let part = ((bytes / threads) + 4095) & ~4095
+            let part = PageGeometry.pageAlign(bytes / threads)
             var offset = part
             while offset < bytes {
                 let n = min(part, bytes - offset)

@@ -40,7 +40,7 @@ extension AddressSpace {
                     if pte.kind == .present && !pte.isProtNone && (!write || pte.isWrite) {
                         let want = PageTableEntry.youngBit | (write ? PageTableEntry.dirtyBit : 0)
                         if pte.rawValue & want != want { storePTE(address, pte.with(want)) }
-                        let r = body(kernel.bytes(ofPfn: pte.pfn) + Int(address & 4095))
+                        let r = body(kernel.bytes(ofPfn: pte.pfn) + Int(address & ~PageGeometry.pageMask))
                         svm_mutex_unlock(lock)
                         return r
                     }
@@ -52,7 +52,7 @@ extension AddressSpace {
                 let again = loadPMD(address)
                 if again == pmd {
                     if write && !pmd.isDirty { storePMD(address, pmd.with(PageTableEntry.dirtyBit)) }
-                    let r = body(kernel.bytes(ofPfn: pmd.pfn) + Int(address & ((2 << 20) - 1)))
+                    let r = body(kernel.bytes(ofPfn: pmd.pfn) + Int(address & ~PageGeometry.pmdMask))
                     svm_mutex_unlock(lock)
                     return r
                 }
@@ -117,7 +117,7 @@ extension AddressSpace {
         var a = address
         let end = address + UInt64(length)
         while a < end {
-            let n = min(Int(end - a), 4096 - Int(a & 4095))
+            let n = min(Int(end - a), PageGeometry.pageSize - Int(a & ~PageGeometry.pageMask))
             let base = a
             let bad: Int? = try withPageBytes(at: a, write: false) { p in
                 var i = 0
@@ -149,7 +149,7 @@ public func forEachPageChunk<E: Error>(_ address: UInt64, count: Int,
     var done = 0
     while done < count {
         let a = address + UInt64(done)
-        let n = min(count - done, 4096 - Int(a & 4095))
+        let n = min(count - done, PageGeometry.pageSize - Int(a & ~PageGeometry.pageMask))
         try body(a, done, n)
         done += n
     }

@@ -61,7 +61,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// `folio_nr_pages()`.
     @inlinable public var pageCount: Int { 1 << order }
     /// `folio_size()` in bytes.
-    @inlinable public var size: Int { 4096 << order }
+    @inlinable public var size: Int { PageGeometry.pageSize << order }
     @inlinable public var isLarge: Bool { meta.order != 0 }
     /// The `i`-th page of the folio (`folio_page()`).
     @inlinable public func page(_ i: Int) -> Page { Page(pfn: pfn + UInt64(i), kernelRef: kernelRef) }

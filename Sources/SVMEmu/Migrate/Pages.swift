@@ -70,7 +70,7 @@ extension Kernel {
             dst[i] = .empty
             return nil
         }
-        guard !dst[i].isCompound || (folio.order == 9 && folio.pfn == pfn) else {
+        guard !dst[i].isCompound || (folio.order == PageGeometry.pmdOrder && folio.pfn == pfn) else {
             warn("migrate_vma_pages: a COMPOUND destination must be the head of a 2 MiB folio", "\(page)")
             dst[i] = .empty
             return nil
@@ -95,7 +95,7 @@ extension Kernel {
                     src[i] = src[i].without(MigratePFN.migrateBit)
                     continue
                 }
-                let addr = migrate.start + UInt64(i) << 12
+                let addr = migrate.start + UInt64(i) << PageGeometry.pageShift
                 if notified == nil {
                     let r = MMUNotifierRange(start: addr, end: migrate.end, event: .migrate, owner: migrate.owner)
                     vma.mm.invalidateRangeStart(r)
@@ -209,7 +209,7 @@ extension Kernel {
         folio.get()
         mm.storePTE(addr, entry)
         svm_mutex_unlock(lock)
-        if flush { mm.flushTLBRange(addr, addr + 4096) }
+        if flush { mm.flushTLBRange(addr, addr + PageGeometry.pageSize64) }
         src = .hole
     }
 }

@@ -114,7 +114,7 @@ extension Kernel {
     @inline(never)  // called with a borrowed mm: no retain per page
     private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
-        let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
+        let range = MMUNotifierRange(start: address, end: address + PageGeometry.pageSize64, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
         let lock = mm.ptl(address)
@@ -131,7 +131,7 @@ extension Kernel {
                                 .keepingProtection(of: pte))
         mm.removeRmap(page: page)
         svm_mutex_unlock(lock)
-        if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
+        if pte.kind == .present { mm.flushTLBRange(address, address + PageGeometry.pageSize64) }
         folio.put()
     }
 
