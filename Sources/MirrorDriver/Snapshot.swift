@@ -51,14 +51,14 @@ extension MirrorDevice {
     public func commandSnapshot(_ cmd: inout DMirrorCommand, into mirror: UnsafeMutableRawBufferPointer) throws(Errno) {
         cmd.cpages = 0
         cmd.faults = 0
-        guard cmd.npages >= 0, mirror.count >= cmd.npages, cmd.address & 4095 == 0 else { throw .invalidArgument }
+        guard cmd.npages >= 0, mirror.count >= cmd.npages, cmd.address & ~PageGeometry.pageMask == 0 else { throw .invalidArgument }
         let (start, end) = try commandRange(cmd, bufferBytes: Int.max)
         guard start >= mm.baseAddress, end <= mm.endAddress else { throw .invalidArgument }
         var a = start
         while a < end {
-            let next = min(a + 64 << 12, end)
-            try snapshotChunk(a, next, into: mirror.baseAddress! + Int((a - start) >> 12))
-            cmd.cpages += Int((next - a) >> 12)
+            let next = min(a + 64 << PageGeometry.pageShift, end)
+            try snapshotChunk(a, next, into: mirror.baseAddress! + Int((a - start) >> PageGeometry.pageShift))
+            cmd.cpages += Int((next - a) >> PageGeometry.pageShift)
             a = next
         }
     }
@@ -98,7 +98,7 @@ extension MirrorDevice {
             p = DMirrorProt.none
         }
         p |= entry.isWrite ? DMirrorProt.write : DMirrorProt.read
-        if entry.mapOrder == 9 { p |= DMirrorProt.pmd } else if entry.mapOrder == 18 { p |= DMirrorProt.pud }
+        if entry.mapOrder == PageGeometry.pmdOrder { p |= DMirrorProt.pmd } else if entry.mapOrder == 18 { p |= DMirrorProt.pud }
         return p
     }
 }

@@ -219,21 +219,21 @@ public enum OverheadHarness {
             throw .granularityUnavailable(
                 "svmemu overhead: 2 MiB migration is not in the reference driver yet (MirrorSettings.migrationGranularity); use --granularity 4k")
         }
-        guard config.bytes >= 2 << 20, config.bytes % (2 << 20) == 0 else {
+        guard config.bytes >= PageGeometry.pmdSize, config.bytes % PageGeometry.pmdSize == 0 else {
             throw .invalidConfiguration("the buffer size must be a positive multiple of 2 MiB (got \(config.bytes) bytes)")
         }
         guard config.rounds >= 1, config.copyThreads >= 1, config.copyThreads <= 64 else {
             throw .invalidConfiguration("rounds must be >= 1 and copy threads 1...64")
         }
-        guard config.faultPages >= 1, config.faultPages <= 512, config.faultPages & (config.faultPages - 1) == 0 else {
-            throw .invalidConfiguration("pages per GPU fault must be a power of two, 1...512 (got \(config.faultPages))")
+        guard config.faultPages >= 1, config.faultPages <= PageGeometry.pmdPages, config.faultPages & (config.faultPages - 1) == 0 else {
+            throw .invalidConfiguration("pages per GPU fault must be a power of two, 1...\(PageGeometry.pmdPages) (got \(config.faultPages))")
         }
         guard config.faultPages == 1 || (config.granularity == .base4K && config.direction == .toDevice) else {
             throw .invalidConfiguration("more than one page per fault applies to GPU faults (to-device) at 4 KiB granularity; "
                                         + "a 2 MiB migration always moves its 2 MiB folio and a CPU fault its page")
         }
         var kc = KernelConfiguration()
-        let node = (config.bytes + (512 << 20) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        let node = (config.bytes + (512 << 20) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1)
         kc.nodeSizes = [node, node]
         kc.transparentHugepage = config.granularity == .huge2M ? .always : .never
         kc.traceEventsPerCPU = config.traceEventsPerCPU
@@ -255,7 +255,7 @@ public enum OverheadHarness {
         let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: vramChunk,
                                   settings: settings, copyEngine: config.copyModel.makeEngine(threads: config.copyThreads))
         let bytes = config.bytes
-        let pages = bytes >> 12
+        let pages = bytes >> PageGeometry.pageShift
         let say = config.progress ?? { _ in }
         let tag = "\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
         let base: UInt64
@@ -294,7 +294,7 @@ public enum OverheadHarness {
             var byte: UInt8 = 0
             do {
                 for p in 0..<pages {
-                    let a = base + UInt64(p) << 12
+                    let a = base + UInt64(p) << PageGeometry.pageShift
                     if config.direction == .toDevice {
                         sum = sum &* 31 &+ UInt64(try mm.load(a))
                     } else {
@@ -318,11 +318,11 @@ public enum OverheadHarness {
                 switch config.direction {
                 case .toDevice:
                     for p in from..<to {
-                        try withUnsafeMutableBytes(of: &byte) { (b) throws(Errno) in try device.read(base + UInt64(p) << 12, into: b) }
+                        try withUnsafeMutableBytes(of: &byte) { (b) throws(Errno) in try device.read(base + UInt64(p) << PageGeometry.pageShift, into: b) }
                         sum = sum &* 31 &+ UInt64(byte)
                     }
                 case .toRAM:
-                    for p in from..<to { sum = sum &* 31 &+ UInt64(try mm.load(base + UInt64(p) << 12)) }
+                    for p in from..<to { sum = sum &* 31 &+ UInt64(try mm.load(base + UInt64(p) << PageGeometry.pageShift)) }
                 }
             } catch {
                 throw .dataMismatch("\(tag): a faulting access failed: \(error)")
@@ -351,7 +351,7 @@ public enum OverheadHarness {
         // machine noise hits both alike; the median of the pairs' differences.
         // Whole faults per chunk: a chunk boundary inside a fault's window would
         // leave the next chunk nothing to fault.
-        let chunk = max(config.granularity == .huge2M ? 512 : 256, config.faultPages)
+        let chunk = max(config.granularity == .huge2M ? PageGeometry.pmdPages : 256, config.faultPages)
         var pairRatios: [Double] = []
         var offNanos: UInt64 = 0, onNanos: UInt64 = 0
         for round in 0..<config.rounds {
@@ -432,7 +432,7 @@ public enum OverheadHarness {
         if faultNanos > 0 {
             result.instrumentationEstimatePercent = Double(records) * timerRecordNanos() / faultNanos * 100
         }
-        let granule = config.granularity == .huge2M ? 2 << 20 : 4096
+        let granule = config.granularity == .huge2M ? PageGeometry.pmdSize : PageGeometry.pageSize
         say("\(tag): memcpy of the same chunks (the yardstick)")
         result.memcpyGBps = measureMemcpy(granule: granule, bytes: bytes)
         result.streamCopyGBps = measureMemcpy(granule: granule, bytes: bytes, streaming: true)

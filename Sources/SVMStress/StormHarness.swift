@@ -26,7 +26,7 @@ public enum StormHarness {
         let factory = makeDriver ?? MirrorDevice.stormFactory(vramBytes: vram)
 
         var config = KernelConfiguration()
-        let node = Int(roundUp(UInt64(bytes) * 2 + (32 << 20), to: 2 << 20))
+        let node = Int(roundUp(UInt64(bytes) * 2 + (32 << 20), to: PageGeometry.pmdSize64))
         config.nodeSizes = [max(64 << 20, node)]
         config.deviceFaultPolicy = settings.faultPolicy
         config.transparentHugepage = settings.pageSize == .huge ? .madvise : .never
@@ -48,8 +48,8 @@ public enum StormHarness {
         do {
             if settings.pageSize == .huge {
                 // 2 MiB aligned, so that every storm page can be one THP.
-                let raw = try mm.mmap(length: bytes + (2 << 20))
-                base = roundUp(raw, to: 2 << 20)
+                let raw = try mm.mmap(length: bytes + PageGeometry.pmdSize)
+                base = roundUp(raw, to: PageGeometry.pmdSize64)
                 try mm.madvise(base, length: bytes, advice: .hugePage)
             } else {
                 base = try mm.mmap(length: bytes)
@@ -347,14 +347,14 @@ final class StormRun: @unchecked Sendable {
     static func checksums(_ mm: AddressSpace, _ base: UInt64, basePages: Int) throws(Errno) -> [UInt64] {
         var sums = [UInt64](repeating: 0, count: basePages)
         for i in 0..<basePages {
-            sums[i] = try mm.withPageBytes(at: base + UInt64(i) << 12, write: false) { checksum($0) }
+            sums[i] = try mm.withPageBytes(at: base + UInt64(i) << PageGeometry.pageShift, write: false) { checksum($0) }
         }
         return sums
     }
 
     static func checksum(_ p: UnsafeMutableRawPointer) -> UInt64 {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for w in 0..<512 {
+        for w in 0..<PageGeometry.pageSize / 8 {
             h = (h ^ p.load(fromByteOffset: w << 3, as: UInt64.self)) &* 0x0000_0100_0000_01b3
         }
         return h
@@ -366,7 +366,7 @@ final class StormRun: @unchecked Sendable {
         var problems: [String] = []
         var stuck = 0
         for (i, expected) in checksums.enumerated() {
-            let address = base + UInt64(i) << 12
+            let address = base + UInt64(i) << PageGeometry.pageShift
             let page = i / basePages
             do {
                 guard let sum = try mm.withPageBytes(at: address, write: false, faultLimit: limit, { StormRun.checksum($0) }) else {

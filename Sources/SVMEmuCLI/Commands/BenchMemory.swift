@@ -84,8 +84,8 @@ struct BenchMemoryCommand: ParsableCommand {
 
             // Reads: 4 MiB of written pages, one byte per page, best round.
             let readPages = 1024
-            let base = try mm.mmap(length: readPages * 4096)
-            for i in 0..<readPages { try mm.store(base + UInt64(i * 4096), UInt8(truncatingIfNeeded: i)) }
+            let base = try mm.mmap(length: readPages * PageGeometry.pageSize)
+            for i in 0..<readPages { try mm.store(base + UInt64(i * PageGeometry.pageSize), UInt8(truncatingIfNeeded: i)) }
             let passes = 64
             var sink: UInt64 = 0
             for _ in 0..<(rounds + 2) {  // two extra rounds warm caches up; the best round wins
@@ -94,7 +94,7 @@ struct BenchMemoryCommand: ParsableCommand {
                     var a = base
                     for _ in 0..<readPages {
                         sink &+= UInt64(try mm.load(a))
-                        a &+= 4096
+                        a &+= PageGeometry.pageSize64
                     }
                 }
                 let t1 = HostClock.nanos()
@@ -106,10 +106,10 @@ struct BenchMemoryCommand: ParsableCommand {
             guard sink == perPass &* UInt64(passes * (rounds + 2)) else {
                 throw CLIError.runFailed("svmemu bench memory: emulated reads returned wrong bytes")
             }
-            try mm.munmap(base, length: readPages * 4096)
+            try mm.munmap(base, length: readPages * PageGeometry.pageSize)
 
             // Demand-zero faults: first-touch writes over a fresh mapping.
-            let pages = faultBytes / 4096
+            let pages = faultBytes / PageGeometry.pageSize
             for round in 0..<rounds {
                 let a = try mm.mmap(length: faultBytes)
                 let before = kernel.vmstat[.demandZeroFaults]
@@ -117,7 +117,7 @@ struct BenchMemoryCommand: ParsableCommand {
                 var p = a
                 for _ in 0..<pages {
                     try mm.store(p, 1)
-                    p &+= 4096
+                    p &+= PageGeometry.pageSize64
                 }
                 let t1 = HostClock.nanos()
                 let faults = kernel.vmstat[.demandZeroFaults] - before
@@ -137,18 +137,18 @@ struct BenchMemoryCommand: ParsableCommand {
 
     /// memcpy of 4 KiB between two cache-hot buffers, best round.
     static func measureMemcpy4K(rounds: Int) -> Double {
-        let src = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
-        let dst = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        let src = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
         defer { src.deallocate(); dst.deallocate() }
-        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: 4096)
-        dst.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: PageGeometry.pageSize)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
         let iterations = 200_000
         var best = Double.infinity
         for _ in 0..<(rounds + 2) {
             let t0 = HostClock.nanos()
             for i in 0..<iterations {
                 src.storeBytes(of: UInt8(truncatingIfNeeded: i), as: UInt8.self)
-                HostMemory.copy(to: dst, from: src, bytes: 4096)
+                HostMemory.copy(to: dst, from: src, bytes: PageGeometry.pageSize)
                 HostMemory.escape(dst)
             }
             let t1 = HostClock.nanos()

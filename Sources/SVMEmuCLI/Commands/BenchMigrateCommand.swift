@@ -130,7 +130,7 @@ struct BenchMigrateCommand: ParsableCommand {
     }
 
     func measure(bytes: Int) throws -> Result {
-        let pages = bytes >> 12
+        let pages = bytes >> PageGeometry.pageShift
         let machine = BenchMachine(bytes: bytes, thp: granularity == .huge2M ? .always : .never,
                                    granularity: granularity, deviceName: "bench0")
         let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
