@@ -52,7 +52,7 @@ let package = Package(
         .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress"], swiftSettings: strict),
         .testTarget(name: "SVMEmuCLITests", dependencies: [
-            "SVMEmuCLI", "SVMStress", "SVMDRM", "MirrorDriver",
+            "SVMEmuCLI", "SVMEmu", "SVMStress", "SVMDRM", "MirrorDriver",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),

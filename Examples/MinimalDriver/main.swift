@@ -50,7 +50,7 @@ final class TinyDevice: @unchecked Sendable {
         mm.mmapReadLock()
         defer { mm.mmapReadUnlock() }
         guard let vma = mm.vma(containing: start) else { throw .badAddress }
-        var args = MigrateVMA(vma: vma, start: start, end: start + UInt64(pages) << 12,
+        var args = MigrateVMA(vma: vma, start: start, end: start + UInt64(pages) << PageGeometry.pageShift,
                               flags: .system, pgmapOwner: owner)
         // 1. setup: the kernel collects the pages, takes a reference on each,
         //    LOCKS it, and replaces its mapping by a migration entry. CPU
@@ -63,9 +63,9 @@ final class TinyDevice: @unchecked Sendable {
         for i in 0..<args.npages where args.src[i].isMigrating {
             guard let dst = allocatePage() else { break }  // out of VRAM: the rest stays
             if let src = kernel.page(args.src[i]) {
-                dst.bytes.copyMemory(from: src.bytes, byteCount: 4096)
+                dst.bytes.copyMemory(from: src.bytes, byteCount: PageGeometry.pageSize)
             } else {
-                dst.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+                dst.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
             }
             args.dst[i] = MigratePFN(page: dst)
         }
@@ -88,9 +88,9 @@ final class TinyDevice: @unchecked Sendable {
     /// RULE: migrate the page or return `.sigbus`.
     func migrateToRAM(_ vmf: VMFault) -> VMFaultResult {
         migrateToRAMCalls.add(1, ordering: .relaxed)
-        let start = vmf.address & ~4095
+        let start = vmf.address & PageGeometry.pageMask
         // faultPage tells setup the page is the one this fault holds.
-        var args = MigrateVMA(vma: vmf.vma, start: start, end: start + 4096,
+        var args = MigrateVMA(vma: vmf.vma, start: start, end: start + PageGeometry.pageSize64,
                               flags: .devicePrivate, pgmapOwner: owner, faultPage: vmf.page)
         do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
         if args.src[0].isMigrating, let src = kernel.page(args.src[0]) {
@@ -101,7 +101,7 @@ final class TinyDevice: @unchecked Sendable {
                 return .oom
             }
             folio.lock()
-            folio.bytes.copyMemory(from: src.bytes, byteCount: 4096)
+            folio.bytes.copyMemory(from: src.bytes, byteCount: PageGeometry.pageSize)
             args.dst[0] = MigratePFN(page: folio.page(0))
         }
         // src[0] without MIGRATE: someone else already migrated it; retrying
@@ -120,15 +120,15 @@ func scenario(_ kernel: Kernel) throws(Errno) {
     let device = try TinyDevice(kernel: kernel, bytes: 8 << 20)
 
     let pages = 16
-    let buffer = try mm.mmap(length: pages * 4096)
-    try mm.fillPattern(buffer, length: pages * 4096, seed: 42)  // the CPU writes it
+    let buffer = try mm.mmap(length: pages * PageGeometry.pageSize)
+    try mm.fillPattern(buffer, length: pages * PageGeometry.pageSize, seed: 42)  // the CPU writes it
     print("buffer at 0x\(String(buffer, radix: 16)): \(mm.entry(at: buffer).entry)")
 
     let moved = try device.migrateToDevice(mm, buffer, pages: pages)
     print("migrated \(moved) of \(pages) pages to the device: \(mm.entry(at: buffer).entry)")
 
     // The CPU reads the buffer: each page faults into migrateToRAM and comes back.
-    let bad = try mm.verifyPattern(buffer, length: pages * 4096, seed: 42)
+    let bad = try mm.verifyPattern(buffer, length: pages * PageGeometry.pageSize, seed: 42)
     print("CPU read it back: \(bad == nil ? "bytes intact" : "BYTES DIFFER at 0x\(String(bad!, radix: 16))")"
           + ", migrateToRAM called \(device.migrateToRAMCalls.load(ordering: .relaxed)) times")
     print("now: \(mm.entry(at: buffer).entry)")

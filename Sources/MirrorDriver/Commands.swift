@@ -53,18 +53,18 @@ extension MirrorDevice {
         cmd.cpages = 0
         cmd.faults = 0
         let (start, end) = try commandRange(cmd, bufferBytes: mirror.count)
-        let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(end - start), alignment: 4096)
+        let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(end - start), alignment: PageGeometry.pageSize)
         defer { bounce.deallocate() }
         var cpages = 0
         defer { cmd.cpages = cpages }
         while true {
             let complete = pageTableLock.withLock { _ in
                 copyMirrored(start, end, &cpages, write: false) { page, offset in
-                    (bounce.baseAddress! + offset).copyMemory(from: page, byteCount: 4096)
+                    (bounce.baseAddress! + offset).copyMemory(from: page, byteCount: PageGeometry.pageSize)
                 }
             }
             if complete { break }
-            try commandFault(start + UInt64(cpages) << 12, end, write: false)
+            try commandFault(start + UInt64(cpages) << PageGeometry.pageShift, end, write: false)
             cmd.faults += 1
         }
         if let base = mirror.baseAddress { base.copyMemory(from: bounce.baseAddress!, byteCount: bounce.count) }
@@ -81,11 +81,11 @@ extension MirrorDevice {
         while true {
             let complete = pageTableLock.withLock { _ in
                 copyMirrored(start, end, &cpages, write: true) { page, offset in
-                    page.copyMemory(from: mirror.baseAddress! + offset, byteCount: 4096)
+                    page.copyMemory(from: mirror.baseAddress! + offset, byteCount: PageGeometry.pageSize)
                 }
             }
             if complete { break }
-            try commandFault(start + UInt64(cpages) << 12, end, write: true)
+            try commandFault(start + UInt64(cpages) << PageGeometry.pageShift, end, write: true)
             cmd.faults += 1
         }
     }
@@ -113,7 +113,7 @@ extension MirrorDevice {
         let complete = pageTableLock.withLock { _ in
             copyMirrored(start, end, &cpages, write: false) { page, offset in
                 if let mirror, let base = mirror.baseAddress, offset < mirror.count {
-                    (base + offset).copyMemory(from: page, byteCount: min(4096, mirror.count - offset))
+                    (base + offset).copyMemory(from: page, byteCount: min(PageGeometry.pageSize, mirror.count - offset))
                 }
             }
         }
@@ -159,7 +159,7 @@ extension MirrorDevice {
 
     func commandRange(_ cmd: DMirrorCommand, bufferBytes: Int) throws(Errno) -> (UInt64, UInt64) {
         guard cmd.npages >= 0, cmd.npages <= Int(UInt32.max) else { throw .invalidArgument }
-        let size = UInt64(cmd.npages) << 12
+        let size = UInt64(cmd.npages) << PageGeometry.pageShift
         let (end, overflow) = cmd.address.addingReportingOverflow(size)
         guard !overflow, bufferBytes >= Int(size) else { throw .invalidArgument }
         return (cmd.address, end)
@@ -172,14 +172,14 @@ extension MirrorDevice {
     /// is not usable (`-ENOENT`).
     func copyMirrored(_ start: UInt64, _ end: UInt64, _ cpages: inout Int, write: Bool,
                       _ body: (UnsafeMutableRawPointer, Int) -> Void) -> Bool {
-        var a = start + UInt64(cpages) << 12
+        var a = start + UInt64(cpages) << PageGeometry.pageShift
         while a < end {
             guard a >= pageTable.base, a < pageTable.end else { return false }
             let e = pageTable.get(a)
             guard e & DevicePageTable.valid != 0, !write || e & DevicePageTable.write != 0 else { return false }
-            body(kernel.pfnToPage(e >> 12).bytes, Int(a - start))
+            body(kernel.pfnToPage(e >> PageGeometry.pageShift).bytes, Int(a - start))
             cpages += 1
-            a += 4096
+            a += PageGeometry.pageSize64
         }
         return true
     }
@@ -192,7 +192,7 @@ extension MirrorDevice {
         guard start >= pageTable.base, end <= pageTable.end else { throw .badAddress }
         var a = start
         while a < end {
-            let next = min(a + 64 << 12, end)
+            let next = min(a + 64 << PageGeometry.pageShift, end)
             try mirrorFault(a, next, write: write)
             a = next
         }

@@ -1,6 +1,4 @@
-#if canImport(Glibc)
-import Glibc
-#endif
+import SVMEmu
 
 /// The device's own page table: one 64-bit entry per virtual page of the
 /// mirrored address space (a flat, lazily touched mapping), pfn << 12 with
@@ -17,23 +15,22 @@ final class DevicePageTable: @unchecked Sendable {
     init(base: UInt64, end: UInt64) {
         self.base = base
         self.end = end
-        count = Int((end - base) >> 12)
-        let p = mmap(nil, count * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let p, p != MAP_FAILED else { fatalError("MirrorDriver: cannot reserve the device page table") }
+        count = Int((end - base) >> PageGeometry.pageShift)
+        guard let p = HostMemory.reserve(bytes: count * 8) else { fatalError("MirrorDriver: cannot reserve the device page table") }
         entries = p.assumingMemoryBound(to: UInt64.self)
     }
-    deinit { munmap(entries, count * 8) }
+    deinit { HostMemory.release(entries, bytes: count * 8) }
 
-    @inline(__always) func index(_ address: UInt64) -> Int { Int((address - base) >> 12) }
+    @inline(__always) func index(_ address: UInt64) -> Int { Int((address - base) >> PageGeometry.pageShift) }
     @inline(__always) func get(_ address: UInt64) -> UInt64 { entries[index(address)] }
     @inline(__always) func set(_ address: UInt64, pfn: UInt64, write: Bool, device: Bool) {
-        entries[index(address)] = pfn << 12 | DevicePageTable.valid | (write ? DevicePageTable.write : 0) | (device ? DevicePageTable.device : 0)
+        entries[index(address)] = pfn << PageGeometry.pageShift | DevicePageTable.valid | (write ? DevicePageTable.write : 0) | (device ? DevicePageTable.device : 0)
     }
     @inline(__always) func clear(_ address: UInt64) { entries[index(address)] = 0 }
     func clear(_ start: UInt64, _ end: UInt64) {
         let s = max(start, base), e = min(end, self.end)
         guard e > s else { return }
-        let i = index(s), j = index(e + 4095)
+        let i = index(s), j = index(e + PageGeometry.pageSize64 - 1)
         (entries + i).update(repeating: 0, count: j - i)
     }
 }

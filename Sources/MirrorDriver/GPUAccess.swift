@@ -27,12 +27,12 @@ extension MirrorDevice {
     /// device page table maps the page with the needed permission.
     func access(_ address: UInt64, write: Bool, _ body: (UnsafeMutableRawPointer) -> Void) throws(Errno) {
         guard address >= pageTable.base, address < pageTable.end else { throw .badAddress }
-        let page = address & ~4095
+        let page = address & PageGeometry.pageMask
         while true {
             let hit = pageTableLock.withLock { _ -> Bool in
                 let e = pageTable.get(page)
                 guard e & DevicePageTable.valid != 0, !write || e & DevicePageTable.write != 0 else { return false }
-                body(kernel.pfnToPage(e >> 12).bytes + Int(address & 4095))
+                body(kernel.pfnToPage(e >> PageGeometry.pageShift).bytes + Int(address & ~PageGeometry.pageMask))
                 return true
             }
             if hit { return }
@@ -49,15 +49,15 @@ extension MirrorDevice {
             mm.mmapReadLock()
             if let vma = mm.vma(containing: page), vma.flags.contains(.read), !write || vma.flags.contains(.write) {
                 let s = settings
-                var start = page, end = page + 4096
+                var start = page, end = page + PageGeometry.pageSize64
                 if s.migrationGranularity == .huge2M {
-                    let h = page & ~UInt64((2 << 20) - 1)
-                    if h >= vma.start && h + (2 << 20) <= vma.end { start = h; end = h + (2 << 20) }
+                    let h = page & PageGeometry.pmdMask
+                    if h >= vma.start && h + PageGeometry.pmdSize64 <= vma.end { start = h; end = h + PageGeometry.pmdSize64 }
                 } else if s.gpuFaultPages > 1 {
                     // The window around the fault, clipped to the VMA (drm_gpusvm
                     // picks the largest aligned chunk that fits).
-                    let n = min(512, s.gpuFaultPages)
-                    let window = UInt64(1 << (Int.bitWidth - 1 - n.leadingZeroBitCount)) << 12  // a power of two
+                    let n = min(PageGeometry.pmdPages, s.gpuFaultPages)
+                    let window = UInt64(1 << (Int.bitWidth - 1 - n.leadingZeroBitCount)) << PageGeometry.pageShift  // a power of two
                     let w = page & ~(window - 1)
                     start = max(w, vma.start)
                     end = min(w + window, vma.end)
@@ -68,7 +68,7 @@ extension MirrorDevice {
             let mapped = pageTableLock.withLock { _ in pageTable.get(page) & DevicePageTable.valid != 0 }
             if mapped { return }
         }
-        try mirrorFault(page, page + 4096, write: write)
+        try mirrorFault(page, page + PageGeometry.pageSize64, write: write)
     }
 
     /// dmirror_fault: hmm_range_fault, then map under the page-table lock
@@ -82,7 +82,7 @@ extension MirrorDevice {
                     let dev = kernel.pfnToPage(p.pfn).isZoneDevice
                     pageTable.set(a, pfn: p.pfn, write: p.isWrite, device: dev)
                 }
-                a += 4096
+                a += PageGeometry.pageSize64
             }
         }
     }
@@ -95,7 +95,7 @@ extension MirrorDevice {
     func withStableRange(_ notifier: MMUIntervalNotifier, _ start: UInt64, _ end: UInt64, flags: HMMPFN,
                          deadlineNanos: UInt64? = nil, commit: (HMMRange) -> Void) throws(Errno) {
         while true {
-            if let deadlineNanos, MirrorDevice.nowNanos() > deadlineNanos { throw .busy }
+            if let deadlineNanos, HostClock.nanos() > deadlineNanos { throw .busy }
             var range = HMMRange(notifier: notifier, start: start, end: end, defaultFlags: flags, devicePrivateOwner: owner)
             range.notifierSeq = notifier.readBegin()
             mm.mmapReadLock()

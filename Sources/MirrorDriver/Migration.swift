@@ -1,7 +1,4 @@
 import SVMEmu
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Migration commands and the CPU-fault callback, following the kernel's
 /// migrate_vma recipe: setup, allocate and copy, pages, update the device page
@@ -18,8 +15,8 @@ extension MirrorDevice {
     ///   this device's memory (dmirror reads the range back from the device).
     @discardableResult
     public func migrateToDevice(_ address: UInt64, pages: Int) throws(Errno) -> Int {
-        guard address & 4095 == 0, pages > 0 else { throw .invalidArgument }
-        let end = address + UInt64(pages) << 12
+        guard address & ~PageGeometry.pageMask == 0, pages > 0 else { throw .invalidArgument }
+        let end = address + UInt64(pages) << PageGeometry.pageShift
         mm.mmapReadLock()
         defer { mm.mmapReadUnlock() }
         try migrateRangeLocked(address, end, toDevice: true)
@@ -32,8 +29,8 @@ extension MirrorDevice {
     /// - Throws: `.invalidArgument` for a range outside any readable VMA.
     @discardableResult
     public func migrateToSystem(_ address: UInt64, pages: Int) throws(Errno) -> Int {
-        guard address & 4095 == 0, pages > 0 else { throw .invalidArgument }
-        let end = address + UInt64(pages) << 12
+        guard address & ~PageGeometry.pageMask == 0, pages > 0 else { throw .invalidArgument }
+        let end = address + UInt64(pages) << PageGeometry.pageShift
         mm.mmapReadLock()
         defer { mm.mmapReadUnlock() }
         return try migrateRangeLocked(address, end, toDevice: false)
@@ -45,7 +42,7 @@ extension MirrorDevice {
     /// - Returns: pages migrated.
     /// - Throws: `.invalidArgument` for a page outside any readable VMA.
     public func migrateHoldingMmapLock(_ start: UInt64, _ end: UInt64, toDevice: Bool) throws(Errno) -> Int {
-        guard start & 4095 == 0, end & 4095 == 0, end > start else { throw .invalidArgument }
+        guard start & ~PageGeometry.pageMask == 0, end & ~PageGeometry.pageMask == 0, end > start else { throw .invalidArgument }
         return try migrateRangeLocked(start, end, toDevice: toDevice)
     }
 
@@ -59,7 +56,7 @@ extension MirrorDevice {
         // The dmirror commands (Commands.swift) always migrate like dmirror:
         // SELECT_COMPOUND over 2 MiB batches, whatever the device's setting.
         let huge = (granularity ?? s.migrationGranularity) == .huge2M
-        let batch = huge ? UInt64(2 << 20) : UInt64(max(1, min(512, s.batchPages))) << 12
+        let batch = huge ? PageGeometry.pmdSize64 : UInt64(max(1, min(PageGeometry.pmdPages, s.batchPages))) << PageGeometry.pageShift
         var addr = start
         var migrated = 0
         while addr < end {
@@ -113,14 +110,14 @@ extension MirrorDevice {
         var i = 0
         allocation: while i < args.npages {
             let e = args.src[i]
-            defer { i += e.isCompound ? 512 : 1 }
+            defer { i += e.isCompound ? PageGeometry.pmdPages : 1 }
             guard needs(e) else { continue }
             let write = e.isWrite ? MigratePFN.writeBit : 0
             if e.isCompound {
-                if largeAllowed, !consumeFailNextAllocation(), let big = allocate(9) {
+                if largeAllowed, !consumeFailNextAllocation(), let big = allocate(PageGeometry.pmdOrder) {
                     args.dst[i] = MigratePFN(page: big.page(0)).with(MigratePFN.compoundBit | write)
                 } else {
-                    for j in 0..<512 {
+                    for j in 0..<PageGeometry.pmdPages {
                         guard let small = allocate(0) else { break allocation }
                         args.dst[i + j] = MigratePFN(page: small.page(0)).with(write)
                     }
@@ -156,17 +153,17 @@ extension MirrorDevice {
             let source = kernel.page(s)?.bytes
             if s.isCompound {
                 if args.dst[i].isValid && args.dst[i].isCompound {
-                    copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, 2 << 20)
+                    copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, PageGeometry.pmdSize)
                 } else {
-                    for j in 0..<512 where args.dst[i + j].isValid {
-                        copyOrZero(kernel.pfnToPage(args.dst[i + j].pfn).bytes, source.map { $0 + j * 4096 }, 4096)
+                    for j in 0..<PageGeometry.pmdPages where args.dst[i + j].isValid {
+                        copyOrZero(kernel.pfnToPage(args.dst[i + j].pfn).bytes, source.map { $0 + j * PageGeometry.pageSize }, PageGeometry.pageSize)
                     }
                 }
-                i += 512
+                i += PageGeometry.pmdPages
                 continue
             }
             if args.dst[i].isValid {
-                copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, 4096)
+                copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, PageGeometry.pageSize)
             }
             i += 1
         }
@@ -184,11 +181,11 @@ extension MirrorDevice {
             for i in 0..<args.npages {
                 let s = args.src[i], d = args.dst[i]
                 guard s.isMigrating, d.isValid else { continue }
-                let addr = args.start + UInt64(i) << 12
+                let addr = args.start + UInt64(i) << PageGeometry.pageShift
                 let write = s.isValid ? d.isWrite : vmaWritable
-                let pages = d.isCompound ? 512 : 1
+                let pages = d.isCompound ? PageGeometry.pmdPages : 1
                 for j in 0..<pages {
-                    pageTable.set(addr + UInt64(j) << 12, pfn: d.pfn + UInt64(j), write: write, device: true)
+                    pageTable.set(addr + UInt64(j) << PageGeometry.pageShift, pfn: d.pfn + UInt64(j), write: write, device: true)
                 }
                 count += pages
             }
@@ -214,7 +211,7 @@ extension MirrorDevice {
         copyMigrated(args)
         let t = phases.endAndBegin(.copy, c)
         pageTableLock.withLock { _ in
-            pageTable.clear(args.start, args.start + UInt64(args.npages) << 12)
+            pageTable.clear(args.start, args.start + UInt64(args.npages) << PageGeometry.pageShift)
         }
         phases.end(.pageTableUpdate, t)
         return count
@@ -223,7 +220,7 @@ extension MirrorDevice {
     func countMigrated(_ args: MigrateVMA) -> Int {
         var n = 0
         for i in 0..<args.npages where args.src[i].isMigrating && args.dst[i].isValid {
-            n += args.dst[i].isCompound ? 512 : 1
+            n += args.dst[i].isCompound ? PageGeometry.pmdPages : 1
         }
         return n
     }
@@ -235,11 +232,11 @@ extension MirrorDevice {
             var a = start
             while a < end {
                 if pageTable.get(a) & DevicePageTable.device != 0 { n += 1 }
-                a += 4096
+                a += PageGeometry.pageSize64
             }
             return n
         }
-        if count != Int((end - start) >> 12) { throw .noEntry }
+        if count != Int((end - start) >> PageGeometry.pageShift) { throw .noEntry }
         return count
     }
 
@@ -265,13 +262,13 @@ extension MirrorDevice {
 
     private func migrateToRAMLocked(_ vmf: VMFault, _ s: MirrorSettings) -> VMFaultResult {
         let order = vmf.isPMD ? vmf.page.folio.order : 0
-        let size = UInt64(4096) << UInt64(order)
+        let size = PageGeometry.pageSize64 << UInt64(order)
         let start = vmf.address & ~(size - 1)
         return withArgs { args -> VMFaultResult in
             args.prepare(vma: vmf.vma, start: start, end: start + size,
                          flags: order > 0 ? [.devicePrivate, .compound] : .devicePrivate,
                          pgmapOwner: owner, fault: vmf)
-            if s.migrateToRAMLookupNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMLookupNanos) }
+            if s.migrateToRAMLookupNanos > 0 { HostClock.sleep(nanos: s.migrateToRAMLookupNanos) }
             do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
             var wanted = 0
             for i in 0..<args.npages where args.src[i].isMigrating && args.src[i].isValid { wanted += 1 }
@@ -283,7 +280,7 @@ extension MirrorDevice {
             // The DMA wait: only a call that copied something has one, and it
             // comes after its reference check passed (the page is under a
             // migration entry, so other faulters wait without references).
-            if given > 0 && s.migrateToRAMWorkNanos > 0 { MirrorDevice.sleep(nanos: s.migrateToRAMWorkNanos) }
+            if given > 0 && s.migrateToRAMWorkNanos > 0 { HostClock.sleep(nanos: s.migrateToRAMWorkNanos) }
             kernel.migrateVMAPages(&args)
             kernel.migrateVMAFinalize(&args)
             return .done
@@ -298,36 +295,30 @@ extension MirrorDevice {
     @discardableResult
     public func evictAll() -> Int {
         var evicted = 0
-        var src = [MigratePFN](repeating: .empty, count: 512)
-        var dst = [MigratePFN](repeating: .empty, count: 512)
+        var src = [MigratePFN](repeating: .empty, count: PageGeometry.pmdPages)
+        var dst = [MigratePFN](repeating: .empty, count: PageGeometry.pmdPages)
         for chunk in registeredPageMaps {
             var start: UInt64 = 0
             while start < chunk.pageCount {
-                let n = Int(min(512, chunk.pageCount - start))
+                let n = Int(min(PageGeometry.pmdPages64, chunk.pageCount - start))
                 for i in 0..<n { dst[i] = .empty }
                 do { try kernel.migrateDeviceRange(&src, startPfn: chunk.startPfn + start, count: n) } catch { break }
                 for i in 0..<n {
                     guard src[i].isMigrating, let spage = kernel.page(src[i]) else { continue }
-                    let order = src[i].isCompound ? 9 : 0
+                    let order = src[i].isCompound ? PageGeometry.pmdOrder : 0
                     guard let dfolio = kernel.allocateFolio(order: order) else { continue }
                     dfolio.lock()
-                    copyEngine.copy(to: dfolio.bytes, from: spage.bytes, bytes: 4096 << order)
+                    copyEngine.copy(to: dfolio.bytes, from: spage.bytes, bytes: PageGeometry.pageSize << order)
                     dst[i] = MigratePFN(page: dfolio.page(0)).with(order > 0 ? MigratePFN.compoundBit : 0)
                 }
                 copyEngine.wait()
                 kernel.migrateDevicePages(&src, &dst, count: n)
-                for i in 0..<n where src[i].isMigrating && dst[i].isValid { evicted += dst[i].isCompound ? 512 : 1 }
+                for i in 0..<n where src[i].isMigrating && dst[i].isValid { evicted += dst[i].isCompound ? PageGeometry.pmdPages : 1 }
                 kernel.migrateDeviceFinalize(src, &dst, count: n)
                 start += UInt64(n)
             }
         }
         pageTableLock.withLock { _ in pageTable.clear(pageTable.base, pageTable.end) }
         return evicted
-    }
-
-    static func sleep(nanos: UInt64) {
-        var ts = timespec(tv_sec: Int(nanos / 1_000_000_000), tv_nsec: Int(nanos % 1_000_000_000))
-        var rest = timespec()
-        while nanosleep(&ts, &rest) != 0 && errno == EINTR { ts = rest }
     }
 }

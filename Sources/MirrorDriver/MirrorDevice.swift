@@ -1,8 +1,5 @@
 import SVMEmu
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// How a `MirrorDevice`'s `migrateToRAM` serialises itself.
 public enum DriverLockMode: String, Sendable, CaseIterable, Codable {
@@ -61,7 +58,7 @@ public struct MirrorSettings: Sendable {
     public var migrationGranularity: MigrationGranularity = .base4K
     public var gpuFaultPolicy: GPUFaultPolicy = .mirror
     /// Pages migrated per migrate_vma call (at most 512; dmirror uses 64).
-    public var batchPages = 512
+    public var batchPages = PageGeometry.pmdPages
     /// Pages a GPU fault with `.migrate` moves at 4 KiB granularity: the
     /// aligned window of this many pages around the faulting one, within its
     /// VMA. 1 (the default) is dmirror's shape, one page per fault; 512 is
@@ -208,7 +205,7 @@ public final class MirrorDevice: @unchecked Sendable {
 
     private func growLocked(order: Int) -> UInt64? {
         if let pfn = pool.withLock({ $0.take(order: order) }) { return pfn }
-        let canGrow = pool.withLock { $0.registered + (chunkBytes >> 12) <= vramBytes >> 12 }
+        let canGrow = pool.withLock { $0.registered + (chunkBytes >> PageGeometry.pageShift) <= vramBytes >> PageGeometry.pageShift }
         guard canGrow else { return nil }
         let ops = DevicePageMapOperations(
             // The pool, not the device: the page map outlives the device (the
@@ -238,7 +235,7 @@ public final class MirrorDevice: @unchecked Sendable {
     /// Lends a `MigrateVMA` whose arrays are reused across calls, so that a
     /// migration allocates nothing per page or per call once warm.
     func withArgs<R, E: Error>(_ body: (inout MigrateVMA) throws(E) -> R) throws(E) -> R {
-        var args = argsPool.withLock { $0.popLast() } ?? MigrateVMA(vma: nil, start: 0, end: 512 << 12, flags: [])
+        var args = argsPool.withLock { $0.popLast() } ?? MigrateVMA(vma: nil, start: 0, end: PageGeometry.pmdSize64, flags: [])
         defer { argsPool.withLock { $0.append(args) } }
         return try body(&args)
     }
@@ -267,22 +264,22 @@ struct VRAMPool {
         registered += pgmap.pageCount
         freePages += pgmap.pageCount
         free4K.reserveCapacity(Int(registered))
-        free2M.reserveCapacity(Int(registered >> 9))
+        free2M.reserveCapacity(Int(registered >> PageGeometry.pmdOrder))
         var pfn = pgmap.startPfn + pgmap.pageCount
         while pfn > pgmap.startPfn {
-            pfn -= 512
+            pfn -= PageGeometry.pmdPages64
             free2M.append(pfn)
         }
     }
 
     mutating func take(order: Int) -> UInt64? {
-        if order == 9 {
+        if order == PageGeometry.pmdOrder {
             guard let pfn = free2M.popLast() else { return nil }
-            freePages -= 512
+            freePages -= PageGeometry.pmdPages64
             return pfn
         }
         if free4KHead == free4K.count, let block = free2M.popLast() {
-            for pfn in block..<(block + 512) { free4K.append(pfn) }
+            for pfn in block..<(block + PageGeometry.pmdPages64) { free4K.append(pfn) }
         }
         guard free4KHead < free4K.count else { return nil }
         let pfn = free4K[free4KHead]
@@ -299,6 +296,6 @@ struct VRAMPool {
     }
 
     mutating func give(_ pfn: UInt64, order: Int) {
-        if order == 9 { free2M.append(pfn); freePages += 512 } else { free4K.append(pfn); freePages += 1 }
+        if order == PageGeometry.pmdOrder { free2M.append(pfn); freePages += PageGeometry.pmdPages64 } else { free4K.append(pfn); freePages += 1 }
     }
 }

@@ -1,7 +1,4 @@
 import SVMEmu
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The per-page byte of `HMM_DMIRROR_SNAPSHOT` (lib/test_hmm_uapi.h's
 /// `HMM_DMIRROR_PROT_*`): what the CPU page tables say about a page, as
@@ -54,14 +51,14 @@ extension MirrorDevice {
     public func commandSnapshot(_ cmd: inout DMirrorCommand, into mirror: UnsafeMutableRawBufferPointer) throws(Errno) {
         cmd.cpages = 0
         cmd.faults = 0
-        guard cmd.npages >= 0, mirror.count >= cmd.npages, cmd.address & 4095 == 0 else { throw .invalidArgument }
+        guard cmd.npages >= 0, mirror.count >= cmd.npages, cmd.address & ~PageGeometry.pageMask == 0 else { throw .invalidArgument }
         let (start, end) = try commandRange(cmd, bufferBytes: Int.max)
         guard start >= mm.baseAddress, end <= mm.endAddress else { throw .invalidArgument }
         var a = start
         while a < end {
-            let next = min(a + 64 << 12, end)
-            try snapshotChunk(a, next, into: mirror.baseAddress! + Int((a - start) >> 12))
-            cmd.cpages += Int((next - a) >> 12)
+            let next = min(a + 64 << PageGeometry.pageShift, end)
+            try snapshotChunk(a, next, into: mirror.baseAddress! + Int((a - start) >> PageGeometry.pageShift))
+            cmd.cpages += Int((next - a) >> PageGeometry.pageShift)
             a = next
         }
     }
@@ -75,7 +72,7 @@ extension MirrorDevice {
         }
         defer { mm.removeIntervalNotifier(temporary) }
         try withStableRange(temporary, start, end, flags: HMMPFN(rawValue: 0),
-                            deadlineNanos: MirrorDevice.nowNanos() + 1_000_000_000) { range in
+                            deadlineNanos: HostClock.nanos() + 1_000_000_000) { range in
             for (i, entry) in range.hmmPfns.enumerated() {
                 perm.storeBytes(of: permission(of: entry), toByteOffset: i, as: UInt8.self)
             }
@@ -101,13 +98,7 @@ extension MirrorDevice {
             p = DMirrorProt.none
         }
         p |= entry.isWrite ? DMirrorProt.write : DMirrorProt.read
-        if entry.mapOrder == 9 { p |= DMirrorProt.pmd } else if entry.mapOrder == 18 { p |= DMirrorProt.pud }
+        if entry.mapOrder == PageGeometry.pmdOrder { p |= DMirrorProt.pmd } else if entry.mapOrder == 18 { p |= DMirrorProt.pud }
         return p
-    }
-
-    static func nowNanos() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 }

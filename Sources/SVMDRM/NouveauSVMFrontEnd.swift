@@ -55,7 +55,7 @@ public protocol NouveauSVMBackend: AnyObject, Sendable {
 
 extension NouveauSVMBackend {
     /// 4 KiB, x86-64's `PAGE_SIZE`.
-    public var pageSize: UInt64 { 4096 }
+    public var pageSize: UInt64 { PageGeometry.pageSize64 }
     /// A process always has one here.
     public var hasAddressSpace: Bool { true }
 }

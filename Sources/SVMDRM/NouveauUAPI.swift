@@ -134,7 +134,7 @@ extension drm_nouveau_svm_bind {
         args.header = NouveauSVMBindHeader.migrateToVRAM(priority: priority).rawValue
         args.va_start = start
         args.va_end = end
-        args.npages = end > start ? (end - start) / 4096 : 0
+        args.npages = end > start ? (end - start) / PageGeometry.pageSize64 : 0
         return args
     }
 

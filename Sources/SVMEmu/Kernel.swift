@@ -1,8 +1,5 @@
 import CSVMSupport
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Transparent huge page policy (`/sys/kernel/mm/transparent_hugepage/enabled`).
 public enum TransparentHugepageMode: String, Sendable, CaseIterable {
@@ -66,7 +63,7 @@ public struct KernelConfiguration: Sendable {
             throw .init("nodeSizes[\(id)]: a node needs at least 2 MiB (got \(size) bytes)")
         }
         let ram = nodeSizes.reduce(UInt64(0)) { $0 + (UInt64($1) & AddressSpace.pmdMask) }
-        guard Kernel.firstRAMPfn << 12 + ram <= maxPhysicalBytes else {
+        guard Kernel.firstRAMPfn << PageGeometry.pageShift + ram <= maxPhysicalBytes else {
             throw .init("maxPhysicalBytes: \(maxPhysicalBytes >> 20) MiB cannot hold the \(ram >> 20) MiB of RAM nodes (plus 16 MiB below RAM)")
         }
         guard addressSpaceSize >= AddressSpace.pmdSize else {
@@ -165,8 +162,8 @@ public final class Kernel: @unchecked Sendable {
         self.configuration = configuration
         cpus = CPUSet(count: configuration.cpus, checksStaleEntries: configuration.checksStaleTLBEntries, vmstat: vmstat)
         phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU, cpus: cpus)
-        maxPfn = configuration.maxPhysicalBytes >> 12
-        metaBase = Kernel.reserve(bytes: Int(maxPfn) << PageMeta.shift)
+        maxPfn = configuration.maxPhysicalBytes >> PageGeometry.pageShift
+        metaBase = HostMemory.reserveOrStop(bytes: Int(maxPfn) << PageMeta.shift, for: "page metadata")
         regionBase = .allocate(capacity: Kernel.maxRegions)
         regionBase.initialize(repeating: nil, count: Kernel.maxRegions)
         regionStart = .allocate(capacity: Kernel.maxRegions)
@@ -184,7 +181,7 @@ public final class Kernel: @unchecked Sendable {
         layoutLock.withLock { $0.nextPfn = Kernel.firstRAMPfn }
         var nodes: [MemoryNode] = []
         for (id, size) in configuration.nodeSizes.enumerated() {
-            let pages = UInt64(size >> 21) << 9
+            let pages = UInt64(size >> PageGeometry.pmdShift) << PageGeometry.pmdOrder
             // validate() checked the node count and sizes against the limits.
             guard let (start, region, base) = try? addRegion(pages: pages) else {
                 fatalError("SVMEmu: RAM node \(id) does not fit the physical layout")
@@ -199,17 +196,17 @@ public final class Kernel: @unchecked Sendable {
             nodeByID[node.id] = .passUnretained(node)
         }
         zeroPage = nodes[0].allocate(order: 0)!
-        zeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        zeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
         zeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
-        hugeZeroPage = nodes[0].allocate(order: 9)!
-        hugeZeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 2 << 20)
+        hugeZeroPage = nodes[0].allocate(order: PageGeometry.pmdOrder)!
+        hugeZeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pmdSize)
         hugeZeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
         deferredTLB.kernel = self
     }
 
     deinit {
-        for (p, n) in mappings { munmap(p, n) }
-        munmap(metaBase, Int(maxPfn) << PageMeta.shift)
+        for (p, n) in mappings { HostMemory.release(p, bytes: n) }
+        HostMemory.release(metaBase, bytes: Int(maxPfn) << PageMeta.shift)
         regionBase.deallocate()
         regionStart.deallocate()
         regionPages.deallocate()
@@ -237,23 +234,6 @@ public final class Kernel: @unchecked Sendable {
 
     // MARK: physical layout
 
-    /// A lazily touched anonymous mapping; pages cost nothing until written.
-    /// Nil when the host refuses it.
-    static func tryReserve(bytes: Int) -> UnsafeMutableRawPointer? {
-        let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let p, p != MAP_FAILED else { return nil }
-        return p
-    }
-
-    /// `tryReserve(bytes:)` where the emulator cannot go on without the memory
-    /// (the metadata array at boot, a benchmark's buffers): stops with a message.
-    static func reserve(bytes: Int) -> UnsafeMutableRawPointer {
-        guard let p = tryReserve(bytes: bytes) else {
-            fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for emulated memory (errno \(errno))")
-        }
-        return p
-    }
-
     /// Host memory backed the way emulated RAM and VRAM frames are: lazily
     /// touched and, where the host allows it, on host huge pages (one host TLB
     /// entry and one host fault per 2 MiB instead of 512, which is most of the
@@ -261,22 +241,20 @@ public final class Kernel: @unchecked Sendable {
     /// memcpy baseline so both sides copy between the same kind of memory.
     /// Release with `releaseFrames(_:bytes:)`.
     public static func reserveFrames(bytes: Int) -> UnsafeMutableRawPointer {
-        guard let p = tryReserveFrames(bytes: bytes) else {
-            fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for emulated memory (errno \(errno))")
-        }
+        guard let p = tryReserveFrames(bytes: bytes) else { HostMemory.refused(bytes: bytes, for: "emulated memory") }
         return p
     }
 
     /// `reserveFrames(bytes:)`, or nil when the host refuses the memory.
     static func tryReserveFrames(bytes: Int) -> UnsafeMutableRawPointer? {
-        guard let p = tryReserve(bytes: bytes) else { return nil }
-        _ = madvise(p, bytes, MADV_HUGEPAGE)
+        guard let p = HostMemory.reserve(bytes: bytes) else { return nil }
+        HostMemory.adviseHugePages(p, bytes: bytes)
         return p
     }
 
     /// Returns memory from `reserveFrames(bytes:)` to the host.
     public static func releaseFrames(_ p: UnsafeMutableRawPointer, bytes: Int) {
-        munmap(p, bytes)
+        HostMemory.release(p, bytes: bytes)
     }
 
     /// Adds a physical region of `pages` pages (2 MiB aligned in pfn space) with
@@ -287,7 +265,7 @@ public final class Kernel: @unchecked Sendable {
     ///   `KernelConfiguration.maxPhysicalBytes` or the host refuses the
     ///   reservation; a diagnostic names the limit. Nothing is changed then.
     func addRegion(pages: UInt64) throws(Errno) -> (UInt64, UInt16, UnsafeMutableRawPointer) {
-        let byteCount = Int(pages) << 12
+        let byteCount = Int(pages) << PageGeometry.pageShift
         guard let bytes = Kernel.tryReserveFrames(bytes: byteCount) else {
             warn("physical layout: the host refused \(pages >> 8) MiB of address space for a region")
             throw .noMemory
@@ -295,7 +273,7 @@ public final class Kernel: @unchecked Sendable {
         let start: UInt64, region: Int
         do {
             (start, region) = try layoutLock.withLock { (layout) throws(Errno) -> (UInt64, Int) in
-                let start = (layout.nextPfn + 511) & ~511
+                let start = (layout.nextPfn + PageGeometry.pmdPages64 - 1) & ~(PageGeometry.pmdPages64 - 1)
                 guard layout.regions < Kernel.maxRegions else { throw .noSpace }
                 guard start + pages <= maxPfn else { throw .noMemory }
                 layout.regions += 1
@@ -303,7 +281,7 @@ public final class Kernel: @unchecked Sendable {
                 return (start, layout.regions - 1)
             }
         } catch {
-            munmap(bytes, byteCount)
+            HostMemory.release(bytes, bytes: byteCount)
             warn(error == .noSpace
                  ? "physical layout: too many physical regions (RAM nodes plus device page maps, at most \(Kernel.maxRegions))"
                  : "physical layout: device memory would end beyond KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 20) MiB)")
@@ -328,7 +306,7 @@ public final class Kernel: @unchecked Sendable {
     /// The bytes of a page frame.
     @inlinable func bytes(ofPfn pfn: UInt64) -> UnsafeMutableRawPointer {
         let r = Int(metaPtr(pfn).region)
-        return regionBase[r].unsafelyUnwrapped + Int((pfn - regionStart[r]) << 12)
+        return regionBase[r].unsafelyUnwrapped + Int((pfn - regionStart[r]) << PageGeometry.pageShift)
     }
 
     /// Whether `pfn` names a page frame of this machine (RAM or device memory).
@@ -389,8 +367,7 @@ public final class Kernel: @unchecked Sendable {
         diagnosticCount.add(1, ordering: .relaxed)
         diagnosticLog.withLock { if $0.count < 10_000 { $0.append(d) } }
         if configuration.printDiagnostics {
-            var err = "svmemu: \(d)\n"
-            err.withUTF8 { _ = Glibc.write(2, $0.baseAddress, $0.count) }
+            system_write_stderr("svmemu: \(d)\n")
         }
     }
 

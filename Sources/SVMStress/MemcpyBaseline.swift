@@ -2,7 +2,6 @@
 // same bytes, in the same run, between host buffers backed like emulated RAM
 // and VRAM.
 
-import CSVMSupport
 import SVMEmu
 
 /// memcpy of `bytes` there and back (A -> B, then B -> A) between two buffers
@@ -42,7 +41,7 @@ public final class MemcpyBaseline {
         a = Kernel.reserveFrames(bytes: bytes)
         b = Kernel.reserveFrames(bytes: bytes)
         Self.fill(a, bytes: bytes, seed: seed)
-        svm_memset(b, 0xa5, bytes)
+        b.initializeMemory(as: UInt8.self, repeating: 0xa5, count: bytes)
         _ = copyThereAndBack()
         _ = copyThereAndBack(streaming: true)
     }
@@ -83,14 +82,16 @@ public final class MemcpyBaseline {
     }
 
     private func copyThereAndBack(streaming: Bool = false) -> Double {
-        svm_escape(a)
-        svm_escape(b)
-        let t0 = svm_now_ns()
-        if streaming { svm_copy_stream(b, a, bytes) } else { svm_memcpy(b, a, bytes) }
-        svm_escape(b)
-        if streaming { svm_copy_stream(a, b, bytes) } else { svm_memcpy(a, b, bytes) }
-        svm_escape(a)
-        let t1 = svm_now_ns()
+        HostMemory.escape(a)
+        HostMemory.escape(b)
+        let t0 = HostClock.nanos()
+        HostMemory.copy(to: b, from: a, bytes: bytes, streaming: streaming)
+        if streaming { HostMemory.storeFence() }
+        HostMemory.escape(b)
+        HostMemory.copy(to: a, from: b, bytes: bytes, streaming: streaming)
+        if streaming { HostMemory.storeFence() }
+        HostMemory.escape(a)
+        let t1 = HostClock.nanos()
         return Double(t1 - t0) / 1e9
     }
 

@@ -2,7 +2,6 @@
 // a buffer (pmbench-like) while a migrator moves it node 0 -> 1 -> 0 with
 // move_pages, for every algorithm, copier and deferral setting.
 
-import CSVMSupport
 import Foundation
 import SVMEmu
 import Synchronization
@@ -147,10 +146,10 @@ public enum NUMABench {
                 while !stop.load(ordering: .relaxed) {
                     x ^= x << 13; x ^= x >> 7; x ^= x << 17
                     let addr = base + (x % words) * 8
-                    let t0 = svm_now_ns()
+                    let t0 = HostClock.nanos()
                     var ok = false
                     do { ok = try mm.verifyPattern(addr, length: 8, seed: seed) == nil } catch {}
-                    h.record(svm_now_ns() - t0)
+                    h.record(HostClock.nanos() - t0)
                     if !ok { bad.add(1, ordering: .relaxed) }
                 }
                 histograms.store(r, h)
@@ -167,7 +166,7 @@ public enum NUMABench {
         let deferred0 = kernel.deferredTLB.flushes
         var stats = MigrateStats()
         var status: [PageStatus] = []
-        let t0 = svm_now_ns()
+        let t0 = HostClock.nanos()
         for round in 0..<s.rounds {
             let target = (round + 1) & 1
             var one = MigrateStats()
@@ -178,7 +177,7 @@ public enum NUMABench {
         }
         // The deferred flush still pending belongs to this run.
         kernel.deferredTLB.flush()
-        let seconds = Double(svm_now_ns() - t0) / 1e9
+        let seconds = Double(HostClock.nanos() - t0) / 1e9
         stop.store(true, ordering: .relaxed)
         for t in threads { while !t.isFinished { usleep(100) } }
         let pages = Int(vm[.pgmigrateSuccess] - pages0)

@@ -1,7 +1,6 @@
 // The overhead breakdown (issue 6): where a fault's time goes, phase by phase,
 // for GPU-fault-driven (RAM -> VRAM) and CPU-fault-driven (VRAM -> RAM)
 // migration at 4 KiB and 2 MiB, with a copy engine that models a link.
-import CSVMSupport
 import Foundation
 import MirrorDriver
 import SVMEmu
@@ -220,21 +219,21 @@ public enum OverheadHarness {
             throw .granularityUnavailable(
                 "svmemu overhead: 2 MiB migration is not in the reference driver yet (MirrorSettings.migrationGranularity); use --granularity 4k")
         }
-        guard config.bytes >= 2 << 20, config.bytes % (2 << 20) == 0 else {
+        guard config.bytes >= PageGeometry.pmdSize, config.bytes % PageGeometry.pmdSize == 0 else {
             throw .invalidConfiguration("the buffer size must be a positive multiple of 2 MiB (got \(config.bytes) bytes)")
         }
         guard config.rounds >= 1, config.copyThreads >= 1, config.copyThreads <= 64 else {
             throw .invalidConfiguration("rounds must be >= 1 and copy threads 1...64")
         }
-        guard config.faultPages >= 1, config.faultPages <= 512, config.faultPages & (config.faultPages - 1) == 0 else {
-            throw .invalidConfiguration("pages per GPU fault must be a power of two, 1...512 (got \(config.faultPages))")
+        guard config.faultPages >= 1, config.faultPages <= PageGeometry.pmdPages, config.faultPages & (config.faultPages - 1) == 0 else {
+            throw .invalidConfiguration("pages per GPU fault must be a power of two, 1...\(PageGeometry.pmdPages) (got \(config.faultPages))")
         }
         guard config.faultPages == 1 || (config.granularity == .base4K && config.direction == .toDevice) else {
             throw .invalidConfiguration("more than one page per fault applies to GPU faults (to-device) at 4 KiB granularity; "
                                         + "a 2 MiB migration always moves its 2 MiB folio and a CPU fault its page")
         }
         var kc = KernelConfiguration()
-        let node = (config.bytes + (512 << 20) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        let node = (config.bytes + (512 << 20) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1)
         kc.nodeSizes = [node, node]
         kc.transparentHugepage = config.granularity == .huge2M ? .always : .never
         kc.traceEventsPerCPU = config.traceEventsPerCPU
@@ -256,7 +255,7 @@ public enum OverheadHarness {
         let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: vramChunk,
                                   settings: settings, copyEngine: config.copyModel.makeEngine(threads: config.copyThreads))
         let bytes = config.bytes
-        let pages = bytes >> 12
+        let pages = bytes >> PageGeometry.pageShift
         let say = config.progress ?? { _ in }
         let tag = "\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
         let base: UInt64
@@ -295,7 +294,7 @@ public enum OverheadHarness {
             var byte: UInt8 = 0
             do {
                 for p in 0..<pages {
-                    let a = base + UInt64(p) << 12
+                    let a = base + UInt64(p) << PageGeometry.pageShift
                     if config.direction == .toDevice {
                         sum = sum &* 31 &+ UInt64(try mm.load(a))
                     } else {
@@ -314,21 +313,21 @@ public enum OverheadHarness {
         func faultingLoop(_ from: Int, _ to: Int, _ start: UInt64 = 0) throws(OverheadError) -> (UInt64, UInt64) {
             var sum = start
             var byte: UInt8 = 0
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             do {
                 switch config.direction {
                 case .toDevice:
                     for p in from..<to {
-                        try withUnsafeMutableBytes(of: &byte) { (b) throws(Errno) in try device.read(base + UInt64(p) << 12, into: b) }
+                        try withUnsafeMutableBytes(of: &byte) { (b) throws(Errno) in try device.read(base + UInt64(p) << PageGeometry.pageShift, into: b) }
                         sum = sum &* 31 &+ UInt64(byte)
                     }
                 case .toRAM:
-                    for p in from..<to { sum = sum &* 31 &+ UInt64(try mm.load(base + UInt64(p) << 12)) }
+                    for p in from..<to { sum = sum &* 31 &+ UInt64(try mm.load(base + UInt64(p) << PageGeometry.pageShift)) }
                 }
             } catch {
                 throw .dataMismatch("\(tag): a faulting access failed: \(error)")
             }
-            return (sum, svm_now_ns() - t0)
+            return (sum, HostClock.nanos() - t0)
         }
 
         func prepareChecked() throws(OverheadError) {
@@ -352,7 +351,7 @@ public enum OverheadHarness {
         // machine noise hits both alike; the median of the pairs' differences.
         // Whole faults per chunk: a chunk boundary inside a fault's window would
         // leave the next chunk nothing to fault.
-        let chunk = max(config.granularity == .huge2M ? 512 : 256, config.faultPages)
+        let chunk = max(config.granularity == .huge2M ? PageGeometry.pmdPages : 256, config.faultPages)
         var pairRatios: [Double] = []
         var offNanos: UInt64 = 0, onNanos: UInt64 = 0
         for round in 0..<config.rounds {
@@ -433,7 +432,7 @@ public enum OverheadHarness {
         if faultNanos > 0 {
             result.instrumentationEstimatePercent = Double(records) * timerRecordNanos() / faultNanos * 100
         }
-        let granule = config.granularity == .huge2M ? 2 << 20 : 4096
+        let granule = config.granularity == .huge2M ? PageGeometry.pmdSize : PageGeometry.pageSize
         say("\(tag): memcpy of the same chunks (the yardstick)")
         result.memcpyGBps = measureMemcpy(granule: granule, bytes: bytes)
         result.streamCopyGBps = measureMemcpy(granule: granule, bytes: bytes, streaming: true)
@@ -462,7 +461,7 @@ public enum OverheadHarness {
         phases["other"] = figure(max(0, fault.nanos - inside), fault.count)
         phases["fault"] = figure(fault.nanos, fault.count)
         let migrateVMA = MigrationPhase.allCases.filter(\.isMigrateVMA).reduce(0.0) { $0 + (totals[$1]?.nanos ?? 0) }
-        let mib = Double(config.bytes) / Double(1 << 20)
+        let mib = Double(config.bytes) / Double(ByteSize.mib)
         return OverheadResult(
             granularity: config.granularity.rawValue, direction: config.direction.rawValue,
             copyModel: config.copyModel.rawValue, copyThreads: config.copyThreads, faultPages: config.faultPages,
@@ -488,12 +487,12 @@ public enum OverheadHarness {
         let n = 200_000
         var best = Double.infinity
         for _ in 0..<5 {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             for _ in 0..<n {
                 let m = timer.begin()
                 timer.end(.copy, m)
             }
-            best = min(best, Double(svm_now_ns() - t0) / Double(n))
+            best = min(best, Double(HostClock.nanos() - t0) / Double(n))
         }
         return best
     }
@@ -545,25 +544,21 @@ public enum OverheadHarness {
             Kernel.releaseFrames(src, bytes: ring)
             Kernel.releaseFrames(dst, bytes: ring)
         }
-        svm_memset(src, 0x5A, ring)
-        svm_memset(dst, 0, ring)
+        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: ring)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: ring)
         var best = UInt64.max
         for _ in 0..<3 {
             var done = 0, offset = 0
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             while done < bytes {
-                if streaming {
-                    svm_copy_stream_unfenced(dst + offset, src + offset, granule)
-                } else {
-                    svm_memcpy(dst + offset, src + offset, granule)
-                }
-                svm_escape(dst + offset)
+                HostMemory.copy(to: dst + offset, from: src + offset, bytes: granule, streaming: streaming)
+                HostMemory.escape(dst + offset)
                 done += granule
                 offset += granule
                 if offset + granule > ring { offset = 0 }
             }
-            if streaming { svm_store_fence() }
-            best = min(best, svm_now_ns() - t0)
+            if streaming { HostMemory.storeFence() }
+            best = min(best, HostClock.nanos() - t0)
         }
         return Double(bytes) / Double(max(1, best))
     }

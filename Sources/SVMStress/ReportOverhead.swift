@@ -113,7 +113,7 @@ public enum OverheadReport {
         let height = legendY + 50
         func microsPerMiB(_ r: OverheadResult, _ name: String) -> Double {
             guard let f = r.phases[name], r.bytes > 0 else { return 0 }
-            return f.seconds * 1e6 / (Double(r.bytes) / Double(1 << 20))
+            return f.seconds * 1e6 / (Double(r.bytes) / Double(ByteSize.mib))
         }
         let maxPerMiB = max(1e-9, results.map { r in OverheadResult.phaseOrder.reduce(0.0) { $0 + microsPerMiB(r, $1) } }.max() ?? 1)
         var s = """

@@ -66,13 +66,13 @@ final class StormBarrier: @unchecked Sendable {
         }
         pthread_mutex_unlock(mutex)
         // Spin first: a release seen by every running waiter at once.
-        let deadline = stormNanos() + spinNanos
+        let deadline = HostClock.nanos() + spinNanos
         var spins = 0
         while true {
             if generation.load(ordering: .acquiring) != gen { return true }
             if aborted.load(ordering: .relaxed) { return false }
             spins += 1
-            if spins & 255 == 0 && stormNanos() >= deadline { break }
+            if spins & 255 == 0 && HostClock.nanos() >= deadline { break }
         }
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }

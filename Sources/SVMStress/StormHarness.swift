@@ -26,7 +26,7 @@ public enum StormHarness {
         let factory = makeDriver ?? MirrorDevice.stormFactory(vramBytes: vram)
 
         var config = KernelConfiguration()
-        let node = Int(roundUp(UInt64(bytes) * 2 + (32 << 20), to: 2 << 20))
+        let node = Int(roundUp(UInt64(bytes) * 2 + (32 << 20), to: PageGeometry.pmdSize64))
         config.nodeSizes = [max(64 << 20, node)]
         config.deviceFaultPolicy = settings.faultPolicy
         config.transparentHugepage = settings.pageSize == .huge ? .madvise : .never
@@ -48,8 +48,8 @@ public enum StormHarness {
         do {
             if settings.pageSize == .huge {
                 // 2 MiB aligned, so that every storm page can be one THP.
-                let raw = try mm.mmap(length: bytes + (2 << 20))
-                base = roundUp(raw, to: 2 << 20)
+                let raw = try mm.mmap(length: bytes + PageGeometry.pmdSize)
+                base = roundUp(raw, to: PageGeometry.pmdSize64)
                 try mm.madvise(base, length: bytes, advice: .hugePage)
             } else {
                 base = try mm.mmap(length: bytes)
@@ -137,7 +137,7 @@ final class StormRun: @unchecked Sendable {
     /// The barrier's round action, run by the last thread to arrive while the
     /// others wait: round r closes page r-1 and opens page r.
     private func closeAndOpen(_ round: Int) {
-        let now = stormNanos()
+        let now = HostClock.nanos()
         let calls = totalCalls, retries = totalRetries, migrations = deviceMigrations.load(ordering: .relaxed)
         if round > 0 {
             let kind = mm.entry(at: address(ofPage: round - 1)).entry.kind
@@ -224,7 +224,7 @@ final class StormRun: @unchecked Sendable {
         let driver = drivers[0]
         while finishedOnPage.load(ordering: .relaxed) < accessors && !stop.load(ordering: .relaxed) {
             guard mm.entry(at: page).entry.kind == .present else {
-                sched_yield()
+                HostThread.yield()
                 continue
             }
             if (try? driver.migrateToDevice(page, pages: basePages)) == basePages {
@@ -265,7 +265,7 @@ final class StormRun: @unchecked Sendable {
     func storm(progress: ((StormProgress) -> Void)?) -> StormResult {
         let calls0 = totalCalls, retries0 = totalRetries
         let stallNanos = UInt64(settings.stallSeconds * 1e9)
-        let start = stormNanos()
+        let start = HostClock.nanos()
         for i in 0..<workers {
             let t = Thread { [self] in worker(i) }
             t.name = "storm-\(i)"
@@ -277,8 +277,8 @@ final class StormRun: @unchecked Sendable {
         var stall: StallReport? = nil
         var end = start
         while exited.load(ordering: .acquiring) < workers {
-            usleep(2000)
-            let now = stormNanos()
+            HostClock.sleep(nanos: 2_000_000)
+            let now = HostClock.nanos()
             let done = pagesDone.load(ordering: .acquiring)
             if done != lastDone {
                 lastDone = done
@@ -297,12 +297,12 @@ final class StormRun: @unchecked Sendable {
                                        secondsSinceProgress: Double(now - lastChange) / 1e9))
             }
         }
-        end = stormNanos()
+        end = HostClock.nanos()
         let finalCalls = totalCalls - calls0, finalRetries = totalRetries - retries0
 
         // Teardown: every thread must leave within the join timeout.
-        let deadline = stormNanos() + UInt64(settings.joinTimeoutSeconds * 1e9)
-        while exited.load(ordering: .acquiring) < workers && stormNanos() < deadline { usleep(1000) }
+        let deadline = HostClock.nanos() + UInt64(settings.joinTimeoutSeconds * 1e9)
+        while exited.load(ordering: .acquiring) < workers && HostClock.nanos() < deadline { HostClock.sleep(nanos: 1_000_000) }
         let left = exited.load(ordering: .acquiring)
         if let progress {
             let done = pagesDone.load(ordering: .acquiring)
@@ -347,14 +347,14 @@ final class StormRun: @unchecked Sendable {
     static func checksums(_ mm: AddressSpace, _ base: UInt64, basePages: Int) throws(Errno) -> [UInt64] {
         var sums = [UInt64](repeating: 0, count: basePages)
         for i in 0..<basePages {
-            sums[i] = try mm.withPageBytes(at: base + UInt64(i) << 12, write: false) { checksum($0) }
+            sums[i] = try mm.withPageBytes(at: base + UInt64(i) << PageGeometry.pageShift, write: false) { checksum($0) }
         }
         return sums
     }
 
     static func checksum(_ p: UnsafeMutableRawPointer) -> UInt64 {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for w in 0..<512 {
+        for w in 0..<PageGeometry.pageSize / 8 {
             h = (h ^ p.load(fromByteOffset: w << 3, as: UInt64.self)) &* 0x0000_0100_0000_01b3
         }
         return h
@@ -366,7 +366,7 @@ final class StormRun: @unchecked Sendable {
         var problems: [String] = []
         var stuck = 0
         for (i, expected) in checksums.enumerated() {
-            let address = base + UInt64(i) << 12
+            let address = base + UInt64(i) << PageGeometry.pageShift
             let page = i / basePages
             do {
                 guard let sum = try mm.withPageBytes(at: address, write: false, faultLimit: limit, { StormRun.checksum($0) }) else {
@@ -423,7 +423,7 @@ final class StormRun: @unchecked Sendable {
             if best == nil || (extra ?? -1, waiting ?? 0) > (best!.referencesBeyondMappings ?? -1, best!.driverLockWaiting ?? 0) {
                 best = sample
             }
-            usleep(1000)
+            HostClock.sleep(nanos: 1_000_000)
         }
         var r = best!
         r.summary = StallReport.describe(r)
@@ -500,11 +500,4 @@ extension StallReport {
         }
         return s
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds.
-func stormNanos() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }

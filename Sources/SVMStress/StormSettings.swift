@@ -26,9 +26,9 @@ public enum StormPageSize: String, Sendable, CaseIterable, Codable {
     case small = "4k"
     case huge = "2m"
     /// Bytes per storm page.
-    public var bytes: Int { self == .small ? 4096 : 2 << 20 }
+    public var bytes: Int { self == .small ? PageGeometry.pageSize : PageGeometry.pmdSize }
     /// Base (4 KiB) pages per storm page.
-    public var basePages: Int { bytes >> 12 }
+    public var basePages: Int { bytes >> PageGeometry.pageShift }
 }
 
 /// Everything a storm run is configured by.

@@ -10,12 +10,12 @@ import MirrorDriver
 // dmirror's two device-private devices. THP is in `madvise` mode, the usual
 // distribution default, so MADV_HUGEPAGE decides as in the kernel test runs.
 
-let pageSize = 4096
-let pageShift: UInt64 = 12
+let pageSize = PageGeometry.pageSize
+let pageShift = UInt64(PageGeometry.pageShift)
 /// read_pmd_pagesize(): 2 MiB on x86-64.
-let pmdSize = 2 << 20
+let pmdSize = PageGeometry.pmdSize
 /// HMM_BUFFER_SIZE (1024 << 12): 4 MiB, the kernel's own size (small enough).
-let hmmBufferSize = 1024 << 12
+let hmmBufferSize = 1024 << PageGeometry.pageShift
 /// NTIMES.
 let ntimes = 10
 
@@ -67,7 +67,7 @@ final class HMMBuffer: @unchecked Sendable {
 
     init(size: Int, mirrorBytes: Int? = nil) {
         self.size = size
-        mirror = .allocate(byteCount: mirrorBytes ?? size, alignment: 4096)
+        mirror = .allocate(byteCount: mirrorBytes ?? size, alignment: PageGeometry.pageSize)
         mirror.initializeMemory(as: UInt8.self, repeating: 0)
     }
     deinit { mirror.deallocate() }

@@ -6,7 +6,7 @@ import MirrorDriver
 /// splits, allocation fallbacks, partial unmaps. Bytes checked every time.
 @Suite("2 MiB folios")
 struct CompoundTests {
-    static let huge = 2 << 20
+    static let huge = PageGeometry.pmdSize
 
     func machine(failLargeDevice: Bool = false, failLargeSystem: Bool = false) -> (Kernel, AddressSpace, MirrorDevice) {
         let (kernel, mm, device) = bootMachine(thp: .always)
@@ -25,14 +25,14 @@ struct CompoundTests {
         try mm.fillPattern(base, length: Self.huge, seed: 11)
         #expect(mm.entry(at: base).level == .pmd)
         let freeBefore = kernel.freePages
-        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         let (level, entry) = mm.entry(at: base)
         #expect(level == .pmd && entry.kind == .devicePrivate)
         #expect(kernel.vmstat[.thpMigrationSuccess] == 1)
         #expect(kernel.vmstat[.thpMigrationSplit] == 0)
-        #expect(kernel.freePages == freeBefore + 512)
+        #expect(kernel.freePages == freeBefore + PageGeometry.pmdPages64)
         // One CPU touch brings all 2 MiB back through one PMD-level fault.
-        #expect(try mm.verifyPattern(base + 4096 * 7, length: 8, seed: 11) == nil)
+        #expect(try mm.verifyPattern(base + PageGeometry.pageSize64 * 7, length: 8, seed: 11) == nil)
         let back = mm.entry(at: base)
         #expect(back.level == .pmd && back.entry.kind == .present)
         #expect(device.migrateToRAMCalls == 1)
@@ -46,7 +46,7 @@ struct CompoundTests {
     func emptyRegion() throws {
         let (kernel, mm, device) = machine()
         let base = try mm.mmap(length: Self.huge)
-        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         #expect(mm.entry(at: base).level == .pmd)
         #expect(mm.entry(at: base).entry.kind == .devicePrivate)
         #expect(try device.read(base + 12345, count: 64) == [UInt8](repeating: 0, count: 64))
@@ -61,11 +61,11 @@ struct CompoundTests {
         let base = try mm.mmap(length: Self.huge)
         #expect(try mm.load(base) == 0)
         #expect(mm.entry(at: base).entry.isSpecial)
-        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         #expect(mm.entry(at: base).entry.kind == .devicePrivate)
         try mm.store(base + 5, 42)
         #expect(try mm.load(base + 5) == 42)
-        #expect(try mm.load(base + 4096 * 300) == 0)
+        #expect(try mm.load(base + PageGeometry.pageSize64 * 300) == 0)
         #expect(kernel.diagnostics.isEmpty)
     }
 
@@ -85,11 +85,11 @@ struct CompoundTests {
             #expect(mm.entry(at: base).level == .pmd && mm.entry(at: base).entry == zero.entry,
                     "\(flags): collect must not split the huge zero PMD")
             if flags == .system {
-                #expect(args.cpages == 512)
-                #expect(args.src[0..<512].allSatisfy { $0 == .hole }, "a hole per page, no page behind it")
+                #expect(args.cpages == PageGeometry.pmdPages)
+                #expect(args.src[0..<PageGeometry.pmdPages].allSatisfy { $0 == .hole }, "a hole per page, no page behind it")
             } else {
                 #expect(args.cpages == 0)
-                #expect(args.src[0..<512].allSatisfy { $0 == .empty })
+                #expect(args.src[0..<PageGeometry.pmdPages].allSatisfy { $0 == .empty })
             }
             kernel.migrateVMAPages(&args)
             kernel.migrateVMAFinalize(&args)
@@ -103,10 +103,10 @@ struct CompoundTests {
         let (kernel, mm, device) = machine(failLargeDevice: true)
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 5)
-        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         #expect(kernel.vmstat[.thpMigrationSplit] == 1)
         #expect(mm.entry(at: base).level == .pte)
-        #expect(mm.entry(at: base + 4096).entry.kind == .devicePrivate)
+        #expect(mm.entry(at: base + PageGeometry.pageSize64).entry.kind == .devicePrivate)
         #expect(try mm.verifyPattern(base, length: Self.huge, seed: 5) == nil)
         #expect(device.devicePagesInUse == 0)
         #expect(kernel.diagnostics.isEmpty)
@@ -117,14 +117,14 @@ struct CompoundTests {
         let (kernel, mm, device) = machine(failLargeSystem: true)
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 6)
-        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         #expect(mm.entry(at: base).level == .pmd)
         #expect(try mm.verifyPattern(base, length: Self.huge, seed: 6) == nil)
         #expect(mm.entry(at: base).level == .pte)
         #expect(kernel.vmstat[.thpMigrationSplit] == 1)
         // The device folio was split: folioSplit for each of the 511 new
         // folios, then once with no tail to mark the end.
-        #expect(device.folioSplitCalls.tails == 511)
+        #expect(device.folioSplitCalls.tails == PageGeometry.pmdPages - 1)
         #expect(device.folioSplitCalls.ends == 1)
         #expect(device.devicePagesInUse == 0)
         #expect(kernel.diagnostics.isEmpty)
@@ -135,16 +135,16 @@ struct CompoundTests {
         let (kernel, mm, device) = machine()
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 9)
-        try device.migrateToDevice(base, pages: 512)
+        try device.migrateToDevice(base, pages: PageGeometry.pmdPages)
         try mm.munmap(base + UInt64(offset), length: 1 << 20)
         #expect(mm.entry(at: base + UInt64(offset)).entry.kind == .none)
         // The rest faults back with its bytes.
         var a = base
         while a < base + UInt64(Self.huge) {
             if a < base + UInt64(offset) || a >= base + UInt64(offset + (1 << 20)) {
-                #expect(try mm.verifyPattern(a, length: 4096, seed: 9) == nil)
+                #expect(try mm.verifyPattern(a, length: PageGeometry.pageSize, seed: 9) == nil)
             }
-            a += 4096
+            a += PageGeometry.pageSize64
         }
         try mm.munmap(base, length: Self.huge)
         #expect(device.devicePagesInUse == 0)
@@ -173,7 +173,7 @@ struct CompoundTests {
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 21)
         #expect(mm.entry(at: base).level == .pmd)
-        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         #expect(mm.entry(at: base).level == .pte)
         #expect(kernel.vmstat[.thpSplitPage] == 1)
         #expect(try mm.verifyPattern(base, length: Self.huge, seed: 21) == nil)
@@ -185,11 +185,11 @@ struct CompoundTests {
         let (kernel, mm, device) = machine()
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 3)
-        try device.migrateToDevice(base, pages: 512)
+        try device.migrateToDevice(base, pages: PageGeometry.pmdPages)
         #expect(try mm.verifyPattern(base, length: 8, seed: 3) == nil)
         try mm.madvise(base, length: Self.huge, advice: .free)
         #expect(try mm.verifyPattern(base, length: Self.huge, seed: 3) == nil)
-        #expect(try device.migrateToDevice(base, pages: 512) == 512)
+        #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         #expect(try mm.verifyPattern(base, length: Self.huge, seed: 3) == nil)
         #expect(kernel.diagnostics.isEmpty)
     }
@@ -202,7 +202,7 @@ struct CompoundTests {
         device.settings = s
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 17)
-        try device.migrateToDevice(base, pages: 512)
+        try device.migrateToDevice(base, pages: PageGeometry.pmdPages)
         #expect(mm.entry(at: base).entry.kind == .devicePrivate)
         // A bounded access: a regression would loop in migrateToRAM forever.
         let value = try mm.withPageBytes(at: base, write: false, faultLimit: 8) { $0.load(as: UInt8.self) }

@@ -145,10 +145,10 @@ struct EntryKindRoundTripTests {
             try device.migrateToDevice(base, pages: n)
             #expect(try device.read(base, count: n * pageSize) == expected)
             // GPU writes land in VRAM and come back with the page.
-            try device.write(base + 4096 + 10, bytes: [1, 2, 3])
-            #expect(mm.entry(at: base + 4096).entry.kind == .devicePrivate)
-            #expect(try mm.read(base + 4096 + 10, count: 3) == [1, 2, 3])
-            #expect(try mm.verifyPattern(base, length: 4096, seed: 3) == nil)
+            try device.write(base + PageGeometry.pageSize64 + 10, bytes: [1, 2, 3])
+            #expect(mm.entry(at: base + PageGeometry.pageSize64).entry.kind == .devicePrivate)
+            #expect(try mm.read(base + PageGeometry.pageSize64 + 10, count: 3) == [1, 2, 3])
+            #expect(try mm.verifyPattern(base, length: PageGeometry.pageSize, seed: 3) == nil)
             #expect(kernel.diagnostics.isEmpty)
         }
     }

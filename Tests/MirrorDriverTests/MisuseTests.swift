@@ -34,7 +34,7 @@ struct MisuseTests {
             let freeWithIt = kernel.freePages
             _ = try Self.migrateBackByHand(kernel, mm, device, base, pages: 2) { args, i in
                 if i == 0 {
-                    unlocked.bytes.copyMemory(from: kernel.page(args.src[i])!.bytes, byteCount: 4096)
+                    unlocked.bytes.copyMemory(from: kernel.page(args.src[i])!.bytes, byteCount: PageGeometry.pageSize)
                     args.dst[i] = MigratePFN(page: unlocked.page(0))  // never locked: the bug
                 }
             }
@@ -88,7 +88,7 @@ struct MisuseTests {
             probe.put()
             let before = RangeSnapshot(kernel, mm, base, pages: 1)
             mm.mmapReadLock()
-            var args = MigrateVMA(vma: mm.vma(containing: base), start: base, end: base + 4096,
+            var args = MigrateVMA(vma: mm.vma(containing: base), start: base, end: base + PageGeometry.pageSize64,
                                   flags: .system, pgmapOwner: device.owner)
             try kernel.migrateVMASetup(&args)
             args.dst[0] = MigratePFN(page: probe.page(0))
@@ -134,7 +134,7 @@ struct MisuseTests {
             try mm.fillPattern(base, length: pageSize, seed: 65)
             let before = RangeSnapshot(kernel, mm, base, pages: 1)
             mm.mmapReadLock()
-            var args = MigrateVMA(vma: mm.vma(containing: base), start: base, end: base + 4096,
+            var args = MigrateVMA(vma: mm.vma(containing: base), start: base, end: base + PageGeometry.pageSize64,
                                   flags: .system, pgmapOwner: device.owner)
             args.src[0] = MigratePFN(pfn: mm.entry(at: base).entry.pfn).with(MigratePFN.migrateBit)
             let d0 = try #require(device.allocateDeviceFolio())
@@ -185,7 +185,7 @@ struct MisuseTests {
             let base = try mm.mmap(length: pageSize)
             try mm.fillPattern(base, length: pageSize, seed: 67)
             let vma = mm.withMmapReadLock { mm.vma(containing: base) }
-            var args = MigrateVMA(vma: vma, start: base, end: base + 4096, flags: .system, pgmapOwner: device.owner)
+            var args = MigrateVMA(vma: vma, start: base, end: base + PageGeometry.pageSize64, flags: .system, pgmapOwner: device.owner)
             try kernel.migrateVMASetup(&args)
             kernel.migrateVMAFinalize(&args)
             let d = kernel.takeDiagnostics()

@@ -78,7 +78,7 @@ struct ProtectionRulesTests {
             let start = base + 100, end = base + UInt64(2 * pageSize)
             var args = MigrateVMA(vma: mm.vma(containing: base), start: start, end: end,
                                   flags: .system, pgmapOwner: device.owner)
-            let unmasked = Int((end - start) >> 12)
+            let unmasked = Int((end - start) >> PageGeometry.pageShift)
             args.src = [MigratePFN](repeating: .empty, count: unmasked)
             args.dst = [MigratePFN](repeating: .empty, count: unmasked)
             #expect(throws: Errno.invalidArgument) { try kernel.migrateVMASetup(&args) }

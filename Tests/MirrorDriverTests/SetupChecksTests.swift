@@ -90,7 +90,7 @@ struct SetupChecksTests {
             let devFolio = try #require(folio(kernel, mm, base))
             #expect(devFolio.isDevicePrivate && !devFolio.isLocked)
             mm.mmapReadLock()
-            var args = MigrateVMA(vma: mm.vma(containing: base), start: base, end: base + 4096,
+            var args = MigrateVMA(vma: mm.vma(containing: base), start: base, end: base + PageGeometry.pageSize64,
                                   flags: .devicePrivate, pgmapOwner: device.owner, faultPage: devFolio.page(0))
             try kernel.migrateVMASetup(&args)
             // Legacy collect trylocks the fault page like any other.
@@ -113,7 +113,7 @@ struct SetupChecksTests {
             let base = try mm.mmap(length: 4 * pageSize)
             try mm.fillPattern(base, length: 4 * pageSize, seed: 9)
             mm.mmapReadLock()
-            var args = MigrateVMA(vma: mm.vma(containing: base), start: base + 100, end: base + 2 * 4096 + 100,
+            var args = MigrateVMA(vma: mm.vma(containing: base), start: base + 100, end: base + 2 * PageGeometry.pageSize64 + 100,
                                   flags: .system, pgmapOwner: device.owner)
             try kernel.migrateVMASetup(&args)
             #expect(args.start == base)

@@ -45,11 +45,11 @@ struct SkipTests {
             let n = Self.pages
             let base = try mm.mmap(length: n * pageSize)
             try mm.fillPattern(base, length: n * pageSize, seed: 32)
-            let held = try #require(folio(kernel, mm, base + 5 * 4096))
+            let held = try #require(folio(kernel, mm, base + 5 * PageGeometry.pageSize64))
             #expect(held.tryLock())
             #expect(throws: Errno.noEntry) { try device.migrateToDevice(base, pages: n) }
             #expect(device.devicePagesInUse == UInt64(n - 1))
-            #expect(mm.entry(at: base + 5 * 4096).entry.kind == .present)
+            #expect(mm.entry(at: base + 5 * PageGeometry.pageSize64).entry.kind == .present)
             held.unlock()
             #expect(try device.migrateToSystem(base, pages: n) == n - 1)
             #expect(try mm.verifyPattern(base, length: n * pageSize, seed: 32) == nil)

@@ -21,7 +21,7 @@ func bootMachine(policy: DeviceFaultPolicy = .trylock, thp: TransparentHugepageM
 
 // MARK: - helpers of the migrate_vma suites
 
-let pageSize = 4096
+let pageSize = PageGeometry.pageSize
 
 /// Boots a machine like `bootMachine` and runs `body`, then tears it down in
 /// the only safe order: the device (it holds the address space and the
@@ -94,7 +94,7 @@ func noLeaks(_ kernel: Kernel, _ mm: AddressSpace, _ start: UInt64, pages count:
 /// in a scratch address space of the same kernel.
 func expectedPattern(_ kernel: Kernel, _ address: UInt64, length: Int, seed: UInt64) throws -> [UInt8] {
     let scratch = AddressSpace(kernel: kernel)
-    let a = try scratch.mmap(address: address & ~4095, length: (length + 8191) & ~4095)
+    let a = try scratch.mmap(address: address & PageGeometry.pageMask, length: PageGeometry.pageAlign(length + PageGeometry.pageSize))
     _ = a
     try scratch.fillPattern(address, length: length, seed: seed)
     return try scratch.read(address, count: length)
@@ -117,9 +117,9 @@ func migrateByHand(_ kernel: Kernel, _ mm: AddressSpace, _ device: MirrorDevice,
     for i in 0..<args.npages where args.src[i].isMigrating && give(i) {
         let d = try #require(device.allocateDeviceFolio())
         if let s = kernel.page(args.src[i]) {
-            d.bytes.copyMemory(from: s.bytes, byteCount: 4096)
+            d.bytes.copyMemory(from: s.bytes, byteCount: PageGeometry.pageSize)
         } else {
-            d.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+            d.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
         }
         args.dst[i] = MigratePFN(page: d.page(0))
     }

@@ -22,7 +22,7 @@ final class FakeNouveauDevice: NouveauSVMBackend {
     let state = LockedValue(State())
     let supportsSVM: Bool
     let hasAddressSpace: Bool
-    let pageSize: UInt64 = 4096
+    let pageSize = PageGeometry.pageSize64
 
     init(supportsSVM: Bool = true, hasAddressSpace: Bool = true) {
         self.supportsSVM = supportsSVM
@@ -43,7 +43,7 @@ final class FakeNouveauDevice: NouveauSVMBackend {
     }
 
     static func pattern(page: UInt64, size: Int) -> [UInt8] {
-        (0..<size).map { i in UInt8(truncatingIfNeeded: (page >> 12) &* 31 &+ UInt64(i) &* 7 &+ 1) }
+        (0..<size).map { i in UInt8(truncatingIfNeeded: (page >> PageGeometry.pageShift) &* 31 &+ UInt64(i) &* 7 &+ 1) }
     }
 
     func svmInit(unmanagedAddress: UInt64, unmanagedSize: UInt64) throws(Errno) {

@@ -18,25 +18,25 @@ struct MirrorBindTests {
         defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
         let space = mm!, dev = device!
 
-        let a = try space.mmap(length: 16 * 4096)
-        try space.munmap(a + 8 * 4096, length: 2 * 4096)  // a hole in the middle
-        try space.fillPattern(a, length: 8 * 4096, seed: 1)
-        try space.fillPattern(a + 10 * 4096, length: 6 * 4096, seed: 2)
+        let a = try space.mmap(length: 16 * PageGeometry.pageSize)
+        try space.munmap(a + 8 * PageGeometry.pageSize64, length: 2 * PageGeometry.pageSize)  // a hole in the middle
+        try space.fillPattern(a, length: 8 * PageGeometry.pageSize, seed: 1)
+        try space.fillPattern(a + 10 * PageGeometry.pageSize64, length: 6 * PageGeometry.pageSize, seed: 2)
 
         let fe = NouveauSVMFrontEnd(backend: dev)
         try fe.svmInit(drm_nouveau_svm_init(unmanagedAddress: 0, unmanagedSize: 1 << 20))
-        var bind = drm_nouveau_svm_bind.migrateToVRAM(start: a, end: a + 16 * 4096)
+        var bind = drm_nouveau_svm_bind.migrateToVRAM(start: a, end: a + 16 * PageGeometry.pageSize64)
         let outcome = try fe.svmBind(&bind)
         #expect(outcome.pagesMigrated == 14)
         #expect(outcome.ignoredErrors.isEmpty)
         #expect(bind.result == 0)
         #expect(dev.devicePagesInUse == 14)
         #expect(space.entry(at: a).entry.kind == .devicePrivate)
-        #expect(space.entry(at: a + 10 * 4096).entry.kind == .devicePrivate)
+        #expect(space.entry(at: a + 10 * PageGeometry.pageSize64).entry.kind == .devicePrivate)
 
         // The CPU faults the pages back through migrateToRAM; bytes intact.
-        #expect(try space.verifyPattern(a, length: 8 * 4096, seed: 1) == nil)
-        #expect(try space.verifyPattern(a + 10 * 4096, length: 6 * 4096, seed: 2) == nil)
+        #expect(try space.verifyPattern(a, length: 8 * PageGeometry.pageSize, seed: 1) == nil)
+        #expect(try space.verifyPattern(a + 10 * PageGeometry.pageSize64, length: 6 * PageGeometry.pageSize, seed: 2) == nil)
         #expect(dev.devicePagesInUse == 0)
         #expect(kernel.diagnostics.isEmpty)
     }
@@ -51,15 +51,15 @@ struct MirrorBindTests {
         var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, vramBytes: 32 << 20, chunkBytes: 16 << 20)
         defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
         let space = mm!, dev = device!
-        let a = try space.mmap(length: 4 * 4096)
-        try space.fillPattern(a, length: 4 * 4096, seed: 3)
+        let a = try space.mmap(length: 4 * PageGeometry.pageSize)
+        try space.fillPattern(a, length: 4 * PageGeometry.pageSize, seed: 3)
         let fe = NouveauSVMFrontEnd(backend: dev)
         try fe.svmInit(drm_nouveau_svm_init(unmanagedAddress: 0, unmanagedSize: 1 << 20))
-        var bind = drm_nouveau_svm_bind.migrateToVRAM(start: a, end: a + 4 * 4096)
+        var bind = drm_nouveau_svm_bind.migrateToVRAM(start: a, end: a + 4 * PageGeometry.pageSize64)
         bind.stride = 1
         #expect(throws: Errno.invalidArgument) { try fe.svmBind(&bind) }
         #expect(dev.devicePagesInUse == 0)
         #expect(space.entry(at: a).entry.kind == .present)
-        #expect(try space.verifyPattern(a, length: 4 * 4096, seed: 3) == nil)
+        #expect(try space.verifyPattern(a, length: 4 * PageGeometry.pageSize, seed: 3) == nil)
     }
 }

@@ -3,7 +3,7 @@ import SVMEmu
 import Testing
 @testable import SVMDRM
 
-private let page: UInt64 = 4096
+private let page = PageGeometry.pageSize64
 
 /// Runs SVM_BIND and returns the errno it threw, or nil.
 private func bindErrno(_ fe: NouveauSVMFrontEnd, _ args: inout drm_nouveau_svm_bind) -> Errno? {

@@ -1,4 +1,5 @@
 import ArgumentParser
+import SVMEmu
 import Testing
 @testable import SVMEmuCLI
 

@@ -90,8 +90,8 @@ struct AddressSpaceTests {
             let (level, pmd) = mm.entry(at: a)
             #expect(level == .pmd)
             let folio = try #require(kernel.page(pfn: pmd.pfn)).folio
-            #expect(folio.order == 9)
-            #expect(kernel.freePages == free0 - 512)
+            #expect(folio.order == PageGeometry.pmdOrder)
+            #expect(kernel.freePages == free0 - PageGeometry.pmdPages64)
 
             let half = hugeSize / 2
             try mm.munmap(a + UInt64(half), length: half)
@@ -104,7 +104,7 @@ struct AddressSpaceTests {
                 }
                 if folio.page(i).mapCount != 1 { Issue.record("page \(i) mapcount \(folio.page(i).mapCount)"); break }
             }
-            for i in 256..<512 {
+            for i in PageGeometry.pmdPages / 2..<PageGeometry.pmdPages {
                 if !mm.entry(at: a + UInt64(i * pageSize)).entry.isNone || folio.page(i).mapCount != 0 {
                     Issue.record("page \(i) still mapped after munmap"); break
                 }
@@ -112,7 +112,7 @@ struct AddressSpaceTests {
             #expect(folio.entireMapCount == 0)
             #expect(folio.mapCount == 256)
             #expect(folio.refCount == 256, "one reference per remaining PTE mapping")
-            #expect(folio.order == 9, "the folio itself is not split")
+            #expect(folio.order == PageGeometry.pmdOrder, "the folio itself is not split")
             #expect(try mm.verifyPattern(a, length: half, seed: 42) == nil)
             #expect(throws: Errno.badAddress) { _ = try mm.load(a + UInt64(half)) }
 
@@ -240,9 +240,9 @@ struct AddressSpaceTests {
             let huge = try mm.mmap(length: hugeSize)
             try mm.madvise(huge, length: hugeSize, advice: .hugePage)
             #expect(mm.mappings.first { $0.start == huge }?.flags.contains(.hugepage) == true)
-            try mm.store(huge + 4096 * 7, 2)
+            try mm.store(huge + PageGeometry.pageSize64 * 7, 2)
             #expect(mm.entry(at: huge).level == .pmd)
-            #expect(try mm.load(huge + 4096 * 7) == 2)
+            #expect(try mm.load(huge + PageGeometry.pageSize64 * 7) == 2)
             #expect(kernel.vmstat[.thpFaultAlloc] == 1)
         }
         try withMachine(thp: .always) { kernel, mm in
@@ -265,7 +265,7 @@ struct AddressSpaceTests {
             let free0 = kernel.freePages
             let a = try mm.mmap(length: hugeSize)
             try mm.fillPattern(a, length: hugeSize, seed: 1)
-            #expect(kernel.freePages == free0 - 512)
+            #expect(kernel.freePages == free0 - PageGeometry.pmdPages64)
             try mm.madvise(a, length: hugeSize, advice: .dontNeed)
             #expect(kernel.freePages == free0)
             #expect(try allZero(mm, a, length: hugeSize))
@@ -281,7 +281,7 @@ struct AddressSpaceTests {
             let mm = AddressSpace(kernel: kernel)
             let a = try mm.mmap(length: 3 * hugeSize)
             try mm.fillPattern(a, length: 3 * hugeSize, seed: 2)
-            try mm.munmap(a + UInt64(hugeSize) + 4096, length: 4096)
+            try mm.munmap(a + UInt64(hugeSize) + PageGeometry.pageSize64, length: PageGeometry.pageSize)
             #expect(kernel.freePages < free0)
         }
         #expect(kernel.freePages == free0)

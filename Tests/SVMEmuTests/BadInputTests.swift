@@ -39,9 +39,9 @@ struct BadInputTests {
             #expect(throws: Errno.invalidArgument) { try mm.munmap(first + 1, length: pageSize) }
             #expect(throws: Errno.invalidArgument) { try mm.munmap(first + 2048, length: 4 * pageSize) }
             #expect(throws: Errno.invalidArgument) { try mm.munmap(first, length: 0) }
-            #expect(throws: Errno.invalidArgument) { try mm.munmap(first, length: -4096) }
-            #expect(throws: Errno.invalidArgument) { try mm.munmap(mm.endAddress - 4096, length: 2 * pageSize) }
-            #expect(throws: Errno.invalidArgument) { try mm.munmap(UInt64.max & ~4095, length: 2 * pageSize) }
+            #expect(throws: Errno.invalidArgument) { try mm.munmap(first, length: -PageGeometry.pageSize) }
+            #expect(throws: Errno.invalidArgument) { try mm.munmap(mm.endAddress - PageGeometry.pageSize64, length: 2 * pageSize) }
+            #expect(throws: Errno.invalidArgument) { try mm.munmap(UInt64.max & PageGeometry.pageMask, length: 2 * pageSize) }
             try expectUnchanged(before, kernel, mm, first, second)
         }
     }
@@ -112,7 +112,7 @@ struct BadInputTests {
             let before = StateSnapshot(kernel, mm)
             #expect(throws: Errno.invalidArgument) { try mm.mmap(length: 0) }
             #expect(throws: Errno.invalidArgument) { try mm.mmap(address: hole + 1, length: pageSize) }
-            #expect(throws: Errno.invalidArgument) { try mm.mmap(address: mm.endAddress - 4096, length: 2 * pageSize) }
+            #expect(throws: Errno.invalidArgument) { try mm.mmap(address: mm.endAddress - PageGeometry.pageSize64, length: 2 * pageSize) }
             #expect(throws: Errno.invalidArgument) { try mm.mprotect(first + 1, length: pageSize, protection: .read) }
             #expect(throws: Errno.invalidArgument) { try mm.madvise(first + 100, length: pageSize, advice: .dontNeed) }
             #expect(throws: Errno.invalidArgument) { try mm.mprotect(first, length: -1, protection: .read) }

@@ -10,7 +10,7 @@ struct CollapseTests {
             let base = (raw + UInt64(hugeSize) - 1) & ~UInt64(hugeSize - 1)
             // Leave some pages untouched and some only read (zero page).
             try mm.fillPattern(base, length: hugeSize / 2, seed: 77)
-            _ = try mm.load(base + UInt64(hugeSize) - 4096)
+            _ = try mm.load(base + UInt64(hugeSize) - PageGeometry.pageSize64)
             #expect(mm.entry(at: base).level == .pte)
             let free = kernel.freePages
             try mm.madvise(base, length: hugeSize, advice: .collapse)
@@ -19,9 +19,9 @@ struct CollapseTests {
             #expect(try mm.verifyPattern(base, length: hugeSize / 2, seed: 77) == nil)
             #expect(try mm.read(base + UInt64(hugeSize / 2), count: 64) == [UInt8](repeating: 0, count: 64))
             // 256 small pages went back, one 2 MiB folio was taken.
-            #expect(kernel.freePages == free + 256 - 512)
+            #expect(kernel.freePages == free + 256 - PageGeometry.pmdPages64)
             let folio = try #require(kernel.page(pfn: entry.pfn)).folio
-            #expect(folio.order == 9 && folio.refCount == 1 && folio.entireMapCount == 1)
+            #expect(folio.order == PageGeometry.pmdOrder && folio.refCount == 1 && folio.entireMapCount == 1)
             #expect(kernel.vmstat[.thpCollapseAlloc] == 1)
             #expect(kernel.diagnostics.isEmpty)
         }

@@ -84,22 +84,22 @@ struct FaultTests {
             #expect(pmd.kind == .present && pmd.isWrite && !pmd.isSpecial)
             #expect(mm.entry(at: a + UInt64(hugeSize) - 1).entry == pmd, "one entry covers all 2 MiB")
             let folio = try #require(kernel.page(pfn: pmd.pfn)).folio
-            #expect(folio.order == 9)
-            #expect(folio.pageCount == 512)
+            #expect(folio.order == PageGeometry.pmdOrder)
+            #expect(folio.pageCount == PageGeometry.pmdPages)
             #expect(folio.refCount == 1)
             #expect(folio.entireMapCount == 1)
             #expect(folio.mapCount == 1)
-            #expect((0..<512).allSatisfy { folio.page($0).mapCount == 0 }, "no per-page PTE mappings")
-            #expect(kernel.freePages == free0 - 512)
+            #expect((0..<PageGeometry.pmdPages).allSatisfy { folio.page($0).mapCount == 0 }, "no per-page PTE mappings")
+            #expect(kernel.freePages == free0 - PageGeometry.pmdPages64)
             #expect(kernel.vmstat[.thpFaultAlloc] == 1)
             #expect(kernel.vmstat[.pgfault] == 1, "one fault for the whole 2 MiB")
             // Every page of the range is now backed without further faults.
-            try stampPages(mm, a, pages: 512)
+            try stampPages(mm, a, pages: PageGeometry.pmdPages)
             #expect(kernel.vmstat[.pgfault] == 1)
-            #expect(try stampsIntact(mm, a, pages: 512))
+            #expect(try stampsIntact(mm, a, pages: PageGeometry.pmdPages))
             #expect(try mm.load(a + 12345) == 0x77)
-            #expect(mappedPage(kernel, mm, a + 4096 * 300)?.pfn == folio.pfn + 300)
-            #expect(kernel.rmapAddress(of: folio.page(300))?.1 == a + 4096 * 300)
+            #expect(mappedPage(kernel, mm, a + PageGeometry.pageSize64 * 300)?.pfn == folio.pfn + 300)
+            #expect(kernel.rmapAddress(of: folio.page(300))?.1 == a + PageGeometry.pageSize64 * 300)
         }
     }
 
@@ -216,7 +216,7 @@ struct FaultTests {
                 let (level, pmd) = mm.entry(at: base)
                 #expect(level == .pmd)
                 let folio = try #require(kernel.page(pfn: pmd.pfn)).folio
-                #expect(folio.order == 9 && folio.refCount == 1 && folio.entireMapCount == 1 && folio.mapCount == 1)
+                #expect(folio.order == PageGeometry.pmdOrder && folio.refCount == 1 && folio.entireMapCount == 1 && folio.mapCount == 1)
             }
             #expect(kernel.freePages == free0 - 1024)
             #expect(kernel.vmstat[.thpFaultAlloc] == 2)

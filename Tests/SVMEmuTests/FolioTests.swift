@@ -22,7 +22,7 @@ struct FolioTests {
         folio.unlock()
         // Locking never touched the bytes or the reference count.
         #expect(folio.refCount == 1)
-        #expect(UnsafeRawBufferPointer(start: folio.bytes, count: 4096).allSatisfy { $0 == 0 })
+        #expect(UnsafeRawBufferPointer(start: folio.bytes, count: PageGeometry.pageSize).allSatisfy { $0 == 0 })
         folio.put()
         #expect(kernel.diagnostics.isEmpty)
     }
@@ -135,11 +135,11 @@ struct FolioTests {
         #expect(!folio.tryGet(), "tryGet must fail on a freed folio")
 
         // The same for a 2 MiB folio: 512 pages leave and come back.
-        let huge = try #require(kernel.allocateFolio(order: 9, node: 1))
-        #expect(node.freePages == free0 - 512)
+        let huge = try #require(kernel.allocateFolio(order: PageGeometry.pmdOrder, node: 1))
+        #expect(node.freePages == free0 - PageGeometry.pmdPages64)
         huge.get()
         huge.put()
-        #expect(node.freePages == free0 - 512)
+        #expect(node.freePages == free0 - PageGeometry.pmdPages64)
         huge.put()
         #expect(node.freePages == free0)
         #expect(kernel.vmstat[.pgfree] == pgfree0 + 513)
@@ -149,14 +149,14 @@ struct FolioTests {
     @Test("an order-9 folio is a head and 511 tails that all resolve to it, over contiguous bytes")
     func orderNineHeadAndTails() throws {
         let kernel = makeKernel()
-        let folio = try #require(kernel.allocateFolio(order: 9, zeroed: true))
-        #expect(folio.order == 9)
-        #expect(folio.pageCount == 512)
-        #expect(folio.size == 2 << 20)
+        let folio = try #require(kernel.allocateFolio(order: PageGeometry.pmdOrder, zeroed: true))
+        #expect(folio.order == PageGeometry.pmdOrder)
+        #expect(folio.pageCount == PageGeometry.pmdPages)
+        #expect(folio.size == PageGeometry.pmdSize)
         #expect(folio.isLarge)
-        #expect(folio.pfn % 512 == 0, "a 2 MiB folio is 2 MiB aligned in pfn space")
+        #expect(folio.pfn % PageGeometry.pmdPages64 == 0, "a 2 MiB folio is 2 MiB aligned in pfn space")
         #expect(folio.flags.contains(.head))
-        for i in 0..<512 {
+        for i in 0..<PageGeometry.pmdPages {
             let page = try #require(kernel.page(pfn: folio.pfn + UInt64(i)))
             #expect(page == folio.page(i))
             if page.folio != folio { Issue.record("page \(i) resolves to \(page.folio), not the head"); break }
@@ -164,9 +164,9 @@ struct FolioTests {
         }
         #expect(folio.page(1).folio.flags.contains(.head))
         // The folio's bytes are the pages' bytes, in order.
-        for i in 0..<512 {
-            if folio.bytes.load(fromByteOffset: i * 4096, as: UInt16.self) != UInt16(i) {
-                Issue.record("page \(i)'s bytes are not at offset \(i * 4096) of the folio"); break
+        for i in 0..<PageGeometry.pmdPages {
+            if folio.bytes.load(fromByteOffset: i * PageGeometry.pageSize, as: UInt16.self) != UInt16(i) {
+                Issue.record("page \(i)'s bytes are not at offset \(i * PageGeometry.pageSize) of the folio"); break
             }
         }
         #expect(folio.refCount == 1)

@@ -1,4 +1,3 @@
-import CSVMSupport
 import Foundation
 import Synchronization
 import Testing

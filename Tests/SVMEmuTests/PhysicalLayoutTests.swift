@@ -35,7 +35,7 @@ struct PhysicalLayoutTests {
         var maps: [DevicePageMap] = []
         var failure: Errno? = nil
         for _ in 0...Kernel.maxPageMaps {
-            do { maps.append(try kernel.memremapPages(type: .private, owner: owner, bytes: 2 << 20, operations: Self.ops)) }
+            do { maps.append(try kernel.memremapPages(type: .private, owner: owner, bytes: PageGeometry.pmdSize64, operations: Self.ops)) }
             catch { failure = error; break }
         }
         #expect(failure == .noSpace)

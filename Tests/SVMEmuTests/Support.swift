@@ -7,8 +7,8 @@ import TestSupport
 // Shared helpers of the memory-core tests: a small machine per test, bounded
 // thread runs (TestSupport), and snapshots of the state a failed call must leave alone.
 
-let pageSize = 4096
-let hugeSize = 2 << 20
+let pageSize = PageGeometry.pageSize
+let hugeSize = PageGeometry.pmdSize
 
 /// A machine for one test: two 64 MiB nodes, the given THP mode.
 func makeKernel(thp: TransparentHugepageMode = .madvise) -> Kernel {
@@ -48,7 +48,7 @@ struct StateSnapshot: Equatable {
 
 /// A byte unique to (address, seed), for pattern checks of single bytes.
 func patternByte(_ address: UInt64, _ seed: UInt8) -> UInt8 {
-    UInt8(truncatingIfNeeded: (address >> 12) &* 31 &+ (address & 4095) &* 7) &+ seed
+    UInt8(truncatingIfNeeded: (address >> PageGeometry.pageShift) &* 31 &+ (address & ~PageGeometry.pageMask) &* 7) &+ seed
 }
 
 /// Writes one distinct byte at offset `offset` of every page of the range.
@@ -72,7 +72,7 @@ func stampsIntact(_ mm: AddressSpace, _ start: UInt64, pages: Int, offset: UInt6
 func mappedPage(_ kernel: Kernel, _ mm: AddressSpace, _ address: UInt64) -> Page? {
     let (level, e) = mm.entry(at: address)
     guard e.kind == .present else { return nil }
-    let pfn = level == .pmd ? e.pfn + ((address & UInt64(hugeSize - 1)) >> 12) : e.pfn
+    let pfn = level == .pmd ? e.pfn + ((address & ~PageGeometry.pmdMask) >> PageGeometry.pageShift) : e.pfn
     return kernel.page(pfn: pfn)
 }
 

@@ -122,16 +122,16 @@ struct TLBFlushRangeTests {
     @Test("munmap flushes only the pages that were mapped, not the untouched rest of the VMA")
     func munmapFlushesOnlyClearedRange() throws {
         try withMachine(thp: .never) { kernel, mm in
-            let base = try mm.mmap(length: 64 * 4096)
-            try mm.store(base + 3 * 4096, 1)
-            try mm.store(base + 5 * 4096, 1)
+            let base = try mm.mmap(length: 64 * PageGeometry.pageSize)
+            try mm.store(base + 3 * PageGeometry.pageSize64, 1)
+            try mm.store(base + 5 * PageGeometry.pageSize64, 1)
             let before = kernel.vmstat[.tlbPagesFlushed]
-            try mm.munmap(base, length: 64 * 4096)
+            try mm.munmap(base, length: 64 * PageGeometry.pageSize)
             // Pages 3..5 bound what was cleared: 3 pages flushed, not 64.
             #expect(kernel.vmstat[.tlbPagesFlushed] - before == 3)
-            let untouched = try mm.mmap(length: 16 * 4096)
+            let untouched = try mm.mmap(length: 16 * PageGeometry.pageSize)
             let again = kernel.vmstat[.tlbPagesFlushed]
-            try mm.munmap(untouched, length: 16 * 4096)
+            try mm.munmap(untouched, length: 16 * PageGeometry.pageSize)
             #expect(kernel.vmstat[.tlbPagesFlushed] == again)
         }
     }

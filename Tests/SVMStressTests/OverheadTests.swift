@@ -1,4 +1,3 @@
-import CSVMSupport
 import Foundation
 #if canImport(FoundationXML)
 import FoundationXML
@@ -33,14 +32,14 @@ struct OverheadTests {
         c.bytes = 8 << 20
         c.measureInstrumentationCost = false
         c.rounds = 1
-        c.faultPages = 512
+        c.faultPages = PageGeometry.pmdPages
         let r = try OverheadHarness.run(c)
         #expect(r.verified)
-        #expect(r.faultPages == 512)
+        #expect(r.faultPages == PageGeometry.pmdPages)
         #expect(r.faults == 4, "8 MiB in 2 MiB faults")
         #expect(r.phases["collect"]?.count == 4 && r.phases["finalize"]?.count == 4)
         #expect(r.setupCallsPerMiB == 0.5)
-        #expect(r.jsonString().contains("\"faultPages\":512"))
+        #expect(r.jsonString().contains("\"faultPages\":\(PageGeometry.pmdPages)"))
         #expect(r.memcpyGBps > 0 && r.streamCopyGBps > 0, "both yardsticks measured")
         #expect(OverheadReport.table(r).contains("streaming copy"))
         #expect(OverheadReport.summary([r]).contains("4Kx512"))
@@ -49,9 +48,9 @@ struct OverheadTests {
     @Test("pages per fault must be a power of two up to 512, and only for 4 KiB GPU faults")
     func faultPagesChecked() {
         for (pages, granularity, direction) in [(3, MigrationGranularity.base4K, OverheadDirection.toDevice),
-                                                (1024, .base4K, .toDevice), (512, .huge2M, .toDevice), (512, .base4K, .toRAM)] {
+                                                (1024, .base4K, .toDevice), (PageGeometry.pmdPages, .huge2M, .toDevice), (PageGeometry.pmdPages, .base4K, .toRAM)] {
             var c = OverheadConfiguration()
-            c.bytes = 2 << 20
+            c.bytes = PageGeometry.pmdSize
             c.faultPages = pages
             c.granularity = granularity
             c.direction = direction
@@ -63,7 +62,7 @@ struct OverheadTests {
     @Test("phases add up to the fault time within tolerance", arguments: OverheadDirection.allCases)
     func phasesAddUp(_ direction: OverheadDirection) throws {
         let r = try overheadRun(direction, .base4K)
-        #expect(r.faults == (8 << 20) >> 12, "one fault per 4 KiB page")
+        #expect(r.faults == (8 << 20) >> PageGeometry.pageShift, "one fault per 4 KiB page")
         #expect(r.verified)
         let fault = try #require(r.phases["fault"])
         #expect(fault.seconds > 0)
@@ -186,7 +185,7 @@ struct OverheadTests {
 
     @Test("in a real trace, events on a thread nest or follow one another, never overlap partly")
     func traceEventsNeverOverlap() throws {
-        let r = try overheadRun(.toRAM, .base4K, trace: true, bytes: 2 << 20)
+        let r = try overheadRun(.toRAM, .base4K, trace: true, bytes: PageGeometry.pmdSize)
         let events = try completeEvents(OverheadReport.traceJSON([r]))
         #expect(events.count == r.trace.count)
         for (_, onThread) in Dictionary(grouping: events, by: \.tid) {
@@ -206,7 +205,7 @@ struct OverheadTests {
     @Test("a trace that runs out of room says how many events it dropped, in the table and the JSON")
     func traceCountsDroppedEvents() throws {
         // 2 MiB at 4 KiB: 512 faults of 8 events each, into room for 64 events.
-        let small = try overheadRun(.toRAM, .base4K, trace: true, traceEventsPerCPU: 64, bytes: 2 << 20)
+        let small = try overheadRun(.toRAM, .base4K, trace: true, traceEventsPerCPU: 64, bytes: PageGeometry.pmdSize)
         let recorded = MigrationPhase.allCases.reduce(0) { $0 + Int(small.phases[$1.name]?.count ?? 0) }
         #expect(small.traceEvents == small.trace.count)
         #expect(small.trace.count <= 64 * 64, "at most the room of every CPU slot")
@@ -219,40 +218,40 @@ struct OverheadTests {
         #expect(object["traceEventsDropped"] as? Int == small.traceEventsDropped)
         #expect(object["traceEvents"] as? Int == small.trace.count)
 
-        let roomy = try overheadRun(.toRAM, .base4K, trace: true, traceEventsPerCPU: 1 << 13, bytes: 2 << 20)
+        let roomy = try overheadRun(.toRAM, .base4K, trace: true, traceEventsPerCPU: 1 << 13, bytes: PageGeometry.pmdSize)
         #expect(roomy.traceEventsDropped == 0)
         #expect(roomy.traceFaults == roomy.faults)
         #expect(OverheadReport.table(roomy).contains("trace: all \(roomy.trace.count) events"))
 
-        let untraced = try overheadRun(.toRAM, .base4K, bytes: 2 << 20)
+        let untraced = try overheadRun(.toRAM, .base4K, bytes: PageGeometry.pmdSize)
         #expect(untraced.traceEventsDropped == nil)
         #expect(!untraced.jsonString().contains("traceEvents"), "no trace keys without a trace")
     }
 
     @Test("the link engine copies the bytes and charges at least the link's time")
     func linkEngineCharges() throws {
-        let size = 2 << 20
-        let src = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
-        let dst = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+        let size = PageGeometry.pmdSize
+        let src = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: PageGeometry.pageSize)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: PageGeometry.pageSize)
         defer { src.deallocate(); dst.deallocate() }
-        for i in 0..<size { src.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ i >> 12), toByteOffset: i, as: UInt8.self) }
+        for i in 0..<size { src.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ i >> PageGeometry.pageShift), toByteOffset: i, as: UInt8.self) }
 
         // PCIe 4: 64 copies of 4 KiB take at least 64 x 0.94 us.
         let pcie4 = LinkCopyEngine(model: .pcie4)
         #expect(pcie4.name == "pcie4")
-        let per4K = LinkModel.pcie4.transferNanos(bytes: 4096)
+        let per4K = LinkModel.pcie4.transferNanos(bytes: PageGeometry.pageSize)
         #expect(per4K > 900 && per4K < 1000, "UVMSmart curve, a = 24: \(per4K) ns for 4 KiB")
-        svm_memset(dst, 0, size)
-        var t0 = svm_now_ns()
-        for i in 0..<64 { pcie4.copy(to: dst + i * 4096, from: src + i * 4096, bytes: 4096) }
+        memset(dst, 0, size)
+        var t0 = HostClock.nanos()
+        for i in 0..<64 { pcie4.copy(to: dst + i * PageGeometry.pageSize, from: src + i * PageGeometry.pageSize, bytes: PageGeometry.pageSize) }
         pcie4.wait()
-        var elapsed = Double(svm_now_ns() - t0)
+        var elapsed = Double(HostClock.nanos() - t0)
         #expect(elapsed >= 64 * per4K, "\(elapsed) ns for 64 x 4 KiB")
-        #expect(svm_memcmp(dst, src, 64 * 4096) == 0)
+        #expect(memcmp(dst, src, 64 * PageGeometry.pageSize) == 0)
 
         // PCIe 3 anchors: 4 KiB in 1.9 us, 2 MiB in 176 us.
-        #expect(abs(LinkModel.pcie3.transferNanos(bytes: 4096) - 1_890) < 50)
-        #expect(abs(LinkModel.pcie3.transferNanos(bytes: 2 << 20) - 175_500) < 1_500)
+        #expect(abs(LinkModel.pcie3.transferNanos(bytes: PageGeometry.pageSize) - 1_890) < 50)
+        #expect(abs(LinkModel.pcie3.transferNanos(bytes: PageGeometry.pmdSize) - 175_500) < 1_500)
 
         // Asynchronous: a slow link returns from copy at once; wait() ends at the modelled completion.
         // Slow enough (about 40 ms for 2 MiB) that a preempted test thread
@@ -260,26 +259,26 @@ struct OverheadTests {
         let slow = LinkModel(name: "slow", peakGBps: 0.05)
         let engine = LinkCopyEngine(model: slow, threads: 2)
         #expect(engine.name == "slowx2")
-        svm_memset(dst, 0, size)
-        t0 = svm_now_ns()
+        memset(dst, 0, size)
+        t0 = HostClock.nanos()
         engine.copy(to: dst, from: src, bytes: size)
-        let issued = Double(svm_now_ns() - t0)
+        let issued = Double(HostClock.nanos() - t0)
         engine.wait()
-        elapsed = Double(svm_now_ns() - t0)
+        elapsed = Double(HostClock.nanos() - t0)
         let modelled = slow.transferNanos(bytes: size)
         #expect(issued < modelled / 2, "copy() took \(issued) ns of a \(modelled) ns transfer")
         // wait() never ends before the modelled completion; how late it ends
         // is the host scheduler's business (benchmarked, not tested).
         #expect(elapsed >= modelled)
-        #expect(svm_memcmp(dst, src, size) == 0, "multi-threaded copy lost bytes")
+        #expect(memcmp(dst, src, size) == 0, "multi-threaded copy lost bytes")
 
         // Multi-threaded memcpy without a link: bytes only.
         let mt = LinkCopyEngine(model: nil, threads: 3)
-        svm_memset(dst, 0, size)
+        memset(dst, 0, size)
         mt.copy(to: dst, from: src, bytes: size)
         mt.copy(to: dst, from: src, bytes: 8192)
         mt.wait()
-        #expect(svm_memcmp(dst, src, size) == 0)
+        #expect(memcmp(dst, src, size) == 0)
     }
 
     @Test("timers off record nothing")

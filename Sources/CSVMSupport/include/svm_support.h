@@ -1,8 +1,9 @@
 // Primitives of the emulated kernel that Swift cannot express on raw, pfn-indexed
 // memory without per-object allocation: atomics on plain words, futex sleeps and
 // wake-ups on those words, a three-state futex mutex (the page-table locks and
-// the zone locks), and a monotonic clock. All static inline: the Swift optimizer
-// sees through them.
+// the zone locks), streaming copies and the x86 cycle counter. All static
+// inline: the Swift optimizer sees through them. The clock, sleeps and
+// mappings are Swift, in SVMEmu/Host.
 #ifndef SVM_SUPPORT_H
 #define SVM_SUPPORT_H
 
@@ -135,13 +136,6 @@ static inline void svm_mutex_unlock(uint32_t *m) {
 }
 static inline bool svm_mutex_is_locked(const uint32_t *m) { return __atomic_load_n(m, __ATOMIC_RELAXED) != 0; }
 
-// ---- time ----
-static inline uint64_t svm_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 // ---- bytes ----
 static inline void svm_memcpy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 static inline void svm_memset(void *dst, int c, size_t n) { memset(dst, c, n); }
@@ -213,14 +207,10 @@ int32_t svm_thread_slot(void);
 bool svm_membarrier_available(void);
 void svm_membarrier(void);
 static inline void svm_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
-static inline void svm_yield(void) { sched_yield(); }
 
 // ---- cycle counter for phase timing (cheap: ~7 ns vs ~20 ns for clock_gettime) ----
-static inline uint64_t svm_ticks(void) {
+// x86-64 only; HostClock.ticks() reads the clock elsewhere.
 #if defined(__x86_64__)
-    return __builtin_ia32_rdtsc();
-#else
-    return svm_now_ns();
+static inline uint64_t svm_rdtsc(void) { return __builtin_ia32_rdtsc(); }
 #endif
-}
 #endif // SVM_SUPPORT_H

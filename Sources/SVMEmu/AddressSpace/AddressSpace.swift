@@ -71,11 +71,11 @@ public final class AddressSpace: @unchecked Sendable {
         baseAddress = 1 << 32
         let size = (kernel.configuration.addressSpaceSize + (1 << 30) - 1) & ~((1 << 30) - 1)
         endAddress = baseAddress + size
-        pmdCount = Int(size >> 21)
-        pmds = Kernel.reserve(bytes: pmdCount * 8).assumingMemoryBound(to: UInt64.self)
-        ptes = Kernel.reserve(bytes: pmdCount * 512 * 8).assumingMemoryBound(to: UInt64.self)
-        ptls = Kernel.reserve(bytes: pmdCount * 4).assumingMemoryBound(to: UInt32.self)
-        pmdLocks = Kernel.reserve(bytes: max(4096, (pmdCount / 512 + 1) * 4)).assumingMemoryBound(to: UInt32.self)
+        pmdCount = Int(size >> PageGeometry.pmdShift)
+        pmds = HostMemory.reserveOrStop(bytes: pmdCount * 8, for: "page tables").assumingMemoryBound(to: UInt64.self)
+        ptes = HostMemory.reserveOrStop(bytes: pmdCount * PageGeometry.pmdPages * 8, for: "page tables").assumingMemoryBound(to: UInt64.self)
+        ptls = HostMemory.reserveOrStop(bytes: pmdCount * 4, for: "page tables").assumingMemoryBound(to: UInt32.self)
+        pmdLocks = HostMemory.reserveOrStop(bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4), for: "page tables").assumingMemoryBound(to: UInt32.self)
         mmapLockStorage = .allocate(capacity: 1)
         activeInvalidations = .allocate(capacity: 1)
         activeInvalidations.initialize(to: 0)
@@ -99,10 +99,10 @@ public final class AddressSpace: @unchecked Sendable {
         vmas.removeAll()
         mmapWriteUnlock()
         kernel.unregister(id)
-        Glibc.munmap(pmds, pmdCount * 8)
-        Glibc.munmap(ptes, pmdCount * 512 * 8)
-        Glibc.munmap(ptls, pmdCount * 4)
-        Glibc.munmap(pmdLocks, max(4096, (pmdCount / 512 + 1) * 4))
+        HostMemory.release(pmds, bytes: pmdCount * 8)
+        HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
+        HostMemory.release(ptls, bytes: pmdCount * 4)
+        HostMemory.release(pmdLocks, bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4))
         pthread_rwlock_destroy(mmapLockStorage)
         mmapLockStorage.deallocate()
         activeInvalidations.deallocate()
@@ -203,9 +203,9 @@ public final class AddressSpace: @unchecked Sendable {
     // MARK: page-table slots
 
     @inlinable func covers(_ address: UInt64) -> Bool { address >= baseAddress && address < endAddress }
-    @inlinable func pmdIndex(_ address: UInt64) -> Int { Int((address - baseAddress) >> 21) }
+    @inlinable func pmdIndex(_ address: UInt64) -> Int { Int((address - baseAddress) >> PageGeometry.pmdShift) }
     @inlinable func pmdSlot(_ address: UInt64) -> UnsafeMutablePointer<UInt64> { pmds + pmdIndex(address) }
-    @inlinable func pteSlot(_ address: UInt64) -> UnsafeMutablePointer<UInt64> { ptes + Int((address - baseAddress) >> 12) }
+    @inlinable func pteSlot(_ address: UInt64) -> UnsafeMutablePointer<UInt64> { ptes + Int((address - baseAddress) >> PageGeometry.pageShift) }
     /// The PTE table lock of the table covering `address` (`pte_lockptr()`).
     @inlinable func ptl(_ address: UInt64) -> UnsafeMutablePointer<UInt32> { ptls + pmdIndex(address) }
     /// The PMD lock covering `address` (`pmd_lockptr()`): one per 1 GiB.

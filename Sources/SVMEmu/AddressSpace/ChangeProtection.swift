@@ -77,7 +77,7 @@ extension AddressSpace {
                 var p = a
                 while p < next {
                     pte(p, loadPTE(p))
-                    p += 4096
+                    p += PageGeometry.pageSize64
                 }
                 svm_mutex_unlock(lock)
             } else if entry.kind != .none {

@@ -70,7 +70,7 @@ public struct HMMRange: @unchecked Sendable {
         self.end = end
         self.defaultFlags = defaultFlags
         self.devicePrivateOwner = devicePrivateOwner
-        hmmPfns = [HMMPFN](repeating: HMMPFN(rawValue: 0), count: end > start ? Int((end - start) >> 12) : 0)
+        hmmPfns = [HMMPFN](repeating: HMMPFN(rawValue: 0), count: end > start ? Int((end - start) >> PageGeometry.pageShift) : 0)
     }
 }
 
@@ -107,22 +107,22 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `hmm_range_fault()`.
     public func hmmRangeFault(_ range: inout HMMRange) throws(Errno) {
-        guard range.end > range.start, range.start & 4095 == 0, range.end & 4095 == 0,
-              range.hmmPfns.count >= Int((range.end - range.start) >> 12) else { throw .invalidArgument }
+        guard range.end > range.start, range.start & ~PageGeometry.pageMask == 0, range.end & ~PageGeometry.pageMask == 0,
+              range.hmmPfns.count >= Int((range.end - range.start) >> PageGeometry.pageShift) else { throw .invalidArgument }
         if !isMmapLocked { kernel.warn("hmm_range_fault: caller must hold the mmap lock", "0x\(String(range.start, radix: 16))") }
         let req = HMMPFN.requestFault.rawValue | HMMPFN.requestWrite.rawValue
         var addr = range.start
         var faulted = false
         while addr < range.end {
             if let n = range.notifier, n.checkRetry(range.notifierSeq) { throw .busy }
-            let i = Int((addr - range.start) >> 12)
+            let i = Int((addr - range.start) >> PageGeometry.pageShift)
             let required = (range.defaultFlags.rawValue | (range.hmmPfns[i].rawValue & range.pfnFlagsMask.rawValue)) & req
             let wantFault = required & HMMPFN.requestFault.rawValue != 0
             let wantWrite = required & HMMPFN.requestWrite.rawValue != 0
             guard let vma = vma(containing: addr), vma.flags.contains(.read) else {
                 if wantFault { throw .badAddress }
                 range.hmmPfns[i] = .error
-                addr += 4096
+                addr += PageGeometry.pageSize64
                 continue
             }
             let (level, e) = entry(at: addr)
@@ -133,18 +133,18 @@ extension AddressSpace {
                 if wantWrite && !e.isWrite { needFault = true; break }
                 var v = HMMPFN.valid.rawValue | (e.isWrite ? HMMPFN.write.rawValue : 0)
                 if level == .pmd {
-                    v |= 9 << HMMPFN.orderShift
-                    v |= e.pfn + ((addr >> 12) & 511)
+                    v |= UInt64(PageGeometry.pmdOrder) << HMMPFN.orderShift
+                    v |= e.pfn + ((addr >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1))
                 } else {
                     v |= e.pfn
                 }
                 out = v
             case .devicePrivate:
-                let page = Page(pfn: level == .pmd ? e.pfn + ((addr >> 12) & 511) : e.pfn, kernel: kernel)
+                let page = Page(pfn: level == .pmd ? e.pfn + ((addr >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1)) : e.pfn, kernel: kernel)
                 if let owner = range.devicePrivateOwner, page.folio.pageMap?.owner == owner {
                     if wantWrite && !e.isWrite { needFault = true; break }
                     out = HMMPFN.valid.rawValue | (e.isWrite ? HMMPFN.write.rawValue : 0) | page.pfn
-                        | (level == .pmd ? 9 << HMMPFN.orderShift : 0)
+                        | (level == .pmd ? UInt64(PageGeometry.pmdOrder) << HMMPFN.orderShift : 0)
                 } else if wantFault {
                     needFault = true
                 } else {
@@ -161,7 +161,7 @@ extension AddressSpace {
             }
             if let out {
                 range.hmmPfns[i] = HMMPFN(rawValue: out)
-                addr += 4096
+                addr += PageGeometry.pageSize64
                 continue
             }
             if needFault {

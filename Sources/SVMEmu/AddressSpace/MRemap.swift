@@ -62,14 +62,14 @@ extension AddressSpace {
         }
         // The kernel allows old_len == 0 only to duplicate a shared mapping;
         // not modelled.
-        guard oldAddress & 4095 == 0, oldLength > 0, newLength > 0 else { throw .invalidArgument }
-        let oldLen = (UInt64(oldLength) + 4095) & ~4095
-        let newLen = (UInt64(newLength) + 4095) & ~4095
+        guard oldAddress & ~PageGeometry.pageMask == 0, oldLength > 0, newLength > 0 else { throw .invalidArgument }
+        let oldLen = PageGeometry.pageAlign(UInt64(oldLength))
+        let newLen = PageGeometry.pageAlign(UInt64(newLength))
         if flags.contains(.dontUnmap) && oldLen != newLen { throw .invalidArgument }
         guard covers(oldAddress), oldAddress + oldLen <= endAddress else { throw .badAddress }
         var target: UInt64? = nil
         if flags.contains(.fixed) {
-            guard let n = newAddress, n & 4095 == 0, n >= baseAddress, n <= endAddress, newLen <= endAddress - n else {
+            guard let n = newAddress, n & ~PageGeometry.pageMask == 0, n >= baseAddress, n <= endAddress, newLen <= endAddress - n else {
                 throw .invalidArgument
             }
             // The old and new ranges must not overlap.
@@ -118,7 +118,7 @@ extension AddressSpace {
     /// A free range for a moved mapping, 2 MiB aligned when it is that large
     /// (as `get_unmapped_area()` does for anonymous THP-sized mappings).
     private func freeRangeForMove(length: UInt64) -> UInt64? {
-        let align = length >= AddressSpace.pmdSize ? AddressSpace.pmdSize : 4096
+        let align = length >= AddressSpace.pmdSize ? AddressSpace.pmdSize : PageGeometry.pageSize64
         var candidate = (baseAddress + align - 1) & ~(align - 1)
         for v in vmas {
             if candidate + length <= v.start { return candidate }
@@ -199,7 +199,7 @@ extension AddressSpace {
 
     private func tableIsEmpty(_ address: UInt64) -> Bool {
         let base = pteSlot(address & AddressSpace.pmdMask)
-        for i in 0..<512 where svm_load64(base + i) != 0 { return false }
+        for i in 0..<PageGeometry.pmdPages where svm_load64(base + i) != 0 { return false }
         return true
     }
 
@@ -228,7 +228,7 @@ extension AddressSpace {
                     break
                 }
             }
-            off += 4096
+            off += PageGeometry.pageSize64
         }
         if newLock != oldLock { svm_mutex_unlock(newLock) }
         svm_mutex_unlock(oldLock)
@@ -243,6 +243,6 @@ extension AddressSpace {
         let folio = page.folio
         let head = folio.meta
         guard head.mappingMM == id else { return }
-        head.index = (address >> 12) - (pfn - folio.pfn)
+        head.index = (address >> PageGeometry.pageShift) - (pfn - folio.pfn)
     }
 }

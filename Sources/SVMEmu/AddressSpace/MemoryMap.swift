@@ -15,8 +15,8 @@ public enum MadviseAdvice: String, Sendable, CaseIterable {
 }
 
 extension AddressSpace {
-    static let pmdSize: UInt64 = 2 << 20
-    static let pmdMask: UInt64 = ~((2 << 20) - 1)
+    static let pmdSize = PageGeometry.pmdSize64
+    static let pmdMask = PageGeometry.pmdMask
 
     /// Maps anonymous memory (`mmap(MAP_ANONYMOUS | MAP_PRIVATE or MAP_SHARED)`).
     ///
@@ -46,7 +46,7 @@ extension AddressSpace {
     public func mmap(address: UInt64? = nil, length: Int, protection: Protection = .readWrite,
                      shared: Bool = false, special: Bool = false) throws(Errno) -> UInt64 {
         guard length > 0 else { throw .invalidArgument }
-        let len = (UInt64(length) + 4095) & ~4095
+        let len = PageGeometry.pageAlign(UInt64(length))
         var flags: VMAFlags = []
         if protection.contains(.read) { flags.insert(.read) }
         if protection.contains(.write) { flags.insert([.write, .read]) }
@@ -55,13 +55,13 @@ extension AddressSpace {
         mmapWriteLock(); defer { mmapWriteUnlock() }
         let start: UInt64
         if let address {
-            guard address & 4095 == 0, address >= baseAddress, address <= endAddress, len <= endAddress - address else {
+            guard address & ~PageGeometry.pageMask == 0, address >= baseAddress, address <= endAddress, len <= endAddress - address else {
                 throw .invalidArgument
             }
             start = address
             unmapLocked(start, start + len)
         } else {
-            guard let s = freeRange(length: len, align: len >= AddressSpace.pmdSize ? AddressSpace.pmdSize : 4096) else {
+            guard let s = freeRange(length: len, align: len >= AddressSpace.pmdSize ? AddressSpace.pmdSize : PageGeometry.pageSize64) else {
                 throw .noMemory
             }
             start = s
@@ -105,8 +105,8 @@ extension AddressSpace {
     }
 
     func checkRange(_ address: UInt64, _ length: Int) throws(Errno) -> (UInt64, UInt64) {
-        guard length > 0, address & 4095 == 0 else { throw .invalidArgument }
-        let end = address &+ ((UInt64(length) + 4095) & ~4095)
+        guard length > 0, address & ~PageGeometry.pageMask == 0 else { throw .invalidArgument }
+        let end = address &+ PageGeometry.pageAlign(UInt64(length))
         guard address >= baseAddress, end <= endAddress, end > address else { throw .invalidArgument }
         return (address, end)
     }
@@ -166,7 +166,7 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `do_mprotect_pkey()`.
     public func mprotect(_ address: UInt64, length: Int, protection: Protection) throws(Errno) {
-        if length == 0 && address & 4095 == 0 { return }
+        if length == 0 && address & ~PageGeometry.pageMask == 0 { return }
         let (start, end) = try checkRange(address, length)
         mmapWriteLock(); defer { mmapWriteUnlock() }
         guard fullyMapped(start, end) else { throw .noMemory }
@@ -209,7 +209,7 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `do_madvise()`.
     public func madvise(_ address: UInt64, length: Int, advice: MadviseAdvice) throws(Errno) {
-        if length == 0 && address & 4095 == 0 { return }
+        if length == 0 && address & ~PageGeometry.pageMask == 0 { return }
         let (start, end) = try checkRange(address, length)
         switch advice {
         case .collapse:

@@ -51,7 +51,7 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     /// Whether the word is zero (`pte_none()`).
     @inlinable public var isNone: Bool { rawValue == 0 }
     /// The pfn the entry names (`pte_pfn()`, or the swap entry's pfn).
-    @inlinable public var pfn: UInt64 { rawValue >> 12 }
+    @inlinable public var pfn: UInt64 { rawValue >> PageGeometry.pageShift }
     /// Whether ``writeBit`` is set.
     @inlinable public var isWrite: Bool { rawValue & Self.writeBit != 0 }
     /// Whether ``dirtyBit`` is set.
@@ -67,7 +67,7 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
 
     /// An entry of `kind` for `pfn` with raw flag bits.
     @inlinable public static func make(_ kind: Kind, pfn: UInt64, flags: UInt64 = 0) -> PageTableEntry {
-        PageTableEntry(rawValue: pfn << 12 | flags | kind.rawValue)
+        PageTableEntry(rawValue: pfn << PageGeometry.pageShift | flags | kind.rawValue)
     }
     /// A present mapping (`mk_pte()`).
     @inlinable public static func present(pfn: UInt64, write: Bool, dirty: Bool = false, young: Bool = true, special: Bool = false) -> PageTableEntry {

@@ -10,7 +10,7 @@ extension AddressSpace {
     func addNewAnonRmap(_ folio: Folio, address: UInt64, pmdMapped: Bool) {
         let head = folio.meta
         head.mappingMM = id
-        head.index = address >> 12
+        head.index = address >> PageGeometry.pageShift
         var f: PageFlags = [.anon, .swapBacked, .lru, .uptodate]
         if folio.isZoneDevice { f.remove(.lru) }
         folio.set(f)
@@ -28,7 +28,7 @@ extension AddressSpace {
         let folio = page.folio
         let head = folio.meta
         head.mappingMM = id
-        head.index = (address >> 12) - (page.pfn - folio.pfn)
+        head.index = (address >> PageGeometry.pageShift) - (page.pfn - folio.pfn)
         folio.set(.anon)
         if exclusive { page.meta.setFlags(PageFlags.anonExclusive.rawValue) }
         _ = svm_add32(page.meta.mapWord, 1)
@@ -38,7 +38,7 @@ extension AddressSpace {
     func addEntireAnonRmap(_ folio: Folio, address: UInt64, exclusive: Bool) {
         let head = folio.meta
         head.mappingMM = id
-        head.index = address >> 12
+        head.index = address >> PageGeometry.pageShift
         folio.set(.anon)
         if exclusive {
             for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
@@ -80,7 +80,7 @@ extension Kernel {
     func rmapLocation(of page: Page) -> (mmID: UInt32, address: UInt64) {
         let folio = page.folio
         let head = folio.meta
-        return (head.mappingMM, (head.index &+ (page.pfn &- folio.pfn)) << 12)
+        return (head.mappingMM, (head.index &+ (page.pfn &- folio.pfn)) << PageGeometry.pageShift)
     }
 
     /// With `hint`, the address space a migration already holds (its VMA's mm):

@@ -96,8 +96,8 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
         case .madvise: if !flags.contains(.hugepage) { return false }
         case .always: break
         }
-        let base = address & ~((2 << 20) - 1)
-        return base >= start && base + (2 << 20) <= end
+        let base = address & PageGeometry.pmdMask
+        return base >= start && base + PageGeometry.pmdSize64 <= end
     }
 
     /// `vma(start-end flags)`.

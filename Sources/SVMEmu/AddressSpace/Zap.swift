@@ -54,7 +54,7 @@ extension AddressSpace {
         var a = start
         while a < end {
             let pte = loadPTE(a)
-            if !pte.isNone { cleared = (min(cleared.lo, a), max(cleared.hi, a + 4096)) }
+            if !pte.isNone { cleared = (min(cleared.lo, a), max(cleared.hi, a + PageGeometry.pageSize64)) }
             switch pte.kind {
             case .present:
                 storePTE(a, .none)
@@ -76,7 +76,7 @@ extension AddressSpace {
             case .none, .table:
                 break
             }
-            a += 4096
+            a += PageGeometry.pageSize64
         }
     }
 
@@ -108,7 +108,7 @@ extension AddressSpace {
         let ptlock = ptl(pmdStart)
         svm_mutex_lock(ptlock)
         if loadPMD(pmdStart).kind == .table {
-            svm_memset(pteSlot(pmdStart), 0, 512 * 8)
+            svm_memset(pteSlot(pmdStart), 0, PageGeometry.pmdPages * 8)
             storePMD(pmdStart, .none)
         }
         svm_mutex_unlock(ptlock)

@@ -1,8 +1,5 @@
 import CSVMSupport
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The emulated machine's CPUs: a fixed number of slots
 /// (``KernelConfiguration/cpus``), each with its own TLB.
@@ -53,7 +50,7 @@ public final class CPUSet: @unchecked Sendable {
         words = .allocate(capacity: count * CPUWord.stride)
         words.initialize(repeating: 0, count: count * CPUWord.stride)
         for i in 0..<count { words[i * CPUWord.stride + CPUWord.epoch] = 1 }
-        tlbs = Kernel.reserve(bytes: count * TLB.entriesPerCPU * MemoryLayout<TLBEntry>.stride)
+        tlbs = HostMemory.reserveOrStop(bytes: count * TLB.entriesPerCPU * MemoryLayout<TLBEntry>.stride, for: "TLBs")
             .assumingMemoryBound(to: TLBEntry.self)
         loaded = .allocate(capacity: count)
         loaded.initialize(repeating: nil, count: count)
@@ -66,7 +63,7 @@ public final class CPUSet: @unchecked Sendable {
         for i in 0..<count { loaded[i]?.release() }
         loaded.deallocate()
         words.deallocate()
-        Glibc.munmap(tlbs, count * TLB.entriesPerCPU * MemoryLayout<TLBEntry>.stride)
+        HostMemory.release(tlbs, bytes: count * TLB.entriesPerCPU * MemoryLayout<TLBEntry>.stride)
         slotReleases.deallocate()
     }
 

@@ -92,9 +92,9 @@ extension AddressSpace {
         while svm_load64(cpu.words + CPUWord.seq) == seq {
             spins += 1
             if spins < 128 { svm_cpu_relax(); continue }
-            svm_yield()
+            HostThread.yield()
             if spins & 1023 == 0 && !warned {
-                let now = svm_now_ns()
+                let now = HostClock.nanos()
                 if since == 0 { since = now } else if now - since > AddressSpace.shootdownWarnNanos {
                     warned = true
                     kernel.warn("TLB shootdown: a CPU has not reached an instruction boundary for 5 s (an access body that blocks?)",

@@ -30,7 +30,7 @@ public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
     /// Copies this size and larger stream (4 KiB by default: every page copy; `Int.max` never).
     public let streamingThreshold: Int
     /// Streams every copy of a page or more.
-    public init() { streamingThreshold = 4096 }
+    public init() { streamingThreshold = PageGeometry.pageSize }
     /// Streams copies of `streamingThreshold` bytes or more.
     public init(streamingThreshold: Int) { self.streamingThreshold = streamingThreshold }
     /// Copies on the calling thread (streaming for large copies).

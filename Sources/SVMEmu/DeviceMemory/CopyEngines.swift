@@ -89,7 +89,7 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     /// Threads that copy one large transfer (the caller included).
     public let threads: Int
     /// Copies above this size are split across the worker threads.
-    public static let splitThresholdBytes = 32 * 4096
+    public static let splitThresholdBytes = 32 * PageGeometry.pageSize
 
     static let slotCount = Int(SVM_THREAD_SLOTS)
     static let slotBytes = 64
@@ -132,11 +132,11 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
     public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
         guard bytes > 0 else { return }
         let s = slot()
-        let issued = model == nil ? 0 : svm_now_ns()
+        let issued = model == nil ? 0 : HostClock.nanos()
         if let pool, bytes > LinkCopyEngine.splitThresholdBytes {
             let pending = (s + 8).assumingMemoryBound(to: UInt32.self)
             // Parts of whole pages; the caller takes the first.
-            let part = ((bytes / threads) + 4095) & ~4095
+            let part = PageGeometry.pageAlign(bytes / threads)
             var offset = part
             while offset < bytes {
                 let n = min(part, bytes - offset)
@@ -158,7 +158,7 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
             lastNanos.pointee = UInt64(model.transferNanos(bytes: bytes).rounded(.up))
         }
         let start = max(issued, completion.pointee)
-        completion.pointee = max(start + lastNanos.pointee, svm_now_ns())
+        completion.pointee = max(start + lastNanos.pointee, HostClock.nanos())
     }
 
     /// Waits for the calling thread's worker parts, then until its last
@@ -169,21 +169,19 @@ public final class LinkCopyEngine: CopyEngine, @unchecked Sendable {
         if model != nil { LinkCopyEngine.waitUntil(nanos: s.load(as: UInt64.self)) }
     }
 
-    /// Waits until the monotonic clock (`svm_now_ns()`) reaches `target`:
+    /// Waits until the monotonic clock (`HostClock.nanos()`) reaches `target`:
     /// sleeps while more than 200 µs remain (waking 100 µs early, since a
     /// sleep overshoots by ~50 µs), then spins.
     public static func waitUntil(nanos target: UInt64) {
-        var now = svm_now_ns()
+        var now = HostClock.nanos()
         if target > now + 200_000 {
             let sleep = target - now - 100_000
-            var ts = timespec(tv_sec: Int(sleep / 1_000_000_000), tv_nsec: Int(sleep % 1_000_000_000))
-            var rest = timespec()
-            while nanosleep(&ts, &rest) != 0 && errno == EINTR { ts = rest }
-            now = svm_now_ns()
+            HostClock.sleep(nanos: sleep)
+            now = HostClock.nanos()
         }
         while now < target {
             svm_cpu_relax()
-            now = svm_now_ns()
+            now = HostClock.nanos()
         }
     }
 }

@@ -114,7 +114,7 @@ public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
         return Page(pfn: startPfn + offset, kernel: kernel)
     }
     /// Size of the map in bytes.
-    public var byteCount: UInt64 { pageCount << 12 }
+    public var byteCount: UInt64 { pageCount << PageGeometry.pageShift }
     /// `dev_pagemap(type, owner, pfn start+count)`.
     public var description: String {
         "dev_pagemap(\(type), \(owner), pfn 0x\(String(startPfn, radix: 16))+\(pageCount))"
@@ -166,7 +166,7 @@ extension Kernel {
         case .coherent:
             guard operations.folioFree != nil else { throw .invalidArgument }
         }
-        let pages = ((bytes + (2 << 20) - 1) >> 21) << 9
+        let pages = ((bytes + PageGeometry.pmdSize64 - 1) >> PageGeometry.pmdShift) << PageGeometry.pmdOrder
         var taken = pageMapIndices.load(ordering: .relaxed)
         while true {
             guard taken < Kernel.maxPageMaps else {
@@ -220,7 +220,7 @@ extension Kernel {
             warn("zone_device_page_init: page is not a ZONE_DEVICE page", "\(page)")
             return nil
         }
-        guard order == 0 || (order == 9 && page.pfn & 511 == 0) else {
+        guard order == 0 || (order == PageGeometry.pmdOrder && page.pfn & (PageGeometry.pmdPages64 - 1) == 0) else {
             warn("zone_device_page_init: order must be 0, or 9 on a 2 MiB aligned pfn", "\(page) order \(order)")
             return nil
         }

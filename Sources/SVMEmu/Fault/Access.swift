@@ -249,7 +249,7 @@ extension AddressSpace {
         var a = address
         let end = address + UInt64(length)
         while a < end {
-            let n = min(Int(end - a), 4096 - Int(a & 4095))
+            let n = min(Int(end - a), PageGeometry.pageSize - Int(a & ~PageGeometry.pageMask))
             let base = a
             let bad: Int? = try withPageBytes(at: a, write: false) { p in
                 var i = 0
@@ -281,7 +281,7 @@ public func forEachPageChunk<E: Error>(_ address: UInt64, count: Int,
     var done = 0
     while done < count {
         let a = address + UInt64(done)
-        let n = min(count - done, 4096 - Int(a & 4095))
+        let n = min(count - done, PageGeometry.pageSize - Int(a & ~PageGeometry.pageMask))
         try body(a, done, n)
         done += n
     }

@@ -135,7 +135,7 @@ extension AddressSpace {
         } else {
             folio.set([.shmem, .uptodate, .lru])
             folio.meta.mappingMM = id
-            folio.meta.index = address >> 12
+            folio.meta.index = address >> PageGeometry.pageShift
             _ = svm_add32(folio.meta.mapWord, 1)
         }
         let writable = vma.flags.contains(.write)
@@ -166,7 +166,7 @@ extension AddressSpace {
             svm_mutex_unlock(lock)
             return true
         }
-        guard let folio = kernel.allocateFolio(order: 9, zeroed: true) else { return false }
+        guard let folio = kernel.allocateFolio(order: PageGeometry.pmdOrder, zeroed: true) else { return false }
         svm_mutex_lock(lock)
         if loadPMD(haddr).isNone {
             addNewAnonRmap(folio, address: haddr, pmdMapped: true)
@@ -201,7 +201,7 @@ extension AddressSpace {
             }
             kernel.deferredTLB.willMakeWritable()
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
-            for i in 0..<512 { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
+            for i in 0..<PageGeometry.pmdPages { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
             storePMD(haddr, pmd.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
             kernel.vmstat.count(.wpFaults)
         }

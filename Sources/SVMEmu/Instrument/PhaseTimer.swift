@@ -107,12 +107,12 @@ public final class PhaseTimer: @unchecked Sendable {
         trace = .allocate(capacity: max(1, traceCapacity * PhaseTimer.slots))
         traceCounts = .allocate(capacity: PhaseTimer.slots * 8)
         traceCounts.initialize(repeating: 0, count: PhaseTimer.slots * 8)
-        let t0 = svm_ticks(), n0 = svm_now_ns()
+        let t0 = HostClock.ticks(), n0 = HostClock.nanos()
         var n1 = n0
-        while n1 - n0 < 2_000_000 { n1 = svm_now_ns() }
-        let t1 = svm_ticks()
+        while n1 - n0 < 2_000_000 { n1 = HostClock.nanos() }
+        let t1 = HostClock.ticks()
         nanosPerTick = t1 > t0 ? Double(n1 - n0) / Double(t1 - t0) : 1
-        startTick = svm_ticks()
+        startTick = HostClock.ticks()
     }
     deinit {
         words.deallocate()
@@ -128,14 +128,14 @@ public final class PhaseTimer: @unchecked Sendable {
 
     /// A start mark: 0 when timing is off.
     @inlinable @inline(__always)
-    public func begin() -> UInt64 { isEnabledFast ? svm_ticks() : 0 }
+    public func begin() -> UInt64 { isEnabledFast ? HostClock.ticks() : 0 }
 
     @usableFromInline var isEnabledFast: Bool { enabledFlag.load(ordering: .relaxed) }
 
     /// Ends a phase begun with `begin()`; nothing when the mark is 0.
     @inlinable @inline(__always)
     public func end(_ phase: MigrationPhase, _ mark: UInt64) {
-        if mark != 0 { record(phase, mark, svm_ticks()) }
+        if mark != 0 { record(phase, mark, HostClock.ticks()) }
     }
 
     /// Ends `phase` and begins the next one with a single clock read (for
@@ -143,7 +143,7 @@ public final class PhaseTimer: @unchecked Sendable {
     @inlinable @inline(__always)
     public func endAndBegin(_ phase: MigrationPhase, _ mark: UInt64) -> UInt64 {
         guard mark != 0 else { return 0 }
-        let now = svm_ticks()
+        let now = HostClock.ticks()
         record(phase, mark, now)
         return now
     }

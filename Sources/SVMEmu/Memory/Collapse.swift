@@ -50,8 +50,8 @@ extension AddressSpace {
     private func collapseOne(_ vma: VMA, _ haddr: UInt64) -> Errno? {
         // Every entry must be none, the zero page, or a present small page
         // nobody else holds (refcount == 1: its mapping).
-        for i in 0..<512 {
-            let e = loadPTE(haddr + UInt64(i) << 12)
+        for i in 0..<PageGeometry.pmdPages {
+            let e = loadPTE(haddr + UInt64(i) << PageGeometry.pageShift)
             switch e.kind {
             case .none: continue
             case .present:
@@ -62,7 +62,7 @@ extension AddressSpace {
                 return .tryAgain
             }
         }
-        guard let huge = kernel.allocateFolio(order: 9) else { return .noMemory }
+        guard let huge = kernel.allocateFolio(order: PageGeometry.pmdOrder) else { return .noMemory }
         return withInvalidation(haddr, haddr + AddressSpace.pmdSize, .clear) { () -> Errno? in
             // pmdp_collapse_flush(): the old entries go and every CPU's TLB
             // forgets them before a byte is copied, so no CPU writes a page
@@ -78,19 +78,19 @@ extension AddressSpace {
             svm_mutex_unlock(lock)
             flushTLBRange(haddr, haddr + AddressSpace.pmdSize)
             var old: [Folio] = []
-            old.reserveCapacity(512)
+            old.reserveCapacity(PageGeometry.pmdPages)
             var dirty = false
-            for i in 0..<512 {
+            for i in 0..<PageGeometry.pmdPages {
                 let e = entries[i]
-                let dst = huge.bytes + i * 4096
+                let dst = huge.bytes + i * PageGeometry.pageSize
                 if e.kind == .present && !e.isSpecial {
                     let page = Page(pfn: e.pfn, kernel: kernel)
-                    svm_memcpy(dst, page.bytes, 4096)
+                    svm_memcpy(dst, page.bytes, PageGeometry.pageSize)
                     dirty = dirty || e.isDirty || page.folio.isDirty
                     removeRmap(page: page)
                     old.append(page.folio)
                 } else {
-                    svm_memset(dst, 0, 4096)
+                    svm_memset(dst, 0, PageGeometry.pageSize)
                 }
             }
             freePTETable(haddr)

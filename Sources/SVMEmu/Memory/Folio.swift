@@ -90,7 +90,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The folio's size in bytes.
     ///
     /// The corresponding kernel function is `folio_size()`.
-    @inlinable public var size: Int { 4096 << order }
+    @inlinable public var size: Int { PageGeometry.pageSize << order }
     /// Whether the folio has more than one page.
     ///
     /// The corresponding kernel function is `folio_test_large()`.
@@ -288,11 +288,11 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     @discardableResult
     public func waitUnlocked(timeoutNanos: UInt64 = 0) -> Bool {
         let w = meta.flagsWord
-        let deadline = timeoutNanos == 0 ? UInt64.max : svm_now_ns() &+ timeoutNanos
+        let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
         while true {
             let old = svm_load32(w)
             if old & PageFlags.locked.rawValue == 0 { return true }
-            let now = svm_now_ns()
+            let now = HostClock.nanos()
             if now >= deadline { return false }
             var expected = old
             let sleeping = old | PageFlags.waiters.rawValue

@@ -62,7 +62,7 @@ public final class MemoryNode: @unchecked Sendable {
     /// The corresponding kernel function is `folio_alloc()` (`__folio_alloc_node()`).
     public func allocate(order: Int) -> Folio? {
         kernelRef._withUnsafeGuaranteedRef { kernel in
-            guard order == 0 || order == 9 else {
+            guard order == 0 || order == PageGeometry.pmdOrder else {
                 kernel.warn("folio_alloc: order must be 0 or 9 (4 KiB or 2 MiB)", "order \(order)")
                 return nil
             }
@@ -85,21 +85,21 @@ public final class MemoryNode: @unchecked Sendable {
                 // Break a 2 MiB block: keep its first frame, list the rest in order.
                 pfn = free9
                 free9 = kernel.metaPtr(pfn).next
-                for i in UInt64(1)..<512 { appendFree0(pfn + i, kernel) }
+                for i in 1..<PageGeometry.pmdPages64 { appendFree0(pfn + i, kernel) }
             }
         } else {
             if free9 != 0 {
                 pfn = free9
                 free9 = kernel.metaPtr(pfn).next
             } else {
-                let aligned = (bump + 511) & ~511
-                if aligned + 512 <= startPfn + pageCount {
+                let aligned = (bump + PageGeometry.pmdPages64 - 1) & ~(PageGeometry.pmdPages64 - 1)
+                if aligned + PageGeometry.pmdPages64 <= startPfn + pageCount {
                     while bump < aligned {
                         appendFree0(bump, kernel)
                         bump += 1
                     }
                     pfn = aligned
-                    bump = aligned + 512
+                    bump = aligned + PageGeometry.pmdPages64
                 }
             }
         }
@@ -136,7 +136,7 @@ public final class MemoryNode: @unchecked Sendable {
             m.mappingMM = 0
         }
         svm_mutex_lock(zoneLock)
-        if order == 9 {
+        if order == PageGeometry.pmdOrder {
             kernel.metaPtr(pfn).next = free9
             free9 = pfn
         } else {

@@ -43,7 +43,7 @@ extension Kernel {
         }
         defer { if let lock { svm_mutex_unlock(lock) } }
         var mapped: Int32 = 0
-        for i in 0..<512 { mapped += metaPtr(folio.pfn + UInt64(i)).mapcount }
+        for i in 0..<PageGeometry.pmdPages { mapped += metaPtr(folio.pfn + UInt64(i)).mapcount }
         guard Int32(folio.refCount) == mapped + 1 else { return false }
 
         let head = folio.meta
@@ -53,7 +53,7 @@ extension Kernel {
         let mmID = head.mappingMM
         let index = head.index
         var freed: [UInt64] = []
-        for i in 1..<UInt64(512) {
+        for i in 1..<PageGeometry.pmdPages64 {
             let m = metaPtr(folio.pfn + i)
             let own = m.flags & PageFlags.anonExclusive.rawValue
             svm_store32(m.flagsWord, inherited | own)
@@ -73,7 +73,7 @@ extension Kernel {
         if let pgmap = folio.pageMap {
             // Device folios: the driver hears of every new folio, then the end.
             if let split = pgmap.operations.folioSplit {
-                for i in 1..<512 { split(folio, Folio(pfn: folio.pfn + UInt64(i), kernel: self)) }
+                for i in 1..<PageGeometry.pmdPages { split(folio, Folio(pfn: folio.pfn + UInt64(i), kernel: self)) }
                 split(folio, nil)
             }
             for pfn in freed { pgmap.freeFolio(Folio(pfn: pfn, kernel: self)) }
@@ -194,20 +194,20 @@ extension AddressSpace {
             return
         case .present where pmd.isSpecial:
             let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
-            for i in 0..<512 { svm_store64(ptes + i, zero.rawValue) }
+            for i in 0..<PageGeometry.pmdPages { svm_store64(ptes + i, zero.rawValue) }
         case .present, .devicePrivate:
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
-            for i in 0..<512 {
+            for i in 0..<PageGeometry.pmdPages {
                 let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
                 svm_store64(ptes + i, e.rawValue)
                 _ = svm_add32(kernel.metaPtr(pmd.pfn + UInt64(i)).mapWord, 1)
             }
             _ = svm_add32(folio.meta.entireMapWord, -1)
-            folio.refAdd(511)
+            folio.refAdd(Int32(PageGeometry.pmdPages - 1))
         case .migration:
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
-            for i in 0..<512 {
+            for i in 0..<PageGeometry.pmdPages {
                 svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
             }
         }

@@ -23,7 +23,7 @@ extension Kernel {
                 a = next
             }
         }
-        args.end = args.start + UInt64(args.npages) << 12
+        args.end = args.start + UInt64(args.npages) << PageGeometry.pageShift
     }
 
     /// Entries `[start, end)` not migrating (`migrate_vma_collect_skip()`).
@@ -34,7 +34,7 @@ extension Kernel {
             args.dst[args.npages] = .empty
             args.src[args.npages] = .empty
             args.npages += 1
-            a += 4096
+            a += PageGeometry.pageSize64
         }
     }
 
@@ -49,7 +49,7 @@ extension Kernel {
             args.src[args.npages] = .hole
             args.npages += 1
             args.cpages += 1
-            a += 4096
+            a += PageGeometry.pageSize64
         }
     }
 
@@ -224,7 +224,7 @@ extension Kernel {
             args.dst[args.npages] = .empty
             args.src[args.npages] = mpfn
             args.npages += 1
-            addr += 4096
+            addr += PageGeometry.pageSize64
         }
         if unmapped { mm.flushTLBRange(start, end) }
         svm_mutex_unlock(lock)

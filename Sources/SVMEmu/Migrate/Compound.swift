@@ -11,11 +11,11 @@ import CSVMSupport
 // `dst[i] = migrate_pfn(head) | COMPOUND` for a 2 MiB destination, or with
 // 512 small destinations in `dst[i ... i+511]`.
 extension Kernel {
-    static let hugePages = 512
+    static let hugePages = PageGeometry.pmdPages
 
     /// Whether `[start, end)` is exactly one aligned 2 MiB region.
     @inline(__always) static func coversWholePMD(_ start: UInt64, _ end: UInt64) -> Bool {
-        start & ((2 << 20) - 1) == 0 && end == start + (2 << 20)
+        start & ~PageGeometry.pmdMask == 0 && end == start + PageGeometry.pmdSize64
     }
 
     /// Records a compound entry: the entry, then 511 empty ones.
@@ -59,7 +59,7 @@ extension Kernel {
         setPMDMigrationEntry(mm, haddr, pmd, folio, anonExclusive: folio.isAnon && folio.page(0).isAnonExclusive)
         svm_mutex_unlock(lock)
         folio.put()
-        if pmd.kind == .present { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
+        if pmd.kind == .present { mm.flushTLBRange(haddr, haddr + PageGeometry.pmdSize64) }
         collectCompound(&args, MigratePFN(pfn: folio.pfn).with(
             MigratePFN.migrateBit | MigratePFN.compoundBit | (pmd.isWrite ? MigratePFN.writeBit : 0)))
         return true
@@ -75,7 +75,7 @@ extension Kernel {
     /// reference on it (the mapping's).
     func migrateVMAInsertHugePMD(_ vma: VMA, _ haddr: UInt64, _ folio: Folio, _ src: inout MigratePFN) {
         let mm = vma.mm
-        guard vma.isAnonymous, mm.covers(haddr), haddr >= vma.start, haddr + (2 << 20) <= vma.end else {
+        guard vma.isAnonymous, mm.covers(haddr), haddr >= vma.start, haddr + PageGeometry.pmdSize64 <= vma.end else {
             src = src.without(MigratePFN.migrateBit)
             return
         }
@@ -128,7 +128,7 @@ extension Kernel {
     /// dropped.
     func tryToMigratePMD(_ folio: Folio, hint: AddressSpace? = nil) {
         guard folio.entireMapCount > 0, let (mm, address) = rmapAddress(of: folio.page(0), hint: hint), mm.covers(address) else { return }
-        let range = MMUNotifierRange(start: address, end: address + (2 << 20), event: .clear, owner: nil)
+        let range = MMUNotifierRange(start: address, end: address + PageGeometry.pmdSize64, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
         let lock = mm.pmdLock(address)
@@ -140,7 +140,7 @@ extension Kernel {
         }
         setPMDMigrationEntry(mm, address, pmd, folio, anonExclusive: folio.page(0).isAnonExclusive)
         svm_mutex_unlock(lock)
-        if pmd.kind == .present { mm.flushTLBRange(address, address + (2 << 20)) }
+        if pmd.kind == .present { mm.flushTLBRange(address, address + PageGeometry.pmdSize64) }
         folio.put()
     }
 
@@ -152,7 +152,7 @@ extension Kernel {
     /// mapping holds one new reference on `dst`.
     @discardableResult
     func removeMigrationPMD(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) -> Bool {
-        guard let (mm, address) = rmapAddress(of: src.page(0), hint: hint), mm.covers(address), address & ((2 << 20) - 1) == 0 else { return false }
+        guard let (mm, address) = rmapAddress(of: src.page(0), hint: hint), mm.covers(address), address & ~PageGeometry.pmdMask == 0 else { return false }
         let lock = mm.pmdLock(address)
         svm_mutex_lock(lock)
         let pmd = mm.loadPMD(address)

@@ -175,7 +175,7 @@ public struct MigrateVMA: @unchecked Sendable {
         self.pgmapOwner = pgmapOwner
         self.faultPage = faultPage
         self.faultPageLocked = nil
-        let n = end > start ? Int((end - start + 4095) >> 12) : 0
+        let n = end > start ? Int((end - start + PageGeometry.pageSize64 - 1) >> PageGeometry.pageShift) : 0
         if src.count < n {
             src.append(contentsOf: repeatElement(.empty, count: n - src.count))
             dst.append(contentsOf: repeatElement(.empty, count: n - dst.count))

@@ -130,7 +130,7 @@ extension Kernel {
             dst[i] = .empty
             return nil
         }
-        guard !dst[i].isCompound || (folio.order == 9 && folio.pfn == pfn) else {
+        guard !dst[i].isCompound || (folio.order == PageGeometry.pmdOrder && folio.pfn == pfn) else {
             warn("migrate_vma_pages: a COMPOUND destination must be the head of a 2 MiB folio", "\(page)")
             dst[i] = .empty
             return nil
@@ -159,7 +159,7 @@ extension Kernel {
                     src[i] = src[i].without(MigratePFN.migrateBit)
                     continue
                 }
-                let addr = migrate.start + UInt64(i) << 12
+                let addr = migrate.start + UInt64(i) << PageGeometry.pageShift
                 if notified == nil {
                     let r = MMUNotifierRange(start: addr, end: migrate.end, event: .migrate, owner: migrate.owner)
                     vma.mm.invalidateRangeStart(r)

@@ -84,9 +84,9 @@ extension Kernel {
     ///
     /// The corresponding kernel function is `migrate_vma_setup()`.
     public func migrateVMASetup(_ args: inout MigrateVMA) throws(Errno) {
-        let pageCount = Int64(bitPattern: args.end &- args.start) >> 12
-        args.start &= ~4095
-        args.end &= ~4095
+        let pageCount = Int64(bitPattern: args.end &- args.start) >> PageGeometry.pageShift
+        args.start &= PageGeometry.pageMask
+        args.end &= PageGeometry.pageMask
         guard let vma = args.vma, vma.isLive, !vma.flags.contains(.special) else { throw .invalidArgument }
         guard pageCount > 0 else { throw .invalidArgument }
         guard args.start >= vma.start, args.start < vma.end else { throw .invalidArgument }
@@ -94,7 +94,7 @@ extension Kernel {
         // The walk covers the masked range, which is a page longer than
         // pageCount when start was unaligned: src and dst must hold every
         // page the walk visits.
-        let walked = Int((args.end - args.start) >> 12)
+        let walked = Int((args.end - args.start) >> PageGeometry.pageShift)
         guard args.src.count >= walked, args.dst.count >= walked else { throw .invalidArgument }
         // Legacy kernels (v6.1-v6.14) did not lock the fault page in the PTE
         // fault path; collect trylocked it like any other page. Whether the

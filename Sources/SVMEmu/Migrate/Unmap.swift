@@ -133,7 +133,7 @@ extension Kernel {
     private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64,
                                  _ batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
-        let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
+        let range = MMUNotifierRange(start: address, end: address + PageGeometry.pageSize64, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
         let lock = mm.ptl(address)
@@ -151,8 +151,8 @@ extension Kernel {
         mm.removeRmap(page: page)
         svm_mutex_unlock(lock)
         if pte.kind == .present {
-            if let batch { batch.pointee.add(mm, address, address + 4096, writable: pte.isWrite) }
-            else { mm.flushTLBRange(address, address + 4096) }
+            if let batch { batch.pointee.add(mm, address, address + PageGeometry.pageSize64, writable: pte.isWrite) }
+            else { mm.flushTLBRange(address, address + PageGeometry.pageSize64) }
         }
         folio.put()
     }

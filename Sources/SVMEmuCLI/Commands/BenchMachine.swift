@@ -13,7 +13,7 @@ final class BenchMachine {
     init(bytes: Int, thp: TransparentHugepageMode, granularity: MigrationGranularity, deviceName: String) {
         let chunk: UInt64 = 256 << 20
         var config = KernelConfiguration()
-        let node = ((bytes + (64 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        let node = ((bytes + (64 << 20)) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1)
         config.nodeSizes = [node, node]
         config.transparentHugepage = thp
         config.addressSpaceSize = max(UInt64(4) << 30, UInt64(bytes) * 2)

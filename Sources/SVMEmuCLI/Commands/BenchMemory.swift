@@ -1,6 +1,5 @@
 // `svmemu bench memory`: the cost of the emulated memory core.
 import ArgumentParser
-import CSVMSupport
 import Foundation
 import SVMEmu
 import Synchronization
@@ -41,12 +40,11 @@ struct BenchMemoryCommand: ParsableCommand {
     @Option(name: .customLong("fault-mib"), parsing: .unconditional, help: "Size of the demand-zero mapping in MiB.")
     var faultMiB = 64
 
-    @Option(name: .long, parsing: .unconditional, help: "Rounds of each measurement (the best is reported).")
-    var rounds = 5
+    @OptionGroup var timing: BenchRoundsOptions
+    var rounds: Int { timing.rounds }
 
     func validate() throws {
         try checkRange(faultMiB, 1...1024, flag: "--fault-mib")
-        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
     struct Result: Encodable {
@@ -105,17 +103,17 @@ struct BenchMemoryCommand: ParsableCommand {
             results = (hitNanos, missNanos, shootdown)
 
             // Demand-zero faults: first-touch writes over a fresh mapping.
-            let pages = faultBytes / 4096
+            let pages = faultBytes / PageGeometry.pageSize
             for round in 0..<rounds {
                 let a = try mm.mmap(length: faultBytes)
                 let before = kernel.vmstat[.demandZeroFaults]
-                let t0 = svm_now_ns()
+                let t0 = HostClock.nanos()
                 var p = a
                 for _ in 0..<pages {
                     try mm.store(p, 1)
-                    p &+= 4096
+                    p &+= PageGeometry.pageSize64
                 }
-                let t1 = svm_now_ns()
+                let t1 = HostClock.nanos()
                 let faults = kernel.vmstat[.demandZeroFaults] - before
                 guard faults == UInt64(pages) else {
                     throw CLIError.runFailed("svmemu bench memory: expected \(pages) demand-zero faults, counted \(faults)")
@@ -141,7 +139,7 @@ struct BenchMemoryCommand: ParsableCommand {
         var best = Double.infinity
         var sink: UInt64 = 0
         for _ in 0..<(rounds + 2) {  // two extra rounds warm caches up; the best round wins
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             for _ in 0..<passes {
                 var a = base
                 for _ in 0..<pages {
@@ -149,7 +147,7 @@ struct BenchMemoryCommand: ParsableCommand {
                     a &+= 4096
                 }
             }
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             best = min(best, Double(t1 - t0) / Double(passes * pages))
         }
         // Every read must have returned the byte written (the loop is not optimised away).
@@ -186,9 +184,9 @@ struct BenchMemoryCommand: ParsableCommand {
         var best = Double.infinity
         for _ in 0..<(rounds + 1) {
             let before = kernel.vmstat[.tlbIPIsSent]
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             for _ in 0..<flushes { mm.flushTLBRange(a, a + 4096) }
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             guard kernel.vmstat[.tlbIPIsSent] - before == UInt64(flushes) else {
                 throw CLIError.runFailed("svmemu bench memory: \(flushes) shootdowns sent \(kernel.vmstat[.tlbIPIsSent] - before) IPIs to the second CPU (expected one each)")
             }
@@ -199,21 +197,21 @@ struct BenchMemoryCommand: ParsableCommand {
 
     /// memcpy of 4 KiB between two cache-hot buffers, best round.
     static func measureMemcpy4K(rounds: Int) -> Double {
-        let src = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
-        let dst = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        let src = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
         defer { src.deallocate(); dst.deallocate() }
-        svm_memset(src, 0x5A, 4096)
-        svm_memset(dst, 0, 4096)
+        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: PageGeometry.pageSize)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
         let iterations = 200_000
         var best = Double.infinity
         for _ in 0..<(rounds + 2) {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             for i in 0..<iterations {
                 src.storeBytes(of: UInt8(truncatingIfNeeded: i), as: UInt8.self)
-                svm_memcpy(dst, src, 4096)
-                svm_escape(dst)
+                HostMemory.copy(to: dst, from: src, bytes: PageGeometry.pageSize)
+                HostMemory.escape(dst)
             }
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             best = min(best, Double(t1 - t0) / Double(iterations))
         }
         return best

@@ -1,7 +1,6 @@
 // `svmemu bench migrate`: a RAM -> VRAM -> RAM round trip through MirrorDriver
 // against memcpy of the same bytes, in the same run.
 import ArgumentParser
-import CSVMSupport
 import Foundation
 import MirrorDriver
 import SVMEmu
@@ -44,15 +43,14 @@ struct BenchMigrateCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Buffer size, 4K to 64G, a multiple of 4K, with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
     var size: String = "256M"
 
-    @Option(name: .long, parsing: .unconditional, help: "Timed rounds of each measurement (the best is reported).")
-    var rounds = 5
+    @OptionGroup var timing: BenchRoundsOptions
+    var rounds: Int { timing.rounds }
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
     func validate() throws {
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
-        try checkRange(rounds, 1...100, flag: "--rounds")
     }
 
     /// Sizes `--size` takes: whole 4 KiB pages, up to 64 GiB.
@@ -132,7 +130,7 @@ struct BenchMigrateCommand: ParsableCommand {
     }
 
     func measure(bytes: Int) throws -> Result {
-        let pages = bytes >> 12
+        let pages = bytes >> PageGeometry.pageShift
         let machine = BenchMachine(bytes: bytes, thp: granularity == .huge2M ? .always : .never,
                                    granularity: granularity, deviceName: "bench0")
         let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
@@ -141,17 +139,17 @@ struct BenchMigrateCommand: ParsableCommand {
         try space.fillPattern(base, length: bytes, seed: seed)
 
         func roundTrip() throws -> (Double, Double) {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             let moved: Int
             do { moved = try dev.migrateToDevice(base, pages: pages) } catch {
                 throw Failure(description: "svmemu bench migrate: migrateToDevice failed: \(error)")
             }
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             let back: Int
             do { back = try dev.migrateToSystem(base, pages: pages) } catch {
                 throw Failure(description: "svmemu bench migrate: migrateToSystem failed: \(error)")
             }
-            let t2 = svm_now_ns()
+            let t2 = HostClock.nanos()
             guard moved == pages, back == pages else {
                 throw Failure(description: "svmemu bench migrate: moved \(moved) pages to VRAM and \(back) back, expected \(pages)")
             }

@@ -1,6 +1,5 @@
 // `svmemu bench thp`: hmm-tests' benchmark_thp_migration on the emulator.
 import ArgumentParser
-import CSVMSupport
 import Foundation
 import MirrorDriver
 import SVMEmu
@@ -45,7 +44,7 @@ struct BenchTHPCommand: ParsableCommand {
         _ = try ByteSize.check(maxSize, flag: "--max-size", range: Self.maxSizeRange)
     }
 
-    static let thpSize = 2 << 20
+    static let thpSize = PageGeometry.pmdSize
     /// What `--max-size` takes: from the smallest size of the test (a quarter
     /// THP) up; above the largest (256 MiB) every size runs.
     static let maxSizeRange = thpSize / 4...64 * ByteSize.gib
@@ -121,7 +120,7 @@ struct BenchTHPCommand: ParsableCommand {
         let machine = BenchMachine(bytes: bytes, thp: .madvise, granularity: thp ? .huge2M : .base4K,
                                    deviceName: "hmm_dmirror0")
         let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
-        let pages = bytes >> 12
+        let pages = bytes >> PageGeometry.pageShift
         // mmap of a 2 MiB multiple is 2 MiB aligned in the emulator; smaller
         // buffers are placed at a 2 MiB boundary explicitly.
         let base = try space.mmap(address: space.baseAddress + (64 << 20), length: bytes)
@@ -130,16 +129,16 @@ struct BenchTHPCommand: ParsableCommand {
         try space.fillPattern(base, length: bytes, seed: seed)
 
         func there() throws -> Double {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             let n = try dev.migrateToDevice(base, pages: pages)
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages reached VRAM") }
             return Double(t1 - t0) / 1e6
         }
         func back() throws -> Double {
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             let n = try dev.migrateToSystem(base, pages: pages)
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages came back") }
             return Double(t1 - t0) / 1e6
         }

@@ -24,38 +24,31 @@ struct DemoCommand: ParsableCommand {
             scripts). \(ExitStatus.helpParagraph)
             """)
 
-    @Option(name: .long, parsing: .unconditional, help: "Pages of the storm.")
-    var pages = 64
+    /// 64 pages, a 1 s stall window, and 10 µs of range lookup before
+    /// migrate_vma_setup: enough for eight threads to take their references
+    /// together even on two cores.
+    enum StormDefaults: StormOptionDefaults {
+        static let pages = 64
+        static let stallSeconds = 1.0
+        static let lookupDelayUs = 10
+    }
 
-    @Option(name: .long, parsing: .unconditional, help: "Threads per page.")
-    var threads = 8
-
-    @Option(name: .long, parsing: .unconditional, help: "Seconds without progress before a run is declared livelocked.")
-    var stallSeconds = 1.0
-
-    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup, holding its lock and the page reference.")
-    var lookupDelayUs = 10
+    @OptionGroup var storm: StormOptions<StormDefaults>
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
     func validate() throws {
         var s = StormSettings()
-        s.pages = pages
-        s.threads = threads
-        s.stallSeconds = stallSeconds
-        s.migrateToRAMLookupMicros = lookupDelayUs
+        storm.apply(to: &s)
         do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
     }
 
     func run() throws {
         var results: [StormResult] = []
         for policy in [DeviceFaultPolicy.legacy, .trylock] {
-            var s = StormSettings(faultPolicy: policy, driverLock: .exclusive, migrateToRAMWorkMicros: 50,
-                                  threads: threads, pages: pages, stallSeconds: stallSeconds)
-            // 10 µs of range lookup before migrate_vma_setup: enough for eight
-            // threads to take their references together even on two cores.
-            s.migrateToRAMLookupMicros = lookupDelayUs
+            var s = StormSettings(faultPolicy: policy, driverLock: .exclusive, migrateToRAMWorkMicros: 50)
+            storm.apply(to: &s)
             s.joinTimeoutSeconds = 10
             var r = try LivelockCommand.runStorm(s, label: StormReport.title(r: s))
             r.perPage = []

@@ -33,11 +33,14 @@ struct LivelockCommand: ParsableCommand {
     @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
     var scenario = "readers"
 
-    @Option(name: .long, parsing: .unconditional, help: "Threads that go at each page.")
-    var threads = 8
+    /// 512 pages, a 2 s stall window, no lookup time.
+    enum StormDefaults: StormOptionDefaults {
+        static let pages = 512
+        static let stallSeconds = 2.0
+        static let lookupDelayUs = 0
+    }
 
-    @Option(name: .long, parsing: .unconditional, help: "Pages, processed one after the other.")
-    var pages = 512
+    @OptionGroup var storm: StormOptions<StormDefaults>
 
     @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.")
     var faultPolicy = "legacy"
@@ -47,12 +50,6 @@ struct LivelockCommand: ParsableCommand {
 
     @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its DMA copy (after the copy, before migrate_vma_pages; only a call that copied waits), holding its lock and the page reference.")
     var faultDelayUs = 50
-
-    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
-    var lookupDelayUs = 0
-
-    @Option(name: .long, parsing: .unconditional, help: "Seconds without a page completing before the run is declared livelocked.")
-    var stallSeconds = 2.0
 
     @Option(name: .long, help: "Page size: 4k or 2m.")
     var pageSize = "4k"
@@ -89,11 +86,8 @@ struct LivelockCommand: ParsableCommand {
         s.pageSize = try Self.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
             switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
         }
-        s.threads = threads
-        s.pages = pages
+        storm.apply(to: &s)
         s.migrateToRAMWorkMicros = faultDelayUs
-        s.migrateToRAMLookupMicros = lookupDelayUs
-        s.stallSeconds = stallSeconds
         s.seed = seed
         do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
         return s
@@ -126,7 +120,7 @@ struct LivelockCommand: ParsableCommand {
     /// Throws `CLIError.notEnoughMemory` (exit status 1).
     func preflight(_ s: StormSettings, available: Int? = HostResources.availableBytes()) throws(CLIError) {
         try HostResources.checkMemory(needed: Self.memoryNeeded(s), available: available,
-                                      for: "svmemu livelock --pages \(pages) --page-size \(pageSize)")
+                                      for: "svmemu livelock --pages \(storm.pages) --page-size \(pageSize)")
     }
 
     func run() throws {

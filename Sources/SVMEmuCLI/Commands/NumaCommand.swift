@@ -1,6 +1,5 @@
 // `svmemu numa`: Huang Ying's migrate_pages benchmark, every variant side by side.
 import ArgumentParser
-import CSVMSupport
 import Foundation
 import SVMEmu
 import SVMStress

@@ -157,7 +157,7 @@ struct OverheadCommand: ParsableCommand {
                     c.direction = d
                     c.copyModel = m
                     c.copyThreads = copyThreads
-                    c.faultPages = faultSize == .huge2M && g == .base4K && d == .toDevice ? 512 : 1
+                    c.faultPages = faultSize == .huge2M && g == .base4K && d == .toDevice ? PageGeometry.pmdPages : 1
                     c.rounds = rounds
                     c.traceEventsPerCPU = trace != nil ? Self.traceEventsPerCPU : 0
                     c.progress = line.enabled ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil

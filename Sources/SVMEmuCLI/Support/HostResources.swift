@@ -1,4 +1,5 @@
 // What the host has: cores and memory (for the memory check and the JSON `host`).
+import SVMEmu
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -225,7 +225,7 @@ public final class OffloadCopier: FolioCopier, @unchecked Sendable {
             let end = min(jobs.count, i + foliosPerTransaction)
             var bytes = 0
             for k in i..<end { bytes += jobs[k].bytes }
-            let now = svm_now_ns()
+            let now = HostClock.nanos()
             if let done = claimChannel(now: now, nanos: UInt64(model.transferNanos(bytes: bytes).rounded(.up))) {
                 _ = svm_add64(words + threads * 8, 1)
                 latest = max(latest, done)

@@ -88,7 +88,7 @@ extension Kernel {
                              policy: MigratePagesPolicy = MigratePagesPolicy(),
                              newFolio: (Folio) -> Folio?) -> MigratePagesResult {
         var ctx = MigrateContext(mode: mode, reason: reason, policy: policy,
-                                 copier: policy.copier ?? SingleThreadCopier(), start: svm_now_ns())
+                                 copier: policy.copier ?? SingleThreadCopier(), start: HostClock.nanos())
         ctx.unmapped.reserveCapacity(max(1, min(policy.batchPages, Kernel.maxBatchedMigration)))
         ctx.jobs.reserveCapacity(ctx.unmapped.capacity)
         var from: [Folio] = []
@@ -216,7 +216,7 @@ extension Kernel {
             var stop: UnmapOutcome? = nil
             var retry = 1, thpRetry = 0, retryPages = 0
             var pass = 0
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             while pass < passes && retry > 0 && stop == nil {
                 retry = 0; thpRetry = 0; retryPages = 0
                 var keep: [Folio] = []
@@ -274,14 +274,14 @@ extension Kernel {
                 ctx.stats.thpFailed += thpRetry
                 ctx.stats.failedPages += retryPages
             }
-            let t1 = svm_now_ns()
+            let t1 = HostClock.nanos()
             ctx.stats.unmapNanos += t1 - t0
             // One flush for every folio unmapped above.
             if !ctx.batch.isEmpty {
                 ctx.batch.flush()
                 ctx.stats.batchedFlushes += 1
             }
-            ctx.stats.flushNanos += svm_now_ns() - t1
+            ctx.stats.flushNanos += HostClock.nanos() - t1
             nrFailed += moveUnmapped(passes: passes, ret: &ret, &ctx)
             if case .deadlock = stop {
                 // Nothing is held now: retry, the blocking lock allowed.
@@ -302,7 +302,7 @@ extension Kernel {
         while pass < passes && retry > 0 {
             retry = 0
             copyUnmapped(&ctx)
-            let t0 = svm_now_ns()
+            let t0 = HostClock.nanos()
             var i = 0
             while i < ctx.unmapped.count {
                 if migrateFolioMove(ctx.unmapped[i], &ctx) {
@@ -313,7 +313,7 @@ extension Kernel {
                     i += 1
                 }
             }
-            ctx.stats.remapNanos += svm_now_ns() - t0
+            ctx.stats.remapNanos += HostClock.nanos() - t0
             pass += 1
         }
         // What did not move: undo.
@@ -337,10 +337,10 @@ extension Kernel {
             ctx.unmapped[i].copied = true
         }
         guard !ctx.jobs.isEmpty else { return }
-        let t0 = svm_now_ns()
+        let t0 = HostClock.nanos()
         let copier = ctx.copier
         ctx.jobs.withUnsafeBufferPointer { copier.copy($0) }
-        ctx.stats.copyNanos += svm_now_ns() - t0
+        ctx.stats.copyNanos += HostClock.nanos() - t0
     }
 
     /// `migrate_folio_unmap()` for one isolated folio: see `migratePages`.
@@ -380,9 +380,9 @@ extension Kernel {
                 dst.put()
                 return .deadlock
             }
-            let t = svm_now_ns()
+            let t = HostClock.nanos()
             let taken = src.lock(timeoutNanos: limit)
-            ctx.stats.lockWaits.record(svm_now_ns() - t)
+            ctx.stats.lockWaits.record(HostClock.nanos() - t)
             if !taken {
                 ctx.stats.stalls += 1
                 warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms")
@@ -393,9 +393,9 @@ extension Kernel {
         if src.isWriteback {
             guard mode == .sync else { src.unlock(); dst.put(); return .busy }
             guard force else { src.unlock(); dst.put(); return .again }
-            let t = svm_now_ns()
+            let t = HostClock.nanos()
             let done = src.waitWriteback(timeoutNanos: limit)
-            ctx.stats.lockWaits.record(svm_now_ns() - t)
+            ctx.stats.lockWaits.record(HostClock.nanos() - t)
             if !done {
                 ctx.stats.stalls += 1
                 warn("migrate_pages: hung task: a writeback wait reached the limit", "\(src), \(ctx.unmapped.count) other folios locked, \(limit / 1_000_000) ms")
@@ -437,7 +437,7 @@ extension Kernel {
         if u.wasMapped { removeMigrationPTEs(src, dst) }
         dst.unlock()
         src.unlock()
-        if ctx.stats.firstFolioNanos == 0 { ctx.stats.firstFolioNanos = max(1, svm_now_ns() - ctx.start) }
+        if ctx.stats.firstFolioNanos == 0 { ctx.stats.firstFolioNanos = max(1, HostClock.nanos() - ctx.start) }
         ctx.stats.succeeded += src.pageCount
         if src.isLarge { ctx.stats.thpSucceeded += 1 }
         if let d = u.deferred {
@@ -497,10 +497,10 @@ extension Kernel {
             while i < from.count {
                 let folio = from[i]
                 i += 1
-                let t0 = svm_now_ns()
+                let t0 = HostClock.nanos()
                 let outcome = migrateFolioUnmap(folio, mode: mode, othersHeld: false, force: pass > 2,
                                                 batchFlush: false, &ctx, newFolio)
-                ctx.stats.unmapNanos += svm_now_ns() - t0
+                ctx.stats.unmapNanos += HostClock.nanos() - t0
                 switch outcome {
                 case .freed:
                     ctx.stats.succeeded += folio.pageCount

@@ -38,11 +38,11 @@ extension Folio {
     @discardableResult
     public func waitWriteback(timeoutNanos: UInt64 = 0) -> Bool {
         let w = meta.flagsWord
-        let deadline = timeoutNanos == 0 ? UInt64.max : svm_now_ns() &+ timeoutNanos
+        let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
         while true {
             let v = svm_load32(w)
             if v & PageFlags.writeback.rawValue == 0 { return true }
-            let now = svm_now_ns()
+            let now = HostClock.nanos()
             if now >= deadline { return false }
             // Woken by endWriteback (or any flags change); re-checked each time.
             _ = svm_futex_wait(w, v, min(deadline - now, 1_000_000))
@@ -55,9 +55,9 @@ extension Folio {
     /// a hung test; the kernel's own wait has no limit.
     public func lock(timeoutNanos: UInt64) -> Bool {
         if tryLock() { return true }
-        let deadline = svm_now_ns() &+ timeoutNanos
+        let deadline = HostClock.nanos() &+ timeoutNanos
         while true {
-            let now = svm_now_ns()
+            let now = HostClock.nanos()
             if now >= deadline { return false }
             if waitUnlocked(timeoutNanos: deadline - now), tryLock() { return true }
         }

@@ -1,0 +1,71 @@
+import CSVMSupport
+
+/// Host memory for flat, address-indexed storage (page-table arrays, frames,
+/// device page tables): anonymous private mappings that cost nothing until
+/// touched, and the byte copies the copy engines and benchmarks make.
+public enum HostMemory {
+    /// Reserves `bytes` of lazily touched, zero-filled memory with no swap
+    /// reservation; nil when the host refuses the address space. Release it
+    /// with `release(_:bytes:)`.
+    ///
+    /// The corresponding C function is `mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)`.
+    public static func reserve(bytes: Int) -> UnsafeMutableRawPointer? {
+        system_mmap_anonymous(bytes)
+    }
+
+    /// `reserve(bytes:)` where the caller cannot go on without the memory
+    /// (the page tables and metadata arrays at boot): stops the process with
+    /// a message that names `what` the memory was for.
+    static func reserveOrStop(bytes: Int, for what: String) -> UnsafeMutableRawPointer {
+        guard let p = reserve(bytes: bytes) else { refused(bytes: bytes, for: what) }
+        return p
+    }
+
+    /// Stops after the host refused `bytes` of address space, with the errno.
+    static func refused(bytes: Int, for what: String) -> Never {
+        fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for \(what) (errno \(system_errno))")
+    }
+
+    /// Asks the host to back `bytes` at `p` (from `reserve`) with huge pages
+    /// where it can: one host TLB entry and one host fault per 2 MiB.
+    ///
+    /// The corresponding C function is `madvise(MADV_HUGEPAGE)`.
+    static func adviseHugePages(_ p: UnsafeMutableRawPointer, bytes: Int) {
+        system_madvise_hugepage(p, bytes)
+    }
+
+    /// Returns memory from `reserve(bytes:)` to the host.
+    ///
+    /// The corresponding C function is `munmap`.
+    public static func release(_ p: UnsafeMutableRawPointer, bytes: Int) {
+        system_munmap(p, bytes)
+    }
+
+    /// Copies `bytes` bytes: through the caches, or with `streaming` with
+    /// non-temporal stores, as a DMA engine writes memory without filling the
+    /// CPU caches (64-byte multiples on 16-byte aligned buffers; anything else
+    /// is a plain copy). Streaming stores are weakly ordered: other threads
+    /// see them after `storeFence()`.
+    ///
+    /// The corresponding C function is `memcpy`.
+    @inlinable @inline(__always)
+    public static func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int,
+                            streaming: Bool = false) {
+        if streaming {
+            svm_copy_stream_unfenced(destination, source, bytes)
+        } else {
+            svm_memcpy(destination, source, bytes)
+        }
+    }
+
+    /// Orders every earlier streaming store of this thread before its later
+    /// stores: one fence for a batch of streaming copies, like one DMA completion.
+    @inlinable @inline(__always)
+    public static func storeFence() { svm_store_fence() }
+
+    /// A compiler barrier on `p`: the optimizer must assume the bytes there
+    /// are read and written, so a benchmark's copies are neither dropped nor
+    /// merged.
+    @inlinable @inline(__always)
+    public static func escape(_ p: UnsafeMutableRawPointer) { svm_escape(p) }
+}
