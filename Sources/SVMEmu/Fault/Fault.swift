@@ -126,7 +126,7 @@ extension AddressSpace {
             folio.set([.shmem, .uptodate, .lru])
             folio.meta.mappingMM = id
             folio.meta.index = address >> 12
-            _ = svm_add32(folio.meta.mapWord, 1)
+            folio.page(0).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
         }
         let writable = vma.flags.contains(.write)
         storePTE(address, .present(pfn: folio.pfn, write: writable, dirty: writable))

@@ -1,4 +1,5 @@
 import CSVMSupport
+import Synchronization
 
 /// A base page frame (`struct page`): a pfn on this machine.
 ///
@@ -22,6 +23,10 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
     @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
     /// PTE mappings of this page (`page_mapcount()`, without the folio's PMD mappings).
     public var mapCount: Int { Int(meta.mapcount) }
+    /// The page's map count word (`page->_mapcount`), for the rmap code.
+    @inlinable var atomicMapcount: UnsafeAtomic<Int32> { meta.atomicMapcount }
+    /// The page's flags word (`page->flags`).
+    @inlinable var atomicFlags: UnsafeAtomic<UInt32> { meta.atomicFlags }
     /// Whether the page belongs to a device page map (`is_zone_device_page()`).
     public var isZoneDevice: Bool { meta.test(PageFlags.zoneDevice.rawValue) }
     /// Whether this page is anon-exclusive (`PageAnonExclusive()`).
@@ -84,6 +89,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     }
     /// PMD mappings of the folio (`folio_entire_mapcount()`).
     public var entireMapCount: Int { Int(meta.entireMapcount) }
+    /// The folio's reference count word (`folio->_refcount`).
+    @inlinable var atomicRefcount: UnsafeAtomic<Int32> { meta.atomicRefcount }
+    /// The folio's PMD map count word (`folio->_entire_mapcount`), for the rmap code.
+    @inlinable var atomicEntireMapcount: UnsafeAtomic<Int32> { meta.atomicEntireMapcount }
+    /// The head page's flags word (`folio->flags`).
+    @inlinable var atomicFlags: UnsafeAtomic<UInt32> { meta.atomicFlags }
     /// `folio_mapped()`.
     public var isMapped: Bool { mapCount > 0 }
     @inlinable public var isZoneDevice: Bool { meta.test(PageFlags.zoneDevice.rawValue) }
@@ -116,28 +127,31 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
 
     /// `folio_get()`: takes a reference. The folio must already be referenced.
     @inlinable public func get() {
-        let n = svm_add32(meta.refWord, 1)
+        let n = atomicRefcount.wrappingAdd(1, ordering: .acquiringAndReleasing).newValue
         if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)") }
     }
     /// `folio_try_get()`: takes a reference unless the count is zero (being freed).
     @inlinable public func tryGet() -> Bool {
         var cur = meta.refcount
         while cur > 0 {
-            if svm_casi32(meta.refWord, &cur, cur + 1) { return true }
+            let (exchanged, seen) = atomicRefcount.compareExchange(
+                expected: cur, desired: cur + 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring)
+            if exchanged { return true }
+            cur = seen
         }
         return false
     }
     /// `folio_put()`: drops a reference; the last one frees the folio (to its
     /// node, or to the device page map's `folioFree`).
     @inlinable public func put() {
-        let n = svm_add32(meta.refWord, -1)
+        let n = atomicRefcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
-            svm_storei32(meta.refWord, 0)
+            atomicRefcount.store(0, ordering: .releasing)
             kernel.warn("folio_put: reference count underflow", "\(self)")
         }
     }
     /// `folio_ref_add()`.
-    @inlinable func refAdd(_ n: Int32) { _ = svm_add32(meta.refWord, n) }
+    @inlinable func refAdd(_ n: Int32) { atomicRefcount.wrappingAdd(n, ordering: .acquiringAndReleasing) }
 
     // MARK: the folio lock (PG_locked)
 
@@ -170,7 +184,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// unlock (the kernel's page lock is released by whoever finishes the work).
     @inlinable public func unlock() {
         svm_tsan_release(meta.flagsWord)
-        let old = svm_and32(meta.flagsWord, ~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue))
+        let old = meta.atomicFlags.bitwiseAnd(~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue), ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.locked.rawValue == 0 {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
         }

@@ -122,7 +122,7 @@ public final class MemoryNode: @unchecked Sendable {
     private func release(pfn: UInt64, order: Int, kernel: Kernel) {
         for i in 0..<(UInt64(1) << UInt64(order)) {
             let m = kernel.metaPtr(pfn + i)
-            svm_store32(m.flagsWord, PageFlags.buddy.rawValue)
+            m.atomicFlags.store(PageFlags.buddy.rawValue, ordering: .releasing)
             m.order = 0
             m.head = pfn + i
             m.mappingMM = 0
@@ -145,10 +145,10 @@ extension Kernel {
     /// mappings, head/tail links (`prep_compound_page()` for order 9).
     func prepareNewFolio(pfn: UInt64, order: Int, flags: UInt32) {
         let head = metaPtr(pfn)
-        svm_store32(head.flagsWord, flags | (order > 0 ? PageFlags.head.rawValue : 0))
-        svm_storei32(head.refWord, 1)
-        svm_storei32(head.mapWord, 0)
-        svm_storei32(head.entireMapWord, 0)
+        head.atomicFlags.store(flags | (order > 0 ? PageFlags.head.rawValue : 0), ordering: .releasing)
+        head.atomicRefcount.store(1, ordering: .releasing)
+        head.atomicMapcount.store(0, ordering: .releasing)
+        head.atomicEntireMapcount.store(0, ordering: .releasing)
         head.order = UInt8(order)
         head.head = pfn
         head.mappingMM = 0
@@ -156,9 +156,9 @@ extension Kernel {
         if order > 0 {
             for i in 1..<(UInt64(1) << UInt64(order)) {
                 let t = metaPtr(pfn + i)
-                svm_store32(t.flagsWord, PageFlags.tail.rawValue | (flags & PageFlags.zoneDevice.rawValue))
-                svm_storei32(t.refWord, 0)
-                svm_storei32(t.mapWord, 0)
+                t.atomicFlags.store(PageFlags.tail.rawValue | (flags & PageFlags.zoneDevice.rawValue), ordering: .releasing)
+                t.atomicRefcount.store(0, ordering: .releasing)
+                t.atomicMapcount.store(0, ordering: .releasing)
                 t.order = 0
                 t.head = pfn
                 t.mappingMM = 0

@@ -44,9 +44,9 @@ extension Kernel {
         for i in 1..<UInt64(512) {
             let m = metaPtr(folio.pfn + i)
             let own = m.flags & PageFlags.anonExclusive.rawValue
-            svm_store32(m.flagsWord, inherited | own)
+            m.atomicFlags.store(inherited | own, ordering: .releasing)
             let refs = m.mapcount
-            svm_storei32(m.refWord, refs)
+            m.atomicRefcount.store(refs, ordering: .releasing)
             m.order = 0
             m.head = folio.pfn + i
             m.mappingMM = mmID
@@ -54,7 +54,7 @@ extension Kernel {
             m.pgmap = head.pgmap
             if refs == 0 { freed.append(folio.pfn + i) }
         }
-        svm_storei32(head.refWord, head.mapcount + 1)
+        head.atomicRefcount.store(head.mapcount + 1, ordering: .releasing)
         head.clearFlags(PageFlags.head.rawValue)
         head.order = 0
         vmstat.count(.thpSplitPage)
@@ -127,8 +127,8 @@ extension Kernel {
         let write = src[i].isWrite ? MigratePFN.writeBit : 0
         for j in 1..<UInt64(Kernel.hugePages) {
             let t = metaPtr(folio.pfn + j)
-            svm_store32(t.flagsWord, inherited | PageFlags.locked.rawValue)
-            svm_storei32(t.refWord, 1)
+            t.atomicFlags.store(inherited | PageFlags.locked.rawValue, ordering: .releasing)
+            t.atomicRefcount.store(1, ordering: .releasing)
             t.order = 0
             t.head = folio.pfn + j
             t.mappingMM = mmID
@@ -174,9 +174,9 @@ extension AddressSpace {
             for i in 0..<512 {
                 let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
                 svm_store64(ptes + i, e.rawValue)
-                _ = svm_add32(kernel.metaPtr(pmd.pfn + UInt64(i)).mapWord, 1)
+                kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
             }
-            _ = svm_add32(folio.meta.entireMapWord, -1)
+            folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
             folio.refAdd(511)
         case .migration:
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)

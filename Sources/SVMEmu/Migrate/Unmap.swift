@@ -77,7 +77,7 @@ extension Kernel {
 
     /// `folio_isolate_lru()`: takes the folio off the LRU with a reference.
     func isolateLRU(_ folio: Folio) -> Bool {
-        let old = svm_and32(folio.meta.flagsWord, ~PageFlags.lru.rawValue)
+        let old = folio.atomicFlags.bitwiseAnd(~PageFlags.lru.rawValue, ordering: .acquiringAndReleasing).oldValue
         guard old & PageFlags.lru.rawValue != 0 else { return false }
         folio.get()
         return true
