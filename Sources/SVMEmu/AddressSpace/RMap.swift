@@ -25,7 +25,9 @@ extension AddressSpace {
 
     /// Re-adds the mapping of one page that was unmapped by a migration entry
     /// (`folio_add_anon_rmap_pte()` in `remove_migration_pte()`).
+    /// Caller holds the PTE lock of `address`.
     func addAnonRmap(page: Page, address: UInt64, exclusive: Bool) {
+        assertPTLHeld(address, "folio_add_anon_rmap_pte: PTE lock not held")
         let folio = page.folio
         let head = folio.meta
         head.mappingMM = id
@@ -35,8 +37,9 @@ extension AddressSpace {
         page.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
     }
 
-    /// `folio_add_anon_rmap_pmd()`.
+    /// `folio_add_anon_rmap_pmd()`. Caller holds the PMD lock of `address`.
     func addEntireAnonRmap(_ folio: Folio, address: UInt64, exclusive: Bool) {
+        assertPMDLockHeld(address, "folio_add_anon_rmap_pmd: PMD lock not held")
         let head = folio.meta
         head.mappingMM = id
         head.index = address >> 12

@@ -45,69 +45,65 @@ extension AddressSpace {
     }
 
     private func zapPTEs(_ start: UInt64, _ end: UInt64, _ toPut: inout [Folio], _ cleared: inout (lo: UInt64, hi: UInt64)) {
-        let lock = ptl(start)
-        svm_mutex_lock(lock)
-        defer { svm_mutex_unlock(lock) }
-        guard loadPMD(start).kind == .table else { return }
-        var a = start
-        while a < end {
-            let pte = loadPTE(a)
-            if !pte.isNone { cleared = (min(cleared.lo, a), max(cleared.hi, a + 4096)) }
-            switch pte.kind {
-            case .present:
-                storePTE(a, .none)
-                if !pte.isSpecial {
+        withPTL(start) {
+            guard loadPMD(start).kind == .table else { return }
+            var a = start
+            while a < end {
+                let pte = loadPTE(a)
+                if !pte.isNone { cleared = (min(cleared.lo, a), max(cleared.hi, a + 4096)) }
+                switch pte.kind {
+                case .present:
+                    storePTE(a, .none)
+                    if !pte.isSpecial {
+                        let page = Page(pfn: pte.pfn, kernel: kernel)
+                        let folio = page.folio
+                        if pte.isDirty { folio.markDirty() }
+                        removeRmap(page: page)
+                        toPut.append(folio)
+                    }
+                case .devicePrivate:
+                    storePTE(a, .none)
                     let page = Page(pfn: pte.pfn, kernel: kernel)
-                    let folio = page.folio
-                    if pte.isDirty { folio.markDirty() }
                     removeRmap(page: page)
-                    toPut.append(folio)
+                    toPut.append(page.folio)
+                case .migration:
+                    // A migration entry holds neither a mapping nor a reference.
+                    storePTE(a, .none)
+                case .none, .table:
+                    break
                 }
-            case .devicePrivate:
-                storePTE(a, .none)
-                let page = Page(pfn: pte.pfn, kernel: kernel)
-                removeRmap(page: page)
-                toPut.append(page.folio)
-            case .migration:
-                // A migration entry holds neither a mapping nor a reference.
-                storePTE(a, .none)
-            case .none, .table:
-                break
+                a += 4096
             }
-            a += 4096
         }
     }
 
     private func zapHugePMD(_ pmdStart: UInt64, _ toPut: inout [Folio]) {
-        let lock = pmdLock(pmdStart)
-        svm_mutex_lock(lock)
-        defer { svm_mutex_unlock(lock) }
-        let pmd = loadPMD(pmdStart)
-        storePMD(pmdStart, .none)
-        switch pmd.kind {
-        case .present where pmd.isSpecial:
-            break
-        case .present, .devicePrivate:
-            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
-            if pmd.isDirty { folio.markDirty() }
-            removeEntireRmap(folio)
-            toPut.append(folio)
-        default:
-            break
+        withPMDLock(pmdStart) {
+            let pmd = loadPMD(pmdStart)
+            storePMD(pmdStart, .none)
+            switch pmd.kind {
+            case .present where pmd.isSpecial:
+                break
+            case .present, .devicePrivate:
+                let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+                if pmd.isDirty { folio.markDirty() }
+                removeEntireRmap(folio)
+                toPut.append(folio)
+            default:
+                break
+            }
         }
     }
 
     /// Returns a PTE table: clears it so that it is fresh for the next user.
     func freePTETable(_ pmdStart: UInt64) {
-        let lock = pmdLock(pmdStart)
-        svm_mutex_lock(lock)
-        let ptlock = ptl(pmdStart)
-        svm_mutex_lock(ptlock)
-        if loadPMD(pmdStart).kind == .table {
-            svm_memset(pteSlot(pmdStart), 0, 512 * 8)
-            storePMD(pmdStart, .none)
+        withPMDLock(pmdStart) {
+            withPTL(pmdStart) {
+                if loadPMD(pmdStart).kind == .table {
+                    svm_memset(pteSlot(pmdStart), 0, 512 * 8)
+                    storePMD(pmdStart, .none)
+                }
+            }
         }
-        svm_mutex_unlock(ptlock)
-        svm_mutex_unlock(lock)
     }
 }

@@ -57,27 +57,26 @@ extension AddressSpace {
         }
         guard let huge = kernel.allocateFolio(order: 9) else { return .noMemory }
         return withInvalidation(haddr, haddr + AddressSpace.pmdSize, .clear) { () -> Errno? in
-            let lock = ptl(haddr)
-            svm_mutex_lock(lock)
             var old: [Folio] = []
             old.reserveCapacity(512)
             var dirty = false
-            for i in 0..<512 {
-                let a = haddr + UInt64(i) << 12
-                let e = loadPTE(a)
-                let dst = huge.bytes + i * 4096
-                if e.kind == .present && !e.isSpecial {
-                    let page = Page(pfn: e.pfn, kernel: kernel)
-                    svm_memcpy(dst, page.bytes, 4096)
-                    dirty = dirty || e.isDirty || page.folio.isDirty
-                    removeRmap(page: page)
-                    old.append(page.folio)
-                } else {
-                    svm_memset(dst, 0, 4096)
+            withPTL(haddr) {
+                for i in 0..<512 {
+                    let a = haddr + UInt64(i) << 12
+                    let e = loadPTE(a)
+                    let dst = huge.bytes + i * 4096
+                    if e.kind == .present && !e.isSpecial {
+                        let page = Page(pfn: e.pfn, kernel: kernel)
+                        svm_memcpy(dst, page.bytes, 4096)
+                        dirty = dirty || e.isDirty || page.folio.isDirty
+                        removeRmap(page: page)
+                        old.append(page.folio)
+                    } else {
+                        svm_memset(dst, 0, 4096)
+                    }
+                    storePTE(a, .none)
                 }
-                storePTE(a, .none)
             }
-            svm_mutex_unlock(lock)
             freePTETable(haddr)
             addNewAnonRmap(huge, address: haddr, pmdMapped: true)
             if dirty { huge.markDirty() }

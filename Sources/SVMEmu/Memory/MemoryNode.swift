@@ -21,8 +21,8 @@ public final class MemoryNode: @unchecked Sendable {
     /// The kernel, unretained (the kernel owns its nodes); set once when added.
     var kernelRef: Unmanaged<Kernel>! = nil
 
-    // Protected by `zoneLock` (the zone lock).
-    private let zoneLock: UnsafeMutablePointer<UInt32>
+    // Protected by `zoneLock` (the zone lock): the allocator state below.
+    private let zoneLock: SpinLockRef
     private var bump: UInt64
     private var free0: UInt64 = 0      // head: next frame handed out
     private var free0Tail: UInt64 = 0  // last frame freed
@@ -37,15 +37,15 @@ public final class MemoryNode: @unchecked Sendable {
         self.bytes = bytes
         self.bump = startPfn
         self.freePagesCount = pageCount
-        zoneLock = .allocate(capacity: 1)
-        zoneLock.initialize(to: 0)
+        let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+        word.initialize(to: 0)
+        zoneLock = SpinLockRef(word)
     }
-    deinit { zoneLock.deallocate() }
+    deinit { zoneLock.word.deallocate() }
 
     /// Free base pages on this node (`NR_FREE_PAGES`).
     public var freePages: UInt64 {
-        svm_mutex_lock(zoneLock); defer { svm_mutex_unlock(zoneLock) }
-        return freePagesCount
+        zoneLock.withLock { freePagesCount }
     }
 
     /// Allocates a folio of `order` 0 or 9 with one reference, unlocked, not
@@ -63,7 +63,19 @@ public final class MemoryNode: @unchecked Sendable {
     }
 
     private func allocate(order: Int, kernel: Kernel) -> Folio? {
-        svm_mutex_lock(zoneLock)
+        let pfn = zoneLock.withLock { takeFrames(order: order, kernel: kernel) }
+        guard pfn != 0 else {
+            kernel.vmstat.count(order == 0 ? .allocFail : .thpAllocFail)
+            return nil
+        }
+        kernel.prepareNewFolio(pfn: pfn, order: order, flags: 0)
+        kernel.vmstat.count(.pgalloc, UInt64(1) << UInt64(order))
+        return Folio(pfn: pfn, kernel: kernel)
+    }
+
+    /// Takes the first frame of a free block of `order` off the free lists,
+    /// or 0 when there is none. Caller holds the zone lock.
+    private func takeFrames(order: Int, kernel: Kernel) -> UInt64 {
         var pfn: UInt64 = 0
         if order == 0 {
             if free0 != 0 {
@@ -96,14 +108,7 @@ public final class MemoryNode: @unchecked Sendable {
             }
         }
         if pfn != 0 { freePagesCount -= UInt64(1) << UInt64(order) }
-        svm_mutex_unlock(zoneLock)
-        guard pfn != 0 else {
-            kernel.vmstat.count(order == 0 ? .allocFail : .thpAllocFail)
-            return nil
-        }
-        kernel.prepareNewFolio(pfn: pfn, order: order, flags: 0)
-        kernel.vmstat.count(.pgalloc, UInt64(1) << UInt64(order))
-        return Folio(pfn: pfn, kernel: kernel)
+        return pfn
     }
 
     /// Appends a frame to the order-0 free list. Caller holds the zone lock.
@@ -127,15 +132,15 @@ public final class MemoryNode: @unchecked Sendable {
             m.head = pfn + i
             m.mappingMM = 0
         }
-        svm_mutex_lock(zoneLock)
-        if order == 9 {
-            kernel.metaPtr(pfn).next = free9
-            free9 = pfn
-        } else {
-            appendFree0(pfn, kernel)
+        zoneLock.withLock {
+            if order == 9 {
+                kernel.metaPtr(pfn).next = free9
+                free9 = pfn
+            } else {
+                appendFree0(pfn, kernel)
+            }
+            freePagesCount += UInt64(1) << UInt64(order)
         }
-        freePagesCount += UInt64(1) << UInt64(order)
-        svm_mutex_unlock(zoneLock)
         kernel.vmstat.count(.pgfree, UInt64(1) << UInt64(order))
     }
 }

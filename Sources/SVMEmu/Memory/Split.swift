@@ -24,12 +24,18 @@ extension Kernel {
             if pmd.kind != .none && pmd.kind != .table && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
         }
         if folio.entireMapCount > 0 { return false }
-        var lock: UnsafeMutablePointer<UInt32>? = nil
         if let (mm, address) = rmap, mm.covers(address) {
-            lock = mm.ptl(address)
-            svm_mutex_lock(lock!)
+            return mm.withPTL(address) { splitPTEMappedFolio(folio) }
         }
-        defer { if let lock { svm_mutex_unlock(lock) } }
+        return splitPTEMappedFolio(folio)
+    }
+
+    /// The split proper (`__split_huge_page()`) of a folio no PMD maps: the
+    /// reference check, then 512 order-0 folios. The caller holds the folio
+    /// lock, one reference and, for a mapped folio, the PTE lock of its
+    /// mapping, which keeps the map counts still while they become
+    /// reference counts.
+    private func splitPTEMappedFolio(_ folio: Folio) -> Bool {
         var mapped: Int32 = 0
         for i in 0..<512 { mapped += metaPtr(folio.pfn + UInt64(i)).mapcount }
         guard Int32(folio.refCount) == mapped + 1 else { return false }
@@ -157,35 +163,34 @@ extension AddressSpace {
     /// The corresponding kernel function is `__split_huge_pmd()`.
     public func splitHugePMD(_ address: UInt64) {
         let pmdStart = address & AddressSpace.pmdMask
-        let lock = pmdLock(pmdStart)
-        svm_mutex_lock(lock)
-        defer { svm_mutex_unlock(lock) }
-        let pmd = loadPMD(pmdStart)
-        let ptes = pteSlot(pmdStart)
-        switch pmd.kind {
-        case .none, .table:
-            return
-        case .present where pmd.isSpecial:
-            let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
-            for i in 0..<512 { svm_store64(ptes + i, zero.rawValue) }
-        case .present, .devicePrivate:
-            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
-            let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
-            for i in 0..<512 {
-                let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
-                svm_store64(ptes + i, e.rawValue)
-                kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        withPMDLock(pmdStart) {
+            let pmd = loadPMD(pmdStart)
+            let ptes = pteSlot(pmdStart)
+            switch pmd.kind {
+            case .none, .table:
+                return
+            case .present where pmd.isSpecial:
+                let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
+                for i in 0..<512 { svm_store64(ptes + i, zero.rawValue) }
+            case .present, .devicePrivate:
+                let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+                let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
+                for i in 0..<512 {
+                    let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
+                    svm_store64(ptes + i, e.rawValue)
+                    kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+                }
+                folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
+                folio.refAdd(511)
+            case .migration:
+                let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
+                for i in 0..<512 {
+                    svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+                }
             }
-            folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
-            folio.refAdd(511)
-        case .migration:
-            let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
-            for i in 0..<512 {
-                svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
-            }
+            storePMD(pmdStart, .table)
+            if pmd.kind == .present { flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize) }
+            kernel.vmstat.count(.thpSplitPmd)
         }
-        storePMD(pmdStart, .table)
-        if pmd.kind == .present { flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize) }
-        kernel.vmstat.count(.thpSplitPmd)
     }
 }

@@ -115,101 +115,107 @@ extension Kernel {
     private func collectPTEs(_ args: inout MigrateVMA, _ vma: VMA, start: UInt64,
                              addr: inout UInt64, end: UInt64) -> Bool {
         let mm = vma.mm
-        let lock = mm.ptl(start)
-        svm_mutex_lock(lock)
-        guard mm.loadPMD(start).kind == .table else { svm_mutex_unlock(lock); return false }
         let faultFolio = args.faultPage?.folio
         let faultPageLocked = args.faultPageLocked == true
         var unmapped = false
-        while addr < end {
-            var mpfn = MigratePFN.empty
-            let pte = mm.loadPTE(addr)
-            var page: Page? = nil
-            switch pte.kind {
-            case .none, .table:
-                if vma.isAnonymous {
-                    mpfn = .hole
-                    args.cpages += 1
-                }
-            case .migration:
-                break
-            case .devicePrivate:
-                let p = Page(pfn: pte.pfn, kernel: self)
-                if args.flags.contains(.devicePrivate), p.folio.isOwned(by: args.pgmapOwner) {
-                    if p.folio.isLarge {
-                        svm_mutex_unlock(lock)
-                        if unmapped { mm.flushTLBRange(start, end) }
-                        if !splitFolioForMigration(p.folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
-                            collectSkip(&args, addr, end)
-                            return true
+        let outcome: CollectPTEsEnd = mm.withPTL(start) {
+            guard mm.loadPMD(start).kind == .table else { return .restart }
+            while addr < end {
+                var mpfn = MigratePFN.empty
+                let pte = mm.loadPTE(addr)
+                var page: Page? = nil
+                switch pte.kind {
+                case .none, .table:
+                    if vma.isAnonymous {
+                        mpfn = .hole
+                        args.cpages += 1
+                    }
+                case .migration:
+                    break
+                case .devicePrivate:
+                    let p = Page(pfn: pte.pfn, kernel: self)
+                    if args.flags.contains(.devicePrivate), p.folio.isOwned(by: args.pgmapOwner) {
+                        if p.folio.isLarge {
+                            return .split(p.folio)
                         }
-                        return false
+                        mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
+                        page = p
+                    }
+                case .present:
+                    if pte.isSpecial {
+                        if args.flags.contains(.system) {
+                            mpfn = .hole
+                            args.cpages += 1
+                        }
+                        break
+                    }
+                    let p = Page(pfn: pte.pfn, kernel: self)
+                    let folio = p.folio
+                    if !folio.isZoneDevice && !args.flags.contains(.system) { break }
+                    if folio.isDeviceCoherent {
+                        guard args.flags.contains(.deviceCoherent), folio.isOwned(by: args.pgmapOwner) else { break }
+                    }
+                    if folio.isLarge {
+                        return .split(folio)
                     }
                     mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
                     page = p
                 }
-            case .present:
-                if pte.isSpecial {
-                    if args.flags.contains(.system) {
-                        mpfn = .hole
+                if let page {
+                    let folio = page.folio
+                    folio.get()
+                    let ownsLock = (faultPageLocked && faultFolio == folio) || folio.tryLock()
+                    if ownsLock {
+                        let anonExclusive = folio.isAnon && page.isAnonExclusive
+                        // Clear the entry; an anon-exclusive page is shared first
+                        // (folio_try_share_anon_rmap_pte: fails only for a pinned page,
+                        // and the emulator has no pins).
+                        mm.storePTE(addr, .none)
+                        if anonExclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
                         args.cpages += 1
+                        if pte.kind == .present && pte.isDirty { folio.markDirty() }
+                        let entry = PageTableEntry.migration(
+                            pfn: page.pfn, write: mpfn.isWrite, readExclusive: !mpfn.isWrite && anonExclusive,
+                            dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
+                            .keepingProtection(of: pte)
+                        mm.storePTE(addr, entry)
+                        // Like a regular unmap: the rmap and the mapping's reference go;
+                        // the reference taken above keeps the folio.
+                        mm.removeRmap(page: page)
+                        folio.put()
+                        if pte.kind == .present { unmapped = true }
+                    } else {
+                        folio.put()
+                        mpfn = .empty
                     }
-                    break
                 }
-                let p = Page(pfn: pte.pfn, kernel: self)
-                let folio = p.folio
-                if !folio.isZoneDevice && !args.flags.contains(.system) { break }
-                if folio.isDeviceCoherent {
-                    guard args.flags.contains(.deviceCoherent), folio.isOwned(by: args.pgmapOwner) else { break }
-                }
-                if folio.isLarge {
-                    svm_mutex_unlock(lock)
-                    if unmapped { mm.flushTLBRange(start, end) }
-                    if !splitFolioForMigration(folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
-                        collectSkip(&args, addr, end)
-                        return true
-                    }
-                    return false
-                }
-                mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
-                page = p
+                args.dst[args.npages] = .empty
+                args.src[args.npages] = mpfn
+                args.npages += 1
+                addr += 4096
             }
-            if let page {
-                let folio = page.folio
-                folio.get()
-                let ownsLock = (faultPageLocked && faultFolio == folio) || folio.tryLock()
-                if ownsLock {
-                    let anonExclusive = folio.isAnon && page.isAnonExclusive
-                    // Clear the entry; an anon-exclusive page is shared first
-                    // (folio_try_share_anon_rmap_pte: fails only for a pinned page,
-                    // and the emulator has no pins).
-                    mm.storePTE(addr, .none)
-                    if anonExclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
-                    args.cpages += 1
-                    if pte.kind == .present && pte.isDirty { folio.markDirty() }
-                    let entry = PageTableEntry.migration(
-                        pfn: page.pfn, write: mpfn.isWrite, readExclusive: !mpfn.isWrite && anonExclusive,
-                        dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
-                        .keepingProtection(of: pte)
-                    mm.storePTE(addr, entry)
-                    // Like a regular unmap: the rmap and the mapping's reference go;
-                    // the reference taken above keeps the folio.
-                    mm.removeRmap(page: page)
-                    folio.put()
-                    if pte.kind == .present { unmapped = true }
-                } else {
-                    folio.put()
-                    mpfn = .empty
-                }
-            }
-            args.dst[args.npages] = .empty
-            args.src[args.npages] = mpfn
-            args.npages += 1
-            addr += 4096
+            if unmapped { mm.flushTLBRange(start, end) }
+            return .done
         }
-        if unmapped { mm.flushTLBRange(start, end) }
-        svm_mutex_unlock(lock)
-        return true
+        switch outcome {
+        case .done:
+            return true
+        case .restart:
+            return false
+        case .split(let folio):
+            // A large folio: drop the PTE lock, flush what was unmapped,
+            // split, and walk the PMD again.
+            if unmapped { mm.flushTLBRange(start, end) }
+            if !splitFolioForMigration(folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
+                collectSkip(&args, addr, end)
+                return true
+            }
+            return false
+        }
     }
+
+    /// How the PTE loop ended: the range walked, the PMD changed under it, or
+    /// a large folio to split before walking the PMD again.
+    private enum CollectPTEsEnd { case done, restart, split(Folio) }
 
 }

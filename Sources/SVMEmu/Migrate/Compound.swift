@@ -36,23 +36,20 @@ extension Kernel {
     /// rmap and mapping reference dropped. Returns false to skip the range.
     func collectHugePMD(_ args: inout MigrateVMA, _ vma: VMA, _ haddr: UInt64) -> Bool {
         let mm = vma.mm
-        let lock = mm.pmdLock(haddr)
-        svm_mutex_lock(lock)
-        let pmd = mm.loadPMD(haddr)
-        guard pmd.kind == .present || pmd.kind == .devicePrivate, !pmd.isSpecial else {
-            svm_mutex_unlock(lock)
-            return false
+        let collected: (pmd: PageTableEntry, folio: Folio)? = mm.withPMDLock(haddr) {
+            let pmd = mm.loadPMD(haddr)
+            guard pmd.kind == .present || pmd.kind == .devicePrivate, !pmd.isSpecial else { return nil }
+            let folio = Folio(pfn: pmd.pfn, kernel: self)
+            folio.get()
+            let isFault = args.faultPageLocked == true && args.faultPage?.folio == folio
+            guard isFault || folio.tryLock() else {
+                folio.put()
+                return nil
+            }
+            setPMDMigrationEntry(mm, haddr, pmd, folio, anonExclusive: folio.isAnon && folio.page(0).isAnonExclusive)
+            return (pmd, folio)
         }
-        let folio = Folio(pfn: pmd.pfn, kernel: self)
-        folio.get()
-        let isFault = args.faultPageLocked == true && args.faultPage?.folio == folio
-        guard isFault || folio.tryLock() else {
-            svm_mutex_unlock(lock)
-            folio.put()
-            return false
-        }
-        setPMDMigrationEntry(mm, haddr, pmd, folio, anonExclusive: folio.isAnon && folio.page(0).isAnonExclusive)
-        svm_mutex_unlock(lock)
+        guard let (pmd, folio) = collected else { return false }
         folio.put()
         if pmd.kind == .present { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
         collectCompound(&args, MigratePFN(pfn: folio.pfn).with(
@@ -70,20 +67,20 @@ extension Kernel {
             return
         }
         let entry = PageTableEntry.holeMapping(of: folio, pfn: folio.pfn, in: vma)
-        let lock = mm.pmdLock(haddr)
-        svm_mutex_lock(lock)
-        let pmd = mm.loadPMD(haddr)
-        let replacingZero = pmd.kind == .present && pmd.isSpecial
-        guard pmd.isNone || replacingZero else {
-            svm_mutex_unlock(lock)
+        let replacedZero: Bool? = mm.withPMDLock(haddr) {
+            let pmd = mm.loadPMD(haddr)
+            let replacingZero = pmd.kind == .present && pmd.isSpecial
+            guard pmd.isNone || replacingZero else { return nil }
+            folio.set(.uptodate)
+            mm.addNewAnonRmap(folio, address: haddr, pmdMapped: true)
+            folio.get()
+            mm.storePMD(haddr, entry)
+            return replacingZero
+        }
+        guard let replacingZero = replacedZero else {
             src = src.without(MigratePFN.migrateBit)
             return
         }
-        folio.set(.uptodate)
-        mm.addNewAnonRmap(folio, address: haddr, pmdMapped: true)
-        folio.get()
-        mm.storePMD(haddr, entry)
-        svm_mutex_unlock(lock)
         if replacingZero { mm.flushTLBRange(haddr, haddr + (2 << 20)) }
         src = MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit)
     }
@@ -94,6 +91,7 @@ extension Kernel {
     /// Caller holds the PMD lock, flushes the TLB for a present mapping after
     /// dropping it, and drops the mapping's reference.
     func setPMDMigrationEntry(_ mm: AddressSpace, _ haddr: UInt64, _ pmd: PageTableEntry, _ folio: Folio, anonExclusive: Bool) {
+        mm.assertPMDLockHeld(haddr, "set_pmd_migration_entry: PMD lock not held")
         if anonExclusive {
             for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
         }
@@ -111,15 +109,13 @@ extension Kernel {
         let range = MMUNotifierRange(start: address, end: address + (2 << 20), event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
-        let lock = mm.pmdLock(address)
-        svm_mutex_lock(lock)
-        let pmd = mm.loadPMD(address)
-        guard (pmd.kind == .present || pmd.kind == .devicePrivate) && pmd.pfn == folio.pfn else {
-            svm_mutex_unlock(lock)
-            return
+        let unmapped: PageTableEntry? = mm.withPMDLock(address) {
+            let pmd = mm.loadPMD(address)
+            guard (pmd.kind == .present || pmd.kind == .devicePrivate) && pmd.pfn == folio.pfn else { return nil }
+            setPMDMigrationEntry(mm, address, pmd, folio, anonExclusive: folio.page(0).isAnonExclusive)
+            return pmd
         }
-        setPMDMigrationEntry(mm, address, pmd, folio, anonExclusive: folio.page(0).isAnonExclusive)
-        svm_mutex_unlock(lock)
+        guard let pmd = unmapped else { return }
         if pmd.kind == .present { mm.flushTLBRange(address, address + (2 << 20)) }
         folio.put()
     }
@@ -129,18 +125,14 @@ extension Kernel {
     @discardableResult
     func removeMigrationPMD(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) -> Bool {
         guard let (mm, address) = rmapAddress(of: src.page(0), hint: hint), mm.covers(address), address & ((2 << 20) - 1) == 0 else { return false }
-        let lock = mm.pmdLock(address)
-        svm_mutex_lock(lock)
-        let pmd = mm.loadPMD(address)
-        guard pmd.kind == .migration, pmd.pfn == src.pfn else {
-            svm_mutex_unlock(lock)
-            return false
+        return mm.withPMDLock(address) {
+            let pmd = mm.loadPMD(address)
+            guard pmd.kind == .migration, pmd.pfn == src.pfn else { return false }
+            dst.get()
+            let entry = PageTableEntry.replacing(migration: pmd, with: dst, pfn: dst.pfn)
+            mm.addEntireAnonRmap(dst, address: address, exclusive: pmd.isWrite || pmd.isReadExclusive)
+            mm.storePMD(address, entry)
+            return true
         }
-        dst.get()
-        let entry = PageTableEntry.replacing(migration: pmd, with: dst, pfn: dst.pfn)
-        mm.addEntireAnonRmap(dst, address: address, exclusive: pmd.isWrite || pmd.isReadExclusive)
-        mm.storePMD(address, entry)
-        svm_mutex_unlock(lock)
-        return true
     }
 }

@@ -193,22 +193,17 @@ extension Kernel {
         guard pmd.kind == .table else { src = src.without(MigratePFN.migrateBit); return }
         folio.set(.uptodate)
         let entry = PageTableEntry.holeMapping(of: folio, pfn: page.pfn, in: vma)
-        let lock = mm.ptl(addr)
-        svm_mutex_lock(lock)
-        let orig = mm.loadPTE(addr)
-        var flush = false
-        if orig.kind == .present {
-            guard orig.isSpecial else { svm_mutex_unlock(lock); src = src.without(MigratePFN.migrateBit); return }
-            flush = true
-        } else if !orig.isNone {
-            svm_mutex_unlock(lock)
-            src = src.without(MigratePFN.migrateBit)
-            return
+        // Whether the entry replaced needs a flush (the zero page); nil: abort.
+        let replaced: Bool? = mm.withPTL(addr) {
+            let orig = mm.loadPTE(addr)
+            // Only a none entry or the zero page may be replaced.
+            guard orig.isNone || (orig.kind == .present && orig.isSpecial) else { return nil }
+            mm.addNewAnonRmap(folio, address: addr, pmdMapped: false)
+            folio.get()
+            mm.storePTE(addr, entry)
+            return orig.kind == .present
         }
-        mm.addNewAnonRmap(folio, address: addr, pmdMapped: false)
-        folio.get()
-        mm.storePTE(addr, entry)
-        svm_mutex_unlock(lock)
+        guard let flush = replaced else { src = src.without(MigratePFN.migrateBit); return }
         if flush { mm.flushTLBRange(addr, addr + 4096) }
         src = .hole
     }

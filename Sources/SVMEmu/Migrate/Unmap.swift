@@ -117,20 +117,21 @@ extension Kernel {
         let range = MMUNotifierRange(start: address, end: address + 4096, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
-        let lock = mm.ptl(address)
-        svm_mutex_lock(lock)
-        let pte = mm.loadPTE(address)
-        guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn else {
-            return svm_mutex_unlock(lock)
+        let unmapped: PageTableEntry? = mm.withPTL(address) {
+            let pte = mm.loadPTE(address)
+            guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn else {
+                return nil
+            }
+            let exclusive = page.isAnonExclusive
+            if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
+            if pte.kind == .present && pte.isDirty { folio.markDirty() }
+            mm.storePTE(address, PageTableEntry.migration(pfn: page.pfn, write: pte.isWrite, readExclusive: !pte.isWrite && exclusive,
+                                                          dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
+                                    .keepingProtection(of: pte))
+            mm.removeRmap(page: page)
+            return pte
         }
-        let exclusive = page.isAnonExclusive
-        if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
-        if pte.kind == .present && pte.isDirty { folio.markDirty() }
-        mm.storePTE(address, PageTableEntry.migration(pfn: page.pfn, write: pte.isWrite, readExclusive: !pte.isWrite && exclusive,
-                                                      dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
-                                .keepingProtection(of: pte))
-        mm.removeRmap(page: page)
-        svm_mutex_unlock(lock)
+        guard let pte = unmapped else { return }
         if pte.kind == .present { mm.flushTLBRange(address, address + 4096) }
         folio.put()
     }
@@ -160,16 +161,13 @@ extension Kernel {
     /// becomes a mapping of `newPage` (of `dst`), which takes a reference.
     @inline(never)  // called with a borrowed mm: no retain per page
     private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64) {
-        let lock = mm.ptl(address)
-        svm_mutex_lock(lock)
-        let pte = mm.loadPTE(address)
-        guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else {
-            return svm_mutex_unlock(lock)
+        mm.withPTL(address) {
+            let pte = mm.loadPTE(address)
+            guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else { return }
+            dst.get()
+            let entry = PageTableEntry.replacing(migration: pte, with: dst, pfn: newPage.pfn)
+            mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
+            mm.storePTE(address, entry)
         }
-        dst.get()
-        let entry = PageTableEntry.replacing(migration: pte, with: dst, pfn: newPage.pfn)
-        mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
-        mm.storePTE(address, entry)
-        svm_mutex_unlock(lock)
     }
 }
