@@ -18,34 +18,31 @@ struct UnsafeAtomic<Value: AtomicRepresentable> {
     }
 }
 
-extension UnsafeAtomic where Value == Int32 {
+// Loads, stores and compare-exchanges of any 32-bit word (Int32, UInt32).
+extension UnsafeAtomic where Value.AtomicRepresentation == _Atomic32BitStorage {
     @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
-    func load(ordering: AtomicLoadOrdering) -> Int32 { pointer.pointee.load(ordering: ordering) }
+    func load(ordering: AtomicLoadOrdering) -> Value { pointer.pointee.load(ordering: ordering) }
 
     @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
-    func store(_ value: Int32, ordering: AtomicStoreOrdering) { pointer.pointee.store(value, ordering: ordering) }
-
-    /// Adds `n` with wrap-around (`atomic_add_return()` and friends).
-    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
-    func wrappingAdd(_ n: Int32, ordering: AtomicUpdateOrdering) -> (oldValue: Int32, newValue: Int32) {
-        pointer.pointee.wrappingAdd(n, ordering: ordering)
-    }
+    func store(_ value: Value, ordering: AtomicStoreOrdering) { pointer.pointee.store(value, ordering: ordering) }
 
     @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
-    func compareExchange(expected: Int32, desired: Int32, successOrdering: AtomicUpdateOrdering,
-                         failureOrdering: AtomicLoadOrdering) -> (exchanged: Bool, original: Int32) {
+    func compareExchange(expected: Value, desired: Value, successOrdering: AtomicUpdateOrdering,
+                         failureOrdering: AtomicLoadOrdering) -> (exchanged: Bool, original: Value) {
         pointer.pointee.compareExchange(expected: expected, desired: desired,
                                         successOrdering: successOrdering, failureOrdering: failureOrdering)
     }
 }
 
+extension UnsafeAtomic where Value == Int32 {
+    /// Adds `n` with wrap-around (`atomic_add_return()` and friends).
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
+    func wrappingAdd(_ n: Int32, ordering: AtomicUpdateOrdering) -> (oldValue: Int32, newValue: Int32) {
+        pointer.pointee.wrappingAdd(n, ordering: ordering)
+    }
+}
+
 extension UnsafeAtomic where Value == UInt32 {
-    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
-    func load(ordering: AtomicLoadOrdering) -> UInt32 { pointer.pointee.load(ordering: ordering) }
-
-    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
-    func store(_ value: UInt32, ordering: AtomicStoreOrdering) { pointer.pointee.store(value, ordering: ordering) }
-
     /// Adds `n` with wrap-around.
     @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
     func wrappingAdd(_ n: UInt32, ordering: AtomicUpdateOrdering) -> (oldValue: UInt32, newValue: UInt32) {
