@@ -97,8 +97,11 @@ public final class MirrorDevice: @unchecked Sendable {
     let chunks = LockedValue<[DevicePageMap]>([])
     let driverLock = LockedValue<Void>(())
     let growLock = LockedValue<Void>(())
-    let pageTableLock = LockedValue<Void>(())
+    /// The device page table (`dmirror->pt`).
     let pageTable: DevicePageTable
+    /// Protects the above (`dmirror->mutex`): every read and change of the
+    /// device page table, the notifier's invalidations included.
+    let pageTableLock = LockedValue<Void>(())
     private(set) var notifier: MMUIntervalNotifier! = nil
 
     /// Moves the bytes of every migration (the device's DMA engine).

@@ -206,10 +206,38 @@ public final class AddressSpace: @unchecked Sendable {
     @inlinable func pmdIndex(_ address: UInt64) -> Int { Int((address - baseAddress) >> PageGeometry.pmdShift) }
     @inlinable func pmdSlot(_ address: UInt64) -> UnsafeMutablePointer<UInt64> { pmds + pmdIndex(address) }
     @inlinable func pteSlot(_ address: UInt64) -> UnsafeMutablePointer<UInt64> { ptes + Int((address - baseAddress) >> PageGeometry.pageShift) }
+
+    // MARK: page-table locks
+
     /// The PTE table lock of the table covering `address` (`pte_lockptr()`).
-    @inlinable func ptl(_ address: UInt64) -> UnsafeMutablePointer<UInt32> { ptls + pmdIndex(address) }
+    @inlinable func ptl(at address: UInt64) -> SpinLockRef { SpinLockRef(ptls + pmdIndex(address)) }
     /// The PMD lock covering `address` (`pmd_lockptr()`): one per 1 GiB.
-    @inlinable func pmdLock(_ address: UInt64) -> UnsafeMutablePointer<UInt32> { pmdLocks + pmdIndex(address) >> 9 }
+    @inlinable func pmdLock(at address: UInt64) -> SpinLockRef { SpinLockRef(pmdLocks + pmdIndex(address) >> 9) }
+
+    /// Runs `body` holding the PTE table lock of the table covering `address`
+    /// (`pte_offset_map_lock()` ... `pte_unmap_unlock()`).
+    @inlinable @inline(__always)
+    func withPTL<R, E: Error>(_ address: UInt64, _ body: () throws(E) -> R) throws(E) -> R {
+        try ptl(at: address).withLock(body)
+    }
+    /// Runs `body` holding the PMD lock covering `address` (`pmd_lock()` ... `spin_unlock()`).
+    @inlinable @inline(__always)
+    func withPMDLock<R, E: Error>(_ address: UInt64, _ body: () throws(E) -> R) throws(E) -> R {
+        try pmdLock(at: address).withLock(body)
+    }
+
+    /// Debug builds: a diagnostic naming `rule` when the PTE table lock of
+    /// `address` is free. For functions whose contract says "PTE lock held".
+    @inlinable @inline(__always)
+    func assertPTLHeld(_ address: UInt64, _ rule: @autoclosure () -> String) {
+        ptl(at: address).assertHeld(rule(), kernel, "address 0x\(String(address, radix: 16))")
+    }
+    /// Debug builds: a diagnostic naming `rule` when the PMD lock of `address`
+    /// is free. For functions whose contract says "PMD lock held".
+    @inlinable @inline(__always)
+    func assertPMDLockHeld(_ address: UInt64, _ rule: @autoclosure () -> String) {
+        pmdLock(at: address).assertHeld(rule(), kernel, "address 0x\(String(address, radix: 16))")
+    }
 
     @inlinable func loadPMD(_ address: UInt64) -> PageTableEntry { PageTableEntry(rawValue: svm_load64(pmdSlot(address))) }
     @inlinable func storePMD(_ address: UInt64, _ e: PageTableEntry) { svm_store64(pmdSlot(address), e.rawValue) }
@@ -234,16 +262,15 @@ public final class AddressSpace: @unchecked Sendable {
     func ensurePTETable(_ address: UInt64) -> PageTableEntry {
         let pmd = loadPMD(address)
         if !pmd.isNone { return pmd }
-        let lock = pmdLock(address)
-        svm_mutex_lock(lock)
-        defer { svm_mutex_unlock(lock) }
+        return withPMDLock(address) {
         let again = loadPMD(address)
         if again.isNone {
             // A fresh table: every entry none (tables are cleared when freed).
             storePMD(address, .table)
             return .table
         }
-        return again
+            return again
+        }
     }
 }
 

@@ -72,20 +72,18 @@ extension AddressSpace {
                 entry = loadPMD(a)
             }
             if entry.kind == .table {
-                let lock = ptl(a)
-                svm_mutex_lock(lock)
+                withPTL(a) {
                 var p = a
                 while p < next {
                     pte(p, loadPTE(p))
                     p += PageGeometry.pageSize64
                 }
-                svm_mutex_unlock(lock)
+                }
             } else if entry.kind != .none {
-                let lock = pmdLock(pmdStart)
-                svm_mutex_lock(lock)
+                withPMDLock(pmdStart) {
                 let e = loadPMD(pmdStart)
                 if e.kind != .none && e.kind != .table { pmd(pmdStart, e) }
-                svm_mutex_unlock(lock)
+                }
             }
             a = next
         }

@@ -180,20 +180,15 @@ extension AddressSpace {
             dest = loadPMD(new)
         }
         guard dest.isNone else { return false }
-        let oldLock = pmdLock(old), newLock = pmdLock(new)
-        svm_mutex_lock(oldLock)
-        if newLock != oldLock { svm_mutex_lock(newLock) }
+        let moved: PageTableEntry? = pmdLock(at: old).withLock(nesting: pmdLock(at: new)) {
         let e = loadPMD(old)
-        var moved = false
-        if e.kind == .present || e.kind == .migration || e.kind == .devicePrivate {
+            guard e.kind == .present || e.kind == .migration || e.kind == .devicePrivate else { return nil }
             storePMD(old, .none)
             storePMD(new, e)
             if !(e.kind == .present && e.isSpecial) { rebaseRmap(pfn: e.pfn, address: new) }
-            moved = true
+            return e
         }
-        if newLock != oldLock { svm_mutex_unlock(newLock) }
-        svm_mutex_unlock(oldLock)
-        if moved && e.kind == .present { flushTLBRange(old, old + AddressSpace.pmdSize) }
+        if let e = moved, e.kind == .present { flushTLBRange(old, old + AddressSpace.pmdSize) }
         return true
     }
 
@@ -208,10 +203,8 @@ extension AddressSpace {
     /// locks are taken (old first) and dropped before the TLB flush.
     private func movePTEs(_ old: UInt64, _ new: UInt64, _ extent: UInt64) {
         _ = ensurePTETable(new)
-        let oldLock = ptl(old), newLock = ptl(new)
-        svm_mutex_lock(oldLock)
-        if newLock != oldLock { svm_mutex_lock(newLock) }
         var flushNeeded = false
+        ptl(at: old).withLock(nesting: ptl(at: new)) {
         var off: UInt64 = 0
         while off < extent {
             let e = loadPTE(old + off)
@@ -230,8 +223,7 @@ extension AddressSpace {
             }
             off += PageGeometry.pageSize64
         }
-        if newLock != oldLock { svm_mutex_unlock(newLock) }
-        svm_mutex_unlock(oldLock)
+        }
         if flushNeeded { flushTLBRange(old, old + extent) }
     }
 

@@ -181,7 +181,7 @@ extension AddressSpace {
     /// is paired with an `invalidateRangeEnd` of the same range.
     func invalidateRangeStart(_ range: MMUNotifierRange) {
         kernel.vmstat.count(.mmuNotifierInvalidations)
-        _ = svm_add32(UnsafeMutableRawPointer(activeInvalidations).assumingMemoryBound(to: Int32.self), 1)
+        UnsafeAtomic<UInt32>(at: activeInvalidations).wrappingAdd(1, ordering: .acquiringAndReleasing)
         let seq = invalidateSeq.add(1, ordering: .acquiringAndReleasing).newValue
         guard notifierCount.load(ordering: .relaxed) > 0 else { return }
         let list = notifiers.withLock { $0 }
@@ -197,7 +197,7 @@ extension AddressSpace {
             let list = notifiers.withLock { $0.notifiers }
             for n in list { n.invalidateRangeEnd(range) }
         }
-        let left = svm_add32(UnsafeMutableRawPointer(activeInvalidations).assumingMemoryBound(to: Int32.self), -1)
+        let left = UnsafeAtomic<UInt32>(at: activeInvalidations).wrappingSubtract(1, ordering: .acquiringAndReleasing).newValue
         if left == 0 { _ = svm_futex_wake(activeInvalidations, Int32.max) }
     }
 

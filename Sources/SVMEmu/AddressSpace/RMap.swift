@@ -1,4 +1,5 @@
 import CSVMSupport
+import Synchronization
 
 /// The reverse map: for anonymous memory a folio records the address space and
 /// the virtual page it is mapped at (like `folio->mapping` = anon_vma plus
@@ -16,26 +17,29 @@ extension AddressSpace {
         folio.set(f)
         for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
         if pmdMapped {
-            _ = svm_add32(head.entireMapWord, 1)
+            folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
         } else {
-            for i in 0..<folio.pageCount { _ = svm_add32(kernel.metaPtr(folio.pfn + UInt64(i)).mapWord, 1) }
+            for i in 0..<folio.pageCount { folio.page(i).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing) }
         }
     }
 
     /// Re-adds the mapping of one page that was unmapped by a migration entry
     /// (`folio_add_anon_rmap_pte()` in `remove_migration_pte()`).
+    /// Caller holds the PTE lock of `address`.
     func addAnonRmap(page: Page, address: UInt64, exclusive: Bool) {
+        assertPTLHeld(address, "folio_add_anon_rmap_pte: PTE lock not held")
         let folio = page.folio
         let head = folio.meta
         head.mappingMM = id
         head.index = (address >> PageGeometry.pageShift) - (page.pfn - folio.pfn)
         folio.set(.anon)
         if exclusive { page.meta.setFlags(PageFlags.anonExclusive.rawValue) }
-        _ = svm_add32(page.meta.mapWord, 1)
+        page.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
     }
 
-    /// `folio_add_anon_rmap_pmd()`.
+    /// `folio_add_anon_rmap_pmd()`. Caller holds the PMD lock of `address`.
     func addEntireAnonRmap(_ folio: Folio, address: UInt64, exclusive: Bool) {
+        assertPMDLockHeld(address, "folio_add_anon_rmap_pmd: PMD lock not held")
         let head = folio.meta
         head.mappingMM = id
         head.index = address >> PageGeometry.pageShift
@@ -43,22 +47,22 @@ extension AddressSpace {
         if exclusive {
             for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
         }
-        _ = svm_add32(head.entireMapWord, 1)
+        folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
     }
 
     /// `folio_remove_rmap_pte()`: the page keeps `folio->mapping` until freed.
     @inlinable func removeRmap(page: Page) {
-        let n = svm_add32(page.meta.mapWord, -1)
+        let n = page.atomicMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n < 0 {
-            svm_storei32(page.meta.mapWord, 0)
+            page.atomicMapcount.store(0, ordering: .releasing)
             kernel.warn("folio_remove_rmap_pte: mapcount underflow", "\(page)")
         }
     }
     /// `folio_remove_rmap_pmd()`.
     func removeEntireRmap(_ folio: Folio) {
-        let n = svm_add32(folio.meta.entireMapWord, -1)
+        let n = folio.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n < 0 {
-            svm_storei32(folio.meta.entireMapWord, 0)
+            folio.atomicEntireMapcount.store(0, ordering: .releasing)
             kernel.warn("folio_remove_rmap_pmd: entire mapcount underflow", "\(folio)")
         }
     }

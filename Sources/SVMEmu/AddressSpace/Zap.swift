@@ -47,9 +47,7 @@ extension AddressSpace {
     }
 
     private func zapPTEs(_ start: UInt64, _ end: UInt64, _ toPut: inout [Folio], _ cleared: inout (lo: UInt64, hi: UInt64)) {
-        let lock = ptl(start)
-        svm_mutex_lock(lock)
-        defer { svm_mutex_unlock(lock) }
+        withPTL(start) {
         guard loadPMD(start).kind == .table else { return }
         var a = start
         while a < end {
@@ -79,11 +77,10 @@ extension AddressSpace {
             a += PageGeometry.pageSize64
         }
     }
+    }
 
     private func zapHugePMD(_ pmdStart: UInt64, _ toPut: inout [Folio]) {
-        let lock = pmdLock(pmdStart)
-        svm_mutex_lock(lock)
-        defer { svm_mutex_unlock(lock) }
+        withPMDLock(pmdStart) {
         let pmd = loadPMD(pmdStart)
         storePMD(pmdStart, .none)
         switch pmd.kind {
@@ -98,20 +95,19 @@ extension AddressSpace {
             break
         }
     }
+    }
 
     /// Returns a PTE table: clears it so that it is fresh for the next user.
     /// Caller holds the mmap lock for writing and no page-table lock; the PMD
     /// lock, then the PTE lock, are taken and dropped inside.
     func freePTETable(_ pmdStart: UInt64) {
-        let lock = pmdLock(pmdStart)
-        svm_mutex_lock(lock)
-        let ptlock = ptl(pmdStart)
-        svm_mutex_lock(ptlock)
+        withPMDLock(pmdStart) {
+            withPTL(pmdStart) {
         if loadPMD(pmdStart).kind == .table {
             svm_memset(pteSlot(pmdStart), 0, PageGeometry.pmdPages * 8)
             storePMD(pmdStart, .none)
         }
-        svm_mutex_unlock(ptlock)
-        svm_mutex_unlock(lock)
+            }
+        }
     }
 }

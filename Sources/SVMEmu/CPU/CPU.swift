@@ -249,11 +249,12 @@ struct CPU {
     @discardableResult
     func drainInbox(_ set: CPUSet) -> (mm: UInt64, gen: UInt64, start: UInt64, end: UInt64)? {
         guard svm_load64_relaxed(words + CPUWord.inboxGen) != 0 else { return nil }
-        lockInbox()
-        let r = (mm: words[CPUWord.inboxMM], gen: words[CPUWord.inboxGen],
-                 start: words[CPUWord.inboxStart], end: words[CPUWord.inboxEnd])
-        svm_store64_relaxed(words + CPUWord.inboxGen, 0)
-        unlockInbox()
+        let r = inboxLock.withLock {
+            let r = (mm: words[CPUWord.inboxMM], gen: words[CPUWord.inboxGen],
+                     start: words[CPUWord.inboxStart], end: words[CPUWord.inboxEnd])
+            svm_store64_relaxed(words + CPUWord.inboxGen, 0)
+            return r
+        }
         guard r.gen != 0 else { return nil }
         set.vmstat.count(.tlbRemoteFlushReceived)
         return r
@@ -263,7 +264,7 @@ struct CPU {
     /// there merge: one range, the newest generation (which then fails the
     /// "exactly one behind" test and makes the CPU flush everything).
     func post(mm: UInt64, gen: UInt64, start: UInt64, end: UInt64) {
-        lockInbox()
+        inboxLock.withLock {
         if svm_load64_relaxed(words + CPUWord.inboxGen) == 0 {
             words[CPUWord.inboxMM] = mm
             words[CPUWord.inboxStart] = start
@@ -273,17 +274,13 @@ struct CPU {
             if words[CPUWord.inboxMM] != mm { words[CPUWord.inboxMM] = 0 }
             words[CPUWord.inboxStart] = 0
             words[CPUWord.inboxEnd] = UInt64.max & ~4095
-            svm_store64_relaxed(words + CPUWord.inboxGen, max(gen, svm_load64_relaxed(words + CPUWord.inboxGen)) | 0)
+            svm_store64_relaxed(words + CPUWord.inboxGen, max(gen, svm_load64_relaxed(words + CPUWord.inboxGen)))
         }
-        unlockInbox()
+        }
     }
 
-    private func lockInbox() {
-        let lock = UnsafeMutableRawPointer(words + CPUWord.inboxLock).assumingMemoryBound(to: UInt32.self)
-        svm_mutex_lock(lock)
-    }
-    private func unlockInbox() {
-        let lock = UnsafeMutableRawPointer(words + CPUWord.inboxLock).assumingMemoryBound(to: UInt32.self)
-        svm_mutex_unlock(lock)
+    /// The inbox lock (protects the inbox words; the CPU and its flushers take it).
+    private var inboxLock: SpinLockRef {
+        SpinLockRef(UnsafeMutableRawPointer(words + CPUWord.inboxLock).assumingMemoryBound(to: UInt32.self))
     }
 }

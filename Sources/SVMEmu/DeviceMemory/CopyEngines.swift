@@ -197,11 +197,13 @@ final class CopyWorkerPool: @unchecked Sendable {
         var pending: UnsafeMutablePointer<UInt32>
     }
     static let capacity = 1024
-    // words[0]: mutex, words[16]: sequence (own cache line).
+    // words[0]: the ring lock, words[16]: sequence (own cache line).
     private let words: UnsafeMutablePointer<UInt32>
     private let ring: UnsafeMutablePointer<Job>
     private var head = 0, tail = 0
     private var stopping = false
+    /// Protects the above: the ring's slots, `head`, `tail` and `stopping`.
+    private var ringLock: SpinLockRef { SpinLockRef(words) }
     private var handles: [pthread_t] = []
 
     init(workers: Int) {
@@ -226,7 +228,6 @@ final class CopyWorkerPool: @unchecked Sendable {
         ring.deallocate()
     }
 
-    private var mutex: UnsafeMutablePointer<UInt32> { words }
     private var sequence: UnsafeMutablePointer<UInt32> { words + 16 }
 
     /// Queues `job` and counts it on its submitter's outstanding word; runs it
@@ -234,37 +235,47 @@ final class CopyWorkerPool: @unchecked Sendable {
     func submit(_ job: Job) {
         var v = svm_load32(job.pending)
         while !svm_cas32(job.pending, &v, v + 1) {}
-        svm_mutex_lock(mutex)
-        if tail - head == CopyWorkerPool.capacity {
-            svm_mutex_unlock(mutex)
-            CopyWorkerPool.run(job)
-            return
-        }
+        let queued = ringLock.withLock { () -> Bool in
+            if tail - head == CopyWorkerPool.capacity { return false }
         ring[tail % CopyWorkerPool.capacity] = job
         tail += 1
         svm_store32(sequence, svm_load32(sequence) &+ 1)
-        svm_mutex_unlock(mutex)
+            return true
+        }
+        guard queued else {
+            CopyWorkerPool.run(job)
+            return
+        }
         _ = svm_futex_wake(sequence, 1)
     }
 
     private func work() {
         while true {
-            svm_mutex_lock(mutex)
+            let next = ringLock.withLock { () -> WorkerNext in
             if head != tail {
                 let job = ring[head % CopyWorkerPool.capacity]
                 head += 1
-                svm_mutex_unlock(mutex)
+                    return .run(job)
+                }
+                return stopping ? .stop : .sleep(seen: svm_load32(sequence))
+            }
+            switch next {
+            case .run(let job):
                 CopyWorkerPool.run(job)
-                continue
-            }
-            if stopping {
-                svm_mutex_unlock(mutex)
+            case .stop:
                 return
-            }
-            let seen = svm_load32(sequence)
-            svm_mutex_unlock(mutex)
+            case .sleep(let seen):
             _ = svm_futex_wait(sequence, seen, 0)
         }
+    }
+    }
+
+    /// What a worker found under the ring lock: a job, the pool stopping, or
+    /// an empty ring at sequence `seen`.
+    private enum WorkerNext {
+        case run(Job)
+        case stop
+        case sleep(seen: UInt32)
     }
 
     static func run(_ job: Job) {
@@ -291,10 +302,10 @@ final class CopyWorkerPool: @unchecked Sendable {
 
     /// Stops and joins the workers once the ring is drained.
     func shutdown() {
-        svm_mutex_lock(mutex)
+        ringLock.withLock {
         stopping = true
         svm_store32(sequence, svm_load32(sequence) &+ 1)
-        svm_mutex_unlock(mutex)
+        }
         _ = svm_futex_wake(sequence, Int32.max)
         for h in handles { pthread_join(h, nil) }
         handles.removeAll()

@@ -184,8 +184,8 @@ extension Kernel {
                                   startPfn: start, pageCount: pages, region: region, index: index)
         for pfn in start..<(start + pages) {
             let m = metaPtr(pfn)
-            svm_store32(m.flagsWord, PageFlags.zoneDevice.rawValue)
-            svm_storei32(m.refWord, 0)
+            m.atomicFlags.store(PageFlags.zoneDevice.rawValue, ordering: .releasing)
+            m.atomicRefcount.store(0, ordering: .releasing)
             m.pgmap = index + 1
             m.head = pfn
             m.order = 0

@@ -15,12 +15,13 @@ extension AddressSpace {
     /// dropped on every path, no folio lock or reference of ours left, and
     /// the mmap lock dropped only when `holdsMmapLock` allowed a sleep.
     func devicePrivateFault(_ vma: VMA, _ address: UInt64, _ pte: PageTableEntry,
-                            _ lock: UnsafeMutablePointer<UInt32>, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
+                            _ lock: SpinLockRef, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
+        lock.assertHeld("do_swap_page: device-private fault entered without the PTE lock", kernel)
         kernel.vmstat.count(.deviceFaults)
         let page = Page(pfn: pte.pfn, kernel: kernel)
         let folio = page.folio
         guard let pgmap = folio.pageMap, let migrateToRAM = pgmap.operations.migrateToRAM else {
-            svm_mutex_unlock(lock)
+            lock.unlock()
             kernel.warn("do_swap_page: device-private entry without a migrate_to_ram callback", "\(page)")
             throw .ioError
         }
@@ -29,14 +30,14 @@ extension AddressSpace {
         case .legacy:
             // v6.1-v6.14: every faulter holds a reference while migrate_to_ram runs.
             folio.get()
-            svm_mutex_unlock(lock)
+            lock.unlock()
             kernel.vmstat.count(.migrateToRAMCalls)
             result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: false, faultPageLocked: false))
             page.folio.put()
         case .trylock, .trylockWait:
             if folio.tryLock() {
                 folio.get()
-                svm_mutex_unlock(lock)
+                lock.unlock()
                 kernel.vmstat.count(.migrateToRAMCalls)
                 result = migrateToRAM(VMFault(vma: vma, address: address, page: page, isPMD: false, faultPageLocked: true))
                 // unlock_page(vmf->page): a split may have moved the lock and
@@ -45,7 +46,7 @@ extension AddressSpace {
                 now.unlock()
                 now.put()
             } else {
-                svm_mutex_unlock(lock)
+                lock.unlock()
                 kernel.vmstat.count(.deviceFaultRetries)
                 if kernel.deviceFaultPolicy == .trylockWait {
                     holdsMmapLock.dropForWait(self)
@@ -65,28 +66,29 @@ extension AddressSpace {
     /// or reference of ours left.
     func devicePrivatePMDFault(_ vma: VMA, _ address: UInt64, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
         let haddr = address & AddressSpace.pmdMask
-        let lock = pmdLock(haddr)
-        svm_mutex_lock(lock)
+        let next: DevicePMDFaultNext = withPMDLock(haddr) {
         let pmd = loadPMD(haddr)
-        guard pmd.kind == .devicePrivate else { svm_mutex_unlock(lock); return }
+            guard pmd.kind == .devicePrivate else { return .gone }
         kernel.vmstat.count(.deviceFaults)
         let folio = Folio(pfn: pmd.pfn, kernel: kernel)
-        guard let migrateToRAM = folio.pageMap?.operations.migrateToRAM else {
-            svm_mutex_unlock(lock)
+            guard let migrateToRAM = folio.pageMap?.operations.migrateToRAM else { return .noCallback(folio) }
+            guard folio.tryLock() else { return .busy(folio) }
+            folio.get()
+            return .migrate(folio, migrateToRAM)
+        }
+        switch next {
+        case .gone:
+            return
+        case .noCallback(let folio):
             kernel.warn("do_huge_pmd_device_private: no migrate_to_ram callback", "\(folio)")
             throw .ioError
-        }
-        guard folio.tryLock() else {
-            svm_mutex_unlock(lock)
+        case .busy(let folio):
             kernel.vmstat.count(.deviceFaultRetries)
             if kernel.deviceFaultPolicy == .trylockWait {
                 holdsMmapLock.dropForWait(self)
                 folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
             }
-            return
-        }
-        folio.get()
-        svm_mutex_unlock(lock)
+        case .migrate(let folio, let migrateToRAM):
         kernel.vmstat.count(.migrateToRAMCalls)
         // The driver gets the head page: it migrates the whole folio.
         let page = folio.page(0)
@@ -94,6 +96,17 @@ extension AddressSpace {
         folio.unlock()
         folio.put()
         try Self.check(result)
+    }
+    }
+
+    /// What the PMD lock saw: no device-private entry any more, one without a
+    /// callback, a folio locked by another fault, or a folio this fault
+    /// locked and referenced for `migrateToRAM`.
+    private enum DevicePMDFaultNext {
+        case gone
+        case noCallback(Folio)
+        case busy(Folio)
+        case migrate(Folio, @Sendable (VMFault) -> VMFaultResult)
     }
 
     private static func check(_ r: VMFaultResult) throws(Errno) {

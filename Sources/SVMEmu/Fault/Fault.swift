@@ -65,36 +65,39 @@ extension AddressSpace {
 
     /// A fault on a PTE-table-mapped address (`handle_pte_fault()`).
     /// We enter with the mmap lock held for reading and no page-table lock;
-    /// we take the PTE lock and return with it dropped.
+    /// Takes the PTE lock and returns with it dropped. The lock is not taken in
+    /// the scoped form because a device-private entry hands it, held, to
+    /// ``devicePrivateFault(_:_:_:_:_:)``, which drops it (as
+    /// `handle_pte_fault()` hands `vmf->ptl` to `do_swap_page()`); every other
+    /// entry is handled under the lock, which is dropped in one place before
+    /// anything that allocates or sleeps.
     private func ptePageFault(_ vma: VMA, _ address: UInt64, write: Bool, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
-        let lock = ptl(address)
-        svm_mutex_lock(lock)
-        guard loadPMD(address).kind == .table else { svm_mutex_unlock(lock); return }
+        let lock = ptl(at: address)
+        lock.lock()
+        guard loadPMD(address).kind == .table else { lock.unlock(); return }
         let pte = loadPTE(address)
+        if pte.kind == .devicePrivate {
+            // Returns with the PTE lock dropped.
+            return try devicePrivateFault(vma, address, pte, lock, &holdsMmapLock)
+        }
+        let next: PTEFaultNext
         switch pte.kind {
         case .none:
             if !write && vma.isAnonymous {
                 // do_anonymous_page() on a read: map the shared zero page.
                 storePTE(address, .present(pfn: kernel.zeroPage.pfn, write: false, special: true))
-                svm_mutex_unlock(lock)
-                kernel.vmstat.count(.zeroPageMaps)
-                return
+                next = .mappedZeroPage
+            } else {
+                next = .newPage
             }
-            svm_mutex_unlock(lock)
-            try newAnonymousPage(vma, address, expect: pte)
         case .present:
             if pte.isProtNone {
                 storePTE(address, pte.without(PageTableEntry.protNoneBit))
-                svm_mutex_unlock(lock)
-                return
-            }
+                next = .done
+            } else if write && !pte.isWrite && pte.isSpecial {
+                next = .copyZeroPage
+            } else {
             if write && !pte.isWrite {
-                if pte.isSpecial {
-                    svm_mutex_unlock(lock)
-                    kernel.vmstat.count(.wpFaults)
-                    try newAnonymousPage(vma, address, expect: pte)
-                    return
-                }
                 // do_wp_page(): without fork every anonymous page is exclusive
                 // to this mm, so it is reused in place.
                 // Deferred migration flushes first: no stale reader may race a writer.
@@ -104,18 +107,32 @@ extension AddressSpace {
                 storePTE(address, pte.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
                 kernel.vmstat.count(.wpFaults)
             }
-            svm_mutex_unlock(lock)
+                next = .done
+            }
         case .migration:
-            svm_mutex_unlock(lock)
+            next = .waitOnMigration
+        case .devicePrivate, .table:
+            next = .done
+        }
+        lock.unlock()
+        switch next {
+        case .done:
+            return
+        case .mappedZeroPage:
+            kernel.vmstat.count(.zeroPageMaps)
+        case .newPage:
+            try newAnonymousPage(vma, address, expect: pte)
+        case .copyZeroPage:
+            kernel.vmstat.count(.wpFaults)
+            try newAnonymousPage(vma, address, expect: pte)
+        case .waitOnMigration:
             holdsMmapLock.dropForWait(self)
             waitOnMigration(pfn: pte.pfn)
-        case .devicePrivate:
-            // Returns with the PTE lock dropped.
-            try devicePrivateFault(vma, address, pte, lock, &holdsMmapLock)
-        case .table:
-            svm_mutex_unlock(lock)
         }
     }
+
+    /// What a PTE fault does once the PTE lock is dropped.
+    private enum PTEFaultNext { case done, mappedZeroPage, newPage, copyZeroPage, waitOnMigration }
 
     /// Allocates a zeroed page and maps it writable if the entry is still
     /// `expect` (none, or the zero page for a write-protect fault).
@@ -123,20 +140,15 @@ extension AddressSpace {
     /// the new mapping owns the folio's one reference.
     private func newAnonymousPage(_ vma: VMA, _ address: UInt64, expect: PageTableEntry) throws(Errno) {
         guard let folio = kernel.allocateFolio(order: 0, zeroed: true) else { throw .noMemory }
-        let lock = ptl(address)
-        svm_mutex_lock(lock)
-        guard loadPMD(address).kind == .table, loadPTE(address) == expect else {
-            svm_mutex_unlock(lock)
-            folio.put()
-            return
-        }
+        let mapped = withPTL(address) { () -> Bool in
+            guard loadPMD(address).kind == .table, loadPTE(address) == expect else { return false }
         if vma.isAnonymous {
             addNewAnonRmap(folio, address: address, pmdMapped: false)
         } else {
             folio.set([.shmem, .uptodate, .lru])
             folio.meta.mappingMM = id
             folio.meta.index = address >> PageGeometry.pageShift
-            _ = svm_add32(folio.meta.mapWord, 1)
+                folio.page(0).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
         }
         let writable = vma.flags.contains(.write)
         if !expect.isNone {
@@ -146,7 +158,12 @@ extension AddressSpace {
             flushTLBRange(address & ~4095, (address & ~4095) + 4096)
         }
         storePTE(address, .present(pfn: folio.pfn, write: writable, dirty: writable))
-        svm_mutex_unlock(lock)
+            return true
+        }
+        guard mapped else {
+            folio.put()
+            return
+        }
         kernel.vmstat.count(.demandZeroFaults)
     }
 
@@ -156,25 +173,25 @@ extension AddressSpace {
     /// page-table lock; we take the PMD lock and return with it dropped.
     private func hugeAnonymousFault(_ vma: VMA, _ address: UInt64, write: Bool) -> Bool {
         let haddr = address & AddressSpace.pmdMask
-        let lock = pmdLock(haddr)
         if !write {
-            svm_mutex_lock(lock)
+            withPMDLock(haddr) {
             if loadPMD(haddr).isNone {
                 storePMD(haddr, .present(pfn: kernel.hugeZeroPage.pfn, write: false, special: true))
                 kernel.vmstat.count(.thpZeroPageMap)
             }
-            svm_mutex_unlock(lock)
+            }
             return true
         }
         guard let folio = kernel.allocateFolio(order: PageGeometry.pmdOrder, zeroed: true) else { return false }
-        svm_mutex_lock(lock)
-        if loadPMD(haddr).isNone {
+        let mapped = withPMDLock(haddr) { () -> Bool in
+            guard loadPMD(haddr).isNone else { return false }
             addNewAnonRmap(folio, address: haddr, pmdMapped: true)
             storePMD(haddr, .present(pfn: folio.pfn, write: vma.flags.contains(.write), dirty: true))
-            svm_mutex_unlock(lock)
+            return true
+        }
+        if mapped {
             kernel.vmstat.count(.thpFaultAlloc)
         } else {
-            svm_mutex_unlock(lock)
             folio.put()
         }
         return true
@@ -186,26 +203,24 @@ extension AddressSpace {
     /// we take the PMD lock and return with it dropped.
     private func hugePMDFault(_ vma: VMA, _ address: UInt64, write: Bool) {
         let haddr = address & AddressSpace.pmdMask
-        let lock = pmdLock(haddr)
-        svm_mutex_lock(lock)
+        // Whether the entry is the huge zero page, to split out of the lock.
+        let writesHugeZero = withPMDLock(haddr) { () -> Bool in
         let pmd = loadPMD(haddr)
-        guard pmd.kind == .present else { svm_mutex_unlock(lock); return }
+            guard pmd.kind == .present else { return false }
         if pmd.isProtNone {
             storePMD(haddr, pmd.without(PageTableEntry.protNoneBit))
         } else if write && !pmd.isWrite {
-            if pmd.isSpecial {
-                svm_mutex_unlock(lock)
-                // do_huge_pmd_wp_page() on the huge zero page: split, retry per PTE.
-                splitHugePMD(haddr)
-                return
-            }
-            kernel.deferredTLB.willMakeWritable()
+                if pmd.isSpecial { return true }
+                kernel.deferredTLB.willMakeWritable()
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             for i in 0..<PageGeometry.pmdPages { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
             storePMD(haddr, pmd.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
             kernel.vmstat.count(.wpFaults)
         }
-        svm_mutex_unlock(lock)
+            return false
+        }
+        // do_huge_pmd_wp_page() on the huge zero page: split, retry per PTE.
+        if writesHugeZero { splitHugePMD(haddr) }
     }
 
     /// `migration_entry_wait()`: sleep until the folio under migration is

@@ -67,15 +67,14 @@ extension AddressSpace {
             // pmdp_collapse_flush(): the old entries go and every CPU's TLB
             // forgets them before a byte is copied, so no CPU writes a page
             // after its copy (faults wait behind the mmap write lock).
-            let lock = ptl(haddr)
-            var entries = [PageTableEntry](repeating: .none, count: 512)
-            svm_mutex_lock(lock)
-            for i in 0..<512 {
-                let a = haddr + UInt64(i) << 12
-                entries[i] = loadPTE(a)
-                storePTE(a, .none)
+            var entries = [PageTableEntry](repeating: .none, count: PageGeometry.pmdPages)
+            withPTL(haddr) {
+                for i in 0..<PageGeometry.pmdPages {
+                    let a = haddr + UInt64(i) << PageGeometry.pageShift
+                    entries[i] = loadPTE(a)
+                    storePTE(a, .none)
+                }
             }
-            svm_mutex_unlock(lock)
             flushTLBRange(haddr, haddr + AddressSpace.pmdSize)
             var old: [Folio] = []
             old.reserveCapacity(PageGeometry.pmdPages)

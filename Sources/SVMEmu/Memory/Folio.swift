@@ -1,4 +1,5 @@
 import CSVMSupport
+import Synchronization
 
 /// A base page frame (`struct page`): a pfn on this machine.
 ///
@@ -30,6 +31,10 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `page_mapcount()`.
     public var mapCount: Int { Int(meta.mapcount) }
+    /// The page's map count word (`page->_mapcount`), for the rmap code.
+    @inlinable var atomicMapcount: UnsafeAtomic<Int32> { meta.atomicMapcount }
+    /// The page's flags word (`page->flags`).
+    @inlinable var atomicFlags: UnsafeAtomic<UInt32> { meta.atomicFlags }
     /// Whether the page belongs to a device page map.
     ///
     /// The corresponding kernel function is `is_zone_device_page()`.
@@ -125,6 +130,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_entire_mapcount()`.
     public var entireMapCount: Int { Int(meta.entireMapcount) }
+    /// The folio's reference count word (`folio->_refcount`).
+    @inlinable var atomicRefcount: UnsafeAtomic<Int32> { meta.atomicRefcount }
+    /// The folio's PMD map count word (`folio->_entire_mapcount`), for the rmap code.
+    @inlinable var atomicEntireMapcount: UnsafeAtomic<Int32> { meta.atomicEntireMapcount }
+    /// The head page's flags word (`folio->flags`).
+    @inlinable var atomicFlags: UnsafeAtomic<UInt32> { meta.atomicFlags }
     /// Whether any page of the folio is mapped.
     ///
     /// The corresponding kernel function is `folio_mapped()`.
@@ -181,7 +192,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_get()`.
     @inlinable public func get() {
-        let n = svm_add32(meta.refWord, 1)
+        let n = atomicRefcount.wrappingAdd(1, ordering: .acquiringAndReleasing).newValue
         if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)") }
     }
     /// Takes a reference unless the count is zero (the folio is free or being
@@ -193,7 +204,10 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     @inlinable public func tryGet() -> Bool {
         var cur = meta.refcount
         while cur > 0 {
-            if svm_casi32(meta.refWord, &cur, cur + 1) { return true }
+            let (exchanged, seen) = atomicRefcount.compareExchange(
+                expected: cur, desired: cur + 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring)
+            if exchanged { return true }
+            cur = seen
         }
         return false
     }
@@ -206,14 +220,14 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_put()`.
     @inlinable public func put() {
-        let n = svm_add32(meta.refWord, -1)
+        let n = atomicRefcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
-            svm_storei32(meta.refWord, 0)
+            atomicRefcount.store(0, ordering: .releasing)
             kernel.warn("folio_put: reference count underflow", "\(self)")
         }
     }
     /// `folio_ref_add()`.
-    @inlinable func refAdd(_ n: Int32) { _ = svm_add32(meta.refWord, n) }
+    @inlinable func refAdd(_ n: Int32) { atomicRefcount.wrappingAdd(n, ordering: .acquiringAndReleasing) }
 
     // MARK: the folio lock (PG_locked)
 
@@ -262,7 +276,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The corresponding kernel function is `folio_unlock()`.
     @inlinable public func unlock() {
         svm_tsan_release(meta.flagsWord)
-        let old = svm_and32(meta.flagsWord, ~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue))
+        let old = meta.atomicFlags.bitwiseAnd(~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue), ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.locked.rawValue == 0 {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
         }

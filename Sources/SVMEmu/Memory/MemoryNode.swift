@@ -24,8 +24,8 @@ public final class MemoryNode: @unchecked Sendable {
     /// The kernel, unretained (the kernel owns its nodes); set once when added.
     var kernelRef: Unmanaged<Kernel>! = nil
 
-    // Protected by `zoneLock` (the zone lock).
-    private let zoneLock: UnsafeMutablePointer<UInt32>
+    // Protected by `zoneLock` (the zone lock): the allocator state below.
+    private let zoneLock: SpinLockRef
     private var bump: UInt64
     private var free0: UInt64 = 0      // head: next frame handed out
     private var free0Tail: UInt64 = 0  // last frame freed
@@ -40,15 +40,15 @@ public final class MemoryNode: @unchecked Sendable {
         self.bytes = bytes
         self.bump = startPfn
         self.freePagesCount = pageCount
-        zoneLock = .allocate(capacity: 1)
-        zoneLock.initialize(to: 0)
+        let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+        word.initialize(to: 0)
+        zoneLock = SpinLockRef(word)
     }
-    deinit { zoneLock.deallocate() }
+    deinit { zoneLock.word.deallocate() }
 
     /// Free base pages on this node (`NR_FREE_PAGES`). Takes the zone lock.
     public var freePages: UInt64 {
-        svm_mutex_lock(zoneLock); defer { svm_mutex_unlock(zoneLock) }
-        return freePagesCount
+        zoneLock.withLock { freePagesCount }
     }
 
     /// Allocates a folio of `order` 0 or 9 with one reference, unlocked, not
@@ -71,7 +71,19 @@ public final class MemoryNode: @unchecked Sendable {
     }
 
     private func allocate(order: Int, kernel: Kernel) -> Folio? {
-        svm_mutex_lock(zoneLock)
+        let pfn = zoneLock.withLock { takeFrames(order: order, kernel: kernel) }
+        guard pfn != 0 else {
+            kernel.vmstat.count(order == 0 ? .allocFail : .thpAllocFail)
+            return nil
+        }
+        kernel.prepareNewFolio(pfn: pfn, order: order, flags: 0)
+        kernel.vmstat.count(.pgalloc, UInt64(1) << UInt64(order))
+        return Folio(pfn: pfn, kernel: kernel)
+    }
+
+    /// Takes the first frame of a free block of `order` off the free lists,
+    /// or 0 when there is none. Caller holds the zone lock.
+    private func takeFrames(order: Int, kernel: Kernel) -> UInt64 {
         var pfn: UInt64 = 0
         if order == 0 {
             if free0 != 0 {
@@ -104,14 +116,7 @@ public final class MemoryNode: @unchecked Sendable {
             }
         }
         if pfn != 0 { freePagesCount -= UInt64(1) << UInt64(order) }
-        svm_mutex_unlock(zoneLock)
-        guard pfn != 0 else {
-            kernel.vmstat.count(order == 0 ? .allocFail : .thpAllocFail)
-            return nil
-        }
-        kernel.prepareNewFolio(pfn: pfn, order: order, flags: 0)
-        kernel.vmstat.count(.pgalloc, UInt64(1) << UInt64(order))
-        return Folio(pfn: pfn, kernel: kernel)
+        return pfn
     }
 
     /// Appends a frame to the order-0 free list. Caller holds the zone lock.
@@ -130,20 +135,20 @@ public final class MemoryNode: @unchecked Sendable {
     private func release(pfn: UInt64, order: Int, kernel: Kernel) {
         for i in 0..<(UInt64(1) << UInt64(order)) {
             let m = kernel.metaPtr(pfn + i)
-            svm_store32(m.flagsWord, PageFlags.buddy.rawValue)
+            m.atomicFlags.store(PageFlags.buddy.rawValue, ordering: .releasing)
             m.order = 0
             m.head = pfn + i
             m.mappingMM = 0
         }
-        svm_mutex_lock(zoneLock)
-        if order == PageGeometry.pmdOrder {
+        zoneLock.withLock {
+            if order == PageGeometry.pmdOrder {
             kernel.metaPtr(pfn).next = free9
             free9 = pfn
         } else {
             appendFree0(pfn, kernel)
         }
         freePagesCount += UInt64(1) << UInt64(order)
-        svm_mutex_unlock(zoneLock)
+        }
         kernel.vmstat.count(.pgfree, UInt64(1) << UInt64(order))
     }
 }
@@ -153,10 +158,10 @@ extension Kernel {
     /// mappings, head/tail links (`prep_compound_page()` for order 9).
     func prepareNewFolio(pfn: UInt64, order: Int, flags: UInt32) {
         let head = metaPtr(pfn)
-        svm_store32(head.flagsWord, flags | (order > 0 ? PageFlags.head.rawValue : 0))
-        svm_storei32(head.refWord, 1)
-        svm_storei32(head.mapWord, 0)
-        svm_storei32(head.entireMapWord, 0)
+        head.atomicFlags.store(flags | (order > 0 ? PageFlags.head.rawValue : 0), ordering: .releasing)
+        head.atomicRefcount.store(1, ordering: .releasing)
+        head.atomicMapcount.store(0, ordering: .releasing)
+        head.atomicEntireMapcount.store(0, ordering: .releasing)
         head.order = UInt8(order)
         head.head = pfn
         head.mappingMM = 0
@@ -164,9 +169,9 @@ extension Kernel {
         if order > 0 {
             for i in 1..<(UInt64(1) << UInt64(order)) {
                 let t = metaPtr(pfn + i)
-                svm_store32(t.flagsWord, PageFlags.tail.rawValue | (flags & PageFlags.zoneDevice.rawValue))
-                svm_storei32(t.refWord, 0)
-                svm_storei32(t.mapWord, 0)
+                t.atomicFlags.store(PageFlags.tail.rawValue | (flags & PageFlags.zoneDevice.rawValue), ordering: .releasing)
+                t.atomicRefcount.store(0, ordering: .releasing)
+                t.atomicMapcount.store(0, ordering: .releasing)
                 t.order = 0
                 t.head = pfn
                 t.mappingMM = 0

@@ -1,4 +1,5 @@
 import CSVMSupport
+import Synchronization
 
 /// Page frame metadata: the emulator's `struct page`, 64 bytes per 4 KiB page,
 /// in one flat pfn-indexed array (a large anonymous mapping touched lazily).
@@ -94,10 +95,12 @@ struct MetaPtr {
     @usableFromInline let p: UnsafeMutableRawPointer
     @inlinable init(_ p: UnsafeMutableRawPointer) { self.p = p }
 
+    /// The flags word as a futex word: the folio lock sleeps on it.
     @inlinable var flagsWord: UnsafeMutablePointer<UInt32> { (p + PageMeta.flags).assumingMemoryBound(to: UInt32.self) }
-    @inlinable var refWord: UnsafeMutablePointer<Int32> { (p + PageMeta.refcount).assumingMemoryBound(to: Int32.self) }
-    @inlinable var mapWord: UnsafeMutablePointer<Int32> { (p + PageMeta.mapcount).assumingMemoryBound(to: Int32.self) }
-    @inlinable var entireMapWord: UnsafeMutablePointer<Int32> { (p + PageMeta.entireMapcount).assumingMemoryBound(to: Int32.self) }
+    @inlinable var atomicFlags: UnsafeAtomic<UInt32> { UnsafeAtomic(at: p + PageMeta.flags) }
+    @inlinable var atomicRefcount: UnsafeAtomic<Int32> { UnsafeAtomic(at: p + PageMeta.refcount) }
+    @inlinable var atomicMapcount: UnsafeAtomic<Int32> { UnsafeAtomic(at: p + PageMeta.mapcount) }
+    @inlinable var atomicEntireMapcount: UnsafeAtomic<Int32> { UnsafeAtomic(at: p + PageMeta.entireMapcount) }
 
     @inlinable var flags: UInt32 { svm_load32(flagsWord) }
     @inlinable func setFlags(_ f: UInt32) { _ = svm_or32(flagsWord, f) }
@@ -136,7 +139,7 @@ struct MetaPtr {
         get { svm_load64((p + PageMeta.zoneDeviceData).assumingMemoryBound(to: UInt64.self)) }
         nonmutating set { svm_store64((p + PageMeta.zoneDeviceData).assumingMemoryBound(to: UInt64.self), newValue) }
     }
-    @inlinable var refcount: Int32 { svm_loadi32(refWord) }
-    @inlinable var mapcount: Int32 { svm_loadi32(mapWord) }
-    @inlinable var entireMapcount: Int32 { svm_loadi32(entireMapWord) }
+    @inlinable var refcount: Int32 { atomicRefcount.load(ordering: .acquiring) }
+    @inlinable var mapcount: Int32 { atomicMapcount.load(ordering: .acquiring) }
+    @inlinable var entireMapcount: Int32 { atomicEntireMapcount.load(ordering: .acquiring) }
 }

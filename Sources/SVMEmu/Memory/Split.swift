@@ -36,12 +36,18 @@ extension Kernel {
             if pmd.kind != .none && pmd.kind != .table && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
         }
         if folio.entireMapCount > 0 { return false }
-        var lock: UnsafeMutablePointer<UInt32>? = nil
         if let (mm, address) = rmap, mm.covers(address) {
-            lock = mm.ptl(address)
-            svm_mutex_lock(lock!)
+            return mm.withPTL(address) { splitPTEMappedFolio(folio) }
         }
-        defer { if let lock { svm_mutex_unlock(lock) } }
+        return splitPTEMappedFolio(folio)
+    }
+
+    /// The split proper (`__split_huge_page()`) of a folio no PMD maps: the
+    /// reference check, then 512 order-0 folios. The caller holds the folio
+    /// lock, one reference and, for a mapped folio, the PTE lock of its
+    /// mapping, which keeps the map counts still while they become
+    /// reference counts.
+    private func splitPTEMappedFolio(_ folio: Folio) -> Bool {
         var mapped: Int32 = 0
         for i in 0..<PageGeometry.pmdPages { mapped += metaPtr(folio.pfn + UInt64(i)).mapcount }
         guard Int32(folio.refCount) == mapped + 1 else { return false }
@@ -56,9 +62,9 @@ extension Kernel {
         for i in 1..<PageGeometry.pmdPages64 {
             let m = metaPtr(folio.pfn + i)
             let own = m.flags & PageFlags.anonExclusive.rawValue
-            svm_store32(m.flagsWord, inherited | own)
+            m.atomicFlags.store(inherited | own, ordering: .releasing)
             let refs = m.mapcount
-            svm_storei32(m.refWord, refs)
+            m.atomicRefcount.store(refs, ordering: .releasing)
             m.order = 0
             m.head = folio.pfn + i
             m.mappingMM = mmID
@@ -66,7 +72,7 @@ extension Kernel {
             m.pgmap = head.pgmap
             if refs == 0 { freed.append(folio.pfn + i) }
         }
-        svm_storei32(head.refWord, head.mapcount + 1)
+        head.atomicRefcount.store(head.mapcount + 1, ordering: .releasing)
         head.clearFlags(PageFlags.head.rawValue)
         head.order = 0
         vmstat.count(.thpSplitPage)
@@ -146,8 +152,8 @@ extension Kernel {
         let write = src[i].isWrite ? MigratePFN.writeBit : 0
         for j in 1..<UInt64(Kernel.hugePages) {
             let t = metaPtr(folio.pfn + j)
-            svm_store32(t.flagsWord, inherited | PageFlags.locked.rawValue)
-            svm_storei32(t.refWord, 1)
+            t.atomicFlags.store(inherited | PageFlags.locked.rawValue, ordering: .releasing)
+            t.atomicRefcount.store(1, ordering: .releasing)
             t.order = 0
             t.head = folio.pfn + j
             t.mappingMM = mmID
@@ -184,9 +190,7 @@ extension AddressSpace {
     /// The corresponding kernel function is `__split_huge_pmd()`.
     public func splitHugePMD(_ address: UInt64) {
         let pmdStart = address & AddressSpace.pmdMask
-        let lock = pmdLock(pmdStart)
-        svm_mutex_lock(lock)
-        defer { svm_mutex_unlock(lock) }
+        withPMDLock(pmdStart) {
         let pmd = loadPMD(pmdStart)
         let ptes = pteSlot(pmdStart)
         switch pmd.kind {
@@ -201,10 +205,10 @@ extension AddressSpace {
             for i in 0..<PageGeometry.pmdPages {
                 let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
                 svm_store64(ptes + i, e.rawValue)
-                _ = svm_add32(kernel.metaPtr(pmd.pfn + UInt64(i)).mapWord, 1)
+                    kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
             }
-            _ = svm_add32(folio.meta.entireMapWord, -1)
-            folio.refAdd(Int32(PageGeometry.pmdPages - 1))
+                folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
+                folio.refAdd(Int32(PageGeometry.pmdPages - 1))
         case .migration:
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
             for i in 0..<PageGeometry.pmdPages {
@@ -214,5 +218,6 @@ extension AddressSpace {
         storePMD(pmdStart, .table)
         if pmd.kind == .present { flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize) }
         kernel.vmstat.count(.thpSplitPmd)
+    }
     }
 }

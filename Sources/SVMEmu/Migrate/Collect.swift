@@ -134,12 +134,11 @@ extension Kernel {
     private func collectPTEs(_ args: inout MigrateVMA, _ vma: VMA, start: UInt64,
                              addr: inout UInt64, end: UInt64) -> Bool {
         let mm = vma.mm
-        let lock = mm.ptl(start)
-        svm_mutex_lock(lock)
-        guard mm.loadPMD(start).kind == .table else { svm_mutex_unlock(lock); return false }
         let faultFolio = args.faultPage?.folio
         let faultPageLocked = args.faultPageLocked == true
         var unmapped = false
+        let outcome: CollectPTEsEnd = mm.withPTL(start) {
+            guard mm.loadPMD(start).kind == .table else { return .restart }
         while addr < end {
             var mpfn = MigratePFN.empty
             let pte = mm.loadPTE(addr)
@@ -156,13 +155,7 @@ extension Kernel {
                 let p = Page(pfn: pte.pfn, kernel: self)
                 if args.flags.contains(.devicePrivate), p.folio.isOwned(by: args.pgmapOwner) {
                     if p.folio.isLarge {
-                        svm_mutex_unlock(lock)
-                        if unmapped { mm.flushTLBRange(start, end) }
-                        if !splitFolioForMigration(p.folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
-                            collectSkip(&args, addr, end)
-                            return true
-                        }
-                        return false
+                            return .split(p.folio)
                     }
                     mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
                     page = p
@@ -182,13 +175,7 @@ extension Kernel {
                     guard args.flags.contains(.deviceCoherent), folio.isOwned(by: args.pgmapOwner) else { break }
                 }
                 if folio.isLarge {
-                    svm_mutex_unlock(lock)
-                    if unmapped { mm.flushTLBRange(start, end) }
-                    if !splitFolioForMigration(folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
-                        collectSkip(&args, addr, end)
-                        return true
-                    }
-                    return false
+                        return .split(folio)
                 }
                 mpfn = MigratePFN(pfn: pte.pfn).with(MigratePFN.migrateBit | (pte.isWrite ? MigratePFN.writeBit : 0))
                 page = p
@@ -227,8 +214,27 @@ extension Kernel {
             addr += PageGeometry.pageSize64
         }
         if unmapped { mm.flushTLBRange(start, end) }
-        svm_mutex_unlock(lock)
+            return .done
+        }
+        switch outcome {
+        case .done:
+            return true
+        case .restart:
+            return false
+        case .split(let folio):
+            // A large folio: drop the PTE lock, flush what was unmapped,
+            // split, and walk the PMD again.
+            if unmapped { mm.flushTLBRange(start, end) }
+            if !splitFolioForMigration(folio, faultPage: args.faultPage, faultPageLocked: faultPageLocked) {
+                collectSkip(&args, addr, end)
         return true
     }
+            return false
+        }
+    }
+
+    /// How the PTE loop ended: the range walked, the PMD changed under it, or
+    /// a large folio to split before walking the PMD again.
+    private enum CollectPTEsEnd { case done, restart, split(Folio) }
 
 }

@@ -41,23 +41,20 @@ extension Kernel {
     /// migration's extra reference; on false nothing changed.
     func collectHugePMD(_ args: inout MigrateVMA, _ vma: VMA, _ haddr: UInt64) -> Bool {
         let mm = vma.mm
-        let lock = mm.pmdLock(haddr)
-        svm_mutex_lock(lock)
+        let collected: (pmd: PageTableEntry, folio: Folio)? = mm.withPMDLock(haddr) {
         let pmd = mm.loadPMD(haddr)
-        guard pmd.kind == .present || pmd.kind == .devicePrivate, !pmd.isSpecial else {
-            svm_mutex_unlock(lock)
-            return false
-        }
+            guard pmd.kind == .present || pmd.kind == .devicePrivate, !pmd.isSpecial else { return nil }
         let folio = Folio(pfn: pmd.pfn, kernel: self)
         folio.get()
         let isFault = args.faultPageLocked == true && args.faultPage?.folio == folio
         guard isFault || folio.tryLock() else {
-            svm_mutex_unlock(lock)
             folio.put()
-            return false
+                return nil
         }
         setPMDMigrationEntry(mm, haddr, pmd, folio, anonExclusive: folio.isAnon && folio.page(0).isAnonExclusive)
-        svm_mutex_unlock(lock)
+            return (pmd, folio)
+        }
+        guard let (pmd, folio) = collected else { return false }
         folio.put()
         if pmd.kind == .present { mm.flushTLBRange(haddr, haddr + PageGeometry.pmdSize64) }
         collectCompound(&args, MigratePFN(pfn: folio.pfn).with(
@@ -80,24 +77,24 @@ extension Kernel {
             return
         }
         let entry = PageTableEntry.holeMapping(of: folio, pfn: folio.pfn, in: vma)
-        let lock = mm.pmdLock(haddr)
-        svm_mutex_lock(lock)
+        let replacedZero: Bool? = mm.withPMDLock(haddr) {
         let pmd = mm.loadPMD(haddr)
         let replacingZero = pmd.kind == .present && pmd.isSpecial
-        guard pmd.isNone || replacingZero else {
-            svm_mutex_unlock(lock)
-            src = src.without(MigratePFN.migrateBit)
-            return
-        }
+            guard pmd.isNone || replacingZero else { return nil }
         folio.set(.uptodate)
         mm.addNewAnonRmap(folio, address: haddr, pmdMapped: true)
         folio.get()
         if replacingZero {
             mm.storePMD(haddr, .none)
-            mm.flushTLBRange(haddr, haddr + (2 << 20))
+            mm.flushTLBRange(haddr, haddr + PageGeometry.pmdSize64)
         }
         mm.storePMD(haddr, entry)
-        svm_mutex_unlock(lock)
+            return replacingZero
+        }
+        guard let replacingZero = replacedZero else {
+            src = src.without(MigratePFN.migrateBit)
+            return
+        }
         src = MigratePFN(rawValue: MigratePFN.migrateBit | MigratePFN.compoundBit)
     }
 
@@ -109,6 +106,7 @@ extension Kernel {
     /// flushes the TLB for a present mapping after dropping the PMD lock, and
     /// drops the mapping's reference.
     func setPMDMigrationEntry(_ mm: AddressSpace, _ haddr: UInt64, _ pmd: PageTableEntry, _ folio: Folio, anonExclusive: Bool) {
+        mm.assertPMDLockHeld(haddr, "set_pmd_migration_entry: PMD lock not held")
         if anonExclusive {
             for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
         }
@@ -131,15 +129,13 @@ extension Kernel {
         let range = MMUNotifierRange(start: address, end: address + PageGeometry.pmdSize64, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
-        let lock = mm.pmdLock(address)
-        svm_mutex_lock(lock)
+        let unmapped: PageTableEntry? = mm.withPMDLock(address) {
         let pmd = mm.loadPMD(address)
-        guard (pmd.kind == .present || pmd.kind == .devicePrivate) && pmd.pfn == folio.pfn else {
-            svm_mutex_unlock(lock)
-            return
-        }
+            guard (pmd.kind == .present || pmd.kind == .devicePrivate) && pmd.pfn == folio.pfn else { return nil }
         setPMDMigrationEntry(mm, address, pmd, folio, anonExclusive: folio.page(0).isAnonExclusive)
-        svm_mutex_unlock(lock)
+            return pmd
+        }
+        guard let pmd = unmapped else { return }
         if pmd.kind == .present { mm.flushTLBRange(address, address + PageGeometry.pmdSize64) }
         folio.put()
     }
@@ -153,18 +149,14 @@ extension Kernel {
     @discardableResult
     func removeMigrationPMD(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) -> Bool {
         guard let (mm, address) = rmapAddress(of: src.page(0), hint: hint), mm.covers(address), address & ~PageGeometry.pmdMask == 0 else { return false }
-        let lock = mm.pmdLock(address)
-        svm_mutex_lock(lock)
+        return mm.withPMDLock(address) {
         let pmd = mm.loadPMD(address)
-        guard pmd.kind == .migration, pmd.pfn == src.pfn else {
-            svm_mutex_unlock(lock)
-            return false
-        }
+            guard pmd.kind == .migration, pmd.pfn == src.pfn else { return false }
         dst.get()
         let entry = PageTableEntry.replacing(migration: pmd, with: dst, pfn: dst.pfn)
         mm.addEntireAnonRmap(dst, address: address, exclusive: pmd.isWrite || pmd.isReadExclusive)
         mm.storePMD(address, entry)
-        svm_mutex_unlock(lock)
         return true
+    }
     }
 }

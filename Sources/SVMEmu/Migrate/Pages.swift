@@ -264,27 +264,22 @@ extension Kernel {
         guard pmd.kind == .table else { src = src.without(MigratePFN.migrateBit); return }
         folio.set(.uptodate)
         let entry = PageTableEntry.holeMapping(of: folio, pfn: page.pfn, in: vma)
-        let lock = mm.ptl(addr)
-        svm_mutex_lock(lock)
-        let orig = mm.loadPTE(addr)
-        var flush = false
-        if orig.kind == .present {
-            guard orig.isSpecial else { svm_mutex_unlock(lock); src = src.without(MigratePFN.migrateBit); return }
-            flush = true
-        } else if !orig.isNone {
-            svm_mutex_unlock(lock)
-            src = src.without(MigratePFN.migrateBit)
-            return
+        // Whether the entry replaced was the zero page; nil: abort.
+        let replaced: Bool? = mm.withPTL(addr) {
+            let orig = mm.loadPTE(addr)
+            // Only a none entry or the zero page may be replaced.
+            guard orig.isNone || (orig.kind == .present && orig.isSpecial) else { return nil }
+            mm.addNewAnonRmap(folio, address: addr, pmdMapped: false)
+            folio.get()
+            if orig.kind == .present {
+                // ptep_clear_flush() before the new page goes in.
+                mm.storePTE(addr, .none)
+                mm.flushTLBRange(addr, addr + PageGeometry.pageSize64)
+            }
+            mm.storePTE(addr, entry)
+            return orig.kind == .present
         }
-        mm.addNewAnonRmap(folio, address: addr, pmdMapped: false)
-        folio.get()
-        if flush {
-            // ptep_clear_flush() before the new page goes in.
-            mm.storePTE(addr, .none)
-            mm.flushTLBRange(addr, addr + 4096)
-        }
-        mm.storePTE(addr, entry)
-        svm_mutex_unlock(lock)
+        guard replaced != nil else { src = src.without(MigratePFN.migrateBit); return }
         src = .hole
     }
 }

@@ -87,7 +87,7 @@ extension Kernel {
     /// `folio_isolate_lru()`: takes the folio off the LRU with a reference.
     /// Returns false (no reference taken) when the folio was not on the LRU.
     func isolateLRU(_ folio: Folio) -> Bool {
-        let old = svm_and32(folio.meta.flagsWord, ~PageFlags.lru.rawValue)
+        let old = folio.atomicFlags.bitwiseAnd(~PageFlags.lru.rawValue, ordering: .acquiringAndReleasing).oldValue
         guard old & PageFlags.lru.rawValue != 0 else { return false }
         folio.get()
         return true
@@ -136,11 +136,10 @@ extension Kernel {
         let range = MMUNotifierRange(start: address, end: address + PageGeometry.pageSize64, event: .clear, owner: nil)
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
-        let lock = mm.ptl(address)
-        svm_mutex_lock(lock)
+        let unmapped: PageTableEntry? = mm.withPTL(address) {
         let pte = mm.loadPTE(address)
         guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn else {
-            return svm_mutex_unlock(lock)
+                return nil
         }
         let exclusive = page.isAnonExclusive
         if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
@@ -149,7 +148,9 @@ extension Kernel {
                                                       dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
                                 .keepingProtection(of: pte))
         mm.removeRmap(page: page)
-        svm_mutex_unlock(lock)
+            return pte
+        }
+        guard let pte = unmapped else { return }
         if pte.kind == .present {
             if let batch { batch.pointee.add(mm, address, address + PageGeometry.pageSize64, writable: pte.isWrite) }
             else { mm.flushTLBRange(address, address + PageGeometry.pageSize64) }
@@ -184,16 +185,13 @@ extension Kernel {
     /// We enter with no page-table lock and return with the PTE lock dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
     private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64) {
-        let lock = mm.ptl(address)
-        svm_mutex_lock(lock)
+        mm.withPTL(address) {
         let pte = mm.loadPTE(address)
-        guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else {
-            return svm_mutex_unlock(lock)
-        }
+            guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else { return }
         dst.get()
         let entry = PageTableEntry.replacing(migration: pte, with: dst, pfn: newPage.pfn)
         mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
         mm.storePTE(address, entry)
-        svm_mutex_unlock(lock)
+        }
     }
 }

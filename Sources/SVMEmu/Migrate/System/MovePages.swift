@@ -177,20 +177,20 @@ extension AddressSpace {
         guard covers(address) else { return nil }
         let pmd = loadPMD(address)
         if pmd.kind == .present {
-            let lock = pmdLock(address)
-            svm_mutex_lock(lock); defer { svm_mutex_unlock(lock) }
-            let again = loadPMD(address)
-            guard again.kind == .present, !again.isSpecial else { return nil }
-            let page = Page(pfn: again.pfn + ((address >> 12) & 511), kernel: kernel)
-            return page.folio.tryGet() ? page : nil
+            return withPMDLock(address) { () -> Page? in
+                let again = loadPMD(address)
+                guard again.kind == .present, !again.isSpecial else { return nil }
+                let page = Page(pfn: again.pfn + ((address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1)), kernel: kernel)
+                return page.folio.tryGet() ? page : nil
+            }
         }
         guard pmd.kind == .table else { return nil }
-        let lock = ptl(address)
-        svm_mutex_lock(lock); defer { svm_mutex_unlock(lock) }
-        let pte = loadPTE(address)
-        guard loadPMD(address).kind == .table, pte.kind == .present, !pte.isSpecial else { return nil }
-        let page = Page(pfn: pte.pfn, kernel: kernel)
-        return page.folio.tryGet() ? page : nil
+        return withPTL(address) { () -> Page? in
+            let pte = loadPTE(address)
+            guard loadPMD(address).kind == .table, pte.kind == .present, !pte.isSpecial else { return nil }
+            let page = Page(pfn: pte.pfn, kernel: kernel)
+            return page.folio.tryGet() ? page : nil
+        }
     }
 
     /// Moves every page of this address space on node `from[i]` to node

@@ -18,7 +18,7 @@ extension Folio {
         guard isLocked else {
             return kernel.warn("folio_start_writeback: caller must hold the folio lock", "\(self)")
         }
-        let old = svm_or32(meta.flagsWord, PageFlags.writeback.rawValue)
+        let old = atomicFlags.bitwiseOr(PageFlags.writeback.rawValue, ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.writeback.rawValue != 0 {
             kernel.warn("folio_start_writeback: folio is already under writeback", "\(self)")
         }
@@ -26,7 +26,7 @@ extension Folio {
 
     /// `folio_end_writeback()`: any thread may end it; sleepers on the folio wake.
     public func endWriteback() {
-        let old = svm_and32(meta.flagsWord, ~PageFlags.writeback.rawValue)
+        let old = atomicFlags.bitwiseAnd(~PageFlags.writeback.rawValue, ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.writeback.rawValue == 0 {
             kernel.warn("folio_end_writeback: folio is not under writeback", "\(self)")
         }
@@ -40,7 +40,7 @@ extension Folio {
         let w = meta.flagsWord
         let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
         while true {
-            let v = svm_load32(w)
+            let v = atomicFlags.load(ordering: .acquiring)
             if v & PageFlags.writeback.rawValue == 0 { return true }
             let now = HostClock.nanos()
             if now >= deadline { return false }

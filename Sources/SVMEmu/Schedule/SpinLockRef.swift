@@ -1,0 +1,65 @@
+import CSVMSupport
+
+/// A view of one kernel lock word (`spinlock_t`): the split PTE-table locks,
+/// the PMD locks, the zone locks. The word lives in caller-owned memory (a
+/// pfn- or table-indexed array, or a field beside the state it guards); the
+/// view owns nothing and costs nothing to make.
+///
+/// The lock is the three-state futex mutex of CSVMSupport (`svm_mutex_*`):
+/// it spins a little, then sleeps on the word; a failed ``tryLock()`` is one
+/// CAS. It is not recursive, and only its holder releases it.
+/// Take it in the scoped form, ``withLock(_:)``; ``lock()`` and ``unlock()``
+/// are for the few primitives whose contract hands a held lock across a
+/// function boundary (and say so with enter/exit sentences).
+@usableFromInline
+struct SpinLockRef {
+    @usableFromInline let word: UnsafeMutablePointer<UInt32>
+
+    /// A view of the lock word at `word` (0: free).
+    @inlinable init(_ word: UnsafeMutablePointer<UInt32>) { self.word = word }
+
+    /// `spin_lock()`: takes the lock, sleeping while another thread holds it.
+    @inlinable func lock() { svm_mutex_lock(word) }
+    /// `spin_unlock()`: releases the lock and wakes one sleeper.
+    @inlinable func unlock() { svm_mutex_unlock(word) }
+    /// `spin_trylock()`: takes the lock if it is free; never blocks.
+    @inlinable func tryLock() -> Bool { svm_mutex_trylock(word) }
+    /// Whether some thread holds the lock (`spin_is_locked()`): a snapshot,
+    /// and it cannot tell which thread.
+    @inlinable var isLocked: Bool { svm_mutex_is_locked(word) }
+
+    /// Runs `body` with the lock held and releases it on every way out,
+    /// returns and throws alike.
+    @inlinable @inline(__always)
+    func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        svm_mutex_lock(word)
+        defer { svm_mutex_unlock(word) }
+        return try body()
+    }
+
+    /// Runs `body` holding this lock and `other` (taken second, as
+    /// `spin_lock_nested()`; once when both are the same word), releasing
+    /// both on every way out. Callers keep one order (old before new).
+    @inlinable @inline(__always)
+    func withLock<R, E: Error>(nesting other: SpinLockRef, _ body: () throws(E) -> R) throws(E) -> R {
+        svm_mutex_lock(word)
+        defer { svm_mutex_unlock(word) }
+        if other.word == word { return try body() }
+        svm_mutex_lock(other.word)
+        defer { svm_mutex_unlock(other.word) }
+        return try body()
+    }
+
+    /// Debug builds: records `rule` as a diagnostic of `kernel` (``Kernel/warn(_:_:)``)
+    /// when the lock is free, i.e. when a function whose contract says the
+    /// lock is held was called without it (`lockdep_assert_held()`). The check
+    /// sees only that some thread holds the lock, not that the caller does.
+    /// Release builds: nothing, not even the load.
+    @inlinable @inline(__always)
+    func assertHeld(_ rule: @autoclosure () -> String, _ kernel: Kernel,
+                    _ detail: @autoclosure () -> String = "") {
+#if DEBUG
+        if !svm_mutex_is_locked(word) { kernel.warn(rule(), detail()) }
+#endif
+    }
+}

@@ -1,0 +1,67 @@
+import Synchronization
+
+/// An atomic view of one word in caller-owned memory (swift-atomics'
+/// `UnsafeAtomic`): the page metadata words, futex words. The memory ordering
+/// is an argument of every call, so each reads what it orders; the orderings
+/// must be constants (the compiler checks), and each call compiles to the one
+/// instruction the ordering needs (`lock xadd` for a wrapping add).
+///
+/// The view owns nothing; the word must stay allocated while it is used, and
+/// be accessed only atomically while other threads may race on it.
+@usableFromInline
+struct UnsafeAtomic<Value: AtomicRepresentable> {
+    @usableFromInline let pointer: UnsafeMutablePointer<Atomic<Value>>
+
+    /// A view of the `Value` word at `address` (aligned for `Value`).
+    @inlinable init(at address: UnsafeMutableRawPointer) {
+        pointer = address.assumingMemoryBound(to: Atomic<Value>.self)
+    }
+}
+
+// Loads, stores and compare-exchanges of any 32-bit word (Int32, UInt32).
+extension UnsafeAtomic where Value.AtomicRepresentation == _Atomic32BitStorage {
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
+    func load(ordering: AtomicLoadOrdering) -> Value { pointer.pointee.load(ordering: ordering) }
+
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
+    func store(_ value: Value, ordering: AtomicStoreOrdering) { pointer.pointee.store(value, ordering: ordering) }
+
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
+    func compareExchange(expected: Value, desired: Value, successOrdering: AtomicUpdateOrdering,
+                         failureOrdering: AtomicLoadOrdering) -> (exchanged: Bool, original: Value) {
+        pointer.pointee.compareExchange(expected: expected, desired: desired,
+                                        successOrdering: successOrdering, failureOrdering: failureOrdering)
+    }
+}
+
+extension UnsafeAtomic where Value == Int32 {
+    /// Adds `n` with wrap-around (`atomic_add_return()` and friends).
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
+    func wrappingAdd(_ n: Int32, ordering: AtomicUpdateOrdering) -> (oldValue: Int32, newValue: Int32) {
+        pointer.pointee.wrappingAdd(n, ordering: ordering)
+    }
+}
+
+extension UnsafeAtomic where Value == UInt32 {
+    /// Adds `n` with wrap-around.
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
+    func wrappingAdd(_ n: UInt32, ordering: AtomicUpdateOrdering) -> (oldValue: UInt32, newValue: UInt32) {
+        pointer.pointee.wrappingAdd(n, ordering: ordering)
+    }
+
+    /// Subtracts `n` with wrap-around.
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
+    func wrappingSubtract(_ n: UInt32, ordering: AtomicUpdateOrdering) -> (oldValue: UInt32, newValue: UInt32) {
+        pointer.pointee.wrappingSubtract(n, ordering: ordering)
+    }
+
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
+    func bitwiseOr(_ bits: UInt32, ordering: AtomicUpdateOrdering) -> (oldValue: UInt32, newValue: UInt32) {
+        pointer.pointee.bitwiseOr(bits, ordering: ordering)
+    }
+
+    @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline @discardableResult
+    func bitwiseAnd(_ bits: UInt32, ordering: AtomicUpdateOrdering) -> (oldValue: UInt32, newValue: UInt32) {
+        pointer.pointee.bitwiseAnd(bits, ordering: ordering)
+    }
+}
