@@ -347,8 +347,49 @@ struct MigratePagesTests {
         }
     }
 
-    @Test(.disabled("needs issue 14's stale-entry checker: silent with the give-up rule, fires without it"))
-    func staleEntryChecker() {}
+    @Test("deferred flush: a stale reader of a read-only page is silent; a write fault gives up and flushes first, and without that rule the stale reader misses the write and the checker says so",
+          arguments: [true, false])
+    func staleEntryChecker(giveUpOnWrite: Bool) throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let a = try filled(mm, pages: 8)
+            // Read-only PTEs in a writable VMA: the next write is a write fault.
+            try mm.mprotect(a, length: 8 * pageSize, protection: .read)
+            try mm.mprotect(a, length: 8 * pageSize, protection: .readWrite)
+            let reader = WorkerThread()
+            defer { _ = reader.stop() }
+            let seen = SharedCounter()
+            let readPage0 = { @Sendable in seen.value.store(Int((try? mm.load(a + 100)) ?? 0), ordering: .releasing) }
+            #expect(reader.run(readPage0))
+            let original = seen.current
+            kernel.deferredTLB.giveUpOnWrite = giveUpOnWrite
+            var st: [PageStatus] = []
+            _ = try mm.movePages(addresses(a, pages: 8), nodes: Array(repeating: 1, count: 8), status: &st,
+                                 policy: MigratePagesPolicy(deferredFlush: true))
+            #expect(st == Array(repeating: .node(1), count: 8))
+            #expect(kernel.deferredTLB.heldFrames == 8)
+            // The reader still reads the old frame: same bytes, no report.
+            #expect(reader.run(readPage0))
+            #expect(seen.current == original)
+            #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
+
+            let newValue = UInt8(truncatingIfNeeded: original &+ 1)
+            try mm.store(a + 100, newValue)
+            #expect(reader.run(readPage0))
+            if giveUpOnWrite {
+                #expect(kernel.deferredTLB.giveUpFlushes == 1)
+                #expect(seen.current == Int(newValue))
+                #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
+                #expect(kernel.diagnostics.isEmpty)
+            } else {
+                // The write went to the new frame; the reader's stale entry still reads the old one.
+                #expect(seen.current == original)
+                let stale = kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
+                #expect(stale.count == 1)
+                #expect(stale.first?.detail.contains("read at 0x\(String(a + 100, radix: 16))") == true)
+                kernel.deferredTLB.flush()
+            }
+        }
+    }
 
     @Test("the multi-threaded and offload copiers move the same bytes, 4 KiB and 2 MiB")
     func copiers() throws {

@@ -155,7 +155,9 @@ extension AddressSpace {
     /// mapped there), or whose frame has been freed. Between the unmap and
     /// the flush a CPU may still use its entry (the entry then is a migration
     /// entry or none, which this does not report); after the flush it cannot,
-    /// so a report means a flush was skipped or came too late.
+    /// so a report means a flush was skipped or came too late. The one
+    /// exception is a frame a deferred flush holds, read while its new
+    /// mapping is still read-only.
     @usableFromInline @inline(never)
     func checkTLBEntry(_ cpu: CPU, _ entry: UnsafeMutablePointer<TLBEntry>, _ address: UInt64, write: Bool) {
         let huge = entry >= cpu.tlb + TLB.entries4K
@@ -164,8 +166,14 @@ extension AddressSpace {
         let leaf = pmd.kind == .table ? loadPTE(address) : pmd
         var now: UInt64? = nil
         if leaf.kind == .present { now = leaf.pfn + (pmd.kind == .table ? 0 : (address >> 12) & 511) }
-        let freed = Page(pfn: old, kernel: kernel).folio.refCount == 0
+        let oldFolio = Page(pfn: old, kernel: kernel).folio
+        let freed = oldFolio.refCount == 0
         guard freed || (now != nil && now != old) else { return }
+        // A deferred flush (migrc / LUF) keeps the old frame, bytes identical,
+        // while the new mapping stays read-only: reading it is the bargain.
+        // Once the new mapping is writable (the give-up-on-write rule was
+        // skipped), a stale reader can miss a write: that is reported.
+        if !freed && !write && oldFolio.test(.deferredFlush) && !leaf.isWrite { return }
         kernel.vmstat.count(.tlbStaleAccesses)
         let newFrame = now.map { "pfn 0x\(String($0, radix: 16))" } ?? (freed ? "none (the old frame was freed)" : "none")
         kernel.warn("stale TLB entry: a CPU accessed a frame no longer mapped at this address (a TLB flush was skipped or late)",

@@ -76,6 +76,10 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
     /// PG_writeback: the folio's bytes are being written out; migration
     /// waits for it only in MIGRATE_SYNC (Migrate/System/Writeback.swift).
     public static let writeback = PageFlags(rawValue: 1 << 15)
+    /// The old frame of a migration whose TLB flush was deferred (migrc /
+    /// LUF): held out of the allocator; CPUs may still read it through stale
+    /// read-only translations until the deferred flush runs.
+    public static let deferredFlush = PageFlags(rawValue: 1 << 16)
 
     /// The set flags' names joined by `|`, e.g. `locked|dirty|lru`.
     public var description: String {
@@ -83,7 +87,7 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
             (.locked, "locked"), (.waiters, "waiters"), (.dirty, "dirty"), (.uptodate, "uptodate"),
             (.lru, "lru"), (.anonExclusive, "anon_exclusive"), (.head, "head"), (.tail, "tail"),
             (.zoneDevice, "zone_device"), (.anon, "anon"), (.reserved, "reserved"), (.buddy, "buddy"),
-            (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"), (.writeback, "writeback"),
+            (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"), (.writeback, "writeback"), (.deferredFlush, "deferred_flush"),
         ]
         return names.filter { contains($0.0) }.map(\.1).joined(separator: "|")
     }

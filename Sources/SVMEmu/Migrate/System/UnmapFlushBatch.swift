@@ -139,6 +139,9 @@ public final class DeferredTLBFlush: @unchecked Sendable {
     /// the range of its read-only mappings in `mm`, to be flushed later.
     func hold(_ folio: Folio, _ mm: AddressSpace, _ start: UInt64, _ end: UInt64) {
         let pages = folio.pageCount
+        // What the stale-entry checker reads: reads through stale read-only
+        // entries of this frame are the deferral's bargain, not a bug.
+        folio.set(.deferredFlush)
         let total = state.withLock { p -> Int in
             if let last = p.ranges.last, last.mmID == mm.id, start <= last.end, end >= last.start {
                 p.ranges[p.ranges.count - 1] = (mm.id, min(last.start, start), max(last.end, end))
@@ -178,7 +181,10 @@ public final class DeferredTLBFlush: @unchecked Sendable {
         for (id, s, e) in spans { kernel.addressSpace(id: id)?.flushTLBRange(s, e) }
         _ = svm_add64(words + 8, 1)
         // Frames leave only after the flush.
-        for f in p.folios { f.put() }
+        for f in p.folios {
+            f.clear(.deferredFlush)
+            f.put()
+        }
         _ = svm_add64(words, UInt64(bitPattern: -Int64(p.frames)))
         _ = svm_add64(words + 16, UInt64(p.frames))
         return p.frames
