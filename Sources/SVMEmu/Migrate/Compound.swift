@@ -91,7 +91,7 @@ extension Kernel {
         mm.storePMD(haddr, entry)
             return replacingZero
         }
-        guard let replacingZero = replacedZero else {
+        guard replacedZero != nil else {
             src = src.without(MigratePFN.migrateBit)
             return
         }

@@ -54,6 +54,7 @@ extension AddressSpace {
     ///   - nodes: target node per address, or nil to query.
     ///   - status: filled with one `PageStatus` per address.
     ///   - flags: `.move` or `.moveAll`.
+    ///   - policy: the algorithm, copier and deferral of the migration.
     /// - Returns: the number of pages not migrated (0 when all moved or were
     ///   reported in `status`), as the system call returns it.
     /// - Throws: `.invalidArgument` for unknown flags or a `nodes` array of
@@ -73,6 +74,16 @@ extension AddressSpace {
     /// `movePages(_:nodes:status:flags:policy:)` that also adds the
     /// statistics of every `migratePages` run it made to `stats` (for
     /// benchmarks: flush time, copy time, lock waits, first-folio latency).
+    ///
+    /// - Parameters:
+    ///   - addresses: page addresses (any address within the page).
+    ///   - nodes: target node per address, or nil to query.
+    ///   - status: filled with one `PageStatus` per address.
+    ///   - flags: `.move` or `.moveAll`.
+    ///   - policy: the algorithm, copier and deferral of the migration.
+    ///   - stats: where the runs' statistics are added.
+    /// - Returns: as `movePages(_:nodes:status:flags:policy:)`.
+    /// - Throws: as `movePages(_:nodes:status:flags:policy:)`.
     ///
     /// The corresponding kernel function is `kernel_move_pages()`.
     @discardableResult
