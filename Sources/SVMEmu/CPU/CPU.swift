@@ -109,23 +109,23 @@ struct CPU {
     func lookup(_ address: UInt64, write: Bool) -> (entry: UnsafeMutablePointer<TLBEntry>, bytes: UnsafeMutableRawPointer)? {
         let epoch = words[CPUWord.epoch] << TLB.epochShift
         let need: UInt64 = write ? TLB.writable | TLB.dirty : 0
-        let vpn = address >> 12
+        let vpn = address >> PageGeometry.pageShift
         var e = tlb + Int(truncatingIfNeeded: vpn & UInt64(TLB.sets4K - 1)) &* TLB.ways
         var tag = vpn | epoch
         for _ in 0..<TLB.ways {
             if e.pointee.tag == tag {
                 guard e.pointee.info & need == need, let frame = e.pointee.frame else { return nil }
-                return (e, frame + Int(truncatingIfNeeded: address & 4095))
+                return (e, frame + Int(truncatingIfNeeded: address & ~PageGeometry.pageMask))
             }
             e += 1
         }
-        let hpn = address >> 21
+        let hpn = address >> PageGeometry.pmdShift
         e = tlb + (TLB.entries4K &+ Int(truncatingIfNeeded: hpn & UInt64(TLB.sets2M - 1)) &* TLB.ways)
         tag = hpn | epoch
         for _ in 0..<TLB.ways {
             if e.pointee.tag == tag {
                 guard e.pointee.info & need == need, let frame = e.pointee.frame else { return nil }
-                return (e, frame + Int(truncatingIfNeeded: address & ((2 << 20) - 1)))
+                return (e, frame + Int(truncatingIfNeeded: address & ~PageGeometry.pmdMask))
             }
             e += 1
         }
@@ -137,7 +137,7 @@ struct CPU {
     @usableFromInline
     func fill(_ address: UInt64, huge: Bool, frame: UnsafeMutableRawPointer, pfn: UInt64, writable: Bool, dirty: Bool) {
         let epoch = words[CPUWord.epoch] << TLB.epochShift
-        let number = huge ? address >> 21 : address >> 12
+        let number = huge ? address >> PageGeometry.pmdShift : address >> PageGeometry.pageShift
         let base = huge ? tlb + TLB.entries4K + Int(number & UInt64(TLB.sets2M - 1)) * TLB.ways
                         : tlb + Int(number & UInt64(TLB.sets4K - 1)) * TLB.ways
         let tag = number | epoch
@@ -168,21 +168,21 @@ struct CPU {
     /// flushed everything.
     @discardableResult
     func invalidate(_ start: UInt64, _ end: UInt64) -> Bool {
-        let pages = (end - start) >> 12
+        let pages = (end - start) >> PageGeometry.pageShift
         guard pages <= AddressSpace.singlePageFlushCeiling else {
             invalidateAll()
             return true
         }
         let epoch = words[CPUWord.epoch] << TLB.epochShift
-        var a = start & ~4095
+        var a = start & PageGeometry.pageMask
         while a < end {
-            let vpn = a >> 12
+            let vpn = a >> PageGeometry.pageShift
             let base = tlb + Int(vpn & UInt64(TLB.sets4K - 1)) * TLB.ways
             for w in 0..<TLB.ways where base[w].tag == vpn | epoch { base[w].tag = 0 }
-            a += 4096
+            a += PageGeometry.pageSize64
         }
-        var h = start >> 21
-        while h <= (end - 1) >> 21 {
+        var h = start >> PageGeometry.pmdShift
+        while h <= (end - 1) >> PageGeometry.pmdShift {
             let base = tlb + TLB.entries4K + Int(h & UInt64(TLB.sets2M - 1)) * TLB.ways
             for w in 0..<TLB.ways where base[w].tag == h | epoch { base[w].tag = 0 }
             h += 1
@@ -273,7 +273,7 @@ struct CPU {
         } else {
             if words[CPUWord.inboxMM] != mm { words[CPUWord.inboxMM] = 0 }
             words[CPUWord.inboxStart] = 0
-            words[CPUWord.inboxEnd] = UInt64.max & ~4095
+            words[CPUWord.inboxEnd] = UInt64.max & PageGeometry.pageMask
             svm_store64_relaxed(words + CPUWord.inboxGen, max(gen, svm_load64_relaxed(words + CPUWord.inboxGen)))
         }
         }

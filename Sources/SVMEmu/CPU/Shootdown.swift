@@ -42,7 +42,7 @@ extension AddressSpace {
     /// The corresponding kernel function is `flush_tlb_mm_range()`.
     public func flushTLBRange(_ start: UInt64, _ end: UInt64) {
         guard end > start, !skipsTLBFlushes else { return }
-        let pages = (end - start) >> 12
+        let pages = (end - start) >> PageGeometry.pageShift
         let ctx = tlbContext
         let cpus = kernel.cpus
         let vm = kernel.vmstat

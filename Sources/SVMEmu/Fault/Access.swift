@@ -146,7 +146,7 @@ extension AddressSpace {
             let frame = kernel.bytes(ofPfn: entry.pfn)
             svm_store64_relaxed(cpu.words + CPUWord.misses, cpu.words[CPUWord.misses] &+ 1)
             cpu.fill(address, huge: huge, frame: frame, pfn: entry.pfn, writable: entry.isWrite, dirty: entry.isDirty)
-            return frame + Int(address & (huge ? (2 << 20) - 1 : 4095))
+            return frame + Int(address & (huge ? ~PageGeometry.pmdMask : ~PageGeometry.pageMask))
         }
     }
 
@@ -161,11 +161,11 @@ extension AddressSpace {
     @usableFromInline @inline(never)
     func checkTLBEntry(_ cpu: CPU, _ entry: UnsafeMutablePointer<TLBEntry>, _ address: UInt64, write: Bool) {
         let huge = entry >= cpu.tlb + TLB.entries4K
-        let old = (entry.pointee.info >> 2) + (huge ? (address >> 12) & 511 : 0)
+        let old = (entry.pointee.info >> 2) + (huge ? (address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1) : 0)
         let pmd = loadPMD(address)
         let leaf = pmd.kind == .table ? loadPTE(address) : pmd
         var now: UInt64? = nil
-        if leaf.kind == .present { now = leaf.pfn + (pmd.kind == .table ? 0 : (address >> 12) & 511) }
+        if leaf.kind == .present { now = leaf.pfn + (pmd.kind == .table ? 0 : (address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1)) }
         let oldFolio = Page(pfn: old, kernel: kernel).folio
         let freed = oldFolio.refCount == 0
         guard freed || (now != nil && now != old) else { return }

@@ -155,7 +155,7 @@ extension AddressSpace {
             // ptep_clear_flush(): no CPU may keep the zero page's translation
             // once the new page is mapped.
             storePTE(address, .none)
-            flushTLBRange(address & ~4095, (address & ~4095) + 4096)
+            flushTLBRange(address & PageGeometry.pageMask, (address & PageGeometry.pageMask) + PageGeometry.pageSize64)
         }
         storePTE(address, .present(pfn: folio.pfn, write: writable, dirty: writable))
             return true

@@ -236,7 +236,7 @@ extension AddressSpace {
         for vma in vmas where !vma.flags.contains(.special) {
             var a = vma.start
             while a < vma.end {
-                let step: UInt64 = loadPMD(a).kind == .present ? AddressSpace.pmdSize - (a & ~AddressSpace.pmdMask) : 4096
+                let step: UInt64 = loadPMD(a).kind == .present ? AddressSpace.pmdSize - (a & ~AddressSpace.pmdMask) : PageGeometry.pageSize64
                 defer { a += step }
                 guard let page = followPage(a) else { continue }
                 let folio = page.folio
