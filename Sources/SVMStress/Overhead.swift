@@ -4,6 +4,7 @@
 import Foundation
 import MirrorDriver
 import SVMEmu
+import Synchronization
 
 /// Which way the faults migrate.
 public enum OverheadDirection: String, CaseIterable, Sendable, Codable {
@@ -66,6 +67,11 @@ public struct OverheadConfiguration: Sendable {
     public var measureInstrumentationCost = true
     /// Trace events kept per CPU for `--trace` (0: none).
     public var traceEventsPerCPU = 0
+    /// Other CPUs running the address space during the timed runs: each
+    /// reads a page of its own in a loop, so every TLB flush of the buffer
+    /// sends them IPIs and waits for the ones inside an access (the
+    /// `tlbFlush` phase). 0: the faulting CPU is the only one.
+    public var busyCPUs = 0
     /// Seed of the byte pattern.
     public var seed: UInt64 = 0x5EED
     /// Called with a short status line as the run goes (for a progress display).
@@ -120,6 +126,8 @@ public struct OverheadResult: Sendable, Codable {
     public var copyThreads: Int
     /// Pages one GPU fault migrates (1 unless `faultPages` asked for more).
     public var faultPages: Int = 1
+    /// Other CPUs reading the address space during the run (`busyCPUs`).
+    public var busyCPUs: Int = 0
     /// Bytes migrated by the faults.
     public var bytes: Int
     /// Faults timed (phase `fault` count: GPU fault handlers or migrateToRAM calls).
@@ -173,7 +181,7 @@ public struct OverheadResult: Sendable, Codable {
     public var traceEventsPerCPU: Int?
 
     enum CodingKeys: String, CodingKey {
-        case granularity, direction, copyModel, copyThreads, faultPages, bytes, faults, phases, migrateVMAFraction,
+        case granularity, direction, copyModel, copyThreads, faultPages, busyCPUs, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, streamCopyGBps, wallSeconds, wallSecondsTimersOff,
              wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified,
              traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU
@@ -269,6 +277,11 @@ public enum OverheadHarness {
         let timers = kernel.phases
         timers.isEnabled = false
         timers.reset()
+        let busy: BusyCPUs
+        do { busy = try BusyCPUs(mm, count: config.busyCPUs) } catch {
+            throw .setupFailed("\(tag): cannot start \(config.busyCPUs) busy CPUs: \(error)")
+        }
+        defer { busy.stop() }
 
         // Puts the buffer where the run starts from (timers off).
         func prepare() throws(OverheadError) {
@@ -410,6 +423,7 @@ public enum OverheadHarness {
             throw .dataMismatch("\(tag): DATA CORRUPTION: byte at 0x\(String(bad, radix: 16)) differs from the pattern after migration")
         }
         var result = summarize(best, config: config, wallOn: bestOn)
+        result.busyCPUs = config.busyCPUs
         if !pairRatios.isEmpty {
             pairRatios.sort()
             let mid = pairRatios.count / 2
@@ -561,5 +575,44 @@ public enum OverheadHarness {
             best = min(best, HostClock.nanos() - t0)
         }
         return Double(bytes) / Double(max(1, best))
+    }
+}
+
+/// CPUs that keep running an address space: each thread reads a page of its
+/// own in a loop (so it is inside an access most of the time) until stopped.
+/// A TLB flush of that address space then sends each an IPI and waits for it.
+final class BusyCPUs: @unchecked Sendable {
+    private let stopFlag = Atomic<Int>(0)
+    private let running = Atomic<Int>(0)
+    private let finished = Atomic<Int>(0)
+    private let count: Int
+
+    init(_ mm: AddressSpace, count: Int) throws(Errno) {
+        self.count = count
+        guard count > 0 else { return }
+        let base = try mm.mmap(length: count * PageGeometry.pageSize)
+        for i in 0..<count { try mm.store(base + UInt64(i * PageGeometry.pageSize), 1) }
+        for i in 0..<count {
+            let page = base + UInt64(i * PageGeometry.pageSize)
+            let t = Thread { [self] in
+                _ = try? mm.load(page)
+                running.add(1, ordering: .releasing)
+                while stopFlag.load(ordering: .acquiring) == 0 { _ = try? mm.load(page) }
+                finished.add(1, ordering: .releasing)
+            }
+            t.start()
+        }
+        // Each has run in the address space once (bounded: 5 s).
+        let deadline = HostClock.nanos() + 5_000_000_000
+        while running.load(ordering: .acquiring) < count && HostClock.nanos() < deadline { HostThread.yield() }
+    }
+
+    /// Stops the threads and waits for them (bounded: 5 s).
+    func stop() {
+        stopFlag.store(1, ordering: .releasing)
+        let deadline = HostClock.nanos() + 5_000_000_000
+        while finished.load(ordering: .acquiring) < running.load(ordering: .acquiring) && HostClock.nanos() < deadline {
+            HostThread.yield()
+        }
     }
 }

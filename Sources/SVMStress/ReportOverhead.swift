@@ -30,7 +30,7 @@ public enum OverheadReport {
                 + String(format: "%9.3f", f.microsPerFault) + "   " + pct(f.fraction) + "   " + calls + "\n"
         }
         if let f = r.phases[MigrationPhase.tlbFlush.name], f.count > 0 {
-            out += "  " + "  of which TLB shootdown wait".padding(toLength: 18, withPad: " ", startingAt: 0)
+            out += "  " + "  (tlbFlush)".padding(toLength: 18, withPad: " ", startingAt: 0)
                 + String(format: "%9.3f", f.microsPerFault) + "   " + pct(f.fraction) + "   "
                 + String(format: "%8.2f", r.faults > 0 ? Double(f.count) / Double(r.faults) : 0) + "\n"
         }
@@ -38,6 +38,9 @@ public enum OverheadReport {
             + String(format: "%9.3f", r.faultMicrosMean) + "   " + pct(1) + "\n\n"
         out += "  migrate_vma fraction (collect+unmap+pages+finalize): " + pct(r.migrateVMAFraction).trimmingCharacters(in: .whitespaces) + "\n"
         out += "  copy fraction:                                        " + pct(r.copyFraction).trimmingCharacters(in: .whitespaces) + "\n"
+        if let f = r.phases[MigrationPhase.tlbFlush.name], f.count > 0 {
+            out += "  (tlbFlush): TLB shootdowns to \(r.busyCPUs) other CPU\(r.busyCPUs == 1 ? "" : "s"), inside collect/unmap, not added\n"
+        }
         let bestCopy = max(r.memcpyGBps, r.streamCopyGBps)
         out += String(format: "  mean fault %.2f us; throughput %.2f GB/s (same chunks: memcpy %.2f GB/s, streaming copy %.2f GB/s; %.2fx the faster)\n",
                       r.faultMicrosMean, r.throughputGBps, r.memcpyGBps, r.streamCopyGBps, bestCopy > 0 ? r.throughputGBps / bestCopy : 0)

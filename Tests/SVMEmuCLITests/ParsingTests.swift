@@ -22,6 +22,7 @@ struct ParsingTests {
             (["demo", "--lookup-delay-us", "-1"], "--lookup-delay-us must be 0...1000000 µs (got -1)"),
             (["overhead", "--rounds", "-1"], "--rounds must be 1...20 (got -1)"),
             (["overhead", "--copy-threads", "-4"], "--copy-threads must be 1...64 (got -4)"),
+            (["overhead", "--busy-cpus", "17"], "--busy-cpus must be 0...16 (got 17)"),
             (["overhead", "--size", "-2M"], "--size must be 2M to 64G, a multiple of 2M (got -2M)"),
             (["bench", "memory", "--fault-mib", "-5"], "--fault-mib must be 1...1024 (got -5)"),
             (["bench", "migrate", "--rounds", "-2"], "--rounds must be 1...100 (got -2)"),

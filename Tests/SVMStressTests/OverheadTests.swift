@@ -45,6 +45,24 @@ struct OverheadTests {
         #expect(OverheadReport.summary([r]).contains("4Kx512"))
     }
 
+    @Test("with a busy CPU reading the address space, every collect flush sends it an IPI: the tlbFlush phase counts them, inside collect")
+    func busyCPUShootdowns() throws {
+        var c = OverheadConfiguration()
+        c.bytes = 2 << 20
+        c.measureInstrumentationCost = false
+        c.rounds = 1
+        c.busyCPUs = 1
+        let r = try OverheadHarness.run(c)
+        #expect(r.verified)
+        #expect(r.busyCPUs == 1)
+        let flush = try #require(r.phases["tlbFlush"])
+        // One flush per collect walk (one page per GPU fault here).
+        #expect(flush.count == UInt64(r.faults))
+        #expect(flush.seconds <= (r.phases["collect"]?.seconds ?? 0) + (r.phases["unmap"]?.seconds ?? 0))
+        #expect(r.jsonString().contains("\"busyCPUs\":1"))
+        #expect(OverheadReport.table(r).contains("(tlbFlush)"))
+    }
+
     @Test("pages per fault must be a power of two up to 512, and only for 4 KiB GPU faults")
     func faultPagesChecked() {
         for (pages, granularity, direction) in [(3, MigrationGranularity.base4K, OverheadDirection.toDevice),

@@ -58,10 +58,11 @@ extension AddressSpace {
         }
         let others = ctx.cpumask.load(ordering: .sequentiallyConsistent) & ~me
         guard others != 0 else { return }
-        // Every CPU that began an access before this point has published it;
-        // every one that begins later sees the new generation.
-        svm_membarrier()
+        // The IPI round: the asymmetric fence stands for the IPI's delivery.
+        // Every CPU that began an access before it has published it; every
+        // one that begins later sees the new generation.
         let mark = kernel.phases.begin()
+        svm_membarrier()
         var sent: UInt64 = 0
         var mask = others
         while mask != 0 {

@@ -53,6 +53,9 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .customLong("copy-threads"), parsing: .unconditional, help: "Threads per copy above 32 pages (multi-threaded copy).")
     var copyThreads = 1
 
+    @Option(name: .customLong("busy-cpus"), parsing: .unconditional, help: "Other CPUs reading the address space during the runs (0-16): each TLB flush then sends them IPIs and waits for them (the tlbFlush phase).")
+    var busyCPUs = 0
+
     @Option(name: .long, parsing: .unconditional, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
     var rounds = 3
 
@@ -105,6 +108,7 @@ struct OverheadCommand: ParsableCommand {
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
         try checkRange(rounds, 1...20, flag: "--rounds")
+        try checkRange(busyCPUs, 0...16, flag: "--busy-cpus")
         _ = try copyModels()
         if faultSize == .base4K && granularity == .huge2M {
             throw ValidationError("--fault-size 4k needs --granularity 4k: a 2 MiB migration always moves its whole 2 MiB folio")
@@ -159,6 +163,7 @@ struct OverheadCommand: ParsableCommand {
                     c.copyThreads = copyThreads
                     c.faultPages = faultSize == .huge2M && g == .base4K && d == .toDevice ? PageGeometry.pmdPages : 1
                     c.rounds = rounds
+                    c.busyCPUs = busyCPUs
                     c.traceEventsPerCPU = trace != nil ? Self.traceEventsPerCPU : 0
                     c.progress = line.enabled ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
                     let r: OverheadResult
