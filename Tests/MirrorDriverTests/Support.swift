@@ -41,6 +41,10 @@ func withMachine<R>(policy: DeviceFaultPolicy = .trylock, vram: UInt64 = 64 << 2
     defer {
         device = nil
         mm = nil
+        // The kernel's own paths never leave a stale translation behind: a
+        // test that provokes one on purpose takes its diagnostic.
+        let stale = kernel.diagnostics.filter { $0.rule.hasPrefix("stale TLB entry") }
+        #expect(stale.isEmpty, "\(stale)")
         withExtendedLifetime(kernel) {}
     }
     return try body(kernel, mm!, device!)

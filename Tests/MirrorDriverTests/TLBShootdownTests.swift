@@ -61,6 +61,41 @@ struct TLBShootdownTests {
         }
     }
 
+    @Test("after each migration returns, a CPU that had the page in its TLB reads the latest value (4 KiB and 2 MiB)",
+          arguments: [false, true])
+    func readersAfterFinalize(huge: Bool) throws {
+        var config = KernelConfiguration()
+        config.nodeSizes = [64 << 20, 64 << 20]
+        config.transparentHugepage = huge ? .always : .never
+        config.addressSpaceSize = 4 << 30
+        config.maxPhysicalBytes = 2 << 30
+        let kernel = Kernel(config)
+        let mm = AddressSpace(kernel: kernel)
+        let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: 16 << 20, chunkBytes: 8 << 20)
+        defer { withExtendedLifetime((device, mm, kernel)) {} }
+        let pages = huge ? PageGeometry.pmdPages : 1
+        let region = try mm.mmap(length: 2 * PageGeometry.pmdSize)
+        let a = (region + PageGeometry.pmdSize64 - 1) & PageGeometry.pmdMask
+        let reader = WorkerThread()
+        defer { _ = reader.stop() }
+        let seen = SharedCounter()
+        let target = a + 3 * UInt64(pageSize) + 5
+        for v in 1...10 {
+            try mm.store(target, UInt8(v))
+            #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
+            #expect(seen.current == v)
+            #expect(try device.migrateToDevice(a, pages: pages) == pages)
+            // The reader's entry went with the flush: it faults the page back.
+            #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
+            #expect(seen.current == v)
+            _ = try device.migrateToDevice(a, pages: pages)
+            _ = try device.migrateToSystem(a, pages: pages)
+            #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
+            #expect(seen.current == v)
+        }
+        #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
+    }
+
     @Test("a shootdown waits for a CPU inside an access, which flushes at the end of it")
     func shootdownWaitsForAnAccess() throws {
         try withMachine { kernel, mm, _ in

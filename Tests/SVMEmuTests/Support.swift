@@ -28,9 +28,17 @@ func withMachine<R>(thp: TransparentHugepageMode = .madvise,
     var mm: AddressSpace? = AddressSpace(kernel: kernel)
     defer {
         mm = nil
+        expectNoStaleTLBAccess(kernel)
         withExtendedLifetime(kernel) {}
     }
     return try body(kernel, mm!)
+}
+
+/// The kernel's own paths never leave a stale translation behind: a test
+/// that provokes one on purpose takes its diagnostic.
+func expectNoStaleTLBAccess(_ kernel: Kernel, sourceLocation: SourceLocation = #_sourceLocation) {
+    let stale = kernel.diagnostics.filter { $0.rule.hasPrefix("stale TLB entry") }
+    #expect(stale.isEmpty, "\(stale)", sourceLocation: sourceLocation)
 }
 
 /// What a failed call must not change: the VMAs and every counter.
