@@ -170,9 +170,11 @@ public final class MirrorDevice: @unchecked Sendable {
     public var registeredPageMaps: [DevicePageMap] { chunks.withLock { $0 } }
 
     /// The interval notifier callback (dmirror_interval_invalidate): drop the
-    /// device mappings of the range, except for this device's own migrations.
+    /// device mappings of the range, except for this device's own
+    /// migrations and its own device-exclusive requests (which map the page
+    /// for atomics right after, as nouveau skips its own MMU_NOTIFY_EXCLUSIVE).
     func invalidate(_ n: MMUIntervalNotifier, _ range: MMUNotifierRange, _ seq: UInt64) -> Bool {
-        if range.event == .migrate && range.owner == owner { return true }
+        if (range.event == .migrate || range.event == .exclusive) && range.owner == owner { return true }
         pageTableLock.withLock { _ in
             n.setSeq(seq)
             pageTable.clear(range.start, range.end)

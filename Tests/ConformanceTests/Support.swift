@@ -79,7 +79,7 @@ final class HMMBuffer: @unchecked Sendable {
 
 /// The dmirror ioctls as hmm_dmirror_cmd() issues them: 0 or -errno, with
 /// `cpages` and `faults` copied back into the buffer on success.
-enum Request { case read, write, migrateToDevice, migrateToSystem, snapshot, release }
+enum Request { case read, write, migrateToDevice, migrateToSystem, snapshot, release, exclusive, checkExclusive }
 
 @discardableResult
 func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer, _ npages: Int) -> Int32 {
@@ -92,6 +92,8 @@ func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer,
         case .migrateToSystem: try device.commandMigrateToSystem(&cmd)
         case .snapshot: try device.commandSnapshot(&cmd, into: buffer.mirror)
         case .release: device.commandRelease()
+        case .exclusive: try device.commandExclusive(&cmd, into: buffer.mirror)
+        case .checkExclusive: try device.commandCheckExclusive(&cmd)
         }
     } catch {
         return -error.rawValue

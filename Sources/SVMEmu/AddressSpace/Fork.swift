@@ -95,6 +95,14 @@ extension AddressSpace {
                     if copyPresentPTE(to: child, a, pte, cow: cow) { wrprotected = true }
                 case .devicePrivate, .migration:
                     copyNonpresentPTE(to: child, a, pte, cow: cow)
+                case .deviceExclusive:
+                    // copy_nonpresent_pte(): restore the CPU mapping in the
+                    // parent, then copy it as a present page. The mmap lock
+                    // held for writing keeps make_device_exclusive() and the
+                    // restoring fault out, so no folio lock is needed here.
+                    let present = restoredExclusivePTE(pte, writable: true)
+                    storePTE(a, present)
+                    if copyPresentPTE(to: child, a, present, cow: cow) { wrprotected = true }
                 }
             }
             return wrprotected

@@ -45,7 +45,7 @@ extension AddressSpace {
             pmd = ensurePTETable(address)
         }
         switch pmd.kind {
-        case .none:
+        case .none, .deviceExclusive:
             return
         case .present:
             hugePMDFault(vma, address, write: write)
@@ -118,6 +118,8 @@ extension AddressSpace {
             }
         case .migration:
             next = .waitOnMigration
+        case .deviceExclusive:
+            next = .restoreExclusive
         case .devicePrivate, .table:
             next = .done
         }
@@ -138,11 +140,13 @@ extension AddressSpace {
         case .waitOnMigration:
             holdsMmapLock.dropForWait(self)
             waitOnMigration(pfn: pte.pfn)
+        case .restoreExclusive:
+            removeDeviceExclusiveEntry(vma, address, pte, &holdsMmapLock)
         }
     }
 
     /// What a PTE fault does once the PTE lock is dropped.
-    private enum PTEFaultNext { case done, mappedZeroPage, newPage, copyZeroPage, copyPage, waitOnMigration }
+    private enum PTEFaultNext { case done, mappedZeroPage, newPage, copyZeroPage, copyPage, waitOnMigration, restoreExclusive }
 
     /// Allocates a zeroed page and maps it writable if the entry is still
     /// `expect` (none, or the zero page for a write-protect fault).

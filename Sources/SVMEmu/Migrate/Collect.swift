@@ -114,7 +114,7 @@ extension Kernel {
                 // Walked per PTE: split the PMD; the PTE loop splits the folio.
                 mm.splitHugePMD(start)
                 continue
-            case .migration:
+            case .migration, .deviceExclusive:
                 return collectSkip(&args, addr, end)
             case .table:
                 break
@@ -149,7 +149,8 @@ extension Kernel {
                     mpfn = .hole
                     args.cpages += 1
                 }
-            case .migration:
+            case .migration, .deviceExclusive:
+                // Never waited on; a device-exclusive entry is not collected.
                 break
             case .devicePrivate:
                 let p = Page(pfn: pte.pfn, kernel: self)

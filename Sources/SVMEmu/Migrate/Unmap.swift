@@ -129,7 +129,8 @@ extension Kernel {
         defer { mm.invalidateRangeEnd(range) }
         let unmapped: PageTableEntry? = mm.withPTL(address) {
         let pte = mm.loadPTE(address)
-        guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn else {
+        guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate || pte.kind == .deviceExclusive)
+                && pte.pfn == page.pfn else {
                 return nil
         }
         let exclusive = page.isAnonExclusive
