@@ -12,13 +12,10 @@ struct HMMExclusiveTests {
 
     /// The buffer every case starts from: HMM_BUFFER_SIZE of private
     /// anonymous memory holding i, taken for device atomics.
-    private func exclusiveBuffer(_ f: HMMFixture, protection: Protection = .readWrite) throws -> (HMMBuffer, Int) {
+    private func exclusiveBuffer(_ f: HMMFixture) throws -> (HMMBuffer, Int) {
         let mm = f.mm!
         let npages = hmmBufferSize >> pageShift
-        let size = npages << pageShift
-        let buffer = HMMBuffer(size: size)
-        buffer.ptr = try mm.mmap(length: size, protection: .readWrite)
-        try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+        let buffer = try countingBuffer(mm, npages: npages)
 
         #expect(hmmCommand(f.dev0, .exclusive, buffer, npages) == 0)
         #expect(buffer.cpages == npages)

@@ -20,9 +20,7 @@ struct HMMForkTests {
         let mm = f.mm!
         let npages = hmmBufferSize >> pageShift
         let size = npages << pageShift
-        let buffer = HMMBuffer(size: size)
-        buffer.ptr = try mm.mmap(length: size, protection: .readWrite, shared: shared)
-        try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+        let buffer = try countingBuffer(mm, npages: npages, shared: shared)
         for i in 0..<(size / 4) { buffer.mirrorInts[i] = Int32(-i) }
 
         do {
@@ -67,9 +65,7 @@ struct HMMForkTests {
             let mm = f.mm!
             let npages = 4
             let size = npages << pageShift
-            let buffer = HMMBuffer(size: size)
-            buffer.ptr = try mm.mmap(length: size, protection: .readWrite)
-            try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+            let buffer = try countingBuffer(mm, npages: npages)
 
             #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, npages) == 0)
             #expect(buffer.cpages == npages)

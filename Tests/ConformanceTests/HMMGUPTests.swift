@@ -17,9 +17,7 @@ struct HMMGUPTests {
             let mm = f.mm!
             let npages = 4
             let size = npages << pageShift
-            let buffer = HMMBuffer(size: size)
-            buffer.ptr = try mm.mmap(length: size, protection: .readWrite)
-            try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+            let buffer = try countingBuffer(mm, npages: npages)
 
             #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, npages) == 0)
             #expect(buffer.cpages == npages)
@@ -55,10 +53,7 @@ struct HMMGUPTests {
         try withHMM { f in
             let mm = f.mm!
             let npages = 4
-            let size = npages << pageShift
-            let buffer = HMMBuffer(size: size)
-            buffer.ptr = try mm.mmap(length: size, protection: .readWrite)
-            try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+            let buffer = try countingBuffer(mm, npages: npages)
             let second = buffer.ptr + UInt64(1 << pageShift)
             let pins = try mm.pinUserPagesFast(second, count: 1, flags: [.write, .longterm])
             #expect(pins.count == 1)

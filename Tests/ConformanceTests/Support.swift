@@ -144,3 +144,13 @@ func firstMismatch<C: Collection>(_ ints: C, _ expected: (Int) -> Int32) -> Int?
     for (i, v) in ints.enumerated() where v != expected(i) { return i }
     return nil
 }
+
+/// The preamble most cases share: `npages` of private (or shared) anonymous
+/// read-write memory, each int `i` holding `i` (the C loops `ptr[i] = i`).
+func countingBuffer(_ mm: AddressSpace, npages: Int, shared: Bool = false) throws -> HMMBuffer {
+    let size = npages << pageShift
+    let buffer = HMMBuffer(size: size)
+    buffer.ptr = try mm.mmap(length: size, protection: .readWrite, shared: shared)
+    try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+    return buffer
+}
