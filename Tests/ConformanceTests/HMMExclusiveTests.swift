@@ -37,8 +37,8 @@ struct HMMExclusiveTests {
     }
 
     /// Basic check of exclusive faulting.
-    @Test func exclusive() throws {
-        try withHMM { f in
+    @Test(arguments: HMMVariant.allCases) func exclusive(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let (buffer, npages) = try exclusiveBuffer(f)
             // Fault pages back to system memory and check them.
             try incrementAndCheck(f.mm, buffer)
@@ -50,8 +50,8 @@ struct HMMExclusiveTests {
     }
 
     /// mprotect(PROT_READ) over exclusive pages: the device may no longer write.
-    @Test func exclusive_mprotect() throws {
-        try withHMM { f in
+    @Test(arguments: HMMVariant.allCases) func exclusive_mprotect(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let (buffer, npages) = try exclusiveBuffer(f)
             #expect(sys { try f.mm.mprotect(buffer.ptr, length: buffer.size, protection: .read) } == 0)
             // Simulate a device writing system memory.
@@ -62,8 +62,8 @@ struct HMMExclusiveTests {
 
     /// Check copy-on-write works: fork with exclusive pages restores them
     /// in the parent and shares them; each process then writes its own copy.
-    @Test func exclusive_cow() throws {
-        try withHMM { f in
+    @Test(arguments: HMMVariant.allCases) func exclusive_cow(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let (buffer, npages) = try exclusiveBuffer(f)
             let child = try f.mm.fork()
             // fork's MMU_NOTIFY_PROTECTION_PAGE took the atomic mappings away.

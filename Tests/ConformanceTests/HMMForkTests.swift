@@ -37,8 +37,8 @@ struct HMMForkTests {
 
     /// Check that a device writing an anonymous private mapping will
     /// copy-on-write if a child process inherits the mapping.
-    @Test func anon_write_child() throws {
-        try withHMM { f in
+    @Test(arguments: HMMVariant.allCases) func anon_write_child(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let parent = try writeFromChild(f, shared: false)
             #expect(firstMismatch(parent) { Int32($0) } == nil)
             #expect(f.kernel.vmstat[.cowFaults] >= UInt64(hmmBufferSize >> pageShift))
@@ -48,8 +48,8 @@ struct HMMForkTests {
 
     /// Check that a device writing an anonymous shared mapping will not
     /// copy-on-write if a child process inherits the mapping.
-    @Test func anon_write_child_shared() throws {
-        try withHMM { f in
+    @Test(arguments: HMMVariant.allCases) func anon_write_child_shared(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let parent = try writeFromChild(f, shared: true)
             #expect(firstMismatch(parent) { Int32(-$0) } == nil)
             #expect(f.kernel.vmstat[.cowFaults] == 0)
@@ -60,8 +60,8 @@ struct HMMForkTests {
     /// Test copy-on-write in device pages: the pages are in device memory
     /// when the process forks; the parent's writes fault them back to
     /// system memory, then copy them; the parent ends with writable pages.
-    @Test func hmm_cow_in_device() throws {
-        try withHMM { f in
+    @Test(arguments: HMMVariant.allCases) func hmm_cow_in_device(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let mm = f.mm!
             let npages = 4
             let size = npages << pageShift
@@ -76,10 +76,11 @@ struct HMMForkTests {
                 let a = buffer.ptr + UInt64(i << pageShift)
                 for space in [mm, child!] {
                     let e = space.entry(at: a).entry
-                    #expect(e.kind == .devicePrivate && !e.isWrite)
+                    #expect(e.kind == (variant.isCoherent ? .present : .devicePrivate) && !e.isWrite)
                 }
             }
-            // The parent writes: each page migrates back, then is copied.
+            // The parent writes: each device-private page migrates back, then
+            // is copied; a coherent page is copied from device memory directly.
             try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
             #expect(firstMismatch(try loadInts(child!, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
             child = nil  // kill(pid, SIGTERM); waitpid()

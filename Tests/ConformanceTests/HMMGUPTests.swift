@@ -10,10 +10,11 @@ struct HMMGUPTests {
 
     /// Test get user device pages through gup_test: four pages in device
     /// memory; get_user_pages, get_user_pages_fast, pin_user_pages_fast
-    /// (FOLL_LONGTERM) and pin_user_pages (FOLL_LONGTERM) on one page each
-    /// bring every page back to system memory, writable, bytes intact.
-    @Test func hmm_gup_test() throws {
-        try withHMM { f in
+    /// (FOLL_LONGTERM) and pin_user_pages (FOLL_LONGTERM) on one page each.
+    /// Device-private pages all come back to system memory; device-coherent
+    /// ones only for the long-term pins. Writable, bytes intact.
+    @Test(arguments: HMMVariant.allCases) func hmm_gup_test(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let mm = f.mm!
             let npages = 4
             let size = npages << pageShift
@@ -40,7 +41,13 @@ struct HMMGUPTests {
 
             #expect(hmmCommand(f.dev0, .snapshot, buffer, npages) == 0)
             #expect(buffer.cpages == npages)
-            for i in 0..<npages { #expect(buffer.mirrorBytes[i] == DMirrorProt.write) }
+            // Coherent pages stay where get_user_pages found them; the long-term
+            // pins moved theirs to system memory first.
+            let first = variant.isCoherent ? DMirrorProt.deviceCoherentLocal | DMirrorProt.write : DMirrorProt.write
+            #expect(buffer.mirrorBytes[0] == first)
+            #expect(buffer.mirrorBytes[1] == first)
+            #expect(buffer.mirrorBytes[2] == DMirrorProt.write)
+            #expect(buffer.mirrorBytes[3] == DMirrorProt.write)
             #expect(firstMismatch(try loadInts(mm, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
             #expect(f.kernel.diagnostics.isEmpty)
         }
@@ -49,8 +56,8 @@ struct HMMGUPTests {
     /// A pinned page stays where it is: migrate_vma's collect cannot share
     /// it (folio_try_share_anon_rmap_pte fails), so MIGRATE_TO_DEV stops at
     /// it (-ENOENT after the pages before it); once unpinned it migrates.
-    @Test func pinned_page_is_not_migrated() throws {
-        try withHMM { f in
+    @Test(arguments: HMMVariant.allCases) func pinned_page_is_not_migrated(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             let mm = f.mm!
             let npages = 4
             let buffer = try countingBuffer(mm, npages: npages)

@@ -19,7 +19,19 @@ let hmmBufferSize = 1024 << PageGeometry.pageShift
 /// NTIMES.
 let ntimes = 10
 
+/// FIXTURE_VARIANT(hmm) / (hmm2): which kind of device memory the devices
+/// register (hmm_device_private / hmm_device_coherent).
+enum HMMVariant: String, CaseIterable, Sendable, CustomStringConvertible {
+    case devicePrivate = "hmm_device_private"
+    case deviceCoherent = "hmm_device_coherent"
+    var memoryType: DevicePageMapType { self == .devicePrivate ? .private : .coherent }
+    /// hmm_is_coherent_type().
+    var isCoherent: Bool { self == .deviceCoherent }
+    var description: String { rawValue }
+}
+
 final class HMMFixture: @unchecked Sendable {
+    let variant: HMMVariant
     let kernel: Kernel
     /// The test process's address space (current->mm).
     private(set) var mm: AddressSpace!
@@ -27,7 +39,8 @@ final class HMMFixture: @unchecked Sendable {
     private(set) var dev0: MirrorDevice!
     private(set) var dev1: MirrorDevice!
 
-    init() {
+    init(_ variant: HMMVariant = .devicePrivate) {
+        self.variant = variant
         var config = KernelConfiguration()
         config.nodeSizes = [64 << 20, 64 << 20]
         config.transparentHugepage = .madvise
@@ -35,8 +48,10 @@ final class HMMFixture: @unchecked Sendable {
         config.maxPhysicalBytes = 2 << 30
         kernel = Kernel(config)
         mm = AddressSpace(kernel: kernel)
-        dev0 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20)
-        dev1 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+        dev0 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20,
+                            memoryType: variant.memoryType)
+        dev1 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20,
+                            memoryType: variant.memoryType)
     }
 
     /// FIXTURE_TEARDOWN: close the devices (they evict their memory), then the
@@ -50,8 +65,8 @@ final class HMMFixture: @unchecked Sendable {
 }
 
 /// Runs `body` with a fresh fixture and tears it down in the safe order.
-func withHMM(_ body: (HMMFixture) throws -> Void) rethrows {
-    let f = HMMFixture()
+func withHMM(_ variant: HMMVariant = .devicePrivate, _ body: (HMMFixture) throws -> Void) rethrows {
+    let f = HMMFixture(variant)
     defer { f.teardown() }
     try body(f)
 }

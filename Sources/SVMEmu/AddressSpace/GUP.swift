@@ -53,9 +53,10 @@ extension AddressSpace {
     /// page (`folio_try_share_anon_rmap_pte()` refuses it) and every
     /// migration's reference check fails. A shared anonymous page is made
     /// exclusive first (it is faulted for writing when the VMA allows it:
-    /// the emulator's unshare fault). With ``GUPFlags/longterm`` a device
-    /// page (device-private pages fault back anyway; device-coherent pages
-    /// are refused as the kernel migrates them) never ends up pinned.
+    /// the emulator's unshare fault). With ``GUPFlags/longterm`` no device
+    /// page ends up pinned: device-private pages fault back to RAM anyway,
+    /// and a device-coherent page is migrated to a system page first
+    /// (`migrate_device_coherent_folio()`), then pinned there.
     ///
     /// Caller holds the mmap lock for reading, as for
     /// ``getUserPages(_:count:flags:)``. Release each page with
@@ -67,9 +68,9 @@ extension AddressSpace {
     ///   - flags: ``GUPFlags/write``, ``GUPFlags/longterm``.
     /// - Returns: the pinned pages, in address order.
     /// - Throws: as ``getUserPages(_:count:flags:)`` (``GUPFlags/longterm``
-    ///   allowed); ``Errno/busy`` when a long-term pin meets a
-    ///   device-coherent page (not migrated by the emulator yet). Pins taken
-    ///   before the error are dropped.
+    ///   allowed); ``Errno/busy`` when a device-coherent page that a
+    ///   long-term pin must move cannot be migrated (referenced elsewhere,
+    ///   no system page). Pins taken before the error are dropped.
     ///
     /// The corresponding kernel function is `pin_user_pages()`.
     public func pinUserPages(_ start: UInt64, count: Int, flags: GUPFlags = []) throws(Errno) -> [Page] {
@@ -126,11 +127,16 @@ extension AddressSpace {
                 guard let vma = vma(containing: a), vma.flags.contains(.read), !vma.flags.contains(.special) else { throw Errno.badAddress }
                 if write && !vma.flags.contains(.write) { throw Errno.badAddress }
                 if let page = followPage(a, vma, write: write, pin: pin) {
-                    if pin && flags.contains(.longterm) && page.folio.isZoneDevice {
-                        // check_and_migrate_movable_pages(): the kernel migrates
-                        // device-coherent pages to RAM and retries.
+                    if pin && flags.contains(.longterm) && page.folio.isDeviceCoherent {
+                        // check_and_migrate_movable_pages(): device memory must
+                        // not stay pinned; the pin becomes a plain reference,
+                        // which the migration consumes, and the page is
+                        // looked up again.
+                        let folio = page.folio
+                        folio.get()
                         kernel.unpinUserPage(page)
-                        throw Errno.busy
+                        guard kernel.migrateDeviceCoherentFolio(folio) else { throw Errno.busy }
+                        continue
                     }
                     pages.append(page)
                     a += PageGeometry.pageSize64
