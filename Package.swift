@@ -56,6 +56,6 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
-        .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
     ]
 )

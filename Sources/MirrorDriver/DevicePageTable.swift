@@ -7,6 +7,9 @@ final class DevicePageTable: @unchecked Sendable {
     static let valid: UInt64 = 1
     static let write: UInt64 = 2
     static let device: UInt64 = 4
+    /// Mapped for atomic access (dmirror's DPT_XA_TAG_ATOMIC): the CPU
+    /// holds a device-exclusive entry for the page.
+    static let atomic: UInt64 = 8
     let base: UInt64
     let end: UInt64
     let entries: UnsafeMutablePointer<UInt64>
@@ -23,8 +26,9 @@ final class DevicePageTable: @unchecked Sendable {
 
     @inline(__always) func index(_ address: UInt64) -> Int { Int((address - base) >> PageGeometry.pageShift) }
     @inline(__always) func get(_ address: UInt64) -> UInt64 { entries[index(address)] }
-    @inline(__always) func set(_ address: UInt64, pfn: UInt64, write: Bool, device: Bool) {
-        entries[index(address)] = pfn << PageGeometry.pageShift | DevicePageTable.valid | (write ? DevicePageTable.write : 0) | (device ? DevicePageTable.device : 0)
+    @inline(__always) func set(_ address: UInt64, pfn: UInt64, write: Bool, device: Bool, atomic: Bool = false) {
+        entries[index(address)] = pfn << PageGeometry.pageShift | DevicePageTable.valid | (write ? DevicePageTable.write : 0)
+            | (device ? DevicePageTable.device : 0) | (atomic ? DevicePageTable.atomic : 0)
     }
     @inline(__always) func clear(_ address: UInt64) { entries[index(address)] = 0 }
     func clear(_ start: UInt64, _ end: UInt64) {

@@ -62,7 +62,7 @@ extension MirrorDevice {
         while addr < end {
             guard let vma = mm.vma(containing: addr), vma.flags.contains(.read) else { throw .invalidArgument }
             let next = min(end, vma.end, (addr / batch + 1) * batch)
-            var flags: MigrateSelect = toDevice ? .system : .devicePrivate
+            var flags: MigrateSelect = toDevice ? .system : (memoryType == .coherent ? .deviceCoherent : .devicePrivate)
             if huge { flags.insert(.compound) }
             migrated += try withArgs { (args) throws(Errno) -> Int in
                 args.prepare(vma: vma, start: addr, end: next, flags: flags, pgmapOwner: owner)

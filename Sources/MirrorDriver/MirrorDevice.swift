@@ -84,6 +84,9 @@ public final class MirrorDevice: @unchecked Sendable {
     public let name: String
     /// This device's `pgmap_owner`.
     public let owner: DeviceOwner
+    /// The kind of device memory it registers: device-private (the CPU
+    /// faults to reach it) or device-coherent (the CPU maps it directly).
+    public let memoryType: DevicePageMapType
     /// Most VRAM the device will register, in bytes; registered in chunks.
     public let vramBytes: UInt64
     public let chunkBytes: UInt64
@@ -121,8 +124,9 @@ public final class MirrorDevice: @unchecked Sendable {
     public init(kernel: Kernel, mm: AddressSpace, name: String = "mirror0",
                 vramBytes: UInt64 = 1 << 30, chunkBytes: UInt64 = 256 << 20,
                 owner: DeviceOwner = .unique(), settings: MirrorSettings = MirrorSettings(),
-                copyEngine: any CopyEngine = MemcpyCopyEngine()) {
+                copyEngine: any CopyEngine = MemcpyCopyEngine(), memoryType: DevicePageMapType = .private) {
         self.kernel = kernel
+        self.memoryType = memoryType
         self.copyEngine = copyEngine
         self.mm = mm
         self.name = name
@@ -170,9 +174,11 @@ public final class MirrorDevice: @unchecked Sendable {
     public var registeredPageMaps: [DevicePageMap] { chunks.withLock { $0 } }
 
     /// The interval notifier callback (dmirror_interval_invalidate): drop the
-    /// device mappings of the range, except for this device's own migrations.
+    /// device mappings of the range, except for this device's own
+    /// migrations and its own device-exclusive requests (which map the page
+    /// for atomics right after, as nouveau skips its own MMU_NOTIFY_EXCLUSIVE).
     func invalidate(_ n: MMUIntervalNotifier, _ range: MMUNotifierRange, _ seq: UInt64) -> Bool {
-        if range.event == .migrate && range.owner == owner { return true }
+        if (range.event == .migrate || range.event == .exclusive) && range.owner == owner { return true }
         pageTableLock.withLock { _ in
             n.setSeq(seq)
             pageTable.clear(range.start, range.end)
@@ -223,7 +229,7 @@ public final class MirrorDevice: @unchecked Sendable {
                 if tail == nil { self?.folioSplitEnds.add(1, ordering: .relaxed) }
                 else { self?.folioSplitTails.add(1, ordering: .relaxed) }
             })
-        guard let pgmap = try? kernel.memremapPages(type: .private, owner: owner, bytes: chunkBytes, operations: ops) else {
+        guard let pgmap = try? kernel.memremapPages(type: memoryType, owner: owner, bytes: chunkBytes, operations: ops) else {
             return nil
         }
         chunks.withLock { $0.append(pgmap) }

@@ -450,7 +450,7 @@ final class StormRun: @unchecked Sendable {
             let e = mm.entry(at: address).entry
             var problem: String? = nil
             switch e.kind {
-            case .present, .devicePrivate:
+            case .present, .devicePrivate, .deviceExclusive:
                 if e.kind == .present && e.isSpecial { break }  // the zero page
                 let folio = kernel.pfnToPage(e.pfn).folio
                 if folio.isLocked {

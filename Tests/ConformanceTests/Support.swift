@@ -19,7 +19,19 @@ let hmmBufferSize = 1024 << PageGeometry.pageShift
 /// NTIMES.
 let ntimes = 10
 
+/// FIXTURE_VARIANT(hmm) / (hmm2): which kind of device memory the devices
+/// register (hmm_device_private / hmm_device_coherent).
+enum HMMVariant: String, CaseIterable, Sendable, CustomStringConvertible {
+    case devicePrivate = "hmm_device_private"
+    case deviceCoherent = "hmm_device_coherent"
+    var memoryType: DevicePageMapType { self == .devicePrivate ? .private : .coherent }
+    /// hmm_is_coherent_type().
+    var isCoherent: Bool { self == .deviceCoherent }
+    var description: String { rawValue }
+}
+
 final class HMMFixture: @unchecked Sendable {
+    let variant: HMMVariant
     let kernel: Kernel
     /// The test process's address space (current->mm).
     private(set) var mm: AddressSpace!
@@ -27,7 +39,8 @@ final class HMMFixture: @unchecked Sendable {
     private(set) var dev0: MirrorDevice!
     private(set) var dev1: MirrorDevice!
 
-    init() {
+    init(_ variant: HMMVariant = .devicePrivate) {
+        self.variant = variant
         var config = KernelConfiguration()
         config.nodeSizes = [64 << 20, 64 << 20]
         config.transparentHugepage = .madvise
@@ -35,8 +48,10 @@ final class HMMFixture: @unchecked Sendable {
         config.maxPhysicalBytes = 2 << 30
         kernel = Kernel(config)
         mm = AddressSpace(kernel: kernel)
-        dev0 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20)
-        dev1 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+        dev0 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20,
+                            memoryType: variant.memoryType)
+        dev1 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20,
+                            memoryType: variant.memoryType)
     }
 
     /// FIXTURE_TEARDOWN: close the devices (they evict their memory), then the
@@ -52,8 +67,8 @@ final class HMMFixture: @unchecked Sendable {
 }
 
 /// Runs `body` with a fresh fixture and tears it down in the safe order.
-func withHMM(_ body: (HMMFixture) throws -> Void) rethrows {
-    let f = HMMFixture()
+func withHMM(_ variant: HMMVariant = .devicePrivate, _ body: (HMMFixture) throws -> Void) rethrows {
+    let f = HMMFixture(variant)
     defer { f.teardown() }
     try body(f)
 }
@@ -81,7 +96,7 @@ final class HMMBuffer: @unchecked Sendable {
 
 /// The dmirror ioctls as hmm_dmirror_cmd() issues them: 0 or -errno, with
 /// `cpages` and `faults` copied back into the buffer on success.
-enum Request { case read, write, migrateToDevice, migrateToSystem, snapshot, release }
+enum Request { case read, write, migrateToDevice, migrateToSystem, snapshot, release, exclusive, checkExclusive }
 
 @discardableResult
 func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer, _ npages: Int) -> Int32 {
@@ -94,6 +109,8 @@ func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer,
         case .migrateToSystem: try device.commandMigrateToSystem(&cmd)
         case .snapshot: try device.commandSnapshot(&cmd, into: buffer.mirror)
         case .release: device.commandRelease()
+        case .exclusive: try device.commandExclusive(&cmd, into: buffer.mirror)
+        case .checkExclusive: try device.commandCheckExclusive(&cmd)
         }
     } catch {
         return -error.rawValue
@@ -143,4 +160,14 @@ func loadInt(_ mm: AddressSpace, _ address: UInt64, _ index: Int) throws -> Int3
 func firstMismatch<C: Collection>(_ ints: C, _ expected: (Int) -> Int32) -> Int? where C.Element == Int32 {
     for (i, v) in ints.enumerated() where v != expected(i) { return i }
     return nil
+}
+
+/// The preamble most cases share: `npages` of private (or shared) anonymous
+/// read-write memory, each int `i` holding `i` (the C loops `ptr[i] = i`).
+func countingBuffer(_ mm: AddressSpace, npages: Int, shared: Bool = false) throws -> HMMBuffer {
+    let size = npages << pageShift
+    let buffer = HMMBuffer(size: size)
+    buffer.ptr = try mm.mmap(length: size, protection: .readWrite, shared: shared)
+    try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+    return buffer
 }

@@ -56,6 +56,9 @@ public final class AddressSpace: @unchecked Sendable {
     /// Invalidations in progress (a futex word), and the sequence they advance.
     let activeInvalidations: UnsafeMutablePointer<UInt32>
     let invalidateSeq = Atomic<UInt64>(0)
+    /// The address spaces this one shares anonymous folios with through
+    /// fork (the emulator's `anon_vma` tree): the rmap walks visit them all.
+    let anonFamily: AnonFamily
 
     /// Creates an empty address space (what `execve()` or `fork()` would set up).
     ///
@@ -66,7 +69,13 @@ public final class AddressSpace: @unchecked Sendable {
     ///
     /// - Parameters:
     ///   - kernel: the machine this address space belongs to.
-    public init(kernel: Kernel) {
+    public convenience init(kernel: Kernel) {
+        self.init(kernel: kernel, family: nil)
+    }
+
+    /// An empty address space; with `family`, it joins the fork tree of its
+    /// parent (`anon_vma_fork()`), so that rmap walks of shared folios see it.
+    init(kernel: Kernel, family: AnonFamily?) {
         self.kernel = kernel
         baseAddress = 1 << 32
         let size = (kernel.configuration.addressSpaceSize + (1 << 30) - 1) & ~((1 << 30) - 1)
@@ -89,6 +98,8 @@ public final class AddressSpace: @unchecked Sendable {
         tlbContext = TLBContext(id: id)
         tlbGen = tlbContext.gen
         cpuAccess = CPUAccess(kernel.cpus)
+        anonFamily = family ?? AnonFamily()
+        anonFamily.join(id)
         kernel.register(self)
     }
 
@@ -99,6 +110,7 @@ public final class AddressSpace: @unchecked Sendable {
         vmas.removeAll()
         mmapWriteUnlock()
         kernel.unregister(id)
+        anonFamily.leave(id)
         HostMemory.release(pmds, bytes: pmdCount * 8)
         HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
         HostMemory.release(ptls, bytes: pmdCount * 4)

@@ -23,7 +23,7 @@ extension AddressSpace {
                     if anon { e = e.with(PageTableEntry.readExclusiveBit) }
                 }
                 e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
-            case .devicePrivate:
+            case .devicePrivate, .deviceExclusive:
                 if !write { e = e.without(PageTableEntry.writeBit) }
                 e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
             default:

@@ -159,7 +159,7 @@ extension AddressSpace {
             switch pmd.kind {
             case .none:
                 break
-            case .present, .migration, .devicePrivate:
+            case .present, .migration, .devicePrivate, .deviceExclusive:
                 if extent == AddressSpace.pmdSize && moveHugePMD(old, new) { break }
                 splitHugePMD(old)
                 movePTEs(old, new, extent)

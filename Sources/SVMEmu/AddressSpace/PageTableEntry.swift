@@ -21,6 +21,10 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
         case devicePrivate = 3
         /// PMD only: points to a PTE table.
         case table = 4
+        /// A device-exclusive entry (PTE only): a device holds the page for
+        /// atomic access; the CPU faults and gets its mapping back. The
+        /// entry keeps the mapping's reference and map count.
+        case deviceExclusive = 5
     }
     /// Writable (`pte_write`); on a migration or device-private entry, the
     /// mapping it stands for was writable.
@@ -80,6 +84,10 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     /// A device-private entry (`make_writable_device_private_entry()` / readable).
     @inlinable public static func devicePrivate(pfn: UInt64, write: Bool) -> PageTableEntry {
         make(.devicePrivate, pfn: pfn, flags: write ? writeBit : 0)
+    }
+    /// A device-exclusive entry (`make_writable_device_exclusive_entry()` / readable).
+    @inlinable public static func deviceExclusive(pfn: UInt64, write: Bool) -> PageTableEntry {
+        make(.deviceExclusive, pfn: pfn, flags: write ? writeBit : 0)
     }
     /// A PMD entry that points to a PTE table.
     @inlinable public static var table: PageTableEntry { PageTableEntry(rawValue: Kind.table.rawValue) }

@@ -1,10 +1,38 @@
 import CSVMSupport
 import Synchronization
 
+/// The address spaces of one fork tree (the emulator's `anon_vma` tree): a
+/// folio's rmap names one of them, and since a forked child maps a shared
+/// folio at the same address as its parent, an rmap walk visits every member
+/// at that address and keeps the entries that name the folio's page.
+///
+/// Members join in `AddressSpace.init` (a fork joins its parent's family
+/// before any entry is copied, as `anon_vma_fork()` runs before
+/// `copy_page_range()`) and leave when the address space goes.
+final class AnonFamily: @unchecked Sendable {
+    private let members = LockedValue<[UInt32]>([])
+    /// How many address spaces share it: 1 for one that never forked, which
+    /// lets the rmap walks skip the lookup.
+    private let memberCount = Atomic<Int>(0)
+
+    func join(_ id: UInt32) {
+        members.withLock { $0.append(id) }
+        memberCount.add(1, ordering: .releasing)
+    }
+    func leave(_ id: UInt32) {
+        members.withLock { m in m.removeAll { $0 == id } }
+        memberCount.subtract(1, ordering: .releasing)
+    }
+    /// Whether more than one address space may map its folios.
+    @inline(__always) var isShared: Bool { memberCount.load(ordering: .acquiring) > 1 }
+    /// The members' ids, a snapshot.
+    var ids: [UInt32] { members.withLock { $0 } }
+}
+
 /// The reverse map: for anonymous memory a folio records the address space and
 /// the virtual page it is mapped at (like `folio->mapping` = anon_vma plus
-/// `folio->index`). Without fork, an anonymous page has at most one mapping,
-/// which is all try_to_migrate and eviction need.
+/// `folio->index`). Folios shared by fork are found in every member of the
+/// recorded address space's ``AnonFamily`` at the same address.
 extension AddressSpace {
     /// A new anonymous folio gets its rmap (`folio_add_new_anon_rmap()`): exclusive,
     /// swap-backed, on the LRU, mapped once (by PTEs, or entirely by a PMD).
@@ -69,6 +97,36 @@ extension AddressSpace {
 }
 
 extension Kernel {
+    /// Calls `body` with every address space that may map `page` and the
+    /// address it would map it at (`rmap_walk_anon()`): the one its rmap
+    /// records and, when that one forked, the rest of its fork tree. `hint`
+    /// is an address space the caller already holds (no registry lookup for
+    /// it). The caller checks each entry under its page-table lock.
+    @inline(__always)
+    func rmapWalk(_ page: Page, hint: AddressSpace?, _ body: (AddressSpace, UInt64) -> Void) {
+        let (mmID, address) = rmapLocation(of: page)
+        guard mmID != 0 else { return }
+        if hint?.id == mmID, let hintRef = hint.map({ Unmanaged.passUnretained($0) }) {
+            // Borrowed: `let hint` would copy (retain) the mm per page.
+            hintRef._withUnsafeGuaranteedRef { mm in
+                if mm.covers(address) { body(mm, address) }
+                if mm.anonFamily.isShared { rmapWalkFamily(mm.anonFamily, except: mmID, address, body) }
+            }
+            return
+        }
+        guard let mm = addressSpace(id: mmID) else { return }
+        if mm.covers(address) { body(mm, address) }
+        if mm.anonFamily.isShared { rmapWalkFamily(mm.anonFamily, except: mmID, address, body) }
+    }
+
+    @inline(never)
+    private func rmapWalkFamily(_ family: AnonFamily, except mmID: UInt32, _ address: UInt64,
+                                _ body: (AddressSpace, UInt64) -> Void) {
+        for id in family.ids where id != mmID {
+            if let mm = addressSpace(id: id), mm.covers(address) { body(mm, address) }
+        }
+    }
+
     /// Where an anonymous page is mapped, from its rmap: (address space, address),
     /// or nil when it has no anonymous mapping recorded.
     public func rmapAddress(of page: Page) -> (AddressSpace, UInt64)? {

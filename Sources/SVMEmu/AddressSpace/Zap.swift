@@ -31,7 +31,7 @@ extension AddressSpace {
                 if freeTables && a == pmdStart && next == pmdStart + AddressSpace.pmdSize {
                     freePTETable(pmdStart)
                 }
-            case .present, .migration, .devicePrivate:
+            case .present, .migration, .devicePrivate, .deviceExclusive:
                 if a == pmdStart && next == pmdStart + AddressSpace.pmdSize {
                     zapHugePMD(pmdStart, &toPut)
                     cleared = (min(cleared.lo, pmdStart), max(cleared.hi, next))
@@ -63,7 +63,7 @@ extension AddressSpace {
                     removeRmap(page: page)
                     toPut.append(folio)
                 }
-            case .devicePrivate:
+            case .devicePrivate, .deviceExclusive:
                 storePTE(a, .none)
                 let page = Page(pfn: pte.pfn, kernel: kernel)
                 removeRmap(page: page)

@@ -45,7 +45,7 @@ extension AddressSpace {
             pmd = ensurePTETable(address)
         }
         switch pmd.kind {
-        case .none:
+        case .none, .deviceExclusive:
             return
         case .present:
             hugePMDFault(vma, address, write: write)
@@ -96,21 +96,30 @@ extension AddressSpace {
                 next = .done
             } else if write && !pte.isWrite && pte.isSpecial {
                 next = .copyZeroPage
-            } else {
-            if write && !pte.isWrite {
-                // do_wp_page(): without fork every anonymous page is exclusive
-                // to this mm, so it is reused in place.
-                // Deferred migration flushes first: no stale reader may race a writer.
-                kernel.deferredTLB.willMakeWritable()
+            } else if write && !pte.isWrite {
                 let page = Page(pfn: pte.pfn, kernel: kernel)
-                page.meta.setFlags(PageFlags.anonExclusive.rawValue)
-                storePTE(address, pte.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
-                kernel.vmstat.count(.wpFaults)
-            }
+                if !vma.isAnonymous || canReuseAnonPage(page) {
+                    // do_wp_page() reusing the page: exclusive to this mm (or
+                    // a shared mapping). Deferred migration flushes first: no
+                    // stale reader may race a writer.
+                    kernel.deferredTLB.willMakeWritable()
+                    if vma.isAnonymous {
+                        page.meta.setFlags(PageFlags.anonExclusive.rawValue)
+                        page.folio.meta.mappingMM = id
+                    }
+                    storePTE(address, pte.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                    kernel.vmstat.count(.wpFaults)
+                    next = .done
+                } else {
+                    next = .copyPage
+                }
+            } else {
                 next = .done
             }
         case .migration:
             next = .waitOnMigration
+        case .deviceExclusive:
+            next = .restoreExclusive
         case .devicePrivate, .table:
             next = .done
         }
@@ -125,14 +134,19 @@ extension AddressSpace {
         case .copyZeroPage:
             kernel.vmstat.count(.wpFaults)
             try newAnonymousPage(vma, address, expect: pte)
+        case .copyPage:
+            kernel.vmstat.count(.wpFaults)
+            try wpPageCopy(vma, address, pte)
         case .waitOnMigration:
             holdsMmapLock.dropForWait(self)
             waitOnMigration(pfn: pte.pfn)
+        case .restoreExclusive:
+            removeDeviceExclusiveEntry(vma, address, pte, &holdsMmapLock)
         }
     }
 
     /// What a PTE fault does once the PTE lock is dropped.
-    private enum PTEFaultNext { case done, mappedZeroPage, newPage, copyZeroPage, waitOnMigration }
+    private enum PTEFaultNext { case done, mappedZeroPage, newPage, copyZeroPage, copyPage, waitOnMigration, restoreExclusive }
 
     /// Allocates a zeroed page and maps it writable if the entry is still
     /// `expect` (none, or the zero page for a write-protect fault).
@@ -211,16 +225,70 @@ extension AddressSpace {
             storePMD(haddr, pmd.without(PageTableEntry.protNoneBit))
         } else if write && !pmd.isWrite {
                 if pmd.isSpecial { return true }
+                let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+                // Not exclusive and referenced elsewhere: split, copy per PTE.
+                if !folio.page(0).isAnonExclusive && folio.refCount != 1 { return true }
                 kernel.deferredTLB.willMakeWritable()
-            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             for i in 0..<PageGeometry.pmdPages { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
             storePMD(haddr, pmd.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
             kernel.vmstat.count(.wpFaults)
         }
             return false
         }
-        // do_huge_pmd_wp_page() on the huge zero page: split, retry per PTE.
+        // do_huge_pmd_wp_page() on the huge zero page or a shared folio:
+        // split, retry per PTE.
         if writesHugeZero { splitHugePMD(haddr) }
+    }
+
+    /// `wp_can_reuse_anon_folio()`: whether a write fault may make the
+    /// read-only mapping of `page` writable in place. An anon-exclusive page
+    /// may; otherwise only a small folio whose one reference is this
+    /// mapping's, checked under the folio lock (a trylock: a busy folio is
+    /// copied). Caller holds the PTE lock of the mapping.
+    private func canReuseAnonPage(_ page: Page) -> Bool {
+        if page.isAnonExclusive { return true }
+        let folio = page.folio
+        guard !folio.isLarge, folio.refCount == 1, folio.tryLock() else { return false }
+        defer { folio.unlock() }
+        return folio.refCount == 1
+    }
+
+    /// `wp_page_copy()`: a write to a page shared with another address space
+    /// (after fork) gets a private copy. The old page's bytes are copied
+    /// (it is read-only in every mapping, so they are stable) with a
+    /// reference held; then, inside an `MMU_NOTIFY_CLEAR` invalidation and
+    /// under the PTE lock, if the entry is still `old`, it is cleared and
+    /// flushed and the copy is mapped writable (`ptep_clear_flush()`, then
+    /// `set_pte_at()`); the old page loses this mapping and its reference.
+    /// We enter with the mmap lock held for reading and no page-table lock,
+    /// and return the same way; a changed entry just retries the access.
+    private func wpPageCopy(_ vma: VMA, _ address: UInt64, _ old: PageTableEntry) throws(Errno) {
+        let addr = address & PageGeometry.pageMask
+        let oldPage = Page(pfn: old.pfn, kernel: kernel)
+        let oldFolio = oldPage.folio
+        guard oldFolio.tryGet() else { return }
+        defer { oldFolio.put() }
+        guard let folio = kernel.allocateFolio(order: 0) else { throw .noMemory }
+        svm_memcpy(folio.page(0).bytes, oldPage.bytes, PageGeometry.pageSize)
+        let range = MMUNotifierRange(start: addr, end: addr + PageGeometry.pageSize64, event: .clear, owner: nil)
+        invalidateRangeStart(range)
+        defer { invalidateRangeEnd(range) }
+        let replaced = withPTL(addr) { () -> Bool in
+            guard loadPMD(addr).kind == .table, loadPTE(addr).without(PageTableEntry.youngBit | PageTableEntry.dirtyBit)
+                    == old.without(PageTableEntry.youngBit | PageTableEntry.dirtyBit) else { return false }
+            addNewAnonRmap(folio, address: addr, pmdMapped: false)
+            storePTE(addr, .none)
+            flushTLBRange(addr, addr + PageGeometry.pageSize64)
+            storePTE(addr, .present(pfn: folio.pfn, write: true, dirty: true))
+            removeRmap(page: oldPage)
+            return true
+        }
+        if replaced {
+            oldFolio.put()  // the old mapping's reference
+            kernel.vmstat.count(.cowFaults)
+        } else {
+            folio.put()
+        }
     }
 
     /// `migration_entry_wait()`: sleep until the folio under migration is

@@ -229,6 +229,28 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// `folio_ref_add()`.
     @inlinable func refAdd(_ n: Int32) { atomicRefcount.wrappingAdd(n, ordering: .acquiringAndReleasing) }
 
+    /// The references one FOLL_PIN pin counts for (`GUP_PIN_COUNTING_BIAS`).
+    /// The kernel counts pins of a large folio in `_pincount` instead; here
+    /// every folio uses the bias.
+    public static let pinCountingBias = 1024
+    /// Whether the folio may be pinned for DMA: its reference count reaches
+    /// the pin bias. A folio with that many plain references is a false
+    /// positive, as in the kernel.
+    ///
+    /// The corresponding kernel function is `folio_maybe_dma_pinned()`.
+    public var isMaybeDMAPinned: Bool { refCount >= Folio.pinCountingBias }
+    /// Adds one pin (`GUP_PIN_COUNTING_BIAS` references); the caller holds
+    /// a reference, so the count is not zero.
+    func pin() { refAdd(Int32(Folio.pinCountingBias)) }
+    /// Drops one pin; the last reference frees the folio, as ``put()`` does.
+    func unpin() {
+        let n = atomicRefcount.wrappingAdd(-Int32(Folio.pinCountingBias), ordering: .acquiringAndReleasing).newValue
+        if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
+            atomicRefcount.store(0, ordering: .releasing)
+            kernel.warn("unpin_user_page: reference count underflow", "\(self)")
+        }
+    }
+
     // MARK: the folio lock (PG_locked)
 
     /// Takes the folio lock if it is free; never blocks.

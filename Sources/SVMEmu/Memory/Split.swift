@@ -194,7 +194,7 @@ extension AddressSpace {
         let pmd = loadPMD(pmdStart)
         let ptes = pteSlot(pmdStart)
         switch pmd.kind {
-        case .none, .table:
+        case .none, .table, .deviceExclusive:
             return
         case .present where pmd.isSpecial:
             let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)

@@ -7,8 +7,11 @@ import CSVMSupport
 public enum VMStatItem: Int, CaseIterable, Sendable {
     /// Base pages allocated; frees, failed 4 KiB and 2 MiB allocations.
     case pgalloc, pgfree, allocFail, thpAllocFail
-    /// Page faults (major ones, demand-zero pages, zero-page maps, write-protect faults).
-    case pgfault, pgmajfault, demandZeroFaults, zeroPageMaps, wpFaults
+    /// Page faults (major ones, demand-zero pages, zero-page maps,
+    /// write-protect faults, and those of them that copied the page).
+    case pgfault, pgmajfault, demandZeroFaults, zeroPageMaps, wpFaults, cowFaults
+    /// Device-exclusive entries made, and restored by a CPU fault.
+    case deviceExclusiveMade, deviceExclusiveRestored
     /// THP faults, huge zero page maps, PMD and folio splits, collapses.
     case thpFaultAlloc, thpZeroPageMap, thpSplitPmd, thpSplitPage, thpCollapseAlloc
     /// Sleeps on a migration entry; sleeps on a folio lock.
@@ -38,6 +41,9 @@ public enum VMStatItem: Int, CaseIterable, Sendable {
         case .demandZeroFaults: "demand_zero_faults"
         case .zeroPageMaps: "zero_page_maps"
         case .wpFaults: "wp_faults"
+        case .cowFaults: "cow_faults"
+        case .deviceExclusiveMade: "device_exclusive_made"
+        case .deviceExclusiveRestored: "device_exclusive_restored"
         case .thpFaultAlloc: "thp_fault_alloc"
         case .thpZeroPageMap: "thp_zero_page_alloc"
         case .thpSplitPmd: "thp_split_pmd"

@@ -114,7 +114,7 @@ extension Kernel {
                 // Walked per PTE: split the PMD; the PTE loop splits the folio.
                 mm.splitHugePMD(start)
                 continue
-            case .migration:
+            case .migration, .deviceExclusive:
                 return collectSkip(&args, addr, end)
             case .table:
                 break
@@ -149,7 +149,8 @@ extension Kernel {
                     mpfn = .hole
                     args.cpages += 1
                 }
-            case .migration:
+            case .migration, .deviceExclusive:
+                // Never waited on; a device-exclusive entry is not collected.
                 break
             case .devicePrivate:
                 let p = Page(pfn: pte.pfn, kernel: self)
@@ -187,8 +188,18 @@ extension Kernel {
                 if ownsLock {
                     let anonExclusive = folio.isAnon && page.isAnonExclusive
                     // Clear the entry; an anon-exclusive page is shared first
-                    // (folio_try_share_anon_rmap_pte: fails only for a pinned page,
-                    // and the emulator has no pins).
+                    // (folio_try_share_anon_rmap_pte), which fails for a page
+                    // that may be pinned: the entry stays, the page is skipped.
+                    if anonExclusive && folio.isMaybeDMAPinned {
+                        if !(faultPageLocked && faultFolio == folio) { folio.unlock() }
+                        folio.put()
+                        args.dst[args.npages] = .empty
+                        args.src[args.npages] = .empty
+                        args.npages += 1
+                        addr += PageGeometry.pageSize64
+                        vmstat.count(.migrateVMASkipped)
+                        continue
+                    }
                     mm.storePTE(addr, .none)
                     if anonExclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
                     args.cpages += 1

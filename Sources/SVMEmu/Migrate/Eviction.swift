@@ -1,3 +1,5 @@
+import CSVMSupport
+
 // Eviction: migrating device pages back to system memory without a VMA
 // (`migrate_device_range()`, `migrate_device_pfns()`), e.g. when a driver
 // frees its device memory. The pages are found by pfn and unmapped through
@@ -77,5 +79,35 @@ extension Kernel {
         guard count >= 0, src.count >= count else { throw .invalidArgument }
         for i in 0..<count { src[i] = src[i].isValid ? migrateDevicePfnLock(src[i].pfn) : .empty }
         _ = migrateDeviceUnmap(&src, count, faultPage: nil, faultPageLocked: false)
+    }
+}
+
+extension Kernel {
+    /// Moves one small device-coherent folio to a new system page, so that
+    /// it can be pinned long-term (`migrate_device_coherent_folio()`): lock
+    /// it, unmap it as eviction does, allocate and lock a system page, then
+    /// pages, copy (the CPU reaches coherent memory), finalize.
+    ///
+    /// The caller holds one reference, which the migration consumes (the
+    /// unmap step trades it, and finalize or the restore pass drops it), and
+    /// no page-table or folio lock. Returns whether the folio moved; false
+    /// (the kernel's -EBUSY) when it was still referenced elsewhere or no
+    /// system page was free.
+    func migrateDeviceCoherentFolio(_ folio: Folio) -> Bool {
+        if folio.isLarge { warn("migrate_device_coherent_folio: large folio", "\(folio)") }
+        folio.lock()
+        var src = [MigratePFN(pfn: folio.pfn).with(MigratePFN.migrateBit)]
+        _ = migrateDeviceUnmap(&src, 1, faultPage: nil, faultPageLocked: false)
+        guard src[0].isMigrating else { return false }
+        var dst = [MigratePFN.empty]
+        let dfolio = allocateFolio(order: 0)
+        if let dfolio {
+            dfolio.lock()
+            dst[0] = MigratePFN(pfn: dfolio.pfn)
+        }
+        migrateDevicePages(&src, &dst, count: 1)
+        if src[0].isMigrating, let dfolio { svm_memcpy(dfolio.bytes, folio.bytes, PageGeometry.pageSize) }
+        migrateDeviceFinalize(src, &dst, count: 1)
+        return src[0].isMigrating
     }
 }

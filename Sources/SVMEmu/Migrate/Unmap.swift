@@ -109,19 +109,10 @@ extension Kernel {
     /// instead of flushed.
     func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil, batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
-        let hintID = hint?.id ?? 0
-        let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<folio.pageCount {
             let page = folio.page(i)
             guard page.mapCount > 0 else { continue }
-            let (mmID, address) = rmapLocation(of: page)
-            guard mmID != 0 else { continue }
-            if mmID == hintID, let hintRef {
-                // Borrowed: `let hint` would copy (retain) the mm per page.
-                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { tryToMigrateOne(folio, page, $0, address, batch) } }
-            } else if let mm = addressSpace(id: mmID), mm.covers(address) {
-                tryToMigrateOne(folio, page, mm, address, batch)
-            }
+            rmapWalk(page, hint: hint) { mm, address in tryToMigrateOne(folio, page, mm, address, batch) }
         }
     }
 
@@ -138,7 +129,8 @@ extension Kernel {
         defer { mm.invalidateRangeEnd(range) }
         let unmapped: PageTableEntry? = mm.withPTL(address) {
         let pte = mm.loadPTE(address)
-        guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate) && pte.pfn == page.pfn else {
+        guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate || pte.kind == .deviceExclusive)
+                && pte.pfn == page.pfn else {
                 return nil
         }
         let exclusive = page.isAnonExclusive
@@ -165,18 +157,9 @@ extension Kernel {
     func removeMigrationPTEs(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) {
         if src.isLarge && dst.isLarge && removeMigrationPMD(src, dst, hint: hint) { return }
         let count = min(src.pageCount, dst.pageCount)
-        let hintID = hint?.id ?? 0
-        let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<count {
             let page = src.page(i)
-            let (mmID, address) = rmapLocation(of: page)
-            guard mmID != 0 else { continue }
-            if mmID == hintID, let hintRef {
-                // Borrowed: `let hint` would copy (retain) the mm per page.
-                hintRef._withUnsafeGuaranteedRef { if $0.covers(address) { removeMigrationPTE(page, dst, dst.page(i), $0, address) } }
-            } else if let mm = addressSpace(id: mmID), mm.covers(address) {
-                removeMigrationPTE(page, dst, dst.page(i), mm, address)
-            }
+            rmapWalk(page, hint: hint) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address) }
         }
     }
 

@@ -1,0 +1,128 @@
+import CSVMSupport
+
+// Device-exclusive entries: a device takes a page for atomic access, the
+// CPU's mapping is replaced by a non-present entry, and a CPU access faults
+// and gets the mapping back (`make_device_exclusive()` in mm/rmap.c,
+// `remove_device_exclusive_entry()` in mm/memory.c). The page never moves:
+// the folio keeps the mapping's reference and map count throughout.
+extension AddressSpace {
+
+    /// Takes the page at `address` for exclusive (atomic) access by a device:
+    /// the page is faulted in writable, its PTE is cleared and flushed, and a
+    /// writable device-exclusive entry takes its place, so the next CPU
+    /// access faults and restores the mapping (after the device's notifier
+    /// has dropped its atomic mapping).
+    ///
+    /// The caller holds the mmap lock for reading (an unlocked call is
+    /// reported as a diagnostic) and no page-table or folio lock. The change
+    /// happens inside an invalidation of kind ``MMUNotifyEvent/exclusive``
+    /// carrying `owner`, so the driver that asked can tell it apart. On
+    /// return the page's folio is locked and holds one reference for the
+    /// caller: the driver maps the page for atomic access, then unlocks and
+    /// puts the folio. While the folio is locked a CPU fault on the entry
+    /// waits, so the device mapping is in place before the CPU can take the
+    /// page back. A 2 MiB mapping is split to PTEs first.
+    ///
+    /// - Parameters:
+    ///   - address: an address in a private anonymous, writable VMA.
+    ///   - owner: the device's owner, passed to the notifiers.
+    /// - Returns: the page, its folio locked and referenced.
+    /// - Throws: ``Errno/badAddress`` (EFAULT) without a VMA;
+    ///   ``Errno/notSupported`` (EOPNOTSUPP) for a shared or special mapping,
+    ///   the zero page or a device page; the write fault's own error
+    ///   (``Errno/permissionDenied`` for a read-only VMA, ``Errno/noMemory``).
+    ///
+    /// The corresponding kernel function is `make_device_exclusive()`.
+    public func makeDeviceExclusive(_ address: UInt64, owner: DeviceOwner?) throws(Errno) -> Page {
+        if !isMmapLocked { kernel.warn("make_device_exclusive: caller must hold the mmap lock", "0x\(String(address, radix: 16))") }
+        let addr = address & PageGeometry.pageMask
+        while true {
+            guard let vma = vma(containing: addr) else { throw .badAddress }
+            guard vma.isAnonymous else { throw .notSupported }
+            // get_user_pages(FOLL_WRITE | FOLL_SPLIT_PMD).
+            let pmd = loadPMD(addr)
+            if pmd.kind != .none && pmd.kind != .table {
+                if pmd.kind == .migration {
+                    waitOnMigration(pfn: pmd.pfn)
+                    continue
+                }
+                splitHugePMD(addr)
+                continue
+            }
+            let pte = pmd.kind == .table ? loadPTE(addr) : .none
+            guard pte.kind == .present, pte.isWrite, !pte.isProtNone else {
+                var state = FaultLockState(held: true, mayDrop: false)
+                try handleMMFaultLocked(addr, write: true, &state)
+                continue
+            }
+            let page = Page(pfn: pte.pfn, kernel: kernel)
+            let folio = page.folio
+            if pte.isSpecial || folio.isZoneDevice { throw .notSupported }
+            guard folio.tryGet() else { continue }
+            folio.lock()
+            let range = MMUNotifierRange(start: addr, end: addr + PageGeometry.pageSize64, event: .exclusive, owner: owner)
+            invalidateRangeStart(range)
+            let done = withPTL(addr) { () -> Bool in
+                let now = loadPTE(addr)
+                guard loadPMD(addr).kind == .table, now.kind == .present, now.isWrite, now.pfn == page.pfn else { return false }
+                // ptep_clear_flush(), then the entry: the CPU keeps no
+                // translation the device's atomics could race.
+                storePTE(addr, .none)
+                flushTLBRange(addr, addr + PageGeometry.pageSize64)
+                if now.isDirty { folio.markDirty() }
+                storePTE(addr, PageTableEntry.deviceExclusive(pfn: page.pfn, write: true)
+                    .with(now.rawValue & PageTableEntry.softDirtyBit))
+                return true
+            }
+            invalidateRangeEnd(range)
+            if done {
+                kernel.vmstat.count(.deviceExclusiveMade)
+                return page
+            }
+            folio.unlock()
+            folio.put()
+        }
+    }
+
+    /// The present PTE a device-exclusive entry stands for
+    /// (`restore_exclusive_pte()`): old, and writable and dirty when the
+    /// entry was writable and `writable` (the VMA allows writes).
+    func restoredExclusivePTE(_ entry: PageTableEntry, writable: Bool) -> PageTableEntry {
+        let write = entry.isWrite && writable
+        return PageTableEntry.present(pfn: entry.pfn, write: write, dirty: entry.isWrite, young: false)
+            .with(entry.rawValue & (PageTableEntry.softDirtyBit | PageTableEntry.protNoneBit))
+    }
+
+    /// A CPU fault on a device-exclusive entry: lock the folio (or, when
+    /// the mmap lock may be dropped and the folio is busy, wait and retry),
+    /// tell the notifiers (`MMU_NOTIFY_CLEAR`: the device drops its atomic
+    /// mapping), and if the entry is unchanged put the CPU mapping back.
+    /// We enter with the mmap lock held for reading and no page-table lock;
+    /// we return with no page-table or folio lock, and the mmap lock dropped
+    /// only when `holdsMmapLock` allowed a sleep.
+    func removeDeviceExclusiveEntry(_ vma: VMA, _ address: UInt64, _ entry: PageTableEntry,
+                                    _ holdsMmapLock: inout FaultLockState) {
+        let addr = address & PageGeometry.pageMask
+        let folio = Page(pfn: entry.pfn, kernel: kernel).folio
+        guard folio.tryGet() else { return }
+        defer { folio.put() }
+        // folio_lock_or_retry().
+        if !folio.tryLock() {
+            if holdsMmapLock.mayDrop {
+                holdsMmapLock.dropForWait(self)
+                folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
+                return
+            }
+            folio.lock()
+        }
+        defer { folio.unlock() }
+        let range = MMUNotifierRange(start: addr, end: addr + PageGeometry.pageSize64, event: .clear, owner: nil)
+        invalidateRangeStart(range)
+        defer { invalidateRangeEnd(range) }
+        withPTL(addr) {
+            guard loadPMD(addr).kind == .table, loadPTE(addr) == entry else { return }
+            storePTE(addr, restoredExclusivePTE(entry, writable: vma.flags.contains(.write)))
+            kernel.vmstat.count(.deviceExclusiveRestored)
+        }
+    }
+}

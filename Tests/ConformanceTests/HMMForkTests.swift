@@ -1,0 +1,171 @@
+import Foundation
+import Synchronization
+import Testing
+import SVMEmu
+import MirrorDriver
+import TestSupport
+
+/// The hmm-tests cases that fork (anon_write_child, anon_write_child_shared,
+/// hmm_cow_in_device), and a fork that lands in the middle of a migration.
+/// A child process is a second `AddressSpace` made by `fork()`; "the child
+/// exits" is the child address space going away.
+/// The time limit only catches a hang: under ThreadSanitizer on a small host
+/// these cases wait their turn behind the THP cases for over a minute.
+@Suite("hmm-tests fork", .timeLimit(.minutes(3)))
+struct HMMForkTests {
+
+    /// The shape both anon_write_child cases share: the parent fills the
+    /// buffer with i, forks; the child sees i, opens its own mirror of its
+    /// own mm, and the device writes -i there (one fault pass, every page).
+    /// Returns the parent's ints after the child exits.
+    private func writeFromChild(_ f: HMMFixture, shared: Bool) throws -> [Int32] {
+        let mm = f.mm!
+        let npages = hmmBufferSize >> pageShift
+        let size = npages << pageShift
+        let buffer = try countingBuffer(mm, npages: npages, shared: shared)
+        for i in 0..<(size / 4) { buffer.mirrorInts[i] = Int32(-i) }
+
+        do {
+            let child = try mm.fork()
+            #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
+            let childDevice = MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+            #expect(hmmCommand(childDevice, .write, buffer, npages) == 0)
+            #expect(buffer.cpages == npages)
+            #expect(buffer.faults == 1)
+            #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32(-$0) } == nil)
+        }
+        return try loadInts(mm, buffer.ptr, count: size / 4)
+    }
+
+    /// Check that a device writing an anonymous private mapping will
+    /// copy-on-write if a child process inherits the mapping.
+    @Test(arguments: HMMVariant.allCases) func anon_write_child(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
+            let parent = try writeFromChild(f, shared: false)
+            #expect(firstMismatch(parent) { Int32($0) } == nil)
+            #expect(f.kernel.vmstat[.cowFaults] >= UInt64(hmmBufferSize >> pageShift))
+            #expect(f.kernel.diagnostics.isEmpty)
+        }
+    }
+
+    /// Check that a device writing an anonymous shared mapping will not
+    /// copy-on-write if a child process inherits the mapping.
+    @Test(arguments: HMMVariant.allCases) func anon_write_child_shared(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
+            let parent = try writeFromChild(f, shared: true)
+            #expect(firstMismatch(parent) { Int32(-$0) } == nil)
+            #expect(f.kernel.vmstat[.cowFaults] == 0)
+            #expect(f.kernel.diagnostics.isEmpty)
+        }
+    }
+
+    /// Test copy-on-write in device pages: the pages are in device memory
+    /// when the process forks; the parent's writes fault them back to
+    /// system memory, then copy them; the parent ends with writable pages.
+    @Test(arguments: HMMVariant.allCases) func hmm_cow_in_device(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
+            let mm = f.mm!
+            let npages = 4
+            let size = npages << pageShift
+            let buffer = try countingBuffer(mm, npages: npages)
+
+            #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, npages) == 0)
+            #expect(buffer.cpages == npages)
+
+            var child: AddressSpace? = try mm.fork()
+            // Both map the device pages, read-only now.
+            for i in 0..<npages {
+                let a = buffer.ptr + UInt64(i << pageShift)
+                for space in [mm, child!] {
+                    let e = space.entry(at: a).entry
+                    #expect(e.kind == (variant.isCoherent ? .present : .devicePrivate) && !e.isWrite)
+                }
+            }
+            // The parent writes: each device-private page migrates back, then
+            // is copied; a coherent page is copied from device memory directly.
+            try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+            #expect(firstMismatch(try loadInts(child!, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
+            child = nil  // kill(pid, SIGTERM); waitpid()
+
+            #expect(hmmCommand(f.dev0, .snapshot, buffer, npages) == 0)
+            #expect(buffer.cpages == npages)
+            for i in 0..<npages { #expect(buffer.mirrorBytes[i] == DMirrorProt.write) }
+            #expect(firstMismatch(try loadInts(mm, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
+            #expect(f.kernel.diagnostics.isEmpty)
+        }
+    }
+
+    /// fork() while the device evicts the buffer (HMM_DMIRROR_RELEASE, which
+    /// holds no mmap lock): the fork copies the migration entries, and the
+    /// eviction's remove_migration_ptes maps the system pages into both
+    /// processes. Afterwards each side's writes stay its own.
+    @Test func fork_during_eviction() throws {
+        let engine = GatedCopyEngine()
+        var config = KernelConfiguration()
+        config.nodeSizes = [64 << 20]
+        config.addressSpaceSize = 4 << 30
+        let kernel = Kernel(config)
+        var mm: AddressSpace? = AddressSpace(kernel: kernel)
+        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "hmm_dmirror0", vramBytes: 64 << 20,
+                                                 chunkBytes: 32 << 20, copyEngine: engine)
+        defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
+        let parent = mm!
+        let npages = 64
+        let size = npages << pageShift
+        let buffer = HMMBuffer(size: size)
+        buffer.ptr = try parent.mmap(length: size, protection: .readWrite)
+        try parent.fillPattern(buffer.ptr, length: size, seed: 1)
+        #expect(hmmCommand(device!, .migrateToDevice, buffer, npages) == 0)
+        #expect(buffer.cpages == npages)
+
+        engine.arm()
+        let evictor = WorkerThread()
+        let dev = device!
+        evictor.start { dev.commandRelease() }
+        #expect(eventually { engine.isHolding })
+        // The eviction holds the pages unmapped behind migration entries.
+        #expect(parent.entry(at: buffer.ptr).entry.kind == .migration)
+        let child = try parent.fork()
+        #expect(child.entry(at: buffer.ptr).entry.kind == .migration)
+        engine.open()
+        #expect(evictor.wait())
+
+        for i in 0..<npages {
+            let a = buffer.ptr + UInt64(i << pageShift)
+            let p = parent.entry(at: a).entry, c = child.entry(at: a).entry
+            #expect(p.kind == .present && c.kind == .present && p.pfn == c.pfn && !p.isWrite && !c.isWrite)
+        }
+        #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
+        #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
+        // Copy-on-write from here: the parent's new bytes stay its own.
+        try parent.fillPattern(buffer.ptr, length: size, seed: 2)
+        #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
+        try child.fillPattern(buffer.ptr, length: size, seed: 3)
+        #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 2) == nil)
+        #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 3) == nil)
+        #expect(kernel.diagnostics.isEmpty)
+    }
+}
+
+/// A copy engine that, once armed, holds its next copy until opened: a
+/// migration stopped between its unmap and its remap.
+final class GatedCopyEngine: CopyEngine, @unchecked Sendable {
+    let name = "gated"
+    private let armed = Atomic<Bool>(false)
+    private let holding = Atomic<Bool>(false)
+    private let gate = Atomic<Bool>(false)
+
+    func arm() { armed.store(true, ordering: .releasing) }
+    func open() { gate.store(true, ordering: .releasing) }
+    var isHolding: Bool { holding.load(ordering: .acquiring) }
+
+    func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
+        if armed.load(ordering: .acquiring) {
+            holding.store(true, ordering: .releasing)
+            let deadline = Date().addingTimeInterval(10)
+            while !gate.load(ordering: .acquiring) && Date() < deadline { usleep(100) }
+        }
+        memcpy(destination, source, bytes)
+    }
+    func wait() {}
+}
