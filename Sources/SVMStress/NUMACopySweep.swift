@@ -16,6 +16,14 @@ public struct NUMACopyPoint: Sendable, Codable {
     public var threads: Int
     /// singleMicros / multiMicros: above 1 the threads pay.
     public var speedup: Double
+    public init(folioBytes: Int, folios: Int, singleMicros: Double, multiMicros: Double, threads: Int, speedup: Double) {
+        self.folioBytes = folioBytes
+        self.folios = folios
+        self.singleMicros = singleMicros
+        self.multiMicros = multiMicros
+        self.threads = threads
+        self.speedup = speedup
+    }
 }
 
 extension NUMABench {
