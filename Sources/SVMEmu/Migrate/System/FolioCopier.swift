@@ -80,7 +80,6 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     // The batch being copied and how it is cut (written under the batch lock
     // before the claim word is published; constant until every chunk is done).
     private var jobs: UnsafeBufferPointer<FolioCopyJob> = UnsafeBufferPointer(start: nil, count: 0)
-    private var chunks = 0
     /// Split mode: pieces per folio; deal mode: folios per chunk.
     private var perChunk = 1
     private var split = false
@@ -144,6 +143,7 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         }
         svm_mutex_lock(words)
         self.jobs = jobs
+        let chunks: Int
         split = jobs.count <= threads
         if split {
             var largest = 0
