@@ -5,11 +5,13 @@ import Synchronization
 public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
     /// migrate_vma_collect: walk, references, locks, migration entries (incl. notifier and TLB flush).
     case collect
-    /// migrate_vma_unmap: LRU isolation, try_to_migrate, reference checks, restore.
+    /// migrate_vma_unmap: LRU isolation, try_to_migrate, reference checks,
+    /// restore; in migrate_pages, a batch's `migrate_folio_unmap()` calls.
     case unmap
     /// Driver: destination allocation (zoneDevicePageInit / folio alloc).
     case allocate
-    /// Driver: copying the bytes (memcpy or the copy engine, waiting included).
+    /// Driver: copying the bytes (memcpy or the copy engine, waiting
+    /// included); in migrate_pages, the copier's copy of a batch.
     case copy
     /// migrate_vma_pages.
     case pages
