@@ -46,6 +46,11 @@ public struct KernelConfiguration: Sendable {
     /// report one whose frame is no longer mapped there (a stale translation)
     /// as a diagnostic. On in debug builds, off in release builds (benchmarks).
     public var checksStaleTLBEntries: Bool = _isDebugAssertConfiguration()
+    /// Back every RAM frame with host memory at boot instead of at its first
+    /// write. Off by default (a machine costs nothing until used); benchmarks
+    /// that copy into fresh frames turn it on, so that the host's first-touch
+    /// faults (zeroing the frame) are not counted as the emulated copy's time.
+    public var populatesRAM = false
     /// The default machine: two 2 GiB RAM nodes, THP on `madvise`, the
     /// trylock fault policy.
     public init() {}
@@ -186,6 +191,7 @@ public final class Kernel: @unchecked Sendable {
             guard let (start, region, base) = try? addRegion(pages: pages) else {
                 fatalError("SVMEmu: RAM node \(id) does not fit the physical layout")
             }
+            if configuration.populatesRAM { HostMemory.populate(base, bytes: Int(pages) << PageGeometry.pageShift) }
             nodes.append(MemoryNode(id: id, region: region, startPfn: start, pageCount: pages, bytes: base))
         }
         self.nodes = nodes

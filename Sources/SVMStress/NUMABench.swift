@@ -63,7 +63,9 @@ public struct NUMAVariantResult: Sendable, Codable {
     public var pageSize: Int
     public var pagesMigrated: Int
     public var pagesPerSecond: Double
-    /// IPIs received by other CPUs (nr_tlb_remote_flush_received) per migrated base page.
+    /// IPIs the flushers sent (tlb_ipis_sent) per migrated base page. (A CPU
+    /// counts nr_tlb_remote_flush_received once per inbox drain, and IPIs
+    /// that meet in its inbox merge, so that counter undercounts them.)
     public var ipisPerPage: Double
     /// Shootdown rounds (nr_tlb_remote_flush) during the run, deferred flushes included.
     public var flushes: Int
@@ -72,12 +74,32 @@ public struct NUMAVariantResult: Sendable, Codable {
     public var readerLatencyP50Nanos: UInt64
     public var readerLatencyP99Nanos: UInt64
     public var readerAccesses: Int
-    /// Diagnostics of the stale-entry checker (issue 14; 0 until it exists).
+    /// Accesses the stale-entry checker reported (vmstat tlb_stale_accesses);
+    /// 0 by construction when `checksStaleTLBEntries` is off (release builds
+    /// without `--check-tlb`).
     public var staleEntryDiagnostics: Int
+    /// Whether the stale-entry checker was on.
+    public var checksStaleTLBEntries: Bool
     public var deferredFlushes: Int
     public var lockWaitP99Nanos: UInt64
+    /// The migrator's phases (`kernel.phases`): unmap, batched flush, copy,
+    /// remap; the flush's wait for other CPUs is `flushWaitMicros`.
+    public var unmapMicros: Double
+    public var flushMicros: Double
+    public var remapMicros: Double
+    /// IPIs the flushers sent (tlb_ipis_sent).
+    public var ipisSent: Int
     public var seconds: Double
     public var dataIntact: Bool
+    /// The phases as trace events (with `NUMABenchSettings.traceEventsPerCPU`); not encoded.
+    public var trace: [OverheadTraceEvent] = []
+
+    enum CodingKeys: String, CodingKey {
+        case algorithm, mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage,
+             flushes, flushWaitMicros, copyMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, readerAccesses,
+             staleEntryDiagnostics, checksStaleTLBEntries, deferredFlushes, lockWaitP99Nanos, unmapMicros, flushMicros,
+             remapMicros, ipisSent, seconds, dataIntact
+    }
 }
 
 /// One point of the batch-size sweep: total migration time and the first
@@ -97,6 +119,11 @@ public struct NUMABenchSettings: Sendable {
     public var rounds = 4
     public var variants: [NUMAVariant] = NUMAVariant.standard(copyThreads: 2)
     public var batchSweep: [Int] = [1, 8, 32, 128, 512]
+    /// Run the stale-entry checker (`KernelConfiguration.checksStaleTLBEntries`);
+    /// on in debug builds, off in release builds unless asked.
+    public var checksStaleTLBEntries = _isDebugAssertConfiguration()
+    /// Trace events kept per CPU for a timeline of the phases (0: none).
+    public var traceEventsPerCPU = 0
     public init() {}
 }
 
@@ -111,6 +138,13 @@ public enum NUMABench {
         config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
         config.addressSpaceSize = UInt64(max(4 << 30, s.bufferBytes * 4))
         config.transparentHugepage = v.pageSize == 4096 ? .never : .always
+        config.checksStaleTLBEntries = s.checksStaleTLBEntries
+        config.traceEventsPerCPU = s.traceEventsPerCPU
+        // Every round copies into frames the machine has not used yet (and the
+        // deferred flush keeps the old ones out of reach): without this the
+        // host's first-touch faults, zeroing each frame, would be timed as
+        // the copy.
+        config.populatesRAM = true
         let kernel = Kernel(config)
         let mm = AddressSpace(kernel: kernel)
         defer { withExtendedLifetime((kernel, mm)) {} }
@@ -135,6 +169,7 @@ public enum NUMABench {
         let stop = Atomic<Bool>(false)
         let bad = Atomic<Int>(0)
         let histograms = ReaderHistograms(count: s.readers)
+        let nanosPerTick = kernel.phases.nanosPerTick
         var threads: [Thread] = []
         let started = Atomic<Int>(0)
         for r in 0..<s.readers {
@@ -146,10 +181,12 @@ public enum NUMABench {
                 while !stop.load(ordering: .relaxed) {
                     x ^= x << 13; x ^= x >> 7; x ^= x << 17
                     let addr = base + (x % words) * 8
-                    let t0 = HostClock.nanos()
+                    // One access, timed with the cycle counter (a clock call
+                    // costs several accesses).
+                    let t0 = HostClock.ticks()
                     var ok = false
                     do { ok = try mm.verifyPattern(addr, length: 8, seed: seed) == nil } catch {}
-                    h.record(HostClock.nanos() - t0)
+                    h.record(UInt64(Double(HostClock.ticks() &- t0) * nanosPerTick))
                     if !ok { bad.add(1, ordering: .relaxed) }
                 }
                 histograms.store(r, h)
@@ -162,8 +199,11 @@ public enum NUMABench {
         usleep(2000)
 
         let vm = kernel.vmstat
-        let ipis0 = vm[.tlbRemoteFlushReceived], flushes0 = vm[.tlbRemoteFlush], pages0 = vm[.pgmigrateSuccess]
+        let flushes0 = vm[.tlbRemoteFlush], pages0 = vm[.pgmigrateSuccess]
         let deferred0 = kernel.deferredTLB.flushes
+        let stale0 = vm[.tlbStaleAccesses], sent0 = vm[.tlbIPIsSent]
+        kernel.phases.reset()
+        kernel.phases.isEnabled = true
         var stats = MigrateStats()
         var status: [PageStatus] = []
         let t0 = HostClock.nanos()
@@ -178,6 +218,9 @@ public enum NUMABench {
         // The deferred flush still pending belongs to this run.
         kernel.deferredTLB.flush()
         let seconds = Double(HostClock.nanos() - t0) / 1e9
+        kernel.phases.isEnabled = false
+        let phases = kernel.phases.totals()
+        func micros(_ p: MigrationPhase) -> Double { (phases[p]?.nanos ?? 0) / 1000 }
         stop.store(true, ordering: .relaxed)
         for t in threads { while !t.isFinished { usleep(100) } }
         let pages = Int(vm[.pgmigrateSuccess] - pages0)
@@ -186,18 +229,26 @@ public enum NUMABench {
         var verified = false
         do { verified = try mm.verifyPattern(base, length: s.bufferBytes, seed: seed) == nil } catch {}
         let intact = bad.load(ordering: .relaxed) == 0 && verified
-        let stale = kernel.diagnostics.filter { $0.rule.contains("stale") }.count
+        let stale = Int(vm[.tlbStaleAccesses] - stale0)
+        let trace = s.traceEventsPerCPU > 0
+            ? kernel.phases.traceEvents().map {
+                OverheadTraceEvent(name: $0.phase.name, cpu: $0.cpu, startNanos: $0.startNanos, endNanos: $0.endNanos)
+            }
+            : []
         return NUMAVariantResult(
             algorithm: v.algorithm.rawValue, mode: v.mode.rawValue, copier: policy.copier?.name ?? "single",
             copyThreads: v.copier == .single ? 1 : v.copyThreads, deferredFlush: v.deferredFlush, pageSize: v.pageSize,
             pagesMigrated: pages, pagesPerSecond: Double(pages) / seconds,
-            ipisPerPage: pages == 0 ? 0 : Double(vm[.tlbRemoteFlushReceived] - ipis0) / Double(pages),
-            flushes: Int(vm[.tlbRemoteFlush] - flushes0), flushWaitMicros: Double(stats.flushNanos) / 1000,
-            copyMicros: Double(stats.copyNanos) / 1000,
+            ipisPerPage: pages == 0 ? 0 : Double(vm[.tlbIPIsSent] - sent0) / Double(pages),
+            flushes: Int(vm[.tlbRemoteFlush] - flushes0), flushWaitMicros: micros(.tlbFlush),
+            copyMicros: micros(.copy),
             readerLatencyP50Nanos: readers.quantile(0.5), readerLatencyP99Nanos: readers.quantile(0.99),
             readerAccesses: Int(readers.count), staleEntryDiagnostics: stale,
+            checksStaleTLBEntries: s.checksStaleTLBEntries,
             deferredFlushes: Int(kernel.deferredTLB.flushes - deferred0), lockWaitP99Nanos: stats.lockWaits.quantile(0.99),
-            seconds: seconds, dataIntact: intact)
+            unmapMicros: micros(.unmap), flushMicros: micros(.flush), remapMicros: micros(.remap),
+            ipisSent: Int(vm[.tlbIPIsSent] - sent0),
+            seconds: seconds, dataIntact: intact, trace: trace)
     }
 
     /// The batch-size sweep on the mainline algorithm, 4 KiB pages.

@@ -470,7 +470,7 @@ public enum OverheadHarness {
             let t = totals[p] ?? PhaseTotals()
             phases[p.name] = figure(t.nanos, t.count)
             // The shootdown wait is part of the phase that flushed (collect, unmap ...).
-            if p != .tlbFlush { inside += t.nanos }
+            if !p.isNested { inside += t.nanos }
         }
         phases["other"] = figure(max(0, fault.nanos - inside), fault.count)
         phases["fault"] = figure(fault.nanos, fault.count)

@@ -181,22 +181,29 @@ public enum OverheadReport {
     /// (`OverheadTraceEvent.wholeNanos`: a phase's ts + dur is the next
     /// phase's ts exactly).
     public static func traceJSON(_ results: [OverheadResult]) -> String {
+        traceJSON(processes: results.map { r in (name: "\(r.direction) \(granularityLabel(r)) \(r.copyModel)", events: r.trace) })
+    }
+
+    /// A Chrome/Perfetto trace-event file of several runs: each run a
+    /// process named `name`, each CPU a thread, each event a complete ("X")
+    /// slice; nested phases nest by time.
+    public static func traceJSON(processes: [(name: String, events: [OverheadTraceEvent])]) -> String {
         var out = "{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n"
         var first = true
         func emit(_ line: String) {
             out += (first ? "" : ",\n") + line
             first = false
         }
-        for (index, r) in results.enumerated() {
+        for (index, r) in processes.enumerated() {
             let pid = index + 1
-            let name = "\(r.direction) \(granularityLabel(r)) \(r.copyModel)"
+            let name = r.name
             emit("{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"name\":\"\(jsonEscape(name))\"}}")
             emit("{\"name\":\"process_sort_index\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":0,\"args\":{\"sort_index\":\(pid)}}")
-            for cpu in Set(r.trace.map(\.cpu)).sorted() {
+            for cpu in Set(r.events.map(\.cpu)).sorted() {
                 emit("{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(pid),\"tid\":\(cpu),\"args\":{\"name\":\"cpu \(cpu)\"}}")
             }
             // Parents before children: by start, then longest first.
-            let events = r.trace.map { ($0, $0.wholeNanos) }.sorted {
+            let events = r.events.map { ($0, $0.wholeNanos) }.sorted {
                 ($0.1.start, -$0.1.duration) < ($1.1.start, -$1.1.duration)
             }
             for (e, ns) in events {

@@ -461,4 +461,78 @@ struct MigratePagesTests {
             #expect(kernel.diagnostics.isEmpty)
         }
     }
+
+    @Test("the multi-threaded copier copies every byte of batches of every shape, the first one posted before its worker ran included")
+    func multiThreadCopierShapes() {
+        // Sizes of one batch each: one folio split across threads, two, a run
+        // of small folios dealt out, a mix, and one 2 MiB folio.
+        let shapes: [[Int]] = [[hugeSize], [pageSize, pageSize], Array(repeating: pageSize, count: 300),
+                               [hugeSize, pageSize, pageSize, 16 * pageSize], Array(repeating: 4 * pageSize, count: 40)]
+        let total = shapes.map { $0.reduce(0, +) }.max()!
+        let src = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: pageSize)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: pageSize)
+        defer { src.deallocate(); dst.deallocate() }
+        for i in stride(from: 0, to: total, by: 8) { src.storeBytes(of: UInt64(i) &* 0x9E37_79B9, toByteOffset: i, as: UInt64.self) }
+        let copier = MultiThreadCopier(threads: 3, thresholdPages: 1)
+        defer { copier.shutdown() }
+        let done = SharedCounter()
+        let caller = WorkerThread()
+        let (srcBits, dstBits) = (UInt(bitPattern: src), UInt(bitPattern: dst))
+        // The first copy follows the creation at once: its workers may not have run yet.
+        caller.start {
+            let src = UnsafeMutableRawPointer(bitPattern: srcBits)!, dst = UnsafeMutableRawPointer(bitPattern: dstBits)!
+            for sizes in shapes {
+                memset(dst, 0, total)
+                var jobs: [FolioCopyJob] = []
+                var offset = 0
+                for size in sizes {
+                    jobs.append(FolioCopyJob(destination: dst + offset, source: src + offset, bytes: size))
+                    offset += size
+                }
+                jobs.withUnsafeBufferPointer { copier.copy($0) }
+                if memcmp(src, dst, offset) == 0 { done.add() }
+            }
+        }
+        #expect(eventually(within: 20) { done.current == shapes.count })
+        #expect(caller.stop())
+        #expect(copier.singleThreadedBatches == 0)
+    }
+
+    @Test("with the phase timers on, a batched migration records its unmap, flush, copy and remap phases, and the shootdown wait inside the flush")
+    func migrationPhases() throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let a = try filled(mm, pages: 64)
+            guard let cpu = remoteCPU(mm, a) else { Issue.record("no second CPU"); return }
+            defer { _ = cpu.stop() }
+            kernel.phases.isEnabled = true
+            var st: [PageStatus] = []
+            _ = try mm.movePages(addresses(a, pages: 64), nodes: Array(repeating: 1, count: 64), status: &st)
+            kernel.phases.isEnabled = false
+            let t = kernel.phases.totals()
+            for phase in [MigrationPhase.unmap, .flush, .copy, .remap] {
+                #expect((t[phase]?.count ?? 0) >= 1, "\(phase.name)")
+            }
+            // The remote CPU has the mm loaded, so the one flush sent it an IPI and timed the round.
+            #expect((t[.tlbFlush]?.count ?? 0) >= 1)
+            #expect(MigrationPhase.tlbFlush.isNested && !MigrationPhase.flush.isNested)
+            #expect(try mm.verifyPattern(a, length: 64 * pageSize, seed: 7) == nil)
+        }
+    }
+
+    @Test("get_user_pages_fast_only: a referenced page where one is present; nil where nothing is mapped, for the zero page and outside every VMA")
+    func getUserPage() throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let a = try filled(mm, pages: 1)
+            let page = try #require(mm.getUserPage(a))
+            let before = page.folio.refCount
+            #expect(before >= 2, "the mapping's reference and ours")
+            page.folio.put()
+            #expect(page.folio.refCount == before - 1)
+            let hole = try mm.mmap(length: 2 * pageSize)
+            #expect(mm.getUserPage(hole) == nil, "nothing mapped yet")
+            _ = try mm.load(hole + UInt64(pageSize))  // a read fault maps the zero page
+            #expect(mm.getUserPage(hole + UInt64(pageSize)) == nil)
+            #expect(mm.getUserPage(0x10) == nil, "no VMA")
+        }
+    }
 }

@@ -233,6 +233,7 @@ struct CPU {
     /// An IPI arrived during the access just ended: flush what it asks.
     @usableFromInline @inline(never)
     func handleIPI(_ mm: AddressSpace) {
+        defer { wakeFlushers() }
         let set = mm.kernel.cpus
         guard let r = drainInbox(set), r.mm == svm_load64_relaxed(words + CPUWord.loadedMM) else { return }
         let local = words[CPUWord.localGen]
@@ -243,6 +244,19 @@ struct CPU {
             invalidateAll()
         }
         words[CPUWord.localGen] = r.gen
+    }
+
+    /// The futex word flushers sleep on while this CPU finishes an access.
+    var flusherSleeping: UnsafeMutablePointer<UInt32> {
+        UnsafeMutableRawPointer(words + CPUWord.flusherSleeping).assumingMemoryBound(to: UInt32.self)
+    }
+
+    /// Wakes the flushers sleeping until this CPU left its access (called
+    /// at the boundary, after the sequence word moved on).
+    func wakeFlushers() {
+        guard svm_load32(flusherSleeping) != 0 else { return }
+        svm_store32(flusherSleeping, 0)
+        _ = svm_futex_wake(flusherSleeping, Int32.max)
     }
 
     /// Takes the flush request waiting in the inbox, counting it received.

@@ -204,6 +204,9 @@ enum CPUWord {
     @usableFromInline static let inboxGen = 5
     @usableFromInline static let inboxStart = 6
     @usableFromInline static let inboxEnd = 7
+    /// A 32-bit futex word: nonzero while a flusher sleeps until this CPU
+    /// leaves its access (the CPU wakes it from `handleIPI`).
+    @usableFromInline static let flusherSleeping = 8
     // Second cache line: the CPU's own.
     /// The flush generation of the loaded address space this TLB is up to date with.
     @usableFromInline static let localGen = 16

@@ -85,7 +85,16 @@ extension AddressSpace {
         kernel.phases.end(.tlbFlush, mark)
     }
 
-    /// Spins (then yields) until `cpu` leaves the access it was in.
+    /// Spins briefly, then sleeps, until `cpu` leaves the access it was in.
+    ///
+    /// Sleeping rather than yielding matters when the host has fewer cores
+    /// than busy threads: the thread that emulates `cpu` may have been
+    /// preempted inside its access, and a flusher that spins or yields keeps
+    /// the core it needs. The sleep asks to be woken (`flusherSleeping`,
+    /// then `membarrier()`: either the CPU's boundary store is visible below,
+    /// or its boundary check sees the IPI posted before and wakes us, see
+    /// `CPU.handleIPI`); it is also bounded to 1 ms, so a wake-up that never
+    /// comes (the CPU took the IPI early, in a nested access) costs time only.
     private func waitForBoundary(_ cpu: CPU, _ seq: UInt64) {
         var spins = 0
         var since: UInt64 = 0
@@ -93,8 +102,11 @@ extension AddressSpace {
         while svm_load64(cpu.words + CPUWord.seq) == seq {
             spins += 1
             if spins < 128 { svm_cpu_relax(); continue }
-            HostThread.yield()
-            if spins & 1023 == 0 && !warned {
+            svm_store32(cpu.flusherSleeping, 1)
+            svm_membarrier()
+            if svm_load64(cpu.words + CPUWord.seq) != seq { break }
+            _ = svm_futex_wait(cpu.flusherSleeping, 1, 1_000_000)
+            if !warned {
                 let now = HostClock.nanos()
                 if since == 0 { since = now } else if now - since > AddressSpace.shootdownWarnNanos {
                     warned = true

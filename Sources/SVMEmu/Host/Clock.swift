@@ -21,8 +21,12 @@ public enum HostClock {
     /// A cheap counter for phase timing, in ticks whose length the caller
     /// measures against `nanos()`: the time-stamp counter on x86-64 (about
     /// 7 ns a read against about 20 ns for the clock), the clock elsewhere.
-    @usableFromInline @inline(__always)
-    static func ticks() -> UInt64 {
+    /// `PhaseTimer.nanosPerTick` converts them; a harness timing single
+    /// accesses uses them where a clock call would cost several accesses.
+    ///
+    /// The corresponding C function is `__rdtsc` (`clock_gettime` off x86-64).
+    @inlinable @inline(__always)
+    public static func ticks() -> UInt64 {
 #if arch(x86_64)
         svm_rdtsc()
 #else

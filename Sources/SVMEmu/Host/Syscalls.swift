@@ -44,6 +44,16 @@ func system_madvise_hugepage(_ p: UnsafeMutableRawPointer, _ bytes: Int) {
 #endif
 }
 
+/// `MADV_POPULATE_WRITE` (Linux 5.14): backs the range with host pages now,
+/// written (zero-filled) as a first write would; false when the host refuses.
+func system_madvise_populate_write(_ p: UnsafeMutableRawPointer, _ bytes: Int) -> Bool {
+#if canImport(Glibc)
+    return madvise(p, bytes, 23 /* MADV_POPULATE_WRITE */) == 0
+#else
+    return false
+#endif
+}
+
 /// Writes `text` to standard error in one call (diagnostics from any thread
 /// come out whole).
 func system_write_stderr(_ text: String) {

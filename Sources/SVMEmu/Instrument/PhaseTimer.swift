@@ -5,11 +5,13 @@ import Synchronization
 public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
     /// migrate_vma_collect: walk, references, locks, migration entries (incl. notifier and TLB flush).
     case collect
-    /// migrate_vma_unmap: LRU isolation, try_to_migrate, reference checks, restore.
+    /// migrate_vma_unmap: LRU isolation, try_to_migrate, reference checks,
+    /// restore; in migrate_pages, a batch's `migrate_folio_unmap()` calls.
     case unmap
     /// Driver: destination allocation (zoneDevicePageInit / folio alloc).
     case allocate
-    /// Driver: copying the bytes (memcpy or the copy engine, waiting included).
+    /// Driver: copying the bytes (memcpy or the copy engine, waiting
+    /// included); in migrate_pages, the copier's copy of a batch.
     case copy
     /// migrate_vma_pages.
     case pages
@@ -22,6 +24,12 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
     case tlbFlush
     /// The whole fault (GPU fault handler or CPU fault's migrateToRAM), outermost.
     case fault
+    /// migrate_pages: the batch's one `try_to_unmap_flush()` (the local
+    /// invalidation, the IPIs and the wait, which is also `tlbFlush`).
+    case flush
+    /// migrate_pages: `migrate_folio_move()` without the copy: the reference
+    /// check, `remove_migration_ptes()`, unlocking.
+    case remap
 
     /// The phase's name in reports.
     public var name: String {
@@ -35,8 +43,13 @@ public enum MigrationPhase: Int, CaseIterable, Sendable, Codable {
         case .finalize: "finalize"
         case .tlbFlush: "tlbFlush"
         case .fault: "fault"
+        case .flush: "flush"
+        case .remap: "remap"
         }
     }
+    /// Phases recorded inside another phase (the shootdown wait inside the
+    /// phase that flushed): a breakdown that sums phases must leave them out.
+    public var isNested: Bool { self == .tlbFlush }
     /// Phases the kernel's migrate_vma_* calls spend (the "migrate_vma fraction").
     public var isMigrateVMA: Bool { self == .collect || self == .unmap || self == .pages || self == .finalize }
 }

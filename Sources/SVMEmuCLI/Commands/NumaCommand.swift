@@ -13,14 +13,27 @@ struct NumaCommand: ParsableCommand {
         abstract: "migrate_pages between NUMA nodes: batching, never-block, copiers and deferred flush side by side.",
         discussion: """
             Build with -c release. Each variant boots a fresh machine with two nodes, fills --buffer, starts \
-            --readers threads reading random words of it (latency per access measured, every word checked) \
-            and moves the whole buffer --rounds times between node 0 and 1 with move_pages (MIGRATE_SYNC). \
-            The deferred-flush variant maps the buffer read-only (a read-mostly buffer). IPIs are the \
-            nr_tlb_remote_flush_received counter, flushes nr_tlb_remote_flush. With --json prints one object \
-            (Docs/json.md) with `variants` (one element per variant: algorithm, mode, copier, copyThreads, \
-            deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage, flushes, flushWaitMicros, \
-            readerLatencyP50Nanos, readerLatencyP99Nanos, staleEntryDiagnostics, dataIntact, ...) and \
-            `batchSweep` (batchPages, totalMillis, firstFolioMicros, pagesPerSecond).
+            --readers threads reading random words of it (each access timed with the cycle counter, every word \
+            checked) and moves the whole buffer --rounds times between node 0 and 1 with move_pages \
+            (MIGRATE_SYNC). The deferred-flush variant maps the buffer read-only (a read-mostly buffer). IPIs are \
+            the nr_tlb_remote_flush_received counter, flushes nr_tlb_remote_flush, the flush wait the time \
+            flushers waited for other CPUs (the tlbFlush phase). Then a batch-size sweep and a copier sweep \
+            (one batch's copy, single thread against --copy-threads threads, 4 KiB batches of 1 to 512 folios \
+            and one 2 MiB folio). --check-tlb turns the stale-entry checker on (off in release builds); \
+            staleEntryDiagnostics counts what it reported (tlb_stale_accesses).
+
+            --storm runs the folio-lock storm instead: --holders "I/O" threads keep locking folios of a \
+            --storm-pages buffer (and put some under writeback whose completion needs the previous page's \
+            lock) while each algorithm moves it; it reports pages not migrated (never-block's starvation), \
+            waits that reached the 100 ms hung-task bound (the v6.3-rc deadlock) and the migrator's lock-wait \
+            distribution.
+
+            With --json prints one object (Docs/json.md) with `variants` (one element per variant: algorithm, \
+            mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage, \
+            flushes, flushWaitMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, staleEntryDiagnostics, \
+            dataIntact, ...), `batchSweep` (batchPages, totalMillis, firstFolioMicros, pagesPerSecond) and \
+            `copySweep` (folioBytes, folios, singleMicros, multiMicros, threads, speedup); with --storm one \
+            object with `storm` (one element per algorithm).
 
             \(ExitStatus.helpParagraph)
             """)
@@ -37,11 +50,29 @@ struct NumaCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Threads of the multi-threaded copier.")
     var copyThreads = 2
 
-    @Flag(name: .long, help: "Skip the batch-size sweep.")
+    @Flag(name: .long, help: "Skip the batch-size and copier sweeps.")
     var noSweep = false
+
+    @Flag(name: .long, help: "Run the stale-entry checker (KernelConfiguration.checksStaleTLBEntries; off in release builds, and it slows every access).")
+    var checkTLB = false
+
+    @Flag(name: .long, help: "Run the folio-lock storm (never-block starvation, the v6.3-rc deadlock) instead of the variants.")
+    var storm = false
+
+    @Option(name: .long, parsing: .unconditional, help: "4 KiB pages the storm moves.")
+    var stormPages = 1024
+
+    @Option(name: .long, parsing: .unconditional, help: "Lock-holding threads of the storm.")
+    var holders = 2
 
     @Option(name: .long, help: "Also write an SVG bar chart (pages per second and IPIs per page per variant) to this file.")
     var svg: String?
+
+    @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of the migrator's phases (unmap, flush, tlbFlush, copy, remap) per variant to this JSON file (the first 65536 events per CPU).")
+    var trace: String?
+
+    /// Events the trace keeps per CPU (`--trace`).
+    static let traceEventsPerCPU = 1 << 16
 
     @OptionGroup var output: JSONOutputOptions
 
@@ -50,24 +81,41 @@ struct NumaCommand: ParsableCommand {
         try checkRange(readers, 0...32, flag: "--readers")
         try checkRange(rounds, 1...100, flag: "--rounds")
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
+        try checkRange(stormPages, 2...65536, flag: "--storm-pages")
+        try checkRange(holders, 1...32, flag: "--holders")
+        if storm && (svg != nil || trace != nil) {
+            throw ValidationError("--storm writes no --svg or --trace (they chart the variants)")
+        }
     }
 
     struct Results: Encodable {
         var variants: [NUMAVariantResult]
         var batchSweep: [NUMABatchPoint]
+        var copySweep: [NUMACopyPoint]
     }
+
+    struct StormResults: Encodable {
+        var storm: [NUMAStormResult]
+    }
+
+    /// The output files asked for (`--svg`, `--trace`), checked before any run.
+    var outputFiles: [OutputFile] { [svg, trace].compactMap { $0.map(OutputFile.init) } }
 
     struct Failure: Error, CustomStringConvertible { let description: String }
 
     func run() throws {
+        for file in outputFiles { try file.checkWritable() }
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif
+        if storm { return try runStorm() }
         var settings = NUMABenchSettings()
         settings.bufferBytes = ByteSize.parse(buffer)! & ~((2 << 20) - 1)
         settings.readers = readers
         settings.rounds = rounds
         settings.variants = NUMAVariant.standard(copyThreads: copyThreads)
+        if checkTLB { settings.checksStaleTLBEntries = true }
+        if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
         var results: [NUMAVariantResult] = []
         for v in settings.variants {
@@ -75,20 +123,89 @@ struct NumaCommand: ParsableCommand {
             results.append(try NUMABench.run(v, settings: settings))
         }
         var sweep: [NUMABatchPoint] = []
+        var copySweep: [NUMACopyPoint] = []
         if !noSweep {
             progress.say("batch-size sweep")
             sweep = try NUMABench.sweep(settings: settings)
+            progress.say("copier sweep")
+            copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
         }
         progress.done()
         if let svg { try OutputFile(svg).write(Self.chart(results)) }
+        if let trace {
+            try OutputFile(trace).write(OverheadReport.traceJSON(processes: results.map { r in
+                (name: "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")",
+                 events: r.trace)
+            }))
+        }
         if output.json {
-            print(try JSONReport.render(for: self, results: Results(variants: results, batchSweep: sweep)))
+            print(try JSONReport.render(for: self, results: Results(variants: results, batchSweep: sweep, copySweep: copySweep)))
         } else {
             print(Self.table(results, sweep))
+            if !copySweep.isEmpty { print(Self.copyTable(copySweep)) }
+            if let trace { print("trace: \(trace) (open in https://ui.perfetto.dev)") }
         }
         if let bad = results.first(where: { !$0.dataIntact }) {
             throw Failure(description: "svmemu numa: BYTES DIFFER in variant \(bad.algorithm) \(bad.copier)")
         }
+    }
+
+    /// The storm: each algorithm against the lock holders.
+    func runStorm() throws {
+        var settings = NUMAStormSettings()
+        settings.pages = stormPages
+        settings.holders = holders
+        settings.rounds = rounds
+        let progress = ProgressLine(label: "svmemu numa --storm")
+        var results: [NUMAStormResult] = []
+        for a in settings.algorithms {
+            progress.say(a.rawValue)
+            results.append(try NUMABench.storm(a, settings: settings))
+        }
+        progress.done()
+        if output.json {
+            print(try JSONReport.render(for: self, results: StormResults(storm: results)))
+        } else {
+            print(Self.stormTable(results))
+        }
+        if let bad = results.first(where: { !$0.dataIntact }) {
+            throw Failure(description: "svmemu numa --storm: BYTES DIFFER under \(bad.algorithm)")
+        }
+    }
+
+    static func stormTable(_ rows: [NUMAStormResult]) -> String {
+        func col(_ s: String, _ n: Int) -> String { s.count >= n ? " " + s : String(repeating: " ", count: n - s.count) + s }
+        func us(_ ns: UInt64) -> String { String(format: "%.1f", Double(ns) / 1000) }
+        var s = col("algorithm", 16) + col("migrated", 9) + col("not moved", 10) + col("stalls", 7) + col("backoffs", 9)
+            + col("waits", 7) + col("wait p50 us", 12) + col("wait p99 us", 12) + col("wait max us", 12)
+            + col("holder p99 us", 14) + col("intact", 7) + "\n"
+        for r in rows {
+            s += col(r.algorithm, 16) + col("\(r.pagesMigrated)", 9) + col("\(r.pagesNotMigrated)", 10) + col("\(r.stalls)", 7)
+                + col("\(r.deadlockBackoffs)", 9) + col("\(r.lockWaits)", 7) + col(us(r.lockWaitP50Nanos), 12)
+                + col(us(r.lockWaitP99Nanos), 12) + col(us(r.lockWaitMaxNanos), 12) + col(us(r.holderWaitP99Nanos), 14)
+                + col(r.dataIntact ? "yes" : "NO", 7) + "\n"
+        }
+        s += "\nMigrator lock and writeback waits by length (count per bucket, upper bound)\n"
+        for r in rows where !r.lockWaitHistogram.isEmpty {
+            s += col(r.algorithm, 16) + ":"
+            for b in r.lockWaitHistogram {
+                let bound = b.upToNanos >= 1_000_000 ? "\(b.upToNanos / 1_000_000)ms" : b.upToNanos >= 1000 ? "\(b.upToNanos / 1000)us" : "\(b.upToNanos)ns"
+                s += " <\(bound):\(b.count)"
+            }
+            s += "\n"
+        }
+        return s
+    }
+
+    static func copyTable(_ rows: [NUMACopyPoint]) -> String {
+        func col(_ s: String, _ n: Int) -> String { s.count >= n ? " " + s : String(repeating: " ", count: n - s.count) + s }
+        var s = "Copier sweep (one batch's copy, median)\n"
+        s += col("folio", 6) + col("folios", 7) + col("single us", 10) + col("threads", 8) + col("multi us", 10) + col("speedup", 8) + "\n"
+        for p in rows {
+            s += col(p.folioBytes == 4096 ? "4K" : "2M", 6) + col("\(p.folios)", 7) + col(String(format: "%.1f", p.singleMicros), 10)
+                + col("\(p.threads)", 8) + col(String(format: "%.1f", p.multiMicros), 10) + col(String(format: "%.2f", p.speedup), 8) + "\n"
+        }
+        return s
     }
 
     static func table(_ rows: [NUMAVariantResult], _ sweep: [NUMABatchPoint]) -> String {

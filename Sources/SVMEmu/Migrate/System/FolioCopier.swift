@@ -45,10 +45,18 @@ public final class SingleThreadCopier: FolioCopier, @unchecked Sendable {
 /// Zi Yan's multi-threaded folio copy (RFC, January 2025): after the batched
 /// unmap and flush, `threads` threads (the migrating thread and
 /// `threads - 1` workers) copy the batch. With no more folios than threads
-/// each folio is split across all threads; otherwise the folios are dealt
-/// out in contiguous shares. A batch below `thresholdPages` base pages
-/// (32 by default, as in the seed) is copied by the migrating thread alone:
-/// waking workers costs more than they save.
+/// each folio is split across the threads; otherwise the folios are dealt
+/// out. A batch below `thresholdPages` base pages (32 by default, as in the
+/// seed) is copied by the migrating thread alone: waking workers costs more
+/// than they save.
+///
+/// The batch is cut into chunks of about 64 KiB (pieces of a split folio,
+/// or runs of whole folios) that every thread claims one at a time, the
+/// migrating thread included, so a worker the host has not scheduled yet
+/// delays nothing: the migrating thread copies what nobody claimed and
+/// waits only for chunks being copied. (On a host with more busy threads
+/// than cores, a fixed share per thread made the batch wait for the
+/// slowest worker's wake-up.)
 ///
 /// One batch at a time: the copier holds its own lock for a batch, so it can
 /// be shared by several migrating threads. Nothing is allocated per batch.
@@ -60,12 +68,21 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     /// Batches that were small enough to stay on one thread.
     public var singleThreadedBatches: Int { Int(svm_load64(stats)) }
 
+    /// Bytes per chunk a thread claims.
+    static let chunkBytes = 64 << 10
+
     // words: [0] batch lock, [16] generation (workers sleep on it),
-    // [32] parts outstanding (the caller sleeps on it), [48] stopping.
+    // [32] chunks not yet copied (the caller sleeps on it), [48] stopping.
     private let words: UnsafeMutablePointer<UInt32>
+    // [0] single-threaded batches; [8] the claim word: the batch's
+    // generation (24 bits), its chunk count (20 bits), the next chunk (20 bits).
     private let stats: UnsafeMutablePointer<UInt64>
-    // The batch being copied (written under the batch lock before the generation bump).
+    // The batch being copied and how it is cut (written under the batch lock
+    // before the claim word is published; constant until every chunk is done).
     private var jobs: UnsafeBufferPointer<FolioCopyJob> = UnsafeBufferPointer(start: nil, count: 0)
+    /// Split mode: pieces per folio; deal mode: folios per chunk.
+    private var perChunk = 1
+    private var split = false
     private var handles: [pthread_t] = []
 
     /// - Parameters:
@@ -78,8 +95,8 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         name = "mt\(threads)"
         words = .allocate(capacity: 64)
         words.initialize(repeating: 0, count: 64)
-        stats = .allocate(capacity: 1)
-        stats.initialize(to: 0)
+        stats = .allocate(capacity: 16)
+        stats.initialize(repeating: 0, count: 16)
         for index in 1..<threads {
             var handle = pthread_t()
             let box = Unmanaged.passRetained(WorkerStart(copier: self, index: index)).toOpaque()
@@ -118,7 +135,7 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
 
     public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
         var pages = 0
-        for j in jobs { pages += j.bytes >> 12 }
+        for j in jobs { pages += j.bytes >> PageGeometry.pageShift }
         if threads == 1 || pages < thresholdPages || handles.isEmpty {
             _ = svm_add64(stats, 1)
             for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
@@ -126,52 +143,91 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         }
         svm_mutex_lock(words)
         self.jobs = jobs
-        svm_store32(words + 32, UInt32(threads - 1))
-        svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+        let chunks: Int
+        split = jobs.count <= threads
+        if split {
+            var largest = 0
+            for j in jobs { largest = max(largest, j.bytes) }
+            perChunk = max(1, largest / MultiThreadCopier.chunkBytes)
+            chunks = jobs.count * perChunk
+        } else {
+            perChunk = max(1, MultiThreadCopier.chunkBytes / max(PageGeometry.pageSize, jobs[0].bytes))
+            chunks = (jobs.count + perChunk - 1) / perChunk
+        }
+        // The claim word's 20-bit fields: at most 64 folios split in 32, or 2^20 runs.
+        if chunks >= 1 << 20 { contractViolation("MultiThreadCopier: a batch of \(jobs.count) folios is too large") }
+        svm_store32(words + 32, UInt32(chunks))
+        let gen = svm_load32(words + 16) &+ 1
+        svm_store64(stats + 8, (UInt64(gen & 0xff_ffff) << 40) | (UInt64(chunks) << 20))
+        svm_store32(words + 16, gen)
         _ = svm_futex_wake(words + 16, Int32.max)
-        share(0)
-        // Wait for the workers' parts: spin briefly, then sleep.
+        claimAndCopy(gen)
+        // Wait for the chunks others claimed: spin briefly, then sleep.
         var spins = 0
         while true {
             let v = svm_load32(words + 32)
             if v == 0 { break }
-            if spins < 2000 { spins += 1; svm_cpu_relax() } else { _ = svm_futex_wait(words + 32, v, 1_000_000) }
+            if spins < 200 { spins += 1; svm_cpu_relax() } else { _ = svm_futex_wait(words + 32, v, 1_000_000) }
         }
         self.jobs = UnsafeBufferPointer(start: nil, count: 0)
         svm_mutex_unlock(words)
     }
 
-    /// Thread `index`'s part of the current batch.
-    private func share(_ index: Int) {
-        if jobs.count <= threads {
-            // Each folio split across every thread, in whole pages.
-            for j in jobs {
-                let part = ((j.bytes / threads) + 4095) & ~4095
-                let start = part * index
-                guard start < j.bytes else { continue }
-                svm_memcpy(j.destination + start, j.source + start, min(part, j.bytes - start))
+    /// Claims chunks of batch `gen` until none is left, copying each.
+    private func claimAndCopy(_ gen: UInt32) {
+        let claim = stats + 8
+        while true {
+            var word = svm_load64(claim)
+            let next = word & 0xf_ffff, count = (word >> 20) & 0xf_ffff
+            guard word >> 40 == UInt64(gen & 0xff_ffff), next < count else { return }
+            guard svm_cas64(claim, &word, word + 1) else { continue }
+            copyChunk(Int(next))
+            if svm_add32(UnsafeMutableRawPointer(words + 32).assumingMemoryBound(to: Int32.self), -1) == 0 {
+                _ = svm_futex_wake(words + 32, 1)
             }
-        } else {
-            let per = (jobs.count + threads - 1) / threads
-            let lo = per * index, hi = min(jobs.count, lo + per)
-            if lo < hi { for i in lo..<hi { svm_memcpy(jobs[i].destination, jobs[i].source, jobs[i].bytes) } }
         }
     }
 
+    /// Copies chunk `c` of the current batch.
+    private func copyChunk(_ c: Int) {
+        if split {
+            let j = jobs[c / perChunk]
+            let piece = ((j.bytes / perChunk) + PageGeometry.pageSize - 1) & ~(PageGeometry.pageSize - 1)
+            let start = piece * (c % perChunk)
+            guard start < j.bytes else { return }
+            svm_memcpy(j.destination + start, j.source + start, min(piece, j.bytes - start))
+        } else {
+            let lo = c * perChunk, hi = min(jobs.count, lo + perChunk)
+            for i in lo..<hi { svm_memcpy(jobs[i].destination, jobs[i].source, jobs[i].bytes) }
+        }
+    }
+
+    /// How long a worker that finished watches for the next batch before it
+    /// sleeps: a host futex wake-up costs tens of microseconds here (a
+    /// kernel worker's a few), and the next batch usually follows soon.
+    static let spinNanos: UInt64 = 20_000
+
     private func work(index: Int) {
-        var seen = svm_load32(words + 16)
+        // The generation at creation, not at this thread's start: a batch
+        // posted before the thread first ran is still this thread's to copy.
+        var seen: UInt32 = 0
+        var spinningSince: UInt64 = HostClock.nanos()
+        var spins = 0
         while true {
             let now = svm_load32(words + 16)
             if now == seen {
+                spins += 1
+                if spins & 63 != 0 { svm_cpu_relax(); continue }
+                if HostClock.nanos() - spinningSince < MultiThreadCopier.spinNanos { continue }
                 _ = svm_futex_wait(words + 16, seen, 0)
+                spinningSince = HostClock.nanos()
                 continue
             }
             seen = now
             if svm_load32(words + 48) != 0 { return }
-            share(index)
-            if svm_add32(UnsafeMutableRawPointer(words + 32).assumingMemoryBound(to: Int32.self), -1) == 0 {
-                _ = svm_futex_wake(words + 32, 1)
-            }
+            claimAndCopy(now)
+            spinningSince = HostClock.nanos()
+            spins = 0
         }
     }
 }

@@ -72,6 +72,11 @@ extension Kernel {
     /// (`putbackMovableFolios`). Migrated sources are freed, or held by the
     /// deferred flush.
     ///
+    /// With `phases` on, each batch's steps are timed as the phases `unmap`,
+    /// `flush` (the batched flush), `copy` and `remap`; the shootdown wait is
+    /// also `tlbFlush`, inside `flush` (or inside `unmap` for the unbatched
+    /// algorithm, whose every folio flushes as it is unmapped).
+    ///
     /// - Parameters:
     ///   - folios: the list (`from`); on return, the folios left.
     ///   - mode: which waits are allowed.
@@ -217,6 +222,7 @@ extension Kernel {
             var retry = 1, thpRetry = 0, retryPages = 0
             var pass = 0
             let t0 = HostClock.nanos()
+            let unmapMark = phases.begin()
             while pass < passes && retry > 0 && stop == nil {
                 retry = 0; thpRetry = 0; retryPages = 0
                 var keep: [Folio] = []
@@ -276,10 +282,12 @@ extension Kernel {
             }
             let t1 = HostClock.nanos()
             ctx.stats.unmapNanos += t1 - t0
+            let flushMark = phases.endAndBegin(.unmap, unmapMark)
             // One flush for every folio unmapped above.
             if !ctx.batch.isEmpty {
                 ctx.batch.flush()
                 ctx.stats.batchedFlushes += 1
+                phases.end(.flush, flushMark)
             }
             ctx.stats.flushNanos += HostClock.nanos() - t1
             nrFailed += moveUnmapped(passes: passes, ret: &ret, &ctx)
@@ -303,6 +311,7 @@ extension Kernel {
             retry = 0
             copyUnmapped(&ctx)
             let t0 = HostClock.nanos()
+            let mark = phases.begin()
             var i = 0
             while i < ctx.unmapped.count {
                 if migrateFolioMove(ctx.unmapped[i], &ctx) {
@@ -314,6 +323,7 @@ extension Kernel {
                 }
             }
             ctx.stats.remapNanos += HostClock.nanos() - t0
+            phases.end(.remap, mark)
             pass += 1
         }
         // What did not move: undo.
@@ -338,8 +348,10 @@ extension Kernel {
         }
         guard !ctx.jobs.isEmpty else { return }
         let t0 = HostClock.nanos()
+        let mark = phases.begin()
         let copier = ctx.copier
         ctx.jobs.withUnsafeBufferPointer { copier.copy($0) }
+        phases.end(.copy, mark)
         ctx.stats.copyNanos += HostClock.nanos() - t0
     }
 
@@ -498,8 +510,11 @@ extension Kernel {
                 let folio = from[i]
                 i += 1
                 let t0 = HostClock.nanos()
+                let mark = phases.begin()
+                // Each folio's flush is inside its unmap (try_to_migrate without TTU_BATCH_FLUSH).
                 let outcome = migrateFolioUnmap(folio, mode: mode, othersHeld: false, force: pass > 2,
                                                 batchFlush: false, &ctx, newFolio)
+                phases.end(.unmap, mark)
                 ctx.stats.unmapNanos += HostClock.nanos() - t0
                 switch outcome {
                 case .freed:

@@ -1,0 +1,79 @@
+// Where the multi-threaded folio copy stops paying: the copy of one batch of
+// n folios (4 KiB, and one 2 MiB folio) by the single-thread copier against
+// the multi-threaded one with its threshold off, batch after batch as the
+// move phase calls it (workers woken per batch included).
+
+import SVMEmu
+
+/// One point of the copier sweep.
+public struct NUMACopyPoint: Sendable, Codable {
+    /// Folio size in bytes (4 KiB or 2 MiB) and folios per batch.
+    public var folioBytes: Int
+    public var folios: Int
+    /// Median time to copy one batch, single thread and with `threads` threads.
+    public var singleMicros: Double
+    public var multiMicros: Double
+    public var threads: Int
+    /// singleMicros / multiMicros: above 1 the threads pay.
+    public var speedup: Double
+    public init(folioBytes: Int, folios: Int, singleMicros: Double, multiMicros: Double, threads: Int, speedup: Double) {
+        self.folioBytes = folioBytes
+        self.folios = folios
+        self.singleMicros = singleMicros
+        self.multiMicros = multiMicros
+        self.threads = threads
+        self.speedup = speedup
+    }
+}
+
+extension NUMABench {
+    /// The batch sizes (in 4 KiB folios) the copier sweep measures, and one 2 MiB folio.
+    public static let copySweepFolios = [1, 4, 8, 16, 32, 64, 128, 256, 512]
+
+    /// Times batch copies between frames of the kind emulated RAM uses
+    /// (`Kernel.reserveFrames`, written once so no host first-touch fault
+    /// is timed), alternating the two copiers batch by batch so that host
+    /// load hits both alike; each point is the median of `repeats` batches.
+    public static func copySweep(threads: Int, repeats: Int = 101) -> [NUMACopyPoint] {
+        let ringBytes = 64 << 20
+        let src = Kernel.reserveFrames(bytes: ringBytes)
+        let dst = Kernel.reserveFrames(bytes: ringBytes)
+        defer {
+            Kernel.releaseFrames(src, bytes: ringBytes)
+            Kernel.releaseFrames(dst, bytes: ringBytes)
+        }
+        src.initializeMemory(as: UInt8.self, repeating: 0x5a, count: ringBytes)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: ringBytes)
+        let single = SingleThreadCopier()
+        let multi = MultiThreadCopier(threads: threads, thresholdPages: 1)
+        defer { multi.shutdown() }
+        var out: [NUMACopyPoint] = []
+        var shapes = copySweepFolios.map { (PageGeometry.pageSize, $0) }
+        shapes.append((PageGeometry.pmdSize, 1))
+        var jobs: [FolioCopyJob] = []
+        jobs.reserveCapacity(512)
+        for (size, count) in shapes {
+            var offset = 0
+            var times: ([UInt64], [UInt64]) = ([], [])
+            for r in 0..<(repeats * 2) {
+                // Consecutive batches walk the ring, as a migration walks its buffer.
+                jobs.removeAll(keepingCapacity: true)
+                for _ in 0..<count {
+                    if offset + size > ringBytes { offset = 0 }
+                    jobs.append(FolioCopyJob(destination: dst + offset, source: UnsafeRawPointer(src + offset), bytes: size))
+                    offset += size
+                }
+                let copier: any FolioCopier = r & 1 == 0 ? single : multi
+                let t0 = HostClock.nanos()
+                jobs.withUnsafeBufferPointer { copier.copy($0) }
+                let t = HostClock.nanos() - t0
+                if r & 1 == 0 { times.0.append(t) } else { times.1.append(t) }
+            }
+            func median(_ a: [UInt64]) -> Double { Double(a.sorted()[a.count / 2]) / 1000 }
+            let s = median(times.0), m = median(times.1)
+            out.append(NUMACopyPoint(folioBytes: size, folios: count, singleMicros: s, multiMicros: m, threads: threads,
+                                     speedup: m > 0 ? s / m : 0))
+        }
+        return out
+    }
+}

@@ -1,0 +1,83 @@
+import ArgumentParser
+import Foundation
+import SVMEmu
+import SVMStress
+import Testing
+@testable import SVMEmuCLI
+
+@Suite("svmemu numa")
+struct NumaCommandTests {
+    @Test("arguments out of range are refused with the range and the usage status")
+    func ranges() throws {
+        let cases: [([String], String)] = [
+            (["numa", "--readers", "-1"], "--readers must be 0...32 (got -1)"),
+            (["numa", "--rounds", "0"], "--rounds must be 1...100 (got 0)"),
+            (["numa", "--copy-threads", "65"], "--copy-threads must be 1...64 (got 65)"),
+            (["numa", "--storm-pages", "1"], "--storm-pages must be 2...65536 (got 1)"),
+            (["numa", "--holders", "0"], "--holders must be 1...32 (got 0)"),
+            (["numa", "--buffer", "1M"], "--buffer"),
+            (["numa", "--storm", "--svg", "/tmp/x.svg"], "--storm writes no --svg or --trace"),
+        ]
+        for (arguments, expected) in cases {
+            let r = try #require(refusal(arguments), "\(arguments) was accepted")
+            #expect(r.message.contains(expected), "\(arguments): \(r.message)")
+            #expect(r.status == ExitStatus.usage.rawValue)
+        }
+        let parsed = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--check-tlb", "--storm", "--storm-pages", "64"]) as? NumaCommand)
+        #expect(parsed.checkTLB && parsed.storm && parsed.stormPages == 64)
+    }
+
+    @Test("--json: variants with the keys the issue lists, the sweeps, from a real (tiny) run with the stale-entry checker on")
+    func variantsJSON() throws {
+        var settings = NUMABenchSettings()
+        settings.bufferBytes = 2 << 20
+        settings.readers = 1
+        settings.rounds = 2
+        settings.checksStaleTLBEntries = true
+        let r = try NUMABench.run(NUMAVariant(algorithm: .batched, deferredFlush: true), settings: settings)
+        #expect(r.dataIntact)
+        #expect(r.staleEntryDiagnostics == 0, "the deferral's stale reads of a read-only buffer are its bargain, not reported")
+        #expect(r.pagesMigrated == 2 * 512)
+        let point = NUMACopyPoint(folioBytes: 4096, folios: 1, singleMicros: 1, multiMicros: 2, threads: 2, speedup: 0.5)
+        let object = try report(["numa", "--json", "--check-tlb"],
+                                NumaCommand.Results(variants: [r], batchSweep: [], copySweep: [point]))
+        #expect(object["command"] as? String == "numa")
+        let variants = try #require(object["variants"] as? [[String: Any]])
+        for key in ["algorithm", "mode", "copier", "copyThreads", "deferredFlush", "pageSize", "pagesMigrated", "pagesPerSecond",
+                    "ipisPerPage", "flushes", "flushWaitMicros", "readerLatencyP50Nanos", "readerLatencyP99Nanos",
+                    "staleEntryDiagnostics", "dataIntact"] {
+            #expect(variants[0][key] != nil, "missing \(key)")
+        }
+        #expect(variants[0]["checksStaleTLBEntries"] as? Bool == true)
+        #expect(variants[0]["trace"] == nil, "the trace goes to --trace, not into the JSON")
+        #expect(object["batchSweep"] is [Any])
+        #expect((object["copySweep"] as? [[String: Any]])?.first?["speedup"] != nil)
+        let arguments = try #require(object["arguments"] as? [String: Any])
+        #expect(arguments["checkTLB"] as? Bool == true)
+    }
+
+    @Test("--storm --json: one element per algorithm with the lock-wait distribution, from a real (tiny) storm")
+    func stormJSON() throws {
+        var settings = NUMAStormSettings()
+        settings.pages = 32
+        settings.rounds = 1
+        settings.holdMicros = 500
+        settings.gapMicros = 100
+        let r = try NUMABench.storm(.batched, settings: settings)
+        #expect(r.dataIntact)
+        #expect(r.pagesMigrated + r.pagesNotMigrated == 32)
+        let object = try report(["numa", "--storm", "--json"], NumaCommand.StormResults(storm: [r]))
+        let storm = try #require(object["storm"] as? [[String: Any]])
+        for key in ["algorithm", "pagesMigrated", "pagesNotMigrated", "stalls", "deadlockBackoffs", "lockWaitP99Nanos",
+                    "lockWaitHistogram", "holderWaitP99Nanos", "dataIntact"] {
+            #expect(storm[0][key] != nil, "missing \(key)")
+        }
+    }
+}
+
+/// The report of `arguments` (parsed) with `results`, as a JSON object.
+private func report<R: Encodable>(_ arguments: [String], _ results: R) throws -> [String: Any] {
+    let command = try SVMEmuCommand.parseAsRoot(arguments)
+    let text = try JSONReport.render(for: command, results: results)
+    return try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+}
