@@ -239,8 +239,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_trylock()`.
     @inlinable public func tryLock() -> Bool {
+        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_BEFORE_ACQUIRE))
         let taken = (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
-        if taken { svm_tsan_acquire(meta.flagsWord) }
+        if taken {
+            svm_tsan_acquire(meta.flagsWord)
+            svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED))
+        }
         return taken
     }
 
@@ -281,6 +285,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
         }
         if old & PageFlags.waiters.rawValue != 0 { _ = svm_futex_wake(meta.flagsWord, Int32.max) }
+        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED))
     }
 
     /// Whether some thread holds the folio lock: a snapshot.
