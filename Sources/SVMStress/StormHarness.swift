@@ -581,7 +581,8 @@ extension StallReport {
     /// The stall in one or two sentences.
     static func describe(_ r: StallReport) -> String {
         var s = "page \(r.page) (0x\(String(r.address, radix: 16)), \(r.entryKind)) made no progress for "
-            + String(format: "%.1f s", r.secondsWithoutProgress)
+            + (r.secondsWithoutProgress < 1 ? String(format: "%.1f ms", r.secondsWithoutProgress * 1000)
+                : String(format: "%.1f s", r.secondsWithoutProgress))
             + " after \(r.migrateToRAMCallsOnPage) migrateToRAM calls and \(r.faultRetriesOnPage) fault retries on it; "
             + "\(r.threadsAccessing) thread(s) faulting on it"
         if r.threadsAtBarrier > 0 { s += ", \(r.threadsAtBarrier) done and waiting at the barrier" }
