@@ -42,6 +42,12 @@ void svm_det_activate(int delta) { __atomic_fetch_add(&svm_det_active_count, (ui
 void *svm_det_current(void) { return svm_tls_det_current; }
 void svm_det_set_current(void *thread) { svm_tls_det_current = thread; }
 
+uint32_t svm_lockdep_count = 0;
+static _Thread_local void *svm_tls_lockdep = 0;
+void svm_lockdep_enable(int delta) { __atomic_fetch_add(&svm_lockdep_count, (uint32_t)delta, __ATOMIC_SEQ_CST); }
+void *svm_lockdep_thread(void) { return svm_tls_lockdep; }
+void svm_lockdep_set_thread(void *stack) { svm_tls_lockdep = stack; }
+
 static void svm_make_key(void) { pthread_key_create(&svm_thread_key, svm_thread_exit); }
 static void svm_arm_exit_hook(void) {
     pthread_once(&svm_thread_key_once, svm_make_key);

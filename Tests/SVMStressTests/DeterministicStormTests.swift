@@ -34,6 +34,8 @@ struct DeterministicStormTests {
         #expect(r.pagesMigrated == 64)
         #expect(r.migrateToRAMCalls.total == 64)
         #expect(r.migrateToRAMCalls.perPageMax == 1)
+        #expect(LockOrder.violations(involving: "mirror driver lock").isEmpty,
+                "\(LockOrder.violations(involving: "mirror driver lock"))")
         #expect(r.teardownClean, "\(r.teardownIssues)")
         #expect(r.dataIntact)
     }

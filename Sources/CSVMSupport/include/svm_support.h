@@ -120,6 +120,16 @@ void svm_det_set_current(void *thread);
 // Runs the thread-exit work now (gives back the emulated CPU and the host slot),
 // so that an emulated thread does it while it holds the scheduler's baton.
 void svm_thread_exit_now(void);
+// Lock-order validation (SVMEmu/Schedule/LockOrder): on while the count is
+// non-zero; each classed lock's acquire and release then reports to it.
+extern uint32_t svm_lockdep_count;
+static inline bool svm_lockdep_enabled(void) {
+    return __builtin_expect(__atomic_load_n(&svm_lockdep_count, __ATOMIC_RELAXED) != 0, 0);
+}
+void svm_lockdep_enable(int delta);
+// The calling thread's held-lock stack (an unretained object), or NULL.
+void *svm_lockdep_thread(void);
+void svm_lockdep_set_thread(void *stack);
 static inline void svm_det_lock_event(const void *lock, int event) {
     if (svm_det_active()) svm_det_lock_hook(lock, event);
 }

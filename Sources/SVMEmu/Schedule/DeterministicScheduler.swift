@@ -29,6 +29,8 @@ import CSVMSupport
 /// emulated threads use must be one of them: a host thread outside the
 /// scheduler that takes one of their locks, or wakes one of them, is not seen.
 ///
+/// Lock-order validation (``LockOrder``) is on while a scheduler runs.
+///
 /// When no thread can run and some wait indefinitely (observer threads, such
 /// as a watchdog, do not count), the run ends with ``Outcome/deadlock(_:)`` and
 /// the wait-for cycle; the deadlocked host threads stay parked for the life of
@@ -141,7 +143,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
         }
         preemptSteps.sort()
         svm_det_activate(1)
-        defer { svm_det_activate(-1) }
+        LockOrder.enable()
+        defer {
+            LockOrder.disable()
+            svm_det_activate(-1)
+        }
         var handles: [HostThreadHandle] = []
         for t in threads {
             guard let h = HostThreadHandle.spawn({ t.main() }) else {

@@ -26,38 +26,65 @@ public final class KernelMutex: @unchecked Sendable {
     /// Runs `body` holding the mutex, sleeping until it is free, and releases
     /// it on every way out.
     ///
-    /// - Parameter body: the critical section.
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///   - body: the critical section.
     /// - Returns: what `body` returns.
     /// - Throws: what `body` throws.
     ///
     /// The corresponding kernel functions are `mutex_lock()` and `mutex_unlock()`.
     @inlinable
-    public func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        lock()
+    public func withLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                      _ body: () throws(E) -> R) throws(E) -> R {
+        lock(file: file, line: line)
         defer { unlock() }
         return try body()
     }
 
     /// Takes the mutex, sleeping while another thread holds it. Pair it with
-    /// ``unlock()`` on every path; prefer ``withLock(_:)``.
+    /// ``unlock()`` on every path; prefer ``withLock(file:line:_:)``.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
     ///
     /// The corresponding kernel function is `mutex_lock()`.
-    @inlinable public func lock() {
+    @inlinable public func lock(file: StaticString = #fileID, line: UInt = #line) {
         if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
+        if _slowPath(svm_lockdep_enabled()) {
+            let site = LockOrder.site(file, line)
+            LockOrder.acquiring(name, site: site)
+            svm_mutex_lock(word)
+            LockOrder.acquired(word, name, site: site)
+            return
+        }
         svm_mutex_lock(word)
     }
 
     /// Releases the mutex, waking one sleeper.
     ///
     /// The corresponding kernel function is `mutex_unlock()`.
-    @inlinable public func unlock() { svm_mutex_unlock(word) }
+    @inlinable public func unlock() {
+        if _slowPath(svm_lockdep_enabled()) { LockOrder.released(word) }
+        svm_mutex_unlock(word)
+    }
 
     /// Takes the mutex if it is free; never sleeps.
     ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
     /// - Returns: whether the caller now holds it.
     ///
     /// The corresponding kernel function is `mutex_trylock()`.
-    @inlinable public func tryLock() -> Bool { svm_mutex_trylock(word) }
+    @inlinable public func tryLock(file: StaticString = #fileID, line: UInt = #line) -> Bool {
+        let taken = svm_mutex_trylock(word)
+        if taken && _slowPath(svm_lockdep_enabled()) {
+            LockOrder.acquired(word, name, site: LockOrder.site(file, line))
+        }
+        return taken
+    }
 
     /// Whether some thread holds the mutex: a snapshot.
     ///
@@ -91,42 +118,58 @@ public final class KernelRWSemaphore: @unchecked Sendable {
 
     /// Runs `body` holding the semaphore shared.
     ///
-    /// - Parameter body: the read-side critical section.
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///   - body: the read-side critical section.
     /// - Returns: what `body` returns.
     /// - Throws: what `body` throws.
     ///
     /// The corresponding kernel functions are `down_read()` and `up_read()`.
-    public func withReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        downRead()
+    public func withReadLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                          _ body: () throws(E) -> R) throws(E) -> R {
+        downRead(file: file, line: line)
         defer { upRead() }
         return try body()
     }
 
     /// Runs `body` holding the semaphore alone.
     ///
-    /// - Parameter body: the write-side critical section.
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///   - body: the write-side critical section.
     /// - Returns: what `body` returns.
     /// - Throws: what `body` throws.
     ///
     /// The corresponding kernel functions are `down_write()` and `up_write()`.
-    public func withWriteLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        downWrite()
+    public func withWriteLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                           _ body: () throws(E) -> R) throws(E) -> R {
+        downWrite(file: file, line: line)
         defer { upWrite() }
         return try body()
     }
 
     /// Takes the semaphore shared, sleeping while a writer holds it.
     ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///
     /// The corresponding kernel function is `down_read()`.
-    public func downRead() {
-        acquire { $0 & Self.writer == 0 ? $0 + 1 : nil }
+    public func downRead(file: StaticString = #fileID, line: UInt = #line) {
+        acquire(file, line) { $0 & Self.writer == 0 ? $0 + 1 : nil }
     }
 
     /// Takes the semaphore alone, sleeping while anyone holds it.
     ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///
     /// The corresponding kernel function is `down_write()`.
-    public func downWrite() {
-        acquire { $0 & (Self.writer | Self.readers) == 0 ? $0 | Self.writer : nil }
+    public func downWrite(file: StaticString = #fileID, line: UInt = #line) {
+        acquire(file, line) { $0 & (Self.writer | Self.readers) == 0 ? $0 | Self.writer : nil }
     }
 
     /// Takes the semaphore shared if no writer holds it; never sleeps.
@@ -138,7 +181,7 @@ public final class KernelRWSemaphore: @unchecked Sendable {
         svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         var v = svm_load32(word)
         while v & Self.writer == 0 {
-            if svm_cas32(word, &v, v + 1) { acquired(); return true }
+            if svm_cas32(word, &v, v + 1) { acquired(nil, 0); return true }
         }
         return false
     }
@@ -153,8 +196,9 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     /// The corresponding kernel function is `up_write()`.
     public func upWrite() { release { $0 & ~Self.writer } }
 
-    private func acquire(_ next: (UInt32) -> UInt32?) {
+    private func acquire(_ file: StaticString, _ line: UInt, _ next: (UInt32) -> UInt32?) {
         if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
+        if svm_lockdep_enabled() { LockOrder.acquiring(name, site: LockOrder.site(file, line)) }
         svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         var v = svm_load32(word)
         while true {
@@ -166,15 +210,20 @@ public final class KernelRWSemaphore: @unchecked Sendable {
             _ = svm_futex_wait(word, v | Self.sleepers, 0)
             v = svm_load32(word)
         }
-        acquired()
+        acquired(file, line)
     }
 
-    private func acquired() {
+    /// After taking it: `file` is nil for a trylock.
+    private func acquired(_ file: StaticString?, _ line: UInt) {
         svm_tsan_acquire(word)
         svm_det_lock_event(word, Int32(SVM_DET_ACQUIRED))
+        if svm_lockdep_enabled() {
+            LockOrder.acquired(word, name, site: file.map { LockOrder.site($0, line) } ?? "down_read_trylock()")
+        }
     }
 
     private func release(_ next: (UInt32) -> UInt32) {
+        if svm_lockdep_enabled() { LockOrder.released(word) }
         svm_tsan_release(word)
         var v = svm_load32(word)
         while !svm_cas32(word, &v, next(v) & ~Self.sleepers) {}
