@@ -5,7 +5,7 @@ import CSVMSupport
 /// then knows its holder, for deadlock reports). Not recursive; only the
 /// holder releases it.
 ///
-/// Take it in the scoped form, ``withLock(_:)``; keep it beside what it guards
+/// Take it in the scoped form, ``withLock(file:line:_:)``; keep it beside what it guards
 /// ("struct mutex devmem_lock; /* protects the above */").
 public final class KernelMutex: @unchecked Sendable {
     @usableFromInline let word: UnsafeMutablePointer<UInt32>
