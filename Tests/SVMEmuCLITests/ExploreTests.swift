@@ -37,3 +37,14 @@ struct ExploreTests {
         #expect((try? SVMEmuCommand.parseAsRoot(["livelock", "--deterministic", "--cpus", "4"])) != nil)
     }
 }
+
+@Suite("svmemu soak")
+struct SoakCommandTests {
+    @Test("a short soak through the command is clean; out-of-range counts are refused")
+    func soakCommand() throws {
+        let c = try #require(try SVMEmuCommand.parseAsRoot(["soak", "--operations", "2000", "--pages", "8"]) as? SoakCommand)
+        try c.run()
+        #expect(throws: (any Error).self) { try SVMEmuCommand.parseAsRoot(["soak", "--operations", "0"]) }
+        #expect(throws: (any Error).self) { try SVMEmuCommand.parseAsRoot(["soak", "--cpus", "64"]) }
+    }
+}

@@ -51,3 +51,23 @@ struct DeterministicStormTests {
         }
     }
 }
+
+@Suite("soak")
+struct SoakTests {
+    @Test("a short soak: reads, writes and migrations both ways keep every byte, leak nothing, and repeat by seed")
+    func shortSoakIsCleanAndRepeats() throws {
+        var s = SoakSettings()
+        s.operations = 20_000
+        s.pages = 16
+        s.seed = 5
+        let a = try Soak.run(s)
+        #expect(a.clean, "\(a)")
+        #expect(a.operations == 20_000)
+        #expect(a.reads > 0 && a.writes > 0 && a.migrationsToDevice > 0 && a.migrationsToSystem > 0)
+        var b = try Soak.run(s)
+        var a2 = a
+        a2.seconds = 0
+        b.seconds = 0
+        #expect(a2 == b)
+    }
+}

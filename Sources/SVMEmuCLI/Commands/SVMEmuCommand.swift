@@ -21,7 +21,7 @@ public struct SVMEmuCommand: ParsableCommand {
         version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
                       BenchCommand.self, DevicesCommand.self, NumaCommand.self,
-                      ExploreCommand.self, ReplayCommand.self])
+                      ExploreCommand.self, ReplayCommand.self, SoakCommand.self])
 }
 
 struct BenchCommand: ParsableCommand {
