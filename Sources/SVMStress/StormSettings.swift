@@ -107,6 +107,11 @@ public struct StormSettings: Sendable, Codable, Equatable {
         }
         guard joinTimeoutSeconds > 0 else { throw .invalidSettings("join timeout must be > 0") }
         guard (1...64).contains(cpus) else { throw .invalidSettings("cpus must be 1...64 (got \(cpus))") }
+        let cpuThreads = threads + (scenario == .pingPong ? 1 : 0)
+        if deterministic && cpuThreads > cpus {
+            // A thread beyond the CPUs waits for one that no storm thread gives back before the end.
+            throw .invalidSettings("cpus must be at least the storm's \(cpuThreads) threads in a deterministic storm (got \(cpus))")
+        }
         guard (0...1000).contains(preemptions) else {
             throw .invalidSettings("preemptions must be 0...1000 (got \(preemptions))")
         }

@@ -71,3 +71,18 @@ struct SoakTests {
         #expect(a2 == b)
     }
 }
+
+@Suite("deterministic storm settings")
+struct DeterministicStormSettingsTests {
+    @Test("a deterministic storm needs a CPU for each of its threads")
+    func cpusForEveryThread() {
+        var s = StormSettings(faultPolicy: .trylock, driverLock: .none, threads: 8)
+        s.deterministic = true
+        s.cpus = 7
+        #expect(throws: StormError.self) { try s.validate() }
+        s.cpus = 8
+        #expect(throws: Never.self) { try s.validate() }
+        s.scenario = .pingPong
+        #expect(throws: StormError.self) { try s.validate() }
+    }
+}
