@@ -14,9 +14,9 @@ import Synchronization
 /// cannot wait), but the lock it takes is held for the ones that follow; a
 /// bounded wait (``Folio/lock(timeoutNanos:)``) counts as a trylock.
 ///
-/// On while a ``DeterministicScheduler`` runs, and on real threads between
-/// ``enable()`` and ``disable()``. Off, each lock site costs one load and one
-/// predictable branch.
+/// On for the emulated threads of a running ``DeterministicScheduler``, and
+/// on a real thread between its ``enable()`` and ``disable()``. Off, each
+/// lock site costs one load and one predictable branch.
 public enum LockOrder {
 
     /// "`held`, then `taken`", as one thread first did it.
@@ -72,6 +72,8 @@ public enum LockOrder {
     }
 
     final class HeldLocks: @unchecked Sendable {
+        /// ``enable()`` calls not yet undone on this thread.
+        var enabled = 0
         var entries: [(lock: UnsafeRawPointer, lockClass: String, site: String)] = []
     }
 
@@ -91,14 +93,32 @@ public enum LockOrder {
         }
     }
 
-    /// Turns validation on for real threads too (nests: each call needs a ``disable()``).
-    public static func enable() { svm_lockdep_enable(1) }
+    /// Turns validation on for the calling thread (nests: each call needs a
+    /// ``disable()`` on the same thread). Threads of a running
+    /// ``DeterministicScheduler`` are validated without it.
+    public static func enable() {
+        held().enabled += 1
+        svm_lockdep_enable(1)
+    }
 
-    /// Undoes one ``enable()``.
-    public static func disable() { svm_lockdep_enable(-1) }
+    /// Undoes one ``enable()`` of the calling thread.
+    public static func disable() {
+        let h = held()
+        guard h.enabled > 0 else {
+            contractViolation("LockOrder.disable() without an enable() on this thread")
+        }
+        h.enabled -= 1
+        svm_lockdep_enable(-1)
+    }
 
-    /// Whether validation is on.
-    public static var isEnabled: Bool { svm_lockdep_enabled() }
+    /// Whether the calling thread's locks are validated.
+    public static var isEnabled: Bool { svm_lockdep_enabled() && validates(held()) }
+
+    /// Whether the thread of `stack` is validated: it enabled validation, or
+    /// it is an emulated thread of a running scheduler.
+    static func validates(_ stack: HeldLocks) -> Bool {
+        stack.enabled > 0 || (svm_det_active() && svm_det_current() != nil)
+    }
 
     /// Every violation recorded so far, oldest first.
     public static var violations: [Violation] { withGraph { $0.violations } }
@@ -129,6 +149,7 @@ public enum LockOrder {
     @usableFromInline @inline(never)
     static func acquiring(_ lockClass: String, site: String) {
         let mine = held()
+        guard validates(mine) else { return }
         let thread = threadName
         withGraph { g in
             for h in mine.entries where h.lockClass != lockClass && g.edges[h.lockClass]?[lockClass] == nil {
@@ -147,15 +168,18 @@ public enum LockOrder {
     @usableFromInline @inline(never)
     static func acquired(_ lock: UnsafeRawPointer, _ lockClass: String, site: String) {
         let mine = held()
+        guard validates(mine) else { return }
         withGraph { g in
             mine.entries.append((lock, lockClass, site))
             g.owners[lock] = mine
         }
     }
 
-    /// `lock` was released (by any thread: a folio lock may be released by another).
+    /// `lock` was released (by any validated thread: a folio lock may be
+    /// released by another thread than the one that took it).
     @usableFromInline @inline(never)
     static func released(_ lock: UnsafeRawPointer) {
+        guard validates(held()) else { return }
         withGraph { g in
             guard let owner = g.owners.removeValue(forKey: lock),
                   let i = owner.entries.lastIndex(where: { $0.lock == lock }) else { return }
