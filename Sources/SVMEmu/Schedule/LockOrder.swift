@@ -109,6 +109,14 @@ public enum LockOrder {
         }
         h.enabled -= 1
         svm_lockdep_enable(-1)
+        if h.enabled == 0 {
+            // Locks still held are no longer followed: forget them, or their
+            // release (not seen now) would leave them held for ever.
+            withGraph { g in
+                for e in h.entries where g.owners[e.lock] === h { g.owners[e.lock] = nil }
+                h.entries.removeAll()
+            }
+        }
     }
 
     /// Whether the calling thread's locks are validated.
