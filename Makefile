@@ -9,7 +9,7 @@
 SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test tsan docs deps build release bench clean
+.PHONY: demo test tsan docs deps build release bench soak clean
 
 deps:
 	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libdrm; then \
@@ -45,6 +45,12 @@ docs:
 	$(SWIFT) package --scratch-path .build-docs --allow-writing-to-directory $(DOCS_OUT) \
 		generate-documentation --target SVMEmu --warnings-as-errors --output-path $(DOCS_OUT)
 	@echo "docs: $(DOCS_OUT) (open documentation/svmemu in a static web server, or use preview-documentation)"
+
+# The randomized soak under the deterministic scheduler (Docs/deterministic.md):
+# a short one by default for CI; `make soak SOAK_OPERATIONS=10000000` for the goal.
+SOAK_OPERATIONS ?= 1000000
+soak: release
+	.build/release/svmemu soak --operations $(SOAK_OPERATIONS)
 
 bench: release
 	.build/release/svmemu bench memory

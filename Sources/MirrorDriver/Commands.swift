@@ -58,7 +58,7 @@ extension MirrorDevice {
         var cpages = 0
         defer { cmd.cpages = cpages }
         while true {
-            let complete = pageTableLock.withLock { _ in
+            let complete = pageTableLock.withLock {
                 copyMirrored(start, end, &cpages, write: false) { page, offset in
                     (bounce.baseAddress! + offset).copyMemory(from: page, byteCount: PageGeometry.pageSize)
                 }
@@ -79,7 +79,7 @@ extension MirrorDevice {
         var cpages = 0
         defer { cmd.cpages = cpages }
         while true {
-            let complete = pageTableLock.withLock { _ in
+            let complete = pageTableLock.withLock {
                 copyMirrored(start, end, &cpages, write: true) { page, offset in
                     page.copyMemory(from: mirror.baseAddress! + offset, byteCount: PageGeometry.pageSize)
                 }
@@ -110,7 +110,7 @@ extension MirrorDevice {
         mm.mmapReadUnlock()
         var cpages = 0
         defer { cmd.cpages = cpages }
-        let complete = pageTableLock.withLock { _ in
+        let complete = pageTableLock.withLock {
             copyMirrored(start, end, &cpages, write: false) { page, offset in
                 if let mirror, let base = mirror.baseAddress, offset < mirror.count {
                     (base + offset).copyMemory(from: page, byteCount: min(PageGeometry.pageSize, mirror.count - offset))

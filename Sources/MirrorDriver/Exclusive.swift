@@ -20,7 +20,7 @@ extension MirrorDevice {
         try mapExclusive(start, end)
         var cpages = 0
         defer { cmd.cpages = cpages }
-        let complete = pageTableLock.withLock { _ in
+        let complete = pageTableLock.withLock {
             copyMirrored(start, end, &cpages, write: false) { page, offset in
                 (mirror.baseAddress! + offset).copyMemory(from: page, byteCount: PageGeometry.pageSize)
             }
@@ -36,7 +36,7 @@ extension MirrorDevice {
         cmd.cpages = 0
         cmd.faults = 0
         let (start, end) = try commandRange(cmd, bufferBytes: Int.max)
-        let atomic = pageTableLock.withLock { _ -> Bool in
+        let atomic = pageTableLock.withLock { () -> Bool in
             var a = max(start, pageTable.base)
             while a < min(end, pageTable.end) {
                 if pageTable.get(a) & DevicePageTable.atomic != 0 { return true }
@@ -55,7 +55,7 @@ extension MirrorDevice {
     /// table lock, which the CPU's restoring fault must take (through the
     /// notifier) before its mapping comes back.
     public func atomicAdd(_ address: UInt64, _ value: UInt64) -> Bool {
-        pageTableLock.withLock { _ in
+        pageTableLock.withLock {
             guard address >= pageTable.base, address < pageTable.end else { return false }
             let e = pageTable.get(address)
             guard e & DevicePageTable.atomic != 0 else { return false }
@@ -75,7 +75,7 @@ extension MirrorDevice {
         while a < end {
             let page = try mm.makeDeviceExclusive(a, owner: owner)
             let folio = page.folio
-            pageTableLock.withLock { _ in pageTable.set(a, pfn: page.pfn, write: true, device: false, atomic: true) }
+            pageTableLock.withLock { pageTable.set(a, pfn: page.pfn, write: true, device: false, atomic: true) }
             folio.unlock()
             folio.put()
             a += PageGeometry.pageSize64

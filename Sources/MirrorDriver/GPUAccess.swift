@@ -29,7 +29,7 @@ extension MirrorDevice {
         guard address >= pageTable.base, address < pageTable.end else { throw .badAddress }
         let page = address & PageGeometry.pageMask
         while true {
-            let hit = pageTableLock.withLock { _ -> Bool in
+            let hit = pageTableLock.withLock { () -> Bool in
                 let e = pageTable.get(page)
                 guard e & DevicePageTable.valid != 0, !write || e & DevicePageTable.write != 0 else { return false }
                 body(kernel.pfnToPage(e >> PageGeometry.pageShift).bytes + Int(address & ~PageGeometry.pageMask))
@@ -65,7 +65,7 @@ extension MirrorDevice {
                 _ = try? migrateRangeLocked(start, end, toDevice: true)
             }
             mm.mmapReadUnlock()
-            let mapped = pageTableLock.withLock { _ in pageTable.get(page) & DevicePageTable.valid != 0 }
+            let mapped = pageTableLock.withLock { pageTable.get(page) & DevicePageTable.valid != 0 }
             if mapped { return }
         }
         try mirrorFault(page, page + PageGeometry.pageSize64, write: write)
@@ -109,7 +109,7 @@ extension MirrorDevice {
                 throw error
             }
             mm.mmapReadUnlock()
-            let committed = pageTableLock.withLock { _ -> Bool in
+            let committed = pageTableLock.withLock { () -> Bool in
                 if notifier.readRetry(range.notifierSeq) { return false }
                 commit(range)
                 return true

@@ -177,7 +177,7 @@ extension MirrorDevice {
         let t = kernel.phases.begin()
         defer { kernel.phases.end(.pageTableUpdate, t) }
         let vmaWritable = args.vma?.flags.contains(.write) ?? false
-        pageTableLock.withLock { _ in
+        pageTableLock.withLock {
             for i in 0..<args.npages {
                 let s = args.src[i], d = args.dst[i]
                 guard s.isMigrating, d.isValid else { continue }
@@ -204,13 +204,16 @@ extension MirrorDevice {
                                  needs: { e in e.isMigrating && e.isValid },
                                  allocate: { order in
                                      guard let folio = kernel.allocateFolio(order: order) else { return nil }
-                                     folio.lock()
+                                     // Nobody else can see a fresh folio: the trylock cannot fail, and
+                                     // (as lockdep leaves page locks out) it records no lock order
+                                     // against the driver lock held here.
+                                     if !folio.tryLock() { kernel.warn("mirror: a fresh folio was locked", "\(folio)") }
                                      return folio
                                  })
         let c = phases.endAndBegin(.allocate, a)
         copyMigrated(args)
         let t = phases.endAndBegin(.copy, c)
-        pageTableLock.withLock { _ in
+        pageTableLock.withLock {
             pageTable.clear(args.start, args.start + UInt64(args.npages) << PageGeometry.pageShift)
         }
         phases.end(.pageTableUpdate, t)
@@ -227,7 +230,7 @@ extension MirrorDevice {
 
     /// Pages of `[start, end)` mapped to this device's memory; `.noEntry` if any is not.
     func countDevicePages(_ start: UInt64, _ end: UInt64) throws(Errno) -> Int {
-        let count = pageTableLock.withLock { _ -> Int in
+        let count = pageTableLock.withLock { () -> Int in
             var n = 0
             var a = start
             while a < end {
@@ -250,7 +253,7 @@ extension MirrorDevice {
         let s = settings
         if s.driverLock == .exclusive {
             driverLockWaiting.add(1, ordering: .relaxed)
-            return driverLock.withLock { _ in
+            return driverLock.withLock {
                 driverLockWaiting.subtract(1, ordering: .relaxed)
                 driverLockHolding.add(1, ordering: .relaxed)
                 defer { driverLockHolding.subtract(1, ordering: .relaxed) }
@@ -318,7 +321,7 @@ extension MirrorDevice {
                 start += UInt64(n)
             }
         }
-        pageTableLock.withLock { _ in pageTable.clear(pageTable.base, pageTable.end) }
+        pageTableLock.withLock { pageTable.clear(pageTable.base, pageTable.end) }
         return evicted
     }
 }

@@ -98,13 +98,15 @@ public final class MirrorDevice: @unchecked Sendable {
     let pool = VRAMPoolLock()
     /// The registered chunks (`dmirror->chunks`).
     let chunks = LockedValue<[DevicePageMap]>([])
-    let driverLock = LockedValue<Void>(())
-    let growLock = LockedValue<Void>(())
+    /// Held across the whole `migrateToRAM` with `DriverLockMode.exclusive`.
+    let driverLock = KernelMutex("mirror driver lock")
+    /// Serialises growing VRAM by a chunk.
+    let growLock = KernelMutex("mirror grow lock")
     /// The device page table (`dmirror->pt`).
     let pageTable: DevicePageTable
     /// Protects the above (`dmirror->mutex`): every read and change of the
     /// device page table, the notifier's invalidations included.
-    let pageTableLock = LockedValue<Void>(())
+    let pageTableLock = KernelMutex("mirror page-table lock")
     private(set) var notifier: MMUIntervalNotifier! = nil
 
     /// Moves the bytes of every migration (the device's DMA engine).
@@ -179,7 +181,7 @@ public final class MirrorDevice: @unchecked Sendable {
     /// for atomics right after, as nouveau skips its own MMU_NOTIFY_EXCLUSIVE).
     func invalidate(_ n: MMUIntervalNotifier, _ range: MMUNotifierRange, _ seq: UInt64) -> Bool {
         if (range.event == .migrate || range.event == .exclusive) && range.owner == owner { return true }
-        pageTableLock.withLock { _ in
+        pageTableLock.withLock {
             n.setSeq(seq)
             pageTable.clear(range.start, range.end)
         }
@@ -209,7 +211,7 @@ public final class MirrorDevice: @unchecked Sendable {
     /// Registers one more chunk of VRAM (dmirror_allocate_chunk), serialised
     /// so that racing allocators do not exceed `vramBytes`.
     private func growAndTake(order: Int) -> UInt64? {
-        growLock.withLock { _ in growLocked(order: order) }
+        growLock.withLock { growLocked(order: order) }
     }
 
     private func growLocked(order: Int) -> UInt64? {

@@ -67,7 +67,7 @@ extension MirrorDevice {
         // dmirror_snapshot_invalidate: only the sequence matters; any
         // invalidation in the interval invalidates the whole snapshot.
         let temporary = mm.insertIntervalNotifier(start: start, end: end) { [unowned self] n, _, seq in
-            pageTableLock.withLock { _ in n.setSeq(seq) }
+            pageTableLock.withLock { n.setSeq(seq) }
             return true
         }
         defer { mm.removeIntervalNotifier(temporary) }

@@ -1,5 +1,6 @@
 import Synchronization
 import SVMEmu
+import CSVMSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -27,9 +28,19 @@ final class StormBarrier: @unchecked Sendable {
     private let aborted = Atomic<Bool>(false)    // written under mutex, read anywhere
     private let spinNanos: UInt64
     private let action: (_ round: Int) -> Void
+    /// Deterministic storms: the barrier's lock is a ``KernelMutex`` and the
+    /// waiters sleep on a futex word (scheduling points), released together
+    /// at the virtual time of the last arrival.
+    private let deterministic: Bool
+    private let detLock = KernelMutex("storm barrier")
+    private let detGeneration: UnsafeMutablePointer<UInt32>
 
-    init(parties: Int, spinNanos: UInt64 = 2_000_000, action: @escaping (_ round: Int) -> Void) {
+    init(parties: Int, spinNanos: UInt64 = 2_000_000, deterministic: Bool = false,
+         action: @escaping (_ round: Int) -> Void) {
         if parties <= 0 { contractViolation("StormBarrier: at least one party (got \(parties))") }
+        self.deterministic = deterministic
+        detGeneration = .allocate(capacity: 1)
+        detGeneration.initialize(to: 0)
         self.parties = parties
         self.spinNanos = spinNanos
         self.action = action
@@ -44,11 +55,39 @@ final class StormBarrier: @unchecked Sendable {
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
         cond.deallocate()
+        detGeneration.deallocate()
+    }
+
+    private func arriveAndWaitDeterministic() -> Bool {
+        detLock.lock()
+        if aborted.load(ordering: .relaxed) {
+            detLock.unlock()
+            return false
+        }
+        let gen = svm_load32(detGeneration)
+        arrived += 1
+        if arrived == parties {
+            action(Int(gen))
+            arrived = 0
+            svm_store32(detGeneration, gen &+ 1)
+            _ = svm_futex_wake(detGeneration, Int32.max)
+            detLock.unlock()
+            // Spinning waiters leave when the releaser does: it waits out the
+            // wake-up latency the others were charged, so all go together.
+            HostClock.sleep(nanos: DeterministicScheduler.wakeLatency)
+            return true
+        }
+        detLock.unlock()
+        while svm_load32(detGeneration) == gen && !aborted.load(ordering: .relaxed) {
+            _ = svm_futex_wait(detGeneration, gen, 0)
+        }
+        return svm_load32(detGeneration) != gen
     }
 
     /// Waits for every party. Returns false when the barrier was aborted
     /// (then the caller must stop).
     func arriveAndWait() -> Bool {
+        if deterministic { return arriveAndWaitDeterministic() }
         pthread_mutex_lock(mutex)
         if aborted.load(ordering: .relaxed) {
             pthread_mutex_unlock(mutex)
@@ -84,6 +123,11 @@ final class StormBarrier: @unchecked Sendable {
 
     /// Releases every waiter with `false`, now and for later arrivals.
     func abort() {
+        if deterministic {
+            detLock.withLock { aborted.store(true, ordering: .relaxed) }
+            _ = svm_futex_wake(detGeneration, Int32.max)
+            return
+        }
         pthread_mutex_lock(mutex)
         aborted.store(true, ordering: .relaxed)
         pthread_cond_broadcast(cond)

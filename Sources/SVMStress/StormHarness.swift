@@ -17,8 +17,12 @@ public enum StormHarness {
     /// Runs one storm against drivers built by `makeDriver` (a `MirrorDevice`
     /// by default). `progress` is called from the calling thread about ten
     /// times a second while the storm runs.
+    /// With `settings.deterministic` the storm's threads and its watchdog run
+    /// under a ``DeterministicScheduler`` seeded with `settings.seed` (or
+    /// configured by `schedule`), and `progress` is not called.
     public static func run(_ settings: StormSettings,
                            makeDriver: StormDriverFactory? = nil,
+                           schedule: DeterministicScheduler.Configuration? = nil,
                            progress: ((StormProgress) -> Void)? = nil) throws(StormError) -> StormResult {
         try settings.validate()
         let bytes = settings.pages * settings.pageSize.bytes
@@ -32,6 +36,7 @@ public enum StormHarness {
         config.transparentHugepage = settings.pageSize == .huge ? .madvise : .never
         config.addressSpaceSize = max(4 << 30, UInt64(bytes) * 4)
         config.maxPhysicalBytes = UInt64(config.nodeSizes[0]) + vram * UInt64(settings.devices) + (1 << 30)
+        if settings.deterministic { config.cpus = settings.cpus }
         let kernel = Kernel(config)
         let mm = AddressSpace(kernel: kernel)
         let drivers = (0..<settings.devices).map { factory(kernel, mm, $0) }
@@ -68,6 +73,11 @@ public enum StormHarness {
         }
 
         let run = StormRun(settings: settings, kernel: kernel, mm: mm, drivers: drivers, base: base, checksums: checksums)
+        if settings.deterministic {
+            // The setup thread's CPU goes back, so that the storm's threads find theirs.
+            kernel.cpus.leave()
+            return run.deterministicStorm(schedule: schedule)
+        }
         return run.storm(progress: progress)
     }
 
@@ -109,6 +119,10 @@ final class StormRun: @unchecked Sendable {
     private var pageStartNanos: UInt64 = 0       // barrier action only
     private var pageStartMigrations = 0          // barrier action only
     private(set) var barrier: StormBarrier! = nil
+    /// The deterministic storm's scheduler and the virtual time its last
+    /// worker left (written by emulated threads, one at a time).
+    var scheduler: DeterministicScheduler? = nil
+    var lastExitNanos: UInt64 = 0
 
     /// A checksum of every 4 KiB of the storm's pages, taken before the storm.
     let checksums: [UInt64]
@@ -127,7 +141,9 @@ final class StormRun: @unchecked Sendable {
         workers = settings.threads + (settings.scenario == .pingPong ? 1 : 0)
         slots = (0..<workers).map { _ in WorkerSlot() }
         records.withLock { $0.reserveCapacity(settings.pages) }
-        barrier = StormBarrier(parties: workers) { [unowned self] round in self.closeAndOpen(round) }
+        barrier = StormBarrier(parties: workers, deterministic: settings.deterministic) { [unowned self] round in
+            self.closeAndOpen(round)
+        }
     }
 
     func address(ofPage p: Int) -> UInt64 { base + UInt64(p) * UInt64(pageBytes) }
@@ -175,6 +191,7 @@ final class StormRun: @unchecked Sendable {
         let slot = slots[index]
         defer {
             slot.state.store(WorkerSlot.exited, ordering: .relaxed)
+            if settings.deterministic { lastExitNanos = max(lastExitNanos, HostClock.nanos()) }
             exited.add(1, ordering: .releasing)
         }
         let isGPU = index >= accessors
@@ -342,6 +359,89 @@ final class StormRun: @unchecked Sendable {
             perPage: pages)
     }
 
+    /// The storm under a deterministic scheduler: the workers and the watchdog
+    /// are its emulated threads; the stall window is virtual time.
+    func deterministicStorm(schedule: DeterministicScheduler.Configuration?) -> StormResult {
+        var config = schedule ?? DeterministicScheduler.Configuration(seed: settings.seed)
+        if schedule == nil { config.preemptions = settings.preemptions }
+        config.hostTimeoutSeconds = max(config.hostTimeoutSeconds, settings.joinTimeoutSeconds)
+        let scheduler = DeterministicScheduler(config)
+        self.scheduler = scheduler
+        let calls0 = totalCalls, retries0 = totalRetries
+        let stallNanos = UInt64(settings.stallSeconds * 1e9)
+        let hostStart = HostClock.hostNanos()
+        for i in 0..<workers {
+            scheduler.spawn(i < accessors ? "cpu\(i)" : "gpu") { [self] in worker(i) }
+        }
+        let watch = LockedValue<(stall: StallReport?, start: UInt64, end: UInt64)>((nil, 0, 0))
+        scheduler.spawn("watchdog", observer: true) { [self] in
+            let start = HostClock.nanos()
+            var lastDone = 0, lastChange = start
+            var stall: StallReport? = nil
+            while exited.load(ordering: .acquiring) < workers && !stop.load(ordering: .relaxed) {
+                HostClock.sleep(nanos: 2_000_000)
+                let now = HostClock.nanos()
+                let done = pagesDone.load(ordering: .acquiring)
+                if done != lastDone {
+                    lastDone = done
+                    lastChange = now
+                }
+                if done < settings.pages && now - lastChange >= stallNanos {
+                    stall = sampleStall(page: done, quietNanos: now - lastChange, calls0: calls0)
+                    abort()
+                    break
+                }
+            }
+            let end = exited.load(ordering: .acquiring) == workers ? lastExitNanos : HostClock.nanos()
+            watch.withLock { $0 = (stall, start, end) }
+        }
+        let outcome = scheduler.run()
+        let hostEnd = HostClock.hostNanos()
+        let (stall, vStart, vEnd) = watch.withLock { $0 }
+        var deadlock: String? = nil
+        var issues: [String] = []
+        var dataIntact = false
+        switch outcome {
+        case .completed:
+            issues = teardownIssues(threadsLeft: exited.load(ordering: .acquiring))
+            if issues.isEmpty || exited.load(ordering: .acquiring) == workers {
+                let (intact, problems) = verifyChecksums()
+                dataIntact = intact
+                issues += problems
+            }
+        case .deadlock(let report):
+            deadlock = report.description
+            issues = ["deadlock: \(report.description)"]
+        case .hostTimeout:
+            issues = ["the deterministic run took more than \(config.hostTimeoutSeconds) s of host time"]
+        }
+        let pages = records.withLock { $0 }
+        let calls = StormDistribution(pages.map(\.migrateToRAMCalls))
+        var result = StormResult(
+            settings: settings,
+            pagesMigrated: pages.count,
+            livelocked: stall != nil,
+            stalledPage: stall?.page,
+            stall: stall,
+            migrateToRAMCalls: CallStats(total: totalCalls - calls0, perPageMean: calls.mean, perPageP50: calls.p50,
+                                         perPageP99: calls.p99, perPageMax: calls.max),
+            faultRetries: totalRetries - retries0,
+            faultRetriesPerPage: StormDistribution(pages.map(\.faultRetries)),
+            pageMicros: StormDistribution(pages.map { Double($0.nanos) / 1000 }),
+            deviceMigrations: deviceMigrations.load(ordering: .relaxed),
+            seconds: Double(hostEnd - hostStart) / 1e9,
+            teardownClean: issues.isEmpty,
+            teardownIssues: issues,
+            dataIntact: dataIntact,
+            error: firstError.withLock { $0 },
+            perPage: pages)
+        result.virtualSeconds = vEnd >= vStart ? Double(vEnd - vStart) / 1e9 : 0
+        result.scheduleSteps = scheduler.steps
+        result.deadlock = deadlock
+        result.scheduleLog = scheduler.stepLog
+        return result
+    }
+
     /// Checksums of `basePages` 4 KiB pages from `base`, read through the CPU
     /// access path (no fault expected: the pages were just written).
     static func checksums(_ mm: AddressSpace, _ base: UInt64, basePages: Int) throws(Errno) -> [UInt64] {
@@ -481,7 +581,8 @@ extension StallReport {
     /// The stall in one or two sentences.
     static func describe(_ r: StallReport) -> String {
         var s = "page \(r.page) (0x\(String(r.address, radix: 16)), \(r.entryKind)) made no progress for "
-            + String(format: "%.1f s", r.secondsWithoutProgress)
+            + (r.secondsWithoutProgress < 1 ? String(format: "%.1f ms", r.secondsWithoutProgress * 1000)
+                : String(format: "%.1f s", r.secondsWithoutProgress))
             + " after \(r.migrateToRAMCallsOnPage) migrateToRAM calls and \(r.faultRetriesOnPage) fault retries on it; "
             + "\(r.threadsAccessing) thread(s) faulting on it"
         if r.threadsAtBarrier > 0 { s += ", \(r.threadsAtBarrier) done and waiting at the barrier" }

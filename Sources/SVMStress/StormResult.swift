@@ -125,11 +125,22 @@ public struct StormResult: Sendable, Codable, Equatable {
     public var error: String?
     /// Per completed page, in order (may be emptied before printing).
     public var perPage: [PageRecord]
+    /// Virtual seconds the deterministic storm took (nil for real threads);
+    /// `seconds` stays the host's wall time.
+    public var virtualSeconds: Double? = nil
+    /// Scheduling points of the deterministic storm (nil for real threads).
+    public var scheduleSteps: UInt64? = nil
+    /// The deterministic scheduler found no thread able to run: the wait-for picture.
+    public var deadlock: String? = nil
+    /// The deterministic scheduler's step log (its `logSteps` last steps);
+    /// not part of the JSON.
+    public var scheduleLog: [DeterministicScheduler.Step] = []
 
     enum CodingKeys: String, CodingKey {
         case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, migrateToRAMLookupMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
+        case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock
     }
 
     public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
@@ -168,6 +179,8 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(settings.seed, forKey: .seed)
         try c.encode(settings.stallSeconds, forKey: .stallSeconds)
         try c.encode(settings.joinTimeoutSeconds, forKey: .joinTimeoutSeconds)
+        try c.encode(settings.deterministic, forKey: .deterministic)
+        try c.encode(settings.deterministic ? settings.cpus : nil, forKey: .cpus)
         try c.encode(pagesMigrated, forKey: .pagesMigrated)
         try c.encode(livelocked, forKey: .livelocked)
         try c.encode(stalledPage, forKey: .stalledPage)
@@ -183,6 +196,9 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(dataIntact, forKey: .dataIntact)
         try c.encode(error, forKey: .error)
         try c.encode(perPage, forKey: .perPage)
+        try c.encode(virtualSeconds, forKey: .virtualSeconds)
+        try c.encode(scheduleSteps, forKey: .scheduleSteps)
+        try c.encode(deadlock, forKey: .deadlock)
     }
 
     public init(from decoder: any Decoder) throws {
@@ -199,7 +215,12 @@ public struct StormResult: Sendable, Codable, Equatable {
         s.seed = try c.decode(UInt64.self, forKey: .seed)
         s.stallSeconds = try c.decode(Double.self, forKey: .stallSeconds)
         s.joinTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .joinTimeoutSeconds) ?? s.joinTimeoutSeconds
+        s.deterministic = try c.decodeIfPresent(Bool.self, forKey: .deterministic) ?? false
+        s.cpus = try c.decodeIfPresent(Int.self, forKey: .cpus) ?? s.cpus
         settings = s
+        virtualSeconds = try c.decodeIfPresent(Double.self, forKey: .virtualSeconds)
+        scheduleSteps = try c.decodeIfPresent(UInt64.self, forKey: .scheduleSteps)
+        deadlock = try c.decodeIfPresent(String.self, forKey: .deadlock)
         pagesMigrated = try c.decode(Int.self, forKey: .pagesMigrated)
         livelocked = try c.decode(Bool.self, forKey: .livelocked)
         stalledPage = try c.decodeIfPresent(Int.self, forKey: .stalledPage)

@@ -62,6 +62,15 @@ public struct StormSettings: Sendable, Codable, Equatable {
     public var stallSeconds: Double = 2
     /// The longest teardown waits for the threads to leave after a stop.
     public var joinTimeoutSeconds: Double = 10
+    /// Run the storm's threads under a ``DeterministicScheduler`` seeded with
+    /// `seed`: one at a time, in virtual time, the same run for the same seed
+    /// on any host. The stall window is then virtual time too.
+    public var deterministic = false
+    /// The emulated CPUs of the machine (`KernelConfiguration.cpus`) in a
+    /// deterministic storm; real-thread storms keep the kernel's default.
+    public var cpus = 8
+    /// Seeded preemption points of a deterministic storm (PCT's depth).
+    public var preemptions = 3
 
     public init() {}
 
@@ -97,6 +106,15 @@ public struct StormSettings: Sendable, Codable, Equatable {
             throw .invalidSettings("stall window must be > 0 and at most 3600 s (got \(stallSeconds))")
         }
         guard joinTimeoutSeconds > 0 else { throw .invalidSettings("join timeout must be > 0") }
+        guard (1...64).contains(cpus) else { throw .invalidSettings("cpus must be 1...64 (got \(cpus))") }
+        let cpuThreads = threads + (scenario == .pingPong ? 1 : 0)
+        if deterministic && cpuThreads > cpus {
+            // A thread beyond the CPUs waits for one that no storm thread gives back before the end.
+            throw .invalidSettings("cpus must be at least the storm's \(cpuThreads) threads in a deterministic storm (got \(cpus))")
+        }
+        guard (0...1000).contains(preemptions) else {
+            throw .invalidSettings("preemptions must be 0...1000 (got \(preemptions))")
+        }
         if scenario == .twoDevices && threads < 2 {
             throw .invalidSettings("the two-devices storm needs at least 2 threads (one per device)")
         }

@@ -91,31 +91,108 @@ static inline void svm_cpu_relax(void) {
 #endif
 }
 
+// ---- deterministic scheduling hooks ----
+// While a deterministic scheduler runs (SVMEmu/Schedule/DeterministicScheduler)
+// svm_det_active() is true and every futex wait and wake, and every acquire and
+// release of the futex mutex, goes through the scheduler's hooks first. A hook
+// returns a negative value when the calling thread is not one of its emulated
+// threads; the caller then does what it does without a scheduler. Without a
+// scheduler each hook site costs one load and one predictable branch.
+typedef int (*svm_det_wait_fn)(uint32_t *word, uint32_t expected, uint64_t timeout_ns);
+typedef int (*svm_det_wake_fn)(uint32_t *word, int count);
+// event: SVM_DET_BEFORE_ACQUIRE, SVM_DET_ACQUIRED, SVM_DET_RELEASED.
+typedef void (*svm_det_lock_fn)(const void *lock, int event);
+enum { SVM_DET_BEFORE_ACQUIRE = 0, SVM_DET_ACQUIRED = 1, SVM_DET_RELEASED = 2 };
+extern uint32_t svm_det_active_count;
+extern svm_det_wait_fn svm_det_wait_hook;
+extern svm_det_wake_fn svm_det_wake_hook;
+extern svm_det_lock_fn svm_det_lock_hook;
+// Installs the hooks (once, before the first activation).
+void svm_det_install(svm_det_wait_fn wait, svm_det_wake_fn wake, svm_det_lock_fn lock);
+// One more (delta 1) or one fewer (delta -1) scheduler running.
+void svm_det_activate(int delta);
+static inline bool svm_det_active(void) {
+    return __builtin_expect(__atomic_load_n(&svm_det_active_count, __ATOMIC_RELAXED) != 0, 0);
+}
+// The calling thread's emulated-thread record (an unretained object), or NULL.
+void *svm_det_current(void);
+void svm_det_set_current(void *thread);
+// Runs the thread-exit work now (gives back the emulated CPU and the host slot),
+// so that an emulated thread does it while it holds the scheduler's baton.
+void svm_thread_exit_now(void);
+// Lock-order validation (SVMEmu/Schedule/LockOrder): on while the count is
+// non-zero; each classed lock's acquire and release then reports to it.
+extern uint32_t svm_lockdep_count;
+static inline bool svm_lockdep_enabled(void) {
+    return __builtin_expect(__atomic_load_n(&svm_lockdep_count, __ATOMIC_RELAXED) != 0, 0);
+}
+void svm_lockdep_enable(int delta);
+// The calling thread's held-lock stack (an unretained object), or NULL.
+void *svm_lockdep_thread(void);
+void svm_lockdep_set_thread(void *stack);
+static inline void svm_det_lock_event(const void *lock, int event) {
+    if (svm_det_active()) svm_det_lock_hook(lock, event);
+}
+
 // ---- futex ----
 // Sleep while *word == expected, at most timeout_ns (0 = no limit). Returns 0 when
 // woken (or spuriously), ETIMEDOUT when the time ran out, EAGAIN when *word had
-// already changed.
+// already changed. Under a deterministic scheduler an emulated thread's wait and
+// wake are the scheduler's (virtual time; a timeout is virtual too).
+static inline int svm_futex_wait_raw(uint32_t *word, uint32_t expected, uint64_t timeout_ns);
+static inline int svm_futex_wake_raw(uint32_t *word, int count);
 static inline int svm_futex_wait(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
+    if (svm_det_active()) {
+        int r = svm_det_wait_hook(word, expected, timeout_ns);
+        if (r >= 0) return r;
+    }
+    return svm_futex_wait_raw(word, expected, timeout_ns);
+}
+static inline int svm_futex_wake(uint32_t *word, int count) {
+    if (svm_det_active()) {
+        int r = svm_det_wake_hook(word, count);
+        if (r >= 0) return r;
+    }
+    return svm_futex_wake_raw(word, count);
+}
+// The host's futex, never the scheduler's (the scheduler's own baton hand-off).
+static inline int svm_futex_wait_raw(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
     struct timespec ts, *tsp = NULL;
     if (timeout_ns) { ts.tv_sec = (time_t)(timeout_ns / 1000000000ull); ts.tv_nsec = (long)(timeout_ns % 1000000000ull); tsp = &ts; }
     long r = syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, expected, tsp, NULL, 0);
     return r == 0 ? 0 : errno;
 }
-static inline int svm_futex_wake(uint32_t *word, int count) {
+static inline int svm_futex_wake_raw(uint32_t *word, int count) {
     return (int)syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, count, NULL, NULL, 0);
 }
 
 // ---- three-state futex mutex: 0 free, 1 locked, 2 locked with waiters ----
 // Used for split page-table locks, PMD locks and zone locks: a word of raw memory
 // each, 2-3 ns uncontended, a failed trylock is one CAS (no system call).
+// Under a deterministic scheduler acquire and release are scheduling points and
+// the scheduler records the holder (for deadlock reports); no spinning then.
 static inline bool svm_mutex_trylock(uint32_t *m) {
+    svm_det_lock_event(m, SVM_DET_BEFORE_ACQUIRE);
     uint32_t e = 0;
     bool taken = __atomic_compare_exchange_n(m, &e, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
-    if (taken) svm_tsan_acquire(m);
+    if (taken) { svm_tsan_acquire(m); svm_det_lock_event(m, SVM_DET_ACQUIRED); }
     return taken;
 }
 static inline void svm_mutex_lock(uint32_t *m) {
     uint32_t c = 0;
+    if (svm_det_active()) {
+        svm_det_lock_hook(m, SVM_DET_BEFORE_ACQUIRE);
+        if (!__atomic_compare_exchange_n(m, &c, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+            c = __atomic_exchange_n(m, 2, __ATOMIC_ACQUIRE);
+            while (c != 0) {
+                svm_futex_wait(m, 2, 0);
+                c = __atomic_exchange_n(m, 2, __ATOMIC_ACQUIRE);
+            }
+        }
+        svm_tsan_acquire(m);
+        svm_det_lock_hook(m, SVM_DET_ACQUIRED);
+        return;
+    }
     if (__atomic_compare_exchange_n(m, &c, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) { svm_tsan_acquire(m); return; }
     for (int spin = 0; spin < 64; spin++) {
         svm_cpu_relax();
@@ -133,6 +210,7 @@ static inline void svm_mutex_lock(uint32_t *m) {
 static inline void svm_mutex_unlock(uint32_t *m) {
     svm_tsan_release(m);
     if (__atomic_exchange_n(m, 0, __ATOMIC_RELEASE) == 2) svm_futex_wake(m, 1);
+    svm_det_lock_event(m, SVM_DET_RELEASED);
 }
 static inline bool svm_mutex_is_locked(const uint32_t *m) { return __atomic_load_n(m, __ATOMIC_RELAXED) != 0; }
 

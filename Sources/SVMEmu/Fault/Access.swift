@@ -65,9 +65,10 @@ extension AddressSpace {
     @inlinable @inline(__always)
     public func withPageBytes<R>(at address: UInt64, write: Bool, faultLimit: Int,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
-        // The fast path: this thread has its CPU, the entry is in the TLB.
+        // The fast path: this thread has its CPU, the entry is in the TLB (and
+        // no deterministic scheduler runs: its accesses are scheduling points).
         let i = Int(svm_bound_cpu(cpuAccess.owner))
-        if _fastPath(i >= 0 && covers(address) && !cpuAccess.checksStaleEntries) {
+        if _fastPath(i >= 0 && covers(address) && !cpuAccess.checksStaleEntries && !svm_det_active()) {
             let cpu = CPU(index: i, words: cpuAccess.words + i &* CPUWord.stride, tlb: cpuAccess.tlbs + i &* TLB.entriesPerCPU)
             cpu.beginAccess(self)
             if let hit = cpu.lookup(address, write: write) {
@@ -91,6 +92,7 @@ extension AddressSpace {
         let cpu = cpuAccess.current(self)
         var faults = 0
         while true {
+            if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(\.access, "access") }
             cpu.beginAccess(self)
             var bytes: UnsafeMutableRawPointer? = nil
             if let hit = cpu.lookup(address, write: write) {
@@ -110,6 +112,7 @@ extension AddressSpace {
             cpu.endAccess(self)
             if faults >= faultLimit { return nil }
             faults += 1
+            if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(\.fault, "fault") }
             try handleMMFault(address, write: write)
         }
     }

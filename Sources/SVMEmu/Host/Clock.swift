@@ -6,15 +6,31 @@ public enum HostClock {
     /// Nanoseconds on the host's monotonic clock (an arbitrary origin; never
     /// steps back).
     ///
+    /// On an emulated thread of a ``DeterministicScheduler`` this is the
+    /// thread's virtual clock instead.
+    ///
     /// The corresponding C function is `clock_gettime(CLOCK_MONOTONIC)`.
-    public static func nanos() -> UInt64 { system_clock_monotonic_nanos() }
+    public static func nanos() -> UInt64 {
+        if _slowPath(svm_det_active()), let v = DeterministicScheduler.virtualNanos() { return v }
+        return system_clock_monotonic_nanos()
+    }
+
+    /// Nanoseconds on the host's monotonic clock, virtual time or not: for
+    /// host wall times and for bounding host waits.
+    ///
+    /// The corresponding C function is `clock_gettime(CLOCK_MONOTONIC)`.
+    public static func hostNanos() -> UInt64 { system_clock_monotonic_nanos() }
 
     /// Sleeps at least `nanos` nanoseconds: a signal that interrupts the sleep
     /// does not shorten it.
     ///
+    /// On an emulated thread of a ``DeterministicScheduler`` the thread's
+    /// virtual clock advances by `nanos` instead (a scheduling point).
+    ///
     /// The corresponding C function is `nanosleep`, retried on `EINTR` with
     /// the time left.
     public static func sleep(nanos: UInt64) {
+        if _slowPath(svm_det_active()), DeterministicScheduler.sleep(nanos: nanos) { return }
         system_nanosleep_retrying(timespec(tv_sec: Int(nanos / 1_000_000_000), tv_nsec: Int(nanos % 1_000_000_000)))
     }
 

@@ -261,8 +261,24 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_trylock()`.
     @inlinable public func tryLock() -> Bool {
+        let taken = tryLockBit()
+        if taken && _slowPath(svm_lockdep_enabled()) {
+            LockOrder.acquired(meta.flagsWord, Folio.lockClass, site: "folio_trylock()")
+        }
+        return taken
+    }
+
+    /// The lock-order class of every folio lock.
+    @usableFromInline static let lockClass = "folio lock"
+
+    /// The trylock itself, without lock-order validation.
+    @inlinable func tryLockBit() -> Bool {
+        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_BEFORE_ACQUIRE))
         let taken = (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
-        if taken { svm_tsan_acquire(meta.flagsWord) }
+        if taken {
+            svm_tsan_acquire(meta.flagsWord)
+            svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED))
+        }
         return taken
     }
 
@@ -272,15 +288,25 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// it sleeps) and no page-table lock, and must not already hold this
     /// folio's lock (it is not recursive: that would wait forever).
     ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///
     /// The corresponding kernel function is `folio_lock()`.
-    public func lock() {
-        if tryLock() { return }
+    public func lock(file: StaticString = #fileID, line: UInt = #line) {
+        var site: String? = nil
+        if _slowPath(svm_lockdep_enabled()) {
+            site = LockOrder.site(file, line)
+            LockOrder.acquiring(Folio.lockClass, site: site!)
+        }
+        defer { if let site { LockOrder.acquired(meta.flagsWord, Folio.lockClass, site: site) } }
+        if tryLockBit() { return }
         kernel.vmstat.count(.folioLockWaits)
         let w = meta.flagsWord
         while true {
             let old = svm_load32(w)
             if old & PageFlags.locked.rawValue == 0 {
-                if tryLock() { return }
+                if tryLockBit() { return }
                 continue
             }
             var expected = old
@@ -297,12 +323,14 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_unlock()`.
     @inlinable public func unlock() {
+        if _slowPath(svm_lockdep_enabled()) { LockOrder.released(meta.flagsWord) }
         svm_tsan_release(meta.flagsWord)
         let old = meta.atomicFlags.bitwiseAnd(~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue), ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.locked.rawValue == 0 {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
         }
         if old & PageFlags.waiters.rawValue != 0 { _ = svm_futex_wake(meta.flagsWord, Int32.max) }
+        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED))
     }
 
     /// Whether some thread holds the folio lock: a snapshot.

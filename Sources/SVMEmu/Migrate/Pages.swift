@@ -21,7 +21,7 @@ extension Kernel {
     /// driver hands to the migration), LOCKED, and already holds the source's
     /// bytes: device pages come locked from
     /// ``Kernel/zoneDevicePageInit(_:order:)``, system folios need
-    /// ``Folio/lock()``. A compound source wants a compound destination (the
+    /// ``Folio/lock(file:line:)``. A compound source wants a compound destination (the
     /// head of a 2 MiB folio with ``MigratePFN/compoundBit``) or 512 small
     /// ones; a small source wants a small one. The destination's WRITE bit is
     /// ignored: write permission comes from the migration entry, or from

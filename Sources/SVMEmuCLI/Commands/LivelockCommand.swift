@@ -24,14 +24,20 @@ struct LivelockCommand: ParsableCommand {
             migrateToRAMCalls {total, perPageMean, perPageP50, perPageP99, perPageMax}, \
             faultRetries, seconds, teardownClean, dataIntact, and more.
 
+            --deterministic runs the storm's threads under the emulator's scheduler on --cpus \
+            emulated CPUs, one at a time in virtual time, the schedule seeded by --seed: the same \
+            seed gives byte-identical JSON but for the host's wall time (seconds), on any host \
+            and under any load; --stall-seconds is then virtual time. The JSON adds \
+            deterministic, cpus, virtualSeconds, scheduleSteps and deadlock.
+
             Exit status: 0 the storm ran and its result is printed, a livelock included; 2 with \
             --fail-on-livelock, the watchdog declared a livelock; 1 the storm could not run or \
             failed its checks (a thread's access failed, teardown not clean, bytes changed; 1 wins \
             over 2), or the host has too little memory for it; 64 an invalid argument.
             """)
 
-    @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
-    var scenario = "readers"
+    @OptionGroup var knobs: StormScenarioOptions
+    var pageSize: String { knobs.pageSize }
 
     /// 512 pages, a 2 s stall window, no lookup time.
     enum StormDefaults: StormOptionDefaults {
@@ -42,20 +48,10 @@ struct LivelockCommand: ParsableCommand {
 
     @OptionGroup var storm: StormOptions<StormDefaults>
 
-    @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.")
-    var faultPolicy = "legacy"
+    @Flag(name: .long, help: "Run the storm's threads under the deterministic scheduler (one at a time, in virtual time, the schedule seeded by --seed): the same seed gives the same run on any host.")
+    var deterministic = false
 
-    @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
-    var driverLock = "exclusive"
-
-    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its DMA copy (after the copy, before migrate_vma_pages; only a call that copied waits), holding its lock and the page reference.")
-    var faultDelayUs = 50
-
-    @Option(name: .long, help: "Page size: 4k or 2m.")
-    var pageSize = "4k"
-
-    @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with (0 to 2^64-1).")
-    var seed: UInt64 = 1
+    @OptionGroup var schedule: ScheduleOptions
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
@@ -68,6 +64,9 @@ struct LivelockCommand: ParsableCommand {
     var failOnLivelock = false
 
     func validate() throws {
+        if schedule.given && !deterministic {
+            throw ValidationError("--cpus and --preemptions need --deterministic (real-thread storms use the kernel's default CPUs)")
+        }
         _ = try settings()
         if perPage && !json {
             throw ValidationError("--per-page needs --json: the per-page records are printed only in the JSON "
@@ -78,17 +77,9 @@ struct LivelockCommand: ParsableCommand {
     /// The storm settings, or a message naming the valid values.
     func settings() throws -> StormSettings {
         var s = StormSettings()
-        s.scenario = try Self.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
-        s.faultPolicy = try Self.parse(faultPolicy, "--fault-policy", DeviceFaultPolicy.allCases.map(\.rawValue)) {
-            DeviceFaultPolicy(rawValue: $0 == "trylockwait" || $0 == "trylock_wait" ? "trylock-wait" : $0)
-        }
-        s.driverLock = try Self.parse(driverLock, "--driver-lock", DriverLockMode.allCases.map(\.rawValue)) { DriverLockMode(rawValue: $0) }
-        s.pageSize = try Self.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
-            switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
-        }
+        try knobs.apply(to: &s)
         storm.apply(to: &s)
-        s.migrateToRAMWorkMicros = faultDelayUs
-        s.seed = seed
+        if deterministic { schedule.apply(to: &s) }
         do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
         return s
     }
@@ -107,6 +98,8 @@ struct LivelockCommand: ParsableCommand {
             .replacingOccurrences(of: "migrateToRAM work must", with: "--fault-delay-us must")
             .replacingOccurrences(of: "migrateToRAM lookup time must", with: "--lookup-delay-us must")
             .replacingOccurrences(of: "stall window must", with: "--stall-seconds must")
+            .replacingOccurrences(of: "cpus must", with: "--cpus must")
+            .replacingOccurrences(of: "preemptions must", with: "--preemptions must")
     }
 
     /// Host memory a storm touches: RAM and VRAM frames for its pages with

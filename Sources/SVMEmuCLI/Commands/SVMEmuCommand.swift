@@ -16,11 +16,12 @@ public struct SVMEmuCommand: ParsableCommand {
         Exit status (every command): 0 the command ran and printed its results; 1 it could \
         not run or its run failed (an output path that cannot be written, too little memory, \
         a failed check); 2 only from `svmemu livelock --fail-on-livelock`, a livelock was \
-        detected; 64 an invalid argument.
+        detected; 3 only from `svmemu explore`, a schedule found a problem; 64 an invalid argument.
         """,
         version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
-                      BenchCommand.self, DevicesCommand.self, NumaCommand.self])
+                      BenchCommand.self, DevicesCommand.self, NumaCommand.self,
+                      ExploreCommand.self, ReplayCommand.self, SoakCommand.self])
 }
 
 struct BenchCommand: ParsableCommand {

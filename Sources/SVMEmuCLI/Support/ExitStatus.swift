@@ -22,6 +22,8 @@ public enum ExitStatus {
     public static let success = ExitCode.success
     public static let failure = ExitCode.failure
     public static let livelockDetected = ExitCode(2)
+    /// `svmemu explore` found a livelock, deadlock, lost write, leak or invariant violation.
+    public static let found = ExitCode(3)
     public static let usage = ExitCode.validationFailure
 
     /// The paragraph the commands' help ends with.

@@ -1,6 +1,8 @@
 // Option groups that several commands share: one declaration, one help text
 // and one check each.
 import ArgumentParser
+import MirrorDriver
+import SVMEmu
 import SVMStress
 
 /// `--json`: one JSON object on standard output instead of the tables, in
@@ -50,5 +52,61 @@ struct StormOptions<Defaults: StormOptionDefaults>: ParsableArguments {
         s.pages = pages
         s.stallSeconds = stallSeconds
         s.migrateToRAMLookupMicros = lookupDelayUs
+    }
+}
+
+/// The scenario knobs of a storm that `livelock`, `explore` and `replay`
+/// share: which storm, which fault path, which driver lock, the DMA wait, the
+/// page size and the seed.
+struct StormScenarioOptions: ParsableArguments {
+    @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
+    var scenario = "readers"
+
+    @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.")
+    var faultPolicy = "legacy"
+
+    @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
+    var driverLock = "exclusive"
+
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its DMA copy (after the copy, before migrate_vma_pages; only a call that copied waits), holding its lock and the page reference.")
+    var faultDelayUs = 50
+
+    @Option(name: .long, help: "Page size: 4k or 2m.")
+    var pageSize = "4k"
+
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with and, with --deterministic, of the schedule (0 to 2^64-1).")
+    var seed: UInt64 = 1
+
+    /// Sets the scenario, fault path, driver lock, DMA wait, page size and seed.
+    func apply(to s: inout StormSettings) throws {
+        s.scenario = try LivelockCommand.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
+        s.faultPolicy = try LivelockCommand.parse(faultPolicy, "--fault-policy", DeviceFaultPolicy.allCases.map(\.rawValue)) {
+            DeviceFaultPolicy(rawValue: $0 == "trylockwait" || $0 == "trylock_wait" ? "trylock-wait" : $0)
+        }
+        s.driverLock = try LivelockCommand.parse(driverLock, "--driver-lock", DriverLockMode.allCases.map(\.rawValue)) { DriverLockMode(rawValue: $0) }
+        s.pageSize = try LivelockCommand.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
+            switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
+        }
+        s.migrateToRAMWorkMicros = faultDelayUs
+        s.seed = seed
+    }
+}
+
+/// `--cpus` and `--preemptions` of a storm under the deterministic scheduler.
+struct ScheduleOptions: ParsableArguments {
+    @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs of the machine in a deterministic run (1-64, default 8), independent of the host's cores.")
+    var cpus: Int?
+
+    @Option(name: .long, parsing: .unconditional, help: "Seeded preemption points of a deterministic schedule (0-1000, default 3; PCT's depth).")
+    var preemptions: Int?
+
+    /// Whether either was given.
+    var given: Bool { cpus != nil || preemptions != nil }
+
+    /// Sets the CPUs and preemption points and turns the deterministic scheduler on.
+    func apply(to s: inout StormSettings) {
+        s.deterministic = true
+        if let cpus { s.cpus = cpus }
+        if let preemptions { s.preemptions = preemptions }
     }
 }

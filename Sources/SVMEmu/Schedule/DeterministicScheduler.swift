@@ -1,0 +1,490 @@
+import CSVMSupport
+
+/// A deterministic scheduler: emulated threads (real host threads, but only
+/// one of them runs at a time) that switch only at the scheduling points the
+/// emulated kernel defines, in virtual time, chosen by a seeded generator.
+///
+/// Scheduling points: acquire and release of every futex-mutex kernel lock
+/// (page-table, PMD, zone locks, ``KernelMutex``, ``KernelRWSemaphore``), the
+/// folio lock (trylock, lock, unlock), every futex wait and wake (the folio
+/// lock's and writeback's sleeps, the CPU-slot wait, notifier waits), the start
+/// of each CPU access, the entry of each fault, ``HostThread/yield()`` and
+/// ``HostClock/sleep(nanos:)``. A blocking wait makes the thread not runnable
+/// until a wake on its word (or its virtual timeout); a sleep advances its
+/// clock instead of sleeping.
+///
+/// Virtual time: each thread has a clock, advanced at every scheduling point by
+/// the cost table (``VirtualCosts``) and by modelled delays. The scheduler runs
+/// the runnable thread whose clock is lowest (a thread keeps running while it
+/// is less than `quantumNanos` ahead of the next one), so N threads run "in
+/// parallel" in virtual time on any number of host cores. Ties go to the
+/// thread with the higher priority; priorities are drawn from the seed, and at
+/// up to `preemptions` seeded steps the running thread is preempted (its clock
+/// set back by a seeded delay, its priority made the lowest), as PCT bounds its
+/// priority-change points. Costs carry a seeded jitter. Same seed, same
+/// program: the same schedule, step by step.
+///
+/// While a scheduler runs, ``HostClock/nanos()`` on an emulated thread reads
+/// that thread's virtual clock. Every thread that touches the machine the
+/// emulated threads use must be one of them: a host thread outside the
+/// scheduler that takes one of their locks, or wakes one of them, is not seen.
+///
+/// Lock-order validation (``LockOrder``) is on while a scheduler runs.
+///
+/// When no thread can run and some wait indefinitely (observer threads, such
+/// as a watchdog, do not count), the run ends with ``Outcome/deadlock(_:)`` and
+/// the wait-for cycle; the deadlocked host threads stay parked for the life of
+/// the process (they hold the locks of the deadlock, so nothing can release
+/// them).
+public final class DeterministicScheduler: @unchecked Sendable {
+
+    /// How a run schedules its threads.
+    public struct Configuration: Sendable {
+        /// The seed: priorities, preemption steps, delays and cost jitter.
+        public var seed: UInt64
+        /// How many seeded preemption points a run has at most (PCT's depth).
+        public var preemptions: Int = 3
+        /// The preemption points fall within the first this many steps.
+        public var preemptionHorizon: UInt64 = 100_000
+        /// The longest virtual delay of a preemption, in nanoseconds.
+        public var maxPreemptionNanos: UInt64 = 20_000
+        /// A thread keeps running while its clock is at most this far ahead of
+        /// the next runnable thread's (fewer host switches; 0: strict order).
+        public var quantumNanos: UInt64 = 0
+        /// Each cost varies by up to this percentage either way, from the seed.
+        public var jitterPercent: UInt64 = 10
+        /// The cost of each kind of scheduling point.
+        public var costs: VirtualCosts = .measured
+        /// Steps kept for ``stepLog`` (the last ones; 0: none).
+        public var logSteps: Int = 0
+        /// The host wall time a run may take before it is abandoned
+        /// (``Outcome/hostTimeout``), in seconds.
+        public var hostTimeoutSeconds: Double = 600
+
+        /// A configuration with `seed` and the defaults.
+        public init(seed: UInt64) { self.seed = seed }
+    }
+
+    /// How a run ended.
+    public enum Outcome: Sendable, Equatable {
+        /// Every thread returned.
+        case completed
+        /// No thread could run and some waited for ever: the wait-for picture.
+        case deadlock(DeadlockReport)
+        /// The run took longer than `hostTimeoutSeconds` of host time.
+        case hostTimeout
+    }
+
+    /// One scheduling decision of the step log.
+    public struct Step: Sendable, Equatable, CustomStringConvertible {
+        /// The step number (scheduling points since the run started).
+        public let step: UInt64
+        /// The thread that runs after this point.
+        public let thread: String
+        /// That thread's virtual clock, in nanoseconds.
+        public let clock: UInt64
+        /// What the previous thread did at this point.
+        public let event: String
+        public var description: String { "step \(step): \(event) -> \(thread) at \(clock) ns" }
+    }
+
+    let configuration: Configuration
+    var threads: [EmulatedThread] = []
+    var rng: SchedulePRNG
+    var step: UInt64 = 0
+    var preemptSteps: [UInt64] = []
+    var lowestPriority: Int = 0
+    var blockSequence: UInt64 = 0
+    /// Lock word -> index of the thread that took it (for wait-for cycles).
+    var owners: [UnsafeRawPointer: Int] = [:]
+    var lockNames: [UnsafeRawPointer: String] = [:]
+    var log: [Step] = []
+    var outcome: Outcome = .completed
+    let doneWord: UnsafeMutablePointer<UInt32>
+    var started = false
+
+    /// A scheduler for one run.
+    public init(_ configuration: Configuration) {
+        self.configuration = configuration
+        rng = SchedulePRNG(seed: configuration.seed)
+        doneWord = .allocate(capacity: 1)
+        doneWord.initialize(to: 0)
+        DeterministicScheduler.installHooks
+    }
+
+    deinit { doneWord.deallocate() }
+
+    /// Adds an emulated thread that runs `body` once ``run()`` starts.
+    ///
+    /// - Parameters:
+    ///   - name: the thread's name in the step log and in deadlock reports.
+    ///   - observer: a thread that only watches (a watchdog): it does not keep
+    ///     the others from being reported as deadlocked.
+    ///   - body: what the thread does.
+    public func spawn(_ name: String, observer: Bool = false, _ body: @escaping @Sendable () -> Void) {
+        if started { contractViolation("DeterministicScheduler.spawn: the run has started") }
+        let t = EmulatedThread(scheduler: self, index: threads.count, name: name, observer: observer, body: body)
+        t.priority = Int(rng.next() % 1_000_000) + 1
+        threads.append(t)
+    }
+
+    /// Names a lock for deadlock reports (by default a lock is named by its address).
+    public func name(_ lock: UnsafeRawPointer, _ name: String) { lockNames[lock] = name }
+
+    /// Runs every spawned thread to its end under the scheduler and returns
+    /// how the run ended. Blocks the caller (which is not an emulated thread)
+    /// until then, at most `hostTimeoutSeconds`.
+    public func run() -> Outcome {
+        if started { contractViolation("DeterministicScheduler.run: a scheduler runs once") }
+        started = true
+        guard !threads.isEmpty else { return .completed }
+        for _ in 0..<configuration.preemptions where configuration.preemptionHorizon > 0 {
+            preemptSteps.append(rng.next() % configuration.preemptionHorizon)
+        }
+        preemptSteps.sort()
+        svm_det_activate(1)
+        LockOrder.enable()
+        defer {
+            LockOrder.disable()
+            svm_det_activate(-1)
+        }
+        var handles: [HostThreadHandle] = []
+        for t in threads {
+            guard let h = HostThreadHandle.spawn({ t.main() }) else {
+                contractViolation("DeterministicScheduler: the host refused a thread")
+            }
+            handles.append(h)
+        }
+        let first = pick(from: nil)!
+        first.giveBaton()
+        let deadline = HostClock.hostNanos() &+ UInt64(configuration.hostTimeoutSeconds * 1e9)
+        while svm_load32(doneWord) == 0 {
+            let now = HostClock.hostNanos()
+            if now >= deadline { outcome = .hostTimeout; break }
+            _ = svm_futex_wait_raw(doneWord, 0, min(deadline - now, 100_000_000))
+        }
+        if case .completed = outcome { for h in handles { h.join() } } else { for h in handles { h.detach() } }
+        return outcome
+    }
+
+    /// The last steps of the run (``Configuration/logSteps`` of them).
+    public var stepLog: [Step] { log }
+
+    /// Scheduling points taken so far.
+    public var steps: UInt64 { step }
+
+    /// The emulated thread the caller runs on, or nil.
+    @usableFromInline static var current: EmulatedThread? {
+        guard let raw = svm_det_current() else { return nil }
+        return Unmanaged<EmulatedThread>.fromOpaque(raw).takeUnretainedValue()
+    }
+
+    // MARK: scheduling
+
+    /// A scheduling point of the running thread `me`, costing `cost` ns.
+    func point(_ me: EmulatedThread, cost: UInt64, _ event: StaticString) {
+        me.clock &+= jittered(cost)
+        step &+= 1
+        if let next = preemptSteps.first, step >= next {
+            preemptSteps.removeFirst()
+            me.clock &+= rng.next() % (configuration.maxPreemptionNanos + 1)
+            lowestPriority -= 1
+            me.priority = lowestPriority
+        }
+        reschedule(me, event)
+    }
+
+    func jittered(_ cost: UInt64) -> UInt64 {
+        let j = configuration.jitterPercent
+        guard j > 0, cost > 0 else { return cost }
+        let span = cost * j / 100
+        guard span > 0 else { return cost }
+        return cost - span + rng.next() % (2 * span + 1)
+    }
+
+    /// Hands the baton to the thread that should run next; returns when `me`
+    /// runs again (at once when that is `me`).
+    func reschedule(_ me: EmulatedThread, _ event: StaticString) {
+        guard let next = pick(from: me) else {
+            deadlocked(me)
+            me.parkForever()
+        }
+        record(next, event)
+        if next === me { return }
+        me.releaseBaton()
+        next.giveBaton()
+        me.waitForBaton()
+    }
+
+    func record(_ next: EmulatedThread, _ event: StaticString) {
+        guard configuration.logSteps > 0 else { return }
+        if log.count >= configuration.logSteps { log.removeFirst(log.count / 2) }
+        log.append(Step(step: step, thread: next.name, clock: next.clock, event: "\(event)"))
+    }
+
+    /// The thread to run next (`me` when it should go on), with a timed-out
+    /// waiter made runnable; nil when none can run (a deadlock, or the end).
+    func pick(from me: EmulatedThread?) -> EmulatedThread? {
+        var best: EmulatedThread? = nil
+        var bestTime: UInt64 = .max
+        var waitingForever = 0, working = 0
+        for t in threads where t !== me {
+            let time: UInt64
+            switch t.state {
+            case .runnable: time = t.clock
+            case .blocked:
+                if let d = t.deadline { time = max(t.clock, d) } else {
+                    if !t.observer { waitingForever += 1; working += 1 }
+                    continue
+                }
+            case .finished: continue
+            }
+            if !t.observer { working += 1 }
+            if best == nil || time < bestTime || (time == bestTime && t.priority > best!.priority) {
+                best = t
+                bestTime = time
+            }
+        }
+        if let me {
+            switch me.state {
+            case .runnable:
+                if !me.observer { working += 1 }
+                if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return me }
+            case .blocked:
+                if let d = me.deadline {
+                    if !me.observer { working += 1 }
+                    let time = max(me.clock, d)
+                    if best == nil || time < bestTime || (time == bestTime && me.priority >= best!.priority) {
+                        best = me
+                        bestTime = time
+                    }
+                } else if !me.observer {
+                    waitingForever += 1
+                    working += 1
+                }
+            case .finished: break
+            }
+        }
+        // Only observers (or nobody) could go on while the others wait for ever.
+        if waitingForever > 0 && waitingForever == working { return nil }
+        if let b = best, b.state == .blocked {
+            b.state = .runnable
+            b.timedOut = true
+            b.clock = bestTime
+            b.waitWord = nil
+            b.deadline = nil
+        }
+        return best
+    }
+
+    /// Records the deadlock (or the end of the run) and releases the caller of ``run()``.
+    func deadlocked(_ me: EmulatedThread) {
+        if threads.allSatisfy({ $0.state == .finished }) {
+            outcome = .completed
+        } else {
+            outcome = .deadlock(waitForReport())
+        }
+        svm_store32(doneWord, 1)
+        _ = svm_futex_wake_raw(doneWord, 1)
+    }
+
+    /// The waits of every blocked thread and the cycle among them, if one.
+    func waitForReport() -> DeadlockReport {
+        var waits: [DeadlockReport.Wait] = []
+        for t in threads where t.state == .blocked && t.deadline == nil {
+            guard let w = t.waitWord else { continue }
+            let key = UnsafeRawPointer(w)
+            let holder = owners[key].map { threads[$0].name }
+            let held = t.held.map(describe)
+            waits.append(.init(thread: t.name, waitsFor: describe(key), heldBy: holder, holds: held,
+                               clock: t.clock))
+        }
+        // Follow thread -> holder of its lock until a thread repeats.
+        var cycle: [DeadlockReport.Wait] = []
+        for start in waits {
+            var seen: [String] = []
+            var at: DeadlockReport.Wait? = start
+            while let w = at, !seen.contains(w.thread) {
+                seen.append(w.thread)
+                at = w.heldBy.flatMap { h in waits.first { $0.thread == h } }
+            }
+            if let w = at, let i = seen.firstIndex(of: w.thread) {
+                cycle = seen[i...].compactMap { n in waits.first { $0.thread == n } }
+                break
+            }
+        }
+        return DeadlockReport(waits: waits, cycle: cycle, step: step)
+    }
+
+    func describe(_ lock: UnsafeRawPointer) -> String {
+        lockNames[lock] ?? "lock@0x" + String(UInt(bitPattern: lock), radix: 16)
+    }
+
+    // MARK: hooks (called on the running emulated thread)
+
+    func futexWait(_ me: EmulatedThread, _ word: UnsafeMutablePointer<UInt32>, _ expected: UInt32,
+                   _ timeout: UInt64) -> Int32 {
+        if svm_load32(word) != expected {
+            point(me, cost: configuration.costs.futex, "futex wait (value changed)")
+            return EAGAIN
+        }
+        me.state = .blocked
+        me.waitWord = word
+        me.deadline = timeout > 0 ? me.clock &+ timeout : nil
+        me.timedOut = false
+        blockSequence &+= 1
+        me.blockSequence = blockSequence
+        step &+= 1
+        reschedule(me, "futex wait")
+        return me.timedOut ? ETIMEDOUT : 0
+    }
+
+    func futexWake(_ me: EmulatedThread, _ word: UnsafeMutablePointer<UInt32>, _ count: Int32) -> Int32 {
+        var woken: Int32 = 0
+        while woken < count {
+            var first: EmulatedThread? = nil
+            for t in threads where t.state == .blocked && t.waitWord == word {
+                if first == nil || t.blockSequence < first!.blockSequence { first = t }
+            }
+            guard let t = first else { break }
+            t.state = .runnable
+            t.waitWord = nil
+            t.deadline = nil
+            t.timedOut = false
+            t.clock = max(t.clock, me.clock &+ configuration.costs.wake)
+            woken += 1
+        }
+        me.clock &+= configuration.costs.futex
+        return woken
+    }
+
+    func lockEvent(_ me: EmulatedThread, _ lock: UnsafeRawPointer, _ event: Int32) {
+        switch event {
+        case Int32(SVM_DET_BEFORE_ACQUIRE):
+            point(me, cost: configuration.costs.lock, "acquire")
+        case Int32(SVM_DET_ACQUIRED):
+            owners[lock] = me.index
+            me.held.append(lock)
+        default:
+            if let o = owners.removeValue(forKey: lock), let i = threads[o].held.lastIndex(of: lock) {
+                threads[o].held.remove(at: i)
+            }
+            point(me, cost: configuration.costs.unlock, "release")
+        }
+    }
+
+    // MARK: the C hooks
+
+    static let installHooks: Void = {
+        svm_det_install({ word, expected, timeout in
+            guard let word, let t = DeterministicScheduler.current else { return -1 }
+            return t.scheduler.futexWait(t, word, expected, timeout)
+        }, { word, count in
+            guard let word, let t = DeterministicScheduler.current else { return -1 }
+            return t.scheduler.futexWake(t, word, count)
+        }, { lock, event in
+            guard let lock, let t = DeterministicScheduler.current else { return }
+            t.scheduler.lockEvent(t, lock, event)
+        })
+    }()
+}
+
+/// The hooks of the Swift side of the emulator: each is called only when
+/// `svm_det_active()` said a scheduler runs, out of line.
+extension DeterministicScheduler {
+    /// A scheduling point of kind `cost` on the calling thread, if it is emulated.
+    @usableFromInline @inline(never)
+    static func schedulingPoint(_ cost: KeyPath<VirtualCosts, UInt64>, _ event: StaticString) {
+        guard let t = current else { return }
+        t.scheduler.point(t, cost: t.scheduler.configuration.costs[keyPath: cost], event)
+    }
+
+    /// Advances the calling emulated thread's clock by `nanos` (a modelled
+    /// delay); returns false when the caller is not an emulated thread.
+    @usableFromInline @inline(never)
+    static func sleep(nanos: UInt64) -> Bool {
+        guard let t = current else { return false }
+        t.clock &+= nanos
+        t.scheduler.point(t, cost: 0, "sleep")
+        return true
+    }
+
+    /// The calling emulated thread's virtual clock (with a fixed origin of one
+    /// second, so that differences never go below zero), or nil.
+    @usableFromInline @inline(never)
+    static func virtualNanos() -> UInt64? {
+        guard let t = current else { return nil }
+        return 1_000_000_000 &+ t.clock
+    }
+
+    /// A lock event of the folio lock (or another lock the scheduler does not see in C).
+    @usableFromInline @inline(never)
+    static func lockEvent(_ lock: UnsafeRawPointer, _ event: Int32) {
+        guard let t = current else { return }
+        t.scheduler.lockEvent(t, lock, event)
+    }
+}
+
+/// What a deadlocked run left: who waits for which lock, who holds it.
+public struct DeadlockReport: Sendable, Equatable, CustomStringConvertible {
+    /// One thread's indefinite wait.
+    public struct Wait: Sendable, Equatable {
+        /// The waiting thread.
+        public let thread: String
+        /// The lock (or futex word) it waits for.
+        public let waitsFor: String
+        /// The thread that took that lock, if the scheduler saw it taken.
+        public let heldBy: String?
+        /// The locks the waiting thread holds.
+        public let holds: [String]
+        /// Its virtual clock, in nanoseconds.
+        public let clock: UInt64
+    }
+    /// Every indefinite wait.
+    public let waits: [Wait]
+    /// The wait-for cycle (each waits for a lock the next holds), empty when
+    /// the waits form none (a lost wake-up, a lock nobody holds).
+    public let cycle: [Wait]
+    /// The step at which no thread could run.
+    public let step: UInt64
+
+    public var description: String {
+        let shown = cycle.isEmpty ? waits : cycle
+        let lines = shown.map { w in
+            "\(w.thread) holds [\(w.holds.joined(separator: ", "))] and waits for \(w.waitsFor)"
+                + (w.heldBy.map { " (held by \($0))" } ?? "")
+        }
+        return (cycle.isEmpty ? "deadlock (no cycle among the waits): " : "deadlock, wait-for cycle: ")
+            + lines.joined(separator: "; ") + " at step \(step)"
+    }
+}
+
+/// A seeded generator (SplitMix64): the same sequence for the same seed on every host.
+struct SchedulePRNG {
+    var state: UInt64
+    init(seed: UInt64) { state = seed ^ 0x9E37_79B9_7F4A_7C15 }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+extension DeterministicScheduler {
+    /// The calling emulated thread's scheduler's wake-up latency
+    /// (``VirtualCosts/wake``), or 0 on any other thread: what a thread that
+    /// woke others sleeps to leave together with them.
+    public static var wakeLatency: UInt64 {
+        guard svm_det_active(), let t = current else { return 0 }
+        return t.scheduler.configuration.costs.wake
+    }
+
+    /// Names `lock` in the deadlock reports of the calling emulated thread's scheduler.
+    @usableFromInline @inline(never)
+    static func nameLock(_ lock: UnsafeRawPointer, _ name: String) {
+        guard let t = current, t.scheduler.lockNames[lock] == nil else { return }
+        t.scheduler.lockNames[lock] = name
+    }
+}

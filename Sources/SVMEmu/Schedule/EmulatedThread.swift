@@ -1,0 +1,119 @@
+import CSVMSupport
+
+/// One thread of a ``DeterministicScheduler``: a host thread that runs only
+/// while it holds the scheduler's baton. Its fields belong to whoever holds
+/// the baton (one thread at a time), so they need no lock.
+@usableFromInline
+final class EmulatedThread: @unchecked Sendable {
+    enum State { case runnable, blocked, finished }
+
+    unowned let scheduler: DeterministicScheduler
+    let index: Int
+    let name: String
+    let observer: Bool
+    var body: (@Sendable () -> Void)?
+    /// Virtual nanoseconds since the run started.
+    var clock: UInt64 = 0
+    var priority = 0
+    var state = State.runnable
+    /// The futex word a blocked thread waits on, and its virtual deadline.
+    var waitWord: UnsafeMutablePointer<UInt32>? = nil
+    var deadline: UInt64? = nil
+    var timedOut = false
+    var blockSequence: UInt64 = 0
+    /// The locks this thread took and has not released.
+    var held: [UnsafeRawPointer] = []
+    /// 1: this thread may run.
+    let baton: UnsafeMutablePointer<UInt32>
+
+    init(scheduler: DeterministicScheduler, index: Int, name: String, observer: Bool,
+         body: @escaping @Sendable () -> Void) {
+        self.scheduler = scheduler
+        self.index = index
+        self.name = name
+        self.observer = observer
+        self.body = body
+        baton = .allocate(capacity: 1)
+        baton.initialize(to: 0)
+    }
+
+    deinit { baton.deallocate() }
+
+    /// The host thread's life: wait for the baton, run, hand the baton on.
+    func main() {
+        svm_det_set_current(Unmanaged.passUnretained(self).toOpaque())
+        waitForBaton()
+        body?()
+        body = nil
+        // Give the emulated CPU back while this thread still runs alone.
+        svm_thread_exit_now()
+        state = .finished
+        let s = scheduler
+        guard let next = s.pick(from: self) else {
+            s.deadlocked(self)
+            svm_det_set_current(nil)
+            return
+        }
+        s.record(next, "exit")
+        svm_det_set_current(nil)
+        releaseBaton()
+        next.giveBaton()
+    }
+
+    func giveBaton() {
+        svm_store32(baton, 1)
+        _ = svm_futex_wake_raw(baton, 1)
+    }
+
+    func releaseBaton() { svm_store32(baton, 0) }
+
+    func waitForBaton() {
+        while svm_load32(baton) == 0 { _ = svm_futex_wait_raw(baton, 0, 0) }
+    }
+
+    /// A thread of a deadlock: it never runs again.
+    func parkForever() -> Never {
+        svm_store32(baton, 0)
+        while true { _ = svm_futex_wait_raw(baton, 0, 0) }
+    }
+}
+
+/// The virtual cost of each kind of scheduling point, in nanoseconds. The
+/// defaults are this project's measurements on its 2-core test machine
+/// (Docs/cpus.md, Docs/overhead.md): what the step costs on real hardware,
+/// not what emulating it costs.
+public struct VirtualCosts: Sendable, Equatable {
+    /// The start of a CPU access (a TLB hit: 2.8 ns measured; a miss walks
+    /// for 14-16 ns, charged as the fault or lock points that follow).
+    public var access: UInt64
+    /// Entering the fault handler and leaving it (exception entry and exit,
+    /// the walk to the entry): about a microsecond on x86.
+    public var fault: UInt64
+    /// Taking a lock (uncontended: 2-3 ns; a cache-line transfer between
+    /// CPUs dominates when it moves).
+    public var lock: UInt64
+    /// Releasing a lock.
+    public var unlock: UInt64
+    /// A futex wait or wake system call.
+    public var futex: UInt64
+    /// From a wake-up to the woken thread running (the scheduler's latency).
+    public var wake: UInt64
+    /// One round of a spin-wait loop that yields.
+    public var yield: UInt64
+
+    /// The measured defaults.
+    public static let measured = VirtualCosts(access: 3, fault: 1_000, lock: 20, unlock: 10, futex: 300,
+                                              wake: 2_000, yield: 200)
+
+    /// A table with every cost given.
+    public init(access: UInt64, fault: UInt64, lock: UInt64, unlock: UInt64, futex: UInt64, wake: UInt64,
+                yield: UInt64) {
+        self.access = access
+        self.fault = fault
+        self.lock = lock
+        self.unlock = unlock
+        self.futex = futex
+        self.wake = wake
+        self.yield = yield
+    }
+}

@@ -1,0 +1,233 @@
+import CSVMSupport
+
+/// A sleeping lock for drivers (`struct mutex`): a real futex lock on real
+/// threads, and a scheduling point under a ``DeterministicScheduler`` (which
+/// then knows its holder, for deadlock reports). Not recursive; only the
+/// holder releases it.
+///
+/// Take it in the scoped form, ``withLock(file:line:_:)``; keep it beside what it guards
+/// ("struct mutex devmem_lock; /* protects the above */").
+public final class KernelMutex: @unchecked Sendable {
+    @usableFromInline let word: UnsafeMutablePointer<UInt32>
+    /// The lock's name in deadlock reports.
+    public let name: String
+
+    /// A free mutex named `name`.
+    ///
+    /// The corresponding kernel function is `mutex_init()`.
+    public init(_ name: String = "mutex") {
+        self.name = name
+        word = .allocate(capacity: 1)
+        word.initialize(to: 0)
+    }
+
+    deinit { word.deallocate() }
+
+    /// Runs `body` holding the mutex, sleeping until it is free, and releases
+    /// it on every way out.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///   - body: the critical section.
+    /// - Returns: what `body` returns.
+    /// - Throws: what `body` throws.
+    ///
+    /// The corresponding kernel functions are `mutex_lock()` and `mutex_unlock()`.
+    @inlinable
+    public func withLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                      _ body: () throws(E) -> R) throws(E) -> R {
+        lock(file: file, line: line)
+        defer { unlock() }
+        return try body()
+    }
+
+    /// Takes the mutex, sleeping while another thread holds it. Pair it with
+    /// ``unlock()`` on every path; prefer ``withLock(file:line:_:)``.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///
+    /// The corresponding kernel function is `mutex_lock()`.
+    @inlinable public func lock(file: StaticString = #fileID, line: UInt = #line) {
+        if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
+        if _slowPath(svm_lockdep_enabled()) {
+            let site = LockOrder.site(file, line)
+            LockOrder.acquiring(name, site: site)
+            svm_mutex_lock(word)
+            LockOrder.acquired(word, name, site: site)
+            return
+        }
+        svm_mutex_lock(word)
+    }
+
+    /// Releases the mutex, waking one sleeper.
+    ///
+    /// The corresponding kernel function is `mutex_unlock()`.
+    @inlinable public func unlock() {
+        if _slowPath(svm_lockdep_enabled()) { LockOrder.released(word) }
+        svm_mutex_unlock(word)
+    }
+
+    /// Takes the mutex if it is free; never sleeps.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    /// - Returns: whether the caller now holds it.
+    ///
+    /// The corresponding kernel function is `mutex_trylock()`.
+    @inlinable public func tryLock(file: StaticString = #fileID, line: UInt = #line) -> Bool {
+        let taken = svm_mutex_trylock(word)
+        if taken && _slowPath(svm_lockdep_enabled()) {
+            LockOrder.acquired(word, name, site: LockOrder.site(file, line))
+        }
+        return taken
+    }
+
+    /// Whether some thread holds the mutex: a snapshot.
+    ///
+    /// The corresponding kernel function is `mutex_is_locked()`.
+    public var isLocked: Bool { svm_mutex_is_locked(word) }
+}
+
+/// A reader-writer semaphore for drivers (`struct rw_semaphore`): readers
+/// share it, a writer has it alone. A real futex lock on real threads, a
+/// scheduling point under a ``DeterministicScheduler``. Writers do not starve
+/// readers out (no writer preference), which is simpler than the kernel's.
+public final class KernelRWSemaphore: @unchecked Sendable {
+    // The word: bit 31 a writer, bit 30 sleepers, bits 0-29 the readers.
+    @usableFromInline let word: UnsafeMutablePointer<UInt32>
+    @usableFromInline static let writer: UInt32 = 1 << 31
+    @usableFromInline static let sleepers: UInt32 = 1 << 30
+    @usableFromInline static let readers: UInt32 = (1 << 30) - 1
+    /// The semaphore's name in deadlock reports.
+    public let name: String
+
+    /// A free semaphore named `name`.
+    ///
+    /// The corresponding kernel function is `init_rwsem()`.
+    public init(_ name: String = "rwsem") {
+        self.name = name
+        word = .allocate(capacity: 1)
+        word.initialize(to: 0)
+    }
+
+    deinit { word.deallocate() }
+
+    /// Runs `body` holding the semaphore shared.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///   - body: the read-side critical section.
+    /// - Returns: what `body` returns.
+    /// - Throws: what `body` throws.
+    ///
+    /// The corresponding kernel functions are `down_read()` and `up_read()`.
+    public func withReadLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                          _ body: () throws(E) -> R) throws(E) -> R {
+        downRead(file: file, line: line)
+        defer { upRead() }
+        return try body()
+    }
+
+    /// Runs `body` holding the semaphore alone.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///   - body: the write-side critical section.
+    /// - Returns: what `body` returns.
+    /// - Throws: what `body` throws.
+    ///
+    /// The corresponding kernel functions are `down_write()` and `up_write()`.
+    public func withWriteLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                           _ body: () throws(E) -> R) throws(E) -> R {
+        downWrite(file: file, line: line)
+        defer { upWrite() }
+        return try body()
+    }
+
+    /// Takes the semaphore shared, sleeping while a writer holds it.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///
+    /// The corresponding kernel function is `down_read()`.
+    public func downRead(file: StaticString = #fileID, line: UInt = #line) {
+        acquire(file, line) { $0 & Self.writer == 0 ? $0 + 1 : nil }
+    }
+
+    /// Takes the semaphore alone, sleeping while anyone holds it.
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    ///
+    /// The corresponding kernel function is `down_write()`.
+    public func downWrite(file: StaticString = #fileID, line: UInt = #line) {
+        acquire(file, line) { $0 & (Self.writer | Self.readers) == 0 ? $0 | Self.writer : nil }
+    }
+
+    /// Takes the semaphore shared if no writer holds it; never sleeps.
+    ///
+    /// - Returns: whether the caller now holds it.
+    ///
+    /// The corresponding kernel function is `down_read_trylock()`.
+    public func tryDownRead() -> Bool {
+        svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
+        var v = svm_load32(word)
+        while v & Self.writer == 0 {
+            if svm_cas32(word, &v, v + 1) { acquired(nil, 0); return true }
+        }
+        return false
+    }
+
+    /// Releases a shared hold.
+    ///
+    /// The corresponding kernel function is `up_read()`.
+    public func upRead() { release { $0 - 1 } }
+
+    /// Releases the writer's hold.
+    ///
+    /// The corresponding kernel function is `up_write()`.
+    public func upWrite() { release { $0 & ~Self.writer } }
+
+    private func acquire(_ file: StaticString, _ line: UInt, _ next: (UInt32) -> UInt32?) {
+        if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
+        if svm_lockdep_enabled() { LockOrder.acquiring(name, site: LockOrder.site(file, line)) }
+        svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
+        var v = svm_load32(word)
+        while true {
+            if let n = next(v & ~Self.sleepers) {
+                if svm_cas32(word, &v, n | (v & Self.sleepers)) { break }
+                continue
+            }
+            if v & Self.sleepers == 0 && !svm_cas32(word, &v, v | Self.sleepers) { continue }
+            _ = svm_futex_wait(word, v | Self.sleepers, 0)
+            v = svm_load32(word)
+        }
+        acquired(file, line)
+    }
+
+    /// After taking it: `file` is nil for a trylock.
+    private func acquired(_ file: StaticString?, _ line: UInt) {
+        svm_tsan_acquire(word)
+        svm_det_lock_event(word, Int32(SVM_DET_ACQUIRED))
+        if svm_lockdep_enabled() {
+            LockOrder.acquired(word, name, site: file.map { LockOrder.site($0, line) } ?? "down_read_trylock()")
+        }
+    }
+
+    private func release(_ next: (UInt32) -> UInt32) {
+        if svm_lockdep_enabled() { LockOrder.released(word) }
+        svm_tsan_release(word)
+        var v = svm_load32(word)
+        while !svm_cas32(word, &v, next(v) & ~Self.sleepers) {}
+        if v & Self.sleepers != 0 { _ = svm_futex_wake(word, Int32.max) }
+        svm_det_lock_event(word, Int32(SVM_DET_RELEASED))
+    }
+}

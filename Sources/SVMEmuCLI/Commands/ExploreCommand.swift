@@ -1,0 +1,196 @@
+// `svmemu explore` and `svmemu replay`: storms under many deterministic
+// schedules, and one of them again with its step log.
+import ArgumentParser
+import Foundation
+import MirrorDriver
+import SVMEmu
+import SVMStress
+
+/// What a deterministic storm run found wrong, if anything.
+enum StormFinding: String, Codable, Sendable {
+    case livelock, deadlock, lostWrite, leak, invariant
+
+    /// The finding of `r`: a deadlock first, then a livelock, changed bytes,
+    /// a failed check (a kernel warning, a thread's failed access), and a
+    /// reference or lock left behind.
+    init?(_ r: StormResult) {
+        if r.deadlock != nil { self = .deadlock; return }
+        if r.livelocked { self = .livelock; return }
+        if r.teardownIssues.contains(where: { $0.contains("differs from the bytes") }) { self = .lostWrite; return }
+        if r.error != nil || r.teardownIssues.contains(where: { $0.contains("kernel warning") }) {
+            self = .invariant
+            return
+        }
+        if !r.teardownClean || !r.dataIntact { self = .leak; return }
+        return nil
+    }
+}
+
+/// The results of `svmemu explore`.
+struct ExploreResult: Encodable {
+    var scenario: StormScenario
+    var schedules: Int
+    var found: StormFinding?
+    /// The seed of the finding (nil when nothing was found).
+    var seed: UInt64?
+    var schedulesTried: Int
+    /// The storm of the finding, or of the last schedule when nothing was found.
+    var storm: StormResult?
+
+    enum CodingKeys: String, CodingKey { case scenario, schedules, found, seed, schedulesTried, storm }
+
+    func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(scenario, forKey: .scenario)
+        try c.encode(schedules, forKey: .schedules)
+        try c.encode(found, forKey: .found)
+        try c.encode(seed, forKey: .seed)
+        try c.encode(schedulesTried, forKey: .schedulesTried)
+        try c.encode(storm, forKey: .storm)
+    }
+}
+
+/// Runs a storm under many deterministic schedules and stops at the first
+/// livelock, deadlock, lost write, leak or invariant violation.
+struct ExploreCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "explore",
+        abstract: "Run a storm under many deterministic schedules; stop at the first problem and print its seed.",
+        discussion: """
+            Runs the storm of `svmemu livelock` (the same options) under the deterministic \
+            scheduler with seeds --seed, --seed+1, ... for at most --schedules schedules (seeded \
+            priorities and --preemptions preemption points, as PCT), and stops at the first \
+            livelock, deadlock (the wait-for cycle: which thread holds which lock and waits for \
+            which), lost write, leaked reference or lock, or invariant violation (a kernel \
+            warning). `svmemu replay --seed N` with the same options replays the finding with \
+            its step log.
+
+            With --json prints one object whose results are scenario, schedules, found \
+            (livelock, deadlock, lostWrite, leak, invariant, or null), seed (or null), \
+            schedulesTried and storm (the storm's result).
+
+            Exit status: 0 nothing was found; 3 something was; 1 the storm could not run; 64 an \
+            invalid argument.
+            """)
+
+    /// 16 pages and a 20 ms (virtual) stall window: a schedule takes milliseconds.
+    enum StormDefaults: StormOptionDefaults {
+        static let pages = 16
+        static let stallSeconds = 0.02
+        static let lookupDelayUs = 0
+    }
+
+    @OptionGroup var knobs: StormScenarioOptions
+    @OptionGroup var storm: StormOptions<StormDefaults>
+    @OptionGroup var schedule: ScheduleOptions
+
+    @Option(name: .long, parsing: .unconditional, help: "Schedules (seeds) to try at most (1-1000000).")
+    var schedules = 1000
+
+    @OptionGroup var output: JSONOutputOptions
+
+    func validate() throws {
+        try checkRange(schedules, 1...1_000_000, flag: "--schedules")
+        _ = try settings()
+    }
+
+    func settings() throws -> StormSettings {
+        var s = StormSettings()
+        try knobs.apply(to: &s)
+        storm.apply(to: &s)
+        schedule.apply(to: &s)
+        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
+        return s
+    }
+
+    func run() throws {
+        var s = try settings()
+        var result = ExploreResult(scenario: s.scenario, schedules: schedules, found: nil, seed: nil,
+                                   schedulesTried: 0, storm: nil)
+        for i in 0..<schedules {
+            s.seed = knobs.seed &+ UInt64(i)
+            var r: StormResult
+            do { r = try StormHarness.run(s) } catch {
+                throw CLIError.runFailed("svmemu: the storm could not run: \(error.description)")
+            }
+            r.perPage = []
+            result.schedulesTried = i + 1
+            result.storm = r
+            if let found = StormFinding(r) {
+                result.found = found
+                result.seed = s.seed
+                break
+            }
+        }
+        if output.json {
+            print(try JSONReport.render(for: self, results: result))
+        } else {
+            print(Self.summary(result))
+        }
+        if result.found != nil { throw ExitStatus.found }
+    }
+
+    static func summary(_ r: ExploreResult) -> String {
+        guard let found = r.found, let seed = r.seed, let storm = r.storm else {
+            return "nothing found in \(r.schedulesTried) schedule(s) of the \(r.scenario.rawValue) storm"
+        }
+        var s = "found: \(found.rawValue) at seed \(seed) (schedule \(r.schedulesTried) of at most \(r.schedules))"
+        if let d = storm.deadlock { s += "\n  " + d }
+        if let st = storm.stall { s += "\n  " + st.summary }
+        for issue in storm.teardownIssues.prefix(4) where storm.deadlock == nil { s += "\n  " + issue }
+        s += "\nreplay: svmemu replay --seed \(seed) (with the same storm options)"
+        return s
+    }
+}
+
+/// Replays one deterministic schedule of a storm with its step log.
+struct ReplayCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "replay",
+        abstract: "Replay one deterministic storm schedule by its seed, with the step log.",
+        discussion: """
+            Runs the storm of `svmemu livelock` (the same options) under the deterministic \
+            scheduler seeded by --seed, prints its result and the last --steps scheduling \
+            decisions (which thread ran after which event, at which virtual time). The same seed \
+            and options give the same run, step for step.
+
+            \(ExitStatus.helpParagraph)
+            """)
+
+    @OptionGroup var knobs: StormScenarioOptions
+    @OptionGroup var storm: StormOptions<ExploreCommand.StormDefaults>
+    @OptionGroup var schedule: ScheduleOptions
+
+    @Option(name: .long, parsing: .unconditional, help: "Scheduling steps to print, the last ones (0-1000000).")
+    var steps = 50
+
+    func validate() throws {
+        try checkRange(steps, 0...1_000_000, flag: "--steps")
+        var s = StormSettings()
+        try knobs.apply(to: &s)
+        storm.apply(to: &s)
+        schedule.apply(to: &s)
+        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
+    }
+
+    func run() throws {
+        var s = StormSettings()
+        try knobs.apply(to: &s)
+        storm.apply(to: &s)
+        schedule.apply(to: &s)
+        var config = DeterministicScheduler.Configuration(seed: s.seed)
+        config.preemptions = s.preemptions
+        config.logSteps = steps * 2
+        let r: StormResult
+        do { r = try StormHarness.run(s, schedule: config) } catch {
+            throw CLIError.runFailed("svmemu: the storm could not run: \(error.description)")
+        }
+        print(StormReport.table([r], titles: [StormReport.title(r)]), terminator: "")
+        if let found = StormFinding(r) { print("found: \(found.rawValue)") }
+        if let d = r.deadlock { print(d) }
+        if steps > 0 {
+            print("last \(min(steps, r.scheduleLog.count)) of \(r.scheduleSteps ?? 0) steps:")
+            for step in r.scheduleLog.suffix(steps) { print("  \(step)") }
+        }
+    }
+}
