@@ -90,7 +90,7 @@ public enum Soak {
         let base: UInt64
         do {
             base = try mm.mmap(length: bytes)
-            var rng = SoakRNG(settings.seed)
+            var rng = SplitMix64(state: settings.seed)
             for w in 0..<words {
                 let v = rng.next()
                 shadow[w] = v
@@ -147,18 +147,6 @@ public enum Soak {
     }
 }
 
-/// SplitMix64, per thread.
-struct SoakRNG {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// What the soak's threads share. Only one of them runs at a time (the
 /// scheduler's baton orders their accesses), so the counters and the shadow
@@ -195,7 +183,7 @@ final class SoakState: @unchecked Sendable {
 
     func cpuLoop(seed: UInt64) {
         if startNanos == 0 { startNanos = HostClock.nanos() }
-        var rng = SoakRNG(seed)
+        var rng = SplitMix64(state: seed)
         while claim() {
             let r = rng.next()
             let w = Int((r >> 8) % UInt64(words))
@@ -219,7 +207,7 @@ final class SoakState: @unchecked Sendable {
 
     func gpuLoop(seed: UInt64) {
         if startNanos == 0 { startNanos = HostClock.nanos() }
-        var rng = SoakRNG(seed)
+        var rng = SplitMix64(state: seed)
         while claim() {
             let r = rng.next()
             let page = Int((r >> 16) % UInt64(settings.pages))

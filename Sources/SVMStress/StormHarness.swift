@@ -337,7 +337,15 @@ final class StormRun: @unchecked Sendable {
             issues += problems
         }
 
-        let pages = records.withLock { $0 }
+        return Self.result(settings, pages: records.withLock { $0 }, stall: stall, calls: finalCalls, retries: finalRetries,
+                      deviceMigrations: deviceMigrations.load(ordering: .relaxed), nanos: end - start,
+                      issues: issues, dataIntact: dataIntact, error: firstError.withLock { $0 })
+    }
+
+    /// The figures of a finished storm, real or deterministic.
+    static func result(_ settings: StormSettings, pages: [PageRecord], stall: StallReport?, calls total: Int,
+                       retries: Int, deviceMigrations: Int, nanos: UInt64, issues: [String], dataIntact: Bool,
+                       error: String?) -> StormResult {
         let calls = StormDistribution(pages.map(\.migrateToRAMCalls))
         return StormResult(
             settings: settings,
@@ -345,17 +353,17 @@ final class StormRun: @unchecked Sendable {
             livelocked: stall != nil,
             stalledPage: stall?.page,
             stall: stall,
-            migrateToRAMCalls: CallStats(total: finalCalls, perPageMean: calls.mean, perPageP50: calls.p50,
+            migrateToRAMCalls: CallStats(total: total, perPageMean: calls.mean, perPageP50: calls.p50,
                                          perPageP99: calls.p99, perPageMax: calls.max),
-            faultRetries: finalRetries,
+            faultRetries: retries,
             faultRetriesPerPage: StormDistribution(pages.map(\.faultRetries)),
             pageMicros: StormDistribution(pages.map { Double($0.nanos) / 1000 }),
-            deviceMigrations: deviceMigrations.load(ordering: .relaxed),
-            seconds: Double(end - start) / 1e9,
+            deviceMigrations: deviceMigrations,
+            seconds: Double(nanos) / 1e9,
             teardownClean: issues.isEmpty,
             teardownIssues: issues,
             dataIntact: dataIntact,
-            error: firstError.withLock { $0 },
+            error: error,
             perPage: pages)
     }
 
@@ -415,26 +423,11 @@ final class StormRun: @unchecked Sendable {
         case .hostTimeout:
             issues = ["the deterministic run took more than \(config.hostTimeoutSeconds) s of host time"]
         }
-        let pages = records.withLock { $0 }
-        let calls = StormDistribution(pages.map(\.migrateToRAMCalls))
-        var result = StormResult(
-            settings: settings,
-            pagesMigrated: pages.count,
-            livelocked: stall != nil,
-            stalledPage: stall?.page,
-            stall: stall,
-            migrateToRAMCalls: CallStats(total: totalCalls - calls0, perPageMean: calls.mean, perPageP50: calls.p50,
-                                         perPageP99: calls.p99, perPageMax: calls.max),
-            faultRetries: totalRetries - retries0,
-            faultRetriesPerPage: StormDistribution(pages.map(\.faultRetries)),
-            pageMicros: StormDistribution(pages.map { Double($0.nanos) / 1000 }),
-            deviceMigrations: deviceMigrations.load(ordering: .relaxed),
-            seconds: Double(hostEnd - hostStart) / 1e9,
-            teardownClean: issues.isEmpty,
-            teardownIssues: issues,
-            dataIntact: dataIntact,
-            error: firstError.withLock { $0 },
-            perPage: pages)
+        var result = Self.result(settings, pages: records.withLock { $0 }, stall: stall, calls: totalCalls - calls0,
+                                         retries: totalRetries - retries0,
+                                         deviceMigrations: deviceMigrations.load(ordering: .relaxed),
+                                         nanos: hostEnd - hostStart, issues: issues, dataIntact: dataIntact,
+                                         error: firstError.withLock { $0 })
         result.virtualSeconds = vEnd >= vStart ? Double(vEnd - vStart) / 1e9 : 0
         result.scheduleSteps = scheduler.steps
         result.deadlock = deadlock

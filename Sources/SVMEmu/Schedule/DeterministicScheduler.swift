@@ -90,7 +90,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
 
     let configuration: Configuration
     var threads: [EmulatedThread] = []
-    var rng: SchedulePRNG
+    var rng: SplitMix64
     var step: UInt64 = 0
     var preemptSteps: [UInt64] = []
     var lowestPriority: Int = 0
@@ -106,7 +106,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// A scheduler for one run.
     public init(_ configuration: Configuration) {
         self.configuration = configuration
-        rng = SchedulePRNG(seed: configuration.seed)
+        rng = SplitMix64(state: configuration.seed ^ 0x9E37_79B9_7F4A_7C15)
         doneWord = .allocate(capacity: 1)
         doneWord.initialize(to: 0)
         DeterministicScheduler.installHooks
@@ -459,11 +459,15 @@ public struct DeadlockReport: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// A seeded generator (SplitMix64): the same sequence for the same seed on every host.
-struct SchedulePRNG {
-    var state: UInt64
-    init(seed: UInt64) { state = seed ^ 0x9E37_79B9_7F4A_7C15 }
-    mutating func next() -> UInt64 {
+/// A seeded generator (SplitMix64): the same sequence for the same state on
+/// every host. The scheduler's choices and the soak's operations come from it.
+public struct SplitMix64: Sendable {
+    /// The generator's state; the next value is a function of it alone.
+    public var state: UInt64
+    /// A generator starting at `state`.
+    public init(state: UInt64) { self.state = state }
+    /// The next value of the sequence.
+    public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
