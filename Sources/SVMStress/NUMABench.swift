@@ -195,8 +195,8 @@ public enum NUMABench {
             threads.append(t)
             t.start()
         }
-        while started.load(ordering: .relaxed) < s.readers { usleep(100) }
-        usleep(2000)
+        while started.load(ordering: .relaxed) < s.readers { HostClock.sleep(nanos: 100_000) }
+        HostClock.sleep(nanos: 2_000_000)
 
         let vm = kernel.vmstat
         let flushes0 = vm[.tlbRemoteFlush], pages0 = vm[.pgmigrateSuccess]
@@ -222,7 +222,7 @@ public enum NUMABench {
         let phases = kernel.phases.totals()
         func micros(_ p: MigrationPhase) -> Double { (phases[p]?.nanos ?? 0) / 1000 }
         stop.store(true, ordering: .relaxed)
-        for t in threads { while !t.isFinished { usleep(100) } }
+        for t in threads { while !t.isFinished { HostClock.sleep(nanos: 100_000) } }
         let pages = Int(vm[.pgmigrateSuccess] - pages0)
         var readers = WaitHistogram()
         for h in histograms.all { readers.merge(h) }

@@ -157,7 +157,7 @@ extension NUMABench {
             threads.append(t)
             t.start()
         }
-        usleep(2000)
+        HostClock.sleep(nanos: 2_000_000)
 
         var policy = MigratePagesPolicy(algorithm: algorithm)
         policy.waitLimitNanos = s.waitLimitNanos
@@ -174,7 +174,7 @@ extension NUMABench {
         }
         let seconds = Double(HostClock.nanos() - t0) / 1e9
         stop.store(true, ordering: .relaxed)
-        for t in threads { while !t.isFinished { usleep(100) } }
+        for t in threads { while !t.isFinished { HostClock.sleep(nanos: 100_000) } }
         var holders = WaitHistogram()
         for h in histograms.all { holders.merge(h) }
         var intact = false

@@ -141,36 +141,37 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
             for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
             return
         }
-        svm_mutex_lock(words)
-        self.jobs = jobs
-        let chunks: Int
-        split = jobs.count <= threads
-        if split {
-            var largest = 0
-            for j in jobs { largest = max(largest, j.bytes) }
-            perChunk = max(1, largest / MultiThreadCopier.chunkBytes)
-            chunks = jobs.count * perChunk
-        } else {
-            perChunk = max(1, MultiThreadCopier.chunkBytes / max(PageGeometry.pageSize, jobs[0].bytes))
-            chunks = (jobs.count + perChunk - 1) / perChunk
+        // One batch at a time: the batch lock guards `jobs`, `split` and `perChunk`.
+        SpinLockRef(words).withLock {
+            self.jobs = jobs
+            let chunks: Int
+            split = jobs.count <= threads
+            if split {
+                var largest = 0
+                for j in jobs { largest = max(largest, j.bytes) }
+                perChunk = max(1, largest / MultiThreadCopier.chunkBytes)
+                chunks = jobs.count * perChunk
+            } else {
+                perChunk = max(1, MultiThreadCopier.chunkBytes / max(PageGeometry.pageSize, jobs[0].bytes))
+                chunks = (jobs.count + perChunk - 1) / perChunk
+            }
+            // The claim word's 20-bit fields: at most 64 folios split in 32, or 2^20 runs.
+            if chunks >= 1 << 20 { contractViolation("MultiThreadCopier: a batch of \(jobs.count) folios is too large") }
+            svm_store32(words + 32, UInt32(chunks))
+            let gen = svm_load32(words + 16) &+ 1
+            svm_store64(stats + 8, (UInt64(gen & 0xff_ffff) << 40) | (UInt64(chunks) << 20))
+            svm_store32(words + 16, gen)
+            _ = svm_futex_wake(words + 16, Int32.max)
+            claimAndCopy(gen)
+            // Wait for the chunks others claimed: spin briefly, then sleep.
+            var spins = 0
+            while true {
+                let v = svm_load32(words + 32)
+                if v == 0 { break }
+                if spins < 200 { spins += 1; svm_cpu_relax() } else { _ = svm_futex_wait(words + 32, v, 1_000_000) }
+            }
+            self.jobs = UnsafeBufferPointer(start: nil, count: 0)
         }
-        // The claim word's 20-bit fields: at most 64 folios split in 32, or 2^20 runs.
-        if chunks >= 1 << 20 { contractViolation("MultiThreadCopier: a batch of \(jobs.count) folios is too large") }
-        svm_store32(words + 32, UInt32(chunks))
-        let gen = svm_load32(words + 16) &+ 1
-        svm_store64(stats + 8, (UInt64(gen & 0xff_ffff) << 40) | (UInt64(chunks) << 20))
-        svm_store32(words + 16, gen)
-        _ = svm_futex_wake(words + 16, Int32.max)
-        claimAndCopy(gen)
-        // Wait for the chunks others claimed: spin briefly, then sleep.
-        var spins = 0
-        while true {
-            let v = svm_load32(words + 32)
-            if v == 0 { break }
-            if spins < 200 { spins += 1; svm_cpu_relax() } else { _ = svm_futex_wait(words + 32, v, 1_000_000) }
-        }
-        self.jobs = UnsafeBufferPointer(start: nil, count: 0)
-        svm_mutex_unlock(words)
     }
 
     /// Claims chunks of batch `gen` until none is left, copying each.
