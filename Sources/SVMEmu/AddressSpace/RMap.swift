@@ -120,7 +120,7 @@ extension Kernel {
     }
 
     @inline(never)
-    private func rmapWalkFamily(_ family: AnonFamily, except mmID: UInt32, _ address: UInt64,
+    func rmapWalkFamily(_ family: AnonFamily, except mmID: UInt32, _ address: UInt64,
                                 _ body: (AddressSpace, UInt64) -> Void) {
         for id in family.ids where id != mmID {
             if let mm = addressSpace(id: id), mm.covers(address) { body(mm, address) }

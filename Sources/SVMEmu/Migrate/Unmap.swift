@@ -109,9 +109,23 @@ extension Kernel {
     /// instead of flushed.
     func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil, batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
+        let hintID = hint?.id ?? 0
+        let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<folio.pageCount {
             let page = folio.page(i)
             guard page.mapCount > 0 else { continue }
+            let (mmID, address) = rmapLocation(of: page)
+            if mmID != 0 && mmID == hintID, let hintRef {
+                // Borrowed: `let hint` would copy (retain) the mm per page.
+                let family = hintRef._withUnsafeGuaranteedRef { mm -> AnonFamily? in
+                    if mm.covers(address) { tryToMigrateOne(folio, page, mm, address, batch) }
+                    return mm.anonFamily.isShared ? mm.anonFamily : nil
+                }
+                if let family {
+                    rmapWalkFamily(family, except: mmID, address) { mm, a in tryToMigrateOne(folio, page, mm, a, batch) }
+                }
+                continue
+            }
             rmapWalk(page, hint: hint) { mm, address in tryToMigrateOne(folio, page, mm, address, batch) }
         }
     }
@@ -157,8 +171,22 @@ extension Kernel {
     func removeMigrationPTEs(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) {
         if src.isLarge && dst.isLarge && removeMigrationPMD(src, dst, hint: hint) { return }
         let count = min(src.pageCount, dst.pageCount)
+        let hintID = hint?.id ?? 0
+        let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<count {
             let page = src.page(i)
+            let (mmID, address) = rmapLocation(of: page)
+            if mmID != 0 && mmID == hintID, let hintRef {
+                // The common case, the migration's own mm and no fork: borrowed, no closure.
+                let family = hintRef._withUnsafeGuaranteedRef { mm -> AnonFamily? in
+                    if mm.covers(address) { removeMigrationPTE(page, dst, dst.page(i), mm, address) }
+                    return mm.anonFamily.isShared ? mm.anonFamily : nil
+                }
+                if let family {
+                    rmapWalkFamily(family, except: mmID, address) { mm, a in removeMigrationPTE(page, dst, dst.page(i), mm, a) }
+                }
+                continue
+            }
             rmapWalk(page, hint: hint) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address) }
         }
     }
