@@ -14,6 +14,17 @@ struct MigrateContext {
     var unmapped: [UnmappedFolio] = []
     /// Copy jobs of the move phase (reused per batch).
     var jobs: [FolioCopyJob] = []
+
+    /// One bounded sleep of the migration (a folio lock, a writeback): its
+    /// time goes into the lock-wait histogram, and a wait that reached the
+    /// policy's limit counts as a stall. Returns what `wait` returned.
+    mutating func timedWait(_ wait: () -> Bool) -> Bool {
+        let t = HostClock.nanos()
+        let done = wait()
+        stats.lockWaits.record(HostClock.nanos() - t)
+        if !done { stats.stalls += 1 }
+        return done
+    }
 }
 
 /// A folio between `migrate_folio_unmap()` and `migrate_folio_move()`: the
@@ -392,11 +403,7 @@ extension Kernel {
                 dst.put()
                 return .deadlock
             }
-            let t = HostClock.nanos()
-            let taken = src.lock(timeoutNanos: limit)
-            ctx.stats.lockWaits.record(HostClock.nanos() - t)
-            if !taken {
-                ctx.stats.stalls += 1
+            if !ctx.timedWait({ src.lock(timeoutNanos: limit) }) {
                 warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms")
                 dst.put()
                 return .again
@@ -405,11 +412,7 @@ extension Kernel {
         if src.isWriteback {
             guard mode == .sync else { src.unlock(); dst.put(); return .busy }
             guard force else { src.unlock(); dst.put(); return .again }
-            let t = HostClock.nanos()
-            let done = src.waitWriteback(timeoutNanos: limit)
-            ctx.stats.lockWaits.record(HostClock.nanos() - t)
-            if !done {
-                ctx.stats.stalls += 1
+            if !ctx.timedWait({ src.waitWriteback(timeoutNanos: limit) }) {
                 warn("migrate_pages: hung task: a writeback wait reached the limit", "\(src), \(ctx.unmapped.count) other folios locked, \(limit / 1_000_000) ms")
                 src.unlock()
                 dst.put()
