@@ -427,12 +427,17 @@ extension Kernel {
             if batchFlush {
                 withUnsafeMutablePointer(to: &ctx.batch) { tryToMigrate(src, batch: $0) }
                 deferred = ctx.batch.takeFolio(deferrable: ctx.policy.deferredFlush)
+                // From here CPUs may read the old frame through translations
+                // whose flush is deferred, also once the new page is mapped:
+                // the stale-entry checker reads this flag.
+                if deferred != nil { src.set(.deferredFlush) }
             } else {
                 tryToMigrate(src)
             }
         }
         if src.isMapped {
             if wasMapped { removeMigrationPTEs(src, src) }
+            src.clear(.deferredFlush)  // mapped again: stale entries name the mapped frame
             src.unlock()
             dst.unlock()
             dst.put()
@@ -471,6 +476,7 @@ extension Kernel {
     /// back and is unlocked (still isolated); the destination is freed.
     func migrateFolioUndo(_ u: UnmappedFolio) {
         if u.wasMapped { removeMigrationPTEs(u.src, u.src) }
+        if u.deferred != nil { u.src.clear(.deferredFlush) }  // mapped again
         u.src.unlock()
         u.dst.unlock()
         u.dst.put()

@@ -139,9 +139,8 @@ public final class DeferredTLBFlush: @unchecked Sendable {
     /// the range of its read-only mappings in `mm`, to be flushed later.
     func hold(_ folio: Folio, _ mm: AddressSpace, _ start: UInt64, _ end: UInt64) {
         let pages = folio.pageCount
-        // What the stale-entry checker reads: reads through stale read-only
-        // entries of this frame are the deferral's bargain, not a bug.
-        folio.set(.deferredFlush)
+        // PG deferred_flush was set when the flush was deferred, at unmap
+        // (before the new page was mapped); the flush below clears it.
         let total = state.withLock { p -> Int in
             if let last = p.ranges.last, last.mmID == mm.id, start <= last.end, end >= last.start {
                 p.ranges[p.ranges.count - 1] = (mm.id, min(last.start, start), max(last.end, end))
