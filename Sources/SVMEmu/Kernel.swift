@@ -51,6 +51,11 @@ public struct KernelConfiguration: Sendable {
     /// that copy into fresh frames turn it on, so that the host's first-touch
     /// faults (zeroing the frame) are not counted as the emulated copy's time.
     public var populatesRAM = false
+    /// 2 MiB pages in the hugetlb pool at boot (`vm.nr_hugepages` on the
+    /// kernel command line); 0 by default, so MAP_HUGETLB mappings fail
+    /// with `-ENOMEM` until the pool is grown (``HugeTLBPool/setPageCount(_:)``).
+    /// The pages come out of the RAM nodes.
+    public var hugetlbPages = 0
     /// The default machine: two 2 GiB RAM nodes, THP on `madvise`, the
     /// trylock fault policy.
     public init() {}
@@ -77,6 +82,7 @@ public struct KernelConfiguration: Sendable {
         guard (1...CPUSet.maxCPUs).contains(cpus) else {
             throw .init("cpus: 1...\(CPUSet.maxCPUs) CPUs (got \(cpus))")
         }
+        guard hugetlbPages >= 0 else { throw .init("hugetlbPages: must not be negative (got \(hugetlbPages))") }
         guard traceEventsPerCPU >= 0 else { throw .init("traceEventsPerCPU: must not be negative (got \(traceEventsPerCPU))") }
     }
 }
@@ -136,6 +142,9 @@ public final class Kernel: @unchecked Sendable {
     public private(set) var zeroPage: Folio! = nil
     /// The huge zero page (a 2 MiB zero folio mapped by a PMD on read faults).
     public private(set) var hugeZeroPage: Folio! = nil
+    /// The hugetlb pool that MAP_HUGETLB mappings fault their 2 MiB pages
+    /// from (``AddressSpace/mmapHugeTLB(address:length:protection:)``).
+    public let hugetlb = HugeTLBPool()
 
     private let policyWord: Atomic<UInt8>
     let diagnosticLog = LockedValue<[Diagnostic]>([])
@@ -208,6 +217,8 @@ public final class Kernel: @unchecked Sendable {
         hugeZeroPage.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pmdSize)
         hugeZeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
         deferredTLB.kernel = self
+        hugetlb.kernelRef = .passUnretained(self)
+        hugetlb.setPageCount(configuration.hugetlbPages)
     }
 
     deinit {

@@ -31,6 +31,8 @@ enum HMMVariant: String, CaseIterable, Sendable, CustomStringConvertible {
 }
 
 final class HMMFixture: @unchecked Sendable {
+    /// 2 MiB pages in the machine's hugetlb pool (8 MiB of its 128 MiB).
+    static let hugetlbPages = 4
     let variant: HMMVariant
     let kernel: Kernel
     /// The test process's address space (current->mm).
@@ -46,6 +48,8 @@ final class HMMFixture: @unchecked Sendable {
         config.transparentHugepage = .madvise
         config.addressSpaceSize = 4 << 30
         config.maxPhysicalBytes = 2 << 30
+        // nr_hugepages: the hugetlb cases SKIP in the kernel without a pool.
+        config.hugetlbPages = HMMFixture.hugetlbPages
         kernel = Kernel(config)
         mm = AddressSpace(kernel: kernel)
         dev0 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20,
@@ -62,6 +66,9 @@ final class HMMFixture: @unchecked Sendable {
         mm = nil
         // The kernel's own paths never leave a stale translation behind.
         #expect(!kernel.diagnostics.contains { $0.rule.hasPrefix("stale TLB entry") })
+        // Every hugetlb page is back in the pool, no reservation left behind.
+        #expect(kernel.hugetlb.freePages == kernel.hugetlb.pageCount)
+        #expect(kernel.hugetlb.reservedPages == 0)
         withExtendedLifetime(kernel) {}
     }
 }

@@ -106,7 +106,10 @@ public final class AddressSpace: @unchecked Sendable {
     deinit {
         // exit_mmap(): unmap everything so references and map counts return.
         mmapWriteLock()
-        for vma in vmas { zapRange(vma: vma, start: vma.start, end: vma.end, freeTables: true) }
+        for vma in vmas {
+            zapRange(vma: vma, start: vma.start, end: vma.end, freeTables: true)
+            hugetlbClose(vma)
+        }
         vmas.removeAll()
         mmapWriteUnlock()
         kernel.unregister(id)

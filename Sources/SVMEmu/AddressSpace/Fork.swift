@@ -30,7 +30,9 @@ extension AddressSpace {
     ///
     /// - Returns: the child address space. Its rmap family is this one's, so
     ///   migrations and evictions reach the pages it shares.
-    /// - Throws: never today; typed for the kernel's `-ENOMEM`.
+    /// - Throws: ``Errno/noMemory`` when a hugetlb page that may be pinned
+    ///   must be copied for the child and the hugetlb pool has no free page
+    ///   (the child is released; the parent keeps its mappings).
     ///
     /// The corresponding kernel function is `dup_mmap()`.
     public func fork() throws(Errno) -> AddressSpace {
@@ -43,6 +45,10 @@ extension AddressSpace {
             child.vmas.append(VMA(mm: child, start: vma.start, end: vma.end, flags: vma.flags))
             // VM_PFNMAP / VM_MIXEDMAP: the child faults (and gets SIGBUS) instead.
             if vma.flags.contains(.special) { continue }
+            if vma.flags.contains(.hugetlb) {
+                try copyHugetlbRange(to: child, vma)
+                continue
+            }
             copyPageRange(to: child, vma)
         }
         return child

@@ -47,6 +47,8 @@ extension AddressSpace {
     /// - Throws: ``Errno/invalidArgument`` for unknown flag combinations
     ///   (FIXED or DONTUNMAP without MAYMOVE, DONTUNMAP with a length change),
     ///   unaligned addresses, zero lengths, or overlapping old and new ranges;
+    ///   for a hugetlb mapping, an address off a 2 MiB boundary, growth, or
+    ///   a move (the emulator only shrinks them, lengths rounded up to 2 MiB);
     ///   ``Errno/badAddress`` when `[oldAddress, oldAddress + oldLength)` is
     ///   not inside one VMA; ``Errno/noMemory`` when the mapping can neither
     ///   grow in place nor move. Nothing changes then.
@@ -63,8 +65,8 @@ extension AddressSpace {
         // The kernel allows old_len == 0 only to duplicate a shared mapping;
         // not modelled.
         guard oldAddress & ~PageGeometry.pageMask == 0, oldLength > 0, newLength > 0 else { throw .invalidArgument }
-        let oldLen = PageGeometry.pageAlign(UInt64(oldLength))
-        let newLen = PageGeometry.pageAlign(UInt64(newLength))
+        var oldLen = PageGeometry.pageAlign(UInt64(oldLength))
+        var newLen = PageGeometry.pageAlign(UInt64(newLength))
         if flags.contains(.dontUnmap) && oldLen != newLen { throw .invalidArgument }
         guard covers(oldAddress), oldAddress + oldLen <= endAddress else { throw .badAddress }
         var target: UInt64? = nil
@@ -80,6 +82,7 @@ extension AddressSpace {
         mmapWriteLock(); defer { mmapWriteUnlock() }
         // vma_to_resize(): the old range must lie in one VMA.
         guard let vma = vma(containing: oldAddress), oldAddress + oldLen <= vma.end else { throw .badAddress }
+        try hugetlbMremapLengths(vma, oldAddress, &oldLen, &newLen, moves: target != nil || flags.contains(.dontUnmap))
 
         if let target {
             unmapLocked(target, target + newLen)

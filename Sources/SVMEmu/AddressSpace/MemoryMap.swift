@@ -58,6 +58,7 @@ extension AddressSpace {
             guard address & ~PageGeometry.pageMask == 0, address >= baseAddress, address <= endAddress, len <= endAddress - address else {
                 throw .invalidArgument
             }
+            try hugetlbCheckSplit(address, address + len)
             start = address
             unmapLocked(start, start + len)
         } else {
@@ -72,7 +73,7 @@ extension AddressSpace {
         return start
     }
 
-    private func freeRange(length: UInt64, align: UInt64) -> UInt64? {
+    func freeRange(length: UInt64, align: UInt64) -> UInt64? {
         var candidate = (baseAddress + align - 1) & ~(align - 1)
         for v in vmas {
             if candidate + length <= v.start { return candidate }
@@ -95,12 +96,14 @@ extension AddressSpace {
     ///   - address: page aligned.
     ///   - length: bytes, rounded up to whole pages.
     /// - Throws: ``Errno/invalidArgument`` for an unaligned address, a zero
-    ///   length, or a range outside the address space; nothing changes then.
+    ///   length, a range outside the address space, or a range that would
+    ///   cut a hugetlb mapping off a 2 MiB boundary; nothing changes then.
     ///
     /// The corresponding kernel function is `do_munmap()`.
     public func munmap(_ address: UInt64, length: Int) throws(Errno) {
         let (start, end) = try checkRange(address, length)
         mmapWriteLock(); defer { mmapWriteUnlock() }
+        try hugetlbCheckSplit(start, end)
         unmapLocked(start, end)
     }
 
@@ -123,15 +126,21 @@ extension AddressSpace {
             for v in victims { zapRange(vma: v, start: v.start, end: v.end, freeTables: true) }
         }
         vmas.removeAll { v in victims.contains { $0 === v } }
-        for v in victims { v.isLive = false }
+        for v in victims {
+            v.isLive = false
+            hugetlbClose(v)
+        }
     }
 
     /// Splits the VMA containing `address` so that one ends and one begins there.
+    /// A hugetlb VMA is split only on a 2 MiB boundary (callers check first).
     /// Caller holds the mmap lock for writing.
     func splitVMA(at address: UInt64) {
         guard let i = vmas.firstIndex(where: { $0.start < address && address < $0.end }) else { return }
         let old = vmas[i]
+        if old.flags.contains(.hugetlb) && address & ~PageGeometry.pmdMask != 0 { return }
         let tail = VMA(mm: self, start: address, end: old.end, flags: old.flags)
+        tail.hugetlbReservation = old.hugetlbReservation
         old.end = address
         vmas.insert(tail, at: i + 1)
     }
@@ -160,7 +169,8 @@ extension AddressSpace {
     ///   - address: page aligned.
     ///   - length: bytes, rounded up to whole pages.
     ///   - protection: the new protection; write implies read.
-    /// - Throws: ``Errno/invalidArgument`` (unaligned, out of range),
+    /// - Throws: ``Errno/invalidArgument`` (unaligned, out of range, or a
+    ///   range that would cut a hugetlb mapping off a 2 MiB boundary),
     ///   ``Errno/noMemory`` when a page of the range is not mapped; nothing
     ///   changes then.
     ///
@@ -170,6 +180,7 @@ extension AddressSpace {
         let (start, end) = try checkRange(address, length)
         mmapWriteLock(); defer { mmapWriteUnlock() }
         guard fullyMapped(start, end) else { throw .noMemory }
+        try hugetlbCheckSplit(start, end)
         if protection.contains(.write) { kernel.deferredTLB.willMakeWritable() }
         splitVMA(at: start)
         splitVMA(at: end)
@@ -197,7 +208,10 @@ extension AddressSpace {
     ///   - address: page aligned.
     ///   - length: bytes, rounded up to whole pages.
     ///   - advice: what to do.
-    /// - Throws: ``Errno/invalidArgument`` (unaligned, out of range),
+    /// - Throws: ``Errno/invalidArgument`` (unaligned, out of range;
+    ///   ``MadviseAdvice/free`` on a hugetlb mapping, or
+    ///   ``MadviseAdvice/dontNeed`` starting inside one's 2 MiB page, whose
+    ///   end is otherwise rounded down to a 2 MiB boundary),
     ///   ``Errno/noMemory`` when a page of the range is not mapped; nothing
     ///   changes then. ``MadviseAdvice/collapse`` also throws
     ///   ``Errno/invalidArgument`` when no aligned 2 MiB region fits or a VMA
@@ -220,17 +234,21 @@ extension AddressSpace {
             guard fullyMapped(start, end) else { throw .noMemory }
             splitVMA(at: start)
             splitVMA(at: end)
-            for v in vmas where v.start >= start && v.end <= end {
+            // A hugetlb VMA keeps its flags (VM_NO_KHUGEPAGED): no split, no change.
+            for v in vmas where v.start >= start && v.end <= end && !v.flags.contains(.hugetlb) {
                 if advice == .hugePage { v.flags.remove(.noHugepage); v.flags.insert(.hugepage) }
                 else { v.flags.remove(.hugepage); v.flags.insert(.noHugepage) }
             }
         case .dontNeed, .free:
             mmapReadLock(); defer { mmapReadUnlock() }
             guard fullyMapped(start, end) else { throw .noMemory }
+            try hugetlbCheckMadvise(start, end, free: advice == .free)
             withInvalidation(start, end, .clear) {
                 for v in vmas where v.end > start && v.start < end {
                     let s = max(v.start, start), e = min(v.end, end)
-                    if advice == .dontNeed { zapRange(vma: v, start: s, end: e, freeTables: false) }
+                    // A hugetlb VMA's end is rounded down to its 2 MiB pages.
+                    let zapEnd = v.flags.contains(.hugetlb) ? max(s, e & PageGeometry.pmdMask) : e
+                    if advice == .dontNeed { zapRange(vma: v, start: s, end: zapEnd, freeTables: false) }
                     else if v.isAnonymous { lazyFree(start: s, end: e) }
                 }
             }

@@ -32,6 +32,9 @@ public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
     public static let noHugepage = VMAFlags(rawValue: 1 << 5)
     /// VM_PFNMAP | VM_IO | VM_MIXEDMAP: a special mapping migrate_vma refuses.
     public static let special = VMAFlags(rawValue: 1 << 6)
+    /// VM_HUGETLB: a MAP_HUGETLB mapping, backed by 2 MiB pages of the
+    /// hugetlb pool, mapped by PMD entries only.
+    public static let hugetlb = VMAFlags(rawValue: 1 << 7)
 
     /// `rw`/`-`, `s`/`p` and the huge page and special flags, as
     /// `/proc/PID/maps` shows them.
@@ -43,6 +46,7 @@ public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
         if contains(.hugepage) { s += " hugepage" }
         if contains(.noHugepage) { s += " nohugepage" }
         if contains(.special) { s += " special" }
+        if contains(.hugetlb) { s += " hugetlb" }
         return s
     }
 }
@@ -62,6 +66,9 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
     public unowned let mm: AddressSpace
     /// False once munmap removed it.
     public internal(set) var isLive = true
+    /// A hugetlb VMA's reservations (the owner's `resv_map`); shared by the
+    /// pieces a split makes, nil for a fork child's copy.
+    var hugetlbReservation: HugeTLBReservation?
 
     init(mm: AddressSpace, start: UInt64, end: UInt64, flags: VMAFlags) {
         self.mm = mm
@@ -71,10 +78,11 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
     }
 
     /// Whether this is private anonymous memory. Shared mappings behave like
-    /// shmem (they have a mapping), and special mappings are not anonymous.
+    /// shmem (they have a mapping); special and hugetlb mappings (a file on
+    /// the internal hugetlbfs mount) are not anonymous.
     ///
     /// The corresponding kernel function is `vma_is_anonymous()`.
-    public var isAnonymous: Bool { !flags.contains(.shared) && !flags.contains(.special) }
+    public var isAnonymous: Bool { flags.isDisjoint(with: [.shared, .special, .hugetlb]) }
     /// `end - start` in bytes.
     public var length: UInt64 { end - start }
     /// Whether `address` lies in `[start, end)`.
@@ -90,7 +98,7 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `thp_vma_allowable_order()`.
     public func allowsHugePage(at address: UInt64, mode: TransparentHugepageMode) -> Bool {
-        guard !flags.contains(.noHugepage), !flags.contains(.special) else { return false }
+        guard flags.isDisjoint(with: [.noHugepage, .special, .hugetlb]) else { return false }
         switch mode {
         case .never: return false
         case .madvise: if !flags.contains(.hugepage) { return false }

@@ -198,6 +198,7 @@ extension Kernel {
             folio.clear(.locked)
         }
         if folio.withPageMap({ $0.freeFolio(folio) }) != nil { return }
+        if m.test(PageFlags.hugetlb.rawValue) { return hugetlb.free(folio) }
         // The node by region, unretained: no reference counting on this per-page path.
         guard let node = nodeByRegion[Int(m.region)] else {
             return warn("free_folio: pfn outside system RAM and every device page map", "\(folio)")

@@ -80,6 +80,9 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
     /// LUF): held out of the allocator; CPUs may still read it through stale
     /// read-only translations until the deferred flush runs.
     public static let deferredFlush = PageFlags(rawValue: 1 << 16)
+    /// A hugetlb folio (`folio_test_hugetlb()`): it belongs to the hugetlb
+    /// pool (``HugeTLBPool``) and goes back there when freed.
+    public static let hugetlb = PageFlags(rawValue: 1 << 17)
 
     /// The set flags' names joined by `|`, e.g. `locked|dirty|lru`.
     public var description: String {
@@ -87,7 +90,7 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
             (.locked, "locked"), (.waiters, "waiters"), (.dirty, "dirty"), (.uptodate, "uptodate"),
             (.lru, "lru"), (.anonExclusive, "anon_exclusive"), (.head, "head"), (.tail, "tail"),
             (.zoneDevice, "zone_device"), (.anon, "anon"), (.reserved, "reserved"), (.buddy, "buddy"),
-            (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"), (.writeback, "writeback"), (.deferredFlush, "deferred_flush"),
+            (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"), (.writeback, "writeback"), (.deferredFlush, "deferred_flush"), (.hugetlb, "hugetlb"),
         ]
         return names.filter { contains($0.0) }.map(\.1).joined(separator: "|")
     }

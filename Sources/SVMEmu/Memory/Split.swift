@@ -201,6 +201,9 @@ extension AddressSpace {
             for i in 0..<PageGeometry.pmdPages { svm_store64(ptes + i, zero.rawValue) }
         case .present, .devicePrivate:
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
+            // A hugetlb page is mapped whole or not at all; VMA cuts keep to
+            // its 2 MiB, so no caller should get here.
+            if folio.test(.hugetlb) { return kernel.warn("split_huge_pmd: a hugetlb mapping cannot be split", "\(folio)") }
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
             for i in 0..<PageGeometry.pmdPages {
                 let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
