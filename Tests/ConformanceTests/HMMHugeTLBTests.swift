@@ -172,6 +172,20 @@ struct HMMHugeTLBTests {
             #expect(pool.freePages == n - 2)
             child = nil
             #expect(pool.freePages == n - 1)
+
+            // A page that may be pinned is copied for the child at fork:
+            // the pin keeps seeing the parent's page.
+            let pinned = try mm.pinUserPagesFast(p + 8192, count: 1, flags: [.write, .longterm])
+            let atFork = try mm.load64(p)
+            child = try mm.fork()
+            #expect(pool.freePages == n - 2)
+            try mm.store64(p, 9)
+            #expect(pool.freePages == n - 2)
+            #expect(pinned[0].bytes.load(fromByteOffset: -8192, as: UInt64.self) == 9)
+            #expect(try child!.load64(p) == atFork)
+            f.kernel.unpinUserPage(pinned[0])
+            child = nil
+            #expect(pool.freePages == n - 1)
             try mm.munmap(p, length: HugeTLBPool.pageSize)
             #expect(f.kernel.diagnostics.isEmpty)
         }

@@ -41,11 +41,17 @@ public final class HugeTLBPool: @unchecked Sendable {
     /// The kernel, unretained (the kernel owns its pool); set once at boot.
     var kernelRef: Unmanaged<Kernel>! = nil
     /// `hugetlb_fault_mutex_table`: faults on the same huge page of the same
-    /// mm serialize on one of these, so that two threads never allocate
-    /// (and zero) a page for the same slot.
-    private let faultMutexes: [LockedValue<Void>] = (0..<64).map { _ in LockedValue(()) }
+    /// mm serialize on one of these lock words, so that two threads never
+    /// allocate (and zero) a page for the same slot. Kernel lock words, so
+    /// that the deterministic scheduler sees them.
+    private let faultMutexes: UnsafeMutablePointer<UInt32>
+    private static let faultMutexCount = 64
 
-    init() {}
+    init() {
+        faultMutexes = .allocate(capacity: HugeTLBPool.faultMutexCount)
+        faultMutexes.initialize(repeating: 0, count: HugeTLBPool.faultMutexCount)
+    }
+    deinit { faultMutexes.deallocate() }
 
     /// Pages in the pool, in use or free (`HugePages_Total`).
     ///
@@ -197,8 +203,8 @@ public final class HugeTLBPool: @unchecked Sendable {
     /// Runs `body` holding the fault mutex of the huge page at `haddr` in
     /// the address space `mm` (`hugetlb_fault_mutex_hash()`).
     func withFaultMutex<R, E: Error>(_ mm: UInt32, _ haddr: UInt64, _ body: () throws(E) -> R) throws(E) -> R {
-        let hash = Int((UInt64(mm) &* 0x9E37_79B9 ^ (haddr >> PageGeometry.pmdShift)) % UInt64(faultMutexes.count))
-        return try faultMutexes[hash].withLock { (_: inout Void) throws(E) -> R in try body() }
+        let hash = Int((UInt64(mm) &* 0x9E37_79B9 ^ (haddr >> PageGeometry.pmdShift)) % UInt64(HugeTLBPool.faultMutexCount))
+        return try SpinLockRef(faultMutexes + hash).withLock(body)
     }
 
     /// Gives a pool page (no reference) back to the node it came from.
