@@ -194,8 +194,9 @@ struct HMMHugeTLBTests {
     /// Input the kernel refuses for a hugetlb mapping gives its errno and
     /// changes nothing: a fixed address off 2 MiB, cuts (munmap, mprotect,
     /// MADV_DONTNEED) inside a 2 MiB page, MADV_FREE and MADV_COLLAPSE,
-    /// growing mremap, and migrate_vma (dmirror's migration, -EINVAL). A
-    /// length off 2 MiB is rounded up, as the kernel rounds it.
+    /// growing mremap, migrate_vma (dmirror's migration, -EINVAL), and
+    /// move_pages (-EBUSY: not isolated). A length off 2 MiB is rounded up,
+    /// as the kernel rounds it.
     @Test func hugetlb_bad_input() throws {
         try withHMM { f in
             let mm = f.mm!, pool = f.kernel.hugetlb
@@ -222,6 +223,13 @@ struct HMMHugeTLBTests {
             let buffer = HMMBuffer(size: HugeTLBPool.pageSize)
             buffer.ptr = p
             #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, HugeTLBPool.pageSize >> pageShift) == -EINVAL)
+
+            // hugetlb folios are never on the LRU: move_pages cannot isolate them.
+            var status = [PageStatus](repeating: .error(.noEntry), count: 1)
+            try mm.movePages([p], nodes: nil, status: &status)
+            guard case .node(let here) = status[0] else { Issue.record("no node for the page: \(status[0])"); return }
+            try mm.movePages([p], nodes: [1 - here], status: &status)
+            #expect(status[0] == .error(.busy))
 
             // Nothing changed: one VMA each, the bytes, the pool.
             #expect(mm.mappings.filter { $0.flags.contains(.hugetlb) }.map(\.length) == [huge, 2 * huge])

@@ -249,12 +249,7 @@ extension AddressSpace {
                 return true
             }
         }
-        if replaced {
-            oldFolio.put()  // the old mapping's reference
-            kernel.vmstat.count(.cowFaults)
-        } else {
-            folio.put()
-        }
+        finishCopyOnWrite(replaced, old: oldFolio, new: folio)
     }
 
     /// `copy_hugetlb_page_range()` for fork: every mapped 2 MiB page of

@@ -284,11 +284,20 @@ extension AddressSpace {
             removeRmap(page: oldPage)
             return true
         }
+        finishCopyOnWrite(replaced, old: oldFolio, new: folio)
+    }
+
+    /// The end of a copy-on-write fault, at either level: when the copy
+    /// `new` replaced the mapping, the old folio loses that mapping's
+    /// reference (the caller's own reference, taken before the copy, is
+    /// dropped by the caller); otherwise the unused copy is freed. Caller
+    /// holds no page-table lock (a put may free).
+    func finishCopyOnWrite(_ replaced: Bool, old: Folio, new: Folio) {
         if replaced {
-            oldFolio.put()  // the old mapping's reference
+            old.put()  // the old mapping's reference
             kernel.vmstat.count(.cowFaults)
         } else {
-            folio.put()
+            new.put()
         }
     }
 
