@@ -143,7 +143,10 @@ public final class Kernel: @unchecked Sendable {
     /// The huge zero page (a 2 MiB zero folio mapped by a PMD on read faults).
     public private(set) var hugeZeroPage: Folio! = nil
     /// The hugetlb pool that MAP_HUGETLB mappings fault their 2 MiB pages
-    /// from (``AddressSpace/mmapHugeTLB(address:length:protection:)``).
+    /// from (``AddressSpace/mmapHugeTLB(address:length:protection:)``),
+    /// sized at boot by ``KernelConfiguration/hugetlbPages``.
+    ///
+    /// The corresponding kernel object is `default_hstate`.
     public let hugetlb = HugeTLBPool()
 
     private let policyWord: Atomic<UInt8>
