@@ -121,8 +121,9 @@ struct HMMHugeTLBTests {
         }
     }
 
-    /// munmap and MADV_DONTNEED return hugetlb pages to the pool; mapping
-    /// and unmapping over and over leaks nothing.
+    /// munmap, a shrinking mremap and MADV_DONTNEED return hugetlb pages
+    /// (and unused reservations) to the pool; mapping and unmapping over and
+    /// over leaks nothing.
     @Test func hugetlb_munmap_returns_pages() throws {
         try withHMM { f in
             let mm = f.mm!, pool = f.kernel.hugetlb
@@ -137,6 +138,19 @@ struct HMMHugeTLBTests {
                 try mm.munmap(p + 2 * huge, length: (n - 2) * HugeTLBPool.pageSize)
                 #expect((pool.freePages, pool.reservedPages) == (n, 0))
             }
+            // mremap shrinks in place: the tail's page and reservation return.
+            let r = try mm.mmapHugeTLB(length: 2 * HugeTLBPool.pageSize)
+            try mm.store64(r, 1)
+            #expect((pool.freePages, pool.reservedPages) == (n - 1, 1))
+            #expect(try mm.mremap(r, oldLength: 2 * HugeTLBPool.pageSize, newLength: pageSize) == r)
+            #expect((pool.freePages, pool.reservedPages) == (n - 1, 0))
+            #expect(try mm.load64(r) == 1)
+            // mprotect on the 2 MiB boundary; a CPU store then faults (EACCES).
+            #expect(sys { try mm.mprotect(r, length: HugeTLBPool.pageSize, protection: .read) } == 0)
+            #expect(sys { try mm.store64(r, 2) } == -EACCES)
+            try mm.munmap(r, length: HugeTLBPool.pageSize)
+            #expect((pool.freePages, pool.reservedPages) == (n, 0))
+
             // MADV_DONTNEED drops the page; the next touch gets a zeroed one.
             let p = try mm.mmapHugeTLB(length: HugeTLBPool.pageSize)
             try mm.store64(p + 64, 0xABCD)
