@@ -208,8 +208,9 @@ struct HMMHugeTLBTests {
     /// Input the kernel refuses for a hugetlb mapping gives its errno and
     /// changes nothing: a fixed address off 2 MiB, cuts (munmap, mprotect,
     /// MADV_DONTNEED) inside a 2 MiB page, MADV_FREE and MADV_COLLAPSE,
-    /// growing mremap, migrate_vma (dmirror's migration, -EINVAL), and
-    /// move_pages (-EBUSY: not isolated). A length off 2 MiB is rounded up,
+    /// growing mremap, migrate_vma (dmirror's migration, -EINVAL),
+    /// make_device_exclusive (-EOPNOTSUPP) and move_pages (-EBUSY: not
+    /// isolated). A length off 2 MiB is rounded up,
     /// as the kernel rounds it.
     @Test func hugetlb_bad_input() throws {
         try withHMM { f in
@@ -238,6 +239,11 @@ struct HMMHugeTLBTests {
             buffer.ptr = p
             #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, HugeTLBPool.pageSize >> pageShift) == -EINVAL)
 
+            // Device-exclusive access is for anonymous memory only.
+            let exclusive = mm.withMmapReadLock { () -> Int32 in
+                sys { _ = try mm.makeDeviceExclusive(p, owner: f.dev0.owner) }
+            }
+            #expect(exclusive == -EOPNOTSUPP)
             // hugetlb folios are never on the LRU: move_pages cannot isolate them.
             var status = [PageStatus](repeating: .error(.noEntry), count: 1)
             try mm.movePages([p], nodes: nil, status: &status)

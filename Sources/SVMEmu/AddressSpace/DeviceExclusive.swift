@@ -28,7 +28,7 @@ extension AddressSpace {
     ///   - owner: the device's owner, passed to the notifiers.
     /// - Returns: the page, its folio locked and referenced.
     /// - Throws: ``Errno/badAddress`` (EFAULT) without a VMA;
-    ///   ``Errno/notSupported`` (EOPNOTSUPP) for a shared or special mapping,
+    ///   ``Errno/notSupported`` (EOPNOTSUPP) for a shared, special or hugetlb mapping,
     ///   the zero page or a device page; the write fault's own error
     ///   (``Errno/permissionDenied`` for a read-only VMA, ``Errno/noMemory``).
     ///

@@ -198,7 +198,8 @@ extension Kernel {
             folio.clear(.locked)
         }
         if folio.withPageMap({ $0.freeFolio(folio) }) != nil { return }
-        if m.test(PageFlags.hugetlb.rawValue) { return hugetlb.free(folio) }
+        // hugetlb folios are 2 MiB: a 4 KiB free skips the flag test.
+        if m.order != 0 && m.test(PageFlags.hugetlb.rawValue) { return hugetlb.free(folio) }
         // The node by region, unretained: no reference counting on this per-page path.
         guard let node = nodeByRegion[Int(m.region)] else {
             return warn("free_folio: pfn outside system RAM and every device page map", "\(folio)")
