@@ -141,6 +141,9 @@ public final class Kernel: @unchecked Sendable {
     let diagnosticLog = LockedValue<[Diagnostic]>([])
     let diagnosticCount = Atomic<Int>(0)
     let addressSpaces = LockedValue<(next: UInt32, live: [UInt32: WeakAddressSpace])>((1, [:]))
+    /// Live files by id: a page-cache folio names its file by id, and the
+    /// file rmap walk looks it up here.
+    let files = LockedValue<(next: UInt32, live: [UInt32: WeakFile])>((1, [:]))
     let pageMaps = LockedValue<[DevicePageMap]>([])
     /// Page-map indices handed out so far (an index is reserved before its
     /// region is added, so racing registrations never share one).
@@ -394,6 +397,25 @@ public final class Kernel: @unchecked Sendable {
     func register(_ mm: AddressSpace) { addressSpaces.withLock { $0.live[mm.id] = WeakAddressSpace(mm) } }
     func unregister(_ id: UInt32) { addressSpaces.withLock { _ = $0.live.removeValue(forKey: id) } }
     func addressSpace(id: UInt32) -> AddressSpace? { addressSpaces.withLock { $0.live[id]?.value } }
+}
+
+extension Kernel {
+    /// A new file id (never 0: a page with mapping id 0 has no mapping).
+    func reserveFileID() -> UInt32 {
+        files.withLock { s in
+            let id = s.next
+            s.next += 1
+            return id
+        }
+    }
+    func register(_ file: File) { files.withLock { $0.live[file.id] = WeakFile(file) } }
+    func unregisterFile(_ id: UInt32) { files.withLock { _ = $0.live.removeValue(forKey: id) } }
+    func file(id: UInt32) -> File? { files.withLock { $0.live[id]?.value } }
+}
+
+struct WeakFile {
+    weak var value: File?
+    init(_ v: File) { value = v }
 }
 
 struct WeakAddressSpace {

@@ -107,7 +107,9 @@ public final class AddressSpace: @unchecked Sendable {
         // exit_mmap(): unmap everything so references and map counts return.
         mmapWriteLock()
         for vma in vmas { zapRange(vma: vma, start: vma.start, end: vma.end, freeTables: true) }
+        let files = vmas.compactMap(\.file)
         vmas.removeAll()
+        relinkFileMappings(files)
         mmapWriteUnlock()
         kernel.unregister(id)
         anonFamily.leave(id)
