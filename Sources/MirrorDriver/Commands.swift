@@ -217,6 +217,8 @@ extension MirrorDevice {
     /// - Returns: the start of the mapping.
     /// - Throws: ``Errno/noMemory`` when a page cannot be allocated (nothing
     ///   stays mapped), or what `mmap` throws.
+    ///
+    /// The corresponding kernel function is `dmirror_fops_mmap()`.
     public func mmap(length: Int, protection: Protection = .readWrite, shared: Bool = false) throws(Errno) -> UInt64 {
         let kernel = self.kernel
         let mm = self.mm

@@ -14,6 +14,14 @@ func hmmCreateFile(_ kernel: Kernel, size: Int) throws -> File {
     return file
 }
 
+/// The file cases' preamble: npages of HMM_BUFFER_SIZE, a file of that
+/// size (hmm_create_file), and a buffer for it (not mapped yet).
+private func fileBuffer(_ f: HMMFixture) throws -> (npages: Int, size: Int, file: File, buffer: HMMBuffer) {
+    let npages = hmmBufferSize >> pageShift
+    let size = npages << pageShift
+    return (npages, size, try hmmCreateFile(f.kernel, size: size), HMMBuffer(size: size))
+}
+
 /// The hmm-tests cases on file-backed memory (file_read, file_write,
 /// migrate_file_private) and on a driver's own mapping (mixedmap), in both
 /// fixture variants, with the kernel's expectations.
@@ -24,10 +32,7 @@ struct HMMFileTests {
     @Test(arguments: HMMVariant.allCases) func file_read(_ variant: HMMVariant) throws {
         try withHMM(variant) { f in
             let mm = f.mm!
-            let npages = hmmBufferSize >> pageShift
-            let size = npages << pageShift
-            let file = try hmmCreateFile(f.kernel, size: size)
-            let buffer = HMMBuffer(size: size)
+            let (npages, size, file, buffer) = try fileBuffer(f)
 
             // Write initial contents of the file.
             for i in 0..<(size / 4) { buffer.mirrorInts[i] = Int32(i) }
@@ -57,10 +62,7 @@ struct HMMFileTests {
     @Test(arguments: HMMVariant.allCases) func file_write(_ variant: HMMVariant) throws {
         try withHMM(variant) { f in
             let mm = f.mm!
-            let npages = hmmBufferSize >> pageShift
-            let size = npages << pageShift
-            let file = try hmmCreateFile(f.kernel, size: size)
-            let buffer = HMMBuffer(size: size)
+            let (npages, size, file, buffer) = try fileBuffer(f)
             buffer.ptr = try mm.mmap(length: size, protection: .readWrite, shared: true, file: file)
 
             // Initialize data that the device will write to buffer->ptr.
@@ -88,10 +90,7 @@ struct HMMFileTests {
     @Test(arguments: HMMVariant.allCases) func migrate_file_private(_ variant: HMMVariant) throws {
         try withHMM(variant) { f in
             let mm = f.mm!
-            let npages = hmmBufferSize >> pageShift
-            let size = npages << pageShift
-            let file = try hmmCreateFile(f.kernel, size: size)
-            let buffer = HMMBuffer(size: size)
+            let (npages, size, file, buffer) = try fileBuffer(f)
             buffer.ptr = try mm.mmap(length: size, protection: .readWrite, shared: false, file: file)
 
             // Initialize buffer in system memory (each page a private copy).

@@ -31,86 +31,79 @@ struct FileMappingTests {
 
     @Test("a CPU writer through a MAP_PRIVATE file mapping races migrations to the device and back: no write is lost, unwritten pages keep the file's bytes, the file never changes")
     func privateFileWriterRacesMigration() throws {
-        var config = KernelConfiguration()
-        config.nodeSizes = [64 << 20, 64 << 20]
-        config.transparentHugepage = .never
-        config.addressSpaceSize = 4 << 30
-        config.maxPhysicalBytes = 2 << 30
-        let kernel = Kernel(config)
-        let mm = AddressSpace(kernel: kernel)
-        let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: 32 << 20, chunkBytes: 16 << 20)
-        defer { withExtendedLifetime((device, mm, kernel)) {} }
-        let pages = 16
-        let file = try patternFile(kernel, pages: pages)
-        let a = try mm.mmap(length: pages * pageSize, protection: .readWrite, shared: false, file: file)
+        try withMachine { kernel, mm, device in
+            let pages = 16
+            let file = try patternFile(kernel, pages: pages)
+            let a = try mm.mmap(length: pages * pageSize, protection: .readWrite, shared: false, file: file)
 
-        // The writer stores 1, 2, 3, ... into one word of each even page (the
-        // first store copies the page: do_cow_fault); odd pages stay mapped
-        // from the page cache, which migrate_vma collects, cannot move, and
-        // restores through the file's rmap; a reader checks them meanwhile.
-        let rounds = 100
-        let stop = Atomic<Int>(0)
-        let lastWritten = SharedCounter()
-        let migrations = Atomic<Int>(0)
-        let issues = ThreadIssues()
-        let ok = runThreads(3, timeout: 60, keepAlive: [kernel, mm, device, file]) { t in
-            switch t {
-            case 0:
-                for _ in 0..<rounds {
-                    _ = try? device.migrateToDevice(a, pages: pages)
-                    _ = try? device.migrateToSystem(a, pages: pages)
-                    migrations.add(1, ordering: .relaxed)
-                }
-                stop.store(1, ordering: .releasing)
-            case 1:
-                var v: UInt64 = 0
-                while stop.load(ordering: .acquiring) == 0 {
-                    v += 1
-                    for p in stride(from: 0, to: pages, by: 2) {
-                        guard (try? mm.store64(a + UInt64(p * pageSize), v)) != nil else {
-                            issues.record("store failed on page \(p)")
-                            return
+            // The writer stores 1, 2, 3, ... into one word of each even page (the
+            // first store copies the page: do_cow_fault); odd pages stay mapped
+            // from the page cache, which migrate_vma collects, cannot move, and
+            // restores through the file's rmap; a reader checks them meanwhile.
+            let rounds = 100
+            let stop = Atomic<Int>(0)
+            let lastWritten = SharedCounter()
+            let migrations = Atomic<Int>(0)
+            let issues = ThreadIssues()
+            let ok = runThreads(3, timeout: 60, keepAlive: [kernel, mm, device, file]) { t in
+                switch t {
+                case 0:
+                    for _ in 0..<rounds {
+                        _ = try? device.migrateToDevice(a, pages: pages)
+                        _ = try? device.migrateToSystem(a, pages: pages)
+                        migrations.add(1, ordering: .relaxed)
+                    }
+                    stop.store(1, ordering: .releasing)
+                case 1:
+                    var v: UInt64 = 0
+                    while stop.load(ordering: .acquiring) == 0 {
+                        v += 1
+                        for p in stride(from: 0, to: pages, by: 2) {
+                            guard (try? mm.store64(a + UInt64(p * pageSize), v)) != nil else {
+                                issues.record("store failed on page \(p)")
+                                return
+                            }
+                        }
+                        lastWritten.value.store(Int(v), ordering: .releasing)
+                    }
+                default:
+                    while stop.load(ordering: .acquiring) == 0 {
+                        for p in stride(from: 1, to: pages, by: 2) {
+                            let o = p * pageSize + 64
+                            guard let w = try? mm.load64(a + UInt64(o)) else { issues.record("load failed on page \(p)"); return }
+                            if w != fileWord(o) { issues.record("page \(p) read 0x\(String(w, radix: 16))") }
                         }
                     }
-                    lastWritten.value.store(Int(v), ordering: .releasing)
-                }
-            default:
-                while stop.load(ordering: .acquiring) == 0 {
-                    for p in stride(from: 1, to: pages, by: 2) {
-                        let o = p * pageSize + 64
-                        guard let w = try? mm.load64(a + UInt64(o)) else { issues.record("load failed on page \(p)"); return }
-                        if w != fileWord(o) { issues.record("page \(p) read 0x\(String(w, radix: 16))") }
-                    }
                 }
             }
-        }
-        try #require(ok)
-        #expect(issues.all.isEmpty, "\(issues.all)")
-        #expect(migrations.load(ordering: .acquiring) == rounds)
-        let v = UInt64(lastWritten.current)
-        for p in 0..<pages {
-            let base = p * pageSize
-            if p % 2 == 0 { #expect(try mm.load64(a + UInt64(base)) == v, "page \(p)") }
-            // The rest of every page is the file's: copied at the COW, or the cache's own.
-            for o in stride(from: base + 8, to: base + pageSize, by: 512) {
-                #expect(try mm.load64(a + UInt64(o)) == fileWord(o), "page \(p) offset \(o)")
+            try #require(ok)
+            #expect(issues.all.isEmpty, "\(issues.all)")
+            #expect(migrations.load(ordering: .acquiring) == rounds)
+            let v = UInt64(lastWritten.current)
+            for p in 0..<pages {
+                let base = p * pageSize
+                if p % 2 == 0 { #expect(try mm.load64(a + UInt64(base)) == v, "page \(p)") }
+                // The rest of every page is the file's: copied at the COW, or the cache's own.
+                for o in stride(from: base + 8, to: base + pageSize, by: 512) {
+                    #expect(try mm.load64(a + UInt64(o)) == fileWord(o), "page \(p) offset \(o)")
+                }
             }
+            // The private stores never reached the file.
+            var word: UInt64 = 0
+            for p in stride(from: 0, to: pages, by: 2) {
+                #expect(try withUnsafeMutableBytes(of: &word) { try file.pread(into: $0, offset: Int64(p * pageSize)) } == 8)
+                #expect(word == fileWord(p * pageSize))
+            }
+            // Only the copies moved: every odd page is still the cache's folio.
+            for p in stride(from: 1, to: pages, by: 2) {
+                #expect(mm.entry(at: a + UInt64(p * pageSize)).entry.pfn == file.cachedFolio(at: UInt64(p))?.pfn)
+            }
+            try mm.munmap(a, length: pages * pageSize)
+            #expect(onlyCacheReferences(file, pages: pages))
+            #expect(device.devicePagesInUse == 0)
+            #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
         }
-        // The private stores never reached the file.
-        var word: UInt64 = 0
-        for p in stride(from: 0, to: pages, by: 2) {
-            #expect(try withUnsafeMutableBytes(of: &word) { try file.pread(into: $0, offset: Int64(p * pageSize)) } == 8)
-            #expect(word == fileWord(p * pageSize))
-        }
-        // Only the copies moved: every odd page is still the cache's folio.
-        for p in stride(from: 1, to: pages, by: 2) {
-            #expect(mm.entry(at: a + UInt64(p * pageSize)).entry.pfn == file.cachedFolio(at: UInt64(p))?.pfn)
-        }
-        try mm.munmap(a, length: pages * pageSize)
-        #expect(onlyCacheReferences(file, pages: pages))
-        #expect(device.devicePagesInUse == 0)
-        #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
-        #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
     }
 
     @Test("pread, pwrite, ftruncate and mmap refuse bad input with typed errors and leave the file as it was")

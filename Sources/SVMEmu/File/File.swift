@@ -52,6 +52,8 @@ public final class File: @unchecked Sendable {
     ///
     /// - Parameters:
     ///   - kernel: the machine whose memory backs its page cache.
+    ///
+    /// The corresponding kernel function is `shmem_file_setup()`.
     public init(kernel: Kernel) {
         self.kernel = kernel
         id = kernel.reserveFileID()
@@ -71,7 +73,9 @@ public final class File: @unchecked Sendable {
         }
     }
 
-    /// The file's size in bytes (`i_size_read()`): a snapshot.
+    /// The file's size in bytes: a snapshot. Takes the cache lock.
+    ///
+    /// The corresponding kernel function is `i_size_read()`.
     public var size: Int64 { cache.withLock { $0.size } }
 
     /// Folios in the page cache (`mapping->nrpages`): a snapshot.
