@@ -257,6 +257,36 @@ struct FileMappingTests {
         }
     }
 
+    @Test("pins of file pages: a shared mapping and a short pin of a private one pin the page-cache folio; a FOLL_LONGTERM pin in a private writable mapping unshares it first")
+    func pinsOfFilePages() throws {
+        try withMachine { kernel, mm, _ in
+            let file = try patternFile(kernel, pages: 2)
+            let cache0 = try #require(file.cachedFolio(at: 0))
+            let shared = try mm.mmap(length: 2 * pageSize, protection: .readWrite, shared: true, file: file)
+            let priv = try mm.mmap(length: 2 * pageSize, protection: .readWrite, shared: false, file: file)
+            _ = try mm.load(priv)
+            _ = try mm.load(priv + UInt64(pageSize))
+
+            let p1 = try mm.pinUserPagesFast(shared, count: 1, flags: .longterm)
+            #expect(p1.first?.folio == cache0)
+            let p2 = try mm.pinUserPagesFast(priv, count: 1)
+            #expect(p2.first?.folio == cache0)
+            #expect(cache0.isMaybeDMAPinned)
+            // gup_must_unshare(): the private mapping gets its own copy to pin.
+            let p3 = try mm.pinUserPagesFast(priv + UInt64(pageSize), count: 1, flags: .longterm)
+            let copy = try #require(p3.first?.folio)
+            #expect(copy.isAnon && copy != file.cachedFolio(at: 1))
+            #expect(mm.entry(at: priv + UInt64(pageSize)).entry.pfn == copy.pfn)
+            #expect(try mm.load64(priv + UInt64(pageSize) + 8) == fileWord(pageSize + 8))
+            for p in p1 + p2 + p3 { kernel.unpinUserPage(p) }
+            #expect(!cache0.isMaybeDMAPinned)
+            try mm.munmap(shared, length: 2 * pageSize)
+            try mm.munmap(priv, length: 2 * pageSize)
+            #expect(onlyCacheReferences(file, pages: 2))
+            #expect(kernel.diagnostics.isEmpty)
+        }
+    }
+
     @Test("vm_insert_page refuses anonymous pages, addresses outside the VMA and occupied entries; a private mixed map copies on write")
     func insertPageRules() throws {
         try withMachine { kernel, mm, device in
