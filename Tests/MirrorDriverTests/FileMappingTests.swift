@@ -257,6 +257,45 @@ struct FileMappingTests {
         }
     }
 
+    @Test("migrate_vma in a MAP_PRIVATE file mapping: holes give 0, page-cache pages are collected but stay, the anonymous copies move to the device")
+    func privateFileMappingMigratesOnlyCopies() throws {
+        try withMachine { kernel, mm, device in
+            let pages = 8
+            let file = try patternFile(kernel, pages: pages)
+            let a = try mm.mmap(length: pages * pageSize, protection: .readWrite, shared: false, file: file)
+            for p in 0..<4 { try mm.store64(a + UInt64(p * pageSize), UInt64(100 + p)) }
+            for p in 4..<6 { _ = try mm.load(a + UInt64(p * pageSize)) }
+
+            mm.mmapReadLock()
+            var args = MigrateVMA(vma: mm.vma(containing: a), start: a, end: a + UInt64(pages * pageSize), flags: .system)
+            try kernel.migrateVMASetup(&args)
+            #expect(args.cpages == 6)
+            #expect(args.src[0..<6].allSatisfy { $0.isMigrating && $0.pfn != 0 })
+            #expect(args.src[6..<8].allSatisfy { $0 == .empty })
+            kernel.migrateVMAPages(&args)
+            kernel.migrateVMAFinalize(&args)
+            mm.mmapReadUnlock()
+
+            #expect(throws: Errno.noEntry) { try device.migrateToDevice(a, pages: pages) }
+            #expect(device.devicePagesInUse == 4)
+            for p in 0..<pages {
+                let e = mm.entry(at: a + UInt64(p * pageSize)).entry
+                switch p {
+                case 0..<4: #expect(e.kind == .devicePrivate)
+                case 4..<6: #expect(e.kind == .present && e.pfn == file.cachedFolio(at: UInt64(p))?.pfn)
+                default: #expect(e.isNone)
+                }
+            }
+            // Back from the device on a CPU read; the file is untouched.
+            #expect(try mm.load64(a + 8) == fileWord(8))
+            #expect(try mm.load64(a) == 100)
+            try mm.munmap(a, length: pages * pageSize)
+            #expect(device.devicePagesInUse == 0)
+            #expect(onlyCacheReferences(file, pages: pages))
+            #expect(kernel.diagnostics.isEmpty)
+        }
+    }
+
     @Test("pins of file pages: a shared mapping and a short pin of a private one pin the page-cache folio; a FOLL_LONGTERM pin in a private writable mapping unshares it first")
     func pinsOfFilePages() throws {
         try withMachine { kernel, mm, _ in
