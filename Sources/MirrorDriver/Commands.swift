@@ -198,3 +198,39 @@ extension MirrorDevice {
         }
     }
 }
+
+extension MirrorDevice {
+    /// Maps the device file itself into its address space
+    /// (`dmirror_fops_mmap()`): every page of the new VMA gets a zeroed
+    /// system page, inserted with ``AddressSpace/insertPage(_:at:in:)``
+    /// (`vm_insert_page()`), which makes the VMA VM_MIXEDMAP. The mapping
+    /// then holds the only reference to each page; unmapping it frees them.
+    /// hmm-tests' `mixedmap` snapshots such a mapping.
+    ///
+    /// Takes the address space's mmap lock for writing (the caller must not
+    /// hold it).
+    ///
+    /// - Parameters:
+    ///   - length: bytes, rounded up to whole pages.
+    ///   - protection: the mapping's protection.
+    ///   - shared: MAP_SHARED (true) or MAP_PRIVATE (false).
+    /// - Returns: the start of the mapping.
+    /// - Throws: ``Errno/noMemory`` when a page cannot be allocated (nothing
+    ///   stays mapped), or what `mmap` throws.
+    ///
+    /// The corresponding kernel function is `dmirror_fops_mmap()`.
+    public func mmap(length: Int, protection: Protection = .readWrite, shared: Bool = false) throws(Errno) -> UInt64 {
+        let kernel = self.kernel
+        let mm = self.mm
+        return try mm.mmap(length: length, protection: protection, shared: shared) { (vma: VMA) throws(Errno) in
+            var address = vma.start
+            while address < vma.end {
+                guard let folio = kernel.allocateFolio(order: 0, zeroed: true) else { throw .noMemory }
+                // The mapping takes its own reference; ours goes either way.
+                defer { folio.put() }
+                try mm.insertPage(folio.page(0), at: address, in: vma)
+                address += PageGeometry.pageSize64
+            }
+        }
+    }
+}

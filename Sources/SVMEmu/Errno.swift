@@ -41,6 +41,8 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
     public static let invalidArgument = Errno(rawValue: EINVAL)
     /// `ENOSPC`
     public static let noSpace = Errno(rawValue: ENOSPC)
+    /// `EFBIG`: a file would grow past the largest size it may have.
+    public static let fileTooLarge = Errno(rawValue: EFBIG)
     /// `ERANGE`
     public static let outOfRange = Errno(rawValue: ERANGE)
     /// `ENOSYS`
@@ -68,6 +70,7 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
         case ENODEV: "ENODEV"
         case EINVAL: "EINVAL"
         case ENOSPC: "ENOSPC"
+        case EFBIG: "EFBIG"
         case ERANGE: "ERANGE"
         case ENOSYS: "ENOSYS"
         case EOPNOTSUPP: "EOPNOTSUPP"

@@ -152,7 +152,10 @@ public final class Kernel: @unchecked Sendable {
     private let policyWord: Atomic<UInt8>
     let diagnosticLog = LockedValue<[Diagnostic]>([])
     let diagnosticCount = Atomic<Int>(0)
-    let addressSpaces = LockedValue<(next: UInt32, live: [UInt32: WeakAddressSpace])>((1, [:]))
+    let addressSpaces = WeakRegistry<AddressSpace>()
+    /// Live files by id: a page-cache folio names its file by id, and the
+    /// file rmap walk looks it up here.
+    let files = WeakRegistry<File>()
     let pageMaps = LockedValue<[DevicePageMap]>([])
     /// Page-map indices handed out so far (an index is reserved before its
     /// region is added, so racing registrations never share one).
@@ -396,21 +399,35 @@ public final class Kernel: @unchecked Sendable {
     /// Removes and returns the diagnostics recorded so far.
     public func takeDiagnostics() -> [Diagnostic] { diagnosticLog.withLock { let d = $0; $0.removeAll(); return d } }
 
-    // MARK: address spaces (for the reverse map)
+    // MARK: address spaces and files (for the reverse map)
 
-    func reserveAddressSpaceID() -> UInt32 {
-        addressSpaces.withLock { s in
+    func reserveAddressSpaceID() -> UInt32 { addressSpaces.reserveID() }
+    func register(_ mm: AddressSpace) { addressSpaces.insert(mm, id: mm.id) }
+    func unregister(_ id: UInt32) { addressSpaces.remove(id) }
+    func addressSpace(id: UInt32) -> AddressSpace? { addressSpaces.lookup(id) }
+
+    /// A new file id (never 0: a page with mapping id 0 has no mapping).
+    func reserveFileID() -> UInt32 { files.reserveID() }
+    func register(_ file: File) { files.insert(file, id: file.id) }
+    func unregisterFile(_ id: UInt32) { files.remove(id) }
+    func file(id: UInt32) -> File? { files.lookup(id) }
+}
+
+/// Objects by id, held weakly: what a folio's rmap id names (an address
+/// space, or a file) is found here while it lives. Ids start at 1 and are
+/// never reused.
+final class WeakRegistry<Object: AnyObject & Sendable>: @unchecked Sendable {
+    private struct Entry { weak var object: Object? }
+    private let state = LockedValue<(next: UInt32, live: [UInt32: Entry])>((1, [:]))
+
+    func reserveID() -> UInt32 {
+        state.withLock { s in
             let id = s.next
             s.next += 1
             return id
         }
     }
-    func register(_ mm: AddressSpace) { addressSpaces.withLock { $0.live[mm.id] = WeakAddressSpace(mm) } }
-    func unregister(_ id: UInt32) { addressSpaces.withLock { _ = $0.live.removeValue(forKey: id) } }
-    func addressSpace(id: UInt32) -> AddressSpace? { addressSpaces.withLock { $0.live[id]?.value } }
-}
-
-struct WeakAddressSpace {
-    weak var value: AddressSpace?
-    init(_ v: AddressSpace) { value = v }
+    func insert(_ object: Object, id: UInt32) { state.withLock { $0.live[id] = Entry(object: object) } }
+    func remove(_ id: UInt32) { state.withLock { _ = $0.live.removeValue(forKey: id) } }
+    func lookup(_ id: UInt32) -> Object? { state.withLock { $0.live[id]?.object } }
 }

@@ -110,7 +110,9 @@ public final class AddressSpace: @unchecked Sendable {
             zapRange(vma: vma, start: vma.start, end: vma.end, freeTables: true)
             hugetlbClose(vma)
         }
+        let files = vmas.compactMap(\.file)
         vmas.removeAll()
+        relinkFileMappings(files)
         mmapWriteUnlock()
         kernel.unregister(id)
         anonFamily.leave(id)
@@ -148,7 +150,8 @@ public final class AddressSpace: @unchecked Sendable {
     /// Takes the mmap lock for writing, sleeping until no reader or writer
     /// holds it.
     ///
-    /// ``mmap(address:length:protection:shared:special:)``, ``munmap(_:length:)``,
+    /// ``mmap(address:length:protection:shared:special:)`` (and its file and
+    /// driver forms), ``munmap(_:length:)``,
     /// ``mprotect(_:length:protection:)`` and ``mremap(_:oldLength:newLength:flags:newAddress:)``
     /// take it themselves: a caller holding it must not call them. Release
     /// with ``mmapWriteUnlock()``.

@@ -24,12 +24,14 @@ extension AddressSpace {
     /// page back. A 2 MiB mapping is split to PTEs first.
     ///
     /// - Parameters:
-    ///   - address: an address in a private anonymous, writable VMA.
+    ///   - address: an address in a private, writable VMA (anonymous, or a
+    ///     MAP_PRIVATE file mapping, whose write fault makes an anonymous copy).
     ///   - owner: the device's owner, passed to the notifiers.
     /// - Returns: the page, its folio locked and referenced.
     /// - Throws: ``Errno/badAddress`` (EFAULT) without a VMA;
-    ///   ``Errno/notSupported`` (EOPNOTSUPP) for a shared, special or hugetlb mapping,
-    ///   the zero page or a device page; the write fault's own error
+    ///   ``Errno/notSupported`` (EOPNOTSUPP) for a special or hugetlb mapping, or a
+    ///   page that is not anonymous (a shared mapping's, after the write
+    ///   fault), the zero page or a device page; the write fault's own error
     ///   (``Errno/permissionDenied`` for a read-only VMA, ``Errno/noMemory``).
     ///
     /// The corresponding kernel function is `make_device_exclusive()`.
@@ -38,7 +40,9 @@ extension AddressSpace {
         let addr = address & PageGeometry.pageMask
         while true {
             guard let vma = vma(containing: addr) else { throw .badAddress }
-            guard vma.isAnonymous else { throw .notSupported }
+            // A hugetlb folio is refused like a non-anonymous one (the kernel
+            // faults it in first; its 2 MiB PMD is never split).
+            guard vma.flags.isDisjoint(with: [.special, .hugetlb]) else { throw .notSupported }
             // get_user_pages(FOLL_WRITE | FOLL_SPLIT_PMD).
             let pmd = loadPMD(addr)
             if pmd.kind != .none && pmd.kind != .table {
@@ -57,7 +61,9 @@ extension AddressSpace {
             }
             let page = Page(pfn: pte.pfn, kernel: kernel)
             let folio = page.folio
-            if pte.isSpecial || folio.isZoneDevice { throw .notSupported }
+            // Only anonymous folios: a shared mapping's page is refused after
+            // its write fault, a MAP_PRIVATE file mapping's copy is taken.
+            if pte.isSpecial || folio.isZoneDevice || !folio.isAnon { throw .notSupported }
             guard folio.tryGet() else { continue }
             folio.lock()
             let range = MMUNotifierRange(start: addr, end: addr + PageGeometry.pageSize64, event: .exclusive, owner: owner)

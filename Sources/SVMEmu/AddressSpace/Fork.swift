@@ -41,9 +41,11 @@ extension AddressSpace {
         defer { mmapWriteUnlock() }
         child.mmapWriteLock()
         defer { child.mmapWriteUnlock() }
+        child.vmas = vmas.map { VMA(mm: child, start: $0.start, end: $0.end, flags: $0.flags, file: $0.file, pageOffset: $0.pageOffset) }
+        child.relinkFileMappings(vmas.compactMap(\.file))
         for vma in vmas {
-            child.vmas.append(VMA(mm: child, start: vma.start, end: vma.end, flags: vma.flags))
-            // VM_PFNMAP / VM_MIXEDMAP: the child faults (and gets SIGBUS) instead.
+            // VM_PFNMAP: the child faults (and gets SIGBUS) instead; a
+            // VM_MIXEDMAP mapping is copied (vma_needs_copy()).
             if vma.flags.contains(.special) { continue }
             if vma.flags.contains(.hugetlb) {
                 try copyHugetlbRange(to: child, vma)

@@ -126,7 +126,7 @@ extension AddressSpace {
             while pages.count < count {
                 guard let vma = vma(containing: a), vma.flags.contains(.read), !vma.flags.contains(.special) else { throw Errno.badAddress }
                 if write && !vma.flags.contains(.write) { throw Errno.badAddress }
-                if let page = followPage(a, vma, write: write, pin: pin) {
+                if let page = followPage(a, vma, write: write, pin: pin, longterm: flags.contains(.longterm)) {
                     if pin && flags.contains(.longterm) && page.folio.isDeviceCoherent {
                         // check_and_migrate_movable_pages(): device memory must
                         // not stay pinned; the pin becomes a plain reference,
@@ -142,9 +142,15 @@ extension AddressSpace {
                     a += PageGeometry.pageSize64
                     continue
                 }
-                // faultin_page(): a pin of a shared anonymous page unshares it.
+                // faultin_page(): a pin of a shared anonymous page unshares
+                // it, and so does a FOLL_LONGTERM pin of a file page in a
+                // private mapping (the emulator's unshare is a write fault).
+                var unshare = pin && vma.isAnonymous && vma.flags.contains(.write)
+                if pin && !unshare, case let e = entry(at: a).entry, e.kind == .present, !e.isSpecial {
+                    unshare = mustUnshare(Page(pfn: e.pfn, kernel: kernel), vma, pin: pin, longterm: flags.contains(.longterm))
+                }
                 var state = FaultLockState(held: true, mayDrop: false)
-                try handleMMFaultLocked(a, write: write || (pin && vma.isAnonymous && vma.flags.contains(.write)), &state)
+                try handleMMFaultLocked(a, write: write || unshare, &state)
             }
         } catch {
             for p in pages { if pin { kernel.unpinUserPage(p) } else { p.folio.put() } }
@@ -153,18 +159,29 @@ extension AddressSpace {
         return pages
     }
 
+    /// `gup_must_unshare()` for a pin: in a private writable mapping, an
+    /// anonymous page that is not exclusive, or with `longterm` any page
+    /// that is not anonymous (a page-cache or driver page the mapping still
+    /// shares), must be unshared (copied) before it is pinned. Caller holds
+    /// the page-table lock of the entry, or reads a snapshot before a fault.
+    private func mustUnshare(_ page: Page, _ vma: VMA, pin: Bool, longterm: Bool) -> Bool {
+        guard pin, !vma.flags.contains(.shared), vma.flags.contains(.write) else { return false }
+        if page.folio.isAnon { return !page.isAnonExclusive }
+        return longterm
+    }
+
     /// `follow_page_pte()`: the page mapped at `address` with a reference or
     /// pin taken, or nil when a fault is needed (nothing present, not
-    /// writable for a write, a shared anonymous page for a pin, a 2 MiB
+    /// writable for a write, a page a pin must unshare (`gup_must_unshare()`), a 2 MiB
     /// mapping, which is looked up per 4 KiB page after a split).
-    private func followPage(_ address: UInt64, _ vma: VMA, write: Bool, pin: Bool) -> Page? {
+    private func followPage(_ address: UInt64, _ vma: VMA, write: Bool, pin: Bool, longterm: Bool) -> Page? {
         let pmd = loadPMD(address)
         if pmd.kind == .present && !pmd.isSpecial && !pmd.isProtNone && (!write || pmd.isWrite) {
             return withPMDLock(address) { () -> Page? in
                 let now = loadPMD(address)
                 guard now == pmd else { return nil }
                 let page = Page(pfn: pmd.pfn + ((address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1)), kernel: kernel)
-                if pin && vma.isAnonymous && !page.isAnonExclusive && vma.flags.contains(.write) { return nil }
+                if mustUnshare(page, vma, pin: pin, longterm: longterm) { return nil }
                 page.folio.get()
                 if pin { page.folio.pin(); page.folio.put() }
                 return page
@@ -183,7 +200,7 @@ extension AddressSpace {
                 return zero
             }
             let page = Page(pfn: pte.pfn, kernel: kernel)
-            if pin && vma.isAnonymous && !page.isAnonExclusive && vma.flags.contains(.write) { return nil }
+            if mustUnshare(page, vma, pin: pin, longterm: longterm) { return nil }
             page.folio.get()
             if pin { page.folio.pin(); page.folio.put() }
             return page

@@ -99,7 +99,9 @@ extension AddressSpace {
     /// - Throws: ``Errno/busy`` when the interval notifier saw an
     ///   invalidation (start over with a new `readBegin()`), or after waiting
     ///   on a migration entry; ``Errno/badAddress`` (EFAULT) when a page that
-    ///   must be faulted has no VMA or the VMA is PROT_NONE;
+    ///   must be faulted has no VMA, or the VMA is PROT_NONE or a VM_IO /
+    ///   VM_PFNMAP mapping (``VMAFlags/special``; without a fault request
+    ///   such pages read ``HMMPFN/error``);
     ///   ``Errno/notPermitted`` (EPERM) when a write is requested on a
     ///   read-only VMA; ``Errno/invalidArgument`` for an empty or unaligned
     ///   range or `hmmPfns` shorter than the range; a fault's own error
@@ -119,7 +121,10 @@ extension AddressSpace {
             let required = (range.defaultFlags.rawValue | (range.hmmPfns[i].rawValue & range.pfnFlagsMask.rawValue)) & req
             let wantFault = required & HMMPFN.requestFault.rawValue != 0
             let wantWrite = required & HMMPFN.requestWrite.rawValue != 0
-            guard let vma = vma(containing: addr), vma.flags.contains(.read) else {
+            // hmm_vma_walk_test(): no VMA, an unreadable one or a VM_IO /
+            // VM_PFNMAP one is an error (-EFAULT if a fault is wanted);
+            // VM_MIXEDMAP is walked like any other (its pages are normal).
+            guard let vma = vma(containing: addr), vma.flags.contains(.read), !vma.flags.contains(.special) else {
                 if wantFault { throw .badAddress }
                 range.hmmPfns[i] = .error
                 addr += PageGeometry.pageSize64

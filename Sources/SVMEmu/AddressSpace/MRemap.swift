@@ -104,6 +104,7 @@ extension AddressSpace {
            fullyFree(vma.end, oldAddress + newLen) {
             // Grow in place: the VMA is extended (vma_expand()).
             vma.end = oldAddress + newLen
+            if let file = vma.file { relinkFileMappings([file]) }
             return oldAddress
         }
         guard flags.contains(.mayMove) else { throw .noMemory }
@@ -138,12 +139,14 @@ extension AddressSpace {
         splitVMA(at: from)
         splitVMA(at: from + length)
         guard let old = vma(containing: from) else { return }
-        let moved = VMA(mm: self, start: to, end: to + newLength, flags: old.flags)
+        let moved = VMA(mm: self, start: to, end: to + newLength, flags: old.flags, file: old.file, pageOffset: old.pageOffset)
+        let i = vmas.firstIndex { $0.start > to } ?? vmas.count
+        vmas.insert(moved, at: i)
+        // The file rmap must find the moved entries (take_rmap_locks()).
+        if let file = old.file { relinkFileMappings([file]) }
         withInvalidation(from, from + length, .unmap) {
             movePageTables(from, to, length)
         }
-        let i = vmas.firstIndex { $0.start > to } ?? vmas.count
-        vmas.insert(moved, at: i)
         if !keepOld { unmapLocked(from, from + length) }
     }
 
@@ -237,7 +240,7 @@ extension AddressSpace {
         let page = Page(pfn: pfn, kernel: kernel)
         let folio = page.folio
         let head = folio.meta
-        guard head.mappingMM == id else { return }
+        guard head.mappingMM == id, !folio.test(.pageCache) else { return }
         head.index = (address >> PageGeometry.pageShift) - (pfn - folio.pfn)
     }
 }

@@ -45,32 +45,9 @@ extension AddressSpace {
     @discardableResult
     public func mmap(address: UInt64? = nil, length: Int, protection: Protection = .readWrite,
                      shared: Bool = false, special: Bool = false) throws(Errno) -> UInt64 {
-        guard length > 0 else { throw .invalidArgument }
-        let len = PageGeometry.pageAlign(UInt64(length))
-        var flags: VMAFlags = []
-        if protection.contains(.read) { flags.insert(.read) }
-        if protection.contains(.write) { flags.insert([.write, .read]) }
-        if shared { flags.insert(.shared) }
-        if special { flags.insert(.special) }
         mmapWriteLock(); defer { mmapWriteUnlock() }
-        let start: UInt64
-        if let address {
-            guard address & ~PageGeometry.pageMask == 0, address >= baseAddress, address <= endAddress, len <= endAddress - address else {
-                throw .invalidArgument
-            }
-            try hugetlbCheckSplit(address, address + len)
-            start = address
-            unmapLocked(start, start + len)
-        } else {
-            guard let s = freeRange(length: len, align: len >= AddressSpace.pmdSize ? AddressSpace.pmdSize : PageGeometry.pageSize64) else {
-                throw .noMemory
-            }
-            start = s
-        }
-        let vma = VMA(mm: self, start: start, end: start + len, flags: flags)
-        let i = vmas.firstIndex { $0.start > start } ?? vmas.count
-        vmas.insert(vma, at: i)
-        return start
+        return try mapRegionLocked(address: address, length: length, protection: protection, shared: shared,
+                                   special: special, file: nil, pageOffset: 0).start
     }
 
     func freeRange(length: UInt64, align: UInt64) -> UInt64? {
@@ -130,6 +107,8 @@ extension AddressSpace {
             v.isLive = false
             hugetlbClose(v)
         }
+        let files = victims.compactMap(\.file)
+        if !files.isEmpty { relinkFileMappings(files) }
     }
 
     /// Splits the VMA containing `address` so that one ends and one begins there.
@@ -139,10 +118,12 @@ extension AddressSpace {
         guard let i = vmas.firstIndex(where: { $0.start < address && address < $0.end }) else { return }
         let old = vmas[i]
         if old.flags.contains(.hugetlb) && address & ~PageGeometry.pmdMask != 0 { return }
-        let tail = VMA(mm: self, start: address, end: old.end, flags: old.flags)
+        let tail = VMA(mm: self, start: address, end: old.end, flags: old.flags, file: old.file,
+                       pageOffset: old.file == nil ? 0 : old.fileIndex(address))
         tail.hugetlbReservation = old.hugetlbReservation
         old.end = address
         vmas.insert(tail, at: i + 1)
+        if let file = old.file { relinkFileMappings([file]) }
     }
 
     /// Every page of `[start, end)` lies in some VMA. Caller holds the mmap lock.

@@ -128,7 +128,8 @@ extension Kernel {
     }
 
     /// Where an anonymous page is mapped, from its rmap: (address space, address),
-    /// or nil when it has no anonymous mapping recorded.
+    /// or nil when it has no anonymous mapping recorded (a page-cache page
+    /// has none: its mappings are its file's).
     public func rmapAddress(of page: Page) -> (AddressSpace, UInt64)? {
         rmapAddress(of: page, hint: nil)
     }
@@ -142,6 +143,8 @@ extension Kernel {
     func rmapLocation(of page: Page) -> (mmID: UInt32, address: UInt64) {
         let folio = page.folio
         let head = folio.meta
+        // A page-cache folio's mapping is its file: walked by rmapWalkFile.
+        if head.test(PageFlags.pageCache.rawValue) { return (0, 0) }
         return (head.mappingMM, (head.index &+ (page.pfn &- folio.pfn)) << PageGeometry.pageShift)
     }
 

@@ -30,11 +30,19 @@ public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
     public static let hugepage = VMAFlags(rawValue: 1 << 4)
     /// VM_NOHUGEPAGE (MADV_NOHUGEPAGE).
     public static let noHugepage = VMAFlags(rawValue: 1 << 5)
-    /// VM_PFNMAP | VM_IO | VM_MIXEDMAP: a special mapping migrate_vma refuses.
+    /// VM_PFNMAP | VM_IO: a mapping of raw pfns (`remap_pfn_range()` of
+    /// device registers) with no struct pages behind it. CPU faults in it are
+    /// SIGBUS, `hmm_range_fault()` reports it as an error and
+    /// `migrate_vma_setup()` refuses it.
     public static let special = VMAFlags(rawValue: 1 << 6)
     /// VM_HUGETLB: a MAP_HUGETLB mapping, backed by 2 MiB pages of the
     /// hugetlb pool, mapped by PMD entries only.
     public static let hugetlb = VMAFlags(rawValue: 1 << 7)
+    /// VM_MIXEDMAP: a driver inserts pages into it itself
+    /// (``AddressSpace/insertPage(_:at:in:)``, `vm_insert_page()`). Its
+    /// pages are normal pages: `hmm_range_fault()` reports them; only
+    /// `migrate_vma_setup()` refuses the VMA (VM_SPECIAL includes VM_MIXEDMAP).
+    public static let mixedMap = VMAFlags(rawValue: 1 << 8)
 
     /// `rw`/`-`, `s`/`p` and the huge page and special flags, as
     /// `/proc/PID/maps` shows them.
@@ -47,6 +55,7 @@ public struct VMAFlags: OptionSet, Sendable, Hashable, CustomStringConvertible {
         if contains(.noHugepage) { s += " nohugepage" }
         if contains(.special) { s += " special" }
         if contains(.hugetlb) { s += " hugetlb" }
+        if contains(.mixedMap) { s += " mixedmap" }
         return s
     }
 }
@@ -69,20 +78,37 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
     /// A hugetlb VMA's reservations (the owner's `resv_map`); shared by the
     /// pieces a split makes, nil for a fork child's copy.
     var hugetlbReservation: HugeTLBReservation?
+    /// The file this VMA maps (`vma->vm_file`), or nil for anonymous memory
+    /// and driver mappings. The VMA keeps the file alive.
+    public let file: File?
+    /// The file page mapped at ``start`` (`vma->vm_pgoff`, in pages); 0
+    /// without a file. Stable while the mmap lock is held.
+    public internal(set) var pageOffset: UInt64
 
-    init(mm: AddressSpace, start: UInt64, end: UInt64, flags: VMAFlags) {
+    init(mm: AddressSpace, start: UInt64, end: UInt64, flags: VMAFlags, file: File? = nil, pageOffset: UInt64 = 0) {
         self.mm = mm
         self.start = start
         self.end = end
         self.flags = flags
+        self.file = file
+        self.pageOffset = pageOffset
     }
 
-    /// Whether this is private anonymous memory. Shared mappings behave like
-    /// shmem (they have a mapping); special and hugetlb mappings (a file on
-    /// the internal hugetlbfs mount) are not anonymous.
+    /// Whether this is private anonymous memory: no file, not shared, not a
+    /// raw pfn mapping, not hugetlb (a file on the internal hugetlbfs mount). Shared mappings behave like shmem (they have a
+    /// mapping); a MAP_PRIVATE file mapping is not anonymous either, though
+    /// the pages its writes copy are. A VM_MIXEDMAP mapping a driver made
+    /// without fault handlers (dmirror's) counts as anonymous, as in the
+    /// kernel, where the test is `!vma->vm_ops`.
     ///
     /// The corresponding kernel function is `vma_is_anonymous()`.
-    public var isAnonymous: Bool { flags.isDisjoint(with: [.shared, .special, .hugetlb]) }
+    public var isAnonymous: Bool { file == nil && flags.isDisjoint(with: [.shared, .special, .hugetlb]) }
+
+    /// The file page index that `address` (in this VMA) maps
+    /// (`linear_page_index()`).
+    func fileIndex(_ address: UInt64) -> UInt64 {
+        pageOffset &+ ((address &- start) >> PageGeometry.pageShift)
+    }
     /// `end - start` in bytes.
     public var length: UInt64 { end - start }
     /// Whether `address` lies in `[start, end)`.
@@ -98,7 +124,7 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `thp_vma_allowable_order()`.
     public func allowsHugePage(at address: UInt64, mode: TransparentHugepageMode) -> Bool {
-        guard flags.isDisjoint(with: [.noHugepage, .special, .hugetlb]) else { return false }
+        guard flags.isDisjoint(with: [.noHugepage, .special, .hugetlb, .mixedMap]), file == nil else { return false }
         switch mode {
         case .never: return false
         case .madvise: if !flags.contains(.hugepage) { return false }

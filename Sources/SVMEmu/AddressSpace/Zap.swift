@@ -66,6 +66,11 @@ extension AddressSpace {
             case .devicePrivate, .deviceExclusive:
                 storePTE(a, .none)
                 let page = Page(pfn: pte.pfn, kernel: kernel)
+                // zap_nonpresent_ptes(): only anonymous folios ever get these
+                // entries, in any VMA (a MAP_PRIVATE file mapping's copies too).
+                if !page.folio.isAnon {
+                    kernel.warn("zap_nonpresent_ptes: device entry of a folio that is not anonymous (WARN_ON_ONCE(!folio_test_anon))", "\(page)")
+                }
                 removeRmap(page: page)
                 toPut.append(page.folio)
             case .migration:

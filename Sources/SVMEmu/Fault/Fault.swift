@@ -84,7 +84,9 @@ extension AddressSpace {
         let next: PTEFaultNext
         switch pte.kind {
         case .none:
-            if !write && vma.isAnonymous {
+            if vma.file != nil {
+                next = .fileFault
+            } else if !write && vma.isAnonymous {
                 // do_anonymous_page() on a read: map the shared zero page.
                 storePTE(address, .present(pfn: kernel.zeroPage.pfn, write: false, special: true))
                 next = .mappedZeroPage
@@ -99,12 +101,18 @@ extension AddressSpace {
                 next = .copyZeroPage
             } else if write && !pte.isWrite {
                 let page = Page(pfn: pte.pfn, kernel: kernel)
-                if !vma.isAnonymous || canReuseAnonPage(page) {
-                    // do_wp_page() reusing the page: exclusive to this mm (or
-                    // a shared mapping). Deferred migration flushes first: no
-                    // stale reader may race a writer.
+                let shared = vma.flags.contains(.shared)
+                // do_wp_page(): a shared mapping writes the page itself
+                // (wp_page_shared()); a private one reuses only an anonymous
+                // page exclusive to this mm; any other page, a page-cache
+                // or driver page of a private mapping included, is copied.
+                if shared || (page.folio.isAnon && canReuseAnonPage(page)) {
+                    // Deferred migration flushes first: no stale reader may
+                    // race a writer.
                     kernel.deferredTLB.willMakeWritable()
-                    if vma.isAnonymous {
+                    if shared {
+                        page.folio.markDirty()
+                    } else {
                         page.meta.setFlags(PageFlags.anonExclusive.rawValue)
                         page.folio.meta.mappingMM = id
                     }
@@ -132,6 +140,8 @@ extension AddressSpace {
             kernel.vmstat.count(.zeroPageMaps)
         case .newPage:
             try newAnonymousPage(vma, address, expect: pte)
+        case .fileFault:
+            try fileFault(vma, address, write: write)
         case .copyZeroPage:
             kernel.vmstat.count(.wpFaults)
             try newAnonymousPage(vma, address, expect: pte)
@@ -147,7 +157,7 @@ extension AddressSpace {
     }
 
     /// What a PTE fault does once the PTE lock is dropped.
-    private enum PTEFaultNext { case done, mappedZeroPage, newPage, copyZeroPage, copyPage, waitOnMigration, restoreExclusive }
+    private enum PTEFaultNext { case done, mappedZeroPage, newPage, fileFault, copyZeroPage, copyPage, waitOnMigration, restoreExclusive }
 
     /// Allocates a zeroed page and maps it writable if the entry is still
     /// `expect` (none, or the zero page for a write-protect fault).

@@ -14,8 +14,10 @@ import Synchronization
 /// 18 region           u16  which physical region holds the bytes
 /// 20 pgmap            u32  device page map index + 1 (0: not ZONE_DEVICE)
 /// 24 head             u64  pfn of the folio head (compound_head); self for a head
-/// 32 mappingMM        u32  address-space id of an anonymous mapping (anon rmap)
-/// 40 index            u64  virtual page number the page is mapped at (anon rmap)
+/// 32 mappingMM        u32  address-space id of an anonymous mapping (anon rmap),
+///                          or the file id of a page-cache folio (PageFlags.pageCache)
+/// 40 index            u64  virtual page number the page is mapped at (anon rmap),
+///                          or the file page index (page cache)
 /// 48 next             u64  free-list link
 /// 56 zoneDeviceData   u64  driver-private word (page->zone_device_data)
 /// ```
@@ -83,6 +85,11 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
     /// A hugetlb folio (`folio_test_hugetlb()`): it belongs to the hugetlb
     /// pool (``HugeTLBPool``) and goes back there when freed.
     public static let hugetlb = PageFlags(rawValue: 1 << 17)
+    /// In a file's page cache: `folio->mapping` is the file's address_space,
+    /// not an anon_vma (the kernel tells them apart by PAGE_MAPPING_ANON).
+    /// `mappingMM` then holds the file's id and `index` the file page; the
+    /// rmap walks the file's mappings (`i_mmap`) instead of an address space.
+    public static let pageCache = PageFlags(rawValue: 1 << 18)
 
     /// The set flags' names joined by `|`, e.g. `locked|dirty|lru`.
     public var description: String {
@@ -91,6 +98,7 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
             (.lru, "lru"), (.anonExclusive, "anon_exclusive"), (.head, "head"), (.tail, "tail"),
             (.zoneDevice, "zone_device"), (.anon, "anon"), (.reserved, "reserved"), (.buddy, "buddy"),
             (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"), (.writeback, "writeback"), (.deferredFlush, "deferred_flush"), (.hugetlb, "hugetlb"),
+            (.pageCache, "pagecache"),
         ]
         return names.filter { contains($0.0) }.map(\.1).joined(separator: "|")
     }

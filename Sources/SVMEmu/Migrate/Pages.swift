@@ -201,7 +201,9 @@ extension Kernel {
                     src[i] = src[i].without(MigratePFN.migrateBit)
                     continue
                 }
-            } else if newFolio.isZoneDevice {
+            } else if newFolio.isZoneDevice || folio.test(.pageCache) {
+                // A page-cache folio would need its file's migrate_folio,
+                // which the emulated page cache does not have.
                 src[i] = src[i].without(MigratePFN.migrateBit)
                 continue
             }

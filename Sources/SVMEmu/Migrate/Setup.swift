@@ -74,7 +74,7 @@ extension Kernel {
     ///     at least one entry per base page of the page-aligned range;
     ///     `src`, `cpages` and `npages` are filled in.
     /// - Throws: ``Errno/invalidArgument`` (`-EINVAL`), with nothing changed,
-    ///   when `args.vma` is nil, unmapped, hugetlb, or a special (VM_PFNMAP / VM_IO)
+    ///   when `args.vma` is nil, unmapped, hugetlb, or a special (VM_PFNMAP / VM_IO / VM_MIXEDMAP)
     ///   mapping; the range is empty; `start` or `end` lies outside the VMA;
     ///   `src` or `dst` holds fewer entries than the page-aligned range has
     ///   pages (an unaligned start is masked down, which can add a page);
@@ -87,7 +87,10 @@ extension Kernel {
         let pageCount = Int64(bitPattern: args.end &- args.start) >> PageGeometry.pageShift
         args.start &= PageGeometry.pageMask
         args.end &= PageGeometry.pageMask
-        guard let vma = args.vma, vma.isLive, vma.flags.isDisjoint(with: [.special, .hugetlb]) else { throw .invalidArgument }
+        // VM_SPECIAL: VM_IO | VM_PFNMAP | VM_MIXEDMAP (| VM_DONTEXPAND); and VM_HUGETLB.
+        guard let vma = args.vma, vma.isLive, vma.flags.isDisjoint(with: [.special, .hugetlb, .mixedMap]) else {
+            throw .invalidArgument
+        }
         guard pageCount > 0 else { throw .invalidArgument }
         guard args.start >= vma.start, args.start < vma.end else { throw .invalidArgument }
         guard args.end > vma.start, args.end <= vma.end else { throw .invalidArgument }

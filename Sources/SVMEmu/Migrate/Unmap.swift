@@ -109,6 +109,14 @@ extension Kernel {
     /// instead of flushed.
     func tryToMigrate(_ folio: Folio, hint: AddressSpace? = nil, batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         if folio.entireMapCount > 0 { tryToMigratePMD(folio, hint: hint) }
+        if folio.test(.pageCache) {
+            // rmap_walk_file(): every VMA of the file that maps the page.
+            for i in 0..<folio.pageCount where folio.page(i).mapCount > 0 {
+                let page = folio.page(i)
+                rmapWalkFile(page) { mm, address in tryToMigrateOne(folio, page, mm, address, batch) }
+            }
+            return
+        }
         let hintID = hint?.id ?? 0
         let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<folio.pageCount {
@@ -171,6 +179,14 @@ extension Kernel {
     func removeMigrationPTEs(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) {
         if src.isLarge && dst.isLarge && removeMigrationPMD(src, dst, hint: hint) { return }
         let count = min(src.pageCount, dst.pageCount)
+        if src.test(.pageCache) {
+            // Page-cache folios only ever come back to themselves (a restore).
+            for i in 0..<count {
+                let page = src.page(i)
+                rmapWalkFile(page) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address, file: true) }
+            }
+            return
+        }
         let hintID = hint?.id ?? 0
         let hintRef = hint.map { Unmanaged.passUnretained($0) }
         for i in 0..<count {
@@ -192,16 +208,20 @@ extension Kernel {
     }
 
     /// `remove_migration_pte()` for one page: its migration entry at `address`
-    /// becomes a mapping of `newPage` (of `dst`), which takes a reference.
+    /// becomes a mapping of `newPage` (of `dst`), which takes a reference
+    /// and an anonymous rmap, or with `file` a file rmap.
     /// We enter with no page-table lock and return with the PTE lock dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
-    private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64) {
+    private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64,
+                                    file: Bool = false) {
         mm.withPTL(address) {
         let pte = mm.loadPTE(address)
             guard mm.loadPMD(address).kind == .table, pte.kind == .migration, pte.pfn == page.pfn else { return }
         dst.get()
         let entry = PageTableEntry.replacing(migration: pte, with: dst, pfn: newPage.pfn)
-        mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
+        if file { mm.addFileRmap(page: newPage) } else {
+            mm.addAnonRmap(page: newPage, address: address, exclusive: pte.isWrite || pte.isReadExclusive)
+        }
         mm.storePTE(address, entry)
         }
     }
