@@ -17,6 +17,8 @@ struct NumaCommandTests {
             (["numa", "--holders", "0"], "--holders must be 1...32 (got 0)"),
             (["numa", "--buffer", "1M"], "--buffer"),
             (["numa", "--storm", "--svg", "/tmp/x.svg"], "--storm writes no --svg or --trace"),
+            (["numa", "--storm", "--variants", "all"], "--storm runs each algorithm once"),
+            (["numa", "--variants", "some"], "--variants"),
         ]
         for (arguments, expected) in cases {
             let r = try #require(refusal(arguments), "\(arguments) was accepted")
@@ -25,6 +27,10 @@ struct NumaCommandTests {
         }
         let parsed = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--check-tlb", "--storm", "--storm-pages", "64"]) as? NumaCommand)
         #expect(parsed.checkTLB && parsed.storm && parsed.stormPages == 64)
+        let all = NUMAVariant.all(copyThreads: 2)
+        #expect(all.count == MigrationAlgorithm.allCases.count * NUMACopierKind.allCases.count * 2 * 2)
+        #expect(Set(all).count == all.count, "each combination once")
+        #expect(Set(NUMAVariant.standard(copyThreads: 2)).isSubset(of: Set(all)))
     }
 
     @Test("--json: variants with the keys the issue lists, the sweeps, from a real (tiny) run with the stale-entry checker on")

@@ -15,7 +15,8 @@ struct NumaCommand: ParsableCommand {
             Build with -c release. Each variant boots a fresh machine with two nodes, fills --buffer, starts \
             --readers threads reading random words of it (each access timed with the cycle counter, every word \
             checked) and moves the whole buffer --rounds times between node 0 and 1 with move_pages \
-            (MIGRATE_SYNC). The deferred-flush variant maps the buffer read-only (a read-mostly buffer). IPIs are \
+            (MIGRATE_SYNC); --variants all runs every algorithm x copier x deferral x page size. A \
+            deferred-flush variant maps the buffer read-only (a read-mostly buffer). IPIs are \
             the nr_tlb_remote_flush_received counter, flushes nr_tlb_remote_flush, the flush wait the time \
             flushers waited for other CPUs (the tlbFlush phase). Then a batch-size sweep and a copier sweep \
             (one batch's copy, single thread against --copy-threads threads, 4 KiB batches of 1 to 512 folios \
@@ -51,6 +52,14 @@ struct NumaCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Threads of the multi-threaded copier.")
     var copyThreads = 2
 
+    /// Which variants to run.
+    enum VariantSet: String, ExpressibleByArgument, CaseIterable {
+        case standard, all
+    }
+
+    @Option(name: .long, help: "standard (every algorithm at 4 KiB; deferral and the copiers on the mainline algorithm; 2 MiB single and multi-threaded) or all (every algorithm x copier x deferral x page size: 48 variants).")
+    var variants: VariantSet = .standard
+
     @Flag(name: .long, help: "Skip the batch-size and copier sweeps.")
     var noSweep = false
 
@@ -84,6 +93,9 @@ struct NumaCommand: ParsableCommand {
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
         try checkRange(stormPages, 2...65536, flag: "--storm-pages")
         try checkRange(holders, 1...32, flag: "--holders")
+        if storm && variants != .standard {
+            throw ValidationError("--storm runs each algorithm once; --variants chooses the variants of the benchmark, not of the storm")
+        }
         if storm && (svg != nil || trace != nil) {
             throw ValidationError("--storm writes no --svg or --trace (they chart the variants)")
         }
@@ -114,7 +126,8 @@ struct NumaCommand: ParsableCommand {
         settings.bufferBytes = ByteSize.parse(buffer)! & ~((2 << 20) - 1)
         settings.readers = readers
         settings.rounds = rounds
-        settings.variants = NUMAVariant.standard(copyThreads: copyThreads)
+        settings.variants = variants == .all ? NUMAVariant.all(copyThreads: copyThreads)
+            : NUMAVariant.standard(copyThreads: copyThreads)
         if checkTLB { settings.checksStaleTLBEntries = true }
         if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
