@@ -51,6 +51,24 @@ public struct NUMAVariant: Sendable, Hashable, Codable {
         v.append(NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: copyThreads, pageSize: 2 << 20))
         return v
     }
+
+    /// Every combination: each algorithm with each copier, with and without
+    /// the deferred flush, on 4 KiB pages and on 2 MiB folios.
+    public static func all(copyThreads: Int) -> [NUMAVariant] {
+        var v: [NUMAVariant] = []
+        for pageSize in [PageGeometry.pageSize, PageGeometry.pmdSize] {
+            for algorithm in MigrationAlgorithm.allCases {
+                for copier in NUMACopierKind.allCases {
+                    let threads = copier == .single ? 1 : copier == .dma ? 16 : copyThreads
+                    for deferred in [false, true] {
+                        v.append(NUMAVariant(algorithm: algorithm, copier: copier, copyThreads: threads,
+                                             deferredFlush: deferred, pageSize: pageSize))
+                    }
+                }
+            }
+        }
+        return v
+    }
 }
 
 /// What one variant measured (the keys of `svmemu numa --json`'s `variants`).

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 import SVMEmu
-import SVMStress
+@testable import SVMStress
 import Testing
 @testable import SVMEmuCLI
 
@@ -17,6 +17,8 @@ struct NumaCommandTests {
             (["numa", "--holders", "0"], "--holders must be 1...32 (got 0)"),
             (["numa", "--buffer", "1M"], "--buffer"),
             (["numa", "--storm", "--svg", "/tmp/x.svg"], "--storm writes no --svg or --trace"),
+            (["numa", "--storm", "--variants", "all"], "--storm runs each algorithm once"),
+            (["numa", "--variants", "some"], "--variants"),
         ]
         for (arguments, expected) in cases {
             let r = try #require(refusal(arguments), "\(arguments) was accepted")
@@ -25,6 +27,10 @@ struct NumaCommandTests {
         }
         let parsed = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--check-tlb", "--storm", "--storm-pages", "64"]) as? NumaCommand)
         #expect(parsed.checkTLB && parsed.storm && parsed.stormPages == 64)
+        let all = NUMAVariant.all(copyThreads: 2)
+        #expect(all.count == MigrationAlgorithm.allCases.count * NUMACopierKind.allCases.count * 2 * 2)
+        #expect(Set(all).count == all.count, "each combination once")
+        #expect(Set(NUMAVariant.standard(copyThreads: 2)).isSubset(of: Set(all)))
     }
 
     @Test("--json: variants with the keys the issue lists, the sweeps, from a real (tiny) run with the stale-entry checker on")
@@ -38,7 +44,7 @@ struct NumaCommandTests {
         #expect(r.dataIntact)
         #expect(r.staleEntryDiagnostics == 0, "the deferral's stale reads of a read-only buffer are its bargain, not reported")
         #expect(r.pagesMigrated == 2 * 512)
-        let point = NUMACopyPoint(folioBytes: 4096, folios: 1, singleMicros: 1, multiMicros: 2, threads: 2, speedup: 0.5)
+        let point = NUMACopyPoint(folioBytes: 4096, folios: 1, ringBytes: 8 << 20, singleMicros: 1, multiMicros: 2, threads: 2, speedup: 0.5)
         let object = try report(["numa", "--json", "--check-tlb"],
                                 NumaCommand.Results(variants: [r], batchSweep: [], copySweep: [point]))
         #expect(object["command"] as? String == "numa")
@@ -54,6 +60,27 @@ struct NumaCommandTests {
         #expect((object["copySweep"] as? [[String: Any]])?.first?["speedup"] != nil)
         let arguments = try #require(object["arguments"] as? [String: Any])
         #expect(arguments["checkTLB"] as? Bool == true)
+    }
+
+    @Test("--svg charts the variants and both sweeps, one bar per variant, batch size and copy shape")
+    func chartPanels() {
+        let r = NUMAVariantResult(algorithm: "batched", mode: "sync", copier: "single", copyThreads: 1, deferredFlush: false,
+                                  pageSize: PageGeometry.pageSize, pagesMigrated: 512, pagesPerSecond: 1000, ipisPerPage: 0.01,
+                                  flushes: 1, flushWaitMicros: 1, copyMicros: 1, readerLatencyP50Nanos: 0,
+                                  readerLatencyP99Nanos: 0, readerAccesses: 0, staleEntryDiagnostics: 0,
+                                  checksStaleTLBEntries: false, deferredFlushes: 0, lockWaitP99Nanos: 0, unmapMicros: 1,
+                                  flushMicros: 1, remapMicros: 1, ipisSent: 5, seconds: 0.5, dataIntact: true)
+        let batch = NUMABatchPoint(batchPages: 32, totalMillis: 2, firstFolioMicros: 50, pagesPerSecond: 4000)
+        let copy = NUMACopyPoint(folioBytes: PageGeometry.pmdSize, folios: 1, ringBytes: 8 << 20, singleMicros: 40,
+                                 multiMicros: 25, threads: 2, speedup: 1.6)
+        let svg = NumaCommand.chart([r], [batch], [copy])
+        for title in ["Pages migrated per second", "IPIs per migrated page", "by batch size (4K pages)",
+                      "First folio's latency", "speedup over one thread"] {
+            #expect(svg.contains(title), "missing panel \(title)")
+        }
+        #expect(svg.contains("2 threads, 1 x 2M, 8M ring") && svg.contains("1.60x"))
+        #expect(svg.components(separatedBy: "<rect").count - 1 == 5)
+        #expect(!NumaCommand.chart([r]).contains("batch size"), "no sweep panels without sweeps")
     }
 
     @Test("--storm --json: one element per algorithm with the lock-wait distribution, from a real (tiny) storm")

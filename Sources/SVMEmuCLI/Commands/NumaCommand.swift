@@ -15,11 +15,13 @@ struct NumaCommand: ParsableCommand {
             Build with -c release. Each variant boots a fresh machine with two nodes, fills --buffer, starts \
             --readers threads reading random words of it (each access timed with the cycle counter, every word \
             checked) and moves the whole buffer --rounds times between node 0 and 1 with move_pages \
-            (MIGRATE_SYNC). The deferred-flush variant maps the buffer read-only (a read-mostly buffer). IPIs are \
+            (MIGRATE_SYNC); --variants all runs every algorithm x copier x deferral x page size. A \
+            deferred-flush variant maps the buffer read-only (a read-mostly buffer). IPIs are \
             the nr_tlb_remote_flush_received counter, flushes nr_tlb_remote_flush, the flush wait the time \
             flushers waited for other CPUs (the tlbFlush phase). Then a batch-size sweep and a copier sweep \
             (one batch's copy, single thread against --copy-threads threads, 4 KiB batches of 1 to 512 folios \
-            and one 2 MiB folio). --check-tlb turns the stale-entry checker on (off in release builds); \
+            and one 2 MiB folio, over an 8 MiB ring that stays in the last-level cache and a 256 MiB one that \
+            streams from DRAM). --check-tlb turns the stale-entry checker on (off in release builds); \
             staleEntryDiagnostics counts what it reported (tlb_stale_accesses).
 
             --storm runs the folio-lock storm instead: --holders "I/O" threads keep locking folios of a \
@@ -32,7 +34,7 @@ struct NumaCommand: ParsableCommand {
             mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage, \
             flushes, flushWaitMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, staleEntryDiagnostics, \
             dataIntact, ...), `batchSweep` (batchPages, totalMillis, firstFolioMicros, pagesPerSecond) and \
-            `copySweep` (folioBytes, folios, singleMicros, multiMicros, threads, speedup); with --storm one \
+            `copySweep` (ringBytes, folioBytes, folios, singleMicros, multiMicros, threads, speedup); with --storm one \
             object with `storm` (one element per algorithm).
 
             \(ExitStatus.helpParagraph)
@@ -50,6 +52,14 @@ struct NumaCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Threads of the multi-threaded copier.")
     var copyThreads = 2
 
+    /// Which variants to run.
+    enum VariantSet: String, ExpressibleByArgument, CaseIterable {
+        case standard, all
+    }
+
+    @Option(name: .long, help: "standard (every algorithm at 4 KiB; deferral and the copiers on the mainline algorithm; 2 MiB single and multi-threaded) or all (every algorithm x copier x deferral x page size: 48 variants).")
+    var variants: VariantSet = .standard
+
     @Flag(name: .long, help: "Skip the batch-size and copier sweeps.")
     var noSweep = false
 
@@ -65,7 +75,7 @@ struct NumaCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Lock-holding threads of the storm.")
     var holders = 2
 
-    @Option(name: .long, help: "Also write an SVG bar chart (pages per second and IPIs per page per variant) to this file.")
+    @Option(name: .long, help: "Also write an SVG bar chart (pages per second and IPIs per page per variant; the batch-size and copier sweeps) to this file.")
     var svg: String?
 
     @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of the migrator's phases (unmap, flush, tlbFlush, copy, remap) per variant to this JSON file (the first 65536 events per CPU).")
@@ -83,6 +93,9 @@ struct NumaCommand: ParsableCommand {
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
         try checkRange(stormPages, 2...65536, flag: "--storm-pages")
         try checkRange(holders, 1...32, flag: "--holders")
+        if storm && variants != .standard {
+            throw ValidationError("--storm runs each algorithm once; --variants chooses the variants of the benchmark, not of the storm")
+        }
         if storm && (svg != nil || trace != nil) {
             throw ValidationError("--storm writes no --svg or --trace (they chart the variants)")
         }
@@ -113,7 +126,8 @@ struct NumaCommand: ParsableCommand {
         settings.bufferBytes = ByteSize.parse(buffer)! & ~((2 << 20) - 1)
         settings.readers = readers
         settings.rounds = rounds
-        settings.variants = NUMAVariant.standard(copyThreads: copyThreads)
+        settings.variants = variants == .all ? NUMAVariant.all(copyThreads: copyThreads)
+            : NUMAVariant.standard(copyThreads: copyThreads)
         if checkTLB { settings.checksStaleTLBEntries = true }
         if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
@@ -131,7 +145,7 @@ struct NumaCommand: ParsableCommand {
             copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
         }
         progress.done()
-        if let svg { try OutputFile(svg).write(Self.chart(results)) }
+        if let svg { try OutputFile(svg).write(Self.chart(results, sweep, copySweep)) }
         if let trace {
             try OutputFile(trace).write(OverheadReport.traceJSON(processes: results.map { r in
                 (name: "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")",
@@ -200,9 +214,9 @@ struct NumaCommand: ParsableCommand {
     static func copyTable(_ rows: [NUMACopyPoint]) -> String {
         func col(_ s: String, _ n: Int) -> String { s.count >= n ? " " + s : String(repeating: " ", count: n - s.count) + s }
         var s = "Copier sweep (one batch's copy, median)\n"
-        s += col("folio", 6) + col("folios", 7) + col("single us", 10) + col("threads", 8) + col("multi us", 10) + col("speedup", 8) + "\n"
+        s += col("ring", 6) + col("folio", 6) + col("folios", 7) + col("single us", 10) + col("threads", 8) + col("multi us", 10) + col("speedup", 8) + "\n"
         for p in rows {
-            s += col(p.folioBytes == 4096 ? "4K" : "2M", 6) + col("\(p.folios)", 7) + col(String(format: "%.1f", p.singleMicros), 10)
+            s += col("\(p.ringBytes >> 20)M", 6) + col(p.folioBytes == 4096 ? "4K" : "2M", 6) + col("\(p.folios)", 7) + col(String(format: "%.1f", p.singleMicros), 10)
                 + col("\(p.threads)", 8) + col(String(format: "%.1f", p.multiMicros), 10) + col(String(format: "%.2f", p.speedup), 8) + "\n"
         }
         return s
@@ -232,28 +246,46 @@ struct NumaCommand: ParsableCommand {
         return s
     }
 
-    /// Two bar charts: pages per second, and IPIs per migrated page.
-    static func chart(_ rows: [NUMAVariantResult]) -> String {
+    /// Bar charts: pages per second and IPIs per migrated page per variant;
+    /// with the sweeps, total time and first-folio latency per batch size,
+    /// and the multi-threaded copier's speedup per batch shape and working set.
+    static func chart(_ rows: [NUMAVariantResult], _ sweep: [NUMABatchPoint] = [], _ copySweep: [NUMACopyPoint] = []) -> String {
+        typealias Bar = (label: String, value: Double)
+        func variant(_ r: NUMAVariantResult) -> String {
+            "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")"
+        }
+        var panels: [(title: String, format: String, bars: [Bar])] = [
+            ("Pages migrated per second", "%.0f", rows.map { (variant($0), $0.pagesPerSecond) }),
+            ("IPIs per migrated page", "%.4f", rows.map { (variant($0), $0.ipisPerPage) }),
+        ]
+        if !sweep.isEmpty {
+            panels.append(("One move of the buffer (ms) by batch size (4K pages)", "%.1f",
+                           sweep.map { ("batch \($0.batchPages)", $0.totalMillis) }))
+            panels.append(("First folio's latency (us) by batch size", "%.1f",
+                           sweep.map { ("batch \($0.batchPages)", $0.firstFolioMicros) }))
+        }
+        if !copySweep.isEmpty {
+            panels.append(("Multi-threaded copy: speedup over one thread", "%.2fx", copySweep.map {
+                ("\($0.threads) threads, \($0.folios) x \($0.folioBytes == 4096 ? "4K" : "2M"), \($0.ringBytes >> 20)M ring", $0.speedup)
+            }))
+        }
         let w = 900, barH = 18, gap = 6, left = 300
-        let h = 60 + 2 * (rows.count * (barH + gap) + 40)
+        let h = 20 + panels.reduce(0) { $0 + 40 + $1.bars.count * (barH + gap) }
         var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(w)\" height=\"\(h)\" font-family=\"sans-serif\" font-size=\"12\">\n"
         var y = 20
-        func panel(_ title: String, _ value: (NUMAVariantResult) -> Double, _ fmt: String) {
-            s += "<text x=\"10\" y=\"\(y)\" font-weight=\"bold\">\(title)</text>\n"
+        for panel in panels {
+            s += "<text x=\"10\" y=\"\(y)\" font-weight=\"bold\">\(panel.title)</text>\n"
             y += 14
-            let top = max(1e-9, rows.map(value).max() ?? 1)
-            for r in rows {
-                let label = "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")"
-                let bw = Int(Double(w - left - 80) * value(r) / top)
-                s += "<text x=\"10\" y=\"\(y + 13)\">\(label)</text>"
+            let top = max(1e-9, panel.bars.map(\.value).max() ?? 1)
+            for bar in panel.bars {
+                let bw = Int(Double(w - left - 80) * bar.value / top)
+                s += "<text x=\"10\" y=\"\(y + 13)\">\(bar.label)</text>"
                 s += "<rect x=\"\(left)\" y=\"\(y)\" width=\"\(max(1, bw))\" height=\"\(barH)\" fill=\"#4a7ab5\"/>"
-                s += "<text x=\"\(left + bw + 4)\" y=\"\(y + 13)\">\(String(format: fmt, value(r)))</text>\n"
+                s += "<text x=\"\(left + bw + 4)\" y=\"\(y + 13)\">\(String(format: panel.format, bar.value))</text>\n"
                 y += barH + gap
             }
             y += 26
         }
-        panel("Pages migrated per second", { $0.pagesPerSecond }, "%.0f")
-        panel("IPIs per migrated page", { $0.ipisPerPage }, "%.4f")
         return s + "</svg>\n"
     }
 }

@@ -29,6 +29,19 @@ public protocol FolioCopier: AnyObject, Sendable {
     var threads: Int { get }
     /// Copies every job.
     func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>)
+    /// A `migratePages` run that will call `copy` batch after batch begins:
+    /// a copier with workers may keep them ready until the matching `end()`
+    /// (the kernel queues its copy work on kworkers that are a few
+    /// microseconds from running; a host futex wake-up here is tens).
+    /// Calls nest; each `begin()` is matched by one `end()`.
+    func begin()
+    /// The run that called `begin()` is over.
+    func end()
+}
+
+extension FolioCopier {
+    public func begin() {}
+    public func end() {}
 }
 
 /// The kernel's own copy: one folio after another on the migrating thread
@@ -58,6 +71,11 @@ public final class SingleThreadCopier: FolioCopier, @unchecked Sendable {
 /// than cores, a fixed share per thread made the batch wait for the
 /// slowest worker's wake-up.)
 ///
+/// Between `begin()` and `end()` (one `migratePages` run) an idle worker
+/// polls for the next batch, giving its host CPU away with `sched_yield`
+/// between polls, instead of sleeping on a futex: a batch finds the workers
+/// awake. Outside a run a worker sleeps after `spinNanos`.
+///
 /// One batch at a time: the copier holds its own lock for a batch, so it can
 /// be shared by several migrating threads. Nothing is allocated per batch.
 public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
@@ -72,7 +90,8 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     static let chunkBytes = 64 << 10
 
     // words: [0] batch lock, [16] generation (workers sleep on it),
-    // [32] chunks not yet copied (the caller sleeps on it), [48] stopping.
+    // [32] chunks not yet copied (the caller sleeps on it), [48] stopping,
+    // [64] runs between begin() and end().
     private let words: UnsafeMutablePointer<UInt32>
     // [0] single-threaded batches; [8] the claim word: the batch's
     // generation (24 bits), its chunk count (20 bits), the next chunk (20 bits).
@@ -93,8 +112,8 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         self.threads = threads
         self.thresholdPages = max(1, thresholdPages)
         name = "mt\(threads)"
-        words = .allocate(capacity: 64)
-        words.initialize(repeating: 0, count: 64)
+        words = .allocate(capacity: 80)
+        words.initialize(repeating: 0, count: 80)
         stats = .allocate(capacity: 16)
         stats.initialize(repeating: 0, count: 16)
         for index in 1..<threads {
@@ -125,6 +144,20 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         _ = svm_futex_wake(words + 16, Int32.max)
         for h in handles { pthread_join(h, nil) }
         handles.removeAll()
+    }
+
+    public func begin() {
+        if svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), 1) == 1 {
+            // Wake sleeping workers into polling: a generation with no batch.
+            svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+            _ = svm_futex_wake(words + 16, Int32.max)
+        }
+    }
+
+    public func end() {
+        if svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), -1) < 0 {
+            contractViolation("MultiThreadCopier: end() without begin()")
+        }
     }
 
     deinit {
@@ -219,6 +252,10 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
             if now == seen {
                 spins += 1
                 if spins & 63 != 0 { svm_cpu_relax(); continue }
+                if svm_load32(words + 64) != 0 {
+                    HostThread.yield()
+                    continue
+                }
                 if HostClock.nanos() - spinningSince < MultiThreadCopier.spinNanos { continue }
                 _ = svm_futex_wait(words + 16, seen, 0)
                 spinningSince = HostClock.nanos()

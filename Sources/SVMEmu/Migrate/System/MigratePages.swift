@@ -105,6 +105,9 @@ extension Kernel {
                              newFolio: (Folio) -> Folio?) -> MigratePagesResult {
         var ctx = MigrateContext(mode: mode, reason: reason, policy: policy,
                                  copier: policy.copier ?? SingleThreadCopier(), start: HostClock.nanos())
+        let copier = ctx.copier
+        copier.begin()
+        defer { copier.end() }
         ctx.unmapped.reserveCapacity(max(1, min(policy.batchPages, Kernel.maxBatchedMigration)))
         ctx.jobs.reserveCapacity(ctx.unmapped.capacity)
         var from: [Folio] = []
