@@ -14,7 +14,7 @@ import TestSupport
 @Suite("hmm-tests fork", .timeLimit(.minutes(3)))
 struct HMMForkTests {
 
-    /// The shape both anon_write_child cases share: the parent fills the
+    /// anon_write_child_shared's shape: the parent fills the
     /// buffer with i, forks; the child sees i, opens its own mirror of its
     /// own mm, and the device writes -i there (one fault pass, every page).
     /// Returns the parent's ints after the child exits.
@@ -38,11 +38,56 @@ struct HMMForkTests {
     }
 
     /// Check that a device writing an anonymous private mapping will
-    /// copy-on-write if a child process inherits the mapping.
+    /// copy-on-write if a child process inherits the mapping; also that the
+    /// child can read memory that was in device memory when it forked. As in
+    /// the kernel's current test: once with the pages in system memory and
+    /// once migrated to the device first, each with 4 KiB pages and with a
+    /// THP (a 2 MiB-aligned MADV_HUGEPAGE buffer of one PMD).
     @Test(arguments: HMMVariant.allCases) func anon_write_child(_ variant: HMMVariant) throws {
         try withHMM(variant) { f in
-            let parent = try writeFromChild(f, shared: false)
-            #expect(firstMismatch(parent) { Int32($0) } == nil)
+            let mm = f.mm!
+            for migrate in [false, true] {
+                for useTHP in [false, true] {
+                    let size = useTHP ? pmdSize : hmmBufferSize
+                    let npages = size >> pageShift
+                    let buffer = HMMBuffer(size: 2 * size, mirrorBytes: size)
+                    buffer.ptr = try mm.mmap(length: 2 * size, protection: .readWrite)
+                    let oldPtr = buffer.ptr
+                    if useTHP {
+                        let map = (buffer.ptr + UInt64(size) - 1) & ~UInt64(size - 1)
+                        #expect(sys { try mm.madvise(map, length: size, advice: .hugePage) } == 0)
+                        buffer.ptr = map
+                    }
+                    try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
+                    for i in 0..<(size / 4) { buffer.mirrorInts[i] = Int32(-i) }
+                    if migrate {
+                        #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, npages) == 0)
+                        #expect(buffer.cpages == npages)
+                    }
+
+                    do {
+                        let child = try mm.fork()
+                        // The child sees the parent's values (faulting device pages back).
+                        #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32($0) } == nil,
+                                "migrate \(migrate) thp \(useTHP): child reads")
+                        if !migrate {
+                            #expect(firstMismatch(buffer.mirrorInts.prefix(size / 4)) { Int32(-$0) } == nil)
+                        }
+                        let childDevice = MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0",
+                                                       vramBytes: 64 << 20, chunkBytes: 32 << 20)
+                        #expect(hmmCommand(childDevice, .write, buffer, npages) == 0)
+                        #expect(buffer.cpages == npages)
+                        #expect(buffer.faults == 1)
+                        if !migrate {
+                            #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32(-$0) } == nil)
+                        }
+                    }
+                    // The child has exited: the parent's buffer did not change.
+                    #expect(firstMismatch(try loadInts(mm, buffer.ptr, count: size / 4)) { Int32($0) } == nil,
+                            "migrate \(migrate) thp \(useTHP): parent's buffer")
+                    try mm.munmap(oldPtr, length: 2 * size)
+                }
+            }
             #expect(f.kernel.vmstat[.cowFaults] >= UInt64(hmmBufferSize >> pageShift))
             #expect(f.kernel.diagnostics.isEmpty)
         }
