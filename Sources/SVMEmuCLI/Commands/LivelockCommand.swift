@@ -64,9 +64,7 @@ struct LivelockCommand: ParsableCommand {
     var failOnLivelock = false
 
     func validate() throws {
-        if schedule.given && !deterministic {
-            throw ValidationError("--cpus and --preemptions need --deterministic (real-thread storms use the kernel's default CPUs)")
-        }
+        try schedule.check(deterministic: deterministic)
         _ = try settings()
         if perPage && !json {
             throw ValidationError("--per-page needs --json: the per-page records are printed only in the JSON "

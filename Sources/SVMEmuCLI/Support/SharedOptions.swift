@@ -92,7 +92,7 @@ struct StormScenarioOptions: ParsableArguments {
     }
 }
 
-/// `--cpus` and `--preemptions` of a storm under the deterministic scheduler.
+/// `--cpus` and `--preemptions` of a run under the deterministic scheduler.
 struct ScheduleOptions: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs of the machine in a deterministic run (1-64, default 8), independent of the host's cores.")
     var cpus: Int?
@@ -103,10 +103,45 @@ struct ScheduleOptions: ParsableArguments {
     /// Whether either was given.
     var given: Bool { cpus != nil || preemptions != nil }
 
+    /// Refuses `--cpus` and `--preemptions` without `--deterministic`.
+    func check(deterministic: Bool) throws {
+        if given && !deterministic {
+            throw ValidationError("--cpus and --preemptions need --deterministic (real-thread runs use the kernel's default CPUs)")
+        }
+    }
+
     /// Sets the CPUs and preemption points and turns the deterministic scheduler on.
     func apply(to s: inout StormSettings) {
         s.deterministic = true
         if let cpus { s.cpus = cpus }
         if let preemptions { s.preemptions = preemptions }
+    }
+}
+
+/// `--deterministic`, `--cpus`, `--preemptions` and `--seed` of a harness
+/// that runs threads (`overhead`, `numa`): real threads by default, or the
+/// harness's threads under the deterministic scheduler.
+struct HarnessScheduleOptions: ParsableArguments {
+    @Flag(name: .long, help: "Run the threads under the deterministic scheduler (one at a time, in virtual time, the schedule seeded by --seed): the same seed gives the same results on any host.")
+    var deterministic = false
+
+    @OptionGroup var schedule: ScheduleOptions
+
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern and, with --deterministic, of the schedule (0 to 2^64-1).")
+    var seed: UInt64 = 1
+
+    func validate() throws { try schedule.check(deterministic: deterministic) }
+
+    /// The harness's schedule; `threads`: the emulated threads the run
+    /// needs (checked against `--cpus`). Throws `ValidationError` naming the flag.
+    func harnessSchedule(threads: Int) throws -> HarnessSchedule {
+        var h = HarnessSchedule()
+        h.seed = seed
+        guard deterministic else { return h }
+        h.deterministic = true
+        if let cpus = schedule.cpus { h.cpus = cpus }
+        if let preemptions = schedule.preemptions { h.preemptions = preemptions }
+        if let problem = h.problem(threads: threads) { throw ValidationError(LivelockCommand.flagged(problem)) }
+        return h
     }
 }
