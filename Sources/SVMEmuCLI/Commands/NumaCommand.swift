@@ -35,6 +35,13 @@ struct NumaCommand: ParsableCommand {
             `copySweep` (folioBytes, folios, singleMicros, multiMicros, threads, speedup); with --storm one \
             object with `storm` (one element per algorithm).
 
+            --deterministic runs the readers (or the storm's holders) and the migrator under the \
+            emulator's scheduler on --cpus emulated CPUs (at least --readers + 1, or --holders + 1), one at \
+            a time in virtual time, the schedule seeded by --seed: every time and rate is virtual, the same \
+            seed gives byte-identical results on any host and under any load. The multi-threaded copier's \
+            variants and the copier sweep (host threads, host time) are left out; each variant and storm \
+            result adds scheduleSteps.
+
             \(ExitStatus.helpParagraph)
             """)
 
@@ -74,9 +81,17 @@ struct NumaCommand: ParsableCommand {
     /// Events the trace keeps per CPU (`--trace`).
     static let traceEventsPerCPU = 1 << 16
 
+    @OptionGroup var threads: HarnessScheduleOptions
+
     @OptionGroup var output: JSONOutputOptions
 
+    /// The schedule of the runs: the readers (or holders) and the migrator.
+    func harnessSchedule() throws -> HarnessSchedule {
+        try threads.harnessSchedule(threads: (storm ? holders : readers) + 1)
+    }
+
     func validate() throws {
+        _ = try harnessSchedule()
         _ = try ByteSize.check(buffer, flag: "--buffer", range: (2 << 20)...(16 * ByteSize.gib))
         try checkRange(readers, 0...32, flag: "--readers")
         try checkRange(rounds, 1...100, flag: "--rounds")
@@ -113,7 +128,9 @@ struct NumaCommand: ParsableCommand {
         settings.bufferBytes = ByteSize.parse(buffer)! & ~((2 << 20) - 1)
         settings.readers = readers
         settings.rounds = rounds
-        settings.variants = NUMAVariant.standard(copyThreads: copyThreads)
+        settings.seed = threads.seed
+        settings.schedule = try harnessSchedule()
+        settings.variants = settings.deterministicVariants(NUMAVariant.standard(copyThreads: copyThreads))
         if checkTLB { settings.checksStaleTLBEntries = true }
         if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
@@ -127,8 +144,10 @@ struct NumaCommand: ParsableCommand {
         if !noSweep {
             progress.say("batch-size sweep")
             sweep = try NUMABench.sweep(settings: settings)
-            progress.say("copier sweep")
-            copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
+            if !settings.schedule.deterministic {
+                progress.say("copier sweep")
+                copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
+            }
         }
         progress.done()
         if let svg { try OutputFile(svg).write(Self.chart(results)) }
@@ -156,6 +175,8 @@ struct NumaCommand: ParsableCommand {
         settings.pages = stormPages
         settings.holders = holders
         settings.rounds = rounds
+        settings.seed = threads.seed
+        settings.schedule = try harnessSchedule()
         let progress = ProgressLine(label: "svmemu numa --storm")
         var results: [NUMAStormResult] = []
         for a in settings.algorithms {
