@@ -118,12 +118,9 @@ struct NumaCommand: ParsableCommand {
 
     struct Failure: Error, CustomStringConvertible { let description: String }
 
-    func run() throws {
-        for file in outputFiles { try file.checkWritable() }
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
-        if storm { return try runStorm() }
+    /// The variants, the batch-size sweep and (on real threads) the copier
+    /// sweep, with a progress line on standard error.
+    func variantResults() throws -> Results {
         var settings = NUMABenchSettings()
         settings.bufferBytes = ByteSize.parse(buffer)! & ~((2 << 20) - 1)
         settings.readers = readers
@@ -134,6 +131,7 @@ struct NumaCommand: ParsableCommand {
         if checkTLB { settings.checksStaleTLBEntries = true }
         if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
+        defer { progress.done() }
         var results: [NUMAVariantResult] = []
         for v in settings.variants {
             progress.say(v.label)
@@ -149,7 +147,17 @@ struct NumaCommand: ParsableCommand {
                 copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
             }
         }
-        progress.done()
+        return Results(variants: results, batchSweep: sweep, copySweep: copySweep)
+    }
+
+    func run() throws {
+        for file in outputFiles { try file.checkWritable() }
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
+        #endif
+        if storm { return try runStorm() }
+        let all = try variantResults()
+        let results = all.variants, sweep = all.batchSweep, copySweep = all.copySweep
         if let svg { try OutputFile(svg).write(Self.chart(results)) }
         if let trace {
             try OutputFile(trace).write(OverheadReport.traceJSON(processes: results.map { r in
@@ -158,7 +166,7 @@ struct NumaCommand: ParsableCommand {
             }))
         }
         if output.json {
-            print(try JSONReport.render(for: self, results: Results(variants: results, batchSweep: sweep, copySweep: copySweep)))
+            print(try JSONReport.render(for: self, results: all))
         } else {
             print(Self.table(results, sweep))
             if !copySweep.isEmpty { print(Self.copyTable(copySweep)) }
@@ -169,8 +177,9 @@ struct NumaCommand: ParsableCommand {
         }
     }
 
-    /// The storm: each algorithm against the lock holders.
-    func runStorm() throws {
+    /// The storm: each algorithm against the lock holders, with a progress
+    /// line on standard error.
+    func stormResults() throws -> StormResults {
         var settings = NUMAStormSettings()
         settings.pages = stormPages
         settings.holders = holders
@@ -184,6 +193,12 @@ struct NumaCommand: ParsableCommand {
             results.append(try NUMABench.storm(a, settings: settings))
         }
         progress.done()
+        return StormResults(storm: results)
+    }
+
+    /// The storm, printed.
+    func runStorm() throws {
+        let results = try stormResults().storm
         if output.json {
             print(try JSONReport.render(for: self, results: StormResults(storm: results)))
         } else {

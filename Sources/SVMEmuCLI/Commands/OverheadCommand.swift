@@ -152,11 +152,12 @@ struct OverheadCommand: ParsableCommand {
                                       for: "svmemu overhead --size \(size)")
     }
 
-    func run() throws {
-        try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+    /// Every run asked for (directions x copy models x granularities), in
+    /// order, with a progress line on standard error; `done` sees each result
+    /// as it comes.
+    ///
+    /// - Throws: `CLIError.runFailed` when a run fails.
+    func runs(_ done: (OverheadResult) -> Void = { _ in }) throws -> [OverheadResult] {
         let bytes = ByteSize.parse(size)!
         var granularities = granularity.map { [$0] } ?? MigrationGranularity.allCases
         if granularity == nil && !OverheadHarness.hugeMigrationAvailable {
@@ -194,10 +195,20 @@ struct OverheadCommand: ParsableCommand {
                     }
                     line.done()
                     results.append(r)
-                    if !json { print(OverheadReport.table(r)) }
+                    done(r)
                 }
             }
         }
+        return results
+    }
+
+    func run() throws {
+        try preflight()
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
+        #endif
+        let bytes = ByteSize.parse(size)!
+        let results = try runs { r in if !json { print(OverheadReport.table(r)) } }
         if !json && results.count > 1 {
             print("Summary (\(bytes >> 20) MiB; shares of the mean fault)")
             print(OverheadReport.summary(results))
