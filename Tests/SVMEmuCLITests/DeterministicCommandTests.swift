@@ -82,6 +82,8 @@ struct DeterministicCommandTests {
             (["overhead", "--deterministic", "--preemptions", "1001"], "--preemptions must be 0...1000 (got 1001)"),
             (["overhead", "--deterministic", "--copy-threads", "2"], "--copy-threads needs real threads"),
             (["overhead", "--seed", "-1"], "seed"),
+            (["livelock", "--release", "together"], "invalid --release 'together'; valid values: all, one-by-one"),
+            (["explore", "--release", "x"], "invalid --release 'x'"),
         ]
         for (arguments, expected) in cases {
             let r = try #require(refusal(arguments), "\(arguments) was accepted")
@@ -91,6 +93,9 @@ struct DeterministicCommandTests {
         let o = try parse(["overhead", "--seed", "42"], as: OverheadCommand.self)
         #expect(o.threads.seed == 42 && !o.threads.deterministic)
         #expect(ArgumentValue.arguments(of: o)["seed"] == .unsigned(42), "the JSON records the seed")
+        let l = try parse(["livelock", "--deterministic", "--release", "one-by-one"], as: LivelockCommand.self)
+        #expect(try l.settings().release == .oneByOne)
+        #expect(try parse(["livelock"], as: LivelockCommand.self).settings().release == .all)
         let n = try parse(["numa", "--deterministic"], as: NumaCommand.self)
         #expect(try n.harnessSchedule() == .deterministic(cpus: 8, seed: 1, preemptions: 3))
     }

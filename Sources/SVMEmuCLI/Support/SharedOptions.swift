@@ -57,7 +57,7 @@ struct StormOptions<Defaults: StormOptionDefaults>: ParsableArguments {
 
 /// The scenario knobs of a storm that `livelock`, `explore` and `replay`
 /// share: which storm, which fault path, which driver lock, the DMA wait, the
-/// page size and the seed.
+/// page size, the barrier's release style and the seed.
 struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
     var scenario = "readers"
@@ -77,7 +77,10 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with and, with --deterministic, of the schedule (0 to 2^64-1).")
     var seed: UInt64 = 1
 
-    /// Sets the scenario, fault path, driver lock, DMA wait, page size and seed.
+    @Option(name: .long, help: "How the threads leave the barrier before each page: all (at once, CPUs spinning in a barrier) or one-by-one (pthread_barrier's futex wake-ups, each woken thread waking the next).")
+    var release = "all"
+
+    /// Sets the scenario, fault path, driver lock, DMA wait, page size, release style and seed.
     func apply(to s: inout StormSettings) throws {
         s.scenario = try LivelockCommand.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
         s.faultPolicy = try LivelockCommand.parse(faultPolicy, "--fault-policy", DeviceFaultPolicy.allCases.map(\.rawValue)) {
@@ -86,6 +89,9 @@ struct StormScenarioOptions: ParsableArguments {
         s.driverLock = try LivelockCommand.parse(driverLock, "--driver-lock", DriverLockMode.allCases.map(\.rawValue)) { DriverLockMode(rawValue: $0) }
         s.pageSize = try LivelockCommand.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
             switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
+        }
+        s.release = try LivelockCommand.parse(release, "--release", StormRelease.allCases.map(\.rawValue)) {
+            StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one" : $0)
         }
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
