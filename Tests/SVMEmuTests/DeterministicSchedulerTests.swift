@@ -133,6 +133,22 @@ struct DeterministicSchedulerTests {
         folio.put()
     }
 
+    @Test("the test machine validates lock order on every thread: a plain thread's ABBA is caught without enable()")
+    func lockdepOnForEveryTest() throws {
+        #expect(LockOrder.isEnabledEverywhere, "Tests/CTestSupport turns lockdep on before any test runs")
+        let kernel = makeKernel()
+        let folio = try #require(kernel.allocateFolio(order: 0))
+        let driver = ABBADriver(folio: folio, lockName: "abba driver lock (test machine)")
+        let ok = runThreads(1, keepAlive: [kernel]) { _ in
+            #expect(LockOrder.isEnabled)
+            driver.fault()
+            driver.invalidate()
+        }
+        #expect(ok)
+        #expect(!LockOrder.violations(involving: "abba driver lock (test machine)").isEmpty)
+        folio.put()
+    }
+
     @Test("a consistent order is no violation, and a trylock records no dependency")
     func lockdepQuietOnConsistentOrder() throws {
         let kernel = makeKernel()
