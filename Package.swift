@@ -47,15 +47,17 @@ let package = Package(
         .executableTarget(name: "MinimalDriver", dependencies: ["SVMEmu"],
                           path: "Examples/MinimalDriver", swiftSettings: strict),
         // Bounded thread runs shared by the test suites (not a product).
-        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
+        .target(name: "TestSupport", dependencies: ["CTestSupport"], path: "Tests/TestSupport", swiftSettings: strict),
+        // The test machine's start: lock-order validation on for every test (a load-time constructor).
+        .target(name: "CTestSupport", dependencies: ["CSVMSupport"], path: "Tests/CTestSupport"),
         .testTarget(name: "SVMEmuTests", dependencies: ["SVMEmu", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress"], swiftSettings: strict),
+        .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SVMEmuCLITests", dependencies: [
-            "SVMEmuCLI", "SVMEmu", "SVMStress", "SVMDRM", "MirrorDriver",
+            "SVMEmuCLI", "SVMEmu", "SVMStress", "SVMDRM", "MirrorDriver", "TestSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
-        .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
     ]
 )

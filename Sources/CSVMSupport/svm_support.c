@@ -45,6 +45,12 @@ void svm_det_set_current(void *thread) { svm_tls_det_current = thread; }
 uint32_t svm_lockdep_count = 0;
 static _Thread_local void *svm_tls_lockdep = 0;
 void svm_lockdep_enable(int delta) { __atomic_fetch_add(&svm_lockdep_count, (uint32_t)delta, __ATOMIC_SEQ_CST); }
+uint32_t svm_lockdep_everywhere_flag = 0;
+void svm_lockdep_enable_everywhere(void) {
+    uint32_t expected = 0;
+    if (__atomic_compare_exchange_n(&svm_lockdep_everywhere_flag, &expected, 1, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        svm_lockdep_enable(1);
+}
 void *svm_lockdep_thread(void) { return svm_tls_lockdep; }
 void svm_lockdep_set_thread(void *stack) { svm_tls_lockdep = stack; }
 

@@ -109,6 +109,9 @@ public struct NUMAVariantResult: Sendable, Codable {
     public var ipisSent: Int
     public var seconds: Double
     public var dataIntact: Bool
+    /// Scheduling points of a deterministic run (nil, and absent from the
+    /// JSON, on real threads).
+    public var scheduleSteps: UInt64? = nil
     /// The phases as trace events (with `NUMABenchSettings.traceEventsPerCPU`); not encoded.
     public var trace: [OverheadTraceEvent] = []
 
@@ -116,7 +119,7 @@ public struct NUMAVariantResult: Sendable, Codable {
         case algorithm, mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage,
              flushes, flushWaitMicros, copyMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, readerAccesses,
              staleEntryDiagnostics, checksStaleTLBEntries, deferredFlushes, lockWaitP99Nanos, unmapMicros, flushMicros,
-             remapMicros, ipisSent, seconds, dataIntact
+             remapMicros, ipisSent, seconds, dataIntact, scheduleSteps
     }
 }
 
@@ -142,7 +145,20 @@ public struct NUMABenchSettings: Sendable {
     public var checksStaleTLBEntries = _isDebugAssertConfiguration()
     /// Trace events kept per CPU for a timeline of the phases (0: none).
     public var traceEventsPerCPU = 0
+    /// Seed of the buffer's byte pattern.
+    public var seed: UInt64 = 0x4e55
+    /// Real threads (the default), or the readers and the migrator as
+    /// emulated threads of a deterministic scheduler: every time is then
+    /// virtual. The multi-threaded copier's workers are host threads, so a
+    /// deterministic run has no multi-thread variant (``deterministicVariants(_:)``).
+    public var schedule = HarnessSchedule()
     public init() {}
+
+    /// `variants` without those a deterministic run cannot make (the
+    /// multi-threaded copier); all of them on real threads.
+    public func deterministicVariants(_ variants: [NUMAVariant]) -> [NUMAVariant] {
+        schedule.deterministic ? variants.filter { $0.copier != .multiThread } : variants
+    }
 }
 
 /// Runs the benchmark.
@@ -158,6 +174,13 @@ public enum NUMABench {
         config.transparentHugepage = v.pageSize == 4096 ? .never : .always
         config.checksStaleTLBEntries = s.checksStaleTLBEntries
         config.traceEventsPerCPU = s.traceEventsPerCPU
+        if let problem = s.schedule.problem(threads: s.readers + 1) { throw HarnessScheduleError(description: problem) }
+        if s.schedule.deterministic {
+            config.cpus = s.schedule.cpus
+            if v.copier == .multiThread {
+                throw HarnessScheduleError(description: "the multi-threaded copier's workers are host threads: no deterministic run")
+            }
+        }
         // Every round copies into frames the machine has not used yet (and the
         // deferred flush keeps the old ones out of reach): without this the
         // host's first-touch faults, zeroing each frame, would be timed as
@@ -166,7 +189,7 @@ public enum NUMABench {
         let kernel = Kernel(config)
         let mm = AddressSpace(kernel: kernel)
         defer { withExtendedLifetime((kernel, mm)) {} }
-        let seed: UInt64 = 0x4e55
+        let seed = s.seed
         let base = try mm.mmap(length: s.bufferBytes)
         try mm.fillPattern(base, length: s.bufferBytes, seed: seed)
         // The read-mostly buffer: mapped read-only, as pmbench's read phase sees it.
@@ -187,11 +210,12 @@ public enum NUMABench {
         let stop = Atomic<Bool>(false)
         let bad = Atomic<Int>(0)
         let histograms = ReaderHistograms(count: s.readers)
+        kernel.phases.virtualTime = s.schedule.deterministic
         let nanosPerTick = kernel.phases.nanosPerTick
-        var threads: [Thread] = []
+        let threads = HarnessThreads(s.schedule)
         let started = Atomic<Int>(0)
         for r in 0..<s.readers {
-            let t = Thread {
+            threads.spawn("reader\(r)") {
                 var x = UInt64(r + 1) &* 0x9E37_79B9_7F4A_7C15
                 let words = UInt64(s.bufferBytes / 8)
                 started.add(1, ordering: .relaxed)
@@ -209,38 +233,45 @@ public enum NUMABench {
                 }
                 histograms.store(r, h)
             }
-            t.stackSize = 1 << 20
-            threads.append(t)
-            t.start()
         }
-        while started.load(ordering: .relaxed) < s.readers { HostClock.sleep(nanos: 100_000) }
-        HostClock.sleep(nanos: 2_000_000)
 
         let vm = kernel.vmstat
         let flushes0 = vm[.tlbRemoteFlush], pages0 = vm[.pgmigrateSuccess]
         let deferred0 = kernel.deferredTLB.flushes
         let stale0 = vm[.tlbStaleAccesses], sent0 = vm[.tlbIPIsSent]
-        kernel.phases.reset()
-        kernel.phases.isEnabled = true
-        var stats = MigrateStats()
-        var status: [PageStatus] = []
-        let t0 = HostClock.nanos()
-        for round in 0..<s.rounds {
-            let target = (round + 1) & 1
-            var one = MigrateStats()
-            _ = try mm.movePages(addresses, nodes: Array(repeating: target, count: addresses.count), status: &status,
-                                 policy: policy, stats: &one)
-            if round == 0 { firstFolio?.pointee = one.firstFolioNanos }
-            stats.merge(one)
+        // The migrator: the calling thread, or the emulated thread "main".
+        let (stats, seconds, phases) = try threads.run(leaving: kernel.cpus) {
+            if s.schedule.deterministic {
+                // Every reader under way; in virtual time a warm-up would only add reads.
+                while started.load(ordering: .relaxed) < s.readers { HostThread.yield() }
+            } else {
+                while started.load(ordering: .relaxed) < s.readers { HostClock.sleep(nanos: 100_000) }
+                HostClock.sleep(nanos: 2_000_000)
+            }
+            kernel.phases.reset()
+            kernel.phases.isEnabled = true
+            var stats = MigrateStats()
+            var status: [PageStatus] = []
+            let t0 = HostClock.nanos()
+            defer {
+                stop.store(true, ordering: .relaxed)
+                _ = threads.waitForHelpers()
+            }
+            for round in 0..<s.rounds {
+                let target = (round + 1) & 1
+                var one = MigrateStats()
+                _ = try mm.movePages(addresses, nodes: Array(repeating: target, count: addresses.count), status: &status,
+                                     policy: policy, stats: &one)
+                if round == 0 { firstFolio?.pointee = one.firstFolioNanos }
+                stats.merge(one)
+            }
+            // The deferred flush still pending belongs to this run.
+            kernel.deferredTLB.flush()
+            let seconds = Double(HostClock.nanos() - t0) / 1e9
+            kernel.phases.isEnabled = false
+            return (stats, seconds, kernel.phases.totals())
         }
-        // The deferred flush still pending belongs to this run.
-        kernel.deferredTLB.flush()
-        let seconds = Double(HostClock.nanos() - t0) / 1e9
-        kernel.phases.isEnabled = false
-        let phases = kernel.phases.totals()
         func micros(_ p: MigrationPhase) -> Double { (phases[p]?.nanos ?? 0) / 1000 }
-        stop.store(true, ordering: .relaxed)
-        for t in threads { while !t.isFinished { HostClock.sleep(nanos: 100_000) } }
         let pages = Int(vm[.pgmigrateSuccess] - pages0)
         var readers = WaitHistogram()
         for h in histograms.all { readers.merge(h) }
@@ -266,7 +297,7 @@ public enum NUMABench {
             deferredFlushes: Int(kernel.deferredTLB.flushes - deferred0), lockWaitP99Nanos: stats.lockWaits.quantile(0.99),
             unmapMicros: micros(.unmap), flushMicros: micros(.flush), remapMicros: micros(.remap),
             ipisSent: Int(vm[.tlbIPIsSent] - sent0),
-            seconds: seconds, dataIntact: intact, trace: trace)
+            seconds: seconds, dataIntact: intact, scheduleSteps: threads.steps, trace: trace)
     }
 
     /// The batch-size sweep on the mainline algorithm, 4 KiB pages.

@@ -33,6 +33,11 @@ public struct NUMAStormSettings: Sendable {
     /// 120 s and its waits are unbounded): a wait that reaches it is a stall.
     public var waitLimitNanos: UInt64 = 100_000_000
     public var algorithms: [MigrationAlgorithm] = MigrationAlgorithm.allCases
+    /// Seed of the buffer's byte pattern.
+    public var seed: UInt64 = 0x570e
+    /// Real threads (the default), or the holders and the migrator as
+    /// emulated threads of a deterministic scheduler (every time virtual).
+    public var schedule = HarnessSchedule()
     public init() {}
 }
 
@@ -73,6 +78,9 @@ public struct NUMAStormResult: Sendable, Codable {
     public var holderTimeouts: Int
     public var seconds: Double
     public var dataIntact: Bool
+    /// Scheduling points of a deterministic run (nil, and absent from the
+    /// JSON, on real threads).
+    public var scheduleSteps: UInt64? = nil
 }
 
 extension NUMABench {
@@ -90,10 +98,12 @@ extension NUMABench {
         config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
         config.addressSpaceSize = 4 << 30
         config.transparentHugepage = .never
+        if let problem = s.schedule.problem(threads: s.holders + 1) { throw HarnessScheduleError(description: problem) }
+        if s.schedule.deterministic { config.cpus = s.schedule.cpus }
         let kernel = Kernel(config)
         let mm = AddressSpace(kernel: kernel)
         defer { withExtendedLifetime((kernel, mm)) {} }
-        let seed: UInt64 = 0x570e
+        let seed = s.seed
         let base = try mm.mmap(length: bytes)
         try mm.fillPattern(base, length: bytes, seed: seed)
         let addresses = (0..<s.pages).map { base + UInt64($0 * PageGeometry.pageSize) }
@@ -101,9 +111,9 @@ extension NUMABench {
         let stop = Atomic<Bool>(false)
         let timeouts = Atomic<Int>(0)
         let histograms = ReaderHistograms(count: s.holders)
-        var threads: [Thread] = []
+        let threads = HarnessThreads(s.schedule)
         for h in 0..<s.holders {
-            let t = Thread {
+            threads.spawn("holder\(h)") {
                 var x = UInt64(h + 1) &* 0x9E37_79B9_7F4A_7C15
                 // Hot pages spread over the buffer, none the first (it has no previous page).
                 var hot: [UInt64] = []
@@ -153,28 +163,31 @@ extension NUMABench {
                 }
                 histograms.store(h, waits)
             }
-            t.stackSize = 1 << 20
-            threads.append(t)
-            t.start()
         }
-        HostClock.sleep(nanos: 2_000_000)
 
         var policy = MigratePagesPolicy(algorithm: algorithm)
         policy.waitLimitNanos = s.waitLimitNanos
-        var stats = MigrateStats()
-        var status: [PageStatus] = []
-        var notMigrated = 0
         let pages0 = kernel.vmstat[.pgmigrateSuccess]
-        let t0 = HostClock.nanos()
-        for round in 0..<s.rounds {
-            let target = (round + 1) & 1
-            let left = try mm.movePages(addresses, nodes: Array(repeating: target, count: addresses.count), status: &status,
-                                        policy: policy, stats: &stats)
-            notMigrated += left
+        // The migrator: the calling thread, or the emulated thread "main".
+        let (stats, notMigrated, seconds) = try threads.run(leaving: kernel.cpus) {
+            HostClock.sleep(nanos: 2_000_000)
+            var stats = MigrateStats()
+            var status: [PageStatus] = []
+            var notMigrated = 0
+            defer {
+                stop.store(true, ordering: .relaxed)
+                // A holder may sleep out its bounded waits (4 x the bound) before it sees the flag.
+                _ = threads.waitForHelpers(timeoutNanos: 60_000_000_000)
+            }
+            let t0 = HostClock.nanos()
+            for round in 0..<s.rounds {
+                let target = (round + 1) & 1
+                let left = try mm.movePages(addresses, nodes: Array(repeating: target, count: addresses.count), status: &status,
+                                            policy: policy, stats: &stats)
+                notMigrated += left
+            }
+            return (stats, notMigrated, Double(HostClock.nanos() - t0) / 1e9)
         }
-        let seconds = Double(HostClock.nanos() - t0) / 1e9
-        stop.store(true, ordering: .relaxed)
-        for t in threads { while !t.isFinished { HostClock.sleep(nanos: 100_000) } }
         var holders = WaitHistogram()
         for h in histograms.all { holders.merge(h) }
         var intact = false
@@ -189,6 +202,7 @@ extension NUMABench {
             stalls: stats.stalls, hungTaskDiagnostics: hung, deadlockBackoffs: stats.deadlockBackoffs,
             lockWaits: w.count, lockWaitP50Nanos: w.quantile(0.5), lockWaitP99Nanos: w.quantile(0.99), lockWaitMaxNanos: w.maxNanos,
             lockWaitHistogram: buckets, holderWaitP99Nanos: holders.quantile(0.99), holderWaitMaxNanos: holders.maxNanos,
-            holderTimeouts: timeouts.load(ordering: .relaxed), seconds: seconds, dataIntact: intact)
+            holderTimeouts: timeouts.load(ordering: .relaxed), seconds: seconds, dataIntact: intact,
+            scheduleSteps: threads.steps)
     }
 }

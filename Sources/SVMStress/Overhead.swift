@@ -74,6 +74,11 @@ public struct OverheadConfiguration: Sendable {
     public var busyCPUs = 0
     /// Seed of the byte pattern.
     public var seed: UInt64 = 0x5EED
+    /// Real threads (the default), or the faulting thread and the busy CPUs
+    /// as emulated threads of a deterministic scheduler: every time is then
+    /// virtual, and the host-measured figures (the memcpy yardsticks, the
+    /// instrumentation cost) are not measured (0).
+    public var schedule = HarnessSchedule()
     /// Called with a short status line as the run goes (for a progress display).
     public var progress: (@Sendable (String) -> Void)? = nil
     public init() {}
@@ -179,12 +184,18 @@ public struct OverheadResult: Sendable, Codable {
     public var traceEventsDropped: Int?
     public var traceFaults: Int?
     public var traceEventsPerCPU: Int?
+    /// With a deterministic schedule: true, the emulated CPUs and the
+    /// scheduling points the run took (nil, and absent from the JSON, on
+    /// real threads).
+    public var deterministic: Bool?
+    public var cpus: Int?
+    public var scheduleSteps: UInt64?
 
     enum CodingKeys: String, CodingKey {
         case granularity, direction, copyModel, copyThreads, faultPages, busyCPUs, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, streamCopyGBps, wallSeconds, wallSecondsTimersOff,
              wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified,
-             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU
+             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps
     }
 
     /// The phases a fault is split into, in the order they run, then `other`.
@@ -240,7 +251,13 @@ public enum OverheadHarness {
             throw .invalidConfiguration("more than one page per fault applies to GPU faults (to-device) at 4 KiB granularity; "
                                         + "a 2 MiB migration always moves its 2 MiB folio and a CPU fault its page")
         }
+        if let problem = config.schedule.problem(threads: config.busyCPUs + 1) { throw .invalidConfiguration(problem) }
+        if config.schedule.deterministic && config.copyThreads > 1 {
+            throw .invalidConfiguration("a deterministic run copies on the faulting thread (copy threads 1): "
+                                        + "the copy engine's worker threads are host threads the scheduler does not run")
+        }
         var kc = KernelConfiguration()
+        if config.schedule.deterministic { kc.cpus = config.schedule.cpus }
         let node = (config.bytes + (512 << 20) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1)
         kc.nodeSizes = [node, node]
         kc.transparentHugepage = config.granularity == .huge2M ? .always : .never
@@ -263,7 +280,6 @@ public enum OverheadHarness {
         let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: vramChunk,
                                   settings: settings, copyEngine: config.copyModel.makeEngine(threads: config.copyThreads))
         let bytes = config.bytes
-        let pages = bytes >> PageGeometry.pageShift
         let say = config.progress ?? { _ in }
         let tag = "\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
         let base: UInt64
@@ -276,12 +292,50 @@ public enum OverheadHarness {
         }
         let timers = kernel.phases
         timers.isEnabled = false
+        timers.virtualTime = config.schedule.deterministic
         timers.reset()
+        let threads = HarnessThreads(config.schedule)
         let busy: BusyCPUs
-        do { busy = try BusyCPUs(mm, count: config.busyCPUs) } catch {
+        do { busy = try BusyCPUs(mm, count: config.busyCPUs, threads: threads) } catch {
             throw .setupFailed("\(tag): cannot start \(config.busyCPUs) busy CPUs: \(error)")
         }
-        defer { busy.stop() }
+        var result: OverheadResult
+        do {
+            result = try threads.run(leaving: kernel.cpus) { () throws(OverheadError) -> OverheadResult in
+                defer { busy.stop() }
+                busy.waitUntilRunning()
+                return try measure(kernel, config, mm: mm, device: device, base: base, tag: tag)
+            }
+        } catch let e as OverheadError {
+            throw e
+        } catch {
+            throw .setupFailed("\(tag): \(error)")
+        }
+        if config.schedule.deterministic {
+            result.deterministic = true
+            result.cpus = config.schedule.cpus
+            result.scheduleSteps = threads.steps
+            return result
+        }
+        let granule = config.granularity == .huge2M ? PageGeometry.pmdSize : PageGeometry.pageSize
+        say("\(tag): memcpy of the same chunks (the yardstick)")
+        result.memcpyGBps = measureMemcpy(granule: granule, bytes: bytes)
+        result.streamCopyGBps = measureMemcpy(granule: granule, bytes: bytes, streaming: true)
+        withExtendedLifetime(device) {}
+        return result
+    }
+
+    /// The timed part of a run, on the faulting thread (an emulated one in a
+    /// deterministic run): warm-up, the rounds, the cost runs, the check of
+    /// every byte.
+    static func measure(_ kernel: Kernel, _ config: OverheadConfiguration, mm: AddressSpace, device: MirrorDevice,
+                        base: UInt64, tag: String) throws(OverheadError) -> OverheadResult {
+        let bytes = config.bytes
+        let pages = bytes >> PageGeometry.pageShift
+        let say = config.progress ?? { _ in }
+        let timers = kernel.phases
+        // In virtual time the timers cost nothing: no cost runs.
+        let measuresCost = config.measureInstrumentationCost && !config.schedule.deterministic
 
         // Puts the buffer where the run starts from (timers off).
         func prepare() throws(OverheadError) {
@@ -386,7 +440,7 @@ public enum OverheadHarness {
                     }
                 }
             }
-            guard config.measureInstrumentationCost else { continue }
+            guard measuresCost else { continue }
             try prepareChecked()
             say("\(tag): round \(round + 1)/\(config.rounds), timers on and off in turns")
             var p = 0, pair = 0
@@ -443,14 +497,9 @@ public enum OverheadHarness {
         }
         let records = best.filter { $0.key != .fault }.reduce(UInt64(0)) { $0 + $1.value.count } + (best[.fault]?.count ?? 0)
         let faultNanos = best[.fault]?.nanos ?? 0
-        if faultNanos > 0 {
+        if faultNanos > 0 && measuresCost {
             result.instrumentationEstimatePercent = Double(records) * timerRecordNanos() / faultNanos * 100
         }
-        let granule = config.granularity == .huge2M ? PageGeometry.pmdSize : PageGeometry.pageSize
-        say("\(tag): memcpy of the same chunks (the yardstick)")
-        result.memcpyGBps = measureMemcpy(granule: granule, bytes: bytes)
-        result.streamCopyGBps = measureMemcpy(granule: granule, bytes: bytes, streaming: true)
-        withExtendedLifetime(device) {}
         return result
     }
 
@@ -584,25 +633,29 @@ public enum OverheadHarness {
 final class BusyCPUs: @unchecked Sendable {
     private let stopFlag = Atomic<Int>(0)
     private let running = Atomic<Int>(0)
-    private let finished = Atomic<Int>(0)
     private let count: Int
+    private let threads: HarnessThreads
 
-    init(_ mm: AddressSpace, count: Int) throws(Errno) {
+    /// Maps the pages (on the calling thread) and spawns the readers as
+    /// helpers of `threads`.
+    init(_ mm: AddressSpace, count: Int, threads: HarnessThreads) throws(Errno) {
         self.count = count
+        self.threads = threads
         guard count > 0 else { return }
         let base = try mm.mmap(length: count * PageGeometry.pageSize)
         for i in 0..<count { try mm.store(base + UInt64(i * PageGeometry.pageSize), 1) }
         for i in 0..<count {
             let page = base + UInt64(i * PageGeometry.pageSize)
-            let t = Thread { [self] in
+            threads.spawn("busy\(i)") { [self] in
                 _ = try? mm.load(page)
                 running.add(1, ordering: .releasing)
                 while stopFlag.load(ordering: .acquiring) == 0 { _ = try? mm.load(page) }
-                finished.add(1, ordering: .releasing)
             }
-            t.start()
         }
-        // Each has run in the address space once (bounded: 5 s).
+    }
+
+    /// Waits until each has run in the address space once (bounded: 5 s).
+    func waitUntilRunning() {
         let deadline = HostClock.nanos() + 5_000_000_000
         while running.load(ordering: .acquiring) < count && HostClock.nanos() < deadline { HostThread.yield() }
     }
@@ -610,9 +663,6 @@ final class BusyCPUs: @unchecked Sendable {
     /// Stops the threads and waits for them (bounded: 5 s).
     func stop() {
         stopFlag.store(1, ordering: .releasing)
-        let deadline = HostClock.nanos() + 5_000_000_000
-        while finished.load(ordering: .acquiring) < running.load(ordering: .acquiring) && HostClock.nanos() < deadline {
-            HostThread.yield()
-        }
+        _ = threads.waitForHelpers(timeoutNanos: 5_000_000_000)
     }
 }

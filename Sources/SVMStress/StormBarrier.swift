@@ -6,41 +6,55 @@ import Glibc
 #endif
 
 /// A reusable barrier for a fixed number of threads that the watchdog can
-/// abort (`pthread_barrier_t` cannot be woken early).
+/// abort (`pthread_barrier_t` cannot be woken early), in one of two release
+/// styles (``StormRelease``).
 ///
-/// Waiters spin for a while before they sleep, as CPUs in a barrier do, so
-/// that a round releases every running waiter at once; a condition-variable
-/// wake-up alone hands the threads out one by one, tens of microseconds
-/// apart, and the storm would measure the scheduler instead of the fault
-/// path. With more threads than cores the spinners are time-sliced by the
-/// host scheduler, which also preempts threads inside the fault path: the
-/// interleavings of many CPUs, approximated on few.
+/// `.all`: waiters spin for a while before they sleep, as CPUs in a barrier
+/// do, so that a round releases every running waiter at once; a
+/// condition-variable wake-up alone hands the threads out one by one, tens
+/// of microseconds apart, and the storm would measure the scheduler instead
+/// of the fault path. With more threads than cores the spinners are
+/// time-sliced by the host scheduler, which also preempts threads inside the
+/// fault path: the interleavings of many CPUs, approximated on few.
+///
+/// `.oneByOne`: pthread_barrier's shape. Waiters sleep on a futex word at
+/// once; the last to arrive wakes one and leaves, and each woken waiter
+/// wakes the next before it leaves (a futex wake chain), so the threads go
+/// one wake-up latency apart.
+///
+/// Deterministic storms: the barrier's lock is a ``KernelMutex`` and the
+/// waiters sleep on a futex word (scheduling points). `.all` releases them
+/// together at the virtual time of the last arrival; `.oneByOne` is the wake
+/// chain, each link a wake-up (``VirtualCosts/wake``) and a futex call.
 ///
 /// The last thread to arrive runs the round's action while it holds the
-/// barrier's mutex, before anyone is released: the storm uses that to close
+/// barrier's lock, before anyone is released: the storm uses that to close
 /// one page's measurement and open the next one's with no thread in between.
 final class StormBarrier: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let cond: UnsafeMutablePointer<pthread_cond_t>
     private let parties: Int
-    private var arrived = 0                      // under mutex
-    private let generation = Atomic<Int>(0)      // written under mutex, read anywhere
-    private let aborted = Atomic<Bool>(false)    // written under mutex, read anywhere
+    private var arrived = 0                      // under mutex (futex barrier: under futexLock)
+    private let generation = Atomic<Int>(0)      // written under the lock, read anywhere
+    private let aborted = Atomic<Bool>(false)    // written under the lock, read anywhere
     private let spinNanos: UInt64
     private let action: (_ round: Int) -> Void
-    /// Deterministic storms: the barrier's lock is a ``KernelMutex`` and the
-    /// waiters sleep on a futex word (scheduling points), released together
-    /// at the virtual time of the last arrival.
-    private let deterministic: Bool
-    private let detLock = KernelMutex("storm barrier")
-    private let detGeneration: UnsafeMutablePointer<UInt32>
+    /// Sleeps and wakes on futex words (deterministic storms, one-by-one release).
+    private let futexBarrier: Bool
+    private let release: StormRelease
+    private let futexLock = KernelMutex("storm barrier")
+    /// One futex word per generation parity: the waiters of round g sleep on
+    /// `words[g & 1]`, so that a wake meant for them never reaches a thread
+    /// already waiting for the next round. Bumped at each release (and abort).
+    private let words: UnsafeMutablePointer<UInt32>
 
-    init(parties: Int, spinNanos: UInt64 = 2_000_000, deterministic: Bool = false,
+    init(parties: Int, spinNanos: UInt64 = 2_000_000, deterministic: Bool = false, release: StormRelease = .all,
          action: @escaping (_ round: Int) -> Void) {
         if parties <= 0 { contractViolation("StormBarrier: at least one party (got \(parties))") }
-        self.deterministic = deterministic
-        detGeneration = .allocate(capacity: 1)
-        detGeneration.initialize(to: 0)
+        self.release = release
+        futexBarrier = deterministic || release == .oneByOne
+        words = .allocate(capacity: 2)
+        words.initialize(repeating: 0, count: 2)
         self.parties = parties
         self.spinNanos = spinNanos
         self.action = action
@@ -55,39 +69,48 @@ final class StormBarrier: @unchecked Sendable {
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
         cond.deallocate()
-        detGeneration.deallocate()
+        words.deallocate()
     }
 
-    private func arriveAndWaitDeterministic() -> Bool {
-        detLock.lock()
-        if aborted.load(ordering: .relaxed) {
-            detLock.unlock()
+    private func arriveAndWaitFutex() -> Bool {
+        futexLock.lock()
+        if aborted.load(ordering: .acquiring) {
+            futexLock.unlock()
             return false
         }
-        let gen = svm_load32(detGeneration)
+        let gen = generation.load(ordering: .relaxed)
+        let word = words + (gen & 1)
+        let seen = svm_load32(word)
         arrived += 1
         if arrived == parties {
-            action(Int(gen))
+            action(gen)
             arrived = 0
-            svm_store32(detGeneration, gen &+ 1)
-            _ = svm_futex_wake(detGeneration, Int32.max)
-            detLock.unlock()
-            // Spinning waiters leave when the releaser does: it waits out the
-            // wake-up latency the others were charged, so all go together.
-            HostClock.sleep(nanos: DeterministicScheduler.wakeLatency)
+            generation.store(gen + 1, ordering: .releasing)
+            svm_store32(word, seen &+ 1)
+            futexLock.unlock()
+            if release == .oneByOne {
+                _ = svm_futex_wake(word, 1)
+            } else {
+                _ = svm_futex_wake(word, Int32.max)
+                // Spinning waiters leave when the releaser does: it waits out the
+                // wake-up latency the others were charged, so all go together.
+                HostClock.sleep(nanos: DeterministicScheduler.wakeLatency)
+            }
             return true
         }
-        detLock.unlock()
-        while svm_load32(detGeneration) == gen && !aborted.load(ordering: .relaxed) {
-            _ = svm_futex_wait(detGeneration, gen, 0)
+        futexLock.unlock()
+        while generation.load(ordering: .acquiring) == gen && !aborted.load(ordering: .acquiring) {
+            _ = svm_futex_wait(word, seen, 0)
         }
-        return svm_load32(detGeneration) != gen
+        // The chain: pass the wake-up on to the next waiter of this round.
+        if release == .oneByOne { _ = svm_futex_wake(word, 1) }
+        return generation.load(ordering: .acquiring) != gen
     }
 
     /// Waits for every party. Returns false when the barrier was aborted
     /// (then the caller must stop).
     func arriveAndWait() -> Bool {
-        if deterministic { return arriveAndWaitDeterministic() }
+        if futexBarrier { return arriveAndWaitFutex() }
         pthread_mutex_lock(mutex)
         if aborted.load(ordering: .relaxed) {
             pthread_mutex_unlock(mutex)
@@ -123,9 +146,13 @@ final class StormBarrier: @unchecked Sendable {
 
     /// Releases every waiter with `false`, now and for later arrivals.
     func abort() {
-        if deterministic {
-            detLock.withLock { aborted.store(true, ordering: .relaxed) }
-            _ = svm_futex_wake(detGeneration, Int32.max)
+        if futexBarrier {
+            futexLock.withLock {
+                aborted.store(true, ordering: .releasing)
+                // A waiter about to sleep sees the word changed and looks again.
+                for i in 0..<2 { svm_store32(words + i, svm_load32(words + i) &+ 1) }
+            }
+            for i in 0..<2 { _ = svm_futex_wake(words + i, Int32.max) }
             return
         }
         pthread_mutex_lock(mutex)

@@ -141,7 +141,7 @@ final class StormRun: @unchecked Sendable {
         workers = settings.threads + (settings.scenario == .pingPong ? 1 : 0)
         slots = (0..<workers).map { _ in WorkerSlot() }
         records.withLock { $0.reserveCapacity(settings.pages) }
-        barrier = StormBarrier(parties: workers, deterministic: settings.deterministic) { [unowned self] round in
+        barrier = StormBarrier(parties: workers, deterministic: settings.deterministic, release: settings.release) { [unowned self] round in
             self.closeAndOpen(round)
         }
     }

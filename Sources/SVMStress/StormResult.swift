@@ -140,7 +140,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, migrateToRAMLookupMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
-        case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock
+        case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock, release
     }
 
     public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
@@ -179,6 +179,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(settings.seed, forKey: .seed)
         try c.encode(settings.stallSeconds, forKey: .stallSeconds)
         try c.encode(settings.joinTimeoutSeconds, forKey: .joinTimeoutSeconds)
+        try c.encode(settings.release, forKey: .release)
         try c.encode(settings.deterministic, forKey: .deterministic)
         try c.encode(settings.deterministic ? settings.cpus : nil, forKey: .cpus)
         try c.encode(pagesMigrated, forKey: .pagesMigrated)
@@ -217,6 +218,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         s.joinTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .joinTimeoutSeconds) ?? s.joinTimeoutSeconds
         s.deterministic = try c.decodeIfPresent(Bool.self, forKey: .deterministic) ?? false
         s.cpus = try c.decodeIfPresent(Int.self, forKey: .cpus) ?? s.cpus
+        s.release = try c.decodeIfPresent(StormRelease.self, forKey: .release) ?? .all
         settings = s
         virtualSeconds = try c.decodeIfPresent(Double.self, forKey: .virtualSeconds)
         scheduleSteps = try c.decodeIfPresent(UInt64.self, forKey: .scheduleSteps)

@@ -21,6 +21,18 @@ public enum StormScenario: String, Sendable, CaseIterable, Codable {
     case twoDevices = "two-devices"
 }
 
+/// How a storm's threads leave the barrier before each page.
+public enum StormRelease: String, Sendable, CaseIterable, Codable {
+    /// All at once: CPUs spinning in a barrier see the release together
+    /// (the harness's default).
+    case all
+    /// One by one: `pthread_barrier_wait()`'s futex wake-ups, which the
+    /// kernel developers' own storm tests use. The last to arrive leaves at
+    /// once and wakes one waiter; each woken waiter wakes the next, one
+    /// wake-up latency apart.
+    case oneByOne = "one-by-one"
+}
+
 /// The storm's page size.
 public enum StormPageSize: String, Sendable, CaseIterable, Codable {
     case small = "4k"
@@ -71,6 +83,8 @@ public struct StormSettings: Sendable, Codable, Equatable {
     public var cpus = 8
     /// Seeded preemption points of a deterministic storm (PCT's depth).
     public var preemptions = 3
+    /// How the threads leave the barrier before each page.
+    public var release: StormRelease = .all
 
     public init() {}
 

@@ -133,6 +133,51 @@ struct DeterministicSchedulerTests {
         folio.put()
     }
 
+    @Test("the mmap lock is a scheduling point: a fault waits in the scheduler while another emulated thread holds it for writing")
+    func mmapLockIsASchedulingPoint() throws {
+        let kernel = makeKernel()
+        let mm = AddressSpace(kernel: kernel)
+        // Never touched: the reader's load faults (demand zero), under the mmap read lock.
+        let base = try mm.mmap(length: PageGeometry.pageSize)
+        final class Clocks: @unchecked Sendable { var unlocked: UInt64 = 0, read: UInt64 = 0, value: UInt8 = 1 }
+        let clocks = Clocks()
+        var c = DeterministicScheduler.Configuration(seed: 5)
+        c.preemptions = 0
+        c.hostTimeoutSeconds = 20   // a host rwlock here would block the baton's holder: the run would time out
+        let s = DeterministicScheduler(c)
+        s.spawn("writer") {
+            mm.mmapWriteLock()
+            HostClock.sleep(nanos: 50_000)   // the reader runs meanwhile, and must wait
+            clocks.unlocked = HostClock.nanos()
+            mm.mmapWriteUnlock()
+        }
+        s.spawn("reader") {
+            HostClock.sleep(nanos: 1_000)
+            clocks.value = (try? mm.load(base)) ?? 1
+            clocks.read = HostClock.nanos()
+        }
+        #expect(s.run() == .completed)
+        #expect(clocks.value == 0)
+        #expect(clocks.read > clocks.unlocked, "the fault's read lock waited for the writer")
+        withExtendedLifetime(mm) {}
+    }
+
+    @Test("the test machine validates lock order on every thread: a plain thread's ABBA is caught without enable()")
+    func lockdepOnForEveryTest() throws {
+        #expect(LockOrder.isEnabledEverywhere, "Tests/CTestSupport turns lockdep on before any test runs")
+        let kernel = makeKernel()
+        let folio = try #require(kernel.allocateFolio(order: 0))
+        let driver = ABBADriver(folio: folio, lockName: "abba driver lock (test machine)")
+        let ok = runThreads(1, keepAlive: [kernel]) { _ in
+            #expect(LockOrder.isEnabled)
+            driver.fault()
+            driver.invalidate()
+        }
+        #expect(ok)
+        #expect(!LockOrder.violations(involving: "abba driver lock (test machine)").isEmpty)
+        folio.put()
+    }
+
     @Test("a consistent order is no violation, and a trylock records no dependency")
     func lockdepQuietOnConsistentOrder() throws {
         let kernel = makeKernel()

@@ -189,13 +189,31 @@ struct StormTests {
         #expect(throws: StormError.self) { try StormHarness.run(s) }
     }
 
+    @Test("one-by-one release (a futex wake chain) on real threads: trylock migrates every page; a livelock still stops cleanly")
+    func oneByOneRelease() throws {
+        var s = storm(.trylock, .exclusive, stall: 2)
+        s.release = .oneByOne
+        let r = try StormHarness.run(s)
+        #expect(!r.livelocked && r.pagesMigrated == 8)
+        #expect(r.migrateToRAMCalls.perPageMax == 1)
+        #expect(r.teardownClean, "\(r.teardownIssues)")
+        #expect(r.dataIntact)
+        // The watchdog's abort wakes every waiter of the chain, wherever it sleeps.
+        var l = storm(.legacy, .exclusive, pages: 8, stall: 0.3)
+        l.release = .oneByOne
+        let stopped = try StormHarness.run(l)
+        #expect(stopped.livelocked || stopped.pagesMigrated == 8)
+        #expect(stopped.teardownClean, "\(stopped.teardownIssues)")
+        #expect(stopped.dataIntact)
+    }
+
     @Test("the JSON object has the documented keys, null for no stalled page")
     func json() throws {
         let r = try StormHarness.run(storm(.trylock, .exclusive, pages: 2, stall: 2))
         let data = try JSONEncoder().encode(r)
         let object = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         for key in ["faultPolicy", "driverLock", "threads", "pages", "pagesMigrated", "livelocked", "stalledPage",
-                    "migrateToRAMCalls", "faultRetries", "seconds"] {
+                    "migrateToRAMCalls", "faultRetries", "seconds", "release"] {
             #expect(object[key] != nil, "missing \(key)")
         }
         #expect(object["stalledPage"] is NSNull)

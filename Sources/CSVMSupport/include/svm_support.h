@@ -127,6 +127,12 @@ static inline bool svm_lockdep_enabled(void) {
     return __builtin_expect(__atomic_load_n(&svm_lockdep_count, __ATOMIC_RELAXED) != 0, 0);
 }
 void svm_lockdep_enable(int delta);
+// Validation for every thread of the process, for good (the test machine).
+extern uint32_t svm_lockdep_everywhere_flag;
+static inline bool svm_lockdep_everywhere(void) {
+    return __atomic_load_n(&svm_lockdep_everywhere_flag, __ATOMIC_RELAXED) != 0;
+}
+void svm_lockdep_enable_everywhere(void);
 // The calling thread's held-lock stack (an unretained object), or NULL.
 void *svm_lockdep_thread(void);
 void svm_lockdep_set_thread(void *stack);

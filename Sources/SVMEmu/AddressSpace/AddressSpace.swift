@@ -28,6 +28,12 @@ public final class AddressSpace: @unchecked Sendable {
     public let endAddress: UInt64
 
     let mmapLockStorage: UnsafeMutablePointer<pthread_rwlock_t>
+    /// The mmap lock of emulated threads: a host rwlock held by one of them
+    /// would block the host thread the scheduler's baton waits for, so under
+    /// a ``DeterministicScheduler`` they take this semaphore instead (every
+    /// thread that touches the machine is then emulated), with its
+    /// scheduling points and its lock-order class "mmap lock".
+    let mmapSemaphore = KernelRWSemaphore("mmap lock")
     let mmapLockHolders = Atomic<Int>(0)
     /// Sorted, non-overlapping. Changed only with the mmap lock held for writing.
     var vmas: [VMA] = []
@@ -135,9 +141,18 @@ public final class AddressSpace: @unchecked Sendable {
     /// under it. Not recursive with a waiting writer: a thread must not take
     /// it twice. Release with ``mmapReadUnlock()``.
     ///
+    /// A host rwlock on real threads; on the emulated threads of a
+    /// ``DeterministicScheduler`` a ``KernelRWSemaphore`` (scheduling points,
+    /// lock-order class "mmap lock"; readers are not held back by a waiting
+    /// writer there).
+    ///
     /// The corresponding kernel function is `mmap_read_lock()`.
     public func mmapReadLock() {
-        pthread_rwlock_rdlock(mmapLockStorage)
+        if _slowPath(svm_det_active()) && svm_det_current() != nil {
+            mmapSemaphore.downRead()
+        } else {
+            pthread_rwlock_rdlock(mmapLockStorage)
+        }
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapReadLock()``.
@@ -145,7 +160,11 @@ public final class AddressSpace: @unchecked Sendable {
     /// The corresponding kernel function is `mmap_read_unlock()`.
     public func mmapReadUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
-        pthread_rwlock_unlock(mmapLockStorage)
+        if _slowPath(svm_det_active()) && svm_det_current() != nil {
+            mmapSemaphore.upRead()
+        } else {
+            pthread_rwlock_unlock(mmapLockStorage)
+        }
     }
     /// Takes the mmap lock for writing, sleeping until no reader or writer
     /// holds it.
@@ -158,7 +177,11 @@ public final class AddressSpace: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `mmap_write_lock()`.
     public func mmapWriteLock() {
-        pthread_rwlock_wrlock(mmapLockStorage)
+        if _slowPath(svm_det_active()) && svm_det_current() != nil {
+            mmapSemaphore.downWrite()
+        } else {
+            pthread_rwlock_wrlock(mmapLockStorage)
+        }
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapWriteLock()``.
@@ -166,7 +189,11 @@ public final class AddressSpace: @unchecked Sendable {
     /// The corresponding kernel function is `mmap_write_unlock()`.
     public func mmapWriteUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
-        pthread_rwlock_unlock(mmapLockStorage)
+        if _slowPath(svm_det_active()) && svm_det_current() != nil {
+            mmapSemaphore.upWrite()
+        } else {
+            pthread_rwlock_unlock(mmapLockStorage)
+        }
     }
     /// Whether some thread holds the mmap lock, in either mode.
     ///

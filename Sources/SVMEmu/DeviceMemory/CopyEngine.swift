@@ -33,8 +33,10 @@ public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
     public init() { streamingThreshold = PageGeometry.pageSize }
     /// Streams copies of `streamingThreshold` bytes or more.
     public init(streamingThreshold: Int) { self.streamingThreshold = streamingThreshold }
-    /// Copies on the calling thread (streaming for large copies).
+    /// Copies on the calling thread (streaming for large copies). On an
+    /// emulated thread the copy takes ``VirtualCosts/copyPerKiB`` of virtual time.
     @inlinable public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int) {
+        if _slowPath(svm_det_active()) { DeterministicScheduler.copied(bytes: bytes) }
         if bytes >= streamingThreshold {
             svm_copy_stream_unfenced(destination, source, bytes)
         } else {

@@ -40,11 +40,16 @@ public enum HostClock {
     /// `PhaseTimer.nanosPerTick` converts them; a harness timing single
     /// accesses uses them where a clock call would cost several accesses.
     ///
+    /// On an emulated thread of a ``DeterministicScheduler`` a tick is a
+    /// nanosecond of the thread's virtual clock (see
+    /// ``PhaseTimer/virtualTime``).
+    ///
     /// The corresponding C function is `__rdtsc` (`clock_gettime` off x86-64).
     @inlinable @inline(__always)
     public static func ticks() -> UInt64 {
 #if arch(x86_64)
-        svm_rdtsc()
+        if _slowPath(svm_det_active()), let v = DeterministicScheduler.virtualNanos() { return v }
+        return svm_rdtsc()
 #else
         nanos()
 #endif

@@ -80,8 +80,14 @@ public final class PhaseTimer: @unchecked Sendable {
     static let slotWords = ((phases * 2 + 7) / 8) * 8
     private let words: UnsafeMutablePointer<UInt64>
     private let enabledFlag = Atomic<Bool>(false)
-    /// Nanoseconds per tick, calibrated at creation.
-    public let nanosPerTick: Double
+    /// Nanoseconds per tick: calibrated at creation, or 1 in ``virtualTime``.
+    public var nanosPerTick: Double { virtualTime ? 1 : calibratedNanosPerTick }
+    private let calibratedNanosPerTick: Double
+    /// Whether the timed threads are emulated threads of a
+    /// ``DeterministicScheduler``, whose ticks are virtual nanoseconds
+    /// (``HostClock/ticks()``). Set before timing; trace events then count
+    /// from the virtual clock's origin rather than from the timer's creation.
+    public var virtualTime = false
 
     // Trace: per slot, `traceCapacity` events of (start tick, end tick, phase, tag).
     /// Trace events kept per CPU (0: no trace).
@@ -124,7 +130,7 @@ public final class PhaseTimer: @unchecked Sendable {
         var n1 = n0
         while n1 - n0 < 2_000_000 { n1 = HostClock.nanos() }
         let t1 = HostClock.ticks()
-        nanosPerTick = t1 > t0 ? Double(n1 - n0) / Double(t1 - t0) : 1
+        calibratedNanosPerTick = t1 > t0 ? Double(n1 - n0) / Double(t1 - t0) : 1
         startTick = HostClock.ticks()
     }
     deinit {
@@ -206,8 +212,9 @@ public final class PhaseTimer: @unchecked Sendable {
             let n = traceCounts[cpu * 8]
             for i in 0..<n {
                 let e = trace[cpu * traceCapacity + i]
+                let origin = virtualTime ? 0 : startTick
                 out.append((MigrationPhase(rawValue: Int(e.phase))!, cpu,
-                            Double(e.start &- startTick) * nanosPerTick, Double(e.end &- startTick) * nanosPerTick))
+                            Double(e.start &- origin) * nanosPerTick, Double(e.end &- origin) * nanosPerTick))
             }
         }
         return out.map { (phase: $0.0, cpu: $0.1, startNanos: $0.2, endNanos: $0.3) }

@@ -409,6 +409,14 @@ extension DeterministicScheduler {
         return true
     }
 
+    /// A CPU copy of `bytes` by the calling thread, if it is emulated: a
+    /// scheduling point costing ``VirtualCosts/copyPerKiB`` per KiB.
+    @usableFromInline @inline(never)
+    static func copied(bytes: Int) {
+        guard let t = current else { return }
+        t.scheduler.point(t, cost: t.scheduler.configuration.costs.copyPerKiB &* UInt64(bytes) / 1024, "copy")
+    }
+
     /// The calling emulated thread's virtual clock (with a fixed origin of one
     /// second, so that differences never go below zero), or nil.
     @usableFromInline @inline(never)

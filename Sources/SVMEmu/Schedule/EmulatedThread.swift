@@ -100,14 +100,19 @@ public struct VirtualCosts: Sendable, Equatable {
     public var wake: UInt64
     /// One round of a spin-wait loop that yields.
     public var yield: UInt64
+    /// A CPU copy of one KiB of a migration (the memcpy copy engine, the
+    /// kernel's single-threaded folio copy): 12-14 GB/s measured
+    /// (Docs/benchmarks.md), 80 ns a KiB. A link model's time comes on top
+    /// when it is longer, as on real threads.
+    public var copyPerKiB: UInt64
 
     /// The measured defaults.
     public static let measured = VirtualCosts(access: 3, fault: 1_000, lock: 20, unlock: 10, futex: 300,
-                                              wake: 2_000, yield: 200)
+                                              wake: 2_000, yield: 200, copyPerKiB: 80)
 
     /// A table with every cost given.
     public init(access: UInt64, fault: UInt64, lock: UInt64, unlock: UInt64, futex: UInt64, wake: UInt64,
-                yield: UInt64) {
+                yield: UInt64, copyPerKiB: UInt64 = 80) {
         self.access = access
         self.fault = fault
         self.lock = lock
@@ -115,5 +120,6 @@ public struct VirtualCosts: Sendable, Equatable {
         self.futex = futex
         self.wake = wake
         self.yield = yield
+        self.copyPerKiB = copyPerKiB
     }
 }

@@ -14,9 +14,11 @@ import Synchronization
 /// cannot wait), but the lock it takes is held for the ones that follow; a
 /// bounded wait (``Folio/lock(timeoutNanos:)``) counts as a trylock.
 ///
-/// On for the emulated threads of a running ``DeterministicScheduler``, and
-/// on a real thread between its ``enable()`` and ``disable()``. Off, each
-/// lock site costs one load and one predictable branch.
+/// On for the emulated threads of a running ``DeterministicScheduler``, on a
+/// real thread between its ``enable()`` and ``disable()``, and on every
+/// thread after ``enableEverywhere()`` (the test machine calls it before any
+/// test runs, so every test validates its locks, real threads and emulated
+/// alike). Off, each lock site costs one load and one predictable branch.
 public enum LockOrder {
 
     /// "`held`, then `taken`", as one thread first did it.
@@ -101,6 +103,15 @@ public enum LockOrder {
         svm_lockdep_enable(1)
     }
 
+    /// Turns validation on for every thread of the process, for good; each
+    /// new violation is then also written to standard error as it is found
+    /// (lockdep's splat). The test machine (Tests/CTestSupport) calls it
+    /// before any test runs.
+    public static func enableEverywhere() { svm_lockdep_enable_everywhere() }
+
+    /// Whether ``enableEverywhere()`` was called.
+    public static var isEnabledEverywhere: Bool { svm_lockdep_everywhere() }
+
     /// Undoes one ``enable()`` of the calling thread.
     public static func disable() {
         let h = held()
@@ -109,7 +120,7 @@ public enum LockOrder {
         }
         h.enabled -= 1
         svm_lockdep_enable(-1)
-        if h.enabled == 0 {
+        if h.enabled == 0 && !svm_lockdep_everywhere() {
             // Locks still held are no longer followed: forget them, or their
             // release (not seen now) would leave them held for ever.
             withGraph { g in
@@ -125,7 +136,7 @@ public enum LockOrder {
     /// Whether the thread of `stack` is validated: it enabled validation, or
     /// it is an emulated thread of a running scheduler.
     static func validates(_ stack: HeldLocks) -> Bool {
-        stack.enabled > 0 || (svm_det_active() && svm_det_current() != nil)
+        stack.enabled > 0 || svm_lockdep_everywhere() || (svm_det_active() && svm_det_current() != nil)
     }
 
     /// Every violation recorded so far, oldest first.
@@ -164,7 +175,9 @@ public enum LockOrder {
                 let dep = Dependency(held: h.lockClass, heldSite: h.site, taken: lockClass, takenSite: site,
                                      thread: thread)
                 if let back = g.path(from: lockClass, to: h.lockClass) {
-                    g.violations.append(Violation(cycle: back, closing: dep))
+                    let v = Violation(cycle: back, closing: dep)
+                    g.violations.append(v)
+                    if svm_lockdep_everywhere() { system_write_stderr("svmemu: \(v)\n") }
                 }
                 g.edges[h.lockClass, default: [:]][lockClass] = dep
             }

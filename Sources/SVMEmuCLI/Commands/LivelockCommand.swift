@@ -12,7 +12,8 @@ struct LivelockCommand: ParsableCommand {
         abstract: "Fault storm: show the livelock and the trylock fix.",
         discussion: """
             P pages start in device memory; for each page T threads meet at a barrier, then all \
-            read it; next page. With the legacy fault path (v6.1-v6.14) and an exclusive lock in \
+            read it; next page. --release one-by-one hands them out of the barrier one by one \
+            (pthread_barrier's futex wake chain) instead of all at once. With the legacy fault path (v6.1-v6.14) and an exclusive lock in \
             the driver's migrateToRAM, the threads waiting for the lock hold page references that \
             make the lock holder's reference check fail: no page ever comes back, and the watchdog \
             declares a livelock after --stall-seconds without progress. The trylock fault path \
@@ -64,9 +65,7 @@ struct LivelockCommand: ParsableCommand {
     var failOnLivelock = false
 
     func validate() throws {
-        if schedule.given && !deterministic {
-            throw ValidationError("--cpus and --preemptions need --deterministic (real-thread storms use the kernel's default CPUs)")
-        }
+        try schedule.check(deterministic: deterministic)
         _ = try settings()
         if perPage && !json {
             throw ValidationError("--per-page needs --json: the per-page records are printed only in the JSON "

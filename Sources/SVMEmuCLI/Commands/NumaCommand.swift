@@ -37,6 +37,13 @@ struct NumaCommand: ParsableCommand {
             `copySweep` (ringBytes, folioBytes, folios, singleMicros, multiMicros, threads, speedup); with --storm one \
             object with `storm` (one element per algorithm).
 
+            --deterministic runs the readers (or the storm's holders) and the migrator under the \
+            emulator's scheduler on --cpus emulated CPUs (at least --readers + 1, or --holders + 1), one at \
+            a time in virtual time, the schedule seeded by --seed: every time and rate is virtual, the same \
+            seed gives byte-identical results on any host and under any load. The multi-threaded copier's \
+            variants and the copier sweep (host threads, host time) are left out; each variant and storm \
+            result adds scheduleSteps.
+
             \(ExitStatus.helpParagraph)
             """)
 
@@ -84,9 +91,17 @@ struct NumaCommand: ParsableCommand {
     /// Events the trace keeps per CPU (`--trace`).
     static let traceEventsPerCPU = 1 << 16
 
+    @OptionGroup var threads: HarnessScheduleOptions
+
     @OptionGroup var output: JSONOutputOptions
 
+    /// The schedule of the runs: the readers (or holders) and the migrator.
+    func harnessSchedule() throws -> HarnessSchedule {
+        try threads.harnessSchedule(threads: (storm ? holders : readers) + 1)
+    }
+
     func validate() throws {
+        _ = try harnessSchedule()
         _ = try ByteSize.check(buffer, flag: "--buffer", range: (2 << 20)...(16 * ByteSize.gib))
         try checkRange(readers, 0...32, flag: "--readers")
         try checkRange(rounds, 1...100, flag: "--rounds")
@@ -116,21 +131,21 @@ struct NumaCommand: ParsableCommand {
 
     struct Failure: Error, CustomStringConvertible { let description: String }
 
-    func run() throws {
-        for file in outputFiles { try file.checkWritable() }
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
-        if storm { return try runStorm() }
+    /// The variants, the batch-size sweep and (on real threads) the copier
+    /// sweep, with a progress line on standard error.
+    func variantResults() throws -> Results {
         var settings = NUMABenchSettings()
         settings.bufferBytes = ByteSize.parse(buffer)! & ~((2 << 20) - 1)
         settings.readers = readers
         settings.rounds = rounds
-        settings.variants = variants == .all ? NUMAVariant.all(copyThreads: copyThreads)
-            : NUMAVariant.standard(copyThreads: copyThreads)
+        settings.seed = threads.seed
+        settings.schedule = try harnessSchedule()
+        settings.variants = settings.deterministicVariants(variants == .all ? NUMAVariant.all(copyThreads: copyThreads)
+                                                           : NUMAVariant.standard(copyThreads: copyThreads))
         if checkTLB { settings.checksStaleTLBEntries = true }
         if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
+        defer { progress.done() }
         var results: [NUMAVariantResult] = []
         for v in settings.variants {
             progress.say(v.label)
@@ -141,10 +156,22 @@ struct NumaCommand: ParsableCommand {
         if !noSweep {
             progress.say("batch-size sweep")
             sweep = try NUMABench.sweep(settings: settings)
-            progress.say("copier sweep")
-            copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
+            if !settings.schedule.deterministic {
+                progress.say("copier sweep")
+                copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
+            }
         }
-        progress.done()
+        return Results(variants: results, batchSweep: sweep, copySweep: copySweep)
+    }
+
+    func run() throws {
+        for file in outputFiles { try file.checkWritable() }
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
+        #endif
+        if storm { return try runStorm() }
+        let all = try variantResults()
+        let results = all.variants, sweep = all.batchSweep, copySweep = all.copySweep
         if let svg { try OutputFile(svg).write(Self.chart(results, sweep, copySweep)) }
         if let trace {
             try OutputFile(trace).write(OverheadReport.traceJSON(processes: results.map { r in
@@ -153,7 +180,7 @@ struct NumaCommand: ParsableCommand {
             }))
         }
         if output.json {
-            print(try JSONReport.render(for: self, results: Results(variants: results, batchSweep: sweep, copySweep: copySweep)))
+            print(try JSONReport.render(for: self, results: all))
         } else {
             print(Self.table(results, sweep))
             if !copySweep.isEmpty { print(Self.copyTable(copySweep)) }
@@ -164,12 +191,15 @@ struct NumaCommand: ParsableCommand {
         }
     }
 
-    /// The storm: each algorithm against the lock holders.
-    func runStorm() throws {
+    /// The storm: each algorithm against the lock holders, with a progress
+    /// line on standard error.
+    func stormResults() throws -> StormResults {
         var settings = NUMAStormSettings()
         settings.pages = stormPages
         settings.holders = holders
         settings.rounds = rounds
+        settings.seed = threads.seed
+        settings.schedule = try harnessSchedule()
         let progress = ProgressLine(label: "svmemu numa --storm")
         var results: [NUMAStormResult] = []
         for a in settings.algorithms {
@@ -177,6 +207,12 @@ struct NumaCommand: ParsableCommand {
             results.append(try NUMABench.storm(a, settings: settings))
         }
         progress.done()
+        return StormResults(storm: results)
+    }
+
+    /// The storm, printed.
+    func runStorm() throws {
+        let results = try stormResults().storm
         if output.json {
             print(try JSONReport.render(for: self, results: StormResults(storm: results)))
         } else {

@@ -32,6 +32,14 @@ struct OverheadCommand: ParsableCommand {
             touches about 2.2 times --size plus 640 MiB, and a size the host cannot hold \
             (MemAvailable) is refused with both figures.
 
+            --deterministic runs the faulting thread and the --busy-cpus readers under the emulator's \
+            scheduler on --cpus emulated CPUs (at least --busy-cpus + 1), one at a time in virtual time, \
+            the schedule seeded by --seed: every time is virtual (the scheduler's cost table and the copy \
+            model's link time; memcpy itself costs none), the same seed gives byte-identical results on any \
+            host and under any load, and the host-measured figures are not measured (memcpyGBps, \
+            streamCopyGBps and the instrumentation cost are 0). Each run adds deterministic, cpus and \
+            scheduleSteps. --copy-threads must be 1 (the copy workers are host threads).
+
             \(ExitStatus.helpParagraph)
             """)
 
@@ -58,6 +66,8 @@ struct OverheadCommand: ParsableCommand {
 
     @Option(name: .long, parsing: .unconditional, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
     var rounds = 3
+
+    @OptionGroup var threads: HarnessScheduleOptions
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
@@ -116,10 +126,18 @@ struct OverheadCommand: ParsableCommand {
         if faultSize == .huge2M && granularity != .huge2M && direction == .toRAM {
             throw ValidationError("--fault-size applies to GPU faults (to-device); a CPU fault migrates the page it faulted on")
         }
+        _ = try harnessSchedule()
+        if threads.deterministic && copyThreads > 1 {
+            throw ValidationError("--copy-threads needs real threads: with --deterministic the copy runs on the faulting thread "
+                                  + "(the copy engine's workers are host threads the scheduler does not run)")
+        }
         if granularity == .huge2M && !OverheadHarness.hugeMigrationAvailable {
             throw ValidationError("2 MiB migration is not in the reference driver yet; use --granularity 4k")
         }
     }
+
+    /// The schedule of the runs: the faulting thread and the busy CPUs.
+    func harnessSchedule() throws -> HarnessSchedule { try threads.harnessSchedule(threads: busyCPUs + 1) }
 
     /// The output files asked for (`--svg`, `--trace`).
     var outputFiles: [OutputFile] { [svg, trace].compactMap { $0.map(OutputFile.init) } }
@@ -134,11 +152,12 @@ struct OverheadCommand: ParsableCommand {
                                       for: "svmemu overhead --size \(size)")
     }
 
-    func run() throws {
-        try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+    /// Every run asked for (directions x copy models x granularities), in
+    /// order, with a progress line on standard error; `done` sees each result
+    /// as it comes.
+    ///
+    /// - Throws: `CLIError.runFailed` when a run fails.
+    func runs(_ done: (OverheadResult) -> Void = { _ in }) throws -> [OverheadResult] {
         let bytes = ByteSize.parse(size)!
         var granularities = granularity.map { [$0] } ?? MigrationGranularity.allCases
         if granularity == nil && !OverheadHarness.hugeMigrationAvailable {
@@ -149,6 +168,7 @@ struct OverheadCommand: ParsableCommand {
         let models = try copyModels()
         let line = ProgressLine(label: "svmemu overhead")
         let runs = directions.count * models.count * granularities.count
+        let schedule = try harnessSchedule()
 
         var results: [OverheadResult] = []
         for d in directions {
@@ -164,8 +184,10 @@ struct OverheadCommand: ParsableCommand {
                     c.faultPages = faultSize == .huge2M && g == .base4K && d == .toDevice ? PageGeometry.pmdPages : 1
                     c.rounds = rounds
                     c.busyCPUs = busyCPUs
+                    c.seed = threads.seed
+                    c.schedule = schedule
                     c.traceEventsPerCPU = trace != nil ? Self.traceEventsPerCPU : 0
-                    c.progress = line.enabled ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
+                    c.progress = line.enabled && !schedule.deterministic ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
                     let r: OverheadResult
                     do { r = try OverheadHarness.run(c) } catch {
                         line.done()
@@ -173,10 +195,20 @@ struct OverheadCommand: ParsableCommand {
                     }
                     line.done()
                     results.append(r)
-                    if !json { print(OverheadReport.table(r)) }
+                    done(r)
                 }
             }
         }
+        return results
+    }
+
+    func run() throws {
+        try preflight()
+        #if DEBUG
+        FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
+        #endif
+        let bytes = ByteSize.parse(size)!
+        let results = try runs { r in if !json { print(OverheadReport.table(r)) } }
         if !json && results.count > 1 {
             print("Summary (\(bytes >> 20) MiB; shares of the mean fault)")
             print(OverheadReport.summary(results))

@@ -57,7 +57,7 @@ struct StormOptions<Defaults: StormOptionDefaults>: ParsableArguments {
 
 /// The scenario knobs of a storm that `livelock`, `explore` and `replay`
 /// share: which storm, which fault path, which driver lock, the DMA wait, the
-/// page size and the seed.
+/// page size, the barrier's release style and the seed.
 struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
     var scenario = "readers"
@@ -77,7 +77,10 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with and, with --deterministic, of the schedule (0 to 2^64-1).")
     var seed: UInt64 = 1
 
-    /// Sets the scenario, fault path, driver lock, DMA wait, page size and seed.
+    @Option(name: .long, help: "How the threads leave the barrier before each page: all (at once, CPUs spinning in a barrier) or one-by-one (pthread_barrier's futex wake-ups, each woken thread waking the next).")
+    var release = "all"
+
+    /// Sets the scenario, fault path, driver lock, DMA wait, page size, release style and seed.
     func apply(to s: inout StormSettings) throws {
         s.scenario = try LivelockCommand.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
         s.faultPolicy = try LivelockCommand.parse(faultPolicy, "--fault-policy", DeviceFaultPolicy.allCases.map(\.rawValue)) {
@@ -87,12 +90,15 @@ struct StormScenarioOptions: ParsableArguments {
         s.pageSize = try LivelockCommand.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
             switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
         }
+        s.release = try LivelockCommand.parse(release, "--release", StormRelease.allCases.map(\.rawValue)) {
+            StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one" : $0)
+        }
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
     }
 }
 
-/// `--cpus` and `--preemptions` of a storm under the deterministic scheduler.
+/// `--cpus` and `--preemptions` of a run under the deterministic scheduler.
 struct ScheduleOptions: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs of the machine in a deterministic run (1-64, default 8), independent of the host's cores.")
     var cpus: Int?
@@ -103,10 +109,45 @@ struct ScheduleOptions: ParsableArguments {
     /// Whether either was given.
     var given: Bool { cpus != nil || preemptions != nil }
 
+    /// Refuses `--cpus` and `--preemptions` without `--deterministic`.
+    func check(deterministic: Bool) throws {
+        if given && !deterministic {
+            throw ValidationError("--cpus and --preemptions need --deterministic (real-thread runs use the kernel's default CPUs)")
+        }
+    }
+
     /// Sets the CPUs and preemption points and turns the deterministic scheduler on.
     func apply(to s: inout StormSettings) {
         s.deterministic = true
         if let cpus { s.cpus = cpus }
         if let preemptions { s.preemptions = preemptions }
+    }
+}
+
+/// `--deterministic`, `--cpus`, `--preemptions` and `--seed` of a harness
+/// that runs threads (`overhead`, `numa`): real threads by default, or the
+/// harness's threads under the deterministic scheduler.
+struct HarnessScheduleOptions: ParsableArguments {
+    @Flag(name: .long, help: "Run the threads under the deterministic scheduler (one at a time, in virtual time, the schedule seeded by --seed): the same seed gives the same results on any host.")
+    var deterministic = false
+
+    @OptionGroup var schedule: ScheduleOptions
+
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern and, with --deterministic, of the schedule (0 to 2^64-1).")
+    var seed: UInt64 = 1
+
+    func validate() throws { try schedule.check(deterministic: deterministic) }
+
+    /// The harness's schedule; `threads`: the emulated threads the run
+    /// needs (checked against `--cpus`). Throws `ValidationError` naming the flag.
+    func harnessSchedule(threads: Int) throws -> HarnessSchedule {
+        var h = HarnessSchedule()
+        h.seed = seed
+        guard deterministic else { return h }
+        h.deterministic = true
+        if let cpus = schedule.cpus { h.cpus = cpus }
+        if let preemptions = schedule.preemptions { h.preemptions = preemptions }
+        if let problem = h.problem(threads: threads) { throw ValidationError(LivelockCommand.flagged(problem)) }
+        return h
     }
 }

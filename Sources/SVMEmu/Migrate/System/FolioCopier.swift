@@ -50,8 +50,13 @@ public final class SingleThreadCopier: FolioCopier, @unchecked Sendable {
     public let name = "single"
     public let threads = 1
     public init() {}
+    /// Copies every job on the calling thread (on an emulated thread, in
+    /// ``VirtualCosts/copyPerKiB`` of virtual time).
     public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
-        for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
+        for j in jobs {
+            if _slowPath(svm_det_active()) { DeterministicScheduler.copied(bytes: j.bytes) }
+            svm_memcpy(j.destination, j.source, j.bytes)
+        }
     }
 }
 
