@@ -70,8 +70,9 @@ struct JSONReportTests {
         let run = OverheadHarness.summarize([:], config: config, wallOn: 0)
         let results = DemoCommand.Results(storms: [try stormResult(livelocked: true), try stormResult(livelocked: false)],
                                           overhead: [run])
-        let object = try report(["demo", "--json"], results)
+        let object = try report(["demo", "--json", "--seed", "7"], results)
         try expectEnvelope(object, command: "demo")
+        #expect((object["arguments"] as? [String: Any])?["seed"] as? Int == 7, "the seed is recorded")
         #expect((object["storms"] as? [[String: Any]])?.count == 2)
         #expect((object["overhead"] as? [[String: Any]])?.first?["phases"] != nil)
     }

@@ -35,6 +35,9 @@ struct DemoCommand: ParsableCommand {
 
     @OptionGroup var storm: StormOptions<StormDefaults>
 
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the storms' data pattern (recorded in --json's arguments); the storms run on real threads, so their outcome is the host's. For a run a seed reproduces, use svmemu livelock --deterministic --seed.")
+    var seed: UInt64 = 1
+
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
@@ -49,6 +52,7 @@ struct DemoCommand: ParsableCommand {
         for policy in [DeviceFaultPolicy.legacy, .trylock] {
             var s = StormSettings(faultPolicy: policy, driverLock: .exclusive, migrateToRAMWorkMicros: 50)
             storm.apply(to: &s)
+            s.seed = seed
             s.joinTimeoutSeconds = 10
             var r = try LivelockCommand.runStorm(s, label: StormReport.title(r: s))
             r.perPage = []
