@@ -1,8 +1,5 @@
 import CSVMSupport
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// An address space (`struct mm_struct`): VMAs under a reader/writer mmap
 /// lock, and two-level page tables (PMD entries, each pointing to a PTE table
@@ -27,7 +24,11 @@ public final class AddressSpace: @unchecked Sendable {
     /// One past the last address the page tables cover.
     public let endAddress: UInt64
 
-    let mmapLockStorage: UnsafeMutablePointer<pthread_rwlock_t>
+    /// The mmap lock: a futex reader/writer lock that prefers writers (a
+    /// fault storm must not starve `munmap`), and a scheduling point under a
+    /// ``DeterministicScheduler`` so that `munmap` and friends can run among
+    /// emulated threads.
+    let mmapLock = KernelRWSemaphore("mmap lock", prefersWriters: true, tracksOrder: false)
     let mmapLockHolders = Atomic<Int>(0)
     /// Sorted, non-overlapping. Changed only with the mmap lock held for writing.
     var vmas: [VMA] = []
@@ -85,15 +86,8 @@ public final class AddressSpace: @unchecked Sendable {
         ptes = HostMemory.reserveOrStop(bytes: pmdCount * PageGeometry.pmdPages * 8, for: "page tables").assumingMemoryBound(to: UInt64.self)
         ptls = HostMemory.reserveOrStop(bytes: pmdCount * 4, for: "page tables").assumingMemoryBound(to: UInt32.self)
         pmdLocks = HostMemory.reserveOrStop(bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4), for: "page tables").assumingMemoryBound(to: UInt32.self)
-        mmapLockStorage = .allocate(capacity: 1)
         activeInvalidations = .allocate(capacity: 1)
         activeInvalidations.initialize(to: 0)
-        var attr = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attr)
-        // Writers must not starve behind a storm of faulting readers.
-        pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(mmapLockStorage, &attr)
-        pthread_rwlockattr_destroy(&attr)
         id = kernel.reserveAddressSpaceID()
         tlbContext = TLBContext(id: id)
         tlbGen = tlbContext.gen
@@ -115,8 +109,6 @@ public final class AddressSpace: @unchecked Sendable {
         HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
         HostMemory.release(ptls, bytes: pmdCount * 4)
         HostMemory.release(pmdLocks, bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4))
-        pthread_rwlock_destroy(mmapLockStorage)
-        mmapLockStorage.deallocate()
         activeInvalidations.deallocate()
     }
 
@@ -132,7 +124,7 @@ public final class AddressSpace: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `mmap_read_lock()`.
     public func mmapReadLock() {
-        pthread_rwlock_rdlock(mmapLockStorage)
+        mmapLock.downRead()
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapReadLock()``.
@@ -140,7 +132,7 @@ public final class AddressSpace: @unchecked Sendable {
     /// The corresponding kernel function is `mmap_read_unlock()`.
     public func mmapReadUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
-        pthread_rwlock_unlock(mmapLockStorage)
+        mmapLock.upRead()
     }
     /// Takes the mmap lock for writing, sleeping until no reader or writer
     /// holds it.
@@ -152,7 +144,7 @@ public final class AddressSpace: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `mmap_write_lock()`.
     public func mmapWriteLock() {
-        pthread_rwlock_wrlock(mmapLockStorage)
+        mmapLock.downWrite()
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapWriteLock()``.
@@ -160,7 +152,7 @@ public final class AddressSpace: @unchecked Sendable {
     /// The corresponding kernel function is `mmap_write_unlock()`.
     public func mmapWriteUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
-        pthread_rwlock_unlock(mmapLockStorage)
+        mmapLock.upWrite()
     }
     /// Whether some thread holds the mmap lock, in either mode.
     ///
