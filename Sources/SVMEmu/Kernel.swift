@@ -141,6 +141,8 @@ public final class Kernel: @unchecked Sendable {
     let diagnosticLog = LockedValue<[Diagnostic]>([])
     let diagnosticCount = Atomic<Int>(0)
     let addressSpaces = LockedValue<(next: UInt32, live: [UInt32: WeakAddressSpace])>((1, [:]))
+    /// Gone address spaces whose fork family still has members (see `retire`).
+    let retiredFamilies = LockedValue<[UInt32: WeakAnonFamily]>([:])
     let pageMaps = LockedValue<[DevicePageMap]>([])
     /// Page-map indices handed out so far (an index is reserved before its
     /// region is added, so racing registrations never share one).
@@ -393,7 +395,20 @@ public final class Kernel: @unchecked Sendable {
     }
     func register(_ mm: AddressSpace) { addressSpaces.withLock { $0.live[mm.id] = WeakAddressSpace(mm) } }
     func unregister(_ id: UInt32) { addressSpaces.withLock { _ = $0.live.removeValue(forKey: id) } }
+    /// An address space `id` has gone while its fork family lives on: folios
+    /// whose rmap still names `id` are found through the family.
+    func retire(_ id: UInt32, family: AnonFamily) {
+        retiredFamilies.withLock { r in
+            r = r.filter { $0.value.value != nil }
+            r[id] = WeakAnonFamily(value: family)
+        }
+    }
+    func retiredFamily(_ id: UInt32) -> AnonFamily? { retiredFamilies.withLock { $0[id]?.value } }
     func addressSpace(id: UInt32) -> AddressSpace? { addressSpaces.withLock { $0.live[id]?.value } }
+}
+
+struct WeakAnonFamily {
+    weak var value: AnonFamily?
 }
 
 struct WeakAddressSpace {

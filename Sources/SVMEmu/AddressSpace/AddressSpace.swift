@@ -105,6 +105,7 @@ public final class AddressSpace: @unchecked Sendable {
         mmapWriteUnlock()
         kernel.unregister(id)
         anonFamily.leave(id)
+        if anonFamily.hasMembers { kernel.retire(id, family: anonFamily) }
         HostMemory.release(pmds, bytes: pmdCount * 8)
         HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
         HostMemory.release(ptls, bytes: pmdCount * 4)
