@@ -171,6 +171,9 @@ public struct SoakResult: Sendable, Codable, Equatable {
     public var warnings: [String]
     /// The wait-for report when the scheduler found a deadlock, else nil.
     public var deadlock: String?
+    /// The run exceeded its host-time limit (a millisecond per operation,
+    /// at least 600 s): something spun without end.
+    public var timedOut = false
     /// Scheduling points, and virtual seconds, of the run.
     public var scheduleSteps: UInt64
     public var virtualSeconds: Double
@@ -180,7 +183,7 @@ public struct SoakResult: Sendable, Codable, Equatable {
     /// No corruption, no unexpected access error, no leak, no lock held, no warning, no deadlock.
     public var clean: Bool {
         bytesCorrupted == 0 && accessErrors == 0 && leakedReferences == 0 && locksHeld == 0 && leakedFrames == 0
-            && failedAtOperation == nil && warnings.isEmpty && deadlock == nil
+            && failedAtOperation == nil && warnings.isEmpty && deadlock == nil && !timedOut
     }
 }
 
@@ -241,7 +244,10 @@ public enum Soak {
         kernel.cpus.leave()
         defer { state.release() }
 
-        let scheduler = DeterministicScheduler(.init(seed: settings.seed))
+        var schedule = DeterministicScheduler.Configuration(seed: settings.seed)
+        // A millisecond of host time per operation is far more than any needs.
+        schedule.hostTimeoutSeconds = max(600, Double(settings.operations) / 1000)
+        let scheduler = DeterministicScheduler(schedule)
         let process = !settings.mix.isDisjoint(with: .addressSpace)
         state.live = settings.cpus + 1 + (process ? 1 : 0)
         for i in 0..<settings.cpus {
@@ -256,9 +262,14 @@ public enum Soak {
         let seconds = Double(HostClock.hostNanos() - start) / 1e9
 
         var result = state.result(steps: scheduler.steps, seconds: seconds)
-        if case .deadlock(let report) = outcome {
+        switch outcome {
+        case .deadlock(let report):
             result.deadlock = report.description
             return result   // the deadlocked threads hold the pages: nothing more can be judged
+        case .hostTimeout:
+            result.timedOut = true
+            return result
+        default: break
         }
         // The final audit, then every word through the CPU (faulting device pages back).
         if state.failedAudit == nil { state.runAudit() }

@@ -125,9 +125,10 @@ extension SoakState {
     }
 
     /// An access that faulted `faultLimit` times without progress: a
-    /// livelock or an entry nothing will resolve.
+    /// livelock or an entry nothing will resolve. The soak stops.
     func stuck(_ what: String, _ address: UInt64, write: Bool) {
         accessErrors += 1
+        stopped = true   // whatever holds it will hold every other access to it too
         let (level, e) = mm.entry(at: address)
         let folio = (e.kind == .present || e.kind == .devicePrivate || e.kind == .migration) ? kernel.page(pfn: e.pfn)?.folio : nil
         note("operation \(operations): a \(what) \(write ? "write" : "read") of 0x\(String(address, radix: 16)) faulted \(SoakState.faultLimit) times; \(level) entry \(e)\(folio.map { ", \($0), flags \($0.flags)" } ?? "")")

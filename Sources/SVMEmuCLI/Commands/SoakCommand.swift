@@ -32,11 +32,11 @@ struct SoakCommand: ParsableCommand {
 
             With --json prints one object whose results are the settings, the counts of each \
             operation, bytesCorrupted, accessErrors, leakedReferences, locksHeld, leakedFrames, \
-            failedAtOperation, audit, findings, warnings, deadlock, scheduleSteps, \
+            failedAtOperation, audit, findings, warnings, deadlock, timedOut, scheduleSteps, \
             virtualSeconds and seconds (Docs/json.md); only seconds differs between runs of one seed.
 
             Exit status: 0 the soak was clean; 1 it found corruption, an unexpected access \
-            error, a leak, a held lock, a warning or a deadlock (or could not run); 64 an \
+            error, a leak, a held lock, a warning, a deadlock or a host timeout (or could not run); 64 an \
             invalid argument.
             """)
 
@@ -106,7 +106,7 @@ struct SoakCommand: ParsableCommand {
                   \(r.writesRefused) writes refused (read-only), \(r.racedAccesses) accesses raced an mm change
                   \(r.audits) audits: bytes corrupted \(r.bytesCorrupted), access errors \(r.accessErrors), \
                 leaked references \(r.leakedReferences), locks held \(r.locksHeld), leaked frames \(r.leakedFrames), \
-                warnings \(r.warnings.count)\(r.deadlock.map { ", " + $0 } ?? "")
+                warnings \(r.warnings.count)\(r.timedOut ? ", timed out" : "")\(r.deadlock.map { ", " + $0 } ?? "")
                   \(r.scheduleSteps) scheduling steps, \(String(format: "%.3f", r.virtualSeconds)) s virtual, \
                 \(String(format: "%.2f", r.seconds)) s on the host
                 """)
