@@ -156,6 +156,8 @@ public final class Kernel: @unchecked Sendable {
     /// Live files by id: a page-cache folio names its file by id, and the
     /// file rmap walk looks it up here.
     let files = WeakRegistry<File>()
+    /// Gone address spaces whose fork family still has members (see `retire`).
+    let retiredFamilies = LockedValue<[UInt32: WeakAnonFamily]>([:])
     let pageMaps = LockedValue<[DevicePageMap]>([])
     /// Page-map indices handed out so far (an index is reserved before its
     /// region is added, so racing registrations never share one).
@@ -405,6 +407,15 @@ public final class Kernel: @unchecked Sendable {
     func register(_ mm: AddressSpace) { addressSpaces.insert(mm, id: mm.id) }
     func unregister(_ id: UInt32) { addressSpaces.remove(id) }
     func addressSpace(id: UInt32) -> AddressSpace? { addressSpaces.lookup(id) }
+    /// An address space `id` has gone while its fork family lives on: folios
+    /// whose rmap still names `id` are found through the family.
+    func retire(_ id: UInt32, family: AnonFamily) {
+        retiredFamilies.withLock { r in
+            r = r.filter { $0.value.value != nil }
+            r[id] = WeakAnonFamily(value: family)
+        }
+    }
+    func retiredFamily(_ id: UInt32) -> AnonFamily? { retiredFamilies.withLock { $0[id]?.value } }
 
     /// A new file id (never 0: a page with mapping id 0 has no mapping).
     func reserveFileID() -> UInt32 { files.reserveID() }
@@ -430,4 +441,10 @@ final class WeakRegistry<Object: AnyObject & Sendable>: @unchecked Sendable {
     func insert(_ object: Object, id: UInt32) { state.withLock { $0.live[id] = Entry(object: object) } }
     func remove(_ id: UInt32) { state.withLock { _ = $0.live.removeValue(forKey: id) } }
     func lookup(_ id: UInt32) -> Object? { state.withLock { $0.live[id]?.object } }
+    /// The live objects, in id order.
+    func all() -> [Object] { state.withLock { s in s.live.sorted { $0.key < $1.key }.compactMap { $0.value.object } } }
+}
+
+struct WeakAnonFamily {
+    weak var value: AnonFamily?
 }

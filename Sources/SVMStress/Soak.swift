@@ -1,19 +1,104 @@
 import MirrorDriver
 import SVMEmu
 
+/// The kinds of operation a soak mixes in besides CPU reads and writes
+/// (which every soak runs: they are what checks the bytes).
+public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+    /// GPU reads and writes through the mirror's device page table (GPU faults on a miss).
+    public static let gpu = SoakMix(rawValue: 1 << 0)
+    /// Migrations of single 4 KiB pages to device memory and back.
+    public static let migrate = SoakMix(rawValue: 1 << 1)
+    /// A THP region (2 MiB aligned, MADV_HUGEPAGE) whose 2 MiB folios migrate
+    /// whole (SELECT_COMPOUND) both ways; 4 KiB operations on it split them.
+    public static let huge = SoakMix(rawValue: 1 << 2)
+    /// Eviction of all device memory (migrate_device_range).
+    public static let evict = SoakMix(rawValue: 1 << 3)
+    /// munmap of a range, then mmap of the hole (it reads as zeroes).
+    public static let munmap = SoakMix(rawValue: 1 << 4)
+    /// mprotect read-only and back to read-write.
+    public static let mprotect = SoakMix(rawValue: 1 << 5)
+    /// madvise: MADV_DONTNEED (zeroes), MADV_HUGEPAGE and MADV_COLLAPSE.
+    public static let madvise = SoakMix(rawValue: 1 << 6)
+    /// mremap of a range elsewhere and back.
+    public static let mremap = SoakMix(rawValue: 1 << 7)
+    /// fork: a child with its own shadow, accessed and released later.
+    public static let fork = SoakMix(rawValue: 1 << 8)
+    /// move_pages and migrate_pages between the two RAM nodes.
+    public static let movePages = SoakMix(rawValue: 1 << 9)
+
+    /// Every operation.
+    public static let all: SoakMix = [.gpu, .migrate, .huge, .evict, .munmap, .mprotect, .madvise, .mremap, .fork, .movePages]
+    /// The operations that change the address space (a "process" thread runs them).
+    public static let addressSpace: SoakMix = [.munmap, .mprotect, .madvise, .mremap, .fork, .movePages]
+
+    /// Each operation's name, as the CLI's `--mix` and the JSON spell it.
+    public static let names: [(String, SoakMix)] = [
+        ("gpu", .gpu), ("migrate", .migrate), ("huge", .huge), ("evict", .evict), ("munmap", .munmap),
+        ("mprotect", .mprotect), ("madvise", .madvise), ("mremap", .mremap), ("fork", .fork),
+        ("move-pages", .movePages),
+    ]
+
+    /// Parses a comma-separated list of names, or `all`; nil for an unknown name.
+    public init?(names list: String) {
+        var m: SoakMix = []
+        for n in list.split(separator: ",") {
+            if n == "all" { m.formUnion(.all); continue }
+            guard let (_, op) = SoakMix.names.first(where: { $0.0 == n }) else { return nil }
+            m.insert(op)
+        }
+        self = m
+    }
+
+    /// The names of the operations in the mix, comma-separated.
+    public var description: String { SoakMix.names.filter { contains($0.1) }.map(\.0).joined(separator: ",") }
+
+    public init(from decoder: any Decoder) throws {
+        let s = try decoder.singleValueContainer().decode([String].self)
+        guard let m = SoakMix(names: s.joined(separator: ",")) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "unknown soak operation in \(s)"))
+        }
+        self = m
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(SoakMix.names.filter { contains($0.1) }.map(\.0))
+    }
+}
+
+/// A leak planted on purpose, to prove that the soak's invariant checks fail.
+public enum SoakPlantedLeak: String, Sendable, Codable, CaseIterable {
+    /// Halfway through, a folio reference that nothing drops.
+    case reference
+}
+
 /// The settings of a randomized soak.
 public struct SoakSettings: Sendable, Codable, Equatable {
-    /// Operations in total, over every thread (reads, writes, migrations).
+    /// Operations in total, over every thread (accesses, migrations, mm calls).
     public var operations = 100_000
-    /// CPU threads reading and writing (one emulated CPU each); one GPU
-    /// thread migrates pages besides them.
+    /// CPU threads reading and writing (one emulated CPU each); a GPU
+    /// thread and, when the mix changes the address space, a process
+    /// thread run besides them.
     public var cpus = 4
-    /// Pages of 4 KiB in the soaked buffer.
+    /// Pages of 4 KiB in the soaked buffer's small-page region.
     public var pages = 64
+    /// 2 MiB THP regions besides (with ``SoakMix/huge``).
+    public var hugeRegions = 2
     /// Seeds the schedule and every thread's choices.
     public var seed: UInt64 = 1
     /// The kernel's device-private fault path.
     public var faultPolicy: DeviceFaultPolicy = .trylockWait
+    /// The operations mixed in besides CPU reads and writes.
+    public var mix: SoakMix = .all
+    /// Operations between two invariant audits (all threads meet at a
+    /// quiescent point, ``Kernel/audit(heldReferences:)`` runs and every
+    /// byte is compared with the shadow without faulting it in).
+    public var auditEvery = 100_000
+    /// Fault injection for tests of the checker; nil in a real soak.
+    public var plantedLeak: SoakPlantedLeak? = nil
 
     public init() {}
 
@@ -22,117 +107,176 @@ public struct SoakSettings: Sendable, Codable, Equatable {
         guard (1...1_000_000_000).contains(operations) else {
             throw .invalidSettings("operations must be 1...1000000000 (got \(operations))")
         }
-        guard (1...63).contains(cpus) else { throw .invalidSettings("cpus must be 1...63 (got \(cpus))") }
+        guard (1...62).contains(cpus) else { throw .invalidSettings("cpus must be 1...62 (got \(cpus))") }
         guard (1...65_536).contains(pages) else { throw .invalidSettings("pages must be 1...65536 (got \(pages))") }
+        guard (0...16).contains(hugeRegions) else { throw .invalidSettings("hugeRegions must be 0...16 (got \(hugeRegions))") }
+        guard auditEvery >= 1 else { throw .invalidSettings("auditEvery must be at least 1 (got \(auditEvery))") }
     }
 }
 
 /// What a soak found.
 public struct SoakResult: Sendable, Codable, Equatable {
     public var settings: SoakSettings
-    /// Operations run: reads, writes, migrations to device memory and back, evictions.
+    /// Operations run, and each kind.
     public var operations: Int
     public var reads: Int
     public var writes: Int
+    /// GPU reads and writes, and the GPU faults (device page-table misses) they took.
+    public var gpuReads: Int
+    public var gpuWrites: Int
+    public var gpuFaults: Int
+    /// Pages migrated to device memory and back by migrate_vma (4 KiB and 2 MiB calls).
     public var migrationsToDevice: Int
     public var migrationsToSystem: Int
+    /// 2 MiB calls (SELECT_COMPOUND) among them, and the device folios split (folio_split callbacks).
+    public var hugeMigrations: Int
+    public var deviceFolioSplits: Int
+    /// Pages evicted from device memory.
     public var evictions: Int
+    public var munmaps: Int
+    public var mprotects: Int
+    public var madvises: Int
+    public var mremaps: Int
+    public var forks: Int
+    /// Reads and writes in the forked children, checked against their own shadows.
+    public var childAccesses: Int
+    /// Pages moved between RAM nodes by move_pages and migrate_pages.
+    public var pagesMoved: Int
+    /// Writes refused as they must be (read-only ranges: `.permissionDenied`).
+    public var writesRefused: Int
+    /// Accesses that overlapped an address-space change of their page
+    /// (their outcome depends on the order; a read is checked against both).
+    public var racedAccesses: Int
+    /// Invariant audits run (at quiescent points and at the end).
+    public var audits: Int
     /// Bytes that differed from the shadow copy, during the run and after it.
     public var bytesCorrupted: Int
-    /// Pages whose folio holds references beyond its mappings after the run.
+    /// Accesses that failed where the model says they cannot, or writes that
+    /// succeeded on a read-only range.
+    public var accessErrors: Int
+    /// References no mapping or holder explains (reference-count and
+    /// map-count mismatches, unreachable folios), at the first failing audit.
     public var leakedReferences: Int
-    /// Folios still locked after the run.
+    /// Folio locks and kernel locks (PTE, PMD, zone, mmap) held at quiescence.
     public var locksHeld: Int
+    /// Frames neither free nor reachable, and entries naming free frames.
+    public var leakedFrames: Int
+    /// The operation after which the first failing audit ran, or nil.
+    public var failedAtOperation: Int?
+    /// The last audit (the first failing one, or the final one).
+    public var audit: KernelAudit?
+    /// The first problems the soak itself saw (corrupted words, failed accesses), described.
+    public var findings: [String]
     /// Kernel warnings (diagnostics) recorded.
     public var warnings: [String]
     /// The wait-for report when the scheduler found a deadlock, else nil.
     public var deadlock: String?
+    /// The run exceeded its host-time limit (a millisecond per operation,
+    /// at least 600 s): something spun without end.
+    public var timedOut = false
     /// Scheduling points, and virtual seconds, of the run.
     public var scheduleSteps: UInt64
     public var virtualSeconds: Double
     /// Host wall time.
     public var seconds: Double
 
-    /// No corruption, no leak, no lock held, no warning, no deadlock.
+    /// No corruption, no unexpected access error, no leak, no lock held, no warning, no deadlock.
     public var clean: Bool {
-        bytesCorrupted == 0 && leakedReferences == 0 && locksHeld == 0 && warnings.isEmpty && deadlock == nil
+        bytesCorrupted == 0 && accessErrors == 0 && leakedReferences == 0 && locksHeld == 0 && leakedFrames == 0
+            && failedAtOperation == nil && warnings.isEmpty && deadlock == nil && !timedOut
     }
 }
 
 /// A randomized soak under the deterministic scheduler: CPU threads read and
-/// write random words of a buffer while a GPU thread migrates random pages
-/// to device memory and back (and now and then evicts everything); a shadow
-/// copy of every word is checked on every read and at the end, and the
-/// teardown invariants (every folio unlocked, references = mappings, no
-/// kernel warning) after it. Same seed, same soak.
+/// write random words of a buffer while a GPU thread reads and writes it
+/// through the device, migrates 4 KiB pages and 2 MiB folios to device
+/// memory and back and now and then evicts everything, and a process
+/// thread unmaps and remaps, protects, advises, remaps elsewhere, forks
+/// and moves pages between nodes. A shadow copy of every word is checked on
+/// every read, at every audit and at the end; every `auditEvery`
+/// operations all threads meet at a quiescent point where
+/// ``Kernel/audit(heldReferences:)`` checks references, locks and frames.
+/// Same seed, same soak.
 public enum Soak {
 
     /// Runs one soak.
     ///
     /// - Parameter settings: the soak.
-    /// - Returns: what it found.
+    /// - Returns: what it found. It stops at the first failing audit.
     /// - Throws: `StormError` when the settings are invalid or the setup fails.
     public static func run(_ settings: SoakSettings) throws(StormError) -> SoakResult {
         try settings.validate()
-        let bytes = settings.pages * PageGeometry.pageSize
+        let huge = settings.mix.contains(.huge) ? settings.hugeRegions : 0
+        let smallBytes = settings.pages * PageGeometry.pageSize
+        let hugeBytes = huge * PageGeometry.pmdSize
         var config = KernelConfiguration()
-        config.nodeSizes = [64 << 20]
-        config.cpus = settings.cpus + 1
+        config.nodeSizes = [64 << 20, 64 << 20]
+        config.addressSpaceSize = 4 << 30
+        config.cpus = settings.cpus + 2
         config.deviceFaultPolicy = settings.faultPolicy
-        config.transparentHugepage = .never
+        config.transparentHugepage = .madvise
         let kernel = Kernel(config)
         let mm = AddressSpace(kernel: kernel)
-        let vram = StormHarness.roundUp(UInt64(bytes) + (16 << 20), to: 32 << 20)
+        let vram = StormHarness.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
         let driver = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20))
-        let words = bytes / 8
-        let shadow = UnsafeMutablePointer<UInt64>.allocate(capacity: words)
-        defer { shadow.deallocate() }
-        let base: UInt64
+        let state: SoakState
         do {
-            base = try mm.mmap(length: bytes)
+            let small = try mm.mmap(length: smallBytes)
+            var hugeBase: UInt64 = 0
+            if huge > 0 {
+                hugeBase = try mm.mmap(length: hugeBytes)
+                try mm.madvise(hugeBase, length: hugeBytes, advice: .hugePage)
+            }
+            // Where mremap moves a range and back from: free, 2 MiB aligned.
+            let scratch = try mm.mmap(length: PageGeometry.pmdSize)
+            try mm.munmap(scratch, length: PageGeometry.pmdSize)
+            state = SoakState(settings: settings, kernel: kernel, mm: mm, driver: driver,
+                              small: small, smallPages: settings.pages, huge: hugeBase, hugeRegions: huge, scratch: scratch)
             var rng = SplitMix64(state: settings.seed)
-            for w in 0..<words {
+            for w in 0..<state.words {
                 let v = rng.next()
-                shadow[w] = v
-                try mm.store64(base + UInt64(w * 8), v)
+                state.shadow[w] = v
+                try mm.store64(state.address(ofWord: w), v)
             }
         } catch {
-            throw .setupFailed("mapping and filling \(settings.pages) pages: \(error)")
+            throw .setupFailed("mapping and filling \(settings.pages) pages and \(huge) THP regions: \(error)")
         }
         kernel.cpus.leave()
+        defer { state.release() }
 
-        let state = SoakState(settings: settings, mm: mm, driver: driver, base: base, shadow: shadow, words: words)
-        let scheduler = DeterministicScheduler(.init(seed: settings.seed))
+        var schedule = DeterministicScheduler.Configuration(seed: settings.seed)
+        // A millisecond of host time per operation is far more than any needs.
+        schedule.hostTimeoutSeconds = max(600, Double(settings.operations) / 1000)
+        let scheduler = DeterministicScheduler(schedule)
+        let process = !settings.mix.isDisjoint(with: .addressSpace)
+        state.live = settings.cpus + 1 + (process ? 1 : 0)
         for i in 0..<settings.cpus {
             scheduler.spawn("cpu\(i)") { state.cpuLoop(seed: settings.seed &+ UInt64(i) &* 0x9E37_79B9) }
         }
         scheduler.spawn("gpu") { state.gpuLoop(seed: settings.seed ^ 0xD1B5_4A32_D192_ED03) }
+        if process {
+            scheduler.spawn("process") { state.processLoop(seed: settings.seed ^ 0x94D0_49BB_1331_11EB) }
+        }
         let start = HostClock.hostNanos()
         let outcome = scheduler.run()
         let seconds = Double(HostClock.hostNanos() - start) / 1e9
 
-        var result = SoakResult(settings: settings, operations: state.operations, reads: state.reads,
-                                writes: state.writes, migrationsToDevice: state.toDevice,
-                                migrationsToSystem: state.toSystem, evictions: state.evictions,
-                                bytesCorrupted: state.corrupted, leakedReferences: 0, locksHeld: 0, warnings: [],
-                                deadlock: nil, scheduleSteps: scheduler.steps,
-                                virtualSeconds: Double(state.lastNanos) / 1e9, seconds: seconds)
-        if case .deadlock(let report) = outcome {
+        var result = state.result(steps: scheduler.steps, seconds: seconds)
+        switch outcome {
+        case .deadlock(let report):
             result.deadlock = report.description
             return result   // the deadlocked threads hold the pages: nothing more can be judged
+        case .hostTimeout:
+            result.timedOut = true
+            return result
+        default: break
         }
-        // Teardown invariants, then every word against the shadow (faulting device pages back).
-        for p in 0..<settings.pages {
-            let e = mm.entry(at: base + UInt64(p) << PageGeometry.pageShift).entry
-            guard e.kind == .present || e.kind == .devicePrivate, !(e.kind == .present && e.isSpecial) else { continue }
-            let folio = kernel.pfnToPage(e.pfn).folio
-            if folio.isLocked { result.locksHeld += 1 }
-            if folio.refCount != folio.mapCount { result.leakedReferences += 1 }
-        }
-        for w in 0..<words {
-            guard let v = try? mm.load64(base + UInt64(w * 8)) else { result.bytesCorrupted += 8; continue }
-            result.bytesCorrupted += differingBytes(v, shadow[w])
-        }
+        // The final audit, then every word through the CPU (faulting device pages back).
+        if state.failedAudit == nil { state.runAudit() }
+        result = state.result(steps: scheduler.steps, seconds: seconds)
+        // A failed audit may have found a lock held: the CPU would wait for it forever.
+        if state.failedAudit == nil { result.bytesCorrupted += state.finalCheck() }
+        result.findings = state.findings
         result.warnings = kernel.diagnostics.map { "\($0)" }
         return result
     }
@@ -144,82 +288,5 @@ public enum Soak {
             x >>= 8
         }
         return n
-    }
-}
-
-
-/// What the soak's threads share. Only one of them runs at a time (the
-/// scheduler's baton orders their accesses), so the counters and the shadow
-/// need no lock; a word and its shadow change inside one access, with no
-/// scheduling point between them.
-final class SoakState: @unchecked Sendable {
-    let settings: SoakSettings
-    let mm: AddressSpace
-    let driver: MirrorDevice
-    let base: UInt64
-    let shadow: UnsafeMutablePointer<UInt64>
-    let words: Int
-    var operations = 0, reads = 0, writes = 0, toDevice = 0, toSystem = 0, evictions = 0, corrupted = 0
-    /// Virtual time: when the first thread started, and when the last one ended.
-    var startNanos: UInt64 = 0
-    var lastNanos: UInt64 = 0
-
-    init(settings: SoakSettings, mm: AddressSpace, driver: MirrorDevice, base: UInt64,
-         shadow: UnsafeMutablePointer<UInt64>, words: Int) {
-        self.settings = settings
-        self.mm = mm
-        self.driver = driver
-        self.base = base
-        self.shadow = shadow
-        self.words = words
-    }
-
-    /// Claims one operation; false when the budget is spent.
-    func claim() -> Bool {
-        guard operations < settings.operations else { return false }
-        operations += 1
-        return true
-    }
-
-    func cpuLoop(seed: UInt64) {
-        if startNanos == 0 { startNanos = HostClock.nanos() }
-        var rng = SplitMix64(state: seed)
-        while claim() {
-            let r = rng.next()
-            let w = Int((r >> 8) % UInt64(words))
-            let address = base + UInt64(w * 8)
-            let write = r & 1 == 1
-            let value = rng.next()
-            let shadow = self.shadow
-            let bad: Int? = try? mm.withPageBytes(at: address, write: write) { p in
-                if write {
-                    p.storeBytes(of: value, as: UInt64.self)
-                    shadow[w] = value
-                    return 0
-                }
-                return Soak.differingBytes(p.load(as: UInt64.self), shadow[w])
-            }
-            if write { writes += 1 } else { reads += 1 }
-            corrupted += bad ?? 8
-        }
-        lastNanos = max(lastNanos, HostClock.nanos() - startNanos)
-    }
-
-    func gpuLoop(seed: UInt64) {
-        if startNanos == 0 { startNanos = HostClock.nanos() }
-        var rng = SplitMix64(state: seed)
-        while claim() {
-            let r = rng.next()
-            let page = Int((r >> 16) % UInt64(settings.pages))
-            let address = base + UInt64(page) << PageGeometry.pageShift
-            if r % 1000 == 0 {
-                evictions += driver.evictAll()
-            } else if r & 1 == 0 {
-                toDevice += (try? driver.migrateToDevice(address, pages: 1)) ?? 0
-            } else {
-                toSystem += (try? driver.migrateToSystem(address, pages: 1)) ?? 0
-            }
-        }
-        lastNanos = max(lastNanos, HostClock.nanos() - startNanos)
     }
 }

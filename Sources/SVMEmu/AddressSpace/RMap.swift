@@ -25,6 +25,8 @@ final class AnonFamily: @unchecked Sendable {
     }
     /// Whether more than one address space may map its folios.
     @inline(__always) var isShared: Bool { memberCount.load(ordering: .acquiring) > 1 }
+    /// Whether any address space is still a member.
+    var hasMembers: Bool { memberCount.load(ordering: .acquiring) > 0 }
     /// The members' ids, a snapshot.
     var ids: [UInt32] { members.withLock { $0 } }
 }
@@ -114,7 +116,13 @@ extension Kernel {
             }
             return
         }
-        guard let mm = addressSpace(id: mmID) else { return }
+        guard let mm = addressSpace(id: mmID) else {
+            // The address space the rmap names has gone, but its fork
+            // family (like an anon_vma, which outlives the mm that made it)
+            // may still map the page.
+            if let family = retiredFamily(mmID) { rmapWalkFamily(family, except: mmID, address, body) }
+            return
+        }
         if mm.covers(address) { body(mm, address) }
         if mm.anonFamily.isShared { rmapWalkFamily(mm.anonFamily, except: mmID, address, body) }
     }
@@ -154,7 +162,9 @@ extension Kernel {
         let (mmID, address) = rmapLocation(of: page)
         guard mmID != 0 else { return nil }
         if let hint, hint.id == mmID { return (hint, address) }
-        guard let mm = addressSpace(id: mmID) else { return nil }
-        return (mm, address)
+        if let mm = addressSpace(id: mmID) { return (mm, address) }
+        guard let family = retiredFamily(mmID) else { return nil }
+        for id in family.ids { if let mm = addressSpace(id: id), mm.covers(address) { return (mm, address) } }
+        return nil
     }
 }

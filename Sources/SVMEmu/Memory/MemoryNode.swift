@@ -244,3 +244,29 @@ extension Kernel {
     /// Free base pages across all nodes. Takes each node's zone lock in turn.
     public var freePages: UInt64 { nodes.reduce(0) { $0 + $1.freePages } }
 }
+
+extension MemoryNode {
+    /// Marks in `free` (one flag per base page of the node, from `startPfn`)
+    /// every frame the allocator can hand out: the order-0 and 2 MiB free
+    /// lists and the never-used frames. Returns whether the zone lock was
+    /// held. Reads without the zone lock: for ``Kernel/audit(heldReferences:)``
+    /// at quiescence only.
+    func markFreeFrames(_ free: inout [Bool]) -> Bool {
+        var pfn = free0
+        while pfn != 0 {
+            free[Int(pfn - startPfn)] = true
+            pfn = kernelRef._withUnsafeGuaranteedRef { $0.metaPtr(pfn).next }
+        }
+        pfn = free9
+        while pfn != 0 {
+            for i in 0..<PageGeometry.pmdPages { free[Int(pfn - startPfn) + i] = true }
+            pfn = kernelRef._withUnsafeGuaranteedRef { $0.metaPtr(pfn).next }
+        }
+        for p in bump..<(startPfn + pageCount) { free[Int(p - startPfn)] = true }
+        return zoneLock.isLocked
+    }
+
+    /// Free base pages as the allocator counts them, without the zone lock
+    /// (for the audit at quiescence).
+    var freePagesUnlocked: UInt64 { freePagesCount }
+}

@@ -95,21 +95,37 @@ public final class KernelMutex: @unchecked Sendable {
 /// A reader-writer semaphore for drivers (`struct rw_semaphore`): readers
 /// share it, a writer has it alone. A real futex lock on real threads, a
 /// scheduling point under a ``DeterministicScheduler``. Writers do not starve
-/// readers out (no writer preference), which is simpler than the kernel's.
+/// readers out (no writer preference), which is simpler than the kernel's;
+/// the mmap lock is one that prefers writers.
 public final class KernelRWSemaphore: @unchecked Sendable {
-    // The word: bit 31 a writer, bit 30 sleepers, bits 0-29 the readers.
+    // The word: bit 31 a writer, bit 30 sleepers, bit 29 a writer waits
+    // (only when writers are preferred), bits 0-28 the readers.
     @usableFromInline let word: UnsafeMutablePointer<UInt32>
     @usableFromInline static let writer: UInt32 = 1 << 31
     @usableFromInline static let sleepers: UInt32 = 1 << 30
-    @usableFromInline static let readers: UInt32 = (1 << 30) - 1
+    @usableFromInline static let writerWaiting: UInt32 = 1 << 29
+    @usableFromInline static let readers: UInt32 = (1 << 29) - 1
     /// The semaphore's name in deadlock reports.
     public let name: String
+    /// A waiting writer keeps new readers out (the mmap lock: a fault storm
+    /// must not starve `munmap`); a reader must then not take it twice.
+    let prefersWriters: Bool
+    /// Whether ``LockOrder`` records this semaphore's dependencies.
+    let tracksOrder: Bool
 
     /// A free semaphore named `name`.
     ///
     /// The corresponding kernel function is `init_rwsem()`.
-    public init(_ name: String = "rwsem") {
+    public convenience init(_ name: String = "rwsem") {
+        self.init(name, prefersWriters: false, tracksOrder: true)
+    }
+
+    /// A free semaphore; with `prefersWriters`, readers arriving while a
+    /// writer waits wait behind it.
+    init(_ name: String, prefersWriters: Bool, tracksOrder: Bool) {
         self.name = name
+        self.prefersWriters = prefersWriters
+        self.tracksOrder = tracksOrder
         word = .allocate(capacity: 1)
         word.initialize(to: 0)
     }
@@ -158,7 +174,8 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `down_read()`.
     public func downRead(file: StaticString = #fileID, line: UInt = #line) {
-        acquire(file, line) { $0 & Self.writer == 0 ? $0 + 1 : nil }
+        let blockers = prefersWriters ? Self.writer | Self.writerWaiting : Self.writer
+        acquire(file, line, waiting: 0) { $0 & blockers == 0 ? $0 + 1 : nil }
     }
 
     /// Takes the semaphore alone, sleeping while anyone holds it.
@@ -169,7 +186,9 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `down_write()`.
     public func downWrite(file: StaticString = #fileID, line: UInt = #line) {
-        acquire(file, line) { $0 & (Self.writer | Self.readers) == 0 ? $0 | Self.writer : nil }
+        acquire(file, line, waiting: prefersWriters ? Self.writerWaiting : 0) {
+            $0 & (Self.writer | Self.readers) == 0 ? ($0 | Self.writer) & ~Self.writerWaiting : nil
+        }
     }
 
     /// Takes the semaphore shared if no writer holds it; never sleeps.
@@ -179,8 +198,9 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     /// The corresponding kernel function is `down_read_trylock()`.
     public func tryDownRead() -> Bool {
         svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
+        let blockers = prefersWriters ? Self.writer | Self.writerWaiting : Self.writer
         var v = svm_load32(word)
-        while v & Self.writer == 0 {
+        while v & blockers == 0 {
             if svm_cas32(word, &v, v + 1) { acquired(nil, 0); return true }
         }
         return false
@@ -191,14 +211,21 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     /// The corresponding kernel function is `up_read()`.
     public func upRead() { release { $0 - 1 } }
 
+    /// Whether anyone holds the semaphore, in either mode: a snapshot.
+    ///
+    /// The corresponding kernel function is `rwsem_is_locked()`.
+    public var isLocked: Bool { svm_load32(word) & (Self.writer | Self.readers) != 0 }
+
     /// Releases the writer's hold.
     ///
     /// The corresponding kernel function is `up_write()`.
     public func upWrite() { release { $0 & ~Self.writer } }
 
-    private func acquire(_ file: StaticString, _ line: UInt, _ next: (UInt32) -> UInt32?) {
+    /// Sleeps until `next` gives the word's next value (the `sleepers` bit
+    /// aside); `waiting` marks the word while the caller sleeps.
+    private func acquire(_ file: StaticString, _ line: UInt, waiting: UInt32, _ next: (UInt32) -> UInt32?) {
         if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
-        if svm_lockdep_enabled() { LockOrder.acquiring(name, site: LockOrder.site(file, line)) }
+        if tracksOrder && svm_lockdep_enabled() { LockOrder.acquiring(name, site: LockOrder.site(file, line)) }
         svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         var v = svm_load32(word)
         while true {
@@ -206,8 +233,9 @@ public final class KernelRWSemaphore: @unchecked Sendable {
                 if svm_cas32(word, &v, n | (v & Self.sleepers)) { break }
                 continue
             }
-            if v & Self.sleepers == 0 && !svm_cas32(word, &v, v | Self.sleepers) { continue }
-            _ = svm_futex_wait(word, v | Self.sleepers, 0)
+            let marks = Self.sleepers | waiting
+            if v & marks != marks && !svm_cas32(word, &v, v | marks) { continue }
+            _ = svm_futex_wait(word, v | marks, 0)
             v = svm_load32(word)
         }
         acquired(file, line)
@@ -217,13 +245,13 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     private func acquired(_ file: StaticString?, _ line: UInt) {
         svm_tsan_acquire(word)
         svm_det_lock_event(word, Int32(SVM_DET_ACQUIRED))
-        if svm_lockdep_enabled() {
+        if tracksOrder && svm_lockdep_enabled() {
             LockOrder.acquired(word, name, site: file.map { LockOrder.site($0, line) } ?? "down_read_trylock()")
         }
     }
 
     private func release(_ next: (UInt32) -> UInt32) {
-        if svm_lockdep_enabled() { LockOrder.released(word) }
+        if tracksOrder && svm_lockdep_enabled() { LockOrder.released(word) }
         svm_tsan_release(word)
         var v = svm_load32(word)
         while !svm_cas32(word, &v, next(v) & ~Self.sleepers) {}

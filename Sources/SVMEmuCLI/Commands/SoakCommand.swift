@@ -9,31 +9,55 @@ import SVMStress
 struct SoakCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "soak",
-        abstract: "Randomized soak under the deterministic scheduler: reads, writes, migrations both ways, eviction.",
+        abstract: "Randomized soak under the deterministic scheduler: accesses, migrations at 4 KiB and 2 MiB, mm calls, audits.",
         discussion: """
-            --cpus CPU threads read and write random words of a --pages buffer while a GPU thread \
-            migrates random pages to device memory and back and now and then evicts everything, \
-            all under the deterministic scheduler seeded by --seed (the same seed, the same soak). \
-            Every read is checked against a shadow copy, and after the run every byte, every \
-            folio's lock and references, and the kernel's warnings. `make soak` runs a short one.
+            --cpus CPU threads read and write random words of a buffer (--pages pages of 4 KiB \
+            and --huge-regions 2 MiB THP regions) while a GPU thread reads and writes it through \
+            the device (GPU faults), migrates 4 KiB pages and whole 2 MiB folios (SELECT_COMPOUND) \
+            to device memory and back and now and then evicts everything, and a process thread \
+            calls munmap (then mmap of the hole), mprotect (read-only and back), madvise \
+            (DONTNEED, HUGEPAGE, COLLAPSE), mremap (away and back), fork (a child with its own \
+            shadow, released later), move_pages and migrate_pages between the two RAM nodes. \
+            --mix picks the operations (a comma-separated list of gpu, migrate, huge, evict, \
+            munmap, mprotect, madvise, mremap, fork, move-pages, or all). All run under the \
+            deterministic scheduler seeded by --seed: the same seed, the same soak.
 
-            With --json prints one object whose results are the settings, operations, reads, \
-            writes, migrationsToDevice, migrationsToSystem, evictions, bytesCorrupted, \
-            leakedReferences, locksHeld, warnings, deadlock, scheduleSteps, virtualSeconds and \
-            seconds.
+            Every read is checked against a shadow copy of every word (writes to read-only \
+            ranges must fail with EACCES); every --audit-every operations the threads meet at a \
+            quiescent point where the kernel's invariants are audited (references = mappings + \
+            held references, no folio, page-table, zone or mmap lock held, every frame free or \
+            reachable, no migration entry left) and every byte is compared with the shadow; the \
+            soak stops at the first failing audit. After the run: a final audit, every byte \
+            through the CPU, and the kernel's warnings. `make soak` runs a short one.
 
-            Exit status: 0 the soak was clean; 1 it found corruption, a leak, a held lock, a \
-            warning or a deadlock (or could not run); 64 an invalid argument.
+            With --json prints one object whose results are the settings, the counts of each \
+            operation, bytesCorrupted, accessErrors, leakedReferences, locksHeld, leakedFrames, \
+            failedAtOperation, audit, findings, warnings, deadlock, timedOut, scheduleSteps, \
+            virtualSeconds and seconds (Docs/json.md); only seconds differs between runs of one seed.
+
+            Exit status: 0 the soak was clean; 1 it found corruption, an unexpected access \
+            error, a leak, a held lock, a warning, a deadlock or a host timeout (or could not run); 64 an \
+            invalid argument.
             """)
 
-    @Option(name: .long, parsing: .unconditional, help: "Operations in total (1-1000000000).")
+    @Option(name: [.customLong("operations"), .customLong("ops")], parsing: .unconditional,
+            help: "Operations in total (1-1000000000).")
     var operations = 100_000
 
-    @Option(name: .long, parsing: .unconditional, help: "CPU threads, one emulated CPU each (1-63); one GPU thread besides.")
+    @Option(name: .long, parsing: .unconditional, help: "CPU threads, one emulated CPU each (1-62); a GPU and a process thread besides.")
     var cpus = 4
 
-    @Option(name: .long, parsing: .unconditional, help: "Pages of 4 KiB in the buffer (1-65536).")
+    @Option(name: .long, parsing: .unconditional, help: "Pages of 4 KiB in the buffer's small-page region (1-65536).")
     var pages = 64
+
+    @Option(name: .long, parsing: .unconditional, help: "2 MiB THP regions in the buffer (0-16; with huge in the mix).")
+    var hugeRegions = 2
+
+    @Option(name: .long, parsing: .unconditional, help: "Operations mixed in: a comma-separated list, or all.")
+    var mix = "all"
+
+    @Option(name: .long, parsing: .unconditional, help: "Operations between two invariant audits (at least 1).")
+    var auditEvery = 100_000
 
     @Option(name: .long, parsing: .unconditional, help: "Seed of the schedule and of every thread's choices (0 to 2^64-1).")
     var seed: UInt64 = 1
@@ -45,10 +69,18 @@ struct SoakCommand: ParsableCommand {
         s.operations = operations
         s.cpus = cpus
         s.pages = pages
+        s.hugeRegions = hugeRegions
+        s.auditEvery = auditEvery
         s.seed = seed
+        guard let m = SoakMix(names: mix) else {
+            throw ValidationError("--mix must list operations among \(SoakMix.names.map(\.0).joined(separator: ", ")) or all (got \(mix))")
+        }
+        s.mix = m
         do { try s.validate() } catch {
             throw ValidationError(error.description.replacingOccurrences(of: "operations must", with: "--operations must")
                 .replacingOccurrences(of: "cpus must", with: "--cpus must")
+                .replacingOccurrences(of: "hugeRegions must", with: "--huge-regions must")
+                .replacingOccurrences(of: "auditEvery must", with: "--audit-every must")
                 .replacingOccurrences(of: "pages must", with: "--pages must"))
         }
         return s
@@ -65,14 +97,23 @@ struct SoakCommand: ParsableCommand {
             print(try JSONReport.render(for: self, results: r))
         } else {
             print("""
-                soak: \(r.operations) operations (\(r.reads) reads, \(r.writes) writes, \
-                \(r.migrationsToDevice) pages to device, \(r.migrationsToSystem) to system, \(r.evictions) evicted), \
-                seed \(r.settings.seed)
-                  bytes corrupted \(r.bytesCorrupted), leaked references \(r.leakedReferences), \
-                locks held \(r.locksHeld), warnings \(r.warnings.count)\(r.deadlock.map { ", " + $0 } ?? "")
+                soak: \(r.operations) operations, seed \(r.settings.seed), mix \(r.settings.mix)
+                  CPU: \(r.reads) reads, \(r.writes) writes; GPU: \(r.gpuReads) reads, \(r.gpuWrites) writes, \(r.gpuFaults) faults
+                  migrate_vma: \(r.migrationsToDevice) pages to device, \(r.migrationsToSystem) to system \
+                (\(r.hugeMigrations) whole 2 MiB folios, \(r.deviceFolioSplits) device folio splits), \(r.evictions) evicted
+                  mm: \(r.munmaps) munmap, \(r.mprotects) mprotect, \(r.madvises) madvise, \(r.mremaps) mremap, \
+                \(r.forks) fork (\(r.childAccesses) child accesses), \(r.pagesMoved) pages moved between nodes
+                  \(r.writesRefused) writes refused (read-only), \(r.racedAccesses) accesses raced an mm change
+                  \(r.audits) audits: bytes corrupted \(r.bytesCorrupted), access errors \(r.accessErrors), \
+                leaked references \(r.leakedReferences), locks held \(r.locksHeld), leaked frames \(r.leakedFrames), \
+                warnings \(r.warnings.count)\(r.timedOut ? ", timed out" : "")\(r.deadlock.map { ", " + $0 } ?? "")
                   \(r.scheduleSteps) scheduling steps, \(String(format: "%.3f", r.virtualSeconds)) s virtual, \
                 \(String(format: "%.2f", r.seconds)) s on the host
                 """)
+            if let at = r.failedAtOperation, let a = r.audit {
+                print("  the audit after operation \(at) failed (seed \(r.settings.seed)): \(a)")
+            }
+            for f in r.findings { print("  " + f) }
         }
         if !r.clean { throw ExitStatus.failure }
     }

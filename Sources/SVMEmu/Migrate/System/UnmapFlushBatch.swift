@@ -122,6 +122,8 @@ public final class DeferredTLBFlush: @unchecked Sendable {
 
     /// Base pages of old frames held for a pending flush.
     public var heldFrames: Int { Int(svm_load64(words)) }
+    /// The folios held for the pending flush, one reference each (for the audit).
+    var heldFolios: [Folio] { state.withLock { $0.folios } }
     /// Deferred flushes run so far.
     public var flushes: UInt64 { svm_load64(words + 8) }
     /// Frames those flushes returned to the allocator.
