@@ -135,8 +135,8 @@ public final class AddressSpace: @unchecked Sendable {
     /// ``DeterministicScheduler``.
     ///
     /// The corresponding kernel function is `mmap_read_lock()`.
-    public func mmapReadLock(file: StaticString = #fileID, line: UInt = #line) {
-        mmapLock.downRead(file: file, line: line)
+    public func mmapReadLock() {
+        mmapLock.downRead()
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapReadLock()``.
@@ -156,8 +156,8 @@ public final class AddressSpace: @unchecked Sendable {
     /// with ``mmapWriteUnlock()``.
     ///
     /// The corresponding kernel function is `mmap_write_lock()`.
-    public func mmapWriteLock(file: StaticString = #fileID, line: UInt = #line) {
-        mmapLock.downWrite(file: file, line: line)
+    public func mmapWriteLock() {
+        mmapLock.downWrite()
         mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapWriteLock()``.
@@ -182,9 +182,8 @@ public final class AddressSpace: @unchecked Sendable {
     ///   - body: runs with the lock held; must not take the mmap lock again.
     /// - Returns: what `body` returns.
     /// - Throws: what `body` throws.
-    public func withMmapReadLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
-                                              _ body: () throws(E) -> R) throws(E) -> R {
-        mmapReadLock(file: file, line: line); defer { mmapReadUnlock() }
+    public func withMmapReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        mmapReadLock(); defer { mmapReadUnlock() }
         return try body()
     }
 
