@@ -156,8 +156,8 @@ public final class Kernel: @unchecked Sendable {
     /// Live files by id: a page-cache folio names its file by id, and the
     /// file rmap walk looks it up here.
     let files = WeakRegistry<File>()
-    /// Gone address spaces whose fork family still has members (see `retire`).
-    let retiredFamilies = LockedValue<[UInt32: WeakAnonFamily]>([:])
+    /// The fork family of every address-space id, held weakly (see `anonFamily(of:)`).
+    let anonFamilies = LockedValue<[UInt32: WeakAnonFamily]>([:])
     let pageMaps = LockedValue<[DevicePageMap]>([])
     /// Page-map indices handed out so far (an index is reserved before its
     /// region is added, so racing registrations never share one).
@@ -407,15 +407,22 @@ public final class Kernel: @unchecked Sendable {
     func register(_ mm: AddressSpace) { addressSpaces.insert(mm, id: mm.id) }
     func unregister(_ id: UInt32) { addressSpaces.remove(id) }
     func addressSpace(id: UInt32) -> AddressSpace? { addressSpaces.lookup(id) }
-    /// An address space `id` has gone while its fork family lives on: folios
-    /// whose rmap still names `id` are found through the family.
-    func retire(_ id: UInt32, family: AnonFamily) {
-        retiredFamilies.withLock { r in
-            r = r.filter { $0.value.value != nil }
+    /// Records that address-space id `id` belongs to `family` (its `anon_vma`
+    /// tree), for as long as the family lives: not only while the address
+    /// space does. A folio's rmap names the address space that last mapped
+    /// it, and keeps naming it while that address space exits (a weak
+    /// reference to it reads nil as soon as its teardown starts) and after,
+    /// while the rest of its family may still map the folio. Dead families'
+    /// entries are dropped as new ones come.
+    func registerAnonFamily(_ family: AnonFamily, id: UInt32) {
+        anonFamilies.withLock { r in
+            if r.count >= 64 && r.count.nonzeroBitCount == 1 { r = r.filter { $0.value.value != nil } }
             r[id] = WeakAnonFamily(value: family)
         }
     }
-    func retiredFamily(_ id: UInt32) -> AnonFamily? { retiredFamilies.withLock { $0[id]?.value } }
+    /// The fork family of address-space id `id` (live, exiting or gone),
+    /// while any member of it lives.
+    func anonFamily(of id: UInt32) -> AnonFamily? { anonFamilies.withLock { $0[id]?.value } }
 
     /// A new file id (never 0: a page with mapping id 0 has no mapping).
     func reserveFileID() -> UInt32 { files.reserveID() }

@@ -190,6 +190,102 @@ struct HMMForkTests {
         #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 3) == nil)
         #expect(kernel.diagnostics.isEmpty)
     }
+
+    /// A child exits while an eviction of the pages it shares with its
+    /// parent is between its unmap and its remap, and the device folios'
+    /// rmap names the child (the parent's migration to the device remapped
+    /// the parent first, then the child). From the moment the child's
+    /// teardown starts its address space can no longer be looked up, yet
+    /// its fork family (the anon_vma) still maps the folios: the eviction's
+    /// remove_migration_ptes must find the parent's migration entries
+    /// through the family. It used to find nothing until the child had
+    /// gone entirely, which left the parent with migration entries naming
+    /// freed device pages (CPU accesses faulting forever; the soak with
+    /// fork + migrate found it). Here the child's teardown is held in its
+    /// mmap lock while the eviction finishes.
+    @Test func child_exit_during_eviction() throws {
+        let engine = GatedCopyEngine()
+        var config = KernelConfiguration()
+        config.nodeSizes = [64 << 20]
+        config.addressSpaceSize = 4 << 30
+        let kernel = Kernel(config)
+        var mm: AddressSpace? = AddressSpace(kernel: kernel)
+        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "hmm_dmirror0", vramBytes: 64 << 20,
+                                                 chunkBytes: 32 << 20, copyEngine: engine)
+        defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
+        let parent = mm!
+        let npages = 16
+        let size = npages << pageShift
+        let buffer = HMMBuffer(size: size)
+        buffer.ptr = try parent.mmap(length: size, protection: .readWrite)
+        try parent.fillPattern(buffer.ptr, length: size, seed: 7)
+
+        var child: AddressSpace? = try parent.fork()
+        // The parent migrates the shared pages: both now map device pages.
+        #expect(hmmCommand(device!, .migrateToDevice, buffer, npages) == 0)
+        #expect(buffer.cpages == npages)
+        for i in 0..<npages {
+            let a = buffer.ptr + UInt64(i << pageShift)
+            let p = parent.entry(at: a).entry, c = child!.entry(at: a).entry
+            #expect(p.kind == .devicePrivate && c.kind == .devicePrivate && p.pfn == c.pfn)
+        }
+
+        engine.arm()
+        let evictor = WorkerThread()
+        let dev = device!
+        evictor.start { dev.commandRelease() }
+        #expect(eventually { engine.isHolding })
+        #expect(parent.entry(at: buffer.ptr).entry.kind == .migration)
+        #expect(child!.entry(at: buffer.ptr).entry.kind == .migration)
+
+        // A reader of the child's mm holds its teardown (exit_mmap) in the
+        // mmap lock; once the child can no longer be looked up, the
+        // eviction finishes, then the teardown goes on.
+        let holder = WorkerThread()
+        let box = ExitingAddressSpace(child!)
+        holder.start {
+            box.mm.mmapReadLock()
+            box.locked.store(true, ordering: .releasing)
+            _ = eventually(within: 10) { box.gone }
+            engine.open()
+            box.evicted.store(evictor.wait(), ordering: .releasing)
+            box.mm.mmapReadUnlock()
+        }
+        #expect(eventually { box.isLocked })
+        child = nil  // the child exits; its teardown waits for the reader
+        #expect(holder.wait())
+        #expect(box.didEvict)
+
+        // Every page is back in system memory in the parent, with its bytes.
+        var allPresent = true
+        for i in 0..<npages {
+            let e = parent.entry(at: buffer.ptr + UInt64(i << pageShift)).entry
+            if e.kind != .present { allPresent = false }
+            #expect(e.kind == .present, "page \(i): \(e.kind)")
+        }
+        let audit = kernel.audit()
+        #expect(audit.isClean, "\(audit)")
+        if allPresent {  // a leftover migration entry would fault forever
+            #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 7) == nil)
+            try parent.fillPattern(buffer.ptr, length: size, seed: 8)
+            #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 8) == nil)
+        }
+        #expect(kernel.diagnostics.isEmpty)
+    }
+}
+
+/// An address space seen from a thread that must not keep it alive: `mm`
+/// stays usable while its deinit runs (and not after), `gone` says whether
+/// its last reference has gone.
+final class ExitingAddressSpace: @unchecked Sendable {
+    unowned(unsafe) let mm: AddressSpace
+    weak var live: AddressSpace?
+    let locked = Atomic<Bool>(false)
+    let evicted = Atomic<Bool>(false)
+    init(_ mm: AddressSpace) { self.mm = mm; live = mm }
+    var gone: Bool { live == nil }
+    var isLocked: Bool { locked.load(ordering: .acquiring) }
+    var didEvict: Bool { evicted.load(ordering: .acquiring) }
 }
 
 /// A copy engine that, once armed, holds its next copy until opened: a

@@ -96,6 +96,7 @@ public final class AddressSpace: @unchecked Sendable {
         cpuAccess = CPUAccess(kernel.cpus)
         anonFamily = family ?? AnonFamily()
         anonFamily.join(id)
+        kernel.registerAnonFamily(anonFamily, id: id)
         kernel.register(self)
     }
 
@@ -112,7 +113,6 @@ public final class AddressSpace: @unchecked Sendable {
         mmapWriteUnlock()
         kernel.unregister(id)
         anonFamily.leave(id)
-        if anonFamily.hasMembers { kernel.retire(id, family: anonFamily) }
         HostMemory.release(pmds, bytes: pmdCount * 8)
         HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
         HostMemory.release(ptls, bytes: pmdCount * 4)

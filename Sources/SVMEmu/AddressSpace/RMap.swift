@@ -8,7 +8,10 @@ import Synchronization
 ///
 /// Members join in `AddressSpace.init` (a fork joins its parent's family
 /// before any entry is copied, as `anon_vma_fork()` runs before
-/// `copy_page_range()`) and leave when the address space goes.
+/// `copy_page_range()`) and leave when the address space goes. A folio's
+/// rmap may keep naming an address space that is exiting or has gone: the
+/// kernel keeps every member id's family for as long as the family lives
+/// (`Kernel.anonFamily(of:)`), as an anon_vma outlives the mm that made it.
 final class AnonFamily: @unchecked Sendable {
     private let members = LockedValue<[UInt32]>([])
     /// How many address spaces share it: 1 for one that never forked, which
@@ -117,10 +120,10 @@ extension Kernel {
             return
         }
         guard let mm = addressSpace(id: mmID) else {
-            // The address space the rmap names has gone, but its fork
-            // family (like an anon_vma, which outlives the mm that made it)
-            // may still map the page.
-            if let family = retiredFamily(mmID) { rmapWalkFamily(family, except: mmID, address, body) }
+            // The address space the rmap names is exiting or has gone, but
+            // its fork family (like an anon_vma, which outlives the mm that
+            // made it) may still map the page.
+            if let family = anonFamily(of: mmID) { rmapWalkFamily(family, except: mmID, address, body) }
             return
         }
         if mm.covers(address) { body(mm, address) }
@@ -163,7 +166,7 @@ extension Kernel {
         guard mmID != 0 else { return nil }
         if let hint, hint.id == mmID { return (hint, address) }
         if let mm = addressSpace(id: mmID) { return (mm, address) }
-        guard let family = retiredFamily(mmID) else { return nil }
+        guard let family = anonFamily(of: mmID) else { return nil }
         for id in family.ids { if let mm = addressSpace(id: id), mm.covers(address) { return (mm, address) } }
         return nil
     }
