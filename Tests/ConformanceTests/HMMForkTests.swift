@@ -145,50 +145,38 @@ struct HMMForkTests {
     /// eviction's remove_migration_ptes maps the system pages into both
     /// processes. Afterwards each side's writes stay its own.
     @Test func fork_during_eviction() throws {
-        let engine = GatedCopyEngine()
-        var config = KernelConfiguration()
-        config.nodeSizes = [64 << 20]
-        config.addressSpaceSize = 4 << 30
-        let kernel = Kernel(config)
-        var mm: AddressSpace? = AddressSpace(kernel: kernel)
-        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "hmm_dmirror0", vramBytes: 64 << 20,
-                                                 chunkBytes: 32 << 20, copyEngine: engine)
-        defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
-        let parent = mm!
         let npages = 64
-        let size = npages << pageShift
-        let buffer = HMMBuffer(size: size)
-        buffer.ptr = try parent.mmap(length: size, protection: .readWrite)
-        try parent.fillPattern(buffer.ptr, length: size, seed: 1)
-        #expect(hmmCommand(device!, .migrateToDevice, buffer, npages) == 0)
-        #expect(buffer.cpages == npages)
+        try withGatedMachine(npages: npages, seed: 1) { kernel, parent, device, engine, buffer in
+            let size = npages << pageShift
+            #expect(hmmCommand(device, .migrateToDevice, buffer, npages) == 0)
+            #expect(buffer.cpages == npages)
 
-        engine.arm()
-        let evictor = WorkerThread()
-        let dev = device!
-        evictor.start { dev.commandRelease() }
-        #expect(eventually { engine.isHolding })
-        // The eviction holds the pages unmapped behind migration entries.
-        #expect(parent.entry(at: buffer.ptr).entry.kind == .migration)
-        let child = try parent.fork()
-        #expect(child.entry(at: buffer.ptr).entry.kind == .migration)
-        engine.open()
-        #expect(evictor.wait())
+            engine.arm()
+            let evictor = WorkerThread()
+            evictor.start { device.commandRelease() }
+            #expect(eventually { engine.isHolding })
+            // The eviction holds the pages unmapped behind migration entries.
+            #expect(parent.entry(at: buffer.ptr).entry.kind == .migration)
+            let child = try parent.fork()
+            #expect(child.entry(at: buffer.ptr).entry.kind == .migration)
+            engine.open()
+            #expect(evictor.wait())
 
-        for i in 0..<npages {
-            let a = buffer.ptr + UInt64(i << pageShift)
-            let p = parent.entry(at: a).entry, c = child.entry(at: a).entry
-            #expect(p.kind == .present && c.kind == .present && p.pfn == c.pfn && !p.isWrite && !c.isWrite)
+            for i in 0..<npages {
+                let a = buffer.ptr + UInt64(i << pageShift)
+                let p = parent.entry(at: a).entry, c = child.entry(at: a).entry
+                #expect(p.kind == .present && c.kind == .present && p.pfn == c.pfn && !p.isWrite && !c.isWrite)
+            }
+            #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
+            #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
+            // Copy-on-write from here: the parent's new bytes stay its own.
+            try parent.fillPattern(buffer.ptr, length: size, seed: 2)
+            #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
+            try child.fillPattern(buffer.ptr, length: size, seed: 3)
+            #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 2) == nil)
+            #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 3) == nil)
+            #expect(kernel.diagnostics.isEmpty)
         }
-        #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
-        #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
-        // Copy-on-write from here: the parent's new bytes stay its own.
-        try parent.fillPattern(buffer.ptr, length: size, seed: 2)
-        #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 1) == nil)
-        try child.fillPattern(buffer.ptr, length: size, seed: 3)
-        #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 2) == nil)
-        #expect(try child.verifyPattern(buffer.ptr, length: size, seed: 3) == nil)
-        #expect(kernel.diagnostics.isEmpty)
     }
 
     /// A child exits while an eviction of the pages it shares with its
@@ -204,6 +192,69 @@ struct HMMForkTests {
     /// fork + migrate found it). Here the child's teardown is held in its
     /// mmap lock while the eviction finishes.
     @Test func child_exit_during_eviction() throws {
+        let npages = 16
+        try withGatedMachine(npages: npages, seed: 7) { kernel, parent, device, engine, buffer in
+            let size = npages << pageShift
+
+            var child: AddressSpace? = try parent.fork()
+            // The parent migrates the shared pages: both now map device pages.
+            #expect(hmmCommand(device, .migrateToDevice, buffer, npages) == 0)
+            #expect(buffer.cpages == npages)
+            for i in 0..<npages {
+                let a = buffer.ptr + UInt64(i << pageShift)
+                let p = parent.entry(at: a).entry, c = child!.entry(at: a).entry
+                #expect(p.kind == .devicePrivate && c.kind == .devicePrivate && p.pfn == c.pfn)
+            }
+
+            engine.arm()
+            let evictor = WorkerThread()
+            evictor.start { device.commandRelease() }
+            #expect(eventually { engine.isHolding })
+            #expect(parent.entry(at: buffer.ptr).entry.kind == .migration)
+            #expect(child!.entry(at: buffer.ptr).entry.kind == .migration)
+
+            // A reader of the child's mm holds its teardown (exit_mmap) in the
+            // mmap lock; once the child can no longer be looked up, the
+            // eviction finishes, then the teardown goes on.
+            let holder = WorkerThread()
+            let box = ExitingAddressSpace(child!)
+            holder.start {
+                box.mm.mmapReadLock()
+                box.locked.store(true, ordering: .releasing)
+                _ = eventually(within: 10) { box.gone }
+                engine.open()
+                box.evicted.store(evictor.wait(), ordering: .releasing)
+                box.mm.mmapReadUnlock()
+            }
+            #expect(eventually { box.isLocked })
+            child = nil  // the child exits; its teardown waits for the reader
+            #expect(holder.wait())
+            #expect(box.didEvict)
+
+            // Every page is back in system memory in the parent, with its bytes.
+            var allPresent = true
+            for i in 0..<npages {
+                let e = parent.entry(at: buffer.ptr + UInt64(i << pageShift)).entry
+                if e.kind != .present { allPresent = false }
+                #expect(e.kind == .present, "page \(i): \(e.kind)")
+            }
+            let audit = kernel.audit()
+            #expect(audit.isClean, "\(audit)")
+            if allPresent {  // a leftover migration entry would fault forever
+                #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 7) == nil)
+                try parent.fillPattern(buffer.ptr, length: size, seed: 8)
+                #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 8) == nil)
+            }
+            #expect(kernel.diagnostics.isEmpty)
+        }
+    }
+
+    /// A machine whose device copies through a gated engine (an eviction
+    /// can be held between its unmap and its remap), with `npages` pages of
+    /// the parent's memory mapped and filled with `seed`'s pattern; the
+    /// device goes before the address space, both before the kernel.
+    private func withGatedMachine(npages: Int, seed: UInt64,
+                                  _ body: (Kernel, AddressSpace, MirrorDevice, GatedCopyEngine, HMMBuffer) throws -> Void) throws {
         let engine = GatedCopyEngine()
         var config = KernelConfiguration()
         config.nodeSizes = [64 << 20]
@@ -213,64 +264,11 @@ struct HMMForkTests {
         var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "hmm_dmirror0", vramBytes: 64 << 20,
                                                  chunkBytes: 32 << 20, copyEngine: engine)
         defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
-        let parent = mm!
-        let npages = 16
         let size = npages << pageShift
         let buffer = HMMBuffer(size: size)
-        buffer.ptr = try parent.mmap(length: size, protection: .readWrite)
-        try parent.fillPattern(buffer.ptr, length: size, seed: 7)
-
-        var child: AddressSpace? = try parent.fork()
-        // The parent migrates the shared pages: both now map device pages.
-        #expect(hmmCommand(device!, .migrateToDevice, buffer, npages) == 0)
-        #expect(buffer.cpages == npages)
-        for i in 0..<npages {
-            let a = buffer.ptr + UInt64(i << pageShift)
-            let p = parent.entry(at: a).entry, c = child!.entry(at: a).entry
-            #expect(p.kind == .devicePrivate && c.kind == .devicePrivate && p.pfn == c.pfn)
-        }
-
-        engine.arm()
-        let evictor = WorkerThread()
-        let dev = device!
-        evictor.start { dev.commandRelease() }
-        #expect(eventually { engine.isHolding })
-        #expect(parent.entry(at: buffer.ptr).entry.kind == .migration)
-        #expect(child!.entry(at: buffer.ptr).entry.kind == .migration)
-
-        // A reader of the child's mm holds its teardown (exit_mmap) in the
-        // mmap lock; once the child can no longer be looked up, the
-        // eviction finishes, then the teardown goes on.
-        let holder = WorkerThread()
-        let box = ExitingAddressSpace(child!)
-        holder.start {
-            box.mm.mmapReadLock()
-            box.locked.store(true, ordering: .releasing)
-            _ = eventually(within: 10) { box.gone }
-            engine.open()
-            box.evicted.store(evictor.wait(), ordering: .releasing)
-            box.mm.mmapReadUnlock()
-        }
-        #expect(eventually { box.isLocked })
-        child = nil  // the child exits; its teardown waits for the reader
-        #expect(holder.wait())
-        #expect(box.didEvict)
-
-        // Every page is back in system memory in the parent, with its bytes.
-        var allPresent = true
-        for i in 0..<npages {
-            let e = parent.entry(at: buffer.ptr + UInt64(i << pageShift)).entry
-            if e.kind != .present { allPresent = false }
-            #expect(e.kind == .present, "page \(i): \(e.kind)")
-        }
-        let audit = kernel.audit()
-        #expect(audit.isClean, "\(audit)")
-        if allPresent {  // a leftover migration entry would fault forever
-            #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 7) == nil)
-            try parent.fillPattern(buffer.ptr, length: size, seed: 8)
-            #expect(try parent.verifyPattern(buffer.ptr, length: size, seed: 8) == nil)
-        }
-        #expect(kernel.diagnostics.isEmpty)
+        buffer.ptr = try mm!.mmap(length: size, protection: .readWrite)
+        try mm!.fillPattern(buffer.ptr, length: size, seed: seed)
+        try body(kernel, mm!, device!, engine, buffer)
     }
 }
 
