@@ -61,43 +61,37 @@ extension NUMABench {
 
     private static func copySweep(_ single: SingleThreadCopier, _ multi: MultiThreadCopier, ringBytes: Int,
                                   repeats: Int) -> [NUMACopyPoint] {
-        let src = Kernel.reserveFrames(bytes: ringBytes)
-        let dst = Kernel.reserveFrames(bytes: ringBytes)
-        defer {
-            Kernel.releaseFrames(src, bytes: ringBytes)
-            Kernel.releaseFrames(dst, bytes: ringBytes)
-        }
-        src.initializeMemory(as: UInt8.self, repeating: 0x5a, count: ringBytes)
-        dst.initializeMemory(as: UInt8.self, repeating: 0, count: ringBytes)
-        multi.begin()
-        defer { multi.end() }
-        var out: [NUMACopyPoint] = []
-        var shapes = copySweepFolios.map { (PageGeometry.pageSize, $0) }
-        shapes.append((PageGeometry.pmdSize, 1))
-        var jobs: [FolioCopyJob] = []
-        jobs.reserveCapacity(512)
-        for (size, count) in shapes {
-            var offset = 0
-            var times: ([UInt64], [UInt64]) = ([], [])
-            for r in 0..<(repeats * 2) {
-                // Consecutive batches walk the ring, as a migration walks its buffer.
-                jobs.removeAll(keepingCapacity: true)
-                for _ in 0..<count {
-                    if offset + size > ringBytes { offset = 0 }
-                    jobs.append(FolioCopyJob(destination: dst + offset, source: UnsafeRawPointer(src + offset), bytes: size))
-                    offset += size
+        withCopyRings(bytes: ringBytes) { src, dst in
+            multi.begin()
+            defer { multi.end() }
+            var out: [NUMACopyPoint] = []
+            var shapes = copySweepFolios.map { (PageGeometry.pageSize, $0) }
+            shapes.append((PageGeometry.pmdSize, 1))
+            var jobs: [FolioCopyJob] = []
+            jobs.reserveCapacity(512)
+            for (size, count) in shapes {
+                var offset = 0
+                var times: ([UInt64], [UInt64]) = ([], [])
+                for r in 0..<(repeats * 2) {
+                    // Consecutive batches walk the ring, as a migration walks its buffer.
+                    jobs.removeAll(keepingCapacity: true)
+                    for _ in 0..<count {
+                        if offset + size > ringBytes { offset = 0 }
+                        jobs.append(FolioCopyJob(destination: dst + offset, source: UnsafeRawPointer(src + offset), bytes: size))
+                        offset += size
+                    }
+                    let copier: any FolioCopier = r & 1 == 0 ? single : multi
+                    let t0 = HostClock.nanos()
+                    jobs.withUnsafeBufferPointer { copier.copy($0) }
+                    let t = HostClock.nanos() - t0
+                    if r & 1 == 0 { times.0.append(t) } else { times.1.append(t) }
                 }
-                let copier: any FolioCopier = r & 1 == 0 ? single : multi
-                let t0 = HostClock.nanos()
-                jobs.withUnsafeBufferPointer { copier.copy($0) }
-                let t = HostClock.nanos() - t0
-                if r & 1 == 0 { times.0.append(t) } else { times.1.append(t) }
+                func median(_ a: [UInt64]) -> Double { Double(a.sorted()[a.count / 2]) / 1000 }
+                let s = median(times.0), m = median(times.1)
+                out.append(NUMACopyPoint(folioBytes: size, folios: count, ringBytes: ringBytes, singleMicros: s,
+                                         multiMicros: m, threads: multi.threads, speedup: m > 0 ? s / m : 0))
             }
-            func median(_ a: [UInt64]) -> Double { Double(a.sorted()[a.count / 2]) / 1000 }
-            let s = median(times.0), m = median(times.1)
-            out.append(NUMACopyPoint(folioBytes: size, folios: count, ringBytes: ringBytes, singleMicros: s,
-                                     multiMicros: m, threads: multi.threads, speedup: m > 0 ? s / m : 0))
+            return out
         }
-        return out
     }
 }

@@ -600,30 +600,23 @@ public enum OverheadHarness {
     /// the chunks are copied with streaming stores (one fence per round).
     public static func measureMemcpy(granule: Int, bytes: Int, streaming: Bool = false) -> Double {
         let ring = min(bytes, 64 << 20)
-        // Backed like emulated RAM and VRAM (see MemcpyBaseline).
-        let src = Kernel.reserveFrames(bytes: ring)
-        let dst = Kernel.reserveFrames(bytes: ring)
-        defer {
-            Kernel.releaseFrames(src, bytes: ring)
-            Kernel.releaseFrames(dst, bytes: ring)
-        }
-        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: ring)
-        dst.initializeMemory(as: UInt8.self, repeating: 0, count: ring)
-        var best = UInt64.max
-        for _ in 0..<3 {
-            var done = 0, offset = 0
-            let t0 = HostClock.nanos()
-            while done < bytes {
-                HostMemory.copy(to: dst + offset, from: src + offset, bytes: granule, streaming: streaming)
-                HostMemory.escape(dst + offset)
-                done += granule
-                offset += granule
-                if offset + granule > ring { offset = 0 }
+        return withCopyRings(bytes: ring) { src, dst in
+            var best = UInt64.max
+            for _ in 0..<3 {
+                var done = 0, offset = 0
+                let t0 = HostClock.nanos()
+                while done < bytes {
+                    HostMemory.copy(to: dst + offset, from: src + offset, bytes: granule, streaming: streaming)
+                    HostMemory.escape(dst + offset)
+                    done += granule
+                    offset += granule
+                    if offset + granule > ring { offset = 0 }
+                }
+                if streaming { HostMemory.storeFence() }
+                best = min(best, HostClock.nanos() - t0)
             }
-            if streaming { HostMemory.storeFence() }
-            best = min(best, HostClock.nanos() - t0)
+            return Double(bytes) / Double(max(1, best))
         }
-        return Double(bytes) / Double(max(1, best))
     }
 }
 
@@ -665,4 +658,20 @@ final class BusyCPUs: @unchecked Sendable {
         stopFlag.store(1, ordering: .releasing)
         _ = threads.waitForHelpers(timeoutNanos: 5_000_000_000)
     }
+}
+
+/// Runs `body` with two rings of `bytes` for timing copies: backed like
+/// emulated RAM and VRAM (`Kernel.reserveFrames`, see MemcpyBaseline), the
+/// source filled with 0x5a and the destination zeroed, both written once so
+/// that no host first-touch fault is timed; released after.
+func withCopyRings<R>(bytes: Int, _ body: (UnsafeMutableRawPointer, UnsafeMutableRawPointer) throws -> R) rethrows -> R {
+    let src = Kernel.reserveFrames(bytes: bytes)
+    let dst = Kernel.reserveFrames(bytes: bytes)
+    defer {
+        Kernel.releaseFrames(src, bytes: bytes)
+        Kernel.releaseFrames(dst, bytes: bytes)
+    }
+    src.initializeMemory(as: UInt8.self, repeating: 0x5a, count: bytes)
+    dst.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+    return try body(src, dst)
 }
