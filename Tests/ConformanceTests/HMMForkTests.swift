@@ -1,7 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
-import SVMEmu
+@testable import SVMEmu
 import MirrorDriver
 import TestSupport
 
@@ -219,12 +219,12 @@ struct HMMForkTests {
             let holder = WorkerThread()
             let box = ExitingAddressSpace(child!)
             holder.start {
-                box.mm.mmapReadLock()
+                box.mmapLock.downRead()
                 box.locked.store(true, ordering: .releasing)
                 _ = eventually(within: 10) { box.gone }
                 engine.open()
                 box.evicted.store(evictor.wait(), ordering: .releasing)
-                box.mm.mmapReadUnlock()
+                box.mmapLock.upRead()
             }
             #expect(eventually { box.isLocked })
             child = nil  // the child exits; its teardown waits for the reader
@@ -272,15 +272,17 @@ struct HMMForkTests {
     }
 }
 
-/// An address space seen from a thread that must not keep it alive: `mm`
-/// stays usable while its deinit runs (and not after), `gone` says whether
-/// its last reference has gone.
+/// An address space seen from a thread that must not keep it alive, nor
+/// touch it once its deinit may run (a reference taken then, even for a
+/// call, outlives the deinit and traps): the thread holds the address
+/// space's mmap lock object itself; `gone` says whether its last reference
+/// has gone.
 final class ExitingAddressSpace: @unchecked Sendable {
-    unowned(unsafe) let mm: AddressSpace
+    let mmapLock: KernelRWSemaphore
     weak var live: AddressSpace?
     let locked = Atomic<Bool>(false)
     let evicted = Atomic<Bool>(false)
-    init(_ mm: AddressSpace) { self.mm = mm; live = mm }
+    init(_ mm: AddressSpace) { mmapLock = mm.mmapLock; live = mm }
     var gone: Bool { live == nil }
     var isLocked: Bool { locked.load(ordering: .acquiring) }
     var didEvict: Bool { evicted.load(ordering: .acquiring) }
