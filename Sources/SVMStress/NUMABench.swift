@@ -45,12 +45,15 @@ public struct NUMAVariant: Sendable, Hashable, Codable {
         var v = MigrationAlgorithm.allCases.map { NUMAVariant(algorithm: $0) }
         v.append(NUMAVariant(algorithm: .batched, deferredFlush: true))
         v.append(NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: copyThreads))
-        v.append(NUMAVariant(algorithm: .batched, copier: .dma, copyThreads: 16))
+        v.append(NUMAVariant(algorithm: .batched, copier: .dma, copyThreads: dmaChannels))
         v.append(NUMAVariant(algorithm: .unbatched, pageSize: 2 << 20))
         v.append(NUMAVariant(algorithm: .batched, pageSize: 2 << 20))
         v.append(NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: copyThreads, pageSize: 2 << 20))
         return v
     }
+
+    /// DMA channels of the offload copier's variants (the series' 16).
+    public static let dmaChannels = 16
 
     /// Every combination: each algorithm with each copier, with and without
     /// the deferred flush, on 4 KiB pages and on 2 MiB folios.
@@ -59,7 +62,7 @@ public struct NUMAVariant: Sendable, Hashable, Codable {
         for pageSize in [PageGeometry.pageSize, PageGeometry.pmdSize] {
             for algorithm in MigrationAlgorithm.allCases {
                 for copier in NUMACopierKind.allCases {
-                    let threads = copier == .single ? 1 : copier == .dma ? 16 : copyThreads
+                    let threads = copier == .single ? 1 : copier == .dma ? dmaChannels : copyThreads
                     for deferred in [false, true] {
                         v.append(NUMAVariant(algorithm: algorithm, copier: copier, copyThreads: threads,
                                              deferredFlush: deferred, pageSize: pageSize))
