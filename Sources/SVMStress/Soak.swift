@@ -169,6 +169,8 @@ public struct SoakResult: Sendable, Codable, Equatable {
     public var findings: [String]
     /// Kernel warnings (diagnostics) recorded.
     public var warnings: [String]
+    /// Lock-order cycles (``LockOrder``) the soak's threads closed, described.
+    public var lockOrderViolations: [String] = []
     /// The wait-for report when the scheduler found a deadlock, else nil.
     public var deadlock: String?
     /// The run exceeded its host-time limit (a millisecond per operation,
@@ -180,10 +182,11 @@ public struct SoakResult: Sendable, Codable, Equatable {
     /// Host wall time.
     public var seconds: Double
 
-    /// No corruption, no unexpected access error, no leak, no lock held, no warning, no deadlock.
+    /// No corruption, no unexpected access error, no leak, no lock held, no
+    /// warning, no lock-order cycle, no deadlock.
     public var clean: Bool {
         bytesCorrupted == 0 && accessErrors == 0 && leakedReferences == 0 && locksHeld == 0 && leakedFrames == 0
-            && failedAtOperation == nil && warnings.isEmpty && deadlock == nil && !timedOut
+            && failedAtOperation == nil && warnings.isEmpty && lockOrderViolations.isEmpty && deadlock == nil && !timedOut
     }
 }
 
@@ -261,7 +264,9 @@ public enum Soak {
         let outcome = scheduler.run()
         let seconds = Double(HostClock.hostNanos() - start) / 1e9
 
+        let violations = scheduler.lockOrderViolations.map(\.description)
         var result = state.result(steps: scheduler.steps, seconds: seconds)
+        result.lockOrderViolations = violations
         switch outcome {
         case .deadlock(let report):
             result.deadlock = report.description
@@ -274,6 +279,7 @@ public enum Soak {
         // The final audit, then every word through the CPU (faulting device pages back).
         if state.failedAudit == nil { state.runAudit() }
         result = state.result(steps: scheduler.steps, seconds: seconds)
+        result.lockOrderViolations = violations
         // A failed audit may have found a lock held: the CPU would wait for it forever.
         if state.failedAudit == nil { result.bytesCorrupted += state.finalCheck() }
         result.findings = state.findings

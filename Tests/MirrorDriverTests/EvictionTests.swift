@@ -1,6 +1,7 @@
 import Testing
 import SVMEmu
 import MirrorDriver
+import TestSupport
 
 /// Eviction (migrate_device_range / pages / finalize): device memory goes
 /// back to system RAM without a VMA, found through the reverse map.
@@ -45,7 +46,7 @@ struct EvictionTests {
             try device.migrateToDevice(base, pages: n)
             let held = try #require(folio(kernel, mm, base + 2 * PageGeometry.pageSize64))
             #expect(held.isDevicePrivate)
-            #expect(held.tryLock())
+            #expect(onAnotherThread { held.tryLock() })  // held by another task
             #expect(device.evictAll() == n - 1)
             #expect(mm.entry(at: base + 2 * PageGeometry.pageSize64).entry.kind == .devicePrivate)
             #expect(held.refCount == 1 && held.mapCount == 1)

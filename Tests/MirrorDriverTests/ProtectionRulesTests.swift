@@ -1,6 +1,7 @@
 import Testing
 import SVMEmu
 import MirrorDriver
+import TestSupport
 
 /// Mappings that migration installs take the VMA's protection, and mprotect
 /// over migration entries follows change_pte_range().
@@ -45,7 +46,9 @@ struct ProtectionRulesTests {
             #expect(src[0].isMigrating)
             let migration = mm.entry(at: base).entry
             #expect(migration.kind == .migration && migration.isWrite)
-            try mm.mprotect(base, length: pageSize, protection: .read)
+            // Another task's mprotect: the eviction holds the folio lock, and
+            // mprotect's mmap lock comes before folio locks (lock order).
+            #expect(onAnotherThread { (try? mm.mprotect(base, length: pageSize, protection: .read)) != nil })
             let protected = mm.entry(at: base).entry
             #expect(protected.kind == .migration && !protected.isWrite && protected.isReadExclusive)
 

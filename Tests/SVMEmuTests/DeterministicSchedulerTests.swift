@@ -191,4 +191,50 @@ struct DeterministicSchedulerTests {
         #expect(LockOrder.violations(involving: "lockdep outer").isEmpty)
         folio.put()
     }
+    @Test("the kernel's spinlocks are lock classes: a page-table lock and a driver mutex taken in both orders are a cycle")
+    func spinlocksAreClasses() throws {
+        let kernel = makeKernel()
+        let mm = AddressSpace(kernel: kernel)
+        let base = try mm.mmap(length: 2 * PageGeometry.pmdSize)
+        let m = KernelMutex("lockdep spinlock test mutex")
+        LockOrder.enable()
+        defer { LockOrder.disable() }
+        m.withLock { mm.ptl(at: base).withLock {} }
+        // Two page-table locks nest without a report (fork and mremap hold two).
+        mm.ptl(at: base).withLock(nesting: mm.ptl(at: base + PageGeometry.pmdSize64)) {}
+        #expect(LockOrder.violations(involving: "lockdep spinlock test mutex").isEmpty)
+        mm.ptl(at: base).withLock { m.withLock {} }
+        let v = try #require(LockOrder.violations(involving: "lockdep spinlock test mutex").first)
+        #expect(v.closing.held == "page-table lock" && v.closing.taken == "lockdep spinlock test mutex")
+        #expect(v.cycle.map(\.taken) == ["page-table lock"])
+        #expect(v.closing.heldSite.hasPrefix("DeterministicSchedulerTests.swift:"))
+        withExtendedLifetime(mm) {}
+    }
+
+    @Test("each reader of a semaphore releases its own hold; a folio lock released by another thread is no longer held")
+    func holdsAreReleasedWhereTheyWereTaken() throws {
+        let kernel = makeKernel()
+        let folio = try #require(kernel.allocateFolio(order: 0))
+        let sem = KernelRWSemaphore("lockdep shared readers")
+        let after = KernelMutex("lockdep after the readers")
+        let holding = SharedCounter(), released = SharedCounter()
+        let ok = runThreads(2, keepAlive: [kernel]) { i in
+            sem.downRead()
+            holding.add()
+            _ = eventually(within: 5) { holding.current == 2 }   // both readers hold it at once
+            if i == 1 { _ = eventually(within: 5) { released.current == 1 } }
+            sem.upRead()
+            released.add()
+            _ = eventually(within: 5) { released.current == 2 }
+            after.withLock {}   // a reader hold left behind would make "readers, then after"
+        }
+        #expect(ok)
+        // Taken here, released on another thread, then this thread takes a lock.
+        #expect(folio.tryLock())
+        #expect(onAnotherThread { folio.unlock(); return true })
+        after.withLock {}
+        let deps = LockOrder.dependencies.filter { $0.taken == "lockdep after the readers" }
+        #expect(deps.isEmpty, "\(deps)")
+        folio.put()
+    }
 }

@@ -106,6 +106,28 @@ struct SoakTests {
         if mix.contains(.movePages) { #expect(r.pagesMoved > 0) }
     }
 
+    /// The kernel's locks, outermost first (mm/rmap.c's lock-ordering
+    /// comment: mmap_lock, then hugetlb's fault mutex, then the folio lock,
+    /// then the PMD and PTE locks, with the zone lock inside them all).
+    static let kernelOrder = ["mmap lock", "hugetlb fault mutex", "folio lock", "PMD lock", "page-table lock", "zone lock"]
+
+    @Test("a soak of every operation closes no lock-order cycle, and the kernel's locks nest in the kernel's order")
+    func lockOrder() throws {
+        let r = try Soak.run(settings(.all, operations: 6_000, seed: 3))
+        #expect(r.clean, "\(r)")
+        #expect(r.lockOrderViolations.isEmpty)
+        // Every dependency recorded between two kernel locks, by this soak
+        // or by any test before it, goes from outer to inner.
+        let rank = Dictionary(uniqueKeysWithValues: Self.kernelOrder.enumerated().map { ($1, $0) })
+        let kernelDeps = LockOrder.dependencies.filter { rank[$0.held] != nil && rank[$0.taken] != nil }
+        for d in kernelDeps { #expect(rank[d.held]! < rank[d.taken]!, "\(d)") }
+        let pairs = Set(kernelDeps.map { "\($0.held) -> \($0.taken)" })
+        for expected in ["mmap lock -> PMD lock", "mmap lock -> page-table lock", "folio lock -> page-table lock",
+                         "PMD lock -> page-table lock"] {
+            #expect(pairs.contains(expected), "\(expected) not recorded: \(pairs.sorted())")
+        }
+    }
+
     @Test("the same seed gives the same soak, count for count (host time aside)")
     func sameSeedSameSoak() throws {
         let s = settings(.all.subtracting(.fork), operations: 10_000, seed: 9)

@@ -73,6 +73,17 @@ public func onAnotherThread(timeout: Double = 10, keepAlive: [AnyObject], _ body
     runThreads(1, timeout: timeout, keepAlive: keepAlive) { _ in body() }
 }
 
+/// Runs `body` on one new thread and returns what it returned (false when
+/// the thread did not finish within `timeout` seconds). For a lock a test
+/// holds "elsewhere": taken on the test thread, lock-order validation would
+/// count it among the test thread's locks and record dependencies no real
+/// holder makes.
+public func onAnotherThread(timeout: Double = 10, _ body: @escaping @Sendable () -> Bool) -> Bool {
+    let result = SharedCounter()
+    guard runThreads(1, timeout: timeout, keepAlive: [], { _ in if body() { result.add() } }) else { return false }
+    return result.current == 1
+}
+
 /// Polls `condition` until it holds or `seconds` pass.
 public func eventually(within seconds: Double = 5, _ condition: () -> Bool) -> Bool {
     let start = Date()

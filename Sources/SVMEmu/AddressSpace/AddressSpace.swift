@@ -27,10 +27,9 @@ public final class AddressSpace: @unchecked Sendable {
     /// The mmap lock: a futex reader/writer semaphore that prefers writers
     /// (a fault storm must not starve `munmap`), and a scheduling point under
     /// a ``DeterministicScheduler``, so that `munmap` and friends can run
-    /// among emulated threads. Not a lock-order class yet: tracked, it
-    /// reports "folio lock -> mmap lock" in MirrorDriverTests from a folio
-    /// lock that LockOrder still counts as held (a record not released).
-    let mmapLock = KernelRWSemaphore("mmap lock", prefersWriters: true, tracksOrder: false)
+    /// among emulated threads. Every address space's mmap lock is one
+    /// ``LockOrder`` class, "mmap lock".
+    let mmapLock = KernelRWSemaphore("mmap lock", prefersWriters: true, lockClass: .mmap)
     let mmapLockHolders = Atomic<Int>(0)
     /// Sorted, non-overlapping. Changed only with the mmap lock held for writing.
     var vmas: [VMA] = []
@@ -227,20 +226,22 @@ public final class AddressSpace: @unchecked Sendable {
     // MARK: page-table locks
 
     /// The PTE table lock of the table covering `address` (`pte_lockptr()`).
-    @inlinable func ptl(at address: UInt64) -> SpinLockRef { SpinLockRef(ptls + pmdIndex(address)) }
+    @inlinable func ptl(at address: UInt64) -> SpinLockRef { SpinLockRef(ptls + pmdIndex(address), .pageTable) }
     /// The PMD lock covering `address` (`pmd_lockptr()`): one per 1 GiB.
-    @inlinable func pmdLock(at address: UInt64) -> SpinLockRef { SpinLockRef(pmdLocks + pmdIndex(address) >> 9) }
+    @inlinable func pmdLock(at address: UInt64) -> SpinLockRef { SpinLockRef(pmdLocks + pmdIndex(address) >> 9, .pmd) }
 
     /// Runs `body` holding the PTE table lock of the table covering `address`
     /// (`pte_offset_map_lock()` ... `pte_unmap_unlock()`).
     @inlinable @inline(__always)
-    func withPTL<R, E: Error>(_ address: UInt64, _ body: () throws(E) -> R) throws(E) -> R {
-        try ptl(at: address).withLock(body)
+    func withPTL<R, E: Error>(_ address: UInt64, file: StaticString = #fileID, line: UInt = #line,
+                              _ body: () throws(E) -> R) throws(E) -> R {
+        try ptl(at: address).withLock(file: file, line: line, body)
     }
     /// Runs `body` holding the PMD lock covering `address` (`pmd_lock()` ... `spin_unlock()`).
     @inlinable @inline(__always)
-    func withPMDLock<R, E: Error>(_ address: UInt64, _ body: () throws(E) -> R) throws(E) -> R {
-        try pmdLock(at: address).withLock(body)
+    func withPMDLock<R, E: Error>(_ address: UInt64, file: StaticString = #fileID, line: UInt = #line,
+                                  _ body: () throws(E) -> R) throws(E) -> R {
+        try pmdLock(at: address).withLock(file: file, line: line, body)
     }
 
     /// Debug builds: a diagnostic naming `rule` when the PTE table lock of

@@ -295,6 +295,6 @@ struct CPU {
 
     /// The inbox lock (protects the inbox words; the CPU and its flushers take it).
     private var inboxLock: SpinLockRef {
-        SpinLockRef(UnsafeMutableRawPointer(words + CPUWord.inboxLock).assumingMemoryBound(to: UInt32.self))
+        SpinLockRef(UnsafeMutableRawPointer(words + CPUWord.inboxLock).assumingMemoryBound(to: UInt32.self), .callQueue)
     }
 }

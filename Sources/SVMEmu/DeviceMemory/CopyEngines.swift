@@ -208,7 +208,7 @@ final class CopyWorkerPool: @unchecked Sendable {
     private var head = 0, tail = 0
     private var stopping = false
     /// Protects the above: the ring's slots, `head`, `tail` and `stopping`.
-    private var ringLock: SpinLockRef { SpinLockRef(words) }
+    private var ringLock: SpinLockRef { SpinLockRef(words, .copyRing) }
     private var handles: [pthread_t] = []
 
     init(workers: Int) {

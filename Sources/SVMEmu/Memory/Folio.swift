@@ -260,16 +260,13 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// - Returns: whether the caller now holds the lock.
     ///
     /// The corresponding kernel function is `folio_trylock()`.
-    @inlinable public func tryLock() -> Bool {
+    @inlinable public func tryLock(file: StaticString = #fileID, line: UInt = #line) -> Bool {
         let taken = tryLockBit()
         if taken && _slowPath(svm_lockdep_enabled()) {
-            LockOrder.acquired(meta.flagsWord, Folio.lockClass, site: "folio_trylock()")
+            LockOrder.acquired(meta.flagsWord, .folio, site: LockSite(file, line, trylock: "folio_trylock"))
         }
         return taken
     }
-
-    /// The lock-order class of every folio lock.
-    @usableFromInline static let lockClass = "folio lock"
 
     /// The trylock itself, without lock-order validation.
     @inlinable func tryLockBit() -> Bool {
@@ -294,12 +291,9 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_lock()`.
     public func lock(file: StaticString = #fileID, line: UInt = #line) {
-        var site: String? = nil
-        if _slowPath(svm_lockdep_enabled()) {
-            site = LockOrder.site(file, line)
-            LockOrder.acquiring(Folio.lockClass, site: site!)
-        }
-        defer { if let site { LockOrder.acquired(meta.flagsWord, Folio.lockClass, site: site) } }
+        let lockdep = _slowPath(svm_lockdep_enabled())
+        if lockdep { LockOrder.acquiring(.folio, site: LockSite(file, line)) }
+        defer { if lockdep { LockOrder.acquired(meta.flagsWord, .folio, site: LockSite(file, line)) } }
         if tryLockBit() { return }
         kernel.vmstat.count(.folioLockWaits)
         let w = meta.flagsWord
@@ -323,7 +317,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_unlock()`.
     @inlinable public func unlock() {
-        if _slowPath(svm_lockdep_enabled()) { LockOrder.released(meta.flagsWord) }
+        if _slowPath(svm_lockdep_enabled()) { LockOrder.releasedFolio(meta.flagsWord) }
         svm_tsan_release(meta.flagsWord)
         let old = meta.atomicFlags.bitwiseAnd(~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue), ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.locked.rawValue == 0 {

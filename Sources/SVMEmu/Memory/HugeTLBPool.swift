@@ -204,7 +204,7 @@ public final class HugeTLBPool: @unchecked Sendable {
     /// the address space `mm` (`hugetlb_fault_mutex_hash()`).
     func withFaultMutex<R, E: Error>(_ mm: UInt32, _ haddr: UInt64, _ body: () throws(E) -> R) throws(E) -> R {
         let hash = Int((UInt64(mm) &* 0x9E37_79B9 ^ (haddr >> PageGeometry.pmdShift)) % UInt64(HugeTLBPool.faultMutexCount))
-        return try SpinLockRef(faultMutexes + hash).withLock(body)
+        return try SpinLockRef(faultMutexes + hash, .hugetlbFault).withLock(body)
     }
 
     /// Gives a pool page (no reference) back to the node it came from.

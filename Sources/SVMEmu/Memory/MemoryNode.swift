@@ -42,7 +42,7 @@ public final class MemoryNode: @unchecked Sendable {
         self.freePagesCount = pageCount
         let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
         word.initialize(to: 0)
-        zoneLock = SpinLockRef(word)
+        zoneLock = SpinLockRef(word, .zone)
     }
     deinit { zoneLock.word.deallocate() }
 
@@ -195,6 +195,7 @@ extension Kernel {
         }
         if m.test(PageFlags.locked.rawValue) {
             warn("free_folio: folio is locked (bad page state)", "\(folio)")
+            if svm_lockdep_enabled() { LockOrder.releasedFolio(m.flagsWord) }
             folio.clear(.locked)
         }
         if folio.withPageMap({ $0.freeFolio(folio) }) != nil { return }

@@ -99,6 +99,9 @@ public final class DeterministicScheduler: @unchecked Sendable {
     var owners: [UnsafeRawPointer: Int] = [:]
     var lockNames: [UnsafeRawPointer: String] = [:]
     var log: [Step] = []
+    /// The lock-order violations this run's threads closed; guarded by
+    /// ``LockOrder``'s graph lock.
+    var violationsFound: [LockOrder.Violation] = []
     var outcome: Outcome = .completed
     let doneWord: UnsafeMutablePointer<UInt32>
     var started = false
@@ -166,6 +169,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
         if case .completed = outcome { for h in handles { h.join() } } else { for h in handles { h.detach() } }
         return outcome
     }
+
+    /// The lock-order violations (``LockOrder``) the run's threads closed,
+    /// oldest first. A dependency the process recorded before the run is
+    /// not checked again, so a cycle an earlier run closed is not repeated.
+    public var lockOrderViolations: [LockOrder.Violation] { LockOrder.withGraph { _ in violationsFound } }
 
     /// The last steps of the run (``Configuration/logSteps`` of them).
     public var stepLog: [Step] { log }

@@ -9,14 +9,18 @@ import CSVMSupport
 /// ("struct mutex devmem_lock; /* protects the above */").
 public final class KernelMutex: @unchecked Sendable {
     @usableFromInline let word: UnsafeMutablePointer<UInt32>
-    /// The lock's name in deadlock reports.
+    /// The lock's name in deadlock reports, and its lock-order class.
     public let name: String
+    /// The ``LockOrder`` class of `name`.
+    @usableFromInline let lockClass: LockClass
 
-    /// A free mutex named `name`.
+    /// A free mutex named `name`; every mutex of one name is one
+    /// ``LockOrder`` class.
     ///
     /// The corresponding kernel function is `mutex_init()`.
     public init(_ name: String = "mutex") {
         self.name = name
+        lockClass = LockOrder.lockClass(named: name)
         word = .allocate(capacity: 1)
         word.initialize(to: 0)
     }
@@ -53,10 +57,9 @@ public final class KernelMutex: @unchecked Sendable {
     @inlinable public func lock(file: StaticString = #fileID, line: UInt = #line) {
         if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
         if _slowPath(svm_lockdep_enabled()) {
-            let site = LockOrder.site(file, line)
-            LockOrder.acquiring(name, site: site)
+            LockOrder.acquiring(lockClass, site: LockSite(file, line))
             svm_mutex_lock(word)
-            LockOrder.acquired(word, name, site: site)
+            LockOrder.acquired(word, lockClass, site: LockSite(file, line))
             return
         }
         svm_mutex_lock(word)
@@ -81,7 +84,7 @@ public final class KernelMutex: @unchecked Sendable {
     @inlinable public func tryLock(file: StaticString = #fileID, line: UInt = #line) -> Bool {
         let taken = svm_mutex_trylock(word)
         if taken && _slowPath(svm_lockdep_enabled()) {
-            LockOrder.acquired(word, name, site: LockOrder.site(file, line))
+            LockOrder.acquired(word, lockClass, site: LockSite(file, line, trylock: "mutex_trylock"))
         }
         return taken
     }
@@ -105,27 +108,28 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     @usableFromInline static let sleepers: UInt32 = 1 << 30
     @usableFromInline static let writerWaiting: UInt32 = 1 << 29
     @usableFromInline static let readers: UInt32 = (1 << 29) - 1
-    /// The semaphore's name in deadlock reports.
+    /// The semaphore's name in deadlock reports, and its lock-order class.
     public let name: String
+    /// The ``LockOrder`` class of `name`.
+    let lockClass: LockClass
     /// A waiting writer keeps new readers out (the mmap lock: a fault storm
     /// must not starve `munmap`); a reader must then not take it twice.
     let prefersWriters: Bool
-    /// Whether ``LockOrder`` records this semaphore's dependencies.
-    let tracksOrder: Bool
 
-    /// A free semaphore named `name`.
+    /// A free semaphore named `name`; every semaphore of one name is one
+    /// ``LockOrder`` class.
     ///
     /// The corresponding kernel function is `init_rwsem()`.
     public convenience init(_ name: String = "rwsem") {
-        self.init(name, prefersWriters: false, tracksOrder: true)
+        self.init(name, prefersWriters: false, lockClass: LockOrder.lockClass(named: name))
     }
 
-    /// A free semaphore; with `prefersWriters`, readers arriving while a
-    /// writer waits wait behind it.
-    init(_ name: String, prefersWriters: Bool, tracksOrder: Bool) {
+    /// A free semaphore of class `lockClass`; with `prefersWriters`,
+    /// readers arriving while a writer waits wait behind it.
+    init(_ name: String, prefersWriters: Bool, lockClass: LockClass) {
         self.name = name
         self.prefersWriters = prefersWriters
-        self.tracksOrder = tracksOrder
+        self.lockClass = lockClass
         word = .allocate(capacity: 1)
         word.initialize(to: 0)
     }
@@ -225,7 +229,7 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     /// aside); `waiting` marks the word while the caller sleeps.
     private func acquire(_ file: StaticString, _ line: UInt, waiting: UInt32, _ next: (UInt32) -> UInt32?) {
         if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
-        if tracksOrder && svm_lockdep_enabled() { LockOrder.acquiring(name, site: LockOrder.site(file, line)) }
+        if svm_lockdep_enabled() { LockOrder.acquiring(lockClass, site: LockSite(file, line)) }
         svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         var v = svm_load32(word)
         while true {
@@ -245,13 +249,13 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     private func acquired(_ file: StaticString?, _ line: UInt) {
         svm_tsan_acquire(word)
         svm_det_lock_event(word, Int32(SVM_DET_ACQUIRED))
-        if tracksOrder && svm_lockdep_enabled() {
-            LockOrder.acquired(word, name, site: file.map { LockOrder.site($0, line) } ?? "down_read_trylock()")
+        if svm_lockdep_enabled() {
+            LockOrder.acquired(word, lockClass, site: file.map { LockSite($0, line) } ?? LockSite(#fileID, #line, trylock: "down_read_trylock"))
         }
     }
 
     private func release(_ next: (UInt32) -> UInt32) {
-        if tracksOrder && svm_lockdep_enabled() { LockOrder.released(word) }
+        if svm_lockdep_enabled() { LockOrder.released(word) }
         svm_tsan_release(word)
         var v = svm_load32(word)
         while !svm_cas32(word, &v, next(v) & ~Self.sleepers) {}

@@ -7,18 +7,33 @@ import Synchronization
 /// closes a cycle is a ``Violation``, reported with the acquisition sites of
 /// both orders even when no deadlock happened.
 ///
-/// Classes: each ``KernelMutex`` and ``KernelRWSemaphore`` is the class of
-/// its name; every folio lock is one class, "folio lock" (as all instances
-/// of a lock share a `lock_class_key`). The kernel's spinlocks (page-table,
-/// PMD, zone locks) are not classed yet. A trylock records no dependency (it
-/// cannot wait), but the lock it takes is held for the ones that follow; a
-/// bounded wait (``Folio/lock(timeoutNanos:)``) counts as a trylock.
+/// Classes (as all instances of a lock share a `lock_class_key`):
+/// - each ``KernelMutex`` and ``KernelRWSemaphore`` is the class of its
+///   name; every address space's mmap lock is the class "mmap lock";
+/// - every folio lock is the class "folio lock";
+/// - the kernel's spinlocks: "page-table lock" (the split PTE locks), "PMD
+///   lock", "zone lock", "hugetlb fault mutex", and the emulated machine's
+///   own: "CPU call-function queue lock", "copy-engine ring lock", "folio
+///   copier queue lock".
+///
+/// Two locks of one class nest without a report (`spin_lock_nested()`: fork
+/// and mremap hold two page-table locks). A trylock records no dependency
+/// (it cannot wait), but the lock it takes is held for the ones that follow;
+/// a bounded wait (``Folio/lock(timeoutNanos:)``) is a trylock and a sleep. A
+/// reader of a ``KernelRWSemaphore`` holds it on its own thread, as every
+/// other reader does on theirs.
+///
+/// Only a folio lock may be released by another thread than the one that
+/// took it (the kernel's page lock is released by whoever finishes the
+/// work); every other class is released by its holder.
 ///
 /// On for the emulated threads of a running ``DeterministicScheduler``, on a
 /// real thread between its ``enable()`` and ``disable()``, and on every
 /// thread after ``enableEverywhere()`` (the test machine calls it before any
 /// test runs, so every test validates its locks, real threads and emulated
-/// alike). Off, each lock site costs one load and one predictable branch.
+/// alike). Off, each lock site costs one load and one predictable branch;
+/// on, a lock whose dependencies are all known costs a walk of the calling
+/// thread's held locks and no shared lock (a folio lock takes one).
 public enum LockOrder {
 
     /// "`held`, then `taken`", as one thread first did it.
@@ -53,18 +68,27 @@ public enum LockOrder {
         }
     }
 
+    /// The classes of the lock-order graph (`held` to `taken`), the
+    /// violations found, and who holds each folio lock. Guarded by `graphLock`.
     struct Graph {
-        var edges: [String: [String: Dependency]] = [:]
+        var edges: [LockClass: [LockClass: Dependency]] = [:]
         var violations: [Violation] = []
-        /// The stack of the thread that holds each classed lock.
-        var owners: [UnsafeRawPointer: HeldLocks] = [:]
+        /// The thread that holds each folio lock (any thread may release it).
+        var folioOwners: [UnsafeRawPointer: HeldLocks] = [:]
+        /// Class names after the built-in ones, by id.
+        var names: [String] = LockClass.builtinNames
+        var ids: [String: LockClass] = Dictionary(
+            uniqueKeysWithValues: LockClass.builtinNames.enumerated().map { ($1, LockClass(id: UInt16($0))) })
+
+        func name(_ c: LockClass) -> String { names[Int(c.id)] }
 
         /// The dependencies of a path from `from` to `to`, or nil.
-        func path(from: String, to: String) -> [Dependency]? {
-            var seen: Set<String> = [from]
-            var stack: [(String, [Dependency])] = [(from, [])]
+        func path(from: LockClass, to: LockClass) -> [Dependency]? {
+            var seen: Set<LockClass> = [from]
+            var stack: [(LockClass, [Dependency])] = [(from, [])]
             while let (node, trail) = stack.popLast() {
-                for (next, dep) in (edges[node] ?? [:]).sorted(by: { $0.key < $1.key }) {
+                // By name, so that the path reported does not depend on which class registered first.
+                for (next, dep) in (edges[node] ?? [:]).sorted(by: { $0.value.taken < $1.value.taken }) {
                     if next == to { return trail + [dep] }
                     if seen.insert(next).inserted { stack.append((next, trail + [dep])) }
                 }
@@ -73,10 +97,28 @@ public enum LockOrder {
         }
     }
 
+    /// One thread's held locks. `stack` is the thread's own (only it reads
+    /// or writes it); `folioLocks` is guarded by `graphLock`, because another
+    /// thread may release one, and `folioCount` mirrors its length for a
+    /// read without that lock.
     final class HeldLocks: @unchecked Sendable {
+        struct Entry {
+            var lock: UnsafeRawPointer
+            var lockClass: LockClass
+            var site: LockSite
+        }
         /// ``enable()`` calls not yet undone on this thread.
         var enabled = 0
-        var entries: [(lock: UnsafeRawPointer, lockClass: String, site: String)] = []
+        var stack: [Entry] = []
+        var folioLocks: [Entry] = []
+        let folioCount: UnsafeMutablePointer<Int32>
+
+        init() {
+            stack.reserveCapacity(32)
+            folioCount = .allocate(capacity: 1)
+            folioCount.initialize(to: 0)
+        }
+        deinit { folioCount.deallocate() }
     }
 
     /// The graph, guarded by `graphLock` (a host lock: no scheduling point
@@ -87,11 +129,53 @@ public enum LockOrder {
     /// What the sanitizer is told the lock orders (a futex Mutex is no lock to it).
     nonisolated(unsafe) static let graphToken = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1)
 
+    /// One bit per known dependency between classes below `fastClasses`
+    /// (row: held, column: taken), set under `graphLock` once the
+    /// dependency is in the graph and read without it: a lock whose
+    /// dependencies are all known takes no shared lock.
+    static let fastClasses = 256
+    nonisolated(unsafe) static let knownBits: UnsafeMutablePointer<UInt64> = {
+        let n = fastClasses * fastClasses / 64
+        let p = UnsafeMutablePointer<UInt64>.allocate(capacity: n)
+        p.initialize(repeating: 0, count: n)
+        return p
+    }()
+
+    static func isKnown(_ held: LockClass, _ taken: LockClass) -> Bool {
+        let h = Int(held.id), t = Int(taken.id)
+        guard h < fastClasses, t < fastClasses else { return false }
+        let bit = h * fastClasses + t
+        return svm_load64_relaxed(knownBits + bit >> 6) & (1 << UInt64(bit & 63)) != 0
+    }
+
+    static func markKnown(_ held: LockClass, _ taken: LockClass) {
+        let h = Int(held.id), t = Int(taken.id)
+        guard h < fastClasses, t < fastClasses else { return }
+        let bit = h * fastClasses + t
+        let w = knownBits + bit >> 6
+        svm_store64(w, svm_load64_relaxed(w) | 1 << UInt64(bit & 63))  // under graphLock: one writer
+    }
+
     static func withGraph<R>(_ body: (inout Graph) -> R) -> R {
         graphLock.withLock { _ in
             svm_tsan_acquire(graphToken)
             defer { svm_tsan_release(graphToken) }
             return body(&graphState)
+        }
+    }
+
+    /// The class named `name` (registered on first use): the class of a
+    /// ``KernelMutex`` or ``KernelRWSemaphore``.
+    static func lockClass(named name: String) -> LockClass {
+        withGraph { g in
+            if let c = g.ids[name] { return c }
+            guard g.names.count <= Int(UInt16.max) else {
+                contractViolation("LockOrder: more than \(UInt16.max) lock classes (one per KernelMutex name)")
+            }
+            let c = LockClass(id: UInt16(g.names.count))
+            g.names.append(name)
+            g.ids[name] = c
+            return c
         }
     }
 
@@ -123,9 +207,11 @@ public enum LockOrder {
         if h.enabled == 0 && !svm_lockdep_everywhere() {
             // Locks still held are no longer followed: forget them, or their
             // release (not seen now) would leave them held for ever.
+            h.stack.removeAll(keepingCapacity: true)
             withGraph { g in
-                for e in h.entries where g.owners[e.lock] === h { g.owners[e.lock] = nil }
-                h.entries.removeAll()
+                for e in h.folioLocks where g.folioOwners[e.lock] === h { g.folioOwners[e.lock] = nil }
+                h.folioLocks.removeAll()
+                svm_storei32(h.folioCount, 0)
             }
         }
     }
@@ -141,6 +227,15 @@ public enum LockOrder {
 
     /// Every violation recorded so far, oldest first.
     public static var violations: [Violation] { withGraph { $0.violations } }
+
+    /// Every dependency recorded so far, one per pair of classes (as the
+    /// first thread made it), sorted by held class, then taken class: the
+    /// order in which the process's locks nest (`/proc/lockdep`).
+    public static var dependencies: [Dependency] {
+        withGraph { g in
+            g.edges.values.flatMap(\.values).sorted { ($0.held, $0.taken) < ($1.held, $1.taken) }
+        }
+    }
 
     /// The violations that involve the lock class `name`.
     ///
@@ -166,51 +261,134 @@ public enum LockOrder {
     /// at `site` (before the wait, as `lock_acquire()` is, so that the
     /// dependency is recorded even when the wait never ends).
     @usableFromInline @inline(never)
-    static func acquiring(_ lockClass: String, site: String) {
+    static func acquiring(_ lockClass: LockClass, site: LockSite) {
         let mine = held()
         guard validates(mine) else { return }
+        for h in mine.stack where h.lockClass != lockClass && !isKnown(h.lockClass, lockClass) {
+            record(held: h.lockClass, at: h.site, taken: lockClass, at: site)
+        }
+        if lockClass != .folio && svm_loadi32(mine.folioCount) > 0 && !isKnown(.folio, lockClass) {
+            let first = withGraph { _ in mine.folioLocks.first?.site }
+            if let first { record(held: .folio, at: first, taken: lockClass, at: site) }
+        }
+    }
+
+    /// Adds the dependency "`held`, then `taken`" unless known, reporting a
+    /// cycle it closes.
+    static func record(held: LockClass, at heldSite: LockSite, taken: LockClass, at site: LockSite) {
         let thread = threadName
         withGraph { g in
-            for h in mine.entries where h.lockClass != lockClass && g.edges[h.lockClass]?[lockClass] == nil {
-                let dep = Dependency(held: h.lockClass, heldSite: h.site, taken: lockClass, takenSite: site,
-                                     thread: thread)
-                if let back = g.path(from: lockClass, to: h.lockClass) {
-                    let v = Violation(cycle: back, closing: dep)
-                    g.violations.append(v)
-                    if svm_lockdep_everywhere() { system_write_stderr("svmemu: \(v)\n") }
-                }
-                g.edges[h.lockClass, default: [:]][lockClass] = dep
+            defer { markKnown(held, taken) }
+            guard g.edges[held]?[taken] == nil else { return }
+            let dep = Dependency(held: g.name(held), heldSite: heldSite.description, taken: g.name(taken),
+                                 takenSite: site.description, thread: thread)
+            if let back = g.path(from: taken, to: held) {
+                let v = Violation(cycle: back, closing: dep)
+                g.violations.append(v)
+                if svm_det_active(), let t = DeterministicScheduler.current { t.scheduler.violationsFound.append(v) }
+                if svm_lockdep_everywhere() { system_write_stderr("svmemu: \(v)\n") }
             }
+            g.edges[held, default: [:]][taken] = dep
         }
     }
 
     /// The calling thread took `lock` of class `lockClass` at `site` (a
     /// trylock without ``acquiring(_:site:)`` first, which records no dependency).
     @usableFromInline @inline(never)
-    static func acquired(_ lock: UnsafeRawPointer, _ lockClass: String, site: String) {
+    static func acquired(_ lock: UnsafeRawPointer, _ lockClass: LockClass, site: LockSite) {
         let mine = held()
         guard validates(mine) else { return }
+        let entry = HeldLocks.Entry(lock: lock, lockClass: lockClass, site: site)
+        guard lockClass == .folio else { return mine.stack.append(entry) }
         withGraph { g in
-            mine.entries.append((lock, lockClass, site))
-            g.owners[lock] = mine
+            if let previous = g.folioOwners[lock] { forget(lock, of: previous) }
+            mine.folioLocks.append(entry)
+            svm_add32(mine.folioCount, 1)
+            g.folioOwners[lock] = mine
         }
     }
 
-    /// `lock` was released (by any validated thread: a folio lock may be
-    /// released by another thread than the one that took it).
+    /// The calling thread released `lock`, which it took (every class but
+    /// the folio lock).
     @usableFromInline @inline(never)
     static func released(_ lock: UnsafeRawPointer) {
-        guard validates(held()) else { return }
+        let mine = held()
+        guard let i = mine.stack.lastIndex(where: { $0.lock == lock }) else { return }
+        mine.stack.remove(at: i)
+    }
+
+    /// The folio lock `lock` was released, by any thread (or its folio freed).
+    @usableFromInline @inline(never)
+    static func releasedFolio(_ lock: UnsafeRawPointer) {
         withGraph { g in
-            guard let owner = g.owners.removeValue(forKey: lock),
-                  let i = owner.entries.lastIndex(where: { $0.lock == lock }) else { return }
-            owner.entries.remove(at: i)
+            if let owner = g.folioOwners.removeValue(forKey: lock) { forget(lock, of: owner) }
         }
+    }
+
+    /// Drops `owner`'s record of folio lock `lock`; caller holds `graphLock`.
+    private static func forget(_ lock: UnsafeRawPointer, of owner: HeldLocks) {
+        guard let i = owner.folioLocks.lastIndex(where: { $0.lock == lock }) else { return }
+        owner.folioLocks.remove(at: i)
+        svm_add32(owner.folioCount, -1)
     }
 
     /// A site as "file:line".
-    @usableFromInline static func site(_ file: StaticString, _ line: UInt) -> String {
+    static func site(_ file: StaticString, _ line: UInt) -> String {
         let f = "\(file)"
         return (f.split(separator: "/").last.map(String.init) ?? f) + ":\(line)"
+    }
+}
+
+/// A lock class: every lock of one kind shares it, as locks initialised at
+/// one place share a `lock_class_key`. The built-in classes have fixed ids;
+/// a ``KernelMutex``'s name gets one on first use.
+@usableFromInline
+struct LockClass: Hashable, Sendable {
+    @usableFromInline let id: UInt16
+    @inlinable init(id: UInt16) { self.id = id }
+
+    /// Every folio lock (`PG_locked`).
+    @usableFromInline static let folio = LockClass(id: 0)
+    /// The split PTE-table locks (`pte_lockptr()`).
+    @usableFromInline static let pageTable = LockClass(id: 1)
+    /// The PMD locks (`pmd_lockptr()`).
+    @usableFromInline static let pmd = LockClass(id: 2)
+    /// Each node's zone lock (`zone->lock`).
+    @usableFromInline static let zone = LockClass(id: 3)
+    /// hugetlb's fault mutex table (`hugetlb_fault_mutex_table`).
+    @usableFromInline static let hugetlbFault = LockClass(id: 4)
+    /// An emulated CPU's queue of cross-CPU calls (`call_single_queue`).
+    @usableFromInline static let callQueue = LockClass(id: 5)
+    /// A device copy engine's ring.
+    @usableFromInline static let copyRing = LockClass(id: 6)
+    /// The multi-threaded folio copier's work queue.
+    @usableFromInline static let copierQueue = LockClass(id: 7)
+    /// Every address space's mmap lock (`mm->mmap_lock`).
+    @usableFromInline static let mmap = LockClass(id: 8)
+
+    static let builtinNames = [
+        "folio lock", "page-table lock", "PMD lock", "zone lock", "hugetlb fault mutex",
+        "CPU call-function queue lock", "copy-engine ring lock", "folio copier queue lock", "mmap lock",
+    ]
+}
+
+/// Where a lock was taken: `file:line`, and whether by a trylock. Made
+/// without allocating; turned into text only when a dependency is new.
+@usableFromInline
+struct LockSite: CustomStringConvertible {
+    @usableFromInline let file: StaticString
+    @usableFromInline let line: UInt
+    /// The trylock primitive, or "" for a lock that waits.
+    @usableFromInline let trylock: StaticString
+
+    @inlinable init(_ file: StaticString, _ line: UInt, trylock: StaticString = "") {
+        self.file = file
+        self.line = line
+        self.trylock = trylock
+    }
+
+    @usableFromInline var description: String {
+        let at = LockOrder.site(file, line)
+        return trylock.utf8CodeUnitCount == 0 ? at : "\(at) (\(trylock))"
     }
 }

@@ -14,16 +14,47 @@ import CSVMSupport
 @usableFromInline
 struct SpinLockRef {
     @usableFromInline let word: UnsafeMutablePointer<UInt32>
+    /// The lock's ``LockOrder`` class (page-table lock, PMD lock, ...).
+    @usableFromInline let lockClass: LockClass
 
-    /// A view of the lock word at `word` (0: free).
-    @inlinable init(_ word: UnsafeMutablePointer<UInt32>) { self.word = word }
+    /// A view of the lock word at `word` (0: free), of class `lockClass`.
+    @inlinable init(_ word: UnsafeMutablePointer<UInt32>, _ lockClass: LockClass) {
+        self.word = word
+        self.lockClass = lockClass
+    }
 
     /// `spin_lock()`: takes the lock, sleeping while another thread holds it.
-    @inlinable func lock() { svm_mutex_lock(word) }
+    @inlinable @inline(__always)
+    func lock(file: StaticString = #fileID, line: UInt = #line) {
+        if _slowPath(svm_lockdep_enabled()) { return lockValidated(LockSite(file, line)) }
+        svm_mutex_lock(word)
+    }
+
+    /// `spin_lock()` with lock-order validation on.
+    @usableFromInline @inline(never)
+    func lockValidated(_ site: LockSite) {
+        LockOrder.acquiring(lockClass, site: site)
+        svm_mutex_lock(word)
+        LockOrder.acquired(word, lockClass, site: site)
+    }
+
     /// `spin_unlock()`: releases the lock and wakes one sleeper.
-    @inlinable func unlock() { svm_mutex_unlock(word) }
+    @inlinable @inline(__always)
+    func unlock() {
+        if _slowPath(svm_lockdep_enabled()) { LockOrder.released(word) }
+        svm_mutex_unlock(word)
+    }
+
     /// `spin_trylock()`: takes the lock if it is free; never blocks.
-    @inlinable func tryLock() -> Bool { svm_mutex_trylock(word) }
+    @inlinable @inline(__always)
+    func tryLock(file: StaticString = #fileID, line: UInt = #line) -> Bool {
+        let taken = svm_mutex_trylock(word)
+        if taken && _slowPath(svm_lockdep_enabled()) {
+            LockOrder.acquired(word, lockClass, site: LockSite(file, line, trylock: "spin_trylock"))
+        }
+        return taken
+    }
+
     /// Whether some thread holds the lock (`spin_is_locked()`): a snapshot,
     /// and it cannot tell which thread.
     @inlinable var isLocked: Bool { svm_mutex_is_locked(word) }
@@ -31,9 +62,10 @@ struct SpinLockRef {
     /// Runs `body` with the lock held and releases it on every way out,
     /// returns and throws alike.
     @inlinable @inline(__always)
-    func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        svm_mutex_lock(word)
-        defer { svm_mutex_unlock(word) }
+    func withLock<R, E: Error>(file: StaticString = #fileID, line: UInt = #line,
+                               _ body: () throws(E) -> R) throws(E) -> R {
+        lock(file: file, line: line)
+        defer { unlock() }
         return try body()
     }
 
@@ -41,12 +73,13 @@ struct SpinLockRef {
     /// `spin_lock_nested()`; once when both are the same word), releasing
     /// both on every way out. Callers keep one order (old before new).
     @inlinable @inline(__always)
-    func withLock<R, E: Error>(nesting other: SpinLockRef, _ body: () throws(E) -> R) throws(E) -> R {
-        svm_mutex_lock(word)
-        defer { svm_mutex_unlock(word) }
+    func withLock<R, E: Error>(nesting other: SpinLockRef, file: StaticString = #fileID, line: UInt = #line,
+                               _ body: () throws(E) -> R) throws(E) -> R {
+        lock(file: file, line: line)
+        defer { unlock() }
         if other.word == word { return try body() }
-        svm_mutex_lock(other.word)
-        defer { svm_mutex_unlock(other.word) }
+        other.lock(file: file, line: line)
+        defer { other.unlock() }
         return try body()
     }
 

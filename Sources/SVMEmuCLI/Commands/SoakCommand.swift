@@ -27,16 +27,17 @@ struct SoakCommand: ParsableCommand {
             quiescent point where the kernel's invariants are audited (references = mappings + \
             held references, no folio, page-table, zone or mmap lock held, every frame free or \
             reachable, no migration entry left) and every byte is compared with the shadow; the \
-            soak stops at the first failing audit. After the run: a final audit, every byte \
-            through the CPU, and the kernel's warnings. `make soak` runs a short one.
+            soak stops at the first failing audit. Lock-order validation (lockdep) is on for every \
+            thread. After the run: a final audit, every byte through the CPU, the kernel's warnings \
+            and the lock-order cycles found. `make soak` runs a short one.
 
             With --json prints one object whose results are the settings, the counts of each \
             operation, bytesCorrupted, accessErrors, leakedReferences, locksHeld, leakedFrames, \
-            failedAtOperation, audit, findings, warnings, deadlock, timedOut, scheduleSteps, \
+            failedAtOperation, audit, findings, warnings, lockOrderViolations, deadlock, timedOut, scheduleSteps, \
             virtualSeconds and seconds (Docs/json.md); only seconds differs between runs of one seed.
 
             Exit status: 0 the soak was clean; 1 it found corruption, an unexpected access \
-            error, a leak, a held lock, a warning, a deadlock or a host timeout (or could not run); 64 an \
+            error, a leak, a held lock, a warning, a lock-order cycle, a deadlock or a host timeout (or could not run); 64 an \
             invalid argument.
             """)
 
@@ -106,7 +107,7 @@ struct SoakCommand: ParsableCommand {
                   \(r.writesRefused) writes refused (read-only), \(r.racedAccesses) accesses raced an mm change
                   \(r.audits) audits: bytes corrupted \(r.bytesCorrupted), access errors \(r.accessErrors), \
                 leaked references \(r.leakedReferences), locks held \(r.locksHeld), leaked frames \(r.leakedFrames), \
-                warnings \(r.warnings.count)\(r.timedOut ? ", timed out" : "")\(r.deadlock.map { ", " + $0 } ?? "")
+                warnings \(r.warnings.count), lock-order cycles \(r.lockOrderViolations.count)\(r.timedOut ? ", timed out" : "")\(r.deadlock.map { ", " + $0 } ?? "")
                   \(r.scheduleSteps) scheduling steps, \(String(format: "%.3f", r.virtualSeconds)) s virtual, \
                 \(String(format: "%.2f", r.seconds)) s on the host
                 """)
@@ -114,6 +115,7 @@ struct SoakCommand: ParsableCommand {
                 print("  the audit after operation \(at) failed (seed \(r.settings.seed)): \(a)")
             }
             for f in r.findings { print("  " + f) }
+            for v in r.lockOrderViolations { print("  " + v.replacingOccurrences(of: "\n", with: "\n  ")) }
         }
         if !r.clean { throw ExitStatus.failure }
     }

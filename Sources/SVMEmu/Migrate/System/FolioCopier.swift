@@ -180,7 +180,7 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
             return
         }
         // One batch at a time: the batch lock guards `jobs`, `split` and `perChunk`.
-        SpinLockRef(words).withLock {
+        SpinLockRef(words, .copierQueue).withLock {
             self.jobs = jobs
             let chunks: Int
             split = jobs.count <= threads
