@@ -79,11 +79,12 @@ struct JSONReportTests {
 
     @Test("bench memory, bench migrate, bench thp and devices: the envelope and their documented keys")
     func otherCommands() throws {
-        let memory = try report(["bench", "memory", "--json"], BenchMemoryCommand.Result(
+        let memory = try report(["bench", "memory", "--json", "--seed", "9"], BenchMemoryCommand.Result(
             readNanos: 20, tlbHitReadNanos: 3, tlbMissReadNanos: 30, shootdownNanos: 2000, demandZeroFaultNanos: 900, demandZeroFirstRoundNanos: 1200, metadataBytesPerPage: 64, memcpy4KNanos: 60))
         try expectEnvelope(memory, command: "bench memory")
         for key in ["readNanos", "tlbHitReadNanos", "tlbMissReadNanos", "shootdownNanos", "demandZeroFaultNanos",
                     "metadataBytesPerPage", "memcpy4KNanos"] { #expect(memory[key] != nil, "\(key)") }
+        #expect((memory["arguments"] as? [String: Any])?["seed"] as? Int == 9, "the pattern's seed is recorded")
 
         let migrate = try report(["bench", "migrate", "--json", "--size", "64M"], BenchMigrateCommand.Result(
             granularity: .base4K, bytes: 64 << 20, migrateSeconds: 0.1, memcpySeconds: 0.02, streamCopySeconds: 0.015,
@@ -99,6 +100,7 @@ struct JSONReportTests {
         let thp = try report(["bench", "thp", "--json"], BenchTHPCommand.Results(sizes: [
             .init(name: "Half THP Size", bytes: 1 << 20, iterations: 5, thp: side, regular: side)]))
         try expectEnvelope(thp, command: "bench thp")
+        #expect((thp["arguments"] as? [String: Any])?["seed"] as? Int == 1, "the default seed is recorded")
         let sizes = try #require(thp["sizes"] as? [[String: Any]])
         #expect((sizes.first?["thp"] as? [String: Any])?["sysToDevGBps"] != nil)
 

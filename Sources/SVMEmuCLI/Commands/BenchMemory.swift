@@ -43,6 +43,8 @@ struct BenchMemoryCommand: ParsableCommand {
     @OptionGroup var timing: BenchRoundsOptions
     var rounds: Int { timing.rounds }
 
+    @OptionGroup var pattern: PatternSeedOption
+
     func validate() throws {
         try checkRange(faultMiB, 1...1024, flag: "--fault-mib")
     }
@@ -96,9 +98,10 @@ struct BenchMemoryCommand: ParsableCommand {
 
             // Reads: one byte per page, best round: 4 MiB (readNanos), 64
             // pages (all TLB hits), 32 MiB (all TLB misses).
-            readNanos = try Self.measureReads(mm, pages: 1024, passes: 64, rounds: rounds)
-            let hitNanos = try Self.measureReads(mm, pages: 64, passes: 1024, rounds: rounds)
-            let missNanos = try Self.measureReads(mm, pages: 8192, passes: 8, rounds: rounds)
+            let seed = pattern.seed
+            readNanos = try Self.measureReads(mm, pages: 1024, passes: 64, rounds: rounds, seed: seed)
+            let hitNanos = try Self.measureReads(mm, pages: 64, passes: 1024, rounds: rounds, seed: seed)
+            let missNanos = try Self.measureReads(mm, pages: 8192, passes: 8, rounds: rounds, seed: seed)
             let shootdown = try Self.measureShootdown(kernel, mm, rounds: rounds)
             results = (hitNanos, missNanos, shootdown)
 
@@ -130,12 +133,14 @@ struct BenchMemoryCommand: ParsableCommand {
                       metadataBytesPerPage: Kernel.metadataBytesPerPage, memcpy4KNanos: memcpyNanos)
     }
 
-    /// One emulated byte read per page over `pages` written pages, `passes`
-    /// times a round, best round, in nanoseconds per read.
-    static func measureReads(_ mm: AddressSpace, pages: Int, passes: Int, rounds: Int) throws -> Double {
+    /// One emulated byte read per page over `pages` written pages (byte `i`
+    /// of the pattern of `seed` in page `i`), `passes` times a round, best
+    /// round, in nanoseconds per read.
+    static func measureReads(_ mm: AddressSpace, pages: Int, passes: Int, rounds: Int, seed: UInt64) throws -> Double {
         let base = try mm.mmap(length: pages * 4096)
         defer { try? mm.munmap(base, length: pages * 4096) }
-        for i in 0..<pages { try mm.store(base + UInt64(i * 4096), UInt8(truncatingIfNeeded: i)) }
+        func byte(_ i: Int) -> UInt8 { UInt8(truncatingIfNeeded: ((UInt64(i) &+ seed) &* 0x9E37_79B9_7F4A_7C15) >> 56) }
+        for i in 0..<pages { try mm.store(base + UInt64(i * 4096), byte(i)) }
         var best = Double.infinity
         var sink: UInt64 = 0
         for _ in 0..<(rounds + 2) {  // two extra rounds warm caches up; the best round wins
@@ -152,7 +157,7 @@ struct BenchMemoryCommand: ParsableCommand {
         }
         // Every read must have returned the byte written (the loop is not optimised away).
         var perPass: UInt64 = 0
-        for i in 0..<pages { perPass &+= UInt64(UInt8(truncatingIfNeeded: i)) }
+        for i in 0..<pages { perPass &+= UInt64(byte(i)) }
         guard sink == perPass &* UInt64(passes * (rounds + 2)) else {
             throw CLIError.runFailed("svmemu bench memory: emulated reads returned wrong bytes")
         }

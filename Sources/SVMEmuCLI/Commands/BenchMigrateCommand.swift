@@ -44,6 +44,8 @@ struct BenchMigrateCommand: ParsableCommand {
     var size: String = "256M"
 
     @OptionGroup var timing: BenchRoundsOptions
+
+    @OptionGroup var pattern: PatternSeedOption
     var rounds: Int { timing.rounds }
 
     @OptionGroup var output: JSONOutputOptions
@@ -134,7 +136,7 @@ struct BenchMigrateCommand: ParsableCommand {
         let machine = BenchMachine(bytes: bytes, thp: granularity == .huge2M ? .always : .never,
                                    granularity: granularity, deviceName: "bench0")
         let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
-        let seed: UInt64 = 0x5eed
+        let seed = pattern.seed
         let base = try space.mmap(length: bytes)
         try space.fillPattern(base, length: bytes, seed: seed)
 

@@ -36,6 +36,8 @@ struct BenchTHPCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Largest size to run, 512K or more, with an optional K, M or G suffix (default: all, up to 256M).")
     var maxSize: String = "256M"
 
+    @OptionGroup var pattern: PatternSeedOption
+
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
@@ -100,9 +102,9 @@ struct BenchTHPCommand: ParsableCommand {
         let progress = ProgressLine(label: "svmemu bench thp")
         for (name, size) in Self.tests where size <= limit {
             progress.say("\(name): with THP")
-            let thp = try Self.measure(bytes: size, thp: true, iterations: iterations)
+            let thp = try Self.measure(bytes: size, thp: true, iterations: iterations, seed: pattern.seed)
             progress.say("\(name): without THP")
-            let regular = try Self.measure(bytes: size, thp: false, iterations: iterations)
+            let regular = try Self.measure(bytes: size, thp: false, iterations: iterations, seed: pattern.seed)
             progress.done()
             rows.append((name, size, thp, regular))
             if !json { print(Self.render(name, size, thp, regular)) }
@@ -116,7 +118,7 @@ struct BenchTHPCommand: ParsableCommand {
     }
 
     /// One run_migration_benchmark(): a fresh machine, mapping and device.
-    static func measure(bytes: Int, thp: Bool, iterations: Int) throws -> Side {
+    static func measure(bytes: Int, thp: Bool, iterations: Int, seed: UInt64) throws -> Side {
         let machine = BenchMachine(bytes: bytes, thp: .madvise, granularity: thp ? .huge2M : .base4K,
                                    deviceName: "hmm_dmirror0")
         let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
@@ -125,7 +127,6 @@ struct BenchTHPCommand: ParsableCommand {
         // buffers are placed at a 2 MiB boundary explicitly.
         let base = try space.mmap(address: space.baseAddress + (64 << 20), length: bytes)
         try space.madvise(base, length: bytes, advice: thp ? .hugePage : .noHugePage)
-        let seed: UInt64 = 0x7b
         try space.fillPattern(base, length: bytes, seed: seed)
 
         func there() throws -> Double {

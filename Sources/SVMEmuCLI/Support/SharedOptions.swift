@@ -23,6 +23,14 @@ struct BenchRoundsOptions: ParsableArguments {
     }
 }
 
+/// `--seed` of a benchmark: the seed of the data pattern it writes and
+/// checks after every migration (nothing else in a benchmark is random).
+/// Recorded in the JSON's `arguments` like every option.
+struct PatternSeedOption: ParsableArguments {
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern written and checked (0 to 2^64-1).")
+    var seed: UInt64 = 1
+}
+
 /// The defaults a command gives its `StormOptions`.
 protocol StormOptionDefaults {
     static var pages: Int { get }
