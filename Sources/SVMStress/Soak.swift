@@ -99,6 +99,10 @@ public struct SoakSettings: Sendable, Codable, Equatable {
     public var auditEvery = 100_000
     /// Fault injection for tests of the checker; nil in a real soak.
     public var plantedLeak: SoakPlantedLeak? = nil
+    /// Scheduling steps to keep, the last ones (``SoakResult/stepLog``);
+    /// 0 keeps none. With `operations` set to the operation a finding
+    /// names, the log ends there: the same seed replays the same steps.
+    public var logSteps = 0
 
     public init() {}
 
@@ -111,6 +115,7 @@ public struct SoakSettings: Sendable, Codable, Equatable {
         guard (1...65_536).contains(pages) else { throw .invalidSettings("pages must be 1...65536 (got \(pages))") }
         guard (0...16).contains(hugeRegions) else { throw .invalidSettings("hugeRegions must be 0...16 (got \(hugeRegions))") }
         guard auditEvery >= 1 else { throw .invalidSettings("auditEvery must be at least 1 (got \(auditEvery))") }
+        guard (0...1_000_000).contains(logSteps) else { throw .invalidSettings("logSteps must be 0...1000000 (got \(logSteps))") }
     }
 }
 
@@ -169,6 +174,10 @@ public struct SoakResult: Sendable, Codable, Equatable {
     public var findings: [String]
     /// Kernel warnings (diagnostics) recorded.
     public var warnings: [String]
+    /// The last scheduling steps of the run (``SoakSettings/logSteps`` of
+    /// them), oldest first: which thread ran next, after which event, at
+    /// what virtual time.
+    public var stepLog: [String] = []
     /// Lock-order cycles (``LockOrder``) the soak's threads closed, described.
     public var lockOrderViolations: [String] = []
     /// The wait-for report when the scheduler found a deadlock, else nil.
@@ -250,6 +259,7 @@ public enum Soak {
         var schedule = DeterministicScheduler.Configuration(seed: settings.seed)
         // A millisecond of host time per operation is far more than any needs.
         schedule.hostTimeoutSeconds = max(600, Double(settings.operations) / 1000)
+        schedule.logSteps = settings.logSteps
         let scheduler = DeterministicScheduler(schedule)
         let process = !settings.mix.isDisjoint(with: .addressSpace)
         state.live = settings.cpus + 1 + (process ? 1 : 0)
@@ -265,8 +275,10 @@ public enum Soak {
         let seconds = Double(HostClock.hostNanos() - start) / 1e9
 
         let violations = scheduler.lockOrderViolations.map(\.description)
+        let stepLog = scheduler.stepLog.map(\.description)
         var result = state.result(steps: scheduler.steps, seconds: seconds)
         result.lockOrderViolations = violations
+        result.stepLog = stepLog
         switch outcome {
         case .deadlock(let report):
             result.deadlock = report.description
@@ -280,6 +292,7 @@ public enum Soak {
         if state.failedAudit == nil { state.runAudit() }
         result = state.result(steps: scheduler.steps, seconds: seconds)
         result.lockOrderViolations = violations
+        result.stepLog = stepLog
         // A failed audit may have found a lock held: the CPU would wait for it forever.
         if state.failedAudit == nil { result.bytesCorrupted += state.finalCheck() }
         result.findings = state.findings

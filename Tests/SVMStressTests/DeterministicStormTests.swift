@@ -138,6 +138,25 @@ struct SoakTests {
         #expect(a == b)
     }
 
+    @Test("a soak keeps its last scheduling steps, the same for the same seed; a shorter run is the same run cut short")
+    func stepLogReplays() throws {
+        var s = settings(.all, operations: 3_000, seed: 4)
+        s.logSteps = 40
+        let a = try Soak.run(s), b = try Soak.run(s)
+        #expect(a.clean && b.clean)
+        #expect(a.stepLog.count == 40)
+        #expect(a.stepLog == b.stepLog)
+        #expect(a.stepLog.allSatisfy { $0.hasPrefix("step ") && $0.contains(" -> ") })
+        // The first 2,000 operations of that soak, cut there: the same
+        // schedule up to its end, so its count of each operation is at most the longer run's.
+        s.operations = 2_000
+        let c = try Soak.run(s)
+        #expect(c.clean && c.operations == 2_000)
+        #expect(c.scheduleSteps < a.scheduleSteps && c.reads <= a.reads && c.forks <= a.forks)
+        s.logSteps = 2_000_000
+        #expect(throws: StormError.self) { try s.validate() }
+    }
+
     @Test("a planted reference leak fails the audit after it, with the operation and the count")
     func plantedLeakIsCaught() throws {
         var s = settings([.migrate], operations: 6_000)

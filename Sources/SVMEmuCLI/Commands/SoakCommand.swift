@@ -31,6 +31,10 @@ struct SoakCommand: ParsableCommand {
             thread. After the run: a final audit, every byte through the CPU, the kernel's warnings \
             and the lock-order cycles found. `make soak` runs a short one.
 
+            Replay: the same seed and options give the same soak, step for step. A failing soak \
+            prints the command that replays it up to the failing operation with --steps N, the \
+            last N scheduling steps (thread, event, virtual time) that led there.
+
             With --json prints one object whose results are the settings, the counts of each \
             operation, bytesCorrupted, accessErrors, leakedReferences, locksHeld, leakedFrames, \
             failedAtOperation, audit, findings, warnings, lockOrderViolations, deadlock, timedOut, scheduleSteps, \
@@ -63,6 +67,9 @@ struct SoakCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Seed of the schedule and of every thread's choices (0 to 2^64-1).")
     var seed: UInt64 = 1
 
+    @Option(name: .long, parsing: .unconditional, help: "Scheduling steps to print, the last ones (0-1000000); with --operations set to the operation a finding names, they lead up to it.")
+    var steps = 0
+
     @OptionGroup var output: JSONOutputOptions
 
     func settings() throws -> SoakSettings {
@@ -73,6 +80,7 @@ struct SoakCommand: ParsableCommand {
         s.hugeRegions = hugeRegions
         s.auditEvery = auditEvery
         s.seed = seed
+        s.logSteps = steps
         guard let m = SoakMix(names: mix) else {
             throw ValidationError("--mix must list operations among \(SoakMix.names.map(\.0).joined(separator: ", ")) or all (got \(mix))")
         }
@@ -82,6 +90,7 @@ struct SoakCommand: ParsableCommand {
                 .replacingOccurrences(of: "cpus must", with: "--cpus must")
                 .replacingOccurrences(of: "hugeRegions must", with: "--huge-regions must")
                 .replacingOccurrences(of: "auditEvery must", with: "--audit-every must")
+                .replacingOccurrences(of: "logSteps must", with: "--steps must")
                 .replacingOccurrences(of: "pages must", with: "--pages must"))
         }
         return s
@@ -116,6 +125,14 @@ struct SoakCommand: ParsableCommand {
             }
             for f in r.findings { print("  " + f) }
             for v in r.lockOrderViolations { print("  " + v.replacingOccurrences(of: "\n", with: "\n  ")) }
+            if !r.stepLog.isEmpty {
+                print("  the last \(r.stepLog.count) scheduling steps:")
+                for step in r.stepLog { print("    " + step) }
+            }
+            if !r.clean && steps == 0 {
+                let at = r.failedAtOperation ?? r.operations
+                print("  replay: svmemu soak --seed \(seed) --operations \(at) --steps 200 (with the same --cpus, --pages, --huge-regions, --mix and --audit-every) ends with the steps that led there")
+            }
         }
         if !r.clean { throw ExitStatus.failure }
     }
