@@ -237,4 +237,38 @@ struct DeterministicSchedulerTests {
         #expect(deps.isEmpty, "\(deps)")
         folio.put()
     }
+    @Test("a deadlock report names a kernel spinlock by its lock class and where its holder took it")
+    func deadlockNamesSpinlocks() throws {
+        let kernel = makeKernel()
+        let mm = AddressSpace(kernel: kernel)
+        let base = try mm.mmap(length: PageGeometry.pageSize)
+        let m = KernelMutex("deadlock report test mutex")
+        var c = DeterministicScheduler.Configuration(seed: 2)
+        c.hostTimeoutSeconds = 20
+        let s = DeterministicScheduler(c)
+        // Each takes one lock, sleeps (virtual time) and wants the other's: an ABBA that always deadlocks.
+        s.spawn("ptl first") {
+            let ptl = mm.ptl(at: base)
+            ptl.lock()
+            HostClock.sleep(nanos: 10_000)
+            m.withLock {}
+            ptl.unlock()
+        }
+        s.spawn("mutex first") {
+            m.withLock {
+                HostClock.sleep(nanos: 10_000)
+                mm.ptl(at: base).withLock {}
+            }
+        }
+        guard case .deadlock(let report) = s.run() else {
+            Issue.record("no deadlock")
+            return
+        }
+        let waits = report.cycle.map(\.waitsFor)
+        #expect(waits.contains { $0.hasPrefix("page-table lock (taken at DeterministicSchedulerTests.swift:") }, "\(report)")
+        #expect(waits.contains("deadlock report test mutex"), "\(report)")
+        // The two threads stay parked on their locks: keep what they use alive.
+        _ = Unmanaged.passRetained(mm)
+        _ = Unmanaged.passRetained(kernel)
+    }
 }

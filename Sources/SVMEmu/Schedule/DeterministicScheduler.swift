@@ -325,8 +325,12 @@ public final class DeterministicScheduler: @unchecked Sendable {
         return DeadlockReport(waits: waits, cycle: cycle, step: step)
     }
 
+    /// A lock's name: the one given with ``name(_:_:)``, else its lock-order
+    /// class and where its holder took it, else its address.
     func describe(_ lock: UnsafeRawPointer) -> String {
-        lockNames[lock] ?? "lock@0x" + String(UInt(bitPattern: lock), radix: 16)
+        if let name = lockNames[lock] { return name }
+        if let classed = LockOrder.describe(held: lock, in: threads.compactMap(\.lockRecord)) { return classed }
+        return "lock@0x" + String(UInt(bitPattern: lock), radix: 16)
     }
 
     // MARK: hooks (called on the running emulated thread)

@@ -23,6 +23,8 @@ final class EmulatedThread: @unchecked Sendable {
     var blockSequence: UInt64 = 0
     /// The locks this thread took and has not released.
     var held: [UnsafeRawPointer] = []
+    /// Its lock-order record (what it holds, by class and site), for deadlock reports.
+    var lockRecord: LockOrder.HeldLocks? = nil
     /// 1: this thread may run.
     let baton: UnsafeMutablePointer<UInt32>
 
@@ -43,6 +45,7 @@ final class EmulatedThread: @unchecked Sendable {
     func main() {
         svm_det_set_current(Unmanaged.passUnretained(self).toOpaque())
         waitForBaton()
+        lockRecord = LockOrder.held()   // with the baton: whoever holds it next sees it
         body?()
         body = nil
         // Give the emulated CPU back while this thread still runs alone.

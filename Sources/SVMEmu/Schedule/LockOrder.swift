@@ -245,6 +245,19 @@ public enum LockOrder {
         violations.filter { v in v.closing.held == name || v.closing.taken == name }
     }
 
+    /// "class (taken at site)" of `lock` when one of `records` holds it, else nil.
+    /// The records' threads must not run meanwhile (a scheduler's parked threads).
+    static func describe(held lock: UnsafeRawPointer, in records: [HeldLocks]) -> String? {
+        withGraph { g in
+            for r in records {
+                if let e = (r.stack + r.folioLocks).last(where: { $0.lock == lock }) {
+                    return "\(g.name(e.lockClass)) (taken at \(e.site))"
+                }
+            }
+            return nil
+        }
+    }
+
     static func held() -> HeldLocks {
         if let raw = svm_lockdep_thread() { return Unmanaged<HeldLocks>.fromOpaque(raw).takeUnretainedValue() }
         let h = HeldLocks()
