@@ -134,11 +134,15 @@ public final class AddressSpace: @unchecked Sendable {
     /// ``DeterministicScheduler``.
     ///
     /// The corresponding kernel function is `mmap_read_lock()`.
-    public func mmapReadLock() {
-        mmapLock.downRead()
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    public func mmapReadLock(file: StaticString = #fileID, line: UInt = #line) {
+        mmapLock.downRead(file: file, line: line)
         mmapLockHolders.add(1, ordering: .relaxed)
     }
-    /// Releases the mmap lock taken with ``mmapReadLock()``.
+    /// Releases the mmap lock taken with ``mmapReadLock(file:line:)``.
     ///
     /// The corresponding kernel function is `mmap_read_unlock()`.
     public func mmapReadUnlock() {
@@ -155,11 +159,15 @@ public final class AddressSpace: @unchecked Sendable {
     /// with ``mmapWriteUnlock()``.
     ///
     /// The corresponding kernel function is `mmap_write_lock()`.
-    public func mmapWriteLock() {
-        mmapLock.downWrite()
+    ///
+    /// - Parameters:
+    ///   - file: the call site, for lock-order reports (``LockOrder``).
+    ///   - line: the call site's line.
+    public func mmapWriteLock(file: StaticString = #fileID, line: UInt = #line) {
+        mmapLock.downWrite(file: file, line: line)
         mmapLockHolders.add(1, ordering: .relaxed)
     }
-    /// Releases the mmap lock taken with ``mmapWriteLock()``.
+    /// Releases the mmap lock taken with ``mmapWriteLock(file:line:)``.
     ///
     /// The corresponding kernel function is `mmap_write_unlock()`.
     public func mmapWriteUnlock() {
