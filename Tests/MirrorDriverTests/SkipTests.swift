@@ -24,6 +24,7 @@ struct SkipTests {
             // collect's trylock failed: no entry at all for that page.
             #expect(collected[3] == .empty)
             #expect(args.src[3] == .empty)
+            #expect(kernel.vmstat[.migrateVMACollected] == UInt64(n - 1))
             #expect(collected.enumerated().allSatisfy { $0.offset == 3 || $0.element.isMigrating })
             #expect(mm.entry(at: victim).entry == entry)
             #expect(held.isLocked)

@@ -124,6 +124,7 @@ extension Kernel {
         let t = phases.begin()
         migrateVMACollect(&args, vma)
         if args.cpages > 0 {
+            vmstat.count(.migrateVMACollected, UInt64(args.cpages))
             let u = phases.endAndBegin(.collect, t)
             migrateVMAUnmap(&args)
             phases.end(.unmap, u)
