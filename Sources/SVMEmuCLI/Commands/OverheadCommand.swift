@@ -187,7 +187,7 @@ struct OverheadCommand: ParsableCommand {
                     c.seed = threads.seed
                     c.schedule = schedule
                     c.traceEventsPerCPU = trace != nil ? Self.traceEventsPerCPU : 0
-                    c.progress = line.enabled && !schedule.deterministic ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
+                    c.progress = line.enabled ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
                     let r: OverheadResult
                     do { r = try OverheadHarness.run(c) } catch {
                         line.done()
