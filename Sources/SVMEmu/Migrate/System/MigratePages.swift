@@ -76,6 +76,13 @@ extension Kernel {
     /// A THP that gets no 2 MiB destination is split and its pieces migrated
     /// afterwards in ASYNC with one pass.
     ///
+    /// Page-cache folios move as the kernel's `filemap_migrate_folio()`
+    /// moves them: unmapped through their file's mappings (`i_mmap`), the
+    /// cache entry switched to the destination under the cache lock when
+    /// only the isolation and cache references are held (a pin or another
+    /// reference is -EAGAIN), the cache's reference and the dirty bit
+    /// moving with it.
+    ///
     /// Enter with every folio isolated from the LRU (`isolateFolioLRU`), its
     /// isolation reference owned by the list, no folio lock held and no
     /// page-table lock held; may sleep. On return `folios` holds the folios
@@ -379,10 +386,6 @@ extension Kernel {
             // Only the isolation reference is left: the folio was freed under us.
             src.put()
             return .freed
-        }
-        if src.test(.shmem) {
-            // Shared memory would need its mapping's migrate_folio (not emulated).
-            return .busy
         }
         guard let dst = newFolio(src) else { return .noMemory }
         if dst.order != src.order {
