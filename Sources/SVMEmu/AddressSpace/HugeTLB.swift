@@ -148,15 +148,19 @@ extension AddressSpace {
 
     /// A fault in a hugetlb VMA (`hugetlb_fault()`): a none entry gets a
     /// zeroed pool page (`hugetlb_no_page()`), a write to a read-only one
-    /// reuses or copies it (`hugetlb_wp()`). Faults on the same huge page
-    /// serialize on its fault mutex. We enter with the mmap lock held for
-    /// reading and no page-table lock, and return the same way.
+    /// reuses or copies it (`hugetlb_wp()`), and a migration entry is waited
+    /// on after the fault mutex is dropped (`migration_entry_wait_huge()`:
+    /// the migration holds the folio lock, which ranks below the mutex).
+    /// Faults on the same huge page serialize on its fault mutex. We enter
+    /// with the mmap lock held for reading and no page-table lock, and
+    /// return the same way unless `lockState` lets the wait drop the mmap
+    /// lock (it then tells so).
     ///
     /// Throws ``Errno/ioError`` (SIGBUS) when no pool page is free for a
     /// page without a reservation.
-    func hugetlbFault(_ vma: VMA, _ address: UInt64, write: Bool) throws(Errno) {
+    func hugetlbFault(_ vma: VMA, _ address: UInt64, write: Bool, _ lockState: inout FaultLockState) throws(Errno) {
         let haddr = address & PageGeometry.pmdMask
-        try kernel.hugetlb.withFaultMutex(id, haddr) { () throws(Errno) in
+        let migrating = try kernel.hugetlb.withFaultMutex(id, haddr) { () throws(Errno) -> UInt64? in
             let pmd = loadPMD(haddr)
             switch pmd.kind {
             case .none:
@@ -169,12 +173,19 @@ extension AddressSpace {
             case .present where write && !pmd.isWrite:
                 try hugetlbWP(vma, haddr, pmd)
             case .present:
-                return
+                break
+            case .migration:
+                return pmd.pfn
             default:
-                // Only present entries are ever made under a hugetlb VMA.
+                // Only present and migration entries are ever made under a hugetlb VMA.
                 kernel.warn("hugetlb_fault: unexpected entry under a hugetlb mapping", "\(pmd) at 0x\(String(haddr, radix: 16))")
                 throw .ioError
             }
+            return nil
+        }
+        if let pfn = migrating {
+            lockState.dropForWait(self)
+            waitOnMigration(pfn: pfn)
         }
     }
 
@@ -204,10 +215,13 @@ extension AddressSpace {
     }
 
     /// `hugetlb_add_new_anon_rmap()`: anonymous, exclusive, entirely mapped
-    /// once, and not on the LRU (hugetlb pages never are).
+    /// once, and not on the LRU (hugetlb pages never are) but on the pool's
+    /// active list, where migration may isolate it
+    /// (`folio_set_hugetlb_migratable()`).
     private func addHugetlbAnonRmap(_ folio: Folio, _ haddr: UInt64) {
         addNewAnonRmap(folio, address: haddr, pmdMapped: true)
         folio.clear(.lru)
+        folio.set(.hugetlbMigratable)
     }
 
     /// `hugetlb_wp()`: a write to a read-only hugetlb entry. An exclusive
@@ -258,8 +272,10 @@ extension AddressSpace {
     /// cleared, inside an `MMU_NOTIFY_PROTECTION_PAGE` invalidation and
     /// with a parent TLB flush when an entry lost write permission. A page
     /// that may be pinned for DMA is copied for the child at once instead
-    /// (the pin must keep seeing the parent's page). The child's VMA owns
-    /// no reservation, as in the kernel. We enter with both mmap locks held
+    /// (the pin must keep seeing the parent's page). A migration entry is
+    /// copied as it is, made read-only in both (the migration then maps the
+    /// new page in both). The child's VMA owns no reservation, as in the
+    /// kernel. We enter with both mmap locks held
     /// for writing and no page-table lock, and return the same way.
     ///
     /// Throws ``Errno/noMemory`` when a pinned page needs a copy and the
@@ -274,20 +290,44 @@ extension AddressSpace {
         while haddr < vma.end {
             defer { haddr += PageGeometry.pmdSize64 }
             let pmd = loadPMD(haddr)
-            guard pmd.kind == .present else { continue }
-            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
-            if folio.page(0).isAnonExclusive && folio.isMaybeDMAPinned {
+            guard pmd.kind == .present || pmd.kind == .migration else { continue }
+            // A page that may be pinned, referenced under the PMD lock: a
+            // migration may replace an entry read without it.
+            let pinned = pmd.kind != .present ? nil : withPMDLock(haddr) { () -> (Folio, PageTableEntry)? in
+                let now = loadPMD(haddr)
+                guard now.kind == .present else { return nil }
+                let folio = Folio(pfn: now.pfn, kernel: kernel)
+                guard folio.page(0).isAnonExclusive && folio.isMaybeDMAPinned else { return nil }
+                folio.get()
+                return (folio, now)
+            }
+            if let (folio, now) = pinned {
+                defer { folio.put() }
                 guard let copy = kernel.hugetlb.allocate(reserved: false) else { throw .noMemory }
                 svm_memcpy(copy.bytes, folio.bytes, HugeTLBPool.pageSize)
                 child.withPMDLock(haddr) {
                     child.addHugetlbAnonRmap(copy, haddr)
-                    child.storePMD(haddr, .present(pfn: copy.pfn, write: pmd.isWrite, dirty: true))
+                    child.storePMD(haddr, .present(pfn: copy.pfn, write: now.isWrite, dirty: true))
                 }
                 continue
             }
             child.pmdLock(at: haddr).withLock(nesting: pmdLock(at: haddr)) {
                 let now = loadPMD(haddr)
+                if now.kind == .migration {
+                    // A page under migration: the child gets the entry too
+                    // (the migration's rmap walk finds both, as they share
+                    // the fork family), read-only in both, since a private
+                    // mapping now shares the page copy-on-write.
+                    var entry = now
+                    if now.isWrite || now.isReadExclusive {
+                        entry = now.without(PageTableEntry.writeBit | PageTableEntry.readExclusiveBit)
+                        storePMD(haddr, entry)
+                    }
+                    child.storePMD(haddr, entry)
+                    return
+                }
                 guard now.kind == .present else { return }
+                let folio = Folio(pfn: now.pfn, kernel: kernel)
                 folio.get()
                 folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
                 for i in 0..<folio.pageCount { folio.page(i).meta.clearFlags(PageFlags.anonExclusive.rawValue) }

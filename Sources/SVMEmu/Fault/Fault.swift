@@ -35,7 +35,7 @@ extension AddressSpace {
         // A VM_PFNMAP/VM_IO mapping without a fault handler: handle_mm_fault()
         // returns VM_FAULT_SIGBUS.
         if vma.flags.contains(.special) { throw .ioError }
-        if vma.flags.contains(.hugetlb) { return try hugetlbFault(vma, address, write: write) }
+        if vma.flags.contains(.hugetlb) { return try hugetlbFault(vma, address, write: write, &holdsMmapLock) }
 
         var pmd = loadPMD(address)
         if pmd.isNone {

@@ -19,11 +19,13 @@ import CSVMSupport
 /// reverse map of its folios walks. A VMA keeps its file alive; when the
 /// last reference to the file goes, its page cache is dropped.
 ///
-/// Page-cache folios are never migrated: `migrate_vma` refuses them as the
-/// kernel does for device destinations (only anonymous memory moves to a
-/// device), and `migrate_pages` reports them busy (the emulator has no
-/// `migrate_folio` for its page cache). There is no writeback: dirty folios
-/// stay dirty, the file is memory only (like tmpfs).
+/// `migrate_pages` moves page-cache folios between nodes as the kernel's
+/// `filemap_migrate_folio()` does: the cache entry is switched to the new
+/// folio under the cache lock, the cache's reference and the dirty bit going
+/// with it (``Kernel/migratePages(_:mode:reason:policy:newFolio:)``).
+/// `migrate_vma` refuses them, as the kernel does for device destinations
+/// (only anonymous memory moves to a device). There is no writeback: dirty
+/// folios stay dirty, the file is memory only (like tmpfs).
 public final class File: @unchecked Sendable {
     /// The machine whose memory holds the page cache.
     public let kernel: Kernel
@@ -306,6 +308,52 @@ public final class File: @unchecked Sendable {
             }
             folio.unlock()
             folio.put()
+        }
+    }
+
+    /// `__folio_migrate_mapping()` for a page-cache folio (the heart of
+    /// `filemap_migrate_folio()`): replaces `folio` by `newFolio` in the
+    /// cache if only the expected references are held, and moves the
+    /// cache's reference, the mapping (`folio->mapping`, `folio->index`)
+    /// and the dirty bit to `newFolio`. `folio` leaves the cache with the
+    /// caller's reference only.
+    ///
+    /// The expected count is the caller's reference, one per page for the
+    /// cache (no buffers here, so no `PG_private` one) and `extraCount`
+    /// (`folio_expected_ref_count()` + 1 of an unmapped folio). It is frozen
+    /// (set to zero) under the cache lock while the entry changes, as
+    /// `folio_ref_freeze()` does: every lookup takes its reference under
+    /// that lock, so none can find the old folio after the switch, and one
+    /// taken before it makes the count differ.
+    ///
+    /// Caller holds the folio locks of both folios and a reference on each;
+    /// `folio` is unmapped (migration entries) and `newFolio` fresh.
+    ///
+    /// - Returns: false (-EAGAIN) when another reference is held or the
+    ///   folio is no longer this file's entry; nothing changes then.
+    func migrateFolio(_ newFolio: Folio, _ folio: Folio, extraCount: Int) -> Bool {
+        let index = folio.meta.index
+        let expected = Int32(1 + folio.pageCount + extraCount)
+        return cache.withLock { c -> Bool in
+            guard c.folios[index] == folio.pfn else { return false }
+            guard folio.atomicRefcount.compareExchange(expected: expected, desired: 0, successOrdering: .acquiringAndReleasing,
+                                                       failureOrdering: .relaxed).exchanged else { return false }
+            // Frozen: no turning back.
+            newFolio.meta.mappingMM = id
+            newFolio.meta.index = index
+            newFolio.set([.pageCache, .shmem])
+            newFolio.refAdd(Int32(folio.pageCount))  // the cache's reference
+            if folio.isDirty {
+                folio.clear(.dirty)
+                newFolio.markDirty()
+            }
+            c.folios[index] = newFolio.pfn
+            // move_to_new_folio(): the old folio forgets its mapping.
+            folio.clear([.pageCache, .shmem])
+            folio.meta.mappingMM = 0
+            // Unfrozen without the cache's reference.
+            folio.atomicRefcount.store(expected - Int32(folio.pageCount), ordering: .releasing)
+            return true
         }
     }
 

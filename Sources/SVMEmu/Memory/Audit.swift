@@ -61,11 +61,13 @@ extension Kernel {
     /// mappings plus what is known to be held, no folio lock or kernel lock
     /// is held, and every frame is either free (on its allocator's lists)
     /// or reachable (mapped by some address space's page tables, held by
-    /// the deferred TLB flush, the zero pages, or held by the caller).
+    /// the deferred TLB flush or a file's page cache, the zero pages, or
+    /// held by the caller). Free hugetlb pool pages count as free frames.
     ///
     /// Call it only at quiescence: no thread may be inside the kernel or
     /// a driver (no fault, migration, access or mmap call in progress), as
-    /// at the end of a test or at a soak's barrier. It takes no lock and
+    /// at the end of a test or at a soak's barrier. It takes no lock but,
+    /// briefly, each file's cache lock and the hugetlb pool lock, and
     /// reads every page table of every live address space, every RAM frame
     /// and every device frame; it changes nothing.
     ///
@@ -112,6 +114,14 @@ extension Kernel {
         }
         var held = heldReferences
         for f in deferredTLB.heldFolios { held[f.pfn, default: 0] += 1 }
+        // The page cache holds one reference per page of each of its folios.
+        for file in files.all() {
+            file.cache.withLock { c in
+                for pfn in c.folios.values { held[pfn, default: 0] += 1 << Int(metaPtr(pfn).order) }
+            }
+        }
+        // Free hugetlb pool pages are the pool's: no reference, off the node's lists.
+        let poolFree = hugetlb.freeFolioPfns
 
         // 2. Every frame of every RAM node and device page map.
         var freeSets: [(start: UInt64, free: [Bool])] = []
@@ -122,6 +132,9 @@ extension Kernel {
             if UInt64(counted) != node.freePagesUnlocked {
                 a.freeCountMismatches += 1
                 a.note("node \(node.id): \(node.freePagesUnlocked) free pages counted, \(counted) on the free lists")
+            }
+            for pfn in poolFree where pfn >= node.startPfn && pfn < node.startPfn + node.pageCount {
+                for i in 0..<PageGeometry.pmdPages { free[Int(pfn - node.startPfn) + i] = true }
             }
             auditFrames(start: node.startPfn, count: node.pageCount, free: free, device: false,
                         refs: refs, pteMaps: pteMaps, entireMaps: entireMaps, held: held, &a)

@@ -53,7 +53,8 @@ public final class HugeTLBPool: @unchecked Sendable {
     }
     deinit { faultMutexes.deallocate() }
 
-    /// Pages in the pool, in use or free (`HugePages_Total`).
+    /// Pages in the pool, in use or free (`HugePages_Total`), a temporary
+    /// migration destination included while it lives.
     ///
     /// The corresponding kernel field is `h->nr_huge_pages`.
     public var pageCount: Int { state.withLock { $0.total } }
@@ -180,15 +181,102 @@ public final class HugeTLBPool: @unchecked Sendable {
         return Folio(pfn: pfn, kernel: kernel)
     }
 
+    /// A destination for migrating a hugetlb folio to `node`: a free pool
+    /// page on `node` (or, with `fallback`, on another node when `node` has
+    /// none) as long as the free pages outnumber the reserved ones
+    /// (`available_huge_pages()`: a migration never takes a page promised to
+    /// a mapping); otherwise a fresh 2 MiB folio from `node`'s own memory,
+    /// marked ``PageFlags/hugetlbTemporary``: it counts in ``pageCount``
+    /// while it lives and leaves the pool when freed, not as a surplus page
+    /// (`alloc_migrate_hugetlb_folio()`). When the migration succeeds the
+    /// source takes over the temporary status (`move_hugetlb_state()`), so
+    /// the pool keeps its size and its page moves to `node`.
+    ///
+    /// Takes the pool lock, then (for a fresh folio) the node's zone lock;
+    /// the caller holds neither.
+    ///
+    /// - Parameters:
+    ///   - node: the node the destination must be on (`__GFP_THISNODE`, as
+    ///     move_pages and migrate_pages ask).
+    ///   - fallback: allow a free pool page of another node when `node` has
+    ///     none (callers without `__GFP_THISNODE`).
+    /// - Returns: the folio with one reference owned by the caller, no
+    ///   mappings, flags ``PageFlags/hugetlb`` (and temporary); nil when
+    ///   neither the pool nor `node` has a page (-ENOMEM for the migration).
+    ///
+    /// The corresponding kernel function is `alloc_hugetlb_folio_nodemask()`.
+    public func allocateMigrationTarget(node: Int, fallback: Bool = false) -> Folio? {
+        let kernel = kernelRef.takeUnretainedValue()
+        let pfn = state.withLock { s -> UInt64? in
+            guard s.free.count > s.reserved else { return nil }
+            // dequeue_hugetlb_folio_nodemask(): the preferred node first.
+            let i = s.free.lastIndex { kernel.nodeID(of: Folio(pfn: $0, kernel: kernel)) == node }
+                ?? (fallback ? s.free.indices.last : nil)
+            return i.map { s.free.remove(at: $0) }
+        }
+        if let pfn {
+            kernel.prepareNewFolio(pfn: pfn, order: HugeTLBPool.order, flags: PageFlags.hugetlb.rawValue)
+            return Folio(pfn: pfn, kernel: kernel)
+        }
+        guard let folio = kernel.allocateFolio(order: HugeTLBPool.order, node: node) else { return nil }
+        folio.set([.hugetlb, .hugetlbTemporary])
+        state.withLock { $0.total += 1 }
+        return folio
+    }
+
+    /// Takes an in-use hugetlb folio off the pool's active list for a
+    /// migration list: only one marked migratable (mapped by a fault, not
+    /// isolated already) with a reference still held; the list owns the new
+    /// reference. Takes the pool lock.
+    ///
+    /// The corresponding kernel function is `folio_isolate_hugetlb()`.
+    func isolate(_ folio: Folio) -> Bool {
+        state.withLock { _ -> Bool in
+            guard folio.isLarge, folio.test(.hugetlb), folio.test(.hugetlbMigratable), folio.tryGet() else { return false }
+            folio.clear(.hugetlbMigratable)
+            return true
+        }
+    }
+
+    /// Puts an isolated hugetlb folio back on the active list (migratable
+    /// again) and drops the migration list's reference; the last one frees
+    /// it. Takes the pool lock; the caller holds no page-table lock.
+    ///
+    /// The corresponding kernel function is `folio_putback_hugetlb()`.
+    func putback(_ folio: Folio) {
+        state.withLock { _ in folio.set(.hugetlbMigratable) }
+        folio.put()
+    }
+
+    /// After a successful migration: a temporary destination becomes a pool
+    /// page and the source, now temporary, leaves the pool when freed.
+    /// Caller holds both folio locks.
+    ///
+    /// The corresponding kernel function is `move_hugetlb_state()`.
+    func moveState(_ old: Folio, _ new: Folio) {
+        guard new.test(.hugetlbTemporary) else { return }
+        old.set(.hugetlbTemporary)
+        new.clear(.hugetlbTemporary)
+    }
+
+    /// Head pfns of the free pool pages: a snapshot (for the audit).
+    var freeFolioPfns: [UInt64] { state.withLock { $0.free } }
+
     /// A hugetlb folio's last reference went (from `Kernel.freeFolio`): back
-    /// on the free list, or to its node when it is a surplus page.
+    /// on the free list, or to its node when it is a temporary or a surplus
+    /// page.
     ///
     /// The corresponding kernel function is `free_huge_folio()`.
     func free(_ folio: Folio) {
         let kernel = kernelRef.takeUnretainedValue()
+        let temporary = folio.test(.hugetlbTemporary)
         folio.atomicFlags.store(PageFlags.hugetlb.rawValue | PageFlags.head.rawValue, ordering: .releasing)
         folio.meta.mappingMM = 0
         let toNode = state.withLock { s -> Bool in
+            if temporary {
+                s.total -= 1
+                return true
+            }
             if s.surplus > 0 {
                 s.surplus -= 1
                 s.total -= 1

@@ -90,6 +90,15 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
     /// `mappingMM` then holds the file's id and `index` the file page; the
     /// rmap walks the file's mappings (`i_mmap`) instead of an address space.
     public static let pageCache = PageFlags(rawValue: 1 << 18)
+    /// A hugetlb folio in use that migration may isolate
+    /// (`folio_test_hugetlb_migratable()`): set when a fault maps it (it is
+    /// on the pool's active list), cleared while a migration list holds it.
+    public static let hugetlbMigratable = PageFlags(rawValue: 1 << 19)
+    /// A hugetlb folio that belongs to the pool only until it is freed
+    /// (`folio_test_hugetlb_temporary()`): a migration destination taken from
+    /// a node's memory when the pool had no free page, or, once the
+    /// migration succeeded, the source it replaced.
+    public static let hugetlbTemporary = PageFlags(rawValue: 1 << 20)
 
     /// The set flags' names joined by `|`, e.g. `locked|dirty|lru`.
     public var description: String {
@@ -98,7 +107,7 @@ public struct PageFlags: OptionSet, Sendable, Hashable, CustomStringConvertible 
             (.lru, "lru"), (.anonExclusive, "anon_exclusive"), (.head, "head"), (.tail, "tail"),
             (.zoneDevice, "zone_device"), (.anon, "anon"), (.reserved, "reserved"), (.buddy, "buddy"),
             (.swapBacked, "swapbacked"), (.shmem, "shmem"), (.young, "young"), (.writeback, "writeback"), (.deferredFlush, "deferred_flush"), (.hugetlb, "hugetlb"),
-            (.pageCache, "pagecache"),
+            (.pageCache, "pagecache"), (.hugetlbMigratable, "hugetlb_migratable"), (.hugetlbTemporary, "hugetlb_temporary"),
         ]
         return names.filter { contains($0.0) }.map(\.1).joined(separator: "|")
     }

@@ -202,8 +202,11 @@ extension Kernel {
                     continue
                 }
             } else if newFolio.isZoneDevice || folio.test(.pageCache) {
-                // A page-cache folio would need its file's migrate_folio,
-                // which the emulated page cache does not have.
+                // Other ZONE_DEVICE types are not supported. A page-cache
+                // folio stays where it is here: the kernel would replace it
+                // in its file (folio_migrate_mapping() with the mapping, as
+                // migrate_pages does); the emulator's migrate_vma keeps the
+                // page cache out of device-driven migrations.
                 src[i] = src[i].without(MigratePFN.migrateBit)
                 continue
             }
@@ -219,11 +222,20 @@ extension Kernel {
         if let r = notified, let vma = migrate?.vma { vma.mm.invalidateRangeEnd(r) }
     }
 
-    /// `folio_migrate_mapping()` for anonymous memory: the source must hold
-    /// exactly the caller's reference (plus `extraCount`, the fault path's);
-    /// any other holder makes the migration of this page fail (-EAGAIN).
+    /// `folio_migrate_mapping()`: without a mapping (anonymous memory, or a
+    /// page-cache folio truncated before the caller locked it) the source
+    /// must hold exactly the caller's reference (plus `extraCount`, the fault
+    /// path's); any other holder makes the migration of this page fail
+    /// (-EAGAIN). A page-cache folio is replaced in its file's cache
+    /// (`File.migrateFolio`, the expected count one more per page for the
+    /// cache); a file being torn down is -EAGAIN.
     /// Caller holds the folio locks of both folios.
     func folioMigrateMapping(_ newFolio: Folio, _ folio: Folio, extraCount: Int) -> Bool {
+        if folio.test(.pageCache) {
+            // Holding the file keeps its teardown from running meanwhile.
+            guard let file = file(id: folio.meta.mappingMM) else { return false }
+            return file.migrateFolio(newFolio, folio, extraCount: extraCount)
+        }
         let expected = 1 + extraCount
         guard folio.refCount == expected else { return false }
         newFolio.meta.mappingMM = folio.meta.mappingMM

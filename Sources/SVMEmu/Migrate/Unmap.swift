@@ -179,11 +179,13 @@ extension Kernel {
     func removeMigrationPTEs(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) {
         if src.isLarge && dst.isLarge && removeMigrationPMD(src, dst, hint: hint) { return }
         let count = min(src.pageCount, dst.pageCount)
-        if src.test(.pageCache) {
-            // Page-cache folios only ever come back to themselves (a restore).
+        if dst.test(.pageCache) {
+            // rmap_walk_file() over the mapping `dst` holds: after a
+            // migration the new folio took the old one's place in the cache
+            // (the old one forgot its mapping); on a restore dst is src.
             for i in 0..<count {
                 let page = src.page(i)
-                rmapWalkFile(page) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address, file: true) }
+                rmapWalkFile(dst.page(i)) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address, file: true) }
             }
             return
         }

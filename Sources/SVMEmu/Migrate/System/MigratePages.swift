@@ -76,12 +76,26 @@ extension Kernel {
     /// A THP that gets no 2 MiB destination is split and its pieces migrated
     /// afterwards in ASYNC with one pass.
     ///
-    /// Enter with every folio isolated from the LRU (`isolateFolioLRU`), its
-    /// isolation reference owned by the list, no folio lock held and no
-    /// page-table lock held; may sleep. On return `folios` holds the folios
-    /// that were not migrated, still isolated: the caller puts them back
-    /// (`putbackMovableFolios`). Migrated sources are freed, or held by the
-    /// deferred flush.
+    /// hugetlb folios on the list (isolated with `isolateHugetlbFolio`) go
+    /// first, each alone (`migrate_hugetlbs()`, `unmap_and_move_huge_page()`):
+    /// no batch and no batched flush, the lock waited for only in SYNC from
+    /// the fourth pass, the destination a hugetlb folio (from the pool);
+    /// their sources go back to the pool.
+    ///
+    /// Page-cache folios move as the kernel's `filemap_migrate_folio()`
+    /// moves them: unmapped through their file's mappings (`i_mmap`), the
+    /// cache entry switched to the destination under the cache lock when
+    /// only the isolation and cache references are held (a pin or another
+    /// reference is -EAGAIN), the cache's reference and the dirty bit
+    /// moving with it.
+    ///
+    /// Enter with every folio isolated from the LRU (`isolateFolioLRU`) or,
+    /// for hugetlb, from the pool's active list, its isolation reference
+    /// owned by the list, no folio lock held and no page-table lock held;
+    /// may sleep. On return `folios` holds the folios that were not
+    /// migrated, still isolated: the caller puts them back
+    /// (`putbackMovableFolios`). Migrated sources are freed (hugetlb ones
+    /// to the pool), or held by the deferred flush.
     ///
     /// With `phases` on, each batch's steps are timed as the phases `unmap`,
     /// `flush` (the batched flush), `copy` and `remap`; the shootdown wait is
@@ -112,7 +126,16 @@ extension Kernel {
         ctx.jobs.reserveCapacity(ctx.unmapped.capacity)
         var from: [Folio] = []
         from.reserveCapacity(folios.count)
+        var huge: [Folio] = []
         for f in folios {
+            if f.isLarge && f.test(.hugetlb) {
+                if f.test(.hugetlbMigratable) || f.refCount < 1 {
+                    warn("migrate_pages: hugetlb folio on the list is not isolated (folio_isolate_hugetlb)", "\(f)")
+                    continue
+                }
+                huge.append(f)
+                continue
+            }
             if f.test(.lru) || f.refCount < 1 || f.isZoneDevice {
                 warn("migrate_pages: folio on the list is not isolated from the LRU", "\(f)")
                 continue
@@ -121,6 +144,18 @@ extension Kernel {
         }
         var ret: [Folio] = []
         var result = MigratePagesResult()
+        // hugetlb folios first, one by one, whatever the algorithm.
+        var hugeFailed = 0
+        if !huge.isEmpty {
+            hugeFailed = migrateHugetlbs(&huge, ret: &ret, &ctx, newFolio)
+            ret.append(contentsOf: huge)
+            if hugeFailed < 0 {
+                result.error = Errno(rawValue: Int32(-hugeFailed))
+                hugeFailed = 0
+                ret.append(contentsOf: from)
+                from.removeAll()
+            }
+        }
         if policy.algorithm == .unbatched {
             result.notMigrated = migratePagesUnbatched(&from, &ret, &ctx, newFolio)
             if result.notMigrated < 0 { result.error = Errno(rawValue: Int32(-result.notMigrated)); result.notMigrated = 0 }
@@ -167,6 +202,7 @@ extension Kernel {
             }
             result.notMigrated = gathered
         }
+        result.notMigrated += hugeFailed
         folios = ret
         if folios.isEmpty { result.notMigrated = 0 }
         let s = ctx.stats
@@ -380,10 +416,6 @@ extension Kernel {
             src.put()
             return .freed
         }
-        if src.test(.shmem) {
-            // Shared memory would need its mapping's migrate_folio (not emulated).
-            return .busy
-        }
         guard let dst = newFolio(src) else { return .noMemory }
         if dst.order != src.order {
             warn("migrate_pages: new folio's order differs from the source's", "src \(src), dst \(dst)")
@@ -591,12 +623,21 @@ extension Kernel {
         return isolateLRU(folio)
     }
 
-    /// Puts every folio of a migration list back on the LRU, dropping the
-    /// isolation reference, and empties the list.
+    /// Puts every folio of a migration list back on the LRU (a hugetlb
+    /// folio back on the pool's active list, `folio_putback_hugetlb()`),
+    /// dropping the isolation reference, and empties the list.
     ///
     /// The corresponding kernel function is `putback_movable_pages()`.
     public func putbackMovableFolios(_ folios: inout [Folio]) {
         for f in folios {
+            if f.isLarge && f.test(.hugetlb) {
+                if f.test(.hugetlbMigratable) {
+                    warn("putback_movable_pages: hugetlb folio is not isolated", "\(f)")
+                    continue
+                }
+                hugetlb.putback(f)
+                continue
+            }
             if f.test(.lru) {
                 warn("putback_movable_pages: folio is already on the LRU", "\(f)")
                 continue

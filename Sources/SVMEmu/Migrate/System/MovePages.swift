@@ -145,11 +145,12 @@ extension AddressSpace {
         return try flushRun(addresses.count)
     }
 
-    /// `do_move_pages_to_node()`: MIGRATE_SYNC, MR_SYSCALL, destinations on `node` only.
+    /// `do_move_pages_to_node()`: MIGRATE_SYNC, MR_SYSCALL, destinations on
+    /// `node` only (`alloc_migration_target()` with `__GFP_THISNODE`).
     func moveToNode(_ list: inout [Folio], _ node: Int, _ policy: MigratePagesPolicy) -> MigratePagesResult {
         let k = kernel
         let r = k.migratePages(&list, mode: .sync, reason: .syscall, policy: policy) { src in
-            k.allocateFolio(order: src.order, node: node)
+            k.allocateMigrationTarget(for: src, node: node)
         }
         if !list.isEmpty { k.putbackMovableFolios(&list) }
         return r
@@ -166,7 +167,8 @@ extension AddressSpace {
         if folio.isZoneDevice { return .error(.noEntry) }
         if kernel.nodeID(of: folio) == node { return .node(node) }
         if page.mapCount + folio.entireMapCount > 1 && !moveAll { return .error(.permissionDenied) }
-        guard kernel.isolateFolioLRU(folio) else { return .error(.busy) }
+        let isolated = folio.isLarge && folio.test(.hugetlb) ? kernel.isolateHugetlbFolio(folio) : kernel.isolateFolioLRU(folio)
+        guard isolated else { return .error(.busy) }
         list.append(folio)
         return .node(-1)
     }
@@ -231,7 +233,8 @@ extension AddressSpace {
     }
 
     /// `queue_pages_range()` for migrate_pages(2): isolates every folio on
-    /// `node` mapped once in this address space. Caller holds the mmap lock.
+    /// `node` mapped once in this address space (hugetlb folios from the
+    /// pool's active list, the rest from the LRU). Caller holds the mmap lock.
     private func queuePages(onNode node: Int, into list: inout [Folio]) {
         for vma in vmas where !vma.flags.contains(.special) {
             var a = vma.start
@@ -242,7 +245,9 @@ extension AddressSpace {
                 let folio = page.folio
                 defer { folio.put() }
                 guard kernel.nodeID(of: folio) == node, page.mapCount + folio.entireMapCount == 1 else { continue }
-                if kernel.isolateFolioLRU(folio) { list.append(folio) }
+                // queue_folios_hugetlb() / queue_folios_pte_range().
+                let isolated = folio.isLarge && folio.test(.hugetlb) ? kernel.isolateHugetlbFolio(folio) : kernel.isolateFolioLRU(folio)
+                if isolated { list.append(folio) }
             }
         }
     }
