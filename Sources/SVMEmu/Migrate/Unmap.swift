@@ -101,7 +101,9 @@ extension Kernel {
     }
 
     /// `try_to_migrate()`: replace every remaining mapping of the folio's pages
-    /// by a migration entry, dropping the rmap and the mapping's reference.
+    /// by a migration entry, dropping the rmap and the mapping's reference;
+    /// the anon rmap walk (`rmapWalkAnon`) finds each fork relative's
+    /// mapping at the address its own VMA gives the page.
     /// Caller holds the folio lock and a reference, and no page-table lock;
     /// each PTE is rewritten under its PTE lock inside an MMU_NOTIFY_CLEAR
     /// invalidation, the lock dropped before the TLB flush. With `batch`
@@ -117,24 +119,9 @@ extension Kernel {
             }
             return
         }
-        let hintID = hint?.id ?? 0
-        let hintRef = hint.map { Unmanaged.passUnretained($0) }
-        for i in 0..<folio.pageCount {
+        rmapWalkAnon(folio, pages: 0..<folio.pageCount, hint: hint) { i, mm, address in
             let page = folio.page(i)
-            guard page.mapCount > 0 else { continue }
-            let (mmID, address) = rmapLocation(of: page)
-            if mmID != 0 && mmID == hintID, let hintRef {
-                // Borrowed: `let hint` would copy (retain) the mm per page.
-                let family = hintRef._withUnsafeGuaranteedRef { mm -> AnonFamily? in
-                    if mm.covers(address) { tryToMigrateOne(folio, page, mm, address, batch) }
-                    return mm.anonFamily.isShared ? mm.anonFamily : nil
-                }
-                if let family {
-                    rmapWalkFamily(family, except: mmID, address) { mm, a in tryToMigrateOne(folio, page, mm, a, batch) }
-                }
-                continue
-            }
-            rmapWalk(page, hint: hint) { mm, address in tryToMigrateOne(folio, page, mm, address, batch) }
+            if page.mapCount > 0 { tryToMigrateOne(folio, page, mm, address, batch) }
         }
     }
 
@@ -187,23 +174,8 @@ extension Kernel {
             }
             return
         }
-        let hintID = hint?.id ?? 0
-        let hintRef = hint.map { Unmanaged.passUnretained($0) }
-        for i in 0..<count {
-            let page = src.page(i)
-            let (mmID, address) = rmapLocation(of: page)
-            if mmID != 0 && mmID == hintID, let hintRef {
-                // The common case, the migration's own mm and no fork: borrowed, no closure.
-                let family = hintRef._withUnsafeGuaranteedRef { mm -> AnonFamily? in
-                    if mm.covers(address) { removeMigrationPTE(page, dst, dst.page(i), mm, address) }
-                    return mm.anonFamily.isShared ? mm.anonFamily : nil
-                }
-                if let family {
-                    rmapWalkFamily(family, except: mmID, address) { mm, a in removeMigrationPTE(page, dst, dst.page(i), mm, a) }
-                }
-                continue
-            }
-            rmapWalk(page, hint: hint) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address) }
+        rmapWalkAnon(src, pages: 0..<count, hint: hint) { i, mm, address in
+            removeMigrationPTE(src.page(i), dst, dst.page(i), mm, address)
         }
     }
 
