@@ -63,6 +63,10 @@ public final class AddressSpace: @unchecked Sendable {
     /// (the emulator's `anon_vma`): the VMAs of every member that the anon
     /// rmap walks visit.
     let anonFamily: AnonFamily
+    /// `anonFamily`, unretained, for the per-folio rmap walks: the registry
+    /// holds families weakly, so each retain of one takes the slow
+    /// side-table path.
+    let anonFamilyRef: Unmanaged<AnonFamily>
 
     /// Creates an empty address space (what `execve()` or `fork()` would set up).
     ///
@@ -97,6 +101,7 @@ public final class AddressSpace: @unchecked Sendable {
         tlbGen = tlbContext.gen
         cpuAccess = CPUAccess(kernel.cpus)
         anonFamily = family ?? AnonFamily()
+        anonFamilyRef = Unmanaged.passUnretained(anonFamily)
         kernel.registerAnonFamily(anonFamily, id: id)
         kernel.register(self)
     }

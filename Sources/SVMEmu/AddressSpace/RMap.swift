@@ -45,25 +45,37 @@ struct AnonMappingEntry: Hashable {
 /// relies on when it moves page tables without `take_rmap_locks()`).
 ///
 /// The list changes under its own lock and each change advances a
-/// generation: a walk takes a snapshot of the VMAs it needs under the lock,
-/// visits them without it (the visits take page-table locks, call MMU
-/// notifiers and may block), and starts again when the generation moved
+/// generation: a walk takes a snapshot of the VMAs it needs, visits them
+/// without any lock of the family (the visits take page-table locks, call
+/// MMU notifiers and may block), and starts again when the generation moved
 /// meanwhile, so that a VMA linked during its visits (a child's, a moved
 /// one) is not missed. Visits are idempotent (they act only on entries that
 /// still name the page), so a second pass only finds what the first missed.
+/// The snapshot comes from a copy of up to eight entries that readers take
+/// without the lock (a seqlock: the generation is odd while the copy
+/// changes, and a reader that sees it move takes the lock instead), so the
+/// per-folio walks of a migration write no shared word.
 ///
 /// A folio's rmap may keep naming an address space that is exiting or has
 /// gone: the kernel keeps every member id's family for as long as the
 /// family lives (`Kernel.anonFamily(of:)`), as an anon_vma outlives the mm
 /// that made it.
 final class AnonFamily: @unchecked Sendable {
-    private struct State {
-        var entries: [AnonMappingEntry] = []
-        var generation: UInt64 = 0
+    private let entries = LockedValue<[AnonMappingEntry]>([])
+    /// The seqlock: word 0 the generation (advanced by 2 per change of the
+    /// list, odd while the copy changes), word 1 the entries copied (or
+    /// `UInt64.max` when the list holds more than `copied`), then each
+    /// entry as 4 words. Written under the list's lock; read with atomic
+    /// loads, never a store.
+    private let mirror: UnsafeMutablePointer<UInt64>
+    private static let copied = 8
+    private static let mirrorWords = 2 + 4 * copied
+
+    init() {
+        mirror = .allocate(capacity: AnonFamily.mirrorWords)
+        mirror.initialize(repeating: 0, count: AnonFamily.mirrorWords)
     }
-    private let state = LockedValue<State>(State())
-    /// `State.generation`, readable without the lock.
-    private let published = Atomic<UInt64>(0)
+    deinit { mirror.deallocate() }
 
     /// Makes `wanted` the VMAs of address space `mmID` (`anon_vma_clone()`,
     /// `unlink_anon_vmas()`, `vma_adjust()`): entries that did not change
@@ -72,50 +84,99 @@ final class AnonFamily: @unchecked Sendable {
     /// writing.
     func relink(mmID: UInt32, _ wanted: [AnonMappingEntry]) {
         let keep = Set(wanted)
-        state.withLock { s in
+        entries.withLock { list in
             var had = Set<AnonMappingEntry>()
-            let before = s.entries.count
-            s.entries.removeAll { e in
+            let before = list.count
+            list.removeAll { e in
                 guard e.mmID == mmID else { return false }
                 if keep.contains(e) { had.insert(e); return false }
                 return true
             }
-            var changed = s.entries.count != before
+            var changed = list.count != before
             for e in wanted where !had.contains(e) {
-                s.entries.append(e)
+                list.append(e)
                 changed = true
             }
-            if changed {
-                s.generation &+= 1
-                published.store(s.generation, ordering: .releasing)
-            }
+            if changed { publish(list) }
         }
     }
 
-    /// The generation of the list (advanced by every change).
-    @inline(__always) var generation: UInt64 { published.load(ordering: .acquiring) }
+    /// Copies `list` into the seqlock. Caller holds the list's lock.
+    private func publish(_ list: [AnonMappingEntry]) {
+        let generation = svm_load64_relaxed(mirror)
+        svm_store64(mirror, generation &+ 1)
+        let n = list.count <= AnonFamily.copied ? list.count : 0
+        svm_store64(mirror + 1, list.count <= AnonFamily.copied ? UInt64(n) : .max)
+        for i in 0..<n {
+            let w = mirror + 2 + 4 * i, e = list[i]
+            svm_store64(w, UInt64(e.mmID))
+            svm_store64(w + 1, e.start)
+            svm_store64(w + 2, e.end)
+            svm_store64(w + 3, e.pageOffset)
+        }
+        svm_store64(mirror, generation &+ 2)
+    }
+
+    /// The generation of the list (advanced by every change; odd while the
+    /// lock-free copy changes).
+    @inline(__always) var generation: UInt64 { svm_load64(mirror) }
 
     /// Whether `entry` is linked: for the audit.
-    func contains(_ entry: AnonMappingEntry) -> Bool { state.withLock { $0.entries.contains(entry) } }
+    func contains(_ entry: AnonMappingEntry) -> Bool { entries.withLock { $0.contains(entry) } }
 
-    /// Calls `body` with every VMA whose pages overlap linear pages
-    /// `[first, last)`, in link order, from a snapshot taken under the lock;
-    /// `body` runs without it. Returns the generation of that snapshot.
-    /// Allocates nothing when at most eight VMAs match.
+    /// Adds to `hits` every VMA whose pages overlap linear pages
+    /// `[first, last)`, in link order; returns the generation of the list
+    /// it read. Without the lock from the copy when it is stable and
+    /// complete, else under the lock. The caller visits them without either.
     @inline(__always)
-    func forEach(overlapping first: UInt64, _ last: UInt64, _ body: (AnonMappingEntry) -> Void) -> UInt64 {
-        withUnsafeTemporaryAllocation(of: AnonMappingEntry.self, capacity: 8) { buffer -> UInt64 in
-            var n = 0
-            var more: [AnonMappingEntry] = []
-            let generation = state.withLock { s -> UInt64 in
-                for e in s.entries where e.overlaps(first, last) {
-                    if n < buffer.count { buffer.initializeElement(at: n, to: e); n += 1 } else { more.append(e) }
+    func collect(overlapping first: UInt64, _ last: UInt64, into hits: inout AnonRmapHits) -> UInt64 {
+        let seen = svm_load64(mirror)
+        if seen & 1 == 0 {
+            let n = svm_load64(mirror + 1)
+            if n <= UInt64(AnonFamily.copied) {
+                for i in 0..<Int(n) {
+                    let w = mirror + 2 + 4 * i
+                    let e = AnonMappingEntry(mmID: UInt32(truncatingIfNeeded: svm_load64(w)), start: svm_load64(w + 1),
+                                             end: svm_load64(w + 2), pageOffset: svm_load64(w + 3))
+                    if e.overlaps(first, last) { hits.append(e) }
                 }
-                return s.generation
+                // Acquire loads: the entries were read before this check.
+                if svm_load64(mirror) == seen { return seen }
+                hits = AnonRmapHits()
             }
-            for i in 0..<n { body(buffer[i]) }
-            for e in more { body(e) }
-            return generation
+        }
+        return entries.withLock { list -> UInt64 in
+            for e in list where e.overlaps(first, last) { hits.append(e) }
+            return svm_load64(mirror)
+        }
+    }
+}
+
+/// The VMAs one pass of an rmap walk visits: four inline (no allocation for
+/// a folio mapped by up to four VMAs of its family), the rest in an array.
+struct AnonRmapHits {
+    private(set) var count = 0
+    private var e0 = AnonRmapHits.unused, e1 = AnonRmapHits.unused, e2 = AnonRmapHits.unused, e3 = AnonRmapHits.unused
+    private var more: [AnonMappingEntry] = []
+    private static let unused = AnonMappingEntry(mmID: 0, start: 0, end: 0, pageOffset: 0)
+
+    @inline(__always) mutating func append(_ e: AnonMappingEntry) {
+        switch count {
+        case 0: e0 = e
+        case 1: e1 = e
+        case 2: e2 = e
+        case 3: e3 = e
+        default: more.append(e)
+        }
+        count += 1
+    }
+    @inline(__always) subscript(i: Int) -> AnonMappingEntry {
+        switch i {
+        case 0: e0
+        case 1: e1
+        case 2: e2
+        case 3: e3
+        default: more[i - 4]
         }
     }
 }
@@ -227,42 +288,62 @@ extension Kernel {
         let head = folio.meta
         let mmID = head.mappingMM
         guard mmID != 0, !pages.isEmpty, !head.test(PageFlags.pageCache.rawValue) else { return }
-        let hintID = hint?.id ?? 0
-        // Borrowed: `let hint` would copy (retain) the mm per folio.
-        if mmID == hintID, let hintRef = hint.map({ Unmanaged.passUnretained($0) }) {
-            hintRef._withUnsafeGuaranteedRef { mm in
-                rmapWalkAnon(mm.anonFamily, head.index, pages, hintRef, body)
+        let index = head.index
+        // Borrowed throughout: address spaces and families are held weakly
+        // by the registries, so each retain would take the slow side-table
+        // path (per folio, on every migration).
+        let kernel = Unmanaged.passUnretained(self)
+        let hintRef = hint.map { Unmanaged.passUnretained($0) }
+        if let hintRef, hintRef._withUnsafeGuaranteedRef({ $0.id }) == mmID {
+            Kernel.rmapWalkAnon(kernel, hintRef._withUnsafeGuaranteedRef { $0.anonFamilyRef }, index, pages, hintRef, nil, body)
+            return
+        }
+        if let named = addressSpace(id: mmID) {
+            withExtendedLifetime(named) {
+                Kernel.rmapWalkAnon(kernel, named.anonFamilyRef, index, pages, hintRef, Unmanaged.passUnretained(named), body)
             }
             return
         }
-        // The address space the rmap names may be exiting or gone; its
-        // family (like an anon_vma, which outlives the mm that made it)
-        // may still map the folio.
+        // The address space the rmap names is exiting or gone; its family
+        // (like an anon_vma, which outlives the mm that made it) may still
+        // map the folio.
         guard let family = anonFamily(of: mmID) else { return }
-        rmapWalkAnon(family, head.index, pages, hint.map { Unmanaged.passUnretained($0) }, body)
+        withExtendedLifetime(family) {
+            Kernel.rmapWalkAnon(kernel, Unmanaged.passUnretained(family), index, pages, hintRef, nil, body)
+        }
     }
 
+    /// The walk proper over `family`; `hint` and `named` are address spaces
+    /// the caller keeps alive, visited without a registry lookup. Static,
+    /// with the kernel unretained: nothing is reference counted per folio.
     @inline(__always)
-    private func rmapWalkAnon(_ family: AnonFamily, _ index: UInt64, _ pages: Range<Int>, _ hint: Unmanaged<AddressSpace>?,
-                              _ body: (Int, AddressSpace, UInt64) -> Void) {
+    private static func rmapWalkAnon(_ kernel: Unmanaged<Kernel>, _ family: Unmanaged<AnonFamily>, _ index: UInt64,
+                                     _ pages: Range<Int>, _ hint: Unmanaged<AddressSpace>?,
+                                     _ named: Unmanaged<AddressSpace>?, _ body: (Int, AddressSpace, UInt64) -> Void) {
         let first = index &+ UInt64(pages.lowerBound), last = index &+ UInt64(pages.upperBound)
         let hintID = hint.map { $0._withUnsafeGuaranteedRef { $0.id } } ?? 0
+        let namedID = named.map { $0._withUnsafeGuaranteedRef { $0.id } } ?? 0
         while true {
-            let seen = family.forEach(overlapping: first, last) { e in
+            var hits = AnonRmapHits()
+            let seen = family._withUnsafeGuaranteedRef { $0.collect(overlapping: first, last, into: &hits) }
+            for h in 0..<hits.count {
+                let e = hits[h]
                 if e.mmID == hintID, let hint {
                     hint._withUnsafeGuaranteedRef { mm in rmapVisit(e, mm, index, pages, body) }
-                } else if let mm = addressSpace(id: e.mmID) {
+                } else if e.mmID == namedID, let named {
+                    named._withUnsafeGuaranteedRef { mm in rmapVisit(e, mm, index, pages, body) }
+                } else if let mm = kernel._withUnsafeGuaranteedRef({ $0.addressSpace(id: e.mmID) }) {
                     rmapVisit(e, mm, index, pages, body)
                 }
             }
-            if family.generation == seen { return }
+            if family._withUnsafeGuaranteedRef({ $0.generation }) == seen { return }
         }
     }
 
     /// `rmap_one` of one VMA: every page of `pages` it maps.
     @inline(__always)
-    private func rmapVisit(_ e: AnonMappingEntry, _ mm: AddressSpace, _ index: UInt64, _ pages: Range<Int>,
-                           _ body: (Int, AddressSpace, UInt64) -> Void) {
+    private static func rmapVisit(_ e: AnonMappingEntry, _ mm: AddressSpace, _ index: UInt64, _ pages: Range<Int>,
+                                  _ body: (Int, AddressSpace, UInt64) -> Void) {
         for i in pages {
             let pageIndex = index &+ UInt64(i)
             if e.maps(pageIndex) { body(i, mm, e.address(of: pageIndex)) }

@@ -115,13 +115,13 @@ extension Kernel {
             // rmap_walk_file(): every VMA of the file that maps the page.
             for i in 0..<folio.pageCount where folio.page(i).mapCount > 0 {
                 let page = folio.page(i)
-                rmapWalkFile(page) { mm, address in tryToMigrateOne(folio, page, mm, address, batch) }
+                rmapWalkFile(page) { mm, address in Kernel.tryToMigrateOne(folio, page, mm, address, batch) }
             }
             return
         }
         rmapWalkAnon(folio, pages: 0..<folio.pageCount, hint: hint) { i, mm, address in
             let page = folio.page(i)
-            if page.mapCount > 0 { tryToMigrateOne(folio, page, mm, address, batch) }
+            if page.mapCount > 0 { Kernel.tryToMigrateOne(folio, page, mm, address, batch) }
         }
     }
 
@@ -130,7 +130,7 @@ extension Kernel {
     /// and, when the entry still mapped the page, the mapping's reference
     /// dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
-    private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64,
+    private static func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64,
                                  _ batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
         let range = MMUNotifierRange(start: address, end: address + PageGeometry.pageSize64, event: .clear, owner: nil)
@@ -170,12 +170,12 @@ extension Kernel {
             // Page-cache folios only ever come back to themselves (a restore).
             for i in 0..<count {
                 let page = src.page(i)
-                rmapWalkFile(page) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address, file: true) }
+                rmapWalkFile(page) { mm, address in Kernel.removeMigrationPTE(page, dst, dst.page(i), mm, address, file: true) }
             }
             return
         }
         rmapWalkAnon(src, pages: 0..<count, hint: hint) { i, mm, address in
-            removeMigrationPTE(src.page(i), dst, dst.page(i), mm, address)
+            Kernel.removeMigrationPTE(src.page(i), dst, dst.page(i), mm, address)
         }
     }
 
@@ -184,7 +184,7 @@ extension Kernel {
     /// and an anonymous rmap, or with `file` a file rmap.
     /// We enter with no page-table lock and return with the PTE lock dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
-    private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64,
+    private static func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64,
                                     file: Bool = false) {
         mm.withPTL(address) {
         let pte = mm.loadPTE(address)
