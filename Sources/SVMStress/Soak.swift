@@ -22,7 +22,7 @@ public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConve
     public static let mprotect = SoakMix(rawValue: 1 << 5)
     /// madvise: MADV_DONTNEED (zeroes), MADV_HUGEPAGE and MADV_COLLAPSE.
     public static let madvise = SoakMix(rawValue: 1 << 6)
-    /// mremap of a range elsewhere and back.
+    /// mremap of a range elsewhere and back, or a swap of two ranges (left moved).
     public static let mremap = SoakMix(rawValue: 1 << 7)
     /// fork: a child with its own shadow, accessed and released later.
     public static let fork = SoakMix(rawValue: 1 << 8)

@@ -119,6 +119,90 @@ extension SoakState {
         mremaps += 1
     }
 
+    /// Swaps two ranges of the same length in the same region (the small
+    /// one, or the THP regions) with three MREMAP_FIXED moves: the first to
+    /// the scratch area, the second into the first's place, then the first
+    /// into the second's. The data and the protection follow; each range's
+    /// VMA now keeps the other's `vm_pgoff`, so the folios a forked child
+    /// still maps at their old addresses are found there, and the parent's
+    /// at their new ones, by every later rmap walk. A first range across
+    /// VMAs is refused (`.badAddress`) and nothing changes; a second one
+    /// sends the first back. Without a second range that fits, the first
+    /// moves away and back (`remapAndBack`).
+    func swapRanges(_ r: UInt64) {
+        let range = pickRange(r)
+        guard let other = partner(of: range, r) else { return remapAndBack(r) }
+        let (a, len) = span(range)
+        let (b, _) = span(other)
+        let offset = a & ~PageGeometry.pmdMask
+        let target = offset + UInt64(len) <= PageGeometry.pmdSize64 ? scratch + offset : scratch
+        let move = { (from: UInt64, to: UInt64) throws(Errno) in
+            _ = try self.mm.mremap(from, oldLength: len, newLength: len, flags: [.mayMove, .fixed], newAddress: to)
+        }
+        begin(range, SoakState.swapping)
+        begin(other, SoakState.swapping)
+        for p in range { swaps[p] &+= 1 }
+        for p in other { swaps[p] &+= 1 }
+        defer {
+            for p in range { swaps[p] &+= 1 }
+            for p in other { swaps[p] &+= 1 }
+            end(range)
+            end(other)
+        }
+        do { try move(a, target) } catch {
+            if error != .badAddress { unexpected("mremap away", error) }
+            return
+        }
+        do { try move(b, a) } catch {
+            if error != .badAddress { unexpected("mremap into the first range", error) }
+            do { try move(target, a) } catch { unexpected("mremap back", error) }
+            mremaps += 1
+            return
+        }
+        do { try move(target, b) } catch { return unexpected("mremap into the second range", error) }
+        for (p, q) in zip(range, other) { swapModel(p, q) }
+        mremaps += 1
+    }
+
+    /// A range of `range`'s length in the same region, not overlapping it,
+    /// or nil.
+    private func partner(of range: Range<Int>, _ r: UInt64) -> Range<Int>? {
+        let n = range.count
+        let huge = range.lowerBound >= smallPages
+        let first = huge ? smallPages : 0
+        let regions = huge ? hugeRegions : 1
+        let regionPages = huge ? PageGeometry.pmdPages : smallPages
+        guard n <= regionPages else { return nil }
+        for attempt in 0..<UInt64(4) {
+            let x = (r >> 45) &+ attempt &* 0x9E37_79B9
+            let region = Int(x % UInt64(regions))
+            let off = Int((x >> 8) % UInt64(regionPages - n + 1))
+            let start = first + region * regionPages + off
+            let candidate = start..<(start + n)
+            if !candidate.overlaps(range) { return candidate }
+        }
+        return nil
+    }
+
+    /// Pages `p` and `q` traded places: their shadows, read-only states
+    /// and unknown words follow. A GPU word is unknown on both sides when
+    /// it was on either: a GPU store that overlapped the swap may have
+    /// landed in either page.
+    private func swapModel(_ p: Int, _ q: Int) {
+        swap(&readOnly[p], &readOnly[q])
+        let wp = p * SoakState.wordsPerPage, wq = q * SoakState.wordsPerPage
+        for i in 0..<SoakState.wordsPerPage {
+            swap(&shadow[wp + i], &shadow[wq + i])
+            if i & 7 == 7 {
+                let u = unknown[wp + i] || unknown[wq + i]
+                unknown[wp + i] = u
+                unknown[wq + i] = u
+            } else {
+                swap(&unknown[wp + i], &unknown[wq + i])
+            }
+        }
+    }
+
     /// Without a child, fork one (it gets a copy of the shadow); with one,
     /// access it (checked against its own shadow) or now and then release it.
     func forkOrChild(_ r: UInt64, _ value: UInt64) {

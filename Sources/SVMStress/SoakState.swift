@@ -14,8 +14,9 @@ import SVMEmu
 /// address-space change of a page is in progress, `busy[page]` says which
 /// kind, and `gen[page]` moves at its start and end: an access that
 /// overlapped one may fail, a write during a zeroing change (munmap,
-/// MADV_DONTNEED) or a fork stores nothing (its outcome would depend on
-/// the order), and a read then may see the old bytes or zeroes.
+/// MADV_DONTNEED), a fork or a swap of two ranges stores nothing (its
+/// outcome would depend on the order), and a read then may see the old
+/// bytes or zeroes (or, during a swap, the other range's).
 final class SoakState: @unchecked Sendable {
     let settings: SoakSettings
     let kernel: Kernel
@@ -31,6 +32,9 @@ final class SoakState: @unchecked Sendable {
     let unknown: UnsafeMutablePointer<Bool>
     let busy: UnsafeMutablePointer<UInt8>
     let gen: UnsafeMutablePointer<UInt32>
+    /// Moves at the start and the end of each swap of the page with
+    /// another: a GPU access that overlapped one may have reached either.
+    let swaps: UnsafeMutablePointer<UInt32>
     let readOnly: UnsafeMutablePointer<Bool>
     /// The forked child, its shadow and its read-only pages.
     var child: AddressSpace? = nil
@@ -40,7 +44,7 @@ final class SoakState: @unchecked Sendable {
 
     /// Faults one access may take before the soak calls it stuck.
     static let faultLimit = 10_000
-    static let zeroing: UInt8 = 1, forking: UInt8 = 2, reshaping: UInt8 = 3
+    static let zeroing: UInt8 = 1, forking: UInt8 = 2, reshaping: UInt8 = 3, swapping: UInt8 = 4
 
     var operations = 0, reads = 0, writes = 0, gpuReads = 0, gpuWrites = 0
     var toDevice = 0, toSystem = 0, hugeMigrations = 0, evictions = 0
@@ -82,6 +86,8 @@ final class SoakState: @unchecked Sendable {
         busy.initialize(repeating: 0, count: pages)
         gen = .allocate(capacity: pages)
         gen.initialize(repeating: 0, count: pages)
+        swaps = .allocate(capacity: pages)
+        swaps.initialize(repeating: 0, count: pages)
         readOnly = .allocate(capacity: pages)
         readOnly.initialize(repeating: false, count: pages)
         childReadOnly = .allocate(capacity: pages)
@@ -92,6 +98,7 @@ final class SoakState: @unchecked Sendable {
         child = nil
         for p in [UnsafeMutableRawPointer(shadow), UnsafeMutableRawPointer(unknown), UnsafeMutableRawPointer(childShadow),
                   UnsafeMutableRawPointer(childUnknown), UnsafeMutableRawPointer(busy), UnsafeMutableRawPointer(gen),
+                  UnsafeMutableRawPointer(swaps),
                   UnsafeMutableRawPointer(readOnly), UnsafeMutableRawPointer(childReadOnly)] {
             p.deallocate()
         }

@@ -73,7 +73,7 @@ extension SoakState {
             case .munmap: munmapAndRemap(r)
             case .mprotect: protect(r)
             case .madvise: advise(r)
-            case .mremap: remapAndBack(r)
+            case .mremap: if (r >> 44) & 1 == 1 { swapRanges(r) } else { remapAndBack(r) }
             case .fork: forkOrChild(r, rng.next())
             case .movePages: movePages(r, &rng)
             default: cpuAccess(r, rng.next())
@@ -96,7 +96,7 @@ extension SoakState {
             let outcome: Int? = try mm.withPageBytes(at: address(ofWord: w), write: write, faultLimit: SoakState.faultLimit) { b in
                 let kind = busy[p]
                 if write {
-                    if kind == SoakState.zeroing || kind == SoakState.forking { return -2 }
+                    if kind == SoakState.zeroing || kind == SoakState.forking || kind == SoakState.swapping { return -2 }
                     let violation = readOnly[p] && kind == 0 && gen[p] == g0
                     b.storeBytes(of: value, as: UInt64.self)
                     shadow[w] = value
@@ -104,7 +104,7 @@ extension SoakState {
                 }
                 let v = b.load(as: UInt64.self)
                 if unknown[w] || v == shadow[w] { return 0 }
-                if kind == SoakState.zeroing && v == 0 { return -2 }
+                if kind == SoakState.zeroing && v == 0 || kind == SoakState.swapping { return -2 }
                 return Soak.differingBytes(v, shadow[w])
             }
             if write { writes += 1 } else { reads += 1 }
@@ -154,7 +154,7 @@ extension SoakState {
         if w >= words { w -= 8 }
         let write = r & 1 == 1
         let p = w / SoakState.wordsPerPage
-        let g0 = gen[p]
+        let g0 = gen[p], s0 = swaps[p]
         let a = address(ofWord: w)
         var v = value
         do throws(Errno) {
@@ -164,7 +164,8 @@ extension SoakState {
                 do {
                     try withUnsafeBytes(of: &v) { (b) throws(Errno) in try driver.write(a, from: b) }
                 } catch {
-                    unknown[w] = wasUnknown
+                    // A swap meanwhile moved the word's flag (see swapRanges).
+                    if swaps[p] == s0 { unknown[w] = wasUnknown }
                     throw error
                 }
                 gpuWrites += 1
@@ -179,7 +180,7 @@ extension SoakState {
                 try withUnsafeMutableBytes(of: &v) { (b) throws(Errno) in try driver.read(a, into: b) }
                 gpuReads += 1
                 guard !unknown[w], v != shadow[w] else { return }
-                if gen[p] != g0 || busy[p] != 0, v == 0 || v == shadow[w] { raced += 1; return }
+                if gen[p] != g0 || busy[p] != 0, v == 0 || v == shadow[w] || swaps[p] != s0 { raced += 1; return }
                 corrupted += Soak.differingBytes(v, shadow[w])
                 note("operation \(operations): GPU read of 0x\(String(a, radix: 16)) gave 0x\(String(v, radix: 16)), shadow 0x\(String(shadow[w], radix: 16))")
             }

@@ -249,15 +249,106 @@ struct HMMForkTests {
         }
     }
 
+    /// Which process moves the shared buffer in `mremap_after_fork`.
+    enum Mover: String, CaseIterable, Sendable, CustomStringConvertible {
+        case parent, child
+        var description: String { rawValue }
+    }
+
+    /// fork, then one process moves the buffer it shares with the other
+    /// elsewhere (mremap MREMAP_MAYMOVE | MREMAP_FIXED): the folios keep
+    /// their index and the moved VMA its vm_pgoff, so every rmap walk finds
+    /// the mover's mapping at the new address and the other's at the old
+    /// one. The parent's device migrates the pages (migrate_vma: its
+    /// try_to_migrate must reach the child's mapping), evicts them
+    /// (migrate_device_range: no VMA, the rmap alone finds both), the
+    /// parent moves them to node 1 (move_pages with MPOL_MF_MOVE_ALL), the
+    /// device takes them again and a CPU read in the child faults them back
+    /// (migrate_to_ram from the child's VMA must reach the parent's).
+    /// After each step both map the same frame and read the bytes the
+    /// parent wrote, and the audit is clean; then copy-on-write separates
+    /// them.
+    /// The rmap used to record one address for the whole fork family (the
+    /// mover's new one, or the old one when the child moved): the walks
+    /// missed the other process's mapping and no page migrated.
+    @Test(arguments: Mover.allCases) func mremap_after_fork(_ mover: Mover) throws {
+        let npages = 16
+        try withGatedMachine(npages: npages, seed: 11, nodes: 2) { kernel, parent, device, _, buffer in
+            let size = npages << pageShift
+            let old = buffer.ptr
+            let bytes = try loadInts(parent, old, count: size / 4)
+            let child = try parent.fork()
+            let moving = mover == .parent ? parent : child
+            let target = try moving.mmap(length: 2 * size)  // a free range; MREMAP_FIXED replaces it
+            #expect(try moving.mremap(old, oldLength: size, newLength: size, flags: [.mayMove, .fixed], newAddress: target) == target)
+            let parentAt = mover == .parent ? target : old
+            let childAt = mover == .child ? target : old
+            #expect(moving.entry(at: old).entry.isNone)
+
+            /// Both processes map one frame per page, with entries of `kind`,
+            /// and the machine is consistent.
+            func expectShared(_ kind: PageTableEntry.Kind, _ step: String) {
+                for i in 0..<npages {
+                    let off = UInt64(i << pageShift)
+                    let p = parent.entry(at: parentAt + off).entry, c = child.entry(at: childAt + off).entry
+                    #expect(p.kind == kind && c.kind == kind && p.pfn == c.pfn, "\(step), page \(i): parent \(p), child \(c)")
+                }
+                let audit = kernel.audit()
+                #expect(audit.isClean, "\(step): \(audit)")
+            }
+            /// Both read the bytes the parent had (CPU loads: device pages fault back).
+            func expectBytes(_ step: String) throws {
+                #expect(try loadInts(parent, parentAt, count: size / 4) == bytes, "\(step): the parent's bytes")
+                #expect(try loadInts(child, childAt, count: size / 4) == bytes, "\(step): the child's bytes")
+            }
+            expectShared(.present, "after mremap")
+
+            buffer.ptr = parentAt
+            #expect(hmmCommand(device, .migrateToDevice, buffer, npages) == 0)
+            #expect(buffer.cpages == npages)
+            expectShared(.devicePrivate, "migrated to the device")
+
+            device.commandRelease()
+            expectShared(.present, "evicted")
+            try expectBytes("evicted")
+
+            let addresses = (0..<npages).map { parentAt + UInt64($0 << pageShift) }
+            var status: [PageStatus] = []
+            #expect(try parent.movePages(addresses, nodes: Array(repeating: 1, count: npages), status: &status, flags: .moveAll) == 0)
+            #expect(status == Array(repeating: .node(1), count: npages))
+            _ = try child.movePages((0..<npages).map { childAt + UInt64($0 << pageShift) }, nodes: nil, status: &status)
+            #expect(status == Array(repeating: .node(1), count: npages), "the child's pages moved with the parent's")
+            expectShared(.present, "moved to node 1")
+            try expectBytes("moved to node 1")
+
+            #expect(hmmCommand(device, .migrateToDevice, buffer, npages) == 0)
+            #expect(buffer.cpages == npages)
+            expectShared(.devicePrivate, "migrated to the device again")
+            #expect(try loadInts(child, childAt, count: size / 4) == bytes, "the child faults the pages back")
+            expectShared(.present, "faulted back by the child")
+            try expectBytes("faulted back by the child")
+
+            // Copy-on-write from here: each side's writes stay its own.
+            try parent.fillPattern(parentAt, length: size, seed: 12)
+            #expect(try loadInts(child, childAt, count: size / 4) == bytes)
+            try child.fillPattern(childAt, length: size, seed: 13)
+            #expect(try parent.verifyPattern(parentAt, length: size, seed: 12) == nil)
+            let audit = kernel.audit()
+            #expect(audit.isClean, "\(audit)")
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+        }
+    }
+
     /// A machine whose device copies through a gated engine (an eviction
     /// can be held between its unmap and its remap), with `npages` pages of
-    /// the parent's memory mapped and filled with `seed`'s pattern; the
-    /// device goes before the address space, both before the kernel.
-    private func withGatedMachine(npages: Int, seed: UInt64,
+    /// the parent's memory mapped and filled with `seed`'s pattern on node 0
+    /// of `nodes` RAM nodes; the device goes before the address space,
+    /// both before the kernel.
+    private func withGatedMachine(npages: Int, seed: UInt64, nodes: Int = 1,
                                   _ body: (Kernel, AddressSpace, MirrorDevice, GatedCopyEngine, HMMBuffer) throws -> Void) throws {
         let engine = GatedCopyEngine()
         var config = KernelConfiguration()
-        config.nodeSizes = [64 << 20]
+        config.nodeSizes = Array(repeating: 64 << 20, count: nodes)
         config.addressSpaceSize = 4 << 30
         let kernel = Kernel(config)
         var mm: AddressSpace? = AddressSpace(kernel: kernel)

@@ -55,4 +55,25 @@ struct AuditTests {
         orphan.put()
         #expect(kernel.audit().isClean)
     }
+
+    @Test("an anonymous page whose index its VMA does not give its address is an rmap mismatch; mremap keeps them matched")
+    func rmapMismatch() throws {
+        let (kernel, mm, base) = try machine()
+        let small = base + PageGeometry.pmdSize64
+        let folio = kernel.pfnToPage(mm.entry(at: small).entry.pfn).folio
+        folio.meta.index += 1
+        let a = kernel.audit()
+        #expect(a.rmapMismatches == 1 && !a.isClean, "\(a)")
+        folio.meta.index -= 1
+        #expect(kernel.audit().isClean)
+        // Moved elsewhere, the pages keep their index and the VMA its vm_pgoff.
+        let target = try mm.mmap(length: 2 * PageGeometry.pageSize)
+        #expect(try mm.mremap(small, oldLength: PageGeometry.pageSize, newLength: PageGeometry.pageSize,
+                              flags: [.mayMove, .fixed], newAddress: target) == target)
+        #expect(mm.entry(at: target).entry.pfn == folio.pfn)
+        #expect(try mm.load64(target) == 2)
+        let moved = kernel.audit()
+        #expect(moved.isClean, "\(moved)")
+        #expect(kernel.rmapAddress(of: folio.page(0))?.1 == target)
+    }
 }

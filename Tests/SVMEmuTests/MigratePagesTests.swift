@@ -535,4 +535,36 @@ struct MigratePagesTests {
             #expect(mm.getUserPage(0x10) == nil, "no VMA")
         }
     }
+
+    @Test("move_pages after fork and mremap: the rmap finds each side at its own address with more VMAs than its lock-free copy holds")
+    func movePagesAfterForkAndMremap() throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let pages = 16
+            let a = try filled(mm, pages: pages)
+            // Every other page read-only: 16 VMAs in each process, 32 in the
+            // family, more than the walks' lock-free copy (8): they take the lock.
+            for p in stride(from: 0, to: pages, by: 2) {
+                try mm.mprotect(a + UInt64(p * pageSize), length: pageSize, protection: .read)
+            }
+            #expect(mm.mappings.count >= pages)
+            let child = try mm.fork()
+            let target = try mm.mmap(length: pageSize)
+            let moved = a + UInt64(5 * pageSize)
+            #expect(try mm.mremap(moved, oldLength: pageSize, newLength: pageSize, flags: [.mayMove, .fixed], newAddress: target) == target)
+            let parentAt = (0..<pages).map { $0 == 5 ? target : a + UInt64($0 * pageSize) }
+            var status: [PageStatus] = []
+            _ = try mm.movePages(parentAt, nodes: Array(repeating: 1, count: pages), status: &status, flags: .moveAll)
+            #expect(status == Array(repeating: .node(1), count: pages))
+            for p in 0..<pages {
+                let c = child.entry(at: a + UInt64(p * pageSize)).entry, q = mm.entry(at: parentAt[p]).entry
+                #expect(c.kind == .present && c.pfn == q.pfn, "page \(p): child \(c), parent \(q)")
+                #expect(node(of: child, a + UInt64(p * pageSize)) == .node(1), "page \(p)")
+            }
+            #expect(try child.verifyPattern(a, length: pages * pageSize, seed: 7) == nil)
+            #expect(try mm.load64(target) == child.load64(moved))
+            let audit = kernel.audit()
+            #expect(audit.isClean, "\(audit)")
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+        }
+    }
 }

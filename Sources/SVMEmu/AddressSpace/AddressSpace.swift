@@ -58,9 +58,14 @@ public final class AddressSpace: @unchecked Sendable {
     /// Invalidations in progress (a futex word), and the sequence they advance.
     let activeInvalidations: UnsafeMutablePointer<UInt32>
     let invalidateSeq = Atomic<UInt64>(0)
-    /// The address spaces this one shares anonymous folios with through
-    /// fork (the emulator's `anon_vma` tree): the rmap walks visit them all.
+    /// The anonymous memory this address space shares with its fork tree
+    /// (the emulator's `anon_vma`): the VMAs of every member that the anon
+    /// rmap walks visit.
     let anonFamily: AnonFamily
+    /// `anonFamily`, unretained, for the per-folio rmap walks: the registry
+    /// holds families weakly, so each retain of one takes the slow
+    /// side-table path.
+    let anonFamilyRef: Unmanaged<AnonFamily>
 
     /// Creates an empty address space (what `execve()` or `fork()` would set up).
     ///
@@ -76,7 +81,8 @@ public final class AddressSpace: @unchecked Sendable {
     }
 
     /// An empty address space; with `family`, it joins the fork tree of its
-    /// parent (`anon_vma_fork()`), so that rmap walks of shared folios see it.
+    /// parent (`anon_vma_fork()`): once its VMAs are linked there, rmap
+    /// walks of shared folios see it.
     init(kernel: Kernel, family: AnonFamily?) {
         self.kernel = kernel
         baseAddress = 1 << 32
@@ -94,7 +100,7 @@ public final class AddressSpace: @unchecked Sendable {
         tlbGen = tlbContext.gen
         cpuAccess = CPUAccess(kernel.cpus)
         anonFamily = family ?? AnonFamily()
-        anonFamily.join(id)
+        anonFamilyRef = Unmanaged.passUnretained(anonFamily)
         kernel.registerAnonFamily(anonFamily, id: id)
         kernel.register(self)
     }
@@ -109,9 +115,9 @@ public final class AddressSpace: @unchecked Sendable {
         let files = vmas.compactMap(\.file)
         vmas.removeAll()
         relinkFileMappings(files)
+        relinkAnonMappings()
         mmapWriteUnlock()
         kernel.unregister(id)
-        anonFamily.leave(id)
         HostMemory.release(pmds, bytes: pmdCount * 8)
         HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
         HostMemory.release(ptls, bytes: pmdCount * 4)

@@ -28,8 +28,9 @@ extension AddressSpace {
     /// PMD; it splits only in the cases it cannot share). The folio stays
     /// large.
     ///
-    /// - Returns: the child address space. Its rmap family is this one's, so
-    ///   migrations and evictions reach the pages it shares.
+    /// - Returns: the child address space. Its rmap family is this one's and
+    ///   its VMAs keep their `vm_pgoff`, so migrations and evictions reach
+    ///   the pages it shares wherever either side later moves them.
     /// - Throws: ``Errno/noMemory`` when a hugetlb page that may be pinned
     ///   must be copied for the child and the hugetlb pool has no free page
     ///   (the child is released; the parent keeps its mappings).
@@ -43,6 +44,10 @@ extension AddressSpace {
         defer { child.mmapWriteUnlock() }
         child.vmas = vmas.map { VMA(mm: child, start: $0.start, end: $0.end, flags: $0.flags, file: $0.file, pageOffset: $0.pageOffset) }
         child.relinkFileMappings(vmas.compactMap(\.file))
+        // anon_vma_fork(): the child's VMAs (same bounds, same vm_pgoff) join
+        // the family's rmap after the parent's, before any entry is copied,
+        // so that a walk meets a copied entry in the parent first.
+        child.relinkAnonMappings()
         for vma in vmas {
             // VM_PFNMAP: the child faults (and gets SIGBUS) instead; a
             // VM_MIXEDMAP mapping is copied (vma_needs_copy()).

@@ -102,6 +102,7 @@ extension AddressSpace {
         let vma = VMA(mm: self, start: start, end: start + len, flags: flags)
         vma.hugetlbReservation = HugeTLBReservation()
         vmas.insert(vma, at: vmas.firstIndex { $0.start > start } ?? vmas.count)
+        relinkAnonMappings()
         return start
     }
 
@@ -204,7 +205,7 @@ extension AddressSpace {
         let writable = write && vma.flags.contains(.write)
         let mapped = withPMDLock(haddr) { () -> Bool in
             guard loadPMD(haddr).isNone else { return false }
-            addHugetlbAnonRmap(folio, haddr)
+            addHugetlbAnonRmap(folio, vma, haddr)
             storePMD(haddr, .present(pfn: folio.pfn, write: writable, dirty: writable))
             return true
         }
@@ -218,8 +219,8 @@ extension AddressSpace {
     /// once, and not on the LRU (hugetlb pages never are) but on the pool's
     /// active list, where migration may isolate it
     /// (`folio_set_hugetlb_migratable()`).
-    private func addHugetlbAnonRmap(_ folio: Folio, _ haddr: UInt64) {
-        addNewAnonRmap(folio, address: haddr, pmdMapped: true)
+    private func addHugetlbAnonRmap(_ folio: Folio, _ vma: VMA, _ haddr: UInt64) {
+        addNewAnonRmap(folio, vma, address: haddr, pmdMapped: true)
         folio.clear(.lru)
         folio.set(.hugetlbMigratable)
     }
@@ -255,7 +256,7 @@ extension AddressSpace {
             withPMDLock(haddr) { () -> Bool in
                 let now = loadPMD(haddr)
                 guard now.kind == .present, now.pfn == old.pfn, !now.isWrite else { return false }
-                addHugetlbAnonRmap(folio, haddr)
+                addHugetlbAnonRmap(folio, vma, haddr)
                 storePMD(haddr, .none)
                 flushTLBRange(haddr, haddr + PageGeometry.pmdSize64)
                 storePMD(haddr, .present(pfn: folio.pfn, write: true, dirty: true))
@@ -306,7 +307,8 @@ extension AddressSpace {
                 guard let copy = kernel.hugetlb.allocate(reserved: false) else { throw .noMemory }
                 svm_memcpy(copy.bytes, folio.bytes, HugeTLBPool.pageSize)
                 child.withPMDLock(haddr) {
-                    child.addHugetlbAnonRmap(copy, haddr)
+                    // The child's copy of `vma` has its bounds and vm_pgoff.
+                    child.addHugetlbAnonRmap(copy, vma, haddr)
                     child.storePMD(haddr, .present(pfn: copy.pfn, write: now.isWrite, dirty: true))
                 }
                 continue

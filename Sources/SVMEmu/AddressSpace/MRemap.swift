@@ -23,16 +23,19 @@ extension AddressSpace {
     /// A move never copies bytes: page-table entries (present, zero page, migration
     /// and device-private entries) are moved from the old range to the new one,
     /// a 2 MiB entry whole when both addresses and the extent are 2 MiB aligned,
-    /// else after `splitHugePMD`. The reverse map follows: every moved folio's
-    /// `index` is rebased to the new address (the kernel keeps `folio->index` and
-    /// rebases the new VMA's `vm_pgoff` instead; the emulator's rmap stores the
-    /// address, so it is the folio that is updated).
+    /// else after `splitHugePMD`. The moved VMA keeps the `vm_pgoff` of the
+    /// range it came from (`copy_vma()`), so every moved folio keeps its
+    /// `index`, and the rmap finds it at the new address in this address
+    /// space and at the old one in any fork relative that still maps it.
     ///
     /// Locking: the caller must not hold the mmap lock; it is taken for
     /// writing throughout (no fault, no migrate_vma can run); each entry moves
     /// under the old and new page-table locks (old first), which excludes the
-    /// lockless CPU access path and rmap walkers such as eviction. Like the
-    /// kernel, the old range is
+    /// lockless CPU access path and each visit of an rmap walker such as
+    /// eviction. The moved VMA is linked into the anon rmap after the old
+    /// one and before any entry moves, so a walk finds each entry at one end
+    /// or the other (or, when it began before the link, runs again). Like
+    /// the kernel, the old range is
     /// invalidated (MMU_NOTIFY_UNMAP) before entries move, and one TLB flush of
     /// the old range is accounted per 2 MiB extent in which a present entry moved.
     ///
@@ -102,9 +105,11 @@ extension AddressSpace {
         }
         if !flags.contains(.dontUnmap), oldAddress + oldLen == vma.end,
            fullyFree(vma.end, oldAddress + newLen) {
-            // Grow in place: the VMA is extended (vma_expand()).
+            // Grow in place: the VMA is extended (vma_expand()), its
+            // vm_pgoff unchanged.
             vma.end = oldAddress + newLen
             if let file = vma.file { relinkFileMappings([file]) }
+            relinkAnonMappings()
             return oldAddress
         }
         guard flags.contains(.mayMove) else { throw .noMemory }
@@ -131,10 +136,11 @@ extension AddressSpace {
         return candidate + length <= endAddress ? candidate : nil
     }
 
-    /// `move_vma()`: a new VMA with the old one's flags at `to` (extended to
-    /// `newLength`), the page tables of `[from, from + length)` moved into it,
-    /// then the old range unmapped unless `keepOld` (MREMAP_DONTUNMAP leaves
-    /// it mapped and empty). Caller holds the mmap lock for writing; `to` is free.
+    /// `move_vma()`: a new VMA with the old one's flags and `vm_pgoff` at `to`
+    /// (extended to `newLength`; `copy_vma()`), the page tables of
+    /// `[from, from + length)` moved into it, then the old range unmapped
+    /// unless `keepOld` (MREMAP_DONTUNMAP leaves it mapped and empty).
+    /// Caller holds the mmap lock for writing; `to` is free.
     private func moveVMALocked(_ from: UInt64, length: UInt64, to: UInt64, newLength: UInt64, keepOld: Bool) {
         splitVMA(at: from)
         splitVMA(at: from + length)
@@ -142,8 +148,11 @@ extension AddressSpace {
         let moved = VMA(mm: self, start: to, end: to + newLength, flags: old.flags, file: old.file, pageOffset: old.pageOffset)
         let i = vmas.firstIndex { $0.start > to } ?? vmas.count
         vmas.insert(moved, at: i)
-        // The file rmap must find the moved entries (take_rmap_locks()).
+        // The rmaps must find the moved entries (take_rmap_locks()): the
+        // file's i_mmap, and the anon rmap, where the new VMA is linked
+        // after the old one (a walk meets the old place first).
         if let file = old.file { relinkFileMappings([file]) }
+        relinkAnonMappings()
         withInvalidation(from, from + length, .unmap) {
             movePageTables(from, to, length)
         }
@@ -191,7 +200,6 @@ extension AddressSpace {
             guard e.kind == .present || e.kind == .migration || e.kind == .devicePrivate else { return nil }
             storePMD(old, .none)
             storePMD(new, e)
-            if !(e.kind == .present && e.isSpecial) { rebaseRmap(pfn: e.pfn, address: new) }
             return e
         }
         if let e = moved, e.kind == .present { flushTLBRange(old, old + AddressSpace.pmdSize) }
@@ -217,30 +225,11 @@ extension AddressSpace {
             if !e.isNone {
                 storePTE(old + off, .none)
                 storePTE(new + off, e)
-                switch e.kind {
-                case .present:
-                    flushNeeded = true
-                    if !e.isSpecial { rebaseRmap(pfn: e.pfn, address: new + off) }
-                case .migration, .devicePrivate:
-                    rebaseRmap(pfn: e.pfn, address: new + off)
-                default:
-                    break
-                }
+                if e.kind == .present { flushNeeded = true }
             }
             off += PageGeometry.pageSize64
         }
         }
         if flushNeeded { flushTLBRange(old, old + extent) }
-    }
-
-    /// Points the reverse map of the folio containing `pfn` at `address` for
-    /// that page (so the folio's head index is `address`'s page minus the
-    /// page's offset in the folio). Only folios this mm's rmap names change.
-    private func rebaseRmap(pfn: UInt64, address: UInt64) {
-        let page = Page(pfn: pfn, kernel: kernel)
-        let folio = page.folio
-        let head = folio.meta
-        guard head.mappingMM == id, !folio.test(.pageCache) else { return }
-        head.index = (address >> PageGeometry.pageShift) - (pfn - folio.pfn)
     }
 }

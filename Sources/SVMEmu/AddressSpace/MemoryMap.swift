@@ -47,7 +47,7 @@ extension AddressSpace {
                      shared: Bool = false, special: Bool = false) throws(Errno) -> UInt64 {
         mmapWriteLock(); defer { mmapWriteUnlock() }
         return try mapRegionLocked(address: address, length: length, protection: protection, shared: shared,
-                                   special: special, file: nil, pageOffset: 0).start
+                                   special: special, file: nil, pageOffset: nil).start
     }
 
     func freeRange(length: UInt64, align: UInt64) -> UInt64? {
@@ -109,21 +109,25 @@ extension AddressSpace {
         }
         let files = victims.compactMap(\.file)
         if !files.isEmpty { relinkFileMappings(files) }
+        relinkAnonMappings()
     }
 
-    /// Splits the VMA containing `address` so that one ends and one begins there.
-    /// A hugetlb VMA is split only on a 2 MiB boundary (callers check first).
+    /// Splits the VMA containing `address` so that one ends and one begins
+    /// there; the second piece's `vm_pgoff` is the linear index of its first
+    /// page, so every page keeps its index (`__split_vma()`). A hugetlb VMA
+    /// is split only on a 2 MiB boundary (callers check first).
     /// Caller holds the mmap lock for writing.
     func splitVMA(at address: UInt64) {
         guard let i = vmas.firstIndex(where: { $0.start < address && address < $0.end }) else { return }
         let old = vmas[i]
         if old.flags.contains(.hugetlb) && address & ~PageGeometry.pmdMask != 0 { return }
         let tail = VMA(mm: self, start: address, end: old.end, flags: old.flags, file: old.file,
-                       pageOffset: old.file == nil ? 0 : old.fileIndex(address))
+                       pageOffset: old.linearPageIndex(address))
         tail.hugetlbReservation = old.hugetlbReservation
         old.end = address
         vmas.insert(tail, at: i + 1)
         if let file = old.file { relinkFileMappings([file]) }
+        relinkAnonMappings()
     }
 
     /// Every page of `[start, end)` lies in some VMA. Caller holds the mmap lock.

@@ -81,8 +81,16 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
     /// The file this VMA maps (`vma->vm_file`), or nil for anonymous memory
     /// and driver mappings. The VMA keeps the file alive.
     public let file: File?
-    /// The file page mapped at ``start`` (`vma->vm_pgoff`, in pages); 0
-    /// without a file. Stable while the mmap lock is held.
+    /// The linear page index of ``start`` (`vma->vm_pgoff`, in pages):
+    /// for a file mapping the file page mapped there; for private
+    /// anonymous memory `start >> PAGE_SHIFT` when it was mapped, kept
+    /// when `mremap()` moves it, so that the anonymous folios it maps keep
+    /// their index (`folio->index`) and the rmap finds them at
+    /// `start + (index - pageOffset) << PAGE_SHIFT` (`vma_address()`).
+    /// 0 for shared anonymous memory (an offset in its shmem object), a
+    /// hugetlb mapping (in its hugetlbfs file) and a driver's mapping (the
+    /// device file's offset). A split gives the second piece the index of
+    /// its first page. Stable while the mmap lock is held.
     public internal(set) var pageOffset: UInt64
 
     init(mm: AddressSpace, start: UInt64, end: UInt64, flags: VMAFlags, file: File? = nil, pageOffset: UInt64 = 0) {
@@ -104,10 +112,23 @@ public final class VMA: @unchecked Sendable, CustomStringConvertible {
     /// The corresponding kernel function is `vma_is_anonymous()`.
     public var isAnonymous: Bool { file == nil && flags.isDisjoint(with: [.shared, .special, .hugetlb]) }
 
-    /// The file page index that `address` (in this VMA) maps
-    /// (`linear_page_index()`).
-    func fileIndex(_ address: UInt64) -> UInt64 {
+    /// The linear page index of `address` (in this VMA): the file page a
+    /// file mapping maps there, or the `folio->index` an anonymous folio
+    /// mapped there has.
+    ///
+    /// The corresponding kernel function is `linear_page_index()`.
+    func linearPageIndex(_ address: UInt64) -> UInt64 {
         pageOffset &+ ((address &- start) >> PageGeometry.pageShift)
+    }
+
+    /// Whether anonymous folios may be mapped here, so that the anon rmap
+    /// must visit it: every VMA but a shared file mapping (its pages are
+    /// the page cache's, found through the file) and a raw pfn mapping
+    /// (no pages). A private file mapping holds the anonymous copies its
+    /// write faults make; shared anonymous memory is walked like private
+    /// (the emulator has no shmem object for it).
+    var isInAnonRmap: Bool {
+        !flags.contains(.special) && !(file != nil && flags.contains(.shared))
     }
     /// `end - start` in bytes.
     public var length: UInt64 { end - start }

@@ -168,11 +168,11 @@ extension AddressSpace {
         let mapped = withPTL(address) { () -> Bool in
             guard loadPMD(address).kind == .table, loadPTE(address) == expect else { return false }
         if vma.isAnonymous {
-            addNewAnonRmap(folio, address: address, pmdMapped: false)
+            addNewAnonRmap(folio, vma, address: address, pmdMapped: false)
         } else {
             folio.set([.shmem, .uptodate, .lru])
             folio.meta.mappingMM = id
-            folio.meta.index = address >> PageGeometry.pageShift
+            folio.meta.index = vma.linearPageIndex(address)
                 folio.page(0).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
         }
         let writable = vma.flags.contains(.write)
@@ -210,7 +210,7 @@ extension AddressSpace {
         guard let folio = kernel.allocateFolio(order: PageGeometry.pmdOrder, zeroed: true) else { return false }
         let mapped = withPMDLock(haddr) { () -> Bool in
             guard loadPMD(haddr).isNone else { return false }
-            addNewAnonRmap(folio, address: haddr, pmdMapped: true)
+            addNewAnonRmap(folio, vma, address: haddr, pmdMapped: true)
             storePMD(haddr, .present(pfn: folio.pfn, write: vma.flags.contains(.write), dirty: true))
             return true
         }
@@ -287,7 +287,7 @@ extension AddressSpace {
         let replaced = withPTL(addr) { () -> Bool in
             guard loadPMD(addr).kind == .table, loadPTE(addr).without(PageTableEntry.youngBit | PageTableEntry.dirtyBit)
                     == old.without(PageTableEntry.youngBit | PageTableEntry.dirtyBit) else { return false }
-            addNewAnonRmap(folio, address: addr, pmdMapped: false)
+            addNewAnonRmap(folio, vma, address: addr, pmdMapped: false)
             storePTE(addr, .none)
             flushTLBRange(addr, addr + PageGeometry.pageSize64)
             storePTE(addr, .present(pfn: folio.pfn, write: true, dirty: true))

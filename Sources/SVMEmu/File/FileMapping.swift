@@ -133,10 +133,12 @@ extension AddressSpace {
     // MARK: internals
 
     /// `mmap_region()` for anonymous, file and driver mappings: a new VMA
-    /// in the address space, nothing mapped in it. Caller holds the mmap
-    /// lock for writing.
+    /// in the address space, nothing mapped in it, linked into the anon
+    /// rmap. `pageOffset` is its `vm_pgoff`; nil for anonymous memory,
+    /// which gets `do_mmap()`'s: the start's page number for a private
+    /// mapping, 0 for a shared one. Caller holds the mmap lock for writing.
     func mapRegionLocked(address: UInt64?, length: Int, protection: Protection, shared: Bool, special: Bool,
-                         file: File?, pageOffset: UInt64) throws(Errno) -> VMA {
+                         file: File?, pageOffset: UInt64?) throws(Errno) -> VMA {
         guard length > 0 else { throw .invalidArgument }
         let len = PageGeometry.pageAlign(UInt64(length))
         var flags: VMAFlags = []
@@ -158,9 +160,11 @@ extension AddressSpace {
             }
             start = s
         }
-        let vma = VMA(mm: self, start: start, end: start + len, flags: flags, file: file, pageOffset: pageOffset)
+        let pgoff = pageOffset ?? (shared ? 0 : start >> PageGeometry.pageShift)
+        let vma = VMA(mm: self, start: start, end: start + len, flags: flags, file: file, pageOffset: pgoff)
         let i = vmas.firstIndex { $0.start > start } ?? vmas.count
         vmas.insert(vma, at: i)
+        relinkAnonMappings()
         return vma
     }
 
@@ -191,7 +195,7 @@ extension AddressSpace {
     func fileFault(_ vma: VMA, _ address: UInt64, write: Bool) throws(Errno) {
         guard let file = vma.file else { return }
         let addr = address & PageGeometry.pageMask
-        let folio = try file.faultFolio(vma.fileIndex(addr))
+        let folio = try file.faultFolio(vma.linearPageIndex(addr))
         defer { folio.unlock() }
         if write && !vma.flags.contains(.shared) {
             defer { folio.put() }
@@ -199,7 +203,7 @@ extension AddressSpace {
             svm_memcpy(copy.bytes, folio.bytes, PageGeometry.pageSize)
             let mapped = withPTL(addr) { () -> Bool in
                 guard loadPMD(addr).kind == .table, loadPTE(addr).isNone else { return false }
-                addNewAnonRmap(copy, address: addr, pmdMapped: false)
+                addNewAnonRmap(copy, vma, address: addr, pmdMapped: false)
                 storePTE(addr, .present(pfn: copy.pfn, write: true, dirty: true))
                 return true
             }

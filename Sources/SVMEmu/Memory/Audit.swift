@@ -31,6 +31,13 @@ public struct KernelAudit: Sendable, Equatable, Codable, CustomStringConvertible
     public var migrationEntries = 0
     /// The allocator's free-page count differs from its free lists.
     public var freeCountMismatches = 0
+    /// Anonymous pages mapped where their rmap would not find them: the
+    /// page's linear index (`folio->index` plus its place in the folio) is
+    /// not the one the mapping VMA gives that address (`linear_page_index()`,
+    /// as `__page_check_anon_rmap()` checks), the folio's rmap names an
+    /// address space of another fork family, or the VMA is missing from
+    /// its family's rmap.
+    public var rmapMismatches = 0
     /// The first findings, described (at most 20).
     public var findings: [String] = []
 
@@ -38,7 +45,7 @@ public struct KernelAudit: Sendable, Equatable, Codable, CustomStringConvertible
     public var isClean: Bool {
         referenceMismatches == 0 && mapCountMismatches == 0 && foliosLocked == 0 && locksHeld == 0
             && unreachableFolios == 0 && lostFrames == 0 && entriesToFreeFrames == 0 && migrationEntries == 0
-            && freeCountMismatches == 0
+            && freeCountMismatches == 0 && rmapMismatches == 0
     }
 
     public var description: String {
@@ -46,7 +53,7 @@ public struct KernelAudit: Sendable, Equatable, Codable, CustomStringConvertible
             + "\(mapCountMismatches) map-count mismatches, \(foliosLocked) folios locked, \(locksHeld) locks held, "
             + "\(unreachableFolios) unreachable folios, \(lostFrames) lost frames, "
             + "\(entriesToFreeFrames) entries to free frames, \(migrationEntries) migration entries, "
-            + "\(freeCountMismatches) free-count mismatches"
+            + "\(freeCountMismatches) free-count mismatches, \(rmapMismatches) rmap mismatches"
             + (findings.isEmpty ? "" : "; " + findings.joined(separator: "; "))
     }
 
@@ -59,10 +66,13 @@ extension Kernel {
 
     /// Checks the machine's invariants: every folio's references are its
     /// mappings plus what is known to be held, no folio lock or kernel lock
-    /// is held, and every frame is either free (on its allocator's lists)
+    /// is held, every frame is either free (on its allocator's lists)
     /// or reachable (mapped by some address space's page tables, held by
     /// the deferred TLB flush or a file's page cache, the zero pages, or
-    /// held by the caller). Free hugetlb pool pages count as free frames.
+    /// held by the caller; free hugetlb pool pages count as free frames),
+    /// and the rmap of every mapped anonymous page leads to each of its
+    /// mappings (its index is the one the mapping VMA's `vm_pgoff` gives
+    /// the address, in a VMA its fork family links).
     ///
     /// Call it only at quiescence: no thread may be inside the kernel or
     /// a driver (no fault, migration, access or mmap call in progress), as
@@ -95,7 +105,8 @@ extension Kernel {
         for mm in spaces {
             if mm.mmapLock.isLocked { a.locksHeld += 1; a.note("mm \(mm.id): mmap lock held") }
             a.locksHeld += mm.auditLocks(&a)
-            mm.forEachEntry { address, level, e in
+            var linked: VMA? = nil
+            mm.forEachEntry { vma, address, level, e in
                 switch e.kind {
                 case .migration:
                     a.migrationEntries += 1
@@ -108,6 +119,8 @@ extension Kernel {
                     refs[head, default: 0] += 1
                     if level == .pmd { entireMaps[head, default: 0] += 1 } else { pteMaps[e.pfn, default: 0] += 1 }
                     mapped.append(e.pfn)
+                    auditAnonRmap(mm, vma, address, e.pfn, head, checkLink: linked !== vma, &a)
+                    linked = vma
                 default: return
                 }
             }
@@ -152,6 +165,31 @@ extension Kernel {
             }
         }
         return a
+    }
+
+    /// One mapping of an anonymous page (anonymous or shared-anonymous
+    /// memory: not the page cache, not a driver's page) at `address` in
+    /// `vma`: its rmap must lead there (`__page_check_anon_rmap()`). With
+    /// `checkLink`, also that `vma` is linked in its family's rmap.
+    private func auditAnonRmap(_ mm: AddressSpace, _ vma: VMA, _ address: UInt64, _ pfn: UInt64, _ head: UInt64,
+                               checkLink: Bool, _ a: inout KernelAudit) {
+        let m = metaPtr(head)
+        guard m.mappingMM != 0, !m.test(PageFlags.pageCache.rawValue),
+              m.test(PageFlags.anon.rawValue | PageFlags.shmem.rawValue) else { return }
+        let where_ = "mm \(mm.id) 0x\(String(address, radix: 16)) pfn 0x\(String(pfn, radix: 16))"
+        let index = m.index &+ (pfn &- head)
+        if index != vma.linearPageIndex(address) {
+            a.rmapMismatches += 1
+            a.note("\(where_): index 0x\(String(index, radix: 16)), but \(vma) (pgoff 0x\(String(vma.pageOffset, radix: 16))) maps 0x\(String(vma.linearPageIndex(address), radix: 16)) there")
+        }
+        if anonFamily(of: m.mappingMM) !== mm.anonFamily {
+            a.rmapMismatches += 1
+            a.note("\(where_): the rmap names mm \(m.mappingMM), of another fork family")
+        }
+        if checkLink && !mm.anonFamily.contains(AnonMappingEntry(mmID: mm.id, start: vma.start, end: vma.end, pageOffset: vma.pageOffset)) {
+            a.rmapMismatches += 1
+            a.note("\(where_): \(vma) is not linked in its family's rmap")
+        }
     }
 
     /// Frames `[start, start + count)`: RAM when `free` is given (the
@@ -227,10 +265,10 @@ extension Kernel {
 }
 
 extension AddressSpace {
-    /// Calls `body` with every entry of every VMA that is not none: a PMD
-    /// entry that maps 2 MiB itself once, else each PTE. No locks: for the
-    /// audit at quiescence.
-    func forEachEntry(_ body: (UInt64, PageTableLevel, PageTableEntry) -> Void) {
+    /// Calls `body` with every entry of every VMA that is not none, and its
+    /// VMA: a PMD entry that maps 2 MiB itself once, else each PTE. No
+    /// locks: for the audit at quiescence.
+    func forEachEntry(_ body: (VMA, UInt64, PageTableLevel, PageTableEntry) -> Void) {
         var lastPMD: UInt64 = .max
         for v in vmas {
             var a = v.start
@@ -241,14 +279,14 @@ extension AddressSpace {
                 if pmd.kind == .table {
                     while a < min(v.end, pmdEnd) {
                         let e = loadPTE(a)
-                        if !e.isNone { body(a, .pte, e) }
+                        if !e.isNone { body(v, a, .pte, e) }
                         a += PageGeometry.pageSize64
                     }
                     continue
                 }
                 if !pmd.isNone && pmdStart != lastPMD {
                     lastPMD = pmdStart
-                    body(pmdStart, .pmd, pmd)
+                    body(v, pmdStart, .pmd, pmd)
                 }
                 a = min(v.end, pmdEnd)
             }

@@ -93,7 +93,7 @@ extension AddressSpace {
                 }
             }
             freePTETable(haddr)
-            addNewAnonRmap(huge, address: haddr, pmdMapped: true)
+            addNewAnonRmap(huge, vma, address: haddr, pmdMapped: true)
             if dirty { huge.markDirty() }
             storePMD(haddr, .present(pfn: huge.pfn, write: vma.flags.contains(.write), dirty: dirty))
             for f in old { f.put() }

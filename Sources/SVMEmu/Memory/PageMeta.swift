@@ -16,7 +16,8 @@ import Synchronization
 /// 24 head             u64  pfn of the folio head (compound_head); self for a head
 /// 32 mappingMM        u32  address-space id of an anonymous mapping (anon rmap),
 ///                          or the file id of a page-cache folio (PageFlags.pageCache)
-/// 40 index            u64  virtual page number the page is mapped at (anon rmap),
+/// 40 index            u64  linear page index (folio->index): vm_pgoff plus the page's
+///                          offset in the VMA that mapped it first (anon rmap),
 ///                          or the file page index (page cache)
 /// 48 next             u64  free-list link
 /// 56 zoneDeviceData   u64  driver-private word (page->zone_device_data)

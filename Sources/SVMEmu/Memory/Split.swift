@@ -30,13 +30,20 @@ extension Kernel {
             warn("split_folio: caller must hold the folio lock", "\(folio)")
             return false
         }
-        let rmap = rmapAddress(of: folio.page(0))
-        if let (mm, address) = rmap, folio.entireMapCount > 0 {
-            let pmd = mm.loadPMD(address)
-            if pmd.kind != .none && pmd.kind != .table && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
+        if folio.entireMapCount > 0 {
+            // split_huge_pmd_address() where the rmap finds the PMD mapping.
+            rmapWalkAnon(folio, pages: 0..<1, hint: nil) { _, mm, address in
+                let pmd = mm.loadPMD(address)
+                if pmd.kind != .none && pmd.kind != .table && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
+            }
         }
         if folio.entireMapCount > 0 { return false }
-        if let (mm, address) = rmap, mm.covers(address) {
+        // The PTE lock of a mapping (the one the rmap names, else any):
+        // the table where the folio's pages are mapped there.
+        let named = folio.meta.mappingMM
+        let table = { (mm: AddressSpace, address: UInt64) in mm.loadPMD(address).kind == .table }
+        if let (mm, address) = rmapFind(folio, page: 0, hint: nil, where: { mm, a in mm.id == named && table(mm, a) })
+            ?? rmapFind(folio, page: 0, hint: nil, where: table) {
             return mm.withPTL(address) { splitPTEMappedFolio(folio) }
         }
         return splitPTEMappedFolio(folio)
@@ -141,7 +148,7 @@ extension Kernel {
         guard let head = page(src[i]) else { return false }
         let folio = head.folio
         guard folio.isLarge else { return false }
-        if let (mm, address) = rmapAddress(of: head, hint: hint), mm.covers(address) {
+        rmapWalkAnon(folio, pages: 0..<1, hint: hint) { _, mm, address in
             let pmd = mm.loadPMD(address)
             if pmd.kind == .migration && pmd.pfn == folio.pfn { mm.splitHugePMD(address) }
         }

@@ -82,7 +82,7 @@ extension Kernel {
         let replacingZero = pmd.kind == .present && pmd.isSpecial
             guard pmd.isNone || replacingZero else { return nil }
         folio.set(.uptodate)
-        mm.addNewAnonRmap(folio, address: haddr, pmdMapped: true)
+        mm.addNewAnonRmap(folio, vma, address: haddr, pmdMapped: true)
         folio.get()
         if replacingZero {
             mm.storePMD(haddr, .none)
@@ -118,45 +118,56 @@ extension Kernel {
         mm.removeEntireRmap(folio)
     }
 
-    /// `try_to_migrate()` for a PMD-mapped folio: a PMD migration entry.
+    /// `try_to_migrate()` for a PMD-mapped folio: a PMD migration entry where
+    /// the anon rmap walk finds a PMD mapping it.
     ///
     /// Caller holds the folio lock and a reference, and no page-table lock.
     /// We take the PMD lock inside an MMU_NOTIFY_CLEAR invalidation and return
     /// with it dropped, the TLB flush accounted and the mapping's reference
     /// dropped.
     func tryToMigratePMD(_ folio: Folio, hint: AddressSpace? = nil) {
-        guard folio.entireMapCount > 0, let (mm, address) = rmapAddress(of: folio.page(0), hint: hint), mm.covers(address) else { return }
-        let range = MMUNotifierRange(start: address, end: address + PageGeometry.pmdSize64, event: .clear, owner: nil)
-        mm.invalidateRangeStart(range)
-        defer { mm.invalidateRangeEnd(range) }
-        let unmapped: PageTableEntry? = mm.withPMDLock(address) {
-        let pmd = mm.loadPMD(address)
-            guard (pmd.kind == .present || pmd.kind == .devicePrivate) && pmd.pfn == folio.pfn else { return nil }
-        setPMDMigrationEntry(mm, address, pmd, folio, anonExclusive: folio.page(0).isAnonExclusive)
-            return pmd
+        guard folio.entireMapCount > 0 else { return }
+        rmapWalkAnon(folio, pages: 0..<1, hint: hint) { _, mm, address in
+            // Only a VMA that maps the folio's head 2 MiB-aligned can map it by a PMD.
+            guard address & ~PageGeometry.pmdMask == 0, folio.entireMapCount > 0 else { return }
+            let range = MMUNotifierRange(start: address, end: address + PageGeometry.pmdSize64, event: .clear, owner: nil)
+            mm.invalidateRangeStart(range)
+            defer { mm.invalidateRangeEnd(range) }
+            let unmapped: PageTableEntry? = mm.withPMDLock(address) {
+                let pmd = mm.loadPMD(address)
+                guard (pmd.kind == .present || pmd.kind == .devicePrivate) && pmd.pfn == folio.pfn else { return nil }
+                setPMDMigrationEntry(mm, address, pmd, folio, anonExclusive: folio.page(0).isAnonExclusive)
+                return pmd
+            }
+            guard let pmd = unmapped else { return }
+            if pmd.kind == .present { mm.flushTLBRange(address, address + PageGeometry.pmdSize64) }
+            folio.put()
         }
-        guard let pmd = unmapped else { return }
-        if pmd.kind == .present { mm.flushTLBRange(address, address + PageGeometry.pmdSize64) }
-        folio.put()
     }
 
-    /// `remove_migration_pmd()`: a PMD migration entry of `src` becomes a PMD
-    /// mapping of `dst` (same size). Returns whether one was found.
+    /// `remove_migration_pmd()`: a PMD migration entry of `src`, where the anon
+    /// rmap walk finds one, becomes a PMD mapping of `dst` (same size).
+    /// Returns whether one was found.
     ///
     /// Caller holds the folio locks of `src` and `dst` and no page-table
     /// lock; we take the PMD lock and return with it dropped. The new
     /// mapping holds one new reference on `dst`.
     @discardableResult
     func removeMigrationPMD(_ src: Folio, _ dst: Folio, hint: AddressSpace? = nil) -> Bool {
-        guard let (mm, address) = rmapAddress(of: src.page(0), hint: hint), mm.covers(address), address & ~PageGeometry.pmdMask == 0 else { return false }
-        return mm.withPMDLock(address) {
-        let pmd = mm.loadPMD(address)
-            guard pmd.kind == .migration, pmd.pfn == src.pfn else { return false }
-        dst.get()
-        let entry = PageTableEntry.replacing(migration: pmd, with: dst, pfn: dst.pfn)
-        mm.addEntireAnonRmap(dst, address: address, exclusive: pmd.isWrite || pmd.isReadExclusive)
-        mm.storePMD(address, entry)
-        return true
-    }
+        var found = false
+        rmapWalkAnon(src, pages: 0..<1, hint: hint) { _, mm, address in
+            guard address & ~PageGeometry.pmdMask == 0 else { return }
+            let replaced = mm.withPMDLock(address) { () -> Bool in
+                let pmd = mm.loadPMD(address)
+                guard pmd.kind == .migration, pmd.pfn == src.pfn else { return false }
+                dst.get()
+                let entry = PageTableEntry.replacing(migration: pmd, with: dst, pfn: dst.pfn)
+                mm.addEntireAnonRmap(dst, address: address, exclusive: pmd.isWrite || pmd.isReadExclusive)
+                mm.storePMD(address, entry)
+                return true
+            }
+            if replaced { found = true }
+        }
+        return found
     }
 }

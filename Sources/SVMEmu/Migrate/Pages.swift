@@ -283,7 +283,7 @@ extension Kernel {
             let orig = mm.loadPTE(addr)
             // Only a none entry or the zero page may be replaced.
             guard orig.isNone || (orig.kind == .present && orig.isSpecial) else { return nil }
-            mm.addNewAnonRmap(folio, address: addr, pmdMapped: false)
+            mm.addNewAnonRmap(folio, vma, address: addr, pmdMapped: false)
             folio.get()
             if orig.kind == .present {
                 // ptep_clear_flush() before the new page goes in.

@@ -101,7 +101,9 @@ extension Kernel {
     }
 
     /// `try_to_migrate()`: replace every remaining mapping of the folio's pages
-    /// by a migration entry, dropping the rmap and the mapping's reference.
+    /// by a migration entry, dropping the rmap and the mapping's reference;
+    /// the anon rmap walk (`rmapWalkAnon`) finds each fork relative's
+    /// mapping at the address its own VMA gives the page.
     /// Caller holds the folio lock and a reference, and no page-table lock;
     /// each PTE is rewritten under its PTE lock inside an MMU_NOTIFY_CLEAR
     /// invalidation, the lock dropped before the TLB flush. With `batch`
@@ -113,28 +115,13 @@ extension Kernel {
             // rmap_walk_file(): every VMA of the file that maps the page.
             for i in 0..<folio.pageCount where folio.page(i).mapCount > 0 {
                 let page = folio.page(i)
-                rmapWalkFile(page) { mm, address in tryToMigrateOne(folio, page, mm, address, batch) }
+                rmapWalkFile(page) { mm, address in Kernel.tryToMigrateOne(folio, page, mm, address, batch) }
             }
             return
         }
-        let hintID = hint?.id ?? 0
-        let hintRef = hint.map { Unmanaged.passUnretained($0) }
-        for i in 0..<folio.pageCount {
+        rmapWalkAnon(folio, pages: 0..<folio.pageCount, hint: hint) { i, mm, address in
             let page = folio.page(i)
-            guard page.mapCount > 0 else { continue }
-            let (mmID, address) = rmapLocation(of: page)
-            if mmID != 0 && mmID == hintID, let hintRef {
-                // Borrowed: `let hint` would copy (retain) the mm per page.
-                let family = hintRef._withUnsafeGuaranteedRef { mm -> AnonFamily? in
-                    if mm.covers(address) { tryToMigrateOne(folio, page, mm, address, batch) }
-                    return mm.anonFamily.isShared ? mm.anonFamily : nil
-                }
-                if let family {
-                    rmapWalkFamily(family, except: mmID, address) { mm, a in tryToMigrateOne(folio, page, mm, a, batch) }
-                }
-                continue
-            }
-            rmapWalk(page, hint: hint) { mm, address in tryToMigrateOne(folio, page, mm, address, batch) }
+            if page.mapCount > 0 { Kernel.tryToMigrateOne(folio, page, mm, address, batch) }
         }
     }
 
@@ -143,7 +130,7 @@ extension Kernel {
     /// and, when the entry still mapped the page, the mapping's reference
     /// dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
-    private func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64,
+    private static func tryToMigrateOne(_ folio: Folio, _ page: Page, _ mm: AddressSpace, _ address: UInt64,
                                  _ batch: UnsafeMutablePointer<UnmapFlushBatch>? = nil) {
         // MMU notifiers (MMU_NOTIFY_CLEAR) hear of it first.
         let range = MMUNotifierRange(start: address, end: address + PageGeometry.pageSize64, event: .clear, owner: nil)
@@ -185,27 +172,12 @@ extension Kernel {
             // (the old one forgot its mapping); on a restore dst is src.
             for i in 0..<count {
                 let page = src.page(i)
-                rmapWalkFile(dst.page(i)) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address, file: true) }
+                rmapWalkFile(dst.page(i)) { mm, address in Kernel.removeMigrationPTE(page, dst, dst.page(i), mm, address, file: true) }
             }
             return
         }
-        let hintID = hint?.id ?? 0
-        let hintRef = hint.map { Unmanaged.passUnretained($0) }
-        for i in 0..<count {
-            let page = src.page(i)
-            let (mmID, address) = rmapLocation(of: page)
-            if mmID != 0 && mmID == hintID, let hintRef {
-                // The common case, the migration's own mm and no fork: borrowed, no closure.
-                let family = hintRef._withUnsafeGuaranteedRef { mm -> AnonFamily? in
-                    if mm.covers(address) { removeMigrationPTE(page, dst, dst.page(i), mm, address) }
-                    return mm.anonFamily.isShared ? mm.anonFamily : nil
-                }
-                if let family {
-                    rmapWalkFamily(family, except: mmID, address) { mm, a in removeMigrationPTE(page, dst, dst.page(i), mm, a) }
-                }
-                continue
-            }
-            rmapWalk(page, hint: hint) { mm, address in removeMigrationPTE(page, dst, dst.page(i), mm, address) }
+        rmapWalkAnon(src, pages: 0..<count, hint: hint) { i, mm, address in
+            Kernel.removeMigrationPTE(src.page(i), dst, dst.page(i), mm, address)
         }
     }
 
@@ -214,7 +186,7 @@ extension Kernel {
     /// and an anonymous rmap, or with `file` a file rmap.
     /// We enter with no page-table lock and return with the PTE lock dropped.
     @inline(never)  // called with a borrowed mm: no retain per page
-    private func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64,
+    private static func removeMigrationPTE(_ page: Page, _ dst: Folio, _ newPage: Page, _ mm: AddressSpace, _ address: UInt64,
                                     file: Bool = false) {
         mm.withPTL(address) {
         let pte = mm.loadPTE(address)

@@ -205,7 +205,7 @@ extension Kernel {
     /// each entry changes under its PMD lock.
     func tryToMigrateHugetlb(_ folio: Folio) {
         var stop = false
-        rmapWalk(folio.page(0), hint: nil) { mm, address in
+        rmapWalkAnon(folio, pages: 0..<1, hint: nil) { _, mm, address in
             guard !stop, address & ~PageGeometry.pmdMask == 0 else { return }
             let end = address + PageGeometry.pmdSize64
             let range = MMUNotifierRange(start: address, end: end, event: .clear, owner: nil)
@@ -235,7 +235,7 @@ extension Kernel {
     /// plainly readable). Caller holds both folio locks and no page-table
     /// lock.
     func removeMigrationHugetlbPTEs(_ src: Folio, _ dst: Folio) {
-        rmapWalk(src.page(0), hint: nil) { mm, address in
+        rmapWalkAnon(src, pages: 0..<1, hint: nil) { _, mm, address in
             guard address & ~PageGeometry.pmdMask == 0 else { return }
             mm.withPMDLock(address) {
                 let pmd = mm.loadPMD(address)
