@@ -210,13 +210,17 @@ extension MirrorDevice {
                                      if !folio.tryLock() { kernel.warn("mirror: a fresh folio was locked", "\(folio)") }
                                      return folio
                                  })
-        let c = phases.endAndBegin(.allocate, a)
-        copyMigrated(args)
-        let t = phases.endAndBegin(.copy, c)
+        // The device's entries go before the copy (as dmirror erases them
+        // first): a GPU store lands in the device page before it is copied,
+        // or finds no entry and faults. Cleared after the copy, a store in
+        // between would be lost.
+        let t = phases.endAndBegin(.allocate, a)
         pageTableLock.withLock {
             pageTable.clear(args.start, args.start + UInt64(args.npages) << PageGeometry.pageShift)
         }
-        phases.end(.pageTableUpdate, t)
+        let c = phases.endAndBegin(.pageTableUpdate, t)
+        copyMigrated(args)
+        phases.end(.copy, c)
         return count
     }
 
