@@ -276,9 +276,14 @@ public enum Soak {
 
         let violations = scheduler.lockOrderViolations.map(\.description)
         let stepLog = scheduler.stepLog.map(\.description)
-        var result = state.result(steps: scheduler.steps, seconds: seconds)
-        result.lockOrderViolations = violations
-        result.stepLog = stepLog
+        /// The state's counts with what the scheduler saw.
+        func snapshot() -> SoakResult {
+            var r = state.result(steps: scheduler.steps, seconds: seconds)
+            r.lockOrderViolations = violations
+            r.stepLog = stepLog
+            return r
+        }
+        var result = snapshot()
         switch outcome {
         case .deadlock(let report):
             result.deadlock = report.description
@@ -290,9 +295,7 @@ public enum Soak {
         }
         // The final audit, then every word through the CPU (faulting device pages back).
         if state.failedAudit == nil { state.runAudit() }
-        result = state.result(steps: scheduler.steps, seconds: seconds)
-        result.lockOrderViolations = violations
-        result.stepLog = stepLog
+        result = snapshot()
         // A failed audit may have found a lock held: the CPU would wait for it forever.
         if state.failedAudit == nil { result.bytesCorrupted += state.finalCheck() }
         result.findings = state.findings
