@@ -52,6 +52,10 @@ public final class AddressSpace: @unchecked Sendable {
         set { skipFlushes.store(newValue, ordering: .relaxed) }
     }
     let skipFlushes = Atomic<Bool>(false)
+    /// `mm->tlb_flush_pending`: how many page-table changes are between
+    /// their first entry changed and the TLB flush that covers them
+    /// (``incTLBFlushPending()`` / ``decTLBFlushPending()``).
+    let flushPendingCount = Atomic<Int>(0)
     /// Registered MMU notifiers and interval notifiers.
     let notifiers = LockedValue<NotifierList>(NotifierList())
     let notifierCount = Atomic<Int>(0)
@@ -275,6 +279,19 @@ public final class AddressSpace: @unchecked Sendable {
     @inlinable func storePMD(_ address: UInt64, _ e: PageTableEntry) { svm_store64(pmdSlot(address), e.rawValue) }
     @inlinable func loadPTE(_ address: UInt64) -> PageTableEntry { PageTableEntry(rawValue: svm_load64(pteSlot(address))) }
     @inlinable func storePTE(_ address: UInt64, _ e: PageTableEntry) { svm_store64(pteSlot(address), e.rawValue) }
+    /// Replaces the PTE of `address` with `e` in one atomic exchange and
+    /// returns what it was, with every accessed or dirty bit a lockless walk
+    /// set up to that instant (`ptep_get_and_clear()`, and the first half of
+    /// `ptep_modify_prot_start()`). A load followed by a store would drop a
+    /// bit set between the two. Caller holds the page-table lock.
+    @inlinable func exchangePTE(_ address: UInt64, _ e: PageTableEntry) -> PageTableEntry {
+        PageTableEntry(rawValue: svm_xchg64(pteSlot(address), e.rawValue))
+    }
+    /// The PMD form of ``exchangePTE(_:_:)`` (`pmdp_huge_get_and_clear()`,
+    /// `pmdp_invalidate()`). Caller holds the PMD lock.
+    @inlinable func exchangePMD(_ address: UInt64, _ e: PageTableEntry) -> PageTableEntry {
+        PageTableEntry(rawValue: svm_xchg64(pmdSlot(address), e.rawValue))
+    }
 
     /// The entry mapping `address`, for inspection: the PMD entry when it maps
     /// 2 MiB itself, else the PTE. No locks; a snapshot.

@@ -32,8 +32,18 @@ extension AddressSpace {
             return e
         }
         walkLeaves(start, end, splitPartial: { _ in true },
-                   pte: { p, e in if !e.isNone { storePTE(p, rewrite(e)) } },
-                   pmd: { p, e in storePMD(p, rewrite(e)) })
+                   pte: { p, e in
+                       // ptep_modify_prot_start() / _commit(): a present entry
+                       // is taken out whole (a walk meanwhile faults and waits
+                       // for the lock), so no accessed or dirty bit is lost.
+                       if e.kind == .present { storePTE(p, rewrite(exchangePTE(p, .none))) }
+                       else if !e.isNone { storePTE(p, rewrite(e)) }
+                   },
+                   pmd: { p, e in
+                       // pmdp_invalidate(): the same for a huge entry.
+                       if e.kind == .present { storePMD(p, rewrite(exchangePMD(p, .none))) }
+                       else { storePMD(p, rewrite(e)) }
+                   })
     }
 
     /// MADV_FREE: clean, lazily freeable. Without reclaim the contents stay.
@@ -42,12 +52,13 @@ extension AddressSpace {
         walkLeaves(start, end, splitPartial: { $0.kind == .present },
                    pte: { p, e in
                        guard e.kind == .present && !e.isSpecial else { return }
-                       storePTE(p, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                       // ptep_get_and_clear_full(), then the clean, old entry.
+                       storePTE(p, exchangePTE(p, .none).without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
                        Page(pfn: e.pfn, kernel: kernel).folio.clear([.dirty, .swapBacked])
                    },
                    pmd: { p, e in
                        guard e.kind == .present && !e.isSpecial else { return }
-                       storePMD(p, e.without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
+                       storePMD(p, exchangePMD(p, .none).without(PageTableEntry.dirtyBit | PageTableEntry.youngBit))
                        Folio(pfn: e.pfn, kernel: kernel).clear([.dirty, .swapBacked])
                    })
     }
@@ -56,11 +67,16 @@ extension AddressSpace {
     /// a huge entry the range covers only in part is split first when
     /// `splitPartial` says so; PTE tables are visited under their PTE lock
     /// (`pte` for each entry), whole huge entries (anything but none and a
-    /// table) under the PMD lock (`pmd`). One TLB flush for the range at the end.
+    /// table) under the PMD lock (`pmd`). One TLB flush for the range at the end;
+    /// from the first entry changed until that flush returns the address
+    /// space has a flush pending (``tlbFlushPending``), as under the kernel's
+    /// `tlb_gather_mmu()` / `tlb_finish_mmu()`.
     /// Caller holds the mmap lock and no page-table lock; `pte` and `pmd` run
     /// with the PTE or PMD lock held and must not take another.
     func walkLeaves(_ start: UInt64, _ end: UInt64, splitPartial: (PageTableEntry) -> Bool,
                             pte: (UInt64, PageTableEntry) -> Void, pmd: (UInt64, PageTableEntry) -> Void) {
+        incTLBFlushPending()
+        defer { decTLBFlushPending() }
         var a = start
         while a < end {
             let pmdStart = a & AddressSpace.pmdMask

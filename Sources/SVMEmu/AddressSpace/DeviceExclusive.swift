@@ -73,9 +73,9 @@ extension AddressSpace {
                 guard loadPMD(addr).kind == .table, now.kind == .present, now.isWrite, now.pfn == page.pfn else { return false }
                 // ptep_clear_flush(), then the entry: the CPU keeps no
                 // translation the device's atomics could race.
-                storePTE(addr, .none)
+                let cleared = exchangePTE(addr, .none)
                 flushTLBRange(addr, addr + PageGeometry.pageSize64)
-                if now.isDirty { folio.markDirty() }
+                if cleared.isDirty { folio.markDirty() }
                 storePTE(addr, PageTableEntry.deviceExclusive(pfn: page.pfn, write: true)
                     .with(now.rawValue & PageTableEntry.softDirtyBit))
                 return true

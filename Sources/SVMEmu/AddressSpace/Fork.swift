@@ -68,6 +68,10 @@ extension AddressSpace {
         let cow = !vma.flags.contains(.shared)
         let range = MMUNotifierRange(start: vma.start, end: vma.end, event: .protectionPage, owner: nil)
         if cow { invalidateRangeStart(range) }
+        // The parent's write-protected entries wait for the flush below: a
+        // flush is pending meanwhile (a CPU may still write through them).
+        incTLBFlushPending()
+        defer { decTLBFlushPending() }
         var wrprotected = false
         var a = vma.start
         while a < vma.end {

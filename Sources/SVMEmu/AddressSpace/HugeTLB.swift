@@ -285,6 +285,8 @@ extension AddressSpace {
         let range = MMUNotifierRange(start: vma.start, end: vma.end, event: .protectionPage, owner: nil)
         invalidateRangeStart(range)
         defer { invalidateRangeEnd(range) }
+        incTLBFlushPending()
+        defer { decTLBFlushPending() }
         var wrprotected = false
         defer { if wrprotected { flushTLBRange(vma.start, vma.end) } }
         var haddr = vma.start

@@ -187,7 +187,11 @@ extension AddressSpace {
 
     /// Moves a 2 MiB entry; false when the destination PMD slot is in use.
     /// Caller holds the mmap lock for writing and no page-table lock; both PMD
-    /// locks are taken (old first) and dropped before the TLB flush.
+    /// locks are taken (old first) and held across the TLB flush of the old
+    /// range, as `move_huge_pmd()` does: once they drop, an rmap walker can
+    /// find the folio at its new address only, unmap and free it there, and
+    /// a CPU still holding the old translation would reach the freed frame
+    /// (CVE-2018-18281).
     private func moveHugePMD(_ old: UInt64, _ new: UInt64) -> Bool {
         var dest = loadPMD(new)
         if dest.kind == .table && tableIsEmpty(new) {
@@ -195,14 +199,13 @@ extension AddressSpace {
             dest = loadPMD(new)
         }
         guard dest.isNone else { return false }
-        let moved: PageTableEntry? = pmdLock(at: old).withLock(nesting: pmdLock(at: new)) {
-        let e = loadPMD(old)
-            guard e.kind == .present || e.kind == .migration || e.kind == .devicePrivate else { return nil }
-            storePMD(old, .none)
-            storePMD(new, e)
-            return e
+        pmdLock(at: old).withLock(nesting: pmdLock(at: new)) {
+            let e = loadPMD(old)
+            guard e.kind == .present || e.kind == .migration || e.kind == .devicePrivate else { return }
+            let cleared = exchangePMD(old, .none)
+            storePMD(new, cleared)
+            if cleared.kind == .present { flushTLBRange(old, old + AddressSpace.pmdSize) }
         }
-        if let e = moved, e.kind == .present { flushTLBRange(old, old + AddressSpace.pmdSize) }
         return true
     }
 
@@ -214,22 +217,24 @@ extension AddressSpace {
 
     /// Moves the PTEs of `[old, old + extent)` (inside one PTE table on each side).
     /// Caller holds the mmap lock for writing and no page-table lock; both PTE
-    /// locks are taken (old first) and dropped before the TLB flush.
+    /// locks are taken (old first) and held across the TLB flush of the old
+    /// range, as `move_ptes()` does (see ``moveHugePMD(_:_:)`` for why).
     private func movePTEs(_ old: UInt64, _ new: UInt64, _ extent: UInt64) {
         _ = ensurePTETable(new)
-        var flushNeeded = false
         ptl(at: old).withLock(nesting: ptl(at: new)) {
-        var off: UInt64 = 0
-        while off < extent {
-            let e = loadPTE(old + off)
-            if !e.isNone {
-                storePTE(old + off, .none)
-                storePTE(new + off, e)
-                if e.kind == .present { flushNeeded = true }
+            var flushNeeded = false
+            var off: UInt64 = 0
+            while off < extent {
+                if !loadPTE(old + off).isNone {
+                    // ptep_get_and_clear(): the accessed and dirty bits a
+                    // lockless walk sets meanwhile move with the entry.
+                    let e = exchangePTE(old + off, .none)
+                    storePTE(new + off, e)
+                    if e.kind == .present { flushNeeded = true }
+                }
+                off += PageGeometry.pageSize64
             }
-            off += PageGeometry.pageSize64
+            if flushNeeded { flushTLBRange(old, old + extent) }
         }
-        }
-        if flushNeeded { flushTLBRange(old, old + extent) }
     }
 }

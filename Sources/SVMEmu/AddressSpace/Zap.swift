@@ -55,11 +55,13 @@ extension AddressSpace {
             if !pte.isNone { cleared = (min(cleared.lo, a), max(cleared.hi, a + PageGeometry.pageSize64)) }
             switch pte.kind {
             case .present:
-                storePTE(a, .none)
+                // ptep_get_and_clear_full(): the dirty bit a lockless walk
+                // set after the load above is in what the exchange returns.
+                let cleared = exchangePTE(a, .none)
                 if !pte.isSpecial {
                     let page = Page(pfn: pte.pfn, kernel: kernel)
                     let folio = page.folio
-                    if pte.isDirty { folio.markDirty() }
+                    if cleared.isDirty { folio.markDirty() }
                     removeRmap(page: page)
                     toPut.append(folio)
                 }
@@ -86,8 +88,8 @@ extension AddressSpace {
 
     private func zapHugePMD(_ pmdStart: UInt64, _ toPut: inout [Folio]) {
         withPMDLock(pmdStart) {
-        let pmd = loadPMD(pmdStart)
-        storePMD(pmdStart, .none)
+        // pmdp_huge_get_and_clear_full(): the dirty bit comes with the entry.
+        let pmd = exchangePMD(pmdStart, .none)
         switch pmd.kind {
         case .present where pmd.isSpecial:
             break

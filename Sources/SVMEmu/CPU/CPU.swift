@@ -11,7 +11,9 @@ struct TLBEntry {
     @usableFromInline var frame: UnsafeMutableRawPointer?
     /// `pfn << 2 | dirty << 1 | writable`.
     @usableFromInline var info: UInt64
-    @usableFromInline var pad: UInt64
+    /// With the stale-entry checker on, the frame's allocation generation
+    /// when the entry was filled (the head's for a 2 MiB entry); else 0.
+    @usableFromInline var allocGen: UInt64
 }
 
 /// The shape of every CPU's TLB: set-associative, 4 ways, 2,048 entries for
@@ -135,13 +137,13 @@ struct CPU {
     /// Caches a translation found by a page walk: replaces an entry for the
     /// same page, else goes in first and pushes the set's oldest out.
     @usableFromInline
-    func fill(_ address: UInt64, huge: Bool, frame: UnsafeMutableRawPointer, pfn: UInt64, writable: Bool, dirty: Bool) {
+    func fill(_ address: UInt64, huge: Bool, frame: UnsafeMutableRawPointer, pfn: UInt64, writable: Bool, dirty: Bool, allocGen: UInt32 = 0) {
         let epoch = words[CPUWord.epoch] << TLB.epochShift
         let number = huge ? address >> PageGeometry.pmdShift : address >> PageGeometry.pageShift
         let base = huge ? tlb + TLB.entries4K + Int(number & UInt64(TLB.sets2M - 1)) * TLB.ways
                         : tlb + Int(number & UInt64(TLB.sets4K - 1)) * TLB.ways
         let tag = number | epoch
-        let entry = TLBEntry(tag: tag, frame: frame, info: pfn << 2 | (dirty ? TLB.dirty : 0) | (writable ? TLB.writable : 0), pad: 0)
+        let entry = TLBEntry(tag: tag, frame: frame, info: pfn << 2 | (dirty ? TLB.dirty : 0) | (writable ? TLB.writable : 0), allocGen: UInt64(allocGen))
         for w in 0..<TLB.ways where base[w].tag == tag {
             base[w] = entry
             return
@@ -157,7 +159,7 @@ struct CPU {
     func invalidateAll() {
         var epoch = words[CPUWord.epoch] + 1
         if epoch >= TLB.maxEpoch {
-            tlb.update(repeating: TLBEntry(tag: 0, frame: nil, info: 0, pad: 0), count: TLB.entriesPerCPU)
+            tlb.update(repeating: TLBEntry(tag: 0, frame: nil, info: 0, allocGen: 0), count: TLB.entriesPerCPU)
             epoch = 1
         }
         words[CPUWord.epoch] = epoch

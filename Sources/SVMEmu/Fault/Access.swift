@@ -148,39 +148,63 @@ extension AddressSpace {
             }
             let frame = kernel.bytes(ofPfn: entry.pfn)
             svm_store64_relaxed(cpu.words + CPUWord.misses, cpu.words[CPUWord.misses] &+ 1)
-            cpu.fill(address, huge: huge, frame: frame, pfn: entry.pfn, writable: entry.isWrite, dirty: entry.isDirty)
+            let gen = cpuAccess.checksStaleEntries ? kernel.metaPtr(entry.pfn).allocGen : 0
+            cpu.fill(address, huge: huge, frame: frame, pfn: entry.pfn, writable: entry.isWrite, dirty: entry.isDirty, allocGen: gen)
             return frame + Int(address & (huge ? ~PageGeometry.pmdMask : ~PageGeometry.pageMask))
         }
     }
 
-    /// The stale-entry checker: an access through a TLB entry whose frame is
-    /// no longer what the page tables map at `address` (another frame is
-    /// mapped there), or whose frame has been freed. Between the unmap and
-    /// the flush a CPU may still use its entry (the entry then is a migration
-    /// entry or none, which this does not report); after the flush it cannot,
-    /// so a report means a flush was skipped or came too late. The one
-    /// exception is a frame a deferred flush holds, read while its new
-    /// mapping is still read-only.
+    /// The stale-entry checker: an access through a TLB entry that no CPU
+    /// could still hold had every flush been done in time. Reported:
+    ///
+    /// - the entry's frame was freed, or freed and handed out again (its
+    ///   allocation generation moved on since the entry was filled), whatever
+    ///   the address maps now: a frame is freed only after the flush that
+    ///   removed its last translation;
+    /// - another frame is mapped at the address;
+    /// - a write through a writable entry of a frame the page tables now map
+    ///   read-only, while no flush of the address space is pending
+    ///   (``tlbFlushPending``): the write-protect's flush was skipped.
+    ///
+    /// Between an unmap and its flush a CPU may still use its entry (the
+    /// page table then holds a migration entry or none, the frame still
+    /// allocated), which is not reported. The one exception to the above is
+    /// a frame a deferred flush (migrc / LUF) holds, read while its new
+    /// mapping is still read-only: the bargain that proposal makes.
     @usableFromInline @inline(never)
     func checkTLBEntry(_ cpu: CPU, _ entry: UnsafeMutablePointer<TLBEntry>, _ address: UInt64, write: Bool) {
         let huge = entry >= cpu.tlb + TLB.entries4K
-        let old = (entry.pointee.info >> 2) + (huge ? (address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1) : 0)
+        let filled = entry.pointee.info >> 2
+        let old = filled + (huge ? (address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1) : 0)
         let pmd = loadPMD(address)
         let leaf = pmd.kind == .table ? loadPTE(address) : pmd
         var now: UInt64? = nil
         if leaf.kind == .present { now = leaf.pfn + (pmd.kind == .table ? 0 : (address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1)) }
         let oldFolio = Page(pfn: old, kernel: kernel).folio
         let freed = oldFolio.refCount == 0
-        guard freed || (now != nil && now != old) else { return }
+        let reused = !freed && UInt64(kernel.metaPtr(filled).allocGen) != entry.pointee.allocGen
+        let remapped = now != nil && now != old
+        let writeProtected = write && now == old && !leaf.isWrite && !tlbFlushPending
+        guard freed || reused || remapped || writeProtected else { return }
         // A deferred flush (migrc / LUF) keeps the old frame, bytes identical,
         // while the new mapping stays read-only: reading it is the bargain.
         // Once the new mapping is writable (the give-up-on-write rule was
         // skipped), a stale reader can miss a write: that is reported.
-        if !freed && !write && oldFolio.test(.deferredFlush) && !leaf.isWrite { return }
+        if !freed && !reused && !write && oldFolio.test(.deferredFlush) && !leaf.isWrite { return }
         kernel.vmstat.count(.tlbStaleAccesses)
-        let newFrame = now.map { "pfn 0x\(String($0, radix: 16))" } ?? (freed ? "none (the old frame was freed)" : "none")
+        let what: String
+        if freed {
+            what = "the old frame was freed"
+        } else if reused {
+            what = "the old frame was freed and allocated again since the CPU cached it"
+        } else if remapped {
+            what = "another frame is mapped there"
+        } else {
+            what = "the page was write-protected and no flush is pending"
+        }
+        let newFrame = now.map { "pfn 0x\(String($0, radix: 16))" } ?? "none"
         kernel.warn("stale TLB entry: a CPU accessed a frame no longer mapped at this address (a TLB flush was skipped or late)",
-                    "cpu \(cpu.index) \(write ? "write" : "read") at 0x\(String(address, radix: 16)): old frame pfn 0x\(String(old, radix: 16)), new frame \(newFrame)")
+                    "cpu \(cpu.index) \(write ? "write" : "read") at 0x\(String(address, radix: 16)): old frame pfn 0x\(String(old, radix: 16)), new frame \(newFrame); \(what)")
     }
 
     /// Copies `buffer.count` bytes from `address`, faulting pages in as a CPU

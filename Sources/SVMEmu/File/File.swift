@@ -165,6 +165,10 @@ public final class File: @unchecked Sendable {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
         guard offset < File.maxSize else { throw .fileTooLarge }
         let total = Int(min(Int64(buffer.count), File.maxSize - offset))
+        // A vfs write changes the bytes of cache folios that CPUs may still
+        // read through a deferred flush's stale translations of their old
+        // frames: the deferral gives up first, as for a write fault (LUF).
+        kernel.deferredTLB.willMakeWritable()
         var done = 0
         while done < total {
             let pos = UInt64(offset) + UInt64(done)

@@ -238,8 +238,8 @@ extension AddressSpace {
             let cleared = withPTL(address) { () -> Bool in
                 let pte = loadPTE(address)
                 guard loadPMD(address).kind == .table, pte.kind == .present, pte.pfn == folio.pfn else { return false }
-                storePTE(address, .none)
-                if pte.isDirty { folio.markDirty() }
+                // ptep_get_and_clear(): a dirty bit set since the load comes along.
+                if exchangePTE(address, .none).isDirty { folio.markDirty() }
                 removeRmap(page: folio.page(0))
                 return true
             }

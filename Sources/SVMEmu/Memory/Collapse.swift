@@ -71,8 +71,7 @@ extension AddressSpace {
             withPTL(haddr) {
                 for i in 0..<PageGeometry.pmdPages {
                     let a = haddr + UInt64(i) << PageGeometry.pageShift
-                    entries[i] = loadPTE(a)
-                    storePTE(a, .none)
+                    entries[i] = exchangePTE(a, .none)
                 }
             }
             flushTLBRange(haddr, haddr + AddressSpace.pmdSize)

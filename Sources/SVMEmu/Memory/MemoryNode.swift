@@ -166,6 +166,7 @@ extension Kernel {
         head.head = pfn
         head.mappingMM = 0
         head.index = 0
+        head.allocGen = head.allocGen &+ 1
         if order > 0 {
             for i in 1..<(UInt64(1) << UInt64(order)) {
                 let t = metaPtr(pfn + i)
@@ -175,6 +176,7 @@ extension Kernel {
                 t.order = 0
                 t.head = pfn
                 t.mappingMM = 0
+                t.allocGen = t.allocGen &+ 1
             }
         }
     }

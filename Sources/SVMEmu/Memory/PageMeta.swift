@@ -16,6 +16,8 @@ import Synchronization
 /// 24 head             u64  pfn of the folio head (compound_head); self for a head
 /// 32 mappingMM        u32  address-space id of an anonymous mapping (anon rmap),
 ///                          or the file id of a page-cache folio (PageFlags.pageCache)
+/// 36 allocGen         u32  allocation generation: advanced each time the frame is
+///                          handed out; TLB entries carry it for the stale-entry checker
 /// 40 index            u64  linear page index (folio->index): vm_pgoff plus the page's
 ///                          offset in the VMA that mapped it first (anon rmap),
 ///                          or the file page index (page cache)
@@ -35,6 +37,7 @@ enum PageMeta {
     @usableFromInline static let pgmap = 20
     @usableFromInline static let head = 24
     @usableFromInline static let mappingMM = 32
+    @usableFromInline static let allocGen = 36
     @usableFromInline static let index = 40
     @usableFromInline static let next = 48
     @usableFromInline static let zoneDeviceData = 56
@@ -151,6 +154,13 @@ struct MetaPtr {
     @inlinable var mappingMM: UInt32 {
         get { svm_load32((p + PageMeta.mappingMM).assumingMemoryBound(to: UInt32.self)) }
         nonmutating set { svm_store32((p + PageMeta.mappingMM).assumingMemoryBound(to: UInt32.self), newValue) }
+    }
+    /// The frame's allocation generation (no kernel counterpart: the
+    /// stale-entry checker's way to tell a frame freed and handed out again
+    /// since a CPU cached its translation).
+    @inlinable var allocGen: UInt32 {
+        get { svm_load32((p + PageMeta.allocGen).assumingMemoryBound(to: UInt32.self)) }
+        nonmutating set { svm_store32((p + PageMeta.allocGen).assumingMemoryBound(to: UInt32.self), newValue) }
     }
     @inlinable var index: UInt64 {
         get { svm_load64((p + PageMeta.index).assumingMemoryBound(to: UInt64.self)) }

@@ -225,8 +225,16 @@ extension AddressSpace {
                 svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
             }
         }
-        storePMD(pmdStart, .table)
-        if pmd.kind == .present { flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize) }
+        // The PMD is swapped for the table in one exchange: an accessed or
+        // dirty bit a lockless walk set on the huge entry since the load
+        // above is not lost (the kernel's pmdp_invalidate() before the split)
+        // but handed to every PTE, atomically, as walks may now set bits there.
+        let last = exchangePMD(pmdStart, .table)
+        if pmd.kind == .present {
+            let late = (last.rawValue & ~pmd.rawValue) & (PageTableEntry.dirtyBit | PageTableEntry.youngBit)
+            if late != 0 { for i in 0..<PageGeometry.pmdPages { _ = svm_or64(ptes + i, late) } }
+            flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize)
+        }
         kernel.vmstat.count(.thpSplitPmd)
     }
     }

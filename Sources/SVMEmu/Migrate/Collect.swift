@@ -200,14 +200,16 @@ extension Kernel {
                         vmstat.count(.migrateVMASkipped)
                         continue
                     }
-                    mm.storePTE(addr, .none)
+                    // ptep_get_and_clear(): the entry as it is now, with any
+                    // accessed or dirty bit a lockless walk set since the load.
+                    let taken = mm.exchangePTE(addr, .none)
                     if anonExclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
                     args.cpages += 1
-                    if pte.kind == .present && pte.isDirty { folio.markDirty() }
+                    if taken.kind == .present && taken.isDirty { folio.markDirty() }
                     let entry = PageTableEntry.migration(
                         pfn: page.pfn, write: mpfn.isWrite, readExclusive: !mpfn.isWrite && anonExclusive,
-                        dirty: pte.kind == .present && pte.isDirty, young: pte.kind == .present && pte.isYoung)
-                        .keepingProtection(of: pte)
+                        dirty: taken.kind == .present && taken.isDirty, young: taken.kind == .present && taken.isYoung)
+                        .keepingProtection(of: taken)
                     mm.storePTE(addr, entry)
                     // Like a regular unmap: the rmap and the mapping's reference go;
                     // the reference taken above keeps the folio.

@@ -110,6 +110,9 @@ extension Kernel {
         if anonExclusive {
             for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
         }
+        // pmdp_invalidate(): the entry as it is now, with any accessed or
+        // dirty bit a lockless walk set since the caller loaded it.
+        let pmd = pmd.kind == .present ? mm.exchangePMD(haddr, .none) : pmd
         let present = pmd.kind == .present
         if present && pmd.isDirty { folio.markDirty() }
         mm.storePMD(haddr, PageTableEntry.migration(pfn: folio.pfn, write: pmd.isWrite, readExclusive: !pmd.isWrite && anonExclusive,

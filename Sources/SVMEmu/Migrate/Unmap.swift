@@ -137,11 +137,14 @@ extension Kernel {
         mm.invalidateRangeStart(range)
         defer { mm.invalidateRangeEnd(range) }
         let unmapped: PageTableEntry? = mm.withPTL(address) {
-        let pte = mm.loadPTE(address)
-        guard mm.loadPMD(address).kind == .table && (pte.kind == .present || pte.kind == .devicePrivate || pte.kind == .deviceExclusive)
-                && pte.pfn == page.pfn else {
+        let seen = mm.loadPTE(address)
+        guard mm.loadPMD(address).kind == .table && (seen.kind == .present || seen.kind == .devicePrivate || seen.kind == .deviceExclusive)
+                && seen.pfn == page.pfn else {
                 return nil
         }
+        // ptep_get_and_clear(): a present entry's accessed and dirty bits are
+        // what the exchange returns, not what the load saw.
+        let pte = seen.kind == .present ? mm.exchangePTE(address, .none) : seen
         let exclusive = page.isAnonExclusive
         if exclusive { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
         if pte.kind == .present && pte.isDirty { folio.markDirty() }
@@ -153,7 +156,10 @@ extension Kernel {
         }
         guard let pte = unmapped else { return }
         if pte.kind == .present {
-            if let batch { batch.pointee.add(mm, address, address + PageGeometry.pageSize64, writable: pte.isWrite) }
+            // A read-only entry whose write-protect still waits for its flush
+            // (mprotect, fork) may be writable in some CPU's TLB: it does
+            // not let the folio's flush be deferred (mm_tlb_flush_pending()).
+            if let batch { batch.pointee.add(mm, address, address + PageGeometry.pageSize64, writable: pte.isWrite || mm.tlbFlushPending) }
             else { mm.flushTLBRange(address, address + PageGeometry.pageSize64) }
         }
         folio.put()
