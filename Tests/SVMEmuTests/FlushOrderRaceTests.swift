@@ -17,12 +17,35 @@ struct FlushOrderRaceTests {
     /// reports of that run are returned (and taken off the kernel).
     static func run(seed: UInt64, _ kernel: Kernel, _ threads: (DeterministicScheduler) -> Void) -> (DeterministicScheduler.Outcome, [Diagnostic]) {
         var c = DeterministicScheduler.Configuration(seed: seed)
+        // A thread stalled right after one of its unlocks (before the flush
+        // that should have come first) while the others run on.
+        c.releasePreemptionPercent = 25
+        c.maxPreemptionNanos = 30_000
         c.hostTimeoutSeconds = 30
         let s = DeterministicScheduler(c)
         threads(s)
         let outcome = s.run()
         let stale = kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
         return (outcome, stale)
+    }
+
+    /// A virtual delay in [0, 40 µs) that differs by seed and thread: the
+    /// threads' operations start at different points of each other's.
+    static func stagger(_ seed: UInt64, _ thread: UInt64) {
+        var x = seed &* 0x9E37_79B9_7F4A_7C15 &+ thread &* 0xBF58_476D_1CE4_E5B9
+        x ^= x >> 31
+        HostClock.sleep(nanos: x % 40_000)
+    }
+
+    /// A CPU that reads `address` every 250 ns of virtual time for 100 µs,
+    /// through its TLB while the translation stays cached; `each` sees
+    /// every value read (a failed read, once the address is unmapped, is
+    /// passed over).
+    static func reader(_ mm: AddressSpace, _ address: UInt64, _ each: (UInt8) -> Void = { _ in }) {
+        for _ in 0..<400 {
+            if let v = try? mm.load(address) { each(v) }
+            HostClock.sleep(nanos: 250)
+        }
     }
 
     final class Box: @unchecked Sendable {
@@ -46,15 +69,16 @@ struct FlushOrderRaceTests {
             var child: AddressSpace? = try parent!.fork()
             let p = parent!, c = child!
             let (outcome, stale) = Self.run(seed: seed, kernel) { s in
-                s.spawn("reader") {
-                    for _ in 0..<24 { guard (try? p.load(a)) != nil else { return } }
-                }
+                s.spawn("reader 1") { Self.reader(p, a) }
+                s.spawn("reader 2") { Self.reader(p, a) }
                 s.spawn("mremap") {
+                    Self.stagger(seed, 1)
                     _ = try? p.mremap(a, oldLength: pageSize, newLength: pageSize, flags: [.mayMove, .fixed], newAddress: b)
                 }
                 s.spawn("move_pages") {
                     var status: [PageStatus] = []
-                    for node in [1, 0, 1] { _ = try? c.movePages([a], nodes: [node], status: &status, flags: .moveAll) }
+                    Self.stagger(seed, 2)
+                    for i in 0..<16 { _ = try? c.movePages([a], nodes: [1 - i % 2], status: &status, flags: .moveAll) }
                 }
             }
             if outcome != .completed { failures.append("seed \(seed): \(outcome)") }
@@ -81,13 +105,18 @@ struct FlushOrderRaceTests {
             let box = Box()
             let (outcome, stale) = Self.run(seed: seed, kernel) { s in
                 s.spawn("writer") {
-                    for i in 1...40 {
-                        guard (try? m.store(a, UInt8(i))) != nil else { return }
-                        box.last = i
+                    for i in 1...400 {
+                        guard (try? m.store(a, UInt8(truncatingIfNeeded: i))) != nil else { return }
+                        box.last = i & 0xFF
+                        HostClock.sleep(nanos: 250)
                     }
                 }
-                s.spawn("mprotect") { _ = try? m.mprotect(a, length: pageSize, protection: .read) }
+                s.spawn("mprotect") {
+                    Self.stagger(seed, 1)
+                    _ = try? m.mprotect(a, length: pageSize, protection: .read)
+                }
                 s.spawn("move_pages") {
+                    Self.stagger(seed, 2)
                     var status: [PageStatus] = []
                     let policy = MigratePagesPolicy(deferredFlush: true)
                     for node in [1, 0, 1] { _ = try? m.movePages([a], nodes: [node], status: &status, policy: policy) }
@@ -119,18 +148,20 @@ struct FlushOrderRaceTests {
             let box = Box()
             let (outcome, stale) = Self.run(seed: seed, kernel) { s in
                 s.spawn("reader") {
-                    for _ in 0..<40 {
+                    for _ in 0..<400 {
                         let done = box.pwriteDone
-                        guard let v = try? m.load(a) else { return }
-                        if done && v != 0x22 { box.staleReads += 1 }
+                        if let v = try? m.load(a), done && v != 0x22 { box.staleReads += 1 }
+                        HostClock.sleep(nanos: 250)
                     }
                 }
                 s.spawn("move_pages") {
+                    Self.stagger(seed, 2)
                     var status: [PageStatus] = []
                     let policy = MigratePagesPolicy(deferredFlush: true)
                     for node in [1, 0] { _ = try? m.movePages([a], nodes: [node], status: &status, policy: policy) }
                 }
                 s.spawn("pwrite") {
+                    Self.stagger(seed, 1)
                     let new = [UInt8](repeating: 0x22, count: pageSize)
                     _ = try? new.withUnsafeBytes { buf throws(Errno) in try file.pwrite(from: buf, offset: 0) }
                     box.pwriteDone = true

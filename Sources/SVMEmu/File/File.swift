@@ -165,10 +165,6 @@ public final class File: @unchecked Sendable {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
         guard offset < File.maxSize else { throw .fileTooLarge }
         let total = Int(min(Int64(buffer.count), File.maxSize - offset))
-        // A vfs write changes the bytes of cache folios that CPUs may still
-        // read through a deferred flush's stale translations of their old
-        // frames: the deferral gives up first, as for a write fault (LUF).
-        kernel.deferredTLB.willMakeWritable()
         var done = 0
         while done < total {
             let pos = UInt64(offset) + UInt64(done)
@@ -183,6 +179,12 @@ public final class File: @unchecked Sendable {
                 folio.put()
                 continue
             }
+            // A vfs write changes the bytes of a cache folio whose old frame
+            // CPUs may still read through a deferred flush's stale
+            // translations: the deferral gives up first, as for a write
+            // fault (LUF). Under the folio lock: a migration that deferred
+            // its flush finished with this folio before the lock was ours.
+            kernel.deferredTLB.willMakeWritable()
             svm_tsan_ignore_begin()
             svm_memcpy(folio.bytes + inPage, base + done, n)
             svm_tsan_ignore_end()

@@ -48,6 +48,13 @@ public final class DeterministicScheduler: @unchecked Sendable {
         public var preemptionHorizon: UInt64 = 100_000
         /// The longest virtual delay of a preemption, in nanoseconds.
         public var maxPreemptionNanos: UInt64 = 20_000
+        /// Besides the seeded steps, each lock release preempts its thread
+        /// with this probability, in percent (0: never). A release is where
+        /// other threads first see what the holder changed; a thread stalled
+        /// right after it (an unlock, then the flush that should have come
+        /// first) is how races between a change and its follow-up show up.
+        /// Runs with 0 schedule exactly as before the option existed.
+        public var releasePreemptionPercent: UInt64 = 0
         /// A thread keeps running while its clock is at most this far ahead of
         /// the next runnable thread's (fewer host switches; 0: strict order).
         public var quantumNanos: UInt64 = 0
@@ -190,16 +197,24 @@ public final class DeterministicScheduler: @unchecked Sendable {
     // MARK: scheduling
 
     /// A scheduling point of the running thread `me`, costing `cost` ns.
-    func point(_ me: EmulatedThread, cost: UInt64, _ event: StaticString) {
+    func point(_ me: EmulatedThread, cost: UInt64, _ event: StaticString, release: Bool = false) {
         me.clock &+= jittered(cost)
         step &+= 1
         if let next = preemptSteps.first, step >= next {
             preemptSteps.removeFirst()
-            me.clock &+= rng.next() % (configuration.maxPreemptionNanos + 1)
-            lowestPriority -= 1
-            me.priority = lowestPriority
+            preempt(me)
+        } else if release, configuration.releasePreemptionPercent > 0,
+                  rng.next() % 100 < configuration.releasePreemptionPercent {
+            preempt(me)
         }
         reschedule(me, event)
+    }
+
+    /// PCT's preemption: `me` is delayed and drops below every other thread.
+    func preempt(_ me: EmulatedThread) {
+        me.clock &+= rng.next() % (configuration.maxPreemptionNanos + 1)
+        lowestPriority -= 1
+        me.priority = lowestPriority
     }
 
     func jittered(_ cost: UInt64) -> UInt64 {
@@ -382,7 +397,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
             if let o = owners.removeValue(forKey: lock), let i = threads[o].held.lastIndex(of: lock) {
                 threads[o].held.remove(at: i)
             }
-            point(me, cost: configuration.costs.unlock, "release")
+            point(me, cost: configuration.costs.unlock, "release", release: true)
         }
     }
 

@@ -490,16 +490,19 @@ extension Kernel {
         folioMigrateFlags(dst, src)
         dst.set(.lru)
         if u.wasMapped { removeMigrationPTEs(src, dst) }
+        // The old frame waits for the deferred flush (the isolation
+        // reference is its last one), held before the new folio's lock
+        // drops: whoever takes that lock next to write the folio (pwrite)
+        // finds the flush pending and gives it up first.
+        let holdsFull = u.deferred.map { d in deferredTLB.hold(src, d.mm, d.start, d.end) }
         dst.unlock()
         src.unlock()
         if ctx.stats.firstFolioNanos == 0 { ctx.stats.firstFolioNanos = max(1, HostClock.nanos() - ctx.start) }
         ctx.stats.succeeded += src.pageCount
         if src.isLarge { ctx.stats.thpSucceeded += 1 }
-        if let d = u.deferred {
-            // The old frame waits for the deferred flush; the isolation
-            // reference is its last one.
+        if let full = holdsFull {
             ctx.stats.deferredFolios += 1
-            deferredTLB.hold(src, d.mm, d.start, d.end)
+            if full { deferredTLB.flush() }
         } else {
             src.put()
         }

@@ -139,7 +139,9 @@ public final class DeferredTLBFlush: @unchecked Sendable {
 
     /// Takes over the last reference of `folio` (the migrated source) and
     /// the range of its read-only mappings in `mm`, to be flushed later.
-    func hold(_ folio: Folio, _ mm: AddressSpace, _ start: UInt64, _ end: UInt64) {
+    /// Returns whether the held frames reached ``frameLimit``: the caller
+    /// then runs ``flush()`` once it holds no folio lock.
+    func hold(_ folio: Folio, _ mm: AddressSpace, _ start: UInt64, _ end: UInt64) -> Bool {
         let pages = folio.pageCount
         // PG deferred_flush was set when the flush was deferred, at unmap
         // (before the new page was mapped); the flush below clears it.
@@ -154,7 +156,7 @@ public final class DeferredTLBFlush: @unchecked Sendable {
             return p.frames
         }
         _ = svm_add64(words, UInt64(pages))
-        if total >= frameLimit { flush() }
+        return total >= frameLimit
     }
 
     /// Runs the pending flush: one flush per address space over the union
