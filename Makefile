@@ -9,7 +9,7 @@
 SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test tsan docs deps build release bench soak clean
+.PHONY: demo test tsan docs deps build release bench soak soak-sweep clean
 
 deps:
 	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libdrm; then \
@@ -52,7 +52,22 @@ docs:
 SOAK_OPERATIONS ?= 1000000
 SOAK_MIX ?= all
 soak: release
-	.build/release/svmemu soak --operations $(SOAK_OPERATIONS) --mix $(SOAK_MIX)
+	.build/release/svmemu soak --operations $(SOAK_OPERATIONS) --mix $(SOAK_MIX) --check-tlb
+
+# Seeds 1-16, 300,000 operations each, an audit every 1,000 operations,
+# the stale-entry checker on: every seed must come back clean (0 warnings,
+# 0 lock-order cycles, 0 corrupted bytes, 0 leaks). SOAK_SEEDS and
+# SOAK_SWEEP_OPERATIONS change the sweep.
+SOAK_SEEDS ?= $(shell seq 1 16)
+SOAK_SWEEP_OPERATIONS ?= 300000
+soak-sweep: release
+	@failed=""; for s in $(SOAK_SEEDS); do \
+		echo "soak-sweep: seed $$s"; \
+		.build/release/svmemu soak --seed $$s --operations $(SOAK_SWEEP_OPERATIONS) --audit-every 1000 --check-tlb \
+			|| failed="$$failed $$s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "soak-sweep: seeds not clean:$$failed"; exit 1; fi; \
+	echo "soak-sweep: every seed clean"
 
 bench: release
 	.build/release/svmemu bench memory

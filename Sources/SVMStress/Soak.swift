@@ -103,6 +103,10 @@ public struct SoakSettings: Sendable, Codable, Equatable {
     /// 0 keeps none. With `operations` set to the operation a finding
     /// names, the log ends there: the same seed replays the same steps.
     public var logSteps = 0
+    /// Run the stale-entry checker on every TLB hit
+    /// (``KernelConfiguration/checksStaleTLBEntries``): on by default in
+    /// debug builds, off in release builds, where `--check-tlb` turns it on.
+    public var checksStaleTLBEntries = _isDebugAssertConfiguration()
 
     public init() {}
 
@@ -227,6 +231,7 @@ public enum Soak {
         config.cpus = settings.cpus + 2
         config.deviceFaultPolicy = settings.faultPolicy
         config.transparentHugepage = .madvise
+        config.checksStaleTLBEntries = settings.checksStaleTLBEntries
         let kernel = Kernel(config)
         let mm = AddressSpace(kernel: kernel)
         let vram = StormHarness.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)

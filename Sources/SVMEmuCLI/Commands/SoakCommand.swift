@@ -70,10 +70,14 @@ struct SoakCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Scheduling steps to print, the last ones (0-1000000); with --operations set to the operation a finding names, they lead up to it.")
     var steps = 0
 
+    @Flag(name: .long, help: "Run the stale-entry checker on every TLB hit (on in debug builds; in release it roughly doubles a soak's time). Every stale access is a warning.")
+    var checkTLB = false
+
     @OptionGroup var output: JSONOutputOptions
 
     func settings() throws -> SoakSettings {
         var s = SoakSettings()
+        if checkTLB { s.checksStaleTLBEntries = true }
         s.operations = operations
         s.cpus = cpus
         s.pages = pages
@@ -107,7 +111,7 @@ struct SoakCommand: ParsableCommand {
             print(try JSONReport.render(for: self, results: r))
         } else {
             print("""
-                soak: \(r.operations) operations, seed \(r.settings.seed), mix \(r.settings.mix)
+                soak: \(r.operations) operations, seed \(r.settings.seed), mix \(r.settings.mix), TLB checker \(r.settings.checksStaleTLBEntries ? "on" : "off")
                   CPU: \(r.reads) reads, \(r.writes) writes; GPU: \(r.gpuReads) reads, \(r.gpuWrites) writes, \(r.gpuFaults) faults
                   migrate_vma: \(r.migrationsToDevice) pages to device, \(r.migrationsToSystem) to system \
                 (\(r.hugeMigrations) whole 2 MiB folios, \(r.deviceFolioSplits) device folio splits), \(r.evictions) evicted
