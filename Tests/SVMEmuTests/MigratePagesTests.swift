@@ -360,9 +360,12 @@ struct MigratePagesTests {
     func staleEntryChecker(giveUpOnWrite: Bool) throws {
         try withMachine(thp: .never) { kernel, mm in
             let a = try filled(mm, pages: 8)
-            // Read-only PTEs in a writable VMA: the next write is a write fault.
-            try mm.mprotect(a, length: 8 * pageSize, protection: .read)
-            try mm.mprotect(a, length: 8 * pageSize, protection: .readWrite)
+            // Read-only PTEs in a writable VMA: the next write is a write
+            // fault. Pages a child shared until it exited are no longer
+            // exclusive, so they stay read-only (mprotect would make
+            // exclusive ones writable at once).
+            _ = try mm.fork()  // the child exits at once
+            #expect(!mm.entry(at: a).entry.isWrite)
             let reader = WorkerThread()
             defer { _ = reader.stop() }
             let seen = SharedCounter()

@@ -80,7 +80,7 @@ extension AddressSpace {
             }
             if pmd.kind == .table {
                 _ = child.ensurePTETable(a)
-                if copyPTERange(to: child, a, next, cow: cow) { wrprotected = true }
+                if copyPTERange(to: child, vma, a, next, cow: cow) { wrprotected = true }
             }
             a = next
         }
@@ -94,7 +94,7 @@ extension AddressSpace {
     /// `child`, under the child's PTE lock and then the parent's, as the
     /// kernel nests them. Returns whether a writable parent entry was made
     /// read-only (the parent's TLBs then need a flush).
-    private func copyPTERange(to child: AddressSpace, _ start: UInt64, _ end: UInt64, cow: Bool) -> Bool {
+    private func copyPTERange(to child: AddressSpace, _ vma: VMA, _ start: UInt64, _ end: UInt64, cow: Bool) -> Bool {
         child.ptl(at: start).withLock(nesting: ptl(at: start)) { () -> Bool in
             var wrprotected = false
             var a = start
@@ -113,7 +113,7 @@ extension AddressSpace {
                     // parent, then copy it as a present page. The mmap lock
                     // held for writing keeps make_device_exclusive() and the
                     // restoring fault out, so no folio lock is needed here.
-                    let present = restoredExclusivePTE(pte, writable: true)
+                    let present = restoredExclusivePTE(pte, vma)
                     storePTE(a, present)
                     if copyPresentPTE(to: child, a, present, cow: cow) { wrprotected = true }
                 }
