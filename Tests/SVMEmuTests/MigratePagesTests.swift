@@ -100,7 +100,7 @@ struct MigratePagesTests {
         }
     }
 
-    @Test("move_pages statuses: -EFAULT without a VMA, -ENOENT for none and the zero page, the node when already there, -EBUSY for a THP's second page")
+    @Test("move_pages statuses: -EFAULT without a VMA and for the zero page and the huge zero page (moving and querying), -ENOENT for none, the node when already there, -EBUSY for a THP's second page")
     func statuses() throws {
         try withMachine(thp: .madvise) { kernel, mm in
             let a = try filled(mm, pages: 2)
@@ -109,11 +109,19 @@ struct MigratePagesTests {
             let h = try mm.mmap(length: hugeSize)
             try mm.madvise(h, length: hugeSize, advice: .hugePage)
             try mm.store(h, 1)
+            let z = try mm.mmap(length: hugeSize)
+            try mm.madvise(z, length: hugeSize, advice: .hugePage)
+            _ = try mm.load(z)  // the huge zero page
+            #expect(mm.entry(at: z).level == .pmd && mm.entry(at: z).entry.isSpecial)
             let outside = mm.baseAddress + (1 << 30) * 3
             var st: [PageStatus] = []
-            _ = try mm.movePages([outside, b + UInt64(pageSize), b, a, h, h + UInt64(pageSize)],
-                                 nodes: [1, 1, 1, 0, 1, 1], status: &st)
-            #expect(st == [.error(.badAddress), .error(.noEntry), .error(.noEntry), .node(0), .node(1), .error(.busy)])
+            _ = try mm.movePages([outside, b + UInt64(pageSize), b, a, h, h + UInt64(pageSize), z + UInt64(pageSize)],
+                                 nodes: [1, 1, 1, 0, 1, 1, 1], status: &st)
+            #expect(st == [.error(.badAddress), .error(.noEntry), .error(.badAddress), .node(0), .node(1), .error(.busy),
+                           .error(.badAddress)])
+            _ = try mm.movePages([outside, b + UInt64(pageSize), b, a, z], nodes: nil, status: &st)
+            #expect(st == [.error(.badAddress), .error(.noEntry), .error(.badAddress), .node(0), .error(.badAddress)])
+            #expect(st.map(\.rawValue) == [-EFAULT, -ENOENT, -EFAULT, 0, -EFAULT])
             #expect(throws: Errno.noDevice) { try mm.movePages([a], nodes: [9], status: &st) }
             #expect(throws: Errno.invalidArgument) { try mm.movePages([a], nodes: [1, 1], status: &st) }
             #expect(kernel.diagnostics.isEmpty)
@@ -352,9 +360,12 @@ struct MigratePagesTests {
     func staleEntryChecker(giveUpOnWrite: Bool) throws {
         try withMachine(thp: .never) { kernel, mm in
             let a = try filled(mm, pages: 8)
-            // Read-only PTEs in a writable VMA: the next write is a write fault.
-            try mm.mprotect(a, length: 8 * pageSize, protection: .read)
-            try mm.mprotect(a, length: 8 * pageSize, protection: .readWrite)
+            // Read-only PTEs in a writable VMA: the next write is a write
+            // fault. Pages a child shared until it exited are no longer
+            // exclusive, so they stay read-only (mprotect would make
+            // exclusive ones writable at once).
+            _ = try mm.fork()  // the child exits at once
+            #expect(!mm.entry(at: a).entry.isWrite)
             let reader = WorkerThread()
             defer { _ = reader.stop() }
             let seen = SharedCounter()

@@ -56,6 +56,11 @@ public final class AddressSpace: @unchecked Sendable {
     /// their first entry changed and the TLB flush that covers them
     /// (``incTLBFlushPending()`` / ``decTLBFlushPending()``).
     let flushPendingCount = Atomic<Int>(0)
+    /// `MMF_HAS_PINNED`: a `FOLL_PIN` lookup ran in this address space
+    /// (set by ``pinUserPages(_:count:flags:)``, never cleared, not inherited
+    /// by a fork's child). fork copies an anonymous page that may be pinned
+    /// only in an address space that has pinned.
+    let hasPinned = Atomic<Bool>(false)
     /// Registered MMU notifiers and interval notifiers.
     let notifiers = LockedValue<NotifierList>(NotifierList())
     let notifierCount = Atomic<Int>(0)

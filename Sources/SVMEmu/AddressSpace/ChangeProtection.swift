@@ -5,14 +5,20 @@ import CSVMSupport
 extension AddressSpace {
 
     /// Rewrites protection bits over `[start, end)` (`change_protection()`).
+    /// With `tryChangeWritable` (`MM_CP_TRY_CHANGE_WRITABLE`: mprotect of a
+    /// writable VMA, the range's only VMA) a present entry that need not
+    /// fault to become writable becomes writable at once
+    /// (``canChangeWritable(_:_:)``). A device-exclusive entry is left
+    /// alone, as since v6.15, but for the emulator's PROT_NONE mark.
     /// Caller holds the mmap lock for writing and no page-table lock.
-    func changeProtection(start: UInt64, end: UInt64, write: Bool, none: Bool) {
+    func changeProtection(start: UInt64, end: UInt64, write: Bool, none: Bool, tryChangeWritable vma: VMA? = nil) {
         func rewrite(_ e: PageTableEntry) -> PageTableEntry {
             var e = e
             switch e.kind {
             case .present:
                 if !write { e = e.without(PageTableEntry.writeBit) }
                 e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
+                if let vma, !e.isWrite, canChangeWritable(vma, e) { e = e.with(PageTableEntry.writeBit) }
             case .migration:
                 // change_pte_range(): a writable migration entry of an
                 // anonymous folio becomes read-EXCLUSIVE (the folio was
@@ -23,8 +29,13 @@ extension AddressSpace {
                     if anon { e = e.with(PageTableEntry.readExclusiveBit) }
                 }
                 e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
-            case .devicePrivate, .deviceExclusive:
+            case .devicePrivate:
                 if !write { e = e.without(PageTableEntry.writeBit) }
+                e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
+            case .deviceExclusive:
+                // It carries no write permission (the restore takes it from
+                // the VMA); only the VMA's PROT_NONE, which the emulator
+                // keeps in non-present entries for the rmap walks, follows.
                 e = none ? e.with(PageTableEntry.protNoneBit) : e.without(PageTableEntry.protNoneBit)
             default:
                 break
@@ -44,6 +55,26 @@ extension AddressSpace {
                        if e.kind == .present { storePMD(p, rewrite(exchangePMD(p, .none))) }
                        else { storePMD(p, rewrite(e)) }
                    })
+    }
+
+    /// Whether the present entry `e` (PTE or PMD) of `vma`, read-only, may
+    /// be made writable without a write fault (`can_change_pte_writable()`,
+    /// `can_change_pmd_writable()`): the VMA allows writes and the entry is
+    /// accessible; in a private mapping the page must be an anonymous page
+    /// exclusive to this address space (the write fault would reuse it
+    /// without a copy); in a shared one the entry must be dirty (the
+    /// emulator's shared mappings take a write fault to dirty the folio,
+    /// as a mapping with write-notify does). The zero page and a special
+    /// mapping's pages never qualify. No soft-dirty or userfaultfd-wp
+    /// tracking exists in the emulator to require a fault. Caller holds
+    /// the page-table lock of the entry.
+    func canChangeWritable(_ vma: VMA, _ e: PageTableEntry) -> Bool {
+        guard vma.flags.contains(.write), !vma.flags.contains(.special), e.kind == .present, !e.isProtNone else { return false }
+        if vma.flags.contains(.shared) { return e.isDirty }
+        // vm_normal_page(): the zero page and the huge zero page have none.
+        guard !e.isSpecial else { return false }
+        let page = Page(pfn: e.pfn, kernel: kernel)
+        return page.folio.isAnon && page.isAnonExclusive
     }
 
     /// MADV_FREE: clean, lazily freeable. Without reclaim the contents stay.

@@ -9,7 +9,7 @@ extension AddressSpace {
 
     /// Takes the page at `address` for exclusive (atomic) access by a device:
     /// the page is faulted in writable, its PTE is cleared and flushed, and a
-    /// writable device-exclusive entry takes its place, so the next CPU
+    /// device-exclusive entry takes its place, so the next CPU
     /// access faults and restores the mapping (after the device's notifier
     /// has dropped its atomic mapping).
     ///
@@ -76,7 +76,9 @@ extension AddressSpace {
                 let cleared = exchangePTE(addr, .none)
                 flushTLBRange(addr, addr + PageGeometry.pageSize64)
                 if cleared.isDirty { folio.markDirty() }
-                storePTE(addr, PageTableEntry.deviceExclusive(pfn: page.pfn, write: true)
+                // One entry type since v6.15: no write permission is kept
+                // in it; the restore takes it from the VMA.
+                storePTE(addr, PageTableEntry.deviceExclusive(pfn: page.pfn)
                     .with(now.rawValue & PageTableEntry.softDirtyBit))
                 return true
             }
@@ -90,13 +92,23 @@ extension AddressSpace {
         }
     }
 
-    /// The present PTE a device-exclusive entry stands for
-    /// (`restore_exclusive_pte()`): old, and writable and dirty when the
-    /// entry was writable and `writable` (the VMA allows writes).
-    func restoredExclusivePTE(_ entry: PageTableEntry, writable: Bool) -> PageTableEntry {
-        let write = entry.isWrite && writable
-        return PageTableEntry.present(pfn: entry.pfn, write: write, dirty: entry.isWrite, young: false)
-            .with(entry.rawValue & (PageTableEntry.softDirtyBit | PageTableEntry.protNoneBit))
+    /// The present PTE a device-exclusive entry of `vma` stands for
+    /// (`restore_exclusive_pte()`, as since v6.15): old, with the VMA's
+    /// protection (PROT_NONE included) and the entry's soft-dirty bit;
+    /// writable when the VMA allows writes and the page could be made
+    /// writable without a write fault (``canChangeWritable(_:_:)``: the
+    /// anonymous page is still exclusive), and then dirty if the folio is.
+    /// The entry itself carries no write permission: mprotect leaves it
+    /// alone. Caller holds the PTE lock of the entry.
+    func restoredExclusivePTE(_ entry: PageTableEntry, _ vma: VMA) -> PageTableEntry {
+        var pte = PageTableEntry.present(pfn: entry.pfn, write: false, young: false)
+            .with(entry.rawValue & PageTableEntry.softDirtyBit)
+        if !vma.flags.contains(.read) { pte = pte.with(PageTableEntry.protNoneBit) }
+        if canChangeWritable(vma, pte) {
+            pte = pte.with(PageTableEntry.writeBit)
+            if Page(pfn: entry.pfn, kernel: kernel).folio.isDirty { pte = pte.with(PageTableEntry.dirtyBit) }
+        }
+        return pte
     }
 
     /// A CPU fault on a device-exclusive entry: lock the folio (or, when
@@ -127,7 +139,7 @@ extension AddressSpace {
         defer { invalidateRangeEnd(range) }
         withPTL(addr) {
             guard loadPMD(addr).kind == .table, loadPTE(addr) == entry else { return }
-            storePTE(addr, restoredExclusivePTE(entry, writable: vma.flags.contains(.write)))
+            storePTE(addr, restoredExclusivePTE(entry, vma))
             kernel.vmstat.count(.deviceExclusiveRestored)
         }
     }

@@ -15,8 +15,17 @@ extension AddressSpace {
     /// the child's entry takes a folio reference and a map count, the page
     /// loses anon-exclusive, and a writable entry becomes read-only in both
     /// address spaces, so the first write in either copies the page
-    /// (`do_wp_page()`). A writable device-private entry becomes a read-only
-    /// one in both; a write in either faults the page back to RAM first.
+    /// (`do_wp_page()`). The exception is an anonymous page that is
+    /// exclusive and may be pinned (``Folio/isMaybeDMAPinned``) in an
+    /// address space that has pinned (``pinUserPages(_:count:flags:)`` ran
+    /// in it): the child gets its own copy of the page at once, writable
+    /// if the VMA is, and this address space keeps the pinned page
+    /// exclusive and its entry unchanged, so the pin goes on seeing what
+    /// this address space writes (`folio_try_dup_anon_rmap_pte()` refuses,
+    /// then `copy_present_page()`). A writable device-private entry becomes
+    /// a read-only one in both; a write in either faults the page back to
+    /// RAM first. A device-exclusive entry is restored to a present mapping
+    /// first (the device's notifier hears of it), then copied as one.
     /// Migration entries are copied (read-only for copy-on-write), so a
     /// migration in flight finishes in both address spaces. Shared VMAs share
     /// their pages as they are. The range of each private VMA is invalidated
@@ -25,15 +34,17 @@ extension AddressSpace {
     ///
     /// One difference from the kernel: a 2 MiB mapping (PMD) in a private
     /// VMA is split to PTEs in the parent first (`copy_huge_pmd()` shares the
-    /// PMD; it splits only in the cases it cannot share). The folio stays
-    /// large.
+    /// PMD; it splits only in the cases it cannot share, a folio that may be
+    /// pinned among them, and then copies PTE by PTE as here). The folio
+    /// stays large.
     ///
     /// - Returns: the child address space. Its rmap family is this one's and
     ///   its VMAs keep their `vm_pgoff`, so migrations and evictions reach
     ///   the pages it shares wherever either side later moves them.
-    /// - Throws: ``Errno/noMemory`` when a hugetlb page that may be pinned
-    ///   must be copied for the child and the hugetlb pool has no free page
-    ///   (the child is released; the parent keeps its mappings).
+    /// - Throws: ``Errno/noMemory`` when a page that may be pinned must be
+    ///   copied for the child and no page is free (a hugetlb page: the
+    ///   hugetlb pool has none). The child is released; the parent keeps
+    ///   its mappings.
     ///
     /// The corresponding kernel function is `dup_mmap()`.
     public func fork() throws(Errno) -> AddressSpace {
@@ -56,15 +67,24 @@ extension AddressSpace {
                 try copyHugetlbRange(to: child, vma)
                 continue
             }
-            copyPageRange(to: child, vma)
+            try copyPageRange(to: child, vma)
         }
         return child
     }
 
+    /// `folio_needs_cow_for_dma()`: fork must copy `folio` for the child
+    /// rather than share it, because it may be pinned and this address
+    /// space has pinned pages (`MMF_HAS_PINNED`). Caller holds the mmap
+    /// lock for writing (no pin can start meanwhile).
+    func needsCOWForDMA(_ folio: Folio) -> Bool {
+        hasPinned.load(ordering: .relaxed) && folio.isMaybeDMAPinned
+    }
+
     /// `copy_page_range()` for one VMA: every entry of `vma` into `child`.
     /// We enter with both mmap locks held for writing and no page-table
-    /// lock, and return the same way.
-    private func copyPageRange(to child: AddressSpace, _ vma: VMA) {
+    /// lock, and return the same way. Throws ``Errno/noMemory`` when a page
+    /// to copy for the child cannot be allocated.
+    private func copyPageRange(to child: AddressSpace, _ vma: VMA) throws(Errno) {
         let cow = !vma.flags.contains(.shared)
         let range = MMUNotifierRange(start: vma.start, end: vma.end, event: .protectionPage, owner: nil)
         if cow { invalidateRangeStart(range) }
@@ -73,6 +93,12 @@ extension AddressSpace {
         incTLBFlushPending()
         defer { decTLBFlushPending() }
         var wrprotected = false
+        defer {
+            // dup_mmap()'s flush_tlb_mm(oldmm): no CPU of the parent may keep
+            // writing a page the child now shares.
+            if wrprotected { flushTLBRange(vma.start, vma.end) }
+            if cow { invalidateRangeEnd(range) }
+        }
         var a = vma.start
         while a < vma.end {
             let pmdStart = a & AddressSpace.pmdMask
@@ -84,60 +110,101 @@ extension AddressSpace {
             }
             if pmd.kind == .table {
                 _ = child.ensurePTETable(a)
-                if copyPTERange(to: child, a, next, cow: cow) { wrprotected = true }
+                try copyPTERange(to: child, vma, a, next, cow: cow, wrprotected: &wrprotected)
             }
             a = next
         }
-        // dup_mmap()'s flush_tlb_mm(oldmm): no CPU of the parent may keep
-        // writing a page the child now shares.
-        if wrprotected { flushTLBRange(vma.start, vma.end) }
-        if cow { invalidateRangeEnd(range) }
     }
 
     /// `copy_pte_range()`: the PTEs of `[start, end)` (one PTE table) into
     /// `child`, under the child's PTE lock and then the parent's, as the
-    /// kernel nests them. Returns whether a writable parent entry was made
-    /// read-only (the parent's TLBs then need a flush).
-    private func copyPTERange(to child: AddressSpace, _ start: UInt64, _ end: UInt64, cow: Bool) -> Bool {
-        child.ptl(at: start).withLock(nesting: ptl(at: start)) { () -> Bool in
-            var wrprotected = false
-            var a = start
-            while a < end {
-                defer { a += PageGeometry.pageSize64 }
-                let pte = loadPTE(a)
-                switch pte.kind {
-                case .none, .table:
-                    continue
-                case .present:
-                    if copyPresentPTE(to: child, a, pte, cow: cow) { wrprotected = true }
-                case .devicePrivate, .migration:
-                    copyNonpresentPTE(to: child, a, pte, cow: cow)
-                case .deviceExclusive:
-                    // copy_nonpresent_pte(): restore the CPU mapping in the
-                    // parent, then copy it as a present page. The mmap lock
-                    // held for writing keeps make_device_exclusive() and the
-                    // restoring fault out, so no folio lock is needed here.
-                    let present = restoredExclusivePTE(pte, writable: true)
-                    storePTE(a, present)
-                    if copyPresentPTE(to: child, a, present, cow: cow) { wrprotected = true }
+    /// kernel nests them. Sets `wrprotected` when a writable parent entry
+    /// was made read-only (the parent's TLBs then need a flush). An entry
+    /// that needs a page of its own for the child (a page that may be
+    /// pinned) stops the walk: the page is allocated with both locks
+    /// dropped (it may sleep), and the walk resumes at that entry with it;
+    /// if the entry no longer needs it, it is freed (`-EAGAIN` and the
+    /// `prealloc` folio). Throws ``Errno/noMemory`` when no page is free.
+    private func copyPTERange(to child: AddressSpace, _ vma: VMA, _ start: UInt64, _ end: UInt64, cow: Bool,
+                              wrprotected: inout Bool) throws(Errno) {
+        var prealloc: Folio? = nil
+        var a = start
+        while a < end {
+            let needsPage = child.ptl(at: a).withLock(nesting: ptl(at: a)) { () -> Bool in
+                while a < end {
+                    let pte = loadPTE(a)
+                    var copied = PresentCopy.shared(wrprotected: false)
+                    switch pte.kind {
+                    case .none, .table:
+                        break
+                    case .present:
+                        copied = copyPresentPTE(to: child, vma, a, pte, cow: cow, prealloc: &prealloc)
+                    case .devicePrivate, .migration:
+                        copyNonpresentPTE(to: child, a, pte, cow: cow)
+                    case .deviceExclusive:
+                        // copy_nonpresent_pte(): restore the CPU mapping in the
+                        // parent, then copy it as a present page. The mmap lock
+                        // held for writing keeps make_device_exclusive() and the
+                        // restoring fault out, so no folio lock is needed here.
+                        let present = restoredExclusivePTE(pte, vma)
+                        storePTE(a, present)
+                        copied = copyPresentPTE(to: child, vma, a, present, cow: cow, prealloc: &prealloc)
+                    }
+                    switch copied {
+                    case .needsPage:
+                        return true
+                    case .shared(let wp):
+                        if wp { wrprotected = true }
+                    }
+                    a += PageGeometry.pageSize64
+                    // A page allocated for one entry serves no other.
+                    if prealloc != nil { return false }
                 }
+                return false
             }
-            return wrprotected
+            if let unused = prealloc {
+                unused.put()
+                prealloc = nil
+            }
+            if needsPage {
+                guard let folio = kernel.allocateFolio(order: 0) else { throw .noMemory }
+                prealloc = folio
+            }
         }
     }
 
-    /// `copy_present_pte()`: the child maps the same page. A private page
-    /// becomes shared (anon-exclusive cleared, one more reference and map
-    /// count) and read-only in both. Returns whether the parent's entry lost
-    /// its write permission. Caller holds both PTE locks of `address`.
-    private func copyPresentPTE(to child: AddressSpace, _ address: UInt64, _ pte: PageTableEntry, cow: Bool) -> Bool {
+    /// What ``copyPresentPTE(to:_:_:_:cow:prealloc:)`` did.
+    private enum PresentCopy {
+        /// The child maps the entry's page (or its own copy); `wrprotected`:
+        /// the parent's entry lost its write permission.
+        case shared(wrprotected: Bool)
+        /// The child needs a page of its own and `prealloc` held none.
+        case needsPage
+    }
+
+    /// `copy_present_ptes()` for one PTE: the child maps the same page. A
+    /// private page becomes shared (anon-exclusive cleared, one more
+    /// reference and map count) and read-only in both. An anonymous page
+    /// that is exclusive and may be pinned, in an address space that has
+    /// pinned, is not shared (`folio_try_dup_anon_rmap_pte()` fails with
+    /// `-EBUSY`): the child maps a copy in `prealloc`
+    /// (`copy_present_page()`), or `.needsPage` asks for one. Caller holds
+    /// both PTE locks of `address`.
+    private func copyPresentPTE(to child: AddressSpace, _ vma: VMA, _ address: UInt64, _ pte: PageTableEntry,
+                                cow: Bool, prealloc: inout Folio?) -> PresentCopy {
         if pte.isSpecial {
             // The zero page: no reference, no rmap.
             child.storePTE(address, pte.without(PageTableEntry.youngBit))
-            return false
+            return .shared(wrprotected: false)
         }
         let page = Page(pfn: pte.pfn, kernel: kernel)
         let folio = page.folio
+        if folio.isAnon && page.isAnonExclusive && needsCOWForDMA(folio) {
+            guard let copy = prealloc else { return .needsPage }
+            prealloc = nil
+            copyPresentPage(to: child, vma, address, page, pte, copy)
+            return .shared(wrprotected: false)
+        }
         folio.get()
         // folio_try_dup_anon_rmap_pte(): the page is no longer exclusive.
         if cow { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
@@ -146,13 +213,29 @@ extension AddressSpace {
         if !cow { childPTE = childPTE.without(PageTableEntry.dirtyBit) }
         guard cow && pte.isWrite else {
             child.storePTE(address, childPTE)
-            return false
+            return .shared(wrprotected: false)
         }
-        storePTE(address, pte.without(PageTableEntry.writeBit))
+        // ptep_set_wrprotect(): the write bit alone is cleared, atomically,
+        // so a dirty bit a lockless walk sets meanwhile stays.
+        _ = svm_and64(pteSlot(address), ~PageTableEntry.writeBit)
         child.storePTE(address, childPTE.without(PageTableEntry.writeBit))
-        return true
+        return .shared(wrprotected: true)
     }
 
+    /// `copy_present_page()`: the child gets `copy`, a new anonymous page
+    /// holding the bytes of `page`, exclusive to it, mapped dirty and
+    /// writable if the VMA is (`maybe_mkwrite()`). The parent's entry and
+    /// page stay as they are. `copy` (its one reference becomes the child's
+    /// mapping's) came from the allocator. Caller holds both PTE locks of
+    /// `address`.
+    private func copyPresentPage(to child: AddressSpace, _ vma: VMA, _ address: UInt64, _ page: Page,
+                                 _ pte: PageTableEntry, _ copy: Folio) {
+        svm_memcpy(copy.bytes, page.bytes, PageGeometry.pageSize)
+        // The child's copy of `vma` has its bounds and vm_pgoff.
+        child.addNewAnonRmap(copy, vma, address: address, pmdMapped: false)
+        let entry = PageTableEntry.present(pfn: copy.pfn, write: vma.flags.contains(.write), dirty: true)
+        child.storePTE(address, entry.with(pte.rawValue & PageTableEntry.protNoneBit))
+    }
     /// `copy_nonpresent_pte()`: a device-private entry is shared like a
     /// present page (reference, map count) and made read-only in both for
     /// copy-on-write; a migration entry holds neither, and is copied

@@ -56,7 +56,11 @@ extension AddressSpace {
     /// the emulator's unshare fault). With ``GUPFlags/longterm`` no device
     /// page ends up pinned: device-private pages fault back to RAM anyway,
     /// and a device-coherent page is migrated to a system page first
-    /// (`migrate_device_coherent_folio()`), then pinned there.
+    /// (`migrate_device_coherent_folio()`), then pinned there. The address
+    /// space is marked as one that has pinned (`MMF_HAS_PINNED`): from then
+    /// on ``fork()`` gives the child its own copy of each anonymous page
+    /// that may be pinned, so the pin keeps seeing what this address space
+    /// writes.
     ///
     /// Caller holds the mmap lock for reading, as for
     /// ``getUserPages(_:count:flags:)``. Release each page with
@@ -118,6 +122,9 @@ extension AddressSpace {
     /// reading and no page-table lock.
     private func gup(_ start: UInt64, count: Int, flags: GUPFlags, pin: Bool) throws(Errno) -> [Page] {
         if !isMmapLocked { kernel.warn("get_user_pages: caller must hold the mmap lock", "0x\(String(start, radix: 16))") }
+        // mm_set_has_pinned_flag(): from the first pin on, fork copies the
+        // anonymous pages that may be pinned instead of sharing them.
+        if pin && !hasPinned.load(ordering: .relaxed) { hasPinned.store(true, ordering: .relaxed) }
         var pages: [Page] = []
         pages.reserveCapacity(count)
         let write = flags.contains(.write)

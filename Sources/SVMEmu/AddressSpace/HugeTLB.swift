@@ -271,9 +271,10 @@ extension AddressSpace {
     /// `vma` is shared with `child` read-only (copy-on-write in both), its
     /// reference and map count taken for the child and anon-exclusive
     /// cleared, inside an `MMU_NOTIFY_PROTECTION_PAGE` invalidation and
-    /// with a parent TLB flush when an entry lost write permission. A page
-    /// that may be pinned for DMA is copied for the child at once instead
-    /// (the pin must keep seeing the parent's page). A migration entry is
+    /// with a parent TLB flush when an entry lost write permission. An
+    /// exclusive page that may be pinned for DMA, in an address space that
+    /// has pinned (`folio_needs_cow_for_dma()`), is copied for the child at
+    /// once instead (the pin must keep seeing the parent's page). A migration entry is
     /// copied as it is, made read-only in both (the migration then maps the
     /// new page in both). The child's VMA owns no reservation, as in the
     /// kernel. We enter with both mmap locks held
@@ -300,7 +301,7 @@ extension AddressSpace {
                 let now = loadPMD(haddr)
                 guard now.kind == .present else { return nil }
                 let folio = Folio(pfn: now.pfn, kernel: kernel)
-                guard folio.page(0).isAnonExclusive && folio.isMaybeDMAPinned else { return nil }
+                guard folio.page(0).isAnonExclusive && needsCOWForDMA(folio) else { return nil }
                 folio.get()
                 return (folio, now)
             }
@@ -337,7 +338,8 @@ extension AddressSpace {
                 for i in 0..<folio.pageCount { folio.page(i).meta.clearFlags(PageFlags.anonExclusive.rawValue) }
                 let shared = now.without(PageTableEntry.writeBit)
                 if now.isWrite {
-                    storePMD(haddr, shared)
+                    // huge_ptep_set_wrprotect(): atomically, keeping a dirty bit set meanwhile.
+                    _ = svm_and64(pmdSlot(haddr), ~PageTableEntry.writeBit)
                     wrprotected = true
                 }
                 child.storePMD(haddr, shared)

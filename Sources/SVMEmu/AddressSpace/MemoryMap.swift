@@ -144,7 +144,14 @@ extension AddressSpace {
     /// Changes protection (`mprotect()`): VMAs split at the edges, entries lose
     /// write permission when write is removed (writable migration and
     /// device-private entries become readable), PROT_NONE makes present entries
-    /// inaccessible. Write permission comes back on the next write fault.
+    /// inaccessible. When write is granted, a present entry that would not
+    /// need a write fault becomes writable at once: in a private mapping an
+    /// anonymous page exclusive to this address space, in a shared one a
+    /// dirty entry (`MM_CP_TRY_CHANGE_WRITABLE`); the others (pages shared
+    /// copy-on-write, page-cache pages of a private mapping, clean shared
+    /// entries, the zero page) get write permission on their next write
+    /// fault. A device-exclusive entry is left as it is (since v6.15): the
+    /// CPU access that restores it takes write permission from the VMA.
     ///
     /// Takes the mmap lock for writing (the caller must not hold it); MMU
     /// notifiers hear of it (``MMUNotifyEvent/protectionVMA``) and the TLB
@@ -175,7 +182,11 @@ extension AddressSpace {
                 if protection.contains(.read) { f.insert(.read) }
                 if protection.contains(.write) { f.insert([.read, .write]) }
                 v.flags = f
-                changeProtection(start: v.start, end: v.end, write: f.contains(.write), none: !f.contains(.read))
+                // mprotect_fixup(): MM_CP_TRY_CHANGE_WRITABLE for a writable
+                // VMA; hugetlb_change_protection() ignores it.
+                let upgrade = f.contains(.write) && !f.contains(.hugetlb)
+                changeProtection(start: v.start, end: v.end, write: f.contains(.write), none: !f.contains(.read),
+                                 tryChangeWritable: upgrade ? v : nil)
             }
         }
     }

@@ -27,7 +27,8 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
         case deviceExclusive = 5
     }
     /// Writable (`pte_write`); on a migration or device-private entry, the
-    /// mapping it stands for was writable.
+    /// mapping it stands for was writable. Never set on a device-exclusive
+    /// entry.
     public static let writeBit: UInt64 = 1 << 3
     /// Dirty (`pte_dirty`).
     public static let dirtyBit: UInt64 = 1 << 4
@@ -40,7 +41,8 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     /// Soft-dirty (`pte_soft_dirty`).
     public static let softDirtyBit: UInt64 = 1 << 8
     /// PROT_NONE: present to the kernel but not accessible (pte_protnone).
-    /// Migration and device-private entries in a PROT_NONE VMA carry it too:
+    /// Migration, device-private and device-exclusive entries in a PROT_NONE
+    /// VMA carry it too:
     /// it is the VMA's `vm_page_prot` as the entry's eventual mapping must
     /// take it (`remove_migration_pte()` builds the PTE from `vm_page_prot`),
     /// kept in the entry because the emulator's reverse map walks reach
@@ -85,9 +87,11 @@ public struct PageTableEntry: RawRepresentable, Hashable, Sendable, CustomString
     @inlinable public static func devicePrivate(pfn: UInt64, write: Bool) -> PageTableEntry {
         make(.devicePrivate, pfn: pfn, flags: write ? writeBit : 0)
     }
-    /// A device-exclusive entry (`make_writable_device_exclusive_entry()` / readable).
-    @inlinable public static func deviceExclusive(pfn: UInt64, write: Bool) -> PageTableEntry {
-        make(.deviceExclusive, pfn: pfn, flags: write ? writeBit : 0)
+    /// A device-exclusive entry (`make_device_exclusive_entry()`). Since
+    /// v6.15 there is one type, with no write permission: restoring the
+    /// mapping takes it from the VMA.
+    @inlinable public static func deviceExclusive(pfn: UInt64) -> PageTableEntry {
+        make(.deviceExclusive, pfn: pfn)
     }
     /// A PMD entry that points to a PTE table.
     @inlinable public static var table: PageTableEntry { PageTableEntry(rawValue: Kind.table.rawValue) }

@@ -5,8 +5,9 @@ import CSVMSupport
 public enum PageStatus: Sendable, Hashable, CustomStringConvertible {
     /// The page is on this node.
     case node(Int)
-    /// `-ENOENT` (not present, or the zero page), `-EFAULT` (no VMA, or a
-    /// special one), `-EACCES` (mapped more than once without `moveAll`),
+    /// `-ENOENT` (not present, or device memory), `-EFAULT` (no VMA, a
+    /// special one, or the zero page or huge zero page, when moving and
+    /// when querying), `-EACCES` (mapped more than once without `moveAll`),
     /// `-EBUSY` (could not be isolated: already isolated, e.g. another page of
     /// the same THP), `-ENOMEM`.
     case error(Errno)
@@ -156,12 +157,18 @@ extension AddressSpace {
         return r
     }
 
-    /// `add_page_for_migration()`: `.node(-1)` when queued, `.node(n)` when
+    /// `add_folio_for_migration()`: `.node(-1)` when queued, `.node(n)` when
     /// already on the target, else the error for the status array.
     private func addPageForMigration(_ address: UInt64, _ node: Int, _ list: inout [Folio], _ moveAll: Bool) -> PageStatus {
         mmapReadLock(); defer { mmapReadUnlock() }
         guard let vma = vma(containing: address), !vma.flags.contains(.special) else { return .error(.badAddress) }
-        guard let page = followPage(address) else { return .error(.noEntry) }
+        let page: Page
+        switch walkPage(address) {
+        case .page(let p): page = p
+        // __add_folio_for_migration(): the zero pages never move.
+        case .zeroPage: return .error(.badAddress)
+        case .nothing: return .error(.noEntry)
+        }
         let folio = page.folio
         defer { folio.put() }
         if folio.isZoneDevice { return .error(.noEntry) }
@@ -176,7 +183,12 @@ extension AddressSpace {
     /// What `move_pages` with no nodes reports for one address (`do_pages_stat_array()`).
     private func pageStatus(_ address: UInt64) -> PageStatus {
         guard vma(containing: address) != nil else { return .error(.badAddress) }
-        guard let page = followPage(address) else { return .error(.noEntry) }
+        let page: Page
+        switch walkPage(address) {
+        case .page(let p): page = p
+        case .zeroPage: return .error(.badAddress)
+        case .nothing: return .error(.noEntry)
+        }
         let folio = page.folio
         defer { folio.put() }
         if let n = kernel.nodeID(of: folio) { return .node(n) }
@@ -187,22 +199,43 @@ extension AddressSpace {
     /// `address` with a reference taken, or nil (none, the zero pages, a
     /// migration or device-private entry). Caller holds the mmap lock.
     func followPage(_ address: UInt64) -> Page? {
-        guard covers(address) else { return nil }
+        if case .page(let page) = walkPage(address) { return page }
+        return nil
+    }
+
+    /// What `folio_walk_start(FW_ZEROPAGE)` finds at an address.
+    enum WalkedPage {
+        /// A page mapped present, with a reference the caller drops.
+        case page(Page)
+        /// The zero page or the huge zero page (no reference taken).
+        case zeroPage
+        /// No present page: none, a migration or device-private entry, or
+        /// a folio being freed.
+        case nothing
+    }
+
+    /// The page mapped present at `address`, looked up under its
+    /// page-table lock, a reference taken; the zero pages are told apart
+    /// from an absent page. Caller holds the mmap lock.
+    func walkPage(_ address: UInt64) -> WalkedPage {
+        guard covers(address) else { return .nothing }
         let pmd = loadPMD(address)
         if pmd.kind == .present {
-            return withPMDLock(address) { () -> Page? in
+            return withPMDLock(address) { () -> WalkedPage in
                 let again = loadPMD(address)
-                guard again.kind == .present, !again.isSpecial else { return nil }
+                guard again.kind == .present else { return .nothing }
+                if again.isSpecial { return .zeroPage }
                 let page = Page(pfn: again.pfn + ((address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1)), kernel: kernel)
-                return page.folio.tryGet() ? page : nil
+                return page.folio.tryGet() ? .page(page) : .nothing
             }
         }
-        guard pmd.kind == .table else { return nil }
-        return withPTL(address) { () -> Page? in
+        guard pmd.kind == .table else { return .nothing }
+        return withPTL(address) { () -> WalkedPage in
             let pte = loadPTE(address)
-            guard loadPMD(address).kind == .table, pte.kind == .present, !pte.isSpecial else { return nil }
+            guard loadPMD(address).kind == .table, pte.kind == .present else { return .nothing }
+            if pte.isSpecial { return .zeroPage }
             let page = Page(pfn: pte.pfn, kernel: kernel)
-            return page.folio.tryGet() ? page : nil
+            return page.folio.tryGet() ? .page(page) : .nothing
         }
     }
 
