@@ -18,9 +18,18 @@ final class TinyDevice: @unchecked Sendable {
     /// Free device pages (pfns). The kernel gives pages back through folioFree.
     private let freePfns = LockedValue<[UInt64]>([])
     let migrateToRAMCalls = Atomic<Int>(0)
+    /// The device's page table (virtual page -> device pfn). Its lock is the
+    /// one the notifier's invalidation takes: checking the sequence and
+    /// mapping under it is what makes a mapping safe.
+    let pageTable = LockedValue<[UInt64: UInt64]>([:])
+    /// Tells us when the CPU's page table changes, so that the device drops
+    /// its mappings (an MMU interval notifier over the whole address space).
+    private(set) var notifier: MMUIntervalNotifier! = nil
+    let mm: AddressSpace
 
-    init(kernel: Kernel, bytes: UInt64) throws(Errno) {
+    init(kernel: Kernel, mm: AddressSpace, bytes: UInt64) throws(Errno) {
         self.kernel = kernel
+        self.mm = mm
         // RULE: a device-private pool needs an owner, folioFree and migrateToRAM,
         // or memremapPages throws EINVAL. Capture `self` weakly: the kernel keeps
         // the page map (and these closures) for as long as it lives.
@@ -33,7 +42,21 @@ final class TinyDevice: @unchecked Sendable {
         let pgmap = try kernel.memremapPages(type: .private, owner: owner, bytes: bytes, operations: ops)
         // Pages of a new page map start free (reference count 0).
         freePfns.withLock { $0 = (0..<pgmap.pageCount).reversed().map { pgmap.startPfn + $0 } }
+        // RULE: every invalidation takes the page-table lock, records its
+        // sequence (setSeq) and drops the device's mappings of the range.
+        // Our own migrations are skipped: we map their result ourselves.
+        let owner = self.owner, pageTable = self.pageTable
+        notifier = mm.insertIntervalNotifier(start: mm.baseAddress, end: mm.endAddress) { n, range, seq in
+            if range.event == .migrate && range.owner == owner { return true }
+            pageTable.withLock { t in
+                n.setSeq(seq)
+                t = t.filter { $0.key < range.start || $0.key >= range.end }
+            }
+            return true
+        }
     }
+
+    deinit { mm.removeIntervalNotifier(notifier) }
 
     /// Hands out a device page: zoneDevicePageInit takes its reference count
     /// from 0 to 1 and returns it LOCKED, as migrate_vma_pages requires.
@@ -45,7 +68,10 @@ final class TinyDevice: @unchecked Sendable {
     /// Migrates `[start, start + pages * 4 KiB)` of `mm` to device memory.
     /// Returns how many pages moved (a page can be skipped, e.g. when its lock
     /// is held elsewhere; that is not an error, it just stays in RAM).
-    func migrateToDevice(_ mm: AddressSpace, _ start: UInt64, pages: Int) throws(Errno) -> Int {
+    func migrateToDevice(_ start: UInt64, pages: Int) throws(Errno) -> Int {
+        // RULE: take the notifier sequence BEFORE setup. Any invalidation of
+        // the range from now on (a MADV_DONTNEED, an munmap) changes it.
+        let seq = notifier.readBegin()
         // RULE: hold the mmap lock (read) across setup, pages and finalize.
         mm.mmapReadLock()
         defer { mm.mmapReadUnlock() }
@@ -74,7 +100,19 @@ final class TinyDevice: @unchecked Sendable {
         kernel.migrateVMAPages(&args)
         var moved = 0
         for i in 0..<args.npages where args.src[i].isMigrating && args.dst[i].isValid { moved += 1 }
-        // (A real driver updates its device page table here, before finalize.)
+        // RULE: map in the device only under the page-table lock, and only if
+        // no invalidation ran since readBegin. If one did, the pages it
+        // zapped are freed by finalize: mapped now, the device would keep a
+        // freed page. Map nothing then; a device access faults and maps what
+        // hmm_range_fault reports, with the same check (MirrorDriver does that).
+        let mapped = pageTable.withLock { t -> Bool in
+            if notifier.readRetry(seq) { return false }
+            for i in 0..<args.npages where args.src[i].isMigrating && args.dst[i].isValid {
+                t[start + UInt64(i) << PageGeometry.pageShift] = args.dst[i].pfn
+            }
+            return true
+        }
+        if !mapped { print("an invalidation ran during the migration: nothing mapped in the device") }
         // 4. finalize: ALWAYS after a successful setup, even if nothing was
         //    copied. It maps destinations (or puts sources back), unlocks every
         //    page and drops the extra references. Exactly once.
@@ -93,6 +131,9 @@ final class TinyDevice: @unchecked Sendable {
         var args = MigrateVMA(vma: vmf.vma, start: start, end: start + PageGeometry.pageSize64,
                               flags: .devicePrivate, pgmapOwner: owner, faultPage: vmf.page)
         do { try kernel.migrateVMASetup(&args) } catch { return .sigbus }
+        // Our notifier skipped this migration's invalidation (our owner):
+        // drop the device's mapping ourselves, before the copy.
+        if args.src[0].isMigrating { pageTable.withLock { $0[start] = nil } }
         if args.src[0].isMigrating, let src = kernel.page(args.src[0]) {
             // A system page from the kernel's allocator comes UNLOCKED:
             // RULE: lock it before migrateVMAPages.
@@ -117,21 +158,22 @@ final class TinyDevice: @unchecked Sendable {
 /// Maps a buffer, migrates it to the device, reads it back from the CPU.
 func scenario(_ kernel: Kernel) throws(Errno) {
     let mm = AddressSpace(kernel: kernel)  // a process
-    let device = try TinyDevice(kernel: kernel, bytes: 8 << 20)
+    let device = try TinyDevice(kernel: kernel, mm: mm, bytes: 8 << 20)
 
     let pages = 16
     let buffer = try mm.mmap(length: pages * PageGeometry.pageSize)
     try mm.fillPattern(buffer, length: pages * PageGeometry.pageSize, seed: 42)  // the CPU writes it
     print("buffer at 0x\(String(buffer, radix: 16)): \(mm.entry(at: buffer).entry)")
 
-    let moved = try device.migrateToDevice(mm, buffer, pages: pages)
-    print("migrated \(moved) of \(pages) pages to the device: \(mm.entry(at: buffer).entry)")
+    let moved = try device.migrateToDevice(buffer, pages: pages)
+    print("migrated \(moved) of \(pages) pages to the device: \(mm.entry(at: buffer).entry)"
+          + ", \(device.pageTable.withLock { $0.count }) mapped in the device")
 
     // The CPU reads the buffer: each page faults into migrateToRAM and comes back.
     let bad = try mm.verifyPattern(buffer, length: pages * PageGeometry.pageSize, seed: 42)
     print("CPU read it back: \(bad == nil ? "bytes intact" : "BYTES DIFFER at 0x\(String(bad!, radix: 16))")"
           + ", migrateToRAM called \(device.migrateToRAMCalls.load(ordering: .relaxed)) times")
-    print("now: \(mm.entry(at: buffer).entry)")
+    print("now: \(mm.entry(at: buffer).entry), \(device.pageTable.withLock { $0.count }) mapped in the device")
     print(kernel.diagnostics.isEmpty ? "no rule broken" : "\(kernel.diagnostics.count) diagnostics")
     if bad != nil || !kernel.diagnostics.isEmpty { throw .ioError }
 }

@@ -38,3 +38,33 @@ final class DevicePageTable: @unchecked Sendable {
         (entries + i).update(repeating: 0, count: j - i)
     }
 }
+
+/// One entry of a ``MirrorDevice``'s page table, as ``MirrorDevice/deviceMapping(at:)`` reads it.
+public struct DeviceMapping: Sendable, Equatable, CustomStringConvertible {
+    /// The frame the device reaches at that address.
+    public let pfn: UInt64
+    /// Whether the device may write through the entry.
+    public let writable: Bool
+    /// Whether the frame is device memory (else system memory the device mirrors).
+    public let devicePage: Bool
+    /// Whether the entry is mapped for device atomics (the CPU holds a
+    /// device-exclusive entry for the page).
+    public let atomic: Bool
+    public var description: String {
+        "pfn 0x\(String(pfn, radix: 16))\(writable ? " write" : "")\(devicePage ? " device" : "")\(atomic ? " atomic" : "")"
+    }
+}
+
+extension MirrorDevice {
+    /// The device page table's entry for the page holding `address`, or nil
+    /// where a GPU access would fault. Takes the page-table lock; what it
+    /// returns may change as soon as the lock is dropped, so a check that
+    /// compares it with the CPU's page table runs at a quiescent point.
+    public func deviceMapping(at address: UInt64) -> DeviceMapping? {
+        guard address >= pageTable.base, address < pageTable.end else { return nil }
+        let e = pageTableLock.withLock { pageTable.get(address & PageGeometry.pageMask) }
+        guard e & DevicePageTable.valid != 0 else { return nil }
+        return DeviceMapping(pfn: e >> PageGeometry.pageShift, writable: e & DevicePageTable.write != 0,
+                             devicePage: e & DevicePageTable.device != 0, atomic: e & DevicePageTable.atomic != 0)
+    }
+}

@@ -73,12 +73,45 @@ extension MirrorDevice {
         defer { mm.mmapReadUnlock() }
         var a = start & PageGeometry.pageMask
         while a < end {
-            let page = try mm.makeDeviceExclusive(a, owner: owner)
+            try mapExclusivePage(a)
+            a += PageGeometry.pageSize64
+        }
+    }
+
+    /// One page, in the shape of nouveau_atomic_range_fault(): the notifier
+    /// sequence before `makeDeviceExclusive` (the folio comes back locked
+    /// and referenced), then, under the page-table lock, the atomic mapping
+    /// only if no invalidation ran since; otherwise the folio is released
+    /// and the page taken again.
+    ///
+    /// The folio lock keeps a CPU fault from restoring the page before the
+    /// mapping, but not a MADV_DONTNEED or munmap: those zap the
+    /// device-exclusive entry without the folio lock, and their invalidation
+    /// clears the device page table before the mapping exists. Mapped
+    /// regardless (dmirror_atomic_map checks nothing), the entry would
+    /// outlive the page, freed at the last `put()`, and `atomicAdd` would
+    /// write into a freed frame. Caller holds the mmap lock for reading.
+    private func mapExclusivePage(_ address: UInt64) throws(Errno) {
+        while true {
+            let seq = notifier.readBegin()
+            let page = try mm.makeDeviceExclusive(address, owner: owner)
             let folio = page.folio
-            pageTableLock.withLock { pageTable.set(a, pfn: page.pfn, write: true, device: false, atomic: true) }
+            let mapped = pageTableLock.withLock { () -> Bool in
+                if notifier.readRetry(seq) { return false }
+                pageTable.set(address, pfn: page.pfn, write: true, device: false, atomic: true)
+                return true
+            }
             folio.unlock()
             folio.put()
-            a += PageGeometry.pageSize64
+            if mapped { return }
+            // The failed attempt (or an earlier call) left the page
+            // device-exclusive. Taking it again would first restore it,
+            // an invalidation of this page after the new sequence, and fail
+            // again, for ever (nouveau's loop runs until its timeout there):
+            // so the CPU gets it back before the next sequence is taken.
+            var back = HMMRange(start: address, end: address + PageGeometry.pageSize64,
+                                defaultFlags: HMMPFN(rawValue: HMMPFN.requestFault.rawValue | HMMPFN.requestWrite.rawValue))
+            try? mm.hmmRangeFault(&back)
         }
     }
 }

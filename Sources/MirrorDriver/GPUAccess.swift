@@ -92,23 +92,25 @@ extension MirrorDevice {
     /// the page-table lock unless an invalidation ran meanwhile, in which case
     /// everything starts over. With `deadlineNanos`, gives up with `.busy`
     /// once that monotonic time has passed (dmirror's one-second bound).
+    /// With `mmapLocked` the caller holds the mmap lock for reading and keeps
+    /// it throughout; otherwise each attempt takes it.
     func withStableRange(_ notifier: MMUIntervalNotifier, _ start: UInt64, _ end: UInt64, flags: HMMPFN,
-                         deadlineNanos: UInt64? = nil, commit: (HMMRange) -> Void) throws(Errno) {
+                         deadlineNanos: UInt64? = nil, mmapLocked: Bool = false, commit: (HMMRange) -> Void) throws(Errno) {
         while true {
             if let deadlineNanos, HostClock.nanos() > deadlineNanos { throw .busy }
             var range = HMMRange(notifier: notifier, start: start, end: end, defaultFlags: flags, devicePrivateOwner: owner)
             range.notifierSeq = notifier.readBegin()
-            mm.mmapReadLock()
+            if !mmapLocked { mm.mmapReadLock() }
             do {
                 try mm.hmmRangeFault(&range)
             } catch .busy {
-                mm.mmapReadUnlock()
+                if !mmapLocked { mm.mmapReadUnlock() }
                 continue
             } catch {
-                mm.mmapReadUnlock()
+                if !mmapLocked { mm.mmapReadUnlock() }
                 throw error
             }
-            mm.mmapReadUnlock()
+            if !mmapLocked { mm.mmapReadUnlock() }
             let committed = pageTableLock.withLock { () -> Bool in
                 if notifier.readRetry(range.notifierSeq) { return false }
                 commit(range)

@@ -64,15 +64,22 @@ extension MirrorDevice {
             let next = min(end, vma.end, (addr / batch + 1) * batch)
             var flags: MigrateSelect = toDevice ? .system : (memoryType == .coherent ? .deviceCoherent : .devicePrivate)
             if huge { flags.insert(.compound) }
-            migrated += try withArgs { (args) throws(Errno) -> Int in
+            // The sequence comes before collect: an invalidation that runs
+            // from here on (a MADV_DONTNEED zapping what was just migrated)
+            // makes the mapping below refuse (mmu_interval_read_begin).
+            let seq = toDevice ? notifier.readBegin() : 0
+            let done = try withArgs { (args) throws(Errno) -> Int? in
                 args.prepare(vma: vma, start: addr, end: next, flags: flags, pgmapOwner: owner)
                 try kernel.migrateVMASetup(&args)
                 _ = toDevice ? allocateAndCopyToDevice(&args) : allocateAndCopyToSystem(&args, settings: s)
                 kernel.migrateVMAPages(&args)
-                let done = toDevice ? mapMigratedToDevice(args) : countMigrated(args)
+                let done = toDevice ? mapMigratedToDevice(args, seq: seq) : countMigrated(args)
                 kernel.migrateVMAFinalize(&args)
                 return done
             }
+            // An invalidation ran: what migrated may be gone. Map what the
+            // CPU's page table says now, under a new sequence.
+            if let done { migrated += done } else { migrated += try mapDevicePagesFromSnapshot(addr, next) }
             addr = next
         }
         return migrated
@@ -171,13 +178,25 @@ extension MirrorDevice {
     }
 
 
-    /// dmirror_migrate_finalize_and_map: map what migrated in the device page table.
-    func mapMigratedToDevice(_ args: MigrateVMA) -> Int {
+    /// dmirror_migrate_finalize: map what migrated in the device page table,
+    /// between `migrateVMAPages` and `migrateVMAFinalize`, unless an
+    /// invalidation ran since `seq` (taken with `readBegin()` before setup).
+    ///
+    /// The check and the mapping are one step under the page-table lock,
+    /// which the invalidation callback takes to set its sequence: either the
+    /// invalidation comes first and nothing is mapped, or the mapping comes
+    /// first and the invalidation clears it. Without the check (dmirror does
+    /// none) a MADV_DONTNEED that zapped a migration entry after collect
+    /// cleared the device page table too early: finalize then frees the
+    /// destination, and the device keeps mapping a freed page.
+    /// - Returns: pages mapped, or nil when an invalidation ran (nothing mapped).
+    func mapMigratedToDevice(_ args: MigrateVMA, seq: UInt64) -> Int? {
         var count = 0
         let t = kernel.phases.begin()
         defer { kernel.phases.end(.pageTableUpdate, t) }
         let vmaWritable = args.vma?.flags.contains(.write) ?? false
-        pageTableLock.withLock {
+        return pageTableLock.withLock { () -> Int? in
+            if notifier.readRetry(seq) { return nil }
             for i in 0..<args.npages {
                 let s = args.src[i], d = args.dst[i]
                 guard s.isMigrating, d.isValid else { continue }
@@ -188,6 +207,31 @@ extension MirrorDevice {
                     pageTable.set(addr + UInt64(j) << PageGeometry.pageShift, pfn: d.pfn + UInt64(j), write: write, device: true)
                 }
                 count += pages
+            }
+            return count
+        }
+    }
+
+    /// The retry of a mapping that `mapMigratedToDevice` refused, after
+    /// finalize: snapshot `[start, end)` with hmm_range_fault (no fault
+    /// requested; this device's pages are reported, not faulted) under a
+    /// new sequence and map the device pages of this device it finds, the
+    /// way drm_gpusvm maps after every migration. Caller holds the mmap lock
+    /// for reading.
+    /// - Returns: pages mapped.
+    func mapDevicePagesFromSnapshot(_ start: UInt64, _ end: UInt64) throws(Errno) -> Int {
+        var count = 0
+        let t = kernel.phases.begin()
+        defer { kernel.phases.end(.pageTableUpdate, t) }
+        try withStableRange(notifier, start, end, flags: HMMPFN(rawValue: 0), mmapLocked: true) { range in
+            count = 0
+            var a = start
+            for p in range.hmmPfns {
+                if p.isValid, let folio = kernel.page(pfn: p.pfn)?.folio, folio.pageMap?.owner == owner {
+                    pageTable.set(a, pfn: p.pfn, write: p.isWrite, device: true)
+                    count += 1
+                }
+                a += PageGeometry.pageSize64
             }
         }
         return count

@@ -197,8 +197,11 @@ extension Kernel {
 
     /// Hands out a free device page (or a 2 MiB folio when `order` is 9):
     /// reference count 0 to 1, the folio LOCKED, compound when order > 0.
-    /// A page that is in use (reference count not 0), not ZONE_DEVICE, or a
-    /// misaligned head for order 9 is a driver bug: reported, and nil returned.
+    /// A page that is in use (reference count not 0, or a tail of a live
+    /// large folio), not ZONE_DEVICE, or a misaligned head for order 9 is a
+    /// driver bug: reported, and nil returned. Each page of the new folio is
+    /// reinitialised, so the pages of a freed 2 MiB folio may be handed out
+    /// again as 4 KiB pages (and the other way round).
     ///
     /// The driver calls it on a page its own allocator picked, holding its
     /// own allocator lock if it likes (this takes none). The returned folio's
@@ -225,14 +228,30 @@ extension Kernel {
             return nil
         }
         let count = 1 << order
-        for i in 0..<count where metaPtr(page.pfn + UInt64(i)).refcount != 0
-            || (metaPtr(page.pfn + UInt64(i)).head != page.pfn && metaPtr(metaPtr(page.pfn + UInt64(i)).head).refcount != 0) {
+        for i in 0..<count where zoneDevicePageInUse(page.pfn + UInt64(i)) {
             warn("zone_device_page_init: page is in use (reference count not zero)", "\(Page(pfn: page.pfn + UInt64(i), kernel: self))")
             return nil
         }
+        // Every page of the new folio is set up afresh (head, order, flags,
+        // mapping): a page may still carry the head and order of a large
+        // folio it belonged to before, freed and carved up since.
         prepareNewFolio(pfn: page.pfn, order: order, flags: PageFlags.zoneDevice.rawValue | PageFlags.locked.rawValue)
         for i in 0..<count { metaPtr(page.pfn + UInt64(i)).pgmap = m.pgmap }
         return Folio(pfn: page.pfn, kernel: self)
+    }
+
+    /// Whether the device page at `pfn` is in use: it holds references, or
+    /// it is a tail of a large folio that is still live (a head that still
+    /// covers it and holds references). The head a page records is not
+    /// enough: a freed 2 MiB folio leaves it in its tails, and the driver
+    /// may have handed the old head out again as a 4 KiB page.
+    func zoneDevicePageInUse(_ pfn: UInt64) -> Bool {
+        let m = metaPtr(pfn)
+        if m.refcount != 0 { return true }
+        let head = m.head
+        guard head != pfn else { return false }
+        let h = metaPtr(head)
+        return h.test(PageFlags.head.rawValue) && pfn &- head < (UInt64(1) << UInt64(h.order)) && h.refcount != 0
     }
 
     /// The device page map containing `pfn`, if any. Takes the page-map list's

@@ -1,0 +1,127 @@
+import Testing
+import SVMEmu
+import MirrorDriver
+
+/// A driver that maps a page into its device after a migration or after
+/// `make_device_exclusive` must take the interval notifier's sequence before
+/// it starts and check it under its page-table lock before it maps: a
+/// MADV_DONTNEED that runs in between zaps the CPU entry and frees the page
+/// once the driver lets go of it, and its invalidation has already cleared
+/// the device page table, so a mapping made afterwards outlives the page.
+/// Each race runs as a deterministic schedule, over 128 seeds; the racer
+/// starts at a seeded offset spread over the migration.
+@Suite("Driver mappings against the notifier sequence")
+struct NotifierSequenceTests {
+    static let seeds: ClosedRange<UInt64> = 1...128
+    static let pages = 4
+
+    /// Every device page-table entry of the range names a frame in use that
+    /// the CPU still maps at that address (present, device-private or
+    /// device-exclusive with the same pfn). At a quiescent point only.
+    static func deviceMappingsAreLive(_ kernel: Kernel, _ mm: AddressSpace, _ device: MirrorDevice,
+                                      _ base: UInt64, seed: UInt64) -> Int {
+        var stale = 0
+        for i in 0..<pages {
+            let a = base + UInt64(i * pageSize)
+            guard let m = device.deviceMapping(at: a) else { continue }
+            let e = mm.entry(at: a).entry
+            let inUse = (kernel.page(pfn: m.pfn)?.folio.refCount ?? 0) > 0
+            let cpuMapsIt = (e.kind == .present || e.kind == .devicePrivate || e.kind == .deviceExclusive) && e.pfn == m.pfn
+            if !inUse || !cpuMapsIt {
+                stale += 1
+                Issue.record("seed \(seed), page \(i): the device maps \(m) (\(inUse ? "in use" : "FREED")), the CPU has \(e)")
+            }
+        }
+        return stale
+    }
+
+    /// A schedule of two threads; the second starts `offset` virtual nanoseconds late.
+    static func race(seed: UInt64, _ first: (String, @Sendable () -> Void), _ second: (String, @Sendable () -> Void),
+                     offset: UInt64) -> DeterministicScheduler.Outcome {
+        var c = DeterministicScheduler.Configuration(seed: seed)
+        c.hostTimeoutSeconds = 30
+        let s = DeterministicScheduler(c)
+        s.spawn(first.0, first.1)
+        let body = second.1
+        s.spawn(second.0) {
+            HostClock.sleep(nanos: offset)
+            body()
+        }
+        return s.run()
+    }
+
+    @Test("migrate to device racing MADV_DONTNEED: the device never maps a freed page, and reads what the CPU reads")
+    func migrateToDeviceAgainstDontNeed() throws {
+        try withMachine { kernel, mm, device in
+            let length = Self.pages * pageSize
+            var staleSeeds = 0
+            for seed in Self.seeds {
+                let base = try mm.mmap(length: length)
+                let expected = try expectedPattern(kernel, base, length: length, seed: seed)
+                try mm.fillPattern(base, length: length, seed: seed)
+                // The first half is dropped; the second half must end up in
+                // the device and mapped there, whichever side wins.
+                let dropped = length / 2
+                let outcome = Self.race(seed: seed,
+                                        ("migrate", { _ = try? device.migrateToDevice(base, pages: Self.pages) }),
+                                        ("madvise", { _ = try? mm.madvise(base, length: dropped, advice: .dontNeed) }),
+                                        offset: (seed % 32) * 1_000)
+                #expect(outcome == .completed, "seed \(seed): \(outcome)")
+                if Self.deviceMappingsAreLive(kernel, mm, device, base, seed: seed) > 0 { staleSeeds += 1 }
+                for i in (Self.pages / 2)..<Self.pages {
+                    let m = device.deviceMapping(at: base + UInt64(i * pageSize))
+                    #expect(m?.devicePage == true, "seed \(seed), page \(i): migrated but \(m.map { "\($0)" } ?? "not mapped") in the device")
+                }
+                // MADV_DONTNEED ran to its end: the CPU reads zeroes there and
+                // the pattern elsewhere, and so must the device (a stale entry
+                // reads the freed copy of the pattern).
+                var want = expected
+                for i in 0..<dropped { want[i] = 0 }
+                var gpu = [UInt8](repeating: 0xA5, count: length)
+                try gpu.withUnsafeMutableBytes { try device.read(base, into: $0) }
+                #expect(gpu == want, "seed \(seed): the device reads \(zip(gpu, want).filter { $0 != $1 }.count) bytes the CPU does not")
+                #expect(try mm.read(base, count: length) == want, "seed \(seed)")
+                noLeaks(kernel, mm, base, pages: Self.pages)
+                let audit = kernel.audit()
+                #expect(audit.isClean, "seed \(seed): \(audit)")
+                try mm.munmap(base, length: length)
+            }
+            #expect(staleSeeds == 0, "\(staleSeeds) of \(Self.seeds.count) schedules left a stale device mapping")
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+        }
+    }
+
+    @Test("make-exclusive racing MADV_DONTNEED: no atomic mapping of a freed page, and every device atomic lands in the CPU's page")
+    func mapExclusiveAgainstDontNeed() throws {
+        try withMachine { kernel, mm, device in
+            let length = Self.pages * pageSize
+            var staleSeeds = 0
+            for seed in Self.seeds {
+                let base = try mm.mmap(length: length)
+                try mm.fillPattern(base, length: length, seed: seed)
+                let end = base + UInt64(length)
+                let outcome = Self.race(seed: seed,
+                                        ("exclusive", { try? device.mapExclusive(base, end) }),
+                                        ("madvise", { _ = try? mm.madvise(base, length: length, advice: .dontNeed) }),
+                                        offset: (seed % 32) * 500)
+                #expect(outcome == .completed, "seed \(seed): \(outcome)")
+                if Self.deviceMappingsAreLive(kernel, mm, device, base, seed: seed) > 0 { staleSeeds += 1 }
+                // Every page is zero now (zapped, or faulted in anew after the
+                // zap). An atomic the device reports done is in the CPU's page.
+                for i in 0..<Self.pages {
+                    let a = base + UInt64(i * pageSize)
+                    let value = 0x100 + UInt64(i)
+                    let done = device.atomicAdd(a, value)
+                    let seen = try mm.load64(a)
+                    #expect(seen == (done ? value : 0), "seed \(seed), page \(i): atomicAdd \(done ? "wrote" : "refused"), the CPU reads \(seen)")
+                }
+                noLeaks(kernel, mm, base, pages: Self.pages)
+                let audit = kernel.audit()
+                #expect(audit.isClean, "seed \(seed): \(audit)")
+                try mm.munmap(base, length: length)
+            }
+            #expect(staleSeeds == 0, "\(staleSeeds) of \(Self.seeds.count) schedules left a stale device mapping")
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+        }
+    }
+}
