@@ -20,7 +20,7 @@ extension SVMEmuCommand {
         do {
             try StandardOutput.checkOpen()
             var command = try parseAsRoot(arguments)
-            Interrupt.command = JSONReport<Int>.commandPath(type(of: command))
+            Interrupt.running(JSONReport<Int>.commandPath(type(of: command)))
             do {
                 try command.run()
             } catch {
@@ -114,11 +114,8 @@ public enum Interrupt {
         pthread_sigmask(SIG_UNBLOCK, &set, nil)
     }
 
-    /// The subcommand's path, for the message.
-    static var command: String {
-        get { "" }
-        set { store(newValue, in: commandBuffer, capacity: capacity) }
-    }
+    /// Notes the subcommand's path ("bench migrate"), for the message.
+    static func running(_ command: String) { store(command, in: commandBuffer, capacity: capacity) }
 
     /// Notes how far the run has got (what its progress line says).
     public static func note(_ status: String) { store(status, in: statusBuffer, capacity: capacity) }
@@ -134,14 +131,6 @@ public enum Interrupt {
         bytes.withUnsafeBufferPointer { b in
             for i in (0..<b.count).reversed() { buffer[i] = CChar(bitPattern: b[i]) }
         }
-    }
-
-    /// The message, as the handler writes it.
-    static func message() -> String {
-        let command = String(cString: commandBuffer), status = String(cString: statusBuffer)
-        return "svmemu\(command.isEmpty ? "" : " " + command): interrupted (SIGINT)"
-            + (status.isEmpty ? " before the run finished" : " at: " + status)
-            + "; the run did not finish and no output file was written\n"
     }
 
     /// The handler: the line, the temporary file removed, `_exit(130)`.
