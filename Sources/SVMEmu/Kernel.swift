@@ -178,14 +178,42 @@ public final class Kernel: @unchecked Sendable {
     ///
     /// A configuration that ``KernelConfiguration/validate()`` refuses is a
     /// programming error and stops the process with its message; check
-    /// configurations that come from users with `validate()` first.
-    public init(_ configuration: KernelConfiguration = KernelConfiguration()) {
+    /// configurations that come from users with `validate()` first. So does
+    /// a host that refuses the machine's memory: a program that must
+    /// report that (a command line tool) boots with ``init(booting:)``.
+    public convenience init(_ configuration: KernelConfiguration = KernelConfiguration()) {
+        do { try self.init(booting: configuration) } catch { fatalError("SVMEmu: \(error)") }
+    }
+
+    /// Boots a machine, or reports that the host refused the memory it
+    /// needs: the CPUs' TLBs, the page metadata of
+    /// ``KernelConfiguration/maxPhysicalBytes``, every RAM node, and the
+    /// page tables of one address space of
+    /// ``KernelConfiguration/addressSpaceSize`` (reserved and given back
+    /// at once: a machine that cannot hold one process is no use). All of
+    /// it is address space reserved lazily (`MAP_NORESERVE`); what runs
+    /// into a refusal is a limit on address space (`ulimit -v`), not the
+    /// host's free memory. Nothing is left reserved when it throws.
+    ///
+    /// A configuration that ``KernelConfiguration/validate()`` refuses is a
+    /// programming error and stops the process with its message.
+    ///
+    /// - Throws: ``HostMemoryRefusal``, naming how much was asked and for what.
+    public init(booting configuration: KernelConfiguration) throws(HostMemoryRefusal) {
         do { try configuration.validate() } catch { fatalError("SVMEmu: \(error)") }
-        self.configuration = configuration
-        cpus = CPUSet(count: configuration.cpus, checksStaleEntries: configuration.checksStaleTLBEntries, vmstat: vmstat)
-        phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU, cpus: cpus)
         maxPfn = configuration.maxPhysicalBytes >> PageGeometry.pageShift
-        metaBase = HostMemory.reserveOrStop(bytes: Int(maxPfn) << PageMeta.shift, for: "page metadata")
+        // The large reservations first, before anything that would have to be given back.
+        let metaBytes = Int(maxPfn) << PageMeta.shift
+        metaBase = try HostMemory.reserve(bytes: metaBytes, for: "page metadata (\(ByteSize.describe(Int(configuration.maxPhysicalBytes))) of physical address space)")
+        do {
+            cpus = try CPUSet(count: configuration.cpus, checksStaleEntries: configuration.checksStaleTLBEntries, vmstat: vmstat)
+            try Kernel.probeAddressSpace(configuration)
+        } catch {
+            HostMemory.release(metaBase, bytes: metaBytes)
+            throw error
+        }
+        self.configuration = configuration
+        phases = PhaseTimer(traceCapacity: configuration.traceEventsPerCPU, cpus: cpus)
         regionBase = .allocate(capacity: Kernel.maxRegions)
         regionBase.initialize(repeating: nil, count: Kernel.maxRegions)
         regionStart = .allocate(capacity: Kernel.maxRegions)
@@ -204,9 +232,13 @@ public final class Kernel: @unchecked Sendable {
         var nodes: [MemoryNode] = []
         for (id, size) in configuration.nodeSizes.enumerated() {
             let pages = UInt64(size >> PageGeometry.pmdShift) << PageGeometry.pmdOrder
-            // validate() checked the node count and sizes against the limits.
+            // validate() checked the node count and sizes against the
+            // limits: a failure is the host's refusal (the deinit gives back
+            // what was reserved).
             guard let (start, region, base) = try? addRegion(pages: pages) else {
-                fatalError("SVMEmu: RAM node \(id) does not fit the physical layout")
+                self.nodes = nodes
+                throw HostMemoryRefusal(bytes: Int(pages) << PageGeometry.pageShift, purpose: "RAM node \(id)",
+                                        errno: .noMemory)
             }
             if configuration.populatesRAM { HostMemory.populate(base, bytes: Int(pages) << PageGeometry.pageShift) }
             nodes.append(MemoryNode(id: id, region: region, startPfn: start, pageCount: pages, bytes: base))
@@ -227,6 +259,23 @@ public final class Kernel: @unchecked Sendable {
         deferredTLB.kernel = self
         hugetlb.kernelRef = .passUnretained(self)
         hugetlb.setPageCount(configuration.hugetlbPages)
+    }
+
+    /// Reserves and gives back the page tables of one address space of
+    /// `configuration` (as `AddressSpace.init` reserves them: a PMD array,
+    /// the PTE arrays, the PTE locks and the PMD locks).
+    ///
+    /// - Throws: ``HostMemoryRefusal`` for the first the host refuses.
+    static func probeAddressSpace(_ configuration: KernelConfiguration) throws(HostMemoryRefusal) {
+        let size = (configuration.addressSpaceSize + (1 << 30) - 1) & ~((1 << 30) - 1)
+        let pmdCount = Int(size >> PageGeometry.pmdShift)
+        let parts = [pmdCount * 8, pmdCount * PageGeometry.pmdPages * 8, pmdCount * 4,
+                     max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4)]
+        var held: [(UnsafeMutableRawPointer, Int)] = []
+        defer { for (p, n) in held { HostMemory.release(p, bytes: n) } }
+        for bytes in parts {
+            held.append((try HostMemory.reserve(bytes: bytes, for: "the page tables of an address space of \(ByteSize.describe(Int(size)))"), bytes))
+        }
     }
 
     deinit {

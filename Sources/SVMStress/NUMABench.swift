@@ -189,7 +189,7 @@ public enum NUMABench {
         // host's first-touch faults, zeroing each frame, would be timed as
         // the copy.
         config.populatesRAM = true
-        let kernel = Kernel(config)
+        let kernel = try Kernel(booting: config)
         let mm = AddressSpace(kernel: kernel)
         defer { withExtendedLifetime((kernel, mm)) {} }
         let seed = s.seed

@@ -56,8 +56,14 @@ public struct NUMAStormResult: Sendable, Codable {
     public var holders: Int
     public var rounds: Int
     public var pagesMigrated: Int
-    /// Pages move_pages returned as not migrated, over all rounds.
+    /// Pages not on the round's target node after the round's move_pages,
+    /// over all rounds.
     public var pagesNotMigrated: Int
+    /// Pages already on the round's target node (left behind by the round
+    /// before), over all rounds: move_pages reports them with the node as
+    /// status and moves nothing. `pagesMigrated + pagesNotMigrated +
+    /// pagesAlreadyOnTarget` is `pages * rounds`.
+    public var pagesAlreadyOnTarget: Int
     /// Migrator waits that reached the hung-task bound.
     public var stalls: Int
     /// "hung task" diagnostics the kernel recorded.
@@ -100,7 +106,7 @@ extension NUMABench {
         config.transparentHugepage = .never
         if let problem = s.schedule.problem(threads: s.holders + 1) { throw HarnessScheduleError(description: problem) }
         if s.schedule.deterministic { config.cpus = s.schedule.cpus }
-        let kernel = Kernel(config)
+        let kernel = try Kernel(booting: config)
         let mm = AddressSpace(kernel: kernel)
         defer { withExtendedLifetime((kernel, mm)) {} }
         let seed = s.seed
@@ -169,11 +175,19 @@ extension NUMABench {
         policy.waitLimitNanos = s.waitLimitNanos
         let pages0 = kernel.vmstat[.pgmigrateSuccess]
         // The migrator: the calling thread, or the emulated thread "main".
-        let (stats, notMigrated, seconds) = try threads.run(leaving: kernel.cpus) {
+        let (stats, (notMigrated, alreadyThere), seconds) = try threads.run(leaving: kernel.cpus) {
             HostClock.sleep(nanos: 2_000_000)
             var stats = MigrateStats()
             var status: [PageStatus] = []
-            var notMigrated = 0
+            var notMigrated = 0, alreadyThere = 0, queryNanos: UInt64 = 0
+            // Pages on `node`, by a move_pages query (outside the timed moves).
+            func pages(on node: Int) throws -> Int {
+                let q0 = HostClock.nanos()
+                defer { queryNanos += HostClock.nanos() - q0 }
+                var where_: [PageStatus] = []
+                try mm.movePages(addresses, nodes: nil, status: &where_)
+                return where_.reduce(0) { $0 + ($1 == .node(node) ? 1 : 0) }
+            }
             defer {
                 stop.store(true, ordering: .relaxed)
                 // A holder may sleep out its bounded waits (4 x the bound) before it sees the flag.
@@ -182,11 +196,20 @@ extension NUMABench {
             let t0 = HostClock.nanos()
             for round in 0..<s.rounds {
                 let target = (round + 1) & 1
-                let left = try mm.movePages(addresses, nodes: Array(repeating: target, count: addresses.count), status: &status,
-                                            policy: policy, stats: &stats)
-                notMigrated += left
+                // A page left behind by the round before is already on this
+                // round's target: move_pages moves nothing and reports the
+                // node. Counting by where the pages are before and after the
+                // round makes migrated + not migrated + already there the
+                // round's pages (move_pages' own return value also counts,
+                // as the kernel's does, pages after a failed run that it
+                // never tried, some of them already on the target).
+                let before = try pages(on: target)
+                try mm.movePages(addresses, nodes: Array(repeating: target, count: addresses.count), status: &status,
+                                 policy: policy, stats: &stats)
+                alreadyThere += before
+                notMigrated += addresses.count - (try pages(on: target))
             }
-            return (stats, notMigrated, Double(HostClock.nanos() - t0) / 1e9)
+            return (stats, (notMigrated, alreadyThere), Double(HostClock.nanos() - t0 - queryNanos) / 1e9)
         }
         var holders = WaitHistogram()
         for h in histograms.all { holders.merge(h) }
@@ -199,6 +222,7 @@ extension NUMABench {
         return NUMAStormResult(
             algorithm: algorithm.rawValue, mode: MigrateMode.sync.rawValue, pages: s.pages, holders: s.holders, rounds: s.rounds,
             pagesMigrated: Int(kernel.vmstat[.pgmigrateSuccess] - pages0), pagesNotMigrated: notMigrated,
+            pagesAlreadyOnTarget: alreadyThere,
             stalls: stats.stalls, hungTaskDiagnostics: hung, deadlockBackoffs: stats.deadlockBackoffs,
             lockWaits: w.count, lockWaitP50Nanos: w.quantile(0.5), lockWaitP99Nanos: w.quantile(0.99), lockWaitMaxNanos: w.maxNanos,
             lockWaitHistogram: buckets, holderWaitP99Nanos: holders.quantile(0.99), holderWaitMaxNanos: holders.maxNanos,

@@ -216,9 +216,12 @@ public enum OverheadError: Error, CustomStringConvertible, Equatable {
     case invalidConfiguration(String)
     case dataMismatch(String)
     case setupFailed(String)
+    /// The host refused the machine's memory at boot (`ulimit -v`).
+    case hostRefused(HostMemoryRefusal)
 
     public var description: String {
         switch self {
+        case .hostRefused(let r): r.description
         case .granularityUnavailable(let m), .invalidConfiguration(let m), .dataMismatch(let m), .setupFailed(let m): m
         }
     }
@@ -262,7 +265,8 @@ public enum OverheadHarness {
         kc.nodeSizes = [node, node]
         kc.transparentHugepage = config.granularity == .huge2M ? .always : .never
         kc.traceEventsPerCPU = config.traceEventsPerCPU
-        let kernel = Kernel(kc)
+        let kernel: Kernel
+        do { kernel = try Kernel(booting: kc) } catch { throw .hostRefused(error) }
         // The device and the address space refer to the kernel: they go first.
         return try withExtendedLifetime(kernel) { () throws(OverheadError) -> OverheadResult in
             try runBooted(kernel, config)

@@ -215,6 +215,15 @@ public struct SoakResult: Sendable, Codable, Equatable {
 /// Same seed, same soak.
 public enum Soak {
 
+    /// Each RAM node's size for a buffer of `bytes`: room for the whole
+    /// buffer (move_pages and migrate_pages may gather it on one node), a
+    /// forked child's copies of it and the frames the device path brings
+    /// back, and at least 64 MiB (what the default buffer has always had,
+    /// so a seed's soak is the same as before for buffers up to 16 MiB).
+    public static func nodeBytes(_ bytes: Int) -> Int {
+        max(64 << 20, (2 * bytes + (32 << 20) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1))
+    }
+
     /// Runs one soak.
     ///
     /// - Parameter settings: the soak.
@@ -226,13 +235,14 @@ public enum Soak {
         let smallBytes = settings.pages * PageGeometry.pageSize
         let hugeBytes = huge * PageGeometry.pmdSize
         var config = KernelConfiguration()
-        config.nodeSizes = [64 << 20, 64 << 20]
+        config.nodeSizes = Array(repeating: nodeBytes(smallBytes + hugeBytes), count: 2)
         config.addressSpaceSize = 4 << 30
         config.cpus = settings.cpus + 2
         config.deviceFaultPolicy = settings.faultPolicy
         config.transparentHugepage = .madvise
         config.checksStaleTLBEntries = settings.checksStaleTLBEntries
-        let kernel = Kernel(config)
+        let kernel: Kernel
+        do { kernel = try Kernel(booting: config) } catch { throw .hostRefused(error) }
         let mm = AddressSpace(kernel: kernel)
         let vram = StormHarness.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
         let driver = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20))

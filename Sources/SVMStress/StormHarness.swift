@@ -19,7 +19,8 @@ public enum StormHarness {
     /// times a second while the storm runs.
     /// With `settings.deterministic` the storm's threads and its watchdog run
     /// under a ``DeterministicScheduler`` seeded with `settings.seed` (or
-    /// configured by `schedule`), and `progress` is not called.
+    /// configured by `schedule`); `progress` is then called from the
+    /// watchdog about ten times a second of host time, with virtual seconds.
     public static func run(_ settings: StormSettings,
                            makeDriver: StormDriverFactory? = nil,
                            schedule: DeterministicScheduler.Configuration? = nil,
@@ -37,7 +38,8 @@ public enum StormHarness {
         config.addressSpaceSize = max(4 << 30, UInt64(bytes) * 4)
         config.maxPhysicalBytes = UInt64(config.nodeSizes[0]) + vram * UInt64(settings.devices) + (1 << 30)
         if settings.deterministic { config.cpus = settings.cpus }
-        let kernel = Kernel(config)
+        let kernel: Kernel
+        do { kernel = try Kernel(booting: config) } catch { throw .hostRefused(error) }
         let mm = AddressSpace(kernel: kernel)
         let drivers = (0..<settings.devices).map { factory(kernel, mm, $0) }
         if settings.pageSize == .huge, !drivers.allSatisfy(\.supportsHugePages) {
@@ -76,7 +78,7 @@ public enum StormHarness {
         if settings.deterministic {
             // The setup thread's CPU goes back, so that the storm's threads find theirs.
             kernel.cpus.leave()
-            return run.deterministicStorm(schedule: schedule)
+            return run.deterministicStorm(schedule: schedule, progress: progress)
         }
         return run.storm(progress: progress)
     }
@@ -107,7 +109,16 @@ final class StormRun: @unchecked Sendable {
     let workers: Int
 
     let stop = Atomic<Bool>(false)
+    /// Pages completed; `declaredBit` set once the watchdog declared the
+    /// next page stalled. A page completes and is declared by a
+    /// compare-and-exchange on this one word, so exactly one of the two
+    /// happens: the watchdog never blames a page that moved.
     let pagesDone = Atomic<Int>(0)
+    static let declaredBit = 1 << 40
+    /// When the page being worked on was opened (the clock of the storm;
+    /// 0 until the first page opens): a stall is measured from here, never
+    /// from the threads' start.
+    let pageOpenedNanos = Atomic<UInt64>(0)
     let finishedOnPage = Atomic<Int>(0)
     let exited = Atomic<Int>(0)
     let deviceMigrations = Atomic<Int>(0)
@@ -156,6 +167,8 @@ final class StormRun: @unchecked Sendable {
         let now = HostClock.nanos()
         let calls = totalCalls, retries = totalRetries, migrations = deviceMigrations.load(ordering: .relaxed)
         if round > 0 {
+            // The watchdog declared this page stalled first: it stays the stalled page.
+            guard pagesDone.compareExchange(expected: round - 1, desired: round, ordering: .acquiringAndReleasing).exchanged else { return }
             let kind = mm.entry(at: address(ofPage: round - 1)).entry.kind
             let record = PageRecord(page: round - 1,
                                     migrateToRAMCalls: calls - pageStartCalls.load(ordering: .relaxed),
@@ -164,8 +177,8 @@ final class StormRun: @unchecked Sendable {
                                     nanos: now - pageStartNanos,
                                     inRAMAtCompletion: kind == .present)
             records.withLock { $0.append(record) }
-            pagesDone.store(round, ordering: .releasing)
         }
+        pageOpenedNanos.store(now, ordering: .relaxed)
         pageStartCalls.store(calls, ordering: .relaxed)
         pageStartRetries.store(retries, ordering: .relaxed)
         pageStartMigrations = migrations
@@ -279,6 +292,39 @@ final class StormRun: @unchecked Sendable {
 
     // MARK: the watchdog and teardown
 
+    /// The watchdog's view of progress: the page being worked on, and since
+    /// when it has been (the later of its opening and the last change the
+    /// watchdog saw).
+    struct Watch {
+        var lastDone = 0
+        var lastChange: UInt64
+
+        /// Updates the view at `now`; returns the pages done.
+        mutating func observe(_ run: StormRun, now: UInt64) -> Int {
+            let done = run.pagesDone.load(ordering: .acquiring) & (StormRun.declaredBit - 1)
+            if done != lastDone {
+                lastDone = done
+                lastChange = now
+            }
+            return done
+        }
+
+        /// How long page `lastDone` has been worked on without completing;
+        /// 0 before the first page opened (threads still starting).
+        func quiet(_ run: StormRun, now: UInt64) -> UInt64 {
+            let opened = run.pageOpenedNanos.load(ordering: .relaxed)
+            guard opened != 0 else { return 0 }
+            let since = max(lastChange, opened)
+            return now > since ? now - since : 0
+        }
+    }
+
+    /// Declares page `page` stalled unless it completed meanwhile: the same
+    /// compare-and-exchange that completes a page, so exactly one wins.
+    func declare(page: Int) -> Bool {
+        pagesDone.compareExchange(expected: page, desired: page | StormRun.declaredBit, ordering: .acquiringAndReleasing).exchanged
+    }
+
     func storm(progress: ((StormProgress) -> Void)?) -> StormResult {
         let calls0 = totalCalls, retries0 = totalRetries
         let stallNanos = UInt64(settings.stallSeconds * 1e9)
@@ -288,30 +334,31 @@ final class StormRun: @unchecked Sendable {
             t.name = "storm-\(i)"
             t.start()
         }
-        var lastDone = 0
-        var lastChange = start
+        var watch = Watch(lastChange: start)
         var lastReport: UInt64 = 0
         var stall: StallReport? = nil
         var end = start
         while exited.load(ordering: .acquiring) < workers {
             HostClock.sleep(nanos: 2_000_000)
             let now = HostClock.nanos()
-            let done = pagesDone.load(ordering: .acquiring)
-            if done != lastDone {
-                lastDone = done
-                lastChange = now
-            }
+            let done = watch.observe(self, now: now)
             if stop.load(ordering: .relaxed) { break }
-            if done < settings.pages && now - lastChange >= stallNanos {
-                stall = sampleStall(page: done, quietNanos: now - lastChange, calls0: calls0)
-                abort()
-                break
+            let quiet = watch.quiet(self, now: now)
+            if done < settings.pages && quiet >= stallNanos {
+                // Sampling takes a while: the page may complete meanwhile.
+                let report = sampleStall(page: done, quietNanos: quiet, calls0: calls0)
+                if declare(page: done) {
+                    stall = report
+                    abort()
+                    break
+                }
+                continue
             }
             if let progress, now - lastReport >= 100_000_000 {
                 lastReport = now
                 progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: totalCalls - calls0,
                                        faultRetries: totalRetries - retries0, seconds: Double(now - start) / 1e9,
-                                       secondsSinceProgress: Double(now - lastChange) / 1e9))
+                                       secondsSinceProgress: Double(quiet) / 1e9))
             }
         }
         end = HostClock.nanos()
@@ -322,7 +369,7 @@ final class StormRun: @unchecked Sendable {
         while exited.load(ordering: .acquiring) < workers && HostClock.nanos() < deadline { HostClock.sleep(nanos: 1_000_000) }
         let left = exited.load(ordering: .acquiring)
         if let progress {
-            let done = pagesDone.load(ordering: .acquiring)
+            let done = pagesDone.load(ordering: .acquiring) & (StormRun.declaredBit - 1)
             progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: finalCalls,
                                    faultRetries: finalRetries, seconds: Double(end - start) / 1e9, secondsSinceProgress: 0))
         }
@@ -369,7 +416,8 @@ final class StormRun: @unchecked Sendable {
 
     /// The storm under a deterministic scheduler: the workers and the watchdog
     /// are its emulated threads; the stall window is virtual time.
-    func deterministicStorm(schedule: DeterministicScheduler.Configuration?) -> StormResult {
+    func deterministicStorm(schedule: DeterministicScheduler.Configuration?,
+                            progress: ((StormProgress) -> Void)? = nil) -> StormResult {
         var config = schedule ?? DeterministicScheduler.Configuration(seed: settings.seed)
         if schedule == nil { config.preemptions = settings.preemptions }
         config.hostTimeoutSeconds = max(config.hostTimeoutSeconds, settings.joinTimeoutSeconds)
@@ -382,22 +430,34 @@ final class StormRun: @unchecked Sendable {
             scheduler.spawn(i < accessors ? "cpu\(i)" : "gpu") { [self] in worker(i) }
         }
         let watch = LockedValue<(stall: StallReport?, start: UInt64, end: UInt64)>((nil, 0, 0))
+        // Called only from the watchdog, one emulated thread at a time.
+        nonisolated(unsafe) let progress = progress
         scheduler.spawn("watchdog", observer: true) { [self] in
             let start = HostClock.nanos()
-            var lastDone = 0, lastChange = start
+            var view = Watch(lastChange: start)
             var stall: StallReport? = nil
+            // Progress goes out in host time (what the user waits), never
+            // feeding back into the schedule.
+            var lastReport = HostClock.hostNanos()
             while exited.load(ordering: .acquiring) < workers && !stop.load(ordering: .relaxed) {
                 HostClock.sleep(nanos: 2_000_000)
                 let now = HostClock.nanos()
-                let done = pagesDone.load(ordering: .acquiring)
-                if done != lastDone {
-                    lastDone = done
-                    lastChange = now
+                let done = view.observe(self, now: now)
+                let quiet = view.quiet(self, now: now)
+                if done < settings.pages && quiet >= stallNanos {
+                    let report = sampleStall(page: done, quietNanos: quiet, calls0: calls0)
+                    if declare(page: done) {
+                        stall = report
+                        abort()
+                        break
+                    }
+                    continue
                 }
-                if done < settings.pages && now - lastChange >= stallNanos {
-                    stall = sampleStall(page: done, quietNanos: now - lastChange, calls0: calls0)
-                    abort()
-                    break
+                if let progress, HostClock.hostNanos() - lastReport >= 100_000_000 {
+                    lastReport = HostClock.hostNanos()
+                    progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: totalCalls - calls0,
+                                           faultRetries: totalRetries - retries0, seconds: Double(now - start) / 1e9,
+                                           secondsSinceProgress: Double(quiet) / 1e9))
                 }
             }
             let end = exited.load(ordering: .acquiring) == workers ? lastExitNanos : HostClock.nanos()

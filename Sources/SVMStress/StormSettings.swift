@@ -145,9 +145,12 @@ public enum StormError: Error, CustomStringConvertible, Equatable {
     case hugePagesUnsupported(String)
     /// Setting the storm up failed (mmap, filling, the first migration).
     case setupFailed(String)
+    /// The host refused the machine's memory at boot (`ulimit -v`).
+    case hostRefused(HostMemoryRefusal)
 
     public var description: String {
         switch self {
+        case .hostRefused(let r): r.description
         case .invalidSettings(let s): s
         case .hugePagesUnsupported(let s): s
         case .setupFailed(let s): "storm setup failed: \(s)"

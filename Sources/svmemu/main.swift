@@ -1,4 +1,4 @@
 // The `svmemu` executable: the commands live in SVMEmuCLI, where the tests reach them.
 import SVMEmuCLI
 
-SVMEmuCommand.main()
+SVMEmuCommand.runAndExit()

@@ -42,16 +42,18 @@ public final class CPUSet: @unchecked Sendable {
     /// For diagnostics only; a CPU set outlives its machine while threads still hold slots.
     weak var kernel: Kernel?
 
-    init(count: Int, checksStaleEntries: Bool, vmstat: VMStat) {
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses the TLBs' memory.
+    init(count: Int, checksStaleEntries: Bool, vmstat: VMStat) throws(HostMemoryRefusal) {
         self.count = count
         self.vmstat = vmstat
         self.checksStaleEntries = checksStaleEntries
+        // First: a refusal leaves nothing allocated behind.
+        tlbs = try HostMemory.reserve(bytes: count * TLB.entriesPerCPU * MemoryLayout<TLBEntry>.stride, for: "the CPUs' TLBs")
+            .assumingMemoryBound(to: TLBEntry.self)
         fenceOnAccess = !svm_membarrier_available()
         words = .allocate(capacity: count * CPUWord.stride)
         words.initialize(repeating: 0, count: count * CPUWord.stride)
         for i in 0..<count { words[i * CPUWord.stride + CPUWord.epoch] = 1 }
-        tlbs = HostMemory.reserveOrStop(bytes: count * TLB.entriesPerCPU * MemoryLayout<TLBEntry>.stride, for: "TLBs")
-            .assumingMemoryBound(to: TLBEntry.self)
         loaded = .allocate(capacity: count)
         loaded.initialize(repeating: nil, count: count)
         freeMask = Atomic(count == 64 ? ~0 : (UInt64(1) << UInt64(count)) - 1)

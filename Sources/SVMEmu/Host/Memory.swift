@@ -13,17 +13,29 @@ public enum HostMemory {
         system_mmap_anonymous(bytes)
     }
 
-    /// `reserve(bytes:)` where the caller cannot go on without the memory
-    /// (the page tables and metadata arrays at boot): stops the process with
-    /// a message that names `what` the memory was for.
-    static func reserveOrStop(bytes: Int, for what: String) -> UnsafeMutableRawPointer {
-        guard let p = reserve(bytes: bytes) else { refused(bytes: bytes, for: what) }
+    /// `reserve(bytes:)` for a caller that reports the refusal: the error
+    /// names how much was asked, for what, and the host's errno.
+    ///
+    /// - Throws: ``HostMemoryRefusal``.
+    ///
+    /// The corresponding C function is `mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)`.
+    static func reserve(bytes: Int, for what: String) throws(HostMemoryRefusal) -> UnsafeMutableRawPointer {
+        guard let p = reserve(bytes: bytes) else {
+            throw HostMemoryRefusal(bytes: bytes, purpose: what, errno: Errno(rawValue: system_errno))
+        }
         return p
+    }
+
+    /// `reserve(bytes:)` where the caller cannot go on without the memory
+    /// and has no way to report it (an address space's page tables):
+    /// stops the process with a message that names `what` the memory was for.
+    static func reserveOrStop(bytes: Int, for what: String) -> UnsafeMutableRawPointer {
+        do { return try reserve(bytes: bytes, for: what) } catch { fatalError("SVMEmu: \(error)") }
     }
 
     /// Stops after the host refused `bytes` of address space, with the errno.
     static func refused(bytes: Int, for what: String) -> Never {
-        fatalError("SVMEmu: the host refused \(bytes >> 20) MiB of address space for \(what) (errno \(system_errno))")
+        fatalError("SVMEmu: \(HostMemoryRefusal(bytes: bytes, purpose: what, errno: Errno(rawValue: system_errno)))")
     }
 
     /// Asks the host to back `bytes` at `p` (from `reserve`) with huge pages
@@ -83,4 +95,29 @@ public enum HostMemory {
     /// merged.
     @inlinable @inline(__always)
     public static func escape(_ p: UnsafeMutableRawPointer) { svm_escape(p) }
+}
+
+/// The host refused address space the emulator needed (an `mmap` failed,
+/// typically under `ulimit -v` or a cgroup's memory limit): how much, for
+/// what, and the host's errno. ``Kernel/init(booting:)`` throws it.
+public struct HostMemoryRefusal: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Bytes of address space asked for.
+    public let bytes: Int
+    /// What they were for ("page metadata", "RAM node 0").
+    public let purpose: String
+    /// What `mmap` failed with (`ENOMEM` under `ulimit -v`).
+    public let errno: Errno
+
+    public init(bytes: Int, purpose: String, errno: Errno) {
+        self.bytes = bytes
+        self.purpose = purpose
+        self.errno = errno
+    }
+
+    /// "the host refused 8.0 GiB of address space for page metadata
+    /// (ENOMEM (Cannot allocate memory)); is a limit set (ulimit -v)?"
+    public var description: String {
+        "the host refused \(ByteSize.describe(bytes)) of address space for \(purpose) (\(errno))"
+            + (errno == .noMemory ? "; the address-space limit (ulimit -v) or the host's memory is too small" : "")
+    }
 }

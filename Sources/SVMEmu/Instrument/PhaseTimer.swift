@@ -114,7 +114,9 @@ public final class PhaseTimer: @unchecked Sendable {
     /// A timer, off, keeping `traceCapacity` trace events per CPU. Calibrates
     /// the tick against the monotonic clock for about 2 ms.
     public convenience init(traceCapacity: Int = 0) {
-        self.init(traceCapacity: traceCapacity, cpus: CPUSet(count: CPUSet.maxCPUs, checksStaleEntries: false, vmstat: VMStat()))
+        let cpus: CPUSet
+        do { cpus = try CPUSet(count: CPUSet.maxCPUs, checksStaleEntries: false, vmstat: VMStat()) } catch { fatalError("SVMEmu: \(error)") }
+        self.init(traceCapacity: traceCapacity, cpus: cpus)
     }
 
     init(traceCapacity: Int, cpus: CPUSet) {

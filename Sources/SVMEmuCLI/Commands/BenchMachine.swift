@@ -10,7 +10,8 @@ final class BenchMachine {
     private(set) var mm: AddressSpace!
     private(set) var device: MirrorDevice!
 
-    init(bytes: Int, thp: TransparentHugepageMode, granularity: MigrationGranularity, deviceName: String) {
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses the machine's memory.
+    init(bytes: Int, thp: TransparentHugepageMode, granularity: MigrationGranularity, deviceName: String) throws(HostMemoryRefusal) {
         let chunk: UInt64 = 256 << 20
         var config = KernelConfiguration()
         let node = ((bytes + (64 << 20)) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1)
@@ -18,7 +19,7 @@ final class BenchMachine {
         config.transparentHugepage = thp
         config.addressSpaceSize = max(UInt64(4) << 30, UInt64(bytes) * 2)
         config.maxPhysicalBytes = max(UInt64(64) << 30, UInt64(bytes) * 8)
-        kernel = Kernel(config)
+        kernel = try Kernel(booting: config)
         mm = AddressSpace(kernel: kernel)
         var settings = MirrorSettings()
         settings.migrationGranularity = granularity

@@ -81,7 +81,7 @@ struct BenchMemoryCommand: ParsableCommand {
         config.nodeSizes = [faultBytes + (128 << 20)]
         config.maxPhysicalBytes = UInt64(faultBytes) + (1 << 30)
         config.transparentHugepage = .never
-        let kernel = Kernel(config)
+        let kernel = try Kernel(booting: config)
         // The address space refers to its kernel: it must go first, on every path.
         return try withExtendedLifetime(kernel) { () throws -> Result in
             let mm = AddressSpace(kernel: kernel)

@@ -40,7 +40,7 @@ struct BenchMigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Migration granularity: 4k or 2m.")
     var granularity: MigrationGranularity = .base4K
 
-    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 4K to 64G, a multiple of 4K, with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
+    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 4K to 64G, a multiple of 4K (with --granularity 2m: 2M to 64G, a multiple of 2M: whole 2 MiB folios), with an optional K, M or G suffix (binary units); needs about 4.2 times as much host memory.")
     var size: String = "256M"
 
     @OptionGroup var timing: BenchRoundsOptions
@@ -52,12 +52,21 @@ struct BenchMigrateCommand: ParsableCommand {
     var json: Bool { output.json }
 
     func validate() throws {
-        _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
+        if granularity == .huge2M {
+            _ = try ByteSize.check(size, flag: "--size with --granularity 2m", range: Self.hugeSizeRange, multiple: Self.hugeSizeMultiple)
+        } else {
+            _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
+        }
     }
 
     /// Sizes `--size` takes: whole 4 KiB pages, up to 64 GiB.
     static let sizeRange = 4 * ByteSize.kib...64 * ByteSize.gib
     static let sizeMultiple = 4 * ByteSize.kib
+    /// Sizes `--size` takes at `--granularity 2m`: whole 2 MiB folios (a
+    /// smaller or ragged buffer has no 2 MiB folio to migrate, or a tail
+    /// that would move at 4 KiB).
+    static let hugeSizeRange = 2 * ByteSize.mib...64 * ByteSize.gib
+    static let hugeSizeMultiple = 2 * ByteSize.mib
 
     /// Host memory a run over `bytes` touches: the buffer's RAM and VRAM
     /// frames and the two memcpy baseline buffers (4.05 bytes per byte),
@@ -133,7 +142,7 @@ struct BenchMigrateCommand: ParsableCommand {
 
     func measure(bytes: Int) throws -> Result {
         let pages = bytes >> PageGeometry.pageShift
-        let machine = BenchMachine(bytes: bytes, thp: granularity == .huge2M ? .always : .never,
+        let machine = try BenchMachine(bytes: bytes, thp: granularity == .huge2M ? .always : .never,
                                    granularity: granularity, deviceName: "bench0")
         let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
         let seed = pattern.seed

@@ -119,7 +119,7 @@ struct BenchTHPCommand: ParsableCommand {
 
     /// One run_migration_benchmark(): a fresh machine, mapping and device.
     static func measure(bytes: Int, thp: Bool, iterations: Int, seed: UInt64) throws -> Side {
-        let machine = BenchMachine(bytes: bytes, thp: .madvise, granularity: thp ? .huge2M : .base4K,
+        let machine = try BenchMachine(bytes: bytes, thp: .madvise, granularity: thp ? .huge2M : .base4K,
                                    deviceName: "hmm_dmirror0")
         let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
         let pages = bytes >> PageGeometry.pageShift

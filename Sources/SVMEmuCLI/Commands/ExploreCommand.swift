@@ -77,6 +77,7 @@ struct ExploreCommand: ParsableCommand {
     enum StormDefaults: StormOptionDefaults {
         static let pages = 16
         static let stallSeconds = 0.02
+        static let deterministicStallSeconds = 0.02
         static let lookupDelayUs = 0
     }
 
@@ -97,7 +98,7 @@ struct ExploreCommand: ParsableCommand {
     func settings() throws -> StormSettings {
         var s = StormSettings()
         try knobs.apply(to: &s)
-        storm.apply(to: &s)
+        storm.apply(to: &s, deterministic: true)
         schedule.apply(to: &s)
         do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
         return s
@@ -168,7 +169,7 @@ struct ReplayCommand: ParsableCommand {
         try checkRange(steps, 0...1_000_000, flag: "--steps")
         var s = StormSettings()
         try knobs.apply(to: &s)
-        storm.apply(to: &s)
+        storm.apply(to: &s, deterministic: true)
         schedule.apply(to: &s)
         do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
     }
@@ -176,7 +177,7 @@ struct ReplayCommand: ParsableCommand {
     func run() throws {
         var s = StormSettings()
         try knobs.apply(to: &s)
-        storm.apply(to: &s)
+        storm.apply(to: &s, deterministic: true)
         schedule.apply(to: &s)
         var config = DeterministicScheduler.Configuration(seed: s.seed)
         config.preemptions = s.preemptions

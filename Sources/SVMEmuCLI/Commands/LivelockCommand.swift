@@ -28,13 +28,15 @@ struct LivelockCommand: ParsableCommand {
             --deterministic runs the storm's threads under the emulator's scheduler on --cpus \
             emulated CPUs, one at a time in virtual time, the schedule seeded by --seed: the same \
             seed gives byte-identical JSON but for the host's wall time (seconds), on any host \
-            and under any load; --stall-seconds is then virtual time. The JSON adds \
+            and under any load; --stall-seconds is then virtual time (default 0.1 s: a livelocked \
+            page costs host time for every retry). The JSON adds \
             deterministic, cpus, virtualSeconds, scheduleSteps and deadlock.
 
             Exit status: 0 the storm ran and its result is printed, a livelock included; 2 with \
             --fail-on-livelock, the watchdog declared a livelock; 1 the storm could not run or \
             failed its checks (a thread's access failed, teardown not clean, bytes changed; 1 wins \
-            over 2), or the host has too little memory for it; 64 an invalid argument.
+            over 2), or the host has too little memory for it; 64 an invalid argument; 130 \
+            interrupted (SIGINT).
             """)
 
     @OptionGroup var knobs: StormScenarioOptions
@@ -77,7 +79,7 @@ struct LivelockCommand: ParsableCommand {
     func settings() throws -> StormSettings {
         var s = StormSettings()
         try knobs.apply(to: &s)
-        storm.apply(to: &s)
+        storm.apply(to: &s, deterministic: deterministic)
         if deterministic { schedule.apply(to: &s) }
         do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
         return s

@@ -47,8 +47,13 @@ struct NumaCommand: ParsableCommand {
             \(ExitStatus.helpParagraph)
             """)
 
-    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 2M or more, with an optional K, M or G suffix.")
+    @Option(name: .long, parsing: .unconditional, help: "Buffer size, 2M to 16G, a multiple of 2M (whole 2 MiB folios for the 2 MiB variants), with an optional K, M or G suffix; needs about 4.4 times as much host memory.")
     var buffer: String = "64M"
+
+    /// Sizes `--buffer` takes: whole 2 MiB folios (the 2 MiB variants move
+    /// the same buffer), up to 16 GiB.
+    static let bufferRange = 2 * ByteSize.mib...16 * ByteSize.gib
+    static let bufferMultiple = 2 * ByteSize.mib
 
     @Option(name: .long, parsing: .unconditional, help: "Reader threads touching the buffer while it moves.")
     var readers = 2
@@ -102,7 +107,8 @@ struct NumaCommand: ParsableCommand {
 
     func validate() throws {
         _ = try harnessSchedule()
-        _ = try ByteSize.check(buffer, flag: "--buffer", range: (2 << 20)...(16 * ByteSize.gib))
+        _ = try ByteSize.check(buffer, flag: "--buffer", range: Self.bufferRange, multiple: Self.bufferMultiple)
+        try OutputFile.checkDistinct([("--svg", svg), ("--trace", trace)])
         try checkRange(readers, 0...32, flag: "--readers")
         try checkRange(rounds, 1...100, flag: "--rounds")
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
@@ -129,13 +135,29 @@ struct NumaCommand: ParsableCommand {
     /// The output files asked for (`--svg`, `--trace`), checked before any run.
     var outputFiles: [OutputFile] { [svg, trace].compactMap { $0.map(OutputFile.init) } }
 
+    /// Host memory the variants touch over a `bytes` buffer: frames on both
+    /// nodes as the buffer moves back and forth, with their metadata, plus
+    /// the copier sweep's 256 MiB rings and the program: 1.13 GiB peak RSS
+    /// measured at 256 MiB (`--rounds 2`, with the sweeps); with a margin.
+    static func memoryNeeded(bufferBytes bytes: Int) -> Int { bytes * 4 + 640 * ByteSize.mib }
+
+    /// Refuses a buffer the host cannot hold (`available`: bytes available),
+    /// and an output file that cannot be written, before anything runs.
+    /// Throws `CLIError` (exit status 1).
+    func preflight(available: Int? = HostResources.availableBytes()) throws(CLIError) {
+        for file in outputFiles { try file.checkWritable() }
+        guard !storm else { return }
+        try HostResources.checkMemory(needed: Self.memoryNeeded(bufferBytes: ByteSize.parse(buffer)!), available: available,
+                                      for: "svmemu numa --buffer \(buffer)")
+    }
+
     struct Failure: Error, CustomStringConvertible { let description: String }
 
     /// The variants, the batch-size sweep and (on real threads) the copier
     /// sweep, with a progress line on standard error.
     func variantResults() throws -> Results {
         var settings = NUMABenchSettings()
-        settings.bufferBytes = ByteSize.parse(buffer)! & ~((2 << 20) - 1)
+        settings.bufferBytes = ByteSize.parse(buffer)!
         settings.readers = readers
         settings.rounds = rounds
         settings.seed = threads.seed
@@ -165,7 +187,7 @@ struct NumaCommand: ParsableCommand {
     }
 
     func run() throws {
-        for file in outputFiles { try file.checkWritable() }
+        try preflight()
         #if DEBUG
         FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
         #endif

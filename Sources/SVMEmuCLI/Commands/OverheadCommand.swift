@@ -116,6 +116,7 @@ struct OverheadCommand: ParsableCommand {
 
     func validate() throws {
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
+        try OutputFile.checkDistinct([("--svg", svg), ("--trace", trace)])
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
         try checkRange(rounds, 1...20, flag: "--rounds")
         try checkRange(busyCPUs, 0...16, flag: "--busy-cpus")

@@ -14,9 +14,10 @@ public struct SVMEmuCommand: ParsableCommand {
         where a fault's time goes.
 
         Exit status (every command): 0 the command ran and printed its results; 1 it could \
-        not run or its run failed (an output path that cannot be written, too little memory, \
-        a failed check); 2 only from `svmemu livelock --fail-on-livelock`, a livelock was \
-        detected; 3 only from `svmemu explore`, a schedule found a problem; 64 an invalid argument.
+        not run or its run failed (an output path or standard output that cannot be written, \
+        too little memory or address space, a failed check); 2 only from `svmemu livelock \
+        --fail-on-livelock`, a livelock was detected; 3 only from `svmemu explore`, a schedule \
+        found a problem; 64 an invalid argument; 130 interrupted (SIGINT).
         """,
         version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,

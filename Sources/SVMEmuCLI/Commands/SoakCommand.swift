@@ -42,7 +42,7 @@ struct SoakCommand: ParsableCommand {
 
             Exit status: 0 the soak was clean; 1 it found corruption, an unexpected access \
             error, a leak, a held lock, a warning, a lock-order cycle, a deadlock or a host timeout (or could not run); 64 an \
-            invalid argument.
+            invalid argument; 130 interrupted (SIGINT).
             """)
 
     @Option(name: [.customLong("operations"), .customLong("ops")], parsing: .unconditional,

@@ -18,6 +18,11 @@ import Glibc
 ///   watchdog declared a livelock (and nothing else failed: 1 wins).
 /// - 64 (ArgumentParser's `validationFailure`, EX_USAGE): an argument is
 ///   invalid; the message names the flag and what it accepts, then the usage.
+/// - 130: interrupted by SIGINT (`Interrupt`): one line on standard error.
+///
+/// Status 1 also covers a host that refuses the machine's address space
+/// (`HostMemoryRefusal`, under `ulimit -v`) and a standard output that
+/// cannot be written (`StandardOutput`).
 public enum ExitStatus {
     public static let success = ExitCode.success
     public static let failure = ExitCode.failure
@@ -29,8 +34,9 @@ public enum ExitStatus {
     /// The paragraph the commands' help ends with.
     static let helpParagraph = """
         Exit status: 0 the run finished and its results are printed; 1 the command could not \
-        run or its run failed (an output path that cannot be written, too little memory, a \
-        failed check); 64 an invalid argument (the message names the flag and its range).
+        run or its run failed (an output path or standard output that cannot be written, too \
+        little memory or address space, a failed check); 64 an invalid argument (the message \
+        names the flag and its range; one path for two output files); 130 interrupted (SIGINT).
         """
 }
 

@@ -1,4 +1,5 @@
 // Output files (`--svg`, `--trace`): checked before a run, written after it.
+import ArgumentParser
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,6 +16,40 @@ public struct OutputFile: Sendable, Equatable {
     public let path: String
 
     public init(_ path: String) { self.path = path }
+
+    /// Refuses one file named by two output options (`--svg x --trace x`):
+    /// the second write would replace the first silently. Paths are
+    /// compared as the system resolves them: the same spelling, or two
+    /// spellings of one existing file (same device and inode), or two
+    /// spellings of one new file in the same directory.
+    ///
+    /// - Parameter files: each option's flag and path, nil when not given.
+    /// - Throws: `ValidationError` (exit status 64) naming both flags and the path.
+    public static func checkDistinct(_ files: [(flag: String, path: String?)]) throws(ValidationError) {
+        let given = files.compactMap { f in f.path.map { (flag: f.flag, path: $0) } }
+        for i in given.indices {
+            for j in given.indices where j > i && sameFile(given[i].path, given[j].path) {
+                throw ValidationError("\(given[i].flag) and \(given[j].flag) name the same file (\(given[j].path)); "
+                                      + "the second would overwrite the first: give each its own path")
+            }
+        }
+    }
+
+    /// Whether `a` and `b` name one file: the same text, the same inode, or
+    /// (for files not there yet) the same name in the same directory.
+    static func sameFile(_ a: String, _ b: String) -> Bool {
+        if a == b { return true }
+        var sa = stat(), sb = stat()
+        if stat(a, &sa) == 0 && stat(b, &sb) == 0 { return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino }
+        func split(_ p: String) -> (dir: String, name: String) {
+            guard let slash = p.lastIndex(of: "/") else { return (".", p) }
+            let dir = String(p[..<slash])
+            return (dir.isEmpty ? "/" : dir, String(p[p.index(after: slash)...]))
+        }
+        let (da, na) = split(a), (db, nb) = split(b)
+        guard na == nb, !na.isEmpty else { return false }
+        return stat(da, &sa) == 0 && stat(db, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
+    }
 
     /// Checks that the file can be written: opens it for writing, creating it
     /// if it does not exist (and removing it again), never truncating it.
@@ -34,15 +69,47 @@ public struct OutputFile: Sendable, Equatable {
         if !existed { unlink(path) }
     }
 
-    /// Writes `text` as the file's whole content (created with mode 0644 if
-    /// needed, truncated otherwise).
+    /// The temporary file `write` fills before renaming it to `path`: in
+    /// the same directory (a rename does not cross file systems), hidden,
+    /// named for the process.
+    var temporaryPath: String {
+        let slash = path.lastIndex(of: "/")
+        let dir = slash.map { String(path[...$0]) } ?? ""
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        return dir + "." + name + ".svmemu-\(getpid()).tmp"
+    }
+
+    /// Writes `text` as the file's whole content (mode 0644 for a new file):
+    /// into a temporary file in the same directory, renamed over `path`
+    /// once complete, so that an interrupted or failed write never leaves a
+    /// half-written file under the name asked for (a failed one removes
+    /// its temporary file; SIGINT's handler does too, `Interrupt`).
     ///
     /// - Throws: `CLIError.outputPath` with the path and the system's reason.
     ///
-    /// The corresponding C functions are `open`, `write` and `close`.
+    /// The corresponding C functions are `open`, `write`, `close` and `rename`.
     public func write(_ text: String) throws(CLIError) {
+        let temporary = temporaryPath
+        Interrupt.writing(temporary)
+        defer { Interrupt.writing(nil) }
+        do { try Self.write(text, to: temporary) } catch {
+            unlink(temporary)
+            throw .outputPath(path: path, reason: error.reason)
+        }
+        guard rename(temporary, path) == 0 else {
+            let reason = CLIError.reason(errno)
+            unlink(temporary)
+            throw .outputPath(path: path, reason: reason)
+        }
+    }
+
+    /// Why a write failed.
+    struct WriteFailure: Error { let reason: String }
+
+    /// Writes `text` to a new file at `path`.
+    private static func write(_ text: String, to path: String) throws(WriteFailure) {
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .outputPath(path: path, reason: CLIError.reason(errno)) }
+        guard fd >= 0 else { throw WriteFailure(reason: CLIError.reason(errno)) }
         var failure: Int32 = 0
         var bytes = Array(text.utf8)
         bytes.withUnsafeMutableBytes { buffer in
@@ -58,6 +125,6 @@ public struct OutputFile: Sendable, Equatable {
             }
         }
         if close(fd) != 0 && failure == 0 { failure = errno }
-        if failure != 0 { throw .outputPath(path: path, reason: CLIError.reason(failure)) }
+        if failure != 0 { throw WriteFailure(reason: CLIError.reason(failure)) }
     }
 }

@@ -30,6 +30,7 @@ public struct ProgressLine: Sendable {
     /// Replaces the line with `status`.
     public func say(_ status: String) {
         guard enabled else { return }
+        Interrupt.note((label.isEmpty ? "" : label + ": ") + status)
         put(Self.eraseLine + (label.isEmpty ? "" : label + ": ") + status)
     }
 

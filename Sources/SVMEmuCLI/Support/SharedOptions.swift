@@ -35,7 +35,17 @@ struct PatternSeedOption: ParsableArguments {
 protocol StormOptionDefaults {
     static var pages: Int { get }
     static var stallSeconds: Double { get }
+    /// The stall window under the deterministic scheduler (virtual time).
+    static var deterministicStallSeconds: Double { get }
     static var lookupDelayUs: Int { get }
+}
+
+extension StormOptionDefaults {
+    /// 0.1 s of virtual time: a livelocked page costs about 20 s of host
+    /// time per virtual second at 16 threads (every retry is a scheduling
+    /// step), so the real-thread default (seconds) would run for minutes;
+    /// a page that moves takes well under a millisecond of virtual time.
+    static var deterministicStallSeconds: Double { 0.1 }
 }
 
 /// The shape of a fault storm that `livelock` and `demo` share, each with
@@ -48,17 +58,18 @@ struct StormOptions<Defaults: StormOptionDefaults>: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Pages, processed one after the other.")
     var pages = Defaults.pages
 
-    @Option(name: .long, parsing: .unconditional, help: "Seconds without a page completing before the run is declared livelocked.")
-    var stallSeconds = Defaults.stallSeconds
+    @Option(name: .long, parsing: .unconditional, help: "Seconds a page may take before the run is declared livelocked (default \(Defaults.stallSeconds); with --deterministic, virtual seconds, default \(Defaults.deterministicStallSeconds)).")
+    var stallSeconds: Double?
 
     @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
     var lookupDelayUs = Defaults.lookupDelayUs
 
-    /// Sets the storm's threads, pages, stall window and lookup time.
-    func apply(to s: inout StormSettings) {
+    /// Sets the storm's threads, pages, stall window (the deterministic
+    /// default with `deterministic`) and lookup time.
+    func apply(to s: inout StormSettings, deterministic: Bool = false) {
         s.threads = threads
         s.pages = pages
-        s.stallSeconds = stallSeconds
+        s.stallSeconds = stallSeconds ?? (deterministic ? Defaults.deterministicStallSeconds : Defaults.stallSeconds)
         s.migrateToRAMLookupMicros = lookupDelayUs
     }
 }
