@@ -48,10 +48,9 @@ public final class AddressSpace: @unchecked Sendable {
     /// Fault injection for tests: a kernel that forgets its TLB flushes
     /// (`flushTLBRange` does nothing), so that stale translations survive.
     var skipsTLBFlushes: Bool {
-        get { skipFlushes.load(ordering: .relaxed) }
-        set { skipFlushes.store(newValue, ordering: .relaxed) }
+        get { tlbContext.skipsFlushes.load(ordering: .relaxed) }
+        set { tlbContext.skipsFlushes.store(newValue, ordering: .relaxed) }
     }
-    let skipFlushes = Atomic<Bool>(false)
     /// `mm->tlb_flush_pending`: how many page-table changes are between
     /// their first entry changed and the TLB flush that covers them
     /// (``incTLBFlushPending()`` / ``decTLBFlushPending()``).
@@ -86,6 +85,7 @@ public final class AddressSpace: @unchecked Sendable {
     /// - Parameters:
     ///   - kernel: the machine this address space belongs to.
     public convenience init(kernel: Kernel) {
+        kernel.drainAsyncMMPuts()
         self.init(kernel: kernel, family: nil)
     }
 
@@ -114,7 +114,28 @@ public final class AddressSpace: @unchecked Sendable {
         kernel.register(self)
     }
 
+    /// `exit_mmap()`, when the last reference goes.
+    ///
+    /// Swift's reference count is `mm_users`: users, and kernel paths that
+    /// pin an address space (`mmget()`), hold strong references. The rmap
+    /// walks reach an address space through its family's and its files'
+    /// mapping lists, under those lists' locks held for reading; this
+    /// teardown unlinks it from them under the same locks held for writing
+    /// before the structure is freed (the role of `mm_count`), so an
+    /// exiting address space stays valid for the walks still visiting it.
+    /// A walk pins a live one and gives the pin back with `mmput_async()`,
+    /// so the teardown never runs on a walker's thread with a folio lock
+    /// held. What stays of the address space after it is its `TLBContext`
+    /// (retained by CPUs, TLB batches and the deferred flush).
     deinit {
+        // mmput() may sleep and exit_mmap() takes the mmap lock: a thread
+        // that drops the last reference must hold no kernel lock (lockdep
+        // would report e.g. "folio lock, then mmap lock"; kernel paths that
+        // may drop the last one defer it, as mmput_async() does).
+        if let held = LockOrder.heldLocksDescription() {
+            kernel.warn("exit_mmap: the last reference to an address space was dropped with kernel locks held",
+                        "mm \(id): \(held)")
+        }
         // exit_mmap(): unmap everything so references and map counts return.
         mmapWriteLock()
         for vma in vmas {

@@ -2,15 +2,39 @@ import CSVMSupport
 import Synchronization
 
 /// One VMA as the anon rmap sees it (an `anon_vma_chain` in its anon_vma's
-/// interval tree): address space `mmID` maps linear page indices
-/// `[pageOffset, pageOffset + (end - start) / page size)` at `[start, end)`.
-/// A snapshot of the VMA, refreshed under its mmap lock held for writing
-/// whenever the VMA appears, changes bounds or goes.
+/// interval tree): address space `mmID` (`mm`, unretained) maps linear
+/// page indices `[pageOffset, pageOffset + (end - start) / page size)` at
+/// `[start, end)`. A snapshot of the VMA, refreshed under its mmap lock
+/// held for writing whenever the VMA appears, changes bounds or goes.
+///
+/// `mm` is valid while the entry is linked and the family's lock is held:
+/// the address space unlinks its entries, under that lock held for
+/// writing, before its structure is freed (its `exit_mmap()`).
 struct AnonMappingEntry: Hashable {
+    let mm: Unmanaged<AddressSpace>
     let mmID: UInt32
     let start: UInt64
     let end: UInt64
     let pageOffset: UInt64
+
+    init(mm: AddressSpace, start: UInt64, end: UInt64, pageOffset: UInt64) {
+        self.mm = Unmanaged.passUnretained(mm)
+        mmID = mm.id
+        self.start = start
+        self.end = end
+        self.pageOffset = pageOffset
+    }
+
+    // Ids are never reused: the id stands for the address space.
+    static func == (l: AnonMappingEntry, r: AnonMappingEntry) -> Bool {
+        l.mmID == r.mmID && l.start == r.start && l.end == r.end && l.pageOffset == r.pageOffset
+    }
+    func hash(into h: inout Hasher) {
+        h.combine(mmID)
+        h.combine(start)
+        h.combine(end)
+        h.combine(pageOffset)
+    }
 
     /// Whether linear page `index` lies in the VMA (`index - pageOffset`
     /// wraps for an index below it).
@@ -39,51 +63,61 @@ struct AnonMappingEntry: Hashable {
 /// (`rmap_walk_anon()`), and keeps the entries that name the folio's page.
 /// Every member but the first joined by `fork()` (`anon_vma_fork()`), its
 /// VMAs linked before any entry is copied and after the parent's; `mremap()`
-/// links the moved VMA after the old one. A walk therefore meets an entry
-/// that fork or mremap copies or moves at its source before its
-/// destination, and finds it at one of the two (the ordering the kernel
-/// relies on when it moves page tables without `take_rmap_locks()`).
+/// links the moved VMA after the old one.
 ///
-/// The list changes under its own lock and each change advances a
-/// generation: a walk takes a snapshot of the VMAs it needs, visits them
-/// without any lock of the family (the visits take page-table locks, call
-/// MMU notifiers and may block), and starts again when the generation moved
-/// meanwhile, so that a VMA linked during its visits (a child's, a moved
-/// one) is not missed. Visits are idempotent (they act only on entries that
-/// still name the page), so a second pass only finds what the first missed.
-/// The snapshot comes from a copy of up to eight entries that readers take
-/// without the lock (a seqlock: the generation is odd while the copy
-/// changes, and a reader that sees it move takes the lock instead), so the
-/// per-folio walks of a migration write no shared word.
+/// The list changes only under `lock` held for writing (`anon_vma_lock_write()`),
+/// which every change of a member's VMAs takes under that member's mmap
+/// lock, its exit included. A walk holds `lock` for reading from the
+/// lookup of the VMAs to the end of its visits (`anon_vma_lock_read()`):
+/// the VMAs cannot change under it, and an address space it reaches
+/// cannot be freed under it (its exit unlinks its VMAs first, and waits
+/// for the walk). A live address space is pinned for the walk and given
+/// back with `mmput_async()` (`MMPins`), so that a walker never runs an
+/// exit; an exiting one (its count already zero) is visited unretained.
+/// The exit zaps its mappings while still linked: the walk and the zap
+/// meet under the page-table locks, and the walk acts only on entries that
+/// still name the folio.
 ///
 /// A folio's rmap may keep naming an address space that is exiting or has
 /// gone: the kernel keeps every member id's family for as long as the
 /// family lives (`Kernel.anonFamily(of:)`), as an anon_vma outlives the mm
 /// that made it.
 final class AnonFamily: @unchecked Sendable {
+    /// `anon_vma->root->rwsem`: a scheduling point under a
+    /// ``DeterministicScheduler``; lock order: folio lock, then this, then
+    /// page-table locks; mmap lock, then this.
+    let lock = KernelRWSemaphore("anon_vma lock", prefersWriters: false, lockClass: .anonVMA)
+    /// The list in link order, changed under `lock` held for writing.
     private let entries = LockedValue<[AnonMappingEntry]>([])
-    /// The seqlock: word 0 the generation (advanced by 2 per change of the
-    /// list, odd while the copy changes), word 1 the entries copied (or
-    /// `UInt64.max` when the list holds more than `copied`), then each
-    /// entry as 4 words. Written under the list's lock; read with atomic
-    /// loads, never a store.
-    private let mirror: UnsafeMutablePointer<UInt64>
-    private static let copied = 8
-    private static let mirrorWords = 2 + 4 * copied
+    /// The same list as walks read it under `lock` held for reading, with
+    /// no reference counting: a count and a table (reallocated, under
+    /// `lock` held for writing, when it outgrows its capacity).
+    private let published: UnsafeMutablePointer<Published>
+    struct Published {
+        var count = 0
+        var capacity = 0
+        var table: UnsafeMutablePointer<AnonMappingEntry>? = nil
+    }
 
     init() {
-        mirror = .allocate(capacity: AnonFamily.mirrorWords)
-        mirror.initialize(repeating: 0, count: AnonFamily.mirrorWords)
+        published = .allocate(capacity: 1)
+        published.initialize(to: Published())
     }
-    deinit { mirror.deallocate() }
+    deinit {
+        published.pointee.table?.deallocate()
+        published.deallocate()
+    }
 
     /// Makes `wanted` the VMAs of address space `mmID` (`anon_vma_clone()`,
     /// `unlink_anon_vmas()`, `vma_adjust()`): entries that did not change
     /// keep their place, new ones go to the end in the order given, gone
     /// ones are dropped. Caller holds that address space's mmap lock for
-    /// writing.
+    /// writing; takes `lock` for writing, so it waits for the walks in
+    /// progress.
     func relink(mmID: UInt32, _ wanted: [AnonMappingEntry]) {
         let keep = Set(wanted)
+        lock.downWrite()
+        defer { lock.upWrite() }
         entries.withLock { list in
             var had = Set<AnonMappingEntry>()
             let before = list.count
@@ -101,83 +135,90 @@ final class AnonFamily: @unchecked Sendable {
         }
     }
 
-    /// Copies `list` into the seqlock. Caller holds the list's lock.
+    /// Copies `list` into `published`. Caller holds `lock` for writing.
     private func publish(_ list: [AnonMappingEntry]) {
-        let generation = svm_load64_relaxed(mirror)
-        svm_store64(mirror, generation &+ 1)
-        let n = list.count <= AnonFamily.copied ? list.count : 0
-        svm_store64(mirror + 1, list.count <= AnonFamily.copied ? UInt64(n) : .max)
-        for i in 0..<n {
-            let w = mirror + 2 + 4 * i, e = list[i]
-            svm_store64(w, UInt64(e.mmID))
-            svm_store64(w + 1, e.start)
-            svm_store64(w + 2, e.end)
-            svm_store64(w + 3, e.pageOffset)
+        var p = published.pointee
+        if list.count > p.capacity {
+            p.table?.deallocate()
+            p.capacity = max(8, list.count * 2)
+            p.table = .allocate(capacity: p.capacity)
         }
-        svm_store64(mirror, generation &+ 2)
+        for (i, e) in list.enumerated() { (p.table! + i).initialize(to: e) }
+        p.count = list.count
+        published.pointee = p
     }
-
-    /// The generation of the list (advanced by every change; odd while the
-    /// lock-free copy changes).
-    @inline(__always) var generation: UInt64 { svm_load64(mirror) }
 
     /// Whether `entry` is linked: for the audit.
     func contains(_ entry: AnonMappingEntry) -> Bool { entries.withLock { $0.contains(entry) } }
 
-    /// Adds to `hits` every VMA whose pages overlap linear pages
-    /// `[first, last)`, in link order; returns the generation of the list
-    /// it read. Without the lock from the copy when it is stable and
-    /// complete, else under the lock. The caller visits them without either.
+    /// Calls `visit` with every linked VMA whose pages overlap linear pages
+    /// `[first, last)`, in link order, holding `lock` for reading
+    /// (`anon_vma_lock_read()` ... `anon_vma_unlock_read()`). `visit` may
+    /// take page-table locks, call MMU notifiers and sleep; it must not
+    /// take an mmap lock, nor change any member's VMAs.
     @inline(__always)
-    func collect(overlapping first: UInt64, _ last: UInt64, into hits: inout AnonRmapHits) -> UInt64 {
-        let seen = svm_load64(mirror)
-        if seen & 1 == 0 {
-            let n = svm_load64(mirror + 1)
-            if n <= UInt64(AnonFamily.copied) {
-                for i in 0..<Int(n) {
-                    let w = mirror + 2 + 4 * i
-                    let e = AnonMappingEntry(mmID: UInt32(truncatingIfNeeded: svm_load64(w)), start: svm_load64(w + 1),
-                                             end: svm_load64(w + 2), pageOffset: svm_load64(w + 3))
-                    if e.overlaps(first, last) { hits.append(e) }
-                }
-                // Acquire loads: the entries were read before this check.
-                if svm_load64(mirror) == seen { return seen }
-                hits = AnonRmapHits()
-            }
-        }
-        return entries.withLock { list -> UInt64 in
-            for e in list where e.overlaps(first, last) { hits.append(e) }
-            return svm_load64(mirror)
+    func forEachOverlapping(_ first: UInt64, _ last: UInt64, file: StaticString = #fileID, line: UInt = #line,
+                            _ visit: (AnonMappingEntry) -> Void) {
+        lock.downRead(file: file, line: line)
+        defer { lock.upRead() }
+        let p = published.pointee
+        guard let table = p.table else { return }
+        for i in 0..<p.count {
+            let e = table[i]
+            if e.overlaps(first, last) { visit(e) }
         }
     }
 }
 
-/// The VMAs one pass of an rmap walk visits: four inline (no allocation for
-/// a folio mapped by up to four VMAs of its family), the rest in an array.
-struct AnonRmapHits {
-    private(set) var count = 0
-    private var e0 = AnonRmapHits.unused, e1 = AnonRmapHits.unused, e2 = AnonRmapHits.unused, e3 = AnonRmapHits.unused
-    private var more: [AnonMappingEntry] = []
-    private static let unused = AnonMappingEntry(mmID: 0, start: 0, end: 0, pageOffset: 0)
+/// The address spaces one rmap walk pinned (`mmget_not_zero()`), each
+/// once, given back with `mmput_async()` after the walk: a walker holds
+/// folio locks and an rmap lock, and must never run `exit_mmap()`.
+///
+/// Swift cannot walk an address space it holds no reference on: the
+/// retains and releases the compiler places around its uses would be a
+/// reference, and the last release runs the teardown wherever it happens.
+/// So a live address space is pinned, and the pin never dropped inline;
+/// an exiting one (its count already zero) is visited unretained, which is
+/// safe because its teardown unlinks its VMAs under the rmap lock the walk
+/// holds before its structure is freed.
+struct MMPins {
+    private var count = 0
+    private var id0: UInt32 = 0, id1: UInt32 = 0, id2: UInt32 = 0, id3: UInt32 = 0
+    private var mm0: Unmanaged<AddressSpace>? = nil, mm1: Unmanaged<AddressSpace>? = nil
+    private var mm2: Unmanaged<AddressSpace>? = nil, mm3: Unmanaged<AddressSpace>? = nil
+    private var more: [(UInt32, Unmanaged<AddressSpace>)] = []
 
-    @inline(__always) mutating func append(_ e: AnonMappingEntry) {
+    /// The address space of a linked entry to visit: pinned by this walk
+    /// (once per address space), or `unretained` when it is exiting.
+    /// Caller holds the lock of the list the entry is linked in.
+    @inline(__always)
+    mutating func reach(_ kernel: Kernel, _ id: UInt32, _ unretained: Unmanaged<AddressSpace>) -> Unmanaged<AddressSpace> {
+        if count > 0 && id0 == id { return mm0! }
+        if count > 1 && id1 == id { return mm1! }
+        if count > 2 && id2 == id { return mm2! }
+        if count > 3 && id3 == id { return mm3! }
+        if count > 4, let m = more.first(where: { $0.0 == id }) { return m.1 }
+        guard let m = kernel.mmgetNotZero(id: id) else { return unretained }
         switch count {
-        case 0: e0 = e
-        case 1: e1 = e
-        case 2: e2 = e
-        case 3: e3 = e
-        default: more.append(e)
+        case 0: id0 = id; mm0 = m
+        case 1: id1 = id; mm1 = m
+        case 2: id2 = id; mm2 = m
+        case 3: id3 = id; mm3 = m
+        default: more.append((id, m))
         }
         count += 1
+        return m
     }
-    @inline(__always) subscript(i: Int) -> AnonMappingEntry {
-        switch i {
-        case 0: e0
-        case 1: e1
-        case 2: e2
-        case 3: e3
-        default: more[i - 4]
-        }
+
+    /// Gives every pin back (`mmput_async()`). Call after the walk's lock
+    /// is dropped.
+    mutating func release(_ kernel: Kernel) {
+        guard count > 0 else { return }
+        for m in [mm0, mm1, mm2, mm3].prefix(count) { if let m { kernel.mmputAsync(m) } }
+        for (_, m) in more { kernel.mmputAsync(m) }
+        count = 0
+        mm0 = nil; mm1 = nil; mm2 = nil; mm3 = nil
+        more.removeAll()
     }
 }
 
@@ -261,7 +302,7 @@ extension AddressSpace {
         var entries: [AnonMappingEntry] = []
         entries.reserveCapacity(vmas.count)
         for v in vmas where v.isInAnonRmap {
-            entries.append(AnonMappingEntry(mmID: id, start: v.start, end: v.end, pageOffset: v.pageOffset))
+            entries.append(AnonMappingEntry(mm: self, start: v.start, end: v.end, pageOffset: v.pageOffset))
         }
         anonFamily.relink(mmID: id, entries)
     }
@@ -272,77 +313,67 @@ extension Kernel {
     /// the anonymous `folio` may be mapped (`rmap_walk_anon()`): each VMA of
     /// its fork family whose pages include the page's linear index, at the
     /// address that VMA maps it at (`vma_address()`), VMA by VMA in link
-    /// order. `hint` is an address space the caller already holds (its
-    /// VMAs are visited with no registry lookup); members that are exiting
-    /// or gone are skipped. `body` checks the entry under its page-table
-    /// lock and acts only on one that names the page, so it may be called
-    /// again for the same place: a walk that overlapped a change of the
-    /// family's VMAs (a fork, an mremap) runs again.
+    /// order. `hint` is an address space the caller holds (when the
+    /// folio's rmap names it, its family is found with no registry lookup).
+    /// `body` checks the entry under its page-table lock and acts only on
+    /// one that names the page.
+    ///
+    /// The walk holds the family's lock for reading throughout
+    /// (`folio_lock_anon_vma_read()`); the address spaces it visits are
+    /// pinned for the walk and given back with `mmput_async()`, or, when
+    /// exiting, reached unretained (`MMPins`): `mm` is valid only inside
+    /// `body`, which must not keep it (record its id instead), must not
+    /// take an mmap lock and must not change VMAs. An address space that is
+    /// exiting may be visited (its zap and `body` meet under the page-table
+    /// locks).
     ///
     /// The caller holds the folio lock (so the folio keeps its rmap) and
     /// no page-table lock. Nothing happens for a page-cache folio (its
     /// mappings are its file's) or one with no anonymous rmap.
     @inline(__always)
     func rmapWalkAnon(_ folio: Folio, pages: Range<Int>, hint: AddressSpace?,
+                      file: StaticString = #fileID, line: UInt = #line,
                       _ body: (Int, AddressSpace, UInt64) -> Void) {
         let head = folio.meta
         let mmID = head.mappingMM
         guard mmID != 0, !pages.isEmpty, !head.test(PageFlags.pageCache.rawValue) else { return }
         let index = head.index
-        // Borrowed throughout: address spaces and families are held weakly
-        // by the registries, so each retain would take the slow side-table
-        // path (per folio, on every migration).
-        let kernel = Unmanaged.passUnretained(self)
         let hintRef = hint.map { Unmanaged.passUnretained($0) }
-        if let hintRef, hintRef._withUnsafeGuaranteedRef({ $0.id }) == mmID {
-            Kernel.rmapWalkAnon(kernel, hintRef._withUnsafeGuaranteedRef { $0.anonFamilyRef }, index, pages, hintRef, nil, body)
+        if let hint, hint.id == mmID {
+            rmapWalkAnon(hint.anonFamilyRef, index, pages, hintRef, file, line, body)
             return
         }
-        if let named = addressSpace(id: mmID) {
-            withExtendedLifetime(named) {
-                Kernel.rmapWalkAnon(kernel, named.anonFamilyRef, index, pages, hintRef, Unmanaged.passUnretained(named), body)
-            }
-            return
-        }
-        // The address space the rmap names is exiting or gone; its family
-        // (like an anon_vma, which outlives the mm that made it) may still
-        // map the folio.
+        // The family of the address space the rmap names, live, exiting or
+        // gone (like an anon_vma, which outlives the mm that made it).
         guard let family = anonFamily(of: mmID) else { return }
         withExtendedLifetime(family) {
-            Kernel.rmapWalkAnon(kernel, Unmanaged.passUnretained(family), index, pages, hintRef, nil, body)
+            rmapWalkAnon(Unmanaged.passUnretained(family), index, pages, hintRef, file, line, body)
         }
     }
 
-    /// The walk proper over `family`; `hint` and `named` are address spaces
-    /// the caller keeps alive, visited without a registry lookup. Static,
-    /// with the kernel unretained: nothing is reference counted per folio.
+    /// The walk proper over `family`, with the family unretained. Each
+    /// address space visited is the caller's (`hint`), or pinned for the
+    /// walk (`MMPins`), or, when it is exiting, reached unretained (its
+    /// exit waits for the family's lock before its structure goes).
     @inline(__always)
-    private static func rmapWalkAnon(_ kernel: Unmanaged<Kernel>, _ family: Unmanaged<AnonFamily>, _ index: UInt64,
-                                     _ pages: Range<Int>, _ hint: Unmanaged<AddressSpace>?,
-                                     _ named: Unmanaged<AddressSpace>?, _ body: (Int, AddressSpace, UInt64) -> Void) {
+    private func rmapWalkAnon(_ family: Unmanaged<AnonFamily>, _ index: UInt64, _ pages: Range<Int>,
+                              _ hint: Unmanaged<AddressSpace>?, _ file: StaticString, _ line: UInt,
+                              _ body: (Int, AddressSpace, UInt64) -> Void) {
         let first = index &+ UInt64(pages.lowerBound), last = index &+ UInt64(pages.upperBound)
         let hintID = hint.map { $0._withUnsafeGuaranteedRef { $0.id } } ?? 0
-        let namedID = named.map { $0._withUnsafeGuaranteedRef { $0.id } } ?? 0
-        while true {
-            var hits = AnonRmapHits()
-            let seen = family._withUnsafeGuaranteedRef { $0.collect(overlapping: first, last, into: &hits) }
-            for h in 0..<hits.count {
-                let e = hits[h]
-                if e.mmID == hintID, let hint {
-                    hint._withUnsafeGuaranteedRef { mm in rmapVisit(e, mm, index, pages, body) }
-                } else if e.mmID == namedID, let named {
-                    named._withUnsafeGuaranteedRef { mm in rmapVisit(e, mm, index, pages, body) }
-                } else if let mm = kernel._withUnsafeGuaranteedRef({ $0.addressSpace(id: e.mmID) }) {
-                    rmapVisit(e, mm, index, pages, body)
-                }
+        var pins = MMPins()
+        family._withUnsafeGuaranteedRef { f in
+            f.forEachOverlapping(first, last, file: file, line: line) { e in
+                let mm = e.mmID == hintID ? hint! : pins.reach(self, e.mmID, e.mm)
+                mm._withUnsafeGuaranteedRef { mm in Kernel.rmapVisit(e, mm, index, pages, body) }
             }
-            if family._withUnsafeGuaranteedRef({ $0.generation }) == seen { return }
         }
+        pins.release(self)
     }
 
     /// `rmap_one` of one VMA: every page of `pages` it maps.
     @inline(__always)
-    private static func rmapVisit(_ e: AnonMappingEntry, _ mm: AddressSpace, _ index: UInt64, _ pages: Range<Int>,
+    static func rmapVisit(_ e: AnonMappingEntry, _ mm: AddressSpace, _ index: UInt64, _ pages: Range<Int>,
                                   _ body: (Int, AddressSpace, UInt64) -> Void) {
         for i in pages {
             let pageIndex = index &+ UInt64(i)
@@ -350,33 +381,40 @@ extension Kernel {
         }
     }
 
-    /// The first place the rmap walk of page `i` of `folio` visits where
-    /// `accept` holds (each place once, in walk order), or nil. For
-    /// callers that act on one mapping (a PMD to split, the page-table
-    /// lock of a split); the caller holds the folio lock.
-    func rmapFind(_ folio: Folio, page i: Int, hint: AddressSpace?,
-                  where accept: (AddressSpace, UInt64) -> Bool) -> (AddressSpace, UInt64)? {
-        var found: (AddressSpace, UInt64)? = nil
+    /// Runs `act` at the first place the rmap walk of page `i` of `folio`
+    /// visits where `accept` holds, inside the walk (the address space is
+    /// valid only there), and returns what it returned; nil when no place
+    /// was accepted. For callers that act on one mapping (a PMD to split,
+    /// the page-table lock of a split); the caller holds the folio lock.
+    func rmapFirst<R>(_ folio: Folio, page i: Int, hint: AddressSpace?,
+                      where accept: (AddressSpace, UInt64) -> Bool,
+                      _ act: (AddressSpace, UInt64) -> R) -> R? {
+        var result: R? = nil
         rmapWalkAnon(folio, pages: i..<(i + 1), hint: hint) { _, mm, address in
-            if found == nil && accept(mm, address) { found = (mm, address) }
+            if result == nil && accept(mm, address) { result = act(mm, address) }
         }
-        return found
+        return result
     }
 
     /// Where an anonymous page is mapped, from its rmap: an address space
     /// of its fork family and the address whose page-table entry (PTE, or
     /// the PMD of a 2 MiB mapping; present, device-private,
-    /// device-exclusive or migration) names it, or nil when none does or
-    /// the page has no anonymous rmap (a page-cache page's mappings are
-    /// its file's). A snapshot taken without locks, for inspection.
+    /// device-exclusive or migration) names it, or nil when none does, the
+    /// address space is exiting, or the page has no anonymous rmap (a
+    /// page-cache page's mappings are its file's). A snapshot taken
+    /// without locks, for inspection; the address space is returned with a
+    /// reference taken after the walk, only if it is not exiting
+    /// (`mmget_not_zero()`).
     public func rmapAddress(of page: Page) -> (AddressSpace, UInt64)? {
         let folio = page.folio
-        return rmapFind(folio, page: Int(page.pfn &- folio.pfn), hint: nil) { mm, address in
+        let found = rmapFirst(folio, page: Int(page.pfn &- folio.pfn), hint: nil, where: { mm, address in
             let (level, e) = mm.entry(at: address)
             guard e.kind == .present || e.kind == .devicePrivate || e.kind == .deviceExclusive || e.kind == .migration else {
                 return false
             }
             return level == .pmd ? e.pfn == folio.pfn : e.pfn == page.pfn
-        }
+        }) { mm, address in (mm.id, address) }
+        guard let (id, address) = found, let mm = addressSpace(id: id) else { return nil }
+        return (mm, address)
     }
 }

@@ -44,6 +44,9 @@ final class TLBContext: @unchecked Sendable {
     /// its bit when it switches to the address space and clears it when it
     /// switches away; flushers only read it.
     let cpumask = Atomic<UInt64>(0)
+    /// Fault injection for tests: the address space's flushes are forgotten
+    /// (see `AddressSpace.skipsTLBFlushes`), batched and deferred ones too.
+    let skipsFlushes = Atomic<Bool>(false)
     init(id: UInt32) {
         self.id = id
         gen = .allocate(capacity: 8)  // a cache line of its own
@@ -232,13 +235,30 @@ struct CPU {
         words[CPUWord.localGen] = gen
     }
 
-    /// An IPI arrived during the access just ended: flush what it asks.
+    /// The generation an IPI of a batched flush carries (`arch_tlbbatch_flush()`
+    /// asks for everything, with no address space and no generation).
+    static let fullFlushRequest = UInt64.max
+
+    /// An IPI arrived during the access just ended: flush what it asks. A
+    /// full request flushes everything if this CPU is behind the generation
+    /// of the address space it has loaded, and catches up to it
+    /// (`flush_tlb_func()` with no mm).
     @usableFromInline @inline(never)
     func handleIPI(_ mm: AddressSpace) {
         defer { wakeFlushers() }
         let set = mm.kernel.cpus
-        guard let r = drainInbox(set), r.mm == svm_load64_relaxed(words + CPUWord.loadedMM) else { return }
+        guard let r = drainInbox(set) else { return }
         let local = words[CPUWord.localGen]
+        if r.gen == CPU.fullFlushRequest {
+            guard svm_load64_relaxed(words + CPUWord.loadedMM) == UInt64(mm.id) else { return }
+            let gen = svm_load64(mm.tlbGen)
+            if gen != local {
+                invalidateAll()
+                words[CPUWord.localGen] = gen
+            }
+            return
+        }
+        guard r.mm == svm_load64_relaxed(words + CPUWord.loadedMM) else { return }
         guard r.gen > local else { return }
         if r.gen == local + 1 {
             invalidate(r.start, r.end)

@@ -41,16 +41,25 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `flush_tlb_mm_range()`.
     public func flushTLBRange(_ start: UInt64, _ end: UInt64) {
-        guard end > start, !skipsTLBFlushes else { return }
+        guard end > start else { return }
+        kernel.shootdown(tlbContext, start, end)
+    }
+}
+
+extension Kernel {
+    /// ``AddressSpace/flushTLBRange(_:_:)`` of the address space `ctx`
+    /// belongs to, reached through its flush generation and CPU mask only
+    /// (what a deferred flush keeps: the address space itself may be gone).
+    /// Does nothing when the address space skips its flushes.
+    func shootdown(_ ctx: TLBContext, _ start: UInt64, _ end: UInt64) {
+        guard end > start, !ctx.skipsFlushes.load(ordering: .relaxed) else { return }
         let pages = (end - start) >> PageGeometry.pageShift
-        let ctx = tlbContext
-        let cpus = kernel.cpus
-        let vm = kernel.vmstat
+        let vm = vmstat
         svm_tsan_release(ctx.syncAddress)
         let gen = UInt64(bitPattern: Int64(svm_add64_seqcst(ctx.gen, 1)))
         vm.count(.tlbPagesFlushed, pages)
         var me: UInt64 = 0
-        if let cpu = cpus.currentIfBound(), svm_load64_relaxed(cpu.words + CPUWord.loadedMM) == UInt64(id) {
+        if let cpu = cpus.currentIfBound(), svm_load64_relaxed(cpu.words + CPUWord.loadedMM) == UInt64(ctx.id) {
             me = UInt64(1) << UInt64(cpu.index)
             if cpu.invalidate(start, end) { vm.count(.tlbLocalFlushAll) } else { vm.count(.tlbLocalFlushOne, pages) }
             // Up to date unless flushes were missed (then the next access catches up).
@@ -61,7 +70,7 @@ extension AddressSpace {
         // The IPI round: the asymmetric fence stands for the IPI's delivery.
         // Every CPU that began an access before it has published it; every
         // one that begins later sees the new generation.
-        let mark = kernel.phases.begin()
+        let mark = phases.begin()
         svm_membarrier()
         var sent: UInt64 = 0
         var mask = others
@@ -71,8 +80,8 @@ extension AddressSpace {
             let cpu = cpus.cpu(i)
             // No thread (lazy TLB) or another address space loaded: no IPI.
             guard svm_load64(cpu.words + CPUWord.bound) != 0,
-                  svm_load64(cpu.words + CPUWord.loadedMM) == UInt64(id) else { continue }
-            cpu.post(mm: UInt64(id), gen: gen, start: start, end: end)
+                  svm_load64(cpu.words + CPUWord.loadedMM) == UInt64(ctx.id) else { continue }
+            cpu.post(mm: UInt64(ctx.id), gen: gen, start: start, end: end)
             sent += 1
             let seq = svm_load64(cpu.words + CPUWord.seq)
             if seq & 1 == 1 { waitForBoundary(cpu, seq) }
@@ -82,7 +91,54 @@ extension AddressSpace {
             vm.count(.tlbRemoteFlush)
             vm.count(.tlbIPIsSent, sent)
         }
-        kernel.phases.end(.tlbFlush, mark)
+        phases.end(.tlbFlush, mark)
+    }
+
+    /// The full flush of a batch (`arch_tlbbatch_flush()`): every CPU of
+    /// `cpumask` (the flusher's own included) drops its whole TLB if it is
+    /// behind the generation of the address space it has loaded, and
+    /// catches up to it. The generations of the batch's address spaces were
+    /// advanced before `cpumask` was read. Counts `nr_tlb_local_flush_all`
+    /// for the flusher's own CPU, `nr_tlb_remote_flush` once when an IPI
+    /// went out and `tlb_ipis_sent` per IPI; the wait is the `tlbFlush`
+    /// phase.
+    func shootdownAll(_ cpumask: UInt64, _ contexts: [TLBContext]) {
+        var me: UInt64 = 0
+        if let cpu = cpus.currentIfBound(), cpumask & (UInt64(1) << UInt64(cpu.index)) != 0 {
+            me = UInt64(1) << UInt64(cpu.index)
+            let loaded = svm_load64_relaxed(cpu.words + CPUWord.loadedMM)
+            if let ctx = contexts.first(where: { UInt64($0.id) == loaded }) {
+                let gen = ctx.generation
+                if cpu.words[CPUWord.localGen] != gen {
+                    cpu.invalidateAll()
+                    cpu.words[CPUWord.localGen] = gen
+                    vmstat.count(.tlbLocalFlushAll)
+                }
+            }
+        }
+        let others = cpumask & ~me
+        guard others != 0 else { return }
+        let mark = phases.begin()
+        svm_membarrier()
+        var sent: UInt64 = 0
+        var mask = others
+        while mask != 0 {
+            let i = mask.trailingZeroBitCount
+            mask &= mask - 1
+            let cpu = cpus.cpu(i)
+            // No thread (lazy TLB): no IPI; it catches up when it next runs.
+            guard svm_load64(cpu.words + CPUWord.bound) != 0 else { continue }
+            cpu.post(mm: 0, gen: CPU.fullFlushRequest, start: 0, end: UInt64.max & PageGeometry.pageMask)
+            sent += 1
+            let seq = svm_load64(cpu.words + CPUWord.seq)
+            if seq & 1 == 1 { waitForBoundary(cpu, seq) }
+            svm_tsan_acquire(cpu.words)
+        }
+        if sent > 0 {
+            vmstat.count(.tlbRemoteFlush)
+            vmstat.count(.tlbIPIsSent, sent)
+        }
+        phases.end(.tlbFlush, mark)
     }
 
     /// Spins briefly, then sleeps, until `cpu` leaves the access it was in.
@@ -110,7 +166,7 @@ extension AddressSpace {
                 let now = HostClock.nanos()
                 if since == 0 { since = now } else if now - since > AddressSpace.shootdownWarnNanos {
                     warned = true
-                    kernel.warn("TLB shootdown: a CPU has not reached an instruction boundary for 5 s (an access body that blocks?)",
+                    warn("TLB shootdown: a CPU has not reached an instruction boundary for 5 s (an access body that blocks?)",
                                 "cpu \(cpu.index)")
                 }
             }
@@ -141,29 +197,85 @@ extension AddressSpace {
     public var tlbFlushPending: Bool { flushPendingCount.load(ordering: .sequentiallyConsistent) > 0 }
 }
 
-/// A deferred, batched flush (`struct tlbflush_unmap_batch`): ranges are
-/// gathered while unmapping many pages, then flushed once.
+/// A deferred, batched flush (`struct tlbflush_unmap_batch`): mappings
+/// cleared while unmapping many pages, in one or several address spaces,
+/// are flushed once, from every CPU that may cache them.
+///
+/// Like the kernel's batch it keeps no address space, only what the flush
+/// needs: the CPUs that had one of them loaded (`arch_tlbbatch`'s cpumask)
+/// and each one's flush generation and CPU mask (its `TLBContext`, which
+/// CPUs keep too and which outlives the address space). An address space
+/// may therefore exit while its ranges wait here. The flush is a full one,
+/// as `arch_tlbbatch_flush()`'s.
 public struct TLBFlushBatch {
-    unowned let mm: AddressSpace
-    var start: UInt64 = .max
-    var end: UInt64 = 0
-    /// An empty batch for `mm` (which it does not keep alive).
-    public init(mm: AddressSpace) { self.mm = mm }
-    /// Adds a range to the batch: the batch grows to cover it
-    /// (`set_tlb_ubc_flush_pending()`).
-    public mutating func add(_ s: UInt64, _ e: UInt64) {
-        start = min(start, s)
-        end = max(end, e)
+    /// The CPUs to flush, gathered as mappings are added.
+    var cpumask: UInt64 = 0
+    /// The flush state of each address space added (retained).
+    var contexts: [TLBContext] = []
+    /// Base pages whose mappings were added, for `nr_tlb_pages_flushed`.
+    var pages: UInt64 = 0
+    var kernel: Kernel? = nil
+
+    /// An empty batch.
+    public init() {}
+
+    /// Adds the cleared mappings of `[start, end)` in `mm` to the batch:
+    /// the CPUs that have `mm` loaded join its CPU mask
+    /// (`set_tlb_ubc_flush_pending()`). The batch keeps no reference to
+    /// `mm`.
+    ///
+    /// The corresponding kernel function is `arch_tlbbatch_add_pending()`.
+    ///
+    /// - Parameters:
+    ///   - mm: the address space whose entries were cleared.
+    ///   - start: first address cleared.
+    ///   - end: one past the last address; an empty range adds nothing.
+    public mutating func add(_ mm: AddressSpace, _ start: UInt64, _ end: UInt64) {
+        if kernel == nil { kernel = mm.kernel }
+        add(mm.tlbContext, start, end)
     }
+
+    /// ``add(_:_:_:)`` by the address space's flush state alone.
+    mutating func add(_ ctx: TLBContext, _ start: UInt64, _ end: UInt64) {
+        guard end > start, !ctx.skipsFlushes.load(ordering: .relaxed) else { return }
+        if !contexts.contains(where: { $0 === ctx }) { contexts.append(ctx) }
+        cpumask |= ctx.cpumask.load(ordering: .sequentiallyConsistent)
+        pages &+= (end - start) >> PageGeometry.pageShift
+    }
+
     /// Whether nothing waits to be flushed.
-    public var isEmpty: Bool { end <= start }
-    /// Flushes everything gathered with one ``AddressSpace/flushTLBRange(_:_:)``
-    /// of the covering range, and empties the batch.
+    public var isEmpty: Bool { contexts.isEmpty }
+
+    /// Flushes everything gathered and empties the batch: advances the
+    /// flush generation of every address space added (`inc_mm_tlb_gen()`),
+    /// then has every CPU of the mask flush its whole TLB and catch up
+    /// (one IPI round for all address spaces), waiting for each CPU inside
+    /// an access to reach its end. Counts `nr_tlb_pages_flushed` for the
+    /// pages added, and the flushes and IPIs as
+    /// ``AddressSpace/flushTLBRange(_:_:)`` does.
+    ///
+    /// The emulator advances the generations here rather than when a
+    /// mapping is added: its CPUs compare generations at every access, and
+    /// an early advance would flush them before the batch does.
     ///
     /// The corresponding kernel function is `try_to_unmap_flush()`.
     public mutating func flush() {
-        if !isEmpty { mm.flushTLBRange(start, end) }
-        start = .max
-        end = 0
+        defer {
+            cpumask = 0
+            contexts.removeAll(keepingCapacity: true)
+            pages = 0
+        }
+        guard !contexts.isEmpty, let kernel else { return }
+        var mask = cpumask
+        for ctx in contexts {
+            svm_tsan_release(ctx.syncAddress)
+            _ = svm_add64_seqcst(ctx.gen, 1)
+            // CPUs that loaded it since it was added started with an empty
+            // TLB, but are now behind: flushing them is cheap and keeps the
+            // generations in step.
+            mask |= ctx.cpumask.load(ordering: .sequentiallyConsistent)
+        }
+        kernel.vmstat.count(.tlbPagesFlushed, pages)
+        kernel.shootdownAll(mask, contexts)
     }
 }

@@ -47,8 +47,14 @@ public final class File: @unchecked Sendable {
     let cache = LockedValue<PageCache>(PageCache())
     /// `mapping->i_mmap`: every VMA mapping the file, as snapshots its
     /// address space refreshes (under its mmap write lock) whenever such a
-    /// VMA appears, changes bounds or goes.
-    let mappings = LockedValue<[FileMappingEntry]>([])
+    /// VMA appears, changes bounds or goes. Read and changed only under
+    /// `mappingsLock`.
+    private var mappings: [FileMappingEntry] = []
+    /// `mapping->i_mmap_rwsem`: held for writing to change `mappings`, for
+    /// reading by a walk from its lookup to the end of its visits. Lock
+    /// order: folio lock, then this, then page-table locks; mmap lock, then
+    /// this.
+    let mappingsLock = KernelRWSemaphore("i_mmap lock", prefersWriters: false, lockClass: .iMmap)
 
     /// An empty file (`open(O_TMPFILE)` or `memfd_create()`): size 0, no pages.
     ///
@@ -218,6 +224,7 @@ public final class File: @unchecked Sendable {
     public func truncate(to size: Int64) throws(Errno) {
         guard size >= 0 else { throw .invalidArgument }
         guard size <= File.maxSize else { throw .fileTooLarge }
+        defer { kernel.drainAsyncMMPuts() }
         let firstGone = (UInt64(size) + PageGeometry.pageSize64 - 1) >> PageGeometry.pageShift
         // i_size first: faults past it give SIGBUS from now on.
         let gone = cache.withLock { c -> [(UInt64, Folio)] in
@@ -379,24 +386,34 @@ public final class File: @unchecked Sendable {
     // MARK: the mappings (i_mmap)
 
     /// Replaces the entries of address space `mmID` with `entries`. Caller
-    /// holds that address space's mmap lock for writing.
+    /// holds that address space's mmap lock for writing; takes
+    /// `mappingsLock` for writing, so it waits for the walks in progress.
     func relink(mmID: UInt32, _ entries: [FileMappingEntry]) {
-        mappings.withLock { m in
-            m.removeAll { $0.mmID == mmID }
-            m.append(contentsOf: entries)
+        mappingsLock.withWriteLock {
+            mappings.removeAll { $0.mmID == mmID }
+            mappings.append(contentsOf: entries)
         }
     }
 
     /// Calls `body` with every address space mapping file page `index` and
-    /// the address it maps it at (`rmap_walk_file()` over `i_mmap`): a
-    /// snapshot of the mappings; the caller checks each entry under its
-    /// page-table lock. Caller holds no page-table lock.
-    func forEachMapping(of index: UInt64, _ body: (AddressSpace, UInt64) -> Void) {
-        let hits = mappings.withLock { m in m.filter { $0.maps(index) } }
-        for e in hits {
-            guard let mm = kernel.addressSpace(id: e.mmID) else { continue }
-            body(mm, e.address(of: index))
+    /// the address it maps it at (`rmap_walk_file()` over `i_mmap`),
+    /// holding `mappingsLock` for reading (`i_mmap_lock_read()`): each live
+    /// address space is pinned for the walk and given back with
+    /// `mmput_async()` (`MMPins`); an exiting one is reached unretained, and
+    /// stays valid because its exit unlinks it under the lock held for
+    /// writing. `body` gets an
+    /// address space valid only during the call; it checks each entry under
+    /// its page-table lock, must not keep the address space, take an mmap
+    /// lock or change VMAs. Caller holds no page-table lock.
+    func forEachMapping(of index: UInt64, file: StaticString = #fileID, line: UInt = #line,
+                        _ body: (AddressSpace, UInt64) -> Void) {
+        var pins = MMPins()
+        mappingsLock.downRead(file: file, line: line)
+        for e in mappings where e.maps(index) {
+            pins.reach(kernel, e.mmID, e.mm)._withUnsafeGuaranteedRef { mm in body(mm, e.address(of: index)) }
         }
+        mappingsLock.upRead()
+        pins.release(kernel)
     }
 
     /// `unmap_mapping_folio()`: clears every present PTE of `folio` (file
@@ -412,6 +429,8 @@ public final class File: @unchecked Sendable {
 /// One entry of a file's `i_mmap`: an address space maps file pages
 /// `[pageOffset, pageOffset + (end - start) / page size)` at `[start, end)`.
 struct FileMappingEntry {
+    /// Valid while the entry is linked and `mappingsLock` is held.
+    let mm: Unmanaged<AddressSpace>
     let mmID: UInt32
     let start: UInt64
     let end: UInt64

@@ -177,7 +177,7 @@ extension AddressSpace {
             done.append(ObjectIdentifier(file))
             let entries = vmas.compactMap { v -> FileMappingEntry? in
                 guard v.file === file else { return nil }
-                return FileMappingEntry(mmID: id, start: v.start, end: v.end, pageOffset: v.pageOffset)
+                return FileMappingEntry(mm: Unmanaged.passUnretained(self), mmID: id, start: v.start, end: v.end, pageOffset: v.pageOffset)
             }
             file.relink(mmID: id, entries)
         }

@@ -96,6 +96,8 @@ extension Kernel {
     /// lockdep's `debug_check_no_locks_held()` check piecemeal.
     public func audit(heldReferences: [UInt64: Int] = [:]) -> KernelAudit {
         var a = KernelAudit()
+        // Exits the rmap walks deferred (mmput_async) happen first.
+        drainAsyncMMPuts()
         // 1. Every mapping of every live address space.
         var refs: [UInt64: Int] = [:]          // folio head -> mappings (each holds a reference)
         var pteMaps: [UInt64: Int32] = [:]     // page -> PTE mappings
@@ -186,7 +188,7 @@ extension Kernel {
             a.rmapMismatches += 1
             a.note("\(where_): the rmap names mm \(m.mappingMM), of another fork family")
         }
-        if checkLink && !mm.anonFamily.contains(AnonMappingEntry(mmID: mm.id, start: vma.start, end: vma.end, pageOffset: vma.pageOffset)) {
+        if checkLink && !mm.anonFamily.contains(AnonMappingEntry(mm: mm, start: vma.start, end: vma.end, pageOffset: vma.pageOffset)) {
             a.rmapMismatches += 1
             a.note("\(where_): \(vma) is not linked in its family's rmap")
         }

@@ -42,9 +42,11 @@ extension Kernel {
         // the table where the folio's pages are mapped there.
         let named = folio.meta.mappingMM
         let table = { (mm: AddressSpace, address: UInt64) in mm.loadPMD(address).kind == .table }
-        if let (mm, address) = rmapFind(folio, page: 0, hint: nil, where: { mm, a in mm.id == named && table(mm, a) })
-            ?? rmapFind(folio, page: 0, hint: nil, where: table) {
-            return mm.withPTL(address) { splitPTEMappedFolio(folio) }
+        // Inside the walk: the address space is valid only there.
+        let split = { (mm: AddressSpace, address: UInt64) in mm.withPTL(address) { self.splitPTEMappedFolio(folio) } }
+        if let done = rmapFirst(folio, page: 0, hint: nil, where: { mm, a in mm.id == named && table(mm, a) }, split)
+            ?? rmapFirst(folio, page: 0, hint: nil, where: table, split) {
+            return done
         }
         return splitPTEMappedFolio(folio)
     }

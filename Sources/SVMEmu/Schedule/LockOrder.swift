@@ -225,6 +225,19 @@ public enum LockOrder {
         stack.enabled > 0 || svm_lockdep_everywhere() || (svm_det_active() && svm_det_current() != nil)
     }
 
+    /// The locks the calling thread holds, described ("class (taken at
+    /// site)", innermost last), or nil when it holds none or its locks are
+    /// not validated: for the "no locks held here" checks
+    /// (`debug_check_no_locks_held()`, `might_sleep()` in `mmput()`).
+    static func heldLocksDescription() -> String? {
+        guard svm_lockdep_enabled() else { return nil }
+        let mine = held()
+        guard validates(mine), !mine.stack.isEmpty || svm_loadi32(mine.folioCount) > 0 else { return nil }
+        return withGraph { g in
+            (mine.folioLocks + mine.stack).map { "\(g.name($0.lockClass)) (taken at \($0.site))" }.joined(separator: ", ")
+        }
+    }
+
     /// Every violation recorded so far, oldest first.
     public static var violations: [Violation] { withGraph { $0.violations } }
 
@@ -378,10 +391,15 @@ struct LockClass: Hashable, Sendable {
     @usableFromInline static let copierQueue = LockClass(id: 7)
     /// Every address space's mmap lock (`mm->mmap_lock`).
     @usableFromInline static let mmap = LockClass(id: 8)
+    /// Every fork family's rmap lock (`anon_vma->root->rwsem`).
+    @usableFromInline static let anonVMA = LockClass(id: 9)
+    /// Every file's mapping-tree lock (`mapping->i_mmap_rwsem`).
+    @usableFromInline static let iMmap = LockClass(id: 10)
 
     static let builtinNames = [
         "folio lock", "page-table lock", "PMD lock", "zone lock", "hugetlb fault mutex",
         "CPU call-function queue lock", "copy-engine ring lock", "folio copier queue lock", "mmap lock",
+        "anon_vma lock", "i_mmap lock",
     ]
 }
 

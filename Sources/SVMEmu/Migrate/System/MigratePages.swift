@@ -36,7 +36,7 @@ struct UnmappedFolio {
     var dst: Folio
     var wasMapped: Bool
     /// The read-only range whose flush is deferred with this folio's old frame.
-    var deferred: (mm: AddressSpace, start: UInt64, end: UInt64)?
+    var deferred: (context: TLBContext, start: UInt64, end: UInt64)?
     var copied = false
 }
 
@@ -456,7 +456,7 @@ extension Kernel {
         }
         _ = dst.tryLock()  // a new folio: nobody else can hold it
         var wasMapped = false
-        var deferred: (AddressSpace, UInt64, UInt64)? = nil
+        var deferred: (TLBContext, UInt64, UInt64)? = nil
         if src.isMapped {
             wasMapped = true
             if batchFlush {
@@ -478,7 +478,7 @@ extension Kernel {
             dst.put()
             return .again
         }
-        return .unmapped(UnmappedFolio(src: src, dst: dst, wasMapped: wasMapped, deferred: deferred.map { (mm: $0.0, start: $0.1, end: $0.2) }))
+        return .unmapped(UnmappedFolio(src: src, dst: dst, wasMapped: wasMapped, deferred: deferred.map { (context: $0.0, start: $0.1, end: $0.2) }))
     }
 
     /// `migrate_folio_move()` for one unmapped, copied folio: the reference
@@ -494,7 +494,7 @@ extension Kernel {
         // reference is its last one), held before the new folio's lock
         // drops: whoever takes that lock next to write the folio (pwrite)
         // finds the flush pending and gives it up first.
-        let holdsFull = u.deferred.map { d in deferredTLB.hold(src, d.mm, d.start, d.end) }
+        let holdsFull = u.deferred.map { d in deferredTLB.hold(src, d.context, d.start, d.end) }
         dst.unlock()
         src.unlock()
         if ctx.stats.firstFolioNanos == 0 { ctx.stats.firstFolioNanos = max(1, HostClock.nanos() - ctx.start) }

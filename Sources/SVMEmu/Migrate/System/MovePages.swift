@@ -92,6 +92,8 @@ extension AddressSpace {
                           flags: MovePagesFlags = .move, policy: MigratePagesPolicy,
                           stats: inout MigrateStats) throws(Errno) -> Int {
         guard flags.isSubset(of: [.move, .moveAll]) else { throw .invalidArgument }
+        // The rmap walks' pins of other address spaces, given back here.
+        defer { kernel.drainAsyncMMPuts() }
         status = [PageStatus](repeating: .error(.noEntry), count: addresses.count)
         guard let nodes else {
             withMmapReadLock {
@@ -253,6 +255,7 @@ extension AddressSpace {
     public func migratePages(from: [Int], to: [Int], policy: MigratePagesPolicy = MigratePagesPolicy()) throws(Errno) -> Int {
         guard from.count == to.count, Set(from).count == from.count else { throw .invalidArgument }
         for n in from + to where n < 0 || n >= kernel.nodes.count { throw .noDevice }
+        defer { kernel.drainAsyncMMPuts() }
         var left = 0
         for (source, dest) in zip(from, to) where source != dest {
             var list: [Folio] = []

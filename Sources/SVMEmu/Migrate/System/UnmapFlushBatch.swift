@@ -2,18 +2,24 @@ import CSVMSupport
 
 /// The batched flush of `migratePages` (`struct tlbflush_unmap_batch` with
 /// TTU_BATCH_FLUSH): `tryToMigrate` hands each cleared mapping's range here
-/// instead of flushing it, and the batch flushes once per address space with
-/// `flush()` (`try_to_unmap_flush()`).
+/// instead of flushing it, and the batch flushes once, for every address
+/// space, with `flush()` (`try_to_unmap_flush()`).
 ///
 /// With deferral on (migrc / LUF), the ranges of the folio being unmapped are
 /// held apart until the folio is done: if every mapping it lost was
 /// read-only, they go to the kernel's deferred flush with the source frame
 /// instead of into this batch (`takeFolio(deferrable:)`).
+///
+/// Nothing here keeps an address space: only its flush state
+/// (`TLBContext`), so an address space that exits meanwhile (a forked
+/// child, during a `movePages` of the pages it shares) is neither kept
+/// alive nor torn down by the migration.
 struct UnmapFlushBatch {
-    /// One pending range per address space (a migration seldom spans more).
-    var batches: [TLBFlushBatch] = []
-    /// The current folio's mappings: address space, range, and whether any was writable.
-    var folioMM: AddressSpace? = nil
+    var batch = TLBFlushBatch()
+    /// The current folio's mappings: whose flush state, which range, and
+    /// whether any was writable. `folioContext` stays set after the folio
+    /// (no retain per folio of one address space).
+    var folioContext: TLBContext? = nil
     var folioStart: UInt64 = .max
     var folioEnd: UInt64 = 0
     var folioWritable = false
@@ -21,18 +27,22 @@ struct UnmapFlushBatch {
     /// Flushes issued by `flush()`.
     var flushes = 0
 
-    init() { batches.reserveCapacity(4) }
+    init() { batch.contexts.reserveCapacity(4) }
 
-    /// A mapping of `[start, end)` in `mm` was cleared; `writable`: it allowed writes.
+    /// A mapping of `[start, end)` in `mm` was cleared; `writable`: it
+    /// allowed writes. Called under no lock the batch cares about; keeps
+    /// no reference to `mm`.
     mutating func add(_ mm: AddressSpace, _ start: UInt64, _ end: UInt64, writable: Bool) {
-        if let cur = folioMM, cur !== mm {
+        if batch.kernel == nil { batch.kernel = mm.kernel }
+        let ctx = mm.tlbContext
+        if folioMapped, let cur = folioContext, cur !== ctx {
             // A second address space for one folio: no deferral, batch both.
             folioWritable = true
-            addToBatch(cur, folioStart, folioEnd)
+            batch.add(cur, folioStart, folioEnd)
             folioStart = .max
             folioEnd = 0
         }
-        folioMM = mm
+        if folioContext !== ctx { folioContext = ctx }
         folioStart = min(folioStart, start)
         folioEnd = max(folioEnd, end)
         folioWritable = folioWritable || writable
@@ -40,41 +50,30 @@ struct UnmapFlushBatch {
     }
 
     /// Ends the current folio. When `deferrable` and every mapping it lost was
-    /// read-only, returns its address space and range for a deferred flush;
-    /// otherwise its range joins the batch and nil is returned.
-    mutating func takeFolio(deferrable: Bool) -> (AddressSpace, UInt64, UInt64)? {
+    /// read-only, returns its address space's flush state and range for a
+    /// deferred flush; otherwise its range joins the batch and nil is
+    /// returned.
+    mutating func takeFolio(deferrable: Bool) -> (TLBContext, UInt64, UInt64)? {
         defer {
-            folioMM = nil
             folioStart = .max
             folioEnd = 0
             folioWritable = false
             folioMapped = false
         }
-        guard folioMapped, let mm = folioMM else { return nil }
-        if deferrable && !folioWritable { return (mm, folioStart, folioEnd) }
-        addToBatch(mm, folioStart, folioEnd)
+        guard folioMapped, let ctx = folioContext else { return nil }
+        if deferrable && !folioWritable { return (ctx, folioStart, folioEnd) }
+        batch.add(ctx, folioStart, folioEnd)
         return nil
     }
 
-    private mutating func addToBatch(_ mm: AddressSpace, _ s: UInt64, _ e: UInt64) {
-        for i in batches.indices where batches[i].mm === mm {
-            batches[i].add(s, e)
-            return
-        }
-        var b = TLBFlushBatch(mm: mm)
-        b.add(s, e)
-        batches.append(b)
-    }
+    var isEmpty: Bool { batch.isEmpty }
 
-    var isEmpty: Bool { batches.allSatisfy(\.isEmpty) }
-
-    /// `try_to_unmap_flush()`: one flush per address space for everything gathered.
+    /// `try_to_unmap_flush()`: one full flush of every CPU that may cache a
+    /// mapping gathered.
     mutating func flush() {
-        for i in batches.indices where !batches[i].isEmpty {
-            batches[i].flush()
-            flushes += 1
-        }
-        batches.removeAll(keepingCapacity: true)
+        guard !batch.isEmpty else { return }
+        batch.flush()
+        flushes += 1
     }
 }
 
@@ -99,7 +98,7 @@ struct UnmapFlushBatch {
 /// hooks on the fault path cost one atomic load when nothing is pending.
 public final class DeferredTLBFlush: @unchecked Sendable {
     struct Pending {
-        var ranges: [(mmID: UInt32, start: UInt64, end: UInt64)] = []
+        var ranges: [(context: TLBContext, start: UInt64, end: UInt64)] = []
         var folios: [Folio] = []
         var frames = 0
     }
@@ -138,18 +137,20 @@ public final class DeferredTLBFlush: @unchecked Sendable {
     }
 
     /// Takes over the last reference of `folio` (the migrated source) and
-    /// the range of its read-only mappings in `mm`, to be flushed later.
+    /// the range of its read-only mappings in the address space whose flush
+    /// state is `ctx`, to be flushed later. Like a TLB batch it keeps no
+    /// address space: one may exit while its range waits here.
     /// Returns whether the held frames reached ``frameLimit``: the caller
     /// then runs ``flush()`` once it holds no folio lock.
-    func hold(_ folio: Folio, _ mm: AddressSpace, _ start: UInt64, _ end: UInt64) -> Bool {
+    func hold(_ folio: Folio, _ ctx: TLBContext, _ start: UInt64, _ end: UInt64) -> Bool {
         let pages = folio.pageCount
         // PG deferred_flush was set when the flush was deferred, at unmap
         // (before the new page was mapped); the flush below clears it.
         let total = state.withLock { p -> Int in
-            if let last = p.ranges.last, last.mmID == mm.id, start <= last.end, end >= last.start {
-                p.ranges[p.ranges.count - 1] = (mm.id, min(last.start, start), max(last.end, end))
+            if let last = p.ranges.last, last.context === ctx, start <= last.end, end >= last.start {
+                p.ranges[p.ranges.count - 1] = (ctx, min(last.start, start), max(last.end, end))
             } else {
-                p.ranges.append((mm.id, start, end))
+                p.ranges.append((ctx, start, end))
             }
             p.folios.append(folio)
             p.frames += pages
@@ -172,16 +173,19 @@ public final class DeferredTLBFlush: @unchecked Sendable {
         }
         guard !p.folios.isEmpty else { return 0 }
         // Ranges by address space, merged into one span each (arch_tlbbatch).
-        var spans: [(UInt32, UInt64, UInt64)] = []
+        var spans: [(TLBContext, UInt64, UInt64)] = []
         for r in p.ranges {
-            if let i = spans.firstIndex(where: { $0.0 == r.mmID }) {
+            if let i = spans.firstIndex(where: { $0.0 === r.context }) {
                 spans[i].1 = min(spans[i].1, r.start)
                 spans[i].2 = max(spans[i].2, r.end)
             } else {
-                spans.append((r.mmID, r.start, r.end))
+                spans.append((r.context, r.start, r.end))
             }
         }
-        for (id, s, e) in spans { kernel.addressSpace(id: id)?.flushTLBRange(s, e) }
+        // By flush state, not by address space: an exited one's CPUs may
+        // still hold its translations of the frames (no lookup, no
+        // reference taken, so no exit_mmap on this thread either).
+        for (ctx, s, e) in spans { kernel.shootdown(ctx, s, e) }
         _ = svm_add64(words + 8, 1)
         // Frames leave only after the flush.
         for f in p.folios {

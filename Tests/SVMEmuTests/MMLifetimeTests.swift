@@ -1,0 +1,103 @@
+import Synchronization
+import Testing
+import TestSupport
+@testable import SVMEmu
+
+/// The lifetime of an address space against the kernel's own walkers: a
+/// forked child exits (its last reference goes, `exit_mmap()` runs) while
+/// `move_pages(MPOL_MF_MOVE_ALL)` walks the pages it shares with its parent.
+/// The TLB batch keeps CPUs and flush generations, never an address
+/// space; the walkers give their pins back with mmput_async, so the
+/// child's exit_mmap never runs on the walker's thread under its locks.
+@Suite("mm lifetime: a forked child exits during move_pages")
+struct MMLifetimeTests {
+    final class Box: @unchecked Sendable {
+        var child: AddressSpace?
+        var status: [PageStatus] = []
+        var failed: Errno? = nil
+        var virtualNanos: UInt64 = 0
+    }
+
+    static let pages = 24
+
+    /// A parent with `pages` filled pages, shared with a forked child.
+    static func family(_ kernel: Kernel, file: Bool) throws -> (AddressSpace, UInt64, Box) {
+        let mm = AddressSpace(kernel: kernel)
+        let length = pages * PageGeometry.pageSize
+        let a: UInt64
+        if file {
+            let f = File(kernel: kernel)
+            try f.truncate(to: Int64(length))
+            a = try mm.mmap(length: length, protection: .readWrite, shared: true, file: f, offset: 0)
+        } else {
+            a = try mm.mmap(length: length)
+        }
+        try mm.fillPattern(a, length: length, seed: 11)
+        let box = Box()
+        box.child = try mm.fork()
+        // The child maps every page too (its own reads fault the file pages in).
+        if file { for p in 0..<pages { _ = try box.child!.load(a + UInt64(p * PageGeometry.pageSize)) } }
+        return (mm, a, box)
+    }
+
+    /// One schedule: "move_pages" moves every page of the parent to node 1
+    /// with `.moveAll` while "child exit" drops the child's only reference
+    /// after `delay` virtual nanoseconds.
+    static func schedule(seed: UInt64, delay: UInt64?, file: Bool) throws
+        -> (DeterministicScheduler.Outcome, Kernel, AddressSpace, UInt64, Box, [LockOrder.Violation]) {
+        let kernel = makeKernel(thp: .never)
+        let (mm, a, box) = try family(kernel, file: file)
+        let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
+        var c = DeterministicScheduler.Configuration(seed: seed)
+        c.hostTimeoutSeconds = 60
+        let s = DeterministicScheduler(c)
+        s.spawn("move_pages") {
+            let t0 = HostClock.nanos()
+            do throws(Errno) {
+                _ = try mm.movePages(addrs, nodes: Array(repeating: 1, count: pages), status: &box.status, flags: .moveAll)
+            } catch { box.failed = error }
+            box.virtualNanos = HostClock.nanos() - t0
+        }
+        if let delay {
+            s.spawn("child exit") {
+                HostClock.sleep(nanos: delay)
+                box.child = nil
+            }
+        }
+        let outcome = s.run()
+        return (outcome, kernel, mm, a, box, s.lockOrderViolations)
+    }
+
+    static func check(seeds: ClosedRange<UInt64>, file: Bool) throws {
+        // How long the migration takes in virtual time, to spread the
+        // child's exit over it.
+        let (_, _, _, _, alone, _) = try schedule(seed: 0, delay: nil, file: file)
+        let span = max(alone.virtualNanos, 1_000)
+        for seed in seeds {
+            let delay = span * (seed % 40) / 40
+            let (outcome, kernel, mm, a, box, violations) = try schedule(seed: seed, delay: delay, file: file)
+            #expect(outcome == .completed, "seed \(seed): \(outcome)")
+            #expect(box.failed == nil, "seed \(seed)")
+            #expect(box.child == nil)
+            #expect(try mm.verifyPattern(a, length: pages * PageGeometry.pageSize, seed: 11) == nil, "seed \(seed)")
+            for p in 0..<pages {
+                #expect(box.status[p] == .node(1), "seed \(seed) page \(p): \(box.status[p])")
+            }
+            let audit = kernel.audit()
+            #expect(audit.isClean, "seed \(seed): \(audit)")
+            #expect(kernel.diagnostics.isEmpty, "seed \(seed): \(kernel.diagnostics)")
+            #expect(violations.isEmpty, "seed \(seed): \(violations)")
+            if !audit.isClean || !kernel.diagnostics.isEmpty { return }
+        }
+    }
+
+    @Test("a forked child exits while move_pages(.moveAll) walks the anonymous pages it shares: no crash, bytes intact, audit clean, exit_mmap never on the walker (100 seeds)")
+    func childExitsDuringAnonMovePages() throws {
+        try MMLifetimeTests.check(seeds: 1...100, file: false)
+    }
+
+    @Test("a forked child exits while move_pages(.moveAll) walks the shared file pages it maps: the i_mmap walk too (100 seeds)")
+    func childExitsDuringFileMovePages() throws {
+        try MMLifetimeTests.check(seeds: 1...100, file: true)
+    }
+}
