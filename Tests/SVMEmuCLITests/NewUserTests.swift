@@ -83,7 +83,8 @@ private func refusalOf(_ arguments: [String]) -> (message: String, status: Int32
 
 @Suite("svmemu, tried as a new user would")
 struct NewUserTests {
-    @Test("a host that refuses memory (ulimit -v): exit 1 and a message naming how much, for what; no crash")
+    @Test("a host that refuses memory (ulimit -v): exit 1 and a message naming how much, for what; no crash",
+          .disabled(if: HostMemory.underThreadSanitizer, "ThreadSanitizer's shadow memory does not fit under ulimit -v"))
     func hostRefusesMemory() throws {
         for (command, figure) in [("overhead --size 2M --rounds 1", "8.0 GiB of address space for page metadata"),
                                   ("soak --operations 10", "8.0 GiB of address space for page metadata"),

@@ -4,6 +4,11 @@ import CSVMSupport
 /// device page tables): anonymous private mappings that cost nothing until
 /// touched, and the byte copies the copy engines and benchmarks make.
 public enum HostMemory {
+    /// Whether this build runs under ThreadSanitizer (`make tsan`): its
+    /// shadow memory needs far more address space than a `ulimit -v` leaves,
+    /// so a run under such a limit cannot even start.
+    public static var underThreadSanitizer: Bool { svm_tsan_enabled() }
+
     /// Reserves `bytes` of lazily touched, zero-filled memory with no swap
     /// reservation; nil when the host refuses the address space. Release it
     /// with `release(_:bytes:)`.
