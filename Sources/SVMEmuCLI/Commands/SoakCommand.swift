@@ -70,7 +70,7 @@ struct SoakCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Scheduling steps to print, the last ones (0-1000000); with --operations set to the operation a finding names, they lead up to it.")
     var steps = 0
 
-    @Flag(name: .long, help: "Run the stale-entry checker on every TLB hit (on in debug builds; in release it roughly doubles a soak's time). Every stale access is a warning.")
+    @Flag(name: .long, help: "Run the stale-entry checker on every TLB hit (on in debug builds, off in release ones unless asked for). Every stale access is a warning.")
     var checkTLB = false
 
     @OptionGroup var output: JSONOutputOptions
