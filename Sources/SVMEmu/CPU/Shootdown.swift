@@ -67,29 +67,42 @@ extension Kernel {
         }
         let others = ctx.cpumask.load(ordering: .sequentiallyConsistent) & ~me
         guard others != 0 else { return }
-        // The IPI round: the asymmetric fence stands for the IPI's delivery.
-        // Every CPU that began an access before it has published it; every
-        // one that begins later sees the new generation.
+        ipiRound(others) { cpu in
+            // No thread (lazy TLB) or another address space loaded: no IPI.
+            guard svm_load64(cpu.words + CPUWord.bound) != 0,
+                  svm_load64(cpu.words + CPUWord.loadedMM) == UInt64(ctx.id) else { return false }
+            cpu.post(mm: UInt64(ctx.id), gen: gen, start: start, end: end)
+            return true
+        }
+    }
+
+    /// The IPI round of a flush: `post` puts a request in the inbox of each
+    /// CPU of `mask` it accepts (false: no IPI for that one), and the
+    /// flusher waits for each CPU so interrupted inside an access to reach
+    /// its instruction boundary. The asymmetric fence stands for the IPI's
+    /// delivery: every CPU that began an access before it has published it;
+    /// every one that begins later sees the new generation. Counts
+    /// `nr_tlb_remote_flush` once when an IPI went out and `tlb_ipis_sent`
+    /// per IPI; the time is the `tlbFlush` phase.
+    @inline(__always)
+    private func ipiRound(_ mask: UInt64, _ post: (CPU) -> Bool) {
         let mark = phases.begin()
         svm_membarrier()
         var sent: UInt64 = 0
-        var mask = others
-        while mask != 0 {
-            let i = mask.trailingZeroBitCount
-            mask &= mask - 1
+        var rest = mask
+        while rest != 0 {
+            let i = rest.trailingZeroBitCount
+            rest &= rest - 1
             let cpu = cpus.cpu(i)
-            // No thread (lazy TLB) or another address space loaded: no IPI.
-            guard svm_load64(cpu.words + CPUWord.bound) != 0,
-                  svm_load64(cpu.words + CPUWord.loadedMM) == UInt64(ctx.id) else { continue }
-            cpu.post(mm: UInt64(ctx.id), gen: gen, start: start, end: end)
+            guard post(cpu) else { continue }
             sent += 1
             let seq = svm_load64(cpu.words + CPUWord.seq)
             if seq & 1 == 1 { waitForBoundary(cpu, seq) }
             svm_tsan_acquire(cpu.words)
         }
         if sent > 0 {
-            vm.count(.tlbRemoteFlush)
-            vm.count(.tlbIPIsSent, sent)
+            vmstat.count(.tlbRemoteFlush)
+            vmstat.count(.tlbIPIsSent, sent)
         }
         phases.end(.tlbFlush, mark)
     }
@@ -118,27 +131,12 @@ extension Kernel {
         }
         let others = cpumask & ~me
         guard others != 0 else { return }
-        let mark = phases.begin()
-        svm_membarrier()
-        var sent: UInt64 = 0
-        var mask = others
-        while mask != 0 {
-            let i = mask.trailingZeroBitCount
-            mask &= mask - 1
-            let cpu = cpus.cpu(i)
+        ipiRound(others) { cpu in
             // No thread (lazy TLB): no IPI; it catches up when it next runs.
-            guard svm_load64(cpu.words + CPUWord.bound) != 0 else { continue }
+            guard svm_load64(cpu.words + CPUWord.bound) != 0 else { return false }
             cpu.post(mm: 0, gen: CPU.fullFlushRequest, start: 0, end: UInt64.max & PageGeometry.pageMask)
-            sent += 1
-            let seq = svm_load64(cpu.words + CPUWord.seq)
-            if seq & 1 == 1 { waitForBoundary(cpu, seq) }
-            svm_tsan_acquire(cpu.words)
+            return true
         }
-        if sent > 0 {
-            vmstat.count(.tlbRemoteFlush)
-            vmstat.count(.tlbIPIsSent, sent)
-        }
-        phases.end(.tlbFlush, mark)
     }
 
     /// Spins briefly, then sleeps, until `cpu` leaves the access it was in.
