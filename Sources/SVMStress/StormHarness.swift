@@ -319,6 +319,30 @@ final class StormRun: @unchecked Sendable {
         }
     }
 
+    /// What one look of the watchdog saw.
+    enum Look {
+        /// `done` pages completed; the current one has been worked on for
+        /// `quiet` nanoseconds without completing.
+        case running(done: Int, quiet: UInt64)
+        /// The current page stalled past the window and is declared: the run stops.
+        case stalled(StallReport)
+        /// The current page stalled, but completed while it was being sampled.
+        case raced
+    }
+
+    /// One look of the watchdog at `now`: observes the pages done and, when
+    /// the current page has been quiet for `stallNanos`, samples it and
+    /// declares it stalled unless it completed meanwhile. Both watchdogs
+    /// (real threads and the deterministic one) look the same way.
+    func look(_ watch: inout Watch, now: UInt64, stallNanos: UInt64, calls0: Int) -> Look {
+        let done = watch.observe(self, now: now)
+        let quiet = watch.quiet(self, now: now)
+        guard done < settings.pages && quiet >= stallNanos else { return .running(done: done, quiet: quiet) }
+        // Sampling takes a while: the page may complete meanwhile.
+        let report = sampleStall(page: done, quietNanos: quiet, calls0: calls0)
+        return declare(page: done) ? .stalled(report) : .raced
+    }
+
     /// Declares page `page` stalled unless it completed meanwhile: the same
     /// compare-and-exchange that completes a page, so exactly one wins.
     func declare(page: Int) -> Bool {
@@ -340,20 +364,15 @@ final class StormRun: @unchecked Sendable {
         var end = start
         while exited.load(ordering: .acquiring) < workers {
             HostClock.sleep(nanos: 2_000_000)
-            let now = HostClock.nanos()
-            let done = watch.observe(self, now: now)
             if stop.load(ordering: .relaxed) { break }
-            let quiet = watch.quiet(self, now: now)
-            if done < settings.pages && quiet >= stallNanos {
-                // Sampling takes a while: the page may complete meanwhile.
-                let report = sampleStall(page: done, quietNanos: quiet, calls0: calls0)
-                if declare(page: done) {
-                    stall = report
-                    abort()
-                    break
-                }
-                continue
+            let now = HostClock.nanos()
+            let seen = look(&watch, now: now, stallNanos: stallNanos, calls0: calls0)
+            if case .stalled(let report) = seen {
+                stall = report
+                abort()
+                break
             }
+            guard case .running(let done, let quiet) = seen else { continue }
             if let progress, now - lastReport >= 100_000_000 {
                 lastReport = now
                 progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: totalCalls - calls0,
@@ -442,17 +461,13 @@ final class StormRun: @unchecked Sendable {
             while exited.load(ordering: .acquiring) < workers && !stop.load(ordering: .relaxed) {
                 HostClock.sleep(nanos: 2_000_000)
                 let now = HostClock.nanos()
-                let done = view.observe(self, now: now)
-                let quiet = view.quiet(self, now: now)
-                if done < settings.pages && quiet >= stallNanos {
-                    let report = sampleStall(page: done, quietNanos: quiet, calls0: calls0)
-                    if declare(page: done) {
-                        stall = report
-                        abort()
-                        break
-                    }
-                    continue
+                let seen = look(&view, now: now, stallNanos: stallNanos, calls0: calls0)
+                if case .stalled(let report) = seen {
+                    stall = report
+                    abort()
+                    break
                 }
+                guard case .running(let done, let quiet) = seen else { continue }
                 if let progress, HostClock.hostNanos() - lastReport >= 100_000_000 {
                     lastReport = HostClock.hostNanos()
                     progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: totalCalls - calls0,
