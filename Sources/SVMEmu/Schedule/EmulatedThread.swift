@@ -108,14 +108,25 @@ public struct VirtualCosts: Sendable, Equatable {
     /// (Docs/benchmarks.md), 80 ns a KiB. A link model's time comes on top
     /// when it is longer, as on real threads.
     public var copyPerKiB: UInt64
+    /// A context switch on one CPU: the outgoing thread's state saved, the
+    /// incoming one's restored (a pipe ping-pong between two threads pinned
+    /// to one CPU, per switch). Charged when a CPU changes threads in a run
+    /// with more threads than CPUs.
+    public var contextSwitch: UInt64
+    /// One round of an optimistic spin on a lock word another CPU owns (a
+    /// cache-line transfer and a pause).
+    public var spinRound: UInt64
 
     /// The measured defaults.
     public static let measured = VirtualCosts(access: 3, fault: 1_000, lock: 20, unlock: 10, futex: 300,
-                                              wake: 2_000, yield: 200, copyPerKiB: 80)
+                                              wake: 2_000, yield: 200, copyPerKiB: 80,
+                                              contextSwitch: 1_500, spinRound: 60)
 
     /// A table with every cost given.
     public init(access: UInt64, fault: UInt64, lock: UInt64, unlock: UInt64, futex: UInt64, wake: UInt64,
-                yield: UInt64, copyPerKiB: UInt64 = 80) {
+                yield: UInt64, copyPerKiB: UInt64 = 80, contextSwitch: UInt64 = 1_500, spinRound: UInt64 = 60) {
+        self.contextSwitch = contextSwitch
+        self.spinRound = spinRound
         self.access = access
         self.fault = fault
         self.lock = lock
