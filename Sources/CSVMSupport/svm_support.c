@@ -42,6 +42,11 @@ void svm_det_activate(int delta) { __atomic_fetch_add(&svm_det_active_count, (ui
 void *svm_det_current(void) { return svm_tls_det_current; }
 void svm_det_set_current(void *thread) { svm_tls_det_current = thread; }
 
+// A task token: the address of a thread-local word, unique among live threads
+// and 8-aligned (the low three bits stay free for a lock word's flags).
+static __thread _Alignas(8) uint64_t svm_tls_task;
+uintptr_t svm_current_task(void) { return (uintptr_t)&svm_tls_task; }
+
 uint32_t svm_lockdep_count = 0;
 static _Thread_local void *svm_tls_lockdep = 0;
 void svm_lockdep_enable(int delta) { __atomic_fetch_add(&svm_lockdep_count, (uint32_t)delta, __ATOMIC_SEQ_CST); }

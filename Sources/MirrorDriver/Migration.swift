@@ -328,10 +328,17 @@ extension MirrorDevice {
                 kernel.migrateVMAFinalize(&args)
                 return .oom
             }
-            // The DMA wait: only a call that copied something has one, and it
-            // comes after its reference check passed (the page is under a
-            // migration entry, so other faulters wait without references).
-            if given > 0 && s.migrateToRAMWorkNanos > 0 { HostClock.sleep(nanos: s.migrateToRAMWorkNanos) }
+            // The DMA wait: by default only a call that copied something has
+            // one, and it comes after its reference check passed (the page is
+            // under a migration entry, so other faulters wait without
+            // references); with the every-call shape every call waits here.
+            if s.migrateToRAMWorkNanos > 0 && (given > 0 || s.migrateToRAMWorkShape == .everyCall) {
+                switch s.migrateToRAMWait {
+                case .sleep: HostClock.sleep(nanos: s.migrateToRAMWorkNanos)
+                case .spin: HostClock.spin(nanos: s.migrateToRAMWorkNanos)
+                case .fsleep: HostClock.fsleep(micros: (s.migrateToRAMWorkNanos + 999) / 1_000)
+                }
+            }
             kernel.migrateVMAPages(&args)
             kernel.migrateVMAFinalize(&args)
             return .done

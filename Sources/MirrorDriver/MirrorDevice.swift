@@ -10,6 +10,28 @@ public enum DriverLockMode: String, Sendable, CaseIterable, Codable {
     case exclusive
 }
 
+/// When `migrateToRAM` waits for its work (``MirrorSettings/migrateToRAMWorkNanos``).
+public enum DriverWorkShape: String, Sendable, CaseIterable, Codable {
+    /// Only a call that copied something waits, after its reference check
+    /// passed (a DMA wait).
+    case copy
+    /// Every call waits, after its copy step and before `migrate_vma_pages`,
+    /// whether or not it collected anything: the shape of the kernel rig's
+    /// test_hmm patch (an `fsleep()` in dmirror_devmem_fault).
+    case everyCall = "every-call"
+}
+
+/// How `migrateToRAM` waits for its work.
+public enum DriverWait: String, Sendable, CaseIterable, Codable {
+    /// The kernel's `fsleep()`: spins up to 10 µs, sleeps beyond
+    /// (``HostClock/fsleep(micros:)``).
+    case fsleep
+    /// Sleeps the time given (gives the CPU away).
+    case sleep
+    /// Spins the time given (keeps the CPU).
+    case spin
+}
+
 /// What a GPU access that misses the device page table does.
 public enum GPUFaultPolicy: String, Sendable, CaseIterable, Codable {
     /// dmirror: mirror the CPU mapping with hmm_range_fault (system memory is
@@ -37,6 +59,10 @@ public struct MirrorSettings: Sendable {
     /// (a lost trylock, a failed reference check) returns at once, as
     /// dmirror_devmem_fault does.
     public var migrateToRAMWorkNanos: UInt64 = 0
+    /// Which calls wait `migrateToRAMWorkNanos` (the shape of the work).
+    public var migrateToRAMWorkShape: DriverWorkShape = .copy
+    /// How they wait.
+    public var migrateToRAMWait: DriverWait = .sleep
     /// Time migrateToRAM spends before `migrateVMASetup` (looking up its range
     /// and taking its own locks, as amdgpu and Xe do there), holding the
     /// driver lock and the page reference, in nanoseconds. Sleeps. Every call

@@ -31,15 +31,12 @@ public struct HarnessSchedule: Sendable, Equatable, Codable {
         return s
     }
 
-    /// Checks the CPUs (1...64, and at least `threads`, the run's emulated
-    /// threads: one beyond the CPUs would wait for a CPU nobody gives back)
+    /// Checks the CPUs (1...64; the run's `threads` may be more: they
+    /// share the CPUs, see ``DeterministicScheduler/Configuration/cpus``)
     /// and the preemption points (0...1000); `nil` when fine, else the reason.
     public func problem(threads: Int) -> String? {
         guard deterministic else { return nil }
         guard (1...CPUSet.maxCPUs).contains(cpus) else { return "cpus must be 1...\(CPUSet.maxCPUs) (got \(cpus))" }
-        if threads > cpus {
-            return "cpus must be at least the run's \(threads) threads in a deterministic run (got \(cpus))"
-        }
         guard (0...1000).contains(preemptions) else { return "preemptions must be 0...1000 (got \(preemptions))" }
         return nil
     }
@@ -72,6 +69,7 @@ final class HarnessThreads: @unchecked Sendable {
         self.schedule = schedule
         if schedule.deterministic {
             var c = DeterministicScheduler.Configuration(seed: schedule.seed)
+            c.cpus = schedule.cpus
             c.preemptions = schedule.preemptions
             scheduler = DeterministicScheduler(c)
         } else {

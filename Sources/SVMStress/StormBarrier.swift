@@ -94,7 +94,7 @@ final class StormBarrier: @unchecked Sendable {
                 _ = svm_futex_wake(word, Int32.max)
                 // Spinning waiters leave when the releaser does: it waits out the
                 // wake-up latency the others were charged, so all go together.
-                HostClock.sleep(nanos: DeterministicScheduler.wakeLatency)
+                HostClock.spin(nanos: DeterministicScheduler.wakeLatency)
             }
             return true
         }

@@ -53,6 +53,8 @@ extension MirrorDevice: StormDriver {
         s.driverLock = settings.driverLock
         s.migrateToRAMWorkNanos = UInt64(max(0, settings.migrateToRAMWorkMicros)) * 1000
         s.migrateToRAMLookupNanos = UInt64(max(0, settings.migrateToRAMLookupMicros)) * 1000
+        s.migrateToRAMWorkShape = settings.driverWork
+        s.migrateToRAMWait = settings.driverWait
         s.migrationGranularity = settings.pageSize == .huge ? .huge2M : .base4K
         self.settings = s
     }

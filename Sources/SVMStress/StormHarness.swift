@@ -439,6 +439,8 @@ final class StormRun: @unchecked Sendable {
                             progress: ((StormProgress) -> Void)? = nil) -> StormResult {
         var config = schedule ?? DeterministicScheduler.Configuration(seed: settings.seed)
         if schedule == nil { config.preemptions = settings.preemptions }
+        // The storm's threads share the machine's CPUs (more threads than CPUs queue).
+        if config.cpus == nil { config.cpus = settings.cpus }
         config.hostTimeoutSeconds = max(config.hostTimeoutSeconds, settings.joinTimeoutSeconds)
         let scheduler = DeterministicScheduler(config)
         self.scheduler = scheduler
@@ -505,6 +507,7 @@ final class StormRun: @unchecked Sendable {
                                          error: firstError.withLock { $0 })
         result.virtualSeconds = vEnd >= vStart ? Double(vEnd - vStart) / 1e9 : 0
         result.scheduleSteps = scheduler.steps
+        if config.cpus != nil { result.contextSwitches = scheduler.contextSwitches }
         result.deadlock = deadlock
         result.scheduleLog = scheduler.stepLog
         return result

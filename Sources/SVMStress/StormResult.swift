@@ -130,6 +130,8 @@ public struct StormResult: Sendable, Codable, Equatable {
     public var virtualSeconds: Double? = nil
     /// Scheduling points of the deterministic storm (nil for real threads).
     public var scheduleSteps: UInt64? = nil
+    /// Context switches of the deterministic storm's CPUs (nil for real threads).
+    public var contextSwitches: UInt64? = nil
     /// The deterministic scheduler found no thread able to run: the wait-for picture.
     public var deadlock: String? = nil
     /// The deterministic scheduler's step log (its `logSteps` last steps);
@@ -141,6 +143,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
         case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock, release
+        case driverWork, driverWait, contextSwitches
     }
 
     public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
@@ -173,6 +176,8 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(settings.driverLock, forKey: .driverLock)
         try c.encode(settings.migrateToRAMWorkMicros, forKey: .migrateToRAMWorkMicros)
         try c.encode(settings.migrateToRAMLookupMicros, forKey: .migrateToRAMLookupMicros)
+        try c.encode(settings.driverWork, forKey: .driverWork)
+        try c.encode(settings.driverWait, forKey: .driverWait)
         try c.encode(settings.threads, forKey: .threads)
         try c.encode(settings.pages, forKey: .pages)
         try c.encode(settings.pageSize, forKey: .pageSize)
@@ -199,6 +204,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(perPage, forKey: .perPage)
         try c.encode(virtualSeconds, forKey: .virtualSeconds)
         try c.encode(scheduleSteps, forKey: .scheduleSteps)
+        try c.encode(contextSwitches, forKey: .contextSwitches)
         try c.encode(deadlock, forKey: .deadlock)
     }
 
@@ -210,6 +216,8 @@ public struct StormResult: Sendable, Codable, Equatable {
         s.driverLock = try c.decode(DriverLockMode.self, forKey: .driverLock)
         s.migrateToRAMWorkMicros = try c.decode(Int.self, forKey: .migrateToRAMWorkMicros)
         s.migrateToRAMLookupMicros = try c.decodeIfPresent(Int.self, forKey: .migrateToRAMLookupMicros) ?? 0
+        s.driverWork = try c.decodeIfPresent(DriverWorkShape.self, forKey: .driverWork) ?? .copy
+        s.driverWait = try c.decodeIfPresent(DriverWait.self, forKey: .driverWait) ?? .sleep
         s.threads = try c.decode(Int.self, forKey: .threads)
         s.pages = try c.decode(Int.self, forKey: .pages)
         s.pageSize = try c.decode(StormPageSize.self, forKey: .pageSize)
@@ -222,6 +230,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         settings = s
         virtualSeconds = try c.decodeIfPresent(Double.self, forKey: .virtualSeconds)
         scheduleSteps = try c.decodeIfPresent(UInt64.self, forKey: .scheduleSteps)
+        contextSwitches = try c.decodeIfPresent(UInt64.self, forKey: .contextSwitches)
         deadlock = try c.decodeIfPresent(String.self, forKey: .deadlock)
         pagesMigrated = try c.decode(Int.self, forKey: .pagesMigrated)
         livelocked = try c.decode(Bool.self, forKey: .livelocked)

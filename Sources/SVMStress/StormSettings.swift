@@ -56,6 +56,12 @@ public struct StormSettings: Sendable, Codable, Equatable {
     /// Only a call that migrates something waits, as in the kernel's test
     /// driver: the losers of the folio trylock return at once.
     public var migrateToRAMWorkMicros: Int = 50
+    /// Which migrateToRAM calls wait `migrateToRAMWorkMicros`: those that
+    /// copied (`.copy`, the default) or every one (`.everyCall`, the kernel
+    /// rig's shape).
+    public var driverWork: DriverWorkShape = .copy
+    /// How they wait: sleep (the default), spin, or the kernel's fsleep rule.
+    public var driverWait: DriverWait = .sleep
     /// The time `migrateToRAM` works before `migrate_vma_setup()` (looking up
     /// its range, taking its own locks), holding its lock and the page
     /// reference, in microseconds. 0 by default. Every call waits, loser or
@@ -121,11 +127,6 @@ public struct StormSettings: Sendable, Codable, Equatable {
         }
         guard joinTimeoutSeconds > 0 else { throw .invalidSettings("join timeout must be > 0") }
         guard (1...64).contains(cpus) else { throw .invalidSettings("cpus must be 1...64 (got \(cpus))") }
-        let cpuThreads = threads + (scenario == .pingPong ? 1 : 0)
-        if deterministic && cpuThreads > cpus {
-            // A thread beyond the CPUs waits for one that no storm thread gives back before the end.
-            throw .invalidSettings("cpus must be at least the storm's \(cpuThreads) threads in a deterministic storm (got \(cpus))")
-        }
         guard (0...1000).contains(preemptions) else {
             throw .invalidSettings("preemptions must be 0...1000 (got \(preemptions))")
         }

@@ -229,7 +229,7 @@ struct NewUserTests {
     @Test("a deterministic livelock ends in virtual tenths of a second with its verdict, showing progress")
     func deterministicLivelockBounded() throws {
         let command = try #require(try SVMEmuCommand.parseAsRoot(
-            ["livelock", "--deterministic", "--threads", "4", "--cpus", "4", "--pages", "2"]) as? LivelockCommand)
+            ["livelock", "--deterministic", "--threads", "4", "--cpus", "4", "--pages", "2", "--fault-delay-us", "200"]) as? LivelockCommand)
         let s = try command.settings()
         #expect(s.stallSeconds == 0.1, "the deterministic default window")
         let terminal = try PseudoTerminal()

@@ -119,6 +119,10 @@ static inline bool svm_det_active(void) {
 // The calling thread's emulated-thread record (an unretained object), or NULL.
 void *svm_det_current(void);
 void svm_det_set_current(void *thread);
+// The calling thread's task token: nonzero, 8-aligned, unique among live
+// threads (a kernel mutex's owner field holds it, as the kernel's holds a
+// task_struct pointer).
+uintptr_t svm_current_task(void);
 // Runs the thread-exit work now (gives back the emulated CPU and the host slot),
 // so that an emulated thread does it while it holds the scheduler's baton.
 void svm_thread_exit_now(void);

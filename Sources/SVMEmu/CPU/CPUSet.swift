@@ -95,6 +95,17 @@ public final class CPUSet: @unchecked Sendable {
             svm_clear_cpu_binding()
             Unmanaged<CPUSet>.fromOpaque(other).takeRetainedValue().giveBack(index)
         }
+        if _slowPath(svm_det_active()), let c = DeterministicScheduler.modelCPU(), c < count {
+            // The scheduler's CPU model put this thread on CPU c: its slot
+            // was given back by the thread that ran there before.
+            let bit = UInt64(1) << UInt64(c)
+            if freeMask.bitwiseAnd(~bit, ordering: .acquiringAndReleasing).oldValue & bit != 0 {
+                svm_store64(words + c * CPUWord.stride + CPUWord.bound, 1)
+                svm_bind_cpu(Unmanaged.passRetained(self).toOpaque(), Int32(c), cpuSetUnbind)
+                return c
+            }
+            kernel?.warn("the scheduler's CPU model runs a thread on a CPU another thread did not give back", "cpu \(c)")
+        }
         var warned = false
         while true {
             let seen = svm_load32(slotReleases)
@@ -126,6 +137,28 @@ public final class CPUSet: @unchecked Sendable {
         freeMask.bitwiseOr(UInt64(1) << UInt64(index), ordering: .releasing)
         _ = svm_add32(UnsafeMutableRawPointer(slotReleases).assumingMemoryBound(to: Int32.self), 1)
         _ = svm_futex_wake(slotReleases, Int32.max)
+    }
+
+    /// A context switch of the scheduler's CPU model: the calling thread
+    /// leaves the CPU it is bound to (of whichever machine), which keeps its
+    /// TLB and loaded address space, as a CPU does between two threads. No
+    /// wake-up: under the model nobody waits for a slot.
+    static func unbindCallingThreadForSwitch() {
+        guard let owner = svm_bound_cpu_owner() else { return }
+        let index = Int(svm_bound_cpu(owner))
+        svm_clear_cpu_binding()
+        let set = Unmanaged<CPUSet>.fromOpaque(owner).takeRetainedValue()
+        svm_store64(set.words + index * CPUWord.stride + CPUWord.bound, 0)
+        set.freeMask.bitwiseOr(UInt64(1) << UInt64(index), ordering: .releasing)
+    }
+
+    /// Whether the calling thread is inside an emulated access (between
+    /// two instruction boundaries) of the CPU it is bound to.
+    static func callingThreadInsideAccess() -> Bool {
+        guard let owner = svm_bound_cpu_owner() else { return false }
+        let set = Unmanaged<CPUSet>.fromOpaque(owner).takeUnretainedValue()
+        let index = Int(svm_bound_cpu(owner))
+        return set.words[index * CPUWord.stride + CPUWord.depth] != 0
     }
 
     /// Gives the calling thread's CPU back now rather than at thread exit.

@@ -34,6 +34,40 @@ public enum HostClock {
         system_nanosleep_retrying(timespec(tv_sec: Int(nanos / 1_000_000_000), tv_nsec: Int(nanos % 1_000_000_000)))
     }
 
+    /// Waits `nanos` nanoseconds busy, keeping the CPU (the kernel's
+    /// `udelay()`): nothing else runs on the caller's CPU meanwhile.
+    ///
+    /// On an emulated thread of a ``DeterministicScheduler`` the thread's
+    /// virtual clock advances by `nanos` and it keeps its CPU (a scheduling
+    /// point); ``sleep(nanos:)`` gives the CPU away instead.
+    ///
+    /// The corresponding kernel function is `udelay()` (`ndelay()` below a
+    /// microsecond).
+    public static func spin(nanos: UInt64) {
+        if _slowPath(svm_det_active()), DeterministicScheduler.spin(nanos: nanos) { return }
+        let end = system_clock_monotonic_nanos() &+ nanos
+        while system_clock_monotonic_nanos() < end { svm_cpu_relax() }
+    }
+
+    /// Waits `micros` microseconds the way the kernel's `fsleep()` does
+    /// (include/linux/delay.h): up to 10 µs it spins (`udelay()`), keeping
+    /// the CPU; up to 20 ms it sleeps in `usleep_range(d, 2d)`, whose
+    /// hrtimer fires at its hard expiry, 2d, when no other timer interrupt
+    /// comes first (this takes 2d); beyond, `msleep()` sleeps whole jiffies
+    /// of 1 ms (HZ=1000), one more than asked. A sleep gives the CPU away.
+    ///
+    /// The corresponding kernel function is `fsleep()`.
+    public static func fsleep(micros: UInt64) {
+        if micros == 0 { return }
+        if micros <= 10 {
+            spin(nanos: micros * 1_000)
+        } else if micros <= 20_000 {
+            sleep(nanos: 2 * micros * 1_000)
+        } else {
+            sleep(nanos: ((micros + 999) / 1_000 + 1) * 1_000_000)
+        }
+    }
+
     /// A cheap counter for phase timing, in ticks whose length the caller
     /// measures against `nanos()`: the time-stamp counter on x86-64 (about
     /// 7 ns a read against about 20 ns for the clock), the clock elsewhere.

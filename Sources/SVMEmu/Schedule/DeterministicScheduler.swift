@@ -67,6 +67,31 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// The host wall time a run may take before it is abandoned
         /// (``Outcome/hostTimeout``), in seconds.
         public var hostTimeoutSeconds: Double = 600
+        /// The CPUs the threads share (the CPU model), or nil: every thread
+        /// has a CPU of its own, as when the model did not exist.
+        ///
+        /// With CPUs, a thread runs only while it has one. Each CPU runs one
+        /// thread and queues the others (FIFO: EEVDF with equal weights and
+        /// no lag is round robin in slices). A thread that blocks (a futex
+        /// wait, a sleeping lock, a sleep) gives its CPU to the next thread of
+        /// that CPU's queue, or an idle CPU pulls one from the longest queue
+        /// (newidle balancing); each such change costs
+        /// ``VirtualCosts/contextSwitch``. A woken thread takes an idle CPU
+        /// (the one it last ran on first) or queues on the CPU with the
+        /// shortest queue; it does not preempt the running thread
+        /// (RUN_TO_PARITY). A thread that has run its slice is preempted at
+        /// the next tick when another thread waits for its CPU, unless it
+        /// holds a spinning lock (preemption is off then). Spinning
+        /// (``HostClock/spin(nanos:)``, a mutex's optimistic spin) keeps the CPU.
+        public var cpus: Int? = nil
+        /// The slice a thread runs before a waiting thread preempts it, in
+        /// nanoseconds; nil: the kernel's default for the CPU count, 0.75 ms
+        /// times 1 + log2(min(cpus, 8)) (sysctl_sched_base_slice,
+        /// SCHED_TUNABLESCALING_LOG).
+        public var timesliceNanos: UInt64? = nil
+        /// The scheduler tick (CONFIG_HZ=1000: 1 ms): a slice that ran out is
+        /// noticed at the next tick.
+        public var tickNanos: UInt64 = 1_000_000
 
         /// A configuration with `seed` and the defaults.
         public init(seed: UInt64) { self.seed = seed }
@@ -106,12 +131,34 @@ public final class DeterministicScheduler: @unchecked Sendable {
     var owners: [UnsafeRawPointer: Int] = [:]
     var lockNames: [UnsafeRawPointer: String] = [:]
     var log: [Step] = []
+    /// The lock the next futex wait of the running thread is for (a kernel
+    /// mutex's waiter sleeps on a word of its own).
+    var pendingLockWait: UnsafeRawPointer? = nil
     /// The lock-order violations this run's threads closed; guarded by
     /// ``LockOrder``'s graph lock.
     var violationsFound: [LockOrder.Violation] = []
     var outcome: Outcome = .completed
     let doneWord: UnsafeMutablePointer<UInt32>
     var started = false
+    /// The CPU model's CPUs (empty without it).
+    var cpus: [ModelCPU] = []
+    /// The slice of the CPU model.
+    let slice: UInt64
+    /// Lock words that are sleeping locks (a kernel mutex): holding one does
+    /// not turn preemption off.
+    var sleepingLocks: Set<UnsafeRawPointer> = []
+
+    /// One CPU of the model: who runs, who waits.
+    struct ModelCPU {
+        /// The thread running (its index), or nil when idle.
+        var running: Int? = nil
+        /// Threads that wait for this CPU, first in line first.
+        var queue: [Int] = []
+        /// When it went idle.
+        var idleSince: UInt64 = 0
+        /// Context switches so far.
+        var switches: UInt64 = 0
+    }
 
     /// A scheduler for one run.
     public init(_ configuration: Configuration) {
@@ -119,6 +166,14 @@ public final class DeterministicScheduler: @unchecked Sendable {
         rng = SplitMix64(state: configuration.seed ^ 0x9E37_79B9_7F4A_7C15)
         doneWord = .allocate(capacity: 1)
         doneWord.initialize(to: 0)
+        if let n = configuration.cpus {
+            if n < 1 || n > 64 { contractViolation("DeterministicScheduler: cpus must be 1-64, not \(n)") }
+            cpus = Array(repeating: ModelCPU(), count: n)
+            let log2 = UInt64(63 - UInt64(min(n, 8)).leadingZeroBitCount)
+            slice = configuration.timesliceNanos ?? 750_000 * (1 + log2)
+        } else {
+            slice = 0
+        }
         DeterministicScheduler.installHooks
     }
 
@@ -152,6 +207,21 @@ public final class DeterministicScheduler: @unchecked Sendable {
             preemptSteps.append(rng.next() % configuration.preemptionHorizon)
         }
         preemptSteps.sort()
+        if !cpus.isEmpty {
+            // The first threads get the CPUs in order; the others queue round robin.
+            var next = 0
+            for t in threads where !t.observer {
+                let c = next % cpus.count
+                if cpus[c].running == nil {
+                    cpus[c].running = t.index
+                    t.cpu = c
+                } else {
+                    cpus[c].queue.append(t.index)
+                }
+                t.lastCPU = c
+                next += 1
+            }
+        }
         svm_det_activate(1)
         LockOrder.enable()
         defer {
@@ -197,7 +267,8 @@ public final class DeterministicScheduler: @unchecked Sendable {
     // MARK: scheduling
 
     /// A scheduling point of the running thread `me`, costing `cost` ns.
-    func point(_ me: EmulatedThread, cost: UInt64, _ event: StaticString, release: Bool = false) {
+    func point(_ me: EmulatedThread, cost: UInt64, _ event: StaticString, release: Bool = false,
+               mayPreempt: Bool = true) {
         me.clock &+= jittered(cost)
         step &+= 1
         if let next = preemptSteps.first, step >= next {
@@ -206,6 +277,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
         } else if release, configuration.releasePreemptionPercent > 0,
                   rng.next() % 100 < configuration.releasePreemptionPercent {
             preempt(me)
+        }
+        if !cpus.isEmpty, mayPreempt, needsResched(me), preemptible(me) {
+            // The tick found the slice used up and a thread waiting: to the back of the line.
+            requeue(me)
         }
         reschedule(me, event)
     }
@@ -228,6 +303,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// Hands the baton to the thread that should run next; returns when `me`
     /// runs again (at once when that is `me`).
     func reschedule(_ me: EmulatedThread, _ event: StaticString) {
+        if me.cpu >= 0, me.state != .runnable { vacate(me) }
         guard let next = pick(from: me) else {
             deadlocked(me)
             me.parkForever()
@@ -249,6 +325,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// The thread to run next (`me` when it should go on), with a timed-out
     /// waiter made runnable; nil when none can run (a deadlock, or the end).
     func pick(from me: EmulatedThread?) -> EmulatedThread? {
+        if !cpus.isEmpty { return pickOnCPUs(from: me) }
         var best: EmulatedThread? = nil
         var bestTime: UInt64 = .max
         var waitingForever = 0, working = 0
@@ -317,7 +394,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
         var waits: [DeadlockReport.Wait] = []
         for t in threads where t.state == .blocked && t.deadline == nil {
             guard let w = t.waitWord else { continue }
-            let key = UnsafeRawPointer(w)
+            let key = t.waitsForLock ?? UnsafeRawPointer(w)
             let holder = owners[key].map { threads[$0].name }
             let held = t.held.map(describe)
             waits.append(.init(thread: t.name, waitsFor: describe(key), heldBy: holder, holds: held,
@@ -360,6 +437,8 @@ public final class DeterministicScheduler: @unchecked Sendable {
         me.waitWord = word
         me.deadline = timeout > 0 ? me.clock &+ timeout : nil
         me.timedOut = false
+        me.waitsForLock = pendingLockWait
+        pendingLockWait = nil
         blockSequence &+= 1
         me.blockSequence = blockSequence
         step &+= 1
@@ -379,7 +458,9 @@ public final class DeterministicScheduler: @unchecked Sendable {
             t.waitWord = nil
             t.deadline = nil
             t.timedOut = false
+            t.waitsForLock = nil
             t.clock = max(t.clock, me.clock &+ configuration.costs.wake)
+            if !cpus.isEmpty && !t.observer { place(t) }
             woken += 1
         }
         me.clock &+= configuration.costs.futex
@@ -432,8 +513,31 @@ extension DeterministicScheduler {
     @usableFromInline @inline(never)
     static func sleep(nanos: UInt64) -> Bool {
         guard let t = current else { return false }
+        let s = t.scheduler
+        if !s.cpus.isEmpty && !t.observer && nanos > 0 {
+            // A sleep blocks until its timer: the CPU goes to another thread.
+            s.step &+= 1
+            t.state = .blocked
+            t.waitWord = nil
+            t.deadline = t.clock &+ nanos
+            t.timedOut = false
+            s.reschedule(t, "sleep")
+            return true
+        }
+        t.asleepUntil = t.clock &+ nanos
         t.clock &+= nanos
-        t.scheduler.point(t, cost: 0, "sleep")
+        s.point(t, cost: 0, "sleep")
+        return true
+    }
+
+    /// Advances the calling emulated thread's clock by `nanos` of busy
+    /// waiting: it keeps its CPU. Returns false when the caller is not an
+    /// emulated thread.
+    @usableFromInline @inline(never)
+    static func spin(nanos: UInt64) -> Bool {
+        guard let t = current else { return false }
+        t.clock &+= nanos
+        t.scheduler.point(t, cost: 0, "spin")
         return true
     }
 

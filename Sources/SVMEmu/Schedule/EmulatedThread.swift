@@ -25,6 +25,20 @@ final class EmulatedThread: @unchecked Sendable {
     var held: [UnsafeRawPointer] = []
     /// Its lock-order record (what it holds, by class and site), for deadlock reports.
     var lockRecord: LockOrder.HeldLocks? = nil
+    /// With the CPU model (``DeterministicScheduler/Configuration/cpus``):
+    /// the CPU the thread runs on, or -1 while it has none (queued for one,
+    /// blocked, finished).
+    var cpu = -1
+    /// The CPU it last ran on (where a wake-up looks first).
+    var lastCPU = 0
+    /// When it got its CPU: its slice runs from here.
+    var sliceStart: UInt64 = 0
+    /// The lock a blocked thread sleeps for, when its futex word is not the
+    /// lock's own (a mutex waiter sleeps on its own word): for deadlock reports.
+    var waitsForLock: UnsafeRawPointer? = nil
+    /// Without the CPU model, a sleep is a jump of the clock: until this
+    /// virtual time the thread sleeps, and is on no CPU.
+    var asleepUntil: UInt64 = 0
     /// 1: this thread may run.
     let baton: UnsafeMutablePointer<UInt32>
 
@@ -52,6 +66,7 @@ final class EmulatedThread: @unchecked Sendable {
         svm_thread_exit_now()
         state = .finished
         let s = scheduler
+        if cpu >= 0 { s.vacate(self) }
         guard let next = s.pick(from: self) else {
             s.deadlocked(self)
             svm_det_set_current(nil)

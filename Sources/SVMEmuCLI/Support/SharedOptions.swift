@@ -87,8 +87,14 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
     var driverLock = "exclusive"
 
-    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its DMA copy (after the copy, before migrate_vma_pages; only a call that copied waits), holding its lock and the page reference.")
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its work (after the copy, before migrate_vma_pages), holding its lock and the page reference (0-1000000).")
     var faultDelayUs = 50
+
+    @Option(name: .long, help: "Which migrateToRAM calls wait --fault-delay-us: copy (only a call that copied something, a DMA wait) or every-call (every call, as the kernel rig's test_hmm patch does).")
+    var driverWork = "copy"
+
+    @Option(name: .long, help: "How migrateToRAM waits: sleep (gives the CPU away), spin (keeps it), or fsleep (the kernel's rule: spin up to 10 µs, usleep_range(d, 2d) up to 20 ms, msleep beyond).")
+    var driverWait = "sleep"
 
     @Option(name: .long, help: "Page size: 4k or 2m.")
     var pageSize = "4k"
@@ -112,6 +118,10 @@ struct StormScenarioOptions: ParsableArguments {
         s.release = try LivelockCommand.parse(release, "--release", StormRelease.allCases.map(\.rawValue)) {
             StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one" : $0)
         }
+        s.driverWork = try LivelockCommand.parse(driverWork, "--driver-work", DriverWorkShape.allCases.map(\.rawValue)) {
+            DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
+        }
+        s.driverWait = try LivelockCommand.parse(driverWait, "--driver-wait", DriverWait.allCases.map(\.rawValue)) { DriverWait(rawValue: $0) }
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
     }

@@ -1,0 +1,232 @@
+import CSVMSupport
+
+/// The CPU model of a ``DeterministicScheduler`` (``DeterministicScheduler/Configuration/cpus``):
+/// more threads than CPUs, run queues, slices and context switches.
+///
+/// A thread's clock only advances while it has a CPU (or while it sleeps
+/// or waits); a queued thread's clock is the time it became ready, and it
+/// starts when its CPU comes free, one context switch later. The scheduler
+/// still runs the earliest event first: among the threads that have a CPU
+/// and the blocked threads whose timeout comes, the lowest clock.
+extension DeterministicScheduler {
+
+    /// ``pick(from:)`` with the CPU model: only threads on a CPU run; a
+    /// timed-out thread first needs a CPU (an idle one, or a queue).
+    func pickOnCPUs(from me: EmulatedThread?) -> EmulatedThread? {
+        while true {
+            var best: EmulatedThread? = nil
+            var bestTime: UInt64 = .max
+            var waitingForever = 0, working = 0
+            for t in threads where t !== me {
+                let time: UInt64
+                switch t.state {
+                case .runnable:
+                    if !t.observer { working += 1 }
+                    guard t.observer || t.cpu >= 0 else { continue }   // queued: runs when its CPU frees
+                    time = t.clock
+                case .blocked:
+                    guard let d = t.deadline else {
+                        if !t.observer { waitingForever += 1; working += 1 }
+                        continue
+                    }
+                    if !t.observer { working += 1 }
+                    time = max(t.clock, d)
+                case .finished: continue
+                }
+                if best == nil || time < bestTime || (time == bestTime && t.priority > best!.priority) {
+                    best = t
+                    bestTime = time
+                }
+            }
+            if let me {
+                switch me.state {
+                case .runnable:
+                    if !me.observer { working += 1 }
+                    if me.observer || me.cpu >= 0 {
+                        if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return me }
+                    }
+                case .blocked:
+                    if let d = me.deadline {
+                        if !me.observer { working += 1 }
+                        let time = max(me.clock, d)
+                        if best == nil || time < bestTime || (time == bestTime && me.priority >= best!.priority) {
+                            best = me
+                            bestTime = time
+                        }
+                    } else if !me.observer {
+                        waitingForever += 1
+                        working += 1
+                    }
+                case .finished: break
+                }
+            }
+            if waitingForever > 0 && waitingForever == working { return nil }
+            guard let b = best else { return nil }
+            guard b.state == .blocked else { return b }
+            // Its timeout (or its sleep's timer) comes first: it is ready now.
+            b.state = .runnable
+            b.timedOut = true
+            b.clock = bestTime
+            b.waitWord = nil
+            b.deadline = nil
+            b.waitsForLock = nil
+            if b.observer { return b }
+            place(b)
+            if b.cpu >= 0 { return b }
+            // Queued behind a running thread: look again.
+        }
+    }
+
+    /// A woken (or timed-out) thread: an idle CPU if there is one (the one
+    /// it last ran on first), else the queue of the CPU with the fewest
+    /// waiting (its last CPU on a tie).
+    func place(_ t: EmulatedThread) {
+        var idle = -1
+        if cpus[t.lastCPU].running == nil { idle = t.lastCPU } else {
+            for c in cpus.indices where cpus[c].running == nil { idle = c; break }
+        }
+        if idle >= 0 {
+            t.clock = max(t.clock, cpus[idle].idleSince)
+            run(t, on: idle)
+            return
+        }
+        var target = t.lastCPU
+        for c in cpus.indices where cpus[c].queue.count < cpus[target].queue.count { target = c }
+        cpus[target].queue.append(t.index)
+    }
+
+    /// `t` gets CPU `c` at its clock.
+    func run(_ t: EmulatedThread, on c: Int) {
+        cpus[c].running = t.index
+        t.cpu = c
+        t.lastCPU = c
+        t.sliceStart = t.clock
+    }
+
+    /// The running thread `me` blocked or finished at its clock: its CPU
+    /// goes to the next thread in line.
+    func vacate(_ me: EmulatedThread) {
+        let c = me.cpu
+        me.cpu = -1
+        CPUSet.unbindCallingThreadForSwitch()
+        dispatch(c, at: me.clock)
+    }
+
+    /// The tick preempts `me`: to the back of its CPU's line, and the first
+    /// in line runs.
+    func requeue(_ me: EmulatedThread) {
+        let c = me.cpu
+        me.cpu = -1
+        CPUSet.unbindCallingThreadForSwitch()
+        cpus[c].queue.append(me.index)
+        dispatch(c, at: me.clock)
+    }
+
+    /// CPU `c` came free at `time`: the first thread of its queue runs one
+    /// context switch later; with an empty queue it pulls the first thread
+    /// of the longest other queue; else it goes idle.
+    func dispatch(_ c: Int, at time: UInt64) {
+        var source = c
+        if cpus[c].queue.isEmpty {
+            for o in cpus.indices where cpus[o].queue.count > cpus[source].queue.count { source = o }
+        }
+        guard !cpus[source].queue.isEmpty else {
+            cpus[c].running = nil
+            cpus[c].idleSince = time
+            return
+        }
+        let next = threads[cpus[source].queue.removeFirst()]
+        next.clock = max(next.clock, time) &+ configuration.costs.contextSwitch
+        cpus[c].switches &+= 1
+        run(next, on: c)
+    }
+
+    /// Whether the tick has found `me`'s slice used up while another thread
+    /// waits for its CPU (the kernel's need_resched()).
+    func needsResched(_ me: EmulatedThread) -> Bool {
+        guard me.cpu >= 0, !cpus[me.cpu].queue.isEmpty else { return false }
+        let expiry = me.sliceStart &+ slice
+        let tick = configuration.tickNanos
+        let noticed = tick > 0 ? (expiry + tick - 1) / tick * tick : expiry
+        return me.clock >= noticed
+    }
+
+    /// Whether `me` may be preempted here: it holds no spinning lock
+    /// (preempt_disable) and is not inside an emulated access.
+    func preemptible(_ me: EmulatedThread) -> Bool {
+        for l in me.held where !sleepingLocks.contains(l) { return false }
+        return !CPUSet.callingThreadInsideAccess()
+    }
+
+    /// Whether the thread of task token `task` runs on a CPU now (the
+    /// kernel's owner_on_cpu()): without the CPU model, every runnable
+    /// thread has one.
+    func onCPU(task: UInt, asked me: EmulatedThread) -> Bool {
+        for t in threads where UInt(bitPattern: Unmanaged.passUnretained(t).toOpaque()) == task {
+            guard t.state == .runnable else { return false }
+            return cpus.isEmpty ? t.asleepUntil <= me.clock : t.cpu >= 0
+        }
+        return false
+    }
+
+    /// Context switches the CPUs made so far.
+    public var contextSwitches: UInt64 { cpus.reduce(0) { $0 + $1.switches } }
+}
+
+/// The hooks of the kernel's sleeping locks (``KernelMutex``).
+extension DeterministicScheduler {
+    /// The CPU the scheduler's CPU model runs the calling emulated thread
+    /// on, or nil (no model, not an emulated thread, an observer).
+    static func modelCPU() -> Int? {
+        guard let t = current, t.cpu >= 0 else { return nil }
+        return t.cpu
+    }
+
+    /// The calling emulated thread's task token, or nil on any other thread.
+    @usableFromInline @inline(never)
+    static func currentTask() -> UInt? {
+        guard let raw = svm_det_current() else { return nil }
+        return UInt(bitPattern: raw)
+    }
+
+    /// Whether the thread of `task` is on a CPU (owner_on_cpu()), asked by
+    /// an emulated thread; true on other threads (their host decides).
+    @usableFromInline @inline(never)
+    static func taskOnCPU(_ task: UInt) -> Bool {
+        guard let t = current else { return true }
+        return t.scheduler.onCPU(task: task, asked: t)
+    }
+
+    /// need_resched() of the calling emulated thread: false on other threads.
+    @usableFromInline @inline(never)
+    static func needResched() -> Bool {
+        guard let t = current, !t.scheduler.cpus.isEmpty else { return false }
+        return t.scheduler.needsResched(t)
+    }
+
+    /// A sleeping lock's event on the calling emulated thread: like a
+    /// spinning lock's, but holding it leaves the thread preemptible.
+    @usableFromInline @inline(never)
+    static func sleepingLockEvent(_ lock: UnsafeRawPointer, _ event: Int32) {
+        guard let t = current else { return }
+        t.scheduler.sleepingLocks.insert(lock)
+        t.scheduler.lockEvent(t, lock, event)
+    }
+
+    /// The next futex wait of the calling emulated thread waits for `lock`
+    /// (for deadlock reports).
+    @usableFromInline @inline(never)
+    static func willWait(for lock: UnsafeRawPointer) {
+        guard let t = current else { return }
+        t.scheduler.pendingLockWait = lock
+    }
+
+    /// One round of an optimistic spin by the calling emulated thread (a
+    /// scheduling point costing ``VirtualCosts/spinRound``).
+    @usableFromInline @inline(never)
+    static func spinRound() {
+        guard let t = current else { return }
+        // Preemption is off while a mutex spins (it stops on need_resched() itself).
+        t.scheduler.point(t, cost: t.scheduler.configuration.costs.spinRound, "spin", mayPreempt: false)
+    }
+}

@@ -1,0 +1,202 @@
+import SVMEmu
+import Synchronization
+import Testing
+import TestSupport
+
+/// The deterministic scheduler's CPU model: more threads than CPUs share
+/// them (run queues, slices, context switches), sleepers give their CPU
+/// away, spinners keep it.
+@Suite("CPU model")
+struct CPUModelTests {
+
+    final class Clocks: @unchecked Sendable {
+        let lock = KernelMutex("clocks")
+        var ends: [String: UInt64] = [:]
+        var order: [String] = []
+        func end(_ name: String) { lock.withLock { ends[name] = HostClock.nanos() } }
+        func took(_ name: String) { order.append(name) }
+    }
+
+    static func configuration(cpus: Int, seed: UInt64 = 1) -> DeterministicScheduler.Configuration {
+        var c = DeterministicScheduler.Configuration(seed: seed)
+        c.cpus = cpus
+        c.preemptions = 0
+        c.jitterPercent = 0
+        return c
+    }
+
+    @Test("four spinners on one CPU take four times as long as on four CPUs; slices preempt at ticks")
+    func spinnersShareACPU() {
+        func run(cpus: Int) -> (end: UInt64, switches: UInt64) {
+            let clocks = Clocks()
+            let s = DeterministicScheduler(Self.configuration(cpus: cpus))
+            for i in 0..<4 {
+                s.spawn("t\(i)") {
+                    for _ in 0..<100 { HostClock.spin(nanos: 50_000) }   // 5 ms of spinning
+                    clocks.end("t\(i)")
+                }
+            }
+            #expect(s.run() == .completed)
+            return (clocks.ends.values.max()! - 1_000_000_000, s.contextSwitches)
+        }
+        let one = run(cpus: 1), four = run(cpus: 4)
+        #expect(four.end >= 5_000_000 && four.end < 5_200_000, "each thread on its own CPU: 5 ms")
+        #expect(four.switches == 0)
+        #expect(one.end >= 20_000_000 && one.end < 21_000_000, "one CPU: 20 ms of work in turn, plus switches")
+        // One CPU: the slice is 0.75 ms, noticed at the next 1 ms tick: about 20 switches.
+        #expect(one.switches >= 15 && one.switches <= 25, "\(one.switches) context switches")
+    }
+
+    @Test("a sleeper gives its CPU away; a spinner keeps it")
+    func sleepersYieldTheirCPU() {
+        for sleeps in [true, false] {
+            let clocks = Clocks()
+            let s = DeterministicScheduler(Self.configuration(cpus: 1))
+            s.spawn("waiter") {
+                if sleeps { HostClock.sleep(nanos: 1_000_000) } else { HostClock.spin(nanos: 1_000_000) }
+                clocks.end("waiter")
+            }
+            s.spawn("worker") {
+                HostClock.spin(nanos: 100_000)
+                clocks.end("worker")
+            }
+            #expect(s.run() == .completed)
+            let worker = clocks.ends["worker"]! - 1_000_000_000
+            if sleeps {
+                #expect(worker < 200_000, "the worker ran while the waiter slept: \(worker) ns")
+            } else {
+                #expect(worker >= 1_000_000, "the spinner kept the only CPU: \(worker) ns")
+            }
+        }
+    }
+
+    @Test("threads beyond the CPUs touch memory on the CPU the scheduler gives them")
+    func memoryOnSharedCPUs() throws {
+        var config = KernelConfiguration()
+        config.cpus = 2
+        config.nodeSizes = [64 << 20]
+        let kernel = try Kernel(booting: config)
+        let mm = AddressSpace(kernel: kernel)
+        let base = try mm.mmap(length: 8 * 4096)
+        kernel.cpus.leave()
+        let s = DeterministicScheduler(Self.configuration(cpus: 2))
+        let bad = Atomic<Int>(0)
+        for i in 0..<8 {
+            s.spawn("t\(i)") {
+                for round in 0..<20 {
+                    let a = base + UInt64(i) * 4096
+                    do {
+                        try mm.store64(a, UInt64(i * 1000 + round))
+                        if try mm.load64(a) != UInt64(i * 1000 + round) { bad.add(1, ordering: .relaxed) }
+                    } catch { bad.add(1, ordering: .relaxed) }
+                    HostClock.sleep(nanos: 10_000)
+                }
+            }
+        }
+        #expect(s.run() == .completed)
+        #expect(bad.load(ordering: .relaxed) == 0)
+        #expect(kernel.cpus.boundCount == 0, "every CPU given back")
+        #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+    }
+}
+
+/// The kernel mutex's algorithm (kernel/locking/mutex.c).
+@Suite("kernel mutex")
+struct KernelMutexAlgorithmTests {
+
+    @Test("a woken waiter that loses the lock to a newcomer gets it handed over at the next unlock")
+    func handoff() {
+        let mutex = KernelMutex("handoff")
+        let clocks = CPUModelTests.Clocks()
+        var c = CPUModelTests.configuration(cpus: 4)
+        c.costs.wake = 20_000   // a slow wake-up: the unlocker comes back first
+        let s = DeterministicScheduler(c)
+        s.spawn("holder") {
+            mutex.lock()
+            clocks.took("holder")
+            HostClock.sleep(nanos: 100_000)   // the waiter queues and sleeps meanwhile
+            mutex.unlock()
+            // Straight back: the waiter is still waking up, so this steals the lock.
+            mutex.lock()
+            clocks.took("holder again")
+            HostClock.sleep(nanos: 100_000)   // the waiter wakes, loses, asks for the handoff, sleeps
+            mutex.unlock()
+            // The lock was handed to the waiter: this one waits now.
+            mutex.lock()
+            clocks.took("holder last")
+            mutex.unlock()
+        }
+        s.spawn("waiter") {
+            HostClock.sleep(nanos: 10_000)
+            mutex.lock()
+            clocks.took("waiter")
+            HostClock.sleep(nanos: 10_000)
+            mutex.unlock()
+        }
+        #expect(s.run() == .completed)
+        #expect(clocks.order == ["holder", "holder again", "waiter", "holder last"])
+        #expect(!mutex.isLocked)
+    }
+
+    @Test("waiters queue first come, first served")
+    func fifo() {
+        let mutex = KernelMutex("fifo")
+        let clocks = CPUModelTests.Clocks()
+        let s = DeterministicScheduler(CPUModelTests.configuration(cpus: 8))
+        s.spawn("holder") {
+            mutex.lock()
+            HostClock.sleep(nanos: 1_000_000)
+            mutex.unlock()
+        }
+        for i in 1...5 {
+            s.spawn("w\(i)") {
+                HostClock.sleep(nanos: UInt64(i) * 50_000)   // arrive in order 1...5
+                mutex.lock()
+                clocks.took("w\(i)")
+                HostClock.sleep(nanos: 100_000)
+                mutex.unlock()
+            }
+        }
+        #expect(s.run() == .completed)
+        #expect(clocks.order == ["w1", "w2", "w3", "w4", "w5"])
+    }
+
+    @Test("a newcomer spins while the owner runs and takes the lock without sleeping")
+    func optimisticSpin() {
+        let mutex = KernelMutex("spin")
+        let clocks = CPUModelTests.Clocks()
+        let s = DeterministicScheduler(CPUModelTests.configuration(cpus: 2))
+        s.spawn("owner") {
+            mutex.lock()
+            HostClock.spin(nanos: 5_000)   // udelay: the owner stays on its CPU
+            mutex.unlock()
+            clocks.end("owner")
+        }
+        s.spawn("spinner") {
+            HostClock.spin(nanos: 1_000)
+            mutex.lock()
+            clocks.end("spinner")
+            mutex.unlock()
+        }
+        #expect(s.run() == .completed)
+        let owner = clocks.ends["owner"]!, spinner = clocks.ends["spinner"]!
+        // A sleeper would have paid a wake-up (2 µs); the spinner takes it within a spin round or two.
+        #expect(spinner >= owner - 200 && spinner < owner + 1_000, "owner \(owner), spinner \(spinner)")
+    }
+
+    @Test("on real threads the counter it guards is exact")
+    func realThreads() throws {
+        let mutex = KernelMutex("real")
+        final class Box: @unchecked Sendable { var n = 0 }
+        let box = Box()
+        let threads = 4, rounds = 20_000
+        #expect(runThreads(threads, keepAlive: [mutex, box]) { _ in
+            for _ in 0..<rounds { mutex.withLock { box.n += 1 } }
+        })
+        #expect(box.n == threads * rounds)
+        #expect(!mutex.isLocked)
+        #expect(mutex.tryLock())
+        #expect(!mutex.tryLock())
+        mutex.unlock()
+    }
+}
