@@ -62,6 +62,7 @@ extension Kernel {
         if let cpu = cpus.currentIfBound(), svm_load64_relaxed(cpu.words + CPUWord.loadedMM) == UInt64(ctx.id) {
             me = UInt64(1) << UInt64(cpu.index)
             if cpu.invalidate(start, end) { vm.count(.tlbLocalFlushAll) } else { vm.count(.tlbLocalFlushOne, pages) }
+            if _slowPath(svm_det_active()) { DeterministicScheduler.charge(\.localFlush, "local TLB flush") }
             // Up to date unless flushes were missed (then the next access catches up).
             if cpu.words[CPUWord.localGen] == gen - 1 { cpu.words[CPUWord.localGen] = gen }
         }
@@ -103,6 +104,7 @@ extension Kernel {
         if sent > 0 {
             vmstat.count(.tlbRemoteFlush)
             vmstat.count(.tlbIPIsSent, sent)
+            if _slowPath(svm_det_active()) { DeterministicScheduler.charge(\.ipi, "IPI round") }
         }
         phases.end(.tlbFlush, mark)
     }

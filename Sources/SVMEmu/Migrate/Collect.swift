@@ -19,6 +19,7 @@ extension Kernel {
             var a = args.start
             while a < args.end {
                 let next = min((a & AddressSpace.pmdMask) + AddressSpace.pmdSize, args.end)
+                if _slowPath(svm_det_active()) { DeterministicScheduler.charge(\.walk, "page-table walk") }
                 collectPMD(&args, vma, a, next)
                 a = next
             }

@@ -173,8 +173,19 @@ extension DeterministicScheduler {
     public var contextSwitches: UInt64 { cpus.reduce(0) { $0 + $1.switches } }
 }
 
-/// The hooks of the kernel's sleeping locks (``KernelMutex``).
+/// The hooks of the kernel's sleeping locks (``KernelMutex``) and of the
+/// costs a machine profile adds.
 extension DeterministicScheduler {
+    /// A cost of the calling emulated thread (a scheduling point) when the
+    /// run's cost table gives it one; nothing otherwise.
+    @usableFromInline @inline(never)
+    static func charge(_ cost: KeyPath<VirtualCosts, UInt64>, _ event: StaticString) {
+        guard let t = current else { return }
+        let nanos = t.scheduler.configuration.costs[keyPath: cost]
+        guard nanos > 0 else { return }
+        t.scheduler.point(t, cost: nanos, event)
+    }
+
     /// The CPU the scheduler's CPU model runs the calling emulated thread
     /// on, or nil (no model, not an emulated thread, an observer).
     static func modelCPU() -> Int? {

@@ -131,6 +131,18 @@ public struct VirtualCosts: Sendable, Equatable {
     /// One round of an optimistic spin on a lock word another CPU owns (a
     /// cache-line transfer and a pause).
     public var spinRound: UInt64
+    /// A page-table walk of the kernel's (walk_page_range() of one PMD in
+    /// migrate_vma_setup(), the walk of a TLB miss): charged once per PMD a
+    /// migration collects. 0 by default (the walk was charged as the points
+    /// that follow it); a machine profile gives its measured walk.
+    public var walk: UInt64 = 0
+    /// A local TLB flush of a range (invlpg per page, or a full flush),
+    /// charged to the flusher. 0 by default; a machine profile gives its own.
+    public var localFlush: UInt64 = 0
+    /// An IPI round of a TLB shootdown, send to the last acknowledgement,
+    /// charged to the flusher once per round that sent an IPI. 0 by default;
+    /// a machine profile gives its own.
+    public var ipi: UInt64 = 0
 
     /// The measured defaults.
     public static let measured = VirtualCosts(access: 3, fault: 1_000, lock: 20, unlock: 10, futex: 300,

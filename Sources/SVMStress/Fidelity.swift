@@ -1,0 +1,182 @@
+import Foundation
+import MirrorDriver
+import SVMEmu
+
+/// A real kernel's livelock results (Data/kernel/livelock.json, written by
+/// `make kernel-check` from Tools/kernel-rig): T threads reading each of N
+/// device-private pages after a barrier, under Linux 6.12 with test_hmm's
+/// knob patch (legacy fault path) and with the trylock backport.
+public struct KernelLivelockReference: Codable, Sendable {
+    /// One boot's result of one case.
+    public struct Run: Codable, Sendable {
+        /// "completes" or "livelock".
+        public var outcome: String
+        /// migrate_to_ram calls per page (nil for a livelock).
+        public var callsPerPage: Double?
+        /// Seconds the case took (the watchdog's limit for a livelock).
+        public var seconds: Double?
+    }
+    /// One case under one fault path, over every boot.
+    public struct Case: Codable, Sendable {
+        /// "threads:mutex:micros".
+        public var `case`: String
+        public var threads: Int
+        /// Whether the driver takes its mutex around the migration.
+        public var mutex: Bool
+        /// The fsleep() inside migrate_to_ram, in microseconds.
+        public var sleepMicros: Int
+        public var pages: Int
+        /// "legacy" or "trylock".
+        public var policy: String
+        public var runs: [Run]
+    }
+    public var kernel: String
+    public var package: String?
+    public var date: String
+    public var qemu: String
+    public var host: String?
+    public var boots: Int?
+    public var cases: [Case]
+
+    /// The reference that ships with the package (the kernel rig's last results).
+    public static func shipped() throws -> KernelLivelockReference {
+        guard let url = Bundle.module.url(forResource: "livelock", withExtension: "json", subdirectory: "kernel") else {
+            throw FidelityError.missingReference("the package has no kernel/livelock.json resource")
+        }
+        return try load(url)
+    }
+
+    /// The reference in the file at `url`.
+    public static func load(_ url: URL) throws -> KernelLivelockReference {
+        do {
+            return try JSONDecoder().decode(KernelLivelockReference.self, from: Data(contentsOf: url))
+        } catch {
+            throw FidelityError.missingReference("\(url.path): \(error)")
+        }
+    }
+}
+
+/// Why a fidelity run could not start.
+public enum FidelityError: Error, CustomStringConvertible {
+    case missingReference(String)
+    public var description: String {
+        switch self { case .missingReference(let why): "no kernel reference: \(why)" }
+    }
+}
+
+/// One side of a comparison: how a case ended, over its runs.
+public struct FidelitySide: Codable, Sendable, Equatable {
+    /// "completes", "livelock", or "mixed" (runs disagree; the majority is
+    /// in `majority`).
+    public var outcome: String
+    /// The outcome most runs had.
+    public var majority: String
+    /// Runs with each outcome.
+    public var completed: Int
+    public var livelocked: Int
+    /// Calls per page of the completing runs: lowest, highest (nil: none completed).
+    public var callsPerPage: [Double]?
+
+    init(outcomes: [(livelock: Bool, callsPerPage: Double?)]) {
+        livelocked = outcomes.filter(\.livelock).count
+        completed = outcomes.count - livelocked
+        majority = livelocked > completed ? "livelock" : "completes"
+        outcome = livelocked == 0 ? "completes" : completed == 0 ? "livelock" : "mixed"
+        let calls = outcomes.compactMap { $0.livelock ? nil : $0.callsPerPage }
+        callsPerPage = calls.isEmpty ? nil : [calls.min()!, calls.max()!]
+    }
+}
+
+/// One row of `svmemu fidelity`: a case under one fault path, kernel and emulator side by side.
+public struct FidelityRow: Codable, Sendable {
+    /// "threads:mutex:micros".
+    public var `case`: String
+    /// "legacy" or "trylock".
+    public var policy: String
+    public var kernel: FidelitySide
+    public var emulator: FidelitySide
+    /// The emulator's majority outcome equals the kernel's.
+    public var outcomeAgrees: Bool
+    /// Every completing emulator run is within 2x of the kernel's calls per
+    /// page (its range over boots); nil when either side never completed.
+    public var callsWithin2x: Bool?
+    /// Host seconds the emulator's runs of this row took.
+    public var seconds: Double
+}
+
+/// Runs the kernel rig's livelock cases on the emulator with a machine's
+/// costs and the rig's driver shape, seed by seed, and sets them beside the
+/// kernel's results.
+public enum FidelityHarness {
+    /// How the emulator runs each case.
+    public struct Settings: Sendable {
+        /// The machine's costs (a profile's).
+        public var costs: VirtualCosts = .measured
+        /// The scheduler's slice and tick (a profile's), nil: the kernel's default.
+        public var timesliceNanos: UInt64? = nil
+        public var tickNanos: UInt64 = 1_000_000
+        /// The emulated CPUs (the rig's vCPUs).
+        public var cpus = 2
+        /// Seeds per case.
+        public var seeds: [UInt64] = [1, 2, 3, 4, 5]
+        /// Pages per storm (the rig's 512).
+        public var pages = 512
+        /// Virtual seconds a page may take before the run counts as a
+        /// livelock. The rig's watchdog waits 30 s of no progress; its
+        /// slowest completing page took 0.375 s (8:0:200).
+        public var stallSeconds = 1.0
+        /// The driver's shape: every call sleeps, with fsleep (the rig's).
+        public var driverWork: DriverWorkShape = .everyCall
+        public var driverWait: DriverWait = .fsleep
+        public init() {}
+    }
+
+    /// The storm settings of `c` under `settings` and `seed`.
+    public static func stormSettings(_ c: KernelLivelockReference.Case, _ settings: Settings, seed: UInt64) -> StormSettings {
+        var s = StormSettings(faultPolicy: c.policy == "trylock" ? .trylock : .legacy,
+                              driverLock: c.mutex ? .exclusive : .none,
+                              migrateToRAMWorkMicros: c.sleepMicros, threads: c.threads, pages: settings.pages,
+                              seed: seed, stallSeconds: settings.stallSeconds)
+        s.deterministic = true
+        s.cpus = settings.cpus
+        s.preemptions = 0
+        s.driverWork = settings.driverWork
+        s.driverWait = settings.driverWait
+        return s
+    }
+
+    /// Runs every case of `reference` (in its order); `progress` gets each
+    /// row as it is done.
+    public static func run(_ reference: KernelLivelockReference, _ settings: Settings,
+                           progress: ((FidelityRow, Int, Int) -> Void)? = nil) throws(StormError) -> [FidelityRow] {
+        var rows: [FidelityRow] = []
+        for (i, c) in reference.cases.enumerated() {
+            let start = Date()
+            var outcomes: [(livelock: Bool, callsPerPage: Double?)] = []
+            for seed in settings.seeds {
+                let s = stormSettings(c, settings, seed: seed)
+                var schedule = DeterministicScheduler.Configuration(seed: seed)
+                schedule.preemptions = 0
+                schedule.cpus = settings.cpus
+                schedule.costs = settings.costs
+                schedule.timesliceNanos = settings.timesliceNanos
+                schedule.tickNanos = settings.tickNanos
+                let r = try StormHarness.run(s, schedule: schedule)
+                let complete = !r.livelocked && r.pagesMigrated == s.pages && r.error == nil
+                outcomes.append((!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil))
+            }
+            let kernel = FidelitySide(outcomes: c.runs.map { ($0.outcome != "completes", $0.callsPerPage) })
+            let emulator = FidelitySide(outcomes: outcomes)
+            var within: Bool? = nil
+            if let k = kernel.callsPerPage, let e = emulator.callsPerPage {
+                within = e[0] >= k[0] / 2 && e[1] <= k[1] * 2
+            }
+            let row = FidelityRow(case: c.case, policy: c.policy, kernel: kernel, emulator: emulator,
+                                  outcomeAgrees: kernel.majority == emulator.majority, callsWithin2x: within,
+                                  seconds: Date().timeIntervalSince(start))
+            rows.append(row)
+            progress?(row, i + 1, reference.cases.count)
+        }
+        return rows
+    }
+}
