@@ -17,7 +17,7 @@
 #   check      all of the above in order (what `make kernel-check` runs)
 #   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|shell)
 #
-# env: BOOTS (default 3), CASES (default: the 12 reference cases), WATCHDOG
+# env: BOOTS (livelock boots per kernel, default 3), CALIBRATE_BOOTS (default 5), CASES (default: the 12 reference cases), WATCHDOG
 #      (seconds without page progress that declare a livelock, default 30),
 #      PAGES (default 512), JOBS (make -j, default nproc), RIG_DIR (scratch,
 #      default <repo>/.build-kernel), BOOT_TIMEOUT (seconds, default 1200).
@@ -33,6 +33,7 @@ SRC=$RIG_DIR/linux-source-6.12
 OUT=$RIG_DIR/out
 LOGS=$RIG_DIR/logs
 BOOTS=${BOOTS:-3}
+CALIBRATE_BOOTS=${CALIBRATE_BOOTS:-5}
 WATCHDOG=${WATCHDOG:-30}
 PAGES=${PAGES:-512}
 JOBS=${JOBS:-$(nproc)}
@@ -238,7 +239,7 @@ cmd_calibrate() {
 	local i
 	local hz
 	hz=$(sed -n 's/^CONFIG_HZ=//p' "$OUT/config" 2>/dev/null || true)
-	for i in $(seq 1 "$BOOTS"); do
+	for i in $(seq 1 "$CALIBRATE_BOOTS"); do
 		boot vanilla calibrate ${hz:+righz=$hz}
 		tr -d '\r' < "$LAST_LOG" | sed -n '/"costs"/,/}/p' | sed '1d;$d'
 	done
@@ -295,6 +296,9 @@ cmd_check() {
 	say "done in $(( (SECONDS - t0) / 60 )) min; logs in ${LOGS#$REPO/}/$RUN_ID"
 }
 
+# The whole file is read before anything runs (main is called on the last
+# line), so editing rig.sh during a long run does not derail that run.
+main() {
 case "${1:-}" in
 packages) cmd_packages ;;
 fetch) cmd_fetch ;;
@@ -308,3 +312,5 @@ check) cmd_check ;;
 boot) shift; [ $# -ge 2 ] || die "usage: $0 boot VARIANT MODE [kernel args]"; boot "$@"; echo "log: $LAST_LOG" ;;
 *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
+}
+main "$@"; exit $?

@@ -8,7 +8,7 @@
 Two log formats are read:
   * this rig's own (Tools/kernel-rig/guest/init): the guest prints
     "RIG: boot variant=... " once, one "RIG-RESULT {json}" line per livelock
-    run, hmm-tests' stdout between "RIG: ===== hmm-tests stdout begin/end",
+    run, hmm-tests' console output between "RIG: ===== hmm-tests begin/end",
     and the calibration JSON between "RIG-CALIBRATION-BEGIN/END".
   * the reference kit's (shared/kernel-rig/logs, 2026-11-21): "KREF: -----
     livelock case threads=T fault_mutex=M fault_delay_us=D pages=N -----",
@@ -66,28 +66,26 @@ def cmdline_of(lines):
 # --------------------------------------------------------------- hmm-tests
 
 def tap_of(lines):
-    """hmm-tests' TAP stream: the rig's marked stdout block, or (reference
-    logs) the console from "TAP version" to "# Totals" less the kernel's printk
-    lines and what the tests wrote to stderr."""
-    out, inside = [], False
+    """hmm-tests' TAP stream: the TAP-shaped lines (TAP version, plan, ok /
+    not ok, # diagnostics; stdout and the harness's stderr lines alike) of
+    the rig's marked block or, in the reference logs, of the console from
+    "TAP version" to "# Totals"; the kernel's printk lines and the tests'
+    other stderr lines are dropped."""
+    out, inside, marked = [], False, False
     for line in lines:
-        if line.startswith("RIG: ===== hmm-tests stdout begin"):
-            inside, out = True, []
+        if line.startswith("RIG: ===== hmm-tests begin"):
+            inside, marked, out = True, True, []
             continue
-        if line.startswith("RIG: ===== hmm-tests stdout end"):
+        if line.startswith("RIG: ===== hmm-tests end"):
             return out
-        if inside:
-            out.append(line)
-    inside = False
-    for line in lines:
-        if line.startswith("TAP version"):
+        if not marked and line.startswith("TAP version"):
             inside, out = True, []
         if not inside:
             continue
         if PRINTK.match(line) or not TAP_LINE.match(line):
             continue
         out.append(line)
-        if TOTALS.match(line):
+        if not marked and TOTALS.match(line):
             return out
     return out if inside else None
 

@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/klog.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -480,24 +481,67 @@ static long read_long(const char *path)
 	return v;
 }
 
-/* /sys/kernel/debug/sched/preempt reads e.g. "none (voluntary) full": the one in parentheses. */
-static void preemption(char *out, size_t n)
+/*
+ * The preemption mode: /sys/kernel/debug/sched/preempt ("none (voluntary)
+ * full": the one in parentheses) where it exists (CONFIG_SCHED_DEBUG), else
+ * the boot message of PREEMPT_DYNAMIC, "Dynamic Preempt: voluntary".
+ * Returns where it was read.
+ */
+static const char *preemption(char *out, size_t n)
 {
 	char text[128] = "";
 	FILE *f = fopen("/sys/kernel/debug/sched/preempt", "r");
 
 	snprintf(out, n, "unknown");
-	if (!f)
-		return;
-	if (fgets(text, sizeof(text), f)) {
-		char *a = strchr(text, '('), *b = a ? strchr(a, ')') : NULL;
+	if (f) {
+		if (fgets(text, sizeof(text), f)) {
+			char *a = strchr(text, '('), *b = a ? strchr(a, ')') : NULL;
 
-		if (a && b) {
-			*b = 0;
-			snprintf(out, n, "%s", a + 1);
+			if (a && b) {
+				*b = 0;
+				snprintf(out, n, "%s", a + 1);
+			}
+		}
+		fclose(f);
+		return "/sys/kernel/debug/sched/preempt";
+	}
+	static char log[1 << 17];
+	int len = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, log, sizeof(log) - 1);
+
+	if (len > 0) {
+		log[len] = 0;
+		char *m = strstr(log, "Dynamic Preempt: ");
+
+		if (m) {
+			m += strlen("Dynamic Preempt: ");
+			size_t k = strcspn(m, "\n");
+
+			snprintf(out, n, "%.*s", (int)k, m);
+			return "the boot message 'Dynamic Preempt: ...' (CONFIG_SCHED_DEBUG is off, no debugfs file)";
 		}
 	}
-	fclose(f);
+	return "not found";
+}
+
+/*
+ * EEVDF's base slice: /sys/kernel/debug/sched/base_slice_ns where it exists
+ * (CONFIG_SCHED_DEBUG); else 6.12's rule (kernel/sched/fair.c): 0.7 ms times
+ * 1 + ilog2(min(online CPUs, 8)) under the default logarithmic scaling.
+ */
+static long base_slice(long ncpu, const char **source)
+{
+	long v = read_long("/sys/kernel/debug/sched/base_slice_ns");
+
+	if (v > 0) {
+		*source = "/sys/kernel/debug/sched/base_slice_ns";
+		return v;
+	}
+	long cpus = ncpu < 8 ? ncpu : 8, log2 = 0;
+
+	while ((1L << (log2 + 1)) <= cpus)
+		log2++;
+	*source = "computed, not read (CONFIG_SCHED_DEBUG is off, as in the reference config, so there is no debugfs file): 6.12's sysctl_sched_base_slice = 700000 ns x (1 + ilog2(min(online CPUs, 8))), kernel/sched/fair.c";
+	return 700000L * (1 + log2);
 }
 
 static long cmdline_hz(void)
@@ -558,10 +602,10 @@ int main(void)
 		gbps[i] = memcpy_gbps(sizes[i]);
 
 	char preempt[32];
-	long slice = read_long("/sys/kernel/debug/sched/base_slice_ns");
+	const char *slice_source;
+	long slice = base_slice(ncpu, &slice_source);
 	long hz = cmdline_hz();
-
-	preemption(preempt, sizeof(preempt));
+	const char *preempt_source = preemption(preempt, sizeof(preempt));
 
 	double rtt = remote_mp - local_mp;
 
@@ -608,8 +652,8 @@ int main(void)
 	printf("    \"ipiRoundTrip\": \"mprotect(PROT_READ) of one present writable page, timed alone (clock pair subtracted), while a second thread of the process spins on CPU 1, minus the same with one thread (localFlush): the shootdown's IPI round trip as the initiator sees it. Median of 301 calls each.\",\n");
 	printf("    \"ipiSendToReceipt\": \"Half of ipiRoundTrip (the initiator waits for the receiver's flush and acknowledgement; send and return are taken as equal).\",\n");
 	printf("    \"localFlush\": \"mprotect(PROT_READ) of one present writable page in a single-threaded process (syscall, PTE change and the local INVLPG), timed alone with the clock pair subtracted; median of 301 calls.\",\n");
-	printf("    \"memcpy\": \"memcpy between two buffers of the working set's size, repeated to 64 MiB a run (at least twice): bytes / ns, median of 7 runs.\",\n");
-	printf("    \"scheduler\": \"baseSliceNanos from /sys/kernel/debug/sched/base_slice_ns; tickNanos from CONFIG_HZ of the rig's .config (passed as righz=); preemption = the mode in parentheses in /sys/kernel/debug/sched/preempt.\"\n");
+	printf("    \"memcpy\": \"memcpy between two buffers of the working set's size, repeated to 64 MiB a run (at least twice): bytes / ns, median of 7 runs. glibc (static) picks its copy loop by size and CPUID; the low figures from 16 KiB to 256 KiB are most likely its rep movsb range, which TCG executes slowly.\",\n");
+	printf("    \"scheduler\": \"baseSliceNanos: %s. tickNanos: 1e9 / CONFIG_HZ of the rig's .config (passed as righz=). preemption: read from %s.\"\n", slice_source, preempt_source);
 	printf("  }\n}\nRIG-CALIBRATION-END\n");
 	printf("rig-calibrate: madvise(MADV_DONTNEED) of one page: %.1f ns alone, %.1f ns with a thread on CPU 1 (difference %.1f)\n",
 	       local_md, remote_md, remote_md - local_md);
