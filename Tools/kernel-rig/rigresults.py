@@ -313,6 +313,9 @@ def profile(args):
     doc["memcpy"] = memcpy
     doc["scheduler"] = first["scheduler"]
     doc["methods"] = methods
+    raws = [b["raw"] for b in boots if "raw" in b]
+    if raws:
+        doc["raw"] = {k: round(statistics.median([r[k] for r in raws if k in r]), 1) for k in raws[0]}
     doc["boots"] = len(boots)
     write_json(args.out, doc)
     for k in costs:
