@@ -4,12 +4,13 @@
 # Both install libdrm-dev (and pkg-config) with apt-get when pkg-config cannot find libdrm.
 # Also: make tsan (the suites under ThreadSanitizer), make docs (the DocC site
 # of SVMEmu, warnings fail it), make bench (release benchmarks). CI runs
-# test, docs and tsan (.ci/run).
+# test, docs and tsan (.ci/run). make kernel-check runs the real-kernel rig
+# (Tools/kernel-rig; not in CI, the first kernel build takes 8-30 minutes).
 
 SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test tsan docs deps build release bench soak soak-sweep clean
+.PHONY: demo test tsan docs deps build release bench soak soak-sweep clean kernel-check
 
 deps:
 	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libdrm; then \
@@ -76,3 +77,14 @@ bench: release
 
 clean:
 	rm -rf .build .build-docs
+
+# The real-kernel rig (Tools/kernel-rig/README.md): Debian's linux-source-6.12
+# pinned to 6.12.117, three kernels (vanilla, test_hmm knobs, + the trylock
+# backport) under QEMU TCG with 2 vCPUs: hmm-tests, the livelock cases over
+# KERNEL_BOOTS boots, the calibration program. Writes Data/kernel/livelock.json,
+# Data/kernel/hmm-tests.tap and Data/profiles/qemu-tcg-2.json. Not in CI: the
+# first kernel build takes 8-30 minutes here; later runs reuse .build-kernel/.
+KERNEL_BOOTS ?= 3
+.PHONY: kernel-check
+kernel-check:
+	BOOTS=$(KERNEL_BOOTS) Tools/kernel-rig/rig.sh check

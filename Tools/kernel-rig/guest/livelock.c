@@ -1,0 +1,300 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * rig-livelock: the kernel rig's livelock case (Tools/kernel-rig).
+ *
+ * N pages of private anonymous memory are moved to test_hmm's device-private
+ * memory (HMM_DMIRROR_MIGRATE_TO_DEV). Then T threads walk the pages
+ * together: for each page they meet at a pthread barrier and all read the
+ * page's first word, so every one of them faults on the same device-private
+ * entry at the same moment and the kernel calls the driver's migrate_to_ram
+ * (test_hmm's dmirror_devmem_fault) from several threads at once. The
+ * test_hmm knob patch counts the calls (fault_calls) and the pages actually
+ * migrated (fault_migrated), and can serialise the driver's work under a
+ * mutex (fault_mutex) with a sleep inside it (fault_delay_us).
+ *
+ * A watchdog on the main thread declares LIVELOCK when no page completes for
+ * -w seconds (migrate_to_ram keeps being called, no page comes back).
+ *
+ * usage: rig-livelock -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV]
+ *   -m/-d set /sys/module/test_hmm/parameters/fault_mutex and fault_delay_us
+ *   (needs the knob patch; without it, only -m 0 -d 0 runs).
+ * Output: human lines, then one line "RIG-RESULT {json}" that
+ * Tools/kernel-rig/rigresults.py reads. Exit 0 completes, 3 livelock,
+ * 4 wrong data, 1 setup error.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include <lib/test_hmm_uapi.h>
+
+#define PARAMS "/sys/module/test_hmm/parameters/"
+
+struct options {
+	int threads;
+	int mutex;
+	unsigned int delay_us;
+	unsigned long pages;
+	int watchdog_s;
+	const char *device;
+};
+
+static struct options opt = { 8, 0, 0, 512, 30, "/dev/hmm_dmirror0" };
+static char *area;
+static size_t page_bytes;
+static pthread_barrier_t gate;
+static int64_t *entered;	/* [page * threads + t] ns when t left the barrier */
+static int64_t *returned;	/* [page * threads + t] ns when t's read returned */
+static atomic_ulong pages_done;
+static atomic_long wrong_values;
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static long param_read(const char *name)
+{
+	char path[128], text[64];
+	long value = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), PARAMS "%s", name);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	if (fgets(text, sizeof(text), f))
+		value = text[0] == 'Y' ? 1 : text[0] == 'N' ? 0 : strtol(text, NULL, 10);
+	fclose(f);
+	return value;
+}
+
+static int param_write(const char *name, long value)
+{
+	char path[128];
+	FILE *f;
+	int ok;
+
+	snprintf(path, sizeof(path), PARAMS "%s", name);
+	f = fopen(path, "w");
+	if (!f)
+		return -1;
+	ok = fprintf(f, "%ld\n", value) > 0;
+	return fclose(f) == 0 && ok ? 0 : -1;
+}
+
+static void *reader(void *arg)
+{
+	long t = (long)arg;
+
+	for (unsigned long p = 0; p < opt.pages; p++) {
+		volatile const uint32_t *word = (const uint32_t *)(area + p * page_bytes);
+		uint32_t seen;
+
+		pthread_barrier_wait(&gate);
+		entered[p * opt.threads + t] = now_ns();
+		seen = *word;		/* device-private entry: fault, migrate_to_ram */
+		returned[p * opt.threads + t] = now_ns();
+		if (seen != (uint32_t)(p * 2654435761u))
+			atomic_fetch_add(&wrong_values, 1);
+		if (pthread_barrier_wait(&gate) == PTHREAD_BARRIER_SERIAL_THREAD)
+			atomic_store(&pages_done, p + 1);
+	}
+	return NULL;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+static void print_result(const char *outcome, double seconds, long calls, long migrated,
+			 const int64_t *span_sorted, unsigned long stalled_page, double calls_per_s)
+{
+	printf("RIG-RESULT {\"threads\":%d,\"mutex\":%d,\"sleepMicros\":%u,\"pages\":%lu,"
+	       "\"outcome\":\"%s\"", opt.threads, opt.mutex, opt.delay_us, opt.pages, outcome);
+	if (span_sorted) {
+		printf(",\"seconds\":%.4f,\"calls\":%ld,\"migrated\":%ld,\"callsPerPage\":%.2f,"
+		       "\"medianPageMicros\":%.1f,\"worstPageMicros\":%.1f",
+		       seconds, calls, migrated, (double)calls / opt.pages,
+		       span_sorted[opt.pages / 2] / 1e3, span_sorted[opt.pages - 1] / 1e3);
+	} else {
+		printf(",\"watchdogSeconds\":%d,\"stalledPage\":%lu,\"calls\":%ld,\"migrated\":%ld,"
+		       "\"callsPerSecond\":%.1f", opt.watchdog_s, stalled_page, calls, migrated, calls_per_s);
+	}
+	printf(",\"wrongValues\":%ld}\n", atomic_load(&wrong_values));
+	fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+	struct hmm_dmirror_cmd cmd;
+	unsigned char *mirror;
+	pthread_t *tids;
+	int fd, c;
+
+	while ((c = getopt(argc, argv, "t:m:d:n:w:D:")) != -1) {
+		switch (c) {
+		case 't': opt.threads = atoi(optarg); break;
+		case 'm': opt.mutex = atoi(optarg); break;
+		case 'd': opt.delay_us = strtoul(optarg, NULL, 10); break;
+		case 'n': opt.pages = strtoul(optarg, NULL, 10); break;
+		case 'w': opt.watchdog_s = atoi(optarg); break;
+		case 'D': opt.device = optarg; break;
+		default:
+			fprintf(stderr, "usage: %s -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV]\n", argv[0]);
+			return 1;
+		}
+	}
+	if (opt.threads < 1 || opt.pages < 1 || opt.watchdog_s < 1 || (opt.mutex != 0 && opt.mutex != 1)) {
+		fprintf(stderr, "rig-livelock: -t, -n, -w must be positive, -m 0 or 1\n");
+		return 1;
+	}
+	page_bytes = (size_t)sysconf(_SC_PAGESIZE);
+
+	/* The knobs: absent on an unpatched test_hmm, where only 0/0 can run. */
+	if (param_write("fault_mutex", opt.mutex) || param_write("fault_delay_us", opt.delay_us)) {
+		if (opt.mutex || opt.delay_us) {
+			fprintf(stderr, "rig-livelock: test_hmm has no fault_mutex/fault_delay_us (knob patch missing)\n");
+			return 1;
+		}
+	}
+
+	fd = open(opt.device, O_RDWR);
+	if (fd < 0) {
+		perror(opt.device);
+		return 1;
+	}
+	area = mmap(NULL, opt.pages * page_bytes, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	mirror = malloc(opt.pages * page_bytes);
+	if (area == MAP_FAILED || !mirror) {
+		perror("rig-livelock: memory");
+		return 1;
+	}
+	madvise(area, opt.pages * page_bytes, MADV_NOHUGEPAGE);
+	for (unsigned long p = 0; p < opt.pages; p++) {
+		memset(area + p * page_bytes, 0x5a, page_bytes);
+		*(uint32_t *)(area + p * page_bytes) = (uint32_t)(p * 2654435761u);
+	}
+
+	memset(&cmd, 0, sizeof(cmd));
+	cmd.addr = (uintptr_t)area;
+	cmd.ptr = (uintptr_t)mirror;
+	cmd.npages = opt.pages;
+	while (ioctl(fd, HMM_DMIRROR_MIGRATE_TO_DEV, &cmd) != 0) {
+		if (errno != EINTR) {
+			perror("rig-livelock: HMM_DMIRROR_MIGRATE_TO_DEV");
+			return 1;
+		}
+	}
+	/* How many pages are device-private now (the snapshot's view). */
+	memset(&cmd, 0, sizeof(cmd));
+	cmd.addr = (uintptr_t)area;
+	cmd.ptr = (uintptr_t)mirror;
+	cmd.npages = opt.pages;
+	if (ioctl(fd, HMM_DMIRROR_SNAPSHOT, &cmd) == 0) {
+		unsigned long device = 0;
+
+		for (unsigned long p = 0; p < opt.pages; p++)
+			device += (mirror[p] & HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL) != 0;
+		printf("rig-livelock: %lu of %lu pages device-private\n", device, opt.pages);
+		if (device != opt.pages) {
+			fprintf(stderr, "rig-livelock: not every page moved to the device\n");
+			return 1;
+		}
+	}
+
+	entered = calloc(opt.pages * opt.threads, sizeof(*entered));
+	returned = calloc(opt.pages * opt.threads, sizeof(*returned));
+	tids = calloc(opt.threads, sizeof(*tids));
+	if (!entered || !returned || !tids) {
+		perror("rig-livelock: memory");
+		return 1;
+	}
+	pthread_barrier_init(&gate, NULL, opt.threads);
+	param_write("fault_calls", 0);
+	param_write("fault_migrated", 0);
+
+	int64_t start = now_ns();
+	for (long t = 0; t < opt.threads; t++)
+		if (pthread_create(&tids[t], NULL, reader, (void *)t) != 0) {
+			perror("rig-livelock: pthread_create");
+			return 1;
+		}
+
+	/* Watchdog: a page must complete at least every watchdog_s seconds. */
+	unsigned long seen = 0;
+	int64_t last_progress = now_ns();
+	long calls_at_progress = param_read("fault_calls");
+	for (;;) {
+		struct timespec tick = { 0, 20 * 1000 * 1000 };
+		unsigned long done;
+
+		nanosleep(&tick, NULL);
+		done = atomic_load(&pages_done);
+		if (done >= opt.pages)
+			break;
+		if (done != seen) {
+			seen = done;
+			last_progress = now_ns();
+			calls_at_progress = param_read("fault_calls");
+			continue;
+		}
+		double stalled = (now_ns() - last_progress) / 1e9;
+		if (stalled >= opt.watchdog_s) {
+			long calls = param_read("fault_calls");
+			long migrated = param_read("fault_migrated");
+
+			printf("rig-livelock: LIVELOCK: page %lu made no progress for %d s "
+			       "(%ld migrate_to_ram calls in that time)\n",
+			       done, opt.watchdog_s, calls - calls_at_progress);
+			print_result("livelock", 0, calls, migrated, NULL, done,
+				     (calls - calls_at_progress) / stalled);
+			param_write("fault_mutex", 0);
+			param_write("fault_delay_us", 0);
+			_exit(3);	/* the readers are stuck in the fault path: end them with the process */
+		}
+	}
+	for (long t = 0; t < opt.threads; t++)
+		pthread_join(tids[t], NULL);
+
+	long calls = param_read("fault_calls");
+	long migrated = param_read("fault_migrated");
+	int64_t end = start, *span = calloc(opt.pages, sizeof(*span));
+	for (unsigned long p = 0; p < opt.pages; p++) {
+		int64_t first = INT64_MAX, last = 0;
+
+		for (int t = 0; t < opt.threads; t++) {
+			int64_t e = entered[p * opt.threads + t], r = returned[p * opt.threads + t];
+
+			first = e < first ? e : first;
+			last = r > last ? r : last;
+		}
+		span[p] = last - first;
+		end = last > end ? last : end;
+	}
+	qsort(span, opt.pages, sizeof(*span), cmp_i64);
+	printf("rig-livelock: %d threads, %lu pages, mutex %d, sleep %u us: %.4f s, "
+	       "%ld migrate_to_ram calls (%.2f per page), %ld migrated, worst page %.1f us\n",
+	       opt.threads, opt.pages, opt.mutex, opt.delay_us, (end - start) / 1e9, calls,
+	       (double)calls / opt.pages, migrated, span[opt.pages - 1] / 1e3);
+	print_result("completes", (end - start) / 1e9, calls, migrated, span, 0, 0);
+	param_write("fault_mutex", 0);
+	param_write("fault_delay_us", 0);
+	return atomic_load(&wrong_values) ? 4 : 0;
+}
