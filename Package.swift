@@ -28,8 +28,12 @@ let package = Package(
         .target(name: "SVMEmu", dependencies: ["CSVMSupport"], swiftSettings: strict),
         // The reference driver (like lib/test_hmm.c). Uses only public SVMEmu API.
         .target(name: "MirrorDriver", dependencies: ["SVMEmu"], swiftSettings: strict),
+        // The machine profiles that ship with the package (Data/profiles/*.json).
+        .target(name: "SVMProfiles", path: "Data", sources: ["ShippedProfiles.swift"],
+                resources: [.copy("profiles")], swiftSettings: strict),
         // Storm and overhead harnesses.
-        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver", "SVMProfiles", "CSVMSupport"],
+                swiftSettings: strict),
         // libdrm (Debian's libdrm-dev) and the nouveau SVM uAPI.
         .systemLibrary(name: "CLibDRM", pkgConfig: "libdrm",
                        providers: [.apt(["libdrm-dev"])]),

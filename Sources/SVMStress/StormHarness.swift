@@ -439,6 +439,7 @@ final class StormRun: @unchecked Sendable {
                             progress: ((StormProgress) -> Void)? = nil) -> StormResult {
         var config = schedule ?? DeterministicScheduler.Configuration(seed: settings.seed)
         if schedule == nil { config.preemptions = settings.preemptions }
+        if let machine = settings.machine { config.costs = machine.virtualCosts }
         config.hostTimeoutSeconds = max(config.hostTimeoutSeconds, settings.joinTimeoutSeconds)
         let scheduler = DeterministicScheduler(config)
         self.scheduler = scheduler
