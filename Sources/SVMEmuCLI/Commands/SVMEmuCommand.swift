@@ -20,7 +20,7 @@ public struct SVMEmuCommand: ParsableCommand {
         found a problem; 64 an invalid argument; 130 interrupted (SIGINT).
         """,
         version: SVMEmuVersion.description,
-        subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self, CalibrateCommand.self,
+        subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self, CalibrateCommand.self, HMMTestsCommand.self,
                       BenchCommand.self, DevicesCommand.self, NumaCommand.self,
                       ExploreCommand.self, ReplayCommand.self, SoakCommand.self])
 }
