@@ -28,8 +28,16 @@ let package = Package(
         .target(name: "SVMEmu", dependencies: ["CSVMSupport"], swiftSettings: strict),
         // The reference driver (like lib/test_hmm.c). Uses only public SVMEmu API.
         .target(name: "MirrorDriver", dependencies: ["SVMEmu"], swiftSettings: strict),
+        // The machine profiles that ship with the package (Data/profiles/*.json).
+        .target(name: "SVMProfiles", path: "Data", sources: ["ShippedProfiles.swift"],
+                resources: [.copy("profiles"), .copy("kernel")], swiftSettings: strict),
+        // The kernel's hmm-tests, ported: the cases and a kselftest-style
+        // runner (`svmemu hmm-tests`, ConformanceTests). Public SVMEmu and
+        // MirrorDriver API only.
+        .target(name: "HMMSelftests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
         // Storm and overhead harnesses.
-        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver", "SVMProfiles", "CSVMSupport"],
+                swiftSettings: strict),
         // libdrm (Debian's libdrm-dev) and the nouveau SVM uAPI.
         .systemLibrary(name: "CLibDRM", pkgConfig: "libdrm",
                        providers: [.apt(["libdrm-dev"])]),
@@ -39,7 +47,7 @@ let package = Package(
         .target(
             name: "SVMEmuCLI",
             dependencies: [
-                "SVMEmu", "MirrorDriver", "SVMStress", "SVMDRM",
+                "SVMEmu", "MirrorDriver", "SVMStress", "SVMDRM", "HMMSelftests",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),
@@ -58,6 +66,6 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver", "HMMSelftests", "TestSupport"], swiftSettings: strict),
     ]
 )

@@ -1,6 +1,7 @@
 import Foundation
 import MirrorDriver
 import SVMEmu
+import SVMProfiles
 
 /// A real kernel's livelock results (Data/kernel/livelock.json, written by
 /// `make kernel-check` from Tools/kernel-rig): T threads reading each of N
@@ -40,8 +41,8 @@ public struct KernelLivelockReference: Codable, Sendable {
 
     /// The reference that ships with the package (the kernel rig's last results).
     public static func shipped() throws -> KernelLivelockReference {
-        guard let url = Bundle.module.url(forResource: "livelock", withExtension: "json", subdirectory: "kernel") else {
-            throw FidelityError.missingReference("the package has no kernel/livelock.json resource")
+        guard let url = ShippedProfiles.dataFile("kernel/livelock.json") else {
+            throw FidelityError.missingReference("the package's resources (kernel/livelock.json) are not next to the binary")
         }
         return try load(url)
     }

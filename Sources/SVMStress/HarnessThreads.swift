@@ -17,6 +17,9 @@ public struct HarnessSchedule: Sendable, Equatable, Codable {
     public var seed: UInt64 = 1
     /// Seeded preemption points of a deterministic run (PCT's depth).
     public var preemptions = 3
+    /// The machine whose measured costs a deterministic run charges
+    /// (``MachineProfile/virtualCosts``); nil: ``VirtualCosts/measured``.
+    public var machine: MachineProfile? = nil
 
     /// Real threads.
     public init() {}
@@ -71,6 +74,11 @@ final class HarnessThreads: @unchecked Sendable {
             var c = DeterministicScheduler.Configuration(seed: schedule.seed)
             c.cpus = schedule.cpus
             c.preemptions = schedule.preemptions
+            if let machine = schedule.machine {
+                c.costs = machine.virtualCosts
+                c.timesliceNanos = machine.baseSliceNanos
+                c.tickNanos = machine.tickNanos
+            }
             scheduler = DeterministicScheduler(c)
         } else {
             scheduler = nil

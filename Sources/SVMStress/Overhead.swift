@@ -190,12 +190,15 @@ public struct OverheadResult: Sendable, Codable {
     public var deterministic: Bool?
     public var cpus: Int?
     public var scheduleSteps: UInt64?
+    /// The machine profile a deterministic run charged (`--machine`); nil,
+    /// and absent from the JSON, without one.
+    public var machine: String?
 
     enum CodingKeys: String, CodingKey {
         case granularity, direction, copyModel, copyThreads, faultPages, busyCPUs, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, streamCopyGBps, wallSeconds, wallSecondsTimersOff,
              wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified,
-             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps
+             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps, machine
     }
 
     /// The phases a fault is split into, in the order they run, then `other`.
@@ -319,6 +322,7 @@ public enum OverheadHarness {
             result.deterministic = true
             result.cpus = config.schedule.cpus
             result.scheduleSteps = threads.steps
+            result.machine = config.schedule.machine?.name
             return result
         }
         let granule = config.granularity == .huge2M ? PageGeometry.pmdSize : PageGeometry.pageSize

@@ -107,6 +107,10 @@ public struct SoakSettings: Sendable, Codable, Equatable {
     /// (``KernelConfiguration/checksStaleTLBEntries``): on by default in
     /// debug builds, off in release builds, where `--check-tlb` turns it on.
     public var checksStaleTLBEntries = _isDebugAssertConfiguration()
+    /// The machine whose measured costs the soak's virtual time charges
+    /// (``MachineProfile/virtualCosts``); nil: ``VirtualCosts/measured``.
+    /// Recorded whole in the JSON's settings when given.
+    public var machine: MachineProfile? = nil
 
     public init() {}
 
@@ -275,6 +279,11 @@ public enum Soak {
         // A millisecond of host time per operation is far more than any needs.
         schedule.hostTimeoutSeconds = max(600, Double(settings.operations) / 1000)
         schedule.logSteps = settings.logSteps
+        if let machine = settings.machine {
+            schedule.costs = machine.virtualCosts
+            schedule.timesliceNanos = machine.baseSliceNanos
+            schedule.tickNanos = machine.tickNanos
+        }
         let scheduler = DeterministicScheduler(schedule)
         let process = !settings.mix.isDisjoint(with: .addressSpace)
         state.live = settings.cpus + 1 + (process ? 1 : 0)

@@ -441,6 +441,11 @@ final class StormRun: @unchecked Sendable {
         if schedule == nil { config.preemptions = settings.preemptions }
         // The storm's threads share the machine's CPUs (more threads than CPUs queue).
         if config.cpus == nil { config.cpus = settings.cpus }
+        if let machine = settings.machine {
+            config.costs = machine.virtualCosts
+            config.timesliceNanos = machine.baseSliceNanos
+            config.tickNanos = machine.tickNanos
+        }
         config.hostTimeoutSeconds = max(config.hostTimeoutSeconds, settings.joinTimeoutSeconds)
         let scheduler = DeterministicScheduler(config)
         self.scheduler = scheduler

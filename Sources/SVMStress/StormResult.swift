@@ -142,7 +142,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, migrateToRAMLookupMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
-        case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock, release
+        case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock, release, machine
         case driverWork, driverWait, contextSwitches
     }
 
@@ -187,6 +187,8 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(settings.release, forKey: .release)
         try c.encode(settings.deterministic, forKey: .deterministic)
         try c.encode(settings.deterministic ? settings.cpus : nil, forKey: .cpus)
+        // Only with --machine: a run without one reports as before.
+        if settings.deterministic, let machine = settings.machine { try c.encode(machine.name, forKey: .machine) }
         try c.encode(pagesMigrated, forKey: .pagesMigrated)
         try c.encode(livelocked, forKey: .livelocked)
         try c.encode(stalledPage, forKey: .stalledPage)
@@ -227,6 +229,8 @@ public struct StormResult: Sendable, Codable, Equatable {
         s.deterministic = try c.decodeIfPresent(Bool.self, forKey: .deterministic) ?? false
         s.cpus = try c.decodeIfPresent(Int.self, forKey: .cpus) ?? s.cpus
         s.release = try c.decodeIfPresent(StormRelease.self, forKey: .release) ?? .all
+        // The report keeps the profile's name: a shipped one comes back whole.
+        if let name = try c.decodeIfPresent(String.self, forKey: .machine) { s.machine = try? MachineProfile.shipped(name) }
         settings = s
         virtualSeconds = try c.decodeIfPresent(Double.self, forKey: .virtualSeconds)
         scheduleSteps = try c.decodeIfPresent(UInt64.self, forKey: .scheduleSteps)

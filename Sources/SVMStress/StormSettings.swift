@@ -91,6 +91,9 @@ public struct StormSettings: Sendable, Codable, Equatable {
     public var preemptions = 3
     /// How the threads leave the barrier before each page.
     public var release: StormRelease = .all
+    /// The machine whose measured costs a deterministic storm charges
+    /// (``MachineProfile/virtualCosts``); nil: ``VirtualCosts/measured``.
+    public var machine: MachineProfile? = nil
 
     public init() {}
 

@@ -3,6 +3,7 @@ import Synchronization
 import Testing
 @testable import SVMEmu
 import MirrorDriver
+import HMMSelftests
 import TestSupport
 
 /// The hmm-tests cases that fork (anon_write_child, anon_write_child_shared,
@@ -13,132 +14,6 @@ import TestSupport
 /// these cases wait their turn behind the THP cases for over a minute.
 @Suite("hmm-tests fork", .timeLimit(.minutes(3)))
 struct HMMForkTests {
-
-    /// anon_write_child_shared's shape: the parent fills the
-    /// buffer with i, forks; the child sees i, opens its own mirror of its
-    /// own mm, and the device writes -i there (one fault pass, every page).
-    /// Returns the parent's ints after the child exits.
-    private func writeFromChild(_ f: HMMFixture, shared: Bool) throws -> [Int32] {
-        let mm = f.mm!
-        let npages = hmmBufferSize >> pageShift
-        let size = npages << pageShift
-        let buffer = try countingBuffer(mm, npages: npages, shared: shared)
-        for i in 0..<(size / 4) { buffer.mirrorInts[i] = Int32(-i) }
-
-        do {
-            let child = try mm.fork()
-            #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
-            let childDevice = MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20)
-            #expect(hmmCommand(childDevice, .write, buffer, npages) == 0)
-            #expect(buffer.cpages == npages)
-            #expect(buffer.faults == 1)
-            #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32(-$0) } == nil)
-        }
-        return try loadInts(mm, buffer.ptr, count: size / 4)
-    }
-
-    /// Check that a device writing an anonymous private mapping will
-    /// copy-on-write if a child process inherits the mapping; also that the
-    /// child can read memory that was in device memory when it forked. As in
-    /// the kernel's current test: once with the pages in system memory and
-    /// once migrated to the device first, each with 4 KiB pages and with a
-    /// THP (a 2 MiB-aligned MADV_HUGEPAGE buffer of one PMD).
-    @Test(arguments: HMMVariant.allCases) func anon_write_child(_ variant: HMMVariant) throws {
-        try withHMM(variant) { f in
-            let mm = f.mm!
-            for migrate in [false, true] {
-                for useTHP in [false, true] {
-                    let size = useTHP ? pmdSize : hmmBufferSize
-                    let npages = size >> pageShift
-                    let buffer = HMMBuffer(size: 2 * size, mirrorBytes: size)
-                    buffer.ptr = try mm.mmap(length: 2 * size, protection: .readWrite)
-                    let oldPtr = buffer.ptr
-                    if useTHP {
-                        let map = (buffer.ptr + UInt64(size) - 1) & ~UInt64(size - 1)
-                        #expect(sys { try mm.madvise(map, length: size, advice: .hugePage) } == 0)
-                        buffer.ptr = map
-                    }
-                    try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
-                    for i in 0..<(size / 4) { buffer.mirrorInts[i] = Int32(-i) }
-                    if migrate {
-                        #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, npages) == 0)
-                        #expect(buffer.cpages == npages)
-                    }
-
-                    do {
-                        let child = try mm.fork()
-                        // The child sees the parent's values (faulting device pages back).
-                        #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32($0) } == nil,
-                                "migrate \(migrate) thp \(useTHP): child reads")
-                        if !migrate {
-                            #expect(firstMismatch(buffer.mirrorInts.prefix(size / 4)) { Int32(-$0) } == nil)
-                        }
-                        let childDevice = MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0",
-                                                       vramBytes: 64 << 20, chunkBytes: 32 << 20)
-                        #expect(hmmCommand(childDevice, .write, buffer, npages) == 0)
-                        #expect(buffer.cpages == npages)
-                        #expect(buffer.faults == 1)
-                        if !migrate {
-                            #expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32(-$0) } == nil)
-                        }
-                    }
-                    // The child has exited: the parent's buffer did not change.
-                    #expect(firstMismatch(try loadInts(mm, buffer.ptr, count: size / 4)) { Int32($0) } == nil,
-                            "migrate \(migrate) thp \(useTHP): parent's buffer")
-                    try mm.munmap(oldPtr, length: 2 * size)
-                }
-            }
-            #expect(f.kernel.vmstat[.cowFaults] >= UInt64(hmmBufferSize >> pageShift))
-            #expect(f.kernel.diagnostics.isEmpty)
-        }
-    }
-
-    /// Check that a device writing an anonymous shared mapping will not
-    /// copy-on-write if a child process inherits the mapping.
-    @Test(arguments: HMMVariant.allCases) func anon_write_child_shared(_ variant: HMMVariant) throws {
-        try withHMM(variant) { f in
-            let parent = try writeFromChild(f, shared: true)
-            #expect(firstMismatch(parent) { Int32(-$0) } == nil)
-            #expect(f.kernel.vmstat[.cowFaults] == 0)
-            #expect(f.kernel.diagnostics.isEmpty)
-        }
-    }
-
-    /// Test copy-on-write in device pages: the pages are in device memory
-    /// when the process forks; the parent's writes fault them back to
-    /// system memory, then copy them; the parent ends with writable pages.
-    @Test(arguments: HMMVariant.allCases) func hmm_cow_in_device(_ variant: HMMVariant) throws {
-        try withHMM(variant) { f in
-            let mm = f.mm!
-            let npages = 4
-            let size = npages << pageShift
-            let buffer = try countingBuffer(mm, npages: npages)
-
-            #expect(hmmCommand(f.dev0, .migrateToDevice, buffer, npages) == 0)
-            #expect(buffer.cpages == npages)
-
-            var child: AddressSpace? = try mm.fork()
-            // Both map the device pages, read-only now.
-            for i in 0..<npages {
-                let a = buffer.ptr + UInt64(i << pageShift)
-                for space in [mm, child!] {
-                    let e = space.entry(at: a).entry
-                    #expect(e.kind == (variant.isCoherent ? .present : .devicePrivate) && !e.isWrite)
-                }
-            }
-            // The parent writes: each device-private page migrates back, then
-            // is copied; a coherent page is copied from device memory directly.
-            try storeInts(mm, buffer.ptr, count: size / 4) { Int32($0) }
-            #expect(firstMismatch(try loadInts(child!, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
-            child = nil  // kill(pid, SIGTERM); waitpid()
-
-            #expect(hmmCommand(f.dev0, .snapshot, buffer, npages) == 0)
-            #expect(buffer.cpages == npages)
-            for i in 0..<npages { #expect(buffer.mirrorBytes[i] == DMirrorProt.write) }
-            #expect(firstMismatch(try loadInts(mm, buffer.ptr, count: size / 4)) { Int32($0) } == nil)
-            #expect(f.kernel.diagnostics.isEmpty)
-        }
-    }
 
     /// fork() while the device evicts the buffer (HMM_DMIRROR_RELEASE, which
     /// holds no mmap lock): the fork copies the migration entries, and the
@@ -249,12 +124,6 @@ struct HMMForkTests {
         }
     }
 
-    /// Which process moves the shared buffer in `mremap_after_fork`.
-    enum Mover: String, CaseIterable, Sendable, CustomStringConvertible {
-        case parent, child
-        var description: String { rawValue }
-    }
-
     /// fork, then one process moves the buffer it shares with the other
     /// elsewhere (mremap MREMAP_MAYMOVE | MREMAP_FIXED): the folios keep
     /// their index and the moved VMA its vm_pgoff, so every rmap walk finds
@@ -339,6 +208,12 @@ struct HMMForkTests {
         }
     }
 
+    /// Which process moves the shared buffer in `mremap_after_fork`.
+    enum Mover: String, CaseIterable, Sendable, CustomStringConvertible {
+        case parent, child
+        var description: String { rawValue }
+    }
+
     /// A machine whose device copies through a gated engine (an eviction
     /// can be held between its unmap and its remap), with `npages` pages of
     /// the parent's memory mapped and filled with `seed`'s pattern on node 0
@@ -361,6 +236,7 @@ struct HMMForkTests {
         try mm!.fillPattern(buffer.ptr, length: size, seed: seed)
         try body(kernel, mm!, device!, engine, buffer)
     }
+
 }
 
 /// An address space seen from a thread that must not keep it alive, nor

@@ -99,7 +99,7 @@ struct ExploreCommand: ParsableCommand {
         var s = StormSettings()
         try knobs.apply(to: &s)
         storm.apply(to: &s, deterministic: true)
-        schedule.apply(to: &s)
+        try schedule.apply(to: &s)
         do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
         return s
     }
@@ -170,7 +170,7 @@ struct ReplayCommand: ParsableCommand {
         var s = StormSettings()
         try knobs.apply(to: &s)
         storm.apply(to: &s, deterministic: true)
-        schedule.apply(to: &s)
+        try schedule.apply(to: &s)
         do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
     }
 
@@ -178,7 +178,7 @@ struct ReplayCommand: ParsableCommand {
         var s = StormSettings()
         try knobs.apply(to: &s)
         storm.apply(to: &s, deterministic: true)
-        schedule.apply(to: &s)
+        try schedule.apply(to: &s)
         var config = DeterministicScheduler.Configuration(seed: s.seed)
         config.preemptions = s.preemptions
         config.logSteps = steps * 2

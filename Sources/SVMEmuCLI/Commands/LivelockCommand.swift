@@ -80,7 +80,7 @@ struct LivelockCommand: ParsableCommand {
         var s = StormSettings()
         try knobs.apply(to: &s)
         storm.apply(to: &s, deterministic: deterministic)
-        if deterministic { schedule.apply(to: &s) }
+        if deterministic { try schedule.apply(to: &s) }
         do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
         return s
     }

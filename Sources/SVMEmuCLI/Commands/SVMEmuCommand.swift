@@ -20,7 +20,8 @@ public struct SVMEmuCommand: ParsableCommand {
         found a problem; 64 an invalid argument; 130 interrupted (SIGINT).
         """,
         version: SVMEmuVersion.description,
-        subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
+        subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self, CalibrateCommand.self, HMMTestsCommand.self,
+                      FidelityCommand.self,
                       BenchCommand.self, DevicesCommand.self, NumaCommand.self,
                       ExploreCommand.self, ReplayCommand.self, SoakCommand.self])
 }

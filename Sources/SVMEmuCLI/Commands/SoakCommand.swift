@@ -73,6 +73,8 @@ struct SoakCommand: ParsableCommand {
     @Flag(name: .long, help: "Run the stale-entry checker on every TLB hit (on in debug builds, off in release ones unless asked for). Every stale access is a warning.")
     var checkTLB = false
 
+    @OptionGroup var machine: MachineOptions
+
     @OptionGroup var output: JSONOutputOptions
 
     func settings() throws -> SoakSettings {
@@ -85,6 +87,7 @@ struct SoakCommand: ParsableCommand {
         s.auditEvery = auditEvery
         s.seed = seed
         s.logSteps = steps
+        s.machine = try machine.profile()
         guard let m = SoakMix(names: mix) else {
             throw ValidationError("--mix must list operations among \(SoakMix.names.map(\.0).joined(separator: ", ")) or all (got \(mix))")
         }

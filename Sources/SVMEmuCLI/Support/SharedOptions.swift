@@ -127,7 +127,24 @@ struct StormScenarioOptions: ParsableArguments {
     }
 }
 
-/// `--cpus` and `--preemptions` of a run under the deterministic scheduler.
+/// `--machine` of a deterministic run: whose costs its virtual time charges
+/// (a shipped profile by name, or a profile file; Docs/machine-profiles.md).
+struct MachineOptions: ParsableArguments {
+    @Option(name: .long, help: "Machine profile whose measured costs a deterministic run charges: native, qemu-tcg-2 or a profile FILE (svmemu calibrate --output FILE); default: the built-in costs.")
+    var machine: String?
+
+    /// The profile `--machine` names, read and checked; nil without it.
+    /// Throws `ValidationError` naming the flag (and the shipped names for
+    /// an unknown one).
+    func profile() throws(ValidationError) -> MachineProfile? {
+        guard let machine else { return nil }
+        do { return try MachineProfile.resolve(machine) } catch {
+            throw ValidationError("--machine: \(error.description)")
+        }
+    }
+}
+
+/// `--cpus`, `--preemptions` and `--machine` of a run under the deterministic scheduler.
 struct ScheduleOptions: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs of the machine in a deterministic run (1-64, default 8), independent of the host's cores.")
     var cpus: Int?
@@ -135,21 +152,27 @@ struct ScheduleOptions: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Seeded preemption points of a deterministic schedule (0-1000, default 3; PCT's depth).")
     var preemptions: Int?
 
-    /// Whether either was given.
-    var given: Bool { cpus != nil || preemptions != nil }
+    @OptionGroup var machine: MachineOptions
 
-    /// Refuses `--cpus` and `--preemptions` without `--deterministic`.
+    /// Whether any was given.
+    var given: Bool { cpus != nil || preemptions != nil || machine.machine != nil }
+
+    /// Refuses `--cpus`, `--preemptions` and `--machine` without
+    /// `--deterministic`, and a `--machine` that names no valid profile.
     func check(deterministic: Bool) throws {
         if given && !deterministic {
-            throw ValidationError("--cpus and --preemptions need --deterministic (real-thread runs use the kernel's default CPUs)")
+            throw ValidationError("--cpus, --preemptions and --machine need --deterministic (real-thread runs use the kernel's default CPUs and the host's own costs)")
         }
+        _ = try machine.profile()
     }
 
-    /// Sets the CPUs and preemption points and turns the deterministic scheduler on.
-    func apply(to s: inout StormSettings) {
+    /// Sets the CPUs, preemption points and machine profile and turns the
+    /// deterministic scheduler on.
+    func apply(to s: inout StormSettings) throws {
         s.deterministic = true
         if let cpus { s.cpus = cpus }
         if let preemptions { s.preemptions = preemptions }
+        if let profile = try machine.profile() { s.machine = profile }
     }
 }
 
@@ -176,6 +199,7 @@ struct HarnessScheduleOptions: ParsableArguments {
         h.deterministic = true
         if let cpus = schedule.cpus { h.cpus = cpus }
         if let preemptions = schedule.preemptions { h.preemptions = preemptions }
+        if let profile = try schedule.machine.profile() { h.machine = profile }
         if let problem = h.problem(threads: threads) { throw ValidationError(LivelockCommand.flagged(problem)) }
         return h
     }

@@ -1,5 +1,4 @@
 import Foundation
-import Testing
 import SVMEmu
 import MirrorDriver
 
@@ -10,38 +9,38 @@ import MirrorDriver
 // dmirror's two device-private devices. THP is in `madvise` mode, the usual
 // distribution default, so MADV_HUGEPAGE decides as in the kernel test runs.
 
-let pageSize = PageGeometry.pageSize
-let pageShift = UInt64(PageGeometry.pageShift)
+public let pageSize = PageGeometry.pageSize
+public let pageShift = UInt64(PageGeometry.pageShift)
 /// read_pmd_pagesize(): 2 MiB on x86-64.
-let pmdSize = PageGeometry.pmdSize
+public let pmdSize = PageGeometry.pmdSize
 /// HMM_BUFFER_SIZE (1024 << 12): 4 MiB, the kernel's own size (small enough).
-let hmmBufferSize = 1024 << PageGeometry.pageShift
+public let hmmBufferSize = 1024 << PageGeometry.pageShift
 /// NTIMES.
-let ntimes = 10
+public let ntimes = 10
 
 /// FIXTURE_VARIANT(hmm) / (hmm2): which kind of device memory the devices
 /// register (hmm_device_private / hmm_device_coherent).
-enum HMMVariant: String, CaseIterable, Sendable, CustomStringConvertible {
+public enum HMMVariant: String, CaseIterable, Sendable, CustomStringConvertible {
     case devicePrivate = "hmm_device_private"
     case deviceCoherent = "hmm_device_coherent"
-    var memoryType: DevicePageMapType { self == .devicePrivate ? .private : .coherent }
+    public var memoryType: DevicePageMapType { self == .devicePrivate ? .private : .coherent }
     /// hmm_is_coherent_type().
-    var isCoherent: Bool { self == .deviceCoherent }
-    var description: String { rawValue }
+    public var isCoherent: Bool { self == .deviceCoherent }
+    public var description: String { rawValue }
 }
 
-final class HMMFixture: @unchecked Sendable {
+public final class HMMFixture: @unchecked Sendable {
     /// 2 MiB pages in the machine's hugetlb pool (8 MiB of its 128 MiB).
-    static let hugetlbPages = 4
-    let variant: HMMVariant
-    let kernel: Kernel
+    public static let hugetlbPages = 4
+    public let variant: HMMVariant
+    public let kernel: Kernel
     /// The test process's address space (current->mm).
-    private(set) var mm: AddressSpace!
+    public private(set) var mm: AddressSpace!
     /// /dev/hmm_dmirror0 and /dev/hmm_dmirror1: device-private, distinct owners.
-    private(set) var dev0: MirrorDevice!
-    private(set) var dev1: MirrorDevice!
+    public private(set) var dev0: MirrorDevice!
+    public private(set) var dev1: MirrorDevice!
 
-    init(_ variant: HMMVariant = .devicePrivate) {
+    public init(_ variant: HMMVariant = .devicePrivate) {
         self.variant = variant
         var config = KernelConfiguration()
         config.nodeSizes = [64 << 20, 64 << 20]
@@ -60,21 +59,21 @@ final class HMMFixture: @unchecked Sendable {
 
     /// FIXTURE_TEARDOWN: close the devices (they evict their memory), then the
     /// process exits (its address space goes), then the machine.
-    func teardown() {
+    public func teardown() {
         dev0 = nil
         dev1 = nil
         mm = nil
         // The kernel's own paths never leave a stale translation behind.
-        #expect(!kernel.diagnostics.contains { $0.rule.hasPrefix("stale TLB entry") })
+        expect(!kernel.diagnostics.contains { $0.rule.hasPrefix("stale TLB entry") }, #"!kernel.diagnostics.contains { $0.rule.hasPrefix("stale TLB entry") }"#)
         // Every hugetlb page is back in the pool, no reservation left behind.
-        #expect(kernel.hugetlb.freePages == kernel.hugetlb.pageCount)
-        #expect(kernel.hugetlb.reservedPages == 0)
+        expect(kernel.hugetlb.freePages == kernel.hugetlb.pageCount, #"kernel.hugetlb.freePages == kernel.hugetlb.pageCount"#)
+        expect(kernel.hugetlb.reservedPages == 0, #"kernel.hugetlb.reservedPages == 0"#)
         withExtendedLifetime(kernel) {}
     }
 }
 
 /// Runs `body` with a fresh fixture and tears it down in the safe order.
-func withHMM(_ variant: HMMVariant = .devicePrivate, _ body: (HMMFixture) throws -> Void) rethrows {
+public func withHMM(_ variant: HMMVariant = .devicePrivate, _ body: (HMMFixture) throws -> Void) rethrows {
     let f = HMMFixture(variant)
     defer { f.teardown() }
     try body(f)
@@ -82,14 +81,14 @@ func withHMM(_ variant: HMMVariant = .devicePrivate, _ body: (HMMFixture) throws
 
 /// `struct hmm_buffer`: the mapping (`ptr`, `size`), the device-side mirror
 /// buffer, and the outputs of the last command.
-final class HMMBuffer: @unchecked Sendable {
-    var ptr: UInt64 = 0
-    var size: Int
-    let mirror: UnsafeMutableRawBufferPointer
-    var cpages = 0
-    var faults = 0
+public final class HMMBuffer: @unchecked Sendable {
+    public var ptr: UInt64 = 0
+    public var size: Int
+    public let mirror: UnsafeMutableRawBufferPointer
+    public var cpages = 0
+    public var faults = 0
 
-    init(size: Int, mirrorBytes: Int? = nil) {
+    public init(size: Int, mirrorBytes: Int? = nil) {
         self.size = size
         mirror = .allocate(byteCount: mirrorBytes ?? size, alignment: PageGeometry.pageSize)
         mirror.initializeMemory(as: UInt8.self, repeating: 0)
@@ -97,16 +96,16 @@ final class HMMBuffer: @unchecked Sendable {
     deinit { mirror.deallocate() }
 
     /// The mirror as 32-bit ints (`int *ptr = buffer->mirror`).
-    var mirrorInts: UnsafeMutableBufferPointer<Int32> { mirror.bindMemory(to: Int32.self) }
-    var mirrorBytes: UnsafeMutableBufferPointer<UInt8> { mirror.bindMemory(to: UInt8.self) }
+    public var mirrorInts: UnsafeMutableBufferPointer<Int32> { mirror.bindMemory(to: Int32.self) }
+    public var mirrorBytes: UnsafeMutableBufferPointer<UInt8> { mirror.bindMemory(to: UInt8.self) }
 }
 
 /// The dmirror ioctls as hmm_dmirror_cmd() issues them: 0 or -errno, with
 /// `cpages` and `faults` copied back into the buffer on success.
-enum Request { case read, write, migrateToDevice, migrateToSystem, snapshot, release, exclusive, checkExclusive }
+public enum Request: Sendable { case read, write, migrateToDevice, migrateToSystem, snapshot, release, exclusive, checkExclusive }
 
 @discardableResult
-func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer, _ npages: Int) -> Int32 {
+public func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer, _ npages: Int) -> Int32 {
     var cmd = DMirrorCommand(address: buffer.ptr, npages: npages)
     do {
         switch request {
@@ -128,13 +127,13 @@ func hmmCommand(_ device: MirrorDevice, _ request: Request, _ buffer: HMMBuffer,
 }
 
 /// HMM_DMIRROR_FLAGS.
-func hmmSetFlags(_ device: MirrorDevice, _ flags: DMirrorFlags) -> Int32 {
+public func hmmSetFlags(_ device: MirrorDevice, _ flags: DMirrorFlags) -> Int32 {
     device.setCommandFlags(flags)
     return 0
 }
 
 /// 0 or -errno of an emulated system call.
-func sys(_ body: () throws -> Void) -> Int32 {
+public func sys(_ body: () throws -> Void) -> Int32 {
     do { try body(); return 0 } catch let e as Errno { return -e.rawValue } catch { return -EIO }
 }
 
@@ -142,7 +141,7 @@ func sys(_ body: () throws -> Void) -> Int32 {
 
 /// Stores `value(i)` into int `i` of `[address, address + count * 4)`: one
 /// pass of CPU stores, as the C loops do.
-func storeInts(_ mm: AddressSpace, _ address: UInt64, from first: Int = 0, count: Int,
+public func storeInts(_ mm: AddressSpace, _ address: UInt64, from first: Int = 0, count: Int,
                _ value: (Int) -> Int32) throws {
     guard count > first else { return }
     var ints = [Int32](repeating: 0, count: count - first)
@@ -151,27 +150,27 @@ func storeInts(_ mm: AddressSpace, _ address: UInt64, from first: Int = 0, count
 }
 
 /// Loads `count` ints from `address` (CPU loads: device pages fault back).
-func loadInts(_ mm: AddressSpace, _ address: UInt64, count: Int) throws -> [Int32] {
+public func loadInts(_ mm: AddressSpace, _ address: UInt64, count: Int) throws -> [Int32] {
     var ints = [Int32](repeating: 0, count: count)
     try ints.withUnsafeMutableBytes { try mm.read(address, into: $0) }
     return ints
 }
 
 /// Loads int `index` of the mapping at `address`.
-func loadInt(_ mm: AddressSpace, _ address: UInt64, _ index: Int) throws -> Int32 {
+public func loadInt(_ mm: AddressSpace, _ address: UInt64, _ index: Int) throws -> Int32 {
     let b = try mm.read(address + UInt64(index * 4), count: 4)
     return b.withUnsafeBytes { $0.load(as: Int32.self) }
 }
 
 /// The first index where `ints` differs from `expected(i)`, or nil.
-func firstMismatch<C: Collection>(_ ints: C, _ expected: (Int) -> Int32) -> Int? where C.Element == Int32 {
+public func firstMismatch<C: Collection>(_ ints: C, _ expected: (Int) -> Int32) -> Int? where C.Element == Int32 {
     for (i, v) in ints.enumerated() where v != expected(i) { return i }
     return nil
 }
 
 /// The preamble most cases share: `npages` of private (or shared) anonymous
 /// read-write memory, each int `i` holding `i` (the C loops `ptr[i] = i`).
-func countingBuffer(_ mm: AddressSpace, npages: Int, shared: Bool = false) throws -> HMMBuffer {
+public func countingBuffer(_ mm: AddressSpace, npages: Int, shared: Bool = false) throws -> HMMBuffer {
     let size = npages << pageShift
     let buffer = HMMBuffer(size: size)
     buffer.ptr = try mm.mmap(length: size, protection: .readWrite, shared: shared)

@@ -1,0 +1,202 @@
+// `svmemu fidelity`: the kernel rig's livelock cases on the emulator, beside the real kernel's results.
+import ArgumentParser
+import Foundation
+import MirrorDriver
+import SVMEmu
+import SVMStress
+
+/// Runs the livelock cases a real kernel ran (Tools/kernel-rig, `make
+/// kernel-check`) on the emulator, deterministically, with the rig's machine
+/// profile and driver shape, and prints kernel and emulator side by side.
+struct FidelityCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fidelity",
+        abstract: "Run the real kernel's livelock cases on the emulator and set both side by side.",
+        discussion: """
+            The reference is a real kernel's results (Data/kernel/livelock.json, written by \
+            `make kernel-check`: Linux 6.12 with test_hmm in QEMU TCG, 2 vCPUs): for each case \
+            THREADS:MUTEX:MICROS (threads reading each of 512 device-private pages after a barrier; \
+            whether the driver takes a mutex around its migration; the fsleep() inside \
+            migrate_to_ram) and each fault path (legacy, trylock), whether every page completed \
+            and how many migrate_to_ram calls a page took, over several boots.
+
+            Each case runs here under the deterministic scheduler with --seeds seeds, on --cpus \
+            emulated CPUs, charging the --machine profile's measured costs (default qemu-tcg-2: \
+            measured inside the rig's guest), with the rig's driver shape (every call sleeps, \
+            with the kernel's fsleep rule). A run counts as a livelock when a page makes no \
+            progress for --stall-seconds virtual seconds. No cost is fitted to these outcomes: \
+            Docs/fidelity.md says how each was measured and what still differs.
+
+            A row agrees when the emulator's majority outcome equals the kernel's; "calls" \
+            compares calls per page (within 2x of the kernel's range over boots). Exits 1 when \
+            an outcome differs. With --json prints one object (Docs/json.md) whose results hold \
+            the reference (kernel, date, qemu) and one row per case and policy: case, policy, \
+            kernel and emulator (outcome, majority, completed, livelocked, callsPerPage [low, \
+            high]), outcomeAgrees, callsWithin2x.
+
+            \(ExitStatus.helpParagraph)
+            """)
+
+    @Option(name: .long, help: "The machine profile whose costs the runs charge: a shipped name or a profile file (default qemu-tcg-2).")
+    var machine = "qemu-tcg-2"
+
+    @Option(name: .long, help: "The kernel's results to compare with (default: the shipped Data/kernel/livelock.json).")
+    var reference: String?
+
+    @Option(name: .long, parsing: .unconditional, help: "Seeds per case: 1...N (1-100, default 5).")
+    var seeds = 5
+
+    @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs (1-64, default 2: the rig's vCPUs).")
+    var cpus = 2
+
+    @Option(name: .long, help: "Only these cases, comma-separated (for example 8:1:50,2:1:50).")
+    var cases: String?
+
+    @Option(name: .long, help: "Only this fault path: legacy or trylock (default both).")
+    var faultPolicy: String?
+
+    @Option(name: .long, parsing: .unconditional, help: "Virtual seconds without page progress that count as a livelock (0.01-60, default 1).")
+    var stallSeconds = 1.0
+
+    @Option(name: .long, help: "Which migrateToRAM calls sleep: every-call (the rig's) or copy.")
+    var driverWork = "every-call"
+
+    @Option(name: .long, help: "How they sleep: fsleep (the rig's), sleep or spin.")
+    var driverWait = "fsleep"
+
+    @Option(name: .long, help: "Also write the report to this file (the table, or the JSON with --json).")
+    var output: String?
+
+    @Flag(name: .long, help: "No progress line on standard error.")
+    var quiet = false
+
+    @OptionGroup var json: JSONOutputOptions
+
+    func validate() throws {
+        try checkRange(seeds, 1...100, flag: "--seeds")
+        try checkRange(cpus, 1...64, flag: "--cpus")
+        guard (0.01...60).contains(stallSeconds) else {
+            throw ValidationError("--stall-seconds must be 0.01...60 (got \(stallSeconds))")
+        }
+        if let faultPolicy, !["legacy", "trylock"].contains(faultPolicy.lowercased()) {
+            throw ValidationError("invalid --fault-policy '\(faultPolicy)'; valid values: legacy, trylock")
+        }
+        _ = try shape()
+        if let output { try OutputFile(output).checkWritable() }
+        if let cases {
+            for c in cases.split(separator: ",") where c.split(separator: ":").count != 3 {
+                throw ValidationError("--cases: '\(c)' is not THREADS:MUTEX:MICROS (for example 8:1:50)")
+            }
+        }
+    }
+
+    func shape() throws -> (DriverWorkShape, DriverWait) {
+        let work = try LivelockCommand.parse(driverWork, "--driver-work", DriverWorkShape.allCases.map(\.rawValue)) {
+            DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
+        }
+        let wait = try LivelockCommand.parse(driverWait, "--driver-wait", DriverWait.allCases.map(\.rawValue)) { DriverWait(rawValue: $0) }
+        return (work, wait)
+    }
+
+    /// The reference, cut to `--cases` and `--fault-policy`.
+    func loadReference() throws -> KernelLivelockReference {
+        var r: KernelLivelockReference
+        do {
+            r = try reference.map { try KernelLivelockReference.load(URL(fileURLWithPath: $0)) } ?? KernelLivelockReference.shipped()
+        } catch {
+            throw ValidationError("--reference: \(error)")
+        }
+        if let cases {
+            let wanted = Set(cases.split(separator: ",").map(String.init))
+            let known = Set(r.cases.map(\.case))
+            if let missing = wanted.subtracting(known).sorted().first {
+                throw ValidationError("--cases: the reference has no case \(missing) (it has \(known.sorted().joined(separator: ", ")))")
+            }
+            r.cases = r.cases.filter { wanted.contains($0.case) }
+        }
+        if let faultPolicy { r.cases = r.cases.filter { $0.policy == faultPolicy.lowercased() } }
+        return r
+    }
+
+    /// The harness settings the options give.
+    func settings() throws -> FidelityHarness.Settings {
+        let profile: MachineProfile
+        do { profile = try MachineProfile.resolve(machine) } catch {
+            throw ValidationError("--machine: \(error.description)")
+        }
+        var s = FidelityHarness.Settings()
+        s.costs = profile.virtualCosts
+        s.timesliceNanos = profile.baseSliceNanos
+        s.tickNanos = profile.tickNanos
+        s.cpus = cpus
+        s.seeds = (1...UInt64(seeds)).map { $0 }
+        s.stallSeconds = stallSeconds
+        (s.driverWork, s.driverWait) = try shape()
+        return s
+    }
+
+    /// What `--json` prints as results.
+    struct Results: Encodable {
+        let kernel: String
+        let date: String
+        let qemu: String
+        let machine: String
+        let cpus: Int
+        let seeds: Int
+        let rows: [FidelityRow]
+        let agree: Int
+        let differ: Int
+    }
+
+    func run() throws {
+        let reference = try loadReference()
+        let settings = try settings()
+        let line = ProgressLine(label: "svmemu fidelity")
+        let say = quiet ? nil : line.sink
+        let rows: [FidelityRow]
+        do {
+            rows = try FidelityHarness.run(reference, settings) { row, done, total in
+                say?("\(done)/\(total) cases (\(row.case) \(row.policy): \(row.emulator.outcome))")
+            }
+        } catch {
+            line.done()
+            throw CLIError.runFailed("svmemu fidelity: \(error)")
+        }
+        line.done()
+        let differ = rows.filter { !$0.outcomeAgrees }.count
+        let text: String
+        if json.json {
+            text = try JSONReport.render(for: self, results: Results(
+                kernel: reference.kernel, date: reference.date, qemu: reference.qemu, machine: machine, cpus: cpus,
+                seeds: seeds, rows: rows, agree: rows.count - differ, differ: differ))
+        } else {
+            text = Self.table(rows, reference, machine: machine, seeds: seeds)
+        }
+        print(text, terminator: json.json ? "\n" : "")
+        if let output { try OutputFile(output).write(text) }
+        if differ > 0 { throw ExitCode(1) }
+    }
+
+    static func table(_ rows: [FidelityRow], _ r: KernelLivelockReference, machine: String, seeds: Int) -> String {
+        func side(_ s: FidelitySide) -> String {
+            let calls = s.callsPerPage.map { $0[0] == $0[1] ? String(format: "%.2f", $0[0]) : String(format: "%.2f-%.2f", $0[0], $0[1]) }
+            switch s.outcome {
+            case "livelock": return "LIVELOCK (\(s.livelocked)/\(s.livelocked + s.completed))"
+            case "mixed": return "mixed: \(s.completed) complete, \(s.livelocked) livelock" + (calls.map { ", \($0)" } ?? "")
+            default: return "completes, " + (calls ?? "-")
+            }
+        }
+        var table = [["CASE", "POLICY", "KERNEL (\(r.kernel), BOOTS)", "EMULATOR (\(machine), \(seeds) SEEDS)", "OUTCOME", "CALLS/PAGE"]]
+        for row in rows {
+            table.append([row.case, row.policy, side(row.kernel), side(row.emulator),
+                          row.outcomeAgrees ? "agrees" : "DIFFERS",
+                          row.callsWithin2x.map { $0 ? "within 2x" : "beyond 2x" } ?? "-"])
+        }
+        let agree = rows.filter(\.outcomeAgrees).count
+        let calls = rows.compactMap(\.callsWithin2x)
+        return "kernel: Linux \(r.kernel), \(r.date), \(r.qemu.split(separator: " ").prefix(8).joined(separator: " ")) ...\n"
+            + "case = threads:driver mutex:µs slept in migrate_to_ram; 512 pages\n\n"
+            + CalibrateCommand.columns(table)
+            + "\noutcomes agree in \(agree) of \(rows.count) rows; calls per page within 2x in \(calls.filter { $0 }.count) of \(calls.count)\n"
+    }
+}

@@ -1,0 +1,322 @@
+import CSVMSupport
+import Foundation
+import SVMEmu
+
+/// Measures this host's primitives into a ``MachineProfile`` (`svmemu
+/// calibrate`). Every figure is the median of `rounds` repetitions of a
+/// microbenchmark (svm_calibrate.h), each repetition a batch of thousands of
+/// operations, or for the one-event measurements (a wake-up) `rounds` × 20
+/// events. The two-CPU measurements use the first two CPUs the process may
+/// run on; a one-CPU host reports them as 0 and says so in ``MachineProfile/methods``.
+public enum Calibration {
+    /// What a calibration is asked for.
+    public struct Settings: Sendable, Equatable {
+        /// Repetitions of each measurement (the median is kept).
+        public var rounds = 21
+        /// The profile's name (default `native-<N>core`).
+        public var name: String? = nil
+        /// The profile's description.
+        public var description: String? = nil
+        /// memcpy working sets, bytes (4 KiB to 64 MiB, doubling).
+        public var copySizes: [Int] = (12...26).map { 1 << $0 }
+        /// Pages of the page-walk chase (each load a TLB miss at any size
+        /// above the second-level TLB's reach).
+        public var walkPages = 8192
+
+        public init() {}
+    }
+
+    /// The tool string recorded in profiles.
+    public static let tool = "svmemu calibrate 0.1"
+
+    /// One measured figure: the median and the spread of its repetitions.
+    public struct Figure: Sendable, Equatable {
+        public var median: Double
+        public var low: Double
+        public var high: Double
+        init(_ values: [Double]) {
+            let v = values.filter(\.isFinite).sorted()
+            median = v.isEmpty ? 0 : (v.count % 2 == 1 ? v[v.count / 2] : (v[v.count / 2 - 1] + v[v.count / 2]) / 2)
+            low = v.first ?? 0
+            high = v.last ?? 0
+        }
+        init(median: Double, low: Double, high: Double) {
+            self.median = median
+            self.low = low
+            self.high = high
+        }
+    }
+
+    /// A calibration's outcome: the profile, and each cost's spread.
+    public struct Result: Sendable {
+        public var profile: MachineProfile
+        /// Each cost's repetitions, by cost key (low and high of the repetitions).
+        public var figures: [String: Figure]
+    }
+
+    /// Why a calibration could not run.
+    public struct Failure: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Runs every measurement; `progress` hears which one runs.
+    public static func run(_ settings: Settings, progress: ((String) -> Void)? = nil) throws(Failure) -> Result {
+        let rounds = max(1, settings.rounds)
+        let hostCPUs = Int(svm_cal_cpus())
+        guard hostCPUs >= 1 else { throw Failure(description: "cannot read this process's CPUs (sched_getaffinity)") }
+        let (a, b) = twoCPUs()
+        var figures: [String: Figure] = [:]
+        var methods: [String: String] = [:]
+
+        func measure(_ what: String, _ body: (UnsafeMutablePointer<Double>, Int32) -> Int32) throws(Failure) -> [Double] {
+            progress?(what)
+            var out = [Double](repeating: 0, count: rounds)
+            let rc = out.withUnsafeMutableBufferPointer { body($0.baseAddress!, Int32(rounds)) }
+            if rc != 0 { throw Failure(description: "\(what): the host refused (\(String(cString: strerror(-rc))))") }
+            return out
+        }
+        func pairs(_ what: String, _ body: (UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, Int32) -> Int32) throws(Failure) -> ([Double], [Double]) {
+            progress?(what)
+            var x = [Double](repeating: 0, count: rounds), y = x
+            let rc = x.withUnsafeMutableBufferPointer { xp in
+                y.withUnsafeMutableBufferPointer { yp in body(xp.baseAddress!, yp.baseAddress!, Int32(rounds)) }
+            }
+            if rc != 0 { throw Failure(description: "\(what): the host refused (\(String(cString: strerror(-rc))))") }
+            return (x, y)
+        }
+        /// Records `key` as the median of `values`.
+        func keep(_ key: String, _ values: [Double], _ method: String) -> Double {
+            let f = Figure(values)
+            figures[key] = f
+            methods[key] = method
+            return f.median
+        }
+        /// Records `key` as `a - b`, per repetition, clamped at 0.
+        func keepDifference(_ key: String, _ x: [Double], _ y: [Double], _ method: String) -> Double {
+            keep(key, zip(x, y).map { max(0, $0 - $1) }, method)
+        }
+
+        let hits = try measure("TLB hit") { svm_cal_tlb_hit($0, $1) }
+        let tlbHit = keep("tlbHit", hits, "a random pointer chase over the 64 cache lines of one 4 KiB page "
+                          + "(every load hits the L1 cache and the first-level TLB), 2^20 dependent loads a repetition")
+        let (walks, packed) = try pairs("page-table walk") { svm_cal_page_walk($0, $1, $2, Int32(settings.walkPages)) }
+        let pageTableWalk = keepDifference("pageTableWalk", walks, packed,
+            "a random pointer chase with one cache line in each of \(settings.walkPages) 4 KiB pages "
+            + "(\(settings.walkPages * 4 / 1024) MiB, MADV_NOHUGEPAGE: every load misses both TLB levels, the lines stay in L2) "
+            + "minus the same chase over as many lines packed into \(settings.walkPages * 64 / 1024) KiB (TLB hits)")
+        let faults = try measure("minor fault") { svm_cal_minor_fault($0, $1) }
+        let faultEntryExit = keepDifference("faultEntryExit", faults, Array(repeating: tlbHit, count: rounds),
+            "the first read of each of 256 pages of a fresh private anonymous mapping (MADV_NOHUGEPAGE: a minor fault "
+            + "that maps the zero page), per page, minus a TLB hit")
+        _ = keep("syscall", try measure("system call") { svm_cal_syscall($0, $1) },
+                 "syscall(SYS_getppid), 20000 a repetition")
+        let futexWake = keep("futexWake", try measure("futex wake") { svm_cal_futex_wake($0, $1) },
+                             "FUTEX_WAKE_PRIVATE of a word nobody waits on, 20000 a repetition")
+        let futexWait = keep("futexWait", try measure("futex wait") { svm_cal_futex_wait($0, $1) },
+                             "FUTEX_WAIT_PRIVATE with a value that does not match (EAGAIN at once), 20000 a repetition")
+        let (locks, unlocks) = try pairs("lock") { svm_cal_lock($0, $1, $2) }
+        let lockUncontended = keep("lockUncontended", locks,
+            "the emulator's futex mutex (svm_mutex_lock: one compare-and-exchange) on one thread: 10^6 lock/unlock pairs "
+            + "minus 10^6 unlocks alone")
+        _ = keep("unlock", unlocks, "svm_mutex_unlock (one exchange, no waiter to wake), 10^6 a repetition")
+        _ = lockUncontended
+        _ = keep("yield", try measure("yield") { svm_cal_yield($0, $1) },
+                 "sched_yield() pinned to one CPU, 20000 a repetition (nothing else runnable there unless the host is busy)")
+
+        var wakeLatency = 0.0, contextSwitch = 0.0, spinRound = 0.0
+        var ipiSendToReceipt = 0.0, ipiRoundTrip = 0.0, localFlush = 0.0
+        let oneCPU = "not measured: the process may run on one CPU only"
+        if let a, let b {
+            progress?("wake-up latency")
+            var wakes = [Double](repeating: 0, count: rounds * 20)
+            let rc = wakes.withUnsafeMutableBufferPointer { svm_cal_wake_latency($0.baseAddress!, Int32(rounds * 20), a, b) }
+            if rc != 0 { throw Failure(description: "wake-up latency: the host refused (\(String(cString: strerror(-rc))))") }
+            wakeLatency = keep("wakeLatency", wakes,
+                "a thread on CPU \(a) stores a futex word and calls FUTEX_WAKE; the thread on CPU \(b), asleep in FUTEX_WAIT "
+                + "for 200 µs, reads the clock when it runs: the time between, \(rounds * 20) wake-ups")
+            let switches = try measure("context switch") { svm_cal_context_switch($0, $1, a) }
+            contextSwitch = keepDifference("contextSwitch", switches,
+                                           Array(repeating: futexWake + futexWait, count: rounds),
+                "two threads pinned to CPU \(a) hand a futex word back and forth (2000 round trips a repetition); "
+                + "per switch, minus one FUTEX_WAKE and one FUTEX_WAIT (each switch makes both calls)")
+            spinRound = keep("spinRound", try measure("spin round") { svm_cal_spin_round($0, $1, a, b) },
+                "on CPU \(a): load, compare-and-exchange and pause on a cache line a thread on CPU \(b) keeps writing, "
+                + "10^5 rounds a repetition")
+            progress?("TLB shootdown")
+            var local = [Double](repeating: 0, count: rounds), remote = local, handling = local, interrupted = local
+            let rs = local.withUnsafeMutableBufferPointer { l in
+                remote.withUnsafeMutableBufferPointer { r in
+                    handling.withUnsafeMutableBufferPointer { h in
+                        interrupted.withUnsafeMutableBufferPointer { i in
+                            svm_cal_shootdown(l.baseAddress!, r.baseAddress!, h.baseAddress!, i.baseAddress!,
+                                              Int32(rounds), a, b)
+                        }
+                    }
+                }
+            }
+            if rs != 0 { throw Failure(description: "TLB shootdown: the host refused (\(String(cString: strerror(-rs))))") }
+            localFlush = keep("localFlush", local,
+                "mprotect() of one present, written page to read-only and back (2000 calls a repetition) while the "
+                + "process's other thread sleeps (its CPU skipped): a system call, the entry's change and a local "
+                + "flush, per call")
+            ipiRoundTrip = keepDifference("ipiRoundTrip", remote, local,
+                "the same mprotect() calls while the process's other thread spins in user mode on CPU \(b) "
+                + "(each call must then flush that CPU too and wait for it), minus the local call; local and "
+                + "remote repetitions alternate")
+            let perCall = Figure(interrupted).median
+            let handled = Figure(handling).median
+            if perCall >= 0.5 {
+                ipiSendToReceipt = keep("ipiSendToReceipt", zip(remote, local).map { max(0, ($0 - $1 - handled) / 2) },
+                    "derived: (ipiRoundTrip - the IPI's handling on CPU \(b)) / 2, the handling being the median "
+                    + "interruption (\(Int(handled.rounded())) ns) the spinning thread saw in its own clock_gettime loop "
+                    + "during the flushes (\(String(format: "%.2f", perCall)) a call); the sender's and the "
+                    + "acknowledgement's legs taken as equal")
+            } else {
+                ipiSendToReceipt = keep("ipiSendToReceipt", zip(remote, local).map { max(0, ($0 - $1) / 2) },
+                    "derived: ipiRoundTrip / 2. The spinning thread saw \(String(format: "%.2f", perCall)) interruptions "
+                    + "a call: the flushes did not reach its CPU as interrupts (a paravirtual remote flush: the "
+                    + "hypervisor flushes for the guest), so no handling time is known and the legs are taken as equal")
+            }
+        } else {
+            for key in ["wakeLatency", "contextSwitch", "spinRound", "ipiSendToReceipt", "ipiRoundTrip", "localFlush"] {
+                methods[key] = oneCPU
+                figures[key] = Figure(median: 0, low: 0, high: 0)
+            }
+        }
+
+        var memcpy: [MachineProfile.CopyBandwidth] = []
+        for size in settings.copySizes {
+            let gbps = try measure("memcpy \(size >> 10) KiB") { svm_cal_memcpy($0, $1, size) }
+            memcpy.append(.init(workingSetBytes: size, gbPerSecond: Figure(gbps).median))
+        }
+        methods["memcpy"] = "memcpy() between two buffers of the working set's size each (MADV_NOHUGEPAGE), repeated "
+            + "for at least 64 MiB a repetition (cache-warm when they fit): bytes per nanosecond, median of \(rounds)"
+
+        progress?("scheduler tick")
+        let (tickNanos, tickMethod) = tick(cpu: a ?? 0)
+        let (slice, sliceMethod) = baseSlice(cpus: hostCPUs)
+        let (preemption, preemptionMethod) = self.preemption()
+        methods["tickNanos"] = tickMethod
+        methods["baseSliceNanos"] = sliceMethod
+        methods["preemption"] = preemptionMethod
+
+        // A tenth of a nanosecond (a hundredth of a GB/s) is below any
+        // repetition's spread: the file keeps no false digits.
+        func r(_ v: Double) -> Double { (v * 10).rounded() / 10 }
+        memcpy = memcpy.map { .init(workingSetBytes: $0.workingSetBytes, gbPerSecond: ($0.gbPerSecond * 100).rounded() / 100) }
+        var costs = MachineProfile.Costs(
+            tlbHit: tlbHit, pageTableWalk: pageTableWalk, faultEntryExit: faultEntryExit,
+            syscall: figures["syscall"]!.median, futexWake: futexWake, futexWait: futexWait,
+            wakeLatency: wakeLatency, contextSwitch: contextSwitch, spinRound: spinRound,
+            lockUncontended: figures["lockUncontended"]!.median, unlock: figures["unlock"]!.median,
+            yield: figures["yield"]!.median, ipiSendToReceipt: ipiSendToReceipt, ipiRoundTrip: ipiRoundTrip,
+            localFlush: localFlush)
+        costs = MachineProfile.Costs(
+            tlbHit: r(costs.tlbHit), pageTableWalk: r(costs.pageTableWalk), faultEntryExit: r(costs.faultEntryExit),
+            syscall: r(costs.syscall), futexWake: r(costs.futexWake), futexWait: r(costs.futexWait),
+            wakeLatency: r(costs.wakeLatency), contextSwitch: r(costs.contextSwitch), spinRound: r(costs.spinRound),
+            lockUncontended: r(costs.lockUncontended), unlock: r(costs.unlock), yield: r(costs.yield),
+            ipiSendToReceipt: r(costs.ipiSendToReceipt), ipiRoundTrip: r(costs.ipiRoundTrip), localFlush: r(costs.localFlush))
+        let cpus = min(hostCPUs, CPUSet.maxCPUs)
+        let profile = MachineProfile(
+            name: settings.name ?? "native-\(cpus)core",
+            description: settings.description ?? "This host, measured by svmemu calibrate (\(rounds) repetitions a cost).",
+            measuredOn: machineDescription(), date: today(), tool: tool, cpus: cpus, costs: costs,
+            memcpy: memcpy,
+            scheduler: .init(baseSliceNanos: slice, tickNanos: tickNanos, preemption: preemption),
+            methods: methods)
+        return Result(profile: profile, figures: figures)
+    }
+
+    // MARK: the host
+
+    /// The first two CPUs the process may run on.
+    static func twoCPUs() -> (Int32?, Int32?) {
+        var a: Int32 = -1, b: Int32 = -1
+        svm_cal_first_cpus(&a, &b)
+        return (a >= 0 ? a : nil, b >= 0 ? b : nil)
+    }
+
+    /// The tick: local timer interrupts per second on a busy CPU, rounded to
+    /// the nearest CONFIG_HZ choice (100, 250, 300, 1000).
+    static func tick(cpu: Int32) -> (UInt64, String) {
+        let hz = svm_cal_tick_hz(cpu, 500)
+        let choices: [Double] = [100, 250, 300, 1000]
+        if hz > 0 {
+            let nearest = choices.min { abs($0 - hz) < abs($1 - hz) }!
+            return (UInt64(1e9 / nearest), String(format: "local timer interrupts (/proc/interrupts, LOC) on CPU %d kept busy for 0.5 s: %.0f a second, "
+                                              + "the nearest CONFIG_HZ is %.0f", cpu, hz, nearest))
+        }
+        return (1_000_000, "not measured (/proc/interrupts unreadable): HZ=1000 assumed")
+    }
+
+    /// EEVDF's base slice: debugfs when mounted, else the kernel's rule
+    /// (0.75 ms × (1 + log2 of the CPUs, at most 8), SCHED_TUNABLESCALING_LOG).
+    static func baseSlice(cpus: Int) -> (UInt64, String) {
+        for path in ["/sys/kernel/debug/sched/base_slice_ns", "/proc/sys/kernel/sched_base_slice_ns"] {
+            if let text = try? String(contentsOfFile: path, encoding: .utf8),
+               let v = UInt64(text.trimmingCharacters(in: .whitespacesAndNewlines)), v > 0 {
+                return (v, "read from \(path)")
+            }
+        }
+        let factor = 1 + UInt64(Int.bitWidth - 1 - min(max(cpus, 1), 8).leadingZeroBitCount)
+        return (750_000 * factor, "not readable (debugfs not mounted): the kernel's default rule, 0.75 ms x (1 + log2 min(CPUs, 8)) "
+                + "= 0.75 ms x \(factor) for \(cpus) CPUs (kernel/sched/fair.c, SCHED_TUNABLESCALING_LOG)")
+    }
+
+    /// The preemption model: debugfs, else the kernel's boot message
+    /// ("Dynamic Preempt: ..."), else its configuration.
+    static func preemption() -> (String, String) {
+        if let text = try? String(contentsOfFile: "/sys/kernel/debug/sched/preempt", encoding: .utf8),
+           let open = text.firstIndex(of: "("), let close = text[open...].firstIndex(of: ")") {
+            return (String(text[text.index(after: open)..<close]), "read from /sys/kernel/debug/sched/preempt")
+        }
+        if let config = kernelConfig() {
+            for (option, model) in [("CONFIG_PREEMPT_NONE=y", "none"), ("CONFIG_PREEMPT_VOLUNTARY=y", "voluntary"),
+                                    ("CONFIG_PREEMPT_LAZY=y", "lazy"), ("CONFIG_PREEMPT=y", "full")]
+            where config.contains(option) {
+                return (model, "the kernel's configuration (/proc/config.gz: \(option)); a preempt= boot option could change it")
+            }
+        }
+        return ("unknown", "neither debugfs nor the kernel's configuration readable")
+    }
+
+    static func kernelConfig() -> String? {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "zcat /proc/config.gz 2>/dev/null || cat /boot/config-$(uname -r) 2>/dev/null"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = FileHandle.nullDevice
+        do { try p.run() } catch { return nil }
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return data.isEmpty ? nil : String(decoding: data, as: UTF8.self)
+    }
+
+    static func machineDescription() -> String {
+        var model = "unknown CPU"
+        if let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+           let line = info.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
+           let colon = line.firstIndex(of: ":") {
+            model = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        var u = utsname()
+        uname(&u)
+        func field<T>(_ value: T) -> String {
+            withUnsafeBytes(of: value) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        }
+        var hypervisor = ""
+        if let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8), info.contains(" hypervisor") {
+            hypervisor = ", a virtual machine"
+        }
+        return "\(model), \(svm_cal_cpus()) CPUs\(hypervisor), Linux \(field(u.release))"
+    }
+
+    static func today() -> String {
+        var t = time(nil)
+        var tm = tm()
+        gmtime_r(&t, &tm)
+        return String(format: "%04d-%02d-%02d", Int(tm.tm_year) + 1900, Int(tm.tm_mon) + 1, Int(tm.tm_mday))
+    }
+}

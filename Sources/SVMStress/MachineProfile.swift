@@ -1,0 +1,320 @@
+import Foundation
+import SVMEmu
+import SVMProfiles
+
+/// One machine's measured costs: what a TLB hit, a minor fault, a futex call,
+/// a wake-up, a context switch, a spin round, a lock, a yield, a TLB
+/// shootdown and a copy take on that machine's hardware and kernel, and its
+/// scheduler's slice and tick. A deterministic run charges them as virtual
+/// time (``virtualCosts``), so a storm on the emulator can say what it would
+/// do on that machine: this host (`svmemu calibrate`), or the kernel rig's
+/// QEMU guest (the rig's guest calibrator writes the same file).
+///
+/// Every cost is the machine's own, measured by a microbenchmark (the median
+/// of many repetitions; ``methods`` says how each was measured); none is
+/// fitted to a storm's outcome. Docs/machine-profiles.md describes the file.
+public struct MachineProfile: Sendable, Codable, Equatable {
+    /// The profile's name (`native-2core`, `qemu-tcg-2`).
+    public var name: String
+    /// One sentence for people.
+    public var description: String
+    /// The machine: CPU model, kernel, hypervisor.
+    public var measuredOn: String
+    /// The day of the measurement, `YYYY-MM-DD`.
+    public var date: String
+    /// The program that measured (`svmemu calibrate 0.x`).
+    public var tool: String
+    /// The CPUs the measurement ran on.
+    public var cpus: Int
+    /// The costs, in nanoseconds.
+    public var costs: Costs
+    /// memcpy bandwidth by working set, smallest first.
+    public var memcpy: [CopyBandwidth]
+    /// The scheduler's timing.
+    public var scheduler: Scheduler
+    /// How each cost (by its key in ``costs``) was measured.
+    public var methods: [String: String]
+
+    /// The measured costs, in nanoseconds (medians).
+    public struct Costs: Sendable, Codable, Equatable {
+        /// A load that hits the TLB (and the L1 cache).
+        public var tlbHit: Double
+        /// A load that misses the TLB: the page-table walk, the load itself not counted.
+        public var pageTableWalk: Double
+        /// A minor fault: exception entry, the fault handler mapping the zero
+        /// page, and the return; the load not counted.
+        public var faultEntryExit: Double
+        /// A system call that does nothing (getppid).
+        public var syscall: Double
+        /// FUTEX_WAKE with no waiter.
+        public var futexWake: Double
+        /// FUTEX_WAIT whose value does not match (returns at once).
+        public var futexWait: Double
+        /// From a futex wake on one CPU to the woken thread running on another.
+        public var wakeLatency: Double
+        /// One switch between two threads on one CPU (the futex calls not counted).
+        public var contextSwitch: Double
+        /// One round of a compare-and-exchange spin on a line another CPU writes.
+        public var spinRound: Double
+        /// Taking an uncontended lock.
+        public var lockUncontended: Double
+        /// Releasing a lock nobody waits for.
+        public var unlock: Double
+        /// sched_yield() with nothing else to run.
+        public var yield: Double
+        /// From the shootdown's sender to the IPI reaching the other CPU.
+        public var ipiSendToReceipt: Double
+        /// A shootdown IPI's round trip: sent, handled, acknowledged.
+        public var ipiRoundTrip: Double
+        /// Changing one page's entry and flushing it on the local CPU only.
+        public var localFlush: Double
+
+        public init(tlbHit: Double, pageTableWalk: Double, faultEntryExit: Double, syscall: Double,
+                    futexWake: Double, futexWait: Double, wakeLatency: Double, contextSwitch: Double,
+                    spinRound: Double, lockUncontended: Double, unlock: Double, yield: Double,
+                    ipiSendToReceipt: Double, ipiRoundTrip: Double, localFlush: Double) {
+            self.tlbHit = tlbHit
+            self.pageTableWalk = pageTableWalk
+            self.faultEntryExit = faultEntryExit
+            self.syscall = syscall
+            self.futexWake = futexWake
+            self.futexWait = futexWait
+            self.wakeLatency = wakeLatency
+            self.contextSwitch = contextSwitch
+            self.spinRound = spinRound
+            self.lockUncontended = lockUncontended
+            self.unlock = unlock
+            self.yield = yield
+            self.ipiSendToReceipt = ipiSendToReceipt
+            self.ipiRoundTrip = ipiRoundTrip
+            self.localFlush = localFlush
+        }
+
+        /// Every cost by its key, in the file's order.
+        public var all: [(key: String, nanos: Double)] {
+            [("tlbHit", tlbHit), ("pageTableWalk", pageTableWalk), ("faultEntryExit", faultEntryExit),
+             ("syscall", syscall), ("futexWake", futexWake), ("futexWait", futexWait),
+             ("wakeLatency", wakeLatency), ("contextSwitch", contextSwitch), ("spinRound", spinRound),
+             ("lockUncontended", lockUncontended), ("unlock", unlock), ("yield", yield),
+             ("ipiSendToReceipt", ipiSendToReceipt), ("ipiRoundTrip", ipiRoundTrip), ("localFlush", localFlush)]
+        }
+
+        /// The keys of every cost, in the file's order.
+        public static let keys = ["tlbHit", "pageTableWalk", "faultEntryExit", "syscall", "futexWake", "futexWait",
+                                  "wakeLatency", "contextSwitch", "spinRound", "lockUncontended", "unlock", "yield",
+                                  "ipiSendToReceipt", "ipiRoundTrip", "localFlush"]
+    }
+
+    /// memcpy's bandwidth at one working set.
+    public struct CopyBandwidth: Sendable, Codable, Equatable {
+        /// Bytes of each copy (source and destination are distinct buffers of this size).
+        public var workingSetBytes: Int
+        /// Bytes copied per nanosecond.
+        public var gbPerSecond: Double
+
+        public init(workingSetBytes: Int, gbPerSecond: Double) {
+            self.workingSetBytes = workingSetBytes
+            self.gbPerSecond = gbPerSecond
+        }
+    }
+
+    /// The scheduler's timing on the machine.
+    public struct Scheduler: Sendable, Codable, Equatable {
+        /// EEVDF's base slice (`sysctl_sched_base_slice`, scaled by the CPUs).
+        public var baseSliceNanos: UInt64
+        /// One scheduler tick (1 s / CONFIG_HZ).
+        public var tickNanos: UInt64
+        /// The preemption model: none, voluntary, full or lazy.
+        public var preemption: String
+
+        public init(baseSliceNanos: UInt64, tickNanos: UInt64, preemption: String) {
+            self.baseSliceNanos = baseSliceNanos
+            self.tickNanos = tickNanos
+            self.preemption = preemption
+        }
+    }
+
+    public init(name: String, description: String, measuredOn: String, date: String, tool: String, cpus: Int,
+                costs: Costs, memcpy: [CopyBandwidth], scheduler: Scheduler, methods: [String: String]) {
+        self.name = name
+        self.description = description
+        self.measuredOn = measuredOn
+        self.date = date
+        self.tool = tool
+        self.cpus = cpus
+        self.costs = costs
+        self.memcpy = memcpy
+        self.scheduler = scheduler
+        self.methods = methods
+    }
+
+    // MARK: what a run charges
+
+    /// The deterministic scheduler's cost table from this machine's costs:
+    /// `access` the TLB hit, `fault` the minor fault's entry and exit, `lock`
+    /// and `unlock` the uncontended lock, `futex` the dearer of FUTEX_WAKE
+    /// and FUTEX_WAIT, `wake` the wake-up latency, `yield`, `contextSwitch`
+    /// and `spinRound` as measured, `walk`, `localFlush` and `ipi` from the
+    /// page-table walk, the local flush and the IPI round trip, and `copyPerKiB` from memcpy's bandwidth
+    /// at a 1-2 MiB working set (a 4 KiB to 2 MiB folio copy's source is
+    /// rarely in L1). Each is rounded to whole nanoseconds, at least 1: a
+    /// free scheduling point would let a spinning thread stop virtual time.
+    public var virtualCosts: VirtualCosts {
+        func ns(_ v: Double) -> UInt64 { v.isFinite && v >= 1 ? UInt64(v.rounded()) : 1 }
+        var v = VirtualCosts(access: ns(costs.tlbHit), fault: ns(costs.faultEntryExit),
+                             lock: ns(costs.lockUncontended), unlock: ns(costs.unlock),
+                             futex: ns(max(costs.futexWake, costs.futexWait)), wake: ns(costs.wakeLatency),
+                             yield: ns(costs.yield), copyPerKiB: ns(copyNanosPerKiB),
+                             contextSwitch: ns(costs.contextSwitch), spinRound: ns(costs.spinRound))
+        // The kernel's own work a migration does besides locks and copies:
+        // its page-table walks, local flushes and IPI rounds.
+        v.walk = ns(costs.pageTableWalk)
+        v.localFlush = ns(costs.localFlush)
+        v.ipi = ns(costs.ipiRoundTrip)
+        return v
+    }
+
+    /// Nanoseconds memcpy takes per KiB at a 1-2 MiB working set: the mean
+    /// bandwidth of the entries in that range, or the entry nearest to
+    /// 1.5 MiB (by ratio) when none is.
+    public var copyNanosPerKiB: Double {
+        let range = (1 << 20)...(2 << 20)
+        let inRange = memcpy.filter { range.contains($0.workingSetBytes) && $0.gbPerSecond > 0 }
+        let points = inRange.isEmpty
+            ? Array(memcpy.filter { $0.gbPerSecond > 0 && $0.workingSetBytes > 0 }
+                .min { abs(log(Double($0.workingSetBytes) / 1_572_864)) < abs(log(Double($1.workingSetBytes) / 1_572_864)) }
+                .map { [$0] } ?? [])
+            : inRange
+        guard !points.isEmpty else { return Double(VirtualCosts.measured.copyPerKiB) }
+        let gbps = points.map(\.gbPerSecond).reduce(0, +) / Double(points.count)
+        return 1024 / gbps
+    }
+
+    /// EEVDF's base slice on the machine, for the scheduler's timeslices.
+    public var baseSliceNanos: UInt64 { scheduler.baseSliceNanos }
+    /// The machine's tick, for the scheduler's timeslices.
+    public var tickNanos: UInt64 { scheduler.tickNanos }
+
+    // MARK: checks
+
+    /// Checks what a run relies on: a name, every cost finite and not
+    /// negative, at least one copy bandwidth (working set and GB/s above 0),
+    /// a tick and a slice above 0, CPUs 1-64. Returns the first problem, or nil.
+    public var problem: String? {
+        if name.isEmpty { return "the profile has no name" }
+        for (key, v) in costs.all where !v.isFinite || v < 0 {
+            return "costs.\(key) must be a finite number of nanoseconds >= 0 (got \(v))"
+        }
+        if memcpy.isEmpty { return "memcpy must list at least one working set" }
+        for m in memcpy where m.workingSetBytes <= 0 || !m.gbPerSecond.isFinite || m.gbPerSecond <= 0 {
+            return "memcpy entries need workingSetBytes > 0 and gbPerSecond > 0 (got \(m.workingSetBytes), \(m.gbPerSecond))"
+        }
+        if scheduler.tickNanos == 0 { return "scheduler.tickNanos must be above 0" }
+        if scheduler.baseSliceNanos == 0 { return "scheduler.baseSliceNanos must be above 0" }
+        if !(1...CPUSet.maxCPUs).contains(cpus) { return "cpus must be 1...\(CPUSet.maxCPUs) (got \(cpus))" }
+        return nil
+    }
+
+    // MARK: files
+
+    /// The profile as JSON (pretty-printed, keys sorted, a final newline).
+    public func json() throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        var data = try encoder.encode(self)
+        data.append(0x0A)
+        return data
+    }
+
+    /// Reads a profile from a JSON file and checks it (``problem``).
+    public static func load(path: String) throws(MachineProfileError) -> MachineProfile {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+            throw .unreadable(path: path, reason: "No such file or directory")
+        }
+        if isDirectory.boolValue { throw .unreadable(path: path, reason: "Is a directory") }
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
+            throw .unreadable(path: path, reason: FileManager.default.isReadableFile(atPath: path)
+                              ? error.localizedDescription : "Permission denied")
+        }
+        return try decode(data, source: path)
+    }
+
+    /// Decodes and checks a profile; `source` names it in errors.
+    public static func decode(_ data: Data, source: String) throws(MachineProfileError) -> MachineProfile {
+        let profile: MachineProfile
+        do { profile = try JSONDecoder().decode(MachineProfile.self, from: data) } catch {
+            throw .invalid(source: source, reason: Self.reason(error))
+        }
+        if let problem = profile.problem { throw .invalid(source: source, reason: problem) }
+        return profile
+    }
+
+    private static func reason(_ error: any Error) -> String {
+        switch error {
+        case DecodingError.keyNotFound(let key, let c):
+            return "missing key \((c.codingPath.map(\.stringValue) + [key.stringValue]).joined(separator: "."))"
+        case DecodingError.typeMismatch(_, let c), DecodingError.valueNotFound(_, let c):
+            return "wrong type at \(c.codingPath.map(\.stringValue).joined(separator: ".")): \(c.debugDescription)"
+        case DecodingError.dataCorrupted(let c):
+            return "not valid JSON: \(c.underlyingError.map { "\($0)" } ?? c.debugDescription)"
+        default:
+            return "\(error)"
+        }
+    }
+
+    // MARK: shipped profiles
+
+    /// Short names for shipped profiles: `native` is the profile of this
+    /// project's host class, measured by `svmemu calibrate`.
+    public static let aliases = ["native": "native-2core"]
+
+    /// The names `--machine` accepts besides a file: the aliases, then the
+    /// shipped profiles' own names.
+    public static var shippedNames: [String] {
+        let files = ShippedProfiles.names
+        let aliases = Self.aliases.filter { files.contains($0.value) }.map(\.key).sorted()
+        return aliases + files
+    }
+
+    /// The shipped profile `name` (an alias or a profile's own name).
+    public static func shipped(_ name: String) throws(MachineProfileError) -> MachineProfile {
+        let file = aliases[name] ?? name
+        guard let url = ShippedProfiles.url(named: file) else { throw .unknownName(name, known: shippedNames) }
+        return try load(path: url.path)
+    }
+
+    /// What `--machine` names: a shipped profile by name, else a file (a
+    /// path with a `/`, a name ending in `.json`, or any existing file).
+    public static func resolve(_ nameOrPath: String) throws(MachineProfileError) -> MachineProfile {
+        let file = aliases[nameOrPath] ?? nameOrPath
+        if ShippedProfiles.url(named: file) != nil { return try shipped(nameOrPath) }
+        if nameOrPath.contains("/") || nameOrPath.hasSuffix(".json") || FileManager.default.fileExists(atPath: nameOrPath) {
+            return try load(path: nameOrPath)
+        }
+        throw .unknownName(nameOrPath, known: shippedNames)
+    }
+}
+
+/// Why a machine profile could not be used.
+public enum MachineProfileError: Error, Equatable, CustomStringConvertible {
+    /// Not a shipped profile's name, and no such file.
+    case unknownName(String, known: [String])
+    /// The file could not be read.
+    case unreadable(path: String, reason: String)
+    /// The file is not a valid profile.
+    case invalid(source: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case .unknownName(let name, let known):
+            let list = known.isEmpty ? "none in this build (the profile bundle is not next to the binary)" : known.joined(separator: ", ")
+            return "no machine profile named \(name): the shipped profiles are \(list), or give a profile's file"
+        case .unreadable(let path, let reason):
+            return "cannot read the machine profile \(path): \(reason)"
+        case .invalid(let source, let reason):
+            return "\(source) is not a valid machine profile: \(reason)"
+        }
+    }
+}
