@@ -206,7 +206,8 @@ boot() {
 	LAST_LOG=$LOGS/$RUN_ID/$variant-$mode-$n.log
 	local append="console=ttyS0 panic=-1 hugepages=32 transparent_hugepage=madvise rigmode=$mode rigvariant=$variant $*"
 	local cmd=("${QEMU[@]}" -kernel "$image" -initrd "$OUT/initramfs.cpio.gz" -append "$append")
-	echo "${cmd[*]}" > "$LAST_LOG.cmd"
+	# The command as a shell would take it (the -append value quoted).
+	echo "${QEMU[*]} -kernel ${image#$REPO/} -initrd ${OUT#$REPO/}/initramfs.cpio.gz -append \"$append\"" > "$LAST_LOG.cmd"
 	say "boot $variant $mode #$n ($(date +%H:%M:%S)) -> ${LAST_LOG#$REPO/}"
 	local t0=$SECONDS rc=0
 	timeout "$BOOT_TIMEOUT" "${cmd[@]}" > "$LAST_LOG" 2>&1 < /dev/null || rc=$?
@@ -256,12 +257,13 @@ cmd_results() {
 	[ -d "$dir" ] || die "no logs in $dir (set RUN_ID to a folder under $LOGS)"
 	local qemu_cmd date meta=$dir/meta.json
 	qemu_cmd=$(cat "$(ls "$dir"/legacy-livelock-*.log.cmd | head -1)" 2>/dev/null || true)
+	qemu_cmd=${qemu_cmd//$REPO\//}
 	date=$(date -r "$dir" +%Y-%m-%d)
 	python3 - "$meta" "$qemu_cmd" "$date" "$(host_description)" "$(qemu-system-x86_64 --version | head -1)" <<'PY'
 import json, sys
 path, qemu, date, host, qver = sys.argv[1:6]
 json.dump({"kernel": "6.12.117", "package": "linux-source-6.12 6.12.117-1~deb12u1", "date": date,
-           "qemu": qemu.replace(" -kernel /", " -kernel /").strip(), "host": host,
+           "qemu": qemu.strip(), "host": host,
            "source": "Tools/kernel-rig (make kernel-check), " + qver,
            "notes": "legacy = 6.12.117 + the test_hmm knob patch (Tools/kernel-rig/patches/0001); trylock = + the backport of upstream 1afaeb8293c9 (patches/0002). Each boot runs every case once. A livelock run has callsPerPage null, seconds = the watchdog's limit, and callsPerSecond = migrate_to_ram calls per second while no page progressed.",
            "measuredOn": host, "description": "Linux 6.12.117 (Debian linux-source-6.12) under QEMU TCG, 2 vCPUs, 2 GiB, on " + host},

@@ -215,6 +215,12 @@ def livelock(args):
                         "-kernel bzImage.%s -initrd initramfs.cpio.gz -append \"%s\" -no-reboot"
                         % (meta.get("legacyImage", "instr"), cmd))
     cases = sorted(grouped.values(), key=lambda e: (case_key(e["case"]), e["policy"]))
+    for e in cases:
+        cpp = [r["callsPerPage"] for r in e["runs"] if r["outcome"] == "completes"]
+        e["summary"] = {"completes": sum(r["outcome"] == "completes" for r in e["runs"]),
+                        "livelock": sum(r["outcome"] == "livelock" for r in e["runs"]),
+                        "callsPerPageMin": min(cpp) if cpp else None,
+                        "callsPerPageMax": max(cpp) if cpp else None}
     doc = {
         "kernel": meta.get("kernel", "6.12.117"),
         "package": meta.get("package", "linux-source-6.12 6.12.117-1~deb12u1"),
@@ -306,7 +312,7 @@ def profile(args):
         "description": meta.get("description", "Linux 6.12.117 under QEMU TCG, 2 vCPUs (the kernel rig's guest)"),
         "measuredOn": meta.get("measuredOn"),
         "date": meta.get("date"),
-        "tool": "Tools/kernel-rig guest/calibrate.c (krefmode=calibrate), %d boots" % len(boots),
+        "tool": "Tools/kernel-rig/guest/calibrate.c (rig.sh calibrate, rigmode=calibrate), median of %d boots" % len(boots),
         "cpus": first.get("cpus", 2),
     }
     doc.update(costs)
