@@ -76,8 +76,10 @@ cmd_fetch() {
 	if [ -z "$deb" ]; then
 		say "downloading $PKG_NAME=$PKG_VERSION (about 150 MB)"
 		(cd "$RIG_DIR/cache" && apt-get download "$PKG_NAME=$PKG_VERSION") \
+			|| ( say "retrying after apt-get update"; $( [ "$(id -u)" = 0 ] || echo sudo ) apt-get update -qq; \
+			     cd "$RIG_DIR/cache" && apt-get download "$PKG_NAME=$PKG_VERSION" ) \
 			|| die "apt-get download $PKG_NAME=$PKG_VERSION failed: run 'apt-get update' (the version must be listed by 'apt-cache policy $PKG_NAME')"
-		deb=$(ls "$RIG_DIR"/cache/${PKG_NAME}_*_all.deb | head -1)
+		deb=$(ls "$RIG_DIR"/cache/${PKG_NAME}_*"${PKG_VERSION#*:}"*_all.deb | head -1)
 	fi
 	say "extracting $deb"
 	rm -rf "$RIG_DIR/pkg" "$SRC"

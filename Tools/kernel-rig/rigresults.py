@@ -4,6 +4,7 @@
   rigresults.py livelock --out Data/kernel/livelock.json [--tap Data/kernel/hmm-tests.tap]
                 [--selftest-log LOG] [--meta META.json] LOG...
   rigresults.py profile  --out Data/profiles/qemu-tcg-2.json [--meta META.json] LOG...
+  rigresults.py table    Data/kernel/livelock.json [--reference OTHER.json]
 
 Two log formats are read:
   * this rig's own (Tools/kernel-rig/guest/init): the guest prints
@@ -261,6 +262,47 @@ def summary(doc):
     return "\n".join(rows)
 
 
+def describe(entry):
+    """One case's runs in a table cell: outcomes and the calls/page range."""
+    if entry is None:
+        return "-"
+    runs = entry["runs"]
+    done = [r["callsPerPage"] for r in runs if r["outcome"] == "completes"]
+    hung = sum(r["outcome"] == "livelock" for r in runs)
+    parts = []
+    if done:
+        lo, hi = min(done), max(done)
+        rng = "%.2f" % lo if lo == hi else "%.2f-%.2f" % (lo, hi)
+        parts.append(("completes %s" % rng) if not hung else ("%d completes (%s)" % (len(done), rng)))
+    if hung:
+        parts.append("LIVELOCK" if not done else "%d LIVELOCK" % hung)
+    return ", ".join(parts)
+
+
+def table(args):
+    with open(args.data) as f:
+        doc = json.load(f)
+    ref = None
+    if args.reference:
+        with open(args.reference) as f:
+            ref = json.load(f)
+    idx = {(e["case"], e["policy"]): e for e in doc["cases"]}
+    ridx = {(e["case"], e["policy"]): e for e in ref["cases"]} if ref else {}
+    names = sorted({e["case"] for e in doc["cases"]}, key=case_key)
+    head = "| case | legacy (%d boots, %s) | trylock | " % (doc["boots"], doc["date"])
+    sep = "| --- | --- | --- |"
+    if ref:
+        head += "reference legacy (%s, %d boot) |" % (ref["date"], ref["boots"])
+        sep += " --- |"
+    print(head)
+    print(sep)
+    for n in names:
+        row = "| %s | %s | %s |" % (n, describe(idx.get((n, "legacy"))), describe(idx.get((n, "trylock"))))
+        if ref:
+            row += " %s |" % describe(ridx.get((n, "legacy")))
+        print(row)
+
+
 # --------------------------------------------------------------- profile
 
 def calibrations_of(lines):
@@ -358,6 +400,10 @@ def main():
     a.add_argument("--meta", help="JSON with kernel, package, date, qemu, host, notes")
     a.add_argument("logs", nargs="+")
     a.set_defaults(func=livelock)
+    t = sub.add_parser("table", help="a markdown table of a livelock.json (beside a reference one)")
+    t.add_argument("data")
+    t.add_argument("--reference")
+    t.set_defaults(func=table)
     b = sub.add_parser("profile", help="the calibration blocks as a machine profile (medians over boots)")
     b.add_argument("--out", required=True)
     b.add_argument("--meta")
