@@ -12,13 +12,15 @@
 #   guest      build the static guest programs and the initramfs (cached)
 #   selftest   boot vanilla, run hmm-tests, keep the TAP log
 #   livelock   boot legacy and trylock BOOTS times each, run the cases
-#   calibrate  boot vanilla BOOTS times, run the calibration program
-#   results    turn the logs of the last run into the data files
+#   calibrate  boot vanilla CALIBRATE_BOOTS times, run the calibration program
+#   results    turn a run's logs into the data files (RUN_ID, default the latest run)
 #   check      all of the above in order (what `make kernel-check` runs)
 #   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|shell)
 #
-# env: BOOTS (livelock boots per kernel, default 3), CALIBRATE_BOOTS (default 5), CASES (default: the 12 reference cases), WATCHDOG
-#      (seconds without page progress that declare a livelock, default 30),
+# env: BOOTS (livelock boots per kernel, default 3), CALIBRATE_BOOTS (default 5),
+#      CASES (default: the 12 reference cases), WATCHDOG (seconds without page
+#      progress that declare a livelock, default 30), RUN_ID (the logs' folder
+#      under .build-kernel/logs, default a new timestamp),
 #      PAGES (default 512), JOBS (make -j, default nproc), RIG_DIR (scratch,
 #      default <repo>/.build-kernel), BOOT_TIMEOUT (seconds, default 1200).
 set -euo pipefail
@@ -228,6 +230,7 @@ boot() {
 	say "boot took $((SECONDS - t0)) s"
 }
 
+RUN_ID_GIVEN=${RUN_ID:+yes}
 RUN_ID=${RUN_ID:-$(date +%Y%m%d-%H%M%S)}
 
 cmd_selftest() {
@@ -266,6 +269,11 @@ host_description() {
 }
 
 cmd_results() {
+	if [ -z "$RUN_ID_GIVEN" ] && [ ! -d "$LOGS/$RUN_ID" ]; then
+		RUN_ID=$(ls -1 "$LOGS" 2>/dev/null | grep -E '^[0-9]{8}-[0-9]{6}$' | tail -1 || true)
+		[ -n "$RUN_ID" ] || die "no run under $LOGS"
+		say "results of the latest run, $RUN_ID"
+	fi
 	local dir=$LOGS/$RUN_ID
 	[ -d "$dir" ] || die "no logs in $dir (set RUN_ID to a folder under $LOGS)"
 	local qemu_cmd date meta=$dir/meta.json
@@ -325,7 +333,7 @@ calibrate) cmd_calibrate ;;
 results) cmd_results ;;
 check) cmd_check ;;
 boot) shift; [ $# -ge 2 ] || die "usage: $0 boot VARIANT MODE [kernel args]"; boot "$@"; echo "log: $LAST_LOG" ;;
-*) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+*) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
 }
 main "$@"; exit $?
