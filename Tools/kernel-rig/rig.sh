@@ -12,13 +12,15 @@
 #   guest      build the static guest programs and the initramfs (cached)
 #   selftest   boot vanilla, run hmm-tests, keep the TAP log
 #   livelock   boot legacy and trylock BOOTS times each, run the cases
-#   calibrate  boot vanilla BOOTS times, run the calibration program
-#   results    turn the logs of the last run into the data files
+#   calibrate  boot vanilla CALIBRATE_BOOTS times, run the calibration program
+#   results    turn a run's logs into the data files (RUN_ID, default the latest run)
 #   check      all of the above in order (what `make kernel-check` runs)
 #   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|shell)
 #
-# env: BOOTS (livelock boots per kernel, default 3), CALIBRATE_BOOTS (default 5), CASES (default: the 12 reference cases), WATCHDOG
-#      (seconds without page progress that declare a livelock, default 30),
+# env: BOOTS (livelock boots per kernel, default 3), CALIBRATE_BOOTS (default 5),
+#      CASES (default: the 12 reference cases), WATCHDOG (seconds without page
+#      progress that declare a livelock, default 30), RUN_ID (the logs' folder
+#      under .build-kernel/logs, default a new timestamp),
 #      PAGES (default 512), JOBS (make -j, default nproc), RIG_DIR (scratch,
 #      default <repo>/.build-kernel), BOOT_TIMEOUT (seconds, default 1200).
 set -euo pipefail
@@ -76,8 +78,10 @@ cmd_fetch() {
 	if [ -z "$deb" ]; then
 		say "downloading $PKG_NAME=$PKG_VERSION (about 150 MB)"
 		(cd "$RIG_DIR/cache" && apt-get download "$PKG_NAME=$PKG_VERSION") \
+			|| ( say "retrying after apt-get update"; $( [ "$(id -u)" = 0 ] || echo sudo ) apt-get update -qq; \
+			     cd "$RIG_DIR/cache" && apt-get download "$PKG_NAME=$PKG_VERSION" ) \
 			|| die "apt-get download $PKG_NAME=$PKG_VERSION failed: run 'apt-get update' (the version must be listed by 'apt-cache policy $PKG_NAME')"
-		deb=$(ls "$RIG_DIR"/cache/${PKG_NAME}_*_all.deb | head -1)
+		deb=$(ls "$RIG_DIR"/cache/${PKG_NAME}_*"${PKG_VERSION#*:}"*_all.deb | head -1)
 	fi
 	say "extracting $deb"
 	rm -rf "$RIG_DIR/pkg" "$SRC"
@@ -206,14 +210,27 @@ boot() {
 	LAST_LOG=$LOGS/$RUN_ID/$variant-$mode-$n.log
 	local append="console=ttyS0 panic=-1 hugepages=32 transparent_hugepage=madvise rigmode=$mode rigvariant=$variant $*"
 	local cmd=("${QEMU[@]}" -kernel "$image" -initrd "$OUT/initramfs.cpio.gz" -append "$append")
-	echo "${cmd[*]}" > "$LAST_LOG.cmd"
+	# The command as a shell would take it (the -append value quoted).
+	echo "${QEMU[*]} -kernel ${image#$REPO/} -initrd ${OUT#$REPO/}/initramfs.cpio.gz -append \"$append\"" > "$LAST_LOG.cmd"
 	say "boot $variant $mode #$n ($(date +%H:%M:%S)) -> ${LAST_LOG#$REPO/}"
-	local t0=$SECONDS rc=0
-	timeout "$BOOT_TIMEOUT" "${cmd[@]}" > "$LAST_LOG" 2>&1 < /dev/null || rc=$?
+	local t0=$SECONDS rc attempt
+	# A kernel that dies before the init runs is booted again (twice at most):
+	# multi-threaded TCG has been seen, about once in 30 boots, to hit an int3
+	# Oops while the kernel patches its own text early in boot. The failed
+	# console log is kept as *.failed-N. A boot whose init ran is never retried.
+	for attempt in 1 2 3; do
+		rc=0
+		timeout "$BOOT_TIMEOUT" "${cmd[@]}" > "$LAST_LOG" 2>&1 < /dev/null || rc=$?
+		grep -aq "^RIG: boot variant=" "$LAST_LOG" && break
+		mv "$LAST_LOG" "$LAST_LOG.failed-$attempt"
+		say "warning: the kernel died before init (qemu rc=$rc; log kept as ${LAST_LOG#$REPO/}.failed-$attempt)"
+		[ $attempt -lt 3 ] && say "booting again" || { : > "$LAST_LOG"; }
+	done
 	grep -aq "RIG: done" "$LAST_LOG" || say "warning: boot did not finish (qemu rc=$rc after $((SECONDS - t0)) s); see $LAST_LOG"
 	say "boot took $((SECONDS - t0)) s"
 }
 
+RUN_ID_GIVEN=${RUN_ID:+yes}
 RUN_ID=${RUN_ID:-$(date +%Y%m%d-%H%M%S)}
 
 cmd_selftest() {
@@ -252,16 +269,22 @@ host_description() {
 }
 
 cmd_results() {
+	if [ -z "$RUN_ID_GIVEN" ] && [ ! -d "$LOGS/$RUN_ID" ]; then
+		RUN_ID=$(ls -1 "$LOGS" 2>/dev/null | grep -E '^[0-9]{8}-[0-9]{6}$' | tail -1 || true)
+		[ -n "$RUN_ID" ] || die "no run under $LOGS"
+		say "results of the latest run, $RUN_ID"
+	fi
 	local dir=$LOGS/$RUN_ID
 	[ -d "$dir" ] || die "no logs in $dir (set RUN_ID to a folder under $LOGS)"
 	local qemu_cmd date meta=$dir/meta.json
 	qemu_cmd=$(cat "$(ls "$dir"/legacy-livelock-*.log.cmd | head -1)" 2>/dev/null || true)
+	qemu_cmd=${qemu_cmd//$REPO\//}
 	date=$(date -r "$dir" +%Y-%m-%d)
 	python3 - "$meta" "$qemu_cmd" "$date" "$(host_description)" "$(qemu-system-x86_64 --version | head -1)" <<'PY'
 import json, sys
 path, qemu, date, host, qver = sys.argv[1:6]
 json.dump({"kernel": "6.12.117", "package": "linux-source-6.12 6.12.117-1~deb12u1", "date": date,
-           "qemu": qemu.replace(" -kernel /", " -kernel /").strip(), "host": host,
+           "qemu": qemu.strip(), "host": host,
            "source": "Tools/kernel-rig (make kernel-check), " + qver,
            "notes": "legacy = 6.12.117 + the test_hmm knob patch (Tools/kernel-rig/patches/0001); trylock = + the backport of upstream 1afaeb8293c9 (patches/0002). Each boot runs every case once. A livelock run has callsPerPage null, seconds = the watchdog's limit, and callsPerSecond = migrate_to_ram calls per second while no page progressed.",
            "measuredOn": host, "description": "Linux 6.12.117 (Debian linux-source-6.12) under QEMU TCG, 2 vCPUs, 2 GiB, on " + host},
@@ -310,7 +333,7 @@ calibrate) cmd_calibrate ;;
 results) cmd_results ;;
 check) cmd_check ;;
 boot) shift; [ $# -ge 2 ] || die "usage: $0 boot VARIANT MODE [kernel args]"; boot "$@"; echo "log: $LAST_LOG" ;;
-*) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+*) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
 }
 main "$@"; exit $?

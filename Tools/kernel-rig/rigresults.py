@@ -4,6 +4,7 @@
   rigresults.py livelock --out Data/kernel/livelock.json [--tap Data/kernel/hmm-tests.tap]
                 [--selftest-log LOG] [--meta META.json] LOG...
   rigresults.py profile  --out Data/profiles/qemu-tcg-2.json [--meta META.json] LOG...
+  rigresults.py table    Data/kernel/livelock.json [--reference OTHER.json]
 
 Two log formats are read:
   * this rig's own (Tools/kernel-rig/guest/init): the guest prints
@@ -215,6 +216,12 @@ def livelock(args):
                         "-kernel bzImage.%s -initrd initramfs.cpio.gz -append \"%s\" -no-reboot"
                         % (meta.get("legacyImage", "instr"), cmd))
     cases = sorted(grouped.values(), key=lambda e: (case_key(e["case"]), e["policy"]))
+    for e in cases:
+        cpp = [r["callsPerPage"] for r in e["runs"] if r["outcome"] == "completes"]
+        e["summary"] = {"completes": sum(r["outcome"] == "completes" for r in e["runs"]),
+                        "livelock": sum(r["outcome"] == "livelock" for r in e["runs"]),
+                        "callsPerPageMin": min(cpp) if cpp else None,
+                        "callsPerPageMax": max(cpp) if cpp else None}
     doc = {
         "kernel": meta.get("kernel", "6.12.117"),
         "package": meta.get("package", "linux-source-6.12 6.12.117-1~deb12u1"),
@@ -253,6 +260,47 @@ def summary(doc):
         s = doc["selftests"]
         rows.append("hmm-tests: pass %s fail %s skip %s" % (s["pass"], s["fail"], s["skip"]))
     return "\n".join(rows)
+
+
+def describe(entry):
+    """One case's runs in a table cell: outcomes and the calls/page range."""
+    if entry is None:
+        return "-"
+    runs = entry["runs"]
+    done = [r["callsPerPage"] for r in runs if r["outcome"] == "completes"]
+    hung = sum(r["outcome"] == "livelock" for r in runs)
+    parts = []
+    if done:
+        lo, hi = min(done), max(done)
+        rng = "%.2f" % lo if lo == hi else "%.2f-%.2f" % (lo, hi)
+        parts.append(("completes %s" % rng) if not hung else ("%d completes (%s)" % (len(done), rng)))
+    if hung:
+        parts.append("LIVELOCK" if not done else "%d LIVELOCK" % hung)
+    return ", ".join(parts)
+
+
+def table(args):
+    with open(args.data) as f:
+        doc = json.load(f)
+    ref = None
+    if args.reference:
+        with open(args.reference) as f:
+            ref = json.load(f)
+    idx = {(e["case"], e["policy"]): e for e in doc["cases"]}
+    ridx = {(e["case"], e["policy"]): e for e in ref["cases"]} if ref else {}
+    names = sorted({e["case"] for e in doc["cases"]}, key=case_key)
+    head = "| case | legacy (%d boots, %s) | trylock | " % (doc["boots"], doc["date"])
+    sep = "| --- | --- | --- |"
+    if ref:
+        head += "reference legacy (%s, %d boot) |" % (ref["date"], ref["boots"])
+        sep += " --- |"
+    print(head)
+    print(sep)
+    for n in names:
+        row = "| %s | %s | %s |" % (n, describe(idx.get((n, "legacy"))), describe(idx.get((n, "trylock"))))
+        if ref:
+            row += " %s |" % describe(ridx.get((n, "legacy")))
+        print(row)
 
 
 # --------------------------------------------------------------- profile
@@ -306,7 +354,7 @@ def profile(args):
         "description": meta.get("description", "Linux 6.12.117 under QEMU TCG, 2 vCPUs (the kernel rig's guest)"),
         "measuredOn": meta.get("measuredOn"),
         "date": meta.get("date"),
-        "tool": "Tools/kernel-rig guest/calibrate.c (krefmode=calibrate), %d boots" % len(boots),
+        "tool": "Tools/kernel-rig/guest/calibrate.c (rig.sh calibrate, rigmode=calibrate), median of %d boots" % len(boots),
         "cpus": first.get("cpus", 2),
     }
     doc.update(costs)
@@ -352,6 +400,10 @@ def main():
     a.add_argument("--meta", help="JSON with kernel, package, date, qemu, host, notes")
     a.add_argument("logs", nargs="+")
     a.set_defaults(func=livelock)
+    t = sub.add_parser("table", help="a markdown table of a livelock.json (beside a reference one)")
+    t.add_argument("data")
+    t.add_argument("--reference")
+    t.set_defaults(func=table)
     b = sub.add_parser("profile", help="the calibration blocks as a machine profile (medians over boots)")
     b.add_argument("--out", required=True)
     b.add_argument("--meta")
