@@ -66,6 +66,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver", "HMMSelftests", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver", "HMMSelftests", "TestSupport"],
+                    exclude: ["Fixtures"], swiftSettings: strict),
     ]
 )

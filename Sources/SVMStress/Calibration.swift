@@ -240,6 +240,13 @@ public enum Calibration {
     /// The tick: local timer interrupts per second on a busy CPU, rounded to
     /// the nearest CONFIG_HZ choice (100, 250, 300, 1000).
     static func tick(cpu: Int32) -> (UInt64, String) {
+        // The configuration is the kernel's own word; the interrupt count
+        // also counts other timers when the host is busy.
+        if let config = kernelConfig(),
+           let line = config.split(separator: "\n").first(where: { $0.hasPrefix("CONFIG_HZ=") }),
+           let hz = UInt64(line.dropFirst("CONFIG_HZ=".count)), hz > 0 {
+            return (1_000_000_000 / hz, "the kernel's configuration (CONFIG_HZ=\(hz), from /proc/config.gz or /boot/config-*)")
+        }
         let hz = svm_cal_tick_hz(cpu, 500)
         let choices: [Double] = [100, 250, 300, 1000]
         if hz > 0 {

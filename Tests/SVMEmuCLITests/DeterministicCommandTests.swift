@@ -71,8 +71,8 @@ struct DeterministicCommandTests {
     @Test("schedule arguments are checked before anything runs")
     func argumentErrors() throws {
         let cases: [([String], String)] = [
-            (["overhead", "--cpus", "4"], "--cpus and --preemptions need --deterministic"),
-            (["numa", "--preemptions", "2"], "--cpus and --preemptions need --deterministic"),
+            (["overhead", "--cpus", "4"], "--cpus, --preemptions and --machine need --deterministic"),
+            (["numa", "--preemptions", "2"], "--cpus, --preemptions and --machine need --deterministic"),
             (["overhead", "--deterministic", "--cpus", "0"], "--cpus must be 1...64 (got 0)"),
             (["numa", "--deterministic", "--cpus", "65"], "--cpus must be 1...64 (got 65)"),
             (["overhead", "--deterministic", "--preemptions", "1001"], "--preemptions must be 0...1000 (got 1001)"),

@@ -1,0 +1,101 @@
+import ArgumentParser
+import Foundation
+import SVMEmu
+import SVMStress
+import Testing
+@testable import SVMEmuCLI
+
+/// A profile in the shape the kernel rig's guest calibrator writes (the
+/// keys of Docs/machine-profiles.md), with round figures.
+private let example = """
+    {"name":"example-2core","description":"a test machine","measuredOn":"nowhere","date":"2026-12-06",
+     "tool":"svmemu calibrate 0.1","cpus":2,
+     "costs":{"tlbHit":1.4,"pageTableWalk":30,"faultEntryExit":900,"syscall":100,"futexWake":200,"futexWait":250,
+              "wakeLatency":40000,"contextSwitch":3000,"spinRound":70,"lockUncontended":5,"unlock":0.2,"yield":400,
+              "ipiSendToReceipt":2000,"ipiRoundTrip":5000,"localFlush":600},
+     "memcpy":[{"workingSetBytes":4096,"gbPerSecond":50},{"workingSetBytes":1048576,"gbPerSecond":20},
+               {"workingSetBytes":2097152,"gbPerSecond":12},{"workingSetBytes":67108864,"gbPerSecond":5}],
+     "scheduler":{"baseSliceNanos":3000000,"tickNanos":1000000,"preemption":"voluntary"},
+     "methods":{"tlbHit":"a chase"}}
+    """
+
+@Suite("machine profiles")
+struct MachineProfileTests {
+    @Test("a profile file decodes, and maps onto the scheduler's costs as documented")
+    func virtualCostsMapping() throws {
+        let p = try MachineProfile.decode(Data(example.utf8), source: "example")
+        let v = p.virtualCosts
+        #expect(v.access == 1 && v.fault == 900 && v.lock == 5 && v.futex == 250 && v.wake == 40_000)
+        #expect(v.unlock == 1, "a cost below a nanosecond is charged as 1: a free point would stop virtual time")
+        #expect(v.yield == 400 && v.contextSwitch == 3000 && v.spinRound == 70)
+        // 1-2 MiB: the mean of 20 and 12 GB/s, 16 GB/s: 64 ns a KiB.
+        #expect(v.copyPerKiB == 64)
+        #expect(p.baseSliceNanos == 3_000_000 && p.tickNanos == 1_000_000)
+        // What the profile writes reads back the same.
+        #expect(try MachineProfile.decode(try p.json(), source: "round trip") == p)
+    }
+
+    @Test("invalid profiles are refused with the reason")
+    func invalidProfiles() throws {
+        #expect(throws: MachineProfileError.self) { try MachineProfile.decode(Data("{}".utf8), source: "empty") }
+        let negative = example.replacingOccurrences(of: "\"syscall\":100", with: "\"syscall\":-1")
+        do {
+            _ = try MachineProfile.decode(Data(negative.utf8), source: "negative")
+            Issue.record("a negative cost was accepted")
+        } catch {
+            #expect(error.description.contains("costs.syscall"))
+        }
+        do {
+            _ = try MachineProfile.resolve("no-such-machine")
+            Issue.record("an unknown name was accepted")
+        } catch {
+            #expect(error.description.contains("native"), "the message lists the shipped profiles")
+        }
+    }
+
+    @Test("the shipped native profile loads and is complete")
+    func shippedNative() throws {
+        let p = try MachineProfile.resolve("native")
+        #expect(p.name == "native-2core" && p.cpus == 2)
+        #expect(p.problem == nil)
+        for key in MachineProfile.Costs.keys { #expect(p.methods[key] != nil, "method of \(key)") }
+        #expect(p.memcpy.first?.workingSetBytes == 4096 && p.memcpy.last?.workingSetBytes == 64 << 20)
+    }
+
+    @Test("--machine: checked before the run, refused without --deterministic, listed when unknown")
+    func machineOption() throws {
+        #expect(throws: (any Error).self) { try SVMEmuCommand.parseAsRoot(["livelock", "--machine", "native"]) }
+        do {
+            _ = try SVMEmuCommand.parseAsRoot(["livelock", "--deterministic", "--machine", "nosuch"])
+            Issue.record("an unknown profile was accepted")
+        } catch {
+            let message = SVMEmuCommand.message(for: error)
+            #expect(message.contains("--machine") && message.contains("native"))
+        }
+        for command in [["explore"], ["replay"], ["soak"], ["overhead", "--deterministic"], ["numa", "--deterministic"]] {
+            #expect(throws: (any Error).self, "\(command[0])") {
+                try SVMEmuCommand.parseAsRoot(command + ["--machine", "/nonexistent/profile.json"])
+            }
+            _ = try SVMEmuCommand.parseAsRoot(command + ["--machine", "native"])
+        }
+    }
+
+    @Test("a deterministic storm charges the profile's costs; without --machine the report is unchanged")
+    func stormUnderAProfile() throws {
+        var s = StormSettings(faultPolicy: .trylock, driverLock: .exclusive, threads: 2, pages: 4)
+        s.deterministic = true
+        s.cpus = 2
+        let plain = try StormHarness.run(s)
+        var p = try MachineProfile.decode(Data(example.utf8), source: "example")
+        p.costs.wakeLatency = 400_000
+        s.machine = p
+        let profiled = try StormHarness.run(s)
+        #expect(plain.pagesMigrated == 4 && profiled.pagesMigrated == 4)
+        #expect(profiled.virtualSeconds != plain.virtualSeconds)
+        let encoder = JSONEncoder()
+        let plainJSON = String(decoding: try encoder.encode(plain), as: UTF8.self)
+        let profiledJSON = String(decoding: try encoder.encode(profiled), as: UTF8.self)
+        #expect(!plainJSON.contains("\"machine\""))
+        #expect(profiledJSON.contains("\"machine\":\"example-2core\""))
+    }
+}
