@@ -143,6 +143,7 @@ public enum FidelityHarness {
         s.preemptions = 0
         s.driverWork = settings.driverWork
         s.driverWait = settings.driverWait
+        s.release = .wakeAll
         return s
     }
 

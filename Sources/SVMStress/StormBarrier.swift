@@ -17,10 +17,15 @@ import Glibc
 /// time-sliced by the host scheduler, which also preempts threads inside the
 /// fault path: the interleavings of many CPUs, approximated on few.
 ///
-/// `.oneByOne`: pthread_barrier's shape. Waiters sleep on a futex word at
+/// `.oneByOne`: a futex wake chain. Waiters sleep on a futex word at
 /// once; the last to arrive wakes one and leaves, and each woken waiter
-/// wakes the next before it leaves (a futex wake chain), so the threads go
-/// one wake-up latency apart.
+/// wakes the next before it leaves, so the threads go one wake-up latency
+/// apart.
+///
+/// `.wakeAll`: glibc's `pthread_barrier_wait()` (2.25 and later). Waiters
+/// sleep on a futex word; the last to arrive wakes them all with one
+/// FUTEX_WAKE and goes on at once: the woken threads follow one wake-up
+/// latency later, and queue for a CPU when they outnumber the idle ones.
 ///
 /// Deterministic storms: the barrier's lock is a ``KernelMutex`` and the
 /// waiters sleep on a futex word (scheduling points). `.all` releases them
@@ -52,7 +57,7 @@ final class StormBarrier: @unchecked Sendable {
          action: @escaping (_ round: Int) -> Void) {
         if parties <= 0 { contractViolation("StormBarrier: at least one party (got \(parties))") }
         self.release = release
-        futexBarrier = deterministic || release == .oneByOne
+        futexBarrier = deterministic || release != .all
         words = .allocate(capacity: 2)
         words.initialize(repeating: 0, count: 2)
         self.parties = parties
@@ -90,6 +95,8 @@ final class StormBarrier: @unchecked Sendable {
             futexLock.unlock()
             if release == .oneByOne {
                 _ = svm_futex_wake(word, 1)
+            } else if release == .wakeAll {
+                _ = svm_futex_wake(word, Int32.max)
             } else {
                 _ = svm_futex_wake(word, Int32.max)
                 // Spinning waiters leave when the releaser does: it waits out the

@@ -31,6 +31,11 @@ public enum StormRelease: String, Sendable, CaseIterable, Codable {
     /// once and wakes one waiter; each woken waiter wakes the next, one
     /// wake-up latency apart.
     case oneByOne = "one-by-one"
+    /// The last to arrive wakes every waiter with one FUTEX_WAKE and goes
+    /// on at once; the woken queue for CPUs (glibc 2.25+'s
+    /// `pthread_barrier_wait()`, which the kernel rig's livelock program
+    /// uses).
+    case wakeAll = "wake-all"
 }
 
 /// The storm's page size.

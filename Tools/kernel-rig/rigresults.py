@@ -357,7 +357,7 @@ def profile(args):
         "tool": "Tools/kernel-rig/guest/calibrate.c (rig.sh calibrate, rigmode=calibrate), median of %d boots" % len(boots),
         "cpus": first.get("cpus", 2),
     }
-    doc.update(costs)
+    doc["costs"] = costs
     doc["memcpy"] = memcpy
     doc["scheduler"] = first["scheduler"]
     doc["methods"] = methods

@@ -102,7 +102,7 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with and, with --deterministic, of the schedule (0 to 2^64-1).")
     var seed: UInt64 = 1
 
-    @Option(name: .long, help: "How the threads leave the barrier before each page: all (at once, CPUs spinning in a barrier) or one-by-one (pthread_barrier's futex wake-ups, each woken thread waking the next).")
+    @Option(name: .long, help: "How the threads leave the barrier before each page: all (at once, CPUs spinning in a barrier), one-by-one (a futex wake chain, each woken thread waking the next) or wake-all (glibc's pthread_barrier_wait: one FUTEX_WAKE for all, the last to arrive goes on at once).")
     var release = "all"
 
     /// Sets the scenario, fault path, driver lock, DMA wait, page size, release style and seed.
@@ -116,7 +116,8 @@ struct StormScenarioOptions: ParsableArguments {
             switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
         }
         s.release = try LivelockCommand.parse(release, "--release", StormRelease.allCases.map(\.rawValue)) {
-            StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one" : $0)
+            StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one"
+                         : $0 == "wakeall" || $0 == "wake_all" ? "wake-all" : $0)
         }
         s.driverWork = try LivelockCommand.parse(driverWork, "--driver-work", DriverWorkShape.allCases.map(\.rawValue)) {
             DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
