@@ -142,6 +142,33 @@ static inline void svm_det_lock_event(const void *lock, int event) {
     if (svm_det_active()) svm_det_lock_hook(lock, event);
 }
 
+// ---- emulated threads as fibers (the deterministic scheduler's engine) ----
+// A fiber is a stack and a saved register set: the scheduler's emulated
+// threads all run on one host thread and pass control to each other by
+// switching stacks in user space (svm_fiber_switch, tens of nanoseconds),
+// never through the host kernel. What a host thread keeps per thread and the
+// emulator relies on travels with each fiber: the emulated-thread record
+// (svm_det_current), the lock-order stack (svm_lockdep_thread), the CPU
+// binding, the host thread slot, Swift's dynamic exclusivity access set
+// (swift_task_exit/enterThreadLocalContext, as Swift concurrency swaps it for
+// tasks), and ThreadSanitizer's notion of the running thread (its fiber API).
+typedef struct svm_fiber svm_fiber_t;
+typedef void (*svm_fiber_entry_fn)(void *arg);
+// A fiber that runs entry(arg) when first switched to, on a stack of
+// stack_bytes (plus a guard page below it); while it runs, svm_det_current()
+// is det_current. entry must never return (it switches away for good at its
+// end). NULL when the host refuses the memory.
+svm_fiber_t *svm_fiber_create(size_t stack_bytes, svm_fiber_entry_fn entry, void *arg, void *det_current);
+// The calling host thread's own context as a fiber (no stack of its own), to
+// switch away from and back to. Destroy it on the same thread when done.
+svm_fiber_t *svm_fiber_adopt_thread(void);
+// Saves the calling context in `from` (which must be the running fiber) and
+// resumes `to`; returns when some fiber switches back to `from`.
+void svm_fiber_switch(svm_fiber_t *from, svm_fiber_t *to);
+// Frees a fiber and its stack. Only for a fiber that will never run again
+// and whose stack nothing points into (one whose entry reached its end).
+void svm_fiber_destroy(svm_fiber_t *fiber);
+
 // ---- futex ----
 // Sleep while *word == expected, at most timeout_ns (0 = no limit). Returns 0 when
 // woken (or spuriously), ETIMEDOUT when the time ran out, EAGAIN when *word had

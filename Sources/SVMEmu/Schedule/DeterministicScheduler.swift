@@ -1,8 +1,9 @@
 import CSVMSupport
 
-/// A deterministic scheduler: emulated threads (real host threads, but only
-/// one of them runs at a time) that switch only at the scheduling points the
-/// emulated kernel defines, in virtual time, chosen by a seeded generator.
+/// A deterministic scheduler: emulated threads (fibers, each with a stack of
+/// its own, all on one host thread of the scheduler's, so only one of them
+/// runs at a time) that switch only at the scheduling points the emulated
+/// kernel defines, in virtual time, chosen by a seeded generator.
 ///
 /// Scheduling points: acquire and release of every futex-mutex kernel lock
 /// (page-table, PMD, zone locks, ``KernelMutex``, ``KernelRWSemaphore``), the
@@ -33,9 +34,9 @@ import CSVMSupport
 ///
 /// When no thread can run and some wait indefinitely (observer threads, such
 /// as a watchdog, do not count), the run ends with ``Outcome/deadlock(_:)`` and
-/// the wait-for cycle; the deadlocked host threads stay parked for the life of
-/// the process (they hold the locks of the deadlock, so nothing can release
-/// them).
+/// the wait-for cycle; the deadlocked threads are never resumed, and their
+/// stacks stay allocated for the life of the process (their frames hold the
+/// locks of the deadlock and may be pointed to).
 public final class DeterministicScheduler: @unchecked Sendable {
 
     /// How a run schedules its threads.
@@ -110,7 +111,12 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// ``LockOrder``'s graph lock.
     var violationsFound: [LockOrder.Violation] = []
     var outcome: Outcome = .completed
+    /// How the run ended, as its threads saw it (``run()`` makes it the outcome).
+    var ending: Outcome = .completed
+    /// 0 while the run goes on, 1 when it ended, 2 when its caller abandoned it.
     let doneWord: UnsafeMutablePointer<UInt32>
+    /// The scheduler's host thread's own context, while the run goes on.
+    var hostFiber: OpaquePointer? = nil
     var started = false
 
     /// A scheduler for one run.
@@ -144,6 +150,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// Runs every spawned thread to its end under the scheduler and returns
     /// how the run ended. Blocks the caller (which is not an emulated thread)
     /// until then, at most `hostTimeoutSeconds`.
+    ///
+    /// The threads run as fibers on one host thread of the scheduler's own
+    /// (``switchTo(_:from:)``); the caller waits for it, so that a run that
+    /// never reaches its end (a thread that loops without a scheduling point)
+    /// still returns at the host timeout.
     public func run() -> Outcome {
         if started { contractViolation("DeterministicScheduler.run: a scheduler runs once") }
         started = true
@@ -158,23 +169,59 @@ public final class DeterministicScheduler: @unchecked Sendable {
             LockOrder.disable()
             svm_det_activate(-1)
         }
-        var handles: [HostThreadHandle] = []
         for t in threads {
-            guard let h = HostThreadHandle.spawn({ t.main() }) else {
-                contractViolation("DeterministicScheduler: the host refused a thread")
+            let raw = Unmanaged.passUnretained(t).toOpaque()
+            guard let f = svm_fiber_create(Self.fiberStackBytes, { raw in
+                Unmanaged<EmulatedThread>.fromOpaque(raw!).takeUnretainedValue().main()
+            }, raw, raw) else {
+                contractViolation("DeterministicScheduler: the host refused the memory of a thread's stack "
+                                  + "(\(Self.fiberStackBytes >> 20) MiB)")
             }
-            handles.append(h)
+            t.fiber = f
         }
-        let first = pick(from: nil)!
-        first.giveBaton()
+        guard let runner = HostThreadHandle.spawn({ self.runFibers() }) else {
+            contractViolation("DeterministicScheduler: the host refused a thread")
+        }
         let deadline = HostClock.hostNanos() &+ UInt64(configuration.hostTimeoutSeconds * 1e9)
         while svm_load32(doneWord) == 0 {
             let now = HostClock.hostNanos()
-            if now >= deadline { outcome = .hostTimeout; break }
+            if now >= deadline {
+                // Abandoned: the running thread stops at its next switch and
+                // the runner ends; nothing of the run is touched from here.
+                var running: UInt32 = 0
+                if svm_cas32(doneWord, &running, 2) {
+                    runner.detach()
+                    outcome = .hostTimeout
+                    return outcome
+                }
+                break
+            }
             _ = svm_futex_wait_raw(doneWord, 0, min(deadline - now, 100_000_000))
         }
-        if case .completed = outcome { for h in handles { h.join() } } else { for h in handles { h.detach() } }
+        runner.join()
+        outcome = ending
+        for t in threads where t.state == .finished {
+            svm_fiber_destroy(t.fiber)
+            t.fiber = nil
+        }
         return outcome
+    }
+
+    /// The stack of each emulated thread: as large as a host thread's default
+    /// (the emulated kernel's paths are deep Swift code); reserved, not
+    /// committed, with a guard page below it.
+    static let fiberStackBytes = 8 << 20
+
+    /// The scheduler's host thread: switches to the first thread and comes
+    /// back here when the run ends (every thread finished, a deadlock) or is
+    /// abandoned; then lets the caller of ``run()`` go on.
+    func runFibers() {
+        let host = svm_fiber_adopt_thread()
+        hostFiber = host
+        if let first = pick(from: nil) { svm_fiber_switch(host, first.fiber) }
+        svm_fiber_destroy(host)
+        var running: UInt32 = 0
+        if svm_cas32(doneWord, &running, 1) { _ = svm_futex_wake_raw(doneWord, 1) }
     }
 
     /// The lock-order violations (``LockOrder``) the run's threads closed,
@@ -225,18 +272,32 @@ public final class DeterministicScheduler: @unchecked Sendable {
         return cost - span + rng.next() % (2 * span + 1)
     }
 
-    /// Hands the baton to the thread that should run next; returns when `me`
+    /// Passes control to the thread that should run next; returns when `me`
     /// runs again (at once when that is `me`).
     func reschedule(_ me: EmulatedThread, _ event: StaticString) {
         guard let next = pick(from: me) else {
             deadlocked(me)
-            me.parkForever()
+            endRun(from: me)
         }
         record(next, event)
         if next === me { return }
-        me.releaseBaton()
-        next.giveBaton()
-        me.waitForBaton()
+        switchTo(next, from: me)
+    }
+
+    /// Passes control from the running thread `me` to `next`; returns when
+    /// a thread switches back to `me`. The only place where control moves
+    /// between emulated threads (besides the end of the run, ``endRun(from:)``).
+    func switchTo(_ next: EmulatedThread, from me: EmulatedThread) {
+        // A run its caller abandoned (host timeout) stops here.
+        if _slowPath(svm_load32_relaxed(doneWord) == 2) { endRun(from: me) }
+        svm_fiber_switch(me.fiber, next.fiber)
+    }
+
+    /// Ends the run on the running thread `me` (which never runs again):
+    /// back to the scheduler's host thread.
+    func endRun(from me: EmulatedThread) -> Never {
+        svm_fiber_switch(me.fiber, hostFiber)
+        contractViolation("DeterministicScheduler: a thread of an ended run (\(me.name)) ran again")
     }
 
     func record(_ next: EmulatedThread, _ event: StaticString) {
@@ -301,15 +362,13 @@ public final class DeterministicScheduler: @unchecked Sendable {
         return best
     }
 
-    /// Records the deadlock (or the end of the run) and releases the caller of ``run()``.
+    /// Records the deadlock (or the end of the run); ``endRun(from:)`` follows.
     func deadlocked(_ me: EmulatedThread) {
         if threads.allSatisfy({ $0.state == .finished }) {
-            outcome = .completed
+            ending = .completed
         } else {
-            outcome = .deadlock(waitForReport())
+            ending = .deadlock(waitForReport())
         }
-        svm_store32(doneWord, 1)
-        _ = svm_futex_wake_raw(doneWord, 1)
     }
 
     /// The waits of every blocked thread and the cycle among them, if one.
