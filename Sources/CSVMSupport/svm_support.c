@@ -31,7 +31,7 @@ uint32_t svm_det_active_count = 0;
 svm_det_wait_fn svm_det_wait_hook = 0;
 svm_det_wake_fn svm_det_wake_hook = 0;
 svm_det_lock_fn svm_det_lock_hook = 0;
-static _Thread_local void *svm_tls_det_current = 0;
+__attribute__((tls_model("initial-exec"))) _Thread_local void *svm_tls_det_current = 0;
 
 void svm_det_install(svm_det_wait_fn wait, svm_det_wake_fn wake, svm_det_lock_fn lock) {
     svm_det_wait_hook = wait;
@@ -39,11 +39,10 @@ void svm_det_install(svm_det_wait_fn wait, svm_det_wake_fn wake, svm_det_lock_fn
     svm_det_lock_hook = lock;
 }
 void svm_det_activate(int delta) { __atomic_fetch_add(&svm_det_active_count, (uint32_t)delta, __ATOMIC_SEQ_CST); }
-void *svm_det_current(void) { return svm_tls_det_current; }
 void svm_det_set_current(void *thread) { svm_tls_det_current = thread; }
 
 uint32_t svm_lockdep_count = 0;
-static _Thread_local void *svm_tls_lockdep = 0;
+__attribute__((tls_model("initial-exec"))) _Thread_local void *svm_tls_lockdep = 0;
 void svm_lockdep_enable(int delta) { __atomic_fetch_add(&svm_lockdep_count, (uint32_t)delta, __ATOMIC_SEQ_CST); }
 uint32_t svm_lockdep_everywhere_flag = 0;
 void svm_lockdep_enable_everywhere(void) {
@@ -51,7 +50,6 @@ void svm_lockdep_enable_everywhere(void) {
     if (__atomic_compare_exchange_n(&svm_lockdep_everywhere_flag, &expected, 1, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
         svm_lockdep_enable(1);
 }
-void *svm_lockdep_thread(void) { return svm_tls_lockdep; }
 void svm_lockdep_set_thread(void *stack) { svm_tls_lockdep = stack; }
 
 static void svm_make_key(void) { pthread_key_create(&svm_thread_key, svm_thread_exit); }

@@ -117,7 +117,8 @@ static inline bool svm_det_active(void) {
     return __builtin_expect(__atomic_load_n(&svm_det_active_count, __ATOMIC_RELAXED) != 0, 0);
 }
 // The calling thread's emulated-thread record (an unretained object), or NULL.
-void *svm_det_current(void);
+extern _Thread_local void *svm_tls_det_current __attribute__((tls_model("initial-exec")));
+static inline void *svm_det_current(void) { return svm_tls_det_current; }
 void svm_det_set_current(void *thread);
 // Runs the thread-exit work now (gives back the emulated CPU and the host slot),
 // so that an emulated thread does it while it holds the scheduler's baton.
@@ -136,7 +137,8 @@ static inline bool svm_lockdep_everywhere(void) {
 }
 void svm_lockdep_enable_everywhere(void);
 // The calling thread's held-lock stack (an unretained object), or NULL.
-void *svm_lockdep_thread(void);
+extern _Thread_local void *svm_tls_lockdep __attribute__((tls_model("initial-exec")));
+static inline void *svm_lockdep_thread(void) { return svm_tls_lockdep; }
 void svm_lockdep_set_thread(void *stack);
 static inline void svm_det_lock_event(const void *lock, int event) {
     if (svm_det_active()) svm_det_lock_hook(lock, event);

@@ -104,7 +104,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     var lowestPriority: Int = 0
     var blockSequence: UInt64 = 0
     /// Lock word -> index of the thread that took it (for wait-for cycles).
-    var owners: [UnsafeRawPointer: Int] = [:]
+    let owners = LockOwners()
     var lockNames: [UnsafeRawPointer: String] = [:]
     var log: [Step] = []
     /// The lock-order violations this run's threads closed; guarded by
@@ -163,11 +163,14 @@ public final class DeterministicScheduler: @unchecked Sendable {
             preemptSteps.append(rng.next() % configuration.preemptionHorizon)
         }
         preemptSteps.sort()
+        let hostStart = HostClock.hostNanos()
+        // The hooks stay on until the runner ends (an abandoned run's runner
+        // ends after run() returned, at its next scheduling point).
         svm_det_activate(1)
         LockOrder.enable()
         defer {
             LockOrder.disable()
-            svm_det_activate(-1)
+            hostSeconds = Double(HostClock.hostNanos() &- hostStart) / 1e9
         }
         for t in threads {
             let raw = Unmanaged.passUnretained(t).toOpaque()
@@ -186,7 +189,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
         while svm_load32(doneWord) == 0 {
             let now = HostClock.hostNanos()
             if now >= deadline {
-                // Abandoned: the running thread stops at its next switch and
+                // Abandoned: the running thread stops at its next scheduling point and
                 // the runner ends; nothing of the run is touched from here.
                 var running: UInt32 = 0
                 if svm_cas32(doneWord, &running, 2) {
@@ -199,6 +202,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
             _ = svm_futex_wait_raw(doneWord, 0, min(deadline - now, 100_000_000))
         }
         runner.join()
+        svm_det_activate(-1)
         outcome = ending
         for t in threads where t.state == .finished {
             svm_fiber_destroy(t.fiber)
@@ -221,7 +225,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
         if let first = pick(from: nil) { svm_fiber_switch(host, first.fiber) }
         svm_fiber_destroy(host)
         var running: UInt32 = 0
-        if svm_cas32(doneWord, &running, 1) { _ = svm_futex_wake_raw(doneWord, 1) }
+        if svm_cas32(doneWord, &running, 1) {
+            _ = svm_futex_wake_raw(doneWord, 1)
+        } else {
+            svm_det_activate(-1)   // abandoned: run() returned without it
+        }
     }
 
     /// The lock-order violations (``LockOrder``) the run's threads closed,
@@ -234,6 +242,14 @@ public final class DeterministicScheduler: @unchecked Sendable {
 
     /// Scheduling points taken so far.
     public var steps: UInt64 { step }
+
+    /// The host wall time ``run()`` took, in seconds (0 before it returns).
+    public private(set) var hostSeconds: Double = 0
+
+    /// Scheduling points per second of host time: how fast the engine went
+    /// (``steps`` over ``hostSeconds``; 0 before ``run()`` returns). The one
+    /// figure of a run that depends on the host, not on the seed.
+    public var stepsPerSecond: Double { hostSeconds > 0 ? Double(step) / hostSeconds : 0 }
 
     /// The emulated thread the caller runs on, or nil.
     @usableFromInline static var current: EmulatedThread? {
@@ -280,16 +296,18 @@ public final class DeterministicScheduler: @unchecked Sendable {
             endRun(from: me)
         }
         record(next, event)
-        if next === me { return }
         switchTo(next, from: me)
     }
 
-    /// Passes control from the running thread `me` to `next`; returns when
-    /// a thread switches back to `me`. The only place where control moves
-    /// between emulated threads (besides the end of the run, ``endRun(from:)``).
+    /// Passes control from the running thread `me` to `next` (nothing when
+    /// `next` is `me`); returns when a thread switches back to `me`. The only
+    /// place where control moves between emulated threads (besides the end
+    /// of the run, ``endRun(from:)``).
+    @inline(__always)
     func switchTo(_ next: EmulatedThread, from me: EmulatedThread) {
-        // A run its caller abandoned (host timeout) stops here.
+        // A run its caller abandoned (host timeout) stops at its next point.
         if _slowPath(svm_load32_relaxed(doneWord) == 2) { endRun(from: me) }
+        if next === me { return }
         svm_fiber_switch(me.fiber, next.fiber)
     }
 
@@ -300,8 +318,13 @@ public final class DeterministicScheduler: @unchecked Sendable {
         contractViolation("DeterministicScheduler: a thread of an ended run (\(me.name)) ran again")
     }
 
+    @inline(__always)
     func record(_ next: EmulatedThread, _ event: StaticString) {
-        guard configuration.logSteps > 0 else { return }
+        if _slowPath(configuration.logSteps > 0) { appendStep(next, event) }
+    }
+
+    @inline(never)
+    func appendStep(_ next: EmulatedThread, _ event: StaticString) {
         // Trimmed in halves of its length (amortized O(1) a step), keeping at least logSteps.
         if log.count >= 2 * configuration.logSteps { log.removeFirst(log.count - configuration.logSteps) }
         log.append(Step(step: step, thread: next.name, clock: next.clock, event: "\(event)"))
@@ -450,10 +473,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
         case Int32(SVM_DET_BEFORE_ACQUIRE):
             point(me, cost: configuration.costs.lock, "acquire")
         case Int32(SVM_DET_ACQUIRED):
-            owners[lock] = me.index
+            owners.set(lock, me.index)
             me.held.append(lock)
         default:
-            if let o = owners.removeValue(forKey: lock), let i = threads[o].held.lastIndex(of: lock) {
+            if let o = owners.remove(lock), let i = threads[o].held.lastIndex(of: lock) {
                 threads[o].held.remove(at: i)
             }
             point(me, cost: configuration.costs.unlock, "release", release: true)
@@ -464,14 +487,18 @@ public final class DeterministicScheduler: @unchecked Sendable {
 
     static let installHooks: Void = {
         svm_det_install({ word, expected, timeout in
-            guard let word, let t = DeterministicScheduler.current else { return -1 }
-            return t.scheduler.futexWait(t, word, expected, timeout)
+            guard let word, let raw = svm_det_current() else { return -1 }
+            return Unmanaged<EmulatedThread>.fromOpaque(raw)._withUnsafeGuaranteedRef { t in
+                t.scheduler.futexWait(t, word, expected, timeout)
+            }
         }, { word, count in
-            guard let word, let t = DeterministicScheduler.current else { return -1 }
-            return t.scheduler.futexWake(t, word, count)
+            guard let word, let raw = svm_det_current() else { return -1 }
+            return Unmanaged<EmulatedThread>.fromOpaque(raw)._withUnsafeGuaranteedRef { t in
+                t.scheduler.futexWake(t, word, count)
+            }
         }, { lock, event in
-            guard let lock, let t = DeterministicScheduler.current else { return }
-            t.scheduler.lockEvent(t, lock, event)
+            guard let lock else { return }
+            DeterministicScheduler.withCurrent { t in t.scheduler.lockEvent(t, lock, event) }
         })
     }()
 }
@@ -479,11 +506,36 @@ public final class DeterministicScheduler: @unchecked Sendable {
 /// The hooks of the Swift side of the emulator: each is called only when
 /// `svm_det_active()` said a scheduler runs, out of line.
 extension DeterministicScheduler {
-    /// A scheduling point of kind `cost` on the calling thread, if it is emulated.
+    /// The scheduling points the emulator's hot paths take through
+    /// ``schedulingPoint(_:)``, each with its cost (``VirtualCosts``).
+    @usableFromInline enum PointKind {
+        /// The start of a CPU access (``VirtualCosts/access``).
+        case access
+        /// The entry of a fault (``VirtualCosts/fault``).
+        case fault
+        /// A spin-wait round (``VirtualCosts/yield``).
+        case yield
+    }
+
+    /// A scheduling point of `kind` on the calling thread, if it is emulated.
     @usableFromInline @inline(never)
-    static func schedulingPoint(_ cost: KeyPath<VirtualCosts, UInt64>, _ event: StaticString) {
-        guard let t = current else { return }
-        t.scheduler.point(t, cost: t.scheduler.configuration.costs[keyPath: cost], event)
+    static func schedulingPoint(_ kind: PointKind) {
+        withCurrent { t in
+            let s = t.scheduler, costs = s.configuration.costs
+            switch kind {
+            case .access: s.point(t, cost: costs.access, "access")
+            case .fault: s.point(t, cost: costs.fault, "fault")
+            case .yield: s.point(t, cost: costs.yield, "yield")
+            }
+        }
+    }
+
+    /// Runs `body` with the calling emulated thread, if it is one (lent, not
+    /// retained: its scheduler holds it for the run).
+    @inline(__always)
+    static func withCurrent(_ body: (EmulatedThread) -> Void) {
+        guard let raw = svm_det_current() else { return }
+        Unmanaged<EmulatedThread>.fromOpaque(raw)._withUnsafeGuaranteedRef(body)
     }
 
     /// Advances the calling emulated thread's clock by `nanos` (a modelled
@@ -500,8 +552,9 @@ extension DeterministicScheduler {
     /// scheduling point costing ``VirtualCosts/copyPerKiB`` per KiB.
     @usableFromInline @inline(never)
     static func copied(bytes: Int) {
-        guard let t = current else { return }
-        t.scheduler.point(t, cost: t.scheduler.configuration.costs.copyPerKiB &* UInt64(bytes) / 1024, "copy")
+        withCurrent { t in
+            t.scheduler.point(t, cost: t.scheduler.configuration.costs.copyPerKiB &* UInt64(bytes) / 1024, "copy")
+        }
     }
 
     /// The calling emulated thread's virtual clock (with a fixed origin of one
@@ -515,8 +568,7 @@ extension DeterministicScheduler {
     /// A lock event of the folio lock (or another lock the scheduler does not see in C).
     @usableFromInline @inline(never)
     static func lockEvent(_ lock: UnsafeRawPointer, _ event: Int32) {
-        guard let t = current else { return }
-        t.scheduler.lockEvent(t, lock, event)
+        withCurrent { t in t.scheduler.lockEvent(t, lock, event) }
     }
 }
 

@@ -8,7 +8,10 @@ import CSVMSupport
 final class EmulatedThread: @unchecked Sendable {
     enum State { case runnable, blocked, finished }
 
-    unowned let scheduler: DeterministicScheduler
+    /// Unowned and unchecked: a scheduler outlives its threads' runs (its
+    /// host thread holds it until the run ends), and the check cost a
+    /// reference-count operation at every scheduling point.
+    unowned(unsafe) let scheduler: DeterministicScheduler
     let index: Int
     let name: String
     let observer: Bool
