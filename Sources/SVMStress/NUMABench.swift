@@ -115,6 +115,9 @@ public struct NUMAVariantResult: Sendable, Codable {
     /// Scheduling points of a deterministic run (nil, and absent from the
     /// JSON, on real threads).
     public var scheduleSteps: UInt64? = nil
+    /// Scheduling points per host second (the engine's speed; the one field
+    /// of a deterministic run that depends on the host).
+    public var stepsPerSecond: Double? = nil
     /// The phases as trace events (with `NUMABenchSettings.traceEventsPerCPU`); not encoded.
     public var trace: [OverheadTraceEvent] = []
 
@@ -122,7 +125,7 @@ public struct NUMAVariantResult: Sendable, Codable {
         case algorithm, mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage,
              flushes, flushWaitMicros, copyMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, readerAccesses,
              staleEntryDiagnostics, checksStaleTLBEntries, deferredFlushes, lockWaitP99Nanos, unmapMicros, flushMicros,
-             remapMicros, ipisSent, seconds, dataIntact, scheduleSteps
+             remapMicros, ipisSent, seconds, dataIntact, scheduleSteps, stepsPerSecond
     }
 }
 
@@ -300,7 +303,8 @@ public enum NUMABench {
             deferredFlushes: Int(kernel.deferredTLB.flushes - deferred0), lockWaitP99Nanos: stats.lockWaits.quantile(0.99),
             unmapMicros: micros(.unmap), flushMicros: micros(.flush), remapMicros: micros(.remap),
             ipisSent: Int(vm[.tlbIPIsSent] - sent0),
-            seconds: seconds, dataIntact: intact, scheduleSteps: threads.steps, trace: trace)
+            seconds: seconds, dataIntact: intact, scheduleSteps: threads.steps,
+            stepsPerSecond: threads.stepsPerSecond, trace: trace)
     }
 
     /// The batch-size sweep on the mainline algorithm, 4 KiB pages.

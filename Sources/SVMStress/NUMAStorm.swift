@@ -87,6 +87,9 @@ public struct NUMAStormResult: Sendable, Codable {
     /// Scheduling points of a deterministic run (nil, and absent from the
     /// JSON, on real threads).
     public var scheduleSteps: UInt64? = nil
+    /// Scheduling points per host second (the engine's speed; the one field
+    /// of a deterministic run that depends on the host).
+    public var stepsPerSecond: Double? = nil
 }
 
 extension NUMABench {
@@ -227,6 +230,6 @@ extension NUMABench {
             lockWaits: w.count, lockWaitP50Nanos: w.quantile(0.5), lockWaitP99Nanos: w.quantile(0.99), lockWaitMaxNanos: w.maxNanos,
             lockWaitHistogram: buckets, holderWaitP99Nanos: holders.quantile(0.99), holderWaitMaxNanos: holders.maxNanos,
             holderTimeouts: timeouts.load(ordering: .relaxed), seconds: seconds, dataIntact: intact,
-            scheduleSteps: threads.steps)
+            scheduleSteps: threads.steps, stepsPerSecond: threads.stepsPerSecond)
     }
 }

@@ -190,12 +190,16 @@ public struct OverheadResult: Sendable, Codable {
     public var deterministic: Bool?
     public var cpus: Int?
     public var scheduleSteps: UInt64?
+    /// Scheduling points per host second (the engine's speed; the one field
+    /// of a deterministic run that depends on the host).
+    public var stepsPerSecond: Double?
 
     enum CodingKeys: String, CodingKey {
         case granularity, direction, copyModel, copyThreads, faultPages, busyCPUs, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, streamCopyGBps, wallSeconds, wallSecondsTimersOff,
              wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified,
-             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps
+             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps,
+             stepsPerSecond
     }
 
     /// The phases a fault is split into, in the order they run, then `other`.
@@ -319,6 +323,7 @@ public enum OverheadHarness {
             result.deterministic = true
             result.cpus = config.schedule.cpus
             result.scheduleSteps = threads.steps
+            result.stepsPerSecond = threads.stepsPerSecond
             return result
         }
         let granule = config.granularity == .huge2M ? PageGeometry.pmdSize : PageGeometry.pageSize

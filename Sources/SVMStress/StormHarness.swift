@@ -505,6 +505,7 @@ final class StormRun: @unchecked Sendable {
                                          error: firstError.withLock { $0 })
         result.virtualSeconds = vEnd >= vStart ? Double(vEnd - vStart) / 1e9 : 0
         result.scheduleSteps = scheduler.steps
+        result.stepsPerSecond = scheduler.stepsPerSecond
         result.deadlock = deadlock
         result.scheduleLog = scheduler.stepLog
         return result

@@ -130,6 +130,10 @@ public struct StormResult: Sendable, Codable, Equatable {
     public var virtualSeconds: Double? = nil
     /// Scheduling points of the deterministic storm (nil for real threads).
     public var scheduleSteps: UInt64? = nil
+    /// Scheduling points per host second of the deterministic storm (the
+    /// engine's speed; nil for real threads). Like `seconds`, it depends on
+    /// the host, not on the seed.
+    public var stepsPerSecond: Double? = nil
     /// The deterministic scheduler found no thread able to run: the wait-for picture.
     public var deadlock: String? = nil
     /// The deterministic scheduler's step log (its `logSteps` last steps);
@@ -140,7 +144,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, migrateToRAMLookupMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
-        case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock, release
+        case deterministic, cpus, virtualSeconds, scheduleSteps, stepsPerSecond, deadlock, release
     }
 
     public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
@@ -199,6 +203,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(perPage, forKey: .perPage)
         try c.encode(virtualSeconds, forKey: .virtualSeconds)
         try c.encode(scheduleSteps, forKey: .scheduleSteps)
+        try c.encode(stepsPerSecond, forKey: .stepsPerSecond)
         try c.encode(deadlock, forKey: .deadlock)
     }
 
@@ -222,6 +227,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         settings = s
         virtualSeconds = try c.decodeIfPresent(Double.self, forKey: .virtualSeconds)
         scheduleSteps = try c.decodeIfPresent(UInt64.self, forKey: .scheduleSteps)
+        stepsPerSecond = try c.decodeIfPresent(Double.self, forKey: .stepsPerSecond)
         deadlock = try c.decodeIfPresent(String.self, forKey: .deadlock)
         pagesMigrated = try c.decode(Int.self, forKey: .pagesMigrated)
         livelocked = try c.decode(Bool.self, forKey: .livelocked)
