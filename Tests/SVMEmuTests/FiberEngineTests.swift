@@ -128,9 +128,9 @@ struct FiberEngineTests {
         #expect(sums.v[0] == 10_000 && sums.v[1...].allSatisfy { $0 == 100 })
     }
 
-    @Test("the owner table behaves like a dictionary under inserts, overwrites and removals")
-    func lockOwnersMatchADictionary() {
-        let table = LockOwners()
+    @Test("the lock-word table behaves like a dictionary under inserts, overwrites and removals")
+    func pointerTableMatchesADictionary() {
+        let table = PointerTable()
         var reference: [UInt: Int] = [:]
         var rng = SplitMix64(state: 77)
         for step in 0..<50_000 {

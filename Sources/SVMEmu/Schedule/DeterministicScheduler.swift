@@ -104,8 +104,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
     var lowestPriority: Int = 0
     var blockSequence: UInt64 = 0
     /// Lock word -> index of the thread that took it (for wait-for cycles).
-    let owners = LockOwners()
-    var lockNames: [UnsafeRawPointer: String] = [:]
+    let owners = PointerTable()
+    /// Lock word -> index in `lockNames` (``name(_:_:)``, and each kernel lock's own name).
+    let lockNameIndex = PointerTable()
+    var lockNames: [String] = []
     var log: [Step] = []
     /// The lock-order violations this run's threads closed; guarded by
     /// ``LockOrder``'s graph lock.
@@ -145,7 +147,14 @@ public final class DeterministicScheduler: @unchecked Sendable {
     }
 
     /// Names a lock for deadlock reports (by default a lock is named by its address).
-    public func name(_ lock: UnsafeRawPointer, _ name: String) { lockNames[lock] = name }
+    public func name(_ lock: UnsafeRawPointer, _ name: String) {
+        if let i = lockNameIndex[lock] {
+            lockNames[i] = name
+        } else {
+            lockNameIndex.set(lock, lockNames.count)
+            lockNames.append(name)
+        }
+    }
 
     /// Runs every spawned thread to its end under the scheduler and returns
     /// how the run ended. Blocks the caller (which is not an emulated thread)
@@ -425,7 +434,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// A lock's name: the one given with ``name(_:_:)``, else its lock-order
     /// class and where its holder took it, else its address.
     func describe(_ lock: UnsafeRawPointer) -> String {
-        if let name = lockNames[lock] { return name }
+        if let i = lockNameIndex[lock] { return lockNames[i] }
         if let classed = LockOrder.describe(held: lock, in: threads.compactMap(\.lockRecord)) { return classed }
         return "lock@0x" + String(UInt(bitPattern: lock), radix: 16)
     }
@@ -635,7 +644,8 @@ extension DeterministicScheduler {
     /// Names `lock` in the deadlock reports of the calling emulated thread's scheduler.
     @usableFromInline @inline(never)
     static func nameLock(_ lock: UnsafeRawPointer, _ name: String) {
-        guard let t = current, t.scheduler.lockNames[lock] == nil else { return }
-        t.scheduler.lockNames[lock] = name
+        withCurrent { t in
+            if t.scheduler.lockNameIndex[lock] == nil { t.scheduler.name(lock, name) }
+        }
     }
 }

@@ -1,10 +1,11 @@
-/// The deterministic scheduler's table of lock word -> index of the emulated
-/// thread that took it (for the wait-for picture of a deadlock). Every
-/// acquire and release of a run updates it, so it is an open-addressing
-/// table on the address bits (linear probing, deletion by backward shift),
-/// not a `Dictionary`, whose seeded hashing cost more than the rest of the
-/// lock event. Only the running emulated thread touches it.
-final class LockOwners {
+/// The deterministic scheduler's tables keyed by a lock word: lock -> index
+/// of the emulated thread that took it (for the wait-for picture of a
+/// deadlock), lock -> index of its name. Every acquire and release of a run
+/// reads or updates one, so it is an open-addressing table on the address
+/// bits (linear probing, deletion by backward shift), not a `Dictionary`,
+/// whose seeded hashing cost more than the rest of the lock event. Only the
+/// running emulated thread (or the scheduler's owner, outside a run) touches it.
+final class PointerTable {
     /// Keys (lock addresses; 0: an empty slot) and values, `mask + 1` each.
     private var keys: UnsafeMutablePointer<UInt>
     private var values: UnsafeMutablePointer<Int>
@@ -28,7 +29,7 @@ final class LockOwners {
         Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> 40) & mask
     }
 
-    /// The thread that took `lock`, or nil.
+    /// The value recorded for `lock`, or nil.
     subscript(lock: UnsafeRawPointer) -> Int? {
         let key = UInt(bitPattern: lock)
         var i = home(key)
@@ -40,23 +41,23 @@ final class LockOwners {
         }
     }
 
-    /// Records `thread` as the one that took `lock` (replacing an earlier taker).
-    func set(_ lock: UnsafeRawPointer, _ thread: Int) {
+    /// Records `value` for `lock` (replacing an earlier one).
+    func set(_ lock: UnsafeRawPointer, _ value: Int) {
         let key = UInt(bitPattern: lock)
         var i = home(key)
         while true {
             let k = keys[i]
-            if k == key { values[i] = thread; return }
+            if k == key { values[i] = value; return }
             if k == 0 { break }
             i = (i + 1) & mask
         }
         keys[i] = key
-        values[i] = thread
+        values[i] = value
         used += 1
         if used * 2 > mask + 1 { grow() }
     }
 
-    /// Forgets `lock` and returns the thread that took it, or nil.
+    /// Forgets `lock` and returns its value, or nil.
     func remove(_ lock: UnsafeRawPointer) -> Int? {
         let key = UInt(bitPattern: lock)
         var i = home(key)
