@@ -121,7 +121,8 @@ extern _Thread_local void *svm_tls_det_current __attribute__((tls_model("initial
 static inline void *svm_det_current(void) { return svm_tls_det_current; }
 void svm_det_set_current(void *thread);
 // Runs the thread-exit work now (gives back the emulated CPU and the host slot),
-// so that an emulated thread does it while it holds the scheduler's baton.
+// so that an emulated thread does it while it still runs alone, before the
+// scheduler moves on.
 void svm_thread_exit_now(void);
 // Lock-order validation (SVMEmu/Schedule/LockOrder): on while the count is
 // non-zero; each classed lock's acquire and release then reports to it.
@@ -192,7 +193,7 @@ static inline int svm_futex_wake(uint32_t *word, int count) {
     }
     return svm_futex_wake_raw(word, count);
 }
-// The host's futex, never the scheduler's (the scheduler's own baton hand-off).
+// The host's futex, never the scheduler's (the wait for the scheduler's run to end).
 static inline int svm_futex_wait_raw(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
     struct timespec ts, *tsp = NULL;
     if (timeout_ns) { ts.tv_sec = (time_t)(timeout_ns / 1000000000ull); ts.tv_nsec = (long)(timeout_ns % 1000000000ull); tsp = &ts; }
