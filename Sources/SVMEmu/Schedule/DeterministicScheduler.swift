@@ -161,7 +161,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// until then, at most `hostTimeoutSeconds`.
     ///
     /// The threads run as fibers on one host thread of the scheduler's own
-    /// (``switchTo(_:from:)``); the caller waits for it, so that a run that
+    /// (`switchTo(_:from:)`); the caller waits for it, so that a run that
     /// never reaches its end (a thread that loops without a scheduling point)
     /// still returns at the host timeout.
     public func run() -> Outcome {
