@@ -67,6 +67,8 @@ final class HarnessThreads: @unchecked Sendable {
     private var spawned = 0
     /// Scheduling points of the deterministic run (after ``run(leaving:_:)``; nil on real threads).
     private(set) var steps: UInt64? = nil
+    /// Scheduling points per host second of that run (nil on real threads).
+    private(set) var stepsPerSecond: Double? = nil
 
     init(_ schedule: HarnessSchedule) {
         self.schedule = schedule
@@ -134,6 +136,7 @@ final class HarnessThreads: @unchecked Sendable {
             throw HarnessScheduleError(description: "the deterministic run took too long on the host")
         }
         steps = scheduler.steps
+        stepsPerSecond = scheduler.stepsPerSecond
         guard let r = box.result else {
             throw HarnessScheduleError(description: "the deterministic run's main thread did not finish")
         }

@@ -118,6 +118,9 @@ public struct NUMAVariantResult: Sendable, Codable {
     /// The machine profile a deterministic run charged (`--machine`); nil,
     /// and absent from the JSON, without one.
     public var machine: String? = nil
+    /// Scheduling points per host second (the engine's speed; the one field
+    /// of a deterministic run that depends on the host).
+    public var stepsPerSecond: Double? = nil
     /// The phases as trace events (with `NUMABenchSettings.traceEventsPerCPU`); not encoded.
     public var trace: [OverheadTraceEvent] = []
 
@@ -125,7 +128,7 @@ public struct NUMAVariantResult: Sendable, Codable {
         case algorithm, mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage,
              flushes, flushWaitMicros, copyMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, readerAccesses,
              staleEntryDiagnostics, checksStaleTLBEntries, deferredFlushes, lockWaitP99Nanos, unmapMicros, flushMicros,
-             remapMicros, ipisSent, seconds, dataIntact, scheduleSteps, machine
+             remapMicros, ipisSent, seconds, dataIntact, scheduleSteps, machine, stepsPerSecond
     }
 }
 
@@ -304,7 +307,8 @@ public enum NUMABench {
             unmapMicros: micros(.unmap), flushMicros: micros(.flush), remapMicros: micros(.remap),
             ipisSent: Int(vm[.tlbIPIsSent] - sent0),
             seconds: seconds, dataIntact: intact, scheduleSteps: threads.steps,
-            machine: s.schedule.deterministic ? s.schedule.machine?.name : nil, trace: trace)
+            machine: s.schedule.deterministic ? s.schedule.machine?.name : nil,
+            stepsPerSecond: threads.stepsPerSecond, trace: trace)
     }
 
     /// The batch-size sweep on the mainline algorithm, 4 KiB pages.

@@ -90,6 +90,9 @@ public struct NUMAStormResult: Sendable, Codable {
     /// The machine profile a deterministic run charged (`--machine`); nil,
     /// and absent from the JSON, without one.
     public var machine: String? = nil
+    /// Scheduling points per host second (the engine's speed; the one field
+    /// of a deterministic run that depends on the host).
+    public var stepsPerSecond: Double? = nil
 }
 
 extension NUMABench {
@@ -230,6 +233,7 @@ extension NUMABench {
             lockWaits: w.count, lockWaitP50Nanos: w.quantile(0.5), lockWaitP99Nanos: w.quantile(0.99), lockWaitMaxNanos: w.maxNanos,
             lockWaitHistogram: buckets, holderWaitP99Nanos: holders.quantile(0.99), holderWaitMaxNanos: holders.maxNanos,
             holderTimeouts: timeouts.load(ordering: .relaxed), seconds: seconds, dataIntact: intact,
-            scheduleSteps: threads.steps, machine: s.schedule.deterministic ? s.schedule.machine?.name : nil)
+            scheduleSteps: threads.steps, machine: s.schedule.deterministic ? s.schedule.machine?.name : nil,
+            stepsPerSecond: threads.stepsPerSecond)
     }
 }

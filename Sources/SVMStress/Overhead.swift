@@ -193,12 +193,16 @@ public struct OverheadResult: Sendable, Codable {
     /// The machine profile a deterministic run charged (`--machine`); nil,
     /// and absent from the JSON, without one.
     public var machine: String?
+    /// Scheduling points per host second (the engine's speed; the one field
+    /// of a deterministic run that depends on the host).
+    public var stepsPerSecond: Double?
 
     enum CodingKeys: String, CodingKey {
         case granularity, direction, copyModel, copyThreads, faultPages, busyCPUs, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, streamCopyGBps, wallSeconds, wallSecondsTimersOff,
              wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified,
-             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps, machine
+             traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps, machine,
+             stepsPerSecond
     }
 
     /// The phases a fault is split into, in the order they run, then `other`.
@@ -323,6 +327,7 @@ public enum OverheadHarness {
             result.cpus = config.schedule.cpus
             result.scheduleSteps = threads.steps
             result.machine = config.schedule.machine?.name
+            result.stepsPerSecond = threads.stepsPerSecond
             return result
         }
         let granule = config.granularity == .huge2M ? PageGeometry.pmdSize : PageGeometry.pageSize

@@ -198,6 +198,9 @@ public struct SoakResult: Sendable, Codable, Equatable {
     public var virtualSeconds: Double
     /// Host wall time.
     public var seconds: Double
+    /// Scheduling points per host second (the engine's speed; with `seconds`
+    /// the only fields that depend on the host).
+    public var stepsPerSecond: Double = 0
 
     /// No corruption, no unexpected access error, no leak, no lock held, no
     /// warning, no lock-order cycle, no deadlock.
@@ -303,6 +306,7 @@ public enum Soak {
         /// The state's counts with what the scheduler saw.
         func snapshot() -> SoakResult {
             var r = state.result(steps: scheduler.steps, seconds: seconds)
+            r.stepsPerSecond = scheduler.stepsPerSecond
             r.lockOrderViolations = violations
             r.stepLog = stepLog
             return r

@@ -3,7 +3,8 @@ import SVMEmu
 
 /// What the soak's threads share: the buffer's geometry, the shadow model,
 /// the counters and the audit barrier. Only one thread runs at a time (the
-/// scheduler's baton orders them), so none of it needs a lock; what must
+/// scheduler switches between them at scheduling points), so none of it
+/// needs a lock; what must
 /// not be split by a scheduling point (a word and its shadow) changes
 /// inside one CPU access, with none between.
 ///

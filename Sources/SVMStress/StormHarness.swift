@@ -513,6 +513,7 @@ final class StormRun: @unchecked Sendable {
         result.virtualSeconds = vEnd >= vStart ? Double(vEnd - vStart) / 1e9 : 0
         result.scheduleSteps = scheduler.steps
         if config.cpus != nil { result.contextSwitches = scheduler.contextSwitches }
+        result.stepsPerSecond = scheduler.stepsPerSecond
         result.deadlock = deadlock
         result.scheduleLog = scheduler.stepLog
         return result

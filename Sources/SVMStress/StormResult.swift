@@ -132,6 +132,10 @@ public struct StormResult: Sendable, Codable, Equatable {
     public var scheduleSteps: UInt64? = nil
     /// Context switches of the deterministic storm's CPUs (nil for real threads).
     public var contextSwitches: UInt64? = nil
+    /// Scheduling points per host second of the deterministic storm (the
+    /// engine's speed; nil for real threads). Like `seconds`, it depends on
+    /// the host, not on the seed.
+    public var stepsPerSecond: Double? = nil
     /// The deterministic scheduler found no thread able to run: the wait-for picture.
     public var deadlock: String? = nil
     /// The deterministic scheduler's step log (its `logSteps` last steps);
@@ -142,7 +146,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         case scenario, faultPolicy, driverLock, migrateToRAMWorkMicros, migrateToRAMLookupMicros, threads, pages, pageSize, seed, stallSeconds, joinTimeoutSeconds
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
-        case deterministic, cpus, virtualSeconds, scheduleSteps, deadlock, release, machine
+        case deterministic, cpus, virtualSeconds, scheduleSteps, stepsPerSecond, deadlock, release, machine
         case driverWork, driverWait, contextSwitches
     }
 
@@ -207,6 +211,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(virtualSeconds, forKey: .virtualSeconds)
         try c.encode(scheduleSteps, forKey: .scheduleSteps)
         try c.encode(contextSwitches, forKey: .contextSwitches)
+        try c.encode(stepsPerSecond, forKey: .stepsPerSecond)
         try c.encode(deadlock, forKey: .deadlock)
     }
 
@@ -235,6 +240,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         virtualSeconds = try c.decodeIfPresent(Double.self, forKey: .virtualSeconds)
         scheduleSteps = try c.decodeIfPresent(UInt64.self, forKey: .scheduleSteps)
         contextSwitches = try c.decodeIfPresent(UInt64.self, forKey: .contextSwitches)
+        stepsPerSecond = try c.decodeIfPresent(Double.self, forKey: .stepsPerSecond)
         deadlock = try c.decodeIfPresent(String.self, forKey: .deadlock)
         pagesMigrated = try c.decode(Int.self, forKey: .pagesMigrated)
         livelocked = try c.decode(Bool.self, forKey: .livelocked)

@@ -6,12 +6,29 @@ import Testing
 @testable import SVMEmuCLI
 
 /// The `--json` text of a parsed command's results without the `host`
-/// envelope (the one part that depends on the machine and the moment).
+/// envelope and the engine's speed (`stepsPerSecond`, at any depth): the
+/// parts that depend on the machine and the moment. Each of those must be a
+/// positive number.
 private func jsonWithoutHost<C: ParsableCommand, R: Encodable>(_ command: C, _ results: R) throws -> Data {
     let text = try JSONReport.render(for: command, results: results)
     var object = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
     object["host"] = nil
-    return try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+    var speeds = 0
+    func strip(_ value: Any) -> Any {
+        if var o = value as? [String: Any] {
+            if let v = o.removeValue(forKey: "stepsPerSecond") {
+                #expect((v as? Double ?? 0) > 0, "stepsPerSecond: \(v)")
+                speeds += 1
+            }
+            for (k, v) in o { o[k] = strip(v) }
+            return o
+        }
+        if let a = value as? [Any] { return a.map(strip) }
+        return value
+    }
+    let stripped = strip(object)
+    #expect(speeds > 0, "a deterministic result reports stepsPerSecond")
+    return try JSONSerialization.data(withJSONObject: stripped, options: [.sortedKeys])
 }
 
 private func parse<C: ParsableCommand>(_ arguments: [String], as: C.Type) throws -> C {

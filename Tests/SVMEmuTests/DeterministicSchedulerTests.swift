@@ -143,7 +143,7 @@ struct DeterministicSchedulerTests {
         let clocks = Clocks()
         var c = DeterministicScheduler.Configuration(seed: 5)
         c.preemptions = 0
-        c.hostTimeoutSeconds = 20   // a host rwlock here would block the baton's holder: the run would time out
+        c.hostTimeoutSeconds = 20   // a host rwlock here would deadlock the scheduler's host thread: the run would time out
         let s = DeterministicScheduler(c)
         s.spawn("writer") {
             mm.mmapWriteLock()

@@ -117,14 +117,16 @@ static inline bool svm_det_active(void) {
     return __builtin_expect(__atomic_load_n(&svm_det_active_count, __ATOMIC_RELAXED) != 0, 0);
 }
 // The calling thread's emulated-thread record (an unretained object), or NULL.
-void *svm_det_current(void);
+extern _Thread_local void *svm_tls_det_current __attribute__((tls_model("initial-exec")));
+static inline void *svm_det_current(void) { return svm_tls_det_current; }
 void svm_det_set_current(void *thread);
 // The calling thread's task token: nonzero, 8-aligned, unique among live
 // threads (a kernel mutex's owner field holds it, as the kernel's holds a
 // task_struct pointer).
 uintptr_t svm_current_task(void);
 // Runs the thread-exit work now (gives back the emulated CPU and the host slot),
-// so that an emulated thread does it while it holds the scheduler's baton.
+// so that an emulated thread does it while it still runs alone, before the
+// scheduler moves on.
 void svm_thread_exit_now(void);
 // Lock-order validation (SVMEmu/Schedule/LockOrder): on while the count is
 // non-zero; each classed lock's acquire and release then reports to it.
@@ -140,11 +142,39 @@ static inline bool svm_lockdep_everywhere(void) {
 }
 void svm_lockdep_enable_everywhere(void);
 // The calling thread's held-lock stack (an unretained object), or NULL.
-void *svm_lockdep_thread(void);
+extern _Thread_local void *svm_tls_lockdep __attribute__((tls_model("initial-exec")));
+static inline void *svm_lockdep_thread(void) { return svm_tls_lockdep; }
 void svm_lockdep_set_thread(void *stack);
 static inline void svm_det_lock_event(const void *lock, int event) {
     if (svm_det_active()) svm_det_lock_hook(lock, event);
 }
+
+// ---- emulated threads as fibers (the deterministic scheduler's engine) ----
+// A fiber is a stack and a saved register set: the scheduler's emulated
+// threads all run on one host thread and pass control to each other by
+// switching stacks in user space (svm_fiber_switch, tens of nanoseconds),
+// never through the host kernel. What a host thread keeps per thread and the
+// emulator relies on travels with each fiber: the emulated-thread record
+// (svm_det_current), the lock-order stack (svm_lockdep_thread), the CPU
+// binding, the host thread slot, Swift's dynamic exclusivity access set
+// (swift_task_exit/enterThreadLocalContext, as Swift concurrency swaps it for
+// tasks), and ThreadSanitizer's notion of the running thread (its fiber API).
+typedef struct svm_fiber svm_fiber_t;
+typedef void (*svm_fiber_entry_fn)(void *arg);
+// A fiber that runs entry(arg) when first switched to, on a stack of
+// stack_bytes (plus a guard page below it); while it runs, svm_det_current()
+// is det_current. entry must never return (it switches away for good at its
+// end). NULL when the host refuses the memory.
+svm_fiber_t *svm_fiber_create(size_t stack_bytes, svm_fiber_entry_fn entry, void *arg, void *det_current);
+// The calling host thread's own context as a fiber (no stack of its own), to
+// switch away from and back to. Destroy it on the same thread when done.
+svm_fiber_t *svm_fiber_adopt_thread(void);
+// Saves the calling context in `from` (which must be the running fiber) and
+// resumes `to`; returns when some fiber switches back to `from`.
+void svm_fiber_switch(svm_fiber_t *from, svm_fiber_t *to);
+// Frees a fiber and its stack. Only for a fiber that will never run again
+// and whose stack nothing points into (one whose entry reached its end).
+void svm_fiber_destroy(svm_fiber_t *fiber);
 
 // ---- futex ----
 // Sleep while *word == expected, at most timeout_ns (0 = no limit). Returns 0 when
@@ -167,7 +197,7 @@ static inline int svm_futex_wake(uint32_t *word, int count) {
     }
     return svm_futex_wake_raw(word, count);
 }
-// The host's futex, never the scheduler's (the scheduler's own baton hand-off).
+// The host's futex, never the scheduler's (the wait for the scheduler's run to end).
 static inline int svm_futex_wait_raw(uint32_t *word, uint32_t expected, uint64_t timeout_ns) {
     struct timespec ts, *tsp = NULL;
     if (timeout_ns) { ts.tv_sec = (time_t)(timeout_ns / 1000000000ull); ts.tv_nsec = (long)(timeout_ns % 1000000000ull); tsp = &ts; }

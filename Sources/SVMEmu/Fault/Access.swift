@@ -92,7 +92,7 @@ extension AddressSpace {
         let cpu = cpuAccess.current(self)
         var faults = 0
         while true {
-            if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(\.access, "access") }
+            if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.access) }
             cpu.beginAccess(self)
             var bytes: UnsafeMutableRawPointer? = nil
             if let hit = cpu.lookup(address, write: write) {
@@ -112,7 +112,7 @@ extension AddressSpace {
             cpu.endAccess(self)
             if faults >= faultLimit { return nil }
             faults += 1
-            if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(\.fault, "fault") }
+            if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.fault) }
             try handleMMFault(address, write: write)
         }
     }

@@ -13,7 +13,7 @@ public enum HostThread {
     ///
     /// The corresponding C function is `sched_yield`.
     public static func yield() {
-        if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(\.yield, "yield") }
+        if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.yield) }
         system_sched_yield()
     }
 }

@@ -1,8 +1,9 @@
 import CSVMSupport
 
-/// A deterministic scheduler: emulated threads (real host threads, but only
-/// one of them runs at a time) that switch only at the scheduling points the
-/// emulated kernel defines, in virtual time, chosen by a seeded generator.
+/// A deterministic scheduler: emulated threads (fibers, each with a stack of
+/// its own, all on one host thread of the scheduler's, so only one of them
+/// runs at a time) that switch only at the scheduling points the emulated
+/// kernel defines, in virtual time, chosen by a seeded generator.
 ///
 /// Scheduling points: acquire and release of every futex-mutex kernel lock
 /// (page-table, PMD, zone locks, ``KernelMutex``, ``KernelRWSemaphore``), the
@@ -33,9 +34,9 @@ import CSVMSupport
 ///
 /// When no thread can run and some wait indefinitely (observer threads, such
 /// as a watchdog, do not count), the run ends with ``Outcome/deadlock(_:)`` and
-/// the wait-for cycle; the deadlocked host threads stay parked for the life of
-/// the process (they hold the locks of the deadlock, so nothing can release
-/// them).
+/// the wait-for cycle; the deadlocked threads are never resumed, and their
+/// stacks stay allocated for the life of the process (their frames hold the
+/// locks of the deadlock and may be pointed to).
 public final class DeterministicScheduler: @unchecked Sendable {
 
     /// How a run schedules its threads.
@@ -128,8 +129,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
     var lowestPriority: Int = 0
     var blockSequence: UInt64 = 0
     /// Lock word -> index of the thread that took it (for wait-for cycles).
-    var owners: [UnsafeRawPointer: Int] = [:]
-    var lockNames: [UnsafeRawPointer: String] = [:]
+    let owners = PointerTable()
+    /// Lock word -> index in `lockNames` (``name(_:_:)``, and each kernel lock's own name).
+    let lockNameIndex = PointerTable()
+    var lockNames: [String] = []
     var log: [Step] = []
     /// The lock the next futex wait of the running thread is for (a kernel
     /// mutex's waiter sleeps on a word of its own).
@@ -138,7 +141,12 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// ``LockOrder``'s graph lock.
     var violationsFound: [LockOrder.Violation] = []
     var outcome: Outcome = .completed
+    /// How the run ended, as its threads saw it (``run()`` makes it the outcome).
+    var ending: Outcome = .completed
+    /// 0 while the run goes on, 1 when it ended, 2 when its caller abandoned it.
     let doneWord: UnsafeMutablePointer<UInt32>
+    /// The scheduler's host thread's own context, while the run goes on.
+    var hostFiber: OpaquePointer? = nil
     var started = false
     /// The CPU model's CPUs (empty without it).
     var cpus: [ModelCPU] = []
@@ -194,11 +202,23 @@ public final class DeterministicScheduler: @unchecked Sendable {
     }
 
     /// Names a lock for deadlock reports (by default a lock is named by its address).
-    public func name(_ lock: UnsafeRawPointer, _ name: String) { lockNames[lock] = name }
+    public func name(_ lock: UnsafeRawPointer, _ name: String) {
+        if let i = lockNameIndex[lock] {
+            lockNames[i] = name
+        } else {
+            lockNameIndex.set(lock, lockNames.count)
+            lockNames.append(name)
+        }
+    }
 
     /// Runs every spawned thread to its end under the scheduler and returns
     /// how the run ended. Blocks the caller (which is not an emulated thread)
     /// until then, at most `hostTimeoutSeconds`.
+    ///
+    /// The threads run as fibers on one host thread of the scheduler's own
+    /// (`switchTo(_:from:)`); the caller waits for it, so that a run that
+    /// never reaches its end (a thread that loops without a scheduling point)
+    /// still returns at the host timeout.
     public func run() -> Outcome {
         if started { contractViolation("DeterministicScheduler.run: a scheduler runs once") }
         started = true
@@ -222,29 +242,73 @@ public final class DeterministicScheduler: @unchecked Sendable {
                 next += 1
             }
         }
+        let hostStart = HostClock.hostNanos()
+        // The hooks stay on until the runner ends (an abandoned run's runner
+        // ends after run() returned, at its next scheduling point).
         svm_det_activate(1)
         LockOrder.enable()
         defer {
             LockOrder.disable()
-            svm_det_activate(-1)
+            hostSeconds = Double(HostClock.hostNanos() &- hostStart) / 1e9
         }
-        var handles: [HostThreadHandle] = []
         for t in threads {
-            guard let h = HostThreadHandle.spawn({ t.main() }) else {
-                contractViolation("DeterministicScheduler: the host refused a thread")
+            let raw = Unmanaged.passUnretained(t).toOpaque()
+            guard let f = svm_fiber_create(Self.fiberStackBytes, { raw in
+                Unmanaged<EmulatedThread>.fromOpaque(raw!).takeUnretainedValue().main()
+            }, raw, raw) else {
+                contractViolation("DeterministicScheduler: the host refused the memory of a thread's stack "
+                                  + "(\(Self.fiberStackBytes >> 20) MiB)")
             }
-            handles.append(h)
+            t.fiber = f
         }
-        let first = pick(from: nil)!
-        first.giveBaton()
+        guard let runner = HostThreadHandle.spawn({ self.runFibers() }) else {
+            contractViolation("DeterministicScheduler: the host refused a thread")
+        }
         let deadline = HostClock.hostNanos() &+ UInt64(configuration.hostTimeoutSeconds * 1e9)
         while svm_load32(doneWord) == 0 {
             let now = HostClock.hostNanos()
-            if now >= deadline { outcome = .hostTimeout; break }
+            if now >= deadline {
+                // Abandoned: the running thread stops at its next scheduling point and
+                // the runner ends; nothing of the run is touched from here.
+                var running: UInt32 = 0
+                if svm_cas32(doneWord, &running, 2) {
+                    runner.detach()
+                    outcome = .hostTimeout
+                    return outcome
+                }
+                break
+            }
             _ = svm_futex_wait_raw(doneWord, 0, min(deadline - now, 100_000_000))
         }
-        if case .completed = outcome { for h in handles { h.join() } } else { for h in handles { h.detach() } }
+        runner.join()
+        svm_det_activate(-1)
+        outcome = ending
+        for t in threads where t.state == .finished {
+            svm_fiber_destroy(t.fiber)
+            t.fiber = nil
+        }
         return outcome
+    }
+
+    /// The stack of each emulated thread: as large as a host thread's default
+    /// (the emulated kernel's paths are deep Swift code); reserved, not
+    /// committed, with a guard page below it.
+    static let fiberStackBytes = 8 << 20
+
+    /// The scheduler's host thread: switches to the first thread and comes
+    /// back here when the run ends (every thread finished, a deadlock) or is
+    /// abandoned; then lets the caller of ``run()`` go on.
+    func runFibers() {
+        let host = svm_fiber_adopt_thread()
+        hostFiber = host
+        if let first = pick(from: nil) { svm_fiber_switch(host, first.fiber) }
+        svm_fiber_destroy(host)
+        var running: UInt32 = 0
+        if svm_cas32(doneWord, &running, 1) {
+            _ = svm_futex_wake_raw(doneWord, 1)
+        } else {
+            svm_det_activate(-1)   // abandoned: run() returned without it
+        }
     }
 
     /// The lock-order violations (``LockOrder``) the run's threads closed,
@@ -257,6 +321,14 @@ public final class DeterministicScheduler: @unchecked Sendable {
 
     /// Scheduling points taken so far.
     public var steps: UInt64 { step }
+
+    /// The host wall time ``run()`` took, in seconds (0 before it returns).
+    public private(set) var hostSeconds: Double = 0
+
+    /// Scheduling points per second of host time: how fast the engine went
+    /// (``steps`` over ``hostSeconds``; 0 before ``run()`` returns). The one
+    /// figure of a run that depends on the host, not on the seed.
+    public var stepsPerSecond: Double { hostSeconds > 0 ? Double(step) / hostSeconds : 0 }
 
     /// The emulated thread the caller runs on, or nil.
     @usableFromInline static var current: EmulatedThread? {
@@ -300,23 +372,44 @@ public final class DeterministicScheduler: @unchecked Sendable {
         return cost - span + rng.next() % (2 * span + 1)
     }
 
-    /// Hands the baton to the thread that should run next; returns when `me`
+    /// Passes control to the thread that should run next; returns when `me`
     /// runs again (at once when that is `me`).
     func reschedule(_ me: EmulatedThread, _ event: StaticString) {
         if me.cpu >= 0, me.state != .runnable { vacate(me) }
         guard let next = pick(from: me) else {
             deadlocked(me)
-            me.parkForever()
+            endRun(from: me)
         }
         record(next, event)
-        if next === me { return }
-        me.releaseBaton()
-        next.giveBaton()
-        me.waitForBaton()
+        switchTo(next, from: me)
     }
 
+    /// Passes control from the running thread `me` to `next` (nothing when
+    /// `next` is `me`); returns when a thread switches back to `me`. The only
+    /// place where control moves between emulated threads (besides the end
+    /// of the run, ``endRun(from:)``).
+    @inline(__always)
+    func switchTo(_ next: EmulatedThread, from me: EmulatedThread) {
+        // A run its caller abandoned (host timeout) stops at its next point.
+        if _slowPath(svm_load32_relaxed(doneWord) == 2) { endRun(from: me) }
+        if next === me { return }
+        svm_fiber_switch(me.fiber, next.fiber)
+    }
+
+    /// Ends the run on the running thread `me` (which never runs again):
+    /// back to the scheduler's host thread.
+    func endRun(from me: EmulatedThread) -> Never {
+        svm_fiber_switch(me.fiber, hostFiber)
+        contractViolation("DeterministicScheduler: a thread of an ended run (\(me.name)) ran again")
+    }
+
+    @inline(__always)
     func record(_ next: EmulatedThread, _ event: StaticString) {
-        guard configuration.logSteps > 0 else { return }
+        if _slowPath(configuration.logSteps > 0) { appendStep(next, event) }
+    }
+
+    @inline(never)
+    func appendStep(_ next: EmulatedThread, _ event: StaticString) {
         // Trimmed in halves of its length (amortized O(1) a step), keeping at least logSteps.
         if log.count >= 2 * configuration.logSteps { log.removeFirst(log.count - configuration.logSteps) }
         log.append(Step(step: step, thread: next.name, clock: next.clock, event: "\(event)"))
@@ -378,15 +471,13 @@ public final class DeterministicScheduler: @unchecked Sendable {
         return best
     }
 
-    /// Records the deadlock (or the end of the run) and releases the caller of ``run()``.
+    /// Records the deadlock (or the end of the run); ``endRun(from:)`` follows.
     func deadlocked(_ me: EmulatedThread) {
         if threads.allSatisfy({ $0.state == .finished }) {
-            outcome = .completed
+            ending = .completed
         } else {
-            outcome = .deadlock(waitForReport())
+            ending = .deadlock(waitForReport())
         }
-        svm_store32(doneWord, 1)
-        _ = svm_futex_wake_raw(doneWord, 1)
     }
 
     /// The waits of every blocked thread and the cycle among them, if one.
@@ -420,7 +511,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// A lock's name: the one given with ``name(_:_:)``, else its lock-order
     /// class and where its holder took it, else its address.
     func describe(_ lock: UnsafeRawPointer) -> String {
-        if let name = lockNames[lock] { return name }
+        if let i = lockNameIndex[lock] { return lockNames[i] }
         if let classed = LockOrder.describe(held: lock, in: threads.compactMap(\.lockRecord)) { return classed }
         return "lock@0x" + String(UInt(bitPattern: lock), radix: 16)
     }
@@ -472,10 +563,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
         case Int32(SVM_DET_BEFORE_ACQUIRE):
             point(me, cost: configuration.costs.lock, "acquire")
         case Int32(SVM_DET_ACQUIRED):
-            owners[lock] = me.index
+            owners.set(lock, me.index)
             me.held.append(lock)
         default:
-            if let o = owners.removeValue(forKey: lock), let i = threads[o].held.lastIndex(of: lock) {
+            if let o = owners.remove(lock), let i = threads[o].held.lastIndex(of: lock) {
                 threads[o].held.remove(at: i)
             }
             point(me, cost: configuration.costs.unlock, "release", release: true)
@@ -486,14 +577,18 @@ public final class DeterministicScheduler: @unchecked Sendable {
 
     static let installHooks: Void = {
         svm_det_install({ word, expected, timeout in
-            guard let word, let t = DeterministicScheduler.current else { return -1 }
-            return t.scheduler.futexWait(t, word, expected, timeout)
+            guard let word, let raw = svm_det_current() else { return -1 }
+            return Unmanaged<EmulatedThread>.fromOpaque(raw)._withUnsafeGuaranteedRef { t in
+                t.scheduler.futexWait(t, word, expected, timeout)
+            }
         }, { word, count in
-            guard let word, let t = DeterministicScheduler.current else { return -1 }
-            return t.scheduler.futexWake(t, word, count)
+            guard let word, let raw = svm_det_current() else { return -1 }
+            return Unmanaged<EmulatedThread>.fromOpaque(raw)._withUnsafeGuaranteedRef { t in
+                t.scheduler.futexWake(t, word, count)
+            }
         }, { lock, event in
-            guard let lock, let t = DeterministicScheduler.current else { return }
-            t.scheduler.lockEvent(t, lock, event)
+            guard let lock else { return }
+            DeterministicScheduler.withCurrent { t in t.scheduler.lockEvent(t, lock, event) }
         })
     }()
 }
@@ -501,11 +596,36 @@ public final class DeterministicScheduler: @unchecked Sendable {
 /// The hooks of the Swift side of the emulator: each is called only when
 /// `svm_det_active()` said a scheduler runs, out of line.
 extension DeterministicScheduler {
-    /// A scheduling point of kind `cost` on the calling thread, if it is emulated.
+    /// The scheduling points the emulator's hot paths take through
+    /// ``schedulingPoint(_:)``, each with its cost (``VirtualCosts``).
+    @usableFromInline enum PointKind {
+        /// The start of a CPU access (``VirtualCosts/access``).
+        case access
+        /// The entry of a fault (``VirtualCosts/fault``).
+        case fault
+        /// A spin-wait round (``VirtualCosts/yield``).
+        case yield
+    }
+
+    /// A scheduling point of `kind` on the calling thread, if it is emulated.
     @usableFromInline @inline(never)
-    static func schedulingPoint(_ cost: KeyPath<VirtualCosts, UInt64>, _ event: StaticString) {
-        guard let t = current else { return }
-        t.scheduler.point(t, cost: t.scheduler.configuration.costs[keyPath: cost], event)
+    static func schedulingPoint(_ kind: PointKind) {
+        withCurrent { t in
+            let s = t.scheduler, costs = s.configuration.costs
+            switch kind {
+            case .access: s.point(t, cost: costs.access, "access")
+            case .fault: s.point(t, cost: costs.fault, "fault")
+            case .yield: s.point(t, cost: costs.yield, "yield")
+            }
+        }
+    }
+
+    /// Runs `body` with the calling emulated thread, if it is one (lent, not
+    /// retained: its scheduler holds it for the run).
+    @inline(__always)
+    static func withCurrent(_ body: (EmulatedThread) -> Void) {
+        guard let raw = svm_det_current() else { return }
+        Unmanaged<EmulatedThread>.fromOpaque(raw)._withUnsafeGuaranteedRef(body)
     }
 
     /// Advances the calling emulated thread's clock by `nanos` (a modelled
@@ -545,8 +665,9 @@ extension DeterministicScheduler {
     /// scheduling point costing ``VirtualCosts/copyPerKiB`` per KiB.
     @usableFromInline @inline(never)
     static func copied(bytes: Int) {
-        guard let t = current else { return }
-        t.scheduler.point(t, cost: t.scheduler.configuration.costs.copyPerKiB &* UInt64(bytes) / 1024, "copy")
+        withCurrent { t in
+            t.scheduler.point(t, cost: t.scheduler.configuration.costs.copyPerKiB &* UInt64(bytes) / 1024, "copy")
+        }
     }
 
     /// The calling emulated thread's virtual clock (with a fixed origin of one
@@ -560,8 +681,7 @@ extension DeterministicScheduler {
     /// A lock event of the folio lock (or another lock the scheduler does not see in C).
     @usableFromInline @inline(never)
     static func lockEvent(_ lock: UnsafeRawPointer, _ event: Int32) {
-        guard let t = current else { return }
-        t.scheduler.lockEvent(t, lock, event)
+        withCurrent { t in t.scheduler.lockEvent(t, lock, event) }
     }
 }
 
@@ -628,7 +748,8 @@ extension DeterministicScheduler {
     /// Names `lock` in the deadlock reports of the calling emulated thread's scheduler.
     @usableFromInline @inline(never)
     static func nameLock(_ lock: UnsafeRawPointer, _ name: String) {
-        guard let t = current, t.scheduler.lockNames[lock] == nil else { return }
-        t.scheduler.lockNames[lock] = name
+        withCurrent { t in
+            if t.scheduler.lockNameIndex[lock] == nil { t.scheduler.name(lock, name) }
+        }
     }
 }

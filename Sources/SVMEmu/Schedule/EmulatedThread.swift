@@ -1,13 +1,17 @@
 import CSVMSupport
 
-/// One thread of a ``DeterministicScheduler``: a host thread that runs only
-/// while it holds the scheduler's baton. Its fields belong to whoever holds
-/// the baton (one thread at a time), so they need no lock.
+/// One thread of a ``DeterministicScheduler``: a fiber (a stack of its own
+/// and a saved register set) that runs on the scheduler's host thread while
+/// the scheduler has switched to it. Only one of a run's threads runs at a
+/// time, so its fields need no lock.
 @usableFromInline
 final class EmulatedThread: @unchecked Sendable {
     enum State { case runnable, blocked, finished }
 
-    unowned let scheduler: DeterministicScheduler
+    /// Unowned and unchecked: a scheduler outlives its threads' runs (its
+    /// host thread holds it until the run ends), and the check cost a
+    /// reference-count operation at every scheduling point.
+    unowned(unsafe) let scheduler: DeterministicScheduler
     let index: Int
     let name: String
     let observer: Bool
@@ -39,8 +43,10 @@ final class EmulatedThread: @unchecked Sendable {
     /// Without the CPU model, a sleep is a jump of the clock: until this
     /// virtual time the thread sleeps, and is on no CPU.
     var asleepUntil: UInt64 = 0
-    /// 1: this thread may run.
-    let baton: UnsafeMutablePointer<UInt32>
+    /// Its fiber, from the start of the run; freed after the run once the
+    /// thread finished (a thread of a deadlock keeps it: its stack holds the
+    /// frames of its wait, and what they point to may be shared).
+    var fiber: OpaquePointer? = nil
 
     init(scheduler: DeterministicScheduler, index: Int, name: String, observer: Bool,
          body: @escaping @Sendable () -> Void) {
@@ -49,17 +55,12 @@ final class EmulatedThread: @unchecked Sendable {
         self.name = name
         self.observer = observer
         self.body = body
-        baton = .allocate(capacity: 1)
-        baton.initialize(to: 0)
     }
 
-    deinit { baton.deallocate() }
-
-    /// The host thread's life: wait for the baton, run, hand the baton on.
-    func main() {
-        svm_det_set_current(Unmanaged.passUnretained(self).toOpaque())
-        waitForBaton()
-        lockRecord = LockOrder.held()   // with the baton: whoever holds it next sees it
+    /// The fiber's life: run the body, then hand control on for good (to the
+    /// next thread, or back to the scheduler when the run ends here).
+    func main() -> Never {
+        lockRecord = LockOrder.held()   // on the fiber: its own lock-order stack
         body?()
         body = nil
         // Give the emulated CPU back while this thread still runs alone.
@@ -69,30 +70,11 @@ final class EmulatedThread: @unchecked Sendable {
         if cpu >= 0 { s.vacate(self) }
         guard let next = s.pick(from: self) else {
             s.deadlocked(self)
-            svm_det_set_current(nil)
-            return
+            s.endRun(from: self)
         }
         s.record(next, "exit")
-        svm_det_set_current(nil)
-        releaseBaton()
-        next.giveBaton()
-    }
-
-    func giveBaton() {
-        svm_store32(baton, 1)
-        _ = svm_futex_wake_raw(baton, 1)
-    }
-
-    func releaseBaton() { svm_store32(baton, 0) }
-
-    func waitForBaton() {
-        while svm_load32(baton) == 0 { _ = svm_futex_wait_raw(baton, 0, 0) }
-    }
-
-    /// A thread of a deadlock: it never runs again.
-    func parkForever() -> Never {
-        svm_store32(baton, 0)
-        while true { _ = svm_futex_wait_raw(baton, 0, 0) }
+        s.switchTo(next, from: self)
+        contractViolation("DeterministicScheduler: a finished emulated thread (\(name)) ran again")
     }
 }
 

@@ -27,10 +27,11 @@ struct LivelockCommand: ParsableCommand {
 
             --deterministic runs the storm's threads under the emulator's scheduler on --cpus \
             emulated CPUs, one at a time in virtual time, the schedule seeded by --seed: the same \
-            seed gives byte-identical JSON but for the host's wall time (seconds), on any host \
-            and under any load; --stall-seconds is then virtual time (default 0.1 s: a livelocked \
-            page costs host time for every retry). The JSON adds \
-            deterministic, cpus, virtualSeconds, scheduleSteps and deadlock.
+            seed gives byte-identical JSON but for the host's wall time (seconds, stepsPerSecond), \
+            on any host and under any load; --stall-seconds is then virtual time (default 0.1 s: a \
+            livelocked page costs host time for every retry). The JSON adds deterministic, cpus, \
+            virtualSeconds, scheduleSteps, stepsPerSecond (scheduling points per host second) and \
+            deadlock.
 
             Exit status: 0 the storm ran and its result is printed, a livelock included; 2 with \
             --fail-on-livelock, the watchdog declared a livelock; 1 the storm could not run or \

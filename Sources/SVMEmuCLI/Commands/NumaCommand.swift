@@ -40,9 +40,10 @@ struct NumaCommand: ParsableCommand {
             --deterministic runs the readers (or the storm's holders) and the migrator under the \
             emulator's scheduler on --cpus emulated CPUs (at least --readers + 1, or --holders + 1), one at \
             a time in virtual time, the schedule seeded by --seed: every time and rate is virtual, the same \
-            seed gives byte-identical results on any host and under any load. The multi-threaded copier's \
-            variants and the copier sweep (host threads, host time) are left out; each variant and storm \
-            result adds scheduleSteps.
+            seed gives byte-identical results on any host and under any load (but for stepsPerSecond). The \
+            multi-threaded copier's variants and the copier sweep (host threads, host time) are left out; \
+            each variant and storm result adds scheduleSteps and stepsPerSecond (scheduling points per host \
+            second: the engine's speed).
 
             \(ExitStatus.helpParagraph)
             """)

@@ -36,9 +36,10 @@ struct OverheadCommand: ParsableCommand {
             scheduler on --cpus emulated CPUs (at least --busy-cpus + 1), one at a time in virtual time, \
             the schedule seeded by --seed: every time is virtual (the scheduler's cost table and the copy \
             model's link time; memcpy itself costs none), the same seed gives byte-identical results on any \
-            host and under any load, and the host-measured figures are not measured (memcpyGBps, \
-            streamCopyGBps and the instrumentation cost are 0). Each run adds deterministic, cpus and \
-            scheduleSteps. --copy-threads must be 1 (the copy workers are host threads).
+            host and under any load (but for stepsPerSecond), and the host-measured figures are not \
+            measured (memcpyGBps, streamCopyGBps and the instrumentation cost are 0). Each run adds \
+            deterministic, cpus, scheduleSteps and stepsPerSecond (scheduling points per host second: the \
+            engine's speed). --copy-threads must be 1 (the copy workers are host threads).
 
             \(ExitStatus.helpParagraph)
             """)

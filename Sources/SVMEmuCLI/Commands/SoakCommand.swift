@@ -38,7 +38,8 @@ struct SoakCommand: ParsableCommand {
             With --json prints one object whose results are the settings, the counts of each \
             operation, bytesCorrupted, accessErrors, leakedReferences, locksHeld, leakedFrames, \
             failedAtOperation, audit, findings, warnings, lockOrderViolations, deadlock, timedOut, scheduleSteps, \
-            virtualSeconds and seconds (Docs/json.md); only seconds differs between runs of one seed.
+            virtualSeconds, seconds and stepsPerSecond (scheduling points per host second) (Docs/json.md); \
+            only seconds and stepsPerSecond differ between runs of one seed.
 
             Exit status: 0 the soak was clean; 1 it found corruption, an unexpected access \
             error, a leak, a held lock, a warning, a lock-order cycle, a deadlock or a host timeout (or could not run); 64 an \
@@ -125,7 +126,8 @@ struct SoakCommand: ParsableCommand {
                 leaked references \(r.leakedReferences), locks held \(r.locksHeld), leaked frames \(r.leakedFrames), \
                 warnings \(r.warnings.count), lock-order cycles \(r.lockOrderViolations.count)\(r.timedOut ? ", timed out" : "")\(r.deadlock.map { ", " + $0 } ?? "")
                   \(r.scheduleSteps) scheduling steps, \(String(format: "%.3f", r.virtualSeconds)) s virtual, \
-                \(String(format: "%.2f", r.seconds)) s on the host
+                \(String(format: "%.2f", r.seconds)) s on the host (\(Int(r.stepsPerSecond)) steps/s, \
+                \(r.seconds > 0 ? Int(Double(r.operations) / r.seconds) : 0) operations/s)
                 """)
             if let at = r.failedAtOperation, let a = r.audit {
                 print("  the audit after operation \(at) failed (seed \(r.settings.seed)): \(a)")
