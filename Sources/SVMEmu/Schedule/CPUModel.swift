@@ -1,4 +1,7 @@
 import CSVMSupport
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The CPU model of a ``DeterministicScheduler`` (``DeterministicScheduler/Configuration/cpus``):
 /// more threads than CPUs, run queues, slices and context switches.
@@ -169,6 +172,27 @@ extension DeterministicScheduler {
         return false
     }
 
+    /// Stalls of `me`'s CPU that came due by its clock: each stops the CPU
+    /// (and `me` on it) for a drawn time, then the next is drawn.
+    func stall(_ me: EmulatedThread, _ stalls: CPUStalls) {
+        let c = me.cpu
+        while cpus[c].nextStall <= me.clock {
+            let pause = stalls.duration(uniform: unit())
+            me.clock &+= pause
+            cpus[c].stalls &+= 1
+            cpus[c].stalledNanos &+= pause
+            cpus[c].nextStall = me.clock &+ stalls.interval(uniform: unit())
+        }
+    }
+
+    /// A seeded uniform value in [0, 1).
+    func unit() -> Double { Double(rng.next() >> 11) / Double(UInt64(1) << 53) }
+
+    /// Stalls of the CPUs so far, and their virtual time.
+    public var cpuStalls: (count: UInt64, nanos: UInt64) {
+        cpus.reduce((0, 0)) { ($0.0 + $1.stalls, $0.1 + $1.stalledNanos) }
+    }
+
     /// Context switches the CPUs made so far.
     public var contextSwitches: UInt64 { cpus.reduce(0) { $0 + $1.switches } }
 }
@@ -239,5 +263,49 @@ extension DeterministicScheduler {
         guard let t = current else { return }
         // Preemption is off while a mutex spins (it stops on need_resched() itself).
         t.scheduler.point(t, cost: t.scheduler.configuration.costs.spinRound, "spin", mayPreempt: false)
+    }
+}
+
+/// How often a busy CPU stops for reasons outside the emulated kernel, and
+/// for how long (a machine profile's `stalls`, measured by a thread that
+/// spins reading the clock on each CPU and records the gaps).
+public struct CPUStalls: Sendable, Equatable {
+    /// Stalls per second of a busy CPU.
+    public var ratePerSecond: Double
+    /// The shortest gap counted, and the gaps' quantiles, in nanoseconds.
+    public var thresholdNanos: UInt64
+    public var p50Nanos: UInt64
+    public var p90Nanos: UInt64
+    public var p99Nanos: UInt64
+    public var maxNanos: UInt64
+
+    public init(ratePerSecond: Double, thresholdNanos: UInt64, p50Nanos: UInt64, p90Nanos: UInt64,
+                p99Nanos: UInt64, maxNanos: UInt64) {
+        self.ratePerSecond = ratePerSecond
+        self.thresholdNanos = thresholdNanos
+        self.p50Nanos = p50Nanos
+        self.p90Nanos = p90Nanos
+        self.p99Nanos = p99Nanos
+        self.maxNanos = maxNanos
+    }
+
+    /// A stall's length for a uniform draw `u`: the measured quantiles,
+    /// linear between them.
+    func duration(uniform u: Double) -> UInt64 {
+        let points: [(Double, UInt64)] = [(0, thresholdNanos), (0.5, p50Nanos), (0.9, p90Nanos), (0.99, p99Nanos),
+                                          (1, max(maxNanos, p99Nanos))]
+        for i in 1..<points.count where u <= points[i].0 {
+            let (p0, v0) = points[i - 1], (p1, v1) = points[i]
+            let f = (u - p0) / (p1 - p0)
+            return v0 + UInt64(Double(v1 >= v0 ? v1 - v0 : 0) * f)
+        }
+        return maxNanos
+    }
+
+    /// The busy time until the next stall for a uniform draw `u`
+    /// (exponential: stalls come as a Poisson process at the measured rate).
+    func interval(uniform u: Double) -> UInt64 {
+        guard ratePerSecond > 0 else { return .max / 2 }
+        return UInt64(-log1p(-u) / ratePerSecond * 1e9)
     }
 }

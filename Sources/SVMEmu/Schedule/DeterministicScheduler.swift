@@ -93,6 +93,12 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// The scheduler tick (CONFIG_HZ=1000: 1 ms): a slice that ran out is
         /// noticed at the next tick.
         public var tickNanos: UInt64 = 1_000_000
+        /// With the CPU model: how often a busy CPU stops running its thread
+        /// for reasons outside the emulated kernel (a virtual machine's vCPU
+        /// descheduled by its host), and for how long; nil: never. The thread
+        /// stays on its CPU meanwhile (the guest sees it running), so a
+        /// lock holder's stall keeps its spinners spinning.
+        public var stalls: CPUStalls? = nil
 
         /// A configuration with `seed` and the defaults.
         public init(seed: UInt64) { self.seed = seed }
@@ -166,6 +172,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
         var idleSince: UInt64 = 0
         /// Context switches so far.
         var switches: UInt64 = 0
+        /// When (in the virtual time of the thread on it) the CPU stalls next.
+        var nextStall: UInt64 = .max
+        /// Stalls so far, and their time.
+        var stalls: UInt64 = 0
+        var stalledNanos: UInt64 = 0
     }
 
     /// A scheduler for one run.
@@ -228,6 +239,9 @@ public final class DeterministicScheduler: @unchecked Sendable {
         }
         preemptSteps.sort()
         if !cpus.isEmpty {
+            if let stalls = configuration.stalls {
+                for c in cpus.indices { cpus[c].nextStall = stalls.interval(uniform: unit()) }
+            }
             // The first threads get the CPUs in order; the others queue round robin.
             var next = 0
             for t in threads where !t.observer {
@@ -350,6 +364,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
                   rng.next() % 100 < configuration.releasePreemptionPercent {
             preempt(me)
         }
+        if let stalls = configuration.stalls, me.cpu >= 0 { stall(me, stalls) }
         if !cpus.isEmpty, mayPreempt, needsResched(me), preemptible(me) {
             // The tick found the slice used up and a thread waiting: to the back of the line.
             requeue(me)
