@@ -120,15 +120,20 @@ public final class DRMPagemap: @unchecked Sendable {
     public let operations: DRMPagemapOperations
     /// Whether migrations to the device may move 2 MiB folios whole
     /// (SELECT_COMPOUND for a 2 MiB aligned range): drm_pagemap with THP
-    /// support (2026). Off: every page moves as 4 KiB.
-    public let largeFolios: Bool
+    /// support (2026). Off: every page moves as 4 KiB. May change between
+    /// migrations.
+    public var largeFolios: Bool {
+        get { largeFolioFlag.load(ordering: .relaxed) }
+        set { largeFolioFlag.store(newValue, ordering: .relaxed) }
+    }
+    let largeFolioFlag: Atomic<Bool>
 
     /// The corresponding kernel function is `drm_pagemap_init()`.
     public init(kernel: Kernel, pageMap: DevicePageMap, operations: DRMPagemapOperations, largeFolios: Bool = true) {
         self.kernel = kernel
         self.pageMap = pageMap
         self.operations = operations
-        self.largeFolios = largeFolios
+        self.largeFolioFlag = Atomic(largeFolios)
     }
 
     /// This memory's `pgmap_owner`.
