@@ -87,6 +87,9 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
     var driverLock = "exclusive"
 
+    @Option(name: .long, help: "The driver: mirror (MirrorDevice, dmirror's shape) or gpusvm (the Xe-like driver on drm_gpusvm and drm_pagemap).")
+    var driver = "mirror"
+
     @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its DMA copy (after the copy, before migrate_vma_pages; only a call that copied waits), holding its lock and the page reference.")
     var faultDelayUs = 50
 
@@ -112,6 +115,7 @@ struct StormScenarioOptions: ParsableArguments {
         s.release = try LivelockCommand.parse(release, "--release", StormRelease.allCases.map(\.rawValue)) {
             StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one" : $0)
         }
+        s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
     }
