@@ -99,6 +99,12 @@ extension XeDevice {
                         continue
                     }
                     if error == .badAddress && range.flags.contains(.unmapped) { continue }
+                    if (error == .notPermitted || error == .badAddress) && !rangeFitsOneVMA(range, write: write) {
+                        // mprotect split the VMA under the range: the range
+                        // goes, and the next pass sizes a new one to the VMA.
+                        removeRange(range)
+                        continue
+                    }
                     throw error
                 }
                 let bound = svm.withNotifierLock { () -> Bool in
@@ -161,14 +167,30 @@ extension XeDevice {
     /// the VM lock.
     func collectGarbage() {
         while let r = garbage.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
-            pageTableLock.withLock {
-                if r.driverData & RangeBinding.present != 0 && r.driverData & RangeBinding.invalidated == 0 {
-                    pageTable.zap(r.start, r.end)
-                }
-                r.driverData = 0
-            }
-            svm.rangeRemove(r)
+            removeRange(r)
             collectedCount.add(1, ordering: .relaxed)
+        }
+    }
+
+    /// Unbinds and removes a range (`__xe_svm_garbage_collector()`'s unbind
+    /// and `drm_gpusvm_range_remove()`). Caller holds the VM lock.
+    func removeRange(_ r: GPUSVMRange) {
+        pageTableLock.withLock {
+            if r.driverData & RangeBinding.present != 0 && r.driverData & RangeBinding.invalidated == 0 {
+                pageTable.zap(r.start, r.end)
+            }
+            r.driverData = 0
+        }
+        garbage.withLock { $0.removeAll { $0 === r } }
+        svm.rangeRemove(r)
+    }
+
+    /// Whether one readable VMA (writable, for a write) still covers the
+    /// whole range. Caller holds no mmap lock.
+    func rangeFitsOneVMA(_ range: GPUSVMRange, write: Bool) -> Bool {
+        mm.withMmapReadLock {
+            guard let vma = mm.vma(containing: range.start) else { return false }
+            return vma.end >= range.end && vma.flags.contains(.read) && (!write || vma.flags.contains(.write))
         }
     }
 }
