@@ -81,10 +81,11 @@ func runExec(_ f: XeFixture, _ xe: XeDevice, _ c: ExecCase, seed: UInt64) throws
             n += 1
         }
     }
+    var raceJoined = false
     defer {
         if let raceThread {
             stop.store(true, ordering: .relaxed)
-            #expect(raceThread.wait(timeout: 30))
+            if !raceJoined { #expect(raceThread.wait(timeout: 30)) }
             #expect(raceThread.stop())
         }
     }
@@ -135,6 +136,7 @@ func runExec(_ f: XeFixture, _ xe: XeDevice, _ c: ExecCase, seed: UInt64) throws
     if let raceThread {
         stop.store(true, ordering: .relaxed)
         #expect(raceThread.wait(timeout: 30))
+        raceJoined = true
         for j in 0..<perBuffer where raceValues.get(j) != 0 {
             let at = current.offset + j * stride + ExecData.sync
             ExecModel.put32(&live[live.count - 1].model, at, UInt32(truncatingIfNeeded: raceValues.get(j)))
