@@ -162,7 +162,7 @@ struct SystemAllocatorTests {
             let v = writeValue(&rng, i)
             try mm.writeBatch(at: e, value: v)
             try f.xe.exec(batch: e)
-            ExecModel.write(&model, Int(e - old), v)
+            ExecModel.write(&model, Int(e - old), v, address: e)
             if i == 1 || cpuFault { #expect(try mm.checkElement(e), "\(name): element \(i)") }
             if i == 0 {
                 try mm.munmap(old + UInt64(unmapOffset), length: size / 2)
@@ -179,7 +179,11 @@ struct SystemAllocatorTests {
         }
         if !remap { for j in unmapOffset..<(unmapOffset + size / 2) { bytes[j] = 0 } }
         #expect(ExecModel.firstDifference(bytes, model) == nil, "\(name): \(ExecModel.firstDifference(bytes, model) ?? "")")
-        #expect(f.xe.rangesCollected > 0, "\(name): the partially unmapped range was not garbage-collected")
+        // The first range (2 MiB, or the 4 KiB page at the front) lost pages
+        // to the unmap: it went through the garbage collector.
+        if chunks == .large || !middle {
+            #expect(f.xe.rangesCollected > 0, "\(name): the unmapped range was not garbage-collected")
+        }
     }
 
     /// IGT's `evict-malloc` (`many_allocs()` over more than VRAM): 8 MiB
