@@ -10,6 +10,8 @@ let package = Package(
     products: [
         .library(name: "SVMEmu", targets: ["SVMEmu"]),
         .library(name: "MirrorDriver", targets: ["MirrorDriver"]),
+        .library(name: "GPUSVM", targets: ["GPUSVM"]),
+        .library(name: "XeDriver", targets: ["XeDriver"]),
         .library(name: "SVMStress", targets: ["SVMStress"]),
         .library(name: "SVMDRM", targets: ["SVMDRM"]),
         .executable(name: "svmemu", targets: ["svmemu"]),
@@ -35,8 +37,12 @@ let package = Package(
         // runner (`svmemu hmm-tests`, ConformanceTests). Public SVMEmu and
         // MirrorDriver API only.
         .target(name: "HMMSelftests", dependencies: ["SVMEmu", "MirrorDriver"], swiftSettings: strict),
+        // The drm_gpusvm + drm_pagemap layer (drivers/gpu/drm/drm_gpusvm.c,
+        // drm_pagemap.c) on the public SVMEmu API, and an Xe-like driver on it.
+        .target(name: "GPUSVM", dependencies: ["SVMEmu"], swiftSettings: strict),
+        .target(name: "XeDriver", dependencies: ["SVMEmu", "GPUSVM"], swiftSettings: strict),
         // Storm and overhead harnesses.
-        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver", "SVMProfiles", "CSVMSupport"],
+        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver", "GPUSVM", "XeDriver", "SVMProfiles", "CSVMSupport"],
                 swiftSettings: strict),
         // libdrm (Debian's libdrm-dev) and the nouveau SVM uAPI.
         .systemLibrary(name: "CLibDRM", pkgConfig: "libdrm",
@@ -66,6 +72,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .testTarget(name: "SVMDRMTests", dependencies: ["SVMDRM", "SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "XeDriverTests", dependencies: ["SVMEmu", "GPUSVM", "XeDriver", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ConformanceTests", dependencies: ["SVMEmu", "MirrorDriver", "HMMSelftests", "TestSupport"],
                     exclude: ["Fixtures"], swiftSettings: strict),
     ]

@@ -1,5 +1,6 @@
 import MirrorDriver
 import SVMEmu
+import XeDriver
 
 /// The kinds of operation a soak mixes in besides CPU reads and writes
 /// (which every soak runs: they are what checks the bytes).
@@ -111,8 +112,32 @@ public struct SoakSettings: Sendable, Codable, Equatable {
     /// (``MachineProfile/virtualCosts``); nil: ``VirtualCosts/measured``.
     /// Recorded whole in the JSON's settings when given.
     public var machine: MachineProfile? = nil
+    /// The driver soaked: `MirrorDevice`, or the Xe-like driver on GPU SVM.
+    public var driver: HarnessDriver = .mirror
 
     public init() {}
+
+    private enum CodingKeys: String, CodingKey {
+        case operations, cpus, pages, hugeRegions, seed, faultPolicy, mix, auditEvery, plantedLeak, logSteps,
+             checksStaleTLBEntries, driver
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        operations = try c.decode(Int.self, forKey: .operations)
+        cpus = try c.decode(Int.self, forKey: .cpus)
+        pages = try c.decode(Int.self, forKey: .pages)
+        hugeRegions = try c.decode(Int.self, forKey: .hugeRegions)
+        seed = try c.decode(UInt64.self, forKey: .seed)
+        faultPolicy = try c.decode(DeviceFaultPolicy.self, forKey: .faultPolicy)
+        mix = try c.decode(SoakMix.self, forKey: .mix)
+        auditEvery = try c.decode(Int.self, forKey: .auditEvery)
+        plantedLeak = try c.decodeIfPresent(SoakPlantedLeak.self, forKey: .plantedLeak)
+        logSteps = try c.decode(Int.self, forKey: .logSteps)
+        checksStaleTLBEntries = try c.decode(Bool.self, forKey: .checksStaleTLBEntries)
+        // Reports written before the Xe-like driver existed soaked MirrorDevice.
+        driver = try c.decodeIfPresent(HarnessDriver.self, forKey: .driver) ?? .mirror
+    }
 
     /// Checks the settings; throws `StormError.invalidSettings` with the reason.
     public func validate() throws(StormError) {
@@ -252,7 +277,14 @@ public enum Soak {
         do { kernel = try Kernel(booting: config) } catch { throw .hostRefused(error) }
         let mm = AddressSpace(kernel: kernel)
         let vram = StormHarness.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
-        let driver = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20))
+        let driver: any SoakDriver
+        switch settings.driver {
+        case .mirror: driver = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20))
+        case .gpusvm:
+            do { driver = try XeDevice(kernel: kernel, mm: mm, vramBytes: StormHarness.roundUp(vram, to: PageGeometry.pmdSize64)) } catch {
+                throw .setupFailed("registering \(vram) bytes of VRAM for the Xe-like driver: \(error)")
+            }
+        }
         let state: SoakState
         do {
             let small = try mm.mmap(length: smallBytes)

@@ -22,7 +22,7 @@ final class SoakState: @unchecked Sendable {
     let settings: SoakSettings
     let kernel: Kernel
     let mm: AddressSpace
-    let driver: MirrorDevice
+    let driver: any SoakDriver
     let small: UInt64, smallPages: Int
     let huge: UInt64, hugeRegions: Int
     let scratch: UInt64
@@ -65,7 +65,7 @@ final class SoakState: @unchecked Sendable {
     var failedAudit: KernelAudit? = nil
     var failedAt: Int? = nil
 
-    init(settings: SoakSettings, kernel: Kernel, mm: AddressSpace, driver: MirrorDevice,
+    init(settings: SoakSettings, kernel: Kernel, mm: AddressSpace, driver: any SoakDriver,
          small: UInt64, smallPages: Int, huge: UInt64, hugeRegions: Int, scratch: UInt64) {
         self.settings = settings
         self.kernel = kernel
@@ -226,7 +226,7 @@ final class SoakState: @unchecked Sendable {
 
     func result(steps: UInt64, seconds: Double) -> SoakResult {
         let a = failedAudit ?? lastAudit
-        let splits = driver.folioSplitCalls.ends
+        let splits = driver.deviceFolioSplits
         return SoakResult(
             settings: settings, operations: operations, reads: reads, writes: writes,
             gpuReads: gpuReads, gpuWrites: gpuWrites, gpuFaults: driver.faults,

@@ -200,13 +200,7 @@ extension SoakState {
     /// One 2 MiB region to device memory or back with SELECT_COMPOUND.
     func migrateHuge(region i: Int, toDevice: Bool) {
         let a = huge + UInt64(i) << PageGeometry.pmdShift
-        var s = driver.settings
-        s.migrationGranularity = .huge2M
-        driver.settings = s
-        let n = toDevice ? (try? driver.migrateToDevice(a, pages: PageGeometry.pmdPages)) ?? 0
-            : (try? driver.migrateToSystem(a, pages: PageGeometry.pmdPages)) ?? 0
-        s.migrationGranularity = .base4K
-        driver.settings = s
+        let n = driver.migrateHuge(a, toDevice: toDevice)
         if toDevice { self.toDevice += n } else { toSystem += n }
         if n == PageGeometry.pmdPages { hugeMigrations += 1 }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import MirrorDriver
 import SVMEmu
+import XeDriver
 import Synchronization
 
 /// The fault-storm harness: boots a machine, puts pages where the scenario
@@ -28,7 +29,8 @@ public enum StormHarness {
         try settings.validate()
         let bytes = settings.pages * settings.pageSize.bytes
         let vram = roundUp(UInt64(bytes) + (16 << 20), to: 32 << 20)
-        let factory = makeDriver ?? MirrorDevice.stormFactory(vramBytes: vram)
+        let factory = makeDriver ?? (settings.driver == .gpusvm ? XeDevice.stormFactory(vramBytes: vram)
+                                                                : MirrorDevice.stormFactory(vramBytes: vram))
 
         var config = KernelConfiguration()
         let node = Int(roundUp(UInt64(bytes) * 2 + (32 << 20), to: PageGeometry.pmdSize64))

@@ -51,6 +51,8 @@ public enum StormPageSize: String, Sendable, CaseIterable, Codable {
 /// Everything a storm run is configured by.
 public struct StormSettings: Sendable, Codable, Equatable {
     public var scenario: StormScenario = .readers
+    /// The driver the storm runs against (without a `makeDriver` factory).
+    public var driver: HarnessDriver = .mirror
     /// The kernel's device-private fault path (`do_swap_page()`).
     public var faultPolicy: DeviceFaultPolicy = .legacy
     /// The lock the driver takes in `migrateToRAM`.

@@ -76,10 +76,14 @@ struct SoakCommand: ParsableCommand {
 
     @OptionGroup var machine: MachineOptions
 
+    @Option(name: .long, help: "The driver soaked: mirror (MirrorDevice) or gpusvm (the Xe-like driver on drm_gpusvm and drm_pagemap).")
+    var driver = "mirror"
+
     @OptionGroup var output: JSONOutputOptions
 
     func settings() throws -> SoakSettings {
         var s = SoakSettings()
+        s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
         if checkTLB { s.checksStaleTLBEntries = true }
         s.operations = operations
         s.cpus = cpus
@@ -115,7 +119,7 @@ struct SoakCommand: ParsableCommand {
             print(try JSONReport.render(for: self, results: r))
         } else {
             print("""
-                soak: \(r.operations) operations, seed \(r.settings.seed), mix \(r.settings.mix), TLB checker \(r.settings.checksStaleTLBEntries ? "on" : "off")
+                soak: \(r.operations) operations, driver \(r.settings.driver.rawValue), seed \(r.settings.seed), mix \(r.settings.mix), TLB checker \(r.settings.checksStaleTLBEntries ? "on" : "off")
                   CPU: \(r.reads) reads, \(r.writes) writes; GPU: \(r.gpuReads) reads, \(r.gpuWrites) writes, \(r.gpuFaults) faults
                   migrate_vma: \(r.migrationsToDevice) pages to device, \(r.migrationsToSystem) to system \
                 (\(r.hugeMigrations) whole 2 MiB folios, \(r.deviceFolioSplits) device folio splits), \(r.evictions) evicted

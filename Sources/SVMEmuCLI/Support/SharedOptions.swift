@@ -87,6 +87,9 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
     var driverLock = "exclusive"
 
+    @Option(name: .long, help: "The driver: mirror (MirrorDevice, dmirror's shape) or gpusvm (the Xe-like driver on drm_gpusvm and drm_pagemap).")
+    var driver = "mirror"
+
     @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM waits for its work (after the copy, before migrate_vma_pages), holding its lock and the page reference (0-1000000).")
     var faultDelayUs = 50
 
@@ -123,6 +126,7 @@ struct StormScenarioOptions: ParsableArguments {
             DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
         }
         s.driverWait = try LivelockCommand.parse(driverWait, "--driver-wait", DriverWait.allCases.map(\.rawValue)) { DriverWait(rawValue: $0) }
+        s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
     }
