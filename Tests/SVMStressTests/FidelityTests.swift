@@ -1,0 +1,57 @@
+import Foundation
+import SVMEmu
+import SVMStress
+import Testing
+
+@Suite("fidelity")
+struct FidelityTests {
+    static func reference(_ cases: [(String, String, String, Double?)]) -> KernelLivelockReference {
+        let json = """
+            {"kernel": "6.12.117", "date": "2026-12-06", "qemu": "qemu-system-x86_64 -smp 2",
+             "cases": [\(cases.map { c in
+                let parts = c.0.split(separator: ":").map { Int($0)! }
+                return """
+                    {"case": "\(c.0)", "threads": \(parts[0]), "mutex": \(parts[1] == 1), "sleepMicros": \(parts[2]),
+                     "pages": 512, "policy": "\(c.1)",
+                     "runs": [{"outcome": "\(c.2)", "callsPerPage": \(c.3.map { "\($0)" } ?? "null"), "seconds": 0.1}]}
+                    """
+             }.joined(separator: ","))]}
+            """
+        return try! JSONDecoder().decode(KernelLivelockReference.self, from: Data(json.utf8))
+    }
+
+    @Test("the rig's cases run on the emulator: trylock takes one call a page, and the same seeds give the same rows")
+    func smallRun() throws {
+        let r = Self.reference([("1:0:0", "legacy", "completes", 1.0), ("4:1:50", "trylock", "completes", 1.0),
+                                ("8:1:50", "legacy", "livelock", nil)])
+        var s = FidelityHarness.Settings()
+        s.pages = 8
+        s.seeds = [1, 2]
+        s.stallSeconds = 0.05
+        let rows = try FidelityHarness.run(r, s)
+        #expect(rows.count == 3)
+        #expect(rows[0].emulator.outcome == "completes" && rows[0].emulator.callsPerPage == [1, 1])
+        #expect(rows[0].outcomeAgrees && rows[0].callsWithin2x == true)
+        #expect(rows[1].emulator.callsPerPage == [1, 1], "trylock: one migrate_to_ram call a page")
+        #expect(rows[2].kernel.outcome == "livelock" && rows[2].callsWithin2x == nil)
+        let again = try FidelityHarness.run(r, s)
+        #expect(again.map(\.emulator) == rows.map(\.emulator))
+    }
+
+    @Test("a kernel whose boots differ agrees with either outcome; the shipped reference decodes")
+    func eitherOutcome() throws {
+        let json = """
+            {"kernel": "6.12.117", "date": "2026-12-06", "qemu": "q",
+             "cases": [{"case": "2:0:0", "threads": 2, "mutex": false, "sleepMicros": 0, "pages": 512, "policy": "legacy",
+                        "runs": [{"outcome": "completes", "callsPerPage": 1.0}, {"outcome": "livelock", "callsPerPage": null}]}]}
+            """
+        let r = try JSONDecoder().decode(KernelLivelockReference.self, from: Data(json.utf8))
+        var s = FidelityHarness.Settings()
+        s.pages = 4
+        s.seeds = [1]
+        let rows = try FidelityHarness.run(r, s)
+        #expect(rows[0].kernel.outcome == "mixed" && rows[0].outcomeAgrees && rows[0].seedsAgreeing == 1)
+        let shipped = try KernelLivelockReference.shipped()
+        #expect(shipped.cases.count >= 24 && shipped.kernel.hasPrefix("6.12"))
+    }
+}
