@@ -16,13 +16,17 @@
 //     (getrusage(RUSAGE_THREAD).ru_nivcsw, read after each gap) went up: the
 //     kernel ran another task there. Counted apart, not a stall.
 //   - the kernel's tick: the tick fires at a fixed phase of its period (a
-//     periodic hrtimer on CLOCK_MONOTONIC), so the gaps it causes start at
-//     one phase. The gaps' start times modulo the tick are binned (100 bins
-//     a tick, per CPU); a bin holding more than 4 x the median bin's count
-//     + 3 is the tick's, widened bin by bin while a neighbour holds more
-//     than 2 x the median + 1. A gap that starts in that window and is at
-//     most 4 x the window's median gap is the tick's (its handler, its
-//     softirqs); a longer one there is a stall that the tick fell into.
+//     periodic hrtimer on CLOCK_MONOTONIC), so the short gaps it causes start
+//     at one phase. The start times modulo the tick of the gaps no longer
+//     than a quarter tick are binned (100 bins a tick, per CPU); a bin
+//     holding more than 4 x the median bin's count + 3 is the tick's,
+//     widened bin by bin while a neighbour holds more than 2 x the median
+//     + 1. A gap that starts in that window and is at most 4 x the window's
+//     median (short) gap, and at most a quarter tick, is the tick's (its
+//     handler, its softirqs); a longer one there is a stall that the tick
+//     fell into. (Only short gaps: a busy host preempts the vCPU threads on
+//     its own tick, whose period is a multiple of the guest's, so long
+//     stalls can share the tick's phase.)
 //     Stalls that happen to start in the window (the window's share of the
 //     tick, a few percent) are counted as the tick's.
 //   - a stall: every other gap.
@@ -157,7 +161,7 @@ static void *svm_stall_spin(void *arg) {
 static int svm_stall_tick_window(const svm_stall_thread *t, uint64_t tick, int *lo, int *hi) {
     uint32_t bins[SVM_STALL_BINS] = { 0 }, sorted[SVM_STALL_BINS];
     for (uint32_t i = 0; i < t->count; i++) {
-        if (t->gap[i].preempted) continue;
+        if (t->gap[i].preempted || t->gap[i].length > tick / 4) continue;
         bins[(t->gap[i].start % tick) * SVM_STALL_BINS / tick]++;
     }
     memcpy(sorted, bins, sizeof bins);
@@ -255,10 +259,12 @@ static int svm_stall_measure(const int *cpus, int ncpu, int rounds, uint64_t rou
         if (window) {
             for (uint32_t g = 0; g < t->count; g++) {
                 int bin = (int)((t->gap[g].start % tick_nanos) * SVM_STALL_BINS / tick_nanos);
-                if (!t->gap[g].preempted && svm_stall_in_window(bin, lo, hi)) ticks[nt++] = t->gap[g].length;
+                if (!t->gap[g].preempted && t->gap[g].length <= tick_nanos / 4 && svm_stall_in_window(bin, lo, hi))
+                    ticks[nt++] = t->gap[g].length;
             }
             qsort(ticks + first, nt - first, sizeof *ticks, svm_stall_cmp_u64);
             bound = 4 * ticks[first + (nt - first) / 2];
+            if (bound > tick_nanos / 4) bound = tick_nanos / 4;
             nt = first;
         }
         for (uint32_t g = 0; g < t->count; g++) {
