@@ -536,6 +536,7 @@ int svm_cal_stalls(svm_cal_stall_figures *out, int a, int b, int rounds,
         .tickGapsPerSecond = r.tickGapsPerSecond, .tickGapP50Nanos = r.tickGapP50Nanos,
         .preemptionsPerSecond = r.preemptionsPerSecond, .seconds = r.seconds,
         .stalls = r.stalls, .tickGaps = r.tickGaps, .preemptions = r.preemptions, .dropped = r.dropped,
+        .byTimerCount = r.byTimerCount,
     };
     return 0;
 }

@@ -15,20 +15,19 @@
 //   - a preemption by the kernel: the thread's involuntary context switches
 //     (getrusage(RUSAGE_THREAD).ru_nivcsw, read after each gap) went up: the
 //     kernel ran another task there. Counted apart, not a stall.
-//   - the kernel's tick: the tick fires at a fixed phase of its period (a
-//     periodic hrtimer on CLOCK_MONOTONIC), so the short gaps it causes start
-//     at one phase. The start times modulo the tick of the gaps no longer
-//     than a quarter tick are binned (100 bins a tick, per CPU); a bin
-//     holding more than 4 x the median bin's count + 3 is the tick's,
-//     widened bin by bin while a neighbour holds more than 2 x the median
-//     + 1. A gap that starts in that window and is at most 4 x the window's
-//     median (short) gap, and at most a quarter tick, is the tick's (its
-//     handler, its softirqs); a longer one there is a stall that the tick
-//     fell into. (Only short gaps: a busy host preempts the vCPU threads on
-//     its own tick, whose period is a multiple of the guest's, so long
-//     stalls can share the tick's phase.)
-//     Stalls that happen to start in the window (the window's share of the
-//     tick, a few percent) are counted as the tick's.
+//   - the kernel's tick: a gap in which the CPU's local timer interrupt
+//     count went up (/proc/interrupts, LOC, read after each gap), no longer
+//     than a quarter tick and than 4 x the median of such short timer gaps,
+//     is the tick's (its handler, its softirqs); a longer one is a stall the
+//     tick fell into. Without /proc/interrupts the tick is found by phase:
+//     the tick is a periodic hrtimer on CLOCK_MONOTONIC, so the start times
+//     modulo the tick of the gaps no longer than a quarter tick are binned
+//     (100 bins a tick, per CPU); a bin holding more than 4 x the median
+//     bin's count + 3 is the tick's, widened bin by bin while a neighbour
+//     holds more than 2 x the median + 1, and the same bounds apply.
+//     After each gap's bookkeeping the loop waits for 16 reads in a row
+//     under the threshold (under TCG the loops right after a system call are
+//     slower) before it notes gaps again; that time is not covered.
 //   - a stall: every other gap.
 // Figures: stalls per second per CPU (over the time the loops covered), the
 // mean, p50/p90/p99 (nearest rank) and the longest stall over both CPUs, and
@@ -37,6 +36,7 @@
 #define SVM_STALL_PROBE_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
@@ -44,6 +44,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #define SVM_STALL_MAX_CPUS 2
 #define SVM_STALL_MAX_GAPS (1u << 18)
@@ -60,12 +61,14 @@ typedef struct {
     double preemptionsPerSecond;   // gaps with a context switch to another task, per second per CPU
     double seconds;            // the time the loops covered, summed over the CPUs
     uint64_t stalls, tickGaps, preemptions, dropped;
+    int byTimerCount;          // CPUs whose tick gaps were found by the timer count (else by phase)
 } svm_stall_result;
 
 typedef struct {
     uint64_t start;     // the clock read before the gap
     uint64_t length;    // nanoseconds to the next read
     int preempted;
+    int timer;          // local timer interrupts on the CPU since the last gap (-1: not known)
 } svm_stall_gap;
 
 typedef struct svm_stall_shared svm_stall_shared;
@@ -106,6 +109,34 @@ static long svm_stall_nivcsw(void) {
     return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : -1;
 }
 
+/// The CPU's local timer interrupts (/proc/interrupts, the LOC line, the
+/// column of `cpu`), or -1. `buf` is the caller's (16 KiB).
+static long long svm_stall_timer_count(int fd, int cpu, char *buf, size_t size) {
+    if (fd < 0) return -1;
+    ssize_t n = pread(fd, buf, size - 1, 0);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    // The header names the columns: "CPU0 CPU1 ..." (online CPUs only).
+    int column = -1, k = 0;
+    char *line_end = strchr(buf, '\n');
+    for (char *p = buf; p && p < line_end; k++) {
+        p = strstr(p, "CPU");
+        if (!p || p > line_end) break;
+        if (atoi(p + 3) == cpu) { column = k; break; }
+        p += 3;
+    }
+    char *loc = strstr(buf, "\nLOC:");
+    if (column < 0 || !loc) return -1;
+    char *p = loc + 5, *end;
+    long long v = -1;
+    for (int c = 0; c <= column; c++) {
+        v = strtoll(p, &end, 10);
+        if (end == p) return -1;
+        p = end;
+    }
+    return v;
+}
+
 static void *svm_stall_spin(void *arg) {
     svm_stall_thread *me = arg;
     svm_stall_shared *sh = me->shared;
@@ -133,8 +164,12 @@ static void *svm_stall_spin(void *arg) {
     while ((phase = __atomic_load_n(&sh->phase, __ATOMIC_ACQUIRE)) == 0) sched_yield();
     if (phase < 0) return NULL;
     uint64_t threshold = sh->threshold;
+    int fd = open("/proc/interrupts", O_RDONLY);
+    char *text = malloc(16384);
+    if (!text && fd >= 0) { close(fd); fd = -1; }
     for (int r = 0; r < sh->rounds; r++) {
         long switches = svm_stall_nivcsw();
+        long long timers = svm_stall_timer_count(fd, me->cpu, text, 16384);
         uint64_t begin = svm_stall_now(), end = begin + sh->round_nanos, last = begin;
         while (last < end) {
             uint64_t t = svm_stall_now();
@@ -142,17 +177,30 @@ static void *svm_stall_spin(void *arg) {
             me->covered += gap;
             if (gap > threshold) {
                 long now = svm_stall_nivcsw();
+                long long timers_now = svm_stall_timer_count(fd, me->cpu, text, 16384);
+                int timer = timers >= 0 && timers_now >= timers ? (int)(timers_now - timers) : -1;
                 if (me->count < SVM_STALL_MAX_GAPS) {
-                    me->gap[me->count++] = (svm_stall_gap){ last, gap, now != switches };
+                    me->gap[me->count++] = (svm_stall_gap){ last, gap, now != switches, timer };
                 } else {
                     me->dropped++;
                 }
                 switches = now;
-                t = svm_stall_now();   // the bookkeeping is not a gap
+                timers = timers_now;
+                // The bookkeeping is not a gap, nor are the slow reads right
+                // after it (under TCG the first loops after a system call
+                // run slower): wait for 16 reads in a row under the threshold.
+                t = svm_stall_now();
+                for (int calm = 0; calm < 16;) {
+                    uint64_t u = svm_stall_now();
+                    calm = u - t > threshold ? 0 : calm + 1;
+                    t = u;
+                }
             }
             last = t;
         }
     }
+    if (fd >= 0) close(fd);
+    free(text);
     return NULL;
 }
 
@@ -254,16 +302,24 @@ static int svm_stall_measure(const int *cpus, int ncpu, int rounds, uint64_t rou
         svm_stall_thread *t = &sh->t[i];
         covered += (double)t->covered / 1e9;
         out->dropped += t->dropped;
-        int lo = 0, hi = 0, window = svm_stall_tick_window(t, tick_nanos, &lo, &hi) == 0;
+        // The tick's gaps: by the local timer interrupt count when
+        // /proc/interrupts is readable (a gap in which the count went up),
+        // else by phase.
+        int counted = t->count > 0;
+        for (uint32_t g = 0; g < t->count; g++) if (t->gap[g].timer < 0) counted = 0;
+        if (counted) out->byTimerCount += 1;
+        int lo = 0, hi = 0, window = counted || svm_stall_tick_window(t, tick_nanos, &lo, &hi) == 0;
+#define SVM_STALL_TICKISH(gp, bin) \
+        (counted ? (gp)->timer > 0 : svm_stall_in_window((bin), lo, hi))
         uint64_t bound = UINT64_MAX, first = nt;
         if (window) {
             for (uint32_t g = 0; g < t->count; g++) {
                 int bin = (int)((t->gap[g].start % tick_nanos) * SVM_STALL_BINS / tick_nanos);
-                if (!t->gap[g].preempted && t->gap[g].length <= tick_nanos / 4 && svm_stall_in_window(bin, lo, hi))
+                if (!t->gap[g].preempted && t->gap[g].length <= tick_nanos / 4 && SVM_STALL_TICKISH(&t->gap[g], bin))
                     ticks[nt++] = t->gap[g].length;
             }
             qsort(ticks + first, nt - first, sizeof *ticks, svm_stall_cmp_u64);
-            bound = 4 * ticks[first + (nt - first) / 2];
+            bound = nt > first ? 4 * ticks[first + (nt - first) / 2] : 0;
             if (bound > tick_nanos / 4) bound = tick_nanos / 4;
             nt = first;
         }
@@ -271,7 +327,7 @@ static int svm_stall_measure(const int *cpus, int ncpu, int rounds, uint64_t rou
             svm_stall_gap *gp = &t->gap[g];
             if (gp->preempted) { out->preemptions++; continue; }
             int bin = (int)((gp->start % tick_nanos) * SVM_STALL_BINS / tick_nanos);
-            if (window && svm_stall_in_window(bin, lo, hi) && gp->length <= bound) ticks[nt++] = gp->length;
+            if (window && SVM_STALL_TICKISH(gp, bin) && gp->length <= bound) ticks[nt++] = gp->length;
             else stalls[ns++] = gp->length;
         }
     }
@@ -293,6 +349,7 @@ static int svm_stall_measure(const int *cpus, int ncpu, int rounds, uint64_t rou
     out->p99Nanos = svm_stall_rank(stalls, ns, 0.99);
     out->maxNanos = ns ? (double)stalls[ns - 1] : 0;
     out->tickGapP50Nanos = svm_stall_rank(ticks, nt, 0.50);
+#undef SVM_STALL_TICKISH
     free(stalls);
     free(ticks);
 out:

@@ -258,10 +258,11 @@ public enum Calibration {
             + String(format: "%.0f ns", f.loopNanos) + ", at least 2 µs). Gaps in which the thread's involuntary "
             + "context switches went up (getrusage RUSAGE_THREAD: the kernel ran another task there) are not stalls "
             + String(format: "(%.1f a second a CPU)", f.preemptionsPerSecond) + ". The tick's gaps are not stalls: "
-            + "the start times modulo the tick (\(tickNanos) ns) of the gaps no longer than a quarter tick are binned "
-            + "in 100 bins a CPU; the bin holding more than 4 x the median bin + 3, widened while a neighbour holds "
-            + "more than 2 x the median + 1, is the tick's phase, and a gap starting there no longer than 4 x that "
-            + "window's median short gap (and a quarter tick) is the tick's ("
+            + (f.byTimerCount > 0
+               ? "a gap in which the CPU's local timer interrupt count went up (/proc/interrupts LOC, read after each gap), "
+               : "/proc/interrupts unreadable, so by phase: the start times modulo the tick (\(tickNanos) ns) of the gaps no "
+                 + "longer than a quarter tick are binned in 100 bins a CPU and the bin that stands out is the tick's; a gap there ")
+            + "no longer than a quarter tick and than 4 x the median of such short gaps is the tick's ("
             + String(format: "%.1f a second a CPU, median %.0f ns", f.tickGapsPerSecond, f.tickGapP50Nanos)
             + "; 0 when the tick's handler stays under the threshold). Every other gap is a stall: "
             + "\(f.stalls) in " + String(format: "%.1f", f.seconds) + " CPU-seconds; rate per second per CPU, "

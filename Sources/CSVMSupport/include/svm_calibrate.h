@@ -83,12 +83,14 @@ typedef struct {
     double seconds;
     /// Counts: stalls, tick gaps, preemptions, gaps not stored (a full buffer).
     unsigned long long stalls, tickGaps, preemptions, dropped;
+    /// CPUs whose tick was found by the timer interrupt count (else by phase).
+    int byTimerCount;
 } svm_cal_stall_figures;
 
 /// One clock-reading thread pinned to each of CPUs `a` and `b` (`b` < 0: `a`
 /// only) for `rounds` rounds of `roundNanos`; gaps between consecutive reads
-/// are split into the kernel's preemptions, its tick (by the gap's phase in
-/// `tickNanos`) and stalls. Returns 0 or -errno.
+/// are split into the kernel's preemptions, its tick (by the local timer
+/// interrupt count, else by the gap's phase in `tickNanos`) and stalls. Returns 0 or -errno.
 int svm_cal_stalls(svm_cal_stall_figures *out, int a, int b, int rounds,
                    unsigned long long roundNanos, unsigned long long tickNanos);
 
