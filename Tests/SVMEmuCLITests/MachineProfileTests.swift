@@ -92,6 +92,10 @@ struct MachineProfileTests {
         #expect(p.problem == nil)
         for key in MachineProfile.Costs.keys { #expect(p.methods[key] != nil, "method of \(key)") }
         #expect(p.memcpy.first?.workingSetBytes == 4096 && p.memcpy.last?.workingSetBytes == 64 << 20)
+        for name in ["native", "qemu-tcg-2"] {
+            let shipped = try MachineProfile.resolve(name)
+            #expect(shipped.stalls != nil && shipped.methods["stalls"] != nil, "\(name) has stalls and their method")
+        }
     }
 
     @Test("--machine: checked before the run, refused without --deterministic, listed when unknown")
