@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "svm_calibrate.h"
 #include "svm_support.h"
+#include "svm_stall_probe.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -517,4 +518,25 @@ double svm_cal_tick_hz(int cpu, int millis) {
     cal_affinity_leave(&aff);
     if (before < 0 || after < before) return -1;
     return (double)(after - before) * 1e9 / (double)(t1 - t0);
+}
+
+// ---- stalls ----
+
+int svm_cal_stalls(svm_cal_stall_figures *out, int a, int b, int rounds,
+                   unsigned long long roundNanos, unsigned long long tickNanos) {
+    int cpus[2] = { a, b };
+    svm_stall_result r;
+    memset(out, 0, sizeof *out);
+    int rc = svm_stall_measure(cpus, b >= 0 ? 2 : 1, rounds, roundNanos, tickNanos, &r);
+    if (rc) return rc;
+    *out = (svm_cal_stall_figures){
+        .ratePerSecond = r.ratePerSecond, .meanNanos = r.meanNanos, .p50Nanos = r.p50Nanos,
+        .p90Nanos = r.p90Nanos, .p99Nanos = r.p99Nanos, .maxNanos = r.maxNanos,
+        .thresholdNanos = r.thresholdNanos, .loopNanos = r.loopNanos,
+        .tickGapsPerSecond = r.tickGapsPerSecond, .tickGapP50Nanos = r.tickGapP50Nanos,
+        .preemptionsPerSecond = r.preemptionsPerSecond, .seconds = r.seconds,
+        .stalls = r.stalls, .tickGaps = r.tickGaps, .preemptions = r.preemptions, .dropped = r.dropped,
+        .byTimerCount = r.byTimerCount,
+    };
+    return 0;
 }

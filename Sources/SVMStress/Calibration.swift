@@ -22,6 +22,10 @@ public enum Calibration {
         /// Pages of the page-walk chase (each load a TLB miss at any size
         /// above the second-level TLB's reach).
         public var walkPages = 8192
+        /// Rounds of the stall measurement (0: not measured).
+        public var stallRounds = 5
+        /// Nanoseconds of each stall round.
+        public var stallRoundNanos: UInt64 = 2_000_000_000
 
         public init() {}
     }
@@ -200,6 +204,13 @@ public enum Calibration {
         methods["baseSliceNanos"] = sliceMethod
         methods["preemption"] = preemptionMethod
 
+        var stalls: MachineProfile.Stalls? = nil
+        if settings.stallRounds > 0 {
+            progress?("stalls (\(settings.stallRounds) x \(Double(settings.stallRoundNanos) / 1e9) s)")
+            (stalls, methods["stalls"]) = try measureStalls(a: a ?? 0, b: b ?? -1, rounds: settings.stallRounds,
+                                                            roundNanos: settings.stallRoundNanos, tickNanos: tickNanos)
+        }
+
         // A tenth of a nanosecond (a hundredth of a GB/s) is below any
         // repetition's spread: the file keeps no false digits.
         func r(_ v: Double) -> Double { (v * 10).rounded() / 10 }
@@ -224,8 +235,40 @@ public enum Calibration {
             measuredOn: machineDescription(), date: today(), tool: tool, cpus: cpus, costs: costs,
             memcpy: memcpy,
             scheduler: .init(baseSliceNanos: slice, tickNanos: tickNanos, preemption: preemption),
-            methods: methods)
+            methods: methods, stalls: stalls)
         return Result(profile: profile, figures: figures)
+    }
+
+    /// vCPU stalls (svm_cal_stalls): the figures and their method.
+    static func measureStalls(a: Int32, b: Int32, rounds: Int, roundNanos: UInt64,
+                              tickNanos: UInt64) throws(Failure) -> (MachineProfile.Stalls, String) {
+        var f = svm_cal_stall_figures()
+        let rc = svm_cal_stalls(&f, a, b, Int32(rounds), roundNanos, tickNanos)
+        if rc != 0 { throw Failure(description: "stalls: the host refused (\(String(cString: strerror(-rc))))") }
+        func r(_ v: Double) -> Double { (v * 10).rounded() / 10 }
+        let stalls = MachineProfile.Stalls(
+            ratePerSecond: r(f.ratePerSecond), meanNanos: r(f.meanNanos), p50Nanos: r(f.p50Nanos),
+            p90Nanos: r(f.p90Nanos), p99Nanos: r(f.p99Nanos), maxNanos: r(f.maxNanos),
+            thresholdNanos: r(f.thresholdNanos), tickGapsPerSecond: r(f.tickGapsPerSecond),
+            tickGapP50Nanos: r(f.tickGapP50Nanos))
+        let cpus = b >= 0 ? "CPUs \(a) and \(b) (at the same time)" : "CPU \(a)"
+        let method = "On \(cpus) one pinned thread each reads CLOCK_MONOTONIC in a loop, \(rounds) rounds of "
+            + String(format: "%.1f s", Double(roundNanos) / 1e9) + ", and notes every gap between two reads above "
+            + String(format: "%.0f ns", f.thresholdNanos) + " (5 x the median loop of "
+            + String(format: "%.0f ns", f.loopNanos) + ", at least 2 µs). Gaps in which the thread's involuntary "
+            + "context switches went up (getrusage RUSAGE_THREAD: the kernel ran another task there) are not stalls "
+            + String(format: "(%.1f a second a CPU)", f.preemptionsPerSecond) + ". The tick's gaps are not stalls: "
+            + (f.byTimerCount > 0
+               ? "a gap in which the CPU's local timer interrupt count went up (/proc/interrupts LOC, read after each gap), "
+               : "/proc/interrupts unreadable, so by phase: the start times modulo the tick (\(tickNanos) ns) of the gaps no "
+                 + "longer than a quarter tick are binned in 100 bins a CPU and the bin that stands out is the tick's; a gap there ")
+            + "no longer than a quarter tick and than 4 x the median of such short gaps is the tick's ("
+            + String(format: "%.1f a second a CPU, median %.0f ns", f.tickGapsPerSecond, f.tickGapP50Nanos)
+            + "; 0 when the tick's handler stays under the threshold). Every other gap is a stall: "
+            + "\(f.stalls) in " + String(format: "%.1f", f.seconds) + " CPU-seconds; rate per second per CPU, "
+            + "mean, nearest-rank percentiles and the longest over both CPUs"
+            + (f.dropped > 0 ? " (\(f.dropped) gaps beyond the buffer not counted)" : "") + "."
+        return (stalls, method)
     }
 
     // MARK: the host

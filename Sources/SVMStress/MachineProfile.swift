@@ -32,8 +32,12 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     public var memcpy: [CopyBandwidth]
     /// The scheduler's timing.
     public var scheduler: Scheduler
-    /// How each cost (by its key in ``costs``) was measured.
+    /// How each cost (by its key in ``costs``) was measured; `stalls` too.
     public var methods: [String: String]
+    /// How often and how long a busy CPU stops running its thread for
+    /// reasons outside the kernel (the host descheduling a vCPU, the
+    /// hypervisor). Optional: profiles measured before it load without it.
+    public var stalls: Stalls?
 
     /// The measured costs, in nanoseconds (medians).
     public struct Costs: Sendable, Codable, Equatable {
@@ -118,6 +122,56 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         }
     }
 
+    /// vCPU stalls: on each CPU a pinned thread reads CLOCK_MONOTONIC in a
+    /// loop, and every gap between two reads above ``thresholdNanos`` that
+    /// neither the kernel's tick nor a switch to another task explains is a
+    /// stall (Docs/machine-profiles.md, "Stalls").
+    public struct Stalls: Sendable, Codable, Equatable {
+        /// Stalls per second on one busy CPU.
+        public var ratePerSecond: Double
+        /// A stall's mean length, ns.
+        public var meanNanos: Double
+        /// The median stall, ns.
+        public var p50Nanos: Double
+        /// The 90th percentile, ns.
+        public var p90Nanos: Double
+        /// The 99th percentile, ns.
+        public var p99Nanos: Double
+        /// The longest stall seen, ns.
+        public var maxNanos: Double
+        /// Gaps longer than this were noted (5 x the median clock loop, at least 2 µs).
+        public var thresholdNanos: Double
+        /// The kernel's tick gaps per second on one CPU (excluded from the stalls; 0 when under the threshold).
+        public var tickGapsPerSecond: Double?
+        /// The tick gaps' median length, ns.
+        public var tickGapP50Nanos: Double?
+
+        public init(ratePerSecond: Double, meanNanos: Double, p50Nanos: Double, p90Nanos: Double, p99Nanos: Double,
+                    maxNanos: Double, thresholdNanos: Double, tickGapsPerSecond: Double? = nil,
+                    tickGapP50Nanos: Double? = nil) {
+            self.ratePerSecond = ratePerSecond
+            self.meanNanos = meanNanos
+            self.p50Nanos = p50Nanos
+            self.p90Nanos = p90Nanos
+            self.p99Nanos = p99Nanos
+            self.maxNanos = maxNanos
+            self.thresholdNanos = thresholdNanos
+            self.tickGapsPerSecond = tickGapsPerSecond
+            self.tickGapP50Nanos = tickGapP50Nanos
+        }
+
+        /// Every figure by its key, in the file's order (the optional ones when present).
+        public var all: [(key: String, value: Double)] {
+            var v: [(key: String, value: Double)] = [
+                ("ratePerSecond", ratePerSecond), ("meanNanos", meanNanos), ("p50Nanos", p50Nanos),
+                ("p90Nanos", p90Nanos), ("p99Nanos", p99Nanos), ("maxNanos", maxNanos),
+                ("thresholdNanos", thresholdNanos)]
+            if let tickGapsPerSecond { v.append(("tickGapsPerSecond", tickGapsPerSecond)) }
+            if let tickGapP50Nanos { v.append(("tickGapP50Nanos", tickGapP50Nanos)) }
+            return v
+        }
+    }
+
     /// The scheduler's timing on the machine.
     public struct Scheduler: Sendable, Codable, Equatable {
         /// EEVDF's base slice (`sysctl_sched_base_slice`, scaled by the CPUs).
@@ -135,7 +189,8 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     }
 
     public init(name: String, description: String, measuredOn: String, date: String, tool: String, cpus: Int,
-                costs: Costs, memcpy: [CopyBandwidth], scheduler: Scheduler, methods: [String: String]) {
+                costs: Costs, memcpy: [CopyBandwidth], scheduler: Scheduler, methods: [String: String],
+                stalls: Stalls? = nil) {
         self.name = name
         self.description = description
         self.measuredOn = measuredOn
@@ -146,6 +201,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         self.memcpy = memcpy
         self.scheduler = scheduler
         self.methods = methods
+        self.stalls = stalls
     }
 
     // MARK: what a run charges
@@ -199,7 +255,8 @@ public struct MachineProfile: Sendable, Codable, Equatable {
 
     /// Checks what a run relies on: a name, every cost finite and not
     /// negative, at least one copy bandwidth (working set and GB/s above 0),
-    /// a tick and a slice above 0, CPUs 1-64. Returns the first problem, or nil.
+    /// a tick and a slice above 0, CPUs 1-64, stall figures (when present)
+    /// finite and not negative. Returns the first problem, or nil.
     public var problem: String? {
         if name.isEmpty { return "the profile has no name" }
         for (key, v) in costs.all where !v.isFinite || v < 0 {
@@ -211,6 +268,11 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         }
         if scheduler.tickNanos == 0 { return "scheduler.tickNanos must be above 0" }
         if scheduler.baseSliceNanos == 0 { return "scheduler.baseSliceNanos must be above 0" }
+        if let stalls {
+            for (key, v) in stalls.all where !v.isFinite || v < 0 {
+                return "stalls.\(key) must be a finite number >= 0 (got \(v))"
+            }
+        }
         if !(1...CPUSet.maxCPUs).contains(cpus) { return "cpus must be 1...\(CPUSet.maxCPUs) (got \(cpus))" }
         return nil
     }

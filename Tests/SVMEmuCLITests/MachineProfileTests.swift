@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 import SVMEmu
-import SVMStress
+@testable import SVMStress
 import Testing
 @testable import SVMEmuCLI
 
@@ -35,6 +35,38 @@ struct MachineProfileTests {
         #expect(try MachineProfile.decode(try p.json(), source: "round trip") == p)
     }
 
+    @Test("stalls are optional: a profile without them loads, one with them round-trips, a bad figure is refused")
+    func stallsOptional() throws {
+        let plain = try MachineProfile.decode(Data(example.utf8), source: "example")
+        #expect(plain.stalls == nil)
+        #expect(!String(decoding: try plain.json(), as: UTF8.self).contains("stalls"), "no key written when absent")
+        let stalls = #"{"ratePerSecond":300,"meanNanos":12000,"p50Nanos":3000,"p90Nanos":33000,"p99Nanos":95000,"maxNanos":1000000,"thresholdNanos":2000}"#
+        let with = example.replacingOccurrences(of: #""methods":"#, with: #""stalls":\#(stalls),"methods":"#)
+        let p = try MachineProfile.decode(Data(with.utf8), source: "with stalls")
+        #expect(p.stalls == MachineProfile.Stalls(ratePerSecond: 300, meanNanos: 12000, p50Nanos: 3000, p90Nanos: 33000,
+                                                  p99Nanos: 95000, maxNanos: 1_000_000, thresholdNanos: 2000))
+        #expect(p.stalls?.tickGapsPerSecond == nil, "the tick's figures are optional")
+        #expect(try MachineProfile.decode(try p.json(), source: "round trip") == p)
+        do {
+            _ = try MachineProfile.decode(Data(with.replacingOccurrences(of: #""p99Nanos":95000"#, with: #""p99Nanos":-5"#).utf8),
+                                          source: "negative")
+            Issue.record("a negative stall figure was accepted")
+        } catch {
+            #expect(error.description.contains("stalls.p99Nanos"))
+        }
+    }
+
+    @Test("the stall probe runs on one CPU and reports ordered figures above its threshold")
+    func stallProbe() throws {
+        let (a, _) = Calibration.twoCPUs()
+        let (s, method) = try Calibration.measureStalls(a: a ?? 0, b: -1, rounds: 1, roundNanos: 50_000_000,
+                                                        tickNanos: 4_000_000)
+        #expect(s.thresholdNanos >= 2000)
+        #expect(s.ratePerSecond >= 0 && s.p50Nanos <= s.p90Nanos && s.p90Nanos <= s.p99Nanos && s.p99Nanos <= s.maxNanos)
+        if s.ratePerSecond > 0 { #expect(s.p50Nanos > s.thresholdNanos, "every stall is a gap above the threshold") }
+        #expect(method.contains("CLOCK_MONOTONIC"))
+    }
+
     @Test("invalid profiles are refused with the reason")
     func invalidProfiles() throws {
         #expect(throws: MachineProfileError.self) { try MachineProfile.decode(Data("{}".utf8), source: "empty") }
@@ -60,6 +92,10 @@ struct MachineProfileTests {
         #expect(p.problem == nil)
         for key in MachineProfile.Costs.keys { #expect(p.methods[key] != nil, "method of \(key)") }
         #expect(p.memcpy.first?.workingSetBytes == 4096 && p.memcpy.last?.workingSetBytes == 64 << 20)
+        for name in ["native", "qemu-tcg-2"] {
+            let shipped = try MachineProfile.resolve(name)
+            #expect(shipped.stalls != nil && shipped.methods["stalls"] != nil, "\(name) has stalls and their method")
+        }
     }
 
     @Test("--machine: checked before the run, refused without --deterministic, listed when unknown")

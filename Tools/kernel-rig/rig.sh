@@ -172,9 +172,10 @@ cmd_guest() {
 			"$sel/hmm-tests.c" "$sel/vm_util.c" "$sel/thp_settings.c" -lrt -lm -o "$OUT/bin/hmm-tests"
 	fi
 	for prog in livelock calibrate; do
-		if [ ! -x "$OUT/bin/rig-$prog" ] || [ "$HERE/guest/$prog.c" -nt "$OUT/bin/rig-$prog" ]; then
+		if [ ! -x "$OUT/bin/rig-$prog" ] || [ "$HERE/guest/$prog.c" -nt "$OUT/bin/rig-$prog" ] \
+			|| [ "$REPO/Sources/CSVMSupport/svm_stall_probe.h" -nt "$OUT/bin/rig-$prog" ]; then
 			say "building rig-$prog (static)"
-			gcc "${cflags[@]}" -I "$SRC" "$HERE/guest/$prog.c" -lm -o "$OUT/bin/rig-$prog"
+			gcc "${cflags[@]}" -I "$SRC" -I "$REPO/Sources/CSVMSupport" "$HERE/guest/$prog.c" -lm -o "$OUT/bin/rig-$prog"
 		fi
 	done
 	local busybox

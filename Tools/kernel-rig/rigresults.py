@@ -360,6 +360,14 @@ def profile(args):
     doc["costs"] = costs
     doc["memcpy"] = memcpy
     doc["scheduler"] = first["scheduler"]
+    stalls = [b["stalls"] for b in boots if "stalls" in b]
+    if stalls:
+        # Each figure the median over the boots, as the costs.
+        doc["stalls"] = {k: round(statistics.median([s[k] for s in stalls if k in s]), 1) for k in stalls[0]}
+        if "stalls" in methods:
+            methods["stalls"] += " Each figure the median of %d boots (per-boot: rate %s /s, p50 %s ns, p99 %s ns, max %s ns)." % (
+                len(stalls), spread_of(stalls, "ratePerSecond"), spread_of(stalls, "p50Nanos"),
+                spread_of(stalls, "p99Nanos"), spread_of(stalls, "maxNanos"))
     doc["methods"] = methods
     raws = [b["raw"] for b in boots if "raw" in b]
     if raws:
@@ -369,6 +377,14 @@ def profile(args):
     for k in costs:
         lo, hi = spread[k]
         print("%-18s %10.1f ns   (boots %.1f-%.1f)" % (k, costs[k], lo, hi))
+    if stalls:
+        for k, v in doc["stalls"].items():
+            print("stalls.%-17s %10.1f      (boots %s)" % (k, v, spread_of(stalls, k)))
+
+
+def spread_of(rows, key):
+    vals = [r[key] for r in rows if key in r]
+    return "%.1f-%.1f" % (min(vals), max(vals)) if vals else "-"
 
 
 # --------------------------------------------------------------- common

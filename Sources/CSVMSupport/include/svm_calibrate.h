@@ -66,4 +66,32 @@ int svm_cal_memcpy(double *out, int samples, size_t bytes);
 /// for `millis` (from /proc/interrupts, LOC): the kernel's tick rate.
 double svm_cal_tick_hz(int cpu, int millis);
 
+/// vCPU stalls (svm_stall_probe.h, shared with the kernel rig's guest
+/// calibrator): what a thread spinning on a clock loop on each CPU saw.
+typedef struct {
+    /// Stalls per second per CPU, and their length: mean, p50/p90/p99 (nearest rank), longest (ns).
+    double ratePerSecond, meanNanos, p50Nanos, p90Nanos, p99Nanos, maxNanos;
+    /// Gaps longer than this were noted (5 x the median loop, at least 2 µs).
+    double thresholdNanos;
+    /// The median loop time (one clock read), the slower CPU's.
+    double loopNanos;
+    /// The kernel's tick gaps per second per CPU and their median (0 when under the threshold).
+    double tickGapsPerSecond, tickGapP50Nanos;
+    /// Gaps in which the kernel ran another task there, per second per CPU (not stalls).
+    double preemptionsPerSecond;
+    /// Seconds the loops covered, summed over the CPUs.
+    double seconds;
+    /// Counts: stalls, tick gaps, preemptions, gaps not stored (a full buffer).
+    unsigned long long stalls, tickGaps, preemptions, dropped;
+    /// CPUs whose tick was found by the timer interrupt count (else by phase).
+    int byTimerCount;
+} svm_cal_stall_figures;
+
+/// One clock-reading thread pinned to each of CPUs `a` and `b` (`b` < 0: `a`
+/// only) for `rounds` rounds of `roundNanos`; gaps between consecutive reads
+/// are split into the kernel's preemptions, its tick (by the local timer
+/// interrupt count, else by the gap's phase in `tickNanos`) and stalls. Returns 0 or -errno.
+int svm_cal_stalls(svm_cal_stall_figures *out, int a, int b, int rounds,
+                   unsigned long long roundNanos, unsigned long long tickNanos);
+
 #endif

@@ -18,16 +18,18 @@ struct CalibrateCommand: ParsableCommand {
             exit, getppid, FUTEX_WAKE and FUTEX_WAIT, the wake-up latency from one CPU to another, \
             a context switch, a spin round on a contended line, an uncontended lock and unlock, \
             sched_yield, a TLB shootdown (IPI round trip and send-to-receipt) and a local flush, \
-            memcpy's bandwidth from 4 KiB to 64 MiB, and the scheduler's tick, base slice and \
-            preemption model. Each figure is the median of --rounds repetitions; the table shows \
+            memcpy's bandwidth from 4 KiB to 64 MiB, the scheduler's tick, base slice and \
+            preemption model, and vCPU stalls (a clock loop on each CPU for 5 x 2 s: how often and \
+            how long a busy CPU stops running its thread for reasons outside the kernel, the tick \
+            and preemptions by other tasks excluded). Each figure is the median of --rounds repetitions; the table shows \
             the spread and how each was measured (Docs/machine-profiles.md). The two-CPU \
             measurements pin threads to the first two CPUs the process may use. It takes about \
-            half a minute; other work on the host shows in the figures, so calibrate an idle host.
+            about 40 seconds; other work on the host shows in the figures, so calibrate an idle host.
 
             --output FILE writes the profile, which `--machine FILE` of livelock, explore, replay, \
             soak, overhead and numa reads. With --json prints one object (Docs/json.md) whose \
             results are the profile's keys: name, description, measuredOn, date, tool, cpus, costs, \
-            memcpy, scheduler and methods.
+            memcpy, scheduler, stalls and methods.
 
             \(ExitStatus.helpParagraph)
             """)
@@ -105,8 +107,18 @@ struct CalibrateCommand: ParsableCommand {
         out += Self.columns(copy)
         out += String(format: "copyPerKiB charged: %d ns (memcpy at 1-2 MiB: %.1f ns a KiB)\n\n", charged.copyPerKiB, p.copyNanosPerKiB)
         out += "scheduler: base slice \(Double(p.scheduler.baseSliceNanos) / 1e6) ms, tick \(Double(p.scheduler.tickNanos) / 1e6) ms, "
-            + "preemption \(p.scheduler.preemption)\n\nhow each was measured:\n"
-        for key in MachineProfile.Costs.keys + ["memcpy", "tickNanos", "baseSliceNanos", "preemption"] {
+            + "preemption \(p.scheduler.preemption)\n\n"
+        if let st = p.stalls {
+            var rows = [["STALLS", "PER SECOND A CPU", "MEAN NS", "P50", "P90", "P99", "MAX", "THRESHOLD"]]
+            rows.append(["vCPU stalls", String(format: "%.1f", st.ratePerSecond), ns(st.meanNanos), ns(st.p50Nanos),
+                         ns(st.p90Nanos), ns(st.p99Nanos), ns(st.maxNanos), ns(st.thresholdNanos)])
+            if let rate = st.tickGapsPerSecond, let p50 = st.tickGapP50Nanos {
+                rows.append(["tick (excluded)", String(format: "%.1f", rate), "-", ns(p50), "-", "-", "-", "-"])
+            }
+            out += Self.columns(rows) + "\n"
+        }
+        out += "how each was measured:\n"
+        for key in MachineProfile.Costs.keys + ["memcpy", "tickNanos", "baseSliceNanos", "preemption", "stalls"] {
             if let m = p.methods[key] { out += "  \(key): \(m)\n" }
         }
         return out

@@ -10,7 +10,11 @@
  * calibrate --json` measures the same on the host): tlbHit, pageTableWalk,
  * faultEntryExit, syscall, futexWake, futexWait, wakeLatency, contextSwitch,
  * spinRound, lockUncontended, unlock, yield, ipiSendToReceipt, ipiRoundTrip,
- * localFlush (nanoseconds), memcpy (GB/s by working set), scheduler.
+ * localFlush (nanoseconds), memcpy (GB/s by working set), scheduler, and
+ * stalls (how often and how long a busy vCPU stops running its thread for
+ * reasons outside the guest kernel: the host descheduling QEMU's vCPU
+ * thread, TCG's own pauses). The stall probe is svmemu calibrate's own
+ * (Sources/CSVMSupport/svm_stall_probe.h, built with -I that folder).
  *
  * Needs 2 CPUs (pins threads to CPU 0 and 1) and about 400 MiB of memory.
  */
@@ -29,6 +33,8 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "svm_stall_probe.h"
 
 #define PAGE 4096UL
 #define MAX_REPS 64
@@ -606,6 +612,17 @@ int main(void)
 	long slice = base_slice(ncpu, &slice_source);
 	long hz = cmdline_hz();
 	const char *preempt_source = preemption(preempt, sizeof(preempt));
+	uint64_t tick = hz > 0 ? 1000000000ULL / (uint64_t)hz : 1000000ULL;
+
+	fprintf(stderr, "rig-calibrate: stalls (5 x 2 s on both CPUs)\n");
+	int stall_cpus[2] = { 0, 1 };
+	svm_stall_result st;
+	int stall_rc = svm_stall_measure(stall_cpus, 2, 5, 2000000000ULL, tick, &st);
+
+	if (stall_rc) {
+		fprintf(stderr, "rig-calibrate: stalls not measured (%s)\n", strerror(-stall_rc));
+		memset(&st, 0, sizeof(st));
+	}
 
 	double rtt = remote_mp - local_mp;
 
@@ -632,10 +649,19 @@ int main(void)
 	printf("\n  ],\n");
 	printf("  \"scheduler\": {\"baseSliceNanos\": %ld, \"tickNanos\": %ld, \"preemption\": \"%s\"},\n",
 	       slice, hz > 0 ? 1000000000L / hz : -1, preempt);
+	printf("  \"stalls\": {\"ratePerSecond\": %.2f, \"meanNanos\": %.1f, \"p50Nanos\": %.1f, \"p90Nanos\": %.1f, "
+	       "\"p99Nanos\": %.1f, \"maxNanos\": %.1f, \"thresholdNanos\": %.1f, \"tickGapsPerSecond\": %.2f, "
+	       "\"tickGapP50Nanos\": %.1f},\n",
+	       st.ratePerSecond, st.meanNanos, st.p50Nanos, st.p90Nanos, st.p99Nanos, st.maxNanos, st.thresholdNanos,
+	       st.tickGapsPerSecond, st.tickGapP50Nanos);
 	printf("  \"raw\": {\"clockPairNanos\": %.1f, \"chaseSmallNanos\": %.1f, \"chaseLargeNanos\": %.1f, "
 	       "\"zeroPageReadNanos\": %.1f, \"mprotectLocalNanos\": %.1f, \"mprotectRemoteNanos\": %.1f, "
-	       "\"madviseLocalNanos\": %.1f, \"madviseRemoteNanos\": %.1f},\n",
-	       clock_overhead, hit, miss, fault, local_mp, remote_mp, local_md, remote_md);
+	       "\"madviseLocalNanos\": %.1f, \"madviseRemoteNanos\": %.1f, "
+	       "\"stallLoopNanos\": %.1f, \"stallCount\": %llu, \"stallTickGaps\": %llu, \"stallPreemptionsPerSecond\": %.2f, "
+	       "\"stallSeconds\": %.2f, \"stallDropped\": %llu},\n",
+	       clock_overhead, hit, miss, fault, local_mp, remote_mp, local_md, remote_md,
+	       st.loopNanos, (unsigned long long)st.stalls, (unsigned long long)st.tickGaps, st.preemptionsPerSecond,
+	       st.seconds, (unsigned long long)st.dropped);
 	printf("  \"methods\": {\n");
 	printf("    \"tlbHit\": \"Dependent pointer chase over 16 pages at a 4 KiB stride (one pointer per page, a different cache line in each, random cyclic order): ns per load, median of 15 runs of 2^20 loads. All in the TLB and L1.\",\n");
 	printf("    \"pageTableWalk\": \"The same chase over 65536 pages (256 MiB, 4 KiB pages, MADV_NOHUGEPAGE) minus tlbHit: a TLB-missing read, its cache misses included. Median of 9 runs of 2^20 loads.\",\n");
@@ -653,6 +679,8 @@ int main(void)
 	printf("    \"ipiSendToReceipt\": \"Half of ipiRoundTrip (the initiator waits for the receiver's flush and acknowledgement; send and return are taken as equal).\",\n");
 	printf("    \"localFlush\": \"mprotect(PROT_READ) of one present writable page in a single-threaded process (syscall, PTE change and the local INVLPG), timed alone with the clock pair subtracted; median of 301 calls.\",\n");
 	printf("    \"memcpy\": \"memcpy between two buffers of the working set's size, repeated to 64 MiB a run (at least twice): bytes / ns, median of 7 runs. glibc (static) picks its copy loop by size and CPUID; the low figures from 16 KiB to 256 KiB are most likely its rep movsb range, which TCG executes slowly.\",\n");
+	printf("    \"stalls\": \"On vCPU 0 and 1 (at the same time) one pinned thread each reads CLOCK_MONOTONIC in a loop, 5 rounds of 2 s, and notes every gap between two reads above thresholdNanos (5 x the median loop, at least 2 us). Not stalls: gaps in which the thread's involuntary context switches went up (getrusage RUSAGE_THREAD: the guest kernel ran another task there), and the guest tick's gaps: a gap in which the vCPU's local timer interrupt count went up (/proc/interrupts LOC, read after each gap; by the tick's phase, %llu ns period, where it cannot be read), no longer than a quarter tick and than 4 x the median of such short timer gaps, is the tick's (tickGapsPerSecond, tickGapP50Nanos); the bookkeeping after a gap and the reads until 16 in a row are under the threshold are not covered. Every other gap is a stall (the host descheduling a vCPU thread, TCG's pauses): rate per second per vCPU, mean, nearest-rank percentiles and the longest over both vCPUs. Same probe as svmemu calibrate (Sources/CSVMSupport/svm_stall_probe.h).\",\n",
+	       (unsigned long long)tick);
 	printf("    \"scheduler\": \"baseSliceNanos: %s. tickNanos: 1e9 / CONFIG_HZ of the rig's .config (passed as righz=). preemption: read from %s.\"\n", slice_source, preempt_source);
 	printf("  }\n}\nRIG-CALIBRATION-END\n");
 	printf("rig-calibrate: madvise(MADV_DONTNEED) of one page: %.1f ns alone, %.1f ns with a thread on CPU 1 (difference %.1f)\n",
