@@ -119,6 +119,8 @@ public enum FidelityHarness {
         /// The scheduler's slice and tick (a profile's), nil: the kernel's default.
         public var timesliceNanos: UInt64? = nil
         public var tickNanos: UInt64 = 1_000_000
+        /// The machine's CPU stalls (a profile's), nil: none.
+        public var stalls: CPUStalls? = nil
         /// The emulated CPUs (the rig's vCPUs).
         public var cpus = 2
         /// Seeds per case.
@@ -166,6 +168,7 @@ public enum FidelityHarness {
                 schedule.costs = settings.costs
                 schedule.timesliceNanos = settings.timesliceNanos
                 schedule.tickNanos = settings.tickNanos
+                schedule.stalls = settings.stalls
                 let r = try StormHarness.run(s, schedule: schedule)
                 let complete = !r.livelocked && r.pagesMigrated == s.pages && r.error == nil
                 outcomes.append((!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil))

@@ -77,9 +77,7 @@ final class HarnessThreads: @unchecked Sendable {
             c.cpus = schedule.cpus
             c.preemptions = schedule.preemptions
             if let machine = schedule.machine {
-                c.costs = machine.virtualCosts
-                c.timesliceNanos = machine.baseSliceNanos
-                c.tickNanos = machine.tickNanos
+                machine.apply(to: &c)
             }
             scheduler = DeterministicScheduler(c)
         } else {

@@ -246,6 +246,24 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         return 1024 / gbps
     }
 
+    /// The machine's CPU stalls as the deterministic scheduler's CPU model
+    /// charges them (nil when the profile has none).
+    public var cpuStalls: CPUStalls? {
+        guard let s = stalls, s.ratePerSecond > 0 else { return nil }
+        func ns(_ v: Double) -> UInt64 { v.isFinite && v > 0 ? UInt64(v.rounded()) : 0 }
+        return CPUStalls(ratePerSecond: s.ratePerSecond, thresholdNanos: ns(s.thresholdNanos), p50Nanos: ns(s.p50Nanos),
+                         p90Nanos: ns(s.p90Nanos), p99Nanos: ns(s.p99Nanos), maxNanos: ns(s.maxNanos))
+    }
+
+    /// The settings a deterministic run takes from this machine: its
+    /// costs, its slice and tick, and its CPU stalls.
+    public func apply(to c: inout DeterministicScheduler.Configuration) {
+        c.costs = virtualCosts
+        c.timesliceNanos = baseSliceNanos
+        c.tickNanos = tickNanos
+        c.stalls = cpuStalls
+    }
+
     /// EEVDF's base slice on the machine, for the scheduler's timeslices.
     public var baseSliceNanos: UInt64 { scheduler.baseSliceNanos }
     /// The machine's tick, for the scheduler's timeslices.

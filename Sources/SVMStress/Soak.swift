@@ -315,9 +315,7 @@ public enum Soak {
         schedule.hostTimeoutSeconds = max(600, Double(settings.operations) / 1000)
         schedule.logSteps = settings.logSteps
         if let machine = settings.machine {
-            schedule.costs = machine.virtualCosts
-            schedule.timesliceNanos = machine.baseSliceNanos
-            schedule.tickNanos = machine.tickNanos
+            machine.apply(to: &schedule)
         }
         let scheduler = DeterministicScheduler(schedule)
         let process = !settings.mix.isDisjoint(with: .addressSpace)

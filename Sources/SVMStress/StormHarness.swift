@@ -444,9 +444,7 @@ final class StormRun: @unchecked Sendable {
         // The storm's threads share the machine's CPUs (more threads than CPUs queue).
         if config.cpus == nil { config.cpus = settings.cpus }
         if let machine = settings.machine {
-            config.costs = machine.virtualCosts
-            config.timesliceNanos = machine.baseSliceNanos
-            config.tickNanos = machine.tickNanos
+            machine.apply(to: &config)
         }
         config.hostTimeoutSeconds = max(config.hostTimeoutSeconds, settings.joinTimeoutSeconds)
         let scheduler = DeterministicScheduler(config)

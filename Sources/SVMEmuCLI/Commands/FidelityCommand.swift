@@ -129,6 +129,7 @@ struct FidelityCommand: ParsableCommand {
         s.costs = profile.virtualCosts
         s.timesliceNanos = profile.baseSliceNanos
         s.tickNanos = profile.tickNanos
+        s.stalls = profile.cpuStalls
         s.cpus = cpus
         s.seeds = (1...UInt64(seeds)).map { $0 }
         s.stallSeconds = stallSeconds
