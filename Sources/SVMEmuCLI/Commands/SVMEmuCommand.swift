@@ -22,7 +22,7 @@ public struct SVMEmuCommand: ParsableCommand {
         version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self,
                       BenchCommand.self, DevicesCommand.self, NumaCommand.self,
-                      ExploreCommand.self, ReplayCommand.self, SoakCommand.self])
+                      ExploreCommand.self, ReplayCommand.self, SoakCommand.self, MergeCommand.self])
 }
 
 struct BenchCommand: ParsableCommand {
