@@ -29,5 +29,5 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks (build with -c release); figures as ratios to memcpy of the same bytes.",
-        subcommands: [BenchMemoryCommand.self, BenchMigrateCommand.self, BenchTHPCommand.self])
+        subcommands: [BenchMemoryCommand.self, BenchMigrateCommand.self, BenchTHPCommand.self, BenchGoalsCommand.self])
 }
