@@ -2,7 +2,10 @@
 // same bytes, in the same run, between host buffers backed like emulated RAM
 // and VRAM.
 
+import Foundation
 import SVMEmu
+import Synchronization
+import CSVMSupport
 
 /// memcpy of `bytes` there and back (A -> B, then B -> A) between two buffers
 /// from `Kernel.reserveFrames` (host huge pages where the host allows, like the
@@ -110,5 +113,125 @@ public final class MemcpyBaseline {
         let w = p.assumingMemoryBound(to: UInt64.self)
         for i in 0..<(bytes >> 3) where w[i] != word(i, seed) { return false }
         return true
+    }
+}
+
+/// This host's own two-thread memcpy: the yardstick of the multi-threaded
+/// folio copier. The calling thread copies the first half of a batch (of one
+/// folio: its first half, cut at a page boundary; of several: the first
+/// half of the folios) while one helper thread copies the other half; the
+/// call returns when both are done. Between `arm()` and `disarm()` the
+/// helper polls for work as the copier's workers do in a run (a spin,
+/// `sched_yield` every 64 polls), so both pay the same hand-off; otherwise
+/// it sleeps, leaving the host's CPUs to what else is measured. Nothing
+/// else (no claims, no chunks, no choice).
+public final class TwoThreadMemcpy: @unchecked Sendable {
+    private let generation = Atomic<UInt64>(0)
+    private let finished = Atomic<UInt64>(0)
+    private let stopping = Atomic<Bool>(false)
+    // The helper's half, written before `generation` is raised (release)
+    // and read after the helper sees it (acquire).
+    private var helperJobs = UnsafeBufferPointer<FolioCopyJob>(start: nil, count: 0)
+    private var helperOffset = 0
+    private var thread: Thread?
+    private let exited = Atomic<Bool>(false)
+    private let armed = Atomic<Bool>(false)
+    private let polling = Atomic<Bool>(false)
+    private let wake = NSCondition()
+
+    /// Starts the helper thread.
+    public init() {
+        let t = Thread { [unowned(unsafe) self] in self.help() }
+        thread = t
+        t.start()
+    }
+
+    deinit { shutdown() }
+
+    /// Stops the helper (bounded: it polls).
+    public func shutdown() {
+        guard thread != nil else { return }
+        stopping.store(true, ordering: .releasing)
+        wake.lock(); wake.signal(); wake.unlock()
+        while !exited.load(ordering: .acquiring) { HostThread.yield() }
+        thread = nil
+    }
+
+    /// Wakes the helper and returns once it polls for work.
+    public func arm() {
+        wake.lock()
+        armed.store(true, ordering: .releasing)
+        wake.signal()
+        wake.unlock()
+        while !polling.load(ordering: .acquiring) { HostThread.yield() }
+    }
+
+    /// Lets the helper sleep until the next `arm()`.
+    public func disarm() { armed.store(false, ordering: .releasing) }
+
+    /// Copies every job, half on the calling thread and half on the helper
+    /// (between `arm()` and `disarm()`).
+    public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
+        guard !jobs.isEmpty else { return }
+        let mine: UnsafeBufferPointer<FolioCopyJob>
+        if jobs.count == 1 {
+            // One folio: the helper takes its second half.
+            let half = (jobs[0].bytes / 2) & ~(PageGeometry.pageSize - 1)
+            helperJobs = jobs
+            helperOffset = half
+            mine = jobs
+            publish()
+            svm_copy(jobs[0].destination, jobs[0].source, half)
+        } else {
+            let cut = jobs.count / 2
+            helperJobs = UnsafeBufferPointer(rebasing: jobs[cut...])
+            helperOffset = 0
+            mine = UnsafeBufferPointer(rebasing: jobs[..<cut])
+            publish()
+            for j in mine { svm_copy(j.destination, j.source, j.bytes) }
+        }
+        let target = generation.load(ordering: .relaxed)
+        while finished.load(ordering: .acquiring) != target { svm_cpu_relax() }
+    }
+
+    private func publish() { generation.add(1, ordering: .releasing) }
+
+    private func svm_copy(_ d: UnsafeMutableRawPointer, _ s: UnsafeRawPointer, _ n: Int) {
+        HostMemory.copy(to: d, from: s, bytes: n, streaming: false)
+    }
+
+    private func help() {
+        var seen: UInt64 = 0
+        var polls = 0
+        var saidPolling = false
+        while !stopping.load(ordering: .acquiring) {
+            if !armed.load(ordering: .acquiring) {
+                polling.store(false, ordering: .releasing)
+                saidPolling = false
+                wake.lock()
+                while !armed.load(ordering: .acquiring) && !stopping.load(ordering: .acquiring) { wake.wait() }
+                wake.unlock()
+                continue
+            }
+            if !saidPolling {
+                polling.store(true, ordering: .releasing)
+                saidPolling = true
+            }
+            let now = generation.load(ordering: .acquiring)
+            if now == seen {
+                polls += 1
+                if polls & 63 == 0 { HostThread.yield() } else { svm_cpu_relax() }
+                continue
+            }
+            seen = now
+            if helperJobs.count == 1 && helperOffset > 0 {
+                let j = helperJobs[0]
+                svm_copy(j.destination + helperOffset, j.source + helperOffset, j.bytes - helperOffset)
+            } else {
+                for j in helperJobs { svm_copy(j.destination, j.source, j.bytes) }
+            }
+            finished.store(now, ordering: .releasing)
+        }
+        exited.store(true, ordering: .releasing)
     }
 }

@@ -3,7 +3,9 @@
 // the multi-threaded one with its threshold off, batch after batch as the
 // move phase of one migratePages run calls it (between the copier's begin()
 // and end()), over two working sets: one that stays in the host's
-// last-level cache and one that streams from DRAM.
+// last-level cache and one that streams from DRAM. Beside them, this host's
+// own two-thread memcpy of the same batches (`TwoThreadMemcpy`): the most
+// that splitting a batch in two can give here.
 
 import SVMEmu
 
@@ -22,8 +24,16 @@ public struct NUMACopyPoint: Sendable, Codable {
     public var threads: Int
     /// singleMicros / multiMicros: above 1 the threads pay.
     public var speedup: Double
+    /// Median time of the same batch copied by this host's own two-thread
+    /// memcpy (half on each thread), and twoThreadMicros / multiMicros: the
+    /// copier's speed as a share of it (1 = as fast as a plain split).
+    public var twoThreadMicros: Double
+    public var ratioToTwoThread: Double
+    /// The share of the copier's batches at this point that it split
+    /// across its threads (the rest it copied alone: splitting was slower).
+    public var splitShare: Double
     public init(folioBytes: Int, folios: Int, ringBytes: Int, singleMicros: Double, multiMicros: Double, threads: Int,
-                speedup: Double) {
+                speedup: Double, twoThreadMicros: Double = 0, ratioToTwoThread: Double = 0, splitShare: Double = 1) {
         self.folioBytes = folioBytes
         self.folios = folios
         self.ringBytes = ringBytes
@@ -31,6 +41,9 @@ public struct NUMACopyPoint: Sendable, Codable {
         self.multiMicros = multiMicros
         self.threads = threads
         self.speedup = speedup
+        self.twoThreadMicros = twoThreadMicros
+        self.ratioToTwoThread = ratioToTwoThread
+        self.splitShare = splitShare
     }
 }
 
@@ -44,35 +57,42 @@ extension NUMABench {
 
     /// Times batch copies between frames of the kind emulated RAM uses
     /// (`Kernel.reserveFrames`, written once so no host first-touch fault
-    /// is timed), alternating the two copiers batch by batch so that host
-    /// load hits both alike; each point is the median of `repeats` batches.
+    /// is timed), alternating the single-thread copier, the multi-threaded
+    /// one and the host's two-thread memcpy batch by batch so that host load
+    /// hits them alike; each point is the median of `repeats` batches.
     /// Every shape is measured on both working sets (`cacheRingBytes`,
-    /// `memoryRingBytes`).
-    public static func copySweep(threads: Int, repeats: Int = 101) -> [NUMACopyPoint] {
+    /// `memoryRingBytes`), each with a fresh multi-threaded copier (its
+    /// choice between splitting and copying alone is learnt per working set,
+    /// as one migration run's is).
+    public static func copySweep(threads: Int, repeats: Int = 101, rings: [Int] = [cacheRingBytes, memoryRingBytes],
+                                 shapes: [(folioBytes: Int, folios: Int)]? = nil) -> [NUMACopyPoint] {
         let single = SingleThreadCopier()
-        let multi = MultiThreadCopier(threads: threads, thresholdPages: 1)
-        defer { multi.shutdown() }
+        let pair = TwoThreadMemcpy()
+        defer { pair.shutdown() }
+        var all = copySweepFolios.map { (folioBytes: PageGeometry.pageSize, folios: $0) }
+        all.append((PageGeometry.pmdSize, 1))
         var out: [NUMACopyPoint] = []
-        for ring in [cacheRingBytes, memoryRingBytes] {
-            out += copySweep(single, multi, ringBytes: ring, repeats: repeats)
+        for ring in rings {
+            let multi = MultiThreadCopier(threads: threads, thresholdPages: 1)
+            defer { multi.shutdown() }
+            out += copySweep(single, multi, pair, ringBytes: ring, repeats: repeats, shapes: shapes ?? all)
         }
         return out
     }
 
-    private static func copySweep(_ single: SingleThreadCopier, _ multi: MultiThreadCopier, ringBytes: Int,
-                                  repeats: Int) -> [NUMACopyPoint] {
+    private static func copySweep(_ single: SingleThreadCopier, _ multi: MultiThreadCopier, _ pair: TwoThreadMemcpy,
+                                  ringBytes: Int, repeats: Int, shapes: [(folioBytes: Int, folios: Int)]) -> [NUMACopyPoint] {
         withCopyRings(bytes: ringBytes) { src, dst in
             multi.begin()
             defer { multi.end() }
             var out: [NUMACopyPoint] = []
-            var shapes = copySweepFolios.map { (PageGeometry.pageSize, $0) }
-            shapes.append((PageGeometry.pmdSize, 1))
             var jobs: [FolioCopyJob] = []
             jobs.reserveCapacity(512)
             for (size, count) in shapes {
                 var offset = 0
-                var times: ([UInt64], [UInt64]) = ([], [])
-                for r in 0..<(repeats * 2) {
+                var times: ([UInt64], [UInt64], [UInt64]) = ([], [], [])
+                let splitBefore = multi.splitBatches, aloneBefore = multi.adaptiveSingleBatches
+                for r in 0..<(repeats * 3) {
                     // Consecutive batches walk the ring, as a migration walks its buffer.
                     jobs.removeAll(keepingCapacity: true)
                     for _ in 0..<count {
@@ -80,16 +100,30 @@ extension NUMABench {
                         jobs.append(FolioCopyJob(destination: dst + offset, source: UnsafeRawPointer(src + offset), bytes: size))
                         offset += size
                     }
-                    let copier: any FolioCopier = r & 1 == 0 ? single : multi
+                    if r % 3 == 2 { pair.arm() }
                     let t0 = HostClock.nanos()
-                    jobs.withUnsafeBufferPointer { copier.copy($0) }
+                    jobs.withUnsafeBufferPointer { batch in
+                        switch r % 3 {
+                        case 0: single.copy(batch)
+                        case 1: multi.copy(batch)
+                        default: pair.copy(batch)
+                        }
+                    }
                     let t = HostClock.nanos() - t0
-                    if r & 1 == 0 { times.0.append(t) } else { times.1.append(t) }
+                    if r % 3 == 2 { pair.disarm() }
+                    switch r % 3 {
+                    case 0: times.0.append(t)
+                    case 1: times.1.append(t)
+                    default: times.2.append(t)
+                    }
                 }
                 func median(_ a: [UInt64]) -> Double { Double(a.sorted()[a.count / 2]) / 1000 }
-                let s = median(times.0), m = median(times.1)
+                let s = median(times.0), m = median(times.1), two = median(times.2)
+                let split = multi.splitBatches - splitBefore, alone = multi.adaptiveSingleBatches - aloneBefore
                 out.append(NUMACopyPoint(folioBytes: size, folios: count, ringBytes: ringBytes, singleMicros: s,
-                                         multiMicros: m, threads: multi.threads, speedup: m > 0 ? s / m : 0))
+                                         multiMicros: m, threads: multi.threads, speedup: m > 0 ? s / m : 0,
+                                         twoThreadMicros: two, ratioToTwoThread: m > 0 ? two / m : 0,
+                                         splitShare: split + alone > 0 ? Double(split) / Double(split + alone) : 0))
             }
             return out
         }

@@ -579,3 +579,29 @@ struct MigratePagesTests {
         }
     }
 }
+
+@Suite("the multi-threaded copier's choice")
+struct CopierChoiceTests {
+    @Test("every batch above the threshold is split, copied alone by choice, or copied alone on a busy host, and every byte arrives")
+    func everyBatchIsAccounted() {
+        let bytes = 2 << 20
+        let src = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        defer { src.deallocate(); dst.deallocate() }
+        for i in stride(from: 0, to: bytes, by: 8) { src.storeBytes(of: UInt64(i) &* 0x9E37_79B9, toByteOffset: i, as: UInt64.self) }
+        let copier = MultiThreadCopier(threads: 2, thresholdPages: 1)
+        defer { copier.shutdown() }
+        copier.begin()
+        var intact = 0
+        for _ in 0..<40 {
+            memset(dst, 0, bytes)
+            let job = [FolioCopyJob(destination: dst, source: src, bytes: bytes)]
+            job.withUnsafeBufferPointer { copier.copy($0) }
+            if memcmp(src, dst, bytes) == 0 { intact += 1 }
+        }
+        copier.end()
+        #expect(intact == 40)
+        #expect(copier.singleThreadedBatches == 0)
+        #expect(copier.splitBatches + copier.adaptiveSingleBatches + copier.busyHostBatches == 40)
+    }
+}

@@ -63,3 +63,32 @@ func system_write_stderr(_ text: String) {
 
 /// The calling thread's last error number.
 var system_errno: Int32 { errno }
+
+/// The host's online CPUs.
+func system_online_cpus() -> Int {
+    max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+}
+
+/// The threads the host could run right now (runnable and running), the
+/// fourth field of /proc/loadavg ("3/567": 3), or nil when it cannot be
+/// read. One small read: a few microseconds.
+func system_runnable_threads() -> Int? {
+    let fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buffer = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+    return withUnsafeMutableBytes(of: &buffer) { raw -> Int? in
+        let n = read(fd, raw.baseAddress, raw.count)
+        guard n > 0 else { return nil }
+        // "0.50 0.40 0.30 3/567 12345": the number after the third space.
+        var spaces = 0, value = 0, digits = 0
+        for i in 0..<n {
+            let c = raw[i]
+            if spaces < 3 { if c == UInt8(ascii: " ") { spaces += 1 }; continue }
+            guard c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9") else { break }
+            value = value * 10 + Int(c - UInt8(ascii: "0"))
+            digits += 1
+        }
+        return digits > 0 ? value : nil
+    }
+}

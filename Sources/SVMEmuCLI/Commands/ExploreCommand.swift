@@ -69,6 +69,12 @@ struct ExploreCommand: ParsableCommand {
             (livelock, deadlock, lostWrite, leak, invariant, or null), seed (or null), \
             schedulesTried and storm (the storm's result).
 
+            --shard I/N runs the I-th of N contiguous blocks of the seeds --seed ... \
+            --seed+--schedules-1, every seed of it (it does not stop at a finding), and prints JSON \
+            Lines: a header (command, seeds, settings, version), one line per seed (seed, outcome: \
+            clean or the finding, figures, and for a finding its replay command), an end line. \
+            `svmemu merge` makes one report of the shards (Docs/sharding.md).
+
             Exit status: 0 nothing was found; 3 something was; 1 the storm could not run; 64 an \
             invalid argument.
             """)
@@ -90,9 +96,13 @@ struct ExploreCommand: ParsableCommand {
 
     @OptionGroup var output: JSONOutputOptions
 
+    @OptionGroup var sweep: ShardOption
+
     func validate() throws {
         try checkRange(schedules, 1...1_000_000, flag: "--schedules")
         _ = try settings()
+        _ = try sweep.parsed()
+        try sweep.check(json: output.json)
     }
 
     func settings() throws -> StormSettings {
@@ -105,6 +115,7 @@ struct ExploreCommand: ParsableCommand {
     }
 
     func run() throws {
+        if let shard = try sweep.parsed() { return try runShard(shard) }
         var s = try settings()
         var result = ExploreResult(scenario: s.scenario, schedules: schedules, found: nil, seed: nil,
                                    schedulesTried: 0, storm: nil)
@@ -129,6 +140,62 @@ struct ExploreCommand: ParsableCommand {
             print(Self.summary(result))
         }
         if result.found != nil { throw ExitStatus.found }
+    }
+
+    /// The seeds `--seed` ... `--seed + --schedules - 1`.
+    var seeds: SeedRange { SeedRange(first: knobs.seed, count: UInt64(schedules)) }
+
+    /// The storm's settings besides the seed, as `replay` takes them.
+    func sweepSettings() throws -> [String: String] {
+        let s = try settings()
+        let out = [
+            "--scenario": s.scenario.rawValue, "--fault-policy": s.faultPolicy.rawValue,
+            "--driver-lock": s.driverLock.rawValue, "--fault-delay-us": "\(s.migrateToRAMWorkMicros)",
+            "--page-size": s.pageSize == .huge ? "2m" : "4k", "--release": s.release.rawValue,
+            "--threads": "\(s.threads)", "--pages": "\(s.pages)", "--stall-seconds": "\(s.stallSeconds)",
+            "--lookup-delay-us": "\(s.migrateToRAMLookupMicros)", "--cpus": "\(s.cpus)",
+            "--preemptions": "\(s.preemptions)",
+        ]
+        return out
+    }
+
+    /// Runs every seed of `shard` and prints its JSON Lines; exits 3 when a seed found something.
+    func runShard(_ shard: SweepShard) throws {
+        let base = try settings()
+        let options = try sweepSettings()
+        let header = ShardOption.header(command: "explore", shard: shard, seeds: seeds, settings: options)
+        let results = try Sweep.run(header, emit: ShardOption.emit) { (seed: UInt64) throws(CLIError) -> SweepSeedResult in
+            var s = base
+            s.seed = seed
+            let r: StormResult
+            do { r = try StormHarness.run(s) } catch {
+                throw CLIError.runFailed("svmemu: the storm of seed \(seed) could not run: \(error)")
+            }
+            return Self.sweepResult(r, seed: seed, shard: shard, arguments: header.arguments)
+        }
+        if results.contains(where: { (r: SweepSeedResult) in r.failed }) { throw ExitStatus.found }
+    }
+
+    /// One seed's line: its finding (or clean), its figures, and for a finding the replay command.
+    static func sweepResult(_ r: StormResult, seed: UInt64, shard: SweepShard, arguments: String) -> SweepSeedResult {
+        let found = StormFinding(r)
+        var figures: [String: Double] = [
+            "pagesMigrated": Double(r.pagesMigrated), "migrateToRAMCalls": Double(r.migrateToRAMCalls.total),
+            "faultRetries": Double(r.faultRetries), "deviceMigrations": Double(r.deviceMigrations),
+            "livelocked": r.livelocked ? 1 : 0, "seconds": r.seconds,
+        ]
+        if let steps = r.scheduleSteps {
+            figures["scheduleSteps"] = Double(steps)
+            figures["stepsPerSecond"] = r.seconds > 0 ? Double(steps) / r.seconds : 0
+        }
+        if let v = r.virtualSeconds { figures["virtualSeconds"] = v }
+        var detail: String? = nil
+        if found != nil {
+            detail = r.deadlock.flatMap { $0.split(separator: "\n").first.map(String.init) } ?? r.stall?.summary
+                ?? r.error ?? r.teardownIssues.first
+        }
+        return SweepSeedResult(shard: shard, seed: seed, outcome: found?.rawValue ?? SweepSeedResult.clean, figures: figures,
+                               replay: found == nil ? nil : "svmemu replay --seed \(seed) \(arguments)", detail: detail)
     }
 
     static func summary(_ r: ExploreResult) -> String {

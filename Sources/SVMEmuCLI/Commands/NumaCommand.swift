@@ -34,7 +34,8 @@ struct NumaCommand: ParsableCommand {
             mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage, \
             flushes, flushWaitMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, staleEntryDiagnostics, \
             dataIntact, ...), `batchSweep` (batchPages, totalMillis, firstFolioMicros, pagesPerSecond) and \
-            `copySweep` (ringBytes, folioBytes, folios, singleMicros, multiMicros, threads, speedup); with --storm one \
+            `copySweep` (ringBytes, folioBytes, folios, singleMicros, multiMicros, threads, speedup, splitShare, \
+            twoThreadMicros: this host's own two-thread memcpy of the batch, ratioToTwoThread); with --storm one \
             object with `storm` (one element per algorithm).
 
             --deterministic runs the readers (or the storm's holders) and the migrator under the \
@@ -273,10 +274,13 @@ struct NumaCommand: ParsableCommand {
     static func copyTable(_ rows: [NUMACopyPoint]) -> String {
         func col(_ s: String, _ n: Int) -> String { s.count >= n ? " " + s : String(repeating: " ", count: n - s.count) + s }
         var s = "Copier sweep (one batch's copy, median)\n"
-        s += col("ring", 6) + col("folio", 6) + col("folios", 7) + col("single us", 10) + col("threads", 8) + col("multi us", 10) + col("speedup", 8) + "\n"
+        s += col("ring", 6) + col("folio", 6) + col("folios", 7) + col("single us", 10) + col("threads", 8) + col("multi us", 10) + col("speedup", 8)
+            + col("split", 6) + col("2-thread memcpy us", 19) + col("of 2-thread", 12) + "\n"
         for p in rows {
             s += col("\(p.ringBytes >> 20)M", 6) + col(p.folioBytes == 4096 ? "4K" : "2M", 6) + col("\(p.folios)", 7) + col(String(format: "%.1f", p.singleMicros), 10)
-                + col("\(p.threads)", 8) + col(String(format: "%.1f", p.multiMicros), 10) + col(String(format: "%.2f", p.speedup), 8) + "\n"
+                + col("\(p.threads)", 8) + col(String(format: "%.1f", p.multiMicros), 10) + col(String(format: "%.2f", p.speedup), 8)
+                + col(String(format: "%.0f%%", p.splitShare * 100), 6) + col(String(format: "%.1f", p.twoThreadMicros), 19)
+                + col(String(format: "%.2f", p.ratioToTwoThread), 12) + "\n"
         }
         return s
     }

@@ -17,18 +17,18 @@ public struct SVMEmuCommand: ParsableCommand {
         not run or its run failed (an output path or standard output that cannot be written, \
         too little memory or address space, a failed check); 2 only from `svmemu livelock \
         --fail-on-livelock`, a livelock was detected; 3 only from `svmemu explore`, a schedule \
-        found a problem; 64 an invalid argument; 130 interrupted (SIGINT).
+        found a problem, and `svmemu merge`, a shard's seed failed; 64 an invalid argument; 130 interrupted (SIGINT).
         """,
         version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self, CalibrateCommand.self, HMMTestsCommand.self,
                       FidelityCommand.self,
                       BenchCommand.self, DevicesCommand.self, NumaCommand.self,
-                      ExploreCommand.self, ReplayCommand.self, SoakCommand.self])
+                      ExploreCommand.self, ReplayCommand.self, SoakCommand.self, MergeCommand.self])
 }
 
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks (build with -c release); figures as ratios to memcpy of the same bytes.",
-        subcommands: [BenchMemoryCommand.self, BenchMigrateCommand.self, BenchTHPCommand.self])
+        subcommands: [BenchMemoryCommand.self, BenchMigrateCommand.self, BenchTHPCommand.self, BenchGoalsCommand.self])
 }

@@ -41,7 +41,14 @@ struct SoakCommand: ParsableCommand {
             virtualSeconds, seconds and stepsPerSecond (scheduling points per host second) (Docs/json.md); \
             only seconds and stepsPerSecond differ between runs of one seed.
 
-            Exit status: 0 the soak was clean; 1 it found corruption, an unexpected access \
+            --seeds A-B runs one soak per seed from A to B (the same settings) and prints a table \
+            of the sweep: seeds per outcome, the figures summed, the first failing seed with the \
+            command that replays it (`make soak-sweep`). With --shard I/N it runs the I-th of N \
+            contiguous blocks of those seeds and prints JSON Lines, one line per seed (seed, \
+            outcome, figures, replay command), for `svmemu merge`, which makes the same report of \
+            the shards (Docs/sharding.md).
+
+            Exit status: 0 the soak (every seed) was clean; 1 it found corruption, an unexpected access \
             error, a leak, a held lock, a warning, a lock-order cycle, a deadlock or a host timeout (or could not run); 64 an \
             invalid argument; 130 interrupted (SIGINT).
             """)
@@ -65,8 +72,11 @@ struct SoakCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Operations between two invariant audits (at least 1).")
     var auditEvery = 100_000
 
-    @Option(name: .long, parsing: .unconditional, help: "Seed of the schedule and of every thread's choices (0 to 2^64-1).")
-    var seed: UInt64 = 1
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the schedule and of every thread's choices (0 to 2^64-1; default 1).")
+    var seed: UInt64?
+
+    @Option(name: .long, help: "Run one soak per seed of A-B (inclusive; at most 1000000000 seeds) instead of --seed, and print the sweep's report.")
+    var seeds: String?
 
     @Option(name: .long, parsing: .unconditional, help: "Scheduling steps to print, the last ones (0-1000000); with --operations set to the operation a finding names, they lead up to it.")
     var steps = 0
@@ -81,6 +91,8 @@ struct SoakCommand: ParsableCommand {
 
     @OptionGroup var output: JSONOutputOptions
 
+    @OptionGroup var sweep: ShardOption
+
     func settings() throws -> SoakSettings {
         var s = SoakSettings()
         s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
@@ -90,7 +102,7 @@ struct SoakCommand: ParsableCommand {
         s.pages = pages
         s.hugeRegions = hugeRegions
         s.auditEvery = auditEvery
-        s.seed = seed
+        s.seed = seed ?? 1
         s.logSteps = steps
         s.machine = try machine.profile()
         guard let m = SoakMix(names: mix) else {
@@ -108,9 +120,80 @@ struct SoakCommand: ParsableCommand {
         return s
     }
 
-    func validate() throws { _ = try settings() }
+    func validate() throws {
+        _ = try settings()
+        _ = try seedRange()
+        _ = try sweep.parsed()
+        try sweep.check(json: output.json)
+        if seeds == nil && sweep.shard != nil { throw ValidationError("--shard splits a seed range: give --seeds A-B") }
+        if seeds != nil && seed != nil { throw ValidationError("give --seed (one soak) or --seeds A-B (a sweep), not both") }
+        if seeds != nil && steps != 0 { throw ValidationError("--steps logs one soak's steps: give --seed N instead of --seeds") }
+    }
+
+    /// The seeds of `--seeds`, nil without it. Throws `ValidationError` naming the flag.
+    func seedRange() throws(ValidationError) -> SeedRange? {
+        guard let seeds else { return nil }
+        guard let r = SeedRange(parsing: seeds), r.count > 0, r.count <= SeedRange.maxCount else {
+            throw ValidationError("--seeds must be A-B with A <= B (at most \(SeedRange.maxCount) seeds) or one seed A (got \(seeds))")
+        }
+        return r
+    }
+
+    /// The soak's settings besides the seed, as the flags that give them.
+    func sweepSettings(_ s: SoakSettings) -> [String: String] {
+        var out = [
+            "--operations": "\(s.operations)", "--cpus": "\(s.cpus)", "--pages": "\(s.pages)",
+            "--huge-regions": "\(s.hugeRegions)", "--mix": s.mix == .all ? "all" : s.mix.description,
+            "--audit-every": "\(s.auditEvery)",
+        ]
+        if s.checksStaleTLBEntries { out["--check-tlb"] = "" }
+        return out
+    }
+
+    /// The command that replays a failing seed up to where it failed, with the last 200 steps.
+    static func replay(_ r: SoakResult, settings: [String: String]) -> String {
+        var options = settings
+        options["--operations"] = "\(r.failedAtOperation ?? r.operations)"
+        options["--steps"] = "200"
+        return "svmemu soak --seed \(r.settings.seed) " + SweepHeader.arguments(options)
+    }
+
+    /// Runs a sweep: every seed of `range` (of `shard`'s block, printing
+    /// JSON Lines), or all of them with the report at the end.
+    func runSweep(_ range: SeedRange, shard: SweepShard?) throws {
+        let base = try settings()
+        let options = sweepSettings(base)
+        let header = ShardOption.header(command: "soak", shard: shard ?? .whole, seeds: range, settings: options)
+        var lines: [(source: String, line: SweepLine)] = []
+        let progress = ProgressLine(label: "svmemu soak")
+        func emit(_ line: SweepLine) {
+            if shard != nil { return ShardOption.emit(line) }
+            lines.append((source: "soak", line: line))
+            if case .seed(let r) = line { progress.say("seed \(r.seed) of \(range): \(r.outcome)") }
+        }
+        let results = try Sweep.run(header, emit: emit) { (seed: UInt64) throws(CLIError) -> SweepSeedResult in
+            var s = base
+            s.seed = seed
+            let r: SoakResult
+            do { r = try Soak.run(s) } catch { throw CLIError.runFailed("svmemu: the soak of seed \(seed) could not run: \(error)") }
+            return SweepSeedResult(shard: header.shard, seed: seed, outcome: r.sweepOutcome, figures: r.sweepFigures,
+                                   replay: r.clean ? nil : Self.replay(r, settings: options), detail: r.sweepDetail)
+        }
+        progress.done()
+        if shard == nil {
+            let report = Sweep.merge(lines)
+            if output.json {
+                print(try JSONReport.render(for: self, results: report))
+            } else {
+                print(MergeCommand.table(report), terminator: "")
+            }
+        }
+        if results.contains(where: { (r: SweepSeedResult) in r.failed }) { throw ExitStatus.failure }
+    }
 
     func run() throws {
+        if let range = try seedRange() { return try runSweep(range, shard: try sweep.parsed()) }
+        let seed = self.seed ?? 1
         let r: SoakResult
         do { r = try Soak.run(try settings()) } catch let e as StormError {
             throw CLIError.runFailed("svmemu: the soak could not run: \(e.description)")

@@ -27,7 +27,8 @@ public enum ExitStatus {
     public static let success = ExitCode.success
     public static let failure = ExitCode.failure
     public static let livelockDetected = ExitCode(2)
-    /// `svmemu explore` found a livelock, deadlock, lost write, leak or invariant violation.
+    /// `svmemu explore` found a livelock, deadlock, lost write, leak or
+    /// invariant violation; `svmemu merge`: a seed of the sweep failed.
     public static let found = ExitCode(3)
     public static let usage = ExitCode.validationFailure
 

@@ -81,6 +81,28 @@ public final class SingleThreadCopier: FolioCopier, @unchecked Sendable {
 /// between polls, instead of sleeping on a futex: a batch finds the workers
 /// awake. Outside a run a worker sleeps after `spinNanos`.
 ///
+/// It never loses to one thread by much: splitting pays only where the
+/// host has a core to spare and the working set is not already limited by
+/// memory bandwidth one core can use, and a worker that the host has
+/// descheduled in the middle of a chunk makes the batch wait for it. So the
+/// copier times every batch (in a run, from its start to the next batch's
+/// start, which includes the migrating thread's unmap, flush and remap that
+/// polling workers slow down on a busy host; outside a run, the copy) and
+/// keeps, per batch size (powers of two), a moving average of the time per
+/// byte copied alone and split; it copies the next batch the faster way, and now and then (after 8 batches, then
+/// ever more rarely while the other way keeps losing: 16, 32, ... up to
+/// 1024) tries the other way again. While it copies alone its workers
+/// sleep instead of polling, leaving the host CPU to the threads that run.
+/// Batches copied alone by that choice: ``adaptiveSingleBatches``.
+///
+/// And it does not split at all while the host has no core to spare: when
+/// more threads are runnable than the host has CPUs (besides the caller
+/// and the copier's polling workers: the fourth field of /proc/loadavg,
+/// read when a run begins and every 64 batches), a worker would share a
+/// core with a thread that runs anyway and could be descheduled holding a
+/// chunk the batch must wait for. Batches copied alone for that reason:
+/// ``busyHostBatches``.
+///
 /// One batch at a time: the copier holds its own lock for a batch, so it can
 /// be shared by several migrating threads. Nothing is allocated per batch.
 public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
@@ -88,19 +110,45 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     public let threads: Int
     /// Batches smaller than this many base pages stay on the calling thread.
     public let thresholdPages: Int
+    /// Whether the copier chooses between one thread and all by timing
+    /// (see above); without it every batch above the threshold is split.
+    public let adaptive: Bool
     /// Batches that were small enough to stay on one thread.
     public var singleThreadedBatches: Int { Int(svm_load64(stats)) }
+    /// Batches above the threshold that the copier copied on the calling
+    /// thread alone because splitting was the slower way.
+    public var adaptiveSingleBatches: Int { Int(svm_load64(stats + 2)) }
+    /// Batches split across the threads.
+    public var splitBatches: Int { Int(svm_load64(stats + 3)) }
+    /// Batches above the threshold copied alone because the host had no
+    /// core to spare (more threads runnable than CPUs).
+    public var busyHostBatches: Int { Int(svm_load64(stats + 7)) }
 
     /// Bytes per chunk a thread claims.
     static let chunkBytes = 64 << 10
 
     // words: [0] batch lock, [16] generation (workers sleep on it),
     // [32] chunks not yet copied (the caller sleeps on it), [48] stopping,
-    // [64] runs between begin() and end().
+    // [64] runs between begin() and end(), [72] workers wanted (the last
+    // batch above the threshold was split: idle workers poll in a run).
     private let words: UnsafeMutablePointer<UInt32>
-    // [0] single-threaded batches; [8] the claim word: the batch's
-    // generation (24 bits), its chunk count (20 bits), the next chunk (20 bits).
+    // [0] single-threaded batches, [2] adaptive single batches, [3] split
+    // batches; [4] when the run's latest batch started (0: none pending),
+    // [5] its class, way and probe bit, [6] its bytes, [7] busy-host
+    // batches; [9] the host is busy (1) or not (0), [10] batches until it
+    // is looked at again; [8] the claim word: the batch's generation (24 bits), its
+    // chunk count (20 bits), the next chunk (20 bits).
     private let stats: UnsafeMutablePointer<UInt64>
+    // Per batch-size class (log2 of the batch's bytes), one cache line each:
+    // [0] alone, [1] split: moving averages of picoseconds per KiB (0: not
+    // measured yet); [2] batches until the other way is tried again;
+    // [3] that interval. Read and written with atomic loads and stores: two
+    // migrating threads may update one class at once, and either update is
+    // as good a sample as the other.
+    private let tuning: UnsafeMutablePointer<UInt64>
+    static let tuningClasses = 24
+    static let firstProbeInterval: UInt64 = 8
+    static let lastProbeInterval: UInt64 = 1024
     // The batch being copied and how it is cut (written under the batch lock
     // before the claim word is published; constant until every chunk is done).
     private var jobs: UnsafeBufferPointer<FolioCopyJob> = UnsafeBufferPointer(start: nil, count: 0)
@@ -112,15 +160,22 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     /// - Parameters:
     ///   - threads: 1...64 threads, the caller included.
     ///   - thresholdPages: below this many base pages a batch is copied by the caller alone.
-    public init(threads: Int, thresholdPages: Int = 32) {
+    ///   - adaptive: choose between one thread and all by timing the
+    ///     batches (the default); false splits every batch above the threshold.
+    public init(threads: Int, thresholdPages: Int = 32, adaptive: Bool = true) {
         if !(1...64).contains(threads) { contractViolation("MultiThreadCopier: threads must be 1...64 (got \(threads))") }
         self.threads = threads
         self.thresholdPages = max(1, thresholdPages)
+        self.adaptive = adaptive
         name = "mt\(threads)"
         words = .allocate(capacity: 80)
         words.initialize(repeating: 0, count: 80)
+        words[72] = 1
         stats = .allocate(capacity: 16)
         stats.initialize(repeating: 0, count: 16)
+        tuning = .allocate(capacity: Self.tuningClasses * 8)
+        tuning.initialize(repeating: 0, count: Self.tuningClasses * 8)
+        for c in 0..<Self.tuningClasses { tuning[c * 8 + 2] = Self.firstProbeInterval; tuning[c * 8 + 3] = Self.firstProbeInterval }
         for index in 1..<threads {
             var handle = pthread_t()
             let box = Unmanaged.passRetained(WorkerStart(copier: self, index: index)).toOpaque()
@@ -152,7 +207,8 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     }
 
     public func begin() {
-        if svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), 1) == 1 {
+        svm_store64(stats + 10, 0)   // look at the host at the run's first batch
+        if svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), 1) == 1 && svm_load32(words + 72) != 0 {
             // Wake sleeping workers into polling: a generation with no batch.
             svm_store32(words + 16, svm_load32(words + 16) &+ 1)
             _ = svm_futex_wake(words + 16, Int32.max)
@@ -160,25 +216,143 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     }
 
     public func end() {
-        if svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), -1) < 0 {
-            contractViolation("MultiThreadCopier: end() without begin()")
-        }
+        let left = svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), -1)
+        if left < 0 { contractViolation("MultiThreadCopier: end() without begin()") }
+        // The run's last batch has no next one to end its time.
+        if left == 0 { svm_store64(stats + 4, 0) }
     }
 
     deinit {
         shutdown()
         words.deallocate()
         stats.deallocate()
+        tuning.deallocate()
     }
 
     public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
-        var pages = 0
-        for j in jobs { pages += j.bytes >> PageGeometry.pageShift }
-        if threads == 1 || pages < thresholdPages || handles.isEmpty {
+        var bytes = 0
+        for j in jobs { bytes += j.bytes }
+        if threads == 1 || bytes >> PageGeometry.pageShift < thresholdPages || handles.isEmpty {
             _ = svm_add64(stats, 1)
             for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
             return
         }
+        guard adaptive else { return copySplit(jobs) }
+        let now = HostClock.hostNanos()
+        let inRun = svm_load32(words + 64) != 0
+        if hostIsBusy() {
+            if inRun { recordPending(until: now) }
+            _ = svm_add64(stats + 7, 1)
+            svm_store32(words + 72, 0)
+            for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
+            return
+        }
+        // In a run, a batch's cost is the time until the next batch starts:
+        // its copy and the migrating thread's unmap, flush and remap of the
+        // next batch, which polling workers slow down on a host without a
+        // core to spare. Outside a run, the copy alone.
+        if inRun { recordPending(until: now) }
+        let cls = min(Self.tuningClasses - 1, Int.bitWidth - 1 - bytes.leadingZeroBitCount)
+        let c = tuning + cls * 8
+        let alone = svm_load64(c), splitCost = svm_load64(c + 1)
+        var splitting: Bool
+        var probing = false, warm = false
+        if splitCost == 0 { splitting = true }
+        else if alone == 0 { splitting = false }
+        else {
+            let preferSplit = splitCost < alone
+            let left = svm_load64(c + 2)
+            if left <= 1 {
+                probing = true
+                splitting = !preferSplit
+            } else {
+                svm_store64(c + 2, left - 1)
+                splitting = preferSplit
+                // The batch before a probe of splitting wakes the workers, so that
+                // the probe finds them polling, as split batches in a row do.
+                warm = left == 2 && !preferSplit
+            }
+        }
+        if splitting {
+            copySplit(jobs)
+        } else {
+            _ = svm_add64(stats + 2, 1)
+            svm_store32(words + 72, warm ? 1 : 0)
+            if warm {
+                svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+                _ = svm_futex_wake(words + 16, Int32.max)
+            }
+            for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
+        }
+        if inRun {
+            svm_store64(stats + 5, UInt64(cls) << 2 | (splitting ? 1 : 0) << 1 | (probing ? 1 : 0))
+            svm_store64(stats + 6, UInt64(bytes))
+            svm_store64(stats + 4, now)
+        } else {
+            record(class: cls, splitting: splitting, probing: probing, nanos: HostClock.hostNanos() &- now, bytes: bytes)
+        }
+    }
+
+    /// Whether more threads are runnable on the host than it has CPUs,
+    /// besides the caller and the workers that poll: looked at every 64th
+    /// batch (and at a run's first), a read of /proc/loadavg. A host whose
+    /// count cannot be read is taken as not busy.
+    private func hostIsBusy() -> Bool {
+        let left = svm_load64(stats + 10)
+        if left > 0 {
+            svm_store64(stats + 10, left - 1)
+            return svm_load64(stats + 9) != 0
+        }
+        svm_store64(stats + 10, 63)
+        guard let runnable = system_runnable_threads() else {
+            svm_store64(stats + 9, 0)
+            return false
+        }
+        let polling = svm_load32(words + 64) != 0 && svm_load32(words + 72) != 0 ? threads - 1 : 0
+        let others = max(0, runnable - 1 - polling)
+        let busy = others + threads > Self.hostCPUs
+        svm_store64(stats + 9, busy ? 1 : 0)
+        return busy
+    }
+
+    /// The host's online CPUs, read once.
+    static let hostCPUs = system_online_cpus()
+
+    /// Records the batch of this run that started last (if any) as taking
+    /// until `now`, and forgets it.
+    private func recordPending(until now: UInt64) {
+        let start = svm_load64(stats + 4)
+        guard start != 0, now > start else { return }
+        svm_store64(stats + 4, 0)
+        let what = svm_load64(stats + 5)
+        record(class: Int(what >> 2), splitting: what & 2 != 0, probing: what & 1 != 0, nanos: now - start,
+               bytes: Int(svm_load64(stats + 6)))
+    }
+
+    /// Adds one batch's time to its class's average for the way it was
+    /// copied; after a probe, sets when the next probe comes.
+    private func record(class cls: Int, splitting: Bool, probing: Bool, nanos: UInt64, bytes: Int) {
+        let c = tuning + cls * 8
+        let sample = nanos &* 1000 / UInt64(max(1, bytes >> 10))
+        let slot = c + (splitting ? 1 : 0)
+        let old = svm_load64(slot)
+        // A probe weighs half: one sample taken rarely must be able to turn the choice.
+        let updated = old == 0 ? sample : probing ? (old + sample) / 2 : old - old / 4 + sample / 4
+        svm_store64(slot, max(1, updated))
+        if probing {
+            let nowPreferSplit = svm_load64(c + 1) < svm_load64(c)
+            let interval = nowPreferSplit == splitting ? Self.firstProbeInterval
+                : min(Self.lastProbeInterval, svm_load64(c + 3) * 2)
+            svm_store64(c + 3, interval)
+            svm_store64(c + 2, interval)
+        }
+    }
+
+    /// Splits `jobs` across the threads (the caller included) and returns
+    /// when every chunk is copied.
+    private func copySplit(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
+        _ = svm_add64(stats + 3, 1)
+        svm_store32(words + 72, 1)
         // One batch at a time: the batch lock guards `jobs`, `split` and `perChunk`.
         SpinLockRef(words, .copierQueue).withLock {
             self.jobs = jobs
@@ -257,7 +431,7 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
             if now == seen {
                 spins += 1
                 if spins & 63 != 0 { svm_cpu_relax(); continue }
-                if svm_load32(words + 64) != 0 {
+                if svm_load32(words + 64) != 0 && svm_load32(words + 72) != 0 {
                     HostThread.yield()
                     continue
                 }

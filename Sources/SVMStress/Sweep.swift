@@ -1,0 +1,369 @@
+// Seed sweeps that leave one machine: a seed range split into shards, each
+// shard's results as JSON Lines, and the merge that makes one report of them
+// and checks that the shards belong together (Docs/sharding.md).
+
+import Foundation
+import SVMEmu
+
+/// A range of seeds, `first` to `last` inclusive (`1-16`).
+public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
+    public var first: UInt64
+    public var last: UInt64
+
+    /// The most seeds one sweep takes.
+    public static let maxCount: UInt64 = 1_000_000_000
+
+    public init(first: UInt64, last: UInt64) {
+        self.first = first
+        self.last = last
+    }
+
+    /// `count` seeds from `first`.
+    public init(first: UInt64, count: UInt64) {
+        self.init(first: first, last: first &+ (count - 1))
+    }
+
+    /// Parses `A-B` (A <= B) or a single seed `A`; nil for anything else.
+    public init?(parsing text: String) {
+        let parts = text.split(separator: "-", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), let a = UInt64(parts[0]), let b = UInt64(parts[parts.count - 1]), a <= b else {
+            return nil
+        }
+        self.init(first: a, last: b)
+    }
+
+    /// Seeds in the range (at most 2^64, which no sweep reaches: `maxCount`).
+    public var count: UInt64 { last &- first &+ 1 }
+
+    public var description: String { first == last ? "\(first)" : "\(first)-\(last)" }
+
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let r = SeedRange(parsing: text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a seed range: \(text)"))
+        }
+        self = r
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(description)
+    }
+}
+
+/// One of `count` shards of a seed range, numbered from 1: `--shard 2/4`
+/// is the second quarter. Shard `index` takes the `index`-th of `count`
+/// contiguous blocks of the range, as equal as they can be (their sizes
+/// differ by at most one seed); a shard of a range shorter than `count`
+/// may be empty.
+public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringConvertible {
+    /// 1...count.
+    public var index: Int
+    public var count: Int
+
+    /// The most shards a range is split into.
+    public static let maxCount = 100_000
+
+    public init(index: Int, count: Int) {
+        self.index = index
+        self.count = count
+    }
+
+    /// The whole range as one shard.
+    public static let whole = SweepShard(index: 1, count: 1)
+
+    /// Parses `I/N` with 1 <= I <= N <= `maxCount`; the error says what is
+    /// wrong (a 0-based index is named as such).
+    public static func parse(_ text: String) -> Result<SweepShard, SweepError> {
+        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, let i = Int(parts[0]), let n = Int(parts[1]) else {
+            return .failure(.invalid("must be I/N, the shard I of N (got \(text))"))
+        }
+        guard (1...maxCount).contains(n) else {
+            return .failure(.invalid("must be I/N with N in 1...\(maxCount) (got \(text))"))
+        }
+        if i == 0 {
+            return .failure(.invalid("counts shards from 1: 1/\(n) to \(n)/\(n) (got \(text)); for a 0-based index, as Kubernetes' JOB_COMPLETION_INDEX, give index+1"))
+        }
+        guard (1...n).contains(i) else {
+            return .failure(.invalid("must be I/N with I in 1...\(n) (got \(text))"))
+        }
+        return .success(SweepShard(index: i, count: n))
+    }
+
+    /// This shard's seeds of `range`, nil when it has none.
+    public func seeds(of range: SeedRange) -> SeedRange? {
+        let lo = offset(index - 1, of: range)
+        guard index < count else { return SeedRange(first: range.first &+ lo, last: range.last) }
+        let hi = offset(index, of: range)
+        guard hi > lo else { return nil }
+        return SeedRange(first: range.first &+ lo, last: range.first &+ (hi - 1))
+    }
+
+    /// Where block `k` (0..<count) of `range` starts: floor(seeds * k / count),
+    /// without overflow, for the full 2^64 seeds too (`range.count` 0).
+    func offset(_ k: Int, of range: SeedRange) -> UInt64 {
+        let product = range.count == 0 ? (high: UInt64(k), low: UInt64(0)) : range.count.multipliedFullWidth(by: UInt64(k))
+        return UInt64(count).dividingFullWidth(product).quotient
+    }
+
+    public var description: String { "\(index)/\(count)" }
+
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        switch SweepShard.parse(text) {
+        case .success(let s): self = s
+        case .failure(let e):
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "shard \(e)"))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(description)
+    }
+}
+
+/// What went wrong with a shard argument or a sweep's lines.
+public enum SweepError: Error, Equatable, CustomStringConvertible {
+    /// A `--shard` or `--seeds` value that cannot be; the text completes "--shard ...".
+    case invalid(String)
+    /// A line that is not a sweep line: where it is and why.
+    case unreadable(String)
+
+    public var description: String {
+        switch self {
+        case .invalid(let m), .unreadable(let m): m
+        }
+    }
+}
+
+/// The first line a shard prints: what it runs, so that the merge can check
+/// that its shards belong together.
+public struct SweepHeader: Sendable, Codable, Equatable {
+    /// The command (`soak`, `explore`).
+    public var command: String
+    public var shard: SweepShard
+    /// The whole sweep's seeds, and this shard's (nil when it has none).
+    public var seeds: SeedRange
+    public var shardSeeds: SeedRange?
+    /// Every setting besides the seed, as the flags that give it
+    /// (`--operations` -> `300000`; a flag without a value -> ``).
+    public var settings: [String: String]
+    public var version: String
+    /// The git revision the binary was built from, when known.
+    public var revision: String?
+    /// Where the shard ran (the host name).
+    public var host: String
+
+    public init(command: String, shard: SweepShard, seeds: SeedRange, settings: [String: String], version: String,
+                revision: String?, host: String) {
+        self.command = command
+        self.shard = shard
+        self.seeds = seeds
+        shardSeeds = shard.seeds(of: seeds)
+        self.settings = settings
+        self.version = version
+        self.revision = revision
+        self.host = host
+    }
+
+    /// The settings as arguments, in flag order: `--cpus 4 --operations 300000`.
+    public var arguments: String { SweepHeader.arguments(settings) }
+
+    /// `settings` as arguments, in flag order (a flag without a value alone).
+    public static func arguments(_ settings: [String: String]) -> String {
+        settings.keys.sorted().map { k in settings[k]!.isEmpty ? k : "\(k) \(settings[k]!)" }.joined(separator: " ")
+    }
+}
+
+/// One seed's result in a shard's output.
+public struct SweepSeedResult: Sendable, Codable, Equatable {
+    public var shard: SweepShard
+    public var seed: UInt64
+    /// `clean`, or what failed first (`livelock`, `deadlock`, `corruption`, ...).
+    public var outcome: String
+    /// The run's figures by name (operations, scheduleSteps, seconds, ...);
+    /// only the host-time ones (`seconds`, rates per second) differ between
+    /// two runs of one seed.
+    public var figures: [String: Double]
+    /// For a failing seed: the command that replays it, and the first thing found.
+    public var replay: String?
+    public var detail: String?
+
+    public init(shard: SweepShard, seed: UInt64, outcome: String, figures: [String: Double], replay: String? = nil,
+                detail: String? = nil) {
+        self.shard = shard
+        self.seed = seed
+        self.outcome = outcome
+        self.figures = figures
+        self.replay = replay
+        self.detail = detail
+    }
+
+    public var failed: Bool { outcome != SweepSeedResult.clean }
+    public static let clean = "clean"
+
+    /// The figures that depend on the host, not on the seed.
+    public static func isHostTime(_ figure: String) -> Bool {
+        figure == "seconds" || figure.hasSuffix("PerSecond")
+    }
+}
+
+/// The last line of a shard: it ran to its end.
+public struct SweepEnd: Sendable, Codable, Equatable {
+    public var shard: SweepShard
+    /// Seeds run and seeds that failed.
+    public var seedsRun: Int
+    public var failing: Int
+    public var seconds: Double
+    public init(shard: SweepShard, seedsRun: Int, failing: Int, seconds: Double) {
+        self.shard = shard
+        self.seedsRun = seedsRun
+        self.failing = failing
+        self.seconds = seconds
+    }
+}
+
+/// One line of a shard's JSON Lines output: `{"line":"shard",...}`, then one
+/// `{"line":"seed",...}` per seed, then `{"line":"end",...}`.
+public enum SweepLine: Sendable, Equatable {
+    case header(SweepHeader)
+    case seed(SweepSeedResult)
+    case end(SweepEnd)
+
+    enum Kind: String, Codable { case shard, seed, end }
+    enum KindKey: String, CodingKey { case line }
+
+    /// The line as one compact JSON object, keys sorted (no newline).
+    public var json: String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        let data: Data
+        do {
+            switch self {
+            case .header(let h): data = try encoder.encode(Tagged(line: .shard, value: h))
+            case .seed(let s): data = try encoder.encode(Tagged(line: .seed, value: s))
+            case .end(let e): data = try encoder.encode(Tagged(line: .end, value: e))
+            }
+        } catch {
+            // Only a non-finite figure could fail, and the strategy above takes those.
+            return "{\"line\":\"error\",\"error\":\"\(error)\"}"
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Reads one line; `where` names it in the error ("shard-2.jsonl:7").
+    public static func parse(_ text: Substring, where place: String) -> Result<SweepLine, SweepError> {
+        let decoder = JSONDecoder()
+        decoder.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        let data = Data(text.utf8)
+        do {
+            let kind = try decoder.decode(KindOnly.self, from: data).line
+            switch kind {
+            case .shard: return .success(.header(try decoder.decode(SweepHeader.self, from: data)))
+            case .seed: return .success(.seed(try decoder.decode(SweepSeedResult.self, from: data)))
+            case .end: return .success(.end(try decoder.decode(SweepEnd.self, from: data)))
+            }
+        } catch {
+            let snippet = text.count > 60 ? text.prefix(60) + "..." : text
+            return .failure(.unreadable("\(place): not a line of a sweep shard (--shard output): \(snippet)"))
+        }
+    }
+
+    struct KindOnly: Decodable { var line: Kind }
+
+    /// A value with `"line": kind` beside its own keys.
+    struct Tagged<Value: Encodable>: Encodable {
+        var line: Kind
+        var value: Value
+        func encode(to encoder: any Encoder) throws {
+            try value.encode(to: encoder)
+            var c = encoder.container(keyedBy: KindKey.self)
+            try c.encode(line, forKey: .line)
+        }
+    }
+}
+
+/// Runs a shard of a seed sweep.
+public enum Sweep {
+    /// Runs every seed of `header.shardSeeds` in order with `run`, handing
+    /// each line to `emit` as it is made: the header first, one line per
+    /// seed, the end line last.
+    ///
+    /// - Parameters:
+    ///   - header: the shard (its seeds, settings and provenance).
+    ///   - emit: prints (or keeps) a line; called on the calling thread.
+    ///   - run: runs one seed and says how it went.
+    /// - Returns: the seeds' results.
+    /// - Throws: what `run` throws (the shard stops there, without its end
+    ///   line: the merge reports the seeds it lacks).
+    @discardableResult
+    public static func run<E: Error>(_ header: SweepHeader, emit: (SweepLine) -> Void,
+                                     seed run: (UInt64) throws(E) -> SweepSeedResult) throws(E) -> [SweepSeedResult] {
+        emit(.header(header))
+        let start = HostClock.hostNanos()
+        var results: [SweepSeedResult] = []
+        if let seeds = header.shardSeeds {
+            var s = seeds.first
+            while true {
+                var r = try run(s)
+                r.shard = header.shard
+                r.seed = s
+                results.append(r)
+                emit(.seed(r))
+                if s == seeds.last { break }
+                s &+= 1
+            }
+        }
+        let seconds = Double(HostClock.hostNanos() - start) / 1e9
+        emit(.end(SweepEnd(shard: header.shard, seedsRun: results.count, failing: results.count(where: \.failed),
+                           seconds: seconds)))
+        return results
+    }
+}
+
+extension SoakResult {
+    /// What failed first, as a sweep's outcome: `clean`, `deadlock`,
+    /// `timeout`, `corruption`, `accessError`, `leak` (references or
+    /// frames), `lockHeld`, `audit` (another failed audit), `warning` or
+    /// `lockOrder`.
+    public var sweepOutcome: String {
+        if deadlock != nil { return "deadlock" }
+        if timedOut { return "timeout" }
+        if bytesCorrupted > 0 { return "corruption" }
+        if accessErrors > 0 { return "accessError" }
+        if leakedReferences > 0 || leakedFrames > 0 { return "leak" }
+        if locksHeld > 0 { return "lockHeld" }
+        if failedAtOperation != nil { return "audit" }
+        if !warnings.isEmpty { return "warning" }
+        if !lockOrderViolations.isEmpty { return "lockOrder" }
+        return SweepSeedResult.clean
+    }
+
+    /// The soak's figures for a sweep line: counts of what ran and what
+    /// was found, virtual and host time, operations per host second.
+    public var sweepFigures: [String: Double] {
+        [
+            "operations": Double(operations), "reads": Double(reads), "writes": Double(writes),
+            "gpuFaults": Double(gpuFaults), "migrationsToDevice": Double(migrationsToDevice),
+            "migrationsToSystem": Double(migrationsToSystem), "forks": Double(forks), "pagesMoved": Double(pagesMoved),
+            "audits": Double(audits), "bytesCorrupted": Double(bytesCorrupted), "accessErrors": Double(accessErrors),
+            "leakedReferences": Double(leakedReferences), "locksHeld": Double(locksHeld), "leakedFrames": Double(leakedFrames),
+            "warnings": Double(warnings.count), "lockOrderViolations": Double(lockOrderViolations.count),
+            "scheduleSteps": Double(scheduleSteps), "virtualSeconds": virtualSeconds, "seconds": seconds,
+            "operationsPerSecond": seconds > 0 ? Double(operations) / seconds : 0,
+        ]
+    }
+
+    /// The first problem, in words (nil when clean).
+    public var sweepDetail: String? {
+        if let deadlock { return deadlock.split(separator: "\n").first.map(String.init) }
+        if timedOut { return "the run exceeded its host-time limit" }
+        if let f = findings.first { return f }
+        if let at = failedAtOperation, let audit { return "the audit after operation \(at) failed: \(audit)" }
+        if let w = warnings.first { return w }
+        return lockOrderViolations.first?.split(separator: "\n").first.map(String.init)
+    }
+}
