@@ -66,7 +66,7 @@ let package = Package(
         .target(name: "CTestSupport", dependencies: ["CSVMSupport"], path: "Tests/CTestSupport"),
         .testTarget(name: "SVMEmuTests", dependencies: ["SVMEmu", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "MirrorDriverTests", dependencies: ["SVMEmu", "MirrorDriver", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "SVMStressTests", dependencies: ["SVMEmu", "MirrorDriver", "SVMStress", "XeDriver", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SVMEmuCLITests", dependencies: [
             "SVMEmuCLI", "SVMEmu", "SVMStress", "SVMDRM", "MirrorDriver", "TestSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

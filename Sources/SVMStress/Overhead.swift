@@ -5,6 +5,7 @@ import Foundation
 import MirrorDriver
 import SVMEmu
 import Synchronization
+import XeDriver
 
 /// Which way the faults migrate.
 public enum OverheadDirection: String, CaseIterable, Sendable, Codable {
@@ -53,6 +54,12 @@ public struct OverheadConfiguration: Sendable {
     public var granularity: MigrationGranularity = .base4K
     public var direction: OverheadDirection = .toDevice
     public var copyModel: OverheadCopyModel = .memcpy
+    /// The driver faulted through: `MirrorDevice` (dmirror's shape), or the
+    /// Xe-like driver on GPU SVM and drm_pagemap, whose ranges are the
+    /// granularity's size (4 KiB: 4 KiB chunks; 2 MiB: Xe's 2 MiB, 64 KiB,
+    /// 4 KiB chunks, moved as 2 MiB folios; `faultPages` > 1 at 4 KiB: ranges
+    /// of that many 4 KiB pages).
+    public var driver: HarnessDriver = .mirror
     /// Threads per large copy (the multi-threaded copy option).
     public var copyThreads = 1
     /// Pages one GPU fault migrates at 4 KiB granularity (to-device only):
@@ -125,6 +132,8 @@ public struct OverheadTraceEvent: Sendable, Equatable {
 
 /// The figures of one run. Encodes as the JSON object of `svmemu overhead --json`.
 public struct OverheadResult: Sendable, Codable {
+    /// The driver faulted through (`HarnessDriver`: mirror or gpusvm).
+    public var driver: String = HarnessDriver.mirror.rawValue
     public var granularity: String
     public var direction: String
     public var copyModel: String
@@ -198,7 +207,7 @@ public struct OverheadResult: Sendable, Codable {
     public var stepsPerSecond: Double?
 
     enum CodingKeys: String, CodingKey {
-        case granularity, direction, copyModel, copyThreads, faultPages, busyCPUs, bytes, faults, phases, migrateVMAFraction,
+        case driver, granularity, direction, copyModel, copyThreads, faultPages, busyCPUs, bytes, faults, phases, migrateVMAFraction,
              copyFraction, faultMicrosMean, throughputGBps, memcpyGBps, streamCopyGBps, wallSeconds, wallSecondsTimersOff,
              wallSecondsTimersOn, instrumentationOverheadPercent, instrumentationEstimatePercent, setupCallsPerMiB, finalizeCallsPerMiB, verified,
              traceEvents, traceEventsDropped, traceFaults, traceEventsPerCPU, deterministic, cpus, scheduleSteps, machine,
@@ -282,17 +291,34 @@ public enum OverheadHarness {
 
     static func runBooted(_ kernel: Kernel, _ config: OverheadConfiguration) throws(OverheadError) -> OverheadResult {
         let mm = AddressSpace(kernel: kernel)
-        var settings = MirrorSettings()
-        settings.gpuFaultPolicy = .migrate
-        settings.migrationGranularity = config.granularity
-        settings.gpuFaultPages = config.faultPages
         let vramChunk: UInt64 = 256 << 20
         let vram = (UInt64(config.bytes) + vramChunk - 1) / vramChunk * vramChunk + vramChunk
-        let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: vramChunk,
-                                  settings: settings, copyEngine: config.copyModel.makeEngine(threads: config.copyThreads))
+        let engine = config.copyModel.makeEngine(threads: config.copyThreads)
+        let device: any OverheadDevice
+        switch config.driver {
+        case .mirror:
+            var settings = MirrorSettings()
+            settings.gpuFaultPolicy = .migrate
+            settings.migrationGranularity = config.granularity
+            settings.gpuFaultPages = config.faultPages
+            device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: vramChunk,
+                                  settings: settings, copyEngine: engine)
+        case .gpusvm:
+            // The range sizes the granularity asks for: every GPU fault
+            // migrates and binds one range.
+            let chunks: [UInt64] = config.granularity == .huge2M ? XeDevice.defaultChunkSizes
+                : config.faultPages > 1 ? [UInt64(config.faultPages) << PageGeometry.pageShift, PageGeometry.pageSize64]
+                : [PageGeometry.pageSize64]
+            do {
+                device = try XeDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkSizes: chunks,
+                                      largeFolios: config.granularity == .huge2M, copyEngine: engine)
+            } catch {
+                throw .setupFailed("cannot register \(vram >> 20) MiB of VRAM for the Xe-like driver: \(error)")
+            }
+        }
         let bytes = config.bytes
         let say = config.progress ?? { _ in }
-        let tag = "\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
+        let tag = "\(config.driver == .gpusvm ? "gpusvm " : "")\(config.direction.rawValue) \(config.granularity.rawValue)\(config.faultPages > 1 ? " x\(config.faultPages)" : "") \(config.copyModel.rawValue)"
         let base: UInt64
         say("\(tag): filling \(bytes >> 20) MiB")
         do {
@@ -311,6 +337,7 @@ public enum OverheadHarness {
             throw .setupFailed("\(tag): cannot start \(config.busyCPUs) busy CPUs: \(error)")
         }
         var result: OverheadResult
+        defer { withExtendedLifetime(device) {} }
         do {
             result = try threads.run(leaving: kernel.cpus) { () throws(OverheadError) -> OverheadResult in
                 defer { busy.stop() }
@@ -334,14 +361,13 @@ public enum OverheadHarness {
         say("\(tag): memcpy of the same chunks (the yardstick)")
         result.memcpyGBps = measureMemcpy(granule: granule, bytes: bytes)
         result.streamCopyGBps = measureMemcpy(granule: granule, bytes: bytes, streaming: true)
-        withExtendedLifetime(device) {}
         return result
     }
 
     /// The timed part of a run, on the faulting thread (an emulated one in a
     /// deterministic run): warm-up, the rounds, the cost runs, the check of
     /// every byte.
-    static func measure(_ kernel: Kernel, _ config: OverheadConfiguration, mm: AddressSpace, device: MirrorDevice,
+    static func measure(_ kernel: Kernel, _ config: OverheadConfiguration, mm: AddressSpace, device: any OverheadDevice,
                         base: UInt64, tag: String) throws(OverheadError) -> OverheadResult {
         let bytes = config.bytes
         let pages = bytes >> PageGeometry.pageShift
@@ -354,16 +380,14 @@ public enum OverheadHarness {
         func prepare() throws(OverheadError) {
             do {
                 switch config.direction {
-                case .toDevice:
-                    if device.devicePagesInUse > 0 { try device.migrateToSystem(base, pages: pages) }
-                case .toRAM:
-                    try device.migrateToDevice(base, pages: pages)
+                case .toDevice: try device.placeInRAM(base, pages: pages)
+                case .toRAM: try device.placeInDevice(base, pages: pages)
                 }
             } catch {
                 throw .setupFailed("\(tag): cannot move the buffer into place before a run: \(error)")
             }
-            if config.direction == .toDevice && device.devicePagesInUse != 0 {
-                throw .setupFailed("\(tag): \(device.devicePagesInUse) pages still in VRAM before a to-device run")
+            if config.direction == .toDevice && device.pagesInDevice != 0 {
+                throw .setupFailed("\(tag): \(device.pagesInDevice) pages still in VRAM before a to-device run")
             }
         }
 
@@ -490,6 +514,7 @@ public enum OverheadHarness {
             throw .dataMismatch("\(tag): DATA CORRUPTION: byte at 0x\(String(bad, radix: 16)) differs from the pattern after migration")
         }
         var result = summarize(best, config: config, wallOn: bestOn)
+        result.driver = config.driver.rawValue
         result.busyCPUs = config.busyCPUs
         if !pairRatios.isEmpty {
             pairRatios.sort()
@@ -687,4 +712,36 @@ func withCopyRings<R>(bytes: Int, _ body: (UnsafeMutableRawPointer, UnsafeMutabl
     src.initializeMemory(as: UInt8.self, repeating: 0x5a, count: bytes)
     dst.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
     return try body(src, dst)
+}
+
+/// What the overhead harness needs from a driver: GPU reads through its
+/// page table (a miss is a GPU fault the driver times as the `fault`
+/// phase), and moving the buffer between RAM and its VRAM before a run,
+/// with the timers off.
+protocol OverheadDevice: AnyObject {
+    func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno)
+    /// Migrates the buffer to VRAM (and maps it for the GPU).
+    func placeInDevice(_ address: UInt64, pages: Int) throws(Errno)
+    /// Migrates every page of the buffer in VRAM back to RAM.
+    func placeInRAM(_ address: UInt64, pages: Int) throws(Errno)
+    /// Pages of VRAM in use.
+    var pagesInDevice: Int { get }
+}
+
+extension MirrorDevice: OverheadDevice {
+    func placeInDevice(_ address: UInt64, pages: Int) throws(Errno) { _ = try migrateToDevice(address, pages: pages) }
+    func placeInRAM(_ address: UInt64, pages: Int) throws(Errno) {
+        if devicePagesInUse > 0 { _ = try migrateToSystem(address, pages: pages) }
+    }
+    var pagesInDevice: Int { Int(devicePagesInUse) }
+}
+
+extension XeDevice: OverheadDevice {
+    /// Xe's prefetch to VRAM: every range migrated and bound.
+    func placeInDevice(_ address: UInt64, pages: Int) throws(Errno) { _ = try migrateToDevice(address, pages: pages) }
+    /// Every VRAM allocation evicted (`drm_pagemap_evict_to_ram()`): the
+    /// ranges stay, invalidated, so the run's GPU faults find them and
+    /// migrate them again.
+    func placeInRAM(_ address: UInt64, pages: Int) throws(Errno) { _ = evictAll() }
+    var pagesInDevice: Int { Int(vramPagesInUse) }
 }

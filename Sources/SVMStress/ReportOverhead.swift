@@ -20,7 +20,9 @@ public enum OverheadReport {
         let dir = OverheadDirection(rawValue: r.direction)?.label ?? r.direction
         let model = r.copyModel + (r.copyThreads > 1 ? " x\(r.copyThreads) threads" : "")
         let shape = r.faultPages > 1 ? ", \(r.faultPages) pages per fault" : ""
-        var out = "\(r.direction) (\(dir)), \(granularityLabel(r.granularity)) migration\(shape), copy model \(model)\n"
+        let driver = r.driver == HarnessDriver.gpusvm.rawValue
+            ? "the Xe-like driver on GPU SVM (\(granularityLabel(r.granularity)) ranges), " : ""
+        var out = "\(r.direction) (\(dir)), \(driver)\(granularityLabel(r.granularity)) migration\(shape), copy model \(model)\n"
         out += "  \(r.faults) faults over \(r.bytes >> 20) MiB\n\n"
         out += "  PHASE               us/fault     share   calls/fault\n"
         for name in OverheadResult.phaseOrder {
@@ -67,9 +69,13 @@ public enum OverheadReport {
 
     /// One line per run, for comparing several.
     public static func summary(_ results: [OverheadResult]) -> String {
-        var out = "  DIRECTION  GRAN   COPY MODEL    FAULTS   us/fault  migrate_vma   copy    other    GB/s  timers: meas.  est.\n"
+        // A DRIVER column when the runs are not all MirrorDevice's.
+        let drivers = results.contains { $0.driver != HarnessDriver.mirror.rawValue }
+        var out = "  " + (drivers ? "DRIVER  " : "")
+            + "DIRECTION  GRAN   COPY MODEL    FAULTS   us/fault  migrate_vma   copy    other    GB/s  timers: meas.  est.\n"
         for r in results {
-            out += "  " + r.direction.padding(toLength: 10, withPad: " ", startingAt: 0)
+            out += "  " + (drivers ? r.driver.padding(toLength: 8, withPad: " ", startingAt: 0) : "")
+                + r.direction.padding(toLength: 10, withPad: " ", startingAt: 0)
                 + " " + granularityLabel(r).padding(toLength: 6, withPad: " ", startingAt: 0)
                 + " " + (r.copyModel + (r.copyThreads > 1 ? "x\(r.copyThreads)" : "")).padding(toLength: 12, withPad: " ", startingAt: 0)
                 + String(format: " %7d %10.2f", r.faults, r.faultMicrosMean)

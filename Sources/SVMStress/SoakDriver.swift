@@ -69,14 +69,18 @@ extension XeDevice: StormDriver {
     public var supportsHugePages: Bool { true }
 
     /// A storm driver factory for the Xe-like driver: `vramBytes` of VRAM,
-    /// Xe's chunk sizes.
+    /// Xe's chunk sizes. When the machine refuses the VRAM (its physical
+    /// layout is full, see ``KernelConfiguration/maxPhysicalBytes``), the
+    /// factory throws ``StormError/setupFailed(_:)`` naming the size, the
+    /// error and the kernel's diagnostic.
     public static func stormFactory(vramBytes: UInt64) -> StormDriverFactory {
-        { kernel, mm, index in
+        { (kernel, mm, index) throws(StormError) -> any StormDriver in
+            let bytes = StormHarness.roundUp(vramBytes, to: PageGeometry.pmdSize64)
             do {
-                return try XeDevice(kernel: kernel, mm: mm, name: "xe\(index)",
-                                    vramBytes: StormHarness.roundUp(vramBytes, to: PageGeometry.pmdSize64))
+                return try XeDevice(kernel: kernel, mm: mm, name: "xe\(index)", vramBytes: bytes)
             } catch {
-                fatalError("XeDevice: cannot register \(vramBytes) bytes of VRAM: \(error)")
+                let said = kernel.diagnostics.suffix(1).map { " (kernel: \($0))" }.joined()
+                throw .setupFailed("xe\(index): cannot register \(bytes >> 20) MiB of VRAM: \(error)\(said)")
             }
         }
     }

@@ -44,8 +44,10 @@ public struct DriverLockProbe: Sendable, Codable, Equatable {
     }
 }
 
-/// Builds the driver for device `index` (0, or 0 and 1) of a freshly booted machine.
-public typealias StormDriverFactory = @Sendable (_ kernel: Kernel, _ mm: AddressSpace, _ index: Int) -> any StormDriver
+/// Builds the driver for device `index` (0, or 0 and 1) of a freshly booted
+/// machine; throws ``StormError/setupFailed(_:)`` when it cannot (its
+/// device memory refused, for example).
+public typealias StormDriverFactory = @Sendable (_ kernel: Kernel, _ mm: AddressSpace, _ index: Int) throws(StormError) -> any StormDriver
 
 extension MirrorDevice: StormDriver {
     public func prepare(for settings: StormSettings) {

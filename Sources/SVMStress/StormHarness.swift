@@ -43,7 +43,8 @@ public enum StormHarness {
         let kernel: Kernel
         do { kernel = try Kernel(booting: config) } catch { throw .hostRefused(error) }
         let mm = AddressSpace(kernel: kernel)
-        let drivers = (0..<settings.devices).map { factory(kernel, mm, $0) }
+        var drivers: [any StormDriver] = []
+        for i in 0..<settings.devices { drivers.append(try factory(kernel, mm, i)) }
         if settings.pageSize == .huge, !drivers.allSatisfy(\.supportsHugePages) {
             throw .hugePagesUnsupported("2 MiB storms need compound migration (issue 4): the driver does not migrate 2 MiB folios whole yet")
         }

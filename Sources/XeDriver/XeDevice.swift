@@ -163,6 +163,10 @@ final class MigrateToRAMGate: Sendable {
 
     func migrateToRAM(_ vmf: VMFault, exclusive: Bool) -> VMFaultResult {
         calls.add(1, ordering: .relaxed)
+        // The CPU fault's time in the overhead breakdown, as MirrorDevice's.
+        let phases = vmf.mm.kernel.phases
+        let t = phases.begin()
+        defer { phases.end(.fault, t) }
         guard exclusive else { return DRMPagemap.migrateToRAM(vmf) }
         waiting.add(1, ordering: .relaxed)
         return lock.withLock {

@@ -45,6 +45,32 @@ struct OverheadTests {
         #expect(OverheadReport.summary([r]).contains("4Kx512"))
     }
 
+    @Test("through the Xe-like driver on GPU SVM: one GPU fault per range (4 KiB, 2 MiB, 2 MiB of 4 KiB pages), one CPU fault per range back, every byte verified",
+          arguments: [(MigrationGranularity.base4K, 1), (.huge2M, 1), (.base4K, PageGeometry.pmdPages)])
+    func throughGPUSVM(granularity: MigrationGranularity, faultPages: Int) throws {
+        for direction in OverheadDirection.allCases where faultPages == 1 || direction == .toDevice {
+            var c = OverheadConfiguration()
+            c.driver = .gpusvm
+            c.bytes = 4 << 20
+            c.measureInstrumentationCost = false
+            c.rounds = 1
+            c.granularity = granularity
+            c.direction = direction
+            c.faultPages = faultPages
+            let r = try OverheadHarness.run(c)
+            let rangeBytes = granularity == .huge2M ? PageGeometry.pmdSize : faultPages * PageGeometry.pageSize
+            #expect(r.verified)
+            #expect(r.driver == "gpusvm")
+            #expect(r.faults == c.bytes / rangeBytes, "\(direction) \(granularity) x\(faultPages): one fault per range")
+            // Each fault is one migrate_vma call of its range.
+            #expect(r.phases["collect"]?.count == UInt64(r.faults) && r.phases["finalize"]?.count == UInt64(r.faults))
+            #expect((r.phases["copy"]?.seconds ?? 0) > 0)
+            #expect(r.jsonString().contains("\"driver\":\"gpusvm\""))
+            #expect(OverheadReport.table(r).contains("Xe-like driver"))
+            #expect(OverheadReport.summary([r]).contains("DRIVER"))
+        }
+    }
+
     @Test("with a busy CPU reading the address space, every collect flush sends it an IPI: the tlbFlush phase counts them, inside collect")
     func busyCPUShootdowns() throws {
         var c = OverheadConfiguration()
@@ -132,6 +158,7 @@ struct OverheadTests {
             #expect(p["seconds"] is Double || p["seconds"] is Int, "\(name).seconds")
             #expect(p["fraction"] is Double || p["fraction"] is Int, "\(name).fraction")
         }
+        #expect(object["driver"] as? String == "mirror")
         // It decodes back.
         let back = try JSONDecoder().decode(OverheadResult.self, from: Data(r.jsonString().utf8))
         #expect(back.faults == r.faults && back.phases == r.phases)

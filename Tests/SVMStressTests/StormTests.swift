@@ -4,6 +4,7 @@ import SVMEmu
 import SVMStress
 import Synchronization
 import Testing
+import XeDriver
 
 /// Small storms: 8 threads, a handful of pages, 50 µs of driver work, a short
 /// stall window. Every wait in the harness is bounded, so each test ends in
@@ -155,6 +156,23 @@ struct StormTests {
         #expect(r.migrateToRAMCalls.perPageMax == 1)
         #expect(r.teardownClean, "\(r.teardownIssues)")
         #expect(r.dataIntact)
+    }
+
+    @Test("the Xe-like driver's storm factory throws setupFailed when the machine refuses its VRAM")
+    func xeFactoryRefused() throws {
+        var config = KernelConfiguration()
+        config.nodeSizes = [64 << 20]
+        config.maxPhysicalBytes = 96 << 20
+        let kernel = Kernel(config)
+        let mm = AddressSpace(kernel: kernel)
+        do {
+            _ = try XeDevice.stormFactory(vramBytes: 1 << 30)(kernel, mm, 0)
+            Issue.record("1 GiB of VRAM registered on a machine of 96 MiB")
+        } catch {
+            guard case .setupFailed(let why) = error else { Issue.record("\(error)"); return }
+            #expect(why.contains("xe0: cannot register 1024 MiB of VRAM"), "\(why)")
+        }
+        withExtendedLifetime(kernel) {}
     }
 
     @Test("a driver of your own plugs in; one without 2 MiB migration is refused a 2 MiB storm")

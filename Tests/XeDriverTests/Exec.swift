@@ -41,7 +41,7 @@ func allocateBuffer(_ mm: AddressSpace, size: Int, flags: ExecFlags) throws -> E
     }
     if !flags.contains(.skipMemset) {
         try mm.fill(b.base, length: size, byte: 5)
-        for i in b.offset..<(b.offset + size) { b.model[i] = 5 }
+        b.model.fill(b.offset..<(b.offset + size), with: 5)
     } else if !flags.contains(.mmap) && !flags.contains(.hugePage) {
         // A heap buffer without memset holds what the heap held.
     }

@@ -24,8 +24,31 @@ enum Chunks: String, CaseIterable, CustomTestStringConvertible, Sendable {
     var testDescription: String { rawValue }
 }
 
-/// One process with one Xe VM: the machine (two 128 MiB nodes, THP on
-/// madvise), its address space and the device.
+/// How big the IGT scenarios run. By default the heavy variants run
+/// scaled down so that the whole suite takes seconds in a debug build
+/// (every scenario still runs on both chunk geometries, with the bytes
+/// checked); `SVMEMU_IGT_FULL=1` runs IGT's own counts and sizes.
+enum IGTScale {
+    /// `SVMEMU_IGT_FULL=1` in the environment.
+    static let full = ProcessInfo.processInfo.environment["SVMEMU_IGT_FULL"] == "1"
+    /// The execs of a `many-` scenario (IGT: 128).
+    static let manyExecs = full ? 128 : 8
+    /// The execs of each thread of a `threads-` scenario.
+    static let threadExecs = full ? 32 : 6
+    /// The bytes of each emulated RAM node: `many-mmap-new-huge` keeps one
+    /// 2 MiB folio per exec alive.
+    static let nodeBytes = full ? 384 << 20 : 48 << 20
+    /// The VRAM of a test's device.
+    static let vramBytes: UInt64 = full ? 32 << 20 : 16 << 20
+    /// `evict-malloc`: VRAM, allocation size (1.5 x VRAM allocated in all).
+    static let evictVRAM = full ? 16 * MiB : 8 * MiB
+    static let evictAllocation = full ? 8 * MiB : 4 * MiB
+    /// `unaligned-alloc`: how many 1.5 MiB allocations.
+    static let unalignedAllocations = full ? 8 : 2
+}
+
+/// One process with one Xe VM: the machine (two RAM nodes of
+/// ``IGTScale/nodeBytes``, THP on madvise), its address space and the device.
 final class XeFixture: @unchecked Sendable {
     let kernel: Kernel
     var mm: AddressSpace!
@@ -33,10 +56,10 @@ final class XeFixture: @unchecked Sendable {
     var extra: [XeDevice] = []
     let chunks: Chunks
 
-    init(_ chunks: Chunks, vram: UInt64 = 32 << 20, policy: DeviceFaultPolicy = .trylockWait) throws {
+    init(_ chunks: Chunks, vram: UInt64 = IGTScale.vramBytes, policy: DeviceFaultPolicy = .trylockWait) throws {
         self.chunks = chunks
         var config = KernelConfiguration()
-        config.nodeSizes = [128 << 20, 128 << 20]
+        config.nodeSizes = [IGTScale.nodeBytes, IGTScale.nodeBytes]
         config.transparentHugepage = .madvise
         config.addressSpaceSize = 4 << 30
         config.maxPhysicalBytes = 2 << 30

@@ -60,20 +60,21 @@ struct SystemAllocatorTests {
         ("new-nomemset", [.new, .skipMemset]), ("mmap-new-nomemset", [.mmap, .new, .skipMemset]),
     ]
 
-    /// The `once-`, `twice-`, `many-` ... families of each section (execs
-    /// scaled down from IGT's 128 to 32 for the "many" ones, to keep every
-    /// test within seconds on a loaded two-core host).
+    /// The `once-`, `twice-`, `many-` ... families of each section ("many"
+    /// runs ``IGTScale/manyExecs`` execs: 8 by default, IGT's 128 with
+    /// `SVMEMU_IGT_FULL=1`).
     static let cases: [ExecCase] = sections.flatMap { (s, f) -> [ExecCase] in
+        let many = IGTScale.manyExecs
         var c = [
             ExecCase(name: "once-\(s)", execs: 1, size: 0, stride: 0, flags: f),
             ExecCase(name: "once-large-\(s)", execs: 1, size: 2 * MiB, stride: 0, flags: f),
             ExecCase(name: "twice-\(s)", execs: 2, size: 0, stride: 0, flags: f),
-            ExecCase(name: "many-\(s)", execs: 32, size: 0, stride: 0, flags: f),
+            ExecCase(name: "many-\(s)", execs: many, size: 0, stride: 0, flags: f),
         ]
         if !f.contains(.new) {
-            c.append(ExecCase(name: "many-stride-\(s)", execs: 32, size: 0, stride: 256, flags: f))
-            c.append(ExecCase(name: "many-large-\(s)", execs: 32, size: 2 * MiB, stride: 0, flags: f))
-            c.append(ExecCase(name: "many-64k-\(s)", execs: 32, size: 64 << 10, stride: 0, flags: f))
+            c.append(ExecCase(name: "many-stride-\(s)", execs: many, size: 0, stride: 256, flags: f))
+            c.append(ExecCase(name: "many-large-\(s)", execs: many, size: 2 * MiB, stride: 0, flags: f))
+            c.append(ExecCase(name: "many-64k-\(s)", execs: many, size: 64 << 10, stride: 0, flags: f))
         }
         return c
     }
@@ -107,7 +108,7 @@ struct SystemAllocatorTests {
         let failures = Failures()
         if sharedAlloc {
             // One buffer, 256-byte stride, thread t owns the elements t, t + n, ...
-            let execs = 16 * n, step = 256
+            let execs = IGTScale.threadExecs * n, step = 256
             let buffer = try f.mm.mmap(length: execs * step)
             try f.mm.fill(buffer, length: execs * step, byte: 5)
             let ok = runThreads(n, timeout: 60, keepAlive: [f]) { t in
@@ -123,7 +124,7 @@ struct SystemAllocatorTests {
             }
             #expect(ok, "\(name): threads did not finish")
         } else {
-            let c = ExecCase(name: name, execs: 16, size: large ? 2 * MiB : 0, stride: 0, flags: flags)
+            let c = ExecCase(name: name, execs: IGTScale.threadExecs, size: large ? 2 * MiB : 0, stride: 0, flags: flags)
             let ok = runThreads(n, timeout: 60, keepAlive: [f]) { t in
                 do { try runExec(f, vms[t], c, seed: UInt64(t + 1)) } catch { failures.record("\(name) thread \(t): \(error)") }
             }
@@ -167,7 +168,7 @@ struct SystemAllocatorTests {
             if i == 0 {
                 try mm.munmap(old + UInt64(unmapOffset), length: size / 2)
                 if remap { try mm.mmap(address: old + UInt64(unmapOffset), length: size / 2) }
-                for j in unmapOffset..<(unmapOffset + size / 2) { model[j] = 0 }
+                model.fill(unmapOffset..<(unmapOffset + size / 2), with: 0)
             }
         }
         // Every byte still mapped, as the CPU reads it.
@@ -177,7 +178,7 @@ struct SystemAllocatorTests {
                 try mm.read(old + UInt64(s), into: UnsafeMutableRawBufferPointer(rebasing: b[s..<e]))
             }
         }
-        if !remap { for j in unmapOffset..<(unmapOffset + size / 2) { bytes[j] = 0 } }
+        if !remap { bytes.fill(unmapOffset..<(unmapOffset + size / 2), with: 0) }
         #expect(ExecModel.firstDifference(bytes, model) == nil, "\(name): \(ExecModel.firstDifference(bytes, model) ?? "")")
         // The first range (2 MiB, or the 4 KiB page at the front) lost pages
         // to the unmap: it went through the garbage collector.
@@ -186,24 +187,27 @@ struct SystemAllocatorTests {
         }
     }
 
-    /// IGT's `evict-malloc` (`many_allocs()` over more than VRAM): 8 MiB
-    /// allocations, one GPU store every 1 MiB, until 1.5 times VRAM is
-    /// allocated, then the CPU checks every store. With 2 MiB ranges VRAM
+    /// IGT's `evict-malloc` (`many_allocs()` over more than VRAM):
+    /// allocations of half of VRAM (4 MiB of 8 MiB; 8 MiB of 16 MiB with
+    /// `SVMEMU_IGT_FULL=1`), one GPU store every 1 MiB, until 1.5 times VRAM
+    /// is allocated, then the CPU checks every store. With 2 MiB ranges VRAM
     /// fills up and the oldest allocations are evicted.
     @Test("evict-malloc", arguments: Chunks.allCases)
     func evictMalloc(chunks: Chunks) throws {
-        let f = try XeFixture(chunks, vram: 16 << 20)
+        let vram = IGTScale.evictVRAM
+        let f = try XeFixture(chunks, vram: UInt64(vram))
         defer { f.teardown() }
-        try manyAllocs(f, total: 24 * MiB, allocation: 8 * MiB, stride: MiB)
+        try manyAllocs(f, total: vram + vram / 2, allocation: IGTScale.evictAllocation, stride: MiB)
         if chunks == .large { #expect(f.xe.pagesEvicted > 0, "VRAM was never full") }
     }
 
-    /// IGT's `unaligned-alloc`: allocations of 1.5 MiB, a GPU store every 4 KiB.
+    /// IGT's `unaligned-alloc`: allocations of 1.5 MiB (2 of them; 8 with
+    /// `SVMEMU_IGT_FULL=1`), a GPU store every 4 KiB.
     @Test("unaligned-alloc", arguments: Chunks.allCases)
     func unalignedAlloc(chunks: Chunks) throws {
         let f = try XeFixture(chunks)
         defer { f.teardown() }
-        try manyAllocs(f, total: 8 * (MiB + MiB / 2), allocation: MiB + MiB / 2, stride: pageSize)
+        try manyAllocs(f, total: IGTScale.unalignedAllocations * (MiB + MiB / 2), allocation: MiB + MiB / 2, stride: pageSize)
     }
 
     /// IGT's `fault-threads-same-page-benchmark` and `fault-threads-benchmark`
@@ -273,9 +277,21 @@ enum ExecModel {
     }
     static func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> String? {
         guard a.count == b.count else { return "sizes differ" }
+        // memcmp first: a per-byte loop over megabytes dominates a debug build.
+        if a.isEmpty { return nil }
+        let same = a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in memcmp(pa.baseAddress!, pb.baseAddress!, a.count) == 0 } }
+        if same { return nil }
         guard let i = a.indices.first(where: { a[$0] != b[$0] }) else { return nil }
         let n = zip(a, b).filter { $0 != $1 }.count
         return "\(n) bytes differ, the first at offset \(i): 0x\(String(a[i], radix: 16)), expected 0x\(String(b[i], radix: 16))"
+    }
+}
+
+extension Array where Element == UInt8 {
+    /// Sets `range` to `byte` (memset: a per-byte loop is slow in a debug build).
+    mutating func fill(_ range: Range<Int>, with byte: UInt8) {
+        guard !range.isEmpty else { return }
+        withUnsafeMutableBytes { p in _ = memset(p.baseAddress! + range.lowerBound, Int32(byte), range.count) }
     }
 }
 

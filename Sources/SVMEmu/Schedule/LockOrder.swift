@@ -353,7 +353,16 @@ public enum LockOrder {
 
     /// Drops `owner`'s record of folio lock `lock`; caller holds `graphLock`.
     private static func forget(_ lock: UnsafeRawPointer, of owner: HeldLocks) {
-        guard let i = owner.folioLocks.lastIndex(where: { $0.lock == lock }) else { return }
+        // migrate_vma holds a batch of folio locks (its sources, then its
+        // destinations) and releases them pair by pair: a plain loop over
+        // the buffer, from the end, keeps releasing n of them cheap even
+        // where it is quadratic (no closure or iterator per entry).
+        let i = owner.folioLocks.withUnsafeBufferPointer { b -> Int in
+            var k = b.count - 1
+            while k >= 0 && b[k].lock != lock { k -= 1 }
+            return k
+        }
+        guard i >= 0 else { return }
         owner.folioLocks.remove(at: i)
         svm_add32(owner.folioCount, -1)
     }

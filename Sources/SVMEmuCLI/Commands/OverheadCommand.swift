@@ -21,7 +21,11 @@ struct OverheadCommand: ParsableCommand {
             cost is measured in the same run, faulting chunks of the buffer with the timers on and \
             off in turns. --fault-size 2m makes each GPU fault migrate the 2 MiB range around it \
             even at 4 KiB granularity (Xe's drm_gpusvm shape: one fault, 512 pages in one \
-            migrate_vma call), the fault Xe measured at 966 µs. Every byte is verified afterwards. Without --granularity both 4k and 2m run; without --direction both \
+            migrate_vma call), the fault Xe measured at 966 µs. --driver gpusvm faults through the \
+            Xe-like driver on GPU SVM instead (ranges of the granularity's size: 4 KiB chunks, or Xe's \
+            2 MiB/64 KiB/4 KiB moved as 2 MiB folios; with --fault-size 2m at 4 KiB, 2 MiB ranges of \
+            4 KiB pages): its fault phase is xe_svm_handle_pagefault, find-or-insert, get_pages (an \
+            hmm_range_fault) and the bind included. Every byte is verified afterwards. Without --granularity both 4k and 2m run; without --direction both \
             directions. --copy-model takes one model, a comma-separated list, or `all` (the default \
             with --svg). With --json prints one object (Docs/json.md) whose results are runs: [...], one \
             object per run (granularity, direction, copyModel, faults, phases, migrateVMAFraction, \
@@ -52,6 +56,9 @@ struct OverheadCommand: ParsableCommand {
 
     @Option(name: .customLong("fault-size"), help: "What one GPU fault migrates: 4k (the faulting page, dmirror's shape; the default) or 2m (the 2 MiB range around it; at --granularity 4k that is Xe's shape, 512 pages in one migrate_vma call). Applies to to-device runs.")
     var faultSize: MigrationGranularity?
+
+    @Option(name: .long, help: "The driver faulted through: mirror (MirrorDevice, dmirror's shape) or gpusvm (the Xe-like driver on drm_gpusvm and drm_pagemap; its ranges are the granularity's size).")
+    var driver = "mirror"
 
     @Option(name: .long, parsing: .unconditional, help: "Buffer size, 2M to 64G, a multiple of 2M (e.g. 256M, 1G); needs about 2.2 times as much host memory.")
     var size = "256M"
@@ -115,7 +122,13 @@ struct OverheadCommand: ParsableCommand {
         }
     }
 
+    /// `--driver`, checked.
+    func harnessDriver() throws -> HarnessDriver {
+        try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
+    }
+
     func validate() throws {
+        _ = try harnessDriver()
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
         try OutputFile.checkDistinct([("--svg", svg), ("--trace", trace)])
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
@@ -171,6 +184,7 @@ struct OverheadCommand: ParsableCommand {
         let line = ProgressLine(label: "svmemu overhead")
         let runs = directions.count * models.count * granularities.count
         let schedule = try harnessSchedule()
+        let harnessDriver = try harnessDriver()
 
         var results: [OverheadResult] = []
         for d in directions {
@@ -179,6 +193,7 @@ struct OverheadCommand: ParsableCommand {
                     let run = results.count + 1
                     var c = OverheadConfiguration()
                     c.bytes = bytes
+                    c.driver = harnessDriver
                     c.granularity = g
                     c.direction = d
                     c.copyModel = m
