@@ -10,7 +10,7 @@ import TestSupport
 /// exclusive_cow) and a device atomic storm against CPU writers.
 /// The time limit only catches a hang: under ThreadSanitizer on a small host
 /// these cases wait their turn behind the THP cases for over a minute.
-@Suite("hmm-tests exclusive", .timeLimit(.minutes(3)))
+@Suite("hmm-tests exclusive", .timeLimit(.minutes(10)))
 struct HMMExclusiveTests {
 
     /// A device adds to the first word of each page with atomics while one

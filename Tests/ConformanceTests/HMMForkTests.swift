@@ -12,7 +12,7 @@ import TestSupport
 /// exits" is the child address space going away.
 /// The time limit only catches a hang: under ThreadSanitizer on a small host
 /// these cases wait their turn behind the THP cases for over a minute.
-@Suite("hmm-tests fork", .timeLimit(.minutes(3)))
+@Suite("hmm-tests fork", .timeLimit(.minutes(10)))
 struct HMMForkTests {
 
     /// fork() while the device evicts the buffer (HMM_DMIRROR_RELEASE, which

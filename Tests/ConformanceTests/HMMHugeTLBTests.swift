@@ -13,7 +13,7 @@ import Glibc
 /// exhaustion, pages returning to the pool, fork, bad input, and a device
 /// storm against a CPU writer.
 /// The time limit only catches a hang.
-@Suite("hmm-tests hugetlbfs", .timeLimit(.minutes(3)))
+@Suite("hmm-tests hugetlbfs", .timeLimit(.minutes(10)))
 struct HMMHugeTLBTests {
 
     // MARK: the emulator's own hugetlb checks (device-private fixture only)
