@@ -21,7 +21,7 @@ public enum OverheadReport {
         let model = r.copyModel + (r.copyThreads > 1 ? " x\(r.copyThreads) threads" : "")
         let shape = r.faultPages > 1 ? ", \(r.faultPages) pages per fault" : ""
         let driver = r.driver == HarnessDriver.gpusvm.rawValue
-            ? "the Xe-like driver on GPU SVM (\(granularityLabel(r.granularity)) ranges), " : ""
+            ? "the Xe-like driver on GPU SVM (\(r.faultPages > 1 ? "\(r.faultPages * 4) KiB" : granularityLabel(r.granularity)) ranges), " : ""
         var out = "\(r.direction) (\(dir)), \(driver)\(granularityLabel(r.granularity)) migration\(shape), copy model \(model)\n"
         out += "  \(r.faults) faults over \(r.bytes >> 20) MiB\n\n"
         out += "  PHASE               us/fault     share   calls/fault\n"

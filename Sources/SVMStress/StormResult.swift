@@ -147,7 +147,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         case pagesMigrated, livelocked, stalledPage, stall, migrateToRAMCalls, faultRetries, faultRetriesPerPage
         case pageMicros, deviceMigrations, seconds, teardownClean, teardownIssues, dataIntact, error, perPage
         case deterministic, cpus, virtualSeconds, scheduleSteps, stepsPerSecond, deadlock, release, machine
-        case driverWork, driverWait, contextSwitches
+        case driverWork, driverWait, contextSwitches, driver
     }
 
     public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
@@ -177,6 +177,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(settings.scenario, forKey: .scenario)
         try c.encode(settings.faultPolicy, forKey: .faultPolicy)
+        try c.encode(settings.driver, forKey: .driver)
         try c.encode(settings.driverLock, forKey: .driverLock)
         try c.encode(settings.migrateToRAMWorkMicros, forKey: .migrateToRAMWorkMicros)
         try c.encode(settings.migrateToRAMLookupMicros, forKey: .migrateToRAMLookupMicros)
@@ -225,6 +226,8 @@ public struct StormResult: Sendable, Codable, Equatable {
         s.migrateToRAMLookupMicros = try c.decodeIfPresent(Int.self, forKey: .migrateToRAMLookupMicros) ?? 0
         s.driverWork = try c.decodeIfPresent(DriverWorkShape.self, forKey: .driverWork) ?? .copy
         s.driverWait = try c.decodeIfPresent(DriverWait.self, forKey: .driverWait) ?? .sleep
+        // Results written before the Xe-like driver existed stormed MirrorDevice.
+        s.driver = try c.decodeIfPresent(HarnessDriver.self, forKey: .driver) ?? .mirror
         s.threads = try c.decode(Int.self, forKey: .threads)
         s.pages = try c.decode(Int.self, forKey: .pages)
         s.pageSize = try c.decode(StormPageSize.self, forKey: .pageSize)

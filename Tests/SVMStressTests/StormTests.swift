@@ -236,10 +236,21 @@ struct StormTests {
         }
         #expect(object["stalledPage"] is NSNull)
         #expect(object["faultPolicy"] as? String == "trylock")
+        #expect(object["driver"] as? String == "mirror")
         let calls = try #require(object["migrateToRAMCalls"] as? [String: Any])
         for key in ["total", "perPageMean", "perPageP50", "perPageP99", "perPageMax"] { #expect(calls[key] != nil) }
         let back = try JSONDecoder().decode(StormResult.self, from: data)
         #expect(back == r)
+        // The Xe-like driver's storm says so; a result without the key stormed MirrorDevice.
+        var s = storm(.trylock, .exclusive, pages: 2, stall: 2)
+        s.driver = .gpusvm
+        let xe = try StormHarness.run(s)
+        let xeObject = try #require(try JSONSerialization.jsonObject(with: JSONEncoder().encode(xe)) as? [String: Any])
+        #expect(xeObject["driver"] as? String == "gpusvm")
+        var old = object
+        old["driver"] = nil
+        let decoded = try JSONDecoder().decode(StormResult.self, from: JSONSerialization.data(withJSONObject: old))
+        #expect(decoded.settings.driver == .mirror)
     }
 
     @Test("distribution: nearest-rank percentiles")
