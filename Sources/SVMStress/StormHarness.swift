@@ -483,6 +483,15 @@ final class StormRun: @unchecked Sendable {
                                            secondsSinceProgress: Double(quiet) / 1e9))
                 }
             }
+            // The last picture, whatever the host time: a run shorter than
+            // the report interval still shows where it ended.
+            if let progress {
+                let now = HostClock.nanos()
+                let done = min(pagesDone.load(ordering: .acquiring) & (StormRun.declaredBit - 1), settings.pages)
+                progress(StormProgress(pagesDone: done, pages: settings.pages, migrateToRAMCalls: totalCalls - calls0,
+                                       faultRetries: totalRetries - retries0, seconds: Double(now - start) / 1e9,
+                                       secondsSinceProgress: Double(now - min(now, view.lastChange)) / 1e9))
+            }
             let end = exited.load(ordering: .acquiring) == workers ? lastExitNanos : HostClock.nanos()
             watch.withLock { $0 = (stall, start, end) }
         }
