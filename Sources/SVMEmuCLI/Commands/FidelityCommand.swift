@@ -92,11 +92,7 @@ struct FidelityCommand: ParsableCommand {
     }
 
     func shape() throws -> (DriverWorkShape, DriverWait) {
-        let work = try LivelockCommand.parse(driverWork, "--driver-work", DriverWorkShape.allCases.map(\.rawValue)) {
-            DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
-        }
-        let wait = try LivelockCommand.parse(driverWait, "--driver-wait", DriverWait.allCases.map(\.rawValue)) { DriverWait(rawValue: $0) }
-        return (work, wait)
+        try StormScenarioOptions.driverShape(work: driverWork, wait: driverWait)
     }
 
     /// The reference, cut to `--cases` and `--fault-policy`.

@@ -108,6 +108,16 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, help: "How the threads leave the barrier before each page: all (at once, CPUs spinning in a barrier), one-by-one (a futex wake chain, each woken thread waking the next) or wake-all (glibc's pthread_barrier_wait: one FUTEX_WAKE for all, the last to arrive goes on at once).")
     var release = "all"
 
+    /// `--driver-work` and `--driver-wait`, parsed (the spellings `everycall`
+    /// and `every_call` too); a ValidationError names the flag.
+    static func driverShape(work: String, wait: String) throws -> (DriverWorkShape, DriverWait) {
+        let w = try LivelockCommand.parse(work, "--driver-work", DriverWorkShape.allCases.map(\.rawValue)) {
+            DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
+        }
+        let d = try LivelockCommand.parse(wait, "--driver-wait", DriverWait.allCases.map(\.rawValue)) { DriverWait(rawValue: $0) }
+        return (w, d)
+    }
+
     /// Sets the scenario, fault path, driver lock, DMA wait, page size, release style and seed.
     func apply(to s: inout StormSettings) throws {
         s.scenario = try LivelockCommand.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
@@ -122,10 +132,7 @@ struct StormScenarioOptions: ParsableArguments {
             StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one"
                          : $0 == "wakeall" || $0 == "wake_all" ? "wake-all" : $0)
         }
-        s.driverWork = try LivelockCommand.parse(driverWork, "--driver-work", DriverWorkShape.allCases.map(\.rawValue)) {
-            DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
-        }
-        s.driverWait = try LivelockCommand.parse(driverWait, "--driver-wait", DriverWait.allCases.map(\.rawValue)) { DriverWait(rawValue: $0) }
+        (s.driverWork, s.driverWait) = try Self.driverShape(work: driverWork, wait: driverWait)
         s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
