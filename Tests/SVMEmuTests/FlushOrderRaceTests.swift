@@ -93,6 +93,52 @@ struct FlushOrderRaceTests {
         #expect(failures.isEmpty, "\(failures.prefix(5))")
     }
 
+    @Test("a write to the huge zero page splits its PMD while readers on other CPUs read through their 2 MiB translation: the PMD is cleared and flushed before the zero-page PTEs appear, so no CPU reads through a translation the page tables no longer hold")
+    func hugeZeroSplitAgainstReaders() throws {
+        var failures: [String] = []
+        for seed in Self.seeds {
+            let kernel = makeKernel(thp: .always)
+            var mm: AddressSpace? = AddressSpace(kernel: kernel)
+            let m = mm!
+            let a = try m.mmap(length: hugeSize)
+            let other = try m.mmap(length: pageSize)
+            try m.store(other, 1)
+            // A read fault maps the huge zero page with one PMD.
+            _ = try m.load(a)
+            guard m.entry(at: a).level == .pmd else {
+                failures.append("seed \(seed): the read did not map the huge zero page")
+                break
+            }
+            let box = Box()
+            let (outcome, stale) = Self.run(seed: seed, kernel) { s in
+                s.spawn("reader 1") { Self.reader(m, a + 0x1000) { if $0 != 0 { box.staleReads += 1 } } }
+                s.spawn("reader 2") { Self.reader(m, a + 0x7_0000) { if $0 != 0 { box.staleReads += 1 } } }
+                // Flushes of another page of the address space: the readers
+                // catch up with them as their accesses begin.
+                s.spawn("mprotect") {
+                    for i in 0..<100 {
+                        _ = try? m.mprotect(other, length: pageSize, protection: i % 2 == 0 ? .read : [.read, .write])
+                        HostClock.sleep(nanos: 300)
+                    }
+                }
+                s.spawn("writer") {
+                    Self.stagger(seed, 1)
+                    // A write fault on the huge zero page: split the PMD, then
+                    // a new page for the written 4 KiB.
+                    _ = try? m.store(a + 0x10_0000, 0x77)
+                }
+            }
+            if outcome != .completed { failures.append("seed \(seed): \(outcome)") }
+            if !stale.isEmpty { failures.append("seed \(seed): \(stale[0])") }
+            if box.staleReads != 0 { failures.append("seed \(seed): \(box.staleReads) reads of the zero pages were not zero") }
+            if (try? m.load(a + 0x10_0000)) != 0x77 { failures.append("seed \(seed): the write was lost") }
+            if (try? m.load(a + 0x7_0000)) != 0 { failures.append("seed \(seed): a zero page reads non-zero") }
+            mm = nil
+            if !kernel.audit().isClean { failures.append("seed \(seed): audit \(kernel.audit())") }
+        }
+        #expect(failures.isEmpty, "\(failures.prefix(5))")
+    }
+
     @Test("a deferred flush (migrc / LUF) is not taken for an entry whose mprotect flush is pending: a CPU still writing through its old writable translation never loses a write")
     func deferredFlushAgainstMprotect() throws {
         var failures: [String] = []

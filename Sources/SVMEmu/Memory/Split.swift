@@ -206,36 +206,54 @@ extension AddressSpace {
         case .none, .table, .deviceExclusive:
             return
         case .present where pmd.isSpecial:
+            // The huge zero page (__split_huge_zero_page_pmd()): clear the
+            // PMD and flush first, so that no CPU keeps a 2 MiB translation
+            // of the huge zero page while the PTEs map the small one; then
+            // fill the table and install it. A walk meanwhile finds no entry
+            // and faults, and the fault waits for the PMD lock.
+            _ = exchangePMD(pmdStart, .none)
+            flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize)
             let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
             for i in 0..<PageGeometry.pmdPages { svm_store64(ptes + i, zero.rawValue) }
-        case .present, .devicePrivate:
+            storePMD(pmdStart, .table)
+        case .present:
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             // A hugetlb page is mapped whole or not at all; VMA cuts keep to
             // its 2 MiB, so no caller should get here.
             if folio.test(.hugetlb) { return kernel.warn("split_huge_pmd: a hugetlb mapping cannot be split", "\(folio)") }
+            // pmdp_invalidate(): the entry stays a huge mapping for software
+            // but no CPU can walk it (here: PROT_NONE, which the hardware walk
+            // refuses), in one exchange that returns every accessed or dirty
+            // bit set up to that instant; then the flush, so that no CPU
+            // holds the 2 MiB translation once the PTEs are visible.
+            let old = exchangePMD(pmdStart, pmd.with(PageTableEntry.protNoneBit))
+            flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize)
+            let flags = old.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
+                & (pmd.isProtNone ? ~0 : ~PageTableEntry.protNoneBit)
+            for i in 0..<PageGeometry.pmdPages {
+                svm_store64(ptes + i, PageTableEntry.make(.present, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+                kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            }
+            folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
+            folio.refAdd(Int32(PageGeometry.pmdPages - 1))
+            storePMD(pmdStart, .table)
+        case .devicePrivate:
+            // Not present for any CPU: no translation to flush.
+            let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
             for i in 0..<PageGeometry.pmdPages {
-                let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
-                svm_store64(ptes + i, e.rawValue)
-                    kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+                svm_store64(ptes + i, PageTableEntry.make(.devicePrivate, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+                kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
             }
-                folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
-                folio.refAdd(Int32(PageGeometry.pmdPages - 1))
+            folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
+            folio.refAdd(Int32(PageGeometry.pmdPages - 1))
+            storePMD(pmdStart, .table)
         case .migration:
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
             for i in 0..<PageGeometry.pmdPages {
                 svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
             }
-        }
-        // The PMD is swapped for the table in one exchange: an accessed or
-        // dirty bit a lockless walk set on the huge entry since the load
-        // above is not lost (the kernel's pmdp_invalidate() before the split)
-        // but handed to every PTE, atomically, as walks may now set bits there.
-        let last = exchangePMD(pmdStart, .table)
-        if pmd.kind == .present {
-            let late = (last.rawValue & ~pmd.rawValue) & (PageTableEntry.dirtyBit | PageTableEntry.youngBit)
-            if late != 0 { for i in 0..<PageGeometry.pmdPages { _ = svm_or64(ptes + i, late) } }
-            flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize)
+            storePMD(pmdStart, .table)
         }
         kernel.vmstat.count(.thpSplitPmd)
     }
