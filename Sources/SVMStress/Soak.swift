@@ -192,6 +192,11 @@ public struct SoakResult: Sendable, Codable, Equatable {
     /// Accesses that failed where the model says they cannot, or writes that
     /// succeeded on a read-only range.
     public var accessErrors: Int
+    /// Device page-table entries that disagreed with the CPU's page tables
+    /// at a quiescent point (another frame, or writable where the CPU's
+    /// entry is read-only): a missed invalidation or a mapping made
+    /// without the notifier sequence. The first one stops the soak.
+    public var staleDeviceMappings: Int
     /// References no mapping or holder explains (reference-count and
     /// map-count mismatches, unreachable folios), at the first failing audit.
     public var leakedReferences: Int
@@ -230,7 +235,7 @@ public struct SoakResult: Sendable, Codable, Equatable {
     /// No corruption, no unexpected access error, no leak, no lock held, no
     /// warning, no lock-order cycle, no deadlock.
     public var clean: Bool {
-        bytesCorrupted == 0 && accessErrors == 0 && leakedReferences == 0 && locksHeld == 0 && leakedFrames == 0
+        bytesCorrupted == 0 && accessErrors == 0 && staleDeviceMappings == 0 && leakedReferences == 0 && locksHeld == 0 && leakedFrames == 0
             && failedAtOperation == nil && warnings.isEmpty && lockOrderViolations.isEmpty && deadlock == nil && !timedOut
     }
 }

@@ -24,6 +24,10 @@ protocol SoakDriver: AnyObject, Sendable {
     var faults: Int { get }
     /// Device folios split so far.
     var deviceFolioSplits: Int { get }
+    /// The frame the device's page table maps at `address` and whether the
+    /// device may write it, or nil where a device access would fault. At a
+    /// quiescent point only.
+    func deviceEntry(at address: UInt64) -> (pfn: UInt64, writable: Bool)?
 }
 
 extension MirrorDevice: SoakDriver {
@@ -38,6 +42,9 @@ extension MirrorDevice: SoakDriver {
         return n
     }
     var deviceFolioSplits: Int { folioSplitCalls.ends }
+    func deviceEntry(at address: UInt64) -> (pfn: UInt64, writable: Bool)? {
+        deviceMapping(at: address).map { ($0.pfn, $0.writable) }
+    }
 }
 
 extension XeDevice: SoakDriver {
@@ -50,6 +57,9 @@ extension XeDevice: SoakDriver {
     /// drm_pagemap gives every new folio of a split its own reference; the
     /// device does not count splits.
     var deviceFolioSplits: Int { 0 }
+    func deviceEntry(at address: UInt64) -> (pfn: UInt64, writable: Bool)? {
+        gpuMapping(at: address).map { ($0.pfn, $0.writable) }
+    }
 }
 
 extension XeDevice: StormDriver {

@@ -50,7 +50,7 @@ final class SoakState: @unchecked Sendable {
     var operations = 0, reads = 0, writes = 0, gpuReads = 0, gpuWrites = 0
     var toDevice = 0, toSystem = 0, hugeMigrations = 0, evictions = 0
     var munmaps = 0, mprotects = 0, madvises = 0, mremaps = 0, forks = 0, childAccesses = 0, pagesMoved = 0
-    var writesRefused = 0, raced = 0, accessErrors = 0, corrupted = 0
+    var writesRefused = 0, raced = 0, accessErrors = 0, corrupted = 0, staleDeviceMappings = 0
     var findings: [String] = []
     var planted = false
     /// Virtual time: when the first thread started, and when the last one ended.
@@ -170,11 +170,46 @@ final class SoakState: @unchecked Sendable {
         lastAudit = a
         corrupted += peekCompare(mm, shadow, unknown)
         if let child { corrupted += peekCompare(child, childShadow, childUnknown) }
+        let stale = compareDevicePageTable()
+        staleDeviceMappings += stale
+        if stale > 0 && failedAt == nil {
+            failedAt = operations
+            stopped = true
+        }
         if !a.isClean && failedAudit == nil {
             failedAudit = a
             failedAt = operations
             stopped = true
         }
+    }
+
+    /// The device's page table against the CPU's, at quiescence: every page
+    /// the device maps must be the frame the CPU's page tables map at that
+    /// address (a system page in place, or the device page behind a
+    /// device-private or device-exclusive entry), and a writable device
+    /// entry needs a CPU entry that is writable or the device's own. An
+    /// invalidation the driver missed, or a mapping it made without checking
+    /// the notifier sequence, leaves a device entry that fails this. Returns
+    /// the pages that did.
+    func compareDevicePageTable() -> Int {
+        var bad = 0
+        for p in 0..<pages {
+            let a = address(ofPage: p)
+            guard let d = driver.deviceEntry(at: a) else { continue }
+            let (level, e) = mm.entry(at: a)
+            let offset = level == .pmd ? (a & ~PageGeometry.pmdMask) >> PageGeometry.pageShift : 0
+            var cpu: UInt64? = nil
+            switch e.kind {
+            case .present, .devicePrivate, .deviceExclusive: cpu = e.pfn + offset
+            default: break
+            }
+            let writeRefused = d.writable && e.kind == .present && !e.isWrite
+            guard cpu != d.pfn || writeRefused else { continue }
+            bad += 1
+            let now = cpu.map { "pfn 0x\(String($0, radix: 16))\(e.isWrite ? " write" : "")" } ?? "\(e.kind)"
+            note("audit after operation \(operations): the device maps 0x\(String(a, radix: 16)) to pfn 0x\(String(d.pfn, radix: 16))\(d.writable ? " write" : ""), the CPU page tables to \(now)")
+        }
+        return bad
     }
 
     /// Bytes of the buffer in `space` that differ from `model`, read
@@ -234,7 +269,7 @@ final class SoakState: @unchecked Sendable {
             deviceFolioSplits: splits, evictions: evictions, munmaps: munmaps, mprotects: mprotects,
             madvises: madvises, mremaps: mremaps, forks: forks, childAccesses: childAccesses, pagesMoved: pagesMoved,
             writesRefused: writesRefused, racedAccesses: raced, audits: audits, bytesCorrupted: corrupted,
-            accessErrors: accessErrors,
+            accessErrors: accessErrors, staleDeviceMappings: staleDeviceMappings,
             leakedReferences: (a?.referenceMismatches ?? 0) + (a?.mapCountMismatches ?? 0) + (a?.unreachableFolios ?? 0),
             locksHeld: (a?.foliosLocked ?? 0) + (a?.locksHeld ?? 0),
             leakedFrames: (a?.lostFrames ?? 0) + (a?.entriesToFreeFrames ?? 0) + (a?.migrationEntries ?? 0)

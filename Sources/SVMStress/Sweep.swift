@@ -326,7 +326,7 @@ public enum Sweep {
 
 extension SoakResult {
     /// What failed first, as a sweep's outcome: `clean`, `deadlock`,
-    /// `timeout`, `corruption`, `accessError`, `leak` (references or
+    /// `timeout`, `corruption`, `accessError`, `staleDeviceMapping`, `leak` (references or
     /// frames), `lockHeld`, `audit` (another failed audit), `warning` or
     /// `lockOrder`.
     public var sweepOutcome: String {
@@ -334,6 +334,7 @@ extension SoakResult {
         if timedOut { return "timeout" }
         if bytesCorrupted > 0 { return "corruption" }
         if accessErrors > 0 { return "accessError" }
+        if staleDeviceMappings > 0 { return "staleDeviceMapping" }
         if leakedReferences > 0 || leakedFrames > 0 { return "leak" }
         if locksHeld > 0 { return "lockHeld" }
         if failedAtOperation != nil { return "audit" }
@@ -350,6 +351,7 @@ extension SoakResult {
             "gpuFaults": Double(gpuFaults), "migrationsToDevice": Double(migrationsToDevice),
             "migrationsToSystem": Double(migrationsToSystem), "forks": Double(forks), "pagesMoved": Double(pagesMoved),
             "audits": Double(audits), "bytesCorrupted": Double(bytesCorrupted), "accessErrors": Double(accessErrors),
+            "staleDeviceMappings": Double(staleDeviceMappings),
             "leakedReferences": Double(leakedReferences), "locksHeld": Double(locksHeld), "leakedFrames": Double(leakedFrames),
             "warnings": Double(warnings.count), "lockOrderViolations": Double(lockOrderViolations.count),
             "scheduleSteps": Double(scheduleSteps), "virtualSeconds": virtualSeconds, "seconds": seconds,

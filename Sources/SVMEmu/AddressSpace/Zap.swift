@@ -33,8 +33,13 @@ extension AddressSpace {
                 }
             case .present, .migration, .devicePrivate, .deviceExclusive:
                 if a == pmdStart && next == pmdStart + AddressSpace.pmdSize {
-                    zapHugePMD(pmdStart, &toPut)
-                    cleared = (min(cleared.lo, pmdStart), max(cleared.hi, next))
+                    if zapHugePMD(pmdStart, &toPut) {
+                        cleared = (min(cleared.lo, pmdStart), max(cleared.hi, next))
+                    } else {
+                        // Split meanwhile (zap_huge_pmd() finds no huge entry
+                        // under the lock): the PTEs are zapped instead.
+                        zapPTEs(a, next, &toPut, &cleared)
+                    }
                 } else {
                     splitHugePMD(pmdStart)
                     zapPTEs(a, next, &toPut, &cleared)
@@ -86,8 +91,15 @@ extension AddressSpace {
     }
     }
 
-    private func zapHugePMD(_ pmdStart: UInt64, _ toPut: inout [Folio]) {
-        withPMDLock(pmdStart) {
+    /// `zap_huge_pmd()`: clears a huge entry under the PMD lock. Returns
+    /// false, changing nothing, when the entry is no longer huge (a split
+    /// or a zap got there first since the caller looked without the lock).
+    private func zapHugePMD(_ pmdStart: UInt64, _ toPut: inout [Folio]) -> Bool {
+        withPMDLock(pmdStart) { () -> Bool in
+        switch loadPMD(pmdStart).kind {
+        case .none, .table: return false
+        default: break
+        }
         // pmdp_huge_get_and_clear_full(): the dirty bit comes with the entry.
         let pmd = exchangePMD(pmdStart, .none)
         switch pmd.kind {
@@ -101,6 +113,7 @@ extension AddressSpace {
         default:
             break
         }
+        return true
     }
     }
 

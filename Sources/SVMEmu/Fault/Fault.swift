@@ -165,6 +165,13 @@ extension AddressSpace {
     /// the new mapping owns the folio's one reference.
     private func newAnonymousPage(_ vma: VMA, _ address: UInt64, expect: PageTableEntry) throws(Errno) {
         guard let folio = kernel.allocateFolio(order: 0, zeroed: true) else { throw .noMemory }
+        // Replacing the zero page (wp_page_copy()): the notifiers hear of it
+        // first (MMU_NOTIFY_CLEAR), so that a device mirroring the zero page
+        // drops it before the new page is mapped.
+        let page = address & PageGeometry.pageMask
+        let range = MMUNotifierRange(start: page, end: page + PageGeometry.pageSize64, event: .clear, owner: nil)
+        if !expect.isNone { invalidateRangeStart(range) }
+        defer { if !expect.isNone { invalidateRangeEnd(range) } }
         let mapped = withPTL(address) { () -> Bool in
             guard loadPMD(address).kind == .table, loadPTE(address) == expect else { return false }
         if vma.isAnonymous {

@@ -189,6 +189,9 @@ extension AddressSpace {
     /// a huge zero page becomes 512 zero-page PTEs; a PMD migration entry becomes
     /// 512 PTE migration entries. The folio itself stays large.
     ///
+    /// The MMU notifiers hear of the split first (`MMU_NOTIFY_CLEAR` over the
+    /// 2 MiB), as in the kernel.
+    ///
     /// Caller holds the mmap lock (either mode) or otherwise keeps the range
     /// mapped, and no page-table lock: we take the PMD lock and return with
     /// it dropped. Nothing happens when the entry is none or already a table.
@@ -199,6 +202,15 @@ extension AddressSpace {
     /// The corresponding kernel function is `__split_huge_pmd()`.
     public func splitHugePMD(_ address: UInt64) {
         let pmdStart = address & AddressSpace.pmdMask
+        // Nothing to split (checked again under the lock).
+        switch loadPMD(pmdStart).kind {
+        case .none, .table, .deviceExclusive: return
+        default: break
+        }
+        // The notifiers hear of it first (MMU_NOTIFY_CLEAR over the 2 MiB):
+        // a device that mirrors the huge zero page must not keep its frames
+        // once the PTEs map the small zero page.
+        withInvalidation(pmdStart, pmdStart + AddressSpace.pmdSize, .clear) {
         withPMDLock(pmdStart) {
         let pmd = loadPMD(pmdStart)
         let ptes = pteSlot(pmdStart)
@@ -256,6 +268,7 @@ extension AddressSpace {
             storePMD(pmdStart, .table)
         }
         kernel.vmstat.count(.thpSplitPmd)
+    }
     }
     }
 }

@@ -27,6 +27,8 @@ struct SoakCommand: ParsableCommand {
             quiescent point where the kernel's invariants are audited (references = mappings + \
             held references, no folio, page-table, zone or mmap lock held, every frame free or \
             reachable, no migration entry left) and every byte is compared with the shadow; the \
+            device's page table is compared with the CPU's (every page the device maps is the \
+            frame the CPU maps there, and writable only where the CPU's entry is); the \
             soak stops at the first failing audit. Lock-order validation (lockdep) is on for every \
             thread. After the run: a final audit, every byte through the CPU, the kernel's warnings \
             and the lock-order cycles found. `make soak` runs a short one.
@@ -36,7 +38,7 @@ struct SoakCommand: ParsableCommand {
             last N scheduling steps (thread, event, virtual time) that led there.
 
             With --json prints one object whose results are the settings, the counts of each \
-            operation, bytesCorrupted, accessErrors, leakedReferences, locksHeld, leakedFrames, \
+            operation, bytesCorrupted, accessErrors, staleDeviceMappings, leakedReferences, locksHeld, leakedFrames, \
             failedAtOperation, audit, findings, warnings, lockOrderViolations, deadlock, timedOut, scheduleSteps, \
             virtualSeconds, seconds and stepsPerSecond (scheduling points per host second) (Docs/json.md); \
             only seconds and stepsPerSecond differ between runs of one seed.
@@ -210,6 +212,7 @@ struct SoakCommand: ParsableCommand {
                 \(r.forks) fork (\(r.childAccesses) child accesses), \(r.pagesMoved) pages moved between nodes
                   \(r.writesRefused) writes refused (read-only), \(r.racedAccesses) accesses raced an mm change
                   \(r.audits) audits: bytes corrupted \(r.bytesCorrupted), access errors \(r.accessErrors), \
+                stale device mappings \(r.staleDeviceMappings), \
                 leaked references \(r.leakedReferences), locks held \(r.locksHeld), leaked frames \(r.leakedFrames), \
                 warnings \(r.warnings.count), lock-order cycles \(r.lockOrderViolations.count)\(r.timedOut ? ", timed out" : "")\(r.deadlock.map { ", " + $0 } ?? "")
                   \(r.scheduleSteps) scheduling steps, \(String(format: "%.3f", r.virtualSeconds)) s virtual, \
