@@ -176,7 +176,7 @@ public enum NUMABench {
     public static func run(_ v: NUMAVariant, settings s: NUMABenchSettings, batchPages: Int = Kernel.maxBatchedMigration,
                            firstFolio: UnsafeMutablePointer<UInt64>? = nil) throws -> NUMAVariantResult {
         var config = KernelConfiguration()
-        let nodeBytes = ((s.bufferBytes * 2 + (32 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        let nodeBytes = Machine.nodeBytes(s.bufferBytes * 2, slack: 32 << 20)
         config.nodeSizes = [nodeBytes, nodeBytes]
         config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
         config.addressSpaceSize = UInt64(max(4 << 30, s.bufferBytes * 4))
@@ -185,7 +185,6 @@ public enum NUMABench {
         config.traceEventsPerCPU = s.traceEventsPerCPU
         if let problem = s.schedule.problem(threads: s.readers + 1) { throw HarnessScheduleError(description: problem) }
         if s.schedule.deterministic {
-            config.cpus = s.schedule.cpus
             if v.copier == .multiThread {
                 throw HarnessScheduleError(description: "the multi-threaded copier's workers are host threads: no deterministic run")
             }
@@ -195,9 +194,8 @@ public enum NUMABench {
         // host's first-touch faults, zeroing each frame, would be timed as
         // the copy.
         config.populatesRAM = true
-        let kernel = try Kernel(booting: config)
-        let mm = AddressSpace(kernel: kernel)
-        defer { withExtendedLifetime((kernel, mm)) {} }
+        let machine = try Machine(booting: config, cpus: s.schedule.deterministic ? s.schedule.cpus : nil)
+        let kernel = machine.kernel, mm = machine.mm
         let seed = s.seed
         let base = try mm.mmap(length: s.bufferBytes)
         try mm.fillPattern(base, length: s.bufferBytes, seed: seed)
@@ -293,6 +291,7 @@ public enum NUMABench {
                 OverheadTraceEvent(name: $0.phase.name, cpu: $0.cpu, startNanos: $0.startNanos, endNanos: $0.endNanos)
             }
             : []
+        try machine.finishAudited("numa \(v.label)")
         return NUMAVariantResult(
             algorithm: v.algorithm.rawValue, mode: v.mode.rawValue, copier: policy.copier?.name ?? "single",
             copyThreads: v.copier == .single ? 1 : v.copyThreads, deferredFlush: v.deferredFlush, pageSize: v.pageSize,
@@ -309,6 +308,30 @@ public enum NUMABench {
             seconds: seconds, dataIntact: intact, scheduleSteps: threads.steps,
             machine: s.schedule.deterministic ? s.schedule.machine?.name : nil,
             stepsPerSecond: threads.stepsPerSecond, trace: trace)
+    }
+
+    /// Everything `svmemu numa` measures: each of `settings.variants` on a
+    /// fresh machine, then (with `sweeps`) the batch-size sweep and, on real
+    /// threads, the copier sweep with `copyThreads` threads (at least 2).
+    /// `progress` hears what starts.
+    public static func runAll(_ settings: NUMABenchSettings, sweeps: Bool, copyThreads: Int,
+                              progress: (String) -> Void = { _ in }) throws -> NUMABenchResults {
+        var results: [NUMAVariantResult] = []
+        for v in settings.variants {
+            progress(v.label)
+            results.append(try run(v, settings: settings))
+        }
+        var batchSweep: [NUMABatchPoint] = []
+        var copySweep: [NUMACopyPoint] = []
+        if sweeps {
+            progress("batch-size sweep")
+            batchSweep = try sweep(settings: settings)
+            if !settings.schedule.deterministic {
+                progress("copier sweep")
+                copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
+            }
+        }
+        return NUMABenchResults(variants: results, batchSweep: batchSweep, copySweep: copySweep)
     }
 
     /// The batch-size sweep on the mainline algorithm, 4 KiB pages.
@@ -333,4 +356,22 @@ final class ReaderHistograms: @unchecked Sendable {
     init(count: Int) { list = Array(repeating: WaitHistogram(), count: count) }
     func store(_ i: Int, _ h: WaitHistogram) { lock.withLock { list[i] = h } }
     var all: [WaitHistogram] { lock.withLock { list } }
+}
+
+/// What `svmemu numa --json` reports: the variants, the batch-size sweep
+/// and the copier sweep (empty when not run).
+public struct NUMABenchResults: Encodable, Sendable {
+    /// One result per variant, in the order they ran.
+    public var variants: [NUMAVariantResult]
+    /// The batch-size sweep.
+    public var batchSweep: [NUMABatchPoint]
+    /// The copier sweep.
+    public var copySweep: [NUMACopyPoint]
+
+    /// The results as measured.
+    public init(variants: [NUMAVariantResult], batchSweep: [NUMABatchPoint], copySweep: [NUMACopyPoint]) {
+        self.variants = variants
+        self.batchSweep = batchSweep
+        self.copySweep = copySweep
+    }
 }

@@ -82,7 +82,7 @@ extension NUMABench {
 
     private static func copySweep(_ single: SingleThreadCopier, _ multi: MultiThreadCopier, _ pair: TwoThreadMemcpy,
                                   ringBytes: Int, repeats: Int, shapes: [(folioBytes: Int, folios: Int)]) -> [NUMACopyPoint] {
-        withCopyRings(bytes: ringBytes) { src, dst in
+        Yardsticks.withCopyRings(bytes: ringBytes) { src, dst in
             multi.begin()
             defer { multi.end() }
             var out: [NUMACopyPoint] = []

@@ -96,25 +96,27 @@ public struct NUMAStormResult: Sendable, Codable {
 }
 
 extension NUMABench {
-    /// Runs the storm once per algorithm, each on a fresh machine.
-    public static func storm(_ s: NUMAStormSettings) throws -> [NUMAStormResult] {
-        try s.algorithms.map { try storm($0, settings: s) }
+    /// Runs the storm once per algorithm, each on a fresh machine;
+    /// `progress` hears each algorithm as it starts.
+    public static func storm(_ s: NUMAStormSettings, progress: (String) -> Void = { _ in }) throws -> [NUMAStormResult] {
+        try s.algorithms.map {
+            progress($0.rawValue)
+            return try storm($0, settings: s)
+        }
     }
 
     /// Runs the storm for one algorithm on a fresh machine.
     public static func storm(_ algorithm: MigrationAlgorithm, settings s: NUMAStormSettings) throws -> NUMAStormResult {
         let bytes = s.pages * PageGeometry.pageSize
         var config = KernelConfiguration()
-        let nodeBytes = ((bytes * 2 + (16 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        let nodeBytes = Machine.nodeBytes(bytes * 2, slack: 16 << 20)
         config.nodeSizes = [nodeBytes, nodeBytes]
         config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
         config.addressSpaceSize = 4 << 30
         config.transparentHugepage = .never
         if let problem = s.schedule.problem(threads: s.holders + 1) { throw HarnessScheduleError(description: problem) }
-        if s.schedule.deterministic { config.cpus = s.schedule.cpus }
-        let kernel = try Kernel(booting: config)
-        let mm = AddressSpace(kernel: kernel)
-        defer { withExtendedLifetime((kernel, mm)) {} }
+        let machine = try Machine(booting: config, cpus: s.schedule.deterministic ? s.schedule.cpus : nil)
+        let kernel = machine.kernel, mm = machine.mm
         let seed = s.seed
         let base = try mm.mmap(length: bytes)
         try mm.fillPattern(base, length: bytes, seed: seed)
@@ -225,6 +227,7 @@ extension NUMABench {
         let w = stats.lockWaits
         var buckets: [NUMAWaitBucket] = []
         for (i, c) in w.buckets.enumerated() where c > 0 { buckets.append(NUMAWaitBucket(upToNanos: UInt64(1) << UInt64(i + 1), count: c)) }
+        try machine.finishAudited("numa --storm \(algorithm.rawValue)")
         return NUMAStormResult(
             algorithm: algorithm.rawValue, mode: MigrateMode.sync.rawValue, pages: s.pages, holders: s.holders, rounds: s.rounds,
             pagesMigrated: Int(kernel.vmstat[.pgmigrateSuccess] - pages0), pagesNotMigrated: notMigrated,

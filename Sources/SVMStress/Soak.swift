@@ -253,7 +253,7 @@ public enum Soak {
     /// back, and at least 64 MiB (what the default buffer has always had,
     /// so a seed's soak is the same as before for buffers up to 16 MiB).
     public static func nodeBytes(_ bytes: Int) -> Int {
-        max(64 << 20, (2 * bytes + (32 << 20) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1))
+        Machine.nodeBytes(2 * bytes, slack: 32 << 20, minimum: 64 << 20)
     }
 
     /// Runs one soak.
@@ -273,18 +273,21 @@ public enum Soak {
         config.deviceFaultPolicy = settings.faultPolicy
         config.transparentHugepage = .madvise
         config.checksStaleTLBEntries = settings.checksStaleTLBEntries
-        let kernel: Kernel
-        do { kernel = try Kernel(booting: config) } catch { throw .hostRefused(error) }
-        let mm = AddressSpace(kernel: kernel)
-        let vram = StormHarness.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
+        let machine: Machine
+        do { machine = try Machine(booting: config) } catch { throw .hostRefused(error) }
+        // The soak audits on its own (at its barriers and at the end).
+        defer { machine.finish(auditing: false) }
+        let kernel = machine.kernel, mm = machine.mm
+        let vram = Machine.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
         let driver: any SoakDriver
         switch settings.driver {
         case .mirror: driver = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20))
         case .gpusvm:
-            do { driver = try XeDevice(kernel: kernel, mm: mm, vramBytes: StormHarness.roundUp(vram, to: PageGeometry.pmdSize64)) } catch {
+            do { driver = try XeDevice(kernel: kernel, mm: mm, vramBytes: Machine.roundUp(vram, to: PageGeometry.pmdSize64)) } catch {
                 throw .setupFailed("registering \(vram) bytes of VRAM for the Xe-like driver: \(error)")
             }
         }
+        machine.attach(driver)
         let state: SoakState
         do {
             let small = try mm.mmap(length: smallBytes)

@@ -75,7 +75,7 @@ extension XeDevice: StormDriver {
     /// error and the kernel's diagnostic.
     public static func stormFactory(vramBytes: UInt64) -> StormDriverFactory {
         { (kernel, mm, index) throws(StormError) -> any StormDriver in
-            let bytes = StormHarness.roundUp(vramBytes, to: PageGeometry.pmdSize64)
+            let bytes = Machine.roundUp(vramBytes, to: PageGeometry.pmdSize64)
             do {
                 return try XeDevice(kernel: kernel, mm: mm, name: "xe\(index)", vramBytes: bytes)
             } catch {

@@ -124,11 +124,8 @@ struct NumaCommand: ParsableCommand {
         }
     }
 
-    struct Results: Encodable {
-        var variants: [NUMAVariantResult]
-        var batchSweep: [NUMABatchPoint]
-        var copySweep: [NUMACopyPoint]
-    }
+    /// The results of `--json` (`NUMABench.runAll`'s).
+    typealias Results = NUMABenchResults
 
     struct StormResults: Encodable {
         var storm: [NUMAStormResult]
@@ -170,22 +167,7 @@ struct NumaCommand: ParsableCommand {
         if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
         defer { progress.done() }
-        var results: [NUMAVariantResult] = []
-        for v in settings.variants {
-            progress.say(v.label)
-            results.append(try NUMABench.run(v, settings: settings))
-        }
-        var sweep: [NUMABatchPoint] = []
-        var copySweep: [NUMACopyPoint] = []
-        if !noSweep {
-            progress.say("batch-size sweep")
-            sweep = try NUMABench.sweep(settings: settings)
-            if !settings.schedule.deterministic {
-                progress.say("copier sweep")
-                copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
-            }
-        }
-        return Results(variants: results, batchSweep: sweep, copySweep: copySweep)
+        return try NUMABench.runAll(settings, sweeps: !noSweep, copyThreads: copyThreads, progress: progress.say)
     }
 
     func run() throws {
@@ -225,13 +207,8 @@ struct NumaCommand: ParsableCommand {
         settings.seed = threads.seed
         settings.schedule = try harnessSchedule()
         let progress = ProgressLine(label: "svmemu numa --storm")
-        var results: [NUMAStormResult] = []
-        for a in settings.algorithms {
-            progress.say(a.rawValue)
-            results.append(try NUMABench.storm(a, settings: settings))
-        }
-        progress.done()
-        return StormResults(storm: results)
+        defer { progress.done() }
+        return StormResults(storm: try NUMABench.storm(settings, progress: progress.say))
     }
 
     /// The storm, printed.
