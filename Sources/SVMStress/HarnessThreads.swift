@@ -47,6 +47,7 @@ public struct HarnessSchedule: Sendable, Equatable, Codable {
 
 /// Why a deterministic harness run did not complete.
 public struct HarnessScheduleError: Error, CustomStringConvertible, Equatable {
+    /// What went wrong, for the user.
     public let description: String
 }
 

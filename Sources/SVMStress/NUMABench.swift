@@ -15,13 +15,19 @@ public enum NUMACopierKind: String, Sendable, CaseIterable, Codable {
 
 /// One configuration of the benchmark.
 public struct NUMAVariant: Sendable, Hashable, Codable {
+    /// The migrate_pages algorithm.
     public var algorithm: MigrationAlgorithm
+    /// The migrate mode.
     public var mode: MigrateMode
+    /// Which copier moves the bytes.
     public var copier: NUMACopierKind
+    /// Threads (or DMA channels) of the copier; 1 for the single-thread copier.
     public var copyThreads: Int
+    /// Whether the TLB flush is deferred (the buffer is mapped read-only).
     public var deferredFlush: Bool
     /// 4096 or 2 MiB.
     public var pageSize: Int
+    /// A variant; by default synchronous, single-thread, flushed at once, 4 KiB.
     public init(algorithm: MigrationAlgorithm, mode: MigrateMode = .sync, copier: NUMACopierKind = .single,
                 copyThreads: Int = 1, deferredFlush: Bool = false, pageSize: Int = 4096) {
         self.algorithm = algorithm
@@ -31,6 +37,7 @@ public struct NUMAVariant: Sendable, Hashable, Codable {
         self.deferredFlush = deferredFlush
         self.pageSize = pageSize
     }
+    /// The variant in a few words ("batched 4K multi-threadx2 deferred").
     public var label: String {
         var s = "\(algorithm.rawValue) \(pageSize == 4096 ? "4K" : "2M") \(copier.rawValue)"
         if copier != .single { s += "x\(copyThreads)" }
@@ -76,13 +83,21 @@ public struct NUMAVariant: Sendable, Hashable, Codable {
 
 /// What one variant measured (the keys of `svmemu numa --json`'s `variants`).
 public struct NUMAVariantResult: Sendable, Codable {
+    /// The migration algorithm (`MigrationAlgorithm`'s raw value).
     public var algorithm: String
+    /// The migrate mode.
     public var mode: String
+    /// The copier's name.
     public var copier: String
+    /// Copier threads (1 for the single-thread copier).
     public var copyThreads: Int
+    /// Whether the TLB flush was deferred.
     public var deferredFlush: Bool
+    /// 4096 or 2 MiB.
     public var pageSize: Int
+    /// Base pages migrated (pgmigrate_success).
     public var pagesMigrated: Int
+    /// Pages migrated per second of the moves.
     public var pagesPerSecond: Double
     /// IPIs the flushers sent (tlb_ipis_sent) per migrated base page. (A CPU
     /// counts nr_tlb_remote_flush_received once per inbox drain, and IPIs
@@ -90,10 +105,15 @@ public struct NUMAVariantResult: Sendable, Codable {
     public var ipisPerPage: Double
     /// Shootdown rounds (nr_tlb_remote_flush) during the run, deferred flushes included.
     public var flushes: Int
+    /// Time flushers waited for other CPUs (the tlbFlush phase), microseconds.
     public var flushWaitMicros: Double
+    /// Time in the copy phase, microseconds.
     public var copyMicros: Double
+    /// The readers' access latency: median, nanoseconds.
     public var readerLatencyP50Nanos: UInt64
+    /// The 99th percentile, nanoseconds.
     public var readerLatencyP99Nanos: UInt64
+    /// Accesses the readers timed.
     public var readerAccesses: Int
     /// Accesses the stale-entry checker reported (vmstat tlb_stale_accesses);
     /// 0 by construction when `checksStaleTLBEntries` is off (release builds
@@ -101,16 +121,22 @@ public struct NUMAVariantResult: Sendable, Codable {
     public var staleEntryDiagnostics: Int
     /// Whether the stale-entry checker was on.
     public var checksStaleTLBEntries: Bool
+    /// Deferred flushes done (the batched flush of the deferred variants).
     public var deferredFlushes: Int
+    /// The migrator's lock waits: 99th percentile, nanoseconds.
     public var lockWaitP99Nanos: UInt64
     /// The migrator's phases (`kernel.phases`): unmap, batched flush, copy,
     /// remap; the flush's wait for other CPUs is `flushWaitMicros`.
     public var unmapMicros: Double
+    /// The batched flush, microseconds.
     public var flushMicros: Double
+    /// The remap, microseconds.
     public var remapMicros: Double
     /// IPIs the flushers sent (tlb_ipis_sent).
     public var ipisSent: Int
+    /// Wall (or virtual) time of the moves.
     public var seconds: Double
+    /// Every read and the buffer after the moves matched the pattern.
     public var dataIntact: Bool
     /// Scheduling points of a deterministic run (nil, and absent from the
     /// JSON, on real threads).
@@ -135,19 +161,27 @@ public struct NUMAVariantResult: Sendable, Codable {
 /// One point of the batch-size sweep: total migration time and the first
 /// folio's latency (from the call to its remap) against the batch size.
 public struct NUMABatchPoint: Sendable, Codable {
+    /// Pages per migrate_pages batch.
     public var batchPages: Int
+    /// One move of the buffer, milliseconds.
     public var totalMillis: Double
+    /// From the call to the first folio's remap, microseconds.
     public var firstFolioMicros: Double
+    /// Pages migrated per second.
     public var pagesPerSecond: Double
 }
 
 /// The benchmark's settings.
 public struct NUMABenchSettings: Sendable {
+    /// The buffer moved between the nodes, bytes.
     public var bufferBytes = 64 << 20
+    /// Threads reading random words of the buffer while it moves.
     public var readers = 2
     /// Moves of the whole buffer (0 -> 1, 1 -> 0, ...).
     public var rounds = 4
+    /// The variants ``NUMABench/runAll(_:sweeps:copyThreads:progress:)`` runs.
     public var variants: [NUMAVariant] = NUMAVariant.standard(copyThreads: 2)
+    /// The batch sizes of the batch-size sweep, pages.
     public var batchSweep: [Int] = [1, 8, 32, 128, 512]
     /// Run the stale-entry checker (`KernelConfiguration.checksStaleTLBEntries`);
     /// on in debug builds, off in release builds unless asked.
@@ -161,6 +195,7 @@ public struct NUMABenchSettings: Sendable {
     /// virtual. The multi-threaded copier's workers are host threads, so a
     /// deterministic run has no multi-thread variant (``deterministicVariants(_:)``).
     public var schedule = HarnessSchedule()
+    /// The defaults.
     public init() {}
 
     /// `variants` without those a deterministic run cannot make (the

@@ -22,6 +22,7 @@ public struct NUMAStormSettings: Sendable {
     /// How long a holder keeps a folio locked (I/O that takes its time under
     /// pressure, as in the kcompactd reports), and the pause before its next.
     public var holdMicros: UInt64 = 20_000
+    /// Microseconds a holder waits between two lock-and-hold cycles.
     public var gapMicros: UInt64 = 1_000
     /// Every this many locks, a holder instead starts writeback on its folio
     /// and ends it only after taking the previous page's lock (a loop
@@ -32,29 +33,39 @@ public struct NUMAStormSettings: Sendable {
     /// The emulator's hung-task bound on one migrator wait (the kernel's is
     /// 120 s and its waits are unbounded): a wait that reaches it is a stall.
     public var waitLimitNanos: UInt64 = 100_000_000
+    /// The migration algorithms the storm runs, one machine each.
     public var algorithms: [MigrationAlgorithm] = MigrationAlgorithm.allCases
     /// Seed of the buffer's byte pattern.
     public var seed: UInt64 = 0x570e
     /// Real threads (the default), or the holders and the migrator as
     /// emulated threads of a deterministic scheduler (every time virtual).
     public var schedule = HarnessSchedule()
+    /// The defaults.
     public init() {}
 }
 
 /// One bucket of a wait distribution: waits shorter than `upToNanos` (and
 /// at least the previous bucket's bound).
 public struct NUMAWaitBucket: Sendable, Codable, Equatable {
+    /// The bucket's upper bound, nanoseconds.
     public var upToNanos: UInt64
+    /// Waits that fell in the bucket.
     public var count: UInt64
 }
 
 /// What the storm measured for one algorithm (`svmemu numa --storm --json`'s `storm`).
 public struct NUMAStormResult: Sendable, Codable {
+    /// The migration algorithm (`MigrationAlgorithm`'s raw value).
     public var algorithm: String
+    /// The migrate mode (always sync).
     public var mode: String
+    /// 4 KiB pages moved each round.
     public var pages: Int
+    /// Lock-holding threads.
     public var holders: Int
+    /// Moves of the buffer.
     public var rounds: Int
+    /// Pages migrated (pgmigrate_success) over every round.
     public var pagesMigrated: Int
     /// Pages not on the round's target node after the round's move_pages,
     /// over all rounds.
@@ -72,17 +83,23 @@ public struct NUMAStormResult: Sendable, Codable {
     public var deadlockBackoffs: Int
     /// The migrator's folio-lock and writeback waits.
     public var lockWaits: UInt64
+    /// The migrator's lock waits: median, nanoseconds.
     public var lockWaitP50Nanos: UInt64
+    /// The 99th percentile, nanoseconds.
     public var lockWaitP99Nanos: UInt64
+    /// The longest, nanoseconds.
     public var lockWaitMaxNanos: UInt64
     /// The migrator's waits by length (power-of-two buckets, empty ones left out).
     public var lockWaitHistogram: [NUMAWaitBucket]
     /// The holders' own lock waits (the I/O side stuck behind the migrator).
     public var holderWaitP99Nanos: UInt64
+    /// The holders' longest lock wait, nanoseconds.
     public var holderWaitMaxNanos: UInt64
     /// Holder waits that reached four times the bound (they gave up).
     public var holderTimeouts: Int
+    /// Wall (or virtual) time of the rounds, the page queries excluded.
     public var seconds: Double
+    /// Every byte matched the pattern after the storm.
     public var dataIntact: Bool
     /// Scheduling points of a deterministic run (nil, and absent from the
     /// JSON, on real threads).

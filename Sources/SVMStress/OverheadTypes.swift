@@ -14,6 +14,7 @@ public enum OverheadDirection: String, CaseIterable, Sendable, Codable {
     /// fault on a device-private entry (`migrateToRAM`).
     case toRAM = "to-ram"
 
+    /// The direction for a table's heading.
     public var label: String { self == .toDevice ? "GPU fault, RAM -> VRAM" : "CPU fault, VRAM -> RAM" }
 }
 
@@ -49,8 +50,11 @@ public enum OverheadCopyModel: String, CaseIterable, Sendable, Codable {
 public struct OverheadConfiguration: Sendable {
     /// Buffer size in bytes (a multiple of 2 MiB).
     public var bytes: Int = 256 << 20
+    /// 4 KiB or 2 MiB migration.
     public var granularity: MigrationGranularity = .base4K
+    /// Which way the faults migrate.
     public var direction: OverheadDirection = .toDevice
+    /// The copy engine.
     public var copyModel: OverheadCopyModel = .memcpy
     /// The driver faulted through: `MirrorDevice` (dmirror's shape), or the
     /// Xe-like driver on GPU SVM and drm_pagemap, whose ranges are the
@@ -86,6 +90,7 @@ public struct OverheadConfiguration: Sendable {
     public var schedule = HarnessSchedule()
     /// Called with a short status line as the run goes (for a progress display).
     public var progress: (@Sendable (String) -> Void)? = nil
+    /// The defaults: 256 MiB, 4 KiB, to-device, memcpy, MirrorDevice.
     public init() {}
 }
 
@@ -103,12 +108,16 @@ public struct OverheadPhaseFigure: Sendable, Codable, Equatable {
 
 /// A timeline event for the trace file.
 public struct OverheadTraceEvent: Sendable, Equatable {
+    /// The phase (`MigrationPhase.name`).
     public var name: String
+    /// The CPU that ran it.
     public var cpu: Int
     /// Nanoseconds since the timer was created, converted from clock ticks.
     public var startNanos: Double
+    /// Its end, nanoseconds since the timer was created.
     public var endNanos: Double
 
+    /// An event from `start` to `end` nanoseconds on `cpu`.
     public init(name: String, cpu: Int, startNanos: Double, endNanos: Double) {
         self.name = name
         self.cpu = cpu
@@ -132,9 +141,13 @@ public struct OverheadTraceEvent: Sendable, Equatable {
 public struct OverheadResult: Sendable, Codable {
     /// The driver faulted through (`HarnessDriver`: mirror or gpusvm).
     public var driver: String = HarnessDriver.mirror.rawValue
+    /// 4k or 2m.
     public var granularity: String
+    /// to-device or to-ram.
     public var direction: String
+    /// The copy model's name.
     public var copyModel: String
+    /// Threads per large copy.
     public var copyThreads: Int
     /// Pages one GPU fault migrates (1 unless `faultPages` asked for more).
     public var faultPages: Int = 1
@@ -167,6 +180,7 @@ public struct OverheadResult: Sendable, Codable {
     /// The cost run: wall time of the chunks faulted with timers off, and of
     /// as many chunks faulted with timers on, in the same run (alternating).
     public var wallSecondsTimersOff: Double
+    /// The timers-on half of the cost run.
     public var wallSecondsTimersOn: Double
     /// What the phase timers cost, in percent: the median over pairs of
     /// neighbouring chunks of (on - off) / off (0 when not measured).
@@ -177,6 +191,7 @@ public struct OverheadResult: Sendable, Codable {
     public var instrumentationEstimatePercent: Double = 0
     /// migrate_vma_setup and migrate_vma_finalize calls per MiB migrated.
     public var setupCallsPerMiB: Double
+    /// migrate_vma_finalize calls per MiB migrated.
     public var finalizeCallsPerMiB: Double
     /// Every byte of the buffer matched its pattern after the runs.
     public var verified: Bool
@@ -188,14 +203,19 @@ public struct OverheadResult: Sendable, Codable {
     /// faults whose whole-fault event it kept, and the buffer size. Nil (and
     /// absent from the JSON) without a trace.
     public var traceEvents: Int?
+    /// Events the timers recorded past each CPU's buffer.
     public var traceEventsDropped: Int?
+    /// Faults whose whole-fault event the trace kept.
     public var traceFaults: Int?
+    /// The trace's buffer, events per CPU.
     public var traceEventsPerCPU: Int?
     /// With a deterministic schedule: true, the emulated CPUs and the
     /// scheduling points the run took (nil, and absent from the JSON, on
     /// real threads).
     public var deterministic: Bool?
+    /// The emulated CPUs of a deterministic run.
     public var cpus: Int?
+    /// Scheduling points of a deterministic run.
     public var scheduleSteps: UInt64?
     /// The machine profile a deterministic run charged (`--machine`); nil,
     /// and absent from the JSON, without one.

@@ -5,7 +5,9 @@ import XeDriver
 /// The kinds of operation a soak mixes in besides CPU reads and writes
 /// (which every soak runs: they are what checks the bytes).
 public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConvertible {
+    /// The mix's bits.
     public let rawValue: UInt32
+    /// A mix from its bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
 
     /// GPU reads and writes through the mirror's device page table (GPU faults on a miss).
@@ -56,6 +58,7 @@ public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConve
     /// The names of the operations in the mix, comma-separated.
     public var description: String { SoakMix.names.filter { contains($0.1) }.map(\.0).joined(separator: ",") }
 
+    /// Decodes a mix from its operation names.
     public init(from decoder: any Decoder) throws {
         let s = try decoder.singleValueContainer().decode([String].self)
         guard let m = SoakMix(names: s.joined(separator: ",")) else {
@@ -64,6 +67,7 @@ public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConve
         self = m
     }
 
+    /// Encodes the mix as its operation names.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.singleValueContainer()
         try c.encode(SoakMix.names.filter { contains($0.1) }.map(\.0))
@@ -115,6 +119,7 @@ public struct SoakSettings: Sendable, Codable, Equatable {
     /// The driver soaked: `MirrorDevice`, or the Xe-like driver on GPU SVM.
     public var driver: HarnessDriver = .mirror
 
+    /// The defaults.
     public init() {}
 
     private enum CodingKeys: String, CodingKey {
@@ -122,6 +127,7 @@ public struct SoakSettings: Sendable, Codable, Equatable {
              checksStaleTLBEntries, driver
     }
 
+    /// Decodes settings, every field present.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         operations = try c.decode(Int.self, forKey: .operations)
@@ -154,27 +160,39 @@ public struct SoakSettings: Sendable, Codable, Equatable {
 
 /// What a soak found.
 public struct SoakResult: Sendable, Codable, Equatable {
+    /// The soak that ran.
     public var settings: SoakSettings
     /// Operations run, and each kind.
     public var operations: Int
+    /// CPU reads done.
     public var reads: Int
+    /// CPU writes done.
     public var writes: Int
     /// GPU reads and writes, and the GPU faults (device page-table misses) they took.
     public var gpuReads: Int
+    /// GPU writes done.
     public var gpuWrites: Int
+    /// GPU faults taken.
     public var gpuFaults: Int
     /// Pages migrated to device memory and back by migrate_vma (4 KiB and 2 MiB calls).
     public var migrationsToDevice: Int
+    /// Migrations device -> RAM.
     public var migrationsToSystem: Int
     /// 2 MiB calls (SELECT_COMPOUND) among them, and the device folios split (folio_split callbacks).
     public var hugeMigrations: Int
+    /// Device folios split.
     public var deviceFolioSplits: Int
     /// Pages evicted from device memory.
     public var evictions: Int
+    /// munmap calls.
     public var munmaps: Int
+    /// mprotect calls.
     public var mprotects: Int
+    /// madvise calls.
     public var madvises: Int
+    /// mremap calls.
     public var mremaps: Int
+    /// fork calls.
     public var forks: Int
     /// Reads and writes in the forked children, checked against their own shadows.
     public var childAccesses: Int
@@ -220,6 +238,7 @@ public struct SoakResult: Sendable, Codable, Equatable {
     public var timedOut = false
     /// Scheduling points, and virtual seconds, of the run.
     public var scheduleSteps: UInt64
+    /// Virtual time the soak took, seconds.
     public var virtualSeconds: Double
     /// Host wall time.
     public var seconds: Double

@@ -53,6 +53,7 @@ extension XeDevice: SoakDriver {
 }
 
 extension XeDevice: StormDriver {
+    /// Applies the storm's driver-side knobs (see ``StormDriver/prepare(for:)``).
     public func prepare(for settings: StormSettings) {
         var s = self.settings
         s.exclusiveMigrateToRAMLock = settings.driverLock == .exclusive
@@ -60,6 +61,7 @@ extension XeDevice: StormDriver {
         pagemap.largeFolios = settings.pageSize == .huge
     }
 
+    /// The driver lock of its `migrateToRAM`.
     public var driverLockProbe: DriverLockProbe? {
         let (waiting, holding) = migrateToRAMLockState
         return DriverLockProbe(waiting: waiting, holding: holding)

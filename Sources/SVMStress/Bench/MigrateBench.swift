@@ -47,6 +47,7 @@ public struct MigrateBenchResult: Encodable, Sendable {
     public var streamCopySeconds: Double
     /// The best round trip's halves, seconds.
     public var toDeviceSeconds: Double
+    /// The best round trip's way back (VRAM -> RAM), seconds.
     public var toSystemSeconds: Double
     /// Timed rounds.
     public var rounds: Int
