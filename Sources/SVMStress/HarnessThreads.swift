@@ -77,9 +77,7 @@ final class HarnessThreads: @unchecked Sendable {
             var c = DeterministicScheduler.Configuration(seed: schedule.seed)
             c.cpus = schedule.cpus
             c.preemptions = schedule.preemptions
-            if let machine = schedule.machine {
-                machine.apply(to: &c)
-            }
+            schedule.machine?.apply(to: &c)
             scheduler = DeterministicScheduler(c)
         } else {
             scheduler = nil

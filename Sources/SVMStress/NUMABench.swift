@@ -210,30 +210,23 @@ public enum NUMABench {
     /// Measures one variant on a fresh machine.
     public static func run(_ v: NUMAVariant, settings s: NUMABenchSettings, batchPages: Int = Kernel.maxBatchedMigration,
                            firstFolio: UnsafeMutablePointer<UInt64>? = nil) throws -> NUMAVariantResult {
-        var config = KernelConfiguration()
-        let nodeBytes = Machine.nodeBytes(s.bufferBytes * 2, slack: 32 << 20)
-        config.nodeSizes = [nodeBytes, nodeBytes]
-        config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
-        config.addressSpaceSize = UInt64(max(4 << 30, s.bufferBytes * 4))
-        config.transparentHugepage = v.pageSize == 4096 ? .never : .always
-        config.checksStaleTLBEntries = s.checksStaleTLBEntries
-        config.traceEventsPerCPU = s.traceEventsPerCPU
-        if let problem = s.schedule.problem(threads: s.readers + 1) { throw HarnessScheduleError(description: problem) }
-        if s.schedule.deterministic {
-            if v.copier == .multiThread {
-                throw HarnessScheduleError(description: "the multi-threaded copier's workers are host threads: no deterministic run")
-            }
+        if s.schedule.deterministic && v.copier == .multiThread {
+            throw HarnessScheduleError(description: "the multi-threaded copier's workers are host threads: no deterministic run")
         }
-        // Every round copies into frames the machine has not used yet (and the
-        // deferred flush keeps the old ones out of reach): without this the
-        // host's first-touch faults, zeroing each frame, would be timed as
-        // the copy.
-        config.populatesRAM = true
-        let machine = try Machine(booting: config, cpus: s.schedule.deterministic ? s.schedule.cpus : nil)
+        let (machine, base) = try boot(bytes: s.bufferBytes, slack: 32 << 20, schedule: s.schedule, threads: s.readers + 1,
+                                       seed: s.seed) { config in
+            config.addressSpaceSize = UInt64(max(4 << 30, s.bufferBytes * 4))
+            config.transparentHugepage = v.pageSize == 4096 ? .never : .always
+            config.checksStaleTLBEntries = s.checksStaleTLBEntries
+            config.traceEventsPerCPU = s.traceEventsPerCPU
+            // Every round copies into frames the machine has not used yet (and the
+            // deferred flush keeps the old ones out of reach): without this the
+            // host's first-touch faults, zeroing each frame, would be timed as
+            // the copy.
+            config.populatesRAM = true
+        }
         let kernel = machine.kernel, mm = machine.mm
         let seed = s.seed
-        let base = try mm.mmap(length: s.bufferBytes)
-        try mm.fillPattern(base, length: s.bufferBytes, seed: seed)
         // The read-mostly buffer: mapped read-only, as pmbench's read phase sees it.
         if v.deferredFlush { try mm.mprotect(base, length: s.bufferBytes, protection: .read) }
         let addresses = stride(from: base, to: base + UInt64(s.bufferBytes), by: v.pageSize).map { $0 }
@@ -343,6 +336,24 @@ public enum NUMABench {
             seconds: seconds, dataIntact: intact, scheduleSteps: threads.steps,
             machine: s.schedule.deterministic ? s.schedule.machine?.name : nil,
             stepsPerSecond: threads.stepsPerSecond, trace: trace)
+    }
+
+    /// A machine for `bytes` moving between two nodes (each with room for
+    /// it twice plus `slack`), checked against `schedule` for `threads`
+    /// threads, booted with what `configure` adds, and the buffer mapped
+    /// and filled with the pattern of `seed`.
+    static func boot(bytes: Int, slack: Int, schedule: HarnessSchedule, threads: Int, seed: UInt64,
+                     _ configure: (inout KernelConfiguration) -> Void) throws -> (Machine, UInt64) {
+        if let problem = schedule.problem(threads: threads) { throw HarnessScheduleError(description: problem) }
+        var config = KernelConfiguration()
+        let nodeBytes = Machine.nodeBytes(bytes * 2, slack: slack)
+        config.nodeSizes = [nodeBytes, nodeBytes]
+        config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
+        configure(&config)
+        let machine = try Machine(booting: config, cpus: schedule.deterministic ? schedule.cpus : nil)
+        let base = try machine.mm.mmap(length: bytes)
+        try machine.mm.fillPattern(base, length: bytes, seed: seed)
+        return (machine, base)
     }
 
     /// Everything `svmemu numa` measures: each of `settings.variants` on a

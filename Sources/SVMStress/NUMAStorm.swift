@@ -125,18 +125,13 @@ extension NUMABench {
     /// Runs the storm for one algorithm on a fresh machine.
     public static func storm(_ algorithm: MigrationAlgorithm, settings s: NUMAStormSettings) throws -> NUMAStormResult {
         let bytes = s.pages * PageGeometry.pageSize
-        var config = KernelConfiguration()
-        let nodeBytes = Machine.nodeBytes(bytes * 2, slack: 16 << 20)
-        config.nodeSizes = [nodeBytes, nodeBytes]
-        config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
-        config.addressSpaceSize = 4 << 30
-        config.transparentHugepage = .never
-        if let problem = s.schedule.problem(threads: s.holders + 1) { throw HarnessScheduleError(description: problem) }
-        let machine = try Machine(booting: config, cpus: s.schedule.deterministic ? s.schedule.cpus : nil)
+        let (machine, base) = try boot(bytes: bytes, slack: 16 << 20, schedule: s.schedule, threads: s.holders + 1,
+                                       seed: s.seed) { config in
+            config.addressSpaceSize = 4 << 30
+            config.transparentHugepage = .never
+        }
         let kernel = machine.kernel, mm = machine.mm
         let seed = s.seed
-        let base = try mm.mmap(length: bytes)
-        try mm.fillPattern(base, length: bytes, seed: seed)
         let addresses = (0..<s.pages).map { base + UInt64($0 * PageGeometry.pageSize) }
 
         let stop = Atomic<Bool>(false)

@@ -336,9 +336,7 @@ public enum Soak {
         // A millisecond of host time per operation is far more than any needs.
         schedule.hostTimeoutSeconds = max(600, Double(settings.operations) / 1000)
         schedule.logSteps = settings.logSteps
-        if let machine = settings.machine {
-            machine.apply(to: &schedule)
-        }
+        settings.machine?.apply(to: &schedule)
         let scheduler = DeterministicScheduler(schedule)
         let process = !settings.mix.isDisjoint(with: .addressSpace)
         state.live = settings.cpus + 1 + (process ? 1 : 0)

@@ -173,9 +173,7 @@ extension StormRun {
         if schedule == nil { config.preemptions = settings.preemptions }
         // The storm's threads share the machine's CPUs (more threads than CPUs queue).
         if config.cpus == nil { config.cpus = settings.cpus }
-        if let machine = settings.machine {
-            machine.apply(to: &config)
-        }
+        settings.machine?.apply(to: &config)
         config.hostTimeoutSeconds = max(config.hostTimeoutSeconds, settings.joinTimeoutSeconds)
         let scheduler = DeterministicScheduler(config)
         self.scheduler = scheduler
