@@ -380,6 +380,31 @@ public enum NUMABench {
         return NUMABenchResults(variants: results, batchSweep: batchSweep, copySweep: copySweep)
     }
 
+    /// The goal figure of `svmemu bench goals`: the 2 MiB batched variant
+    /// with two copy threads against one, over 16 moves of the default
+    /// buffer (numa's default is 4: a tenth of a second, where one host
+    /// preemption moves the ratio by tens of percent), `pairs` times,
+    /// alternating; returns each pair's pagesPerSecond ratio (two over one).
+    /// `progress` hears "pair i/n".
+    ///
+    /// - Throws: ``HarnessFailure`` when the bytes differ after a run.
+    public static func copyThreadRatios(pairs: Int, progress: (String) -> Void = { _ in }) throws -> [Double] {
+        var settings = NUMABenchSettings()
+        settings.rounds = 16
+        let single = NUMAVariant(algorithm: .batched, pageSize: PageGeometry.pmdSize)
+        let multi = NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: 2, pageSize: PageGeometry.pmdSize)
+        settings.variants = [single, multi]
+        var ratios: [Double] = []
+        for pair in 0..<pairs {
+            progress("pair \(pair + 1)/\(pairs)")
+            let one = try run(single, settings: settings)
+            let two = try run(multi, settings: settings)
+            guard one.dataIntact && two.dataIntact else { throw HarnessFailure("svmemu bench goals: numa's bytes differ after the migration") }
+            ratios.append(two.pagesPerSecond / max(one.pagesPerSecond, 1))
+        }
+        return ratios
+    }
+
     /// The batch-size sweep on the mainline algorithm, 4 KiB pages.
     public static func sweep(settings s: NUMABenchSettings) throws -> [NUMABatchPoint] {
         var out: [NUMABatchPoint] = []

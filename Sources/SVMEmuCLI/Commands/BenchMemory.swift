@@ -40,9 +40,7 @@ struct BenchMemoryCommand: ParsableCommand {
     typealias Result = MemoryBenchResult
 
     func run() throws {
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu bench memory: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu bench memory")
         let r = try measure()
         if json {
             print(try JSONReport.render(for: self, results: r))

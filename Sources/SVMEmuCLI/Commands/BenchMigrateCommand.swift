@@ -83,9 +83,7 @@ struct BenchMigrateCommand: ParsableCommand {
 
     func run() throws {
         try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu bench migrate: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu bench migrate")
         let bytes = ByteSize.parse(size)!
         let r = try measure(bytes: bytes)
         if json {

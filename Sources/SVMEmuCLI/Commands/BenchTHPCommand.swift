@@ -69,9 +69,7 @@ struct BenchTHPCommand: ParsableCommand {
     }
 
     func run() throws {
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu bench thp: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu bench thp")
         let limit = ByteSize.parse(maxSize)!
         var rows: [(String, Int, Side, Side)] = []
         let progress = ProgressLine(label: "svmemu bench thp")

@@ -172,9 +172,7 @@ struct NumaCommand: ParsableCommand {
 
     func run() throws {
         try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu numa")
         if storm { return try runStorm() }
         let all = try variantResults()
         let results = all.variants, sweep = all.batchSweep, copySweep = all.copySweep

@@ -205,9 +205,7 @@ struct OverheadCommand: ParsableCommand {
 
     func run() throws {
         try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu overhead")
         let bytes = ByteSize.parse(size)!
         let results = try runs { r in if !json { print(OverheadReport.table(r)) } }
         if !json && results.count > 1 {
