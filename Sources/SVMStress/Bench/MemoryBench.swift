@@ -1,35 +1,25 @@
 // `svmemu bench memory`'s harness: the cost of the emulated memory core.
 import SVMEmu
 
-/// What every emulated access and fault pays (`svmemu bench memory --json`):
-/// - `readNanos`: one `AddressSpace.load` of a mapped byte over 4 MiB of
-///   pages (which the emulated CPU's TLB holds), best round of many;
-/// - `tlbHitReadNanos`: the same over 64 pages: every read hits the TLB and
-///   takes no lock;
-/// - `tlbMissReadNanos`: the same over 32 MiB, which the TLB cannot hold:
-///   every read walks the page tables and fills an entry;
-/// - `shootdownNanos`: one TLB flush of a page while a second CPU keeps
-///   reading the address space (the IPI, the wait for its instruction
-///   boundary, its flush), per flush;
-/// - `demandZeroFaultNanos`: the first write to a page of a fresh anonymous
-///   mapping with THP off (fault, zeroed 4 KiB page allocation, rmap, PTE),
-///   per page, excluding `mmap` itself; `demandZeroFirstRoundNanos` the
-///   same in the first round (host memory cold);
-/// - `metadataBytesPerPage`: the emulator's `struct page` size;
-/// - `memcpy4KNanos`: memcpy of 4 KiB, cache hot, as the yardstick
-///   (``Yardsticks/memcpy4KNanos(rounds:)``).
+/// What every emulated access and fault pays (`svmemu bench memory --json`),
+/// each against the yardstick, a cache-hot 4 KiB memcpy
+/// (``Yardsticks/memcpy4KNanos(rounds:)``).
 public struct MemoryBenchResult: Encodable, Sendable, Equatable {
-    /// A read of a mapped byte over 4 MiB, nanoseconds.
+    /// One `AddressSpace.load` of a mapped byte over 4 MiB of pages (which
+    /// the emulated CPU's TLB holds), best round, nanoseconds.
     public var readNanos: Double
-    /// A read that hits the TLB, nanoseconds.
+    /// The same over 64 pages: every read hits the TLB and takes no lock.
     public var tlbHitReadNanos: Double
-    /// A read that misses it (page walk and fill), nanoseconds.
+    /// The same over 32 MiB, which the TLB cannot hold: every read walks
+    /// the page tables and fills an entry.
     public var tlbMissReadNanos: Double
-    /// A one-page TLB shootdown with one other CPU in the address space, nanoseconds.
+    /// One TLB flush of a page while a second CPU keeps reading the address
+    /// space (the IPI, the wait for its instruction boundary, its flush).
     public var shootdownNanos: Double
-    /// A demand-zero fault, best round, nanoseconds per page.
+    /// The first write to a page of a fresh anonymous mapping with THP off
+    /// (fault, zeroed 4 KiB page, rmap, PTE), mmap excluded, best round, per page.
     public var demandZeroFaultNanos: Double
-    /// The same in the first round, nanoseconds per page.
+    /// The same in the first round (host memory cold).
     public var demandZeroFirstRoundNanos: Double
     /// The emulator's page metadata per 4 KiB page, bytes.
     public var metadataBytesPerPage: Int
