@@ -27,6 +27,7 @@ public enum Calibration {
         /// Nanoseconds of each stall round.
         public var stallRoundNanos: UInt64 = 2_000_000_000
 
+        /// The defaults.
         public init() {}
     }
 
@@ -35,8 +36,11 @@ public enum Calibration {
 
     /// One measured figure: the median and the spread of its repetitions.
     public struct Figure: Sendable, Equatable {
+        /// The median of the repetitions.
         public var median: Double
+        /// The lowest.
         public var low: Double
+        /// The highest.
         public var high: Double
         init(_ values: [Double]) {
             let v = values.filter(\.isFinite).sorted()
@@ -53,6 +57,7 @@ public enum Calibration {
 
     /// A calibration's outcome: the profile, and each cost's spread.
     public struct Result: Sendable {
+        /// The profile measured.
         public var profile: MachineProfile
         /// Each cost's repetitions, by cost key (low and high of the repetitions).
         public var figures: [String: Figure]
@@ -60,6 +65,7 @@ public enum Calibration {
 
     /// Why a calibration could not run.
     public struct Failure: Error, CustomStringConvertible {
+        /// What went wrong, for the user.
         public let description: String
     }
 

@@ -21,22 +21,32 @@ public struct KernelLivelockReference: Codable, Sendable {
     public struct Case: Codable, Sendable {
         /// "threads:mutex:micros".
         public var `case`: String
+        /// Storm threads.
         public var threads: Int
         /// Whether the driver takes its mutex around the migration.
         public var mutex: Bool
         /// The fsleep() inside migrate_to_ram, in microseconds.
         public var sleepMicros: Int
+        /// Pages of the storm.
         public var pages: Int
         /// "legacy" or "trylock".
         public var policy: String
+        /// One result per boot.
         public var runs: [Run]
     }
+    /// The kernel the reference ran on.
     public var kernel: String
+    /// Its Debian package.
     public var package: String?
+    /// When it was measured.
     public var date: String
+    /// The QEMU it ran under.
     public var qemu: String
+    /// The host QEMU ran on.
     public var host: String?
+    /// Boots per case.
     public var boots: Int?
+    /// The cases.
     public var cases: [Case]
 
     /// The reference that ships with the package (the kernel rig's last results).
@@ -60,6 +70,7 @@ public struct KernelLivelockReference: Codable, Sendable {
 /// Why a fidelity run could not start.
 public enum FidelityError: Error, CustomStringConvertible {
     case missingReference(String)
+    /// The reference in a line.
     public var description: String {
         switch self { case .missingReference(let why): "no kernel reference: \(why)" }
     }
@@ -74,6 +85,7 @@ public struct FidelitySide: Codable, Sendable, Equatable {
     public var majority: String
     /// Runs with each outcome.
     public var completed: Int
+    /// Runs that livelocked.
     public var livelocked: Int
     /// Calls per page of the completing runs: lowest, highest (nil: none completed).
     public var callsPerPage: [Double]?
@@ -94,7 +106,9 @@ public struct FidelityRow: Codable, Sendable {
     public var `case`: String
     /// "legacy" or "trylock".
     public var policy: String
+    /// What the kernel did.
     public var kernel: FidelitySide
+    /// What the emulator did.
     public var emulator: FidelitySide
     /// Seeds whose outcome the kernel also had (on any boot).
     public var seedsAgreeing: Int
@@ -118,6 +132,7 @@ public enum FidelityHarness {
         public var costs: VirtualCosts = .measured
         /// The scheduler's slice and tick (a profile's), nil: the kernel's default.
         public var timesliceNanos: UInt64? = nil
+        /// The scheduler tick, nanoseconds.
         public var tickNanos: UInt64 = 1_000_000
         /// The machine's CPU stalls (a profile's), nil: none.
         public var stalls: CPUStalls? = nil
@@ -133,7 +148,9 @@ public enum FidelityHarness {
         public var stallSeconds = 1.0
         /// The driver's shape: every call sleeps, with fsleep (the rig's).
         public var driverWork: DriverWorkShape = .everyCall
+        /// How the driver waits.
         public var driverWait: DriverWait = .fsleep
+        /// The defaults.
         public init() {}
     }
 

@@ -47,6 +47,7 @@ public struct HarnessSchedule: Sendable, Equatable, Codable {
 
 /// Why a deterministic harness run did not complete.
 public struct HarnessScheduleError: Error, CustomStringConvertible, Equatable {
+    /// What went wrong, for the user.
     public let description: String
 }
 
@@ -76,9 +77,7 @@ final class HarnessThreads: @unchecked Sendable {
             var c = DeterministicScheduler.Configuration(seed: schedule.seed)
             c.cpus = schedule.cpus
             c.preemptions = schedule.preemptions
-            if let machine = schedule.machine {
-                machine.apply(to: &c)
-            }
+            schedule.machine?.apply(to: &c)
             scheduler = DeterministicScheduler(c)
         } else {
             scheduler = nil

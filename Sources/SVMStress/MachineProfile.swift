@@ -73,6 +73,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         /// Changing one page's entry and flushing it on the local CPU only.
         public var localFlush: Double
 
+        /// Costs as measured.
         public init(tlbHit: Double, pageTableWalk: Double, faultEntryExit: Double, syscall: Double,
                     futexWake: Double, futexWait: Double, wakeLatency: Double, contextSwitch: Double,
                     spinRound: Double, lockUncontended: Double, unlock: Double, yield: Double,
@@ -116,6 +117,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         /// Bytes copied per nanosecond.
         public var gbPerSecond: Double
 
+        /// A bandwidth as measured.
         public init(workingSetBytes: Int, gbPerSecond: Double) {
             self.workingSetBytes = workingSetBytes
             self.gbPerSecond = gbPerSecond
@@ -146,6 +148,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         /// The tick gaps' median length, ns.
         public var tickGapP50Nanos: Double?
 
+        /// A stall distribution as measured.
         public init(ratePerSecond: Double, meanNanos: Double, p50Nanos: Double, p90Nanos: Double, p99Nanos: Double,
                     maxNanos: Double, thresholdNanos: Double, tickGapsPerSecond: Double? = nil,
                     tickGapP50Nanos: Double? = nil) {
@@ -181,6 +184,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         /// The preemption model: none, voluntary, full or lazy.
         public var preemption: String
 
+        /// Scheduler figures as measured.
         public init(baseSliceNanos: UInt64, tickNanos: UInt64, preemption: String) {
             self.baseSliceNanos = baseSliceNanos
             self.tickNanos = tickNanos
@@ -188,6 +192,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         }
     }
 
+    /// A profile as measured.
     public init(name: String, description: String, measuredOn: String, date: String, tool: String, cpus: Int,
                 costs: Costs, memcpy: [CopyBandwidth], scheduler: Scheduler, methods: [String: String],
                 stalls: Stalls? = nil) {
@@ -386,6 +391,7 @@ public enum MachineProfileError: Error, Equatable, CustomStringConvertible {
     /// The file is not a valid profile.
     case invalid(source: String, reason: String)
 
+    /// The error, for the user.
     public var description: String {
         switch self {
         case .unknownName(let name, let known):

@@ -15,13 +15,19 @@ public enum NUMACopierKind: String, Sendable, CaseIterable, Codable {
 
 /// One configuration of the benchmark.
 public struct NUMAVariant: Sendable, Hashable, Codable {
+    /// The migrate_pages algorithm.
     public var algorithm: MigrationAlgorithm
+    /// The migrate mode.
     public var mode: MigrateMode
+    /// Which copier moves the bytes.
     public var copier: NUMACopierKind
+    /// Threads (or DMA channels) of the copier; 1 for the single-thread copier.
     public var copyThreads: Int
+    /// Whether the TLB flush is deferred (the buffer is mapped read-only).
     public var deferredFlush: Bool
     /// 4096 or 2 MiB.
     public var pageSize: Int
+    /// A variant; by default synchronous, single-thread, flushed at once, 4 KiB.
     public init(algorithm: MigrationAlgorithm, mode: MigrateMode = .sync, copier: NUMACopierKind = .single,
                 copyThreads: Int = 1, deferredFlush: Bool = false, pageSize: Int = 4096) {
         self.algorithm = algorithm
@@ -31,6 +37,7 @@ public struct NUMAVariant: Sendable, Hashable, Codable {
         self.deferredFlush = deferredFlush
         self.pageSize = pageSize
     }
+    /// The variant in a few words ("batched 4K multi-threadx2 deferred").
     public var label: String {
         var s = "\(algorithm.rawValue) \(pageSize == 4096 ? "4K" : "2M") \(copier.rawValue)"
         if copier != .single { s += "x\(copyThreads)" }
@@ -76,13 +83,21 @@ public struct NUMAVariant: Sendable, Hashable, Codable {
 
 /// What one variant measured (the keys of `svmemu numa --json`'s `variants`).
 public struct NUMAVariantResult: Sendable, Codable {
+    /// The migration algorithm (`MigrationAlgorithm`'s raw value).
     public var algorithm: String
+    /// The migrate mode.
     public var mode: String
+    /// The copier's name.
     public var copier: String
+    /// Copier threads (1 for the single-thread copier).
     public var copyThreads: Int
+    /// Whether the TLB flush was deferred.
     public var deferredFlush: Bool
+    /// 4096 or 2 MiB.
     public var pageSize: Int
+    /// Base pages migrated (pgmigrate_success).
     public var pagesMigrated: Int
+    /// Pages migrated per second of the moves.
     public var pagesPerSecond: Double
     /// IPIs the flushers sent (tlb_ipis_sent) per migrated base page. (A CPU
     /// counts nr_tlb_remote_flush_received once per inbox drain, and IPIs
@@ -90,10 +105,15 @@ public struct NUMAVariantResult: Sendable, Codable {
     public var ipisPerPage: Double
     /// Shootdown rounds (nr_tlb_remote_flush) during the run, deferred flushes included.
     public var flushes: Int
+    /// Time flushers waited for other CPUs (the tlbFlush phase), microseconds.
     public var flushWaitMicros: Double
+    /// Time in the copy phase, microseconds.
     public var copyMicros: Double
+    /// The readers' access latency: median, nanoseconds.
     public var readerLatencyP50Nanos: UInt64
+    /// The 99th percentile, nanoseconds.
     public var readerLatencyP99Nanos: UInt64
+    /// Accesses the readers timed.
     public var readerAccesses: Int
     /// Accesses the stale-entry checker reported (vmstat tlb_stale_accesses);
     /// 0 by construction when `checksStaleTLBEntries` is off (release builds
@@ -101,16 +121,22 @@ public struct NUMAVariantResult: Sendable, Codable {
     public var staleEntryDiagnostics: Int
     /// Whether the stale-entry checker was on.
     public var checksStaleTLBEntries: Bool
+    /// Deferred flushes done (the batched flush of the deferred variants).
     public var deferredFlushes: Int
+    /// The migrator's lock waits: 99th percentile, nanoseconds.
     public var lockWaitP99Nanos: UInt64
     /// The migrator's phases (`kernel.phases`): unmap, batched flush, copy,
     /// remap; the flush's wait for other CPUs is `flushWaitMicros`.
     public var unmapMicros: Double
+    /// The batched flush, microseconds.
     public var flushMicros: Double
+    /// The remap, microseconds.
     public var remapMicros: Double
     /// IPIs the flushers sent (tlb_ipis_sent).
     public var ipisSent: Int
+    /// Wall (or virtual) time of the moves.
     public var seconds: Double
+    /// Every read and the buffer after the moves matched the pattern.
     public var dataIntact: Bool
     /// Scheduling points of a deterministic run (nil, and absent from the
     /// JSON, on real threads).
@@ -135,19 +161,27 @@ public struct NUMAVariantResult: Sendable, Codable {
 /// One point of the batch-size sweep: total migration time and the first
 /// folio's latency (from the call to its remap) against the batch size.
 public struct NUMABatchPoint: Sendable, Codable {
+    /// Pages per migrate_pages batch.
     public var batchPages: Int
+    /// One move of the buffer, milliseconds.
     public var totalMillis: Double
+    /// From the call to the first folio's remap, microseconds.
     public var firstFolioMicros: Double
+    /// Pages migrated per second.
     public var pagesPerSecond: Double
 }
 
 /// The benchmark's settings.
 public struct NUMABenchSettings: Sendable {
+    /// The buffer moved between the nodes, bytes.
     public var bufferBytes = 64 << 20
+    /// Threads reading random words of the buffer while it moves.
     public var readers = 2
     /// Moves of the whole buffer (0 -> 1, 1 -> 0, ...).
     public var rounds = 4
+    /// The variants ``NUMABench/runAll(_:sweeps:copyThreads:progress:)`` runs.
     public var variants: [NUMAVariant] = NUMAVariant.standard(copyThreads: 2)
+    /// The batch sizes of the batch-size sweep, pages.
     public var batchSweep: [Int] = [1, 8, 32, 128, 512]
     /// Run the stale-entry checker (`KernelConfiguration.checksStaleTLBEntries`);
     /// on in debug builds, off in release builds unless asked.
@@ -161,6 +195,7 @@ public struct NUMABenchSettings: Sendable {
     /// virtual. The multi-threaded copier's workers are host threads, so a
     /// deterministic run has no multi-thread variant (``deterministicVariants(_:)``).
     public var schedule = HarnessSchedule()
+    /// The defaults.
     public init() {}
 
     /// `variants` without those a deterministic run cannot make (the
@@ -175,32 +210,23 @@ public enum NUMABench {
     /// Measures one variant on a fresh machine.
     public static func run(_ v: NUMAVariant, settings s: NUMABenchSettings, batchPages: Int = Kernel.maxBatchedMigration,
                            firstFolio: UnsafeMutablePointer<UInt64>? = nil) throws -> NUMAVariantResult {
-        var config = KernelConfiguration()
-        let nodeBytes = ((s.bufferBytes * 2 + (32 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
-        config.nodeSizes = [nodeBytes, nodeBytes]
-        config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
-        config.addressSpaceSize = UInt64(max(4 << 30, s.bufferBytes * 4))
-        config.transparentHugepage = v.pageSize == 4096 ? .never : .always
-        config.checksStaleTLBEntries = s.checksStaleTLBEntries
-        config.traceEventsPerCPU = s.traceEventsPerCPU
-        if let problem = s.schedule.problem(threads: s.readers + 1) { throw HarnessScheduleError(description: problem) }
-        if s.schedule.deterministic {
-            config.cpus = s.schedule.cpus
-            if v.copier == .multiThread {
-                throw HarnessScheduleError(description: "the multi-threaded copier's workers are host threads: no deterministic run")
-            }
+        if s.schedule.deterministic && v.copier == .multiThread {
+            throw HarnessScheduleError(description: "the multi-threaded copier's workers are host threads: no deterministic run")
         }
-        // Every round copies into frames the machine has not used yet (and the
-        // deferred flush keeps the old ones out of reach): without this the
-        // host's first-touch faults, zeroing each frame, would be timed as
-        // the copy.
-        config.populatesRAM = true
-        let kernel = try Kernel(booting: config)
-        let mm = AddressSpace(kernel: kernel)
-        defer { withExtendedLifetime((kernel, mm)) {} }
+        let (machine, base) = try boot(bytes: s.bufferBytes, slack: 32 << 20, schedule: s.schedule, threads: s.readers + 1,
+                                       seed: s.seed) { config in
+            config.addressSpaceSize = UInt64(max(4 << 30, s.bufferBytes * 4))
+            config.transparentHugepage = v.pageSize == 4096 ? .never : .always
+            config.checksStaleTLBEntries = s.checksStaleTLBEntries
+            config.traceEventsPerCPU = s.traceEventsPerCPU
+            // Every round copies into frames the machine has not used yet (and the
+            // deferred flush keeps the old ones out of reach): without this the
+            // host's first-touch faults, zeroing each frame, would be timed as
+            // the copy.
+            config.populatesRAM = true
+        }
+        let kernel = machine.kernel, mm = machine.mm
         let seed = s.seed
-        let base = try mm.mmap(length: s.bufferBytes)
-        try mm.fillPattern(base, length: s.bufferBytes, seed: seed)
         // The read-mostly buffer: mapped read-only, as pmbench's read phase sees it.
         if v.deferredFlush { try mm.mprotect(base, length: s.bufferBytes, protection: .read) }
         let addresses = stride(from: base, to: base + UInt64(s.bufferBytes), by: v.pageSize).map { $0 }
@@ -293,6 +319,7 @@ public enum NUMABench {
                 OverheadTraceEvent(name: $0.phase.name, cpu: $0.cpu, startNanos: $0.startNanos, endNanos: $0.endNanos)
             }
             : []
+        try machine.finishAudited("numa \(v.label)")
         return NUMAVariantResult(
             algorithm: v.algorithm.rawValue, mode: v.mode.rawValue, copier: policy.copier?.name ?? "single",
             copyThreads: v.copier == .single ? 1 : v.copyThreads, deferredFlush: v.deferredFlush, pageSize: v.pageSize,
@@ -309,6 +336,73 @@ public enum NUMABench {
             seconds: seconds, dataIntact: intact, scheduleSteps: threads.steps,
             machine: s.schedule.deterministic ? s.schedule.machine?.name : nil,
             stepsPerSecond: threads.stepsPerSecond, trace: trace)
+    }
+
+    /// A machine for `bytes` moving between two nodes (each with room for
+    /// it twice plus `slack`), checked against `schedule` for `threads`
+    /// threads, booted with what `configure` adds, and the buffer mapped
+    /// and filled with the pattern of `seed`.
+    static func boot(bytes: Int, slack: Int, schedule: HarnessSchedule, threads: Int, seed: UInt64,
+                     _ configure: (inout KernelConfiguration) -> Void) throws -> (Machine, UInt64) {
+        if let problem = schedule.problem(threads: threads) { throw HarnessScheduleError(description: problem) }
+        var config = KernelConfiguration()
+        let nodeBytes = Machine.nodeBytes(bytes * 2, slack: slack)
+        config.nodeSizes = [nodeBytes, nodeBytes]
+        config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
+        configure(&config)
+        let machine = try Machine(booting: config, cpus: schedule.deterministic ? schedule.cpus : nil)
+        let base = try machine.mm.mmap(length: bytes)
+        try machine.mm.fillPattern(base, length: bytes, seed: seed)
+        return (machine, base)
+    }
+
+    /// Everything `svmemu numa` measures: each of `settings.variants` on a
+    /// fresh machine, then (with `sweeps`) the batch-size sweep and, on real
+    /// threads, the copier sweep with `copyThreads` threads (at least 2).
+    /// `progress` hears what starts.
+    public static func runAll(_ settings: NUMABenchSettings, sweeps: Bool, copyThreads: Int,
+                              progress: (String) -> Void = { _ in }) throws -> NUMABenchResults {
+        var results: [NUMAVariantResult] = []
+        for v in settings.variants {
+            progress(v.label)
+            results.append(try run(v, settings: settings))
+        }
+        var batchSweep: [NUMABatchPoint] = []
+        var copySweep: [NUMACopyPoint] = []
+        if sweeps {
+            progress("batch-size sweep")
+            batchSweep = try sweep(settings: settings)
+            if !settings.schedule.deterministic {
+                progress("copier sweep")
+                copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
+            }
+        }
+        return NUMABenchResults(variants: results, batchSweep: batchSweep, copySweep: copySweep)
+    }
+
+    /// The goal figure of `svmemu bench goals`: the 2 MiB batched variant
+    /// with two copy threads against one, over 16 moves of the default
+    /// buffer (numa's default is 4: a tenth of a second, where one host
+    /// preemption moves the ratio by tens of percent), `pairs` times,
+    /// alternating; returns each pair's pagesPerSecond ratio (two over one).
+    /// `progress` hears "pair i/n".
+    ///
+    /// - Throws: ``HarnessFailure`` when the bytes differ after a run.
+    public static func copyThreadRatios(pairs: Int, progress: (String) -> Void = { _ in }) throws -> [Double] {
+        var settings = NUMABenchSettings()
+        settings.rounds = 16
+        let single = NUMAVariant(algorithm: .batched, pageSize: PageGeometry.pmdSize)
+        let multi = NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: 2, pageSize: PageGeometry.pmdSize)
+        settings.variants = [single, multi]
+        var ratios: [Double] = []
+        for pair in 0..<pairs {
+            progress("pair \(pair + 1)/\(pairs)")
+            let one = try run(single, settings: settings)
+            let two = try run(multi, settings: settings)
+            guard one.dataIntact && two.dataIntact else { throw HarnessFailure("svmemu bench goals: numa's bytes differ after the migration") }
+            ratios.append(two.pagesPerSecond / max(one.pagesPerSecond, 1))
+        }
+        return ratios
     }
 
     /// The batch-size sweep on the mainline algorithm, 4 KiB pages.
@@ -333,4 +427,22 @@ final class ReaderHistograms: @unchecked Sendable {
     init(count: Int) { list = Array(repeating: WaitHistogram(), count: count) }
     func store(_ i: Int, _ h: WaitHistogram) { lock.withLock { list[i] = h } }
     var all: [WaitHistogram] { lock.withLock { list } }
+}
+
+/// What `svmemu numa --json` reports: the variants, the batch-size sweep
+/// and the copier sweep (empty when not run).
+public struct NUMABenchResults: Encodable, Sendable {
+    /// One result per variant, in the order they ran.
+    public var variants: [NUMAVariantResult]
+    /// The batch-size sweep.
+    public var batchSweep: [NUMABatchPoint]
+    /// The copier sweep.
+    public var copySweep: [NUMACopyPoint]
+
+    /// The results as measured.
+    public init(variants: [NUMAVariantResult], batchSweep: [NUMABatchPoint], copySweep: [NUMACopyPoint]) {
+        self.variants = variants
+        self.batchSweep = batchSweep
+        self.copySweep = copySweep
+    }
 }

@@ -13,6 +13,7 @@ import SVMEmu
 public struct NUMACopyPoint: Sendable, Codable {
     /// Folio size in bytes (4 KiB or 2 MiB) and folios per batch.
     public var folioBytes: Int
+    /// Folios per batch.
     public var folios: Int
     /// Bytes of the source ring the batches walk (the destination ring is as
     /// large): `cacheRingBytes` stays in the last-level cache, `memoryRingBytes`
@@ -20,7 +21,9 @@ public struct NUMACopyPoint: Sendable, Codable {
     public var ringBytes: Int
     /// Median time to copy one batch, single thread and with `threads` threads.
     public var singleMicros: Double
+    /// The multi-threaded copier's median, microseconds.
     public var multiMicros: Double
+    /// The multi-threaded copier's threads.
     public var threads: Int
     /// singleMicros / multiMicros: above 1 the threads pay.
     public var speedup: Double
@@ -28,10 +31,12 @@ public struct NUMACopyPoint: Sendable, Codable {
     /// memcpy (half on each thread), and twoThreadMicros / multiMicros: the
     /// copier's speed as a share of it (1 = as fast as a plain split).
     public var twoThreadMicros: Double
+    /// twoThreadMicros / multiMicros.
     public var ratioToTwoThread: Double
     /// The share of the copier's batches at this point that it split
     /// across its threads (the rest it copied alone: splitting was slower).
     public var splitShare: Double
+    /// A point as measured.
     public init(folioBytes: Int, folios: Int, ringBytes: Int, singleMicros: Double, multiMicros: Double, threads: Int,
                 speedup: Double, twoThreadMicros: Double = 0, ratioToTwoThread: Double = 0, splitShare: Double = 1) {
         self.folioBytes = folioBytes
@@ -53,6 +58,7 @@ extension NUMABench {
     /// The working sets of the copier sweep: 2 x 8 MiB fits a 32 MiB
     /// last-level cache; 2 x 256 MiB does not fit any.
     public static let cacheRingBytes = 8 << 20
+    /// The working set that streams from DRAM.
     public static let memoryRingBytes = 256 << 20
 
     /// Times batch copies between frames of the kind emulated RAM uses
@@ -82,7 +88,7 @@ extension NUMABench {
 
     private static func copySweep(_ single: SingleThreadCopier, _ multi: MultiThreadCopier, _ pair: TwoThreadMemcpy,
                                   ringBytes: Int, repeats: Int, shapes: [(folioBytes: Int, folios: Int)]) -> [NUMACopyPoint] {
-        withCopyRings(bytes: ringBytes) { src, dst in
+        Yardsticks.withCopyRings(bytes: ringBytes) { src, dst in
             multi.begin()
             defer { multi.end() }
             var out: [NUMACopyPoint] = []

@@ -22,6 +22,7 @@ public struct NUMAStormSettings: Sendable {
     /// How long a holder keeps a folio locked (I/O that takes its time under
     /// pressure, as in the kcompactd reports), and the pause before its next.
     public var holdMicros: UInt64 = 20_000
+    /// Microseconds a holder waits between two lock-and-hold cycles.
     public var gapMicros: UInt64 = 1_000
     /// Every this many locks, a holder instead starts writeback on its folio
     /// and ends it only after taking the previous page's lock (a loop
@@ -32,29 +33,39 @@ public struct NUMAStormSettings: Sendable {
     /// The emulator's hung-task bound on one migrator wait (the kernel's is
     /// 120 s and its waits are unbounded): a wait that reaches it is a stall.
     public var waitLimitNanos: UInt64 = 100_000_000
+    /// The migration algorithms the storm runs, one machine each.
     public var algorithms: [MigrationAlgorithm] = MigrationAlgorithm.allCases
     /// Seed of the buffer's byte pattern.
     public var seed: UInt64 = 0x570e
     /// Real threads (the default), or the holders and the migrator as
     /// emulated threads of a deterministic scheduler (every time virtual).
     public var schedule = HarnessSchedule()
+    /// The defaults.
     public init() {}
 }
 
 /// One bucket of a wait distribution: waits shorter than `upToNanos` (and
 /// at least the previous bucket's bound).
 public struct NUMAWaitBucket: Sendable, Codable, Equatable {
+    /// The bucket's upper bound, nanoseconds.
     public var upToNanos: UInt64
+    /// Waits that fell in the bucket.
     public var count: UInt64
 }
 
 /// What the storm measured for one algorithm (`svmemu numa --storm --json`'s `storm`).
 public struct NUMAStormResult: Sendable, Codable {
+    /// The migration algorithm (`MigrationAlgorithm`'s raw value).
     public var algorithm: String
+    /// The migrate mode (always sync).
     public var mode: String
+    /// 4 KiB pages moved each round.
     public var pages: Int
+    /// Lock-holding threads.
     public var holders: Int
+    /// Moves of the buffer.
     public var rounds: Int
+    /// Pages migrated (pgmigrate_success) over every round.
     public var pagesMigrated: Int
     /// Pages not on the round's target node after the round's move_pages,
     /// over all rounds.
@@ -72,17 +83,23 @@ public struct NUMAStormResult: Sendable, Codable {
     public var deadlockBackoffs: Int
     /// The migrator's folio-lock and writeback waits.
     public var lockWaits: UInt64
+    /// The migrator's lock waits: median, nanoseconds.
     public var lockWaitP50Nanos: UInt64
+    /// The 99th percentile, nanoseconds.
     public var lockWaitP99Nanos: UInt64
+    /// The longest, nanoseconds.
     public var lockWaitMaxNanos: UInt64
     /// The migrator's waits by length (power-of-two buckets, empty ones left out).
     public var lockWaitHistogram: [NUMAWaitBucket]
     /// The holders' own lock waits (the I/O side stuck behind the migrator).
     public var holderWaitP99Nanos: UInt64
+    /// The holders' longest lock wait, nanoseconds.
     public var holderWaitMaxNanos: UInt64
     /// Holder waits that reached four times the bound (they gave up).
     public var holderTimeouts: Int
+    /// Wall (or virtual) time of the rounds, the page queries excluded.
     public var seconds: Double
+    /// Every byte matched the pattern after the storm.
     public var dataIntact: Bool
     /// Scheduling points of a deterministic run (nil, and absent from the
     /// JSON, on real threads).
@@ -96,28 +113,25 @@ public struct NUMAStormResult: Sendable, Codable {
 }
 
 extension NUMABench {
-    /// Runs the storm once per algorithm, each on a fresh machine.
-    public static func storm(_ s: NUMAStormSettings) throws -> [NUMAStormResult] {
-        try s.algorithms.map { try storm($0, settings: s) }
+    /// Runs the storm once per algorithm, each on a fresh machine;
+    /// `progress` hears each algorithm as it starts.
+    public static func storm(_ s: NUMAStormSettings, progress: (String) -> Void = { _ in }) throws -> [NUMAStormResult] {
+        try s.algorithms.map {
+            progress($0.rawValue)
+            return try storm($0, settings: s)
+        }
     }
 
     /// Runs the storm for one algorithm on a fresh machine.
     public static func storm(_ algorithm: MigrationAlgorithm, settings s: NUMAStormSettings) throws -> NUMAStormResult {
         let bytes = s.pages * PageGeometry.pageSize
-        var config = KernelConfiguration()
-        let nodeBytes = ((bytes * 2 + (16 << 20)) + (2 << 20) - 1) & ~((2 << 20) - 1)
-        config.nodeSizes = [nodeBytes, nodeBytes]
-        config.maxPhysicalBytes = UInt64(nodeBytes) * 2 + (256 << 20)
-        config.addressSpaceSize = 4 << 30
-        config.transparentHugepage = .never
-        if let problem = s.schedule.problem(threads: s.holders + 1) { throw HarnessScheduleError(description: problem) }
-        if s.schedule.deterministic { config.cpus = s.schedule.cpus }
-        let kernel = try Kernel(booting: config)
-        let mm = AddressSpace(kernel: kernel)
-        defer { withExtendedLifetime((kernel, mm)) {} }
+        let (machine, base) = try boot(bytes: bytes, slack: 16 << 20, schedule: s.schedule, threads: s.holders + 1,
+                                       seed: s.seed) { config in
+            config.addressSpaceSize = 4 << 30
+            config.transparentHugepage = .never
+        }
+        let kernel = machine.kernel, mm = machine.mm
         let seed = s.seed
-        let base = try mm.mmap(length: bytes)
-        try mm.fillPattern(base, length: bytes, seed: seed)
         let addresses = (0..<s.pages).map { base + UInt64($0 * PageGeometry.pageSize) }
 
         let stop = Atomic<Bool>(false)
@@ -225,6 +239,7 @@ extension NUMABench {
         let w = stats.lockWaits
         var buckets: [NUMAWaitBucket] = []
         for (i, c) in w.buckets.enumerated() where c > 0 { buckets.append(NUMAWaitBucket(upToNanos: UInt64(1) << UInt64(i + 1), count: c)) }
+        try machine.finishAudited("numa --storm \(algorithm.rawValue)")
         return NUMAStormResult(
             algorithm: algorithm.rawValue, mode: MigrateMode.sync.rawValue, pages: s.pages, holders: s.holders, rounds: s.rounds,
             pagesMigrated: Int(kernel.vmstat[.pgmigrateSuccess] - pages0), pagesNotMigrated: notMigrated,

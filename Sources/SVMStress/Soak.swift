@@ -5,7 +5,9 @@ import XeDriver
 /// The kinds of operation a soak mixes in besides CPU reads and writes
 /// (which every soak runs: they are what checks the bytes).
 public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConvertible {
+    /// The mix's bits.
     public let rawValue: UInt32
+    /// A mix from its bits.
     public init(rawValue: UInt32) { self.rawValue = rawValue }
 
     /// GPU reads and writes through the mirror's device page table (GPU faults on a miss).
@@ -56,6 +58,7 @@ public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConve
     /// The names of the operations in the mix, comma-separated.
     public var description: String { SoakMix.names.filter { contains($0.1) }.map(\.0).joined(separator: ",") }
 
+    /// Decodes a mix from its operation names.
     public init(from decoder: any Decoder) throws {
         let s = try decoder.singleValueContainer().decode([String].self)
         guard let m = SoakMix(names: s.joined(separator: ",")) else {
@@ -64,6 +67,7 @@ public struct SoakMix: OptionSet, Sendable, Hashable, Codable, CustomStringConve
         self = m
     }
 
+    /// Encodes the mix as its operation names.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.singleValueContainer()
         try c.encode(SoakMix.names.filter { contains($0.1) }.map(\.0))
@@ -115,6 +119,7 @@ public struct SoakSettings: Sendable, Codable, Equatable {
     /// The driver soaked: `MirrorDevice`, or the Xe-like driver on GPU SVM.
     public var driver: HarnessDriver = .mirror
 
+    /// The defaults.
     public init() {}
 
     private enum CodingKeys: String, CodingKey {
@@ -122,6 +127,7 @@ public struct SoakSettings: Sendable, Codable, Equatable {
              checksStaleTLBEntries, driver
     }
 
+    /// Decodes settings, every field present.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         operations = try c.decode(Int.self, forKey: .operations)
@@ -154,27 +160,39 @@ public struct SoakSettings: Sendable, Codable, Equatable {
 
 /// What a soak found.
 public struct SoakResult: Sendable, Codable, Equatable {
+    /// The soak that ran.
     public var settings: SoakSettings
     /// Operations run, and each kind.
     public var operations: Int
+    /// CPU reads done.
     public var reads: Int
+    /// CPU writes done.
     public var writes: Int
     /// GPU reads and writes, and the GPU faults (device page-table misses) they took.
     public var gpuReads: Int
+    /// GPU writes done.
     public var gpuWrites: Int
+    /// GPU faults taken.
     public var gpuFaults: Int
     /// Pages migrated to device memory and back by migrate_vma (4 KiB and 2 MiB calls).
     public var migrationsToDevice: Int
+    /// Migrations device -> RAM.
     public var migrationsToSystem: Int
     /// 2 MiB calls (SELECT_COMPOUND) among them, and the device folios split (folio_split callbacks).
     public var hugeMigrations: Int
+    /// Device folios split.
     public var deviceFolioSplits: Int
     /// Pages evicted from device memory.
     public var evictions: Int
+    /// munmap calls.
     public var munmaps: Int
+    /// mprotect calls.
     public var mprotects: Int
+    /// madvise calls.
     public var madvises: Int
+    /// mremap calls.
     public var mremaps: Int
+    /// fork calls.
     public var forks: Int
     /// Reads and writes in the forked children, checked against their own shadows.
     public var childAccesses: Int
@@ -225,6 +243,7 @@ public struct SoakResult: Sendable, Codable, Equatable {
     public var timedOut = false
     /// Scheduling points, and virtual seconds, of the run.
     public var scheduleSteps: UInt64
+    /// Virtual time the soak took, seconds.
     public var virtualSeconds: Double
     /// Host wall time.
     public var seconds: Double
@@ -258,7 +277,7 @@ public enum Soak {
     /// back, and at least 64 MiB (what the default buffer has always had,
     /// so a seed's soak is the same as before for buffers up to 16 MiB).
     public static func nodeBytes(_ bytes: Int) -> Int {
-        max(64 << 20, (2 * bytes + (32 << 20) + PageGeometry.pmdSize - 1) & ~(PageGeometry.pmdSize - 1))
+        Machine.nodeBytes(2 * bytes, slack: 32 << 20, minimum: 64 << 20)
     }
 
     /// Runs one soak.
@@ -278,18 +297,21 @@ public enum Soak {
         config.deviceFaultPolicy = settings.faultPolicy
         config.transparentHugepage = .madvise
         config.checksStaleTLBEntries = settings.checksStaleTLBEntries
-        let kernel: Kernel
-        do { kernel = try Kernel(booting: config) } catch { throw .hostRefused(error) }
-        let mm = AddressSpace(kernel: kernel)
-        let vram = StormHarness.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
+        let machine: Machine
+        do { machine = try Machine(booting: config) } catch { throw .hostRefused(error) }
+        // The soak audits on its own (at its barriers and at the end).
+        defer { machine.finish(auditing: false) }
+        let kernel = machine.kernel, mm = machine.mm
+        let vram = Machine.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
         let driver: any SoakDriver
         switch settings.driver {
         case .mirror: driver = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20))
         case .gpusvm:
-            do { driver = try XeDevice(kernel: kernel, mm: mm, vramBytes: StormHarness.roundUp(vram, to: PageGeometry.pmdSize64)) } catch {
+            do { driver = try XeDevice(kernel: kernel, mm: mm, vramBytes: Machine.roundUp(vram, to: PageGeometry.pmdSize64)) } catch {
                 throw .setupFailed("registering \(vram) bytes of VRAM for the Xe-like driver: \(error)")
             }
         }
+        machine.attach(driver)
         let state: SoakState
         do {
             let small = try mm.mmap(length: smallBytes)
@@ -319,9 +341,7 @@ public enum Soak {
         // A millisecond of host time per operation is far more than any needs.
         schedule.hostTimeoutSeconds = max(600, Double(settings.operations) / 1000)
         schedule.logSteps = settings.logSteps
-        if let machine = settings.machine {
-            machine.apply(to: &schedule)
-        }
+        settings.machine?.apply(to: &schedule)
         let scheduler = DeterministicScheduler(schedule)
         let process = !settings.mix.isDisjoint(with: .addressSpace)
         state.live = settings.cpus + 1 + (process ? 1 : 0)

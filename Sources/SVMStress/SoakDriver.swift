@@ -63,6 +63,7 @@ extension XeDevice: SoakDriver {
 }
 
 extension XeDevice: StormDriver {
+    /// Applies the storm's driver-side knobs (see ``StormDriver/prepare(for:)``).
     public func prepare(for settings: StormSettings) {
         var s = self.settings
         s.exclusiveMigrateToRAMLock = settings.driverLock == .exclusive
@@ -70,6 +71,7 @@ extension XeDevice: StormDriver {
         pagemap.largeFolios = settings.pageSize == .huge
     }
 
+    /// The driver lock of its `migrateToRAM`.
     public var driverLockProbe: DriverLockProbe? {
         let (waiting, holding) = migrateToRAMLockState
         return DriverLockProbe(waiting: waiting, holding: holding)
@@ -85,7 +87,7 @@ extension XeDevice: StormDriver {
     /// error and the kernel's diagnostic.
     public static func stormFactory(vramBytes: UInt64) -> StormDriverFactory {
         { (kernel, mm, index) throws(StormError) -> any StormDriver in
-            let bytes = StormHarness.roundUp(vramBytes, to: PageGeometry.pmdSize64)
+            let bytes = Machine.roundUp(vramBytes, to: PageGeometry.pmdSize64)
             do {
                 return try XeDevice(kernel: kernel, mm: mm, name: "xe\(index)", vramBytes: bytes)
             } catch {

@@ -38,6 +38,7 @@ public struct DriverLockProbe: Sendable, Codable, Equatable {
     public var waiting: Int
     /// Threads holding it (0 or 1 for an exclusive lock).
     public var holding: Int
+    /// A snapshot of `waiting` and `holding` threads.
     public init(waiting: Int, holding: Int) {
         self.waiting = waiting
         self.holding = holding
@@ -50,6 +51,7 @@ public struct DriverLockProbe: Sendable, Codable, Equatable {
 public typealias StormDriverFactory = @Sendable (_ kernel: Kernel, _ mm: AddressSpace, _ index: Int) throws(StormError) -> any StormDriver
 
 extension MirrorDevice: StormDriver {
+    /// Applies the storm's driver-side knobs to the mirror's settings.
     public func prepare(for settings: StormSettings) {
         var s = self.settings
         s.driverLock = settings.driverLock
@@ -61,6 +63,7 @@ extension MirrorDevice: StormDriver {
         self.settings = s
     }
 
+    /// The mirror's driver lock.
     public var driverLockProbe: DriverLockProbe? {
         DriverLockProbe(waiting: driverLockWaiters, holding: driverLockHolders)
     }

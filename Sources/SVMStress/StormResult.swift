@@ -3,14 +3,21 @@ import SVMEmu
 
 /// Mean, median, 99th percentile and maximum of a set of per-page figures.
 public struct StormDistribution: Sendable, Codable, Equatable {
+    /// Values.
     public var count: Int
+    /// Their mean.
     public var mean: Double
+    /// Their median.
     public var p50: Double
+    /// Their 99th percentile.
     public var p99: Double
+    /// The largest.
     public var max: Double
 
+    /// No values.
     public static let empty = StormDistribution(count: 0, mean: 0, p50: 0, p99: 0, max: 0)
 
+    /// A distribution as given.
     public init(count: Int, mean: Double, p50: Double, p99: Double, max: Double) {
         self.count = count
         self.mean = mean
@@ -24,6 +31,7 @@ public struct StormDistribution: Sendable, Codable, Equatable {
         self.init(values.map { Double($0) })
     }
 
+    /// The distribution of `values`.
     public init(_ values: [Double]) {
         guard !values.isEmpty else { self = .empty; return }
         let sorted = values.sorted()
@@ -41,6 +49,7 @@ public struct StormDistribution: Sendable, Codable, Equatable {
 
 /// What happened to one page of the storm.
 public struct PageRecord: Sendable, Codable, Equatable {
+    /// The page's index in the storm.
     public var page: Int
     /// `migrateToRAM` calls (every driver) between the page's barrier and its completion.
     public var migrateToRAMCalls: Int
@@ -56,10 +65,15 @@ public struct PageRecord: Sendable, Codable, Equatable {
 
 /// `migrateToRAM` calls: the total and their distribution over completed pages.
 public struct CallStats: Sendable, Codable, Equatable {
+    /// Calls in the whole storm.
     public var total: Int
+    /// Calls per page: mean.
     public var perPageMean: Double
+    /// Median.
     public var perPageP50: Double
+    /// 99th percentile.
     public var perPageP99: Double
+    /// Most.
     public var perPageMax: Double
 }
 
@@ -67,6 +81,7 @@ public struct CallStats: Sendable, Codable, Equatable {
 public struct StallReport: Sendable, Codable, Equatable {
     /// The page (index in the storm) that made no progress.
     public var page: Int
+    /// The page's address.
     public var address: UInt64
     /// Seconds without a page completing.
     public var secondsWithoutProgress: Double
@@ -75,19 +90,24 @@ public struct StallReport: Sendable, Codable, Equatable {
     /// The folio's reference count and mappings at the most telling sample
     /// (the one with the most references beyond its mappings).
     public var refCount: Int?
+    /// The folio's map count (nil: no folio).
     public var mapCount: Int?
     /// `refCount - mapCount`: references held by threads in the fault path or
     /// in a migration, not by page tables.
     public var referencesBeyondMappings: Int?
+    /// Whether the folio's lock was held (nil: no folio).
     public var folioLocked: Bool?
     /// Storm threads trying to access the page, and waiting at the barrier for them.
     public var threadsAccessing: Int
+    /// Threads done with the page, waiting at the barrier.
     public var threadsAtBarrier: Int
     /// The driver lock at that sample (all drivers added up); nil if no probe.
     public var driverLockWaiting: Int?
+    /// Threads holding the driver lock (nil: the driver cannot tell).
     public var driverLockHolding: Int?
     /// Work done on the page so far.
     public var migrateToRAMCallsOnPage: Int
+    /// Fault retries on the page.
     public var faultRetriesOnPage: Int
     /// One sentence for people.
     public var summary: String
@@ -95,17 +115,22 @@ public struct StallReport: Sendable, Codable, Equatable {
 
 /// The outcome of one storm.
 public struct StormResult: Sendable, Codable, Equatable {
+    /// The storm that ran.
     public var settings: StormSettings
     /// Pages whose storm completed (every thread accessed the page; for the
     /// CPU storms that means the page came back to RAM).
     public var pagesMigrated: Int
     /// The watchdog saw no page complete for `settings.stallSeconds`.
     public var livelocked: Bool
+    /// The page that stalled, if any.
     public var stalledPage: Int?
+    /// What the watchdog saw on it.
     public var stall: StallReport?
+    /// migrateToRAM calls, in all and per page.
     public var migrateToRAMCalls: CallStats
     /// Device-private fault retries in total, and per completed page.
     public var faultRetries: Int
+    /// Fault retries per page.
     public var faultRetriesPerPage: StormDistribution
     /// Microseconds per completed page.
     public var pageMicros: StormDistribution
@@ -117,6 +142,7 @@ public struct StormResult: Sendable, Codable, Equatable {
     /// page's folio unlocked with exactly the references its mappings hold;
     /// no kernel diagnostic (WARN) was recorded.
     public var teardownClean: Bool
+    /// What teardown found (empty when clean).
     public var teardownIssues: [String]
     /// The bytes of every page match the pattern written before the storm
     /// (checked after teardown, single-threaded).
@@ -150,6 +176,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         case driverWork, driverWait, contextSwitches, driver
     }
 
+    /// A result as measured.
     public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
                 migrateToRAMCalls: CallStats, faultRetries: Int, faultRetriesPerPage: StormDistribution,
                 pageMicros: StormDistribution, deviceMigrations: Int, seconds: Double, teardownClean: Bool,
@@ -216,6 +243,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         try c.encode(deadlock, forKey: .deadlock)
     }
 
+    /// Decodes a result (the JSON of `svmemu livelock --json`).
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         var s = StormSettings()
@@ -265,10 +293,15 @@ public struct StormResult: Sendable, Codable, Equatable {
 
 /// What the storm reports while it runs (for a progress line).
 public struct StormProgress: Sendable {
+    /// Pages completed.
     public var pagesDone: Int
+    /// Pages of the storm.
     public var pages: Int
+    /// migrateToRAM calls so far.
     public var migrateToRAMCalls: Int
+    /// Fault retries so far.
     public var faultRetries: Int
+    /// Seconds since the storm started (virtual in a deterministic storm).
     public var seconds: Double
     /// Seconds since the last page completed.
     public var secondsSinceProgress: Double

@@ -50,6 +50,7 @@ public enum StormPageSize: String, Sendable, CaseIterable, Codable {
 
 /// Everything a storm run is configured by.
 public struct StormSettings: Sendable, Codable, Equatable {
+    /// What the threads do to each page.
     public var scenario: StormScenario = .readers
     /// The driver the storm runs against (without a `makeDriver` factory).
     public var driver: HarnessDriver = .mirror
@@ -80,6 +81,7 @@ public struct StormSettings: Sendable, Codable, Equatable {
     public var threads: Int = 8
     /// Pages processed one after the other.
     public var pages: Int = 512
+    /// 4 KiB pages or 2 MiB folios.
     public var pageSize: StormPageSize = .small
     /// Seeds the data pattern every page is filled with (checked after the run).
     public var seed: UInt64 = 1
@@ -102,6 +104,7 @@ public struct StormSettings: Sendable, Codable, Equatable {
     /// (``MachineProfile/virtualCosts``); nil: ``VirtualCosts/measured``.
     public var machine: MachineProfile? = nil
 
+    /// The defaults.
     public init() {}
 
     /// The settings of the canonical storm with the given knobs.
@@ -159,6 +162,7 @@ public enum StormError: Error, CustomStringConvertible, Equatable {
     /// The host refused the machine's memory at boot (`ulimit -v`).
     case hostRefused(HostMemoryRefusal)
 
+    /// The error, for the user.
     public var description: String {
         switch self {
         case .hostRefused(let r): r.description

@@ -7,12 +7,15 @@ import SVMEmu
 
 /// A range of seeds, `first` to `last` inclusive (`1-16`).
 public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
+    /// The first seed.
     public var first: UInt64
+    /// The last seed (inclusive).
     public var last: UInt64
 
     /// The most seeds one sweep takes.
     public static let maxCount: UInt64 = 1_000_000_000
 
+    /// Seeds `first...last`.
     public init(first: UInt64, last: UInt64) {
         self.first = first
         self.last = last
@@ -35,8 +38,10 @@ public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
     /// Seeds in the range (at most 2^64, which no sweep reaches: `maxCount`).
     public var count: UInt64 { last &- first &+ 1 }
 
+    /// "first-last", or the one seed.
     public var description: String { first == last ? "\(first)" : "\(first)-\(last)" }
 
+    /// Decodes "first-last" or a seed.
     public init(from decoder: any Decoder) throws {
         let text = try decoder.singleValueContainer().decode(String.self)
         guard let r = SeedRange(parsing: text) else {
@@ -45,6 +50,7 @@ public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
         self = r
     }
 
+    /// Encodes as ``description``.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.singleValueContainer()
         try c.encode(description)
@@ -59,11 +65,13 @@ public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
 public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringConvertible {
     /// 1...count.
     public var index: Int
+    /// Shards in all.
     public var count: Int
 
     /// The most shards a range is split into.
     public static let maxCount = 100_000
 
+    /// Shard `index` of `count`.
     public init(index: Int, count: Int) {
         self.index = index
         self.count = count
@@ -107,8 +115,10 @@ public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringCo
         return UInt64(count).dividingFullWidth(product).quotient
     }
 
+    /// "index/count".
     public var description: String { "\(index)/\(count)" }
 
+    /// Decodes "index/count".
     public init(from decoder: any Decoder) throws {
         let text = try decoder.singleValueContainer().decode(String.self)
         switch SweepShard.parse(text) {
@@ -118,6 +128,7 @@ public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringCo
         }
     }
 
+    /// Encodes as ``description``.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.singleValueContainer()
         try c.encode(description)
@@ -131,6 +142,7 @@ public enum SweepError: Error, Equatable, CustomStringConvertible {
     /// A line that is not a sweep line: where it is and why.
     case unreadable(String)
 
+    /// The error, for the user.
     public var description: String {
         switch self {
         case .invalid(let m), .unreadable(let m): m
@@ -143,19 +155,23 @@ public enum SweepError: Error, Equatable, CustomStringConvertible {
 public struct SweepHeader: Sendable, Codable, Equatable {
     /// The command (`soak`, `explore`).
     public var command: String
+    /// The shard that ran.
     public var shard: SweepShard
     /// The whole sweep's seeds, and this shard's (nil when it has none).
     public var seeds: SeedRange
+    /// The seeds of the whole sweep this shard ran (nil: all of `seeds`).
     public var shardSeeds: SeedRange?
     /// Every setting besides the seed, as the flags that give it
     /// (`--operations` -> `300000`; a flag without a value -> ``).
     public var settings: [String: String]
+    /// The svmemu version.
     public var version: String
     /// The git revision the binary was built from, when known.
     public var revision: String?
     /// Where the shard ran (the host name).
     public var host: String
 
+    /// A header as written.
     public init(command: String, shard: SweepShard, seeds: SeedRange, settings: [String: String], version: String,
                 revision: String?, host: String) {
         self.command = command
@@ -179,7 +195,9 @@ public struct SweepHeader: Sendable, Codable, Equatable {
 
 /// One seed's result in a shard's output.
 public struct SweepSeedResult: Sendable, Codable, Equatable {
+    /// The shard that ran the seed.
     public var shard: SweepShard
+    /// The seed.
     public var seed: UInt64
     /// `clean`, or what failed first (`livelock`, `deadlock`, `corruption`, ...).
     public var outcome: String
@@ -189,8 +207,10 @@ public struct SweepSeedResult: Sendable, Codable, Equatable {
     public var figures: [String: Double]
     /// For a failing seed: the command that replays it, and the first thing found.
     public var replay: String?
+    /// What failed, in a sentence (nil when clean).
     public var detail: String?
 
+    /// A seed's result as measured.
     public init(shard: SweepShard, seed: UInt64, outcome: String, figures: [String: Double], replay: String? = nil,
                 detail: String? = nil) {
         self.shard = shard
@@ -201,7 +221,9 @@ public struct SweepSeedResult: Sendable, Codable, Equatable {
         self.detail = detail
     }
 
+    /// Whether the seed failed.
     public var failed: Bool { outcome != SweepSeedResult.clean }
+    /// The outcome of a clean seed.
     public static let clean = "clean"
 
     /// The figures that depend on the host, not on the seed.
@@ -212,11 +234,15 @@ public struct SweepSeedResult: Sendable, Codable, Equatable {
 
 /// The last line of a shard: it ran to its end.
 public struct SweepEnd: Sendable, Codable, Equatable {
+    /// The shard that ran.
     public var shard: SweepShard
     /// Seeds run and seeds that failed.
     public var seedsRun: Int
+    /// Seeds that failed.
     public var failing: Int
+    /// Wall time of the shard.
     public var seconds: Double
+    /// A footer as written.
     public init(shard: SweepShard, seedsRun: Int, failing: Int, seconds: Double) {
         self.shard = shard
         self.seedsRun = seedsRun

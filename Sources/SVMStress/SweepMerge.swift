@@ -6,12 +6,17 @@ import Foundation
 
 /// One shard as the merge saw it.
 public struct SweepShardSummary: Sendable, Codable, Equatable {
+    /// The shard.
     public var shard: SweepShard
     /// Where its lines came from (a file name, or `-` for standard input) and where it ran.
     public var source: String
+    /// The host it ran on.
     public var host: String
+    /// Its seeds.
     public var seeds: SeedRange?
+    /// Seeds it ran.
     public var seedsRun: Int
+    /// Seeds that failed.
     public var failing: Int
     /// Host seconds of the shard (from its end line; nil when it has none).
     public var seconds: Double?
@@ -23,12 +28,17 @@ public struct SweepShardSummary: Sendable, Codable, Equatable {
 public struct SweepReport: Sendable, Codable, Equatable {
     /// The sweep's command, seed range and shard count (of the first shard read).
     public var command: String?
+    /// The seeds of the sweep.
     public var seeds: SeedRange?
+    /// Shards merged.
     public var shards: Int
     /// The settings every shard ran with (flags and values), and as arguments.
     public var settings: [String: String]
+    /// The sweep's arguments.
     public var arguments: String
+    /// The svmemu version of the shards.
     public var version: String?
+    /// Their git revision.
     public var revision: String?
     /// Seeds with a result (each seed once).
     public var seedsRun: Int
@@ -59,6 +69,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
              failing, shardSummaries, problems, consistent
     }
 
+    /// A report as merged.
     public init(command: String?, seeds: SeedRange?, shards: Int, settings: [String: String], arguments: String,
                 version: String?, revision: String?, seedsRun: Int, outcomes: [String: Int], figures: [String: Double],
                 firstFailing: SweepSeedResult?, failing: [SweepSeedResult], shardSummaries: [SweepShardSummary],
@@ -79,6 +90,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
         self.problems = problems
     }
 
+    /// Decodes a merged report.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         command = try c.decodeIfPresent(String.self, forKey: .command)
@@ -97,6 +109,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
         problems = try c.decode([String].self, forKey: .problems)
     }
 
+    /// Encodes the report (`svmemu merge --json`).
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(command, forKey: .command)

@@ -74,9 +74,7 @@ struct BenchGoalsCommand: ParsableCommand {
     }
 
     func run() throws {
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu bench goals: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu bench goals")
         var goals: [BenchGoal] = []
         func add(_ g: BenchGoal) {
             goals.append(g)
@@ -148,21 +146,7 @@ struct BenchGoalsCommand: ParsableCommand {
                       note: full ? nil : "200000 operations; --full runs 1000000"))
 
         // numa: 2 MiB folios, two copy threads against one, runs alternating.
-        var settings = NUMABenchSettings()
-        // 16 moves of the 64 MiB buffer (numa's default is 4: a tenth of a
-        // second, where one host preemption moves the ratio by tens of percent).
-        settings.rounds = 16
-        let single = NUMAVariant(algorithm: .batched, pageSize: PageGeometry.pmdSize)
-        let multi = NUMAVariant(algorithm: .batched, copier: .multiThread, copyThreads: 2, pageSize: PageGeometry.pmdSize)
-        settings.variants = [single, multi]
-        var ratios: [Double] = []
-        for pair in 0..<pairs {
-            progress.say("numa, 2 MiB folios, single and 2 copy threads: pair \(pair + 1)/\(pairs)")
-            let one = try NUMABench.run(single, settings: settings)
-            let two = try NUMABench.run(multi, settings: settings)
-            guard one.dataIntact && two.dataIntact else { throw CLIError.runFailed("svmemu bench goals: numa's bytes differ after the migration") }
-            ratios.append(two.pagesPerSecond / max(one.pagesPerSecond, 1))
-        }
+        let ratios = try NUMABench.copyThreadRatios(pairs: pairs) { progress.say("numa, 2 MiB folios, single and 2 copy threads: \($0)") }
         let lowest = ratios.min()!
         let median = ratios.sorted()[ratios.count / 2]
         add(BenchGoal(figure: "numa --rounds 16, 2 MiB folios, 2 copy threads vs 1: pagesPerSecond", measured: lowest,
@@ -171,7 +155,7 @@ struct BenchGoalsCommand: ParsableCommand {
 
         // The copier against this host's own two-thread memcpy, numa's working set.
         progress.say("copier sweep: one 2 MiB folio over two 64 MiB rings")
-        let point = NUMABench.copySweep(threads: 2, repeats: 101, rings: [settings.bufferBytes],
+        let point = NUMABench.copySweep(threads: 2, repeats: 101, rings: [NUMABenchSettings().bufferBytes],
                                         shapes: [(PageGeometry.pmdSize, 1)])[0]
         add(BenchGoal(figure: "numa's copier (2 threads) vs this host's two-thread memcpy, one 2 MiB folio, 64 MiB working set",
                       measured: point.ratioToTwoThread,

@@ -8,10 +8,8 @@ import SVMStress
 
 // MigrationGranularity is ExpressibleByArgument (declared in OverheadCommand.swift).
 
-/// Times `MirrorDevice.migrateToDevice` over a whole buffer followed by
-/// `migrateToSystem` back (plain memcpy copy engine, one thread), and memcpy of
-/// the same number of bytes between two host buffers backed like the emulated
-/// frames (one copy each way, see `MemcpyBaseline`). Both move `2 * bytes`; GB/s are 10^9 bytes per second.
+/// Times a round trip RAM -> VRAM -> RAM against memcpy of the same bytes
+/// (`MigrateBench`) and prints the figures.
 struct BenchMigrateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "migrate",
@@ -80,57 +78,12 @@ struct BenchMigrateCommand: ParsableCommand {
                                       for: "svmemu bench migrate --size \(size)")
     }
 
-    struct Result: Encodable {
-        var granularity: MigrationGranularity
-        var bytes: Int
-        var migrateSeconds: Double
-        var memcpySeconds: Double
-        var streamCopySeconds: Double
-        var toDeviceSeconds: Double
-        var toSystemSeconds: Double
-        var rounds: Int
-        var migrateGBps: Double { Double(2 * bytes) / migrateSeconds / 1e9 }
-        var memcpyGBps: Double { Double(2 * bytes) / memcpySeconds / 1e9 }
-        var ratio: Double { migrateGBps / memcpyGBps }
-        var streamCopyGBps: Double { Double(2 * bytes) / streamCopySeconds / 1e9 }
-        /// Over the faster of memcpy and the streaming copy: the share of the
-        /// achievable copy bandwidth the migration reaches (at most 1 in principle).
-        var ratioToBestCopy: Double { migrateGBps / max(memcpyGBps, streamCopyGBps) }
-        /// What the goal line says for this granularity.
-        var goal: String { granularity == .huge2M ? "goal >= 0.8" : "goal >= 0.5; Linux move_pages at 4 KiB: ~0.25" }
-
-        enum CodingKeys: String, CodingKey {
-            case granularity, bytes, migrateGBps, memcpyGBps, ratio, streamCopyGBps, ratioToBestCopy,
-                 migrateSeconds, toDeviceSeconds, toSystemSeconds, memcpySeconds, rounds
-        }
-
-        /// The measured times and the figures derived from them.
-        func encode(to encoder: any Encoder) throws {
-            var c = encoder.container(keyedBy: CodingKeys.self)
-            try c.encode(granularity.rawValue, forKey: .granularity)
-            try c.encode(bytes, forKey: .bytes)
-            try c.encode(migrateGBps, forKey: .migrateGBps)
-            try c.encode(memcpyGBps, forKey: .memcpyGBps)
-            try c.encode(ratio, forKey: .ratio)
-            try c.encode(streamCopyGBps, forKey: .streamCopyGBps)
-            try c.encode(ratioToBestCopy, forKey: .ratioToBestCopy)
-            try c.encode(migrateSeconds, forKey: .migrateSeconds)
-            try c.encode(toDeviceSeconds, forKey: .toDeviceSeconds)
-            try c.encode(toSystemSeconds, forKey: .toSystemSeconds)
-            try c.encode(memcpySeconds, forKey: .memcpySeconds)
-            try c.encode(rounds, forKey: .rounds)
-        }
-    }
-
-    struct Failure: Error, CustomStringConvertible {
-        let description: String
-    }
+    /// The figures (`MigrateBench`'s).
+    typealias Result = MigrateBenchResult
 
     func run() throws {
         try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu bench migrate: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu bench migrate")
         let bytes = ByteSize.parse(size)!
         let r = try measure(bytes: bytes)
         if json {
@@ -140,62 +93,12 @@ struct BenchMigrateCommand: ParsableCommand {
         }
     }
 
+    /// The harness with this command's arguments, with a progress line.
     func measure(bytes: Int) throws -> Result {
-        let pages = bytes >> PageGeometry.pageShift
-        let machine = try BenchMachine(bytes: bytes, thp: granularity == .huge2M ? .always : .never,
-                                   granularity: granularity, deviceName: "bench0")
-        let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
-        let seed = pattern.seed
-        let base = try space.mmap(length: bytes)
-        try space.fillPattern(base, length: bytes, seed: seed)
-
-        func roundTrip() throws -> (Double, Double) {
-            let t0 = HostClock.nanos()
-            let moved: Int
-            do { moved = try dev.migrateToDevice(base, pages: pages) } catch {
-                throw Failure(description: "svmemu bench migrate: migrateToDevice failed: \(error)")
-            }
-            let t1 = HostClock.nanos()
-            let back: Int
-            do { back = try dev.migrateToSystem(base, pages: pages) } catch {
-                throw Failure(description: "svmemu bench migrate: migrateToSystem failed: \(error)")
-            }
-            let t2 = HostClock.nanos()
-            guard moved == pages, back == pages else {
-                throw Failure(description: "svmemu bench migrate: moved \(moved) pages to VRAM and \(back) back, expected \(pages)")
-            }
-            if let bad = try space.verifyPattern(base, length: bytes, seed: seed) {
-                throw Failure(description: "svmemu bench migrate: BYTES DIFFER after the round trip at 0x\(String(bad, radix: 16))")
-            }
-            let diagnostics = kernel.diagnostics
-            if !diagnostics.isEmpty {
-                throw Failure(description: "svmemu bench migrate: the kernel reported \(diagnostics.count) diagnostics, first: \(diagnostics[0])")
-            }
-            return (Double(t1 - t0) / 1e9, Double(t2 - t1) / 1e9)
-        }
-
         let progress = ProgressLine(label: "svmemu bench migrate \(granularity.rawValue)")
         defer { progress.done() }
-        progress.say("warm-up round trip (first touch of emulated RAM and VRAM)")
-        _ = try roundTrip()  // warm-up: first touch of RAM and VRAM frames, chunk registration
-        // memcpy of the same bytes, there and back, between two buffers backed
-        // like the emulated frames (MemcpyBaseline keeps the optimiser from
-        // eliding either copy). Its rounds alternate with the migration's so
-        // that both see the same machine.
-        let baseline = MemcpyBaseline(bytes: bytes)
-        var best = (Double.infinity, 0.0, 0.0)
-        for round in 0..<rounds {
-            progress.say("round \(round + 1)/\(rounds): round trip, then memcpy")
-            let (there, back) = try roundTrip()
-            if there + back < best.0 { best = (there + back, there, back) }
-            baseline.round()
-        }
-        guard baseline.verify() else {
-            throw Failure(description: "svmemu bench migrate: the memcpy baseline's bytes differ")
-        }
-        let bestCopy = baseline.bestSeconds
-        return Result(granularity: granularity, bytes: bytes, migrateSeconds: best.0, memcpySeconds: bestCopy,
-                      streamCopySeconds: baseline.bestStreamSeconds, toDeviceSeconds: best.1, toSystemSeconds: best.2, rounds: rounds)
+        return try MigrateBench.run(bytes: bytes, granularity: granularity, rounds: rounds, seed: pattern.seed,
+                                    progress: progress.say)
     }
 
     static func render(_ r: Result) -> String {

@@ -1,8 +1,8 @@
 // `svmemu bench thp`: hmm-tests' benchmark_thp_migration on the emulator.
 import ArgumentParser
 import Foundation
-import MirrorDriver
 import SVMEmu
+import SVMStress
 
 /// Reproduces benchmark_thp_migration (tools/testing/selftests/mm/hmm-tests.c):
 /// for buffer sizes from a quarter THP (512 KiB) to 128 THPs (256 MiB), a
@@ -46,36 +46,13 @@ struct BenchTHPCommand: ParsableCommand {
         _ = try ByteSize.check(maxSize, flag: "--max-size", range: Self.maxSizeRange)
     }
 
-    static let thpSize = PageGeometry.pmdSize
+    static let thpSize = THPBench.thpSize
     /// What `--max-size` takes: from the smallest size of the test (a quarter
     /// THP) up; above the largest (256 MiB) every size runs.
     static let maxSizeRange = thpSize / 4...64 * ByteSize.gib
-    static let tests: [(String, Int)] = [
-        ("Small Buffer", thpSize / 4),
-        ("Half THP Size", thpSize / 2),
-        ("Single THP Size", thpSize),
-        ("Two THP Size", thpSize * 2),
-        ("Four THP Size", thpSize * 4),
-        ("Eight THP Size", thpSize * 8),
-        ("One twenty eight THP Size", thpSize * 128),
-    ]
 
-    struct Side: Encodable {
-        var sysToDevMs: Double
-        var devToSysMs: Double
-        var bytes: Int
-        var sysToDevGBps: Double { Double(bytes) / Double(1 << 30) / (sysToDevMs / 1000) }
-        var devToSysGBps: Double { Double(bytes) / Double(1 << 30) / (devToSysMs / 1000) }
-
-        enum CodingKeys: String, CodingKey { case sysToDevMs, devToSysMs, sysToDevGBps, devToSysGBps }
-        func encode(to encoder: any Encoder) throws {
-            var c = encoder.container(keyedBy: CodingKeys.self)
-            try c.encode(sysToDevMs, forKey: .sysToDevMs)
-            try c.encode(devToSysMs, forKey: .devToSysMs)
-            try c.encode(sysToDevGBps, forKey: .sysToDevGBps)
-            try c.encode(devToSysGBps, forKey: .devToSysGBps)
-        }
-    }
+    /// One side of a size (`THPBench`'s).
+    typealias Side = THPBenchSide
 
     /// One size of the benchmark, as the JSON's `sizes` holds it.
     struct SizeResult: Encodable {
@@ -91,20 +68,16 @@ struct BenchTHPCommand: ParsableCommand {
         var sizes: [SizeResult]
     }
 
-    struct Failure: Error, CustomStringConvertible { let description: String }
-
     func run() throws {
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu bench thp: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu bench thp")
         let limit = ByteSize.parse(maxSize)!
         var rows: [(String, Int, Side, Side)] = []
         let progress = ProgressLine(label: "svmemu bench thp")
-        for (name, size) in Self.tests where size <= limit {
+        for (name, size) in THPBench.sizes where size <= limit {
             progress.say("\(name): with THP")
-            let thp = try Self.measure(bytes: size, thp: true, iterations: iterations, seed: pattern.seed)
+            let thp = try THPBench.measure(bytes: size, thp: true, iterations: iterations, seed: pattern.seed)
             progress.say("\(name): without THP")
-            let regular = try Self.measure(bytes: size, thp: false, iterations: iterations, seed: pattern.seed)
+            let regular = try THPBench.measure(bytes: size, thp: false, iterations: iterations, seed: pattern.seed)
             progress.done()
             rows.append((name, size, thp, regular))
             if !json { print(Self.render(name, size, thp, regular)) }
@@ -115,54 +88,6 @@ struct BenchTHPCommand: ParsableCommand {
         } else {
             print(Self.summary(rows))
         }
-    }
-
-    /// One run_migration_benchmark(): a fresh machine, mapping and device.
-    static func measure(bytes: Int, thp: Bool, iterations: Int, seed: UInt64) throws -> Side {
-        let machine = try BenchMachine(bytes: bytes, thp: .madvise, granularity: thp ? .huge2M : .base4K,
-                                   deviceName: "hmm_dmirror0")
-        let kernel = machine.kernel, space = machine.mm!, dev = machine.device!
-        let pages = bytes >> PageGeometry.pageShift
-        // mmap of a 2 MiB multiple is 2 MiB aligned in the emulator; smaller
-        // buffers are placed at a 2 MiB boundary explicitly.
-        let base = try space.mmap(address: space.baseAddress + (64 << 20), length: bytes)
-        try space.madvise(base, length: bytes, advice: thp ? .hugePage : .noHugePage)
-        try space.fillPattern(base, length: bytes, seed: seed)
-
-        func there() throws -> Double {
-            let t0 = HostClock.nanos()
-            let n = try dev.migrateToDevice(base, pages: pages)
-            let t1 = HostClock.nanos()
-            guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages reached VRAM") }
-            return Double(t1 - t0) / 1e6
-        }
-        func back() throws -> Double {
-            let t0 = HostClock.nanos()
-            let n = try dev.migrateToSystem(base, pages: pages)
-            let t1 = HostClock.nanos()
-            guard n == pages else { throw Failure(description: "bench thp: \(n) of \(pages) pages came back") }
-            return Double(t1 - t0) / 1e6
-        }
-        _ = try there()
-        _ = try back()
-        var s2d = 0.0, d2s = 0.0
-        for _ in 0..<iterations {
-            s2d += try there()
-            d2s += try back()
-        }
-        if let bad = try space.verifyPattern(base, length: bytes, seed: seed) {
-            throw Failure(description: "bench thp: BYTES DIFFER at 0x\(String(bad, radix: 16)) (\(bytes) bytes, thp \(thp))")
-        }
-        if thp && bytes >= thpSize {
-            guard space.entry(at: base).level == .pmd else {
-                throw Failure(description: "bench thp: the THP run did not keep 2 MiB folios")
-            }
-        }
-        let diagnostics = kernel.diagnostics
-        if !diagnostics.isEmpty {
-            throw Failure(description: "bench thp: the kernel reported \(diagnostics.count) diagnostics, first: \(diagnostics[0])")
-        }
-        return Side(sysToDevMs: s2d / Double(iterations), devToSysMs: d2s / Double(iterations), bytes: bytes)
     }
 
     /// print_benchmark_results(): one table per size, improvements as the

@@ -124,11 +124,8 @@ struct NumaCommand: ParsableCommand {
         }
     }
 
-    struct Results: Encodable {
-        var variants: [NUMAVariantResult]
-        var batchSweep: [NUMABatchPoint]
-        var copySweep: [NUMACopyPoint]
-    }
+    /// The results of `--json` (`NUMABench.runAll`'s).
+    typealias Results = NUMABenchResults
 
     struct StormResults: Encodable {
         var storm: [NUMAStormResult]
@@ -170,29 +167,12 @@ struct NumaCommand: ParsableCommand {
         if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
         defer { progress.done() }
-        var results: [NUMAVariantResult] = []
-        for v in settings.variants {
-            progress.say(v.label)
-            results.append(try NUMABench.run(v, settings: settings))
-        }
-        var sweep: [NUMABatchPoint] = []
-        var copySweep: [NUMACopyPoint] = []
-        if !noSweep {
-            progress.say("batch-size sweep")
-            sweep = try NUMABench.sweep(settings: settings)
-            if !settings.schedule.deterministic {
-                progress.say("copier sweep")
-                copySweep = NUMABench.copySweep(threads: max(2, copyThreads))
-            }
-        }
-        return Results(variants: results, batchSweep: sweep, copySweep: copySweep)
+        return try NUMABench.runAll(settings, sweeps: !noSweep, copyThreads: copyThreads, progress: progress.say)
     }
 
     func run() throws {
         try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu numa: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu numa")
         if storm { return try runStorm() }
         let all = try variantResults()
         let results = all.variants, sweep = all.batchSweep, copySweep = all.copySweep
@@ -225,13 +205,8 @@ struct NumaCommand: ParsableCommand {
         settings.seed = threads.seed
         settings.schedule = try harnessSchedule()
         let progress = ProgressLine(label: "svmemu numa --storm")
-        var results: [NUMAStormResult] = []
-        for a in settings.algorithms {
-            progress.say(a.rawValue)
-            results.append(try NUMABench.storm(a, settings: settings))
-        }
-        progress.done()
-        return StormResults(storm: results)
+        defer { progress.done() }
+        return StormResults(storm: try NUMABench.storm(settings, progress: progress.say))
     }
 
     /// The storm, printed.

@@ -180,50 +180,32 @@ struct OverheadCommand: ParsableCommand {
             granularities = [.base4K]
         }
         let directions = direction.map { [$0] } ?? OverheadDirection.allCases
-        let models = try copyModels()
         let line = ProgressLine(label: "svmemu overhead")
-        let runs = directions.count * models.count * granularities.count
-        let schedule = try harnessSchedule()
-        let harnessDriver = try harnessDriver()
-
-        var results: [OverheadResult] = []
-        for d in directions {
-            for m in models {
-                for g in granularities {
-                    let run = results.count + 1
-                    var c = OverheadConfiguration()
-                    c.bytes = bytes
-                    c.driver = harnessDriver
-                    c.granularity = g
-                    c.direction = d
-                    c.copyModel = m
-                    c.copyThreads = copyThreads
-                    c.faultPages = faultSize == .huge2M && g == .base4K && d == .toDevice ? PageGeometry.pmdPages : 1
-                    c.rounds = rounds
-                    c.busyCPUs = busyCPUs
-                    c.seed = threads.seed
-                    c.schedule = schedule
-                    c.traceEventsPerCPU = trace != nil ? Self.traceEventsPerCPU : 0
-                    c.progress = line.enabled ? { @Sendable status in line.say("run \(run)/\(runs): \(status)") } : nil
-                    let r: OverheadResult
-                    do { r = try OverheadHarness.run(c) } catch {
-                        line.done()
-                        throw CLIError.runFailed("svmemu overhead: \(error)")
-                    }
-                    line.done()
-                    results.append(r)
-                    done(r)
-                }
+        var base = OverheadConfiguration()
+        base.bytes = bytes
+        base.driver = try harnessDriver()
+        base.copyThreads = copyThreads
+        base.rounds = rounds
+        base.busyCPUs = busyCPUs
+        base.seed = threads.seed
+        base.schedule = try harnessSchedule()
+        base.traceEventsPerCPU = trace != nil ? Self.traceEventsPerCPU : 0
+        let configurations = base.matrix(directions: directions, copyModels: try copyModels(), granularities: granularities,
+                                         wholeRangeFaults: faultSize == .huge2M)
+        do {
+            return try OverheadHarness.run(configurations, status: line.enabled ? { @Sendable in line.say($0) } : nil) { r in
+                line.done()
+                done(r)
             }
+        } catch {
+            line.done()
+            throw CLIError.runFailed("svmemu overhead: \(error)")
         }
-        return results
     }
 
     func run() throws {
         try preflight()
-        #if DEBUG
-        FileHandle.standardError.write(Data("svmemu overhead: warning: this is a debug build; figures are not meaningful (use swift build -c release)\n".utf8))
-        #endif
+        warnIfDebugBuild("svmemu overhead")
         let bytes = ByteSize.parse(size)!
         let results = try runs { r in if !json { print(OverheadReport.table(r)) } }
         if !json && results.count > 1 {

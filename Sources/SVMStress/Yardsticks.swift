@@ -1,11 +1,88 @@
-// The yardstick every migration throughput is reported against: memcpy of the
-// same bytes, in the same run, between host buffers backed like emulated RAM
-// and VRAM.
+// The yardsticks every migration and copy figure is reported against,
+// measured in one place: memcpy of the same bytes (`MemcpyBaseline`: a round
+// trip between buffers backed like emulated RAM and VRAM, with and without
+// streaming stores), memcpy in granule-sized chunks (the overhead
+// breakdown's), a cache-hot 4 KiB memcpy (bench memory's), and this host's
+// own two-thread memcpy (`TwoThreadMemcpy`, the folio copier's).
+//
+// (The machine profile's memcpy bandwidths, `svmemu calibrate`, are a
+// different measurement: C loops over working sets of every size, for the
+// virtual costs; see Calibration.swift.)
 
 import Foundation
 import SVMEmu
 import Synchronization
 import CSVMSupport
+
+/// The memcpy yardsticks that are a single figure; the ones a benchmark
+/// interleaves with its own rounds are ``MemcpyBaseline`` and
+/// ``TwoThreadMemcpy``.
+public enum Yardsticks {
+    /// memcpy of `bytes` in `granule` chunks over a ring of at most 64 MiB
+    /// (source and destination), best of three, in GB/s. With `streaming`,
+    /// the chunks are copied with streaming stores (one fence per round).
+    /// The overhead breakdown's `memcpyGBps` and `streamCopyGBps`.
+    public static func chunkedCopyGBps(granule: Int, bytes: Int, streaming: Bool = false) -> Double {
+        let ring = min(bytes, 64 << 20)
+        return withCopyRings(bytes: ring) { src, dst in
+            var best = UInt64.max
+            for _ in 0..<3 {
+                var done = 0, offset = 0
+                let t0 = HostClock.nanos()
+                while done < bytes {
+                    HostMemory.copy(to: dst + offset, from: src + offset, bytes: granule, streaming: streaming)
+                    HostMemory.escape(dst + offset)
+                    done += granule
+                    offset += granule
+                    if offset + granule > ring { offset = 0 }
+                }
+                if streaming { HostMemory.storeFence() }
+                best = min(best, HostClock.nanos() - t0)
+            }
+            return Double(bytes) / Double(max(1, best))
+        }
+    }
+
+    /// memcpy of 4 KiB between two cache-hot buffers, best of `rounds + 2`
+    /// rounds of 200,000 copies, in nanoseconds per copy: bench memory's
+    /// `memcpy4KNanos`.
+    public static func memcpy4KNanos(rounds: Int) -> Double {
+        let src = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
+        let dst = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
+        defer { src.deallocate(); dst.deallocate() }
+        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: PageGeometry.pageSize)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
+        let iterations = 200_000
+        var best = Double.infinity
+        for _ in 0..<(rounds + 2) {
+            let t0 = HostClock.nanos()
+            for i in 0..<iterations {
+                src.storeBytes(of: UInt8(truncatingIfNeeded: i), as: UInt8.self)
+                HostMemory.copy(to: dst, from: src, bytes: PageGeometry.pageSize)
+                HostMemory.escape(dst)
+            }
+            let t1 = HostClock.nanos()
+            best = min(best, Double(t1 - t0) / Double(iterations))
+        }
+        return best
+    }
+
+    /// Runs `body` with two rings of `bytes` for timing copies: backed like
+    /// emulated RAM and VRAM (`Kernel.reserveFrames`, as ``MemcpyBaseline``'s), the
+    /// source filled with 0x5a and the destination zeroed, both written once so
+    /// that no host first-touch fault is timed; released after.
+    static func withCopyRings<R>(bytes: Int, _ body: (UnsafeMutableRawPointer, UnsafeMutableRawPointer) throws -> R) rethrows -> R {
+        let src = Kernel.reserveFrames(bytes: bytes)
+        let dst = Kernel.reserveFrames(bytes: bytes)
+        defer {
+            Kernel.releaseFrames(src, bytes: bytes)
+            Kernel.releaseFrames(dst, bytes: bytes)
+        }
+        src.initializeMemory(as: UInt8.self, repeating: 0x5a, count: bytes)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        return try body(src, dst)
+    }
+}
 
 /// memcpy of `bytes` there and back (A -> B, then B -> A) between two buffers
 /// from `Kernel.reserveFrames` (host huge pages where the host allows, like the

@@ -2,8 +2,8 @@ import SVMEmu
 import SVMStress
 import Testing
 
-@Suite("memcpy baseline")
-struct MemcpyBaselineTests {
+@Suite("yardsticks: the memcpy baselines")
+struct YardsticksTests {
 
     @Test("copies every byte there and back and reports the best round")
     func copiesAndReports() throws {
@@ -37,5 +37,15 @@ struct MemcpyBaselineTests {
         #expect(p.load(fromByteOffset: bytes - 8, as: UInt64.self) == 0)
         p.storeBytes(of: 0x1234_5678, toByteOffset: bytes - 8, as: UInt64.self)
         #expect(p.load(fromByteOffset: bytes - 8, as: UInt64.self) == 0x1234_5678)
+    }
+
+    @Test("the chunked copy and the cache-hot 4 KiB copy give finite, positive figures")
+    func singleFigures() {
+        let gbps = Yardsticks.chunkedCopyGBps(granule: 4096, bytes: 1 << 20)
+        let streamed = Yardsticks.chunkedCopyGBps(granule: 4096, bytes: 1 << 20, streaming: true)
+        #expect(gbps > 0 && gbps.isFinite)
+        #expect(streamed > 0 && streamed.isFinite)
+        let nanos = Yardsticks.memcpy4KNanos(rounds: 0)
+        #expect(nanos > 0 && nanos.isFinite)
     }
 }

@@ -1,0 +1,161 @@
+// `svmemu bench memory`'s harness: the cost of the emulated memory core.
+import SVMEmu
+
+/// What every emulated access and fault pays (`svmemu bench memory --json`),
+/// each against the yardstick, a cache-hot 4 KiB memcpy
+/// (``Yardsticks/memcpy4KNanos(rounds:)``).
+public struct MemoryBenchResult: Encodable, Sendable, Equatable {
+    /// One `AddressSpace.load` of a mapped byte over 4 MiB of pages (which
+    /// the emulated CPU's TLB holds), best round, nanoseconds.
+    public var readNanos: Double
+    /// The same over 64 pages: every read hits the TLB and takes no lock.
+    public var tlbHitReadNanos: Double
+    /// The same over 32 MiB, which the TLB cannot hold: every read walks
+    /// the page tables and fills an entry.
+    public var tlbMissReadNanos: Double
+    /// One TLB flush of a page while a second CPU keeps reading the address
+    /// space (the IPI, the wait for its instruction boundary, its flush).
+    public var shootdownNanos: Double
+    /// The first write to a page of a fresh anonymous mapping with THP off
+    /// (fault, zeroed 4 KiB page, rmap, PTE), mmap excluded, best round, per page.
+    public var demandZeroFaultNanos: Double
+    /// The same in the first round (host memory cold).
+    public var demandZeroFirstRoundNanos: Double
+    /// The emulator's page metadata per 4 KiB page, bytes.
+    public var metadataBytesPerPage: Int
+    /// The yardstick: a cache-hot 4 KiB memcpy, nanoseconds.
+    public var memcpy4KNanos: Double
+
+    /// The figures as measured.
+    public init(readNanos: Double, tlbHitReadNanos: Double, tlbMissReadNanos: Double, shootdownNanos: Double,
+                demandZeroFaultNanos: Double, demandZeroFirstRoundNanos: Double, metadataBytesPerPage: Int,
+                memcpy4KNanos: Double) {
+        self.readNanos = readNanos
+        self.tlbHitReadNanos = tlbHitReadNanos
+        self.tlbMissReadNanos = tlbMissReadNanos
+        self.shootdownNanos = shootdownNanos
+        self.demandZeroFaultNanos = demandZeroFaultNanos
+        self.demandZeroFirstRoundNanos = demandZeroFirstRoundNanos
+        self.metadataBytesPerPage = metadataBytesPerPage
+        self.memcpy4KNanos = memcpy4KNanos
+    }
+}
+
+/// The harness of `svmemu bench memory`.
+public enum MemoryBench {
+    /// Measures every figure of ``MemoryBenchResult`` on a fresh machine
+    /// (one node, THP off): reads over 4 MiB, 64 pages and 32 MiB, a
+    /// shootdown, demand-zero faults over a fresh `faultBytes` mapping per
+    /// round; best of `rounds` rounds each.
+    ///
+    /// - Parameter seed: the pattern the read sets hold.
+    /// - Throws: ``HarnessFailure`` when a count or a byte is not what the
+    ///   mechanism guarantees, or the kernel audit after the run finds
+    ///   something; `HostMemoryRefusal` when the host refuses the machine.
+    public static func run(faultBytes: Int, rounds: Int, seed: UInt64) throws -> MemoryBenchResult {
+        let memcpyNanos = Yardsticks.memcpy4KNanos(rounds: rounds)
+        var config = KernelConfiguration()
+        // Room for the demand-zero mapping plus the read set, on one node.
+        config.nodeSizes = [faultBytes + (128 << 20)]
+        config.maxPhysicalBytes = UInt64(faultBytes) + (1 << 30)
+        config.transparentHugepage = .never
+        let machine = try Machine(booting: config)
+        let mm = machine.mm
+        // Reads: one byte per page, best round: 4 MiB (readNanos), 64
+        // pages (all TLB hits), 32 MiB (all TLB misses).
+        let readNanos = try measureReads(mm, pages: 1024, passes: 64, rounds: rounds, seed: seed)
+        let hitNanos = try measureReads(mm, pages: 64, passes: 1024, rounds: rounds, seed: seed)
+        let missNanos = try measureReads(mm, pages: 8192, passes: 8, rounds: rounds, seed: seed)
+        let shootdown = try measureShootdown(machine.kernel, mm, rounds: rounds)
+        let (faultNanos, firstFaultNanos) = try measureDemandZero(machine.kernel, mm, bytes: faultBytes, rounds: rounds)
+        try machine.finishAudited("svmemu bench memory")
+        return MemoryBenchResult(readNanos: readNanos, tlbHitReadNanos: hitNanos, tlbMissReadNanos: missNanos,
+                                 shootdownNanos: shootdown, demandZeroFaultNanos: faultNanos,
+                                 demandZeroFirstRoundNanos: firstFaultNanos,
+                                 metadataBytesPerPage: Kernel.metadataBytesPerPage, memcpy4KNanos: memcpyNanos)
+    }
+
+    /// One emulated byte read per page over `pages` written pages (byte `i`
+    /// of the pattern of `seed` in page `i`), `passes` times a round, best
+    /// round, in nanoseconds per read.
+    static func measureReads(_ mm: AddressSpace, pages: Int, passes: Int, rounds: Int, seed: UInt64) throws -> Double {
+        let base = try mm.mmap(length: pages * 4096)
+        defer { try? mm.munmap(base, length: pages * 4096) }
+        func byte(_ i: Int) -> UInt8 { UInt8(truncatingIfNeeded: ((UInt64(i) &+ seed) &* 0x9E37_79B9_7F4A_7C15) >> 56) }
+        for i in 0..<pages { try mm.store(base + UInt64(i * 4096), byte(i)) }
+        var best = Double.infinity
+        var sink: UInt64 = 0
+        for _ in 0..<(rounds + 2) {  // two extra rounds warm caches up; the best round wins
+            let t0 = HostClock.nanos()
+            for _ in 0..<passes {
+                var a = base
+                for _ in 0..<pages {
+                    sink &+= UInt64(try mm.load(a))
+                    a &+= 4096
+                }
+            }
+            let t1 = HostClock.nanos()
+            best = min(best, Double(t1 - t0) / Double(passes * pages))
+        }
+        // Every read must have returned the byte written (the loop is not optimised away).
+        var perPass: UInt64 = 0
+        for i in 0..<pages { perPass &+= UInt64(byte(i)) }
+        guard sink == perPass &* UInt64(passes * (rounds + 2)) else {
+            throw HarnessFailure("svmemu bench memory: emulated reads returned wrong bytes")
+        }
+        return best
+    }
+
+    /// A one-page TLB flush while a second CPU reads the address space in a
+    /// loop (``BusyCPUs``: the flusher sends it an IPI and waits for its
+    /// instruction boundary), best round, in nanoseconds per flush.
+    static func measureShootdown(_ kernel: Kernel, _ mm: AddressSpace, rounds: Int) throws -> Double {
+        let a = try mm.mmap(length: 4096)
+        defer { try? mm.munmap(a, length: 4096) }
+        try mm.store(a, 1)
+        let peer = try BusyCPUs(mm, count: 1, threads: HarnessThreads(HarnessSchedule()))
+        defer { peer.stop() }
+        peer.waitUntilRunning()
+        let flushes = 2000
+        var best = Double.infinity
+        for _ in 0..<(rounds + 1) {
+            let before = kernel.vmstat[.tlbIPIsSent]
+            let t0 = HostClock.nanos()
+            for _ in 0..<flushes { mm.flushTLBRange(a, a + 4096) }
+            let t1 = HostClock.nanos()
+            guard kernel.vmstat[.tlbIPIsSent] - before == UInt64(flushes) else {
+                throw HarnessFailure("svmemu bench memory: \(flushes) shootdowns sent \(kernel.vmstat[.tlbIPIsSent] - before) IPIs to the second CPU (expected one each)")
+            }
+            best = min(best, Double(t1 - t0) / Double(flushes))
+        }
+        return best
+    }
+
+    /// First-touch writes over a fresh `bytes` mapping per round (mmap
+    /// excluded): the best round and the first, in nanoseconds per page.
+    static func measureDemandZero(_ kernel: Kernel, _ mm: AddressSpace, bytes: Int,
+                                  rounds: Int) throws -> (best: Double, first: Double) {
+        let pages = bytes / PageGeometry.pageSize
+        var best = Double.infinity, first = 0.0
+        for round in 0..<rounds {
+            let a = try mm.mmap(length: bytes)
+            let before = kernel.vmstat[.demandZeroFaults]
+            let t0 = HostClock.nanos()
+            var p = a
+            for _ in 0..<pages {
+                try mm.store(p, 1)
+                p &+= PageGeometry.pageSize64
+            }
+            let t1 = HostClock.nanos()
+            let faults = kernel.vmstat[.demandZeroFaults] - before
+            guard faults == UInt64(pages) else {
+                throw HarnessFailure("svmemu bench memory: expected \(pages) demand-zero faults, counted \(faults)")
+            }
+            let perPage = Double(t1 - t0) / Double(pages)
+            if round == 0 { first = perPage }
+            best = min(best, perPage)
+            try mm.munmap(a, length: bytes)
+        }
+        return (best, first)
+    }
+}
