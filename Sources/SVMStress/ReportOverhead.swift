@@ -140,7 +140,7 @@ public enum OverheadReport {
                 ChartSegment(name, microsPerMiB(r, name), color: phaseColors[name] ?? "#999999")
             }, groupStart: newGroup(i))
         }
-        let bytes = Set(results.map(\.bytes)).sorted().map { $0 % ByteSize.mib == 0 ? "\($0 >> 20) MiB" : ByteSize.describe($0) }.joined(separator: ", ")
+        let bytes = Set(results.map(\.bytes)).sorted().map(Chart.size).joined(separator: ", ")
         let drivers = Set(results.map(\.driver)).sorted().joined(separator: ", ")
         let virtual = results.contains { $0.deterministic == true }
         var chart = Chart(

@@ -2,6 +2,7 @@
 // or stacked), each with an axis, ticks and its unit, on a white page with a
 // title that says what ran. Hand-written SVG 1.1; no dependencies.
 import Foundation
+import SVMEmu
 
 /// How a panel maps values to bar lengths.
 public enum ChartScale: Sendable, Equatable {
@@ -151,6 +152,14 @@ public struct Chart: Sendable {
         return String(format: "%.2g", v)
     }
 
+    /// A size for a title: "4 MiB" when whole, else "4.5 MiB".
+    public static func size(_ bytes: Int) -> String {
+        for (unit, name) in [(ByteSize.gib, "GiB"), (ByteSize.mib, "MiB"), (ByteSize.kib, "KiB")] where bytes >= unit && bytes % unit == 0 {
+            return "\(bytes / unit) \(name)"
+        }
+        return ByteSize.describe(bytes)
+    }
+
     /// "virtual time (deterministic ...)" or "host time" with the build: the
     /// subtitle every chart of a harness run carries.
     public static func timeBase(virtual: Bool, detail: String = "") -> String {
@@ -242,6 +251,13 @@ public struct Chart: Sendable {
         }
         s += "<line class=\"axis\" x1=\(q(plotX)) y1=\(q(barsBottom)) x2=\(q(plotX + Self.plotWidth)) y2=\(q(barsBottom)) stroke=\"#333333\"/>\n"
         s += text(plotX + Self.plotWidth / 2, barsBottom + 32, panel.unit + (axis.log ? " (log scale)" : ""), size: 11, anchor: "middle")
+        // The reference line under the bars, so that figures stay readable.
+        if let r = panel.reference, axis.contains(r) {
+            let x = plotX + axis.position(r) * Self.plotWidth
+            s += "<line class=\"reference\" x1=\(q(x)) y1=\(q(barsTop - 6)) x2=\(q(x)) y2=\(q(barsBottom)) "
+                + "stroke=\"#c0392b\" stroke-width=\"1.5\" stroke-dasharray=\"5,3\"/>\n"
+            s += text(x + 4, barsTop - 2, panel.referenceLabel, size: 10, fill: "#c0392b")
+        }
         for (bar, rowY) in rows {
             s += text(plotX - 8, rowY + Self.barHeight - 4, bar.label, anchor: "end")
             var x = plotX
@@ -258,13 +274,7 @@ public struct Chart: Sendable {
                 }
                 x += w
             }
-            s += text(x + 4, rowY + Self.barHeight - 4, bar.figure ?? panel.format(bar.total), size: 11)
-        }
-        if let r = panel.reference, axis.contains(r) {
-            let x = plotX + axis.position(r) * Self.plotWidth
-            s += "<line class=\"reference\" x1=\(q(x)) y1=\(q(barsTop - 6)) x2=\(q(x)) y2=\(q(barsBottom)) "
-                + "stroke=\"#c0392b\" stroke-width=\"1.5\" stroke-dasharray=\"5,3\"/>\n"
-            s += text(x + 4, barsTop - 2, panel.referenceLabel, size: 10, fill: "#c0392b")
+            s += text(x + 4, rowY + Self.barHeight - 4, bar.figure ?? panel.format(bar.total), size: 11, halo: true)
         }
         return barsBottom + 48
     }
@@ -337,9 +347,10 @@ public struct Chart: Sendable {
     // MARK: SVG text
 
     private func text(_ x: Double, _ y: Double, _ s: String, size: Double = 12, bold: Bool = false,
-                      anchor: String = "start", fill: String = "#000000") -> String {
+                      anchor: String = "start", fill: String = "#000000", halo: Bool = false) -> String {
         "<text x=\(q(x)) y=\(q(y))" + (size != 12 ? " font-size=\"\(Int(size))\"" : "") + (bold ? " font-weight=\"bold\"" : "")
             + (anchor != "start" ? " text-anchor=\"\(anchor)\"" : "") + (fill != "#000000" ? " fill=\"\(fill)\"" : "")
+            + (halo ? " stroke=\"#ffffff\" stroke-width=\"3\" paint-order=\"stroke\"" : "")
             + ">\(Self.xml(s))</text>\n"
     }
 

@@ -48,6 +48,14 @@ public struct Table: Sendable {
         self.rule = rule
     }
 
+    /// `rows` as a table, the first row the header, every column aligned
+    /// `align` (left: a listing of words).
+    public static func columns(_ rows: [[String]], align: Alignment = .left) -> String {
+        var t = Table(rows.first ?? [], align: [align])
+        for row in rows.dropFirst() { t.add(row) }
+        return t.text
+    }
+
     /// Adds a row; a row shorter than the header leaves its last cells empty.
     public mutating func add(_ cells: [String]) { rows.append(cells) }
 
