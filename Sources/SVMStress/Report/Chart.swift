@@ -289,7 +289,10 @@ public struct Chart: Sendable {
             let totals = panel.bars.map(\.total) + [panel.reference].compactMap { $0 }
             if panel.resolvedScale == .log, let lo = totals.filter({ $0 > 0 }).min(), let hi = totals.max() {
                 log = true
+                // The smallest bar gets a length: the axis starts a decade
+                // below it when it sits on a power of ten.
                 var a = Foundation.pow(10, Foundation.floor(Foundation.log10(lo)))
+                if a >= lo * 0.999 { a /= 10 }
                 var b = Foundation.pow(10, Foundation.ceil(Foundation.log10(max(panel.maximum ?? hi, hi))))
                 if b <= a { b = a * 10 }
                 if b / a > 1e12 { a = b / 1e12 }
