@@ -56,7 +56,7 @@ public enum OverheadReport {
         out += yardsticksMeasured(r)
             ? " (same chunks: memcpy \(Cell.fixed(r.memcpyGBps, 2)) GB/s, streaming copy \(Cell.fixed(r.streamCopyGBps, 2)) GB/s; "
                 + "\(Cell.fixed(r.throughputGBps / bestCopy, 2))x the faster)\n"
-            : " (memcpy and streaming copy: - , not measured in virtual time)\n"
+            : " (memcpy and streaming copy: -, not measured in virtual time)\n"
         out += "  setup calls per MiB \(Cell.fixed(r.setupCallsPerMiB, 1)), finalize calls per MiB \(Cell.fixed(r.finalizeCallsPerMiB, 1))\n"
         if r.wallSecondsTimersOff > 0 {
             out += String(format: "  instrumentation cost %+.1f%% measured (median of chunk pairs; %.3f s timed vs %.3f s untimed), ",
@@ -110,7 +110,7 @@ public enum OverheadReport {
     /// Two panels of stacked bars, one bar per run (grouped by direction and
     /// copy model, 4 KiB before 2 MiB): each phase's share of the fault in
     /// percent, and the time per MiB migrated in µs (so 4 KiB and 2 MiB
-    /// compare per byte, on a log axis when they are decades apart), with
+    /// compare per byte), with
     /// the phases' legend. Deterministic runs say "virtual time".
     public static func svg(_ input: [OverheadResult]) -> String {
         let modelRank = Dictionary(uniqueKeysWithValues: OverheadCopyModel.allCases.enumerated().map { ($1.rawValue, $0) })

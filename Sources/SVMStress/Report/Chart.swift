@@ -11,7 +11,8 @@ public enum ChartScale: Sendable, Equatable {
     /// Decades (ticks at powers of ten), for values that span them; a value
     /// of 0 or below gets no bar.
     case log
-    /// Log when the positive values span two decades or more, else linear.
+    /// Log when the positive values span two decades or more, else linear
+    /// (always linear for stacked bars).
     case auto
 
     /// The scale `.auto` picks for `values`.
@@ -104,9 +105,11 @@ public struct ChartPanel: Sendable {
         self.format = format
     }
 
-    /// The scale the panel draws with (`.auto` resolved).
+    /// The scale the panel draws with (`.auto` resolved). Stacked bars
+    /// stay linear: on a log axis the first part would look the largest.
     public var resolvedScale: ChartScale {
-        scale == .auto ? ChartScale.fitting(bars.map(\.total)) : scale
+        guard scale == .auto else { return scale }
+        return bars.contains { $0.segments.count > 1 } ? .linear : ChartScale.fitting(bars.map(\.total))
     }
 }
 
