@@ -4,6 +4,8 @@ import Foundation
 import MirrorDriver
 import SVMEmu
 
+/// The overhead breakdown as a table, a one-line-per-run summary, an SVG
+/// chart (``Chart``) and a Chrome / Perfetto trace.
 public enum OverheadReport {
 
     static func granularityLabel(_ g: String) -> String { g == "2m" ? "2 MiB" : g == "4k" ? "4 KiB" : g }
