@@ -304,9 +304,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
 
     /// The profile as JSON (pretty-printed, keys sorted, a final newline).
     public func json() throws -> Data {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        var data = try encoder.encode(self)
+        var data = try ReportJSON.encoder(pretty: true).encode(self)
         data.append(0x0A)
         return data
     }

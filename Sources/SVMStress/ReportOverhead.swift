@@ -4,6 +4,8 @@ import Foundation
 import MirrorDriver
 import SVMEmu
 
+/// The overhead breakdown as a table, a one-line-per-run summary, an SVG
+/// chart (``Chart``) and a Chrome / Perfetto trace.
 public enum OverheadReport {
 
     static func granularityLabel(_ g: String) -> String { g == "2m" ? "2 MiB" : g == "4k" ? "4 KiB" : g }
@@ -11,7 +13,18 @@ public enum OverheadReport {
     static func granularityLabel(_ r: OverheadResult) -> String {
         r.faultPages > 1 ? "4Kx\(r.faultPages)" : granularityLabel(r.granularity)
     }
-    static func pct(_ v: Double) -> String { String(format: "%5.1f%%", v * 100) }
+    /// A share as "25.0%"; "-" when it was not measured (nil).
+    static func pct(_ v: Double?) -> String { Cell.percent(v) }
+
+    /// The copy yardsticks were measured (not in virtual time, where a
+    /// deterministic run has no host memcpy to compare with).
+    static func yardsticksMeasured(_ r: OverheadResult) -> Bool { r.memcpyGBps > 0 || r.streamCopyGBps > 0 }
+
+    /// The timers' estimated cost, or nil when not estimated (virtual time
+    /// charges nothing for them).
+    static func estimate(_ r: OverheadResult) -> Double? {
+        r.deterministic == true && r.instrumentationEstimatePercent == 0 ? nil : r.instrumentationEstimatePercent / 100
+    }
 
     // MARK: table
 
@@ -22,36 +35,38 @@ public enum OverheadReport {
         let shape = r.faultPages > 1 ? ", \(r.faultPages) pages per fault" : ""
         let driver = r.driver == HarnessDriver.gpusvm.rawValue
             ? "the Xe-like driver on GPU SVM (\(r.faultPages > 1 ? "\(r.faultPages * 4) KiB" : granularityLabel(r.granularity)) ranges), " : ""
-        var out = "\(r.direction) (\(dir)), \(driver)\(granularityLabel(r.granularity)) migration\(shape), copy model \(model)\n"
+        var out = "\(r.direction) (\(dir)), \(driver)\(granularityLabel(r.granularity)) migration\(shape), copy model \(model)"
+            + (r.deterministic == true ? " (virtual time)" : "") + "\n"
         out += "  \(r.faults) faults over \(r.bytes >> 20) MiB\n\n"
-        out += "  PHASE               us/fault     share   calls/fault\n"
+        var t = Table(["PHASE", "µs/fault", "share", "calls/fault"], indent: "  ", separator: "   ")
+        func calls(_ f: OverheadPhaseFigure) -> String { r.faults > 0 ? Cell.fixed(Double(f.count) / Double(r.faults), 2) : "-" }
         for name in OverheadResult.phaseOrder {
             guard let f = r.phases[name] else { continue }
-            let calls = r.faults > 0 && name != "other" ? String(format: "%8.2f", Double(f.count) / Double(r.faults)) : "       -"
-            out += "  " + name.padding(toLength: 18, withPad: " ", startingAt: 0)
-                + String(format: "%9.3f", f.microsPerFault) + "   " + pct(f.fraction) + "   " + calls + "\n"
+            t.add([name, Cell.fixed(f.microsPerFault, 3), pct(f.fraction), name == "other" ? "-" : calls(f)])
         }
-        if let f = r.phases[MigrationPhase.tlbFlush.name], f.count > 0 {
-            out += "  " + "  (tlbFlush)".padding(toLength: 18, withPad: " ", startingAt: 0)
-                + String(format: "%9.3f", f.microsPerFault) + "   " + pct(f.fraction) + "   "
-                + String(format: "%8.2f", r.faults > 0 ? Double(f.count) / Double(r.faults) : 0) + "\n"
-        }
-        out += "  " + "fault (whole)".padding(toLength: 18, withPad: " ", startingAt: 0)
-            + String(format: "%9.3f", r.faultMicrosMean) + "   " + pct(1) + "\n\n"
-        out += "  migrate_vma fraction (collect+unmap+pages+finalize): " + pct(r.migrateVMAFraction).trimmingCharacters(in: .whitespaces) + "\n"
-        out += "  copy fraction:                                        " + pct(r.copyFraction).trimmingCharacters(in: .whitespaces) + "\n"
-        if let f = r.phases[MigrationPhase.tlbFlush.name], f.count > 0 {
+        let flush = r.phases[MigrationPhase.tlbFlush.name].flatMap { $0.count > 0 ? $0 : nil }
+        if let f = flush { t.add(["  (tlbFlush)", Cell.fixed(f.microsPerFault, 3), pct(f.fraction), calls(f)]) }
+        t.add(["fault (whole)", Cell.fixed(r.faultMicrosMean, 3), pct(1), ""])
+        out += t.text + "\n"
+        out += "  migrate_vma fraction (collect+unmap+pages+finalize): " + pct(r.migrateVMAFraction) + "\n"
+        out += "  copy fraction:                                        " + pct(r.copyFraction) + "\n"
+        if flush != nil {
             out += "  (tlbFlush): TLB shootdowns to \(r.busyCPUs) other CPU\(r.busyCPUs == 1 ? "" : "s"), inside collect/unmap, not added\n"
         }
         let bestCopy = max(r.memcpyGBps, r.streamCopyGBps)
-        out += String(format: "  mean fault %.2f us; throughput %.2f GB/s (same chunks: memcpy %.2f GB/s, streaming copy %.2f GB/s; %.2fx the faster)\n",
-                      r.faultMicrosMean, r.throughputGBps, r.memcpyGBps, r.streamCopyGBps, bestCopy > 0 ? r.throughputGBps / bestCopy : 0)
-        out += String(format: "  setup calls per MiB %.1f, finalize calls per MiB %.1f\n", r.setupCallsPerMiB, r.finalizeCallsPerMiB)
+        out += "  mean fault \(Cell.fixed(r.faultMicrosMean, 2)) µs; throughput \(Cell.fixed(r.throughputGBps, 2)) GB/s"
+        out += yardsticksMeasured(r)
+            ? " (same chunks: memcpy \(Cell.fixed(r.memcpyGBps, 2)) GB/s, streaming copy \(Cell.fixed(r.streamCopyGBps, 2)) GB/s; "
+                + "\(Cell.fixed(r.throughputGBps / bestCopy, 2))x the faster)\n"
+            : " (memcpy and streaming copy: -, not measured in virtual time)\n"
+        out += "  setup calls per MiB \(Cell.fixed(r.setupCallsPerMiB, 1)), finalize calls per MiB \(Cell.fixed(r.finalizeCallsPerMiB, 1))\n"
         if r.wallSecondsTimersOff > 0 {
-            out += String(format: "  instrumentation cost %+.1f%% measured (median of chunk pairs; %.3f s timed vs %.3f s untimed), %.1f%% estimated\n",
-                          r.instrumentationOverheadPercent, r.wallSecondsTimersOn, r.wallSecondsTimersOff, r.instrumentationEstimatePercent)
+            out += String(format: "  instrumentation cost %+.1f%% measured (median of chunk pairs; %.3f s timed vs %.3f s untimed), ",
+                          r.instrumentationOverheadPercent, r.wallSecondsTimersOn, r.wallSecondsTimersOff) + pct(estimate(r)) + " estimated\n"
+        } else if let e = estimate(r) {
+            out += "  instrumentation cost \(pct(e)) estimated (cost runs not made)\n"
         } else {
-            out += String(format: "  instrumentation cost %.1f%% estimated (cost runs not made)\n", r.instrumentationEstimatePercent)
+            out += "  instrumentation cost: - (virtual time charges the timers nothing; cost runs not made)\n"
         }
         out += "  bytes verified: " + (r.verified ? "yes" : "NO: DATA CORRUPTION") + "\n"
         if let line = traceLine(r) { out += "  " + line + "\n" }
@@ -67,24 +82,23 @@ public enum OverheadReport {
             + "(the trace keeps \(r.traceEventsPerCPU ?? 0) events per CPU)"
     }
 
-    /// One line per run, for comparing several.
+    /// One line per run, for comparing several; "-" for a timer or a
+    /// yardstick that was not measured.
     public static func summary(_ results: [OverheadResult]) -> String {
         // A DRIVER column when the runs are not all MirrorDevice's.
         let drivers = results.contains { $0.driver != HarnessDriver.mirror.rawValue }
-        var out = "  " + (drivers ? "DRIVER  " : "")
-            + "DIRECTION  GRAN   COPY MODEL    FAULTS   us/fault  migrate_vma   copy    other    GB/s  timers: meas.  est.\n"
+        var t = Table((drivers ? ["DRIVER"] : []) + ["DIRECTION", "GRAN", "COPY MODEL", "FAULTS", "µs/fault", "migrate_vma",
+                                                      "copy", "other", "GB/s", "timers: meas.", "est."],
+                      align: (drivers ? [.left] : []) + [.left, .left, .left, .right], indent: "  ")
         for r in results {
-            out += "  " + (drivers ? r.driver.padding(toLength: 8, withPad: " ", startingAt: 0) : "")
-                + r.direction.padding(toLength: 10, withPad: " ", startingAt: 0)
-                + " " + granularityLabel(r).padding(toLength: 6, withPad: " ", startingAt: 0)
-                + " " + (r.copyModel + (r.copyThreads > 1 ? "x\(r.copyThreads)" : "")).padding(toLength: 12, withPad: " ", startingAt: 0)
-                + String(format: " %7d %10.2f", r.faults, r.faultMicrosMean)
-                + "      " + pct(r.migrateVMAFraction) + "  " + pct(r.copyFraction) + "  " + pct(r.phases["other"]?.fraction ?? 0)
-                + String(format: " %7.2f", r.throughputGBps)
-                + (r.wallSecondsTimersOff > 0 ? String(format: " %+6.1f%%", r.instrumentationOverheadPercent) : "      - ")
-                + String(format: "  %5.1f%%", r.instrumentationEstimatePercent) + "\n"
+            t.add((drivers ? [r.driver] : []) + [
+                r.direction, granularityLabel(r), r.copyModel + (r.copyThreads > 1 ? "x\(r.copyThreads)" : ""), "\(r.faults)",
+                Cell.fixed(r.faultMicrosMean, 2), pct(r.migrateVMAFraction), pct(r.copyFraction), pct(r.phases["other"]?.fraction),
+                Cell.fixed(r.throughputGBps, 2),
+                r.wallSecondsTimersOff > 0 ? String(format: "%+.1f%%", r.instrumentationOverheadPercent) : "-", pct(estimate(r)),
+            ])
         }
-        return out
+        return t.text
     }
 
     // MARK: SVG
@@ -95,88 +109,54 @@ public enum OverheadReport {
         "pages": "#59a14f", "pageTableUpdate": "#edc948", "finalize": "#b07aa1", "other": "#bab0ac",
     ]
 
-    static func xml(_ s: String) -> String {
-        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
-            .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "\"", with: "&quot;")
-    }
-
-    /// A stacked horizontal bar chart, one bar per run (grouped by direction,
-    /// copy model, granularity): on the left each phase's share of the fault,
-    /// on the right the time per MiB migrated (so 4 KiB and 2 MiB compare per
-    /// byte), with a legend. Hand-written SVG 1.1.
+    /// Two panels of stacked bars, one bar per run (grouped by direction and
+    /// copy model, 4 KiB before 2 MiB): each phase's share of the fault in
+    /// percent, and the time per MiB migrated in µs (so 4 KiB and 2 MiB
+    /// compare per byte), with
+    /// the phases' legend. Deterministic runs say "virtual time".
     public static func svg(_ input: [OverheadResult]) -> String {
         let modelRank = Dictionary(uniqueKeysWithValues: OverheadCopyModel.allCases.enumerated().map { ($1.rawValue, $0) })
         func key(_ r: OverheadResult) -> (String, Int, Int, Int) {
             (r.direction, modelRank[r.copyModel] ?? 99, r.copyThreads, r.granularity == "4k" ? 0 : 1)
         }
         let results = input.sorted { key($0) < key($1) }
-        let labelW = 260.0, barW = 360.0, gap = 60.0, rowH = 26.0, barH = 18.0, top = 70.0
-        let leftX = labelW, rightX = labelW + barW + gap
-        let width = rightX + barW + 40
-        var groupBreaks = 0
-        for i in 1..<max(1, results.count) where results[i].direction != results[i - 1].direction || results[i].copyModel != results[i - 1].copyModel {
-            groupBreaks += 1
+        func label(_ r: OverheadResult) -> String {
+            "\(r.direction) \(granularityLabel(r)) \(r.copyModel)\(r.copyThreads > 1 ? "x\(r.copyThreads)" : "")"
+                + " (\(Cell.fixed(r.faultMicrosMean, 1)) µs/fault)"
         }
-        let plotH = Double(results.count) * rowH + Double(groupBreaks) * 10
-        let legendY = top + plotH + 40
-        let height = legendY + 50
+        func newGroup(_ i: Int) -> Bool {
+            i > 0 && (results[i].direction != results[i - 1].direction || results[i].copyModel != results[i - 1].copyModel)
+        }
         func microsPerMiB(_ r: OverheadResult, _ name: String) -> Double {
             guard let f = r.phases[name], r.bytes > 0 else { return 0 }
             return f.seconds * 1e6 / (Double(r.bytes) / Double(ByteSize.mib))
         }
-        let maxPerMiB = max(1e-9, results.map { r in OverheadResult.phaseOrder.reduce(0.0) { $0 + microsPerMiB(r, $1) } }.max() ?? 1)
-        var s = """
-        <?xml version="1.0" encoding="UTF-8"?>
-        <svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="\(Int(width))" height="\(Int(height))" viewBox="0 0 \(Int(width)) \(Int(height))" font-family="Helvetica, Arial, sans-serif" font-size="12">
-        <title>svmemu overhead: where a fault's time goes</title>
-        <rect x="0" y="0" width="\(Int(width))" height="\(Int(height))" fill="#ffffff"/>
-        <text x="10" y="22" font-size="16" font-weight="bold">Where a fault's time goes: migrate_vma phases at 4 KiB and 2 MiB</text>
-        <text x="\(leftX)" y="\(top - 14)" font-weight="bold">share of the fault</text>
-        <text x="\(rightX)" y="\(top - 14)" font-weight="bold">time per MiB migrated (\(String(format: "%.0f", maxPerMiB)) us at full width)</text>
-
-        """
-        var y = top
-        for (i, r) in results.enumerated() {
-            if i > 0 && (r.direction != results[i - 1].direction || r.copyModel != results[i - 1].copyModel) { y += 10 }
-            let label = "\(r.direction) \(granularityLabel(r)) \(r.copyModel)\(r.copyThreads > 1 ? "x\(r.copyThreads)" : "")"
-                + String(format: " (%.1f us/fault)", r.faultMicrosMean)
-            s += "<text x=\"\(labelW - 8)\" y=\"\(y + barH - 5)\" text-anchor=\"end\">\(xml(label))</text>\n"
-            var x = leftX
-            var x2 = rightX
-            for name in OverheadResult.phaseOrder {
-                let color = phaseColors[name] ?? "#999999"
-                let f = r.phases[name]?.fraction ?? 0
-                let w = max(0, f * barW)
-                if w > 0 {
-                    s += "<rect x=\(q(x)) y=\(q(y)) width=\(q(w)) height=\(q(barH)) fill=\"\(color)\"><title>\(xml(name)): \(String(format: "%.1f%%", f * 100))</title></rect>\n"
-                    if w >= 30 {
-                        s += "<text x=\(q(x + w / 2)) y=\(q(y + barH - 5)) text-anchor=\"middle\" font-size=\"10\" fill=\"#000000\">\(String(format: "%.0f%%", f * 100))</text>\n"
-                    }
-                }
-                x += w
-                let m = microsPerMiB(r, name)
-                let w2 = max(0, m / maxPerMiB * barW)
-                if w2 > 0 {
-                    s += "<rect x=\(q(x2)) y=\(q(y)) width=\(q(w2)) height=\(q(barH)) fill=\"\(color)\"><title>\(xml(name)): \(String(format: "%.1f", m)) us per MiB</title></rect>\n"
-                }
-                x2 += w2
-            }
-            let total = OverheadResult.phaseOrder.reduce(0.0) { $0 + microsPerMiB(r, $1) }
-            s += "<text x=\(q(x2 + 4)) y=\(q(y + barH - 5)) font-size=\"10\">\(String(format: "%.0f us", total))</text>\n"
-            y += rowH
+        let shares = results.enumerated().map { i, r in
+            ChartBar(label(r), segments: OverheadResult.phaseOrder.map { name in
+                let f = (r.phases[name]?.fraction ?? 0) * 100
+                return ChartSegment(name, f, color: phaseColors[name] ?? "#999999", inside: Cell.fixed(f, 0) + "%")
+            }, figure: "", groupStart: newGroup(i))
         }
-        var lx = 10.0
-        for name in OverheadResult.phaseOrder {
-            s += "<rect x=\(q(lx)) y=\(q(legendY)) width=\"12\" height=\"12\" fill=\"\(phaseColors[name] ?? "#999999")\"/>"
-            s += "<text x=\(q(lx + 16)) y=\(q(legendY + 10))>\(xml(name))</text>\n"
-            lx += 16 + Double(name.count) * 7 + 18
+        let perMiB = results.enumerated().map { i, r in
+            ChartBar(label(r), segments: OverheadResult.phaseOrder.map { name in
+                ChartSegment(name, microsPerMiB(r, name), color: phaseColors[name] ?? "#999999")
+            }, groupStart: newGroup(i))
         }
-        s += "<text x=\"10\" y=\(q(legendY + 32)) font-size=\"10\" fill=\"#555555\">migrate_vma = collect + unmap + pages + finalize; other = fault time outside the timed phases (locks, lookups, bookkeeping)</text>\n"
-        s += "</svg>\n"
-        return s
+        let bytes = Set(results.map(\.bytes)).sorted().map(Chart.size).joined(separator: ", ")
+        let drivers = Set(results.map(\.driver)).sorted().joined(separator: ", ")
+        let virtual = results.contains { $0.deterministic == true }
+        var chart = Chart(
+            title: "svmemu overhead: where a fault's time goes (\(bytes) migrated per run, \(drivers) driver)",
+            subtitle: Chart.timeBase(virtual: virtual, detail: "migrate_vma phases at 4 KiB and 2 MiB, per copy model"))
+        chart.panels = [
+            ChartPanel("Share of the fault", unit: "% of the mean fault time", scale: .linear, maximum: 100,
+                       bars: shares, format: { Cell.fixed($0, 1) + "%" }),
+            ChartPanel("Time per MiB migrated", unit: "µs per MiB", bars: perMiB, format: { Chart.number($0) + " µs" }),
+        ]
+        chart.legend = OverheadResult.phaseOrder.map { ($0, phaseColors[$0] ?? "#999999") }
+        chart.notes = ["migrate_vma = collect + unmap + pages + finalize; other = fault time outside the timed phases (locks, lookups, bookkeeping)"]
+        return chart.svg()
     }
-
-    private static func q(_ v: Double) -> String { "\"" + String(format: "%.1f", v) + "\"" }
 
     // MARK: trace
 

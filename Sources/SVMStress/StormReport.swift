@@ -52,16 +52,9 @@ public enum StormReport {
         row("teardown") { $0.teardownClean ? "clean" : "\($0.teardownIssues.count) issue(s)" }
         row("data after the storm") { $0.dataIntact ? "intact" : "NOT intact" }
 
-        let nameWidth = max(rows.map(\.0.count).max() ?? 0, 1)
-        var widths = heads.map(\.count)
-        for (_, cells) in rows { for (i, c) in cells.enumerated() { widths[i] = max(widths[i], c.count) } }
-        func pad(_ s: String, _ w: Int) -> String { s + String(repeating: " ", count: max(0, w - s.count)) }
-        var out = pad("", nameWidth) + "  " + heads.enumerated().map { pad($1, widths[$0]) }.joined(separator: "  ") + "\n"
-        out += String(repeating: "-", count: nameWidth + widths.reduce(0) { $0 + $1 + 2 }) + "\n"
-        for (name, cells) in rows {
-            let line = pad(name, nameWidth) + "  " + cells.enumerated().map { pad($1, widths[$0]) }.joined(separator: "  ")
-            out += line.replacingOccurrences(of: "\\s+$", with: "", options: .regularExpression) + "\n"
-        }
+        var table = Table([""] + heads, align: [.left], rule: true)
+        for (name, cells) in rows { table.add([name] + cells) }
+        var out = table.text
         for (i, r) in results.enumerated() {
             if let s = r.stall { out += "\n\(heads[i]): \(s.summary)\n" }
             if let e = r.error { out += "\n\(heads[i]): error: \(e)\n" }

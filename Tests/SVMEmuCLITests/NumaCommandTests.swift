@@ -79,7 +79,8 @@ struct NumaCommandTests {
             #expect(svg.contains(title), "missing panel \(title)")
         }
         #expect(svg.contains("2 threads, 1 x 2M, 8M ring") && svg.contains("1.60x"))
-        #expect(svg.components(separatedBy: "<rect").count - 1 == 5)
+        #expect(svg.components(separatedBy: "class=\"bar\"").count - 1 == 5, "one bar per variant, batch size and copy shape")
+        #expect(svg.contains("viewBox=") && svg.contains("class=\"background\"") && svg.contains("1.0x: no gain"))
         #expect(!NumaCommand.chart([r]).contains("batch size"), "no sweep panels without sweeps")
     }
 

@@ -55,19 +55,17 @@ struct BenchMemoryCommand: ParsableCommand {
     }
 
     static func render(_ r: Result, faultMiB: Int, rounds: Int) -> String {
-        func row(_ label: String, _ v: Double) -> String {
-            let pad = String(repeating: " ", count: max(1, 46 - label.count))
-            return "  " + label + pad + String(format: "%9.1f ns  %8.2fx", v, v / r.memcpy4KNanos) + "\n"
-        }
+        var t = Table(["WHAT", "COST", "vs memcpy 4K"], indent: "  ")
+        func row(_ label: String, _ v: Double) { t.add([label, Cell.fixed(v, 1) + " ns", Cell.fixed(v / r.memcpy4KNanos, 2) + "x"]) }
         var out = "svmemu bench memory (best of \(rounds) rounds; THP off for faults)\n\n"
-        out += "  WHAT" + String(repeating: " ", count: 42) + "     COST  vs memcpy 4K\n"
-        out += row("emulated CPU read of a mapped byte (4 MiB)", r.readNanos)
-        out += row("  TLB hit (64 pages)", r.tlbHitReadNanos)
-        out += row("  TLB miss: page walk and fill (32 MiB)", r.tlbMissReadNanos)
-        out += row("TLB shootdown of a page, one other CPU", r.shootdownNanos)
-        out += row("demand-zero fault, per page (\(faultMiB) MiB)", r.demandZeroFaultNanos)
-        out += row("  first round (host memory cold)", r.demandZeroFirstRoundNanos)
-        out += row("memcpy 4 KiB, cache hot (reference)", r.memcpy4KNanos)
+        row("emulated CPU read of a mapped byte (4 MiB)", r.readNanos)
+        row("  TLB hit (64 pages)", r.tlbHitReadNanos)
+        row("  TLB miss: page walk and fill (32 MiB)", r.tlbMissReadNanos)
+        row("TLB shootdown of a page, one other CPU", r.shootdownNanos)
+        row("demand-zero fault, per page (\(faultMiB) MiB)", r.demandZeroFaultNanos)
+        row("  first round (host memory cold)", r.demandZeroFirstRoundNanos)
+        row("memcpy 4 KiB, cache hot (reference)", r.memcpy4KNanos)
+        out += t.text
         let goal = r.metadataBytesPerPage <= 64 ? "meets the goal of <= 64 (struct page)" : "ABOVE the goal of 64 (struct page)"
         out += "\n  metadata per 4 KiB page: \(r.metadataBytesPerPage) bytes, \(goal)\n"
         return out

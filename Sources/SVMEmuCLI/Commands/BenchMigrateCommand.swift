@@ -102,15 +102,14 @@ struct BenchMigrateCommand: ParsableCommand {
     }
 
     static func render(_ r: Result) -> String {
-        func f(_ v: Double, _ d: Int = 2) -> String { String(format: "%.\(d)f", v) }
-        let mib = Double(r.bytes) / Double(1 << 20)
-        var s = "svmemu bench migrate (granularity \(r.granularity.rawValue), \(f(mib, 0)) MiB, best of \(r.rounds))\n"
-        s += "  round trip RAM -> VRAM -> RAM  \(f(r.migrateSeconds * 1e3, 1)) ms  \(f(r.migrateGBps)) GB/s"
-        s += "  (to VRAM \(f(r.toDeviceSeconds * 1e3, 1)) ms, back \(f(r.toSystemSeconds * 1e3, 1)) ms)\n"
-        s += "  memcpy, same bytes            \(f(r.memcpySeconds * 1e3, 1)) ms  \(f(r.memcpyGBps)) GB/s\n"
-        s += "  streaming copy, same bytes    \(f(r.streamCopySeconds * 1e3, 1)) ms  \(f(r.streamCopyGBps)) GB/s   (the copy engine's stores)\n"
-        s += "  ratio (migrate / memcpy)      \(f(r.ratio, 3))   (\(r.goal))\n"
-        s += "  ratio to the faster copy      \(f(r.ratioToBestCopy, 3))\n"
-        return s
+        func f(_ v: Double, _ d: Int = 2) -> String { Cell.fixed(v, d) }
+        var t = Table(["", "ms", "GB/s", ""], align: [.left, .right, .right, .left], indent: "  ")
+        t.add(["round trip RAM -> VRAM -> RAM", f(r.migrateSeconds * 1e3, 1), f(r.migrateGBps),
+               "(to VRAM \(f(r.toDeviceSeconds * 1e3, 1)) ms, back \(f(r.toSystemSeconds * 1e3, 1)) ms)"])
+        t.add(["memcpy, same bytes", f(r.memcpySeconds * 1e3, 1), f(r.memcpyGBps), ""])
+        t.add(["streaming copy, same bytes", f(r.streamCopySeconds * 1e3, 1), f(r.streamCopyGBps), "(the copy engine's stores)"])
+        return "svmemu bench migrate (granularity \(r.granularity.rawValue), \(f(Double(r.bytes) / Double(1 << 20), 0)) MiB, best of \(r.rounds))\n"
+            + t.text + Table.columns([["ratio (migrate / memcpy)", f(r.ratio, 3), "(\(r.goal))"],
+                                      ["ratio to the faster copy", f(r.ratioToBestCopy, 3), ""]]).split(separator: "\n").map { "  \($0)\n" }.joined()
     }
 }

@@ -94,38 +94,30 @@ struct BenchTHPCommand: ParsableCommand {
     /// kernel computes them (time: (regular - thp) / regular; throughput:
     /// (thp - regular) / regular).
     static func render(_ name: String, _ bytes: Int, _ thp: Side, _ regular: Side) -> String {
-        func f(_ v: Double, _ d: Int) -> String { String(format: "%.\(d)f", v) }
-        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
-        func row(_ label: String, _ a: String, _ b: String, _ gain: Double) -> String {
-            "\(pad(label, 21))| \(pad(a, 16))| \(pad(b, 16))| \(f(gain * 100, 1))%\n"
-        }
-        var s = "=== \(name) (\(f(Double(bytes) / Double(1 << 20), 1)) MB) ===\n"
-        s += "                     | With THP        | Without THP     | Improvement\n"
-        s += "---------------------------------------------------------------------\n"
-        s += row("Sys->Dev Migration", f(thp.sysToDevMs, 3) + " ms", f(regular.sysToDevMs, 3) + " ms",
-                 (regular.sysToDevMs - thp.sysToDevMs) / regular.sysToDevMs)
-        s += row("Dev->Sys Migration", f(thp.devToSysMs, 3) + " ms", f(regular.devToSysMs, 3) + " ms",
-                 (regular.devToSysMs - thp.devToSysMs) / regular.devToSysMs)
-        s += row("S->D Throughput", f(thp.sysToDevGBps, 2) + " GB/s", f(regular.sysToDevGBps, 2) + " GB/s",
-                 (thp.sysToDevGBps - regular.sysToDevGBps) / regular.sysToDevGBps)
-        s += row("D->S Throughput", f(thp.devToSysGBps, 2) + " GB/s", f(regular.devToSysGBps, 2) + " GB/s",
-                 (thp.devToSysGBps - regular.devToSysGBps) / regular.devToSysGBps)
-        return s
+        func f(_ v: Double, _ d: Int) -> String { Cell.fixed(v, d) }
+        var t = Table(["", "With THP", "Without THP", "Improvement"], align: [.left], separator: " | ", rule: true)
+        func row(_ label: String, _ a: String, _ b: String, _ gain: Double) { t.add([label, a, b, f(gain * 100, 1) + "%"]) }
+        row("Sys->Dev Migration", f(thp.sysToDevMs, 3) + " ms", f(regular.sysToDevMs, 3) + " ms",
+            (regular.sysToDevMs - thp.sysToDevMs) / regular.sysToDevMs)
+        row("Dev->Sys Migration", f(thp.devToSysMs, 3) + " ms", f(regular.devToSysMs, 3) + " ms",
+            (regular.devToSysMs - thp.devToSysMs) / regular.devToSysMs)
+        row("S->D Throughput", f(thp.sysToDevGBps, 2) + " GB/s", f(regular.sysToDevGBps, 2) + " GB/s",
+            (thp.sysToDevGBps - regular.sysToDevGBps) / regular.sysToDevGBps)
+        row("D->S Throughput", f(thp.devToSysGBps, 2) + " GB/s", f(regular.devToSysGBps, 2) + " GB/s",
+            (thp.devToSysGBps - regular.devToSysGBps) / regular.devToSysGBps)
+        return "=== \(name) (\(f(Double(bytes) / Double(1 << 20), 1)) MB) ===\n" + t.text
     }
 
+    /// One row per size: the mean round trips and throughputs, THP and 4K side by side.
     static func summary(_ rows: [(String, Int, Side, Side)]) -> String {
-        func f(_ v: Double, _ d: Int) -> String { String(format: "%.\(d)f", v) }
-        func col(_ s: String, _ n: Int) -> String { s.count >= n ? s : String(repeating: " ", count: n - s.count) + s }
-        var s = "Summary (mean of the timed round trips; GB/s = 2^30 bytes/s as in hmm-tests)\n"
-        s += col("size", 9) + col("THP s->d ms", 13) + col("4K s->d ms", 12) + col("THP d->s ms", 13) + col("4K d->s ms", 12)
-            + col("THP s->d GB/s", 15) + col("4K s->d GB/s", 14) + col("THP d->s GB/s", 15) + col("4K d->s GB/s", 14) + "\n"
+        func f(_ v: Double, _ d: Int) -> String { Cell.fixed(v, d) }
+        var t = Table(["size", "THP s->d ms", "4K s->d ms", "THP d->s ms", "4K d->s ms",
+                       "THP s->d GB/s", "4K s->d GB/s", "THP d->s GB/s", "4K d->s GB/s"], align: [.right])
         for (_, bytes, thp, reg) in rows {
-            let size = bytes >= 1 << 20 ? "\(bytes >> 20)M" : "\(bytes >> 10)K"
-            s += col(size, 9) + col(f(thp.sysToDevMs, 3), 13) + col(f(reg.sysToDevMs, 3), 12)
-                + col(f(thp.devToSysMs, 3), 13) + col(f(reg.devToSysMs, 3), 12)
-                + col(f(thp.sysToDevGBps, 2), 15) + col(f(reg.sysToDevGBps, 2), 14)
-                + col(f(thp.devToSysGBps, 2), 15) + col(f(reg.devToSysGBps, 2), 14) + "\n"
+            t.add([bytes >= 1 << 20 ? "\(bytes >> 20)M" : "\(bytes >> 10)K",
+                   f(thp.sysToDevMs, 3), f(reg.sysToDevMs, 3), f(thp.devToSysMs, 3), f(reg.devToSysMs, 3),
+                   f(thp.sysToDevGBps, 2), f(reg.sysToDevGBps, 2), f(thp.devToSysGBps, 2), f(reg.devToSysGBps, 2)])
         }
-        return s
+        return "Summary (mean of the timed round trips; GB/s = 2^30 bytes/s as in hmm-tests)\n" + t.text
     }
 }

@@ -101,10 +101,10 @@ struct CalibrateCommand: ParsableCommand {
             let f = r.figures[key]
             rows.append([key, ns(v), f.map { "\(ns($0.low))-\(ns($0.high))" } ?? "-", charges[key] ?? "-"])
         }
-        var out = "\(p.name): \(p.measuredOn), \(p.date)\n\n" + Self.columns(rows) + "\n"
+        var out = "\(p.name): \(p.measuredOn), \(p.date)\n\n" + Table.columns(rows) + "\n"
         var copy = [["MEMCPY WORKING SET", "GB/S"]]
         for m in p.memcpy { copy.append([ByteSize.format(m.workingSetBytes), String(format: "%.1f", m.gbPerSecond)]) }
-        out += Self.columns(copy)
+        out += Table.columns(copy)
         out += String(format: "copyPerKiB charged: %d ns (memcpy at 1-2 MiB: %.1f ns a KiB)\n\n", charged.copyPerKiB, p.copyNanosPerKiB)
         out += "scheduler: base slice \(Double(p.scheduler.baseSliceNanos) / 1e6) ms, tick \(Double(p.scheduler.tickNanos) / 1e6) ms, "
             + "preemption \(p.scheduler.preemption)\n\n"
@@ -115,22 +115,12 @@ struct CalibrateCommand: ParsableCommand {
             if let rate = st.tickGapsPerSecond, let p50 = st.tickGapP50Nanos {
                 rows.append(["tick (excluded)", String(format: "%.1f", rate), "-", ns(p50), "-", "-", "-", "-"])
             }
-            out += Self.columns(rows) + "\n"
+            out += Table.columns(rows) + "\n"
         }
         out += "how each was measured:\n"
         for key in MachineProfile.Costs.keys + ["memcpy", "tickNanos", "baseSliceNanos", "preemption", "stalls"] {
             if let m = p.methods[key] { out += "  \(key): \(m)\n" }
         }
         return out
-    }
-
-    static func columns(_ rows: [[String]]) -> String {
-        var widths = rows[0].map { _ in 0 }
-        for row in rows { for (i, c) in row.enumerated() { widths[i] = max(widths[i], c.count) } }
-        return rows.map { row in
-            row.enumerated().map { i, c in
-                i == row.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0)
-            }.joined(separator: "  ")
-        }.joined(separator: "\n") + "\n"
     }
 }

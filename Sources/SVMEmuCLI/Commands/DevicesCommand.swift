@@ -2,6 +2,7 @@
 import ArgumentParser
 import Foundation
 import SVMDRM
+import SVMStress
 
 /// Lists the machine's DRM devices (libdrm `drmGetDevices2()` and
 /// `drmGetVersion()`) and whether each driver can migrate process memory into
@@ -55,16 +56,7 @@ struct DevicesCommand: ParsableCommand {
             rows.append([d.primaryNode ?? "-", d.renderNode ?? "-", bus, ids, d.driverName ?? "?",
                          d.driverVersion?.versionString ?? "-", d.svmMigration.level.rawValue])
         }
-        var widths = headers.map(\.count)
-        for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
-        func line(_ cells: [String]) -> String {
-            cells.enumerated().map { i, c in
-                i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0)
-            }.joined(separator: "  ")
-        }
-        out += line(headers) + "\n"
-        for row in rows { out += line(row) + "\n" }
-        out += "\n"
+        out += Table.columns([headers] + rows) + "\n"
         for d in result.devices {
             let name = d.primaryNode ?? d.renderNode ?? "?"
             out += "\(name): \(d.driverName ?? "unknown driver")"

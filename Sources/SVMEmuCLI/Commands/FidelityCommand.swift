@@ -195,7 +195,7 @@ struct FidelityCommand: ParsableCommand {
         let calls = rows.compactMap(\.callsWithin2x)
         return "kernel: Linux \(r.kernel), \(r.date), \(r.qemu.split(separator: " ").prefix(8).joined(separator: " ")) ...\n"
             + "case = threads:driver mutex:µs slept in migrate_to_ram; 512 pages\n\n"
-            + CalibrateCommand.columns(table)
+            + Table.columns(table)
             + "\noutcomes agree in \(agree) of \(rows.count) rows; calls per page within 2x in \(calls.filter { $0 }.count) of \(calls.count)\n"
     }
 }

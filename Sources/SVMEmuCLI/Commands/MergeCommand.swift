@@ -84,7 +84,7 @@ struct MergeCommand: ParsableCommand {
         if !r.arguments.isEmpty { s += "  settings: \(r.arguments)\n" }
         if let v = r.version { s += "  svmemu \(v)\(r.revision.map { " (git \($0))" } ?? "")\n" }
         if r.shards > 1 {
-            s += "\n" + columns([["shard", "host", "seeds", "run", "failing", "seconds"]] + r.shardSummaries.map { x in
+            s += "\n" + Table.columns([["shard", "host", "seeds", "run", "failing", "seconds"]] + r.shardSummaries.map { x in
                 [x.shard.description, x.host, x.seeds?.description ?? "none", "\(x.seedsRun)", "\(x.failing)",
                  x.seconds.map { String(format: "%.1f", $0) } ?? (x.ended ? "" : "no end line")]
             })
@@ -96,10 +96,10 @@ struct MergeCommand: ParsableCommand {
                 return b != SweepSeedResult.clean && a < b
             }
             let rows: [[String]] = names.map { [$0, "\(r.outcomes[$0]!)"] }
-            s += "\n" + columns([["outcome", "seeds"]] + rows)
+            s += "\n" + Table.columns([["outcome", "seeds"]] + rows)
         }
         if !r.figures.isEmpty {
-            s += "\n" + columns([["figure", "over the seeds"]] + r.figures.keys.sorted().map { k in
+            s += "\n" + Table.columns([["figure", "over the seeds"]] + r.figures.keys.sorted().map { k in
                 [k + (k.hasSuffix("PerSecond") ? " (mean)" : ""), number(r.figures[k]!)]
             })
         }
@@ -130,12 +130,4 @@ struct MergeCommand: ParsableCommand {
         return abs(v) >= 100 ? String(format: "%.1f", v) : String(format: "%.4g", v)
     }
 
-    /// Rows as left-aligned columns, the first row the heading.
-    static func columns(_ rows: [[String]]) -> String {
-        let widths = (0..<(rows.first?.count ?? 0)).map { c in rows.map { $0[c].count }.max() ?? 0 }
-        return rows.map { row in
-            row.enumerated().map { c, cell in cell.padding(toLength: widths[c], withPad: " ", startingAt: 0) }
-                .joined(separator: "  ").trimmingCharacters(in: .whitespaces) + "\n"
-        }.joined()
-    }
 }

@@ -176,7 +176,7 @@ struct NumaCommand: ParsableCommand {
         if storm { return try runStorm() }
         let all = try variantResults()
         let results = all.variants, sweep = all.batchSweep, copySweep = all.copySweep
-        if let svg { try OutputFile(svg).write(Self.chart(results, sweep, copySweep)) }
+        if let svg { try OutputFile(svg).write(Self.chart(results, sweep, copySweep, title: chartTitle)) }
         if let trace {
             try OutputFile(trace).write(OverheadReport.traceJSON(processes: results.map { r in
                 (name: "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")",
@@ -222,23 +222,22 @@ struct NumaCommand: ParsableCommand {
         }
     }
 
+    /// The storm's figures, one row per algorithm, then each algorithm's
+    /// lock-wait histogram.
     static func stormTable(_ rows: [NUMAStormResult]) -> String {
-        func col(_ s: String, _ n: Int) -> String { s.count >= n ? " " + s : String(repeating: " ", count: n - s.count) + s }
-        func us(_ ns: UInt64) -> String { String(format: "%.1f", Double(ns) / 1000) }
-        var s = col("algorithm", 16) + col("migrated", 9) + col("not moved", 10) + col("stalls", 7) + col("backoffs", 9)
-            + col("waits", 7) + col("wait p50 us", 12) + col("wait p99 us", 12) + col("wait max us", 12)
-            + col("holder p99 us", 14) + col("intact", 7) + "\n"
+        func us(_ ns: UInt64) -> String { Cell.fixed(Double(ns) / 1000, 1) }
+        var t = Table(["algorithm", "migrated", "not moved", "stalls", "backoffs", "waits", "wait p50 µs", "wait p99 µs",
+                       "wait max µs", "holder p99 µs", "intact"], align: [.left, .right])
         for r in rows {
-            s += col(r.algorithm, 16) + col("\(r.pagesMigrated)", 9) + col("\(r.pagesNotMigrated)", 10) + col("\(r.stalls)", 7)
-                + col("\(r.deadlockBackoffs)", 9) + col("\(r.lockWaits)", 7) + col(us(r.lockWaitP50Nanos), 12)
-                + col(us(r.lockWaitP99Nanos), 12) + col(us(r.lockWaitMaxNanos), 12) + col(us(r.holderWaitP99Nanos), 14)
-                + col(r.dataIntact ? "yes" : "NO", 7) + "\n"
+            t.add([r.algorithm, "\(r.pagesMigrated)", "\(r.pagesNotMigrated)", "\(r.stalls)", "\(r.deadlockBackoffs)",
+                   "\(r.lockWaits)", us(r.lockWaitP50Nanos), us(r.lockWaitP99Nanos), us(r.lockWaitMaxNanos),
+                   us(r.holderWaitP99Nanos), r.dataIntact ? "yes" : "NO"])
         }
-        s += "\nMigrator lock and writeback waits by length (count per bucket, upper bound)\n"
+        var s = t.text + "\nMigrator lock and writeback waits by length (count per bucket, upper bound)\n"
         for r in rows where !r.lockWaitHistogram.isEmpty {
-            s += col(r.algorithm, 16) + ":"
+            s += r.algorithm + ":"
             for b in r.lockWaitHistogram {
-                let bound = b.upToNanos >= 1_000_000 ? "\(b.upToNanos / 1_000_000)ms" : b.upToNanos >= 1000 ? "\(b.upToNanos / 1000)us" : "\(b.upToNanos)ns"
+                let bound = b.upToNanos >= 1_000_000 ? "\(b.upToNanos / 1_000_000)ms" : b.upToNanos >= 1000 ? "\(b.upToNanos / 1000)µs" : "\(b.upToNanos)ns"
                 s += " <\(bound):\(b.count)"
             }
             s += "\n"
@@ -246,84 +245,79 @@ struct NumaCommand: ParsableCommand {
         return s
     }
 
+    /// The copier sweep, one row per batch shape and working set.
     static func copyTable(_ rows: [NUMACopyPoint]) -> String {
-        func col(_ s: String, _ n: Int) -> String { s.count >= n ? " " + s : String(repeating: " ", count: n - s.count) + s }
-        var s = "Copier sweep (one batch's copy, median)\n"
-        s += col("ring", 6) + col("folio", 6) + col("folios", 7) + col("single us", 10) + col("threads", 8) + col("multi us", 10) + col("speedup", 8)
-            + col("split", 6) + col("2-thread memcpy us", 19) + col("of 2-thread", 12) + "\n"
+        var t = Table(["ring", "folio", "folios", "single µs", "threads", "multi µs", "speedup", "split",
+                       "2-thread memcpy µs", "of 2-thread"], align: [.right])
         for p in rows {
-            s += col("\(p.ringBytes >> 20)M", 6) + col(p.folioBytes == 4096 ? "4K" : "2M", 6) + col("\(p.folios)", 7) + col(String(format: "%.1f", p.singleMicros), 10)
-                + col("\(p.threads)", 8) + col(String(format: "%.1f", p.multiMicros), 10) + col(String(format: "%.2f", p.speedup), 8)
-                + col(String(format: "%.0f%%", p.splitShare * 100), 6) + col(String(format: "%.1f", p.twoThreadMicros), 19)
-                + col(String(format: "%.2f", p.ratioToTwoThread), 12) + "\n"
+            t.add(["\(p.ringBytes >> 20)M", p.folioBytes == 4096 ? "4K" : "2M", "\(p.folios)", Cell.fixed(p.singleMicros, 1),
+                   "\(p.threads)", Cell.fixed(p.multiMicros, 1), Cell.fixed(p.speedup, 2), Cell.percent(p.splitShare, decimals: 0),
+                   Cell.fixed(p.twoThreadMicros, 1), Cell.fixed(p.ratioToTwoThread, 2)])
         }
-        return s
+        return "Copier sweep (one batch's copy, median)\n" + t.text
     }
 
+    /// The variants, one row each, then the batch-size sweep.
     static func table(_ rows: [NUMAVariantResult], _ sweep: [NUMABatchPoint]) -> String {
-        func f(_ v: Double, _ d: Int) -> String { String(format: "%.\(d)f", v) }
-        func col(_ s: String, _ n: Int) -> String { s.count >= n ? " " + s : String(repeating: " ", count: n - s.count) + s }
-        var s = col("algorithm", 16) + col("page", 5) + col("copier", 13) + col("defer", 6) + col("pages/s", 11)
-            + col("IPIs/page", 10) + col("flushes", 8) + col("flush us", 9) + col("copy us", 9)
-            + col("read p50 ns", 12) + col("read p99 ns", 12) + col("intact", 7) + "\n"
+        var t = Table(["algorithm", "page", "copier", "defer", "pages/s", "IPIs/page", "flushes", "flush µs", "copy µs",
+                       "read p50 ns", "read p99 ns", "intact"], align: [.left, .right, .left, .right])
         for r in rows {
-            s += col(r.algorithm, 16) + col(r.pageSize == 4096 ? "4K" : "2M", 5) + col(r.copier, 13)
-                + col(r.deferredFlush ? "yes" : "no", 6) + col(f(r.pagesPerSecond, 0), 11) + col(f(r.ipisPerPage, 4), 10)
-                + col("\(r.flushes)", 8) + col(f(r.flushWaitMicros, 0), 9) + col(f(r.copyMicros, 0), 9)
-                + col("\(r.readerLatencyP50Nanos)", 12) + col("\(r.readerLatencyP99Nanos)", 12)
-                + col(r.dataIntact ? "yes" : "NO", 7) + "\n"
+            t.add([r.algorithm, r.pageSize == 4096 ? "4K" : "2M", r.copier, r.deferredFlush ? "yes" : "no",
+                   Cell.fixed(r.pagesPerSecond, 0), Cell.fixed(r.ipisPerPage, 4), "\(r.flushes)", Cell.fixed(r.flushWaitMicros, 0),
+                   Cell.fixed(r.copyMicros, 0), "\(r.readerLatencyP50Nanos)", "\(r.readerLatencyP99Nanos)", r.dataIntact ? "yes" : "NO"])
         }
+        var s = t.text
         if !sweep.isEmpty {
-            s += "\nBatch size (mainline, 4K, one move of the buffer)\n"
-            s += col("batch", 7) + col("total ms", 10) + col("first folio us", 15) + col("pages/s", 11) + "\n"
+            var b = Table(["batch", "total ms", "first folio µs", "pages/s"], align: [.right])
             for p in sweep {
-                s += col("\(p.batchPages)", 7) + col(f(p.totalMillis, 1), 10) + col(f(p.firstFolioMicros, 1), 15)
-                    + col(f(p.pagesPerSecond, 0), 11) + "\n"
+                b.add(["\(p.batchPages)", Cell.fixed(p.totalMillis, 1), Cell.fixed(p.firstFolioMicros, 1), Cell.fixed(p.pagesPerSecond, 0)])
             }
+            s += "\nBatch size (mainline, 4K, one move of the buffer)\n" + b.text
         }
         return s
     }
 
-    /// Bar charts: pages per second and IPIs per migrated page per variant;
-    /// with the sweeps, total time and first-folio latency per batch size,
-    /// and the multi-threaded copier's speedup per batch shape and working set.
-    static func chart(_ rows: [NUMAVariantResult], _ sweep: [NUMABatchPoint] = [], _ copySweep: [NUMACopyPoint] = []) -> String {
-        typealias Bar = (label: String, value: Double)
+    /// What the chart's title says ran: the buffer, readers and rounds.
+    var chartTitle: String {
+        "svmemu numa: migrate_pages of a \(ByteSize.parse(buffer).map(Chart.size) ?? buffer) buffer between two nodes, \(readers) reader\(readers == 1 ? "" : "s"), "
+            + "\(rounds) round\(rounds == 1 ? "" : "s")"
+    }
+
+    /// Bar charts: pages per second and IPIs per migrated page per variant
+    /// (IPIs on a log axis: they span decades); with the sweeps, total time
+    /// and first-folio latency per batch size, and the multi-threaded
+    /// copier's speedup per batch shape and working set, with the 1.0x line.
+    /// A deterministic run (its results carry schedule steps) says "virtual time".
+    static func chart(_ rows: [NUMAVariantResult], _ sweep: [NUMABatchPoint] = [], _ copySweep: [NUMACopyPoint] = [],
+                      title: String = "svmemu numa: migrate_pages between two nodes") -> String {
         func variant(_ r: NUMAVariantResult) -> String {
             "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")"
         }
-        var panels: [(title: String, format: String, bars: [Bar])] = [
-            ("Pages migrated per second", "%.0f", rows.map { (variant($0), $0.pagesPerSecond) }),
-            ("IPIs per migrated page", "%.4f", rows.map { (variant($0), $0.ipisPerPage) }),
+        let virtual = rows.contains { $0.scheduleSteps != nil }
+        var chart = Chart(title: title, subtitle: Chart.timeBase(virtual: virtual))
+        chart.panels = [
+            ChartPanel("Pages migrated per second", unit: virtual ? "pages per second of virtual time" : "pages per second",
+                       bars: rows.map { ChartBar(variant($0), $0.pagesPerSecond) }, format: { Cell.fixed($0, 0) }),
+            ChartPanel("IPIs per migrated page", unit: "TLB-flush IPIs received per page", scale: .log,
+                       bars: rows.map { ChartBar(variant($0), $0.ipisPerPage) }, format: { Cell.fixed($0, 4) }),
         ]
         if !sweep.isEmpty {
-            panels.append(("One move of the buffer (ms) by batch size (4K pages)", "%.1f",
-                           sweep.map { ("batch \($0.batchPages)", $0.totalMillis) }))
-            panels.append(("First folio's latency (us) by batch size", "%.1f",
-                           sweep.map { ("batch \($0.batchPages)", $0.firstFolioMicros) }))
+            chart.panels.append(ChartPanel("One move of the buffer by batch size (4K pages)", unit: "ms",
+                                           bars: sweep.map { ChartBar("batch \($0.batchPages)", $0.totalMillis) },
+                                           format: { Cell.fixed($0, 1) + " ms" }))
+            chart.panels.append(ChartPanel("First folio's latency by batch size", unit: "µs",
+                                           bars: sweep.map { ChartBar("batch \($0.batchPages)", $0.firstFolioMicros) },
+                                           format: { Cell.fixed($0, 1) + " µs" }))
         }
         if !copySweep.isEmpty {
-            panels.append(("Multi-threaded copy: speedup over one thread", "%.2fx", copySweep.map {
-                ("\($0.threads) threads, \($0.folios) x \($0.folioBytes == 4096 ? "4K" : "2M"), \($0.ringBytes >> 20)M ring", $0.speedup)
-            }))
+            chart.panels.append(ChartPanel(
+                "Multi-threaded copy: speedup over one thread", unit: "speedup (one thread's time / the copier's)", scale: .linear,
+                reference: 1, referenceLabel: "1.0x: no gain",
+                bars: copySweep.enumerated().map { i, p in
+                    ChartBar("\(p.threads) threads, \(p.folios) x \(p.folioBytes == 4096 ? "4K" : "2M"), \(p.ringBytes >> 20)M ring", p.speedup,
+                             groupStart: i > 0 && copySweep[i - 1].ringBytes != p.ringBytes)
+                }, format: { Cell.fixed($0, 2) + "x" }))
         }
-        let w = 900, barH = 18, gap = 6, left = 300
-        let h = 20 + panels.reduce(0) { $0 + 40 + $1.bars.count * (barH + gap) }
-        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(w)\" height=\"\(h)\" font-family=\"sans-serif\" font-size=\"12\">\n"
-        var y = 20
-        for panel in panels {
-            s += "<text x=\"10\" y=\"\(y)\" font-weight=\"bold\">\(panel.title)</text>\n"
-            y += 14
-            let top = max(1e-9, panel.bars.map(\.value).max() ?? 1)
-            for bar in panel.bars {
-                let bw = Int(Double(w - left - 80) * bar.value / top)
-                s += "<text x=\"10\" y=\"\(y + 13)\">\(bar.label)</text>"
-                s += "<rect x=\"\(left)\" y=\"\(y)\" width=\"\(max(1, bw))\" height=\"\(barH)\" fill=\"#4a7ab5\"/>"
-                s += "<text x=\"\(left + bw + 4)\" y=\"\(y + 13)\">\(String(format: panel.format, bar.value))</text>\n"
-                y += barH + gap
-            }
-            y += 26
-        }
-        return s + "</svg>\n"
+        return chart.svg()
     }
 }
