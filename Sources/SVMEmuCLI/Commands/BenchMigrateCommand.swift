@@ -6,7 +6,7 @@ import MirrorDriver
 import SVMEmu
 import SVMStress
 
-// MigrationGranularity is ExpressibleByArgument (declared in OverheadCommand.swift).
+// MigrationGranularity is CaseInsensitiveArgument (Support/Vocabulary.swift).
 
 /// Times `MirrorDevice.migrateToDevice` over a whole buffer followed by
 /// `migrateToSystem` back (plain memcpy copy engine, one thread), and memcpy of
@@ -50,6 +50,8 @@ struct BenchMigrateCommand: ParsableCommand {
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
+
+    @OptionGroup var report: ReportFileOptions
 
     func validate() throws {
         if granularity == .huge2M {

@@ -41,6 +41,8 @@ struct DemoCommand: ParsableCommand {
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
+    @OptionGroup var report: ReportFileOptions
+
     func validate() throws {
         var s = StormSettings()
         storm.apply(to: &s)

@@ -32,3 +32,29 @@ struct BenchCommand: ParsableCommand {
         abstract: "Benchmarks (build with -c release); figures as ratios to memcpy of the same bytes.",
         subcommands: [BenchMemoryCommand.self, BenchMigrateCommand.self, BenchTHPCommand.self, BenchGoalsCommand.self])
 }
+
+extension SVMEmuCommand {
+    /// Refuses `svmemu help NAME ...` when NAME is not a command (ArgumentParser
+    /// would print the nearest command's help and exit 0): the message names
+    /// it and lists the commands there; exit status 64 (EX_USAGE).
+    ///
+    /// - Throws: `ValidationError`.
+    static func checkHelpTopic(_ arguments: [String]) throws(ValidationError) {
+        guard arguments.first == "help" else { return }
+        var node: any ParsableCommand.Type = SVMEmuCommand.self
+        var path = ["svmemu"]
+        for name in arguments.dropFirst() where !name.hasPrefix("-") {
+            let children = node.configuration.subcommands
+            if let next = children.first(where: { ($0.configuration.commandName ?? "") == name }) {
+                node = next
+                path.append(name)
+                continue
+            }
+            if name == "help" && path.count == 1 { return }
+            let names = children.compactMap { $0.configuration.commandName }
+            throw ValidationError(names.isEmpty
+                ? "svmemu help: \(path.joined(separator: " ")) has no subcommand '\(name)'"
+                : "svmemu help: no command '\(name)' in \(path.joined(separator: " ")); its commands: \(names.joined(separator: ", "))")
+        }
+    }
+}

@@ -129,6 +129,7 @@ enum ArgumentValue: Encodable, Equatable {
             guard var name = child.label else { continue }
             if name.hasPrefix("_") { name.removeFirst() }
             if let group = child.value as? any ReflectedArgumentGroup {
+                if group.reflectedGroup is any DeprecatedSpellings { continue }  // old spellings: merged into the new
                 out.merge(arguments(of: group.reflectedGroup)) { first, _ in first }
             } else if let argument = child.value as? any ReflectedArgument {
                 out[name] = ArgumentValue(argument.reflectedValue)
