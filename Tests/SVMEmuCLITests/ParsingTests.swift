@@ -24,9 +24,9 @@ struct ParsingTests {
             (["overhead", "--copy-threads", "-4"], "--copy-threads must be 1...64 (got -4)"),
             (["overhead", "--busy-cpus", "17"], "--busy-cpus must be 0...16 (got 17)"),
             (["overhead", "--size", "-2M"], "--size must be 2M to 64G, a multiple of 2M (got -2M)"),
-            (["bench", "memory", "--fault-mib", "-5"], "--fault-mib must be 1...1024 (got -5)"),
+            (["bench", "memory", "--size", "-5M"], "--size must be 1M to 1G, a multiple of 1M (got -5M)"),
             (["bench", "migrate", "--rounds", "-2"], "--rounds must be 1...100 (got -2)"),
-            (["bench", "thp", "--iterations", "-1"], "--iterations must be 1...100 (got -1)"),
+            (["bench", "thp", "--rounds", "-1"], "--rounds must be 1...100 (got -1)"),
         ]
         for (arguments, expected) in cases {
             let r = try #require(refusal(arguments), "\(arguments) was accepted")
