@@ -66,8 +66,7 @@ struct BenchGoalsCommand: ParsableCommand {
     @OptionGroup var old: OldSpellings
 
     mutating func validate() throws {
-        if let n = old.pairs { try checkRange(n, 1...20, flag: "--pairs") }
-        try Deprecation.adopt(old.pairs, into: &rounds, defaultValue: 3, oldFlag: "--pairs", newFlag: "--rounds")
+        try Deprecation.adopt(old.pairs, into: &rounds, defaultValue: 3, range: 1...20, oldFlag: "--pairs", newFlag: "--rounds")
         try checkRange(rounds, 1...20, flag: "--rounds")
     }
 

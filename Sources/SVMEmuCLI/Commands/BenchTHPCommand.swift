@@ -53,8 +53,7 @@ struct BenchTHPCommand: ParsableCommand {
     @OptionGroup var old: OldSpellings
 
     mutating func validate() throws {
-        if let n = old.iterations { try checkRange(n, 1...100, flag: "--iterations") }
-        try Deprecation.adopt(old.iterations, into: &timing.rounds, defaultValue: 5, oldFlag: "--iterations", newFlag: "--rounds")
+        try Deprecation.adopt(old.iterations, into: &timing.rounds, defaultValue: 5, range: 1...100, oldFlag: "--iterations", newFlag: "--rounds")
         _ = try ByteSize.check(maxSize, flag: "--max-size", range: Self.maxSizeRange)
     }
 

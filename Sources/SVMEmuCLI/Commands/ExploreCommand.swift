@@ -227,7 +227,7 @@ struct ReplayCommand: ParsableCommand {
             and options give the same run, step for step.
 
             With --json prints one object (Docs/json.md) whose results are seed, found \
-            (livelock, deadlock, lostWrite, leak, invariant, or null), storm (the storm's \
+            (livelock, deadlock, lostWrite, leak or invariant; only when found), storm (the storm's \
             result, as explore's) and lastSteps (the last --steps scheduling decisions, as text).
 
             \(ExitStatus.helpParagraph)
@@ -246,23 +246,13 @@ struct ReplayCommand: ParsableCommand {
 
     @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
 
-    /// The results of `replay --json`.
+    /// The results of `replay --json` (`found` only when the schedule found something).
     struct Result: Encodable {
         var seed: UInt64
         var found: StormFinding?
         var storm: StormResult
         /// The last `--steps` scheduling decisions, as the table prints them.
         var lastSteps: [String]
-
-        enum CodingKeys: String, CodingKey { case seed, found, storm, lastSteps }
-
-        func encode(to encoder: any Encoder) throws {
-            var c = encoder.container(keyedBy: CodingKeys.self)
-            try c.encode(seed, forKey: .seed)
-            try c.encode(found, forKey: .found)
-            try c.encode(storm, forKey: .storm)
-            try c.encode(lastSteps, forKey: .lastSteps)
-        }
     }
 
     func validate() throws {

@@ -82,9 +82,9 @@ final class ReportTee: @unchecked Sendable {
     ///   when a write to it failed.
     func finish() throws(CLIError) {
         try? StandardOutput.finish()
-        dup2(saved, STDOUT_FILENO)  // closes the pipe's write end
-        close(saved)
+        dup2(saved, STDOUT_FILENO)  // closes the pipe's write end: the pump reads to its end
         done.wait()
+        close(saved)  // only now: the pump writes to it until then
         try file.write(String(decoding: kept, as: UTF8.self))
         if writeError != 0 { throw .outputPath(path: "standard output", reason: CLIError.reason(writeError)) }
     }

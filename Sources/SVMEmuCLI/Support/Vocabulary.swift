@@ -15,18 +15,8 @@ import Glibc
 /// the group out (`ArgumentValue.arguments`): it records the new names.
 protocol DeprecatedSpellings: ParsableArguments {}
 
-/// The old spellings of renamed options and what replaced them.
+/// The old spellings of renamed options (Docs/cli.md lists them).
 enum Deprecation {
-    /// Every renamed option: old flag, new flag (Docs/cli.md's table).
-    static let renamed: [(command: String, old: String, new: String)] = [
-        ("numa", "--buffer", "--size"),
-        ("numa", "--storm-pages", "--pages"),
-        ("bench memory", "--fault-mib", "--size (in bytes with a suffix: --fault-mib 64 is --size 64M)"),
-        ("bench thp", "--iterations", "--rounds"),
-        ("bench goals", "--pairs", "--rounds"),
-        ("soak", "--ops", "--operations"),
-    ]
-
     /// The warning for `old`, on standard error.
     static func message(old: String, new: String) -> String {
         "svmemu: warning: \(old) is deprecated and will be removed in the next release; use \(new)"
@@ -51,6 +41,13 @@ enum Deprecation {
             throw ValidationError("\(oldFlag) is the old spelling of \(newFlag): give \(newFlag) only")
         }
         new = old
+    }
+
+    /// `adopt` for a number, refused outside `range` under its old flag first.
+    static func adopt(_ old: Int?, into new: inout Int, defaultValue: Int, range: ClosedRange<Int>,
+                      oldFlag: String, newFlag: String) throws(ValidationError) {
+        if let old { try checkRange(old, range, flag: oldFlag) }
+        try adopt(old, into: &new, defaultValue: defaultValue, oldFlag: oldFlag, newFlag: newFlag)
     }
 }
 
