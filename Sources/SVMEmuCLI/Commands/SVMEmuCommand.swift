@@ -18,6 +18,10 @@ public struct SVMEmuCommand: ParsableCommand {
         too little memory or address space, a failed check); 2 only from `svmemu livelock \
         --fail-on-livelock`, a livelock was detected; 3 only from `svmemu explore`, a schedule \
         found a problem, and `svmemu merge`, a shard's seed failed; 64 an invalid argument; 130 interrupted (SIGINT).
+
+        One vocabulary (Docs/cli.md): a size is --size, repetitions --rounds, an operation count \
+        --operations, --cpus emulated CPUs; every report takes --json, --output FILE and --quiet; \
+        enum values in any case. Shell completions: svmemu --generate-completion-script bash|zsh|fish.
         """,
         version: SVMEmuVersion.description,
         subcommands: [DemoCommand.self, LivelockCommand.self, OverheadCommand.self, CalibrateCommand.self, HMMTestsCommand.self,
