@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import SVMEmu
 import Testing
 @testable import SVMEmuCLI
 
@@ -120,6 +121,20 @@ struct VocabularyTests {
             // One path for two outputs.
             let two = try #require(refusal(["numa", "--svg", dir + "/a", "--output", dir + "/a"]))
             #expect(two.message.contains("--svg and --output name the same file"))
+        }
+    }
+
+    @Test("--output FILE is kept with a report (exit 0 or 3), not written for a run that could not run",
+          .disabled(if: HostMemory.underThreadSanitizer, "ThreadSanitizer's shadow memory does not fit under ulimit -v"))
+    func outputKeptWithReport() throws {
+        try withScratchDirectory { dir in
+            let explore = try runShell("\"$SVMEMU\" explore --pages 2 --schedules 2 --quiet --output \(dir)/e.txt")
+            #expect(explore.status == 0 || explore.status == 3, "\(explore.stderr)")
+            #expect(try String(contentsOfFile: dir + "/e.txt", encoding: .utf8) == explore.stdout)
+            let refused = try runShell("ulimit -v 4000000 && exec \"$SVMEMU\" soak --operations 10 --output \(dir)/s.txt")
+            #expect(refused.status == 1, "\(refused.stderr)")
+            #expect(refused.stderr.contains("the host refused"))
+            #expect(!FileManager.default.fileExists(atPath: dir + "/s.txt"))
         }
     }
 

@@ -32,7 +32,9 @@ extension SVMEmuCommand {
                 try command.run()
             } catch {
                 try StandardOutput.finish()
-                try tee?.finish()
+                // A status the report goes with (2, 3, or 1 after a failed check) keeps the file;
+                // a run that could not run has no report to keep.
+                try tee?.finish(keep: error is ExitCode)
                 throw error
             }
             try StandardOutput.finish()

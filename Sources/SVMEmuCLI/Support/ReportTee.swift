@@ -76,16 +76,17 @@ final class ReportTee: @unchecked Sendable {
         done.signal()
     }
 
-    /// Restores standard output, waits for the copy and writes the file.
+    /// Restores standard output, waits for the copy and writes the file
+    /// (`keep`: false for a run that could not run, which leaves no file).
     ///
     /// - Throws: `CLIError.outputPath` for the file, or for standard output
     ///   when a write to it failed.
-    func finish() throws(CLIError) {
+    func finish(keep: Bool = true) throws(CLIError) {
         try? StandardOutput.finish()
         dup2(saved, STDOUT_FILENO)  // closes the pipe's write end: the pump reads to its end
         done.wait()
         close(saved)  // only now: the pump writes to it until then
-        try file.write(String(decoding: kept, as: UTF8.self))
+        if keep { try file.write(String(decoding: kept, as: UTF8.self)) }
         if writeError != 0 { throw .outputPath(path: "standard output", reason: CLIError.reason(writeError)) }
     }
 }

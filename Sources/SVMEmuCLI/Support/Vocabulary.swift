@@ -79,9 +79,9 @@ extension OverheadDirection: CaseInsensitiveArgument {
 /// `--output FILE` and `--quiet` of a command that prints a report.
 ///
 /// The report (the tables, or the JSON with `--json`) still goes to standard
-/// output; `--output FILE` also writes it to FILE, once the run ends
-/// (`SVMEmuCommand.runAndExit` copies standard output: no command does
-/// anything itself). The path is checked before the run. `--quiet` turns
+/// output; `--output FILE` also writes it to FILE, once the run ends with
+/// its report (`SVMEmuCommand.runAndExit` copies standard output: no
+/// command does anything itself). The path is checked before the run. `--quiet` turns
 /// the progress line on standard error off (`ProgressLine`).
 struct ReportFileOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Also write the report (the tables, or the JSON with --json) to this file; checked before the run.",
