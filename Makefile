@@ -3,14 +3,14 @@
 #   make test   the test suites (what CI runs)
 # Both install libdrm-dev (and pkg-config) with apt-get when pkg-config cannot find libdrm.
 # Also: make tsan (the suites under ThreadSanitizer), make docs (the DocC site
-# of SVMEmu, warnings fail it), make bench (release benchmarks: every goal's figure). CI runs
+# of SVMEmu, warnings fail it), make cli-doc (Docs/cli.md's option tables), make bench (release benchmarks: every goal's figure). CI runs
 # test, docs and tsan (.ci/run). make kernel-check runs the real-kernel rig
 # (Tools/kernel-rig; not in CI, the first kernel build takes 8-30 minutes).
 
 SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test tsan docs deps build release bench soak soak-sweep clean kernel-check
+.PHONY: demo test tsan docs deps build release bench soak soak-sweep clean kernel-check cli-doc
 
 deps:
 	@if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libdrm; then \
@@ -46,6 +46,11 @@ docs:
 	$(SWIFT) package --scratch-path .build-docs --allow-writing-to-directory $(DOCS_OUT) \
 		generate-documentation --target SVMEmu --warnings-as-errors --output-path $(DOCS_OUT)
 	@echo "docs: $(DOCS_OUT) (open documentation/svmemu in a static web server, or use preview-documentation)"
+
+# Docs/cli.md's tables of every option of every command, from the binary's own
+# help (after adding or renaming an option; a test checks that none is missing).
+cli-doc: build
+	python3 Tools/cli-options.py .build/debug/svmemu Docs/cli.md
 
 # The randomized soak under the deterministic scheduler (Docs/deterministic.md):
 # a short one by default for CI; `make soak SOAK_OPERATIONS=10000000` for the goal.

@@ -63,7 +63,7 @@ struct DeterministicCommandTests {
 
     @Test("numa --deterministic: variants and sweep repeat by seed; another seed gives other reader figures")
     func numaRepeatsBySeed() throws {
-        let arguments = ["numa", "--deterministic", "--buffer", "2M", "--readers", "1", "--rounds", "1", "--json"]
+        let arguments = ["numa", "--deterministic", "--size", "2M", "--readers", "1", "--rounds", "1", "--json"]
         let a = try parse(arguments + ["--seed", "3"], as: NumaCommand.self)
         let first = try a.variantResults()
         #expect(try jsonWithoutHost(a, first) == jsonWithoutHost(a, try a.variantResults()))
@@ -78,7 +78,7 @@ struct DeterministicCommandTests {
 
     @Test("numa --storm --deterministic repeats by seed")
     func numaStormRepeatsBySeed() throws {
-        let a = try parse(["numa", "--storm", "--deterministic", "--storm-pages", "32", "--rounds", "1", "--seed", "9",
+        let a = try parse(["numa", "--storm", "--deterministic", "--pages", "32", "--rounds", "1", "--seed", "9",
                            "--json"], as: NumaCommand.self)
         let first = try a.stormResults()
         #expect(try jsonWithoutHost(a, first) == jsonWithoutHost(a, try a.stormResults()))

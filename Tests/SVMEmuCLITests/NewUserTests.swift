@@ -88,7 +88,7 @@ struct NewUserTests {
     func hostRefusesMemory() throws {
         for (command, figure) in [("overhead --size 2M --rounds 1", "8.0 GiB of address space for page metadata"),
                                   ("soak --operations 10", "8.0 GiB of address space for page metadata"),
-                                  ("numa --buffer 1G --no-sweep", "2.0 GiB of address space for RAM node")] {
+                                  ("numa --size 1G --no-sweep", "2.0 GiB of address space for RAM node")] {
             let r = try runShell("ulimit -v 4000000 && exec \"$SVMEMU\" \(command)")
             #expect(r.status == 1, "\(command): \(r.status) \(r.stderr)")
             #expect(r.stderr.contains("the host refused " + figure), "\(command): \(r.stderr)")
@@ -105,9 +105,9 @@ struct NewUserTests {
 
     @Test("numa checks the host's memory before it runs, with both figures")
     func numaMemory() throws {
-        let numa = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--buffer", "16G"]) as? NumaCommand)
+        let numa = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--size", "16G"]) as? NumaCommand)
         #expect(throws: CLIError.notEnoughMemory(
-            "svmemu numa --buffer 16G needs about 64.6 GiB of memory; 8.0 GiB is available (MemAvailable). Ask for a smaller size.")) {
+            "svmemu numa --size 16G needs about 64.6 GiB of memory; 8.0 GiB is available (MemAvailable). Ask for a smaller size.")) {
             try numa.preflight(available: 8 << 30)
         }
         let storm = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--storm"]) as? NumaCommand)
@@ -129,7 +129,7 @@ struct NewUserTests {
 
     @Test("sizes that hold no whole 2 MiB folio are refused with the rule")
     func wholeFolios() {
-        for (arguments, expected) in [(["numa", "--buffer", "3M"], "--buffer must be 2M to 16G, a multiple of 2M (got 3M)"),
+        for (arguments, expected) in [(["numa", "--size", "3M"], "--size must be 2M to 16G, a multiple of 2M (got 3M)"),
                                       (["bench", "migrate", "--granularity", "2m", "--size", "4K"],
                                        "--size with --granularity 2m must be 2M to 64G, a multiple of 2M (got 4K)"),
                                       (["bench", "migrate", "--granularity", "2m", "--size", "3M"], "a multiple of 2M (got 3M)")] {

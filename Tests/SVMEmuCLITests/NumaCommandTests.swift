@@ -13,9 +13,9 @@ struct NumaCommandTests {
             (["numa", "--readers", "-1"], "--readers must be 0...32 (got -1)"),
             (["numa", "--rounds", "0"], "--rounds must be 1...100 (got 0)"),
             (["numa", "--copy-threads", "65"], "--copy-threads must be 1...64 (got 65)"),
-            (["numa", "--storm-pages", "1"], "--storm-pages must be 2...65536 (got 1)"),
+            (["numa", "--pages", "1"], "--pages must be 2...65536 (got 1)"),
             (["numa", "--holders", "0"], "--holders must be 1...32 (got 0)"),
-            (["numa", "--buffer", "1M"], "--buffer"),
+            (["numa", "--size", "1M"], "--size"),
             (["numa", "--storm", "--svg", "/tmp/x.svg"], "--storm writes no --svg or --trace"),
             (["numa", "--storm", "--variants", "all"], "--storm runs each algorithm once"),
             (["numa", "--variants", "some"], "--variants"),
@@ -25,7 +25,7 @@ struct NumaCommandTests {
             #expect(r.message.contains(expected), "\(arguments): \(r.message)")
             #expect(r.status == ExitStatus.usage.rawValue)
         }
-        let parsed = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--check-tlb", "--storm", "--storm-pages", "64"]) as? NumaCommand)
+        let parsed = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--check-tlb", "--storm", "--pages", "64"]) as? NumaCommand)
         #expect(parsed.checkTLB && parsed.storm && parsed.stormPages == 64)
         let all = NUMAVariant.all(copyThreads: 2)
         #expect(all.count == MigrationAlgorithm.allCases.count * NUMACopierKind.allCases.count * 2 * 2)

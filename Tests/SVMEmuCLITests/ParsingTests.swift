@@ -11,7 +11,7 @@ struct ParsingTests {
         }
     }
 
-    @Test("negative numbers reach validation and are refused with the range, not 'Missing value'")
+    @Test("out-of-range numbers (negative ones too) reach validation and are refused with the flag and the range, not 'Missing value'")
     func negativeNumbers() throws {
         let cases: [([String], String)] = [
             (["livelock", "--pages", "-3"], "--pages must be 1...65536 (got -3)"),
@@ -24,9 +24,20 @@ struct ParsingTests {
             (["overhead", "--copy-threads", "-4"], "--copy-threads must be 1...64 (got -4)"),
             (["overhead", "--busy-cpus", "17"], "--busy-cpus must be 0...16 (got 17)"),
             (["overhead", "--size", "-2M"], "--size must be 2M to 64G, a multiple of 2M (got -2M)"),
-            (["bench", "memory", "--fault-mib", "-5"], "--fault-mib must be 1...1024 (got -5)"),
+            (["bench", "memory", "--size", "-5M"], "--size must be 1M to 1G, a multiple of 1M (got -5M)"),
             (["bench", "migrate", "--rounds", "-2"], "--rounds must be 1...100 (got -2)"),
-            (["bench", "thp", "--iterations", "-1"], "--iterations must be 1...100 (got -1)"),
+            (["bench", "thp", "--rounds", "-1"], "--rounds must be 1...100 (got -1)"),
+            (["numa", "--size", "1M"], "--size must be 2M to 16G, a multiple of 2M (got 1M)"),
+            (["numa", "--pages", "1"], "--pages must be 2...65536 (got 1)"),
+            (["numa", "--rounds", "0"], "--rounds must be 1...100 (got 0)"),
+            (["bench", "memory", "--size", "2G"], "--size must be 1M to 1G, a multiple of 1M (got 2G)"),
+            (["bench", "memory", "--fault-mib", "2000"], "--fault-mib must be 1...1024 (got 2000)"),
+            (["bench", "thp", "--rounds", "101"], "--rounds must be 1...100 (got 101)"),
+            (["bench", "goals", "--rounds", "21"], "--rounds must be 1...20 (got 21)"),
+            (["soak", "--operations", "0"], "--operations must be 1...1000000000 (got 0)"),
+            (["fidelity", "--cpus", "65"], "--cpus must be 1...64 (got 65)"),
+            (["explore", "--schedules", "0"], "--schedules must be 1...1000000 (got 0)"),
+            (["replay", "--steps", "-1"], "--steps must be 0...1000000 (got -1)"),
         ]
         for (arguments, expected) in cases {
             let r = try #require(refusal(arguments), "\(arguments) was accepted")

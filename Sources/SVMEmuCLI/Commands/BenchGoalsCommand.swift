@@ -35,7 +35,7 @@ struct BenchGoalsCommand: ParsableCommand {
             unless --full), the soak's operations per host second (every operation, fork \
             included; 200000 operations, 1000000 with --full), and numa's 2 MiB batched \
             migration with two copy threads against one (pagesPerSecond over 16 moves of the \
-            64 MiB buffer; --pairs runs of each, alternating, the lowest ratio reported) and the multi-threaded copier against this \
+            64 MiB buffer; --rounds runs of each, alternating, the lowest ratio reported) and the multi-threaded copier against this \
             host's own two-thread memcpy of one 2 MiB folio over numa's working set (two 64 MiB \
             rings). Prints each figure as it is measured, then the table: figure, measured, \
             goal, met. About two minutes on the 2-core VM; --full about ten.
@@ -51,12 +51,23 @@ struct BenchGoalsCommand: ParsableCommand {
     var full = false
 
     @Option(name: .long, parsing: .unconditional, help: "numa runs of each copier, alternating (1-20); the lowest ratio is reported.")
-    var pairs = 3
+    var rounds = 3
+    /// `--rounds`: pairs of numa runs (the name the run body uses).
+    var pairs: Int { rounds }
 
     @OptionGroup var output: JSONOutputOptions
 
-    func validate() throws {
-        try checkRange(pairs, 1...20, flag: "--pairs")
+    @OptionGroup var report: ReportFileOptions
+
+    /// `--pairs`, the old spelling of `--rounds`.
+    struct OldSpellings: DeprecatedSpellings {
+        @Option(name: .customLong("pairs"), parsing: .unconditional, help: .private) var pairs: Int?
+    }
+    @OptionGroup var old: OldSpellings
+
+    mutating func validate() throws {
+        try Deprecation.adopt(old.pairs, into: &rounds, defaultValue: 3, range: 1...20, oldFlag: "--pairs", newFlag: "--rounds")
+        try checkRange(rounds, 1...20, flag: "--rounds")
     }
 
     struct Results: Encodable {

@@ -24,16 +24,33 @@ struct BenchMemoryCommand: ParsableCommand {
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
-    @Option(name: .customLong("fault-mib"), parsing: .unconditional, help: "Size of the demand-zero mapping in MiB.")
-    var faultMiB = 64
+    @Option(name: .long, parsing: .unconditional, help: "Size of the demand-zero mapping, 1M to 1G, a multiple of 1M, with an optional K, M or G suffix (binary units).")
+    var size = "64M"
+    /// `--size` in MiB (the unit the run body uses).
+    var faultMiB: Int { (ByteSize.parse(size) ?? 0) / ByteSize.mib }
+
+    /// Sizes `--size` takes: whole MiB, up to 1 GiB.
+    static let sizeRange = ByteSize.mib...ByteSize.gib
 
     @OptionGroup var timing: BenchRoundsOptions
     var rounds: Int { timing.rounds }
 
     @OptionGroup var pattern: PatternSeedOption
 
-    func validate() throws {
-        try checkRange(faultMiB, 1...1024, flag: "--fault-mib")
+    @OptionGroup var report: ReportFileOptions
+
+    /// `--fault-mib N`, the old spelling of `--size NM`.
+    struct OldSpellings: DeprecatedSpellings {
+        @Option(name: .customLong("fault-mib"), parsing: .unconditional, help: .private) var faultMiB: Int?
+    }
+    @OptionGroup var old: OldSpellings
+
+    mutating func validate() throws {
+        if let mib = old.faultMiB {
+            try checkRange(mib, 1...1024, flag: "--fault-mib")
+            try Deprecation.adopt("\(mib)M", into: &size, defaultValue: "64M", oldFlag: "--fault-mib \(mib)", newFlag: "--size \(mib)M")
+        }
+        _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: ByteSize.mib)
     }
 
     /// The figures (`MemoryBench`'s).

@@ -6,7 +6,7 @@ import MirrorDriver
 import SVMEmu
 import SVMStress
 
-// MigrationGranularity is ExpressibleByArgument (declared in OverheadCommand.swift).
+// MigrationGranularity is CaseInsensitiveArgument (Support/Vocabulary.swift).
 
 /// Times a round trip RAM -> VRAM -> RAM against memcpy of the same bytes
 /// (`MigrateBench`) and prints the figures.
@@ -48,6 +48,8 @@ struct BenchMigrateCommand: ParsableCommand {
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
+
+    @OptionGroup var report: ReportFileOptions
 
     func validate() throws {
         if granularity == .huge2M {

@@ -21,7 +21,7 @@ struct BenchTHPCommand: ParsableCommand {
             Build with -c release. Sizes 512K, 1M, 2M, 4M, 8M, 16M, 256M (quarter THP to 128 THPs), \
             each in a fresh machine and a fresh 2 MiB-aligned mapping, THP allowed in madvise mode. \
             "With THP": MADV_HUGEPAGE and MirrorDevice migration granularity 2m; "without": \
-            MADV_NOHUGEPAGE and granularity 4k. One warm-up round trip, then --iterations timed \
+            MADV_NOHUGEPAGE and granularity 4k. One warm-up round trip, then --rounds timed \
             round trips; means are reported. Throughput as the kernel test computes it: \
             size / 2^30 / seconds ("GB/s"). With --json prints one object (Docs/json.md) whose results are \
             sizes: [{"name","bytes","iterations","thp":{...},"regular":{...}}] where each side has \
@@ -30,10 +30,13 @@ struct BenchTHPCommand: ParsableCommand {
             \(ExitStatus.helpParagraph)
             """)
 
-    @Option(name: .long, parsing: .unconditional, help: "Timed round trips per size and mode (the kernel test uses 5).")
-    var iterations = 5
+    /// `--rounds`: timed round trips per size and mode (the kernel test
+    /// uses 5, the default); the mean is reported.
+    @OptionGroup var timing: BenchRoundsOptions
+    /// `--rounds` (the name the run body and the results use).
+    var iterations: Int { timing.rounds }
 
-    @Option(name: .long, parsing: .unconditional, help: "Largest size to run, 512K or more, with an optional K, M or G suffix (default: all, up to 256M).")
+    @Option(name: .long, parsing: .unconditional, help: "Largest size to run, 512K to 64G, with an optional K, M or G suffix (default: all, up to 256M).")
     var maxSize: String = "256M"
 
     @OptionGroup var pattern: PatternSeedOption
@@ -41,8 +44,16 @@ struct BenchTHPCommand: ParsableCommand {
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
-    func validate() throws {
-        try checkRange(iterations, 1...100, flag: "--iterations")
+    @OptionGroup var report: ReportFileOptions
+
+    /// `--iterations`, the old spelling of `--rounds`.
+    struct OldSpellings: DeprecatedSpellings {
+        @Option(name: .customLong("iterations"), parsing: .unconditional, help: .private) var iterations: Int?
+    }
+    @OptionGroup var old: OldSpellings
+
+    mutating func validate() throws {
+        try Deprecation.adopt(old.iterations, into: &timing.rounds, defaultValue: 5, range: 1...100, oldFlag: "--iterations", newFlag: "--rounds")
         _ = try ByteSize.check(maxSize, flag: "--max-size", range: Self.maxSizeRange)
     }
 

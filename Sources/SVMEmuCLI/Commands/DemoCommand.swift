@@ -35,11 +35,13 @@ struct DemoCommand: ParsableCommand {
 
     @OptionGroup var storm: StormOptions<StormDefaults>
 
-    @Option(name: .long, parsing: .unconditional, help: "Seed of the storms' data pattern (recorded in --json's arguments); the storms run on real threads, so their outcome is the host's. For a run a seed reproduces, use svmemu livelock --deterministic --seed.")
+    @Option(name: .long, parsing: .unconditional, help: "Seed of the storms' data pattern (0 to 2^64-1; recorded in --json's arguments); the storms run on real threads, so their outcome is the host's. For a run a seed reproduces, use svmemu livelock --deterministic --seed.")
     var seed: UInt64 = 1
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
+
+    @OptionGroup var report: ReportFileOptions
 
     func validate() throws {
         var s = StormSettings()

@@ -22,6 +22,8 @@ struct DevicesCommand: ParsableCommand {
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
+    @OptionGroup var report: ReportFileOptions
+
     @Flag(name: .long, help: "Also print the notes of every driver's SVM entry.")
     var verbose = false
 

@@ -98,6 +98,10 @@ struct ExploreCommand: ParsableCommand {
 
     @OptionGroup var sweep: ShardOption
 
+    @OptionGroup var report: ReportFileOptions
+
+    @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
+
     func validate() throws {
         try checkRange(schedules, 1...1_000_000, flag: "--schedules")
         _ = try settings()
@@ -222,6 +226,10 @@ struct ReplayCommand: ParsableCommand {
             decisions (which thread ran after which event, at which virtual time). The same seed \
             and options give the same run, step for step.
 
+            With --json prints one object (Docs/json.md) whose results are seed, found \
+            (livelock, deadlock, lostWrite, leak or invariant; only when found), storm (the storm's \
+            result, as explore's) and lastSteps (the last --steps scheduling decisions, as text).
+
             \(ExitStatus.helpParagraph)
             """)
 
@@ -231,6 +239,21 @@ struct ReplayCommand: ParsableCommand {
 
     @Option(name: .long, parsing: .unconditional, help: "Scheduling steps to print, the last ones (0-1000000).")
     var steps = 50
+
+    @OptionGroup var output: JSONOutputOptions
+
+    @OptionGroup var report: ReportFileOptions
+
+    @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
+
+    /// The results of `replay --json` (`found` only when the schedule found something).
+    struct Result: Encodable {
+        var seed: UInt64
+        var found: StormFinding?
+        var storm: StormResult
+        /// The last `--steps` scheduling decisions, as the table prints them.
+        var lastSteps: [String]
+    }
 
     func validate() throws {
         try checkRange(steps, 0...1_000_000, flag: "--steps")
@@ -252,6 +275,13 @@ struct ReplayCommand: ParsableCommand {
         let r: StormResult
         do { r = try StormHarness.run(s, schedule: config) } catch {
             throw CLIError.runFailed("svmemu: the storm could not run: \(error.description)")
+        }
+        if output.json {
+            var storm = r
+            storm.perPage = []
+            let last = r.scheduleLog.suffix(steps).map { "\($0)" }
+            print(try JSONReport.render(for: self, results: Result(seed: s.seed, found: StormFinding(r), storm: storm, lastSteps: last)))
+            return
         }
         print(StormReport.table([r], titles: [StormReport.title(r)]), terminator: "")
         if let found = StormFinding(r) { print("found: \(found.rawValue)") }

@@ -73,6 +73,8 @@ struct FidelityCommand: ParsableCommand {
 
     @OptionGroup var json: JSONOutputOptions
 
+    @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
+
     func validate() throws {
         try checkRange(seeds, 1...100, flag: "--seeds")
         try checkRange(cpus, 1...64, flag: "--cpus")

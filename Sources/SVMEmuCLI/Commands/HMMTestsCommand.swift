@@ -35,7 +35,7 @@ struct HMMTestsCommand: ParsableCommand {
             argument; 130 interrupted (SIGINT).
             """)
 
-    @Option(name: .long, help: "The hmm_device_coherent variants: run (on the emulator's coherent device memory) or skip (as a kernel whose test_hmm has no coherent device).")
+    @Option(name: .long, help: "The hmm_device_coherent variants: run (on the emulator's coherent device memory) or skip (as a kernel whose test_hmm has no coherent device).", completion: .list(["run", "skip"]))
     var deviceCoherent = "run"
 
     @Flag(name: .long, help: "Add the cases of kernels after 6.12 (device THP migration).")
@@ -45,6 +45,8 @@ struct HMMTestsCommand: ParsableCommand {
     var emulatorCases = false
 
     @OptionGroup var output: JSONOutputOptions
+
+    @OptionGroup var report: ReportFileOptions
 
     func options() throws -> HMMSelftestOptions {
         var o = HMMSelftestOptions()

@@ -60,6 +60,8 @@ struct LivelockCommand: ParsableCommand {
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
 
+    @OptionGroup var report: ReportFileOptions
+
     @Flag(name: .long, help: "With --json, include every completed page's record (refused without --json).")
     var perPage = false
 

@@ -37,6 +37,8 @@ struct MergeCommand: ParsableCommand {
 
     @OptionGroup var output: JSONOutputOptions
 
+    @OptionGroup var report: ReportFileOptions
+
     func validate() throws {
         if files.count(where: { $0 == "-" }) > 1 { throw ValidationError("standard input (-) can be given once") }
     }

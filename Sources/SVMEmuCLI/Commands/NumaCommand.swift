@@ -12,7 +12,7 @@ struct NumaCommand: ParsableCommand {
         commandName: "numa",
         abstract: "migrate_pages between NUMA nodes: batching, never-block, copiers and deferred flush side by side.",
         discussion: """
-            Build with -c release. Each variant boots a fresh machine with two nodes, fills --buffer, starts \
+            Build with -c release. Each variant boots a fresh machine with two nodes, fills a buffer of --size bytes, starts \
             --readers threads reading random words of it (each access timed with the cycle counter, every word \
             checked) and moves the whole buffer --rounds times between node 0 and 1 with move_pages \
             (MIGRATE_SYNC); --variants all runs every algorithm x copier x deferral x page size. A \
@@ -25,7 +25,7 @@ struct NumaCommand: ParsableCommand {
             staleEntryDiagnostics counts what it reported (tlb_stale_accesses).
 
             --storm runs the folio-lock storm instead: --holders "I/O" threads keep locking folios of a \
-            --storm-pages buffer (and put some under writeback whose completion needs the previous page's \
+            --pages buffer (and put some under writeback whose completion needs the previous page's \
             lock) while each algorithm moves it; it reports pages not migrated (never-block's starvation), \
             waits that reached the 100 ms hung-task bound (the v6.3-rc deadlock) and the migrator's lock-wait \
             distribution.
@@ -50,24 +50,26 @@ struct NumaCommand: ParsableCommand {
             """)
 
     @Option(name: .long, parsing: .unconditional, help: "Buffer size, 2M to 16G, a multiple of 2M (whole 2 MiB folios for the 2 MiB variants), with an optional K, M or G suffix; needs about 4.4 times as much host memory.")
-    var buffer: String = "64M"
+    var size: String = "64M"
+    /// `--size` (the name the run bodies use).
+    var buffer: String { size }
 
-    /// Sizes `--buffer` takes: whole 2 MiB folios (the 2 MiB variants move
+    /// Sizes `--size` takes: whole 2 MiB folios (the 2 MiB variants move
     /// the same buffer), up to 16 GiB.
     static let bufferRange = 2 * ByteSize.mib...16 * ByteSize.gib
     static let bufferMultiple = 2 * ByteSize.mib
 
-    @Option(name: .long, parsing: .unconditional, help: "Reader threads touching the buffer while it moves.")
+    @Option(name: .long, parsing: .unconditional, help: "Reader threads touching the buffer while it moves (0-32).")
     var readers = 2
 
-    @Option(name: .long, parsing: .unconditional, help: "Moves of the whole buffer per variant (0 -> 1, 1 -> 0, ...).")
+    @Option(name: .long, parsing: .unconditional, help: "Moves of the whole buffer per variant (0 -> 1, 1 -> 0, ...; 1-100).")
     var rounds = 4
 
-    @Option(name: .long, parsing: .unconditional, help: "Threads of the multi-threaded copier.")
+    @Option(name: .long, parsing: .unconditional, help: "Threads of the multi-threaded copier (1-64).")
     var copyThreads = 2
 
     /// Which variants to run.
-    enum VariantSet: String, ExpressibleByArgument, CaseIterable {
+    enum VariantSet: String, CaseInsensitiveArgument {
         case standard, all
     }
 
@@ -83,10 +85,12 @@ struct NumaCommand: ParsableCommand {
     @Flag(name: .long, help: "Run the folio-lock storm (never-block starvation, the v6.3-rc deadlock) instead of the variants.")
     var storm = false
 
-    @Option(name: .long, parsing: .unconditional, help: "4 KiB pages the storm moves.")
-    var stormPages = 1024
+    @Option(name: .long, parsing: .unconditional, help: "4 KiB pages the --storm moves (2-65536).")
+    var pages = 1024
+    /// `--pages` (the name the run bodies use).
+    var stormPages: Int { pages }
 
-    @Option(name: .long, parsing: .unconditional, help: "Lock-holding threads of the storm.")
+    @Option(name: .long, parsing: .unconditional, help: "Lock-holding threads of the storm (1-32).")
     var holders = 2
 
     @Option(name: .long, help: "Also write an SVG bar chart (pages per second and IPIs per page per variant; the batch-size and copier sweeps) to this file.")
@@ -102,19 +106,30 @@ struct NumaCommand: ParsableCommand {
 
     @OptionGroup var output: JSONOutputOptions
 
+    @OptionGroup var report: ReportFileOptions
+
+    /// `--buffer` and `--storm-pages`, the old spellings of `--size` and `--pages`.
+    struct OldSpellings: DeprecatedSpellings {
+        @Option(name: .customLong("buffer"), parsing: .unconditional, help: .private) var buffer: String?
+        @Option(name: .customLong("storm-pages"), parsing: .unconditional, help: .private) var stormPages: Int?
+    }
+    @OptionGroup var old: OldSpellings
+
     /// The schedule of the runs: the readers (or holders) and the migrator.
     func harnessSchedule() throws -> HarnessSchedule {
         try threads.harnessSchedule(threads: (storm ? holders : readers) + 1)
     }
 
-    func validate() throws {
+    mutating func validate() throws {
+        try Deprecation.adopt(old.buffer, into: &size, defaultValue: "64M", oldFlag: "--buffer", newFlag: "--size")
+        try Deprecation.adopt(old.stormPages, into: &pages, defaultValue: 1024, oldFlag: "--storm-pages", newFlag: "--pages")
         _ = try harnessSchedule()
-        _ = try ByteSize.check(buffer, flag: "--buffer", range: Self.bufferRange, multiple: Self.bufferMultiple)
-        try OutputFile.checkDistinct([("--svg", svg), ("--trace", trace)])
+        _ = try ByteSize.check(size, flag: "--size", range: Self.bufferRange, multiple: Self.bufferMultiple)
+        try OutputFile.checkDistinct([("--svg", svg), ("--trace", trace), ("--output", report.output)])
         try checkRange(readers, 0...32, flag: "--readers")
         try checkRange(rounds, 1...100, flag: "--rounds")
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
-        try checkRange(stormPages, 2...65536, flag: "--storm-pages")
+        try checkRange(pages, 2...65536, flag: "--pages")
         try checkRange(holders, 1...32, flag: "--holders")
         if storm && variants != .standard {
             throw ValidationError("--storm runs each algorithm once; --variants chooses the variants of the benchmark, not of the storm")
@@ -147,7 +162,7 @@ struct NumaCommand: ParsableCommand {
         for file in outputFiles { try file.checkWritable() }
         guard !storm else { return }
         try HostResources.checkMemory(needed: Self.memoryNeeded(bufferBytes: ByteSize.parse(buffer)!), available: available,
-                                      for: "svmemu numa --buffer \(buffer)")
+                                      for: "svmemu numa --size \(size)")
     }
 
     struct Failure: Error, CustomStringConvertible { let description: String }

@@ -5,8 +5,7 @@ import MirrorDriver
 import SVMEmu
 import SVMStress
 
-extension MigrationGranularity: ExpressibleByArgument {}
-extension OverheadDirection: ExpressibleByArgument {}
+// MigrationGranularity and OverheadDirection are CaseInsensitiveArgument (Support/Vocabulary.swift).
 
 struct OverheadCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -66,19 +65,21 @@ struct OverheadCommand: ParsableCommand {
     @Option(name: .customLong("copy-model"), help: "memcpy, pcie4, pcie5, nvlink-c2c, a comma-separated list, or all (default: memcpy; all with --svg).")
     var copyModel: String?
 
-    @Option(name: .customLong("copy-threads"), parsing: .unconditional, help: "Threads per copy above 32 pages (multi-threaded copy).")
+    @Option(name: .customLong("copy-threads"), parsing: .unconditional, help: "Threads per copy above 32 pages (multi-threaded copy; 1-64).")
     var copyThreads = 1
 
     @Option(name: .customLong("busy-cpus"), parsing: .unconditional, help: "Other CPUs reading the address space during the runs (0-16): each TLB flush then sends them IPIs and waits for them (the tlbFlush phase).")
     var busyCPUs = 0
 
-    @Option(name: .long, parsing: .unconditional, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost).")
+    @Option(name: .long, parsing: .unconditional, help: "Rounds: a timed run (the best is reported) and a run timing chunks on and off in turns (instrumentation cost; 1-20).")
     var rounds = 3
 
     @OptionGroup var threads: HarnessScheduleOptions
 
     @OptionGroup var output: JSONOutputOptions
     var json: Bool { output.json }
+
+    @OptionGroup var report: ReportFileOptions
 
     @Option(name: .long, help: "Write a stacked bar chart of the phases (4 KiB vs 2 MiB, per copy model) to this SVG file.")
     var svg: String?
@@ -130,7 +131,7 @@ struct OverheadCommand: ParsableCommand {
     func validate() throws {
         _ = try harnessDriver()
         _ = try ByteSize.check(size, flag: "--size", range: Self.sizeRange, multiple: Self.sizeMultiple)
-        try OutputFile.checkDistinct([("--svg", svg), ("--trace", trace)])
+        try OutputFile.checkDistinct([("--svg", svg), ("--trace", trace), ("--output", report.output)])
         try checkRange(copyThreads, 1...64, flag: "--copy-threads")
         try checkRange(rounds, 1...20, flag: "--rounds")
         try checkRange(busyCPUs, 0...16, flag: "--busy-cpus")

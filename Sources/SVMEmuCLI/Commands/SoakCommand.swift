@@ -55,11 +55,10 @@ struct SoakCommand: ParsableCommand {
             invalid argument; 130 interrupted (SIGINT).
             """)
 
-    @Option(name: [.customLong("operations"), .customLong("ops")], parsing: .unconditional,
-            help: "Operations in total (1-1000000000).")
+    @Option(name: .long, parsing: .unconditional, help: "Operations in total (1-1000000000).")
     var operations = 100_000
 
-    @Option(name: .long, parsing: .unconditional, help: "CPU threads, one emulated CPU each (1-62); a GPU and a process thread besides.")
+    @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs that run the CPU threads, one thread each (1-62); the machine has two more, for the GPU and the process thread.")
     var cpus = 4
 
     @Option(name: .long, parsing: .unconditional, help: "Pages of 4 KiB in the buffer's small-page region (1-65536).")
@@ -68,10 +67,10 @@ struct SoakCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "2 MiB THP regions in the buffer (0-16; with huge in the mix).")
     var hugeRegions = 2
 
-    @Option(name: .long, parsing: .unconditional, help: "Operations mixed in: a comma-separated list, or all.")
+    @Option(name: .long, parsing: .unconditional, help: "Operations mixed in: a comma-separated list of gpu, migrate, huge, evict, munmap, mprotect, madvise, mremap, fork, move-pages, or all.")
     var mix = "all"
 
-    @Option(name: .long, parsing: .unconditional, help: "Operations between two invariant audits (at least 1).")
+    @Option(name: .long, parsing: .unconditional, help: "Operations between two invariant audits (1 or more).")
     var auditEvery = 100_000
 
     @Option(name: .long, parsing: .unconditional, help: "Seed of the schedule and of every thread's choices (0 to 2^64-1; default 1).")
@@ -95,6 +94,16 @@ struct SoakCommand: ParsableCommand {
 
     @OptionGroup var sweep: ShardOption
 
+    @OptionGroup var report: ReportFileOptions
+
+    @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
+
+    /// `--ops`, the old spelling of `--operations`.
+    struct OldSpellings: DeprecatedSpellings {
+        @Option(name: .customLong("ops"), parsing: .unconditional, help: .private) var operations: Int?
+    }
+    @OptionGroup var old: OldSpellings
+
     func settings() throws -> SoakSettings {
         var s = SoakSettings()
         s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
@@ -107,7 +116,7 @@ struct SoakCommand: ParsableCommand {
         s.seed = seed ?? 1
         s.logSteps = steps
         s.machine = try machine.profile()
-        guard let m = SoakMix(names: mix) else {
+        guard let m = SoakMix(names: mix.lowercased()) else {
             throw ValidationError("--mix must list operations among \(SoakMix.names.map(\.0).joined(separator: ", ")) or all (got \(mix))")
         }
         s.mix = m
@@ -122,7 +131,8 @@ struct SoakCommand: ParsableCommand {
         return s
     }
 
-    func validate() throws {
+    mutating func validate() throws {
+        try Deprecation.adopt(old.operations, into: &operations, defaultValue: 100_000, oldFlag: "--ops", newFlag: "--operations")
         _ = try settings()
         _ = try seedRange()
         _ = try sweep.parsed()

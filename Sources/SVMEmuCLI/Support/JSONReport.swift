@@ -55,6 +55,7 @@ extension ReportValue {
             guard var name = child.label else { continue }
             if name.hasPrefix("_") { name.removeFirst() }
             if let group = child.value as? any ReflectedArgumentGroup {
+                if group.reflectedGroup is any DeprecatedSpellings { continue }  // old spellings: merged into the new
                 out.merge(arguments(of: group.reflectedGroup)) { first, _ in first }
             } else if let argument = child.value as? any ReflectedArgument {
                 out[name] = ReportValue(argument.reflectedValue)

@@ -14,20 +14,31 @@ extension SVMEmuCommand {
     /// runs, and one that could not be written (a full disk, /dev/full) at
     /// the end turns status 0 (or 2) into 1 with a message on standard
     /// error; SIGINT ends the run with status 130 and one line on standard
-    /// error (`Interrupt`).
+    /// error (`Interrupt`); `svmemu help <unknown>` exits 64
+    /// (`checkHelpTopic`); a command's `--quiet` turns the progress line
+    /// off and its `--output FILE` gets a copy of standard output
+    /// (`ReportFileOptions`, `ReportTee`), written when the run ends.
     public static func runAndExit(_ arguments: [String]? = nil) -> Never {
         Interrupt.install()
         do {
             try StandardOutput.checkOpen()
+            try checkHelpTopic(arguments ?? Array(CommandLine.arguments.dropFirst()))
             var command = try parseAsRoot(arguments)
             Interrupt.running(JSONReport<Int>.commandPath(type(of: command)))
+            let files = ReportFileOptions.find(in: command)
+            if files?.quiet == true { ProgressLine.quiet = true }
+            let tee = try files?.output.map { path throws(CLIError) in try ReportTee(OutputFile(path)) }
             do {
                 try command.run()
             } catch {
                 try StandardOutput.finish()
+                // A status the report goes with (2, 3, or 1 after a failed check) keeps the file;
+                // a run that could not run has no report to keep.
+                try tee?.finish(keep: error is ExitCode)
                 throw error
             }
             try StandardOutput.finish()
+            try tee?.finish()
             exit()
         } catch let refusal as HostMemoryRefusal {
             exit(withError: CLIError.notEnoughMemory("svmemu \(String(cString: Interrupt.commandBuffer)): \(refusal)"))

@@ -16,15 +16,19 @@ public struct ProgressLine: Sendable {
     public let label: String
     /// The file descriptor written to.
     public let fd: Int32
-    /// `isatty(fd)`, read once.
+    /// `isatty(fd)`, read once, and not `--quiet`.
     public let enabled: Bool
+
+    /// `--quiet` (`ReportFileOptions`): every progress line off. Set once,
+    /// before the run starts its threads (`SVMEmuCommand.runAndExit`).
+    nonisolated(unsafe) static var quiet = false
 
     static let eraseLine = "\r\u{1B}[K"
 
     public init(label: String, fd: Int32 = STDERR_FILENO) {
         self.label = label
         self.fd = fd
-        enabled = isatty(fd) != 0
+        enabled = !Self.quiet && isatty(fd) != 0
     }
 
     /// Replaces the line with `status`.

@@ -12,10 +12,10 @@ struct JSONOutputOptions: ParsableArguments {
     var json = false
 }
 
-/// `--rounds` of `bench memory` and `bench migrate`: timed rounds, the best
-/// reported.
+/// `--rounds` of `bench memory`, `bench migrate` and `bench thp`: timed
+/// rounds (the best reported; `bench thp`: the mean, as the kernel test).
 struct BenchRoundsOptions: ParsableArguments {
-    @Option(name: .long, parsing: .unconditional, help: "Timed rounds of each measurement (the best is reported).")
+    @Option(name: .long, parsing: .unconditional, help: "Timed rounds of each measurement (1-100; bench memory and bench migrate report the best, bench thp the mean).")
     var rounds = 5
 
     func validate() throws {
@@ -52,16 +52,16 @@ extension StormOptionDefaults {
 /// its own defaults (`Defaults`); checked by `StormSettings.validate()` once
 /// applied.
 struct StormOptions<Defaults: StormOptionDefaults>: ParsableArguments {
-    @Option(name: .long, parsing: .unconditional, help: "Threads that go at each page.")
+    @Option(name: .long, parsing: .unconditional, help: "Threads that go at each page (1-256).")
     var threads = 8
 
-    @Option(name: .long, parsing: .unconditional, help: "Pages, processed one after the other.")
+    @Option(name: .long, parsing: .unconditional, help: "Pages, processed one after the other (1-65536).")
     var pages = Defaults.pages
 
-    @Option(name: .long, parsing: .unconditional, help: "Seconds a page may take before the run is declared livelocked (default \(Defaults.stallSeconds); with --deterministic, virtual seconds, default \(Defaults.deterministicStallSeconds)).")
+    @Option(name: .long, parsing: .unconditional, help: "Seconds a page may take before the run is declared livelocked (more than 0, at most 3600; default \(Defaults.stallSeconds); with --deterministic, virtual seconds, default \(Defaults.deterministicStallSeconds)).")
     var stallSeconds: Double?
 
-    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference.")
+    @Option(name: .long, parsing: .unconditional, help: "Microseconds migrateToRAM works before migrate_vma_setup (range lookup, its own locks), holding its lock and the page reference (0-1000000).")
     var lookupDelayUs = Defaults.lookupDelayUs
 
     /// Sets the storm's threads, pages, stall window (the deterministic
@@ -78,13 +78,13 @@ struct StormOptions<Defaults: StormOptionDefaults>: ParsableArguments {
 /// share: which storm, which fault path, which driver lock, the DMA wait, the
 /// page size, the barrier's release style and the seed.
 struct StormScenarioOptions: ParsableArguments {
-    @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.")
+    @Option(name: .long, help: "Storm: readers, writers, ping-pong, two-devices.", completion: .list(StormScenario.allCases.map(\.rawValue)))
     var scenario = "readers"
 
-    @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.")
+    @Option(name: .long, help: "The kernel's device-private fault path: legacy, trylock, trylock-wait.", completion: .list(DeviceFaultPolicy.allCases.map(\.rawValue)))
     var faultPolicy = "legacy"
 
-    @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.")
+    @Option(name: .long, help: "The lock the driver takes in migrateToRAM: none, exclusive.", completion: .list(DriverLockMode.allCases.map(\.rawValue)))
     var driverLock = "exclusive"
 
     @Option(name: .long, help: "The driver: mirror (MirrorDevice, dmirror's shape) or gpusvm (the Xe-like driver on drm_gpusvm and drm_pagemap).")
@@ -99,7 +99,7 @@ struct StormScenarioOptions: ParsableArguments {
     @Option(name: .long, help: "How migrateToRAM waits: sleep (gives the CPU away), spin (keeps it), or fsleep (the kernel's rule: spin up to 10 µs, usleep_range(d, 2d) up to 20 ms, msleep beyond).")
     var driverWait = "sleep"
 
-    @Option(name: .long, help: "Page size: 4k or 2m.")
+    @Option(name: .long, help: "Page size: 4k or 2m.", completion: .list(["4k", "2m"]))
     var pageSize = "4k"
 
     @Option(name: .long, parsing: .unconditional, help: "Seed of the data pattern the pages are filled with and, with --deterministic, of the schedule (0 to 2^64-1).")
