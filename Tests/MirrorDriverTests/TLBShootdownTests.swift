@@ -31,7 +31,7 @@ struct TLBShootdownTests {
 
             // CPU B writes again: a TLB hit on the freed frame.
             #expect(cpuB.run { _ = try? mm.store(a, 0x55) })
-            let stale = kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
+            let stale = kernel.takeStaleTLBAccesses()
             try #require(stale.count == 1)
             #expect(stale[0].detail.contains("write at 0x\(String(a, radix: 16))"))
             #expect(stale[0].detail.contains("old frame pfn 0x\(String(old, radix: 16))"))
@@ -245,7 +245,7 @@ struct TLBShootdownTests {
             #expect(try mm.verifyPattern(base + UInt64(8 * writers), length: pageSize - 8 * writers, seed: 1) == nil)
         }
         #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
-        #expect(kernel.diagnostics.filter { $0.rule.hasPrefix("stale TLB entry") }.isEmpty)
+        #expect(kernel.diagnostics(of: .staleTLB).isEmpty)
     }
 }
 

@@ -394,7 +394,7 @@ struct MigratePagesTests {
             } else {
                 // The write went to the new frame; the reader's stale entry still reads the old one.
                 #expect(seen.current == original)
-                let stale = kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
+                let stale = kernel.takeStaleTLBAccesses()
                 #expect(stale.count == 1)
                 #expect(stale.first?.detail.contains("read at 0x\(String(a + 100, radix: 16))") == true)
                 kernel.deferredTLB.flush()

@@ -217,7 +217,7 @@ extension AddressSpace {
         }
         // ptep_set_wrprotect(): the write bit alone is cleared, atomically,
         // so a dirty bit a lockless walk sets meanwhile stays.
-        _ = svm_and64(pteSlot(address), ~PageTableEntry.writeBit)
+        clearPTEBits(address, PageTableEntry.writeBit)
         child.storePTE(address, childPTE.without(PageTableEntry.writeBit))
         return .shared(wrprotected: true)
     }

@@ -339,7 +339,7 @@ extension AddressSpace {
                 let shared = now.without(PageTableEntry.writeBit)
                 if now.isWrite {
                     // huge_ptep_set_wrprotect(): atomically, keeping a dirty bit set meanwhile.
-                    _ = svm_and64(pmdSlot(haddr), ~PageTableEntry.writeBit)
+                    clearPMDBits(haddr, PageTableEntry.writeBit)
                     wrprotected = true
                 }
                 child.storePMD(haddr, shared)

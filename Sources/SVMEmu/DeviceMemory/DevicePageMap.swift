@@ -170,7 +170,7 @@ extension Kernel {
         var taken = pageMapIndices.load(ordering: .relaxed)
         while true {
             guard taken < Kernel.maxPageMaps else {
-                warn("memremap_pages: too many device page maps (at most \(Kernel.maxPageMaps))")
+                warn("memremap_pages: too many device page maps (at most \(Kernel.maxPageMaps))", kind: .machineLimit)
                 throw .noSpace
             }
             let (exchanged, now) = pageMapIndices.compareExchange(expected: taken, desired: taken + 1, ordering: .relaxed)

@@ -92,9 +92,13 @@ extension AddressSpace {
                 }
             }
             freePTETable(haddr)
-            addNewAnonRmap(huge, vma, address: haddr, pmdMapped: true)
             if dirty { huge.markDirty() }
-            storePMD(haddr, .present(pfn: huge.pfn, write: vma.flags.contains(.write), dirty: dirty))
+            // collapse_huge_page(): the rmap and the new PMD under the PMD lock
+            // (set_pmd_at's contract), as a racing lockless walker expects.
+            withPMDLock(haddr) {
+                addNewAnonRmap(huge, vma, address: haddr, pmdMapped: true)
+                storePMD(haddr, .present(pfn: huge.pfn, write: vma.flags.contains(.write), dirty: dirty))
+            }
             for f in old { f.put() }
             kernel.vmstat.count(.thpCollapseAlloc)
             return nil

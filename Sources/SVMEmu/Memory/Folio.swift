@@ -193,7 +193,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The corresponding kernel function is `folio_get()`.
     @inlinable public func get() {
         let n = atomicRefcount.wrappingAdd(1, ordering: .acquiringAndReleasing).newValue
-        if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)") }
+        if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)", kind: .referenceCount) }
     }
     /// Takes a reference unless the count is zero (the folio is free or being
     /// freed): the way to reference a folio found without holding one.
@@ -223,7 +223,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         let n = atomicRefcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
             atomicRefcount.store(0, ordering: .releasing)
-            kernel.warn("folio_put: reference count underflow", "\(self)")
+            kernel.warn("folio_put: reference count underflow", "\(self)", kind: .referenceCount)
         }
     }
     /// `folio_ref_add()`.
@@ -247,7 +247,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         let n = atomicRefcount.wrappingAdd(-Int32(Folio.pinCountingBias), ordering: .acquiringAndReleasing).newValue
         if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
             atomicRefcount.store(0, ordering: .releasing)
-            kernel.warn("unpin_user_page: reference count underflow", "\(self)")
+            kernel.warn("unpin_user_page: reference count underflow", "\(self)", kind: .referenceCount)
         }
     }
 
@@ -271,7 +271,8 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The trylock itself, without lock-order validation.
     @inlinable func tryLockBit() -> Bool {
         svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_BEFORE_ACQUIRE))
-        let taken = (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
+        let old = meta.atomicFlags.bitwiseOr(PageFlags.locked.rawValue, ordering: .acquiringAndReleasing).oldValue
+        let taken = old & PageFlags.locked.rawValue == 0
         if taken {
             svm_tsan_acquire(meta.flagsWord)
             svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED))
@@ -298,16 +299,22 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         kernel.vmstat.count(.folioLockWaits)
         let w = meta.flagsWord
         while true {
-            let old = svm_load32(w)
+            let old = meta.atomicFlags.load(ordering: .acquiring)
             if old & PageFlags.locked.rawValue == 0 {
                 if tryLockBit() { return }
                 continue
             }
-            var expected = old
             let sleeping = old | PageFlags.waiters.rawValue
-            if old & PageFlags.waiters.rawValue == 0 && !svm_cas32(w, &expected, sleeping) { continue }
+            if old & PageFlags.waiters.rawValue == 0 && !markWaiters(old, sleeping) { continue }
             _ = svm_futex_wait(w, sleeping, 0)
         }
+    }
+
+    /// Sets the waiters bit (`old` to `sleeping`) before a sleep on the flags
+    /// word; false when the word changed meanwhile (look again).
+    func markWaiters(_ old: UInt32, _ sleeping: UInt32) -> Bool {
+        meta.atomicFlags.compareExchange(expected: old, desired: sleeping, successOrdering: .acquiringAndReleasing,
+                                         failureOrdering: .acquiring).exchanged
     }
 
     /// Releases the lock and wakes its sleepers. Any thread may unlock (the
@@ -348,13 +355,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         let w = meta.flagsWord
         let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
         while true {
-            let old = svm_load32(w)
+            let old = meta.atomicFlags.load(ordering: .acquiring)
             if old & PageFlags.locked.rawValue == 0 { return true }
             let now = HostClock.nanos()
             if now >= deadline { return false }
-            var expected = old
             let sleeping = old | PageFlags.waiters.rawValue
-            if old & PageFlags.waiters.rawValue == 0 && !svm_cas32(w, &expected, sleeping) { continue }
+            if old & PageFlags.waiters.rawValue == 0 && !markWaiters(old, sleeping) { continue }
             _ = svm_futex_wait(w, sleeping, deadline == .max ? 0 : deadline - now)
         }
     }

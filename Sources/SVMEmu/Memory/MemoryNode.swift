@@ -193,10 +193,10 @@ extension Kernel {
             return
         }
         if folio.isMapped {
-            warn("free_folio: folio is still mapped (bad page state)", "\(folio)")
+            warn("free_folio: folio is still mapped (bad page state)", "\(folio)", kind: .badPageState)
         }
         if m.test(PageFlags.locked.rawValue) {
-            warn("free_folio: folio is locked (bad page state)", "\(folio)")
+            warn("free_folio: folio is locked (bad page state)", "\(folio)", kind: .badPageState)
             if svm_lockdep_enabled() { LockOrder.releasedFolio(m.flagsWord) }
             folio.clear(.locked)
         }

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 extension Kernel {
@@ -27,7 +28,7 @@ extension Kernel {
     public func splitFolio(_ folio: Folio) -> Bool {
         guard folio.isLarge else { return true }
         guard folio.isLocked else {
-            warn("split_folio: caller must hold the folio lock", "\(folio)")
+            warn("split_folio: caller must hold the folio lock", "\(folio)", kind: .lockNotHeld)
             return false
         }
         if folio.entireMapCount > 0 {
@@ -207,7 +208,7 @@ extension AddressSpace {
             return
         case .present where pmd.isSpecial:
             let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
-            for i in 0..<PageGeometry.pmdPages { svm_store64(ptes + i, zero.rawValue) }
+            for i in 0..<PageGeometry.pmdPages { UnsafeAtomic(ptes + i).store(zero.rawValue, ordering: .releasing) }
         case .present, .devicePrivate:
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             // A hugetlb page is mapped whole or not at all; VMA cuts keep to
@@ -216,7 +217,7 @@ extension AddressSpace {
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
             for i in 0..<PageGeometry.pmdPages {
                 let e = PageTableEntry.make(pmd.kind, pfn: pmd.pfn + UInt64(i), flags: flags)
-                svm_store64(ptes + i, e.rawValue)
+                UnsafeAtomic(ptes + i).store(e.rawValue, ordering: .releasing)
                     kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
             }
                 folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
@@ -224,7 +225,7 @@ extension AddressSpace {
         case .migration:
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
             for i in 0..<PageGeometry.pmdPages {
-                svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+                UnsafeAtomic(ptes + i).store(PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
             }
         }
         // The PMD is swapped for the table in one exchange: an accessed or
@@ -234,7 +235,7 @@ extension AddressSpace {
         let last = exchangePMD(pmdStart, .table)
         if pmd.kind == .present {
             let late = (last.rawValue & ~pmd.rawValue) & (PageTableEntry.dirtyBit | PageTableEntry.youngBit)
-            if late != 0 { for i in 0..<PageGeometry.pmdPages { _ = svm_or64(ptes + i, late) } }
+            if late != 0 { for i in 0..<PageGeometry.pmdPages { _ = UnsafeAtomic(ptes + i).bitwiseOr(late, ordering: .acquiringAndReleasing).oldValue } }
             flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize)
         }
         kernel.vmstat.count(.thpSplitPmd)

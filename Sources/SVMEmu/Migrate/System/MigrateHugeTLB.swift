@@ -153,7 +153,7 @@ extension Kernel {
             }
             let limit = ctx.policy.waitLimitNanos
             if !ctx.timedWait({ src.lock(timeoutNanos: limit) }) {
-                warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms")
+                warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms", kind: .hungTask)
                 hugetlb.putback(dst)
                 return .again
             }
