@@ -33,13 +33,20 @@ public struct TestMachineOptions: Sendable {
     /// Last changes to the configuration, after the fields above.
     public var configure: @Sendable (inout KernelConfiguration) -> Void = { _ in }
 
-    public init(thp: TransparentHugepageMode = .madvise, policy: DeviceFaultPolicy = .trylock,
-                vram: UInt64? = nil, maxPhysicalBytes: UInt64 = 2 << 30, audits: Bool = true) {
+    public init(nodeSizes: [Int] = [64 << 20, 64 << 20], thp: TransparentHugepageMode = .madvise,
+                policy: DeviceFaultPolicy = .trylock, addressSpaceSize: UInt64 = 4 << 30,
+                vram: UInt64? = nil, chunkBytes: UInt64 = 32 << 20, maxPhysicalBytes: UInt64 = 2 << 30,
+                audits: Bool = true,
+                configure: @escaping @Sendable (inout KernelConfiguration) -> Void = { _ in }) {
+        self.nodeSizes = nodeSizes
         self.thp = thp
         self.policy = policy
+        self.addressSpaceSize = addressSpaceSize
         self.vram = vram
+        self.chunkBytes = chunkBytes
         self.maxPhysicalBytes = maxPhysicalBytes
         self.audits = audits
+        self.configure = configure
     }
 
     /// The kernel configuration these options boot.
@@ -70,6 +77,7 @@ public final class TestMachine: @unchecked Sendable {
     public private(set) var mm: AddressSpace!
     /// The mirror device (nil when ``TestMachineOptions/vram`` is nil).
     public private(set) var device: MirrorDevice!
+    private var tornDown = false
 
     /// Boots a machine of `options`.
     public init(_ options: TestMachineOptions = TestMachineOptions()) {
@@ -93,7 +101,10 @@ public final class TestMachine: @unchecked Sendable {
 
     /// Releases the device and the address space, then checks the kernel:
     /// no forbidden diagnostic, and a clean audit when the options ask for it.
+    /// Runs once; later calls do nothing.
     public func tearDown(sourceLocation: SourceLocation = #_sourceLocation) {
+        guard !tornDown else { return }
+        tornDown = true
         device = nil
         mm = nil
         for kind in options.forbiddenDiagnostics.sorted(by: { $0.rawValue < $1.rawValue }) {
