@@ -254,10 +254,10 @@ public final class Kernel: @unchecked Sendable {
             nodeByID[node.id] = .passUnretained(node)
         }
         zeroPage = nodes[0].allocate(order: 0)!
-        svm_memset(zeroPage.bytes, 0, PageGeometry.pageSize)
+        zeroPage.zeroBytes()
         zeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
         hugeZeroPage = nodes[0].allocate(order: PageGeometry.pmdOrder)!
-        svm_memset(hugeZeroPage.bytes, 0, PageGeometry.pmdSize)
+        hugeZeroPage.zeroBytes()
         hugeZeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
         deferredTLB.kernel = self
         hugetlb.kernelRef = .passUnretained(self)

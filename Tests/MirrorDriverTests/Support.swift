@@ -100,9 +100,9 @@ func migrateByHand(_ kernel: Kernel, _ mm: AddressSpace, _ device: MirrorDevice,
     for i in 0..<args.npages where args.src[i].isMigrating && give(i) {
         let d = try #require(device.allocateDeviceFolio())
         if let s = kernel.page(args.src[i]) {
-            d.bytes.copyMemory(from: s.bytes, byteCount: PageGeometry.pageSize)
+            d.page(0).copyBytes(from: s)
         } else {
-            d.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
+            d.zeroBytes()
         }
         args.dst[i] = MigratePFN(page: d.page(0))
     }

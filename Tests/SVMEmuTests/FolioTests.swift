@@ -22,7 +22,7 @@ struct FolioTests {
         folio.unlock()
         // Locking never touched the bytes or the reference count.
         #expect(folio.refCount == 1)
-        #expect(UnsafeRawBufferPointer(start: folio.bytes, count: PageGeometry.pageSize).allSatisfy { $0 == 0 })
+        #expect(folio.withBytes { $0.allSatisfy { $0 == 0 } })
         folio.put()
         #expect(kernel.diagnostics.isEmpty)
     }
@@ -84,7 +84,7 @@ struct FolioTests {
         let threads = 8
         // The counter lives in the folio's bytes, protected only by the folio lock.
         let finished = runThreads(threads, timeout: 60, keepAlive: [kernel]) { _ in
-            let word = folio.bytes.assumingMemoryBound(to: Int.self)
+            let word = folio.unsafeBytes.assumingMemoryBound(to: Int.self)  // the folio outlives the threads
             for i in 0..<iterations {
                 if i % 4 == 0, folio.tryLock() {
                     word.pointee += 1
@@ -100,7 +100,7 @@ struct FolioTests {
             }
         }
         try #require(finished, "a thread stayed asleep on the folio lock (lost wake-up) or ran out of time")
-        #expect(folio.bytes.load(as: Int.self) == threads * iterations)
+        #expect(folio.withBytes { $0.load(as: Int.self) } == threads * iterations)
         #expect(!folio.isLocked)
         #expect(!folio.flags.contains(.waiters))
         #expect(folio.refCount == 1)
@@ -160,12 +160,12 @@ struct FolioTests {
             let page = try #require(kernel.page(pfn: folio.pfn + UInt64(i)))
             #expect(page == folio.page(i))
             if page.folio != folio { Issue.record("page \(i) resolves to \(page.folio), not the head"); break }
-            page.bytes.storeBytes(of: UInt16(i), as: UInt16.self)
+            page.withBytes { $0.storeBytes(of: UInt16(i), as: UInt16.self) }
         }
         #expect(folio.page(1).folio.flags.contains(.head))
         // The folio's bytes are the pages' bytes, in order.
         for i in 0..<PageGeometry.pmdPages {
-            if folio.bytes.load(fromByteOffset: i * PageGeometry.pageSize, as: UInt16.self) != UInt16(i) {
+            if folio.withBytes({ $0.load(fromByteOffset: i * PageGeometry.pageSize, as: UInt16.self) }) != UInt16(i) {
                 Issue.record("page \(i)'s bytes are not at offset \(i * PageGeometry.pageSize) of the folio"); break
             }
         }

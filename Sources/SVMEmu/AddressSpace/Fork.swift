@@ -230,7 +230,7 @@ extension AddressSpace {
     /// `address`.
     private func copyPresentPage(to child: AddressSpace, _ vma: VMA, _ address: UInt64, _ page: Page,
                                  _ pte: PageTableEntry, _ copy: Folio) {
-        svm_memcpy(copy.bytes, page.bytes, PageGeometry.pageSize)
+        copy.page(0).copyBytes(from: page)
         // The child's copy of `vma` has its bounds and vm_pgoff.
         child.addNewAnonRmap(copy, vma, address: address, pmdMapped: false)
         let entry = PageTableEntry.present(pfn: copy.pfn, write: vma.flags.contains(.write), dirty: true)

@@ -76,7 +76,8 @@ public struct DevicePageMapOperations: Sendable {
 
 /// A range of device memory with page frames (`struct dev_pagemap`): the
 /// emulated VRAM. Its pages have real bytes, reachable by the device's copy
-/// engine through `Page.bytes`, never through the CPU access path.
+/// engine through ``Page/withBytes(_:)`` (``Page/unsafeBytes`` for an engine that
+/// completes later), never through the CPU access path.
 public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
     /// Private or coherent (`pgmap->type`).
     public let type: DevicePageMapType
@@ -139,7 +140,7 @@ extension Kernel {
     ///
     /// Caller holds no lock. The map lives as long as the kernel (there is no
     /// `memunmap_pages()`); its bytes are real memory the device's copy
-    /// engine reaches through ``Page/bytes``.
+    /// engine reaches through ``Page/withBytes(_:)``.
     ///
     /// - Parameters:
     ///   - type: private (the CPU cannot address it) or coherent.

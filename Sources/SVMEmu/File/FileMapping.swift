@@ -200,7 +200,7 @@ extension AddressSpace {
         if write && !vma.flags.contains(.shared) {
             defer { folio.put() }
             guard let copy = kernel.allocateFolio(order: 0) else { throw .noMemory }
-            svm_memcpy(copy.bytes, folio.bytes, PageGeometry.pageSize)
+            copy.copyBytes(from: folio)
             let mapped = withPTL(addr) { () -> Bool in
                 guard loadPMD(addr).kind == .table, loadPTE(addr).isNone else { return false }
                 addNewAnonRmap(copy, vma, address: addr, pmdMapped: false)

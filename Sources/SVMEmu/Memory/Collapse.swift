@@ -80,15 +80,14 @@ extension AddressSpace {
             var dirty = false
             for i in 0..<PageGeometry.pmdPages {
                 let e = entries[i]
-                let dst = huge.bytes + i * PageGeometry.pageSize
                 if e.kind == .present && !e.isSpecial {
                     let page = Page(pfn: e.pfn, kernel: kernel)
-                    svm_memcpy(dst, page.bytes, PageGeometry.pageSize)
+                    huge.page(i).copyBytes(from: page)
                     dirty = dirty || e.isDirty || page.folio.isDirty
                     removeRmap(page: page)
                     old.append(page.folio)
                 } else {
-                    svm_memset(dst, 0, PageGeometry.pageSize)
+                    huge.page(i).zeroBytes()
                 }
             }
             freePTETable(haddr)

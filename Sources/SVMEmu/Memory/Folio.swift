@@ -25,8 +25,30 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `page_folio()`.
     @inlinable public var folio: Folio { Folio(pfn: meta.head, kernelRef: kernelRef) }
-    /// The bytes of this 4 KiB page.
-    @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+    /// The first byte of this 4 KiB page, as a pointer that outlives every
+    /// scope: only for a copy engine or a copy job that holds it until its
+    /// own completion (a DMA mapping's role), while the caller holds a
+    /// reference or the folio lock. Everything else uses ``withBytes(_:)``.
+    @inlinable public var unsafeBytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+
+    /// Runs `body` with this page's 4 KiB (`kmap_local_page()` ...
+    /// `kunmap_local()`): the buffer is valid inside `body` only. The caller
+    /// holds a reference or the folio lock.
+    @inlinable public func withBytes<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try body(UnsafeMutableRawBufferPointer(start: unsafeBytes, count: PageGeometry.pageSize))
+    }
+
+    /// Copies `source`'s 4 KiB into this page.
+    ///
+    /// The corresponding kernel function is `copy_highpage()`.
+    @inlinable public func copyBytes(from source: Page) {
+        svm_memcpy(unsafeBytes, source.unsafeBytes, PageGeometry.pageSize)
+    }
+
+    /// Fills this page with zeros.
+    ///
+    /// The corresponding kernel function is `clear_highpage()`.
+    @inlinable public func zeroBytes() { svm_memset(unsafeBytes, 0, PageGeometry.pageSize) }
     /// PTE mappings of this page, without the folio's PMD mappings.
     ///
     /// The corresponding kernel function is `page_mapcount()`.
@@ -104,8 +126,31 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_page()`.
     @inlinable public func page(_ i: Int) -> Page { Page(pfn: pfn + UInt64(i), kernelRef: kernelRef) }
-    /// The bytes of the whole folio (contiguous).
-    @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+    /// The first byte of the whole folio (contiguous), as a pointer that
+    /// outlives every scope: only for a copy engine or a copy job that holds
+    /// it until its own completion, while the caller holds a reference or
+    /// the folio lock. Everything else uses ``withBytes(_:)``.
+    @inlinable public var unsafeBytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+
+    /// Runs `body` with the folio's bytes (``size`` of them, contiguous):
+    /// the buffer is valid inside `body` only. The caller holds a reference
+    /// or the folio lock.
+    @inlinable public func withBytes<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try body(UnsafeMutableRawBufferPointer(start: unsafeBytes, count: size))
+    }
+
+    /// Copies `source`'s bytes into this folio; both have ``size`` bytes
+    /// (a smaller source copies its size).
+    ///
+    /// The corresponding kernel function is `folio_copy()`.
+    @inlinable public func copyBytes(from source: Folio) {
+        svm_memcpy(unsafeBytes, source.unsafeBytes, min(size, source.size))
+    }
+
+    /// Fills the folio with zeros.
+    ///
+    /// The corresponding kernel function is `folio_zero_range()` (of the whole folio).
+    @inlinable public func zeroBytes() { svm_memset(unsafeBytes, 0, size) }
 
     /// The flags word: a snapshot.
     public var flags: PageFlags { PageFlags(rawValue: meta.flags) }

@@ -240,7 +240,7 @@ extension Kernel {
             // Old frames held for a deferred migration flush come back first.
             return allocateFolio(order: order, node: node, zeroed: zeroed)
         }
-        if zeroed, let f = folio { svm_memset(f.bytes, 0, f.size) }
+        if zeroed, let f = folio { f.zeroBytes() }
         return folio
     }
 

@@ -168,7 +168,7 @@ extension Kernel {
             // migrate_folio(): the reference check passed, no turning back.
             let copyMark = phases.endAndBegin(.unmap, mark)
             if _slowPath(svm_det_active()) { DeterministicScheduler.copied(bytes: src.size) }
-            svm_memcpy(dst.bytes, src.bytes, src.size)
+            dst.copyBytes(from: src)
             folioMigrateFlags(dst, src)
             phases.end(.copy, copyMark)
             migrated = true

@@ -393,7 +393,7 @@ extension Kernel {
         ctx.jobs.removeAll(keepingCapacity: true)
         for i in ctx.unmapped.indices where !ctx.unmapped[i].copied {
             let u = ctx.unmapped[i]
-            ctx.jobs.append(FolioCopyJob(destination: u.dst.bytes, source: UnsafeRawPointer(u.src.bytes), bytes: u.src.size))
+            ctx.jobs.append(FolioCopyJob(destination: u.dst.unsafeBytes, source: UnsafeRawPointer(u.src.unsafeBytes), bytes: u.src.size))
             ctx.unmapped[i].copied = true
         }
         guard !ctx.jobs.isEmpty else { return }
