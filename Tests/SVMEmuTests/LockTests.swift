@@ -42,7 +42,7 @@ struct PageTableLockTests {
             mm.withPTL(a) { mm.addAnonRmap(page: folio.page(0), address: a, exclusive: true) }
             #expect(kernel.takeDiagnostics().isEmpty)
             mm.addAnonRmap(page: folio.page(0), address: a, exclusive: true)
-            #expect(kernel.takeDiagnostics().map(\.rule) == ["folio_add_anon_rmap_pte: PTE lock not held"])
+            #expect(kernel.takeDiagnostics(of: .lockNotHeld).map(\.rule) == ["folio_add_anon_rmap_pte: PTE lock not held"])
             mm.removeRmap(page: folio.page(0))
             mm.removeRmap(page: folio.page(0))
             folio.put()

@@ -302,7 +302,7 @@ struct MigratePagesTests {
         let (rc, rcDiagnostics, rcFinished) = try writebackNeedsA(.batchedV63rc, limitNanos: 50_000_000)
         #expect(rcFinished)
         #expect(rc.stats.stalls >= 1)
-        #expect(rcDiagnostics.contains { $0.rule.contains("hung task") })
+        #expect(rcDiagnostics.contains { $0.kind == .hungTask })
         let (main, mainDiagnostics, mainFinished) = try writebackNeedsA(.batched, limitNanos: 4_000_000_000)
         #expect(mainFinished)
         #expect(main.stats.stalls == 0)

@@ -82,7 +82,9 @@ extension UnsafeAtomic where Value == UInt32 {
     }
 }
 
-// Loads, stores, exchanges and compare-exchanges of any 64-bit word (page-table entries).
+// Loads, stores, exchanges and compare-exchanges of any 64-bit word (page-table
+// entries). The same as the 32-bit extension above: the standard library's
+// Atomic declares these per storage size, so one generic extension cannot call them.
 extension UnsafeAtomic where Value.AtomicRepresentation == _Atomic64BitStorage {
     @_semantics("atomics.requires_constant_orderings") @_transparent @usableFromInline
     func load(ordering: AtomicLoadOrdering) -> Value { pointer.pointee.load(ordering: ordering) }
