@@ -339,7 +339,7 @@ public enum LockOrder {
         withGraph { g in
             if let previous = g.folioOwners[lock] { forget(lock, of: previous) }
             mine.folioLocks.append(entry)
-            UnsafeAtomic(mine.folioCount).wrappingAdd(1, ordering: .acquiringAndReleasing).newValue
+            UnsafeAtomic(mine.folioCount).wrappingAdd(1, ordering: .acquiringAndReleasing)
             g.folioOwners[lock] = mine
         }
     }
@@ -374,7 +374,7 @@ public enum LockOrder {
         }
         guard i >= 0 else { return }
         owner.folioLocks.remove(at: i)
-        UnsafeAtomic(owner.folioCount).wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
+        UnsafeAtomic(owner.folioCount).wrappingAdd(-1, ordering: .acquiringAndReleasing)
     }
 
     /// A site as "file:line".
