@@ -60,8 +60,8 @@ let package = Package(
         .executableTarget(name: "svmemu", dependencies: ["SVMEmuCLI"], swiftSettings: strict),
         .executableTarget(name: "MinimalDriver", dependencies: ["SVMEmu"],
                           path: "Examples/MinimalDriver", swiftSettings: strict),
-        // Bounded thread runs shared by the test suites (not a product).
-        .target(name: "TestSupport", dependencies: ["CTestSupport"], path: "Tests/TestSupport", swiftSettings: strict),
+        // The test machine (TestMachine: boot, teardown, audit) and bounded thread runs shared by the test suites (not a product).
+        .target(name: "TestSupport", dependencies: ["CTestSupport", "SVMEmu", "MirrorDriver"], path: "Tests/TestSupport", swiftSettings: strict),
         // The test machine's start: lock-order validation on for every test (a load-time constructor).
         .target(name: "CTestSupport", dependencies: ["CSVMSupport"], path: "Tests/CTestSupport"),
         .testTarget(name: "SVMEmuTests", dependencies: ["SVMEmu", "TestSupport"], swiftSettings: strict),

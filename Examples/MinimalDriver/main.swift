@@ -89,9 +89,9 @@ final class TinyDevice: @unchecked Sendable {
         for i in 0..<args.npages where args.src[i].isMigrating {
             guard let dst = allocatePage() else { break }  // out of VRAM: the rest stays
             if let src = kernel.page(args.src[i]) {
-                dst.bytes.copyMemory(from: src.bytes, byteCount: PageGeometry.pageSize)
+                dst.copyBytes(from: src)
             } else {
-                dst.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
+                dst.zeroBytes()
             }
             args.dst[i] = MigratePFN(page: dst)
         }
@@ -142,7 +142,7 @@ final class TinyDevice: @unchecked Sendable {
                 return .oom
             }
             folio.lock()
-            folio.bytes.copyMemory(from: src.bytes, byteCount: PageGeometry.pageSize)
+            folio.page(0).copyBytes(from: src)
             args.dst[0] = MigratePFN(page: folio.page(0))
         }
         // src[0] without MIGRATE: someone else already migrated it; retrying

@@ -131,7 +131,7 @@ extension GPUSVM {
     ///
     /// The corresponding kernel function is `drm_gpusvm_range_pages_valid()`.
     public func rangePagesValid(_ range: GPUSVMRange) -> Bool {
-        if !notifierLock.isLocked { kernel.warn("drm_gpusvm_range_pages_valid: notifier lock not held", "\(range)") }
+        if !notifierLock.isLocked { kernel.warn("drm_gpusvm_range_pages_valid: notifier lock not held", "\(range)", kind: .lockNotHeld) }
         return !range.flags.isDisjoint(with: [.hasDevmemPages, .hasDMAMapping])
     }
 
@@ -143,7 +143,7 @@ extension GPUSVM {
     /// The corresponding kernel function is `drm_gpusvm_range_set_unmapped()`.
     public func rangeSetUnmapped(_ range: GPUSVMRange, _ mmuRange: MMUNotifierRange) {
         if !notifierWriteHeld.load(ordering: .relaxed) {
-            kernel.warn("drm_gpusvm_range_set_unmapped: notifier lock not held for writing", "\(range)")
+            kernel.warn("drm_gpusvm_range_set_unmapped: notifier lock not held for writing", "\(range)", kind: .lockNotHeld)
         }
         var f = range.flags
         f.insert(.unmapped)

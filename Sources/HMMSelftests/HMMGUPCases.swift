@@ -70,7 +70,7 @@ struct HMMGUPCases {
             let after = mm.entry(at: second).entry
             expect(after.kind == .present && after.pfn == before.pfn && after.pfn == pins[0].pfn, #"after.kind == .present && after.pfn == before.pfn && after.pfn == pins[0].pfn"#)
             // A device write through the pin reaches the mapped page.
-            pins[0].bytes.storeBytes(of: Int32(-1), as: Int32.self)
+            pins[0].withBytes { $0.storeBytes(of: Int32(-1), as: Int32.self) }
             expect(try loadInt(mm, buffer.ptr, 1024) == -1, #"try loadInt(mm, buffer.ptr, 1024) == -1"#)
 
             for p in pins { f.kernel.unpinUserPage(p) }

@@ -177,7 +177,7 @@ extension MirrorDevice {
             guard a >= pageTable.base, a < pageTable.end else { return false }
             let e = pageTable.get(a)
             guard e & DevicePageTable.valid != 0, !write || e & DevicePageTable.write != 0 else { return false }
-            body(kernel.pfnToPage(e >> PageGeometry.pageShift).bytes, Int(a - start))
+            kernel.pfnToPage(e >> PageGeometry.pageShift).withBytes { body($0.baseAddress!, Int(a - start)) }
             cpages += 1
             a += PageGeometry.pageSize64
         }

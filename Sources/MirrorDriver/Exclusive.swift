@@ -59,8 +59,10 @@ extension MirrorDevice {
             guard address >= pageTable.base, address < pageTable.end else { return false }
             let e = pageTable.get(address)
             guard e & DevicePageTable.atomic != 0 else { return false }
-            let word = kernel.pfnToPage(e >> PageGeometry.pageShift).bytes + Int(address & ~PageGeometry.pageMask)
-            word.storeBytes(of: word.loadUnaligned(as: UInt64.self) &+ value, as: UInt64.self)
+            kernel.pfnToPage(e >> PageGeometry.pageShift).withBytes { page in
+                let word = page.baseAddress! + Int(address & ~PageGeometry.pageMask)
+                word.storeBytes(of: word.loadUnaligned(as: UInt64.self) &+ value, as: UInt64.self)
+            }
             return true
         }
     }

@@ -32,7 +32,7 @@ extension MirrorDevice {
             let hit = pageTableLock.withLock { () -> Bool in
                 let e = pageTable.get(page)
                 guard e & DevicePageTable.valid != 0, !write || e & DevicePageTable.write != 0 else { return false }
-                body(kernel.pfnToPage(e >> PageGeometry.pageShift).bytes + Int(address & ~PageGeometry.pageMask))
+                kernel.pfnToPage(e >> PageGeometry.pageShift).withBytes { body($0.baseAddress! + Int(address & ~PageGeometry.pageMask)) }
                 return true
             }
             if hit { return }

@@ -157,20 +157,20 @@ extension MirrorDevice {
         var i = 0
         while i < args.npages {
             let s = args.src[i]
-            let source = kernel.page(s)?.bytes
+            let source = kernel.page(s)?.unsafeBytes
             if s.isCompound {
                 if args.dst[i].isValid && args.dst[i].isCompound {
-                    copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, PageGeometry.pmdSize)
+                    copyOrZero(kernel.pfnToPage(args.dst[i].pfn).unsafeBytes, source, PageGeometry.pmdSize)
                 } else {
                     for j in 0..<PageGeometry.pmdPages where args.dst[i + j].isValid {
-                        copyOrZero(kernel.pfnToPage(args.dst[i + j].pfn).bytes, source.map { $0 + j * PageGeometry.pageSize }, PageGeometry.pageSize)
+                        copyOrZero(kernel.pfnToPage(args.dst[i + j].pfn).unsafeBytes, source.map { $0 + j * PageGeometry.pageSize }, PageGeometry.pageSize)
                     }
                 }
                 i += PageGeometry.pmdPages
                 continue
             }
             if args.dst[i].isValid {
-                copyOrZero(kernel.pfnToPage(args.dst[i].pfn).bytes, source, PageGeometry.pageSize)
+                copyOrZero(kernel.pfnToPage(args.dst[i].pfn).unsafeBytes, source, PageGeometry.pageSize)
             }
             i += 1
         }
@@ -366,7 +366,7 @@ extension MirrorDevice {
                     let order = src[i].isCompound ? PageGeometry.pmdOrder : 0
                     guard let dfolio = kernel.allocateFolio(order: order) else { continue }
                     dfolio.lock()
-                    copyEngine.copy(to: dfolio.bytes, from: spage.bytes, bytes: PageGeometry.pageSize << order)
+                    copyEngine.copy(to: dfolio.unsafeBytes, from: spage.unsafeBytes, bytes: PageGeometry.pageSize << order)
                     dst[i] = MigratePFN(page: dfolio.page(0)).with(order > 0 ? MigratePFN.compoundBit : 0)
                 }
                 copyEngine.wait()

@@ -87,17 +87,49 @@ public struct Errno: Error, Hashable, Sendable, RawRepresentable, CustomStringCo
     }
 }
 
+/// What kind of rule a ``Diagnostic`` reports, for tests and tools that
+/// match diagnostics (by kind, never by the text of the rule).
+public enum DiagnosticKind: String, Sendable, Hashable, CaseIterable, Codable {
+    /// A call out of sequence, or an argument the API documents as wrong
+    /// (`WARN_ON`, `VM_BUG_ON` on a caller's input).
+    case apiMisuse
+    /// A function whose contract says a lock is held was called without it
+    /// (`lockdep_assert_held()`, `mmap_assert_locked()`).
+    case lockNotHeld
+    /// A lock was held where none may be (`debug_check_no_locks_held()`).
+    case lockHeld
+    /// A CPU used a translation that a flush should have removed
+    /// (``KernelConfiguration/checksStaleTLBEntries``).
+    case staleTLB
+    /// A reference count or map count went below zero, or a reference was
+    /// taken on a folio that had none.
+    case referenceCount
+    /// A folio freed in a state it must not be freed in (`bad_page()`).
+    case badPageState
+    /// A wait reached its limit (the hung-task detector).
+    case hungTask
+    /// A limit of the emulated machine or the host: a table full, address
+    /// space refused, more threads than CPUs.
+    case machineLimit
+}
+
 /// A rule of the API that a caller (a driver) broke: the emulator's WARN_ON /
 /// VM_BUG_ON. The emulated kernel records it, refuses the offending step, and
 /// keeps its own state intact; it never corrupts memory silently.
 public struct Diagnostic: Sendable, Hashable, CustomStringConvertible {
-    /// The rule broken, short and stable (tests match on it), e.g.
+    /// What kind of rule was broken; match on this.
+    public let kind: DiagnosticKind
+    /// The rule broken, short and stable, for people, e.g.
     /// `"migrate_vma_pages: destination page must be locked"`.
     public let rule: String
     /// Which page, address or argument it concerned.
     public let detail: String
-    /// A diagnostic of `rule` about `detail`.
-    public init(rule: String, detail: String) { self.rule = rule; self.detail = detail }
+    /// A diagnostic of `rule` about `detail`, of kind `kind`.
+    public init(rule: String, detail: String, kind: DiagnosticKind = .apiMisuse) {
+        self.kind = kind
+        self.rule = rule
+        self.detail = detail
+    }
     /// `WARNING: rule (detail)`, as the kernel log would show it.
     public var description: String { "WARNING: \(rule) (\(detail))" }
 }

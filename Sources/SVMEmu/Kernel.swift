@@ -254,10 +254,10 @@ public final class Kernel: @unchecked Sendable {
             nodeByID[node.id] = .passUnretained(node)
         }
         zeroPage = nodes[0].allocate(order: 0)!
-        svm_memset(zeroPage.bytes, 0, PageGeometry.pageSize)
+        zeroPage.zeroBytes()
         zeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
         hugeZeroPage = nodes[0].allocate(order: PageGeometry.pmdOrder)!
-        svm_memset(hugeZeroPage.bytes, 0, PageGeometry.pmdSize)
+        hugeZeroPage.zeroBytes()
         hugeZeroPage.meta.setFlags(PageFlags.reserved.rawValue | PageFlags.uptodate.rawValue)
         deferredTLB.kernel = self
         hugetlb.kernelRef = .passUnretained(self)
@@ -344,7 +344,7 @@ public final class Kernel: @unchecked Sendable {
     func addRegion(pages: UInt64) throws(Errno) -> (UInt64, UInt16, UnsafeMutableRawPointer) {
         let byteCount = Int(pages) << PageGeometry.pageShift
         guard let bytes = Kernel.tryReserveFrames(bytes: byteCount) else {
-            warn("physical layout: the host refused \(pages >> 8) MiB of address space for a region")
+            warn("physical layout: the host refused \(pages >> 8) MiB of address space for a region", kind: .machineLimit)
             throw .noMemory
         }
         let start: UInt64, region: Int
@@ -439,8 +439,9 @@ public final class Kernel: @unchecked Sendable {
     /// - Parameters:
     ///   - rule: the rule broken, short and stable (tests match on it).
     ///   - detail: which page, address or argument it concerned.
-    public func warn(_ rule: String, _ detail: @autoclosure () -> String = "") {
-        let d = Diagnostic(rule: rule, detail: detail())
+    ///   - kind: what kind of rule it is (tests match on it).
+    public func warn(_ rule: String, _ detail: @autoclosure () -> String = "", kind: DiagnosticKind = .apiMisuse) {
+        let d = Diagnostic(rule: rule, detail: detail(), kind: kind)
         diagnosticCount.add(1, ordering: .relaxed)
         diagnosticLog.withLock { if $0.count < 10_000 { $0.append(d) } }
         if configuration.printDiagnostics {
@@ -452,6 +453,16 @@ public final class Kernel: @unchecked Sendable {
     public var diagnostics: [Diagnostic] { diagnosticLog.withLock { $0 } }
     /// Removes and returns the diagnostics recorded so far.
     public func takeDiagnostics() -> [Diagnostic] { diagnosticLog.withLock { let d = $0; $0.removeAll(); return d } }
+    /// The diagnostics of kind `kind` recorded so far.
+    public func diagnostics(of kind: DiagnosticKind) -> [Diagnostic] { diagnostics.filter { $0.kind == kind } }
+    /// Removes and returns the diagnostics of kind `kind`, leaving the others.
+    public func takeDiagnostics(of kind: DiagnosticKind) -> [Diagnostic] {
+        diagnosticLog.withLock { log in
+            let taken = log.filter { $0.kind == kind }
+            log.removeAll { $0.kind == kind }
+            return taken
+        }
+    }
 
     // MARK: address spaces and files (for the reverse map)
 

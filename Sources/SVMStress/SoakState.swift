@@ -226,7 +226,7 @@ final class SoakState: @unchecked Sendable {
             case .present where e.isSpecial: break
             case .present, .devicePrivate:
                 let pfn = e.pfn + (level == .pmd ? (a & ~PageGeometry.pmdMask) >> PageGeometry.pageShift : 0)
-                bytes = kernel.pfnToPage(pfn).bytes
+                bytes = kernel.pfnToPage(pfn).unsafeBytes
             default: continue  // the audit reports any other entry
             }
             let w0 = p * SoakState.wordsPerPage

@@ -1,6 +1,5 @@
 import Synchronization
 import SVMEmu
-import CSVMSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -84,21 +83,21 @@ final class StormBarrier: @unchecked Sendable {
             return false
         }
         let gen = generation.load(ordering: .relaxed)
-        let word = words + (gen & 1)
-        let seen = svm_load32(word)
+        let word = FutexWord(words + (gen & 1))
+        let seen = word.load(ordering: .acquiring)
         arrived += 1
         if arrived == parties {
             action(gen)
             arrived = 0
             generation.store(gen + 1, ordering: .releasing)
-            svm_store32(word, seen &+ 1)
+            word.store(seen &+ 1, ordering: .releasing)
             futexLock.unlock()
             if release == .oneByOne {
-                _ = svm_futex_wake(word, 1)
+                word.wake(1)
             } else if release == .wakeAll {
-                _ = svm_futex_wake(word, Int32.max)
+                word.wake(FutexWord.everyone)
             } else {
-                _ = svm_futex_wake(word, Int32.max)
+                word.wake(FutexWord.everyone)
                 // Spinning waiters leave when the releaser does: it waits out the
                 // wake-up latency the others were charged, so all go together.
                 HostClock.spin(nanos: DeterministicScheduler.wakeLatency)
@@ -107,10 +106,10 @@ final class StormBarrier: @unchecked Sendable {
         }
         futexLock.unlock()
         while generation.load(ordering: .acquiring) == gen && !aborted.load(ordering: .acquiring) {
-            _ = svm_futex_wait(word, seen, 0)
+            word.wait(expected: seen)
         }
         // The chain: pass the wake-up on to the next waiter of this round.
-        if release == .oneByOne { _ = svm_futex_wake(word, 1) }
+        if release == .oneByOne { word.wake(1) }
         return generation.load(ordering: .acquiring) != gen
     }
 
@@ -157,9 +156,12 @@ final class StormBarrier: @unchecked Sendable {
             futexLock.withLock {
                 aborted.store(true, ordering: .releasing)
                 // A waiter about to sleep sees the word changed and looks again.
-                for i in 0..<2 { svm_store32(words + i, svm_load32(words + i) &+ 1) }
+                for i in 0..<2 {
+                    let word = FutexWord(words + i)
+                    word.store(word.load(ordering: .acquiring) &+ 1, ordering: .releasing)
+                }
             }
-            for i in 0..<2 { _ = svm_futex_wake(words + i, Int32.max) }
+            for i in 0..<2 { FutexWord(words + i).wake(FutexWord.everyone) }
             return
         }
         pthread_mutex_lock(mutex)

@@ -109,8 +109,8 @@ extension XeDevice {
             defer { i += step }
             guard d.isValid else { continue }
             let bytes = d.isCompound ? PageGeometry.pmdSize : PageGeometry.pageSize
-            let dst = kernel.pfnToPage(d.pfn).bytes
-            if let src = kernel.page(from[i])?.bytes {
+            let dst = kernel.pfnToPage(d.pfn).unsafeBytes
+            if let src = kernel.page(from[i])?.unsafeBytes {
                 engine.copy(to: dst, from: src, bytes: bytes)
             } else if zeroHoles {
                 dst.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)

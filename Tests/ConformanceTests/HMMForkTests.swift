@@ -222,19 +222,18 @@ struct HMMForkTests {
     private func withGatedMachine(npages: Int, seed: UInt64, nodes: Int = 1,
                                   _ body: (Kernel, AddressSpace, MirrorDevice, GatedCopyEngine, HMMBuffer) throws -> Void) throws {
         let engine = GatedCopyEngine()
-        var config = KernelConfiguration()
-        config.nodeSizes = Array(repeating: 64 << 20, count: nodes)
-        config.addressSpaceSize = 4 << 30
-        let kernel = Kernel(config)
-        var mm: AddressSpace? = AddressSpace(kernel: kernel)
-        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, name: "hmm_dmirror0", vramBytes: 64 << 20,
+        // A TestMachine without its mirror device: this one copies through the gate.
+        let machine = TestMachine(TestMachineOptions(nodeSizes: Array(repeating: 64 << 20, count: nodes)))
+        let kernel = machine.kernel
+        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: machine.mm, name: "hmm_dmirror0", vramBytes: 64 << 20,
                                                  chunkBytes: 32 << 20, copyEngine: engine)
-        defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
+        // No local reference to the address space: teardown releases the last one.
+        defer { device = nil; machine.tearDown() }
         let size = npages << pageShift
         let buffer = HMMBuffer(size: size)
-        buffer.ptr = try mm!.mmap(length: size, protection: .readWrite)
-        try mm!.fillPattern(buffer.ptr, length: size, seed: seed)
-        try body(kernel, mm!, device!, engine, buffer)
+        buffer.ptr = try machine.mm.mmap(length: size, protection: .readWrite)
+        try machine.mm.fillPattern(buffer.ptr, length: size, seed: seed)
+        try body(kernel, machine.mm, device!, engine, buffer)
     }
 
 }

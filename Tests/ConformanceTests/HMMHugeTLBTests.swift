@@ -128,7 +128,7 @@ struct HMMHugeTLBTests {
             #expect(pool.freePages == n - 2)
             try mm.store64(p, 9)
             #expect(pool.freePages == n - 2)
-            #expect(pinned[0].bytes.load(fromByteOffset: -8192, as: UInt64.self) == 9)
+            #expect(pinned[0].folio.withBytes { $0.load(fromByteOffset: 0, as: UInt64.self) } == 9)
             #expect(try child!.load64(p) == atFork)
             f.kernel.unpinUserPage(pinned[0])
             child = nil

@@ -55,7 +55,7 @@ struct ProtectionRulesTests {
             let spage = try #require(kernel.page(src[0]))
             let dfolio = try #require(kernel.allocateFolio(order: 0))
             dfolio.lock()
-            dfolio.bytes.copyMemory(from: spage.bytes, byteCount: pageSize)
+            dfolio.page(0).copyBytes(from: spage)
             dst[0] = MigratePFN(page: dfolio.page(0))
             kernel.migrateDevicePages(&src, &dst, count: 1)
             kernel.migrateDeviceFinalize(src, &dst, count: 1)

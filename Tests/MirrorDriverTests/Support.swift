@@ -5,17 +5,14 @@ import SVMEmu
 import MirrorDriver
 import TestSupport
 
-/// A small machine for one test: two 64 MiB nodes, one address space, one device.
+/// A small machine for one test: two 64 MiB nodes, one address space, one
+/// device; the caller owns it (no teardown audit: use ``withMachine`` for that).
 func bootMachine(policy: DeviceFaultPolicy = .trylock, thp: TransparentHugepageMode = .never,
                  vram: UInt64 = 64 << 20) -> (Kernel, AddressSpace, MirrorDevice) {
-    var config = KernelConfiguration()
-    config.nodeSizes = [64 << 20, 64 << 20]
-    config.deviceFaultPolicy = policy
-    config.transparentHugepage = thp
-    config.addressSpaceSize = 4 << 30
-    let kernel = Kernel(config)
+    let options = TestMachineOptions(thp: thp, policy: policy, vram: vram)
+    let kernel = Kernel(options.configuration)
     let mm = AddressSpace(kernel: kernel)
-    let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: 32 << 20)
+    let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: options.chunkBytes)
     return (kernel, mm, device)
 }
 
@@ -23,31 +20,13 @@ func bootMachine(policy: DeviceFaultPolicy = .trylock, thp: TransparentHugepageM
 
 let pageSize = PageGeometry.pageSize
 
-/// Boots a machine like `bootMachine` and runs `body`, then tears it down in
-/// the only safe order: the device (it holds the address space and the
-/// kernel), then the address space (it refers to the kernel unowned), then
-/// the kernel.
-func withMachine<R>(policy: DeviceFaultPolicy = .trylock, vram: UInt64 = 64 << 20,
+/// Boots a ``TestMachine`` like `bootMachine` and runs `body`; teardown
+/// releases the device, then the address space, and audits the kernel.
+func withMachine<R>(policy: DeviceFaultPolicy = .trylock, vram: UInt64 = 64 << 20, audits: Bool = true,
+                    sourceLocation: SourceLocation = #_sourceLocation,
                     _ body: (Kernel, AddressSpace, MirrorDevice) throws -> R) rethrows -> R {
-    var config = KernelConfiguration()
-    config.nodeSizes = [64 << 20, 64 << 20]
-    config.deviceFaultPolicy = policy
-    config.transparentHugepage = .never
-    config.addressSpaceSize = 4 << 30
-    config.maxPhysicalBytes = 2 << 30
-    let kernel = Kernel(config)
-    var mm: AddressSpace? = AddressSpace(kernel: kernel)
-    var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm!, vramBytes: vram, chunkBytes: 32 << 20)
-    defer {
-        device = nil
-        mm = nil
-        // The kernel's own paths never leave a stale translation behind: a
-        // test that provokes one on purpose takes its diagnostic.
-        let stale = kernel.diagnostics.filter { $0.rule.hasPrefix("stale TLB entry") }
-        #expect(stale.isEmpty, "\(stale)")
-        withExtendedLifetime(kernel) {}
-    }
-    return try body(kernel, mm!, device!)
+    let options = TestMachineOptions(thp: .never, policy: policy, vram: vram, audits: audits)
+    return try TestMachine.run(options, sourceLocation: sourceLocation) { m in try body(m.kernel, m.mm, m.device) }
 }
 
 /// The folio mapped by the PTE at `address` (present or device-private), or nil.
@@ -121,9 +100,9 @@ func migrateByHand(_ kernel: Kernel, _ mm: AddressSpace, _ device: MirrorDevice,
     for i in 0..<args.npages where args.src[i].isMigrating && give(i) {
         let d = try #require(device.allocateDeviceFolio())
         if let s = kernel.page(args.src[i]) {
-            d.bytes.copyMemory(from: s.bytes, byteCount: PageGeometry.pageSize)
+            d.page(0).copyBytes(from: s)
         } else {
-            d.bytes.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
+            d.zeroBytes()
         }
         args.dst[i] = MigratePFN(page: d.page(0))
     }

@@ -31,7 +31,7 @@ struct TLBShootdownTests {
 
             // CPU B writes again: a TLB hit on the freed frame.
             #expect(cpuB.run { _ = try? mm.store(a, 0x55) })
-            let stale = kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
+            let stale = kernel.takeStaleTLBAccesses()
             try #require(stale.count == 1)
             #expect(stale[0].detail.contains("write at 0x\(String(a, radix: 16))"))
             #expect(stale[0].detail.contains("old frame pfn 0x\(String(old, radix: 16))"))
@@ -64,36 +64,30 @@ struct TLBShootdownTests {
     @Test("after each migration returns, a CPU that had the page in its TLB reads the latest value (4 KiB and 2 MiB)",
           arguments: [false, true])
     func readersAfterFinalize(huge: Bool) throws {
-        var config = KernelConfiguration()
-        config.nodeSizes = [64 << 20, 64 << 20]
-        config.transparentHugepage = huge ? .always : .never
-        config.addressSpaceSize = 4 << 30
-        config.maxPhysicalBytes = 2 << 30
-        let kernel = Kernel(config)
-        let mm = AddressSpace(kernel: kernel)
-        let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: 16 << 20, chunkBytes: 8 << 20)
-        defer { withExtendedLifetime((device, mm, kernel)) {} }
-        let pages = huge ? PageGeometry.pmdPages : 1
-        let region = try mm.mmap(length: 2 * PageGeometry.pmdSize)
-        let a = (region + PageGeometry.pmdSize64 - 1) & PageGeometry.pmdMask
-        let reader = WorkerThread()
-        defer { _ = reader.stop() }
-        let seen = SharedCounter()
-        let target = a + 3 * UInt64(pageSize) + 5
-        for v in 1...10 {
-            try mm.store(target, UInt8(v))
-            #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
-            #expect(seen.current == v)
-            #expect(try device.migrateToDevice(a, pages: pages) == pages)
-            // The reader's entry went with the flush: it faults the page back.
-            #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
-            #expect(seen.current == v)
-            _ = try device.migrateToDevice(a, pages: pages)
-            _ = try device.migrateToSystem(a, pages: pages)
-            #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
-            #expect(seen.current == v)
+        try TestMachine.run(TestMachineOptions(thp: huge ? .always : .never, vram: 16 << 20, chunkBytes: 8 << 20)) { m in
+            let kernel = m.kernel, mm = m.mm!, device = m.device!
+            let pages = huge ? PageGeometry.pmdPages : 1
+            let region = try mm.mmap(length: 2 * PageGeometry.pmdSize)
+            let a = (region + PageGeometry.pmdSize64 - 1) & PageGeometry.pmdMask
+            let reader = WorkerThread()
+            defer { _ = reader.stop() }
+            let seen = SharedCounter()
+            let target = a + 3 * UInt64(pageSize) + 5
+            for v in 1...10 {
+                try mm.store(target, UInt8(v))
+                #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
+                #expect(seen.current == v)
+                #expect(try device.migrateToDevice(a, pages: pages) == pages)
+                // The reader's entry went with the flush: it faults the page back.
+                #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
+                #expect(seen.current == v)
+                _ = try device.migrateToDevice(a, pages: pages)
+                _ = try device.migrateToSystem(a, pages: pages)
+                #expect(reader.run { seen.value.store(Int((try? mm.load(target)) ?? 0), ordering: .releasing) })
+                #expect(seen.current == v)
+            }
+            #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
         }
-        #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
     }
 
     @Test("a shootdown waits for a CPU inside an access, which flushes at the end of it")
@@ -189,63 +183,57 @@ struct TLBShootdownTests {
     @Test("writers hammering pages while they migrate to VRAM and back never lose a write, and no CPU uses a stale entry",
           arguments: [DeviceFaultPolicy.legacy, .trylock, .trylockWait], [false, true])
     func writersDuringMigration(policy: DeviceFaultPolicy, huge: Bool) throws {
-        var config = KernelConfiguration()
-        config.nodeSizes = [64 << 20, 64 << 20]
-        config.deviceFaultPolicy = policy
-        config.transparentHugepage = huge ? .always : .never
-        config.addressSpaceSize = 4 << 30
-        config.maxPhysicalBytes = 2 << 30
-        let kernel = Kernel(config)
-        let mm = AddressSpace(kernel: kernel)
-        let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: 32 << 20, chunkBytes: 16 << 20)
-        defer { withExtendedLifetime((device, mm, kernel)) {} }
-        let pages = huge ? 512 : 8
-        let length = pages * pageSize
-        let region = try mm.mmap(length: length + (2 << 20))
-        let a = (region + UInt64((2 << 20) - 1)) & ~UInt64((2 << 20) - 1)
-        try mm.fillPattern(a, length: length, seed: 1)
-        if huge { #expect(mm.entry(at: a).level == .pmd) }
+        let options = TestMachineOptions(thp: huge ? .always : .never, policy: policy, vram: 32 << 20, chunkBytes: 16 << 20)
+        try TestMachine.run(options) { m in
+            let kernel = m.kernel, mm = m.mm!, device = m.device!
+            let pages = huge ? 512 : 8
+            let length = pages * pageSize
+            let region = try mm.mmap(length: length + (2 << 20))
+            let a = (region + UInt64((2 << 20) - 1)) & ~UInt64((2 << 20) - 1)
+            try mm.fillPattern(a, length: length, seed: 1)
+            if huge { #expect(mm.entry(at: a).level == .pmd) }
 
-        // Each writer owns one 8-byte slot per page and writes 1, 2, 3, ...
-        // into it; the last value it wrote must be what every slot holds.
-        let writers = 2, rounds = 40
-        let stop = Atomic<Int>(0)
-        let lastWritten = (0..<writers).map { _ in SharedCounter() }
-        let migrations = Atomic<Int>(0)
-        let ok = runThreads(writers + 1, timeout: 60, keepAlive: [kernel, mm, device]) { t in
-            if t == writers {
-                for _ in 0..<rounds {
-                    _ = try? device.migrateToDevice(a, pages: pages)
-                    _ = try? device.migrateToSystem(a, pages: pages)
-                    migrations.add(1, ordering: .relaxed)
+            // Each writer owns one 8-byte slot per page and writes 1, 2, 3, ...
+            // into it; the last value it wrote must be what every slot holds.
+            let writers = 2, rounds = 40
+            let stop = Atomic<Int>(0)
+            let lastWritten = (0..<writers).map { _ in SharedCounter() }
+            let migrations = Atomic<Int>(0)
+            let ok = runThreads(writers + 1, timeout: 60, keepAlive: [kernel, mm, device]) { t in
+                if t == writers {
+                    for _ in 0..<rounds {
+                        _ = try? device.migrateToDevice(a, pages: pages)
+                        _ = try? device.migrateToSystem(a, pages: pages)
+                        migrations.add(1, ordering: .relaxed)
+                    }
+                    stop.store(1, ordering: .releasing)
+                    return
                 }
-                stop.store(1, ordering: .releasing)
-                return
+                var v = 0
+                while stop.load(ordering: .acquiring) == 0 {
+                    v += 1
+                    for p in stride(from: 0, to: pages, by: huge ? 64 : 1) {
+                        guard (try? mm.store64(a + UInt64(p * pageSize + 8 * t), UInt64(v))) != nil else { return }
+                    }
+                    lastWritten[t].value.store(v, ordering: .releasing)
+                }
             }
-            var v = 0
-            while stop.load(ordering: .acquiring) == 0 {
-                v += 1
+            try #require(ok)
+            #expect(migrations.load(ordering: .acquiring) == rounds)
+            for t in 0..<writers {
+                let v = UInt64(lastWritten[t].current)
                 for p in stride(from: 0, to: pages, by: huge ? 64 : 1) {
-                    guard (try? mm.store64(a + UInt64(p * pageSize + 8 * t), UInt64(v))) != nil else { return }
+                    #expect(try mm.load64(a + UInt64(p * pageSize + 8 * t)) == v, "writer \(t) page \(p)")
                 }
-                lastWritten[t].value.store(v, ordering: .releasing)
             }
-        }
-        try #require(ok)
-        #expect(migrations.load(ordering: .acquiring) == rounds)
-        for t in 0..<writers {
-            let v = UInt64(lastWritten[t].current)
-            for p in stride(from: 0, to: pages, by: huge ? 64 : 1) {
-                #expect(try mm.load64(a + UInt64(p * pageSize + 8 * t)) == v, "writer \(t) page \(p)")
+            // Everything but the writers' slots still holds the pattern.
+            for p in 0..<pages {
+                let base = a + UInt64(p * pageSize)
+                #expect(try mm.verifyPattern(base + UInt64(8 * writers), length: pageSize - 8 * writers, seed: 1) == nil)
             }
+            #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
+            #expect(kernel.diagnostics(of: .staleTLB).isEmpty)
         }
-        // Everything but the writers' slots still holds the pattern.
-        for p in 0..<pages {
-            let base = a + UInt64(p * pageSize)
-            #expect(try mm.verifyPattern(base + UInt64(8 * writers), length: pageSize - 8 * writers, seed: 1) == nil)
-        }
-        #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
-        #expect(kernel.diagnostics.filter { $0.rule.hasPrefix("stale TLB entry") }.isEmpty)
     }
 }
 

@@ -50,7 +50,7 @@ struct FaultTests {
             var expected = [UInt8](repeating: 0, count: pageSize)
             expected[100] = 0x5A
             #expect(try mm.read(a, count: pageSize) == expected)
-            #expect(UnsafeRawBufferPointer(start: kernel.zeroPage.bytes, count: pageSize).allSatisfy { $0 == 0 })
+            #expect(kernel.zeroPage.withBytes { $0.allSatisfy { $0 == 0 } })
             #expect(mm.entry(at: a + UInt64(pageSize)).entry.pfn == kernel.zeroPage.pfn)
         }
     }
@@ -125,7 +125,7 @@ struct FaultTests {
             #expect(kernel.freePages == free0 - 1)
             #expect(try mm.load(a + UInt64(3 * pageSize)) == 0x42)
             #expect(try allZero(mm, a, length: 3 * pageSize))
-            #expect(UnsafeRawBufferPointer(start: kernel.hugeZeroPage.bytes, count: hugeSize).allSatisfy { $0 == 0 })
+            #expect(kernel.hugeZeroPage.withBytes { $0.allSatisfy { $0 == 0 } })
             #expect(kernel.hugeZeroPage.refCount >= 1)
         }
     }

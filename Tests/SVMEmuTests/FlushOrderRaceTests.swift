@@ -25,7 +25,7 @@ struct FlushOrderRaceTests {
         let s = DeterministicScheduler(c)
         threads(s)
         let outcome = s.run()
-        let stale = kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
+        let stale = kernel.takeStaleTLBAccesses()
         return (outcome, stale)
     }
 
@@ -231,7 +231,7 @@ struct FlushOrderRaceTests {
 @Suite("The stale-entry checker")
 struct StaleEntryCheckerTests {
     static func stale(_ kernel: Kernel) -> [Diagnostic] {
-        kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
+        kernel.takeStaleTLBAccesses()
     }
 
     @Test("a frame freed and allocated again while a CPU keeps its translation is reported, though the old address holds no entry")

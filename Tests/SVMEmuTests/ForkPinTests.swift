@@ -38,11 +38,11 @@ struct ForkPinTests {
             try mm.store64(a + ps + 8, 0x5EED_F00D)
             #expect(kernel.vmstat[.wpFaults] == wp)
             #expect(mm.entry(at: a + ps).entry.pfn == page.pfn)
-            #expect(page.bytes.load(fromByteOffset: 8, as: UInt64.self) == 0x5EED_F00D)
+            #expect(page.withBytes { $0.load(fromByteOffset: 8, as: UInt64.self) } == 0x5EED_F00D)
             // The child's copy keeps what was there at fork, and is its own.
             #expect(try child!.load64(a + ps + 8) == AddressSpace.patternWord(a + ps + 8, 3))
             try child!.store64(a + ps + 16, 7)
-            #expect(page.bytes.load(fromByteOffset: 16, as: UInt64.self) == AddressSpace.patternWord(a + ps + 16, 3))
+            #expect(page.withBytes { $0.load(fromByteOffset: 16, as: UInt64.self) } == AddressSpace.patternWord(a + ps + 16, 3))
             #expect(kernel.vmstat[.wpFaults] == wp)
 
             child = nil
@@ -82,7 +82,7 @@ struct ForkPinTests {
                     "\(kernel.audit(heldReferences: [folio.pfn: Folio.pinCountingBias]))")
 
             try mm.store64(a + 5 * ps, 0xABCD)
-            #expect(page.bytes.load(as: UInt64.self) == 0xABCD)
+            #expect(page.withBytes { $0.load(as: UInt64.self) } == 0xABCD)
             #expect(try child!.load64(a + 5 * ps) == AddressSpace.patternWord(a + 5 * ps, 5))
 
             child = nil

@@ -9,23 +9,17 @@ import TestSupport
 
 /// A machine with two 64 MiB nodes and a hugetlb pool of `poolPages` pages
 /// (interleaved over the nodes, node 0 first), and one address space.
-private func withHugeTLBMachine(poolPages: Int, _ body: (Kernel, AddressSpace) throws -> Void) rethrows {
-    var config = KernelConfiguration()
-    config.nodeSizes = [64 << 20, 64 << 20]
-    config.maxPhysicalBytes = 1 << 30
-    config.addressSpaceSize = 4 << 30
-    config.hugetlbPages = poolPages
-    let kernel = Kernel(config)
-    var mm: AddressSpace? = AddressSpace(kernel: kernel)
-    defer {
-        mm = nil
-        expectNoStaleTLBAccess(kernel)
+private func withHugeTLBMachine(poolPages: Int, sourceLocation: SourceLocation = #_sourceLocation,
+                                _ body: (Kernel, AddressSpace) throws -> Void) rethrows {
+    let options = TestMachineOptions(maxPhysicalBytes: 1 << 30) { $0.hugetlbPages = poolPages }
+    try TestMachine.run(options, sourceLocation: sourceLocation) { m in
+        try body(m.kernel, m.mm)
+        m.tearDown(sourceLocation: sourceLocation)
         // Every pool page is free again, none reserved, the pool its size.
-        #expect(kernel.hugetlb.freePages == kernel.hugetlb.pageCount)
-        #expect(kernel.hugetlb.pageCount == poolPages && kernel.hugetlb.reservedPages == 0)
-        withExtendedLifetime(kernel) {}
+        #expect(m.kernel.hugetlb.freePages == m.kernel.hugetlb.pageCount, sourceLocation: sourceLocation)
+        #expect(m.kernel.hugetlb.pageCount == poolPages && m.kernel.hugetlb.reservedPages == 0,
+                sourceLocation: sourceLocation)
     }
-    try body(kernel, mm!)
 }
 
 /// The hugetlb folio mapped at `a`.

@@ -302,7 +302,7 @@ struct MigratePagesTests {
         let (rc, rcDiagnostics, rcFinished) = try writebackNeedsA(.batchedV63rc, limitNanos: 50_000_000)
         #expect(rcFinished)
         #expect(rc.stats.stalls >= 1)
-        #expect(rcDiagnostics.contains { $0.rule.contains("hung task") })
+        #expect(rcDiagnostics.contains { $0.kind == .hungTask })
         let (main, mainDiagnostics, mainFinished) = try writebackNeedsA(.batched, limitNanos: 4_000_000_000)
         #expect(mainFinished)
         #expect(main.stats.stalls == 0)
@@ -394,7 +394,7 @@ struct MigratePagesTests {
             } else {
                 // The write went to the new frame; the reader's stale entry still reads the old one.
                 #expect(seen.current == original)
-                let stale = kernel.takeDiagnostics().filter { $0.rule.hasPrefix("stale TLB entry") }
+                let stale = kernel.takeStaleTLBAccesses()
                 #expect(stale.count == 1)
                 #expect(stale.first?.detail.contains("read at 0x\(String(a + 100, radix: 16))") == true)
                 kernel.deferredTLB.flush()

@@ -10,35 +10,30 @@ import TestSupport
 let pageSize = PageGeometry.pageSize
 let hugeSize = PageGeometry.pmdSize
 
-/// A machine for one test: two 64 MiB nodes, the given THP mode.
+/// The options of the memory-core tests' machine: two 64 MiB nodes, the
+/// given THP mode, no device.
+func machineOptions(thp: TransparentHugepageMode = .madvise) -> TestMachineOptions {
+    TestMachineOptions(thp: thp, maxPhysicalBytes: 1 << 30)
+}
+
+/// A kernel for one test that manages its own address spaces (no teardown audit).
 func makeKernel(thp: TransparentHugepageMode = .madvise) -> Kernel {
-    var config = KernelConfiguration()
-    config.nodeSizes = [64 << 20, 64 << 20]
-    config.maxPhysicalBytes = 1 << 30
-    config.addressSpaceSize = 4 << 30
-    config.transparentHugepage = thp
-    return Kernel(config)
+    Kernel(machineOptions(thp: thp).configuration)
 }
 
-/// Boots a kernel with one address space and runs `body`. The address space
-/// is released before the kernel (it refers to the kernel unowned).
-func withMachine<R>(thp: TransparentHugepageMode = .madvise,
+/// Boots a ``TestMachine`` (a kernel with one address space) and runs
+/// `body`; teardown releases the address space and audits the kernel.
+func withMachine<R>(thp: TransparentHugepageMode = .madvise, audits: Bool = true,
+                    sourceLocation: SourceLocation = #_sourceLocation,
                     _ body: (Kernel, AddressSpace) throws -> R) rethrows -> R {
-    let kernel = makeKernel(thp: thp)
-    var mm: AddressSpace? = AddressSpace(kernel: kernel)
-    defer {
-        mm = nil
-        expectNoStaleTLBAccess(kernel)
-        withExtendedLifetime(kernel) {}
-    }
-    return try body(kernel, mm!)
+    var options = machineOptions(thp: thp)
+    options.audits = audits
+    return try TestMachine.run(options, sourceLocation: sourceLocation) { m in try body(m.kernel, m.mm) }
 }
 
-/// The kernel's own paths never leave a stale translation behind: a test
-/// that provokes one on purpose takes its diagnostic.
+/// The kernel's own paths never leave a stale translation behind.
 func expectNoStaleTLBAccess(_ kernel: Kernel, sourceLocation: SourceLocation = #_sourceLocation) {
-    let stale = kernel.diagnostics.filter { $0.rule.hasPrefix("stale TLB entry") }
-    #expect(stale.isEmpty, "\(stale)", sourceLocation: sourceLocation)
+    kernel.expectNoStaleTLBAccess(sourceLocation: sourceLocation)
 }
 
 /// What a failed call must not change: the VMAs and every counter.

@@ -158,7 +158,7 @@ struct CPUSlotTests {
         other.start { read.value.store(Int((try? mm.load(a)) ?? 0), ordering: .releasing) }
         #expect(!other.wait(timeout: 0.2))
         #expect(read.current == 0)
-        #expect(kernel.diagnostics.contains { $0.rule.hasPrefix("more threads than CPUs") })
+        #expect(kernel.diagnostics(of: .machineLimit).contains { $0.rule.hasPrefix("more threads than CPUs") })
         // Giving it back lets the other thread run.
         kernel.cpus.leave()
         #expect(other.wait())

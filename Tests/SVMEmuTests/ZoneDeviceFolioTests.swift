@@ -20,48 +20,50 @@ struct ZoneDeviceFolioTests {
 
     @Test("a 2 MiB device folio freed, then its 512 pages handed out one by one in address order: no warning, each a 4 KiB folio")
     func largeFolioReusedAsSmallPages() throws {
-        let kernel = makeKernel()
-        let freed = Freed()
-        let pgmap = try Self.pageMap(kernel, freed)
-        let head = pgmap.page(at: 0)
-        let big = try #require(kernel.zoneDevicePageInit(head, order: PageGeometry.pmdOrder))
-        #expect(big.order == PageGeometry.pmdOrder && big.isLocked)
-        big.unlock()
-        big.put()
-        #expect(freed.list.withLock { $0.map(\.pfn) } == [head.pfn])
-        #expect(freed.list.withLock { $0.map(\.order) } == [PageGeometry.pmdOrder])
+        try withMachine { kernel, _ in
+            let freed = Freed()
+            let pgmap = try Self.pageMap(kernel, freed)
+            let head = pgmap.page(at: 0)
+            let big = try #require(kernel.zoneDevicePageInit(head, order: PageGeometry.pmdOrder))
+            #expect(big.order == PageGeometry.pmdOrder && big.isLocked)
+            big.unlock()
+            big.put()
+            #expect(freed.list.withLock { $0.map(\.pfn) } == [head.pfn])
+            #expect(freed.list.withLock { $0.map(\.order) } == [PageGeometry.pmdOrder])
 
-        var small: [Folio] = []
-        for i in 0..<PageGeometry.pmdPages {
-            let page = pgmap.page(at: UInt64(i))
-            let f = kernel.zoneDevicePageInit(page, order: 0)
-            #expect(f != nil, "page \(i) refused")
-            guard let f else { continue }
-            #expect(f.pfn == page.pfn && f.order == 0 && f.refCount == 1 && f.isLocked, "page \(i): \(f)")
-            #expect(page.folio.pfn == page.pfn, "page \(i) still names a stale head")
-            small.append(f)
+            var small: [Folio] = []
+            for i in 0..<PageGeometry.pmdPages {
+                let page = pgmap.page(at: UInt64(i))
+                let f = kernel.zoneDevicePageInit(page, order: 0)
+                #expect(f != nil, "page \(i) refused")
+                guard let f else { continue }
+                #expect(f.pfn == page.pfn && f.order == 0 && f.refCount == 1 && f.isLocked, "page \(i): \(f)")
+                #expect(page.folio.pfn == page.pfn, "page \(i) still names a stale head")
+                small.append(f)
+            }
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+            for f in small { f.unlock(); f.put() }
+            #expect(freed.list.withLock { $0.count } == 1 + PageGeometry.pmdPages)
+
+            // All free again: the block makes a 2 MiB folio once more.
+            let again = try #require(kernel.zoneDevicePageInit(head, order: PageGeometry.pmdOrder))
+            #expect(again.order == PageGeometry.pmdOrder)
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+            again.unlock()
+            again.put()
         }
-        #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
-        for f in small { f.unlock(); f.put() }
-        #expect(freed.list.withLock { $0.count } == 1 + PageGeometry.pmdPages)
-
-        // All free again: the block makes a 2 MiB folio once more.
-        let again = try #require(kernel.zoneDevicePageInit(head, order: PageGeometry.pmdOrder))
-        #expect(again.order == PageGeometry.pmdOrder)
-        #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
-        again.unlock()
-        again.put()
     }
 
     @Test("a tail page of a live 2 MiB device folio is still refused (a driver bug), and nothing changes")
     func liveTailRefused() throws {
-        let kernel = makeKernel()
-        let pgmap = try Self.pageMap(kernel, Freed())
-        let big = try #require(kernel.zoneDevicePageInit(pgmap.page(at: 0), order: PageGeometry.pmdOrder))
-        #expect(kernel.zoneDevicePageInit(pgmap.page(at: 1), order: 0) == nil)
-        #expect(kernel.diagnostics.contains { $0.rule.hasPrefix("zone_device_page_init: page is in use") })
-        #expect(pgmap.page(at: 1).folio.pfn == big.pfn && big.order == PageGeometry.pmdOrder && big.refCount == 1)
-        big.unlock()
-        big.put()
+        try withMachine { kernel, _ in
+            let pgmap = try Self.pageMap(kernel, Freed())
+            let big = try #require(kernel.zoneDevicePageInit(pgmap.page(at: 0), order: PageGeometry.pmdOrder))
+            #expect(kernel.zoneDevicePageInit(pgmap.page(at: 1), order: 0) == nil)
+            #expect(kernel.diagnostics.contains { $0.rule.hasPrefix("zone_device_page_init: page is in use") })
+            #expect(pgmap.page(at: 1).folio.pfn == big.pfn && big.order == PageGeometry.pmdOrder && big.refCount == 1)
+            big.unlock()
+            big.put()
+        }
     }
 }

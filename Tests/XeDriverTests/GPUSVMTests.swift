@@ -9,6 +9,8 @@ import TestSupport
 /// that does what every driver must (unmap the pages of every range the
 /// invalidation overlaps, mark unmapped ranges) and counts its calls.
 final class BareSVM: @unchecked Sendable {
+    /// The machine (a ``TestMachine`` of one 32 MiB node, no device).
+    let machine: TestMachine
     let kernel: Kernel
     var mm: AddressSpace!
     var svm: GPUSVM!
@@ -17,11 +19,9 @@ final class BareSVM: @unchecked Sendable {
     var invalidations: Int { invalidationCount.n.load(ordering: .relaxed) }
 
     init(chunks: [UInt64] = XeDevice.defaultChunkSizes) throws {
-        var config = KernelConfiguration()
-        config.nodeSizes = [32 << 20]
-        config.addressSpaceSize = 4 << 30
-        kernel = Kernel(config)
-        mm = AddressSpace(kernel: kernel)
+        machine = TestMachine(TestMachineOptions(nodeSizes: [32 << 20], maxPhysicalBytes: 512 << 30))
+        kernel = machine.kernel
+        mm = machine.mm
         let count = invalidationCount
         svm = try GPUSVM(name: "bare", mm: mm, devicePrivateOwner: nil, mmStart: mm.baseAddress,
                          mmRange: mm.endAddress - mm.baseAddress, notifierSize: 512 << 20, chunkSizes: chunks,
@@ -54,6 +54,7 @@ final class BareSVM: @unchecked Sendable {
         svm.fini()
         svm = nil
         mm = nil
+        machine.tearDown()
         #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
     }
 }

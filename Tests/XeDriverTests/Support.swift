@@ -50,6 +50,8 @@ enum IGTScale {
 /// One process with one Xe VM: the machine (two RAM nodes of
 /// ``IGTScale/nodeBytes``, THP on madvise), its address space and the device.
 final class XeFixture: @unchecked Sendable {
+    /// The machine (a ``TestMachine`` without a mirror device).
+    let machine: TestMachine
     let kernel: Kernel
     var mm: AddressSpace!
     var xe: XeDevice!
@@ -58,14 +60,10 @@ final class XeFixture: @unchecked Sendable {
 
     init(_ chunks: Chunks, vram: UInt64 = IGTScale.vramBytes, policy: DeviceFaultPolicy = .trylockWait) throws {
         self.chunks = chunks
-        var config = KernelConfiguration()
-        config.nodeSizes = [IGTScale.nodeBytes, IGTScale.nodeBytes]
-        config.transparentHugepage = .madvise
-        config.addressSpaceSize = 4 << 30
-        config.maxPhysicalBytes = 2 << 30
-        config.deviceFaultPolicy = policy
-        kernel = Kernel(config)
-        mm = AddressSpace(kernel: kernel)
+        machine = TestMachine(TestMachineOptions(nodeSizes: [IGTScale.nodeBytes, IGTScale.nodeBytes], thp: .madvise,
+                                                 policy: policy))
+        kernel = machine.kernel
+        mm = machine.mm
         xe = try XeDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkSizes: chunks.sizes)
     }
 
@@ -83,9 +81,9 @@ final class XeFixture: @unchecked Sendable {
         xe = nil
         extra = []
         mm = nil
+        machine.tearDown()
         let warnings = kernel.diagnostics
         #expect(warnings.isEmpty, "\(warnings)")
-        withExtendedLifetime(kernel) {}
     }
 }
 

@@ -134,7 +134,7 @@ public final class AddressSpace: @unchecked Sendable {
         // may drop the last one defer it, as mmput_async() does).
         if let held = LockOrder.heldLocksDescription() {
             kernel.warn("exit_mmap: the last reference to an address space was dropped with kernel locks held",
-                        "mm \(id): \(held)")
+                        "mm \(id): \(held)", kind: .lockHeld)
         }
         // exit_mmap(): unmap everything so references and map counts return.
         mmapWriteLock()
@@ -301,22 +301,62 @@ public final class AddressSpace: @unchecked Sendable {
         pmdLock(at: address).assertHeld(rule(), kernel, "address 0x\(String(address, radix: 16))")
     }
 
-    @inlinable func loadPMD(_ address: UInt64) -> PageTableEntry { PageTableEntry(rawValue: svm_load64(pmdSlot(address))) }
-    @inlinable func storePMD(_ address: UInt64, _ e: PageTableEntry) { svm_store64(pmdSlot(address), e.rawValue) }
-    @inlinable func loadPTE(_ address: UInt64) -> PageTableEntry { PageTableEntry(rawValue: svm_load64(pteSlot(address))) }
-    @inlinable func storePTE(_ address: UInt64, _ e: PageTableEntry) { svm_store64(pteSlot(address), e.rawValue) }
+    /// The PMD entry covering `address` (`pmdp_get()`): an acquiring load, so a
+    /// lockless walker that sees a table or a mapping sees what was stored
+    /// before it was published.
+    @inlinable func loadPMD(_ address: UInt64) -> PageTableEntry {
+        PageTableEntry(rawValue: UnsafeAtomic(pmdSlot(address)).load(ordering: .acquiring))
+    }
+    /// Stores the PMD entry covering `address` (`set_pmd_at()`), releasing
+    /// what the caller wrote before (the folio's bytes, its rmap) to lockless
+    /// walkers.
+    ///
+    /// Caller holds the PMD lock of `address` (``pmdLock(at:)``). A store
+    /// without it is reported as the diagnostic "set_pmd_at: caller must hold
+    /// the PMD lock (pmd_lockptr)" (``DiagnosticKind/lockNotHeld``) in debug
+    /// builds and wherever locks are validated (tests, the soak).
+    @inlinable func storePMD(_ address: UInt64, _ e: PageTableEntry) {
+        assertPMDLockHeld(address, "set_pmd_at: caller must hold the PMD lock (pmd_lockptr)")
+        UnsafeAtomic(pmdSlot(address)).store(e.rawValue, ordering: .releasing)
+    }
+    /// The PTE of `address` (`ptep_get()`): an acquiring load.
+    @inlinable func loadPTE(_ address: UInt64) -> PageTableEntry {
+        PageTableEntry(rawValue: UnsafeAtomic(pteSlot(address)).load(ordering: .acquiring))
+    }
+    /// Stores the PTE of `address` (`set_pte_at()`), releasing what the
+    /// caller wrote before to lockless walkers.
+    ///
+    /// Caller holds the PTE table lock of `address` (``ptl(at:)``). A store
+    /// without it is reported as the diagnostic "set_pte_at: caller must hold
+    /// the PTE table lock (pte_lockptr)" (``DiagnosticKind/lockNotHeld``) in
+    /// debug builds and wherever locks are validated (tests, the soak).
+    @inlinable func storePTE(_ address: UInt64, _ e: PageTableEntry) {
+        assertPTLHeld(address, "set_pte_at: caller must hold the PTE table lock (pte_lockptr)")
+        UnsafeAtomic(pteSlot(address)).store(e.rawValue, ordering: .releasing)
+    }
     /// Replaces the PTE of `address` with `e` in one atomic exchange and
     /// returns what it was, with every accessed or dirty bit a lockless walk
     /// set up to that instant (`ptep_get_and_clear()`, and the first half of
     /// `ptep_modify_prot_start()`). A load followed by a store would drop a
     /// bit set between the two. Caller holds the page-table lock.
     @inlinable func exchangePTE(_ address: UInt64, _ e: PageTableEntry) -> PageTableEntry {
-        PageTableEntry(rawValue: svm_xchg64(pteSlot(address), e.rawValue))
+        PageTableEntry(rawValue: UnsafeAtomic(pteSlot(address)).exchange(e.rawValue, ordering: .acquiringAndReleasing))
     }
     /// The PMD form of ``exchangePTE(_:_:)`` (`pmdp_huge_get_and_clear()`,
     /// `pmdp_invalidate()`). Caller holds the PMD lock.
     @inlinable func exchangePMD(_ address: UInt64, _ e: PageTableEntry) -> PageTableEntry {
-        PageTableEntry(rawValue: svm_xchg64(pmdSlot(address), e.rawValue))
+        PageTableEntry(rawValue: UnsafeAtomic(pmdSlot(address)).exchange(e.rawValue, ordering: .acquiringAndReleasing))
+    }
+    /// Clears `bits` of the PTE of `address` in one atomic step, keeping any
+    /// bit a lockless walk sets meanwhile (`ptep_set_wrprotect()`). Caller
+    /// holds the PTE table lock.
+    @inlinable func clearPTEBits(_ address: UInt64, _ bits: UInt64) {
+        UnsafeAtomic(pteSlot(address)).bitwiseAnd(~bits, ordering: .acquiringAndReleasing)
+    }
+    /// The PMD form of ``clearPTEBits(_:_:)`` (`pmdp_set_wrprotect()`).
+    /// Caller holds the PMD lock.
+    @inlinable func clearPMDBits(_ address: UInt64, _ bits: UInt64) {
+        UnsafeAtomic(pmdSlot(address)).bitwiseAnd(~bits, ordering: .acquiringAndReleasing)
     }
 
     /// The entry mapping `address`, for inspection: the PMD entry when it maps

@@ -36,7 +36,7 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `make_device_exclusive()`.
     public func makeDeviceExclusive(_ address: UInt64, owner: DeviceOwner?) throws(Errno) -> Page {
-        if !isMmapLocked { kernel.warn("make_device_exclusive: caller must hold the mmap lock", "0x\(String(address, radix: 16))") }
+        if !isMmapLocked { kernel.warn("make_device_exclusive: caller must hold the mmap lock", "0x\(String(address, radix: 16))", kind: .lockNotHeld) }
         let addr = address & PageGeometry.pageMask
         while true {
             guard let vma = vma(containing: addr) else { throw .badAddress }

@@ -217,7 +217,7 @@ extension AddressSpace {
         }
         // ptep_set_wrprotect(): the write bit alone is cleared, atomically,
         // so a dirty bit a lockless walk sets meanwhile stays.
-        _ = svm_and64(pteSlot(address), ~PageTableEntry.writeBit)
+        clearPTEBits(address, PageTableEntry.writeBit)
         child.storePTE(address, childPTE.without(PageTableEntry.writeBit))
         return .shared(wrprotected: true)
     }
@@ -230,7 +230,7 @@ extension AddressSpace {
     /// `address`.
     private func copyPresentPage(to child: AddressSpace, _ vma: VMA, _ address: UInt64, _ page: Page,
                                  _ pte: PageTableEntry, _ copy: Folio) {
-        svm_memcpy(copy.bytes, page.bytes, PageGeometry.pageSize)
+        copy.page(0).copyBytes(from: page)
         // The child's copy of `vma` has its bounds and vm_pgoff.
         child.addNewAnonRmap(copy, vma, address: address, pmdMapped: false)
         let entry = PageTableEntry.present(pfn: copy.pfn, write: vma.flags.contains(.write), dirty: true)

@@ -121,7 +121,7 @@ extension AddressSpace {
     /// and look again. We enter and return with the mmap lock held for
     /// reading and no page-table lock.
     private func gup(_ start: UInt64, count: Int, flags: GUPFlags, pin: Bool) throws(Errno) -> [Page] {
-        if !isMmapLocked { kernel.warn("get_user_pages: caller must hold the mmap lock", "0x\(String(start, radix: 16))") }
+        if !isMmapLocked { kernel.warn("get_user_pages: caller must hold the mmap lock", "0x\(String(start, radix: 16))", kind: .lockNotHeld) }
         // mm_set_has_pinned_flag(): from the first pin on, fork copies the
         // anonymous pages that may be pinned instead of sharing them.
         if pin && !hasPinned.load(ordering: .relaxed) { hasPinned.store(true, ordering: .relaxed) }

@@ -111,7 +111,7 @@ extension AddressSpace {
     public func hmmRangeFault(_ range: inout HMMRange) throws(Errno) {
         guard range.end > range.start, range.start & ~PageGeometry.pageMask == 0, range.end & ~PageGeometry.pageMask == 0,
               range.hmmPfns.count >= Int((range.end - range.start) >> PageGeometry.pageShift) else { throw .invalidArgument }
-        if !isMmapLocked { kernel.warn("hmm_range_fault: caller must hold the mmap lock", "0x\(String(range.start, radix: 16))") }
+        if !isMmapLocked { kernel.warn("hmm_range_fault: caller must hold the mmap lock", "0x\(String(range.start, radix: 16))", kind: .lockNotHeld) }
         let req = HMMPFN.requestFault.rawValue | HMMPFN.requestWrite.rawValue
         var addr = range.start
         var faulted = false

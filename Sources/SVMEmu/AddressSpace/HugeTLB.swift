@@ -201,7 +201,7 @@ extension AddressSpace {
             if reserved { vma.hugetlbReservation?.restore(haddr) }
             throw .ioError
         }
-        svm_memset(folio.bytes, 0, HugeTLBPool.pageSize)
+        folio.zeroBytes()
         let writable = write && vma.flags.contains(.write)
         let mapped = withPMDLock(haddr) { () -> Bool in
             guard loadPMD(haddr).isNone else { return false }
@@ -251,7 +251,7 @@ extension AddressSpace {
         defer { oldFolio.put() }
         kernel.vmstat.count(.wpFaults)
         guard let folio = kernel.hugetlb.allocate(reserved: false) else { throw .ioError }
-        svm_memcpy(folio.bytes, oldFolio.bytes, HugeTLBPool.pageSize)
+        folio.copyBytes(from: oldFolio)
         let replaced = withInvalidation(haddr, haddr + PageGeometry.pmdSize64, .clear) { () -> Bool in
             withPMDLock(haddr) { () -> Bool in
                 let now = loadPMD(haddr)
@@ -308,7 +308,7 @@ extension AddressSpace {
             if let (folio, now) = pinned {
                 defer { folio.put() }
                 guard let copy = kernel.hugetlb.allocate(reserved: false) else { throw .noMemory }
-                svm_memcpy(copy.bytes, folio.bytes, HugeTLBPool.pageSize)
+                copy.copyBytes(from: folio)
                 child.withPMDLock(haddr) {
                     // The child's copy of `vma` has its bounds and vm_pgoff.
                     child.addHugetlbAnonRmap(copy, vma, haddr)
@@ -339,7 +339,7 @@ extension AddressSpace {
                 let shared = now.without(PageTableEntry.writeBit)
                 if now.isWrite {
                     // huge_ptep_set_wrprotect(): atomically, keeping a dirty bit set meanwhile.
-                    _ = svm_and64(pmdSlot(haddr), ~PageTableEntry.writeBit)
+                    clearPMDBits(haddr, PageTableEntry.writeBit)
                     wrprotected = true
                 }
                 child.storePMD(haddr, shared)

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// `mremap()` flags.
@@ -211,7 +212,7 @@ extension AddressSpace {
 
     private func tableIsEmpty(_ address: UInt64) -> Bool {
         let base = pteSlot(address & AddressSpace.pmdMask)
-        for i in 0..<PageGeometry.pmdPages where svm_load64(base + i) != 0 { return false }
+        for i in 0..<PageGeometry.pmdPages where UnsafeAtomic(base + i).load(ordering: .acquiring) != 0 { return false }
         return true
     }
 

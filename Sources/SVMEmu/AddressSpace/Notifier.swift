@@ -85,7 +85,7 @@ public final class MMUIntervalNotifier: @unchecked Sendable {
             // Read our sequence first: an invalidation that sets it later is
             // caught by readRetry; one that set it earlier is still counted active.
             let seq = invalidateSeq.load(ordering: .acquiring)
-            let active = svm_load32(mm.activeInvalidations)
+            let active = UnsafeAtomic(mm.activeInvalidations).load(ordering: .acquiring)
             if active == 0 { return seq }
             _ = svm_futex_wait(mm.activeInvalidations, active, 10_000_000)
         }

@@ -279,7 +279,7 @@ extension AddressSpace {
         let n = page.atomicMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n < 0 {
             page.atomicMapcount.store(0, ordering: .releasing)
-            kernel.warn("folio_remove_rmap_pte: mapcount underflow", "\(page)")
+            kernel.warn("folio_remove_rmap_pte: mapcount underflow", "\(page)", kind: .referenceCount)
         }
     }
     /// `folio_remove_rmap_pmd()`.
@@ -287,7 +287,7 @@ extension AddressSpace {
         let n = folio.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n < 0 {
             folio.atomicEntireMapcount.store(0, ordering: .releasing)
-            kernel.warn("folio_remove_rmap_pmd: entire mapcount underflow", "\(folio)")
+            kernel.warn("folio_remove_rmap_pmd: entire mapcount underflow", "\(folio)", kind: .referenceCount)
         }
     }
 

@@ -54,7 +54,7 @@ final class TLBContext: @unchecked Sendable {
     }
     deinit { gen.deallocate() }
     /// The current flush generation.
-    var generation: UInt64 { svm_load64(gen) }
+    var generation: UInt64 { UnsafeAtomic(gen).load(ordering: .acquiring) }
     @usableFromInline var syncAddress: UnsafeRawPointer { UnsafeRawPointer(Unmanaged.passUnretained(self).toOpaque()) }
 }
 
@@ -83,13 +83,13 @@ struct CPU {
         let depth = words[CPUWord.depth]
         words[CPUWord.depth] = depth &+ 1
         if depth == 0 {
-            svm_store64_relaxed(words + CPUWord.seq, svm_load64_relaxed(words + CPUWord.seq) &+ 1)
+            UnsafeAtomic(words + CPUWord.seq).store(UnsafeAtomic(words + CPUWord.seq).load(ordering: .relaxed) &+ 1, ordering: .relaxed)
             // The flusher's membarrier() orders its side; here the compiler
             // must only keep the loads below after the store above.
             if mm.cpuAccess.fenceOnAccess { svm_fence() } else { svm_compiler_barrier() }
         }
-        if svm_load64_relaxed(words + CPUWord.loadedMM) != UInt64(mm.id) { switchTo(mm) }
-        let gen = svm_load64(mm.tlbGen)
+        if UnsafeAtomic(words + CPUWord.loadedMM).load(ordering: .relaxed) != UInt64(mm.id) { switchTo(mm) }
+        let gen = UnsafeAtomic(mm.tlbGen).load(ordering: .acquiring)
         if gen != words[CPUWord.localGen] { catchUp(mm, gen) }
     }
 
@@ -101,8 +101,8 @@ struct CPU {
         words[CPUWord.depth] = depth
         if depth == 0 {
             svm_tsan_release(words)
-            svm_store64(words + CPUWord.seq, svm_load64_relaxed(words + CPUWord.seq) &+ 1)
-            if svm_load64_relaxed(words + CPUWord.inboxGen) != 0 { handleIPI(mm) }
+            UnsafeAtomic(words + CPUWord.seq).store(UnsafeAtomic(words + CPUWord.seq).load(ordering: .relaxed) &+ 1, ordering: .releasing)
+            if UnsafeAtomic(words + CPUWord.inboxGen).load(ordering: .relaxed) != 0 { handleIPI(mm) }
         }
     }
 
@@ -211,7 +211,7 @@ struct CPU {
         set.loaded[index] = .passRetained(ctx)
         invalidateAll()
         drainInbox(set)
-        svm_store64(words + CPUWord.loadedMM, UInt64(mm.id))
+        UnsafeAtomic(words + CPUWord.loadedMM).store(UInt64(mm.id), ordering: .releasing)
         // A full barrier (a locked RMW): either a flusher sees the bit, or
         // the generation read below sees its flush.
         ctx.cpumask.bitwiseOr(bit, ordering: .sequentiallyConsistent)
@@ -250,15 +250,15 @@ struct CPU {
         guard let r = drainInbox(set) else { return }
         let local = words[CPUWord.localGen]
         if r.gen == CPU.fullFlushRequest {
-            guard svm_load64_relaxed(words + CPUWord.loadedMM) == UInt64(mm.id) else { return }
-            let gen = svm_load64(mm.tlbGen)
+            guard UnsafeAtomic(words + CPUWord.loadedMM).load(ordering: .relaxed) == UInt64(mm.id) else { return }
+            let gen = UnsafeAtomic(mm.tlbGen).load(ordering: .acquiring)
             if gen != local {
                 invalidateAll()
                 words[CPUWord.localGen] = gen
             }
             return
         }
-        guard r.mm == svm_load64_relaxed(words + CPUWord.loadedMM) else { return }
+        guard r.mm == UnsafeAtomic(words + CPUWord.loadedMM).load(ordering: .relaxed) else { return }
         guard r.gen > local else { return }
         if r.gen == local + 1 {
             invalidate(r.start, r.end)
@@ -276,19 +276,19 @@ struct CPU {
     /// Wakes the flushers sleeping until this CPU left its access (called
     /// at the boundary, after the sequence word moved on).
     func wakeFlushers() {
-        guard svm_load32(flusherSleeping) != 0 else { return }
-        svm_store32(flusherSleeping, 0)
+        guard UnsafeAtomic(flusherSleeping).load(ordering: .acquiring) != 0 else { return }
+        UnsafeAtomic(flusherSleeping).store(0, ordering: .releasing)
         _ = svm_futex_wake(flusherSleeping, Int32.max)
     }
 
     /// Takes the flush request waiting in the inbox, counting it received.
     @discardableResult
     func drainInbox(_ set: CPUSet) -> (mm: UInt64, gen: UInt64, start: UInt64, end: UInt64)? {
-        guard svm_load64_relaxed(words + CPUWord.inboxGen) != 0 else { return nil }
+        guard UnsafeAtomic(words + CPUWord.inboxGen).load(ordering: .relaxed) != 0 else { return nil }
         let r = inboxLock.withLock {
             let r = (mm: words[CPUWord.inboxMM], gen: words[CPUWord.inboxGen],
                      start: words[CPUWord.inboxStart], end: words[CPUWord.inboxEnd])
-            svm_store64_relaxed(words + CPUWord.inboxGen, 0)
+            UnsafeAtomic(words + CPUWord.inboxGen).store(0, ordering: .relaxed)
             return r
         }
         guard r.gen != 0 else { return nil }
@@ -301,16 +301,16 @@ struct CPU {
     /// "exactly one behind" test and makes the CPU flush everything).
     func post(mm: UInt64, gen: UInt64, start: UInt64, end: UInt64) {
         inboxLock.withLock {
-        if svm_load64_relaxed(words + CPUWord.inboxGen) == 0 {
+        if UnsafeAtomic(words + CPUWord.inboxGen).load(ordering: .relaxed) == 0 {
             words[CPUWord.inboxMM] = mm
             words[CPUWord.inboxStart] = start
             words[CPUWord.inboxEnd] = end
-            svm_store64_relaxed(words + CPUWord.inboxGen, gen)
+            UnsafeAtomic(words + CPUWord.inboxGen).store(gen, ordering: .relaxed)
         } else {
             if words[CPUWord.inboxMM] != mm { words[CPUWord.inboxMM] = 0 }
             words[CPUWord.inboxStart] = 0
             words[CPUWord.inboxEnd] = UInt64.max & PageGeometry.pageMask
-            svm_store64_relaxed(words + CPUWord.inboxGen, max(gen, svm_load64_relaxed(words + CPUWord.inboxGen)))
+            UnsafeAtomic(words + CPUWord.inboxGen).store(max(gen, UnsafeAtomic(words + CPUWord.inboxGen).load(ordering: .relaxed)), ordering: .relaxed)
         }
         }
     }

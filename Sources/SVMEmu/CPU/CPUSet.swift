@@ -100,7 +100,7 @@ public final class CPUSet: @unchecked Sendable {
             // was given back by the thread that ran there before.
             let bit = UInt64(1) << UInt64(c)
             if freeMask.bitwiseAnd(~bit, ordering: .acquiringAndReleasing).oldValue & bit != 0 {
-                svm_store64(words + c * CPUWord.stride + CPUWord.bound, 1)
+                UnsafeAtomic(words + c * CPUWord.stride + CPUWord.bound).store(1, ordering: .releasing)
                 svm_bind_cpu(Unmanaged.passRetained(self).toOpaque(), Int32(c), cpuSetUnbind)
                 return c
             }
@@ -108,14 +108,14 @@ public final class CPUSet: @unchecked Sendable {
         }
         var warned = false
         while true {
-            let seen = svm_load32(slotReleases)
+            let seen = UnsafeAtomic(slotReleases).load(ordering: .acquiring)
             var mask = freeMask.load(ordering: .acquiring)
             while mask != 0 {
                 let bit = mask.trailingZeroBitCount
                 let (exchanged, now) = freeMask.compareExchange(expected: mask, desired: mask & ~(UInt64(1) << UInt64(bit)),
                                                                 ordering: .acquiringAndReleasing)
                 if exchanged {
-                    svm_store64(words + bit * CPUWord.stride + CPUWord.bound, 1)
+                    UnsafeAtomic(words + bit * CPUWord.stride + CPUWord.bound).store(1, ordering: .releasing)
                     svm_bind_cpu(Unmanaged.passRetained(self).toOpaque(), Int32(bit), cpuSetUnbind)
                     return bit
                 }
@@ -124,7 +124,7 @@ public final class CPUSet: @unchecked Sendable {
             if !warned {
                 warned = true
                 kernel?.warn("more threads than CPUs: a thread waits for a free CPU (KernelConfiguration.cpus)",
-                             "\(count) CPUs, all taken")
+                             "\(count) CPUs, all taken", kind: .machineLimit)
             }
             _ = svm_futex_wait(slotReleases, seen, 10_000_000)
         }
@@ -133,9 +133,9 @@ public final class CPUSet: @unchecked Sendable {
     /// Gives CPU `index` back (its thread exited or moved to another machine).
     /// The CPU keeps its TLB and loaded address space (lazy TLB).
     func giveBack(_ index: Int) {
-        svm_store64(words + index * CPUWord.stride + CPUWord.bound, 0)
+        UnsafeAtomic(words + index * CPUWord.stride + CPUWord.bound).store(0, ordering: .releasing)
         freeMask.bitwiseOr(UInt64(1) << UInt64(index), ordering: .releasing)
-        _ = svm_add32(UnsafeMutableRawPointer(slotReleases).assumingMemoryBound(to: Int32.self), 1)
+        _ = UnsafeAtomic(UnsafeMutableRawPointer(slotReleases).assumingMemoryBound(to: Int32.self)).wrappingAdd(1, ordering: .acquiringAndReleasing).newValue
         _ = svm_futex_wake(slotReleases, Int32.max)
     }
 
@@ -148,7 +148,7 @@ public final class CPUSet: @unchecked Sendable {
         let index = Int(svm_bound_cpu(owner))
         svm_clear_cpu_binding()
         let set = Unmanaged<CPUSet>.fromOpaque(owner).takeRetainedValue()
-        svm_store64(set.words + index * CPUWord.stride + CPUWord.bound, 0)
+        UnsafeAtomic(set.words + index * CPUWord.stride + CPUWord.bound).store(0, ordering: .releasing)
         set.freeMask.bitwiseOr(UInt64(1) << UInt64(index), ordering: .releasing)
     }
 
@@ -179,12 +179,12 @@ public final class CPUSet: @unchecked Sendable {
 
     /// IPIs sent and not yet taken by their CPU (a snapshot).
     public var pendingIPIs: Int {
-        (0..<count).reduce(0) { $0 + (svm_load64(words + $1 * CPUWord.stride + CPUWord.inboxGen) != 0 ? 1 : 0) }
+        (0..<count).reduce(0) { $0 + (UnsafeAtomic(words + $1 * CPUWord.stride + CPUWord.inboxGen).load(ordering: .acquiring) != 0 ? 1 : 0) }
     }
 
     /// TLB misses (page walks) of every CPU so far: each CPU counts its own.
     public var tlbMisses: UInt64 {
-        (0..<count).reduce(0) { $0 + svm_load64_relaxed(words + $1 * CPUWord.stride + CPUWord.misses) }
+        (0..<count).reduce(0) { $0 + UnsafeAtomic(words + $1 * CPUWord.stride + CPUWord.misses).load(ordering: .relaxed) }
     }
 }
 

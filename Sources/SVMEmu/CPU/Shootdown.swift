@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// TLB shootdowns: how a change to the page tables reaches every CPU's TLB.
@@ -56,10 +57,10 @@ extension Kernel {
         let pages = (end - start) >> PageGeometry.pageShift
         let vm = vmstat
         svm_tsan_release(ctx.syncAddress)
-        let gen = UInt64(bitPattern: Int64(svm_add64_seqcst(ctx.gen, 1)))
+        let gen = UInt64(bitPattern: Int64(UnsafeAtomic(ctx.gen).wrappingAdd(1, ordering: .sequentiallyConsistent).newValue))
         vm.count(.tlbPagesFlushed, pages)
         var me: UInt64 = 0
-        if let cpu = cpus.currentIfBound(), svm_load64_relaxed(cpu.words + CPUWord.loadedMM) == UInt64(ctx.id) {
+        if let cpu = cpus.currentIfBound(), UnsafeAtomic(cpu.words + CPUWord.loadedMM).load(ordering: .relaxed) == UInt64(ctx.id) {
             me = UInt64(1) << UInt64(cpu.index)
             if cpu.invalidate(start, end) { vm.count(.tlbLocalFlushAll) } else { vm.count(.tlbLocalFlushOne, pages) }
             if _slowPath(svm_det_active()) { DeterministicScheduler.charge(\.localFlush, "local TLB flush") }
@@ -70,8 +71,8 @@ extension Kernel {
         guard others != 0 else { return }
         ipiRound(others) { cpu in
             // No thread (lazy TLB) or another address space loaded: no IPI.
-            guard svm_load64(cpu.words + CPUWord.bound) != 0,
-                  svm_load64(cpu.words + CPUWord.loadedMM) == UInt64(ctx.id) else { return false }
+            guard UnsafeAtomic(cpu.words + CPUWord.bound).load(ordering: .acquiring) != 0,
+                  UnsafeAtomic(cpu.words + CPUWord.loadedMM).load(ordering: .acquiring) == UInt64(ctx.id) else { return false }
             cpu.post(mm: UInt64(ctx.id), gen: gen, start: start, end: end)
             return true
         }
@@ -97,7 +98,7 @@ extension Kernel {
             let cpu = cpus.cpu(i)
             guard post(cpu) else { continue }
             sent += 1
-            let seq = svm_load64(cpu.words + CPUWord.seq)
+            let seq = UnsafeAtomic(cpu.words + CPUWord.seq).load(ordering: .acquiring)
             if seq & 1 == 1 { waitForBoundary(cpu, seq) }
             svm_tsan_acquire(cpu.words)
         }
@@ -121,7 +122,7 @@ extension Kernel {
         var me: UInt64 = 0
         if let cpu = cpus.currentIfBound(), cpumask & (UInt64(1) << UInt64(cpu.index)) != 0 {
             me = UInt64(1) << UInt64(cpu.index)
-            let loaded = svm_load64_relaxed(cpu.words + CPUWord.loadedMM)
+            let loaded = UnsafeAtomic(cpu.words + CPUWord.loadedMM).load(ordering: .relaxed)
             if let ctx = contexts.first(where: { UInt64($0.id) == loaded }) {
                 let gen = ctx.generation
                 if cpu.words[CPUWord.localGen] != gen {
@@ -135,7 +136,7 @@ extension Kernel {
         guard others != 0 else { return }
         ipiRound(others) { cpu in
             // No thread (lazy TLB): no IPI; it catches up when it next runs.
-            guard svm_load64(cpu.words + CPUWord.bound) != 0 else { return false }
+            guard UnsafeAtomic(cpu.words + CPUWord.bound).load(ordering: .acquiring) != 0 else { return false }
             cpu.post(mm: 0, gen: CPU.fullFlushRequest, start: 0, end: UInt64.max & PageGeometry.pageMask)
             return true
         }
@@ -155,19 +156,19 @@ extension Kernel {
         var spins = 0
         var since: UInt64 = 0
         var warned = false
-        while svm_load64(cpu.words + CPUWord.seq) == seq {
+        while UnsafeAtomic(cpu.words + CPUWord.seq).load(ordering: .acquiring) == seq {
             spins += 1
             if spins < 128 { svm_cpu_relax(); continue }
-            svm_store32(cpu.flusherSleeping, 1)
+            UnsafeAtomic(cpu.flusherSleeping).store(1, ordering: .releasing)
             svm_membarrier()
-            if svm_load64(cpu.words + CPUWord.seq) != seq { break }
+            if UnsafeAtomic(cpu.words + CPUWord.seq).load(ordering: .acquiring) != seq { break }
             _ = svm_futex_wait(cpu.flusherSleeping, 1, 1_000_000)
             if !warned {
                 let now = HostClock.nanos()
                 if since == 0 { since = now } else if now - since > AddressSpace.shootdownWarnNanos {
                     warned = true
                     warn("TLB shootdown: a CPU has not reached an instruction boundary for 5 s (an access body that blocks?)",
-                                "cpu \(cpu.index)")
+                                "cpu \(cpu.index)", kind: .hungTask)
                 }
             }
         }
@@ -269,7 +270,7 @@ public struct TLBFlushBatch {
         var mask = cpumask
         for ctx in contexts {
             svm_tsan_release(ctx.syncAddress)
-            _ = svm_add64_seqcst(ctx.gen, 1)
+            _ = UnsafeAtomic(ctx.gen).wrappingAdd(1, ordering: .sequentiallyConsistent).newValue
             // CPUs that loaded it since it was added started with an empty
             // TLB, but are now behind: flushing them is cheap and keeps the
             // generations in step.

@@ -76,7 +76,8 @@ public struct DevicePageMapOperations: Sendable {
 
 /// A range of device memory with page frames (`struct dev_pagemap`): the
 /// emulated VRAM. Its pages have real bytes, reachable by the device's copy
-/// engine through `Page.bytes`, never through the CPU access path.
+/// engine through ``Page/withBytes(_:)`` (``Page/unsafeBytes`` for an engine that
+/// completes later), never through the CPU access path.
 public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
     /// Private or coherent (`pgmap->type`).
     public let type: DevicePageMapType
@@ -139,7 +140,7 @@ extension Kernel {
     ///
     /// Caller holds no lock. The map lives as long as the kernel (there is no
     /// `memunmap_pages()`); its bytes are real memory the device's copy
-    /// engine reaches through ``Page/bytes``.
+    /// engine reaches through ``Page/withBytes(_:)``.
     ///
     /// - Parameters:
     ///   - type: private (the CPU cannot address it) or coherent.
@@ -170,7 +171,7 @@ extension Kernel {
         var taken = pageMapIndices.load(ordering: .relaxed)
         while true {
             guard taken < Kernel.maxPageMaps else {
-                warn("memremap_pages: too many device page maps (at most \(Kernel.maxPageMaps))")
+                warn("memremap_pages: too many device page maps (at most \(Kernel.maxPageMaps))", kind: .machineLimit)
                 throw .noSpace
             }
             let (exchanged, now) = pageMapIndices.compareExchange(expected: taken, desired: taken + 1, ordering: .relaxed)

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 // The CPU access path: what a load or store instruction does on the
@@ -126,7 +127,7 @@ extension AddressSpace {
         let want = PageTableEntry.youngBit | (write ? PageTableEntry.dirtyBit : 0)
         while true {
             let pmdSlot = pmdSlot(address)
-            let pmd = PageTableEntry(rawValue: svm_load64(pmdSlot))
+            let pmd = PageTableEntry(rawValue: UnsafeAtomic(pmdSlot).load(ordering: .acquiring))
             let slot: UnsafeMutablePointer<UInt64>
             let huge: Bool
             switch pmd.kind {
@@ -139,15 +140,15 @@ extension AddressSpace {
             default:
                 return nil
             }
-            var entry = huge ? pmd : PageTableEntry(rawValue: svm_load64(slot))
+            var entry = huge ? pmd : PageTableEntry(rawValue: UnsafeAtomic(slot).load(ordering: .acquiring))
             guard entry.kind == .present, !entry.isProtNone, !write || entry.isWrite else { return nil }
             if entry.rawValue & want != want {
                 var expected = entry.rawValue
-                guard svm_cas64(slot, &expected, entry.rawValue | want) else { continue }
+                guard UnsafeAtomic(slot).compareExchange(&expected, entry.rawValue | want, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) else { continue }
                 entry = entry.with(want)
             }
             let frame = kernel.bytes(ofPfn: entry.pfn)
-            svm_store64_relaxed(cpu.words + CPUWord.misses, cpu.words[CPUWord.misses] &+ 1)
+            UnsafeAtomic(cpu.words + CPUWord.misses).store(cpu.words[CPUWord.misses] &+ 1, ordering: .relaxed)
             let gen = cpuAccess.checksStaleEntries ? kernel.metaPtr(entry.pfn).allocGen : 0
             cpu.fill(address, huge: huge, frame: frame, pfn: entry.pfn, writable: entry.isWrite, dirty: entry.isDirty, allocGen: gen)
             return frame + Int(address & (huge ? ~PageGeometry.pmdMask : ~PageGeometry.pageMask))
@@ -204,7 +205,7 @@ extension AddressSpace {
         }
         let newFrame = now.map { "pfn 0x\(String($0, radix: 16))" } ?? "none"
         kernel.warn("stale TLB entry: a CPU accessed a frame no longer mapped at this address (a TLB flush was skipped or late)",
-                    "cpu \(cpu.index) \(write ? "write" : "read") at 0x\(String(address, radix: 16)): old frame pfn 0x\(String(old, radix: 16)), new frame \(newFrame); \(what)")
+                    "cpu \(cpu.index) \(write ? "write" : "read") at 0x\(String(address, radix: 16)): old frame pfn 0x\(String(old, radix: 16)), new frame \(newFrame); \(what)", kind: .staleTLB)
     }
 
     /// Copies `buffer.count` bytes from `address`, faulting pages in as a CPU

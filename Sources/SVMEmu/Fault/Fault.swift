@@ -287,7 +287,7 @@ extension AddressSpace {
         guard oldFolio.tryGet() else { return }
         defer { oldFolio.put() }
         guard let folio = kernel.allocateFolio(order: 0) else { throw .noMemory }
-        svm_memcpy(folio.page(0).bytes, oldPage.bytes, PageGeometry.pageSize)
+        folio.page(0).copyBytes(from: oldPage)
         let range = MMUNotifierRange(start: addr, end: addr + PageGeometry.pageSize64, event: .clear, owner: nil)
         invalidateRangeStart(range)
         defer { invalidateRangeEnd(range) }

@@ -139,7 +139,7 @@ public final class File: @unchecked Sendable {
             // Racing CPU stores through a shared mapping are legal, as they
             // are against the kernel's copy_page_to_iter().
             svm_tsan_ignore_begin()
-            svm_memcpy(base + done, folio.bytes + inPage, n)
+            folio.withBytes { svm_memcpy(base + done, $0.baseAddress! + inPage, n) }
             svm_tsan_ignore_end()
             folio.put()
             done += n
@@ -192,7 +192,7 @@ public final class File: @unchecked Sendable {
             // its flush finished with this folio before the lock was ours.
             kernel.deferredTLB.willMakeWritable()
             svm_tsan_ignore_begin()
-            svm_memcpy(folio.bytes + inPage, base + done, n)
+            folio.withBytes { svm_memcpy($0.baseAddress! + inPage, base + done, n) }
             svm_tsan_ignore_end()
             folio.markDirty()
             folio.unlock()
@@ -256,7 +256,7 @@ public final class File: @unchecked Sendable {
         if tail != 0, let folio = lookupFolio(UInt64(size) >> PageGeometry.pageShift) {
             folio.lock()
             svm_tsan_ignore_begin()
-            svm_memset(folio.bytes + tail, 0, PageGeometry.pageSize - tail)
+            folio.withBytes { svm_memset($0.baseAddress! + tail, 0, PageGeometry.pageSize - tail) }
             svm_tsan_ignore_end()
             folio.unlock()
             folio.put()

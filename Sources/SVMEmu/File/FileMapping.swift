@@ -107,7 +107,7 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `vm_insert_page()`.
     public func insertPage(_ page: Page, at address: UInt64, in vma: VMA) throws(Errno) {
-        if !isMmapLocked { kernel.warn("vm_insert_page: caller must hold the mmap lock for writing", "\(vma)") }
+        if !isMmapLocked { kernel.warn("vm_insert_page: caller must hold the mmap lock for writing", "\(vma)", kind: .lockNotHeld) }
         guard address >= vma.start, address < vma.end else { throw .badAddress }
         guard vma.mm === self, vma.isLive, address & ~PageGeometry.pageMask == 0 else { throw .invalidArgument }
         if vma.flags.contains(.special) {
@@ -200,7 +200,7 @@ extension AddressSpace {
         if write && !vma.flags.contains(.shared) {
             defer { folio.put() }
             guard let copy = kernel.allocateFolio(order: 0) else { throw .noMemory }
-            svm_memcpy(copy.bytes, folio.bytes, PageGeometry.pageSize)
+            copy.copyBytes(from: folio)
             let mapped = withPTL(addr) { () -> Bool in
                 guard loadPMD(addr).kind == .table, loadPTE(addr).isNone else { return false }
                 addNewAnonRmap(copy, vma, address: addr, pmdMapped: false)

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// What ``Kernel/audit(heldReferences:)`` found: the machine's reference,
@@ -298,11 +299,11 @@ extension AddressSpace {
     /// Split PTE locks and PMD locks held, each noted in `a`.
     func auditLocks(_ a: inout KernelAudit) -> Int {
         var n = 0
-        for i in 0..<pmdCount where svm_load32(ptls + i) != 0 {
+        for i in 0..<pmdCount where UnsafeAtomic(ptls + i).load(ordering: .acquiring) != 0 {
             n += 1
             a.note("mm \(id): the PTE lock of PMD slot \(i) is held")
         }
-        for i in 0..<(pmdCount / 512 + 1) where svm_load32(pmdLocks + i) != 0 {
+        for i in 0..<(pmdCount / 512 + 1) where UnsafeAtomic(pmdLocks + i).load(ordering: .acquiring) != 0 {
             n += 1
             a.note("mm \(id): PMD lock \(i) is held")
         }

@@ -80,21 +80,24 @@ extension AddressSpace {
             var dirty = false
             for i in 0..<PageGeometry.pmdPages {
                 let e = entries[i]
-                let dst = huge.bytes + i * PageGeometry.pageSize
                 if e.kind == .present && !e.isSpecial {
                     let page = Page(pfn: e.pfn, kernel: kernel)
-                    svm_memcpy(dst, page.bytes, PageGeometry.pageSize)
+                    huge.page(i).copyBytes(from: page)
                     dirty = dirty || e.isDirty || page.folio.isDirty
                     removeRmap(page: page)
                     old.append(page.folio)
                 } else {
-                    svm_memset(dst, 0, PageGeometry.pageSize)
+                    huge.page(i).zeroBytes()
                 }
             }
             freePTETable(haddr)
-            addNewAnonRmap(huge, vma, address: haddr, pmdMapped: true)
             if dirty { huge.markDirty() }
-            storePMD(haddr, .present(pfn: huge.pfn, write: vma.flags.contains(.write), dirty: dirty))
+            // collapse_huge_page(): the rmap and the new PMD under the PMD lock
+            // (set_pmd_at's contract), as a racing lockless walker expects.
+            withPMDLock(haddr) {
+                addNewAnonRmap(huge, vma, address: haddr, pmdMapped: true)
+                storePMD(haddr, .present(pfn: huge.pfn, write: vma.flags.contains(.write), dirty: dirty))
+            }
             for f in old { f.put() }
             kernel.vmstat.count(.thpCollapseAlloc)
             return nil

@@ -25,8 +25,30 @@ public struct Page: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `page_folio()`.
     @inlinable public var folio: Folio { Folio(pfn: meta.head, kernelRef: kernelRef) }
-    /// The bytes of this 4 KiB page.
-    @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+    /// The first byte of this 4 KiB page, as a pointer that outlives every
+    /// scope: only for a copy engine or a copy job that holds it until its
+    /// own completion (a DMA mapping's role), while the caller holds a
+    /// reference or the folio lock. Everything else uses ``withBytes(_:)``.
+    @inlinable public var unsafeBytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+
+    /// Runs `body` with this page's 4 KiB (`kmap_local_page()` ...
+    /// `kunmap_local()`): the buffer is valid inside `body` only. The caller
+    /// holds a reference or the folio lock.
+    @inlinable public func withBytes<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try body(UnsafeMutableRawBufferPointer(start: unsafeBytes, count: PageGeometry.pageSize))
+    }
+
+    /// Copies `source`'s 4 KiB into this page.
+    ///
+    /// The corresponding kernel function is `copy_highpage()`.
+    @inlinable public func copyBytes(from source: Page) {
+        svm_memcpy(unsafeBytes, source.unsafeBytes, PageGeometry.pageSize)
+    }
+
+    /// Fills this page with zeros.
+    ///
+    /// The corresponding kernel function is `clear_highpage()`.
+    @inlinable public func zeroBytes() { svm_memset(unsafeBytes, 0, PageGeometry.pageSize) }
     /// PTE mappings of this page, without the folio's PMD mappings.
     ///
     /// The corresponding kernel function is `page_mapcount()`.
@@ -104,8 +126,31 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_page()`.
     @inlinable public func page(_ i: Int) -> Page { Page(pfn: pfn + UInt64(i), kernelRef: kernelRef) }
-    /// The bytes of the whole folio (contiguous).
-    @inlinable public var bytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+    /// The first byte of the whole folio (contiguous), as a pointer that
+    /// outlives every scope: only for a copy engine or a copy job that holds
+    /// it until its own completion, while the caller holds a reference or
+    /// the folio lock. Everything else uses ``withBytes(_:)``.
+    @inlinable public var unsafeBytes: UnsafeMutableRawPointer { kernelRef._withUnsafeGuaranteedRef { $0.bytes(ofPfn: pfn) } }
+
+    /// Runs `body` with the folio's bytes (``size`` of them, contiguous):
+    /// the buffer is valid inside `body` only. The caller holds a reference
+    /// or the folio lock.
+    @inlinable public func withBytes<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try body(UnsafeMutableRawBufferPointer(start: unsafeBytes, count: size))
+    }
+
+    /// Copies `source`'s bytes into this folio; both have ``size`` bytes
+    /// (a smaller source copies its size).
+    ///
+    /// The corresponding kernel function is `folio_copy()`.
+    @inlinable public func copyBytes(from source: Folio) {
+        svm_memcpy(unsafeBytes, source.unsafeBytes, min(size, source.size))
+    }
+
+    /// Fills the folio with zeros.
+    ///
+    /// The corresponding kernel function is `folio_zero_range()` (of the whole folio).
+    @inlinable public func zeroBytes() { svm_memset(unsafeBytes, 0, size) }
 
     /// The flags word: a snapshot.
     public var flags: PageFlags { PageFlags(rawValue: meta.flags) }
@@ -193,7 +238,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The corresponding kernel function is `folio_get()`.
     @inlinable public func get() {
         let n = atomicRefcount.wrappingAdd(1, ordering: .acquiringAndReleasing).newValue
-        if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)") }
+        if n <= 1 { kernel.warn("folio_get: folio had no reference (use folio_try_get)", "\(self)", kind: .referenceCount) }
     }
     /// Takes a reference unless the count is zero (the folio is free or being
     /// freed): the way to reference a folio found without holding one.
@@ -223,7 +268,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         let n = atomicRefcount.wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
             atomicRefcount.store(0, ordering: .releasing)
-            kernel.warn("folio_put: reference count underflow", "\(self)")
+            kernel.warn("folio_put: reference count underflow", "\(self)", kind: .referenceCount)
         }
     }
     /// `folio_ref_add()`.
@@ -247,7 +292,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         let n = atomicRefcount.wrappingAdd(-Int32(Folio.pinCountingBias), ordering: .acquiringAndReleasing).newValue
         if n == 0 { kernelRef._withUnsafeGuaranteedRef { $0.freeFolio(self) } } else if n < 0 {
             atomicRefcount.store(0, ordering: .releasing)
-            kernel.warn("unpin_user_page: reference count underflow", "\(self)")
+            kernel.warn("unpin_user_page: reference count underflow", "\(self)", kind: .referenceCount)
         }
     }
 
@@ -271,7 +316,8 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The trylock itself, without lock-order validation.
     @inlinable func tryLockBit() -> Bool {
         svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_BEFORE_ACQUIRE))
-        let taken = (svm_or32(meta.flagsWord, PageFlags.locked.rawValue) & PageFlags.locked.rawValue) == 0
+        let old = meta.atomicFlags.bitwiseOr(PageFlags.locked.rawValue, ordering: .acquiringAndReleasing).oldValue
+        let taken = old & PageFlags.locked.rawValue == 0
         if taken {
             svm_tsan_acquire(meta.flagsWord)
             svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED))
@@ -298,16 +344,22 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         kernel.vmstat.count(.folioLockWaits)
         let w = meta.flagsWord
         while true {
-            let old = svm_load32(w)
+            let old = meta.atomicFlags.load(ordering: .acquiring)
             if old & PageFlags.locked.rawValue == 0 {
                 if tryLockBit() { return }
                 continue
             }
-            var expected = old
             let sleeping = old | PageFlags.waiters.rawValue
-            if old & PageFlags.waiters.rawValue == 0 && !svm_cas32(w, &expected, sleeping) { continue }
+            if old & PageFlags.waiters.rawValue == 0 && !markWaiters(old, sleeping) { continue }
             _ = svm_futex_wait(w, sleeping, 0)
         }
+    }
+
+    /// Sets the waiters bit (`old` to `sleeping`) before a sleep on the flags
+    /// word; false when the word changed meanwhile (look again).
+    func markWaiters(_ old: UInt32, _ sleeping: UInt32) -> Bool {
+        meta.atomicFlags.compareExchange(expected: old, desired: sleeping, successOrdering: .acquiringAndReleasing,
+                                         failureOrdering: .acquiring).exchanged
     }
 
     /// Releases the lock and wakes its sleepers. Any thread may unlock (the
@@ -348,13 +400,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         let w = meta.flagsWord
         let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
         while true {
-            let old = svm_load32(w)
+            let old = meta.atomicFlags.load(ordering: .acquiring)
             if old & PageFlags.locked.rawValue == 0 { return true }
             let now = HostClock.nanos()
             if now >= deadline { return false }
-            var expected = old
             let sleeping = old | PageFlags.waiters.rawValue
-            if old & PageFlags.waiters.rawValue == 0 && !svm_cas32(w, &expected, sleeping) { continue }
+            if old & PageFlags.waiters.rawValue == 0 && !markWaiters(old, sleeping) { continue }
             _ = svm_futex_wait(w, sleeping, deadline == .max ? 0 : deadline - now)
         }
     }

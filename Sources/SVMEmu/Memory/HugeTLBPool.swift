@@ -151,7 +151,7 @@ public final class HugeTLBPool: @unchecked Sendable {
         guard count > 0 else { return }
         state.withLock { s in
             if s.reserved < count {
-                kernelRef.takeUnretainedValue().warn("hugetlb: reservation count underflow", "\(s.reserved) - \(count)")
+                kernelRef.takeUnretainedValue().warn("hugetlb: reservation count underflow", "\(s.reserved) - \(count)", kind: .referenceCount)
                 s.reserved = 0
             } else {
                 s.reserved -= count

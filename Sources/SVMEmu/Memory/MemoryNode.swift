@@ -193,10 +193,10 @@ extension Kernel {
             return
         }
         if folio.isMapped {
-            warn("free_folio: folio is still mapped (bad page state)", "\(folio)")
+            warn("free_folio: folio is still mapped (bad page state)", "\(folio)", kind: .badPageState)
         }
         if m.test(PageFlags.locked.rawValue) {
-            warn("free_folio: folio is locked (bad page state)", "\(folio)")
+            warn("free_folio: folio is locked (bad page state)", "\(folio)", kind: .badPageState)
             if svm_lockdep_enabled() { LockOrder.releasedFolio(m.flagsWord) }
             folio.clear(.locked)
         }
@@ -240,7 +240,7 @@ extension Kernel {
             // Old frames held for a deferred migration flush come back first.
             return allocateFolio(order: order, node: node, zeroed: zeroed)
         }
-        if zeroed, let f = folio { svm_memset(f.bytes, 0, f.size) }
+        if zeroed, let f = folio { f.zeroBytes() }
         return folio
     }
 

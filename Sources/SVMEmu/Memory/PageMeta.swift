@@ -130,10 +130,13 @@ struct MetaPtr {
     @inlinable var atomicMapcount: UnsafeAtomic<Int32> { UnsafeAtomic(at: p + PageMeta.mapcount) }
     @inlinable var atomicEntireMapcount: UnsafeAtomic<Int32> { UnsafeAtomic(at: p + PageMeta.entireMapcount) }
 
-    @inlinable var flags: UInt32 { svm_load32(flagsWord) }
-    @inlinable func setFlags(_ f: UInt32) { _ = svm_or32(flagsWord, f) }
-    @inlinable func clearFlags(_ f: UInt32) { _ = svm_and32(flagsWord, ~f) }
-    @inlinable func test(_ f: UInt32) -> Bool { svm_load32(flagsWord) & f != 0 }
+    /// Flag changes are full read-modify-writes (`set_bit()` and friends on
+    /// the flags word), ordered both ways: a flag set before a page-table
+    /// store is seen by whoever sees the entry.
+    @inlinable var flags: UInt32 { atomicFlags.load(ordering: .acquiring) }
+    @inlinable func setFlags(_ f: UInt32) { atomicFlags.bitwiseOr(f, ordering: .acquiringAndReleasing) }
+    @inlinable func clearFlags(_ f: UInt32) { atomicFlags.bitwiseAnd(~f, ordering: .acquiringAndReleasing) }
+    @inlinable func test(_ f: UInt32) -> Bool { atomicFlags.load(ordering: .acquiring) & f != 0 }
 
     @inlinable var order: UInt8 {
         get { p.load(fromByteOffset: PageMeta.order, as: UInt8.self) }
@@ -148,31 +151,31 @@ struct MetaPtr {
         nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.pgmap, as: UInt32.self) }
     }
     @inlinable var head: UInt64 {
-        get { svm_load64((p + PageMeta.head).assumingMemoryBound(to: UInt64.self)) }
-        nonmutating set { svm_store64((p + PageMeta.head).assumingMemoryBound(to: UInt64.self), newValue) }
+        get { UnsafeAtomic<UInt64>(at: p + PageMeta.head).load(ordering: .acquiring) }
+        nonmutating set { UnsafeAtomic<UInt64>(at: p + PageMeta.head).store(newValue, ordering: .releasing) }
     }
     @inlinable var mappingMM: UInt32 {
-        get { svm_load32((p + PageMeta.mappingMM).assumingMemoryBound(to: UInt32.self)) }
-        nonmutating set { svm_store32((p + PageMeta.mappingMM).assumingMemoryBound(to: UInt32.self), newValue) }
+        get { UnsafeAtomic<UInt32>(at: p + PageMeta.mappingMM).load(ordering: .acquiring) }
+        nonmutating set { UnsafeAtomic<UInt32>(at: p + PageMeta.mappingMM).store(newValue, ordering: .releasing) }
     }
     /// The frame's allocation generation (no kernel counterpart: the
     /// stale-entry checker's way to tell a frame freed and handed out again
     /// since a CPU cached its translation).
     @inlinable var allocGen: UInt32 {
-        get { svm_load32((p + PageMeta.allocGen).assumingMemoryBound(to: UInt32.self)) }
-        nonmutating set { svm_store32((p + PageMeta.allocGen).assumingMemoryBound(to: UInt32.self), newValue) }
+        get { UnsafeAtomic<UInt32>(at: p + PageMeta.allocGen).load(ordering: .acquiring) }
+        nonmutating set { UnsafeAtomic<UInt32>(at: p + PageMeta.allocGen).store(newValue, ordering: .releasing) }
     }
     @inlinable var index: UInt64 {
-        get { svm_load64((p + PageMeta.index).assumingMemoryBound(to: UInt64.self)) }
-        nonmutating set { svm_store64((p + PageMeta.index).assumingMemoryBound(to: UInt64.self), newValue) }
+        get { UnsafeAtomic<UInt64>(at: p + PageMeta.index).load(ordering: .acquiring) }
+        nonmutating set { UnsafeAtomic<UInt64>(at: p + PageMeta.index).store(newValue, ordering: .releasing) }
     }
     @inlinable var next: UInt64 {
         get { p.load(fromByteOffset: PageMeta.next, as: UInt64.self) }
         nonmutating set { p.storeBytes(of: newValue, toByteOffset: PageMeta.next, as: UInt64.self) }
     }
     @inlinable var zoneDeviceData: UInt64 {
-        get { svm_load64((p + PageMeta.zoneDeviceData).assumingMemoryBound(to: UInt64.self)) }
-        nonmutating set { svm_store64((p + PageMeta.zoneDeviceData).assumingMemoryBound(to: UInt64.self), newValue) }
+        get { UnsafeAtomic<UInt64>(at: p + PageMeta.zoneDeviceData).load(ordering: .acquiring) }
+        nonmutating set { UnsafeAtomic<UInt64>(at: p + PageMeta.zoneDeviceData).store(newValue, ordering: .releasing) }
     }
     @inlinable var refcount: Int32 { atomicRefcount.load(ordering: .acquiring) }
     @inlinable var mapcount: Int32 { atomicMapcount.load(ordering: .acquiring) }

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 extension Kernel {
@@ -27,7 +28,7 @@ extension Kernel {
     public func splitFolio(_ folio: Folio) -> Bool {
         guard folio.isLarge else { return true }
         guard folio.isLocked else {
-            warn("split_folio: caller must hold the folio lock", "\(folio)")
+            warn("split_folio: caller must hold the folio lock", "\(folio)", kind: .lockNotHeld)
             return false
         }
         if folio.entireMapCount > 0 {
@@ -226,7 +227,7 @@ extension AddressSpace {
             _ = exchangePMD(pmdStart, .none)
             flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize)
             let zero = PageTableEntry.present(pfn: kernel.zeroPage.pfn, write: false, special: true)
-            for i in 0..<PageGeometry.pmdPages { svm_store64(ptes + i, zero.rawValue) }
+            for i in 0..<PageGeometry.pmdPages { UnsafeAtomic(ptes + i).store(zero.rawValue, ordering: .releasing) }
             storePMD(pmdStart, .table)
         case .present:
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
@@ -243,7 +244,7 @@ extension AddressSpace {
             let flags = old.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
                 & (pmd.isProtNone ? ~0 : ~PageTableEntry.protNoneBit)
             for i in 0..<PageGeometry.pmdPages {
-                svm_store64(ptes + i, PageTableEntry.make(.present, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+                UnsafeAtomic(ptes + i).store(PageTableEntry.make(.present, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
                 kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
             }
             folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
@@ -254,7 +255,7 @@ extension AddressSpace {
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
             for i in 0..<PageGeometry.pmdPages {
-                svm_store64(ptes + i, PageTableEntry.make(.devicePrivate, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+                UnsafeAtomic(ptes + i).store(PageTableEntry.make(.devicePrivate, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
                 kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
             }
             folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
@@ -263,7 +264,7 @@ extension AddressSpace {
         case .migration:
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
             for i in 0..<PageGeometry.pmdPages {
-                svm_store64(ptes + i, PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue)
+                UnsafeAtomic(ptes + i).store(PageTableEntry.make(.migration, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
             }
             storePMD(pmdStart, .table)
         }

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// Event counters of the emulated kernel, named like `/proc/vmstat` where the
@@ -90,13 +91,13 @@ public final class VMStat: @unchecked Sendable {
     /// Adds `n` to the counter: one relaxed atomic add, from any thread.
     @inlinable @inline(__always)
     public func count(_ item: VMStatItem, _ n: UInt64 = 1) {
-        _ = svm_add64(word(item), n)
+        _ = UnsafeAtomic(word(item)).wrappingAdd(n, ordering: .relaxed).newValue
     }
     @usableFromInline func word(_ item: VMStatItem) -> UnsafeMutablePointer<UInt64> {
         words + item.rawValue * VMStat.stride
     }
     /// The counter's value: a relaxed snapshot.
-    public subscript(_ item: VMStatItem) -> UInt64 { svm_load64(word(item)) }
+    public subscript(_ item: VMStatItem) -> UInt64 { UnsafeAtomic(word(item)).load(ordering: .acquiring) }
 
     /// Every counter by its /proc/vmstat-style name.
     public func snapshot() -> [String: UInt64] {

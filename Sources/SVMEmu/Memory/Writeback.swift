@@ -16,7 +16,7 @@ extension Folio {
     /// Starting writeback twice is refused with a diagnostic.
     public func startWriteback() {
         guard isLocked else {
-            return kernel.warn("folio_start_writeback: caller must hold the folio lock", "\(self)")
+            return kernel.warn("folio_start_writeback: caller must hold the folio lock", "\(self)", kind: .lockNotHeld)
         }
         let old = atomicFlags.bitwiseOr(PageFlags.writeback.rawValue, ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.writeback.rawValue != 0 {

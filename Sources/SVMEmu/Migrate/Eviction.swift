@@ -106,7 +106,7 @@ extension Kernel {
             dst[0] = MigratePFN(pfn: dfolio.pfn)
         }
         migrateDevicePages(&src, &dst, count: 1)
-        if src[0].isMigrating, let dfolio { svm_memcpy(dfolio.bytes, folio.bytes, PageGeometry.pageSize) }
+        if src[0].isMigrating, let dfolio { dfolio.copyBytes(from: folio) }
         migrateDeviceFinalize(src, &dst, count: 1)
         return src[0].isMigrating
     }

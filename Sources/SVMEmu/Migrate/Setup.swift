@@ -114,7 +114,7 @@ extension Kernel {
             throw .invalidArgument
         }
         if !vma.mm.isMmapLocked {
-            warn("migrate_vma_setup: caller must hold the mmap lock (mmap_assert_locked)", "\(vma)")
+            warn("migrate_vma_setup: caller must hold the mmap lock (mmap_assert_locked)", "\(vma)", kind: .lockNotHeld)
         }
         args.faultPageLocked = args.faultPage != nil && faultPageLocked
         for i in 0..<walked { args.src[i] = .empty }

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// A deterministic scheduler: emulated threads (fibers, each with a stack of
@@ -279,13 +280,13 @@ public final class DeterministicScheduler: @unchecked Sendable {
             contractViolation("DeterministicScheduler: the host refused a thread")
         }
         let deadline = HostClock.hostNanos() &+ UInt64(configuration.hostTimeoutSeconds * 1e9)
-        while svm_load32(doneWord) == 0 {
+        while UnsafeAtomic(doneWord).load(ordering: .acquiring) == 0 {
             let now = HostClock.hostNanos()
             if now >= deadline {
                 // Abandoned: the running thread stops at its next scheduling point and
                 // the runner ends; nothing of the run is touched from here.
                 var running: UInt32 = 0
-                if svm_cas32(doneWord, &running, 2) {
+                if UnsafeAtomic(doneWord).compareExchange(&running, 2, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
                     runner.detach()
                     outcome = .hostTimeout
                     return outcome
@@ -318,7 +319,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
         if let first = pick(from: nil) { svm_fiber_switch(host, first.fiber) }
         svm_fiber_destroy(host)
         var running: UInt32 = 0
-        if svm_cas32(doneWord, &running, 1) {
+        if UnsafeAtomic(doneWord).compareExchange(&running, 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
             _ = svm_futex_wake_raw(doneWord, 1)
         } else {
             svm_det_activate(-1)   // abandoned: run() returned without it
@@ -406,7 +407,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     @inline(__always)
     func switchTo(_ next: EmulatedThread, from me: EmulatedThread) {
         // A run its caller abandoned (host timeout) stops at its next point.
-        if _slowPath(svm_load32_relaxed(doneWord) == 2) { endRun(from: me) }
+        if _slowPath(UnsafeAtomic(doneWord).load(ordering: .relaxed) == 2) { endRun(from: me) }
         if next === me { return }
         svm_fiber_switch(me.fiber, next.fiber)
     }

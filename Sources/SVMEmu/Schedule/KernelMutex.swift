@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// A sleeping lock for drivers (`struct mutex`), with the kernel's algorithm
@@ -103,7 +104,7 @@ public final class KernelMutex: @unchecked Sendable {
         if _slowPath(lockdep) { LockOrder.acquiring(lockClass, site: LockSite(file, line)) }
         let me = KernelMutex.currentTask()
         var expected: UInt64 = 0
-        if !svm_cas64(words, &expected, UInt64(me)) { lockSlowPath(me) }
+        if !UnsafeAtomic(words).compareExchange(&expected, UInt64(me), successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { lockSlowPath(me) }
         svm_tsan_acquire(word)
         if _slowPath(lockdep) { LockOrder.acquired(word, lockClass, site: LockSite(file, line)) }
         if _slowPath(det) { DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_ACQUIRED)) }
@@ -118,7 +119,7 @@ public final class KernelMutex: @unchecked Sendable {
         svm_tsan_release(word)
         let me = KernelMutex.currentTask()
         var expected = UInt64(me)
-        if !svm_cas64(words, &expected, 0) { unlockSlowPath(me) }
+        if !UnsafeAtomic(words).compareExchange(&expected, 0, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { unlockSlowPath(me) }
         if _slowPath(svm_det_active()) { DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_RELEASED)) }
     }
 
@@ -148,7 +149,7 @@ public final class KernelMutex: @unchecked Sendable {
     /// Whether some thread holds the mutex: a snapshot.
     ///
     /// The corresponding kernel function is `mutex_is_locked()`.
-    public var isLocked: Bool { svm_load64(words) & ~KernelMutex.flags != 0 }
+    public var isLocked: Bool { UnsafeAtomic(words).load(ordering: .acquiring) & ~KernelMutex.flags != 0 }
 
     /// The calling thread's task token (`current`): its emulated thread
     /// under a deterministic scheduler, else the host thread's.
@@ -163,7 +164,7 @@ public final class KernelMutex: @unchecked Sendable {
     /// handed to `me` (returns 0); otherwise returns the owner's token, and
     /// with `handoff` first sets the handoff flag (once).
     @usableFromInline func tryLockCommon(_ me: UInt, handoff: Bool) -> UInt {
-        var owner = svm_load64(words)
+        var owner = UnsafeAtomic(words).load(ordering: .acquiring)
         while true {
             var flags = owner & KernelMutex.flags
             var task = owner & ~KernelMutex.flags
@@ -180,7 +181,7 @@ public final class KernelMutex: @unchecked Sendable {
             } else {
                 task = UInt64(me)
             }
-            if svm_cas64(words, &owner, task | flags) {
+            if UnsafeAtomic(words).compareExchange(&owner, task | flags, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
                 if task == UInt64(me) { return 0 }
                 break
             }
@@ -224,7 +225,7 @@ public final class KernelMutex: @unchecked Sendable {
 
     /// `schedule()` until an unlock wakes this waiter (its word set to 1).
     func sleep(on woken: UnsafeMutablePointer<UInt32>) {
-        while svm_load32(woken) == 0 {
+        while UnsafeAtomic(woken).load(ordering: .acquiring) == 0 {
             if _slowPath(svm_det_active()) {
                 DeterministicScheduler.willWait(for: UnsafeRawPointer(word))
                 _ = svm_futex_wait(woken, 0, 0)
@@ -233,7 +234,7 @@ public final class KernelMutex: @unchecked Sendable {
                 _ = svm_futex_wait(woken, 0, 10_000_000)
             }
         }
-        svm_store32(woken, 0)
+        UnsafeAtomic(woken).store(0, ordering: .releasing)
     }
 
     /// `mutex_optimistic_spin()`: spins while the owner runs on a CPU and
@@ -245,10 +246,10 @@ public final class KernelMutex: @unchecked Sendable {
         if waiter == nil {
             // mutex_can_spin_on_owner()
             if det && DeterministicScheduler.needResched() { return false }
-            let owner = UInt(svm_load64(words) & ~KernelMutex.flags)
+            let owner = UInt(UnsafeAtomic(words).load(ordering: .acquiring) & ~KernelMutex.flags)
             if owner != 0 && !ownerOnCPU(owner, det) { return false }
             var free: UInt64 = 0
-            if !svm_cas64(osq, &free, UInt64(me)) {
+            if !UnsafeAtomic(osq).compareExchange(&free, UInt64(me), successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
                 // Another spinner has the OSQ: spin for it (osq_lock()) while
                 // nothing asks this CPU to reschedule.
                 var rounds = 0
@@ -262,17 +263,17 @@ public final class KernelMutex: @unchecked Sendable {
                         svm_cpu_relax()
                     }
                     free = 0
-                    if svm_cas64(osq, &free, UInt64(me)) { break }
+                    if UnsafeAtomic(osq).compareExchange(&free, UInt64(me), successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { break }
                 }
             }
         }
-        defer { if waiter == nil { svm_store64(osq, 0) } }
+        defer { if waiter == nil { UnsafeAtomic(osq).store(0, ordering: .releasing) } }
         var rounds = 0
         while true {
             let owner = tryLockCommon(me, handoff: false)
             if owner == 0 { return true }
             // mutex_spin_on_owner(): while this owner keeps the lock.
-            while UInt(svm_load64(words) & ~KernelMutex.flags) == owner {
+            while UInt(UnsafeAtomic(words).load(ordering: .acquiring) & ~KernelMutex.flags) == owner {
                 if !ownerOnCPU(owner, det) { return false }
                 if det {
                     if DeterministicScheduler.needResched() { return false }
@@ -297,13 +298,13 @@ public final class KernelMutex: @unchecked Sendable {
 
     @usableFromInline @inline(never)
     func unlockSlowPath(_ me: UInt) {
-        var owner = svm_load64(words)
+        var owner = UnsafeAtomic(words).load(ordering: .acquiring)
         while true {
             if UInt(owner & ~KernelMutex.flags) != me {
                 contractViolation("mutex_unlock: \(name) is released by a thread that does not hold it")
             }
             if owner & KernelMutex.handoffFlag != 0 { break }
-            if svm_cas64(words, &owner, owner & KernelMutex.flags) {
+            if UnsafeAtomic(words).compareExchange(&owner, owner & KernelMutex.flags, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
                 if owner & KernelMutex.waitersFlag != 0 { break }
                 return
             }
@@ -313,19 +314,19 @@ public final class KernelMutex: @unchecked Sendable {
         if owner & KernelMutex.handoffFlag != 0 {
             // __mutex_handoff(): the first waiter owns it now, to pick up.
             let next = first != 0 ? UnsafeMutablePointer<UInt64>(bitPattern: UInt(first))![1] : 0
-            var current = svm_load64(words)
+            var current = UnsafeAtomic(words).load(ordering: .acquiring)
             while true {
                 var new = current & KernelMutex.waitersFlag
                 new |= next
                 if next != 0 { new |= KernelMutex.pickupFlag }
-                if svm_cas64(words, &current, new) { break }
+                if UnsafeAtomic(words).compareExchange(&current, new, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { break }
             }
         }
         if first != 0 {
             // wake_q: the first waiter runs again (its record lives while it is listed).
             let waiter = UnsafeMutablePointer<UInt64>(bitPattern: UInt(first))!
             let woken = UnsafeMutableRawPointer(waiter + 2).assumingMemoryBound(to: UInt32.self)
-            svm_store32(woken, 1)
+            UnsafeAtomic(woken).store(1, ordering: .releasing)
             _ = svm_futex_wake(woken, 1)
         }
         svm_mutex_unlock(waitLock)
@@ -335,8 +336,8 @@ public final class KernelMutex: @unchecked Sendable {
     func addWaiter(_ waiter: UnsafeMutablePointer<UInt64>) {
         let address = UInt64(UInt(bitPattern: waiter))
         if words[4] == 0 {
-            svm_store64(words + 3, address)
-            _ = svm_or64(words, KernelMutex.waitersFlag)
+            UnsafeAtomic(words + 3).store(address, ordering: .releasing)
+            _ = UnsafeAtomic(words).bitwiseOr(KernelMutex.waitersFlag, ordering: .acquiringAndReleasing).oldValue
         } else {
             UnsafeMutablePointer<UInt64>(bitPattern: UInt(words[4]))![0] = address
         }
@@ -353,13 +354,13 @@ public final class KernelMutex: @unchecked Sendable {
             at = previous![0]
         }
         guard at == address else { return }
-        if let previous { previous[0] = waiter[0] } else { svm_store64(words + 3, waiter[0]) }
+        if let previous { previous[0] = waiter[0] } else { UnsafeAtomic(words + 3).store(waiter[0], ordering: .releasing) }
         if words[4] == address { words[4] = previous.map { UInt64(UInt(bitPattern: $0)) } ?? 0 }
-        if words[3] == 0 { _ = svm_and64(words, ~KernelMutex.flags) }
+        if words[3] == 0 { _ = UnsafeAtomic(words).bitwiseAnd(~KernelMutex.flags, ordering: .acquiringAndReleasing).oldValue }
     }
 
     /// `__mutex_waiter_is_first()`.
     func isFirst(_ waiter: UnsafeMutablePointer<UInt64>) -> Bool {
-        svm_load64(words + 3) == UInt64(UInt(bitPattern: waiter))
+        UnsafeAtomic(words + 3).load(ordering: .acquiring) == UInt64(UInt(bitPattern: waiter))
     }
 }

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// A reader-writer semaphore for drivers (`struct rw_semaphore`): readers
@@ -108,9 +109,9 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     public func tryDownRead() -> Bool {
         svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         let blockers = prefersWriters ? Self.writer | Self.writerWaiting : Self.writer
-        var v = svm_load32(word)
+        var v = UnsafeAtomic(word).load(ordering: .acquiring)
         while v & blockers == 0 {
-            if svm_cas32(word, &v, v + 1) { acquired(nil, 0); return true }
+            if UnsafeAtomic(word).compareExchange(&v, v + 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { acquired(nil, 0); return true }
         }
         return false
     }
@@ -123,7 +124,7 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     /// Whether anyone holds the semaphore, in either mode: a snapshot.
     ///
     /// The corresponding kernel function is `rwsem_is_locked()`.
-    public var isLocked: Bool { svm_load32(word) & (Self.writer | Self.readers) != 0 }
+    public var isLocked: Bool { UnsafeAtomic(word).load(ordering: .acquiring) & (Self.writer | Self.readers) != 0 }
 
     /// Releases the writer's hold.
     ///
@@ -136,16 +137,16 @@ public final class KernelRWSemaphore: @unchecked Sendable {
         if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
         if svm_lockdep_enabled() { LockOrder.acquiring(lockClass, site: LockSite(file, line)) }
         svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
-        var v = svm_load32(word)
+        var v = UnsafeAtomic(word).load(ordering: .acquiring)
         while true {
             if let n = next(v & ~Self.sleepers) {
-                if svm_cas32(word, &v, n | (v & Self.sleepers)) { break }
+                if UnsafeAtomic(word).compareExchange(&v, n | (v & Self.sleepers), successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { break }
                 continue
             }
             let marks = Self.sleepers | waiting
-            if v & marks != marks && !svm_cas32(word, &v, v | marks) { continue }
+            if v & marks != marks && !UnsafeAtomic(word).compareExchange(&v, v | marks, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { continue }
             _ = svm_futex_wait(word, v | marks, 0)
-            v = svm_load32(word)
+            v = UnsafeAtomic(word).load(ordering: .acquiring)
         }
         acquired(file, line)
     }
@@ -162,8 +163,8 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     private func release(_ next: (UInt32) -> UInt32) {
         if svm_lockdep_enabled() { LockOrder.released(word) }
         svm_tsan_release(word)
-        var v = svm_load32(word)
-        while !svm_cas32(word, &v, next(v) & ~Self.sleepers) {}
+        var v = UnsafeAtomic(word).load(ordering: .acquiring)
+        while !UnsafeAtomic(word).compareExchange(&v, next(v) & ~Self.sleepers, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {}
         if v & Self.sleepers != 0 { _ = svm_futex_wake(word, Int32.max) }
         svm_det_lock_event(word, Int32(SVM_DET_RELEASED))
     }

@@ -145,7 +145,7 @@ public enum LockOrder {
         let h = Int(held.id), t = Int(taken.id)
         guard h < fastClasses, t < fastClasses else { return false }
         let bit = h * fastClasses + t
-        return svm_load64_relaxed(knownBits + bit >> 6) & (1 << UInt64(bit & 63)) != 0
+        return UnsafeAtomic(knownBits + bit >> 6).load(ordering: .relaxed) & (1 << UInt64(bit & 63)) != 0
     }
 
     static func markKnown(_ held: LockClass, _ taken: LockClass) {
@@ -153,7 +153,7 @@ public enum LockOrder {
         guard h < fastClasses, t < fastClasses else { return }
         let bit = h * fastClasses + t
         let w = knownBits + bit >> 6
-        svm_store64(w, svm_load64_relaxed(w) | 1 << UInt64(bit & 63))  // under graphLock: one writer
+        UnsafeAtomic(w).store(UnsafeAtomic(w).load(ordering: .relaxed) | 1 << UInt64(bit & 63), ordering: .releasing)  // under graphLock: one writer
     }
 
     static func withGraph<R>(_ body: (inout Graph) -> R) -> R {
@@ -211,7 +211,7 @@ public enum LockOrder {
             withGraph { g in
                 for e in h.folioLocks where g.folioOwners[e.lock] === h { g.folioOwners[e.lock] = nil }
                 h.folioLocks.removeAll()
-                svm_storei32(h.folioCount, 0)
+                UnsafeAtomic(h.folioCount).store(0, ordering: .releasing)
             }
         }
     }
@@ -232,10 +232,20 @@ public enum LockOrder {
     static func heldLocksDescription() -> String? {
         guard svm_lockdep_enabled() else { return nil }
         let mine = held()
-        guard validates(mine), !mine.stack.isEmpty || svm_loadi32(mine.folioCount) > 0 else { return nil }
+        guard validates(mine), !mine.stack.isEmpty || UnsafeAtomic(mine.folioCount).load(ordering: .acquiring) > 0 else { return nil }
         return withGraph { g in
             (mine.folioLocks + mine.stack).map { "\(g.name($0.lockClass)) (taken at \($0.site))" }.joined(separator: ", ")
         }
+    }
+
+    /// Whether the calling thread holds the non-folio lock `lock`, or nil
+    /// when its locks are not validated (then no one knows): the exact half
+    /// of `lockdep_assert_held()`. Walks the thread's own held locks only.
+    @usableFromInline @inline(never)
+    static func holds(_ lock: UnsafeRawPointer) -> Bool? {
+        let mine = held()
+        guard validates(mine) else { return nil }
+        return mine.stack.contains { $0.lock == lock }
     }
 
     /// Every violation recorded so far, oldest first.
@@ -293,7 +303,7 @@ public enum LockOrder {
         for h in mine.stack where h.lockClass != lockClass && !isKnown(h.lockClass, lockClass) {
             record(held: h.lockClass, at: h.site, taken: lockClass, at: site)
         }
-        if lockClass != .folio && svm_loadi32(mine.folioCount) > 0 && !isKnown(.folio, lockClass) {
+        if lockClass != .folio && UnsafeAtomic(mine.folioCount).load(ordering: .acquiring) > 0 && !isKnown(.folio, lockClass) {
             let first = withGraph { _ in mine.folioLocks.first?.site }
             if let first { record(held: .folio, at: first, taken: lockClass, at: site) }
         }
@@ -329,7 +339,7 @@ public enum LockOrder {
         withGraph { g in
             if let previous = g.folioOwners[lock] { forget(lock, of: previous) }
             mine.folioLocks.append(entry)
-            svm_add32(mine.folioCount, 1)
+            UnsafeAtomic(mine.folioCount).wrappingAdd(1, ordering: .acquiringAndReleasing)
             g.folioOwners[lock] = mine
         }
     }
@@ -364,7 +374,7 @@ public enum LockOrder {
         }
         guard i >= 0 else { return }
         owner.folioLocks.remove(at: i)
-        svm_add32(owner.folioCount, -1)
+        UnsafeAtomic(owner.folioCount).wrappingAdd(-1, ordering: .acquiringAndReleasing)
     }
 
     /// A site as "file:line".

@@ -1,8 +1,10 @@
+import Synchronization
 import CSVMSupport
 
-/// The scheduler's hooks: what the emulator's futexes and locks (through
-/// the C hooks) and its hot paths (out of line, only when `svm_det_active()`
-/// said a scheduler runs) call on the running emulated thread.
+/// The scheduler's deadlock report and its hooks: what the emulator's
+/// futexes and locks (through the C hooks) and its hot paths (out of line,
+/// only when `svm_det_active()` said a scheduler runs) call on the running
+/// emulated thread.
 extension DeterministicScheduler {
     // MARK: deadlocks
 
@@ -55,7 +57,7 @@ extension DeterministicScheduler {
 
     func futexWait(_ me: EmulatedThread, _ word: UnsafeMutablePointer<UInt32>, _ expected: UInt32,
                    _ timeout: UInt64) -> Int32 {
-        if svm_load32(word) != expected {
+        if UnsafeAtomic(word).load(ordering: .acquiring) != expected {
             point(me, cost: configuration.costs.futex, "futex wait (value changed)")
             return EAGAIN
         }

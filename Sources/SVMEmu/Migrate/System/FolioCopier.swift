@@ -1,7 +1,5 @@
+import Synchronization
 import CSVMSupport
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// One folio's copy in the move phase of `migratePages`: the destination
 /// frame's bytes, the source frame's, and the folio size.
@@ -114,15 +112,15 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     /// (see above); without it every batch above the threshold is split.
     public let adaptive: Bool
     /// Batches that were small enough to stay on one thread.
-    public var singleThreadedBatches: Int { Int(svm_load64(stats)) }
+    public var singleThreadedBatches: Int { Int(UnsafeAtomic(stats).load(ordering: .acquiring)) }
     /// Batches above the threshold that the copier copied on the calling
     /// thread alone because splitting was the slower way.
-    public var adaptiveSingleBatches: Int { Int(svm_load64(stats + 2)) }
+    public var adaptiveSingleBatches: Int { Int(UnsafeAtomic(stats + 2).load(ordering: .acquiring)) }
     /// Batches split across the threads.
-    public var splitBatches: Int { Int(svm_load64(stats + 3)) }
+    public var splitBatches: Int { Int(UnsafeAtomic(stats + 3).load(ordering: .acquiring)) }
     /// Batches above the threshold copied alone because the host had no
     /// core to spare (more threads runnable than CPUs).
-    public var busyHostBatches: Int { Int(svm_load64(stats + 7)) }
+    public var busyHostBatches: Int { Int(UnsafeAtomic(stats + 7).load(ordering: .acquiring)) }
 
     /// Bytes per chunk a thread claims.
     static let chunkBytes = 64 << 10
@@ -155,7 +153,8 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     /// Split mode: pieces per folio; deal mode: folios per chunk.
     private var perChunk = 1
     private var split = false
-    private var handles: [pthread_t] = []
+    /// The batch workers (host threads 1..<threads; the caller is thread 0).
+    private var workers = HostWorkerThreads()
 
     /// - Parameters:
     ///   - threads: 1...64 threads, the caller included.
@@ -176,50 +175,36 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         tuning = .allocate(capacity: Self.tuningClasses * 8)
         tuning.initialize(repeating: 0, count: Self.tuningClasses * 8)
         for c in 0..<Self.tuningClasses { tuning[c * 8 + 2] = Self.firstProbeInterval; tuning[c * 8 + 3] = Self.firstProbeInterval }
-        for index in 1..<threads {
-            var handle = pthread_t()
-            let box = Unmanaged.passRetained(WorkerStart(copier: self, index: index)).toOpaque()
-            let rc = pthread_create(&handle, nil, { context in
-                let start = Unmanaged<WorkerStart>.fromOpaque(context!).takeRetainedValue()
-                start.copier.work(index: start.index)
-                return nil
-            }, box)
-            if rc != 0 { contractViolation("MultiThreadCopier: the host refused a copy worker thread (error \(rc))") }
-            handles.append(handle)
+        // Unowned: the copier's deinit stops and joins its workers.
+        workers = HostWorkerThreads(count: threads - 1, first: 1, for: "MultiThreadCopier") {
+            [unowned(unsafe) self] index in self.work(index: index)
         }
-    }
-
-    private final class WorkerStart {
-        unowned(unsafe) let copier: MultiThreadCopier
-        let index: Int
-        init(copier: MultiThreadCopier, index: Int) { self.copier = copier; self.index = index }
     }
 
     /// Stops and joins the workers. Call once when done with the copier;
     /// the workers keep it alive until then.
     public func shutdown() {
-        guard !handles.isEmpty else { return }
-        svm_store32(words + 48, 1)
-        svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+        guard !workers.isEmpty else { return }
+        UnsafeAtomic(words + 48).store(1, ordering: .releasing)
+        UnsafeAtomic(words + 16).store(UnsafeAtomic(words + 16).load(ordering: .acquiring) &+ 1, ordering: .releasing)
         _ = svm_futex_wake(words + 16, Int32.max)
-        for h in handles { pthread_join(h, nil) }
-        handles.removeAll()
+        workers.join()
     }
 
     public func begin() {
-        svm_store64(stats + 10, 0)   // look at the host at the run's first batch
-        if svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), 1) == 1 && svm_load32(words + 72) != 0 {
+        UnsafeAtomic(stats + 10).store(0, ordering: .releasing)   // look at the host at the run's first batch
+        if UnsafeAtomic(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self)).wrappingAdd(1, ordering: .acquiringAndReleasing).newValue == 1 && UnsafeAtomic(words + 72).load(ordering: .acquiring) != 0 {
             // Wake sleeping workers into polling: a generation with no batch.
-            svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+            UnsafeAtomic(words + 16).store(UnsafeAtomic(words + 16).load(ordering: .acquiring) &+ 1, ordering: .releasing)
             _ = svm_futex_wake(words + 16, Int32.max)
         }
     }
 
     public func end() {
-        let left = svm_add32(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self), -1)
+        let left = UnsafeAtomic(UnsafeMutableRawPointer(words + 64).assumingMemoryBound(to: Int32.self)).wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue
         if left < 0 { contractViolation("MultiThreadCopier: end() without begin()") }
         // The run's last batch has no next one to end its time.
-        if left == 0 { svm_store64(stats + 4, 0) }
+        if left == 0 { UnsafeAtomic(stats + 4).store(0, ordering: .releasing) }
     }
 
     deinit {
@@ -232,18 +217,18 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
         var bytes = 0
         for j in jobs { bytes += j.bytes }
-        if threads == 1 || bytes >> PageGeometry.pageShift < thresholdPages || handles.isEmpty {
-            _ = svm_add64(stats, 1)
+        if threads == 1 || bytes >> PageGeometry.pageShift < thresholdPages || workers.isEmpty {
+            _ = UnsafeAtomic(stats).wrappingAdd(1, ordering: .relaxed).newValue
             for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
             return
         }
         guard adaptive else { return copySplit(jobs) }
         let now = HostClock.hostNanos()
-        let inRun = svm_load32(words + 64) != 0
+        let inRun = UnsafeAtomic(words + 64).load(ordering: .acquiring) != 0
         if hostIsBusy() {
             if inRun { recordPending(until: now) }
-            _ = svm_add64(stats + 7, 1)
-            svm_store32(words + 72, 0)
+            _ = UnsafeAtomic(stats + 7).wrappingAdd(1, ordering: .relaxed).newValue
+            UnsafeAtomic(words + 72).store(0, ordering: .releasing)
             for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
             return
         }
@@ -254,19 +239,19 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         if inRun { recordPending(until: now) }
         let cls = min(Self.tuningClasses - 1, Int.bitWidth - 1 - bytes.leadingZeroBitCount)
         let c = tuning + cls * 8
-        let alone = svm_load64(c), splitCost = svm_load64(c + 1)
+        let alone = UnsafeAtomic(c).load(ordering: .acquiring), splitCost = UnsafeAtomic(c + 1).load(ordering: .acquiring)
         var splitting: Bool
         var probing = false, warm = false
         if splitCost == 0 { splitting = true }
         else if alone == 0 { splitting = false }
         else {
             let preferSplit = splitCost < alone
-            let left = svm_load64(c + 2)
+            let left = UnsafeAtomic(c + 2).load(ordering: .acquiring)
             if left <= 1 {
                 probing = true
                 splitting = !preferSplit
             } else {
-                svm_store64(c + 2, left - 1)
+                UnsafeAtomic(c + 2).store(left - 1, ordering: .releasing)
                 splitting = preferSplit
                 // The batch before a probe of splitting wakes the workers, so that
                 // the probe finds them polling, as split batches in a row do.
@@ -276,18 +261,18 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         if splitting {
             copySplit(jobs)
         } else {
-            _ = svm_add64(stats + 2, 1)
-            svm_store32(words + 72, warm ? 1 : 0)
+            _ = UnsafeAtomic(stats + 2).wrappingAdd(1, ordering: .relaxed).newValue
+            UnsafeAtomic(words + 72).store(warm ? 1 : 0, ordering: .releasing)
             if warm {
-                svm_store32(words + 16, svm_load32(words + 16) &+ 1)
+                UnsafeAtomic(words + 16).store(UnsafeAtomic(words + 16).load(ordering: .acquiring) &+ 1, ordering: .releasing)
                 _ = svm_futex_wake(words + 16, Int32.max)
             }
             for j in jobs { svm_memcpy(j.destination, j.source, j.bytes) }
         }
         if inRun {
-            svm_store64(stats + 5, UInt64(cls) << 2 | (splitting ? 1 : 0) << 1 | (probing ? 1 : 0))
-            svm_store64(stats + 6, UInt64(bytes))
-            svm_store64(stats + 4, now)
+            UnsafeAtomic(stats + 5).store(UInt64(cls) << 2 | (splitting ? 1 : 0) << 1 | (probing ? 1 : 0), ordering: .releasing)
+            UnsafeAtomic(stats + 6).store(UInt64(bytes), ordering: .releasing)
+            UnsafeAtomic(stats + 4).store(now, ordering: .releasing)
         } else {
             record(class: cls, splitting: splitting, probing: probing, nanos: HostClock.hostNanos() &- now, bytes: bytes)
         }
@@ -298,20 +283,20 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     /// batch (and at a run's first), a read of /proc/loadavg. A host whose
     /// count cannot be read is taken as not busy.
     private func hostIsBusy() -> Bool {
-        let left = svm_load64(stats + 10)
+        let left = UnsafeAtomic(stats + 10).load(ordering: .acquiring)
         if left > 0 {
-            svm_store64(stats + 10, left - 1)
-            return svm_load64(stats + 9) != 0
+            UnsafeAtomic(stats + 10).store(left - 1, ordering: .releasing)
+            return UnsafeAtomic(stats + 9).load(ordering: .acquiring) != 0
         }
-        svm_store64(stats + 10, 63)
+        UnsafeAtomic(stats + 10).store(63, ordering: .releasing)
         guard let runnable = system_runnable_threads() else {
-            svm_store64(stats + 9, 0)
+            UnsafeAtomic(stats + 9).store(0, ordering: .releasing)
             return false
         }
-        let polling = svm_load32(words + 64) != 0 && svm_load32(words + 72) != 0 ? threads - 1 : 0
+        let polling = UnsafeAtomic(words + 64).load(ordering: .acquiring) != 0 && UnsafeAtomic(words + 72).load(ordering: .acquiring) != 0 ? threads - 1 : 0
         let others = max(0, runnable - 1 - polling)
         let busy = others + threads > Self.hostCPUs
-        svm_store64(stats + 9, busy ? 1 : 0)
+        UnsafeAtomic(stats + 9).store(busy ? 1 : 0, ordering: .releasing)
         return busy
     }
 
@@ -321,12 +306,12 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     /// Records the batch of this run that started last (if any) as taking
     /// until `now`, and forgets it.
     private func recordPending(until now: UInt64) {
-        let start = svm_load64(stats + 4)
+        let start = UnsafeAtomic(stats + 4).load(ordering: .acquiring)
         guard start != 0, now > start else { return }
-        svm_store64(stats + 4, 0)
-        let what = svm_load64(stats + 5)
+        UnsafeAtomic(stats + 4).store(0, ordering: .releasing)
+        let what = UnsafeAtomic(stats + 5).load(ordering: .acquiring)
         record(class: Int(what >> 2), splitting: what & 2 != 0, probing: what & 1 != 0, nanos: now - start,
-               bytes: Int(svm_load64(stats + 6)))
+               bytes: Int(UnsafeAtomic(stats + 6).load(ordering: .acquiring)))
     }
 
     /// Adds one batch's time to its class's average for the way it was
@@ -335,24 +320,24 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         let c = tuning + cls * 8
         let sample = nanos &* 1000 / UInt64(max(1, bytes >> 10))
         let slot = c + (splitting ? 1 : 0)
-        let old = svm_load64(slot)
+        let old = UnsafeAtomic(slot).load(ordering: .acquiring)
         // A probe weighs half: one sample taken rarely must be able to turn the choice.
         let updated = old == 0 ? sample : probing ? (old + sample) / 2 : old - old / 4 + sample / 4
-        svm_store64(slot, max(1, updated))
+        UnsafeAtomic(slot).store(max(1, updated), ordering: .releasing)
         if probing {
-            let nowPreferSplit = svm_load64(c + 1) < svm_load64(c)
+            let nowPreferSplit = UnsafeAtomic(c + 1).load(ordering: .acquiring) < UnsafeAtomic(c).load(ordering: .acquiring)
             let interval = nowPreferSplit == splitting ? Self.firstProbeInterval
-                : min(Self.lastProbeInterval, svm_load64(c + 3) * 2)
-            svm_store64(c + 3, interval)
-            svm_store64(c + 2, interval)
+                : min(Self.lastProbeInterval, UnsafeAtomic(c + 3).load(ordering: .acquiring) * 2)
+            UnsafeAtomic(c + 3).store(interval, ordering: .releasing)
+            UnsafeAtomic(c + 2).store(interval, ordering: .releasing)
         }
     }
 
     /// Splits `jobs` across the threads (the caller included) and returns
     /// when every chunk is copied.
     private func copySplit(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
-        _ = svm_add64(stats + 3, 1)
-        svm_store32(words + 72, 1)
+        _ = UnsafeAtomic(stats + 3).wrappingAdd(1, ordering: .relaxed).newValue
+        UnsafeAtomic(words + 72).store(1, ordering: .releasing)
         // One batch at a time: the batch lock guards `jobs`, `split` and `perChunk`.
         SpinLockRef(words, .copierQueue).withLock {
             self.jobs = jobs
@@ -369,16 +354,16 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
             }
             // The claim word's 20-bit fields: at most 64 folios split in 32, or 2^20 runs.
             if chunks >= 1 << 20 { contractViolation("MultiThreadCopier: a batch of \(jobs.count) folios is too large") }
-            svm_store32(words + 32, UInt32(chunks))
-            let gen = svm_load32(words + 16) &+ 1
-            svm_store64(stats + 8, (UInt64(gen & 0xff_ffff) << 40) | (UInt64(chunks) << 20))
-            svm_store32(words + 16, gen)
+            UnsafeAtomic(words + 32).store(UInt32(chunks), ordering: .releasing)
+            let gen = UnsafeAtomic(words + 16).load(ordering: .acquiring) &+ 1
+            UnsafeAtomic(stats + 8).store((UInt64(gen & 0xff_ffff) << 40) | (UInt64(chunks) << 20), ordering: .releasing)
+            UnsafeAtomic(words + 16).store(gen, ordering: .releasing)
             _ = svm_futex_wake(words + 16, Int32.max)
             claimAndCopy(gen)
             // Wait for the chunks others claimed: spin briefly, then sleep.
             var spins = 0
             while true {
-                let v = svm_load32(words + 32)
+                let v = UnsafeAtomic(words + 32).load(ordering: .acquiring)
                 if v == 0 { break }
                 if spins < 200 { spins += 1; svm_cpu_relax() } else { _ = svm_futex_wait(words + 32, v, 1_000_000) }
             }
@@ -390,12 +375,12 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
     private func claimAndCopy(_ gen: UInt32) {
         let claim = stats + 8
         while true {
-            var word = svm_load64(claim)
+            var word = UnsafeAtomic(claim).load(ordering: .acquiring)
             let next = word & 0xf_ffff, count = (word >> 20) & 0xf_ffff
             guard word >> 40 == UInt64(gen & 0xff_ffff), next < count else { return }
-            guard svm_cas64(claim, &word, word + 1) else { continue }
+            guard UnsafeAtomic(claim).compareExchange(&word, word + 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) else { continue }
             copyChunk(Int(next))
-            if svm_add32(UnsafeMutableRawPointer(words + 32).assumingMemoryBound(to: Int32.self), -1) == 0 {
+            if UnsafeAtomic(UnsafeMutableRawPointer(words + 32).assumingMemoryBound(to: Int32.self)).wrappingAdd(-1, ordering: .acquiringAndReleasing).newValue == 0 {
                 _ = svm_futex_wake(words + 32, 1)
             }
         }
@@ -427,11 +412,11 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
         var spinningSince: UInt64 = HostClock.nanos()
         var spins = 0
         while true {
-            let now = svm_load32(words + 16)
+            let now = UnsafeAtomic(words + 16).load(ordering: .acquiring)
             if now == seen {
                 spins += 1
                 if spins & 63 != 0 { svm_cpu_relax(); continue }
-                if svm_load32(words + 64) != 0 && svm_load32(words + 72) != 0 {
+                if UnsafeAtomic(words + 64).load(ordering: .acquiring) != 0 && UnsafeAtomic(words + 72).load(ordering: .acquiring) != 0 {
                     HostThread.yield()
                     continue
                 }
@@ -441,7 +426,7 @@ public final class MultiThreadCopier: FolioCopier, @unchecked Sendable {
                 continue
             }
             seen = now
-            if svm_load32(words + 48) != 0 { return }
+            if UnsafeAtomic(words + 48).load(ordering: .acquiring) != 0 { return }
             claimAndCopy(now)
             spinningSince = HostClock.nanos()
             spins = 0
@@ -487,9 +472,9 @@ public final class OffloadCopier: FolioCopier, @unchecked Sendable {
     deinit { words.deallocate() }
 
     /// Transactions the DMA channels took.
-    public var offloaded: UInt64 { svm_load64(words + threads * 8) }
+    public var offloaded: UInt64 { UnsafeAtomic(words + threads * 8).load(ordering: .acquiring) }
     /// Transactions refused because every channel was busy, copied by the CPU.
-    public var cpuFallbacks: UInt64 { svm_load64(words + threads * 8 + 8) }
+    public var cpuFallbacks: UInt64 { UnsafeAtomic(words + threads * 8 + 8).load(ordering: .acquiring) }
 
     public func copy(_ jobs: UnsafeBufferPointer<FolioCopyJob>) {
         var latest: UInt64 = 0
@@ -500,10 +485,10 @@ public final class OffloadCopier: FolioCopier, @unchecked Sendable {
             for k in i..<end { bytes += jobs[k].bytes }
             let now = HostClock.nanos()
             if let done = claimChannel(now: now, nanos: UInt64(model.transferNanos(bytes: bytes).rounded(.up))) {
-                _ = svm_add64(words + threads * 8, 1)
+                _ = UnsafeAtomic(words + threads * 8).wrappingAdd(1, ordering: .relaxed).newValue
                 latest = max(latest, done)
             } else {
-                _ = svm_add64(words + threads * 8 + 8, 1)
+                _ = UnsafeAtomic(words + threads * 8 + 8).wrappingAdd(1, ordering: .relaxed).newValue
             }
             for k in i..<end { svm_memcpy(jobs[k].destination, jobs[k].source, jobs[k].bytes) }
             i = end
@@ -515,9 +500,9 @@ public final class OffloadCopier: FolioCopier, @unchecked Sendable {
     private func claimChannel(now: UInt64, nanos: UInt64) -> UInt64? {
         for c in 0..<threads {
             let w = words + c * 8
-            var busy = svm_load64(w)
+            var busy = UnsafeAtomic(w).load(ordering: .acquiring)
             while busy <= now {
-                if svm_cas64(w, &busy, now + nanos) { return now + nanos }
+                if UnsafeAtomic(w).compareExchange(&busy, now + nanos, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { return now + nanos }
             }
         }
         return nil

@@ -153,7 +153,7 @@ extension Kernel {
             }
             let limit = ctx.policy.waitLimitNanos
             if !ctx.timedWait({ src.lock(timeoutNanos: limit) }) {
-                warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms")
+                warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms", kind: .hungTask)
                 hugetlb.putback(dst)
                 return .again
             }
@@ -168,7 +168,7 @@ extension Kernel {
             // migrate_folio(): the reference check passed, no turning back.
             let copyMark = phases.endAndBegin(.unmap, mark)
             if _slowPath(svm_det_active()) { DeterministicScheduler.copied(bytes: src.size) }
-            svm_memcpy(dst.bytes, src.bytes, src.size)
+            dst.copyBytes(from: src)
             folioMigrateFlags(dst, src)
             phases.end(.copy, copyMark)
             migrated = true

@@ -393,7 +393,7 @@ extension Kernel {
         ctx.jobs.removeAll(keepingCapacity: true)
         for i in ctx.unmapped.indices where !ctx.unmapped[i].copied {
             let u = ctx.unmapped[i]
-            ctx.jobs.append(FolioCopyJob(destination: u.dst.bytes, source: UnsafeRawPointer(u.src.bytes), bytes: u.src.size))
+            ctx.jobs.append(FolioCopyJob(destination: u.dst.unsafeBytes, source: UnsafeRawPointer(u.src.unsafeBytes), bytes: u.src.size))
             ctx.unmapped[i].copied = true
         }
         guard !ctx.jobs.isEmpty else { return }
@@ -439,7 +439,7 @@ extension Kernel {
                 return .deadlock
             }
             if !ctx.timedWait({ src.lock(timeoutNanos: limit) }) {
-                warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms")
+                warn("migrate_pages: hung task: a folio lock wait reached the limit", "\(src), \(limit / 1_000_000) ms", kind: .hungTask)
                 dst.put()
                 return .again
             }
@@ -448,7 +448,7 @@ extension Kernel {
             guard mode == .sync else { src.unlock(); dst.put(); return .busy }
             guard force else { src.unlock(); dst.put(); return .again }
             if !ctx.timedWait({ src.waitWriteback(timeoutNanos: limit) }) {
-                warn("migrate_pages: hung task: a writeback wait reached the limit", "\(src), \(ctx.unmapped.count) other folios locked, \(limit / 1_000_000) ms")
+                warn("migrate_pages: hung task: a writeback wait reached the limit", "\(src), \(ctx.unmapped.count) other folios locked, \(limit / 1_000_000) ms", kind: .hungTask)
                 src.unlock()
                 dst.put()
                 return .again

@@ -1,3 +1,4 @@
+import Synchronization
 import CSVMSupport
 
 /// The batched flush of `migratePages` (`struct tlbflush_unmap_batch` with
@@ -115,25 +116,25 @@ public final class DeferredTLBFlush: @unchecked Sendable {
     init() {
         words = .allocate(capacity: 40)
         words.initialize(repeating: 0, count: 40)
-        svm_store64(words + 32, 1)
+        UnsafeAtomic(words + 32).store(1, ordering: .releasing)
     }
     deinit { words.deallocate() }
 
     /// Base pages of old frames held for a pending flush.
-    public var heldFrames: Int { Int(svm_load64(words)) }
+    public var heldFrames: Int { Int(UnsafeAtomic(words).load(ordering: .acquiring)) }
     /// The folios held for the pending flush, one reference each (for the audit).
     var heldFolios: [Folio] { state.withLock { $0.folios } }
     /// Deferred flushes run so far.
-    public var flushes: UInt64 { svm_load64(words + 8) }
+    public var flushes: UInt64 { UnsafeAtomic(words + 8).load(ordering: .acquiring) }
     /// Frames those flushes returned to the allocator.
-    public var framesReleased: UInt64 { svm_load64(words + 16) }
+    public var framesReleased: UInt64 { UnsafeAtomic(words + 16).load(ordering: .acquiring) }
     /// Flushes run early because a mapping became writable or changed.
-    public var giveUpFlushes: UInt64 { svm_load64(words + 24) }
+    public var giveUpFlushes: UInt64 { UnsafeAtomic(words + 24).load(ordering: .acquiring) }
     /// The give-up-on-write rule (on by default). Off, a write fault or an
     /// mprotect does not flush the pending stale translations first.
     public var giveUpOnWrite: Bool {
-        get { svm_load64(words + 32) != 0 }
-        set { svm_store64(words + 32, newValue ? 1 : 0) }
+        get { UnsafeAtomic(words + 32).load(ordering: .acquiring) != 0 }
+        set { UnsafeAtomic(words + 32).store(newValue ? 1 : 0, ordering: .releasing) }
     }
 
     /// Takes over the last reference of `folio` (the migrated source) and
@@ -156,7 +157,7 @@ public final class DeferredTLBFlush: @unchecked Sendable {
             p.frames += pages
             return p.frames
         }
-        _ = svm_add64(words, UInt64(pages))
+        _ = UnsafeAtomic(words).wrappingAdd(UInt64(pages), ordering: .relaxed).newValue
         return total >= frameLimit
     }
 
@@ -165,7 +166,7 @@ public final class DeferredTLBFlush: @unchecked Sendable {
     /// Returns the frames released.
     @discardableResult
     public func flush() -> Int {
-        guard svm_load64(words) != 0 else { return 0 }
+        guard UnsafeAtomic(words).load(ordering: .acquiring) != 0 else { return 0 }
         let p = state.withLock { p -> Pending in
             let taken = p
             p = Pending()
@@ -186,14 +187,14 @@ public final class DeferredTLBFlush: @unchecked Sendable {
         // still hold its translations of the frames (no lookup, no
         // reference taken, so no exit_mmap on this thread either).
         for (ctx, s, e) in spans { kernel.shootdown(ctx, s, e) }
-        _ = svm_add64(words + 8, 1)
+        _ = UnsafeAtomic(words + 8).wrappingAdd(1, ordering: .relaxed).newValue
         // Frames leave only after the flush.
         for f in p.folios {
             f.clear(.deferredFlush)
             f.put()
         }
-        _ = svm_add64(words, UInt64(bitPattern: -Int64(p.frames)))
-        _ = svm_add64(words + 16, UInt64(p.frames))
+        _ = UnsafeAtomic(words).wrappingAdd(UInt64(bitPattern: -Int64(p.frames)), ordering: .relaxed).newValue
+        _ = UnsafeAtomic(words + 16).wrappingAdd(UInt64(p.frames), ordering: .relaxed).newValue
         return p.frames
     }
 
@@ -201,18 +202,18 @@ public final class DeferredTLBFlush: @unchecked Sendable {
     /// writable (write fault on a read-only entry, mprotect adding write).
     /// Flushes what is pending unless the rule is switched off.
     func willMakeWritable() {
-        guard svm_load64(words) != 0, svm_load64(words + 32) != 0 else { return }
+        guard UnsafeAtomic(words).load(ordering: .acquiring) != 0, UnsafeAtomic(words + 32).load(ordering: .acquiring) != 0 else { return }
         giveUp()
     }
 
     /// A mapping is being removed or replaced (munmap, mmap over it): flush
     /// what is pending, whatever the switch says.
     func mappingWillChange() {
-        guard svm_load64(words) != 0 else { return }
+        guard UnsafeAtomic(words).load(ordering: .acquiring) != 0 else { return }
         giveUp()
     }
 
     private func giveUp() {
-        if flush() > 0 { _ = svm_add64(words + 24, 1) }
+        if flush() > 0 { _ = UnsafeAtomic(words + 24).wrappingAdd(1, ordering: .relaxed).newValue }
     }
 }
