@@ -243,23 +243,13 @@ extension AddressSpace {
             flushTLBRange(pmdStart, pmdStart + AddressSpace.pmdSize)
             let flags = old.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
                 & (pmd.isProtNone ? ~0 : ~PageTableEntry.protNoneBit)
-            for i in 0..<PageGeometry.pmdPages {
-                UnsafeAtomic(ptes + i).store(PageTableEntry.make(.present, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
-                kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
-            }
-            folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
-            folio.refAdd(Int32(PageGeometry.pmdPages - 1))
+            mapSplitFolio(folio, .present, flags: flags, ptes)
             storePMD(pmdStart, .table)
         case .devicePrivate:
             // Not present for any CPU: no translation to flush.
             let folio = Folio(pfn: pmd.pfn, kernel: kernel)
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit | PageTableEntry.protNoneBit)
-            for i in 0..<PageGeometry.pmdPages {
-                UnsafeAtomic(ptes + i).store(PageTableEntry.make(.devicePrivate, pfn: pmd.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
-                kernel.metaPtr(pmd.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
-            }
-            folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
-            folio.refAdd(Int32(PageGeometry.pmdPages - 1))
+            mapSplitFolio(folio, .devicePrivate, flags: flags, ptes)
             storePMD(pmdStart, .table)
         case .migration:
             let flags = pmd.rawValue & (PageTableEntry.writeBit | PageTableEntry.readExclusiveBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit)
@@ -271,5 +261,18 @@ extension AddressSpace {
         kernel.vmstat.count(.thpSplitPmd)
     }
     }
+    }
+
+    /// The PTEs of a split 2 MiB mapping of `folio`: one `kind` entry per
+    /// page, each counted in its page's map count and holding a reference;
+    /// the folio's entire mapping (one map count, one reference) goes.
+    /// Caller holds the PMD lock and installs the table after.
+    private func mapSplitFolio(_ folio: Folio, _ kind: PageTableEntry.Kind, flags: UInt64, _ ptes: UnsafeMutablePointer<UInt64>) {
+        for i in 0..<PageGeometry.pmdPages {
+            UnsafeAtomic(ptes + i).store(PageTableEntry.make(kind, pfn: folio.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
+            kernel.metaPtr(folio.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        }
+        folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
+        folio.refAdd(Int32(PageGeometry.pmdPages - 1))
     }
 }

@@ -129,34 +129,34 @@ public final class DeterministicScheduler: @unchecked Sendable {
     }
 
     let configuration: Configuration
-    var threads: [EmulatedThread] = []
-    var rng: SplitMix64
-    var step: UInt64 = 0
+    @exclusivity(unchecked) var threads: [EmulatedThread] = []
+    @exclusivity(unchecked) var rng: SplitMix64
+    @exclusivity(unchecked) var step: UInt64 = 0
     var preemptSteps: [UInt64] = []
     var lowestPriority: Int = 0
-    var blockSequence: UInt64 = 0
+    @exclusivity(unchecked) var blockSequence: UInt64 = 0
     /// Lock word -> index of the thread that took it (for wait-for cycles).
     let owners = PointerTable()
     /// Lock word -> index in `lockNames` (``name(_:_:)``, and each kernel lock's own name).
     let lockNameIndex = PointerTable()
     var lockNames: [String] = []
-    var log: [Step] = []
+    @exclusivity(unchecked) var log: [Step] = []
     /// The lock the next futex wait of the running thread is for (a kernel
     /// mutex's waiter sleeps on a word of its own).
-    var pendingLockWait: UnsafeRawPointer? = nil
+    @exclusivity(unchecked) var pendingLockWait: UnsafeRawPointer? = nil
     /// The lock-order violations this run's threads closed; guarded by
     /// ``LockOrder``'s graph lock.
     var violationsFound: [LockOrder.Violation] = []
     var outcome: Outcome = .completed
     /// How the run ended, as its threads saw it (``run()`` makes it the outcome).
-    var ending: Outcome = .completed
+    @exclusivity(unchecked) var ending: Outcome = .completed
     /// 0 while the run goes on, 1 when it ended, 2 when its caller abandoned it.
     let doneWord: UnsafeMutablePointer<UInt32>
     /// The scheduler's host thread's own context, while the run goes on.
     var hostFiber: OpaquePointer? = nil
     var started = false
     /// The CPU model's CPUs (empty without it).
-    var cpus: [ModelCPU] = []
+    @exclusivity(unchecked) var cpus: [ModelCPU] = []
     /// The slice of the CPU model.
     let slice: UInt64
     /// Lock words that are sleeping locks (a kernel mutex): holding one does

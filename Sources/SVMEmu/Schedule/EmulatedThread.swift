@@ -12,37 +12,42 @@ final class EmulatedThread: @unchecked Sendable {
     /// host thread holds it until the run ends), and the check cost a
     /// reference-count operation at every scheduling point.
     unowned(unsafe) let scheduler: DeterministicScheduler
+    // The fields below are read and written only by the fiber that runs
+    // (one at a time, on the scheduler's host thread) and by the scheduler
+    // between two of them: no access can overlap another, so their dynamic
+    // exclusivity checks (a third of the engine's bookkeeping at every
+    // scheduling point, perf) are off.
     let index: Int
     let name: String
     let observer: Bool
     var body: (@Sendable () -> Void)?
     /// Virtual nanoseconds since the run started.
-    var clock: UInt64 = 0
-    var priority = 0
-    var state = State.runnable
+    @exclusivity(unchecked) var clock: UInt64 = 0
+    @exclusivity(unchecked) var priority = 0
+    @exclusivity(unchecked) var state = State.runnable
     /// The futex word a blocked thread waits on, and its virtual deadline.
-    var waitWord: UnsafeMutablePointer<UInt32>? = nil
-    var deadline: UInt64? = nil
-    var timedOut = false
-    var blockSequence: UInt64 = 0
+    @exclusivity(unchecked) var waitWord: UnsafeMutablePointer<UInt32>? = nil
+    @exclusivity(unchecked) var deadline: UInt64? = nil
+    @exclusivity(unchecked) var timedOut = false
+    @exclusivity(unchecked) var blockSequence: UInt64 = 0
     /// The locks this thread took and has not released.
-    var held: [UnsafeRawPointer] = []
+    @exclusivity(unchecked) var held: [UnsafeRawPointer] = []
     /// Its lock-order record (what it holds, by class and site), for deadlock reports.
     var lockRecord: LockOrder.HeldLocks? = nil
     /// With the CPU model (``DeterministicScheduler/Configuration/cpus``):
     /// the CPU the thread runs on, or -1 while it has none (queued for one,
     /// blocked, finished).
-    var cpu = -1
+    @exclusivity(unchecked) var cpu = -1
     /// The CPU it last ran on (where a wake-up looks first).
-    var lastCPU = 0
+    @exclusivity(unchecked) var lastCPU = 0
     /// When it got its CPU: its slice runs from here.
-    var sliceStart: UInt64 = 0
+    @exclusivity(unchecked) var sliceStart: UInt64 = 0
     /// The lock a blocked thread sleeps for, when its futex word is not the
     /// lock's own (a mutex waiter sleeps on its own word): for deadlock reports.
-    var waitsForLock: UnsafeRawPointer? = nil
+    @exclusivity(unchecked) var waitsForLock: UnsafeRawPointer? = nil
     /// Without the CPU model, a sleep is a jump of the clock: until this
     /// virtual time the thread sleeps, and is on no CPU.
-    var asleepUntil: UInt64 = 0
+    @exclusivity(unchecked) var asleepUntil: UInt64 = 0
     /// Its fiber, from the start of the run; freed after the run once the
     /// thread finished (a thread of a deadlock keeps it: its stack holds the
     /// frames of its wait, and what they point to may be shared).
