@@ -12,7 +12,6 @@
 import Foundation
 import SVMEmu
 import Synchronization
-import CSVMSupport
 
 /// The memcpy yardsticks that are a single figure; the ones a benchmark
 /// interleaves with its own rounds are ``MemcpyBaseline`` and
@@ -268,7 +267,7 @@ public final class TwoThreadMemcpy: @unchecked Sendable {
             for j in mine { svm_copy(j.destination, j.source, j.bytes) }
         }
         let target = generation.load(ordering: .relaxed)
-        while finished.load(ordering: .acquiring) != target { svm_cpu_relax() }
+        while finished.load(ordering: .acquiring) != target { HostThread.relax() }
     }
 
     private func publish() { generation.add(1, ordering: .releasing) }
@@ -297,7 +296,7 @@ public final class TwoThreadMemcpy: @unchecked Sendable {
             let now = generation.load(ordering: .acquiring)
             if now == seen {
                 polls += 1
-                if polls & 63 == 0 { HostThread.yield() } else { svm_cpu_relax() }
+                if polls & 63 == 0 { HostThread.yield() } else { HostThread.relax() }
                 continue
             }
             seen = now

@@ -16,6 +16,14 @@ public enum HostThread {
         if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.yield) }
         system_sched_yield()
     }
+
+    /// One round of a busy-wait loop: tells the CPU the thread is spinning
+    /// (x86 `pause`), without giving the CPU away. Not a scheduling point:
+    /// for host threads polling one another (copy workers, yardsticks).
+    ///
+    /// The corresponding kernel function is `cpu_relax()`.
+    @inlinable @inline(__always)
+    public static func relax() { svm_cpu_relax() }
 }
 
 /// A joinable host thread running a closure (the deterministic scheduler's
