@@ -20,10 +20,12 @@ public enum OverheadReport {
     /// deterministic run has no host memcpy to compare with).
     static func yardsticksMeasured(_ r: OverheadResult) -> Bool { r.memcpyGBps > 0 || r.streamCopyGBps > 0 }
 
-    /// The timers' estimated cost, or nil when not estimated (virtual time
-    /// charges nothing for them).
+    /// The timers' estimated cost, or nil when not estimated: virtual time
+    /// charges nothing for them, and a run that did not measure the timers'
+    /// cost (`svmemu demo`: no timers-off rounds) has no estimate either.
     static func estimate(_ r: OverheadResult) -> Double? {
-        r.deterministic == true && r.instrumentationEstimatePercent == 0 ? nil : r.instrumentationEstimatePercent / 100
+        let estimated = r.deterministic != true && r.wallSecondsTimersOff > 0
+        return r.instrumentationEstimatePercent == 0 && !estimated ? nil : r.instrumentationEstimatePercent / 100
     }
 
     // MARK: table
