@@ -338,9 +338,12 @@ extension Kernel {
         let mmID = head.mappingMM
         guard mmID != 0, !pages.isEmpty, !head.test(PageFlags.pageCache.rawValue) else { return }
         let index = head.index
+        // Unmanaged, and never bound strongly: an address space has a side
+        // table (its registry entry is weak), so every retain of it is the
+        // runtime's slow path, and this runs once per folio of a migration.
         let hintRef = hint.map { Unmanaged.passUnretained($0) }
-        if let hint, hint.id == mmID {
-            rmapWalkAnon(hint.anonFamilyRef, index, pages, hintRef, file, line, body)
+        if let hintRef, hintRef._withUnsafeGuaranteedRef({ $0.id }) == mmID {
+            rmapWalkAnon(hintRef._withUnsafeGuaranteedRef { $0.anonFamilyRef }, index, pages, hintRef, file, line, body)
             return
         }
         // The family of the address space the rmap names, live, exiting or
