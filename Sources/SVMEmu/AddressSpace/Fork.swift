@@ -209,6 +209,7 @@ extension AddressSpace {
         // folio_try_dup_anon_rmap_pte(): the page is no longer exclusive.
         if cow { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
         page.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        folio.largeMapcountAdd(1)
         var childPTE = pte.without(PageTableEntry.youngBit)
         if !cow { childPTE = childPTE.without(PageTableEntry.dirtyBit) }
         guard cow && pte.isWrite else {
@@ -248,6 +249,7 @@ extension AddressSpace {
             page.folio.get()
             if cow { page.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
             page.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            page.folio.largeMapcountAdd(1)
             if cow && pte.isWrite {
                 entry = pte.without(PageTableEntry.writeBit)
                 storePTE(address, entry)

@@ -335,6 +335,7 @@ extension AddressSpace {
                 let folio = Folio(pfn: now.pfn, kernel: kernel)
                 folio.get()
                 folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+                folio.largeMapcountAdd(1)
                 for i in 0..<folio.pageCount { folio.page(i).meta.clearFlags(PageFlags.anonExclusive.rawValue) }
                 let shared = now.without(PageTableEntry.writeBit)
                 if now.isWrite {

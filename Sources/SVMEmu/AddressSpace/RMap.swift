@@ -242,8 +242,10 @@ extension AddressSpace {
         for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
         if pmdMapped {
             folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            folio.largeMapcountAdd(1)
         } else {
             for i in 0..<folio.pageCount { folio.page(i).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing) }
+            folio.largeMapcountAdd(Int32(folio.pageCount))
         }
     }
 
@@ -259,6 +261,7 @@ extension AddressSpace {
         folio.set(.anon)
         if exclusive { page.meta.setFlags(PageFlags.anonExclusive.rawValue) }
         page.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        folio.largeMapcountAdd(1)
     }
 
     /// `folio_add_anon_rmap_pmd()`; the folio keeps its index, as in
@@ -272,6 +275,7 @@ extension AddressSpace {
             for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
         }
         folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        folio.largeMapcountAdd(1)
     }
 
     /// `folio_remove_rmap_pte()`: the page keeps `folio->mapping` until freed.
@@ -280,7 +284,9 @@ extension AddressSpace {
         if n < 0 {
             page.atomicMapcount.store(0, ordering: .releasing)
             kernel.warn("folio_remove_rmap_pte: mapcount underflow", "\(page)", kind: .referenceCount)
+            return
         }
+        page.folio.largeMapcountAdd(-1)
     }
     /// `folio_remove_rmap_pmd()`.
     func removeEntireRmap(_ folio: Folio) {
@@ -288,7 +294,9 @@ extension AddressSpace {
         if n < 0 {
             folio.atomicEntireMapcount.store(0, ordering: .releasing)
             kernel.warn("folio_remove_rmap_pmd: entire mapcount underflow", "\(folio)", kind: .referenceCount)
+            return
         }
+        folio.largeMapcountAdd(-1)
     }
 
     /// Makes this address space's entries in its family's anon rmap those

@@ -181,6 +181,7 @@ extension AddressSpace {
             folio.meta.mappingMM = id
             folio.meta.index = vma.linearPageIndex(address)
                 folio.page(0).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+                folio.largeMapcountAdd(1)
         }
         let writable = vma.flags.contains(.write)
         if !expect.isNone {

@@ -226,6 +226,7 @@ extension AddressSpace {
     /// not anonymous; its `folio->mapping` stays what it is.
     func addFileRmap(page: Page) {
         page.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        page.folio.largeMapcountAdd(1)
     }
 
     /// Clears the PTE at `address` if it maps `folio` (truncation's

@@ -258,9 +258,21 @@ extension Kernel {
                 a.mapCountMismatches += 1
                 a.note("\(folio): entire map count \(m.entireMapcount), \(entireMaps[pfn] ?? 0) PMD entries")
             }
-            for i in 0..<pages where metaPtr(pfn + i).mapcount != (pteMaps[pfn + i] ?? 0) {
-                a.mapCountMismatches += 1
-                a.note("pfn 0x\(String(pfn + i, radix: 16)): map count \(metaPtr(pfn + i).mapcount), \(pteMaps[pfn + i] ?? 0) PTEs")
+            var pteMapped: Int32 = 0
+            for i in 0..<pages {
+                let found = pteMaps[pfn + i] ?? 0
+                pteMapped += found
+                if metaPtr(pfn + i).mapcount != found {
+                    a.mapCountMismatches += 1
+                    a.note("pfn 0x\(String(pfn + i, radix: 16)): map count \(metaPtr(pfn + i).mapcount), \(found) PTEs")
+                }
+            }
+            if pages > 1 {
+                let large = folio.atomicLargeMapcount.load(ordering: .acquiring)
+                if large != pteMapped + (entireMaps[pfn] ?? 0) {
+                    a.mapCountMismatches += 1
+                    a.note("\(folio): large map count \(large), \(pteMapped) PTEs + \(entireMaps[pfn] ?? 0) PMD entries")
+                }
             }
             pfn += pages
         }

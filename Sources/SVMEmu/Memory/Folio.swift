@@ -159,17 +159,28 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_ref_count()`.
     @inlinable public var refCount: Int { Int(meta.refcount) }
-    /// PTE mappings of every page plus PMD mappings.
+    /// PTE mappings of every page plus PMD mappings: for a large folio
+    /// one word, `folio->_large_mapcount`, that every rmap change of the
+    /// folio keeps (as since Linux 6.9: no walk over its pages).
     ///
     /// The corresponding kernel function is `folio_mapcount()`.
     public var mapCount: Int {
-        kernelRef._withUnsafeGuaranteedRef { k in
-            let head = k.metaPtr(pfn)
-            var n = Int(head.entireMapcount)
-            if head.order == 0 { return n + Int(head.mapcount) }
-            for i in 0..<(UInt64(1) << UInt64(head.order)) { n += Int(k.metaPtr(pfn + i).mapcount) }
-            return n
-        }
+        let head = meta
+        if head.order == 0 { return Int(head.entireMapcount) + Int(head.mapcount) }
+        return Int(atomicLargeMapcount.load(ordering: .acquiring))
+    }
+    /// `folio->_large_mapcount` of a large folio: its PTE mappings plus its
+    /// PMD mappings. The kernel keeps it in the first tail page's
+    /// `struct page`; here it is that page's entire-map-count slot, which
+    /// a tail page does not use otherwise. Only for a large folio.
+    @inlinable var atomicLargeMapcount: UnsafeAtomic<Int32> {
+        UnsafeAtomic(at: meta.p + PageMeta.size + PageMeta.entireMapcount)
+    }
+    /// Adds `n` to `_large_mapcount` when the folio is large (the part of
+    /// `folio_add_*_rmap_*()` / `folio_remove_rmap_*()` that counts the
+    /// folio's mappings as a whole); nothing for a small folio.
+    @inlinable func largeMapcountAdd(_ n: Int32) {
+        if isLarge { atomicLargeMapcount.wrappingAdd(n, ordering: .acquiringAndReleasing) }
     }
     /// PMD mappings of the folio.
     ///

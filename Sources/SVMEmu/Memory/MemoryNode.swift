@@ -173,6 +173,7 @@ extension Kernel {
                 t.atomicFlags.store(PageFlags.tail.rawValue | (flags & PageFlags.zoneDevice.rawValue), ordering: .releasing)
                 t.atomicRefcount.store(0, ordering: .releasing)
                 t.atomicMapcount.store(0, ordering: .releasing)
+                t.atomicEntireMapcount.store(0, ordering: .releasing)  // page[1]'s: _large_mapcount
                 t.order = 0
                 t.head = pfn
                 t.mappingMM = 0

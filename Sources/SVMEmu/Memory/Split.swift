@@ -75,6 +75,7 @@ extension Kernel {
             m.atomicFlags.store(inherited | own, ordering: .releasing)
             let refs = m.mapcount
             m.atomicRefcount.store(refs, ordering: .releasing)
+            m.atomicEntireMapcount.store(0, ordering: .releasing)  // page[1]'s held _large_mapcount
             m.order = 0
             m.head = folio.pfn + i
             m.mappingMM = mmID
@@ -273,6 +274,7 @@ extension AddressSpace {
             kernel.metaPtr(folio.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
         }
         folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
+        folio.largeMapcountAdd(Int32(PageGeometry.pmdPages - 1))
         folio.refAdd(Int32(PageGeometry.pmdPages - 1))
     }
 }
