@@ -20,7 +20,8 @@ struct FidelityCommand: ParsableCommand {
             migrate_to_ram) and each fault path (legacy, trylock), whether every page completed \
             and how many migrate_to_ram calls a page took, over several boots.
 
-            Each case runs here under the deterministic scheduler with --seeds seeds, on --cpus \
+            Each case runs here under the deterministic scheduler once per seed of --seeds \
+            (default 1-5; --seed S: that seed only), on --cpus \
             emulated CPUs, charging the --machine profile's measured costs (default qemu-tcg-2: \
             measured inside the rig's guest), with the rig's driver shape (every call sleeps, \
             with the kernel's fsleep rule). A run counts as a livelock when a page makes no \
@@ -44,8 +45,11 @@ struct FidelityCommand: ParsableCommand {
     @Option(name: .long, help: "The kernel's results to compare with (default: the shipped Data/kernel/livelock.json).")
     var reference: String?
 
-    @Option(name: .long, parsing: .unconditional, help: "Seeds per case: 1...N (1-100, default 5).")
-    var seeds = 5
+    @Option(name: .long, help: "The seeds each case runs with: \(SeedsSyntax.help) (default 1-5; at most 100 seeds).")
+    var seeds: String?
+
+    @Option(name: .long, parsing: .unconditional, help: "Run each case with this one seed only (0 to 2^64-1), instead of --seeds.")
+    var seed: UInt64?
 
     @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs (1-64, default 2: the rig's vCPUs).")
     var cpus = 2
@@ -75,8 +79,17 @@ struct FidelityCommand: ParsableCommand {
 
     @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
 
-    func validate() throws {
-        try checkRange(seeds, 1...100, flag: "--seeds")
+    /// The seeds without `--seeds` and `--seed`.
+    static let defaultSeeds = "1-5"
+
+    mutating func validate() throws {
+        if let text = seeds, !text.isEmpty, text.allSatisfy(\.isNumber), let n = Int(text), n >= 1 {
+            // The old spelling: --seeds N, a count (the seeds 1 to N).
+            Deprecation.warn(old: "fidelity --seeds \(n) (a count of seeds)", new: "--seeds 1-\(n)")
+            seeds = "1-\(n)"
+        }
+        if seeds != nil && seed != nil { throw ValidationError("give --seed (one seed) or --seeds (a set), not both") }
+        _ = try seedSet()
         try checkRange(cpus, 1...64, flag: "--cpus")
         guard (0.01...60).contains(stallSeconds) else {
             throw ValidationError("--stall-seconds must be 0.01...60 (got \(stallSeconds))")
@@ -129,10 +142,16 @@ struct FidelityCommand: ParsableCommand {
         s.tickNanos = profile.tickNanos
         s.stalls = profile.cpuStalls
         s.cpus = cpus
-        s.seeds = (1...UInt64(seeds)).map { $0 }
+        s.seeds = Array(try seedSet().seeds)
         s.stallSeconds = stallSeconds
         (s.driverWork, s.driverWait) = try shape()
         return s
+    }
+
+    /// The seeds of `--seed` or `--seeds` (default 1-5). Throws `ValidationError` naming the flag.
+    func seedSet() throws(ValidationError) -> SeedSet {
+        if let seed { return SeedSet(SeedRange(first: seed, last: seed)) }
+        return try SeedsSyntax.parse(seeds ?? Self.defaultSeeds, maxCount: 100)
     }
 
     /// What `--json` prints as results.
@@ -151,6 +170,7 @@ struct FidelityCommand: ParsableCommand {
     func run() throws {
         let reference = try loadReference()
         let settings = try settings()
+        let seeds = settings.seeds.count
         let line = ProgressLine(label: "svmemu fidelity")
         let say = quiet ? nil : line.sink
         let rows: [FidelityRow]
