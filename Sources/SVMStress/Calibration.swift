@@ -124,11 +124,10 @@ public enum Calibration {
         let futexWait = keep("futexWait", try measure("futex wait", .futexWait),
                              "FUTEX_WAIT_PRIVATE with a value that does not match (EAGAIN at once), 20000 a repetition")
         let (locks, unlocks) = try probe("lock") { () throws(Errno) in try HostProbe.lock(samples: rounds) }
-        let lockUncontended = keep("lockUncontended", locks,
+        _ = keep("lockUncontended", locks,
             "the emulator's futex mutex (svm_mutex_lock: one compare-and-exchange) on one thread: 10^6 lock/unlock pairs "
             + "minus 10^6 unlocks alone")
         _ = keep("unlock", unlocks, "svm_mutex_unlock (one exchange, no waiter to wake), 10^6 a repetition")
-        _ = lockUncontended
         _ = keep("yield", try measure("yield", .yield),
                  "sched_yield() pinned to one CPU, 20000 a repetition (nothing else runnable there unless the host is busy)")
 
@@ -208,19 +207,13 @@ public enum Calibration {
         // repetition's spread: the file keeps no false digits.
         func r(_ v: Double) -> Double { (v * 10).rounded() / 10 }
         memcpy = memcpy.map { .init(workingSetBytes: $0.workingSetBytes, gbPerSecond: ($0.gbPerSecond * 100).rounded() / 100) }
-        var costs = MachineProfile.Costs(
-            tlbHit: tlbHit, pageTableWalk: pageTableWalk, faultEntryExit: faultEntryExit,
-            syscall: figures["syscall"]!.median, futexWake: futexWake, futexWait: futexWait,
-            wakeLatency: wakeLatency, contextSwitch: contextSwitch, spinRound: spinRound,
-            lockUncontended: figures["lockUncontended"]!.median, unlock: figures["unlock"]!.median,
-            yield: figures["yield"]!.median, ipiSendToReceipt: ipiSendToReceipt, ipiRoundTrip: ipiRoundTrip,
-            localFlush: localFlush)
-        costs = MachineProfile.Costs(
-            tlbHit: r(costs.tlbHit), pageTableWalk: r(costs.pageTableWalk), faultEntryExit: r(costs.faultEntryExit),
-            syscall: r(costs.syscall), futexWake: r(costs.futexWake), futexWait: r(costs.futexWait),
-            wakeLatency: r(costs.wakeLatency), contextSwitch: r(costs.contextSwitch), spinRound: r(costs.spinRound),
-            lockUncontended: r(costs.lockUncontended), unlock: r(costs.unlock), yield: r(costs.yield),
-            ipiSendToReceipt: r(costs.ipiSendToReceipt), ipiRoundTrip: r(costs.ipiRoundTrip), localFlush: r(costs.localFlush))
+        let costs = MachineProfile.Costs(
+            tlbHit: r(tlbHit), pageTableWalk: r(pageTableWalk), faultEntryExit: r(faultEntryExit),
+            syscall: r(figures["syscall"]!.median), futexWake: r(futexWake), futexWait: r(futexWait),
+            wakeLatency: r(wakeLatency), contextSwitch: r(contextSwitch), spinRound: r(spinRound),
+            lockUncontended: r(figures["lockUncontended"]!.median), unlock: r(figures["unlock"]!.median),
+            yield: r(figures["yield"]!.median), ipiSendToReceipt: r(ipiSendToReceipt), ipiRoundTrip: r(ipiRoundTrip),
+            localFlush: r(localFlush))
         let cpus = min(hostCPUs, CPUSet.maxCPUs)
         let profile = MachineProfile(
             name: settings.name ?? "native-\(cpus)core",

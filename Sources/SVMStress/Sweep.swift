@@ -5,8 +5,32 @@
 import Foundation
 import SVMEmu
 
+/// A value of a sweep written in JSON as its text (`"1-4,9"`, `"2/4"`) and
+/// read back with `init?(parsing:)`.
+public protocol CodableAsText: Codable, CustomStringConvertible {
+    /// The value `text` names; nil when it names none.
+    init?(parsing text: String)
+}
+
+extension CodableAsText {
+    /// Decodes the text ``init(parsing:)`` reads.
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let value = Self(parsing: text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a \(Self.self): \(text)"))
+        }
+        self = value
+    }
+
+    /// Encodes as ``description``.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(description)
+    }
+}
+
 /// A range of seeds, `first` to `last` inclusive (`1-16`).
-public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
+public struct SeedRange: Sendable, CodableAsText, Equatable {
     /// The first seed.
     public var first: UInt64
     /// The last seed (inclusive).
@@ -41,27 +65,13 @@ public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
     /// "first-last", or the one seed.
     public var description: String { first == last ? "\(first)" : "\(first)-\(last)" }
 
-    /// Decodes "first-last" or a seed.
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        guard let r = SeedRange(parsing: text) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a seed range: \(text)"))
-        }
-        self = r
-    }
-
-    /// Encodes as ``description``.
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.singleValueContainer()
-        try c.encode(description)
-    }
 }
 
 /// The seeds of a sweep, as `--seeds` takes them: single seeds and ranges,
 /// comma-separated (`1-100`, `3,7,12`, `1-4,9`). Kept ascending, with
 /// overlapping and adjacent ranges merged; a sweep runs its seeds in that
 /// order, and a shard takes a contiguous block of them by position.
-public struct SeedSet: Sendable, Codable, Equatable, CustomStringConvertible {
+public struct SeedSet: Sendable, CodableAsText, Equatable {
     /// The ranges: ascending, disjoint, not adjacent, never empty.
     public private(set) var ranges: [SeedRange]
 
@@ -120,20 +130,6 @@ public struct SeedSet: Sendable, Codable, Equatable, CustomStringConvertible {
     /// The ranges, comma-separated ("1-4,9").
     public var description: String { ranges.map(\.description).joined(separator: ",") }
 
-    /// Decodes ``description``.
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        guard let s = SeedSet(parsing: text) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a set of seeds: \(text)"))
-        }
-        self = s
-    }
-
-    /// Encodes as ``description``.
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.singleValueContainer()
-        try c.encode(description)
-    }
 }
 
 /// One of `count` shards of a seed range, numbered from 1: `--shard 2/4`
@@ -141,7 +137,7 @@ public struct SeedSet: Sendable, Codable, Equatable, CustomStringConvertible {
 /// contiguous blocks of the range, as equal as they can be (their sizes
 /// differ by at most one seed); a shard of a range shorter than `count`
 /// may be empty.
-public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringConvertible {
+public struct SweepShard: Sendable, CodableAsText, Hashable {
     /// 1...count.
     public var index: Int
     /// Shards in all.
@@ -211,20 +207,10 @@ public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringCo
     /// "index/count".
     public var description: String { "\(index)/\(count)" }
 
-    /// Decodes "index/count".
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        switch SweepShard.parse(text) {
-        case .success(let s): self = s
-        case .failure(let e):
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "shard \(e)"))
-        }
-    }
-
-    /// Encodes as ``description``.
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.singleValueContainer()
-        try c.encode(description)
+    /// Shard `I/N` as ``parse(_:)`` reads it; nil for anything it refuses.
+    public init?(parsing text: String) {
+        guard case .success(let s) = Self.parse(text) else { return nil }
+        self = s
     }
 }
 

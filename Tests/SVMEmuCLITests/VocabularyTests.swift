@@ -147,7 +147,7 @@ struct VocabularyTests {
         }
     }
 
-    @Test("every command that prints a report takes --output FILE and --quiet (calibrate and fidelity their own)")
+    @Test("every command that prints a report takes --output FILE and --quiet (calibrate its own: the profile)")
     func outputAndQuiet() throws {
         try withScratchDirectory { dir in
             let commands: [[String]] = [["demo"], ["livelock"], ["overhead"], ["hmm-tests"], ["bench", "memory"],
@@ -156,7 +156,7 @@ struct VocabularyTests {
             for c in commands {
                 var command = try SVMEmuCommand.parseAsRoot(c + ["--output", dir + "/out", "--quiet"])
                 try command.validate()
-                let own = c == ["calibrate"] || c == ["fidelity"]
+                let own = c == ["calibrate"]
                 #expect((ReportFileOptions.find(in: command) != nil) != own, "\(c)")
             }
             // A path that cannot be written is refused before the run.

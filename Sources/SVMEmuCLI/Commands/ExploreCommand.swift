@@ -129,14 +129,7 @@ struct ExploreCommand: ParsableCommand {
         try sweep.check(json: output.json)
     }
 
-    func settings() throws -> StormSettings {
-        var s = StormSettings()
-        try knobs.apply(to: &s)
-        storm.apply(to: &s, deterministic: true)
-        try schedule.apply(to: &s)
-        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
-        return s
-    }
+    func settings() throws -> StormSettings { try knobs.stormSettings(storm, schedule) }
 
     func run() throws {
         if let shard = try sweep.parsed() { return try runShard(shard) }
@@ -278,18 +271,11 @@ struct ReplayCommand: ParsableCommand {
 
     func validate() throws {
         try checkRange(steps, 0...1_000_000, flag: "--steps")
-        var s = StormSettings()
-        try knobs.apply(to: &s)
-        storm.apply(to: &s, deterministic: true)
-        try schedule.apply(to: &s)
-        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
+        _ = try knobs.stormSettings(storm, schedule)
     }
 
     func run() throws {
-        var s = StormSettings()
-        try knobs.apply(to: &s)
-        storm.apply(to: &s, deterministic: true)
-        try schedule.apply(to: &s)
+        let s = try knobs.stormSettings(storm, schedule)
         var config = DeterministicScheduler.Configuration(seed: s.seed)
         config.preemptions = s.preemptions
         config.logSteps = steps * 2

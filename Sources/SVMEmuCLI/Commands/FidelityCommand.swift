@@ -69,13 +69,9 @@ struct FidelityCommand: ParsableCommand {
     @Option(name: .long, help: "How they sleep: fsleep (the rig's), sleep or spin.")
     var driverWait = "fsleep"
 
-    @Option(name: .long, help: "Also write the report to this file (the table, or the JSON with --json).")
-    var output: String?
-
-    @Flag(name: .long, help: "No progress line on standard error.")
-    var quiet = false
-
     @OptionGroup var json: JSONOutputOptions
+
+    @OptionGroup var report: ReportFileOptions
 
     @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
 
@@ -98,7 +94,6 @@ struct FidelityCommand: ParsableCommand {
             throw ValidationError("invalid --fault-policy '\(faultPolicy)'; valid values: legacy, trylock")
         }
         _ = try shape()
-        if let output { try OutputFile(output).checkWritable() }
         if let cases {
             for c in cases.split(separator: ",") where c.split(separator: ":").count != 3 {
                 throw ValidationError("--cases: '\(c)' is not THREADS:MUTEX:MICROS (for example 8:1:50)")
@@ -172,11 +167,10 @@ struct FidelityCommand: ParsableCommand {
         let settings = try settings()
         let seeds = settings.seeds.count
         let line = ProgressLine(label: "svmemu fidelity")
-        let say = quiet ? nil : line.sink
         let rows: [FidelityRow]
         do {
             rows = try FidelityHarness.run(reference, settings) { row, done, total in
-                say?("\(done)/\(total) cases (\(row.case) \(row.policy): \(row.emulator.outcome))")
+                line.say("\(done)/\(total) cases (\(row.case) \(row.policy): \(row.emulator.outcome))")
             }
         } catch {
             line.done()
@@ -184,16 +178,13 @@ struct FidelityCommand: ParsableCommand {
         }
         line.done()
         let differ = rows.filter { !$0.outcomeAgrees }.count
-        let text: String
         if json.json {
-            text = try JSONReport.render(for: self, results: Results(
+            print(try JSONReport.render(for: self, results: Results(
                 kernel: reference.kernel, date: reference.date, qemu: reference.qemu, machine: machine, cpus: cpus,
-                seeds: seeds, rows: rows, agree: rows.count - differ, differ: differ))
+                seeds: seeds, rows: rows, agree: rows.count - differ, differ: differ)))
         } else {
-            text = Self.table(rows, reference, machine: machine, seeds: seeds)
+            print(Self.table(rows, reference, machine: machine, seeds: seeds), terminator: "")
         }
-        print(text, terminator: json.json ? "\n" : "")
-        if let output { try OutputFile(output).write(text) }
         if differ > 0 { throw ExitCode(1) }
     }
 

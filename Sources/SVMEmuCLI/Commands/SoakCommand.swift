@@ -120,14 +120,7 @@ struct SoakCommand: ParsableCommand {
             throw ValidationError("--mix must list operations among \(SoakMix.names.map(\.0).joined(separator: ", ")) or all (got \(mix))")
         }
         s.mix = m
-        do { try s.validate() } catch {
-            throw ValidationError(error.description.replacingOccurrences(of: "operations must", with: "--operations must")
-                .replacingOccurrences(of: "cpus must", with: "--cpus must")
-                .replacingOccurrences(of: "hugeRegions must", with: "--huge-regions must")
-                .replacingOccurrences(of: "auditEvery must", with: "--audit-every must")
-                .replacingOccurrences(of: "logSteps must", with: "--steps must")
-                .replacingOccurrences(of: "pages must", with: "--pages must"))
-        }
+        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
         return s
     }
 

@@ -157,6 +157,20 @@ struct StormScenarioOptions: ParsableArguments {
     }
 }
 
+extension StormScenarioOptions {
+    /// The storm of these knobs in `storm`'s shape, under the deterministic
+    /// scheduler of `schedule` when `deterministic` (`livelock`; always for
+    /// `explore` and `replay`), checked: a `ValidationError` names the flag.
+    func stormSettings<D>(_ storm: StormOptions<D>, _ schedule: ScheduleOptions, deterministic: Bool = true) throws -> StormSettings {
+        var s = StormSettings()
+        try apply(to: &s)
+        storm.apply(to: &s, deterministic: deterministic)
+        if deterministic { try schedule.apply(to: &s) }
+        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
+        return s
+    }
+}
+
 /// `--machine` of a deterministic run: whose costs its virtual time charges
 /// (a shipped profile by name, or a profile file; Docs/machine-profiles.md).
 struct MachineOptions: ParsableArguments {
