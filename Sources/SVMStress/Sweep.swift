@@ -96,7 +96,7 @@ public struct SeedSet: Sendable, CodableAsText, Equatable {
     public init?(parsing text: String) {
         var ranges: [SeedRange] = []
         for item in text.split(separator: ",", omittingEmptySubsequences: false) {
-            guard let r = SeedRange(parsing: String(item)) else { return nil }
+            guard let r = SeedRange(parsing: item.trimmingCharacters(in: .whitespaces)) else { return nil }
             ranges.append(r)
         }
         self.init(ranges)
