@@ -42,7 +42,7 @@ let package = Package(
         .target(name: "GPUSVM", dependencies: ["SVMEmu"], swiftSettings: strict),
         .target(name: "XeDriver", dependencies: ["SVMEmu", "GPUSVM"], swiftSettings: strict),
         // Storm and overhead harnesses.
-        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver", "GPUSVM", "XeDriver", "SVMProfiles", "CSVMSupport"],
+        .target(name: "SVMStress", dependencies: ["SVMEmu", "MirrorDriver", "GPUSVM", "XeDriver", "SVMProfiles"],
                 swiftSettings: strict),
         // libdrm (Debian's libdrm-dev) and the nouveau SVM uAPI.
         .systemLibrary(name: "CLibDRM", pkgConfig: "libdrm",

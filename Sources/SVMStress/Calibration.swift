@@ -1,10 +1,9 @@
-import CSVMSupport
 import Foundation
 import SVMEmu
 
 /// Measures this host's primitives into a ``MachineProfile`` (`svmemu
 /// calibrate`). Every figure is the median of `rounds` repetitions of a
-/// microbenchmark (svm_calibrate.h), each repetition a batch of thousands of
+/// microbenchmark (`HostProbe`, SVMEmu's Host layer), each repetition a batch of thousands of
 /// operations, or for the one-event measurements (a wake-up) `rounds` × 20
 /// events. The two-CPU measurements use the first two CPUs the process may
 /// run on; a one-CPU host reports them as 0 and says so in ``MachineProfile/methods``.
@@ -67,32 +66,30 @@ public enum Calibration {
     public struct Failure: Error, CustomStringConvertible {
         /// What went wrong, for the user.
         public let description: String
+
+        /// The host refused measurement `what` with `error`.
+        init(refused what: String, _ error: Errno) {
+            description = "\(what): the host refused (\(String(cString: strerror(error.rawValue))))"
+        }
+        init(description: String) { self.description = description }
     }
 
     /// Runs every measurement; `progress` hears which one runs.
     public static func run(_ settings: Settings, progress: ((String) -> Void)? = nil) throws(Failure) -> Result {
         let rounds = max(1, settings.rounds)
-        let hostCPUs = Int(svm_cal_cpus())
+        let hostCPUs = HostProbe.cpus
         guard hostCPUs >= 1 else { throw Failure(description: "cannot read this process's CPUs (sched_getaffinity)") }
         let (a, b) = twoCPUs()
         var figures: [String: Figure] = [:]
         var methods: [String: String] = [:]
 
-        func measure(_ what: String, _ body: (UnsafeMutablePointer<Double>, Int32) -> Int32) throws(Failure) -> [Double] {
+        /// `body`'s figures; a refusal names `what`.
+        func probe<T>(_ what: String, _ body: () throws(Errno) -> T) throws(Failure) -> T {
             progress?(what)
-            var out = [Double](repeating: 0, count: rounds)
-            let rc = out.withUnsafeMutableBufferPointer { body($0.baseAddress!, Int32(rounds)) }
-            if rc != 0 { throw Failure(description: "\(what): the host refused (\(String(cString: strerror(-rc))))") }
-            return out
+            do { return try body() } catch { throw Failure(refused: what, error) }
         }
-        func pairs(_ what: String, _ body: (UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, Int32) -> Int32) throws(Failure) -> ([Double], [Double]) {
-            progress?(what)
-            var x = [Double](repeating: 0, count: rounds), y = x
-            let rc = x.withUnsafeMutableBufferPointer { xp in
-                y.withUnsafeMutableBufferPointer { yp in body(xp.baseAddress!, yp.baseAddress!, Int32(rounds)) }
-            }
-            if rc != 0 { throw Failure(description: "\(what): the host refused (\(String(cString: strerror(-rc))))") }
-            return (x, y)
+        func measure(_ what: String, _ p: HostProbe.Single) throws(Failure) -> [Double] {
+            try probe(what) { () throws(Errno) in try HostProbe.measure(p, samples: rounds) }
         }
         /// Records `key` as the median of `values`.
         func keep(_ key: String, _ values: [Double], _ method: String) -> Double {
@@ -106,65 +103,54 @@ public enum Calibration {
             keep(key, zip(x, y).map { max(0, $0 - $1) }, method)
         }
 
-        let hits = try measure("TLB hit") { svm_cal_tlb_hit($0, $1) }
+        let hits = try measure("TLB hit", .tlbHit)
         let tlbHit = keep("tlbHit", hits, "a random pointer chase over the 64 cache lines of one 4 KiB page "
                           + "(every load hits the L1 cache and the first-level TLB), 2^20 dependent loads a repetition")
-        let (walks, packed) = try pairs("page-table walk") { svm_cal_page_walk($0, $1, $2, Int32(settings.walkPages)) }
+        let (walks, packed) = try probe("page-table walk") { () throws(Errno) in
+            try HostProbe.pageWalk(samples: rounds, pages: settings.walkPages)
+        }
         let pageTableWalk = keepDifference("pageTableWalk", walks, packed,
             "a random pointer chase with one cache line in each of \(settings.walkPages) 4 KiB pages "
             + "(\(settings.walkPages * 4 / 1024) MiB, MADV_NOHUGEPAGE: every load misses both TLB levels, the lines stay in L2) "
             + "minus the same chase over as many lines packed into \(settings.walkPages * 64 / 1024) KiB (TLB hits)")
-        let faults = try measure("minor fault") { svm_cal_minor_fault($0, $1) }
+        let faults = try measure("minor fault", .minorFault)
         let faultEntryExit = keepDifference("faultEntryExit", faults, Array(repeating: tlbHit, count: rounds),
             "the first read of each of 256 pages of a fresh private anonymous mapping (MADV_NOHUGEPAGE: a minor fault "
             + "that maps the zero page), per page, minus a TLB hit")
-        _ = keep("syscall", try measure("system call") { svm_cal_syscall($0, $1) },
+        _ = keep("syscall", try measure("system call", .syscall),
                  "syscall(SYS_getppid), 20000 a repetition")
-        let futexWake = keep("futexWake", try measure("futex wake") { svm_cal_futex_wake($0, $1) },
+        let futexWake = keep("futexWake", try measure("futex wake", .futexWake),
                              "FUTEX_WAKE_PRIVATE of a word nobody waits on, 20000 a repetition")
-        let futexWait = keep("futexWait", try measure("futex wait") { svm_cal_futex_wait($0, $1) },
+        let futexWait = keep("futexWait", try measure("futex wait", .futexWait),
                              "FUTEX_WAIT_PRIVATE with a value that does not match (EAGAIN at once), 20000 a repetition")
-        let (locks, unlocks) = try pairs("lock") { svm_cal_lock($0, $1, $2) }
-        let lockUncontended = keep("lockUncontended", locks,
+        let (locks, unlocks) = try probe("lock") { () throws(Errno) in try HostProbe.lock(samples: rounds) }
+        _ = keep("lockUncontended", locks,
             "the emulator's futex mutex (svm_mutex_lock: one compare-and-exchange) on one thread: 10^6 lock/unlock pairs "
             + "minus 10^6 unlocks alone")
         _ = keep("unlock", unlocks, "svm_mutex_unlock (one exchange, no waiter to wake), 10^6 a repetition")
-        _ = lockUncontended
-        _ = keep("yield", try measure("yield") { svm_cal_yield($0, $1) },
+        _ = keep("yield", try measure("yield", .yield),
                  "sched_yield() pinned to one CPU, 20000 a repetition (nothing else runnable there unless the host is busy)")
 
         var wakeLatency = 0.0, contextSwitch = 0.0, spinRound = 0.0
         var ipiSendToReceipt = 0.0, ipiRoundTrip = 0.0, localFlush = 0.0
         let oneCPU = "not measured: the process may run on one CPU only"
         if let a, let b {
-            progress?("wake-up latency")
-            var wakes = [Double](repeating: 0, count: rounds * 20)
-            let rc = wakes.withUnsafeMutableBufferPointer { svm_cal_wake_latency($0.baseAddress!, Int32(rounds * 20), a, b) }
-            if rc != 0 { throw Failure(description: "wake-up latency: the host refused (\(String(cString: strerror(-rc))))") }
+            let wakes = try probe("wake-up latency") { () throws(Errno) in
+                try HostProbe.wakeLatency(samples: rounds * 20, a: a, b: b)
+            }
             wakeLatency = keep("wakeLatency", wakes,
                 "a thread on CPU \(a) stores a futex word and calls FUTEX_WAKE; the thread on CPU \(b), asleep in FUTEX_WAIT "
                 + "for 200 µs, reads the clock when it runs: the time between, \(rounds * 20) wake-ups")
-            let switches = try measure("context switch") { svm_cal_context_switch($0, $1, a) }
+            let switches = try measure("context switch", .contextSwitch(cpu: a))
             contextSwitch = keepDifference("contextSwitch", switches,
                                            Array(repeating: futexWake + futexWait, count: rounds),
                 "two threads pinned to CPU \(a) hand a futex word back and forth (2000 round trips a repetition); "
                 + "per switch, minus one FUTEX_WAKE and one FUTEX_WAIT (each switch makes both calls)")
-            spinRound = keep("spinRound", try measure("spin round") { svm_cal_spin_round($0, $1, a, b) },
+            spinRound = keep("spinRound", try measure("spin round", .spinRound(a: a, b: b)),
                 "on CPU \(a): load, compare-and-exchange and pause on a cache line a thread on CPU \(b) keeps writing, "
                 + "10^5 rounds a repetition")
-            progress?("TLB shootdown")
-            var local = [Double](repeating: 0, count: rounds), remote = local, handling = local, interrupted = local
-            let rs = local.withUnsafeMutableBufferPointer { l in
-                remote.withUnsafeMutableBufferPointer { r in
-                    handling.withUnsafeMutableBufferPointer { h in
-                        interrupted.withUnsafeMutableBufferPointer { i in
-                            svm_cal_shootdown(l.baseAddress!, r.baseAddress!, h.baseAddress!, i.baseAddress!,
-                                              Int32(rounds), a, b)
-                        }
-                    }
-                }
-            }
-            if rs != 0 { throw Failure(description: "TLB shootdown: the host refused (\(String(cString: strerror(-rs))))") }
+            let shootdown = try probe("TLB shootdown") { () throws(Errno) in try HostProbe.shootdown(samples: rounds, a: a, b: b) }
+            let (local, remote) = (shootdown.local, shootdown.remote)
             localFlush = keep("localFlush", local,
                 "mprotect() of one present, written page to read-only and back (2000 calls a repetition) while the "
                 + "process's other thread sleeps (its CPU skipped): a system call, the entry's change and a local "
@@ -173,8 +159,8 @@ public enum Calibration {
                 "the same mprotect() calls while the process's other thread spins in user mode on CPU \(b) "
                 + "(each call must then flush that CPU too and wait for it), minus the local call; local and "
                 + "remote repetitions alternate")
-            let perCall = Figure(interrupted).median
-            let handled = Figure(handling).median
+            let perCall = Figure(shootdown.interrupted).median
+            let handled = Figure(shootdown.handling).median
             if perCall >= 0.5 {
                 ipiSendToReceipt = keep("ipiSendToReceipt", zip(remote, local).map { max(0, ($0 - $1 - handled) / 2) },
                     "derived: (ipiRoundTrip - the IPI's handling on CPU \(b)) / 2, the handling being the median "
@@ -196,7 +182,7 @@ public enum Calibration {
 
         var memcpy: [MachineProfile.CopyBandwidth] = []
         for size in settings.copySizes {
-            let gbps = try measure("memcpy \(size >> 10) KiB") { svm_cal_memcpy($0, $1, size) }
+            let gbps = try measure("memcpy \(size >> 10) KiB", .memcpy(bytes: size))
             memcpy.append(.init(workingSetBytes: size, gbPerSecond: Figure(gbps).median))
         }
         methods["memcpy"] = "memcpy() between two buffers of the working set's size each (MADV_NOHUGEPAGE), repeated "
@@ -221,19 +207,13 @@ public enum Calibration {
         // repetition's spread: the file keeps no false digits.
         func r(_ v: Double) -> Double { (v * 10).rounded() / 10 }
         memcpy = memcpy.map { .init(workingSetBytes: $0.workingSetBytes, gbPerSecond: ($0.gbPerSecond * 100).rounded() / 100) }
-        var costs = MachineProfile.Costs(
-            tlbHit: tlbHit, pageTableWalk: pageTableWalk, faultEntryExit: faultEntryExit,
-            syscall: figures["syscall"]!.median, futexWake: futexWake, futexWait: futexWait,
-            wakeLatency: wakeLatency, contextSwitch: contextSwitch, spinRound: spinRound,
-            lockUncontended: figures["lockUncontended"]!.median, unlock: figures["unlock"]!.median,
-            yield: figures["yield"]!.median, ipiSendToReceipt: ipiSendToReceipt, ipiRoundTrip: ipiRoundTrip,
-            localFlush: localFlush)
-        costs = MachineProfile.Costs(
-            tlbHit: r(costs.tlbHit), pageTableWalk: r(costs.pageTableWalk), faultEntryExit: r(costs.faultEntryExit),
-            syscall: r(costs.syscall), futexWake: r(costs.futexWake), futexWait: r(costs.futexWait),
-            wakeLatency: r(costs.wakeLatency), contextSwitch: r(costs.contextSwitch), spinRound: r(costs.spinRound),
-            lockUncontended: r(costs.lockUncontended), unlock: r(costs.unlock), yield: r(costs.yield),
-            ipiSendToReceipt: r(costs.ipiSendToReceipt), ipiRoundTrip: r(costs.ipiRoundTrip), localFlush: r(costs.localFlush))
+        let costs = MachineProfile.Costs(
+            tlbHit: r(tlbHit), pageTableWalk: r(pageTableWalk), faultEntryExit: r(faultEntryExit),
+            syscall: r(figures["syscall"]!.median), futexWake: r(futexWake), futexWait: r(futexWait),
+            wakeLatency: r(wakeLatency), contextSwitch: r(contextSwitch), spinRound: r(spinRound),
+            lockUncontended: r(figures["lockUncontended"]!.median), unlock: r(figures["unlock"]!.median),
+            yield: r(figures["yield"]!.median), ipiSendToReceipt: r(ipiSendToReceipt), ipiRoundTrip: r(ipiRoundTrip),
+            localFlush: r(localFlush))
         let cpus = min(hostCPUs, CPUSet.maxCPUs)
         let profile = MachineProfile(
             name: settings.name ?? "native-\(cpus)core",
@@ -245,12 +225,13 @@ public enum Calibration {
         return Result(profile: profile, figures: figures)
     }
 
-    /// vCPU stalls (svm_cal_stalls): the figures and their method.
+    /// vCPU stalls (``HostProbe/stalls(a:b:rounds:roundNanos:tickNanos:)``): the figures and their method.
     static func measureStalls(a: Int32, b: Int32, rounds: Int, roundNanos: UInt64,
                               tickNanos: UInt64) throws(Failure) -> (MachineProfile.Stalls, String) {
-        var f = svm_cal_stall_figures()
-        let rc = svm_cal_stalls(&f, a, b, Int32(rounds), roundNanos, tickNanos)
-        if rc != 0 { throw Failure(description: "stalls: the host refused (\(String(cString: strerror(-rc))))") }
+        let f: HostProbe.Stalls
+        do { f = try HostProbe.stalls(a: a, b: b, rounds: rounds, roundNanos: roundNanos, tickNanos: tickNanos) } catch {
+            throw Failure(refused: "stalls", error)
+        }
         func r(_ v: Double) -> Double { (v * 10).rounded() / 10 }
         let stalls = MachineProfile.Stalls(
             ratePerSecond: r(f.ratePerSecond), meanNanos: r(f.meanNanos), p50Nanos: r(f.p50Nanos),
@@ -264,7 +245,7 @@ public enum Calibration {
             + String(format: "%.0f ns", f.loopNanos) + ", at least 2 µs). Gaps in which the thread's involuntary "
             + "context switches went up (getrusage RUSAGE_THREAD: the kernel ran another task there) are not stalls "
             + String(format: "(%.1f a second a CPU)", f.preemptionsPerSecond) + ". The tick's gaps are not stalls: "
-            + (f.byTimerCount > 0
+            + (f.byTimerCount
                ? "a gap in which the CPU's local timer interrupt count went up (/proc/interrupts LOC, read after each gap), "
                : "/proc/interrupts unreadable, so by phase: the start times modulo the tick (\(tickNanos) ns) of the gaps no "
                  + "longer than a quarter tick are binned in 100 bins a CPU and the bin that stands out is the tick's; a gap there ")
@@ -280,11 +261,7 @@ public enum Calibration {
     // MARK: the host
 
     /// The first two CPUs the process may run on.
-    static func twoCPUs() -> (Int32?, Int32?) {
-        var a: Int32 = -1, b: Int32 = -1
-        svm_cal_first_cpus(&a, &b)
-        return (a >= 0 ? a : nil, b >= 0 ? b : nil)
-    }
+    static func twoCPUs() -> (Int32?, Int32?) { HostProbe.firstTwoCPUs() }
 
     /// The tick: local timer interrupts per second on a busy CPU, rounded to
     /// the nearest CONFIG_HZ choice (100, 250, 300, 1000).
@@ -296,7 +273,7 @@ public enum Calibration {
            let hz = UInt64(line.dropFirst("CONFIG_HZ=".count)), hz > 0 {
             return (1_000_000_000 / hz, "the kernel's configuration (CONFIG_HZ=\(hz), from /proc/config.gz or /boot/config-*)")
         }
-        let hz = svm_cal_tick_hz(cpu, 500)
+        let hz = HostProbe.tickHz(cpu: cpu, millis: 500)
         let choices: [Double] = [100, 250, 300, 1000]
         if hz > 0 {
             let nearest = choices.min { abs($0 - hz) < abs($1 - hz) }!
@@ -366,7 +343,7 @@ public enum Calibration {
         if let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8), info.contains(" hypervisor") {
             hypervisor = ", a virtual machine"
         }
-        return "\(model), \(svm_cal_cpus()) CPUs\(hypervisor), Linux \(field(u.release))"
+        return "\(model), \(HostProbe.cpus) CPUs\(hypervisor), Linux \(field(u.release))"
     }
 
     static func today() -> String {

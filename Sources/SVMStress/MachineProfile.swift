@@ -361,18 +361,21 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         return aliases + files
     }
 
-    /// The shipped profile `name` (an alias or a profile's own name).
+    /// The shipped profile `name` (an alias or a profile's own name, in any
+    /// case, as every enumeration value of `svmemu`).
     public static func shipped(_ name: String) throws(MachineProfileError) -> MachineProfile {
-        let file = aliases[name] ?? name
-        guard let url = ShippedProfiles.url(named: file) else { throw .unknownName(name, known: shippedNames) }
+        let lowered = name.lowercased()
+        let known = shippedNames.first { $0.lowercased() == lowered } ?? name
+        guard let url = ShippedProfiles.url(named: aliases[known] ?? known) else { throw .unknownName(name, known: shippedNames) }
         return try load(path: url.path)
     }
 
-    /// What `--machine` names: a shipped profile by name, else a file (a
-    /// path with a `/`, a name ending in `.json`, or any existing file).
+    /// What `--machine` names: a shipped profile by name (in any case),
+    /// else a file, its path as given (a path with a `/`, a name ending in
+    /// `.json`, or any existing file).
     public static func resolve(_ nameOrPath: String) throws(MachineProfileError) -> MachineProfile {
-        let file = aliases[nameOrPath] ?? nameOrPath
-        if ShippedProfiles.url(named: file) != nil { return try shipped(nameOrPath) }
+        let lowered = nameOrPath.lowercased()
+        if shippedNames.contains(where: { $0.lowercased() == lowered }) { return try shipped(nameOrPath) }
         if nameOrPath.contains("/") || nameOrPath.hasSuffix(".json") || FileManager.default.fileExists(atPath: nameOrPath) {
             return try load(path: nameOrPath)
         }

@@ -294,13 +294,7 @@ extension OverheadHarness {
     }
 
     /// The end of `svmemu demo`: to-device and to-ram at 4 KiB and 2 MiB over
-    /// a small buffer (one round, no timers-off runs), as a summary table.
-    public static func demoBreakdown(bytes: Int = 64 << 20, copyModel: OverheadCopyModel = .memcpy,
-                                     progress: (@Sendable (String) -> Void)? = nil) throws(OverheadError) -> String {
-        demoSummary(try demoRuns(bytes: bytes, copyModel: copyModel, progress: progress))
-    }
-
-    /// The runs of `demoBreakdown`, for `svmemu demo --json`.
+    /// a small buffer (one round, no timers-off runs); `demoSummary` tabulates them.
     public static func demoRuns(bytes: Int = 64 << 20, copyModel: OverheadCopyModel = .memcpy,
                                 progress: (@Sendable (String) -> Void)? = nil) throws(OverheadError) -> [OverheadResult] {
         var results: [OverheadResult] = []
@@ -320,7 +314,7 @@ extension OverheadHarness {
         return results
     }
 
-    /// The summary table of `demoBreakdown` for runs of one size and copy model.
+    /// The summary table of `demoRuns` for runs of one size and copy model.
     public static func demoSummary(_ results: [OverheadResult]) -> String {
         let bytes = results.first?.bytes ?? 0, copyModel = results.first?.copyModel ?? "?"
         return "Where a fault's time goes, 4 KiB versus 2 MiB (\(bytes >> 20) MiB, copy model \(copyModel)):\n"

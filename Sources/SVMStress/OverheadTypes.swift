@@ -235,12 +235,9 @@ public struct OverheadResult: Sendable, Codable {
     /// The phases a fault is split into, in the order they run, then `other`.
     public static let phaseOrder = ["collect", "unmap", "allocate", "copy", "pages", "pageTableUpdate", "finalize", "other"]
 
-    /// One JSON object (keys sorted).
+    /// One JSON object, compact, in the reports' conventions (``ReportJSON``).
     public func jsonString() -> String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
-        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-        return String(decoding: (try? encoder.encode(self)) ?? Data("{}".utf8), as: UTF8.self)
+        String(decoding: (try? ReportJSON.encoder(pretty: false).encode(self)) ?? Data("{}".utf8), as: UTF8.self)
     }
 }
 

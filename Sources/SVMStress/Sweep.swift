@@ -5,8 +5,32 @@
 import Foundation
 import SVMEmu
 
+/// A value of a sweep written in JSON as its text (`"1-4,9"`, `"2/4"`) and
+/// read back with `init?(parsing:)`.
+public protocol CodableAsText: Codable, CustomStringConvertible {
+    /// The value `text` names; nil when it names none.
+    init?(parsing text: String)
+}
+
+extension CodableAsText {
+    /// Decodes the text ``init(parsing:)`` reads.
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let value = Self(parsing: text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a \(Self.self): \(text)"))
+        }
+        self = value
+    }
+
+    /// Encodes as ``description``.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(description)
+    }
+}
+
 /// A range of seeds, `first` to `last` inclusive (`1-16`).
-public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
+public struct SeedRange: Sendable, CodableAsText, Equatable {
     /// The first seed.
     public var first: UInt64
     /// The last seed (inclusive).
@@ -41,20 +65,71 @@ public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
     /// "first-last", or the one seed.
     public var description: String { first == last ? "\(first)" : "\(first)-\(last)" }
 
-    /// Decodes "first-last" or a seed.
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        guard let r = SeedRange(parsing: text) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a seed range: \(text)"))
+}
+
+/// The seeds of a sweep, as `--seeds` takes them: single seeds and ranges,
+/// comma-separated (`1-100`, `3,7,12`, `1-4,9`). Kept ascending, with
+/// overlapping and adjacent ranges merged; a sweep runs its seeds in that
+/// order, and a shard takes a contiguous block of them by position.
+public struct SeedSet: Sendable, CodableAsText, Equatable {
+    /// The ranges: ascending, disjoint, not adjacent, never empty.
+    public private(set) var ranges: [SeedRange]
+
+    /// The seeds of `ranges` (in any order, overlapping or not); at least one.
+    public init(_ ranges: [SeedRange]) {
+        var out: [SeedRange] = []
+        for r in ranges.sorted(by: { $0.first < $1.first }) {
+            if let l = out.last, l.last == .max || r.first <= l.last + 1 {
+                out[out.count - 1].last = max(l.last, r.last)
+            } else {
+                out.append(r)
+            }
         }
-        self = r
+        self.ranges = out
     }
 
-    /// Encodes as ``description``.
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.singleValueContainer()
-        try c.encode(description)
+    /// The seeds of one range.
+    public init(_ range: SeedRange) { ranges = [range] }
+
+    /// Parses a comma-separated list of seeds `A` and ranges `A-B` (A <= B);
+    /// nil for anything else (an empty item too).
+    public init?(parsing text: String) {
+        var ranges: [SeedRange] = []
+        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let r = SeedRange(parsing: item.trimmingCharacters(in: .whitespaces)) else { return nil }
+            ranges.append(r)
+        }
+        self.init(ranges)
     }
+
+    /// Seeds in the set (0 for all 2^64, which no sweep reaches).
+    public var count: UInt64 { ranges.reduce(0) { $0 &+ $1.count } }
+
+    /// Every seed, ascending.
+    public var seeds: some Sequence<UInt64> { ranges.lazy.flatMap { $0.first...$0.last } }
+
+    /// Whether `seed` is in the set.
+    public func contains(_ seed: UInt64) -> Bool { ranges.contains { seed >= $0.first && seed <= $0.last } }
+
+    /// The `count` seeds from position `start` on (positions from 0, ascending).
+    func slice(from start: UInt64, count: UInt64) -> SeedSet {
+        var skip = start, left = count
+        var out: [SeedRange] = []
+        for r in ranges where left > 0 {
+            let n = r.count
+            if n != 0 && skip >= n { skip -= n; continue }
+            let first = r.first &+ skip
+            let take = n == 0 ? left : min(left, n - skip)
+            out.append(SeedRange(first: first, count: take))
+            left -= take
+            skip = 0
+        }
+        return SeedSet(out)
+    }
+
+    /// The ranges, comma-separated ("1-4,9").
+    public var description: String { ranges.map(\.description).joined(separator: ",") }
+
 }
 
 /// One of `count` shards of a seed range, numbered from 1: `--shard 2/4`
@@ -62,7 +137,7 @@ public struct SeedRange: Sendable, Codable, Equatable, CustomStringConvertible {
 /// contiguous blocks of the range, as equal as they can be (their sizes
 /// differ by at most one seed); a shard of a range shorter than `count`
 /// may be empty.
-public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringConvertible {
+public struct SweepShard: Sendable, CodableAsText, Hashable {
     /// 1...count.
     public var index: Int
     /// Shards in all.
@@ -108,30 +183,34 @@ public struct SweepShard: Sendable, Codable, Equatable, Hashable, CustomStringCo
         return SeedRange(first: range.first &+ lo, last: range.first &+ (hi - 1))
     }
 
-    /// Where block `k` (0..<count) of `range` starts: floor(seeds * k / count),
-    /// without overflow, for the full 2^64 seeds too (`range.count` 0).
-    func offset(_ k: Int, of range: SeedRange) -> UInt64 {
-        let product = range.count == 0 ? (high: UInt64(k), low: UInt64(0)) : range.count.multipliedFullWidth(by: UInt64(k))
+    /// This shard's seeds of `set` (a contiguous block of its seeds in
+    /// ascending order), nil when it has none.
+    public func seeds(of set: SeedSet) -> SeedSet? {
+        if set.ranges.count == 1 { return seeds(of: set.ranges[0]).map(SeedSet.init) }
+        let total = set.count
+        let lo = offset(index - 1, of: total)
+        let hi = index < count ? offset(index, of: total) : total
+        guard hi > lo else { return nil }
+        return set.slice(from: lo, count: hi - lo)
+    }
+
+    /// Where block `k` (0..<count) of `range` starts.
+    func offset(_ k: Int, of range: SeedRange) -> UInt64 { offset(k, of: range.count) }
+
+    /// Where block `k` (0..<count) of `total` seeds starts: floor(total * k / count),
+    /// without overflow, for the full 2^64 seeds too (`total` 0).
+    func offset(_ k: Int, of total: UInt64) -> UInt64 {
+        let product = total == 0 ? (high: UInt64(k), low: UInt64(0)) : total.multipliedFullWidth(by: UInt64(k))
         return UInt64(count).dividingFullWidth(product).quotient
     }
 
     /// "index/count".
     public var description: String { "\(index)/\(count)" }
 
-    /// Decodes "index/count".
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        switch SweepShard.parse(text) {
-        case .success(let s): self = s
-        case .failure(let e):
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "shard \(e)"))
-        }
-    }
-
-    /// Encodes as ``description``.
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.singleValueContainer()
-        try c.encode(description)
+    /// Shard `I/N` as ``parse(_:)`` reads it; nil for anything it refuses.
+    public init?(parsing text: String) {
+        guard case .success(let s) = Self.parse(text) else { return nil }
+        self = s
     }
 }
 
@@ -157,10 +236,10 @@ public struct SweepHeader: Sendable, Codable, Equatable {
     public var command: String
     /// The shard that ran.
     public var shard: SweepShard
-    /// The whole sweep's seeds, and this shard's (nil when it has none).
-    public var seeds: SeedRange
-    /// The seeds of the whole sweep this shard ran (nil: all of `seeds`).
-    public var shardSeeds: SeedRange?
+    /// The whole sweep's seeds.
+    public var seeds: SeedSet
+    /// The seeds of the whole sweep this shard ran (nil when it has none).
+    public var shardSeeds: SeedSet?
     /// Every setting besides the seed, as the flags that give it
     /// (`--operations` -> `300000`; a flag without a value -> ``).
     public var settings: [String: String]
@@ -172,7 +251,7 @@ public struct SweepHeader: Sendable, Codable, Equatable {
     public var host: String
 
     /// A header as written.
-    public init(command: String, shard: SweepShard, seeds: SeedRange, settings: [String: String], version: String,
+    public init(command: String, shard: SweepShard, seeds: SeedSet, settings: [String: String], version: String,
                 revision: String?, host: String) {
         self.command = command
         self.shard = shard
@@ -263,9 +342,7 @@ public enum SweepLine: Sendable, Equatable {
 
     /// The line as one compact JSON object, keys sorted (no newline).
     public var json: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        let encoder = ReportJSON.encoder(pretty: false)
         let data: Data
         do {
             switch self {
@@ -282,8 +359,7 @@ public enum SweepLine: Sendable, Equatable {
 
     /// Reads one line; `where` names it in the error ("shard-2.jsonl:7").
     public static func parse(_ text: Substring, where place: String) -> Result<SweepLine, SweepError> {
-        let decoder = JSONDecoder()
-        decoder.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        let decoder = ReportJSON.decoder()
         let data = Data(text.utf8)
         do {
             let kind = try decoder.decode(KindOnly.self, from: data).line
@@ -331,16 +407,13 @@ public enum Sweep {
         emit(.header(header))
         let start = HostClock.hostNanos()
         var results: [SweepSeedResult] = []
-        if let seeds = header.shardSeeds {
-            var s = seeds.first
-            while true {
-                var r = try run(s)
+        for s in header.shardSeeds?.ranges ?? [] {
+            for seed in s.first...s.last {
+                var r = try run(seed)
                 r.shard = header.shard
-                r.seed = s
+                r.seed = seed
                 results.append(r)
                 emit(.seed(r))
-                if s == seeds.last { break }
-                s &+= 1
             }
         }
         let seconds = Double(HostClock.hostNanos() - start) / 1e9

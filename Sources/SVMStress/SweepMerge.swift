@@ -13,7 +13,7 @@ public struct SweepShardSummary: Sendable, Codable, Equatable {
     /// The host it ran on.
     public var host: String
     /// Its seeds.
-    public var seeds: SeedRange?
+    public var seeds: SeedSet?
     /// Seeds it ran.
     public var seedsRun: Int
     /// Seeds that failed.
@@ -29,7 +29,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
     /// The sweep's command, seed range and shard count (of the first shard read).
     public var command: String?
     /// The seeds of the sweep.
-    public var seeds: SeedRange?
+    public var seeds: SeedSet?
     /// Shards merged.
     public var shards: Int
     /// The settings every shard ran with (flags and values), and as arguments.
@@ -70,7 +70,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
     }
 
     /// A report as merged.
-    public init(command: String?, seeds: SeedRange?, shards: Int, settings: [String: String], arguments: String,
+    public init(command: String?, seeds: SeedSet?, shards: Int, settings: [String: String], arguments: String,
                 version: String?, revision: String?, seedsRun: Int, outcomes: [String: Int], figures: [String: Double],
                 firstFailing: SweepSeedResult?, failing: [SweepSeedResult], shardSummaries: [SweepShardSummary],
                 problems: [String]) {
@@ -94,7 +94,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         command = try c.decodeIfPresent(String.self, forKey: .command)
-        seeds = try c.decodeIfPresent(SeedRange.self, forKey: .seeds)
+        seeds = try c.decodeIfPresent(SeedSet.self, forKey: .seeds)
         shards = try c.decode(Int.self, forKey: .shards)
         settings = try c.decode([String: String].self, forKey: .settings)
         arguments = try c.decode(String.self, forKey: .arguments)
@@ -247,7 +247,7 @@ extension Sweep {
                     continue
                 }
                 guard h.source == source else { continue }   // a duplicate shard's line
-                if let own = h.header.shardSeeds, r.seed >= own.first && r.seed <= own.last {
+                if let own = h.header.shardSeeds, own.contains(r.seed) {
                     results.append(r)
                     seedLinesPerShard[r.shard, default: 0] += 1
                 } else {
@@ -323,6 +323,13 @@ extension Sweep {
     static func shown(_ value: String?) -> String {
         guard let value else { return "(not given)" }
         return value.isEmpty ? "(on)" : value
+    }
+
+    /// The ranges of `set` missing from `present` (sorted, unique),
+    /// leaving out the `excluding` seeds (reported on their own).
+    static func gaps(in set: SeedSet, present: [UInt64], excluding: [SeedSet]) -> [SeedRange] {
+        let cut = excluding.flatMap(\.ranges)
+        return set.ranges.flatMap { gaps(in: $0, present: present, excluding: cut) }
     }
 
     /// The ranges of `range` missing from `present` (sorted, unique),

@@ -149,8 +149,6 @@ public final class MemcpyBaseline {
     public var gigabytesPerSecond: Double { Double(2 * bytes) / bestSeconds / 1e9 }
     /// The same for the streaming copy.
     public var streamGigabytesPerSecond: Double { Double(2 * bytes) / bestStreamSeconds / 1e9 }
-    /// The faster of the two: the most a migration of these bytes could reach.
-    public var bestCopyGigabytesPerSecond: Double { max(gigabytesPerSecond, streamGigabytesPerSecond) }
 
     /// Warm-up plus `rounds` timed rounds on their own; nil when the bytes
     /// differ afterwards (a broken copy, not a figure).

@@ -116,6 +116,25 @@ struct MachineProfileTests {
         }
     }
 
+    @Test("--machine: a shipped name in any case (like every enum value); a file path as given")
+    func machineCaseInsensitive() throws {
+        for name in ["NATIVE", "Native", "QEMU-TCG-2", "Native-2Core"] {
+            let p = try MachineProfile.resolve(name)
+            #expect(p.name == (name.lowercased().hasPrefix("qemu") ? "qemu-tcg-2" : "native-2core"), "\(name)")
+            _ = try SVMEmuCommand.parseAsRoot(["soak", "--machine", name])
+            _ = try SVMEmuCommand.parseAsRoot(["fidelity", "--machine", name])
+        }
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("svmemu-machine-case-\(ProcessInfo.processInfo.processIdentifier)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let file = dir.appendingPathComponent("Mine.json")
+        try MachineProfile.resolve("native").json().write(to: file)
+        #expect(try MachineProfile.resolve(file.path).name == "native-2core")
+        #expect(throws: MachineProfileError.self, "a path is not lowercased") {
+            try MachineProfile.resolve(dir.appendingPathComponent("mine.json").path)
+        }
+    }
+
     @Test("a deterministic storm charges the profile's costs; without --machine the report is unchanged")
     func stormUnderAProfile() throws {
         var s = StormSettings(faultPolicy: .trylock, driverLock: .exclusive, threads: 2, pages: 4)

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SVMEmu
+import SVMStress
 import Testing
 @testable import SVMEmuCLI
 
@@ -72,6 +73,49 @@ struct VocabularyTests {
         #expect(soak.stdout.contains("soak: 50 operations"))
     }
 
+    @Test("one seed is --seed S, a set of seeds --seeds (ranges and lists) on every sweep; old spellings warn")
+    func seedVocabulary() throws {
+        #expect(SeedSet(parsing: "1-4,9")?.ranges == [SeedRange(first: 1, last: 4), SeedRange(first: 9, last: 9)])
+        #expect(SeedSet(parsing: "9,3-5,4,6")?.description == "3-6,9", "sorted, overlapping and adjacent merged")
+        for bad in ["", "1,", "5-1", "a", "1-2-3", "-1"] { #expect(SeedSet(parsing: bad) == nil, "\(bad)") }
+        let list = SeedSet(parsing: "1-4,9,20-22")!
+        #expect(list.count == 8 && Array(list.seeds) == [1, 2, 3, 4, 9, 20, 21, 22])
+        let blocks = (1...3).map { SweepShard(index: $0, count: 3).seeds(of: list)!.description }
+        #expect(blocks == ["1-2", "3-4,9", "20-22"], "shards are contiguous blocks by position")
+
+        // soak: --seed S, or --seeds as a range or a list.
+        #expect(try parse(["soak", "--seeds", "3,7,12"], as: SoakCommand.self).seedSet()?.count == 3)
+        #expect(try parse(["soak", "--seeds", "1-4,9"], as: SoakCommand.self).seedSet()?.description == "1-4,9")
+        // explore: --seeds; the old --seed S --schedules N gives S...S+N-1.
+        #expect(try parse(["explore", "--seeds", "3,7"], as: ExploreCommand.self).seedSet().description == "3,7")
+        #expect(try parse(["explore"], as: ExploreCommand.self).seedSet().description == "1-1000")
+        #expect(try parse(["explore", "--seed", "5", "--schedules", "10"], as: ExploreCommand.self).seedSet().description == "5-14")
+        #expect(try parse(["explore", "--schedules", "10"], as: ExploreCommand.self).seedSet().description == "1-10")
+        #expect(try parse(["explore", "--seed", "7"], as: ExploreCommand.self).seedSet().description == "7-1006")
+        // fidelity: --seeds as everywhere, --seed S one seed; the old count N gives 1-N.
+        #expect(try parse(["fidelity"], as: FidelityCommand.self).seedSet().description == "1-5")
+        #expect(try parse(["fidelity", "--seeds", "2-4,8"], as: FidelityCommand.self).seedSet().description == "2-4,8")
+        #expect(try parse(["fidelity", "--seed", "9"], as: FidelityCommand.self).seedSet().description == "9")
+        #expect(try parse(["fidelity", "--seeds", "3"], as: FidelityCommand.self).seedSet().description == "1-3")
+        #expect(ArgumentValue.arguments(of: try parse(["explore", "--schedules", "4"], as: ExploreCommand.self))["seeds"] == .string("1-4"))
+
+        for (arguments, message) in [
+            (["explore", "--seeds", "1-4", "--seed", "3"], "give --seeds only"),
+            (["explore", "--seeds", "1-4", "--schedules", "3"], "give --seeds only"),
+            (["explore", "--seeds", "4-1"], "--seeds must be seeds and ranges A-B"),
+            (["fidelity", "--seeds", "1-200"], "at most 100 seeds"),
+            (["fidelity", "--seeds", "1-2", "--seed", "3"], "not both"),
+        ] {
+            #expect(throws: (any Error).self, "\(arguments)") { _ = try SVMEmuCommand.parseAsRoot(arguments) }
+            do { _ = try SVMEmuCommand.parseAsRoot(arguments) } catch {
+                #expect(SVMEmuCommand.message(for: error).contains(message), "\(arguments): \(SVMEmuCommand.message(for: error))")
+            }
+        }
+        let r = try runShell("\"$SVMEMU\" explore --pages 2 --seed 3 --schedules 2 --quiet")
+        #expect(r.stderr.contains(Deprecation.message(old: "explore --seed 3 --schedules 2", new: "--seeds 3-4")), "\(r.stderr)")
+        #expect(r.status == 0 || r.status == 3, "\(r.stderr)")
+    }
+
     @Test("svmemu help <unknown> exits 64 with a message naming it; a known topic exits 0")
     func helpUnknown() throws {
         let root = try runShell("\"$SVMEMU\" help nosuch")
@@ -103,7 +147,7 @@ struct VocabularyTests {
         }
     }
 
-    @Test("every command that prints a report takes --output FILE and --quiet (calibrate and fidelity their own)")
+    @Test("every command that prints a report takes --output FILE and --quiet (calibrate its own: the profile)")
     func outputAndQuiet() throws {
         try withScratchDirectory { dir in
             let commands: [[String]] = [["demo"], ["livelock"], ["overhead"], ["hmm-tests"], ["bench", "memory"],
@@ -112,7 +156,7 @@ struct VocabularyTests {
             for c in commands {
                 var command = try SVMEmuCommand.parseAsRoot(c + ["--output", dir + "/out", "--quiet"])
                 try command.validate()
-                let own = c == ["calibrate"] || c == ["fidelity"]
+                let own = c == ["calibrate"]
                 #expect((ReportFileOptions.find(in: command) != nil) != own, "\(c)")
             }
             // A path that cannot be written is refused before the run.
@@ -128,7 +172,7 @@ struct VocabularyTests {
           .disabled(if: HostMemory.underThreadSanitizer, "ThreadSanitizer's shadow memory does not fit under ulimit -v"))
     func outputKeptWithReport() throws {
         try withScratchDirectory { dir in
-            let explore = try runShell("\"$SVMEMU\" explore --pages 2 --schedules 2 --quiet --output \(dir)/e.txt")
+            let explore = try runShell("\"$SVMEMU\" explore --pages 2 --seeds 1-2 --quiet --output \(dir)/e.txt")
             #expect(explore.status == 0 || explore.status == 3, "\(explore.stderr)")
             #expect(try String(contentsOfFile: dir + "/e.txt", encoding: .utf8) == explore.stdout)
             let refused = try runShell("ulimit -v 4000000 && exec \"$SVMEMU\" soak --operations 10 --output \(dir)/s.txt")

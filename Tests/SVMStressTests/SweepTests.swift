@@ -53,7 +53,7 @@ struct SweepTests {
     /// Runs `shard` of `range` as `svmemu soak --seeds --shard` does, through
     /// its JSON Lines text.
     static func soakShard(_ shard: SweepShard, of range: SeedRange) throws -> String {
-        let header = SweepHeader(command: "soak", shard: shard, seeds: range, settings: ["--operations": "1500", "--pages": "8"],
+        let header = SweepHeader(command: "soak", shard: shard, seeds: SeedSet(range), settings: ["--operations": "1500", "--pages": "8"],
                                  version: "test", revision: nil, host: "test")
         var text = ""
         try Sweep.run(header, emit: { text += $0.json + "\n" }) { (seed: UInt64) throws(StormError) -> SweepSeedResult in
@@ -91,10 +91,26 @@ struct SweepTests {
         #expect(merged.figures["operations"] == 6_000 && merged.figures["scheduleSteps"] == whole.figures["scheduleSteps"])
     }
 
+    @Test("a sweep over a list of seeds: shards by position, the merge names the seeds a missing shard had")
+    func listSweep() throws {
+        let set = try #require(SeedSet(parsing: "1-3,10,20"))
+        var lines: [(source: String, line: SweepLine)] = []
+        let shard = SweepShard(index: 1, count: 2)
+        let header = SweepHeader(command: "soak", shard: shard, seeds: set, settings: [:], version: "t", revision: nil, host: "h")
+        #expect(header.shardSeeds?.description == "1-2")
+        let ran = Sweep.run(header, emit: { lines.append(("a", $0)) }) { (seed: UInt64) -> SweepSeedResult in
+            SweepSeedResult(shard: shard, seed: seed, outcome: "clean", figures: [:])
+        }
+        #expect(ran.map(\.seed) == [1, 2])
+        let report = Sweep.merge(try Sweep.read([("a", lines.map { $0.line.json }.joined(separator: "\n"))]))
+        #expect(report.seeds?.description == "1-3,10,20")
+        #expect(report.problems.contains { $0.contains("2/2 (seeds 3,10,20)") }, "\(report.problems)")
+    }
+
     // Synthetic shards for the merge's checks.
     static func header(_ i: Int, of n: Int, seeds: SeedRange = SeedRange(first: 1, last: 8),
                        settings: [String: String] = ["--operations": "100"]) -> SweepLine {
-        .header(SweepHeader(command: "soak", shard: SweepShard(index: i, count: n), seeds: seeds, settings: settings,
+        .header(SweepHeader(command: "soak", shard: SweepShard(index: i, count: n), seeds: SeedSet(seeds), settings: settings,
                             version: "test", revision: "abc", host: "node\(i)"))
     }
 

@@ -58,7 +58,7 @@ struct ExploreCommand: ParsableCommand {
         abstract: "Run a storm under many deterministic schedules; stop at the first problem and print its seed.",
         discussion: """
             Runs the storm of `svmemu livelock` (the same options) under the deterministic \
-            scheduler with seeds --seed, --seed+1, ... for at most --schedules schedules (seeded \
+            scheduler once per seed of --seeds, in ascending order (default 1-1000; seeded \
             priorities and --preemptions preemption points, as PCT), and stops at the first \
             livelock, deadlock (the wait-for cycle: which thread holds which lock and waits for \
             which), lost write, leaked reference or lock, or invariant violation (a kernel \
@@ -69,8 +69,8 @@ struct ExploreCommand: ParsableCommand {
             (livelock, deadlock, lostWrite, leak, invariant, or null), seed (or null), \
             schedulesTried and storm (the storm's result).
 
-            --shard I/N runs the I-th of N contiguous blocks of the seeds --seed ... \
-            --seed+--schedules-1, every seed of it (it does not stop at a finding), and prints JSON \
+            --shard I/N runs the I-th of N contiguous blocks of the seeds of --seeds, \
+            every seed of it (it does not stop at a finding), and prints JSON \
             Lines: a header (command, seeds, settings, version), one line per seed (seed, outcome: \
             clean or the finding, figures, and for a finding its replay command), an end line. \
             `svmemu merge` makes one report of the shards (Docs/sharding.md).
@@ -91,8 +91,8 @@ struct ExploreCommand: ParsableCommand {
     @OptionGroup var storm: StormOptions<StormDefaults>
     @OptionGroup var schedule: ScheduleOptions
 
-    @Option(name: .long, parsing: .unconditional, help: "Schedules (seeds) to try at most (1-1000000).")
-    var schedules = 1000
+    @Option(name: .long, help: "The seeds to try, one schedule each, in ascending order: \(SeedsSyntax.help) (default 1-1000; at most 1000000000 seeds).")
+    var seeds: String?
 
     @OptionGroup var output: JSONOutputOptions
 
@@ -102,35 +102,49 @@ struct ExploreCommand: ParsableCommand {
 
     @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
 
-    func validate() throws {
-        try checkRange(schedules, 1...1_000_000, flag: "--schedules")
+    /// `--schedules N` (with `--seed S`: the seeds S to S+N-1), the old spelling of `--seeds`.
+    struct OldSpellings: DeprecatedSpellings {
+        @Option(name: .customLong("schedules"), parsing: .unconditional, help: .private) var schedules: Int?
+    }
+    @OptionGroup var old: OldSpellings
+
+    /// The seeds explore tries without `--seeds`.
+    static let defaultSeeds = "1-1000"
+
+    mutating func validate() throws {
+        if let n = old.schedules { try checkRange(n, 1...1_000_000, flag: "--schedules") }
+        let range = SeedRange(first: knobs.seed, count: UInt64(old.schedules ?? 1000))
+        if (old.schedules != nil || knobs.seed != 1) && seeds != range.description {
+            // The old sweep: --seed S (its first seed) and --schedules N (its length).
+            if seeds != nil {
+                throw ValidationError("give --seeds only: explore tries the seeds of --seeds (--seed S --schedules N is its old spelling)")
+            }
+            let given = [knobs.seed != 1 ? "--seed \(knobs.seed)" : nil, old.schedules.map { "--schedules \($0)" }]
+            Deprecation.warn(old: "explore " + given.compactMap { $0 }.joined(separator: " "), new: "--seeds \(range)")
+            seeds = range.description
+        }
+        _ = try seedSet()
         _ = try settings()
         _ = try sweep.parsed()
         try sweep.check(json: output.json)
     }
 
-    func settings() throws -> StormSettings {
-        var s = StormSettings()
-        try knobs.apply(to: &s)
-        storm.apply(to: &s, deterministic: true)
-        try schedule.apply(to: &s)
-        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
-        return s
-    }
+    func settings() throws -> StormSettings { try knobs.stormSettings(storm, schedule) }
 
     func run() throws {
         if let shard = try sweep.parsed() { return try runShard(shard) }
         var s = try settings()
-        var result = ExploreResult(scenario: s.scenario, schedules: schedules, found: nil, seed: nil,
+        let seeds = try seedSet()
+        var result = ExploreResult(scenario: s.scenario, schedules: Int(seeds.count), found: nil, seed: nil,
                                    schedulesTried: 0, storm: nil)
-        for i in 0..<schedules {
-            s.seed = knobs.seed &+ UInt64(i)
+        for seed in seeds.seeds {
+            s.seed = seed
             var r: StormResult
             do { r = try StormHarness.run(s) } catch {
                 throw CLIError.runFailed("svmemu: the storm could not run: \(error.description)")
             }
             r.perPage = []
-            result.schedulesTried = i + 1
+            result.schedulesTried += 1
             result.storm = r
             if let found = StormFinding(r) {
                 result.found = found
@@ -146,8 +160,8 @@ struct ExploreCommand: ParsableCommand {
         if result.found != nil { throw ExitStatus.found }
     }
 
-    /// The seeds `--seed` ... `--seed + --schedules - 1`.
-    var seeds: SeedRange { SeedRange(first: knobs.seed, count: UInt64(schedules)) }
+    /// The seeds of `--seeds` (default 1-1000). Throws `ValidationError` naming the flag.
+    func seedSet() throws(ValidationError) -> SeedSet { try SeedsSyntax.parse(seeds ?? Self.defaultSeeds) }
 
     /// The storm's settings besides the seed, as `replay` takes them.
     func sweepSettings() throws -> [String: String] {
@@ -167,7 +181,7 @@ struct ExploreCommand: ParsableCommand {
     func runShard(_ shard: SweepShard) throws {
         let base = try settings()
         let options = try sweepSettings()
-        let header = ShardOption.header(command: "explore", shard: shard, seeds: seeds, settings: options)
+        let header = ShardOption.header(command: "explore", shard: shard, seeds: try seedSet(), settings: options)
         let results = try Sweep.run(header, emit: ShardOption.emit) { (seed: UInt64) throws(CLIError) -> SweepSeedResult in
             var s = base
             s.seed = seed
@@ -257,18 +271,11 @@ struct ReplayCommand: ParsableCommand {
 
     func validate() throws {
         try checkRange(steps, 0...1_000_000, flag: "--steps")
-        var s = StormSettings()
-        try knobs.apply(to: &s)
-        storm.apply(to: &s, deterministic: true)
-        try schedule.apply(to: &s)
-        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
+        _ = try knobs.stormSettings(storm, schedule)
     }
 
     func run() throws {
-        var s = StormSettings()
-        try knobs.apply(to: &s)
-        storm.apply(to: &s, deterministic: true)
-        try schedule.apply(to: &s)
+        let s = try knobs.stormSettings(storm, schedule)
         var config = DeterministicScheduler.Configuration(seed: s.seed)
         config.preemptions = s.preemptions
         config.logSteps = steps * 2

@@ -20,7 +20,8 @@ struct FidelityCommand: ParsableCommand {
             migrate_to_ram) and each fault path (legacy, trylock), whether every page completed \
             and how many migrate_to_ram calls a page took, over several boots.
 
-            Each case runs here under the deterministic scheduler with --seeds seeds, on --cpus \
+            Each case runs here under the deterministic scheduler once per seed of --seeds \
+            (default 1-5; --seed S: that seed only), on --cpus \
             emulated CPUs, charging the --machine profile's measured costs (default qemu-tcg-2: \
             measured inside the rig's guest), with the rig's driver shape (every call sleeps, \
             with the kernel's fsleep rule). A run counts as a livelock when a page makes no \
@@ -44,8 +45,11 @@ struct FidelityCommand: ParsableCommand {
     @Option(name: .long, help: "The kernel's results to compare with (default: the shipped Data/kernel/livelock.json).")
     var reference: String?
 
-    @Option(name: .long, parsing: .unconditional, help: "Seeds per case: 1...N (1-100, default 5).")
-    var seeds = 5
+    @Option(name: .long, help: "The seeds each case runs with: \(SeedsSyntax.help) (default 1-5; at most 100 seeds).")
+    var seeds: String?
+
+    @Option(name: .long, parsing: .unconditional, help: "Run each case with this one seed only (0 to 2^64-1), instead of --seeds.")
+    var seed: UInt64?
 
     @Option(name: .long, parsing: .unconditional, help: "Emulated CPUs (1-64, default 2: the rig's vCPUs).")
     var cpus = 2
@@ -65,18 +69,23 @@ struct FidelityCommand: ParsableCommand {
     @Option(name: .long, help: "How they sleep: fsleep (the rig's), sleep or spin.")
     var driverWait = "fsleep"
 
-    @Option(name: .long, help: "Also write the report to this file (the table, or the JSON with --json).")
-    var output: String?
-
-    @Flag(name: .long, help: "No progress line on standard error.")
-    var quiet = false
-
     @OptionGroup var json: JSONOutputOptions
+
+    @OptionGroup var report: ReportFileOptions
 
     @OptionGroup var alwaysDeterministic: AlwaysDeterministicFlag
 
-    func validate() throws {
-        try checkRange(seeds, 1...100, flag: "--seeds")
+    /// The seeds without `--seeds` and `--seed`.
+    static let defaultSeeds = "1-5"
+
+    mutating func validate() throws {
+        if let text = seeds, !text.isEmpty, text.allSatisfy(\.isNumber), let n = Int(text), n >= 1 {
+            // The old spelling: --seeds N, a count (the seeds 1 to N).
+            Deprecation.warn(old: "fidelity --seeds \(n) (a count of seeds)", new: "--seeds 1-\(n)")
+            seeds = "1-\(n)"
+        }
+        if seeds != nil && seed != nil { throw ValidationError("give --seed (one seed) or --seeds (a set), not both") }
+        _ = try seedSet()
         try checkRange(cpus, 1...64, flag: "--cpus")
         guard (0.01...60).contains(stallSeconds) else {
             throw ValidationError("--stall-seconds must be 0.01...60 (got \(stallSeconds))")
@@ -85,7 +94,6 @@ struct FidelityCommand: ParsableCommand {
             throw ValidationError("invalid --fault-policy '\(faultPolicy)'; valid values: legacy, trylock")
         }
         _ = try shape()
-        if let output { try OutputFile(output).checkWritable() }
         if let cases {
             for c in cases.split(separator: ",") where c.split(separator: ":").count != 3 {
                 throw ValidationError("--cases: '\(c)' is not THREADS:MUTEX:MICROS (for example 8:1:50)")
@@ -129,10 +137,16 @@ struct FidelityCommand: ParsableCommand {
         s.tickNanos = profile.tickNanos
         s.stalls = profile.cpuStalls
         s.cpus = cpus
-        s.seeds = (1...UInt64(seeds)).map { $0 }
+        s.seeds = Array(try seedSet().seeds)
         s.stallSeconds = stallSeconds
         (s.driverWork, s.driverWait) = try shape()
         return s
+    }
+
+    /// The seeds of `--seed` or `--seeds` (default 1-5). Throws `ValidationError` naming the flag.
+    func seedSet() throws(ValidationError) -> SeedSet {
+        if let seed { return SeedSet(SeedRange(first: seed, last: seed)) }
+        return try SeedsSyntax.parse(seeds ?? Self.defaultSeeds, maxCount: 100)
     }
 
     /// What `--json` prints as results.
@@ -151,12 +165,12 @@ struct FidelityCommand: ParsableCommand {
     func run() throws {
         let reference = try loadReference()
         let settings = try settings()
+        let seeds = settings.seeds.count
         let line = ProgressLine(label: "svmemu fidelity")
-        let say = quiet ? nil : line.sink
         let rows: [FidelityRow]
         do {
             rows = try FidelityHarness.run(reference, settings) { row, done, total in
-                say?("\(done)/\(total) cases (\(row.case) \(row.policy): \(row.emulator.outcome))")
+                line.say("\(done)/\(total) cases (\(row.case) \(row.policy): \(row.emulator.outcome))")
             }
         } catch {
             line.done()
@@ -164,16 +178,13 @@ struct FidelityCommand: ParsableCommand {
         }
         line.done()
         let differ = rows.filter { !$0.outcomeAgrees }.count
-        let text: String
         if json.json {
-            text = try JSONReport.render(for: self, results: Results(
+            print(try JSONReport.render(for: self, results: Results(
                 kernel: reference.kernel, date: reference.date, qemu: reference.qemu, machine: machine, cpus: cpus,
-                seeds: seeds, rows: rows, agree: rows.count - differ, differ: differ))
+                seeds: seeds, rows: rows, agree: rows.count - differ, differ: differ)))
         } else {
-            text = Self.table(rows, reference, machine: machine, seeds: seeds)
+            print(Self.table(rows, reference, machine: machine, seeds: seeds), terminator: "")
         }
-        print(text, terminator: json.json ? "\n" : "")
-        if let output { try OutputFile(output).write(text) }
         if differ > 0 { throw ExitCode(1) }
     }
 

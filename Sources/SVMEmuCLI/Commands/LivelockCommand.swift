@@ -79,14 +79,7 @@ struct LivelockCommand: ParsableCommand {
     }
 
     /// The storm settings, or a message naming the valid values.
-    func settings() throws -> StormSettings {
-        var s = StormSettings()
-        try knobs.apply(to: &s)
-        storm.apply(to: &s, deterministic: deterministic)
-        if deterministic { try schedule.apply(to: &s) }
-        do { try s.validate() } catch { throw ValidationError(Self.flagged(error.description)) }
-        return s
-    }
+    func settings() throws -> StormSettings { try knobs.stormSettings(storm, schedule, deterministic: deterministic) }
 
     static func parse<T>(_ value: String, _ flag: String, _ valid: [String], _ make: (String) -> T?) throws -> T {
         guard let v = make(value.lowercased()) else {
@@ -104,6 +97,10 @@ struct LivelockCommand: ParsableCommand {
             .replacingOccurrences(of: "stall window must", with: "--stall-seconds must")
             .replacingOccurrences(of: "cpus must", with: "--cpus must")
             .replacingOccurrences(of: "preemptions must", with: "--preemptions must")
+            .replacingOccurrences(of: "operations must", with: "--operations must")
+            .replacingOccurrences(of: "hugeRegions must", with: "--huge-regions must")
+            .replacingOccurrences(of: "auditEvery must", with: "--audit-every must")
+            .replacingOccurrences(of: "logSteps must", with: "--steps must")
     }
 
     /// Host memory a storm touches: RAM and VRAM frames for its pages with

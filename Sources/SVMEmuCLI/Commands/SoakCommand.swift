@@ -43,7 +43,7 @@ struct SoakCommand: ParsableCommand {
             virtualSeconds, seconds and stepsPerSecond (scheduling points per host second) (Docs/json.md); \
             only seconds and stepsPerSecond differ between runs of one seed.
 
-            --seeds A-B runs one soak per seed from A to B (the same settings) and prints a table \
+            --seeds runs one soak per seed (1-100, 3,7,12 or 1-4,9; the same settings) and prints a table \
             of the sweep: seeds per outcome, the figures summed, the first failing seed with the \
             command that replays it (`make soak-sweep`). With --shard I/N it runs the I-th of N \
             contiguous blocks of those seeds and prints JSON Lines, one line per seed (seed, \
@@ -76,7 +76,7 @@ struct SoakCommand: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Seed of the schedule and of every thread's choices (0 to 2^64-1; default 1).")
     var seed: UInt64?
 
-    @Option(name: .long, help: "Run one soak per seed of A-B (inclusive; at most 1000000000 seeds) instead of --seed, and print the sweep's report.")
+    @Option(name: .long, help: "Run one soak per seed instead of --seed, and print the sweep's report: \(SeedsSyntax.help) (at most 1000000000 seeds).")
     var seeds: String?
 
     @Option(name: .long, parsing: .unconditional, help: "Scheduling steps to print, the last ones (0-1000000); with --operations set to the operation a finding names, they lead up to it.")
@@ -120,35 +120,25 @@ struct SoakCommand: ParsableCommand {
             throw ValidationError("--mix must list operations among \(SoakMix.names.map(\.0).joined(separator: ", ")) or all (got \(mix))")
         }
         s.mix = m
-        do { try s.validate() } catch {
-            throw ValidationError(error.description.replacingOccurrences(of: "operations must", with: "--operations must")
-                .replacingOccurrences(of: "cpus must", with: "--cpus must")
-                .replacingOccurrences(of: "hugeRegions must", with: "--huge-regions must")
-                .replacingOccurrences(of: "auditEvery must", with: "--audit-every must")
-                .replacingOccurrences(of: "logSteps must", with: "--steps must")
-                .replacingOccurrences(of: "pages must", with: "--pages must"))
-        }
+        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
         return s
     }
 
     mutating func validate() throws {
         try Deprecation.adopt(old.operations, into: &operations, defaultValue: 100_000, oldFlag: "--ops", newFlag: "--operations")
         _ = try settings()
-        _ = try seedRange()
+        _ = try seedSet()
         _ = try sweep.parsed()
         try sweep.check(json: output.json)
-        if seeds == nil && sweep.shard != nil { throw ValidationError("--shard splits a seed range: give --seeds A-B") }
-        if seeds != nil && seed != nil { throw ValidationError("give --seed (one soak) or --seeds A-B (a sweep), not both") }
+        if seeds == nil && sweep.shard != nil { throw ValidationError("--shard splits a set of seeds: give --seeds (for example --seeds 1-100)") }
+        if seeds != nil && seed != nil { throw ValidationError("give --seed (one soak) or --seeds (a sweep), not both") }
         if seeds != nil && steps != 0 { throw ValidationError("--steps logs one soak's steps: give --seed N instead of --seeds") }
     }
 
     /// The seeds of `--seeds`, nil without it. Throws `ValidationError` naming the flag.
-    func seedRange() throws(ValidationError) -> SeedRange? {
+    func seedSet() throws(ValidationError) -> SeedSet? {
         guard let seeds else { return nil }
-        guard let r = SeedRange(parsing: seeds), r.count > 0, r.count <= SeedRange.maxCount else {
-            throw ValidationError("--seeds must be A-B with A <= B (at most \(SeedRange.maxCount) seeds) or one seed A (got \(seeds))")
-        }
-        return r
+        return try SeedsSyntax.parse(seeds)
     }
 
     /// The soak's settings besides the seed, as the flags that give them.
@@ -172,7 +162,7 @@ struct SoakCommand: ParsableCommand {
 
     /// Runs a sweep: every seed of `range` (of `shard`'s block, printing
     /// JSON Lines), or all of them with the report at the end.
-    func runSweep(_ range: SeedRange, shard: SweepShard?) throws {
+    func runSweep(_ range: SeedSet, shard: SweepShard?) throws {
         let base = try settings()
         let options = sweepSettings(base)
         let header = ShardOption.header(command: "soak", shard: shard ?? .whole, seeds: range, settings: options)
@@ -204,7 +194,7 @@ struct SoakCommand: ParsableCommand {
     }
 
     func run() throws {
-        if let range = try seedRange() { return try runSweep(range, shard: try sweep.parsed()) }
+        if let range = try seedSet() { return try runSweep(range, shard: try sweep.parsed()) }
         let seed = self.seed ?? 1
         let r: SoakResult
         do { r = try Soak.run(try settings()) } catch let e as StormError {

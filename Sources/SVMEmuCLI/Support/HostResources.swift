@@ -57,18 +57,5 @@ public enum HostResources {
                                + "\(ByteSize.describe(available)) is available (MemAvailable). Ask for a smaller size.")
     }
 
-    static func readMeminfo() -> String? {
-        let fd = open("/proc/meminfo", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { break }
-            bytes += chunk[0..<n]
-        }
-        return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
-    }
+    static func readMeminfo() -> String? { GitCheckout.readFile("/proc/meminfo").flatMap { $0.isEmpty ? nil : $0 } }
 }

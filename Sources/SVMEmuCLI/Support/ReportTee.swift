@@ -7,8 +7,7 @@ import Glibc
 
 extension ReportFileOptions {
     /// The `ReportFileOptions` group of a parsed command, nil for a command
-    /// without one (`calibrate` and `fidelity` declare their own `--output`
-    /// and `--quiet`).
+    /// without one (`calibrate` declares its own `--output`, the profile, and `--quiet`).
     static func find(in command: Any) -> ReportFileOptions? {
         for child in Mirror(reflecting: command).children {
             if let group = child.value as? any ReflectedArgumentGroup, let files = group.reflectedGroup as? ReportFileOptions {

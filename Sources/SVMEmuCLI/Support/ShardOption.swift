@@ -11,7 +11,7 @@ import Glibc
 /// print JSON Lines (a header line, one line per seed as it finishes, an
 /// end line) for `svmemu merge`.
 struct ShardOption: ParsableArguments {
-    @Option(name: .long, help: "Run shard I of N of the seeds (1/N to N/N: the range cut in N contiguous blocks) and print JSON Lines, one line per seed, for `svmemu merge` (Docs/sharding.md).")
+    @Option(name: .long, help: "Run shard I of N of the seeds (1/N to N/N: the seeds cut in N contiguous blocks) and print JSON Lines, one line per seed, for `svmemu merge` (Docs/sharding.md).")
     var shard: String?
 
     /// The shard asked for, nil without `--shard`.
@@ -39,7 +39,7 @@ struct ShardOption: ParsableArguments {
     }
 
     /// The header of a shard of `command` over `seeds`.
-    static func header(command: String, shard: SweepShard, seeds: SeedRange, settings: [String: String]) -> SweepHeader {
+    static func header(command: String, shard: SweepShard, seeds: SeedSet, settings: [String: String]) -> SweepHeader {
         SweepHeader(command: command, shard: shard, seeds: seeds, settings: settings, version: SVMEmuVersion.package,
                     revision: SVMEmuVersion.revision, host: hostName)
     }

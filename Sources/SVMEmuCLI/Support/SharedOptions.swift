@@ -31,6 +31,24 @@ struct PatternSeedOption: ParsableArguments {
     var seed: UInt64 = 1
 }
 
+/// The one syntax of `--seeds`, a set of seeds (`soak`, `explore`,
+/// `fidelity`): seeds and ranges A-B, comma-separated. One seed is `--seed S`
+/// everywhere.
+enum SeedsSyntax {
+    /// The help's description of the syntax.
+    static let help = "seeds and ranges A-B, comma-separated: 1-100, 3,7,12 or 1-4,9"
+
+    /// The set `text` names, at most `maxCount` seeds.
+    ///
+    /// - Throws: `ValidationError` naming `--seeds`, its syntax and the value.
+    static func parse(_ text: String, maxCount: UInt64 = SeedRange.maxCount) throws(ValidationError) -> SeedSet {
+        guard let set = SeedSet(parsing: text), set.count > 0, set.count <= maxCount else {
+            throw ValidationError("--seeds must be \(help) (A <= B; at most \(maxCount) seeds) (got \(text))")
+        }
+        return set
+    }
+}
+
 /// The defaults a command gives its `StormOptions`.
 protocol StormOptionDefaults {
     static var pages: Int { get }
@@ -136,6 +154,20 @@ struct StormScenarioOptions: ParsableArguments {
         s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
+    }
+}
+
+extension StormScenarioOptions {
+    /// The storm of these knobs in `storm`'s shape, under the deterministic
+    /// scheduler of `schedule` when `deterministic` (`livelock`; always for
+    /// `explore` and `replay`), checked: a `ValidationError` names the flag.
+    func stormSettings<D>(_ storm: StormOptions<D>, _ schedule: ScheduleOptions, deterministic: Bool = true) throws -> StormSettings {
+        var s = StormSettings()
+        try apply(to: &s)
+        storm.apply(to: &s, deterministic: deterministic)
+        if deterministic { try schedule.apply(to: &s) }
+        do { try s.validate() } catch { throw ValidationError(LivelockCommand.flagged(error.description)) }
+        return s
     }
 }
 

@@ -1,7 +1,5 @@
 // `svmemu --version` and the JSON reports' `version` and `revision`.
-#if canImport(Glibc)
-import Glibc
-#endif
+import Foundation
 
 /// The package's version, and the git revision of the checkout the binary
 /// was built in.
@@ -95,21 +93,8 @@ enum GitCheckout {
         readFile(path).map { String($0.prefix { $0 != "\n" }) }
     }
 
-    /// A small file's content (at most `limit` bytes), or nil.
-    ///
-    /// The corresponding C functions are `open`, `read` and `close`.
-    static func readFile(_ path: String, limit: Int = 1 << 20) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while bytes.count < limit {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { break }
-            bytes += chunk[0..<n]
-        }
-        return String(decoding: bytes, as: UTF8.self)
+    /// A small file's content, or nil.
+    static func readFile(_ path: String) -> String? {
+        FileManager.default.contents(atPath: path).map { String(decoding: $0, as: UTF8.self) }
     }
 }

@@ -76,6 +76,14 @@ public enum ReportJSON {
         encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
         return encoder
     }
+
+    /// A decoder that reads what ``encoder(pretty:)`` writes (the strings
+    /// "inf", "-inf", "nan" as numbers).
+    public static func decoder() -> JSONDecoder {
+        let decoder = JSONDecoder()
+        decoder.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return decoder
+    }
 }
 
 /// The host a report was made on.
