@@ -166,6 +166,7 @@ public enum FidelityHarness {
         s.driverWork = settings.driverWork
         s.driverWait = settings.driverWait
         s.release = .wakeAll
+        s.barrierAfterAccess = true
         return s
     }
 

@@ -232,6 +232,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         v.walk = ns(costs.pageTableWalk)
         v.localFlush = ns(costs.localFlush)
         v.ipi = ns(costs.ipiRoundTrip)
+        v.ipiReceipt = ns(costs.ipiSendToReceipt)
         return v
     }
 

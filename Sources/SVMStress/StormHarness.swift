@@ -137,6 +137,8 @@ final class StormRun: @unchecked Sendable {
     private var pageStartNanos: UInt64 = 0       // barrier action only
     private var pageStartMigrations = 0          // barrier action only
     private(set) var barrier: StormBarrier! = nil
+    /// The second barrier of each page (``StormSettings/barrierAfterAccess``), nil without.
+    private(set) var exitBarrier: StormBarrier? = nil
     /// The deterministic storm's scheduler and the virtual time its last
     /// worker left (written by emulated threads, one at a time).
     var scheduler: DeterministicScheduler? = nil
@@ -161,6 +163,9 @@ final class StormRun: @unchecked Sendable {
         records.withLock { $0.reserveCapacity(settings.pages) }
         barrier = StormBarrier(parties: workers, deterministic: settings.deterministic, release: settings.release) { [unowned self] round in
             self.closeAndOpen(round)
+        }
+        if settings.barrierAfterAccess {
+            exitBarrier = StormBarrier(parties: workers, deterministic: settings.deterministic, release: settings.release) { _ in }
         }
     }
 
@@ -198,6 +203,7 @@ final class StormRun: @unchecked Sendable {
     func abort() {
         stop.store(true, ordering: .relaxed)
         barrier.abort()
+        exitBarrier?.abort()
     }
 
     func fail(_ message: String) {
@@ -232,6 +238,7 @@ final class StormRun: @unchecked Sendable {
             }
             guard ok else { return }
             finishedOnPage.add(1, ordering: .relaxed)
+            if let exit = exitBarrier, !exit.arriveAndWait() { return }
         }
     }
 

@@ -100,6 +100,10 @@ public struct StormSettings: Sendable, Codable, Equatable {
     public var preemptions = 3
     /// How the threads leave the barrier before each page.
     public var release: StormRelease = .all
+    /// Whether the threads meet at a second barrier after each page's access
+    /// (the kernel rig's `rig-livelock`: `pthread_barrier_wait()` before and
+    /// after the read), released the same way; false: one barrier a page.
+    public var barrierAfterAccess = false
     /// The machine whose measured costs a deterministic storm charges
     /// (``MachineProfile/virtualCosts``); nil: ``VirtualCosts/measured``.
     public var machine: MachineProfile? = nil

@@ -199,4 +199,54 @@ struct KernelMutexAlgorithmTests {
         #expect(!mutex.tryLock())
         mutex.unlock()
     }
+
+    @Test("a thread woken onto a halted CPU waits the wake-up latency; onto one that just went idle, an IPI and a switch")
+    func wakeLatencyDependsOnHalt() {
+        func latency(idleFirst: UInt64) -> UInt64 {
+            var c = CPUModelTests.configuration(cpus: 2)
+            c.costs.wake = 50_000
+            c.costs.contextSwitch = 5_000
+            c.costs.ipiReceipt = 1_000
+            let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+            word.initialize(to: 0)
+            defer { word.deallocate() }
+            let futex = FutexWord(word)
+            let s = DeterministicScheduler(c)
+            let woke = Mutex<UInt64>(0), woken = Mutex<UInt64>(0)
+            s.spawn("sleeper") {
+                while futex.load(ordering: .acquiring) == 0 { _ = futex.wait(expected: 0) }
+                woken.withLock { $0 = HostClock.nanos() }
+            }
+            s.spawn("waker") {
+                HostClock.spin(nanos: idleFirst)   // the sleeper's CPU idles meanwhile
+                futex.store(1, ordering: .releasing)
+                woke.withLock { $0 = HostClock.nanos() }
+                _ = futex.wake(FutexWord.everyone)
+            }
+            #expect(s.run() == .completed)
+            return woken.withLock { $0 } - woke.withLock { $0 }
+        }
+        let recent = latency(idleFirst: 1_000), halted = latency(idleFirst: 1_000_000)
+        #expect(recent >= 6_000 && recent < 10_000, "idle 1 µs: an IPI and a switch back, \(recent) ns")
+        #expect(halted >= 50_000 && halted < 55_000, "idle 1 ms: the wake-up latency, \(halted) ns")
+    }
+
+    @Test("an idle CPU does not stall: stalls come in busy time")
+    func stallsComeInBusyTime() {
+        var c = CPUModelTests.configuration(cpus: 1)
+        // A stall every millisecond of busy time on average, each 100 µs.
+        c.stalls = CPUStalls(ratePerSecond: 1_000, thresholdNanos: 100_000, p50Nanos: 100_000,
+                             p90Nanos: 100_000, p99Nanos: 100_000, maxNanos: 100_000)
+        let s = DeterministicScheduler(c)
+        s.spawn("mostly asleep") {
+            for _ in 0..<100 {
+                HostClock.sleep(nanos: 10_000_000)   // 1 s idle in all
+                HostClock.spin(nanos: 10_000)        // 1 ms busy in all
+            }
+        }
+        #expect(s.run() == .completed)
+        // About one stall in 1 ms of busy time; counting idle time would give about 100.
+        #expect(s.cpuStalls.count < 10, "\(s.cpuStalls.count) stalls")
+    }
+
 }

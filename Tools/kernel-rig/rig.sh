@@ -21,7 +21,8 @@
 #      CASES (default: the 12 reference cases), WATCHDOG (seconds without page
 #      progress that declare a livelock, default 30), RUN_ID (the logs' folder
 #      under .build-kernel/logs, default a new timestamp),
-#      PAGES (default 512), JOBS (make -j, default nproc), RIG_DIR (scratch,
+#      PAGES (default 512), TRACE (non-empty: rig-livelock -T, the barrier-exit
+#      and read timing as RIG-TRACE lines), JOBS (make -j, default nproc), RIG_DIR (scratch,
 #      default <repo>/.build-kernel), BOOT_TIMEOUT (seconds, default 1200).
 set -euo pipefail
 
@@ -243,7 +244,7 @@ cmd_livelock() {
 	local i
 	for i in $(seq 1 "$BOOTS"); do
 		for v in legacy trylock; do
-			boot "$v" livelock "rigcases=$CASES rigpages=$PAGES rigwatchdog=$WATCHDOG"
+			boot "$v" livelock "rigcases=$CASES rigpages=$PAGES rigwatchdog=$WATCHDOG${TRACE:+ rigtrace=1}"
 			grep -a "RIG-RESULT" "$LAST_LOG" | tr -d '\r' | sed 's/^.*RIG-RESULT /  /' \
 				| python3 -c 'import sys,json
 for l in sys.stdin:

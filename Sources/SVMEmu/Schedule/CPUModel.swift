@@ -90,12 +90,38 @@ extension DeterministicScheduler {
         }
         if idle >= 0 {
             t.clock = max(t.clock, cpus[idle].idleSince)
+            // Busy again: the stall clock goes on from where the CPU went idle.
+            if cpus[idle].nextStall != .max { cpus[idle].nextStall = t.clock &+ cpus[idle].idleStallLeft }
             run(t, on: idle)
             return
         }
         var target = t.lastCPU
         for c in cpus.indices where cpus[c].queue.count < cpus[target].queue.count { target = c }
         cpus[target].queue.append(t.index)
+    }
+
+    /// A thread `me` woke (try_to_wake_up()): like ``place(_:)``, with the
+    /// wake-up's latency. Onto an idle CPU that has halted, the machine's
+    /// wake-up latency (``VirtualCosts/wake``, measured on a CPU idle for
+    /// milliseconds); onto one that went idle less than a context switch ago
+    /// (still switching to its idle task: the IPI finds it running), the
+    /// IPI's receipt and the switch back; queued behind a running thread, none
+    /// (it runs when its CPU comes free, one context switch later).
+    func placeWoken(_ t: EmulatedThread, by me: EmulatedThread) {
+        var idle = -1
+        if cpus[t.lastCPU].running == nil { idle = t.lastCPU } else {
+            for c in cpus.indices where cpus[c].running == nil { idle = c; break }
+        }
+        let costs = configuration.costs
+        guard idle >= 0 else {
+            t.clock = max(t.clock, me.clock)
+            place(t)
+            return
+        }
+        let since = cpus[idle].idleSince
+        let halted = me.clock >= since && me.clock - since >= costs.contextSwitch
+        t.clock = max(t.clock, me.clock &+ (halted ? costs.wake : costs.ipiReceipt &+ costs.contextSwitch))
+        place(t)
     }
 
     /// `t` gets CPU `c` at its clock.
@@ -136,6 +162,10 @@ extension DeterministicScheduler {
         guard !cpus[source].queue.isEmpty else {
             cpus[c].running = nil
             cpus[c].idleSince = time
+            // An idle CPU does not stall: keep the busy time left until its next stall.
+            if cpus[c].nextStall != .max {
+                cpus[c].idleStallLeft = cpus[c].nextStall > time ? cpus[c].nextStall - time : 0
+            }
             return
         }
         let next = threads[cpus[source].queue.removeFirst()]

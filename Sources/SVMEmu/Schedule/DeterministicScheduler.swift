@@ -174,7 +174,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// Context switches so far.
         var switches: UInt64 = 0
         /// When (in the virtual time of the thread on it) the CPU stalls next.
+        /// Stalls come in busy time (the profile's rate is per second of a
+        /// busy CPU): while the CPU idles this stands still (``idleStallLeft``).
         var nextStall: UInt64 = .max
+        /// The busy time left until the next stall when the CPU went idle.
+        var idleStallLeft: UInt64 = 0
         /// Stalls so far, and their time.
         var stalls: UInt64 = 0
         var stalledNanos: UInt64 = 0
@@ -241,7 +245,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
         preemptSteps.sort()
         if !cpus.isEmpty {
             if let stalls = configuration.stalls {
-                for c in cpus.indices { cpus[c].nextStall = stalls.interval(uniform: unit()) }
+                for c in cpus.indices {
+                    cpus[c].nextStall = stalls.interval(uniform: unit())
+                    cpus[c].idleStallLeft = cpus[c].nextStall
+                }
             }
             // The first threads get the CPUs in order; the others queue round robin.
             var next = 0

@@ -130,6 +130,12 @@ public struct VirtualCosts: Sendable, Equatable {
     /// charged to the flusher once per round that sent an IPI. 0 by default;
     /// a machine profile gives its own.
     public var ipi: UInt64 = 0
+    /// An IPI from its send to its receipt on a running CPU: with the CPU
+    /// model, the wake-up latency of a thread woken onto a CPU that went idle
+    /// less than ``contextSwitch`` ago (still switching to its idle task, not
+    /// yet halted; ``wake`` is the latency of a halted one). 0 by default; a
+    /// machine profile gives its own.
+    public var ipiReceipt: UInt64 = 0
 
     /// The measured defaults.
     public static let measured = VirtualCosts(access: 3, fault: 1_000, lock: 20, unlock: 10, futex: 300,

@@ -87,8 +87,11 @@ extension DeterministicScheduler {
             t.deadline = nil
             t.timedOut = false
             t.waitsForLock = nil
-            t.clock = max(t.clock, me.clock &+ configuration.costs.wake)
-            if !cpus.isEmpty && !t.observer { place(t) }
+            if !cpus.isEmpty && !t.observer {
+                placeWoken(t, by: me)
+            } else {
+                t.clock = max(t.clock, me.clock &+ configuration.costs.wake)
+            }
             woken += 1
         }
         me.clock &+= configuration.costs.futex

@@ -15,9 +15,12 @@
  * A watchdog on the main thread declares LIVELOCK when no page completes for
  * -w seconds (migrate_to_ram keeps being called, no page comes back).
  *
- * usage: rig-livelock -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV]
+ * usage: rig-livelock -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV] [-T]
  *   -m/-d set /sys/module/test_hmm/parameters/fault_mutex and fault_delay_us
  *   (needs the knob patch; without it, only -m 0 -d 0 runs).
+ *   -T also prints one "RIG-TRACE {json}" line after the result: how the
+ *   threads left the barrier and read each page (for comparing the timing
+ *   with the emulator's; see print_trace()). Without -T the output is as before.
  * Output: human lines, then one line "RIG-RESULT {json}" that
  * Tools/kernel-rig/rigresults.py reads. Exit 0 completes, 3 livelock,
  * 4 wrong data, 1 setup error.
@@ -46,9 +49,10 @@ struct options {
 	unsigned long pages;
 	int watchdog_s;
 	const char *device;
+	int trace;
 };
 
-static struct options opt = { 8, 0, 0, 512, 30, "/dev/hmm_dmirror0" };
+static struct options opt = { 8, 0, 0, 512, 30, "/dev/hmm_dmirror0", 0 };
 static char *area;
 static size_t page_bytes;
 static pthread_barrier_t gate;
@@ -122,6 +126,105 @@ static int cmp_i64(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* Nearest-rank quantile q (0..1) of n sorted values. */
+static int64_t quantile(const int64_t *sorted, unsigned long n, double q)
+{
+	unsigned long i = (unsigned long)(q * (double)n);
+
+	return n ? sorted[i < n ? i : n - 1] : 0;
+}
+
+static void print_quantiles(const char *name, int64_t *values, unsigned long n)
+{
+	qsort(values, n, sizeof(*values), cmp_i64);
+	printf(",\"%s\":{\"p10\":%lld,\"p50\":%lld,\"p90\":%lld,\"max\":%lld}", name,
+	       (long long)quantile(values, n, 0.1), (long long)quantile(values, n, 0.5),
+	       (long long)quantile(values, n, 0.9), (long long)(n ? values[n - 1] : 0));
+}
+
+/*
+ * -T: for the first `done` pages (all completed), in ns on CLOCK_MONOTONIC:
+ * exitGap = the second thread out of the barrier minus the first (a second
+ * faulter can only overlap the first one's migration when this is short),
+ * exitSpread = the last out minus the first, leaderRead = how long the first
+ * thread out took to read the page (its fault and migrate_to_ram, the
+ * driver's sleep included), fastestRead / slowestRead over the threads; the
+ * quantiles over all pages, and exitGap and leaderRead per page for the first
+ * 64. For a livelock, also each thread's exit from the stalled page's barrier
+ * relative to the first (-1: not out). Reads the threads' timestamps without
+ * stopping them: only completed pages, and the stalled page's exits.
+ */
+static void print_trace(unsigned long done)
+{
+	unsigned long n = done < opt.pages ? done : opt.pages, shown = n < 64 ? n : 64;
+	int64_t *gap = calloc(n + 1, sizeof(*gap)), *spread = calloc(n + 1, sizeof(*spread));
+	int64_t *lead = calloc(n + 1, sizeof(*lead)), *fast = calloc(n + 1, sizeof(*fast));
+	int64_t *slow = calloc(n + 1, sizeof(*slow));
+
+	if (!gap || !spread || !lead || !fast || !slow)
+		return;
+	for (unsigned long p = 0; p < n; p++) {
+		int64_t first = INT64_MAX, second = INT64_MAX, last = 0, lo = INT64_MAX, hi = 0;
+		int leader = 0;
+
+		for (int t = 0; t < opt.threads; t++) {
+			int64_t e = entered[p * opt.threads + t], r = returned[p * opt.threads + t] - e;
+
+			if (e < first) {
+				second = first;
+				first = e;
+				leader = t;
+			} else if (e < second) {
+				second = e;
+			}
+			last = e > last ? e : last;
+			lo = r < lo ? r : lo;
+			hi = r > hi ? r : hi;
+		}
+		gap[p] = opt.threads > 1 ? second - first : 0;
+		spread[p] = last - first;
+		lead[p] = returned[p * opt.threads + leader] - first;
+		fast[p] = lo;
+		slow[p] = hi;
+	}
+	printf("RIG-TRACE {\"threads\":%d,\"mutex\":%d,\"sleepMicros\":%u,\"pagesTraced\":%lu",
+	       opt.threads, opt.mutex, opt.delay_us, n);
+	printf(",\"firstPages\":[");
+	for (unsigned long p = 0; p < shown; p++)
+		printf("%s{\"exitGap\":%lld,\"leaderRead\":%lld}", p ? "," : "",
+		       (long long)gap[p], (long long)lead[p]);
+	printf("]");
+	print_quantiles("exitGap", gap, n);
+	print_quantiles("exitSpread", spread, n);
+	print_quantiles("leaderRead", lead, n);
+	print_quantiles("fastestRead", fast, n);
+	print_quantiles("slowestRead", slow, n);
+	if (done < opt.pages) {
+		int64_t first = INT64_MAX;
+
+		for (int t = 0; t < opt.threads; t++) {
+			int64_t e = entered[done * opt.threads + t];
+
+			if (e && e < first)
+				first = e;
+		}
+		printf(",\"stalledPageExits\":[");
+		for (int t = 0; t < opt.threads; t++) {
+			int64_t e = entered[done * opt.threads + t];
+
+			printf("%s%lld", t ? "," : "", (long long)(e ? e - first : -1));
+		}
+		printf("]");
+	}
+	printf("}\n");
+	fflush(stdout);
+	free(gap);
+	free(spread);
+	free(lead);
+	free(fast);
+	free(slow);
+}
+
 static void print_result(const char *outcome, double seconds, long calls, long migrated,
 			 const int64_t *span_sorted, unsigned long stalled_page, double calls_per_s)
 {
@@ -147,7 +250,7 @@ int main(int argc, char **argv)
 	pthread_t *tids;
 	int fd, c;
 
-	while ((c = getopt(argc, argv, "t:m:d:n:w:D:")) != -1) {
+	while ((c = getopt(argc, argv, "t:m:d:n:w:D:T")) != -1) {
 		switch (c) {
 		case 't': opt.threads = atoi(optarg); break;
 		case 'm': opt.mutex = atoi(optarg); break;
@@ -155,8 +258,9 @@ int main(int argc, char **argv)
 		case 'n': opt.pages = strtoul(optarg, NULL, 10); break;
 		case 'w': opt.watchdog_s = atoi(optarg); break;
 		case 'D': opt.device = optarg; break;
+		case 'T': opt.trace = 1; break;
 		default:
-			fprintf(stderr, "usage: %s -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV]\n", argv[0]);
+			fprintf(stderr, "usage: %s -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV] [-T]\n", argv[0]);
 			return 1;
 		}
 	}
@@ -265,6 +369,8 @@ int main(int argc, char **argv)
 			       done, opt.watchdog_s, calls - calls_at_progress);
 			print_result("livelock", 0, calls, migrated, NULL, done,
 				     (calls - calls_at_progress) / stalled);
+			if (opt.trace)
+				print_trace(done);
 			param_write("fault_mutex", 0);
 			param_write("fault_delay_us", 0);
 			_exit(3);	/* the readers are stuck in the fault path: end them with the process */
@@ -294,6 +400,8 @@ int main(int argc, char **argv)
 	       opt.threads, opt.pages, opt.mutex, opt.delay_us, (end - start) / 1e9, calls,
 	       (double)calls / opt.pages, migrated, span[opt.pages - 1] / 1e3);
 	print_result("completes", (end - start) / 1e9, calls, migrated, span, 0, 0);
+	if (opt.trace)
+		print_trace(opt.pages);
 	param_write("fault_mutex", 0);
 	param_write("fault_delay_us", 0);
 	return atomic_load(&wrong_values) ? 4 : 0;
