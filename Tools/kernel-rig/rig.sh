@@ -18,7 +18,7 @@
 #   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|shell)
 #
 # env: BOOTS (livelock boots per kernel, default 3), CALIBRATE_BOOTS (default 5),
-#      CASES (default: the 12 reference cases), WATCHDOG (seconds without page
+#      CASES (default: the 12 reference cases and 5 more), WATCHDOG (seconds without page
 #      progress that declare a livelock, default 30), RUN_ID (the logs' folder
 #      under .build-kernel/logs, default a new timestamp),
 #      PAGES (default 512), TRACE (non-empty: rig-livelock -T, the barrier-exit
@@ -42,7 +42,7 @@ PAGES=${PAGES:-512}
 JOBS=${JOBS:-$(nproc)}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-1200}
 # The 12 cases of the reference RESULTS.md: threads:fault_mutex:fault_delay_us.
-CASES=${CASES:-1:0:0,8:0:0,8:0:50,8:0:200,8:1:0,8:1:5,8:1:10,8:1:20,8:1:50,8:1:200,2:1:50,4:1:50}
+CASES=${CASES:-1:0:0,8:0:0,8:0:50,8:0:200,8:1:0,8:1:5,8:1:10,8:1:20,8:1:50,8:1:200,2:1:50,4:1:50,2:1:200,4:0:200,4:1:20,4:1:200,16:1:50}
 QEMU=(qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 2G -nographic -no-reboot)
 APT_PACKAGES=(qemu-system-x86 busybox-static build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils)
 
