@@ -35,7 +35,7 @@ struct ZeroPageMirrorTests {
 
     @Test("a CPU write splits the huge zero page the device mirrors: the device drops the 2 MiB of it and reads the written byte")
     func writeSplitsMirroredHugeZeroPage() throws {
-        let (kernel, mm0, device0) = bootMachine(thp: .always)
+        let (kernel, mm0, device0) = try bootMachine(thp: .always)
         var mm: AddressSpace? = mm0, device: MirrorDevice? = device0
         defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
         let m = mm!, d = device!

@@ -22,7 +22,7 @@ struct MMLifetimeTests {
 
     /// A parent with `pages` filled pages, shared with a forked child.
     static func family(_ kernel: Kernel, file: Bool) throws -> (AddressSpace, UInt64, Box) {
-        let mm = AddressSpace(kernel: kernel)
+        let mm = try AddressSpace(kernel: kernel)
         let length = pages * PageGeometry.pageSize
         let a: UInt64
         if file {
@@ -45,7 +45,7 @@ struct MMLifetimeTests {
     /// after `delay` virtual nanoseconds.
     static func schedule(seed: UInt64, delay: UInt64?, file: Bool) throws
         -> (DeterministicScheduler.Outcome, Kernel, AddressSpace, UInt64, Box, [LockOrder.Violation]) {
-        let kernel = makeKernel(thp: .never)
+        let kernel = try makeKernel(thp: .never)
         let (mm, a, box) = try family(kernel, file: file)
         let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
         var c = DeterministicScheduler.Configuration(seed: seed)

@@ -19,7 +19,7 @@ final class BareSVM: @unchecked Sendable {
     var invalidations: Int { invalidationCount.n.load(ordering: .relaxed) }
 
     init(chunks: [UInt64] = XeDevice.defaultChunkSizes) throws {
-        machine = TestMachine(TestMachineOptions(nodeSizes: [32 << 20], maxPhysicalBytes: 512 << 30))
+        machine = try TestMachine(TestMachineOptions(nodeSizes: [32 << 20], maxPhysicalBytes: 512 << 30))
         kernel = machine.kernel
         mm = machine.mm
         let count = invalidationCount

@@ -60,7 +60,7 @@ final class XeFixture: @unchecked Sendable {
 
     init(_ chunks: Chunks, vram: UInt64 = IGTScale.vramBytes, policy: DeviceFaultPolicy = .trylockWait) throws {
         self.chunks = chunks
-        machine = TestMachine(TestMachineOptions(nodeSizes: [IGTScale.nodeBytes, IGTScale.nodeBytes], thp: .madvise,
+        machine = try TestMachine(TestMachineOptions(nodeSizes: [IGTScale.nodeBytes, IGTScale.nodeBytes], thp: .madvise,
                                                  policy: policy))
         kernel = machine.kernel
         mm = machine.mm
