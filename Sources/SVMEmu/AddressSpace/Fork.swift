@@ -49,6 +49,7 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `dup_mmap()`.
     public func fork() throws(Errno) -> AddressSpace {
+        kernel.drainAsyncMMPuts()
         let child: AddressSpace
         do { child = try AddressSpace(kernel: kernel, family: anonFamily) } catch { throw .noMemory }
         mmapWriteLock()
