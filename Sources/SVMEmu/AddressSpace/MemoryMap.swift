@@ -45,7 +45,6 @@ extension AddressSpace {
     @discardableResult
     public func mmap(address: UInt64? = nil, length: Int, protection: Protection = .readWrite,
                      shared: Bool = false, special: Bool = false) throws(Errno) -> UInt64 {
-        kernel.drainAsyncMMPuts()
         mmapWriteLock(); defer { mmapWriteUnlock() }
         return try mapRegionLocked(address: address, length: length, protection: protection, shared: shared,
                                    special: special, file: nil, pageOffset: nil).start
@@ -80,7 +79,6 @@ extension AddressSpace {
     /// The corresponding kernel function is `do_munmap()`.
     public func munmap(_ address: UInt64, length: Int) throws(Errno) {
         let (start, end) = try checkRange(address, length)
-        kernel.drainAsyncMMPuts()
         mmapWriteLock(); defer { mmapWriteUnlock() }
         try hugetlbCheckSplit(start, end)
         unmapLocked(start, end)
