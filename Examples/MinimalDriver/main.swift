@@ -156,8 +156,8 @@ final class TinyDevice: @unchecked Sendable {
 // MARK: - one scenario
 
 /// Maps a buffer, migrates it to the device, reads it back from the CPU.
-func scenario(_ kernel: Kernel) throws(Errno) {
-    let mm = AddressSpace(kernel: kernel)  // a process
+func scenario(_ kernel: Kernel) throws {
+    let mm = try AddressSpace(kernel: kernel)  // a process (throws when the host refuses its page tables)
     let device = try TinyDevice(kernel: kernel, mm: mm, bytes: 8 << 20)
 
     let pages = 16
@@ -175,7 +175,7 @@ func scenario(_ kernel: Kernel) throws(Errno) {
           + ", migrateToRAM called \(device.migrateToRAMCalls.load(ordering: .relaxed)) times")
     print("now: \(mm.entry(at: buffer).entry), \(device.pageTable.withLock { $0.count }) mapped in the device")
     print(kernel.diagnostics.isEmpty ? "no rule broken" : "\(kernel.diagnostics.count) diagnostics")
-    if bad != nil || !kernel.diagnostics.isEmpty { throw .ioError }
+    if bad != nil || !kernel.diagnostics.isEmpty { throw Errno.ioError }
 }
 
 var config = KernelConfiguration()
@@ -185,5 +185,7 @@ config.addressSpaceSize = 1 << 30
 config.maxPhysicalBytes = 1 << 30
 config.printDiagnostics = true         // show any rule we break, as it happens
 // A global: the machine outlives every address space and device made on it.
-let kernel = Kernel(config)
+// Booting throws HostMemoryRefusal when the host refuses the machine's memory.
+let kernel: Kernel
+do { kernel = try Kernel(booting: config) } catch { print("minimal-driver: \(error)"); exit(1) }
 do { try scenario(kernel) } catch { print("minimal-driver failed: \(error)"); exit(1) }

@@ -16,8 +16,8 @@ import Glibc
 struct HMMCases {
 
     /// Simple NULL test of device open/close.
-    func open_close(_ variant: HMMVariant) {
-        withHMM(variant) { f in
+    func open_close(_ variant: HMMVariant) throws {
+        try withHMM(variant) { f in
             expect(f.dev0.devicePagesInUse == 0, #"f.dev0.devicePagesInUse == 0"#)
             expect(f.dev1.devicePagesInUse == 0, #"f.dev1.devicePagesInUse == 0"#)
             expect(f.kernel.diagnostics.isEmpty, #"f.kernel.diagnostics.isEmpty"#)

@@ -25,7 +25,7 @@ struct HMMForkCases {
         do {
             let child = try mm.fork()
             expect(firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32($0) } == nil, #"firstMismatch(try loadInts(child, buffer.ptr, count: size / 4)) { Int32($0) } == nil"#)
-            let childDevice = MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+            let childDevice = try MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20)
             expect(hmmCommand(childDevice, .write, buffer, npages) == 0, #"hmmCommand(childDevice, .write, buffer, npages) == 0"#)
             expect(buffer.cpages == npages, #"buffer.cpages == npages"#)
             expect(buffer.faults == 1, #"buffer.faults == 1"#)
@@ -69,7 +69,7 @@ struct HMMForkCases {
                         if !migrate {
                             expect(firstMismatch(buffer.mirrorInts.prefix(size / 4)) { Int32(-$0) } == nil, #"firstMismatch(buffer.mirrorInts.prefix(size / 4)) { Int32(-$0) } == nil"#)
                         }
-                        let childDevice = MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0",
+                        let childDevice = try MirrorDevice(kernel: f.kernel, mm: child, name: "hmm_dmirror0",
                                                        vramBytes: 64 << 20, chunkBytes: 32 << 20)
                         expect(hmmCommand(childDevice, .write, buffer, npages) == 0, #"hmmCommand(childDevice, .write, buffer, npages) == 0"#)
                         expect(buffer.cpages == npages, #"buffer.cpages == npages"#)

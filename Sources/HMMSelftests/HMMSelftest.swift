@@ -44,7 +44,7 @@ public struct HMMSelftest: Sendable, CustomStringConvertible {
     /// order in hmm-tests.c); the newer kernels' and the emulator's cases
     /// follow the 6.12 ones of their fixture.
     public static let all: [HMMSelftest] = [
-        HMMSelftest("hmm", "open_close") { HMMCases().open_close($0) },
+        HMMSelftest("hmm", "open_close") { try HMMCases().open_close($0) },
         HMMSelftest("hmm", "anon_read") { try HMMCases().anon_read($0) },
         HMMSelftest("hmm", "anon_read_prot") { try HMMCases().anon_read_prot($0) },
         HMMSelftest("hmm", "anon_write") { try HMMCases().anon_write($0) },

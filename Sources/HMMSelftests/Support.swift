@@ -40,7 +40,7 @@ public final class HMMFixture: @unchecked Sendable {
     public private(set) var dev0: MirrorDevice!
     public private(set) var dev1: MirrorDevice!
 
-    public init(_ variant: HMMVariant = .devicePrivate) {
+    public init(_ variant: HMMVariant = .devicePrivate) throws {
         self.variant = variant
         var config = KernelConfiguration()
         config.nodeSizes = [64 << 20, 64 << 20]
@@ -49,11 +49,11 @@ public final class HMMFixture: @unchecked Sendable {
         config.maxPhysicalBytes = 2 << 30
         // nr_hugepages: the hugetlb cases SKIP in the kernel without a pool.
         config.hugetlbPages = HMMFixture.hugetlbPages
-        kernel = Kernel(config)
-        mm = AddressSpace(kernel: kernel)
-        dev0 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20,
+        kernel = try Kernel(booting: config)
+        mm = try AddressSpace(kernel: kernel)
+        dev0 = try MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror0", vramBytes: 64 << 20, chunkBytes: 32 << 20,
                             memoryType: variant.memoryType)
-        dev1 = MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20,
+        dev1 = try MirrorDevice(kernel: kernel, mm: mm, name: "hmm_dmirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20,
                             memoryType: variant.memoryType)
     }
 
@@ -73,8 +73,8 @@ public final class HMMFixture: @unchecked Sendable {
 }
 
 /// Runs `body` with a fresh fixture and tears it down in the safe order.
-public func withHMM(_ variant: HMMVariant = .devicePrivate, _ body: (HMMFixture) throws -> Void) rethrows {
-    let f = HMMFixture(variant)
+public func withHMM(_ variant: HMMVariant = .devicePrivate, _ body: (HMMFixture) throws -> Void) throws {
+    let f = try HMMFixture(variant)
     defer { f.teardown() }
     try body(f)
 }

@@ -15,12 +15,13 @@ final class DevicePageTable: @unchecked Sendable {
     let entries: UnsafeMutablePointer<UInt64>
     let count: Int
 
-    init(base: UInt64, end: UInt64) {
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses the table's
+    ///   address space (one entry per page of the mirrored range).
+    init(base: UInt64, end: UInt64) throws(HostMemoryRefusal) {
         self.base = base
         self.end = end
         count = Int((end - base) >> PageGeometry.pageShift)
-        guard let p = HostMemory.reserve(bytes: count * 8) else { fatalError("MirrorDriver: cannot reserve the device page table") }
-        entries = p.assumingMemoryBound(to: UInt64.self)
+        entries = try HostMemory.reserve(bytes: count * 8, for: "the device page table of \(count) entries").assumingMemoryBound(to: UInt64.self)
     }
     deinit { HostMemory.release(entries, bytes: count * 8) }
 

@@ -149,10 +149,14 @@ public final class MirrorDevice: @unchecked Sendable {
     let failNextAllocation = Atomic<Bool>(false)
 
     /// A device bound to `mm` (like opening /dev/hmm_dmirror0 in a process).
+    ///
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses the device page
+    ///   table's address space (8 bytes per page of `mm`; dmirror's xarray
+    ///   allocation fails with `-ENOMEM` there).
     public init(kernel: Kernel, mm: AddressSpace, name: String = "mirror0",
                 vramBytes: UInt64 = 1 << 30, chunkBytes: UInt64 = 256 << 20,
                 owner: DeviceOwner = .unique(), settings: MirrorSettings = MirrorSettings(),
-                copyEngine: any CopyEngine = MemcpyCopyEngine(), memoryType: DevicePageMapType = .private) {
+                copyEngine: any CopyEngine = MemcpyCopyEngine(), memoryType: DevicePageMapType = .private) throws(HostMemoryRefusal) {
         self.kernel = kernel
         self.memoryType = memoryType
         self.copyEngine = copyEngine
@@ -162,7 +166,7 @@ public final class MirrorDevice: @unchecked Sendable {
         self.vramBytes = vramBytes
         self.chunkBytes = min(chunkBytes, vramBytes)
         self.settingsStore = LockedValue(settings)
-        pageTable = DevicePageTable(base: mm.baseAddress, end: mm.endAddress)
+        pageTable = try DevicePageTable(base: mm.baseAddress, end: mm.endAddress)
         notifier = mm.insertIntervalNotifier(start: mm.baseAddress, end: mm.endAddress) { [unowned self] n, range, seq in
             self.invalidate(n, range, seq)
         }

@@ -177,19 +177,9 @@ public final class Kernel: @unchecked Sendable {
     let nodeByID: UnsafeMutablePointer<Unmanaged<MemoryNode>?>
     let nodeCount: Int
 
-    /// Boots a machine.
-    ///
-    /// A configuration that ``KernelConfiguration/validate()`` refuses is a
-    /// programming error and stops the process with its message; check
-    /// configurations that come from users with `validate()` first. So does
-    /// a host that refuses the machine's memory: a program that must
-    /// report that (a command line tool) boots with ``init(booting:)``.
-    public convenience init(_ configuration: KernelConfiguration = KernelConfiguration()) {
-        do { try self.init(booting: configuration) } catch { fatalError("SVMEmu: \(error)") }
-    }
-
     /// Boots a machine, or reports that the host refused the memory it
-    /// needs: the CPUs' TLBs, the page metadata of
+    /// needs (there is no form that stops the process instead: a refusal
+    /// is the host's answer, not a programming error): the CPUs' TLBs, the page metadata of
     /// ``KernelConfiguration/maxPhysicalBytes``, every RAM node, and the
     /// page tables of one address space of
     /// ``KernelConfiguration/addressSpaceSize`` (reserved and given back
@@ -202,7 +192,7 @@ public final class Kernel: @unchecked Sendable {
     /// programming error and stops the process with its message.
     ///
     /// - Throws: ``HostMemoryRefusal``, naming how much was asked and for what.
-    public init(booting configuration: KernelConfiguration) throws(HostMemoryRefusal) {
+    public init(booting configuration: KernelConfiguration = KernelConfiguration()) throws(HostMemoryRefusal) {
         do { try configuration.validate() } catch { fatalError("SVMEmu: \(error)") }
         maxPfn = configuration.maxPhysicalBytes >> PageGeometry.pageShift
         // The large reservations first, before anything that would have to be given back.
@@ -265,20 +255,11 @@ public final class Kernel: @unchecked Sendable {
     }
 
     /// Reserves and gives back the page tables of one address space of
-    /// `configuration` (as `AddressSpace.init` reserves them: a PMD array,
-    /// the PTE arrays, the PTE locks and the PMD locks).
+    /// `configuration` (as `AddressSpace.init` reserves them).
     ///
-    /// - Throws: ``HostMemoryRefusal`` for the first the host refuses.
+    /// - Throws: ``HostMemoryRefusal`` for the first part the host refuses.
     static func probeAddressSpace(_ configuration: KernelConfiguration) throws(HostMemoryRefusal) {
-        let size = (configuration.addressSpaceSize + (1 << 30) - 1) & ~((1 << 30) - 1)
-        let pmdCount = Int(size >> PageGeometry.pmdShift)
-        let parts = [pmdCount * 8, pmdCount * PageGeometry.pmdPages * 8, pmdCount * 4,
-                     max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4)]
-        var held: [(UnsafeMutableRawPointer, Int)] = []
-        defer { for (p, n) in held { HostMemory.release(p, bytes: n) } }
-        for bytes in parts {
-            held.append((try HostMemory.reserve(bytes: bytes, for: "the page tables of an address space of \(ByteSize.describe(Int(size)))"), bytes))
-        }
+        try PageTableReservation(addressSpaceSize: configuration.addressSpaceSize).release()
     }
 
     deinit {
@@ -316,9 +297,12 @@ public final class Kernel: @unchecked Sendable {
     /// entry and one host fault per 2 MiB instead of 512, which is most of the
     /// cost of copying a 2 MiB folio otherwise). Benchmarks use it for their
     /// memcpy baseline so both sides copy between the same kind of memory.
-    /// Release with `releaseFrames(_:bytes:)`.
+    /// Release with `releaseFrames(_:bytes:)`. Stops the process when the
+    /// host refuses (a benchmark checks its memory before it runs).
     public static func reserveFrames(bytes: Int) -> UnsafeMutableRawPointer {
-        guard let p = tryReserveFrames(bytes: bytes) else { HostMemory.refused(bytes: bytes, for: "emulated memory") }
+        guard let p = tryReserveFrames(bytes: bytes) else {
+            contractViolation("\(HostMemoryRefusal(bytes: bytes, purpose: "a benchmark's buffer", errno: .noMemory))")
+        }
         return p
     }
 

@@ -37,7 +37,7 @@ public final class Machine {
         var c = configuration
         if let cpus { c.cpus = cpus }
         kernel = try Kernel(booting: c)
-        space = AddressSpace(kernel: kernel)
+        space = try AddressSpace(kernel: kernel)
     }
 
     deinit { tearDown() }

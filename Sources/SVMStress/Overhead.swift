@@ -74,8 +74,10 @@ public enum OverheadHarness {
             settings.gpuFaultPolicy = .migrate
             settings.migrationGranularity = config.granularity
             settings.gpuFaultPages = config.faultPages
-            return machine.attach(MirrorDevice(kernel: machine.kernel, mm: machine.mm, vramBytes: vram, chunkBytes: vramChunk,
-                                               settings: settings, copyEngine: engine))
+            do {
+                return machine.attach(try MirrorDevice(kernel: machine.kernel, mm: machine.mm, vramBytes: vram, chunkBytes: vramChunk,
+                                                   settings: settings, copyEngine: engine))
+            } catch { throw .hostRefused(error) }
         case .gpusvm:
             // The range sizes the granularity asks for: every GPU fault
             // migrates and binds one range.

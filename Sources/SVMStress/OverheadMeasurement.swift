@@ -152,8 +152,8 @@ struct OverheadMeasurement {
         }
         let records = best.filter { $0.key != .fault }.reduce(UInt64(0)) { $0 + $1.value.count } + (best[.fault]?.count ?? 0)
         let faultNanos = best[.fault]?.nanos ?? 0
-        if faultNanos > 0 && measuresCost {
-            result.instrumentationEstimatePercent = Double(records) * OverheadHarness.timerRecordNanos() / faultNanos * 100
+        if faultNanos > 0 && measuresCost, let recordNanos = try? OverheadHarness.timerRecordNanos() {
+            result.instrumentationEstimatePercent = Double(records) * recordNanos / faultNanos * 100
         }
         return result
     }
@@ -277,8 +277,10 @@ extension OverheadHarness {
     /// What one timed phase costs with the timers on (a `begin()` and an
     /// `end()`: two cycle-counter reads and the per-CPU adds), in nanoseconds,
     /// best of five rounds.
-    public static func timerRecordNanos() -> Double {
-        let timer = PhaseTimer()
+    ///
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses the timer's own CPU slots.
+    public static func timerRecordNanos() throws(HostMemoryRefusal) -> Double {
+        let timer = try PhaseTimer()
         timer.isEnabled = true
         let n = 200_000
         var best = Double.infinity

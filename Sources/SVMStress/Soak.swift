@@ -305,7 +305,10 @@ public enum Soak {
         let vram = Machine.roundUp(UInt64(smallBytes + hugeBytes) + (16 << 20), to: 32 << 20)
         let driver: any SoakDriver
         switch settings.driver {
-        case .mirror: driver = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20))
+        case .mirror:
+            do { driver = try MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: min(vram, 32 << 20)) } catch {
+                throw .hostRefused(error)
+            }
         case .gpusvm:
             do { driver = try XeDevice(kernel: kernel, mm: mm, vramBytes: Machine.roundUp(vram, to: PageGeometry.pmdSize64)) } catch {
                 throw .setupFailed("registering \(vram) bytes of VRAM for the Xe-like driver: \(error)")

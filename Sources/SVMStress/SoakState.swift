@@ -196,17 +196,10 @@ final class SoakState: @unchecked Sendable {
         for p in 0..<pages {
             let a = address(ofPage: p)
             guard let d = driver.deviceEntry(at: a) else { continue }
-            let (level, e) = mm.entry(at: a)
-            let offset = level == .pmd ? (a & ~PageGeometry.pmdMask) >> PageGeometry.pageShift : 0
-            var cpu: UInt64? = nil
-            switch e.kind {
-            case .present, .devicePrivate, .deviceExclusive: cpu = e.pfn + offset
-            default: break
-            }
-            let writeRefused = d.writable && e.kind == .present && !e.isWrite
-            guard cpu != d.pfn || writeRefused else { continue }
+            let cpu = mm.mappedFrame(at: a)
+            if cpu?.agrees(withDevicePfn: d.pfn, writable: d.writable) == true { continue }
             bad += 1
-            let now = cpu.map { "pfn 0x\(String($0, radix: 16))\(e.isWrite ? " write" : "")" } ?? "\(e.kind)"
+            let now = cpu.map { "\($0)" } ?? "\(mm.entry(at: a).entry.kind)"
             note("audit after operation \(operations): the device maps 0x\(String(a, radix: 16)) to pfn 0x\(String(d.pfn, radix: 16))\(d.writable ? " write" : ""), the CPU page tables to \(now)")
         }
         return bad
@@ -219,15 +212,15 @@ final class SoakState: @unchecked Sendable {
         var bad = 0
         for p in 0..<pages {
             let a = address(ofPage: p)
-            let (level, e) = space.entry(at: a)
             var bytes: UnsafeMutableRawPointer? = nil
-            switch e.kind {
-            case .none: break
-            case .present where e.isSpecial: break
-            case .present, .devicePrivate:
-                let pfn = e.pfn + (level == .pmd ? (a & ~PageGeometry.pmdMask) >> PageGeometry.pageShift : 0)
-                bytes = kernel.pfnToPage(pfn).unsafeBytes
-            default: continue  // the audit reports any other entry
+            if let f = space.mappedFrame(at: a) {
+                switch f.entry.kind {
+                case .present where f.entry.isSpecial: break  // the zero page reads zeroes
+                case .present, .devicePrivate: bytes = kernel.pfnToPage(f.pfn).unsafeBytes
+                default: continue  // device-exclusive: the audit checks it
+                }
+            } else if space.entry(at: a).entry.kind != .none {
+                continue  // a migration entry: the audit reports any left
             }
             let w0 = p * SoakState.wordsPerPage
             for i in 0..<SoakState.wordsPerPage where !unknown[w0 + i] {

@@ -73,9 +73,11 @@ extension MirrorDevice: StormDriver {
 
     /// The default storm driver: a `MirrorDevice` with enough VRAM for `pages`.
     public static func stormFactory(vramBytes: UInt64) -> StormDriverFactory {
-        { kernel, mm, index in
-            MirrorDevice(kernel: kernel, mm: mm, name: "mirror\(index)",
-                         vramBytes: vramBytes, chunkBytes: min(vramBytes, 32 << 20))
+        { kernel, mm, index throws(StormError) -> any StormDriver in
+            do throws(HostMemoryRefusal) {
+                return try MirrorDevice(kernel: kernel, mm: mm, name: "mirror\(index)",
+                                        vramBytes: vramBytes, chunkBytes: min(vramBytes, 32 << 20))
+            } catch { throw StormError.hostRefused(error) }
         }
     }
 }

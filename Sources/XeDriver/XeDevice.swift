@@ -87,7 +87,8 @@ public final class XeDevice: @unchecked Sendable {
     ///   - notifierSize: bytes per GPU SVM notifier (Xe: 512 MiB).
     ///   - largeFolios: migrate 2 MiB ranges as 2 MiB folios.
     /// - Throws: ``Errno/invalidArgument`` for bad chunk or notifier sizes,
-    ///   what `memremapPages` throws for the VRAM.
+    ///   what `memremapPages` throws for the VRAM, ``Errno/noMemory`` when
+    ///   the host refuses the GPU page table (8 bytes per page of `mm`).
     public init(kernel: Kernel, mm: AddressSpace, name: String = "xe0", vramBytes: UInt64 = 256 << 20,
                 chunkSizes: [UInt64] = XeDevice.defaultChunkSizes, notifierSize: UInt64 = 512 << 20,
                 largeFolios: Bool = true, owner: DeviceOwner = .unique(), settings: XeSettings = XeSettings(),
@@ -98,12 +99,12 @@ public final class XeDevice: @unchecked Sendable {
         self.owner = owner
         self.copyEngine = copyEngine
         self.settingsStore = LockedValue(settings)
+        do { pageTable = try GPUPageTable(base: mm.baseAddress, end: mm.endAddress) } catch { throw .noMemory }
         let gate = self.gate, store = settingsStore
         var ops = DRMPagemap.pagemapOperations
         ops.migrateToRAM = { vmf in gate.migrateToRAM(vmf, exclusive: store.withLock { $0.exclusiveMigrateToRAMLock }) }
         let pgmap = try kernel.memremapPages(type: .private, owner: owner, bytes: vramBytes, operations: ops)
         vram = LockedValue(VRAMState(buddy: VRAMBuddy(startPfn: pgmap.startPfn, pageCount: pgmap.pageCount)))
-        pageTable = GPUPageTable(base: mm.baseAddress, end: mm.endAddress)
         let populate = DRMPagemapOperations { [unowned(unsafe) self] pagemap, start, end, mm in
             populateMM(pagemap, start, end, mm)
         }

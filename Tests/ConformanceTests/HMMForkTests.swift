@@ -223,9 +223,9 @@ struct HMMForkTests {
                                   _ body: (Kernel, AddressSpace, MirrorDevice, GatedCopyEngine, HMMBuffer) throws -> Void) throws {
         let engine = GatedCopyEngine()
         // A TestMachine without its mirror device: this one copies through the gate.
-        let machine = TestMachine(TestMachineOptions(nodeSizes: Array(repeating: 64 << 20, count: nodes)))
+        let machine = try TestMachine(TestMachineOptions(nodeSizes: Array(repeating: 64 << 20, count: nodes)))
         let kernel = machine.kernel
-        var device: MirrorDevice? = MirrorDevice(kernel: kernel, mm: machine.mm, name: "hmm_dmirror0", vramBytes: 64 << 20,
+        var device: MirrorDevice? = try MirrorDevice(kernel: kernel, mm: machine.mm, name: "hmm_dmirror0", vramBytes: 64 << 20,
                                                  chunkBytes: 32 << 20, copyEngine: engine)
         // No local reference to the address space: teardown releases the last one.
         defer { device = nil; machine.tearDown() }

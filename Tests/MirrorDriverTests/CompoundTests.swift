@@ -8,8 +8,8 @@ import MirrorDriver
 struct CompoundTests {
     static let huge = PageGeometry.pmdSize
 
-    func machine(failLargeDevice: Bool = false, failLargeSystem: Bool = false) -> (Kernel, AddressSpace, MirrorDevice) {
-        let (kernel, mm, device) = bootMachine(thp: .always)
+    func machine(failLargeDevice: Bool = false, failLargeSystem: Bool = false) throws -> (Kernel, AddressSpace, MirrorDevice) {
+        let (kernel, mm, device) = try bootMachine(thp: .always)
         var s = device.settings
         s.migrationGranularity = .huge2M
         s.failLargeDeviceAllocation = failLargeDevice
@@ -20,7 +20,7 @@ struct CompoundTests {
 
     @Test("a written THP moves to VRAM as one device folio and faults back whole")
     func wholeTHPRoundTrip() throws {
-        let (kernel, mm, device) = machine()
+        let (kernel, mm, device) = try machine()
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 11)
         #expect(mm.entry(at: base).level == .pmd)
@@ -44,7 +44,7 @@ struct CompoundTests {
 
     @Test("an empty 2 MiB region is filled with one device folio; reads give zeroes")
     func emptyRegion() throws {
-        let (kernel, mm, device) = machine()
+        let (kernel, mm, device) = try machine()
         let base = try mm.mmap(length: Self.huge)
         #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
         #expect(mm.entry(at: base).level == .pmd)
@@ -57,7 +57,7 @@ struct CompoundTests {
 
     @Test("the huge zero page is replaced by a device folio")
     func hugeZeroPage() throws {
-        let (kernel, mm, device) = machine()
+        let (kernel, mm, device) = try machine()
         let base = try mm.mmap(length: Self.huge)
         #expect(try mm.load(base) == 0)
         #expect(mm.entry(at: base).entry.isSpecial)
@@ -71,7 +71,7 @@ struct CompoundTests {
 
     @Test("collect meets the huge zero PMD: skipped unsplit without SELECT_SYSTEM, 512 holes unsplit with it")
     func hugeZeroCollectedAsHole() throws {
-        let (kernel, mm, device) = machine()
+        let (kernel, mm, device) = try machine()
         let base = try mm.mmap(length: Self.huge)
         #expect(try mm.load(base) == 0)
         let zero = mm.entry(at: base)
@@ -100,7 +100,7 @@ struct CompoundTests {
 
     @Test("forced 2 MiB device allocation failure falls back to 512 small pages")
     func deviceAllocationFallback() throws {
-        let (kernel, mm, device) = machine(failLargeDevice: true)
+        let (kernel, mm, device) = try machine(failLargeDevice: true)
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 5)
         #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
@@ -114,7 +114,7 @@ struct CompoundTests {
 
     @Test("forced 2 MiB system allocation failure brings a device folio back as 512 pages")
     func systemAllocationFallback() throws {
-        let (kernel, mm, device) = machine(failLargeSystem: true)
+        let (kernel, mm, device) = try machine(failLargeSystem: true)
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 6)
         #expect(try device.migrateToDevice(base, pages: PageGeometry.pmdPages) == PageGeometry.pmdPages)
@@ -132,7 +132,7 @@ struct CompoundTests {
 
     @Test("1 MiB unmapped from a device folio at offset", arguments: [0, 512 << 10, 1 << 20])
     func partialUnmap(offset: Int) throws {
-        let (kernel, mm, device) = machine()
+        let (kernel, mm, device) = try machine()
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 9)
         try device.migrateToDevice(base, pages: PageGeometry.pmdPages)
@@ -153,7 +153,7 @@ struct CompoundTests {
 
     @Test("eviction brings a device folio back whole, never split")
     func evictionKeepsFolioWhole() throws {
-        let (kernel, mm, device) = machine()
+        let (kernel, mm, device) = try machine()
         let base = try mm.mmap(length: Self.huge * 2)
         try mm.fillPattern(base, length: Self.huge * 2, seed: 13)
         try device.migrateToDevice(base, pages: 1024)
@@ -169,7 +169,7 @@ struct CompoundTests {
 
     @Test("without SELECT_COMPOUND a THP is split and moves as 512 pages")
     func nonCompoundSplits() throws {
-        let (kernel, mm, device) = bootMachine(thp: .always)
+        let (kernel, mm, device) = try bootMachine(thp: .always)
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 21)
         #expect(mm.entry(at: base).level == .pmd)
@@ -182,7 +182,7 @@ struct CompoundTests {
 
     @Test("MADV_FREE on a THP that came back from the device keeps it intact until reclaim")
     func madvFreeAfterMigration() throws {
-        let (kernel, mm, device) = machine()
+        let (kernel, mm, device) = try machine()
         let base = try mm.mmap(length: Self.huge)
         try mm.fillPattern(base, length: Self.huge, seed: 3)
         try device.migrateToDevice(base, pages: PageGeometry.pmdPages)
@@ -196,7 +196,7 @@ struct CompoundTests {
 
     @Test("under the legacy policy a PMD-level device fault still brings the folio back (that path always trylocks)")
     func legacyPMDFault() throws {
-        let (kernel, mm, device) = bootMachine(policy: .legacy, thp: .always)
+        let (kernel, mm, device) = try bootMachine(policy: .legacy, thp: .always)
         var s = device.settings
         s.migrationGranularity = .huge2M
         device.settings = s

@@ -91,7 +91,7 @@ struct EvictionTests {
     @Test("a device dropped with pages still in VRAM evicts them first (device removal)")
     func droppingTheDeviceEvicts() throws {
         try withMachine { kernel, mm, device in
-            var second: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm, name: "mirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+            var second: MirrorDevice? = try MirrorDevice(kernel: kernel, mm: mm, name: "mirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20)
             let n = 16
             let base = try mm.mmap(length: n * pageSize)
             try mm.fillPattern(base, length: n * pageSize, seed: 44)

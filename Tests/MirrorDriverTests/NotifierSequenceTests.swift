@@ -24,12 +24,10 @@ struct NotifierSequenceTests {
         for i in 0..<pages {
             let a = base + UInt64(i * pageSize)
             guard let m = device.deviceMapping(at: a) else { continue }
-            let e = mm.entry(at: a).entry
             let inUse = (kernel.page(pfn: m.pfn)?.folio.refCount ?? 0) > 0
-            let cpuMapsIt = (e.kind == .present || e.kind == .devicePrivate || e.kind == .deviceExclusive) && e.pfn == m.pfn
-            if !inUse || !cpuMapsIt {
+            if !inUse || !mm.deviceEntryAgrees(at: a, pfn: m.pfn, writable: m.writable) {
                 stale += 1
-                Issue.record("seed \(seed), page \(i): the device maps \(m) (\(inUse ? "in use" : "FREED")), the CPU has \(e)")
+                Issue.record("seed \(seed), page \(i): the device maps \(m) (\(inUse ? "in use" : "FREED")), the CPU has \(mm.entry(at: a).entry)")
             }
         }
         return stale
@@ -119,6 +117,44 @@ struct NotifierSequenceTests {
                 let audit = kernel.audit()
                 #expect(audit.isClean, "seed \(seed): \(audit)")
                 try mm.munmap(base, length: length)
+            }
+            #expect(staleSeeds == 0, "\(staleSeeds) of \(Self.seeds.count) schedules left a stale device mapping")
+            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+        }
+    }
+
+    @Test("a device fault racing a CPU fault's migrate_to_ram of the same device page: the device never maps the freed device page")
+    func deviceFaultAgainstMigrateToRAM() throws {
+        try withMachine { kernel, mm, device in
+            let length = Self.pages * pageSize
+            var staleSeeds = 0
+            for seed in Self.seeds {
+                let base = try mm.mmap(length: length)
+                try mm.fillPattern(base, length: length, seed: seed)
+                let expected = try mm.read(base, count: length)
+                #expect(try device.migrateToDevice(base, pages: Self.pages) == Self.pages, "seed \(seed)")
+                // mprotect drops the device's entries (MMU_NOTIFY_PROTECTION_VMA)
+                // and leaves the CPU's device-private entries: the device's
+                // next access faults, and so does the CPU's.
+                try mm.mprotect(base, length: length, protection: .read)
+                #expect(device.deviceMapping(at: base) == nil, "seed \(seed)")
+                let outcome = Self.race(seed: seed,
+                                        ("device read", {
+                                            var b = [UInt8](repeating: 0, count: length)
+                                            _ = try? b.withUnsafeMutableBytes { try device.read(base, into: $0) }
+                                        }),
+                                        ("CPU read", { _ = try? mm.read(base, count: length) }),
+                                        offset: (seed % 32) * 500)
+                #expect(outcome == .completed, "seed \(seed): \(outcome)")
+                if Self.deviceMappingsAreLive(kernel, mm, device, base, seed: seed) > 0 { staleSeeds += 1 }
+                // Whatever won, both sides read the pattern.
+                var gpu = [UInt8](repeating: 0xA5, count: length)
+                try gpu.withUnsafeMutableBytes { try device.read(base, into: $0) }
+                #expect(gpu == expected, "seed \(seed): the device reads \(zip(gpu, expected).filter { $0 != $1 }.count) bytes the CPU does not")
+                #expect(try mm.read(base, count: length) == expected, "seed \(seed)")
+                try mm.munmap(base, length: length)
+                let audit = kernel.audit()
+                #expect(audit.isClean, "seed \(seed): \(audit)")
             }
             #expect(staleSeeds == 0, "\(staleSeeds) of \(Self.seeds.count) schedules left a stale device mapping")
             #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")

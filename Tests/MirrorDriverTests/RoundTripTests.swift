@@ -6,7 +6,7 @@ import MirrorDriver
 struct RoundTripTests {
     @Test("written pages go to VRAM, come back on CPU touch, bytes intact")
     func roundTripOnCPUFault() throws {
-        let (kernel, mm, device) = bootMachine()
+        let (kernel, mm, device) = try bootMachine()
         let pages = 64
         let base = try mm.mmap(length: pages * PageGeometry.pageSize)
         try mm.fillPattern(base, length: pages * PageGeometry.pageSize, seed: 7)
@@ -20,7 +20,7 @@ struct RoundTripTests {
         // The GPU sees the same bytes in VRAM.
         let gpuBytes = try device.read(base, count: PageGeometry.pageSize)
         let cpuExpected: [UInt8] = try {
-            let scratch = AddressSpace(kernel: kernel)
+            let scratch = try AddressSpace(kernel: kernel)
             let a = try scratch.mmap(address: base, length: PageGeometry.pageSize)
             try scratch.fillPattern(a, length: PageGeometry.pageSize, seed: 7)
             return try scratch.read(a, count: PageGeometry.pageSize)
@@ -36,7 +36,7 @@ struct RoundTripTests {
 
     @Test("round trips hand out RAM and VRAM frames in address order (first-in, first-out free lists)")
     func framesStayAscendingOverRoundTrips() throws {
-        let (kernel, mm, device) = bootMachine()
+        let (kernel, mm, device) = try bootMachine()
         let pages = 64
         let base = try mm.mmap(length: pages * PageGeometry.pageSize)
         try mm.fillPattern(base, length: pages * PageGeometry.pageSize, seed: 5)
@@ -58,7 +58,7 @@ struct RoundTripTests {
 
     @Test("a GPU fault with gpuFaultPages 512 migrates the 2 MiB window around it, clipped to its VMA")
     func gpuFaultWindow() throws {
-        let (kernel, mm, device) = bootMachine()
+        let (kernel, mm, device) = try bootMachine()
         var s = device.settings
         s.gpuFaultPolicy = .migrate
         s.gpuFaultPages = PageGeometry.pmdPages

@@ -94,7 +94,7 @@ struct SkipTests {
     @Test("another owner's device pages are not selected")
     func otherOwner() throws {
         try withMachine { kernel, mm, a in
-            var b: MirrorDevice? = MirrorDevice(kernel: kernel, mm: mm, name: "mirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20)
+            var b: MirrorDevice? = try MirrorDevice(kernel: kernel, mm: mm, name: "mirror1", vramBytes: 64 << 20, chunkBytes: 32 << 20)
             defer { b = nil }
             let deviceB = try #require(b)
             #expect(deviceB.owner != a.owner)

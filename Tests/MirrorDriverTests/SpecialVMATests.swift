@@ -6,7 +6,7 @@ import MirrorDriver
 struct SpecialVMATests {
     @Test("migrate_vma_setup refuses a VM_PFNMAP|VM_IO VMA with EINVAL and changes nothing")
     func setupRefusesSpecialVMA() throws {
-        let (kernel, mm, _) = bootMachine()
+        let (kernel, mm, _) = try bootMachine()
         let base = try mm.mmap(length: 8 * PageGeometry.pageSize, special: true)
         let vma = try #require(mm.vma(containing: base))
         #expect(vma.flags.contains(.special))
@@ -23,7 +23,7 @@ struct SpecialVMATests {
 
     @Test("a CPU touch of a VM_PFNMAP mapping without a fault handler is SIGBUS (EIO)")
     func cpuFaultIsSIGBUS() throws {
-        let (_, mm, _) = bootMachine()
+        let (_, mm, _) = try bootMachine()
         let base = try mm.mmap(length: PageGeometry.pageSize, special: true)
         #expect(throws: Errno.ioError) { _ = try mm.load(base) }
         #expect(mm.entry(at: base).entry.isNone)

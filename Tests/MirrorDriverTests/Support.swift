@@ -8,11 +8,11 @@ import TestSupport
 /// A small machine for one test: two 64 MiB nodes, one address space, one
 /// device; the caller owns it (no teardown audit: use ``withMachine`` for that).
 func bootMachine(policy: DeviceFaultPolicy = .trylock, thp: TransparentHugepageMode = .never,
-                 vram: UInt64 = 64 << 20) -> (Kernel, AddressSpace, MirrorDevice) {
+                 vram: UInt64 = 64 << 20) throws -> (Kernel, AddressSpace, MirrorDevice) {
     let options = TestMachineOptions(thp: thp, policy: policy, vram: vram)
-    let kernel = Kernel(options.configuration)
-    let mm = AddressSpace(kernel: kernel)
-    let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: options.chunkBytes)
+    let kernel = try Kernel(booting: options.configuration)
+    let mm = try AddressSpace(kernel: kernel)
+    let device = try MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: options.chunkBytes)
     return (kernel, mm, device)
 }
 
@@ -24,7 +24,7 @@ let pageSize = PageGeometry.pageSize
 /// releases the device, then the address space, and audits the kernel.
 func withMachine<R>(policy: DeviceFaultPolicy = .trylock, vram: UInt64 = 64 << 20, audits: Bool = true,
                     sourceLocation: SourceLocation = #_sourceLocation,
-                    _ body: (Kernel, AddressSpace, MirrorDevice) throws -> R) rethrows -> R {
+                    _ body: (Kernel, AddressSpace, MirrorDevice) throws -> R) throws -> R {
     let options = TestMachineOptions(thp: .never, policy: policy, vram: vram, audits: audits)
     return try TestMachine.run(options, sourceLocation: sourceLocation) { m in try body(m.kernel, m.mm, m.device) }
 }
@@ -76,7 +76,7 @@ func noLeaks(_ kernel: Kernel, _ mm: AddressSpace, _ start: UInt64, pages count:
 /// Bytes a CPU would read from `fillPattern(address, 4096, seed)`, computed
 /// in a scratch address space of the same kernel.
 func expectedPattern(_ kernel: Kernel, _ address: UInt64, length: Int, seed: UInt64) throws -> [UInt8] {
-    let scratch = AddressSpace(kernel: kernel)
+    let scratch = try AddressSpace(kernel: kernel)
     let a = try scratch.mmap(address: address & PageGeometry.pageMask, length: PageGeometry.pageAlign(length + PageGeometry.pageSize))
     _ = a
     try scratch.fillPattern(address, length: length, seed: seed)

@@ -163,7 +163,7 @@ struct TLBShootdownTests {
             let region = try mm.mmap(length: 8 << 20)
             let a = ((region + (2 << 20)) & ~UInt64((2 << 20) - 1)) - 8 * UInt64(pageSize)
             try mm.fillPattern(a, length: pages * pageSize, seed: 9)
-            let device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: 8 << 20, chunkBytes: 8 << 20)
+            let device = try MirrorDevice(kernel: kernel, mm: mm, vramBytes: 8 << 20, chunkBytes: 8 << 20)
             let before = kernel.vmstat.snapshot()
             #expect(try device.migrateToDevice(a, pages: pages) == pages)
             let pmds = Int((a + UInt64(pages * pageSize) - 1) >> 21 - a >> 21 + 1)

@@ -13,9 +13,7 @@ struct ZeroPageMirrorTests {
     /// The device's entry at `a` names the frame the CPU maps there, or is absent.
     static func mirrorAgrees(_ mm: AddressSpace, _ device: MirrorDevice, _ a: UInt64) -> Bool {
         guard let m = device.deviceMapping(at: a) else { return true }
-        let (level, e) = mm.entry(at: a)
-        let offset = level == .pmd ? (a & ~PageGeometry.pmdMask) >> PageGeometry.pageShift : 0
-        return e.kind == .present && e.pfn + offset == m.pfn
+        return mm.deviceEntryAgrees(at: a, pfn: m.pfn, writable: m.writable)
     }
 
     @Test("a CPU write to a page the device mirrors as the zero page: the device reads the written byte")
@@ -35,7 +33,7 @@ struct ZeroPageMirrorTests {
 
     @Test("a CPU write splits the huge zero page the device mirrors: the device drops the 2 MiB of it and reads the written byte")
     func writeSplitsMirroredHugeZeroPage() throws {
-        let (kernel, mm0, device0) = bootMachine(thp: .always)
+        let (kernel, mm0, device0) = try bootMachine(thp: .always)
         var mm: AddressSpace? = mm0, device: MirrorDevice? = device0
         defer { device = nil; mm = nil; withExtendedLifetime(kernel) {} }
         let m = mm!, d = device!

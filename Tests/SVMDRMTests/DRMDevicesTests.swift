@@ -5,7 +5,7 @@ import Testing
 @Suite("DRM device enumeration")
 struct DRMDevicesTests {
     @Test("a missing DRM directory gives an empty list and a reason, not a crash")
-    func missingDirectory() {
+    func missingDirectory() throws {
         let result = DRMDevices.enumerate(driDirectory: "/nonexistent/svmemu-test/dri")
         #expect(result.devices.isEmpty)
         #expect(!result.driDirectoryPresent)
@@ -13,7 +13,7 @@ struct DRMDevicesTests {
     }
 
     @Test("enumerating this machine agrees with whether /dev/dri exists")
-    func thisMachine() {
+    func thisMachine() throws {
         let present = FileManager.default.fileExists(atPath: "/dev/dri")
         let result = DRMDevices.enumerate()
         #expect(result.driDirectoryPresent == present)
@@ -28,7 +28,7 @@ struct DRMDevicesTests {
     }
 
     @Test("the report for libdrm's raw outcomes")
-    func report() {
+    func report() throws {
         let failed = DRMDevices.report(driDirectoryPresent: true, getDevicesResult: -13, devices: [])
         #expect(failed.devices.isEmpty)
         #expect(failed.message.contains("drmGetDevices2() failed: EACCES"))
@@ -58,7 +58,7 @@ struct DRMDevicesTests {
     }
 
     @Test("the SVM table: nouveau, amdgpu and xe migrate; i915 does not; unknown names say so")
-    func svmTable() {
+    func svmTable() throws {
         #expect(SVMMigrationSupport.forDriver("nouveau").level == .migratesToDeviceMemory)
         #expect(SVMMigrationSupport.forDriver("nouveau").interface?.contains("DRM_IOCTL_NOUVEAU_SVM_BIND") == true)
         #expect(SVMMigrationSupport.forDriver("amdgpu").level == .migratesToDeviceMemory)
@@ -95,7 +95,7 @@ struct DRMDevicesTests {
     }
 
     @Test("drmGetVersion on a node that does not exist reports why")
-    func versionOfMissingNode() {
+    func versionOfMissingNode() throws {
         switch DRMDevices.queryVersion(node: "/nonexistent/svmemu-test/renderD128") {
         case .success: Issue.record("expected a failure")
         case .failure(let e): #expect(e.message.contains("ENOENT"))
@@ -103,7 +103,7 @@ struct DRMDevicesTests {
     }
 
     @Test("drmGetVersion on a file that is not a DRM node fails cleanly")
-    func versionOfNonDRMFile() {
+    func versionOfNonDRMFile() throws {
         switch DRMDevices.queryVersion(node: "/dev/null") {
         case .success: Issue.record("expected a failure")
         case .failure(let e): #expect(e.message.contains("drmGetVersion(/dev/null) failed"))

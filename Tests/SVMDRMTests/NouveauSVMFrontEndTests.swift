@@ -29,7 +29,7 @@ private func readyFrontEnd() -> (NouveauSVMFrontEnd, FakeNouveauDevice) {
 @Suite("nouveau_svmm_init() rules")
 struct NouveauSVMInitTests {
     @Test("no SVM on the device: ENOSYS, backend not called")
-    func noSVM() {
+    func noSVM() throws {
         let device = FakeNouveauDevice(supportsSVM: false)
         let fe = NouveauSVMFrontEnd(backend: device)
         #expect(initErrno(fe) == .notImplemented)
@@ -38,7 +38,7 @@ struct NouveauSVMInitTests {
     }
 
     @Test("second SVM_INIT on the same client: EBUSY")
-    func twice() {
+    func twice() throws {
         let device = FakeNouveauDevice()
         let fe = NouveauSVMFrontEnd(backend: device)
         #expect(initErrno(fe, address: 0x1000, size: 0x2000) == nil)
@@ -51,7 +51,7 @@ struct NouveauSVMInitTests {
     }
 
     @Test("the VMM constructor's error is returned and SVM stays off; a retry works")
-    func backendError() {
+    func backendError() throws {
         let device = FakeNouveauDevice()
         device.state.withLock { $0.initError = .noMemory }
         let fe = NouveauSVMFrontEnd(backend: device)
@@ -66,7 +66,7 @@ struct NouveauSVMInitTests {
 @Suite("nouveau_svmm_bind() rules")
 struct NouveauSVMBindRuleTests {
     @Test("reserved0 or reserved1 non-zero: EINVAL")
-    func reserved() {
+    func reserved() throws {
         let (fe, _) = readyFrontEnd()
         var a = drm_nouveau_svm_bind.migrateToVRAM(start: 0x10000, end: 0x11000)
         a.reserved0 = 1
@@ -76,7 +76,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("header bits above NOUVEAU_SVM_BIND_VALID_MASK: EINVAL")
-    func invalidHeaderBits() {
+    func invalidHeaderBits() throws {
         let (fe, _) = readyFrontEnd()
         for bit in [48, 55, 63] {
             var a = drm_nouveau_svm_bind.migrateToVRAM(start: 0x10000, end: 0x11000)
@@ -86,7 +86,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("va_start >= va_end after page rounding: EINVAL")
-    func emptyRange() {
+    func emptyRange() throws {
         let (fe, _) = readyFrontEnd()
         var equal = drm_nouveau_svm_bind.migrateToVRAM(start: 0x11000, end: 0x11000)
         #expect(bindErrno(fe, &equal) == .invalidArgument)
@@ -110,7 +110,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("command other than MIGRATE: EINVAL")
-    func badCommand() {
+    func badCommand() throws {
         let (fe, _) = readyFrontEnd()
         for command: UInt64 in [1, 2, 0xff] {
             var a = drm_nouveau_svm_bind.migrateToVRAM(start: 0x10000, end: 0x11000)
@@ -120,7 +120,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("target other than GPU_VRAM (including any CPU target): EINVAL")
-    func badTarget() {
+    func badTarget() throws {
         let (fe, _) = readyFrontEnd()
         for target: UInt64 in [0, 1, (1 << 31) - 1, (1 << 31) | 1, 0xffff_ffff] {
             var a = drm_nouveau_svm_bind.migrateToVRAM(start: 0x10000, end: 0x11000)
@@ -130,7 +130,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("non-zero stride: EINVAL")
-    func stride() {
+    func stride() throws {
         let (fe, _) = readyFrontEnd()
         var a = drm_nouveau_svm_bind.migrateToVRAM(start: 0x10000, end: 0x11000)
         a.stride = 1
@@ -138,7 +138,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("no address space for the caller: EINVAL")
-    func noMM() {
+    func noMM() throws {
         let device = FakeNouveauDevice(hasAddressSpace: false)
         device.map(0x10000..<0x11000)
         let fe = NouveauSVMFrontEnd(backend: device)
@@ -149,7 +149,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("SVM_BIND before SVM_INIT: EINVAL, decided under the mmap lock, nothing migrated")
-    func notInitialised() {
+    func notInitialised() throws {
         let device = FakeNouveauDevice()
         device.map(0x10000..<0x11000)
         let fe = NouveauSVMFrontEnd(backend: device)
@@ -162,7 +162,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("argument refusals never reach the backend or take the lock")
-    func refusalsAreEarly() {
+    func refusalsAreEarly() throws {
         let (fe, device) = readyFrontEnd()
         var a = drm_nouveau_svm_bind.migrateToVRAM(start: 0x10000, end: 0x11000)
         a.stride = 4096
@@ -174,7 +174,7 @@ struct NouveauSVMBindRuleTests {
     }
 
     @Test("va_start/va_end are rounded and written back even when the bind fails")
-    func roundingWrittenBack() {
+    func roundingWrittenBack() throws {
         let (fe, _) = readyFrontEnd()
         var a = drm_nouveau_svm_bind.migrateToVRAM(start: 0x10123, end: 0x12001)
         a.stride = 8
@@ -277,7 +277,7 @@ struct NouveauSVMMigrationTests {
 @Suite("raw ioctl dispatch, as drm_ioctl() does it")
 struct NouveauSVMIoctlTests {
     @Test("SVM_INIT and SVM_BIND through request numbers and raw memory")
-    func rawIoctls() {
+    func rawIoctls() throws {
         let device = FakeNouveauDevice()
         device.map(0x10000..<0x12000)
         let fe = NouveauSVMFrontEnd(backend: device)
@@ -302,7 +302,7 @@ struct NouveauSVMIoctlTests {
     }
 
     @Test("unknown request: -EINVAL; NULL argument: -EFAULT")
-    func unknownAndNull() {
+    func unknownAndNull() throws {
         let fe = NouveauSVMFrontEnd(backend: FakeNouveauDevice())
         var scratch = drm_nouveau_svm_bind()
         let gemNew = LinuxIoctl.readWrite(type: UInt8(ascii: "d"), number: 0x40 + 0x40, size: 48)
@@ -312,7 +312,7 @@ struct NouveauSVMIoctlTests {
     }
 
     @Test("a shorter user struct is zero-extended, as drm_ioctl() does")
-    func shortStruct() {
+    func shortStruct() throws {
         let device = FakeNouveauDevice()
         device.map(0x10000..<0x11000)
         let fe = NouveauSVMFrontEnd(backend: device)

@@ -17,7 +17,7 @@ private let iocReadWrite: UInt = 1 | 2 // _IOC_WRITE | _IOC_READ
 @Suite("nouveau SVM uAPI: ioctl numbers, struct layout, header encoding")
 struct NouveauUAPITests {
     @Test("DRM_IOCTL_NOUVEAU_SVM_INIT = DRM_IOWR(0x40 + 0x08, 16 bytes)")
-    func svmInitNumber() {
+    func svmInitNumber() throws {
         let expected = ioc(dir: iocReadWrite, type: "d", nr: 0x40 + 0x08, size: 16)
         #expect(expected == 0xC010_6448)
         #expect(NouveauSVMuAPI.ioctlSVMInit == expected)
@@ -25,14 +25,14 @@ struct NouveauUAPITests {
     }
 
     @Test("DRM_IOCTL_NOUVEAU_SVM_BIND = DRM_IOWR(0x40 + 0x09, 64 bytes)")
-    func svmBindNumber() {
+    func svmBindNumber() throws {
         let expected = ioc(dir: iocReadWrite, type: "d", nr: 0x40 + 0x09, size: 64)
         #expect(expected == 0xC040_6449)
         #expect(NouveauSVMuAPI.ioctlSVMBind == expected)
     }
 
     @Test("DRM_IOCTL_VERSION = DRM_IOWR(0x00, struct drm_version)")
-    func versionNumber() {
+    func versionNumber() throws {
         // struct drm_version on LP64: 3 ints, padding, then 3 (size_t, char *) pairs.
         let size = UInt(MemoryLayout<Int32>.size * 4 + 3 * (MemoryLayout<Int>.size + MemoryLayout<UnsafeRawPointer>.size))
         #expect(size == 64)
@@ -41,7 +41,7 @@ struct NouveauUAPITests {
     }
 
     @Test("the C _IOC_* decoders and LinuxIoctl agree on the fields")
-    func decoders() {
+    func decoders() throws {
         for request in [NouveauSVMuAPI.ioctlSVMInit, NouveauSVMuAPI.ioctlSVMBind, NouveauSVMuAPI.ioctlVersion] {
             #expect(UInt(svmdrm_ioc_dir(request)) == LinuxIoctl.direction(request))
             #expect(UInt8(svmdrm_ioc_type(request)) == LinuxIoctl.type(request))
@@ -56,7 +56,7 @@ struct NouveauUAPITests {
     }
 
     @Test("struct sizes and field offsets are the kernel's (16 and 64 bytes)")
-    func layout() {
+    func layout() throws {
         #expect(MemoryLayout<drm_nouveau_svm_init>.size == 16)
         #expect(MemoryLayout<drm_nouveau_svm_bind>.size == 64)
         #expect(NouveauSVMuAPI.svmInitSize == 16)
@@ -72,7 +72,7 @@ struct NouveauUAPITests {
     }
 
     @Test("header constants match nouveau_drm.h")
-    func headerConstants() {
+    func headerConstants() throws {
         #expect(NouveauSVMuAPI.commandShift == 0)
         #expect(NouveauSVMuAPI.commandBits == 8)
         #expect(NouveauSVMuAPI.commandMask == 0xff)
@@ -89,7 +89,7 @@ struct NouveauUAPITests {
     }
 
     @Test("header encode and decode")
-    func headerCoding() {
+    func headerCoding() throws {
         let h = NouveauSVMBindHeader.migrateToVRAM(priority: 0x5a)
         #expect(h.rawValue == (UInt64(1) << 31) << 16 | 0x5a << 8)
         #expect(h.command == 0)

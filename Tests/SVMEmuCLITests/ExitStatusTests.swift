@@ -25,7 +25,7 @@ struct ExitStatusTests {
     }
 
     @Test("the statuses are 0, 1, 2 and 64, and the help says so")
-    func documented() {
+    func documented() throws {
         #expect(ExitStatus.success.rawValue == 0 && ExitStatus.failure.rawValue == 1 && ExitStatus.usage.rawValue == 64)
         #expect(LivelockCommand.helpMessage().contains("--fail-on-livelock"))
         #expect(LivelockCommand.helpMessage().contains("Exit status"))

@@ -29,7 +29,7 @@ struct ExploreTests {
     }
 
     @Test("--cpus and --preemptions need --deterministic on livelock; explore and replay check their ranges")
-    func misuse() {
+    func misuse() throws {
         #expect(throws: (any Error).self) { try SVMEmuCommand.parseAsRoot(["livelock", "--cpus", "4"]) }
         #expect(throws: (any Error).self) { try SVMEmuCommand.parseAsRoot(["livelock", "--deterministic", "--cpus", "65"]) }
         #expect(throws: (any Error).self) { try SVMEmuCommand.parseAsRoot(["explore", "--schedules", "0"]) }
@@ -95,7 +95,7 @@ struct SweepCommandTests {
     }
 
     @Test("the merge's table names the first failing seed and its replay command, and the problems")
-    func mergeTable() {
+    func mergeTable() throws {
         let shard = SweepShard(index: 1, count: 2)
         let header = SweepHeader(command: "soak", shard: shard, seeds: SeedSet(SeedRange(first: 1, last: 4)), settings: ["--operations": "10"],
                                  version: "v", revision: nil, host: "h")

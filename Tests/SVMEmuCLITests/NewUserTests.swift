@@ -98,7 +98,7 @@ struct NewUserTests {
     }
 
     @Test("the refusal names the figure and the purpose")
-    func refusalText() {
+    func refusalText() throws {
         let r = HostMemoryRefusal(bytes: 8 << 30, purpose: "page metadata", errno: .noMemory)
         #expect(r.description.hasPrefix("the host refused 8.0 GiB of address space for page metadata (ENOMEM"))
     }
@@ -128,7 +128,7 @@ struct NewUserTests {
     }
 
     @Test("sizes that hold no whole 2 MiB folio are refused with the rule")
-    func wholeFolios() {
+    func wholeFolios() throws {
         for (arguments, expected) in [(["numa", "--size", "3M"], "--size must be 2M to 16G, a multiple of 2M (got 3M)"),
                                       (["bench", "migrate", "--granularity", "2m", "--size", "4K"],
                                        "--size with --granularity 2m must be 2M to 64G, a multiple of 2M (got 4K)"),

@@ -63,7 +63,7 @@ struct NumaCommandTests {
     }
 
     @Test("--svg charts the variants and both sweeps, one bar per variant, batch size and copy shape")
-    func chartPanels() {
+    func chartPanels() throws {
         let r = NUMAVariantResult(algorithm: "batched", mode: "sync", copier: "single", copyThreads: 1, deferredFlush: false,
                                   pageSize: PageGeometry.pageSize, pagesMigrated: 512, pagesPerSecond: 1000, ipisPerPage: 0.01,
                                   flushes: 1, flushWaitMicros: 1, copyMicros: 1, readerLatencyP50Nanos: 0,

@@ -19,7 +19,7 @@ func withScratchDirectory<R>(_ body: (String) throws -> R) throws -> R {
 @Suite("svmemu output files")
 struct OutputFileTests {
     @Test("a file in a directory that does not exist is refused with the path and the system's reason")
-    func missingDirectory() {
+    func missingDirectory() throws {
         #expect(throws: CLIError.outputPath(path: "/nonexistent/svmemu/phases.svg", reason: "No such file or directory")) {
             try OutputFile("/nonexistent/svmemu/phases.svg").checkWritable()
         }

@@ -16,7 +16,7 @@ func refusal(_ arguments: [String]) -> (message: String, status: Int32)? {
 @Suite("svmemu sizes and memory")
 struct SizeTests {
     @Test("one size reader: binary suffixes with optional iB/B, any case, signs kept for the range check")
-    func parse() {
+    func parse() throws {
         #expect(ByteSize.parse("256M") == 256 << 20)
         #expect(ByteSize.parse("2MiB") == 2 << 20)
         #expect(ByteSize.parse("4kb") == 4096)
@@ -70,7 +70,7 @@ struct SizeTests {
     }
 
     @Test("MemAvailable and MemTotal are read from /proc/meminfo's kB lines")
-    func meminfo() {
+    func meminfo() throws {
         let text = "MemTotal:       24558412 kB\nMemFree:        22000000 kB\nMemAvailable:   23100000 kB\n"
         #expect(HostResources.meminfoField("MemAvailable", in: text) == 23_100_000)
         #expect(HostResources.meminfoField("MemTotal", in: text) == 24_558_412)

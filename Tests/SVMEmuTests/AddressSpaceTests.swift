@@ -275,10 +275,10 @@ struct AddressSpaceTests {
 
     @Test("dropping the address space (exit_mmap) returns every page")
     func exitMmapFreesEverything() throws {
-        let kernel = makeKernel(thp: .always)
+        let kernel = try makeKernel(thp: .always)
         let free0 = kernel.freePages
         do {
-            let mm = AddressSpace(kernel: kernel)
+            let mm = try AddressSpace(kernel: kernel)
             let a = try mm.mmap(length: 3 * hugeSize)
             try mm.fillPattern(a, length: 3 * hugeSize, seed: 2)
             try mm.munmap(a + UInt64(hugeSize) + PageGeometry.pageSize64, length: PageGeometry.pageSize)

@@ -9,8 +9,8 @@ struct AuditTests {
     func machine() throws -> (Kernel, AddressSpace, UInt64) {
         var config = KernelConfiguration()
         config.nodeSizes = [16 << 20]
-        let kernel = Kernel(config)
-        let mm = AddressSpace(kernel: kernel)
+        let kernel = try Kernel(booting: config)
+        let mm = try AddressSpace(kernel: kernel)
         let a = try mm.mmap(length: PageGeometry.pmdSize + 2 * PageGeometry.pageSize)
         try mm.madvise(a, length: PageGeometry.pmdSize, advice: .hugePage)
         try mm.store64(a, 1)

@@ -26,7 +26,7 @@ struct CPUModelTests {
     }
 
     @Test("four spinners on one CPU take four times as long as on four CPUs; slices preempt at ticks")
-    func spinnersShareACPU() {
+    func spinnersShareACPU() throws {
         func run(cpus: Int) -> (end: UInt64, switches: UInt64) {
             let clocks = Clocks()
             let s = DeterministicScheduler(Self.configuration(cpus: cpus))
@@ -48,7 +48,7 @@ struct CPUModelTests {
     }
 
     @Test("a sleeper gives its CPU away; a spinner keeps it")
-    func sleepersYieldTheirCPU() {
+    func sleepersYieldTheirCPU() throws {
         for sleeps in [true, false] {
             let clocks = Clocks()
             let s = DeterministicScheduler(Self.configuration(cpus: 1))
@@ -76,7 +76,7 @@ struct CPUModelTests {
         config.cpus = 2
         config.nodeSizes = [64 << 20]
         let kernel = try Kernel(booting: config)
-        let mm = AddressSpace(kernel: kernel)
+        let mm = try AddressSpace(kernel: kernel)
         let base = try mm.mmap(length: 8 * 4096)
         kernel.cpus.leave()
         let s = DeterministicScheduler(Self.configuration(cpus: 2))
@@ -105,7 +105,7 @@ struct CPUModelTests {
 struct KernelMutexAlgorithmTests {
 
     @Test("a woken waiter that loses the lock to a newcomer gets it handed over at the next unlock")
-    func handoff() {
+    func handoff() throws {
         let mutex = KernelMutex("handoff")
         let clocks = CPUModelTests.Clocks()
         var c = CPUModelTests.configuration(cpus: 4)
@@ -139,7 +139,7 @@ struct KernelMutexAlgorithmTests {
     }
 
     @Test("waiters queue first come, first served")
-    func fifo() {
+    func fifo() throws {
         let mutex = KernelMutex("fifo")
         let clocks = CPUModelTests.Clocks()
         let s = DeterministicScheduler(CPUModelTests.configuration(cpus: 8))
@@ -162,7 +162,7 @@ struct KernelMutexAlgorithmTests {
     }
 
     @Test("a newcomer spins while the owner runs and takes the lock without sleeping")
-    func optimisticSpin() {
+    func optimisticSpin() throws {
         let mutex = KernelMutex("spin")
         let clocks = CPUModelTests.Clocks()
         let s = DeterministicScheduler(CPUModelTests.configuration(cpus: 2))

@@ -45,7 +45,7 @@ struct DeterministicSchedulerTests {
     }
 
     @Test("threads take turns under a KernelMutex and finish; virtual sleeps take no host time")
-    func mutexRunCompletes() {
+    func mutexRunCompletes() throws {
         let counter = KernelMutex("counter")
         final class Box: @unchecked Sendable { var n = 0 }
         let box = Box()
@@ -68,7 +68,7 @@ struct DeterministicSchedulerTests {
     }
 
     @Test("the same seed gives the same step log")
-    func sameSeedSameSteps() {
+    func sameSeedSameSteps() throws {
         func steps(_ seed: UInt64) -> [DeterministicScheduler.Step] {
             let lock = KernelMutex("l")
             var c = DeterministicScheduler.Configuration(seed: seed)
@@ -87,7 +87,7 @@ struct DeterministicSchedulerTests {
 
     @Test("explore finds the ABBA between a driver lock and the folio lock, and its seed replays it")
     func exploreFindsABBA() throws {
-        let kernel = makeKernel()
+        let kernel = try makeKernel()
         let folio = try #require(kernel.allocateFolio(order: 0))
         let found = DeterministicScheduler.explore(schedules: 1000, Self.abba(kernel, folio))
         let f = try #require(found, "1000 schedules must find the ABBA")
@@ -97,7 +97,7 @@ struct DeterministicSchedulerTests {
         for w in f.deadlock.cycle { #expect(w.heldBy != nil && w.heldBy != w.thread) }
 
         // Replay: the seed alone reproduces the same deadlock, step for step.
-        let kernel2 = makeKernel()
+        let kernel2 = try makeKernel()
         let folio2 = try #require(kernel2.allocateFolio(order: 0))
         var c = DeterministicScheduler.Configuration(seed: f.seed)
         c.logSteps = 1000
@@ -113,7 +113,7 @@ struct DeterministicSchedulerTests {
 
     @Test("lockdep catches the ABBA on real threads without a deadlock, naming both acquisition sites")
     func lockdepCatchesABBAWithoutDeadlock() throws {
-        let kernel = makeKernel()
+        let kernel = try makeKernel()
         let folio = try #require(kernel.allocateFolio(order: 0))
         let driver = ABBADriver(folio: folio, lockName: "abba driver lock (real threads)")
         LockOrder.enable()
@@ -135,8 +135,8 @@ struct DeterministicSchedulerTests {
 
     @Test("the mmap lock is a scheduling point: a fault waits in the scheduler while another emulated thread holds it for writing")
     func mmapLockIsASchedulingPoint() throws {
-        let kernel = makeKernel()
-        let mm = AddressSpace(kernel: kernel)
+        let kernel = try makeKernel()
+        let mm = try AddressSpace(kernel: kernel)
         // Never touched: the reader's load faults (demand zero), under the mmap read lock.
         let base = try mm.mmap(length: PageGeometry.pageSize)
         final class Clocks: @unchecked Sendable { var unlocked: UInt64 = 0, read: UInt64 = 0, value: UInt8 = 1 }
@@ -165,7 +165,7 @@ struct DeterministicSchedulerTests {
     @Test("the test machine validates lock order on every thread: a plain thread's ABBA is caught without enable()")
     func lockdepOnForEveryTest() throws {
         #expect(LockOrder.isEnabledEverywhere, "Tests/CTestSupport turns lockdep on before any test runs")
-        let kernel = makeKernel()
+        let kernel = try makeKernel()
         let folio = try #require(kernel.allocateFolio(order: 0))
         let driver = ABBADriver(folio: folio, lockName: "abba driver lock (test machine)")
         let ok = runThreads(1, keepAlive: [kernel]) { _ in
@@ -180,7 +180,7 @@ struct DeterministicSchedulerTests {
 
     @Test("a consistent order is no violation, and a trylock records no dependency")
     func lockdepQuietOnConsistentOrder() throws {
-        let kernel = makeKernel()
+        let kernel = try makeKernel()
         let folio = try #require(kernel.allocateFolio(order: 0))
         let outer = KernelMutex("lockdep outer"), inner = KernelMutex("lockdep inner")
         LockOrder.enable()
@@ -193,8 +193,8 @@ struct DeterministicSchedulerTests {
     }
     @Test("the kernel's spinlocks are lock classes: a page-table lock and a driver mutex taken in both orders are a cycle")
     func spinlocksAreClasses() throws {
-        let kernel = makeKernel()
-        let mm = AddressSpace(kernel: kernel)
+        let kernel = try makeKernel()
+        let mm = try AddressSpace(kernel: kernel)
         let base = try mm.mmap(length: 2 * PageGeometry.pmdSize)
         let m = KernelMutex("lockdep spinlock test mutex")
         LockOrder.enable()
@@ -213,7 +213,7 @@ struct DeterministicSchedulerTests {
 
     @Test("each reader of a semaphore releases its own hold; a folio lock released by another thread is no longer held")
     func holdsAreReleasedWhereTheyWereTaken() throws {
-        let kernel = makeKernel()
+        let kernel = try makeKernel()
         let folio = try #require(kernel.allocateFolio(order: 0))
         let sem = KernelRWSemaphore("lockdep shared readers")
         let after = KernelMutex("lockdep after the readers")
@@ -239,8 +239,8 @@ struct DeterministicSchedulerTests {
     }
     @Test("a deadlock report names a kernel spinlock by its lock class and where its holder took it")
     func deadlockNamesSpinlocks() throws {
-        let kernel = makeKernel()
-        let mm = AddressSpace(kernel: kernel)
+        let kernel = try makeKernel()
+        let mm = try AddressSpace(kernel: kernel)
         let base = try mm.mmap(length: PageGeometry.pageSize)
         let m = KernelMutex("deadlock report test mutex")
         var c = DeterministicScheduler.Configuration(seed: 2)

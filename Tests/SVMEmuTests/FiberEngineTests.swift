@@ -10,8 +10,8 @@ struct FiberEngineTests {
 
     @Test("each emulated thread keeps its own CPU, host slot and record across switches; the caller's stay as they were")
     func perThreadStateTravelsWithEachFiber() throws {
-        let kernel = makeKernel()
-        let mm = AddressSpace(kernel: kernel)
+        let kernel = try makeKernel()
+        let mm = try AddressSpace(kernel: kernel)
         let base = try mm.mmap(length: 4 * PageGeometry.pageSize)
         try mm.store(base, 1)                       // the caller takes a CPU
         let callerCPU = kernel.cpus.currentIndex
@@ -49,7 +49,7 @@ struct FiberEngineTests {
     }
 
     @Test("a lock held across a switch is in its holder's lock-order stack only")
-    func lockOrderStacksArePerFiber() {
+    func lockOrderStacksArePerFiber() throws {
         let a = KernelMutex("fiber test lock a")
         final class Seen: @unchecked Sendable { var other: String? = "unset" }
         let seen = Seen()
@@ -73,7 +73,7 @@ struct FiberEngineTests {
     @inline(never) static func modify(_ x: inout Int, while body: () -> Void) { body(); x += 1 }
 
     @Test("Swift's exclusivity checks are per fiber: a modify open in one thread is not another's conflict")
-    func exclusivityAccessSetsArePerFiber() {
+    func exclusivityAccessSetsArePerFiber() throws {
         let shared = Shared()
         var c = DeterministicScheduler.Configuration(seed: 8)
         c.preemptions = 0
@@ -96,7 +96,7 @@ struct FiberEngineTests {
     }
 
     @Test("a run that never ends returns at its host timeout, and the host thread is free for the next run")
-    func hostTimeoutAbandonsTheRun() {
+    func hostTimeoutAbandonsTheRun() throws {
         var c = DeterministicScheduler.Configuration(seed: 1)
         c.hostTimeoutSeconds = 0.2
         let s = DeterministicScheduler(c)
@@ -117,7 +117,7 @@ struct FiberEngineTests {
     }
 
     @Test("deep recursion fits a fiber's stack; sixty-four threads run to the end")
-    func deepStacksAndManyThreads() {
+    func deepStacksAndManyThreads() throws {
         let s = DeterministicScheduler(.init(seed: 6))
         final class Sums: @unchecked Sendable { var v = [Int](repeating: -1, count: 64) }
         let sums = Sums()
@@ -129,7 +129,7 @@ struct FiberEngineTests {
     }
 
     @Test("the lock-word table behaves like a dictionary under inserts, overwrites and removals")
-    func pointerTableMatchesADictionary() {
+    func pointerTableMatchesADictionary() throws {
         let table = PointerTable()
         var reference: [UInt: Int] = [:]
         var rng = SplitMix64(state: 77)

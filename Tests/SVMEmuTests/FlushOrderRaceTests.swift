@@ -58,8 +58,8 @@ struct FlushOrderRaceTests {
     func mremapAgainstReader() throws {
         var failures: [String] = []
         for seed in Self.seeds {
-            let kernel = makeKernel(thp: .never)
-            var parent: AddressSpace? = AddressSpace(kernel: kernel)
+            let kernel = try makeKernel(thp: .never)
+            var parent: AddressSpace? = try AddressSpace(kernel: kernel)
             let a = try parent!.mmap(length: pageSize)
             let b = a + UInt64(64 << 20)
             try parent!.store(a, 0x5A)
@@ -97,8 +97,8 @@ struct FlushOrderRaceTests {
     func hugeZeroSplitAgainstReaders() throws {
         var failures: [String] = []
         for seed in Self.seeds {
-            let kernel = makeKernel(thp: .always)
-            var mm: AddressSpace? = AddressSpace(kernel: kernel)
+            let kernel = try makeKernel(thp: .always)
+            var mm: AddressSpace? = try AddressSpace(kernel: kernel)
             let m = mm!
             let a = try m.mmap(length: hugeSize)
             let other = try m.mmap(length: pageSize)
@@ -143,8 +143,8 @@ struct FlushOrderRaceTests {
     func deferredFlushAgainstMprotect() throws {
         var failures: [String] = []
         for seed in Self.seeds {
-            let kernel = makeKernel(thp: .never)
-            var mm: AddressSpace? = AddressSpace(kernel: kernel)
+            let kernel = try makeKernel(thp: .never)
+            var mm: AddressSpace? = try AddressSpace(kernel: kernel)
             let m = mm!
             let a = try m.mmap(length: pageSize)
             try m.store(a, 0)
@@ -183,11 +183,11 @@ struct FlushOrderRaceTests {
     func deferredFlushAgainstPwrite() throws {
         var failures: [String] = []
         for seed in Self.seeds {
-            let kernel = makeKernel(thp: .never)
+            let kernel = try makeKernel(thp: .never)
             let file = File(kernel: kernel)
             let old = [UInt8](repeating: 0x11, count: pageSize)
             _ = try old.withUnsafeBytes { buf throws(Errno) in try file.pwrite(from: buf, offset: 0) }
-            var mm: AddressSpace? = AddressSpace(kernel: kernel)
+            var mm: AddressSpace? = try AddressSpace(kernel: kernel)
             let m = mm!
             let a = try m.mmap(length: pageSize, protection: .read, shared: true, file: file)
             _ = try m.load(a)
@@ -236,8 +236,8 @@ struct StaleEntryCheckerTests {
 
     @Test("a frame freed and allocated again while a CPU keeps its translation is reported, though the old address holds no entry")
     func freedAndReusedFrame() throws {
-        let kernel = makeKernel(thp: .never)
-        var mm: AddressSpace? = AddressSpace(kernel: kernel)
+        let kernel = try makeKernel(thp: .never)
+        var mm: AddressSpace? = try AddressSpace(kernel: kernel)
         let m = mm!
         let a = try m.mmap(length: pageSize)
         try m.store(a, 7)
@@ -263,8 +263,8 @@ struct StaleEntryCheckerTests {
 
     @Test("a write through a writable translation after a write-protect whose flush was skipped is reported; during a pending flush it is not")
     func staleWritableAfterWriteProtect() throws {
-        let kernel = makeKernel(thp: .never)
-        var mm: AddressSpace? = AddressSpace(kernel: kernel)
+        let kernel = try makeKernel(thp: .never)
+        var mm: AddressSpace? = try AddressSpace(kernel: kernel)
         let m = mm!
         let a = try m.mmap(length: pageSize)
         try m.store(a, 1)

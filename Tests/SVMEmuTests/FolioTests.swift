@@ -81,7 +81,7 @@ struct FolioTests {
 
     @Test("eight threads lock and unlock one folio 20,000 times each: no lost wake-up, exact total")
     func eightThreadsNoLostWakeup() throws {
-        let kernel = makeKernel()
+        let kernel = try makeKernel()
         let folio = try #require(kernel.allocateFolio(order: 0, zeroed: true))
         let iterations = 20_000
         let threads = 8
@@ -184,7 +184,7 @@ struct FolioTests {
 
     @Test("a folio_put underflow is reported, not corrupting the count")
     func putUnderflowIsReported() throws {
-        let kernel = makeKernel()
+        let kernel = try makeKernel()
         let free0 = kernel.freePages
         let folio = try #require(kernel.allocateFolio(order: 0))
         folio.put()

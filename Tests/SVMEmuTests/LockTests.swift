@@ -6,8 +6,8 @@ import Testing
 @Suite("Page-table locks")
 struct PageTableLockTests {
     @Test("withPTL holds the PTE lock for its body only, on return and on throw")
-    func scopedPTL() {
-        withMachine { _, mm in
+    func scopedPTL() throws {
+        try withMachine { _, mm in
             let a = mm.baseAddress
             let lock = mm.ptl(at: a)
             #expect(!lock.isLocked)
@@ -23,8 +23,8 @@ struct PageTableLockTests {
     }
 
     @Test("nesting a lock in itself takes it once (two addresses of one PTE table)")
-    func nestingSameLock() {
-        withMachine { _, mm in
+    func nestingSameLock() throws {
+        try withMachine { _, mm in
             let a = mm.baseAddress
             let held = mm.ptl(at: a).withLock(nesting: mm.ptl(at: a + UInt64(pageSize))) { mm.ptl(at: a).isLocked }
             #expect(held)
@@ -34,8 +34,8 @@ struct PageTableLockTests {
 
 #if DEBUG
     @Test("an rmap call whose contract needs the PTE lock, made without it, is reported by its rule")
-    func ptlContractAssertion() {
-        withMachine { kernel, mm in
+    func ptlContractAssertion() throws {
+        try withMachine { kernel, mm in
             let a = mm.baseAddress
             guard let folio = kernel.allocateFolio(order: 0) else { Issue.record("no memory"); return }
             _ = kernel.takeDiagnostics()
@@ -57,8 +57,8 @@ struct PageTableLockTests {
 @Suite("Page-table store lock contracts")
 struct PageTableStoreContractTests {
     @Test("a PTE store without the PTE table lock is reported as set_pte_at's rule, of kind lockNotHeld")
-    func pteStoreWithoutLock() {
-        withMachine { kernel, mm in
+    func pteStoreWithoutLock() throws {
+        try withMachine { kernel, mm in
             let a = mm.baseAddress
             mm.withPTL(a) { mm.storePTE(a, .none) }
             #expect(kernel.diagnostics(of: .lockNotHeld).isEmpty)
@@ -70,8 +70,8 @@ struct PageTableStoreContractTests {
     }
 
     @Test("a PMD store without the PMD lock is reported as set_pmd_at's rule; the PTE lock is not the PMD lock")
-    func pmdStoreWithoutLock() {
-        withMachine { kernel, mm in
+    func pmdStoreWithoutLock() throws {
+        try withMachine { kernel, mm in
             let a = mm.baseAddress
             mm.withPMDLock(a) { mm.storePMD(a, .none) }
             #expect(kernel.diagnostics(of: .lockNotHeld).isEmpty)
@@ -82,8 +82,8 @@ struct PageTableStoreContractTests {
     }
 
     @Test("the lock must be the caller's: a PTE store while another thread holds the lock is reported")
-    func pteStoreUnderSomeoneElsesLock() {
-        withMachine { kernel, mm in
+    func pteStoreUnderSomeoneElsesLock() throws {
+        try withMachine { kernel, mm in
             let a = mm.baseAddress
             #expect(LockOrder.isEnabledEverywhere, "the test machine validates every thread's locks")
             let holding = SharedCounter(), release = SharedCounter()

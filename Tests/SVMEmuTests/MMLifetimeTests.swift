@@ -1,3 +1,4 @@
+import Foundation
 import Synchronization
 import Testing
 import TestSupport
@@ -22,7 +23,7 @@ struct MMLifetimeTests {
 
     /// A parent with `pages` filled pages, shared with a forked child.
     static func family(_ kernel: Kernel, file: Bool) throws -> (AddressSpace, UInt64, Box) {
-        let mm = AddressSpace(kernel: kernel)
+        let mm = try AddressSpace(kernel: kernel)
         let length = pages * PageGeometry.pageSize
         let a: UInt64
         if file {
@@ -45,7 +46,7 @@ struct MMLifetimeTests {
     /// after `delay` virtual nanoseconds.
     static func schedule(seed: UInt64, delay: UInt64?, file: Bool) throws
         -> (DeterministicScheduler.Outcome, Kernel, AddressSpace, UInt64, Box, [LockOrder.Violation]) {
-        let kernel = makeKernel(thp: .never)
+        let kernel = try makeKernel(thp: .never)
         let (mm, a, box) = try family(kernel, file: file)
         let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
         var c = DeterministicScheduler.Configuration(seed: seed)
@@ -89,6 +90,70 @@ struct MMLifetimeTests {
             #expect(violations.isEmpty, "seed \(seed): \(violations)")
             if !audit.isClean || !kernel.diagnostics.isEmpty { return }
         }
+    }
+
+    /// One round on real threads: thread 0 moves every page of the parent
+    /// with `.moveAll` (its rmap walks pin the child and give it back with
+    /// mmput_async), thread 1 drops the child's only reference after a
+    /// spin of `spin` iterations, anywhere in the walk. The window in which
+    /// the user's release can make the walker's the last (between
+    /// mmput_async's uniqueness check and its release) is a few
+    /// instructions: these rounds guard the rest of the lifetime rules on
+    /// real threads, and would report that window as a warning if they
+    /// ever hit it.
+    static func realThreadRound(_ kernel: Kernel, round: Int, file: Bool) throws -> String? {
+        let (mm, a, box) = try family(kernel, file: file)
+        let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
+        let node = 1 - round % 2
+        let spin = (round * 7919) % 4000
+        let failed = LockedValue<String?>(nil)
+        let finished = runThreads(2, keepAlive: [kernel, mm, box]) { i in
+            if i == 0 {
+                var status: [PageStatus] = []
+                do throws(Errno) {
+                    // The statuses are not checked: on real threads a file
+                    // page's migration can lose to the child's exit (seen
+                    // once in 300 rounds as -ENOENT for page 0; see the
+                    // report of this test's commit). What the test holds
+                    // to is below: no warning, intact bytes, a clean audit.
+                    _ = try mm.movePages(addrs, nodes: Array(repeating: node, count: pages), status: &status, flags: .moveAll)
+                } catch { failed.withLock { $0 = "move_pages: \(error)" } }
+            } else {
+                var x = 0
+                for k in 0..<spin { x &+= k; if k & 255 == 0 { HostThread.relax() } }
+                withExtendedLifetime(x) {}
+                box.child = nil
+            }
+        }
+        if !finished { return "round \(round): a thread did not finish" }
+        if let f = failed.withLock({ $0 }) { return "round \(round): \(f)" }
+        if let bad = try mm.verifyPattern(a, length: pages * PageGeometry.pageSize, seed: 11) {
+            return "round \(round): bytes differ at 0x\(String(bad, radix: 16))"
+        }
+        return nil
+    }
+
+    static func checkRealThreads(rounds: Int, file: Bool) throws {
+        let kernel = try makeKernel(thp: .never)
+        for round in 0..<rounds {
+            let problem = try realThreadRound(kernel, round: round, file: file)
+            #expect(problem == nil, "\(problem ?? "")")
+            #expect(kernel.diagnostics.isEmpty, "round \(round): \(kernel.diagnostics)")
+            if problem != nil || !kernel.diagnostics.isEmpty { return }
+        }
+        let audit = kernel.audit()
+        #expect(audit.isClean, "\(audit)")
+        #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+    }
+
+    @Test("real threads: a forked child exits while move_pages(.moveAll) walks its anonymous pages, 300 rounds: never \"the last reference ... with kernel locks held\", audit clean")
+    func childExitsOnRealThreadsAnon() throws {
+        try MMLifetimeTests.checkRealThreads(rounds: 300, file: false)
+    }
+
+    @Test("real threads: the same over shared file pages (the i_mmap walk), 300 rounds")
+    func childExitsOnRealThreadsFile() throws {
+        try MMLifetimeTests.checkRealThreads(rounds: 300, file: true)
     }
 
     @Test("a forked child exits while move_pages(.moveAll) walks the anonymous pages it shares: no crash, bytes intact, audit clean, exit_mmap never on the walker (100 seeds)")

@@ -10,7 +10,7 @@ import TestSupport
 /// A machine with two 64 MiB nodes and a hugetlb pool of `poolPages` pages
 /// (interleaved over the nodes, node 0 first), and one address space.
 private func withHugeTLBMachine(poolPages: Int, sourceLocation: SourceLocation = #_sourceLocation,
-                                _ body: (Kernel, AddressSpace) throws -> Void) rethrows {
+                                _ body: (Kernel, AddressSpace) throws -> Void) throws {
     let options = TestMachineOptions(maxPhysicalBytes: 1 << 30) { $0.hugetlbPages = poolPages }
     try TestMachine.run(options, sourceLocation: sourceLocation) { m in
         try body(m.kernel, m.mm)

@@ -54,7 +54,7 @@ struct MigratePageCacheTests {
             }
             // A second process maps the file privately and reads every page:
             // it maps the same page-cache folios, read-only.
-            let other = AddressSpace(kernel: kernel)
+            let other = try AddressSpace(kernel: kernel)
             let b = try other.mmap(length: pages * pageSize, protection: .readWrite, shared: false, file: file)
             for p in 0..<pages { _ = try other.load64(b + UInt64(p * pageSize)) }
             let old = (0..<pages).map { file.cachedFolio(at: UInt64($0))! }

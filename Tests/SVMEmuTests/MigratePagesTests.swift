@@ -426,7 +426,7 @@ struct MigratePagesTests {
     }
 
     @Test("a DMA channel that is still busy refuses the next transaction and the CPU copies it")
-    func offloadFallback() {
+    func offloadFallback() throws {
         let slow = LinkModel(name: "slow", peakGBps: 0.02)
         let dma = OffloadCopier(model: slow, channels: 1, foliosPerTransaction: 1)
         let src = UnsafeMutableRawPointer.allocate(byteCount: 2 * pageSize, alignment: pageSize)
@@ -474,7 +474,7 @@ struct MigratePagesTests {
     }
 
     @Test("the multi-threaded copier copies every byte of batches of every shape, the first one posted before its worker ran included")
-    func multiThreadCopierShapes() {
+    func multiThreadCopierShapes() throws {
         // Sizes of one batch each: one folio split across threads, two, a run
         // of small folios dealt out, a mix, and one 2 MiB folio.
         let shapes: [[Int]] = [[hugeSize], [pageSize, pageSize], Array(repeating: pageSize, count: 300),
@@ -583,7 +583,7 @@ struct MigratePagesTests {
 @Suite("the multi-threaded copier's choice")
 struct CopierChoiceTests {
     @Test("every batch above the threshold is split, copied alone by choice, or copied alone on a busy host, and every byte arrives")
-    func everyBatchIsAccounted() {
+    func everyBatchIsAccounted() throws {
         let bytes = 2 << 20
         let src = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
         let dst = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)

@@ -13,7 +13,7 @@ struct PhysicalLayoutTests {
         var config = KernelConfiguration()
         config.nodeSizes = [64 << 20]
         config.maxPhysicalBytes = 256 << 20
-        let kernel = Kernel(config)
+        let kernel = try Kernel(booting: config)
         let owner = DeviceOwner.unique()
         #expect(throws: Errno.noMemory) {
             try kernel.memremapPages(type: .private, owner: owner, bytes: 512 << 20, operations: Self.ops)
@@ -30,7 +30,7 @@ struct PhysicalLayoutTests {
         var config = KernelConfiguration()
         config.nodeSizes = [4 << 20]
         config.maxPhysicalBytes = 8 << 30
-        let kernel = Kernel(config)
+        let kernel = try Kernel(booting: config)
         let owner = DeviceOwner.unique()
         var maps: [DevicePageMap] = []
         var failure: Errno? = nil
@@ -51,7 +51,7 @@ struct PhysicalLayoutTests {
     }
 
     @Test("a configuration the machine cannot boot with is refused by validate() with the setting's name")
-    func configurationValidated() {
+    func configurationValidated() throws {
         var c = KernelConfiguration()
         #expect(throws: Never.self) { try c.validate() }
         c.nodeSizes = []
@@ -64,8 +64,8 @@ struct PhysicalLayoutTests {
     }
 
     @Test("folio_alloc of an order other than 0 or 9 returns nil with a diagnostic")
-    func badOrder() {
-        let kernel = makeKernel()
+    func badOrder() throws {
+        let kernel = try makeKernel()
         #expect(kernel.allocateFolio(order: 3) == nil)
         #expect(kernel.diagnostics.contains { $0.rule.contains("order must be 0 or 9") })
     }

@@ -17,15 +17,15 @@ func machineOptions(thp: TransparentHugepageMode = .madvise) -> TestMachineOptio
 }
 
 /// A kernel for one test that manages its own address spaces (no teardown audit).
-func makeKernel(thp: TransparentHugepageMode = .madvise) -> Kernel {
-    Kernel(machineOptions(thp: thp).configuration)
+func makeKernel(thp: TransparentHugepageMode = .madvise) throws -> Kernel {
+    try Kernel(booting: machineOptions(thp: thp).configuration)
 }
 
 /// Boots a ``TestMachine`` (a kernel with one address space) and runs
 /// `body`; teardown releases the address space and audits the kernel.
 func withMachine<R>(thp: TransparentHugepageMode = .madvise, audits: Bool = true,
                     sourceLocation: SourceLocation = #_sourceLocation,
-                    _ body: (Kernel, AddressSpace) throws -> R) rethrows -> R {
+                    _ body: (Kernel, AddressSpace) throws -> R) throws -> R {
     var options = machineOptions(thp: thp)
     options.audits = audits
     return try TestMachine.run(options, sourceLocation: sourceLocation) { m in try body(m.kernel, m.mm) }

@@ -145,8 +145,8 @@ struct CPUSlotTests {
         config.nodeSizes = [16 << 20]
         config.maxPhysicalBytes = 1 << 30
         config.cpus = 1
-        let kernel = Kernel(config)
-        let mm = AddressSpace(kernel: kernel)
+        let kernel = try Kernel(booting: config)
+        let mm = try AddressSpace(kernel: kernel)
         defer { withExtendedLifetime((mm, kernel)) {} }
         let a = try mm.mmap(length: pageSize)
         try mm.store(a, 5)
@@ -169,7 +169,7 @@ struct CPUSlotTests {
     }
 
     @Test("a machine takes 1 to 64 CPUs", arguments: [0, 65])
-    func cpuCountChecked(cpus: Int) {
+    func cpuCountChecked(cpus: Int) throws {
         var config = KernelConfiguration()
         config.cpus = cpus
         #expect(throws: KernelConfigurationError.self) { try config.validate() }

@@ -181,7 +181,7 @@ struct SoakTests {
 @Suite("deterministic storm settings")
 struct DeterministicStormSettingsTests {
     @Test("a deterministic storm may run more threads than CPUs (they share them); the CPUs are 1...64")
-    func threadsShareCPUs() {
+    func threadsShareCPUs() throws {
         var s = StormSettings(faultPolicy: .trylock, driverLock: .none, threads: 8)
         s.deterministic = true
         s.cpus = 2

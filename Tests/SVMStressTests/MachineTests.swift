@@ -17,7 +17,7 @@ struct MachineTests {
     func cleanRun() throws {
         let machine = try Machine(booting: Self.config(), cpus: 4)
         #expect(machine.kernel.cpus.count == 4, "cpus overrides the configuration's")
-        let device = machine.attach(MirrorDevice(kernel: machine.kernel, mm: machine.mm, vramBytes: 32 << 20, chunkBytes: 32 << 20))
+        let device = machine.attach(try MirrorDevice(kernel: machine.kernel, mm: machine.mm, vramBytes: 32 << 20, chunkBytes: 32 << 20))
         let base = try machine.mm.mmap(length: 1 << 20)
         try machine.mm.fillPattern(base, length: 1 << 20, seed: 3)
         #expect(try device.migrateToDevice(base, pages: 256) == 256)
@@ -42,7 +42,7 @@ struct MachineTests {
     }
 
     @Test("node sizes round up to whole 2 MiB and keep their minimum")
-    func sizing() {
+    func sizing() throws {
         #expect(Machine.nodeBytes(1, slack: 0) == PageGeometry.pmdSize)
         #expect(Machine.nodeBytes(3 << 20, slack: 1 << 20) == 4 << 20)
         #expect(Machine.nodeBytes(1 << 20, slack: 0, minimum: 64 << 20) == 64 << 20)
@@ -50,7 +50,7 @@ struct MachineTests {
     }
 
     @Test("the overhead matrix nests direction, copy model, granularity; whole-range faults only at 4 KiB to-device")
-    func overheadMatrix() {
+    func overheadMatrix() throws {
         var base = OverheadConfiguration()
         base.bytes = 8 << 20
         let all = base.matrix(directions: OverheadDirection.allCases, copyModels: [.memcpy, .pcie4],

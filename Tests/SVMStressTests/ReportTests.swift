@@ -60,7 +60,7 @@ final class SVGStructure: NSObject, XMLParserDelegate {
 struct ReportTests {
 
     @Test("a table's columns are as wide as their widest cell, names left, numbers right, no trailing blanks")
-    func tableAligns() {
+    func tableAligns() throws {
         var t = Table(["name", "pages/s"], indent: "  ")
         t.add(["unbatched", "22726"])
         t.add(["a", "5"])
@@ -77,7 +77,7 @@ struct ReportTests {
     }
 
     @Test("a figure not measured is '-', not 0.0%")
-    func unmeasuredIsADash() {
+    func unmeasuredIsADash() throws {
         #expect(Cell.percent(nil) == "-")
         #expect(Cell.percent(0.25) == "25.0%")
         #expect(Cell.fixed(nil, 2) == "-")

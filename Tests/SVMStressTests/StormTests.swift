@@ -163,8 +163,8 @@ struct StormTests {
         var config = KernelConfiguration()
         config.nodeSizes = [64 << 20]
         config.maxPhysicalBytes = 96 << 20
-        let kernel = Kernel(config)
-        let mm = AddressSpace(kernel: kernel)
+        let kernel = try Kernel(booting: config)
+        let mm = try AddressSpace(kernel: kernel)
         do {
             _ = try XeDevice.stormFactory(vramBytes: 1 << 30)(kernel, mm, 0)
             Issue.record("1 GiB of VRAM registered on a machine of 96 MiB")
@@ -178,8 +178,12 @@ struct StormTests {
     @Test("a driver of your own plugs in; one without 2 MiB migration is refused a 2 MiB storm")
     func ownDriver() throws {
         let made = LockedValue<[WrappedDriver]>([])
-        let factory: StormDriverFactory = { kernel, mm, index in
-            let d = WrappedDriver(MirrorDevice(kernel: kernel, mm: mm, name: "own\(index)", vramBytes: 64 << 20, chunkBytes: 32 << 20))
+        let factory: StormDriverFactory = { kernel, mm, index throws(StormError) -> any StormDriver in
+            let device: MirrorDevice
+            do throws(HostMemoryRefusal) { device = try MirrorDevice(kernel: kernel, mm: mm, name: "own\(index)", vramBytes: 64 << 20, chunkBytes: 32 << 20) } catch {
+                throw .hostRefused(error)
+            }
+            let d = WrappedDriver(device)
             made.withLock { $0.append(d) }
             return d
         }
@@ -198,7 +202,7 @@ struct StormTests {
     }
 
     @Test("bad settings are refused before anything boots")
-    func badSettings() {
+    func badSettings() throws {
         var s = StormSettings()
         s.threads = 0
         #expect(throws: StormError.self) { try StormHarness.run(s) }
@@ -254,7 +258,7 @@ struct StormTests {
     }
 
     @Test("distribution: nearest-rank percentiles")
-    func distribution() {
+    func distribution() throws {
         let d = StormDistribution(Array(1...100))
         #expect(d.mean == 50.5)
         #expect(d.p50 == 50)

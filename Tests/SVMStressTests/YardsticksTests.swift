@@ -16,7 +16,7 @@ struct YardsticksTests {
     }
 
     @Test("rounds interleaved with other work keep the best and the bytes")
-    func interleavedRounds() {
+    func interleavedRounds() throws {
         let m = MemcpyBaseline(bytes: 1 << 20, seed: 7)
         #expect(m.bestSeconds == .infinity, "the warm-up round is not counted")
         var times: [Double] = []
@@ -30,7 +30,7 @@ struct YardsticksTests {
     }
 
     @Test("frames reserved for the baseline are writable, zero-filled and lazily backed")
-    func reserveFrames() {
+    func reserveFrames() throws {
         let bytes = 8 << 20
         let p = Kernel.reserveFrames(bytes: bytes)
         defer { Kernel.releaseFrames(p, bytes: bytes) }
@@ -40,7 +40,7 @@ struct YardsticksTests {
     }
 
     @Test("the chunked copy and the cache-hot 4 KiB copy give finite, positive figures")
-    func singleFigures() {
+    func singleFigures() throws {
         let gbps = Yardsticks.chunkedCopyGBps(granule: 4096, bytes: 1 << 20)
         let streamed = Yardsticks.chunkedCopyGBps(granule: 4096, bytes: 1 << 20, streaming: true)
         #expect(gbps > 0 && gbps.isFinite)

@@ -79,13 +79,14 @@ public final class TestMachine: @unchecked Sendable {
     public private(set) var device: MirrorDevice!
     private var tornDown = false
 
-    /// Boots a machine of `options`.
-    public init(_ options: TestMachineOptions = TestMachineOptions()) {
+    /// Boots a machine of `options`; throws ``HostMemoryRefusal`` when the
+    /// host refuses its memory.
+    public init(_ options: TestMachineOptions = TestMachineOptions()) throws {
         self.options = options
-        kernel = Kernel(options.configuration)
-        mm = AddressSpace(kernel: kernel)
+        kernel = try Kernel(booting: options.configuration)
+        mm = try AddressSpace(kernel: kernel)
         if let vram = options.vram {
-            device = MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: options.chunkBytes)
+            device = try MirrorDevice(kernel: kernel, mm: mm, vramBytes: vram, chunkBytes: options.chunkBytes)
         }
     }
 
@@ -93,8 +94,8 @@ public final class TestMachine: @unchecked Sendable {
     /// audits it (see ``TestMachine``).
     public static func run<R>(_ options: TestMachineOptions = TestMachineOptions(),
                               sourceLocation: SourceLocation = #_sourceLocation,
-                              _ body: (TestMachine) throws -> R) rethrows -> R {
-        let machine = TestMachine(options)
+                              _ body: (TestMachine) throws -> R) throws -> R {
+        let machine = try TestMachine(options)
         defer { machine.tearDown(sourceLocation: sourceLocation) }
         return try body(machine)
     }

@@ -19,7 +19,7 @@ final class BareSVM: @unchecked Sendable {
     var invalidations: Int { invalidationCount.n.load(ordering: .relaxed) }
 
     init(chunks: [UInt64] = XeDevice.defaultChunkSizes) throws {
-        machine = TestMachine(TestMachineOptions(nodeSizes: [32 << 20], maxPhysicalBytes: 512 << 30))
+        machine = try TestMachine(TestMachineOptions(nodeSizes: [32 << 20], maxPhysicalBytes: 512 << 30))
         kernel = machine.kernel
         mm = machine.mm
         let count = invalidationCount
@@ -106,14 +106,14 @@ struct GPUSVMTests {
         #expect(try other.migrateToDevice(a, pages: 1) == 1)
         let r = try s.findOrInsert(a)
         let before = s.invalidations
-        try s.svm.withNotifierLock { #expect(!s.svm.rangePagesValid(r)) }
+        s.svm.withNotifierLock { #expect(!s.svm.rangePagesValid(r)) }
         try s.svm.rangeGetPages(r, context: GPUSVMContext())
         #expect(s.invalidations > before, "the migration back invalidated the notifier")
         // Recorded: one system page, with the sequence the notifier has now.
         #expect(r.addresses.count == 1 && r.addresses[0].device == false)
         #expect(!s.kernel.pfnToPage(r.addresses[0].pfn).folio.isZoneDevice)
         #expect(r.notifierSeq == r.notifier.interval.readBegin())
-        try s.svm.withNotifierLock { #expect(s.svm.rangePagesValid(r)) }
+        s.svm.withNotifierLock { #expect(s.svm.rangePagesValid(r)) }
         #expect(try s.mm.bytes(a, 4096).allSatisfy { $0 == 0x3C })
         // An invalidation of another range of the same notifier leaves this one valid;
         // one of its own page makes it invalid until the next get_pages.
@@ -122,12 +122,12 @@ struct GPUSVMTests {
         let rb = try s.findOrInsert(b)
         try s.svm.rangeGetPages(rb, context: GPUSVMContext())
         try s.mm.madvise(b, length: 4096, advice: .dontNeed)
-        try s.svm.withNotifierLock {
+        s.svm.withNotifierLock {
             #expect(!s.svm.rangePagesValid(rb))
             #expect(s.svm.rangePagesValid(r))
         }
         try s.svm.rangeGetPages(rb, context: GPUSVMContext())
-        try s.svm.withNotifierLock { #expect(s.svm.rangePagesValid(rb)) }
+        s.svm.withNotifierLock { #expect(s.svm.rangePagesValid(rb)) }
         withExtendedLifetime(other) {}
     }
 
@@ -137,11 +137,7 @@ struct GPUSVMTests {
         defer { f.teardown() }
         let mm = f.mm!, xe = f.xe!
         let size = 2 * MiB
-        let reserve = try mm.mmap(length: 2 * size)
-        let a = (reserve + UInt64(size) - 1) & ~UInt64(size - 1)
-        try mm.munmap(reserve, length: 2 * size)
-        try mm.mmap(address: a, length: size)
-        try mm.fill(a, length: size, byte: 7)
+        let a = try f.mapAligned2M(filledWith: 7)
         var v: UInt32 = 0xA11CE
         try withUnsafeBytes(of: &v) { (b) throws(Errno) in try xe.write(a, from: b) }
         let first = try #require(xe.svmLock.withLock { xe.svm.ranges(a, a + 1).first })
@@ -166,12 +162,7 @@ struct GPUSVMTests {
         let f = try XeFixture(chunks)
         defer { f.teardown() }
         let mm = f.mm!, xe = f.xe!
-        let size = 2 * MiB
-        let reserve = try mm.mmap(length: 2 * size)
-        let a = (reserve + UInt64(size) - 1) & ~UInt64(size - 1)
-        try mm.munmap(reserve, length: 2 * size)
-        try mm.mmap(address: a, length: size)
-        try mm.fill(a, length: size, byte: 9)
+        let a = try f.mapAligned2M(filledWith: 9)
         var v: UInt32 = 0xBEEF
         try withUnsafeBytes(of: &v) { (b) throws(Errno) in try xe.write(a + 64, from: b) }
         let range = try #require(xe.svmLock.withLock { xe.svm.ranges(a, a + 1).first })
@@ -180,7 +171,7 @@ struct GPUSVMTests {
         // drm_gpusvm_range_evict: every device page through the CPU fault path.
         try xe.svmLock.withLock { () throws(Errno) in try xe.svm.rangeEvict(range) }
         #expect(xe.vramPagesInUse == 0)
-        try xe.svm.withNotifierLock { #expect(!xe.svm.rangePagesValid(range)) }
+        xe.svm.withNotifierLock { #expect(!xe.svm.rangePagesValid(range)) }
         #expect(xe.gpuMapping(at: a) == nil, "the GPU mapping was zapped")
         #expect(try mm.load32(a + 64) == 0xBEEF)
         let faults = xe.faults

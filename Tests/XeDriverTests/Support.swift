@@ -60,7 +60,7 @@ final class XeFixture: @unchecked Sendable {
 
     init(_ chunks: Chunks, vram: UInt64 = IGTScale.vramBytes, policy: DeviceFaultPolicy = .trylockWait) throws {
         self.chunks = chunks
-        machine = TestMachine(TestMachineOptions(nodeSizes: [IGTScale.nodeBytes, IGTScale.nodeBytes], thp: .madvise,
+        machine = try TestMachine(TestMachineOptions(nodeSizes: [IGTScale.nodeBytes, IGTScale.nodeBytes], thp: .madvise,
                                                  policy: policy))
         kernel = machine.kernel
         mm = machine.mm
@@ -72,6 +72,19 @@ final class XeFixture: @unchecked Sendable {
         let d = try XeDevice(kernel: kernel, mm: mm, name: "xe\(extra.count + 1)", vramBytes: vram, chunkSizes: chunks.sizes)
         extra.append(d)
         return d
+    }
+
+    /// A 2 MiB anonymous mapping on a 2 MiB boundary, every byte `byte`
+    /// (the address range a 2 MiB GPU SVM range can cover whole): reserves
+    /// twice the size, gives it back, maps the aligned half.
+    func mapAligned2M(filledWith byte: UInt8) throws -> UInt64 {
+        let size = PageGeometry.pmdSize
+        let reserve = try mm.mmap(length: 2 * size)
+        let a = (reserve + UInt64(size) - 1) & ~UInt64(size - 1)
+        try mm.munmap(reserve, length: 2 * size)
+        try mm.mmap(address: a, length: size)
+        try mm.fill(a, length: size, byte: byte)
+        return a
     }
 
     /// Quiescent checks, then the teardown in order: devices, process, machine.

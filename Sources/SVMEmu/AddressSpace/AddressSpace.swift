@@ -84,24 +84,32 @@ public final class AddressSpace: @unchecked Sendable {
     ///
     /// - Parameters:
     ///   - kernel: the machine this address space belongs to.
-    public convenience init(kernel: Kernel) {
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses the address
+    ///   space for its page tables (`ulimit -v`); the kernel's `mm_alloc()`
+    ///   fails with `-ENOMEM` there. Nothing is left reserved.
+    ///
+    /// The corresponding kernel function is `mm_alloc()`.
+    public convenience init(kernel: Kernel) throws(HostMemoryRefusal) {
         kernel.drainAsyncMMPuts()
-        self.init(kernel: kernel, family: nil)
+        try self.init(kernel: kernel, family: nil)
     }
 
     /// An empty address space; with `family`, it joins the fork tree of its
     /// parent (`anon_vma_fork()`): once its VMAs are linked there, rmap
     /// walks of shared folios see it.
-    init(kernel: Kernel, family: AnonFamily?) {
+    ///
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses its page tables.
+    init(kernel: Kernel, family: AnonFamily?) throws(HostMemoryRefusal) {
+        let tables = try PageTableReservation(addressSpaceSize: kernel.configuration.addressSpaceSize)
         self.kernel = kernel
         baseAddress = 1 << 32
         let size = (kernel.configuration.addressSpaceSize + (1 << 30) - 1) & ~((1 << 30) - 1)
         endAddress = baseAddress + size
         pmdCount = Int(size >> PageGeometry.pmdShift)
-        pmds = HostMemory.reserveOrStop(bytes: pmdCount * 8, for: "page tables").assumingMemoryBound(to: UInt64.self)
-        ptes = HostMemory.reserveOrStop(bytes: pmdCount * PageGeometry.pmdPages * 8, for: "page tables").assumingMemoryBound(to: UInt64.self)
-        ptls = HostMemory.reserveOrStop(bytes: pmdCount * 4, for: "page tables").assumingMemoryBound(to: UInt32.self)
-        pmdLocks = HostMemory.reserveOrStop(bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4), for: "page tables").assumingMemoryBound(to: UInt32.self)
+        pmds = tables.pmds
+        ptes = tables.ptes
+        ptls = tables.ptls
+        pmdLocks = tables.pmdLocks
         activeInvalidations = .allocate(capacity: 1)
         activeInvalidations.initialize(to: 0)
         id = kernel.reserveAddressSpaceID()
@@ -148,10 +156,7 @@ public final class AddressSpace: @unchecked Sendable {
         relinkAnonMappings()
         mmapWriteUnlock()
         kernel.unregister(id)
-        HostMemory.release(pmds, bytes: pmdCount * 8)
-        HostMemory.release(ptes, bytes: pmdCount * PageGeometry.pmdPages * 8)
-        HostMemory.release(ptls, bytes: pmdCount * 4)
-        HostMemory.release(pmdLocks, bytes: max(PageGeometry.pageSize, (pmdCount / 512 + 1) * 4))
+        PageTableReservation(pmdCount: pmdCount, pmds: pmds, ptes: ptes, ptls: ptls, pmdLocks: pmdLocks).release()
         activeInvalidations.deallocate()
     }
 

@@ -43,12 +43,14 @@ extension AddressSpace {
     ///   the pages it shares wherever either side later moves them.
     /// - Throws: ``Errno/noMemory`` when a page that may be pinned must be
     ///   copied for the child and no page is free (a hugetlb page: the
-    ///   hugetlb pool has none). The child is released; the parent keeps
-    ///   its mappings.
+    ///   hugetlb pool has none), or when the host refuses the child's page
+    ///   tables (`mm_alloc()` fails). The child is released; the parent
+    ///   keeps its mappings.
     ///
     /// The corresponding kernel function is `dup_mmap()`.
     public func fork() throws(Errno) -> AddressSpace {
-        let child = AddressSpace(kernel: kernel, family: anonFamily)
+        let child: AddressSpace
+        do { child = try AddressSpace(kernel: kernel, family: anonFamily) } catch { throw .noMemory }
         mmapWriteLock()
         defer { mmapWriteUnlock() }
         child.mmapWriteLock()

@@ -15,33 +15,35 @@ public enum HostMemory {
     ///
     /// The corresponding C function is `mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)`.
     public static func reserve(bytes: Int) -> UnsafeMutableRawPointer? {
-        system_mmap_anonymous(bytes)
+        if let limit = refusesFromBytes, bytes >= limit { return nil }
+        return system_mmap_anonymous(bytes)
     }
 
     /// `reserve(bytes:)` for a caller that reports the refusal: the error
-    /// names how much was asked, for what, and the host's errno.
+    /// names how much was asked, for what, and the host's errno (`ENOMEM`
+    /// under `ulimit -v`). Drivers reserve their own flat tables with it
+    /// and throw the refusal to their caller: valid input never stops the
+    /// process.
     ///
+    /// - Parameters:
+    ///   - bytes: how much address space.
+    ///   - what: what it is for, for the message ("the device page table").
     /// - Throws: ``HostMemoryRefusal``.
     ///
     /// The corresponding C function is `mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)`.
-    static func reserve(bytes: Int, for what: String) throws(HostMemoryRefusal) -> UnsafeMutableRawPointer {
+    public static func reserve(bytes: Int, for what: String) throws(HostMemoryRefusal) -> UnsafeMutableRawPointer {
         guard let p = reserve(bytes: bytes) else {
-            throw HostMemoryRefusal(bytes: bytes, purpose: what, errno: Errno(rawValue: system_errno))
+            throw HostMemoryRefusal(bytes: bytes, purpose: what,
+                                    errno: refusesFromBytes.map { bytes >= $0 } == true ? .noMemory : Errno(rawValue: system_errno))
         }
         return p
     }
 
-    /// `reserve(bytes:)` where the caller cannot go on without the memory
-    /// and has no way to report it (an address space's page tables):
-    /// stops the process with a message that names `what` the memory was for.
-    static func reserveOrStop(bytes: Int, for what: String) -> UnsafeMutableRawPointer {
-        do { return try reserve(bytes: bytes, for: what) } catch { fatalError("SVMEmu: \(error)") }
-    }
-
-    /// Stops after the host refused `bytes` of address space, with the errno.
-    static func refused(bytes: Int, for what: String) -> Never {
-        fatalError("SVMEmu: \(HostMemoryRefusal(bytes: bytes, purpose: what, errno: Errno(rawValue: system_errno)))")
-    }
+    /// A host that refuses, for tests: while bound (in the binding task
+    /// only, so tests running beside it are unaffected), every reservation
+    /// of at least this many bytes fails with `ENOMEM`, as under a
+    /// `ulimit -v` that leaves less than that.
+    @TaskLocal static var refusesFromBytes: Int? = nil
 
     /// Asks the host to back `bytes` at `p` (from `reserve`) with huge pages
     /// where it can: one host TLB entry and one host fault per 2 MiB.

@@ -113,9 +113,11 @@ public final class PhaseTimer: @unchecked Sendable {
 
     /// A timer, off, keeping `traceCapacity` trace events per CPU. Calibrates
     /// the tick against the monotonic clock for about 2 ms.
-    public convenience init(traceCapacity: Int = 0) {
-        let cpus: CPUSet
-        do { cpus = try CPUSet(count: CPUSet.maxCPUs, checksStaleEntries: false, vmstat: VMStat()) } catch { fatalError("SVMEmu: \(error)") }
+    ///
+    /// - Throws: ``HostMemoryRefusal`` when the host refuses the address
+    ///   space of its own CPU slots (one per possible host thread).
+    public convenience init(traceCapacity: Int = 0) throws(HostMemoryRefusal) {
+        let cpus = try CPUSet(count: CPUSet.maxCPUs, checksStaleEntries: false, vmstat: VMStat())
         self.init(traceCapacity: traceCapacity, cpus: cpus)
     }
 

@@ -24,7 +24,7 @@ extension Machine {
         let machine = try Machine(booting: config)
         var settings = MirrorSettings()
         settings.migrationGranularity = granularity
-        let device = machine.attach(MirrorDevice(kernel: machine.kernel, mm: machine.mm, name: deviceName,
+        let device = machine.attach(try MirrorDevice(kernel: machine.kernel, mm: machine.mm, name: deviceName,
                                                  vramBytes: roundUp(UInt64(bytes), to: chunk) + chunk,
                                                  chunkBytes: chunk, settings: settings, copyEngine: MemcpyCopyEngine()))
         return (machine, device)
