@@ -442,26 +442,33 @@ public final class DeterministicScheduler: @unchecked Sendable {
     /// waiter made runnable; nil when none can run (a deadlock, or the end).
     func pick(from me: EmulatedThread?) -> EmulatedThread? {
         if !cpus.isEmpty { return pickOnCPUs(from: me) }
-        var best: EmulatedThread? = nil
         var bestTime: UInt64 = .max
         var waitingForever = 0, working = 0
-        for t in threads where t !== me {
-            let time: UInt64
-            switch t.state {
-            case .runnable: time = t.clock
-            case .blocked:
-                if let d = t.deadline { time = max(t.clock, d) } else {
-                    if !t.observer { waitingForever += 1; working += 1 }
-                    continue
+        // By index through the buffer, the best kept as an index: no
+        // retain and release of every thread looked at (this loop runs at
+        // every scheduling point).
+        var bestIndex = -1, bestPriority = 0
+        threads.withUnsafeBufferPointer { buf in
+            for i in buf.indices where buf[i] !== me {
+                let time: UInt64
+                switch buf[i].state {
+                case .runnable: time = buf[i].clock
+                case .blocked:
+                    if let d = buf[i].deadline { time = max(buf[i].clock, d) } else {
+                        if !buf[i].observer { waitingForever += 1; working += 1 }
+                        continue
+                    }
+                case .finished: continue
                 }
-            case .finished: continue
-            }
-            if !t.observer { working += 1 }
-            if best == nil || time < bestTime || (time == bestTime && t.priority > best!.priority) {
-                best = t
-                bestTime = time
+                if !buf[i].observer { working += 1 }
+                if bestIndex < 0 || time < bestTime || (time == bestTime && buf[i].priority > bestPriority) {
+                    bestIndex = i
+                    bestTime = time
+                    bestPriority = buf[i].priority
+                }
             }
         }
+        var best: EmulatedThread? = bestIndex >= 0 ? threads[bestIndex] : nil
         if let me {
             switch me.state {
             case .runnable:
