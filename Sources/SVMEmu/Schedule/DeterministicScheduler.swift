@@ -444,10 +444,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
         if !cpus.isEmpty { return pickOnCPUs(from: me) }
         var bestTime: UInt64 = .max
         var waitingForever = 0, working = 0
-        // By index through the buffer, the best kept as an index: no
-        // retain and release of every thread looked at (this loop runs at
-        // every scheduling point).
-        var bestIndex = -1, bestPriority = 0
+        var bestIndex = -1, bestPriority = 0  // by index: no retain per thread looked at
         threads.withUnsafeBufferPointer { buf in
             for i in buf.indices where buf[i] !== me {
                 let time: UInt64
@@ -462,9 +459,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
                 }
                 if !buf[i].observer { working += 1 }
                 if bestIndex < 0 || time < bestTime || (time == bestTime && buf[i].priority > bestPriority) {
-                    bestIndex = i
-                    bestTime = time
-                    bestPriority = buf[i].priority
+                    (bestIndex, bestTime, bestPriority) = (i, time, buf[i].priority)
                 }
             }
         }
