@@ -17,30 +17,32 @@ extension DeterministicScheduler {
     /// timed-out thread first needs a CPU (an idle one, or a queue).
     func pickOnCPUs(from me: EmulatedThread?) -> EmulatedThread? {
         while true {
-            var best: EmulatedThread? = nil
             var bestTime: UInt64 = .max
             var waitingForever = 0, working = 0
-            for t in threads where t !== me {
-                let time: UInt64
-                switch t.state {
-                case .runnable:
-                    if !t.observer { working += 1 }
-                    guard t.observer || t.cpu >= 0 else { continue }   // queued: runs when its CPU frees
-                    time = t.clock
-                case .blocked:
-                    guard let d = t.deadline else {
-                        if !t.observer { waitingForever += 1; working += 1 }
-                        continue
+            var bestIndex = -1, bestPriority = 0  // by index: no retain per thread looked at, as in pick(from:)
+            threads.withUnsafeBufferPointer { buf in
+                for i in buf.indices where buf[i] !== me {
+                    let time: UInt64
+                    switch buf[i].state {
+                    case .runnable:
+                        if !buf[i].observer { working += 1 }
+                        guard buf[i].observer || buf[i].cpu >= 0 else { continue }   // queued: runs when its CPU frees
+                        time = buf[i].clock
+                    case .blocked:
+                        guard let d = buf[i].deadline else {
+                            if !buf[i].observer { waitingForever += 1; working += 1 }
+                            continue
+                        }
+                        if !buf[i].observer { working += 1 }
+                        time = max(buf[i].clock, d)
+                    case .finished: continue
                     }
-                    if !t.observer { working += 1 }
-                    time = max(t.clock, d)
-                case .finished: continue
-                }
-                if best == nil || time < bestTime || (time == bestTime && t.priority > best!.priority) {
-                    best = t
-                    bestTime = time
+                    if bestIndex < 0 || time < bestTime || (time == bestTime && buf[i].priority > bestPriority) {
+                        (bestIndex, bestTime, bestPriority) = (i, time, buf[i].priority)
+                    }
                 }
             }
+            var best: EmulatedThread? = bestIndex >= 0 ? threads[bestIndex] : nil
             if let me {
                 switch me.state {
                 case .runnable:
