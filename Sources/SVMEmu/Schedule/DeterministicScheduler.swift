@@ -132,8 +132,8 @@ public final class DeterministicScheduler: @unchecked Sendable {
     @exclusivity(unchecked) var threads: [EmulatedThread] = []
     @exclusivity(unchecked) var rng: SplitMix64
     @exclusivity(unchecked) var step: UInt64 = 0
-    var preemptSteps: [UInt64] = []
-    var lowestPriority: Int = 0
+    @exclusivity(unchecked) var preemptSteps: [UInt64] = []
+    @exclusivity(unchecked) var lowestPriority: Int = 0
     @exclusivity(unchecked) var blockSequence: UInt64 = 0
     /// Lock word -> index of the thread that took it (for wait-for cycles).
     let owners = PointerTable()
