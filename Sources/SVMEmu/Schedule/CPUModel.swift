@@ -15,7 +15,7 @@ extension DeterministicScheduler {
 
     /// ``pick(from:)`` with the CPU model: only threads on a CPU run; a
     /// timed-out thread first needs a CPU (an idle one, or a queue).
-    func pickOnCPUs(from me: EmulatedThread?) -> EmulatedThread? {
+    func pickOnCPUs(from me: EmulatedThread?) -> Unmanaged<EmulatedThread>? {
         while true {
             var bestTime: UInt64 = .max
             var waitingForever = 0, working = 0
@@ -42,20 +42,21 @@ extension DeterministicScheduler {
                     }
                 }
             }
-            var best: EmulatedThread? = bestIndex >= 0 ? threads[bestIndex] : nil
+            // Unretained: `threads` holds every thread for the run.
+            var best: Unmanaged<EmulatedThread>? = bestIndex >= 0 ? threads.withUnsafeBufferPointer { .passUnretained($0[bestIndex]) } : nil
             if let me {
                 switch me.state {
                 case .runnable:
                     if !me.observer { working += 1 }
                     if me.observer || me.cpu >= 0 {
-                        if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return me }
+                        if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return .passUnretained(me) }
                     }
                 case .blocked:
                     if let d = me.deadline {
                         if !me.observer { working += 1 }
                         let time = max(me.clock, d)
-                        if best == nil || time < bestTime || (time == bestTime && me.priority >= best!.priority) {
-                            best = me
+                        if best == nil || time < bestTime || (time == bestTime && me.priority >= bestPriority) {
+                            best = .passUnretained(me)
                             bestTime = time
                         }
                     } else if !me.observer {
@@ -66,18 +67,21 @@ extension DeterministicScheduler {
                 }
             }
             if waitingForever > 0 && waitingForever == working { return nil }
-            guard let b = best else { return nil }
-            guard b.state == .blocked else { return b }
-            // Its timeout (or its sleep's timer) comes first: it is ready now.
-            b.state = .runnable
-            b.timedOut = true
-            b.clock = bestTime
-            b.waitWord = nil
-            b.deadline = nil
-            b.waitsForLock = nil
-            if b.observer { return b }
-            place(b)
-            if b.cpu >= 0 { return b }
+            guard let chosen = best else { return nil }
+            let ready = chosen._withUnsafeGuaranteedRef { b -> Bool in
+                guard b.state == .blocked else { return true }
+                // Its timeout (or its sleep's timer) comes first: it is ready now.
+                b.state = .runnable
+                b.timedOut = true
+                b.clock = bestTime
+                b.waitWord = nil
+                b.deadline = nil
+                b.waitsForLock = nil
+                if b.observer { return true }
+                place(b)
+                return b.cpu >= 0
+            }
+            if ready { return chosen }
             // Queued behind a running thread: look again.
         }
     }

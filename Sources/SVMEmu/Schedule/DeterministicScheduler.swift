@@ -323,7 +323,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
     func runFibers() {
         let host = svm_fiber_adopt_thread()
         hostFiber = host
-        if let first = pick(from: nil) { svm_fiber_switch(host, first.fiber) }
+        if let first = pick(from: nil) { svm_fiber_switch(host, first._withUnsafeGuaranteedRef { $0.fiber }) }
         svm_fiber_destroy(host)
         var running: UInt32 = 0
         if UnsafeAtomic(doneWord).compareExchange(&running, 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
@@ -403,8 +403,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
             deadlocked(me)
             endRun(from: me)
         }
-        record(next, event)
-        switchTo(next, from: me)
+        next._withUnsafeGuaranteedRef { next in
+            record(next, event)
+            switchTo(next, from: me)
+        }
     }
 
     /// Passes control from the running thread `me` to `next` (nothing when
@@ -440,7 +442,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
 
     /// The thread to run next (`me` when it should go on), with a timed-out
     /// waiter made runnable; nil when none can run (a deadlock, or the end).
-    func pick(from me: EmulatedThread?) -> EmulatedThread? {
+    func pick(from me: EmulatedThread?) -> Unmanaged<EmulatedThread>? {
         if !cpus.isEmpty { return pickOnCPUs(from: me) }
         var bestTime: UInt64 = .max
         var waitingForever = 0, working = 0
@@ -463,18 +465,19 @@ public final class DeterministicScheduler: @unchecked Sendable {
                 }
             }
         }
-        var best: EmulatedThread? = bestIndex >= 0 ? threads[bestIndex] : nil
+        // Unretained: `threads` holds every thread for the run.
+        var best: Unmanaged<EmulatedThread>? = bestIndex >= 0 ? threads.withUnsafeBufferPointer { .passUnretained($0[bestIndex]) } : nil
         if let me {
             switch me.state {
             case .runnable:
                 if !me.observer { working += 1 }
-                if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return me }
+                if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return .passUnretained(me) }
             case .blocked:
                 if let d = me.deadline {
                     if !me.observer { working += 1 }
                     let time = max(me.clock, d)
-                    if best == nil || time < bestTime || (time == bestTime && me.priority >= best!.priority) {
-                        best = me
+                    if best == nil || time < bestTime || (time == bestTime && me.priority >= bestPriority) {
+                        best = .passUnretained(me)
                         bestTime = time
                     }
                 } else if !me.observer {
@@ -486,7 +489,8 @@ public final class DeterministicScheduler: @unchecked Sendable {
         }
         // Only observers (or nobody) could go on while the others wait for ever.
         if waitingForever > 0 && waitingForever == working { return nil }
-        if let b = best, b.state == .blocked {
+        best?._withUnsafeGuaranteedRef { b in
+            guard b.state == .blocked else { return }
             b.state = .runnable
             b.timedOut = true
             b.clock = bestTime

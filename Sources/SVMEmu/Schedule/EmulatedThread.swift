@@ -77,8 +77,10 @@ final class EmulatedThread: @unchecked Sendable {
             s.deadlocked(self)
             s.endRun(from: self)
         }
-        s.record(next, "exit")
-        s.switchTo(next, from: self)
+        next._withUnsafeGuaranteedRef { next in
+            s.record(next, "exit")
+            s.switchTo(next, from: self)
+        }
         contractViolation("DeterministicScheduler: a finished emulated thread (\(name)) ran again")
     }
 }

@@ -246,9 +246,10 @@ public enum LockOrder {
     /// of `lockdep_assert_held()`. Walks the thread's own held locks only.
     @usableFromInline @inline(never)
     static func holds(_ lock: UnsafeRawPointer) -> Bool? {
-        unowned(unsafe) let mine = held()  // the thread-local keeps it
-        guard validates(mine) else { return nil }
-        return mine.stack.contains { $0.lock == lock }
+        heldRecord()._withUnsafeGuaranteedRef { mine in
+            guard validates(mine) else { return nil }
+            return mine.stack.contains { $0.lock == lock }
+        }
     }
 
     /// Every violation recorded so far, oldest first.
@@ -284,11 +285,18 @@ public enum LockOrder {
         }
     }
 
-    static func held() -> HeldLocks {
-        if let raw = svm_lockdep_thread() { return Unmanaged<HeldLocks>.fromOpaque(raw).takeUnretainedValue() }
+    static func held() -> HeldLocks { heldRecord().takeUnretainedValue() }
+
+    /// The calling thread's record, unretained (its thread-local keeps it
+    /// alive): the hot paths borrow it with `_withUnsafeGuaranteedRef`, no
+    /// retain and release per lock event.
+    @inline(__always)
+    static func heldRecord() -> Unmanaged<HeldLocks> {
+        if let raw = svm_lockdep_thread() { return Unmanaged<HeldLocks>.fromOpaque(raw) }
         let h = HeldLocks()
-        svm_lockdep_set_thread(Unmanaged.passRetained(h).toOpaque())
-        return h
+        let record = Unmanaged.passRetained(h)
+        svm_lockdep_set_thread(record.toOpaque())
+        return record
     }
 
     static var threadName: String {
@@ -301,7 +309,10 @@ public enum LockOrder {
     /// dependency is recorded even when the wait never ends).
     @usableFromInline @inline(never)
     static func acquiring(_ lockClass: LockClass, site: LockSite) {
-        unowned(unsafe) let mine = held()  // the thread-local keeps it
+        heldRecord()._withUnsafeGuaranteedRef { mine in acquiring(lockClass, site: site, mine) }
+    }
+
+    private static func acquiring(_ lockClass: LockClass, site: LockSite, _ mine: HeldLocks) {
         guard validates(mine) else { return }
         for h in mine.stack where h.lockClass != lockClass && !isKnown(h.lockClass, lockClass) {
             record(held: h.lockClass, at: h.site, taken: lockClass, at: site)
@@ -335,7 +346,10 @@ public enum LockOrder {
     /// trylock without ``acquiring(_:site:)`` first, which records no dependency).
     @usableFromInline @inline(never)
     static func acquired(_ lock: UnsafeRawPointer, _ lockClass: LockClass, site: LockSite) {
-        unowned(unsafe) let mine = held()  // the thread-local keeps it
+        heldRecord()._withUnsafeGuaranteedRef { mine in acquired(lock, lockClass, site: site, mine) }
+    }
+
+    private static func acquired(_ lock: UnsafeRawPointer, _ lockClass: LockClass, site: LockSite, _ mine: HeldLocks) {
         guard validates(mine) else { return }
         let entry = HeldLocks.Entry(lock: lock, lockClass: lockClass, site: site)
         guard lockClass == .folio else { return mine.stack.append(entry) }
@@ -351,9 +365,10 @@ public enum LockOrder {
     /// the folio lock).
     @usableFromInline @inline(never)
     static func released(_ lock: UnsafeRawPointer) {
-        unowned(unsafe) let mine = held()  // the thread-local keeps it
-        guard let i = mine.stack.lastIndex(where: { $0.lock == lock }) else { return }
-        mine.stack.remove(at: i)
+        heldRecord()._withUnsafeGuaranteedRef { mine in
+            guard let i = mine.stack.lastIndex(where: { $0.lock == lock }) else { return }
+            mine.stack.remove(at: i)
+        }
     }
 
     /// The folio lock `lock` was released, by any thread (or its folio freed).
