@@ -76,14 +76,20 @@ struct CPU {
     // MARK: instruction boundaries
 
     /// The start of an access: the CPU is inside an instruction until
-    /// `endAccess()`. Loads `mm` if another address space is loaded, and
+    /// `endAccess(_:_:)`. Loads `mm` if another address space is loaded, and
     /// catches up with flushes it was not interrupted for.
+    ///
+    /// - Returns: the token `endAccess(_:_:)` takes: the access sequence as
+    ///   it was, odd when this access is nested in another (a body that
+    ///   accesses memory again), which then leaves the boundary to it.
     @inlinable @inline(__always)
-    func beginAccess(_ mm: AddressSpace) {
-        let depth = words[CPUWord.depth]
-        words[CPUWord.depth] = depth &+ 1
-        if depth == 0 {
-            UnsafeAtomic(words + CPUWord.seq).store(UnsafeAtomic(words + CPUWord.seq).load(ordering: .relaxed) &+ 1, ordering: .relaxed)
+    func beginAccess(_ mm: AddressSpace) -> UInt64 {
+        // Only this CPU's thread writes `seq`: the value read here is kept in
+        // a register for the end, and nesting is its parity (no counter to
+        // load and store again at each boundary).
+        let seq = UnsafeAtomic(words + CPUWord.seq).load(ordering: .relaxed)
+        if seq & 1 == 0 {
+            UnsafeAtomic(words + CPUWord.seq).store(seq &+ 1, ordering: .relaxed)
             // The flusher's membarrier() orders its side; here the compiler
             // must only keep the loads below after the store above.
             if mm.cpuAccess.fenceOnAccess { svm_fence() } else { svm_compiler_barrier() }
@@ -91,17 +97,18 @@ struct CPU {
         if UnsafeAtomic(words + CPUWord.loadedMM).load(ordering: .relaxed) != UInt64(mm.id) { switchTo(mm) }
         let gen = UnsafeAtomic(mm.tlbGen).load(ordering: .acquiring)
         if gen != words[CPUWord.localGen] { catchUp(mm, gen) }
+        return seq
     }
 
     /// The end of an access (an instruction boundary): a flusher waiting for
     /// this CPU may go on, and an IPI that arrived meanwhile is handled.
+    /// `token` is what `beginAccess(_:)` returned; a nested access ends
+    /// nothing.
     @inlinable @inline(__always)
-    func endAccess(_ mm: AddressSpace) {
-        let depth = words[CPUWord.depth] &- 1
-        words[CPUWord.depth] = depth
-        if depth == 0 {
+    func endAccess(_ mm: AddressSpace, _ token: UInt64) {
+        if token & 1 == 0 {
             svm_tsan_release(words)
-            UnsafeAtomic(words + CPUWord.seq).store(UnsafeAtomic(words + CPUWord.seq).load(ordering: .relaxed) &+ 1, ordering: .releasing)
+            UnsafeAtomic(words + CPUWord.seq).store(token &+ 2, ordering: .releasing)
             if UnsafeAtomic(words + CPUWord.inboxGen).load(ordering: .relaxed) != 0 { handleIPI(mm) }
         }
     }

@@ -158,7 +158,7 @@ public final class CPUSet: @unchecked Sendable {
         guard let owner = svm_bound_cpu_owner() else { return false }
         let set = Unmanaged<CPUSet>.fromOpaque(owner).takeUnretainedValue()
         let index = Int(svm_bound_cpu(owner))
-        return set.words[index * CPUWord.stride + CPUWord.depth] != 0
+        return UnsafeAtomic(set.words + index * CPUWord.stride + CPUWord.seq).load(ordering: .relaxed) & 1 != 0
     }
 
     /// Gives the calling thread's CPU back now rather than at thread exit.
@@ -247,8 +247,6 @@ enum CPUWord {
     @usableFromInline static let localGen = 16
     /// The TLB's current epoch: a full flush starts a new one.
     @usableFromInline static let epoch = 17
-    /// Nesting of accesses (an access's body may access memory again).
-    @usableFromInline static let depth = 18
     /// Page walks this CPU made (its TLB misses).
     @usableFromInline static let misses = 19
     @usableFromInline static let stride = 32

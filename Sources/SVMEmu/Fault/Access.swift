@@ -71,15 +71,15 @@ extension AddressSpace {
         let i = Int(svm_bound_cpu(cpuAccess.owner))
         if _fastPath(i >= 0 && covers(address) && !cpuAccess.checksStaleEntries && !svm_det_active()) {
             let cpu = CPU(index: i, words: cpuAccess.words + i &* CPUWord.stride, tlb: cpuAccess.tlbs + i &* TLB.entriesPerCPU)
-            cpu.beginAccess(self)
+            let token = cpu.beginAccess(self)
             if let hit = cpu.lookup(address, write: write) {
                 svm_tsan_ignore_begin()
                 let r = body(hit.bytes)
                 svm_tsan_ignore_end()
-                cpu.endAccess(self)
+                cpu.endAccess(self, token)
                 return r
             }
-            cpu.endAccess(self)
+            cpu.endAccess(self, token)
         }
         return try withPageBytesWalking(at: address, write: write, faultLimit: faultLimit, body)
     }
@@ -94,7 +94,7 @@ extension AddressSpace {
         var faults = 0
         while true {
             if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.access) }
-            cpu.beginAccess(self)
+            let token = cpu.beginAccess(self)
             var bytes: UnsafeMutableRawPointer? = nil
             if let hit = cpu.lookup(address, write: write) {
                 if cpuAccess.checksStaleEntries { checkTLBEntry(cpu, hit.entry, address, write: write) }
@@ -106,11 +106,11 @@ extension AddressSpace {
                 svm_tsan_ignore_begin()
                 let r = body(bytes)
                 svm_tsan_ignore_end()
-                cpu.endAccess(self)
+                cpu.endAccess(self, token)
                 return r
             }
             // A page fault ends the instruction: the handler runs between accesses.
-            cpu.endAccess(self)
+            cpu.endAccess(self, token)
             if faults >= faultLimit { return nil }
             faults += 1
             if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.fault) }
