@@ -94,10 +94,21 @@ struct CPU {
             // must only keep the loads below after the store above.
             if mm.cpuAccess.fenceOnAccess { svm_fence() } else { svm_compiler_barrier() }
         }
+        // Both checks first, one rarely taken call after them: the common
+        // access spills no register for either.
+        let loaded = UnsafeAtomic(words + CPUWord.loadedMM).load(ordering: .relaxed)
+        let gen = UnsafeAtomic(mm.tlbGen).load(ordering: .acquiring)
+        if _slowPath(loaded != UInt64(mm.id) || gen != words[CPUWord.localGen]) { enter(mm) }
+        return seq
+    }
+
+    /// The rest of an access's start: load `mm` if another address space
+    /// is loaded (`switch_mm()`), then catch up with its flushes.
+    @usableFromInline @inline(never)
+    func enter(_ mm: AddressSpace) {
         if UnsafeAtomic(words + CPUWord.loadedMM).load(ordering: .relaxed) != UInt64(mm.id) { switchTo(mm) }
         let gen = UnsafeAtomic(mm.tlbGen).load(ordering: .acquiring)
         if gen != words[CPUWord.localGen] { catchUp(mm, gen) }
-        return seq
     }
 
     /// The end of an access (an instruction boundary): a flusher waiting for
