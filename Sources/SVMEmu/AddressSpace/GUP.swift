@@ -187,8 +187,10 @@ extension AddressSpace {
             return withPMDLock(address) { () -> Page? in
                 let now = loadPMD(address)
                 guard now == pmd else { return nil }
+                // follow_huge_pmd(): the unshare check reads the head, which
+                // carries a PMD mapping's PageAnonExclusive; then the page.
+                if mustUnshare(Page(pfn: pmd.pfn, kernel: kernel), vma, pin: pin, longterm: longterm) { return nil }
                 let page = Page(pfn: pmd.pfn + ((address >> PageGeometry.pageShift) & (PageGeometry.pmdPages64 - 1)), kernel: kernel)
-                if mustUnshare(page, vma, pin: pin, longterm: longterm) { return nil }
                 page.folio.get()
                 if pin { page.folio.pin(); page.folio.put() }
                 return page

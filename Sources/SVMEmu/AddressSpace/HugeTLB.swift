@@ -240,7 +240,7 @@ extension AddressSpace {
             guard now.kind == .present, now.pfn == old.pfn else { return nil }
             guard oldFolio.page(0).isAnonExclusive || oldFolio.mapCount == 1 else { return false }
             kernel.deferredTLB.willMakeWritable()
-            for i in 0..<oldFolio.pageCount { oldFolio.page(i).meta.setFlags(PageFlags.anonExclusive.rawValue) }
+            oldFolio.meta.setFlags(PageFlags.anonExclusive.rawValue)  // hugetlb: the head's flag (hugetlb_add_anon_rmap())
             oldFolio.meta.mappingMM = id
             storePMD(haddr, now.with(bits))
             kernel.vmstat.count(.wpFaults)
@@ -336,7 +336,7 @@ extension AddressSpace {
                 folio.get()
                 folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
                 folio.largeMapcountAdd(1)
-                for i in 0..<folio.pageCount { folio.page(i).meta.clearFlags(PageFlags.anonExclusive.rawValue) }
+                folio.meta.clearFlags(PageFlags.anonExclusive.rawValue)  // the head's flag, as it was set
                 let shared = now.without(PageTableEntry.writeBit)
                 if now.isWrite {
                     // huge_ptep_set_wrprotect(): atomically, keeping a dirty bit set meanwhile.

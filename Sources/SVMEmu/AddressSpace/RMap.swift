@@ -239,7 +239,13 @@ extension AddressSpace {
         var f: PageFlags = [.anon, .swapBacked, .lru, .uptodate]
         if folio.isZoneDevice { f.remove(.lru) }
         folio.set(f)
-        for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
+        // PageAnonExclusive: of the head only for a PMD mapping (a split
+        // hands it to every page, mapSplitFolio), of every page otherwise.
+        if pmdMapped {
+            head.setFlags(PageFlags.anonExclusive.rawValue)
+        } else {
+            for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
+        }
         if pmdMapped {
             folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
             folio.largeMapcountAdd(1)
@@ -271,9 +277,8 @@ extension AddressSpace {
         assertPMDLockHeld(address, "folio_add_anon_rmap_pmd: PMD lock not held")
         folio.meta.mappingMM = id
         folio.set(.anon)
-        if exclusive {
-            for i in 0..<folio.pageCount { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
-        }
+        // RMAP_LEVEL_PMD: the head page carries PageAnonExclusive for the whole mapping.
+        if exclusive { folio.meta.setFlags(PageFlags.anonExclusive.rawValue) }
         folio.atomicEntireMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
         folio.largeMapcountAdd(1)
     }

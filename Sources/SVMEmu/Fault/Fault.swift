@@ -248,7 +248,7 @@ extension AddressSpace {
                 // Not exclusive and referenced elsewhere: split, copy per PTE.
                 if !folio.page(0).isAnonExclusive && folio.refCount != 1 { return true }
                 kernel.deferredTLB.willMakeWritable()
-            for i in 0..<PageGeometry.pmdPages { kernel.metaPtr(folio.pfn + UInt64(i)).setFlags(PageFlags.anonExclusive.rawValue) }
+            folio.meta.setFlags(PageFlags.anonExclusive.rawValue)  // a PMD mapping's exclusivity is its head's
             storePMD(haddr, pmd.with(PageTableEntry.writeBit | PageTableEntry.dirtyBit | PageTableEntry.youngBit))
             kernel.vmstat.count(.wpFaults)
         }

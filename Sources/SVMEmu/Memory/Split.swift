@@ -269,9 +269,14 @@ extension AddressSpace {
     /// the folio's entire mapping (one map count, one reference) goes.
     /// Caller holds the PMD lock and installs the table after.
     private func mapSplitFolio(_ folio: Folio, _ kind: PageTableEntry.Kind, flags: UInt64, _ ptes: UnsafeMutablePointer<UInt64>) {
+        // The PMD's PageAnonExclusive (its head's) goes to every page the
+        // PTEs now map (folio_add_anon_rmap_ptes() with RMAP_EXCLUSIVE).
+        let exclusive = folio.isAnon && folio.page(0).isAnonExclusive ? PageFlags.anonExclusive.rawValue : 0
         for i in 0..<PageGeometry.pmdPages {
             UnsafeAtomic(ptes + i).store(PageTableEntry.make(kind, pfn: folio.pfn + UInt64(i), flags: flags).rawValue, ordering: .releasing)
-            kernel.metaPtr(folio.pfn + UInt64(i)).atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            let m = kernel.metaPtr(folio.pfn + UInt64(i))
+            m.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            if exclusive != 0 { m.setFlags(exclusive) }
         }
         folio.meta.atomicEntireMapcount.wrappingAdd(-1, ordering: .acquiringAndReleasing)
         folio.largeMapcountAdd(Int32(PageGeometry.pmdPages - 1))

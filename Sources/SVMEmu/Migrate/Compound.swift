@@ -107,9 +107,8 @@ extension Kernel {
     /// drops the mapping's reference.
     func setPMDMigrationEntry(_ mm: AddressSpace, _ haddr: UInt64, _ pmd: PageTableEntry, _ folio: Folio, anonExclusive: Bool) {
         mm.assertPMDLockHeld(haddr, "set_pmd_migration_entry: PMD lock not held")
-        if anonExclusive {
-            for j in 0..<folio.pageCount { metaPtr(folio.pfn + UInt64(j)).clearFlags(PageFlags.anonExclusive.rawValue) }
-        }
+        // folio_try_share_anon_rmap_pmd(): the head carries the mapping's flag.
+        if anonExclusive { folio.meta.clearFlags(PageFlags.anonExclusive.rawValue) }
         // pmdp_invalidate(): the entry as it is now, with any accessed or
         // dirty bit a lockless walk set since the caller loaded it.
         let pmd = pmd.kind == .present ? mm.exchangePMD(haddr, .none) : pmd
