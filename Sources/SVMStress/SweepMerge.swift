@@ -66,7 +66,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case command, seeds, shards, settings, arguments, version, revision, seedsRun, outcomes, figures, firstFailing,
-             failing, shardSummaries, problems, consistent
+             failing, shardSummaries, problems
     }
 
     /// A report as merged.
@@ -90,43 +90,9 @@ public struct SweepReport: Sendable, Codable, Equatable {
         self.problems = problems
     }
 
-    /// Decodes a merged report.
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        command = try c.decodeIfPresent(String.self, forKey: .command)
-        seeds = try c.decodeIfPresent(SeedSet.self, forKey: .seeds)
-        shards = try c.decode(Int.self, forKey: .shards)
-        settings = try c.decode([String: String].self, forKey: .settings)
-        arguments = try c.decode(String.self, forKey: .arguments)
-        version = try c.decodeIfPresent(String.self, forKey: .version)
-        revision = try c.decodeIfPresent(String.self, forKey: .revision)
-        seedsRun = try c.decode(Int.self, forKey: .seedsRun)
-        outcomes = try c.decode([String: Int].self, forKey: .outcomes)
-        figures = try c.decode([String: Double].self, forKey: .figures)
-        firstFailing = try c.decodeIfPresent(SweepSeedResult.self, forKey: .firstFailing)
-        failing = try c.decode([SweepSeedResult].self, forKey: .failing)
-        shardSummaries = try c.decode([SweepShardSummary].self, forKey: .shardSummaries)
-        problems = try c.decode([String].self, forKey: .problems)
-    }
-
-    /// Encodes the report (`svmemu merge --json`).
+    /// Encodes the report (`svmemu merge --json`), with `consistent`, without `results`.
     public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(command, forKey: .command)
-        try c.encode(seeds, forKey: .seeds)
-        try c.encode(shards, forKey: .shards)
-        try c.encode(settings, forKey: .settings)
-        try c.encode(arguments, forKey: .arguments)
-        try c.encode(version, forKey: .version)
-        try c.encode(revision, forKey: .revision)
-        try c.encode(seedsRun, forKey: .seedsRun)
-        try c.encode(outcomes, forKey: .outcomes)
-        try c.encode(figures, forKey: .figures)
-        try c.encode(firstFailing, forKey: .firstFailing)
-        try c.encode(failing, forKey: .failing)
-        try c.encode(shardSummaries, forKey: .shardSummaries)
-        try c.encode(problems, forKey: .problems)
-        try c.encode(consistent, forKey: .consistent)
+        try encoder.encodeProperties(of: self, except: ["results"], adding: ["consistent": consistent])
     }
 }
 

@@ -93,12 +93,8 @@ struct BenchTHPCommand: ParsableCommand {
             rows.append((name, size, thp, regular))
             if !json { print(Self.render(name, size, thp, regular)) }
         }
-        if json {
-            let sizes = rows.map { SizeResult(name: $0.0, bytes: $0.1, iterations: iterations, thp: $0.2, regular: $0.3) }
-            print(try JSONReport.render(for: self, results: Results(sizes: sizes)))
-        } else {
-            print(Self.summary(rows))
-        }
+        let sizes = rows.map { SizeResult(name: $0.0, bytes: $0.1, iterations: iterations, thp: $0.2, regular: $0.3) }
+        try printReport(Results(sizes: sizes), json: json, text: Self.summary(rows) + "\n")
     }
 
     /// print_benchmark_results(): one table per size, improvements as the
