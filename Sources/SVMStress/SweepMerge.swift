@@ -100,6 +100,13 @@ extension Sweep {
     /// Problems listed one by one before the rest are counted.
     static let problemsListed = 12
 
+    /// The first ``problemsListed`` of `items`, comma-separated, then
+    /// " and N more" (`what` after "more": "ranges") for the rest.
+    static func listed(_ items: [String], more what: String = "") -> String {
+        items.prefix(problemsListed).joined(separator: ", ")
+            + (items.count > problemsListed ? " and \(items.count - problemsListed) more" + (what.isEmpty ? "" : " " + what) : "")
+    }
+
     /// Reads JSON Lines from several sources (empty lines skipped).
     ///
     /// - Parameter sources: each source's name and text.
@@ -187,16 +194,11 @@ extension Sweep {
         for (shard, sources) in duplicateSources.sorted(by: { $0.key.index < $1.key.index }) {
             problems.append("shard \(shard) appears \(sources.count) times (\(sources.joined(separator: ", "))); the first is merged")
         }
-        var missingShards: [SweepShard] = []
-        for i in 1...n where headers[SweepShard(index: i, count: n)] == nil {
-            missingShards.append(SweepShard(index: i, count: n))
-        }
+        let missingShards = (1...n).map { SweepShard(index: $0, count: n) }.filter { headers[$0] == nil }
         if !missingShards.isEmpty {
-            let listed = missingShards.prefix(problemsListed).map { s in
+            problems.append("shard\(missingShards.count == 1 ? "" : "s") missing: " + listed(missingShards.map { s in
                 "\(s) (seeds \(s.seeds(of: reference.seeds).map(\.description) ?? "none"))"
-            }
-            problems.append("shard\(missingShards.count == 1 ? "" : "s") missing: \(listed.joined(separator: ", "))"
-                            + (missingShards.count > problemsListed ? " and \(missingShards.count - problemsListed) more" : ""))
+            }))
         }
 
         // The seeds, each from its shard's first source.
@@ -239,8 +241,7 @@ extension Sweep {
         }
         if !duplicates.isEmpty {
             problems.append("seed\(duplicates.count == 1 ? "" : "s") read twice (the first is merged): "
-                            + duplicates.prefix(problemsListed).joined(separator: ", ")
-                            + (duplicates.count > problemsListed ? " and \(duplicates.count - problemsListed) more" : ""))
+                            + listed(duplicates))
         }
 
         // Shards that did not finish, and seeds missing from the shards that are there.
@@ -262,8 +263,7 @@ extension Sweep {
         if !missing.isEmpty {
             let total = missing.reduce(UInt64(0)) { $0 + $1.count }
             problems.append("seed\(total == 1 ? "" : "s") missing from the shards read: "
-                            + missing.prefix(problemsListed).map(\.description).joined(separator: ", ")
-                            + (missing.count > problemsListed ? " and \(missing.count - problemsListed) more ranges" : ""))
+                            + listed(missing.map(\.description), more: "ranges"))
         }
 
         var outcomes: [String: Int] = [:]

@@ -99,9 +99,6 @@ struct NumaCommand: ParsableCommand {
     @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of the migrator's phases (unmap, flush, tlbFlush, copy, remap) per variant to this JSON file (the first 65536 events per CPU).")
     var trace: String?
 
-    /// Events the trace keeps per CPU (`--trace`).
-    static let traceEventsPerCPU = 1 << 16
-
     @OptionGroup var threads: HarnessScheduleOptions
 
     @OptionGroup var output: JSONOutputOptions
@@ -179,7 +176,7 @@ struct NumaCommand: ParsableCommand {
         settings.variants = settings.deterministicVariants(variants == .all ? NUMAVariant.all(copyThreads: copyThreads)
                                                            : NUMAVariant.standard(copyThreads: copyThreads))
         if checkTLB { settings.checksStaleTLBEntries = true }
-        if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
+        if trace != nil { settings.traceEventsPerCPU = OverheadCommand.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
         defer { progress.done() }
         return try NUMABench.runAll(settings, sweeps: !noSweep, copyThreads: copyThreads, progress: progress.say)
