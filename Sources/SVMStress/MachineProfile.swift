@@ -97,17 +97,13 @@ public struct MachineProfile: Sendable, Codable, Equatable {
 
         /// Every cost by its key, in the file's order.
         public var all: [(key: String, nanos: Double)] {
-            [("tlbHit", tlbHit), ("pageTableWalk", pageTableWalk), ("faultEntryExit", faultEntryExit),
-             ("syscall", syscall), ("futexWake", futexWake), ("futexWait", futexWait),
-             ("wakeLatency", wakeLatency), ("contextSwitch", contextSwitch), ("spinRound", spinRound),
-             ("lockUncontended", lockUncontended), ("unlock", unlock), ("yield", yield),
-             ("ipiSendToReceipt", ipiSendToReceipt), ("ipiRoundTrip", ipiRoundTrip), ("localFlush", localFlush)]
+            Mirror(reflecting: self).children.map { ($0.label!, $0.value as! Double) }
         }
 
         /// The keys of every cost, in the file's order.
-        public static let keys = ["tlbHit", "pageTableWalk", "faultEntryExit", "syscall", "futexWake", "futexWait",
-                                  "wakeLatency", "contextSwitch", "spinRound", "lockUncontended", "unlock", "yield",
-                                  "ipiSendToReceipt", "ipiRoundTrip", "localFlush"]
+        public static let keys = Costs(tlbHit: 0, pageTableWalk: 0, faultEntryExit: 0, syscall: 0, futexWake: 0, futexWait: 0,
+                                       wakeLatency: 0, contextSwitch: 0, spinRound: 0, lockUncontended: 0, unlock: 0, yield: 0,
+                                       ipiSendToReceipt: 0, ipiRoundTrip: 0, localFlush: 0).all.map(\.key)
     }
 
     /// memcpy's bandwidth at one working set.
@@ -165,13 +161,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
 
         /// Every figure by its key, in the file's order (the optional ones when present).
         public var all: [(key: String, value: Double)] {
-            var v: [(key: String, value: Double)] = [
-                ("ratePerSecond", ratePerSecond), ("meanNanos", meanNanos), ("p50Nanos", p50Nanos),
-                ("p90Nanos", p90Nanos), ("p99Nanos", p99Nanos), ("maxNanos", maxNanos),
-                ("thresholdNanos", thresholdNanos)]
-            if let tickGapsPerSecond { v.append(("tickGapsPerSecond", tickGapsPerSecond)) }
-            if let tickGapP50Nanos { v.append(("tickGapP50Nanos", tickGapP50Nanos)) }
-            return v
+            Mirror(reflecting: self).children.compactMap { c in (c.value as? Double?).flatMap { $0 }.map { (c.label!, $0) } }
         }
     }
 

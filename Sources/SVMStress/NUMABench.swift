@@ -150,6 +150,9 @@ public struct NUMAVariantResult: Sendable, Codable {
     /// The phases as trace events (with `NUMABenchSettings.traceEventsPerCPU`); not encoded.
     public var trace: [OverheadTraceEvent] = []
 
+    /// The variant in a few words, as charts and traces name it ("batched 4K dma deferred").
+    public var label: String { "\(algorithm) \(pageSize == 4096 ? "4K" : "2M") \(copier)\(deferredFlush ? " deferred" : "")" }
+
     enum CodingKeys: String, CodingKey {
         case algorithm, mode, copier, copyThreads, deferredFlush, pageSize, pagesMigrated, pagesPerSecond, ipisPerPage,
              flushes, flushWaitMicros, copyMicros, readerLatencyP50Nanos, readerLatencyP99Nanos, readerAccesses,

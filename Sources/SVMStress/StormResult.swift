@@ -199,48 +199,20 @@ public struct StormResult: Sendable, Codable, Equatable {
         self.perPage = perPage
     }
 
-    /// A flat object: the settings first, absent values as `null`.
+    /// A flat object: the settings' keys beside the result's, absent values
+    /// as `null`; `cpus` only in a deterministic storm, `machine` only with one.
     public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(settings.scenario, forKey: .scenario)
-        try c.encode(settings.faultPolicy, forKey: .faultPolicy)
-        try c.encode(settings.driver, forKey: .driver)
-        try c.encode(settings.driverLock, forKey: .driverLock)
-        try c.encode(settings.migrateToRAMWorkMicros, forKey: .migrateToRAMWorkMicros)
-        try c.encode(settings.migrateToRAMLookupMicros, forKey: .migrateToRAMLookupMicros)
-        try c.encode(settings.driverWork, forKey: .driverWork)
-        try c.encode(settings.driverWait, forKey: .driverWait)
-        try c.encode(settings.threads, forKey: .threads)
-        try c.encode(settings.pages, forKey: .pages)
-        try c.encode(settings.pageSize, forKey: .pageSize)
-        try c.encode(settings.seed, forKey: .seed)
-        try c.encode(settings.stallSeconds, forKey: .stallSeconds)
-        try c.encode(settings.joinTimeoutSeconds, forKey: .joinTimeoutSeconds)
-        try c.encode(settings.release, forKey: .release)
-        try c.encode(settings.deterministic, forKey: .deterministic)
-        try c.encode(settings.deterministic ? settings.cpus : nil, forKey: .cpus)
-        // Only with --machine: a run without one reports as before.
-        if settings.deterministic, let machine = settings.machine { try c.encode(machine.name, forKey: .machine) }
-        try c.encode(pagesMigrated, forKey: .pagesMigrated)
-        try c.encode(livelocked, forKey: .livelocked)
-        try c.encode(stalledPage, forKey: .stalledPage)
-        try c.encode(stall, forKey: .stall)
-        try c.encode(migrateToRAMCalls, forKey: .migrateToRAMCalls)
-        try c.encode(faultRetries, forKey: .faultRetries)
-        try c.encode(faultRetriesPerPage, forKey: .faultRetriesPerPage)
-        try c.encode(pageMicros, forKey: .pageMicros)
-        try c.encode(deviceMigrations, forKey: .deviceMigrations)
-        try c.encode(seconds, forKey: .seconds)
-        try c.encode(teardownClean, forKey: .teardownClean)
-        try c.encode(teardownIssues, forKey: .teardownIssues)
-        try c.encode(dataIntact, forKey: .dataIntact)
-        try c.encode(error, forKey: .error)
-        try c.encode(perPage, forKey: .perPage)
-        try c.encode(virtualSeconds, forKey: .virtualSeconds)
-        try c.encode(scheduleSteps, forKey: .scheduleSteps)
-        try c.encode(contextSwitches, forKey: .contextSwitches)
-        try c.encode(stepsPerSecond, forKey: .stepsPerSecond)
-        try c.encode(deadlock, forKey: .deadlock)
+        let s = settings
+        try encoder.encodeProperties(of: self, except: ["settings", "scheduleLog"], adding: [
+            "scenario": s.scenario, "faultPolicy": s.faultPolicy, "driver": s.driver, "driverLock": s.driverLock,
+            "migrateToRAMWorkMicros": s.migrateToRAMWorkMicros, "migrateToRAMLookupMicros": s.migrateToRAMLookupMicros,
+            "driverWork": s.driverWork, "driverWait": s.driverWait, "threads": s.threads, "pages": s.pages,
+            "pageSize": s.pageSize, "seed": s.seed, "stallSeconds": s.stallSeconds, "joinTimeoutSeconds": s.joinTimeoutSeconds,
+            "release": s.release, "deterministic": s.deterministic, "cpus": s.deterministic ? s.cpus : nil as Int?])
+        if s.deterministic, let machine = s.machine {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(machine.name, forKey: .machine)
+        }
     }
 
     /// Decodes a result (the JSON of `svmemu livelock --json`).

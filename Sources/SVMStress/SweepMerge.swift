@@ -66,7 +66,7 @@ public struct SweepReport: Sendable, Codable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case command, seeds, shards, settings, arguments, version, revision, seedsRun, outcomes, figures, firstFailing,
-             failing, shardSummaries, problems, consistent
+             failing, shardSummaries, problems
     }
 
     /// A report as merged.
@@ -90,49 +90,22 @@ public struct SweepReport: Sendable, Codable, Equatable {
         self.problems = problems
     }
 
-    /// Decodes a merged report.
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        command = try c.decodeIfPresent(String.self, forKey: .command)
-        seeds = try c.decodeIfPresent(SeedSet.self, forKey: .seeds)
-        shards = try c.decode(Int.self, forKey: .shards)
-        settings = try c.decode([String: String].self, forKey: .settings)
-        arguments = try c.decode(String.self, forKey: .arguments)
-        version = try c.decodeIfPresent(String.self, forKey: .version)
-        revision = try c.decodeIfPresent(String.self, forKey: .revision)
-        seedsRun = try c.decode(Int.self, forKey: .seedsRun)
-        outcomes = try c.decode([String: Int].self, forKey: .outcomes)
-        figures = try c.decode([String: Double].self, forKey: .figures)
-        firstFailing = try c.decodeIfPresent(SweepSeedResult.self, forKey: .firstFailing)
-        failing = try c.decode([SweepSeedResult].self, forKey: .failing)
-        shardSummaries = try c.decode([SweepShardSummary].self, forKey: .shardSummaries)
-        problems = try c.decode([String].self, forKey: .problems)
-    }
-
-    /// Encodes the report (`svmemu merge --json`).
+    /// Encodes the report (`svmemu merge --json`), with `consistent`, without `results`.
     public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(command, forKey: .command)
-        try c.encode(seeds, forKey: .seeds)
-        try c.encode(shards, forKey: .shards)
-        try c.encode(settings, forKey: .settings)
-        try c.encode(arguments, forKey: .arguments)
-        try c.encode(version, forKey: .version)
-        try c.encode(revision, forKey: .revision)
-        try c.encode(seedsRun, forKey: .seedsRun)
-        try c.encode(outcomes, forKey: .outcomes)
-        try c.encode(figures, forKey: .figures)
-        try c.encode(firstFailing, forKey: .firstFailing)
-        try c.encode(failing, forKey: .failing)
-        try c.encode(shardSummaries, forKey: .shardSummaries)
-        try c.encode(problems, forKey: .problems)
-        try c.encode(consistent, forKey: .consistent)
+        try encoder.encodeProperties(of: self, except: ["results"], adding: ["consistent": consistent])
     }
 }
 
 extension Sweep {
     /// Problems listed one by one before the rest are counted.
     static let problemsListed = 12
+
+    /// The first ``problemsListed`` of `items`, comma-separated, then
+    /// " and N more" (`what` after "more": "ranges") for the rest.
+    static func listed(_ items: [String], more what: String = "") -> String {
+        items.prefix(problemsListed).joined(separator: ", ")
+            + (items.count > problemsListed ? " and \(items.count - problemsListed) more" + (what.isEmpty ? "" : " " + what) : "")
+    }
 
     /// Reads JSON Lines from several sources (empty lines skipped).
     ///
@@ -221,16 +194,11 @@ extension Sweep {
         for (shard, sources) in duplicateSources.sorted(by: { $0.key.index < $1.key.index }) {
             problems.append("shard \(shard) appears \(sources.count) times (\(sources.joined(separator: ", "))); the first is merged")
         }
-        var missingShards: [SweepShard] = []
-        for i in 1...n where headers[SweepShard(index: i, count: n)] == nil {
-            missingShards.append(SweepShard(index: i, count: n))
-        }
+        let missingShards = (1...n).map { SweepShard(index: $0, count: n) }.filter { headers[$0] == nil }
         if !missingShards.isEmpty {
-            let listed = missingShards.prefix(problemsListed).map { s in
+            problems.append("shard\(missingShards.count == 1 ? "" : "s") missing: " + listed(missingShards.map { s in
                 "\(s) (seeds \(s.seeds(of: reference.seeds).map(\.description) ?? "none"))"
-            }
-            problems.append("shard\(missingShards.count == 1 ? "" : "s") missing: \(listed.joined(separator: ", "))"
-                            + (missingShards.count > problemsListed ? " and \(missingShards.count - problemsListed) more" : ""))
+            }))
         }
 
         // The seeds, each from its shard's first source.
@@ -273,8 +241,7 @@ extension Sweep {
         }
         if !duplicates.isEmpty {
             problems.append("seed\(duplicates.count == 1 ? "" : "s") read twice (the first is merged): "
-                            + duplicates.prefix(problemsListed).joined(separator: ", ")
-                            + (duplicates.count > problemsListed ? " and \(duplicates.count - problemsListed) more" : ""))
+                            + listed(duplicates))
         }
 
         // Shards that did not finish, and seeds missing from the shards that are there.
@@ -296,8 +263,7 @@ extension Sweep {
         if !missing.isEmpty {
             let total = missing.reduce(UInt64(0)) { $0 + $1.count }
             problems.append("seed\(total == 1 ? "" : "s") missing from the shards read: "
-                            + missing.prefix(problemsListed).map(\.description).joined(separator: ", ")
-                            + (missing.count > problemsListed ? " and \(missing.count - problemsListed) more ranges" : ""))
+                            + listed(missing.map(\.description), more: "ranges"))
         }
 
         var outcomes: [String: Int] = [:]

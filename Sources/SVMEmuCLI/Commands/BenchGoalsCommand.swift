@@ -176,12 +176,8 @@ struct BenchGoalsCommand: ParsableCommand {
         progress.done()
 
         let met = goals.count(where: \.met)
-        if output.json {
-            print(try JSONReport.render(for: self, results: Results(goals: goals, met: met, total: goals.count)))
-        } else {
-            print("\n" + Self.table(goals), terminator: "")
-            print("\(met) of \(goals.count) goals met")
-        }
+        try printReport(Results(goals: goals, met: met, total: goals.count), json: output.json,
+                        text: "\n" + Self.table(goals) + "\(met) of \(goals.count) goals met\n")
     }
 
     /// The summary: figure, measured, goal, met.

@@ -59,11 +59,7 @@ struct BenchMemoryCommand: ParsableCommand {
     func run() throws {
         warnIfDebugBuild("svmemu bench memory")
         let r = try measure()
-        if json {
-            print(try JSONReport.render(for: self, results: r))
-        } else {
-            print(Self.render(r, faultMiB: faultMiB, rounds: rounds), terminator: "")
-        }
+        try printReport(r, json: json, text: Self.render(r, faultMiB: faultMiB, rounds: rounds))
     }
 
     /// The harness with this command's arguments.

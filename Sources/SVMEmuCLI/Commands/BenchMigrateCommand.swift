@@ -88,11 +88,7 @@ struct BenchMigrateCommand: ParsableCommand {
         warnIfDebugBuild("svmemu bench migrate")
         let bytes = ByteSize.parse(size)!
         let r = try measure(bytes: bytes)
-        if json {
-            print(try JSONReport.render(for: self, results: r))
-        } else {
-            print(Self.render(r), terminator: "")
-        }
+        try printReport(r, json: json, text: Self.render(r))
     }
 
     /// The harness with this command's arguments, with a progress line.

@@ -82,7 +82,7 @@ struct BenchTHPCommand: ParsableCommand {
     func run() throws {
         warnIfDebugBuild("svmemu bench thp")
         let limit = ByteSize.parse(maxSize)!
-        var rows: [(String, Int, Side, Side)] = []
+        var rows: [SizeResult] = []
         let progress = ProgressLine(label: "svmemu bench thp")
         for (name, size) in THPBench.sizes where size <= limit {
             progress.say("\(name): with THP")
@@ -90,21 +90,17 @@ struct BenchTHPCommand: ParsableCommand {
             progress.say("\(name): without THP")
             let regular = try THPBench.measure(bytes: size, thp: false, iterations: iterations, seed: pattern.seed)
             progress.done()
-            rows.append((name, size, thp, regular))
-            if !json { print(Self.render(name, size, thp, regular)) }
+            rows.append(SizeResult(name: name, bytes: size, iterations: iterations, thp: thp, regular: regular))
+            if !json { print(Self.render(rows.last!)) }
         }
-        if json {
-            let sizes = rows.map { SizeResult(name: $0.0, bytes: $0.1, iterations: iterations, thp: $0.2, regular: $0.3) }
-            print(try JSONReport.render(for: self, results: Results(sizes: sizes)))
-        } else {
-            print(Self.summary(rows))
-        }
+        try printReport(Results(sizes: rows), json: json, text: Self.summary(rows) + "\n")
     }
 
     /// print_benchmark_results(): one table per size, improvements as the
     /// kernel computes them (time: (regular - thp) / regular; throughput:
     /// (thp - regular) / regular).
-    static func render(_ name: String, _ bytes: Int, _ thp: Side, _ regular: Side) -> String {
+    static func render(_ size: SizeResult) -> String {
+        let (thp, regular) = (size.thp, size.regular)
         func f(_ v: Double, _ d: Int) -> String { Cell.fixed(v, d) }
         var t = Table(["", "With THP", "Without THP", "Improvement"], align: [.left], separator: " | ", rule: true)
         func row(_ label: String, _ a: String, _ b: String, _ gain: Double) { t.add([label, a, b, f(gain * 100, 1) + "%"]) }
@@ -116,15 +112,16 @@ struct BenchTHPCommand: ParsableCommand {
             (thp.sysToDevGBps - regular.sysToDevGBps) / regular.sysToDevGBps)
         row("D->S Throughput", f(thp.devToSysGBps, 2) + " GB/s", f(regular.devToSysGBps, 2) + " GB/s",
             (thp.devToSysGBps - regular.devToSysGBps) / regular.devToSysGBps)
-        return "=== \(name) (\(f(Double(bytes) / Double(1 << 20), 1)) MB) ===\n" + t.text
+        return "=== \(size.name) (\(f(Double(size.bytes) / Double(1 << 20), 1)) MB) ===\n" + t.text
     }
 
     /// One row per size: the mean round trips and throughputs, THP and 4K side by side.
-    static func summary(_ rows: [(String, Int, Side, Side)]) -> String {
+    static func summary(_ rows: [SizeResult]) -> String {
         func f(_ v: Double, _ d: Int) -> String { Cell.fixed(v, d) }
         var t = Table(["size", "THP s->d ms", "4K s->d ms", "THP d->s ms", "4K d->s ms",
                        "THP s->d GB/s", "4K s->d GB/s", "THP d->s GB/s", "4K d->s GB/s"], align: [.right])
-        for (_, bytes, thp, reg) in rows {
+        for r in rows {
+            let (bytes, thp, reg) = (r.bytes, r.thp, r.regular)
             t.add([bytes >= 1 << 20 ? "\(bytes >> 20)M" : "\(bytes >> 10)K",
                    f(thp.sysToDevMs, 3), f(reg.sysToDevMs, 3), f(thp.devToSysMs, 3), f(reg.devToSysMs, 3),
                    f(thp.sysToDevGBps, 2), f(reg.sysToDevGBps, 2), f(thp.devToSysGBps, 2), f(reg.devToSysGBps, 2)])

@@ -75,12 +75,8 @@ struct CalibrateCommand: ParsableCommand {
         if let output {
             try OutputFile(output).write(String(decoding: try result.profile.json(), as: UTF8.self))
         }
-        if json.json {
-            print(try JSONReport.render(for: self, results: result.profile))
-        } else {
-            print(Self.table(result), terminator: "")
-            if let output { print("profile written to \(output)") }
-        }
+        try printReport(result.profile, json: json.json,
+                        text: Self.table(result) + (output.map { "profile written to \($0)\n" } ?? ""))
     }
 
     /// The readable report: one row per cost (median, spread, what a run

@@ -66,12 +66,8 @@ struct DemoCommand: ParsableCommand {
             print("\n" + Self.explanation(results[0], results[1]))
         }
         let overhead = try Self.overheadRuns()
-        if json {
-            print(try JSONReport.render(for: self, results: Results(storms: results, overhead: overhead)))
-        } else {
-            print("\n2. Where a fault's time goes\n")
-            print(OverheadHarness.demoSummary(overhead), terminator: "")
-        }
+        try printReport(Results(storms: results, overhead: overhead), json: json,
+                        text: "\n2. Where a fault's time goes\n\n" + OverheadHarness.demoSummary(overhead))
         // A livelock is the demo's point; a storm that failed its checks is not.
         for r in results where LivelockCommand.exitStatus(for: r, failOnLivelock: false) == ExitStatus.failure {
             throw CLIError.runFailed("svmemu demo: the \(StormReport.title(r)) storm failed its checks: "

@@ -29,11 +29,7 @@ struct DevicesCommand: ParsableCommand {
 
     func run() throws {
         let result = DRMDevices.enumerate()
-        if json {
-            print(try JSONReport.render(for: self, results: result))
-        } else {
-            print(Self.render(result, verbose: verbose), terminator: "")
-        }
+        try printReport(result, json: json, text: Self.render(result, verbose: verbose))
     }
 
     /// The human-readable table.

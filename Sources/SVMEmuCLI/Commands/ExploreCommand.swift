@@ -37,17 +37,8 @@ struct ExploreResult: Encodable {
     /// The storm of the finding, or of the last schedule when nothing was found.
     var storm: StormResult?
 
-    enum CodingKeys: String, CodingKey { case scenario, schedules, found, seed, schedulesTried, storm }
-
-    func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(scenario, forKey: .scenario)
-        try c.encode(schedules, forKey: .schedules)
-        try c.encode(found, forKey: .found)
-        try c.encode(seed, forKey: .seed)
-        try c.encode(schedulesTried, forKey: .schedulesTried)
-        try c.encode(storm, forKey: .storm)
-    }
+    /// Every key, `null` for what is absent.
+    func encode(to encoder: any Encoder) throws { try encoder.encodeProperties(of: self) }
 }
 
 /// Runs a storm under many deterministic schedules and stops at the first
@@ -152,11 +143,7 @@ struct ExploreCommand: ParsableCommand {
                 break
             }
         }
-        if output.json {
-            print(try JSONReport.render(for: self, results: result))
-        } else {
-            print(Self.summary(result))
-        }
+        try printReport(result, json: output.json, text: Self.summary(result) + "\n")
         if result.found != nil { throw ExitStatus.found }
     }
 

@@ -178,13 +178,9 @@ struct FidelityCommand: ParsableCommand {
         }
         line.done()
         let differ = rows.filter { !$0.outcomeAgrees }.count
-        if json.json {
-            print(try JSONReport.render(for: self, results: Results(
-                kernel: reference.kernel, date: reference.date, qemu: reference.qemu, machine: machine, cpus: cpus,
-                seeds: seeds, rows: rows, agree: rows.count - differ, differ: differ)))
-        } else {
-            print(Self.table(rows, reference, machine: machine, seeds: seeds), terminator: "")
-        }
+        try printReport(Results(kernel: reference.kernel, date: reference.date, qemu: reference.qemu, machine: machine, cpus: cpus,
+                                seeds: seeds, rows: rows, agree: rows.count - differ, differ: differ),
+                        json: json.json, text: Self.table(rows, reference, machine: machine, seeds: seeds))
         if differ > 0 { throw ExitCode(1) }
     }
 

@@ -88,6 +88,14 @@ struct LivelockCommand: ParsableCommand {
         return v
     }
 
+    /// The case of `T` whose raw value is `value` in any case, with `_` or
+    /// without the `-` between words (`trylock_wait`, `onebyone`); a
+    /// `ValidationError` names `flag` and the valid values.
+    static func parse<T: RawRepresentable & CaseIterable>(_ value: String, _ flag: String) throws -> T where T.RawValue == String {
+        func plain(_ s: String) -> String { s.lowercased().filter { $0 != "-" && $0 != "_" } }
+        return try parse(value, flag, T.allCases.map(\.rawValue)) { v in T.allCases.first { plain($0.rawValue) == plain(v) } }
+    }
+
     /// Settings messages in terms of the command's flags.
     static func flagged(_ message: String) -> String {
         message.replacingOccurrences(of: "threads must", with: "--threads must")
@@ -121,12 +129,8 @@ struct LivelockCommand: ParsableCommand {
         let s = try settings()
         try preflight(s)
         var r = try Self.runStorm(s, label: "")
-        if json {
-            if !perPage { r.perPage = [] }
-            print(try JSONReport.render(for: self, results: r))
-        } else {
-            print(StormReport.table([r], titles: [StormReport.title(r)]), terminator: "")
-        }
+        if json && !perPage { r.perPage = [] }
+        try printReport(r, json: json, text: StormReport.table([r], titles: [StormReport.title(r)]))
         let status = Self.exitStatus(for: r, failOnLivelock: failOnLivelock)
         if status == ExitStatus.failure {
             let why = r.error.map { ["a storm thread's access failed: " + $0] } ?? []

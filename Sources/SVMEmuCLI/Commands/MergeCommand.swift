@@ -67,11 +67,7 @@ struct MergeCommand: ParsableCommand {
             throw CLIError.runFailed("svmemu merge: \(e.description)")
         }
         let report = Sweep.merge(lines)
-        if output.json {
-            print(try JSONReport.render(for: self, results: report))
-        } else {
-            print(Self.table(report), terminator: "")
-        }
+        try printReport(report, json: output.json, text: Self.table(report))
         if report.firstFailing != nil { throw ExitStatus.found }
         if !report.consistent { throw ExitStatus.failure }
     }

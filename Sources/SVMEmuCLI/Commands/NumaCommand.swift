@@ -99,9 +99,6 @@ struct NumaCommand: ParsableCommand {
     @Option(name: .long, help: "Write a Chrome/Perfetto trace-event timeline of the migrator's phases (unmap, flush, tlbFlush, copy, remap) per variant to this JSON file (the first 65536 events per CPU).")
     var trace: String?
 
-    /// Events the trace keeps per CPU (`--trace`).
-    static let traceEventsPerCPU = 1 << 16
-
     @OptionGroup var threads: HarnessScheduleOptions
 
     @OptionGroup var output: JSONOutputOptions
@@ -179,7 +176,7 @@ struct NumaCommand: ParsableCommand {
         settings.variants = settings.deterministicVariants(variants == .all ? NUMAVariant.all(copyThreads: copyThreads)
                                                            : NUMAVariant.standard(copyThreads: copyThreads))
         if checkTLB { settings.checksStaleTLBEntries = true }
-        if trace != nil { settings.traceEventsPerCPU = Self.traceEventsPerCPU }
+        if trace != nil { settings.traceEventsPerCPU = OverheadCommand.traceEventsPerCPU }
         let progress = ProgressLine(label: "svmemu numa")
         defer { progress.done() }
         return try NUMABench.runAll(settings, sweeps: !noSweep, copyThreads: copyThreads, progress: progress.say)
@@ -193,10 +190,7 @@ struct NumaCommand: ParsableCommand {
         let results = all.variants, sweep = all.batchSweep, copySweep = all.copySweep
         if let svg { try OutputFile(svg).write(Self.chart(results, sweep, copySweep, title: chartTitle)) }
         if let trace {
-            try OutputFile(trace).write(OverheadReport.traceJSON(processes: results.map { r in
-                (name: "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")",
-                 events: r.trace)
-            }))
+            try OutputFile(trace).write(OverheadReport.traceJSON(processes: results.map { (name: $0.label, events: $0.trace) }))
         }
         if output.json {
             print(try JSONReport.render(for: self, results: all))
@@ -227,11 +221,7 @@ struct NumaCommand: ParsableCommand {
     /// The storm, printed.
     func runStorm() throws {
         let results = try stormResults().storm
-        if output.json {
-            print(try JSONReport.render(for: self, results: StormResults(storm: results)))
-        } else {
-            print(Self.stormTable(results))
-        }
+        try printReport(StormResults(storm: results), json: output.json, text: Self.stormTable(results) + "\n")
         if let bad = results.first(where: { !$0.dataIntact }) {
             throw Failure(description: "svmemu numa --storm: BYTES DIFFER under \(bad.algorithm)")
         }
@@ -305,16 +295,13 @@ struct NumaCommand: ParsableCommand {
     /// A deterministic run (its results carry schedule steps) says "virtual time".
     static func chart(_ rows: [NUMAVariantResult], _ sweep: [NUMABatchPoint] = [], _ copySweep: [NUMACopyPoint] = [],
                       title: String = "svmemu numa: migrate_pages between two nodes") -> String {
-        func variant(_ r: NUMAVariantResult) -> String {
-            "\(r.algorithm) \(r.pageSize == 4096 ? "4K" : "2M") \(r.copier)\(r.deferredFlush ? " deferred" : "")"
-        }
         let virtual = rows.contains { $0.scheduleSteps != nil }
         var chart = Chart(title: title, subtitle: Chart.timeBase(virtual: virtual))
         chart.panels = [
             ChartPanel("Pages migrated per second", unit: virtual ? "pages per second of virtual time" : "pages per second",
-                       bars: rows.map { ChartBar(variant($0), $0.pagesPerSecond) }, format: { Cell.fixed($0, 0) }),
+                       bars: rows.map { ChartBar($0.label, $0.pagesPerSecond) }, format: { Cell.fixed($0, 0) }),
             ChartPanel("IPIs per migrated page", unit: "TLB-flush IPIs received per page", scale: .log,
-                       bars: rows.map { ChartBar(variant($0), $0.ipisPerPage) }, format: { Cell.fixed($0, 4) }),
+                       bars: rows.map { ChartBar($0.label, $0.ipisPerPage) }, format: { Cell.fixed($0, 4) }),
         ]
         if !sweep.isEmpty {
             chart.panels.append(ChartPanel("One move of the buffer by batch size (4K pages)", unit: "ms",

@@ -125,7 +125,7 @@ struct OverheadCommand: ParsableCommand {
 
     /// `--driver`, checked.
     func harnessDriver() throws -> HarnessDriver {
-        try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
+        try LivelockCommand.parse(driver, "--driver")
     }
 
     func validate() throws {

@@ -106,7 +106,7 @@ struct SoakCommand: ParsableCommand {
 
     func settings() throws -> SoakSettings {
         var s = SoakSettings()
-        s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
+        s.driver = try LivelockCommand.parse(driver, "--driver")
         if checkTLB { s.checksStaleTLBEntries = true }
         s.operations = operations
         s.cpus = cpus
@@ -184,11 +184,7 @@ struct SoakCommand: ParsableCommand {
         progress.done()
         if shard == nil {
             let report = Sweep.merge(lines)
-            if output.json {
-                print(try JSONReport.render(for: self, results: report))
-            } else {
-                print(MergeCommand.table(report), terminator: "")
-            }
+            try printReport(report, json: output.json, text: MergeCommand.table(report))
         }
         if results.contains(where: { (r: SweepSeedResult) in r.failed }) { throw ExitStatus.failure }
     }

@@ -73,3 +73,11 @@ protocol ReflectedArgumentGroup { var reflectedGroup: Any { get } }
 extension Option: ReflectedArgument { var reflectedValue: Any { wrappedValue } }
 extension Flag: ReflectedArgument { var reflectedValue: Any { wrappedValue } }
 extension OptionGroup: ReflectedArgumentGroup { var reflectedGroup: Any { wrappedValue } }
+
+extension ParsableCommand {
+    /// Prints the report on standard output: `results` as the JSON object
+    /// (`JSONReport`) with `json`, else `text` as it is (its own final newline).
+    func printReport<Results: Encodable>(_ results: Results, json: Bool, text: @autoclosure () throws -> String) throws {
+        if json { print(try JSONReport.render(for: self, results: results)) } else { print(try text(), terminator: "") }
+    }
+}

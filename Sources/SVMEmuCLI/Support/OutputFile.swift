@@ -106,24 +106,26 @@ public struct OutputFile: Sendable, Equatable {
     /// Why a write failed.
     struct WriteFailure: Error { let reason: String }
 
+    /// Writes all of `bytes` to `fd`, again after EINTR; returns the errno
+    /// of a failed write, 0 when all was written.
+    static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32 {
+        var done = 0
+        while done < bytes.count {
+            let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
+            if n < 0 {
+                if errno == EINTR { continue }
+                return errno
+            }
+            done += n
+        }
+        return 0
+    }
+
     /// Writes `text` to a new file at `path`.
     private static func write(_ text: String, to path: String) throws(WriteFailure) {
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw WriteFailure(reason: CLIError.reason(errno)) }
-        var failure: Int32 = 0
-        var bytes = Array(text.utf8)
-        bytes.withUnsafeMutableBytes { buffer in
-            var done = 0
-            while done < buffer.count {
-                let n = Glibc.write(fd, buffer.baseAddress! + done, buffer.count - done)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    failure = errno
-                    return
-                }
-                done += n
-            }
-        }
+        var failure = Array(text.utf8).withUnsafeBytes { writeAll(fd, $0) }
         if close(fd) != 0 && failure == 0 { failure = errno }
         if failure != 0 { throw WriteFailure(reason: CLIError.reason(failure)) }
     }

@@ -64,12 +64,7 @@ final class ReportTee: @unchecked Sendable {
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else { break }
             kept.append(contentsOf: buffer[0..<n])
-            var done = 0
-            while done < n && writeError == 0 {
-                let w = buffer.withUnsafeBytes { write(saved, $0.baseAddress! + done, n - done) }
-                if w < 0 { if errno != EINTR { writeError = errno }; continue }
-                done += w
-            }
+            if writeError == 0 { writeError = buffer.withUnsafeBytes { OutputFile.writeAll(saved, UnsafeRawBufferPointer(rebasing: $0[..<n])) } }
         }
         close(readEnd)
         done.signal()

@@ -129,29 +129,20 @@ struct StormScenarioOptions: ParsableArguments {
     /// `--driver-work` and `--driver-wait`, parsed (the spellings `everycall`
     /// and `every_call` too); a ValidationError names the flag.
     static func driverShape(work: String, wait: String) throws -> (DriverWorkShape, DriverWait) {
-        let w = try LivelockCommand.parse(work, "--driver-work", DriverWorkShape.allCases.map(\.rawValue)) {
-            DriverWorkShape(rawValue: $0 == "everycall" || $0 == "every_call" ? "every-call" : $0)
-        }
-        let d = try LivelockCommand.parse(wait, "--driver-wait", DriverWait.allCases.map(\.rawValue)) { DriverWait(rawValue: $0) }
-        return (w, d)
+        (try LivelockCommand.parse(work, "--driver-work"), try LivelockCommand.parse(wait, "--driver-wait"))
     }
 
     /// Sets the scenario, fault path, driver lock, DMA wait, page size, release style and seed.
     func apply(to s: inout StormSettings) throws {
-        s.scenario = try LivelockCommand.parse(scenario, "--scenario", StormScenario.allCases.map(\.rawValue)) { StormScenario(rawValue: $0) }
-        s.faultPolicy = try LivelockCommand.parse(faultPolicy, "--fault-policy", DeviceFaultPolicy.allCases.map(\.rawValue)) {
-            DeviceFaultPolicy(rawValue: $0 == "trylockwait" || $0 == "trylock_wait" ? "trylock-wait" : $0)
-        }
-        s.driverLock = try LivelockCommand.parse(driverLock, "--driver-lock", DriverLockMode.allCases.map(\.rawValue)) { DriverLockMode(rawValue: $0) }
+        s.scenario = try LivelockCommand.parse(scenario, "--scenario")
+        s.faultPolicy = try LivelockCommand.parse(faultPolicy, "--fault-policy")
+        s.driverLock = try LivelockCommand.parse(driverLock, "--driver-lock")
         s.pageSize = try LivelockCommand.parse(pageSize, "--page-size", ["4k", "2m"]) { v in
             switch v { case "4k", "4096", "4kib": .small; case "2m", "2mib", "2097152": .huge; default: nil }
         }
-        s.release = try LivelockCommand.parse(release, "--release", StormRelease.allCases.map(\.rawValue)) {
-            StormRelease(rawValue: $0 == "onebyone" || $0 == "one_by_one" ? "one-by-one"
-                         : $0 == "wakeall" || $0 == "wake_all" ? "wake-all" : $0)
-        }
+        s.release = try LivelockCommand.parse(release, "--release")
         (s.driverWork, s.driverWait) = try Self.driverShape(work: driverWork, wait: driverWait)
-        s.driver = try LivelockCommand.parse(driver, "--driver", HarnessDriver.allCases.map(\.rawValue)) { HarnessDriver(rawValue: $0) }
+        s.driver = try LivelockCommand.parse(driver, "--driver")
         s.migrateToRAMWorkMicros = faultDelayUs
         s.seed = seed
     }

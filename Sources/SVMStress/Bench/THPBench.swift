@@ -24,15 +24,9 @@ public struct THPBenchSide: Encodable, Sendable {
         self.bytes = bytes
     }
 
-    enum CodingKeys: String, CodingKey { case sysToDevMs, devToSysMs, sysToDevGBps, devToSysGBps }
-
     /// The times and the throughputs (not the size: the size's own object has it).
     public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(sysToDevMs, forKey: .sysToDevMs)
-        try c.encode(devToSysMs, forKey: .devToSysMs)
-        try c.encode(sysToDevGBps, forKey: .sysToDevGBps)
-        try c.encode(devToSysGBps, forKey: .devToSysGBps)
+        try encoder.encodeProperties(of: self, except: ["bytes"], adding: ["sysToDevGBps": sysToDevGBps, "devToSysGBps": devToSysGBps])
     }
 }
 

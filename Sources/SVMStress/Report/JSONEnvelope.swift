@@ -51,12 +51,7 @@ public struct JSONEnvelope<Results: Encodable>: Encodable {
     /// (JSONEncoder merges keyed containers requested at the same level).
     public func encode(to encoder: any Encoder) throws {
         try results.encode(to: encoder)
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(command, forKey: .command)
-        try c.encode(arguments, forKey: .arguments)
-        try c.encode(host, forKey: .host)
-        try c.encode(version, forKey: .version)
-        try c.encode(revision, forKey: .revision)
+        try encoder.encodeProperties(of: self, except: ["results"])
     }
 
     /// The report as text (``ReportJSON/encoder(pretty:)``, pretty-printed).
@@ -103,13 +98,7 @@ public struct ReportHost: Encodable, Equatable, Sendable {
     }
 
     /// Encodes nil memory figures as null (not left out).
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(cores, forKey: .cores)
-        try c.encode(memoryBytes, forKey: .memoryBytes)
-        try c.encode(memoryAvailableBytes, forKey: .memoryAvailableBytes)
-    }
-    enum CodingKeys: String, CodingKey { case cores, memoryBytes, memoryAvailableBytes }
+    public func encode(to encoder: any Encoder) throws { try encoder.encodeProperties(of: self) }
 }
 
 /// One argument's value in a report: a string, integer, number, boolean or null.
@@ -156,5 +145,29 @@ public enum ReportValue: Encodable, Equatable, Sendable {
         case .bool(let v): try c.encode(v)
         case .null: try c.encodeNil()
         }
+    }
+}
+
+/// A key named at run time (``Swift/Encoder/encodeProperties(of:except:adding:)``).
+struct PropertyKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+}
+
+extension Encoder {
+    /// Encodes each stored property of `value` under its own name, as the
+    /// reports print them: an absent optional as `null` (synthesized
+    /// `Encodable` leaves it out), the properties in `except` left out and
+    /// the values of `extra` (derived figures) added. Not a hot path: the
+    /// properties are found by reflection.
+    public func encodeProperties(of value: Any, except: Set<String> = [], adding extra: KeyValuePairs<String, any Encodable> = [:]) throws {
+        var c = container(keyedBy: PropertyKey.self)
+        for child in Mirror(reflecting: value).children {
+            guard let name = child.label, !except.contains(name), let v = child.value as? any Encodable else { continue }
+            try c.encode(v, forKey: PropertyKey(stringValue: name))
+        }
+        for (name, v) in extra { try c.encode(v, forKey: PropertyKey(stringValue: name)) }
     }
 }
