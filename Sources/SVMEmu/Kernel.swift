@@ -153,9 +153,8 @@ public final class Kernel: @unchecked Sendable {
     let diagnosticLog = LockedValue<[Diagnostic]>([])
     let diagnosticCount = Atomic<Int>(0)
     let addressSpaces = WeakRegistry<AddressSpace>()
-    /// References parked by `mmputAsync(_:)`, one per address space.
-    let asyncMMPuts = LockedValue<[AddressSpace]>([])
-    let asyncMMPutCount = Atomic<Int>(0)
+    /// The references kernel paths give back with `mmputAsync(_:)`.
+    let asyncMMPuts = AsyncMMPuts()
     /// Live files by id: a page-cache folio names its file by id, and the
     /// file rmap walk looks it up here.
     let files = WeakRegistry<File>()
