@@ -262,6 +262,7 @@ public final class Kernel: @unchecked Sendable {
     }
 
     deinit {
+        asyncMMPuts.stop()
         for (p, n) in mappings { HostMemory.release(p, bytes: n) }
         HostMemory.release(metaBase, bytes: Int(maxPfn) << PageMeta.shift)
         regionBase.deallocate()
