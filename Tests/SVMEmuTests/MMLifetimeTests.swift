@@ -95,12 +95,10 @@ struct MMLifetimeTests {
     /// One round on real threads: thread 0 moves every page of the parent
     /// with `.moveAll` (its rmap walks pin the child and give it back with
     /// mmput_async), thread 1 drops the child's only reference after a
-    /// spin of `spin` iterations, anywhere in the walk. The window in which
-    /// the user's release can make the walker's the last (between
-    /// mmput_async's uniqueness check and its release) is a few
-    /// instructions: these rounds guard the rest of the lifetime rules on
-    /// real threads, and would report that window as a warning if they
-    /// ever hit it.
+    /// spin of `spin` iterations, anywhere in the walk. The moment at which
+    /// the user's release makes the walker's the last is made certain by
+    /// ``userDropsWhileWalkerGivesPinBack(file:)``; these rounds guard the
+    /// rest of the lifetime rules on real threads.
     static func realThreadRound(_ kernel: Kernel, round: Int, file: Bool) throws -> String? {
         let (mm, a, box) = try family(kernel, file: file)
         let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
