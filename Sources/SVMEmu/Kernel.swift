@@ -153,9 +153,8 @@ public final class Kernel: @unchecked Sendable {
     let diagnosticLog = LockedValue<[Diagnostic]>([])
     let diagnosticCount = Atomic<Int>(0)
     let addressSpaces = WeakRegistry<AddressSpace>()
-    /// References parked by `mmputAsync(_:)`, one per address space.
-    let asyncMMPuts = LockedValue<[AddressSpace]>([])
-    let asyncMMPutCount = Atomic<Int>(0)
+    /// The references kernel paths give back with `mmputAsync(_:)`.
+    let asyncMMPuts = AsyncMMPuts()
     /// Live files by id: a page-cache folio names its file by id, and the
     /// file rmap walk looks it up here.
     let files = WeakRegistry<File>()
@@ -263,6 +262,7 @@ public final class Kernel: @unchecked Sendable {
     }
 
     deinit {
+        asyncMMPuts.stop()
         for (p, n) in mappings { HostMemory.release(p, bytes: n) }
         HostMemory.release(metaBase, bytes: Int(maxPfn) << PageMeta.shift)
         regionBase.deallocate()

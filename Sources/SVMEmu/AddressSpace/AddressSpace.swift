@@ -132,8 +132,9 @@ public final class AddressSpace: @unchecked Sendable {
     /// before the structure is freed (the role of `mm_count`), so an
     /// exiting address space stays valid for the walks still visiting it.
     /// A walk pins a live one and gives the pin back with `mmput_async()`,
-    /// so the teardown never runs on a walker's thread with a folio lock
-    /// held. What stays of the address space after it is its `TLBContext`
+    /// which never releases it on the walker's thread (a worker releases
+    /// it, see `AsyncMMPuts`), so the teardown never runs on a walker's
+    /// thread with a folio lock held. What stays of the address space after it is its `TLBContext`
     /// (retained by CPUs, TLB batches and the deferred flush).
     deinit {
         // mmput() may sleep and exit_mmap() takes the mmap lock: a thread

@@ -214,7 +214,10 @@ struct MMPins {
     /// is dropped.
     mutating func release(_ kernel: Kernel) {
         guard count > 0 else { return }
-        for m in [mm0, mm1, mm2, mm3].prefix(count) { if let m { kernel.mmputAsync(m) } }
+        if let m = mm0 { kernel.mmputAsync(m) }
+        if let m = mm1 { kernel.mmputAsync(m) }
+        if let m = mm2 { kernel.mmputAsync(m) }
+        if let m = mm3 { kernel.mmputAsync(m) }
         for (_, m) in more { kernel.mmputAsync(m) }
         count = 0
         mm0 = nil; mm1 = nil; mm2 = nil; mm3 = nil
