@@ -388,9 +388,8 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
         if old & PageFlags.locked.rawValue == 0 {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
         }
-        // Released for the scheduler before the wake-up, which may hand the lock on.
-        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED))
-        if old & PageFlags.waiters.rawValue != 0 { wakeLocked() }
+        // With waiters, the wake-up reports the release to the scheduler.
+        if old & PageFlags.waiters.rawValue != 0 { wakeLocked() } else { svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED)) }
     }
 
     /// `folio_wake_bit(folio, PG_locked)`.

@@ -172,7 +172,8 @@ final class FolioWaitTable: @unchecked Sendable {
 
     /// `folio_wake_bit()` on `PG_locked`, after the unlock cleared it and saw
     /// `PG_waiters`: the walk of `__wake_up_locked_key()` with
-    /// `wake_page_function()`, one exclusive waiter at most.
+    /// `wake_page_function()`, one exclusive waiter at most. Reports the
+    /// unlock's release to a deterministic scheduler.
     func wake(word: UnsafeMutablePointer<UInt32>, pfn: UInt64) {
         let q = queue(pfn)
         let key = UInt64(UInt(bitPattern: word))
@@ -207,6 +208,11 @@ final class FolioWaitTable: @unchecked Sendable {
         if q[1] == 0 || !pageMatch {
             _ = UnsafeAtomic(word).bitwiseAnd(~PageFlags.waiters.rawValue, ordering: .acquiringAndReleasing)
         }
+        // The unlock's release, for a deterministic scheduler: after the
+        // wake-ups (as the futex lock reported it) and before the queue's
+        // lock is dropped, so that a woken waiter that runs at that point
+        // takes the lock after this release in the scheduler's records.
+        svm_det_lock_event(UnsafeRawPointer(word), Int32(SVM_DET_RELEASED))
         svm_mutex_unlock(Self.lockWord(q))
     }
 
