@@ -109,10 +109,10 @@ final class FolioWaitTable: @unchecked Sendable {
                 }
                 UnsafeAtomic(flags).store(f, ordering: .releasing)
                 // The last check and the queueing, under the queue's lock.
-                svm_mutex_lock(Self.lockWord(q))
+                Self.lockQueue(q)
                 _ = UnsafeAtomic(word).bitwiseOr(PageFlags.waiters.rawValue, ordering: .acquiringAndReleasing)
                 if !Self.tryFlag(word, waiter, exclusive) { Self.addTail(q, waiter) }
-                svm_mutex_unlock(Self.lockWord(q))
+                Self.unlockQueue(q)
                 while true {
                     let seen = UnsafeAtomic(flags).load(ordering: .acquiring)
                     if seen & Self.woken == 0 {
@@ -133,9 +133,9 @@ final class FolioWaitTable: @unchecked Sendable {
             }
             // finish_wait(): the waker unlists a woken waiter as its last step.
             if UnsafeAtomic(waiter + Self.listed).load(ordering: .acquiring) != 0 {
-                svm_mutex_lock(Self.lockWord(q))
+                Self.lockQueue(q)
                 if waiter[Self.listed] != 0 { Self.remove(q, waiter) }
-                svm_mutex_unlock(Self.lockWord(q))
+                Self.unlockQueue(q)
             }
             let f = UnsafeAtomic(flags).load(ordering: .acquiring)
             guard exclusive else { return f & Self.woken != 0 }
@@ -177,7 +177,7 @@ final class FolioWaitTable: @unchecked Sendable {
     func wake(word: UnsafeMutablePointer<UInt32>, pfn: UInt64) {
         let q = queue(pfn)
         let key = UInt64(UInt(bitPattern: word))
-        svm_mutex_lock(Self.lockWord(q))
+        Self.lockQueue(q)
         var pageMatch = false
         var at = q[1]
         while at != 0 {
@@ -208,12 +208,39 @@ final class FolioWaitTable: @unchecked Sendable {
         if q[1] == 0 || !pageMatch {
             _ = UnsafeAtomic(word).bitwiseAnd(~PageFlags.waiters.rawValue, ordering: .acquiringAndReleasing)
         }
+        Self.unlockQueue(q)
         // The unlock's release, for a deterministic scheduler: after the
-        // wake-ups (as the futex lock reported it) and before the queue's
-        // lock is dropped, so that a woken waiter that runs at that point
-        // takes the lock after this release in the scheduler's records.
+        // wake-ups, as the futex lock reported it (the queue's lock is no
+        // scheduling point for an emulated thread, so no woken waiter runs
+        // before this).
         svm_det_lock_event(UnsafeRawPointer(word), Int32(SVM_DET_RELEASED))
-        svm_mutex_unlock(Self.lockWord(q))
+    }
+
+    /// `spin_lock(&q->lock)`. An emulated thread takes it without a
+    /// scheduling point: it is held across no scheduling point, so under a
+    /// deterministic scheduler no other emulated thread ever finds it held,
+    /// and taking it costs no virtual time (as the futex lock's wake-up
+    /// cost none).
+    static func lockQueue(_ q: UnsafeMutablePointer<UInt64>) {
+        let m = lockWord(q)
+        guard svm_det_current() != nil else { return svm_mutex_lock(m) }
+        while true {
+            var free: UInt32 = 0
+            if UnsafeAtomic(m).compareExchange(&free, 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { break }
+            svm_cpu_relax()
+        }
+        svm_tsan_acquire(m)
+    }
+
+    /// `spin_unlock(&q->lock)`.
+    static func unlockQueue(_ q: UnsafeMutablePointer<UInt64>) {
+        let m = lockWord(q)
+        guard svm_det_current() != nil else { return svm_mutex_unlock(m) }
+        svm_tsan_release(m)
+        // A host thread may sleep on it (state 2): wake it on the host.
+        var held = UnsafeAtomic(m).load(ordering: .relaxed)
+        while !UnsafeAtomic(m).compareExchange(&held, 0, successOrdering: .acquiringAndReleasing, failureOrdering: .relaxed) {}
+        if held == 2 { _ = svm_futex_wake_raw(m, 1) }
     }
 
     /// `__add_wait_queue_entry_tail()` (under the queue's lock).
@@ -245,7 +272,7 @@ final class FolioWaitTable: @unchecked Sendable {
         let q = queue(pfn)
         let key = UInt64(UInt(bitPattern: word))
         var list: [(exclusive: Bool, handoff: Bool)] = []
-        svm_mutex_lock(Self.lockWord(q))
+        Self.lockQueue(q)
         var at = q[1]
         while at != 0 {
             let waiter = Self.record(at)
@@ -255,7 +282,7 @@ final class FolioWaitTable: @unchecked Sendable {
             }
             at = waiter[Self.next]
         }
-        svm_mutex_unlock(Self.lockWord(q))
+        Self.unlockQueue(q)
         return list
     }
 }
