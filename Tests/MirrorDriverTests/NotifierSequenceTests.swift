@@ -48,24 +48,57 @@ struct NotifierSequenceTests {
         return s.run()
     }
 
+    /// One thread of a race: its name and its body.
+    typealias Racer = (String, @Sendable () -> Void)
+
+    /// The loop every race here runs, once per seed of ``seeds``: maps
+    /// ``pages`` pages and fills them with the seed's pattern; `prepare`s
+    /// them (its value goes to the racers and the checks); runs the two
+    /// `racers` as the seed's schedule, the second `(seed % 32) * offsetStep`
+    /// virtual nanoseconds late, and expects it to complete; checks the
+    /// device mappings (``deviceMappingsAreLive(_:_:_:_:seed:)``); runs the
+    /// race's own `check`; audits the kernel and unmaps (the audit after the
+    /// unmap with `auditsAfterUnmap`). At the end no seed may have left a
+    /// stale device mapping and the kernel no diagnostic.
+    static func raceEverySeed<Context>(
+        _ kernel: Kernel, _ mm: AddressSpace, _ device: MirrorDevice, offsetStep: UInt64, auditsAfterUnmap: Bool = false,
+        prepare: (_ base: UInt64, _ seed: UInt64) throws -> Context,
+        racers: (_ base: UInt64, _ context: Context) -> (Racer, Racer),
+        check: (_ base: UInt64, _ seed: UInt64, _ context: Context) throws -> Void
+    ) throws {
+        let length = pages * pageSize
+        var staleSeeds = 0
+        for seed in seeds {
+            let base = try mm.mmap(length: length)
+            try mm.fillPattern(base, length: length, seed: seed)
+            let context = try prepare(base, seed)
+            let (first, second) = racers(base, context)
+            let outcome = race(seed: seed, first, second, offset: (seed % 32) * offsetStep)
+            #expect(outcome == .completed, "seed \(seed): \(outcome)")
+            if deviceMappingsAreLive(kernel, mm, device, base, seed: seed) > 0 { staleSeeds += 1 }
+            try check(base, seed, context)
+            if auditsAfterUnmap { try mm.munmap(base, length: length) }
+            let audit = kernel.audit()
+            #expect(audit.isClean, "seed \(seed): \(audit)")
+            if !auditsAfterUnmap { try mm.munmap(base, length: length) }
+        }
+        #expect(staleSeeds == 0, "\(staleSeeds) of \(seeds.count) schedules left a stale device mapping")
+        #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+    }
+
     @Test("migrate to device racing MADV_DONTNEED: the device never maps a freed page, and reads what the CPU reads")
     func migrateToDeviceAgainstDontNeed() throws {
         try withMachine { kernel, mm, device in
             let length = Self.pages * pageSize
-            var staleSeeds = 0
-            for seed in Self.seeds {
-                let base = try mm.mmap(length: length)
-                let expected = try expectedPattern(kernel, base, length: length, seed: seed)
-                try mm.fillPattern(base, length: length, seed: seed)
-                // The first half is dropped; the second half must end up in
-                // the device and mapped there, whichever side wins.
-                let dropped = length / 2
-                let outcome = Self.race(seed: seed,
-                                        ("migrate", { _ = try? device.migrateToDevice(base, pages: Self.pages) }),
-                                        ("madvise", { _ = try? mm.madvise(base, length: dropped, advice: .dontNeed) }),
-                                        offset: (seed % 32) * 1_000)
-                #expect(outcome == .completed, "seed \(seed): \(outcome)")
-                if Self.deviceMappingsAreLive(kernel, mm, device, base, seed: seed) > 0 { staleSeeds += 1 }
+            // The first half is dropped; the second half must end up in
+            // the device and mapped there, whichever side wins.
+            let dropped = length / 2
+            try Self.raceEverySeed(kernel, mm, device, offsetStep: 1_000, prepare: { base, seed in
+                try expectedPattern(kernel, base, length: length, seed: seed)
+            }, racers: { base, _ in
+                (("migrate", { _ = try? device.migrateToDevice(base, pages: Self.pages) }),
+                 ("madvise", { _ = try? mm.madvise(base, length: dropped, advice: .dontNeed) }))
+            }, check: { base, seed, expected in
                 for i in (Self.pages / 2)..<Self.pages {
                     let m = device.deviceMapping(at: base + UInt64(i * pageSize))
                     #expect(m?.devicePage == true, "seed \(seed), page \(i): migrated but \(m.map { "\($0)" } ?? "not mapped") in the device")
@@ -80,12 +113,7 @@ struct NotifierSequenceTests {
                 #expect(gpu == want, "seed \(seed): the device reads \(zip(gpu, want).filter { $0 != $1 }.count) bytes the CPU does not")
                 #expect(try mm.read(base, count: length) == want, "seed \(seed)")
                 noLeaks(kernel, mm, base, pages: Self.pages)
-                let audit = kernel.audit()
-                #expect(audit.isClean, "seed \(seed): \(audit)")
-                try mm.munmap(base, length: length)
-            }
-            #expect(staleSeeds == 0, "\(staleSeeds) of \(Self.seeds.count) schedules left a stale device mapping")
-            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+            })
         }
     }
 
@@ -93,17 +121,11 @@ struct NotifierSequenceTests {
     func mapExclusiveAgainstDontNeed() throws {
         try withMachine { kernel, mm, device in
             let length = Self.pages * pageSize
-            var staleSeeds = 0
-            for seed in Self.seeds {
-                let base = try mm.mmap(length: length)
-                try mm.fillPattern(base, length: length, seed: seed)
+            try Self.raceEverySeed(kernel, mm, device, offsetStep: 500, prepare: { _, _ in }, racers: { base, _ in
                 let end = base + UInt64(length)
-                let outcome = Self.race(seed: seed,
-                                        ("exclusive", { try? device.mapExclusive(base, end) }),
-                                        ("madvise", { _ = try? mm.madvise(base, length: length, advice: .dontNeed) }),
-                                        offset: (seed % 32) * 500)
-                #expect(outcome == .completed, "seed \(seed): \(outcome)")
-                if Self.deviceMappingsAreLive(kernel, mm, device, base, seed: seed) > 0 { staleSeeds += 1 }
+                return (("exclusive", { try? device.mapExclusive(base, end) }),
+                        ("madvise", { _ = try? mm.madvise(base, length: length, advice: .dontNeed) }))
+            }, check: { base, seed, _ in
                 // Every page is zero now (zapped, or faulted in anew after the
                 // zap). An atomic the device reports done is in the CPU's page.
                 for i in 0..<Self.pages {
@@ -114,12 +136,7 @@ struct NotifierSequenceTests {
                     #expect(seen == (done ? value : 0), "seed \(seed), page \(i): atomicAdd \(done ? "wrote" : "refused"), the CPU reads \(seen)")
                 }
                 noLeaks(kernel, mm, base, pages: Self.pages)
-                let audit = kernel.audit()
-                #expect(audit.isClean, "seed \(seed): \(audit)")
-                try mm.munmap(base, length: length)
-            }
-            #expect(staleSeeds == 0, "\(staleSeeds) of \(Self.seeds.count) schedules left a stale device mapping")
-            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+            })
         }
     }
 
@@ -127,10 +144,7 @@ struct NotifierSequenceTests {
     func deviceFaultAgainstMigrateToRAM() throws {
         try withMachine { kernel, mm, device in
             let length = Self.pages * pageSize
-            var staleSeeds = 0
-            for seed in Self.seeds {
-                let base = try mm.mmap(length: length)
-                try mm.fillPattern(base, length: length, seed: seed)
+            try Self.raceEverySeed(kernel, mm, device, offsetStep: 500, auditsAfterUnmap: true, prepare: { base, seed in
                 let expected = try mm.read(base, count: length)
                 #expect(try device.migrateToDevice(base, pages: Self.pages) == Self.pages, "seed \(seed)")
                 // mprotect drops the device's entries (MMU_NOTIFY_PROTECTION_VMA)
@@ -138,26 +152,20 @@ struct NotifierSequenceTests {
                 // next access faults, and so does the CPU's.
                 try mm.mprotect(base, length: length, protection: .read)
                 #expect(device.deviceMapping(at: base) == nil, "seed \(seed)")
-                let outcome = Self.race(seed: seed,
-                                        ("device read", {
-                                            var b = [UInt8](repeating: 0, count: length)
-                                            _ = try? b.withUnsafeMutableBytes { try device.read(base, into: $0) }
-                                        }),
-                                        ("CPU read", { _ = try? mm.read(base, count: length) }),
-                                        offset: (seed % 32) * 500)
-                #expect(outcome == .completed, "seed \(seed): \(outcome)")
-                if Self.deviceMappingsAreLive(kernel, mm, device, base, seed: seed) > 0 { staleSeeds += 1 }
+                return expected
+            }, racers: { base, _ in
+                (("device read", {
+                    var b = [UInt8](repeating: 0, count: length)
+                    _ = try? b.withUnsafeMutableBytes { try device.read(base, into: $0) }
+                 }),
+                 ("CPU read", { _ = try? mm.read(base, count: length) }))
+            }, check: { base, seed, expected in
                 // Whatever won, both sides read the pattern.
                 var gpu = [UInt8](repeating: 0xA5, count: length)
                 try gpu.withUnsafeMutableBytes { try device.read(base, into: $0) }
                 #expect(gpu == expected, "seed \(seed): the device reads \(zip(gpu, expected).filter { $0 != $1 }.count) bytes the CPU does not")
                 #expect(try mm.read(base, count: length) == expected, "seed \(seed)")
-                try mm.munmap(base, length: length)
-                let audit = kernel.audit()
-                #expect(audit.isClean, "seed \(seed): \(audit)")
-            }
-            #expect(staleSeeds == 0, "\(staleSeeds) of \(Self.seeds.count) schedules left a stale device mapping")
-            #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
+            })
         }
     }
 }

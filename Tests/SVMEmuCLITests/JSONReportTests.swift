@@ -78,6 +78,19 @@ struct JSONReportTests {
         #expect((object["overhead"] as? [[String: Any]])?.first?["phases"] != nil)
     }
 
+    @Test("bench migrate's table: the goal (issue 25) stands next to the ratio to the faster copy, not next to memcpy's",
+          arguments: [(MigrationGranularity.base4K, "goal >= 0.8"), (.huge2M, "goal >= 0.95")])
+    func benchMigrateGoalLine(granularity: MigrationGranularity, goal: String) {
+        let text = BenchMigrateCommand.render(BenchMigrateCommand.Result(
+            granularity: granularity, bytes: 64 << 20, migrateSeconds: 0.1, memcpySeconds: 0.02, streamCopySeconds: 0.015,
+            toDeviceSeconds: 0.05, toSystemSeconds: 0.05, rounds: 5))
+        let lines = text.split(separator: "\n").map(String.init)
+        let best = lines.first { $0.contains("ratio to the faster copy") } ?? ""
+        let memcpy = lines.first { $0.contains("ratio (migrate / memcpy)") } ?? ""
+        #expect(best.hasSuffix("(\(goal))"), "\(best)")
+        #expect(!memcpy.contains("goal") && memcpy.contains("Linux move_pages"), "\(memcpy)")
+    }
+
     @Test("bench memory, bench migrate, bench thp and devices: the envelope and their documented keys")
     func otherCommands() throws {
         let memory = try report(["bench", "memory", "--json", "--seed", "9"], BenchMemoryCommand.Result(
@@ -96,6 +109,7 @@ struct JSONReportTests {
             #expect(migrate[key] != nil, "\(key)")
         }
         #expect(migrate["ratio"] as? Double == 0.2)
+        #expect(migrate["goal"] == nil && migrate["goalRatioToBestCopy"] == nil, "the JSON fields stay as documented")
 
         let side = BenchTHPCommand.Side(sysToDevMs: 1, devToSysMs: 2, bytes: 1 << 20)
         let thp = try report(["bench", "thp", "--json"], BenchTHPCommand.Results(sizes: [

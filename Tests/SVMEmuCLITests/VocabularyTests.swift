@@ -98,6 +98,14 @@ struct VocabularyTests {
         #expect(try parse(["fidelity", "--seed", "9"], as: FidelityCommand.self).seedSet().description == "9")
         #expect(try parse(["fidelity", "--seeds", "3"], as: FidelityCommand.self).seedSet().description == "1-3")
         #expect(ArgumentValue.arguments(of: try parse(["explore", "--schedules", "4"], as: ExploreCommand.self))["seeds"] == .string("1-4"))
+        // A seed that --seeds replaced is recorded as null, in explore as in soak --seeds.
+        for arguments in [["explore", "--seeds", "3,7"], ["explore"], ["explore", "--seed", "5", "--schedules", "10"]] {
+            let recorded = ArgumentValue.arguments(of: try parse(arguments, as: ExploreCommand.self))
+            #expect(recorded["seed"] == .null && recorded["seeds"] != nil, "\(arguments)")
+        }
+        #expect(ArgumentValue.arguments(of: try parse(["soak", "--seeds", "3,7"], as: SoakCommand.self))["seed"] == .null)
+        #expect(ArgumentValue.arguments(of: try parse(["livelock", "--seed", "5"], as: LivelockCommand.self))["seed"] == .unsigned(5),
+                "livelock, which shares the storm options, records its seed")
 
         for (arguments, message) in [
             (["explore", "--seeds", "1-4", "--seed", "3"], "give --seeds only"),

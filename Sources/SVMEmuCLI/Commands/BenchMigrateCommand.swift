@@ -30,6 +30,7 @@ struct BenchMigrateCommand: ParsableCommand {
             migrateGBps, memcpyGBps, ratio, streamCopyGBps, ratioToBestCopy, migrateSeconds, \
             toDeviceSeconds, toSystemSeconds, memcpySeconds and rounds, where bytes is the buffer size, ratio \
             is migrate over memcpy and ratioToBestCopy is migrate over the faster of the two copies. \
+            The goals are on ratioToBestCopy: at least 0.8 at 4k and 0.95 at 2m. \
             Linux's move_pages at 4 KiB runs at about a quarter of memcpy.
 
             \(ExitStatus.helpParagraph)
@@ -107,7 +108,7 @@ struct BenchMigrateCommand: ParsableCommand {
         t.add(["memcpy, same bytes", f(r.memcpySeconds * 1e3, 1), f(r.memcpyGBps), ""])
         t.add(["streaming copy, same bytes", f(r.streamCopySeconds * 1e3, 1), f(r.streamCopyGBps), "(the copy engine's stores)"])
         return "svmemu bench migrate (granularity \(r.granularity.rawValue), \(f(Double(r.bytes) / Double(1 << 20), 0)) MiB, best of \(r.rounds))\n"
-            + t.text + Table.columns([["ratio (migrate / memcpy)", f(r.ratio, 3), "(\(r.goal))"],
-                                      ["ratio to the faster copy", f(r.ratioToBestCopy, 3), ""]]).split(separator: "\n").map { "  \($0)\n" }.joined()
+            + t.text + Table.columns([["ratio (migrate / memcpy)", f(r.ratio, 3), "(\(r.linuxComparison))"],
+                                      ["ratio to the faster copy", f(r.ratioToBestCopy, 3), "(\(r.goal))"]]).split(separator: "\n").map { "  \($0)\n" }.joined()
     }
 }

@@ -43,7 +43,7 @@ struct ExploreResult: Encodable {
 
 /// Runs a storm under many deterministic schedules and stops at the first
 /// livelock, deadlock, lost write, leak or invariant violation.
-struct ExploreCommand: ParsableCommand {
+struct ExploreCommand: ParsableCommand, UnusedArguments {
     static let configuration = CommandConfiguration(
         commandName: "explore",
         abstract: "Run a storm under many deterministic schedules; stop at the first problem and print its seed.",
@@ -98,6 +98,11 @@ struct ExploreCommand: ParsableCommand {
         @Option(name: .customLong("schedules"), parsing: .unconditional, help: .private) var schedules: Int?
     }
     @OptionGroup var old: OldSpellings
+
+    /// `seed` (of the shared storm options): every schedule takes its seed,
+    /// the pattern's too, from `--seeds` (where an old `--seed S` went), so
+    /// the report records it as null, as `soak --seeds` does.
+    var unusedArguments: [String] { ["seed"] }
 
     /// The seeds explore tries without `--seeds`.
     static let defaultSeeds = "1-1000"

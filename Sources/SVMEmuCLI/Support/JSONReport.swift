@@ -48,21 +48,35 @@ typealias ArgumentValue = ReportValue
 
 extension ReportValue {
     /// Every `@Option` and `@Flag` of `command`, and of its `@OptionGroup`s,
-    /// by property name.
+    /// by property name; an argument the command's `unusedArguments` names
+    /// (replaced by another one) as null, as an option that was not given.
     static func arguments(of command: Any) -> [String: ReportValue] {
+        var out = reflected(command)
+        for name in (command as? any UnusedArguments)?.unusedArguments ?? [] where out[name] != nil { out[name] = .null }
+        return out
+    }
+
+    private static func reflected(_ command: Any) -> [String: ReportValue] {
         var out: [String: ReportValue] = [:]
         for child in Mirror(reflecting: command).children {
             guard var name = child.label else { continue }
             if name.hasPrefix("_") { name.removeFirst() }
             if let group = child.value as? any ReflectedArgumentGroup {
                 if group.reflectedGroup is any DeprecatedSpellings { continue }  // old spellings: merged into the new
-                out.merge(arguments(of: group.reflectedGroup)) { first, _ in first }
+                out.merge(reflected(group.reflectedGroup)) { first, _ in first }
             } else if let argument = child.value as? any ReflectedArgument {
                 out[name] = ReportValue(argument.reflectedValue)
             }
         }
         return out
     }
+}
+
+/// A command whose parsed arguments include some that its run does not use
+/// (a shared option another one replaces): the report records them as null.
+protocol UnusedArguments {
+    /// The property names of the arguments the run does not use.
+    var unusedArguments: [String] { get }
 }
 
 /// A property wrapper holding one parsed argument.

@@ -76,8 +76,16 @@ public struct MigrateBenchResult: Encodable, Sendable {
     /// Over the faster of memcpy and the streaming copy: the share of the
     /// achievable copy bandwidth the migration reaches (at most 1 in principle).
     public var ratioToBestCopy: Double { migrateGBps / max(memcpyGBps, streamCopyGBps) }
-    /// What the goal line says for this granularity.
-    public var goal: String { granularity == .huge2M ? "goal >= 0.8" : "goal >= 0.5; Linux move_pages at 4 KiB: ~0.25" }
+    /// The goal on ``ratioToBestCopy`` for this granularity (issue 25):
+    /// 0.95 at 2 MiB, 0.8 at 4 KiB.
+    public var goalRatioToBestCopy: Double { granularity == .huge2M ? 0.95 : 0.8 }
+    /// What the table says next to ``ratioToBestCopy``: its goal.
+    public var goal: String { "goal >= \(goalRatioToBestCopy)" }
+    /// What the table says next to ``ratio``: where Linux's move_pages
+    /// stands against memcpy at this granularity (ANCHORS.md).
+    public var linuxComparison: String {
+        granularity == .huge2M ? "Linux move_pages at 2 MiB: ~0.75" : "Linux move_pages at 4 KiB: ~0.25"
+    }
 
     /// The measured times (not the streaming copy's) and the figures derived from them.
     public func encode(to encoder: any Encoder) throws {
