@@ -343,7 +343,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// folio's lock (it is not recursive: that would wait forever).
     ///
     /// Uncontended, one atomic. Otherwise the caller queues at the tail of
-    /// the folio's wait queue (``FolioWaitTable``) and sleeps; an unlock
+    /// the folio's wait queue (`FolioWaitTable`) and sleeps; an unlock
     /// wakes one such waiter, which takes the lock unless a newcomer stole it
     /// first, and after `sysctl_page_lock_unfairness` (5) lost wake-ups gets
     /// the lock handed over by the unlocker.
