@@ -403,10 +403,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
             deadlocked(me)
             endRun(from: me)
         }
-        next._withUnsafeGuaranteedRef { next in
-            record(next, event)
-            switchTo(next, from: me)
-        }
+        next._withUnsafeGuaranteedRef { record($0, event); switchTo($0, from: me) }
     }
 
     /// Passes control from the running thread `me` to `next` (nothing when
@@ -465,8 +462,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
                 }
             }
         }
-        // Unretained: `threads` holds every thread for the run.
-        var best: Unmanaged<EmulatedThread>? = bestIndex >= 0 ? threads.withUnsafeBufferPointer { .passUnretained($0[bestIndex]) } : nil
+        var best: Unmanaged<EmulatedThread>? = bestIndex >= 0 ? threads.withUnsafeBufferPointer { .passUnretained($0[bestIndex]) } : nil  // `threads` holds it
         if let me {
             switch me.state {
             case .runnable:
