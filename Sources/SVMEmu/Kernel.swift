@@ -138,6 +138,8 @@ public final class Kernel: @unchecked Sendable {
     /// The deferred TLB flush of system-memory migration (migrc / LUF):
     /// old frames held until a batched flush (Migrate/System).
     public let deferredTLB = DeferredTLBFlush()
+    /// The folio lock's hashed wait queues (`folio_wait_table`).
+    let folioWaitTable = FolioWaitTable()
     /// The shared zero page (mapped read-only on read faults of anonymous memory).
     public private(set) var zeroPage: Folio! = nil
     /// The huge zero page (a 2 MiB zero folio mapped by a PMD on read faults).

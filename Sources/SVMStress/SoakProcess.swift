@@ -139,6 +139,7 @@ extension SoakState {
         let move = { (from: UInt64, to: UInt64) throws(Errno) in
             _ = try self.mm.mremap(from, oldLength: len, newLength: len, flags: [.mayMove, .fixed], newAddress: to)
         }
+        for (p, q) in zip(range, other) { partner[p] = q; partner[q] = p }
         begin(range, SoakState.swapping)
         begin(other, SoakState.swapping)
         for p in range { swaps[p] &+= 1 }

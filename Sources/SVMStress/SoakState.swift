@@ -36,6 +36,10 @@ final class SoakState: @unchecked Sendable {
     /// Moves at the start and the end of each swap of the page with
     /// another: a GPU access that overlapped one may have reached either.
     let swaps: UnsafeMutablePointer<UInt32>
+    /// While a swap is under way, the page each page trades places with: a
+    /// read then sees its own word or, once mremap moved the partner in,
+    /// the partner's.
+    let partner: UnsafeMutablePointer<Int>
     let readOnly: UnsafeMutablePointer<Bool>
     /// The forked child, its shadow and its read-only pages.
     var child: AddressSpace? = nil
@@ -89,6 +93,8 @@ final class SoakState: @unchecked Sendable {
         gen.initialize(repeating: 0, count: pages)
         swaps = .allocate(capacity: pages)
         swaps.initialize(repeating: 0, count: pages)
+        partner = .allocate(capacity: pages)
+        partner.initialize(repeating: 0, count: pages)
         readOnly = .allocate(capacity: pages)
         readOnly.initialize(repeating: false, count: pages)
         childReadOnly = .allocate(capacity: pages)
@@ -99,7 +105,7 @@ final class SoakState: @unchecked Sendable {
         child = nil
         for p in [UnsafeMutableRawPointer(shadow), UnsafeMutableRawPointer(unknown), UnsafeMutableRawPointer(childShadow),
                   UnsafeMutableRawPointer(childUnknown), UnsafeMutableRawPointer(busy), UnsafeMutableRawPointer(gen),
-                  UnsafeMutableRawPointer(swaps),
+                  UnsafeMutableRawPointer(swaps), UnsafeMutableRawPointer(partner),
                   UnsafeMutableRawPointer(readOnly), UnsafeMutableRawPointer(childReadOnly)] {
             p.deallocate()
         }
@@ -113,6 +119,14 @@ final class SoakState: @unchecked Sendable {
     }
     @inline(__always) func address(ofWord w: Int) -> UInt64 {
         address(ofPage: w / SoakState.wordsPerPage) + UInt64(w % SoakState.wordsPerPage) * 8
+    }
+
+    /// A word read while its page was being swapped: its own value or its
+    /// partner's (unknown when a GPU store to the partner overlapped).
+    func swappedIn(_ v: UInt64, word w: Int) -> Bool {
+        let p = w / SoakState.wordsPerPage
+        let q = partner[p] * SoakState.wordsPerPage + w % SoakState.wordsPerPage
+        return v == shadow[w] || v == shadow[q] || unknown[q]
     }
 
     func note(_ s: @autoclosure () -> String) {

@@ -92,6 +92,7 @@ extension SoakState {
         let p = w / SoakState.wordsPerPage
         let g0 = gen[p]
         let (shadow, unknown, busy, gen, readOnly) = (self.shadow, self.unknown, self.busy, self.gen, self.readOnly)
+        let swapped = { (v: UInt64, w: Int) in self.swappedIn(v, word: w) }
         do {
             let outcome: Int? = try mm.withPageBytes(at: address(ofWord: w), write: write, faultLimit: SoakState.faultLimit) { b in
                 let kind = busy[p]
@@ -104,7 +105,7 @@ extension SoakState {
                 }
                 let v = b.load(as: UInt64.self)
                 if unknown[w] || v == shadow[w] { return 0 }
-                if kind == SoakState.zeroing && v == 0 || kind == SoakState.swapping { return -2 }
+                if kind == SoakState.zeroing && v == 0 || kind == SoakState.swapping && swapped(v, w) { return -2 }
                 return Soak.differingBytes(v, shadow[w])
             }
             if write { writes += 1 } else { reads += 1 }
@@ -180,7 +181,13 @@ extension SoakState {
                 try withUnsafeMutableBytes(of: &v) { (b) throws(Errno) in try driver.read(a, into: b) }
                 gpuReads += 1
                 guard !unknown[w], v != shadow[w] else { return }
-                if gen[p] != g0 || busy[p] != 0, v == 0 || v == shadow[w] || swaps[p] != s0 { raced += 1; return }
+                // A read that overlapped a change of its page: zero (a zap), the
+                // old value, whatever a swap's two ends held (swaps moved), or,
+                // inside one swap, the partner's word (the GPU faulted the
+                // range in after mremap moved the partner there).
+                if gen[p] != g0 || busy[p] != 0,
+                   v == 0 || v == shadow[w] || swaps[p] != s0
+                    || busy[p] == SoakState.swapping && swappedIn(v, word: w) { raced += 1; return }
                 corrupted += Soak.differingBytes(v, shadow[w])
                 note("operation \(operations): GPU read of 0x\(String(a, radix: 16)) gave 0x\(String(v, radix: 16)), shadow 0x\(String(shadow[w], radix: 16))")
             }

@@ -342,52 +342,59 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// it sleeps) and no page-table lock, and must not already hold this
     /// folio's lock (it is not recursive: that would wait forever).
     ///
+    /// Uncontended, one atomic. Otherwise the caller queues at the tail of
+    /// the folio's wait queue (`FolioWaitTable`) and sleeps; an unlock
+    /// wakes one such waiter, which takes the lock unless a newcomer stole it
+    /// first, and after `sysctl_page_lock_unfairness` (5) lost wake-ups gets
+    /// the lock handed over by the unlocker.
+    ///
     /// - Parameters:
     ///   - file: the call site, for lock-order reports (``LockOrder``).
     ///   - line: the call site's line.
     ///
-    /// The corresponding kernel function is `folio_lock()`.
+    /// The corresponding kernel functions are `folio_lock()` and `__folio_lock()`.
     public func lock(file: StaticString = #fileID, line: UInt = #line) {
         let lockdep = _slowPath(svm_lockdep_enabled())
         if lockdep { LockOrder.acquiring(.folio, site: LockSite(file, line)) }
         defer { if lockdep { LockOrder.acquired(meta.flagsWord, .folio, site: LockSite(file, line)) } }
         if tryLockBit() { return }
-        kernel.vmstat.count(.folioLockWaits)
-        let w = meta.flagsWord
-        while true {
-            let old = meta.atomicFlags.load(ordering: .acquiring)
-            if old & PageFlags.locked.rawValue == 0 {
-                if tryLockBit() { return }
-                continue
-            }
-            let sleeping = old | PageFlags.waiters.rawValue
-            if old & PageFlags.waiters.rawValue == 0 && !markWaiters(old, sleeping) { continue }
-            _ = svm_futex_wait(w, sleeping, 0)
+        lockSlowPath()
+    }
+
+    /// `__folio_lock()`: `folio_wait_bit_common(PG_locked, EXCLUSIVE)`;
+    /// returns holding the lock.
+    @inline(never) func lockSlowPath() {
+        kernelRef._withUnsafeGuaranteedRef { k in
+            k.vmstat.count(.folioLockWaits)
+            _ = k.folioWaitTable.wait(word: meta.flagsWord, pfn: pfn, exclusive: true)
         }
+        svm_tsan_acquire(meta.flagsWord)
+        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED))
     }
 
-    /// Sets the waiters bit (`old` to `sleeping`) before a sleep on the flags
-    /// word; false when the word changed meanwhile (look again).
-    func markWaiters(_ old: UInt32, _ sleeping: UInt32) -> Bool {
-        meta.atomicFlags.compareExchange(expected: old, desired: sleeping, successOrdering: .acquiringAndReleasing,
-                                         failureOrdering: .acquiring).exchanged
-    }
-
-    /// Releases the lock and wakes its sleepers. Any thread may unlock (the
-    /// kernel's page lock is released by whoever finishes the work).
+    /// Releases the lock; when `PG_waiters` is set, wakes the folio's
+    /// waiters as the kernel does: every `folio_wait_locked()` sleeper up to
+    /// the first `folio_lock()` sleeper, which is woken too (and, after its
+    /// lost wake-ups, handed the lock). Any thread may unlock (the kernel's
+    /// page lock is released by whoever finishes the work).
     ///
     /// Unlocking a folio that is not locked is reported as a diagnostic.
     ///
-    /// The corresponding kernel function is `folio_unlock()`.
+    /// The corresponding kernel functions are `folio_unlock()` and `folio_wake_bit()`.
     @inlinable public func unlock() {
         if _slowPath(svm_lockdep_enabled()) { LockOrder.releasedFolio(meta.flagsWord) }
         svm_tsan_release(meta.flagsWord)
-        let old = meta.atomicFlags.bitwiseAnd(~(PageFlags.locked.rawValue | PageFlags.waiters.rawValue), ordering: .acquiringAndReleasing).oldValue
+        let old = meta.atomicFlags.bitwiseAnd(~PageFlags.locked.rawValue, ordering: .acquiringAndReleasing).oldValue
         if old & PageFlags.locked.rawValue == 0 {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
         }
-        if old & PageFlags.waiters.rawValue != 0 { _ = svm_futex_wake(meta.flagsWord, Int32.max) }
-        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED))
+        // With waiters, the wake-up reports the release to the scheduler.
+        if old & PageFlags.waiters.rawValue != 0 { wakeLocked() } else { svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED)) }
+    }
+
+    /// `folio_wake_bit(folio, PG_locked)`.
+    @usableFromInline @inline(never) func wakeLocked() {
+        kernelRef._withUnsafeGuaranteedRef { $0.folioWaitTable.wake(word: meta.flagsWord, pfn: pfn) }
     }
 
     /// Whether some thread holds the folio lock: a snapshot.
@@ -395,29 +402,27 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// The corresponding kernel function is `folio_test_locked()`.
     @inlinable public var isLocked: Bool { meta.test(PageFlags.locked.rawValue) }
 
-    /// Sleeps until the folio is unlocked, without taking the lock, at most
-    /// `timeoutNanos` (0: no limit).
+    /// Sleeps until an unlock wakes the caller, without taking the lock, at
+    /// most `timeoutNanos` (0: no limit); returns at once when the folio is
+    /// not locked.
     ///
-    /// Takes no reference, so a waiter cannot make a migration's reference
-    /// check fail; the caller holds no page-table lock.
+    /// The caller queues on the folio's wait queue; an unlock wakes every such
+    /// waiter ahead of the first `folio_lock()` waiter. Takes no reference,
+    /// so a waiter cannot make a migration's reference check fail; the
+    /// caller holds no page-table lock.
     ///
     /// - Parameters:
     ///   - timeoutNanos: the longest sleep, in nanoseconds; 0 for no limit.
-    /// - Returns: whether the folio was seen unlocked.
+    /// - Returns: whether the folio was seen unlocked or an unlock woke the
+    ///   caller (false: the time ran out).
     ///
-    /// The corresponding kernel function is `folio_wait_locked()`.
+    /// The corresponding kernel functions are `folio_wait_locked()` and
+    /// `folio_wait_bit_common(PG_locked, SHARED)`.
     @discardableResult
     public func waitUnlocked(timeoutNanos: UInt64 = 0) -> Bool {
-        let w = meta.flagsWord
-        let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
-        while true {
-            let old = meta.atomicFlags.load(ordering: .acquiring)
-            if old & PageFlags.locked.rawValue == 0 { return true }
-            let now = HostClock.nanos()
-            if now >= deadline { return false }
-            let sleeping = old | PageFlags.waiters.rawValue
-            if old & PageFlags.waiters.rawValue == 0 && !markWaiters(old, sleeping) { continue }
-            _ = svm_futex_wait(w, sleeping, deadline == .max ? 0 : deadline - now)
+        if !isLocked { return true }
+        return kernelRef._withUnsafeGuaranteedRef { k in
+            k.folioWaitTable.wait(word: meta.flagsWord, pfn: pfn, exclusive: false, timeoutNanos: timeoutNanos)
         }
     }
 

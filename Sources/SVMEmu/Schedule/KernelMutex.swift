@@ -49,6 +49,21 @@ public final class KernelMutex: @unchecked Sendable {
     /// does not say whether the owner runs).
     public static let realThreadSpinRounds = 200
 
+    /// One round of an optimistic spin (the mutex's and the rwsem's): a
+    /// scheduling point under the scheduler; false when the spinner should
+    /// stop (a reschedule is due, or on real threads the bound is reached).
+    static func spinRound(_ rounds: inout Int, _ det: Bool) -> Bool {
+        if det {
+            if DeterministicScheduler.needResched() { return false }
+            DeterministicScheduler.spinRound()
+        } else {
+            rounds += 1
+            if rounds > realThreadSpinRounds { return false }
+            svm_cpu_relax()
+        }
+        return true
+    }
+
     /// A free mutex named `name`; every mutex of one name is one
     /// ``LockOrder`` class.
     ///
@@ -254,14 +269,7 @@ public final class KernelMutex: @unchecked Sendable {
                 // nothing asks this CPU to reschedule.
                 var rounds = 0
                 while true {
-                    if det {
-                        if DeterministicScheduler.needResched() { return false }
-                        DeterministicScheduler.spinRound()
-                    } else {
-                        rounds += 1
-                        if rounds > KernelMutex.realThreadSpinRounds { return false }
-                        svm_cpu_relax()
-                    }
+                    if !Self.spinRound(&rounds, det) { return false }
                     free = 0
                     if UnsafeAtomic(osq).compareExchange(&free, UInt64(me), successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { break }
                 }
@@ -275,14 +283,7 @@ public final class KernelMutex: @unchecked Sendable {
             // mutex_spin_on_owner(): while this owner keeps the lock.
             while UInt(UnsafeAtomic(words).load(ordering: .acquiring) & ~KernelMutex.flags) == owner {
                 if !ownerOnCPU(owner, det) { return false }
-                if det {
-                    if DeterministicScheduler.needResched() { return false }
-                    DeterministicScheduler.spinRound()
-                } else {
-                    rounds += 1
-                    if rounds > KernelMutex.realThreadSpinRounds { return false }
-                    svm_cpu_relax()
-                }
+                if !Self.spinRound(&rounds, det) { return false }
             }
             // A waiter stops when it is no longer first in line.
             if let waiter, !isFirst(waiter) { return false }

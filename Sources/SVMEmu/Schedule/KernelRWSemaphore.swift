@@ -2,25 +2,67 @@ import Synchronization
 import CSVMSupport
 
 /// A reader-writer semaphore for drivers (`struct rw_semaphore`): readers
-/// share it, a writer has it alone. A real futex lock on real threads, a
-/// scheduling point under a ``DeterministicScheduler``. Writers do not starve
-/// readers out (no writer preference), which is simpler than the kernel's;
-/// the mmap lock is one that prefers writers.
+/// share it, a writer has it alone. It follows the kernel's algorithm
+/// (kernel/locking/rwsem.c), on real threads and under a
+/// ``DeterministicScheduler`` alike:
+///
+/// - The count word holds the readers (each adds a bias), a writer bit, a
+///   waiters bit (the wait list is not empty: readers' fast path fails, so
+///   a reader arriving behind a waiting writer queues) and a handoff bit.
+/// - `down_read()` adds its bias; unless a writer holds it, waiters or a
+///   handoff are marked, it holds the lock. Otherwise it may still take it
+///   when no writer holds it and no handoff is set (then wakes the readers
+///   at the head when it is the only reader), else it queues at the tail of
+///   the FIFO wait list and sleeps until a waker grants it the lock.
+/// - `down_write()` takes a free lock; otherwise it spins while the owner
+///   (a writer) runs on a CPU, or while readers own it up to a threshold
+///   (20 µs plus half a µs a reader), one spinner at a time; then it queues
+///   and sleeps. The first waiter takes the lock when it is free; a writer
+///   that waited longer than `RWSEM_WAIT_TIMEOUT` (4 ms) sets the handoff
+///   bit, which keeps every newcomer (reader or spinner) out until it has
+///   the lock.
+/// - An unlock that leaves the lock free with waiters wakes the head of the
+///   list: a writer at the head is woken to try; readers at the head get
+///   the lock granted, together with every reader queued behind a writer
+///   too (up to 256 a wake-up: `rwsem_mark_wake()`).
+///
+/// On real threads "the owner runs on a CPU" cannot be known; a writer
+/// spins at most ``KernelMutex/realThreadSpinRounds`` rounds. Under the
+/// deterministic scheduler it asks the scheduler.
+///
+/// Take it in the scoped forms, ``withReadLock(file:line:_:)`` and
+/// ``withWriteLock(file:line:_:)``. A reader must not take it twice (a
+/// writer queued between would wait for the first hold and the second
+/// would wait for the writer).
 public final class KernelRWSemaphore: @unchecked Sendable {
-    // The word: bit 31 a writer, bit 30 sleepers, bit 29 a writer waits
-    // (only when writers are preferred), bits 0-28 the readers.
-    @usableFromInline let word: UnsafeMutablePointer<UInt32>
-    @usableFromInline static let writer: UInt32 = 1 << 31
-    @usableFromInline static let sleepers: UInt32 = 1 << 30
-    @usableFromInline static let writerWaiting: UInt32 = 1 << 29
-    @usableFromInline static let readers: UInt32 = (1 << 29) - 1
+    /// Word 0: the count (`sem->count`). Word 1: the owner (`sem->owner`: a
+    /// task token | reader-owned | non-spinnable). Word 2: `wait_lock` (32
+    /// bits). Words 3-4: the wait list's first and last waiter (under
+    /// `wait_lock`). Word 5: the OSQ (the one optimistic spinner's token).
+    @usableFromInline let words: UnsafeMutablePointer<UInt64>
     /// The semaphore's name in deadlock reports, and its lock-order class.
     public let name: String
     /// The ``LockOrder`` class of `name`.
     let lockClass: LockClass
-    /// A waiting writer keeps new readers out (the mmap lock: a fault storm
-    /// must not starve `munmap`); a reader must then not take it twice.
-    let prefersWriters: Bool
+
+    static let writerLocked: UInt64 = 1 << 0
+    static let waitersFlag: UInt64 = 1 << 1
+    static let handoffFlag: UInt64 = 1 << 2
+    static let readerBias: UInt64 = 1 << 8
+    static let readerMask: UInt64 = ~(readerBias - 1)
+    static let lockMask: UInt64 = writerLocked | readerMask
+    static let readFailedMask: UInt64 = writerLocked | waitersFlag | handoffFlag
+    static let readerOwned: UInt64 = 1 << 0
+    static let nonSpinnable: UInt64 = 1 << 1
+    static let ownerFlags: UInt64 = readerOwned | nonSpinnable
+    /// `RWSEM_WAIT_TIMEOUT`: 4 ms (a jiffy at HZ=250).
+    static let waitTimeoutNanos: UInt64 = 4_000_000
+    /// `MAX_READERS_WAKEUP`.
+    static let maxReadersWakeup = 256
+
+    // The waiter record's words (`struct rwsem_waiter`), on the waiter's stack.
+    static let next = 0, previous = 1, task = 2, type = 3, timeout = 4, handoffSet = 5, woken = 6, size = 7
+    static let waitingForRead: UInt64 = 0, waitingForWrite: UInt64 = 1
 
     /// A free semaphore named `name`; every semaphore of one name is one
     /// ``LockOrder`` class.
@@ -30,17 +72,24 @@ public final class KernelRWSemaphore: @unchecked Sendable {
         self.init(name, prefersWriters: false, lockClass: LockOrder.lockClass(named: name))
     }
 
-    /// A free semaphore of class `lockClass`; with `prefersWriters`,
-    /// readers arriving while a writer waits wait behind it.
+    /// A free semaphore of class `lockClass`. `prefersWriters` (the mmap
+    /// lock) is what the kernel's algorithm does for every rwsem: a reader
+    /// arriving while a writer waits queues behind it.
     init(_ name: String, prefersWriters: Bool, lockClass: LockClass) {
         self.name = name
-        self.prefersWriters = prefersWriters
         self.lockClass = lockClass
-        word = .allocate(capacity: 1)
-        word.initialize(to: 0)
+        words = .allocate(capacity: 6)
+        words.initialize(repeating: 0, count: 6)
     }
 
-    deinit { word.deallocate() }
+    deinit { words.deallocate() }
+
+    /// The count word, which names the lock in deadlock and lock-order reports.
+    @usableFromInline var word: UnsafeMutableRawPointer { UnsafeMutableRawPointer(words) }
+    var count: UnsafeAtomic<UInt64> { UnsafeAtomic(words) }
+    var owner: UnsafeAtomic<UInt64> { UnsafeAtomic(words + 1) }
+    var waitLock: UnsafeMutablePointer<UInt32> { UnsafeMutableRawPointer(words + 2).assumingMemoryBound(to: UInt32.self) }
+    var osq: UnsafeAtomic<UInt64> { UnsafeAtomic(words + 5) }
 
     /// Runs `body` holding the semaphore shared.
     ///
@@ -76,7 +125,8 @@ public final class KernelRWSemaphore: @unchecked Sendable {
         return try body()
     }
 
-    /// Takes the semaphore shared, sleeping while a writer holds it.
+    /// Takes the semaphore shared, sleeping while a writer holds it or
+    /// others wait for it.
     ///
     /// - Parameters:
     ///   - file: the call site, for lock-order reports (``LockOrder``).
@@ -84,8 +134,11 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `down_read()`.
     public func downRead(file: StaticString = #fileID, line: UInt = #line) {
-        let blockers = prefersWriters ? Self.writer | Self.writerWaiting : Self.writer
-        acquire(file, line, waiting: 0) { $0 & blockers == 0 ? $0 + 1 : nil }
+        before(file, line)
+        let me = KernelMutex.currentTask()
+        let c = count.wrappingAdd(Self.readerBias, ordering: .acquiringAndReleasing).newValue
+        if c & Self.readFailedMask != 0 { readSlowPath(me, c) } else { setReaderOwned(me) }
+        acquired(file, line, trylock: nil)
     }
 
     /// Takes the semaphore alone, sleeping while anyone holds it.
@@ -96,76 +149,352 @@ public final class KernelRWSemaphore: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `down_write()`.
     public func downWrite(file: StaticString = #fileID, line: UInt = #line) {
-        acquire(file, line, waiting: prefersWriters ? Self.writerWaiting : 0) {
-            $0 & (Self.writer | Self.readers) == 0 ? ($0 | Self.writer) & ~Self.writerWaiting : nil
+        before(file, line)
+        let me = KernelMutex.currentTask()
+        var expected: UInt64 = 0
+        if count.compareExchange(&expected, Self.writerLocked, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
+            owner.store(UInt64(me), ordering: .releasing)
+        } else {
+            writeSlowPath(me)
         }
+        acquired(file, line, trylock: nil)
     }
 
-    /// Takes the semaphore shared if no writer holds it; never sleeps.
+    /// Takes the semaphore shared if no writer holds it and nobody waits;
+    /// never sleeps.
     ///
     /// - Returns: whether the caller now holds it.
     ///
     /// The corresponding kernel function is `down_read_trylock()`.
     public func tryDownRead() -> Bool {
-        svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
-        let blockers = prefersWriters ? Self.writer | Self.writerWaiting : Self.writer
-        var v = UnsafeAtomic(word).load(ordering: .acquiring)
-        while v & blockers == 0 {
-            if UnsafeAtomic(word).compareExchange(&v, v + 1, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { acquired(nil, 0); return true }
+        if _slowPath(svm_det_active()) {
+            DeterministicScheduler.nameLock(word, name)
+            DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_BEFORE_ACQUIRE))
+        }
+        var c = count.load(ordering: .acquiring)
+        while c & Self.readFailedMask == 0 {
+            if count.compareExchange(&c, c &+ Self.readerBias, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
+                setReaderOwned(KernelMutex.currentTask())
+                acquired(#fileID, #line, trylock: "down_read_trylock")
+                return true
+            }
         }
         return false
     }
 
-    /// Releases a shared hold.
+    /// Releases a shared hold; the last reader out wakes the waiters.
     ///
     /// The corresponding kernel function is `up_read()`.
-    public func upRead() { release { $0 - 1 } }
+    public func upRead() {
+        releasing()
+        let c = count.wrappingAdd(0 &- Self.readerBias, ordering: .acquiringAndReleasing).newValue
+        if c & (Self.lockMask | Self.waitersFlag) == Self.waitersFlag {
+            clearNonSpinnable()
+            wake()
+        }
+        released()
+    }
+
+    /// Releases the writer's hold and wakes the waiters.
+    ///
+    /// The corresponding kernel function is `up_write()`.
+    public func upWrite() {
+        releasing()
+        owner.store(0, ordering: .releasing)
+        let old = count.wrappingAdd(0 &- Self.writerLocked, ordering: .acquiringAndReleasing).oldValue
+        if old & Self.writerLocked == 0 {
+            contractViolation("up_write: \(name) is released by a writer that does not hold it")
+        }
+        if old & Self.waitersFlag != 0 { wake() }
+        released()
+    }
 
     /// Whether anyone holds the semaphore, in either mode: a snapshot.
     ///
     /// The corresponding kernel function is `rwsem_is_locked()`.
-    public var isLocked: Bool { UnsafeAtomic(word).load(ordering: .acquiring) & (Self.writer | Self.readers) != 0 }
+    public var isLocked: Bool { count.load(ordering: .acquiring) & Self.lockMask != 0 }
 
-    /// Releases the writer's hold.
-    ///
-    /// The corresponding kernel function is `up_write()`.
-    public func upWrite() { release { $0 & ~Self.writer } }
+    // MARK: the scheduler, lock order and ThreadSanitizer
 
-    /// Sleeps until `next` gives the word's next value (the `sleepers` bit
-    /// aside); `waiting` marks the word while the caller sleeps.
-    private func acquire(_ file: StaticString, _ line: UInt, waiting: UInt32, _ next: (UInt32) -> UInt32?) {
-        if _slowPath(svm_det_active()) { DeterministicScheduler.nameLock(word, name) }
-        if svm_lockdep_enabled() { LockOrder.acquiring(lockClass, site: LockSite(file, line)) }
-        svm_det_lock_event(word, Int32(SVM_DET_BEFORE_ACQUIRE))
-        var v = UnsafeAtomic(word).load(ordering: .acquiring)
-        while true {
-            if let n = next(v & ~Self.sleepers) {
-                if UnsafeAtomic(word).compareExchange(&v, n | (v & Self.sleepers), successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { break }
-                continue
-            }
-            let marks = Self.sleepers | waiting
-            if v & marks != marks && !UnsafeAtomic(word).compareExchange(&v, v | marks, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { continue }
-            _ = svm_futex_wait(word, v | marks, 0)
-            v = UnsafeAtomic(word).load(ordering: .acquiring)
+    private func before(_ file: StaticString, _ line: UInt) {
+        if _slowPath(svm_det_active()) {
+            DeterministicScheduler.nameLock(word, name)
+            DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         }
-        acquired(file, line)
+        if _slowPath(svm_lockdep_enabled()) { LockOrder.acquiring(lockClass, site: LockSite(file, line)) }
     }
 
-    /// After taking it: `file` is nil for a trylock.
-    private func acquired(_ file: StaticString?, _ line: UInt) {
+    /// After taking it: `trylock` names the trylock function, if one.
+    private func acquired(_ file: StaticString, _ line: UInt, trylock: StaticString?) {
         svm_tsan_acquire(word)
-        svm_det_lock_event(word, Int32(SVM_DET_ACQUIRED))
-        if svm_lockdep_enabled() {
-            LockOrder.acquired(word, lockClass, site: file.map { LockSite($0, line) } ?? LockSite(#fileID, #line, trylock: "down_read_trylock"))
+        if _slowPath(svm_lockdep_enabled()) {
+            LockOrder.acquired(word, lockClass, site: trylock.map { LockSite(file, line, trylock: $0) } ?? LockSite(file, line))
+        }
+        if _slowPath(svm_det_active()) { DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_ACQUIRED)) }
+    }
+
+    private func releasing() {
+        if _slowPath(svm_lockdep_enabled()) { LockOrder.released(word) }
+        svm_tsan_release(word)
+    }
+
+    private func released() {
+        if _slowPath(svm_det_active()) { DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_RELEASED)) }
+    }
+}
+
+// MARK: the slow paths (kernel/locking/rwsem.c)
+
+extension KernelRWSemaphore {
+    /// `rwsem_set_reader_owned()`: keeps the non-spinnable bit.
+    func setReaderOwned(_ me: UInt) {
+        let old = owner.load(ordering: .relaxed)
+        owner.store(UInt64(me) | Self.readerOwned | (old & Self.nonSpinnable), ordering: .releasing)
+    }
+
+    /// `clear_nonspinnable()`.
+    func clearNonSpinnable() {
+        if owner.load(ordering: .relaxed) & Self.nonSpinnable != 0 {
+            _ = owner.bitwiseAnd(~Self.nonSpinnable, ordering: .acquiringAndReleasing)
         }
     }
 
-    private func release(_ next: (UInt32) -> UInt32) {
-        if svm_lockdep_enabled() { LockOrder.released(word) }
-        svm_tsan_release(word)
-        var v = UnsafeAtomic(word).load(ordering: .acquiring)
-        while !UnsafeAtomic(word).compareExchange(&v, next(v) & ~Self.sleepers, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {}
-        if v & Self.sleepers != 0 { _ = svm_futex_wake(word, Int32.max) }
-        svm_det_lock_event(word, Int32(SVM_DET_RELEASED))
+    /// `rwsem_set_nonspinnable()`: only while readers own it.
+    func setNonSpinnable() {
+        var o = owner.load(ordering: .acquiring)
+        while o & Self.readerOwned != 0 && o & Self.nonSpinnable == 0 {
+            if owner.compareExchange(&o, o | Self.nonSpinnable, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) { return }
+        }
+    }
+
+    static func record(_ address: UInt64) -> UnsafeMutablePointer<UInt64> {
+        UnsafeMutablePointer<UInt64>(bitPattern: UInt(address))!
+    }
+
+    static func wokenWord(_ waiter: UnsafeMutablePointer<UInt64>) -> UnsafeMutablePointer<UInt32> {
+        UnsafeMutableRawPointer(waiter + woken).assumingMemoryBound(to: UInt32.self)
+    }
+
+    /// A waiter record for `me` of `type` (on the caller's stack), for `body`.
+    func withWaiter<R>(_ me: UInt, _ type: UInt64, _ body: (UnsafeMutablePointer<UInt64>) -> R) -> R {
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: Self.size) { buffer in
+            let waiter = buffer.baseAddress!
+            waiter.initialize(repeating: 0, count: Self.size)
+            UnsafeAtomic(waiter + Self.task).store(UInt64(me), ordering: .relaxed)
+            waiter[Self.type] = type
+            waiter[Self.timeout] = HostClock.nanos() &+ Self.waitTimeoutNanos
+            return body(waiter)
+        }
+    }
+
+    /// `rwsem_down_read_slowpath()`: `c` is the count after the fast path
+    /// added this reader's bias.
+    func readSlowPath(_ me: UInt, _ c: UInt64) {
+        var adjustment = 0 &- Self.readerBias
+        let readers = c >> 8
+        if !(owner.load(ordering: .acquiring) & Self.readerOwned != 0 && readers > 1 && c & Self.writerLocked == 0),
+           c & (Self.writerLocked | Self.handoffFlag) == 0 {
+            // Reader lock stealing: no writer, no handoff.
+            setReaderOwned(me)
+            if readers == 1 && c & Self.waitersFlag != 0 {
+                svm_mutex_lock(waitLock)
+                if words[3] != 0 { markWake(.readOwned) }
+                svm_mutex_unlock(waitLock)
+            }
+            return
+        }
+        withWaiter(me, Self.waitingForRead) { waiter in
+            svm_mutex_lock(waitLock)
+            if words[3] == 0 {
+                if count.load(ordering: .acquiring) & Self.writerLocked == 0 {
+                    svm_mutex_unlock(waitLock)
+                    setReaderOwned(me)
+                    return
+                }
+                adjustment &+= Self.waitersFlag
+            }
+            addWaiter(waiter)
+            let now = count.wrappingAdd(adjustment, ordering: .acquiringAndReleasing).newValue
+            condWake(now)
+            svm_mutex_unlock(waitLock)
+            // Granted when a waker clears the task word (the last it touches).
+            let woken = Self.wokenWord(waiter)
+            while UnsafeAtomic(waiter + Self.task).load(ordering: .acquiring) != 0 {
+                if UnsafeAtomic(woken).load(ordering: .acquiring) == 0 { sleep(on: woken) } else { svm_cpu_relax() }
+            }
+        }
+    }
+
+    /// `rwsem_down_write_slowpath()`.
+    func writeSlowPath(_ me: UInt) {
+        if canSpinOnOwner() && optimisticSpin(me) { return }
+        withWaiter(me, Self.waitingForWrite) { waiter in
+            svm_mutex_lock(waitLock)
+            addWaiter(waiter)
+            if words[3] != UInt64(UInt(bitPattern: waiter)) {
+                condWake(count.load(ordering: .acquiring))
+            } else {
+                _ = count.bitwiseOr(Self.waitersFlag, ordering: .acquiringAndReleasing)
+            }
+            let woken = Self.wokenWord(waiter)
+            while !tryWriteLock(me, waiter) {
+                svm_mutex_unlock(waitLock)
+                var spun = false
+                if UnsafeAtomic(waiter + Self.handoffSet).load(ordering: .relaxed) != 0 {
+                    // The first waiter with the handoff spins while the owner runs.
+                    spun = spinOnOwner() == .null
+                }
+                if !spun {
+                    sleep(on: woken)
+                    UnsafeAtomic(woken).store(0, ordering: .releasing)
+                }
+                svm_mutex_lock(waitLock)
+            }
+            svm_mutex_unlock(waitLock)
+        }
+        owner.store(UInt64(me), ordering: .releasing)
+    }
+
+    /// `schedule()` until a waker sets the word.
+    func sleep(on woken: UnsafeMutablePointer<UInt32>) {
+        if UnsafeAtomic(woken).load(ordering: .acquiring) != 0 { return }
+        if _slowPath(svm_det_active()) {
+            DeterministicScheduler.willWait(for: UnsafeRawPointer(word))
+            _ = svm_futex_wait(woken, 0, 0)
+        } else {
+            // Bounded, so that a lost wake-up would cost time, never a hang.
+            _ = svm_futex_wait(woken, 0, 10_000_000)
+        }
+    }
+
+    /// `rwsem_try_write_lock()` (under wait_lock): takes the lock for the
+    /// waiter `waiter` and unlists it, or sets the handoff bit for the first
+    /// waiter that waited too long.
+    func tryWriteLock(_ me: UInt, _ waiter: UnsafeMutablePointer<UInt64>) -> Bool {
+        let first = Self.record(words[3])
+        var c = count.load(ordering: .acquiring)
+        var new: UInt64
+        repeat {
+            let hasHandoff = c & Self.handoffFlag != 0
+            if hasHandoff && UnsafeAtomic(first + Self.handoffSet).load(ordering: .relaxed) != 0 && waiter != first { return false }
+            new = c
+            if c & Self.lockMask != 0 {
+                if hasHandoff || HostClock.nanos() <= waiter[Self.timeout] { return false }
+                new |= Self.handoffFlag
+            } else {
+                new |= Self.writerLocked
+                new &= ~Self.handoffFlag
+                if words[3] == words[4] { new &= ~Self.waitersFlag }
+            }
+        } while !count.compareExchange(&c, new, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring)
+        if new & Self.handoffFlag != 0 {
+            UnsafeAtomic(first + Self.handoffSet).store(1, ordering: .relaxed)
+            return false
+        }
+        unlink(waiter)
+        return true
+    }
+
+    /// `rwsem_cond_wake_waiter()` (under wait_lock).
+    func condWake(_ c: UInt64) {
+        if c & Self.writerLocked != 0 { return }
+        if c & Self.readerMask != 0 {
+            markWake(.readers)
+        } else {
+            clearNonSpinnable()
+            markWake(.any)
+        }
+    }
+
+    /// `rwsem_wake()`.
+    func wake() {
+        svm_mutex_lock(waitLock)
+        if words[3] != 0 { markWake(.any) }
+        svm_mutex_unlock(waitLock)
+    }
+
+    enum WakeType { case any, readers, readOwned }
+
+    /// `rwsem_mark_wake()` (under wait_lock): a writer at the head is woken
+    /// (for `.any`); readers at the head are granted the lock together with
+    /// every queued reader, writers skipped, up to `MAX_READERS_WAKEUP`.
+    func markWake(_ type: WakeType) {
+        let first = Self.record(words[3])
+        if first[Self.type] == Self.waitingForWrite {
+            if type == .any { Self.wakeUp(first) }
+            return
+        }
+        var adjustment: UInt64 = 0
+        if type != .readOwned {
+            adjustment = Self.readerBias
+            let old = count.wrappingAdd(adjustment, ordering: .acquiringAndReleasing).oldValue
+            if old & Self.writerLocked != 0 {
+                // A writer stole it: a reader that waited too long asks for the handoff.
+                if HostClock.nanos() > first[Self.timeout] {
+                    if old & Self.handoffFlag == 0 { adjustment &-= Self.handoffFlag }
+                    UnsafeAtomic(first + Self.handoffSet).store(1, ordering: .relaxed)
+                }
+                _ = count.wrappingAdd(0 &- adjustment, ordering: .acquiringAndReleasing)
+                return
+            }
+            setReaderOwned(UInt(UnsafeAtomic(first + Self.task).load(ordering: .relaxed)))
+        }
+        // Move every reader (writers stay), first to last, to a list of
+        // their own, linked through their records.
+        var woken = 0
+        var grantedFirst: UInt64 = 0, grantedLast: UnsafeMutablePointer<UInt64>? = nil
+        var at = words[3]
+        while at != 0 {
+            let waiter = Self.record(at)
+            let address = at
+            at = waiter[Self.next]
+            if waiter[Self.type] == Self.waitingForWrite { continue }
+            unlink(waiter)
+            waiter[Self.next] = 0
+            if let last = grantedLast { last[Self.next] = address } else { grantedFirst = address }
+            grantedLast = waiter
+            woken += 1
+            if woken >= Self.maxReadersWakeup { break }
+        }
+        adjustment = UInt64(woken) &* Self.readerBias &- adjustment
+        let old = count.load(ordering: .acquiring)
+        if words[3] == 0 {
+            adjustment &-= Self.waitersFlag
+            if old & Self.handoffFlag != 0 { adjustment &-= Self.handoffFlag }
+        } else if woken > 0, old & Self.handoffFlag != 0 {
+            adjustment &-= Self.handoffFlag
+        }
+        if adjustment != 0 { _ = count.wrappingAdd(adjustment, ordering: .acquiringAndReleasing) }
+        at = grantedFirst
+        while at != 0 {
+            let waiter = Self.record(at)
+            at = waiter[Self.next]
+            Self.wakeUp(waiter)
+            // The last touch: the reader may return once it sees this.
+            UnsafeAtomic(waiter + Self.task).store(0, ordering: .releasing)
+        }
+    }
+
+    /// wake_q: the waiter runs again.
+    static func wakeUp(_ waiter: UnsafeMutablePointer<UInt64>) {
+        let woken = wokenWord(waiter)
+        UnsafeAtomic(woken).store(1, ordering: .releasing)
+        _ = svm_futex_wake(woken, 1)
+    }
+
+    /// `rwsem_add_waiter()` (under wait_lock): at the tail.
+    func addWaiter(_ waiter: UnsafeMutablePointer<UInt64>) {
+        let address = UInt64(UInt(bitPattern: waiter))
+        waiter[Self.next] = 0
+        waiter[Self.previous] = words[4]
+        if words[4] == 0 { words[3] = address } else { Self.record(words[4])[Self.next] = address }
+        words[4] = address
+    }
+
+    /// `list_del()` (under wait_lock).
+    func unlink(_ waiter: UnsafeMutablePointer<UInt64>) {
+        let n = waiter[Self.next], p = waiter[Self.previous]
+        if p == 0 { words[3] = n } else { Self.record(p)[Self.next] = n }
+        if n == 0 { words[4] = p } else { Self.record(n)[Self.previous] = p }
     }
 }
