@@ -102,9 +102,11 @@ static inline void svm_cpu_relax(void) {
 // scheduler each hook site costs one load and one predictable branch.
 typedef int (*svm_det_wait_fn)(uint32_t *word, uint32_t expected, uint64_t timeout_ns);
 typedef int (*svm_det_wake_fn)(uint32_t *word, int count);
-// event: SVM_DET_BEFORE_ACQUIRE, SVM_DET_ACQUIRED, SVM_DET_RELEASED.
+// event: SVM_DET_BEFORE_ACQUIRE, SVM_DET_ACQUIRED, SVM_DET_RELEASED, with
+// SVM_DET_SLEEPING or'ed in for a sleeping lock (a mutex, an rwsem, the folio
+// lock): holding one leaves the thread preemptible.
 typedef void (*svm_det_lock_fn)(const void *lock, int event);
-enum { SVM_DET_BEFORE_ACQUIRE = 0, SVM_DET_ACQUIRED = 1, SVM_DET_RELEASED = 2 };
+enum { SVM_DET_BEFORE_ACQUIRE = 0, SVM_DET_ACQUIRED = 1, SVM_DET_RELEASED = 2, SVM_DET_SLEEPING = 0x100 };
 extern uint32_t svm_det_active_count;
 extern svm_det_wait_fn svm_det_wait_hook;
 extern svm_det_wake_fn svm_det_wake_hook;

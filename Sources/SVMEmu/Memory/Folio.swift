@@ -326,12 +326,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
 
     /// The trylock itself, without lock-order validation.
     @inlinable func tryLockBit() -> Bool {
-        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_BEFORE_ACQUIRE))
+        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_BEFORE_ACQUIRE) | Int32(SVM_DET_SLEEPING))
         let old = meta.atomicFlags.bitwiseOr(PageFlags.locked.rawValue, ordering: .acquiringAndReleasing).oldValue
         let taken = old & PageFlags.locked.rawValue == 0
         if taken {
             svm_tsan_acquire(meta.flagsWord)
-            svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED))
+            svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED) | Int32(SVM_DET_SLEEPING))
         }
         return taken
     }
@@ -369,7 +369,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
             _ = k.folioWaitTable.wait(word: meta.flagsWord, pfn: pfn, exclusive: true)
         }
         svm_tsan_acquire(meta.flagsWord)
-        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED))
+        svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_ACQUIRED) | Int32(SVM_DET_SLEEPING))
     }
 
     /// Releases the lock; when `PG_waiters` is set, wakes the folio's
@@ -389,7 +389,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
             kernel.warn("folio_unlock: folio is not locked (VM_BUG_ON_FOLIO)", "\(self)")
         }
         // With waiters, the wake-up reports the release to the scheduler.
-        if old & PageFlags.waiters.rawValue != 0 { wakeLocked() } else { svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED)) }
+        if old & PageFlags.waiters.rawValue != 0 { wakeLocked() } else { svm_det_lock_event(meta.flagsWord, Int32(SVM_DET_RELEASED) | Int32(SVM_DET_SLEEPING)) }
     }
 
     /// `folio_wake_bit(folio, PG_locked)`.

@@ -193,7 +193,7 @@ extension DeterministicScheduler {
     /// Whether `me` may be preempted here: it holds no spinning lock
     /// (preempt_disable) and is not inside an emulated access.
     func preemptible(_ me: EmulatedThread) -> Bool {
-        for l in me.held where !sleepingLocks.contains(l) { return false }
+        for l in me.held where !l.sleeping { return false }
         return !CPUSet.callingThreadInsideAccess()
     }
 
@@ -280,8 +280,7 @@ extension DeterministicScheduler {
     @usableFromInline @inline(never)
     static func sleepingLockEvent(_ lock: UnsafeRawPointer, _ event: Int32) {
         guard let t = current else { return }
-        t.scheduler.sleepingLocks.insert(lock)
-        t.scheduler.lockEvent(t, lock, event)
+        t.scheduler.lockEvent(t, lock, event | Int32(SVM_DET_SLEEPING))
     }
 
     /// The next futex wait of the calling emulated thread waits for `lock`

@@ -159,9 +159,6 @@ public final class DeterministicScheduler: @unchecked Sendable {
     @exclusivity(unchecked) var cpus: [ModelCPU] = []
     /// The slice of the CPU model.
     let slice: UInt64
-    /// Lock words that are sleeping locks (a kernel mutex): holding one does
-    /// not turn preemption off.
-    var sleepingLocks: Set<UnsafeRawPointer> = []
 
     /// One CPU of the model: who runs, who waits.
     struct ModelCPU {

@@ -30,8 +30,9 @@ final class EmulatedThread: @unchecked Sendable {
     @exclusivity(unchecked) var deadline: UInt64? = nil
     @exclusivity(unchecked) var timedOut = false
     @exclusivity(unchecked) var blockSequence: UInt64 = 0
-    /// The locks this thread took and has not released.
-    @exclusivity(unchecked) var held: [UnsafeRawPointer] = []
+    /// The locks this thread took and has not released, each with whether
+    /// it is a sleeping lock (holding one leaves the thread preemptible).
+    @exclusivity(unchecked) var held: [(lock: UnsafeRawPointer, sleeping: Bool)] = []
     /// Its lock-order record (what it holds, by class and site), for deadlock reports.
     var lockRecord: LockOrder.HeldLocks? = nil
     /// With the CPU model (``DeterministicScheduler/Configuration/cpus``):

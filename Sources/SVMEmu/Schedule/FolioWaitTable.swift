@@ -213,7 +213,7 @@ final class FolioWaitTable: @unchecked Sendable {
         // wake-ups, as the futex lock reported it (the queue's lock is no
         // scheduling point for an emulated thread, so no woken waiter runs
         // before this).
-        svm_det_lock_event(UnsafeRawPointer(word), Int32(SVM_DET_RELEASED))
+        svm_det_lock_event(UnsafeRawPointer(word), Int32(SVM_DET_RELEASED) | Int32(SVM_DET_SLEEPING))
     }
 
     /// `spin_lock(&q->lock)`. An emulated thread takes it without a

@@ -24,7 +24,7 @@ extension DeterministicScheduler {
             guard let w = t.waitWord else { continue }
             let key = t.waitsForLock ?? UnsafeRawPointer(w)
             let holder = owners[key].map { threads[$0].name }
-            let held = t.held.map(describe)
+            let held = t.held.map { describe($0.lock) }
             waits.append(.init(thread: t.name, waitsFor: describe(key), heldBy: holder, holds: held,
                                clock: t.clock))
         }
@@ -98,16 +98,31 @@ extension DeterministicScheduler {
         return woken
     }
 
+    /// A lock event of `me` (`SVM_DET_SLEEPING` or'ed in for a sleeping
+    /// lock). A release drops the lock from the releasing thread's list when
+    /// it holds it (a shared holder of an rwsem releases its own hold), else
+    /// from the recorded owner's (a folio lock is released by whoever
+    /// finishes the work); the owner recorded for deadlock reports moves to
+    /// another holder while one remains.
     func lockEvent(_ me: EmulatedThread, _ lock: UnsafeRawPointer, _ event: Int32) {
-        switch event {
+        switch event & ~Int32(SVM_DET_SLEEPING) {
         case Int32(SVM_DET_BEFORE_ACQUIRE):
             point(me, cost: configuration.costs.lock, "acquire")
         case Int32(SVM_DET_ACQUIRED):
             owners.set(lock, me.index)
-            me.held.append(lock)
+            me.held.append((lock, event & Int32(SVM_DET_SLEEPING) != 0))
         default:
-            if let o = owners.remove(lock), let i = threads[o].held.lastIndex(of: lock) {
+            let owner = owners[lock]
+            if let i = me.held.lastIndex(where: { $0.lock == lock }) {
+                me.held.remove(at: i)
+            } else if let o = owner, let i = threads[o].held.lastIndex(where: { $0.lock == lock }) {
                 threads[o].held.remove(at: i)
+            }
+            if owner == me.index || owner.map({ o in !threads[o].held.contains { $0.lock == lock } }) == true {
+                _ = owners.remove(lock)
+                if let other = threads.first(where: { t in t.held.contains { $0.lock == lock } }) {
+                    owners.set(lock, other.index)
+                }
             }
             point(me, cost: configuration.costs.unlock, "release", release: true)
         }
