@@ -128,6 +128,20 @@ struct MigratePagesTests {
         }
     }
 
+    @Test("move_pages that stops at a node that does not exist moves the run before it and leaves the statuses after it as they were")
+    func statusesAfterAnError() throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let a = try filled(mm, pages: 3, seed: 12)
+            let pages = (0..<3).map { a + UInt64($0 * pageSize) }
+            var st: [PageStatus] = [.error(.busy), .error(.busy), .error(.busy)]
+            #expect(throws: Errno.noDevice) { try mm.movePages(pages, nodes: [1, 9, 1], status: &st) }
+            #expect(st == [.node(1), .error(.busy), .error(.busy)])
+            #expect(node(of: mm, pages[0]) == .node(1) && node(of: mm, pages[2]) == .node(0))
+            #expect(try mm.verifyPattern(a, length: 3 * pageSize, seed: 12) == nil)
+            #expect(kernel.diagnostics.isEmpty)
+        }
+    }
+
     @Test("migrate_pages(2) moves the whole address space from node 0 to node 1")
     func migratePagesSyscall() throws {
         try withMachine(thp: .never) { kernel, mm in

@@ -53,7 +53,11 @@ extension AddressSpace {
     /// - Parameters:
     ///   - addresses: page addresses (any address within the page).
     ///   - nodes: target node per address, or nil to query.
-    ///   - status: filled with one `PageStatus` per address.
+    ///   - status: one `PageStatus` per address. As in the kernel, a call
+    ///     that stops early (an error thrown, pages left unmigrated) writes
+    ///     only the statuses it reached and leaves the others as they were;
+    ///     an array of another length than `addresses` is first replaced
+    ///     by one of `-ENOENT`s.
     ///   - flags: `.move` or `.moveAll`.
     ///   - policy: the algorithm, copier and deferral of the migration.
     /// - Returns: the number of pages not migrated (0 when all moved or were
@@ -94,7 +98,12 @@ extension AddressSpace {
         guard flags.isSubset(of: [.move, .moveAll]) else { throw .invalidArgument }
         // The rmap walks' pins of other address spaces, given back here.
         defer { kernel.drainAsyncMMPuts() }
-        status = [PageStatus](repeating: .error(.noEntry), count: addresses.count)
+        // The kernel writes the statuses it reaches and leaves the rest of
+        // the user's array alone; an array of another length is first made
+        // one status per address.
+        if status.count != addresses.count {
+            status = [PageStatus](repeating: .error(.noEntry), count: addresses.count)
+        }
         guard let nodes else {
             withMmapReadLock {
                 for (i, a) in addresses.enumerated() { status[i] = pageStatus(a) }
