@@ -120,7 +120,9 @@ extension DeterministicScheduler {
             }
             if owner == me.index || owner.map({ o in !threads[o].held.contains { $0.lock == lock } }) == true {
                 _ = owners.remove(lock)
-                if let other = threads.first(where: { t in t.held.contains { $0.lock == lock } }) {
+                // Only a sleeping lock (an rwsem's readers) has other holders.
+                if event & Int32(SVM_DET_SLEEPING) != 0,
+                   let other = threads.first(where: { t in t.held.contains { $0.lock == lock } }) {
                     owners.set(lock, other.index)
                 }
             }
