@@ -20,7 +20,7 @@ struct VocabularyTests {
     func renamed() throws {
         let numaNew = try parse(["numa", "--size", "8M", "--storm", "--pages", "64"], as: NumaCommand.self)
         let numaOld = try parse(["numa", "--buffer", "8M", "--storm", "--storm-pages", "64"], as: NumaCommand.self)
-        #expect(numaNew.buffer == "8M" && numaOld.buffer == "8M" && numaNew.stormPages == 64 && numaOld.stormPages == 64)
+        #expect(numaNew.size == "8M" && numaOld.size == "8M" && numaNew.pages == 64 && numaOld.pages == 64)
 
         let memoryNew = try parse(["bench", "memory", "--size", "16M"], as: BenchMemoryCommand.self)
         let memoryOld = try parse(["bench", "memory", "--fault-mib", "16"], as: BenchMemoryCommand.self)
@@ -32,7 +32,7 @@ struct VocabularyTests {
 
         let goalsNew = try parse(["bench", "goals", "--rounds", "4"], as: BenchGoalsCommand.self)
         let goalsOld = try parse(["bench", "goals", "--pairs", "4"], as: BenchGoalsCommand.self)
-        #expect(goalsNew.pairs == 4 && goalsOld.pairs == 4)
+        #expect(goalsNew.rounds == 4 && goalsOld.rounds == 4)
 
         let soakNew = try parse(["soak", "--operations", "123"], as: SoakCommand.self)
         let soakOld = try parse(["soak", "--ops", "123"], as: SoakCommand.self)
