@@ -73,28 +73,6 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         /// Changing one page's entry and flushing it on the local CPU only.
         public var localFlush: Double
 
-        /// Costs as measured.
-        public init(tlbHit: Double, pageTableWalk: Double, faultEntryExit: Double, syscall: Double,
-                    futexWake: Double, futexWait: Double, wakeLatency: Double, contextSwitch: Double,
-                    spinRound: Double, lockUncontended: Double, unlock: Double, yield: Double,
-                    ipiSendToReceipt: Double, ipiRoundTrip: Double, localFlush: Double) {
-            self.tlbHit = tlbHit
-            self.pageTableWalk = pageTableWalk
-            self.faultEntryExit = faultEntryExit
-            self.syscall = syscall
-            self.futexWake = futexWake
-            self.futexWait = futexWait
-            self.wakeLatency = wakeLatency
-            self.contextSwitch = contextSwitch
-            self.spinRound = spinRound
-            self.lockUncontended = lockUncontended
-            self.unlock = unlock
-            self.yield = yield
-            self.ipiSendToReceipt = ipiSendToReceipt
-            self.ipiRoundTrip = ipiRoundTrip
-            self.localFlush = localFlush
-        }
-
         /// Every cost by its key, in the file's order.
         public var all: [(key: String, nanos: Double)] {
             Mirror(reflecting: self).children.map { ($0.label!, $0.value as! Double) }
@@ -112,12 +90,6 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         public var workingSetBytes: Int
         /// Bytes copied per nanosecond.
         public var gbPerSecond: Double
-
-        /// A bandwidth as measured.
-        public init(workingSetBytes: Int, gbPerSecond: Double) {
-            self.workingSetBytes = workingSetBytes
-            self.gbPerSecond = gbPerSecond
-        }
     }
 
     /// vCPU stalls: on each CPU a pinned thread reads CLOCK_MONOTONIC in a
@@ -144,21 +116,6 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         /// The tick gaps' median length, ns.
         public var tickGapP50Nanos: Double?
 
-        /// A stall distribution as measured.
-        public init(ratePerSecond: Double, meanNanos: Double, p50Nanos: Double, p90Nanos: Double, p99Nanos: Double,
-                    maxNanos: Double, thresholdNanos: Double, tickGapsPerSecond: Double? = nil,
-                    tickGapP50Nanos: Double? = nil) {
-            self.ratePerSecond = ratePerSecond
-            self.meanNanos = meanNanos
-            self.p50Nanos = p50Nanos
-            self.p90Nanos = p90Nanos
-            self.p99Nanos = p99Nanos
-            self.maxNanos = maxNanos
-            self.thresholdNanos = thresholdNanos
-            self.tickGapsPerSecond = tickGapsPerSecond
-            self.tickGapP50Nanos = tickGapP50Nanos
-        }
-
         /// Every figure by its key, in the file's order (the optional ones when present).
         public var all: [(key: String, value: Double)] {
             Mirror(reflecting: self).children.compactMap { c in (c.value as? Double?).flatMap { $0 }.map { (c.label!, $0) } }
@@ -173,30 +130,6 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         public var tickNanos: UInt64
         /// The preemption model: none, voluntary, full or lazy.
         public var preemption: String
-
-        /// Scheduler figures as measured.
-        public init(baseSliceNanos: UInt64, tickNanos: UInt64, preemption: String) {
-            self.baseSliceNanos = baseSliceNanos
-            self.tickNanos = tickNanos
-            self.preemption = preemption
-        }
-    }
-
-    /// A profile as measured.
-    public init(name: String, description: String, measuredOn: String, date: String, tool: String, cpus: Int,
-                costs: Costs, memcpy: [CopyBandwidth], scheduler: Scheduler, methods: [String: String],
-                stalls: Stalls? = nil) {
-        self.name = name
-        self.description = description
-        self.measuredOn = measuredOn
-        self.date = date
-        self.tool = tool
-        self.cpus = cpus
-        self.costs = costs
-        self.memcpy = memcpy
-        self.scheduler = scheduler
-        self.methods = methods
-        self.stalls = stalls
     }
 
     // MARK: what a run charges

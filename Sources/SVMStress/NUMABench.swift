@@ -473,11 +473,4 @@ public struct NUMABenchResults: Encodable, Sendable {
     public var batchSweep: [NUMABatchPoint]
     /// The copier sweep.
     public var copySweep: [NUMACopyPoint]
-
-    /// The results as measured.
-    public init(variants: [NUMAVariantResult], batchSweep: [NUMABatchPoint], copySweep: [NUMACopyPoint]) {
-        self.variants = variants
-        self.batchSweep = batchSweep
-        self.copySweep = copySweep
-    }
 }

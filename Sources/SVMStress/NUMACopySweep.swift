@@ -30,26 +30,12 @@ public struct NUMACopyPoint: Sendable, Codable {
     /// Median time of the same batch copied by this host's own two-thread
     /// memcpy (half on each thread), and twoThreadMicros / multiMicros: the
     /// copier's speed as a share of it (1 = as fast as a plain split).
-    public var twoThreadMicros: Double
+    public var twoThreadMicros: Double = 0
     /// twoThreadMicros / multiMicros.
-    public var ratioToTwoThread: Double
+    public var ratioToTwoThread: Double = 0
     /// The share of the copier's batches at this point that it split
     /// across its threads (the rest it copied alone: splitting was slower).
-    public var splitShare: Double
-    /// A point as measured.
-    public init(folioBytes: Int, folios: Int, ringBytes: Int, singleMicros: Double, multiMicros: Double, threads: Int,
-                speedup: Double, twoThreadMicros: Double = 0, ratioToTwoThread: Double = 0, splitShare: Double = 1) {
-        self.folioBytes = folioBytes
-        self.folios = folios
-        self.ringBytes = ringBytes
-        self.singleMicros = singleMicros
-        self.multiMicros = multiMicros
-        self.threads = threads
-        self.speedup = speedup
-        self.twoThreadMicros = twoThreadMicros
-        self.ratioToTwoThread = ratioToTwoThread
-        self.splitShare = splitShare
-    }
+    public var splitShare: Double = 1
 }
 
 extension NUMABench {

@@ -117,14 +117,6 @@ public struct OverheadTraceEvent: Sendable, Equatable {
     /// Its end, nanoseconds since the timer was created.
     public var endNanos: Double
 
-    /// An event from `start` to `end` nanoseconds on `cpu`.
-    public init(name: String, cpu: Int, startNanos: Double, endNanos: Double) {
-        self.name = name
-        self.cpu = cpu
-        self.startNanos = startNanos
-        self.endNanos = endNanos
-    }
-
     /// Start and duration in whole nanoseconds, for the trace file: both
     /// ends are rounded first and the duration is their difference, so that
     /// phases that share a clock read (one ends where the next begins, see

@@ -127,24 +127,6 @@ public struct SoakSettings: Sendable, Codable, Equatable {
              checksStaleTLBEntries, driver
     }
 
-    /// Decodes settings, every field present.
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        operations = try c.decode(Int.self, forKey: .operations)
-        cpus = try c.decode(Int.self, forKey: .cpus)
-        pages = try c.decode(Int.self, forKey: .pages)
-        hugeRegions = try c.decode(Int.self, forKey: .hugeRegions)
-        seed = try c.decode(UInt64.self, forKey: .seed)
-        faultPolicy = try c.decode(DeviceFaultPolicy.self, forKey: .faultPolicy)
-        mix = try c.decode(SoakMix.self, forKey: .mix)
-        auditEvery = try c.decode(Int.self, forKey: .auditEvery)
-        plantedLeak = try c.decodeIfPresent(SoakPlantedLeak.self, forKey: .plantedLeak)
-        logSteps = try c.decode(Int.self, forKey: .logSteps)
-        checksStaleTLBEntries = try c.decode(Bool.self, forKey: .checksStaleTLBEntries)
-        // Reports written before the Xe-like driver existed soaked MirrorDevice.
-        driver = try c.decodeIfPresent(HarnessDriver.self, forKey: .driver) ?? .mirror
-    }
-
     /// Checks the settings; throws `StormError.invalidSettings` with the reason.
     public func validate() throws(StormError) {
         guard (1...1_000_000_000).contains(operations) else {

@@ -16,16 +16,9 @@ public struct StormDistribution: Sendable, Codable, Equatable {
 
     /// No values.
     public static let empty = StormDistribution(count: 0, mean: 0, p50: 0, p99: 0, max: 0)
+}
 
-    /// A distribution as given.
-    public init(count: Int, mean: Double, p50: Double, p99: Double, max: Double) {
-        self.count = count
-        self.mean = mean
-        self.p50 = p50
-        self.p99 = p99
-        self.max = max
-    }
-
+extension StormDistribution {
     /// Nearest-rank percentiles of `values`.
     public init<S: Sequence>(_ values: S) where S.Element: BinaryInteger {
         self.init(values.map { Double($0) })
@@ -176,29 +169,6 @@ public struct StormResult: Sendable, Codable, Equatable {
         case driverWork, driverWait, contextSwitches, driver
     }
 
-    /// A result as measured.
-    public init(settings: StormSettings, pagesMigrated: Int, livelocked: Bool, stalledPage: Int?, stall: StallReport?,
-                migrateToRAMCalls: CallStats, faultRetries: Int, faultRetriesPerPage: StormDistribution,
-                pageMicros: StormDistribution, deviceMigrations: Int, seconds: Double, teardownClean: Bool,
-                teardownIssues: [String], dataIntact: Bool, error: String?, perPage: [PageRecord]) {
-        self.settings = settings
-        self.pagesMigrated = pagesMigrated
-        self.livelocked = livelocked
-        self.stalledPage = stalledPage
-        self.stall = stall
-        self.migrateToRAMCalls = migrateToRAMCalls
-        self.faultRetries = faultRetries
-        self.faultRetriesPerPage = faultRetriesPerPage
-        self.pageMicros = pageMicros
-        self.deviceMigrations = deviceMigrations
-        self.seconds = seconds
-        self.teardownClean = teardownClean
-        self.teardownIssues = teardownIssues
-        self.dataIntact = dataIntact
-        self.error = error
-        self.perPage = perPage
-    }
-
     /// A flat object: the settings' keys beside the result's, absent values
     /// as `null`; `cpus` only in a deterministic storm, `machine` only with one.
     public func encode(to encoder: any Encoder) throws {
@@ -215,6 +185,9 @@ public struct StormResult: Sendable, Codable, Equatable {
         }
     }
 
+}
+
+extension StormResult {
     /// Decodes a result (the JSON of `svmemu livelock --json`).
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -223,20 +196,19 @@ public struct StormResult: Sendable, Codable, Equatable {
         s.faultPolicy = try c.decode(DeviceFaultPolicy.self, forKey: .faultPolicy)
         s.driverLock = try c.decode(DriverLockMode.self, forKey: .driverLock)
         s.migrateToRAMWorkMicros = try c.decode(Int.self, forKey: .migrateToRAMWorkMicros)
-        s.migrateToRAMLookupMicros = try c.decodeIfPresent(Int.self, forKey: .migrateToRAMLookupMicros) ?? 0
-        s.driverWork = try c.decodeIfPresent(DriverWorkShape.self, forKey: .driverWork) ?? .copy
-        s.driverWait = try c.decodeIfPresent(DriverWait.self, forKey: .driverWait) ?? .sleep
-        // Results written before the Xe-like driver existed stormed MirrorDevice.
-        s.driver = try c.decodeIfPresent(HarnessDriver.self, forKey: .driver) ?? .mirror
+        s.migrateToRAMLookupMicros = try c.decode(Int.self, forKey: .migrateToRAMLookupMicros)
+        s.driverWork = try c.decode(DriverWorkShape.self, forKey: .driverWork)
+        s.driverWait = try c.decode(DriverWait.self, forKey: .driverWait)
+        s.driver = try c.decode(HarnessDriver.self, forKey: .driver)
         s.threads = try c.decode(Int.self, forKey: .threads)
         s.pages = try c.decode(Int.self, forKey: .pages)
         s.pageSize = try c.decode(StormPageSize.self, forKey: .pageSize)
         s.seed = try c.decode(UInt64.self, forKey: .seed)
         s.stallSeconds = try c.decode(Double.self, forKey: .stallSeconds)
-        s.joinTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .joinTimeoutSeconds) ?? s.joinTimeoutSeconds
-        s.deterministic = try c.decodeIfPresent(Bool.self, forKey: .deterministic) ?? false
+        s.joinTimeoutSeconds = try c.decode(Double.self, forKey: .joinTimeoutSeconds)
+        s.deterministic = try c.decode(Bool.self, forKey: .deterministic)
         s.cpus = try c.decodeIfPresent(Int.self, forKey: .cpus) ?? s.cpus
-        s.release = try c.decodeIfPresent(StormRelease.self, forKey: .release) ?? .all
+        s.release = try c.decode(StormRelease.self, forKey: .release)
         // The report keeps the profile's name: a shipped one comes back whole.
         if let name = try c.decodeIfPresent(String.self, forKey: .machine) { s.machine = try? MachineProfile.shipped(name) }
         settings = s
@@ -259,7 +231,7 @@ public struct StormResult: Sendable, Codable, Equatable {
         teardownIssues = try c.decode([String].self, forKey: .teardownIssues)
         dataIntact = try c.decode(Bool.self, forKey: .dataIntact)
         error = try c.decodeIfPresent(String.self, forKey: .error)
-        perPage = try c.decodeIfPresent([PageRecord].self, forKey: .perPage) ?? []
+        perPage = try c.decode([PageRecord].self, forKey: .perPage)
     }
 }
 

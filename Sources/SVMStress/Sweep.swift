@@ -321,13 +321,6 @@ public struct SweepEnd: Sendable, Codable, Equatable {
     public var failing: Int
     /// Wall time of the shard.
     public var seconds: Double
-    /// A footer as written.
-    public init(shard: SweepShard, seedsRun: Int, failing: Int, seconds: Double) {
-        self.shard = shard
-        self.seedsRun = seedsRun
-        self.failing = failing
-        self.seconds = seconds
-    }
 }
 
 /// One line of a shard's JSON Lines output: `{"line":"shard",...}`, then one

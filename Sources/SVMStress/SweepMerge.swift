@@ -69,27 +69,6 @@ public struct SweepReport: Sendable, Codable, Equatable {
              failing, shardSummaries, problems
     }
 
-    /// A report as merged.
-    public init(command: String?, seeds: SeedSet?, shards: Int, settings: [String: String], arguments: String,
-                version: String?, revision: String?, seedsRun: Int, outcomes: [String: Int], figures: [String: Double],
-                firstFailing: SweepSeedResult?, failing: [SweepSeedResult], shardSummaries: [SweepShardSummary],
-                problems: [String]) {
-        self.command = command
-        self.seeds = seeds
-        self.shards = shards
-        self.settings = settings
-        self.arguments = arguments
-        self.version = version
-        self.revision = revision
-        self.seedsRun = seedsRun
-        self.outcomes = outcomes
-        self.figures = figures
-        self.firstFailing = firstFailing
-        self.failing = failing
-        self.shardSummaries = shardSummaries
-        self.problems = problems
-    }
-
     /// Encodes the report (`svmemu merge --json`), with `consistent`, without `results`.
     public func encode(to encoder: any Encoder) throws {
         try encoder.encodeProperties(of: self, except: ["results"], adding: ["consistent": consistent])

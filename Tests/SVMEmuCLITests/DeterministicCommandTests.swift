@@ -107,7 +107,7 @@ struct DeterministicCommandTests {
         #expect(refusal(["numa", "--storm", "--deterministic", "--cpus", "2", "--holders", "4"]) == nil)
         let o = try parse(["overhead", "--seed", "42"], as: OverheadCommand.self)
         #expect(o.threads.seed == 42 && !o.threads.deterministic)
-        #expect(ArgumentValue.arguments(of: o)["seed"] == .unsigned(42), "the JSON records the seed")
+        #expect(ReportValue.arguments(of: o)["seed"] == .unsigned(42), "the JSON records the seed")
         let l = try parse(["livelock", "--deterministic", "--release", "one-by-one"], as: LivelockCommand.self)
         #expect(try l.settings().release == .oneByOne)
         #expect(try parse(["livelock"], as: LivelockCommand.self).settings().release == .all)

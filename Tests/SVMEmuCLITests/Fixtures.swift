@@ -1,6 +1,6 @@
 import Foundation
 import MirrorDriver
-import SVMStress
+@testable import SVMStress
 
 /// A storm result with the fields the exit status and the JSON depend on
 /// (no storm is run).

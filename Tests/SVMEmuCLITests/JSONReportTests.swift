@@ -2,7 +2,7 @@ import ArgumentParser
 import Foundation
 import MirrorDriver
 import SVMDRM
-import SVMStress
+@testable import SVMStress
 import Testing
 @testable import SVMEmuCLI
 

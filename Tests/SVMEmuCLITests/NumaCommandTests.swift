@@ -26,7 +26,7 @@ struct NumaCommandTests {
             #expect(r.status == ExitStatus.usage.rawValue)
         }
         let parsed = try #require(try SVMEmuCommand.parseAsRoot(["numa", "--check-tlb", "--storm", "--pages", "64"]) as? NumaCommand)
-        #expect(parsed.checkTLB && parsed.storm && parsed.stormPages == 64)
+        #expect(parsed.checkTLB && parsed.storm && parsed.pages == 64)
         let all = NUMAVariant.all(copyThreads: 2)
         #expect(all.count == MigrationAlgorithm.allCases.count * NUMACopierKind.allCases.count * 2 * 2)
         #expect(Set(all).count == all.count, "each combination once")

@@ -20,7 +20,7 @@ struct VocabularyTests {
     func renamed() throws {
         let numaNew = try parse(["numa", "--size", "8M", "--storm", "--pages", "64"], as: NumaCommand.self)
         let numaOld = try parse(["numa", "--buffer", "8M", "--storm", "--storm-pages", "64"], as: NumaCommand.self)
-        #expect(numaNew.buffer == "8M" && numaOld.buffer == "8M" && numaNew.stormPages == 64 && numaOld.stormPages == 64)
+        #expect(numaNew.size == "8M" && numaOld.size == "8M" && numaNew.pages == 64 && numaOld.pages == 64)
 
         let memoryNew = try parse(["bench", "memory", "--size", "16M"], as: BenchMemoryCommand.self)
         let memoryOld = try parse(["bench", "memory", "--fault-mib", "16"], as: BenchMemoryCommand.self)
@@ -28,11 +28,11 @@ struct VocabularyTests {
 
         let thpNew = try parse(["bench", "thp", "--rounds", "2"], as: BenchTHPCommand.self)
         let thpOld = try parse(["bench", "thp", "--iterations", "2"], as: BenchTHPCommand.self)
-        #expect(thpNew.iterations == 2 && thpOld.iterations == 2)
+        #expect(thpNew.timing.rounds == 2 && thpOld.timing.rounds == 2)
 
         let goalsNew = try parse(["bench", "goals", "--rounds", "4"], as: BenchGoalsCommand.self)
         let goalsOld = try parse(["bench", "goals", "--pairs", "4"], as: BenchGoalsCommand.self)
-        #expect(goalsNew.pairs == 4 && goalsOld.pairs == 4)
+        #expect(goalsNew.rounds == 4 && goalsOld.rounds == 4)
 
         let soakNew = try parse(["soak", "--operations", "123"], as: SoakCommand.self)
         let soakOld = try parse(["soak", "--ops", "123"], as: SoakCommand.self)
@@ -42,10 +42,10 @@ struct VocabularyTests {
     @Test("the JSON's arguments record the new names, not the old spellings")
     func argumentsUseNewNames() throws {
         let numa = try parse(["numa", "--buffer", "8M"], as: NumaCommand.self)
-        let arguments = ArgumentValue.arguments(of: numa)
+        let arguments = ReportValue.arguments(of: numa)
         #expect(arguments["size"] == .string("8M") && arguments["pages"] == .int(1024))
         #expect(arguments["buffer"] == nil && arguments["stormPages"] == nil)
-        let thp = ArgumentValue.arguments(of: try parse(["bench", "thp", "--iterations", "2"], as: BenchTHPCommand.self))
+        let thp = ReportValue.arguments(of: try parse(["bench", "thp", "--iterations", "2"], as: BenchTHPCommand.self))
         #expect(thp["rounds"] == .int(2) && thp["iterations"] == nil)
     }
 
@@ -97,14 +97,14 @@ struct VocabularyTests {
         #expect(try parse(["fidelity", "--seeds", "2-4,8"], as: FidelityCommand.self).seedSet().description == "2-4,8")
         #expect(try parse(["fidelity", "--seed", "9"], as: FidelityCommand.self).seedSet().description == "9")
         #expect(try parse(["fidelity", "--seeds", "3"], as: FidelityCommand.self).seedSet().description == "1-3")
-        #expect(ArgumentValue.arguments(of: try parse(["explore", "--schedules", "4"], as: ExploreCommand.self))["seeds"] == .string("1-4"))
+        #expect(ReportValue.arguments(of: try parse(["explore", "--schedules", "4"], as: ExploreCommand.self))["seeds"] == .string("1-4"))
         // A seed that --seeds replaced is recorded as null, in explore as in soak --seeds.
         for arguments in [["explore", "--seeds", "3,7"], ["explore"], ["explore", "--seed", "5", "--schedules", "10"]] {
-            let recorded = ArgumentValue.arguments(of: try parse(arguments, as: ExploreCommand.self))
+            let recorded = ReportValue.arguments(of: try parse(arguments, as: ExploreCommand.self))
             #expect(recorded["seed"] == .null && recorded["seeds"] != nil, "\(arguments)")
         }
-        #expect(ArgumentValue.arguments(of: try parse(["soak", "--seeds", "3,7"], as: SoakCommand.self))["seed"] == .null)
-        #expect(ArgumentValue.arguments(of: try parse(["livelock", "--seed", "5"], as: LivelockCommand.self))["seed"] == .unsigned(5),
+        #expect(ReportValue.arguments(of: try parse(["soak", "--seeds", "3,7"], as: SoakCommand.self))["seed"] == .null)
+        #expect(ReportValue.arguments(of: try parse(["livelock", "--seed", "5"], as: LivelockCommand.self))["seed"] == .unsigned(5),
                 "livelock, which shares the storm options, records its seed")
 
         for (arguments, message) in [

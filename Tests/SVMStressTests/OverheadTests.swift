@@ -4,7 +4,7 @@ import FoundationXML
 #endif
 import MirrorDriver
 import SVMEmu
-import SVMStress
+@testable import SVMStress
 import Testing
 
 /// Small runs of the overhead harness (8 MiB, one round), shared by the tests.

@@ -1,5 +1,5 @@
 import SVMEmu
-import SVMStress
+@testable import SVMStress
 import Testing
 
 @Suite("seed sweeps: shards and their merge")

@@ -53,8 +53,6 @@ struct BenchGoalsCommand: ParsableCommand {
 
     @Option(name: .long, parsing: .unconditional, help: "numa runs comparing the copiers, each taking turns with the other (1-20); the lowest ratio is reported.")
     var rounds = 3
-    /// `--rounds`: pairs of numa runs (the name the run body uses).
-    var pairs: Int { rounds }
 
     @OptionGroup var output: JSONOutputOptions
 
@@ -158,11 +156,11 @@ struct BenchGoalsCommand: ParsableCommand {
                       note: full ? nil : "200000 operations; --full runs 1000000"))
 
         // numa: 2 MiB folios, two copy threads against one, runs alternating.
-        let ratios = try NUMABench.copyThreadRatios(pairs: pairs) { progress.say("numa, 2 MiB folios, single and 2 copy threads: \($0)") }
+        let ratios = try NUMABench.copyThreadRatios(pairs: rounds) { progress.say("numa, 2 MiB folios, single and 2 copy threads: \($0)") }
         let lowest = ratios.min()!
         let median = ratios.sorted()[ratios.count / 2]
         add(BenchGoal(figure: "numa, 2 MiB folios, 2 copy threads vs 1 taking turns in one run: pagesPerSecond", measured: lowest,
-                      shown: "\(f(lowest, 2))x lowest of \(pairs), median \(f(median, 2))x (each: \(ratios.map { f($0, 2) + "x" }.joined(separator: ", ")))",
+                      shown: "\(f(lowest, 2))x lowest of \(rounds), median \(f(median, 2))x (each: \(ratios.map { f($0, 2) + "x" }.joined(separator: ", ")))",
                       goal: ">= 0.95 (never below)", met: lowest >= 0.95))
 
         // The copier against this host's own two-thread memcpy, numa's working set.

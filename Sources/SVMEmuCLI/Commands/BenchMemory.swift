@@ -22,7 +22,6 @@ struct BenchMemoryCommand: ParsableCommand {
             """)
 
     @OptionGroup var output: JSONOutputOptions
-    var json: Bool { output.json }
 
     @Option(name: .long, parsing: .unconditional, help: "Size of the demand-zero mapping, 1M to 1G, a multiple of 1M, with an optional K, M or G suffix (binary units).")
     var size = "64M"
@@ -33,7 +32,6 @@ struct BenchMemoryCommand: ParsableCommand {
     static let sizeRange = ByteSize.mib...ByteSize.gib
 
     @OptionGroup var timing: BenchRoundsOptions
-    var rounds: Int { timing.rounds }
 
     @OptionGroup var pattern: PatternSeedOption
 
@@ -59,12 +57,12 @@ struct BenchMemoryCommand: ParsableCommand {
     func run() throws {
         warnIfDebugBuild("svmemu bench memory")
         let r = try measure()
-        try printReport(r, json: json, text: Self.render(r, faultMiB: faultMiB, rounds: rounds))
+        try printReport(r, json: output.json, text: Self.render(r, faultMiB: faultMiB, rounds: timing.rounds))
     }
 
     /// The harness with this command's arguments.
     func measure() throws -> Result {
-        try MemoryBench.run(faultBytes: faultMiB << 20, rounds: rounds, seed: pattern.seed)
+        try MemoryBench.run(faultBytes: faultMiB << 20, rounds: timing.rounds, seed: pattern.seed)
     }
 
     static func render(_ r: Result, faultMiB: Int, rounds: Int) -> String {

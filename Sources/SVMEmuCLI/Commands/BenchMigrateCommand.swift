@@ -45,10 +45,8 @@ struct BenchMigrateCommand: ParsableCommand {
     @OptionGroup var timing: BenchRoundsOptions
 
     @OptionGroup var pattern: PatternSeedOption
-    var rounds: Int { timing.rounds }
 
     @OptionGroup var output: JSONOutputOptions
-    var json: Bool { output.json }
 
     @OptionGroup var report: ReportFileOptions
 
@@ -89,14 +87,14 @@ struct BenchMigrateCommand: ParsableCommand {
         warnIfDebugBuild("svmemu bench migrate")
         let bytes = ByteSize.parse(size)!
         let r = try measure(bytes: bytes)
-        try printReport(r, json: json, text: Self.render(r))
+        try printReport(r, json: output.json, text: Self.render(r))
     }
 
     /// The harness with this command's arguments, with a progress line.
     func measure(bytes: Int) throws -> Result {
         let progress = ProgressLine(label: "svmemu bench migrate \(granularity.rawValue)")
         defer { progress.done() }
-        return try MigrateBench.run(bytes: bytes, granularity: granularity, rounds: rounds, seed: pattern.seed,
+        return try MigrateBench.run(bytes: bytes, granularity: granularity, rounds: timing.rounds, seed: pattern.seed,
                                     progress: progress.say)
     }
 

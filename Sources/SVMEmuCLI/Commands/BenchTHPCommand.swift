@@ -34,7 +34,6 @@ struct BenchTHPCommand: ParsableCommand {
     /// uses 5, the default); the mean is reported.
     @OptionGroup var timing: BenchRoundsOptions
     /// `--rounds` (the name the run body and the results use).
-    var iterations: Int { timing.rounds }
 
     @Option(name: .long, parsing: .unconditional, help: "Largest size to run, 512K to 64G, with an optional K, M or G suffix (default: all, up to 256M).")
     var maxSize: String = "256M"
@@ -42,7 +41,6 @@ struct BenchTHPCommand: ParsableCommand {
     @OptionGroup var pattern: PatternSeedOption
 
     @OptionGroup var output: JSONOutputOptions
-    var json: Bool { output.json }
 
     @OptionGroup var report: ReportFileOptions
 
@@ -86,14 +84,14 @@ struct BenchTHPCommand: ParsableCommand {
         let progress = ProgressLine(label: "svmemu bench thp")
         for (name, size) in THPBench.sizes where size <= limit {
             progress.say("\(name): with THP")
-            let thp = try THPBench.measure(bytes: size, thp: true, iterations: iterations, seed: pattern.seed)
+            let thp = try THPBench.measure(bytes: size, thp: true, iterations: timing.rounds, seed: pattern.seed)
             progress.say("\(name): without THP")
-            let regular = try THPBench.measure(bytes: size, thp: false, iterations: iterations, seed: pattern.seed)
+            let regular = try THPBench.measure(bytes: size, thp: false, iterations: timing.rounds, seed: pattern.seed)
             progress.done()
-            rows.append(SizeResult(name: name, bytes: size, iterations: iterations, thp: thp, regular: regular))
-            if !json { print(Self.render(rows.last!)) }
+            rows.append(SizeResult(name: name, bytes: size, iterations: timing.rounds, thp: thp, regular: regular))
+            if !output.json { print(Self.render(rows.last!)) }
         }
-        try printReport(Results(sizes: rows), json: json, text: Self.summary(rows) + "\n")
+        try printReport(Results(sizes: rows), json: output.json, text: Self.summary(rows) + "\n")
     }
 
     /// print_benchmark_results(): one table per size, improvements as the

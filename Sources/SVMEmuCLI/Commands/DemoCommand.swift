@@ -39,7 +39,6 @@ struct DemoCommand: ParsableCommand {
     var seed: UInt64 = 1
 
     @OptionGroup var output: JSONOutputOptions
-    var json: Bool { output.json }
 
     @OptionGroup var report: ReportFileOptions
 
@@ -60,13 +59,13 @@ struct DemoCommand: ParsableCommand {
             r.perPage = []
             results.append(r)
         }
-        if !json {
+        if !output.json {
             print("1. The livelock and the trylock fix\n")
             print(StormReport.table(results), terminator: "")
             print("\n" + Self.explanation(results[0], results[1]))
         }
         let overhead = try Self.overheadRuns()
-        try printReport(Results(storms: results, overhead: overhead), json: json,
+        try printReport(Results(storms: results, overhead: overhead), json: output.json,
                         text: "\n2. Where a fault's time goes\n\n" + OverheadHarness.demoSummary(overhead))
         // A livelock is the demo's point; a storm that failed its checks is not.
         for r in results where LivelockCommand.exitStatus(for: r, failOnLivelock: false) == ExitStatus.failure {

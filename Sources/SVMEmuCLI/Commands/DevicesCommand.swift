@@ -20,7 +20,6 @@ struct DevicesCommand: ParsableCommand {
             """)
 
     @OptionGroup var output: JSONOutputOptions
-    var json: Bool { output.json }
 
     @OptionGroup var report: ReportFileOptions
 
@@ -29,7 +28,7 @@ struct DevicesCommand: ParsableCommand {
 
     func run() throws {
         let result = DRMDevices.enumerate()
-        try printReport(result, json: json, text: Self.render(result, verbose: verbose))
+        try printReport(result, json: output.json, text: Self.render(result, verbose: verbose))
     }
 
     /// The human-readable table.

@@ -41,7 +41,6 @@ struct LivelockCommand: ParsableCommand {
             """)
 
     @OptionGroup var knobs: StormScenarioOptions
-    var pageSize: String { knobs.pageSize }
 
     /// 512 pages, a 2 s stall window, no lookup time.
     enum StormDefaults: StormOptionDefaults {
@@ -58,7 +57,6 @@ struct LivelockCommand: ParsableCommand {
     @OptionGroup var schedule: ScheduleOptions
 
     @OptionGroup var output: JSONOutputOptions
-    var json: Bool { output.json }
 
     @OptionGroup var report: ReportFileOptions
 
@@ -72,7 +70,7 @@ struct LivelockCommand: ParsableCommand {
     func validate() throws {
         try schedule.check(deterministic: deterministic)
         _ = try settings()
-        if perPage && !json {
+        if perPage && !output.json {
             throw ValidationError("--per-page needs --json: the per-page records are printed only in the JSON "
                                   + "(the table shows their distribution)")
         }
@@ -122,15 +120,15 @@ struct LivelockCommand: ParsableCommand {
     /// Throws `CLIError.notEnoughMemory` (exit status 1).
     func preflight(_ s: StormSettings, available: Int? = HostResources.availableBytes()) throws(CLIError) {
         try HostResources.checkMemory(needed: Self.memoryNeeded(s), available: available,
-                                      for: "svmemu livelock --pages \(storm.pages) --page-size \(pageSize)")
+                                      for: "svmemu livelock --pages \(storm.pages) --page-size \(knobs.pageSize)")
     }
 
     func run() throws {
         let s = try settings()
         try preflight(s)
         var r = try Self.runStorm(s, label: "")
-        if json && !perPage { r.perPage = [] }
-        try printReport(r, json: json, text: StormReport.table([r], titles: [StormReport.title(r)]))
+        if output.json && !perPage { r.perPage = [] }
+        try printReport(r, json: output.json, text: StormReport.table([r], titles: [StormReport.title(r)]))
         let status = Self.exitStatus(for: r, failOnLivelock: failOnLivelock)
         if status == ExitStatus.failure {
             let why = r.error.map { ["a storm thread's access failed: " + $0] } ?? []

@@ -51,8 +51,6 @@ struct NumaCommand: ParsableCommand {
 
     @Option(name: .long, parsing: .unconditional, help: "Buffer size, 2M to 16G, a multiple of 2M (whole 2 MiB folios for the 2 MiB variants), with an optional K, M or G suffix; needs about 4.4 times as much host memory.")
     var size: String = "64M"
-    /// `--size` (the name the run bodies use).
-    var buffer: String { size }
 
     /// Sizes `--size` takes: whole 2 MiB folios (the 2 MiB variants move
     /// the same buffer), up to 16 GiB.
@@ -87,8 +85,6 @@ struct NumaCommand: ParsableCommand {
 
     @Option(name: .long, parsing: .unconditional, help: "4 KiB pages the --storm moves (2-65536).")
     var pages = 1024
-    /// `--pages` (the name the run bodies use).
-    var stormPages: Int { pages }
 
     @Option(name: .long, parsing: .unconditional, help: "Lock-holding threads of the storm (1-32).")
     var holders = 2
@@ -158,7 +154,7 @@ struct NumaCommand: ParsableCommand {
     func preflight(available: Int? = HostResources.availableBytes()) throws(CLIError) {
         for file in outputFiles { try file.checkWritable() }
         guard !storm else { return }
-        try HostResources.checkMemory(needed: Self.memoryNeeded(bufferBytes: ByteSize.parse(buffer)!), available: available,
+        try HostResources.checkMemory(needed: Self.memoryNeeded(bufferBytes: ByteSize.parse(size)!), available: available,
                                       for: "svmemu numa --size \(size)")
     }
 
@@ -168,7 +164,7 @@ struct NumaCommand: ParsableCommand {
     /// sweep, with a progress line on standard error.
     func variantResults() throws -> Results {
         var settings = NUMABenchSettings()
-        settings.bufferBytes = ByteSize.parse(buffer)!
+        settings.bufferBytes = ByteSize.parse(size)!
         settings.readers = readers
         settings.rounds = rounds
         settings.seed = threads.seed
@@ -208,7 +204,7 @@ struct NumaCommand: ParsableCommand {
     /// line on standard error.
     func stormResults() throws -> StormResults {
         var settings = NUMAStormSettings()
-        settings.pages = stormPages
+        settings.pages = pages
         settings.holders = holders
         settings.rounds = rounds
         settings.seed = threads.seed
@@ -284,7 +280,7 @@ struct NumaCommand: ParsableCommand {
 
     /// What the chart's title says ran: the buffer, readers and rounds.
     var chartTitle: String {
-        "svmemu numa: migrate_pages of a \(ByteSize.parse(buffer).map(Chart.size) ?? buffer) buffer between two nodes, \(readers) reader\(readers == 1 ? "" : "s"), "
+        "svmemu numa: migrate_pages of a \(ByteSize.parse(size).map(Chart.size) ?? size) buffer between two nodes, \(readers) reader\(readers == 1 ? "" : "s"), "
             + "\(rounds) round\(rounds == 1 ? "" : "s")"
     }
 

@@ -77,7 +77,6 @@ struct OverheadCommand: ParsableCommand {
     @OptionGroup var threads: HarnessScheduleOptions
 
     @OptionGroup var output: JSONOutputOptions
-    var json: Bool { output.json }
 
     @OptionGroup var report: ReportFileOptions
 
@@ -208,19 +207,19 @@ struct OverheadCommand: ParsableCommand {
         try preflight()
         warnIfDebugBuild("svmemu overhead")
         let bytes = ByteSize.parse(size)!
-        let results = try runs { r in if !json { print(OverheadReport.table(r)) } }
-        if !json && results.count > 1 {
+        let results = try runs { r in if !output.json { print(OverheadReport.table(r)) } }
+        if !output.json && results.count > 1 {
             print("Summary (\(bytes >> 20) MiB; shares of the mean fault)")
             print(OverheadReport.summary(results))
         }
-        if json { print(try JSONReport.render(for: self, results: Runs(runs: results))) }
+        if output.json { print(try JSONReport.render(for: self, results: Runs(runs: results))) }
         if let svg {
             try OutputFile(svg).write(OverheadReport.svg(results))
-            if !json { print("chart: \(svg)") }
+            if !output.json { print("chart: \(svg)") }
         }
         if let trace {
             try OutputFile(trace).write(OverheadReport.traceJSON(results))
-            if !json {
+            if !output.json {
                 print("trace: \(trace) (open in https://ui.perfetto.dev)")
                 let dropped = results.reduce(0) { $0 + ($1.traceEventsDropped ?? 0) }
                 if dropped > 0 {

@@ -12,8 +12,8 @@ enum JSONReport<Results: Encodable> {
     /// The report of `command` (a parsed command: its arguments are read back)
     /// with `results`, as text.
     static func render<C: ParsableCommand>(for command: C, results: Results) throws -> String {
-        try JSONEnvelope(command: commandPath(C.self), arguments: ArgumentValue.arguments(of: command),
-                         host: HostInfo.current, version: SVMEmuVersion.package,
+        try JSONEnvelope(command: commandPath(C.self), arguments: ReportValue.arguments(of: command),
+                         host: ReportHost.current, version: SVMEmuVersion.package,
                          revision: SVMEmuVersion.revision, results: results).text()
     }
 
@@ -32,9 +32,6 @@ enum JSONReport<Results: Encodable> {
     }
 }
 
-/// The host a report was made on.
-typealias HostInfo = ReportHost
-
 extension ReportHost {
     /// This host now.
     static var current: ReportHost {
@@ -42,9 +39,6 @@ extension ReportHost {
                    memoryAvailableBytes: HostResources.availableBytes())
     }
 }
-
-/// One argument's value in a report.
-typealias ArgumentValue = ReportValue
 
 extension ReportValue {
     /// Every `@Option` and `@Flag` of `command`, and of its `@OptionGroup`s,

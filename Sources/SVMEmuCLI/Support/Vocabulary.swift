@@ -12,7 +12,7 @@ import Glibc
 /// is declared `help: .private` (no help, no completion) and merged into its
 /// new option by the command's `validate()` with `adopt(_:into:...)`, which
 /// prints a warning naming the new spelling. `--json`'s `arguments` leaves
-/// the group out (`ArgumentValue.arguments`): it records the new names.
+/// the group out (`ReportValue.arguments`): it records the new names.
 protocol DeprecatedSpellings: ParsableArguments {}
 
 /// The old spellings of renamed options (Docs/cli.md lists them).

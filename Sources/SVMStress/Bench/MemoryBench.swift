@@ -25,20 +25,6 @@ public struct MemoryBenchResult: Encodable, Sendable, Equatable {
     public var metadataBytesPerPage: Int
     /// The yardstick: a cache-hot 4 KiB memcpy, nanoseconds.
     public var memcpy4KNanos: Double
-
-    /// The figures as measured.
-    public init(readNanos: Double, tlbHitReadNanos: Double, tlbMissReadNanos: Double, shootdownNanos: Double,
-                demandZeroFaultNanos: Double, demandZeroFirstRoundNanos: Double, metadataBytesPerPage: Int,
-                memcpy4KNanos: Double) {
-        self.readNanos = readNanos
-        self.tlbHitReadNanos = tlbHitReadNanos
-        self.tlbMissReadNanos = tlbMissReadNanos
-        self.shootdownNanos = shootdownNanos
-        self.demandZeroFaultNanos = demandZeroFaultNanos
-        self.demandZeroFirstRoundNanos = demandZeroFirstRoundNanos
-        self.metadataBytesPerPage = metadataBytesPerPage
-        self.memcpy4KNanos = memcpy4KNanos
-    }
 }
 
 /// The harness of `svmemu bench memory`.

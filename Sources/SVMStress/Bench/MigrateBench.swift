@@ -52,19 +52,6 @@ public struct MigrateBenchResult: Encodable, Sendable {
     /// Timed rounds.
     public var rounds: Int
 
-    /// The figures as measured.
-    public init(granularity: MigrationGranularity, bytes: Int, migrateSeconds: Double, memcpySeconds: Double,
-                streamCopySeconds: Double, toDeviceSeconds: Double, toSystemSeconds: Double, rounds: Int) {
-        self.granularity = granularity
-        self.bytes = bytes
-        self.migrateSeconds = migrateSeconds
-        self.memcpySeconds = memcpySeconds
-        self.streamCopySeconds = streamCopySeconds
-        self.toDeviceSeconds = toDeviceSeconds
-        self.toSystemSeconds = toSystemSeconds
-        self.rounds = rounds
-    }
-
     /// The round trip's throughput, GB/s.
     public var migrateGBps: Double { Double(2 * bytes) / migrateSeconds / 1e9 }
     /// memcpy's, GB/s.

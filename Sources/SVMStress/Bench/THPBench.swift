@@ -17,13 +17,6 @@ public struct THPBenchSide: Encodable, Sendable {
     /// VRAM -> RAM throughput, 2^30 bytes per second.
     public var devToSysGBps: Double { Double(bytes) / Double(1 << 30) / (devToSysMs / 1000) }
 
-    /// The mean times of a buffer of `bytes`.
-    public init(sysToDevMs: Double, devToSysMs: Double, bytes: Int) {
-        self.sysToDevMs = sysToDevMs
-        self.devToSysMs = devToSysMs
-        self.bytes = bytes
-    }
-
     /// The times and the throughputs (not the size: the size's own object has it).
     public func encode(to encoder: any Encoder) throws {
         try encoder.encodeProperties(of: self, except: ["bytes"], adding: ["sysToDevGBps": sysToDevGBps, "devToSysGBps": devToSysGBps])
