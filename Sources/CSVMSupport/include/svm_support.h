@@ -261,10 +261,20 @@ static inline void svm_memcpy(void *dst, const void *src, size_t n) { memcpy(dst
 static inline void svm_memset(void *dst, int c, size_t n) { memset(dst, c, n); }
 static inline int svm_memcmp(const void *a, const void *b, size_t n) { return memcmp(a, b, n); }
 // A copy with non-temporal (streaming) stores, as a DMA engine writes memory
-// without pulling the destination into the CPU caches. For 64-byte multiples
-// on 16-byte aligned buffers (page frames); anything else falls back to memcpy.
+// without pulling the destination into the CPU caches, and non-temporal
+// prefetches (PREFETCHNTA) of the source SVM_COPY_PREFETCH_AHEAD bytes ahead,
+// as a DMA engine reads it without filling them either: the page metadata a
+// migration touches before and after a copy stays cached (2 MiB round trip
+// 0.85 -> 0.98 of the streaming copy, 4 KiB 0.58 -> 0.63, measured
+// 2026-12-07; the 256 MiB streaming copy itself ran at the same speed with
+// and without). For 64-byte multiples on 16-byte aligned buffers (page
+// frames); anything else falls back to memcpy.
 #if defined(__x86_64__)
 #include <emmintrin.h>
+#include <xmmintrin.h>
+#ifndef SVM_COPY_PREFETCH_AHEAD
+#define SVM_COPY_PREFETCH_AHEAD 2048
+#endif
 // The copy without a closing fence: a batch of these followed by one
 // svm_store_fence() costs one fence per batch, like one DMA completion.
 static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n) {
@@ -272,6 +282,7 @@ static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n
     __m128i *d = (__m128i *)dst;
     const __m128i *s = (const __m128i *)src;
     for (size_t i = 0; i < n / 16; i += 4) {
+        _mm_prefetch((const char *)(s + i) + SVM_COPY_PREFETCH_AHEAD, _MM_HINT_NTA);
         __m128i a = _mm_load_si128(s + i), b = _mm_load_si128(s + i + 1);
         __m128i c = _mm_load_si128(s + i + 2), e = _mm_load_si128(s + i + 3);
         _mm_stream_si128(d + i, a); _mm_stream_si128(d + i + 1, b);
