@@ -263,17 +263,31 @@ static inline void svm_memcpy(void *dst, const void *src, size_t n) { memcpy(dst
 static inline void svm_memset(void *dst, int c, size_t n) { memset(dst, c, n); }
 static inline int svm_memcmp(const void *a, const void *b, size_t n) { return memcmp(a, b, n); }
 // A copy with non-temporal (streaming) stores, as a DMA engine writes memory
-// without pulling the destination into the CPU caches. For 64-byte multiples
-// on 16-byte aligned buffers (page frames); anything else falls back to memcpy.
+// without pulling the destination into the CPU caches, and non-temporal
+// prefetches (PREFETCHNTA) of the source SVM_COPY_PREFETCH_AHEAD bytes ahead,
+// as a DMA engine reads it without filling them either: the page metadata a
+// migration touches before and after a copy stays cached. Measured
+// 2026-12-07 (Docs/benchmarks.md): the 256 MiB streaming copy 20.5 -> 22.7
+// GB/s, the 2 MiB migration round trip 17.5 -> 20.3 GB/s. For 64-byte
+// multiples on 16-byte aligned buffers (page frames); anything else falls
+// back to memcpy.
 #if defined(__x86_64__)
 #include <emmintrin.h>
+#include <xmmintrin.h>
+#ifndef SVM_COPY_PREFETCH_AHEAD
+#define SVM_COPY_PREFETCH_AHEAD 2048
+#endif
 // The copy without a closing fence: a batch of these followed by one
 // svm_store_fence() costs one fence per batch, like one DMA completion.
 static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n) {
     if ((((uintptr_t)dst | (uintptr_t)src) & 15) || (n & 63)) { memcpy(dst, src, n); return; }
     __m128i *d = (__m128i *)dst;
     const __m128i *s = (const __m128i *)src;
+    // Prefetches stay inside the source: a 4 KiB copy's next frame is
+    // rarely the next copy's source.
+    size_t prefetched = n > SVM_COPY_PREFETCH_AHEAD ? (n - SVM_COPY_PREFETCH_AHEAD) / 16 : 0;
     for (size_t i = 0; i < n / 16; i += 4) {
+        if (i < prefetched) _mm_prefetch((const char *)(s + i) + SVM_COPY_PREFETCH_AHEAD, _MM_HINT_NTA);
         __m128i a = _mm_load_si128(s + i), b = _mm_load_si128(s + i + 1);
         __m128i c = _mm_load_si128(s + i + 2), e = _mm_load_si128(s + i + 3);
         _mm_stream_si128(d + i, a); _mm_stream_si128(d + i + 1, b);

@@ -18,9 +18,10 @@ public protocol CopyEngine: AnyObject, Sendable {
 
 /// The simplest engine: a copy on the calling thread, charging nothing beyond
 /// what the copy costs on this machine. Copies of at least
-/// `streamingThreshold` bytes use non-temporal stores, as a DMA engine writes
-/// memory without filling the CPU caches (and as glibc's memcpy does for
-/// copies larger than a few MiB). Streaming stores are weakly ordered: the
+/// `streamingThreshold` bytes use non-temporal stores and non-temporal
+/// prefetches of the source, as a DMA engine reads and writes memory without
+/// filling the CPU caches (glibc's memcpy streams its stores only for copies
+/// larger than a few MiB). Streaming stores are weakly ordered: the
 /// bytes are complete and visible to other threads after `wait()` (one store
 /// fence for the whole batch, like one DMA completion), which is why a driver
 /// must wait before `migrateVMAPages`.

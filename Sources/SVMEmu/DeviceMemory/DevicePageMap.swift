@@ -129,7 +129,17 @@ public final class DevicePageMap: @unchecked Sendable, CustomStringConvertible {
         m.clearFlags(PageFlags.anon.rawValue | PageFlags.anonExclusive.rawValue | PageFlags.dirty.rawValue
                      | PageFlags.swapBacked.rawValue | PageFlags.lru.rawValue)
         m.mappingMM = 0
-        for i in 1..<folio.pageCount { folio.page(i).meta.clearFlags(PageFlags.anonExclusive.rawValue) }
+        // `__ClearPageAnonExclusive()` on each page: a plain read and write,
+        // no lock-prefixed instruction, as in the kernel (nobody else holds
+        // a folio whose last reference is gone). Tails mostly have it clear
+        // (a PMD mapping keeps it on the head), so the write is skipped then.
+        if folio.pageCount > 1 {
+            folio.kernelRef._withUnsafeGuaranteedRef { k in
+                for pfn in (folio.pfn + 1)..<(folio.pfn + UInt64(folio.pageCount)) {
+                    k.metaPtr(pfn).clearFlagsUnshared(PageFlags.anonExclusive.rawValue)
+                }
+            }
+        }
         operations.folioFree?(folio)
     }
 }
@@ -236,8 +246,8 @@ extension Kernel {
         // Every page of the new folio is set up afresh (head, order, flags,
         // mapping): a page may still carry the head and order of a large
         // folio it belonged to before, freed and carved up since.
-        prepareNewFolio(pfn: page.pfn, order: order, flags: PageFlags.zoneDevice.rawValue | PageFlags.locked.rawValue)
-        for i in 0..<count { metaPtr(page.pfn + UInt64(i)).pgmap = m.pgmap }
+        prepareNewFolio(pfn: page.pfn, order: order, flags: PageFlags.zoneDevice.rawValue | PageFlags.locked.rawValue,
+                        pgmap: m.pgmap)
         return Folio(pfn: page.pfn, kernel: self)
     }
 

@@ -76,9 +76,10 @@ public enum HostMemory {
     }
 
     /// Copies `bytes` bytes: through the caches, or with `streaming` with
-    /// non-temporal stores, as a DMA engine writes memory without filling the
-    /// CPU caches (64-byte multiples on 16-byte aligned buffers; anything else
-    /// is a plain copy). Streaming stores are weakly ordered: other threads
+    /// non-temporal stores and non-temporal prefetches of the source, as a
+    /// DMA engine reads and writes memory without filling the CPU caches
+    /// (64-byte multiples on 16-byte aligned buffers; anything else is a plain
+    /// copy). Streaming stores are weakly ordered: other threads
     /// see them after `storeFence()`.
     ///
     /// The corresponding C function is `memcpy`.

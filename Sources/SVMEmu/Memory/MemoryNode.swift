@@ -156,8 +156,12 @@ public final class MemoryNode: @unchecked Sendable {
 extension Kernel {
     /// Sets up the metadata of a newly allocated folio: one reference, no
     /// mappings, head/tail links (`prep_compound_page()` for order 9).
-    func prepareNewFolio(pfn: UInt64, order: Int, flags: UInt32) {
+    /// `pgmap` (a device page map's index + 1) is stored in every page when
+    /// not 0, in the same pass (`zone_device_page_init()` sets each page's
+    /// pgmap in its one loop over the pages).
+    func prepareNewFolio(pfn: UInt64, order: Int, flags: UInt32, pgmap: UInt32 = 0) {
         let head = metaPtr(pfn)
+        if pgmap != 0 { head.pgmap = pgmap }
         head.atomicFlags.store(flags | (order > 0 ? PageFlags.head.rawValue : 0), ordering: .releasing)
         head.atomicRefcount.store(1, ordering: .releasing)
         head.atomicMapcount.store(0, ordering: .releasing)
@@ -178,6 +182,7 @@ extension Kernel {
                 t.head = pfn
                 t.mappingMM = 0
                 t.allocGen = t.allocGen &+ 1
+                if pgmap != 0 { t.pgmap = pgmap }
             }
         }
     }

@@ -137,6 +137,14 @@ struct MetaPtr {
     @inlinable func setFlags(_ f: UInt32) { atomicFlags.bitwiseOr(f, ordering: .acquiringAndReleasing) }
     @inlinable func clearFlags(_ f: UInt32) { atomicFlags.bitwiseAnd(~f, ordering: .acquiringAndReleasing) }
     @inlinable func test(_ f: UInt32) -> Bool { atomicFlags.load(ordering: .acquiring) & f != 0 }
+    /// The non-atomic `__ClearPageFoo()` form: a relaxed read, and a relaxed
+    /// write only when a bit of `f` is set. Only for a page nobody else can
+    /// reach (a folio being freed or prepared), where the kernel uses the
+    /// non-atomic bit operations too.
+    @inlinable func clearFlagsUnshared(_ f: UInt32) {
+        let old = atomicFlags.load(ordering: .relaxed)
+        if old & f != 0 { atomicFlags.store(old & ~f, ordering: .relaxed) }
+    }
 
     @inlinable var order: UInt8 {
         get { p.load(fromByteOffset: PageMeta.order, as: UInt8.self) }

@@ -147,6 +147,13 @@ extension Kernel {
         var i = -1
         while i + 1 < npages {
             i += 1
+            // No destination (the tails of a compound entry, entries the
+            // driver skipped): MIGRATE off, nothing else to look at. The
+            // store is skipped when the bit is clear already.
+            if !dst[i].isValid {
+                if src[i].isMigrating { src[i] = src[i].without(MigratePFN.migrateBit) }
+                continue
+            }
             guard let newPage = validatedDestination(&dst, i) else {
                 src[i] = src[i].without(MigratePFN.migrateBit)
                 continue
