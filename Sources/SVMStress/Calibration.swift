@@ -215,13 +215,14 @@ public enum Calibration {
             yield: r(figures["yield"]!.median), ipiSendToReceipt: r(ipiSendToReceipt), ipiRoundTrip: r(ipiRoundTrip),
             localFlush: r(localFlush))
         let cpus = min(hostCPUs, CPUSet.maxCPUs)
+        methods["deviceFault"] = MachineProfile.DeviceFault.notMeasuredMethod
         let profile = MachineProfile(
             name: settings.name ?? "native-\(cpus)core",
             description: settings.description ?? "This host, measured by svmemu calibrate (\(rounds) repetitions a cost).",
             measuredOn: machineDescription(), date: today(), tool: tool, cpus: cpus, costs: costs,
             memcpy: memcpy,
             scheduler: .init(baseSliceNanos: slice, tickNanos: tickNanos, preemption: preemption),
-            methods: methods, stalls: stalls)
+            methods: methods, stalls: stalls, deviceFault: .init(entryToReferenceNanos: 0, referenceToCollectNanos: 0))
         return Result(profile: profile, figures: figures)
     }
 

@@ -38,6 +38,10 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     /// reasons outside the kernel (the host descheduling a vCPU, the
     /// hypervisor). Optional: profiles measured before it load without it.
     public var stalls: Stalls?
+    /// The kernel's own code on a device-private fault's path, measured
+    /// inside that kernel (the rig's kprobe events). Optional: without it a
+    /// run charges nothing for these spans.
+    public var deviceFault: DeviceFault?
 
     /// The measured costs, in nanoseconds (medians).
     public struct Costs: Sendable, Codable, Equatable {
@@ -122,6 +126,42 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         }
     }
 
+    /// Two spans of the kernel's device-private fault path (6.12's legacy
+    /// `do_swap_page()`), measured with kprobe events on the machine itself
+    /// (`Tools/kernel-rig` `rig.sh probe`; Docs/machine-profiles.md): the
+    /// time that kernel's own code takes there, which the other costs (a
+    /// minor fault, a lock, a walk) do not cover.
+    public struct DeviceFault: Sendable, Codable, Equatable {
+        /// From the fault's entry into the handler (`lock_vma_under_rcu()`)
+        /// to the page reference before `migrate_to_ram` (the driver's
+        /// callback entered right after `get_page()`): both of 6.12's passes,
+        /// the per-VMA lock's `VM_FAULT_RETRY` and the pass under
+        /// `mmap_read_lock()`. ns.
+        public var entryToReferenceNanos: Double
+        /// From that reference to `migrate_vma_collect_pmd()`: the driver's
+        /// `migrate_to_ram`, `migrate_vma_setup()`, the MMU notifier and the
+        /// page-table walk down to the PMD. ns.
+        public var referenceToCollectNanos: Double
+
+        /// The spans as measured.
+        public init(entryToReferenceNanos: Double, referenceToCollectNanos: Double) {
+            self.entryToReferenceNanos = entryToReferenceNanos
+            self.referenceToCollectNanos = referenceToCollectNanos
+        }
+
+        /// The `methods` text of a profile that could not measure the spans
+        /// (`svmemu calibrate`): both 0, nothing charged.
+        public static let notMeasuredMethod = "Not measured: both 0, so a run charges nothing for these spans. "
+            + "They are timed with kprobe events on a kernel whose device-private pages fault (lib/test_hmm, the "
+            + "kernel rig's guest: Tools/kernel-rig rig.sh probe); svmemu calibrate runs as a user program on a "
+            + "host without device-private memory or the privileges for kprobes, so it has no equivalent."
+
+        /// Both figures by key, in the file's order.
+        public var all: [(key: String, value: Double)] {
+            [("entryToReferenceNanos", entryToReferenceNanos), ("referenceToCollectNanos", referenceToCollectNanos)]
+        }
+    }
+
     /// The scheduler's timing on the machine.
     public struct Scheduler: Sendable, Codable, Equatable {
         /// EEVDF's base slice (`sysctl_sched_base_slice`, scaled by the CPUs).
@@ -139,7 +179,8 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     /// and `unlock` the uncontended lock, `futex` the dearer of FUTEX_WAKE
     /// and FUTEX_WAIT, `wake` the wake-up latency, `yield`, `contextSwitch`
     /// and `spinRound` as measured, `walk`, `localFlush` and `ipi` from the
-    /// page-table walk, the local flush and the IPI round trip, and `copyPerKiB` from memcpy's bandwidth
+    /// page-table walk, the local flush and the IPI round trip, `deviceFaultToReference` and
+    /// `referenceToCollect` from ``deviceFault`` (0 without it), and `copyPerKiB` from memcpy's bandwidth
     /// at a 1-2 MiB working set (a 4 KiB to 2 MiB folio copy's source is
     /// rarely in L1). Each is rounded to whole nanoseconds, at least 1: a
     /// free scheduling point would let a spinning thread stop virtual time.
@@ -156,6 +197,11 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         v.localFlush = ns(costs.localFlush)
         v.ipi = ns(costs.ipiRoundTrip)
         v.ipiReceipt = ns(costs.ipiSendToReceipt)
+        // The kernel's own code on the device-private fault path (0: not
+        // measured on this machine, nothing charged).
+        func span(_ v: Double?) -> UInt64 { v.map { $0.isFinite && $0 > 0 ? UInt64($0.rounded()) : 0 } ?? 0 }
+        v.deviceFaultToReference = span(deviceFault?.entryToReferenceNanos)
+        v.referenceToCollect = span(deviceFault?.referenceToCollectNanos)
         return v
     }
 
@@ -202,8 +248,8 @@ public struct MachineProfile: Sendable, Codable, Equatable {
 
     /// Checks what a run relies on: a name, every cost finite and not
     /// negative, at least one copy bandwidth (working set and GB/s above 0),
-    /// a tick and a slice above 0, CPUs 1-64, stall figures (when present)
-    /// finite and not negative. Returns the first problem, or nil.
+    /// a tick and a slice above 0, CPUs 1-64, stall and device-fault figures
+    /// (when present) finite and not negative. Returns the first problem, or nil.
     public var problem: String? {
         if name.isEmpty { return "the profile has no name" }
         for (key, v) in costs.all where !v.isFinite || v < 0 {
@@ -218,6 +264,11 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         if let stalls {
             for (key, v) in stalls.all where !v.isFinite || v < 0 {
                 return "stalls.\(key) must be a finite number >= 0 (got \(v))"
+            }
+        }
+        if let deviceFault {
+            for (key, v) in deviceFault.all where !v.isFinite || v < 0 {
+                return "deviceFault.\(key) must be a finite number of nanoseconds >= 0 (got \(v))"
             }
         }
         if !(1...CPUSet.maxCPUs).contains(cpus) { return "cpus must be 1...\(CPUSet.maxCPUs) (got \(cpus))" }

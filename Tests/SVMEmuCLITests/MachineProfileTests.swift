@@ -56,6 +56,29 @@ struct MachineProfileTests {
         }
     }
 
+    @Test("deviceFault is optional: without it nothing is charged; with it both spans map onto the scheduler's costs")
+    func deviceFaultOptional() throws {
+        let plain = try MachineProfile.decode(Data(example.utf8), source: "example")
+        #expect(plain.deviceFault == nil)
+        #expect(plain.virtualCosts.deviceFaultToReference == 0 && plain.virtualCosts.referenceToCollect == 0)
+        #expect(!String(decoding: try plain.json(), as: UTF8.self).contains("deviceFault"), "no key written when absent")
+        let spans = #"{"entryToReferenceNanos":3900.4,"referenceToCollectNanos":2200}"#
+        let with = example.replacingOccurrences(of: #""methods":"#, with: #""deviceFault":\#(spans),"methods":"#)
+        let p = try MachineProfile.decode(Data(with.utf8), source: "with deviceFault")
+        #expect(p.deviceFault == MachineProfile.DeviceFault(entryToReferenceNanos: 3900.4, referenceToCollectNanos: 2200))
+        #expect(p.virtualCosts.deviceFaultToReference == 3900 && p.virtualCosts.referenceToCollect == 2200)
+        #expect(try MachineProfile.decode(try p.json(), source: "round trip") == p)
+        let zero = with.replacingOccurrences(of: "3900.4", with: "0")
+        #expect(try MachineProfile.decode(Data(zero.utf8), source: "zero").virtualCosts.deviceFaultToReference == 0,
+                "0 (not measured) charges nothing")
+        do {
+            _ = try MachineProfile.decode(Data(with.replacingOccurrences(of: "2200", with: "-1").utf8), source: "negative")
+            Issue.record("a negative span was accepted")
+        } catch {
+            #expect(error.description.contains("deviceFault.referenceToCollectNanos"))
+        }
+    }
+
     @Test("the stall probe runs on one CPU and reports ordered figures above its threshold")
     func stallProbe() throws {
         let (a, _) = Calibration.twoCPUs()
@@ -95,7 +118,13 @@ struct MachineProfileTests {
         for name in ["native", "qemu-tcg-2"] {
             let shipped = try MachineProfile.resolve(name)
             #expect(shipped.stalls != nil && shipped.methods["stalls"] != nil, "\(name) has stalls and their method")
+            #expect(shipped.deviceFault != nil && shipped.methods["deviceFault"] != nil, "\(name) has deviceFault and its method")
         }
+        #expect(p.deviceFault == MachineProfile.DeviceFault(entryToReferenceNanos: 0, referenceToCollectNanos: 0),
+                "the host has no device-private memory to probe: 0, nothing charged")
+        let rig = try MachineProfile.resolve("qemu-tcg-2")
+        #expect((rig.deviceFault?.entryToReferenceNanos ?? 0) > 0 && (rig.deviceFault?.referenceToCollectNanos ?? 0) > 0,
+                "the rig's guest measured both spans")
     }
 
     @Test("--machine: checked before the run, refused without --deterministic, listed when unknown")

@@ -62,6 +62,35 @@ struct DeterministicStormTests {
         #expect(all.virtualSeconds != oneByOne.virtualSeconds)
     }
 
+    @Test("a profile's deviceFault spans are charged once per device-private fault and once per fault's setup; 0 changes nothing")
+    func deviceFaultSpansCharged() throws {
+        func run(_ spans: MachineProfile.DeviceFault?) throws -> StormResult {
+            var s = StormSettings(faultPolicy: .trylock, driverLock: .none, threads: 1, pages: 8, seed: 3, stallSeconds: 1)
+            s.deterministic = true
+            s.cpus = 2
+            s.joinTimeoutSeconds = 60
+            var machine = try MachineProfile.shipped("qemu-tcg-2")
+            machine.stalls = nil   // stalls come in busy time: longer spans would draw more of them
+            machine.deviceFault = spans
+            s.machine = machine
+            var r = try StormHarness.run(s)
+            r.seconds = 0
+            r.stepsPerSecond = nil   // host time
+            return r
+        }
+        let none = try run(nil), zero = try run(.init(entryToReferenceNanos: 0, referenceToCollectNanos: 0))
+        #expect(none.virtualSeconds == zero.virtualSeconds && none.scheduleSteps == zero.scheduleSteps
+                && none.perPage == zero.perPage, "a 0 span adds no scheduling point")
+        let spans = try run(.init(entryToReferenceNanos: 10_000_000, referenceToCollectNanos: 20_000_000))
+        #expect(spans.pagesMigrated == 8 && spans.migrateToRAMCalls.total == 8 && spans.dataIntact)
+        // One thread, trylock: one fault a page, one migrate_to_ram a page, 30 ms
+        // a page. The scheduler's own costs around them (ticks, wake-ups onto
+        // halted CPUs) shift with the longer run by about half a millisecond
+        // either way; a span charged once too often or too rarely moves it 10 ms.
+        let added = (spans.virtualSeconds ?? 0) - (none.virtualSeconds ?? 0)
+        #expect(abs(added - 8 * 0.030) < 0.005, "added \(added) s")
+    }
+
     @Test("the same seed gives the same storm, counters and per-page figures")
     func sameSeedSameRun() throws {
         for policy in [DeviceFaultPolicy.legacy, .trylock] {

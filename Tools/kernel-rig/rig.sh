@@ -13,9 +13,11 @@
 #   selftest   boot vanilla, run hmm-tests, keep the TAP log
 #   livelock   boot legacy and trylock BOOTS times each, run the cases
 #   calibrate  boot vanilla CALIBRATE_BOOTS times, run the calibration program
+#   probe      boot legacy PROBE_BOOTS times: kprobe events on the device-private
+#              fault path of single-thread cases (PROBE_CASES), and one probe's cost
 #   results    turn a run's logs into the data files (RUN_ID, default the latest run)
 #   check      all of the above in order (what `make kernel-check` runs)
-#   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|shell)
+#   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|probe|shell)
 #
 # env: BOOTS (livelock boots per kernel, default 3), CALIBRATE_BOOTS (default 5),
 #      CASES (default: the 12 reference cases and 5 more), WATCHDOG (seconds without page
@@ -23,7 +25,8 @@
 #      under .build-kernel/logs, default a new timestamp),
 #      PAGES (default 512), TRACE (non-empty: rig-livelock -T, the barrier-exit
 #      and read timing as RIG-TRACE lines), JOBS (make -j, default nproc), RIG_DIR (scratch,
-#      default <repo>/.build-kernel), BOOT_TIMEOUT (seconds, default 1200).
+#      default <repo>/.build-kernel), BOOT_TIMEOUT (seconds, default 1200),
+#      PROBE_BOOTS (default 3), PROBE_CASES (default 1:0:0,1:1:0).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -37,6 +40,8 @@ OUT=$RIG_DIR/out
 LOGS=$RIG_DIR/logs
 BOOTS=${BOOTS:-3}
 CALIBRATE_BOOTS=${CALIBRATE_BOOTS:-5}
+PROBE_BOOTS=${PROBE_BOOTS:-3}
+PROBE_CASES=${PROBE_CASES:-1:0:0,1:1:0}
 WATCHDOG=${WATCHDOG:-30}
 PAGES=${PAGES:-512}
 JOBS=${JOBS:-$(nproc)}
@@ -172,7 +177,7 @@ cmd_guest() {
 		gcc "${cflags[@]}" -U_FORTIFY_SOURCE -no-pie -I "$SRC" -isystem "$SRC/tools/include/uapi" \
 			"$sel/hmm-tests.c" "$sel/vm_util.c" "$sel/thp_settings.c" -lrt -lm -o "$OUT/bin/hmm-tests"
 	fi
-	for prog in livelock calibrate; do
+	for prog in livelock calibrate probecost; do
 		if [ ! -x "$OUT/bin/rig-$prog" ] || [ "$HERE/guest/$prog.c" -nt "$OUT/bin/rig-$prog" ] \
 			|| [ "$REPO/Sources/CSVMSupport/svm_stall_probe.h" -nt "$OUT/bin/rig-$prog" ]; then
 			say "building rig-$prog (static)"
@@ -184,7 +189,8 @@ cmd_guest() {
 	file -L "$busybox" 2>/dev/null | grep -q "statically linked" || say "warning: $busybox does not look static"
 	local root=$RIG_DIR/initramfs-root img=$OUT/initramfs.cpio.gz
 	if [ -f "$img" ] && [ "$img" -nt "$HERE/guest/init" ] && [ "$img" -nt "$OUT/bin/rig-livelock" ] \
-		&& [ "$img" -nt "$OUT/bin/rig-calibrate" ] && [ "$img" -nt "$OUT/bin/hmm-tests" ]; then
+		&& [ "$img" -nt "$OUT/bin/rig-calibrate" ] && [ "$img" -nt "$OUT/bin/rig-probecost" ] \
+		&& [ "$img" -nt "$OUT/bin/hmm-tests" ]; then
 		say "initramfs is built (cached)"
 		return
 	fi
@@ -192,7 +198,7 @@ cmd_guest() {
 	mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc}
 	cp "$busybox" "$root/bin/busybox"
 	ln -s busybox "$root/bin/sh"
-	cp "$OUT/bin/hmm-tests" "$OUT/bin/rig-livelock" "$OUT/bin/rig-calibrate" "$root/bin/"
+	cp "$OUT/bin/hmm-tests" "$OUT/bin/rig-livelock" "$OUT/bin/rig-calibrate" "$OUT/bin/rig-probecost" "$root/bin/"
 	install -m 755 "$HERE/guest/init" "$root/init"
 	(cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$img"
 	say "initramfs: $img ($(du -k "$img" | cut -f1) KiB)"
@@ -264,6 +270,16 @@ cmd_calibrate() {
 	done
 }
 
+# kprobe events on the legacy kernel's device-private fault path (guest/init,
+# rigmode=probe); rigresults.py probe turns the traces into intervals.
+cmd_probe() {
+	local i
+	for i in $(seq 1 "$PROBE_BOOTS"); do
+		boot legacy probe "rigprobecases=$PROBE_CASES rigpages=$PAGES rigwatchdog=$WATCHDOG"
+		python3 "$HERE/rigresults.py" probe --brief "$LAST_LOG" || say "warning: no probe trace in $LAST_LOG"
+	done
+}
+
 host_description() {
 	local model
 	model=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
@@ -279,7 +295,7 @@ cmd_results() {
 	local dir=$LOGS/$RUN_ID
 	[ -d "$dir" ] || die "no logs in $dir (set RUN_ID to a folder under $LOGS)"
 	local qemu_cmd date meta=$dir/meta.json
-	qemu_cmd=$(cat "$(ls "$dir"/legacy-livelock-*.log.cmd | head -1)" 2>/dev/null || true)
+	qemu_cmd=$(cat "$(ls "$dir"/legacy-livelock-*.log.cmd "$dir"/legacy-probe-*.log.cmd 2>/dev/null | head -1)" 2>/dev/null || true)
 	qemu_cmd=${qemu_cmd//$REPO\//}
 	date=$(date -r "$dir" +%Y-%m-%d)
 	python3 - "$meta" "$qemu_cmd" "$date" "$(host_description)" "$(qemu-system-x86_64 --version | head -1)" <<'PY'
@@ -305,6 +321,13 @@ PY
 			"$dir"/vanilla-calibrate-*.log
 		say "wrote Data/profiles/qemu-tcg-2.json"
 	fi
+	# After the profile (which it amends): the device-private fault path's
+	# two measured spans go into the profile's deviceFault.
+	if ls "$dir"/legacy-probe-*.log >/dev/null 2>&1; then
+		python3 "$HERE/rigresults.py" probe --meta "$meta" --out "$REPO/Data/kernel/fault-path.json" \
+			--profile "$REPO/Data/profiles/qemu-tcg-2.json" "$dir"/legacy-probe-*.log
+		say "wrote Data/kernel/fault-path.json and deviceFault in Data/profiles/qemu-tcg-2.json"
+	fi
 }
 
 cmd_check() {
@@ -317,6 +340,7 @@ cmd_check() {
 	cmd_selftest
 	cmd_livelock
 	cmd_calibrate
+	cmd_probe
 	cmd_results
 	say "done in $(( (SECONDS - t0) / 60 )) min; logs in ${LOGS#$REPO/}/$RUN_ID"
 }
@@ -332,6 +356,7 @@ guest) cmd_guest ;;
 selftest) cmd_selftest ;;
 livelock) cmd_livelock ;;
 calibrate) cmd_calibrate ;;
+probe) cmd_probe ;;
 results) cmd_results ;;
 check) cmd_check ;;
 boot) shift; [ $# -ge 2 ] || die "usage: $0 boot VARIANT MODE [kernel args]"; boot "$@"; echo "log: $LAST_LOG" ;;

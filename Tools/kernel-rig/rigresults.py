@@ -5,12 +5,17 @@
                 [--selftest-log LOG] [--meta META.json] LOG...
   rigresults.py profile  --out Data/profiles/qemu-tcg-2.json [--meta META.json] LOG...
   rigresults.py table    Data/kernel/livelock.json [--reference OTHER.json]
+  rigresults.py probe    [--out Data/kernel/fault-path.json] [--profile Data/profiles/qemu-tcg-2.json]
+                         [--meta META.json] [--brief] LOG...
 
 Two log formats are read:
   * this rig's own (Tools/kernel-rig/guest/init): the guest prints
     "RIG: boot variant=... " once, one "RIG-RESULT {json}" line per livelock
     run, hmm-tests' console output between "RIG: ===== hmm-tests begin/end",
-    and the calibration JSON between "RIG-CALIBRATION-BEGIN/END".
+    and the calibration JSON between "RIG-CALIBRATION-BEGIN/END"; a probe
+    boot (rigmode=probe) prints its kprobe events' ids (RIG-PROBE-EVENT),
+    one probe's cost (RIG-PROBECOST), and per case the raw trace between
+    "RIG-PROBE-TRACE-BEGIN/END" (pid, cpu, ns, "type: ID").
   * the reference kit's (shared/kernel-rig/logs, 2026-11-21): "KREF: -----
     livelock case threads=T fault_mutex=M fault_delay_us=D pages=N -----",
     "livelock: ..." lines, hmm-tests' output on the console. The variant comes
@@ -387,6 +392,305 @@ def spread_of(rows, key):
     return "%.1f-%.1f" % (min(vals), max(vals)) if vals else "-"
 
 
+# --------------------------------------------------------------- probe
+
+# The intervals of one device-private fault, each (name, from event, to
+# event, what it is). "first"/"last" pick the event's first or last hit in
+# the fault; the default is the first hit after the interval's start.
+INTERVALS = [
+    ("entryToReference", "fault", "devfault",
+     "fault entry (lock_vma_under_rcu) to the page reference (dmirror_devmem_fault entry, right after do_swap_page's get_page): both passes"),
+    ("firstPass", "fault", "hmfret",
+     "pass 1 under the per-VMA lock: lock_vma_under_rcu to handle_mm_fault's return (VM_FAULT_RETRY)"),
+    ("retry", "hmfret", "mmlock",
+     "VM_FAULT_RETRY back in do_user_addr_fault to lock_mm_and_find_vma (pass 2 under mmap_read_lock)"),
+    ("secondPassToReference", "mmlock", "devfault",
+     "lock_mm_and_find_vma to the reference: the mmap lock, handle_mm_fault, do_swap_page, the PTE lock, get_page"),
+    ("referenceToCollect", "devfault", "collect",
+     "the reference to migrate_vma_collect_pmd's entry: migrate_to_ram, the driver (its mutex when -m 1), migrate_vma_setup, the notifier, walk_page_range"),
+    ("collectToSetupReturn", "collect", "setupret",
+     "migrate_vma_collect_pmd (the migration entry) and migrate_device_unmap (the reference check) to migrate_vma_setup's return"),
+    ("copy", "copy", "copyret", "dmirror_devmem_fault_alloc_and_copy"),
+    ("pages", "pages", "pagesret", "migrate_vma_pages"),
+    ("finalize", "finalize", "finalizeret", "migrate_vma_finalize"),
+    ("collectToFinalized", "collect", "finalizeret", "the collect to migrate_vma_finalize's return"),
+    ("referenceToReturn", "devfault", "devfaultret", "migrate_to_ram as a whole (dmirror_devmem_fault entry to return)"),
+    ("wholeFault", "fault", "hmfret:last",
+     "lock_vma_under_rcu to the last handle_mm_fault return: the kernel's whole fault handling (exception entry and exit not included)"),
+]
+
+TRACE_LINE = re.compile(r"^(\d+) (\d+) (\d+) type: (\d+)\s*$")
+
+
+def quantiles(vals):
+    v = sorted(vals)
+    if not v:
+        return None
+    def q(x):
+        i = int(x * len(v))
+        return v[min(i, len(v) - 1)]
+    return {"p10": round(q(0.1)), "p50": round(statistics.median(v)), "p90": round(q(0.9)), "n": len(v)}
+
+
+def probe_boot(path):
+    """One probe boot's log: its cases' fault intervals and the probe cost."""
+    lines = read_lines(path)
+    ids, cost, cases, order = {}, {}, {}, []
+    current, mode, trace_case, events = None, None, None, []
+    for line in lines:
+        m = re.match(r"^RIG-PROBE-EVENT (\S+) (\S+) ([pr]) (\d+)", line)
+        if m:
+            ids[int(m.group(4))] = m.group(1)
+            continue
+        m = re.match(r"^RIG-PROBECOST (\{.*\})", line)
+        if m:
+            d = json.loads(m.group(1))
+            cost[d["label"]] = d
+            continue
+        m = re.match(r"^RIG: ----- case (\S+) (unprobed|probed|probed endpoints) -----", line)
+        if m:
+            current, mode = m.group(1), m.group(2)
+            if current not in cases:
+                cases[current] = {}
+                order.append(current)
+            continue
+        m = re.match(r"^RIG-(TRACE|RESULT) (\{.*\})", line)
+        if m and current:
+            cases[current].setdefault(mode, {})[m.group(1).lower()] = json.loads(m.group(2))
+            continue
+        m = re.match(r"^RIG-PROBE-TRACE-BEGIN (\S+)( endpoints)?", line)
+        if m:
+            trace_case, trace_key, events = m.group(1), "endpointEvents" if m.group(2) else "events", []
+            continue
+        if line.startswith("RIG-PROBE-TRACE-END") and trace_case:
+            cases.setdefault(trace_case, {})[trace_key] = events
+            cases[trace_case].setdefault("overrun", []).append(line.split("overrun=", 1)[-1].strip())
+            trace_case = None
+            continue
+        if trace_case:
+            m = TRACE_LINE.match(line)
+            if m and int(m.group(4)) in ids:
+                events.append((int(m.group(1)), int(m.group(3)), ids[int(m.group(4))]))
+    out = {"log": os.path.basename(path), "probeCost": cost, "cases": {}}
+    for c in order:
+        out["cases"][c] = probe_case(cases[c])
+    return out
+
+
+def device_faults(events):
+    """Per thread, the events from one fault entry (lock_vma_under_rcu) to
+    the next; the faults that reached the driver (a devfault event)."""
+    by_pid = {}
+    for pid, ts, name in sorted(events, key=lambda e: e[1]):
+        by_pid.setdefault(pid, []).append((ts, name))
+    faults = []
+    for evs in by_pid.values():
+        seg = None
+        for ts, name in evs:
+            if name == "fault":
+                if seg:
+                    faults.append(seg)
+                seg = [(ts, name)]
+            elif seg is not None:
+                seg.append((ts, name))
+        if seg:
+            faults.append(seg)
+    return [f for f in faults if any(n == "devfault" for _, n in f)]
+
+
+def intervals_of(faults, step):
+    """Each interval's quantiles over the faults, raw and minus `step` ns per
+    probe step between its two events (two consecutive events = one step).
+    One step for every kind of event: with every probe on, the whole read
+    grows by about that step per probe hit (perProbeHitFromReadsNanos),
+    kretprobe returns included, although the step between two returns alone
+    is shorter (kretprobeStepNanos; the breakdown's `retry` comes out
+    slightly negative for it)."""
+    def cost(n):
+        return step / 2
+    raw, corrected = {}, {}
+    for name, a, b, _ in INTERVALS:
+        last = b.endswith(":last")
+        b = b.split(":")[0]
+        rv, cv = [], []
+        for f in faults:
+            ia = next((i for i, (_, n) in enumerate(f) if n == a), None)
+            if ia is None:
+                continue
+            cands = [i for i, (_, n) in enumerate(f) if n == b and i > ia]
+            if not cands:
+                continue
+            ib = cands[-1] if last else cands[0]
+            d = f[ib][0] - f[ia][0]
+            rv.append(d)
+            cv.append(d - sum(cost(f[i][1]) + cost(f[i + 1][1]) for i in range(ia, ib)))
+        raw[name] = quantiles(rv)
+        corrected[name] = quantiles(cv)
+    return raw, corrected
+
+
+def probe_case(case):
+    faults = device_faults(case.get("events", []))
+    hits = statistics.median([len(f) for f in faults]) if faults else 0
+    passes = [sum(1 for _, n in f if n == "hmf") for f in faults]
+    # Without the step probes (below): one probe hit's cost, estimated by
+    # the step from do_swap_page's return to handle_mm_fault's (two
+    # kretprobe hits with only function epilogues between them), its median.
+    steps = []
+    for f in faults:
+        for i in range(len(f) - 1):
+            if f[i][1] == "swapret" and f[i + 1][1] == "hmfret":
+                steps.append(f[i + 1][0] - f[i][0])
+    step = statistics.median(steps) if steps else 0
+
+    def read_p50(mode):
+        t = case.get(mode, {}).get("trace")
+        return t["leaderRead"]["p50"] if t else None
+    unprobed, probed = read_p50("unprobed"), read_p50("probed")
+    # What the probes added to the read's median, over a fault's hits (two
+    # runs, so the host's load between them enters: for comparison only).
+    per_hit = (probed - unprobed) / hits if unprobed and probed and hits else None
+    efaults = device_faults(case.get("endpointEvents", []))
+    # One entry probe's step, measured: stepa and stepb sit on two
+    # consecutive push instructions of migrate_vma_collect_pmd (every probed
+    # function's +0x4 is a push too), so their distance is one probe hit.
+    kp = []
+    for f in efaults:
+        a = next((t for t, n in f if n == "stepa"), None)
+        b = next((t for t, n in f if n == "stepb"), None)
+        if a is not None and b is not None:
+            kp.append(b - a)
+    kstep = statistics.median(kp) if kp else None
+    # Each run its own step (the host's load moves between runs): the run
+    # with every probe has stepa and stepb too.
+    fp = []
+    for f in faults:
+        a = next((t for t, n in f if n == "stepa"), None)
+        b = next((t for t, n in f if n == "stepb"), None)
+        if a is not None and b is not None:
+            fp.append(b - a)
+    fstep = statistics.median(fp) if fp else step
+    estep = kstep if kstep is not None else step
+    raw, corrected = intervals_of(faults, fstep)
+    eraw, ecorrected = intervals_of(efaults, estep)
+    step = estep
+    res = {}
+    for mode in ("unprobed", "probed", "probed endpoints"):
+        r = case.get(mode, {}).get("result")
+        t = case.get(mode, {}).get("trace")
+        if r:
+            res[mode] = {"outcome": r["outcome"], "callsPerPage": r.get("callsPerPage"),
+                         "readNanos": {k: t["leaderRead"][k] for k in ("p10", "p50", "p90")} if t else None}
+    keep = ("entryToReference", "referenceToCollect")
+    return {"faultsTraced": len(faults), "endpointFaultsTraced": len(efaults), "probeHitsPerFault": hits,
+            "passesPerFault": {"min": min(passes), "median": statistics.median(passes), "max": max(passes)} if passes else None,
+            "probeStepNanos": round(step), "probeStepMeasured": kstep is not None,
+            "allProbesStepNanos": round(fstep),
+            "kretprobeStepNanos": round(statistics.median(steps)) if steps else None,
+            "perProbeHitFromReadsNanos": round(per_hit) if per_hit is not None else None,
+            "overrun": case.get("overrun"), "runs": res,
+            "endpoints": {k: ecorrected[k] for k in keep}, "endpointsRaw": {k: eraw[k] for k in keep},
+            "intervals": corrected, "rawIntervals": raw}
+
+
+PROFILE_CASE = "1:0:0"
+
+
+def probe(args):
+    boots = [probe_boot(p) for p in args.logs]
+    boots = [b for b in boots if b["cases"]]
+    if not boots:
+        sys.exit("rigresults: no probe trace in %s" % ", ".join(args.logs))
+
+    def p50(d, k):
+        return d[k]["p50"] if d.get(k) else None
+    if args.brief:
+        for b in boots:
+            pc = b["probeCost"]
+            print("  %s: getppid() ns a call: no probe %s, kprobe %s, kretprobe %s" % ((b["log"],) + tuple(
+                pc.get(k, {}).get("p50", "-") for k in ("none", "kprobe", "kretprobe"))))
+            for c, r in b["cases"].items():
+                print("  %-6s %d faults, %s passes; probe step %s ns; endpoints p50: entry->ref %s, ref->collect %s; "
+                      "all probes p50: entry->ref %s, ref->collect %s, whole %s; read %s" % (
+                          c, r["faultsTraced"], r["passesPerFault"] and r["passesPerFault"]["median"], r["probeStepNanos"],
+                          p50(r["endpoints"], "entryToReference"), p50(r["endpoints"], "referenceToCollect"),
+                          p50(r["intervals"], "entryToReference"), p50(r["intervals"], "referenceToCollect"),
+                          p50(r["intervals"], "wholeFault"),
+                          (r["runs"].get("unprobed", {}).get("readNanos") or {}).get("p50")))
+        return
+    meta = load_meta(args.meta)
+    cases = sorted({c for b in boots for c in b["cases"]})
+    summary = {}
+    for c in cases:
+        rows = [b["cases"][c] for b in boots if c in b["cases"]]
+        s = {}
+        for group, names in (("endpoints", ("entryToReference", "referenceToCollect")),
+                             ("intervals", [i[0] for i in INTERVALS])):
+            g = {}
+            for name in names:
+                meds = [r[group][name]["p50"] for r in rows if r[group].get(name)]
+                if meds:
+                    g[name] = {"p50": round(statistics.median(meds)), "bootMedians": meds,
+                               "bootP10P90": [[r[group][name]["p10"], r[group][name]["p90"]]
+                                              for r in rows if r[group].get(name)],
+                               "what": next(i[3] for i in INTERVALS if i[0] == name)}
+            s[group] = g
+        s["probeStepNanos"] = [r["probeStepNanos"] for r in rows]
+        s["perProbeHitFromReadsNanos"] = [r["perProbeHitFromReadsNanos"] for r in rows]
+        s["unprobedReadP50Nanos"] = [(r["runs"].get("unprobed", {}).get("readNanos") or {}).get("p50") for r in rows]
+        s["passesPerFault"] = [r["passesPerFault"] for r in rows]
+        summary[c] = s
+    doc = {"kernel": "6.12.117 (legacy: + Tools/kernel-rig/patches/0001)", "date": meta.get("date"),
+           "host": meta.get("host"), "qemu": meta.get("qemu"), "boots": len(boots),
+           "method": ("kprobe events (tracefs, trace_clock mono, probe optimisation off: every probe an int3) on the "
+                      "legacy kernel's device-private fault path; rig-livelock -t 1 (512 pages, one fault each), run "
+                      "without probes, with every probe (the breakdown: intervals) and with only the three that end "
+                      "the two measured intervals (endpoints: one probe step inside each). A probe step (two "
+                      "consecutive events: the end of one handler and the start of the next) is measured in the same "
+                      "run: two more probes (stepa, stepb) sit on two consecutive push instructions of "
+                      "migrate_vma_collect_pmd (every probed function's +0x4 is a push as well), and the median of "
+                      "their distance is the step; each interval is its raw time minus that step per step in it. Per "
+                      "boot the median over the faults; the figure is the median of the boots' medians."),
+           "getppidProbeCost": [b["probeCost"] for b in boots],
+           "summary": summary, "bootDetails": boots}
+    if args.out:
+        write_json(args.out, doc)
+    for c in cases:
+        s = summary[c]
+        print("case %s (%d boots): probe step %s ns, per hit from reads %s ns, unprobed read p50 %s ns, passes %s" % (
+            c, len(s["probeStepNanos"]), s["probeStepNanos"], s["perProbeHitFromReadsNanos"], s["unprobedReadP50Nanos"],
+            [p and p["median"] for p in s["passesPerFault"]]))
+        for group in ("endpoints", "intervals"):
+            for name, v in s[group].items():
+                print("  %-9s %-22s p50 %7d ns   boots %s  p10-p90 %s" % (
+                    group[:9], name, v["p50"], v["bootMedians"], v["bootP10P90"]))
+    if args.profile:
+        s = summary.get(PROFILE_CASE)
+        if not s:
+            sys.exit("rigresults: no %s case to put into %s" % (PROFILE_CASE, args.profile))
+        e = s["endpoints"]
+        with open(args.profile) as f:
+            prof = json.load(f)
+        n = len(e["entryToReference"]["bootMedians"])
+        prof["deviceFault"] = {"entryToReferenceNanos": float(e["entryToReference"]["p50"]),
+                               "referenceToCollectNanos": float(e["referenceToCollect"]["p50"])}
+        prof.setdefault("methods", {})["deviceFault"] = (
+            "Measured in the rig's guest (rig.sh probe: the legacy kernel, rig-livelock -t 1 -m 0 -d 0, 512 pages, "
+            "%d boots; Data/kernel/fault-path.json) with kprobe events on three points only: entryToReferenceNanos "
+            "from lock_vma_under_rcu's entry (the fault's first probed point, after the exception entry) to "
+            "dmirror_devmem_fault's entry (right after do_swap_page's get_page), both passes of 6.12's device-private "
+            "fault (the per-VMA lock's VM_FAULT_RETRY, then mmap_read_lock); referenceToCollectNanos from there to "
+            "migrate_vma_collect_pmd's entry (migrate_to_ram, migrate_vma_setup, the mmu notifier, walk_page_range). "
+            "Per fault minus one probe step (the median distance of two probes on consecutive instructions in the same "
+            "run, %s ns in the boots); "
+            "each the median of the boots' medians (boots: %s ns; %s ns)."
+            % (n, "/".join(str(h) for h in s["probeStepNanos"]),
+               "/".join(str(v) for v in e["entryToReference"]["bootMedians"]),
+               "/".join(str(v) for v in e["referenceToCollect"]["bootMedians"])))
+        write_json(args.profile, prof)
+        print("wrote deviceFault into %s: %s" % (args.profile, prof["deviceFault"]))
+
+
 # --------------------------------------------------------------- common
 
 def load_meta(path):
@@ -425,6 +729,13 @@ def main():
     b.add_argument("--meta")
     b.add_argument("logs", nargs="+")
     b.set_defaults(func=profile)
+    r = sub.add_parser("probe", help="kprobe traces of the device-private fault path as intervals")
+    r.add_argument("--out", help="write the intervals as JSON (Data/kernel/fault-path.json)")
+    r.add_argument("--profile", help="put the two measured costs into this machine profile (deviceFault)")
+    r.add_argument("--meta")
+    r.add_argument("--brief", action="store_true", help="a few lines per boot, nothing written")
+    r.add_argument("logs", nargs="+")
+    r.set_defaults(func=probe)
     args = p.parse_args()
     args.func(args)
 

@@ -73,6 +73,14 @@ extension AddressSpace {
     /// entry is handled under the lock, which is dropped in one place before
     /// anything that allocates or sleeps.
     private func ptePageFault(_ vma: VMA, _ address: UInt64, write: Bool, _ holdsMmapLock: inout FaultLockState) throws(Errno) {
+        // handle_pte_fault() reads the entry without the lock (vmf->orig_pte);
+        // on a device-private one the kernel's own code runs up to the page
+        // reference before do_swap_page() takes the PTE lock, both passes of
+        // 6.12's fault included (the machine's measured span; 0 without a
+        // profile that has it). The entry is read again under the lock below.
+        if _slowPath(svm_det_active()), loadPTE(address).kind == .devicePrivate {
+            DeterministicScheduler.charge(\.deviceFaultToReference, "device-private fault to its reference")
+        }
         let lock = ptl(at: address)
         lock.lock()
         guard loadPMD(address).kind == .table else { lock.unlock(); return }

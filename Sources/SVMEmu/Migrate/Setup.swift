@@ -121,6 +121,13 @@ extension Kernel {
         args.cpages = 0
         args.npages = 0
         args.phase = .setUp
+        // A fault's migration (migrate_to_ram): the kernel's own code from the
+        // fault's page reference to the collect's PMD (the driver's callback,
+        // this setup, the notifier, the walk), the machine's measured span
+        // (0 without a profile that has it).
+        if args.faultPage != nil, _slowPath(svm_det_active()) {
+            DeterministicScheduler.charge(\.referenceToCollect, "migrate_to_ram to its collect")
+        }
         let t = phases.begin()
         migrateVMACollect(&args, vma)
         if args.cpages > 0 {

@@ -139,6 +139,18 @@ public struct VirtualCosts: Sendable, Equatable {
     /// yet halted; ``wake`` is the latency of a halted one). 0 by default; a
     /// machine profile gives its own.
     public var ipiReceipt: UInt64 = 0
+    /// The kernel's own code on a device-private fault from the handler's
+    /// entry to the page reference before `migrate_to_ram` (6.12 runs that
+    /// fault twice: under the per-VMA lock, `VM_FAULT_RETRY`, then under the
+    /// mmap lock). Charged once per fault that finds a device-private PTE,
+    /// before it takes the PTE lock (`handle_pte_fault()` reads the entry
+    /// without it). 0 by default; a machine profile gives its measured span.
+    public var deviceFaultToReference: UInt64 = 0
+    /// The kernel's own code from that reference to the collect's PMD
+    /// (`migrate_to_ram`, `migrate_vma_setup()`, the notifier, the walk):
+    /// charged in `migrate_vma_setup()` of a fault (a `faultPage` given),
+    /// before the collect. 0 by default; a machine profile gives its measured span.
+    public var referenceToCollect: UInt64 = 0
 
     /// The measured defaults.
     public static let measured = VirtualCosts(access: 3, fault: 1_000, lock: 20, unlock: 10, futex: 300,

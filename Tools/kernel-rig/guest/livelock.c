@@ -15,12 +15,16 @@
  * A watchdog on the main thread declares LIVELOCK when no page completes for
  * -w seconds (migrate_to_ram keeps being called, no page comes back).
  *
- * usage: rig-livelock -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV] [-T]
+ * usage: rig-livelock -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV] [-T] [-P]
  *   -m/-d set /sys/module/test_hmm/parameters/fault_mutex and fault_delay_us
  *   (needs the knob patch; without it, only -m 0 -d 0 runs).
  *   -T also prints one "RIG-TRACE {json}" line after the result: how the
  *   threads left the barrier and read each page (for comparing the timing
  *   with the emulator's; see print_trace()). Without -T the output is as before.
+ *   -P turns tracing on (/sys/kernel/tracing/tracing_on) just before the
+ *   threads start and off once they are done, so that kprobe events the
+ *   guest's init set (rigmode=probe) record the reads' faults only, not the
+ *   setup's (`rig.sh probe`).
  * Output: human lines, then one line "RIG-RESULT {json}" that
  * Tools/kernel-rig/rigresults.py reads. Exit 0 completes, 3 livelock,
  * 4 wrong data, 1 setup error.
@@ -50,9 +54,10 @@ struct options {
 	int watchdog_s;
 	const char *device;
 	int trace;
+	int probe;
 };
 
-static struct options opt = { 8, 0, 0, 512, 30, "/dev/hmm_dmirror0", 0 };
+static struct options opt = { 8, 0, 0, 512, 30, "/dev/hmm_dmirror0", 0, 0 };
 static char *area;
 static size_t page_bytes;
 static pthread_barrier_t gate;
@@ -97,6 +102,22 @@ static int param_write(const char *name, long value)
 		return -1;
 	ok = fprintf(f, "%ld\n", value) > 0;
 	return fclose(f) == 0 && ok ? 0 : -1;
+}
+
+/* -P: tracing_on, so the kprobe events record the reads only. */
+static void tracing(int on)
+{
+	FILE *f;
+
+	if (!opt.probe)
+		return;
+	f = fopen("/sys/kernel/tracing/tracing_on", "w");
+	if (!f) {
+		perror("rig-livelock: /sys/kernel/tracing/tracing_on");
+		return;
+	}
+	fprintf(f, "%d\n", on);
+	fclose(f);
 }
 
 static void *reader(void *arg)
@@ -250,7 +271,7 @@ int main(int argc, char **argv)
 	pthread_t *tids;
 	int fd, c;
 
-	while ((c = getopt(argc, argv, "t:m:d:n:w:D:T")) != -1) {
+	while ((c = getopt(argc, argv, "t:m:d:n:w:D:TP")) != -1) {
 		switch (c) {
 		case 't': opt.threads = atoi(optarg); break;
 		case 'm': opt.mutex = atoi(optarg); break;
@@ -259,8 +280,9 @@ int main(int argc, char **argv)
 		case 'w': opt.watchdog_s = atoi(optarg); break;
 		case 'D': opt.device = optarg; break;
 		case 'T': opt.trace = 1; break;
+		case 'P': opt.probe = 1; break;
 		default:
-			fprintf(stderr, "usage: %s -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV] [-T]\n", argv[0]);
+			fprintf(stderr, "usage: %s -t THREADS [-m 0|1] [-d DELAY_US] [-n PAGES] [-w SECONDS] [-D DEV] [-T] [-P]\n", argv[0]);
 			return 1;
 		}
 	}
@@ -334,6 +356,7 @@ int main(int argc, char **argv)
 	param_write("fault_calls", 0);
 	param_write("fault_migrated", 0);
 
+	tracing(1);
 	int64_t start = now_ns();
 	for (long t = 0; t < opt.threads; t++)
 		if (pthread_create(&tids[t], NULL, reader, (void *)t) != 0) {
@@ -364,6 +387,7 @@ int main(int argc, char **argv)
 			long calls = param_read("fault_calls");
 			long migrated = param_read("fault_migrated");
 
+			tracing(0);
 			printf("rig-livelock: LIVELOCK: page %lu made no progress for %d s "
 			       "(%ld migrate_to_ram calls in that time)\n",
 			       done, opt.watchdog_s, calls - calls_at_progress);
@@ -378,6 +402,7 @@ int main(int argc, char **argv)
 	}
 	for (long t = 0; t < opt.threads; t++)
 		pthread_join(tids[t], NULL);
+	tracing(0);
 
 	long calls = param_read("fault_calls");
 	long migrated = param_read("fault_migrated");
