@@ -460,7 +460,13 @@ struct SleepingLockRaceTests {
 /// freed and reused and locked by someone else meanwhile, and the fault
 /// sleeps on that unrelated lock (up to `migrationWaitNanos`, 100 ms).
 /// Fails on 28 of 100 seeds (first: seed 6, a 3.7 ms store); with the
-/// reuser's lock held 2 us instead of 3 ms it passes on all 100.
+/// reuser's lock held 2 us instead of 3 ms it passes on all 100. Seed 6
+/// (virtual ns from 1e9): move_pages round 44 migrates pfn 20658 -> 4303
+/// (1,001,878,579-1,001,917,250); the fault's store 174 starts at
+/// 1,001,908,500 and meets the migration entry; the migration ends and
+/// frees 20658; the reuser allocates and locks 20658 at 1,001,918,750; the
+/// fault's folio_wait_locked on 20658 ends when the reuser unlocks, 3 ms
+/// later (the store took 3,699 us).
 @Suite("migration entry wait against a reused frame (probe)")
 struct MigrationWaitReuseProbe {
     @Test("a fault that met a migration entry waits for that migration only, never for a later user of the freed frame",
