@@ -52,8 +52,15 @@ extension AddressSpace {
             hugePMDFault(vma, address, write: write)
             return
         case .migration:
-            holdsMmapLock.dropForWait(self)
-            waitOnMigration(pfn: pmd.pfn)
+            // pmd_migration_entry_wait(): under the PMD lock, still the entry?
+            let pmdLock = pmdLock(at: address)
+            pmdLock.lock()
+            let now = loadPMD(address)
+            guard now.kind == .migration && now.pfn == pmd.pfn else {
+                pmdLock.unlock()
+                return
+            }
+            waitOnMigration(pfn: pmd.pfn) { pmdLock.unlock(); holdsMmapLock.dropForWait(self) }
             return
         case .devicePrivate:
             try devicePrivatePMDFault(vma, address, &holdsMmapLock)
@@ -140,6 +147,11 @@ extension AddressSpace {
         case .devicePrivate, .table:
             next = .done
         }
+        if next == .waitOnMigration {
+            // migration_entry_wait(): queued before the PTE lock goes.
+            waitOnMigration(pfn: pte.pfn) { lock.unlock(); holdsMmapLock.dropForWait(self) }
+            return
+        }
         lock.unlock()
         switch next {
         case .done:
@@ -157,8 +169,7 @@ extension AddressSpace {
             kernel.vmstat.count(.wpFaults)
             try wpPageCopy(vma, address, pte)
         case .waitOnMigration:
-            holdsMmapLock.dropForWait(self)
-            waitOnMigration(pfn: pte.pfn)
+            return   // waited above, under the PTE lock
         case .restoreExclusive:
             removeDeviceExclusiveEntry(vma, address, pte, &holdsMmapLock)
         }
@@ -330,11 +341,19 @@ extension AddressSpace {
     /// `migration_entry_wait()`: sleep until the folio under migration is
     /// unlocked (the migration's end), at most `migrationWaitNanos`, then retry.
     /// No reference is taken: a waiter must not make the migration's reference
-    /// check fail. Caller holds no page-table lock (it sleeps).
-    func waitOnMigration(pfn: UInt64) {
+    /// check fail.
+    ///
+    /// Called with no page-table lock, the folio may be freed and reused
+    /// before the wait starts (the wait is then on a stranger's lock).
+    /// Called with the lock that guards the entry held
+    /// (`migration_entry_wait_on_locked()`), the caller passes
+    /// `dropLocks`, which releases it once the waiter is queued: the
+    /// migration needs that lock to remove its entry, so the folio stays
+    /// this migration's until the waiter is on its queue.
+    func waitOnMigration(pfn: UInt64, dropLocks: () -> Void = {}) {
         kernel.vmstat.count(.migrationEntryWaits)
         let folio = Page(pfn: pfn, kernel: kernel).folio
-        folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos)
+        _ = folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos, afterQueued: dropLocks)
     }
 }
 

@@ -420,9 +420,17 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     /// `folio_wait_bit_common(PG_locked, SHARED)`.
     @discardableResult
     public func waitUnlocked(timeoutNanos: UInt64 = 0) -> Bool {
-        if !isLocked { return true }
+        waitUnlocked(timeoutNanos: timeoutNanos, afterQueued: {})
+    }
+
+    /// `waitUnlocked(timeoutNanos:)` that runs `afterQueued` once the caller
+    /// is queued (or saw the folio unlocked), before it sleeps
+    /// (`migration_entry_wait_on_locked()` drops the page-table lock there).
+    func waitUnlocked(timeoutNanos: UInt64, afterQueued: () -> Void) -> Bool {
+        if !isLocked { afterQueued(); return true }
         return kernelRef._withUnsafeGuaranteedRef { k in
-            k.folioWaitTable.wait(word: meta.flagsWord, pfn: pfn, exclusive: false, timeoutNanos: timeoutNanos)
+            k.folioWaitTable.wait(word: meta.flagsWord, pfn: pfn, exclusive: false, timeoutNanos: timeoutNanos,
+                                  afterQueued: afterQueued)
         }
     }
 

@@ -88,9 +88,17 @@ final class FolioWaitTable: @unchecked Sendable {
     /// limit) bounds a SHARED wait, as a fatal signal would end the kernel's
     /// killable one; an EXCLUSIVE wait has none.
     ///
+    /// `afterQueued` runs once, after the waiter is queued (or found the bit
+    /// clear) and before it sleeps: `migration_entry_wait_on_locked()` drops
+    /// the page-table lock there, so that the migration, which needs that
+    /// lock to remove its entry, cannot end and free the folio before the
+    /// waiter is on its queue.
+    ///
     /// - Returns: whether the wait ended as the kernel's returns 0 (the lock
     ///   taken, or the waiter woken).
-    func wait(word: UnsafeMutablePointer<UInt32>, pfn: UInt64, exclusive: Bool, timeoutNanos: UInt64 = 0) -> Bool {
+    func wait(word: UnsafeMutablePointer<UInt32>, pfn: UInt64, exclusive: Bool, timeoutNanos: UInt64 = 0,
+              afterQueued: () -> Void = {}) -> Bool {
+        var queuedOnce = false
         let q = queue(pfn)
         let deadline = timeoutNanos == 0 ? UInt64.max : HostClock.nanos() &+ timeoutNanos
         var unfairness = Self.pageLockUnfairness
@@ -113,6 +121,7 @@ final class FolioWaitTable: @unchecked Sendable {
                 _ = UnsafeAtomic(word).bitwiseOr(PageFlags.waiters.rawValue, ordering: .acquiringAndReleasing)
                 if !Self.tryFlag(word, waiter, exclusive) { Self.addTail(q, waiter) }
                 Self.unlockQueue(q)
+                if !queuedOnce { queuedOnce = true; afterQueued() }
                 while true {
                     let seen = UnsafeAtomic(flags).load(ordering: .acquiring)
                     if seen & Self.woken == 0 {
