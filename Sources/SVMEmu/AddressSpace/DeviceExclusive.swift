@@ -47,7 +47,7 @@ extension AddressSpace {
             let pmd = loadPMD(addr)
             if pmd.kind != .none && pmd.kind != .table {
                 if pmd.kind == .migration {
-                    waitOnMigration(pfn: pmd.pfn)
+                    migrationEntryWait(at: addr)
                     continue
                 }
                 splitHugePMD(addr)

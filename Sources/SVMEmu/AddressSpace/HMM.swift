@@ -157,7 +157,7 @@ extension AddressSpace {
                 }
             case .migration:
                 if wantFault {
-                    waitOnMigration(pfn: e.pfn)
+                    migrationEntryWait(at: addr)
                     throw .busy
                 }
                 out = 0

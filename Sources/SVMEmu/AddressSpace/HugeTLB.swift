@@ -184,9 +184,9 @@ extension AddressSpace {
             }
             return nil
         }
-        if let pfn = migrating {
-            lockState.dropForWait(self)
-            waitOnMigration(pfn: pfn)
+        if migrating != nil {
+            // migration_entry_wait_huge(): queued under the PMD lock.
+            migrationEntryWait(at: haddr) { lockState.dropForWait(self) }
         }
     }
 

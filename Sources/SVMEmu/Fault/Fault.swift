@@ -52,15 +52,7 @@ extension AddressSpace {
             hugePMDFault(vma, address, write: write)
             return
         case .migration:
-            // pmd_migration_entry_wait(): under the PMD lock, still the entry?
-            let pmdLock = pmdLock(at: address)
-            pmdLock.lock()
-            let now = loadPMD(address)
-            guard now.kind == .migration && now.pfn == pmd.pfn else {
-                pmdLock.unlock()
-                return
-            }
-            waitOnMigration(pfn: pmd.pfn) { pmdLock.unlock(); holdsMmapLock.dropForWait(self) }
+            migrationEntryWait(at: address) { holdsMmapLock.dropForWait(self) }
             return
         case .devicePrivate:
             try devicePrivatePMDFault(vma, address, &holdsMmapLock)
@@ -354,6 +346,30 @@ extension AddressSpace {
         kernel.vmstat.count(.migrationEntryWaits)
         let folio = Page(pfn: pfn, kernel: kernel).folio
         _ = folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos, afterQueued: dropLocks)
+    }
+
+    /// `migration_entry_wait()` for the PTE at `address`, or
+    /// `pmd_migration_entry_wait()` (and `migration_entry_wait_huge()`) when
+    /// a PMD maps it: takes the lock that guards the entry, and when the
+    /// entry still is a migration entry queues on its folio, drops the lock,
+    /// runs `dropLocks` and sleeps until the migration unlocks the folio (or
+    /// `migrationWaitNanos`). Anything else there: returns at once (the
+    /// caller retries). Caller holds no page-table lock.
+    func migrationEntryWait(at address: UInt64, dropLocks: () -> Void = {}) {
+        let pmd = loadPMD(address)
+        if pmd.kind == .table {
+            let ptl = ptl(at: address)
+            ptl.lock()
+            let pte = loadPTE(address)
+            guard pte.kind == .migration else { ptl.unlock(); dropLocks(); return }
+            waitOnMigration(pfn: pte.pfn) { ptl.unlock(); dropLocks() }
+            return
+        }
+        let lock = pmdLock(at: address)
+        lock.lock()
+        let now = loadPMD(address)
+        guard now.kind == .migration else { lock.unlock(); dropLocks(); return }
+        waitOnMigration(pfn: now.pfn) { lock.unlock(); dropLocks() }
     }
 }
 
