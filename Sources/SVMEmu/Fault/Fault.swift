@@ -335,14 +335,13 @@ extension AddressSpace {
     /// No reference is taken: a waiter must not make the migration's reference
     /// check fail.
     ///
-    /// Called with no page-table lock, the folio may be freed and reused
-    /// before the wait starts (the wait is then on a stranger's lock).
-    /// Called with the lock that guards the entry held
-    /// (`migration_entry_wait_on_locked()`), the caller passes
-    /// `dropLocks`, which releases it once the waiter is queued: the
-    /// migration needs that lock to remove its entry, so the folio stays
-    /// this migration's until the waiter is on its queue.
-    func waitOnMigration(pfn: UInt64, dropLocks: () -> Void = {}) {
+    /// The caller holds the lock that guards the migration entry and passes
+    /// `dropLocks`, which releases it once the waiter is queued
+    /// (`migration_entry_wait_on_locked()`): the migration needs that lock
+    /// to remove its entry, so the folio stays this migration's until the
+    /// waiter is on its queue. Without that lock the folio could be freed and
+    /// reused first, and the wait would be on a stranger's lock.
+    func waitOnMigration(pfn: UInt64, dropLocks: () -> Void) {
         kernel.vmstat.count(.migrationEntryWaits)
         let folio = Page(pfn: pfn, kernel: kernel).folio
         _ = folio.waitUnlocked(timeoutNanos: AddressSpace.migrationWaitNanos, afterQueued: dropLocks)

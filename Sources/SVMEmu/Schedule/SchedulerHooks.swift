@@ -118,7 +118,7 @@ extension DeterministicScheduler {
             } else if let o = owner, let i = threads[o].held.lastIndex(where: { $0.lock == lock }) {
                 threads[o].held.remove(at: i)
             }
-            if owner == me.index || owner.map({ o in !threads[o].held.contains { $0.lock == lock } }) == true {
+            if let o = owner, !threads[o].held.contains(where: { $0.lock == lock }) {
                 _ = owners.remove(lock)
                 // Only a sleeping lock (an rwsem's readers) has other holders.
                 if event & Int32(SVM_DET_SLEEPING) != 0,
