@@ -529,6 +529,18 @@ def intervals_of(faults, step):
     return raw, corrected
 
 
+def step_distances(faults):
+    """The distance from probe stepa to probe stepb in each fault that hit
+    both: one entry probe's own cost."""
+    out = []
+    for f in faults:
+        a = next((t for t, n in f if n == "stepa"), None)
+        b = next((t for t, n in f if n == "stepb"), None)
+        if a is not None and b is not None:
+            out.append(b - a)
+    return out
+
+
 def probe_case(case):
     faults = device_faults(case.get("events", []))
     hits = statistics.median([len(f) for f in faults]) if faults else 0
@@ -554,21 +566,11 @@ def probe_case(case):
     # One entry probe's step, measured: stepa and stepb sit on two
     # consecutive push instructions of migrate_vma_collect_pmd (every probed
     # function's +0x4 is a push too), so their distance is one probe hit.
-    kp = []
-    for f in efaults:
-        a = next((t for t, n in f if n == "stepa"), None)
-        b = next((t for t, n in f if n == "stepb"), None)
-        if a is not None and b is not None:
-            kp.append(b - a)
+    kp = step_distances(efaults)
     kstep = statistics.median(kp) if kp else None
     # Each run its own step (the host's load moves between runs): the run
     # with every probe has stepa and stepb too.
-    fp = []
-    for f in faults:
-        a = next((t for t, n in f if n == "stepa"), None)
-        b = next((t for t, n in f if n == "stepb"), None)
-        if a is not None and b is not None:
-            fp.append(b - a)
+    fp = step_distances(faults)
     fstep = statistics.median(fp) if fp else step
     estep = kstep if kstep is not None else step
     raw, corrected = intervals_of(faults, fstep)
