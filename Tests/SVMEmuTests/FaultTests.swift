@@ -229,4 +229,42 @@ struct FaultTests {
             #expect(kernel.diagnostics.isEmpty)
         }
     }
+
+    @Test("a fault that meets a migration entry sleeps with the mmap lock held for reading (do_swap_page's migration_entry_wait returns no VM_FAULT_RETRY), and reads the page once the migration ends")
+    func migrationWaitKeepsMmapLock() throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let a = try mm.mmap(length: pageSize)
+            try mm.store64(a, 0xC0FFEE)
+            // A migration holds the page under its migration entry (the
+            // folio locked), the mmap lock held for reading as migrate_vma
+            // requires.
+            mm.mmapReadLock()
+            var args = MigrateVMA(vma: mm.vma(containing: a), start: a, end: a + UInt64(pageSize), flags: .system)
+            try kernel.migrateVMASetup(&args)
+            #expect(args.cpages == 1 && mm.entry(at: a).entry.kind == .migration)
+            let folio = Page(pfn: args.src[0].pfn, kernel: kernel).folio
+            let read = SharedCounter()
+            let reader = WorkerThread()
+            reader.start { if (try? mm.load64(a)) == 0xC0FFEE { read.add() } }
+            // The reader is queued on the folio (PG_waiters) ...
+            #expect(eventually { folio.meta.flags & PageFlags.waiters.rawValue != 0 })
+            // ... and holds the mmap lock for reading while it sleeps there:
+            // two holders, the migration and the reader. (The sleep is
+            // bounded at 100 ms, after which the fault retries and takes
+            // the lock again: allow a few samples in that window.)
+            var both = 0
+            for _ in 0..<20 {
+                usleep(1_000)
+                if mm.mmapLockHolders.load(ordering: .relaxed) == 2 { both += 1 }
+            }
+            #expect(both >= 15, "the reader held the mmap lock in \(both) of 20 samples")
+            kernel.migrateVMAPages(&args)
+            kernel.migrateVMAFinalize(&args)
+            mm.mmapReadUnlock()
+            #expect(reader.wait(timeout: 10))
+            #expect(read.current == 1)
+            #expect(kernel.vmstat[.migrationEntryWaits] >= 1)
+            #expect(reader.stop())
+        }
+    }
 }

@@ -154,12 +154,12 @@ extension AddressSpace {
     /// the migration holds the folio lock, which ranks below the mutex).
     /// Faults on the same huge page serialize on its fault mutex. We enter
     /// with the mmap lock held for reading and no page-table lock, and
-    /// return the same way unless `lockState` lets the wait drop the mmap
-    /// lock (it then tells so).
+    /// return the same way: the migration wait sleeps with the mmap lock
+    /// held, as the kernel's keeps the VMA lock.
     ///
     /// Throws ``Errno/ioError`` (SIGBUS) when no pool page is free for a
     /// page without a reservation.
-    func hugetlbFault(_ vma: VMA, _ address: UInt64, write: Bool, _ lockState: inout FaultLockState) throws(Errno) {
+    func hugetlbFault(_ vma: VMA, _ address: UInt64, write: Bool) throws(Errno) {
         let haddr = address & PageGeometry.pmdMask
         let migrating = try kernel.hugetlb.withFaultMutex(id, haddr) { () throws(Errno) -> UInt64? in
             let pmd = loadPMD(haddr)
@@ -185,8 +185,9 @@ extension AddressSpace {
             return nil
         }
         if migrating != nil {
-            // migration_entry_wait_huge(): queued under the PMD lock.
-            migrationEntryWait(at: haddr) { lockState.dropForWait(self) }
+            // migration_entry_wait_huge(): queued under the PMD lock, the
+            // mmap lock held through the sleep (the kernel keeps the VMA lock).
+            migrationEntryWait(at: haddr)
         }
     }
 

@@ -35,7 +35,7 @@ extension AddressSpace {
         // A VM_PFNMAP/VM_IO mapping without a fault handler: handle_mm_fault()
         // returns VM_FAULT_SIGBUS.
         if vma.flags.contains(.special) { throw .ioError }
-        if vma.flags.contains(.hugetlb) { return try hugetlbFault(vma, address, write: write, &holdsMmapLock) }
+        if vma.flags.contains(.hugetlb) { return try hugetlbFault(vma, address, write: write) }
 
         var pmd = loadPMD(address)
         if pmd.isNone {
@@ -52,7 +52,8 @@ extension AddressSpace {
             hugePMDFault(vma, address, write: write)
             return
         case .migration:
-            migrationEntryWait(at: address) { holdsMmapLock.dropForWait(self) }
+            // pmd_migration_entry_wait(): sleeps with the mmap lock held.
+            migrationEntryWait(at: address)
             return
         case .devicePrivate:
             try devicePrivatePMDFault(vma, address, &holdsMmapLock)
@@ -140,8 +141,11 @@ extension AddressSpace {
             next = .done
         }
         if next == .waitOnMigration {
-            // migration_entry_wait(): queued before the PTE lock goes.
-            waitOnMigration(pfn: pte.pfn) { lock.unlock(); holdsMmapLock.dropForWait(self) }
+            // migration_entry_wait() from do_swap_page(): queued before the
+            // PTE lock goes; the mmap lock stays held through the sleep
+            // (the kernel returns no VM_FAULT_RETRY here), so an munmap
+            // waits for the migration to end.
+            waitOnMigration(pfn: pte.pfn) { lock.unlock() }
             return
         }
         lock.unlock()
