@@ -1,3 +1,4 @@
+import Foundation
 import Synchronization
 import Testing
 import TestSupport
@@ -76,5 +77,28 @@ struct SleepingLockSchedulingTests {
         // The two threads stay parked on their locks: keep what they use alive.
         _ = Unmanaged.passRetained(sem)
         _ = Unmanaged.passRetained(m)
+    }
+
+    @Test("a futex wait that finds its word changed forgets the lock it was for: the thread's next wait is reported as a wait for its own word")
+    func changedWordForgetsTheLock() throws {
+        nonisolated(unsafe) let words = UnsafeMutablePointer<UInt32>.allocate(capacity: 2)
+        words.initialize(repeating: 0, count: 2)
+        let s = DeterministicScheduler(CPUModelTests.configuration(cpus: 1))
+        s.name(UnsafeRawPointer(words), "the word")
+        s.name(UnsafeRawPointer(words + 1), "the lock")
+        s.spawn("waiter") {
+            // A mutex waiter names its lock, then finds its word changed
+            // (EAGAIN): that wait is over, and so is what it was for.
+            DeterministicScheduler.willWait(for: UnsafeRawPointer(words + 1))
+            guard let me = DeterministicScheduler.current else { return }
+            #expect(me.scheduler.futexWait(me, words, 1, 0) == EAGAIN)
+            _ = me.scheduler.futexWait(me, words, 0, 0)   // nobody wakes it
+        }
+        guard case .deadlock(let report) = s.run() else {
+            Issue.record("no deadlock")
+            return
+        }
+        #expect(report.waits.map(\.waitsFor) == ["the word"], "\(report)")
+        // `words` is never freed: the thread stays parked on it.
     }
 }

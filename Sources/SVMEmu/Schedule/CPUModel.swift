@@ -288,7 +288,7 @@ extension DeterministicScheduler {
     @usableFromInline @inline(never)
     static func willWait(for lock: UnsafeRawPointer) {
         guard let t = current else { return }
-        t.scheduler.pendingLockWait = lock
+        t.pendingLockWait = lock
     }
 
     /// One round of an optimistic spin by the calling emulated thread (a

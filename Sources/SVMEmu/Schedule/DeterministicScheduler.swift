@@ -141,9 +141,6 @@ public final class DeterministicScheduler: @unchecked Sendable {
     let lockNameIndex = PointerTable()
     var lockNames: [String] = []
     @exclusivity(unchecked) var log: [Step] = []
-    /// The lock the next futex wait of the running thread is for (a kernel
-    /// mutex's waiter sleeps on a word of its own).
-    @exclusivity(unchecked) var pendingLockWait: UnsafeRawPointer? = nil
     /// The lock-order violations this run's threads closed; guarded by
     /// ``LockOrder``'s graph lock.
     var violationsFound: [LockOrder.Violation] = []

@@ -46,6 +46,10 @@ final class EmulatedThread: @unchecked Sendable {
     /// The lock a blocked thread sleeps for, when its futex word is not the
     /// lock's own (a mutex waiter sleeps on its own word): for deadlock reports.
     @exclusivity(unchecked) var waitsForLock: UnsafeRawPointer? = nil
+    /// The lock this thread's next futex wait is for (a kernel mutex's
+    /// waiter sleeps on a word of its own): set just before the wait,
+    /// cleared by the wait whether it blocks or finds the word changed.
+    @exclusivity(unchecked) var pendingLockWait: UnsafeRawPointer? = nil
     /// Without the CPU model, a sleep is a jump of the clock: until this
     /// virtual time the thread sleeps, and is on no CPU.
     @exclusivity(unchecked) var asleepUntil: UInt64 = 0

@@ -58,6 +58,7 @@ extension DeterministicScheduler {
     func futexWait(_ me: EmulatedThread, _ word: UnsafeMutablePointer<UInt32>, _ expected: UInt32,
                    _ timeout: UInt64) -> Int32 {
         if UnsafeAtomic(word).load(ordering: .acquiring) != expected {
+            me.pendingLockWait = nil
             point(me, cost: configuration.costs.futex, "futex wait (value changed)")
             return EAGAIN
         }
@@ -65,8 +66,8 @@ extension DeterministicScheduler {
         me.waitWord = word
         me.deadline = timeout > 0 ? me.clock &+ timeout : nil
         me.timedOut = false
-        me.waitsForLock = pendingLockWait
-        pendingLockWait = nil
+        me.waitsForLock = me.pendingLockWait
+        me.pendingLockWait = nil
         blockSequence &+= 1
         me.blockSequence = blockSequence
         step &+= 1
