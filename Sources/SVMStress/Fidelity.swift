@@ -58,11 +58,9 @@ public struct KernelLivelockReference: Codable, Sendable {
     }
 
     /// The reference in the file at `url`.
-    public static func load(_ url: URL) throws -> KernelLivelockReference {
-        do {
-            return try JSONDecoder().decode(KernelLivelockReference.self, from: Data(contentsOf: url))
-        } catch {
-            throw FidelityError.missingReference("\(url.path): \(error)")
+    public static func load(_ url: URL) throws(FidelityError) -> KernelLivelockReference {
+        do { return try JSONFile.decode(KernelLivelockReference.self, from: JSONFile.read(url.path)) } catch {
+            throw .missingReference("\(url.path): \(error.reason)")
         }
     }
 }
@@ -72,7 +70,7 @@ public enum FidelityError: Error, CustomStringConvertible {
     case missingReference(String)
     /// The reference in a line.
     public var description: String {
-        switch self { case .missingReference(let why): "no kernel reference: \(why)" }
+        switch self { case .missingReference(let why): "cannot use the kernel reference: \(why)" }
     }
 }
 

@@ -286,40 +286,19 @@ public struct MachineProfile: Sendable, Codable, Equatable {
 
     /// Reads a profile from a JSON file and checks it (``problem``).
     public static func load(path: String) throws(MachineProfileError) -> MachineProfile {
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
-            throw .unreadable(path: path, reason: "No such file or directory")
-        }
-        if isDirectory.boolValue { throw .unreadable(path: path, reason: "Is a directory") }
         let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
-            throw .unreadable(path: path, reason: FileManager.default.isReadableFile(atPath: path)
-                              ? error.localizedDescription : "Permission denied")
-        }
+        do { data = try JSONFile.read(path) } catch { throw .unreadable(path: path, reason: error.reason) }
         return try decode(data, source: path)
     }
 
     /// Decodes and checks a profile; `source` names it in errors.
     public static func decode(_ data: Data, source: String) throws(MachineProfileError) -> MachineProfile {
         let profile: MachineProfile
-        do { profile = try JSONDecoder().decode(MachineProfile.self, from: data) } catch {
-            throw .invalid(source: source, reason: Self.reason(error))
+        do { profile = try JSONFile.decode(MachineProfile.self, from: data) } catch {
+            throw .invalid(source: source, reason: error.reason)
         }
         if let problem = profile.problem { throw .invalid(source: source, reason: problem) }
         return profile
-    }
-
-    private static func reason(_ error: any Error) -> String {
-        switch error {
-        case DecodingError.keyNotFound(let key, let c):
-            return "missing key \((c.codingPath.map(\.stringValue) + [key.stringValue]).joined(separator: "."))"
-        case DecodingError.typeMismatch(_, let c), DecodingError.valueNotFound(_, let c):
-            return "wrong type at \(c.codingPath.map(\.stringValue).joined(separator: ".")): \(c.debugDescription)"
-        case DecodingError.dataCorrupted(let c):
-            return "not valid JSON: \(c.underlyingError.map { "\($0)" } ?? c.debugDescription)"
-        default:
-            return "\(error)"
-        }
     }
 
     // MARK: shipped profiles

@@ -137,11 +137,30 @@ struct MachineProfileTests {
             let message = SVMEmuCommand.message(for: error)
             #expect(message.contains("--machine") && message.contains("native"))
         }
-        for command in [["explore"], ["replay"], ["soak"], ["overhead", "--deterministic"], ["numa", "--deterministic"]] {
+        for command in [["explore"], ["replay"], ["soak"], ["overhead", "--deterministic"], ["numa", "--deterministic"], ["fidelity"]] {
             #expect(throws: (any Error).self, "\(command[0])") {
                 try SVMEmuCommand.parseAsRoot(command + ["--machine", "/nonexistent/profile.json"])
             }
             _ = try SVMEmuCommand.parseAsRoot(command + ["--machine", "native"])
+        }
+    }
+
+    @Test("fidelity checks --reference and --cases before it runs, and says what is wrong with the file in one line")
+    func fidelityReferenceChecked() throws {
+        let broken = FileManager.default.temporaryDirectory.appendingPathComponent("svmemu-reference-\(getpid()).json")
+        try Data("{\"kernel\": \"6.12\"}".utf8).write(to: broken)
+        defer { try? FileManager.default.removeItem(at: broken) }
+        for (arguments, wanted) in [(["--reference", "/nonexistent/livelock.json"], "/nonexistent/livelock.json: No such file or directory"),
+                                    (["--reference", broken.path], "missing key"),
+                                    (["--cases", "9:9:9"], "no case 9:9:9")] {
+            do {
+                _ = try SVMEmuCommand.parseAsRoot(["fidelity"] + arguments)
+                Issue.record("fidelity \(arguments) was accepted")
+            } catch {
+                let message = SVMEmuCommand.message(for: error)
+                #expect(message.contains(wanted) && !message.contains("NSCocoaErrorDomain"), "\(message)")
+                #expect(SVMEmuCommand.exitCode(for: error).rawValue == 64)
+            }
         }
     }
 

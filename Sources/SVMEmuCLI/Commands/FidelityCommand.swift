@@ -99,6 +99,10 @@ struct FidelityCommand: ParsableCommand {
                 throw ValidationError("--cases: '\(c)' is not THREADS:MUTEX:MICROS (for example 8:1:50)")
             }
         }
+        // The files --reference and --machine name, and the cases --cases
+        // names: checked here, so that an error shows this command's usage.
+        _ = try loadReference()
+        _ = try settings()
     }
 
     func shape() throws -> (DriverWorkShape, DriverWait) {
@@ -115,9 +119,10 @@ struct FidelityCommand: ParsableCommand {
         }
         if let cases {
             let wanted = Set(cases.split(separator: ",").map(String.init))
-            let known = Set(r.cases.map(\.case))
+            var known: [String] = []   // in the reference's order
+            for c in r.cases where !known.contains(c.case) { known.append(c.case) }
             if let missing = wanted.subtracting(known).sorted().first {
-                throw ValidationError("--cases: the reference has no case \(missing) (it has \(known.sorted().joined(separator: ", ")))")
+                throw ValidationError("--cases: the reference has no case \(missing) (it has \(known.joined(separator: ", ")))")
             }
             r.cases = r.cases.filter { wanted.contains($0.case) }
         }
