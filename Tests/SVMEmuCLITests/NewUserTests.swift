@@ -181,7 +181,7 @@ struct NewUserTests {
             #expect(r.stderr.split(separator: "\n").count == 1, "one line: \(r.stderr)")
             // Output files go to a temporary name first, renamed when complete.
             let file = OutputFile(dir + "/chart.svg")
-            #expect(file.temporaryPath.hasPrefix(dir + "/.chart.svg.svmemu-"))
+            #expect(OutputFile.temporaryPath(for: file.path).hasPrefix(dir + "/.chart.svg.svmemu-"))
             try file.write("<svg/>")
             let names = try FileManager.default.contentsOfDirectory(atPath: dir)
             #expect(names == ["chart.svg"], "\(names)")

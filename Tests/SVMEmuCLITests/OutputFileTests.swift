@@ -66,6 +66,32 @@ struct OutputFileTests {
         }
     }
 
+    @Test("an output file that is a device (/dev/full) is written in place and its error reported; a symbolic link stays a link and its file gets the report")
+    func devicesAndLinks() throws {
+        // Renaming a finished file over /dev/full would replace the device
+        // node with a regular file: the path must be written in place.
+        try #require(OutputFile.writesInPlace("/dev/full") && OutputFile.writesInPlace("/dev/null"))
+        #expect(throws: CLIError.outputPath(path: "/dev/full", reason: "No space left on device")) {
+            try OutputFile("/dev/full").write("report")
+        }
+        var st = stat()
+        #expect(stat("/dev/full", &st) == 0 && st.st_mode & S_IFMT == S_IFCHR, "/dev/full is still a character device")
+        try OutputFile("/dev/null").write("report")
+        #expect(stat("/dev/null", &st) == 0 && st.st_mode & S_IFMT == S_IFCHR)
+        try withScratchDirectory { dir in
+            #expect(!OutputFile.writesInPlace(dir + "/report.txt"), "a new file: temporary, then rename")
+            try FileManager.default.createDirectory(atPath: dir + "/data", withIntermediateDirectories: false)
+            let target = dir + "/data/report.txt"
+            try OutputFile(target).write("old")
+            #expect(symlink(target, dir + "/latest.txt") == 0)
+            #expect(!OutputFile.writesInPlace(dir + "/latest.txt"), "a link to a regular file")
+            try OutputFile(dir + "/latest.txt").write("new report")
+            #expect(lstat(dir + "/latest.txt", &st) == 0 && st.st_mode & S_IFMT == S_IFLNK, "the link is still a link")
+            #expect(try String(contentsOfFile: target, encoding: .utf8) == "new report")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/data") == ["report.txt"], "no temporary file left")
+        }
+    }
+
     @Test("overhead refuses an unwritable --svg or --trace before any run, with exit status 1 and no usage line")
     func overheadChecksPathsFirst() throws {
         // preflight() is the first thing run() does; the run is kept tiny so

@@ -69,34 +69,60 @@ public struct OutputFile: Sendable, Equatable {
         if !existed { unlink(path) }
     }
 
-    /// The temporary file `write` fills before renaming it to `path`: in
+    /// The temporary file `write` fills before renaming it to `target`: in
     /// the same directory (a rename does not cross file systems), hidden,
     /// named for the process.
-    var temporaryPath: String {
-        let slash = path.lastIndex(of: "/")
-        let dir = slash.map { String(path[...$0]) } ?? ""
-        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+    static func temporaryPath(for target: String) -> String {
+        let slash = target.lastIndex(of: "/")
+        let dir = slash.map { String(target[...$0]) } ?? ""
+        let name = slash.map { String(target[target.index(after: $0)...]) } ?? target
         return dir + "." + name + ".svmemu-\(getpid()).tmp"
+    }
+
+    /// Whether `path` names something that is not a regular file (a
+    /// device such as /dev/null or /dev/full, a FIFO, a terminal, or a
+    /// symbolic link to one): `write` writes it in place, since renaming a
+    /// file over it would replace the device node itself.
+    static func writesInPlace(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && st.st_mode & S_IFMT != S_IFREG
+    }
+
+    /// The file a rename replaces: the file a symbolic link names (the
+    /// link stays), else `path` itself.
+    static func renameTarget(_ path: String) -> String {
+        guard let resolved = realpath(path, nil) else { return path }
+        defer { free(resolved) }
+        return String(cString: resolved)
     }
 
     /// Writes `text` as the file's whole content (mode 0644 for a new file):
     /// into a temporary file in the same directory, renamed over `path`
     /// once complete, so that an interrupted or failed write never leaves a
     /// half-written file under the name asked for (a failed one removes
-    /// its temporary file; SIGINT's handler does too, `Interrupt`).
+    /// its temporary file; SIGINT's handler does too, `Interrupt`). A
+    /// symbolic link keeps pointing where it did: the file it names is
+    /// replaced. What is not a regular file (`/dev/full`, `/dev/stdout`, a
+    /// FIFO) is written in place, and its write errors are reported.
     ///
-    /// - Throws: `CLIError.outputPath` with the path and the system's reason.
+    /// - Throws: `CLIError.outputPath` with the path and the system's reason
+    ///   (for /dev/full: "No space left on device").
     ///
     /// The corresponding C functions are `open`, `write`, `close` and `rename`.
     public func write(_ text: String) throws(CLIError) {
-        let temporary = temporaryPath
+        if Self.writesInPlace(path) {
+            do { try Self.write(text, to: path, truncate: false) } catch { throw .outputPath(path: path, reason: error.reason) }
+            return
+        }
+        let target = Self.renameTarget(path)
+        let temporary = Self.temporaryPath(for: target)
         Interrupt.writing(temporary)
         defer { Interrupt.writing(nil) }
-        do { try Self.write(text, to: temporary) } catch {
+        do { try Self.write(text, to: temporary, truncate: true) } catch {
             unlink(temporary)
             throw .outputPath(path: path, reason: error.reason)
         }
-        guard rename(temporary, path) == 0 else {
+        guard rename(temporary, target) == 0 else {
             let reason = CLIError.reason(errno)
             unlink(temporary)
             throw .outputPath(path: path, reason: reason)
@@ -121,9 +147,10 @@ public struct OutputFile: Sendable, Equatable {
         return 0
     }
 
-    /// Writes `text` to a new file at `path`.
-    private static func write(_ text: String, to path: String) throws(WriteFailure) {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    /// Writes `text` to the file at `path` (created if missing; emptied
+    /// first with `truncate`).
+    private static func write(_ text: String, to path: String, truncate: Bool) throws(WriteFailure) {
+        let fd = open(path, O_WRONLY | O_CREAT | (truncate ? O_TRUNC : 0) | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw WriteFailure(reason: CLIError.reason(errno)) }
         var failure = Array(text.utf8).withUnsafeBytes { writeAll(fd, $0) }
         if close(fd) != 0 && failure == 0 { failure = errno }
