@@ -170,6 +170,15 @@ struct NewUserTests {
         #expect(fine.status == 0, "\(fine)")
     }
 
+    @Test("merge with no files on a terminal says what to give (64) instead of waiting for typed lines")
+    func mergeOnATerminal() throws {
+        // script(1) runs the command on a pseudo-terminal (its standard input a tty).
+        let r = try runShell("exec script -qec '\"$SVMEMU\" merge' /dev/null < /dev/null", timeout: 30)
+        #expect(r.status == 64 && r.stdout.contains("standard input is a terminal"), "\(r)")
+        let piped = try runShell("exec \"$SVMEMU\" merge < /dev/null")
+        #expect(piped.status == 1 && piped.stdout.contains("no lines to merge"), "\(piped)")
+    }
+
     @Test("SIGINT: status 130, one line that says what was interrupted, no file under the name asked for")
     func interrupt() throws {
         try withScratchDirectory { dir in

@@ -41,6 +41,10 @@ struct MergeCommand: ParsableCommand {
 
     func validate() throws {
         if files.count(where: { $0 == "-" }) > 1 { throw ValidationError("standard input (-) can be given once") }
+        // Reading a terminal would wait for typed lines: say what to give instead.
+        if (files.isEmpty || files.contains("-")) && isatty(STDIN_FILENO) == 1 {
+            throw ValidationError("give the files the shards wrote (svmemu merge shard-*.jsonl), or pipe them in; standard input is a terminal")
+        }
     }
 
     /// Each file's (or standard input's) text.
