@@ -42,6 +42,35 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     /// inside that kernel (the rig's kprobe events). Optional: without it a
     /// run charges nothing for these spans.
     public var deviceFault: DeviceFault?
+    /// A sleeper's own timer waking it on an idle CPU: the latency from the
+    /// expiry to the sleeper running, by how long the CPU had idled.
+    /// Optional: without it a timed-out sleeper takes its CPU at its expiry.
+    public var timerWake: TimerWake?
+
+    /// The timer wake-up latency of an idle CPU, measured inside the
+    /// machine's kernel (the kernel rig's `rig-calibrate -W`;
+    /// Docs/machine-profiles.md): a thread pinned to an otherwise idle CPU
+    /// sleeps in `clock_nanosleep()` with a 1 ns timer slack and reads the
+    /// clock when it runs again.
+    public struct TimerWake: Sendable, Codable, Equatable {
+        /// The measured points, the shortest idle first.
+        public var points: [Point]
+
+        /// One sleep length and its latency (the median over the machine's boots of each boot's median).
+        public struct Point: Sendable, Codable, Equatable {
+            /// The sleep: how long the CPU idled before its timer expired, ns.
+            public var idleNanos: Double
+            /// From the expiry to the sleeper's first clock read, ns.
+            public var latencyNanos: Double
+
+            public init(idleNanos: Double, latencyNanos: Double) {
+                self.idleNanos = idleNanos
+                self.latencyNanos = latencyNanos
+            }
+        }
+
+        public init(points: [Point]) { self.points = points }
+    }
 
     /// The measured costs, in nanoseconds (medians).
     public struct Costs: Sendable, Codable, Equatable {
@@ -180,7 +209,8 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     /// and FUTEX_WAIT, `wake` the wake-up latency, `yield`, `contextSwitch`
     /// and `spinRound` as measured, `walk`, `localFlush` and `ipi` from the
     /// page-table walk, the local flush and the IPI round trip, `deviceFaultToReference` and
-    /// `referenceToCollect` from ``deviceFault`` (0 without it), and `copyPerKiB` from memcpy's bandwidth
+    /// `referenceToCollect` from ``deviceFault`` (0 without it), `timerWake` from ``timerWake``
+    /// (empty without it), and `copyPerKiB` from memcpy's bandwidth
     /// at a 1-2 MiB working set (a 4 KiB to 2 MiB folio copy's source is
     /// rarely in L1). Each is rounded to whole nanoseconds, at least 1: a
     /// free scheduling point would let a spinning thread stop virtual time.
@@ -202,6 +232,10 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         func span(_ v: Double?) -> UInt64 { v.map { $0.isFinite && $0 > 0 ? UInt64($0.rounded()) : 0 } ?? 0 }
         v.deviceFaultToReference = span(deviceFault?.entryToReferenceNanos)
         v.referenceToCollect = span(deviceFault?.referenceToCollectNanos)
+        // A sleeper's timer on a halted CPU (nothing without the measurement).
+        v.timerWake = (timerWake?.points ?? []).sorted { $0.idleNanos < $1.idleNanos }.map {
+            .init(idleNanos: UInt64($0.idleNanos.rounded()), latencyNanos: UInt64($0.latencyNanos.rounded()))
+        }
         return v
     }
 
@@ -269,6 +303,12 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         if let deviceFault {
             for (key, v) in deviceFault.all where !v.isFinite || v < 0 {
                 return "deviceFault.\(key) must be a finite number of nanoseconds >= 0 (got \(v))"
+            }
+        }
+        if let timerWake {
+            if timerWake.points.isEmpty { return "timerWake.points must list at least one point" }
+            for p in timerWake.points where !p.idleNanos.isFinite || p.idleNanos < 0 || !p.latencyNanos.isFinite || p.latencyNanos < 0 {
+                return "timerWake.points need finite idleNanos and latencyNanos >= 0 (got \(p.idleNanos), \(p.latencyNanos))"
             }
         }
         if !(1...CPUSet.maxCPUs).contains(cpus) { return "cpus must be 1...\(CPUSet.maxCPUs) (got \(cpus))" }

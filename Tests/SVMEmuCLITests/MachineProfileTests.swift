@@ -56,6 +56,27 @@ struct MachineProfileTests {
         }
     }
 
+    @Test("timerWake is optional: without it nothing is charged; with it its points map onto the scheduler's costs, shortest idle first")
+    func timerWakeOptional() throws {
+        let plain = try MachineProfile.decode(Data(example.utf8), source: "example")
+        #expect(plain.timerWake == nil && plain.virtualCosts.timerWake.isEmpty)
+        #expect(!String(decoding: try plain.json(), as: UTF8.self).contains("timerWake"), "no key written when absent")
+        let points = #"{"points":[{"idleNanos":400000,"latencyNanos":97738.4},{"idleNanos":40000,"latencyNanos":66579}]}"#
+        let with = example.replacingOccurrences(of: #""methods":"#, with: #""timerWake":\#(points),"methods":"#)
+        let p = try MachineProfile.decode(Data(with.utf8), source: "with timerWake")
+        #expect(p.virtualCosts.timerWake == [.init(idleNanos: 40_000, latencyNanos: 66_579),
+                                             .init(idleNanos: 400_000, latencyNanos: 97_738)])
+        #expect(try MachineProfile.decode(try p.json(), source: "round trip") == p)
+        do {
+            _ = try MachineProfile.decode(Data(with.replacingOccurrences(of: "66579", with: "-1").utf8), source: "negative")
+            Issue.record("a negative latency was accepted")
+        } catch {
+            #expect(error.description.contains("timerWake.points"))
+        }
+        let shipped = try MachineProfile.shipped("qemu-tcg-2")
+        #expect(shipped.virtualCosts.timerWakeNanos(idleFor: 40_000) == 66_579, "the rig's measurement ships")
+    }
+
     @Test("deviceFault is optional: without it nothing is charged; with it both spans map onto the scheduler's costs")
     func deviceFaultOptional() throws {
         let plain = try MachineProfile.decode(Data(example.utf8), source: "example")

@@ -231,6 +231,36 @@ struct KernelMutexAlgorithmTests {
         #expect(halted >= 50_000 && halted < 55_000, "idle 1 ms: the wake-up latency, \(halted) ns")
     }
 
+    @Test("a sleeper whose timer expires on its halted CPU runs after the measured timer wake-up latency; without the measurement at its expiry")
+    func timerWakeOnAHaltedCPU() {
+        func resumed(after sleep: UInt64, points: [VirtualCosts.TimerWakePoint], busyNeighbour: Bool = false) -> UInt64 {
+            var c = CPUModelTests.configuration(cpus: 2)
+            c.costs.wake = 50_000
+            c.costs.contextSwitch = 5_000
+            c.costs.timerWake = points
+            let s = DeterministicScheduler(c)
+            let back = Mutex<UInt64>(0)
+            s.spawn("sleeper") {
+                let start = HostClock.nanos()
+                HostClock.sleep(nanos: sleep)
+                back.withLock { $0 = HostClock.nanos() - start }
+            }
+            if busyNeighbour { s.spawn("spinner") { HostClock.spin(nanos: 2_000_000) } }
+            #expect(s.run() == .completed)
+            return back.withLock { $0 }
+        }
+        let points = [VirtualCosts.TimerWakePoint(idleNanos: 40_000, latencyNanos: 60_000),
+                      VirtualCosts.TimerWakePoint(idleNanos: 400_000, latencyNanos: 90_000)]
+        #expect(resumed(after: 40_000, points: []) == 40_000, "no measurement: at the expiry")
+        #expect(resumed(after: 40_000, points: points) == 100_000, "idle 40 µs: the first point")
+        #expect(resumed(after: 220_000, points: points) == 295_000, "idle 220 µs: between the points")
+        #expect(resumed(after: 2_000_000, points: points) == 2_090_000, "idle beyond the last point: the last point")
+        #expect(resumed(after: 3_000, points: points) == 3_000, "idle less than a context switch: not halted yet")
+        #expect(resumed(after: 40_000, points: points, busyNeighbour: true) == 100_000,
+                "its own CPU idle: its timer there, whatever the other CPU does")
+        #expect(VirtualCosts.measured.timerWake.isEmpty && VirtualCosts.measured.timerWakeNanos(idleFor: 1_000_000) == 0)
+    }
+
     @Test("an idle CPU does not stall: stalls come in busy time")
     func stallsComeInBusyTime() {
         var c = CPUModelTests.configuration(cpus: 1)

@@ -15,6 +15,8 @@
 #   calibrate  boot vanilla CALIBRATE_BOOTS times, run the calibration program
 #   probe      boot legacy PROBE_BOOTS times: kprobe events on the device-private
 #              fault path of single-thread cases (PROBE_CASES), and one probe's cost
+#   timerwake  boot vanilla TIMERWAKE_BOOTS times (default 5): the timer wake-up
+#              latency of an idle vCPU (rig-calibrate -W; rigresults.py timerwake)
 #   results    turn a run's logs into the data files (RUN_ID, default the latest run)
 #   check      all of the above in order (what `make kernel-check` runs)
 #   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|probe|shell)
@@ -41,6 +43,7 @@ LOGS=$RIG_DIR/logs
 BOOTS=${BOOTS:-3}
 CALIBRATE_BOOTS=${CALIBRATE_BOOTS:-5}
 PROBE_BOOTS=${PROBE_BOOTS:-3}
+TIMERWAKE_BOOTS=${TIMERWAKE_BOOTS:-5}
 PROBE_CASES=${PROBE_CASES:-1:0:0,1:1:0}
 WATCHDOG=${WATCHDOG:-30}
 PAGES=${PAGES:-512}
@@ -270,6 +273,16 @@ cmd_calibrate() {
 	done
 }
 
+# The timer wake-up latency of an idle vCPU (rig-calibrate -W, one RIG-TIMERWAKE
+# line a boot); rigresults.py timerwake puts it into the profile (timerWake).
+cmd_timerwake() {
+	local i
+	for i in $(seq 1 "$TIMERWAKE_BOOTS"); do
+		boot vanilla calibrate rigcalibrate=-W
+		grep -a "RIG-TIMERWAKE" "$LAST_LOG" | tr -d '\r' || say "warning: no RIG-TIMERWAKE line in $LAST_LOG"
+	done
+}
+
 # kprobe events on the legacy kernel's device-private fault path (guest/init,
 # rigmode=probe); rigresults.py probe turns the traces into intervals.
 cmd_probe() {
@@ -357,6 +370,7 @@ selftest) cmd_selftest ;;
 livelock) cmd_livelock ;;
 calibrate) cmd_calibrate ;;
 probe) cmd_probe ;;
+timerwake) cmd_timerwake ;;
 results) cmd_results ;;
 check) cmd_check ;;
 boot) shift; [ $# -ge 2 ] || die "usage: $0 boot VARIANT MODE [kernel args]"; boot "$@"; echo "log: $LAST_LOG" ;;

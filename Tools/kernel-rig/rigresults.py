@@ -392,6 +392,59 @@ def spread_of(rows, key):
     return "%.1f-%.1f" % (min(vals), max(vals)) if vals else "-"
 
 
+# --------------------------------------------------------------- timer wake-up
+
+def timerwakes_of(lines):
+    out = []
+    for line in lines:
+        i = line.find("RIG-TIMERWAKE ")
+        if i < 0:
+            continue
+        try:
+            out.append(json.loads(line[i + len("RIG-TIMERWAKE "):]))
+        except json.JSONDecodeError as e:
+            print("rigresults: unreadable RIG-TIMERWAKE line: %s" % e, file=sys.stderr)
+    return out
+
+
+TIMER_POINTS = [("timer40us", 40000.0), ("timer400us", 400000.0)]
+
+
+def timerwake(args):
+    boots = []
+    for path in args.logs:
+        boots.extend(timerwakes_of(read_lines(path)))
+    if not boots:
+        sys.exit("rigresults: no RIG-TIMERWAKE line in %s" % ", ".join(args.logs))
+    points, per_boot = [], []
+    for key, idle in TIMER_POINTS:
+        meds = [b[key]["p50"] for b in boots if key in b]
+        points.append({"idleNanos": idle, "latencyNanos": float(statistics.median(meds))})
+        per_boot.append("%d us: %s ns" % (idle / 1000, "/".join("%.0f" % m for m in meds)))
+        p10 = min(b[key]["p10"] for b in boots if key in b)
+        p90 = max(b[key]["p90"] for b in boots if key in b)
+        per_boot[-1] += " (p10-p90 %.0f-%.0f)" % (p10, p90)
+    futex = [m for b in boots for m in b.get("futexWakeMedians", [])]
+    for p in points:
+        print("timerWake idle %6.0f ns: %8.0f ns" % (p["idleNanos"], p["latencyNanos"]))
+    if not args.profile:
+        return
+    with open(args.profile) as f:
+        prof = json.load(f)
+    prof["timerWake"] = {"points": points}
+    prof.setdefault("methods", {})["timerWake"] = (
+        "Measured in the rig's guest (rig.sh timerwake: rig-calibrate -W on the vanilla kernel, %d boots): a thread "
+        "pinned to vCPU 1 (nothing else runs there; the other thread waits in pthread_join on vCPU 0) sets "
+        "PR_SET_TIMERSLACK to 1 ns, so its hrtimer's range is one ns (as usleep_range(d, 2d)'s timer fires at 2d when "
+        "no other interrupt comes first), sleeps 2 ms, then clock_nanosleep(TIMER_ABSTIME) until 40 us (or 400 us) "
+        "after its clock read, and reads the clock when it runs: the overshoot is the hrtimer interrupt bringing the "
+        "halted vCPU out of its idle loop, the wake-up and the switch back. 401 sleeps a length; each point the median "
+        "of the boots' medians (boots, %s). In the same boots wake_latency() (the futex wake onto the idle vCPU) gave "
+        "medians %.0f-%.0f ns." % (len(boots), "; ".join(per_boot), min(futex or [0]), max(futex or [0])))
+    write_json(args.profile, prof)
+    print("wrote timerWake into %s" % args.profile)
+
+
 # --------------------------------------------------------------- probe
 
 # The intervals of one device-private fault, each (name, from event, to
@@ -731,6 +784,10 @@ def main():
     b.add_argument("--meta")
     b.add_argument("logs", nargs="+")
     b.set_defaults(func=profile)
+    w = sub.add_parser("timerwake", help="the timer wake-up latency (rig-calibrate -W boots) into a profile (timerWake)")
+    w.add_argument("--profile", help="put the measured points into this machine profile (timerWake)")
+    w.add_argument("logs", nargs="+")
+    w.set_defaults(func=timerwake)
     r = sub.add_parser("probe", help="kprobe traces of the device-private fault path as intervals")
     r.add_argument("--out", help="write the intervals as JSON (Data/kernel/fault-path.json)")
     r.add_argument("--profile", help="put the two measured costs into this machine profile (deviceFault)")

@@ -78,8 +78,9 @@ extension DeterministicScheduler {
                 b.deadline = nil
                 b.waitsForLock = nil
                 if b.observer { return true }
-                place(b)
-                return b.cpu >= 0
+                placeTimerWoken(b)
+                // Its wake-up latency put it later: another thread may come first.
+                return b.cpu >= 0 && b.clock == bestTime
             }
             if ready { return chosen }
             // Queued behind a running thread: look again.
@@ -106,6 +107,33 @@ extension DeterministicScheduler {
         cpus[target].queue.append(t.index)
     }
 
+    /// A sleeper whose timer expired at its clock (an hrtimer: `usleep_range()`,
+    /// a timed wait's timeout). The kernel arms it on the CPU the sleeper ran
+    /// on (`hrtimer_start()` keeps a timer armed by a running task on its
+    /// CPU), and the expiry's interrupt wakes the sleeper there
+    /// (`hrtimer_wakeup()`, `try_to_wake_up()`): on that CPU when it is idle,
+    /// after the machine's latency of a timer waking a halted CPU
+    /// (``VirtualCosts/timerWakeNanos(idleFor:)``, measured for how long the
+    /// CPU had idled; a CPU idle for less than a context switch has not
+    /// halted yet and costs nothing); when another thread runs there, as any
+    /// wake-up from that CPU (``placeWoken(_:at:)``: an idle CPU through an
+    /// IPI, else a queue).
+    func placeTimerWoken(_ t: EmulatedThread) {
+        let c = t.lastCPU
+        // A cost table without the measurement: the sleeper is placed as before it existed.
+        guard !configuration.costs.timerWake.isEmpty else { place(t); return }
+        guard cpus[c].running == nil else {
+            placeWoken(t, at: t.clock)
+            return
+        }
+        let since = cpus[c].idleSince
+        let idleFor = t.clock >= since ? t.clock - since : 0
+        if idleFor >= configuration.costs.contextSwitch {
+            t.clock &+= configuration.costs.timerWakeNanos(idleFor: idleFor)
+        }
+        place(t)
+    }
+
     /// A thread `me` woke (try_to_wake_up()): like ``place(_:)``, with the
     /// wake-up's latency. Onto an idle CPU that has halted, the machine's
     /// wake-up latency (``VirtualCosts/wake``, measured on a CPU idle for
@@ -114,19 +142,25 @@ extension DeterministicScheduler {
     /// IPI's receipt and the switch back; queued behind a running thread, none
     /// (it runs when its CPU comes free, one context switch later).
     func placeWoken(_ t: EmulatedThread, by me: EmulatedThread) {
+        placeWoken(t, at: me.clock)
+    }
+
+    /// ``placeWoken(_:by:)`` for a wake-up at virtual time `now` on a CPU
+    /// that is busy (or the waker's).
+    func placeWoken(_ t: EmulatedThread, at now: UInt64) {
         var idle = -1
         if cpus[t.lastCPU].running == nil { idle = t.lastCPU } else {
             for c in cpus.indices where cpus[c].running == nil { idle = c; break }
         }
         let costs = configuration.costs
         guard idle >= 0 else {
-            t.clock = max(t.clock, me.clock)
+            t.clock = max(t.clock, now)
             place(t)
             return
         }
         let since = cpus[idle].idleSince
-        let halted = me.clock >= since && me.clock - since >= costs.contextSwitch
-        t.clock = max(t.clock, me.clock &+ (halted ? costs.wake : costs.ipiReceipt &+ costs.contextSwitch))
+        let halted = now >= since && now - since >= costs.contextSwitch
+        t.clock = max(t.clock, now &+ (halted ? costs.wake : costs.ipiReceipt &+ costs.contextSwitch))
         place(t)
     }
 

@@ -81,7 +81,9 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// ``VirtualCosts/contextSwitch``. A woken thread takes an idle CPU
         /// (the one it last ran on first) or queues on the CPU with the
         /// shortest queue; it does not preempt the running thread
-        /// (RUN_TO_PARITY). A thread that has run its slice is preempted at
+        /// (RUN_TO_PARITY). A sleeper whose timer expires on its own idle,
+        /// halted CPU runs there ``VirtualCosts/timerWakeNanos(idleFor:)``
+        /// after the expiry. A thread that has run its slice is preempted at
         /// the next tick when another thread waits for its CPU, unless it
         /// holds a spinning lock (preemption is off then). Spinning
         /// (``HostClock/spin(nanos:)``, a mutex's optimistic spin) keeps the CPU.

@@ -155,6 +155,42 @@ public struct VirtualCosts: Sendable, Equatable {
     /// charged in `migrate_vma_setup()` of a fault (a `faultPage` given),
     /// before the collect. 0 by default; a machine profile gives its measured span.
     public var referenceToCollect: UInt64 = 0
+    /// With the CPU model: from a sleeper's timer expiring on its idle CPU
+    /// to the sleeper running there (the hrtimer interrupt bringing a halted
+    /// CPU out of its idle loop, the wake-up, the switch), measured after
+    /// the CPU had idled for each point's time, the shortest idle first.
+    /// ``timerWakeNanos(idleFor:)`` reads it. Empty by default: a timed-out
+    /// sleeper takes its CPU at its expiry, as before the measurement; a
+    /// machine profile gives its own.
+    public var timerWake: [TimerWakePoint] = []
+
+    /// One measured point of ``timerWake``.
+    public struct TimerWakePoint: Sendable, Equatable {
+        /// How long the CPU had idled when the timer expired, ns.
+        public var idleNanos: UInt64
+        /// From the expiry to the sleeper running, ns.
+        public var latencyNanos: UInt64
+
+        public init(idleNanos: UInt64, latencyNanos: UInt64) {
+            self.idleNanos = idleNanos
+            self.latencyNanos = latencyNanos
+        }
+    }
+
+    /// The timer wake-up latency of a CPU that idled for `idleFor` ns:
+    /// linear between the measured points (by idle time), the nearest
+    /// point's outside them; 0 without a measurement.
+    public func timerWakeNanos(idleFor: UInt64) -> UInt64 {
+        guard let first = timerWake.first, let last = timerWake.last else { return 0 }
+        if idleFor <= first.idleNanos { return first.latencyNanos }
+        if idleFor >= last.idleNanos { return last.latencyNanos }
+        for i in 1..<timerWake.count where idleFor <= timerWake[i].idleNanos {
+            let a = timerWake[i - 1], b = timerWake[i]
+            let f = Double(idleFor - a.idleNanos) / Double(max(b.idleNanos - a.idleNanos, 1))
+            return UInt64((Double(a.latencyNanos) + (Double(b.latencyNanos) - Double(a.latencyNanos)) * f).rounded())
+        }
+        return last.latencyNanos
+    }
 
     /// The measured defaults.
     public static let measured = VirtualCosts(access: 3, fault: 1_000, lock: 20, unlock: 10, futex: 300,

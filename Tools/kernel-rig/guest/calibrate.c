@@ -30,6 +30,7 @@
 #include <string.h>
 #include <sys/klog.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -262,6 +263,77 @@ static double wake_latency(void)
 	atomic_store(&wk.state, 0);
 	pthread_join(t, NULL);
 	return median(v, rounds);
+}
+
+/* ---------------------------------------------------------------- timer wake-up */
+
+/*
+ * A sleeper's own timer waking it on an idle CPU: a thread pinned to CPU 1
+ * (nothing else runs there; CPU 0's thread waits in pthread_join) sets its
+ * timer slack to 1 ns (PR_SET_TIMERSLACK: the hrtimer's range is [t, t + 1
+ * ns], as usleep_range()'s is [min, max] with the timer armed for max when
+ * no other interrupt comes), sleeps in clock_nanosleep(TIMER_ABSTIME) until
+ * `micros` after it read the clock, and reads the clock when it runs: the
+ * overshoot is the expiry to the sleeper running (the hrtimer interrupt
+ * bringing the halted vCPU out of its idle loop, the wake-up, the switch).
+ * Each round starts 2 ms after the last (the CPU idle, as in wake_latency()).
+ * Sorted overshoots go to out[rounds].
+ */
+static struct {
+	long micros;
+	int rounds;
+	double *out;
+} tw;
+
+static void *timer_waiter(void *arg)
+{
+	(void)arg;
+	pin(1);
+	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+	for (int r = 0; r < tw.rounds; r++) {
+		struct timespec settle = { 0, 2 * 1000 * 1000 }, until;
+		int64_t expiry;
+
+		nanosleep(&settle, NULL);
+		expiry = now_ns() + tw.micros * 1000;
+		until.tv_sec = expiry / 1000000000;
+		until.tv_nsec = expiry % 1000000000;
+		while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
+			;
+		tw.out[r] = (double)(now_ns() - expiry);
+	}
+	return NULL;
+}
+
+static void timer_wake_latency(long micros, int rounds, double *sorted)
+{
+	pthread_t t;
+
+	tw.micros = micros;
+	tw.rounds = rounds;
+	tw.out = sorted;
+	pin(0);
+	pthread_create(&t, NULL, timer_waiter, NULL);
+	pthread_join(t, NULL);
+	qsort(sorted, rounds, sizeof(double), cmp_double);
+}
+
+/* rig-calibrate -W: the timer wake-up alone (and the futex wake-up beside it), one RIG-TIMERWAKE line. */
+static int timer_wake_only(void)
+{
+	double v[401], w40[401], w400[401];
+	const int n = 401;
+
+	for (int i = 0; i < 3; i++)
+		v[i] = wake_latency();
+	timer_wake_latency(40, n, w40);
+	timer_wake_latency(400, n, w400);
+	printf("RIG-TIMERWAKE {\"rounds\": %d, \"timer40us\": {\"p10\": %.0f, \"p50\": %.0f, \"p90\": %.0f, \"p99\": %.0f}, "
+	       "\"timer400us\": {\"p10\": %.0f, \"p50\": %.0f, \"p90\": %.0f, \"p99\": %.0f}, "
+	       "\"futexWakeMedians\": [%.0f, %.0f, %.0f]}\n",
+	       n, w40[n / 10], w40[n / 2], w40[n * 9 / 10], w40[n * 99 / 100],
+	       w400[n / 10], w400[n / 2], w400[n * 9 / 10], w400[n * 99 / 100], v[0], v[1], v[2]);
+	return 0;
 }
 
 /* ---------------------------------------------------------------- context switch */
@@ -566,7 +638,7 @@ static long cmdline_hz(void)
 
 /* ---------------------------------------------------------------- main */
 
-int main(void)
+int main(int argc, char **argv)
 {
 	double hit, miss, fault, sys, wake, waitv, wlat, cs, spin, lock, unlock, yield;
 	double local_mp, remote_mp, local_md, remote_md;
@@ -576,6 +648,8 @@ int main(void)
 		fprintf(stderr, "rig-calibrate: needs 2 CPUs, has %ld\n", ncpu);
 		return 1;
 	}
+	if (argc > 1 && strcmp(argv[1], "-W") == 0)
+		return timer_wake_only();
 	pin(0);
 	fprintf(stderr, "rig-calibrate: clock\n");
 	measure_clock();
