@@ -97,8 +97,6 @@ extension Kernel {
     /// lockdep's `debug_check_no_locks_held()` check piecemeal.
     public func audit(heldReferences: [UInt64: Int] = [:]) -> KernelAudit {
         var a = KernelAudit()
-        // Exits the rmap walks deferred (mmput_async) happen first.
-        drainAsyncMMPutsAndWait()
         // 1. Every mapping of every live address space.
         var refs: [UInt64: Int] = [:]          // folio head -> mappings (each holds a reference)
         var pteMaps: [UInt64: Int32] = [:]     // page -> PTE mappings
