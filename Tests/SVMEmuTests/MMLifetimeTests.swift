@@ -132,12 +132,12 @@ struct MMLifetimeTests {
     }
 
     /// One round on real threads: thread 0 moves every page of the parent
-    /// with `.moveAll` (its rmap walks pin the child and give it back with
-    /// mmput_async), thread 1 drops the child's only reference after a
-    /// spin of `spin` iterations, anywhere in the walk. The moment at which
-    /// the user's release makes the walker's the last is made certain by
-    /// ``userDropsWhileWalkerGivesPinBack(file:)``; these rounds guard the
-    /// rest of the lifetime rules on real threads.
+    /// with `.moveAll` (its rmap walks visit the child, pinning nothing),
+    /// thread 1 drops the child's only reference after a spin of `spin`
+    /// iterations, anywhere in the walk, and runs its exit_mmap. The moment
+    /// at which the drop meets a walk in progress is made certain by
+    /// ``userDropsWhileWalkerVisits(file:)``; these rounds guard the rest
+    /// of the lifetime rules on real threads.
     static func realThreadRound(_ kernel: Kernel, round: Int, file: Bool) throws -> String? {
         let (mm, a, box) = try family(kernel, file: file)
         let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
@@ -240,12 +240,16 @@ struct MMLifetimeTests {
                 box.child = nil
             }
         }
+        let visits = stopped.load(ordering: .relaxed), exitDuringVisit = exitedUnderWalker.load(ordering: .acquiring)
+        let users = usersAtStop.load(ordering: .acquiring)
+        let exitThread = exiter.load(ordering: .acquiring), dropThread = dropper.load(ordering: .acquiring)
+        let walkThread = walker.load(ordering: .acquiring)
         #expect(finished)
-        #expect(stopped.load(ordering: .relaxed) >= 1, "the walk never visited the child")
-        #expect(exitedUnderWalker.load(ordering: .acquiring), "the child's exit did not start while the walker visited it: something holds a user reference")
-        #expect(usersAtStop.load(ordering: .acquiring) == 0, "users of the child while the walker visits it: \(usersAtStop.load(ordering: .acquiring))")
-        #expect(exiter.load(ordering: .acquiring) == dropper.load(ordering: .acquiring), "exit_mmap ran on another thread than the one that dropped the child")
-        #expect(exiter.load(ordering: .acquiring) != walker.load(ordering: .acquiring))
+        #expect(visits >= 1, "the walk never visited the child")
+        #expect(exitDuringVisit, "the child's exit did not start while the walker visited it: something holds a user reference")
+        #expect(users == 0, "users of the child while the walker visits it: \(users)")
+        #expect(exitThread == dropThread, "exit_mmap ran on another thread than the one that dropped the child")
+        #expect(exitThread != walkThread)
         #expect(failed.withLock { $0 } == nil)
         #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
         // The exit has run to its end when the drop returned.
