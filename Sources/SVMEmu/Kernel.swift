@@ -157,6 +157,8 @@ public final class Kernel: @unchecked Sendable {
     let addressSpaces = WeakRegistry<AddressSpace>()
     /// Test hooks on address-space exits and rmap visits.
     let mmHooks = MMLifetimeHooks()
+    /// `exit_mmap()`s running now (``MMStruct/mmput()``): the audit waits for them.
+    let exitsRunning = Atomic<Int>(0)
     /// Live files by id: a page-cache folio names its file by id, and the
     /// file rmap walk looks it up here.
     let files = WeakRegistry<File>()

@@ -112,10 +112,12 @@ final class MMStruct: @unchecked Sendable {
             kernel.warn("exit_mmap: the last reference to an address space was dropped with kernel locks held",
                         "mm \(id): \(held)", kind: .lockHeld)
         }
+        kernel.exitsRunning.add(1, ordering: .relaxed)
         kernel.mmHooks.exiting(id)
         kernelViewRef._withUnsafeGuaranteedRef { $0.exitMmap() }
         kernel.unregister(id)
         mmdrop()
+        kernel.exitsRunning.subtract(1, ordering: .releasing)
     }
 
     /// `mmgrab()`: keeps the structure (not the mappings) until ``mmdrop()``.
