@@ -155,8 +155,10 @@ public final class Kernel: @unchecked Sendable {
     let diagnosticLog = LockedValue<[Diagnostic]>([])
     let diagnosticCount = Atomic<Int>(0)
     let addressSpaces = WeakRegistry<AddressSpace>()
-    /// The references kernel paths give back with `mmputAsync(_:)`.
-    let asyncMMPuts = AsyncMMPuts()
+    /// Test hooks on address-space exits and rmap visits.
+    let mmHooks = MMLifetimeHooks()
+    /// `exit_mmap()`s running now (``MMStruct/mmput()``): the audit waits for them.
+    let exitsRunning = Atomic<Int>(0)
     /// Live files by id: a page-cache folio names its file by id, and the
     /// file rmap walk looks it up here.
     let files = WeakRegistry<File>()
@@ -264,7 +266,6 @@ public final class Kernel: @unchecked Sendable {
     }
 
     deinit {
-        asyncMMPuts.stop()
         for (p, n) in mappings { HostMemory.release(p, bytes: n) }
         HostMemory.release(metaBase, bytes: Int(maxPfn) << PageMeta.shift)
         regionBase.deallocate()

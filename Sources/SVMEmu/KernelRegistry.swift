@@ -9,7 +9,6 @@ extension Kernel {
     func reserveAddressSpaceID() -> UInt32 { addressSpaces.reserveID() }
     func register(_ mm: AddressSpace) { addressSpaces.insert(mm, id: mm.id) }
     func unregister(_ id: UInt32) { addressSpaces.remove(id) }
-    func addressSpace(id: UInt32) -> AddressSpace? { addressSpaces.lookup(id) }
 
     /// Records that address-space id `id` belongs to `family` (its `anon_vma`
     /// tree), for as long as the family lives: not only while the address

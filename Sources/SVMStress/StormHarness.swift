@@ -47,7 +47,7 @@ public enum StormHarness {
             throw .hugePagesUnsupported("2 MiB storms need compound migration (issue 4): the driver does not migrate 2 MiB folios whole yet")
         }
         for d in drivers {
-            guard d.mm === mm else { throw .setupFailed("the driver factory must bind drivers to the address space it is given") }
+            guard d.mm.id == mm.id else { throw .setupFailed("the driver factory must bind drivers to the address space it is given") }
             d.prepare(for: settings)
         }
 

@@ -255,7 +255,7 @@ struct FaultTests {
             var both = 0
             for _ in 0..<20 {
                 usleep(1_000)
-                if mm.mmapLockHolders.load(ordering: .relaxed) == 2 { both += 1 }
+                if mm.state.mmapLockHolders.load(ordering: .relaxed) == 2 { both += 1 }
             }
             #expect(both >= 15, "the reader held the mmap lock in \(both) of 20 samples")
             kernel.migrateVMAPages(&args)

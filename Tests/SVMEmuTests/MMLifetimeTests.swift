@@ -8,8 +8,10 @@ import TestSupport
 /// forked child exits (its last reference goes, `exit_mmap()` runs) while
 /// `move_pages(MPOL_MF_MOVE_ALL)` walks the pages it shares with its parent.
 /// The TLB batch keeps CPUs and flush generations, never an address
-/// space; the walkers give their pins back with mmput_async, so the
-/// child's exit_mmap never runs on the walker's thread under its locks.
+/// space; the rmap walkers pin no address space (neither `mm_users` nor
+/// `mm_count`), so the child's exit_mmap runs on the thread that dropped
+/// its last user reference (`mmput()`), never on the walker's thread under
+/// its locks, and never on a worker.
 @Suite("mm lifetime: a forked child exits during move_pages")
 struct MMLifetimeTests {
     final class Box: @unchecked Sendable {
@@ -17,6 +19,35 @@ struct MMLifetimeTests {
         var status: [PageStatus] = []
         var failed: Errno? = nil
         var virtualNanos: UInt64 = 0
+        /// The thread that dropped the child, and the one that ran its exit.
+        var dropThread: UInt? = nil
+        var exitThread: UInt? = nil
+        var exits = 0
+        /// The most user references the walkers saw on the child while
+        /// visiting it (the test's own is one).
+        var maxUsersSeen = 0
+        var childVisits = 0
+    }
+
+    static var currentThread: UInt { UInt(bitPattern: Int(bitPattern: UInt(pthread_self()))) }
+
+    /// Records on `box` which thread runs the child's exit and how many
+    /// user references the walkers see on it while they visit it.
+    static func watch(_ kernel: Kernel, _ box: Box, childID: UInt32, lock: LockedValue<Void>) {
+        kernel.mmHooks.set(exit: { id in
+            guard id == childID else { return }
+            lock.withLock { _ in
+                box.exitThread = currentThread
+                box.exits += 1
+            }
+        }, visit: { mm in
+            guard mm.id == childID else { return }
+            let users = mm.state.users.load(ordering: .acquiring)
+            lock.withLock { _ in
+                box.maxUsersSeen = max(box.maxUsersSeen, users)
+                box.childVisits += 1
+            }
+        })
     }
 
     static let pages = 24
@@ -49,6 +80,8 @@ struct MMLifetimeTests {
         let kernel = try makeKernel(thp: .never)
         let (mm, a, box) = try family(kernel, file: file)
         let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
+        watch(kernel, box, childID: box.child!.id, lock: LockedValue(()))
+        defer { kernel.mmHooks.set(exit: nil, visit: nil) }
         var c = DeterministicScheduler.Configuration(seed: seed)
         c.hostTimeoutSeconds = 60
         let s = DeterministicScheduler(c)
@@ -62,6 +95,7 @@ struct MMLifetimeTests {
         if let delay {
             s.spawn("child exit") {
                 HostClock.sleep(nanos: delay)
+                box.dropThread = currentThread
                 box.child = nil
             }
         }
@@ -80,6 +114,11 @@ struct MMLifetimeTests {
             #expect(outcome == .completed, "seed \(seed): \(outcome)")
             #expect(box.failed == nil, "seed \(seed)")
             #expect(box.child == nil)
+            // exit_mmap ran once, on the thread that dropped the child
+            // (mmput), and no walker held a reference of its own on it.
+            #expect(box.exits == 1, "seed \(seed)")
+            #expect(box.exitThread != nil && box.exitThread == box.dropThread, "seed \(seed): exit_mmap ran on another thread than the one that dropped the child")
+            #expect(box.maxUsersSeen <= 1, "seed \(seed): a walker saw \(box.maxUsersSeen) user references on the child")
             #expect(try mm.verifyPattern(a, length: pages * PageGeometry.pageSize, seed: 11) == nil, "seed \(seed)")
             for p in 0..<pages {
                 #expect(box.status[p] == .node(1), "seed \(seed) page \(p): \(box.status[p])")
@@ -93,18 +132,20 @@ struct MMLifetimeTests {
     }
 
     /// One round on real threads: thread 0 moves every page of the parent
-    /// with `.moveAll` (its rmap walks pin the child and give it back with
-    /// mmput_async), thread 1 drops the child's only reference after a
-    /// spin of `spin` iterations, anywhere in the walk. The moment at which
-    /// the user's release makes the walker's the last is made certain by
-    /// ``userDropsWhileWalkerGivesPinBack(file:)``; these rounds guard the
-    /// rest of the lifetime rules on real threads.
+    /// with `.moveAll` (its rmap walks visit the child, pinning nothing),
+    /// thread 1 drops the child's only reference after a spin of `spin`
+    /// iterations, anywhere in the walk, and runs its exit_mmap. The moment
+    /// at which the drop meets a walk in progress is made certain by
+    /// ``userDropsWhileWalkerVisits(file:)``; these rounds guard the rest
+    /// of the lifetime rules on real threads.
     static func realThreadRound(_ kernel: Kernel, round: Int, file: Bool) throws -> String? {
         let (mm, a, box) = try family(kernel, file: file)
         let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
         let node = 1 - round % 2
         let spin = (round * 7919) % 4000
         let failed = LockedValue<String?>(nil)
+        watch(kernel, box, childID: box.child!.id, lock: LockedValue(()))
+        defer { kernel.mmHooks.set(exit: nil, visit: nil) }
         let finished = runThreads(2, keepAlive: [kernel, mm, box]) { i in
             if i == 0 {
                 var status: [PageStatus] = []
@@ -129,11 +170,14 @@ struct MMLifetimeTests {
                 var x = 0
                 for k in 0..<spin { x &+= k; if k & 255 == 0 { HostThread.relax() } }
                 withExtendedLifetime(x) {}
+                box.dropThread = currentThread
                 box.child = nil
             }
         }
         if !finished { return "round \(round): a thread did not finish" }
         if let f = failed.withLock({ $0 }) { return "round \(round): \(f)" }
+        if box.exits != 1 || box.exitThread != box.dropThread { return "round \(round): exit_mmap ran \(box.exits) times, not (only) on the dropping thread" }
+        if box.maxUsersSeen > 1 { return "round \(round): a walker saw \(box.maxUsersSeen) user references on the child" }
         if let bad = try mm.verifyPattern(a, length: pages * PageGeometry.pageSize, seed: 11) {
             return "round \(round): bytes differ at 0x\(String(bad, radix: 16))"
         }
@@ -154,27 +198,35 @@ struct MMLifetimeTests {
     }
 
     /// The window made certain, on real threads: thread 0 moves every page
-    /// of the parent with `.moveAll`; its rmap walk of the first shared
-    /// folio pins the child and, with that folio locked, gives the pin back
-    /// with mmput_async. A hook stops the walker there, before the pin goes
-    /// back, until thread 1 has dropped the child's only other reference
-    /// (the user's). The walker's reference is then the last: its release
-    /// must not run the child's exit_mmap on the walker's thread (lockdep's
-    /// "the last reference ... dropped with kernel locks held", and "folio
-    /// lock, then mmap lock"), and the exit must still run, soon (the
-    /// kernel's mmput_async queues it on a workqueue).
-    static func userDropsWhileWalkerGivesPinBack(file: Bool) throws {
+    /// of the parent with `.moveAll`; a hook stops its rmap walk at its
+    /// first visit of the child (folio lock and rmap lock held) until
+    /// thread 1 has dropped the child's only user reference and its exit
+    /// has started. The walker holds no reference of its own (the child's
+    /// users reach zero while it is stopped there; with a pin they could
+    /// not, and the wait would time out), so `exit_mmap()` runs on thread 1,
+    /// in `mmput()`, waiting on the rmap lock for the walk to end; never on
+    /// the walker's thread, never on a worker.
+    static func userDropsWhileWalkerVisits(file: Bool) throws {
         let kernel = try makeKernel(thp: .never)
         let (mm, a, box) = try family(kernel, file: file)
         let addrs = (0..<pages).map { a + UInt64($0 * PageGeometry.pageSize) }
+        let childState = box.child!.state
         let childID = box.child!.id
-        let requested = Atomic<Bool>(false), dropped = Atomic<Bool>(false), hooked = Atomic<Int>(0)
-        kernel.asyncMMPuts.setHook { id in
-            guard id == childID, hooked.add(1, ordering: .relaxed).newValue == 1 else { return }
+        let requested = Atomic<Bool>(false), exitStarted = Atomic<Bool>(false), stopped = Atomic<Int>(0)
+        let usersAtStop = Atomic<Int>(-1), exitedUnderWalker = Atomic<Bool>(true)
+        let walker = Atomic<UInt>(0), dropper = Atomic<UInt>(0), exiter = Atomic<UInt>(0)
+        kernel.mmHooks.set(exit: { id in
+            guard id == childID else { return }
+            exiter.store(currentThread, ordering: .releasing)
+            exitStarted.store(true, ordering: .releasing)
+        }, visit: { mm in
+            guard mm.id == childID, stopped.add(1, ordering: .relaxed).newValue == 1 else { return }
+            walker.store(currentThread, ordering: .releasing)
             requested.store(true, ordering: .releasing)
-            _ = eventually(within: 10) { dropped.load(ordering: .acquiring) }
-        }
-        defer { kernel.asyncMMPuts.setHook(nil) }
+            exitedUnderWalker.store(eventually(within: 10) { exitStarted.load(ordering: .acquiring) }, ordering: .releasing)
+            usersAtStop.store(childState.users.load(ordering: .acquiring), ordering: .releasing)
+        })
+        defer { kernel.mmHooks.set(exit: nil, visit: nil) }
         let failed = LockedValue<String?>(nil)
         let finished = runThreads(2, keepAlive: [kernel, mm, box]) { i in
             if i == 0 {
@@ -184,31 +236,39 @@ struct MMLifetimeTests {
                 } catch { failed.withLock { $0 = "move_pages: \(error)" } }
             } else {
                 _ = eventually(within: 10) { requested.load(ordering: .acquiring) }
+                dropper.store(currentThread, ordering: .releasing)
                 box.child = nil
-                dropped.store(true, ordering: .releasing)
             }
         }
+        let visits = stopped.load(ordering: .relaxed), exitDuringVisit = exitedUnderWalker.load(ordering: .acquiring)
+        let users = usersAtStop.load(ordering: .acquiring)
+        let exitThread = exiter.load(ordering: .acquiring), dropThread = dropper.load(ordering: .acquiring)
+        let walkThread = walker.load(ordering: .acquiring)
         #expect(finished)
-        #expect(hooked.load(ordering: .relaxed) >= 1, "the walk never gave a pin on the child back")
+        #expect(visits >= 1, "the walk never visited the child")
+        #expect(exitDuringVisit, "the child's exit did not start while the walker visited it: something holds a user reference")
+        #expect(users == 0, "users of the child while the walker visits it: \(users)")
+        #expect(exitThread == dropThread, "exit_mmap ran on another thread than the one that dropped the child")
+        #expect(exitThread != walkThread)
         #expect(failed.withLock { $0 } == nil)
         #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
-        // The child exits (its id no longer looks up), without anyone
-        // calling into the kernel again.
-        #expect(eventually(within: 10) { kernel.addressSpace(id: childID) == nil })
+        // The exit has run to its end when the drop returned.
+        #expect(kernel.addressSpace(id: childID) == nil)
+        #expect(kernel.addressSpaces.lookup(childID) == nil)
         #expect(try mm.verifyPattern(a, length: pages * PageGeometry.pageSize, seed: 11) == nil)
         let audit = kernel.audit()
         #expect(audit.isClean, "\(audit)")
         #expect(kernel.diagnostics.isEmpty, "\(kernel.diagnostics)")
     }
 
-    @Test("real threads, made certain by a hook: the user drops a forked child while move_pages' anon rmap walk gives its pin on the child back under a folio lock: exit_mmap never on the walker's thread, and it runs")
-    func userDropsWhileAnonWalkerGivesPinBack() throws {
-        try MMLifetimeTests.userDropsWhileWalkerGivesPinBack(file: false)
+    @Test("real threads, made certain by a hook: the user drops a forked child while move_pages' anon rmap walk visits it under a folio lock: the walk holds no reference (users reach 0), exit_mmap runs on the dropping thread, waiting for the walk")
+    func userDropsWhileAnonWalkerVisits() throws {
+        try MMLifetimeTests.userDropsWhileWalkerVisits(file: false)
     }
 
     @Test("real threads, made certain by a hook: the same for the i_mmap walk of shared file pages")
-    func userDropsWhileFileWalkerGivesPinBack() throws {
-        try MMLifetimeTests.userDropsWhileWalkerGivesPinBack(file: true)
+    func userDropsWhileFileWalkerVisits() throws {
+        try MMLifetimeTests.userDropsWhileWalkerVisits(file: true)
     }
 
     @Test("real threads: a forked child exits while move_pages(.moveAll) walks its anonymous pages, 300 rounds: never \"the last reference ... with kernel locks held\", audit clean")
@@ -221,7 +281,7 @@ struct MMLifetimeTests {
         try MMLifetimeTests.checkRealThreads(rounds: 300, file: true)
     }
 
-    @Test("a forked child exits while move_pages(.moveAll) walks the anonymous pages it shares: no crash, bytes intact, audit clean, exit_mmap never on the walker (100 seeds)")
+    @Test("a forked child exits while move_pages(.moveAll) walks the anonymous pages it shares: no crash, bytes intact, audit clean, exit_mmap on the dropping thread, no walker reference (100 seeds)")
     func childExitsDuringAnonMovePages() throws {
         try MMLifetimeTests.check(seeds: 1...100, file: false)
     }

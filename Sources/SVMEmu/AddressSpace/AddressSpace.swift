@@ -9,7 +9,26 @@ import Synchronization
 /// Page-table storage is flat: the PTE table of PMD slot `i` always lives at
 /// entries `i * 512 ..< (i + 1) * 512` of one lazily touched mapping, so a walk
 /// is two loads and a table is never freed under a lockless walker.
+///
+/// An `AddressSpace` object is a *view* of one address space: every view
+/// of it shares its VMAs, page tables and locks. The one you get from
+/// ``init(kernel:)`` or ``fork()`` is a user reference (`mm_users`, what a
+/// task's `task->mm` holds): when the last user reference goes, the
+/// address space is torn down there and then, on the thread that dropped
+/// it (`mmput()` runs `exit_mmap()`). The view a ``VMA`` or an
+/// ``MMUIntervalNotifier`` names (``VMA/mm``) is the kernel's own: it keeps
+/// the structure (`mm_count`), not the mappings, so holding it past the
+/// exit keeps nothing mapped. Compare address spaces by ``id``, not by
+/// object identity.
 public final class AddressSpace: @unchecked Sendable {
+    /// The shared state (`struct mm_struct` itself): what every view of
+    /// this address space reads and changes.
+    let state: MMStruct
+    /// Whether this view is a user reference (`mm_users`): its `deinit` is
+    /// `mmput()`. The kernel's view (one per address space, kept by
+    /// `state`) is not.
+    let isUserReference: Bool
+
     /// Strong on purpose: an address space keeps its kernel alive. With
     /// `unowned`, optimized callers that create a kernel and an address space
     /// as locals could see the kernel released first (Swift may end a local's
@@ -17,7 +36,8 @@ public final class AddressSpace: @unchecked Sendable {
     /// the dead kernel. The kernel refers to address spaces only weakly, so
     /// this makes no cycle.
     public let kernel: Kernel
-    /// Identity for the reverse map (anonymous pages record it).
+    /// Identity for the reverse map (anonymous pages record it), and of the
+    /// address space: views of one address space have the same id.
     public let id: UInt32
     /// First address the page tables cover.
     public let baseAddress: UInt64
@@ -29,10 +49,12 @@ public final class AddressSpace: @unchecked Sendable {
     /// a ``DeterministicScheduler``, so that `munmap` and friends can run
     /// among emulated threads. Every address space's mmap lock is one
     /// ``LockOrder`` class, "mmap lock".
-    let mmapLock = KernelRWSemaphore("mmap lock", prefersWriters: true, lockClass: .mmap)
-    let mmapLockHolders = Atomic<Int>(0)
+    let mmapLock: KernelRWSemaphore
     /// Sorted, non-overlapping. Changed only with the mmap lock held for writing.
-    var vmas: [VMA] = []
+    var vmas: [VMA] {
+        _read { yield state.vmas }
+        _modify { yield &state.vmas }
+    }
 
     @usableFromInline let pmds: UnsafeMutablePointer<UInt64>
     @usableFromInline let ptes: UnsafeMutablePointer<UInt64>
@@ -51,21 +73,11 @@ public final class AddressSpace: @unchecked Sendable {
         get { tlbContext.skipsFlushes.load(ordering: .relaxed) }
         set { tlbContext.skipsFlushes.store(newValue, ordering: .relaxed) }
     }
-    /// `mm->tlb_flush_pending`: how many page-table changes are between
-    /// their first entry changed and the TLB flush that covers them
-    /// (``incTLBFlushPending()`` / ``decTLBFlushPending()``).
-    let flushPendingCount = Atomic<Int>(0)
-    /// `MMF_HAS_PINNED`: a `FOLL_PIN` lookup ran in this address space
-    /// (set by ``pinUserPages(_:count:flags:)``, never cleared, not inherited
-    /// by a fork's child). fork copies an anonymous page that may be pinned
-    /// only in an address space that has pinned.
-    let hasPinned = Atomic<Bool>(false)
     /// Registered MMU notifiers and interval notifiers.
-    let notifiers = LockedValue<NotifierList>(NotifierList())
-    let notifierCount = Atomic<Int>(0)
-    /// Invalidations in progress (a futex word), and the sequence they advance.
+    let notifiers: LockedValue<NotifierList>
+    /// Invalidations in progress (a futex word); the sequence they advance
+    /// is `state.invalidateSeq`.
     let activeInvalidations: UnsafeMutablePointer<UInt32>
-    let invalidateSeq = Atomic<UInt64>(0)
     /// The anonymous memory this address space shares with its fork tree
     /// (the emulator's `anon_vma`): the VMAs of every member that the anon
     /// rmap walks visit.
@@ -78,8 +90,9 @@ public final class AddressSpace: @unchecked Sendable {
     /// Creates an empty address space (what `execve()` or `fork()` would set up).
     ///
     /// It covers ``KernelConfiguration/addressSpaceSize`` bytes from
-    /// ``baseAddress``, has no VMAs, and keeps `kernel` alive. When the last
-    /// reference goes, every mapping is torn down (`exit_mmap()`), so the
+    /// ``baseAddress``, has no VMAs, and keeps `kernel` alive. The object
+    /// returned is a user reference (`mm_users`): when the last one goes,
+    /// every mapping is torn down (`exit_mmap()`) on that thread, so the
     /// pages' references and map counts return.
     ///
     /// - Parameters:
@@ -90,62 +103,59 @@ public final class AddressSpace: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `mm_alloc()`.
     public convenience init(kernel: Kernel) throws(HostMemoryRefusal) {
-        kernel.drainAsyncMMPuts()
         try self.init(kernel: kernel, family: nil)
     }
 
-    /// An empty address space; with `family`, it joins the fork tree of its
-    /// parent (`anon_vma_fork()`): once its VMAs are linked there, rmap
-    /// walks of shared folios see it.
+    /// An empty address space, as its first user reference; with `family`,
+    /// it joins the fork tree of its parent (`anon_vma_fork()`): once its
+    /// VMAs are linked there, rmap walks of shared folios see it.
     ///
     /// - Throws: ``HostMemoryRefusal`` when the host refuses its page tables.
-    init(kernel: Kernel, family: AnonFamily?) throws(HostMemoryRefusal) {
-        let tables = try PageTableReservation(addressSpaceSize: kernel.configuration.addressSpaceSize)
-        self.kernel = kernel
-        baseAddress = 1 << 32
-        let size = (kernel.configuration.addressSpaceSize + (1 << 30) - 1) & ~((1 << 30) - 1)
-        endAddress = baseAddress + size
-        pmdCount = Int(size >> PageGeometry.pmdShift)
-        pmds = tables.pmds
-        ptes = tables.ptes
-        ptls = tables.ptls
-        pmdLocks = tables.pmdLocks
-        activeInvalidations = .allocate(capacity: 1)
-        activeInvalidations.initialize(to: 0)
-        id = kernel.reserveAddressSpaceID()
-        tlbContext = TLBContext(id: id)
-        tlbGen = tlbContext.gen
-        cpuAccess = CPUAccess(kernel.cpus)
-        anonFamily = family ?? AnonFamily()
-        anonFamilyRef = Unmanaged.passUnretained(anonFamily)
-        kernel.registerAnonFamily(anonFamily, id: id)
-        kernel.register(self)
+    convenience init(kernel: Kernel, family: AnonFamily?) throws(HostMemoryRefusal) {
+        let state = try MMStruct(kernel: kernel, family: family)
+        self.init(view: state, user: true)
     }
 
-    /// `exit_mmap()`, when the last reference goes.
-    ///
-    /// Swift's reference count is `mm_users`: users, and kernel paths that
-    /// pin an address space (`mmget()`), hold strong references. The rmap
-    /// walks reach an address space through its family's and its files'
-    /// mapping lists, under those lists' locks held for reading; this
-    /// teardown unlinks it from them under the same locks held for writing
-    /// before the structure is freed (the role of `mm_count`), so an
-    /// exiting address space stays valid for the walks still visiting it.
-    /// A walk pins a live one and gives the pin back with `mmput_async()`,
-    /// which never releases it on the walker's thread (a worker releases
-    /// it, see `AsyncMMPuts`), so the teardown never runs on a walker's
-    /// thread with a folio lock held. What stays of the address space after it is its `TLBContext`
-    /// (retained by CPUs, TLB batches and the deferred flush).
+    /// A view of `state`. A user view stands for one `mm_users` reference
+    /// the caller already counted (the first one, or `mmget_not_zero()`).
+    init(view state: MMStruct, user: Bool) {
+        self.state = state
+        isUserReference = user
+        kernel = state.kernel
+        id = state.id
+        baseAddress = state.baseAddress
+        endAddress = state.endAddress
+        mmapLock = state.mmapLock
+        pmds = state.tables.pmds
+        ptes = state.tables.ptes
+        ptls = state.tables.ptls
+        pmdLocks = state.tables.pmdLocks
+        pmdCount = state.tables.pmdCount
+        tlbContext = state.tlbContext
+        tlbGen = state.tlbContext.gen
+        cpuAccess = state.cpuAccess
+        notifiers = state.notifiers
+        activeInvalidations = state.activeInvalidations
+        anonFamily = state.anonFamily
+        anonFamilyRef = Unmanaged.passUnretained(state.anonFamily)
+    }
+
+    /// A user view's end is `mmput()`: the last user reference runs
+    /// `exit_mmap()` here, on this thread. The kernel's view ends with
+    /// nothing to do.
     deinit {
-        // mmput() may sleep and exit_mmap() takes the mmap lock: a thread
-        // that drops the last reference must hold no kernel lock (lockdep
-        // would report e.g. "folio lock, then mmap lock"; kernel paths that
-        // may drop the last one defer it, as mmput_async() does).
-        if let held = LockOrder.heldLocksDescription() {
-            kernel.warn("exit_mmap: the last reference to an address space was dropped with kernel locks held",
-                        "mm \(id): \(held)", kind: .lockHeld)
-        }
-        // exit_mmap(): unmap everything so references and map counts return.
+        if isUserReference { state.mmput() }
+    }
+
+    /// The kernel's view of this address space: what VMAs, rmap entries,
+    /// interval notifiers and the registry store. Valid while any view is.
+    var kernelView: AddressSpace { state.kernelViewRef.takeUnretainedValue() }
+
+    /// `exit_mmap()`: unmaps everything so that references and map counts
+    /// return, and unlinks every VMA from the rmaps (under their locks held
+    /// for writing, so it waits for the walks visiting it). Called by
+    /// `__mmput()` once, on the thread that dropped the last user reference.
+    func exitMmap() {
         mmapWriteLock()
         for vma in vmas {
             zapRange(vma: vma, start: vma.start, end: vma.end, freeTables: true)
@@ -156,9 +166,6 @@ public final class AddressSpace: @unchecked Sendable {
         relinkFileMappings(files)
         relinkAnonMappings()
         mmapWriteUnlock()
-        kernel.unregister(id)
-        PageTableReservation(pmdCount: pmdCount, pmds: pmds, ptes: ptes, ptls: ptls, pmdLocks: pmdLocks).release()
-        activeInvalidations.deallocate()
     }
 
     // MARK: the mmap lock
@@ -182,13 +189,13 @@ public final class AddressSpace: @unchecked Sendable {
     ///   - line: the call site's line.
     public func mmapReadLock(file: StaticString = #fileID, line: UInt = #line) {
         mmapLock.downRead(file: file, line: line)
-        mmapLockHolders.add(1, ordering: .relaxed)
+        state.mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapReadLock(file:line:)``.
     ///
     /// The corresponding kernel function is `mmap_read_unlock()`.
     public func mmapReadUnlock() {
-        mmapLockHolders.subtract(1, ordering: .relaxed)
+        state.mmapLockHolders.subtract(1, ordering: .relaxed)
         mmapLock.upRead()
     }
     /// Takes the mmap lock for writing, sleeping until no reader or writer
@@ -207,13 +214,13 @@ public final class AddressSpace: @unchecked Sendable {
     ///   - line: the call site's line.
     public func mmapWriteLock(file: StaticString = #fileID, line: UInt = #line) {
         mmapLock.downWrite(file: file, line: line)
-        mmapLockHolders.add(1, ordering: .relaxed)
+        state.mmapLockHolders.add(1, ordering: .relaxed)
     }
     /// Releases the mmap lock taken with ``mmapWriteLock(file:line:)``.
     ///
     /// The corresponding kernel function is `mmap_write_unlock()`.
     public func mmapWriteUnlock() {
-        mmapLockHolders.subtract(1, ordering: .relaxed)
+        state.mmapLockHolders.subtract(1, ordering: .relaxed)
         mmapLock.upWrite()
     }
     /// Whether some thread holds the mmap lock, in either mode.
@@ -223,7 +230,7 @@ public final class AddressSpace: @unchecked Sendable {
     /// certainly do not.
     ///
     /// The corresponding kernel function is `mmap_assert_locked()`.
-    public var isMmapLocked: Bool { mmapLockHolders.load(ordering: .relaxed) > 0 }
+    public var isMmapLocked: Bool { state.mmapLockHolders.load(ordering: .relaxed) > 0 }
     /// Runs `body` with the mmap lock held for reading, and releases it when
     /// `body` returns or throws.
     ///

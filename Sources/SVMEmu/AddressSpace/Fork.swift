@@ -55,7 +55,7 @@ extension AddressSpace {
         defer { mmapWriteUnlock() }
         child.mmapWriteLock()
         defer { child.mmapWriteUnlock() }
-        child.vmas = vmas.map { VMA(mm: child, start: $0.start, end: $0.end, flags: $0.flags, file: $0.file, pageOffset: $0.pageOffset) }
+        child.vmas = vmas.map { VMA(mm: child.kernelView, start: $0.start, end: $0.end, flags: $0.flags, file: $0.file, pageOffset: $0.pageOffset) }
         child.relinkFileMappings(vmas.compactMap(\.file))
         // anon_vma_fork(): the child's VMAs (same bounds, same vm_pgoff) join
         // the family's rmap after the parent's, before any entry is copied,
@@ -79,7 +79,7 @@ extension AddressSpace {
     /// space has pinned pages (`MMF_HAS_PINNED`). Caller holds the mmap
     /// lock for writing (no pin can start meanwhile).
     func needsCOWForDMA(_ folio: Folio) -> Bool {
-        hasPinned.load(ordering: .relaxed) && folio.isMaybeDMAPinned
+        state.hasPinned.load(ordering: .relaxed) && folio.isMaybeDMAPinned
     }
 
     /// `copy_page_range()` for one VMA: every entry of `vma` into `child`.

@@ -124,7 +124,7 @@ extension AddressSpace {
         if !isMmapLocked { kernel.warn("get_user_pages: caller must hold the mmap lock", "0x\(String(start, radix: 16))", kind: .lockNotHeld) }
         // mm_set_has_pinned_flag(): from the first pin on, fork copies the
         // anonymous pages that may be pinned instead of sharing them.
-        if pin && !hasPinned.load(ordering: .relaxed) { hasPinned.store(true, ordering: .relaxed) }
+        if pin && !state.hasPinned.load(ordering: .relaxed) { state.hasPinned.store(true, ordering: .relaxed) }
         var pages: [Page] = []
         pages.reserveCapacity(count)
         let write = flags.contains(.write)

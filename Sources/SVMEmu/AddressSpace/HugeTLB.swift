@@ -99,7 +99,7 @@ extension AddressSpace {
             guard kernel.hugetlb.reserve(pages) else { throw .noMemory }
             start = s
         }
-        let vma = VMA(mm: self, start: start, end: start + len, flags: flags)
+        let vma = VMA(mm: kernelView, start: start, end: start + len, flags: flags)
         vma.hugetlbReservation = HugeTLBReservation()
         vmas.insert(vma, at: vmas.firstIndex { $0.start > start } ?? vmas.count)
         relinkAnonMappings()

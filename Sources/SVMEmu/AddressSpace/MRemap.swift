@@ -146,7 +146,7 @@ extension AddressSpace {
         splitVMA(at: from)
         splitVMA(at: from + length)
         guard let old = vma(containing: from) else { return }
-        let moved = VMA(mm: self, start: to, end: to + newLength, flags: old.flags, file: old.file, pageOffset: old.pageOffset)
+        let moved = VMA(mm: kernelView, start: to, end: to + newLength, flags: old.flags, file: old.file, pageOffset: old.pageOffset)
         let i = vmas.firstIndex { $0.start > to } ?? vmas.count
         vmas.insert(moved, at: i)
         // The rmaps must find the moved entries (take_rmap_locks()): the

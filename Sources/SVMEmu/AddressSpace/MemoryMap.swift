@@ -121,7 +121,7 @@ extension AddressSpace {
         guard let i = vmas.firstIndex(where: { $0.start < address && address < $0.end }) else { return }
         let old = vmas[i]
         if old.flags.contains(.hugetlb) && address & ~PageGeometry.pmdMask != 0 { return }
-        let tail = VMA(mm: self, start: address, end: old.end, flags: old.flags, file: old.file,
+        let tail = VMA(mm: kernelView, start: address, end: old.end, flags: old.flags, file: old.file,
                        pageOffset: old.linearPageIndex(address))
         tail.hugetlbReservation = old.hugetlbReservation
         old.end = address

@@ -125,7 +125,7 @@ extension AddressSpace {
     /// The corresponding kernel function is `mmu_notifier_register()`.
     public func registerNotifier(_ n: any MMUNotifier) {
         notifiers.withLock { $0.notifiers.append(n) }
-        notifierCount.add(1, ordering: .relaxed)
+        state.notifierCount.add(1, ordering: .relaxed)
     }
     /// Stops `n` from hearing of invalidations. An invalidation already
     /// running may still call it once more.
@@ -137,7 +137,7 @@ extension AddressSpace {
             l.notifiers.removeAll { $0 === n }
             return before - l.notifiers.count
         }
-        notifierCount.subtract(removed, ordering: .relaxed)
+        state.notifierCount.subtract(removed, ordering: .relaxed)
     }
     /// Watches `[start, end)`: `invalidate(notifier, range, seq)` runs on every
     /// overlapping invalidation and must call `notifier.setSeq(seq)`.
@@ -157,10 +157,10 @@ extension AddressSpace {
     /// The corresponding kernel function is `mmu_interval_notifier_insert()`.
     public func insertIntervalNotifier(start: UInt64, end: UInt64,
                                        invalidate: @escaping @Sendable (MMUIntervalNotifier, MMUNotifierRange, UInt64) -> Bool) -> MMUIntervalNotifier {
-        let n = MMUIntervalNotifier(mm: self, start: start, end: end, handler: invalidate)
-        n.invalidateSeq.store(invalidateSeq.load(ordering: .acquiring), ordering: .releasing)
+        let n = MMUIntervalNotifier(mm: kernelView, start: start, end: end, handler: invalidate)
+        n.invalidateSeq.store(state.invalidateSeq.load(ordering: .acquiring), ordering: .releasing)
         notifiers.withLock { $0.intervals.append(n) }
-        notifierCount.add(1, ordering: .relaxed)
+        state.notifierCount.add(1, ordering: .relaxed)
         return n
     }
     /// Stops watching the notifier's range.
@@ -172,7 +172,7 @@ extension AddressSpace {
             l.intervals.removeAll { $0 === n }
             return before - l.intervals.count
         }
-        notifierCount.subtract(removed, ordering: .relaxed)
+        state.notifierCount.subtract(removed, ordering: .relaxed)
     }
 
     /// `mmu_notifier_invalidate_range_start()`. Interval notifiers overlapping
@@ -182,8 +182,8 @@ extension AddressSpace {
     func invalidateRangeStart(_ range: MMUNotifierRange) {
         kernel.vmstat.count(.mmuNotifierInvalidations)
         UnsafeAtomic<UInt32>(at: activeInvalidations).wrappingAdd(1, ordering: .acquiringAndReleasing)
-        let seq = invalidateSeq.add(1, ordering: .acquiringAndReleasing).newValue
-        guard notifierCount.load(ordering: .relaxed) > 0 else { return }
+        let seq = state.invalidateSeq.add(1, ordering: .acquiringAndReleasing).newValue
+        guard state.notifierCount.load(ordering: .relaxed) > 0 else { return }
         let list = notifiers.withLock { $0 }
         for i in list.intervals where i.start < range.end && range.start < i.end {
             _ = i.handler(i, range, seq)
@@ -193,7 +193,7 @@ extension AddressSpace {
 
     /// `mmu_notifier_invalidate_range_end()`.
     func invalidateRangeEnd(_ range: MMUNotifierRange) {
-        if notifierCount.load(ordering: .relaxed) > 0 {
+        if state.notifierCount.load(ordering: .relaxed) > 0 {
             let list = notifiers.withLock { $0.notifiers }
             for n in list { n.invalidateRangeEnd(range) }
         }

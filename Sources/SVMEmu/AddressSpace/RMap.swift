@@ -2,14 +2,15 @@ import CSVMSupport
 import Synchronization
 
 /// One VMA as the anon rmap sees it (an `anon_vma_chain` in its anon_vma's
-/// interval tree): address space `mmID` (`mm`, unretained) maps linear
+/// interval tree): address space `mmID` (`mm`, its kernel view, unretained) maps linear
 /// page indices `[pageOffset, pageOffset + (end - start) / page size)` at
 /// `[start, end)`. A snapshot of the VMA, refreshed under its mmap lock
 /// held for writing whenever the VMA appears, changes bounds or goes.
 ///
 /// `mm` is valid while the entry is linked and the family's lock is held:
 /// the address space unlinks its entries, under that lock held for
-/// writing, before its structure is freed (its `exit_mmap()`).
+/// writing, in its `exit_mmap()`, and its kernel view outlives that
+/// (``MMStruct`` keeps it until `mmdrop()`).
 struct AnonMappingEntry: Hashable {
     let mm: Unmanaged<AddressSpace>
     let mmID: UInt32
@@ -18,7 +19,7 @@ struct AnonMappingEntry: Hashable {
     let pageOffset: UInt64
 
     init(mm: AddressSpace, start: UInt64, end: UInt64, pageOffset: UInt64) {
-        self.mm = Unmanaged.passUnretained(mm)
+        self.mm = mm.state.kernelViewRef
         mmID = mm.id
         self.start = start
         self.end = end
@@ -71,9 +72,10 @@ struct AnonMappingEntry: Hashable {
 /// lookup of the VMAs to the end of its visits (`anon_vma_lock_read()`):
 /// the VMAs cannot change under it, and an address space it reaches
 /// cannot be freed under it (its exit unlinks its VMAs first, and waits
-/// for the walk). A live address space is pinned for the walk and given
-/// back with `mmput_async()` (`MMPins`), so that a walker never runs an
-/// exit; an exiting one (its count already zero) is visited unretained.
+/// for the walk). A walk pins no address space (`rmap_walk_anon()` takes
+/// neither `mmget()` nor `mmgrab()`): it reaches each one's kernel view
+/// unretained, so it never holds a user reference and never runs an exit;
+/// the exit runs on the thread that dropped the last user reference.
 /// The exit zaps its mappings while still linked: the walk and the zap
 /// meet under the page-table locks, and the walk acts only on entries that
 /// still name the folio.
@@ -167,61 +169,6 @@ final class AnonFamily: @unchecked Sendable {
             let e = table[i]
             if e.overlaps(first, last) { visit(e) }
         }
-    }
-}
-
-/// The address spaces one rmap walk pinned (`mmget_not_zero()`), each
-/// once, given back with `mmput_async()` after the walk: a walker holds
-/// folio locks and an rmap lock, and must never run `exit_mmap()`.
-///
-/// Swift cannot walk an address space it holds no reference on: the
-/// retains and releases the compiler places around its uses would be a
-/// reference, and the last release runs the teardown wherever it happens.
-/// So a live address space is pinned, and the pin never dropped inline;
-/// an exiting one (its count already zero) is visited unretained, which is
-/// safe because its teardown unlinks its VMAs under the rmap lock the walk
-/// holds before its structure is freed.
-struct MMPins {
-    private var count = 0
-    private var id0: UInt32 = 0, id1: UInt32 = 0, id2: UInt32 = 0, id3: UInt32 = 0
-    private var mm0: Unmanaged<AddressSpace>? = nil, mm1: Unmanaged<AddressSpace>? = nil
-    private var mm2: Unmanaged<AddressSpace>? = nil, mm3: Unmanaged<AddressSpace>? = nil
-    private var more: [(UInt32, Unmanaged<AddressSpace>)] = []
-
-    /// The address space of a linked entry to visit: pinned by this walk
-    /// (once per address space), or `unretained` when it is exiting.
-    /// Caller holds the lock of the list the entry is linked in.
-    @inline(__always)
-    mutating func reach(_ kernel: Kernel, _ id: UInt32, _ unretained: Unmanaged<AddressSpace>) -> Unmanaged<AddressSpace> {
-        if count > 0 && id0 == id { return mm0! }
-        if count > 1 && id1 == id { return mm1! }
-        if count > 2 && id2 == id { return mm2! }
-        if count > 3 && id3 == id { return mm3! }
-        if count > 4, let m = more.first(where: { $0.0 == id }) { return m.1 }
-        guard let m = kernel.mmgetNotZero(id: id) else { return unretained }
-        switch count {
-        case 0: id0 = id; mm0 = m
-        case 1: id1 = id; mm1 = m
-        case 2: id2 = id; mm2 = m
-        case 3: id3 = id; mm3 = m
-        default: more.append((id, m))
-        }
-        count += 1
-        return m
-    }
-
-    /// Gives every pin back (`mmput_async()`). Call after the walk's lock
-    /// is dropped.
-    mutating func release(_ kernel: Kernel) {
-        guard count > 0 else { return }
-        if let m = mm0 { kernel.mmputAsync(m) }
-        if let m = mm1 { kernel.mmputAsync(m) }
-        if let m = mm2 { kernel.mmputAsync(m) }
-        if let m = mm3 { kernel.mmputAsync(m) }
-        for (_, m) in more { kernel.mmputAsync(m) }
-        count = 0
-        mm0 = nil; mm1 = nil; mm2 = nil; mm3 = nil
-        more.removeAll()
     }
 }
 
@@ -335,9 +282,9 @@ extension Kernel {
     /// one that names the page.
     ///
     /// The walk holds the family's lock for reading throughout
-    /// (`folio_lock_anon_vma_read()`); the address spaces it visits are
-    /// pinned for the walk and given back with `mmput_async()`, or, when
-    /// exiting, reached unretained (`MMPins`): `mm` is valid only inside
+    /// (`folio_lock_anon_vma_read()`) and pins no address space: each is
+    /// reached through its kernel view, unretained, which the lock keeps
+    /// valid (an exit unlinks the VMAs under it first): `mm` is valid only inside
     /// `body`, which must not keep it (record its id instead), must not
     /// take an mmap lock and must not change VMAs. An address space that is
     /// exiting may be visited (its zap and `body` meet under the page-table
@@ -359,35 +306,34 @@ extension Kernel {
         // runtime's slow path, and this runs once per folio of a migration.
         let hintRef = hint.map { Unmanaged.passUnretained($0) }
         if let hintRef, hintRef._withUnsafeGuaranteedRef({ $0.id }) == mmID {
-            rmapWalkAnon(hintRef._withUnsafeGuaranteedRef { $0.anonFamilyRef }, index, pages, hintRef, file, line, body)
+            rmapWalkAnon(hintRef._withUnsafeGuaranteedRef { $0.anonFamilyRef }, index, pages, file, line, body)
             return
         }
         // The family of the address space the rmap names, live, exiting or
         // gone (like an anon_vma, which outlives the mm that made it).
         guard let family = anonFamily(of: mmID) else { return }
         withExtendedLifetime(family) {
-            rmapWalkAnon(Unmanaged.passUnretained(family), index, pages, hintRef, file, line, body)
+            rmapWalkAnon(Unmanaged.passUnretained(family), index, pages, file, line, body)
         }
     }
 
     /// The walk proper over `family`, with the family unretained. Each
-    /// address space visited is the caller's (`hint`), or pinned for the
-    /// walk (`MMPins`), or, when it is exiting, reached unretained (its
-    /// exit waits for the family's lock before its structure goes).
+    /// address space visited is reached through its entry's kernel view,
+    /// unretained and unpinned: its exit waits for the family's lock
+    /// before it unlinks the entry.
     @inline(__always)
     private func rmapWalkAnon(_ family: Unmanaged<AnonFamily>, _ index: UInt64, _ pages: Range<Int>,
-                              _ hint: Unmanaged<AddressSpace>?, _ file: StaticString, _ line: UInt,
+                              _ file: StaticString, _ line: UInt,
                               _ body: (Int, AddressSpace, UInt64) -> Void) {
         let first = index &+ UInt64(pages.lowerBound), last = index &+ UInt64(pages.upperBound)
-        let hintID = hint.map { $0._withUnsafeGuaranteedRef { $0.id } } ?? 0
-        var pins = MMPins()
         family._withUnsafeGuaranteedRef { f in
             f.forEachOverlapping(first, last, file: file, line: line) { e in
-                let mm = e.mmID == hintID ? hint! : pins.reach(self, e.mmID, e.mm)
-                mm._withUnsafeGuaranteedRef { mm in Kernel.rmapVisit(e, mm, index, pages, body) }
+                e.mm._withUnsafeGuaranteedRef { mm in
+                    mmHooks.visiting(mm)
+                    Kernel.rmapVisit(e, mm, index, pages, body)
+                }
             }
         }
-        pins.release(self)
     }
 
     /// `rmap_one` of one VMA: every page of `pages` it maps.
@@ -421,9 +367,9 @@ extension Kernel {
     /// device-exclusive or migration) names it, or nil when none does, the
     /// address space is exiting, or the page has no anonymous rmap (a
     /// page-cache page's mappings are its file's). A snapshot taken
-    /// without locks, for inspection; the address space is returned with a
-    /// reference taken after the walk, only if it is not exiting
-    /// (`mmget_not_zero()`).
+    /// without locks, for inspection; the address space is returned as a
+    /// user reference taken after the walk, only if it is not exiting
+    /// (`mmget_not_zero()`): dropping it is `mmput()`.
     public func rmapAddress(of page: Page) -> (AddressSpace, UInt64)? {
         let folio = page.folio
         let found = rmapFirst(folio, page: Int(page.pfn &- folio.pfn), hint: nil, where: { mm, address in

@@ -183,11 +183,11 @@ extension AddressSpace {
     /// what CPUs can do with a page (the deferred flush's "every mapping
     /// was read-only", the stale-entry checker) must not trust it.
     /// Call it before the first entry changes.
-    func incTLBFlushPending() { flushPendingCount.add(1, ordering: .sequentiallyConsistent) }
+    func incTLBFlushPending() { state.flushPendingCount.add(1, ordering: .sequentiallyConsistent) }
     /// The flush that covers the change has returned (`dec_tlb_flush_pending()`).
     func decTLBFlushPending() {
-        if flushPendingCount.subtract(1, ordering: .sequentiallyConsistent).newValue < 0 {
-            flushPendingCount.store(0, ordering: .relaxed)
+        if state.flushPendingCount.subtract(1, ordering: .sequentiallyConsistent).newValue < 0 {
+            state.flushPendingCount.store(0, ordering: .relaxed)
             kernel.warn("dec_tlb_flush_pending: more decrements than increments (an unbalanced tlb_gather)", "address space \(id)")
         }
     }
@@ -195,7 +195,7 @@ extension AddressSpace {
     /// its TLB flush (`mm_tlb_flush_pending()`). Read it under the
     /// page-table lock of the entry in question: a change in progress there
     /// was counted before its lock was taken.
-    public var tlbFlushPending: Bool { flushPendingCount.load(ordering: .sequentiallyConsistent) > 0 }
+    public var tlbFlushPending: Bool { state.flushPendingCount.load(ordering: .sequentiallyConsistent) > 0 }
 }
 
 /// A deferred, batched flush (`struct tlbflush_unmap_batch`): mappings

@@ -224,7 +224,6 @@ public final class File: @unchecked Sendable {
     public func truncate(to size: Int64) throws(Errno) {
         guard size >= 0 else { throw .invalidArgument }
         guard size <= File.maxSize else { throw .fileTooLarge }
-        defer { kernel.drainAsyncMMPuts() }
         let firstGone = (UInt64(size) + PageGeometry.pageSize64 - 1) >> PageGeometry.pageShift
         // i_size first: faults past it give SIGBUS from now on.
         let gone = cache.withLock { c -> [(UInt64, Folio)] in
@@ -397,23 +396,23 @@ public final class File: @unchecked Sendable {
 
     /// Calls `body` with every address space mapping file page `index` and
     /// the address it maps it at (`rmap_walk_file()` over `i_mmap`),
-    /// holding `mappingsLock` for reading (`i_mmap_lock_read()`): each live
-    /// address space is pinned for the walk and given back with
-    /// `mmput_async()` (`MMPins`); an exiting one is reached unretained, and
-    /// stays valid because its exit unlinks it under the lock held for
-    /// writing. `body` gets an
+    /// holding `mappingsLock` for reading (`i_mmap_lock_read()`): no
+    /// address space is pinned; each is reached through its kernel view,
+    /// unretained, which stays valid because its exit unlinks it under the
+    /// lock held for writing. `body` gets an
     /// address space valid only during the call; it checks each entry under
     /// its page-table lock, must not keep the address space, take an mmap
     /// lock or change VMAs. Caller holds no page-table lock.
     func forEachMapping(of index: UInt64, file: StaticString = #fileID, line: UInt = #line,
                         _ body: (AddressSpace, UInt64) -> Void) {
-        var pins = MMPins()
         mappingsLock.downRead(file: file, line: line)
         for e in mappings where e.maps(index) {
-            pins.reach(kernel, e.mmID, e.mm)._withUnsafeGuaranteedRef { mm in body(mm, e.address(of: index)) }
+            e.mm._withUnsafeGuaranteedRef { mm in
+                kernel.mmHooks.visiting(mm)
+                body(mm, e.address(of: index))
+            }
         }
         mappingsLock.upRead()
-        pins.release(kernel)
     }
 
     /// `unmap_mapping_folio()`: clears every present PTE of `folio` (file
@@ -429,7 +428,8 @@ public final class File: @unchecked Sendable {
 /// One entry of a file's `i_mmap`: an address space maps file pages
 /// `[pageOffset, pageOffset + (end - start) / page size)` at `[start, end)`.
 struct FileMappingEntry {
-    /// Valid while the entry is linked and `mappingsLock` is held.
+    /// The address space's kernel view, unretained: valid while the entry
+    /// is linked and `mappingsLock` is held.
     let mm: Unmanaged<AddressSpace>
     let mmID: UInt32
     let start: UInt64

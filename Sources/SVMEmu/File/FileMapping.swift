@@ -109,7 +109,7 @@ extension AddressSpace {
     public func insertPage(_ page: Page, at address: UInt64, in vma: VMA) throws(Errno) {
         if !isMmapLocked { kernel.warn("vm_insert_page: caller must hold the mmap lock for writing", "\(vma)", kind: .lockNotHeld) }
         guard address >= vma.start, address < vma.end else { throw .badAddress }
-        guard vma.mm === self, vma.isLive, address & ~PageGeometry.pageMask == 0 else { throw .invalidArgument }
+        guard vma.mm.state === state, vma.isLive, address & ~PageGeometry.pageMask == 0 else { throw .invalidArgument }
         if vma.flags.contains(.special) {
             kernel.warn("vm_insert_page: VM_PFNMAP vma (BUG_ON(vma->vm_flags & VM_PFNMAP))", "\(vma)")
             throw .invalidArgument
@@ -161,7 +161,7 @@ extension AddressSpace {
             start = s
         }
         let pgoff = pageOffset ?? (shared ? 0 : start >> PageGeometry.pageShift)
-        let vma = VMA(mm: self, start: start, end: start + len, flags: flags, file: file, pageOffset: pgoff)
+        let vma = VMA(mm: kernelView, start: start, end: start + len, flags: flags, file: file, pageOffset: pgoff)
         let i = vmas.firstIndex { $0.start > start } ?? vmas.count
         vmas.insert(vma, at: i)
         relinkAnonMappings()
@@ -177,7 +177,7 @@ extension AddressSpace {
             done.append(ObjectIdentifier(file))
             let entries = vmas.compactMap { v -> FileMappingEntry? in
                 guard v.file === file else { return nil }
-                return FileMappingEntry(mm: Unmanaged.passUnretained(self), mmID: id, start: v.start, end: v.end, pageOffset: v.pageOffset)
+                return FileMappingEntry(mm: state.kernelViewRef, mmID: id, start: v.start, end: v.end, pageOffset: v.pageOffset)
             }
             file.relink(mmID: id, entries)
         }

@@ -97,14 +97,23 @@ extension Kernel {
     /// lockdep's `debug_check_no_locks_held()` check piecemeal.
     public func audit(heldReferences: [UInt64: Int] = [:]) -> KernelAudit {
         var a = KernelAudit()
-        // Exits the rmap walks deferred (mmput_async) happen first.
-        drainAsyncMMPutsAndWait()
         // 1. Every mapping of every live address space.
         var refs: [UInt64: Int] = [:]          // folio head -> mappings (each holds a reference)
         var pteMaps: [UInt64: Int32] = [:]     // page -> PTE mappings
         var entireMaps: [UInt64: Int32] = [:]  // folio head -> PMD mappings
         var mapped: [UInt64] = []              // every page named by an entry
-        let spaces = addressSpaces.all()
+        // The address spaces it walks, each pinned (mmget_not_zero(), as
+        // /proc's readers do): none starts its exit under the walk (a
+        // user reference dropped on another thread meanwhile is not the
+        // last). Then the exits already running (users at zero, not
+        // pinned) are waited for, at most 10 s, so that no frame is half
+        // freed while the frames are counted.
+        let spaces = addressSpaces.all().compactMap { addressSpace(id: $0.id) }
+        var waited: UInt64 = 0
+        while exitsRunning.load(ordering: .acquiring) > 0 && waited < 10_000_000_000 {
+            HostClock.sleep(nanos: 100_000)
+            waited += 100_000
+        }
         for mm in spaces {
             if mm.mmapLock.isLocked { a.locksHeld += 1; a.note("mm \(mm.id): mmap lock held") }
             a.locksHeld += mm.auditLocks(&a)

@@ -96,8 +96,6 @@ extension AddressSpace {
                           flags: MovePagesFlags = .move, policy: MigratePagesPolicy,
                           stats: inout MigrateStats) throws(Errno) -> Int {
         guard flags.isSubset(of: [.move, .moveAll]) else { throw .invalidArgument }
-        // The rmap walks' pins of other address spaces, given back here.
-        defer { kernel.drainAsyncMMPuts() }
         // The kernel writes the statuses it reaches and leaves the rest of
         // the user's array alone; an array of another length is first made
         // one status per address.
@@ -264,7 +262,6 @@ extension AddressSpace {
     public func migratePages(from: [Int], to: [Int], policy: MigratePagesPolicy = MigratePagesPolicy()) throws(Errno) -> Int {
         guard from.count == to.count, Set(from).count == from.count else { throw .invalidArgument }
         for n in from + to where n < 0 || n >= kernel.nodes.count { throw .noDevice }
-        defer { kernel.drainAsyncMMPuts() }
         var left = 0
         for (source, dest) in zip(from, to) where source != dest {
             var list: [Folio] = []
