@@ -158,17 +158,24 @@ def runs_reference(lines):
     return runs
 
 
-def runs_rig(lines):
-    """Runs from this rig's livelock program: one RIG-RESULT JSON line each."""
-    runs = []
+def tagged_json(lines, tag, warn=False):
+    """The JSON objects of the lines that carry `tag` ("RIG-RESULT", ...);
+    an unreadable one is skipped (with a warning on standard error if `warn`)."""
     for line in lines:
-        i = line.find("RIG-RESULT ")
+        i = line.find(tag + " ")
         if i < 0:
             continue
         try:
-            r = json.loads(line[i + len("RIG-RESULT "):])
-        except json.JSONDecodeError:
-            continue
+            yield json.loads(line[i + len(tag) + 1:])
+        except json.JSONDecodeError as e:
+            if warn:
+                print("rigresults: unreadable %s line: %s" % (tag, e), file=sys.stderr)
+
+
+def runs_rig(lines):
+    """Runs from this rig's livelock program: one RIG-RESULT JSON line each."""
+    runs = []
+    for r in tagged_json(lines, "RIG-RESULT"):
         run = dict(case_fields(r["threads"], r["mutex"], r["sleepMicros"]))
         run["pages"] = r["pages"]
         if r["outcome"] == "livelock":
@@ -395,16 +402,7 @@ def spread_of(rows, key):
 # --------------------------------------------------------------- timer wake-up
 
 def timerwakes_of(lines):
-    out = []
-    for line in lines:
-        i = line.find("RIG-TIMERWAKE ")
-        if i < 0:
-            continue
-        try:
-            out.append(json.loads(line[i + len("RIG-TIMERWAKE "):]))
-        except json.JSONDecodeError as e:
-            print("rigresults: unreadable RIG-TIMERWAKE line: %s" % e, file=sys.stderr)
-    return out
+    return list(tagged_json(lines, "RIG-TIMERWAKE", warn=True))
 
 
 TIMER_POINTS = [("timer40us", 40000.0), ("timer400us", 400000.0)]
