@@ -3,7 +3,7 @@
 #include <pthread.h>
 #include <linux/membarrier.h>
 
-__attribute__((tls_model("initial-exec"))) _Thread_local svm_cpu_binding_t svm_tls_cpu_binding = { 0, -1 };
+__attribute__((tls_model("initial-exec"))) _Thread_local svm_cpu_binding_t svm_tls_cpu_binding = { 0, -1, 0, 0 };
 static _Thread_local svm_cpu_unbind_fn svm_tls_unbind = 0;
 static pthread_key_t svm_thread_key;
 static pthread_once_t svm_thread_key_once = PTHREAD_ONCE_INIT;
@@ -16,8 +16,7 @@ static void svm_thread_exit(void *unused) {
     if (svm_tls_cpu_binding.owner && svm_tls_unbind) {
         void *owner = svm_tls_cpu_binding.owner;
         int32_t index = svm_tls_cpu_binding.index;
-        svm_tls_cpu_binding.owner = 0;
-        svm_tls_cpu_binding.index = -1;
+        svm_clear_cpu_binding();
         svm_tls_unbind(owner, index);
     }
     if (svm_tls_slot >= 0) {
@@ -63,9 +62,11 @@ static void svm_arm_exit_hook(void) {
     pthread_setspecific(svm_thread_key, (void *)1);
 }
 
-void svm_bind_cpu(void *owner, int32_t index, svm_cpu_unbind_fn unbind) {
+void svm_bind_cpu(void *owner, int32_t index, uint64_t *words, void *tlb, svm_cpu_unbind_fn unbind) {
     svm_tls_cpu_binding.owner = owner;
     svm_tls_cpu_binding.index = index;
+    svm_tls_cpu_binding.words = words;
+    svm_tls_cpu_binding.tlb = tlb;
     svm_tls_unbind = unbind;
     svm_arm_exit_hook();
 }
@@ -73,6 +74,8 @@ void svm_bind_cpu(void *owner, int32_t index, svm_cpu_unbind_fn unbind) {
 void svm_clear_cpu_binding(void) {
     svm_tls_cpu_binding.owner = 0;
     svm_tls_cpu_binding.index = -1;
+    svm_tls_cpu_binding.words = 0;
+    svm_tls_cpu_binding.tlb = 0;
 }
 
 int32_t svm_thread_slot(void) {
@@ -231,8 +234,7 @@ svm_fiber_t *svm_fiber_create(size_t stack_bytes, svm_fiber_entry_fn entry, void
     f->entry = entry;
     f->arg = arg;
     f->det_current = det_current;
-    f->cpu_binding.owner = 0;
-    f->cpu_binding.index = -1;
+    f->cpu_binding = (svm_cpu_binding_t){ 0, -1, 0, 0 };
     f->slot = -1;
 #if defined(__x86_64__)
     uint64_t *sp = (uint64_t *)(((uintptr_t)m + mapped) & ~(uintptr_t)15);

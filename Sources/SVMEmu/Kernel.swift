@@ -25,13 +25,20 @@ public enum DeviceFaultPolicy: String, Sendable, CaseIterable, Codable {
 
 /// The emulated machine's settings, fixed at boot except where noted.
 public struct KernelConfiguration: Sendable {
+    /// The largest ``addressSpaceSize``: an address space starts at 4 GiB and
+    /// ends at or below 128 TiB (`TASK_SIZE` of x86-64 with 4-level page
+    /// tables), so every address a TLB entry maps is below 2^47.
+    public static let maxAddressSpaceSize: UInt64 = (1 << 47) - (1 << 32)
     /// System RAM per NUMA node, in bytes (rounded down to 2 MiB). Two nodes by default.
     public var nodeSizes: [Int] = [2 << 30, 2 << 30]
     /// The transparent huge page policy (`madvise` by default).
     public var transparentHugepage: TransparentHugepageMode = .madvise
     /// The device-private fault policy; can also be changed at run time.
     public var deviceFaultPolicy: DeviceFaultPolicy = .trylock
-    /// Virtual address space of each address space (mm), in bytes.
+    /// Virtual address space of each address space (mm), in bytes, from 4 GiB
+    /// on: at least 2 MiB, rounded up to 1 GiB, at most
+    /// ``maxAddressSpaceSize`` (the space ends by 128 TiB, x86-64's 47-bit
+    /// user address space).
     public var addressSpaceSize: UInt64 = 256 << 30
     /// The most physical memory (system RAM plus device memory) the machine can hold.
     public var maxPhysicalBytes: UInt64 = 512 << 30
@@ -78,6 +85,9 @@ public struct KernelConfiguration: Sendable {
         }
         guard addressSpaceSize >= AddressSpace.pmdSize else {
             throw .init("addressSpaceSize: at least 2 MiB (got \(addressSpaceSize) bytes)")
+        }
+        guard addressSpaceSize <= KernelConfiguration.maxAddressSpaceSize else {
+            throw .init("addressSpaceSize: at most \(KernelConfiguration.maxAddressSpaceSize >> 30) GiB, an address space ending below 128 TiB (got \(addressSpaceSize) bytes)")
         }
         guard (1...CPUSet.maxCPUs).contains(cpus) else {
             throw .init("cpus: 1...\(CPUSet.maxCPUs) CPUs (got \(cpus))")

@@ -61,6 +61,11 @@ struct PhysicalLayoutTests {
         c.nodeSizes = [2 << 30]
         c.maxPhysicalBytes = 1 << 30
         #expect { try c.validate() } throws: { ($0 as? KernelConfigurationError)?.message.contains("maxPhysicalBytes") == true }
+        c.maxPhysicalBytes = 512 << 30
+        c.addressSpaceSize = KernelConfiguration.maxAddressSpaceSize
+        #expect(throws: Never.self) { try c.validate() }
+        c.addressSpaceSize += 1 << 30
+        #expect { try c.validate() } throws: { ($0 as? KernelConfigurationError)?.message.contains("addressSpaceSize") == true }
     }
 
     @Test("folio_alloc of an order other than 0 or 9 returns nil with a diagnostic")

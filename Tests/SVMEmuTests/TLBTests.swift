@@ -168,6 +168,23 @@ struct CPUSlotTests {
         #expect(eventually { kernel.cpus.boundCount == 0 })
     }
 
+    @Test("an address outside the address space faults with EFAULT from a CPU whose TLB holds the page, even one that differs from a cached page only above bit 47")
+    func outsideTheSpaceMissesTheTLB() throws {
+        try withMachine(thp: .never) { kernel, mm in
+            let a = try mm.mmap(length: pageSize)
+            try mm.store(a, 7)
+            #expect(try mm.load(a) == 7)  // in this CPU's TLB now
+            // Page numbers that share the cached one's low bits, and addresses
+            // whose page number reaches the tag's epoch bits (bit 36 and up).
+            for bad in [a & 0xFFF, a | 1 << 47, a | 1 << 48, a | 1 << 52, a | 1 << 63, UInt64.max] {
+                #expect(throws: Errno.badAddress) { _ = try mm.load(bad) }
+                #expect(throws: Errno.badAddress) { try mm.store(bad, 1) }
+            }
+            #expect(try mm.load(a) == 7)
+            #expect(kernel.vmstat[.tlbStaleAccesses] == 0)
+        }
+    }
+
     @Test("a machine takes 1 to 64 CPUs", arguments: [0, 65])
     func cpuCountChecked(cpus: Int) throws {
         var config = KernelConfiguration()

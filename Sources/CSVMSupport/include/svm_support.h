@@ -316,15 +316,26 @@ static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "m
 // it exits (or moves to another machine). This is the machine's "current CPU"
 // register, nothing more: no kernel state travels through it.
 typedef void (*svm_cpu_unbind_fn)(void *owner, int32_t index);
-typedef struct { void *owner; int32_t index; } svm_cpu_binding_t;
+// Beside the owner and the index, the binding keeps where that CPU's state
+// is (its words and its TLB), so the access fast path finds them in the
+// thread's own block without arithmetic.
+typedef struct { void *owner; int32_t index; uint64_t *words; void *tlb; } svm_cpu_binding_t;
 extern _Thread_local svm_cpu_binding_t svm_tls_cpu_binding __attribute__((tls_model("initial-exec")));
 // The CPU index this thread holds on `owner`, or -1.
 static inline int32_t svm_bound_cpu(const void *owner) {
     return svm_tls_cpu_binding.owner == owner ? svm_tls_cpu_binding.index : -1;
 }
+// The words of the CPU this thread holds on `owner`, or NULL; with them,
+// its index and its TLB.
+static inline uint64_t *svm_bound_cpu_words(const void *owner) {
+    return svm_tls_cpu_binding.owner == owner ? svm_tls_cpu_binding.words : 0;
+}
+static inline int32_t svm_bound_cpu_index(void) { return svm_tls_cpu_binding.index; }
+static inline void *svm_bound_cpu_tlb(void) { return svm_tls_cpu_binding.tlb; }
 static inline void *svm_bound_cpu_owner(void) { return svm_tls_cpu_binding.owner; }
-// Records the binding; `unbind(owner, index)` runs when the thread exits.
-void svm_bind_cpu(void *owner, int32_t index, svm_cpu_unbind_fn unbind);
+// Records the binding (CPU `index` of `owner`, whose words and TLB are
+// `words` and `tlb`); `unbind(owner, index)` runs when the thread exits.
+void svm_bind_cpu(void *owner, int32_t index, uint64_t *words, void *tlb, svm_cpu_unbind_fn unbind);
 // Forgets the binding (the caller gave the slot back itself).
 void svm_clear_cpu_binding(void);
 

@@ -27,6 +27,12 @@ enum TLB {
     @usableFromInline static let entries4K = sets4K * ways
     @usableFromInline static let entriesPerCPU = entries4K + sets2M * ways
     @usableFromInline static let epochShift: UInt64 = 36
+    /// Whether an entry may translate `address`: every address space ends by
+    /// 2^47 (``KernelConfiguration/maxAddressSpaceSize``), so no entry maps
+    /// an address beyond, and the page number of one at 2^48 or above would
+    /// reach the tag's epoch bits. The fast path's only range check: an
+    /// address below 2^47 outside the address space finds no entry.
+    @inlinable @inline(__always) static func mayHold(_ address: UInt64) -> Bool { address >> 47 == 0 }
     static let maxEpoch: UInt64 = 1 << 27
     @usableFromInline static let writable: UInt64 = 1
     @usableFromInline static let dirty: UInt64 = 2
@@ -94,12 +100,32 @@ struct CPU {
             // must only keep the loads below after the store above.
             if mm.cpuAccess.fenceOnAccess { svm_fence() } else { svm_compiler_barrier() }
         }
+        enterIfNeeded(mm)
+        return seq
+    }
+
+    /// The start of an access that is not nested in another, on a machine
+    /// whose accesses need no fence (the access fast path): like
+    /// ``beginAccess(_:)``, or nil, having done nothing, inside an access.
+    /// The access ends with ``endOuterAccess(_:_:)``.
+    @inlinable @inline(__always)
+    func beginOuterAccess(_ mm: AddressSpace) -> UInt64? {
+        let seq = UnsafeAtomic(words + CPUWord.seq).load(ordering: .relaxed)
+        guard seq & 1 == 0 else { return nil }
+        UnsafeAtomic(words + CPUWord.seq).store(seq &+ 1, ordering: .relaxed)
+        svm_compiler_barrier()
+        enterIfNeeded(mm)
+        return seq
+    }
+
+    /// Loads `mm` and catches up with its flushes, when either is needed.
+    @inlinable @inline(__always)
+    func enterIfNeeded(_ mm: AddressSpace) {
         // Both checks first, one rarely taken call after them: the common
         // access spills no register for either.
         let loaded = UnsafeAtomic(words + CPUWord.loadedMM).load(ordering: .relaxed)
         let gen = UnsafeAtomic(mm.tlbGen).load(ordering: .acquiring)
         if _slowPath(loaded != UInt64(mm.id) || gen != words[CPUWord.localGen]) { enter(mm) }
-        return seq
     }
 
     /// The rest of an access's start: load `mm` if another address space
@@ -117,11 +143,16 @@ struct CPU {
     /// nothing.
     @inlinable @inline(__always)
     func endAccess(_ mm: AddressSpace, _ token: UInt64) {
-        if token & 1 == 0 {
-            svm_tsan_release(words)
-            UnsafeAtomic(words + CPUWord.seq).store(token &+ 2, ordering: .releasing)
-            if UnsafeAtomic(words + CPUWord.inboxGen).load(ordering: .relaxed) != 0 { handleIPI(mm) }
-        }
+        if token & 1 == 0 { endOuterAccess(mm, token) }
+    }
+
+    /// The end of an access ``beginOuterAccess(_:)`` began (`seq` is what
+    /// it returned).
+    @inlinable @inline(__always)
+    func endOuterAccess(_ mm: AddressSpace, _ seq: UInt64) {
+        svm_tsan_release(words)
+        UnsafeAtomic(words + CPUWord.seq).store(seq &+ 2, ordering: .releasing)
+        if UnsafeAtomic(words + CPUWord.inboxGen).load(ordering: .relaxed) != 0 { handleIPI(mm) }
     }
 
     // MARK: lookups and fills

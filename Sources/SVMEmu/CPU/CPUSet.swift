@@ -101,7 +101,7 @@ public final class CPUSet: @unchecked Sendable {
             let bit = UInt64(1) << UInt64(c)
             if freeMask.bitwiseAnd(~bit, ordering: .acquiringAndReleasing).oldValue & bit != 0 {
                 UnsafeAtomic(words + c * CPUWord.stride + CPUWord.bound).store(1, ordering: .releasing)
-                svm_bind_cpu(Unmanaged.passRetained(self).toOpaque(), Int32(c), cpuSetUnbind)
+                bind(c)
                 return c
             }
             kernel?.warn("the scheduler's CPU model runs a thread on a CPU another thread did not give back", "cpu \(c)")
@@ -116,7 +116,7 @@ public final class CPUSet: @unchecked Sendable {
                                                                 ordering: .acquiringAndReleasing)
                 if exchanged {
                     UnsafeAtomic(words + bit * CPUWord.stride + CPUWord.bound).store(1, ordering: .releasing)
-                    svm_bind_cpu(Unmanaged.passRetained(self).toOpaque(), Int32(bit), cpuSetUnbind)
+                    bind(bit)
                     return bit
                 }
                 mask = now
@@ -128,6 +128,13 @@ public final class CPUSet: @unchecked Sendable {
             }
             _ = svm_futex_wait(slotReleases, seen, 10_000_000)
         }
+    }
+
+    /// Records the calling thread's slot `index` (with a reference to the
+    /// set, which the unbinding at thread exit drops).
+    private func bind(_ index: Int) {
+        svm_bind_cpu(Unmanaged.passRetained(self).toOpaque(), Int32(index), words + index * CPUWord.stride,
+                     tlbs + index * TLB.entriesPerCPU, cpuSetUnbind)
     }
 
     /// Gives CPU `index` back (its thread exited or moved to another machine).
@@ -200,6 +207,11 @@ private let cpuSetUnbind: svm_cpu_unbind_fn = { owner, index in
 struct CPUAccess {
     /// The CPU set, unretained: the binding key of the calling thread.
     @usableFromInline let owner: UnsafeMutableRawPointer
+    /// The key the access fast path looks the calling thread's CPU up by:
+    /// `owner`, or, where every access must take the full path (TLB entries
+    /// checked against the page tables, or a fence on every access), a key
+    /// no thread is bound by. One compare then decides both.
+    @usableFromInline let fastOwner: UnsafeRawPointer
     @usableFromInline let words: UnsafeMutablePointer<UInt64>
     @usableFromInline let tlbs: UnsafeMutablePointer<TLBEntry>
     @usableFromInline let fenceOnAccess: Bool
@@ -211,6 +223,7 @@ struct CPUAccess {
         tlbs = set.tlbs
         fenceOnAccess = set.fenceOnAccess
         checksStaleEntries = set.checksStaleEntries
+        fastOwner = fenceOnAccess || checksStaleEntries ? UnsafeRawPointer(bitPattern: 8)! : UnsafeRawPointer(owner)
     }
 
     /// The CPU the calling thread runs on, taking a free one first if it has none.

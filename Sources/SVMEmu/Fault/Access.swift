@@ -19,10 +19,12 @@ extension AddressSpace {
     ///     thread's CPU: it must not block, fault or call into the kernel.
     /// - Returns: what `body` returns.
     /// - Throws: as ``withPageBytes(at:write:faultLimit:_:)``.
-    @inlinable
+    @inlinable @inline(__always)
     public func withPageBytes<R>(at address: UInt64, write: Bool,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R {
-        try withPageBytes(at: address, write: write, faultLimit: Int.max, body)!
+        if let r = accessThroughTLB(address, write: write, body) { return r }
+        // Without a fault limit the full path never gives up.
+        return try withPageBytesWalking(at: address, write: write, faultLimit: Int.max, body)!
     }
 
     /// Like `withPageBytes(at:write:_:)`, but gives up after `faultLimit` page
@@ -66,22 +68,34 @@ extension AddressSpace {
     @inlinable @inline(__always)
     public func withPageBytes<R>(at address: UInt64, write: Bool, faultLimit: Int,
                                  _ body: (UnsafeMutableRawPointer) -> R) throws(Errno) -> R? {
-        // The fast path: this thread has its CPU, the entry is in the TLB (and
-        // no deterministic scheduler runs: its accesses are scheduling points).
-        let i = Int(svm_bound_cpu(cpuAccess.owner))
-        if _fastPath(i >= 0 && covers(address) && !cpuAccess.checksStaleEntries && !svm_det_active()) {
-            let cpu = CPU(index: i, words: cpuAccess.words + i &* CPUWord.stride, tlb: cpuAccess.tlbs + i &* TLB.entriesPerCPU)
-            let token = cpu.beginAccess(self)
-            if let hit = cpu.lookup(address, write: write) {
-                svm_tsan_ignore_begin()
-                let r = body(hit.bytes)
-                svm_tsan_ignore_end()
-                cpu.endAccess(self, token)
-                return r
-            }
-            cpu.endAccess(self, token)
-        }
+        if let r = accessThroughTLB(address, write: write, body) { return r }
         return try withPageBytesWalking(at: address, write: write, faultLimit: faultLimit, body)
+    }
+
+    /// The fast path of an access: `body`'s result when the calling thread
+    /// has its CPU on this machine and that CPU's TLB holds the entry; nil,
+    /// with nothing done, when the full path must run instead: no CPU yet,
+    /// an access nested in another, a miss, a deterministic scheduler (its
+    /// accesses are scheduling points), or a machine that checks every TLB
+    /// hit or fences every access (`CPUAccess.fastOwner` binds no thread).
+    /// An address outside the address space finds no entry.
+    @inlinable @inline(__always)
+    func accessThroughTLB<R>(_ address: UInt64, write: Bool, _ body: (UnsafeMutableRawPointer) -> R) -> R? {
+        guard let words = svm_bound_cpu_words(cpuAccess.fastOwner), _fastPath(TLB.mayHold(address) && !svm_det_active()) else {
+            return nil
+        }
+        let cpu = CPU(index: Int(svm_bound_cpu_index()), words: words,
+                      tlb: svm_bound_cpu_tlb().unsafelyUnwrapped.assumingMemoryBound(to: TLBEntry.self))
+        guard let seq = cpu.beginOuterAccess(self) else { return nil }
+        guard let hit = cpu.lookup(address, write: write) else {
+            cpu.endOuterAccess(self, seq)
+            return nil
+        }
+        svm_tsan_ignore_begin()
+        let r = body(hit.bytes)
+        svm_tsan_ignore_end()
+        cpu.endOuterAccess(self, seq)
+        return r
     }
 
     /// The rest of an access: taking a CPU, the checked TLB hit, the page
