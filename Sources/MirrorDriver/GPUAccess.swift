@@ -4,41 +4,30 @@ import SVMEmu
 /// (dmirror's READ and WRITE commands). Any thread may act as a GPU engine.
 extension MirrorDevice {
 
-    /// Reads `buffer.count` bytes at `address` as the GPU sees them.
+    /// Reads `buffer.count` bytes at `address` as the GPU sees them,
+    /// faulting (``gpuFaultCount``) where the device page table does not map
+    /// a page with the permission the access needs.
     /// - Throws: `.badAddress` (EFAULT) for an address outside any readable VMA
     ///   (PROT_NONE included), other fault errors as hmm_range_fault returns them.
     public func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
-        guard let base = buffer.baseAddress else { return }
-        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
-            try access(a, write: false) { (base + done).copyMemory(from: $0, byteCount: n) }
-        }
+        try pageTable.read(address, into: buffer) { (page, write) throws(Errno) in try countedGPUFault(page, write: write) }
     }
 
     /// Writes bytes at `address` as the GPU.
     /// - Throws: `.notPermitted` (EPERM) writing read-only memory, `.badAddress` (EFAULT).
     public func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
-        guard let base = buffer.baseAddress else { return }
-        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
-            try access(a, write: true) { $0.copyMemory(from: base + done, byteCount: n) }
-        }
+        try pageTable.write(address, from: buffer) { (page, write) throws(Errno) in try countedGPUFault(page, write: write) }
     }
 
-    /// One page-bounded access under the page-table lock, faulting until the
-    /// device page table maps the page with the needed permission.
-    func access(_ address: UInt64, write: Bool, _ body: (UnsafeMutableRawPointer) -> Void) throws(Errno) {
-        guard address >= pageTable.base, address < pageTable.end else { throw .badAddress }
-        let page = address & PageGeometry.pageMask
-        while true {
-            let hit = pageTableLock.withLock { () -> Bool in
-                let e = pageTable.get(page)
-                guard e & DevicePageTable.valid != 0, !write || e & DevicePageTable.write != 0 else { return false }
-                kernel.pfnToPage(e >> PageGeometry.pageShift).withBytes { body($0.baseAddress! + Int(address & ~PageGeometry.pageMask)) }
-                return true
-            }
-            if hit { return }
-            gpuFaultCount.add(1, ordering: .relaxed)
-            try gpuFault(page, write: write)
-        }
+    /// The device page table's entry for the page holding `address`, or nil
+    /// where a GPU access would fault. Takes the page-table lock; what it
+    /// returns may change as soon as the lock is dropped, so a check that
+    /// compares it with the CPU's page table runs at a quiescent point.
+    public func deviceMapping(at address: UInt64) -> DeviceMapping? { pageTable.mapping(at: address) }
+
+    private func countedGPUFault(_ page: UInt64, write: Bool) throws(Errno) {
+        gpuFaultCount.add(1, ordering: .relaxed)
+        try gpuFault(page, write: write)
     }
 
     /// The GPU fault handler.

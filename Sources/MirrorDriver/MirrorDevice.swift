@@ -166,7 +166,8 @@ public final class MirrorDevice: @unchecked Sendable {
         self.vramBytes = vramBytes
         self.chunkBytes = min(chunkBytes, vramBytes)
         self.settingsStore = LockedValue(settings)
-        pageTable = try DevicePageTable(base: mm.baseAddress, end: mm.endAddress)
+        pageTable = try DevicePageTable(kernel: kernel, base: mm.baseAddress, end: mm.endAddress, lock: pageTableLock,
+                                        what: "the device page table")
         notifier = mm.insertIntervalNotifier(start: mm.baseAddress, end: mm.endAddress) { [unowned self] n, range, seq in
             self.invalidate(n, range, seq)
         }

@@ -9,35 +9,13 @@ extension XeDevice {
     /// on every page the GPU page table does not map.
     /// - Throws: what ``handlePageFault(_:write:)`` throws.
     public func read(_ address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) {
-        guard let base = buffer.baseAddress else { return }
-        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
-            try access(a, write: false) { (base + done).copyMemory(from: $0, byteCount: n) }
-        }
+        try pageTable.read(address, into: buffer) { (page, write) throws(Errno) in try handlePageFault(page, write: write) }
     }
 
     /// Writes bytes at `address` as the GPU.
     /// - Throws: what ``handlePageFault(_:write:)`` throws.
     public func write(_ address: UInt64, from buffer: UnsafeRawBufferPointer) throws(Errno) {
-        guard let base = buffer.baseAddress else { return }
-        try forEachPageChunk(address, count: buffer.count) { (a, done, n) throws(Errno) in
-            try access(a, write: true) { $0.copyMemory(from: base + done, byteCount: n) }
-        }
-    }
-
-    /// One page-bounded access through the GPU page table, under its lock.
-    func access(_ address: UInt64, write: Bool, _ body: (UnsafeMutableRawPointer) -> Void) throws(Errno) {
-        guard address >= pageTable.base, address < pageTable.end else { throw .badAddress }
-        let page = address & PageGeometry.pageMask
-        while true {
-            let hit = pageTableLock.withLock { () -> Bool in
-                let e = pageTable.get(page)
-                guard e & GPUPageTable.valid != 0, !write || e & GPUPageTable.write != 0 else { return false }
-                kernel.pfnToPage(e >> PageGeometry.pageShift).withBytes { body($0.baseAddress! + Int(address & ~PageGeometry.pageMask)) }
-                return true
-            }
-            if hit { return }
-            try handlePageFault(page, write: write)
-        }
+        try pageTable.write(address, from: buffer) { (page, write) throws(Errno) in try handlePageFault(page, write: write) }
     }
 
     /// The GPU fault handler: makes the GPU page table map the range around
@@ -138,7 +116,7 @@ extension XeDevice {
         let zapped = pageTableLock.withLock { () -> Bool in
             var any = false
             for r in ranges where !r.flags.contains(.unmapped) && r.driverData & RangeBinding.present != 0 {
-                pageTable.zap(r.start, r.end)
+                pageTable.clear(r.start, r.end)
                 r.driverData |= RangeBinding.invalidated
                 any = true
             }
@@ -177,7 +155,7 @@ extension XeDevice {
     func removeRange(_ r: GPUSVMRange) {
         pageTableLock.withLock {
             if r.driverData & RangeBinding.present != 0 && r.driverData & RangeBinding.invalidated == 0 {
-                pageTable.zap(r.start, r.end)
+                pageTable.clear(r.start, r.end)
             }
             r.driverData = 0
         }

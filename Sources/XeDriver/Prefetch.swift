@@ -115,7 +115,7 @@ extension XeDevice {
             var n = 0
             var a = start
             while a < end {
-                if a >= pageTable.base && a < pageTable.end && pageTable.get(a) & GPUPageTable.device != 0 { n += 1 }
+                if a >= pageTable.base && a < pageTable.end && pageTable.get(a) & DevicePageTable.device != 0 { n += 1 }
                 a += PageGeometry.pageSize64
             }
             return n

@@ -65,7 +65,8 @@ public final class XeDevice: @unchecked Sendable {
     public let svmLock = KernelMutex("xe vm lock")
     /// Protects the GPU page table and each range's binding state.
     let pageTableLock = KernelMutex("xe page-table lock")
-    let pageTable: GPUPageTable
+    /// The GPU page table (the GPU's own page tables, which Xe writes).
+    let pageTable: DevicePageTable
     /// Ranges the CPU unmapped, for the garbage collector (`garbage_collector.range_list`).
     let garbage = LockedValue<[GPUSVMRange]>([])
     /// VRAM: the buddy allocator and the live allocations, least recently migrated first.
@@ -99,7 +100,10 @@ public final class XeDevice: @unchecked Sendable {
         self.owner = owner
         self.copyEngine = copyEngine
         self.settingsStore = LockedValue(settings)
-        do { pageTable = try GPUPageTable(base: mm.baseAddress, end: mm.endAddress) } catch { throw .noMemory }
+        do {
+            pageTable = try DevicePageTable(kernel: kernel, base: mm.baseAddress, end: mm.endAddress, lock: pageTableLock,
+                                            what: "the GPU page table")
+        } catch { throw .noMemory }
         let gate = self.gate, store = settingsStore
         var ops = DRMPagemap.pagemapOperations
         ops.migrateToRAM = { vmf in gate.migrateToRAM(vmf, exclusive: store.withLock { $0.exclusiveMigrateToRAMLock }) }
