@@ -80,14 +80,7 @@ extension XeDevice {
         guard before > 0 else { return 0 }
         let deadline = HostClock.nanos() + GPUSVM.rangeTimeoutNanos
         var hmm = HMMRange(start: address, end: end, defaultFlags: .requestFault, devicePrivateOwner: nil)
-        while true {
-            mm.mmapReadLock()
-            var err: Errno? = nil
-            do { try mm.hmmRangeFault(&hmm) } catch { err = error }
-            mm.mmapReadUnlock()
-            guard let err else { break }
-            if err != .busy || HostClock.nanos() > deadline { throw err }
-        }
+        try faultRetryingBusy(&hmm, until: deadline)
         let after = try vramPages(address, end)
         return max(0, before - after)
     }
@@ -96,16 +89,22 @@ extension XeDevice {
     /// snapshot without faults).
     func vramPages(_ start: UInt64, _ end: UInt64) throws(Errno) -> Int {
         var hmm = HMMRange(start: start, end: end, devicePrivateOwner: owner)
+        try faultRetryingBusy(&hmm)
+        return hmm.hmmPfns.reduce(0) { n, p in
+            n + (p.isValid && pagemap.pageMap.contains(pfn: p.pfn) ? 1 : 0)
+        }
+    }
+
+    /// `hmm_range_fault()` under the mmap lock, again while it returns
+    /// EBUSY (an invalidation raced it), up to `deadline` (host nanoseconds).
+    private func faultRetryingBusy(_ hmm: inout HMMRange, until deadline: UInt64 = .max) throws(Errno) {
         while true {
             mm.mmapReadLock()
             var err: Errno? = nil
             do { try mm.hmmRangeFault(&hmm) } catch { err = error }
             mm.mmapReadUnlock()
-            guard let err else { break }
-            if err != .busy { throw err }
-        }
-        return hmm.hmmPfns.reduce(0) { n, p in
-            n + (p.isValid && pagemap.pageMap.contains(pfn: p.pfn) ? 1 : 0)
+            guard let err else { return }
+            if err != .busy || HostClock.nanos() > deadline { throw err }
         }
     }
 

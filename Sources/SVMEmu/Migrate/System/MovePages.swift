@@ -172,11 +172,9 @@ extension AddressSpace {
         mmapReadLock(); defer { mmapReadUnlock() }
         guard let vma = vma(containing: address), !vma.flags.contains(.special) else { return .error(.badAddress) }
         let page: Page
-        switch walkPage(address) {
-        case .page(let p): page = p
-        // __add_folio_for_migration(): the zero pages never move.
-        case .zeroPage: return .error(.badAddress)
-        case .nothing: return .error(.noEntry)
+        switch mappedPage(address) {
+        case .success(let p): page = p
+        case .failure(let e): return .error(e)
         }
         let folio = page.folio
         defer { folio.put() }
@@ -193,15 +191,26 @@ extension AddressSpace {
     private func pageStatus(_ address: UInt64) -> PageStatus {
         guard vma(containing: address) != nil else { return .error(.badAddress) }
         let page: Page
-        switch walkPage(address) {
-        case .page(let p): page = p
-        case .zeroPage: return .error(.badAddress)
-        case .nothing: return .error(.noEntry)
+        switch mappedPage(address) {
+        case .success(let p): page = p
+        case .failure(let e): return .error(e)
         }
         let folio = page.folio
         defer { folio.put() }
         if let n = kernel.nodeID(of: folio) { return .node(n) }
         return .error(.noEntry)
+    }
+
+    /// The page mapped at `address` with a reference on its folio
+    /// (`folio_walk_start()` and `folio_get()`), or what `move_pages`
+    /// reports for the address: EFAULT for a zero page (the zero pages never
+    /// move and have no node to report), ENOENT where nothing is mapped.
+    private func mappedPage(_ address: UInt64) -> Result<Page, Errno> {
+        switch walkPage(address) {
+        case .page(let p): .success(p)
+        case .zeroPage: .failure(.badAddress)
+        case .nothing: .failure(.noEntry)
+        }
     }
 
     /// `follow_page(FOLL_GET | FOLL_DUMP)`: the page mapped present at
