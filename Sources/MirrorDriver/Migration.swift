@@ -154,11 +154,21 @@ extension MirrorDevice {
                 destination.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
             }
         }
+        // A 4 KiB copy is issued when the next one's source is known (or
+        // the batch ends), so that the engine can read ahead into it.
+        var heldDestination: UnsafeMutableRawPointer? = nil, heldSource: UnsafeMutableRawPointer? = nil
+        func issueHeld(then next: UnsafeMutableRawPointer?) {
+            if let d = heldDestination, let s = heldSource {
+                engine.copy(to: d, from: s, bytes: PageGeometry.pageSize, then: next, nextBytes: PageGeometry.pageSize)
+            }
+        }
         var i = 0
         while i < args.npages {
             let s = args.src[i]
             let source = kernel.page(s)?.unsafeBytes
             if s.isCompound {
+                issueHeld(then: nil)
+                heldDestination = nil
                 if args.dst[i].isValid && args.dst[i].isCompound {
                     copyOrZero(kernel.pfnToPage(args.dst[i].pfn).unsafeBytes, source, PageGeometry.pmdSize)
                 } else {
@@ -170,10 +180,18 @@ extension MirrorDevice {
                 continue
             }
             if args.dst[i].isValid {
-                copyOrZero(kernel.pfnToPage(args.dst[i].pfn).unsafeBytes, source, PageGeometry.pageSize)
+                let destination = kernel.pfnToPage(args.dst[i].pfn).unsafeBytes
+                if let source {
+                    issueHeld(then: source)
+                    heldDestination = destination
+                    heldSource = source
+                } else {
+                    copyOrZero(destination, nil, PageGeometry.pageSize)
+                }
             }
             i += 1
         }
+        issueHeld(then: nil)
         engine.wait()
     }
 

@@ -211,6 +211,10 @@ public final class Kernel: @unchecked Sendable {
         // The large reservations first, before anything that would have to be given back.
         let metaBytes = Int(maxPfn) << PageMeta.shift
         metaBase = try HostMemory.reserve(bytes: metaBytes, for: "page metadata (\(ByteSize.describe(Int(configuration.maxPhysicalBytes))) of physical address space)")
+        // Host huge pages where the host allows, as Linux maps its struct
+        // page array (vmemmap) with 2 MiB pages: a pass over the 512 pages
+        // of a 2 MiB folio is one host TLB entry, not eight.
+        HostMemory.adviseHugePages(metaBase, bytes: metaBytes)
         do {
             cpus = try CPUSet(count: configuration.cpus, checksStaleEntries: configuration.checksStaleTLBEntries, vmstat: vmstat)
             try Kernel.probeAddressSpace(configuration)

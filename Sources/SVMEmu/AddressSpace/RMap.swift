@@ -214,7 +214,9 @@ extension AddressSpace {
         assertPTLHeld(address, "folio_add_anon_rmap_pte: PTE lock not held")
         let folio = page.folio
         folio.meta.mappingMM = id
-        folio.set(.anon)
+        // The kernel sets the anon mapping only on a folio that is not anon
+        // yet (`__folio_set_anon()`); an anon folio is left as it is.
+        if !folio.isAnon { folio.set(.anon) }
         if exclusive { page.meta.setFlags(PageFlags.anonExclusive.rawValue) }
         page.atomicMapcount.wrappingAdd(1, ordering: .acquiringAndReleasing)
         folio.largeMapcountAdd(1)

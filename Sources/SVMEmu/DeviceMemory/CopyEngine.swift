@@ -14,6 +14,20 @@ public protocol CopyEngine: AnyObject, Sendable {
     func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int)
     /// Waits for the copies issued by this thread.
     func wait()
+    /// ``copy(to:from:bytes:)`` when the caller knows the next copy's
+    /// source (`next`, `nextBytes` bytes; nil when this is the last), as a
+    /// DMA engine walking a scatter-gather list sees the next descriptor: an
+    /// engine may start reading it early. The default ignores the hint.
+    func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int,
+              then next: UnsafeRawPointer?, nextBytes: Int)
+}
+
+extension CopyEngine {
+    /// Ignores the hint: ``copy(to:from:bytes:)``.
+    public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int,
+                     then next: UnsafeRawPointer?, nextBytes: Int) {
+        copy(to: destination, from: source, bytes: bytes)
+    }
 }
 
 /// The simplest engine: a copy on the calling thread, charging nothing beyond
@@ -40,6 +54,18 @@ public final class MemcpyCopyEngine: CopyEngine, @unchecked Sendable {
         if _slowPath(svm_det_active()) { DeterministicScheduler.copied(bytes: bytes) }
         if bytes >= streamingThreshold {
             svm_copy_stream_unfenced(destination, source, bytes)
+        } else {
+            svm_memcpy(destination, source, bytes)
+        }
+    }
+    /// ``copy(to:from:bytes:)``, and a streaming copy's source prefetches
+    /// run on into the first bytes of `next` over its last 2 KiB (the
+    /// host's prefetchers stop at every 4 KiB frame boundary).
+    @inlinable public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, bytes: Int,
+                                then next: UnsafeRawPointer?, nextBytes: Int) {
+        if _slowPath(svm_det_active()) { DeterministicScheduler.copied(bytes: bytes) }
+        if bytes >= streamingThreshold {
+            svm_copy_stream_unfenced_then(destination, source, bytes, next, next == nil ? 0 : nextBytes)
         } else {
             svm_memcpy(destination, source, bytes)
         }

@@ -440,10 +440,12 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel function is `folio_test_dirty()`.
     public var isDirty: Bool { meta.test(PageFlags.dirty.rawValue) }
-    /// Marks the folio dirty.
+    /// Marks the folio dirty. A folio dirty already is only read, no atomic
+    /// write: the kernel's `folio_mark_dirty()` of an anonymous folio
+    /// (`noop_dirty_folio()`) tests the flag first.
     ///
     /// The corresponding kernel function is `folio_mark_dirty()`.
-    public func markDirty() { meta.setFlags(PageFlags.dirty.rawValue) }
+    public func markDirty() { if !meta.test(PageFlags.dirty.rawValue) { meta.setFlags(PageFlags.dirty.rawValue) } }
     @inlinable func set(_ f: PageFlags) { meta.setFlags(f.rawValue) }
     @inlinable func clear(_ f: PageFlags) { meta.clearFlags(f.rawValue) }
     @inlinable func test(_ f: PageFlags) -> Bool { meta.test(f.rawValue) }

@@ -247,8 +247,10 @@ extension Kernel {
         guard folio.refCount == expected else { return false }
         newFolio.meta.mappingMM = folio.meta.mappingMM
         newFolio.meta.index = folio.meta.index
-        if folio.isAnon { newFolio.set(.anon) }
-        if folio.test(.swapBacked) { newFolio.set(.swapBacked) }
+        // The mapping's anon bit and swap-backed in one flag update (the
+        // kernel's are a plain store of `mapping` and `__folio_set_swapbacked()`).
+        let carried = folio.meta.flags & (PageFlags.anon.rawValue | PageFlags.swapBacked.rawValue)
+        if carried != 0 { newFolio.meta.setFlags(carried) }
         return true
     }
 
