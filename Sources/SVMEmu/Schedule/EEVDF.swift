@@ -64,12 +64,16 @@ extension DeterministicScheduler {
     /// which ends its slice's protection. With another thread on the queue,
     /// a new deadline, or an unprotected running thread that is no longer
     /// eligible (`did_preempt_short()`), sets the need-resched flag.
-    func updateCurr(_ c: Int) {
+    ///
+    /// `now` is when it is asked (a wake-up from another CPU): a running
+    /// thread whose clock is already past it is counted up to `now` only.
+    func updateCurr(_ c: Int, at now: UInt64 = .max) {
         guard let r = cpus[c].running else { return }
         let t = threads[r]
-        guard t.clock > t.execStart else { return }
-        t.vruntime &+= Int64(t.clock - t.execStart)
-        t.execStart = t.clock
+        let upTo = min(t.clock, now)
+        guard upTo > t.execStart else { return }
+        t.vruntime &+= Int64(upTo - t.execStart)
+        t.execStart = upTo
         var resched = false
         if t.vruntime >= t.vdeadline {
             t.vdeadline = t.vruntime &+ Int64(slice)
@@ -133,7 +137,7 @@ extension DeterministicScheduler {
     /// ENQUEUE_WAKEUP): the running thread brought up to date, `t` placed
     /// with its lag, then the wake-up's preemption check.
     func enqueueWoken(_ t: EmulatedThread, on c: Int) {
-        updateCurr(c)
+        updateCurr(c, at: t.clock)
         placeEntity(t, on: c)
         cpus[c].queue.append(t.index)
         wakeupPreempt(c, t)
@@ -146,7 +150,7 @@ extension DeterministicScheduler {
     /// preemption model takes the flag (``PreemptionModel``).
     func wakeupPreempt(_ c: Int, _ t: EmulatedThread) {
         guard let r = cpus[c].running, r != t.index, !cpus[c].needResched else { return }
-        updateCurr(c)
+        updateCurr(c, at: t.clock)
         if pickEEVDF(c) == t.index { cpus[c].needResched = true }
     }
 
