@@ -134,6 +134,10 @@ public enum FidelityHarness {
         public var tickNanos: UInt64 = 1_000_000
         /// The machine's CPU stalls (a profile's), nil: none.
         public var stalls: CPUStalls? = nil
+        /// The machine's preemption model (a profile's).
+        public var preemption: DeterministicScheduler.PreemptionModel = .full
+        /// The machine's wake placement (a profile's).
+        public var wakePlacement: DeterministicScheduler.WakePlacement = .idleSibling
         /// The emulated CPUs (the rig's vCPUs).
         public var cpus = 2
         /// Seeds per case.
@@ -185,6 +189,8 @@ public enum FidelityHarness {
                 schedule.timesliceNanos = settings.timesliceNanos
                 schedule.tickNanos = settings.tickNanos
                 schedule.stalls = settings.stalls
+                schedule.preemption = settings.preemption
+                schedule.wakePlacement = settings.wakePlacement
                 let r = try StormHarness.run(s, schedule: schedule)
                 let complete = !r.livelocked && r.pagesMigrated == s.pages && r.error == nil
                 outcomes.append((!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil))

@@ -199,6 +199,26 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         public var tickNanos: UInt64
         /// The preemption model: none, voluntary, full or lazy.
         public var preemption: String
+        /// Where a woken thread goes: "previousCPU" (the CPU it last ran
+        /// on, idle or not: no shared last-level cache domain, so
+        /// `select_idle_sibling()` searches nothing) or "idleSibling" (an
+        /// idle CPU first); absent: "idleSibling".
+        public var wakePlacement: String? = nil
+
+        /// The CPU model's preemption model for ``preemption`` (lazy, which
+        /// preempts a fair task at the tick or a return to user, as full).
+        public var preemptionModel: DeterministicScheduler.PreemptionModel {
+            switch preemption {
+            case "none": return .none
+            case "voluntary": return .voluntary
+            default: return .full
+            }
+        }
+
+        /// The CPU model's wake placement for ``wakePlacement``.
+        public var wakePlacementModel: DeterministicScheduler.WakePlacement {
+            wakePlacement.flatMap(DeterministicScheduler.WakePlacement.init(rawValue:)) ?? .idleSibling
+        }
     }
 
     // MARK: what a run charges
@@ -265,12 +285,15 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     }
 
     /// The settings a deterministic run takes from this machine: its
-    /// costs, its slice and tick, and its CPU stalls.
+    /// costs, its slice and tick, its CPU stalls, its preemption model and
+    /// its wake placement.
     public func apply(to c: inout DeterministicScheduler.Configuration) {
         c.costs = virtualCosts
         c.timesliceNanos = baseSliceNanos
         c.tickNanos = tickNanos
         c.stalls = cpuStalls
+        c.preemption = scheduler.preemptionModel
+        c.wakePlacement = scheduler.wakePlacementModel
     }
 
     /// EEVDF's base slice on the machine, for the scheduler's timeslices.
@@ -295,6 +318,9 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         }
         if scheduler.tickNanos == 0 { return "scheduler.tickNanos must be above 0" }
         if scheduler.baseSliceNanos == 0 { return "scheduler.baseSliceNanos must be above 0" }
+        if let w = scheduler.wakePlacement, DeterministicScheduler.WakePlacement(rawValue: w) == nil {
+            return "scheduler.wakePlacement must be previousCPU or idleSibling (got \(w))"
+        }
         if let stalls {
             for (key, v) in stalls.all where !v.isFinite || v < 0 {
                 return "stalls.\(key) must be a finite number >= 0 (got \(v))"

@@ -156,7 +156,7 @@ struct SleepingLockRaceTests {
         #expect(failures.isEmpty, "\(failures.prefix(5))")
     }
 
-    @Test("folio lock: one CPU, a re-locker that steals at once and four lockers queued: the handed-off lock is owned by its waiter alone, every locker finishes")
+    @Test("folio lock: one CPU (every fourth seed a CPU each), a re-locker that steals at once and four lockers queued: the handed-off lock is owned by its waiter alone, every locker finishes")
     func folioLockHandoffOnOneCPU() throws {
         var failures: [String] = []
         let handoffRequests = Atomic<Int>(0)
@@ -164,7 +164,13 @@ struct SleepingLockRaceTests {
             let kernel = try makeKernel()
             let folio = try #require(kernel.allocateFolio(order: 0))
             let inside = Inside()
-            let s = Self.scheduler(seed: seed, cpus: seed % 4 == 0 ? 2 : 1, wake: 20_000)
+            // Every fourth seed gives each thread a CPU of its own: a locker
+            // that blocked alone on its CPU leaves the run queue (eligible, not
+            // delayed) and is woken onto that idle CPU after the wake-up
+            // latency, while the stealer takes the lock again: lost wake-ups.
+            // On one CPU a woken locker stays queued there (DELAY_DEQUEUE) and
+            // gets the lock when the stealer lets the CPU go.
+            let s = Self.scheduler(seed: seed, cpus: seed % 4 == 0 ? 5 : 1, wake: 20_000)
             s.spawn("watcher") {
                 for _ in 0..<60 {
                     if kernel.folioWaitTable.waiters(word: folio.meta.flagsWord, pfn: folio.pfn).contains(where: \.handoff) {

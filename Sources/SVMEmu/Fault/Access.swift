@@ -128,7 +128,14 @@ extension AddressSpace {
             if faults >= faultLimit { return nil }
             faults += 1
             if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.fault) }
-            try handleMMFault(address, write: write)
+            do {
+                try handleMMFault(address, write: write)
+            } catch {
+                if _slowPath(svm_det_active()) { DeterministicScheduler.faultReturned() }
+                throw error
+            }
+            // Back to user space: the retry's access point is the return to user.
+            if _slowPath(svm_det_active()) { DeterministicScheduler.faultReturned() }
         }
     }
 

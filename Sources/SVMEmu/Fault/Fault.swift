@@ -13,7 +13,9 @@ extension AddressSpace {
     /// Returning means "retry the access".
     @usableFromInline
     func handleMMFault(_ address: UInt64, write: Bool) throws(Errno) {
-        mmapReadLock()
+        // lock_mm_and_find_vma(): a trylock first, the sleeping lock only when it fails.
+        mmapLock.downReadTryingFirst()
+        state.mmapLockHolders.add(1, ordering: .relaxed)
         var lockState = FaultLockState(held: true, mayDrop: true)
         defer { if lockState.held { mmapReadUnlock() } }
         try handleMMFaultLocked(address, write: write, &lockState)

@@ -87,24 +87,43 @@ extension DeterministicScheduler {
         }
     }
 
-    /// A woken (or timed-out) thread: an idle CPU if there is one (the one
-    /// it last ran on first), else the queue of the CPU with the fewest
-    /// waiting (its last CPU on a tie).
+    /// A woken (or timed-out) thread, ready at its clock
+    /// (`try_to_wake_up()`): a thread still on its run queue (delayed) is
+    /// put back in place; else an idle CPU by ``Configuration/wakePlacement``
+    /// (it runs there at once), else a run queue, where it may preempt the
+    /// running thread (``enqueueWoken(_:on:)``).
     func place(_ t: EmulatedThread) {
-        var idle = -1
-        if cpus[t.lastCPU].running == nil { idle = t.lastCPU } else {
-            for c in cpus.indices where cpus[c].running == nil { idle = c; break }
-        }
+        if t.delayed { requeueDelayed(t); return }
+        let idle = idleCPU(for: t)
         if idle >= 0 {
             t.clock = max(t.clock, cpus[idle].idleSince)
             // Busy again: the stall clock goes on from where the CPU went idle.
             if cpus[idle].nextStall != .max { cpus[idle].nextStall = t.clock &+ cpus[idle].idleStallLeft }
+            placeEntity(t, on: idle)
             run(t, on: idle)
             return
         }
+        enqueueWoken(t, on: busyTarget(for: t))
+    }
+
+    /// The idle CPU a wake-up of `t` takes, or -1 (`select_idle_sibling()`):
+    /// the CPU it last ran on when idle; with ``WakePlacement/idleSibling``
+    /// any other idle CPU next.
+    func idleCPU(for t: EmulatedThread) -> Int {
+        if cpus[t.lastCPU].running == nil { return t.lastCPU }
+        guard configuration.wakePlacement == .idleSibling else { return -1 }
+        for c in cpus.indices where cpus[c].running == nil { return c }
+        return -1
+    }
+
+    /// The busy CPU whose run queue a wake-up of `t` joins: its last CPU
+    /// (``WakePlacement/previousCPU``), or the CPU with the fewest queued,
+    /// its last CPU on a tie.
+    func busyTarget(for t: EmulatedThread) -> Int {
         var target = t.lastCPU
+        guard configuration.wakePlacement == .idleSibling else { return target }
         for c in cpus.indices where cpus[c].queue.count < cpus[target].queue.count { target = c }
-        cpus[target].queue.append(t.index)
+        return target
     }
 
     /// A sleeper whose timer expired at its clock (an hrtimer: `usleep_range()`,
@@ -117,8 +136,10 @@ extension DeterministicScheduler {
     /// CPU had idled; a CPU idle for less than a context switch has not
     /// halted yet and costs nothing); when another thread runs there, as any
     /// wake-up from that CPU (``placeWoken(_:at:)``: an idle CPU through an
-    /// IPI, else a queue).
+    /// IPI, else a queue). A sleeper still on that CPU's queue (delayed) is
+    /// put back in place.
     func placeTimerWoken(_ t: EmulatedThread) {
+        if t.delayed { requeueDelayed(t); return }
         let c = t.lastCPU
         // A cost table without the measurement: the sleeper is placed as before it existed.
         guard !configuration.costs.timerWake.isEmpty else { place(t); return }
@@ -140,7 +161,7 @@ extension DeterministicScheduler {
     /// milliseconds); onto one that went idle less than a context switch ago
     /// (still switching to its idle task: the IPI finds it running), the
     /// IPI's receipt and the switch back; queued behind a running thread, none
-    /// (it runs when its CPU comes free, one context switch later).
+    /// (it runs when its CPU picks it, one context switch later).
     func placeWoken(_ t: EmulatedThread, by me: EmulatedThread) {
         placeWoken(t, at: me.clock)
     }
@@ -148,80 +169,136 @@ extension DeterministicScheduler {
     /// ``placeWoken(_:by:)`` for a wake-up at virtual time `now` on a CPU
     /// that is busy (or the waker's).
     func placeWoken(_ t: EmulatedThread, at now: UInt64) {
-        var idle = -1
-        if cpus[t.lastCPU].running == nil { idle = t.lastCPU } else {
-            for c in cpus.indices where cpus[c].running == nil { idle = c; break }
-        }
-        let costs = configuration.costs
+        t.clock = max(t.clock, now)
+        if t.delayed { requeueDelayed(t); return }
+        let idle = idleCPU(for: t)
         guard idle >= 0 else {
-            t.clock = max(t.clock, now)
             place(t)
             return
         }
+        let costs = configuration.costs
         let since = cpus[idle].idleSince
         let halted = now >= since && now - since >= costs.contextSwitch
         t.clock = max(t.clock, now &+ (halted ? costs.wake : costs.ipiReceipt &+ costs.contextSwitch))
         place(t)
     }
 
-    /// `t` gets CPU `c` at its clock.
+    /// `t` gets CPU `c` at its clock (`set_next_entity()`: its slice is
+    /// protected until its deadline).
     func run(_ t: EmulatedThread, on c: Int) {
         cpus[c].running = t.index
         t.cpu = c
         t.lastCPU = c
-        t.sliceStart = t.clock
+        t.execStart = t.clock
+        t.sliceProtected = true
+        let tick = configuration.tickNanos
+        cpus[c].nextTick = tick > 0 ? (t.clock / tick &+ 1) &* tick : 0
     }
 
-    /// The running thread `me` blocked or finished at its clock: its CPU
-    /// goes to the next thread in line.
+    /// The running thread `me` blocked or finished at its clock
+    /// (`dequeue_entity()` with DEQUEUE_SLEEP): a blocked thread that is not
+    /// eligible stays on the run queue, delayed (DELAY_DEQUEUE); else it
+    /// leaves with its lag. Its CPU goes to the next pick.
     func vacate(_ me: EmulatedThread) {
         let c = me.cpu
         me.cpu = -1
         CPUSet.unbindCallingThreadForSwitch()
-        dispatch(c, at: me.clock)
+        updateCurr(c)
+        if me.state == .blocked {
+            if eligible(c, me.vruntime) {
+                me.vlag = entityLag(c, me)
+            } else {
+                me.delayed = true
+                cpus[c].queue.append(me.index)
+            }
+        }
+        cpus[c].running = nil
+        _ = dispatch(c, at: me.clock)
     }
 
-    /// The tick preempts `me`: to the back of its CPU's line, and the first
-    /// in line runs.
+    /// `me` reschedules at a preemption point (its need-resched flag set):
+    /// its CPU picks again, and when it picks another thread `me` waits on
+    /// the run queue.
     func requeue(_ me: EmulatedThread) {
         let c = me.cpu
-        me.cpu = -1
-        CPUSet.unbindCallingThreadForSwitch()
-        cpus[c].queue.append(me.index)
-        dispatch(c, at: me.clock)
+        updateCurr(c)
+        if dispatch(c, at: me.clock) {
+            me.cpu = -1
+            CPUSet.unbindCallingThreadForSwitch()
+        }
     }
 
-    /// CPU `c` came free at `time`: the first thread of its queue runs one
-    /// context switch later; with an empty queue it pulls the first thread
-    /// of the longest other queue; else it goes idle.
-    func dispatch(_ c: Int, at time: UInt64) {
-        var source = c
-        if cpus[c].queue.isEmpty {
-            for o in cpus.indices where cpus[o].queue.count > cpus[source].queue.count { source = o }
+    /// CPU `c` picks its next thread at `time` (`pick_next_entity()`):
+    /// its running thread (one that reschedules) goes on when it is the pick
+    /// (no switch), else goes back to the queue; a delayed thread picked leaves
+    /// the queue (its dequeue finishes) and the CPU picks again; the thread
+    /// picked runs one context switch later. With nothing to run the CPU
+    /// pulls the first thread of the longest other queue
+    /// (`sched_balance_newidle()`), else goes idle. Returns whether the
+    /// running thread changed.
+    func dispatch(_ c: Int, at time: UInt64) -> Bool {
+        cpus[c].needResched = false
+        while let i = pickEEVDF(c) {
+            let t = threads[i]
+            if t.delayed {
+                finishDelayedDequeue(t, c)
+                continue
+            }
+            if i == cpus[c].running { return false }
+            cpus[c].queue.remove(at: cpus[c].queue.firstIndex(of: i)!)
+            if let prev = cpus[c].running { cpus[c].queue.append(prev) }
+            t.clock = max(t.clock, time) &+ configuration.costs.contextSwitch
+            cpus[c].switches &+= 1
+            run(t, on: c)
+            return true
         }
-        guard !cpus[source].queue.isEmpty else {
+        // A delayed thread is asleep; one that ran within the migration cost
+        // is cache hot, and a newly idle balance leaves it (can_migrate_task()).
+        func movable(_ i: Int) -> Bool {
+            let t = threads[i]
+            return !t.delayed && time >= t.execStart && time - t.execStart >= Self.migrationCostNanos
+        }
+        var source = c, most = 0
+        for o in cpus.indices where o != c {
+            let n = cpus[o].queue.reduce(0) { $0 + (movable($1) ? 1 : 0) }
+            if n > most { (source, most) = (o, n) }
+        }
+        guard most > 0, let i = cpus[source].queue.first(where: movable) else {
             cpus[c].running = nil
             cpus[c].idleSince = time
             // An idle CPU does not stall: keep the busy time left until its next stall.
             if cpus[c].nextStall != .max {
                 cpus[c].idleStallLeft = cpus[c].nextStall > time ? cpus[c].nextStall - time : 0
             }
-            return
+            return true
         }
-        let next = threads[cpus[source].queue.removeFirst()]
+        let next = threads[i]
+        migrate(next, from: source, to: c)
         next.clock = max(next.clock, time) &+ configuration.costs.contextSwitch
         cpus[c].switches &+= 1
         run(next, on: c)
+        return true
     }
 
-    /// Whether the tick has found `me`'s slice used up while another thread
-    /// waits for its CPU (the kernel's need_resched()).
+    /// `sysctl_sched_migration_cost`: a thread that ran this recently is
+    /// cache hot (`task_hot()`), 6.12's default 0.5 ms.
+    static let migrationCostNanos: UInt64 = 500_000
+
+    /// Whether `me`'s CPU has its need-resched flag set (the kernel's
+    /// need_resched()): by the tick (its slice used up, another thread
+    /// waiting) or by a wake-up that preempts it.
     func needsResched(_ me: EmulatedThread) -> Bool {
-        guard me.cpu >= 0, !cpus[me.cpu].queue.isEmpty else { return false }
-        let expiry = me.sliceStart &+ slice
-        let tick = configuration.tickNanos
-        let noticed = tick > 0 ? (expiry + tick - 1) / tick * tick : expiry
-        return me.clock >= noticed
+        me.cpu >= 0 && cpus[me.cpu].needResched
+    }
+
+    /// Whether the preemption model acts on a need-resched flag at a
+    /// scheduling point of `me`: every point with ``PreemptionModel/full``;
+    /// else only outside a fault handler (user space, or the return to it;
+    /// the kernel's own points where it may sleep take the flag in
+    /// ``mightSleep()``).
+    @inline(__always)
+    func preemptionPoint(_ me: EmulatedThread) -> Bool {
+        configuration.preemption == .full || me.inKernel == 0
     }
 
     /// Whether `me` may be preempted here: it holds no spinning lock
@@ -332,6 +409,30 @@ extension DeterministicScheduler {
         guard let t = current else { return }
         // Preemption is off while a mutex spins (it stops on need_resched() itself).
         t.scheduler.point(t, cost: t.scheduler.configuration.costs.spinRound, "spin", mayPreempt: false)
+    }
+
+    /// `might_sleep()` of the calling emulated thread (`mutex_lock()`,
+    /// `down_read()`, `folio_lock()`): with the CPU model and voluntary
+    /// preemption, where a pending reschedule is taken
+    /// (`might_resched()`); no scheduling point otherwise.
+    @usableFromInline @inline(never)
+    static func mightSleep() {
+        withCurrent { t in
+            let s = t.scheduler
+            guard t.cpu >= 0, s.cpus[t.cpu].needResched, s.configuration.preemption != .none,
+                  s.preemptible(t) else { return }
+            s.step &+= 1
+            s.requeue(t)
+            s.reschedule(t, "might_sleep")
+        }
+    }
+
+    /// The calling emulated thread returns from a fault handler to user
+    /// space (the preemption model's return-to-user point comes with its
+    /// next scheduling point).
+    @usableFromInline @inline(never)
+    static func faultReturned() {
+        withCurrent { t in if t.inKernel > 0 { t.inKernel -= 1 } }
     }
 }
 

@@ -72,30 +72,37 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// The CPUs the threads share (the CPU model), or nil: every thread
         /// has a CPU of its own, as when the model did not exist.
         ///
-        /// With CPUs, a thread runs only while it has one. Each CPU runs one
-        /// thread and queues the others (FIFO: EEVDF with equal weights and
-        /// no lag is round robin in slices). A thread that blocks (a futex
-        /// wait, a sleeping lock, a sleep) gives its CPU to the next thread of
-        /// that CPU's queue, or an idle CPU pulls one from the longest queue
-        /// (newidle balancing); each such change costs
-        /// ``VirtualCosts/contextSwitch``. A woken thread takes an idle CPU
-        /// (the one it last ran on first) or queues on the CPU with the
-        /// shortest queue; it does not preempt the running thread
-        /// (RUN_TO_PARITY). A sleeper whose timer expires on its own idle,
+        /// With CPUs, a thread runs only while it has one. Each CPU has a
+        /// run queue scheduled by EEVDF as 6.12's kernel/sched/fair.c does
+        /// (Docs/deterministic.md, "The CPU model"): every thread has a
+        /// vruntime, a virtual deadline (a slice ahead) and a lag; a CPU
+        /// runs the eligible thread with the earliest deadline; a woken
+        /// thread is placed with the lag it slept with and may set the
+        /// running thread's need-resched flag (``preemption`` says where
+        /// that flag is acted on); a thread that used its slice is
+        /// rescheduled at the next tick when another waits. A thread that
+        /// blocks gives its CPU to the next pick, or an idle CPU pulls one
+        /// from the longest queue (newidle balancing); each such change costs
+        /// ``VirtualCosts/contextSwitch``. A woken thread takes a CPU by
+        /// ``wakePlacement``. A sleeper whose timer expires on its own idle,
         /// halted CPU runs there ``VirtualCosts/timerWakeNanos(idleFor:)``
-        /// after the expiry. A thread that has run its slice is preempted at
-        /// the next tick when another thread waits for its CPU, unless it
-        /// holds a spinning lock (preemption is off then). Spinning
+        /// after the expiry. A thread holding a spinning lock is never
+        /// preempted (preemption is off then). Spinning
         /// (``HostClock/spin(nanos:)``, a mutex's optimistic spin) keeps the CPU.
         public var cpus: Int? = nil
-        /// The slice a thread runs before a waiting thread preempts it, in
-        /// nanoseconds; nil: the kernel's default for the CPU count, 0.75 ms
+        /// EEVDF's slice (a thread's virtual deadline is this far ahead of
+        /// its vruntime), in nanoseconds; nil: the kernel's default for the
+        /// CPU count, 0.75 ms
         /// times 1 + log2(min(cpus, 8)) (sysctl_sched_base_slice,
         /// SCHED_TUNABLESCALING_LOG).
         public var timesliceNanos: UInt64? = nil
         /// The scheduler tick (CONFIG_HZ=1000: 1 ms): a slice that ran out is
         /// noticed at the next tick.
         public var tickNanos: UInt64 = 1_000_000
+        /// Where a reschedule (a wake-up's preemption, the tick's) is acted on.
+        public var preemption: PreemptionModel = .full
+        /// Which CPU a woken thread takes.
+        public var wakePlacement: WakePlacement = .idleSibling
         /// With the CPU model: how often a busy CPU stops running its thread
         /// for reasons outside the emulated kernel (a virtual machine's vCPU
         /// descheduled by its host), and for how long; nil: never. The thread
@@ -105,6 +112,35 @@ public final class DeterministicScheduler: @unchecked Sendable {
 
         /// A configuration with `seed` and the defaults.
         public init(seed: UInt64) { self.seed = seed }
+    }
+
+    /// The kernel's preemption model (CONFIG_PREEMPT_*): where the CPU
+    /// model acts on a thread's need-resched flag. Whatever the model, a
+    /// thread holding a spinning lock, or inside an emulated access, is not
+    /// preempted, and a thread that blocks gives its CPU at once.
+    public enum PreemptionModel: String, Sendable, Equatable {
+        /// `CONFIG_PREEMPT_NONE`: only at the return to user space (outside
+        /// a fault handler, every scheduling point is user space).
+        case none
+        /// `CONFIG_PREEMPT_VOLUNTARY`: at the return to user space, and in
+        /// the kernel where it may sleep (`might_resched()` in
+        /// `might_sleep()`: `mutex_lock()`, `down_read()`, `folio_lock()`).
+        case voluntary
+        /// `CONFIG_PREEMPT`: at any scheduling point (a preemptible kernel).
+        case full
+    }
+
+    /// How a woken thread picks its CPU (`select_task_rq_fair()`).
+    public enum WakePlacement: String, Sendable, Equatable {
+        /// The CPUs share a last-level cache (an `sd_llc` domain):
+        /// `select_idle_sibling()` takes the CPU it last ran on when idle,
+        /// else any idle CPU of the cache, else queues (on the CPU with the
+        /// shortest queue).
+        case idleSibling
+        /// No LLC domain: `select_idle_sibling()` returns its target, the
+        /// CPU the thread last ran on, idle or not (`wake_affine()`'s load
+        /// comparison, which can pick the waker's CPU, is not modelled).
+        case previousCPU
     }
 
     /// How a run ended.
@@ -178,6 +214,13 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// Stalls so far, and their time.
         var stalls: UInt64 = 0
         var stalledNanos: UInt64 = 0
+        /// The running thread must reschedule (TIF_NEED_RESCHED).
+        var needResched = false
+        /// The run queue's average vruntime when it last had a thread
+        /// (`zero_vruntime`): where a thread placed on it empty starts.
+        var zeroVruntime: Int64 = 0
+        /// The next tick of this CPU (virtual time).
+        var nextTick: UInt64 = 0
     }
 
     /// A scheduler for one run.
@@ -246,13 +289,14 @@ public final class DeterministicScheduler: @unchecked Sendable {
                     cpus[c].idleStallLeft = cpus[c].nextStall
                 }
             }
-            // The first threads get the CPUs in order; the others queue round robin.
+            // The first threads get the CPUs in order; the others queue round
+            // robin, each placed as a new task (half a slice to its deadline).
             var next = 0
             for t in threads where !t.observer {
                 let c = next % cpus.count
+                placeEntity(t, on: c, initial: true)
                 if cpus[c].running == nil {
-                    cpus[c].running = t.index
-                    t.cpu = c
+                    run(t, on: c)
                 } else {
                     cpus[c].queue.append(t.index)
                 }
@@ -368,10 +412,12 @@ public final class DeterministicScheduler: @unchecked Sendable {
                   rng.next() % 100 < configuration.releasePreemptionPercent {
             preempt(me)
         }
-        if let stalls = configuration.stalls, me.cpu >= 0 { stall(me, stalls) }
-        if !cpus.isEmpty, mayPreempt, needsResched(me), preemptible(me) {
-            // The tick found the slice used up and a thread waiting: to the back of the line.
-            requeue(me)
+        if me.cpu >= 0 {
+            if let stalls = configuration.stalls { stall(me, stalls) }
+            if me.clock >= cpus[me.cpu].nextTick { tick(me) }
+            if mayPreempt, cpus[me.cpu].needResched, preemptionPoint(me), preemptible(me) {
+                requeue(me)
+            }
         }
         reschedule(me, event)
     }

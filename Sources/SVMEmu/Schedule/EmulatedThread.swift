@@ -41,8 +41,27 @@ final class EmulatedThread: @unchecked Sendable {
     @exclusivity(unchecked) var cpu = -1
     /// The CPU it last ran on (where a wake-up looks first).
     @exclusivity(unchecked) var lastCPU = 0
-    /// When it got its CPU: its slice runs from here.
-    @exclusivity(unchecked) var sliceStart: UInt64 = 0
+    /// EEVDF (``DeterministicScheduler/Configuration/cpus``): the thread's
+    /// virtual runtime on its run queue (nice 0: one nanosecond a nanosecond
+    /// it runs), its virtual deadline, and the lag it keeps while off a run
+    /// queue (`sched_entity`'s `vruntime`, `deadline`, `vlag`).
+    @exclusivity(unchecked) var vruntime: Int64 = 0
+    @exclusivity(unchecked) var vdeadline: Int64 = 0
+    @exclusivity(unchecked) var vlag: Int64 = 0
+    /// Its deadline is kept relative to its vruntime (moved between run
+    /// queues by a balance, not asleep: `rel_deadline`).
+    @exclusivity(unchecked) var relativeDeadline = false
+    /// Blocked but still on its last CPU's run queue until it is eligible
+    /// (`sched_delayed`, DELAY_DEQUEUE).
+    @exclusivity(unchecked) var delayed = false
+    /// The deadline it was picked with still stands: a wake-up does not
+    /// preempt it while it is eligible (RUN_TO_PARITY's `protect_slice()`).
+    @exclusivity(unchecked) var sliceProtected = false
+    /// The clock up to which its run time is in its vruntime (`exec_start`).
+    @exclusivity(unchecked) var execStart: UInt64 = 0
+    /// Inside a fault handler (kernel mode): with voluntary preemption a
+    /// reschedule waits for a point where the kernel would take it.
+    @exclusivity(unchecked) var inKernel = 0
     /// The lock a blocked thread sleeps for, when its futex word is not the
     /// lock's own (a mutex waiter sleeps on its own word): for deadlock reports.
     @exclusivity(unchecked) var waitsForLock: UnsafeRawPointer? = nil

@@ -112,6 +112,7 @@ public final class KernelMutex: @unchecked Sendable {
     @inlinable public func lock(file: StaticString = #fileID, line: UInt = #line) {
         let det = svm_det_active()
         if _slowPath(det) {
+            DeterministicScheduler.mightSleep()
             DeterministicScheduler.nameLock(word, name)
             DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         }

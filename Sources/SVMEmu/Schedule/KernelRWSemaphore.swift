@@ -141,6 +141,27 @@ public final class KernelRWSemaphore: @unchecked Sendable {
         acquired(file, line, trylock: nil)
     }
 
+    /// ``downRead(file:line:)`` the way a page fault takes the mmap lock
+    /// (`get_mmap_lock_carefully()`): a trylock first, which is no point
+    /// where the kernel may reschedule; only when it fails, the sleeping
+    /// `down_read()` and its `might_sleep()`.
+    func downReadTryingFirst(file: StaticString = #fileID, line: UInt = #line) {
+        before(file, line, mightSleep: false)
+        let me = KernelMutex.currentTask()
+        var c = count.load(ordering: .acquiring)
+        while c & Self.readFailedMask == 0 {
+            if count.compareExchange(&c, c &+ Self.readerBias, successOrdering: .acquiringAndReleasing, failureOrdering: .acquiring) {
+                setReaderOwned(me)
+                acquired(file, line, trylock: nil)
+                return
+            }
+        }
+        if _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+        let n = count.wrappingAdd(Self.readerBias, ordering: .acquiringAndReleasing).newValue
+        if n & Self.readFailedMask != 0 { readSlowPath(me, n) } else { setReaderOwned(me) }
+        acquired(file, line, trylock: nil)
+    }
+
     /// Takes the semaphore alone, sleeping while anyone holds it.
     ///
     /// - Parameters:
@@ -216,8 +237,9 @@ public final class KernelRWSemaphore: @unchecked Sendable {
 
     // MARK: the scheduler, lock order and ThreadSanitizer
 
-    private func before(_ file: StaticString, _ line: UInt) {
+    private func before(_ file: StaticString, _ line: UInt, mightSleep: Bool = true) {
         if _slowPath(svm_det_active()) {
+            if mightSleep { DeterministicScheduler.mightSleep() }
             DeterministicScheduler.nameLock(word, name)
             DeterministicScheduler.sleepingLockEvent(word, Int32(SVM_DET_BEFORE_ACQUIRE))
         }

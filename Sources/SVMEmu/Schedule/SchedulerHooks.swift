@@ -172,7 +172,10 @@ extension DeterministicScheduler {
             let s = t.scheduler, costs = s.configuration.costs
             switch kind {
             case .access: s.point(t, cost: costs.access, "access")
-            case .fault: s.point(t, cost: costs.fault, "fault")
+            case .fault:
+                // Into the fault handler: kernel mode until faultReturned().
+                t.inKernel &+= 1
+                s.point(t, cost: costs.fault, "fault")
             case .yield: s.point(t, cost: costs.yield, "yield")
             }
         }

@@ -141,6 +141,8 @@ struct FidelityCommand: ParsableCommand {
         s.timesliceNanos = profile.baseSliceNanos
         s.tickNanos = profile.tickNanos
         s.stalls = profile.cpuStalls
+        s.preemption = profile.scheduler.preemptionModel
+        s.wakePlacement = profile.scheduler.wakePlacementModel
         s.cpus = cpus
         s.seeds = Array(try seedSet().seeds)
         s.stallSeconds = stallSeconds

@@ -1,0 +1,91 @@
+@testable import SVMEmu
+import Synchronization
+import Testing
+
+/// The CPU model's EEVDF run queues, wake placement and preemption points
+/// (6.12's kernel/sched/fair.c): small deterministic runs whose clocks show
+/// where a woken thread ran and when it preempted its waker.
+@Suite("EEVDF run queues")
+struct EEVDFTests {
+
+    static func configuration(cpus: Int) -> DeterministicScheduler.Configuration {
+        var c = DeterministicScheduler.Configuration(seed: 1)
+        c.cpus = cpus
+        c.preemptions = 0
+        c.jitterPercent = 0
+        c.costs.wake = 50_000
+        c.costs.contextSwitch = 5_000
+        return c
+    }
+
+    @Test("a woken thread queues on the CPU it last ran on, behind its waker, while the other CPU idles (no LLC domain); with one it takes the idle CPU")
+    func wakeGoesToThePreviousCPU() {
+        func resumedAfterWake(_ placement: DeterministicScheduler.WakePlacement) -> UInt64 {
+            var c = Self.configuration(cpus: 2)
+            c.wakePlacement = placement
+            let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+            word.initialize(to: 0)
+            defer { word.deallocate() }
+            let futex = FutexWord(word)
+            let woke = Mutex<UInt64>(0), resumed = Mutex<UInt64>(0)
+            let s = DeterministicScheduler(c)
+            // CPU 0: the sleeper, the waker queued behind it; CPU 1: a thread that exits at once.
+            s.spawn("sleeper") {
+                while futex.load(ordering: .acquiring) == 0 { _ = futex.wait(expected: 0) }
+                resumed.withLock { $0 = HostClock.nanos() }
+            }
+            s.spawn("idler") {}
+            s.spawn("waker") {
+                HostClock.spin(nanos: 100_000)
+                futex.store(1, ordering: .releasing)
+                woke.withLock { $0 = HostClock.nanos() }
+                _ = futex.wake(FutexWord.everyone)
+                HostClock.spin(nanos: 500_000)   // within its first slice: not preempted
+            }
+            #expect(s.run() == .completed)
+            return resumed.withLock { $0 } - woke.withLock { $0 }
+        }
+        let previous = resumedAfterWake(.previousCPU), idle = resumedAfterWake(.idleSibling)
+        #expect(previous >= 500_000 && previous < 520_000,
+                "queued on CPU 0 until the waker exits: \(previous) ns after the wake-up")
+        #expect(idle >= 50_000 && idle < 60_000, "on the halted CPU 1 after the wake-up latency: \(idle) ns")
+    }
+
+    @Test("a wake-up that makes the wakee EEVDF's pick preempts the waker only at a preemption point: at once with full preemption, at the return to user with voluntary")
+    func wakeupPreemptionWaitsForAPreemptionPoint() {
+        func resumedAfterWake(_ model: DeterministicScheduler.PreemptionModel) -> UInt64 {
+            var c = Self.configuration(cpus: 1)
+            c.preemption = model
+            let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+            word.initialize(to: 0)
+            defer { word.deallocate() }
+            let futex = FutexWord(word)
+            let woke = Mutex<UInt64>(0), resumed = Mutex<UInt64>(0)
+            let s = DeterministicScheduler(c)
+            // The waker runs 100 µs, then sleeps; the wakee runs and blocks at
+            // once, owed service (positive lag). Placed with that lag when the
+            // waker wakes it, it is the earliest eligible deadline.
+            s.spawn("waker") {
+                HostClock.spin(nanos: 100_000)
+                HostClock.sleep(nanos: 10_000)
+                DeterministicScheduler.withCurrent { $0.inKernel += 1 }   // as inside a fault handler
+                futex.store(1, ordering: .releasing)
+                woke.withLock { $0 = HostClock.nanos() }
+                _ = futex.wake(FutexWord.everyone)
+                for _ in 0..<20 { HostClock.spin(nanos: 10_000) }   // kernel work: no preemption point
+                DeterministicScheduler.faultReturned()
+                HostClock.spin(nanos: 1)                             // the return to user
+                HostClock.spin(nanos: 300_000)
+            }
+            s.spawn("wakee") {
+                while futex.load(ordering: .acquiring) == 0 { _ = futex.wait(expected: 0) }
+                resumed.withLock { $0 = HostClock.nanos() }
+            }
+            #expect(s.run() == .completed)
+            return resumed.withLock { $0 } - woke.withLock { $0 }
+        }
+        let full = resumedAfterWake(.full), voluntary = resumedAfterWake(.voluntary)
+        #expect(full >= 15_000 && full < 20_000, "at the first point after the wake-up: \(full) ns")
+        #expect(voluntary >= 205_000 && voluntary < 210_000, "at the return to user, after 200 µs in the kernel: \(voluntary) ns")
+    }
+}
