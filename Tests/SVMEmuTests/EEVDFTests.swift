@@ -18,32 +18,46 @@ struct EEVDFTests {
         return c
     }
 
+    /// Runs the threads `spawn` starts on a scheduler of `c` and returns
+    /// how long after the wake-up the woken thread resumed, in virtual
+    /// nanoseconds. `wake` sets the shared word and wakes its waiters;
+    /// `waitForWake` sleeps on it until then.
+    static func nanosFromWakeToResume(_ c: DeterministicScheduler.Configuration,
+                                      _ spawn: (DeterministicScheduler, _ wake: @escaping @Sendable () -> Void,
+                                                _ waitForWake: @escaping @Sendable () -> Void) -> Void) -> UInt64 {
+        let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+        word.initialize(to: 0)
+        defer { word.deallocate() }
+        let futex = FutexWord(word)
+        let woke = Mutex<UInt64>(0), resumed = Mutex<UInt64>(0)
+        let s = DeterministicScheduler(c)
+        spawn(s, {
+            futex.store(1, ordering: .releasing)
+            woke.withLock { $0 = HostClock.nanos() }
+            _ = futex.wake(FutexWord.everyone)
+        }, {
+            while futex.load(ordering: .acquiring) == 0 { _ = futex.wait(expected: 0) }
+            resumed.withLock { $0 = HostClock.nanos() }
+        })
+        #expect(s.run() == .completed)
+        return resumed.withLock { $0 } - woke.withLock { $0 }
+    }
+
     @Test("a woken thread queues on the CPU it last ran on, behind its waker, while the other CPU idles (no LLC domain); with one it takes the idle CPU")
     func wakeGoesToThePreviousCPU() {
         func resumedAfterWake(_ placement: DeterministicScheduler.WakePlacement) -> UInt64 {
             var c = Self.configuration(cpus: 2)
             c.wakePlacement = placement
-            let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
-            word.initialize(to: 0)
-            defer { word.deallocate() }
-            let futex = FutexWord(word)
-            let woke = Mutex<UInt64>(0), resumed = Mutex<UInt64>(0)
-            let s = DeterministicScheduler(c)
             // CPU 0: the sleeper, the waker queued behind it; CPU 1: a thread that exits at once.
-            s.spawn("sleeper") {
-                while futex.load(ordering: .acquiring) == 0 { _ = futex.wait(expected: 0) }
-                resumed.withLock { $0 = HostClock.nanos() }
+            return Self.nanosFromWakeToResume(c) { s, wake, waitForWake in
+                s.spawn("sleeper") { waitForWake() }
+                s.spawn("idler") {}
+                s.spawn("waker") {
+                    HostClock.spin(nanos: 100_000)
+                    wake()
+                    HostClock.spin(nanos: 500_000)   // within its first slice: not preempted
+                }
             }
-            s.spawn("idler") {}
-            s.spawn("waker") {
-                HostClock.spin(nanos: 100_000)
-                futex.store(1, ordering: .releasing)
-                woke.withLock { $0 = HostClock.nanos() }
-                _ = futex.wake(FutexWord.everyone)
-                HostClock.spin(nanos: 500_000)   // within its first slice: not preempted
-            }
-            #expect(s.run() == .completed)
-            return resumed.withLock { $0 } - woke.withLock { $0 }
         }
         let previous = resumedAfterWake(.previousCPU), idle = resumedAfterWake(.idleSibling)
         #expect(previous >= 500_000 && previous < 520_000,
@@ -56,33 +70,22 @@ struct EEVDFTests {
         func resumedAfterWake(_ model: DeterministicScheduler.PreemptionModel) -> UInt64 {
             var c = Self.configuration(cpus: 1)
             c.preemption = model
-            let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
-            word.initialize(to: 0)
-            defer { word.deallocate() }
-            let futex = FutexWord(word)
-            let woke = Mutex<UInt64>(0), resumed = Mutex<UInt64>(0)
-            let s = DeterministicScheduler(c)
             // The waker runs 100 µs, then sleeps; the wakee runs and blocks at
             // once, owed service (positive lag). Placed with that lag when the
             // waker wakes it, it is the earliest eligible deadline.
-            s.spawn("waker") {
-                HostClock.spin(nanos: 100_000)
-                HostClock.sleep(nanos: 10_000)
-                DeterministicScheduler.withCurrent { $0.inKernel += 1 }   // as inside a fault handler
-                futex.store(1, ordering: .releasing)
-                woke.withLock { $0 = HostClock.nanos() }
-                _ = futex.wake(FutexWord.everyone)
-                for _ in 0..<20 { HostClock.spin(nanos: 10_000) }   // kernel work: no preemption point
-                DeterministicScheduler.faultReturned()
-                HostClock.spin(nanos: 1)                             // the return to user
-                HostClock.spin(nanos: 300_000)
+            return Self.nanosFromWakeToResume(c) { s, wake, waitForWake in
+                s.spawn("waker") {
+                    HostClock.spin(nanos: 100_000)
+                    HostClock.sleep(nanos: 10_000)
+                    DeterministicScheduler.withCurrent { $0.inKernel += 1 }   // as inside a fault handler
+                    wake()
+                    for _ in 0..<20 { HostClock.spin(nanos: 10_000) }   // kernel work: no preemption point
+                    DeterministicScheduler.faultReturned()
+                    HostClock.spin(nanos: 1)                             // the return to user
+                    HostClock.spin(nanos: 300_000)
+                }
+                s.spawn("wakee") { waitForWake() }
             }
-            s.spawn("wakee") {
-                while futex.load(ordering: .acquiring) == 0 { _ = futex.wait(expected: 0) }
-                resumed.withLock { $0 = HostClock.nanos() }
-            }
-            #expect(s.run() == .completed)
-            return resumed.withLock { $0 } - woke.withLock { $0 }
         }
         let full = resumedAfterWake(.full), voluntary = resumedAfterWake(.voluntary)
         #expect(full >= 15_000 && full < 20_000, "at the first point after the wake-up: \(full) ns")
