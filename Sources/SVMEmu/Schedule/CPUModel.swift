@@ -44,27 +44,9 @@ extension DeterministicScheduler {
             }
             // Unretained: `threads` holds every thread for the run.
             var best: Unmanaged<EmulatedThread>? = bestIndex >= 0 ? threads.withUnsafeBufferPointer { .passUnretained($0[bestIndex]) } : nil
-            if let me {
-                switch me.state {
-                case .runnable:
-                    if !me.observer { working += 1 }
-                    if me.observer || me.cpu >= 0 {
-                        if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return .passUnretained(me) }
-                    }
-                case .blocked:
-                    if let d = me.deadline {
-                        if !me.observer { working += 1 }
-                        let time = max(me.clock, d)
-                        if best == nil || time < bestTime || (time == bestTime && me.priority >= bestPriority) {
-                            best = .passUnretained(me)
-                            bestTime = time
-                        }
-                    } else if !me.observer {
-                        waitingForever += 1
-                        working += 1
-                    }
-                case .finished: break
-                }
+            // A runnable caller goes on only on a CPU (an observer needs none).
+            if let me, weighCaller(me, canRun: me.observer || me.cpu >= 0, &best, &bestTime, bestPriority, &working, &waitingForever) {
+                return .passUnretained(me)
             }
             if waitingForever > 0 && waitingForever == working { return nil }
             guard let chosen = best else { return nil }

@@ -505,25 +505,8 @@ public final class DeterministicScheduler: @unchecked Sendable {
             }
         }
         var best: Unmanaged<EmulatedThread>? = bestIndex >= 0 ? threads.withUnsafeBufferPointer { .passUnretained($0[bestIndex]) } : nil  // `threads` holds it
-        if let me {
-            switch me.state {
-            case .runnable:
-                if !me.observer { working += 1 }
-                if best == nil || me.clock <= bestTime &+ configuration.quantumNanos { return .passUnretained(me) }
-            case .blocked:
-                if let d = me.deadline {
-                    if !me.observer { working += 1 }
-                    let time = max(me.clock, d)
-                    if best == nil || time < bestTime || (time == bestTime && me.priority >= bestPriority) {
-                        best = .passUnretained(me)
-                        bestTime = time
-                    }
-                } else if !me.observer {
-                    waitingForever += 1
-                    working += 1
-                }
-            case .finished: break
-            }
+        if let me, weighCaller(me, canRun: true, &best, &bestTime, bestPriority, &working, &waitingForever) {
+            return .passUnretained(me)
         }
         // Only observers (or nobody) could go on while the others wait for ever.
         if waitingForever > 0 && waitingForever == working { return nil }
@@ -536,5 +519,38 @@ public final class DeterministicScheduler: @unchecked Sendable {
             b.deadline = nil
         }
         return best
+    }
+}
+
+extension DeterministicScheduler {
+    /// The calling thread `me` weighed against the best other candidate
+    /// (`best` at `bestTime`), for ``pick(from:)`` and the CPU model's pick:
+    /// true when `me` goes on (runnable, allowed to run now, `canRun`, and
+    /// not later than the best by more than a quantum); a blocked `me` with
+    /// a timeout competes by that time and may become `best`. Counts `me` in
+    /// `working` and `waitingForever` as the loop over the others counts them.
+    @inline(__always)
+    func weighCaller(_ me: EmulatedThread, canRun: Bool, _ best: inout Unmanaged<EmulatedThread>?, _ bestTime: inout UInt64,
+                     _ bestPriority: Int, _ working: inout Int, _ waitingForever: inout Int) -> Bool {
+        switch me.state {
+        case .runnable:
+            if !me.observer { working += 1 }
+            return canRun && (best == nil || me.clock <= bestTime &+ configuration.quantumNanos)
+        case .blocked:
+            if let d = me.deadline {
+                if !me.observer { working += 1 }
+                let time = max(me.clock, d)
+                if best == nil || time < bestTime || (time == bestTime && me.priority >= bestPriority) {
+                    best = .passUnretained(me)
+                    bestTime = time
+                }
+            } else if !me.observer {
+                waitingForever += 1
+                working += 1
+            }
+            return false
+        case .finished:
+            return false
+        }
     }
 }
