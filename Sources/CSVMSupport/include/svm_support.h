@@ -277,38 +277,21 @@ static inline int svm_memcmp(const void *a, const void *b, size_t n) { return me
 #ifndef SVM_COPY_PREFETCH_AHEAD
 #define SVM_COPY_PREFETCH_AHEAD 2048
 #endif
-// The copy without a closing fence: a batch of these followed by one
-// svm_store_fence() costs one fence per batch, like one DMA completion.
-static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n) {
+// The copy without a closing fence, when the caller knows the next copy's
+// source (`next`, `next_n` bytes; NULL when there is none), as a DMA engine
+// walking a scatter-gather list reads the next descriptor's source while it
+// finishes this one. Prefetches stay inside the source up to its last
+// SVM_COPY_PREFETCH_AHEAD bytes; over those, where the source has nothing
+// left to prefetch, they run on into the first bytes of `next` (never past
+// `next_n`). The host's prefetchers stop at a 4 KiB page boundary, so without
+// it the first half of every 4 KiB source is read on demand.
+static inline void svm_copy_stream_unfenced_then(void *dst, const void *src, size_t n,
+                                                 const void *next, size_t next_n) {
     if ((((uintptr_t)dst | (uintptr_t)src) & 15) || (n & 63)) { memcpy(dst, src, n); return; }
     __m128i *d = (__m128i *)dst;
     const __m128i *s = (const __m128i *)src;
-    // Prefetches stay inside the source: a 4 KiB copy's next frame is
-    // rarely the next copy's source.
     size_t prefetched = n > SVM_COPY_PREFETCH_AHEAD ? (n - SVM_COPY_PREFETCH_AHEAD) / 16 : 0;
-    for (size_t i = 0; i < n / 16; i += 4) {
-        if (i < prefetched) _mm_prefetch((const char *)(s + i) + SVM_COPY_PREFETCH_AHEAD, _MM_HINT_NTA);
-        __m128i a = _mm_load_si128(s + i), b = _mm_load_si128(s + i + 1);
-        __m128i c = _mm_load_si128(s + i + 2), e = _mm_load_si128(s + i + 3);
-        _mm_stream_si128(d + i, a); _mm_stream_si128(d + i + 1, b);
-        _mm_stream_si128(d + i + 2, c); _mm_stream_si128(d + i + 3, e);
-    }
-}
-// svm_copy_stream_unfenced() when the caller knows the next copy's source
-// (`next`, `next_n` bytes), as a DMA engine walking a scatter-gather list
-// reads the next descriptor's source while it finishes this one: over this
-// copy's last SVM_COPY_PREFETCH_AHEAD bytes, where the source has nothing
-// left to prefetch, the prefetches run on into the first bytes of `next`
-// (never past `next_n`). The host's prefetchers stop at a 4 KiB page
-// boundary, so without it the first half of every 4 KiB source is read on
-// demand. `next` NULL is svm_copy_stream_unfenced().
-static inline void svm_copy_stream_unfenced_then(void *dst, const void *src, size_t n,
-                                                 const void *next, size_t next_n) {
-    if (!next || (((uintptr_t)dst | (uintptr_t)src) & 15) || (n & 63)) { svm_copy_stream_unfenced(dst, src, n); return; }
-    __m128i *d = (__m128i *)dst;
-    const __m128i *s = (const __m128i *)src;
-    size_t prefetched = n > SVM_COPY_PREFETCH_AHEAD ? (n - SVM_COPY_PREFETCH_AHEAD) / 16 : 0;
-    size_t ahead = next_n < SVM_COPY_PREFETCH_AHEAD ? next_n : SVM_COPY_PREFETCH_AHEAD;
+    size_t ahead = !next ? 0 : next_n < SVM_COPY_PREFETCH_AHEAD ? next_n : SVM_COPY_PREFETCH_AHEAD;
     for (size_t i = 0; i < n / 16; i += 4) {
         if (i < prefetched) _mm_prefetch((const char *)(s + i) + SVM_COPY_PREFETCH_AHEAD, _MM_HINT_NTA);
         else if ((i - prefetched) * 16 < ahead) _mm_prefetch((const char *)next + (i - prefetched) * 16, _MM_HINT_NTA);
@@ -317,6 +300,13 @@ static inline void svm_copy_stream_unfenced_then(void *dst, const void *src, siz
         _mm_stream_si128(d + i, a); _mm_stream_si128(d + i + 1, b);
         _mm_stream_si128(d + i + 2, c); _mm_stream_si128(d + i + 3, e);
     }
+}
+// The copy without a closing fence: a batch of these followed by one
+// svm_store_fence() costs one fence per batch, like one DMA completion.
+// Prefetches stay inside the source: a 4 KiB copy's next frame is rarely the
+// next copy's source.
+static inline void svm_copy_stream_unfenced(void *dst, const void *src, size_t n) {
+    svm_copy_stream_unfenced_then(dst, src, n, 0, 0);
 }
 // Orders every earlier streaming store of this thread before later stores.
 static inline void svm_store_fence(void) { _mm_sfence(); }

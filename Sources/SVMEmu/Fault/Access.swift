@@ -129,13 +129,11 @@ extension AddressSpace {
             faults += 1
             if _slowPath(svm_det_active()) { DeterministicScheduler.schedulingPoint(.fault) }
             do {
+                // Back to user space, with an error or to retry: the retry's
+                // access point is the return to user.
+                defer { if _slowPath(svm_det_active()) { DeterministicScheduler.faultReturned() } }
                 try handleMMFault(address, write: write)
-            } catch {
-                if _slowPath(svm_det_active()) { DeterministicScheduler.faultReturned() }
-                throw error
             }
-            // Back to user space: the retry's access point is the return to user.
-            if _slowPath(svm_det_active()) { DeterministicScheduler.faultReturned() }
         }
     }
 
