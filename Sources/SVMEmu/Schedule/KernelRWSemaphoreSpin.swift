@@ -2,7 +2,8 @@ import CSVMSupport
 
 // The rwsem's optimistic spinning (kernel/locking/rwsem.c with
 // CONFIG_RWSEM_SPIN_ON_OWNER): a writer spins while the owner runs instead
-// of sleeping at once. The rest of the semaphore is KernelRWSemaphore.swift.
+// of sleeping at once. The rest of the semaphore is KernelRWSemaphore.swift
+// (fast paths) and KernelRWSemaphoreSlowPath.swift.
 extension KernelRWSemaphore {
     enum OwnerState { case null, writer, reader, nonSpinnable }
 
