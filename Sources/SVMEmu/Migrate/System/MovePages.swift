@@ -171,45 +171,39 @@ extension AddressSpace {
     private func addPageForMigration(_ address: UInt64, _ node: Int, _ list: inout [Folio], _ moveAll: Bool) -> PageStatus {
         mmapReadLock(); defer { mmapReadUnlock() }
         guard let vma = vma(containing: address), !vma.flags.contains(.special) else { return .error(.badAddress) }
-        let page: Page
-        switch mappedPage(address) {
-        case .success(let p): page = p
-        case .failure(let e): return .error(e)
+        return withMappedFolio(address) { page, folio in
+            if folio.isZoneDevice { return .error(.noEntry) }
+            if kernel.nodeID(of: folio) == node { return .node(node) }
+            if page.mapCount + folio.entireMapCount > 1 && !moveAll { return .error(.permissionDenied) }
+            let isolated = folio.isLarge && folio.test(.hugetlb) ? kernel.isolateHugetlbFolio(folio) : kernel.isolateFolioLRU(folio)
+            guard isolated else { return .error(.busy) }
+            list.append(folio)
+            return .node(-1)
         }
-        let folio = page.folio
-        defer { folio.put() }
-        if folio.isZoneDevice { return .error(.noEntry) }
-        if kernel.nodeID(of: folio) == node { return .node(node) }
-        if page.mapCount + folio.entireMapCount > 1 && !moveAll { return .error(.permissionDenied) }
-        let isolated = folio.isLarge && folio.test(.hugetlb) ? kernel.isolateHugetlbFolio(folio) : kernel.isolateFolioLRU(folio)
-        guard isolated else { return .error(.busy) }
-        list.append(folio)
-        return .node(-1)
     }
 
     /// What `move_pages` with no nodes reports for one address (`do_pages_stat_array()`).
     private func pageStatus(_ address: UInt64) -> PageStatus {
         guard vma(containing: address) != nil else { return .error(.badAddress) }
-        let page: Page
-        switch mappedPage(address) {
-        case .success(let p): page = p
-        case .failure(let e): return .error(e)
+        return withMappedFolio(address) { _, folio in
+            if let n = kernel.nodeID(of: folio) { return .node(n) }
+            return .error(.noEntry)
         }
-        let folio = page.folio
-        defer { folio.put() }
-        if let n = kernel.nodeID(of: folio) { return .node(n) }
-        return .error(.noEntry)
     }
 
-    /// The page mapped at `address` with a reference on its folio
-    /// (`folio_walk_start()` and `folio_get()`), or what `move_pages`
-    /// reports for the address: EFAULT for a zero page (the zero pages never
-    /// move and have no node to report), ENOENT where nothing is mapped.
-    private func mappedPage(_ address: UInt64) -> Result<Page, Errno> {
+    /// `body` with the page mapped at `address` and its folio, holding a
+    /// reference on the folio (`folio_walk_start()` and `folio_get()`) until
+    /// `body` returns; or what `move_pages` reports for the address: EFAULT
+    /// for a zero page (the zero pages never move and have no node to
+    /// report), ENOENT where nothing is mapped.
+    private func withMappedFolio(_ address: UInt64, _ body: (Page, Folio) -> PageStatus) -> PageStatus {
         switch walkPage(address) {
-        case .page(let p): .success(p)
-        case .zeroPage: .failure(.badAddress)
-        case .nothing: .failure(.noEntry)
+        case .page(let page):
+            let folio = page.folio
+            defer { folio.put() }
+            return body(page, folio)
+        case .zeroPage: return .error(.badAddress)
+        case .nothing: return .error(.noEntry)
         }
     }
 
