@@ -84,6 +84,20 @@ struct ReportTests {
         #expect(Cell.fixed(1.234, 2) == "1.23")
     }
 
+    @Test("a bar's figure has three significant digits from 100 up, with k and M past ten thousand")
+    func barFigures() {
+        #expect(Chart.number(1_084_859) == "1.08M")
+        #expect(Chart.number(3_118_132) == "3.12M")
+        #expect(Chart.number(12_500_000) == "12.5M")
+        #expect(Chart.number(355_671) == "356k")
+        #expect(Chart.number(42_170) == "42.2k")
+        #expect(Chart.number(9_999) == "9999")
+        #expect(Chart.number(783) == "783")
+        #expect(Chart.number(1.0566) == "1.06")
+        #expect(Chart.number(0.0039) == "0.0039")
+        #expect(Chart.number(.nan) == "-")
+    }
+
     @Test("a chart has a viewBox, a white page, a title, ticks with the unit, a log axis where values span decades, and the 1.0x line")
     func chartStructure() throws {
         var chart = Chart(title: "svmemu test: what ran", subtitle: Chart.timeBase(virtual: true))

@@ -295,7 +295,7 @@ struct NumaCommand: ParsableCommand {
         var chart = Chart(title: title, subtitle: Chart.timeBase(virtual: virtual))
         chart.panels = [
             ChartPanel("Pages migrated per second", unit: virtual ? "pages per second of virtual time" : "pages per second",
-                       bars: rows.map { ChartBar($0.label, $0.pagesPerSecond) }, format: { Cell.fixed($0, 0) }),
+                       bars: rows.map { ChartBar($0.label, $0.pagesPerSecond) }),
             ChartPanel("IPIs per migrated page", unit: "TLB-flush IPIs received per page", scale: .log,
                        bars: rows.map { ChartBar($0.label, $0.ipisPerPage) }, format: { Cell.fixed($0, 4) }),
         ]

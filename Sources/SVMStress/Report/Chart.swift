@@ -144,11 +144,14 @@ public struct Chart: Sendable {
     /// The bar colour of a plain bar.
     public static let defaultColor = "#4e79a7"
 
-    /// A figure written compactly: "783,400" as "783400", "0.0039", "1.06".
+    /// A figure written compactly, to three significant digits from 100
+    /// up: "1.08M" (1,084,859), "356k" (355,671), "783", "0.0039", "1.06".
     @Sendable public static func number(_ v: Double) -> String {
         guard v.isFinite else { return "-" }
         let a = abs(v)
         if a == 0 { return "0" }
+        if a >= 999_500 { return String(format: a >= 99_950_000 ? "%.0fM" : a >= 9_995_000 ? "%.1fM" : "%.2fM", v / 1e6) }
+        if a >= 9_999.5 { return String(format: a >= 99_950 ? "%.0fk" : "%.1fk", v / 1e3) }
         if a >= 100 { return String(format: "%.0f", v) }
         if a >= 10 { return String(format: "%.1f", v) }
         if a >= 0.1 { return String(format: "%.2f", v) }
