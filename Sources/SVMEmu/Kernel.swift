@@ -362,7 +362,7 @@ public final class Kernel: @unchecked Sendable {
             HostMemory.release(bytes, bytes: byteCount)
             warn(error == .noSpace
                  ? "physical layout: too many physical regions (RAM nodes plus device page maps, at most \(Kernel.maxRegions))"
-                 : "physical layout: device memory would end beyond KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 20) MiB)")
+                 : "physical layout: device memory would end beyond KernelConfiguration.maxPhysicalBytes (\(configuration.maxPhysicalBytes >> 20) MiB)", kind: .machineLimit)
             throw error
         }
         regionStart[region] = start

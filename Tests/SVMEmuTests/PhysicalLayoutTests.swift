@@ -18,7 +18,7 @@ struct PhysicalLayoutTests {
         #expect(throws: Errno.noMemory) {
             try kernel.memremapPages(type: .private, owner: owner, bytes: 512 << 20, operations: Self.ops)
         }
-        #expect(kernel.diagnostics.contains { $0.rule.contains("maxPhysicalBytes") })
+        #expect(kernel.diagnostics(of: .machineLimit).contains { $0.rule.contains("maxPhysicalBytes") })
         // What fits still registers, and its pages are valid.
         let map = try kernel.memremapPages(type: .private, owner: owner, bytes: 64 << 20, operations: Self.ops)
         #expect(kernel.isValid(pfn: map.startPfn) && kernel.isValid(pfn: map.startPfn + map.pageCount - 1))
@@ -41,7 +41,7 @@ struct PhysicalLayoutTests {
         #expect(failure == .noSpace)
         // Far more than the 64 a 2 MiB storm of 1,010 pages outgrew.
         #expect(maps.count >= Kernel.maxRegions - config.nodeSizes.count - 2)
-        #expect(kernel.diagnostics.contains { $0.rule.contains("at most") })
+        #expect(kernel.diagnostics(of: .machineLimit).contains { $0.rule.contains("at most") })
         // Every registered map is found by its pfns (binary search over the regions).
         for m in maps.prefix(1000) where kernel.pageMap(containing: m.startPfn + 1) !== m {
             Issue.record("page map at pfn \(m.startPfn) not found")
@@ -72,6 +72,6 @@ struct PhysicalLayoutTests {
     func badOrder() throws {
         let kernel = try makeKernel()
         #expect(kernel.allocateFolio(order: 3) == nil)
-        #expect(kernel.diagnostics.contains { $0.rule.contains("order must be 0 or 9") })
+        #expect(kernel.diagnostics(of: .apiMisuse).contains { $0.rule.contains("order must be 0 or 9") })
     }
 }

@@ -60,7 +60,7 @@ struct ZoneDeviceFolioTests {
             let pgmap = try Self.pageMap(kernel, Freed())
             let big = try #require(kernel.zoneDevicePageInit(pgmap.page(at: 0), order: PageGeometry.pmdOrder))
             #expect(kernel.zoneDevicePageInit(pgmap.page(at: 1), order: 0) == nil)
-            #expect(kernel.diagnostics.contains { $0.rule.hasPrefix("zone_device_page_init: page is in use") })
+            #expect(kernel.diagnostics(of: .apiMisuse).contains { $0.rule.hasPrefix("zone_device_page_init: page is in use") })
             #expect(pgmap.page(at: 1).folio.pfn == big.pfn && big.order == PageGeometry.pmdOrder && big.refCount == 1)
             big.unlock()
             big.put()
