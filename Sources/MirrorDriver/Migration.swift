@@ -265,10 +265,14 @@ extension MirrorDevice {
         let count = fillDestinations(&args, largeAllowed: !s.failLargeSystemAllocation,
                                  needs: { e in e.isMigrating && e.isValid },
                                  allocate: { order in
-                                     guard let folio = kernel.allocateFolio(order: order) else { return nil }
-                                     // Nobody else can see a fresh folio: the trylock cannot fail, and
+                                     // alloc_page_vma(GFP_HIGHUSER_MOVABLE, ...): a blocking
+                                     // allocation, a might_sleep() point (with the driver lock held).
+                                     guard let folio = kernel.allocateFolio(order: order, blocking: true) else { return nil }
+                                     // lock_page(dpage): folio_lock()'s might_sleep() first. Nobody
+                                     // else can see a fresh folio: the trylock cannot fail, and
                                      // (as lockdep leaves page locks out) it records no lock order
                                      // against the driver lock held here.
+                                     kernel.mightSleep()
                                      if !folio.tryLock() { kernel.warn("mirror: a fresh folio was locked", "\(folio)") }
                                      return folio
                                  })

@@ -428,6 +428,20 @@ public final class Kernel: @unchecked Sendable {
         isValid(pfn: pfn) ? Page(pfn: pfn, kernel: self) : nil
     }
 
+    // MARK: scheduling
+
+    /// `might_sleep()`: the caller is at a point where the kernel may sleep
+    /// (a driver's `lock_page()` on a folio only it can see, say). Under the
+    /// deterministic scheduler's CPU model with voluntary preemption
+    /// (CONFIG_PREEMPT_VOLUNTARY: `might_resched()`), a pending reschedule
+    /// of the calling emulated thread is taken here; otherwise nothing.
+    /// Call it with no spinning lock held.
+    ///
+    /// The corresponding kernel function is `might_sleep()`.
+    @inlinable public func mightSleep() {
+        if _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+    }
+
     // MARK: diagnostics
 
     /// Records a broken API rule (the emulator's WARN_ON): the caller's step is

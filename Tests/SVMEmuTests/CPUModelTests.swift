@@ -70,6 +70,35 @@ struct CPUModelTests {
         }
     }
 
+    @Test("usleep_range(min, max) ends at the first tick at or after min, else at max; a range beyond a tick at max")
+    func rangeSleepEndsAtATick() throws {
+        // The virtual clock starts at 1 s, on the 1 ms tick grid. Each case:
+        // spin to a phase of the tick, sleep the range, and read how long it took.
+        func slept(phase: UInt64, min: UInt64, max: UInt64) -> UInt64 {
+            let took = Mutex<UInt64>(0)
+            let s = DeterministicScheduler(Self.configuration(cpus: 1))
+            s.spawn("sleeper") {
+                HostClock.spin(nanos: phase)
+                let start = HostClock.nanos()
+                HostClock.sleepRange(minNanos: min, maxNanos: max)
+                let end = HostClock.nanos()
+                took.withLock { $0 = end - start }
+            }
+            #expect(s.run() == .completed)
+            return took.withLock { $0 }
+        }
+        let near = 20_000 as UInt64   // the points' own small costs
+        // From 0.85 ms: the window 0.95-1.05 ms holds the tick at 1 ms.
+        let atTick = slept(phase: 850_000, min: 100_000, max: 200_000)
+        #expect(atTick >= 150_000 && atTick < 150_000 + near, "woke at the tick: \(atTick) ns")
+        // From 0.1 ms: no tick in 0.2-0.3 ms, so the hard expiry.
+        let atMax = slept(phase: 100_000, min: 100_000, max: 200_000)
+        #expect(atMax >= 200_000 && atMax < 200_000 + near, "woke at max: \(atMax) ns")
+        // A range longer than a tick ends at its maximum.
+        let long = slept(phase: 100_000, min: 600_000, max: 1_200_000)
+        #expect(long >= 1_200_000 && long < 1_200_000 + near, "woke at max: \(long) ns")
+    }
+
     @Test("threads beyond the CPUs touch memory on the CPU the scheduler gives them")
     func memoryOnSharedCPUs() throws {
         var config = KernelConfiguration()

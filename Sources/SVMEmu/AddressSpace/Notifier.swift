@@ -179,7 +179,12 @@ extension AddressSpace {
     /// the range get a new sequence; plain notifiers are told.
     /// Caller holds no page-table lock (the callbacks may sleep); every start
     /// is paired with an `invalidateRangeEnd` of the same range.
+    ///
+    /// Starts with a `might_sleep()` (the kernel's inline wrapper has one
+    /// before it looks for notifiers): under the CPU model with voluntary
+    /// preemption, a pending reschedule is taken here.
     func invalidateRangeStart(_ range: MMUNotifierRange) {
+        if _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
         kernel.vmstat.count(.mmuNotifierInvalidations)
         UnsafeAtomic<UInt32>(at: activeInvalidations).wrappingAdd(1, ordering: .acquiringAndReleasing)
         let seq = state.invalidateSeq.add(1, ordering: .acquiringAndReleasing).newValue
@@ -191,9 +196,14 @@ extension AddressSpace {
         for n in list.notifiers { n.invalidateRangeStart(range) }
     }
 
-    /// `mmu_notifier_invalidate_range_end()`.
+    /// `mmu_notifier_invalidate_range_end()`. A `might_sleep()` first when
+    /// the range is blockable: the start marks it so
+    /// (`MMU_NOTIFIER_RANGE_BLOCKABLE`) when the mm has notifiers, which is
+    /// read again here.
     func invalidateRangeEnd(_ range: MMUNotifierRange) {
-        if state.notifierCount.load(ordering: .relaxed) > 0 {
+        let hasNotifiers = state.notifierCount.load(ordering: .relaxed) > 0
+        if hasNotifiers && _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+        if hasNotifiers {
             let list = notifiers.withLock { $0.notifiers }
             for n in list { n.invalidateRangeEnd(range) }
         }

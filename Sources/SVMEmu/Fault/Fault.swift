@@ -181,7 +181,8 @@ extension AddressSpace {
     /// We enter with the mmap lock held for reading and no page-table lock;
     /// the new mapping owns the folio's one reference.
     private func newAnonymousPage(_ vma: VMA, _ address: UInt64, expect: PageTableEntry) throws(Errno) {
-        guard let folio = kernel.allocateFolio(order: 0, zeroed: true) else { throw .noMemory }
+        // vma_alloc_zeroed_movable_folio(): GFP_HIGHUSER_MOVABLE, a blocking allocation.
+        guard let folio = kernel.allocateFolio(order: 0, zeroed: true, blocking: true) else { throw .noMemory }
         // Replacing the zero page (wp_page_copy()): the notifiers hear of it
         // first (MMU_NOTIFY_CLEAR), so that a device mirroring the zero page
         // drops it before the new page is mapped.
@@ -304,7 +305,8 @@ extension AddressSpace {
         let oldFolio = oldPage.folio
         guard oldFolio.tryGet() else { return }
         defer { oldFolio.put() }
-        guard let folio = kernel.allocateFolio(order: 0) else { throw .noMemory }
+        // folio_prealloc(): GFP_HIGHUSER_MOVABLE, a blocking allocation.
+        guard let folio = kernel.allocateFolio(order: 0, blocking: true) else { throw .noMemory }
         folio.page(0).copyBytes(from: oldPage)
         let range = MMUNotifierRange(start: addr, end: addr + PageGeometry.pageSize64, event: .clear, owner: nil)
         invalidateRangeStart(range)

@@ -51,10 +51,9 @@ public enum HostClock {
 
     /// Waits `micros` microseconds the way the kernel's `fsleep()` does
     /// (include/linux/delay.h): up to 10 µs it spins (`udelay()`), keeping
-    /// the CPU; up to 20 ms it sleeps in `usleep_range(d, 2d)`, whose
-    /// hrtimer fires at its hard expiry, 2d, when no other timer interrupt
-    /// comes first (this takes 2d); beyond, `msleep()` sleeps whole jiffies
-    /// of 1 ms (HZ=1000), one more than asked. A sleep gives the CPU away.
+    /// the CPU; up to 20 ms it sleeps in `usleep_range(d, 2d)`
+    /// (``sleepRange(minNanos:maxNanos:)``); beyond, `msleep()` sleeps whole
+    /// jiffies of 1 ms (HZ=1000), one more than asked. A sleep gives the CPU away.
     ///
     /// The corresponding kernel function is `fsleep()`.
     public static func fsleep(micros: UInt64) {
@@ -62,10 +61,35 @@ public enum HostClock {
         if micros <= 10 {
             spin(nanos: micros * 1_000)
         } else if micros <= 20_000 {
-            sleep(nanos: 2 * micros * 1_000)
+            sleepRange(minNanos: micros * 1_000, maxNanos: 2 * micros * 1_000)
         } else {
             sleep(nanos: ((micros + 999) / 1_000 + 1) * 1_000_000)
         }
+    }
+
+    /// Sleeps between `minNanos` and `maxNanos` the way the kernel's
+    /// `usleep_range()` does: an hrtimer with a soft expiry at the minimum
+    /// and a hard one at the maximum (`schedule_hrtimeout_range()`). The
+    /// clock event is programmed for the hard expiry, but any hrtimer
+    /// interrupt on the sleeper's CPU at or after the soft expiry runs the
+    /// timer too (`__hrtimer_run_queues()` compares with the soft expiry).
+    ///
+    /// On an emulated thread of a ``DeterministicScheduler`` with the CPU
+    /// model, that interrupt is the CPU's scheduler tick: it keeps ticking
+    /// on the jiffy grid (``DeterministicScheduler/Configuration/tickNanos``)
+    /// while the sleeper's timer is due within a tick, idle or not
+    /// (`tick_nohz_next_event()` does not stop a tick with a timer due in
+    /// the next period), so the sleep ends at the first tick at or after the
+    /// minimum, else at the maximum. A range longer than a tick period ends
+    /// at the maximum (an idle CPU may stop its tick then; a busy one's tick
+    /// would end it sooner, which is not modelled). Elsewhere (real threads,
+    /// or no CPU model) it sleeps the maximum, the hard expiry.
+    ///
+    /// The corresponding kernel function is `usleep_range()`.
+    public static func sleepRange(minNanos: UInt64, maxNanos: UInt64) {
+        let upper = max(minNanos, maxNanos)
+        if _slowPath(svm_det_active()), DeterministicScheduler.sleepRange(minNanos: minNanos, maxNanos: upper) { return }
+        sleep(nanos: upper)
     }
 
     /// A cheap counter for phase timing, in ticks whose length the caller

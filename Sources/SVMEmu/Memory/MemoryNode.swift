@@ -226,11 +226,20 @@ extension Kernel {
     ///   - order: 0 (4 KiB) or 9 (2 MiB); others give nil and a diagnostic.
     ///   - node: the NUMA node, or nil for the first with memory free.
     ///   - zeroed: clear the bytes.
+    ///   - blocking: the caller's GFP allows direct reclaim
+    ///     (`__GFP_DIRECT_RECLAIM`: `GFP_KERNEL`, `GFP_HIGHUSER_MOVABLE`), so
+    ///     the allocation may sleep: `prepare_alloc_pages()`'s `might_alloc()`
+    ///     is a `might_sleep()`, where a voluntarily preempted kernel takes a
+    ///     pending reschedule (under the deterministic scheduler's CPU model,
+    ///     ``DeterministicScheduler/Configuration/preemption``). The emulator's
+    ///     allocator itself never sleeps or reclaims; false (the default) is
+    ///     an atomic or `GFP_NOWAIT` allocation, no such point.
     /// - Returns: the folio, or nil when no node has memory of that order
     ///   (or `node` is not a node of this machine).
     ///
     /// The corresponding kernel function is `folio_alloc()`.
-    public func allocateFolio(order: Int = 0, node: Int? = nil, zeroed: Bool = false) -> Folio? {
+    public func allocateFolio(order: Int = 0, node: Int? = nil, zeroed: Bool = false, blocking: Bool = false) -> Folio? {
+        if blocking && _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
         var folio: Folio? = nil
         if let node {
             guard node >= 0 && node < nodeCount else { return nil }

@@ -34,7 +34,7 @@ extension Kernel {
     ///    it (and wait for the copy engine), and set `dst[i]` to
     ///    `MigratePFN(page:)` of the destination. Destinations must be locked:
     ///    ``Kernel/zoneDevicePageInit(_:order:)`` returns device pages locked;
-    ///    system folios from ``Kernel/allocateFolio(order:node:zeroed:)`` need
+    ///    system folios from ``Kernel/allocateFolio(order:node:zeroed:blocking:)`` need
     ///    ``Folio/lock(file:line:)``. An entry the driver leaves empty stays where it
     ///    is; a driver moving device-private pages back to RAM migrates every
     ///    one it can, since the CPU cannot reach a page left behind (its

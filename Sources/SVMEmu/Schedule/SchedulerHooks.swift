@@ -211,6 +211,29 @@ extension DeterministicScheduler {
         return true
     }
 
+    /// `usleep_range()` of the calling emulated thread: with the CPU model,
+    /// a sleep that ends at the first scheduler tick at or after
+    /// `minNanos` (the tick's interrupt runs the timer past its soft
+    /// expiry), else at `maxNanos`; the tick counts only for a sleep of at
+    /// most one tick period, which keeps the tick running on an idle CPU. Returns false when the caller is not an
+    /// emulated thread or there is no CPU model (the caller sleeps the
+    /// maximum).
+    @usableFromInline @inline(never)
+    static func sleepRange(minNanos: UInt64, maxNanos: UInt64) -> Bool {
+        guard let t = current, !t.scheduler.cpus.isEmpty, !t.observer else { return false }
+        let tick = t.scheduler.configuration.tickNanos
+        let soft = t.clock &+ minNanos, hard = t.clock &+ maxNanos
+        var expiry = hard
+        // The tick goes on through the sleep when the timer is due within one
+        // tick period (an idle CPU keeps it then); a longer sleep may see it
+        // stopped while the CPU idles, so it ends at its hard expiry here.
+        if tick > 0 && maxNanos <= tick {
+            let firstTick = (soft &+ tick &- 1) / tick &* tick
+            if firstTick < hard { expiry = firstTick }
+        }
+        return sleep(nanos: expiry &- t.clock)
+    }
+
     /// Advances the calling emulated thread's clock by `nanos` of busy
     /// waiting: it keeps its CPU. Returns false when the caller is not an
     /// emulated thread.
