@@ -407,11 +407,12 @@ public enum NUMABench {
     /// The goal figure of `svmemu bench goals`: the 2 MiB batched variant
     /// with two copy threads against one, `pairs` times; returns each
     /// pair's pagesPerSecond ratio (two over one). Each pair is one run of
-    /// 32 moves of the default buffer, the two copiers taking turns every
-    /// two moves (there and back): both see the same readers and the same
-    /// host. Two separate runs do not: measured so, a copier against itself
-    /// gave ratios from 0.79 to 1.62 on the project's 2-core machine while
-    /// other work ran. `progress` hears "pair i/n".
+    /// ``copierComparisonMoves`` moves of the default buffer, the two
+    /// copiers taking turns every two moves (there and back): both see the
+    /// same readers and the same host. Two separate runs do not: measured
+    /// so, a copier against itself gave ratios from 0.79 to 1.62 on the
+    /// project's 2-core machine while other work ran. `progress` hears
+    /// "pair i/n".
     ///
     /// - Throws: ``HarnessFailure`` when the bytes differ after a run.
     public static func copyThreadRatios(pairs: Int, progress: (String) -> Void = { _ in }) throws -> [Double] {
@@ -419,12 +420,19 @@ public enum NUMABench {
                                                             pageSize: PageGeometry.pmdSize), progress: progress)
     }
 
+    /// Moves of the buffer in one run of ``copierRatios(pairs:against:progress:)``.
+    /// At 32 (0.3 s a run on the project's idle 2-core VM) the one-thread
+    /// copier against itself gave 0.946-1.075 over 12 runs, a noise as large
+    /// as the two-thread copier's gain here; at 128 (1 s) it gave
+    /// 0.972-1.028, and two threads against one 0.986-1.158 over 36 runs.
+    public static let copierComparisonMoves = 128
+
     /// ``copyThreadRatios(pairs:progress:)`` with any copier against the
     /// single-threaded one (itself included: the measurement's own spread).
     public static func copierRatios(pairs: Int, against other: NUMAVariant,
                                     progress: (String) -> Void = { _ in }) throws -> [Double] {
         var settings = NUMABenchSettings()
-        settings.rounds = 32
+        settings.rounds = copierComparisonMoves
         let single = NUMAVariant(algorithm: .batched, pageSize: PageGeometry.pmdSize)
         settings.variants = [single, other]
         var ratios: [Double] = []

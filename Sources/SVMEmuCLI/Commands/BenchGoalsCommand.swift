@@ -35,7 +35,7 @@ struct BenchGoalsCommand: ParsableCommand {
             unless --full), the soak's operations per host second (every operation, fork \
             included; 200000 operations, 1000000 with --full), and numa's 2 MiB batched \
             migration with two copy threads against one (pagesPerSecond; --rounds runs, each \
-            of 32 moves of the 64 MiB buffer with the two copiers taking turns every two moves, \
+            of 128 moves of the 64 MiB buffer with the two copiers taking turns every two moves, \
             the lowest ratio reported) and the multi-threaded copier against this \
             host's own two-thread memcpy of one 2 MiB folio over numa's working set (two 64 MiB \
             rings). Prints each figure as it is measured, then the table: figure, measured, \
