@@ -1,8 +1,8 @@
 // Where the multi-threaded folio copy stops paying: the copy of one batch of
 // n folios (4 KiB, and one 2 MiB folio) by the single-thread copier against
 // the multi-threaded one with its threshold off, batch after batch as the
-// move phase of one migratePages run calls it (between the copier's begin()
-// and end()), over two working sets: one that stays in the host's
+// move phase of one migratePages run calls it (blocks of batches between the
+// copier's begin() and end()), over two working sets: one that stays in the host's
 // last-level cache and one that streams from DRAM. Beside them, this host's
 // own two-thread memcpy of the same batches (`TwoThreadMemcpy`): the most
 // that splitting a batch in two can give here.
@@ -50,8 +50,9 @@ extension NUMABench {
     /// Times batch copies between frames of the kind emulated RAM uses
     /// (`Kernel.reserveFrames`, written once so no host first-touch fault
     /// is timed), alternating the single-thread copier, the multi-threaded
-    /// one and the host's two-thread memcpy batch by batch so that host load
-    /// hits them alike; each point is the median of `repeats` batches.
+    /// one and the host's two-thread memcpy in blocks of ``copySweepBlock``
+    /// batches so that host load hits them alike; each point is the median
+    /// of `repeats` batches (rounded up to whole blocks).
     /// Every shape is measured on both working sets (`cacheRingBytes`,
     /// `memoryRingBytes`), each with a fresh multi-threaded copier (its
     /// choice between splitting and copying alone is learnt per working set,
@@ -72,45 +73,54 @@ extension NUMABench {
         return out
     }
 
+    /// Batches one copier copies in a row before the next one takes its
+    /// turn in ``copySweep(threads:repeats:rings:shapes:)``.
+    static let copySweepBlock = 8
+
     private static func copySweep(_ single: SingleThreadCopier, _ multi: MultiThreadCopier, _ pair: TwoThreadMemcpy,
                                   ringBytes: Int, repeats: Int, shapes: [(folioBytes: Int, folios: Int)]) -> [NUMACopyPoint] {
         Yardsticks.withCopyRings(bytes: ringBytes) { src, dst in
-            multi.begin()
-            defer { multi.end() }
             var out: [NUMACopyPoint] = []
             var jobs: [FolioCopyJob] = []
             jobs.reserveCapacity(512)
+            let blocks = (repeats + copySweepBlock - 1) / copySweepBlock
             for (size, count) in shapes {
                 var offset = 0
-                var times: ([UInt64], [UInt64], [UInt64]) = ([], [], [])
+                var times: [[UInt64]] = [[], [], []]
                 let splitBefore = multi.splitBatches, aloneBefore = multi.adaptiveSingleBatches
-                for r in 0..<(repeats * 3) {
-                    // Consecutive batches walk the ring, as a migration walks its buffer.
-                    jobs.removeAll(keepingCapacity: true)
-                    for _ in 0..<count {
-                        if offset + size > ringBytes { offset = 0 }
-                        jobs.append(FolioCopyJob(destination: dst + offset, source: UnsafeRawPointer(src + offset), bytes: size))
-                        offset += size
-                    }
-                    if r % 3 == 2 { pair.arm() }
-                    let t0 = HostClock.nanos()
-                    jobs.withUnsafeBufferPointer { batch in
-                        switch r % 3 {
-                        case 0: single.copy(batch)
-                        case 1: multi.copy(batch)
-                        default: pair.copy(batch)
+                // The copiers take turns block by block (each sees the host as
+                // the others do), and the multi-threaded copier's block is one
+                // run (begin() ... end()), as a migration's move phase is: its
+                // timing of a batch, up to its next batch, then never includes
+                // another copier's batch, and its polling workers never share
+                // a core with the two-thread memcpy's helper.
+                for b in 0..<(blocks * 3) {
+                    let which = b % 3
+                    if which == 1 { multi.begin() }
+                    for _ in 0..<copySweepBlock {
+                        // Consecutive batches walk the ring, as a migration walks its buffer.
+                        jobs.removeAll(keepingCapacity: true)
+                        for _ in 0..<count {
+                            if offset + size > ringBytes { offset = 0 }
+                            jobs.append(FolioCopyJob(destination: dst + offset, source: UnsafeRawPointer(src + offset), bytes: size))
+                            offset += size
                         }
+                        if which == 2 { pair.arm() }
+                        let t0 = HostClock.nanos()
+                        jobs.withUnsafeBufferPointer { batch in
+                            switch which {
+                            case 0: single.copy(batch)
+                            case 1: multi.copy(batch)
+                            default: pair.copy(batch)
+                            }
+                        }
+                        times[which].append(HostClock.nanos() - t0)
+                        if which == 2 { pair.disarm() }
                     }
-                    let t = HostClock.nanos() - t0
-                    if r % 3 == 2 { pair.disarm() }
-                    switch r % 3 {
-                    case 0: times.0.append(t)
-                    case 1: times.1.append(t)
-                    default: times.2.append(t)
-                    }
+                    if which == 1 { multi.end() }
                 }
                 func median(_ a: [UInt64]) -> Double { Double(a.sorted()[a.count / 2]) / 1000 }
-                let s = median(times.0), m = median(times.1), two = median(times.2)
+                let s = median(times[0]), m = median(times[1]), two = median(times[2])
                 let split = multi.splitBatches - splitBefore, alone = multi.adaptiveSingleBatches - aloneBefore
                 out.append(NUMACopyPoint(folioBytes: size, folios: count, ringBytes: ringBytes, singleMicros: s,
                                          multiMicros: m, threads: multi.threads, speedup: m > 0 ? s / m : 0,
