@@ -439,7 +439,7 @@ public final class Kernel: @unchecked Sendable {
     ///
     /// The corresponding kernel function is `might_sleep()`.
     @inlinable public func mightSleep() {
-        if _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+        DeterministicScheduler.mightSleepPoint()
     }
 
     // MARK: diagnostics

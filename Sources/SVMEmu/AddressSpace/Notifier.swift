@@ -184,7 +184,7 @@ extension AddressSpace {
     /// before it looks for notifiers): under the CPU model with voluntary
     /// preemption, a pending reschedule is taken here.
     func invalidateRangeStart(_ range: MMUNotifierRange) {
-        if _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+        DeterministicScheduler.mightSleepPoint()
         kernel.vmstat.count(.mmuNotifierInvalidations)
         UnsafeAtomic<UInt32>(at: activeInvalidations).wrappingAdd(1, ordering: .acquiringAndReleasing)
         let seq = state.invalidateSeq.add(1, ordering: .acquiringAndReleasing).newValue
@@ -201,9 +201,8 @@ extension AddressSpace {
     /// (`MMU_NOTIFIER_RANGE_BLOCKABLE`) when the mm has notifiers, which is
     /// read again here.
     func invalidateRangeEnd(_ range: MMUNotifierRange) {
-        let hasNotifiers = state.notifierCount.load(ordering: .relaxed) > 0
-        if hasNotifiers && _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
-        if hasNotifiers {
+        if state.notifierCount.load(ordering: .relaxed) > 0 {
+            DeterministicScheduler.mightSleepPoint()
             let list = notifiers.withLock { $0.notifiers }
             for n in list { n.invalidateRangeEnd(range) }
         }

@@ -354,7 +354,7 @@ public struct Folio: Hashable, @unchecked Sendable, CustomStringConvertible {
     ///
     /// The corresponding kernel functions are `folio_lock()` and `__folio_lock()`.
     public func lock(file: StaticString = #fileID, line: UInt = #line) {
-        if _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+        DeterministicScheduler.mightSleepPoint()
         let lockdep = _slowPath(svm_lockdep_enabled())
         if lockdep { LockOrder.acquiring(.folio, site: LockSite(file, line)) }
         defer { if lockdep { LockOrder.acquired(meta.flagsWord, .folio, site: LockSite(file, line)) } }

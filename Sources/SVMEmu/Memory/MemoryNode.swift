@@ -239,7 +239,7 @@ extension Kernel {
     ///
     /// The corresponding kernel function is `folio_alloc()`.
     public func allocateFolio(order: Int = 0, node: Int? = nil, zeroed: Bool = false, blocking: Bool = false) -> Folio? {
-        if blocking && _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+        if blocking { DeterministicScheduler.mightSleepPoint() }
         var folio: Folio? = nil
         if let node {
             guard node >= 0 && node < nodeCount else { return nil }

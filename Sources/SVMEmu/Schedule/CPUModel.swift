@@ -393,6 +393,13 @@ extension DeterministicScheduler {
         t.scheduler.point(t, cost: t.scheduler.configuration.costs.spinRound, "spin", mayPreempt: false)
     }
 
+    /// A `might_sleep()` call site: ``mightSleep()`` when a deterministic
+    /// scheduler runs; otherwise one load and a predictable branch.
+    @inlinable @inline(__always)
+    static func mightSleepPoint() {
+        if _slowPath(svm_det_active()) { mightSleep() }
+    }
+
     /// `might_sleep()` of the calling emulated thread (`mutex_lock()`,
     /// `down_read()`, `folio_lock()`): with the CPU model and voluntary
     /// preemption, where a pending reschedule is taken

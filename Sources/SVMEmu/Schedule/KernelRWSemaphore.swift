@@ -156,7 +156,7 @@ public final class KernelRWSemaphore: @unchecked Sendable {
                 return
             }
         }
-        if _slowPath(svm_det_active()) { DeterministicScheduler.mightSleep() }
+        DeterministicScheduler.mightSleepPoint()
         let n = count.wrappingAdd(Self.readerBias, ordering: .acquiringAndReleasing).newValue
         if n & Self.readFailedMask != 0 { readSlowPath(me, n) } else { setReaderOwned(me) }
         acquired(file, line, trylock: nil)
