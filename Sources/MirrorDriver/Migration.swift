@@ -282,7 +282,7 @@ extension MirrorDevice {
         // between would be lost.
         let t = phases.endAndBegin(.allocate, a)
         pageTableLock.withLock {
-            pageTable.clear(args.start, args.start + UInt64(args.npages) << PageGeometry.pageShift)
+            _ = pageTable.clear(args.start, args.start + UInt64(args.npages) << PageGeometry.pageShift)
         }
         let c = phases.endAndBegin(.pageTableUpdate, t)
         copyMigrated(args)
@@ -398,7 +398,7 @@ extension MirrorDevice {
                 start += UInt64(n)
             }
         }
-        pageTableLock.withLock { pageTable.clear(pageTable.base, pageTable.end) }
+        pageTableLock.withLock { _ = pageTable.clear(pageTable.base, pageTable.end) }
         return evicted
     }
 }
