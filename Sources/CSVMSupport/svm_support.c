@@ -3,7 +3,7 @@
 #include <pthread.h>
 #include <linux/membarrier.h>
 
-__attribute__((tls_model("initial-exec"))) _Thread_local svm_cpu_binding_t svm_tls_cpu_binding = { 0, -1, 0, 0 };
+__attribute__((tls_model("initial-exec"))) _Thread_local svm_cpu_binding_t svm_tls_cpu_binding = { .owner = 0, .fast_owner = 0, .index = -1, .words = 0, .tlb = 0 };
 static _Thread_local svm_cpu_unbind_fn svm_tls_unbind = 0;
 static pthread_key_t svm_thread_key;
 static pthread_once_t svm_thread_key_once = PTHREAD_ONCE_INIT;
@@ -38,7 +38,10 @@ void svm_det_install(svm_det_wait_fn wait, svm_det_wake_fn wake, svm_det_lock_fn
     svm_det_lock_hook = lock;
 }
 void svm_det_activate(int delta) { __atomic_fetch_add(&svm_det_active_count, (uint32_t)delta, __ATOMIC_SEQ_CST); }
-void svm_det_set_current(void *thread) { svm_tls_det_current = thread; }
+void svm_det_set_current(void *thread) {
+    svm_tls_det_current = thread;
+    svm_tls_cpu_binding.fast_owner = thread ? 0 : svm_tls_cpu_binding.owner;
+}
 
 // A task token: the address of a thread-local word, unique among live threads
 // and 8-aligned (the low three bits stay free for a lock word's flags).
@@ -64,6 +67,7 @@ static void svm_arm_exit_hook(void) {
 
 void svm_bind_cpu(void *owner, int32_t index, uint64_t *words, void *tlb, svm_cpu_unbind_fn unbind) {
     svm_tls_cpu_binding.owner = owner;
+    svm_tls_cpu_binding.fast_owner = svm_tls_det_current ? 0 : owner;
     svm_tls_cpu_binding.index = index;
     svm_tls_cpu_binding.words = words;
     svm_tls_cpu_binding.tlb = tlb;
@@ -73,6 +77,7 @@ void svm_bind_cpu(void *owner, int32_t index, uint64_t *words, void *tlb, svm_cp
 
 void svm_clear_cpu_binding(void) {
     svm_tls_cpu_binding.owner = 0;
+    svm_tls_cpu_binding.fast_owner = 0;
     svm_tls_cpu_binding.index = -1;
     svm_tls_cpu_binding.words = 0;
     svm_tls_cpu_binding.tlb = 0;
@@ -234,7 +239,7 @@ svm_fiber_t *svm_fiber_create(size_t stack_bytes, svm_fiber_entry_fn entry, void
     f->entry = entry;
     f->arg = arg;
     f->det_current = det_current;
-    f->cpu_binding = (svm_cpu_binding_t){ 0, -1, 0, 0 };
+    f->cpu_binding = (svm_cpu_binding_t){ .owner = 0, .fast_owner = 0, .index = -1, .words = 0, .tlb = 0 };
     f->slot = -1;
 #if defined(__x86_64__)
     uint64_t *sp = (uint64_t *)(((uintptr_t)m + mapped) & ~(uintptr_t)15);

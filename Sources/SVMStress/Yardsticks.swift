@@ -43,27 +43,40 @@ public enum Yardsticks {
     }
 
     /// memcpy of 4 KiB between two cache-hot buffers, best of `rounds + 2`
-    /// rounds of 200,000 copies, in nanoseconds per copy: bench memory's
-    /// `memcpy4KNanos`.
+    /// rounds of ``Memcpy4K/round(copies:)``, in nanoseconds per copy:
+    /// bench memory's `memcpy4KNanos` when nothing is interleaved with it.
     public static func memcpy4KNanos(rounds: Int) -> Double {
-        let src = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
-        let dst = UnsafeMutableRawPointer.allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
-        defer { src.deallocate(); dst.deallocate() }
-        src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: PageGeometry.pageSize)
-        dst.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
-        let iterations = 200_000
-        var best = Double.infinity
-        for _ in 0..<(rounds + 2) {
+        let copy = Memcpy4K()
+        return (0..<(rounds + 2)).map { _ in copy.round() }.min()!
+    }
+
+    /// A cache-hot 4 KiB memcpy whose rounds a benchmark can interleave
+    /// with its own (bench memory's TLB-hit reads), so that both see the
+    /// same machine: on a host whose speed comes and goes, the best round
+    /// of each then comes from the same fast spell.
+    public final class Memcpy4K {
+        private let src: UnsafeMutableRawPointer
+        private let dst: UnsafeMutableRawPointer
+
+        public init() {
+            src = .allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
+            dst = .allocate(byteCount: PageGeometry.pageSize, alignment: PageGeometry.pageSize)
+            src.initializeMemory(as: UInt8.self, repeating: 0x5A, count: PageGeometry.pageSize)
+            dst.initializeMemory(as: UInt8.self, repeating: 0, count: PageGeometry.pageSize)
+        }
+        deinit { src.deallocate(); dst.deallocate() }
+
+        /// One round of `copies` copies (a byte of the source changes
+        /// before each, so none is optimised away), in nanoseconds per copy.
+        public func round(copies: Int = 200_000) -> Double {
             let t0 = HostClock.nanos()
-            for i in 0..<iterations {
+            for i in 0..<copies {
                 src.storeBytes(of: UInt8(truncatingIfNeeded: i), as: UInt8.self)
                 HostMemory.copy(to: dst, from: src, bytes: PageGeometry.pageSize)
                 HostMemory.escape(dst)
             }
-            let t1 = HostClock.nanos()
-            best = min(best, Double(t1 - t0) / Double(iterations))
+            return Double(HostClock.nanos() - t0) / Double(max(1, copies))
         }
-        return best
     }
 
     /// Runs `body` with two rings of `bytes` for timing copies: backed like

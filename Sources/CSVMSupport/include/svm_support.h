@@ -335,18 +335,22 @@ static inline void svm_escape(void *p) { __asm__ __volatile__("" : : "g"(p) : "m
 typedef void (*svm_cpu_unbind_fn)(void *owner, int32_t index);
 // Beside the owner and the index, the binding keeps where that CPU's state
 // is (its words and its TLB), so the access fast path finds them in the
-// thread's own block without arithmetic.
-typedef struct { void *owner; int32_t index; uint64_t *words; void *tlb; } svm_cpu_binding_t;
+// thread's own block without arithmetic. `fast_owner` is the owner while the
+// thread runs on its own, NULL while a deterministic scheduler runs it (its
+// accesses are scheduling points): the fast path's one test covers both.
+typedef struct { void *owner; void *fast_owner; int32_t index; uint64_t *words; void *tlb; } svm_cpu_binding_t;
 extern _Thread_local svm_cpu_binding_t svm_tls_cpu_binding __attribute__((tls_model("initial-exec")));
 // The CPU index this thread holds on `owner`, or -1.
 static inline int32_t svm_bound_cpu(const void *owner) {
     return svm_tls_cpu_binding.owner == owner ? svm_tls_cpu_binding.index : -1;
 }
-// The words of the CPU this thread holds on `owner`, or NULL; with them,
-// its index and its TLB.
-static inline uint64_t *svm_bound_cpu_words(const void *owner) {
-    return svm_tls_cpu_binding.owner == owner ? svm_tls_cpu_binding.words : 0;
-}
+// Whether the access fast path may use the CPU this thread holds on `owner`
+// (it holds one there and no deterministic scheduler runs it); then
+// svm_bound_cpu_words(), svm_bound_cpu_index() and svm_bound_cpu_tlb() are
+// that CPU's.
+static inline bool svm_fast_cpu_is(const void *owner) { return svm_tls_cpu_binding.fast_owner == owner; }
+// The words of the CPU this thread holds (NULL when it holds none).
+static inline uint64_t *svm_bound_cpu_words(void) { return svm_tls_cpu_binding.words; }
 static inline int32_t svm_bound_cpu_index(void) { return svm_tls_cpu_binding.index; }
 static inline void *svm_bound_cpu_tlb(void) { return svm_tls_cpu_binding.tlb; }
 static inline void *svm_bound_cpu_owner(void) { return svm_tls_cpu_binding.owner; }

@@ -5,7 +5,7 @@ import Synchronization
 @usableFromInline
 struct TLBEntry {
     /// The virtual page number (or 2 MiB frame number) with the TLB's epoch
-    /// above bit 36; 0 never matches (epochs start at 1).
+    /// in bits 52 and up; 0 never matches (epochs start at 1).
     @usableFromInline var tag: UInt64
     /// Host address of the frame's first byte (the page, or the 2 MiB folio).
     @usableFromInline var frame: UnsafeMutableRawPointer?
@@ -26,14 +26,17 @@ enum TLB {
     @usableFromInline static let sets2M = 32
     @usableFromInline static let entries4K = sets4K * ways
     @usableFromInline static let entriesPerCPU = entries4K + sets2M * ways
-    @usableFromInline static let epochShift: UInt64 = 36
-    /// Whether an entry may translate `address`: every address space ends by
-    /// 2^47 (``KernelConfiguration/maxAddressSpaceSize``), so no entry maps
-    /// an address beyond, and the page number of one at 2^48 or above would
-    /// reach the tag's epoch bits. The fast path's only range check: an
-    /// address below 2^47 outside the address space finds no entry.
-    @inlinable @inline(__always) static func mayHold(_ address: UInt64) -> Bool { address >> 47 == 0 }
-    static let maxEpoch: UInt64 = 1 << 27
+    /// Where the epoch starts in a tag: above every page number a 64-bit
+    /// address has (52 bits), so no address, however wild, matches an entry
+    /// it does not own, and the access fast path needs no range check. Every
+    /// entry maps an address inside its address space (below 2^47,
+    /// ``KernelConfiguration/maxAddressSpaceSize``); any other address misses
+    /// and takes the full path, which finds no VMA.
+    @usableFromInline static let epochShift: UInt64 = 52
+    /// Epochs fit in the tag's top 12 bits: at the last one the TLB is
+    /// cleared and epochs start again (one 70 KB clear per 4,095 full
+    /// flushes or switches of address space).
+    static let maxEpoch: UInt64 = 1 << 12
     @usableFromInline static let writable: UInt64 = 1
     @usableFromInline static let dirty: UInt64 = 2
 }

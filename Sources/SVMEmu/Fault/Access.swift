@@ -75,16 +75,18 @@ extension AddressSpace {
     /// The fast path of an access: `body`'s result when the calling thread
     /// has its CPU on this machine and that CPU's TLB holds the entry; nil,
     /// with nothing done, when the full path must run instead: no CPU yet,
-    /// an access nested in another, a miss, a deterministic scheduler (its
-    /// accesses are scheduling points), or a machine that checks every TLB
+    /// an access nested in another, a miss, a thread a deterministic
+    /// scheduler runs (its accesses are scheduling points), or a machine that checks every TLB
     /// hit or fences every access (`CPUAccess.fastOwner` binds no thread).
     /// An address outside the address space finds no entry.
     @inlinable @inline(__always)
     func accessThroughTLB<R>(_ address: UInt64, write: Bool, _ body: (UnsafeMutableRawPointer) -> R) -> R? {
-        guard let words = svm_bound_cpu_words(cpuAccess.fastOwner), _fastPath(TLB.mayHold(address) && !svm_det_active()) else {
-            return nil
-        }
-        let cpu = CPU(index: Int(svm_bound_cpu_index()), words: words,
+        // One test: this thread holds a CPU of this machine, the machine
+        // checks nothing on a hit, and no deterministic scheduler runs the
+        // thread (`svm_fast_cpu_is`). No range check: a tag's epoch bits
+        // lie above every page number (`TLB.epochShift`).
+        guard svm_fast_cpu_is(cpuAccess.fastOwner) else { return nil }
+        let cpu = CPU(index: Int(svm_bound_cpu_index()), words: svm_bound_cpu_words().unsafelyUnwrapped,
                       tlb: svm_bound_cpu_tlb().unsafelyUnwrapped.assumingMemoryBound(to: TLBEntry.self))
         guard let seq = cpu.beginOuterAccess(self) else { return nil }
         guard let hit = cpu.lookup(address, write: write) else {
@@ -266,19 +268,19 @@ extension AddressSpace {
     }
 
     /// Loads one byte, as a CPU load; caller holds no lock.
-    @inlinable public func load(_ address: UInt64) throws(Errno) -> UInt8 {
+    @inlinable @inline(__always) public func load(_ address: UInt64) throws(Errno) -> UInt8 {
         try withPageBytes(at: address, write: false) { $0.load(as: UInt8.self) }
     }
     /// Stores one byte, as a CPU store; caller holds no lock.
-    @inlinable public func store(_ address: UInt64, _ value: UInt8) throws(Errno) {
+    @inlinable @inline(__always) public func store(_ address: UInt64, _ value: UInt8) throws(Errno) {
         try withPageBytes(at: address, write: true) { $0.storeBytes(of: value, as: UInt8.self) }
     }
     /// Loads a 64-bit word that does not cross a page.
-    @inlinable public func load64(_ address: UInt64) throws(Errno) -> UInt64 {
+    @inlinable @inline(__always) public func load64(_ address: UInt64) throws(Errno) -> UInt64 {
         try withPageBytes(at: address, write: false) { $0.loadUnaligned(as: UInt64.self) }
     }
     /// Stores a 64-bit word that does not cross a page.
-    @inlinable public func store64(_ address: UInt64, _ value: UInt64) throws(Errno) {
+    @inlinable @inline(__always) public func store64(_ address: UInt64, _ value: UInt64) throws(Errno) {
         try withPageBytes(at: address, write: true) { $0.storeBytes(of: value, as: UInt64.self) }
     }
 

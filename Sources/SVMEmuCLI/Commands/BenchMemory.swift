@@ -12,7 +12,8 @@ struct BenchMemoryCommand: ParsableCommand {
         abstract: "Cost of an emulated CPU read (TLB hit and miss), a shootdown, a demand-zero fault, and metadata per page.",
         discussion: """
             Build with -c release. Reads one byte per page over a few MiB of touched pages \
-            (several rounds, best round), first-touch writes over a fresh mapping with THP off \
+            (several rounds, best round; the TLB-hit rounds alternate with the 4 KiB memcpy's, so \
+            both see the same machine), first-touch writes over a fresh mapping with THP off \
             (best round, mmap excluded), and reports the page metadata size against the \
             kernel's 64-byte struct page. With --json prints one object (Docs/json.md) whose \
             results are readNanos, tlbHitReadNanos, tlbMissReadNanos, shootdownNanos, \
