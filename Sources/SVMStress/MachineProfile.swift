@@ -286,9 +286,13 @@ public struct MachineProfile: Sendable, Codable, Equatable {
 
     /// The settings a deterministic run takes from this machine: its
     /// costs, its slice and tick, its CPU stalls, its preemption model and
-    /// its wake placement.
+    /// its wake placement. Its costs carry no jitter (`jitterPercent` 0):
+    /// the ±10% a run without a profile puts on every cost is a setting,
+    /// not a measurement, and a profile's noise is what it measured (its
+    /// stalls).
     public func apply(to c: inout DeterministicScheduler.Configuration) {
         c.costs = virtualCosts
+        c.jitterPercent = 0
         c.timesliceNanos = baseSliceNanos
         c.tickNanos = tickNanos
         c.stalls = cpuStalls

@@ -91,6 +91,15 @@ struct DeterministicStormTests {
         #expect(abs(added - 8 * 0.030) < 0.005, "added \(added) s")
     }
 
+    @Test("a machine profile's runs charge its costs without the unmeasured jitter; a run without one keeps it")
+    func profileRunsHaveNoJitter() throws {
+        var c = DeterministicScheduler.Configuration(seed: 1)
+        #expect(c.jitterPercent == 10)
+        try MachineProfile.shipped("qemu-tcg-2").apply(to: &c)
+        #expect(c.jitterPercent == 0)
+        #expect(c.stalls != nil, "the profile's noise is its measured stalls")
+    }
+
     @Test("the same seed gives the same storm, counters and per-page figures")
     func sameSeedSameRun() throws {
         for policy in [DeviceFaultPolicy.legacy, .trylock] {

@@ -60,7 +60,9 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// A thread keeps running while its clock is at most this far ahead of
         /// the next runnable thread's (fewer host switches; 0: strict order).
         public var quantumNanos: UInt64 = 0
-        /// Each cost varies by up to this percentage either way, from the seed.
+        /// Each cost varies by up to this percentage either way, from the
+        /// seed. A setting, not a measurement: a machine profile's runs set
+        /// it to 0 (their noise is the profile's measured stalls).
         public var jitterPercent: UInt64 = 10
         /// The cost of each kind of scheduling point.
         public var costs: VirtualCosts = .measured
