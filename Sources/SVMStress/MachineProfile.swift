@@ -148,6 +148,9 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         public var tickGapsPerSecond: Double?
         /// The tick gaps' median length, ns.
         public var tickGapP50Nanos: Double?
+        /// The tick (1 s / CONFIG_HZ) of the kernel the probe ran on, ns,
+        /// when it is not ``MachineProfile/tickNanos`` (absent: the same).
+        public var probeTickNanos: Double?
 
         /// Every figure by its key, in the file's order (the optional ones when present).
         public var all: [(key: String, value: Double)] {
@@ -284,18 +287,33 @@ public struct MachineProfile: Sendable, Codable, Equatable {
                          p90Nanos: ns(s.p90Nanos), p99Nanos: ns(s.p99Nanos), maxNanos: ns(s.maxNanos))
     }
 
+    /// The machine's tick interrupt as the CPU model charges it (nil when
+    /// the profile did not measure its gaps): the median tick gap, at the
+    /// share of ticks that showed one (tick gaps a second times the probed
+    /// kernel's tick, ``Stalls/probeTickNanos`` or else ``tickNanos``, at
+    /// most 1). Docs/machine-profiles.md, "The tick's interrupt".
+    public var tickInterrupt: TickInterrupt? {
+        guard let s = stalls, let rate = s.tickGapsPerSecond, let p50 = s.tickGapP50Nanos, rate > 0, p50 >= 1 else {
+            return nil
+        }
+        let period = s.probeTickNanos ?? Double(tickNanos)
+        guard period > 0 else { return nil }
+        return TickInterrupt(share: min(1, rate * period / 1e9), nanos: UInt64(p50.rounded()))
+    }
+
     /// The settings a deterministic run takes from this machine: its
-    /// costs, its slice and tick, its CPU stalls, its preemption model and
-    /// its wake placement. Its costs carry no jitter (`jitterPercent` 0):
-    /// the ±10% a run without a profile puts on every cost is a setting,
-    /// not a measurement, and a profile's noise is what it measured (its
-    /// stalls).
+    /// costs, its slice and tick, its CPU stalls and tick interrupt, its
+    /// preemption model and its wake placement. Its costs carry no jitter
+    /// (`jitterPercent` 0): the ±10% a run without a profile puts on every
+    /// cost is a setting, not a measurement, and a profile's noise is what
+    /// it measured (its stalls and its tick).
     public func apply(to c: inout DeterministicScheduler.Configuration) {
         c.costs = virtualCosts
         c.jitterPercent = 0
         c.timesliceNanos = baseSliceNanos
         c.tickNanos = tickNanos
         c.stalls = cpuStalls
+        c.tickInterrupt = tickInterrupt
         c.preemption = scheduler.preemptionModel
         c.wakePlacement = scheduler.wakePlacementModel
     }
@@ -328,6 +346,9 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         if let stalls {
             for (key, v) in stalls.all where !v.isFinite || v < 0 {
                 return "stalls.\(key) must be a finite number >= 0 (got \(v))"
+            }
+            if let p50 = stalls.tickGapP50Nanos, p50 >= Double(scheduler.tickNanos) {
+                return "stalls.tickGapP50Nanos must be under scheduler.tickNanos (got \(p50))"
             }
         }
         if let deviceFault {

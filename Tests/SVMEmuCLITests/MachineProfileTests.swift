@@ -56,6 +56,39 @@ struct MachineProfileTests {
         }
     }
 
+    @Test("the tick's interrupt: the tick gaps' median at the share of ticks that showed one; none without the figures")
+    func tickInterruptFromTheStalls() throws {
+        let plain = try MachineProfile.decode(Data(example.utf8), source: "example")
+        #expect(plain.tickInterrupt == nil, "no stalls: a tick costs nothing")
+        let base = #""ratePerSecond":300,"meanNanos":12000,"p50Nanos":3000,"p90Nanos":33000,"p99Nanos":95000,"maxNanos":1000000,"thresholdNanos":2000"#
+        func profile(_ extra: String) throws(MachineProfileError) -> MachineProfile {
+            let with = example.replacingOccurrences(of: #""methods":"#, with: #""stalls":{\#(base)\#(extra)},"methods":"#)
+            return try MachineProfile.decode(Data(with.utf8), source: "with stalls")
+        }
+        #expect(try profile("").tickInterrupt == nil, "stalls without the tick's figures: nothing")
+        #expect(try profile(#","tickGapsPerSecond":0,"tickGapP50Nanos":0"#).tickInterrupt == nil,
+                "the handler under the probe's threshold: nothing")
+        // 250 gaps a second on the profile's 1 ms tick: a quarter of the ticks.
+        #expect(try profile(#","tickGapsPerSecond":250,"tickGapP50Nanos":17650.4"#).tickInterrupt
+                == TickInterrupt(share: 0.25, nanos: 17_650))
+        // Probed on a 4 ms tick (HZ=250): 135 of 250 ticks a second showed the handler.
+        let probed = try profile(#","tickGapsPerSecond":135,"tickGapP50Nanos":17650,"probeTickNanos":4000000"#)
+        #expect(probed.tickInterrupt == TickInterrupt(share: 0.54, nanos: 17_650))
+        #expect(try MachineProfile.decode(try probed.json(), source: "round trip") == probed)
+        #expect(try profile(#","tickGapsPerSecond":2000,"tickGapP50Nanos":5000"#).tickInterrupt?.share == 1, "at most every tick")
+        do {
+            _ = try profile(#","tickGapsPerSecond":100,"tickGapP50Nanos":1000000"#)
+            Issue.record("a tick handler as long as the tick was accepted")
+        } catch {
+            #expect(error.description.contains("tickGapP50Nanos"))
+        }
+        let shipped = try MachineProfile.shipped("qemu-tcg-2").tickInterrupt
+        #expect(shipped?.nanos == 17_650 && abs((shipped?.share ?? 0) - 0.5416) < 1e-9, "the rig's guest: HZ=250 probed, 1 ms ticks run")
+        var c = DeterministicScheduler.Configuration(seed: 1)
+        try MachineProfile.shipped("qemu-tcg-2").apply(to: &c)
+        #expect(c.tickInterrupt == shipped)
+    }
+
     @Test("timerWake is optional: without it nothing is charged; with it its points map onto the scheduler's costs, shortest idle first")
     func timerWakeOptional() throws {
         let plain = try MachineProfile.decode(Data(example.utf8), source: "example")

@@ -308,4 +308,37 @@ struct KernelMutexAlgorithmTests {
         #expect(s.cpuStalls.count < 10, "\(s.cpuStalls.count) stalls")
     }
 
+    @Test("the tick's interrupt takes its handler's time from the thread it interrupts, at the measured share of ticks, in busy time only")
+    func tickInterruptTakesTheRunningThreadsTime() {
+        /// How long one thread took for `work` (spun in 10 µs steps, after
+        /// `idle` asleep), and the tick interrupts it lost time to.
+        func run(_ irq: TickInterrupt?, work: UInt64 = 10_000_000, idle: UInt64 = 0) -> (took: UInt64, irqs: UInt64, nanos: UInt64) {
+            var c = CPUModelTests.configuration(cpus: 1)
+            c.tickInterrupt = irq
+            let s = DeterministicScheduler(c)
+            let took = Mutex<UInt64>(0)
+            s.spawn("spinner") {
+                if idle > 0 { HostClock.sleep(nanos: idle) }
+                let start = HostClock.nanos()
+                for _ in 0..<(work / 10_000) { HostClock.spin(nanos: 10_000) }
+                took.withLock { $0 = HostClock.nanos() - start }
+            }
+            #expect(s.run() == .completed)
+            return (took.withLock { $0 }, s.tickInterrupts.count, s.tickInterrupts.nanos)
+        }
+        #expect(run(nil).took == 10_000_000, "no measurement: a tick costs nothing")
+        #expect(run(TickInterrupt(share: 0, nanos: 20_000)).irqs == 0)
+        // Every tick 20 µs: 10 ms of work spans 10 ticks of the 1 ms grid (the handlers' 0.2 ms brings no 11th).
+        let every = run(TickInterrupt(share: 1, nanos: 20_000))
+        #expect(every.irqs == 10 && every.nanos == 200_000)
+        #expect(every.took == 10_000_000 + every.nanos, "the thread lost the handlers' time: \(every.took) ns")
+        // Half the ticks, drawn from the seed: over 200 ticks about 100.
+        let half = run(TickInterrupt(share: 0.5, nanos: 20_000), work: 200_000_000)
+        #expect(half.irqs > 60 && half.irqs < 140, "\(half.irqs) of 200 ticks")
+        #expect(half.took == 200_000_000 + half.nanos)
+        // 100 ms asleep (the CPU idle) and 1 ms busy: one tick's handler, not a hundred.
+        let sleeper = run(TickInterrupt(share: 1, nanos: 20_000), work: 1_000_000, idle: 100_000_000)
+        #expect(sleeper.irqs <= 1, "\(sleeper.irqs) tick interrupts")
+    }
+
 }

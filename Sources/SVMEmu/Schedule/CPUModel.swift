@@ -324,6 +324,12 @@ extension DeterministicScheduler {
 
     /// Context switches the CPUs made so far.
     public var contextSwitches: UInt64 { cpus.reduce(0) { $0 + $1.switches } }
+
+    /// Tick interrupts so far whose handler took a running thread's time
+    /// (``Configuration/tickInterrupt``), and that time.
+    public var tickInterrupts: (count: UInt64, nanos: UInt64) {
+        cpus.reduce((0, 0)) { ($0.0 + $1.tickInterrupts, $0.1 + $1.tickInterruptNanos) }
+    }
 }
 
 /// The hooks of the kernel's sleeping locks (``KernelMutex``) and of the
@@ -466,5 +472,25 @@ public struct CPUStalls: Sendable, Equatable {
     func interval(uniform u: Double) -> UInt64 {
         guard ratePerSecond > 0 else { return .max / 2 }
         return UInt64(-log1p(-u) / ratePerSecond * 1e9)
+    }
+}
+
+/// The kernel's tick interrupt on a busy CPU, as a machine profile measured
+/// it (`stalls.tickGapsPerSecond`, `tickGapP50Nanos`: the gaps a thread
+/// spinning on the clock sees at its CPU's local timer interrupts): on the
+/// tick grid (``DeterministicScheduler/Configuration/tickNanos``) a busy
+/// CPU's running thread loses ``nanos`` at ``share`` of the ticks.
+public struct TickInterrupt: Sendable, Equatable {
+    /// The share of ticks (0-1) whose handler the running thread loses: the
+    /// measured tick gaps a second over the ticks a second of the kernel the
+    /// probe ran on (a tick whose handler stayed under the probe's threshold,
+    /// or fell inside a stall, is not among the gaps).
+    public var share: Double
+    /// The handler's time (the gaps' median), nanoseconds; under a tick.
+    public var nanos: UInt64
+
+    public init(share: Double, nanos: UInt64) {
+        self.share = share
+        self.nanos = nanos
     }
 }

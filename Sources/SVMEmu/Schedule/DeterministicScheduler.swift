@@ -111,6 +111,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// stays on its CPU meanwhile (the guest sees it running), so a
         /// lock holder's stall keeps its spinners spinning.
         public var stalls: CPUStalls? = nil
+        /// With the CPU model: the time the tick's interrupt takes from the
+        /// thread it interrupts on a busy CPU (``TickInterrupt``, a machine
+        /// profile's measured tick gaps); nil: a tick is a scheduling check
+        /// only and costs nothing.
+        public var tickInterrupt: TickInterrupt? = nil
 
         /// A configuration with `seed` and the defaults.
         public init(seed: UInt64) { self.seed = seed }
@@ -223,6 +228,9 @@ public final class DeterministicScheduler: @unchecked Sendable {
         var zeroVruntime: Int64 = 0
         /// The next tick of this CPU (virtual time).
         var nextTick: UInt64 = 0
+        /// Tick interrupts whose handler the running thread lost, and their time.
+        var tickInterrupts: UInt64 = 0
+        var tickInterruptNanos: UInt64 = 0
     }
 
     /// A scheduler for one run.
@@ -233,6 +241,10 @@ public final class DeterministicScheduler: @unchecked Sendable {
         doneWord.initialize(to: 0)
         if let n = configuration.cpus {
             if n < 1 || n > 64 { contractViolation("DeterministicScheduler: cpus must be 1-64, not \(n)") }
+            if let irq = configuration.tickInterrupt, configuration.tickNanos > 0,
+               !(0...1).contains(irq.share) || irq.nanos >= configuration.tickNanos {
+                contractViolation("DeterministicScheduler: a tick interrupt's share must be 0-1 and its time under a tick")
+            }
             cpus = Array(repeating: ModelCPU(), count: n)
             let log2 = UInt64(63 - UInt64(min(n, 8)).leadingZeroBitCount)
             slice = configuration.timesliceNanos ?? 750_000 * (1 + log2)

@@ -86,8 +86,30 @@ extension DeterministicScheduler {
 
     /// The tick of `me`'s CPU (`task_tick_fair()`, `entity_tick()`): the
     /// running thread brought up to date, which may set its need-resched flag.
+    ///
+    /// With a ``Configuration/tickInterrupt``, each tick of the grid that
+    /// came due since the last one (in the CPU's busy time: the grid starts
+    /// anew when a thread gets the CPU) takes its handler's time from `me`
+    /// first, for the measured share of ticks. The kernel's tick is an
+    /// interrupt (`hrtimer_interrupt()`, `tick_nohz_handler()`,
+    /// `update_process_times()`, then the softirqs at `irq_exit()`) run on
+    /// the interrupted task's time, and without `CONFIG_IRQ_TIME_ACCOUNTING`
+    /// (the rig's config) the task's clock (`rq_clock_task()`) counts it:
+    /// its vruntime grows by it too, as the update here does.
     func tick(_ me: EmulatedThread) {
         let c = me.cpu, tick = configuration.tickNanos
+        if tick > 0, let irq = configuration.tickInterrupt {
+            var due = cpus[c].nextTick
+            // The handler's time can bring further ticks due.
+            while due <= me.clock {
+                if irq.share >= 1 || (irq.share > 0 && unit() < irq.share) {
+                    me.clock &+= irq.nanos
+                    cpus[c].tickInterrupts &+= 1
+                    cpus[c].tickInterruptNanos &+= irq.nanos
+                }
+                due &+= tick
+            }
+        }
         cpus[c].nextTick = tick > 0 ? (me.clock / tick &+ 1) &* tick : 0
         updateCurr(c)
     }

@@ -141,6 +141,7 @@ struct FidelityCommand: ParsableCommand {
         s.timesliceNanos = profile.baseSliceNanos
         s.tickNanos = profile.tickNanos
         s.stalls = profile.cpuStalls
+        s.tickInterrupt = profile.tickInterrupt
         s.preemption = profile.scheduler.preemptionModel
         s.wakePlacement = profile.scheduler.wakePlacementModel
         s.cpus = cpus
