@@ -126,7 +126,11 @@ public struct FidelityRow: Codable, Sendable {
 public enum FidelityHarness {
     /// How the emulator runs each case.
     public struct Settings: Sendable {
-        /// The machine's costs (a profile's).
+        /// The machine whose settings the runs take (``MachineProfile/apply(to:)``:
+        /// its costs without jitter, slice, tick, stalls, tick interrupt,
+        /// preemption and wake placement); nil: the fields below.
+        public var machine: MachineProfile? = nil
+        /// The machine's costs, without `machine`.
         public var costs: VirtualCosts = .measured
         /// The scheduler's slice and tick (a profile's), nil: the kernel's default.
         public var timesliceNanos: UInt64? = nil
@@ -189,13 +193,17 @@ public enum FidelityHarness {
                 var schedule = DeterministicScheduler.Configuration(seed: seed)
                 schedule.preemptions = 0
                 schedule.cpus = settings.cpus
-                schedule.costs = settings.costs
-                schedule.timesliceNanos = settings.timesliceNanos
-                schedule.tickNanos = settings.tickNanos
-                schedule.stalls = settings.stalls
-                schedule.tickInterrupt = settings.tickInterrupt
-                schedule.preemption = settings.preemption
-                schedule.wakePlacement = settings.wakePlacement
+                if let machine = settings.machine {
+                    machine.apply(to: &schedule)
+                } else {
+                    schedule.costs = settings.costs
+                    schedule.timesliceNanos = settings.timesliceNanos
+                    schedule.tickNanos = settings.tickNanos
+                    schedule.stalls = settings.stalls
+                    schedule.tickInterrupt = settings.tickInterrupt
+                    schedule.preemption = settings.preemption
+                    schedule.wakePlacement = settings.wakePlacement
+                }
                 let r = try StormHarness.run(s, schedule: schedule)
                 let complete = !r.livelocked && r.pagesMigrated == s.pages && r.error == nil
                 outcomes.append((!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil))

@@ -38,6 +38,18 @@ struct FidelityTests {
         #expect(again.map(\.emulator) == rows.map(\.emulator))
     }
 
+    @Test("a machine profile gives the runs its settings (MachineProfile.apply): trylock still one call a page, the same seeds the same rows")
+    func profileSettings() throws {
+        let r = Self.reference([("2:1:50", "trylock", "completes", 1.0)])
+        var s = FidelityHarness.Settings()
+        s.machine = try MachineProfile.shipped("qemu-tcg-2")
+        s.pages = 4
+        s.seeds = [1]
+        let rows = try FidelityHarness.run(r, s)
+        #expect(rows[0].emulator.callsPerPage == [1, 1] && rows[0].outcomeAgrees)
+        #expect(try FidelityHarness.run(r, s).map(\.emulator) == rows.map(\.emulator))
+    }
+
     @Test("a kernel whose boots differ agrees with either outcome; the shipped reference decodes")
     func eitherOutcome() throws {
         let json = """

@@ -137,13 +137,7 @@ struct FidelityCommand: ParsableCommand {
             throw ValidationError("--machine: \(error.description)")
         }
         var s = FidelityHarness.Settings()
-        s.costs = profile.virtualCosts
-        s.timesliceNanos = profile.baseSliceNanos
-        s.tickNanos = profile.tickNanos
-        s.stalls = profile.cpuStalls
-        s.tickInterrupt = profile.tickInterrupt
-        s.preemption = profile.scheduler.preemptionModel
-        s.wakePlacement = profile.scheduler.wakePlacementModel
+        s.machine = profile
         s.cpus = cpus
         s.seeds = Array(try seedSet().seeds)
         s.stallSeconds = stallSeconds
