@@ -124,6 +124,10 @@ public struct FidelityRow: Codable, Sendable {
 /// costs and the rig's driver shape, seed by seed, and sets them beside the
 /// kernel's results.
 public enum FidelityHarness {
+    /// The rig's watchdog (`rig-livelock -w`, default 30): a run whose
+    /// pages make no progress for this long is a livelock to the kernel.
+    public static let rigWatchdogSeconds = 30.0
+
     /// How the emulator runs each case.
     public struct Settings: Sendable {
         /// The machine whose settings the runs take (``MachineProfile/apply(to:)``:
@@ -151,11 +155,11 @@ public enum FidelityHarness {
         /// Pages per storm (the rig's 512).
         public var pages = 512
         /// Virtual seconds a page may take before the run counts as a
-        /// livelock. The rig's watchdog waits 30 s of no progress, and some
-        /// of its completing boots have pages of 1-30 s (4:1:50, 4:1:100,
-        /// 4:1:200, 6:1:20), which this window counts as livelocks
+        /// livelock: by default the rig's watchdog (``rigWatchdogSeconds``),
+        /// whose completing boots have pages of 1-30 s (4:1:50, 4:1:100,
+        /// 4:1:200, 6:1:20) that a shorter window would count as livelocks
         /// (Docs/fidelity.md, "The tick's interrupt").
-        public var stallSeconds = 1.0
+        public var stallSeconds = FidelityHarness.rigWatchdogSeconds
         /// The driver's shape: every call sleeps, with fsleep (the rig's).
         public var driverWork: DriverWorkShape = .everyCall
         /// How the driver waits.

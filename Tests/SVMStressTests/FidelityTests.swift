@@ -42,6 +42,7 @@ struct FidelityTests {
     func profileSettings() throws {
         let r = Self.reference([("2:1:50", "trylock", "completes", 1.0)])
         var s = FidelityHarness.Settings()
+        #expect(s.stallSeconds == 30, "the rig's watchdog")
         s.machine = try MachineProfile.shipped("qemu-tcg-2")
         s.pages = 4
         s.seeds = [1]

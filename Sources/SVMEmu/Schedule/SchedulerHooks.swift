@@ -215,9 +215,9 @@ extension DeterministicScheduler {
     /// a sleep that ends at the first scheduler tick at or after
     /// `minNanos` (the tick's interrupt runs the timer past its soft
     /// expiry), else at `maxNanos`; the tick counts only for a sleep of at
-    /// most one tick period, which keeps the tick running on an idle CPU. Returns false when the caller is not an
-    /// emulated thread or there is no CPU model (the caller sleeps the
-    /// maximum).
+    /// most one tick period, which keeps the tick running on an idle CPU.
+    /// Returns false when the caller is not an emulated thread or there is
+    /// no CPU model (the caller sleeps the maximum).
     @usableFromInline @inline(never)
     static func sleepRange(minNanos: UInt64, maxNanos: UInt64) -> Bool {
         guard let t = current, !t.scheduler.cpus.isEmpty, !t.observer else { return false }

@@ -25,7 +25,9 @@ struct FidelityCommand: ParsableCommand {
             emulated CPUs, charging the --machine profile's measured costs (default qemu-tcg-2: \
             measured inside the rig's guest), with the rig's driver shape (every call sleeps, \
             with the kernel's fsleep rule). A run counts as a livelock when a page makes no \
-            progress for --stall-seconds virtual seconds. No cost is fitted to these outcomes: \
+            progress for --stall-seconds virtual seconds (default 30, the rig's own watchdog: \
+            about 100 s of host time for 5 seeds, livelocking seeds running to the window). \
+            No cost is fitted to these outcomes: \
             Docs/fidelity.md says how each was measured and what still differs.
 
             A row agrees when at least 4 in 5 seeds end as the kernel did (as on every boot, or \
@@ -60,8 +62,8 @@ struct FidelityCommand: ParsableCommand {
     @Option(name: .long, help: "Only this fault path: legacy or trylock (default both).")
     var faultPolicy: String?
 
-    @Option(name: .long, parsing: .unconditional, help: "Virtual seconds without page progress that count as a livelock (0.01-60, default 1).")
-    var stallSeconds = 1.0
+    @Option(name: .long, parsing: .unconditional, help: "Virtual seconds without page progress that count as a livelock (0.01-60, default 30: the rig's watchdog; 1 runs faster and calls more runs livelocks than the kernel would).")
+    var stallSeconds = FidelityHarness.rigWatchdogSeconds
 
     @Option(name: .long, help: "Which migrateToRAM calls sleep: every-call (the rig's) or copy.")
     var driverWork = "every-call"
