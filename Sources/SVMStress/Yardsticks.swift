@@ -13,9 +13,9 @@ import Foundation
 import SVMEmu
 import Synchronization
 
-/// The memcpy yardsticks that are a single figure; the ones a benchmark
-/// interleaves with its own rounds are ``MemcpyBaseline`` and
-/// ``TwoThreadMemcpy``.
+/// The memcpy yardsticks: the chunked copy, a single figure, and
+/// ``Memcpy4K``, whose rounds bench memory interleaves with its own (as
+/// benchmarks do with ``MemcpyBaseline`` and ``TwoThreadMemcpy``).
 public enum Yardsticks {
     /// memcpy of `bytes` in `granule` chunks over a ring of at most 64 MiB
     /// (source and destination), best of three, in GB/s. With `streaming`,
@@ -40,14 +40,6 @@ public enum Yardsticks {
             }
             return Double(bytes) / Double(max(1, best))
         }
-    }
-
-    /// memcpy of 4 KiB between two cache-hot buffers, best of `rounds + 2`
-    /// rounds of ``Memcpy4K/round(copies:)``, in nanoseconds per copy:
-    /// bench memory's `memcpy4KNanos` when nothing is interleaved with it.
-    public static func memcpy4KNanos(rounds: Int) -> Double {
-        let copy = Memcpy4K()
-        return (0..<(rounds + 2)).map { _ in copy.round() }.min()!
     }
 
     /// A cache-hot 4 KiB memcpy whose rounds a benchmark can interleave
