@@ -62,6 +62,9 @@ public enum MemoryBench {
                                  metadataBytesPerPage: Kernel.metadataBytesPerPage, memcpy4KNanos: memcpyNanos)
     }
 
+    /// The fewest memcpy-and-read round pairs of the TLB-hit figure.
+    static let hitRoundPairs = 64
+
     /// One emulated byte read per page over `pages` written pages, `passes`
     /// times a round, best of `rounds + 2` rounds (``ReadSet``), in
     /// nanoseconds per read.
@@ -75,18 +78,19 @@ public enum MemoryBench {
 
     /// The TLB-hit read (64 pages) and its yardstick, the cache-hot 4 KiB
     /// memcpy, in alternate rounds of about the same length (4 ms of
-    /// copies, about 3 ms of reads), `rounds + 2` of each, best round of
-    /// each: both see the same machine. A host whose speed comes and goes
-    /// for tens of milliseconds at a time (a virtual CPU beside a busy
-    /// sibling) slows a short run of dependent loads more than a copy, and
-    /// a 1 ms measurement taken apart from the yardstick's compared a slow
-    /// spell with a fast one.
+    /// copies, about 3 ms of reads), best round of each: both see the same
+    /// machine. A host whose speed comes and goes for tens of milliseconds
+    /// at a time (a virtual CPU beside a busy sibling) slows a short run of
+    /// dependent loads more than a copy: a 1 ms measurement taken apart
+    /// from the yardstick's compared a slow spell with a fast one, and 7
+    /// pairs (50 ms) could all fall in one spell. So the pairs are at least
+    /// ``hitRoundPairs`` (about half a second), `rounds + 2` if more.
     static func measureHitsAgainstMemcpy(_ mm: AddressSpace, rounds: Int, seed: UInt64) throws -> (hit: Double, memcpy: Double) {
         let set = try ReadSet(mm, pages: 64, seed: seed)
         defer { set.unmap() }
         let copy = Yardsticks.Memcpy4K()
         var hit = Double.infinity, memcpy = Double.infinity
-        for _ in 0..<(rounds + 2) {
+        for _ in 0..<max(rounds + 2, hitRoundPairs) {
             memcpy = min(memcpy, copy.round(copies: 100_000))
             hit = min(hit, try set.round(passes: 16_384))
         }
