@@ -132,22 +132,8 @@ public enum FidelityHarness {
     public struct Settings: Sendable {
         /// The machine whose settings the runs take (``MachineProfile/apply(to:)``:
         /// its costs without jitter, slice, tick, stalls, tick interrupt,
-        /// preemption and wake placement); nil: the fields below.
+        /// preemption and wake placement); nil: the scheduler's defaults.
         public var machine: MachineProfile? = nil
-        /// The machine's costs, without `machine`.
-        public var costs: VirtualCosts = .measured
-        /// The scheduler's slice and tick (a profile's), nil: the kernel's default.
-        public var timesliceNanos: UInt64? = nil
-        /// The scheduler tick, nanoseconds.
-        public var tickNanos: UInt64 = 1_000_000
-        /// The machine's CPU stalls (a profile's), nil: none.
-        public var stalls: CPUStalls? = nil
-        /// The machine's tick interrupt (a profile's), nil: a tick costs nothing.
-        public var tickInterrupt: TickInterrupt? = nil
-        /// The machine's preemption model (a profile's).
-        public var preemption: DeterministicScheduler.PreemptionModel = .full
-        /// The machine's wake placement (a profile's).
-        public var wakePlacement: DeterministicScheduler.WakePlacement = .idleSibling
         /// The emulated CPUs (the rig's vCPUs).
         public var cpus = 2
         /// Seeds per case.
@@ -197,17 +183,7 @@ public enum FidelityHarness {
                 var schedule = DeterministicScheduler.Configuration(seed: seed)
                 schedule.preemptions = 0
                 schedule.cpus = settings.cpus
-                if let machine = settings.machine {
-                    machine.apply(to: &schedule)
-                } else {
-                    schedule.costs = settings.costs
-                    schedule.timesliceNanos = settings.timesliceNanos
-                    schedule.tickNanos = settings.tickNanos
-                    schedule.stalls = settings.stalls
-                    schedule.tickInterrupt = settings.tickInterrupt
-                    schedule.preemption = settings.preemption
-                    schedule.wakePlacement = settings.wakePlacement
-                }
+                settings.machine?.apply(to: &schedule)
                 let r = try StormHarness.run(s, schedule: schedule)
                 let complete = !r.livelocked && r.pagesMigrated == s.pages && r.error == nil
                 outcomes.append((!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil))

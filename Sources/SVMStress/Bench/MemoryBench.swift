@@ -33,8 +33,9 @@ public enum MemoryBench {
     /// Measures every figure of ``MemoryBenchResult`` on a fresh machine
     /// (one node, THP off): reads over 4 MiB, 64 pages and 32 MiB, a
     /// shootdown, demand-zero faults over a fresh `faultBytes` mapping per
-    /// round; best of `rounds` rounds each (`rounds + 2` for the reads,
-    /// whose 64-page rounds alternate with the yardstick's).
+    /// round; best of `rounds` rounds each (`rounds + 2` for the reads;
+    /// the 64-page ones alternate with the yardstick's, at least
+    /// ``hitRoundPairs`` pairs).
     ///
     /// - Parameter seed: the pattern the read sets hold.
     /// - Throws: ``HarnessFailure`` when a count or a byte is not what the
