@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import MirrorDriver
 import SVMEmu
 import SVMProfiles
@@ -150,6 +151,9 @@ public enum FidelityHarness {
         public var driverWork: DriverWorkShape = .everyCall
         /// How the driver waits.
         public var driverWait: DriverWait = .fsleep
+        /// Runs at a time, each on a host thread of its own (default: the
+        /// host's cores). The rows do not depend on it.
+        public var jobs = max(1, ProcessInfo.processInfo.activeProcessorCount)
         /// The defaults.
         public init() {}
     }
@@ -170,39 +174,140 @@ public enum FidelityHarness {
         return s
     }
 
-    /// Runs every case of `reference` (in its order); `progress` gets each
-    /// row as it is done.
+    /// Runs every case of `reference` with every seed, ``Settings/jobs``
+    /// runs at a time on host threads of their own, and returns one row per
+    /// case in the reference's order; `progress` gets each row, on the
+    /// calling thread, once its seeds are done and the rows before it are.
+    /// Each run is deterministic on its own, so the rows are the same for
+    /// any number of jobs (but for their host ``FidelityRow/seconds``).
     public static func run(_ reference: KernelLivelockReference, _ settings: Settings,
                            progress: ((FidelityRow, Int, Int) -> Void)? = nil) throws(StormError) -> [FidelityRow] {
-        var rows: [FidelityRow] = []
-        for (i, c) in reference.cases.enumerated() {
-            let start = Date()
-            var outcomes: [(livelock: Bool, callsPerPage: Double?)] = []
-            for seed in settings.seeds {
-                let s = stormSettings(c, settings, seed: seed)
-                var schedule = DeterministicScheduler.Configuration(seed: seed)
-                schedule.preemptions = 0
-                schedule.cpus = settings.cpus
-                settings.machine?.apply(to: &schedule)
-                let r = try StormHarness.run(s, schedule: schedule)
-                let complete = !r.livelocked && r.pagesMigrated == s.pages && r.error == nil
-                outcomes.append((!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil))
+        let cases = reference.cases, seeds = settings.seeds
+        guard !cases.isEmpty, !seeds.isEmpty else { return [] }
+        let board = FidelityBoard(cases: cases.count, seeds: seeds.count)
+        let workers = max(1, min(settings.jobs, cases.count * seeds.count))
+        for w in 0..<workers {
+            let t = Thread {
+                while let (c, i) = board.take() {
+                    let start = Date()
+                    do throws(StormError) {
+                        let outcome = try runOne(cases[c], settings, seed: seeds[i])
+                        board.finish(c, i, outcome, seconds: Date().timeIntervalSince(start))
+                    } catch {
+                        board.fail(error)
+                    }
+                }
+                board.exit()
             }
-            let kernel = FidelitySide(outcomes: c.runs.map { ($0.outcome != "completes", $0.callsPerPage) })
-            let emulator = FidelitySide(outcomes: outcomes)
-            var within: Bool? = nil
-            if let k = kernel.callsPerPage, let e = emulator.callsPerPage {
-                within = e[0] >= k[0] / 2 && e[1] <= k[1] * 2
-            }
-            let kernelOutcomes = Set(c.runs.map { $0.outcome != "completes" })
-            let agreeing = outcomes.filter { kernelOutcomes.contains($0.livelock) }.count
-            let row = FidelityRow(case: c.case, policy: c.policy, kernel: kernel, emulator: emulator,
-                                  seedsAgreeing: agreeing, outcomeAgrees: agreeing * 5 >= outcomes.count * 4,
-                                  callsWithin2x: within,
-                                  seconds: Date().timeIntervalSince(start))
-            rows.append(row)
-            progress?(row, i + 1, reference.cases.count)
+            t.name = "svmemu fidelity \(w)"
+            t.stackSize = 16 << 20
+            t.start()
         }
+        var rows: [FidelityRow] = []
+        while rows.count < cases.count {
+            board.waitForNews()
+            while rows.count < cases.count, let (outcomes, seconds) = board.outcomes(ofCase: rows.count) {
+                let row = Self.row(cases[rows.count], outcomes, seconds: seconds)
+                rows.append(row)
+                progress?(row, rows.count, cases.count)
+            }
+            if let error = board.failure {
+                board.waitForExits(workers)
+                throw error
+            }
+        }
+        board.waitForExits(workers)
         return rows
+    }
+
+    /// One seed of case `c`: whether it livelocked, and its calls per page when it completed.
+    static func runOne(_ c: KernelLivelockReference.Case, _ settings: Settings,
+                       seed: UInt64) throws(StormError) -> FidelityBoard.Outcome {
+        let s = stormSettings(c, settings, seed: seed)
+        var schedule = DeterministicScheduler.Configuration(seed: seed)
+        schedule.preemptions = 0
+        schedule.cpus = settings.cpus
+        settings.machine?.apply(to: &schedule)
+        let r = try StormHarness.run(s, schedule: schedule)
+        let complete = !r.livelocked && r.pagesMigrated == s.pages && r.error == nil
+        return (!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil)
+    }
+
+    /// Case `c`'s row from its seeds' outcomes (in the seeds' order).
+    static func row(_ c: KernelLivelockReference.Case, _ outcomes: [FidelityBoard.Outcome], seconds: Double) -> FidelityRow {
+        let kernel = FidelitySide(outcomes: c.runs.map { ($0.outcome != "completes", $0.callsPerPage) })
+        let emulator = FidelitySide(outcomes: outcomes)
+        var within: Bool? = nil
+        if let k = kernel.callsPerPage, let e = emulator.callsPerPage {
+            within = e[0] >= k[0] / 2 && e[1] <= k[1] * 2
+        }
+        let kernelOutcomes = Set(c.runs.map { $0.outcome != "completes" })
+        let agreeing = outcomes.filter { kernelOutcomes.contains($0.livelock) }.count
+        return FidelityRow(case: c.case, policy: c.policy, kernel: kernel, emulator: emulator,
+                           seedsAgreeing: agreeing, outcomeAgrees: agreeing * 5 >= outcomes.count * 4,
+                           callsWithin2x: within, seconds: seconds)
+    }
+}
+
+/// The shared state of a fidelity run's host threads: the next (case,
+/// seed) to run, each run's outcome, the first error; a semaphore tells the
+/// calling thread of each run that ended and of each thread that exited.
+final class FidelityBoard: @unchecked Sendable {
+    typealias Outcome = (livelock: Bool, callsPerPage: Double?)
+    private struct State {
+        var next = 0
+        var outcomes: [[Outcome?]]
+        var seconds: [Double]
+        var failure: StormError? = nil
+    }
+    private let state: Mutex<State>
+    private let seeds: Int, total: Int
+    private let news = DispatchSemaphore(value: 0), exits = DispatchSemaphore(value: 0)
+
+    init(cases: Int, seeds: Int) {
+        self.seeds = seeds
+        total = cases * seeds
+        state = Mutex(State(outcomes: Array(repeating: Array(repeating: nil, count: seeds), count: cases),
+                            seconds: Array(repeating: 0, count: cases)))
+    }
+
+    /// The next run to do, nil when all are taken or one failed.
+    func take() -> (Int, Int)? {
+        state.withLock { s in
+            guard s.failure == nil, s.next < total else { return nil }
+            defer { s.next += 1 }
+            return s.next.quotientAndRemainder(dividingBy: seeds)
+        }
+    }
+
+    func finish(_ c: Int, _ i: Int, _ outcome: Outcome, seconds: Double) {
+        state.withLock { s in
+            s.outcomes[c][i] = outcome
+            s.seconds[c] += seconds
+        }
+        news.signal()
+    }
+
+    func fail(_ error: StormError) {
+        state.withLock { s in if s.failure == nil { s.failure = error } }
+        news.signal()
+    }
+
+    func exit() { exits.signal() }
+
+    /// Waits until a run ends (the calling thread, between rows).
+    func waitForNews() { news.wait() }
+
+    /// Waits for `n` threads to exit.
+    func waitForExits(_ n: Int) { for _ in 0..<n { exits.wait() } }
+
+    var failure: StormError? { state.withLock { $0.failure } }
+
+    /// Case `c`'s outcomes and host seconds once every seed of it is done.
+    func outcomes(ofCase c: Int) -> ([Outcome], Double)? {
+        state.withLock { s in
+            let o = s.outcomes[c].compactMap { $0 }
+            return o.count == seeds ? (o, s.seconds[c]) : nil
+        }
     }
 }

@@ -38,6 +38,42 @@ struct FidelityTests {
         #expect(again.map(\.emulator) == rows.map(\.emulator))
     }
 
+    @Test("the runs of a fidelity run share host threads (jobs): one, two or more give the same rows, in the reference's order, progress in order")
+    func jobsGiveTheSameRows() throws {
+        let r = Self.reference([("2:1:50", "legacy", "completes", 1.5), ("1:0:0", "legacy", "completes", 1.0),
+                                ("8:1:50", "legacy", "livelock", nil), ("4:1:50", "trylock", "completes", 1.0)])
+        var s = FidelityHarness.Settings()
+        #expect(s.jobs >= 1)
+        s.pages = 8
+        s.seeds = [1, 2, 3]
+        s.stallSeconds = 0.05
+        var runs: [[FidelityRow]] = []
+        for jobs in [1, 2, 5] {
+            s.jobs = jobs
+            var seen: [Int] = []
+            runs.append(try FidelityHarness.run(r, s) { _, done, total in
+                #expect(total == 4)
+                seen.append(done)
+            })
+            #expect(seen == [1, 2, 3, 4], "jobs \(jobs): rows reported in order")
+        }
+        for rows in runs {
+            #expect(rows.map(\.case) == ["2:1:50", "1:0:0", "8:1:50", "4:1:50"])
+            #expect(rows.map(\.emulator) == runs[0].map(\.emulator) && rows.map(\.seedsAgreeing) == runs[0].map(\.seedsAgreeing))
+        }
+    }
+
+    @Test("a run that cannot start stops the fidelity run with its error once every host thread is back")
+    func jobsStopOnError() {
+        let r = Self.reference([("1:0:0", "legacy", "completes", 1.0), ("2:1:50", "legacy", "completes", 1.5)])
+        var s = FidelityHarness.Settings()
+        s.pages = 8
+        s.seeds = [1, 2, 3]
+        s.cpus = 0
+        s.jobs = 2
+        #expect(throws: StormError.invalidSettings("cpus must be 1...64 (got 0)")) { try FidelityHarness.run(r, s) }
+    }
+
     @Test("a machine profile gives the runs its settings (MachineProfile.apply): trylock still one call a page, the same seeds the same rows")
     func profileSettings() throws {
         let r = Self.reference([("2:1:50", "trylock", "completes", 1.0)])

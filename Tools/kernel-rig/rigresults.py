@@ -4,6 +4,7 @@
   rigresults.py livelock --out Data/kernel/livelock.json [--tap Data/kernel/hmm-tests.tap]
                 [--selftest-log LOG] [--meta META.json] LOG...
   rigresults.py profile  --out Data/profiles/qemu-tcg-2.json [--meta META.json] LOG...
+  rigresults.py stalls   [--profile Data/profiles/qemu-tcg-2.json] [--note TEXT] LOG...
   rigresults.py table    Data/kernel/livelock.json [--reference OTHER.json]
   rigresults.py probe    [--out Data/kernel/fault-path.json] [--profile Data/profiles/qemu-tcg-2.json]
                          [--meta META.json] [--brief] LOG...
@@ -392,6 +393,45 @@ def profile(args):
     if stalls:
         for k, v in doc["stalls"].items():
             print("stalls.%-17s %10.1f      (boots %s)" % (k, v, spread_of(stalls, k)))
+
+
+def stalls(args):
+    """Amends a profile's `stalls` (and their method note) from calibration
+    boots, keeping every other key: the stall probe's figures follow the
+    host's load from boot to boot (TCG), so they can be taken again alone."""
+    boots, ticks = [], set()
+    for path in args.logs:
+        lines = read_lines(path)
+        got = [b for b in calibrations_of(lines) if "stalls" in b]
+        boots.extend(got)
+        m = re.search(r"righz=(\d+)", cmdline_of(lines) or "")
+        if got and m:
+            ticks.add(1e9 / int(m.group(1)))
+    if not boots:
+        sys.exit("rigresults: no calibration block with stalls in %s" % ", ".join(args.logs))
+    if len(ticks) > 1:
+        sys.exit("rigresults: the boots ran kernels of different ticks (%s ns)" % sorted(ticks))
+    rows = [b["stalls"] for b in boots]
+    figures = {k: round(statistics.median([s[k] for s in rows if k in s]), 1) for k in rows[0]}
+    if ticks:
+        figures["probeTickNanos"] = ticks.pop()
+    for k, v in figures.items():
+        print("stalls.%-17s %10.1f      (boots %s)" % (k, v, spread_of(rows, k)))
+    if not args.profile:
+        return
+    with open(args.profile) as f:
+        prof = json.load(f)
+    prof["stalls"] = figures
+    how = boots[0].get("methods", {}).get("stalls", "")
+    prof.setdefault("methods", {})["stalls"] = (
+        "%s%sFrom %d calibration boots of the rig's vanilla kernel (%s), the rest of the profile kept. Each figure "
+        "the median of the boots (per-boot: rate %s /s, p50 %s ns, p99 %s ns, max %s ns, tick gaps %s /s, their "
+        "p50 %s ns)." % (how, " " if how else "", len(boots), args.note or "rig.sh calibrate",
+                         spread_of(rows, "ratePerSecond"), spread_of(rows, "p50Nanos"), spread_of(rows, "p99Nanos"),
+                         spread_of(rows, "maxNanos"), spread_of(rows, "tickGapsPerSecond"),
+                         spread_of(rows, "tickGapP50Nanos")))
+    write_json(args.profile, prof)
+    print("wrote stalls into %s" % args.profile)
 
 
 def spread_of(rows, key):
@@ -786,6 +826,11 @@ def main():
     w.add_argument("--profile", help="put the measured points into this machine profile (timerWake)")
     w.add_argument("logs", nargs="+")
     w.set_defaults(func=timerwake)
+    st = sub.add_parser("stalls", help="the stall probe of calibration boots into a profile (stalls), the rest kept")
+    st.add_argument("--profile", help="put the boots' stall figures into this machine profile (stalls)")
+    st.add_argument("--note", help="how the boots ran (the host's load), for the method note")
+    st.add_argument("logs", nargs="+")
+    st.set_defaults(func=stalls)
     r = sub.add_parser("probe", help="kprobe traces of the device-private fault path as intervals")
     r.add_argument("--out", help="write the intervals as JSON (Data/kernel/fault-path.json)")
     r.add_argument("--profile", help="put the two measured costs into this machine profile (deviceFault)")
