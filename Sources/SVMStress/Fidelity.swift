@@ -17,6 +17,9 @@ public struct KernelLivelockReference: Codable, Sendable {
         public var callsPerPage: Double?
         /// Seconds the case took (the watchdog's limit for a livelock).
         public var seconds: Double?
+        /// The host's load during the boot (`idle`, `loaded`), when the
+        /// rig's run recorded it: under TCG the guest's timing follows it.
+        public var hostLoad: String?
     }
     /// One case under one fault path, over every boot.
     public struct Case: Codable, Sendable {
@@ -117,6 +120,10 @@ public struct FidelityRow: Codable, Sendable {
     /// Every completing emulator run is within 2x of the kernel's calls per
     /// page (its range over boots); nil when either side never completed.
     public var callsWithin2x: Bool?
+    /// The host load of the kernel's boots the row compares with: the
+    /// machine profile's (``MachineProfile/hostLoad``) when the case has
+    /// boots of it; nil, every boot.
+    public var kernelHostLoad: String?
     /// Host seconds the emulator's runs of this row took.
     public var seconds: Double
 }
@@ -151,11 +158,22 @@ public enum FidelityHarness {
         public var driverWork: DriverWorkShape = .everyCall
         /// How the driver waits.
         public var driverWait: DriverWait = .fsleep
+        /// Which of the kernel's boots each case compares with.
+        public var kernelBoots: KernelBoots = .sameHostLoad
         /// Runs at a time, each on a host thread of its own (default: the
         /// host's cores). The rows do not depend on it.
         public var jobs = max(1, ProcessInfo.processInfo.activeProcessorCount)
         /// The defaults.
         public init() {}
+    }
+
+    /// Which of the kernel's boots a row compares with.
+    public enum KernelBoots: String, Sendable, CaseIterable {
+        /// The boots whose host load is the machine profile's
+        /// (``MachineProfile/hostLoad``), when the case has any; else every boot.
+        case sameHostLoad = "same-load"
+        /// Every boot, whatever its host's load.
+        case all
     }
 
     /// The storm settings of `c` under `settings` and `seed`.
@@ -207,7 +225,7 @@ public enum FidelityHarness {
         while rows.count < cases.count {
             board.waitForNews()
             while rows.count < cases.count, let (outcomes, seconds) = board.outcomes(ofCase: rows.count) {
-                let row = Self.row(cases[rows.count], outcomes, seconds: seconds)
+                let row = Self.row(cases[rows.count], outcomes, seconds: seconds, settings)
                 rows.append(row)
                 progress?(row, rows.count, cases.count)
             }
@@ -233,19 +251,30 @@ public enum FidelityHarness {
         return (!complete, complete ? Double(r.migrateToRAMCalls.total) / Double(s.pages) : nil)
     }
 
+    /// The boots of `c` a row compares with under `settings`, and their
+    /// host load (nil: every boot).
+    static func kernelRuns(_ c: KernelLivelockReference.Case,
+                           _ settings: Settings) -> ([KernelLivelockReference.Run], String?) {
+        guard settings.kernelBoots == .sameHostLoad, let load = settings.machine?.hostLoad else { return (c.runs, nil) }
+        let same = c.runs.filter { $0.hostLoad == load }
+        return same.isEmpty ? (c.runs, nil) : (same, load)
+    }
+
     /// Case `c`'s row from its seeds' outcomes (in the seeds' order).
-    static func row(_ c: KernelLivelockReference.Case, _ outcomes: [FidelityBoard.Outcome], seconds: Double) -> FidelityRow {
-        let kernel = FidelitySide(outcomes: c.runs.map { ($0.outcome != "completes", $0.callsPerPage) })
+    static func row(_ c: KernelLivelockReference.Case, _ outcomes: [FidelityBoard.Outcome], seconds: Double,
+                    _ settings: Settings) -> FidelityRow {
+        let (runs, load) = kernelRuns(c, settings)
+        let kernel = FidelitySide(outcomes: runs.map { ($0.outcome != "completes", $0.callsPerPage) })
         let emulator = FidelitySide(outcomes: outcomes)
         var within: Bool? = nil
         if let k = kernel.callsPerPage, let e = emulator.callsPerPage {
             within = e[0] >= k[0] / 2 && e[1] <= k[1] * 2
         }
-        let kernelOutcomes = Set(c.runs.map { $0.outcome != "completes" })
+        let kernelOutcomes = Set(runs.map { $0.outcome != "completes" })
         let agreeing = outcomes.filter { kernelOutcomes.contains($0.livelock) }.count
         return FidelityRow(case: c.case, policy: c.policy, kernel: kernel, emulator: emulator,
                            seedsAgreeing: agreeing, outcomeAgrees: agreeing * 5 >= outcomes.count * 4,
-                           callsWithin2x: within, seconds: seconds)
+                           callsWithin2x: within, kernelHostLoad: load, seconds: seconds)
     }
 }
 

@@ -46,6 +46,12 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     /// expiry to the sleeper running, by how long the CPU had idled.
     /// Optional: without it a timed-out sleeper takes its CPU at its expiry.
     public var timerWake: TimerWake?
+    /// The host's load while the profile's stalls were measured (`idle`,
+    /// `loaded`): under QEMU TCG a guest's stalls follow its host's load.
+    /// `svmemu fidelity` compares a profile's runs with the kernel
+    /// reference's boots of the same load where it has them. Optional:
+    /// nil, not recorded.
+    public var hostLoad: String?
 
     /// The timer wake-up latency of an idle CPU, measured inside the
     /// machine's kernel (the kernel rig's `rig-calibrate -W`;

@@ -63,6 +63,41 @@ struct FidelityTests {
         }
     }
 
+    @Test("a profile with a host load compares with the kernel's boots of that load where the case has them; --kernel-boots all with every boot")
+    func kernelBootsOfTheProfilesLoad() throws {
+        let json = """
+            {"kernel": "6.12.117", "date": "2026-12-07", "qemu": "q",
+             "cases": [{"case": "1:0:0", "threads": 1, "mutex": false, "sleepMicros": 0, "pages": 512, "policy": "legacy",
+                        "runs": [{"outcome": "completes", "callsPerPage": 1.0, "hostLoad": "idle"},
+                                 {"outcome": "livelock", "callsPerPage": null, "hostLoad": "loaded"},
+                                 {"outcome": "completes", "callsPerPage": 3.0}]},
+                       {"case": "2:0:0", "threads": 2, "mutex": false, "sleepMicros": 0, "pages": 512, "policy": "legacy",
+                        "runs": [{"outcome": "completes", "callsPerPage": 1.0}]}]}
+            """
+        let r = try JSONDecoder().decode(KernelLivelockReference.self, from: Data(json.utf8))
+        var s = FidelityHarness.Settings()
+        s.pages = 4
+        s.seeds = [1]
+        var machine = try MachineProfile.shipped("qemu-tcg-2")
+        #expect(machine.hostLoad == "idle")
+        #expect(try MachineProfile.shipped("qemu-tcg-2-loaded").hostLoad == "loaded")
+        machine.stalls = nil
+        s.machine = machine
+        var rows = try FidelityHarness.run(r, s)
+        #expect(rows[0].kernelHostLoad == "idle" && rows[0].kernel.outcome == "completes" && rows[0].kernel.callsPerPage == [1, 1])
+        #expect(rows[1].kernelHostLoad == nil && rows[1].kernel.completed == 1, "no boot of the load: every boot")
+        s.machine?.hostLoad = "loaded"
+        rows = try FidelityHarness.run(r, s)
+        #expect(rows[0].kernelHostLoad == "loaded" && rows[0].kernel.outcome == "livelock")
+        #expect(!rows[0].outcomeAgrees, "the one seed completes where the loaded boot livelocked")
+        s.kernelBoots = .all
+        rows = try FidelityHarness.run(r, s)
+        #expect(rows[0].kernelHostLoad == nil && rows[0].kernel.outcome == "mixed" && rows[0].kernel.callsPerPage == [1, 3])
+        s.kernelBoots = .sameHostLoad
+        s.machine?.hostLoad = nil
+        #expect(try FidelityHarness.run(r, s)[0].kernelHostLoad == nil, "a profile without a host load: every boot")
+    }
+
     @Test("a run that cannot start stops the fidelity run with its error once every host thread is back")
     func jobsStopOnError() {
         let r = Self.reference([("1:0:0", "legacy", "completes", 1.0), ("2:1:50", "legacy", "completes", 1.5)])

@@ -4,7 +4,7 @@
   rigresults.py livelock --out Data/kernel/livelock.json [--tap Data/kernel/hmm-tests.tap]
                 [--selftest-log LOG] [--meta META.json] LOG...
   rigresults.py profile  --out Data/profiles/qemu-tcg-2.json [--meta META.json] LOG...
-  rigresults.py stalls   [--profile Data/profiles/qemu-tcg-2.json] [--note TEXT] LOG...
+  rigresults.py stalls   [--profile Data/profiles/qemu-tcg-2.json] [--note TEXT] [--host-load idle|loaded] LOG...
   rigresults.py table    Data/kernel/livelock.json [--reference OTHER.json]
   rigresults.py probe    [--out Data/kernel/fault-path.json] [--profile Data/profiles/qemu-tcg-2.json]
                          [--meta META.json] [--brief] LOG...
@@ -422,6 +422,8 @@ def stalls(args):
     with open(args.profile) as f:
         prof = json.load(f)
     prof["stalls"] = figures
+    if args.host_load:
+        prof["hostLoad"] = args.host_load
     how = boots[0].get("methods", {}).get("stalls", "")
     prof.setdefault("methods", {})["stalls"] = (
         "%s%sFrom %d calibration boots of the rig's vanilla kernel (%s), the rest of the profile kept. Each figure "
@@ -829,6 +831,7 @@ def main():
     st = sub.add_parser("stalls", help="the stall probe of calibration boots into a profile (stalls), the rest kept")
     st.add_argument("--profile", help="put the boots' stall figures into this machine profile (stalls)")
     st.add_argument("--note", help="how the boots ran (the host's load), for the method note")
+    st.add_argument("--host-load", help="the profile's hostLoad (idle, loaded): svmemu fidelity compares it with the kernel's boots of that load")
     st.add_argument("logs", nargs="+")
     st.set_defaults(func=stalls)
     r = sub.add_parser("probe", help="kprobe traces of the device-private fault path as intervals")

@@ -31,13 +31,18 @@ struct FidelityCommand: ParsableCommand {
             No cost is fitted to these outcomes: \
             Docs/fidelity.md says how each was measured and what still differs.
 
+            Under TCG the guest's timing follows its host's load: where the reference records \
+            the host's load of a case's boots, a case compares with the boots of the profile's \
+            load (its hostLoad: qemu-tcg-2 an idle host, qemu-tcg-2-loaded a loaded one), shown \
+            as [idle host] in the table; --kernel-boots all compares with every boot.
+
             A row agrees when at least 4 in 5 seeds end as the kernel did (as on every boot, or \
             as on some boot when the kernel's boots differed); "calls" compares calls per page \
             (within 2x of the kernel's range over boots). Exits 1 when \
             an outcome differs. With --json prints one object (Docs/json.md) whose results hold \
             the reference (kernel, date, qemu) and one row per case and policy: case, policy, \
             kernel and emulator (outcome, majority, completed, livelocked, callsPerPage [low, \
-            high]), seedsAgreeing, outcomeAgrees, callsWithin2x.
+            high]), seedsAgreeing, outcomeAgrees, callsWithin2x, kernelHostLoad.
 
             \(ExitStatus.helpParagraph)
             """)
@@ -72,6 +77,9 @@ struct FidelityCommand: ParsableCommand {
     @Option(name: .long, help: "How they sleep: fsleep (the rig's), sleep or spin.")
     var driverWait = "fsleep"
 
+    @Option(name: .long, help: "Which of the kernel's boots a case compares with: same-load (the boots whose host load is the profile's hostLoad, when the case has any; else every boot) or all.")
+    var kernelBoots = "same-load"
+
     @Option(name: .long, parsing: .unconditional, help: "Runs at a time, each on a host thread (1-64, default: the host's cores); the rows are the same for any number.")
     var jobs = FidelityHarness.Settings().jobs
 
@@ -101,6 +109,7 @@ struct FidelityCommand: ParsableCommand {
             throw ValidationError("invalid --fault-policy '\(faultPolicy)'; valid values: legacy, trylock")
         }
         _ = try shape()
+        _ = try kernelBootsChoice()
         if let cases {
             for c in cases.split(separator: ",") where c.split(separator: ":").count != 3 {
                 throw ValidationError("--cases: '\(c)' is not THREADS:MUTEX:MICROS (for example 8:1:50)")
@@ -110,6 +119,15 @@ struct FidelityCommand: ParsableCommand {
         // names: checked here, so that an error shows this command's usage.
         _ = try loadReference()
         _ = try settings()
+    }
+
+    /// `--kernel-boots`, in any case. Throws `ValidationError` naming the flag.
+    func kernelBootsChoice() throws -> FidelityHarness.KernelBoots {
+        guard let k = FidelityHarness.KernelBoots(rawValue: kernelBoots.lowercased()) else {
+            throw ValidationError("invalid --kernel-boots '\(kernelBoots)'; valid values: "
+                                  + FidelityHarness.KernelBoots.allCases.map(\.rawValue).joined(separator: ", "))
+        }
+        return k
     }
 
     func shape() throws -> (DriverWorkShape, DriverWait) {
@@ -149,6 +167,7 @@ struct FidelityCommand: ParsableCommand {
         s.seeds = Array(try seedSet().seeds)
         s.stallSeconds = stallSeconds
         s.jobs = jobs
+        s.kernelBoots = try kernelBootsChoice()
         (s.driverWork, s.driverWait) = try shape()
         return s
     }
@@ -206,7 +225,7 @@ struct FidelityCommand: ParsableCommand {
         var table = [["CASE", "POLICY", "KERNEL (\(r.kernel), BOOTS)", "EMULATOR (\(machine), \(seeds) SEEDS)", "OUTCOME", "CALLS/PAGE"]]
         for row in rows {
             let seedsShown = "\(row.seedsAgreeing)/\(row.emulator.completed + row.emulator.livelocked) seeds"
-            table.append([row.case, row.policy, side(row.kernel), side(row.emulator),
+            table.append([row.case, row.policy, side(row.kernel) + (row.kernelHostLoad.map { " [\($0) host]" } ?? ""), side(row.emulator),
                           (row.outcomeAgrees ? "agrees, " : "DIFFERS, ") + seedsShown,
                           row.callsWithin2x.map { $0 ? "within 2x" : "beyond 2x" } ?? "-"])
         }

@@ -165,7 +165,7 @@ extension StormScenarioOptions {
 /// `--machine` of a deterministic run: whose costs its virtual time charges
 /// (a shipped profile by name, or a profile file; Docs/machine-profiles.md).
 struct MachineOptions: ParsableArguments {
-    @Option(name: .long, help: "Machine profile whose measured costs a deterministic run charges: native, qemu-tcg-2 or a profile FILE (svmemu calibrate --output FILE); default: the built-in costs.")
+    @Option(name: .long, help: "Machine profile whose measured costs a deterministic run charges: native, qemu-tcg-2 (the kernel rig's guest on an idle host), qemu-tcg-2-loaded (on a loaded one) or a profile FILE (svmemu calibrate --output FILE); default: the built-in costs.")
     var machine: String?
 
     /// The profile `--machine` names, read and checked; nil without it.
