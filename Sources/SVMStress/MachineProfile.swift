@@ -157,6 +157,28 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         /// The tick (1 s / CONFIG_HZ) of the kernel the probe ran on, ns,
         /// when it is not ``MachineProfile/tickNanos`` (absent: the same).
         public var probeTickNanos: Double?
+        /// The same probe on one vCPU with the others idle (the rig's
+        /// `rig.sh stalls`): a busy CPU's stalls while every other CPU
+        /// idles. Optional: absent, the figures above whatever the others do.
+        public var oneBusy: OneBusy?
+
+        /// The stalls of one busy CPU while the others idle.
+        public struct OneBusy: Sendable, Codable, Equatable {
+            /// Stalls per second.
+            public var ratePerSecond: Double
+            /// A stall's mean length, ns.
+            public var meanNanos: Double
+            /// The median stall, ns.
+            public var p50Nanos: Double
+            /// The 90th percentile, ns.
+            public var p90Nanos: Double
+            /// The 99th percentile, ns.
+            public var p99Nanos: Double
+            /// The longest stall seen, ns.
+            public var maxNanos: Double
+            /// Gaps longer than this were noted, ns.
+            public var thresholdNanos: Double
+        }
 
         /// Every figure by its key, in the file's order (the optional ones when present).
         public var all: [(key: String, value: Double)] {
@@ -293,6 +315,15 @@ public struct MachineProfile: Sendable, Codable, Equatable {
                          p90Nanos: ns(s.p90Nanos), p99Nanos: ns(s.p99Nanos), maxNanos: ns(s.maxNanos))
     }
 
+    /// The stalls of a busy CPU while the others idle (``Stalls/oneBusy``), as
+    /// the CPU model charges them; nil when the profile did not measure them.
+    public var cpuStallsOneBusy: CPUStalls? {
+        guard cpuStalls != nil, let o = stalls?.oneBusy else { return nil }
+        func ns(_ v: Double) -> UInt64 { v.isFinite && v > 0 ? UInt64(v.rounded()) : 0 }
+        return CPUStalls(ratePerSecond: o.ratePerSecond, thresholdNanos: ns(o.thresholdNanos), p50Nanos: ns(o.p50Nanos),
+                         p90Nanos: ns(o.p90Nanos), p99Nanos: ns(o.p99Nanos), maxNanos: ns(o.maxNanos))
+    }
+
     /// The machine's tick interrupt as the CPU model charges it (nil when
     /// the profile did not measure its gaps): the median tick gap, at the
     /// share of ticks that showed one (tick gaps a second times the probed
@@ -319,6 +350,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         c.timesliceNanos = baseSliceNanos
         c.tickNanos = tickNanos
         c.stalls = cpuStalls
+        c.stallsOneBusy = cpuStallsOneBusy
         c.tickInterrupt = tickInterrupt
         c.preemption = scheduler.preemptionModel
         c.wakePlacement = scheduler.wakePlacementModel
@@ -352,6 +384,13 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         if let stalls {
             for (key, v) in stalls.all where !v.isFinite || v < 0 {
                 return "stalls.\(key) must be a finite number >= 0 (got \(v))"
+            }
+            if let o = stalls.oneBusy {
+                for (key, v) in [("ratePerSecond", o.ratePerSecond), ("meanNanos", o.meanNanos), ("p50Nanos", o.p50Nanos),
+                                 ("p90Nanos", o.p90Nanos), ("p99Nanos", o.p99Nanos), ("maxNanos", o.maxNanos),
+                                 ("thresholdNanos", o.thresholdNanos)] where !v.isFinite || v < 0 {
+                    return "stalls.oneBusy.\(key) must be a finite number >= 0 (got \(v))"
+                }
             }
             if let p50 = stalls.tickGapP50Nanos, p50 >= Double(scheduler.tickNanos) {
                 return "stalls.tickGapP50Nanos must be under scheduler.tickNanos (got \(p50))"

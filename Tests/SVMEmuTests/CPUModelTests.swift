@@ -308,6 +308,32 @@ struct KernelMutexAlgorithmTests {
         #expect(s.cpuStalls.count < 10, "\(s.cpuStalls.count) stalls")
     }
 
+    @Test("with one-busy stall figures a CPU stalls by them while the other CPUs idle, by the others while they are busy")
+    func stallsOneBusy() {
+        /// Stalls of two CPUs over 50 ms of spinning: one thread alone, or two at once.
+        func stalls(threads: Int, oneBusy: CPUStalls?) -> UInt64 {
+            var c = CPUModelTests.configuration(cpus: 2)
+            c.stalls = CPUStalls(ratePerSecond: 2_000, thresholdNanos: 10_000, p50Nanos: 10_000,
+                                 p90Nanos: 10_000, p99Nanos: 10_000, maxNanos: 10_000)
+            c.stallsOneBusy = oneBusy
+            let s = DeterministicScheduler(c)
+            for i in 0..<threads {
+                s.spawn("spinner \(i)") { for _ in 0..<5_000 { HostClock.spin(nanos: 10_000) } }
+            }
+            #expect(s.run() == .completed)
+            return s.cpuStalls.count
+        }
+        let never = CPUStalls(ratePerSecond: 0, thresholdNanos: 10_000, p50Nanos: 10_000, p90Nanos: 10_000,
+                              p99Nanos: 10_000, maxNanos: 10_000)
+        #expect(stalls(threads: 1, oneBusy: never) == 0, "alone on the machine: the one-busy figures, no stalls")
+        // About 2 stalls a ms of busy time: about 100 in 50 ms on one CPU, 200 on two.
+        let alone = stalls(threads: 1, oneBusy: nil)
+        #expect(alone > 50 && alone < 150, "without one-busy figures: \(alone)")
+        let both = stalls(threads: 2, oneBusy: never)
+        #expect(both > 100 && both < 300, "both CPUs busy: the two-busy figures, \(both)")
+        #expect(stalls(threads: 1, oneBusy: nil) == alone, "the same seed, the same draws")
+    }
+
     @Test("the tick's interrupt takes its handler's time from the thread it interrupts, at the measured share of ticks, in busy time only")
     func tickInterruptTakesTheRunningThreadsTime() {
         /// How long one thread took for `work` (spun in 10 µs steps, after

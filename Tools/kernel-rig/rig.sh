@@ -17,6 +17,8 @@
 #              fault path of single-thread cases (PROBE_CASES), and one probe's cost
 #   timerwake  boot vanilla TIMERWAKE_BOOTS times (default 5): the timer wake-up
 #              latency of an idle vCPU (rig-calibrate -W; rigresults.py timerwake)
+#   stalls     boot vanilla STALL_BOOTS times (default 5): the stall probe alone, with
+#              one vCPU busy and with both (rig-calibrate -S; rigresults.py stalls)
 #   results    turn a run's logs into the data files (RUN_ID, default the latest run)
 #   check      all of the above in order (what `make kernel-check` runs)
 #   boot VARIANT MODE [kernel args]   one boot by hand (MODE: selftest|livelock|calibrate|probe|shell)
@@ -44,6 +46,7 @@ BOOTS=${BOOTS:-3}
 CALIBRATE_BOOTS=${CALIBRATE_BOOTS:-5}
 PROBE_BOOTS=${PROBE_BOOTS:-3}
 TIMERWAKE_BOOTS=${TIMERWAKE_BOOTS:-5}
+STALL_BOOTS=${STALL_BOOTS:-5}
 PROBE_CASES=${PROBE_CASES:-1:0:0,1:1:0}
 WATCHDOG=${WATCHDOG:-30}
 PAGES=${PAGES:-512}
@@ -283,6 +286,19 @@ cmd_timerwake() {
 	done
 }
 
+# The stall probe alone (rig-calibrate -S, one RIG-STALLS line a boot): vCPU 0
+# spinning with vCPU 1 idle, then both; rigresults.py stalls puts them into a
+# profile (stalls, stalls.oneBusy).
+cmd_stalls() {
+	local i
+	local hz
+	hz=$(sed -n 's/^CONFIG_HZ=//p' "$OUT/config" 2>/dev/null || true)
+	for i in $(seq 1 "$STALL_BOOTS"); do
+		boot vanilla calibrate rigcalibrate=-S ${hz:+righz=$hz}
+		grep -a "RIG-STALLS" "$LAST_LOG" | tr -d '\r' || say "warning: no RIG-STALLS line in $LAST_LOG"
+	done
+}
+
 # kprobe events on the legacy kernel's device-private fault path (guest/init,
 # rigmode=probe); rigresults.py probe turns the traces into intervals.
 cmd_probe() {
@@ -371,6 +387,7 @@ livelock) cmd_livelock ;;
 calibrate) cmd_calibrate ;;
 probe) cmd_probe ;;
 timerwake) cmd_timerwake ;;
+stalls) cmd_stalls ;;
 results) cmd_results ;;
 check) cmd_check ;;
 boot) shift; [ $# -ge 2 ] || die "usage: $0 boot VARIANT MODE [kernel args]"; boot "$@"; echo "log: $LAST_LOG" ;;

@@ -395,28 +395,50 @@ def profile(args):
             print("stalls.%-17s %10.1f      (boots %s)" % (k, v, spread_of(stalls, k)))
 
 
+STALL_KEYS = ("ratePerSecond", "meanNanos", "p50Nanos", "p90Nanos", "p99Nanos", "maxNanos", "thresholdNanos",
+              "tickGapsPerSecond", "tickGapP50Nanos")
+
+
 def stalls(args):
     """Amends a profile's `stalls` (and their method note) from calibration
-    boots, keeping every other key: the stall probe's figures follow the
-    host's load from boot to boot (TCG), so they can be taken again alone."""
-    boots, ticks = [], set()
+    boots (their RIG-CALIBRATION blocks) or stall boots (rig.sh stalls: a
+    RIG-STALLS line with the probe on one busy vCPU and on both), keeping
+    every other key: the stall probe's figures follow the host's load from
+    boot to boot (TCG), so they can be taken again alone."""
+    both, one, ticks = [], [], set()
     for path in args.logs:
         lines = read_lines(path)
-        got = [b for b in calibrations_of(lines) if "stalls" in b]
-        boots.extend(got)
+        got = [b["stalls"] for b in calibrations_of(lines) if "stalls" in b]
+        for line in tagged_json(lines, "RIG-STALLS"):
+            got.append(line["bothBusy"])
+            one.append(line["oneBusy"])
+        both.extend(got)
         m = re.search(r"righz=(\d+)", cmdline_of(lines) or "")
         if got and m:
             ticks.add(1e9 / int(m.group(1)))
-    if not boots:
-        sys.exit("rigresults: no calibration block with stalls in %s" % ", ".join(args.logs))
+    if not both:
+        sys.exit("rigresults: no calibration block or RIG-STALLS line in %s" % ", ".join(args.logs))
     if len(ticks) > 1:
         sys.exit("rigresults: the boots ran kernels of different ticks (%s ns)" % sorted(ticks))
-    rows = [b["stalls"] for b in boots]
-    figures = {k: round(statistics.median([s[k] for s in rows if k in s]), 1) for k in rows[0]}
+
+    def medians(rows):
+        return {k: round(statistics.median([r[k] for r in rows if k in r]), 1) for k in STALL_KEYS if k in rows[0]}
+
+    def spreads(rows):
+        return "rate %s /s, p50 %s ns, p99 %s ns, max %s ns, tick gaps %s /s, their p50 %s ns" % (
+            spread_of(rows, "ratePerSecond"), spread_of(rows, "p50Nanos"), spread_of(rows, "p99Nanos"),
+            spread_of(rows, "maxNanos"), spread_of(rows, "tickGapsPerSecond"), spread_of(rows, "tickGapP50Nanos"))
+
+    figures = medians(both)
     if ticks:
         figures["probeTickNanos"] = ticks.pop()
+    if one:
+        figures["oneBusy"] = medians(one)
     for k, v in figures.items():
-        print("stalls.%-17s %10.1f      (boots %s)" % (k, v, spread_of(rows, k)))
+        if k != "oneBusy":
+            print("stalls.%-17s %10.1f      (boots %s)" % (k, v, spread_of(both, k)))
+    for k, v in figures.get("oneBusy", {}).items():
+        print("stalls.oneBusy.%-9s %10.1f      (boots %s)" % (k, v, spread_of(one, k)))
     if not args.profile:
         return
     with open(args.profile) as f:
@@ -424,14 +446,18 @@ def stalls(args):
     prof["stalls"] = figures
     if args.host_load:
         prof["hostLoad"] = args.host_load
-    how = boots[0].get("methods", {}).get("stalls", "")
-    prof.setdefault("methods", {})["stalls"] = (
-        "%s%sFrom %d calibration boots of the rig's vanilla kernel (%s), the rest of the profile kept. Each figure "
-        "the median of the boots (per-boot: rate %s /s, p50 %s ns, p99 %s ns, max %s ns, tick gaps %s /s, their "
-        "p50 %s ns)." % (how, " " if how else "", len(boots), args.note or "rig.sh calibrate",
-                         spread_of(rows, "ratePerSecond"), spread_of(rows, "p50Nanos"), spread_of(rows, "p99Nanos"),
-                         spread_of(rows, "maxNanos"), spread_of(rows, "tickGapsPerSecond"),
-                         spread_of(rows, "tickGapP50Nanos")))
+    how = ("On vCPU 0 and 1 (at the same time) one pinned thread each reads CLOCK_MONOTONIC in a loop, 5 rounds of 2 s, "
+           "and notes every gap between two reads above thresholdNanos; the probe sets the guest's tick and its own "
+           "preemptions apart (Docs/machine-profiles.md, \"Stalls\"; Sources/CSVMSupport/svm_stall_probe.h).")
+    calibrated = [b for path in args.logs for b in calibrations_of(read_lines(path))]
+    if calibrated:
+        how = calibrated[0].get("methods", {}).get("stalls", how)
+    note = "%s From %d boots of the rig's vanilla kernel (%s), the rest of the profile kept. Each figure the median of the boots (per-boot: %s)." % (
+        how, len(both), args.note or "rig.sh calibrate", spreads(both))
+    if one:
+        note += (" oneBusy: the same probe on vCPU 0 alone with vCPU 1 idle (rig.sh stalls, rig-calibrate -S, in the same boots "
+                 "before the two-vCPU probe): the stalls of a busy vCPU while the other idles (per-boot: %s)." % spreads(one))
+    prof.setdefault("methods", {})["stalls"] = note
     write_json(args.profile, prof)
     print("wrote stalls into %s" % args.profile)
 

@@ -111,6 +111,12 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// stays on its CPU meanwhile (the guest sees it running), so a
         /// lock holder's stall keeps its spinners spinning.
         public var stalls: CPUStalls? = nil
+        /// With ``stalls``: a busy CPU's stalls while every other CPU idles
+        /// (a machine profile's `stalls.oneBusy`, the probe run on one vCPU
+        /// alone); nil: `stalls` whatever the others do. Under a hypervisor
+        /// a stall is the host taking a vCPU thread's core, which it needs
+        /// less while the other vCPUs idle and leave it theirs.
+        public var stallsOneBusy: CPUStalls? = nil
         /// With the CPU model: the time the tick's interrupt takes from the
         /// thread it interrupts on a busy CPU (``TickInterrupt``, a machine
         /// profile's measured tick gaps); nil: a tick is a scheduling check
@@ -299,7 +305,7 @@ public final class DeterministicScheduler: @unchecked Sendable {
         if !cpus.isEmpty {
             if let stalls = configuration.stalls {
                 for c in cpus.indices {
-                    cpus[c].nextStall = stalls.interval(uniform: unit())
+                    cpus[c].nextStall = stalls.interval(uniform: unit(), ratePerSecond: stallDrawRate(stalls))
                     cpus[c].idleStallLeft = cpus[c].nextStall
                 }
             }

@@ -638,6 +638,44 @@ static long cmdline_hz(void)
 
 /* ---------------------------------------------------------------- main */
 
+/* One stall probe over `n` pinned CPUs (5 rounds of 2 s), as one JSON object. */
+static void print_stalls(const char *sep, const char *key, const int *cpus, int n, uint64_t tick)
+{
+	svm_stall_result st;
+	int rc = svm_stall_measure(cpus, n, 5, 2000000000ULL, tick, &st);
+
+	if (rc) {
+		fprintf(stderr, "rig-calibrate: stalls not measured (%s)\n", strerror(-rc));
+		memset(&st, 0, sizeof(st));
+	}
+	printf("%s\"%s\": {\"busyCPUs\": %d, \"ratePerSecond\": %.2f, \"meanNanos\": %.1f, \"p50Nanos\": %.1f, "
+	       "\"p90Nanos\": %.1f, \"p99Nanos\": %.1f, \"maxNanos\": %.1f, \"thresholdNanos\": %.1f, "
+	       "\"tickGapsPerSecond\": %.2f, \"tickGapP50Nanos\": %.1f}",
+	       sep, key, n, st.ratePerSecond, st.meanNanos, st.p50Nanos, st.p90Nanos,
+	       st.p99Nanos, st.maxNanos, st.thresholdNanos, st.tickGapsPerSecond, st.tickGapP50Nanos);
+}
+
+/*
+ * rig-calibrate -S: the stall probe alone, first with vCPU 0 spinning and
+ * vCPU 1 idle, then with both spinning (as the full calibration does), one
+ * RIG-STALLS line. Under TCG a stall is the host taking a vCPU thread's
+ * core: with one vCPU idle, the host's own work has a core to run on.
+ */
+static int stalls_only(void)
+{
+	long hz = cmdline_hz();
+	uint64_t tick = hz > 0 ? 1000000000ULL / (uint64_t)hz : 1000000ULL;
+	int one[1] = { 0 }, both[2] = { 0, 1 };
+
+	fprintf(stderr, "rig-calibrate: stalls (5 x 2 s on vCPU 0 alone, then on both)\n");
+	printf("RIG-STALLS {");
+	print_stalls("", "oneBusy", one, 1, tick);
+	print_stalls(", ", "bothBusy", both, 2, tick);
+	printf("}\n");
+	fflush(stdout);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	double hit, miss, fault, sys, wake, waitv, wlat, cs, spin, lock, unlock, yield;
@@ -650,6 +688,8 @@ int main(int argc, char **argv)
 	}
 	if (argc > 1 && strcmp(argv[1], "-W") == 0)
 		return timer_wake_only();
+	if (argc > 1 && strcmp(argv[1], "-S") == 0)
+		return stalls_only();
 	pin(0);
 	fprintf(stderr, "rig-calibrate: clock\n");
 	measure_clock();
