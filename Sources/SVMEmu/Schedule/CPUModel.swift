@@ -313,7 +313,7 @@ extension DeterministicScheduler {
     func stall(_ me: EmulatedThread, _ stalls: CPUStalls) {
         let c = me.cpu
         let alone = configuration.stallsOneBusy
-        let top = max(stalls.ratePerSecond, alone?.ratePerSecond ?? 0)
+        let top = stallDrawRate(stalls)
         while cpus[c].nextStall <= me.clock {
             var figures = stalls
             if let alone {

@@ -27,7 +27,7 @@ struct FidelityCommand: ParsableCommand {
             with the kernel's fsleep rule). A run counts as a livelock when a page makes no \
             progress for --stall-seconds virtual seconds (default 30, the rig's own watchdog; \
             livelocking seeds run to the window). The runs share the host's cores (--jobs): \
-            about 90 s of host time for 5 seeds on 2 cores. \
+            about 100 s of host time for 5 seeds on 2 cores. \
             No cost is fitted to these outcomes: \
             Docs/fidelity.md says how each was measured and what still differs.
 
