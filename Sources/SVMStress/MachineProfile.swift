@@ -135,7 +135,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     /// loop, and every gap between two reads above ``thresholdNanos`` that
     /// neither the kernel's tick nor a switch to another task explains is a
     /// stall (Docs/machine-profiles.md, "Stalls").
-    public struct Stalls: Sendable, Codable, Equatable {
+    public struct Stalls: StallFigures, Sendable, Codable, Equatable {
         /// Stalls per second on one busy CPU.
         public var ratePerSecond: Double
         /// A stall's mean length, ns.
@@ -163,7 +163,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         public var oneBusy: OneBusy?
 
         /// The stalls of one busy CPU while the others idle.
-        public struct OneBusy: Sendable, Codable, Equatable {
+        public struct OneBusy: StallFigures, Sendable, Codable, Equatable {
             /// Stalls per second.
             public var ratePerSecond: Double
             /// A stall's mean length, ns.
@@ -178,11 +178,6 @@ public struct MachineProfile: Sendable, Codable, Equatable {
             public var maxNanos: Double
             /// Gaps longer than this were noted, ns.
             public var thresholdNanos: Double
-        }
-
-        /// Every figure by its key, in the file's order (the optional ones when present).
-        public var all: [(key: String, value: Double)] {
-            Mirror(reflecting: self).children.compactMap { c in (c.value as? Double?).flatMap { $0 }.map { (c.label!, $0) } }
         }
     }
 
@@ -310,18 +305,14 @@ public struct MachineProfile: Sendable, Codable, Equatable {
     /// charges them (nil when the profile has none).
     public var cpuStalls: CPUStalls? {
         guard let s = stalls, s.ratePerSecond > 0 else { return nil }
-        func ns(_ v: Double) -> UInt64 { v.isFinite && v > 0 ? UInt64(v.rounded()) : 0 }
-        return CPUStalls(ratePerSecond: s.ratePerSecond, thresholdNanos: ns(s.thresholdNanos), p50Nanos: ns(s.p50Nanos),
-                         p90Nanos: ns(s.p90Nanos), p99Nanos: ns(s.p99Nanos), maxNanos: ns(s.maxNanos))
+        return s.charged
     }
 
     /// The stalls of a busy CPU while the others idle (``Stalls/oneBusy``), as
     /// the CPU model charges them; nil when the profile did not measure them.
     public var cpuStallsOneBusy: CPUStalls? {
         guard cpuStalls != nil, let o = stalls?.oneBusy else { return nil }
-        func ns(_ v: Double) -> UInt64 { v.isFinite && v > 0 ? UInt64(v.rounded()) : 0 }
-        return CPUStalls(ratePerSecond: o.ratePerSecond, thresholdNanos: ns(o.thresholdNanos), p50Nanos: ns(o.p50Nanos),
-                         p90Nanos: ns(o.p90Nanos), p99Nanos: ns(o.p99Nanos), maxNanos: ns(o.maxNanos))
+        return o.charged
     }
 
     /// The machine's tick interrupt as the CPU model charges it (nil when
@@ -385,12 +376,8 @@ public struct MachineProfile: Sendable, Codable, Equatable {
             for (key, v) in stalls.all where !v.isFinite || v < 0 {
                 return "stalls.\(key) must be a finite number >= 0 (got \(v))"
             }
-            if let o = stalls.oneBusy {
-                for (key, v) in [("ratePerSecond", o.ratePerSecond), ("meanNanos", o.meanNanos), ("p50Nanos", o.p50Nanos),
-                                 ("p90Nanos", o.p90Nanos), ("p99Nanos", o.p99Nanos), ("maxNanos", o.maxNanos),
-                                 ("thresholdNanos", o.thresholdNanos)] where !v.isFinite || v < 0 {
-                    return "stalls.oneBusy.\(key) must be a finite number >= 0 (got \(v))"
-                }
+            for (key, v) in stalls.oneBusy?.all ?? [] where !v.isFinite || v < 0 {
+                return "stalls.oneBusy.\(key) must be a finite number >= 0 (got \(v))"
             }
             if let p50 = stalls.tickGapP50Nanos, p50 >= Double(scheduler.tickNanos) {
                 return "stalls.tickGapP50Nanos must be under scheduler.tickNanos (got \(p50))"

@@ -89,6 +89,30 @@ struct MachineProfileTests {
         #expect(c.tickInterrupt == shipped)
     }
 
+    @Test("stalls.oneBusy: optional; charged as its figures with the two-busy ones; checked as they are")
+    func stallsOneBusy() throws {
+        let base = #""ratePerSecond":300,"meanNanos":12000,"p50Nanos":3000,"p90Nanos":33000,"p99Nanos":95000,"maxNanos":1000000,"thresholdNanos":2000"#
+        func profile(_ extra: String) throws(MachineProfileError) -> MachineProfile {
+            let with = example.replacingOccurrences(of: #""methods":"#, with: #""stalls":{\#(base)\#(extra)},"methods":"#)
+            return try MachineProfile.decode(Data(with.utf8), source: "with stalls")
+        }
+        var c = DeterministicScheduler.Configuration(seed: 1)
+        try profile("").apply(to: &c)
+        #expect(c.stalls != nil && c.stallsOneBusy == nil)
+        let one = try profile(#","oneBusy":{"ratePerSecond":0,"meanNanos":0,"p50Nanos":2500.4,"p90Nanos":3000,"p99Nanos":4000,"maxNanos":5000,"thresholdNanos":2000}"#)
+        #expect(one.cpuStallsOneBusy == CPUStalls(ratePerSecond: 0, thresholdNanos: 2000, p50Nanos: 2500, p90Nanos: 3000,
+                                                  p99Nanos: 4000, maxNanos: 5000), "a rate of 0: never alone")
+        #expect(try MachineProfile.decode(try one.json(), source: "round trip") == one)
+        one.apply(to: &c)
+        #expect(c.stallsOneBusy == one.cpuStallsOneBusy && c.stalls == one.cpuStalls)
+        do {
+            _ = try profile(#","oneBusy":{"ratePerSecond":10,"meanNanos":0,"p50Nanos":2500,"p90Nanos":-1,"p99Nanos":4000,"maxNanos":5000,"thresholdNanos":2000}"#)
+            Issue.record("a negative one-busy figure was accepted")
+        } catch {
+            #expect(error.description.contains("stalls.oneBusy.p90Nanos"))
+        }
+    }
+
     @Test("timerWake is optional: without it nothing is charged; with it its points map onto the scheduler's costs, shortest idle first")
     func timerWakeOptional() throws {
         let plain = try MachineProfile.decode(Data(example.utf8), source: "example")
