@@ -1,5 +1,4 @@
 import Foundation
-import Synchronization
 import MirrorDriver
 import SVMEmu
 import SVMProfiles
@@ -289,14 +288,16 @@ final class FidelityBoard: @unchecked Sendable {
         var seconds: [Double]
         var failure: StormError? = nil
     }
-    private let state: Mutex<State>
+    /// The project's locked box, not a bare `Mutex`: ThreadSanitizer sees
+    /// what its lock orders (a futex-based `Mutex` it does not).
+    private let state: LockedValue<State>
     private let seeds: Int, total: Int
     private let news = DispatchSemaphore(value: 0), exits = DispatchSemaphore(value: 0)
 
     init(cases: Int, seeds: Int) {
         self.seeds = seeds
         total = cases * seeds
-        state = Mutex(State(outcomes: Array(repeating: Array(repeating: nil, count: seeds), count: cases),
+        state = LockedValue(State(outcomes: Array(repeating: Array(repeating: nil, count: seeds), count: cases),
                             seconds: Array(repeating: 0, count: cases)))
     }
 
