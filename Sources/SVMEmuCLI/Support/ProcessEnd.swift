@@ -134,13 +134,20 @@ public enum Interrupt {
     /// Notes the temporary file being written (nil: none).
     static func writing(_ path: String?) { store(path ?? "", in: temporaryBuffer, capacity: Int(PATH_MAX) + 1) }
 
+    /// Orders the writers of the buffers: one command runs per process, but
+    /// the test suites run several at once in one (the handler reads
+    /// without it: it cannot take a lock).
+    static let storeLock = LockedValue<Void>(())
+
     static func store(_ text: String, in buffer: UnsafeMutablePointer<CChar>, capacity: Int) {
         var bytes = Array(text.utf8.prefix(capacity - 1))
         bytes.append(0)
-        // Terminate first, so the handler never reads a half-copied string unterminated.
-        buffer[0] = 0
-        bytes.withUnsafeBufferPointer { b in
-            for i in (0..<b.count).reversed() { buffer[i] = CChar(bitPattern: b[i]) }
+        storeLock.withLock { _ in
+            // Terminate first, so the handler never reads a half-copied string unterminated.
+            buffer[0] = 0
+            bytes.withUnsafeBufferPointer { b in
+                for i in (0..<b.count).reversed() { buffer[i] = CChar(bitPattern: b[i]) }
+            }
         }
     }
 
