@@ -537,6 +537,25 @@ int svm_cal_stalls(svm_cal_stall_figures *out, int a, int b, int rounds,
         .preemptionsPerSecond = r.preemptionsPerSecond, .seconds = r.seconds,
         .stalls = r.stalls, .tickGaps = r.tickGaps, .preemptions = r.preemptions, .dropped = r.dropped,
         .byTimerCount = r.byTimerCount,
+        .stalledShare = r.stalledShare, .sharedShare = r.sharedShare, .longSharedShare = r.longSharedShare,
+        .sharedStallsShare = r.sharedStallsShare,
     };
     return 0;
+}
+
+double svm_cal_stall_shared(const unsigned long long *a, int na, const unsigned long long *b, int nb,
+                            unsigned long long least) {
+    if (na < 0 || nb < 0 || na > (int)SVM_STALL_MAX_GAPS || nb > (int)SVM_STALL_MAX_GAPS) return -1;
+    svm_stall_gap *ga = calloc((size_t)na + 1, sizeof *ga), *gb = calloc((size_t)nb + 1, sizeof *gb);
+    if (!ga || !gb) { free(ga); free(gb); return -1; }
+    for (int i = 0; i < na; i++) ga[i] = (svm_stall_gap){ a[2 * i], a[2 * i + 1], 0, -1, 1 };
+    for (int i = 0; i < nb; i++) gb[i] = (svm_stall_gap){ b[2 * i], b[2 * i + 1], 0, -1, 1 };
+    svm_stall_thread x = { .count = (uint32_t)na, .gap = ga }, y = { .count = (uint32_t)nb, .gap = gb };
+    double shared = 0, own = 0;
+    uint64_t mostly = 0;
+    svm_stall_overlap(&x, &y, least, &shared, &own, &mostly);
+    svm_stall_overlap(&y, &x, least, &shared, &own, &mostly);
+    free(ga);
+    free(gb);
+    return own > 0 ? shared / own : 0;
 }

@@ -60,6 +60,10 @@ typedef struct {
     double tickGapP50Nanos;
     double preemptionsPerSecond;   // gaps with a context switch to another task, per second per CPU
     double seconds;            // the time the loops covered, summed over the CPUs
+    double stalledShare;       // the share of the covered time the CPUs spent stalled
+    double sharedShare;        // with 2 CPUs: the share of the stalled time in which the other CPU was stalled too
+    double sharedStallsShare;  // with 2 CPUs: the share of stalls that at least half overlap a stall of the other CPU
+    double longSharedShare;    // with 2 CPUs: sharedShare of the stalls at least p99Nanos long
     uint64_t stalls, tickGaps, preemptions, dropped;
     int byTimerCount;          // CPUs whose tick gaps were found by the timer count (else by phase)
 } svm_stall_result;
@@ -69,6 +73,7 @@ typedef struct {
     uint64_t length;    // nanoseconds to the next read
     int preempted;
     int timer;          // local timer interrupts on the CPU since the last gap (-1: not known)
+    int stall;          // classified a stall (set by svm_stall_measure)
 } svm_stall_gap;
 
 typedef struct svm_stall_shared svm_stall_shared;
@@ -180,7 +185,7 @@ static void *svm_stall_spin(void *arg) {
                 long long timers_now = svm_stall_timer_count(fd, me->cpu, text, 16384);
                 int timer = timers >= 0 && timers_now >= timers ? (int)(timers_now - timers) : -1;
                 if (me->count < SVM_STALL_MAX_GAPS) {
-                    me->gap[me->count++] = (svm_stall_gap){ last, gap, now != switches, timer };
+                    me->gap[me->count++] = (svm_stall_gap){ last, gap, now != switches, timer, 0 };
                 } else {
                     me->dropped++;
                 }
@@ -249,6 +254,45 @@ static double svm_stall_rank(const uint64_t *sorted, uint64_t n, double q) {
     if (k < 1) k = 1;
     if (k > n) k = n;
     return (double)sorted[k - 1];
+}
+
+/// The overlap of one CPU's stalls `x` with the other's `y`: the stalled
+/// time both share (counted once for each of the two), and how many of `x`'s
+/// stalls lie at least half inside `y`'s. Gaps are in time order on each CPU.
+static void svm_stall_overlap(const svm_stall_thread *x, const svm_stall_thread *y, uint64_t least,
+                              double *shared, double *own, uint64_t *mostly) {
+    uint32_t j = 0;
+    for (uint32_t i = 0; i < x->count; i++) {
+        const svm_stall_gap *a = &x->gap[i];
+        if (!a->stall || a->length < least) continue;
+        uint64_t a0 = a->start, a1 = a->start + a->length, inside = 0;
+        while (j < y->count && y->gap[j].start + y->gap[j].length <= a0) j++;
+        for (uint32_t k = j; k < y->count && y->gap[k].start < a1; k++) {
+            const svm_stall_gap *b = &y->gap[k];
+            if (!b->stall) continue;
+            uint64_t lo = b->start > a0 ? b->start : a0, hi = b->start + b->length < a1 ? b->start + b->length : a1;
+            if (hi > lo) inside += hi - lo;
+        }
+        *shared += (double)inside;
+        *own += (double)a->length;
+        if (2 * inside >= a->length) *mostly += 1;
+    }
+}
+
+/// sharedShare, sharedStallsShare and longSharedShare of two CPUs'
+/// classified gaps (`n`: their stalls).
+static void svm_stall_shared_share(const svm_stall_thread *a, const svm_stall_thread *b, uint64_t n,
+                                   svm_stall_result *out) {
+    double shared = 0, own = 0, longShared = 0, longOwn = 0;
+    uint64_t mostly = 0, longMostly = 0;
+    svm_stall_overlap(a, b, 0, &shared, &own, &mostly);
+    svm_stall_overlap(b, a, 0, &shared, &own, &mostly);
+    out->sharedShare = own > 0 ? shared / own : 0;
+    out->sharedStallsShare = n ? (double)mostly / (double)n : 0;
+    uint64_t least = (uint64_t)out->p99Nanos;
+    svm_stall_overlap(a, b, least, &longShared, &longOwn, &longMostly);
+    svm_stall_overlap(b, a, least, &longShared, &longOwn, &longMostly);
+    out->longSharedShare = longOwn > 0 ? longShared / longOwn : 0;
 }
 
 /// Measures stalls on `cpus[0..ncpu)` (1 or 2 CPUs): `rounds` rounds of
@@ -328,7 +372,7 @@ static int svm_stall_measure(const int *cpus, int ncpu, int rounds, uint64_t rou
             if (gp->preempted) { out->preemptions++; continue; }
             int bin = (int)((gp->start % tick_nanos) * SVM_STALL_BINS / tick_nanos);
             if (window && SVM_STALL_TICKISH(gp, bin) && gp->length <= bound) ticks[nt++] = gp->length;
-            else stalls[ns++] = gp->length;
+            else { stalls[ns++] = gp->length; gp->stall = 1; }
         }
     }
     qsort(stalls, ns, sizeof *stalls, svm_stall_cmp_u64);
@@ -349,6 +393,8 @@ static int svm_stall_measure(const int *cpus, int ncpu, int rounds, uint64_t rou
     out->p99Nanos = svm_stall_rank(stalls, ns, 0.99);
     out->maxNanos = ns ? (double)stalls[ns - 1] : 0;
     out->tickGapP50Nanos = svm_stall_rank(ticks, nt, 0.50);
+    out->stalledShare = covered > 0 ? sum / 1e9 / covered : 0;
+    if (ncpu == 2) svm_stall_shared_share(&sh->t[0], &sh->t[1], ns, out);
 #undef SVM_STALL_TICKISH
     free(stalls);
     free(ticks);

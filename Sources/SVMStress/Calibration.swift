@@ -255,6 +255,10 @@ public enum Calibration {
             + "; 0 when the tick's handler stays under the threshold). Every other gap is a stall: "
             + "\(f.stalls) in " + String(format: "%.1f", f.seconds) + " CPU-seconds; rate per second per CPU, "
             + "mean, nearest-rank percentiles and the longest over both CPUs"
+            + String(format: "; the CPUs were stalled %.1f%% of the time", f.stalledShare * 100)
+            + (b >= 0 ? String(format: ", and in %.0f%% of a CPU's stalled time the other was stalled too (%.0f%% for the "
+                               + "stalls of at least the p99; the model draws each CPU's stalls on their own)",
+                               f.sharedShare * 100, f.longSharedShare * 100) : "")
             + (f.dropped > 0 ? " (\(f.dropped) gaps beyond the buffer not counted)" : "") + "."
         return (stalls, method)
     }

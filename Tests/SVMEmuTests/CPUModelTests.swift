@@ -334,6 +334,19 @@ struct KernelMutexAlgorithmTests {
         #expect(stalls(threads: 1, oneBusy: nil) == alone, "the same seed, the same draws")
     }
 
+    @Test("the stall probe's shared share: the part of a CPU's stalled time in which the other CPU was stalled too")
+    func sharedStallShare() {
+        // CPU a: [0, 100) and [1000, 1400); CPU b: [50, 150) and [1200, 1300).
+        let a: [(UInt64, UInt64)] = [(0, 100), (1_000, 400)], b: [(UInt64, UInt64)] = [(50, 100), (1_200, 100)]
+        // Shared: 50 + 100 from a's side, 50 + 100 from b's; stalled: 500 + 200.
+        #expect(abs(HostProbe.sharedStallShare(a, b) - 300.0 / 700.0) < 1e-12)
+        #expect(HostProbe.sharedStallShare(a, b) == HostProbe.sharedStallShare(b, a))
+        // Only the stalls of at least 150 ns: a's second (400 ns, 100 of it shared).
+        #expect(abs(HostProbe.sharedStallShare(a, b, least: 150) - 100.0 / 400.0) < 1e-12)
+        #expect(HostProbe.sharedStallShare(a, [(5_000, 10)]) == 0, "apart: nothing shared")
+        #expect(HostProbe.sharedStallShare([], []) == 0)
+    }
+
     @Test("the tick's interrupt takes its handler's time from the thread it interrupts, at the measured share of ticks, in busy time only")
     func tickInterruptTakesTheRunningThreadsTime() {
         /// How long one thread took for `work` (spun in 10 µs steps, after

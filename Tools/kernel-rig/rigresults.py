@@ -439,6 +439,13 @@ def stalls(args):
             print("stalls.%-17s %10.1f      (boots %s)" % (k, v, spread_of(both, k)))
     for k, v in figures.get("oneBusy", {}).items():
         print("stalls.oneBusy.%-9s %10.1f      (boots %s)" % (k, v, spread_of(one, k)))
+    # Recorded, not a profile key: how much of the stalled time both vCPUs
+    # shared (the CPU model draws each CPU's stalls on its own).
+    shared = [r for r in both if "sharedShare" in r]
+    for k in ("stalledShare", "sharedShare", "longSharedShare"):
+        if shared:
+            print("(not in the profile) %-15s %6.3f      (boots %s)" % (
+                k, statistics.median([r[k] for r in shared if k in r]), spread_of(shared, k, "%.3f")))
     if not args.profile:
         return
     with open(args.profile) as f:
@@ -457,14 +464,19 @@ def stalls(args):
     if one:
         note += (" oneBusy: the same probe on vCPU 0 alone with vCPU 1 idle (rig.sh stalls, rig-calibrate -S, in the same boots "
                  "before the two-vCPU probe): the stalls of a busy vCPU while the other idles (per-boot: %s)." % spreads(one))
+    if shared:
+        note += (" Both vCPUs busy, the share of a vCPU's stalled time in which the other was stalled too: %s (of the stalls "
+                 "of at least the p99: %s), with each vCPU stalled %s of the time; the CPU model draws each CPU's stalls on "
+                 "their own." % (spread_of(shared, "sharedShare", "%.3f"), spread_of(shared, "longSharedShare", "%.3f"),
+                                 spread_of(shared, "stalledShare", "%.3f")))
     prof.setdefault("methods", {})["stalls"] = note
     write_json(args.profile, prof)
     print("wrote stalls into %s" % args.profile)
 
 
-def spread_of(rows, key):
+def spread_of(rows, key, fmt="%.1f"):
     vals = [r[key] for r in rows if key in r]
-    return "%.1f-%.1f" % (min(vals), max(vals)) if vals else "-"
+    return (fmt + "-" + fmt) % (min(vals), max(vals)) if vals else "-"
 
 
 # --------------------------------------------------------------- timer wake-up
@@ -830,6 +842,66 @@ def write_json(path, doc):
         f.write("\n")
 
 
+# --------------------------------------------------------------- sched trace
+
+SCHED_LINE = re.compile(r"^\s*(\S+)-(\d+)\s+\[(\d+)\]\s+\S+\s+([\d.]+): (\w+): (.*)$")
+
+
+def schedtrace(args):
+    """The scheduler's side of a contended case from a schedtrace boot
+    (rig.sh boot legacy schedtrace rigprobecases=T:M:D): where wake-ups of
+    the rig's threads went (the CPU the wakee last ran on, or the other),
+    with each CPU busy or idle as the trace shows it when the wake-up is
+    logged; the rig threads' preemptions (a switch away from one still
+    runnable); and the driver calls (migrate_vma_setup) by the same thread
+    as the call before. From trace time --after on (the stalled page)."""
+    lines = read_lines(args.log)
+    begin = [i for i, l in enumerate(lines) if l.startswith("RIG-SCHED-TRACE-BEGIN")]
+    if not begin:
+        sys.exit("rigresults: no RIG-SCHED-TRACE-BEGIN in %s" % args.log)
+    events = []
+    for line in lines[begin[0] + 1:]:
+        if line.startswith("RIG-SCHED-TRACE-END"):
+            break
+        m = SCHED_LINE.match(line)
+        if m:
+            comm, pid, cpu, t, name, rest = m.groups()
+            events.append((float(t), int(cpu), int(pid), comm, name, rest))
+    events.sort(key=lambda e: e[0])
+    running, last = {}, {}
+    wakes, preempted, setups = {}, 0, []
+    for t, cpu, pid, comm, name, rest in events:
+        if name == "sched_switch":
+            nxt = int(re.search(r"next_pid=(\d+)", rest).group(1))
+            if t >= args.after and "prev_comm=rig-livelock" in rest and re.search(r"prev_state=R", rest):
+                preempted += 1
+            running[cpu] = nxt
+            if nxt:
+                last[nxt] = cpu
+        elif name == "sched_wakeup" and "comm=rig-livelock" in rest and t >= args.after:
+            wakee = int(re.search(r" pid=(\d+)", rest).group(1))
+            target = int(re.search(r"target_cpu=(\d+)", rest).group(1))
+            if wakee not in last:
+                continue
+            lc = last[wakee]
+            others = [c for c in running if c != lc]
+            key = ("to the last CPU" if target == lc else "to another CPU",
+                   "last CPU busy" if running.get(lc, 0) not in (0, wakee) else "last CPU idle",
+                   "another CPU idle" if any(running.get(c, 0) == 0 for c in others) else "no other CPU idle")
+            wakes[key] = wakes.get(key, 0) + 1
+        elif name == "setup" and t >= args.after:
+            setups.append(pid)
+    same = sum(1 for a, b in zip(setups, setups[1:]) if a == b)
+    print("wake-ups of rig threads from %.6f s (the CPU state when the wake-up is logged):" % args.after)
+    for key in sorted(wakes):
+        print("  %6d  %s, %s, %s" % ((wakes[key],) + key))
+    moved = sum(v for k, v in wakes.items() if k[0] == "to another CPU" and k[1] == "last CPU busy")
+    stayed = sum(v for k, v in wakes.items() if k[0] == "to the last CPU" and k[1] == "last CPU busy"
+                 and k[2] == "another CPU idle")
+    print("last CPU busy and another idle: %d went to another CPU, %d stayed" % (moved, stayed))
+    print("preemptions of rig threads: %d; driver calls: %d, by the same thread as the call before: %d (%.2f)" % (
+        preempted, len(setups), same, same / len(setups) if setups else 0))
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -867,6 +939,10 @@ def main():
     r.add_argument("--brief", action="store_true", help="a few lines per boot, nothing written")
     r.add_argument("logs", nargs="+")
     r.set_defaults(func=probe)
+    sc = sub.add_parser("schedtrace", help="wake-up placement and preemptions in a schedtrace boot's log")
+    sc.add_argument("--after", type=float, default=0.0, help="trace time (s) to start from, e.g. the stalled page's start")
+    sc.add_argument("log")
+    sc.set_defaults(func=schedtrace)
     args = p.parse_args()
     args.func(args)
 

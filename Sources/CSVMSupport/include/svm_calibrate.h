@@ -85,6 +85,11 @@ typedef struct {
     unsigned long long stalls, tickGaps, preemptions, dropped;
     /// CPUs whose tick was found by the timer interrupt count (else by phase).
     int byTimerCount;
+    /// The share of the covered time the CPUs spent stalled; with two CPUs,
+    /// the share of the stalled time in which the other CPU was stalled too
+    /// (all stalls, and those at least p99Nanos long), and the share of
+    /// stalls at least half inside one of the other CPU's.
+    double stalledShare, sharedShare, longSharedShare, sharedStallsShare;
 } svm_cal_stall_figures;
 
 /// One clock-reading thread pinned to each of CPUs `a` and `b` (`b` < 0: `a`
@@ -93,5 +98,13 @@ typedef struct {
 /// interrupt count, else by the gap's phase in `tickNanos`) and stalls. Returns 0 or -errno.
 int svm_cal_stalls(svm_cal_stall_figures *out, int a, int b, int rounds,
                    unsigned long long roundNanos, unsigned long long tickNanos);
+
+/// The share of two CPUs' stalled time in which both were stalled, for the
+/// stalls (start, length pairs in nanoseconds, in time order on each CPU)
+/// `a[0..2*na)` and `b[0..2*nb)`, counting only stalls at least `least` ns
+/// long: the computation behind svm_cal_stall_figures' sharedShare and
+/// longSharedShare. Returns 0 with no such stall, -1 when na or nb is out of range.
+double svm_cal_stall_shared(const unsigned long long *a, int na, const unsigned long long *b, int nb,
+                            unsigned long long least);
 
 #endif

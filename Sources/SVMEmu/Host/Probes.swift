@@ -160,6 +160,23 @@ public enum HostProbe {
         public var stalls, tickGaps, preemptions, dropped: UInt64
         /// Whether the tick was found by the timer interrupt count on some CPU (else by phase).
         public var byTimerCount: Bool
+        /// The share of the covered time the CPUs spent stalled.
+        public var stalledShare: Double
+        /// With two CPUs: the share of the stalled time in which the other
+        /// CPU was stalled too, over every stall and over those at least
+        /// `p99Nanos` long (0 with one CPU). Stalls that come to both CPUs
+        /// at once (a hypervisor pausing the whole machine) stop every
+        /// thread; a stall of one CPU alone lets the others go on.
+        public var sharedShare, longSharedShare: Double
+    }
+
+    /// ``Stalls/sharedShare``'s computation for two CPUs' stalls, each a
+    /// (start, length) pair in nanoseconds, in time order on each CPU,
+    /// counting only stalls at least `least` ns long (`svm_cal_stall_shared()`).
+    public static func sharedStallShare(_ a: [(UInt64, UInt64)], _ b: [(UInt64, UInt64)], least: UInt64 = 0) -> Double {
+        let fa = a.flatMap { [CUnsignedLongLong($0.0), CUnsignedLongLong($0.1)] }
+        let fb = b.flatMap { [CUnsignedLongLong($0.0), CUnsignedLongLong($0.1)] }
+        return svm_cal_stall_shared(fa, Int32(a.count), fb, Int32(b.count), CUnsignedLongLong(least))
     }
 
     /// One clock-reading thread pinned to each of CPUs `a` and `b` (`b` < 0:
@@ -175,7 +192,8 @@ public enum HostProbe {
                       tickGapsPerSecond: f.tickGapsPerSecond, tickGapP50Nanos: f.tickGapP50Nanos,
                       preemptionsPerSecond: f.preemptionsPerSecond, seconds: f.seconds, stalls: UInt64(f.stalls),
                       tickGaps: UInt64(f.tickGaps), preemptions: UInt64(f.preemptions), dropped: UInt64(f.dropped),
-                      byTimerCount: f.byTimerCount > 0)
+                      byTimerCount: f.byTimerCount > 0, stalledShare: f.stalledShare, sharedShare: f.sharedShare,
+                      longSharedShare: f.longSharedShare)
     }
 
     /// `samples` figures (at least 1) from `body`, which returns 0 or -errno.

@@ -650,9 +650,11 @@ static void print_stalls(const char *sep, const char *key, const int *cpus, int 
 	}
 	printf("%s\"%s\": {\"busyCPUs\": %d, \"ratePerSecond\": %.2f, \"meanNanos\": %.1f, \"p50Nanos\": %.1f, "
 	       "\"p90Nanos\": %.1f, \"p99Nanos\": %.1f, \"maxNanos\": %.1f, \"thresholdNanos\": %.1f, "
-	       "\"tickGapsPerSecond\": %.2f, \"tickGapP50Nanos\": %.1f}",
+	       "\"tickGapsPerSecond\": %.2f, \"tickGapP50Nanos\": %.1f, \"stalledShare\": %.4f, "
+	       "\"sharedShare\": %.4f, \"sharedStallsShare\": %.4f, \"longSharedShare\": %.4f}",
 	       sep, key, n, st.ratePerSecond, st.meanNanos, st.p50Nanos, st.p90Nanos,
-	       st.p99Nanos, st.maxNanos, st.thresholdNanos, st.tickGapsPerSecond, st.tickGapP50Nanos);
+	       st.p99Nanos, st.maxNanos, st.thresholdNanos, st.tickGapsPerSecond, st.tickGapP50Nanos,
+	       st.stalledShare, st.sharedShare, st.sharedStallsShare, st.longSharedShare);
 }
 
 /*
