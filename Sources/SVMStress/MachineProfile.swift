@@ -227,8 +227,9 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         public var preemption: String
         /// Where a woken thread goes: "previousCPU" (the CPU it last ran
         /// on, idle or not: no shared last-level cache domain, so
-        /// `select_idle_sibling()` searches nothing) or "idleSibling" (an
-        /// idle CPU first); absent: "idleSibling".
+        /// `select_idle_sibling()` searches nothing), "idleSibling" (an
+        /// idle CPU first) or "sharedCache" (6.12's search of a shared
+        /// last-level cache, SIS_UTIL's gate included); absent: "idleSibling".
         public var wakePlacement: String? = nil
 
         /// The CPU model's preemption model for ``preemption`` (lazy, which
@@ -370,7 +371,7 @@ public struct MachineProfile: Sendable, Codable, Equatable {
         if scheduler.tickNanos == 0 { return "scheduler.tickNanos must be above 0" }
         if scheduler.baseSliceNanos == 0 { return "scheduler.baseSliceNanos must be above 0" }
         if let w = scheduler.wakePlacement, DeterministicScheduler.WakePlacement(rawValue: w) == nil {
-            return "scheduler.wakePlacement must be previousCPU or idleSibling (got \(w))"
+            return "scheduler.wakePlacement must be previousCPU, idleSibling or sharedCache (got \(w))"
         }
         if let stalls {
             for (key, v) in stalls.all where !v.isFinite || v < 0 {

@@ -65,6 +65,50 @@ struct EEVDFTests {
         #expect(idle >= 50_000 && idle < 60_000, "on the halted CPU 1 after the wake-up latency: \(idle) ns")
     }
 
+    @Test("with a shared last-level cache a woken thread whose CPU is busy takes the idle one while the cache is lightly used, and queues on its own once SIS_UTIL stops the search")
+    func sharedCacheSearchFollowsUtilisation() {
+        /// Nanoseconds from the wake-up to the sleeper's resumption, after
+        /// both CPUs were kept busy for `busyNanos` (the waker on CPU 0, the
+        /// other thread on CPU 1, which then exits and leaves CPU 1 idle).
+        func resumedAfterWake(busyNanos: UInt64) -> UInt64 {
+            var c = Self.configuration(cpus: 2)
+            c.wakePlacement = .sharedCache
+            c.tickNanos = 0
+            return Self.nanosFromWakeToResume(c) { s, wake, waitForWake in
+                s.spawn("sleeper") { waitForWake() }
+                s.spawn("other") { if busyNanos > 0 { HostClock.spin(nanos: busyNanos) } }
+                s.spawn("waker") {
+                    HostClock.spin(nanos: busyNanos + 100_000)
+                    wake()
+                    HostClock.spin(nanos: 500_000)
+                }
+            }
+        }
+        let light = resumedAfterWake(busyNanos: 0)
+        #expect(light >= 50_000 && light < 60_000, "on the idle CPU 1 after the wake-up latency: \(light) ns")
+        // 300 ms busy: util_avg about 1024 on both (CPU 1 idle for the last 0.1 ms), over
+        // 100/117 of capacity: nr_idle_scan is 0 and the sleeper queues behind its waker on CPU 0.
+        let heavy = resumedAfterWake(busyNanos: 300_000_000)
+        #expect(heavy >= 500_000 && heavy < 520_000, "queued on CPU 0 until the waker exits: \(heavy) ns")
+    }
+
+    @Test("SIS_UTIL's scan width and PELT's decay: every CPU at mean utilisation x scans CPUs * (1 - (1.17 x / 1024)^2); utilisation halves in 32 ms")
+    func sisUtilScanWidth() {
+        var c = Self.configuration(cpus: 2)
+        c.wakePlacement = .sharedCache
+        let s = DeterministicScheduler(c)
+        #expect(s.idleScan(at: 0) == 2, "idle: scan both")
+        s.cpus[0].util = 1024
+        s.cpus[1].util = 0
+        // x = 512: 512^2 * 117^2 / (10000 * 1024) = 350 (rounded down); (1024 - 350) * 2 / 1024 = 1.
+        #expect(s.idleScan(at: 0) == 1)
+        s.cpus[1].util = 1024
+        #expect(s.idleScan(at: 0) == 0, "full: no scan")
+        #expect(abs(s.utilisation(0, at: 32 * 1_024_000) - 512) < 1e-9, "idle for 32 periods of 1024 µs: half")
+        s.noteUtilisation(1, at: 0, busy: true)
+        #expect(abs(s.utilisation(1, at: 32 * 1_024_000) - 1024) < 1e-9, "busy stays full")
+    }
+
     @Test("a wake-up that makes the wakee EEVDF's pick preempts the waker only at a preemption point: at once with full preemption, at the return to user with voluntary")
     func wakeupPreemptionWaitsForAPreemptionPoint() {
         func resumedAfterWake(_ model: DeterministicScheduler.PreemptionModel) -> UInt64 {

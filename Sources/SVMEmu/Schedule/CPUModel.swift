@@ -88,26 +88,6 @@ extension DeterministicScheduler {
         enqueueWoken(t, on: busyTarget(for: t))
     }
 
-    /// The idle CPU a wake-up of `t` takes, or -1 (`select_idle_sibling()`):
-    /// the CPU it last ran on when idle; with ``WakePlacement/idleSibling``
-    /// any other idle CPU next.
-    func idleCPU(for t: EmulatedThread) -> Int {
-        if cpus[t.lastCPU].running == nil { return t.lastCPU }
-        guard configuration.wakePlacement == .idleSibling else { return -1 }
-        for c in cpus.indices where cpus[c].running == nil { return c }
-        return -1
-    }
-
-    /// The busy CPU whose run queue a wake-up of `t` joins: its last CPU
-    /// (``WakePlacement/previousCPU``), or the CPU with the fewest queued,
-    /// its last CPU on a tie.
-    func busyTarget(for t: EmulatedThread) -> Int {
-        var target = t.lastCPU
-        guard configuration.wakePlacement == .idleSibling else { return target }
-        for c in cpus.indices where cpus[c].queue.count < cpus[target].queue.count { target = c }
-        return target
-    }
-
     /// A sleeper whose timer expired at its clock (an hrtimer: `usleep_range()`,
     /// a timed wait's timeout). The kernel arms it on the CPU the sleeper ran
     /// on (`hrtimer_start()` keeps a timer armed by a running task on its
@@ -168,6 +148,7 @@ extension DeterministicScheduler {
     /// `t` gets CPU `c` at its clock (`set_next_entity()`: its slice is
     /// protected until its deadline).
     func run(_ t: EmulatedThread, on c: Int) {
+        if cpus[c].running == nil, configuration.wakePlacement == .sharedCache { noteUtilisation(c, at: t.clock, busy: true) }
         cpus[c].running = t.index
         t.cpu = c
         t.lastCPU = c
@@ -246,6 +227,7 @@ extension DeterministicScheduler {
             if n > most { (source, most) = (o, n) }
         }
         guard most > 0, let i = cpus[source].queue.first(where: movable) else {
+            if configuration.wakePlacement == .sharedCache { noteUtilisation(c, at: time, busy: false) }
             cpus[c].running = nil
             cpus[c].idleSince = time
             // An idle CPU does not stall: keep the busy time left until its next stall.

@@ -154,6 +154,18 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// CPU the thread last ran on, idle or not (`wake_affine()`'s load
         /// comparison, which can pick the waker's CPU, is not modelled).
         case previousCPU
+        /// One last-level cache over every CPU, as 6.12's
+        /// `select_idle_sibling()` treats it: the CPU the thread last ran
+        /// on when idle; else the CPU it ran on before that
+        /// (`p->recent_used_cpu`) when idle; else, when SIS_UTIL's scan
+        /// allows (the cache's utilisation under about 85% of its
+        /// capacity, fewer CPUs scanned as it grows: `nr_idle_scan`), the
+        /// first idle CPU after the last one; else the last CPU's queue.
+        /// Utilisation is PELT's (`util_avg`: busy time, a stall included,
+        /// with a 32 ms half-life), taken at the wake-up (the kernel
+        /// refreshes `nr_idle_scan` at its periodic balance). `wake_affine()`
+        /// is not modelled: the target is always the last CPU.
+        case sharedCache
     }
 
     /// How a run ended.
@@ -237,6 +249,11 @@ public final class DeterministicScheduler: @unchecked Sendable {
         /// Tick interrupts whose handler the running thread lost, and their time.
         var tickInterrupts: UInt64 = 0
         var tickInterruptNanos: UInt64 = 0
+        /// PELT's utilisation (`util_avg`, 0-1024) as of ``utilStamp``, and
+        /// whether the CPU has been busy since then (``utilisation(_:at:)``).
+        var util: Double = 0
+        var utilStamp: UInt64 = 0
+        var utilBusy = false
     }
 
     /// A scheduler for one run.

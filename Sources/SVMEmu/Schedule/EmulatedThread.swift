@@ -41,6 +41,9 @@ final class EmulatedThread: @unchecked Sendable {
     @exclusivity(unchecked) var cpu = -1
     /// The CPU it last ran on (where a wake-up looks first).
     @exclusivity(unchecked) var lastCPU = 0
+    /// The CPU it last ran on before a wake-up looked for an idle one
+    /// (`p->recent_used_cpu`), or -1.
+    @exclusivity(unchecked) var recentUsedCPU = -1
     /// EEVDF (``DeterministicScheduler/Configuration/cpus``): the thread's
     /// virtual runtime on its run queue (nice 0: one nanosecond a nanosecond
     /// it runs), its virtual deadline, and the lag it keeps while off a run
